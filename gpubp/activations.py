@@ -1,0 +1,153 @@
+"""Activation registry: names, kernel ids, and the NumPy reference forward/derivative.
+
+Every backend accepts the same seven names. The GPU kernels select an activation
+by its integer id (``ACT_ID``) at compile time; the NumPy functions here are the
+reference those kernels are tested against.
+
+=============  ===================================  ===============================
+name           y = act(z)                           act'(.) computed from
+=============  ===================================  ===============================
+identity       z                                    (none)
+relu           max(z, 0)                            y: 1 if y > 0 else 0
+leaky_relu     z if z > 0 else 0.01 z               y: 1 if y > 0 else 0.01
+sigmoid        1 / (1 + exp(-z))                    y: y (1 - y)
+tanh           tanh(z)                              y: 1 - y^2
+gelu           z Phi(z), Phi via erf (exact)        z: Phi(z) + z phi(z)
+gelu_tanh      0.5 z (1 + tanh(c (z + a z^3)))      z: see ``_gelu_tanh_grad``
+=============  ===================================  ===============================
+
+Only gelu and gelu_tanh need the pre-activation ``z`` in backward (``NEEDS_Z``);
+the others derive their derivative from the output ``y``, so ``z`` is never stored.
+
+>>> import numpy as np
+>>> z = np.array([-1e4, -1.0, 0.0, 2.0, 1e4], dtype=np.float32)
+>>> y = np.empty_like(z); forward("sigmoid", z, y); y.tolist()
+[0.0, 0.2689414322376251, 0.5, 0.8807970285415649, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf, expit
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+NEEDS_Z = frozenset({"gelu", "gelu_tanh"})
+RELU_FAMILY = frozenset({"relu", "leaky_relu"})
+LEAKY_SLOPE = 0.01
+GELU_TANH_C = math.sqrt(2.0 / math.pi)
+GELU_TANH_A = 0.044715
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
+
+
+def canonical(name: str | None, argname: str = "activation") -> str:
+    """Return the registered name for ``name`` (``None`` and ``"linear"`` mean identity).
+
+    Raises ``ValueError`` naming ``argname`` for an unknown activation.
+    """
+    if name in _ALIASES:
+        return _ALIASES[name]
+    if not isinstance(name, str):
+        raise TypeError(f"{argname} must be a str or None, got {type(name).__name__}")
+    if name not in ACT_ID:
+        raise ValueError(f"{argname}: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    return name
+
+
+def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
+    """Write ``act(z)`` into ``out``; ``out`` may be ``z`` itself except for gelu/gelu_tanh."""
+    if name == "identity":
+        if out is not z:
+            np.copyto(out, z)
+    elif name == "relu":
+        np.maximum(z, 0, out=out)
+    elif name == "leaky_relu":
+        # max(z, slope*z) is z for z > 0 and slope*z otherwise, since 0 < slope < 1.
+        np.maximum(z, z * z.dtype.type(LEAKY_SLOPE), out=out)
+    elif name == "sigmoid":
+        expit(z, out=out)
+    elif name == "tanh":
+        np.tanh(z, out=out)
+    elif name == "gelu":
+        np.multiply(z, _INV_SQRT2, out=out)
+        erf(out, out=out)
+        out += 1
+        out *= z
+        out *= 0.5
+    elif name == "gelu_tanh":
+        np.multiply(z, z, out=out)
+        out *= GELU_TANH_A * GELU_TANH_C
+        out += GELU_TANH_C
+        out *= z
+        np.tanh(out, out=out)
+        out += 1
+        out *= z
+        out *= 0.5
+    else:
+        raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out: np.ndarray) -> None:
+    """Write ``dz = dy * act'(.)`` into ``out`` (``out`` may be ``dy``)."""
+    if name == "identity":
+        if out is not dy:
+            np.copyto(out, dy)
+    elif name == "relu":
+        np.multiply(dy, y > 0, out=out)
+    elif name == "leaky_relu":
+        np.multiply(dy, np.where(y > 0, y.dtype.type(1), y.dtype.type(LEAKY_SLOPE)), out=out)
+    elif name == "sigmoid":
+        grad = np.subtract(1, y, dtype=y.dtype)
+        grad *= y
+        np.multiply(dy, grad, out=out)
+    elif name == "tanh":
+        grad = np.multiply(y, y)
+        np.subtract(1, grad, out=grad)
+        np.multiply(dy, grad, out=out)
+    elif name == "gelu":
+        np.multiply(dy, _gelu_grad(z), out=out)
+    elif name == "gelu_tanh":
+        np.multiply(dy, _gelu_tanh_grad(z), out=out)
+    else:
+        raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def _gelu_grad(z: np.ndarray) -> np.ndarray:
+    # d/dz [z Phi(z)] = Phi(z) + z phi(z)
+    grad = np.multiply(z, z)
+    grad *= -0.5
+    np.exp(grad, out=grad)
+    grad *= z
+    grad *= _INV_SQRT_2PI
+    phi = np.multiply(z, _INV_SQRT2)
+    erf(phi, out=phi)
+    phi += 1
+    phi *= 0.5
+    grad += phi
+    return grad
+
+
+def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
+    # y = 0.5 z (1 + t), t = tanh(u), u = c (z + a z^3)
+    # dy/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
+    z2 = np.multiply(z, z)
+    t = z2 * (GELU_TANH_A * GELU_TANH_C)
+    t += GELU_TANH_C
+    t *= z
+    np.tanh(t, out=t)
+    du = z2
+    du *= 3 * GELU_TANH_A * GELU_TANH_C
+    du += GELU_TANH_C
+    du *= z
+    sech2 = np.multiply(t, t)
+    np.subtract(1, sech2, out=sech2)
+    du *= sech2
+    du *= 0.5
+    t += 1
+    t *= 0.5
+    du += t
+    return du

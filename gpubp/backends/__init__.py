@@ -1,0 +1,170 @@
+"""Backends: one module per kernel family, all implementing the same contract.
+
+A backend is a module exposing exactly these functions (same names, same argument
+order in ``numpy_backend.py``, ``cupy_backend.py`` and ``numba_backend.py``, so the
+three read side by side). Arrays are the backend's own array type; shapes are
+row-major and C-contiguous; the GPU backends compute in float32 only.
+
+Array helpers
+    ``empty(shape, dtype)``, ``zeros(shape, dtype)``
+    ``asarray(a, dtype=None)``   host NumPy array (or the backend's own array) -> backend array
+    ``to_host(a)``               backend array -> NumPy array (a copy where the data is on a GPU)
+    ``synchronize()``            wait for all queued kernels
+    ``is_array(a)``              True if ``a`` is an array this backend computes on
+    ``sumsq(a)``                 float: sum of squares of ``a`` (gradient clipping)
+    ``scale_(a, s)``             ``a *= s`` in place
+
+Dense layer
+    ``dense_forward(x, w, b, act, out=None) -> (y, z_or_None)``
+        ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
+        ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
+        (gelu, gelu_tanh); otherwise ``None``. ``out`` is an optional (B, out) buffer
+        for ``y``. Records ``dense_fwd``.
+    ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None)
+      -> (dx, dw, db)``
+        ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,
+        ``dw = x.T @ dz``, ``db = dz.sum(0)`` with db fused into the dW kernel.
+        ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None.
+        ``need_dx=False``: no dX kernel is launched, ``dx`` is None. ``x`` may be None
+        when ``need_dw`` is False. ``dy`` is never modified. The ``out_*`` buffers, when
+        given, receive the results. Records exactly ``backward_kernels(act, need_dx, need_dw)``.
+    ``backward_kernels(act, need_dx, need_dw) -> list[str]``
+        the names of the kernels ``dense_backward`` launches for these arguments, in order.
+        ``Sequential.backward_plan`` is built from it, so plan and trace agree by construction
+        and the trace tests check that the backend really launches what it says.
+
+Losses (each a mean, as in PyTorch and Keras; the gradient returned is that of the mean)
+    ``softmax_cross_entropy(logits, labels) -> (loss: float, dlogits)``
+        ``logits`` (B, C) float, ``labels`` (B,) int32/int64 in [0, C). Mean over the batch.
+        Softmax, loss and gradient fused in one pass per row. Records ``ce_fwd_bwd``.
+    ``mse(pred, target) -> (loss, dpred)``     mean over all elements. Records ``mse_fwd_bwd``.
+    ``bce(logits, target) -> (loss, dlogits)`` binary cross-entropy on logits, mean over all
+        elements, stable for any logit. Records ``bce_fwd_bwd``.
+
+Optimizer updates (fused, in place, one launch per parameter)
+    ``sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay)``
+        ``g = grad + weight_decay * param``; with momentum: ``v = momentum * v + g`` and the
+        step is ``g + momentum * v`` (Nesterov) or ``v``; without: the step is ``g`` and
+        ``velocity`` is None. ``param -= lr * step``. PyTorch's SGD semantics. Records ``sgd_update``.
+    ``adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled)``
+        ``step`` counts from 1. ``decoupled=False`` (Adam): ``g = grad + weight_decay * param``.
+        ``decoupled=True`` (AdamW): ``param *= 1 - lr * weight_decay`` first, ``g = grad``.
+        ``m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+        param -= lr * (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)``. PyTorch's semantics.
+        Records ``adam_update``.
+
+Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
+Layers, losses and optimizers reach arrays only through these functions, never an
+array library directly, so one model runs unchanged on every backend.
+
+Choosing a backend
+    ``get(name)`` imports and returns a backend module; ``available()`` reports, for each
+    backend, whether it can run here and why not; ``resolve(device, backend)`` turns the
+    user's ``device=``/``backend=`` (and ``GPUBP_DEVICE``/``GPUBP_BACKEND``) into a backend name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+log = logging.getLogger("gpubp")
+
+BACKENDS = ("numpy", "cupy", "numba")
+DEVICES = ("auto", "cpu", "cuda")
+GPU_BACKENDS = ("cupy", "numba")
+INSTALL_HINT = (
+    'install CUDA support with  pip install "gpubp[cuda12]"  (CUDA 12 driver) '
+    'or  pip install "gpubp[cuda13]"  (CUDA 13 driver)'
+)
+
+_modules: dict[str, ModuleType] = {}
+_unavailable: dict[str, str] = {}
+
+
+def get(name: str) -> ModuleType:
+    """Return the backend module ``name``, importing it on first use.
+
+    Raises ``RuntimeError`` saying why when the backend cannot run on this machine.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    if name in _modules:
+        return _modules[name]
+    if name in _unavailable:
+        raise RuntimeError(f"backend {name!r} is not available: {_unavailable[name]}")
+    try:
+        module = importlib.import_module(f"gpubp.backends.{name}_backend")
+        reason = module.unavailable_reason()
+    except ImportError as exc:
+        reason = f"{exc}; {INSTALL_HINT}"
+    if reason:
+        _unavailable[name] = reason
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    _modules[name] = module
+    return module
+
+
+def available() -> dict[str, str | None]:
+    """For each backend, None if it runs here, else the reason it does not."""
+    status = {}
+    for name in BACKENDS:
+        try:
+            get(name)
+            status[name] = None
+        except RuntimeError:
+            status[name] = _unavailable[name]
+    return status
+
+
+def device_of(backend: str) -> str:
+    return "cpu" if backend == "numpy" else "cuda"
+
+
+def resolve(device: str = "auto", backend: str = "auto") -> str:
+    """Pick the backend name for ``device`` and ``backend``.
+
+    An explicit argument wins; ``GPUBP_DEVICE``/``GPUBP_BACKEND`` replace an ``"auto"``.
+    ``"auto"`` picks cupy when CuPy sees a GPU, else numpy, and logs the choice once.
+    ``device="cuda"`` with no usable GPU backend raises ``RuntimeError`` with the
+    install hint. The CPU path never imports CuPy or Numba.
+    """
+    if device == "auto":
+        device = os.environ.get("GPUBP_DEVICE", "auto") or "auto"
+    if backend == "auto":
+        backend = os.environ.get("GPUBP_BACKEND", "auto") or "auto"
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+
+    if backend != "auto":
+        if device != "auto" and device != device_of(backend):
+            raise ValueError(
+                f"backend: {backend!r} runs on device {device_of(backend)!r}, "
+                f"but device={device!r} was asked for"
+            )
+        get(backend)
+        return backend
+    if device == "cpu":
+        return "numpy"
+    candidates = ("cupy", "numba") if device == "cuda" else ("cupy",)
+    reasons = []
+    for name in candidates:
+        try:
+            get(name)
+        except RuntimeError as exc:
+            reasons.append(str(exc))
+            continue
+        if device == "auto":
+            log.info("gpubp: device='auto' chose the GPU (backend %r)", name)
+        return name
+    if device == "cuda":
+        raise RuntimeError(
+            "device='cuda' was asked for, but no CUDA GPU backend can run here ("
+            + "; ".join(reasons) + f"). To {INSTALL_HINT}; or use device='cpu'."
+        )
+    log.info("gpubp: device='auto' chose the CPU (backend 'numpy'); no GPU backend: %s", "; ".join(reasons))
+    return "numpy"

@@ -1,0 +1,224 @@
+"""NumPy backend: the CPU reference for every GPU backend, and the CPU fallback.
+
+Implements the kernel contract of ``gpubp.backends`` with NumPy (OpenBLAS/MKL matmul).
+It is written for speed, not only clarity:
+
+- bias and activation run in place on the matmul output (``y`` is written once by the
+  matmul and then updated in place);
+- the caller passes persistent ``out=`` buffers (the layers keep one per batch shape), so
+  a training step at a fixed batch size allocates nothing on the large paths;
+- ``dz = dy * act'(.)`` is formed once, in a scratch buffer reused across calls, and feeds
+  both ``dx = dz @ w.T`` and ``dw = x.T @ dz``; ``db`` is reduced from the same ``dz``.
+
+Each "kernel" below records the name a GPU backend records for the same work, so
+``gb.trace()`` counts read the same on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import expit
+
+from gpubp import activations
+from gpubp.activations import NEEDS_Z
+from gpubp.trace import record
+
+NAME = "numpy"
+DEVICE = "cpu"
+DTYPES = (np.float32, np.float64)
+
+_scratch_buffers: dict[tuple, np.ndarray] = {}
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def _scratch(tag: str, shape: tuple, dtype) -> np.ndarray:
+    """A buffer private to one backend call, reused by the next call with the same shape."""
+    key = (tag, shape, np.dtype(dtype))
+    buf = _scratch_buffers.get(key)
+    if buf is None:
+        if len(_scratch_buffers) > 64:
+            _scratch_buffers.clear()
+        buf = _scratch_buffers[key] = np.empty(shape, dtype)
+    return buf
+
+
+# ----------------------------------------------------------------------------- array helpers
+
+
+def empty(shape, dtype=np.float32) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def zeros(shape, dtype=np.float32) -> np.ndarray:
+    return np.zeros(shape, dtype)
+
+
+def asarray(a, dtype=None) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def to_host(a) -> np.ndarray:
+    return np.asarray(a)
+
+
+def synchronize() -> None:
+    pass
+
+
+def is_array(a) -> bool:
+    return isinstance(a, np.ndarray)
+
+
+def sumsq(a: np.ndarray) -> float:
+    flat = a.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def scale_(a: np.ndarray, s: float) -> None:
+    a *= s
+
+
+# ----------------------------------------------------------------------------- dense layer
+
+
+def dense_forward(x, w, b, act, out=None, out_z=None):
+    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None."""
+    record("dense_fwd")
+    if act in NEEDS_Z:
+        z = np.matmul(x, w, out=out_z)
+        z += b
+        y = out if out is not None else np.empty_like(z)
+        activations.forward(act, z, y)
+        return y, z
+    y = np.matmul(x, w, out=out)
+    y += b
+    activations.forward(act, y, y)
+    return y, None
+
+
+def backward_kernels(act, need_dx, need_dw) -> list[str]:
+    return (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
+    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
+    if not (need_dx or need_dw):
+        return None, None, None
+    if act == "identity":
+        dz = dy
+    else:
+        dz = _scratch("dz", dy.shape, dy.dtype)
+        activations.backward(act, dy, y, z, dz)
+    dx = dw = db = None
+    if need_dw:
+        record("dense_dw")
+        dw = np.matmul(x.T, dz, out=out_dw)
+        db = np.sum(dz, axis=0, out=out_db)
+    if need_dx:
+        record("dense_dx")
+        dx = np.matmul(dz, w.T, out=out_dx)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+    record("ce_fwd_bwd")
+    batch = logits.shape[0]
+    rows = np.arange(batch)
+    grad = logits - logits.max(axis=1, keepdims=True)
+    picked = grad[rows, labels]
+    np.exp(grad, out=grad)
+    total = grad.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(total[:, 0]) - picked))
+    grad /= total
+    grad[rows, labels] -= 1
+    grad *= 1.0 / batch
+    return loss, grad
+
+
+def mse(pred, target):
+    """Mean squared error over all elements."""
+    record("mse_fwd_bwd")
+    diff = np.subtract(pred, target, dtype=pred.dtype)
+    loss = float(np.dot(diff.reshape(-1), diff.reshape(-1))) / diff.size
+    diff *= 2.0 / diff.size
+    return loss, diff
+
+
+def bce(logits, target):
+    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
+    record("bce_fwd_bwd")
+    target = target.astype(logits.dtype, copy=False)
+    per_elem = np.abs(logits)
+    np.negative(per_elem, out=per_elem)
+    np.exp(per_elem, out=per_elem)
+    np.log1p(per_elem, out=per_elem)
+    per_elem += np.maximum(logits, 0)
+    per_elem -= logits * target
+    loss = float(per_elem.mean(dtype=np.float64))
+    grad = expit(logits)
+    grad -= target
+    grad *= 1.0 / grad.size
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
+    """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
+    record("sgd_update")
+    step = grad
+    if weight_decay:
+        step = _scratch("sgd_g", grad.shape, grad.dtype)
+        np.multiply(param, weight_decay, out=step)
+        step += grad
+    if momentum:
+        velocity *= momentum
+        velocity += step
+        if nesterov:
+            nesterov_step = _scratch("sgd_n", grad.shape, grad.dtype)
+            np.multiply(velocity, momentum, out=nesterov_step)
+            nesterov_step += step
+            step = nesterov_step
+        else:
+            step = velocity
+    scaled = _scratch("sgd_s", grad.shape, grad.dtype)
+    np.multiply(step, -lr, out=scaled)
+    param += scaled
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
+    record("adam_update")
+    g = grad
+    if weight_decay and decoupled:
+        param *= 1.0 - lr * weight_decay
+    elif weight_decay:
+        g = _scratch("adam_g", grad.shape, grad.dtype)
+        np.multiply(param, weight_decay, out=g)
+        g += grad
+    tmp = _scratch("adam_t", grad.shape, grad.dtype)
+    m *= beta1
+    np.multiply(g, 1.0 - beta1, out=tmp)
+    m += tmp
+    v *= beta2
+    np.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
+    np.sqrt(v, out=tmp)
+    tmp *= 1.0 / math.sqrt(bias2)
+    tmp += eps
+    np.divide(m, tmp, out=tmp)
+    tmp *= -lr / bias1
+    param += tmp

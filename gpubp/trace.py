@@ -1,0 +1,66 @@
+"""Kernel-launch trace: which kernels ran, and how often.
+
+Every backend calls :func:`record` once per kernel launch, under the contract's
+stable names (``dense_fwd``, ``dense_dx``, ``dense_dw``, ``ce_fwd_bwd``, ...).
+Recording costs one attribute check when no trace is active.
+
+>>> import gpubp as gb
+>>> with gb.trace() as t:
+...     pass
+>>> t.counts["dense_fwd"]
+0
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+_local = threading.local()
+
+
+def _active() -> list[Trace]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+class Trace:
+    """Counts of kernel launches recorded while the context is open.
+
+    ``counts`` is a :class:`collections.Counter`: a kernel that never ran reads 0.
+    ``launches`` keeps the order in which they ran.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.launches: list[str] = []
+
+    def __enter__(self) -> Trace:
+        _active().append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active().remove(self)
+
+    @property
+    def total(self) -> int:
+        return len(self.launches)
+
+    def __repr__(self) -> str:
+        return f"Trace({dict(self.counts)})"
+
+
+def trace() -> Trace:
+    """Open a kernel-launch trace: ``with gb.trace() as t: ...; t.counts``."""
+    return Trace()
+
+
+def record(name: str) -> None:
+    """Record one launch of kernel ``name`` in every open trace (nested traces all count)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        for t in stack:
+            t.counts[name] += 1
+            t.launches.append(name)
