@@ -1,0 +1,37 @@
+"""Test configuration shared by every test module.
+
+With no GPU, Numba's CUDA simulator is switched on here, before anything imports
+Numba, so the Numba-CUDA kernels run for real (in Python) on small shapes.
+Tests marked ``gpu`` need a real device and skip, with the reason, otherwise.
+"""
+
+import os
+
+from gpubp._driver import cuda_device_count
+
+GPU_COUNT, NO_GPU_REASON = cuda_device_count()
+if GPU_COUNT == 0:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+    where = f"{GPU_COUNT} CUDA GPU(s)" if GPU_COUNT else f"no CUDA GPU ({NO_GPU_REASON})"
+    return f"gpubp: {where}; Numba CUDA simulator {'on' if SIMULATOR else 'off'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_COUNT:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {NO_GPU_REASON}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
