@@ -1,7 +1,22 @@
-"""gpubp: fused GPU kernels for training and fine-tuning MLPs, with a NumPy CPU fallback."""
+"""gpubp: fused GPU kernels for training and fine-tuning MLPs, with a NumPy CPU fallback.
+
+>>> import gpubp as gb
+>>> model = gb.Sequential([gb.Dense(64, 128, "relu"), gb.Dense(128, 10)], device="cpu")
+>>> len(model), model.device
+(2, 'cpu')
+"""
 
 __version__ = "0.1.0"
 
+from gpubp import data, losses, optim  # noqa: E402
+from gpubp._random import seed  # noqa: E402
+from gpubp.io import load  # noqa: E402
+from gpubp.layers import BackwardPlan, Dense, Parameter, Sequential  # noqa: E402
 from gpubp.trace import trace  # noqa: E402
+from gpubp.train import Callback, EarlyStopping, History  # noqa: E402
+from gpubp import finetune, io  # noqa: E402
 
-__all__ = ["trace", "__version__"]
+__all__ = [
+    "BackwardPlan", "Callback", "Dense", "EarlyStopping", "History", "Parameter", "Sequential",
+    "data", "finetune", "io", "load", "losses", "optim", "seed", "trace", "__version__",
+]

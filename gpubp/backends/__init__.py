@@ -168,3 +168,12 @@ def resolve(device: str = "auto", backend: str = "auto") -> str:
         )
     log.info("gpubp: device='auto' chose the CPU (backend 'numpy'); no GPU backend: %s", "; ".join(reasons))
     return "numpy"
+
+
+def for_array(a) -> ModuleType:
+    """The backend that computes on arrays like ``a``: chosen by the array's type, as Chainer's
+    ``get_array_module`` does (NumPy -> numpy, CuPy -> cupy, other CUDA arrays -> numba)."""
+    from gpubp._checks import array_kind
+
+    kind = array_kind(a)
+    return get({"numpy": "numpy", "other": "numpy", "cupy": "cupy", "device": "numba"}[kind])

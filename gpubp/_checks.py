@@ -1,0 +1,61 @@
+"""Argument checks used at the API boundary. Each error names the argument and says
+what was expected and what was given; inner code trusts what passed through here."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def non_negative(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number >= 0, got {type(value).__name__} {value!r}")
+    if not value >= 0 or not np.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+    return float(value)
+
+
+def in_unit_interval(value, name: str) -> float:
+    """A number in [0, 1): momentum and Adam's betas."""
+    value = non_negative(value, name)
+    if value >= 1:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value}")
+    return value
+
+
+def array_kind(a) -> str:
+    """'numpy', 'cupy', 'device' (another CUDA array) or 'other' (lists and the like)."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    root = type(a).__module__.split(".")[0]
+    if root == "cupy":
+        return "cupy"
+    if hasattr(a, "__cuda_array_interface__") or root == "numba":
+        return "device"
+    return "other"
+
+
+def float_dtype(dtype, name: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype}")
+    return dtype
+
+
+def batch_shape(shape, features: int, name: str) -> None:
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D array of shape (batch, {features}), got shape {shape}")
+    if shape[1] != features:
+        raise ValueError(f"{name}: expected shape (batch, {features}), got {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {shape}")

@@ -1,0 +1,81 @@
+"""Small datasets that need no network, and a seeded train/test split.
+
+>>> x, y = load_digits()
+>>> x.shape, x.dtype, float(x.max()), y.shape
+((1797, 64), dtype('float32'), 1.0, (1797,))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpubp import _checks, _random
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline.
+
+    Returns x (1797, 64) float32 scaled to [0, 1] and y (1797,) int64 labels 0-9.
+    """
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as exc:
+        raise ImportError(
+            "load_digits needs scikit-learn, which ships the digits dataset: "
+            'pip install scikit-learn  (or pip install "gpubp[dev]")'
+        ) from exc
+    digits = sklearn_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    return x, digits.target.astype(np.int64)
+
+
+def xor() -> tuple[np.ndarray, np.ndarray]:
+    """The four XOR points: x (4, 2) float32, y (4, 1) float32 in {0, 1}."""
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    y = np.array([[0], [1], [1], [0]], dtype=np.float32)
+    return x, y
+
+
+def regression(n_samples: int = 1000, n_features: int = 8, noise: float = 0.05,
+               seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth nonlinear regression task: y = sin(x @ a) + 0.5 (x @ b)^2 + noise.
+
+    Returns x (n, n_features) float32 in [-1, 1] and y (n, 1) float32.
+    """
+    n_samples = _checks.positive_int(n_samples, "n_samples")
+    n_features = _checks.positive_int(n_features, "n_features")
+    noise = _checks.non_negative(noise, "noise")
+    rng = np.random.default_rng(seed) if seed is not None else _random.generator()
+    x = rng.uniform(-1, 1, (n_samples, n_features))
+    a = rng.normal(0, 1, n_features) / np.sqrt(n_features)
+    b = rng.normal(0, 1, n_features) / np.sqrt(n_features)
+    y = np.sin(2 * x @ a) + 0.5 * (x @ b) ** 2 + noise * rng.normal(0, 1, n_samples)
+    return x.astype(np.float32), y.reshape(-1, 1).astype(np.float32)
+
+
+def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, stratify: bool = False):
+    """Shuffle and split into ``x_train, x_test, y_train, y_test`` (scikit-learn's order).
+
+    ``stratify=True`` keeps each class's share in both parts (``y`` must be class labels).
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} rows to match x, got {len(y)}")
+    if isinstance(test_size, bool) or not 0 < test_size < 1:
+        raise ValueError(f"test_size: expected a float in (0, 1), got {test_size!r}")
+    rng = np.random.default_rng(seed) if seed is not None else _random.generator()
+    if stratify:
+        test = np.concatenate([
+            members[: int(round(len(members) * test_size))]
+            for members in (rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y))
+        ])
+        is_test = np.zeros(len(x), bool)
+        is_test[test] = True
+        train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), rng.permutation(test)
+    else:
+        order = rng.permutation(len(x))
+        n_test = int(round(len(x) * test_size))
+        if not 0 < n_test < len(x):
+            raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
+        test_idx, train_idx = order[:n_test], order[n_test:]
+    return x[train_idx], x[test_idx], y[train_idx], y[test_idx]

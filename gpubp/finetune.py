@@ -1,0 +1,97 @@
+"""Fine-tuning: freezing that skips kernels, new heads, discriminative learning rates.
+
+A frozen layer costs nothing in backward: no dW/db kernel is launched for it, its
+Parameters' ``.grad`` stays None, and the optimizer keeps no state for it. Below the
+lowest trainable layer no backward work happens at all, and forward keeps no
+activations there (see ``Sequential.backward_plan`` and ``gb.trace``).
+
+>>> import gpubp as gb
+>>> from gpubp import finetune as ft
+>>> model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "relu"), gb.Dense(8, 3)], device="cpu")
+>>> ft.freeze(model[:2])
+>>> model.backward_plan()
+[('dense_0', []), ('dense_1', []), ('dense_2', ['dense_dw'])]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gpubp import _checks
+from gpubp.layers import Dense, Sequential
+from gpubp.train import Callback
+
+
+def _layers(layers, name: str = "layers") -> list[Dense]:
+    if isinstance(layers, Dense):
+        return [layers]
+    if not isinstance(layers, Iterable):
+        raise TypeError(f"{name}: expected a Dense layer, a Sequential or a list of layers, got {type(layers).__name__}")
+    layers = list(layers)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Dense):
+            raise TypeError(f"{name}[{i}]: expected a gpubp.Dense, got {type(layer).__name__}")
+    return layers
+
+
+def freeze(layers) -> None:
+    """Freeze a layer, a model slice (``model[:2]``) or a list of layers."""
+    for layer in _layers(layers):
+        layer.freeze()
+
+
+def unfreeze(layers) -> None:
+    for layer in _layers(layers):
+        layer.unfreeze()
+
+
+def replace_head(model: Sequential, out_features: int, activation: str | None = None) -> Sequential:
+    """A new model: copies of ``model``'s layers but the last, then a freshly initialised head.
+
+    The backbone keeps its weights and frozen state; the head Dense(in, out_features,
+    activation) takes the old head's input width. The original model is not changed.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
+    if not len(model):
+        raise ValueError("model: replace_head needs a model with at least one layer, got an empty Sequential")
+    out_features = _checks.positive_int(out_features, "out_features")
+    backbone = []
+    for layer in model.layers[:-1]:
+        copy = Dense(layer.in_features, layer.out_features, layer.activation, name=layer.name, dtype=model.dtype)
+        backbone.append(copy)
+    head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
+                 dtype=model.dtype)
+    new = Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype)
+    for copy, layer in zip(new.layers, model.layers[:-1]):
+        for target, source in zip(copy.parameters(), layer.parameters()):
+            target.data = new.backend.asarray(layer.backend.to_host(source.data), model.dtype)
+        copy.trainable = layer.trainable
+    return new
+
+
+def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]:
+    """Discriminative learning rates: the top layer gets ``lr``, the layer ``d`` below it ``lr * decay**d``.
+
+    Returns PyTorch-style param groups for any gpubp optimizer. Frozen layers are included,
+    so unfreezing later (e.g. :class:`GradualUnfreezing`) needs no new optimizer.
+    """
+    if not isinstance(model, Sequential) or not len(model):
+        raise ValueError("model: expected a Sequential with at least one layer")
+    lr = _checks.non_negative(lr, "lr")
+    decay = _checks.non_negative(decay, "decay")
+    top = len(model) - 1
+    return [{"params": layer.parameters(), "lr": lr * decay ** (top - i)} for i, layer in enumerate(model)]
+
+
+class GradualUnfreezing(Callback):
+    """ULMFiT-style gradual unfreezing: train the top ``initial`` layers in the first epoch,
+    then unfreeze one more layer from the top every ``every`` epochs."""
+
+    def __init__(self, initial: int = 1, every: int = 1) -> None:
+        self.initial = _checks.positive_int(initial, "initial")
+        self.every = _checks.positive_int(every, "every")
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        trainable = min(len(model), self.initial + epoch // self.every)
+        model.freeze_to(len(model) - trainable)

@@ -1,0 +1,549 @@
+"""Parameter, Dense and Sequential: the layer API over the backend kernels.
+
+Layers own parameters and call backend functions; they never touch an array library
+directly, so the same model runs on the NumPy, CuPy and Numba backends.
+
+>>> import numpy as np, gpubp as gb
+>>> gb.seed(0)
+>>> model = gb.Sequential([gb.Dense(4, 8, activation="relu"), gb.Dense(8, 3)], device="cpu")
+>>> out = model.forward(np.ones((2, 4), np.float32))
+>>> out.shape
+(2, 3)
+>>> loss, dout = gb.losses.cross_entropy(out, np.array([0, 2]))
+>>> model.backward(dout)
+>>> model[0].weight.grad.shape
+(4, 8)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+
+import numpy as np
+
+from gpubp import _checks, _random, activations, backends
+from gpubp.backends import numpy_backend
+
+INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
+
+
+class Parameter:
+    """A trainable array: ``.data`` on the model's device, ``.grad`` filled by backward.
+
+    ``backward`` overwrites ``.grad`` (it does not accumulate across calls). A parameter
+    with ``trainable=False`` never gets a gradient: its ``.grad`` stays ``None`` and no
+    kernel computes one.
+    """
+
+    def __init__(self, data, name: str = "", trainable: bool = True) -> None:
+        self.data = data
+        self.grad = None
+        self.trainable = trainable
+        self.name = name
+        self.backend: ModuleType = numpy_backend
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    def __repr__(self) -> str:
+        state = "trainable" if self.trainable else "frozen"
+        return f"Parameter({self.name!r}, shape={self.shape}, {state})"
+
+
+class _Buffers:
+    """Arrays reused from call to call, keyed by (role, shape). Keeps the newest few,
+    so a varying last batch or an occasional predict() does not grow memory without bound."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._arrays: OrderedDict = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, backend: ModuleType, role, shape: tuple, dtype) -> object:
+        key = (role, shape)
+        array = self._arrays.get(key)
+        if array is None:
+            array = backend.empty(shape, dtype)
+            self._arrays[key] = array
+            if len(self._arrays) > self._capacity:
+                self._arrays.popitem(last=False)
+        else:
+            self._arrays.move_to_end(key)
+        return array
+
+    def drop(self, role, shape: tuple) -> None:
+        self._arrays.pop((role, shape), None)
+
+    def clear(self) -> None:
+        self._arrays.clear()
+
+
+def _init_weight(init, activation: str, fan_in: int, fan_out: int, dtype) -> np.ndarray:
+    rng = _random.generator()
+    if callable(init):
+        weight = np.asarray(init(rng, (fan_in, fan_out)))
+        if weight.shape != (fan_in, fan_out):
+            raise ValueError(f"init: the callable returned shape {weight.shape}, expected {(fan_in, fan_out)}")
+        return weight.astype(dtype)
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {INITS} or a callable(rng, shape), got {init!r}")
+    if init == "auto":
+        init = "he_normal" if activation in activations.RELU_FAMILY else "glorot_uniform"
+    if init == "he_normal":
+        weight = rng.normal(0.0, math.sqrt(2.0 / fan_in), (fan_in, fan_out))
+    elif init == "he_uniform":
+        limit = math.sqrt(6.0 / fan_in)
+        weight = rng.uniform(-limit, limit, (fan_in, fan_out))
+    elif init == "glorot_normal":
+        weight = rng.normal(0.0, math.sqrt(2.0 / (fan_in + fan_out)), (fan_in, fan_out))
+    else:
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        weight = rng.uniform(-limit, limit, (fan_in, fan_out))
+    return weight.astype(dtype)
+
+
+class Dense:
+    """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
+
+    ``init="auto"`` is He-normal for relu/leaky_relu and Glorot-uniform otherwise; also
+    ``"he_uniform"``, ``"glorot_normal"``, or a callable ``(rng, shape) -> array``.
+    The bias starts at zero.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        activation: str | None = None,
+        init: str | Callable = "auto",
+        name: str | None = None,
+        dtype="float32",
+    ) -> None:
+        self.in_features = _checks.positive_int(in_features, "in_features")
+        self.out_features = _checks.positive_int(out_features, "out_features")
+        self.activation = activations.canonical(activation)
+        dtype = _checks.float_dtype(dtype, "dtype")
+        self.name = name
+        self.backend: ModuleType = numpy_backend
+        weight = _init_weight(init, self.activation, self.in_features, self.out_features, dtype)
+        self.weight = Parameter(weight, "weight")
+        self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
+        self._buffers = _Buffers()
+        self._input = self._output = self._preact = None
+
+    # --------------------------------------------------------------------- state
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.weight.data.dtype)
+
+    @property
+    def trainable(self) -> bool:
+        return self.weight.trainable or self.bias.trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for param in self.parameters():
+            param.trainable = bool(value)
+            if not value:
+                param.grad = None
+
+    def freeze(self) -> Dense:
+        """Stop training this layer: backward launches no dW/db kernel for it."""
+        self.trainable = False
+        return self
+
+    def unfreeze(self) -> Dense:
+        self.trainable = True
+        return self
+
+    def parameters(self) -> list[Parameter]:
+        return [self.weight, self.bias]
+
+    def needs_z(self) -> bool:
+        return self.activation in activations.NEEDS_Z
+
+    def _bind(self, backend: ModuleType, dtype=None) -> None:
+        """Move the parameters to ``backend`` (and ``dtype``), dropping cached buffers."""
+        for param in self.parameters():
+            host = param.backend.to_host(param.data)
+            param.data = backend.asarray(host, dtype or host.dtype)
+            param.grad = None
+            param.backend = backend
+        self.backend = backend
+        self._buffers.clear()
+        self._input = self._output = self._preact = None
+
+    # --------------------------------------------------------------------- compute
+
+    def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True):
+        """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array.
+
+        In training, ``keep_input``/``keep_output`` store what backward will read (the input
+        for dW; the output or, for gelu, the pre-activation for act') and nothing else.
+        ``training=False`` stores nothing and leaves what an earlier training forward stored.
+        """
+        z_out = None
+        if training and keep_output and self.needs_z():
+            z_out = self._buffers.get(self.backend, "z", (x.shape[0], self.out_features), self.dtype)
+        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, self.activation, out, z_out)
+        if training:
+            self._input = x if keep_input else None
+            self._output = y if keep_output and not self.needs_z() else None
+            self._preact = z if keep_output else None
+        return y
+
+    def backward_kernels(self, need_dx: bool) -> list[str]:
+        return self.backend.backward_kernels(self.activation, need_dx, self.trainable)
+
+    def backward(self, dy, need_dx: bool, out_dx=None):
+        """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed)."""
+        need_dw = self.trainable
+        out_dw = out_db = None
+        if need_dw:
+            out_dw = self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype)
+            out_db = self._buffers.get(self.backend, "db", self.bias.shape, self.dtype)
+        dx, dw, db = self.backend.dense_backward(
+            dy, self._input, self.weight.data, self._output, self._preact, self.activation,
+            need_dx, need_dw, out_dx, out_dw, out_db,
+        )
+        if need_dw:
+            self.weight.grad = dw if self.weight.trainable else None
+            self.bias.grad = db if self.bias.trainable else None
+        return dx
+
+    def stored_arrays(self) -> list:
+        return [a for a in (self._input, self._output, self._preact) if a is not None]
+
+    def __repr__(self) -> str:
+        frozen = "" if self.trainable else ", frozen"
+        return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r}{frozen})"
+
+
+class BackwardPlan(list):
+    """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch."""
+
+    def __str__(self) -> str:
+        if not any(kernels for _, kernels in self):
+            return "backward plan: every layer is frozen, so backward launches no kernel"
+        width = max(len(name) for name, _ in self)
+        lines = ["backward plan (bottom to top):"]
+        for name, kernels in self:
+            lines.append(f"  {name:<{width}}  {', '.join(kernels) if kernels else '(nothing: skipped)'}")
+        return "\n".join(lines)
+
+
+class Sequential:
+    """A stack of Dense layers on one device.
+
+    ``device``: "auto" (CUDA when CuPy sees a GPU, else the CPU), "cpu" or "cuda";
+    ``backend``: "auto", "numpy", "cupy" or "numba". ``GPUBP_DEVICE``/``GPUBP_BACKEND``
+    replace an "auto". ``dtype`` is float32 (float64 runs on the NumPy backend only).
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[Dense] = (),
+        device: str = "auto",
+        backend: str = "auto",
+        dtype=None,
+    ) -> None:
+        self.layers: list[Dense] = list(layers)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"layers[{i}]: expected a gpubp.Dense, got {type(layer).__name__}")
+            if i and layer.in_features != self.layers[i - 1].out_features:
+                raise ValueError(
+                    f"layers[{i}]: in_features={layer.in_features} does not match "
+                    f"layers[{i - 1}].out_features={self.layers[i - 1].out_features}"
+                )
+            if layer.name is None:
+                layer.name = f"dense_{i}"
+        self.backend_name = backends.resolve(device, backend)
+        self.backend = backends.get(self.backend_name)
+        if dtype is None:
+            dtype = self.layers[0].dtype if self.layers else np.float32
+        self.dtype = _checks.float_dtype(dtype, "dtype")
+        self._check_dtype(self.backend_name)
+        for layer in self.layers:
+            if layer.backend is not self.backend or layer.dtype != self.dtype:
+                layer._bind(self.backend, self.dtype)
+        self._scratch = _Buffers()
+        self._stored_plan = None
+        self._warned_all_frozen = False
+
+    # --------------------------------------------------------------------- container
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, index):
+        """A layer, or for a slice a Sequential sharing these layers (no copies)."""
+        if isinstance(index, slice):
+            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype)
+        return self.layers[index]
+
+    @property
+    def device(self) -> str:
+        return backends.device_of(self.backend_name)
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def parameters(self) -> list[Parameter]:
+        """Every Parameter, trainable and frozen, in Keras order [W0, b0, W1, b1, ...]."""
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def trainable_parameters(self) -> list[Parameter]:
+        return [p for p in self.parameters() if p.trainable]
+
+    def zero_grad(self) -> None:
+        for param in self.parameters():
+            param.grad = None
+
+    def freeze_to(self, n: int) -> Sequential:
+        """Freeze layers [:n] and unfreeze the rest (fastai semantics; negative n counts from the top)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n: expected an int, got {type(n).__name__}")
+        if not -len(self) <= n <= len(self):
+            raise ValueError(f"n: expected an int in [{-len(self)}, {len(self)}] for a {len(self)}-layer model, got {n}")
+        cut = n % len(self) if n < 0 else n
+        for i, layer in enumerate(self.layers):
+            layer.trainable = i >= cut
+        return self
+
+    def freeze(self) -> Sequential:
+        for layer in self.layers:
+            layer.freeze()
+        return self
+
+    def unfreeze(self) -> Sequential:
+        for layer in self.layers:
+            layer.unfreeze()
+        return self
+
+    def summary(self) -> str:
+        lines = [f"Sequential on {self.device} (backend {self.backend_name!r}, {self.dtype})"]
+        for layer in self.layers:
+            count = layer.in_features * layer.out_features + layer.out_features
+            state = "trainable" if layer.trainable else "frozen"
+            lines.append(f"  {layer.name:<10} {layer.in_features:>6} -> {layer.out_features:<6} "
+                         f"{layer.activation:<11} {count:>10,} params  {state}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"Sequential([\n  {inner}\n], backend={self.backend_name!r})"
+
+    # --------------------------------------------------------------------- devices
+
+    def _check_dtype(self, backend_name: str) -> None:
+        if backend_name != "numpy" and self.dtype != np.float32:
+            raise ValueError(f"dtype: the {backend_name!r} backend computes in float32, got {self.dtype}")
+
+    def to(self, device: str = "auto", backend: str = "auto") -> Sequential:
+        """Move the parameters to another device/backend; returns self.
+
+        Optimizer state lives with the arrays it was made for: build the optimizer after ``to``.
+        """
+        name = backends.resolve(device, backend)
+        self._check_dtype(name)
+        target = backends.get(name)
+        for layer in self.layers:
+            layer._bind(target, self.dtype)
+        self.backend_name, self.backend = name, target
+        self._scratch.clear()
+        self._stored_plan = None
+        return self
+
+    def as_input(self, x, name: str = "x"):
+        """Validate ``x`` (B, in_features) and return it as this model's backend array."""
+        if _checks.array_kind(x) == "other":
+            x = np.asarray(x)
+        _checks.batch_shape(x.shape, self.in_features, name)
+        _checks.float_dtype(x.dtype, name)
+        return self._on_backend(x, name)
+
+    # --------------------------------------------------------------------- forward / backward
+
+    def _plan(self, need_input_grad: bool) -> list[tuple[bool, bool]]:
+        """(need_dx, need_dw) per layer, bottom to top.
+
+        A layer needs dX only if some layer below it is trainable (or the caller wants
+        the input gradient); it needs dW/db only if it is trainable itself.
+        """
+        plan = []
+        below_trainable = need_input_grad
+        for layer in self.layers:
+            plan.append((below_trainable, layer.trainable))
+            below_trainable = below_trainable or layer.trainable
+        return plan
+
+    def backward_plan(self, need_input_grad: bool = False) -> BackwardPlan:
+        """Per layer, bottom to top, exactly the kernels ``backward`` will launch."""
+        return BackwardPlan(
+            (layer.name, layer.backend.backward_kernels(layer.activation, need_dx, need_dw))
+            for layer, (need_dx, need_dw) in zip(self.layers, self._plan(need_input_grad))
+        )
+
+    def forward(self, x, training: bool = True, need_input_grad: bool = False):
+        """Run the model on ``x`` (B, in_features); returns (B, out_features) on the model's device.
+
+        ``training=True`` keeps what the following ``backward`` will read, and no more:
+        a layer that computes nothing in backward keeps nothing, so a frozen prefix
+        costs no activation memory. ``training=False`` (predict/evaluate) keeps nothing.
+        The returned array is fresh; intermediate buffers are reused call to call.
+        """
+        if not self.layers:
+            raise ValueError("forward: the model has no layers")
+        h = self.as_input(x)
+        batch = h.shape[0]
+        plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
+        keeps_output = [(dx or dw) and layer.activation != "identity" for layer, (dx, dw) in zip(self.layers, plan)]
+        keeps_input = [dw for _, dw in plan]
+        last = len(self) - 1
+        for i, layer in enumerate(self.layers):
+            shape = (batch, layer.out_features)
+            if i == last:
+                out = None
+            elif keeps_input[i + 1] or keeps_output[i]:
+                out = layer._buffers.get(self.backend, "y", shape, self.dtype)
+            else:
+                layer._buffers.drop("y", shape)
+                out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
+            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training)
+        if training:
+            self._stored_plan = (plan, batch, self.out_features)
+        return h
+
+    __call__ = forward
+
+    def backward(self, dout, need_input_grad: bool = False):
+        """Backpropagate ``dout`` (B, out_features), the gradient of the loss w.r.t. the output.
+
+        Fills ``.grad`` of trainable Parameters only. Layers below the lowest trainable
+        layer do no work; frozen layers launch no dW/db kernel; a frozen layer between
+        trainable ones launches only dX. Returns dX of the input if ``need_input_grad``.
+        """
+        plan = self._plan(need_input_grad)
+        if not any(dx or dw for dx, dw in plan):
+            if not self._warned_all_frozen:
+                warnings.warn("backward: every layer is frozen, so no kernel is launched", stacklevel=2)
+                self._warned_all_frozen = True
+            return None
+        if self._stored_plan is None or self._stored_plan[0] != plan:
+            raise RuntimeError(
+                "backward: run forward(x) in training mode first, with the same frozen layers and "
+                f"need_input_grad={need_input_grad} (the stored activations do not match this backward)"
+            )
+        _, batch, width = self._stored_plan
+        dy = self._as_grad(dout, (batch, width))
+        lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
+        for i in range(len(self) - 1, lowest - 1, -1):
+            layer = self.layers[i]
+            need_dx = plan[i][0]
+            out_dx = None
+            if need_dx and i > 0:
+                out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
+            dy = layer.backward(dy, need_dx, out_dx)
+        return dy if need_input_grad else None
+
+    def _as_grad(self, dout, shape: tuple):
+        if _checks.array_kind(dout) == "other":
+            dout = np.asarray(dout)
+        if tuple(dout.shape) != shape:
+            raise ValueError(f"dout: expected shape {shape} (the last forward's output), got {tuple(dout.shape)}")
+        _checks.float_dtype(dout.dtype, "dout")
+        return self._on_backend(dout, "dout")
+
+    def _on_backend(self, array, name: str):
+        """``array`` as this model's backend array in the model's dtype (a copy only if needed)."""
+        if self.backend.is_array(array):
+            return array if array.dtype == self.dtype else self.backend.asarray(array, self.dtype)
+        if _checks.array_kind(array) == "numpy":
+            return self.backend.asarray(array, self.dtype)
+        raise TypeError(
+            f"{name}: got a {type(array).__module__}.{type(array).__name__} (GPU memory) but the model is on "
+            f"{self.device} (backend {self.backend_name!r}); pass a NumPy array or move the model with model.to('cuda')"
+        )
+
+    def activation_bytes(self) -> int:
+        """Bytes of activations kept by the last training forward for backward to read."""
+        seen = {}
+        for layer in self.layers:
+            for array in layer.stored_arrays():
+                seen[id(array)] = array.nbytes
+        return sum(seen.values())
+
+    # --------------------------------------------------------------------- weights
+
+    def get_weights(self) -> list[np.ndarray]:
+        """NumPy copies in Keras order [W0, b0, W1, b1, ...], W as (in, out)."""
+        return [np.array(p.backend.to_host(p.data), copy=True) for p in self.parameters()]
+
+    def set_weights(self, weights: Sequence) -> None:
+        """Load [W0, b0, W1, b1, ...]; every shape is checked before any weight changes."""
+        params = self.parameters()
+        if not isinstance(weights, (list, tuple)):
+            raise TypeError(f"weights: expected a list of arrays, got {type(weights).__name__}")
+        if len(weights) != len(params):
+            raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
+        hosts = []
+        for i, (param, array) in enumerate(zip(params, weights)):
+            if _checks.array_kind(array) not in ("numpy", "other"):
+                array = _host_copy(array)
+            array = np.asarray(array)
+            if array.shape != param.shape:
+                raise ValueError(f"weights[{i}]: expected shape {param.shape} for {param.name}, got {array.shape}")
+            if array.dtype.kind not in "fiu":
+                raise TypeError(f"weights[{i}]: expected a numeric array, got dtype {array.dtype}")
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"weights[{i}]: contains NaN or inf")
+            hosts.append(array)
+        for param, array in zip(params, hosts):
+            param.data = param.backend.asarray(array, self.dtype)
+        self._stored_plan = None
+
+    # --------------------------------------------------------------------- training (see train.py)
+
+    def fit(self, x, y, **kwargs):
+        """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
+        from gpubp import train
+
+        return train.fit(self, x, y, **kwargs)
+
+    def evaluate(self, x, y, **kwargs) -> dict:
+        from gpubp import train
+
+        return train.evaluate(self, x, y, **kwargs)
+
+    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
+        from gpubp import train
+
+        return train.predict(self, x, batch_size=batch_size)
+
+    def save(self, path) -> None:
+        """Write the architecture and weights to ``.npz`` or ``.safetensors`` (atomically)."""
+        from gpubp import io
+
+        io.save(self, path)
+
+
+def _host_copy(array) -> np.ndarray:
+    if hasattr(array, "get"):
+        return array.get()
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    raise TypeError(f"weights: cannot read a {type(array).__name__}")

@@ -1,0 +1,109 @@
+"""Losses: each returns ``(loss, grad)``, a Python float and the gradient of the mean loss.
+
+All are means, as in PyTorch and Keras: ``cross_entropy`` over the batch, ``mse`` and
+``binary_cross_entropy`` over all elements. The backend is chosen by the array's type
+(or passed by the training loop). Inputs are checked here, once; the kernels trust them.
+
+>>> import numpy as np
+>>> loss, grad = cross_entropy(np.array([[2.0, 0.0]], np.float32), np.array([0]))
+>>> round(loss, 4), grad.shape
+(0.1269, (1, 2))
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from gpubp import _checks, backends
+
+
+def _host(a, backend: ModuleType) -> np.ndarray:
+    return backend.to_host(a) if backend.is_array(a) else np.asarray(a)
+
+
+def _prediction(pred, name: str, backend: ModuleType | None):
+    if _checks.array_kind(pred) == "other":
+        pred = np.asarray(pred)
+    backend = backend or backends.for_array(pred)
+    _checks.float_dtype(pred.dtype, name)
+    if len(pred.shape) != 2 or pred.shape[0] == 0:
+        raise ValueError(f"{name}: expected a 2-D array (batch, outputs) with at least one row, got shape {tuple(pred.shape)}")
+    return pred, backend
+
+
+def _on(backend: ModuleType, a, dtype):
+    return a if backend.is_array(a) and a.dtype == dtype else backend.asarray(_host(a, backend), dtype)
+
+
+def cross_entropy(logits, labels, backend: ModuleType | None = None):
+    """Softmax cross-entropy, mean over the batch: logits (B, C) float, labels (B,) ints in [0, C).
+
+    Softmax, loss and gradient run fused; stable for logits of any magnitude.
+    """
+    logits, backend = _prediction(logits, "logits", backend)
+    batch, classes = logits.shape
+    host_labels = _host(labels, backend)
+    if host_labels.shape != (batch,):
+        raise ValueError(f"labels: expected shape ({batch},) to match logits {tuple(logits.shape)}, got {host_labels.shape}")
+    if host_labels.dtype.kind not in "iu":
+        raise TypeError(f"labels: expected integer class indices, got dtype {host_labels.dtype}")
+    low, high = int(host_labels.min()), int(host_labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"labels: expected class indices in [0, {classes}), got values from {low} to {high}")
+    return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64))
+
+
+def _target(pred, target, backend: ModuleType, name: str = "target"):
+    if _checks.array_kind(target) == "other":
+        target = np.asarray(target)
+    if tuple(target.shape) == (pred.shape[0],) and pred.shape[1] == 1:
+        target = target.reshape(pred.shape)
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"{name}: expected shape {tuple(pred.shape)} to match the predictions, got {tuple(target.shape)}")
+    if np.dtype(target.dtype).kind not in "fiub":
+        raise TypeError(f"{name}: expected a numeric array, got dtype {target.dtype}")
+    return _on(backend, target, pred.dtype)
+
+
+def mse(pred, target, backend: ModuleType | None = None):
+    """Mean squared error over all elements; ``target`` has the shape of ``pred``."""
+    pred, backend = _prediction(pred, "pred", backend)
+    return backend.mse(pred, _target(pred, target, backend))
+
+
+def binary_cross_entropy(logits, target, backend: ModuleType | None = None):
+    """Binary cross-entropy on logits (sigmoid fused), mean over all elements; targets in [0, 1]."""
+    logits, backend = _prediction(logits, "logits", backend)
+    target = _target(logits, target, backend)
+    host = _host(target, backend)
+    if host.min() < 0 or host.max() > 1:
+        raise ValueError(f"target: expected values in [0, 1], got values from {host.min()} to {host.max()}")
+    return backend.bce(logits, target)
+
+
+LOSSES = {
+    "cross_entropy": cross_entropy,
+    "mse": mse,
+    "binary_cross_entropy": binary_cross_entropy,
+}
+ALIASES = {
+    "sparse_categorical_crossentropy": "cross_entropy",
+    "categorical_cross_entropy": "cross_entropy",
+    "mean_squared_error": "mse",
+    "bce": "binary_cross_entropy",
+    "binary_crossentropy": "binary_cross_entropy",
+}
+
+
+def get(loss):
+    """A loss function from its name (Keras spellings accepted) or a callable."""
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss: expected a name or a callable, got {type(loss).__name__}")
+    name = ALIASES.get(loss, loss)
+    if name not in LOSSES:
+        raise ValueError(f"loss: unknown loss {loss!r}; expected one of {sorted(LOSSES) + sorted(ALIASES)}")
+    return LOSSES[name]

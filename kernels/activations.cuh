@@ -1,0 +1,110 @@
+// Activation functions and their derivatives, selected at compile time by integer id.
+//
+// Ids and formulas match gpubp/activations.py (ACT_ID, the NumPy reference):
+//
+//   id  name        y = act(z)                         act'(.) from
+//   0   identity    z                                  -
+//   1   relu        max(z, 0)                          y: 1 if y > 0 else 0
+//   2   leaky_relu  z if z > 0 else 0.01 z             y: 1 if y > 0 else 0.01
+//   3   sigmoid     1 / (1 + exp(-z))                  y: y (1 - y)
+//   4   tanh        tanh(z)                            y: 1 - y^2
+//   5   gelu        z Phi(z), Phi the normal CDF       z: Phi(z) + z phi(z)
+//   6   gelu_tanh   0.5 z (1 + tanh(c (z + a z^3)))    z: 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
+//
+// Only gelu and gelu_tanh need the pre-activation z in backward (act_needs_z); the other
+// derivatives are functions of the output y, so forward never stores z for them.
+// Everything is full-precision fp32 (erff/normcdff/expf/tanhf; never built with fast math),
+// and finite for any finite z: sigmoid takes exp of -|z| only, so |z| = 1e4 gives exactly
+// 0 or 1, and gelu uses normcdff, which is accurate in the far negative tail where
+// 0.5 (1 + erf(z / sqrt 2)) would cancel to 0.
+//
+// Device code only, no includes: the same text compiles under nvcc and NVRTC.
+#pragma once
+
+namespace gpubp {
+
+enum ActId : int {
+    ACT_IDENTITY = 0,
+    ACT_RELU = 1,
+    ACT_LEAKY_RELU = 2,
+    ACT_SIGMOID = 3,
+    ACT_TANH = 4,
+    ACT_GELU = 5,
+    ACT_GELU_TANH = 6,
+};
+
+constexpr float LEAKY_SLOPE = 0.01f;
+constexpr float GELU_TANH_A = 0.044715f;
+constexpr float GELU_TANH_C = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+
+template <int ACT>
+__host__ __device__ constexpr bool act_needs_z() {
+    return ACT == ACT_GELU || ACT == ACT_GELU_TANH;
+}
+
+__device__ __forceinline__ float stable_sigmoid(float z) {
+    const float e = expf(-fabsf(z));  // in (0, 1]: never overflows
+    const float s = 1.0f / (1.0f + e);
+    return z >= 0.0f ? s : e * s;
+}
+
+template <int ACT>
+__device__ __forceinline__ float act_forward(float z) {
+    if constexpr (ACT == ACT_IDENTITY) {
+        return z;
+    } else if constexpr (ACT == ACT_RELU) {
+        return fmaxf(z, 0.0f);
+    } else if constexpr (ACT == ACT_LEAKY_RELU) {
+        return z > 0.0f ? z : LEAKY_SLOPE * z;
+    } else if constexpr (ACT == ACT_SIGMOID) {
+        return stable_sigmoid(z);
+    } else if constexpr (ACT == ACT_TANH) {
+        return tanhf(z);
+    } else if constexpr (ACT == ACT_GELU) {
+        return z * normcdff(z);
+    } else {
+        static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
+        const float t = tanhf(z * (GELU_TANH_C + GELU_TANH_A * GELU_TANH_C * z * z));
+        return 0.5f * z * (1.0f + t);
+    }
+}
+
+// act'(.) at one element: y is the forward output, z the pre-activation. Callers pass
+// whichever the activation needs (act_needs_z) and anything for the other.
+template <int ACT>
+__device__ __forceinline__ float act_grad(float y, float z) {
+    if constexpr (ACT == ACT_IDENTITY) {
+        return 1.0f;
+    } else if constexpr (ACT == ACT_RELU) {
+        return y > 0.0f ? 1.0f : 0.0f;
+    } else if constexpr (ACT == ACT_LEAKY_RELU) {
+        return y > 0.0f ? 1.0f : LEAKY_SLOPE;
+    } else if constexpr (ACT == ACT_SIGMOID) {
+        return y * (1.0f - y);
+    } else if constexpr (ACT == ACT_TANH) {
+        return 1.0f - y * y;
+    } else if constexpr (ACT == ACT_GELU) {
+        return normcdff(z) + z * INV_SQRT_2PI * expf(-0.5f * z * z);
+    } else {
+        static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
+        const float z2 = z * z;
+        const float t = tanhf(z * (GELU_TANH_C + GELU_TANH_A * GELU_TANH_C * z2));
+        const float du = GELU_TANH_C + 3.0f * GELU_TANH_A * GELU_TANH_C * z2;
+        return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
+    }
+}
+
+}  // namespace gpubp
+
+// Instantiates MACRO(name, id) once per activation, so each kernel file declares its
+// extern "C" entry points (one per activation) in one line. The names are what the
+// Python backend asks the module for, identically for the fatbin and NVRTC paths.
+#define GPUBP_FOR_EACH_ACTIVATION(MACRO)        \
+    MACRO(identity, gpubp::ACT_IDENTITY)        \
+    MACRO(relu, gpubp::ACT_RELU)                \
+    MACRO(leaky_relu, gpubp::ACT_LEAKY_RELU)    \
+    MACRO(sigmoid, gpubp::ACT_SIGMOID)          \
+    MACRO(tanh, gpubp::ACT_TANH)                \
+    MACRO(gelu, gpubp::ACT_GELU)                \
+    MACRO(gelu_tanh, gpubp::ACT_GELU_TANH)
