@@ -1,0 +1,167 @@
+"""Command line: ``python -m gpubp demo | info | bench``.
+
+demo   train 64-128-128-10 on the 8x8 digits, then fine-tune a frozen backbone to new classes
+info   versions, the GPUs the driver sees, which backends run here and why the others don't
+bench  time one training step per backend on a few shapes (a quick look; bench/ has the real suites)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import gpubp as gb
+from gpubp import backends
+from gpubp import finetune as ft
+
+
+def _step_seconds(model, x, y, opt, repeats: int = 20) -> float:
+    """Median seconds of one training step (forward, loss, backward, update) after warm-up."""
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        out = model.forward(x)
+        _, dout = gb.losses.cross_entropy(out, y, backend=model.backend)
+        model.backward(dout)
+        opt.step()
+        model.backend.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def demo(args) -> int:
+    backend = backends.resolve(args.device, args.backend)
+    print(f"gpubp {gb.__version__}: device {backends.device_of(backend)!r}, backend {backend!r}")
+    gb.seed(args.seed)
+    x, y = gb.data.load_digits()
+    x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.2, seed=args.seed, stratify=True)
+
+    print("\n[1/2] train 64-128-128-10 (relu) on the 8x8 digits")
+    model = gb.Sequential([
+        gb.Dense(64, 128, activation="relu"),
+        gb.Dense(128, 128, activation="relu"),
+        gb.Dense(128, 10),
+    ], backend=backend)
+    history = model.fit(x_train, y_train, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=2e-3),
+                        epochs=args.epochs, batch_size=32, verbose=0 if args.quiet else 1)
+    result = model.evaluate(x_test, y_test, metrics=["accuracy", "f1"])
+    per_epoch = 1e3 * float(np.mean(history.epoch_times))
+    print(f"test accuracy {result['accuracy']:.2%} (macro F1 {result['f1']:.3f}) after {len(history.epoch)} epochs, "
+          f"{per_epoch:.1f} ms per epoch")
+
+    print("\n[2/2] fine-tune: pretrain on digits 0-4, new head, frozen backbone, 5-9 from a few labels")
+    gb.seed(args.seed)
+    old_train, old_test = y_train < 5, y_test < 5
+    pretrained = gb.Sequential([
+        gb.Dense(64, 128, activation="relu"),
+        gb.Dense(128, 128, activation="relu"),
+        gb.Dense(128, 5),
+    ], backend=backend)
+    pretrained.fit(x_train[old_train], y_train[old_train], optimizer=gb.optim.Adam(pretrained.parameters(), lr=2e-3),
+                   epochs=args.epochs, batch_size=64, verbose=0)
+    pre_acc = pretrained.evaluate(x_test[old_test], y_test[old_test], loss="cross_entropy")["accuracy"]
+    print(f"pretrained on 0-4: test accuracy {pre_acc:.2%}")
+
+    model = ft.replace_head(pretrained, out_features=5)
+    model.freeze_to(len(model) - 1)
+    rng = np.random.default_rng(args.seed)
+    few = np.concatenate([rng.choice(np.flatnonzero(y_train == c), args.shots, replace=False) for c in range(5, 10)])
+    backbone_before = model.get_weights()[:-2]
+    model.fit(x_train[few], y_train[few] - 5, optimizer=gb.optim.Adam(model.parameters(), lr=1e-2),
+              epochs=60, batch_size=25, verbose=0)
+    new_test = ~old_test
+    acc = model.evaluate(x_test[new_test], y_test[new_test] - 5, loss="cross_entropy")["accuracy"]
+    unchanged = all(np.array_equal(a, b) for a, b in zip(backbone_before, model.get_weights()[:-2]))
+    print(f"fine-tuned on 5-9 with {args.shots} labels per class: test accuracy {acc:.2%}; "
+          f"backbone unchanged: {unchanged}")
+    print(model.backward_plan())
+
+    batch = x_train[rng.choice(len(x_train), 256)]
+    labels = rng.integers(0, 5, 256)
+    frozen = _step_seconds(model, batch, labels, gb.optim.Adam(model.parameters()))
+    frozen_bytes = model.activation_bytes()
+    model.unfreeze()
+    full = _step_seconds(model, batch, labels, gb.optim.Adam(model.parameters()))
+    full_bytes = model.activation_bytes()
+    print(f"step time at batch 256: frozen backbone {1e3 * frozen:.3f} ms, full {1e3 * full:.3f} ms "
+          f"({frozen / full:.2f}x); activations kept for backward {frozen_bytes:,} B vs {full_bytes:,} B")
+    return 0
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info(args) -> int:
+    from gpubp._driver import cuda_device_count
+
+    print(f"gpubp      {gb.__version__}")
+    print(f"python     {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    for dist in ("numpy", "scipy", "cupy-cuda12x", "cupy-cuda13x", "numba", "numba-cuda", "torch"):
+        print(f"{dist:<12} {_version(dist)}")
+    count, reason = cuda_device_count()
+    print(f"CUDA GPUs  {count}" + (f" ({reason})" if reason else ""))
+    print("backends:")
+    for name, why_not in backends.available().items():
+        print(f"  {name:<6} " + ("available" if why_not is None else f"unavailable: {' '.join(why_not.split())}"))
+    try:
+        chosen = backends.resolve("auto", "auto")
+        print(f"device='auto' picks backend {chosen!r}")
+    except (RuntimeError, ValueError) as exc:
+        print(f"device='auto' fails: {exc}")
+    return 0
+
+
+def bench(args) -> int:
+    names = [args.backend] if args.backend != "auto" else [n for n, why in backends.available().items() if why is None]
+    shapes = [([784, 256, 256, 10], 256), ([1024] * 4, 512), ([64] * 5 + [10], 4096)]
+    print(f"median ms per training step (forward, softmax-CE, backward, SGD momentum); {args.repeats} repeats")
+    rng = np.random.default_rng(0)
+    for widths, batch in shapes:
+        x = rng.standard_normal((batch, widths[0])).astype(np.float32)
+        y = rng.integers(0, widths[-1], batch)
+        cells = []
+        for name in names:
+            if name == "numba" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+                cells.append(f"{name}: skipped (CUDA simulator)")
+                continue
+            layers = [gb.Dense(a, b, "relu" if i < len(widths) - 2 else None)
+                      for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
+            model = gb.Sequential(layers, backend=name)
+            opt = gb.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            cells.append(f"{name}: {1e3 * _step_seconds(model, x, y, opt, args.repeats):.3f}")
+        print(f"{str(widths):<28} batch {batch:<5} " + "  ".join(cells))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpubp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="train on digits, then fine-tune a frozen backbone")
+    p_demo.add_argument("--epochs", type=int, default=40)
+    p_demo.add_argument("--shots", type=int, default=20, help="labelled examples per new class")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("info", help="versions, GPUs and backends")
+    p_bench = sub.add_parser("bench", help="quick training-step timings per backend")
+    p_bench.add_argument("--repeats", type=int, default=20)
+    p_demo.add_argument("--device", default="auto", choices=backends.DEVICES)
+    for p in (p_demo, p_bench):
+        p.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS)
+    args = parser.parse_args(argv)
+    return {"demo": demo, "info": info, "bench": bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
