@@ -421,7 +421,9 @@ class Sequential:
             elif keeps_input[i + 1] or keeps_output[i]:
                 out = layer._buffers.get(self.backend, "y", shape, self.dtype)
             else:
-                layer._buffers.drop("y", shape)
+                if training:
+                    # This layer's output is no longer kept: give its buffer back.
+                    layer._buffers.drop("y", shape)
                 out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
             h = layer.forward(h, out, keeps_input[i], keeps_output[i], training)
         if training:
@@ -513,7 +515,8 @@ class Sequential:
                 raise ValueError(f"weights[{i}]: contains NaN or inf")
             hosts.append(array)
         for param, array in zip(params, hosts):
-            param.data = param.backend.asarray(array, self.dtype)
+            # A copy: optimizers update in place, and must not write into the caller's arrays.
+            param.data = param.backend.asarray(np.array(array, dtype=self.dtype), self.dtype)
         self._stored_plan = None
 
     # --------------------------------------------------------------------- training (see train.py)

@@ -101,7 +101,7 @@ class EarlyStopping(Callback):
                 self.best_weights = model.get_weights()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             self.stopped_epoch = epoch
             model.stop_training = True
 

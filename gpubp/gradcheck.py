@@ -1,0 +1,197 @@
+"""Gradient checking: backward against central differences, and the model against PyTorch.
+
+``check_gradients`` runs a float64 NumPy model forward and backward once, then moves
+every weight, bias and input element by +-eps and compares ``(L(+eps) - L(-eps)) / 2eps``
+with what backward computed. ``compare_with_torch`` builds the equivalent
+``torch.nn.Sequential`` and compares outputs, loss and gradients. torch is imported
+inside that function only; the library itself never needs it.
+
+Gradients are reported under the names the model files use: ``layers.{i}.weight`` (in, out),
+``layers.{i}.bias`` (out,) and ``input`` (B, in). Frozen parameters get no gradient and are
+not checked.
+
+>>> import numpy as np, gpubp as gb
+>>> gb.seed(0)
+>>> model = gb.Sequential([gb.Dense(3, 4, "tanh"), gb.Dense(4, 2)], dtype="float64", device="cpu")
+>>> x = np.random.default_rng(0).normal(size=(5, 3))
+>>> errors = check_gradients(model, x, np.array([0, 1, 1, 0, 1]), loss="cross_entropy")
+>>> sorted(errors), max(errors.values()) < 1e-8
+(['input', 'layers.0.bias', 'layers.0.weight', 'layers.1.bias', 'layers.1.weight'], True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpubp import losses as _losses
+from gpubp.layers import Sequential
+
+
+def _param_names(model: Sequential) -> list[str]:
+    return [f"layers.{i}.{kind}" for i in range(len(model)) for kind in ("weight", "bias")]
+
+
+def _host(array, backend) -> np.ndarray:
+    return np.array(backend.to_host(array), copy=True)
+
+
+def analytic_gradients(model: Sequential, x, target, loss="mse") -> tuple[float, dict[str, np.ndarray]]:
+    """One training forward and backward: ``(loss, {name: gradient})`` as NumPy copies.
+
+    Only trainable parameters appear, plus ``"input"`` (backward runs with ``need_input_grad=True``).
+    """
+    loss_fn = _losses.get(loss)
+    out = model.forward(x, training=True, need_input_grad=True)
+    value, dout = loss_fn(out, target, backend=model.backend)
+    dx = model.backward(dout, need_input_grad=True)
+    grads = {name: _host(p.grad, p.backend) for name, p in zip(_param_names(model), model.parameters())
+             if p.trainable}
+    grads["input"] = _host(dx, model.backend)
+    return value, grads
+
+
+def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6) -> dict[str, np.ndarray]:
+    """Central differences of the loss for every trainable parameter element and every input element.
+
+    Needs a float64 model on the NumPy backend (float32 differences are too coarse to check
+    anything). Each parameter is restored exactly after its element is probed.
+    """
+    if model.backend_name != "numpy" or model.dtype != np.float64:
+        raise ValueError(f"model: numerical gradients need a float64 model on the numpy backend, got "
+                         f"{model.dtype} on {model.backend_name!r}")
+    loss_fn = _losses.get(loss)
+    x = np.array(x, dtype=np.float64, copy=True)
+
+    def loss_at(inputs) -> float:
+        return loss_fn(model.forward(inputs, training=False), target, backend=model.backend)[0]
+
+    def probe(array: np.ndarray) -> np.ndarray:
+        grad = np.zeros_like(array)
+        flat, flat_grad = array.reshape(-1), grad.reshape(-1)
+        for i in range(flat.size):
+            saved = flat[i]
+            flat[i] = saved + eps
+            plus = loss_at(x)
+            flat[i] = saved - eps
+            minus = loss_at(x)
+            flat[i] = saved
+            flat_grad[i] = (plus - minus) / (2 * eps)
+        return grad
+
+    grads = {name: probe(p.data) for name, p in zip(_param_names(model), model.parameters()) if p.trainable}
+    grads["input"] = probe(x)
+    return grads
+
+
+def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6, rtol: float = 1e-5,
+                    atol: float = 1e-8) -> dict[str, float]:
+    """Compare backward with central differences; return ``{name: max abs error}``.
+
+    Raises ``AssertionError`` naming the gradient and the worst element when
+    ``|analytic - numerical| > atol + rtol * |numerical|`` anywhere.
+    """
+    _, analytic = analytic_gradients(model, x, target, loss)
+    numerical = numerical_gradients(model, x, target, loss, eps)
+    errors = {}
+    for name, expected in numerical.items():
+        got = analytic[name]
+        diff = np.abs(got - expected)
+        errors[name] = float(diff.max(initial=0.0))
+        excess = diff - (atol + rtol * np.abs(expected))
+        if excess.size and excess.max() > 0:
+            worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            raise AssertionError(
+                f"{name}: backward gives {got[worst]!r} at {worst}, central differences give {expected[worst]!r} "
+                f"(max abs error {errors[name]:.3g}, rtol={rtol}, atol={atol})"
+            )
+    return errors
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def to_torch(model: Sequential):
+    """The equivalent ``torch.nn.Sequential`` (nn.Linear + activation modules), same weights and dtype."""
+    import torch
+
+    dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    modules = {
+        "identity": torch.nn.Identity,
+        "relu": torch.nn.ReLU,
+        "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
+        "sigmoid": torch.nn.Sigmoid,
+        "tanh": torch.nn.Tanh,
+        "gelu": lambda: torch.nn.GELU(approximate="none"),
+        "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    }
+    stack = []
+    for layer in model:
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(_host(layer.weight.data, layer.backend).T.copy()))
+            linear.bias.copy_(torch.from_numpy(_host(layer.bias.data, layer.backend)))
+        linear.weight.requires_grad_(layer.weight.trainable)
+        linear.bias.requires_grad_(layer.bias.trainable)
+        stack += [linear, modules[layer.activation]()]
+    return torch.nn.Sequential(*stack)
+
+
+def _torch_loss(name, out, target):
+    import torch
+    import torch.nn.functional as F
+
+    name = _losses.ALIASES.get(name, name)
+    target = np.asarray(target)
+    if name == "cross_entropy":
+        return F.cross_entropy(out, torch.from_numpy(target.astype(np.int64)))
+    target = torch.from_numpy(target.reshape(tuple(out.shape)).astype(np.float64)).to(out.dtype)
+    if name == "mse":
+        return F.mse_loss(out, target)
+    if name == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(out, target)
+    raise ValueError(f"loss: compare_with_torch knows {sorted(_losses.LOSSES)}, got {name!r}")
+
+
+def compare_with_torch(model: Sequential, x, target, loss: str = "mse", rtol: float = 1e-6,
+                       atol: float = 1e-6) -> dict[str, float]:
+    """Run ``model`` and its PyTorch twin on (x, target); compare outputs, loss and gradients.
+
+    Returns ``{"output": err, "loss": err, name: err, ...}`` (max abs errors, weight gradients
+    compared in our (in, out) layout). Raises ``AssertionError`` naming the first quantity
+    that differs by more than ``atol + rtol * |torch|``.
+    """
+    import torch
+
+    if not isinstance(loss, str):
+        raise TypeError(f"loss: compare_with_torch needs a loss name, got {type(loss).__name__}")
+    value, ours = analytic_gradients(model, x, target, loss)
+    out = model.backend.to_host(model.forward(x, training=False))
+
+    twin = to_torch(model)
+    x_torch = torch.from_numpy(np.array(x, dtype=np.float64)).to(twin[0].weight.dtype).requires_grad_(True)
+    out_torch = twin(x_torch)
+    loss_torch = _torch_loss(loss, out_torch, target)
+    loss_torch.backward()
+
+    theirs = {"output": out_torch.detach().numpy(), "loss": np.array(loss_torch.item()), "input": x_torch.grad.numpy()}
+    mine = {"output": out, "loss": np.array(value), "input": ours["input"]}
+    for i, layer in enumerate(model):
+        linear = twin[2 * i]
+        if layer.weight.trainable:
+            theirs[f"layers.{i}.weight"] = linear.weight.grad.numpy().T
+            mine[f"layers.{i}.weight"] = ours[f"layers.{i}.weight"]
+        if layer.bias.trainable:
+            theirs[f"layers.{i}.bias"] = linear.bias.grad.numpy()
+            mine[f"layers.{i}.bias"] = ours[f"layers.{i}.bias"]
+    errors = {}
+    for name, expected in theirs.items():
+        got = np.asarray(mine[name], dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        if got.shape != expected.shape:
+            raise AssertionError(f"{name}: gpubp gives shape {got.shape}, PyTorch {expected.shape}")
+        diff = np.abs(got - expected)
+        errors[name] = float(diff.max(initial=0.0))
+        if np.any(diff > atol + rtol * np.abs(expected)):
+            raise AssertionError(f"{name}: gpubp and PyTorch differ by up to {errors[name]:.3g} "
+                                 f"(rtol={rtol}, atol={atol})")
+    return errors

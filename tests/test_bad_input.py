@@ -1,0 +1,379 @@
+"""Bad input: a clear ValueError/TypeError naming the argument and the expected vs actual
+value, raised before any kernel runs, with the model's weights left exactly as they were."""
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import backends
+
+
+class FakeCupyArray:
+    """Looks like a cupy.ndarray to gpubp (its type lives in the ``cupy`` package)."""
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    def __getitem__(self, index):
+        return FakeCupyArray(np.empty(self.shape, bool)[index].shape, self.dtype)
+
+
+FakeCupyArray.__module__ = "cupy._core.core"
+
+
+class FakeDeviceArray:
+    """Any other array in GPU memory: it only exposes ``__cuda_array_interface__``."""
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False),
+                                         "version": 3}
+
+
+def make_model(activation="relu", out=3):
+    gb.seed(0)
+    return gb.Sequential([gb.Dense(4, 5, activation), gb.Dense(5, out)], device="cpu")
+
+
+def data(n=8, out=3):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, out, n)
+
+
+@contextlib.contextmanager
+def rejected(model, error, match):
+    """Expect ``error`` matching ``match``, no kernel launch, and unchanged weights."""
+    before = model.get_weights()
+    with gb.trace() as t, pytest.raises(error, match=match):
+        yield
+    assert t.total == 0, f"kernels ran before the error: {dict(t.counts)}"
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def assert_weights_equal(expected, model):
+    for a, b in zip(expected, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_x_with_the_wrong_feature_count_names_both_shapes():
+    model = make_model()
+    with rejected(model, ValueError, r"x: expected shape \(batch, 4\), got \(8, 5\)"):
+        model.forward(np.ones((8, 5), np.float32))
+
+
+def test_x_that_is_not_2d_names_its_shape():
+    model = make_model()
+    with rejected(model, ValueError, r"x: expected a 2-D array of shape \(batch, 4\), got shape \(4,\)"):
+        model.forward(np.ones(4, np.float32))
+
+
+def test_x_with_no_rows_is_rejected():
+    model = make_model()
+    with rejected(model, ValueError, r"x: expected at least one row, got shape \(0, 4\)"):
+        model.predict(np.ones((0, 4), np.float32))
+
+
+def test_fit_with_x_of_the_wrong_width_trains_nothing():
+    model = make_model()
+    _, y = data()
+    with rejected(model, ValueError, r"x: expected shape \(batch, 4\), got \(8, 3\)"):
+        model.fit(np.ones((8, 3), np.float32), y, verbose=0)
+
+
+def test_fit_with_a_y_of_the_wrong_length_names_both_lengths():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, "y: expected 8 targets to match x, got 7"):
+        model.fit(x, y[:7], verbose=0)
+
+
+def test_fit_with_mse_targets_of_the_wrong_width_names_both_shapes():
+    model = make_model()
+    x, _ = data()
+    with rejected(model, ValueError, r"y: expected shape \(8, 3\), got \(8, 2\)"):
+        model.fit(x, np.zeros((8, 2), np.float32), loss="mse", verbose=0)
+
+
+def test_validation_data_of_the_wrong_width_is_named():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, r"validation_data: expected shape \(batch, 4\), got \(2, 5\)"):
+        model.fit(x, y, validation_data=(np.ones((2, 5), np.float32), np.zeros(2, np.int64)), verbose=0)
+
+
+def test_dout_of_the_wrong_shape_names_the_forward_output_shape():
+    model = make_model()
+    x, y = data()
+    model.forward(x)
+    with rejected(model, ValueError, r"dout: expected shape \(8, 3\) \(the last forward's output\), got \(8, 2\)"):
+        model.backward(np.ones((8, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_integer_x_is_a_type_error_naming_the_dtype():
+    model = make_model()
+    with rejected(model, TypeError, "x: expected a floating-point array, got dtype int64"):
+        model.forward(np.ones((2, 4), np.int64))
+
+
+def test_string_x_is_a_type_error():
+    model = make_model()
+    _, y = data(n=1)
+    with rejected(model, TypeError, "x: expected a floating-point array, got dtype <U1"):
+        model.fit([["a", "b", "c", "d"]], y, verbose=0)
+
+
+def test_float_labels_for_cross_entropy_are_a_type_error():
+    model = make_model()
+    x, y = data()
+    with rejected(model, TypeError, "y: cross_entropy expects 1-D integer class labels, got dtype float64"):
+        model.fit(x, y.astype(np.float64), verbose=0)
+
+
+def test_integer_dout_is_a_type_error():
+    model = make_model()
+    x, _ = data()
+    model.forward(x)
+    with rejected(model, TypeError, "dout: expected a floating-point array, got dtype int64"):
+        model.backward(np.ones((8, 3), np.int64))
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def test_labels_out_of_range_name_the_range_and_the_values():
+    model = make_model()
+    x, y = data()
+    y[3] = 3
+    with rejected(model, ValueError, r"y: expected class labels in \[0, 3\), got values from 0 to 3"):
+        model.fit(x, y, verbose=0)
+
+
+def test_binary_cross_entropy_targets_outside_0_1_are_rejected():
+    model = make_model(out=1)
+    x, _ = data()
+    with rejected(model, ValueError, r"y: binary_cross_entropy expects targets in \[0, 1\], got 0.0 to 2.0"):
+        model.fit(x, np.array([0, 1, 2, 0, 1, 0, 1, 0], np.float32), loss="bce", verbose=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_x_in_the_first_batch_names_epoch_and_batch_and_trains_nothing(bad):
+    model = make_model()
+    x, y = data()
+    x[1, 2] = bad
+    with rejected(model, ValueError, r"x: non-finite values \(NaN or inf\) in epoch 1, batch 1"):
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+
+
+def test_non_finite_x_in_a_later_batch_stops_before_that_batch_updates():
+    x, y = data(n=12)
+    reference = make_model()
+    reference.fit(x[:8], y[:8], optimizer=gb.optim.SGD(reference.parameters(), lr=0.1), batch_size=4,
+                  shuffle=False, verbose=0)
+    model = make_model()
+    x[9, 0] = np.nan
+    with pytest.raises(ValueError, match=r"in epoch 1, batch 3; the weights were not updated by this batch"):
+        model.fit(x, y, optimizer=gb.optim.SGD(model.parameters(), lr=0.1), batch_size=4, shuffle=False, verbose=0)
+    assert_weights_equal(reference.get_weights(), model)
+
+
+def test_a_loss_that_turns_nan_stops_fit_before_that_batchs_update():
+    calls = []
+
+    def nan_on_third_batch(pred, target, backend=None):
+        calls.append(1)
+        value, grad = gb.losses.cross_entropy(pred, target, backend=backend)
+        return (float("nan") if len(calls) == 3 else value), grad
+
+    x, y = data(n=12)
+    reference = make_model()
+    reference.fit(x[:8], y[:8], optimizer=gb.optim.SGD(reference.parameters(), lr=0.1), batch_size=4,
+                  shuffle=False, verbose=0)
+    model = make_model()
+    with pytest.raises(FloatingPointError, match=r"the loss became nan in epoch 1, batch 3"):
+        model.fit(x, y, loss=nan_on_third_batch, optimizer=gb.optim.SGD(model.parameters(), lr=0.1),
+                  batch_size=4, shuffle=False, verbose=0)
+    assert_weights_equal(reference.get_weights(), model)
+
+
+class RecordWeights(gb.Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.weights.append(model.get_weights())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_diverging_run_stops_when_the_loss_overflows_keeping_the_last_finite_weights():
+    model = gb.Sequential([gb.Dense(1, 1)], device="cpu")
+    model.set_weights([np.ones((1, 1)), np.zeros(1)])
+    record = RecordWeights()
+    with pytest.raises(FloatingPointError, match=r"the loss became inf in epoch 2, batch 1"):
+        model.fit(np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), loss="mse",
+                  optimizer=gb.optim.SGD(model.parameters(), lr=1e20), epochs=5, verbose=0, callbacks=[record])
+    assert len(record.weights) == 1
+    assert_weights_equal(record.weights[0], model)
+    assert np.all(np.isfinite(model[0].weight.data))
+
+
+# ----------------------------------------------------------------------------- names and options
+
+
+def test_unknown_loss_name_in_fit_trains_nothing():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, "loss: unknown loss 'hinge'"):
+        model.fit(x, y, loss="hinge", verbose=0)
+
+
+def test_unknown_optimizer_name_in_fit_trains_nothing():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, r"optimizer: unknown optimizer 'rmsprop'; expected one of \['adam', 'adamw', 'sgd'\]"):
+        model.fit(x, y, optimizer="rmsprop", verbose=0)
+
+
+def test_unknown_activation_name_is_rejected_when_the_layer_is_built():
+    with pytest.raises(ValueError, match="activation: unknown activation 'softplus'"):
+        gb.Dense(4, 5, activation="softplus")
+
+
+def test_unknown_metric_name_in_fit_trains_nothing():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, "metrics: unknown metric 'auc'"):
+        model.fit(x, y, metrics=["auc"], validation_split=0.25, verbose=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(epochs=0), ValueError, "epochs: expected a positive int, got 0"),
+    (dict(batch_size=2.5), TypeError, "batch_size: expected a positive int, got float 2.5"),
+    (dict(validation_split=1.5), ValueError, r"validation_split: expected a float in \[0, 1\), got 1.5"),
+    (dict(verbose=3), ValueError, "verbose: expected 0, 1 or 2, got 3"),
+    (dict(validation_data=np.ones((2, 4))), TypeError, r"validation_data: expected a pair \(x_val, y_val\)"),
+    (dict(callbacks=[print]), TypeError, r"callbacks\[0\]: expected a gpubp Callback"),
+], ids=["epochs", "batch_size", "validation_split", "verbose", "validation_data", "callbacks"])
+def test_bad_fit_options_name_the_option_and_train_nothing(kwargs, error, match):
+    model = make_model()
+    x, y = data()
+    with rejected(model, error, match):
+        model.fit(x, y, **{"verbose": 0, **kwargs})
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: gb.optim.SGD(p, lr=-0.1), "lr: expected a finite number >= 0, got -0.1"),
+    (lambda p: gb.optim.SGD(p, lr=float("nan")), "lr: expected a finite number >= 0, got nan"),
+    (lambda p: gb.optim.SGD(p, lr=0.1, momentum=1.0), r"momentum: expected a number in \[0, 1\), got 1.0"),
+    (lambda p: gb.optim.SGD(p, lr=0.1, momentum=-0.5), "momentum: expected a finite number >= 0, got -0.5"),
+    (lambda p: gb.optim.SGD(p, lr=0.1, nesterov=True), "nesterov: Nesterov momentum needs momentum > 0"),
+    (lambda p: gb.optim.SGD(p, lr=0.1, weight_decay=-1), "weight_decay: expected a finite number >= 0, got -1"),
+    (lambda p: gb.optim.Adam(p, betas=(0.9, 1.0)), r"betas\[1\]: expected a number in \[0, 1\), got 1.0"),
+    (lambda p: gb.optim.Adam(p, betas=0.9), r"betas: expected a pair \(beta1, beta2\), got 0.9"),
+    (lambda p: gb.optim.Adam(p, eps=0.0), "eps: expected a number > 0, got 0.0"),
+    (lambda p: gb.optim.AdamW(p, lr=-1e-3), "lr: expected a finite number >= 0, got -0.001"),
+], ids=["negative_lr", "nan_lr", "momentum_1", "negative_momentum", "nesterov_no_momentum", "negative_decay",
+        "beta2_1", "betas_scalar", "eps_0", "adamw_negative_lr"])
+def test_bad_optimizer_hyperparameters_are_value_errors_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(make_model().parameters())
+
+
+def test_an_optimizer_over_non_parameters_is_a_type_error():
+    with pytest.raises(TypeError, match=r"params\[0\]: expected a gpubp Parameter, got ndarray"):
+        gb.optim.SGD([np.ones(3)], lr=0.1)
+
+
+# ----------------------------------------------------------------------------- GPU arrays and devices
+
+
+@pytest.mark.parametrize("fake", [FakeCupyArray, FakeDeviceArray], ids=["cupy", "cuda_array_interface"])
+def test_a_gpu_array_given_to_a_cpu_model_says_where_the_model_is(fake):
+    model = make_model()
+    with rejected(model, TypeError, r"x: got a .* \(GPU memory\) but the model is on cpu .* model.to\('cuda'\)"):
+        model.forward(fake((2, 4)))
+
+
+def test_a_cupy_array_given_to_predict_on_a_cpu_model_is_a_type_error():
+    model = make_model()
+    with rejected(model, TypeError, r"x: got a cupy._core.core.FakeCupyArray \(GPU memory\)"):
+        model.predict(FakeCupyArray((5, 4)))
+
+
+def test_a_cupy_dout_given_to_a_cpu_model_is_a_type_error():
+    model = make_model()
+    x, _ = data()
+    model.forward(x)
+    with rejected(model, TypeError, r"dout: got a cupy._core.core.FakeCupyArray \(GPU memory\)"):
+        model.backward(FakeCupyArray((8, 3)))
+
+
+def test_cuda_without_a_gpu_says_which_extra_to_install(monkeypatch):
+    # Simulate a machine where neither GPU backend can run, whatever this one has.
+    monkeypatch.setattr(backends, "_modules", {k: v for k, v in backends._modules.items() if k == "numpy"})
+    monkeypatch.setattr(backends, "_unavailable", {"cupy": "CuPy is not installed", "numba": "no CUDA driver"})
+    with pytest.raises(RuntimeError, match=r"device='cuda' was asked for.*pip install \"gpubp\[cuda12\]\""):
+        gb.Sequential([gb.Dense(4, 5)], device="cuda")
+
+
+def test_moving_a_model_to_cuda_without_a_gpu_keeps_it_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(backends, "_modules", {k: v for k, v in backends._modules.items() if k == "numpy"})
+    monkeypatch.setattr(backends, "_unavailable", {"cupy": "CuPy is not installed", "numba": "no CUDA driver"})
+    model = make_model()
+    before = model.get_weights()
+    with pytest.raises(RuntimeError, match=r"gpubp\[cuda12\]"):
+        model.to("cuda")
+    assert model.device == "cpu"
+    assert_weights_equal(before, model)
+
+
+def test_an_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'numpy', 'cupy', 'numba'\), got 'tpu'"):
+        gb.Sequential([gb.Dense(4, 5)], backend="tpu")
+
+
+# ----------------------------------------------------------------------------- set_weights
+
+
+def test_set_weights_with_too_few_arrays_names_both_counts():
+    model = make_model()
+    with rejected(model, ValueError, r"weights: expected 4 arrays \[W0, b0, W1, b1, ...\], got 3"):
+        model.set_weights(model.get_weights()[:3])
+
+
+def test_set_weights_with_a_wrong_shape_changes_no_weight():
+    model = make_model()
+    new = [w + 1 for w in model.get_weights()]
+    new[2] = new[2].T  # the first three would fit; the third does not
+    with rejected(model, ValueError, r"weights\[2\]: expected shape \(5, 3\) for weight, got \(3, 5\)"):
+        model.set_weights(new)
+
+
+def test_set_weights_with_non_finite_values_is_rejected():
+    model = make_model()
+    new = model.get_weights()
+    new[1] = np.full_like(new[1], np.nan)
+    with rejected(model, ValueError, r"weights\[1\]: contains NaN or inf"):
+        model.set_weights(new)
+
+
+def test_set_weights_with_a_non_numeric_array_is_a_type_error():
+    model = make_model()
+    new = model.get_weights()
+    new[3] = np.array(["a", "b", "c"])
+    with rejected(model, TypeError, r"weights\[3\]: expected a numeric array, got dtype <U1"):
+        model.set_weights(new)
+
+
+def test_set_weights_with_a_single_array_is_a_type_error():
+    model = make_model()
+    with rejected(model, TypeError, "weights: expected a list of arrays, got ndarray"):
+        model.set_weights(np.ones((4, 5)))

@@ -1,0 +1,126 @@
+"""Datasets that need no network, and the seeded, optionally stratified train/test split."""
+
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[dev]'")
+    return data.load_digits()
+
+
+def test_digits_are_1797_images_of_64_pixels_scaled_to_0_1(digits):
+    x, y = digits
+    assert x.shape == (1797, 64) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert y.shape == (1797,) and y.dtype == np.int64
+    assert set(np.unique(y)) == set(range(10))
+
+
+def test_digits_load_with_the_network_blocked(monkeypatch):
+    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[dev]'")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    x, _ = data.load_digits()
+    assert len(x) == 1797
+
+
+def test_digits_without_scikit_learn_is_an_import_error_naming_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"load_digits needs scikit-learn.*pip install \"gpubp\[dev\]\""):
+        data.load_digits()
+
+
+def test_xor_is_the_four_points_and_their_exclusive_or():
+    x, y = data.xor()
+    assert x.dtype == np.float32 and y.dtype == np.float32 and y.shape == (4, 1)
+    np.testing.assert_array_equal(y[:, 0], np.logical_xor(x[:, 0], x[:, 1]))
+    assert {tuple(row) for row in x} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_regression_has_the_asked_shape_and_inputs_in_minus_one_to_one():
+    x, y = data.regression(n_samples=50, n_features=3, seed=0)
+    assert x.shape == (50, 3) and y.shape == (50, 1)
+    assert x.dtype == np.float32 and y.dtype == np.float32
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_regression_with_a_seed_is_reproducible_and_seeds_differ():
+    a, b, c = (data.regression(20, seed=s) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_regression_without_a_seed_follows_gb_seed():
+    gb.seed(5)
+    first = data.regression(10)
+    gb.seed(5)
+    np.testing.assert_array_equal(first[1], data.regression(10)[1])
+
+
+def test_regression_noise_is_the_spread_around_the_clean_targets():
+    _, clean = data.regression(200, noise=0.0, seed=4)
+    _, noisy = data.regression(200, noise=0.1, seed=4)
+    residual = noisy - clean
+    assert residual.std() == pytest.approx(0.1, rel=0.2)
+
+
+def test_regression_rejects_a_non_positive_sample_count():
+    with pytest.raises(ValueError, match="n_samples: expected a positive int, got 0"):
+        data.regression(n_samples=0)
+
+
+def labelled(n=100, classes=4):
+    x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    return x, np.arange(n) % classes
+
+
+def test_split_partitions_the_rows_in_sklearn_order():
+    x, y = labelled()
+    x_train, x_test, y_train, y_test = data.train_test_split(x, y, test_size=0.25, seed=0)
+    assert len(x_test) == 25 and len(x_train) == 75
+    rows = np.concatenate([x_train[:, 0], x_test[:, 0]])
+    np.testing.assert_array_equal(np.sort(rows), x[:, 0])
+    np.testing.assert_array_equal(y_train, (x_train[:, 0] // 2).astype(int) % 4)  # rows keep their labels
+
+
+def test_split_with_a_seed_is_reproducible_and_seeds_differ():
+    x, y = labelled()
+    a, b, c = (data.train_test_split(x, y, seed=s) for s in (7, 7, 8))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_stratified_split_keeps_each_class_share():
+    x = np.zeros((200, 1), np.float32)
+    y = np.repeat([0, 1, 2], [120, 60, 20])
+    _, _, y_train, y_test = data.train_test_split(x, y, test_size=0.25, seed=0, stratify=True)
+    assert np.bincount(y_test).tolist() == [30, 15, 5]
+    assert np.bincount(y_train).tolist() == [90, 45, 15]
+
+
+@pytest.mark.parametrize("test_size", [0, 1, 1.5, True])
+def test_split_rejects_a_test_size_outside_0_1(test_size):
+    x, y = labelled()
+    with pytest.raises(ValueError, match=r"test_size: expected a float in \(0, 1\)"):
+        data.train_test_split(x, y, test_size=test_size)
+
+
+def test_split_rejects_x_and_y_of_different_lengths():
+    x, y = labelled()
+    with pytest.raises(ValueError, match="y: expected 100 rows to match x, got 99"):
+        data.train_test_split(x, y[:99])

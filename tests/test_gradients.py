@@ -1,0 +1,157 @@
+"""Backward against float64 central differences, and against PyTorch.
+
+Every activation is checked with every loss on small shapes that include batch 1 and
+odd widths; hypothesis draws further random shapes and depths. The checks use
+``gpubp.gradcheck``, the package's own utility.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import gpubp as gb
+from gpubp import activations, gradcheck
+from gpubp.activations import ACTIVATIONS
+from gpubp.backends import numpy_backend
+
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+SHAPES = [  # (batch, in, hidden, out)
+    (1, 3, 5, 2),
+    (7, 5, 3, 4),
+    (4, 1, 9, 1),
+]
+
+
+def random_model(sizes, activation, seed, dtype="float64"):
+    """A model whose every layer uses ``activation``, with random (non-zero) biases.
+
+    Zero biases would put relu's kink exactly at z = 0 for any input row that an earlier
+    relu zeroed, where the derivative is not defined and central differences disagree.
+    """
+    rng = np.random.default_rng(seed)
+    model = gb.Sequential([gb.Dense(a, b, activation) for a, b in zip(sizes[:-1], sizes[1:])],
+                          dtype=dtype, device="cpu")
+    model.set_weights([rng.normal(0.0, 0.8, w.shape) for w in model.get_weights()])
+    return model
+
+
+def distance_to_a_kink(model, x):
+    """The smallest |z| over every relu/leaky_relu pre-activation (inf for smooth activations).
+
+    A probe of +-eps that crosses z = 0 sees the mean of two slopes, not the derivative.
+    """
+    smallest, h = np.inf, x
+    for layer in model:
+        z = h @ layer.weight.data + layer.bias.data
+        if layer.activation in activations.RELU_FAMILY:
+            smallest = min(smallest, float(np.abs(z).min()))
+        h = np.empty_like(z)
+        activations.forward(layer.activation, z, h)
+    return smallest
+
+
+def random_target(loss, batch, out, seed):
+    rng = np.random.default_rng(seed)
+    if loss == "cross_entropy":
+        return rng.integers(0, out, batch)
+    return rng.uniform(0.0, 1.0, (batch, out))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backward_matches_central_differences(activation, loss, shape):
+    batch, n_in, hidden, n_out = shape
+    model = random_model([n_in, hidden, n_out], activation, seed=zlib.crc32(repr((activation, loss, shape)).encode()))
+    x = np.random.default_rng(1).normal(size=(batch, n_in))
+    errors = gradcheck.check_gradients(model, x, random_target(loss, batch, n_out, 2), loss=loss)
+    assert set(errors) == {"input", "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 9),
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    activation=st.sampled_from(ACTIVATIONS),
+    loss=st.sampled_from(LOSSES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_backward_matches_central_differences_on_random_shapes(batch, sizes, activation, loss, seed):
+    model = random_model(sizes, activation, seed)
+    x = np.random.default_rng(seed).normal(size=(batch, sizes[0]))
+    assume(distance_to_a_kink(model, x) > 1e-4)
+    gradcheck.check_gradients(model, x, random_target(loss, batch, sizes[-1], seed), loss=loss)
+
+
+def test_frozen_layers_get_no_gradient_and_the_rest_still_check():
+    model = random_model([4, 6, 5, 3], "tanh", seed=3)
+    model[1].freeze()
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    errors = gradcheck.check_gradients(model, x, np.array([0, 2, 1, 1, 0]), loss="cross_entropy")
+    assert "layers.1.weight" not in errors and "layers.1.bias" not in errors
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+    assert {"input", "layers.0.weight", "layers.2.weight"} <= set(errors)
+
+
+def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
+    real = numpy_backend.dense_backward
+
+    def off_by_one_percent(*args, **kwargs):
+        dx, dw, db = real(*args, **kwargs)
+        if dw is not None:
+            dw *= 1.01
+        return dx, dw, db
+
+    monkeypatch.setattr(numpy_backend, "dense_backward", off_by_one_percent)
+    model = random_model([3, 4, 2], "sigmoid", seed=0)
+    x = np.random.default_rng(0).normal(size=(3, 3))
+    with pytest.raises(AssertionError, match=r"layers\.\d\.weight: backward gives"):
+        gradcheck.check_gradients(model, x, random_target("mse", 3, 2, 0), loss="mse")
+
+
+def test_numerical_gradients_need_a_float64_model():
+    model = gb.Sequential([gb.Dense(2, 2)], device="cpu")
+    with pytest.raises(ValueError, match="float64 model on the numpy backend, got float32"):
+        gradcheck.numerical_gradients(model, np.ones((1, 2)), np.ones((1, 2)))
+
+
+def test_numerical_gradients_leave_the_weights_exactly_as_they_were():
+    model = random_model([3, 4, 2], "gelu", seed=5)
+    before = model.get_weights()
+    gradcheck.numerical_gradients(model, np.ones((2, 3)), np.zeros((2, 2)), loss="mse")
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_outputs_loss_and_gradients_match_pytorch_in_float64(activation, loss):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([5, 7, 3], activation, seed=11)
+    x = np.random.default_rng(4).normal(size=(6, 5))
+    errors = gradcheck.compare_with_torch(model, x, random_target(loss, 6, 3, 5), loss=loss, rtol=1e-10, atol=1e-12)
+    assert {"output", "loss", "input", "layers.0.weight", "layers.1.bias"} <= set(errors)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_float32_model_matches_pytorch_float32(activation):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([9, 13, 4], activation, seed=2, dtype="float32")
+    x = np.random.default_rng(3).normal(size=(11, 9)).astype(np.float32)
+    gradcheck.compare_with_torch(model, x, random_target("cross_entropy", 11, 4, 1), loss="cross_entropy",
+                                 rtol=1e-4, atol=1e-5)
+
+
+def test_pytorch_twin_skips_gradients_of_frozen_layers():
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([4, 5, 5, 2], "relu", seed=8)
+    model[0].freeze()
+    errors = gradcheck.compare_with_torch(model, np.ones((3, 4)), np.zeros((3, 2)), loss="mse",
+                                          rtol=1e-10, atol=1e-12)
+    assert "layers.0.weight" not in errors and "layers.1.weight" in errors

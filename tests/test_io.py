@@ -1,0 +1,219 @@
+"""Saving and loading: bit-exact round trips, no pickle, atomic writes, clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import io
+
+SUFFIXES = [".npz", ".safetensors"]
+
+
+def trained_model(dtype="float32"):
+    gb.seed(3)
+    model = gb.Sequential([gb.Dense(4, 6, "gelu"), gb.Dense(6, 5, "tanh"), gb.Dense(5, 3, "sigmoid")],
+                          device="cpu", dtype=dtype)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    model.fit(x, np.arange(32) % 3, optimizer=gb.optim.Adam(model.parameters(), lr=0.01), epochs=2,
+              batch_size=8, verbose=0)
+    return model
+
+
+def suffix_or_skip(suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="the .safetensors format needs: pip install safetensors")
+    return suffix
+
+
+@pytest.fixture(params=SUFFIXES)
+def suffix(request):
+    return suffix_or_skip(request.param)
+
+
+def write_npz(path, arch, tensors):
+    np.savez(path, __architecture__=np.array(json.dumps(arch)), **tensors)
+
+
+def arch_for(sizes, acts):
+    return {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": acts,
+            "names": [f"dense_{i}" for i in range(len(acts))], "trainable": [True] * len(acts)}
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_round_trip_restores_weights_bit_for_bit(tmp_path, suffix, dtype):
+    model = trained_model(dtype)
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = gb.load(path, device="cpu")
+    assert loaded.dtype == model.dtype
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_round_trip_restores_the_architecture(tmp_path, suffix):
+    model = trained_model()
+    model.save(tmp_path / f"m{suffix}")
+    loaded = gb.load(tmp_path / f"m{suffix}", device="cpu")
+    assert [(l.in_features, l.out_features, l.activation, l.name) for l in loaded] == \
+        [(l.in_features, l.out_features, l.activation, l.name) for l in model]
+
+
+def test_round_trip_restores_frozen_flags(tmp_path, suffix):
+    model = trained_model()
+    model[0].freeze()
+    model[2].freeze()
+    model.save(tmp_path / f"m{suffix}")
+    loaded = gb.load(tmp_path / f"m{suffix}", device="cpu")
+    assert [layer.trainable for layer in loaded] == [False, True, False]
+
+
+def test_a_loaded_model_predicts_exactly_what_the_saved_one_did(tmp_path, suffix):
+    model = trained_model()
+    x = np.random.default_rng(1).normal(size=(17, 4)).astype(np.float32)
+    model.save(tmp_path / f"m{suffix}")
+    np.testing.assert_array_equal(gb.load(tmp_path / f"m{suffix}", device="cpu").predict(x), model.predict(x))
+
+
+def test_npz_files_load_without_pickle_under_documented_keys(tmp_path):
+    trained_model().save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == ["__architecture__", "layers.0.bias", "layers.0.weight", "layers.1.bias",
+                                      "layers.1.weight", "layers.2.bias", "layers.2.weight"]
+        assert data["layers.1.weight"].shape == (6, 5)
+        assert json.loads(str(data["__architecture__"]))["activations"] == ["gelu", "tanh", "sigmoid"]
+
+
+def test_the_same_seed_gives_the_same_training_run():
+    first, second = trained_model(), trained_model()
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_overwrites_an_existing_file(tmp_path, suffix):
+    path = tmp_path / f"m{suffix}"
+    gb.Sequential([gb.Dense(2, 2)], device="cpu").save(path)
+    model = trained_model()
+    model.save(path)
+    assert len(gb.load(path, device="cpu")) == 3
+
+
+def test_save_creates_missing_folders(tmp_path, suffix):
+    path = tmp_path / "a" / "b" / f"m{suffix}"
+    trained_model().save(path)
+    assert path.exists()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_save_leaves_no_temporary_files(tmp_path, suffix):
+    trained_model().save(tmp_path / f"m{suffix}")
+    assert os.listdir(tmp_path) == [f"m{suffix}"]
+
+
+def test_a_write_that_fails_midway_leaves_the_existing_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "m.npz"
+    original = trained_model()
+    original.save(path)
+    before = path.read_bytes()
+
+    def fail_midway(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        gb.Sequential([gb.Dense(2, 2)], device="cpu").save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.npz"]
+
+
+def test_a_failing_rename_leaves_the_existing_file_intact(tmp_path, suffix, monkeypatch):
+    path = tmp_path / f"m{suffix}"
+    trained_model().save(path)
+    before = path.read_bytes()
+
+    def refuse(src, dst):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(io.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        gb.Sequential([gb.Dense(2, 2)], device="cpu").save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [path.name]
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_a_missing_weight_is_a_value_error_naming_the_key(tmp_path):
+    path = tmp_path / "m.npz"
+    write_npz(path, arch_for([3, 4, 2], ["relu", "identity"]),
+              {"layers.0.weight": np.ones((3, 4)), "layers.0.bias": np.ones(4), "layers.1.weight": np.ones((4, 2))})
+    with pytest.raises(ValueError, match="missing key 'layers.1.bias'"):
+        gb.load(path, device="cpu")
+
+
+def test_a_weight_of_the_wrong_shape_is_a_value_error_naming_both_shapes(tmp_path):
+    path = tmp_path / "m.npz"
+    write_npz(path, arch_for([3, 4], ["relu"]), {"layers.0.weight": np.ones((4, 3)), "layers.0.bias": np.ones(4)})
+    with pytest.raises(ValueError, match=r"'layers.0.weight' has shape \(4, 3\), expected \(3, 4\)"):
+        gb.load(path, device="cpu")
+
+
+def test_an_unexpected_key_is_a_value_error(tmp_path):
+    path = tmp_path / "m.npz"
+    write_npz(path, arch_for([3, 4], ["relu"]),
+              {"layers.0.weight": np.ones((3, 4)), "layers.0.bias": np.ones(4), "layers.1.weight": np.ones(2)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['layers.1.weight'\]"):
+        gb.load(path, device="cpu")
+
+
+def test_an_npz_without_an_architecture_is_not_a_gpubp_file(tmp_path):
+    path = tmp_path / "m.npz"
+    np.savez(path, w=np.ones(3))
+    with pytest.raises(ValueError, match="not a gpubp model file"):
+        gb.load(path, device="cpu")
+
+
+def test_an_unknown_format_version_is_rejected(tmp_path):
+    path = tmp_path / "m.npz"
+    arch = {**arch_for([3, 4], ["relu"]), "format_version": 99}
+    write_npz(path, arch, {"layers.0.weight": np.ones((3, 4)), "layers.0.bias": np.ones(4)})
+    with pytest.raises(ValueError, match=f"format version 99, expected {io.FORMAT_VERSION}"):
+        gb.load(path, device="cpu")
+
+
+def test_a_safetensors_file_with_a_wrong_shape_is_a_value_error(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="the .safetensors format needs: pip install safetensors")
+    path = tmp_path / "m.safetensors"
+    arch = arch_for([3, 4], ["relu"])
+    st.save_file({"layers.0.weight": np.ones((3, 5), np.float32), "layers.0.bias": np.ones(4, np.float32)},
+                 str(path), metadata={"gpubp": json.dumps(arch)})
+    with pytest.raises(ValueError, match=r"'layers.0.weight' has shape \(3, 5\), expected \(3, 4\)"):
+        gb.load(path, device="cpu")
+
+
+def test_a_safetensors_file_without_gpubp_metadata_is_not_a_gpubp_file(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="the .safetensors format needs: pip install safetensors")
+    path = tmp_path / "m.safetensors"
+    st.save_file({"layers.0.weight": np.ones((3, 4), np.float32)}, str(path))
+    with pytest.raises(ValueError, match="no 'gpubp' metadata"):
+        gb.load(path, device="cpu")
+
+
+def test_an_unknown_suffix_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match=r"path: expected a file ending in .npz or .safetensors, got '.*m.pt'"):
+        trained_model().save(tmp_path / "m.pt")
+
+
+def test_loading_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        gb.load(tmp_path / "absent.npz")

@@ -1,0 +1,260 @@
+"""Parameter, Dense and Sequential: container behaviour, weights, initialisation, devices,
+and the buffer rules of forward/backward (fresh outputs, no clobbering, no accumulation)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import backends
+from gpubp.activations import ACTIVATIONS
+
+
+def mlp(sizes=(4, 6, 5, 3), activation="relu", **kwargs):
+    layers = [gb.Dense(a, b, activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
+    return gb.Sequential(layers + [gb.Dense(sizes[-2], sizes[-1])], device="cpu", **kwargs)
+
+
+def train_step_grads(model, x, labels):
+    out = model.forward(x)
+    _, dout = gb.losses.cross_entropy(out, labels)
+    model.backward(dout)
+    return [p.grad.copy() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- container
+
+
+def test_len_indexing_and_iteration_follow_the_layer_list():
+    layers = [gb.Dense(4, 6), gb.Dense(6, 5), gb.Dense(5, 3)]
+    model = gb.Sequential(layers, device="cpu")
+    assert len(model) == 3
+    assert model[0] is layers[0] and model[-1] is layers[2]
+    assert list(model) == layers
+
+
+def test_a_slice_is_a_sequential_sharing_the_same_layers():
+    model = mlp()
+    head = model[1:]
+    assert isinstance(head, gb.Sequential) and len(head) == 2
+    assert head[0] is model[1] and head[1] is model[2]
+    head[0].weight.data[...] = 7.0
+    assert np.all(model[1].weight.data == 7.0)
+
+
+def test_layers_are_named_by_position():
+    assert [layer.name for layer in mlp()] == ["dense_0", "dense_1", "dense_2"]
+
+
+def test_parameters_are_in_keras_order_weight_then_bias_per_layer():
+    model = mlp()
+    expected = [p for layer in model for p in (layer.weight, layer.bias)]
+    assert model.parameters() == expected
+    assert [p.shape for p in model.parameters()] == [(4, 6), (6,), (6, 5), (5,), (5, 3), (3,)]
+
+
+def test_get_weights_returns_copies_in_keras_order():
+    model = mlp()
+    weights = model.get_weights()
+    assert [w.shape for w in weights] == [(4, 6), (6,), (6, 5), (5,), (5, 3), (3,)]
+    weights[0][...] = 123.0
+    assert not np.any(model[0].weight.data == 123.0)
+
+
+def test_set_weights_then_get_weights_round_trips():
+    model = mlp()
+    rng = np.random.default_rng(0)
+    new = [rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()]
+    model.set_weights(new)
+    for a, b in zip(new, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layers_with_mismatched_widths_are_rejected():
+    with pytest.raises(ValueError, match=r"layers\[1\]: in_features=5 does not match layers\[0\].out_features=6"):
+        gb.Sequential([gb.Dense(4, 6), gb.Dense(5, 3)], device="cpu")
+
+
+def test_a_non_layer_is_rejected_with_its_position():
+    with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.Dense, got str"):
+        gb.Sequential([gb.Dense(4, 6), "relu"], device="cpu")
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_relu_family_layers_start_he_normal(activation):
+    gb.seed(0)
+    fan_in, fan_out = 400, 500
+    w = gb.Dense(fan_in, fan_out, activation).weight.data
+    assert abs(w.mean()) < 0.01 * math.sqrt(2 / fan_in)
+    assert w.std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.02)
+    assert np.abs(w).max() > math.sqrt(6 / fan_in)  # normal tails pass the He-uniform limit
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a not in ("relu", "leaky_relu")])
+def test_other_layers_start_glorot_uniform(activation):
+    gb.seed(0)
+    fan_in, fan_out = 400, 500
+    w = gb.Dense(fan_in, fan_out, activation).weight.data
+    limit = math.sqrt(6 / (fan_in + fan_out))
+    assert np.abs(w).max() <= limit
+    assert np.abs(w).max() > 0.99 * limit
+    assert w.std() == pytest.approx(limit / math.sqrt(3), rel=0.02)
+
+
+def test_biases_start_at_zero():
+    assert np.all(gb.Dense(3, 4, "relu").bias.data == 0)
+
+
+def test_a_callable_init_receives_the_rng_and_shape():
+    layer = gb.Dense(2, 3, init=lambda rng, shape: np.full(shape, 0.5))
+    np.testing.assert_array_equal(layer.weight.data, np.full((2, 3), 0.5, np.float32))
+
+
+def test_the_same_seed_gives_the_same_initial_weights():
+    gb.seed(42)
+    first = mlp().get_weights()
+    gb.seed(42)
+    second = mlp().get_weights()
+    gb.seed(43)
+    third = mlp().get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.array_equal(first[0], third[0])
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_to_cpu_keeps_the_weights_and_reports_the_cpu():
+    model = mlp()
+    before = model.get_weights()
+    assert model.to("cpu") is model
+    assert model.device == "cpu" and model.backend_name == "numpy"
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gpubp_device_replaces_auto(monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "cpu")
+    assert gb.Sequential([gb.Dense(2, 2)]).device == "cpu"
+
+
+def test_gpubp_backend_replaces_auto(monkeypatch):
+    monkeypatch.setenv("GPUBP_BACKEND", "numpy")
+    assert gb.Sequential([gb.Dense(2, 2)]).backend_name == "numpy"
+
+
+def test_an_explicit_device_wins_over_gpubp_device(monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "cuda")
+    assert gb.Sequential([gb.Dense(2, 2)], device="cpu").backend_name == "numpy"
+
+
+def test_an_unknown_gpubp_device_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "tpu")
+    with pytest.raises(ValueError, match=r"device: expected one of \('auto', 'cpu', 'cuda'\), got 'tpu'"):
+        gb.Sequential([gb.Dense(2, 2)])
+
+
+def test_a_backend_that_contradicts_the_device_is_a_value_error():
+    with pytest.raises(ValueError, match="backend: 'numpy' runs on device 'cpu', but device='cuda' was asked for"):
+        backends.resolve("cuda", "numpy")
+
+
+def test_float64_is_kept_on_the_cpu():
+    model = mlp(dtype="float64")
+    assert model.dtype == np.float64 and all(p.data.dtype == np.float64 for p in model.parameters())
+    assert model.forward(np.ones((2, 4), np.float32)).dtype == np.float64
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+
+def test_predict_in_batches_equals_predict_in_one_go(rng):
+    model = mlp(activation="tanh", dtype="float64")
+    x = rng.normal(size=(53, 4))
+    np.testing.assert_allclose(model.predict(x, batch_size=7), model.predict(x, batch_size=1000),
+                               rtol=1e-13, atol=1e-15)
+
+
+def test_predict_equals_an_inference_forward(rng):
+    model = mlp()
+    x = rng.normal(size=(9, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x), model.forward(x, training=False))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_returns_a_fresh_array_each_call(rng, training):
+    model = mlp()
+    x1, x2 = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    first = model.forward(x1, training=training)
+    kept = first.copy()
+    second = model.forward(x2, training=training)
+    assert second is not first
+    np.testing.assert_array_equal(first, kept)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_an_inference_forward_does_not_clobber_what_backward_needs(rng, activation):
+    model = mlp(activation=activation, dtype="float64")
+    x, other = rng.normal(size=(2, 6, 4))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    expected = train_step_grads(model, x, labels)
+
+    out = model.forward(x)
+    _, dout = gb.losses.cross_entropy(out, labels)
+    model.forward(other, training=False)  # same batch size: the buffers most likely to be shared
+    model.predict(other)
+    model.backward(dout)
+    for want, param in zip(expected, model.parameters()):
+        np.testing.assert_array_equal(param.grad, want)
+
+
+def test_backward_overwrites_gradients_instead_of_accumulating(rng):
+    model = mlp(dtype="float64")
+    x = rng.normal(size=(5, 4))
+    labels = np.array([0, 1, 2, 1, 0])
+    first = train_step_grads(model, x, labels)
+    second = train_step_grads(model, x, labels)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_zero_grad_sets_every_gradient_to_none(rng):
+    model = mlp()
+    train_step_grads(model, rng.normal(size=(3, 4)).astype(np.float32), np.array([0, 1, 2]))
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_backward_returns_the_input_gradient_only_when_asked(rng):
+    model = mlp()
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    _, dout = gb.losses.cross_entropy(model.forward(x), np.array([0, 1, 2]))
+    assert model.backward(dout) is None
+    _, dout = gb.losses.cross_entropy(model.forward(x, need_input_grad=True), np.array([0, 1, 2]))
+    assert model.backward(dout, need_input_grad=True).shape == (3, 4)
+
+
+def test_backward_without_a_training_forward_is_a_runtime_error(rng):
+    model = mlp()
+    model.forward(rng.normal(size=(3, 4)).astype(np.float32), training=False)
+    with pytest.raises(RuntimeError, match="backward: run forward"):
+        model.backward(np.ones((3, 3), np.float32))
+
+
+def test_calling_the_model_is_forward(rng):
+    model = mlp()
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model(x, training=False), model.forward(x, training=False))
+
+
+def test_freezing_a_layer_clears_its_gradients(rng):
+    model = mlp()
+    train_step_grads(model, rng.normal(size=(3, 4)).astype(np.float32), np.array([0, 1, 2]))
+    model[1].freeze()
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+    assert not model[1].trainable and model[0].trainable

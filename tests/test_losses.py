@@ -1,0 +1,189 @@
+"""Losses: values against their formulas, gradients against central differences, stability."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gpubp import losses
+
+LOSS_NAMES = ("cross_entropy", "mse", "binary_cross_entropy")
+SHAPES = [(1, 1), (1, 4), (5, 3), (7, 1)]
+
+
+def reference_loss(name, pred, target):
+    """The textbook definitions in float64, written independently of the kernels."""
+    if name == "cross_entropy":
+        shifted = pred - pred.max(axis=1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return -np.mean(log_softmax[np.arange(len(target)), target])
+    if name == "mse":
+        return np.mean((pred - target) ** 2)
+    p = 1 / (1 + np.exp(-pred))
+    return np.mean(-target * np.log(p) - (1 - target) * np.log(1 - p))
+
+
+def make_case(name, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    pred = rng.normal(0, 2, shape)
+    if name == "cross_entropy":
+        return pred, rng.integers(0, shape[1], shape[0])
+    return pred, rng.uniform(0, 1, shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_value_matches_its_definition(name, shape):
+    pred, target = make_case(name, shape)
+    value, _ = losses.get(name)(pred, target)
+    assert value == pytest.approx(reference_loss(name, pred, target), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_gradient_is_the_derivative_of_the_mean_loss(name, shape):
+    pred, target = make_case(name, shape, seed=1)
+    fn = losses.get(name)
+    _, grad = fn(pred, target)
+    numerical = np.zeros_like(pred)
+    eps = 1e-6
+    for index in np.ndindex(pred.shape):
+        plus, minus = pred.copy(), pred.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        numerical[index] = (fn(plus, target)[0] - fn(minus, target)[0]) / (2 * eps)
+    np.testing.assert_allclose(grad, numerical, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_is_a_python_float_and_the_gradient_keeps_the_prediction_dtype(name):
+    pred, target = make_case(name, (3, 2))
+    value, grad = losses.get(name)(pred.astype(np.float32), target)
+    assert type(value) is float
+    assert grad.dtype == np.float32 and grad.shape == (3, 2)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_does_not_modify_its_inputs(name):
+    pred, target = make_case(name, (4, 3))
+    pred_copy, target_copy = pred.copy(), target.copy()
+    losses.get(name)(pred, target)
+    np.testing.assert_array_equal(pred, pred_copy)
+    np.testing.assert_array_equal(target, target_copy)
+
+
+def test_cross_entropy_of_equal_logits_is_log_of_the_class_count():
+    value, grad = losses.cross_entropy(np.zeros((3, 10)), np.array([0, 4, 9]))
+    assert value == pytest.approx(math.log(10), rel=1e-12)
+    np.testing.assert_allclose(grad.sum(axis=1), 0, atol=1e-15)  # softmax minus one-hot sums to 0
+
+
+def test_mse_of_a_unit_difference_is_one():
+    value, grad = losses.mse(np.ones((2, 3)), np.zeros((2, 3)))
+    assert value == 1.0
+    np.testing.assert_allclose(grad, np.full((2, 3), 2 / 6))
+
+
+def test_binary_cross_entropy_at_logit_zero_is_log_two():
+    value, grad = losses.binary_cross_entropy(np.zeros((4, 1)), np.array([[0.0], [1.0], [1.0], [0.0]]))
+    assert value == pytest.approx(math.log(2), rel=1e-12)
+    np.testing.assert_allclose(grad[:, 0], [0.5 / 4, -0.5 / 4, -0.5 / 4, 0.5 / 4])
+
+
+def test_mse_accepts_a_flat_target_for_a_single_output():
+    pred = np.array([[1.0], [2.0]])
+    assert losses.mse(pred, np.array([1.0, 4.0]))[0] == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- stability
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_is_stable_for_logits_of_plus_minus_1e4(dtype):
+    logits = np.array([[1e4, -1e4], [1e4, -1e4]], dtype=dtype)
+    value, grad = losses.cross_entropy(logits, np.array([0, 1]))  # right, then wrong by 2e4
+    assert value == pytest.approx((0.0 + 2e4) / 2, rel=1e-6)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, [[0, 0], [0.5, -0.5]], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binary_cross_entropy_is_stable_for_logits_of_plus_minus_1e4(dtype):
+    logits = np.array([[1e4], [-1e4], [1e4], [-1e4]], dtype=dtype)
+    value, grad = losses.binary_cross_entropy(logits, np.array([[1.0], [0.0], [0.0], [1.0]]))
+    assert value == pytest.approx((0 + 0 + 1e4 + 1e4) / 4, rel=1e-6)
+    np.testing.assert_allclose(grad[:, 0], [0, 0, 0.25, -0.25], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mse_is_finite_at_1e4(dtype):
+    value, grad = losses.mse(np.full((2, 2), 1e4, dtype), np.zeros((2, 2)))
+    assert value == pytest.approx(1e8, rel=1e-6)
+    assert np.all(np.isfinite(grad))
+
+
+# ----------------------------------------------------------------------------- names and checks
+
+
+@pytest.mark.parametrize("alias, name", [
+    ("sparse_categorical_crossentropy", "cross_entropy"), ("mean_squared_error", "mse"),
+    ("bce", "binary_cross_entropy"), ("binary_crossentropy", "binary_cross_entropy"),
+])
+def test_keras_spellings_name_the_same_loss(alias, name):
+    assert losses.get(alias) is losses.get(name)
+
+
+def test_a_callable_loss_is_used_as_given():
+    def my_loss(pred, target, backend=None):
+        return 0.0, pred
+    assert losses.get(my_loss) is my_loss
+
+
+def test_unknown_loss_name_is_a_value_error_listing_the_known_ones():
+    with pytest.raises(ValueError, match=r"loss: unknown loss 'hinge'; expected one of .*'cross_entropy'"):
+        losses.get("hinge")
+
+
+def test_loss_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="loss: expected a name or a callable, got int"):
+        losses.get(3)
+
+
+def test_cross_entropy_labels_out_of_range_name_the_range_and_the_values():
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\), got values from 0 to 3"):
+        losses.cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_cross_entropy_negative_labels_are_rejected():
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\), got values from -1 to 2"):
+        losses.cross_entropy(np.zeros((2, 3)), np.array([-1, 2]))
+
+
+def test_cross_entropy_float_labels_are_a_type_error():
+    with pytest.raises(TypeError, match="labels: expected integer class indices, got dtype float64"):
+        losses.cross_entropy(np.zeros((2, 3)), np.array([0.0, 1.0]))
+
+
+def test_cross_entropy_label_count_must_match_the_batch():
+    with pytest.raises(ValueError, match=r"labels: expected shape \(2,\) to match logits \(2, 3\), got \(3,\)"):
+        losses.cross_entropy(np.zeros((2, 3)), np.array([0, 1, 2]))
+
+
+def test_integer_predictions_are_a_type_error():
+    with pytest.raises(TypeError, match="pred: expected a floating-point array, got dtype int64"):
+        losses.mse(np.zeros((2, 3), np.int64), np.zeros((2, 3)))
+
+
+def test_one_dimensional_predictions_are_rejected_with_their_shape():
+    with pytest.raises(ValueError, match=r"logits: expected a 2-D array \(batch, outputs\).*got shape \(3,\)"):
+        losses.cross_entropy(np.zeros(3), np.array([0, 1, 2]))
+
+
+def test_mse_target_shape_must_match_the_predictions():
+    with pytest.raises(ValueError, match=r"target: expected shape \(2, 3\) to match the predictions, got \(3, 2\)"):
+        losses.mse(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_binary_cross_entropy_targets_must_lie_in_0_1():
+    with pytest.raises(ValueError, match=r"target: expected values in \[0, 1\], got values from 0.0 to 2.0"):
+        losses.binary_cross_entropy(np.zeros((2, 1)), np.array([[0.0], [2.0]]))

@@ -1,0 +1,222 @@
+"""Optimizers: PyTorch's semantics step for step, param groups, clipping, frozen parameters."""
+
+import math
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import optim
+from gpubp.layers import Parameter
+
+SHAPES = [(3, 4), (4,), (1, 1)]
+STEPS = 6
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+
+
+def make_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Parameter(rng.normal(size=shape), name=f"p{i}") for i, shape in enumerate(SHAPES)]
+
+
+def gradient_sequence(seed=1):
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=shape) for shape in SHAPES] for _ in range(STEPS)]
+
+
+def run_ours(make_optimizer, groups_of):
+    params = make_params()
+    opt = make_optimizer(groups_of(params))
+    for grads in gradient_sequence():
+        for p, g in zip(params, grads):
+            p.grad = g.copy()
+        opt.step()
+    return [p.data for p in params]
+
+
+def run_torch(make_optimizer, groups_of):
+    torch = torch_or_skip()
+    params = [torch.tensor(p.data, requires_grad=True) for p in make_params()]
+    opt = make_optimizer(groups_of(params))
+    for grads in gradient_sequence():
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    return [p.detach().numpy() for p in params]
+
+
+def all_in_one(params):
+    return params
+
+
+CONFIGS = {
+    "sgd": dict(lr=0.1),
+    "sgd_momentum": dict(lr=0.1, momentum=0.9),
+    "sgd_nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
+    "sgd_weight_decay": dict(lr=0.1, weight_decay=0.05),
+    "sgd_momentum_weight_decay": dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_sgd_matches_pytorch(config):
+    torch = torch_or_skip()
+    ours = run_ours(lambda p: optim.SGD(p, **config), all_in_one)
+    theirs = run_torch(lambda p: torch.optim.SGD(p, **config), all_in_one)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("config", [dict(lr=0.01), dict(lr=0.02, weight_decay=0.1),
+                                    dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6)], ids=["plain", "decay", "betas"])
+def test_adam_and_adamw_match_pytorch(name, config):
+    torch = torch_or_skip()
+    ours = run_ours(lambda p: getattr(optim, name)(p, **config), all_in_one)
+    theirs = run_torch(lambda p: getattr(torch.optim, name)(p, **config), all_in_one)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adamw_default_weight_decay_is_pytorchs():
+    torch = torch_or_skip()
+    param = torch.zeros(1, requires_grad=True)
+    assert optim.AdamW(make_params()).defaults["weight_decay"] == torch.optim.AdamW([param]).defaults["weight_decay"]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_param_groups_each_use_their_own_options(name):
+    torch = torch_or_skip()
+
+    def groups(params):
+        return [{"params": params[:1], "lr": 0.3}, {"params": params[1:], "lr": 0.01, "weight_decay": 0.1}]
+
+    options = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
+    ours = run_ours(lambda p: getattr(optim, name)(p, **options), groups)
+    theirs = run_torch(lambda p: getattr(torch.optim, name)(p, **options), groups)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clips", "leaves"])
+def test_clip_grad_norm_matches_pytorch(max_norm):
+    torch = torch_or_skip()
+    params = make_params()
+    grads = gradient_sequence()[0]
+    for p, g in zip(params, grads):
+        p.grad = g.copy()
+    tensors = [torch.tensor(p.data, requires_grad=True) for p in params]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.tensor(g)
+    norm = optim.clip_grad_norm(params, max_norm)
+    torch_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    assert norm == pytest.approx(float(torch_norm), rel=1e-12)
+    for p, t in zip(params, tensors):
+        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- without PyTorch
+
+
+def test_plain_sgd_step_is_param_minus_lr_times_grad():
+    param = Parameter(np.array([1.0, -2.0]))
+    param.grad = np.array([0.5, 0.25])
+    optim.SGD([param], lr=0.1).step()
+    np.testing.assert_allclose(param.data, [1.0 - 0.05, -2.0 - 0.025], rtol=1e-15)
+
+
+def test_adam_first_step_moves_each_element_by_lr_against_its_gradient_sign():
+    param = Parameter(np.zeros(3))
+    param.grad = np.array([2.0, -0.001, 30.0])
+    optim.Adam([param], lr=0.01, eps=1e-12).step()  # m_hat = g, v_hat = g^2
+    np.testing.assert_allclose(param.data, [-0.01, 0.01, -0.01], rtol=1e-6)
+
+
+def test_adamw_decays_the_weights_by_lr_times_weight_decay_when_the_gradient_is_zero():
+    param = Parameter(np.array([2.0, -4.0]))
+    param.grad = np.zeros(2)
+    optim.AdamW([param], lr=0.1, weight_decay=0.5).step()
+    np.testing.assert_allclose(param.data, [2.0 * 0.95, -4.0 * 0.95], rtol=1e-12)
+
+
+def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
+    param = Parameter(np.zeros(2))
+    param.grad = np.array([3.0, 4.0])
+    assert optim.clip_grad_norm([param], 1.0) == pytest.approx(5.0)
+    assert np.linalg.norm(param.grad) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_clip_grad_norm_ignores_frozen_parameters():
+    trainable, frozen = Parameter(np.zeros(2)), Parameter(np.zeros(2), trainable=False)
+    trainable.grad, frozen.grad = np.array([3.0, 4.0]), np.array([100.0, 100.0])
+    assert optim.clip_grad_norm([trainable, frozen], 10.0) == pytest.approx(5.0)
+    np.testing.assert_array_equal(frozen.grad, [100.0, 100.0])
+
+
+@pytest.mark.parametrize("make", [lambda p: optim.SGD(p, lr=0.1, momentum=0.9), lambda p: optim.Adam(p),
+                                  lambda p: optim.AdamW(p)], ids=["SGD", "Adam", "AdamW"])
+def test_optimizers_skip_frozen_parameters_and_keep_no_state_for_them(make):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")
+    model[0].freeze()
+    frozen_before = [p.data.copy() for p in model[0].parameters()]
+    opt = make(model.parameters())
+    for p in model.parameters():  # even a stray gradient on a frozen parameter is ignored
+        p.grad = np.ones(p.shape, np.float32)
+    opt.step()
+    for p, before in zip(model[0].parameters(), frozen_before):
+        np.testing.assert_array_equal(p.data, before)
+        assert id(p) not in opt.state
+    assert all(id(p) in opt.state for p in model[1].parameters())
+
+
+def test_parameters_without_a_gradient_are_skipped_and_get_no_state():
+    with_grad, without = Parameter(np.ones(2)), Parameter(np.ones(2))
+    with_grad.grad = np.ones(2)
+    opt = optim.Adam([with_grad, without])
+    opt.step()
+    np.testing.assert_array_equal(without.data, [1.0, 1.0])
+    assert list(opt.state) == [id(with_grad)]
+
+
+def test_adam_state_counts_its_steps():
+    param = Parameter(np.ones(2))
+    opt = optim.Adam([param])
+    for _ in range(3):
+        param.grad = np.ones(2)
+        opt.step()
+    assert opt.state[id(param)]["step"] == 3
+
+
+def test_an_optimizer_accepts_a_model_as_its_params():
+    model = gb.Sequential([gb.Dense(2, 3), gb.Dense(3, 1)], device="cpu")
+    assert optim.SGD(model).parameters() == model.parameters()
+
+
+def test_optimizer_zero_grad_sets_gradients_to_none():
+    param = Parameter(np.ones(2))
+    param.grad = np.ones(2)
+    opt = optim.SGD([param], lr=0.1)
+    opt.zero_grad()
+    assert param.grad is None
+
+
+def test_a_parameter_in_two_groups_is_rejected():
+    param = Parameter(np.ones(2))
+    with pytest.raises(ValueError, match="params: a parameter appears in more than one param group"):
+        optim.SGD([{"params": [param]}, {"params": [param]}], lr=0.1)
+
+
+def test_an_unknown_param_group_option_is_rejected():
+    with pytest.raises(ValueError, match=r"param group: unknown options \['betas'\]"):
+        optim.SGD([{"params": [Parameter(np.ones(2))], "betas": (0.9, 0.99)}], lr=0.1)
+
+
+def test_optimizer_by_name_uses_its_defaults():
+    params = make_params()
+    opt = optim.get("AdamW", params)
+    assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["lr"] == 1e-3
+    assert math.isclose(opt.param_groups[0]["weight_decay"], 0.01)

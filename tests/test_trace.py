@@ -1,0 +1,132 @@
+"""gb.trace on the NumPy backend: one record per kernel launch, under the contract's names.
+(The fine-tuning tests cover frozen layers in depth; here, the counting itself.)"""
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+
+
+def model(activations=("relu", "tanh", None)):
+    gb.seed(0)
+    sizes = [4, 6, 5, 3]
+    return gb.Sequential([gb.Dense(a, b, act) for a, b, act in zip(sizes[:-1], sizes[1:], activations)],
+                         device="cpu")
+
+
+X = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
+LABELS = np.array([0, 1, 2, 0, 1, 2, 0])
+
+
+def test_an_empty_trace_counts_zero_for_any_kernel():
+    with gb.trace() as t:
+        pass
+    assert t.total == 0 and t.counts["dense_fwd"] == 0 and t.launches == []
+
+
+def test_forward_launches_one_fused_kernel_per_layer():
+    m = model()
+    with gb.trace() as t:
+        m.forward(X)
+    assert dict(t.counts) == {"dense_fwd": 3}
+
+
+def test_backward_launches_dw_for_every_layer_and_dx_for_all_but_the_first():
+    m = model()
+    _, dout = gb.losses.cross_entropy(m.forward(X), LABELS)
+    with gb.trace() as t:
+        m.backward(dout)
+    assert dict(t.counts) == {"dense_dw": 3, "dense_dx": 2}
+    assert t.launches == ["dense_dw", "dense_dx", "dense_dw", "dense_dx", "dense_dw"]
+
+
+def test_asking_for_the_input_gradient_adds_the_first_layers_dx():
+    m = model()
+    _, dout = gb.losses.cross_entropy(m.forward(X, need_input_grad=True), LABELS)
+    with gb.trace() as t:
+        m.backward(dout, need_input_grad=True)
+    assert dict(t.counts) == {"dense_dw": 3, "dense_dx": 3}
+
+
+@pytest.mark.parametrize("loss, target, kernel", [
+    ("cross_entropy", LABELS, "ce_fwd_bwd"),
+    ("mse", np.zeros((7, 3), np.float32), "mse_fwd_bwd"),
+    ("binary_cross_entropy", np.zeros((7, 3), np.float32), "bce_fwd_bwd"),
+])
+def test_each_loss_is_one_fused_kernel(loss, target, kernel):
+    out = model().forward(X)
+    with gb.trace() as t:
+        gb.losses.get(loss)(out, target)
+    assert dict(t.counts) == {kernel: 1}
+
+
+@pytest.mark.parametrize("make, kernel", [
+    (lambda p: gb.optim.SGD(p, lr=0.1, momentum=0.9), "sgd_update"),
+    (lambda p: gb.optim.Adam(p), "adam_update"),
+    (lambda p: gb.optim.AdamW(p), "adam_update"),
+])
+def test_an_optimizer_step_is_one_kernel_per_trainable_parameter(make, kernel):
+    m = model()
+    m[0].freeze()
+    opt = make(m.parameters())
+    _, dout = gb.losses.cross_entropy(m.forward(X), LABELS)
+    m.backward(dout)
+    with gb.trace() as t:
+        opt.step()
+    assert dict(t.counts) == {kernel: 4}
+
+
+def test_one_training_step_in_fit_launches_forward_loss_backward_and_update():
+    m = model()
+    with gb.trace() as t:
+        m.fit(X, LABELS, optimizer=gb.optim.Adam(m.parameters()), epochs=1, batch_size=7, verbose=0)
+    assert dict(t.counts) == {"dense_fwd": 3, "ce_fwd_bwd": 1, "dense_dw": 3, "dense_dx": 2, "adam_update": 6}
+
+
+def test_nested_traces_both_count():
+    m = model()
+    with gb.trace() as outer:
+        m.forward(X)
+        with gb.trace() as inner:
+            m.forward(X)
+    assert inner.counts["dense_fwd"] == 3 and outer.counts["dense_fwd"] == 6
+
+
+def test_nothing_is_recorded_after_the_trace_closes():
+    m = model()
+    with gb.trace() as t:
+        m.forward(X)
+    m.forward(X)
+    assert t.total == 3
+
+
+FREEZE_PATTERNS = {
+    "none": [],
+    "bottom_one": [0],
+    "middle": [1],
+    "all_but_head": [0, 1],
+    "head_only": [2],
+}
+
+
+@pytest.mark.parametrize("need_input_grad", [False, True])
+@pytest.mark.parametrize("frozen", FREEZE_PATTERNS.values(), ids=FREEZE_PATTERNS.keys())
+def test_backward_launches_exactly_its_backward_plan(frozen, need_input_grad):
+    m = model()
+    for i in frozen:
+        m[i].freeze()
+    _, dout = gb.losses.cross_entropy(m.forward(X, need_input_grad=need_input_grad), LABELS)
+    with gb.trace() as t:
+        m.backward(dout, need_input_grad=need_input_grad)
+    planned = [kernel for _, kernels in reversed(m.backward_plan(need_input_grad)) for kernel in kernels]
+    assert t.launches == planned
+
+
+def test_backward_with_every_layer_frozen_launches_nothing_and_warns():
+    m = model()
+    m.freeze()
+    _, dout = gb.losses.cross_entropy(m.forward(X), LABELS)
+    with gb.trace() as t, pytest.warns(UserWarning, match="every layer is frozen, so no kernel is launched"):
+        assert m.backward(dout) is None
+    assert t.total == 0
+    assert all(kernels == [] for _, kernels in m.backward_plan())

@@ -1,0 +1,329 @@
+"""The seed workflows end to end on the CPU, plus the training loop's callbacks, history,
+validation, progress bar and metrics."""
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import train
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+# ----------------------------------------------------------------------------- seed workflows
+
+
+def test_an_mlp_fits_and_evaluate_and_predict_agree():
+    gb.seed(0)
+    x, y = gb.data.regression(n_samples=256, n_features=4, seed=0)
+    model = gb.Sequential([gb.Dense(4, 32, "tanh"), gb.Dense(32, 1)], device="cpu")
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.Adam(model.parameters(), lr=0.01), epochs=30,
+                        batch_size=32, verbose=0)
+    assert history["loss"][-1] < history["loss"][0] / 4
+    pred = model.predict(x)
+    assert pred.shape == (256, 1) and pred.dtype == np.float32
+    result = model.evaluate(x, y, metrics=["mse", "mae"])
+    assert result["loss"] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-5)
+    assert result["mse"] == pytest.approx(result["loss"], rel=1e-5)
+    assert result["mae"] == pytest.approx(np.mean(np.abs(pred - y)), rel=1e-5)
+
+
+def test_xor_2_4_1_relu_with_a_logit_output_is_solved_by_bce_and_adam():
+    gb.seed(0)
+    x, y = gb.data.xor()
+    model = gb.Sequential([gb.Dense(2, 4, "relu"), gb.Dense(4, 1)], device="cpu")
+    model.fit(x, y, loss="binary_cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=0.05),
+              epochs=300, batch_size=4, verbose=0)
+    probabilities = sigmoid(model.predict(x))
+    np.testing.assert_array_equal(probabilities > 0.5, y > 0.5)
+    assert model.evaluate(x, y, metrics=["accuracy"])["accuracy"] == 1.0
+
+
+def test_a_2_2_2_2_sigmoid_network_fits_one_sample_by_mse_and_sgd():
+    gb.seed(0)
+    x, y = np.array([[1.0, 2.0]], np.float32), np.array([[3.0, 4.0]], np.float32)
+    model = gb.Sequential([gb.Dense(2, 2, "sigmoid"), gb.Dense(2, 2, "sigmoid"), gb.Dense(2, 2)], device="cpu")
+    model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.1), epochs=200, batch_size=1,
+              verbose=0)
+    assert model.evaluate(x, y)["loss"] < 1e-4
+
+
+@pytest.mark.slow
+def test_digits_reach_97_percent_test_accuracy():
+    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[dev]'")
+    x, y = gb.data.load_digits()
+    x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.25, seed=0, stratify=True)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(64, 128, "relu"), gb.Dense(128, 128, "relu"), gb.Dense(128, 10)], device="cpu")
+    model.fit(x_train, y_train, optimizer=gb.optim.Adam(model.parameters(), lr=3e-3), epochs=30, batch_size=64,
+              verbose=0)
+    assert model.evaluate(x_test, y_test, metrics=["accuracy"])["accuracy"] >= 0.97
+
+
+def test_weights_moved_into_another_model_train_on_from_where_they_were():
+    x, y = gb.data.regression(n_samples=256, n_features=4, seed=1)
+
+    def fresh():
+        return gb.Sequential([gb.Dense(4, 32, "tanh"), gb.Dense(32, 1)], device="cpu")
+
+    gb.seed(0)
+    first = fresh()
+    first.fit(x, y, loss="mse", optimizer=gb.optim.Adam(first.parameters(), lr=0.01), epochs=20, batch_size=32,
+              verbose=0)
+    reached = first.evaluate(x, y)["loss"]
+
+    gb.seed(1)
+    second = fresh()
+    untrained = second.evaluate(x, y, loss="mse")["loss"]
+    second.set_weights(first.get_weights())
+    np.testing.assert_array_equal(second.predict(x), first.predict(x))
+    history = second.fit(x, y, loss="mse", optimizer=gb.optim.Adam(second.parameters(), lr=1e-3), epochs=20,
+                         batch_size=32, verbose=0)
+    assert reached < untrained / 4
+    assert history["loss"][0] < 1.2 * reached  # continues from where the first model stopped
+    assert history["loss"][-1] < history["loss"][0]
+    assert second.evaluate(x, y)["loss"] < reached
+
+
+def test_the_same_seed_gives_the_same_history_and_weights():
+    x, y = gb.data.regression(n_samples=64, n_features=3, seed=2)
+
+    def run():
+        gb.seed(7)
+        model = gb.Sequential([gb.Dense(3, 8, "gelu"), gb.Dense(8, 1)], device="cpu")
+        history = model.fit(x, y, loss="mse", epochs=3, batch_size=16, verbose=0, validation_split=0.25)
+        return history.history, model.get_weights()
+
+    (h1, w1), (h2, w2) = run(), run()
+    assert h1 == h2
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- EarlyStopping
+
+
+def linear_problem():
+    x = np.array([[1.0], [2.0], [-1.0], [0.5]], np.float32)
+    return x, 2 * x + 1
+
+
+def linear_model():
+    gb.seed(0)
+    return gb.Sequential([gb.Dense(1, 1)], device="cpu")
+
+
+@pytest.mark.parametrize("patience", [1, 2, 4])
+def test_early_stopping_stops_after_patience_epochs_without_improvement(patience):
+    x, y = linear_problem()
+    model = linear_model()
+    stopper = gb.EarlyStopping(monitor="loss", patience=patience)
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.0), epochs=20,
+                        batch_size=4, shuffle=False, verbose=0, callbacks=[stopper])
+    assert len(history.epoch) == 1 + patience  # the first epoch sets the best; then `patience` flat ones
+    assert stopper.best_epoch == 0 and stopper.stopped_epoch == patience
+
+
+def test_early_stopping_with_patience_0_stops_at_the_first_epoch_without_improvement():
+    x, y = linear_problem()
+    model = linear_model()
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.0), epochs=20,
+                        batch_size=4, shuffle=False, verbose=0, callbacks=[gb.EarlyStopping(monitor="loss")])
+    assert len(history.epoch) == 2
+
+
+@pytest.mark.parametrize("min_delta, epochs_run", [(0.0, 10), (100.0, 3)])
+def test_early_stopping_counts_only_improvements_larger_than_min_delta(min_delta, epochs_run):
+    x, y = linear_problem()
+    model = linear_model()
+    stopper = gb.EarlyStopping(monitor="loss", patience=2, min_delta=min_delta)
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.05), epochs=10,
+                        batch_size=4, shuffle=False, verbose=0, callbacks=[stopper])
+    assert all(np.diff(history["loss"]) < 0)  # full-batch descent on a convex loss: every epoch improves
+    assert len(history.epoch) == epochs_run
+
+
+class RaiseLearningRate(gb.Callback):
+    """From ``epoch`` on, train with a step size that diverges, so validation gets worse."""
+
+    def __init__(self, optimizer, epoch, lr):
+        self.optimizer, self.epoch, self.lr = optimizer, epoch, lr
+
+    def on_epoch_begin(self, model, epoch):
+        if epoch == self.epoch:
+            self.optimizer.param_groups[0]["lr"] = self.lr
+
+
+class RecordWeights(gb.Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.weights.append(model.get_weights())
+
+
+def test_restore_best_weights_puts_back_the_best_epochs_weights():
+    x, y = linear_problem()
+    model = linear_model()
+    opt = gb.optim.SGD(model.parameters(), lr=0.1)
+    record = RecordWeights()
+    stopper = gb.EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    history = model.fit(x, y, loss="mse", optimizer=opt, epochs=20, batch_size=4, shuffle=False, verbose=0,
+                        validation_data=(x, y), callbacks=[RaiseLearningRate(opt, 3, 0.6), record, stopper])
+    best = int(np.argmin(history["val_loss"]))
+    assert best == 2 and stopper.best_epoch == 2 and len(history.epoch) == 5
+    for want, got, last in zip(record.weights[best], model.get_weights(), record.weights[-1]):
+        np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(got, last)
+    assert model.evaluate(x, y)["loss"] == pytest.approx(history["val_loss"][best])
+
+
+def test_without_restore_best_weights_the_last_weights_stay():
+    x, y = linear_problem()
+    model = linear_model()
+    opt = gb.optim.SGD(model.parameters(), lr=0.1)
+    record = RecordWeights()
+    model.fit(x, y, loss="mse", optimizer=opt, epochs=20, batch_size=4, shuffle=False, verbose=0,
+              validation_data=(x, y), callbacks=[RaiseLearningRate(opt, 3, 0.6), record,
+                                                 gb.EarlyStopping(patience=2)])
+    for last, got in zip(record.weights[-1], model.get_weights()):
+        np.testing.assert_array_equal(got, last)
+
+
+def test_early_stopping_on_an_unlogged_metric_names_what_is_logged():
+    x, y = linear_problem()
+    model = linear_model()
+    with pytest.raises(KeyError, match=r"monitor 'val_loss' is not logged; logged: \['loss'\]"):
+        model.fit(x, y, loss="mse", epochs=2, verbose=0, callbacks=[gb.EarlyStopping()])
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_mse", "min"), ("val_accuracy", "max"),
+                                           ("val_f1", "max")])
+def test_early_stopping_auto_mode_minimises_losses_and_maximises_scores(monitor, mode):
+    assert gb.EarlyStopping(monitor=monitor).mode == mode
+
+
+# ----------------------------------------------------------------------------- History and validation
+
+
+def classification_data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+
+
+def classifier():
+    gb.seed(0)
+    return gb.Sequential([gb.Dense(5, 16, "relu"), gb.Dense(16, 3)], device="cpu")
+
+
+def test_history_has_one_entry_per_epoch_for_every_logged_value():
+    x, y = classification_data()
+    history = classifier().fit(x, y, epochs=4, batch_size=16, validation_split=0.25, metrics=["accuracy", "f1"],
+                               verbose=0)
+    assert set(history.history) == {"loss", "val_loss", "val_accuracy", "val_f1"}
+    assert all(len(values) == 4 for values in history.history.values())
+    assert history.epoch == [0, 1, 2, 3]
+    assert len(history.epoch_times) == 4 and all(t > 0 for t in history.epoch_times)
+    assert all(0 <= a <= 1 for a in history["val_accuracy"])
+
+
+def test_validation_split_holds_out_the_last_rows():
+    x, y = classification_data()
+    split = classifier().fit(x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0, metrics=["accuracy"])
+    explicit = classifier().fit(x[:90], y[:90], epochs=3, batch_size=16, validation_data=(x[90:], y[90:]),
+                                verbose=0, metrics=["accuracy"])
+    assert split.history == explicit.history
+
+
+def test_validation_loss_is_the_evaluate_loss_after_the_epoch():
+    x, y = classification_data()
+    model = classifier()
+    history = model.fit(x, y, epochs=2, batch_size=16, validation_data=(x[:30], y[:30]), verbose=0)
+    assert history["val_loss"][-1] == pytest.approx(model.evaluate(x[:30], y[:30])["loss"], rel=1e-6)
+
+
+def test_validation_split_too_small_for_the_data_is_rejected():
+    x, y = classification_data(n=4)
+    with pytest.raises(ValueError, match="validation_split: 0.01 of 4 samples leaves no training or no validation"):
+        classifier().fit(x, y, validation_split=0.01, verbose=0)
+
+
+# ----------------------------------------------------------------------------- progress output
+
+
+def test_verbose_1_draws_a_progress_bar_per_epoch_on_stderr(capsys):
+    x, y = classification_data()
+    classifier().fit(x, y, epochs=2, batch_size=40, verbose=1)
+    captured = capsys.readouterr()
+    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err
+    assert "3/3" in captured.err and "batch" in captured.err and "loss=" in captured.err
+    assert captured.out == ""
+
+
+def test_verbose_2_prints_one_line_per_epoch(capsys):
+    x, y = classification_data()
+    classifier().fit(x, y, epochs=3, batch_size=40, verbose=2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3") and "loss: " in lines[0]
+
+
+def test_verbose_0_is_silent(capsys):
+    x, y = classification_data()
+    classifier().fit(x, y, epochs=2, batch_size=40, verbose=0)
+    assert capsys.readouterr() == ("", "")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@pytest.fixture
+def sklearn_metrics():
+    return pytest.importorskip("sklearn.metrics", reason="the metric oracle is scikit-learn: pip install 'gpubp[dev]'")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multiclass_metrics_match_scikit_learn_macro_averages(sklearn_metrics, seed):
+    rng = np.random.default_rng(seed)
+    gb.seed(seed)
+    model = gb.Sequential([gb.Dense(6, 5)], device="cpu")
+    x, y = rng.normal(size=(60, 6)).astype(np.float32), rng.integers(0, 5, 60)
+    predicted = model.predict(x).argmax(axis=1)
+    result = model.evaluate(x, y, metrics=["accuracy", "precision", "recall", "f1"])
+    assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, predicted))
+    for name in ("precision", "recall", "f1"):
+        expected = getattr(sklearn_metrics, f"{name}_score")(y, predicted, average="macro", zero_division=0)
+        assert result[name] == pytest.approx(expected), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_single_output_metrics_match_scikit_learn_binary_scores(sklearn_metrics, seed):
+    rng = np.random.default_rng(seed)
+    gb.seed(seed)
+    model = gb.Sequential([gb.Dense(6, 1)], device="cpu")
+    x, y = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 2, 50)
+    predicted = (model.predict(x)[:, 0] > 0).astype(int)
+    result = model.evaluate(x, y.astype(np.float32), metrics=["accuracy", "precision", "recall", "f1"])
+    assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, predicted))
+    for name in ("precision", "recall", "f1"):
+        expected = getattr(sklearn_metrics, f"{name}_score")(y, predicted, zero_division=0)
+        assert result[name] == pytest.approx(expected), name
+
+
+def test_a_callable_metric_is_reported_under_its_name():
+    x, y = classification_data()
+
+    def top_score(scores, labels):
+        return float(scores.max())
+
+    result = classifier().evaluate(x, y, metrics=[top_score])
+    assert set(result) == {"top_score"}
+
+
+def test_perfect_predictions_score_one_on_every_metric():
+    scores = np.eye(3)[[0, 1, 2, 1]]
+    labels = np.array([0, 1, 2, 1])
+    for fn in (train.accuracy, train.precision, train.recall, train.f1):
+        assert fn(scores, labels) == 1.0
