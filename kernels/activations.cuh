@@ -33,10 +33,14 @@ enum ActId : int {
     ACT_GELU_TANH = 6,
 };
 
-constexpr float LEAKY_SLOPE = 0.01f;
-constexpr float GELU_TANH_A = 0.044715f;
-constexpr float GELU_TANH_C = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+// Members of a struct rather than namespace-scope constants, which NVRTC reports as
+// unused in every file that does not instantiate the activation using them.
+struct ActConst {
+    static constexpr float LEAKY_SLOPE = 0.01f;
+    static constexpr float GELU_TANH_A = 0.044715f;
+    static constexpr float GELU_TANH_C = 0.7978845608028654f;  // sqrt(2 / pi)
+    static constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+};
 
 template <int ACT>
 __host__ __device__ constexpr bool act_needs_z() {
@@ -56,7 +60,7 @@ __device__ __forceinline__ float act_forward(float z) {
     } else if constexpr (ACT == ACT_RELU) {
         return fmaxf(z, 0.0f);
     } else if constexpr (ACT == ACT_LEAKY_RELU) {
-        return z > 0.0f ? z : LEAKY_SLOPE * z;
+        return z > 0.0f ? z : ActConst::LEAKY_SLOPE * z;
     } else if constexpr (ACT == ACT_SIGMOID) {
         return stable_sigmoid(z);
     } else if constexpr (ACT == ACT_TANH) {
@@ -65,7 +69,7 @@ __device__ __forceinline__ float act_forward(float z) {
         return z * normcdff(z);
     } else {
         static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
-        const float t = tanhf(z * (GELU_TANH_C + GELU_TANH_A * GELU_TANH_C * z * z));
+        const float t = tanhf(z * (ActConst::GELU_TANH_C + ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z * z));
         return 0.5f * z * (1.0f + t);
     }
 }
@@ -79,18 +83,18 @@ __device__ __forceinline__ float act_grad(float y, float z) {
     } else if constexpr (ACT == ACT_RELU) {
         return y > 0.0f ? 1.0f : 0.0f;
     } else if constexpr (ACT == ACT_LEAKY_RELU) {
-        return y > 0.0f ? 1.0f : LEAKY_SLOPE;
+        return y > 0.0f ? 1.0f : ActConst::LEAKY_SLOPE;
     } else if constexpr (ACT == ACT_SIGMOID) {
         return y * (1.0f - y);
     } else if constexpr (ACT == ACT_TANH) {
         return 1.0f - y * y;
     } else if constexpr (ACT == ACT_GELU) {
-        return normcdff(z) + z * INV_SQRT_2PI * expf(-0.5f * z * z);
+        return normcdff(z) + z * ActConst::INV_SQRT_2PI * expf(-0.5f * z * z);
     } else {
         static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
         const float z2 = z * z;
-        const float t = tanhf(z * (GELU_TANH_C + GELU_TANH_A * GELU_TANH_C * z2));
-        const float du = GELU_TANH_C + 3.0f * GELU_TANH_A * GELU_TANH_C * z2;
+        const float t = tanhf(z * (ActConst::GELU_TANH_C + ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z2));
+        const float du = ActConst::GELU_TANH_C + 3.0f * ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z2;
         return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
     }
 }

@@ -1,0 +1,457 @@
+"""CuPy backend: the hand-written CUDA C++ kernels in ``kernels/*.cu``, launched through CuPy.
+
+Implements the kernel contract of ``gpubp.backends`` on ``cupy.ndarray`` (float32,
+C-contiguous); it is the default backend when a GPU is present. The kernels:
+
+- ``dense_forward.cu``: one tiled SGEMM with the bias and activation in its epilogue;
+- ``dense_backward.cu``: ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``dz = dy * act'(.)``
+  formed while the operands load, and ``db`` reduced inside the dW kernel (split over the
+  batch, reduced deterministically, when the layer is too small to fill the GPU);
+- ``loss.cu``: softmax cross-entropy, MSE and BCE, value and gradient in one pass;
+- ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping.
+
+Where the kernels come from, per source file, on first use on each device:
+
+1. the ahead-of-time fatbin that ``cmake --build build && cmake --install build`` puts in
+   ``gpubp/_aot/`` (or the folder named by ``GPUBP_KERNEL_DIR``), when its manifest lists
+   this GPU's architecture and its source hashes match the shipped sources (a stale
+   fatbin is never used) and the driver loads it;
+2. otherwise NVRTC compiles the shipped source (cached on disk by CuPy). The local
+   ``#include`` lines are expanded here first, so the text CuPy hashes for its cache is
+   the whole program.
+
+The kernels have ``extern "C"`` names (``dense_fwd_relu_128x128``, ...), identical on
+both paths. Each launch records its contract name with ``gpubp.trace``. Kernels go to
+CuPy's current stream; the deterministic reductions share one ticket buffer per device,
+so calls must not run concurrently on two streams of one device.
+
+>>> import numpy as np
+>>> from gpubp.backends import cupy_backend as cb
+>>> x = cb.asarray(np.ones((3, 2), np.float32)); w = cb.asarray(np.ones((2, 4), np.float32))
+>>> y, z = cb.dense_forward(x, w, cb.zeros((4,)), "relu")   # doctest: +SKIP
+>>> cb.to_host(y).tolist()[0]                                # doctest: +SKIP
+[2.0, 2.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from gpubp.activations import NEEDS_Z
+from gpubp.trace import record
+
+try:
+    import cupy
+except ImportError as _exc:  # the CPU install has no CuPy: report it, never raise on import
+    cupy = None
+    _IMPORT_ERROR = f"CuPy is not installed ({_exc})"
+else:
+    _IMPORT_ERROR = None
+
+NAME = "cupy"
+DEVICE = "cuda"
+DTYPES = (np.float32,)
+
+log = logging.getLogger("gpubp")
+
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
+AOT_ENV = "GPUBP_KERNEL_DIR"
+AOT_MANIFEST = "manifest.txt"
+
+# Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
+GEMM_TILES = {128: 256, 64: 64}  # square block tile -> threads per block
+BK = 8
+REDUCE_THREADS = 256
+MAX_REDUCE_BLOCKS = 1024
+# dW split-K: split only when the layer has fewer tiles than the GPU has SMs; aim at
+# SPLIT_WAVES blocks per SM, keep at least MIN_ROWS_PER_SPLIT batch rows per split (the
+# partial tiles cost splits x in x out floats of traffic), and never more than MAX_SPLITS.
+SPLIT_WAVES = 2
+MIN_ROWS_PER_SPLIT = 256
+MAX_SPLITS = 32
+ELEMENTWISE_BLOCKS_PER_SM = 16
+_TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def unavailable_reason() -> str | None:
+    """None when CuPy imports and sees a CUDA GPU, else why not (never raises)."""
+    from gpubp.backends import INSTALL_HINT
+
+    if cupy is None:
+        return f"{_IMPORT_ERROR}; {INSTALL_HINT}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError, a missing driver library, ...
+        return f"CuPy cannot reach a CUDA GPU: {exc}"
+    if count == 0:
+        return "CuPy sees no CUDA GPU"
+    return None
+
+
+# ----------------------------------------------------------------------------- kernel sources
+
+
+def kernel_dir() -> Path:
+    """The folder holding the CUDA sources: the installed ``gpubp.kernels`` package, else
+    the top-level ``kernels/`` of a source checkout."""
+    try:
+        installed = importlib.resources.files("gpubp.kernels")
+    except ModuleNotFoundError:
+        installed = None
+    if installed is not None:
+        # gpubp.kernels has no __init__.py, so this may be a namespace package's
+        # MultiplexedPath; joinpath gives a concrete file path in either case.
+        probe = installed.joinpath(KERNEL_FILES[0])
+        if probe.is_file():
+            return Path(str(probe)).parent
+    return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_source(filename: str) -> str:
+    """The source of ``kernels/<filename>`` with its local ``#include "..."`` lines expanded
+    (each header once, as its ``#pragma once`` asks), ready for NVRTC."""
+    root = kernel_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        seen.add(name)
+
+        def include(match: re.Match) -> str:
+            header = match.group(1)
+            return "" if header in seen else expand(header)
+
+        return _LOCAL_INCLUDE.sub(include, (root / name).read_text())
+
+    return expand(filename)
+
+
+def source_hashes() -> dict[str, str]:
+    """sha256 of every shipped kernel source, by file name (what the AOT manifest records)."""
+    root = kernel_dir()
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.iterdir())
+        if p.suffix in (".cu", ".cuh")
+    }
+
+
+def aot_dir() -> Path:
+    return Path(os.environ.get(AOT_ENV) or Path(__file__).resolve().parents[1] / "_aot")
+
+
+def _aot_mismatch(arch: str) -> str | None:
+    """None when the AOT fatbins can serve compute capability ``arch`` (e.g. "90"), else why not."""
+    manifest = aot_dir() / AOT_MANIFEST
+    if not manifest.is_file():
+        return f"no {manifest}"
+    archs: list[str] = []
+    built: dict[str, str] = {}
+    for line in manifest.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "archs":
+            archs = value.split()
+        elif key == "source":
+            digest, _, name = value.partition(" ")
+            built[name] = digest
+    if arch not in archs:
+        return f"built for sm_{', sm_'.join(archs)}, not sm_{arch}"
+    if built != source_hashes():
+        return "built from other kernel sources than the shipped ones (rebuild it)"
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+_rawmodules: dict[tuple[int, str], object] = {}
+_functions: dict[tuple[int, str], object] = {}
+_device_state: dict[int, dict] = {}
+origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
+
+
+# One kernel per file, fetched right after loading a fatbin so a refusal shows up there.
+_PROBE_KERNEL = {
+    "dense_forward.cu": "dense_fwd_identity_64x64",
+    "dense_backward.cu": "dense_dx_identity_64x64",
+    "loss.cu": "mse_fwd_bwd",
+    "optim.cu": "scale_inplace",
+}
+
+
+def _rawmodule(filename: str):
+    device = cupy.cuda.Device()
+    key = (device.id, filename)
+    module = _rawmodules.get(key)
+    if module is not None:
+        return module
+    arch = device.compute_capability
+    why_not = _aot_mismatch(arch)
+    if why_not is None:
+        fatbin = aot_dir() / (Path(filename).stem + ".fatbin")
+        try:
+            module = cupy.RawModule(path=str(fatbin))
+            module.get_function(_PROBE_KERNEL[filename])
+            origin[filename] = "fatbin"
+        except cupy.cuda.driver.CUDADriverError as exc:  # e.g. a driver older than the toolkit
+            why_not = f"the driver refused {fatbin}: {exc}"
+            module = None
+    if module is None:
+        log.debug("gpubp: compiling %s with NVRTC (AOT fatbin unused: %s)", filename, why_not)
+        module = cupy.RawModule(code=kernel_source(filename), options=("-std=c++17",))
+        origin[filename] = "nvrtc"
+    _rawmodules[key] = module
+    return module
+
+
+def _kernel(filename: str, name: str):
+    key = (cupy.cuda.Device().id, name)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = _rawmodule(filename).get_function(name)
+    return fn
+
+
+def _state() -> dict:
+    """Per-device persistent buffers: SM count, reduction tickets/partials, dW workspace."""
+    device = cupy.cuda.Device()
+    state = _device_state.get(device.id)
+    if state is None:
+        state = _device_state[device.id] = {
+            "sms": device.attributes["MultiProcessorCount"],
+            "tickets": cupy.zeros(_TICKETS, np.uint32),
+            "partials": cupy.empty(MAX_REDUCE_BLOCKS, np.float32),
+            "scalar": cupy.empty(1, np.float32),
+            "workspace": cupy.empty(0, np.float32),
+        }
+    return state
+
+
+def _workspace(size: int):
+    state = _state()
+    if state["workspace"].size < size:
+        state["workspace"] = cupy.empty(size, np.float32)
+    return state["workspace"]
+
+
+def _blocks(work: int, threads: int, cap: int) -> int:
+    return max(1, min(-(-work // threads), cap))
+
+
+def _gemm_tile(m: int, n: int) -> int:
+    """128x128 tiles when they make at least one full wave on this GPU, else 64x64."""
+    big = max(GEMM_TILES)
+    tiles = -(-m // big) * (-(-n // big))
+    return big if tiles >= _state()["sms"] else min(GEMM_TILES)
+
+
+# ----------------------------------------------------------------------------- array helpers
+
+
+def empty(shape, dtype=np.float32):
+    return cupy.empty(shape, dtype)
+
+
+def zeros(shape, dtype=np.float32):
+    return cupy.zeros(shape, dtype)
+
+
+def asarray(a, dtype=None):
+    return cupy.ascontiguousarray(cupy.asarray(a, dtype=dtype))
+
+
+def to_host(a) -> np.ndarray:
+    return cupy.asnumpy(a)
+
+
+def synchronize() -> None:
+    cupy.cuda.get_current_stream().synchronize()
+
+
+def is_array(a) -> bool:
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, arrays: tuple, sizes: tuple) -> float:
+    """Launch a kernel that ends in reduce.cuh's grid_sum_to, ``name(*arrays, partials,
+    ticket, out, *sizes)``, and return the scalar it reduced."""
+    state = _state()
+    record(trace_name)
+    _kernel(filename, name)(
+        (grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], state["scalar"]) + sizes
+    )
+    return float(state["scalar"].get()[0])
+
+
+def sumsq(a) -> float:
+    n = a.size
+    grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
+    return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (a,), (np.int64(n),))
+
+
+def scale_(a, s: float) -> None:
+    n = a.size
+    record("scale")
+    _kernel("optim.cu", "scale_inplace")(
+        (_elementwise_blocks(n),), (REDUCE_THREADS,), (a, np.float32(s), np.int64(n))
+    )
+
+
+def _elementwise_blocks(n: int) -> int:
+    return _blocks(n, REDUCE_THREADS, ELEMENTWISE_BLOCKS_PER_SM * _state()["sms"])
+
+
+# ----------------------------------------------------------------------------- dense layer
+
+
+def dense_forward(x, w, b, act, out=None, out_z=None):
+    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None."""
+    batch, n_in = x.shape
+    n_out = w.shape[1]
+    y = out if out is not None else cupy.empty((batch, n_out), np.float32)
+    z = None
+    if act in NEEDS_Z:
+        z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
+    tile = _gemm_tile(batch, n_out)
+    grid = (-(-batch // tile), -(-n_out // tile))
+    record("dense_fwd")
+    _kernel("dense_forward.cu", f"dense_fwd_{act}_{tile}x{tile}")(
+        grid,
+        (GEMM_TILES[tile],),
+        # z is never touched for activations that do not store it; y stands in for it.
+        (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in)),
+    )
+    return y, z
+
+
+def backward_kernels(act, need_dx, need_dw) -> list[str]:
+    return (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
+    """(splits, k_chunk) for the dW kernel: split the batch only when tiles alone leave SMs idle."""
+    sms = _state()["sms"]
+    splits = 1
+    if tiles < sms:
+        splits = max(1, min(-(-SPLIT_WAVES * sms // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
+    k_chunk = -(-batch // splits)
+    k_chunk = -(-k_chunk // BK) * BK
+    return -(-batch // k_chunk), k_chunk
+
+
+def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
+    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
+    if not (need_dx or need_dw):
+        return None, None, None
+    batch, n_out = dy.shape
+    n_in = w.shape[0]
+    # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
+    y_or_z = z if act in NEEDS_Z else y
+    if y_or_z is None:
+        y_or_z = dy
+    dx = dw = db = None
+    if need_dw:
+        dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
+        db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
+        tile = _gemm_tile(n_in, n_out)
+        tiles_m, tiles_n = -(-n_in // tile), -(-n_out // tile)
+        splits, k_chunk = _dw_split(batch, tiles_m * tiles_n)
+        tickets = _state()["tickets"]
+        if splits > 1:
+            ws = _workspace(splits * (n_in * n_out + n_out))
+            ws_dw, ws_db = ws[: splits * n_in * n_out], ws[splits * n_in * n_out :]
+            tickets = tickets[1:]
+        else:  # unused by the kernel when splits == 1
+            ws_dw, ws_db = dw, db
+        record("dense_dw")
+        _kernel("dense_backward.cu", f"dense_dw_{act}_{tile}x{tile}")(
+            (tiles_m, tiles_n, splits),
+            (GEMM_TILES[tile],),
+            (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
+             np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
+        )
+    if need_dx:
+        dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
+        tile = _gemm_tile(batch, n_in)
+        record("dense_dx")
+        _kernel("dense_backward.cu", f"dense_dx_{act}_{tile}x{tile}")(
+            (-(-batch // tile), -(-n_in // tile)),
+            (GEMM_TILES[tile],),
+            (dy, y_or_z, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+        )
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+    batch, classes = logits.shape
+    if labels.dtype != np.int64:
+        labels = labels.astype(np.int32, copy=False)
+    grad = cupy.empty_like(logits)
+    rows_per_block = REDUCE_THREADS // 32
+    name = "ce_fwd_bwd_i64" if labels.dtype == np.int64 else "ce_fwd_bwd_i32"
+    grid = _blocks(batch, rows_per_block, MAX_REDUCE_BLOCKS)
+    loss = _reduce_to_float(
+        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, grad), (np.int32(batch), np.int32(classes))
+    )
+    return loss, grad
+
+
+def _elementwise_loss(name: str, pred, target):
+    target = asarray(target, dtype=np.float32)
+    grad = cupy.empty_like(pred)
+    n = pred.size
+    grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
+    return _reduce_to_float("loss.cu", name, name, grid, (pred, target, grad), (np.int64(n),)), grad
+
+
+def mse(pred, target):
+    """Mean squared error over all elements."""
+    return _elementwise_loss("mse_fwd_bwd", pred, target)
+
+
+def bce(logits, target):
+    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
+    return _elementwise_loss("bce_fwd_bwd", logits, target)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
+    """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
+    n = param.size
+    record("sgd_update")
+    _kernel("optim.cu", "sgd_update")(
+        (_elementwise_blocks(n),),
+        (REDUCE_THREADS,),
+        # Without momentum the kernel never touches velocity (None then); param stands in.
+        (param, grad, param if velocity is None else velocity, np.float32(lr), np.float32(momentum),
+         np.int32(bool(nesterov)), np.float32(weight_decay), np.int64(n)),
+    )
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
+    n = param.size
+    step_size = lr / (1.0 - beta1**step)
+    inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - beta2**step)
+    record("adam_update")
+    _kernel("optim.cu", "adam_update")(
+        (_elementwise_blocks(n),),
+        (REDUCE_THREADS,),
+        (param, grad, m, v, np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
+         np.float32(weight_decay), np.float32(step_size), np.float32(inv_sqrt_bias2),
+         np.int32(bool(decoupled)), np.int64(n)),
+    )

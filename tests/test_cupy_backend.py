@@ -1,0 +1,253 @@
+"""The CuPy backend (kernels/*.cu) against the NumPy reference, on a real GPU.
+
+Every test is marked ``gpu`` and skips with the reason on a machine without one.
+Results are compared with the NumPy backend run in float64 on the same float32 inputs,
+by error relative to the reference's largest magnitude; shapes are chosen not to be
+multiples of any tile (plus shapes that pick the 128x128 tiles and the split-K dW path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubp import backends
+from gpubp.activations import ACTIVATIONS, NEEDS_Z
+from gpubp.backends import numpy_backend as ref
+from gpubp.trace import trace
+
+pytestmark = pytest.mark.gpu
+
+RTOL = 1e-4
+# (batch, in, out): odd shapes; 1500 x 1500 outputs take the 128x128 tiles on any GPU
+# with at most 144 SMs; batch 4096 into a 64 x 48 layer takes the split-K dW path.
+SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23), (130, 257, 65)]
+LARGE_SHAPES = [(1500, 77, 1500), (4096, 64, 48), (2053, 37, 70)]
+
+
+@pytest.fixture(scope="module")
+def cb():
+    try:
+        return backends.get("cupy")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def close(actual, expected, rtol=RTOL):
+    actual = np.asarray(actual, np.float64)
+    scale = max(float(np.max(np.abs(expected))), 1e-30) if np.size(expected) else 1.0
+    err = float(np.max(np.abs(actual - expected))) / scale if np.size(expected) else 0.0
+    assert err <= rtol, f"max error {err:.3g} relative to max |reference| {scale:.3g}"
+
+
+def layer(rng, batch, n_in, n_out):
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_dense_forward_matches_numpy(cb, rng, act, shape):
+    x, w, b = layer(rng, *shape)
+    y_ref, z_ref = ref.dense_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
+    with trace() as t:
+        y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act)
+    assert t.launches == ["dense_fwd"]
+    close(cb.to_host(y), y_ref)
+    if act in NEEDS_Z:
+        close(cb.to_host(z), z_ref)
+    else:
+        assert z is None
+
+
+@pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_dense_backward_matches_numpy_and_launches_what_it_plans(cb, rng, act, shape, need_dx, need_dw):
+    x, w, b = layer(rng, *shape)
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    y64, z64 = ref.dense_forward(x64, w64, b64, act)
+    dy = rng.standard_normal(y64.shape).astype(np.float32)
+    y, z = y64.astype(np.float32), None if z64 is None else z64.astype(np.float32)
+    # The reference differentiates at the same float32 y/z the GPU kernel reads.
+    dx_ref, dw_ref, db_ref = ref.dense_backward(
+        dy.astype(np.float64), x64, w64, y.astype(np.float64), None if z is None else z.astype(np.float64),
+        act, need_dx, need_dw,
+    )
+    dev = [None if a is None else cb.asarray(a) for a in (dy, x, w, y, z)]
+    with trace() as t:
+        dx, dw, db = cb.dense_backward(*dev, act, need_dx, need_dw)
+    assert t.launches == cb.backward_kernels(act, need_dx, need_dw)
+    for got, want in ((dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        if want is None:
+            assert got is None
+        else:
+            close(cb.to_host(got), want)
+
+
+def test_dense_backward_fills_given_buffers(cb, rng):
+    x, w, b = layer(rng, 37, 29, 23)
+    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "relu")
+    dy = cb.asarray(rng.standard_normal((37, 23)).astype(np.float32))
+    bufs = cb.empty((37, 29)), cb.empty((29, 23)), cb.empty((23,))
+    out = cb.dense_backward(dy, cb.asarray(x), cb.asarray(w), y, None, "relu", True, True, *bufs)
+    assert all(got is buf for got, buf in zip(out, bufs))
+
+
+def test_split_k_dw_is_deterministic(cb, rng):
+    x, w, b = layer(rng, 4096, 64, 48)
+    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "tanh")
+    dy = cb.asarray(rng.standard_normal((4096, 48)).astype(np.float32))
+    runs = [cb.dense_backward(dy, cb.asarray(x), cb.asarray(w), y, None, "tanh", False, True) for _ in range(3)]
+    for _, dw, db in runs[1:]:
+        assert np.array_equal(cb.to_host(dw), cb.to_host(runs[0][1]))
+        assert np.array_equal(cb.to_host(db), cb.to_host(runs[0][2]))
+
+
+# ----------------------------------------------------------------------------- losses
+
+LOSS_SHAPES = [(1, 1), (19, 13), (37, 10), (257, 1000), (5000, 3)]
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
+    logits = (5 * rng.standard_normal(shape)).astype(np.float32)
+    labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
+    with trace() as t:
+        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+    assert t.launches == ["ce_fwd_bwd"]
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
+    close(cb.to_host(grad), grad_ref)
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
+def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
+    pred = (3 * rng.standard_normal(shape)).astype(np.float32)
+    target = rng.random(shape).astype(np.float32)
+    loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64))
+    with trace() as t:
+        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target))
+    assert t.launches == [trace_name]
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    close(cb.to_host(grad), grad_ref)
+
+
+def test_bce_is_finite_for_huge_logits(cb):
+    logits = np.array([[-1e4, 1e4, 0.0, 88.0, -88.0]], np.float32)
+    target = np.array([[0.0, 1.0, 0.5, 0.0, 1.0]], np.float32)
+    loss_ref, grad_ref = ref.bce(logits.astype(np.float64), target.astype(np.float64))
+    loss, grad = cb.bce(cb.asarray(logits), cb.asarray(target))
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    close(cb.to_host(grad), grad_ref)
+
+
+def test_cross_entropy_is_finite_for_huge_logits(cb):
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
+    labels = np.array([1, 2], np.int64)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
+    loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    close(cb.to_host(grad), grad_ref)
+
+
+def test_loss_is_bitwise_deterministic(cb, rng):
+    logits = cb.asarray(rng.standard_normal((70000, 10)).astype(np.float32))
+    labels = cb.asarray(rng.integers(0, 10, 70000))
+    losses = {cb.softmax_cross_entropy(logits, labels)[0] for _ in range(5)}
+    assert len(losses) == 1
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_sgd_update_matches_numpy(cb, rng, momentum, nesterov, weight_decay):
+    p, g = (rng.standard_normal(1031).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal(1031).astype(np.float32) if momentum else None
+    p_ref, v_ref = p.astype(np.float64), None if v is None else v.astype(np.float64)
+    p_dev, v_dev = cb.asarray(p), None if v is None else cb.asarray(v)
+    for _ in range(3):
+        ref.sgd_update(p_ref, g.astype(np.float64), v_ref, 0.1, momentum, nesterov, weight_decay)
+        with trace() as t:
+            cb.sgd_update(p_dev, cb.asarray(g), v_dev, 0.1, momentum, nesterov, weight_decay)
+        assert t.launches == ["sgd_update"]
+    close(cb.to_host(p_dev), p_ref)
+    if v is not None:
+        close(cb.to_host(v_dev), v_ref)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_update_matches_numpy(cb, rng, decoupled, weight_decay):
+    p, g = (rng.standard_normal(1031).astype(np.float32) for _ in range(2))
+    state_ref = [p.astype(np.float64), np.zeros(1031), np.zeros(1031)]
+    state_dev = [cb.asarray(p), cb.zeros((1031,)), cb.zeros((1031,))]
+    for step in range(1, 4):
+        grad = g * step
+        ref.adam_update(state_ref[0], grad.astype(np.float64), state_ref[1], state_ref[2],
+                        1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
+        with trace() as t:
+            cb.adam_update(state_dev[0], cb.asarray(grad), state_dev[1], state_dev[2],
+                           1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
+        assert t.launches == ["adam_update"]
+    for got, want in zip(state_dev, state_ref):
+        close(cb.to_host(got), want)
+
+
+@pytest.mark.parametrize("n", [1, 1031, 3_000_001])
+def test_sumsq_and_scale(cb, rng, n):
+    a = rng.standard_normal(n).astype(np.float32)
+    dev = cb.asarray(a)
+    assert cb.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
+    cb.scale_(dev, 0.5)
+    close(cb.to_host(dev), a.astype(np.float64) * 0.5)
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+def test_auto_device_picks_cupy(cb):
+    assert backends.resolve("auto", "auto") == "cupy"
+
+
+def test_fit_learns_a_separable_problem_on_cupy(cb, rng):
+    import gpubp as gb
+
+    centers = 4 * rng.standard_normal((3, 8))
+    labels = rng.integers(0, 3, 600)
+    x = (centers[labels] + rng.standard_normal((600, 8))).astype(np.float32)
+    model = gb.Sequential(
+        [gb.Dense(8, 32, activation="gelu"), gb.Dense(32, 32, activation="relu"), gb.Dense(32, 3)],
+        backend="cupy",
+    )
+    model.fit(x, labels, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=1e-2),
+              epochs=30, batch_size=64, verbose=0)
+    predicted = np.argmax(cb.to_host(cb.asarray(model.predict(x))), axis=1)
+    assert np.mean(predicted == labels) > 0.95
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_cupy_and_numba_backends_share_arrays(cb, rng, act):
+    try:
+        nb = backends.get("numba")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    x, w, b = (cb.asarray(a) for a in layer(rng, 37, 29, 23))
+    y_nb, z_nb = nb.dense_forward(x, w, b, act)
+    assert cb.is_array(y_nb)
+    y_cb, z_cb = cb.dense_forward(x, w, b, act)
+    close(cb.to_host(y_nb), cb.to_host(y_cb).astype(np.float64))
+    dy = cb.asarray(rng.standard_normal((37, 23)).astype(np.float32))
+    # numba's forward output feeds the cupy backward, and the other way round.
+    grads_cb = cb.dense_backward(dy, x, w, y_nb, z_nb, act, True, True)
+    grads_nb = nb.dense_backward(dy, x, w, y_cb, z_cb, act, True, True)
+    for got, want in zip(grads_nb, grads_cb):
+        assert cb.is_array(got)
+        close(cb.to_host(got), cb.to_host(want).astype(np.float64))
