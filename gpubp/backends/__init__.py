@@ -11,15 +11,19 @@ Array helpers
     ``to_host(a)``               backend array -> NumPy array (a copy where the data is on a GPU)
     ``synchronize()``            wait for all queued kernels
     ``is_array(a)``              True if ``a`` is an array this backend computes on
-    ``sumsq(a)``                 float: sum of squares of ``a`` (gradient clipping)
-    ``scale_(a, s)``             ``a *= s`` in place
+    ``sumsq(a)``                 float: sum of squares of ``a`` (gradient clipping). Records ``sumsq``.
+    ``scale_(a, s)``             ``a *= s`` in place. Records ``scale``.
+
+Module attributes: ``NAME``, ``DEVICE`` ("cpu" or "cuda"), ``DTYPES`` (the float dtypes it
+computes in), and ``unavailable_reason()``: None when the backend can run here, else why not
+(never raises).
 
 Dense layer
-    ``dense_forward(x, w, b, act, out=None) -> (y, z_or_None)``
+    ``dense_forward(x, w, b, act, out=None, out_z=None) -> (y, z_or_None)``
         ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
-        (gelu, gelu_tanh); otherwise ``None``. ``out`` is an optional (B, out) buffer
-        for ``y``. Records ``dense_fwd``.
+        (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
+        buffers for ``y`` and ``z``. Records ``dense_fwd``.
     ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None)
       -> (dx, dw, db)``
         ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,

@@ -249,7 +249,7 @@ def sumsq(a) -> float:
 
 
 def scale_(a, s: float) -> None:
-    record("scale_")
+    record("scale")
     flat = _view(a).ravel()
     _scale_kernel[_elementwise_blocks(flat.size), ELEMENTWISE_THREADS, flat.stream](flat, np.float32(s))
 
