@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from gpubp import _checks
 from gpubp.layers import Dense, Sequential
 from gpubp.train import Callback
@@ -58,16 +60,17 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
     out_features = _checks.positive_int(out_features, "out_features")
     backbone = []
     for layer in model.layers[:-1]:
-        copy = Dense(layer.in_features, layer.out_features, layer.activation, name=layer.name, dtype=model.dtype)
+        # Host copies, so training the new model never changes the original; passing them as
+        # the init keeps the random stream for the head alone.
+        weight = np.array(layer.backend.to_host(layer.weight.data))
+        copy = Dense(layer.in_features, layer.out_features, layer.activation, init=lambda rng, shape, w=weight: w,
+                     name=layer.name, dtype=model.dtype)
+        copy.bias.data = np.array(layer.backend.to_host(layer.bias.data), dtype=model.dtype)
+        copy.trainable = layer.trainable
         backbone.append(copy)
     head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
                  dtype=model.dtype)
-    new = Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype)
-    for copy, layer in zip(new.layers, model.layers[:-1]):
-        for target, source in zip(copy.parameters(), layer.parameters()):
-            target.data = new.backend.asarray(layer.backend.to_host(source.data), model.dtype)
-        copy.trainable = layer.trainable
-    return new
+    return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype)
 
 
 def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]:

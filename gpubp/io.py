@@ -186,11 +186,21 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     prefixes = [key[: -len(".weight")] for key in state_dict.keys() if key.endswith(".weight")]
     if not prefixes:
         raise ValueError("state_dict: no '<name>.weight' entries found")
+    orphans = [key for key in state_dict.keys() if key.endswith(".bias") and key[: -len(".bias")] not in prefixes]
+    if orphans:
+        raise ValueError(f"state_dict: missing key {orphans[0][: -len('.bias')] + '.weight'!r} (for {orphans[0]!r})")
+    # With a model, check against its layers here, so errors name the state dict's keys and (out, in) shapes.
+    layers = list(model) if isinstance(model, Sequential) else None
+    if layers is not None and len(layers) != len(prefixes):
+        raise ValueError(f"state_dict: {len(prefixes)} Linear layers {prefixes}, but the model has {len(layers)} layers")
     weights = []
-    for prefix in prefixes:
+    for i, prefix in enumerate(prefixes):
         w = _numpy(state_dict[f"{prefix}.weight"], f"{prefix}.weight")
         if w.ndim != 2:
             raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape}; expected a 2-D nn.Linear weight")
+        if layers is not None and w.shape != (layers[i].out_features, layers[i].in_features):
+            raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape}, expected (out, in) = "
+                             f"{(layers[i].out_features, layers[i].in_features)} for the model's layer {i}")
         if f"{prefix}.bias" not in state_dict:
             raise ValueError(f"state_dict: missing key {prefix + '.bias'!r} (gpubp Dense layers always have a bias)")
         b = _numpy(state_dict[f"{prefix}.bias"], f"{prefix}.bias")

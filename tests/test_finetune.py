@@ -1,0 +1,490 @@
+"""Fine-tuning: freezing skips kernels and memory, optimizers leave frozen weights alone,
+new heads, discriminative learning rates and gradual unfreezing."""
+
+import functools
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import activations, backends
+from gpubp import finetune as ft
+
+BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
+
+# Five layers, tiny widths (the Numba backend runs them in the CUDA simulator); gelu keeps
+# its pre-activation and identity keeps nothing, so every storage rule is exercised.
+SIZES = (5, 7, 6, 8, 4, 3)
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", None)
+BATCH = 4
+
+# Which layers each pattern freezes, and, per layer bottom to top, the backward work
+# that follows: "W" = dW and db, "X" = dX, "-" = nothing at all.
+PATTERNS = {
+    "none_frozen": ([], ["W", "WX", "WX", "WX", "WX"]),
+    "bottom_2_frozen": ([0, 1], ["-", "-", "W", "WX", "WX"]),
+    "middle_frozen": ([2], ["W", "WX", "X", "WX", "WX"]),
+    "all_but_head_frozen": ([0, 1, 2, 3], ["-", "-", "-", "-", "W"]),
+    "all_frozen": ([0, 1, 2, 3, 4], ["-", "-", "-", "-", "-"]),
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    reason = backends.available()[request.param]
+    if reason:
+        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
+    return request.param
+
+
+def make_model(backend="numpy", sizes=SIZES, activations=ACTIVATIONS, seed=0, dtype="float32"):
+    gb.seed(seed)
+    layers = [gb.Dense(a, b, act, dtype=dtype) for a, b, act in zip(sizes[:-1], sizes[1:], activations)]
+    return gb.Sequential(layers, backend=backend, dtype=dtype)
+
+
+def frozen_model(pattern, backend="numpy", **kwargs):
+    model = make_model(backend, **kwargs)
+    ft.freeze([model[i] for i in PATTERNS[pattern][0]])
+    return model
+
+
+def host(array):
+    return backends.for_array(array).to_host(array)
+
+
+def random_batch(rng, model, batch=BATCH):
+    x = rng.standard_normal((batch, model.in_features)).astype(model.dtype)
+    dout = rng.standard_normal((batch, model.out_features)).astype(model.dtype)
+    return x, dout
+
+
+def classification_data(rng, n=64, features=SIZES[0], classes=SIZES[-1]):
+    x = rng.standard_normal((n, features)).astype(np.float32)
+    return x, rng.integers(0, classes, n)
+
+
+def trainable_flags(model):
+    return [layer.trainable for layer in model]
+
+
+# ----------------------------------------------------------------------------- freezing API
+
+
+def test_layer_freeze_makes_both_parameters_frozen():
+    layer = gb.Dense(3, 2)
+    assert layer.freeze() is layer
+    assert layer.trainable is False
+    assert [p.trainable for p in layer.parameters()] == [False, False]
+
+
+def test_layer_unfreeze_makes_both_parameters_trainable():
+    layer = gb.Dense(3, 2).freeze()
+    assert layer.unfreeze() is layer
+    assert layer.trainable is True
+    assert [p.trainable for p in layer.parameters()] == [True, True]
+
+
+def test_trainable_setter_freezes_and_unfreezes():
+    layer = gb.Dense(3, 2)
+    layer.trainable = False
+    assert [p.trainable for p in layer.parameters()] == [False, False]
+    layer.trainable = True
+    assert [p.trainable for p in layer.parameters()] == [True, True]
+
+
+@pytest.mark.parametrize("select, frozen", [
+    (lambda m: m[1], [1]),
+    (lambda m: m[:2], [0, 1]),
+    (lambda m: [m[0], m[4]], [0, 4]),
+    (lambda m: m, [0, 1, 2, 3, 4]),
+], ids=["one_layer", "slice", "list", "whole_model"])
+def test_finetune_freeze_takes_a_layer_a_slice_a_list_or_a_model(select, frozen):
+    model = make_model()
+    ft.freeze(select(model))
+    assert trainable_flags(model) == [i not in frozen for i in range(len(model))]
+
+
+def test_finetune_unfreeze_undoes_freeze():
+    model = make_model().freeze()
+    ft.unfreeze(model[1:3])
+    assert trainable_flags(model) == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("bad", [3, "dense_0", [object()]], ids=["int", "str", "list_of_object"])
+def test_finetune_freeze_rejects_what_is_not_a_layer(bad):
+    with pytest.raises(TypeError, match="layers"):
+        ft.freeze(bad)
+
+
+@pytest.mark.parametrize("n, expected", [
+    (0, [True] * 5),
+    (1, [False, True, True, True, True]),
+    (3, [False, False, False, True, True]),
+    (5, [False] * 5),
+    (-1, [False, False, False, False, True]),
+    (-5, [True] * 5),
+])
+def test_freeze_to_freezes_layers_before_n_and_unfreezes_the_rest(n, expected):
+    model = make_model()
+    ft.freeze(model[3:])
+    assert model.freeze_to(n) is model
+    assert trainable_flags(model) == expected
+
+
+def test_model_unfreeze_makes_every_layer_trainable():
+    model = make_model()
+    model.freeze_to(4)
+    assert model.unfreeze() is model
+    assert trainable_flags(model) == [True] * 5
+
+
+def test_freezing_a_layer_drops_its_gradients(rng):
+    model = make_model()
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.backward(dout)
+    model[1].freeze()
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+
+
+# ----------------------------------------------------------------------------- backward plan
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_backward_plan_launches_only_the_work_freezing_leaves(pattern):
+    plan = frozen_model(pattern).backward_plan()
+    assert [name for name, _ in plan] == [f"dense_{i}" for i in range(5)]
+    for (_, kernels), work in zip(plan, PATTERNS[pattern][1]):
+        assert ("dense_dw" in kernels) == ("W" in work)
+        assert ("dense_db" in kernels) <= ("W" in work)
+        assert ("dense_dx" in kernels) == ("X" in work)
+        assert bool(kernels) == (work != "-")
+
+
+@functools.lru_cache(maxsize=None)
+def traced_backward(backend, pattern):
+    """One training forward and one traced backward per (backend, pattern), read by several tests:
+    the Numba backend runs in the CUDA simulator here, where each launch is slow."""
+    model = frozen_model(pattern, backend)
+    x, dout = random_batch(np.random.default_rng(7), model)
+    model.forward(x)
+    plan = model.backward_plan()
+    with gb.trace() as t, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.backward(dout)
+    return model, plan, t, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_backward_plan_equals_the_kernels_backward_launches(backend, pattern):
+    _, plan, t, _ = traced_backward(backend, pattern)
+    assert t.counts == Counter(k for _, kernels in plan for k in kernels)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_backward_fills_grads_of_trainable_parameters_only(backend, pattern):
+    model, *_ = traced_backward(backend, pattern)
+    for i, layer in enumerate(model):
+        frozen = i in PATTERNS[pattern][0]
+        for param in layer.parameters():
+            assert (param.grad is None) == frozen, f"layer {i} {param.name}"
+
+
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "all_frozen"])
+def test_freezing_does_not_change_the_gradients_of_trainable_layers(backend, pattern):
+    full, *_ = traced_backward(backend, "none_frozen")
+    partial, *_ = traced_backward(backend, pattern)
+    for reference, param in zip(full.parameters(), partial.parameters()):
+        if param.grad is not None:
+            np.testing.assert_allclose(host(param.grad), host(reference.grad), rtol=1e-5, atol=1e-7)
+
+
+def test_all_frozen_backward_launches_nothing_and_says_so(backend):
+    _, plan, t, caught = traced_backward(backend, "all_frozen")
+    assert t.total == 0
+    assert any("every layer is frozen" in message for message in caught)
+    assert "launches no kernel" in str(plan)
+
+
+def test_input_gradient_makes_every_layer_launch_dx(rng):
+    model = frozen_model("all_but_head_frozen")
+    x, dout = random_batch(rng, model)
+    model.forward(x, need_input_grad=True)
+    plan = model.backward_plan(need_input_grad=True)
+    assert all("dense_dx" in kernels for _, kernels in plan)
+    with gb.trace() as t:
+        dx = model.backward(dout, need_input_grad=True)
+    assert dx.shape == x.shape
+    assert t.counts == Counter(k for _, kernels in plan for k in kernels)
+
+
+def test_backward_after_changing_what_is_frozen_asks_for_a_new_forward(rng):
+    model = make_model()
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.freeze_to(2)
+    with pytest.raises(RuntimeError, match="run forward"):
+        model.backward(dout)
+
+
+# ----------------------------------------------------------------------------- activation memory
+
+
+def expected_activation_bytes(model, batch):
+    """What backward reads: a trainable layer's input (for dW), and the output of every layer
+    that does backward work (the pre-activation for gelu, nothing for identity)."""
+    sizes = [model.in_features] + [layer.out_features for layer in model]
+    needed = set()
+    for i, (layer, (need_dx, need_dw)) in enumerate(zip(model, model._plan(False))):
+        if need_dw:
+            needed.add(("h", i, sizes[i]))
+        if (need_dx or need_dw) and layer.activation != "identity":
+            needed.add(("z", i, sizes[i + 1]) if layer.needs_z() else ("h", i + 1, sizes[i + 1]))
+    return sum(batch * width * model.dtype.itemsize for _, _, width in needed)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_forward_keeps_only_the_activations_backward_reads(pattern, rng):
+    model = frozen_model(pattern)
+    model.forward(rng.standard_normal((BATCH, SIZES[0])).astype(np.float32))
+    assert model.activation_bytes() == expected_activation_bytes(model, BATCH)
+
+
+def test_frozen_backbone_keeps_only_the_head_input(rng):
+    sizes, batch = (256, 512, 512, 512, 10), 512
+    model = make_model(sizes=sizes, activations=("relu", "relu", "relu", None))
+    x = rng.standard_normal((batch, 256)).astype(np.float32)
+    model.forward(x)
+    full = model.activation_bytes()
+    model.freeze_to(-1)
+    model.forward(x)
+    assert full == batch * (256 + 3 * 512) * 4
+    assert model.activation_bytes() == batch * 512 * 4
+
+
+def test_inference_forward_keeps_nothing(rng):
+    model = make_model()
+    model.forward(rng.standard_normal((BATCH, SIZES[0])), training=False)
+    assert model.activation_bytes() == 0
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+OPTIMIZERS = {
+    "sgd_momentum_decay": lambda params: gb.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "sgd_nesterov": lambda params: gb.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    "adam_l2": lambda params: gb.optim.Adam(params, lr=1e-2, weight_decay=1e-2),
+    "adamw": lambda params: gb.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_optimizer_keeps_no_state_for_frozen_parameters(make_optimizer, rng):
+    model = frozen_model("bottom_2_frozen")
+    optimizer = make_optimizer(model.parameters())
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.backward(dout)
+    optimizer.step()
+    assert set(optimizer.state) == {id(p) for p in model.trainable_parameters()}
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+@pytest.mark.parametrize("pattern", ["bottom_2_frozen", "middle_frozen", "all_but_head_frozen"])
+def test_fit_leaves_frozen_weights_bit_identical(make_optimizer, pattern, rng):
+    model = frozen_model(pattern)
+    before = model.get_weights()
+    x, y = classification_data(rng)
+    model.fit(x, y, optimizer=make_optimizer(model.parameters()), epochs=2, batch_size=16, verbose=0,
+              clip_grad_norm=1.0)
+    after = model.get_weights()
+    for i in range(len(model)):
+        frozen = i in PATTERNS[pattern][0]
+        for w_before, w_after in zip(before[2 * i: 2 * i + 2], after[2 * i: 2 * i + 2]):
+            assert np.array_equal(w_before, w_after) == frozen, f"layer {i}"
+
+
+def test_unfreezing_resumes_training_with_the_same_optimizer(rng):
+    model = frozen_model("all_but_head_frozen")
+    optimizer = gb.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = classification_data(rng)
+    model.fit(x, y, optimizer=optimizer, epochs=1, batch_size=16, verbose=0)
+    frozen_weights = model.get_weights()
+    model.unfreeze()
+    model.fit(x, y, optimizer=optimizer, epochs=1, batch_size=16, verbose=0)
+    assert not any(np.array_equal(a, b) for a, b in zip(frozen_weights[:-2], model.get_weights()[:-2]))
+    assert set(optimizer.state) == {id(p) for p in model.parameters()}
+
+
+# ----------------------------------------------------------------------------- replace_head
+
+
+@pytest.mark.parametrize("pattern", ["none_frozen", "bottom_2_frozen", "all_but_head_frozen"])
+def test_replace_head_keeps_the_backbone_weights_and_frozen_state(pattern):
+    model = frozen_model(pattern)
+    new = ft.replace_head(model, out_features=2)
+    for old_layer, new_layer in zip(model.layers[:-1], new.layers[:-1]):
+        assert (new_layer.in_features, new_layer.out_features, new_layer.activation) == \
+               (old_layer.in_features, old_layer.out_features, old_layer.activation)
+        assert new_layer.trainable == old_layer.trainable
+    for old, copied in zip(model.get_weights()[:-2], new.get_weights()[:-2]):
+        assert np.array_equal(old, copied)
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_replace_head_adds_a_fresh_trainable_head(activation):
+    model = make_model().freeze()
+    new = ft.replace_head(model, out_features=2, activation=activation)
+    head = new[-1]
+    assert (head.in_features, head.out_features) == (SIZES[-2], 2)
+    assert head.activation == activations.canonical(activation)
+    assert head.trainable
+    assert np.all(host(head.bias.data) == 0) and np.any(host(head.weight.data) != 0)
+    assert new.backend_name == model.backend_name and new.dtype == model.dtype
+
+
+def test_training_the_new_model_leaves_the_original_unchanged(rng):
+    model = make_model()
+    before = model.get_weights()
+    new = ft.replace_head(model, out_features=2)
+    x = rng.standard_normal((32, SIZES[0])).astype(np.float32)
+    new.fit(x, rng.integers(0, 2, 32), optimizer=gb.optim.SGD(new.parameters(), lr=0.5), epochs=1, verbose=0)
+    assert not np.array_equal(new.get_weights()[0], before[0])
+    for old, now in zip(before, model.get_weights()):
+        assert np.array_equal(old, now)
+
+
+def test_replace_head_on_an_empty_model_raises():
+    with pytest.raises(ValueError, match="at least one layer"):
+        ft.replace_head(gb.Sequential([], device="cpu"), out_features=2)
+
+
+@pytest.mark.parametrize("out_features, error", [(0, ValueError), (-1, ValueError), (2.5, TypeError)])
+def test_replace_head_rejects_a_bad_width_and_leaves_the_model_unchanged(out_features, error):
+    model = make_model()
+    before = model.get_weights()
+    with pytest.raises(error, match="out_features"):
+        ft.replace_head(model, out_features=out_features)
+    assert len(model) == 5 and model.out_features == SIZES[-1]
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+# ----------------------------------------------------------------------------- param_groups
+
+
+def test_param_groups_give_the_top_layer_lr_and_lower_layers_lr_times_decay_to_the_depth():
+    groups = ft.param_groups(make_model(), lr=1e-2, decay=0.5)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2 * 0.5 ** d for d in (4, 3, 2, 1, 0)])
+    model = make_model()
+    assert [g["params"] for g in ft.param_groups(model, 1.0)] == [layer.parameters() for layer in model]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_every_optimizer_steps_each_layer_with_its_own_learning_rate(name, rng):
+    model = make_model(dtype="float64")
+    lr, decay = 1e-2, 0.5
+    # eps tiny and no decay, so Adam's first step is exactly lr * sign(grad)
+    options = {} if name == "SGD" else {"eps": 1e-12, "weight_decay": 0.0}
+    optimizer = getattr(gb.optim, name)(ft.param_groups(model, lr=lr, decay=decay), **options)
+    x, dout = random_batch(rng, model)
+    before = model.get_weights()
+    model.forward(x)
+    model.backward(dout)
+    optimizer.step()
+    for i, layer in enumerate(model):
+        layer_lr = lr * decay ** (len(model) - 1 - i)
+        step = model.get_weights()[2 * i] - before[2 * i]
+        grad = layer.weight.grad
+        if name == "SGD":
+            np.testing.assert_allclose(step, -layer_lr * grad, rtol=1e-7, atol=1e-15)
+        else:  # Adam's first step moves every weight with a gradient by lr, against the gradient's sign
+            moved = grad != 0
+            np.testing.assert_allclose(step[moved], -layer_lr * np.sign(grad[moved]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("lr, decay, error", [(-1.0, 0.5, ValueError), (1e-3, -0.5, ValueError),
+                                              (1e-3, "0.5", TypeError)])
+def test_param_groups_reject_bad_rates(lr, decay, error):
+    with pytest.raises(error, match="lr|decay"):
+        ft.param_groups(make_model(), lr=lr, decay=decay)
+
+
+# ----------------------------------------------------------------------------- GradualUnfreezing
+
+
+class RecordTrainable(gb.Callback):
+    def __init__(self):
+        self.per_epoch = []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.per_epoch.append(trainable_flags(model))
+
+
+@pytest.mark.parametrize("initial, every, expected", [
+    (1, 1, [[False, False, False, False, True], [False, False, False, True, True],
+            [False, False, True, True, True], [False, True, True, True, True], [True] * 5, [True] * 5]),
+    (2, 2, [[False, False, False, True, True]] * 2 + [[False, False, True, True, True]] * 2
+     + [[False, True, True, True, True]] * 2),
+], ids=["one_per_epoch", "start_with_two_then_one_every_two_epochs"])
+def test_gradual_unfreezing_unfreezes_one_more_layer_from_the_top(initial, every, expected, rng):
+    model = make_model()
+    x, y = classification_data(rng, n=16)
+    record = RecordTrainable()
+    model.fit(x, y, optimizer=gb.optim.Adam(ft.param_groups(model, lr=1e-3)), epochs=len(expected),
+              batch_size=16, verbose=0, callbacks=[ft.GradualUnfreezing(initial, every), record])
+    assert record.per_epoch == expected
+
+
+def test_gradual_unfreezing_leaves_a_layer_unchanged_until_its_epoch(rng):
+    model = make_model()
+    bottom = model.get_weights()[0]
+    x, y = classification_data(rng, n=16)
+    model.fit(x, y, optimizer="adam", epochs=4, batch_size=16, verbose=0, callbacks=[ft.GradualUnfreezing()])
+    assert np.array_equal(model.get_weights()[0], bottom)
+    model.fit(x, y, optimizer="adam", epochs=5, batch_size=16, verbose=0, callbacks=[ft.GradualUnfreezing()])
+    assert not np.array_equal(model.get_weights()[0], bottom)
+
+
+@pytest.mark.parametrize("kwargs", [{"initial": 0}, {"every": 0}, {"initial": 1.5}])
+def test_gradual_unfreezing_rejects_non_positive_counts(kwargs):
+    with pytest.raises((ValueError, TypeError), match="initial|every"):
+        ft.GradualUnfreezing(**kwargs)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("n, error", [(6, ValueError), (-6, ValueError), (100, ValueError),
+                                      (1.0, TypeError), (True, TypeError), ("2", TypeError)])
+def test_freeze_to_out_of_range_raises_and_leaves_the_model_unchanged(n, error):
+    model = frozen_model("middle_frozen")
+    with pytest.raises(error, match="n: expected an int"):
+        model.freeze_to(n)
+    assert trainable_flags(model) == [True, True, False, True, True]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_frozen_backbone_fine_tune_to_a_new_two_class_head_on_digits():
+    """Pretrain on the ten digits, then learn "is the digit 5 or more?" with the backbone frozen."""
+    x, y = gb.data.load_digits()
+    x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.25, seed=0, stratify=True)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(64, 256, "relu"), gb.Dense(256, 128, "relu"), gb.Dense(128, 10)], device="cpu")
+    model.fit(x_train, y_train, optimizer=gb.optim.Adam(model.parameters(), lr=3e-3), epochs=15, batch_size=64,
+              verbose=0)
+
+    fine = ft.replace_head(model, out_features=2)
+    fine.freeze_to(-1)
+    backbone = fine.get_weights()[:-2]
+    fine.fit(x_train, (y_train >= 5).astype(np.int64), optimizer=gb.optim.Adam(fine.parameters(), lr=1e-2),
+             epochs=40, batch_size=128, verbose=0)
+
+    accuracy = fine.evaluate(x_test, (y_test >= 5).astype(np.int64), metrics=["accuracy"])["accuracy"]
+    assert accuracy >= 0.95
+    assert all(np.array_equal(a, b) for a, b in zip(backbone, fine.get_weights()[:-2]))
