@@ -51,13 +51,7 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dy, const flo
         const long long col = n0 + tt.col(jg);
         const long long valid_cols = N - col;
         if (valid_cols <= 0) continue;
-#pragma unroll
-        for (int i = 0; i < THREAD_M; ++i) {
-            const long long row = m0 + tt.row(i);
-            if (row >= M) continue;
-            const float v[4] = {acc[i][jg], acc[i][jg + 1], acc[i][jg + 2], acc[i][jg + 3]};
-            store4(dx, row * N + col, v, valid_cols, vec);
-        }
+        store_acc_columns(dx, acc, jg, tt, m0, M, N, col, valid_cols, vec);
     }
 }
 
@@ -90,13 +84,7 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
         const long long col = n0 + tt.col(jg);
         const long long valid_cols = N - col;
         if (valid_cols <= 0) continue;
-#pragma unroll
-        for (int i = 0; i < THREAD_M; ++i) {
-            const long long row = m0 + tt.row(i);
-            if (row >= M) continue;
-            const float v[4] = {acc[i][jg], acc[i][jg + 1], acc[i][jg + 2], acc[i][jg + 3]};
-            store4(dw_out, row * N + col, v, valid_cols, vec);
-        }
+        store_acc_columns(dw_out, acc, jg, tt, m0, M, N, col, valid_cols, vec);
         if (owns_db) {
 #pragma unroll
             for (int j = 0; j < 4; ++j)

@@ -331,4 +331,19 @@ __device__ __forceinline__ void store4(float* p, long long idx, const float (&v)
     }
 }
 
+// Writes accumulator columns jg .. jg+3 of every row this thread owns to out (M, N), whose
+// tile column for jg is col. jg must be a compile-time constant after unrolling, so acc
+// stays in registers.
+__device__ __forceinline__ void store_acc_columns(float* out, const float (&acc)[THREAD_M][THREAD_N], int jg,
+                                                  const ThreadTile& tt, long long m0, long long M, long long N,
+                                                  long long col, long long valid_cols, bool vec) {
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const long long row = m0 + tt.row(i);
+        if (row >= M) continue;
+        const float v[4] = {acc[i][jg], acc[i][jg + 1], acc[i][jg + 2], acc[i][jg + 3]};
+        store4(out, row * N + col, v, valid_cols, vec);
+    }
+}
+
 }  // namespace gpubp
