@@ -43,6 +43,9 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
 
+# Read-only arrays of one value, keyed by (value, shape, dtype); see ``constant``.
+_constants: dict[tuple, np.ndarray] = {}
+
 
 def canonical(name: str | None, argname: str = "activation") -> str:
     """Return the registered name for ``name`` (``None`` and ``"linear"`` mean identity).
@@ -58,13 +61,31 @@ def canonical(name: str | None, argname: str = "activation") -> str:
     return name
 
 
+def constant(value: float, shape: tuple, dtype) -> np.ndarray:
+    """A read-only C-contiguous array of ``shape`` filled with ``value``, shared between calls.
+
+    NumPy's SIMD loops for ``maximum`` and friends run only when every operand is a
+    contiguous array; a Python scalar operand (stride 0) falls back to a loop about four
+    times slower, so ``np.maximum(z, constant(0, z.shape, z.dtype))`` beats ``np.maximum(z, 0)``
+    even though it reads one more array. Holds at most 32 arrays (emptied when full).
+    """
+    key = (value, shape, dtype)
+    array = _constants.get(key)
+    if array is None:
+        if len(_constants) >= 32:
+            _constants.clear()
+        array = _constants[key] = np.full(shape, value, dtype)
+        array.flags.writeable = False
+    return array
+
+
 def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
     """Write ``act(z)`` into ``out``; ``out`` may be ``z`` itself except for gelu/gelu_tanh."""
     if name == "identity":
         if out is not z:
             np.copyto(out, z)
     elif name == "relu":
-        np.maximum(z, 0, out=out)
+        np.maximum(z, constant(0, z.shape, z.dtype), out=out)
     elif name == "leaky_relu":
         # max(z, slope*z) is z for z > 0 and slope*z otherwise, since 0 < slope < 1.
         np.maximum(z, z * z.dtype.type(LEAKY_SLOPE), out=out)
