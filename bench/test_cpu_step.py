@@ -1,0 +1,210 @@
+"""One CPU training step: gpubp's NumPy backend against a naive NumPy MLP and PyTorch's CPU build.
+
+A step is forward, softmax cross-entropy, backward and an SGD update (lr 0.01, momentum 0.9)
+on a fixed random batch, for every shape in ``SHAPES``: hidden layers use relu, the output
+layer is linear (the loss applies softmax). Everything is float32.
+
+Threads: nothing is pinned. Every backend uses the library defaults, which on a machine
+with N cores means N BLAS/OpenMP threads for NumPy's BLAS and for PyTorch alike; the
+counts actually used are recorded in each result's ``extra_info`` (``torch_threads``,
+``blas_threads`` via threadpoolctl when it is installed), with ``OPENBLAS_CORETYPE``.
+
+Run, then turn the JSON into a table and a chart::
+
+    python -m pytest bench/test_cpu_step.py --benchmark-json bench/results/cpu_step.json -q
+    python bench/report.py bench/results/cpu_step.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+
+The PyTorch cases skip when torch is not installed (``pip install "gpubp[torch]"``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+
+pytest.importorskip("pytest_benchmark")
+
+LR = 0.01
+MOMENTUM = 0.9
+WARMUP_STEPS = 3
+
+# (layer sizes, batch): an MNIST-sized MLP at a training and a small batch, a wide
+# matmul-bound MLP, and a narrow deep MLP at a large batch (elementwise-bound).
+SHAPES = [
+    ([784, 256, 256, 10], 256),
+    ([784, 256, 256, 10], 64),
+    ([1024] * 4, 512),
+    ([64] * 5 + [10], 4096),
+]
+BACKENDS = ("gpubp", "numpy_naive", "torch")
+
+
+def shape_id(sizes: list[int], batch: int) -> str:
+    return f"{'-'.join(map(str, sizes))}@{batch}"
+
+
+def make_batch(sizes: list[int], batch: int):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
+    labels = rng.integers(0, sizes[-1], batch, dtype=np.int64)
+    return x, labels
+
+
+def init_weights(sizes: list[int]) -> list[np.ndarray]:
+    """He-normal weights and small random biases (never zeros), [W0, b0, W1, b1, ...]."""
+    rng = np.random.default_rng(1)
+    weights = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        weights.append(rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out)).astype(np.float32))
+        weights.append(rng.normal(0.0, 0.01, fan_out).astype(np.float32))
+    return weights
+
+
+# ----------------------------------------------------------------------------- the three steps
+
+
+def gpubp_step(sizes, x, labels):
+    last = len(sizes) - 2
+    model = gb.Sequential(
+        [gb.Dense(i, o, activation=None if k == last else "relu") for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))],
+        device="cpu",
+    )
+    model.set_weights(init_weights(sizes))
+    opt = gb.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def step():
+        out = model.forward(x)
+        loss, dout = gb.losses.cross_entropy(out, labels)
+        model.backward(dout)
+        opt.step()
+        return loss
+
+    return step
+
+
+def naive_step(sizes, x, labels):
+    """A textbook NumPy MLP: fresh temporaries everywhere, bias and relu as separate passes."""
+    params = init_weights(sizes)
+    velocities = [np.zeros_like(p) for p in params]
+    n_layers = len(sizes) - 1
+
+    def step():
+        # forward: keep each layer's input and pre-activation
+        inputs, preacts = [], []
+        h = x
+        for k in range(n_layers):
+            w, b = params[2 * k], params[2 * k + 1]
+            inputs.append(h)
+            z = h @ w + b
+            preacts.append(z)
+            h = np.maximum(z, 0) if k < n_layers - 1 else z
+        # softmax cross-entropy, mean over the batch
+        batch = h.shape[0]
+        shifted = h - h.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        loss = -np.mean(np.log(probs[np.arange(batch), labels]))
+        dz = probs.copy()
+        dz[np.arange(batch), labels] -= 1
+        dz /= batch
+        # backward
+        grads = [None] * len(params)
+        for k in range(n_layers - 1, -1, -1):
+            w = params[2 * k]
+            grads[2 * k] = inputs[k].T @ dz
+            grads[2 * k + 1] = dz.sum(axis=0)
+            if k > 0:
+                dh = dz @ w.T
+                dz = dh * (preacts[k - 1] > 0)
+        # SGD with momentum (PyTorch's form): v = m v + g; p -= lr v
+        for p, v, g in zip(params, velocities, grads):
+            v *= MOMENTUM
+            v += g
+            p -= LR * v
+        return float(loss)
+
+    return step
+
+
+def torch_step(sizes, x, labels):
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    layers = []
+    for k, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+        if k < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    weights = init_weights(sizes)
+    with torch.no_grad():
+        for k, linear in enumerate(model[::2]):
+            linear.weight.copy_(torch.from_numpy(weights[2 * k].T.copy()))
+            linear.bias.copy_(torch.from_numpy(weights[2 * k + 1]))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(tx), tlabels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+STEPS = {"gpubp": gpubp_step, "numpy_naive": naive_step, "torch": torch_step}
+
+
+# ----------------------------------------------------------------------------- environment record
+
+
+def thread_info() -> dict:
+    info = {
+        "cpu_count": os.cpu_count(),
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        info["blas_threads"] = None
+    else:
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        info["blas_threads"] = blas[0]["num_threads"] if blas else None
+        info["blas"] = f"{blas[0]['internal_api']} {blas[0].get('version')}" if blas else None
+    return info
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+# At least 10 timed steps even for the slowest shape, so each median rests on enough rounds.
+@pytest.mark.benchmark(min_rounds=10, max_time=2.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
+def test_cpu_step(benchmark, sizes, batch, backend):
+    x, labels = make_batch(sizes, batch)
+    step = STEPS[backend](sizes, x, labels)
+    for _ in range(WARMUP_STEPS):
+        loss = step()
+    assert np.isfinite(loss)
+
+    name = shape_id(sizes, batch)
+    benchmark.group = name
+    benchmark.extra_info.update(
+        shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
+    )
+    if backend == "torch":
+        import torch
+
+        benchmark.extra_info.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads())
+    benchmark(step)
