@@ -21,6 +21,11 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from gpubp import backends  # noqa: E402
+
+# Every backend a model can run on here: numba runs in the CUDA simulator without a GPU.
+BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
+
 
 def pytest_report_header(config):
     where = f"{GPU_COUNT} CUDA GPU(s)" if GPU_COUNT else f"no CUDA GPU ({NO_GPU_REASON})"
@@ -39,3 +44,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The name of each backend that can run here; the others skip with the reason."""
+    reason = backends.available()[request.param]
+    if reason:
+        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
+    return request.param

@@ -12,7 +12,6 @@ import gpubp as gb
 from gpubp import activations, backends
 from gpubp import finetune as ft
 
-BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
 
 # Five layers, tiny widths (the Numba backend runs them in the CUDA simulator); gelu keeps
 # its pre-activation and identity keeps nothing, so every storage rule is exercised.
@@ -29,14 +28,6 @@ PATTERNS = {
     "all_but_head_frozen": ([0, 1, 2, 3], ["-", "-", "-", "-", "W"]),
     "all_frozen": ([0, 1, 2, 3, 4], ["-", "-", "-", "-", "-"]),
 }
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    reason = backends.available()[request.param]
-    if reason:
-        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
-    return request.param
 
 
 def make_model(backend="numpy", sizes=SIZES, activations=ACTIVATIONS, seed=0, dtype="float32"):

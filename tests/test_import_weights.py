@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import backends, io
+from gpubp import io
 
-BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
 SIZES = (6, 9, 7, 3)  # tiny: the Numba backend runs in the CUDA simulator here
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    reason = backends.available()[request.param]
-    if reason:
-        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
-    return request.param
 
 
 @pytest.fixture(scope="module")
