@@ -106,6 +106,39 @@ def test_split_k_dw_is_deterministic(cb, rng):
         assert np.array_equal(cb.to_host(db), cb.to_host(runs[0][2]))
 
 
+def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):
+    """The raw kernels index flat float32 memory: views and float64 arrays, which the layer
+    API and the losses pass through unchanged, must still give the reference results."""
+    x, w, b = layer(rng, 37, 29, 23)
+    x_view = cb.asarray(np.repeat(x, 2, axis=1))[:, ::2]  # column-strided, equals x
+    w_view = cb.asarray(np.ascontiguousarray(w.T)).T  # transposed, equals w
+    assert not x_view.flags.c_contiguous and not w_view.flags.c_contiguous
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    y_ref, _ = ref.dense_forward(x64, w64, b64, "tanh")
+    y, _ = cb.dense_forward(x_view, w_view, cb.asarray(b), "tanh")
+    close(cb.to_host(y), y_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    want = ref.dense_backward(dy.astype(np.float64), x64, w64, cb.to_host(y).astype(np.float64), None, "tanh",
+                              True, True)
+    dy_view = cb.asarray(np.ascontiguousarray(dy.T)).T
+    for got, expected in zip(cb.dense_backward(dy_view, x_view, w_view, y, None, "tanh", True, True), want):
+        close(cb.to_host(got), expected)
+
+    logits = (5 * rng.standard_normal((37, 10))).astype(np.float32)
+    labels = rng.integers(0, 10, 37)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
+    labels_view = cb.asarray(np.repeat(labels, 2))[::2]
+    for device_logits in (cb.asarray(np.ascontiguousarray(logits.T)).T, cb.asarray(logits.astype(np.float64))):
+        loss, grad = cb.softmax_cross_entropy(device_logits, labels_view)
+        assert loss == pytest.approx(loss_ref, rel=RTOL)
+        close(cb.to_host(grad), grad_ref)
+    target = rng.random((37, 10)).astype(np.float32)
+    loss_ref, grad_ref = ref.mse(logits.astype(np.float64), target.astype(np.float64))
+    loss, grad = cb.mse(cb.asarray(logits.astype(np.float64)), cb.asarray(target))
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    close(cb.to_host(grad), grad_ref)
+
+
 # ----------------------------------------------------------------------------- losses
 
 LOSS_SHAPES = [(1, 1), (19, 13), (37, 10), (257, 1000), (5000, 3)]

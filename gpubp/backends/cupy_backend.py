@@ -242,6 +242,17 @@ def _workspace(size: int):
     return state["workspace"]
 
 
+def _f32(a):
+    """``a`` as a C-contiguous float32 CuPy array, without a copy when it already is one.
+
+    The raw kernels index flat float32 memory from the array's data pointer, so a strided
+    view (a transpose, a column slice, a step) or a float64 array would be read as garbage.
+    The layer API and the losses hand user CuPy arrays over unchanged (any strides; the
+    losses any float dtype), so read-only inputs are normalized here. In-place operands
+    (parameters, optimizer state, ``out`` buffers) are the backend's own contiguous arrays."""
+    return asarray(a, dtype=np.float32)
+
+
 def _blocks(work: int, threads: int, cap: int) -> int:
     return max(1, min(-(-work // threads), cap))
 
@@ -292,6 +303,7 @@ def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, array
 
 
 def sumsq(a) -> float:
+    a = _f32(a)
     n = a.size
     grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
     return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (a,), (np.int64(n),))
@@ -314,6 +326,7 @@ def _elementwise_blocks(n: int) -> int:
 
 def dense_forward(x, w, b, act, out=None, out_z=None):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None."""
+    x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
     y = out if out is not None else cupy.empty((batch, n_out), np.float32)
@@ -353,10 +366,11 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         return None, None, None
     batch, n_out = dy.shape
     n_in = w.shape[0]
+    dy, w = _f32(dy), _f32(w)
+    x = None if x is None else _f32(x)
     # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
     y_or_z = z if act in NEEDS_Z else y
-    if y_or_z is None:
-        y_or_z = dy
+    y_or_z = dy if y_or_z is None else _f32(y_or_z)
     dx = dw = db = None
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
@@ -395,9 +409,10 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
 
 def softmax_cross_entropy(logits, labels):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+    logits = _f32(logits)
     batch, classes = logits.shape
-    if labels.dtype != np.int64:
-        labels = labels.astype(np.int32, copy=False)
+    # The kernel reads labels[row] from the data pointer: contiguous int64 or int32 only.
+    labels = asarray(labels, dtype=np.int64 if labels.dtype == np.int64 else np.int32)
     grad = cupy.empty_like(logits)
     rows_per_block = REDUCE_THREADS // 32
     name = "ce_fwd_bwd_i64" if labels.dtype == np.int64 else "ce_fwd_bwd_i32"
@@ -409,6 +424,7 @@ def softmax_cross_entropy(logits, labels):
 
 
 def _elementwise_loss(name: str, pred, target):
+    pred = _f32(pred)
     target = asarray(target, dtype=np.float32)
     grad = cupy.empty_like(pred)
     n = pred.size
