@@ -44,6 +44,18 @@ def array_kind(a) -> str:
     return "other"
 
 
+def to_numpy(a, name: str) -> np.ndarray:
+    """A NumPy view or copy of ``a``: host arrays and lists as they are, GPU arrays copied to the host."""
+    kind = array_kind(a)
+    if kind == "cupy":
+        return a.get()
+    if kind == "device":
+        if not hasattr(a, "copy_to_host"):
+            raise TypeError(f"{name}: cannot read a {type(a).__name__}")
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
 def float_dtype(dtype, name: str) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.kind != "f":

@@ -504,9 +504,7 @@ class Sequential:
             raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
         hosts = []
         for i, (param, array) in enumerate(zip(params, weights)):
-            if _checks.array_kind(array) not in ("numpy", "other"):
-                array = _host_copy(array)
-            array = np.asarray(array)
+            array = _checks.to_numpy(array, "weights")
             if array.shape != param.shape:
                 raise ValueError(f"weights[{i}]: expected shape {param.shape} for {param.name}, got {array.shape}")
             if array.dtype.kind not in "fiu":
@@ -542,11 +540,3 @@ class Sequential:
         from gpubp import io
 
         io.save(self, path)
-
-
-def _host_copy(array) -> np.ndarray:
-    if hasattr(array, "get"):
-        return array.get()
-    if hasattr(array, "copy_to_host"):
-        return array.copy_to_host()
-    raise TypeError(f"weights: cannot read a {type(array).__name__}")

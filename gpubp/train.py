@@ -196,11 +196,11 @@ def _metric(name):
 
 def _check_dataset(model, x, y, loss_fn, name: str = "x"):
     """Host copies of (x, y), checked against the model and the loss before any step runs."""
-    x = _to_host(x)
-    y = _to_host(y)
+    yname = "y" if name == "x" else f"{name}_y"
+    x = _checks.to_numpy(x, name)
+    y = _checks.to_numpy(y, yname)
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
-    yname = "y" if name == "x" else f"{name}_y"
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
@@ -220,15 +220,6 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
             raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
         y = y.astype(model.dtype, copy=False)
     return x, y
-
-
-def _to_host(a) -> np.ndarray:
-    kind = _checks.array_kind(a)
-    if kind == "cupy":
-        return a.get()
-    if kind == "device":
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):
