@@ -1,0 +1,83 @@
+// The one place kernels reach inline PTX: tensor-core mma.sync and the tf32 conversion.
+//
+// Each wrapper is a warp-wide operation (all 32 lanes, converged) on register fragments laid
+// out as the PTX ISA's "Matrix Fragments for mma.m16n8k8" / "mma.m16n8k16" say, with
+// g = lane >> 2 and t = lane % 4:
+//   m16n8k8 .tf32   A (16x8, row):  a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)
+//                   B (8x8, col):   b0 (t, g)  b1 (t+4, g)
+//   m16n8k16 .bf16/.f16, two 16-bit values per register, lower index in the low half:
+//                   A (16x16): value i of a0..a7 at row g + 8 ((i >> 1) & 1), col 2t + (i & 1) + 8 (i >= 4)
+//                   B (16x8):  value i of b0..b3 at row 2t + (i & 1) + 8 (i >= 2), col g
+//   C, D (16x8, f32):  c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
+// D = A B + C with fp32 accumulation. tf32 operands should be rounded with to_tf32 first
+// (the hardware reads only their top 19 bits).
+//
+// These instructions need sm_80 or newer; for older targets the wrappers trap, and the
+// build compiles files that include this header for compute_80 as well (CMakeLists.txt).
+// With GPUBP_CUDA_ON_CPU (tests/cuda_on_cpu) the CPU emulation replaces the PTX.
+#pragma once
+
+namespace gpubp {
+
+// cvt.rna.tf32.f32: to 10 mantissa bits, round to nearest, ties away from zero.
+__device__ __forceinline__ unsigned int to_tf32(float x) {
+    unsigned int r = 0u;
+#if defined(GPUBP_CUDA_ON_CPU)
+    r = gpubp_cpu::cvt_rna_tf32(x);
+#elif __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+    __trap();
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2],
+                                                 const float (&c)[4]) {
+#if defined(GPUBP_CUDA_ON_CPU)
+    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::tf32_m16n8k8, __FILE__, __LINE__, d, a, b, c);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const unsigned int (&a)[4],
+                                                  const unsigned int (&b)[2], const float (&c)[4]) {
+#if defined(GPUBP_CUDA_ON_CPU)
+    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::bf16_m16n8k16, __FILE__, __LINE__, d, a, b, c);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const unsigned int (&a)[4],
+                                                 const unsigned int (&b)[2], const float (&c)[4]) {
+#if defined(GPUBP_CUDA_ON_CPU)
+    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::f16_m16n8k16, __FILE__, __LINE__, d, a, b, c);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    __trap();
+#endif
+}
+
+}  // namespace gpubp

@@ -1,0 +1,352 @@
+// CUDA C++ on the CPU: the subset of the CUDA programming model that kernels/*.cu use (and
+// the fused and tensor-core kernels after them), mapped onto C++20 so g++ compiles the
+// kernel sources unchanged and tests/cuda_on_cpu/harness.py runs them against the NumPy
+// backend, plain, under AddressSanitizer + UBSan, and under ThreadSanitizer.
+//
+// Execution model (CUDA C++ Programming Guide, "Thread Hierarchy"): a launch runs its
+// blocks one after another, in an order the launcher chooses (natural or shuffled, so no
+// kernel may depend on block order); the threads of one block run concurrently, one OS
+// thread per CUDA thread. Threads 32w .. 32w+31 (linear thread id, x fastest) form warp w.
+//
+// What is checked, beyond running the code:
+//   - __syncthreads() is a real barrier that counts arrivals. Threads of one block that wait
+//     at different barriers, or a thread that returns while others wait at one, fail the
+//     launch with both source lines ("Synchronization Functions": a barrier in divergent
+//     code is undefined behaviour; synccheck reports it on a GPU).
+//   - Warp collectives (__syncwarp, __shfl*_sync, __ballot_sync, __any/__all_sync, mma.sync)
+//     are rendezvous of the lanes named in the mask: every lane named must arrive at the same
+//     call with the same mask, a lane must name itself, and reading an absent lane is an error
+//     ("Warp Shuffle Functions", "Warp Vote Functions").
+//   - A block whose threads all wait with none able to proceed is reported as a deadlock.
+//
+// Limits (what a GPU run still has to show): timing, coalescing and bank conflicts; real warp
+// scheduling (lanes here never run in lockstep, so warp-synchronous code without __syncwarp
+// fails here, which is right); the memory model beyond barriers and fences (a warp collective
+// orders memory among its lanes here, as only __syncwarp does on hardware, so a race hidden
+// behind a shuffle alone is not caught); __activemask() returns the lanes that have not yet
+// returned, since which lanes a GPU would have converged is unknowable here; independent collectives by disjoint lane subsets of
+// one warp at the same time are reported as a mask mismatch; device math rounds as the host's
+// libm (see the math section for each function's tolerance).
+#pragma once
+
+#include <math.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+// ------------------------------------------------------------------ qualifiers (Programming
+// Guide, "Function Execution Space Specifiers", "Variable Memory Space Specifiers")
+// harness.py preprocesses once with GPUBP_CPU_SCAN to find the extern "C" kernels by this marker.
+#ifdef GPUBP_CPU_SCAN
+#define __global__ __gpubp_kernel_marker__
+#else
+#define __global__
+#endif
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __constant__ static
+// Static shared memory: one object per declaration, shared by every thread of the block;
+// blocks run one at a time, so that is one copy per block. `extern __shared__` (dynamic
+// shared memory) declares an array with no definition here: the harness defines the symbol
+// at link time as the launch's dynamic shared buffer, sized exactly to the launch's request.
+#define __shared__ static
+// restrict is a hint to nvcc; g++ understands __restrict__ itself.
+
+// ------------------------------------------------------------------ built-in vector types
+// ("Built-in Vector Types"): the same sizes and alignments as CUDA's, so reinterpret_cast
+// loads of float4 from unaligned addresses fail under UBSan's alignment check as they would
+// fault on a GPU.
+struct __align__(8) float2 { float x, y; };
+struct __align__(16) float4 { float x, y, z, w; };
+struct __align__(8) int2 { int x, y; };
+struct __align__(16) int4 { int x, y, z, w; };
+struct __align__(16) uint4 { unsigned int x, y, z, w; };
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+
+// ------------------------------------------------------------------ built-in variables
+// ("Built-in Variables"): per OS thread, set by the launcher before the kernel runs.
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+constexpr int warpSize = 32;
+
+// ------------------------------------------------------------------ the runtime's entry points
+namespace gpubp_cpu {
+[[noreturn]] void fail(const char* what, const char* file, int line);
+void sync_block(const char* file, int line);
+// One warp rendezvous: the calling lane offers `payload` (words 32-bit words) for the lanes of
+// `mask`; returns the payloads of all 32 lanes (only those in `mask` are meaningful).
+const uint32_t* warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
+                              int words);
+unsigned lane_id();
+unsigned active_mask();
+void fence();
+void* dynamic_shared();
+}  // namespace gpubp_cpu
+
+// ------------------------------------------------------------------ synchronization
+#define __syncthreads() ::gpubp_cpu::sync_block(__FILE__, __LINE__)
+#define __threadfence() ::gpubp_cpu::fence()
+#define __threadfence_block() ::gpubp_cpu::fence()
+
+namespace gpubp_cpu {
+
+template <class T>
+inline void to_words(const T& v, uint32_t (&w)[2]) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 8 bytes");
+    w[0] = w[1] = 0;
+    std::memcpy(w, &v, sizeof(T));
+}
+
+template <class T>
+inline T from_words(const uint32_t* w) {
+    T v;
+    std::memcpy(&v, w, sizeof(T));
+    return v;
+}
+
+constexpr int SHUFFLE_WORDS = 2;
+
+// Source lane of a shuffle, or -1 for "keep my own value" ("Warp Shuffle Functions": width
+// splits the warp into segments; up/down/xor never leave the caller's segment).
+enum class Shfl { idx, up, down, bfly };
+
+inline int shuffle_source(Shfl kind, int lane, int arg, int width, const char* file, int line) {
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of 2 <= 32", file, line);
+    const int base = lane & ~(width - 1);
+    switch (kind) {
+        case Shfl::idx: return base + (arg & (width - 1));
+        case Shfl::up: return (lane - base) >= arg ? lane - arg : -1;
+        case Shfl::down: return (lane - base) + arg < width ? lane + arg : -1;
+        case Shfl::bfly: {
+            const int src = lane ^ arg;
+            return (src & ~(width - 1)) == base ? src : -1;
+        }
+    }
+    return -1;
+}
+
+template <class T>
+inline T shuffle(Shfl kind, const char* op, const char* file, int line, unsigned mask, T v, int arg, int width = 32) {
+    uint32_t w[2];
+    to_words(v, w);
+    const uint32_t* all = warp_exchange(op, file, line, mask, w, SHUFFLE_WORDS);
+    const int src = shuffle_source(kind, static_cast<int>(lane_id()), arg, width, file, line);
+    if (src < 0) return v;
+    if (!((mask >> src) & 1u)) fail("shuffle reads a lane that is not in the mask (undefined on a GPU)", file, line);
+    return from_words<T>(all + SHUFFLE_WORDS * src);
+}
+
+inline unsigned ballot(const char* op, const char* file, int line, unsigned mask, int pred) {
+    const uint32_t w[1] = {pred != 0};
+    const uint32_t* all = warp_exchange(op, file, line, mask, w, 1);
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l)
+        if (((mask >> l) & 1u) && all[l]) bits |= 1u << l;
+    return bits;
+}
+
+}  // namespace gpubp_cpu
+
+#define __syncwarp(...) ((void)::gpubp_cpu::warp_exchange("__syncwarp", __FILE__, __LINE__, \
+                                                          ::gpubp_cpu::syncwarp_mask(__VA_ARGS__), nullptr, 0))
+namespace gpubp_cpu {
+inline unsigned syncwarp_mask() { return 0xffffffffu; }
+inline unsigned syncwarp_mask(unsigned mask) { return mask; }
+}  // namespace gpubp_cpu
+#define __shfl_sync(mask, v, ...) \
+    ::gpubp_cpu::shuffle(::gpubp_cpu::Shfl::idx, "__shfl_sync", __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_up_sync(mask, v, ...) \
+    ::gpubp_cpu::shuffle(::gpubp_cpu::Shfl::up, "__shfl_up_sync", __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_down_sync(mask, v, ...) \
+    ::gpubp_cpu::shuffle(::gpubp_cpu::Shfl::down, "__shfl_down_sync", __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, ...) \
+    ::gpubp_cpu::shuffle(::gpubp_cpu::Shfl::bfly, "__shfl_xor_sync", __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __ballot_sync(mask, pred) ::gpubp_cpu::ballot("__ballot_sync", __FILE__, __LINE__, mask, pred)
+#define __any_sync(mask, pred) (::gpubp_cpu::ballot("__any_sync", __FILE__, __LINE__, mask, pred) != 0u)
+#define __all_sync(mask, pred) \
+    (::gpubp_cpu::ballot("__all_sync", __FILE__, __LINE__, mask, pred) == static_cast<unsigned>(mask))
+#define __activemask() ::gpubp_cpu::active_mask()
+
+// ------------------------------------------------------------------ atomics ("Atomic
+// Functions"): device-scope read-modify-writes with no ordering of their own (CUDA atomics
+// are relaxed; __threadfence orders around them), so ThreadSanitizer sees them as relaxed.
+namespace gpubp_cpu {
+template <class T>
+inline T atomic_add(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+}
+template <class T>
+inline T atomic_max(T* p, T v) {
+    std::atomic_ref<T> a(*p);
+    T old = a.load(std::memory_order_relaxed);
+    while (old < v && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
+    }
+    return old;
+}
+template <class T>
+inline T atomic_cas(T* p, T expected, T desired) {
+    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, std::memory_order_relaxed);
+    return expected;
+}
+template <class T>
+inline T atomic_exch(T* p, T v) {
+    return std::atomic_ref<T>(*p).exchange(v, std::memory_order_relaxed);
+}
+}  // namespace gpubp_cpu
+
+inline int atomicAdd(int* p, int v) { return gpubp_cpu::atomic_add(p, v); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return gpubp_cpu::atomic_add(p, v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return gpubp_cpu::atomic_add(p, v); }
+inline float atomicAdd(float* p, float v) { return gpubp_cpu::atomic_add(p, v); }
+inline double atomicAdd(double* p, double v) { return gpubp_cpu::atomic_add(p, v); }
+inline int atomicMax(int* p, int v) { return gpubp_cpu::atomic_max(p, v); }
+inline unsigned int atomicMax(unsigned int* p, unsigned int v) { return gpubp_cpu::atomic_max(p, v); }
+inline int atomicCAS(int* p, int expected, int desired) { return gpubp_cpu::atomic_cas(p, expected, desired); }
+inline unsigned int atomicCAS(unsigned int* p, unsigned int expected, unsigned int desired) {
+    return gpubp_cpu::atomic_cas(p, expected, desired);
+}
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expected, unsigned long long desired) {
+    return gpubp_cpu::atomic_cas(p, expected, desired);
+}
+inline int atomicExch(int* p, int v) { return gpubp_cpu::atomic_exch(p, v); }
+inline unsigned int atomicExch(unsigned int* p, unsigned int v) { return gpubp_cpu::atomic_exch(p, v); }
+inline float atomicExch(float* p, float v) { return gpubp_cpu::atomic_exch(p, v); }
+
+// ------------------------------------------------------------------ load functions ("Read-Only
+// Data Cache Load Function", "Load Functions Using Cache Hints"): cache hints only.
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline T __ldca(const T* p) { return *p; }
+template <class T> inline T __ldcs(const T* p) { return *p; }
+template <class T> inline T __ldlu(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+template <class T> inline void __stcs(T* p, T v) { *p = v; }
+
+// ------------------------------------------------------------------ math ("Mathematical
+// Functions" appendix). The single-precision functions below are the host libm's (glibc's are
+// correctly rounded or within 1 ulp); CUDA documents these maximum errors, which bound how far
+// a GPU may differ from what the harness computes:
+//   expf 2 ulp, logf 1 ulp, log1pf 1 ulp, tanhf 2 ulp, erff 2 ulp, erfcf 4 ulp, sqrtf and
+//   fmaf correctly rounded (as here), normcdff 5 ulp, rsqrtf 2 ulp, __expf/__logf (fast
+//   intrinsics) ~2 ulp plus 2^-21 absolute.
+// Kernels are never built with fast math, so the plain names are what they call: the C
+// functions come from <math.h> in the global namespace; the CUDA-only ones are defined here.
+inline float normcdff(float x) { return static_cast<float>(0.5 * std::erfc(-static_cast<double>(x) * 0.70710678118654752440)); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+
+// ------------------------------------------------------------------ half and bfloat16
+// (CUDA Math API "Half Precision Intrinsics", "Bfloat16 Precision Intrinsics"): 16-bit storage
+// types; conversions from float round to nearest even (the _rn forms, and the defaults), as
+// cuda_fp16.h / cuda_bf16.h do. _Float16 (g++ 12 on x86-64) does the IEEE binary16 rounding.
+struct __align__(2) __half {
+    uint16_t bits;
+};
+struct __align__(2) __nv_bfloat16 {
+    uint16_t bits;
+};
+struct __align__(4) __half2 {
+    __half x, y;
+};
+struct __align__(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+inline __half __float2half_rn(float f) {
+    const _Float16 h = static_cast<_Float16>(f);
+    __half r;
+    std::memcpy(&r.bits, &h, 2);
+    return r;
+}
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline float __half2float(__half h) {
+    _Float16 v;
+    std::memcpy(&v, &h.bits, 2);
+    return static_cast<float>(v);
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    __nv_bfloat16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    } else {
+        r.bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    return r;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+    const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
+
+// ------------------------------------------------------------------ tensor cores (PTX ISA,
+// "Warp Level Matrix Multiply-Accumulate Instructions": mma.sync.aligned). kernels/mma.cuh is
+// the one place kernels reach inline PTX; with GPUBP_CUDA_ON_CPU defined it calls these
+// instead. Each is a warp collective over all 32 lanes: every lane contributes its fragments,
+// and the product is formed from the fragment layouts of the PTX ISA ("Matrix Fragments for
+// mma.m16n8k8" and "mma.m16n8k16"), with g = lane >> 2 and t = lane % 4:
+//   m16n8k8 .tf32:  A (16x8)  a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)
+//                   B (8x8)   b0 (t, g)  b1 (t+4, g)
+//   m16n8k16 .bf16/.f16 (two 16-bit elements per register, the lower column/row in the low half):
+//                   A (16x16) element i of a0..a7: row g + 8 ((i >> 1) & 1), col 2t + (i & 1) + 8 (i >= 4)
+//                   B (16x8)  element i of b0..b3: row 2t + (i & 1) + 8 (i >= 2), col g
+//   C, D (16x8, f32): c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
+// Products of tf32, bf16 or fp16 inputs are exact in fp32; D = C + sum_k A B is accumulated in
+// fp32 in k order. Hardware accumulates with its own internal order and precision, so a GPU
+// may differ by a few fp32 ulp of the running sum per k step. tf32 operands use only their top
+// 19 bits, as the hardware does: callers round with cvt_rna_tf32 first.
+namespace gpubp_cpu {
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (finite x).
+inline uint32_t cvt_rna_tf32(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN pass through
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+inline float tf32_value(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
+inline float bf16_value(uint32_t bits16) { return __uint_as_float((bits16 & 0xffffu) << 16); }
+inline float f16_value(uint32_t bits16) {
+    __half h;
+    h.bits = static_cast<uint16_t>(bits16);
+    return __half2float(h);
+}
+
+enum class MmaKind { tf32_m16n8k8, bf16_m16n8k16, f16_m16n8k16 };
+
+void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+              const float (&c)[4]);
+
+}  // namespace gpubp_cpu

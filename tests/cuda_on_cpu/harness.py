@@ -1,0 +1,390 @@
+"""Run the CUDA C++ kernels of ``kernels/`` on the CPU: compile, load, allocate, launch.
+
+``cuda_on_cpu.h`` maps the CUDA subset the kernels use onto C++20; ``runtime.cpp`` runs a
+launch with one OS thread per CUDA thread (see both files for what is checked and what is
+not). This module compiles a kernel source with the machine's g++ into a shared library,
+cached by a hash of everything that goes into it, and launches its ``extern "C"`` kernels
+through ctypes with the argument lists the CuPy backend passes.
+
+Three modes, one per build:
+
+- ``plain``: for parity against the NumPy backend;
+- ``asan``: AddressSanitizer + UBSan. Every device buffer is its own ``malloc`` of exactly
+  its size, so one element past the end (or before a deliberately offset view) is a
+  heap-buffer-overflow, and a misaligned ``float4`` access is a UBSan error;
+- ``tsan``: ThreadSanitizer, the race check: two threads of a block touching the same
+  shared (or global) memory with no barrier between them is a data race.
+
+The sanitizer runtimes must be loaded before Python starts, so the ``asan`` and ``tsan``
+modes run in a child process started with ``sanitizer_env(mode)``; the mode a process is in
+is ``GPUBP_HARNESS_MODE`` (default ``plain``).
+
+``cupy_shim(harness)`` is a stand-in for the parts of CuPy that ``gpubp/backends/cupy_backend.py``
+uses, so the backend itself (its launch geometry, split-K workspace and argument lists) runs
+on the CPU: monkeypatch it in as the backend's ``cupy``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "cuda_on_cpu.h"
+RUNTIME = HERE / "runtime.cpp"
+MODES = ("plain", "asan", "tsan")
+MODE_ENV = "GPUBP_HARNESS_MODE"
+CXX = os.environ.get("CXX") or shutil.which("g++") or "g++"
+
+COMMON_FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-DGPUBP_CUDA_ON_CPU=1",
+                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable"]
+# Chosen for compile time, which dominates a fresh CI run: UBSan at -O1 takes twice as long
+# to build as at -O0, and -g1 (line tables only) is all the sanitizers' reports need.
+MODE_FLAGS = {
+    "plain": ["-O1"],
+    "asan": ["-O0", "-g1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+             "-fno-omit-frame-pointer"],
+    "tsan": ["-O1", "-g1", "-fsanitize=thread"],
+}
+_RUNTIME_LIB = {"asan": "libasan.so", "tsan": "libtsan.so"}
+_PROBE_SYMBOL = {"asan": "__asan_init", "tsan": "__tsan_init"}
+
+_KERNEL = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(\w+)\s*\(')
+# `extern __shared__ T name[];` cannot be spelled on the CPU (`__shared__` is `static` there),
+# so it is the one construct rewritten before compiling: into a pointer to the launch's
+# dynamic shared buffer.
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+class KernelError(RuntimeError):
+    """A launch failed: a barrier or warp-collective mismatch, a deadlock, a bad launch shape."""
+
+
+def current_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "plain")
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def sanitizer_env(mode: str) -> dict[str, str]:
+    """Environment for a child Python process that runs the harness in ``mode``."""
+    env = {**os.environ, MODE_ENV: mode}
+    if mode == "plain":
+        return env
+    lib = subprocess.run([CXX, f"-print-file-name={_RUNTIME_LIB[mode]}"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    env["LD_PRELOAD"] = lib
+    # Halting on the first report turns every finding into a failing exit status.
+    env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=66"
+    env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1:exitcode=66"
+    env["TSAN_OPTIONS"] = "halt_on_error=1:exitcode=66:report_signal_unsafe=0"
+    # numba and BLAS thread pools are not needed here and only add noise under the sanitizers.
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def cache_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / "gpubp-cuda-on-cpu"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def rewrite_dynamic_shared(source: str) -> str:
+    return _EXTERN_SHARED.sub(
+        lambda m: f"{m.group(1)}* const {m.group(2)} = static_cast<{m.group(1)}*>(::gpubp_cpu::dynamic_shared());",
+        source)
+
+
+# ----------------------------------------------------------------------------- device memory
+
+_libc = ctypes.CDLL(None)  # malloc/free as interposed by a preloaded AddressSanitizer
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+_asan_poison = getattr(_libc, "__asan_poison_memory_region", None)
+_asan_unpoison = getattr(_libc, "__asan_unpoison_memory_region", None)
+for _fn in (_asan_poison, _asan_unpoison):
+    if _fn is not None:
+        _fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+class _Allocation:
+    """One malloc of exactly ``nbytes`` (+ ``offset`` poisoned bytes in front), freed with the
+    last array that views it. Filled with 0xff bytes (NaN as float) like uninitialized memory."""
+
+    def __init__(self, nbytes: int, offset: int = 0):
+        self.offset = offset
+        self.nbytes = nbytes
+        self.ptr = _libc.malloc(max(nbytes + offset, 1))
+        if not self.ptr:
+            raise MemoryError(f"malloc({nbytes + offset}) failed")
+        ctypes.memset(self.ptr, 0xFF, nbytes + offset)
+        if offset and _asan_poison is not None:
+            _asan_poison(self.ptr, offset)
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.ptr + offset, False),
+                                    "version": 3}
+
+    def __del__(self):
+        if self.offset and _asan_unpoison is not None:
+            _asan_unpoison(self.ptr, self.offset)
+        _libc.free(self.ptr)
+
+
+class DeviceArray(np.ndarray):
+    """An array in "device memory": a NumPy array over its own exact-size allocation. Kernels
+    get its data pointer; ``get()`` copies it back to an ordinary NumPy array, as CuPy's does."""
+
+    def get(self) -> np.ndarray:
+        return np.array(self, copy=True, subok=False)
+
+
+def device_empty(shape, dtype=np.float32, offset_bytes: int = 0) -> DeviceArray:
+    """An uninitialized device array; ``offset_bytes`` > 0 places it that far past a malloc'd
+    (and, under AddressSanitizer, poisoned) start, e.g. 4 for a float array that is not
+    16-byte aligned."""
+    shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.asarray(_Allocation(nbytes, offset_bytes))
+    return raw.view(dtype).reshape(shape).view(DeviceArray)
+
+
+def to_device(a, dtype=None, offset_bytes: int = 0) -> DeviceArray:
+    a = np.asarray(a, dtype=dtype)
+    out = device_empty(a.shape, a.dtype, offset_bytes)
+    out[...] = a
+    return out
+
+
+def _owns_memory(a: np.ndarray) -> bool:
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, _Allocation)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_SCALAR_CODES = {np.float32: "f", np.float64: "d", np.int32: "i", np.uint32: "u", np.int64: "l",
+                 np.uint64: "L", np.int16: "s", np.uint16: "S", np.int8: "c", np.uint8: "B", np.bool_: "b"}
+_POINTEE_CODES = {np.dtype(t).str: c for t, c in _SCALAR_CODES.items()}
+
+
+class Kernel:
+    """One ``extern "C"`` kernel; called as CuPy's RawKernel is: ``k(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, module: Module, name: str, signature: str):
+        self.module, self.name = module, name
+        self.codes = signature.split(",") if signature else []
+
+    def __call__(self, grid, block, args, shared_mem: int = 0, order_seed: int | None = None):
+        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        if len(args) != len(self.codes):
+            raise TypeError(f"{self.name} takes {len(self.codes)} arguments ({','.join(self.codes)}), got {len(args)}")
+        keep, slots = [], (ctypes.c_void_p * max(len(args), 1))()
+        for i, (arg, code) in enumerate(zip(args, self.codes)):
+            keep.append(self._slot(i, arg, code))
+            slots[i] = ctypes.addressof(keep[-1])
+        err = ctypes.create_string_buffer(4096)
+        seed = self.module.harness.order_seed if order_seed is None else order_seed
+        status = self.module.lib.gpubp_cpu_launch(
+            self.name.encode(), (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+            ctypes.c_ulonglong(shared_mem), slots, ctypes.c_ulonglong(seed), err, len(err))
+        if status != 0:
+            raise KernelError(err.value.decode(errors="replace"))
+
+    def _slot(self, i: int, arg, code: str):
+        where = f"{self.name} argument {i} ({code})"
+        if code.endswith("*"):
+            if not isinstance(arg, np.ndarray) or not (arg.size == 0 or _owns_memory(arg)):
+                raise TypeError(f"{where}: expected a device array, got {type(arg).__name__}")
+            got = _POINTEE_CODES.get(arg.dtype.str)
+            if got != code[:-1]:
+                raise TypeError(f"{where}: the array's dtype {arg.dtype} does not match the parameter type")
+            return ctypes.c_void_p(arg.__array_interface__["data"][0])
+        expected = next((t for t, c in _SCALAR_CODES.items() if c == code), None)
+        if expected is None or type(arg) is not expected:
+            want = expected.__name__ if expected is not None else code
+            raise TypeError(f"{where}: expected a numpy.{want} scalar, got {type(arg).__name__}")
+        return ctypes.create_string_buffer(arg.tobytes(), len(arg.tobytes()))
+
+
+def _dim3(value, what: str) -> tuple[int, int, int]:
+    dims = tuple(int(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    if not 1 <= len(dims) <= 3:
+        raise ValueError(f"{what} must have 1 to 3 dimensions, got {value!r}")
+    return dims + (1,) * (3 - len(dims))
+
+
+class Module:
+    """A compiled kernel source: ``get_function(name)`` as on ``cupy.RawModule``."""
+
+    def __init__(self, harness: Harness, path: Path):
+        self.harness, self.path = harness, path
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.gpubp_cpu_signature.restype = ctypes.c_char_p
+        self.lib.gpubp_cpu_kernel_name.restype = ctypes.c_char_p
+        self.lib.gpubp_cpu_launch.restype = ctypes.c_int
+
+    def kernel_names(self) -> list[str]:
+        return [self.lib.gpubp_cpu_kernel_name(i).decode() for i in range(self.lib.gpubp_cpu_kernel_count())]
+
+    def get_function(self, name: str) -> Kernel:
+        signature = self.lib.gpubp_cpu_signature(name.encode())
+        if signature is None:
+            raise KeyError(f"{self.path.name} has no kernel named {name!r}")
+        return Kernel(self, name, signature.decode())
+
+
+class Harness:
+    """Compiles and loads kernel sources for one mode (the process's, by default)."""
+
+    def __init__(self, mode: str | None = None, order_seed: int = 0):
+        self.mode = mode or current_mode()
+        if self.mode != "plain" and not hasattr(_libc, _PROBE_SYMBOL[self.mode]):
+            raise RuntimeError(f"harness mode {self.mode!r} needs its sanitizer runtime loaded before Python starts: "
+                               f"run the process with the environment sanitizer_env({self.mode!r})")
+        self.order_seed = order_seed  # 0: blocks in natural order; else shuffled with this seed
+        self._modules: dict[str, Module] = {}
+
+    def library_path(self, source: str, label: str) -> Path:
+        key = hashlib.sha256()
+        for part in (CXX, self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _compiler_version(),
+                     HEADER.read_text(), RUNTIME.read_text(), source):
+            key.update(part.encode())
+            key.update(b"\0")
+        stem = re.sub(r"\W", "_", label)
+        return cache_dir() / f"{stem}-{self.mode}-{key.hexdigest()[:20]}.so"
+
+    def build(self, source: str, label: str = "kernels") -> Path:
+        """Compile ``source`` (include-expanded CUDA C++) unless its library is cached."""
+        source = rewrite_dynamic_shared(source)
+        path = self.library_path(source, label)
+        if path.exists():
+            return path
+        work = Path(tempfile.mkdtemp(dir=cache_dir()))
+        try:
+            unit = work / f"{label}.cpp"
+            unit.write_text(f'#include "{HEADER}"\n{source}\n')
+            scan = subprocess.run([CXX, "-std=c++20", "-E", "-P", "-DGPUBP_CUDA_ON_CPU=1", "-DGPUBP_CPU_SCAN=1",
+                                   str(unit)], capture_output=True, text=True)
+            if scan.returncode != 0:
+                raise RuntimeError(f"preprocessing {label} failed:\n{scan.stderr[-4000:]}")
+            names = sorted(set(_KERNEL.findall(scan.stdout)))
+            with unit.open("a") as f:
+                f.write(f'#include "{RUNTIME}"\n')
+                f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
+            built = work / path.name
+            done = subprocess.run([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], "-o", str(built), str(unit)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"compiling {label} for the CPU ({self.mode}) failed:\n{done.stderr[-6000:]}")
+            os.replace(built, path)  # atomic: a concurrent build of the same source is harmless
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return path
+
+    def prebuild(self, sources: dict[str, str]) -> None:
+        """Compile several sources at once, one g++ per core."""
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(lambda item: self.build(item[1], item[0]), sources.items()))
+
+    def module(self, source: str, label: str = "kernels") -> Module:
+        path = self.build(source, label)
+        key = str(path)
+        if key not in self._modules:
+            self._modules[key] = Module(self, path)
+        return self._modules[key]
+
+
+_compiler_version_cache: list[str] = []
+
+
+def _compiler_version() -> str:
+    if not _compiler_version_cache:
+        _compiler_version_cache.append(subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout)
+    return _compiler_version_cache[0]
+
+
+# ----------------------------------------------------------------------------- CuPy stand-in
+
+
+def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") -> types.ModuleType:
+    """The subset of the ``cupy`` module that ``cupy_backend`` uses, backed by the harness.
+
+    ``sms`` is the multiprocessor count the backend sees, which drives its tile and split-K
+    choices (132: an H100 SXM)."""
+    cp = types.ModuleType("cupy_on_cpu")
+
+    class CUDADriverError(RuntimeError):
+        pass
+
+    class Device:
+        id = 0
+
+        def __init__(self, device_id: int = 0):
+            self.compute_capability = compute_capability
+            self.attributes = {"MultiProcessorCount": sms}
+
+    class Stream:
+        def synchronize(self):
+            pass
+
+    class RawModule:
+        def __init__(self, code: str | None = None, options=(), path: str | None = None):
+            if code is None:
+                raise CUDADriverError(f"cannot load the GPU binary {path} on the CPU")
+            self._module = harness.module(code, _label_of(code))
+
+        def get_function(self, name: str) -> Kernel:
+            return self._module.get_function(name)
+
+    def asarray(a, dtype=None):
+        if isinstance(a, DeviceArray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return to_device(np.asarray(a, dtype=dtype))
+
+    def ascontiguousarray(a, dtype=None):
+        if isinstance(a, DeviceArray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return to_device(np.ascontiguousarray(a, dtype=dtype))
+
+    def zeros(shape, dtype=np.float32):
+        out = device_empty(shape, dtype)
+        out[...] = 0
+        return out
+
+    cp.ndarray = DeviceArray
+    cp.empty = lambda shape, dtype=np.float32: device_empty(shape, dtype)
+    cp.zeros = zeros
+    cp.empty_like = lambda a: device_empty(a.shape, a.dtype)
+    cp.asarray = asarray
+    cp.ascontiguousarray = ascontiguousarray
+    cp.asnumpy = lambda a: np.array(a, copy=True, subok=False)
+    cp.RawModule = RawModule
+    cp.cuda = types.SimpleNamespace(
+        Device=Device,
+        get_current_stream=lambda: Stream(),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
+    )
+    return cp
+
+
+def _label_of(code: str) -> str:
+    """A readable name for an include-expanded source: the file its first #line names."""
+    first = re.search(r'^#line 1 "([^"]+)"', code, re.MULTILINE)
+    return Path(first.group(1)).stem if first else "kernels"

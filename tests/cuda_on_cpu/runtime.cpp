@@ -1,0 +1,530 @@
+// The launcher and synchronization runtime behind cuda_on_cpu.h. harness.py compiles one
+// translation unit per kernel source: the header, the source, this file, and one
+// GPUBP_CPU_REGISTER line per extern "C" kernel, into a shared library it loads with ctypes.
+//
+// A launch (gpubp_cpu_launch) runs one OS thread per CUDA thread of a block, from a pool that
+// lives as long as the process. Each thread runs the kernel for every block in turn (natural
+// order, or shuffled when a seed is given) and meets the others at an end-of-block barrier
+// before the next block starts, so shared memory is one copy per block and blocks never
+// overlap. Waiting is futex-based (Linux only). Every error (a barrier mismatch, a
+// mask mismatch, a deadlock, a bad launch shape) fails the launch with a message; the kernel's
+// threads stop at their next synchronization point.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <climits>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+// AddressSanitizer's manual poisoning, present only when the runtime is loaded (asan mode).
+extern "C" void __asan_poison_memory_region(void const volatile*, size_t) __attribute__((weak));
+extern "C" void __asan_unpoison_memory_region(void const volatile*, size_t) __attribute__((weak));
+
+namespace gpubp_cpu {
+
+// The dynamic shared memory of the running block (`extern __shared__` arrays point here).
+// Sized to an H100's opt-in maximum; the bytes past the launch's request are poisoned under
+// AddressSanitizer, so reading past the requested size is caught like any other overflow.
+constexpr size_t MAX_DYNAMIC_SHARED = 227 * 1024;
+alignas(128) static unsigned char dynamic_shared_storage[MAX_DYNAMIC_SHARED];
+static size_t dynamic_shared_bytes = 0;
+
+void* dynamic_shared() { return dynamic_shared_storage; }
+
+struct Abort {};  // unwinds a kernel thread after the launch has failed
+
+namespace {
+
+constexpr int END_OF_BLOCK = -1;  // the barrier "line" a thread waits at after returning
+const char* const END_OF_BLOCK_FILE = "(the end of the kernel)";
+constexpr long POLL_NS = 100'000'000;           // a waiting thread checks for failure and deadlock this often
+constexpr auto DEADLOCK_AFTER = std::chrono::milliseconds(2000);
+
+// Waiting is a futex on a 32-bit generation counter: no mutex to reacquire on wake-up, so a
+// barrier of 256 threads costs one wake-up each. ThreadSanitizer sees the happens-before
+// edges through the counter's release/acquire, which are exactly the barrier's.
+void futex_wait(std::atomic<unsigned>& word, unsigned expected, long timeout_ns) {
+    timespec ts{0, timeout_ns};
+    syscall(SYS_futex, reinterpret_cast<unsigned*>(&word), FUTEX_WAIT_PRIVATE, expected, timeout_ns ? &ts : nullptr,
+            nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<unsigned>& word) {
+    syscall(SYS_futex, reinterpret_cast<unsigned*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
+struct Site {
+    const char* file = nullptr;
+    int line = 0;
+    const char* op = nullptr;
+    bool operator!=(const Site& o) const {
+        return line != o.line || std::strcmp(file, o.file) != 0 || std::strcmp(op, o.op) != 0;
+    }
+};
+
+std::string where(const Site& s) {
+    if (s.line == END_OF_BLOCK) return "the end of the kernel (returned)";
+    return std::string(s.op) + " at " + s.file + ":" + std::to_string(s.line);
+}
+
+struct Warp {
+    std::mutex m;
+    std::atomic<unsigned> generation{0};
+    unsigned arrived = 0, mask = 0, exited = 0, lanes = 0;  // lanes: which of the 32 exist
+    Site site;
+    uint32_t payload[2][32][16] = {};  // by generation parity: a lane may enter the next
+                                       // collective while others still read this one
+};
+
+struct Launch {
+    std::atomic<bool> failed{false};
+    std::mutex error_m;
+    std::string error;
+
+    unsigned threads = 0;
+    void* fn = nullptr;                          // the kernel, and how to call it with args
+    void (*invoke)(void* fn, void** args) = nullptr;
+    void** args = nullptr;
+    // Block barrier (__syncthreads and the end of each block).
+    std::mutex bar_m;
+    std::atomic<unsigned> bar_generation{0};
+    unsigned bar_arrived = 0;
+    Site bar_site;
+    unsigned bar_first_thread = 0;
+    std::vector<std::unique_ptr<Warp>> warps;
+    std::vector<dim3> order;  // blocks, in the order they run
+
+    std::atomic<unsigned> blocked{0};             // threads waiting at any synchronization point
+    std::atomic<unsigned> progress{0};            // completed synchronizations
+    std::atomic<unsigned> finished{0};            // threads done with every block
+};
+
+Launch* current = nullptr;
+thread_local unsigned linear_tid = 0;
+
+void record_error(const std::string& msg) {
+    std::lock_guard<std::mutex> lock(current->error_m);
+    if (current->error.empty()) current->error = msg;
+    current->failed.store(true);
+}
+
+// Wakes every waiter of the launch so it sees the failure and unwinds.
+void wake_everyone() {
+    current->bar_generation.fetch_add(1);
+    futex_wake_all(current->bar_generation);
+    for (auto& w : current->warps) {
+        w->generation.fetch_add(1);
+        futex_wake_all(w->generation);
+    }
+}
+
+[[noreturn]] void abort_launch(const std::string& msg) {
+    record_error(msg);
+    wake_everyone();
+    throw Abort{};
+}
+
+std::string block_name() {
+    return "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+           std::to_string(blockIdx.z) + ")";
+}
+
+// Waits until `word` moves past `seen`; throws Abort when the launch fails meanwhile, and fails
+// it with a deadlock report when every thread of the block has waited with no progress.
+void wait_past(std::atomic<unsigned>& word, unsigned seen, const Site& site) {
+    if (word.load(std::memory_order_acquire) != seen) return;
+    current->blocked.fetch_add(1);
+    auto last_progress = current->progress.load();
+    auto since = std::chrono::steady_clock::now();
+    while (word.load(std::memory_order_acquire) == seen) {
+        if (current->failed.load()) {
+            current->blocked.fetch_sub(1);
+            throw Abort{};
+        }
+        futex_wait(word, seen, POLL_NS);
+        const auto now_progress = current->progress.load();
+        if (now_progress != last_progress) {
+            last_progress = now_progress;
+            since = std::chrono::steady_clock::now();
+        } else if (current->blocked.load() == current->threads &&
+                   std::chrono::steady_clock::now() - since > DEADLOCK_AFTER &&
+                   word.load(std::memory_order_acquire) == seen && !current->failed.load()) {
+            current->blocked.fetch_sub(1);
+            abort_launch("deadlock in " + block_name() + ": every thread waits and none can proceed; thread " +
+                         std::to_string(linear_tid) + " waits at " + where(site));
+        }
+    }
+    current->blocked.fetch_sub(1);
+    if (current->failed.load()) throw Abort{};
+}
+
+// between_blocks runs once, in the last thread to arrive, before any thread is released.
+template <class F>
+void block_barrier(const Site& site, F between_blocks) {
+    Launch& L = *current;
+    if (L.failed.load()) throw Abort{};
+    unsigned seen;
+    bool last;
+    {
+        std::lock_guard<std::mutex> lock(L.bar_m);
+        if (L.bar_arrived == 0) {
+            L.bar_site = site;
+            L.bar_first_thread = linear_tid;
+        } else if (L.bar_site != site) {
+            abort_launch("threads of " + block_name() + " wait at different barriers: thread " +
+                         std::to_string(L.bar_first_thread) + " at " + where(L.bar_site) + ", thread " +
+                         std::to_string(linear_tid) + " at " + where(site) +
+                         " (a __syncthreads in divergent code, or a thread that returned early)");
+        }
+        seen = L.bar_generation.load(std::memory_order_relaxed);
+        last = ++L.bar_arrived == L.threads;
+        if (last) L.bar_arrived = 0;
+    }
+    if (last) {
+        between_blocks();
+        L.progress.fetch_add(1);
+        L.bar_generation.fetch_add(1, std::memory_order_release);
+        futex_wake_all(L.bar_generation);
+        return;
+    }
+    wait_past(L.bar_generation, seen, site);
+}
+
+void block_barrier(const Site& site) {
+    block_barrier(site, [] {});
+}
+
+}  // namespace
+
+[[noreturn]] void fail(const char* what, const char* file, int line) {
+    abort_launch(std::string(what) + " (" + file + ":" + std::to_string(line) + ", " + block_name() + ", thread " +
+                 std::to_string(linear_tid) + ")");
+}
+
+void sync_block(const char* file, int line) { block_barrier(Site{file, line, "__syncthreads"}); }
+
+void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+unsigned lane_id() { return linear_tid % 32; }
+
+unsigned active_mask() {
+    Warp& w = *current->warps[linear_tid / 32];
+    std::lock_guard<std::mutex> lock(w.m);
+    return w.lanes & ~w.exited;
+}
+
+const uint32_t* warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
+                              int words) {
+    Launch& L = *current;
+    if (L.failed.load()) throw Abort{};
+    const unsigned lane = linear_tid % 32, bit = 1u << lane;
+    Warp& w = *L.warps[linear_tid / 32];
+    const Site site{file, line, op};
+    unsigned seen, parity;
+    bool last;
+    {
+        std::unique_lock<std::mutex> lock(w.m);
+        if (!(mask & bit)) fail((std::string(op) + " called by a lane that is not in its mask").c_str(), file, line);
+        if (mask & ~w.lanes) fail((std::string(op) + " names lanes that do not exist in this warp").c_str(), file, line);
+        if (mask & w.exited)
+            fail((std::string(op) + " names a lane that has already returned").c_str(), file, line);
+        if (w.arrived == 0) {
+            w.mask = mask;
+            w.site = site;
+        } else if (w.mask != mask || w.site != site) {
+            char theirs[32], mine[32];
+            std::snprintf(theirs, sizeof theirs, "mask 0x%08x", w.mask);
+            std::snprintf(mine, sizeof mine, "mask 0x%08x", mask);
+            abort_launch("lanes of warp " + std::to_string(linear_tid / 32) + " in " + block_name() +
+                         " disagree on a warp collective: " + theirs + " at " + where(w.site) + ", lane " +
+                         std::to_string(lane) + " with " + mine + " at " + where(site));
+        }
+        seen = w.generation.load(std::memory_order_relaxed);
+        parity = seen & 1;
+        if (words > 0) std::memcpy(w.payload[parity][lane], payload, sizeof(uint32_t) * words);
+        w.arrived |= bit;
+        last = w.arrived == w.mask;
+        if (last) w.arrived = 0;
+    }
+    if (last) {
+        L.progress.fetch_add(1);
+        w.generation.fetch_add(1, std::memory_order_release);
+        futex_wake_all(w.generation);
+    } else {
+        wait_past(w.generation, seen, site);
+    }
+    // Safe without the lock: no lane can write this parity again before every lane of this
+    // collective has arrived at the next one, which is after this copy.
+    thread_local uint32_t out[32 * 16];
+    for (int l = 0; l < 32; ++l) std::memcpy(out + words * l, w.payload[parity][l], sizeof(uint32_t) * words);
+    return out;
+}
+
+void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+              const float (&c)[4]) {
+    constexpr int WORDS = 10;
+    uint32_t mine[WORDS];
+    std::memcpy(mine, a, 16);
+    std::memcpy(mine + 4, b, 8);
+    std::memcpy(mine + 6, c, 16);
+    const char* op = kind == MmaKind::tf32_m16n8k8 ? "mma.sync.m16n8k8.tf32"
+                     : kind == MmaKind::bf16_m16n8k16 ? "mma.sync.m16n8k16.bf16"
+                                                      : "mma.sync.m16n8k16.f16";
+    const uint32_t* all = warp_exchange(op, file, line, 0xffffffffu, mine, WORDS);
+    // Assemble A (16 x K), B (K x 8) and C (16 x 8) from every lane's fragments.
+    const int K = kind == MmaKind::tf32_m16n8k8 ? 8 : 16;
+    float A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
+    for (int l = 0; l < 32; ++l) {
+        const uint32_t* f = all + WORDS * l;
+        const int g = l >> 2, t = l % 4;
+        if (kind == MmaKind::tf32_m16n8k8) {
+            A[g][t] = tf32_value(f[0]);
+            A[g + 8][t] = tf32_value(f[1]);
+            A[g][t + 4] = tf32_value(f[2]);
+            A[g + 8][t + 4] = tf32_value(f[3]);
+            B[t][g] = tf32_value(f[4]);
+            B[t + 4][g] = tf32_value(f[5]);
+        } else {
+            auto value = [&](uint32_t half) {
+                return kind == MmaKind::bf16_m16n8k16 ? bf16_value(half) : f16_value(half);
+            };
+            for (int i = 0; i < 8; ++i) {
+                const uint32_t half = (f[i / 2] >> (16 * (i & 1))) & 0xffffu;
+                A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >= 4)] = value(half);
+            }
+            for (int i = 0; i < 4; ++i) {
+                const uint32_t half = (f[4 + i / 2] >> (16 * (i & 1))) & 0xffffu;
+                B[2 * t + (i & 1) + 8 * (i >= 2)][g] = value(half);
+            }
+        }
+        float cf[4];
+        std::memcpy(cf, f + 6, 16);
+        C[g][2 * t] = cf[0];
+        C[g][2 * t + 1] = cf[1];
+        C[g + 8][2 * t] = cf[2];
+        C[g + 8][2 * t + 1] = cf[3];
+    }
+    const int g = static_cast<int>(lane_id()) >> 2, t = static_cast<int>(lane_id()) % 4;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float acc = C[rows[i]][cols[i]];
+        for (int k = 0; k < K; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+        d[i] = acc;
+    }
+}
+
+// ------------------------------------------------------------------ kernel registry
+struct KernelEntry {
+    void* fn;
+    void (*invoke)(void* fn, void** args);
+    std::string signature;
+};
+
+std::map<std::string, KernelEntry>& registry() {
+    static std::map<std::string, KernelEntry> kernels;
+    return kernels;
+}
+
+template <class T>
+constexpr const char* type_code() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, float>) return "f";
+    else if constexpr (std::is_same_v<U, double>) return "d";
+    else if constexpr (std::is_same_v<U, bool>) return "b";
+    else if constexpr (std::is_same_v<U, int>) return "i";
+    else if constexpr (std::is_same_v<U, unsigned int>) return "u";
+    else if constexpr (std::is_same_v<U, long long> || std::is_same_v<U, long>) return "l";
+    else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) return "L";
+    else if constexpr (std::is_same_v<U, short>) return "s";
+    else if constexpr (std::is_same_v<U, unsigned short>) return "S";
+    else if constexpr (std::is_same_v<U, signed char> || std::is_same_v<U, char>) return "c";
+    else if constexpr (std::is_same_v<U, unsigned char>) return "B";
+    else if constexpr (std::is_same_v<U, __half>) return "h";
+    else if constexpr (std::is_same_v<U, __nv_bfloat16>) return "H";
+    else return "?";
+}
+
+template <class T>
+std::string arg_code() {
+    if constexpr (std::is_pointer_v<T>) return std::string(type_code<std::remove_pointer_t<T>>()) + "*";
+    else return type_code<T>();
+}
+
+template <class... A, size_t... I>
+void invoke_with(void* fn, void** args, std::index_sequence<I...>) {
+    reinterpret_cast<void (*)(A...)>(fn)(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+}
+
+template <class... A>
+int register_kernel(const char* name, void (*fn)(A...)) {
+    std::string sig;
+    ((sig += (sig.empty() ? "" : ","), sig += arg_code<A>()), ...);
+    registry()[name] = KernelEntry{reinterpret_cast<void*>(fn),
+                                   [](void* f, void** args) { invoke_with<A...>(f, args, std::index_sequence_for<A...>{}); },
+                                   sig};
+    return 0;
+}
+
+}  // namespace gpubp_cpu
+
+#define GPUBP_CPU_REGISTER(name) static const int gpubp_cpu_registered_##name = ::gpubp_cpu::register_kernel(#name, &name);
+
+// ------------------------------------------------------------------ the thread pool
+// Threads are started once per process and reused by every launch: starting 256 threads
+// costs ~20 ms plain and ~300 ms under ThreadSanitizer, far more than most test launches.
+namespace gpubp_cpu {
+namespace {
+
+// Bumped once per launch: the launch count in the high bits, its threads per block in the low
+// 11, in one word, so a worker that wakes late never pairs one launch's count with another's.
+std::atomic<unsigned> pool_word{0};
+constexpr unsigned THREAD_BITS = 11;
+unsigned pool_size = 0;  // threads started so far (never joined: they idle in a futex)
+
+// One CUDA thread's whole launch: every block in order, meeting the block at its end.
+void run_thread(Launch& L, unsigned tid) {
+    linear_tid = tid;
+    threadIdx = uint3{tid % blockDim.x, (tid / blockDim.x) % blockDim.y, tid / (blockDim.x * blockDim.y)};
+    const unsigned bit = 1u << (tid % 32);
+    try {
+        for (size_t i = 0; i < L.order.size(); ++i) {
+            blockIdx = uint3{L.order[i].x, L.order[i].y, L.order[i].z};
+            L.invoke(L.fn, L.args);
+            Warp& w = *L.warps[tid / 32];
+            {
+                std::lock_guard<std::mutex> lock(w.m);
+                w.exited |= bit;
+                if (w.arrived != 0 && (w.mask & bit))
+                    abort_launch("lane " + std::to_string(tid % 32) + " of warp " + std::to_string(tid / 32) + " in " +
+                                 block_name() + " returned while its warp waits for it at " + where(w.site));
+            }
+            block_barrier(Site{END_OF_BLOCK_FILE, END_OF_BLOCK, "return"}, [&L] {
+                for (auto& warp : L.warps) {
+                    std::lock_guard<std::mutex> lock(warp->m);
+                    warp->exited = 0;
+                }
+                std::memset(dynamic_shared_storage, 0xff, dynamic_shared_bytes);
+            });
+        }
+    } catch (const Abort&) {
+    }
+}
+
+void worker(unsigned tid) {
+    unsigned seen = 0;
+    for (;;) {
+        unsigned word;
+        while ((word = pool_word.load(std::memory_order_acquire)) == seen) futex_wait(pool_word, seen, 0);
+        seen = word;
+        // A participant cannot miss its launch: the launch waits for it. Others skip freely.
+        if (tid >= (word & ((1u << THREAD_BITS) - 1))) continue;
+        Launch& L = *current;
+        run_thread(L, tid);
+        // The launch (on the launcher's stack) may be gone once the last thread has counted
+        // itself, so nothing of it is read after the increment; waking its address is harmless.
+        const unsigned threads = L.threads;
+        std::atomic<unsigned>& finished = L.finished;
+        if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == threads) futex_wake_all(finished);
+    }
+}
+
+void run_on_pool(Launch& L) {
+    current = &L;
+    while (pool_size < L.threads) std::thread(worker, pool_size++).detach();
+    const unsigned epoch = (pool_word.load(std::memory_order_relaxed) >> THREAD_BITS) + 1;
+    pool_word.store((epoch << THREAD_BITS) | L.threads, std::memory_order_release);
+    futex_wake_all(pool_word);
+    unsigned done;
+    while ((done = L.finished.load(std::memory_order_acquire)) != L.threads) futex_wait(L.finished, done, 0);
+}
+
+}  // namespace
+}  // namespace gpubp_cpu
+
+// ------------------------------------------------------------------ the C interface harness.py calls
+extern "C" {
+
+const char* gpubp_cpu_signature(const char* name) {
+    auto it = gpubp_cpu::registry().find(name);
+    return it == gpubp_cpu::registry().end() ? nullptr : it->second.signature.c_str();
+}
+
+int gpubp_cpu_kernel_count() { return static_cast<int>(gpubp_cpu::registry().size()); }
+
+const char* gpubp_cpu_kernel_name(int i) {
+    auto it = gpubp_cpu::registry().begin();
+    std::advance(it, i);
+    return it->first.c_str();
+}
+
+// Runs kernel `name` on grid x block with `shared_bytes` of dynamic shared memory; args[i]
+// points at the value of parameter i. Blocks run in natural order when order_seed is 0, else
+// shuffled with it. Returns 0, or 1 with the reason in err.
+int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned long long shared_bytes,
+                     void** args, unsigned long long order_seed, char* err, int err_len) {
+    using namespace gpubp_cpu;
+    auto report = [&](const std::string& msg) {
+        std::snprintf(err, static_cast<size_t>(err_len), "%s", msg.c_str());
+        return 1;
+    };
+    auto it = registry().find(name);
+    if (it == registry().end()) return report(std::string("no kernel named ") + name);
+    const unsigned long long threads = 1ull * block[0] * block[1] * block[2];
+    if (threads == 0 || threads > 1024 || block[2] > 64)
+        return report("invalid block shape: at most 1024 threads and blockDim.z <= 64 (CUDA limits)");
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 2147483647u || grid[1] > 65535 || grid[2] > 65535)
+        return report("invalid grid shape (" + std::to_string(grid[0]) + ", " + std::to_string(grid[1]) + ", " +
+                      std::to_string(grid[2]) + "): gridDim.x <= 2^31 - 1, gridDim.y and gridDim.z <= 65535");
+    if (shared_bytes > MAX_DYNAMIC_SHARED)
+        return report("dynamic shared memory request of " + std::to_string(shared_bytes) + " bytes exceeds " +
+                      std::to_string(MAX_DYNAMIC_SHARED));
+
+    Launch L;
+    L.threads = static_cast<unsigned>(threads);
+    L.fn = it->second.fn;
+    L.invoke = it->second.invoke;
+    L.args = args;
+    for (unsigned w = 0; w < (L.threads + 31) / 32; ++w) {
+        L.warps.push_back(std::make_unique<Warp>());
+        const unsigned n = std::min(32u, L.threads - 32 * w);
+        L.warps.back()->lanes = n == 32 ? 0xffffffffu : (1u << n) - 1;
+    }
+    for (unsigned z = 0; z < grid[2]; ++z)
+        for (unsigned y = 0; y < grid[1]; ++y)
+            for (unsigned x = 0; x < grid[0]; ++x) L.order.push_back(dim3(x, y, z));
+    if (order_seed != 0) std::shuffle(L.order.begin(), L.order.end(), std::mt19937_64(order_seed));
+
+    gridDim = dim3(grid[0], grid[1], grid[2]);
+    blockDim = dim3(block[0], block[1], block[2]);
+    dynamic_shared_bytes = shared_bytes;
+    std::memset(dynamic_shared_storage, 0xff, shared_bytes);  // "uninitialized", as on a GPU
+    if (__asan_poison_memory_region)
+        __asan_poison_memory_region(dynamic_shared_storage + shared_bytes, MAX_DYNAMIC_SHARED - shared_bytes);
+
+    run_on_pool(L);
+
+    if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(dynamic_shared_storage, MAX_DYNAMIC_SHARED);
+    if (L.failed.load()) return report(std::string(name) + ": " + L.error);
+    return 0;
+}
+
+}  // extern "C"

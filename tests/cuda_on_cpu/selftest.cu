@@ -1,0 +1,132 @@
+// Kernels that exercise the CPU harness itself (tests/test_cuda_on_cpu.py): what each CUDA
+// construct returns, and that misuse the GPU would punish fails here too. Not shipped.
+#include "mma.cuh"
+
+// Per lane, 8 results: xor-butterfly sum, shfl_down by 3, shfl_up by 5 (width 16), idx from
+// lane 7 of each 8-lane segment, ballot of odd lanes, any(lane == 31), all(lane < 31), and a
+// butterfly over 8-lane segments (width 8).
+extern "C" __global__ void warp_ops(int* out) {
+    const int lane = threadIdx.x % 32;
+    int sum = lane;
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    int* o = out + threadIdx.x * 8;
+    o[0] = sum;
+    o[1] = __shfl_down_sync(0xffffffffu, lane, 3);
+    o[2] = __shfl_up_sync(0xffffffffu, lane, 5, 16);
+    o[3] = __shfl_sync(0xffffffffu, lane, 7, 8);
+    o[4] = static_cast<int>(__ballot_sync(0xffffffffu, lane & 1));
+    o[5] = __any_sync(0xffffffffu, lane == 31);
+    o[6] = __all_sync(0xffffffffu, lane < 31);
+    o[7] = __shfl_xor_sync(0xffffffffu, lane, 4, 8);
+}
+
+// Half the warp exchanges among itself while the other half does nothing.
+extern "C" __global__ void half_warp_shuffle(float* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane < 16) out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, static_cast<float>(lane), 1);
+}
+
+extern "C" __global__ void atomics(unsigned int* count, float* total, int* largest, unsigned int* claimed) {
+    atomicAdd(count, 1u);
+    atomicAdd(total, 0.5f);
+    atomicMax(largest, static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x));
+    atomicCAS(claimed, 0u, blockIdx.x * blockDim.x + threadIdx.x + 1);
+}
+
+// Reverses n floats through dynamic shared memory.
+extern "C" __global__ void reverse_through_shared(const float* in, float* out, int n) {
+    extern __shared__ __align__(16) float buffer[];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buffer[i] = in[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = buffer[n - 1 - i];
+}
+
+extern "C" __global__ void block_ids(int* out) {
+    const int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    out[block * blockDim.x * blockDim.y * blockDim.z + thread] = block * 10000 + thread;
+}
+
+extern "C" __global__ void convert(const float* in, unsigned short* half_bits, unsigned short* bf16_bits,
+                                   unsigned int* tf32_bits, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        half_bits[i] = __float2half_rn(in[i]).bits;
+        bf16_bits[i] = __float2bfloat16_rn(in[i]).bits;
+        tf32_bits[i] = gpubp::to_tf32(in[i]);
+    }
+}
+
+// One warp: D (16 x 8) = A (16 x K) B (K x 8) + C through one mma, fragments loaded from
+// row-major global memory by the layouts of kernels/mma.cuh. kind 0: tf32 (K = 8);
+// 1: bf16 and 2: f16 (K = 16; A and B given as 16-bit patterns in unsigned shorts).
+extern "C" __global__ void one_mma(const float* a32, const float* b32, const unsigned short* a16,
+                                   const unsigned short* b16, const float* c, float* d, int kind) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane % 4;
+    unsigned int a[4], b[2];
+    if (kind == 0) {
+        a[0] = gpubp::to_tf32(a32[g * 8 + t]);
+        a[1] = gpubp::to_tf32(a32[(g + 8) * 8 + t]);
+        a[2] = gpubp::to_tf32(a32[g * 8 + t + 4]);
+        a[3] = gpubp::to_tf32(a32[(g + 8) * 8 + t + 4]);
+        b[0] = gpubp::to_tf32(b32[t * 8 + g]);
+        b[1] = gpubp::to_tf32(b32[(t + 4) * 8 + g]);
+    } else {
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+            a[r] = a16[row * 16 + col] | (static_cast<unsigned int>(a16[row * 16 + col + 1]) << 16);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int row = 2 * t + 8 * r;
+            b[r] = b16[row * 8 + g] | (static_cast<unsigned int>(b16[(row + 1) * 8 + g]) << 16);
+        }
+    }
+    const float cf[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+    float df[4];
+    if (kind == 0) gpubp::mma_m16n8k8_tf32(df, a, b, cf);
+    else if (kind == 1) gpubp::mma_m16n8k16_bf16(df, a, b, cf);
+    else gpubp::mma_m16n8k16_f16(df, a, b, cf);
+    d[g * 8 + 2 * t] = df[0];
+    d[g * 8 + 2 * t + 1] = df[1];
+    d[(g + 8) * 8 + 2 * t] = df[2];
+    d[(g + 8) * 8 + 2 * t + 1] = df[3];
+}
+
+// ---------------------------------------------------------------- misuse the harness must catch
+
+extern "C" __global__ void barrier_in_divergent_code(float* out) {
+    if (threadIdx.x < 16) __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+extern "C" __global__ void return_before_barrier(float* out) {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+extern "C" __global__ void shuffle_from_outside_the_mask(float* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane < 16) out[lane] = __shfl_sync(0x0000ffffu, 1.0f, 20);
+}
+
+extern "C" __global__ void masks_disagree(float* out) {
+    const int lane = threadIdx.x % 32;
+    out[lane] = __shfl_xor_sync(lane < 8 ? 0xffffffffu : 0x7fffffffu, 1.0f, 1);
+}
+
+extern "C" __global__ void warp_waits_for_a_lane_at_the_barrier(float* out) {
+    if (threadIdx.x == 0) __syncthreads();
+    else __syncwarp();
+    out[threadIdx.x] = 1.0f;
+}
+
+// For the sanitizer tests: a shared-memory race, and a store one past the end.
+extern "C" __global__ void racy_neighbour_read(float* out) {
+    __shared__ float tile[64];
+    tile[threadIdx.x] = static_cast<float>(threadIdx.x);
+    out[threadIdx.x] = tile[(threadIdx.x + 1) % 64];  // no __syncthreads between
+}
+
+extern "C" __global__ void store_one_past_the_end(float* out, int n) {
+    if (threadIdx.x <= n) out[threadIdx.x] = 1.0f;
+}

@@ -1,0 +1,217 @@
+"""The CPU kernel harness itself (tests/cuda_on_cpu): each CUDA construct it emulates gives what
+the CUDA programming guide and the PTX ISA say, and misuse that a GPU would punish (or that
+compute-sanitizer would report) fails the launch here too, naming the source line.
+
+The kernels are in ``tests/cuda_on_cpu/selftest.cu``. The sanitizer cases run a few lines of
+Python in a child process under the sanitizer and expect its report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuda_on_cpu import harness
+from gpubp.backends import cupy_backend
+
+pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+
+SELFTEST = harness.HERE / "selftest.cu"
+
+
+def selftest_source() -> str:
+    mma = (cupy_backend.kernel_dir() / "mma.cuh").read_text()
+    return SELFTEST.read_text().replace('#include "mma.cuh"', mma)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return harness.Harness("plain").module(selftest_source(), "selftest")
+
+
+def ints(n):
+    return harness.device_empty((n,), np.int32)
+
+
+# ----------------------------------------------------------------------------- what runs
+
+
+def test_warp_shuffles_votes_and_masks(kernels):
+    out = ints(64 * 8)
+    kernels.get_function("warp_ops")((1,), (64,), (out,))
+    got = out.get().reshape(64, 8)
+    lane = np.arange(64) % 32
+    assert (got[:, 0] == sum(range(32))).all()
+    assert (got[:, 1] == np.where(lane + 3 < 32, lane + 3, lane)).all()
+    assert (got[:, 2] == np.where(lane % 16 >= 5, lane - 5, lane)).all()
+    assert (got[:, 3] == (lane // 8) * 8 + 7).all()
+    assert (got[:, 4].view(np.uint32) == 0xAAAAAAAA).all()
+    assert (got[:, 5] == 1).all() and (got[:, 6] == 0).all()
+    assert (got[:, 7] == lane ^ 4).all()
+
+
+def test_a_partial_mask_exchanges_among_its_lanes_only(kernels):
+    out = harness.to_device(np.full(32, -1.0, np.float32))
+    kernels.get_function("half_warp_shuffle")((1,), (32,), (out,))
+    lane = np.arange(16)
+    assert np.array_equal(out.get()[:16], lane ^ 1)
+    assert (out.get()[16:] == -1).all()
+
+
+def test_atomics_count_every_thread_once(kernels):
+    count, largest, claimed = ints(1), ints(1), harness.device_empty((1,), np.uint32)
+    total = harness.device_empty((1,), np.float32)
+    count[:], total[:], largest[:], claimed[:] = 0, 0, -1, 0
+    kernels.get_function("atomics")((3,), (96,), (count.view(np.uint32), total, largest, claimed))
+    assert count[0] == 288 and total[0] == 144.0 and largest[0] == 287
+    assert 1 <= claimed[0] <= 288
+
+
+def test_dynamic_shared_memory_is_sized_by_the_launch(kernels):
+    values = np.arange(300, dtype=np.float32)
+    out = harness.device_empty((300,))
+    kernels.get_function("reverse_through_shared")(
+        (1,), (64,), (harness.to_device(values), out, np.int32(300)), shared_mem=300 * 4)
+    assert np.array_equal(out.get(), values[::-1])
+
+
+@pytest.mark.parametrize("grid, block", [((3,), (5,)), ((2, 3), (4, 2)), ((2, 1, 2), (2, 2, 3))])
+def test_every_block_and_thread_runs_once_with_its_own_ids(kernels, grid, block):
+    blocks, threads = int(np.prod(grid)), int(np.prod(block))
+    out = ints(blocks * threads)
+    kernels.get_function("block_ids")(grid, block, (out,), order_seed=99)  # blocks in shuffled order
+    expected = (np.arange(blocks)[:, None] * 10000 + np.arange(threads)[None, :]).ravel()
+    assert np.array_equal(out.get(), expected)
+
+
+def bf16_rne(x: np.ndarray) -> np.ndarray:
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def tf32_rna(x: np.ndarray) -> np.ndarray:
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x1000) & 0xFFFFE000).astype(np.uint32)
+
+
+def test_half_bfloat16_and_tf32_conversions_round_as_the_hardware(kernels, rng):
+    x = np.concatenate([rng.standard_normal(500) * 10, [1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8 + 2**-9, 65519.0,
+                                                          1e-7, -0.0, 1 + 2**-11 + 2**-13]]).astype(np.float32)
+    n = x.size
+    half, bf16, tf32 = (harness.device_empty((n,), dt) for dt in (np.uint16, np.uint16, np.uint32))
+    kernels.get_function("convert")((1,), (128,), (harness.to_device(x), half, bf16, tf32, np.int32(n)))
+    assert np.array_equal(half.get(), x.astype(np.float16).view(np.uint16))
+    assert np.array_equal(bf16.get(), bf16_rne(x))
+    assert np.array_equal(tf32.get(), tf32_rna(x))
+    # Ties go away from zero in cvt.rna: 1 + 2^-11 is halfway between two TF32 values.
+    assert tf32.get()[500].view(np.float32) == np.float32(1 + 2**-10)
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16", "f16"])
+def test_mma_sync_multiplies_by_the_ptx_fragment_layouts(kernels, rng, kind):
+    k = 8 if kind == "tf32" else 16
+    a = rng.standard_normal((16, k)).astype(np.float32)
+    b = rng.standard_normal((k, 8)).astype(np.float32)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    if kind == "tf32":
+        a_bits, b_bits = harness.device_empty((1,), np.uint16), harness.device_empty((1,), np.uint16)
+        a_used, b_used = (tf32_rna(m).view(np.float32) for m in (a, b))
+        code = 0
+    elif kind == "bf16":
+        a_bits, b_bits = harness.to_device(bf16_rne(a)), harness.to_device(bf16_rne(b))
+        a_used, b_used = ((bf16_rne(m).astype(np.uint32) << 16).view(np.float32) for m in (a, b))
+        code = 1
+    else:
+        a_bits, b_bits = harness.to_device(a.astype(np.float16).view(np.uint16)), harness.to_device(
+            b.astype(np.float16).view(np.uint16))
+        a_used, b_used = a.astype(np.float16).astype(np.float32), b.astype(np.float16).astype(np.float32)
+        code = 2
+    d = harness.device_empty((16, 8))
+    kernels.get_function("one_mma")(
+        (1,), (32,), (harness.to_device(a), harness.to_device(b), a_bits, b_bits, harness.to_device(c), d,
+                      np.int32(code)))
+    want = a_used.astype(np.float64) @ b_used.astype(np.float64) + c
+    np.testing.assert_allclose(d.get(), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- what fails
+
+
+@pytest.mark.parametrize("kernel, block, message", [
+    ("barrier_in_divergent_code", 32, "wait at different barriers"),
+    ("return_before_barrier", 32, "wait at different barriers"),
+    ("shuffle_from_outside_the_mask", 32, "not in the mask"),
+    ("masks_disagree", 32, "disagree on a warp collective"),
+    ("half_warp_shuffle", 8, "lanes that do not exist"),
+])
+def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message):
+    out = harness.device_empty((64,))
+    with pytest.raises(harness.KernelError, match=message) as failure:
+        kernels.get_function(kernel)((1,), (block,), (out,))
+    assert "selftest" in str(failure.value) or kernel in str(failure.value)
+
+
+def test_a_deadlock_is_reported_not_hung(kernels):
+    with pytest.raises(harness.KernelError, match="deadlock"):
+        kernels.get_function("warp_waits_for_a_lane_at_the_barrier")((1,), (32,), (harness.device_empty((32,)),))
+
+
+@pytest.mark.parametrize("grid, block, message", [
+    ((1, 65536), (32,), "gridDim.y"),
+    ((1,), (1025,), "at most 1024 threads"),
+])
+def test_launch_limits_are_the_gpus(kernels, grid, block, message):
+    with pytest.raises(harness.KernelError, match=message):
+        kernels.get_function("block_ids")(grid, block, (ints(1),))
+
+
+def test_arguments_are_checked_against_the_kernel_signature(kernels):
+    kernel = kernels.get_function("store_one_past_the_end")
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        kernel((1,), (4,), (harness.device_empty((4,)),))
+    with pytest.raises(TypeError, match=r"argument 1 \(i\): expected a numpy.int32"):
+        kernel((1,), (4,), (harness.device_empty((4,)), 3))
+    with pytest.raises(TypeError, match="dtype float64 does not match"):
+        kernel((1,), (4,), (harness.device_empty((4,), np.float64), np.int32(3)))
+    with pytest.raises(TypeError, match="expected a device array"):
+        kernel((1,), (4,), (np.zeros(4, np.float32), np.int32(3)))
+
+
+# ----------------------------------------------------------------------------- the sanitizers
+
+
+def run_under(mode: str, kernel: str, args: str, block: int) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from cuda_on_cpu import harness
+        import test_cuda_on_cpu as t
+        module = harness.Harness().module(t.selftest_source(), "selftest")
+        module.get_function({kernel!r})((1,), ({block},), {args})
+        print("finished")
+    """)
+    return subprocess.run([sys.executable, "-c", script], env=harness.sanitizer_env(mode), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_thread_sanitizer_reports_a_shared_memory_race():
+    done = run_under("tsan", "racy_neighbour_read", "(harness.device_empty((64,)),)", 64)
+    assert done.returncode != 0 and "data race" in done.stderr, done.stderr[-3000:]
+    assert "selftest.cu" in done.stderr or "racy_neighbour_read" in done.stderr
+
+
+def test_address_sanitizer_reports_a_store_one_past_the_end():
+    done = run_under("asan", "store_one_past_the_end", "(harness.device_empty((16,)), np.int32(16))", 32)
+    assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr, done.stderr[-3000:]
+    assert "finished" not in done.stdout
+
+
+def test_address_sanitizer_is_quiet_on_a_store_that_fits():
+    done = run_under("asan", "store_one_past_the_end", "(harness.device_empty((16,)), np.int32(15))", 32)
+    assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
