@@ -4,6 +4,7 @@ Implements the kernel contract of ``gpubp.backends`` on ``cupy.ndarray`` (float3
 C-contiguous); it is the default backend when a GPU is present. The kernels:
 
 - ``dense_forward.cu``: one tiled SGEMM with the bias and activation in its epilogue;
+- ``dense_forward_tf32.cu``: the same forward on TF32 tensor cores (``precision="tf32"``);
 - ``dense_backward.cu``: ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``dz = dy * act'(.)``
   formed while the operands load, and ``db`` reduced inside the dW kernel (split over the
   batch, reduced deterministically, when the layer is too small to fill the GPU);
@@ -13,7 +14,7 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 Where the kernels come from, per source file, on first use on each device:
 
 1. the ahead-of-time fatbin that ``cmake --build build && cmake --install build`` puts in
-   ``gpubp/_aot/`` (or the folder named by ``GPUBP_KERNEL_DIR``), when its manifest lists
+   ``gpubp/_aot/`` (or the folder named by ``GPUBP_AOT_DIR``), when its manifest lists
    this GPU's architecture and its source hashes match the shipped sources (a stale
    fatbin is never used) and the driver loads it;
 2. otherwise NVRTC compiles the shipped source (cached on disk by CuPy). The local
@@ -62,12 +63,14 @@ DTYPES = (np.float32,)
 
 log = logging.getLogger("gpubp")
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "loss.cu", "optim.cu")
-AOT_ENV = "GPUBP_KERNEL_DIR"
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "loss.cu", "optim.cu")
+AOT_ENV = "GPUBP_AOT_DIR"  # where the CMake-built fatbins are, when not gpubp/_aot
+KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not the shipped ones
 AOT_MANIFEST = "manifest.txt"
 
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
 GEMM_TILES = {128: 256, 64: 64}  # square block tile -> threads per block
+TF32_TILE, TF32_THREADS = 64, 128  # kernels/dense_forward_tf32.cu
 BK = 8
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
@@ -80,7 +83,7 @@ MAX_SPLITS = 32
 ELEMENTWISE_BLOCKS_PER_SM = 16
 _TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
 
-_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"\s*')
 
 
 def unavailable_reason() -> str | None:
@@ -102,8 +105,12 @@ def unavailable_reason() -> str | None:
 
 
 def kernel_dir() -> Path:
-    """The folder holding the CUDA sources: the installed ``gpubp.kernels`` package, else
+    """The folder holding the CUDA sources: ``GPUBP_KERNEL_DIR`` when set (a working copy to
+    test, as the CPU kernel harness does), else the installed ``gpubp.kernels`` package, else
     the top-level ``kernels/`` of a source checkout."""
+    override = os.environ.get(KERNEL_DIR_ENV)
+    if override:
+        return Path(override)
     try:
         installed = importlib.resources.files("gpubp.kernels")
     except ModuleNotFoundError:
@@ -119,18 +126,24 @@ def kernel_dir() -> Path:
 
 def kernel_source(filename: str) -> str:
     """The source of ``kernels/<filename>`` with its local ``#include "..."`` lines expanded
-    (each header once, as its ``#pragma once`` asks), ready for NVRTC."""
+    (each header once, as its ``#pragma once`` asks), ready for NVRTC. ``#line`` directives
+    keep every file's own name and line numbers in compiler messages."""
     root = kernel_dir()
     seen: set[str] = set()
 
     def expand(name: str) -> str:
         seen.add(name)
-
-        def include(match: re.Match) -> str:
-            header = match.group(1)
-            return "" if header in seen else expand(header)
-
-        return _LOCAL_INCLUDE.sub(include, (root / name).read_text())
+        lines = [f'#line 1 "{name}"']
+        for number, line in enumerate((root / name).read_text().splitlines(), start=1):
+            match = _LOCAL_INCLUDE.fullmatch(line)
+            if match is None:
+                lines.append(line)
+            elif match.group(1) in seen:
+                lines.append("")  # keeps the numbering without a #line
+            else:
+                lines.append(expand(match.group(1)))
+                lines.append(f'#line {number + 1} "{name}"')
+        return "\n".join(lines) + "\n"
 
     return expand(filename)
 
@@ -182,6 +195,7 @@ origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 _PROBE_KERNEL = {
     "dense_forward.cu": "dense_fwd_identity_64x64",
     "dense_backward.cu": "dense_dx_identity_64x64",
+    "dense_forward_tf32.cu": "dense_fwd_tf32_identity",
     "loss.cu": "mse_fwd_bwd",
     "optim.cu": "scale_inplace",
 }
@@ -324,8 +338,12 @@ def _elementwise_blocks(n: int) -> int:
 # ----------------------------------------------------------------------------- dense layer
 
 
-def dense_forward(x, w, b, act, out=None, out_z=None):
-    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None."""
+def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
+    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
+
+    ``precision="tf32"`` runs the products on TF32 tensor cores (sm_80 and newer;
+    ``kernels/dense_forward_tf32.cu``): x and w rounded to 10 mantissa bits, fp32 accumulation,
+    about 1e-3 relative error. The layer API does not select it yet."""
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -333,12 +351,16 @@ def dense_forward(x, w, b, act, out=None, out_z=None):
     z = None
     if act in NEEDS_Z:
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
-    tile = _gemm_tile(batch, n_out)
+    if precision == "tf32":
+        tile, threads, filename, name = TF32_TILE, TF32_THREADS, "dense_forward_tf32.cu", f"dense_fwd_tf32_{act}"
+    else:
+        tile = _gemm_tile(batch, n_out)
+        threads, filename, name = GEMM_TILES[tile], "dense_forward.cu", f"dense_fwd_{act}_{tile}x{tile}"
     grid = (-(-batch // tile), -(-n_out // tile))
     record("dense_fwd")
-    _kernel("dense_forward.cu", f"dense_fwd_{act}_{tile}x{tile}")(
+    _kernel(filename, name)(
         grid,
-        (GEMM_TILES[tile],),
+        (threads,),
         # z is never touched for activations that do not store it; y stands in for it.
         (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in)),
     )
