@@ -127,7 +127,9 @@ _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 _NEG_HALF = np.float32(-0.5)
-_NEG_INF = np.float32(-np.inf)
+# The running max of a softmax row starts here rather than at -inf, so a -inf logit (a
+# masked class) or a lane with no element never forms exp(-inf - -inf) = NaN (as loss.cu).
+_LOWEST = np.float32(np.finfo(np.float32).min)
 _LEAKY_SLOPE = np.float32(LEAKY_SLOPE)
 _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = np.float32(1.0 / math.sqrt(2.0 * math.pi))
@@ -679,7 +681,7 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
     row = cuda.blockIdx.x * CE_ROWS + local_row
     classes = logits.shape[1]
     in_batch = row < logits.shape[0]
-    running_max = _NEG_INF
+    running_max = _LOWEST
     running_sum = _ZERO
     if in_batch:
         for c in range(lane, classes, CE_LANES):
@@ -698,7 +700,7 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
             m1 = row_max[local_row, lane]
             m2 = row_max[local_row, lane + stride]
             s2 = row_sum[local_row, lane + stride]
-            # An empty lane has sum 0 and max -inf; skipping it avoids exp(-inf - -inf).
+            # An empty lane has sum 0; skipping it keeps the merge exact.
             if m2 > m1:
                 row_sum[local_row, lane] = row_sum[local_row, lane] * math.exp(m1 - m2) + s2
                 row_max[local_row, lane] = m2
