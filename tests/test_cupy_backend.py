@@ -87,6 +87,23 @@ def test_dense_backward_matches_numpy_and_launches_what_it_plans(cb, rng, act, s
             close(cb.to_host(got), want)
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_and_its_derivative_are_finite_at_large_preactivations(cb, rng, act):
+    """z = x @ [[1]] + 0 = x exactly; 1e20 squares past float32's range, the largest float doubles past it."""
+    big = np.finfo(np.float32).max
+    x = np.array([[1e4], [-1e4], [1e20], [-1e20], [big], [-big], [30.0], [-30.0], [0.5]], np.float32)
+    w, b = np.ones((1, 1), np.float32), np.zeros(1, np.float32)
+    dy = rng.standard_normal((len(x), 1)).astype(np.float32)
+    y_ref, z_ref = ref.dense_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
+    dx_ref, _, _ = ref.dense_backward(dy.astype(np.float64), None, w.astype(np.float64), y_ref, z_ref, act, True,
+                                      False)
+    y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act)
+    dx, _, _ = cb.dense_backward(cb.asarray(dy), None, cb.asarray(w), y, z, act, True, False)
+    for got, want in ((cb.to_host(y), y_ref), (cb.to_host(dx), dx_ref)):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
+
+
 def test_dense_backward_fills_given_buffers(cb, rng):
     x, w, b = layer(rng, 37, 29, 23)
     y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "relu")

@@ -146,13 +146,19 @@ def test_dense_writes_into_the_buffers_it_is_given(rng):
         assert_matches(actual, expected)
 
 
+# 1e20 squares past float32's range; the largest float32 doubles past it.
+LARGE_PREACTIVATIONS = np.array(
+    [[1e4], [-1e4], [1e20], [-1e20], [np.finfo(np.float32).max], [np.finfo(np.float32).min], [30.0], [-30.0],
+     [0.5], [0.0]], np.float32)
+
+
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_activation_and_its_derivative_are_stable_at_large_preactivations(rng, act):
-    # x (6, 1) @ [[1]] + 0 makes z = x exactly, so y = act(z) and dx = dy * act'(z): elementwise.
-    x = np.array([[1e4], [-1e4], [30.0], [-30.0], [0.5], [0.0]], np.float32)
+    # x (n, 1) @ [[1]] + 0 makes z = x exactly, so y = act(z) and dx = dy * act'(z): elementwise.
+    x = LARGE_PREACTIVATIONS
     w = np.ones((1, 1), np.float32)
     b = np.zeros(1, np.float32)
-    dy = randn(rng, 6, 1)
+    dy = randn(rng, len(x), 1)
     y_ref, z_ref = ref.dense_forward(x, w, b, act)
     dx_ref, _, _ = ref.dense_backward(dy, x, w, *y_and_z(act, y_ref, z_ref), act, True, False)
     x_dev, w_dev, b_dev, dy_dev = to_device(x, w, b, dy)

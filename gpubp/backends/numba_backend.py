@@ -82,7 +82,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
-from gpubp.activations import GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
+from gpubp.activations import GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
 from gpubp.backends import INSTALL_HINT
 from gpubp.trace import record
 
@@ -139,6 +139,7 @@ _INV_SQRT_2PI = np.float32(1.0 / math.sqrt(2.0 * math.pi))
 _GELU_TANH_C = np.float32(GELU_TANH_C)
 _GELU_TANH_AC = np.float32(GELU_TANH_A * GELU_TANH_C)
 _GELU_TANH_3AC = np.float32(3 * GELU_TANH_A * GELU_TANH_C)
+_GELU_SATURATION = np.float32(GELU_SATURATION)
 
 
 def unavailable_reason() -> str | None:
@@ -339,14 +340,25 @@ def _tanh(z):
 
 
 @cuda.jit(device=True, inline="always")
+def _saturate(z):
+    """z clamped to [-GELU_SATURATION, GELU_SATURATION] (see activations.py); NaN stays NaN."""
+    if z > _GELU_SATURATION:
+        return _GELU_SATURATION
+    if z < -_GELU_SATURATION:
+        return -_GELU_SATURATION
+    return z
+
+
+@cuda.jit(device=True, inline="always")
 def _gelu(z):
-    return (math.erf(z * _INV_SQRT2) + _ONE) * z * _HALF
+    return (math.erf(z * _INV_SQRT2) + _ONE) * _HALF * z
 
 
 @cuda.jit(device=True, inline="always")
 def _gelu_tanh(z):
-    u = (z * z * _GELU_TANH_AC + _GELU_TANH_C) * z
-    return (math.tanh(u) + _ONE) * z * _HALF
+    clamped = _saturate(z)
+    u = (clamped * clamped * _GELU_TANH_AC + _GELU_TANH_C) * clamped
+    return (math.tanh(u) + _ONE) * _HALF * z
 
 
 @cuda.jit(device=True, inline="always")
@@ -372,6 +384,7 @@ def _tanh_grad(y):
 @cuda.jit(device=True, inline="always")
 def _gelu_grad(z):
     # Phi(z) + z phi(z)
+    z = _saturate(z)
     density = math.exp(z * z * _NEG_HALF) * z * _INV_SQRT_2PI
     return density + (math.erf(z * _INV_SQRT2) + _ONE) * _HALF
 
@@ -379,6 +392,7 @@ def _gelu_grad(z):
 @cuda.jit(device=True, inline="always")
 def _gelu_tanh_grad(z):
     # 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2), t = tanh(c (z + a z^3))
+    z = _saturate(z)
     z2 = z * z
     t = math.tanh((z2 * _GELU_TANH_AC + _GELU_TANH_C) * z)
     du = (z2 * _GELU_TANH_3AC + _GELU_TANH_C) * z * (_ONE - t * t) * _HALF
