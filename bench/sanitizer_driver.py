@@ -9,7 +9,7 @@ batch 1, shapes that are not multiples of 4 (the scalar load/store paths) and mu
 (the float4 paths); for cupy also both tile sizes and the split-K dW reduction. Then
 misaligned operands: inputs and ``out=`` buffers that start one float past a 16-byte boundary
 (C-contiguous views, which the kernels take as they are), with in and out features in
-{1, 3, 4, 5, 127, 129}, where the float4 paths must fall back to scalar access. Then every
+{1, 3, 4, 5, 127, 128, 129}, where the float4 paths must fall back to scalar access. Then every
 loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_.
 Checks nothing itself: the sanitizer does.
 """
@@ -29,7 +29,7 @@ DENSE_SHAPES = {
     # The Numba kernels have one 64 x 64 tile: ragged shapes, and several blocks each way.
     "numba": [(1, 1, 1), (1, 37, 29), (19, 13, 7), (64, 32, 16), (70, 20, 9), (130, 129, 127)],
 }
-MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 129)
+MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 128, 129)
 MISALIGNED_BATCH = 37
 # Misaligned operands in the split-K dW path too (cupy picks it for this layer).
 MISALIGNED_LARGE_SHAPES = {"cupy": [(2048, 64, 48)], "numba": []}
