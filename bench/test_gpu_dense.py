@@ -40,6 +40,7 @@ import pytest
 import gpubp as gb
 from gpubp import backends
 from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_MLP64
+from test_cpu_step import init_weights  # the CPU step benchmark's He-normal initialisation
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
 os.environ["CUPY_TF32"] = "0"
@@ -122,16 +123,6 @@ def gemm_flops(widths, batch) -> float:
 
 # ----------------------------------------------------------------------------- step builders
 # Each returns a function that runs one step and waits for the device.
-
-
-def init_weights(widths, seed=1) -> list[np.ndarray]:
-    """He-normal weights and small random biases, [W0, b0, W1, b1, ...], float32."""
-    rng = np.random.default_rng(seed)
-    weights = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        weights.append(rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out)).astype(np.float32))
-        weights.append(rng.normal(0.0, 0.01, fan_out).astype(np.float32))
-    return weights
 
 
 def classification_batch(widths, batch, seed=0):
