@@ -35,6 +35,7 @@ MISALIGNED_BATCH = 37
 MISALIGNED_LARGE_SHAPES = {"cupy": [(2048, 64, 48)], "numba": []}
 MISALIGNED_ACTIVATIONS = ("relu", "gelu")  # gelu also stores z
 LOSS_SHAPES = [(1, 1), (1, 10), (37, 13), (300, 1001)]
+PARAMETER_SIZES = (1, 1031)  # optimizer updates, sumsq and scale_
 
 
 def misaligned(be, host: np.ndarray):
@@ -75,7 +76,7 @@ def drive_losses_and_optimizers(be, rand, rng) -> None:
         be.mse(logits, target)
         be.bce(logits, target)
 
-    for n in (1, 1031):
+    for n in PARAMETER_SIZES:
         p, g = rand(n), rand(n)
         be.sgd_update(p, g, None, 0.1, 0.0, False, 0.0)
         for nesterov in (False, True):

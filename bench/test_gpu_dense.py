@@ -27,7 +27,7 @@ shape, dtype and achieved TFLOP/s (2 B in out per GEMM, three GEMMs per layer in
     CUPY_TF32=0 pytest bench/test_gpu_dense.py --benchmark-json bench.json
 
 The step builders take the backend (or array module, or torch device) as an argument, so
-the test suite runs each once on the CPU with tiny shapes (tests/test_gpu_summary.py).
+the test suite runs each once on the CPU with tiny shapes (tests/test_gpu_check_scripts.py).
 """
 
 from __future__ import annotations

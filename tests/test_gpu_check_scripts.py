@@ -1,8 +1,10 @@
-"""The GPU check's record (bench/gpu_summary.py) and benchmark builders (bench/test_gpu_dense.py), on the CPU.
+"""The scripts of bench/gpu_check.sh, on the CPU: the record writer (bench/gpu_summary.py), the
+benchmark builders (bench/test_gpu_dense.py) and the sanitizer driver (bench/sanitizer_driver.py).
 
 The summary writer is fed fabricated inputs in the formats the GPU run produces: pytest
 --junitxml reports, compute-sanitizer logs, a pytest-benchmark JSON. The benchmark module's
-step builders run once on tiny shapes with the NumPy backend, NumPy and PyTorch's CPU build.
+step builders and the sanitizer driver's calls run once on tiny shapes with the NumPy
+backend (which implements the same kernel contract), NumPy and PyTorch's CPU build.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpubp import backends
 from gpubp._driver import cuda_device_count
 from gpubp.backends import numpy_backend
 
@@ -337,3 +340,38 @@ def test_the_gpu_benchmarks_collect_and_skip_with_the_reason_without_a_gpu():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "GPU benchmarks need the CuPy backend" in run.stdout
     assert " passed" not in run.stdout and "error" not in run.stdout.lower()
+
+
+# ----------------------------------------------------------------------------- bench/sanitizer_driver.py
+
+
+@pytest.fixture
+def driver():
+    return load("sanitizer_driver")
+
+
+def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract(driver, monkeypatch, capsys):
+    """Driven through the NumPy backend, which implements the same contract, on tiny shapes
+    (the CUDA simulator would take seconds per call); gpu_check.sh runs it on the GPU backends."""
+    backend = "numpy"
+    monkeypatch.setitem(driver.DENSE_SHAPES, backend, [(3, 5, 4)])
+    monkeypatch.setitem(driver.MISALIGNED_LARGE_SHAPES, backend, [])
+    monkeypatch.setattr(driver, "MISALIGNED_FEATURES", (1, 4))
+    monkeypatch.setattr(driver, "MISALIGNED_BATCH", 3)
+    monkeypatch.setattr(driver, "LOSS_SHAPES", [(2, 3)])
+    monkeypatch.setattr(driver, "PARAMETER_SIZES", (1, 5))
+    driver.main([backend])
+    assert capsys.readouterr().out == f"sanitizer driver: every {backend} kernel ran\n"
+
+
+def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_past_the_start(driver, backend):
+    be = backends.get(backend)
+    host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    view = driver.misaligned(be, host)
+    assert view.shape == (3, 4)
+    np.testing.assert_array_equal(be.to_host(view), host)
+
+
+def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
+    with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
+        driver.main(["cpu"])
