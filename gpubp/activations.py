@@ -159,7 +159,7 @@ def _gelu_grad(z: np.ndarray) -> np.ndarray:
     np.exp(grad, out=grad)
     grad *= z
     grad *= _INV_SQRT_2PI
-    phi = np.multiply(z, _INV_SQRT2)
+    phi = np.multiply(z, _INV_SQRT2, out=z)  # the clamped copy is not read again
     erf(phi, out=phi)
     phi += 1
     phi *= 0.5
@@ -180,7 +180,7 @@ def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
     du *= 3 * GELU_TANH_A * GELU_TANH_C
     du += GELU_TANH_C
     du *= z
-    sech2 = np.multiply(t, t)
+    sech2 = np.multiply(t, t, out=z)  # the clamped copy is not read again
     np.subtract(1, sech2, out=sech2)
     du *= sech2
     du *= 0.5

@@ -131,7 +131,7 @@ _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 _NEG_HALF = np.float32(-0.5)
 # The running max of a softmax row starts here rather than at -inf, so a -inf logit (a
-# masked class) or a lane with no element never forms exp(-inf - -inf) = NaN (as loss.cu).
+# masked class) or a lane with no element never forms exp(-inf - -inf) = NaN (as in loss.cu).
 _LOWEST = np.float32(np.finfo(np.float32).min)
 _LEAKY_SLOPE = np.float32(LEAKY_SLOPE)
 _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
@@ -560,17 +560,17 @@ def _dense_dw_kernel(act: str, store_dz: bool):
         tid = ty * TILE_THREADS_X + tx
         row0 = cuda.blockIdx.x * BLOCK_M
         col0 = cuda.blockIdx.y * BLOCK_N
-        first_row_of_grid = cuda.blockIdx.x == 0
+        first_row_tile = cuda.blockIdx.x == 0
         column_sum = _ZERO
         _zero_accumulators(acc)
         for k0 in range(0, x.shape[0], BLOCK_K):
             _load_tile(a_tile, x, k0, row0, tid)
-            column_sum += load_dz_tile(b_tile, dy, act_in, k0, col0, tid, dz_out, store_dz and first_row_of_grid)
+            column_sum += load_dz_tile(b_tile, dy, act_in, k0, col0, tid, dz_out, store_dz and first_row_tile)
             cuda.syncthreads()
             _multiply_tiles(a_tile, b_tile, acc, tx, ty)
             cuda.syncthreads()
         _store_tile(dw, acc, row0, col0, tx, ty)
-        if first_row_of_grid and col0 + tid < db.shape[0]:
+        if first_row_tile and col0 + tid < db.shape[0]:
             db[col0 + tid] = column_sum
 
     return dense_dw_kernel
