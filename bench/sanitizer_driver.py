@@ -96,7 +96,8 @@ def drive(name: str) -> None:
         return be.asarray(rng.standard_normal(shape).astype(np.float32))
 
     drive_dense(be, rand, DENSE_SHAPES[name])
-    misaligned_shapes = [(MISALIGNED_BATCH, n_in, n_out) for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
+    misaligned_shapes = [(MISALIGNED_BATCH, n_in, n_out)
+                         for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
     drive_misaligned_dense(be, rng, misaligned_shapes + MISALIGNED_LARGE_SHAPES[name])
     drive_losses_and_optimizers(be, rand, rng)
     be.synchronize()

@@ -133,7 +133,8 @@ def classification_batch(widths, batch, seed=0):
 def gpubp_model(backend: str, widths) -> gb.Sequential:
     last = len(widths) - 2
     model = gb.Sequential(
-        [gb.Dense(i, o, activation=None if k == last else "relu") for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
+        [gb.Dense(i, o, activation=None if k == last else "relu")
+         for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
         backend=backend,
     )
     model.set_weights(init_weights(widths))

@@ -141,7 +141,8 @@ def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_numpy_and_resets
     for i, (dw_ref, db_ref) in enumerate(references):
         dw, db = runs[0][i]
         for later in runs[1:]:
-            assert np.array_equal(later[i][0], dw) and np.array_equal(later[i][1], db), f"layer {i} differs between runs"
+            assert np.array_equal(later[i][0], dw), f"layer {i}: dW differs between runs"
+            assert np.array_equal(later[i][1], db), f"layer {i}: db differs between runs"
         close(dw, dw_ref)
         close(db, db_ref)
         close(dw, single_split[i][0].astype(np.float64))
@@ -172,7 +173,7 @@ def test_misaligned_operands_and_out_buffers_give_the_reference_results(cb, rng,
     x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
     y_ref, z_ref = ref.dense_forward(x64, w64, b64, act)
     x_d, w_d, b_d, dy_d = (misaligned(cb, a) for a in (x, w, b, dy))
-    out_y, out_z = misaligned(cb, np.zeros((batch, n_out), np.float32)), misaligned(cb, np.zeros((batch, n_out), np.float32))
+    out_y, out_z = (misaligned(cb, np.zeros((batch, n_out), np.float32)) for _ in range(2))
     y, z = cb.dense_forward(x_d, w_d, b_d, act, out=out_y, out_z=out_z)
     assert y is out_y and (z is out_z if act in NEEDS_Z else z is None)
     close(cb.to_host(y), y_ref)
