@@ -1,48 +1,61 @@
-"""GPU benchmarks of the dense-layer kernels (pytest-benchmark; skipped without CuPy and a GPU).
+"""GPU benchmarks (pytest-benchmark; every test skips, with the reason, without CuPy and a GPU).
 
-Compared on one device in one run, fp32 with TF32 off everywhere:
+Compared on one device in one run, fp32 with TF32 off everywhere (``CUPY_TF32=0`` for cuBLAS
+through CuPy, ``allow_tf32 = False`` for PyTorch):
 
-- ``gpubp-cupy``    the CUDA C++ kernels (fused bias + activation epilogue, fused dz prologue)
-- ``gpubp-numba``   the Numba-CUDA kernels, on the same CuPy arrays
-- ``cupy-unfused``  cuBLAS SGEMM via ``cupy.matmul`` plus elementwise bias / activation kernels
-- ``torch``         PyTorch eager, when importable
+- ``gpubp-cupy``      the CUDA C++ kernels (fused bias + activation epilogue, fused dz prologue)
+- ``gpubp-numba``     the Numba-CUDA kernels, on the same CuPy arrays
+- ``cublas-unfused``  cuBLAS SGEMM via ``cupy.matmul`` plus elementwise bias / activation kernels
+- ``torch``           PyTorch eager, when importable with CUDA
 
-Workloads: MLP forward and a full training step (forward, then dX and dW/db for every
-layer) at the widths and batches below; single-layer forwards at 1024 and 64 wide; one
-4096^3 GEMM against cuBLAS. Every timed call ends in a device synchronize, runs after
-warm-up rounds (kernel compilation stays out), on random normal data. ``extra_info``
-records shape, dtype, backend, device name and achieved TFLOP/s (2 B in out per GEMM).
+Workloads, each named in ``extra_info["workload"]`` (bench/gpu_summary.py reads its ratios
+from these names):
 
-    pytest bench/test_gpu_dense.py --benchmark-json bench/results/<device>.json
+- ``FWD_4096``: one 4096^3 relu layer forward, gpubp's fused kernel against cuBLAS + bias + relu;
+- ``STEP_1024``, ``STEP_MLP64``: a full training step through the public API (forward, fused
+  softmax cross-entropy, backward, Adam update), hidden layers relu, linear head;
+- ``FROZEN_STEP`` / ``FROZEN_FORWARD``: the same step with every layer but the head frozen,
+  and an inference forward pass of the same model, for the frozen-step cost ratio;
+- ``kernels ...``: the dense kernels alone (forward, or forward then dX and dW/db of every
+  layer) at the widths and batches of ``MLPS`` and ``SINGLE_LAYERS``.
+
+Every timed call ends in a device synchronize and runs after ``WARMUP`` untimed calls (Numba
+compilation and CuPy's kernel loading stay out), on random normal data; ``ROUNDS`` rounds,
+of which bench/gpu_summary.py takes the median. ``extra_info`` also records the device name,
+shape, dtype and achieved TFLOP/s (2 B in out per GEMM, three GEMMs per layer in a step).
+
+    CUPY_TF32=0 pytest bench/test_gpu_dense.py --benchmark-json bench.json
+
+The step builders take the backend (or array module, or torch device) as an argument, so
+the test suite runs each once on the CPU with tiny shapes (tests/test_gpu_check_scripts.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
+import gpubp as gb
 from gpubp import backends
+from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_MLP64
+from test_cpu_step import init_weights  # the CPU step benchmark's He-normal initialisation
 
-try:
-    cb = backends.get("cupy")
-except RuntimeError as exc:
-    pytest.skip(f"GPU benchmarks need the CuPy backend: {exc}", allow_module_level=True)
+# CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
+os.environ["CUPY_TF32"] = "0"
 
-import cupy  # noqa: E402
-
-try:
-    import torch  # noqa: E402
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-except ImportError:
-    torch = None
-
-DEVICE_NAME = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 ROUNDS = 20
 WARMUP = 3
+LR = 1e-3
 
-# name -> (layer widths, batch)
+STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 65536)}
+FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
+FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
+STEP_IMPLS = ["gpubp-cupy", "gpubp-numba", "torch"]
+FROZEN_IMPLS = ["gpubp-cupy", "gpubp-numba"]
+
+# Kernel-level workloads: name -> (layer widths, batch)
 MLPS = {
     "1024x4@8192": ([1024] * 4, 8192),
     "256x4@16384": ([256] * 4, 16384),
@@ -50,163 +63,289 @@ MLPS = {
     "4096x3@256": ([4096] * 3, 256),
 }
 SINGLE_LAYERS = {"1024wide@8192": ([1024, 1024], 8192), "64wide@65536": ([64, 64], 65536)}
-IMPLS = ["gpubp-cupy", "gpubp-numba", "cupy-unfused", "torch"]
+KERNEL_IMPLS = ["gpubp-cupy", "gpubp-numba", "cublas-unfused", "torch"]
 
 
-def make_mlp(widths, batch, seed=0):
+def summary_benchmarks() -> set[tuple[str, str]]:
+    """Every (workload, backend) pair the tests below time for the summary's ratios."""
+    return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
+            | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
+            | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS})
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    try:
+        backends.get("cupy")
+    except RuntimeError as exc:
+        pytest.skip(f"GPU benchmarks need the CuPy backend: {exc}")
+    import cupy
+
+    return cupy
+
+
+def gpu_backend(impl: str):
+    """The backend module of ``impl`` ("gpubp-cupy" or "gpubp-numba"), or skip saying why not."""
+    try:
+        return backends.get(impl.removeprefix("gpubp-"))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch was built without CUDA or sees no GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch
+
+
+def device_name(cupy) -> str:
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+
+
+def measure(benchmark, cupy, fn, *, workload, backend, shape, flops):
+    benchmark.group = workload
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    benchmark.extra_info.update(
+        workload=workload, backend=backend, shape=shape, dtype="float32", device=device_name(cupy),
+        tflops=flops / benchmark.stats.stats.median / 1e12,
+    )
+
+
+def gemm_flops(widths, batch) -> float:
+    return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+# ----------------------------------------------------------------------------- step builders
+# Each returns a function that runs one step and waits for the device.
+
+
+def classification_batch(widths, batch, seed=0):
     rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, widths[0]), dtype=np.float32), rng.integers(0, widths[-1], batch)
+
+
+def gpubp_model(backend: str, widths) -> gb.Sequential:
+    last = len(widths) - 2
+    model = gb.Sequential(
+        [gb.Dense(i, o, activation=None if k == last else "relu")
+         for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
+        backend=backend,
+    )
+    model.set_weights(init_weights(widths))
+    return model
+
+
+def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False):
+    """forward, fused softmax cross-entropy, backward, Adam: the public API, as fit runs it."""
+    model = gpubp_model(backend, widths)
+    if frozen_backbone:
+        model.freeze_to(-1)
+    be = model.backend
+    x, labels = classification_batch(widths, batch)
+    x, labels = be.asarray(x), be.asarray(labels)
+    opt = gb.optim.Adam(model.parameters(), lr=LR)
+
+    def step():
+        out = model.forward(x)
+        _, dout = gb.losses.cross_entropy(out, labels, backend=be)
+        model.backward(dout)
+        opt.step()
+        be.synchronize()
+
+    return model, step
+
+
+def gpubp_forward_pass(backend: str, widths, batch):
+    model = gpubp_model(backend, widths)
+    x = model.backend.asarray(classification_batch(widths, batch)[0])
+
+    def forward():
+        model.forward(x, training=False)
+        model.backend.synchronize()
+
+    return forward
+
+
+def torch_train_step(torch, device: str, widths, batch):
+    """The same step in PyTorch eager: nn.Linear + ReLU, F.cross_entropy, torch.optim.Adam."""
+    layers = []
+    for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+        if k < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(device)
+    x, labels = classification_batch(widths, batch)
+    x, labels = torch.as_tensor(x, device=device), torch.as_tensor(labels, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        sync()
+
+    return model, step
+
+
+def unfused_relu_forward(xp, a, w, b, out, sync):
+    """What gpubp fuses away: a bare SGEMM, then bias and relu as separate elementwise passes."""
+    def forward():
+        xp.matmul(a, w, out=out)
+        xp.add(out, b, out=out)
+        xp.maximum(out, 0, out=out)
+        sync()
+
+    return forward
+
+
+def kernel_pass(be, x, layers, dy, train, sync):
+    """The dense kernels alone: forward through every layer; with ``train``, dX and dW/db everywhere."""
+    def run():
+        acts = [(x, None, None)]
+        h = x
+        for w, b, act in layers:
+            y, z = be.dense_forward(h, w, b, act)
+            acts.append((y, z, act))
+            h = y
+        if train:
+            g = dy
+            for (inp, _, _), (y, z, act), (w, _, _) in zip(reversed(acts[:-1]), reversed(acts[1:]), reversed(layers)):
+                g, _, _ = be.dense_backward(g, inp, w, y, z, act, True, True)
+        sync()
+
+    return run
+
+
+def unfused_kernel_pass(xp, x, layers, dy, train, sync):
+    """cuBLAS GEMMs with separate elementwise bias / relu passes, forward and optionally backward."""
+    def run():
+        acts = [x]
+        for w, b, act in layers:
+            y = xp.matmul(acts[-1], w)
+            y += b
+            if act == "relu":
+                xp.maximum(y, 0, out=y)
+            acts.append(y)
+        if train:
+            g = dy
+            for i in range(len(layers) - 1, -1, -1):
+                w, _, act = layers[i]
+                dz = g * (acts[i + 1] > 0) if act == "relu" else g
+                xp.matmul(acts[i].T, dz)
+                dz.sum(axis=0)
+                g = xp.matmul(dz, w.T)
+        sync()
+
+    return run
+
+
+# ----------------------------------------------------------------------------- the summary's workloads
+
+
+@pytest.mark.parametrize("impl", FWD_4096_IMPLS)
+def test_forward_4096_relu(benchmark, cupy, impl):
+    rng = np.random.default_rng(0)
+    a = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32))
+    w = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32) / np.float32(64))
+    b = cupy.asarray(rng.standard_normal(4096, dtype=np.float32))
+    out = cupy.empty((4096, 4096), np.float32)
+    sync = cupy.cuda.get_current_stream().synchronize
+    if impl == "gpubp-cupy":
+        cb = gpu_backend(impl)
+
+        def fn():
+            cb.dense_forward(a, w, b, "relu", out=out)
+            sync()
+    else:
+        fn = unfused_relu_forward(cupy, a, w, b, out, sync)
+    measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape="4096x4096x4096", flops=2.0 * 4096**3)
+
+
+@pytest.mark.parametrize("impl", STEP_IMPLS)
+@pytest.mark.parametrize("workload", list(STEP_WORKLOADS))
+def test_train_step(benchmark, cupy, workload, impl):
+    widths, batch = STEP_WORKLOADS[workload]
+    if impl == "torch":
+        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch)
+    else:
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch)
+    measure(benchmark, cupy, step, workload=workload, backend=impl, shape=widths + [batch],
+            flops=3 * gemm_flops(widths, batch))
+
+
+@pytest.mark.parametrize("impl", FROZEN_IMPLS)
+@pytest.mark.parametrize("workload", [FROZEN_STEP, FROZEN_FORWARD])
+def test_frozen_backbone_step_and_forward(benchmark, cupy, workload, impl):
+    widths, batch = FROZEN_MODEL
+    backend = gpu_backend(impl).NAME
+    if workload == FROZEN_STEP:
+        _, fn = gpubp_train_step(backend, widths, batch, frozen_backbone=True)
+        flops = gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]  # + the head's dW
+    else:
+        fn = gpubp_forward_pass(backend, widths, batch)
+        flops = gemm_flops(widths, batch)
+    measure(benchmark, cupy, fn, workload=workload, backend=impl, shape=widths + [batch], flops=flops)
+
+
+# ----------------------------------------------------------------------------- the kernels alone
+
+
+def kernel_runner(cupy, impl, widths, batch, train):
+    rng = np.random.default_rng(0)
     x = cupy.asarray(rng.standard_normal((batch, widths[0]), dtype=np.float32))
     layers = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         w = cupy.asarray((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
         b = cupy.asarray(rng.standard_normal(n_out, dtype=np.float32))
-        act = "relu" if i < len(widths) - 2 else "identity"
-        layers.append((w, b, act))
+        layers.append((w, b, "relu" if i < len(widths) - 2 else "identity"))
     dy = cupy.asarray(rng.standard_normal((batch, widths[-1]), dtype=np.float32))
-    return x, layers, dy
-
-
-def gemm_flops(widths, batch):
-    return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
-# ----------------------------------------------------------------------------- implementations
-
-
-def gpubp_step(backend, x, layers, dy, train):
-    """Forward through every layer; with ``train``, backward with dX and dW/db everywhere."""
-    acts = [(x, None, None)]
-    h = x
-    for w, b, act in layers:
-        y, z = backend.dense_forward(h, w, b, act)
-        acts.append((y, z, act))
-        h = y
-    if train:
-        g = dy
-        for (inp, _, _), (y, z, act), (w, _, _) in zip(reversed(acts[:-1]), reversed(acts[1:]), reversed(layers)):
-            g, _, _ = backend.dense_backward(g, inp, w, y, z, act, True, True)
-    cupy.cuda.get_current_stream().synchronize()
-
-
-def unfused_step(x, layers, dy, train):
-    """cuBLAS GEMMs with separate elementwise bias / ReLU passes: what gpubp fuses away."""
-    acts = [x]
-    for w, b, act in layers:
-        y = cupy.matmul(acts[-1], w)
-        y += b
-        if act == "relu":
-            cupy.maximum(y, 0, out=y)
-        acts.append(y)
-    if train:
-        g = dy
-        for i in range(len(layers) - 1, -1, -1):
-            w, _, act = layers[i]
-            dz = g * (acts[i + 1] > 0) if act == "relu" else g
-            cupy.matmul(acts[i].T, dz)
-            dz.sum(axis=0)
-            g = cupy.matmul(dz, w.T)
-    cupy.cuda.get_current_stream().synchronize()
-
-
-def torch_step(x, layers, dy, train):
-    h = x
-    for w, b, act in layers:
-        h = torch.addmm(b, h, w)
-        if act == "relu":
-            h = torch.relu(h)
-    if train:
-        h.backward(dy)
-    torch.cuda.synchronize()
-
-
-def runner(impl, x, layers, dy, train):
-    if impl == "gpubp-cupy":
-        return lambda: gpubp_step(cb, x, layers, dy, train)
-    if impl == "gpubp-numba":
-        try:
-            nb = backends.get("numba")
-        except RuntimeError as exc:
-            pytest.skip(str(exc))
-        return lambda: gpubp_step(nb, x, layers, dy, train)
-    if impl == "cupy-unfused":
-        return lambda: unfused_step(x, layers, dy, train)
-    if torch is None:
-        pytest.skip("PyTorch is not installed")
-    tx = torch.as_tensor(x, device="cuda")
+    sync = cupy.cuda.get_current_stream().synchronize
+    if impl.startswith("gpubp-"):
+        return kernel_pass(gpu_backend(impl), x, layers, dy, train, sync)
+    if impl == "cublas-unfused":
+        return unfused_kernel_pass(cupy, x, layers, dy, train, sync)
+    torch = cuda_torch()
+    tx = torch.as_tensor(x, device="cuda").requires_grad_(train)
     tdy = torch.as_tensor(dy, device="cuda")
-    tlayers = [
-        (torch.as_tensor(w, device="cuda").requires_grad_(train), torch.as_tensor(b, device="cuda").requires_grad_(train),
-         act)
-        for w, b, act in layers
-    ]
-    tx.requires_grad_(train)
+    tlayers = [(torch.as_tensor(w, device="cuda").requires_grad_(train),
+                torch.as_tensor(b, device="cuda").requires_grad_(train), act) for w, b, act in layers]
 
     def run():
-        for w, b, _ in tlayers:
+        h = tx
+        for w, b, act in tlayers:
             w.grad = b.grad = None
-        tx.grad = None
-        torch_step(tx, tlayers, tdy, train)
+            h = torch.addmm(b, h, w)
+            if act == "relu":
+                h = torch.relu(h)
+        if train:
+            tx.grad = None
+            h.backward(tdy)
+        torch.cuda.synchronize()
 
     return run
 
 
-def measure(benchmark, fn, *, shape, backend, flops):
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    benchmark.extra_info.update(
-        shape=shape, dtype="float32", backend=backend, device=DEVICE_NAME,
-        tflops=flops / benchmark.stats.stats.mean / 1e12,
-    )
-
-
-# ----------------------------------------------------------------------------- benchmarks
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("mlp", list(MLPS))
-def test_mlp_forward(benchmark, mlp, impl):
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "fwd+bwd"])
+def test_kernels_on_mlp(benchmark, cupy, mlp, impl, train):
     widths, batch = MLPS[mlp]
-    x, layers, dy = make_mlp(widths, batch)
-    benchmark.group = f"forward {mlp}"
-    measure(benchmark, runner(impl, x, layers, dy, False), shape=mlp, backend=impl,
-            flops=gemm_flops(widths, batch))
+    measure(benchmark, cupy, kernel_runner(cupy, impl, widths, batch, train),
+            workload=f"kernels {'fwd+bwd' if train else 'forward'} {mlp}", backend=impl, shape=mlp,
+            flops=(3 if train else 1) * gemm_flops(widths, batch))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mlp", list(MLPS))
-def test_mlp_train_step(benchmark, mlp, impl):
-    widths, batch = MLPS[mlp]
-    x, layers, dy = make_mlp(widths, batch)
-    benchmark.group = f"fwd+bwd {mlp}"
-    measure(benchmark, runner(impl, x, layers, dy, True), shape=mlp, backend=impl,
-            flops=3 * gemm_flops(widths, batch))
-
-
-@pytest.mark.parametrize("impl", ["gpubp-cupy", "gpubp-numba", "cupy-unfused"])
+@pytest.mark.parametrize("impl", ["gpubp-cupy", "gpubp-numba", "cublas-unfused"])
 @pytest.mark.parametrize("layer", list(SINGLE_LAYERS))
-def test_single_layer_forward(benchmark, layer, impl):
+def test_kernels_on_single_layer(benchmark, cupy, layer, impl):
     widths, batch = SINGLE_LAYERS[layer]
-    x, layers, dy = make_mlp(widths, batch)
-    benchmark.group = f"forward layer {layer}"
-    measure(benchmark, runner(impl, x, layers, dy, False), shape=layer, backend=impl,
-            flops=gemm_flops(widths, batch))
-
-
-@pytest.mark.parametrize("impl", ["gpubp-cupy", "cublas"])
-def test_sgemm_4096_vs_cublas(benchmark, impl):
-    """A bare 4096^3 GEMM: gpubp's forward (identity, zero bias) against cuBLAS SGEMM."""
-    rng = np.random.default_rng(0)
-    a = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32))
-    w = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32))
-    b = cupy.zeros(4096, np.float32)
-    out = cupy.empty((4096, 4096), np.float32)
-    sync = cupy.cuda.get_current_stream().synchronize
-    if impl == "gpubp-cupy":
-        def fn():
-            cb.dense_forward(a, w, b, "identity", out=out)
-            sync()
-    else:
-        def fn():
-            cupy.matmul(a, w, out=out)
-            sync()
-    benchmark.group = "sgemm 4096^3"
-    measure(benchmark, fn, shape="4096x4096x4096", backend=impl, flops=2.0 * 4096**3)
+    measure(benchmark, cupy, kernel_runner(cupy, impl, widths, batch, False),
+            workload=f"kernels forward layer {layer}", backend=impl, shape=layer, flops=gemm_flops(widths, batch))

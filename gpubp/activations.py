@@ -39,6 +39,13 @@ RELU_FAMILY = frozenset({"relu", "leaky_relu"})
 LEAKY_SLOPE = 0.01
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
 GELU_TANH_A = 0.044715
+# Past |z| = GELU_SATURATION gelu and gelu_tanh have reached their limits exactly, in float32
+# and in float64: exp(-z^2 / 2) underflows to 0 (past |z| = 38.6) and tanh(c (z + a z^3)) is
+# +-1 (tanh(u) rounds to 1 past u = 9 in float32 and 19.1 in float64; u(40) = 2316). Their
+# derivatives and gelu_tanh's tanh argument are computed from z clamped there, which changes
+# no result and keeps z^2 finite: unclamped, it overflows float32 past |z| = 1.8e19 and the
+# derivative became 0 * inf = NaN.
+GELU_SATURATION = 40.0
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
@@ -94,20 +101,22 @@ def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
     elif name == "tanh":
         np.tanh(z, out=out)
     elif name == "gelu":
+        # Halving before the multiply by z keeps z Phi(z) finite up to the largest float.
         np.multiply(z, _INV_SQRT2, out=out)
         erf(out, out=out)
         out += 1
-        out *= z
         out *= 0.5
+        out *= z
     elif name == "gelu_tanh":
-        np.multiply(z, z, out=out)
+        clamped = _saturate(z)
+        np.multiply(clamped, clamped, out=out)
         out *= GELU_TANH_A * GELU_TANH_C
         out += GELU_TANH_C
-        out *= z
+        out *= clamped
         np.tanh(out, out=out)
         out += 1
-        out *= z
         out *= 0.5
+        out *= z
     else:
         raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
@@ -137,14 +146,20 @@ def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out
         raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
+def _saturate(z: np.ndarray) -> np.ndarray:
+    """z clamped to [-GELU_SATURATION, GELU_SATURATION], a new array; NaN stays NaN."""
+    return np.clip(z, -GELU_SATURATION, GELU_SATURATION)
+
+
 def _gelu_grad(z: np.ndarray) -> np.ndarray:
     # d/dz [z Phi(z)] = Phi(z) + z phi(z)
+    z = _saturate(z)
     grad = np.multiply(z, z)
     grad *= -0.5
     np.exp(grad, out=grad)
     grad *= z
     grad *= _INV_SQRT_2PI
-    phi = np.multiply(z, _INV_SQRT2)
+    phi = np.multiply(z, _INV_SQRT2, out=z)  # the clamped copy is not read again
     erf(phi, out=phi)
     phi += 1
     phi *= 0.5
@@ -155,6 +170,7 @@ def _gelu_grad(z: np.ndarray) -> np.ndarray:
 def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
     # y = 0.5 z (1 + t), t = tanh(u), u = c (z + a z^3)
     # dy/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
+    z = _saturate(z)
     z2 = np.multiply(z, z)
     t = z2 * (GELU_TANH_A * GELU_TANH_C)
     t += GELU_TANH_C
@@ -164,7 +180,7 @@ def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
     du *= 3 * GELU_TANH_A * GELU_TANH_C
     du += GELU_TANH_C
     du *= z
-    sech2 = np.multiply(t, t)
+    sech2 = np.multiply(t, t, out=z)  # the clamped copy is not read again
     np.subtract(1, sech2, out=sech2)
     du *= sech2
     du *= 0.5

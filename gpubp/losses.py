@@ -40,7 +40,9 @@ def _on(backend: ModuleType, a, dtype):
 def cross_entropy(logits, labels, backend: ModuleType | None = None):
     """Softmax cross-entropy, mean over the batch: logits (B, C) float, labels (B,) ints in [0, C).
 
-    Softmax, loss and gradient run fused; stable for logits of any magnitude.
+    Softmax, loss and gradient run fused; stable for finite logits of any magnitude. A -inf
+    logit (a masked class) gets probability 0 and gradient 0. A +inf logit is not supported:
+    its row's loss and gradient come out inf or NaN (PyTorch gives NaN).
     """
     logits, backend = _prediction(logits, "logits", backend)
     batch, classes = logits.shape

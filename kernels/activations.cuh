@@ -15,8 +15,10 @@
 // derivatives are functions of the output y, so forward never stores z for them.
 // Everything is full-precision fp32 (erff/normcdff/expf/tanhf; never built with fast math),
 // and finite for any finite z: sigmoid takes exp of -|z| only, so |z| = 1e4 gives exactly
-// 0 or 1, and gelu uses normcdff, which is accurate in the far negative tail where
-// 0.5 (1 + erf(z / sqrt 2)) would cancel to 0.
+// 0 or 1; gelu uses normcdff, which is accurate in the far negative tail where
+// 0.5 (1 + erf(z / sqrt 2)) would cancel to 0, and its z phi(z) is z * 0 once z^2 overflows;
+// gelu_tanh's derivative reads z clamped to +-GELU_SATURATION, where tanh is already +-1
+// (as in activations.py), since from |z| = 1.8e19 z^2 overflows and (1 - t^2) du = 0 * inf.
 //
 // Device code only, no includes: the same text compiles under nvcc and NVRTC.
 #pragma once
@@ -40,6 +42,7 @@ struct ActConst {
     static constexpr float GELU_TANH_A = 0.044715f;
     static constexpr float GELU_TANH_C = 0.7978845608028654f;  // sqrt(2 / pi)
     static constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+    static constexpr float GELU_SATURATION = 40.0f;  // gpubp/activations.py GELU_SATURATION
 };
 
 template <int ACT>
@@ -92,10 +95,13 @@ __device__ __forceinline__ float act_grad(float y, float z) {
         return normcdff(z) + z * ActConst::INV_SQRT_2PI * expf(-0.5f * z * z);
     } else {
         static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
-        const float z2 = z * z;
-        const float t = tanhf(z * (ActConst::GELU_TANH_C + ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z2));
+        // Comparisons rather than fminf/fmaxf, which would turn a NaN z into a number.
+        constexpr float S = ActConst::GELU_SATURATION;
+        const float zs = z > S ? S : (z < -S ? -S : z);
+        const float z2 = zs * zs;
+        const float t = tanhf(zs * (ActConst::GELU_TANH_C + ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z2));
         const float du = ActConst::GELU_TANH_C + 3.0f * ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z2;
-        return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
+        return 0.5f * (1.0f + t) + 0.5f * zs * (1.0f - t * t) * du;
     }
 }
 

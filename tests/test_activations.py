@@ -24,15 +24,22 @@ DEFINITIONS = {  # the textbook formulas, one scalar at a time
     "gelu": lambda z: 0.5 * z * (1 + math.erf(z / math.sqrt(2))),
     "gelu_tanh": _gelu_tanh,
 }
-# Values at z = -1e4 and z = 1e4, and derivatives at z = 1e4 and z = -1e4.
+# Values at z = -m and z = m for a large m, and derivatives at z = m and z = -m.
 LIMIT_VALUES = {
-    "identity": (-1e4, 1e4), "relu": (0.0, 1e4), "leaky_relu": (-100.0, 1e4), "sigmoid": (0.0, 1.0),
-    "tanh": (-1.0, 1.0), "gelu": (0.0, 1e4), "gelu_tanh": (0.0, 1e4),
+    "identity": lambda m: (-m, m), "relu": lambda m: (0.0, m), "leaky_relu": lambda m: (-0.01 * m, m),
+    "sigmoid": lambda m: (0.0, 1.0), "tanh": lambda m: (-1.0, 1.0), "gelu": lambda m: (0.0, m),
+    "gelu_tanh": lambda m: (0.0, m),
 }
 LIMIT_SLOPES = {
     "identity": (1.0, 1.0), "relu": (1.0, 0.0), "leaky_relu": (1.0, 0.01), "sigmoid": (0.0, 0.0),
     "tanh": (0.0, 0.0), "gelu": (1.0, 0.0), "gelu_tanh": (1.0, 0.0),
 }
+# 1e20 squares past float32's range (z^2 overflows from 1.8e19); "max" is the dtype's largest float.
+MAGNITUDES = [1e4, 1e20, "max"]
+
+
+def magnitude(m, dtype):
+    return np.finfo(dtype).max if m == "max" else dtype(m)
 
 
 def run_forward(name, z):
@@ -101,22 +108,43 @@ def test_gelu_is_the_exact_erf_form_and_gelu_tanh_its_approximation():
     assert run_forward("gelu", z)[0] != run_forward("gelu_tanh", z)[0]
 
 
+@pytest.mark.parametrize("m", MAGNITUDES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ACTIVATIONS)
-def test_forward_is_finite_and_exact_in_the_limit_at_abs_z_1e4(name, dtype):
-    z = np.array([-1e4, 1e4], dtype=dtype)
+def test_forward_is_finite_and_exact_in_the_limit_at_large_abs_z(name, dtype, m):
+    m = magnitude(m, dtype)
+    z = np.array([-m, m], dtype=dtype)
     y = run_forward(name, z)  # any overflow warning fails the test (pytest config)
     assert np.all(np.isfinite(y))
-    np.testing.assert_allclose(y, LIMIT_VALUES[name], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(y, LIMIT_VALUES[name](m), rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("m", MAGNITUDES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ACTIVATIONS)
-def test_derivative_is_finite_and_has_the_right_limit_at_abs_z_1e4(name, dtype):
-    z = np.array([1e4, -1e4], dtype=dtype)
+def test_derivative_is_finite_and_has_the_right_limit_at_large_abs_z(name, dtype, m):
+    m = magnitude(m, dtype)
+    z = np.array([m, -m], dtype=dtype)
     dz = run_backward(name, np.ones_like(z), z)
     assert np.all(np.isfinite(dz))
     np.testing.assert_allclose(dz, LIMIT_SLOPES[name], atol=1e-6)
+
+
+def test_gelu_derivatives_reach_their_limits_exactly_at_the_saturation_point():
+    """What makes clamping z at GELU_SATURATION change no result."""
+    s = activations.GELU_SATURATION
+    for dtype in (np.float32, np.float64):
+        z = np.array([s, -s, 2 * s, -2 * s], dtype=dtype)
+        for name in ("gelu", "gelu_tanh"):
+            assert run_backward(name, np.ones_like(z), z).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_nan_stays_nan_through_every_activation():
+    z = np.array([np.nan])
+    for name in ACTIVATIONS:
+        assert np.isnan(run_forward(name, z)).all()
+        if name in activations.NEEDS_Z:
+            assert np.isnan(run_backward(name, np.ones_like(z), z)).all()
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

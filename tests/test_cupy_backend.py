@@ -87,6 +87,23 @@ def test_dense_backward_matches_numpy_and_launches_what_it_plans(cb, rng, act, s
             close(cb.to_host(got), want)
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_and_its_derivative_are_finite_at_large_preactivations(cb, rng, act):
+    """z = x @ [[1]] + 0 = x exactly; 1e20 squares past float32's range, the largest float doubles past it."""
+    big = np.finfo(np.float32).max
+    x = np.array([[1e4], [-1e4], [1e20], [-1e20], [big], [-big], [30.0], [-30.0], [0.5]], np.float32)
+    w, b = np.ones((1, 1), np.float32), np.zeros(1, np.float32)
+    dy = rng.standard_normal((len(x), 1)).astype(np.float32)
+    y_ref, z_ref = ref.dense_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
+    dx_ref, _, _ = ref.dense_backward(dy.astype(np.float64), None, w.astype(np.float64), y_ref, z_ref, act, True,
+                                      False)
+    y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act)
+    dx, _, _ = cb.dense_backward(cb.asarray(dy), None, cb.asarray(w), y, z, act, True, False)
+    for got, want in ((cb.to_host(y), y_ref), (cb.to_host(dx), dx_ref)):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
+
+
 def test_dense_backward_fills_given_buffers(cb, rng):
     x, w, b = layer(rng, 37, 29, 23)
     y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "relu")
@@ -96,14 +113,77 @@ def test_dense_backward_fills_given_buffers(cb, rng):
     assert all(got is buf for got, buf in zip(out, bufs))
 
 
-def test_split_k_dw_is_deterministic(cb, rng):
-    x, w, b = layer(rng, 4096, 64, 48)
-    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "tanh")
-    dy = cb.asarray(rng.standard_normal((4096, 48)).astype(np.float32))
-    runs = [cb.dense_backward(dy, cb.asarray(x), cb.asarray(w), y, None, "tanh", False, True) for _ in range(3)]
-    for _, dw, db in runs[1:]:
-        assert np.array_equal(cb.to_host(dw), cb.to_host(runs[0][1]))
-        assert np.array_equal(cb.to_host(db), cb.to_host(runs[0][2]))
+# Layers with fewer output tiles than an H100 has SMs and a large batch: dW splits the batch.
+SPLIT_K_LAYERS = [(4096, 64, 48), (2048, 77, 13), (1500, 77, 1500)]
+
+
+def split_k_gradients(cb, layers):
+    """(dw, db) on the host for each layer of ``layers``, their dW kernels launched back to back."""
+    on_device = [cb.dense_backward(dy, x, w, y, None, "tanh", False, True)[1:] for x, w, y, dy in layers]
+    return [(cb.to_host(dw), cb.to_host(db)) for dw, db in on_device]
+
+
+def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_numpy_and_resets_its_tickets(cb, rng, monkeypatch):
+    layers, references = [], []
+    for batch, n_in, n_out in SPLIT_K_LAYERS:
+        tile = cb._gemm_tile(n_in, n_out)
+        splits, _ = cb._dw_split(batch, -(-n_in // tile) * -(-n_out // tile))
+        assert splits > 1, f"layer {(batch, n_in, n_out)} does not split dW on this GPU; pick a smaller one"
+        x, w, b = layer(rng, batch, n_in, n_out)
+        y = np.tanh(x.astype(np.float64) @ w + b).astype(np.float32)
+        dy = rng.standard_normal((batch, n_out)).astype(np.float32)
+        layers.append([cb.asarray(a) for a in (x, w, y, dy)])
+        references.append(ref.dense_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                             y.astype(np.float64), None, "tanh", False, True)[1:])
+    runs = [split_k_gradients(cb, layers) for _ in range(3)]
+    monkeypatch.setattr(cb, "MAX_SPLITS", 1)
+    single_split = split_k_gradients(cb, layers)
+    for i, (dw_ref, db_ref) in enumerate(references):
+        dw, db = runs[0][i]
+        for later in runs[1:]:
+            assert np.array_equal(later[i][0], dw), f"layer {i}: dW differs between runs"
+            assert np.array_equal(later[i][1], db), f"layer {i}: db differs between runs"
+        close(dw, dw_ref)
+        close(db, db_ref)
+        close(dw, single_split[i][0].astype(np.float64))
+        close(db, single_split[i][1].astype(np.float64))
+    assert not cb.to_host(cb._state()["tickets"]).any()
+
+
+MISALIGNED_FEATURES = [1, 3, 4, 5, 127, 128, 129]
+
+
+def misaligned(cb, host):
+    """``host`` on the GPU one float past the start of an allocation (which CUDA aligns to 256
+    bytes): C-contiguous, so the backend takes it as it is, but misaligned for float4 access."""
+    padded = np.concatenate([np.zeros(1, host.dtype), host.ravel()])
+    view = cb.asarray(padded)[1:].reshape(host.shape)
+    assert view.data.ptr % 16 == 4
+    return view
+
+
+@pytest.mark.parametrize("n_out", MISALIGNED_FEATURES)
+@pytest.mark.parametrize("n_in", MISALIGNED_FEATURES)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_misaligned_operands_and_out_buffers_give_the_reference_results(cb, rng, act, n_in, n_out):
+    """The float4 paths must fall back to scalar access for a base that is not 16-byte aligned."""
+    batch = 37
+    x, w, b = layer(rng, batch, n_in, n_out)
+    dy = rng.standard_normal((batch, n_out)).astype(np.float32)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+    y_ref, z_ref = ref.dense_forward(x64, w64, b64, act)
+    x_d, w_d, b_d, dy_d = (misaligned(cb, a) for a in (x, w, b, dy))
+    out_y, out_z = (misaligned(cb, np.zeros((batch, n_out), np.float32)) for _ in range(2))
+    y, z = cb.dense_forward(x_d, w_d, b_d, act, out=out_y, out_z=out_z)
+    assert y is out_y and (z is out_z if act in NEEDS_Z else z is None)
+    close(cb.to_host(y), y_ref)
+    grads_ref = ref.dense_backward(dy64, x64, w64, cb.to_host(y).astype(np.float64),
+                                   None if z is None else cb.to_host(z).astype(np.float64), act, True, True)
+    bufs = [misaligned(cb, np.zeros(shape, np.float32)) for shape in ((batch, n_in), (n_in, n_out), (n_out,))]
+    grads = cb.dense_backward(dy_d, x_d, w_d, y, z, act, True, True, *bufs)
+    for got, buf, want in zip(grads, bufs, grads_ref):
+        assert got is buf
+        close(cb.to_host(got), want)
 
 
 def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):

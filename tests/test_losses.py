@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gpubp import losses
+from gpubp import backends, losses
 
 LOSS_NAMES = ("cross_entropy", "mse", "binary_cross_entropy")
 SHAPES = [(1, 1), (1, 4), (5, 3), (7, 1)]
@@ -105,6 +105,31 @@ def test_cross_entropy_is_stable_for_logits_of_plus_minus_1e4(dtype):
     assert value == pytest.approx((0.0 + 2e4) / 2, rel=1e-6)
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad, [[0, 0], [0.5, -0.5]], atol=1e-7)
+
+
+# Rows of 41 classes (more than the 32 lanes a GPU kernel spreads a row over) with -inf
+# (masked) logits where a lane's first read lands: column 0, and 32, lane 0's second read.
+MASKED_COLUMNS = {"first": [0], "first-of-two-passes": [0, 32], "middle": [5, 6], "last": [40]}
+
+
+@pytest.mark.parametrize("masked", MASKED_COLUMNS.values(), ids=MASKED_COLUMNS.keys())
+def test_cross_entropy_gives_minus_inf_logits_zero_probability_on_every_backend(backend, masked):
+    be = backends.get(backend)
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (4, 41)).astype(np.float32)
+    logits[:, masked] = -np.inf
+    kept = np.setdiff1d(np.arange(41), masked)
+    labels = rng.choice(kept, 4)
+    finite = logits[:, kept].astype(np.float64)
+    expected = reference_loss("cross_entropy", finite, np.searchsorted(kept, labels))
+    value, grad = losses.cross_entropy(be.asarray(logits), be.asarray(labels), backend=be)
+    grad = be.to_host(grad)
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert np.all(grad[:, masked] == 0)
+    probabilities = np.exp(finite - finite.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities[np.arange(4), np.searchsorted(kept, labels)] -= 1
+    np.testing.assert_allclose(grad[:, kept], probabilities / 4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -31,7 +31,7 @@ RTOL = 1e-5
 ODD_SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23)]
 # (70, 20, 9): forward and dX span two row blocks; dW runs five K slices.
 # (5, 70, 66): forward and dX span two column blocks over five K slices; dW runs a 2 x 2 grid,
-# so db and the stored dz come from its first grid row only.
+# so db and the stored dz come from its first row tile only.
 MULTI_BLOCK_SHAPES = [(70, 20, 9), (5, 70, 66)]
 # Every activation on one shape; every shape with gelu, the one that also stores z.
 DENSE_CASES = [(act, ODD_SHAPES[0]) for act in ACTIVATIONS] + [
@@ -146,13 +146,19 @@ def test_dense_writes_into_the_buffers_it_is_given(rng):
         assert_matches(actual, expected)
 
 
+# 1e20 squares past float32's range; the largest float32 doubles past it.
+LARGE_PREACTIVATIONS = np.array(
+    [[1e4], [-1e4], [1e20], [-1e20], [np.finfo(np.float32).max], [np.finfo(np.float32).min], [30.0], [-30.0],
+     [0.5], [0.0]], np.float32)
+
+
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_activation_and_its_derivative_are_stable_at_large_preactivations(rng, act):
-    # x (6, 1) @ [[1]] + 0 makes z = x exactly, so y = act(z) and dx = dy * act'(z): elementwise.
-    x = np.array([[1e4], [-1e4], [30.0], [-30.0], [0.5], [0.0]], np.float32)
+    # x (n, 1) @ [[1]] + 0 makes z = x exactly, so y = act(z) and dx = dy * act'(z): elementwise.
+    x = LARGE_PREACTIVATIONS
     w = np.ones((1, 1), np.float32)
     b = np.zeros(1, np.float32)
-    dy = randn(rng, 6, 1)
+    dy = randn(rng, len(x), 1)
     y_ref, z_ref = ref.dense_forward(x, w, b, act)
     dx_ref, _, _ = ref.dense_backward(dy, x, w, *y_and_z(act, y_ref, z_ref), act, True, False)
     x_dev, w_dev, b_dev, dy_dev = to_device(x, w, b, dy)
@@ -162,6 +168,28 @@ def test_activation_and_its_derivative_are_stable_at_large_preactivations(rng, a
     for actual, expected in [(host(y), y_ref), (host(dx), dx_ref)]:
         assert np.isfinite(actual).all()
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=1e-6)
+
+
+# Grid limits of every CUDA device since compute capability 3.0 (programming guide, "Features
+# and Technical Specifications"): 2^31 - 1 blocks along x, 65535 along y.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_Y = 65535
+
+
+@pytest.mark.parametrize("batch", [4_194_240, 4_194_241, 100_000_000])
+def test_the_dense_grid_puts_the_batch_on_x_so_any_batch_launches(batch):
+    """forward tiles a (batch, out) result, dX a (batch, in) one; 4,194,240 = 65535 x 64."""
+    for rows, cols in [(batch, 10), (batch, 1024)]:
+        grid_x, grid_y = nb.tile_grid(rows, cols)
+        assert grid_x * nb.BLOCK_M >= rows
+        assert grid_x <= MAX_GRID_X and grid_y <= MAX_GRID_Y
+
+
+def test_the_dense_grid_covers_every_element_with_whole_tiles():
+    for rows, cols in [(1, 1), (64, 64), (65, 64), (64, 129)]:
+        grid_x, grid_y = nb.tile_grid(rows, cols)
+        assert (grid_x - 1) * nb.BLOCK_M < rows <= grid_x * nb.BLOCK_M
+        assert (grid_y - 1) * nb.BLOCK_N < cols <= grid_y * nb.BLOCK_N
 
 
 def test_backward_kernels_names_what_dense_backward_launches():

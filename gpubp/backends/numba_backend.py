@@ -22,7 +22,9 @@ Dense kernels: one tiled, register-blocked matmul shape shared by forward, dX an
                  columns tx + j*8 of the block tile: per k, 16 shared loads feed 64 FMAs, and
                  a warp's stores for one (i, j) are 4 runs of 8 consecutive floats
     shared       two (BLOCK_K, 64 + SMEM_PAD) float32 slices, 8.25 KiB per block
-    grid         (ceil(N / 64), ceil(M / 64)) for an (M, N) result
+    grid         (ceil(M / 64), ceil(N / 64)) for an (M, N) result: rows on grid.x, whose
+                 limit is 2^31 - 1 blocks, so any batch fits (forward and dX put the batch
+                 on M, as the CuPy backend does); columns on grid.y, limit 65535 blocks
     boundaries   out-of-range slice elements are loaded as 0 and never stored; every thread
                  runs every K slice and reaches every syncthreads, whatever the shape.
     Two warps per block trade occupancy for the 4:1 FMA-to-load ratio; at small layers
@@ -35,8 +37,9 @@ Dense kernels: one tiled, register-blocked matmul shape shared by forward, dX an
                 bias + activation in the epilogue, one write of y (and of z for gelu and
                 gelu_tanh only). One compiled kernel per activation (closure constants).
     dense_dw    dw = x.T @ dz (in, out), with dz = dy * act'(y or z) formed as each dz slice is
-                loaded into shared memory (once per element per grid row, ceil(in/64) in all);
-                db = dz.sum(0) summed in registers from those same loads by the first grid row,
+                loaded into shared memory (once per element per row tile of dw, ceil(in/64) in
+                all); db = dz.sum(0) summed in registers from those same loads by the blocks of
+                the first row tile,
                 which also writes dz out once when dX follows.
     dense_dx    dx = dz @ w.T (B, in). After dW it reads that dz, so act' is not evaluated
                 again; alone (need_dw=False) it forms dz as it loads, as dW does.
@@ -79,7 +82,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
-from gpubp.activations import GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
+from gpubp.activations import GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
 from gpubp.backends import INSTALL_HINT
 from gpubp.trace import record
 
@@ -127,13 +130,16 @@ _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 _NEG_HALF = np.float32(-0.5)
-_NEG_INF = np.float32(-np.inf)
+# The running max of a softmax row starts here rather than at -inf, so a -inf logit (a
+# masked class) or a lane with no element never forms exp(-inf - -inf) = NaN (as in loss.cu).
+_LOWEST = np.float32(np.finfo(np.float32).min)
 _LEAKY_SLOPE = np.float32(LEAKY_SLOPE)
 _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = np.float32(1.0 / math.sqrt(2.0 * math.pi))
 _GELU_TANH_C = np.float32(GELU_TANH_C)
 _GELU_TANH_AC = np.float32(GELU_TANH_A * GELU_TANH_C)
 _GELU_TANH_3AC = np.float32(3 * GELU_TANH_A * GELU_TANH_C)
+_GELU_SATURATION = np.float32(GELU_SATURATION)
 
 
 def unavailable_reason() -> str | None:
@@ -334,14 +340,25 @@ def _tanh(z):
 
 
 @cuda.jit(device=True, inline="always")
+def _saturate(z):
+    """z clamped to [-GELU_SATURATION, GELU_SATURATION] (see activations.py); NaN stays NaN."""
+    if z > _GELU_SATURATION:
+        return _GELU_SATURATION
+    if z < -_GELU_SATURATION:
+        return -_GELU_SATURATION
+    return z
+
+
+@cuda.jit(device=True, inline="always")
 def _gelu(z):
-    return (math.erf(z * _INV_SQRT2) + _ONE) * z * _HALF
+    return (math.erf(z * _INV_SQRT2) + _ONE) * _HALF * z
 
 
 @cuda.jit(device=True, inline="always")
 def _gelu_tanh(z):
-    u = (z * z * _GELU_TANH_AC + _GELU_TANH_C) * z
-    return (math.tanh(u) + _ONE) * z * _HALF
+    clamped = _saturate(z)
+    u = (clamped * clamped * _GELU_TANH_AC + _GELU_TANH_C) * clamped
+    return (math.tanh(u) + _ONE) * _HALF * z
 
 
 @cuda.jit(device=True, inline="always")
@@ -367,6 +384,7 @@ def _tanh_grad(y):
 @cuda.jit(device=True, inline="always")
 def _gelu_grad(z):
     # Phi(z) + z phi(z)
+    z = _saturate(z)
     density = math.exp(z * z * _NEG_HALF) * z * _INV_SQRT_2PI
     return density + (math.erf(z * _INV_SQRT2) + _ONE) * _HALF
 
@@ -374,6 +392,7 @@ def _gelu_grad(z):
 @cuda.jit(device=True, inline="always")
 def _gelu_tanh_grad(z):
     # 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2), t = tanh(c (z + a z^3))
+    z = _saturate(z)
     z2 = z * z
     t = math.tanh((z2 * _GELU_TANH_AC + _GELU_TANH_C) * z)
     du = (z2 * _GELU_TANH_3AC + _GELU_TANH_C) * z * (_ONE - t * t) * _HALF
@@ -451,8 +470,9 @@ def _store_tile(out, acc, row0, col0, tx, ty):
                     out[row, col] = acc[i, j]
 
 
-def _tile_grid(rows: int, cols: int) -> tuple[int, int]:
-    return (-(-cols // BLOCK_N), -(-rows // BLOCK_M))
+def tile_grid(rows: int, cols: int) -> tuple[int, int]:
+    """The dense kernels' grid for a (rows, cols) result: row tiles on x, column tiles on y."""
+    return (-(-rows // BLOCK_M), -(-cols // BLOCK_N))
 
 
 _TILE_BLOCK = (TILE_THREADS_X, TILE_THREADS_Y)
@@ -473,8 +493,8 @@ def _dense_forward_kernel(act: str):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.y * BLOCK_M
-        col0 = cuda.blockIdx.x * BLOCK_N
+        row0 = cuda.blockIdx.x * BLOCK_M
+        col0 = cuda.blockIdx.y * BLOCK_N
         _zero_accumulators(acc)
         for k0 in range(0, x.shape[1], BLOCK_K):
             _load_tile_transposed(a_tile, x, row0, k0, tid)
@@ -527,8 +547,8 @@ def _dense_dw_kernel(act: str, store_dz: bool):
     def dense_dw_kernel(x, dy, act_in, dw, db, dz_out):
         """dw = x.T @ dz, db = dz.sum(0), dz = dy * act'(act_in); x (B, in), dy (B, out).
 
-        Grid (ceil(out/64), ceil(in/64)); K runs over the batch. Every block forms the dz
-        tiles it needs; the blocks with blockIdx.y == 0 see every dz element exactly once,
+        Grid (ceil(in/64), ceil(out/64)); K runs over the batch. Every block forms the dz
+        tiles it needs; the blocks with blockIdx.x == 0 see every dz element exactly once,
         so they alone write db (and dz when store_dz). Thread tid loads column col0 + tid of
         every dz slice, so its running sum over the K loop is db[col0 + tid].
         """
@@ -538,19 +558,19 @@ def _dense_dw_kernel(act: str, store_dz: bool):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.y * BLOCK_M
-        col0 = cuda.blockIdx.x * BLOCK_N
-        first_row_of_grid = cuda.blockIdx.y == 0
+        row0 = cuda.blockIdx.x * BLOCK_M
+        col0 = cuda.blockIdx.y * BLOCK_N
+        first_row_tile = cuda.blockIdx.x == 0
         column_sum = _ZERO
         _zero_accumulators(acc)
         for k0 in range(0, x.shape[0], BLOCK_K):
             _load_tile(a_tile, x, k0, row0, tid)
-            column_sum += load_dz_tile(b_tile, dy, act_in, k0, col0, tid, dz_out, store_dz and first_row_of_grid)
+            column_sum += load_dz_tile(b_tile, dy, act_in, k0, col0, tid, dz_out, store_dz and first_row_tile)
             cuda.syncthreads()
             _multiply_tiles(a_tile, b_tile, acc, tx, ty)
             cuda.syncthreads()
         _store_tile(dw, acc, row0, col0, tx, ty)
-        if first_row_of_grid and col0 + tid < db.shape[0]:
+        if first_row_tile and col0 + tid < db.shape[0]:
             db[col0 + tid] = column_sum
 
     return dense_dw_kernel
@@ -581,7 +601,7 @@ def _dense_dx_kernel(act: str):
     def dense_dx_kernel(dy, act_in, w, dx):
         """dx = dz @ w.T, dz = dy * act'(act_in); dy (B, out), w (in, out) -> dx (B, in).
 
-        Grid (ceil(in/64), ceil(B/64)); K runs over out. w is read along its rows (k), so
+        Grid (ceil(B/64), ceil(in/64)); K runs over out. w is read along its rows (k), so
         both operands load with consecutive threads on consecutive addresses.
         """
         a_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
@@ -590,8 +610,8 @@ def _dense_dx_kernel(act: str):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.y * BLOCK_M
-        col0 = cuda.blockIdx.x * BLOCK_N
+        row0 = cuda.blockIdx.x * BLOCK_M
+        col0 = cuda.blockIdx.y * BLOCK_N
         _zero_accumulators(acc)
         for k0 in range(0, dy.shape[1], BLOCK_K):
             load_dz_tile_transposed(a_tile, dy, act_in, row0, k0, tid)
@@ -617,7 +637,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None):
         z = out_z if out_z is not None else _new((batch, out_features), x)
     xv, yv = _view(x), _view(y)
     kernel = _dense_forward_kernel(act)
-    kernel[_tile_grid(batch, out_features), _TILE_BLOCK, xv.stream](
+    kernel[tile_grid(batch, out_features), _TILE_BLOCK, xv.stream](
         xv, _view(w), _view(b), yv, yv if z is None else _view(z)
     )
     return y, z
@@ -644,7 +664,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         store_dz = need_dx and act != "identity"
         dz_out = _view(_scratch("dz", tuple(dy.shape), dy)) if store_dz else dyv
         kernel = _dense_dw_kernel(act, store_dz)
-        kernel[_tile_grid(in_features, out_features), _TILE_BLOCK, dyv.stream](
+        kernel[tile_grid(in_features, out_features), _TILE_BLOCK, dyv.stream](
             _view(x), dyv, act_in, _view(dw), _view(db), dz_out
         )
         if store_dz:
@@ -654,7 +674,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         batch, in_features = dy.shape[0], w.shape[0]
         dx = out_dx if out_dx is not None else _new((batch, in_features), dy)
         kernel = _dense_dx_kernel(dz_act)
-        kernel[_tile_grid(batch, in_features), _TILE_BLOCK, dyv.stream](
+        kernel[tile_grid(batch, in_features), _TILE_BLOCK, dyv.stream](
             dz_source, dz_source if dz_act == "identity" else act_in, _view(w), _view(dx)
         )
     return dx, dw, db
@@ -679,7 +699,7 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
     row = cuda.blockIdx.x * CE_ROWS + local_row
     classes = logits.shape[1]
     in_batch = row < logits.shape[0]
-    running_max = _NEG_INF
+    running_max = _LOWEST
     running_sum = _ZERO
     if in_batch:
         for c in range(lane, classes, CE_LANES):
@@ -698,7 +718,7 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
             m1 = row_max[local_row, lane]
             m2 = row_max[local_row, lane + stride]
             s2 = row_sum[local_row, lane + stride]
-            # An empty lane has sum 0 and max -inf; skipping it avoids exp(-inf - -inf).
+            # An empty lane has sum 0; skipping it keeps the merge exact.
             if m2 > m1:
                 row_sum[local_row, lane] = row_sum[local_row, lane] * math.exp(m1 - m2) + s2
                 row_max[local_row, lane] = m2

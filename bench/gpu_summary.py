@@ -1,0 +1,231 @@
+"""Write the record of one GPU check: bench/results/gpu_summary.json and bench/results/<device>.md.
+
+    python bench/gpu_summary.py --device "NVIDIA H100 80GB HBM3" --junit gpu.xml --junit rest.xml \\
+        --sanitizer-dir logs/ --benchmark bench.json --out-dir bench/results
+    python bench/gpu_summary.py --file-stem "NVIDIA H100 80GB HBM3"    # NVIDIA_H100_80GB_HBM3
+
+``bash bench/gpu_check.sh`` runs this last, on what its earlier steps wrote:
+
+- ``--junit``: pytest's ``--junitxml`` reports (one per test run); their counts are summed.
+- ``--sanitizer-dir``: ``<tool>.log`` (compute-sanitizer's output) and ``<tool>.status`` (its
+  exit status) for each tool in ``SANITIZER_TOOLS``; a tool with no log reads "not run".
+- ``--benchmark``: the pytest-benchmark JSON of bench/test_gpu_dense.py, whose benchmarks name
+  their ``workload`` and ``backend`` in ``extra_info``.
+
+The JSON has exactly these keys: device, date, commit (``git rev-parse HEAD``, with "-dirty"
+when the work tree differs from it), kernels_sha256 (over the bytes of kernels/*.cu and
+kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped}
+(errors count as failed), sanitizer {tool: "clean" | its first error}, ratios, timings_ms
+(the median of each benchmark's rounds, keyed "<workload> | <backend>").
+
+Every ratio is taken from medians of one run. A speed ratio is baseline time / gpubp time,
+so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
+step time / forward time (lower is better, 1.0 is the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+
+# Workloads of bench/test_gpu_dense.py that the ratios read (that file imports these names).
+FWD_4096 = "forward 4096x4096x4096 relu"
+STEP_1024 = "train step 1024-1024-1024-1024@8192"
+STEP_MLP64 = "train step 64-64-64-64-64-10@65536"
+FROZEN_STEP = "frozen-backbone step 256-512-512-512-10@8192"
+FROZEN_FORWARD = "forward 256-512-512-512-10@8192"
+
+# name -> ((workload, backend) whose time is the numerator, (workload, backend) the denominator)
+RATIOS = {
+    "fwd_4096_fp32_vs_cublas": ((FWD_4096, "cublas-unfused"), (FWD_4096, "gpubp-cupy")),
+    "step_1024_vs_torch_eager": ((STEP_1024, "torch"), (STEP_1024, "gpubp-cupy")),
+    "mlp64_step_vs_torch_eager": ((STEP_MLP64, "torch"), (STEP_MLP64, "gpubp-cupy")),
+    "numba_vs_cupy_1024": ((STEP_1024, "gpubp-cupy"), (STEP_1024, "gpubp-numba")),
+    "frozen_step_vs_forward": ((FROZEN_STEP, "gpubp-cupy"), (FROZEN_FORWARD, "gpubp-cupy")),
+}
+RATIO_MEANINGS = {
+    "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM + bias + relu / gpubp fused forward (relu), 4096^3, TF32 off",
+    "step_1024_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 1024-1024-1024-1024 @ 8192, Adam",
+    "mlp64_step_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 64-64-64-64-64-10 @ 65536, Adam",
+    "numba_vs_cupy_1024": "gpubp-cupy / gpubp-numba, the 1024 train step",
+    "frozen_step_vs_forward": "frozen-backbone step / forward, 256-512-512-512-10 @ 8192 (cost: lower is better)",
+}
+
+# compute-sanitizer prefixes its own lines with this; continuation lines are indented after it.
+SANITIZER_PREFIX = "========="
+_SANITIZER_INFO = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "RACECHECK SUMMARY", "LEAK SUMMARY",
+                   "Target application returned an error")
+
+
+def kernels_sha256(root: Path = ROOT) -> str:
+    """sha256 over the bytes of kernels/*.cu and kernels/*.cuh, concatenated in sorted path order."""
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "kernels").glob("*.cu"), *(root / "kernels").glob("*.cuh")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD's sha, with "-dirty" when tracked files differ from it (the tree measured is not HEAD)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    return sha + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+
+
+def junit_counts(junit_paths: list[Path]) -> dict[str, int]:
+    """{passed, failed, skipped} summed over pytest --junitxml reports; errors count as failed."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for path in junit_paths:
+        root = ET.parse(path).getroot()
+        suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        for suite in suites:
+            tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+            failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+            counts["failed"] += failed
+            counts["skipped"] += skipped
+            counts["passed"] += tests - failed - skipped
+    return counts
+
+
+def sanitizer_result(log: str, status: int) -> str:
+    """"clean", or the first error compute-sanitizer reported (its headline), or why the run failed."""
+    last_other = ""
+    for line in log.splitlines():
+        if not line.startswith(SANITIZER_PREFIX):
+            last_other = line.strip() or last_other
+            continue
+        message = line[len(SANITIZER_PREFIX):]
+        if message.startswith(" ") and not message.startswith("  "):
+            message = message.strip()
+            if message and not message.startswith(_SANITIZER_INFO):
+                return message
+    if status == 0:
+        return "clean"
+    return f"exit status {status}: {last_other or 'no output'}"
+
+
+def sanitizer_results(log_dir: Path | None) -> dict[str, str]:
+    results = {}
+    for tool in SANITIZER_TOOLS:
+        log = log_dir / f"{tool}.log" if log_dir else None
+        if log is None or not log.exists():
+            results[tool] = "not run"
+            continue
+        status = int((log_dir / f"{tool}.status").read_text().strip() or 1)
+        results[tool] = sanitizer_result(log.read_text(errors="replace"), status)
+    return results
+
+
+def benchmark_medians(report: dict) -> dict[tuple[str, str], float]:
+    """{(workload, backend): median seconds} for every benchmark that names both."""
+    medians = {}
+    for bench in report.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "workload" in info and "backend" in info:
+            medians[(info["workload"], info["backend"])] = bench["stats"]["median"]
+    return medians
+
+
+def ratios(medians: dict[tuple[str, str], float]) -> dict[str, float | None]:
+    """Each of RATIOS as numerator time / denominator time; None where a benchmark is missing."""
+    out = {}
+    for name, (numerator, denominator) in RATIOS.items():
+        if numerator in medians and denominator in medians and medians[denominator] > 0:
+            out[name] = round(medians[numerator] / medians[denominator], 4)
+        else:
+            out[name] = None
+    return out
+
+
+def timings_ms(medians: dict[tuple[str, str], float]) -> dict[str, float]:
+    return {f"{workload} | {backend}": round(seconds * 1e3, 4)
+            for (workload, backend), seconds in sorted(medians.items())}
+
+
+def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict, sanitizer: dict,
+            medians: dict) -> dict:
+    """The gpu_summary.json object, keys in the issue's order."""
+    return {
+        "device": device, "date": date, "commit": commit, "kernels_sha256": kernels, "tests": tests,
+        "sanitizer": sanitizer, "ratios": ratios(medians), "timings_ms": timings_ms(medians),
+    }
+
+
+def markdown(data: dict, command: str = "bash bench/gpu_check.sh") -> str:
+    """The human-readable twin of the summary: bench/results/<device>.md."""
+    def fmt(x):
+        return "missing" if x is None else f"{x:.2f}x"
+
+    tests = data["tests"]
+    lines = [
+        f"# GPU check on {data['device']}",
+        "",
+        f"{data['date']}, commit `{data['commit']}`, kernels sha256 `{data['kernels_sha256'][:16]}...`; "
+        f"reproduce with `{command}`. fp32, TF32 off; every time is the median of its rounds.",
+        "",
+        f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.",
+        "",
+        "| compute-sanitizer | result |",
+        "|---|---|",
+        *(f"| {tool} | {result} |" for tool, result in data["sanitizer"].items()),
+        "",
+        "| ratio | value | definition |",
+        "|---|---|---|",
+        *(f"| {name} | {fmt(value)} | {RATIO_MEANINGS.get(name, '')} |" for name, value in data["ratios"].items()),
+        "",
+        "| workload | backend | median ms |",
+        "|---|---|---|",
+    ]
+    for key, ms in data["timings_ms"].items():
+        workload, backend = key.split(" | ")
+        lines.append(f"| {workload} | {backend} | {ms:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def file_stem(device: str) -> str:
+    """The device name as a file name: every character but letters and digits becomes '_'."""
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in device) or "unknown_gpu"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--file-stem", metavar="DEVICE", help="only print the file name stem for DEVICE")
+    parser.add_argument("--device")
+    parser.add_argument("--junit", type=Path, action="append", default=[])
+    parser.add_argument("--sanitizer-dir", type=Path)
+    parser.add_argument("--benchmark", type=Path)
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if args.file_stem is not None:
+        print(file_stem(args.file_stem))
+        return 0
+    if not args.device:
+        parser.error("--device is required")
+
+    report = json.loads(args.benchmark.read_text()) if args.benchmark and args.benchmark.exists() else {}
+    data = summary(
+        device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        commit=git_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),
+        sanitizer=sanitizer_results(args.sanitizer_dir), medians=benchmark_medians(report),
+    )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "gpu_summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    table = markdown(data)
+    (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,377 @@
+"""The scripts of bench/gpu_check.sh, on the CPU: the record writer (bench/gpu_summary.py), the
+benchmark builders (bench/test_gpu_dense.py) and the sanitizer driver (bench/sanitizer_driver.py).
+
+The summary writer is fed fabricated inputs in the formats the GPU run produces: pytest
+--junitxml reports, compute-sanitizer logs, a pytest-benchmark JSON. The benchmark module's
+step builders and the sanitizer driver's calls run once on tiny shapes with the NumPy
+backend (which implements the same kernel contract), NumPy and PyTorch's CPU build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpubp import backends
+from gpubp._driver import cuda_device_count
+from gpubp.backends import numpy_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gs():
+    return load("gpu_summary")
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """bench/test_gpu_dense.py as a module; it imports gpu_summary from its own folder."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield load("test_gpu_dense")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+# ----------------------------------------------------------------------------- kernels_sha256 and commit
+
+
+def test_kernels_sha256_hashes_cu_and_cuh_bytes_in_sorted_path_order(gs, tmp_path):
+    kernels = tmp_path / "kernels"
+    (kernels / "sub").mkdir(parents=True)
+    files = {"b.cu": b"second", "a.cuh": b"first", "c.cu": b"third"}
+    for name, data in files.items():
+        (kernels / name).write_bytes(data)
+    (kernels / "notes.txt").write_bytes(b"not a kernel")
+    (kernels / "sub" / "d.cu").write_bytes(b"not at the top level")
+    assert gs.kernels_sha256(tmp_path) == hashlib.sha256(b"firstsecondthird").hexdigest()
+
+
+def test_kernels_sha256_of_the_shipped_kernels_changes_with_any_byte(gs, tmp_path):
+    shutil.copytree(ROOT / "kernels", tmp_path / "kernels")
+    assert gs.kernels_sha256(tmp_path) == gs.kernels_sha256(ROOT)
+    source = tmp_path / "kernels" / "activations.cuh"
+    source.write_bytes(source.read_bytes() + b" ")
+    assert gs.kernels_sha256(tmp_path) != gs.kernels_sha256(ROOT)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_commit_is_heads_sha_marked_dirty_when_a_tracked_file_changed(gs, tmp_path):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD")
+    (tmp_path / "untracked.txt").write_text("b")
+    assert gs.git_commit(tmp_path) == sha
+    (tmp_path / "f.txt").write_text("changed")
+    assert gs.git_commit(tmp_path) == sha + "-dirty"
+
+
+# ----------------------------------------------------------------------------- test counts
+
+JUNIT_GPU = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest"
+errors="0" failures="1" skipped="2" tests="20" time="3.1"><testcase classname="t" name="a"/></testsuite></testsuites>"""
+JUNIT_REST = """<?xml version="1.0" encoding="utf-8"?><testsuite name="pytest" errors="1" failures="0"
+skipped="0" tests="7" time="1.0"><testcase classname="t" name="b"/></testsuite>"""
+
+
+def test_test_counts_sum_junit_reports_and_count_errors_as_failures(gs, tmp_path):
+    (tmp_path / "gpu.xml").write_text(JUNIT_GPU)
+    (tmp_path / "rest.xml").write_text(JUNIT_REST)
+    counts = gs.junit_counts([tmp_path / "gpu.xml", tmp_path / "rest.xml"])
+    assert counts == {"passed": 17 + 6, "failed": 1 + 1, "skipped": 2}
+
+
+def test_test_counts_read_pytests_own_junit_report(gs, tmp_path):
+    (tmp_path / "test_three.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert False\n"
+        "@pytest.mark.skip(reason='x')\n"
+        "def test_skipped(): pass\n"
+    )
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={tmp_path / 'r.xml'}", str(tmp_path / "test_three.py")],
+                   cwd=tmp_path, capture_output=True)
+    assert gs.junit_counts([tmp_path / "r.xml"]) == {"passed": 1, "failed": 1, "skipped": 1}
+
+
+# ----------------------------------------------------------------------------- sanitizer logs
+
+CLEAN = """========= COMPUTE-SANITIZER
+sanitizer driver: every cupy kernel ran
+sanitizer driver: every numba kernel ran
+========= ERROR SUMMARY: 0 errors
+"""
+RACECHECK_CLEAN = """========= COMPUTE-SANITIZER
+sanitizer driver: every cupy kernel ran
+========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)
+"""
+MEMCHECK_ERROR = """========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 16 bytes
+=========     at dense_fwd_relu_64x64+0x1a30
+=========     by thread (3,0,0) in block (0,1,0)
+=========     Address 0x7f3a00000204 is misaligned
+=========
+========= Invalid __global__ read of size 16 bytes
+=========     at dense_fwd_relu_64x64+0x1a30
+========= ERROR SUMMARY: 2 errors
+"""
+RACECHECK_ERROR = """========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at dense_dw_kernel+0x4c0
+=========     and Read access at dense_dw_kernel+0x610 [256 hazards]
+=========
+sanitizer driver: every numba kernel ran
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+SYNCCHECK_ERROR = """========= COMPUTE-SANITIZER
+========= Barrier error detected. Divergent thread(s) in block
+=========     at ce_fwd_bwd_i64+0x2f0
+========= ERROR SUMMARY: 1 error
+"""
+DRIVER_CRASH = """========= COMPUTE-SANITIZER
+Traceback (most recent call last):
+  File "bench/sanitizer_driver.py", line 9, in <module>
+RuntimeError: backend 'cupy' is not available: CuPy is not installed
+
+========= Target application returned an error
+========= ERROR SUMMARY: 0 errors
+"""
+
+
+@pytest.mark.parametrize("log, status, result", [
+    (CLEAN, 0, "clean"),
+    (RACECHECK_CLEAN, 0, "clean"),
+    (MEMCHECK_ERROR, 1, "Invalid __global__ read of size 16 bytes"),
+    (RACECHECK_ERROR, 1, "Error: Race reported between Write access at dense_dw_kernel+0x4c0"),
+    (SYNCCHECK_ERROR, 1, "Barrier error detected. Divergent thread(s) in block"),
+    (DRIVER_CRASH, 1, "exit status 1: RuntimeError: backend 'cupy' is not available: CuPy is not installed"),
+    ("", 139, "exit status 139: no output"),
+], ids=["clean", "racecheck-clean", "memcheck", "racecheck", "synccheck", "driver-crash", "killed"])
+def test_sanitizer_result_is_clean_or_the_first_error(gs, log, status, result):
+    assert gs.sanitizer_result(log, status) == result
+
+
+def test_sanitizer_results_read_each_tools_log_and_status_and_mark_missing_ones(gs, tmp_path):
+    (tmp_path / "memcheck.log").write_text(CLEAN)
+    (tmp_path / "memcheck.status").write_text("0\n")
+    (tmp_path / "synccheck.log").write_text(SYNCCHECK_ERROR)
+    (tmp_path / "synccheck.status").write_text("1\n")
+    assert gs.sanitizer_results(tmp_path) == {
+        "memcheck": "clean", "racecheck": "not run", "initcheck": "not run",
+        "synccheck": "Barrier error detected. Divergent thread(s) in block",
+    }
+
+
+# ----------------------------------------------------------------------------- ratios
+
+
+def benchmark_report(medians_ms: dict) -> dict:
+    """A pytest-benchmark JSON report with one benchmark per (workload, backend)."""
+    return {"benchmarks": [
+        {"name": f"test[{workload}-{backend}]", "group": workload,
+         "stats": {"median": ms / 1e3, "mean": 2 * ms / 1e3, "min": ms / 2e3},
+         "extra_info": {"workload": workload, "backend": backend, "device": "Fake GPU"}}
+        for (workload, backend), ms in medians_ms.items()
+    ]}
+
+
+def all_ratio_benchmarks(gs) -> dict:
+    return {
+        (gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
+        (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
+        (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
+        (gs.FROZEN_STEP, "gpubp-cupy"): 1.1, (gs.FROZEN_FORWARD, "gpubp-cupy"): 1.0,
+    }
+
+
+def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs):
+    medians = gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs)))
+    assert gs.ratios(medians) == {
+        "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS 3 ms: gpubp faster
+        "step_1024_vs_torch_eager": 2.0,  # gpubp 4 ms, torch 8 ms
+        "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
+        "numba_vs_cupy_1024": 0.25,  # cupy 4 ms, numba 16 ms: cupy faster
+        "frozen_step_vs_forward": 1.1,  # frozen step 1.1 ms over a 1.0 ms forward
+    }
+
+
+def test_ratios_use_the_median_and_a_missing_benchmark_gives_null(gs):
+    times = all_ratio_benchmarks(gs)
+    del times[(gs.STEP_1024, "torch")]
+    report = benchmark_report(times)
+    report["benchmarks"].append({"name": "unnamed", "stats": {"median": 1.0}, "extra_info": {}})
+    ratios = gs.ratios(gs.benchmark_medians(report))
+    assert ratios["step_1024_vs_torch_eager"] is None
+    assert ratios["fwd_4096_fp32_vs_cublas"] == 1.5  # the means would also give 1.5, the mins too; medians read
+
+
+def test_timings_are_median_milliseconds_per_workload_and_backend(gs):
+    medians = gs.benchmark_medians(benchmark_report({("w", "gpubp-cupy"): 1.25, ("w", "torch"): 2.5}))
+    assert gs.timings_ms(medians) == {"w | gpubp-cupy": 1.25, "w | torch": 2.5}
+
+
+# ----------------------------------------------------------------------------- schema and files
+
+
+def test_summary_has_exactly_the_issues_schema(gs):
+    data = gs.summary(device="NVIDIA H100 80GB HBM3", date="2026-11-23", commit="ab" * 20, kernels="cd" * 32,
+                      tests={"passed": 3, "failed": 0, "skipped": 1},
+                      sanitizer=dict.fromkeys(gs.SANITIZER_TOOLS, "clean"),
+                      medians=gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs))))
+    assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms"]
+    assert set(data["tests"]) == {"passed", "failed", "skipped"}
+    assert list(data["sanitizer"]) == ["memcheck", "racecheck", "initcheck", "synccheck"]
+    assert set(data["ratios"]) >= {"fwd_4096_fp32_vs_cublas", "step_1024_vs_torch_eager", "mlp64_step_vs_torch_eager",
+                                   "numba_vs_cupy_1024", "frozen_step_vs_forward"}
+    assert all(isinstance(v, float) for v in data["ratios"].values())
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_main_writes_the_json_and_the_devices_markdown(gs, tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "git_commit", lambda root=None: "f" * 40)
+    (tmp_path / "gpu.xml").write_text(JUNIT_GPU)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for tool in gs.SANITIZER_TOOLS:
+        (logs / f"{tool}.log").write_text(CLEAN)
+        (logs / f"{tool}.status").write_text("0")
+    (tmp_path / "bench.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs))))
+    out = tmp_path / "results"
+    gs.main(["--device", "NVIDIA H100 80GB HBM3", "--junit", str(tmp_path / "gpu.xml"), "--sanitizer-dir", str(logs),
+             "--benchmark", str(tmp_path / "bench.json"), "--out-dir", str(out)])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["device"] == "NVIDIA H100 80GB HBM3"
+    assert data["commit"] == "f" * 40
+    assert data["kernels_sha256"] == gs.kernels_sha256()
+    assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
+    assert set(data["sanitizer"].values()) == {"clean"}
+    assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0
+    assert len(data["date"]) == 10 and data["date"][4] == "-"
+    table = (out / "NVIDIA_H100_80GB_HBM3.md").read_text()
+    assert "| step_1024_vs_torch_eager | 2.00x |" in table
+    assert "| synccheck | clean |" in table
+
+
+def test_file_stem_keeps_letters_and_digits_only(gs, capsys):
+    gs.main(["--file-stem", "NVIDIA H100 80GB HBM3 (MIG 1g.10gb)"])
+    assert capsys.readouterr().out == "NVIDIA_H100_80GB_HBM3__MIG_1g_10gb_\n"
+
+
+# ----------------------------------------------------------------------------- bench/test_gpu_dense.py
+
+
+def test_the_gpu_benchmarks_time_every_workload_the_ratios_read(gs, dense):
+    needed = {pair for numerator, denominator in gs.RATIOS.values() for pair in (numerator, denominator)}
+    assert needed <= dense.summary_benchmarks()
+
+
+def test_the_gpubp_train_step_updates_every_trainable_weight(dense):
+    model, step = dense.gpubp_train_step("numpy", [6, 5, 4], 8)
+    before = model.get_weights()
+    step()
+    assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_the_frozen_backbone_step_updates_only_the_head(dense):
+    model, step = dense.gpubp_train_step("numpy", [6, 5, 5, 4], 8, frozen_backbone=True)
+    before = model.get_weights()
+    step()
+    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
+    assert changed == [False, False, False, False, True, True]
+
+
+def test_the_forward_pass_and_kernel_passes_run(dense, rng):
+    dense.gpubp_forward_pass("numpy", [6, 5, 4], 8)()
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    layers = [(rng.standard_normal((6, 5)).astype(np.float32), np.zeros(5, np.float32), "relu"),
+              (rng.standard_normal((5, 4)).astype(np.float32), np.zeros(4, np.float32), "identity")]
+    dy = rng.standard_normal((8, 4)).astype(np.float32)
+    for train in (False, True):
+        dense.kernel_pass(numpy_backend, x, layers, dy, train, lambda: None)()
+        dense.unfused_kernel_pass(np, x, layers, dy, train, lambda: None)()
+
+
+def test_the_unfused_baseline_computes_relu_of_x_at_w_plus_b(dense, rng):
+    a, w = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    b, out = rng.standard_normal(3).astype(np.float32), np.empty((7, 3), np.float32)
+    dense.unfused_relu_forward(np, a, w, b, out, lambda: None)()
+    np.testing.assert_allclose(out, np.maximum(a @ w + b, 0), rtol=1e-6)
+
+
+def test_the_torch_train_step_updates_the_weights(dense):
+    torch = pytest.importorskip("torch")
+    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 4], 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.skipif(cuda_device_count()[0] > 0, reason="a GPU is present: the benchmarks would run")
+def test_the_gpu_benchmarks_collect_and_skip_with_the_reason_without_a_gpu():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          str(BENCH / "test_gpu_dense.py")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "GPU benchmarks need the CuPy backend" in run.stdout
+    assert " passed" not in run.stdout and "error" not in run.stdout.lower()
+
+
+# ----------------------------------------------------------------------------- bench/sanitizer_driver.py
+
+
+@pytest.fixture
+def driver():
+    return load("sanitizer_driver")
+
+
+def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract(driver, monkeypatch, capsys):
+    """Driven through the NumPy backend, which implements the same contract, on tiny shapes
+    (the CUDA simulator would take seconds per call); gpu_check.sh runs it on the GPU backends."""
+    backend = "numpy"
+    monkeypatch.setitem(driver.DENSE_SHAPES, backend, [(3, 5, 4)])
+    monkeypatch.setitem(driver.MISALIGNED_LARGE_SHAPES, backend, [])
+    monkeypatch.setattr(driver, "MISALIGNED_FEATURES", (1, 4))
+    monkeypatch.setattr(driver, "MISALIGNED_BATCH", 3)
+    monkeypatch.setattr(driver, "LOSS_SHAPES", [(2, 3)])
+    monkeypatch.setattr(driver, "PARAMETER_SIZES", (1, 5))
+    driver.main([backend])
+    assert capsys.readouterr().out == f"sanitizer driver: every {backend} kernel ran\n"
+
+
+def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_past_the_start(driver, backend):
+    be = backends.get(backend)
+    host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    view = driver.misaligned(be, host)
+    assert view.shape == (3, 4)
+    np.testing.assert_array_equal(be.to_host(view), host)
+
+
+def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
+    with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
+        driver.main(["cpu"])
