@@ -1,4 +1,4 @@
-"""Parameter, Dense and Sequential: the layer API over the backend kernels.
+"""Dense and Sequential: the layer API over the backend kernels.
 
 Layers own parameters and call backend functions; they never touch an array library
 directly, so the same model runs on the NumPy, CuPy and Numba backends.
@@ -25,34 +25,11 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import _checks, _random, activations, backends
+from gpubp import _checks, _random, activations, backends, train
 from gpubp.backends import numpy_backend
+from gpubp.parameter import Parameter
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
-
-
-class Parameter:
-    """A trainable array: ``.data`` on the model's device, ``.grad`` filled by backward.
-
-    ``backward`` overwrites ``.grad`` (it does not accumulate across calls). A parameter
-    with ``trainable=False`` never gets a gradient: its ``.grad`` stays ``None`` and no
-    kernel computes one.
-    """
-
-    def __init__(self, data, name: str = "", trainable: bool = True) -> None:
-        self.data = data
-        self.grad = None
-        self.trainable = trainable
-        self.name = name
-        self.backend: ModuleType = numpy_backend
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.data.shape)
-
-    def __repr__(self) -> str:
-        state = "trainable" if self.trainable else "frozen"
-        return f"Parameter({self.name!r}, shape={self.shape}, {state})"
 
 
 class _Buffers:
@@ -521,18 +498,12 @@ class Sequential:
 
     def fit(self, x, y, **kwargs):
         """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
-        from gpubp import train
-
         return train.fit(self, x, y, **kwargs)
 
     def evaluate(self, x, y, **kwargs) -> dict:
-        from gpubp import train
-
         return train.evaluate(self, x, y, **kwargs)
 
     def predict(self, x, batch_size: int = 1024) -> np.ndarray:
-        from gpubp import train
-
         return train.predict(self, x, batch_size=batch_size)
 
     def save(self, path) -> None:
