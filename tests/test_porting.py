@@ -86,6 +86,26 @@ def test_an_unknown_activation_is_rejected_with_the_list_that_includes_softmax()
         gb.Dense(3, 4, "swish")
 
 
+@pytest.mark.parametrize("logits", [False, True])
+def test_backward_plan_of_a_softmax_output_names_its_jacobian_kernel_unless_fused(rng, logits):
+    model = head_model("softmax", 3, "numpy")
+    model.forward(rng.normal(size=(5, 4)).astype(np.float32), logits=logits)
+    plan = model.backward_plan(logits=logits)
+    with gb.trace() as t:
+        model.backward(rng.normal(size=(5, 3)).astype(np.float32))
+    assert t.launches == [k for _, kernels in reversed(plan) for k in kernels]
+    assert ("softmax_bwd" in t.launches) is not logits
+
+
+def test_a_softmax_model_saves_and_loads_with_its_output_activation(tmp_path, rng):
+    model = head_model("softmax", 3, "numpy")
+    model.save(tmp_path / "m.npz")
+    loaded = gb.load(tmp_path / "m.npz", device="cpu")
+    x = rng.normal(size=(4, 4)).astype(np.float32)
+    assert loaded[-1].activation == "softmax"
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
 # ----------------------------------------------------------------------------- fused output losses
 
 HEADS = [  # (output activation, its loss, width)
