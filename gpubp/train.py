@@ -438,7 +438,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> di
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
     if metrics is None:
-        metrics = getattr(model, "_compiled", {}).get("metrics") or ["accuracy"]
+        metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
     head = model.layers[-1].activation
     metric_fns = [_metric(m, threshold=0.5 if head == "sigmoid" else 0.0) for m in metrics]
     x, y = _check_dataset(model, x, y, loss_fn)
