@@ -4,8 +4,8 @@ All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
 ``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse`` and
 ``binary_cross_entropy`` over all elements. The cross-entropies and
 ``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
-(softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits. The backend is chosen by the array's type
-(or passed by the training loop). Inputs are checked here, once; the kernels trust them.
+(softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
+The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
 
 >>> import numpy as np
 >>> loss, grad = cross_entropy(np.array([[2.0, 0.0]], np.float32), np.array([0]))
@@ -58,14 +58,20 @@ def cross_entropy(logits, labels, backend: ModuleType | None = None):
     return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64))
 
 
+def is_one_hot(rows: np.ndarray) -> bool:
+    """True when every row of ``rows`` (B, C) is zeros with a single 1."""
+    return rows.dtype.kind in "fiub" and bool(np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(axis=1) == 1))
+
+
 def categorical_cross_entropy(logits, target, backend: ModuleType | None = None):
     """Softmax cross-entropy with one-hot targets (B, C), mean over the batch (Keras's
     ``categorical_crossentropy``); the same fused kernel as :func:`cross_entropy`."""
     logits, backend = _prediction(logits, "logits", backend)
     host = _host(target, backend)
     if host.shape != tuple(logits.shape):
-        raise ValueError(f"target: expected one-hot rows of shape {tuple(logits.shape)} to match the logits, got {host.shape}")
-    if host.dtype.kind not in "fiub" or not (np.all((host == 0) | (host == 1)) and np.all(host.sum(axis=1) == 1)):
+        raise ValueError(f"target: expected one-hot rows of shape {tuple(logits.shape)} to match the logits, "
+                         f"got {host.shape}")
+    if not is_one_hot(host):
         raise ValueError("target: expected one-hot rows (a single 1 in each row, zeros elsewhere); "
                          "for class indices use cross_entropy (sparse_categorical_crossentropy)")
     return backend.softmax_cross_entropy(logits, _on(backend, host.argmax(axis=1), np.int64))

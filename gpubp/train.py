@@ -224,7 +224,7 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
             raise TypeError(f"{yname}: expected numeric targets, got dtype {y.dtype}")
         if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
-        if loss_fn is losses.categorical_cross_entropy and not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
+        if loss_fn is losses.categorical_cross_entropy and not losses.is_one_hot(y):
             raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
                              "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)
