@@ -228,9 +228,10 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
             raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
                              "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)
-    elif loss_fn is None and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
-        # No loss to say what y is: 1-D integers are class labels (0/1 for a single output).
-        _check_class_labels(y, max(width, 2), yname)
+    elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
+        # (For a single output they may as well be regression targets.)
+        _check_class_labels(y, width, yname)
     return x, y
 
 

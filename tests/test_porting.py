@@ -324,3 +324,9 @@ def test_evaluate_range_checks_class_labels_with_or_without_a_loss(loss):
     model = head_model("softmax", 3, "numpy")
     with pytest.raises(ValueError, match=r"y: expected class labels in \[0, 3\), got values from 0 to 5"):
         model.evaluate(np.ones((3, 4), np.float32), np.array([0, 1, 5]), loss=loss, metrics=["accuracy"])
+
+
+def test_evaluate_without_a_loss_takes_integer_targets_of_a_single_output_as_values():
+    model = head_model(None, 1, "numpy")
+    x, y = np.ones((3, 4), np.float32), np.array([3, 5, 7])
+    assert model.evaluate(x, y, metrics=["mae"])["mae"] == pytest.approx(np.mean(np.abs(model.predict(x)[:, 0] - y)))
