@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 from gpubp import data, losses, optim  # noqa: E402
 from gpubp._random import seed  # noqa: E402
 from gpubp.io import load  # noqa: E402
-from gpubp.layers import BackwardPlan, Dense, Parameter, Sequential  # noqa: E402
+from gpubp.layers import BackwardPlan, Dense, Sequential  # noqa: E402
+from gpubp.parameter import Parameter  # noqa: E402
 from gpubp.trace import trace  # noqa: E402
 from gpubp.train import Callback, EarlyStopping, History  # noqa: E402
 from gpubp import finetune, io  # noqa: E402

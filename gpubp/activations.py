@@ -1,7 +1,7 @@
 """Activation registry: names, kernel ids, and the NumPy reference forward/derivative.
 
-Every backend accepts the same seven names. The GPU kernels select an activation
-by its integer id (``ACT_ID``) at compile time; the NumPy functions here are the
+Every backend accepts the same eight names (``NAMES``). The GPU kernels select an
+elementwise activation by its integer id (``ACT_ID``) at compile time; the NumPy functions here are the
 reference those kernels are tested against.
 
 =============  ===================================  ===============================
@@ -14,7 +14,14 @@ sigmoid        1 / (1 + exp(-z))                    y: y (1 - y)
 tanh           tanh(z)                              y: 1 - y^2
 gelu           z Phi(z), Phi via erf (exact)        z: Phi(z) + z phi(z)
 gelu_tanh      0.5 z (1 + tanh(c (z + a z^3)))      z: see ``_gelu_tanh_grad``
+softmax        exp(z_c) / sum_k exp(z_k), per row   y: dz = y (dy - sum_k dy_k y_k)
 =============  ===================================  ===============================
+
+softmax is not elementwise: it normalises each row, so its backward is the
+Jacobian-vector product above rather than ``dy * act'``. It is an output activation
+(``OUTPUT_ONLY``): a model may use it on its last layer only. The GPU kernels know the
+seven elementwise activations (``ACTIVATIONS``); the backends run softmax as an identity
+dense layer followed by their row-wise ``softmax_`` (and ``softmax_backward``).
 
 Only gelu and gelu_tanh need the pre-activation ``z`` in backward (``NEEDS_Z``);
 the others derive their derivative from the output ``y``, so ``z`` is never stored.
@@ -34,6 +41,8 @@ from scipy.special import erf, expit
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+OUTPUT_ONLY = ("softmax",)
+NAMES = ACTIVATIONS + OUTPUT_ONLY
 NEEDS_Z = frozenset({"gelu", "gelu_tanh"})
 RELU_FAMILY = frozenset({"relu", "leaky_relu"})
 LEAKY_SLOPE = 0.01
@@ -63,8 +72,8 @@ def canonical(name: str | None, argname: str = "activation") -> str:
         return _ALIASES[name]
     if not isinstance(name, str):
         raise TypeError(f"{argname} must be a str or None, got {type(name).__name__}")
-    if name not in ACT_ID:
-        raise ValueError(f"{argname}: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    if name not in NAMES:
+        raise ValueError(f"{argname}: unknown activation {name!r}; expected one of {NAMES}")
     return name
 
 
@@ -117,12 +126,17 @@ def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
         out += 1
         out *= 0.5
         out *= z
+    elif name == "softmax":
+        # Shifting each row by its max keeps exp() finite for logits of any size.
+        np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
     else:
-        raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+        raise ValueError(f"activation: unknown activation {name!r}; expected one of {NAMES}")
 
 
 def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out: np.ndarray) -> None:
-    """Write ``dz = dy * act'(.)`` into ``out`` (``out`` may be ``dy``)."""
+    """Write ``dz = dy * act'(.)`` (for softmax, the Jacobian-vector product) into ``out`` (``out`` may be ``dy``)."""
     if name == "identity":
         if out is not dy:
             np.copyto(out, dy)
@@ -142,8 +156,13 @@ def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out
         np.multiply(dy, _gelu_grad(z), out=out)
     elif name == "gelu_tanh":
         np.multiply(dy, _gelu_tanh_grad(z), out=out)
+    elif name == "softmax":
+        # The Jacobian of row softmax is diag(y) - y y^T, so J^T dy = y * (dy - <dy, y>).
+        dot = np.einsum("ij,ij->i", dy, y)[:, None]
+        np.subtract(dy, dot, out=out)
+        out *= y
     else:
-        raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+        raise ValueError(f"activation: unknown activation {name!r}; expected one of {NAMES}")
 
 
 def _saturate(z: np.ndarray) -> np.ndarray:

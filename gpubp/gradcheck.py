@@ -123,6 +123,7 @@ def to_torch(model: Sequential):
         "tanh": torch.nn.Tanh,
         "gelu": lambda: torch.nn.GELU(approximate="none"),
         "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+        "softmax": lambda: torch.nn.Softmax(dim=1),
     }
     stack = []
     for layer in model:
@@ -144,6 +145,8 @@ def _torch_loss(name, out, target):
     target = np.asarray(target)
     if name == "cross_entropy":
         return F.cross_entropy(out, torch.from_numpy(target.astype(np.int64)))
+    if name == "categorical_cross_entropy":
+        return F.cross_entropy(out, torch.from_numpy(target.astype(np.float64)).to(out.dtype))
     target = torch.from_numpy(target.reshape(tuple(out.shape)).astype(np.float64)).to(out.dtype)
     if name == "mse":
         return F.mse_loss(out, target)

@@ -1,4 +1,4 @@
-"""Parameter, Dense and Sequential: the layer API over the backend kernels.
+"""Dense and Sequential: the layer API over the backend kernels.
 
 Layers own parameters and call backend functions; they never touch an array library
 directly, so the same model runs on the NumPy, CuPy and Numba backends.
@@ -25,34 +25,11 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import _checks, _random, activations, backends
+from gpubp import _checks, _random, activations, backends, train
 from gpubp.backends import numpy_backend
+from gpubp.parameter import Parameter
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
-
-
-class Parameter:
-    """A trainable array: ``.data`` on the model's device, ``.grad`` filled by backward.
-
-    ``backward`` overwrites ``.grad`` (it does not accumulate across calls). A parameter
-    with ``trainable=False`` never gets a gradient: its ``.grad`` stays ``None`` and no
-    kernel computes one.
-    """
-
-    def __init__(self, data, name: str = "", trainable: bool = True) -> None:
-        self.data = data
-        self.grad = None
-        self.trainable = trainable
-        self.name = name
-        self.backend: ModuleType = numpy_backend
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.data.shape)
-
-    def __repr__(self) -> str:
-        state = "trainable" if self.trainable else "frozen"
-        return f"Parameter({self.name!r}, shape={self.shape}, {state})"
 
 
 class _Buffers:
@@ -134,6 +111,7 @@ class Dense:
         self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._buffers = _Buffers()
         self._input = self._output = self._preact = None
+        self._applied = self.activation  # the activation the last training forward applied
 
     # --------------------------------------------------------------------- state
 
@@ -180,20 +158,25 @@ class Dense:
 
     # --------------------------------------------------------------------- compute
 
-    def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True):
+    def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
+                logits: bool = False):
         """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array.
 
         In training, ``keep_input``/``keep_output`` store what backward will read (the input
         for dW; the output or, for gelu, the pre-activation for act') and nothing else.
         ``training=False`` stores nothing and leaves what an earlier training forward stored.
+        ``logits=True`` returns ``x @ W + b`` without the activation (for a loss that fuses it),
+        and a following backward takes the gradient of those logits.
         """
+        act = "identity" if logits else self.activation
         z_out = None
-        if training and keep_output and self.needs_z():
+        if training and keep_output and act in activations.NEEDS_Z:
             z_out = self._buffers.get(self.backend, "z", (x.shape[0], self.out_features), self.dtype)
-        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, self.activation, out, z_out)
+        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out)
         if training:
+            self._applied = act
             self._input = x if keep_input else None
-            self._output = y if keep_output and not self.needs_z() else None
+            self._output = y if keep_output and act not in activations.NEEDS_Z else None
             self._preact = z if keep_output else None
         return y
 
@@ -208,7 +191,7 @@ class Dense:
             out_dw = self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype)
             out_db = self._buffers.get(self.backend, "db", self.bias.shape, self.dtype)
         dx, dw, db = self.backend.dense_backward(
-            dy, self._input, self.weight.data, self._output, self._preact, self.activation,
+            dy, self._input, self.weight.data, self._output, self._preact, self._applied,
             need_dx, need_dw, out_dx, out_dw, out_db,
         )
         if need_dw:
@@ -260,6 +243,11 @@ class Sequential:
                 raise ValueError(
                     f"layers[{i}]: in_features={layer.in_features} does not match "
                     f"layers[{i - 1}].out_features={self.layers[i - 1].out_features}"
+                )
+            if layer.activation in activations.OUTPUT_ONLY and i != len(self.layers) - 1:
+                raise ValueError(
+                    f"layers[{i}]: activation {layer.activation!r} is allowed on the last layer only "
+                    f"(it normalises a whole row); use it on layers[{len(self.layers) - 1}] or pick another"
                 )
             if layer.name is None:
                 layer.name = f"dense_{i}"
@@ -391,19 +379,30 @@ class Sequential:
             below_trainable = below_trainable or layer.trainable
         return plan
 
-    def backward_plan(self, need_input_grad: bool = False) -> BackwardPlan:
-        """Per layer, bottom to top, exactly the kernels ``backward`` will launch."""
+    def _applied(self, logits: bool) -> list[str]:
+        """The activation each layer applies; ``logits=True`` leaves the last one out."""
+        acts = [layer.activation for layer in self.layers]
+        if logits:
+            acts[-1] = "identity"
+        return acts
+
+    def backward_plan(self, need_input_grad: bool = False, logits: bool = False) -> BackwardPlan:
+        """Per layer, bottom to top, exactly the kernels ``backward`` will launch
+        (after a ``forward`` with the same ``logits``)."""
         return BackwardPlan(
-            (layer.name, layer.backend.backward_kernels(layer.activation, need_dx, need_dw))
-            for layer, (need_dx, need_dw) in zip(self.layers, self._plan(need_input_grad))
+            (layer.name, layer.backend.backward_kernels(act, need_dx, need_dw))
+            for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), self._plan(need_input_grad))
         )
 
-    def forward(self, x, training: bool = True, need_input_grad: bool = False):
+    def forward(self, x, training: bool = True, need_input_grad: bool = False, logits: bool = False):
         """Run the model on ``x`` (B, in_features); returns (B, out_features) on the model's device.
 
         ``training=True`` keeps what the following ``backward`` will read, and no more:
         a layer that computes nothing in backward keeps nothing, so a frozen prefix
         costs no activation memory. ``training=False`` (predict/evaluate) keeps nothing.
+        ``logits=True`` returns the last layer's pre-activation (the logits of a sigmoid or
+        softmax head) for a loss that applies the activation itself, fused and stable;
+        the following ``backward`` then takes the gradient of the logits.
         The returned array is fresh; intermediate buffers are reused call to call.
         """
         if not self.layers:
@@ -411,7 +410,7 @@ class Sequential:
         h = self.as_input(x)
         batch = h.shape[0]
         plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
-        keeps_output = [(dx or dw) and layer.activation != "identity" for layer, (dx, dw) in zip(self.layers, plan)]
+        keeps_output = [(dx or dw) and act != "identity" for act, (dx, dw) in zip(self._applied(logits), plan)]
         keeps_input = [dw for _, dw in plan]
         last = len(self) - 1
         for i, layer in enumerate(self.layers):
@@ -425,9 +424,9 @@ class Sequential:
                     # This layer's output is no longer kept: give its buffer back.
                     layer._buffers.drop("y", shape)
                 out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
-            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training)
+            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last)
         if training:
-            self._stored_plan = (plan, batch, self.out_features)
+            self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
         return h
 
     __call__ = forward
@@ -437,7 +436,10 @@ class Sequential:
 
         Fills ``.grad`` of trainable Parameters only. Layers below the lowest trainable
         layer do no work; frozen layers launch no dW/db kernel; a frozen layer between
-        trainable ones launches only dX. Returns dX of the input if ``need_input_grad``.
+        trainable ones launches only dX. Returns dX of the input if ``need_input_grad``,
+        which works after any training forward that kept what dX reads (every layer's
+        output when the first layer is trainable); ``forward(x, need_input_grad=True)``
+        keeps it in every case.
         """
         plan = self._plan(need_input_grad)
         if not any(dx or dw for dx, dw in plan):
@@ -445,12 +447,10 @@ class Sequential:
                 warnings.warn("backward: every layer is frozen, so no kernel is launched", stacklevel=2)
                 self._warned_all_frozen = True
             return None
-        if self._stored_plan is None or self._stored_plan[0] != plan:
-            raise RuntimeError(
-                "backward: run forward(x) in training mode first, with the same frozen layers and "
-                f"need_input_grad={need_input_grad} (the stored activations do not match this backward)"
-            )
-        _, batch, width = self._stored_plan
+        if self._stored_plan is None:
+            raise RuntimeError("backward: run forward(x) in training mode first")
+        kept_input, kept_output, logits, batch, width = self._stored_plan
+        self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
         dy = self._as_grad(dout, (batch, width))
         lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
         for i in range(len(self) - 1, lowest - 1, -1):
@@ -461,6 +461,24 @@ class Sequential:
                 out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
             dy = layer.backward(dy, need_dx, out_dx)
         return dy if need_input_grad else None
+
+    def _check_kept(self, plan, kept_input, kept_output, logits: bool, need_input_grad: bool) -> None:
+        """Raise unless the last training forward kept every array this backward reads."""
+        for layer, act, (dx, dw), has_input, has_output in zip(
+                self.layers, self._applied(logits), plan, kept_input, kept_output):
+            missing = "output" if (dx or dw) and act != "identity" and not has_output else None
+            if dw and not has_input:
+                missing = "input"
+            if missing is None:
+                continue
+            if need_input_grad:
+                hint = "pass need_input_grad=True to forward, so that layers that train nothing keep what dX reads"
+            else:
+                hint = "with the layers frozen as they are now"
+            raise RuntimeError(
+                f"backward: run forward(x) in training mode again first ({hint}): layer {layer.name!r} "
+                f"needs its {missing}, which the last training forward did not keep"
+            )
 
     def _as_grad(self, dout, shape: tuple):
         if _checks.array_kind(dout) == "other":
@@ -519,21 +537,19 @@ class Sequential:
 
     # --------------------------------------------------------------------- training (see train.py)
 
+    def compile(self, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:
+        """Keras-style defaults for ``fit``/``evaluate``; see :func:`gpubp.train.compile`."""
+        train.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, learning_rate=learning_rate)
+
     def fit(self, x, y, **kwargs):
         """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
-        from gpubp import train
-
         return train.fit(self, x, y, **kwargs)
 
     def evaluate(self, x, y, **kwargs) -> dict:
-        from gpubp import train
-
         return train.evaluate(self, x, y, **kwargs)
 
-    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
-        from gpubp import train
-
-        return train.predict(self, x, batch_size=batch_size)
+    def predict(self, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
+        return train.predict(self, x, batch_size=batch_size, logits=logits)
 
     def save(self, path) -> None:
         """Write the architecture and weights to ``.npz`` or ``.safetensors`` (atomically)."""

@@ -1,8 +1,11 @@
 """Losses: each returns ``(loss, grad)``, a Python float and the gradient of the mean loss.
 
-All are means, as in PyTorch and Keras: ``cross_entropy`` over the batch, ``mse`` and
-``binary_cross_entropy`` over all elements. The backend is chosen by the array's type
-(or passed by the training loop). Inputs are checked here, once; the kernels trust them.
+All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
+``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse`` and
+``binary_cross_entropy`` over all elements. The cross-entropies and
+``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
+(softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
+The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
 
 >>> import numpy as np
 >>> loss, grad = cross_entropy(np.array([[2.0, 0.0]], np.float32), np.array([0]))
@@ -57,6 +60,25 @@ def cross_entropy(logits, labels, backend: ModuleType | None = None):
     return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64))
 
 
+def is_one_hot(rows: np.ndarray) -> bool:
+    """True when every row of ``rows`` (B, C) is zeros with a single 1."""
+    return rows.dtype.kind in "fiub" and bool(np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(axis=1) == 1))
+
+
+def categorical_cross_entropy(logits, target, backend: ModuleType | None = None):
+    """Softmax cross-entropy with one-hot targets (B, C), mean over the batch (Keras's
+    ``categorical_crossentropy``); the same fused kernel as :func:`cross_entropy`."""
+    logits, backend = _prediction(logits, "logits", backend)
+    host = _host(target, backend)
+    if host.shape != tuple(logits.shape):
+        raise ValueError(f"target: expected one-hot rows of shape {tuple(logits.shape)} to match the logits, "
+                         f"got {host.shape}")
+    if not is_one_hot(host):
+        raise ValueError("target: expected one-hot rows (a single 1 in each row, zeros elsewhere); "
+                         "for class indices use cross_entropy (sparse_categorical_crossentropy)")
+    return backend.softmax_cross_entropy(logits, _on(backend, host.argmax(axis=1), np.int64))
+
+
 def _target(pred, target, backend: ModuleType, name: str = "target"):
     if _checks.array_kind(target) == "other":
         target = np.asarray(target)
@@ -87,16 +109,30 @@ def binary_cross_entropy(logits, target, backend: ModuleType | None = None):
 
 LOSSES = {
     "cross_entropy": cross_entropy,
+    "categorical_cross_entropy": categorical_cross_entropy,
     "mse": mse,
     "binary_cross_entropy": binary_cross_entropy,
 }
 ALIASES = {
     "sparse_categorical_crossentropy": "cross_entropy",
-    "categorical_cross_entropy": "cross_entropy",
+    "categorical_crossentropy": "categorical_cross_entropy",
     "mean_squared_error": "mse",
     "bce": "binary_cross_entropy",
     "binary_crossentropy": "binary_cross_entropy",
 }
+# Losses that apply an output activation themselves: with that activation on the model's
+# last layer, training feeds them the logits (one fused, stable pass), as Keras does for a
+# sigmoid or softmax output and PyTorch's *WithLogits losses do.
+FUSED_ACTIVATION = {
+    cross_entropy: "softmax",
+    categorical_cross_entropy: "softmax",
+    binary_cross_entropy: "sigmoid",
+}
+
+
+def fuses(loss_fn, activation: str) -> bool:
+    """True when ``loss_fn`` applies ``activation`` itself, so it should be given the logits."""
+    return FUSED_ACTIVATION.get(loss_fn) == activation
 
 
 def get(loss):

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable
 
 from gpubp import _checks
-from gpubp.layers import Parameter
+from gpubp.parameter import Parameter
 
 
 class Optimizer:

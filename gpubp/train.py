@@ -17,13 +17,14 @@ touches the weights.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
 
 import numpy as np
 
-from gpubp import _checks, _random, losses, optim
+from gpubp import _checks, _random, activations, losses, optim
 
 
 class History:
@@ -113,10 +114,10 @@ class EarlyStopping(Callback):
 # ----------------------------------------------------------------------------- metrics
 
 
-def _classes(scores: np.ndarray) -> np.ndarray:
-    """Predicted class: argmax over classes, or logit > 0 for a single output."""
+def _classes(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted class: argmax over classes, or score > threshold for a single output."""
     if scores.shape[1] == 1:
-        return (scores[:, 0] > 0).astype(np.int64)
+        return (scores[:, 0] > threshold).astype(np.int64)
     return scores.argmax(axis=1)
 
 
@@ -140,8 +141,8 @@ def _binary(scores: np.ndarray) -> bool:
     return scores.shape[1] == 1
 
 
-def _precision_recall(scores, y):
-    pred, true = _classes(scores), _labels(y)
+def _precision_recall(scores, y, threshold):
+    pred, true = _classes(scores, threshold), _labels(y)
     classes, tp, fp, fn = _per_class(pred, true)
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     if _binary(scores):
@@ -150,23 +151,27 @@ def _precision_recall(scores, y):
     return precision, recall
 
 
-def accuracy(scores: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(_classes(scores) == _labels(y)))
+# A single output is a logit (class 1 when > 0) unless the model's last layer is a sigmoid,
+# whose probabilities evaluate passes with threshold 0.5.
 
 
-def precision(scores: np.ndarray, y: np.ndarray) -> float:
+def accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
+    return float(np.mean(_classes(scores, threshold) == _labels(y)))
+
+
+def precision(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
     """Binary precision for one output; macro-averaged over classes otherwise."""
-    return float(np.mean(_precision_recall(scores, y)[0]))
+    return float(np.mean(_precision_recall(scores, y, threshold)[0]))
 
 
-def recall(scores: np.ndarray, y: np.ndarray) -> float:
+def recall(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
     """Binary recall for one output; macro-averaged over classes otherwise."""
-    return float(np.mean(_precision_recall(scores, y)[1]))
+    return float(np.mean(_precision_recall(scores, y, threshold)[1]))
 
 
-def f1(scores: np.ndarray, y: np.ndarray) -> float:
+def f1(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
     """Binary F1 for one output; macro-averaged F1 over classes otherwise (scikit-learn's 'macro')."""
-    p, r = _precision_recall(scores, y)
+    p, r = _precision_recall(scores, y, threshold)
     p, r = np.atleast_1d(p), np.atleast_1d(r)
     return float(np.mean(_ratio(2 * p * r, p + r)))
 
@@ -181,14 +186,16 @@ def mean_absolute_error(scores: np.ndarray, y: np.ndarray) -> float:
 
 METRICS = {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
            "mse": mean_squared_error, "mae": mean_absolute_error}
+THRESHOLDED = (accuracy, precision, recall, f1)
 
 
-def _metric(name):
+def _metric(name, threshold: float = 0.0):
     if callable(name):
         return getattr(name, "__name__", "metric"), name
     if name not in METRICS:
         raise ValueError(f"metrics: unknown metric {name!r}; expected one of {sorted(METRICS)} or a callable")
-    return name, METRICS[name]
+    fn = METRICS[name]
+    return name, functools.partial(fn, threshold=threshold) if fn in THRESHOLDED else fn
 
 
 # ----------------------------------------------------------------------------- data checks
@@ -207,9 +214,8 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
     if loss_fn is losses.cross_entropy:
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
-        if y.min() < 0 or y.max() >= width:
-            raise ValueError(f"{yname}: expected class labels in [0, {width}), got values from {y.min()} to {y.max()}")
-    elif loss_fn in (losses.mse, losses.binary_cross_entropy):
+        _check_class_labels(y, width, yname)
+    elif loss_fn in (losses.mse, losses.binary_cross_entropy, losses.categorical_cross_entropy):
         if y.ndim == 1 and width == 1:
             y = y.reshape(-1, 1)
         if y.shape[1:] != (width,):
@@ -218,8 +224,20 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
             raise TypeError(f"{yname}: expected numeric targets, got dtype {y.dtype}")
         if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
+        if loss_fn is losses.categorical_cross_entropy and not losses.is_one_hot(y):
+            raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
+                             "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)
+    elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
+        # (For a single output they may as well be regression targets.)
+        _check_class_labels(y, width, yname)
     return x, y
+
+
+def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"{yname}: expected class labels in [0, {classes}), got values from {y.min()} to {y.max()}")
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):
@@ -227,21 +245,62 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None):
         yield slice(start, start + batch_size) if order is None else order[start:start + batch_size]
 
 
-# ----------------------------------------------------------------------------- fit / evaluate / predict
+# ----------------------------------------------------------------------------- compile / fit / evaluate / predict
 
 
-def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, batch_size: int = 32,
+def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:
+    """Keras's ``model.compile``: the optimizer, loss and metrics that ``fit`` and ``evaluate``
+    use when they are not given. ``optimizer`` is a name (built here, once, and kept with its
+    state across ``fit`` calls) or an Optimizer; ``learning_rate`` is then the rate of every
+    ``fit`` call that does not pass its own.
+    """
+    loss_fn = losses.get(loss)
+    for m in metrics or []:
+        _metric(m)
+    if learning_rate is not None:
+        _checks.non_negative(learning_rate, "learning_rate")
+    _optimizer(model, optimizer)
+    model._compiled = {"optimizer": optimizer, "loss": loss_fn, "metrics": list(metrics or []),
+                       "learning_rate": learning_rate}
+    model.loss = loss_fn
+
+
+def _optimizer(model, optimizer):
+    """The optimizer for ``fit``: an instance as given; a name built once per model and reused
+    (state included) while the model keeps the same parameters on the same backend."""
+    if not isinstance(optimizer, str):
+        return optim.get(optimizer, model.parameters())
+    params = model.parameters()
+    key = (optimizer.lower(), model.backend_name, tuple(id(p) for p in params))
+    cached = getattr(model, "_named_optimizer", None)
+    if cached is None or cached[0] != key:
+        cached = model._named_optimizer = (key, optim.get(optimizer, params))
+    return cached[1]
+
+
+def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
-        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None) -> History:
+        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
+        learning_rate: float | None = None) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
-    ``mse`` / ``binary_cross_entropy``. ``validation_split`` holds out the last fraction (before
+    ``mse`` / ``binary_cross_entropy``; one-hot rows for ``categorical_cross_entropy``.
+    ``loss``, ``optimizer`` and ``metrics`` default to those given to :func:`compile`, else
+    ``"cross_entropy"`` and ``"adam"``. A sigmoid or softmax last layer with its matching loss
+    (``binary_cross_entropy``, the cross-entropies) trains on the logits, fused and stable.
+    ``learning_rate`` sets the rate of every param group for this call only.
+    ``validation_split`` holds out the last fraction (before
     shuffling), as Keras does; ``validation_data=(x_val, y_val)`` takes precedence.
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
-    ``verbose``: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+    ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stderr is not a
+    terminal), 2 one line per epoch.
     """
-    loss_fn = losses.get(loss)
+    compiled = getattr(model, "_compiled", {})
+    loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
+    metrics = compiled.get("metrics") if metrics is None else metrics
+    if learning_rate is None:
+        learning_rate = compiled.get("learning_rate")
     epochs = _checks.positive_int(epochs, "epochs")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if verbose not in (0, 1, 2):
@@ -250,7 +309,9 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
         raise ValueError(f"validation_split: expected a float in [0, 1), got {validation_split!r}")
     for m in metrics or []:
         _metric(m)
-    opt = optim.get(optimizer, model.parameters())
+    if learning_rate is not None:
+        learning_rate = _checks.non_negative(learning_rate, "learning_rate")
+    opt = _optimizer(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
     x, y = _check_dataset(model, x, y, loss_fn)
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -267,7 +328,29 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
+    if verbose == 1 and not _is_terminal(sys.stderr):
+        verbose = 2
+    rates = [group["lr"] for group in opt.param_groups]
+    if learning_rate is not None:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate
+    try:
+        return _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose,
+                      metrics or [], clip_grad_norm)
+    finally:
+        for group, rate in zip(opt.param_groups, rates):
+            group["lr"] = rate
 
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose, metrics,
+           clip_grad_norm) -> History:
+    """fit's loop, on checked data: forward, loss, backward and step per batch; callbacks per epoch."""
+    logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
     model.loss = loss_fn
     history = History()
@@ -286,7 +369,7 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
             if not np.all(np.isfinite(xb)):
                 raise ValueError(f"x: non-finite values (NaN or inf) in epoch {epoch + 1}, batch {batch + 1}; "
                                  "the weights were not updated by this batch")
-            out = model.forward(xb)
+            out = model.forward(xb, logits=logits)
             value, dout = loss_fn(out, yb, backend=model.backend)
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -331,30 +414,44 @@ def _progress(total: int, epoch: int, epochs: int, verbose: int):
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True)
 
 
-def predict(model, x, batch_size: int = 1024) -> np.ndarray:
-    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches."""
+def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
+    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches:
+    probabilities for a sigmoid or softmax last layer, or with ``logits=True`` its logits."""
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if _checks.array_kind(x) == "other":
         x = np.asarray(x)
     _checks.batch_shape(x.shape, model.in_features, "x")
-    outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False))
+    outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
                for i in range(0, x.shape[0], batch_size)]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
-def evaluate(model, x, y, loss=None, metrics=("accuracy",), batch_size: int = 1024) -> dict:
-    """``{"loss": ..., metric: ...}`` on (x, y). The loss is the one given, else the last fit's.
+def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> dict:
+    """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
 
+    The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
+    the compiled ones, else ``["accuracy"]`` (``[]`` for none). A loss that fuses the last
+    layer's activation is computed on the logits, which is the same value, stably.
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
-    output), "mse", "mae", or callables ``(scores, y) -> float``.
+    output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
+    "mse", "mae", or callables ``(scores, y) -> float``. Class labels are range-checked
+    whether or not there is a loss.
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
-    metric_fns = [_metric(m) for m in (metrics or [])]
+    if metrics is None:
+        metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
+    head = model.layers[-1].activation
+    metric_fns = [_metric(m, threshold=0.5 if head == "sigmoid" else 0.0) for m in metrics]
     x, y = _check_dataset(model, x, y, loss_fn)
-    scores = predict(model, x, batch_size=batch_size)
+    fused = loss_fn is not None and losses.fuses(loss_fn, head)
+    outputs = predict(model, x, batch_size=batch_size, logits=fused)
+    scores = outputs
+    if fused:
+        scores = np.empty_like(outputs)
+        activations.forward(head, outputs, scores)
     result = {}
     if loss_fn is not None:
-        result["loss"] = loss_fn(scores, y)[0]
+        result["loss"] = loss_fn(outputs, y)[0]
     for name, fn in metric_fns:
         result[name] = fn(scores, y)
     return result

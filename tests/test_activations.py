@@ -179,3 +179,33 @@ def test_unknown_activation_name_is_a_value_error_listing_the_known_ones():
 def test_activation_of_the_wrong_type_is_a_type_error():
     with pytest.raises(TypeError, match="activation must be a str or None, got int"):
         gb.Dense(2, 2, activation=3)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def test_softmax_rows_sum_to_one_and_stay_finite_at_huge_logits():
+    z = np.array([[1e4, 0.0, -1e4], [-1e4, -1e4, -1e4], [1.0, 2.0, 3.0]], np.float32)
+    y = run_forward("softmax", z)
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(y[0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(y[1], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(y[2], np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum(), rtol=1e-6)
+
+
+def test_softmax_backward_is_the_jacobian_vector_product(rng):
+    z = rng.normal(size=(4, 5))
+    dy = rng.normal(size=(4, 5))
+    eps = 1e-6
+    expected = np.zeros_like(z)
+    for index in np.ndindex(z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        expected[index] = np.sum(dy * (run_forward("softmax", plus) - run_forward("softmax", minus))) / (2 * eps)
+    np.testing.assert_allclose(run_backward("softmax", dy, z), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_softmax_is_a_known_name_outside_the_elementwise_kernel_list():
+    assert activations.canonical("softmax") == "softmax"
+    assert "softmax" not in ACTIVATIONS and "softmax" in activations.NAMES

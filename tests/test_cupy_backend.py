@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpubp import backends
-from gpubp.activations import ACTIVATIONS, NEEDS_Z
+from gpubp.activations import NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
 
@@ -48,13 +48,13 @@ def layer(rng, batch, n_in, n_out):
 
 
 @pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("act", NAMES)
 def test_dense_forward_matches_numpy(cb, rng, act, shape):
     x, w, b = layer(rng, *shape)
     y_ref, z_ref = ref.dense_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
     with trace() as t:
         y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act)
-    assert t.launches == ["dense_fwd"]
+    assert t.launches == ["dense_fwd"] + (["softmax_fwd"] if act == "softmax" else [])
     close(cb.to_host(y), y_ref)
     if act in NEEDS_Z:
         close(cb.to_host(z), z_ref)
@@ -64,7 +64,7 @@ def test_dense_forward_matches_numpy(cb, rng, act, shape):
 
 @pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("act", NAMES)
 def test_dense_backward_matches_numpy_and_launches_what_it_plans(cb, rng, act, shape, need_dx, need_dw):
     x, w, b = layer(rng, *shape)
     x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))

@@ -212,13 +212,23 @@ def test_input_gradient_makes_every_layer_launch_dx(rng):
     assert t.counts == Counter(k for _, kernels in plan for k in kernels)
 
 
-def test_backward_after_changing_what_is_frozen_asks_for_a_new_forward(rng):
+def test_backward_after_unfreezing_asks_for_a_new_forward(rng):
+    model = make_model()
+    model.freeze_to(2)
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.unfreeze()
+    with pytest.raises(RuntimeError, match="run forward.*layer 'dense_0' needs its input"):
+        model.backward(dout)
+
+
+def test_backward_after_freezing_more_reuses_what_forward_kept(rng):
     model = make_model()
     x, dout = random_batch(rng, model)
     model.forward(x)
     model.freeze_to(2)
-    with pytest.raises(RuntimeError, match="run forward"):
-        model.backward(dout)
+    model.backward(dout)
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
 
 
 # ----------------------------------------------------------------------------- activation memory

@@ -25,14 +25,16 @@ SHAPES = [  # (batch, in, hidden, out)
 ]
 
 
-def random_model(sizes, activation, seed, dtype="float64"):
-    """A model whose every layer uses ``activation``, with random (non-zero) biases.
+def random_model(sizes, activation, seed, dtype="float64", head=None):
+    """A model whose every layer uses ``activation`` (the last ``head`` if given), with random
+    (non-zero) biases.
 
     Zero biases would put relu's kink exactly at z = 0 for any input row that an earlier
     relu zeroed, where the derivative is not defined and central differences disagree.
     """
     rng = np.random.default_rng(seed)
-    model = gb.Sequential([gb.Dense(a, b, activation) for a, b in zip(sizes[:-1], sizes[1:])],
+    acts = [activation] * (len(sizes) - 2) + [head or activation]
+    model = gb.Sequential([gb.Dense(a, b, act) for a, b, act in zip(sizes[:-1], sizes[1:], acts)],
                           dtype=dtype, device="cpu")
     model.set_weights([rng.normal(0.0, 0.8, w.shape) for w in model.get_weights()])
     return model
@@ -57,7 +59,13 @@ def random_target(loss, batch, out, seed):
     rng = np.random.default_rng(seed)
     if loss == "cross_entropy":
         return rng.integers(0, out, batch)
+    if loss == "categorical_cross_entropy":
+        return np.eye(out)[rng.integers(0, out, batch)]
     return rng.uniform(0.0, 1.0, (batch, out))
+
+
+def softmax_head_model(sizes, seed):
+    return random_model(sizes, "tanh", seed, head="softmax")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -84,6 +92,16 @@ def test_backward_matches_central_differences_on_random_shapes(batch, sizes, act
     x = np.random.default_rng(seed).normal(size=(batch, sizes[0]))
     assume(distance_to_a_kink(model, x) > 1e-4)
     gradcheck.check_gradients(model, x, random_target(loss, batch, sizes[-1], seed), loss=loss)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", LOSSES + ("categorical_cross_entropy",))
+def test_softmax_output_backward_is_its_jacobian_vector_product_for_every_loss(loss, shape):
+    batch, n_in, hidden, n_out = shape
+    model = softmax_head_model([n_in, hidden, n_out], seed=zlib.crc32(repr((loss, shape)).encode()))
+    x = np.random.default_rng(1).normal(size=(batch, n_in))
+    errors = gradcheck.check_gradients(model, x, random_target(loss, batch, n_out, 2), loss=loss)
+    assert set(errors) == {"input", "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
 
 
 def test_frozen_layers_get_no_gradient_and_the_rest_still_check():
@@ -136,6 +154,15 @@ def test_outputs_loss_and_gradients_match_pytorch_in_float64(activation, loss):
     model = random_model([5, 7, 3], activation, seed=11)
     x = np.random.default_rng(4).normal(size=(6, 5))
     errors = gradcheck.compare_with_torch(model, x, random_target(loss, 6, 3, 5), loss=loss, rtol=1e-10, atol=1e-12)
+    assert {"output", "loss", "input", "layers.0.weight", "layers.1.bias"} <= set(errors)
+
+
+@pytest.mark.parametrize("loss", LOSSES + ("categorical_cross_entropy",))
+def test_softmax_output_matches_pytorch_softmax_module_in_float64(loss):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = softmax_head_model([5, 7, 4], seed=12)
+    x = np.random.default_rng(4).normal(size=(6, 5))
+    errors = gradcheck.compare_with_torch(model, x, random_target(loss, 6, 4, 5), loss=loss, rtol=1e-10, atol=1e-12)
     assert {"output", "loss", "input", "layers.0.weight", "layers.1.bias"} <= set(errors)
 
 

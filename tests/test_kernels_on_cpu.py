@@ -182,6 +182,18 @@ def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
             close(cb.to_host(g), expected)
 
 
+def test_a_softmax_output_layer_matches_numpy(cb, rng):
+    x, w, b = layer(rng, 37, 29, 11)
+    y_ref, _ = ref.dense_forward(*f64(x, w, b), "softmax")
+    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "softmax")
+    close(cb.to_host(y), y_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    want = ref.dense_backward(*f64(dy, x, w, cb.to_host(y), None), "softmax", True, True)
+    for got, expected in zip(cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, None, "softmax",
+                                               True, True), want):
+        close(cb.to_host(got), expected)
+
+
 def test_split_k_path_is_taken_and_is_bitwise_deterministic(cb, rng):
     if cb._state()["sms"] == 1:
         pytest.skip("one SM never splits the batch")

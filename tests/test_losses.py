@@ -153,6 +153,7 @@ def test_mse_is_finite_at_1e4(dtype):
 @pytest.mark.parametrize("alias, name", [
     ("sparse_categorical_crossentropy", "cross_entropy"), ("mean_squared_error", "mse"),
     ("bce", "binary_cross_entropy"), ("binary_crossentropy", "binary_cross_entropy"),
+    ("categorical_crossentropy", "categorical_cross_entropy"),
 ])
 def test_keras_spellings_name_the_same_loss(alias, name):
     assert losses.get(alias) is losses.get(name)

@@ -16,7 +16,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import backends
-from gpubp.activations import ACTIVATIONS, NEEDS_Z
+from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
 
@@ -33,10 +33,11 @@ ODD_SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23)]
 # (5, 70, 66): forward and dX span two column blocks over five K slices; dW runs a 2 x 2 grid,
 # so db and the stored dz come from its first row tile only.
 MULTI_BLOCK_SHAPES = [(70, 20, 9), (5, 70, 66)]
-# Every activation on one shape; every shape with gelu, the one that also stores z.
-DENSE_CASES = [(act, ODD_SHAPES[0]) for act in ACTIVATIONS] + [
+# Every activation on one shape; every shape with gelu, the one that also stores z;
+# softmax (its row kernels around the identity ones) also across two column blocks.
+DENSE_CASES = [(act, ODD_SHAPES[0]) for act in NAMES] + [
     ("gelu", shape) for shape in ODD_SHAPES[1:] + MULTI_BLOCK_SHAPES
-]
+] + [("softmax", MULTI_BLOCK_SHAPES[1])]
 DENSE_IDS = [f"{act}-{'x'.join(map(str, shape))}" for act, shape in DENSE_CASES]
 
 
@@ -80,7 +81,7 @@ def test_dense_forward_matches_numpy(rng, act, shape):
     y_ref, z_ref = ref.dense_forward(x, w, b, act)
     with trace() as t:
         y, z = nb.dense_forward(*to_device(x, w, b), act)
-    assert t.launches == ["dense_fwd"]
+    assert t.launches == ["dense_fwd"] + (["softmax_fwd"] if act == "softmax" else [])
     assert_matches(y, y_ref)
     if act in NEEDS_Z:
         assert_matches(z, z_ref)
@@ -197,6 +198,22 @@ def test_backward_kernels_names_what_dense_backward_launches():
     assert nb.backward_kernels("relu", False, True) == ["dense_dw"]
     assert nb.backward_kernels("relu", True, False) == ["dense_dx"]
     assert nb.backward_kernels("relu", False, False) == []
+    assert nb.backward_kernels("softmax", True, True) == ["softmax_bwd", "dense_dw", "dense_dx"]
+    assert nb.backward_kernels("softmax", False, False) == []
+
+
+def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
+    z = np.array([[1e4, 0.0, -1e4], [30.0, 30.0, 29.0], [-50.0, -60.0, -70.0]], np.float32)
+    y_ref = z.copy()
+    ref.softmax_(y_ref)
+    y = nb.asarray(z)
+    nb.softmax_(y)
+    assert_matches(y, y_ref)
+    dy = randn(rng, 3, 3)
+    dz_ref = ref.softmax_backward(dy, y_ref, np.empty_like(dy))
+    dy_dev = nb.asarray(dy)
+    assert nb.softmax_backward(dy_dev, y, dy_dev) is dy_dev
+    assert_matches(dy_dev, dz_ref)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -379,6 +396,8 @@ kernels = {
     "dense_fwd": (nb._dense_forward_kernel("gelu"), (m, m, v, m, m)),
     "dense_dw": (nb._dense_dw_kernel("gelu", True), (m, m, m, m, v, m)),
     "dense_dx": (nb._dense_dx_kernel("gelu"), (m, m, m, m)),
+    "softmax_fwd": (nb._softmax_kernel, (m,)),
+    "softmax_bwd": (nb._softmax_backward_kernel, (m, m, m)),
     "ce_fwd_bwd": (nb._softmax_cross_entropy_kernel, (m, labels, m, v, f32)),
     "mse_fwd_bwd": (nb._mse_kernel, (v, v, v, v, f32)),
     "bce_fwd_bwd": (nb._bce_kernel, (v, v, v, v, f32)),

@@ -7,7 +7,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import optim
-from gpubp.layers import Parameter
+from gpubp.parameter import Parameter
 
 SHAPES = [(3, 4), (4,), (1, 1)]
 STEPS = 6

@@ -1,6 +1,9 @@
 """The seed workflows end to end on the CPU, plus the training loop's callbacks, history,
 validation, progress bar and metrics."""
 
+import re
+import sys
+
 import numpy as np
 import pytest
 
@@ -254,13 +257,24 @@ def test_validation_split_too_small_for_the_data_is_rejected():
 # ----------------------------------------------------------------------------- progress output
 
 
-def test_verbose_1_draws_a_progress_bar_per_epoch_on_stderr(capsys):
+def test_verbose_1_draws_a_progress_bar_per_epoch_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     x, y = classification_data()
     classifier().fit(x, y, epochs=2, batch_size=40, verbose=1)
     captured = capsys.readouterr()
     assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err
     assert "3/3" in captured.err and "batch" in captured.err and "loss=" in captured.err
     assert captured.out == ""
+
+
+def test_verbose_1_prints_one_keras_line_per_epoch_when_stderr_is_not_a_terminal(capsys):
+    x, y = classification_data()
+    classifier().fit(x, y, epochs=3, batch_size=40, validation_split=0.25, metrics=["accuracy"], verbose=1)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "\r" not in err and len(lines) == 3
+    assert re.fullmatch(r"epoch 3/3 - \d+\.\d\ds - loss: \d\.\d{4} - val_loss: \d\.\d{4} - val_accuracy: \d\.\d{4}",
+                        lines[-1])
 
 
 def test_verbose_2_prints_one_line_per_epoch(capsys):

@@ -34,6 +34,14 @@ Dense layer
         given, receive the results. Records exactly ``backward_kernels(act, need_dx, need_dw)``.
     ``backward_kernels(act, need_dx, need_dw) -> list[str]``
         the names of the kernels ``dense_backward`` launches for these arguments, in order.
+    ``act="softmax"`` (output layers only) runs as ``act="identity"`` followed by ``softmax_``
+    in forward, and ``softmax_backward`` before the identity gradient kernels in backward;
+    ``y`` must then be given to ``dense_backward``.
+    ``softmax_(y)``
+        row softmax of ``y`` (B, C) in place, stable for any magnitude. Records ``softmax_fwd``.
+    ``softmax_backward(dy, y, out) -> out``
+        the Jacobian-vector product ``out = y * (dy - sum(dy * y, axis=1))``, with ``y`` the
+        softmax output; ``out`` may be ``dy``. Records ``softmax_bwd``.
         ``Sequential.backward_plan`` is built from it, so plan and trace agree by construction
         and the trace tests check that the backend really launches what it says.
 

@@ -9,6 +9,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   formed while the operands load, and ``db`` reduced inside the dW kernel (split over the
   batch, reduced deterministically, when the layer is too small to fill the GPU);
 - ``loss.cu``: softmax cross-entropy, MSE and BCE, value and gradient in one pass;
+- softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
+  which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping.
 
 Where the kernels come from, per source file, on first use on each device:
@@ -351,11 +353,13 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     z = None
     if act in NEEDS_Z:
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
+    kernel_act = "identity" if act == "softmax" else act  # softmax runs after the kernel
     if precision == "tf32":
-        tile, threads, filename, name = TF32_TILE, TF32_THREADS, "dense_forward_tf32.cu", f"dense_fwd_tf32_{act}"
+        tile, threads = TF32_TILE, TF32_THREADS
+        filename, name = "dense_forward_tf32.cu", f"dense_fwd_tf32_{kernel_act}"
     else:
         tile = _gemm_tile(batch, n_out)
-        threads, filename, name = GEMM_TILES[tile], "dense_forward.cu", f"dense_fwd_{act}_{tile}x{tile}"
+        threads, filename, name = GEMM_TILES[tile], "dense_forward.cu", f"dense_fwd_{kernel_act}_{tile}x{tile}"
     grid = (-(-batch // tile), -(-n_out // tile))
     record("dense_fwd")
     _kernel(filename, name)(
@@ -364,11 +368,14 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
         # z is never touched for activations that do not store it; y stands in for it.
         (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in)),
     )
+    if act == "softmax":
+        softmax_(y)
     return y, z
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    return (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
+    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
 def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
@@ -389,6 +396,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dy, w = _f32(dy), _f32(w)
+    if act == "softmax":
+        dy = softmax_backward(dy, _f32(y), cupy.empty_like(dy))
+        act = "identity"
     x = None if x is None else _f32(x)
     # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
     y_or_z = z if act in NEEDS_Z else y
@@ -424,6 +434,24 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
             (dy, y_or_z, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
     return dx, dw, db
+
+
+def softmax_(y):
+    """Row softmax of y (B, C) in place, as CuPy array operations (a reduction and elementwise
+    passes per call); the softmax layer is the narrow output layer, small next to its matmul."""
+    record("softmax_fwd")
+    y -= y.max(axis=1, keepdims=True)
+    cupy.exp(y, out=y)
+    y /= y.sum(axis=1, keepdims=True)
+
+
+def softmax_backward(dy, y, out):
+    """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    record("softmax_bwd")
+    dot = cupy.einsum("ij,ij->i", dy, y)[:, None]
+    cupy.subtract(dy, dot, out=out)
+    out *= y
+    return out
 
 
 # ----------------------------------------------------------------------------- losses

@@ -48,6 +48,10 @@ Dense kernels: one tiled, register-blocked matmul shape shared by forward, dX an
                 backward_kernels() lists what dense_backward launches: dense_dw, dense_dx.
 
 Other kernels
+    softmax_fwd, softmax_bwd
+                 row softmax in place and its Jacobian-vector product, one thread per row (the
+                 softmax layer is the output layer, C is the class count); softmax layers run
+                 dense_fwd / dense_dw / dense_dx as identity around them.
     ce_fwd_bwd   softmax cross-entropy, loss and gradient fused; a row per CE_LANES = 32
                  threads, CE_ROWS = 8 rows per block; online max/sum-exp in one read, the
                  gradient in a second read of the (cached) row. Mean over the batch.
@@ -636,21 +640,27 @@ def dense_forward(x, w, b, act, out=None, out_z=None):
     if act in NEEDS_Z:
         z = out_z if out_z is not None else _new((batch, out_features), x)
     xv, yv = _view(x), _view(y)
-    kernel = _dense_forward_kernel(act)
+    kernel = _dense_forward_kernel("identity" if act == "softmax" else act)
     kernel[tile_grid(batch, out_features), _TILE_BLOCK, xv.stream](
         xv, _view(w), _view(b), yv, yv if z is None else _view(z)
     )
+    if act == "softmax":
+        softmax_(y)
     return y, z
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    return (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
+    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
     if not (need_dx or need_dw):
         return None, None, None
+    if act == "softmax":
+        dy = softmax_backward(dy, y, _scratch("softmax_dz", tuple(dy.shape), dy))
+        act = "identity"
     dyv = _view(dy)
     act_in = dyv if act == "identity" else _view(z if act in NEEDS_Z else y)
     dx = dw = db = None
@@ -678,6 +688,57 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
             dz_source, dz_source if dz_act == "identity" else act_in, _view(w), _view(dx)
         )
     return dx, dw, db
+
+
+@cuda.jit
+def _softmax_kernel(y):
+    """In place, one thread per row of y (B, C): y[r] = exp(y[r] - max(y[r])) / sum."""
+    row = cuda.grid(1)
+    if row < y.shape[0]:
+        classes = y.shape[1]
+        row_max = y[row, 0]
+        for c in range(1, classes):
+            row_max = max(row_max, y[row, c])
+        total = _ZERO
+        for c in range(classes):
+            e = math.exp(y[row, c] - row_max)
+            y[row, c] = e
+            total += e
+        inv_total = _ONE / total
+        for c in range(classes):
+            y[row, c] *= inv_total
+
+
+@cuda.jit
+def _softmax_backward_kernel(dy, y, out):
+    """One thread per row: out[r] = y[r] * (dy[r] - <dy[r], y[r]>); out may be dy (each row reads before it writes)."""
+    row = cuda.grid(1)
+    if row < y.shape[0]:
+        classes = y.shape[1]
+        dot = _ZERO
+        for c in range(classes):
+            dot += dy[row, c] * y[row, c]
+        for c in range(classes):
+            out[row, c] = y[row, c] * (dy[row, c] - dot)
+
+
+def _row_blocks(rows: int) -> int:
+    return -(-rows // ELEMENTWISE_THREADS)
+
+
+def softmax_(y):
+    """Row softmax of y (B, C) in place. A thread per row: softmax heads are narrow (C is the class count)."""
+    record("softmax_fwd")
+    yv = _view(y)
+    _softmax_kernel[_row_blocks(yv.shape[0]), ELEMENTWISE_THREADS, yv.stream](yv)
+
+
+def softmax_backward(dy, y, out):
+    """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    record("softmax_bwd")
+    yv = _view(y)
+    _softmax_backward_kernel[_row_blocks(yv.shape[0]), ELEMENTWISE_THREADS, yv.stream](_view(dy), yv, _view(out))
+    return out
 
 
 # ----------------------------------------------------------------------------- losses

@@ -130,12 +130,16 @@ def dense_forward(x, w, b, act, out=None, out_z=None):
         return y, z
     y = np.matmul(x, w, out=out)
     y += b
-    activations.forward(act, y, y)
+    if act == "softmax":
+        softmax_(y)
+    else:
+        activations.forward(act, y, y)
     return y, None
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    return (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
+    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
@@ -146,7 +150,10 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dz = dy
     else:
         dz = _scratch("dz", dy.shape, dy.dtype)
-        activations.backward(act, dy, y, z, dz)
+        if act == "softmax":
+            softmax_backward(dy, y, dz)
+        else:
+            activations.backward(act, dy, y, z, dz)
     dx = dw = db = None
     if need_dw:
         record("dense_dw")
@@ -158,6 +165,19 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         record("dense_dx")
         dx = np.matmul(dz, w.T, out=out_dx)
     return dx, dw, db
+
+
+def softmax_(y):
+    """Row softmax of y (B, C) in place."""
+    record("softmax_fwd")
+    activations.forward("softmax", y, y)
+
+
+def softmax_backward(dy, y, out):
+    """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    record("softmax_bwd")
+    activations.backward("softmax", dy, y, None, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- losses

@@ -1,0 +1,69 @@
+"""The package's modules import each other in one direction: no import circle."""
+
+import ast
+from pathlib import Path
+
+import gpubp
+
+PACKAGE = Path(gpubp.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """gpubp modules that ``path`` imports when it loads (imports inside functions run later)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name in modules}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    # The package's own __init__ gathers the public names; a cycle through it is no circle between modules.
+    return {name: _top_level_imports(path, modules) - {"gpubp"} for name, path in paths.items() if name != "gpubp"}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt, path + [nxt])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_modules_import_without_a_circle():
+    cycle = _find_cycle(_import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_optimizers_do_not_import_the_layer_module():
+    assert "gpubp.layers" not in _import_graph()["gpubp.optim"]
+
+
+def test_cycle_finder_reports_a_planted_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    assert _find_cycle(graph) == ["a", "b", "c", "a"]
