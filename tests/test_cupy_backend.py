@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpubp import backends
-from gpubp.activations import NAMES, NEEDS_Z
+from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
 
