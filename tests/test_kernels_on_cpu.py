@@ -98,7 +98,7 @@ def launched_kernel_names() -> set[str]:
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
              "sumsq", "scale_inplace"}
     for act in ACTIVATIONS:
-        names.add(f"dense_fwd_tf32_{act}")
+        names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")}
         for tile in cupy_backend.GEMM_TILES:
             names |= {f"dense_{kind}_{act}_{tile}x{tile}" for kind in ("fwd", "dx", "dw")}
     return names
@@ -149,6 +149,25 @@ def test_tf32_dense_forward_is_within_its_error_bound(cb, rng, act, shape):
     assert np.max(np.abs(cb.to_host(y) - y_ref)) <= STEEPEST_SLOPE * bound
     if act in NEEDS_Z:
         assert np.max(np.abs(cb.to_host(z) - z_ref)) <= bound
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(70, 200, 130)], ids=shape_id)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_tf32_dense_backward_is_within_its_error_bound(cb, rng, act, shape):
+    x = rng.standard_normal(shape[:2]).astype(np.float32)
+    w = rng.standard_normal(shape[1:]).astype(np.float32)
+    b = rng.standard_normal(shape[2]).astype(np.float32)
+    y64, z64 = ref.dense_forward(*f64(x, w, b), act)
+    dy = rng.standard_normal(y64.shape).astype(np.float32)
+    y, z = y64.astype(np.float32), None if z64 is None else z64.astype(np.float32)
+    dx_ref, dw_ref, db_ref = ref.dense_backward(*f64(dy, x, w, y, z), act, True, True)
+    dev = [None if a is None else cb.asarray(a) for a in (dy, x, w, y, z)]
+    with trace() as t:
+        dx, dw, db = cb.dense_backward(*dev, act, True, True, precision="tf32")
+    assert t.launches == cb.backward_kernels(act, True, True)
+    close(cb.to_host(dx), dx_ref, TF32_RTOL)
+    close(cb.to_host(dw), dw_ref, TF32_RTOL)
+    close(cb.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
 
 
 def test_tf32_forward_rounds_its_inputs(cb, rng):
@@ -376,9 +395,9 @@ PLANTED_BUGS = {
         "for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_WARP, v, offset);",
         "plain", "elementwise_losses and mse and 132sms", "max error|assert"),
     "wrong mma fragment index": (
-        "dense_forward_tf32.cu",
-        "a[i][2] = __float_as_uint(base[g * T::LDA + t + 4]);",
-        "a[i][2] = __float_as_uint(base[g * T::LDA + t]);",
+        "gemm_tf32.cuh",
+        "a[i][2] = __float_as_uint(tile[g * T::LDA + t + 4]);",
+        "a[i][2] = __float_as_uint(tile[g * T::LDA + t]);",
         "plain", "tf32_dense_forward and 132sms and identity and 37x29x23", "assert"),
 }
 

@@ -4,7 +4,8 @@ Implements the kernel contract of ``gpubp.backends`` on ``cupy.ndarray`` (float3
 C-contiguous); it is the default backend when a GPU is present. The kernels:
 
 - ``dense_forward.cu``: one tiled SGEMM with the bias and activation in its epilogue;
-- ``dense_forward_tf32.cu``: the same forward on TF32 tensor cores (``precision="tf32"``);
+- ``dense_forward_tf32.cu``, ``dense_backward_tf32.cu``: the same kernels on TF32 tensor cores
+  (``precision="tf32"``; ``gemm_tf32.cuh``);
 - ``dense_backward.cu``: ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``dz = dy * act'(.)``
   formed while the operands load, and ``db`` reduced inside the dW kernel (split over the
   batch, reduced deterministically, when the layer is too small to fill the GPU);
@@ -65,7 +66,8 @@ DTYPES = (np.float32,)
 
 log = logging.getLogger("gpubp")
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "loss.cu", "optim.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "dense_backward_tf32.cu", "loss.cu",
+                "optim.cu")
 AOT_ENV = "GPUBP_AOT_DIR"  # where the CMake-built fatbins are, when not gpubp/_aot
 KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not the shipped ones
 AOT_MANIFEST = "manifest.txt"
@@ -198,6 +200,7 @@ _PROBE_KERNEL = {
     "dense_forward.cu": "dense_fwd_identity_64x64",
     "dense_backward.cu": "dense_dx_identity_64x64",
     "dense_forward_tf32.cu": "dense_fwd_tf32_identity",
+    "dense_backward_tf32.cu": "dense_dx_tf32_identity",
     "loss.cu": "mse_fwd_bwd",
     "optim.cu": "scale_inplace",
 }
@@ -389,8 +392,12 @@ def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
     return -(-batch // k_chunk), k_chunk
 
 
-def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
-    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
+def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
+                   precision="fp32"):
+    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
+
+    ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
+    db summed in fp32."""
     if not (need_dx or need_dw):
         return None, None, None
     batch, n_out = dy.shape
@@ -407,30 +414,41 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
-        tile = _gemm_tile(n_in, n_out)
-        tiles_m, tiles_n = -(-n_in // tile), -(-n_out // tile)
-        splits, k_chunk = _dw_split(batch, tiles_m * tiles_n)
-        tickets = _state()["tickets"]
-        if splits > 1:
-            ws = _workspace(splits * (n_in * n_out + n_out))
-            ws_dw, ws_db = ws[: splits * n_in * n_out], ws[splits * n_in * n_out :]
-            tickets = tickets[1:]
-        else:  # unused by the kernel when splits == 1
-            ws_dw, ws_db = dw, db
         record("dense_dw")
-        _kernel("dense_backward.cu", f"dense_dw_{act}_{tile}x{tile}")(
-            (tiles_m, tiles_n, splits),
-            (GEMM_TILES[tile],),
-            (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
-             np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
-        )
+        if precision == "tf32":
+            _kernel("dense_backward_tf32.cu", f"dense_dw_tf32_{act}")(
+                (-(-n_in // TF32_TILE), -(-n_out // TF32_TILE)),
+                (TF32_THREADS,),
+                (x, dy, y_or_z, dw, db, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+            )
+        else:
+            tile = _gemm_tile(n_in, n_out)
+            tiles_m, tiles_n = -(-n_in // tile), -(-n_out // tile)
+            splits, k_chunk = _dw_split(batch, tiles_m * tiles_n)
+            tickets = _state()["tickets"]
+            if splits > 1:
+                ws = _workspace(splits * (n_in * n_out + n_out))
+                ws_dw, ws_db = ws[: splits * n_in * n_out], ws[splits * n_in * n_out :]
+                tickets = tickets[1:]
+            else:  # unused by the kernel when splits == 1
+                ws_dw, ws_db = dw, db
+            _kernel("dense_backward.cu", f"dense_dw_{act}_{tile}x{tile}")(
+                (tiles_m, tiles_n, splits),
+                (GEMM_TILES[tile],),
+                (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
+                 np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
+            )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        tile = _gemm_tile(batch, n_in)
+        if precision == "tf32":
+            tile, threads, filename, name = TF32_TILE, TF32_THREADS, "dense_backward_tf32.cu", f"dense_dx_tf32_{act}"
+        else:
+            tile = _gemm_tile(batch, n_in)
+            threads, filename, name = GEMM_TILES[tile], "dense_backward.cu", f"dense_dx_{act}_{tile}x{tile}"
         record("dense_dx")
-        _kernel("dense_backward.cu", f"dense_dx_{act}_{tile}x{tile}")(
+        _kernel(filename, name)(
             (-(-batch // tile), -(-n_in // tile)),
-            (GEMM_TILES[tile],),
+            (threads,),
             (dy, y_or_z, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
     return dx, dw, db
