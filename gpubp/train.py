@@ -1,9 +1,9 @@
 """The training loop: fit / evaluate / predict, callbacks, metrics and the progress bar.
 
 ``fit`` checks the whole dataset once before the first step, then for each batch:
-forward, fused loss, backward, optimizer step. A non-finite input batch or loss
-stops training with an error naming the epoch and batch, before that batch's update
-touches the weights.
+forward, fused loss, backward, optimizer step. Non-finite inputs are rejected before
+the first step; a loss that turns non-finite stops training with an error naming the
+epoch and batch, before that batch's update touches the weights.
 
 >>> import gpubp as gb
 >>> gb.seed(0)
@@ -43,6 +43,14 @@ class History:
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
 
+    def until(self, epoch: int) -> History:
+        """A copy holding the epochs before ``epoch``: where a run resumed at ``epoch`` continues."""
+        kept = History()
+        for i, number in enumerate(self.epoch):
+            if number < epoch:
+                kept.append(number, {key: values[i] for key, values in self.history.items()}, self.epoch_times[i])
+        return kept
+
     def __repr__(self) -> str:
         last = {k: round(v[-1], 5) for k, v in self.history.items()}
         return f"History({len(self.epoch)} epochs, last={last})"
@@ -72,11 +80,7 @@ class EarlyStopping(Callback):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience: expected an int >= 0, got {patience!r}")
         self.min_delta = _checks.non_negative(min_delta, "min_delta")
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
-        if mode == "auto":
-            mode = "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
-        self.monitor, self.patience, self.mode = monitor, patience, mode
+        self.monitor, self.patience, self.mode = monitor, patience, monitor_mode(monitor, mode)
         self.restore_best_weights = restore_best_weights
 
     def on_train_begin(self, model) -> None:
@@ -108,6 +112,15 @@ class EarlyStopping(Callback):
     def on_train_end(self, model) -> None:
         if self.stopped_epoch is not None and self.best_weights is not None:
             model.set_weights(self.best_weights)
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """"min" or "max"; "auto" minimises losses and errors and maximises anything else."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        return "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
+    return mode
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -201,6 +214,7 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
     y = _checks.to_numpy(y, yname)
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
+    _all_finite(x, name)
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
@@ -219,7 +233,15 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
         if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
         y = y.astype(model.dtype, copy=False)
+        _all_finite(y, yname)
     return x, y
+
+
+def _all_finite(a: np.ndarray, name: str) -> None:
+    # Checked for the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
+    if not np.all(np.isfinite(a)):
+        row = int(np.argwhere(~np.isfinite(a))[0][0])
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}; nothing was trained")
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):
@@ -232,7 +254,7 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None):
 
 def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
-        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None) -> History:
+        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None, initial_epoch: int = 0) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -240,9 +262,17 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     shuffling), as Keras does; ``validation_data=(x_val, y_val)`` takes precedence.
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
     ``verbose``: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+    ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
+    to ``epochs - 1``, and the History continues ``model.history`` (which
+    :func:`gpubp.load_checkpoint` restores) up to that epoch. ``model.optimizer`` and
+    ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
     """
     loss_fn = losses.get(loss)
     epochs = _checks.positive_int(epochs, "epochs")
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) \
+            or not 0 <= initial_epoch < epochs:
+        raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}), got {initial_epoch!r} "
+                         "(epochs counts from the start of the run, as in Keras)")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
@@ -270,11 +300,14 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
 
     model.stop_training = False
     model.loss = loss_fn
-    history = History()
+    model.optimizer = opt
+    earlier = getattr(model, "history", None)
+    history = earlier.until(initial_epoch) if initial_epoch and isinstance(earlier, History) else History()
+    model.history = history
     for cb in callbacks:
         cb.on_train_begin(model)
     n_batches = math.ceil(len(x) / batch_size)
-    for epoch in range(epochs):
+    for epoch in range(initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(model, epoch)
         start = time.perf_counter()
@@ -283,9 +316,6 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
         total_loss = 0.0
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             xb, yb = x[index], y[index]
-            if not np.all(np.isfinite(xb)):
-                raise ValueError(f"x: non-finite values (NaN or inf) in epoch {epoch + 1}, batch {batch + 1}; "
-                                 "the weights were not updated by this batch")
             out = model.forward(xb)
             value, dout = loss_fn(out, yb, backend=model.backend)
             if not math.isfinite(value):
