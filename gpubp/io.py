@@ -150,7 +150,9 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
         header = json.loads(text)
-    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({exc})") from None
+    except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the gpubp header is a JSON {type(header).__name__}, expected an object")
@@ -164,7 +166,14 @@ def _read_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     with data:
         if "__architecture__" not in data.files:
             raise ValueError("not a gpubp model file (no '__architecture__' entry)")
-        return str(data["__architecture__"]), {k: data[k] for k in data.files if k != "__architecture__"}
+        return str(data["__architecture__"]), {k: _npz_entry(data, k) for k in data.files if k != "__architecture__"}
+
+
+def _npz_entry(data, key: str) -> np.ndarray:
+    try:
+        return data[key]
+    except (ValueError, EOFError) as exc:
+        raise ValueError(f"entry {key!r}: {exc}") from None
 
 
 def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
