@@ -15,10 +15,11 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def run_python(code: str, *args, timeout: float = 120) -> str:
-    """Run ``code`` with ``args`` in ``sys.argv[1:]``; its stdout, or an AssertionError with its stderr."""
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=child_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_python(code: str, *args, timeout: float = 120, **env) -> str:
+    """Run ``code`` with ``args`` in ``sys.argv[1:]`` and ``env`` added to the environment; its stdout,
+    or an AssertionError with its stderr."""
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env={**child_env(), **env},
+                          capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"the child process failed:\n{done.stderr[-4000:]}"
     return done.stdout
 
