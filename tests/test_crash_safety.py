@@ -93,7 +93,7 @@ def test_killed_at_random_moments_the_file_always_loads_old_or_new_weights(tmp_p
     candidates = [model_with_seed(1).get_weights(), model_with_seed(2).get_weights()]
     model_with_seed(1).save(path)
     rng = np.random.default_rng(0)
-    for _ in range(4):
+    for _ in range(3):
         child = start_python(SAVING_IN_A_LOOP, path)
         assert child.stdout.readline().strip() == "SAVING", child.stderr.read()[-2000:]
         time.sleep(rng.uniform(0.0, 0.05))
