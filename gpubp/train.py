@@ -238,10 +238,10 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
 
 
 def _all_finite(a: np.ndarray, name: str) -> None:
-    # Checked for the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
+    # fit checks the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
     if not np.all(np.isfinite(a)):
         row = int(np.argwhere(~np.isfinite(a))[0][0])
-        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}; nothing was trained")
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):
@@ -269,8 +269,9 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     """
     loss_fn = losses.get(loss)
     epochs = _checks.positive_int(epochs, "epochs")
-    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) \
-            or not 0 <= initial_epoch < epochs:
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)):
+        raise TypeError(f"initial_epoch: expected an int, got {type(initial_epoch).__name__}")
+    if not 0 <= initial_epoch < epochs:
         raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}), got {initial_epoch!r} "
                          "(epochs counts from the start of the run, as in Keras)")
     batch_size = _checks.positive_int(batch_size, "batch_size")

@@ -17,6 +17,7 @@ OPTIMIZERS = {
     "sgd_momentum": lambda model: gb.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True),
     "adam_groups": lambda model: gb.optim.Adam(finetune.param_groups(model, lr=0.01, decay=0.5)),
     "adamw": lambda model: gb.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05),
+    "adam_head_only": lambda model: gb.optim.Adam(model[2].parameters(), lr=0.01),
 }
 
 
@@ -197,6 +198,11 @@ def test_an_initial_epoch_outside_the_run_is_rejected_before_training(initial_ep
         train(model, "adam", 5, initial_epoch=initial_epoch)
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_initial_epoch_that_is_not_an_int_is_a_type_error():
+    with pytest.raises(TypeError, match="initial_epoch: expected an int, got float"):
+        train(new_model(), "adam", 5, initial_epoch=2.0)
 
 
 def test_a_checkpoint_resumes_on_another_backend(tmp_path):
