@@ -149,11 +149,14 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     try:
         text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
-        header = json.loads(text)
     except (zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: the gpubp header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the gpubp header is a JSON {type(header).__name__}, expected an object")
     return header, tensors

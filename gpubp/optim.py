@@ -122,7 +122,8 @@ class Optimizer:
 
     @staticmethod
     def _host_copy(param: Parameter, value):
-        return None if value is None else np.array(param.backend.to_host(value), copy=True)
+        # By the array's own kind, not the parameter's backend: after model.to() the two differ.
+        return None if value is None else np.array(_checks.to_numpy(value, param.name), copy=True)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore options and state from :meth:`state_dict`, onto this optimizer's parameters.

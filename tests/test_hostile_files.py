@@ -217,6 +217,12 @@ def test_a_history_with_ragged_columns(tmp_path, suffix):
                     "the History must list one epoch")
 
 
+def test_a_header_that_is_not_json(tmp_path, loader):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(io._safetensors.dumps({"layers.0.weight": np.ones((2, 2), np.float32)}, {"gpubp": "{sizes: [2"}))
+    expect_rejected(loader, path, r"the gpubp header is not valid JSON")
+
+
 def test_an_unknown_activation_in_the_header(tmp_path, suffix, loader):
     header, tensors = checkpoint_parts(tmp_path, suffix)
     header["activations"][0] = "swish9"

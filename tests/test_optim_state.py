@@ -144,6 +144,19 @@ def test_a_state_saved_on_one_backend_loads_on_another_and_back(backend):
     assert_same_state(back.state_dict(), saved)
 
 
+def test_reloading_its_own_state_moves_it_with_a_model_that_changed_device(backend):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], backend=backend)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32), np.arange(8) % 3
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, verbose=0)
+    saved = opt.state_dict()
+    model.to("cpu")
+    opt.load_state_dict(opt.state_dict())
+    assert all(type(opt.state[id(p)]["velocity"]) is np.ndarray for p in model.parameters())
+    assert_same_state(opt.state_dict(), saved)
+
+
 # ----------------------------------------------------------------------------- errors leave the optimizer as it was
 
 
