@@ -31,7 +31,7 @@ def generator_from_state(state) -> np.random.Generator:
         raise ValueError(f"random state: expected the state of a {type(bit_generator).__name__} generator")
     try:
         bit_generator.state = state
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise ValueError(f"random state: {exc}") from None
     return np.random.Generator(bit_generator)
 

@@ -162,12 +162,16 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     section = header.get(io.CHECKPOINT_KEY)
     if not isinstance(section, dict):
         raise ValueError(f"{path}: a model file, not a checkpoint (it holds no optimizer state); load it with gb.load")
-    missing = sorted(set(io.extra_tensor_names(header)) - set(tensors))
+    declared = io.extra_tensor_names(path, header)
+    missing = sorted(set(declared) - set(tensors))
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")
     model = io.model_from(path, header, tensors, device=device, backend=backend)
-    io.check_weights(path, {name: tensors[name] for name in io.extra_tensor_names(header)}, model.dtype)
+    io.check_weights(path, {name: tensors[name] for name in declared}, model.dtype)
     try:
+        for key in ("optimizer", "history"):
+            if not isinstance(section[key], dict):
+                raise ValueError(f"the checkpoint's {key!r} entry is not an object")
         epoch = section["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"the epoch must be an int >= 0, got {epoch!r}")
@@ -201,17 +205,29 @@ def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarra
         raise ValueError(f"the optimizer's param groups list the parameters {listed}, expected each of "
                          f"0..{len(positions) - 1} once")
     optimizer = cls([{"params": [params[positions[i]] for i in group["params"]]} for group in groups])
+    if not isinstance(saved["state"], dict):
+        raise ValueError("the optimizer's state is not an object")
     state = {}
     for key, entries in saved["state"].items():
         if not isinstance(entries, dict):
             raise ValueError(f"the optimizer's state {key!r} is not an object")
-        state[int(key)] = {name: tensors[value["tensor"]] if isinstance(value, dict) else value
-                           for name, value in entries.items()}
+        state[int(key)] = {name: _state_entry(value, tensors) for name, value in entries.items()}
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"optimizer state: {exc}") from None
     return optimizer
+
+
+def _state_entry(value, tensors: dict[str, np.ndarray]):
+    """An array entry is a reference ``{"tensor": name}`` to a declared tensor; counters and None are inline."""
+    if isinstance(value, dict):
+        if value.get("tensor") not in tensors:
+            raise ValueError(f"the optimizer's state refers to {value!r}, which is not a tensor of the file")
+        return tensors[value["tensor"]]
+    if isinstance(value, list):
+        raise ValueError("the optimizer's state holds an array inline; arrays must be tensors of the file")
+    return value
 
 
 def _history_from(saved: dict) -> History:

@@ -208,10 +208,13 @@ def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, boo
     return [(sizes[i], sizes[i + 1], acts[i], names[i], bool(trainable[i])) for i in range(len(acts))]
 
 
-def extra_tensor_names(header: dict) -> list[str]:
+def extra_tensor_names(path: Path, header: dict) -> list[str]:
     """The tensors a checkpoint header declares beside the model's (none for a model file)."""
     section = header.get(CHECKPOINT_KEY)
-    return list(section.get("tensors", [])) if isinstance(section, dict) else []
+    names = section.get("tensors", []) if isinstance(section, dict) else []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: the checkpoint's 'tensors' entry must list tensor names")
+    return names
 
 
 def check_weights(path: Path, named: dict[str, np.ndarray], dtype=None) -> np.dtype:
@@ -241,7 +244,7 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
                 raise ValueError(f"{path}: {key!r} has shape {tensors[key].shape}, expected {shape} "
                                  "(the header's architecture)")
             weights[key] = tensors[key]
-    extra = set(tensors) - set(weights) - set(extra_tensor_names(header))
+    extra = set(tensors) - set(weights) - set(extra_tensor_names(path, header))
     if extra:
         raise ValueError(f"{path}: unexpected keys {sorted(extra)}")
     dtype = check_weights(path, weights)

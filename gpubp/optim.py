@@ -191,8 +191,10 @@ class Optimizer:
                 raise ValueError(f"{where} has shape {host.shape}, but the parameter {param.name!r} has {param.shape}")
             if host.dtype.kind != "f":
                 raise TypeError(f"{where} has dtype {host.dtype}, expected a floating-point array")
+            with np.errstate(over="ignore"):  # a float64 value too large for float32 becomes inf: caught below
+                host = host.astype(param.data.dtype, copy=False)
             if not np.all(np.isfinite(host)):
-                raise ValueError(f"{where} contains NaN or inf")
+                raise ValueError(f"{where} contains NaN or inf (in the parameter's dtype {host.dtype})")
             state[name] = param.backend.asarray(host, param.data.dtype)
         return state
 

@@ -248,3 +248,45 @@ def rewrite_npz_entry(path, name, mutate):
     with zipfile.ZipFile(path, "w") as archive:
         for entry, raw in entries.items():
             archive.writestr(entry, raw)
+
+
+# ----------------------------------------------------------------------------- random forgeries of the header
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=False)
+                           | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+
+
+def header_paths(node, prefix=()):
+    """Every (path, value) in a JSON tree, the root excluded."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in items:
+        yield prefix + (key,)
+        yield from header_paths(value, prefix + (key,))
+
+
+@pytest.fixture(scope="module")
+def valid_checkpoint(tmp_path_factory):
+    return checkpoint_parts(tmp_path_factory.mktemp("valid"), ".safetensors")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), replacement=json_values)
+def test_any_forged_header_value_loads_or_is_a_value_error_naming_the_file(tmp_path, valid_checkpoint, data,
+                                                                           replacement):
+    header, tensors = json.loads(json.dumps(valid_checkpoint[0])), valid_checkpoint[1]
+    where = data.draw(st.sampled_from(sorted(header_paths(header), key=str)))
+    parent = header
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = replacement
+    path = written(tmp_path, ".safetensors", header, tensors)
+    state = _random.get_state()
+    try:
+        gb.load_checkpoint(path, device="cpu")
+    except ValueError as exc:
+        assert str(exc).startswith(f"{path}: ")
+        assert _random.get_state() == state
