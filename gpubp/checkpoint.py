@@ -237,6 +237,9 @@ def _history_from(saved: dict) -> History:
             or len(times) != len(epochs) or any(not isinstance(v, list) or len(v) != len(epochs)
                                                 for v in values.values()):
         raise ValueError("the History must list one epoch, one time and one value per logged name for each epoch")
+    numbers = [*epochs, *times, *(v for column in values.values() for v in column)]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("the History must hold numbers only")
     for i, (epoch, seconds) in enumerate(zip(epochs, times)):
         history.append(epoch, {key: column[i] for key, column in values.items()}, seconds)
     return history

@@ -7,6 +7,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gpubp as gb
 from gpubp import _random, io
@@ -223,6 +225,13 @@ def test_a_header_that_is_not_json(tmp_path, loader):
     expect_rejected(loader, path, r"the gpubp header is not valid JSON")
 
 
+def test_a_history_of_words(tmp_path, suffix):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    header["checkpoint"]["history"]["history"]["loss"][0] = "low"
+    expect_rejected(LOADERS["load_checkpoint"], written(tmp_path, suffix, header, tensors),
+                    "the History must hold numbers only")
+
+
 def test_an_unknown_activation_in_the_header(tmp_path, suffix, loader):
     header, tensors = checkpoint_parts(tmp_path, suffix)
     header["activations"][0] = "swish9"
@@ -251,9 +260,6 @@ def rewrite_npz_entry(path, name, mutate):
 
 
 # ----------------------------------------------------------------------------- random forgeries of the header
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=False)
                            | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
