@@ -10,6 +10,7 @@ partial result. Arrays come back as NumPy copies, independent of the file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -21,22 +22,35 @@ NAMES = {np.dtype(code): name for name, code in DTYPES.items()}
 LENGTH_BYTES = 8
 
 
-def dumps(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """The bytes of a safetensors file holding ``tensors`` (in name order) and ``metadata``."""
+def write(file, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a safetensors file holding ``tensors`` (in name order) and ``metadata`` to ``file``.
+
+    Arrays are written from their own memory, without an intermediate copy of the whole file.
+    """
     header: dict = {"__metadata__": metadata}
-    blobs, offset = [], 0
+    arrays, offset = [], 0
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        if dtype not in NAMES:
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        if array.dtype not in NAMES:
             raise TypeError(f"tensors[{name!r}]: dtype {array.dtype} has no safetensors equivalent")
-        blob = array.astype(dtype, copy=False).tobytes()
-        header[name] = {"dtype": NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    return len(text).to_bytes(LENGTH_BYTES, "little") + text + b"".join(blobs)
+    file.write(len(text).to_bytes(LENGTH_BYTES, "little") + text)
+    for array in arrays:
+        file.write(array.reshape(-1).view(np.uint8).data)
+
+
+def dumps(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The bytes of the file :func:`write` writes."""
+    buffer = io.BytesIO()
+    write(buffer, tensors, metadata)
+    return buffer.getvalue()
 
 
 def loads(blob: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -123,8 +123,7 @@ def write_file(path, header: dict, tensors: dict[str, np.ndarray]) -> None:
     if _suffix(path) == ".npz":
         _atomic_write(path, lambda f: np.savez(f, __architecture__=np.array(text), **tensors))
     else:
-        blob = _safetensors.dumps(tensors, {"gpubp": text})
-        _atomic_write(path, lambda f: f.write(blob))
+        _atomic_write(path, lambda f: _safetensors.write(f, tensors, {"gpubp": text}))
 
 
 def _json_scalar(value):
