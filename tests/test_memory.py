@@ -8,7 +8,7 @@ import pytest
 import gpubp as gb
 from gpubp.backends import numpy_backend
 
-FITS, WARM_UP, BATCH = 260, 50, 16
+FITS, WARM_UP, BATCH = 260, 60, 16
 
 
 @pytest.fixture
@@ -25,6 +25,8 @@ def live_buffers(monkeypatch):
 
     for name in ("empty", "zeros", "asarray"):
         monkeypatch.setattr(numpy_backend, name, tracked(getattr(numpy_backend, name)))
+    # The backend's per-call scratch buffers, empty so earlier tests' shapes do not count here.
+    monkeypatch.setattr(numpy_backend, "_scratch_buffers", {})
 
     def count():
         allocated[:] = [ref for ref in allocated if ref() is not None]
