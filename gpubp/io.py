@@ -94,7 +94,10 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _remove_orphaned_temps(path: Path) -> None:
-    """Delete temporary files that writers of ``path`` killed mid-save left behind."""
+    """Delete temporary files that writers of ``path`` killed mid-save left behind.
+
+    A writer counts as gone when no process on this machine has its pid.
+    """
     if os.name != "posix":
         return
     prefix = _temp_prefix(path)
@@ -108,11 +111,11 @@ def _remove_orphaned_temps(path: Path) -> None:
 
 def _process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
