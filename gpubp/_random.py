@@ -17,3 +17,25 @@ def seed(n: int) -> None:
 
 def generator() -> np.random.Generator:
     return _generator
+
+
+def get_state() -> dict:
+    """The generator's state as plain data (JSON-safe), for checkpoints."""
+    return _generator.bit_generator.state
+
+
+def generator_from_state(state) -> np.random.Generator:
+    """A generator resuming ``state`` (from :func:`get_state`); ValueError if it is not one."""
+    bit_generator = np.random.PCG64()
+    if not isinstance(state, dict) or state.get("bit_generator") != type(bit_generator).__name__:
+        raise ValueError(f"random state: expected the state of a {type(bit_generator).__name__} generator")
+    try:
+        bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"random state: {exc}") from None
+    return np.random.Generator(bit_generator)
+
+
+def set_generator(generator: np.random.Generator) -> None:
+    global _generator
+    _generator = generator

@@ -3,7 +3,11 @@
 Both file formats hold the architecture (layer sizes, activations, which layers are
 frozen) and the weights under the keys ``layers.{i}.weight`` (in, out) and
 ``layers.{i}.bias``, so :func:`load` rebuilds the model. ``.npz`` files are written and
-read without pickle. Writes are atomic: a temporary file in the same folder, then a rename.
+read without pickle. Writes are atomic: a temporary file in the same folder, synced to
+disk, renamed over the target, then the folder synced, so a crash leaves the old file or
+the new one. Loading checks the whole file (its framing, every shape and dtype, finite
+weights, no missing or extra tensors) before it builds anything, and names the file and
+the problem in a ValueError otherwise.
 
 >>> import os, tempfile, numpy as np, gpubp as gb
 >>> model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")
@@ -18,15 +22,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from gpubp import _safetensors
 from gpubp import activations as _activations
 from gpubp.layers import Dense, Sequential
 
 FORMAT_VERSION = 1
 SUFFIXES = (".npz", ".safetensors")
+WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# A checkpoint's header section; it lists the tensors it adds beside the model's.
+CHECKPOINT_KEY = "checkpoint"
 
 
 def _suffix(path) -> str:
@@ -51,9 +60,14 @@ def _tensors(model: Sequential) -> dict[str, np.ndarray]:
     return {f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}": w for i, w in enumerate(weights)}
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's pid is in the name, so a later save can tell a killed writer's leftover from a live one's.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -64,76 +78,201 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _sync_folder(path.parent)
+    _remove_orphaned_temps(path)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable; folders cannot be opened for syncing on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_orphaned_temps(path: Path) -> None:
+    """Delete temporary files that writers of ``path`` killed mid-save left behind.
+
+    A writer counts as gone when no process on this machine has its pid.
+    """
+    if os.name != "posix":
+        return
+    prefix = _temp_prefix(path)
+    for entry in path.parent.iterdir():
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        pid = entry.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def write_file(path, header: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``header`` (JSON) and ``tensors`` to ``path`` (.npz or .safetensors), atomically."""
+    path = Path(path)
+    text = json.dumps(header, default=_json_scalar)
+    if _suffix(path) == ".npz":
+        _atomic_write(path, lambda f: np.savez(f, __architecture__=np.array(text), **tensors))
+    else:
+        _atomic_write(path, lambda f: _safetensors.write(f, tensors, {"gpubp": text}))
+
+
+def _json_scalar(value):
+    """NumPy scalars (a float32 learning rate, a logged metric) as the Python numbers they hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write a {type(value).__name__} into a gpubp file header")
 
 
 def save(model: Sequential, path) -> None:
     """Write ``model`` to ``path`` (.npz or .safetensors), atomically."""
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
+    write_file(path, _architecture(model), _tensors(model))
+
+
+def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(header, tensors)`` of a gpubp file, after checking its framing; ValueError naming the file otherwise."""
     path = Path(path)
     suffix = _suffix(path)
-    arch = _architecture(model)
-    tensors = _tensors(model)
-    if suffix == ".npz":
-        header = {"__architecture__": np.array(json.dumps(arch))}
-        _atomic_write(path, lambda f: np.savez(f, **header, **tensors))
-    else:
-        from safetensors.numpy import save as st_save
-
-        blob = st_save(tensors, metadata={"gpubp": json.dumps(arch)})
-        _atomic_write(path, lambda f: f.write(blob))
-
-
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.exists():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    if _suffix(path) == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "__architecture__" not in data.files:
-                raise ValueError(f"{path}: not a gpubp model file (no '__architecture__' entry)")
-            arch = json.loads(str(data["__architecture__"]))
-            tensors = {k: data[k] for k in data.files if k != "__architecture__"}
-        return arch, tensors
     try:
-        from safetensors import safe_open
-    except ImportError as exc:
-        raise ImportError('loading .safetensors needs the safetensors package: pip install safetensors') from exc
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        if "gpubp" not in meta:
-            raise ValueError(f"{path}: not a gpubp model file (no 'gpubp' metadata)")
-        arch = json.loads(meta["gpubp"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return arch, tensors
+        text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: the gpubp header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the gpubp header is a JSON {type(header).__name__}, expected an object")
+    return header, tensors
 
 
-def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
-    """Rebuild a model saved by :meth:`Sequential.save`; missing keys or wrong shapes raise ValueError."""
-    path = Path(path)
-    arch, tensors = _read(path)
-    if arch.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {arch.get('format_version')!r}, expected {FORMAT_VERSION}")
-    sizes, acts = arch["sizes"], arch["activations"]
+def _read_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with data:
+        if "__architecture__" not in data.files:
+            raise ValueError("not a gpubp model file (no '__architecture__' entry)")
+        return str(data["__architecture__"]), {k: _npz_entry(data, k) for k in data.files if k != "__architecture__"}
+
+
+def _npz_entry(data, key: str) -> np.ndarray:
+    try:
+        return data[key]
+    except (ValueError, EOFError) as exc:
+        raise ValueError(f"entry {key!r}: {exc}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    metadata, tensors = _safetensors.loads(path.read_bytes())
+    if "gpubp" not in metadata:
+        raise ValueError("not a gpubp model file (no 'gpubp' metadata)")
+    return metadata["gpubp"], tensors
+
+
+def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, bool]]:
+    """(in, out, activation, name, trainable) per layer, from a header checked for consistency."""
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {header.get('format_version')!r}, expected {FORMAT_VERSION}")
+    sizes, acts = header.get("sizes"), header.get("activations")
+    if not isinstance(sizes, list) or not isinstance(acts, list) or not acts:
+        raise ValueError(f"{path}: the header has no layer 'sizes' and 'activations' lists")
     if len(sizes) != len(acts) + 1:
         raise ValueError(f"{path}: inconsistent architecture ({len(sizes)} sizes for {len(acts)} layers)")
-    weights = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+        raise ValueError(f"{path}: layer sizes must be positive ints, got {sizes}")
+    names = header.get("names", [f"dense_{i}" for i in range(len(acts))])
+    trainable = header.get("trainable", [True] * len(acts))
+    if not (isinstance(names, list) and isinstance(trainable, list) and len(names) == len(trainable) == len(acts)):
+        raise ValueError(f"{path}: the header's 'names' and 'trainable' must list one entry per layer")
+    try:
+        acts = [_activations.canonical(a, f"activations[{i}]") for i, a in enumerate(acts)]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return [(sizes[i], sizes[i + 1], acts[i], names[i], bool(trainable[i])) for i in range(len(acts))]
+
+
+def extra_tensor_names(path: Path, header: dict) -> list[str]:
+    """The tensors a checkpoint header declares beside the model's (none for a model file)."""
+    section = header.get(CHECKPOINT_KEY)
+    names = section.get("tensors", []) if isinstance(section, dict) else []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: the checkpoint's 'tensors' entry must list tensor names")
+    return names
+
+
+def check_weights(path: Path, named: dict[str, np.ndarray], dtype=None) -> np.dtype:
+    """Every array float32 or float64, all of one dtype (``dtype`` if given), and finite."""
+    for key, array in named.items():
+        if dtype is None:
+            dtype = array.dtype
+        if array.dtype not in WEIGHT_DTYPES or array.dtype != dtype:
+            expected = "float32 or float64" if dtype not in WEIGHT_DTYPES else f"{dtype}, as the other weights"
+            raise ValueError(f"{path}: {key!r} has dtype {array.dtype}, expected {expected}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{path}: {key!r} contains NaN or inf")
+    return np.dtype(dtype)
+
+
+def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str = "auto",
+               backend: str = "auto") -> Sequential:
+    """The model a file's ``header`` and ``tensors`` describe, all checked before it is built."""
+    path = Path(path)
+    specs = _layer_specs(path, header)
+    weights = {}
+    for i, (fan_in, fan_out, *_rest) in enumerate(specs):
         for key, shape in ((f"layers.{i}.weight", (fan_in, fan_out)), (f"layers.{i}.bias", (fan_out,))):
             if key not in tensors:
                 raise ValueError(f"{path}: missing key {key!r}")
             if tensors[key].shape != shape:
-                raise ValueError(f"{path}: {key!r} has shape {tensors[key].shape}, expected {shape}")
-            weights.append(tensors[key])
-    extra = set(tensors) - {f"layers.{i}.{p}" for i in range(len(acts)) for p in ("weight", "bias")}
+                raise ValueError(f"{path}: {key!r} has shape {tensors[key].shape}, expected {shape} "
+                                 "(the header's architecture)")
+            weights[key] = tensors[key]
+    extra = set(tensors) - set(weights) - set(extra_tensor_names(path, header))
     if extra:
         raise ValueError(f"{path}: unexpected keys {sorted(extra)}")
-    dtype = weights[0].dtype if weights[0].dtype.kind == "f" else np.float32
-    layers = [Dense(sizes[i], sizes[i + 1], acts[i], name=arch["names"][i], dtype=dtype) for i in range(len(acts))]
+    dtype = check_weights(path, weights)
+    # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
+    layers = [Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)
+              for fan_in, fan_out, act, name, _ in specs]
     model = Sequential(layers, device=device, backend=backend, dtype=dtype)
-    model.set_weights(weights)
-    for layer, trainable in zip(model, arch.get("trainable", [True] * len(acts))):
+    model.set_weights(list(weights.values()))
+    for layer, (*_rest, trainable) in zip(model, specs):
         layer.trainable = trainable
     return model
+
+
+def _zeros(rng, shape) -> np.ndarray:
+    return np.zeros(shape)
+
+
+def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
+    """Rebuild a model saved by :meth:`Sequential.save` (or the model of a checkpoint).
+
+    A file that is truncated, forged or of another architecture (wrong shapes or dtypes,
+    NaN or inf weights, missing or extra tensors) is a ValueError naming the file and the
+    problem, raised before anything is built.
+    """
+    header, tensors = read_file(path)
+    return model_from(path, header, tensors, device=device, backend=backend)
 
 
 # ----------------------------------------------------------------------------- importing weights

@@ -344,7 +344,8 @@ class Sequential:
     def to(self, device: str = "auto", backend: str = "auto") -> Sequential:
         """Move the parameters to another device/backend; returns self.
 
-        Optimizer state lives with the arrays it was made for: build the optimizer after ``to``.
+        Optimizer state lives with the arrays it was made for: build the optimizer after ``to``,
+        or move its state along with ``opt.load_state_dict(opt.state_dict())``.
         """
         name = backends.resolve(device, backend)
         self._check_dtype(name)

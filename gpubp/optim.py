@@ -4,6 +4,9 @@ Each step is one fused backend kernel per parameter. Parameters that are not
 trainable (frozen) are skipped and get no state, so freezing costs no optimizer
 memory. Param groups work as in PyTorch: pass a list of dicts, each with its own
 ``params`` and any of the optimizer's options (``lr``, ``weight_decay``, ...).
+``state_dict()`` / ``load_state_dict()`` save and restore the options and the
+per-parameter state as PyTorch lays them out, with NumPy arrays, so a state taken
+on one device loads on another.
 
 >>> import numpy as np, gpubp as gb
 >>> layer = gb.Dense(3, 2)
@@ -15,14 +18,25 @@ memory. Param groups work as in PyTorch: pass a list of dicts, each with its own
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
+
+import numpy as np
 
 from gpubp import _checks
 from gpubp.parameter import Parameter
 
 
 class Optimizer:
-    """Base class: holds param groups and per-parameter state; subclasses define ``_update``."""
+    """Base class: holds param groups and per-parameter state; subclasses define ``_update``.
+
+    Subclasses name the entries of a parameter's state: arrays shaped like the parameter
+    (``_state_arrays``, of which ``_state_lazy`` may still be None) and int counters.
+    """
+
+    _state_arrays: tuple[str, ...] = ()
+    _state_lazy: tuple[str, ...] = ()
+    _state_counters: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict) -> None:
         self.defaults = defaults
@@ -82,6 +96,108 @@ class Optimizer:
     def _new_state(self, param: Parameter, group: dict) -> dict:
         raise NotImplementedError
 
+    # --------------------------------------------------------------------- saving and restoring
+
+    def state_dict(self) -> dict:
+        """``{"state": {i: {name: value}}, "param_groups": [{option: value, "params": [i, ...]}]}``.
+
+        As in PyTorch, ``i`` numbers the parameters across the groups in order, and only
+        parameters that have taken a step have state. Arrays are NumPy copies, so the dict
+        is independent of the device and of later steps.
+        """
+        params = self.parameters()
+        state = {}
+        for i, param in enumerate(params):
+            entries = self.state.get(id(param))
+            if entries is not None:
+                state[i] = {name: self._host_copy(param, value) if name in self._state_arrays else value
+                            for name, value in entries.items()}
+        groups, first = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            options = {key: value for key, value in group.items() if key != "params"}
+            groups.append({**options, "params": list(range(first, first + count))})
+            first += count
+        return {"state": state, "param_groups": groups}
+
+    @staticmethod
+    def _host_copy(param: Parameter, value):
+        # By the array's own kind, not the parameter's backend: after model.to() the two differ.
+        return None if value is None else np.array(_checks.to_numpy(value, param.name), copy=True)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore options and state from :meth:`state_dict`, onto this optimizer's parameters.
+
+        The groups must hold as many parameters as when the dict was taken; the options and
+        the state come from the dict, the parameters stay this optimizer's (PyTorch's rule).
+        Arrays may be NumPy or any backend's; each moves to its parameter's device and dtype.
+        Everything is checked before anything changes.
+        """
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError("state_dict: expected a dict with the keys 'state' and 'param_groups', "
+                             f"got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(saved_groups)} param groups, but the optimizer has "
+                             f"{len(self.param_groups)}")
+        options, numbering = [], {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict: param group {g} must be a dict with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: param group {g} holds {len(saved['params'])} parameters, "
+                                 f"but the optimizer's holds {len(group['params'])}")
+            numbering.update(zip(saved["params"], group["params"]))
+            options.append(self._saved_options(saved, g))
+        state = {}
+        for key, entries in state_dict["state"].items():
+            if key not in numbering:
+                raise ValueError(f"state_dict: state for parameter {key!r}, which no param group lists")
+            param = numbering[key]
+            state[id(param)] = self._saved_state(entries, param, key)
+        for group, saved in zip(self.param_groups, options):
+            group.update(saved)
+        self.state = state
+
+    def _saved_options(self, saved: dict, g: int) -> dict:
+        found = {key: value for key, value in saved.items() if key != "params"}
+        if set(found) != set(self.defaults):
+            raise ValueError(f"state_dict: param group {g} has the options {sorted(found)}, but "
+                             f"{type(self).__name__} takes {sorted(self.defaults)}")
+        found = {key: tuple(value) if isinstance(self.defaults[key], tuple) else value for key, value in found.items()}
+        self._validate(found)
+        return found
+
+    def _saved_state(self, entries: dict, param: Parameter, key) -> dict:
+        expected = set(self._state_arrays) | set(self._state_counters)
+        if not isinstance(entries, dict) or set(entries) != expected:
+            raise ValueError(f"state_dict: state[{key!r}] has the entries "
+                             f"{sorted(entries) if isinstance(entries, dict) else entries!r}, but "
+                             f"{type(self).__name__} keeps {sorted(expected)}")
+        state = {}
+        for name in self._state_counters:
+            count = entries[name]
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise ValueError(f"state_dict: state[{key!r}][{name!r}] must be an int >= 0, got {count!r}")
+            state[name] = int(count)
+        for name in self._state_arrays:
+            value = entries[name]
+            where = f"state_dict: state[{key!r}][{name!r}]"
+            if value is None and name in self._state_lazy:
+                state[name] = None
+                continue
+            host = _checks.to_numpy(value, where)
+            if host.shape != param.shape:
+                raise ValueError(f"{where} has shape {host.shape}, but the parameter {param.name!r} has {param.shape}")
+            if host.dtype.kind != "f":
+                raise TypeError(f"{where} has dtype {host.dtype}, expected a floating-point array")
+            with np.errstate(over="ignore"):  # a float64 value too large for float32 becomes inf: caught below
+                host = host.astype(param.data.dtype, copy=False)
+            if not np.all(np.isfinite(host)):
+                raise ValueError(f"{where} contains NaN or inf (in the parameter's dtype {host.dtype})")
+            state[name] = param.backend.asarray(host, param.data.dtype)
+        return state
+
     def _update(self, param: Parameter, group: dict, state: dict) -> None:
         raise NotImplementedError
 
@@ -106,6 +222,8 @@ class SGD(Optimizer):
         if options["nesterov"] and options["momentum"] == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
 
+    _state_arrays = _state_lazy = ("velocity",)
+
     def _new_state(self, param: Parameter, group: dict) -> dict:
         return {"velocity": None}
 
@@ -121,6 +239,8 @@ class Adam(Optimizer):
     """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam."""
 
     decoupled = False
+    _state_arrays = ("m", "v")
+    _state_counters = ("step",)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:

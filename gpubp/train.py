@@ -1,9 +1,9 @@
 """The training loop: fit / evaluate / predict, callbacks, metrics and the progress bar.
 
 ``fit`` checks the whole dataset once before the first step, then for each batch:
-forward, fused loss, backward, optimizer step. A non-finite input batch or loss
-stops training with an error naming the epoch and batch, before that batch's update
-touches the weights.
+forward, fused loss, backward, optimizer step. Non-finite inputs are rejected before
+the first step; a loss that turns non-finite stops training with an error naming the
+epoch and batch, before that batch's update touches the weights.
 
 >>> import gpubp as gb
 >>> gb.seed(0)
@@ -44,6 +44,14 @@ class History:
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
 
+    def until(self, epoch: int) -> History:
+        """A copy holding the epochs before ``epoch``: where a run resumed at ``epoch`` continues."""
+        kept = History()
+        for i, number in enumerate(self.epoch):
+            if number < epoch:
+                kept.append(number, {key: values[i] for key, values in self.history.items()}, self.epoch_times[i])
+        return kept
+
     def __repr__(self) -> str:
         last = {k: round(v[-1], 5) for k, v in self.history.items()}
         return f"History({len(self.epoch)} epochs, last={last})"
@@ -73,11 +81,7 @@ class EarlyStopping(Callback):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience: expected an int >= 0, got {patience!r}")
         self.min_delta = _checks.non_negative(min_delta, "min_delta")
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
-        if mode == "auto":
-            mode = "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
-        self.monitor, self.patience, self.mode = monitor, patience, mode
+        self.monitor, self.patience, self.mode = monitor, patience, monitor_mode(monitor, mode)
         self.restore_best_weights = restore_best_weights
 
     def on_train_begin(self, model) -> None:
@@ -109,6 +113,15 @@ class EarlyStopping(Callback):
     def on_train_end(self, model) -> None:
         if self.stopped_epoch is not None and self.best_weights is not None:
             model.set_weights(self.best_weights)
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """"min" or "max"; "auto" minimises losses and errors and maximises anything else."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        return "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
+    return mode
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -208,6 +221,7 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
     y = _checks.to_numpy(y, yname)
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
+    _all_finite(x, name)
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
@@ -228,6 +242,7 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
             raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
                              "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)
+        _all_finite(y, yname)
     elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
         # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
         # (For a single output they may as well be regression targets.)
@@ -238,6 +253,13 @@ def _check_dataset(model, x, y, loss_fn, name: str = "x"):
 def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
     if y.min() < 0 or y.max() >= classes:
         raise ValueError(f"{yname}: expected class labels in [0, {classes}), got values from {y.min()} to {y.max()}")
+
+
+def _all_finite(a: np.ndarray, name: str) -> None:
+    # fit checks the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
+    if not np.all(np.isfinite(a)):
+        row = int(np.argwhere(~np.isfinite(a))[0][0])
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):
@@ -281,7 +303,7 @@ def _optimizer(model, optimizer):
 def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
-        learning_rate: float | None = None) -> History:
+        learning_rate: float | None = None, initial_epoch: int = 0) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -295,6 +317,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stderr is not a
     terminal), 2 one line per epoch.
+    ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
+    to ``epochs - 1``, and the History continues ``model.history`` (which
+    :func:`gpubp.load_checkpoint` restores) up to that epoch. ``model.optimizer`` and
+    ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
     """
     compiled = getattr(model, "_compiled", {})
     loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
@@ -302,6 +328,11 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if learning_rate is None:
         learning_rate = compiled.get("learning_rate")
     epochs = _checks.positive_int(epochs, "epochs")
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)):
+        raise TypeError(f"initial_epoch: expected an int, got {type(initial_epoch).__name__}")
+    if not 0 <= initial_epoch < epochs:
+        raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}), got {initial_epoch!r} "
+                         "(epochs counts from the start of the run, as in Keras)")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
@@ -336,7 +367,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             group["lr"] = learning_rate
     try:
         return _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose,
-                      metrics or [], clip_grad_norm)
+                      metrics or [], clip_grad_norm, initial_epoch)
     finally:
         for group, rate in zip(opt.param_groups, rates):
             group["lr"] = rate
@@ -348,16 +379,19 @@ def _is_terminal(stream) -> bool:
 
 
 def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose, metrics,
-           clip_grad_norm) -> History:
+           clip_grad_norm, initial_epoch) -> History:
     """fit's loop, on checked data: forward, loss, backward and step per batch; callbacks per epoch."""
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
     model.loss = loss_fn
-    history = History()
+    model.optimizer = opt
+    earlier = getattr(model, "history", None)
+    history = earlier.until(initial_epoch) if initial_epoch and isinstance(earlier, History) else History()
+    model.history = history
     for cb in callbacks:
         cb.on_train_begin(model)
     n_batches = math.ceil(len(x) / batch_size)
-    for epoch in range(epochs):
+    for epoch in range(initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(model, epoch)
         start = time.perf_counter()
@@ -366,9 +400,6 @@ def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle,
         total_loss = 0.0
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             xb, yb = x[index], y[index]
-            if not np.all(np.isfinite(xb)):
-                raise ValueError(f"x: non-finite values (NaN or inf) in epoch {epoch + 1}, batch {batch + 1}; "
-                                 "the weights were not updated by this batch")
             out = model.forward(xb, logits=logits)
             value, dout = loss_fn(out, yb, backend=model.backend)
             if not math.isfinite(value):

@@ -1,0 +1,245 @@
+"""Checkpoints: everything a training run needs to go on exactly where it stopped.
+
+One file (``.safetensors`` or ``.npz``, never pickle) holds the model, the optimizer's
+state, the number of epochs finished, the library's random state (which decides the
+next epoch's shuffling) and the History so far. Arrays are tensors of the file; the rest
+is JSON in its header. It is written like :func:`gpubp.io.save`, atomically.
+
+:class:`ModelCheckpoint` writes one after every ``every``-th epoch of ``fit`` (or only the
+best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
+resumes. On the CPU the resumed run ends bit-identical to one that was never interrupted:
+the same batches in the same order meet the same weights and optimizer state.
+
+>>> import os, tempfile, gpubp as gb
+>>> gb.seed(0)
+>>> x, y = gb.data.xor()
+>>> model = gb.Sequential([gb.Dense(2, 8, "tanh"), gb.Dense(8, 1)], device="cpu")
+>>> path = os.path.join(tempfile.mkdtemp(), "run.safetensors")
+>>> _ = model.fit(x, y, loss="bce", epochs=3, batch_size=2, callbacks=[gb.ModelCheckpoint(path)], verbose=0)
+>>> ckpt = gb.load_checkpoint(path, device="cpu")
+>>> ckpt.epoch, len(ckpt.history.epoch)
+(3, 3)
+>>> _ = ckpt.model.fit(x, y, loss="bce", optimizer=ckpt.optimizer, epochs=5, initial_epoch=ckpt.epoch,
+...                    batch_size=2, verbose=0)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gpubp import _checks, _random, io, optim
+from gpubp.layers import Sequential
+from gpubp.train import Callback, History, monitor_mode
+
+OPTIMIZER_CLASSES = {cls.__name__: cls for cls in optim.OPTIMIZERS.values()}
+
+
+class Checkpoint:
+    """What :func:`load_checkpoint` returns: ``model``, ``optimizer``, ``epoch`` (finished) and ``history``."""
+
+    def __init__(self, model: Sequential, optimizer: optim.Optimizer, epoch: int, history: History) -> None:
+        self.model, self.optimizer, self.epoch, self.history = model, optimizer, epoch, history
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(epoch={self.epoch}, {len(self.model)} layers, {type(self.optimizer).__name__})"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: int,
+                    history: History | None = None) -> None:
+    """Write a checkpoint of ``model`` and ``optimizer`` after ``epoch`` finished epochs, atomically."""
+    if not isinstance(model, Sequential) or not len(model):
+        raise ValueError("model: expected a Sequential with at least one layer")
+    if not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer: expected a gpubp optimizer, got {type(optimizer).__name__}")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+    if type(optimizer).__name__ not in OPTIMIZER_CLASSES:
+        raise TypeError(f"optimizer: checkpoints hold the built-in optimizers {sorted(OPTIMIZER_CLASSES)}, "
+                        f"got {type(optimizer).__name__}")
+    positions = {id(p): i for i, p in enumerate(model.parameters())}
+    if any(id(p) not in positions for p in optimizer.parameters()):
+        raise ValueError("optimizer: it updates parameters that are not the model's")
+    history = history if history is not None else History()
+    tensors = io._tensors(model)
+    state_dict = optimizer.state_dict()
+    state = {}
+    for i, entries in state_dict["state"].items():
+        state[str(i)] = {}
+        for name, value in entries.items():
+            if isinstance(value, np.ndarray):
+                key = f"optimizer.state.{i}.{name}"
+                tensors[key] = value
+                value = {"tensor": key}
+            state[str(i)][name] = value
+    section = {
+        "epoch": int(epoch),
+        "optimizer": {"class": type(optimizer).__name__,
+                      "params": [positions[id(p)] for p in optimizer.parameters()],
+                      "param_groups": state_dict["param_groups"], "state": state},
+        "random_state": _random.get_state(),
+        "history": {"epoch": history.epoch, "epoch_times": history.epoch_times, "history": history.history},
+        "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
+    }
+    io.write_file(path, {**io._architecture(model), io.CHECKPOINT_KEY: section}, tensors)
+
+
+class ModelCheckpoint(Callback):
+    """Write a checkpoint at the end of every ``every``-th epoch of ``fit``.
+
+    ``path`` ends in .safetensors or .npz and may hold ``{epoch}`` or a logged value
+    (``"run-{epoch:03d}-{val_loss:.3f}.safetensors"``) to keep one file per save.
+    ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
+    in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
+    minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
+    the best value in the History it continues.
+    """
+
+    def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
+                 every: int = 1) -> None:
+        io._suffix(path)
+        self.path = path
+        self.every = _checks.positive_int(every, "every")
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
+        if save_best_only and monitor is None:
+            raise ValueError("save_best_only: needs a monitor, e.g. ModelCheckpoint(path, monitor='val_loss', "
+                             "save_best_only=True)")
+        self.mode = monitor_mode(monitor or "loss", mode)
+        self.monitor, self.save_best_only = monitor, bool(save_best_only)
+        self.best = None
+        self.last_path = None
+
+    def on_train_begin(self, model) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        earlier = getattr(model, "history", None)
+        if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
+            for value in earlier.history[self.monitor]:
+                self._improves(value)
+
+    def _improves(self, value: float) -> bool:
+        better = value < self.best if self.mode == "min" else value > self.best
+        if better:
+            self.best = value
+        return better
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        finished = epoch + 1
+        if finished % self.every:
+            return
+        if self.monitor is not None:
+            if self.monitor not in logs:
+                raise KeyError(f"ModelCheckpoint: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+            if not self._improves(logs[self.monitor]) and self.save_best_only:
+                return
+        path = str(self.path)
+        if "{" in path:
+            path = path.format(epoch=finished, **logs)
+        save_checkpoint(path, model, model.optimizer, finished, model.history)
+        self.last_path = path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkpoint:
+    """Read a checkpoint written by :class:`ModelCheckpoint` or :func:`save_checkpoint`.
+
+    Returns a :class:`Checkpoint`; its model's ``history`` is the saved History, which a
+    ``fit(..., initial_epoch=ckpt.epoch)`` continues. The library's random state is set to
+    the saved one, so that fit shuffles as the interrupted run would have. The whole file
+    is checked first (as :func:`gpubp.load` does, plus the optimizer's state, the random
+    state and the History): a bad file is a ValueError naming it and the problem, and then
+    nothing, not even the random state, has changed.
+    """
+    path = Path(path)
+    header, tensors = io.read_file(path)
+    section = header.get(io.CHECKPOINT_KEY)
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: a model file, not a checkpoint (it holds no optimizer state); load it with gb.load")
+    declared = io.extra_tensor_names(path, header)
+    missing = sorted(set(declared) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}")
+    model = io.model_from(path, header, tensors, device=device, backend=backend)
+    io.check_weights(path, {name: tensors[name] for name in declared}, model.dtype)
+    try:
+        for key in ("optimizer", "history"):
+            if not isinstance(section[key], dict):
+                raise ValueError(f"the checkpoint's {key!r} entry is not an object")
+        epoch = section["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"the epoch must be an int >= 0, got {epoch!r}")
+        optimizer = _optimizer_from(section["optimizer"], model, tensors)
+        generator = _random.generator_from_state(section["random_state"])
+        history = _history_from(section["history"])
+    except KeyError as exc:
+        raise ValueError(f"{path}: the checkpoint has no {exc} entry") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    _random.set_generator(generator)
+    model.history = history
+    return Checkpoint(model, optimizer, epoch, history)
+
+
+def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarray]) -> optim.Optimizer:
+    cls = OPTIMIZER_CLASSES.get(saved["class"])
+    if cls is None:
+        raise ValueError(f"unknown optimizer {saved['class']!r}; expected one of {sorted(OPTIMIZER_CLASSES)}")
+    params = model.parameters()
+    positions = saved["params"]
+    if not isinstance(positions, list) or len(set(positions)) != len(positions) \
+            or not all(isinstance(i, int) and 0 <= i < len(params) for i in positions):
+        raise ValueError(f"the optimizer's parameters {positions!r} are not distinct positions in the "
+                         f"model's {len(params)} parameters")
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or not groups:
+        raise ValueError("the optimizer's param_groups must be a non-empty list")
+    listed = [i for group in groups for i in (group.get("params", []) if isinstance(group, dict) else [])]
+    if sorted(listed) != list(range(len(positions))):
+        raise ValueError(f"the optimizer's param groups list the parameters {listed}, expected each of "
+                         f"0..{len(positions) - 1} once")
+    optimizer = cls([{"params": [params[positions[i]] for i in group["params"]]} for group in groups])
+    if not isinstance(saved["state"], dict):
+        raise ValueError("the optimizer's state is not an object")
+    state = {}
+    for key, entries in saved["state"].items():
+        if not isinstance(entries, dict):
+            raise ValueError(f"the optimizer's state {key!r} is not an object")
+        state[int(key)] = {name: _state_entry(value, tensors) for name, value in entries.items()}
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"optimizer state: {exc}") from None
+    return optimizer
+
+
+def _state_entry(value, tensors: dict[str, np.ndarray]):
+    """An array entry is a reference ``{"tensor": name}`` to a declared tensor; counters and None are inline."""
+    if isinstance(value, dict):
+        if value.get("tensor") not in tensors:
+            raise ValueError(f"the optimizer's state refers to {value!r}, which is not a tensor of the file")
+        return tensors[value["tensor"]]
+    if isinstance(value, list):
+        raise ValueError("the optimizer's state holds an array inline; arrays must be tensors of the file")
+    return value
+
+
+def _history_from(saved: dict) -> History:
+    history = History()
+    epochs, times, values = saved["epoch"], saved["epoch_times"], saved["history"]
+    if not (isinstance(epochs, list) and isinstance(times, list) and isinstance(values, dict)) \
+            or len(times) != len(epochs) or any(not isinstance(v, list) or len(v) != len(epochs)
+                                                for v in values.values()):
+        raise ValueError("the History must list one epoch, one time and one value per logged name for each epoch")
+    numbers = [*epochs, *times, *(v for column in values.values() for v in column)]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("the History must hold numbers only")
+    for i, (epoch, seconds) in enumerate(zip(epochs, times)):
+        history.append(epoch, {key: column[i] for key, column in values.items()}, seconds)
+    return history

@@ -1,0 +1,232 @@
+"""Optimizer state_dict / load_state_dict: PyTorch's layout, exact round trips, any device, clear errors."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import backends, optim
+from gpubp.layers import Parameter
+
+SHAPES = [(3, 4), (4,), (4, 2), (2,)]
+
+MAKERS = {
+    "sgd": lambda groups: optim.SGD(groups, lr=0.1),
+    "sgd_momentum": lambda groups: optim.SGD(groups, lr=0.1, momentum=0.9),
+    "sgd_nesterov": lambda groups: optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam": lambda groups: optim.Adam(groups, lr=0.01, weight_decay=0.1),
+    "adamw": lambda groups: optim.AdamW(groups, lr=0.01),
+}
+
+
+def make_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Parameter(rng.normal(size=shape).astype(np.float32), name=f"p{i}") for i, shape in enumerate(SHAPES)]
+
+
+def two_groups(params):
+    return [{"params": params[:2]}, {"params": params[2:], "lr": 0.05}]
+
+
+def steps(opt, params, seed, count=3):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        for p in params:
+            p.grad = rng.normal(size=p.shape).astype(np.float32)
+        opt.step()
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert a["state"][key].keys() == b["state"][key].keys()
+        for name, value in a["state"][key].items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(value, b["state"][key][name])
+            else:
+                assert value == b["state"][key][name]
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_state_dict_numbers_parameters_across_groups_as_pytorch_does():
+    params = make_params()
+    opt = optim.Adam(two_groups(params))
+    steps(opt, params, seed=1)
+    sd = opt.state_dict()
+    assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
+    assert [g["lr"] for g in sd["param_groups"]] == [1e-3, 0.05]
+    assert sorted(sd["state"]) == [0, 1, 2, 3]
+    assert sd["state"][2]["step"] == 3 and sd["state"][2]["m"].shape == SHAPES[2]
+
+
+def test_the_layout_matches_pytorchs_numbering():
+    torch = pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    ours, theirs = make_params(), [torch.zeros(s, requires_grad=True) for s in SHAPES]
+    opt_ours, opt_theirs = optim.Adam(two_groups(ours)), torch.optim.Adam(two_groups(theirs))
+    steps(opt_ours, ours, seed=1, count=1)
+    for p in theirs:
+        p.grad = torch.ones(p.shape)
+    opt_theirs.step()
+    sd_ours, sd_theirs = opt_ours.state_dict(), opt_theirs.state_dict()
+    assert [g["params"] for g in sd_ours["param_groups"]] == [g["params"] for g in sd_theirs["param_groups"]]
+    assert sorted(sd_ours["state"]) == sorted(sd_theirs["state"])
+
+
+def test_only_parameters_that_stepped_have_state():
+    params = make_params()
+    opt = optim.Adam(params)
+    params[1].grad = np.ones(SHAPES[1], np.float32)
+    opt.step()
+    assert list(opt.state_dict()["state"]) == [1]
+
+
+def test_state_dict_arrays_are_numpy_copies_unaffected_by_later_steps():
+    params = make_params()
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    steps(opt, params, seed=1, count=1)
+    sd = opt.state_dict()
+    before = sd["state"][0]["velocity"].copy()
+    steps(opt, params, seed=2, count=1)
+    assert type(sd["state"][0]["velocity"]) is np.ndarray
+    np.testing.assert_array_equal(sd["state"][0]["velocity"], before)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_a_loaded_state_continues_bit_identically(make):
+    params, twin = make_params(), make_params()
+    opt = make(two_groups(params))
+    steps(opt, params, seed=1)
+    for p, q in zip(params, twin):
+        q.data = p.data.copy()
+    resumed = make(two_groups(twin))
+    resumed.load_state_dict(opt.state_dict())
+    steps(opt, params, seed=2)
+    steps(resumed, twin, seed=2)
+    for p, q in zip(params, twin):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+def test_load_state_dict_takes_the_options_and_keeps_its_own_parameters():
+    params, others = make_params(), make_params(seed=5)
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    opt.param_groups[0]["lr"] = 0.003  # as a schedule would
+    target = optim.SGD(others, lr=0.5, momentum=0.5)
+    target.load_state_dict(opt.state_dict())
+    assert target.param_groups[0]["lr"] == 0.003 and target.param_groups[0]["momentum"] == 0.9
+    assert target.param_groups[0]["params"] == others
+
+
+def test_a_state_saved_on_one_backend_loads_on_another_and_back(backend):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], backend=backend)
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    x, y = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32), np.arange(16) % 3
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, verbose=0)
+    saved = opt.state_dict()
+    assert all(type(v) is np.ndarray for entry in saved["state"].values() for k, v in entry.items() if k != "step")
+    on_cpu = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], device="cpu")
+    cpu_opt = optim.Adam(on_cpu.parameters())
+    cpu_opt.load_state_dict(saved)
+    back = optim.Adam(model.parameters())
+    back.load_state_dict(cpu_opt.state_dict())
+    assert all(backends.get(model.backend_name).is_array(back.state[id(p)]["m"]) for p in model.parameters())
+    assert_same_state(back.state_dict(), saved)
+
+
+def test_reloading_its_own_state_moves_it_with_a_model_that_changed_device(backend):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], backend=backend)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32), np.arange(8) % 3
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, verbose=0)
+    saved = opt.state_dict()
+    model.to("cpu")
+    opt.load_state_dict(opt.state_dict())
+    assert all(type(opt.state[id(p)]["velocity"]) is np.ndarray for p in model.parameters())
+    assert_same_state(opt.state_dict(), saved)
+
+
+# ----------------------------------------------------------------------------- errors leave the optimizer as it was
+
+
+def loaded_adam():
+    params = make_params()
+    opt = optim.Adam(two_groups(params))
+    steps(opt, params, seed=1)
+    return opt
+
+
+def spoil_group_count(sd):
+    sd["param_groups"] = sd["param_groups"][:1]
+
+
+def spoil_group_size(sd):
+    sd["param_groups"][1]["params"] = [2]
+
+
+def spoil_shape(sd):
+    sd["state"][0]["m"] = np.zeros((4, 3), np.float32)
+
+
+def spoil_finite(sd):
+    sd["state"][1]["v"][0] = np.nan
+
+
+def spoil_entries(sd):
+    sd["state"][0] = {"velocity": np.zeros(SHAPES[0], np.float32)}
+
+
+def spoil_options(sd):
+    sd["param_groups"][0]["momentum"] = 0.9
+
+
+def spoil_value(sd):
+    sd["param_groups"][1]["lr"] = -1.0
+
+
+def spoil_step(sd):
+    sd["state"][3]["step"] = -2
+
+
+def spoil_stray_key(sd):
+    sd["state"][7] = sd["state"][0]
+
+
+SPOILERS = {
+    spoil_group_count: r"state_dict: 1 param groups, but the optimizer has 2",
+    spoil_group_size: r"state_dict: param group 1 holds 1 parameters, but the optimizer's holds 2",
+    spoil_shape: r"state_dict: state\[0\]\['m'\] has shape \(4, 3\), but the parameter 'p0' has \(3, 4\)",
+    spoil_finite: r"state_dict: state\[1\]\['v'\] contains NaN or inf",
+    spoil_entries: r"state_dict: state\[0\] has the entries \['velocity'\], but Adam keeps \['m', 'step', 'v'\]",
+    spoil_options: r"state_dict: param group 0 has the options .*'momentum'.*, but Adam takes",
+    spoil_value: r"lr: expected a finite number >= 0, got -1.0",
+    spoil_step: r"state_dict: state\[3\]\['step'\] must be an int >= 0, got -2",
+    spoil_stray_key: r"state_dict: state for parameter 7, which no param group lists",
+}
+
+
+@pytest.mark.parametrize("spoil, message", SPOILERS.items(), ids=[f.__name__ for f in SPOILERS])
+def test_a_bad_state_dict_is_a_value_error_and_changes_nothing(spoil, message):
+    opt = loaded_adam()
+    before = snapshot(opt)
+    sd = snapshot(opt)
+    spoil(sd)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert_same_state(opt.state_dict(), before)
+
+
+def test_a_state_dict_that_is_not_a_dict_is_rejected():
+    with pytest.raises(ValueError, match="state_dict: expected a dict with the keys 'state' and 'param_groups'"):
+        loaded_adam().load_state_dict([1, 2])
