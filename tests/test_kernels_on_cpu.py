@@ -42,8 +42,12 @@ H100_SMS = 132
 # (batch, in, out), none a multiple of any tile; with 132 SMs, (600, 37, 29) and (1100, 13, 7)
 # split the dW batch 2 and 4 ways; (130, 257, 65) spans several tiles of either size.
 SHAPES = [(1, 1, 1), (19, 13, 7), (37, 29, 23), (130, 257, 65), (600, 37, 29), (1100, 13, 7)]
-if SANITIZED:
-    SHAPES = [(1, 1, 1), (37, 29, 23), (600, 37, 29)]
+BACKWARD_NEEDS = [(True, True), (True, False), (False, True)]
+TF32_SHAPES = SHAPES + [(70, 200, 130)]
+if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix runs plain
+    SHAPES = [(37, 29, 23), (600, 37, 29)]
+    BACKWARD_NEEDS = [(True, True)]
+    TF32_SHAPES = SHAPES
 LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000), (300, 3)] if not SANITIZED else [(1, 1), (37, 40)]
 VECTOR_SIZES = [1, 1031, 9001] if not SANITIZED else [1, 5001]
 
@@ -66,13 +70,30 @@ def cpu_harness():
     return h
 
 
-@pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
-def cb(request, cpu_harness, monkeypatch):
+def cupy_on_cpu(cpu_harness, monkeypatch, sms: int):
     """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs."""
-    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=request.param))
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms))
     for cache in ("_rawmodules", "_functions", "_device_state", "origin"):
         monkeypatch.setattr(cupy_backend, cache, {})
     return cupy_backend
+
+
+@pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
+def cb(request, cpu_harness, monkeypatch):
+    """Both GEMM paths: 132 SMs picks 64x64 tiles and split-K, 1 SM the 128x128 tiles."""
+    return cupy_on_cpu(cpu_harness, monkeypatch, request.param)
+
+
+@pytest.fixture
+def cb_h100(cpu_harness, monkeypatch):
+    """For kernels whose launch does not depend on the SM count (TF32, losses)."""
+    return cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
+
+
+@pytest.fixture
+def cb_small_gpu(cpu_harness, monkeypatch):
+    """One SM caps elementwise grids at 16 blocks, so the optimizer kernels' grid-stride loops run."""
+    return cupy_on_cpu(cpu_harness, monkeypatch, 1)
 
 
 def layer(rng, batch, n_in, n_out):
@@ -136,24 +157,24 @@ TF32_RTOL = 2e-3
 STEEPEST_SLOPE = 1.13
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(70, 200, 130)], ids=shape_id)
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_tf32_dense_forward_is_within_its_error_bound(cb, rng, act, shape):
+def test_tf32_dense_forward_is_within_its_error_bound(cb_h100, rng, act, shape):
     x = rng.standard_normal(shape[:2]).astype(np.float32)
     w = rng.standard_normal(shape[1:]).astype(np.float32)
     b = rng.standard_normal(shape[2]).astype(np.float32)
     y_ref, _ = ref.dense_forward(*f64(x, w, b), act)
     z_ref, _ = ref.dense_forward(*f64(x, w, b), "identity")
-    y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act, precision="tf32")
+    y, z = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b), act, precision="tf32")
     bound = TF32_RTOL * float(np.max(np.abs(z_ref)))
-    assert np.max(np.abs(cb.to_host(y) - y_ref)) <= STEEPEST_SLOPE * bound
+    assert np.max(np.abs(cb_h100.to_host(y) - y_ref)) <= STEEPEST_SLOPE * bound
     if act in NEEDS_Z:
-        assert np.max(np.abs(cb.to_host(z) - z_ref)) <= bound
+        assert np.max(np.abs(cb_h100.to_host(z) - z_ref)) <= bound
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(70, 200, 130)], ids=shape_id)
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_tf32_dense_backward_is_within_its_error_bound(cb, rng, act, shape):
+def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape):
     x = rng.standard_normal(shape[:2]).astype(np.float32)
     w = rng.standard_normal(shape[1:]).astype(np.float32)
     b = rng.standard_normal(shape[2]).astype(np.float32)
@@ -161,26 +182,26 @@ def test_tf32_dense_backward_is_within_its_error_bound(cb, rng, act, shape):
     dy = rng.standard_normal(y64.shape).astype(np.float32)
     y, z = y64.astype(np.float32), None if z64 is None else z64.astype(np.float32)
     dx_ref, dw_ref, db_ref = ref.dense_backward(*f64(dy, x, w, y, z), act, True, True)
-    dev = [None if a is None else cb.asarray(a) for a in (dy, x, w, y, z)]
+    dev = [None if a is None else cb_h100.asarray(a) for a in (dy, x, w, y, z)]
     with trace() as t:
-        dx, dw, db = cb.dense_backward(*dev, act, True, True, precision="tf32")
-    assert t.launches == cb.backward_kernels(act, True, True)
-    close(cb.to_host(dx), dx_ref, TF32_RTOL)
-    close(cb.to_host(dw), dw_ref, TF32_RTOL)
-    close(cb.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
+        dx, dw, db = cb_h100.dense_backward(*dev, act, True, True, precision="tf32")
+    assert t.launches == cb_h100.backward_kernels(act, True, True)
+    close(cb_h100.to_host(dx), dx_ref, TF32_RTOL)
+    close(cb_h100.to_host(dw), dw_ref, TF32_RTOL)
+    close(cb_h100.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
 
 
-def test_tf32_forward_rounds_its_inputs(cb, rng):
+def test_tf32_forward_rounds_its_inputs(cb_h100, rng):
     """Not an fp32 kernel in disguise: inputs that TF32 cannot hold come out rounded."""
     x = np.full((3, 1), 1.0 + 2.0**-12, np.float32)  # 1 + 2^-12 rounds to 1 in TF32
     w = np.ones((1, 2), np.float32)
-    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.zeros((2,)), "identity", precision="tf32")
-    assert np.array_equal(cb.to_host(y), np.ones((3, 2), np.float32))
-    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.zeros((2,)), "identity")
-    assert np.array_equal(cb.to_host(y), np.full((3, 2), 1.0 + 2.0**-12, np.float32))
+    y, _ = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.zeros((2,)), "identity", precision="tf32")
+    assert np.array_equal(cb_h100.to_host(y), np.ones((3, 2), np.float32))
+    y, _ = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.zeros((2,)), "identity")
+    assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 1.0 + 2.0**-12, np.float32))
 
 
-@pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
@@ -201,30 +222,29 @@ def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
             close(cb.to_host(g), expected)
 
 
-def test_a_softmax_output_layer_matches_numpy(cb, rng):
+def test_a_softmax_output_layer_matches_numpy(cb_h100, rng):
     x, w, b = layer(rng, 37, 29, 11)
     y_ref, _ = ref.dense_forward(*f64(x, w, b), "softmax")
-    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "softmax")
-    close(cb.to_host(y), y_ref)
+    y, _ = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b), "softmax")
+    close(cb_h100.to_host(y), y_ref)
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    want = ref.dense_backward(*f64(dy, x, w, cb.to_host(y), None), "softmax", True, True)
-    for got, expected in zip(cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, None, "softmax",
+    want = ref.dense_backward(*f64(dy, x, w, cb_h100.to_host(y), None), "softmax", True, True)
+    for got, expected in zip(cb_h100.dense_backward(cb_h100.asarray(dy), cb_h100.asarray(x), cb_h100.asarray(w), y, None, "softmax",
                                                True, True), want):
-        close(cb.to_host(got), expected)
+        close(cb_h100.to_host(got), expected)
 
 
-def test_split_k_path_is_taken_and_is_bitwise_deterministic(cb, rng):
-    if cb._state()["sms"] == 1:
-        pytest.skip("one SM never splits the batch")
+def test_split_k_path_is_taken_and_is_bitwise_deterministic(cb_h100, rng):
     x, w, b = layer(rng, 1100, 13, 7)
-    assert cb._dw_split(1100, 1)[0] == 4
-    y, _ = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), "tanh")
-    dy = cb.asarray(rng.standard_normal((1100, 7)).astype(np.float32))
-    runs = [cb.dense_backward(dy, cb.asarray(x), cb.asarray(w), y, None, "tanh", False, True) for _ in range(3)]
+    assert cb_h100._dw_split(1100, 1)[0] == 4
+    y, _ = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b), "tanh")
+    dy = cb_h100.asarray(rng.standard_normal((1100, 7)).astype(np.float32))
+    runs = [cb_h100.dense_backward(dy, cb_h100.asarray(x), cb_h100.asarray(w), y, None, "tanh", False, True)
+            for _ in range(3)]
     for _, dw, db in runs[1:]:
-        assert np.array_equal(cb.to_host(dw), cb.to_host(runs[0][1]))
-        assert np.array_equal(cb.to_host(db), cb.to_host(runs[0][2]))
-    assert not cb.to_host(cb._state()["tickets"]).any(), "the last block of each tile resets its ticket"
+        assert np.array_equal(cb_h100.to_host(dw), cb_h100.to_host(runs[0][1]))
+        assert np.array_equal(cb_h100.to_host(db), cb_h100.to_host(runs[0][2]))
+    assert not cb_h100.to_host(cb_h100._state()["tickets"]).any(), "the last block of each tile resets its ticket"
 
 
 @pytest.mark.parametrize("n_in, n_out", [(4, 5), (8, 127), (12, 129), (5, 4)])
@@ -254,44 +274,44 @@ def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
 
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
-def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
+def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, label_dtype):
     logits = (5 * rng.standard_normal(shape)).astype(np.float32)
     labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
     if shape[1] > 1:  # a masked logit in every row, never the label's
         logits[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
     with trace() as t:
-        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+        loss, grad = cb_h100.softmax_cross_entropy(cb_h100.asarray(logits), cb_h100.asarray(labels))
     assert t.launches == ["ce_fwd_bwd"]
     assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
-    close(cb.to_host(grad), grad_ref)
+    close(cb_h100.to_host(grad), grad_ref)
 
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
+def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape):
     pred = (3 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.random(shape).astype(np.float32)
     loss_ref, grad_ref = getattr(ref, name)(*f64(pred, target))
     with trace() as t:
-        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target))
+        loss, grad = getattr(cb_h100, name)(cb_h100.asarray(pred), cb_h100.asarray(target))
     assert t.launches == [trace_name]
     assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb.to_host(grad), grad_ref)
+    close(cb_h100.to_host(grad), grad_ref)
 
 
-def test_losses_are_finite_for_huge_logits(cb):
+def test_losses_are_finite_for_huge_logits(cb_h100):
     logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
     labels = np.array([1, 2], np.int64)
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
-    loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+    loss, grad = cb_h100.softmax_cross_entropy(cb_h100.asarray(logits), cb_h100.asarray(labels))
     assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb.to_host(grad), grad_ref)
+    close(cb_h100.to_host(grad), grad_ref)
     target = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.5]], np.float32)
     loss_ref, grad_ref = ref.bce(*f64(logits, target))
-    loss, grad = cb.bce(cb.asarray(logits), cb.asarray(target))
+    loss, grad = cb_h100.bce(cb_h100.asarray(logits), cb_h100.asarray(target))
     assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb.to_host(grad), grad_ref)
+    close(cb_h100.to_host(grad), grad_ref)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -299,44 +319,44 @@ def test_losses_are_finite_for_huge_logits(cb):
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 @pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 1e-2), (0.9, True, 0.0)])
-def test_sgd_update_matches_numpy(cb, rng, n, momentum, nesterov, weight_decay):
+def test_sgd_update_matches_numpy(cb_small_gpu, rng, n, momentum, nesterov, weight_decay):
     p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     v = rng.standard_normal(n).astype(np.float32) if momentum else None
     p_ref, v_ref = f64(p, v)
-    p_dev, v_dev = cb.asarray(p), None if v is None else cb.asarray(v)
+    p_dev, v_dev = cb_small_gpu.asarray(p), None if v is None else cb_small_gpu.asarray(v)
     for _ in range(2):
         ref.sgd_update(p_ref, g.astype(np.float64), v_ref, 0.1, momentum, nesterov, weight_decay)
         with trace() as t:
-            cb.sgd_update(p_dev, cb.asarray(g), v_dev, 0.1, momentum, nesterov, weight_decay)
+            cb_small_gpu.sgd_update(p_dev, cb_small_gpu.asarray(g), v_dev, 0.1, momentum, nesterov, weight_decay)
         assert t.launches == ["sgd_update"]
-    close(cb.to_host(p_dev), p_ref)
+    close(cb_small_gpu.to_host(p_dev), p_ref)
     if v is not None:
-        close(cb.to_host(v_dev), v_ref)
+        close(cb_small_gpu.to_host(v_dev), v_ref)
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 @pytest.mark.parametrize("decoupled, weight_decay", [(False, 0.0), (False, 1e-2), (True, 1e-2)])
-def test_adam_update_matches_numpy(cb, rng, n, decoupled, weight_decay):
+def test_adam_update_matches_numpy(cb_small_gpu, rng, n, decoupled, weight_decay):
     p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     state_ref = [p.astype(np.float64), np.zeros(n), np.zeros(n)]
-    state_dev = [cb.asarray(p), cb.zeros((n,)), cb.zeros((n,))]
+    state_dev = [cb_small_gpu.asarray(p), cb_small_gpu.zeros((n,)), cb_small_gpu.zeros((n,))]
     for step in range(1, 3):
         grad = g * step
         ref.adam_update(state_ref[0], grad.astype(np.float64), state_ref[1], state_ref[2],
                         1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
-        cb.adam_update(state_dev[0], cb.asarray(grad), state_dev[1], state_dev[2],
+        cb_small_gpu.adam_update(state_dev[0], cb_small_gpu.asarray(grad), state_dev[1], state_dev[2],
                        1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
     for got, want in zip(state_dev, state_ref):
-        close(cb.to_host(got), want)
+        close(cb_small_gpu.to_host(got), want)
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
-def test_sumsq_and_scale_match_numpy(cb, rng, n):
+def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
     a = rng.standard_normal(n).astype(np.float32)
-    dev = cb.asarray(a)
-    assert cb.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
-    cb.scale_(dev, 0.5)
-    close(cb.to_host(dev), a.astype(np.float64) * 0.5)
+    dev = cb_small_gpu.asarray(a)
+    assert cb_small_gpu.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
+    cb_small_gpu.scale_(dev, 0.5)
+    close(cb_small_gpu.to_host(dev), a.astype(np.float64) * 0.5)
 
 
 # ----------------------------------------------------------------------------- a whole model
@@ -393,12 +413,12 @@ PLANTED_BUGS = {
         "reduce.cuh",
         "for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_WARP, v, offset);",
         "for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_WARP, v, offset);",
-        "plain", "elementwise_losses and mse and 132sms", "max error|assert"),
+        "plain", "elementwise_losses and mse", "max error|assert"),
     "wrong mma fragment index": (
         "gemm_tf32.cuh",
         "a[i][2] = __float_as_uint(tile[g * T::LDA + t + 4]);",
         "a[i][2] = __float_as_uint(tile[g * T::LDA + t]);",
-        "plain", "tf32_dense_forward and 132sms and identity and 37x29x23", "assert"),
+        "plain", "tf32_dense_forward and identity and 37x29x23", "assert"),
 }
 
 
