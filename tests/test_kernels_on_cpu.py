@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
+from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
 from gpubp.backends import numpy_backend as ref
@@ -75,6 +76,9 @@ def cupy_on_cpu(cpu_harness, monkeypatch, sms: int):
     monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms))
     for cache in ("_rawmodules", "_functions", "_device_state", "origin"):
         monkeypatch.setattr(cupy_backend, cache, {})
+    # Models built with backend="cupy" get it too, whatever an earlier test found unavailable.
+    monkeypatch.setitem(backends._modules, "cupy", cupy_backend)
+    monkeypatch.delitem(backends._unavailable, "cupy", raising=False)
     return cupy_backend
 
 
