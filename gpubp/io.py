@@ -29,6 +29,7 @@ import numpy as np
 
 from gpubp import _safetensors
 from gpubp import activations as _activations
+from gpubp.backends import PRECISIONS
 from gpubp.layers import Dense, Sequential
 
 FORMAT_VERSION = 1
@@ -52,6 +53,7 @@ def _architecture(model: Sequential) -> dict:
         "activations": [layer.activation for layer in model],
         "names": [layer.name for layer in model],
         "trainable": [layer.trainable for layer in model],
+        "precision": model.precision,
     }
 
 
@@ -253,7 +255,10 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
     # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
     layers = [Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)
               for fan_in, fan_out, act, name, _ in specs]
-    model = Sequential(layers, device=device, backend=backend, dtype=dtype)
+    precision = header.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{path}: precision {precision!r} in the header, expected one of {PRECISIONS}")
+    model = Sequential(layers, device=device, backend=backend, dtype=dtype, precision=precision)
     model.set_weights(list(weights.values()))
     for layer, (*_rest, trainable) in zip(model, specs):
         layer.trainable = trainable

@@ -19,13 +19,15 @@ computes in), and ``unavailable_reason()``: None when the backend can run here, 
 (never raises).
 
 Dense layer
-    ``dense_forward(x, w, b, act, out=None, out_z=None) -> (y, z_or_None)``
+    ``dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32") -> (y, z_or_None)``
         ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
         (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
         buffers for ``y`` and ``z``. Records ``dense_fwd``.
-    ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None)
-      -> (dx, dw, db)``
+        ``precision`` (one of ``PRECISIONS``): "tf32" runs the products on TF32 tensor cores
+        where a backend has them (cupy); the others compute fp32 for either value.
+    ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
+      precision="fp32") -> (dx, dw, db)``
         ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,
         ``dw = x.T @ dz``, ``db = dz.sum(0)`` with db fused into the dW kernel.
         ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None.
@@ -85,6 +87,9 @@ from types import ModuleType
 log = logging.getLogger("gpubp")
 
 BACKENDS = ("numpy", "cupy", "numba")
+# fp32: full-precision products everywhere. tf32: products on TF32 tensor cores where the
+# backend has them (inputs rounded to 10 mantissa bits, fp32 accumulation, ~1e-3 relative).
+PRECISIONS = ("fp32", "tf32")
 DEVICES = ("auto", "cpu", "cuda")
 GPU_BACKENDS = ("cupy", "numba")
 INSTALL_HINT = (

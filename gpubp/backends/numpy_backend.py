@@ -119,8 +119,9 @@ def scale_(a: np.ndarray, s: float) -> None:
 # ----------------------------------------------------------------------------- dense layer
 
 
-def dense_forward(x, w, b, act, out=None, out_z=None):
-    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None."""
+def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
+    """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
+    No tensor cores here: fp32 (or float64) for either ``precision``."""
     record("dense_fwd")
     if act in NEEDS_Z:
         z = np.matmul(x, w, out=out_z)
@@ -142,7 +143,8 @@ def backward_kernels(act, need_dx, need_dw) -> list[str]:
     return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
-def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None):
+def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
+                   precision="fp32"):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
     if not (need_dx or need_dw):
         return None, None, None

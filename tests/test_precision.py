@@ -1,0 +1,68 @@
+"""``Sequential(precision=...)``: "tf32" selects the TF32 tensor-core kernels on the cupy backend
+(run here on the CPU kernel harness), is an fp32 no-op elsewhere, and survives slicing,
+``replace_head`` and save/load. The kernels' error bound is tested in test_kernels_on_cpu.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from cuda_on_cpu import harness
+from test_kernels_on_cpu import cupy_on_cpu
+
+import gpubp as gb
+from gpubp import finetune as ft
+
+
+def model(precision="fp32", backend="numpy"):
+    gb.seed(3)
+    return gb.Sequential([gb.Dense(20, 33, activation="gelu"), gb.Dense(33, 5)], backend=backend,
+                         precision=precision)
+
+
+def test_precision_defaults_to_fp32_and_rejects_unknown_values_naming_the_argument():
+    assert model().precision == "fp32"
+    with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32'\), got 'bf16'"):
+        model("bf16")
+    m = model()
+    before = m.get_weights()
+    with pytest.raises(ValueError, match="precision"):
+        m.precision = "fp16"
+    assert m.precision == "fp32"
+    assert all(np.array_equal(a, b) for a, b in zip(before, m.get_weights()))
+
+
+def test_tf32_on_the_numpy_backend_computes_fp32(rng):
+    x = rng.standard_normal((9, 20)).astype(np.float32)
+    assert np.array_equal(model("tf32").predict(x), model("fp32").predict(x))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_precision_survives_slicing_replace_head_and_save_load(tmp_path, suffix):
+    m = model("tf32")
+    assert m[:1].precision == "tf32"
+    assert ft.replace_head(m, out_features=3).precision == "tf32"
+    m.save(tmp_path / f"m{suffix}")
+    assert gb.load(tmp_path / f"m{suffix}").precision == "tf32"
+
+
+@pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+def test_tf32_selects_the_tensor_core_kernels_on_the_cupy_backend(monkeypatch, rng):
+    """On the CPU kernel harness (tests/cuda_on_cpu), where the CuPy backend runs unchanged."""
+    cb = cupy_on_cpu(harness.Harness(), monkeypatch, 132)
+    x = rng.standard_normal((40, 20)).astype(np.float32)
+    labels = rng.integers(0, 5, 40)
+    outputs = {}
+    for precision in ("fp32", "tf32"):
+        m = model(precision, backend="cupy")
+        out = m.forward(x)
+        m.backward(gb.losses.cross_entropy(out, labels)[1])
+        outputs[precision] = cb.to_host(out)
+        kernels = {name for _, name in cb._functions}
+        tensor_core = {k for k in kernels if "_tf32_" in k}
+        assert bool(tensor_core) == (precision == "tf32"), kernels
+    assert tensor_core == {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu",
+                           "dense_dw_tf32_identity", "dense_dx_tf32_identity"}
+    assert not np.array_equal(outputs["tf32"], outputs["fp32"])
+    np.testing.assert_allclose(outputs["tf32"], outputs["fp32"], atol=5e-3 * np.abs(outputs["fp32"]).max())
