@@ -49,7 +49,13 @@ class History:
 
 
 class Callback:
-    """Hooks called by ``fit``; set ``model.stop_training = True`` to stop after this epoch."""
+    """Hooks called by ``fit``; set ``model.stop_training = True`` to stop after this epoch.
+
+    A callback that writes files sets ``main_process_only = True``: under ``fit(distributed=True)``
+    it then runs on rank 0 only.
+    """
+
+    main_process_only = False
 
     def on_train_begin(self, model) -> None: ...
 
@@ -232,7 +238,7 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None):
 
 def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
-        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None) -> History:
+        verbose: int = 1, metrics=None, clip_grad_norm: float | None = None, distributed: bool = False) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -240,6 +246,8 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     shuffling), as Keras does; ``validation_data=(x_val, y_val)`` takes precedence.
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
     ``verbose``: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+    ``distributed=True`` trains data-parallel over torch.distributed, one process per device
+    launched by torchrun; ``batch_size`` is then the global batch (see :mod:`gpubp.distributed`).
     """
     loss_fn = losses.get(loss)
     epochs = _checks.positive_int(epochs, "epochs")
@@ -267,6 +275,14 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
+    parallel = None
+    if distributed:
+        from gpubp.distributed import DataParallel
+
+        parallel = DataParallel(model, batch_size, len(x), None if x_val is None else len(x_val))
+        if parallel.rank != 0:
+            verbose = 0
+            callbacks = [cb for cb in callbacks if not cb.main_process_only]
 
     model.stop_training = False
     model.loss = loss_fn
@@ -286,14 +302,15 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
             if not np.all(np.isfinite(xb)):
                 raise ValueError(f"x: non-finite values (NaN or inf) in epoch {epoch + 1}, batch {batch + 1}; "
                                  "the weights were not updated by this batch")
-            out = model.forward(xb)
-            value, dout = loss_fn(out, yb, backend=model.backend)
+            if parallel is None:
+                value = _forward_backward(model, loss_fn, xb, yb)
+            else:
+                value = parallel.forward_backward(loss_fn, xb, yb)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "
                     "this batch's update, so the weights are those after the previous batch "
                     "(try a lower learning rate or clip_grad_norm)")
-            model.backward(dout)
             if clip_grad_norm is not None:
                 optim.clip_grad_norm(model.parameters(), clip_grad_norm)
             opt.step()
@@ -303,7 +320,10 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         logs = {"loss": total_loss / len(x)}
         if x_val is not None:
-            val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics)
+            if parallel is None:
+                val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics)
+            else:
+                val = parallel.evaluate(x_val, y_val, loss_fn, metrics)
             logs.update({f"val_{name}": value for name, value in val.items()})
         model.backend.synchronize()
         seconds = time.perf_counter() - start
@@ -321,6 +341,15 @@ def fit(model, x, y, loss="cross_entropy", optimizer="adam", epochs: int = 1, ba
     for cb in callbacks:
         cb.on_train_end(model)
     return history
+
+
+def _forward_backward(model, loss_fn, xb, yb) -> float:
+    """Forward and loss of one batch, then backward when the loss is finite; returns the loss."""
+    out = model.forward(xb)
+    value, dout = loss_fn(out, yb, backend=model.backend)
+    if math.isfinite(value):
+        model.backward(dout)
+    return value
 
 
 def _progress(total: int, epoch: int, epochs: int, verbose: int):
