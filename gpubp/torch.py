@@ -24,9 +24,12 @@ Inputs: ``x`` (B, in) on the parameters' device, in their dtype (under autocast 
 the module's precision first). A non-contiguous ``x`` is copied to a contiguous one (the kernels
 read row-major memory); a wrong device, dtype or shape raises before any kernel runs.
 
-``torch.compile``: the autograd Function calls NumPy/CuPy, which Dynamo cannot trace, so a
-compiled model that contains an MLP gets a graph break around the MLP's forward and backward
-(the rest of the model compiles as usual). The MLP's own work is already fused kernels.
+``torch.compile``: the MLP's forward is excluded from compilation (``torch.compiler.disable``),
+so a compiled model that contains an MLP gets a graph break around it: the MLP runs gpubp's
+kernels eagerly, forward and backward, and the code before and after it compiles as usual.
+(Left to itself, Dynamo would trace the NumPy calls inside the Function and replace gpubp's
+kernels with its own ops.) A ``torch.library.custom_op`` would avoid the break; it is not
+registered here.
 
 >>> import torch, gpubp as gb
 >>> from gpubp.torch import MLP
@@ -222,6 +225,9 @@ def _backend_for(tensor: torch.Tensor):
     raise ValueError(f"device: gpubp runs on CPU and CUDA tensors, got a tensor on {tensor.device}")
 
 
+# Dynamo would otherwise trace into the Function and rewrite its NumPy calls as torch ops, so
+# gpubp's kernels would not run at all; disabling it here makes the graph break explicit.
+@torch.compiler.disable
 def _run(layers: list[Dense], x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
