@@ -182,6 +182,11 @@ class DataParallel:
             start += size
         return self.model.backend.empty((start + extra,), self.model.dtype), spans
 
+    @property
+    def bucket_size(self) -> int:
+        """Values each step's all-reduce sends: the trainable parameters' sizes plus one for the loss (0 before the first step)."""
+        return 0 if self._layout is None else int(self._layout[1].size)
+
     def forward_backward(self, loss_fn, xb: np.ndarray, yb: np.ndarray) -> float:
         """Forward and backward of this rank's part of the global batch, then the one all-reduce.
 

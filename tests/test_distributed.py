@@ -122,6 +122,43 @@ def test_ddp_of_mlp_matches_one_process_with_the_global_batch(ranks):
         np.testing.assert_allclose(saved["ddp"], want, rtol=0, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- one rank, in this process
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A gloo process group of this process alone, over 127.0.0.1."""
+    import datetime
+
+    for name, value in loopback_env().items():
+        if name.startswith("GLOO"):
+            monkeypatch.setenv(name, value)
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_each_step_sends_the_trainable_gradients_and_the_loss_only(one_rank_group):
+    model = worker.fit_model()
+    parallel = distributed.DataParallel(model, batch_size=8, n_train=8, n_val=None)
+    x, y = worker.fit_data()
+    parallel.forward_backward(gb.losses.cross_entropy, x[:8], y[:8])
+    trainable = sum(p.data.size for p in model.trainable_parameters())
+    assert trainable < sum(p.data.size for p in model.parameters())
+    assert parallel.bucket_size == trainable + 1
+
+
+def test_fit_on_one_rank_equals_fit_without_distributed(one_rank_group, single_process_fit):
+    x, y = worker.fit_data()
+    gb.seed(worker.FIT_SEED)
+    model = worker.fit_model()
+    model.fit(x, y, optimizer=worker.fit_optimizer(model), distributed=True, **worker.FIT_KWARGS)
+    for got, want in zip(model.get_weights(), single_process_fit[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- setup checks, no processes
 
 
