@@ -233,7 +233,8 @@ def _run(layers: list[Dense], x) -> torch.Tensor:
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     function = _function(params[0].device.type, params[0].dtype)
-    return function.apply(tuple(layer.activation for layer in layers), x, *params)
+    acts = tuple(layer.activation for layer in layers)
+    return function.apply(acts, torch.is_grad_enabled(), x, *params)
 
 
 @functools.cache
@@ -248,13 +249,13 @@ def _function(device_type: str, dtype: torch.dtype):
     class MLPFunction(torch.autograd.Function):
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type, cast_inputs=dtype)
-        def forward(ctx, acts, x, *params):
-            return _forward(ctx, acts, x, params)
+        def forward(ctx, acts, grad_enabled, x, *params):
+            return _forward(ctx, acts, grad_enabled, x, params)
 
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, grad_out):
-            return (None, *_backward(ctx, grad_out))
+            return (None, None, *_backward(ctx, grad_out))
 
     MLPFunction.__name__ = MLPFunction.__qualname__ = f"MLPFunction_{device_type}_{str(dtype).removeprefix('torch.')}"
     return MLPFunction
@@ -312,13 +313,14 @@ class _Device:
         return torch.from_dlpack(array)
 
 
-def _forward(ctx, acts: tuple, x: torch.Tensor, params: tuple) -> torch.Tensor:
+def _forward(ctx, acts: tuple, grad_enabled: bool, x: torch.Tensor, params: tuple) -> torch.Tensor:
     _check_input(x, params)
     x = x.contiguous()
     device = _Device(params[0])
-    wants = ctx.needs_input_grad  # (acts, x, W0, b0, W1, b1, ...)
-    trainable = [wants[2 + 2 * i] or wants[3 + 2 * i] for i in range(len(acts))]
-    plan = plan_backward(trainable, wants[1])
+    # Which of (x, W0, b0, W1, b1, ...) need a gradient; none under torch.no_grad(), so inference keeps nothing.
+    wants = ctx.needs_input_grad[2:] if grad_enabled else (False,) * (1 + len(params))
+    trainable = [wants[1 + 2 * i] or wants[2 + 2 * i] for i in range(len(acts))]
+    plan = plan_backward(trainable, wants[0])
     # Per layer, what its backward reads, and nothing for a layer that computes nothing.
     kept = []
     with device.scope():
@@ -341,7 +343,7 @@ def _forward(ctx, acts: tuple, x: torch.Tensor, params: tuple) -> torch.Tensor:
 def _backward(ctx, grad_out: torch.Tensor) -> list:
     x, out, *params = ctx.saved_tensors
     device, plan, acts, kept = ctx.device, ctx.plan, ctx.acts, ctx.kept
-    wants = ctx.needs_input_grad
+    wants = ctx.needs_input_grad[2:]
     grads = [None] * (1 + len(params))
     active = [i for i, (need_dx, need_dw) in enumerate(plan) if need_dx or need_dw]
     if not active:
@@ -358,9 +360,9 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             dx, dw, db = device.backend.dense_backward(
                 dy, inputs, device.array(params[2 * i]), y, z, acts[i], need_dx, need_dw)
             if need_dw:
-                grads[1 + 2 * i] = device.tensor(dw) if wants[2 + 2 * i] else None
-                grads[2 + 2 * i] = device.tensor(db) if wants[3 + 2 * i] else None
+                grads[1 + 2 * i] = device.tensor(dw) if wants[1 + 2 * i] else None
+                grads[2 + 2 * i] = device.tensor(db) if wants[2 + 2 * i] else None
             dy = dx
-        if wants[1]:
+        if wants[0]:
             grads[0] = device.tensor(dy)
     return grads
