@@ -48,7 +48,7 @@ def loopback_env() -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Launch the worker on 2 CPU processes once; the arrays each rank saved, by rank."""
+    """Launch the worker on 2 CPU processes once: the arrays each rank saved (by rank), the output, the folder."""
     out = tmp_path_factory.mktemp("torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD_SIZE),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -62,7 +62,8 @@ def ranks(tmp_path_factory):
         log, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s:\n{log[-4000:]}")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-4000:]}"
-    return [dict(np.load(out / f"rank{r}.npz")) for r in range(WORLD_SIZE)]
+    saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(WORLD_SIZE)]
+    return {"saved": saved, "log": log, "dir": out}
 
 
 def weights(saved: dict) -> list[np.ndarray]:
@@ -80,20 +81,20 @@ def single_process_fit():
 
 def test_distributed_fit_matches_one_process_with_the_global_batch(ranks, single_process_fit):
     model, _ = single_process_fit
-    for saved in ranks:
+    for saved in ranks["saved"]:
         for got, want in zip(weights(saved), model.get_weights()):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_distributed_fit_leaves_the_same_weights_on_every_rank(ranks):
-    for got, want in zip(weights(ranks[1]), weights(ranks[0])):
+    for got, want in zip(weights(ranks["saved"][1]), weights(ranks["saved"][0])):
         np.testing.assert_array_equal(got, want)
 
 
 def test_distributed_fit_frozen_layer_is_not_trained(ranks):
     gb.seed(worker.FIT_SEED)
     initial = worker.fit_model().get_weights()
-    for saved in ranks:
+    for saved in ranks["saved"]:
         np.testing.assert_array_equal(weights(saved)[2], initial[2])
         np.testing.assert_array_equal(weights(saved)[3], initial[3])
 
@@ -101,14 +102,23 @@ def test_distributed_fit_frozen_layer_is_not_trained(ranks):
 @pytest.mark.parametrize("key", ["loss", "val_loss", "val_accuracy"])
 def test_distributed_fit_history_matches_one_process(ranks, single_process_fit, key):
     _, history = single_process_fit
-    for saved in ranks:
+    for saved in ranks["saved"]:
         np.testing.assert_allclose(saved[key], history[key], rtol=1e-5, atol=1e-6)
 
 
 def test_distributed_fit_rejects_a_batch_the_world_size_does_not_divide(ranks):
-    for saved in ranks:
+    for saved in ranks["saved"]:
         message = str(saved["batch_error"])
         assert "batch_size" in message and "15" in message and "world size 2" in message
+
+
+def test_distributed_fit_prints_progress_on_rank_0_only(ranks):
+    assert ranks["log"].count("epoch 1/3 - ") == 1
+
+
+def test_distributed_fit_runs_file_writing_callbacks_on_rank_0_only(ranks):
+    assert sorted(p.name for p in ranks["dir"].iterdir() if not p.name.endswith(".npz")) == [
+        "every.rank0", "every.rank1", "writer.rank0"]
 
 
 def test_ddp_of_mlp_matches_one_process_with_the_global_batch(ranks):
@@ -118,7 +128,7 @@ def test_ddp_of_mlp_matches_one_process_with_the_global_batch(ranks):
     mlp = MLP([6, 10, 3])
     worker.ddp_steps(mlp, *worker.ddp_data())
     want = np.concatenate([p.detach().numpy().ravel() for p in mlp.parameters()])
-    for saved in ranks:
+    for saved in ranks["saved"]:
         np.testing.assert_allclose(saved["ddp"], want, rtol=0, atol=1e-6)
 
 

@@ -6,7 +6,7 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 
 1. ``fit(distributed=True)`` (which joins the process group from torchrun's environment);
    the ranks are seeded differently on purpose, since fit broadcasts rank 0's weights and
-   random state;
+   random state; with ``verbose=2`` and two callbacks, one ``main_process_only``;
 2. ``fit(distributed=True)`` with a global batch the world size does not divide (the error);
 3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
@@ -27,7 +27,7 @@ FIT_SEED = 3
 DDP_SEED = 5
 DDP_STEPS = 3
 FIT_KWARGS = dict(loss="cross_entropy", epochs=3, batch_size=16, validation_split=0.2, metrics=["accuracy"],
-                  verbose=0)
+                  verbose=2)
 
 
 def fit_data():
@@ -66,6 +66,17 @@ def ddp_steps(module, x, labels) -> None:
         opt.step()
 
 
+class TouchAtEnd(gb.Callback):
+    """Writes ``OUT_DIR/<tag>.rank<r>`` when training ends: shows which ranks ran the callback."""
+
+    def __init__(self, out_dir: str, tag: str, main_process_only: bool) -> None:
+        self.path = f"{out_dir}/{tag}.rank{os.environ['RANK']}"
+        self.main_process_only = main_process_only
+
+    def on_train_end(self, model) -> None:
+        open(self.path, "w").close()
+
+
 def main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -75,7 +86,8 @@ def main(out_dir: str) -> None:
     x, y = fit_data()
     gb.seed(FIT_SEED if os.environ["RANK"] == "0" else FIT_SEED + 100)
     model = fit_model()
-    history = model.fit(x, y, optimizer=fit_optimizer(model), distributed=True, **FIT_KWARGS)
+    callbacks = [TouchAtEnd(out_dir, "writer", main_process_only=True), TouchAtEnd(out_dir, "every", False)]
+    history = model.fit(x, y, optimizer=fit_optimizer(model), distributed=True, callbacks=callbacks, **FIT_KWARGS)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         model.fit(x, y, batch_size=15, epochs=1, verbose=0, distributed=True)
