@@ -20,6 +20,11 @@ whose parameters do not require grad launches no dW/db kernel, and no dX is comp
 lowest layer that needs one (unless the input requires grad). ``MLP.backward_plan`` says which,
 and ``gb.trace()`` counts them.
 
+CPU threads: PyTorch's OpenMP workers busy-wait between ops and compete with NumPy's BLAS
+threads for the same cores, which made a step through the bridge several times slower on a
+2-core machine. Start Python with ``OMP_WAIT_POLICY=PASSIVE`` (or ``torch.set_num_threads(1)``);
+the bridge logs a warning once when neither is in effect.
+
 Inputs: ``x`` (B, in) on the parameters' device, in their dtype (under autocast it is cast to
 the module's precision first). A non-contiguous ``x`` is copied to a contiguous one (the kernels
 read row-major memory); a wrong device, dtype or shape raises before any kernel runs.
@@ -45,6 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 
 import numpy as np
 
@@ -58,6 +65,7 @@ from gpubp import _checks, activations, backends
 from gpubp.layers import BackwardPlan, Dense as _GpubpDense, Sequential, plan_backward
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+log = logging.getLogger("gpubp")
 
 
 class Dense(nn.Module):
@@ -276,12 +284,28 @@ def _check_input(x: torch.Tensor, params: tuple) -> None:
     _checks.batch_shape(tuple(x.shape), weight.shape[0], "x")
 
 
+@functools.cache
+def _check_cpu_threads() -> None:
+    """Say once when PyTorch's OpenMP threads will spin against NumPy's BLAS threads.
+
+    After each parallel op, PyTorch's OpenMP workers busy-wait for the next one; NumPy's BLAS
+    threads then compete with them for the same cores. On a 2-core machine a training step
+    through the bridge ran 3x to 100x slower that way (``bench/test_torch_bridge.py``).
+    """
+    if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        log.warning("gpubp.torch on the CPU: PyTorch's OpenMP threads busy-wait between ops and slow down "
+                    "NumPy's BLAS threads; set OMP_WAIT_POLICY=PASSIVE before starting Python, or call "
+                    "torch.set_num_threads(1)")
+
+
 class _Device:
     """Array conversion and the kernel launch scope for tensors on one device."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.device = tensor.device
         self.backend = _backend_for(tensor)
+        if self.device.type == "cpu":
+            _check_cpu_threads()
 
     def scope(self):
         if self.device.type == "cpu":

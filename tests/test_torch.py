@@ -319,3 +319,20 @@ def test_import_gpubp_does_not_import_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         os.path.dirname(os.path.dirname(os.path.abspath(gb.__file__))), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("threads, policy, warns", [(2, None, True), (2, "passive", False), (1, None, False)])
+def test_cpu_thread_setting_that_slows_the_bridge_is_reported_once(mlp, monkeypatch, caplog, threads, policy, warns):
+    import gpubp.torch as gt
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    gt._check_cpu_threads.cache_clear()
+    with caplog.at_level("WARNING", logger="gpubp"):
+        mlp(random_input())
+        mlp(random_input())
+    gt._check_cpu_threads.cache_clear()
+    assert sum("OMP_WAIT_POLICY=PASSIVE" in r.getMessage() for r in caplog.records) == int(warns)
