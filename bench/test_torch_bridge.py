@@ -11,8 +11,14 @@ momentum 0.9, float32, the same shapes and weights) in three ways:
 ``bridge / gpubp`` is the cost of running gpubp's kernels inside PyTorch's autograd and
 optimizer; ``bridge / torch`` is what a PyTorch user gains or loses by swapping in the MLP.
 
-    python -m pytest bench/test_torch_bridge.py --benchmark-json bench/results/torch_bridge.json -q
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \\
+        python -m pytest bench/test_torch_bridge.py --benchmark-json bench/results/torch_bridge.json -q
     python bench/report.py bench/results/torch_bridge.json --markdown bench/results/torch_bridge.md
+
+One thread each gives steady figures on a shared machine. With the default threads
+(``bench/results/torch_bridge_default_threads.json``), PyTorch's OpenMP workers busy-wait
+between ops and starve NumPy's BLAS threads, which the bridge step pays for heavily; see
+the README.
 """
 
 from __future__ import annotations

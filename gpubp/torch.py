@@ -21,7 +21,7 @@ lowest layer that needs one (unless the input requires grad). ``MLP.backward_pla
 and ``gb.trace()`` counts them.
 
 CPU threads: PyTorch's OpenMP workers busy-wait between ops and compete with NumPy's BLAS
-threads for the same cores, which made a step through the bridge several times slower on a
+threads for the same cores, which made a step through the bridge 2x to over 100x slower on a
 2-core machine. Start Python with ``OMP_WAIT_POLICY=PASSIVE`` (or ``torch.set_num_threads(1)``);
 the bridge logs a warning once when neither is in effect.
 
@@ -290,7 +290,7 @@ def _check_cpu_threads() -> None:
 
     After each parallel op, PyTorch's OpenMP workers busy-wait for the next one; NumPy's BLAS
     threads then compete with them for the same cores. On a 2-core machine a training step
-    through the bridge ran 3x to 100x slower that way (``bench/test_torch_bridge.py``).
+    through the bridge ran 2x to over 100x slower that way (``bench/test_torch_bridge.py``).
     """
     if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         log.warning("gpubp.torch on the CPU: PyTorch's OpenMP threads busy-wait between ops and slow down "
