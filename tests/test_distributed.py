@@ -46,14 +46,13 @@ def loopback_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Launch the worker on 2 CPU processes once: the arrays each rank saved (by rank), the output, the folder."""
-    out = tmp_path_factory.mktemp("torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD_SIZE),
+def launch(out: Path, world_size: int, device: str = "cpu") -> dict:
+    """Run the worker under torchrun: the arrays each rank saved (by rank), the output, the folder."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world_size),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(Path(worker.__file__)), str(out)]
-    proc = subprocess.Popen(command, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = {**loopback_env(), "GPUBP_WORKER_DEVICE": device}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
@@ -62,8 +61,14 @@ def ranks(tmp_path_factory):
         log, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s:\n{log[-4000:]}")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-4000:]}"
-    saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(WORLD_SIZE)]
+    saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(world_size)]
     return {"saved": saved, "log": log, "dir": out}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The worker's results from 2 CPU processes, launched once for every test below."""
+    return launch(tmp_path_factory.mktemp("torchrun"), WORLD_SIZE)
 
 
 def weights(saved: dict) -> list[np.ndarray]:
@@ -130,6 +135,14 @@ def test_ddp_of_mlp_matches_one_process_with_the_global_batch(ranks):
     want = np.concatenate([p.detach().numpy().ravel() for p in mlp.parameters()])
     for saved in ranks["saved"]:
         np.testing.assert_allclose(saved["ddp"], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_nccl_at_world_size_1_matches_one_cpu_process(tmp_path, single_process_fit):
+    pytest.importorskip("cupy")
+    saved = launch(tmp_path, 1, device="cuda")["saved"][0]
+    for got, want in zip(weights(saved), single_process_fit[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- one rank, in this process

@@ -234,6 +234,27 @@ def test_under_torch_compile_the_mlp_runs_gpubp_kernels_in_a_graph_break(mlp):
     torch.testing.assert_close(out, torch.relu(mlp(x)) * 2, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
+    pytest.importorskip("cupy")
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], activation="gelu").cuda()
+    x = random_input().cuda().detach().requires_grad_(True)
+    inputs = [x, *mlp.parameters()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), gb.trace() as t:
+        out = mlp(x)
+        grad_out = torch.ones_like(out)
+        got = grads_of(out, inputs, grad_out)
+    torch.cuda.synchronize()
+    assert t.counts["dense_fwd"] == 2 and t.counts["dense_dw"] == 2 and t.counts["dense_dx"] == 2
+    want = plain_torch(mlp, x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, grads_of(want, inputs, grad_out)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

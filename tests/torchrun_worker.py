@@ -11,7 +11,8 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
 
-The test computes the single-process references with the helpers below.
+The test computes the single-process references with the helpers below. With
+``GPUBP_WORKER_DEVICE=cuda`` the same runs go through NCCL and the CUDA kernels (one GPU per rank).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 import gpubp as gb
 
+DEVICE = os.environ.get("GPUBP_WORKER_DEVICE", "cpu")
 FIT_SEED = 3
 DDP_SEED = 5
 DDP_STEPS = 3
@@ -38,9 +40,9 @@ def fit_data():
     return x, y
 
 
-def fit_model() -> gb.Sequential:
+def fit_model(device: str = "cpu") -> gb.Sequential:
     """Three layers with the middle one frozen: its gradient is neither computed nor sent."""
-    model = gb.Sequential([gb.Dense(6, 12, "relu"), gb.Dense(12, 12, "tanh"), gb.Dense(12, 3)], device="cpu")
+    model = gb.Sequential([gb.Dense(6, 12, "relu"), gb.Dense(12, 12, "tanh"), gb.Dense(12, 3)], device=device)
     model[1].freeze()
     return model
 
@@ -58,10 +60,12 @@ def ddp_steps(module, x, labels) -> None:
     """SGD steps of the mean cross-entropy of ``module`` on (x, labels)."""
     import torch
 
+    device = next(module.parameters()).device
+    x, labels = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     for _ in range(DDP_STEPS):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(labels))
+        loss = torch.nn.functional.cross_entropy(module(x), labels)
         loss.backward()
         opt.step()
 
@@ -81,11 +85,14 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from gpubp import distributed
     from gpubp.torch import MLP
 
+    if DEVICE == "cuda":
+        distributed.init("cuda")
     x, y = fit_data()
     gb.seed(FIT_SEED if os.environ["RANK"] == "0" else FIT_SEED + 100)
-    model = fit_model()
+    model = fit_model(DEVICE)
     callbacks = [TouchAtEnd(out_dir, "writer", main_process_only=True), TouchAtEnd(out_dir, "every", False)]
     history = model.fit(x, y, optimizer=fit_optimizer(model), distributed=True, callbacks=callbacks, **FIT_KWARGS)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -96,7 +103,7 @@ def main(out_dir: str) -> None:
         batch_error = str(exc)
 
     gb.seed(DDP_SEED)
-    mlp = MLP([6, 10, 3])
+    mlp = MLP([6, 10, 3]).to(DEVICE)
     ddp = DistributedDataParallel(mlp)
     xd, labels = ddp_data()
     part = slice(rank * len(xd) // world_size, (rank + 1) * len(xd) // world_size)
@@ -105,7 +112,7 @@ def main(out_dir: str) -> None:
     np.savez(f"{out_dir}/rank{rank}.npz", *model.get_weights(),
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
              val_accuracy=np.array(history["val_accuracy"]), batch_error=np.array(batch_error),
-             ddp=np.concatenate([p.detach().numpy().ravel() for p in mlp.parameters()]))
+             ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
     dist.destroy_process_group()
 
 
