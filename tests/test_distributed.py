@@ -7,6 +7,7 @@ time limit, so a hang fails the test instead of blocking the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -46,21 +47,37 @@ def loopback_env() -> dict:
     return env
 
 
+def kill_leftover_ranks(out: Path) -> None:
+    """Kill the worker processes of this launch that are still running (each wrote its pid; its argv names ``out``)."""
+    for pid_file in out.glob("pid.rank*"):
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(OSError):
+            if str(out) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+
+
 def launch(out: Path, world_size: int, device: str = "cpu") -> dict:
-    """Run the worker under torchrun: the arrays each rank saved (by rank), the output, the folder."""
+    """Run the worker under torchrun: the arrays each rank saved (by rank), the output, the folder.
+
+    The output goes to a file, not a pipe, so a rank that outlives the launcher cannot keep the
+    test waiting; past the time limit the launcher and every rank (by the pid each one wrote) are killed.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world_size),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(Path(worker.__file__)), str(out)]
     env = {**loopback_env(), "GPUBP_WORKER_DEVICE": device}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s:\n{log[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-4000:]}"
+    log_path = out / "torchrun.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            kill_leftover_ranks(out)
+    log = log_path.read_text()
+    assert proc.returncode == 0, f"torchrun failed or ran past {LAUNCH_TIMEOUT_S} s ({proc.returncode}):\n{log[-4000:]}"
     saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(world_size)]
     return {"saved": saved, "log": log, "dir": out}
 
@@ -122,7 +139,7 @@ def test_distributed_fit_prints_progress_on_rank_0_only(ranks):
 
 
 def test_distributed_fit_runs_file_writing_callbacks_on_rank_0_only(ranks):
-    assert sorted(p.name for p in ranks["dir"].iterdir() if not p.name.endswith(".npz")) == [
+    assert sorted(p.name for p in ranks["dir"].glob("*.rank*") if not p.name.startswith("pid.")) == [
         "every.rank0", "every.rank1", "writer.rank0"]
 
 

@@ -88,6 +88,8 @@ def main(out_dir: str) -> None:
     from gpubp import distributed
     from gpubp.torch import MLP
 
+    with open(f"{out_dir}/pid.rank{os.environ['RANK']}", "w") as f:
+        f.write(str(os.getpid()))
     if DEVICE == "cuda":
         distributed.init("cuda")
     x, y = fit_data()
@@ -113,8 +115,15 @@ def main(out_dir: str) -> None:
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
              val_accuracy=np.array(history["val_accuracy"]), batch_error=np.array(batch_error),
              ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
+    # DDP's reducer holds the gloo group; freed after the peer has gone, its destructor can wait forever.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch.distributed's background threads can block it after the work is saved.
+    os._exit(0)
