@@ -11,7 +11,7 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
 
-The test computes the single-process references with the helpers below. With
+The test computes the single-process references with the functions below. With
 ``GPUBP_WORKER_DEVICE=cuda`` the same runs go through NCCL and the CUDA kernels (one GPU per rank).
 """
 
