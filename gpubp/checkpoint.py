@@ -97,8 +97,10 @@ class ModelCheckpoint(Callback):
     ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
     in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
     minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
-    the best value in the History it continues.
+    the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
     """
+
+    main_process_only = True
 
     def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
                  every: int = 1) -> None:

@@ -208,6 +208,20 @@ class Dense:
         return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r}{frozen})"
 
 
+def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tuple[bool, bool]]:
+    """(need_dx, need_dw) per layer, bottom to top, for layers with these ``trainable`` flags.
+
+    A layer needs dX only if some layer below it is trainable (or the caller wants
+    the input gradient); it needs dW/db only if it is trainable itself.
+    """
+    plan = []
+    below_trainable = need_input_grad
+    for layer_trainable in trainable:
+        plan.append((below_trainable, layer_trainable))
+        below_trainable = below_trainable or layer_trainable
+    return plan
+
+
 class BackwardPlan(list):
     """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch."""
 
@@ -388,17 +402,7 @@ class Sequential:
     # --------------------------------------------------------------------- forward / backward
 
     def _plan(self, need_input_grad: bool) -> list[tuple[bool, bool]]:
-        """(need_dx, need_dw) per layer, bottom to top.
-
-        A layer needs dX only if some layer below it is trainable (or the caller wants
-        the input gradient); it needs dW/db only if it is trainable itself.
-        """
-        plan = []
-        below_trainable = need_input_grad
-        for layer in self.layers:
-            plan.append((below_trainable, layer.trainable))
-            below_trainable = below_trainable or layer.trainable
-        return plan
+        return plan_backward([layer.trainable for layer in self.layers], need_input_grad)
 
     def _applied(self, logits: bool) -> list[str]:
         """The activation each layer applies; ``logits=True`` leaves the last one out."""

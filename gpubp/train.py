@@ -58,7 +58,13 @@ class History:
 
 
 class Callback:
-    """Hooks called by ``fit``; set ``model.stop_training = True`` to stop after this epoch."""
+    """Hooks called by ``fit``; set ``model.stop_training = True`` to stop after this epoch.
+
+    A callback that writes files sets ``main_process_only = True``: under ``fit(distributed=True)``
+    it then runs on rank 0 only.
+    """
+
+    main_process_only = False
 
     def on_train_begin(self, model) -> None: ...
 
@@ -303,7 +309,7 @@ def _optimizer(model, optimizer):
 def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
-        learning_rate: float | None = None, initial_epoch: int = 0) -> History:
+        learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -321,6 +327,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     to ``epochs - 1``, and the History continues ``model.history`` (which
     :func:`gpubp.load_checkpoint` restores) up to that epoch. ``model.optimizer`` and
     ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
+    ``distributed=True`` trains data-parallel over torch.distributed, one process per device
+    launched by torchrun; ``batch_size`` is then the global batch (see :mod:`gpubp.distributed`).
     """
     compiled = getattr(model, "_compiled", {})
     loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
@@ -361,13 +369,21 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
     if verbose == 1 and not _is_terminal(sys.stderr):
         verbose = 2
+    parallel = None
+    if distributed:
+        from gpubp.distributed import DataParallel
+
+        parallel = DataParallel(model, batch_size, len(x), None if x_val is None else len(x_val))
+        if parallel.rank != 0:
+            verbose = 0
+            callbacks = [cb for cb in callbacks if not cb.main_process_only]
     rates = [group["lr"] for group in opt.param_groups]
     if learning_rate is not None:
         for group in opt.param_groups:
             group["lr"] = learning_rate
     try:
         return _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose,
-                      metrics or [], clip_grad_norm, initial_epoch)
+                      metrics or [], clip_grad_norm, initial_epoch, parallel)
     finally:
         for group, rate in zip(opt.param_groups, rates):
             group["lr"] = rate
@@ -379,7 +395,7 @@ def _is_terminal(stream) -> bool:
 
 
 def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose, metrics,
-           clip_grad_norm, initial_epoch) -> History:
+           clip_grad_norm, initial_epoch, parallel) -> History:
     """fit's loop, on checked data: forward, loss, backward and step per batch; callbacks per epoch."""
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
@@ -400,14 +416,15 @@ def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle,
         total_loss = 0.0
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             xb, yb = x[index], y[index]
-            out = model.forward(xb, logits=logits)
-            value, dout = loss_fn(out, yb, backend=model.backend)
+            if parallel is None:
+                value = _forward_backward(model, loss_fn, xb, yb, logits)
+            else:
+                value = parallel.forward_backward(loss_fn, xb, yb, logits)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "
                     "this batch's update, so the weights are those after the previous batch "
                     "(try a lower learning rate or clip_grad_norm)")
-            model.backward(dout)
             if clip_grad_norm is not None:
                 optim.clip_grad_norm(model.parameters(), clip_grad_norm)
             opt.step()
@@ -417,7 +434,10 @@ def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle,
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         logs = {"loss": total_loss / len(x)}
         if x_val is not None:
-            val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics)
+            if parallel is None:
+                val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics)
+            else:
+                val = parallel.evaluate(x_val, y_val, loss_fn, metrics)
             logs.update({f"val_{name}": value for name, value in val.items()})
         model.backend.synchronize()
         seconds = time.perf_counter() - start
@@ -435,6 +455,16 @@ def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle,
     for cb in callbacks:
         cb.on_train_end(model)
     return history
+
+
+def _forward_backward(model, loss_fn, xb, yb, logits: bool) -> float:
+    """Forward and loss of one batch, then backward when the loss is finite; returns the loss.
+    ``logits``: the last layer's activation is fused into the loss (``losses.fuses``)."""
+    out = model.forward(xb, logits=logits)
+    value, dout = loss_fn(out, yb, backend=model.backend)
+    if math.isfinite(value):
+        model.backward(dout)
+    return value
 
 
 def _progress(total: int, epoch: int, epochs: int, verbose: int):

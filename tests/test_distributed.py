@@ -1,0 +1,238 @@
+"""Data-parallel training on torch.distributed, on the CPU (gloo over 127.0.0.1).
+
+One torchrun launch of two processes (``torchrun_worker.py``) serves every test that needs
+two ranks; each test compares what the ranks saved with a single process. The launch has a
+time limit, so a hang fails the test instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import distributed
+
+torch = pytest.importorskip("torch")
+
+import torchrun_worker as worker  # noqa: E402  (tests/ is on sys.path under pytest)
+
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env() -> dict:
+    """The environment for the ranks: this gpubp first on the path, gloo bound to the loopback interface."""
+    env = dict(os.environ)
+    package_root = str(Path(gb.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    if loopback:
+        env["GLOO_SOCKET_IFNAME"] = loopback
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def kill_leftover_ranks(out: Path) -> None:
+    """Kill the worker processes of this launch that are still running (each wrote its pid; its argv names ``out``)."""
+    for pid_file in out.glob("pid.rank*"):
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(OSError):
+            if str(out) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+
+
+def launch(out: Path, world_size: int, device: str = "cpu") -> dict:
+    """Run the worker under torchrun: the arrays each rank saved (by rank), the output, the folder.
+
+    The output goes to a file, not a pipe, so a rank that outlives the launcher cannot keep the
+    test waiting; past the time limit the launcher and every rank (by the pid each one wrote) are killed.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world_size),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(Path(worker.__file__)), str(out)]
+    env = {**loopback_env(), "GPUBP_WORKER_DEVICE": device}
+    log_path = out / "torchrun.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            kill_leftover_ranks(out)
+    log = log_path.read_text()
+    assert proc.returncode == 0, f"torchrun failed or ran past {LAUNCH_TIMEOUT_S} s ({proc.returncode}):\n{log[-4000:]}"
+    saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(world_size)]
+    return {"saved": saved, "log": log, "dir": out}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The worker's results from 2 CPU processes, launched once for every test below."""
+    return launch(tmp_path_factory.mktemp("torchrun"), WORLD_SIZE)
+
+
+def weights(saved: dict) -> list[np.ndarray]:
+    return [saved[f"arr_{i}"] for i in range(sum(k.startswith("arr_") for k in saved))]
+
+
+@pytest.fixture(scope="module")
+def single_process_fit():
+    x, y = worker.fit_data()
+    gb.seed(worker.FIT_SEED)
+    model = worker.fit_model()
+    history = model.fit(x, y, optimizer=worker.fit_optimizer(model), **worker.FIT_KWARGS)
+    return model, history
+
+
+def test_distributed_fit_matches_one_process_with_the_global_batch(ranks, single_process_fit):
+    model, _ = single_process_fit
+    for saved in ranks["saved"]:
+        for got, want in zip(weights(saved), model.get_weights()):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_distributed_fit_leaves_the_same_weights_on_every_rank(ranks):
+    for got, want in zip(weights(ranks["saved"][1]), weights(ranks["saved"][0])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_distributed_fit_frozen_layer_is_not_trained(ranks):
+    gb.seed(worker.FIT_SEED)
+    initial = worker.fit_model().get_weights()
+    for saved in ranks["saved"]:
+        np.testing.assert_array_equal(weights(saved)[2], initial[2])
+        np.testing.assert_array_equal(weights(saved)[3], initial[3])
+
+
+@pytest.mark.parametrize("key", ["loss", "val_loss", "val_accuracy"])
+def test_distributed_fit_history_matches_one_process(ranks, single_process_fit, key):
+    _, history = single_process_fit
+    for saved in ranks["saved"]:
+        np.testing.assert_allclose(saved[key], history[key], rtol=1e-5, atol=1e-6)
+
+
+def test_distributed_fit_rejects_a_batch_the_world_size_does_not_divide(ranks):
+    for saved in ranks["saved"]:
+        message = str(saved["batch_error"])
+        assert "batch_size" in message and "15" in message and "world size 2" in message
+
+
+def test_distributed_fit_prints_progress_on_rank_0_only(ranks):
+    assert ranks["log"].count("epoch 1/3 - ") == 1
+
+
+def test_distributed_fit_runs_file_writing_callbacks_on_rank_0_only(ranks):
+    assert sorted(p.name for p in ranks["dir"].glob("*.rank*") if not p.name.startswith("pid.")) == [
+        "every.rank0", "every.rank1", "writer.rank0"]
+
+
+def test_ddp_of_mlp_matches_one_process_with_the_global_batch(ranks):
+    from gpubp.torch import MLP
+
+    gb.seed(worker.DDP_SEED)
+    mlp = MLP([6, 10, 3])
+    worker.ddp_steps(mlp, *worker.ddp_data())
+    want = np.concatenate([p.detach().numpy().ravel() for p in mlp.parameters()])
+    for saved in ranks["saved"]:
+        np.testing.assert_allclose(saved["ddp"], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_nccl_at_world_size_1_matches_one_cpu_process(tmp_path, single_process_fit):
+    pytest.importorskip("cupy")
+    saved = launch(tmp_path, 1, device="cuda")["saved"][0]
+    for got, want in zip(weights(saved), single_process_fit[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- one rank, in this process
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A gloo process group of this process alone, over 127.0.0.1."""
+    import datetime
+
+    for name, value in loopback_env().items():
+        if name.startswith("GLOO"):
+            monkeypatch.setenv(name, value)
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_each_step_sends_the_trainable_gradients_and_the_loss_only(one_rank_group):
+    model = worker.fit_model()
+    parallel = distributed.DataParallel(model, batch_size=8, n_train=8, n_val=None)
+    x, y = worker.fit_data()
+    parallel.forward_backward(gb.losses.cross_entropy, x[:8], y[:8])
+    trainable = sum(p.data.size for p in model.trainable_parameters())
+    assert trainable < sum(p.data.size for p in model.parameters())
+    assert parallel.bucket_size == trainable + 1
+
+
+def test_fit_on_one_rank_equals_fit_without_distributed(one_rank_group, single_process_fit):
+    x, y = worker.fit_data()
+    gb.seed(worker.FIT_SEED)
+    model = worker.fit_model()
+    model.fit(x, y, optimizer=worker.fit_optimizer(model), distributed=True, **worker.FIT_KWARGS)
+    for got, want in zip(model.get_weights(), single_process_fit[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- setup checks, no processes
+
+
+def setup(**changes) -> dict:
+    return {"host": "node0", "device": "cpu", "n_train": 100, "n_val": 20, **changes}
+
+
+def test_check_setups_rejects_ranks_on_different_devices():
+    with pytest.raises(RuntimeError, match="different devices: rank 0 on cpu, rank 1 on cuda:0"):
+        distributed.check_setups([setup(), setup(device="cuda:0")])
+
+
+def test_check_setups_rejects_two_ranks_on_one_gpu():
+    with pytest.raises(RuntimeError, match="ranks 0 and 1 both use cuda:0 on node0"):
+        distributed.check_setups([setup(device="cuda:0"), setup(device="cuda:0")])
+
+
+def test_check_setups_accepts_one_gpu_per_rank_and_the_same_gpu_index_on_two_hosts():
+    distributed.check_setups([setup(device="cuda:0"), setup(device="cuda:1"), setup(host="node1", device="cuda:0")])
+
+
+@pytest.mark.parametrize("key, name", [("n_train", "x"), ("n_val", "validation data")])
+def test_check_setups_rejects_different_datasets(key, name):
+    with pytest.raises(ValueError, match=f"{name}: rank 0 has .* rank 1 has 7"):
+        distributed.check_setups([setup(), setup(**{key: 7})])
+
+
+def test_fit_distributed_without_torchrun_or_a_process_group_says_how_to_launch(monkeypatch):
+    for var in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    model = gb.Sequential([gb.Dense(3, 2)], device="cpu")
+    before = model.get_weights()
+    x, y = np.ones((4, 3), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        model.fit(x, y, distributed=True, verbose=0)
+    for got, want in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(got, want)

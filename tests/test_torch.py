@@ -1,0 +1,359 @@
+"""gpubp.torch: the MLP as a torch.nn.Module over gpubp's kernels, on the CPU (NumPy backend).
+
+The reference is the same computation in plain torch ops (``x @ W + b`` and torch's
+activation functions), and float64 finite differences through ``torch.autograd.gradcheck``.
+The CUDA path (CuPy through DLPack on torch's current stream) needs a GPU and is not run here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp.activations import ACTIVATIONS
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+from gpubp.torch import MLP, from_torch  # noqa: E402
+
+TORCH_ACTIVATIONS = {
+    "identity": lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.01),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+}
+
+
+def plain_torch(mlp: MLP, x):
+    """The MLP's computation written in torch ops, on the MLP's own parameters."""
+    h = x
+    for layer in mlp.layers:
+        h = TORCH_ACTIVATIONS[layer.activation](h @ layer.weight + layer.bias)
+    return h
+
+
+def grads_of(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.fixture
+def mlp():
+    gb.seed(0)
+    return MLP([7, 9, 8, 5], activation="tanh")
+
+
+def random_input(rows=6, features=7, dtype=torch.float32, requires_grad=True):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(rows, features, generator=generator, dtype=dtype).requires_grad_(requires_grad)
+
+
+# ----------------------------------------------------------------------------- parity and gradcheck
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_input_grad_and_every_parameter_grad_match_plain_torch(activation):
+    gb.seed(1)
+    mlp = MLP([7, 9, 8, 5], activation=activation, output_activation=activation)
+    x = random_input()
+    inputs = [x, *mlp.parameters()]
+    out, want = mlp(x), plain_torch(mlp, x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(out)
+    for got, expected in zip(grads_of(out, inputs, grad_out), grads_of(want, inputs, grad_out)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_in_float64_for_the_input_and_every_parameter(activation):
+    gb.seed(2)
+    mlp = MLP([4, 5, 3], activation=activation, output_activation="sigmoid", precision="fp64")
+    names = [name for name, _ in mlp.named_parameters()]
+
+    def run(x, *params):
+        return torch.func.functional_call(mlp, dict(zip(names, params)), (x,))
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in mlp.parameters())
+    assert torch.autograd.gradcheck(run, (random_input(3, 4, torch.float64), *params))
+
+
+def test_float64_module_computes_in_float64():
+    gb.seed(3)
+    mlp = MLP([4, 6, 2], precision="fp64")
+    x = random_input(5, 4, torch.float64)
+    out = mlp(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, plain_torch(mlp, x), rtol=1e-12, atol=1e-14)
+
+
+def test_single_layer_runs_alone(mlp):
+    layer = mlp.layers[0]
+    x = random_input()
+    torch.testing.assert_close(layer(x), torch.tanh(x @ layer.weight + layer.bias), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- each call owns its activations
+
+
+@pytest.mark.parametrize("order", ["second_first", "first_second"])
+def test_two_forwards_then_two_backwards_give_each_call_its_gradients(mlp, order):
+    x1, x2 = random_input(), random_input() * 3 + 1
+    out1, out2 = mlp(x1), mlp(x2)
+    params = list(mlp.parameters())
+    calls = [(out1, x1), (out2, x2)]
+    if order == "second_first":
+        calls.reverse()
+    for out, x in calls:
+        grad_out = torch.ones_like(out)
+        got = grads_of(out, [x, *params], grad_out)
+        want = grads_of(plain_torch(mlp, x), [x, *params], grad_out)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_changing_the_output_in_place_before_backward_raises():
+    out = MLP([7, 4, 3], output_activation="sigmoid")(random_input())
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+# ----------------------------------------------------------------------------- freezing and the plan
+
+
+@pytest.mark.parametrize("frozen, input_grad", [
+    ((), False), ((), True), ((0,), False), ((0, 1), False), ((1,), False), ((2,), False), ((0, 1, 2), True),
+])
+def test_backward_launches_the_plan_of_sequential_for_the_same_frozen_layers(mlp, frozen, input_grad):
+    for i in frozen:
+        mlp.layers[i].requires_grad_(False)
+    sequential = mlp.to_sequential()
+    plan = mlp.backward_plan(need_input_grad=input_grad)
+    assert plan == sequential.backward_plan(need_input_grad=input_grad)
+    x = random_input(requires_grad=input_grad)
+    with gb.trace() as t:
+        mlp(x).sum().backward()
+    want = {name: sum(kernels.count(name) for _, kernels in plan) for name in ("dense_dw", "dense_dx")}
+    assert {name: t.counts[name] for name in want} == want
+    for i, layer in enumerate(mlp.layers):
+        assert (layer.weight.grad is None) == (i in frozen)
+
+
+def test_frozen_bottom_layer_with_input_not_needing_grad_launches_no_dx_below_the_lowest_trainable(mlp):
+    mlp.layers[0].requires_grad_(False)
+    with gb.trace() as t:
+        mlp(random_input(requires_grad=False)).sum().backward()
+    assert t.counts["dense_dw"] == 2 and t.counts["dense_dx"] == 1
+
+
+def test_frozen_bias_alone_gets_no_grad_and_the_weight_still_does(mlp):
+    mlp.layers[1].bias.requires_grad_(False)
+    mlp(random_input()).sum().backward()
+    assert mlp.layers[1].bias.grad is None and mlp.layers[1].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- torch integration
+
+
+def test_state_dict_round_trip_uses_gpubp_layout_and_restores_outputs(mlp, tmp_path):
+    path = tmp_path / "mlp.pt"
+    torch.save(mlp.state_dict(), path)
+    gb.seed(99)
+    other = MLP([7, 9, 8, 5], activation="tanh")
+    other.load_state_dict(torch.load(path))
+    assert tuple(other.state_dict()["layers.0.weight"].shape) == (7, 9)
+    x = random_input(requires_grad=False)
+    torch.testing.assert_close(other(x), mlp(x), rtol=0, atol=0)
+
+
+def test_optimizer_step_matches_plain_torch_step(mlp):
+    twin = MLP([7, 9, 8, 5], activation="tanh")
+    twin.load_state_dict(mlp.state_dict())
+    x, labels = random_input(requires_grad=False), torch.tensor([0, 1, 2, 3, 4, 0])
+    for module, forward in ((mlp, mlp), (twin, lambda x: plain_torch(twin, x))):
+        opt = torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(forward(x), labels).backward()
+            opt.step()
+    for got, want in zip(mlp.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_digits_train_with_torch_adam():
+    x, y = gb.data.load_digits()
+    x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.25, seed=0)
+    gb.seed(0)
+    torch.manual_seed(0)
+    mlp = MLP([64, 64, 10])
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(10):
+        for batch in torch.randperm(len(xt)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(mlp(xt[batch]), yt[batch]).backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (mlp(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
+    assert accuracy > 0.93
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_casts_the_input_to_the_module_precision(mlp, input_dtype):
+    x = random_input(requires_grad=False)
+    want = mlp(x.to(input_dtype).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x.to(input_dtype))
+        out.float().sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert mlp.layers[0].weight.grad.dtype == torch.float32
+
+
+def test_non_contiguous_input_is_copied_and_gives_the_contiguous_result(mlp):
+    x = random_input(7, 6, requires_grad=False).t()
+    assert not x.is_contiguous()
+    torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
+
+
+def test_under_torch_compile_the_mlp_runs_gpubp_kernels_in_a_graph_break(mlp):
+    compiled = torch.compile(lambda x: torch.relu(mlp(x)) * 2, backend="eager")
+    x = random_input(requires_grad=False)
+    with gb.trace() as t:
+        out = compiled(x)
+    assert t.counts["dense_fwd"] == len(mlp.layers)
+    torch.testing.assert_close(out, torch.relu(mlp(x)) * 2, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
+    pytest.importorskip("cupy")
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], activation="gelu").cuda()
+    x = random_input().cuda().detach().requires_grad_(True)
+    inputs = [x, *mlp.parameters()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), gb.trace() as t:
+        out = mlp(x)
+        grad_out = torch.ones_like(out)
+        got = grads_of(out, inputs, grad_out)
+    torch.cuda.synchronize()
+    assert t.counts["dense_fwd"] == 2 and t.counts["dense_dw"] == 2 and t.counts["dense_dx"] == 2
+    want = plain_torch(mlp, x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, grads_of(want, inputs, grad_out)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (lambda: torch.ones(4, 7, dtype=torch.float64), TypeError, "x: expected dtype torch.float32"),
+    (lambda: torch.ones(4, 7, dtype=torch.int64), TypeError, "x: expected dtype torch.float32"),
+    (lambda: torch.ones(4, 6), ValueError, r"x: expected shape \(batch, 7\)"),
+    (lambda: torch.ones(7), ValueError, "x: expected a 2-D array"),
+    (lambda: torch.ones(4, 7, device="meta"), ValueError, "x: the input is on meta but the MLP is on cpu"),
+    (lambda: np.ones((4, 7), np.float32), TypeError, "x: expected a torch.Tensor"),
+])
+def test_bad_input_raises_a_clear_error_and_leaves_weights_unchanged(mlp, x, error, match):
+    before = [p.detach().clone() for p in mlp.parameters()]
+    with pytest.raises(error, match=match):
+        mlp(x())
+    for got, want in zip(mlp.parameters(), before):
+        assert torch.equal(got, want)
+
+
+def test_mixed_dtypes_inside_the_mlp_raise(mlp):
+    mlp.layers[1].double()
+    with pytest.raises(ValueError, match="parameters: layer 1 is torch.float64"):
+        mlp(random_input())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sizes=[4]), "sizes"), (dict(sizes=[4, 0]), r"sizes\[1\]"), (dict(sizes=[4, 2], precision="fp16"), "precision"),
+    (dict(sizes=[4, 3, 2], activation="swish"), "activation"),
+])
+def test_bad_constructor_arguments_raise(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MLP(**kwargs)
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def test_from_sequential_computes_what_the_sequential_computes_and_keeps_frozen_layers():
+    gb.seed(4)
+    model = gb.Sequential([gb.Dense(5, 6, "gelu"), gb.Dense(6, 3, "sigmoid")], device="cpu")
+    model[0].freeze()
+    mlp = MLP.from_sequential(model)
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_allclose(mlp(torch.from_numpy(x)).detach().numpy(), model.predict(x), rtol=1e-6, atol=1e-7)
+    assert [p.requires_grad for p in mlp.parameters()] == [False, False, True, True]
+
+
+def test_to_sequential_round_trip_keeps_weights_activations_and_frozen_layers(mlp):
+    mlp.layers[2].requires_grad_(False)
+    model = mlp.to_sequential()
+    assert [layer.activation for layer in model] == ["tanh", "tanh", "identity"]
+    assert [layer.trainable for layer in model] == [True, True, False]
+    back = MLP.from_sequential(model)
+    for got, want in zip(back.state_dict().values(), mlp.state_dict().values()):
+        assert torch.equal(got, want)
+
+
+def test_from_torch_computes_what_the_torch_sequential_computes():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 8),
+                                 torch.nn.LeakyReLU(0.01), torch.nn.Linear(8, 2))
+    mlp = from_torch(module)
+    assert [layer.activation for layer in mlp.layers] == ["gelu_tanh", "leaky_relu", "identity"]
+    x = random_input(3, 5, requires_grad=False)
+    torch.testing.assert_close(mlp(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module, match", [
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1)), r"module\[1\].*not supported"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LeakyReLU(0.2)), r"module\[1\].*not supported"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False)), "without a bias"),
+    (lambda: torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2)), "must directly follow an nn.Linear"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)), "Linear 1 takes 4 inputs"),
+    (lambda: torch.nn.Linear(3, 2), "expected a torch.nn.Sequential"),
+])
+def test_from_torch_rejects_what_it_cannot_convert(module, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        from_torch(module())
+
+
+def test_import_gpubp_does_not_import_torch():
+    code = "import sys, gpubp, gpubp.distributed; assert 'torch' not in sys.modules, 'torch was imported'"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(os.path.abspath(gb.__file__))), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("threads, policy, warns", [(2, None, True), (2, "passive", False), (1, None, False)])
+def test_cpu_thread_setting_that_slows_the_bridge_is_reported_once(mlp, monkeypatch, caplog, threads, policy, warns):
+    import gpubp.torch as gt
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    gt._check_cpu_threads.cache_clear()
+    with caplog.at_level("WARNING", logger="gpubp"):
+        mlp(random_input())
+        mlp(random_input())
+    gt._check_cpu_threads.cache_clear()
+    assert sum("OMP_WAIT_POLICY=PASSIVE" in r.getMessage() for r in caplog.records) == int(warns)

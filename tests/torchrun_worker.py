@@ -1,0 +1,129 @@
+"""One rank of the 2-process CPU runs in ``test_distributed.py``, launched by torchrun.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/torchrun_worker.py OUT_DIR
+
+Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
+
+1. ``fit(distributed=True)`` (which joins the process group from torchrun's environment);
+   the ranks are seeded differently on purpose, since fit broadcasts rank 0's weights and
+   random state; with ``verbose=2`` and two callbacks, one ``main_process_only``;
+2. ``fit(distributed=True)`` with a global batch the world size does not divide (the error);
+3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
+   rank's half of a global batch.
+
+The test computes the single-process references with the functions below. With
+``GPUBP_WORKER_DEVICE=cuda`` the same runs go through NCCL and the CUDA kernels (one GPU per rank).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import gpubp as gb
+
+DEVICE = os.environ.get("GPUBP_WORKER_DEVICE", "cpu")
+FIT_SEED = 3
+DDP_SEED = 5
+DDP_STEPS = 3
+FIT_KWARGS = dict(loss="cross_entropy", epochs=3, batch_size=16, validation_split=0.2, metrics=["accuracy"],
+                  verbose=2)
+
+
+def fit_data():
+    """101 samples: with the 20% validation split, 81 train, so the last global batch (1) leaves one rank empty."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((101, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
+    return x, y
+
+
+def fit_model(device: str = "cpu") -> gb.Sequential:
+    """Three layers with the middle one frozen: its gradient is neither computed nor sent."""
+    model = gb.Sequential([gb.Dense(6, 12, "relu"), gb.Dense(12, 12, "tanh"), gb.Dense(12, 3)], device=device)
+    model[1].freeze()
+    return model
+
+
+def fit_optimizer(model):
+    return gb.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def ddp_data():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((12, 6)).astype(np.float32), rng.integers(0, 3, 12)
+
+
+def ddp_steps(module, x, labels) -> None:
+    """SGD steps of the mean cross-entropy of ``module`` on (x, labels)."""
+    import torch
+
+    device = next(module.parameters()).device
+    x, labels = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(DDP_STEPS):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(module(x), labels)
+        loss.backward()
+        opt.step()
+
+
+class TouchAtEnd(gb.Callback):
+    """Writes ``OUT_DIR/<tag>.rank<r>`` when training ends: shows which ranks ran the callback."""
+
+    def __init__(self, out_dir: str, tag: str, main_process_only: bool) -> None:
+        self.path = f"{out_dir}/{tag}.rank{os.environ['RANK']}"
+        self.main_process_only = main_process_only
+
+    def on_train_end(self, model) -> None:
+        open(self.path, "w").close()
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gpubp import distributed
+    from gpubp.torch import MLP
+
+    with open(f"{out_dir}/pid.rank{os.environ['RANK']}", "w") as f:
+        f.write(str(os.getpid()))
+    if DEVICE == "cuda":
+        distributed.init("cuda")
+    x, y = fit_data()
+    gb.seed(FIT_SEED if os.environ["RANK"] == "0" else FIT_SEED + 100)
+    model = fit_model(DEVICE)
+    callbacks = [TouchAtEnd(out_dir, "writer", main_process_only=True), TouchAtEnd(out_dir, "every", False)]
+    history = model.fit(x, y, optimizer=fit_optimizer(model), distributed=True, callbacks=callbacks, **FIT_KWARGS)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        model.fit(x, y, batch_size=15, epochs=1, verbose=0, distributed=True)
+        batch_error = ""
+    except ValueError as exc:
+        batch_error = str(exc)
+
+    gb.seed(DDP_SEED)
+    mlp = MLP([6, 10, 3]).to(DEVICE)
+    ddp = DistributedDataParallel(mlp)
+    xd, labels = ddp_data()
+    part = slice(rank * len(xd) // world_size, (rank + 1) * len(xd) // world_size)
+    ddp_steps(ddp, xd[part], labels[part])
+
+    np.savez(f"{out_dir}/rank{rank}.npz", *model.get_weights(),
+             loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
+             val_accuracy=np.array(history["val_accuracy"]), batch_error=np.array(batch_error),
+             ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
+    # DDP's reducer holds the gloo group; freed after the peer has gone, its destructor can wait forever.
+    dist.barrier()
+    del ddp
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch.distributed's background threads can block it after the work is saved.
+    os._exit(0)
