@@ -1,8 +1,17 @@
-"""One CPU training step: gpubp's NumPy backend against a naive NumPy MLP and PyTorch's CPU build.
+"""One CPU training step: gpubp's NumPy backend against a naive NumPy MLP, PyTorch's CPU build
+and the step's own matrix products.
 
 A step is forward, softmax cross-entropy, backward and an SGD update (lr 0.01, momentum 0.9)
 on a fixed random batch, for every shape in ``SHAPES``: hidden layers use relu, the output
 layer is linear (the loss applies softmax). Everything is float32.
+
+``gemm_floor`` times only the matrix products such a step cannot avoid, through NumPy's BLAS
+into preallocated outputs: ``x @ W`` for every layer, ``dW = x.T @ dz`` for every layer and
+``dX = dz @ W.T`` for every layer but the first. No step built on the same BLAS can beat it;
+a step's ratio to it is what bias, activations, loss, update and Python cost on top.
+``gpubp`` runs with the compiled CPU kernels when Numba is installed (``extra_info["cpu_kernels"]``
+says which ran); ``gpubp_numpy`` is the same model with them switched off, the path a plain
+``pip install gpubp`` takes.
 
 Threads: nothing is pinned. Every backend uses the library defaults, which on a machine
 with N cores means N BLAS/OpenMP threads for NumPy's BLAS and for PyTorch alike; the
@@ -26,6 +35,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
+from gpubp.backends import numpy_backend
 
 pytest.importorskip("pytest_benchmark")
 
@@ -41,7 +51,7 @@ SHAPES = [
     ([1024] * 4, 512),
     ([64] * 5 + [10], 4096),
 ]
-BACKENDS = ("gpubp", "numpy_naive", "torch")
+BACKENDS = ("gpubp", "gpubp_numpy", "numpy_naive", "torch", "gemm_floor")
 
 
 def shape_id(sizes: list[int], batch: int) -> str:
@@ -85,6 +95,16 @@ def gpubp_step(sizes, x, labels):
         return loss
 
     return step
+
+
+def gpubp_numpy_step(sizes, x, labels):
+    step = gpubp_step(sizes, x, labels)
+
+    def numpy_only_step():
+        with numpy_backend.compiled_kernels(False):
+            return step()
+
+    return numpy_only_step
 
 
 def naive_step(sizes, x, labels):
@@ -159,7 +179,32 @@ def torch_step(sizes, x, labels):
     return step
 
 
-STEPS = {"gpubp": gpubp_step, "numpy_naive": naive_step, "torch": torch_step}
+def gemm_floor_step(sizes, x, labels):
+    """Only the step's matrix products, each into a preallocated output (random dz, never zeros)."""
+    rng = np.random.default_rng(2)
+    weights = init_weights(sizes)[::2]
+    batch = x.shape[0]
+    inputs = [x] + [np.empty((batch, w.shape[1]), np.float32) for w in weights[:-1]]
+    logits = np.empty((batch, sizes[-1]), np.float32)
+    grads_out = [rng.standard_normal((batch, w.shape[1]), dtype=np.float32) for w in weights]
+    grads_w = [np.empty_like(w) for w in weights]
+    grads_in = [None] + [np.empty((batch, w.shape[0]), np.float32) for w in weights[1:]]
+    outputs = inputs[1:] + [logits]
+
+    def step():
+        for h, w, y in zip(inputs, weights, outputs):
+            np.matmul(h, w, out=y)
+        for k in range(len(weights) - 1, -1, -1):
+            np.matmul(inputs[k].T, grads_out[k], out=grads_w[k])
+            if k:
+                np.matmul(grads_out[k], weights[k].T, out=grads_in[k])
+        return 0.0
+
+    return step
+
+
+STEPS = {"gpubp": gpubp_step, "gpubp_numpy": gpubp_numpy_step, "numpy_naive": naive_step, "torch": torch_step,
+         "gemm_floor": gemm_floor_step}
 
 
 # ----------------------------------------------------------------------------- environment record
@@ -203,6 +248,8 @@ def test_cpu_step(benchmark, sizes, batch, backend):
     benchmark.extra_info.update(
         shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
     )
+    if backend == "gpubp":
+        benchmark.extra_info.update(cpu_kernels=numpy_backend.compiled_kernels_reason() or "numba")
     if backend == "torch":
         import torch
 
