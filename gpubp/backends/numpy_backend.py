@@ -55,7 +55,7 @@ _workers = ThreadPoolExecutor(max(_CORES - 1, 1), thread_name_prefix="gpubp-nump
 _kernels = None
 _kernels_reason: str | None = None
 _kernels_enabled = os.environ.get("GPUBP_CPU_KERNELS", "numba").lower() != "numpy"
-_slopes: dict = {}
+_scalars: dict = {}
 
 
 def unavailable_reason() -> str | None:
@@ -97,12 +97,18 @@ def compiled_kernels(enabled: bool):
         _kernels_enabled = before
 
 
-def _slope(dtype) -> np.generic:
-    """The leaky-relu slope as a scalar of ``dtype``, so compiled kernels compute at that precision."""
-    slope = _slopes.get(dtype)
-    if slope is None:
-        slope = _slopes[dtype] = np.dtype(dtype).type(LEAKY_SLOPE)
-    return slope
+def _as_dtype(dtype, values: tuple) -> tuple:
+    """``values`` as scalars of ``dtype``, so compiled kernels compute at the arrays' precision.
+
+    Cached: a layer or an optimizer passes the same few values at every step.
+    """
+    key = (dtype, values)
+    scalars = _scalars.get(key)
+    if scalars is None:
+        if len(_scalars) > 64:
+            _scalars.clear()
+        scalars = _scalars[key] = tuple(dtype.type(v) for v in values)
+    return scalars
 
 
 def _scratch(tag: str, shape: tuple, dtype) -> np.ndarray:
@@ -188,7 +194,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None):
     y = np.matmul(x, w, out=out)
     kernels = _compiled()
     if kernels is not None and act in kernels.ACTS:
-        kernels.bias_act(y, b, kernels.ACTS[act], _slope(y.dtype))
+        kernels.bias_act(y, b, kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,)))
         return y, None
     y += b
     activations.forward(act, y, y)
@@ -211,7 +217,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         # one pass: dz and its column sums (db), so db costs no second read of dz
         dz = _scratch("dz", dy.shape, dy.dtype)
         db = out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)
-        kernels.act_grad_sum(dy, y, kernels.ACTS[act], _slope(dy.dtype), dz, db)
+        kernels.act_grad_sum(dy, y, kernels.ACTS[act], *_as_dtype(dy.dtype, (LEAKY_SLOPE,)), dz, db)
     else:
         dz = _scratch("dz", dy.shape, dy.dtype)
         activations.backward(act, dy, y, z, dz)
@@ -303,10 +309,10 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     record("sgd_update")
     kernels = _compiled()
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
-        cast = param.dtype.type
-        scalars = (cast(lr), cast(momentum), bool(nesterov), cast(weight_decay))
+        lr, momentum, weight_decay = _as_dtype(param.dtype, (lr, momentum, weight_decay))
         # without momentum the kernel never reads the velocity; grad stands in for it
-        _on_all_cores(kernels.sgd_update, param, grad, grad if velocity is None else velocity, *scalars)
+        _on_all_cores(kernels.sgd_update, param, grad, grad if velocity is None else velocity,
+                      lr, momentum, bool(nesterov), weight_decay)
         return
 
     def update(param, grad, velocity, decayed, work):
@@ -338,11 +344,10 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     bias2 = 1.0 - beta2**step
     kernels = _compiled()
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
-        cast = param.dtype.type
         l2, keep = (0.0, 1.0 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
-        scalars = [cast(s) for s in (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, keep,
-                                     1.0 / math.sqrt(bias2), -lr / bias1)]
-        _on_all_cores(kernels.adam_update, param, grad, m, v, *scalars)
+        constants = _as_dtype(param.dtype, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, keep))
+        cast = param.dtype.type
+        _on_all_cores(kernels.adam_update, param, grad, m, v, *constants, cast(1.0 / math.sqrt(bias2)), cast(-lr / bias1))
         return
 
     def update(param, grad, m, v, decayed, tmp):
