@@ -76,7 +76,7 @@ def test_dense_backward_matches_the_numpy_path(act, dtype, need_dx, need_dw, rng
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,classes", [(64, 10), (7, 3), (300, 1)])
+@pytest.mark.parametrize("batch,classes", [(64, 10), (7, 3), (300, 1), (5, 40)])
 def test_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng):
     logits = (rng.standard_normal((batch, classes)) * 30).astype(dtype)  # large: exercises the max shift
     labels = rng.integers(0, classes, batch)

@@ -9,7 +9,10 @@ reading and writing the whole array:
 - ``act_grad_sum``: ``dz = dy * act'(y)`` and ``db = dz.sum(0)`` in one pass (NumPy: a
   boolean temporary, a mixed-type multiply and a separate reduction);
 - ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
-  ten passes through temporaries).
+  ten passes through temporaries);
+- ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
+  gradient of softmax cross-entropy around NumPy's vectorized ``exp`` (the kernels' own
+  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call.
 
 Only the activations whose derivative reads ``y`` cheaply are fused here (``ACTS``); the
 others keep the NumPy path. Arrays are C-contiguous and of one float dtype; scalars are
@@ -96,27 +99,34 @@ def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta
 
 
 @njit(cache=True, nogil=True)
-def softmax_cross_entropy(logits, labels, inv_batch, grad):
-    """Mean softmax cross-entropy of logits (B, C) with int labels (B,); ``grad`` (B, C) gets its gradient.
-
-    One pass per row: max, exp and sum, then the scaled softmax minus the one-hot. The loss
-    is accumulated in float64 and returned; ``inv_batch`` is ``1 / B`` in the logits' dtype.
-    """
+def shift_by_row_max(logits, labels, shifted, picked):
+    """``shifted = logits - max over each row``; ``picked[i] = shifted[i, labels[i]]``. Logits (B, C)."""
     rows, cols = logits.shape
-    loss = 0.0
     for i in range(rows):
         top = logits[i, 0]
         for j in range(1, cols):
             top = max(top, logits[i, j])
-        total = top * 0
         for j in range(cols):
-            e = np.exp(logits[i, j] - top)
-            grad[i, j] = e
-            total += e
-        label = labels[i]
-        loss += np.log(total) - (logits[i, label] - top)
+            shifted[i, j] = logits[i, j] - top
+        picked[i] = shifted[i, labels[i]]
+
+
+@njit(cache=True, nogil=True)
+def softmax_cross_entropy_grad(exp, labels, picked, inv_batch):
+    """From ``exp = exp(shifted)`` (B, C): write the mean cross-entropy's gradient over it, return the loss.
+
+    Per row: ``total = sum(exp)``, loss ``log(total) - picked``, gradient ``exp / (B total)``
+    minus ``1 / B`` at the label. The loss accumulates in float64.
+    """
+    rows, cols = exp.shape
+    loss = 0.0
+    for i in range(rows):
+        total = exp[i, 0] * 0
+        for j in range(cols):
+            total += exp[i, j]
+        loss += np.log(total) - picked[i]
         scale = inv_batch / total
         for j in range(cols):
-            grad[i, j] *= scale
-        grad[i, label] -= inv_batch
+            exp[i, j] *= scale
+        exp[i, labels[i]] -= inv_batch
     return loss / rows
