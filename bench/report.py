@@ -95,6 +95,10 @@ def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
         f"({extra.get('blas', 'BLAS ?')}, {extra.get('blas_threads', '?')} threads)"
         + (f", PyTorch {extra['torch_version']} ({extra.get('torch_threads', '?')} threads)" if "torch_version" in extra else ""),
     ]
+    loads = [b["extra_info"]["load_average_1min"] for b in benchmarks
+             if b.get("extra_info", {}).get("load_average_1min") is not None]
+    if loads:
+        lines.append(f"Load average (1 min) seen by the benchmarks: {min(loads):.2f} to {max(loads):.2f}")
     if extra.get("cpu_kernels"):
         lines.append(f"gpubp's elementwise CPU kernels: {extra['cpu_kernels']}")
     if extra.get("OPENBLAS_CORETYPE"):

@@ -217,6 +217,8 @@ def thread_info() -> dict:
         "python_version": platform.python_version(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        # other work on the machine: on a shared VM the one thing that makes a run unusable
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         from threadpoolctl import threadpool_info
@@ -249,7 +251,7 @@ def test_cpu_step(benchmark, sizes, batch, backend):
         shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
     )
     if backend == "gpubp":
-        benchmark.extra_info.update(cpu_kernels=numpy_backend.compiled_kernels_reason() or "numba")
+        benchmark.extra_info.update(cpu_kernels=numpy_backend.cpu_kernels())
     if backend == "torch":
         import torch
 
