@@ -95,6 +95,9 @@ def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
         f"({extra.get('blas', 'BLAS ?')}, {extra.get('blas_threads', '?')} threads)"
         + (f", PyTorch {extra['torch_version']} ({extra.get('torch_threads', '?')} threads)" if "torch_version" in extra else ""),
     ]
+    timers = sorted({b.get("options", {}).get("timer") for b in benchmarks} - {None})
+    if timers and timers != ["perf_counter"]:
+        lines.append(f"Timer: {', '.join(timers)} (CPU time of the process, not wall time)")
     loads = [b["extra_info"]["load_average_1min"] for b in benchmarks
              if b.get("extra_info", {}).get("load_average_1min") is not None]
     if loads:
