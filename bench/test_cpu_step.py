@@ -18,10 +18,17 @@ with N cores means N BLAS/OpenMP threads for NumPy's BLAS and for PyTorch alike;
 counts actually used are recorded in each result's ``extra_info`` (``torch_threads``,
 ``blas_threads`` via threadpoolctl when it is installed), with ``OPENBLAS_CORETYPE``.
 
-Run, then turn the JSON into a table and a chart::
+Run three times back to back, then turn the JSONs into tables and a chart::
 
-    python -m pytest bench/test_cpu_step.py --benchmark-json bench/results/cpu_step.json -q
-    python bench/report.py bench/results/cpu_step.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+    for run in 1 2 3; do
+        python -m pytest bench/test_cpu_step.py -q --benchmark-json bench/results/cpu_step-$run.json
+    done
+    python bench/report.py bench/results/cpu_step-{1,2,3}.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+
+On a loaded shared machine, wall-clock times of multi-threaded BLAS calls say more about the
+other jobs than about the step: run every library on one thread and time CPU time instead,
+``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ... --benchmark-timer time.process_time`` (the
+committed ``bench/results/cpu_step_1thread*`` were run so; the README gives the command).
 
 The PyTorch cases skip when torch is not installed (``pip install "gpubp[torch]"``).
 """
