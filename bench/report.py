@@ -1,29 +1,65 @@
-"""Turn a pytest-benchmark JSON of ``bench/test_cpu_step.py`` into a markdown table and a bar chart.
+"""Turn pytest-benchmark JSONs of ``bench/test_cpu_step.py`` into markdown tables and a bar chart.
 
-    python bench/report.py bench/results/cpu_step.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+    python bench/report.py bench/results/cpu_step-1.json bench/results/cpu_step-2.json bench/results/cpu_step-3.json \
+        --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
 
-The table has one row per shape: the median step time of each backend and each
-backend's ratio to PyTorch's CPU build (below 1 is faster than PyTorch). The header
-names the machine (CPU model and core count from the JSON's ``machine_info``) and the
-NumPy, BLAS and PyTorch versions and thread counts recorded in ``extra_info``.
-Without ``--markdown`` the table goes to stdout; without ``--png`` no chart is drawn.
+Give one JSON per run (three back-to-back runs, say). The first table has one row per shape
+and the median step time of each backend (the median over runs of each run's median); the
+second has the ratios that matter, each taken within one run and shown as the median over
+runs with the range: each step against the GEMM floor (the step's own matrix products
+alone, the most a step on the same BLAS could hope for), and against PyTorch's CPU build
+(below 1 is faster than PyTorch). The header names the machine (CPU model and core count
+from the JSON's ``machine_info``) and the NumPy, BLAS and PyTorch versions and thread counts
+recorded in ``extra_info``. Without ``--markdown`` the tables go to stdout; without
+``--png`` no chart is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
-REFERENCE = "torch"
-LABELS = {"gpubp": "gpubp", "numpy_naive": "naive NumPy", "torch": "PyTorch CPU"}
+TORCH = "torch"
+FLOOR = "gemm_floor"
+LABELS = {"gpubp": "gpubp", "gpubp_numpy": "gpubp, NumPy only", "numpy_naive": "naive NumPy",
+          "torch": "PyTorch CPU", "gemm_floor": "GEMM floor"}
+# (numerator, denominator) of the ratio columns, where both were run
+RATIOS = [("gpubp", FLOOR), (TORCH, FLOOR), ("gpubp", TORCH), ("gpubp_numpy", FLOOR), ("gpubp_numpy", TORCH),
+          ("numpy_naive", TORCH)]
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:
     with open(path) as f:
         data = json.load(f)
     return data, data["benchmarks"]
+
+
+def ratios(runs: list[list[dict]], numerator: str, denominator: str) -> dict[str, list[float]]:
+    """{shape: [numerator / denominator in each run that has both]}."""
+    result: dict[str, list[float]] = {}
+    for benchmarks in runs:
+        table, _ = medians(benchmarks)
+        for shape, times in table.items():
+            if numerator in times and denominator in times:
+                result.setdefault(shape, []).append(times[numerator] / times[denominator])
+    return result
+
+
+def median_of_runs(runs: list[list[dict]]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Like ``medians``, with each time the median over runs of that run's median."""
+    per_run = [medians(benchmarks) for benchmarks in runs]
+    table: dict[str, dict[str, list[float]]] = {}
+    backends: list[str] = []
+    for run_table, run_backends in per_run:
+        for shape, times in run_table.items():
+            for backend, seconds in times.items():
+                table.setdefault(shape, {}).setdefault(backend, []).append(seconds)
+        backends += [b for b in run_backends if b not in backends]
+    order = [b for b in LABELS if b in backends] + [b for b in backends if b not in LABELS]
+    return {shape: {b: statistics.median(v) for b, v in times.items()} for shape, times in table.items()}, order
 
 
 def medians(benchmarks: list[dict]) -> tuple[dict[str, dict[str, float]], list[str]]:
@@ -59,6 +95,15 @@ def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
         f"({extra.get('blas', 'BLAS ?')}, {extra.get('blas_threads', '?')} threads)"
         + (f", PyTorch {extra['torch_version']} ({extra.get('torch_threads', '?')} threads)" if "torch_version" in extra else ""),
     ]
+    timers = sorted({b.get("options", {}).get("timer") for b in benchmarks} - {None})
+    if timers and timers != ["perf_counter"]:
+        lines.append(f"Timer: {', '.join(timers)} (CPU time of the process, not wall time)")
+    loads = [b["extra_info"]["load_average_1min"] for b in benchmarks
+             if b.get("extra_info", {}).get("load_average_1min") is not None]
+    if loads:
+        lines.append(f"Load average (1 min) seen by the benchmarks: {min(loads):.2f} to {max(loads):.2f}")
+    if extra.get("cpu_kernels"):
+        lines.append(f"gpubp's elementwise CPU kernels: {extra['cpu_kernels']}")
     if extra.get("OPENBLAS_CORETYPE"):
         lines.append(f"OPENBLAS_CORETYPE={extra['OPENBLAS_CORETYPE']}")
     if data.get("datetime"):
@@ -66,59 +111,75 @@ def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(data: dict, benchmarks: list[dict]) -> str:
-    table, backends = medians(benchmarks)
-    ratio_of = [b for b in backends if b != REFERENCE] if REFERENCE in backends else []
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(data: dict, runs: list[list[dict]]) -> str:
+    table, backends = median_of_runs(runs)
     head = ["shape @ batch"] + [f"{LABELS.get(b, b)} (ms)" for b in backends]
-    head += [f"{LABELS.get(b, b)} / {LABELS[REFERENCE]}" for b in ratio_of]
-    rows = []
-    for shape, times in table.items():
-        row = [f"`{shape}`"] + [f"{times[b] * 1e3:.3f}" if b in times else "-" for b in backends]
-        for b in ratio_of:
-            ok = b in times and REFERENCE in times
-            row.append(f"{times[b] / times[REFERENCE]:.2f}x" if ok else "-")
-        rows.append(row)
     lines = ["# One CPU training step (forward, softmax-CE, backward, SGD momentum)", ""]
-    lines += [f"{line}  " for line in machine_lines(data, benchmarks)]
-    lines += ["", "Median step time in milliseconds; ratios below 1 are faster than PyTorch.", ""]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [f"{line}  " for line in machine_lines(data, [b for run in runs for b in run])]
+    lines += ["", f"Median step time in milliseconds ({len(runs)} run{'s' if len(runs) > 1 else ''}: "
+              "the median over runs of each run's median).", ""]
+    lines += [_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for shape, times in table.items():
+        lines.append(_row([f"`{shape}`"] + [f"{times[b] * 1e3:.3f}" if b in times else "-" for b in backends]))
+    columns = [(n, d, ratios(runs, n, d)) for n, d in RATIOS if n in backends and d in backends]
+    if columns:
+        spread = " (min-max over runs)" if len(runs) > 1 else ""
+        lines += ["", f"Ratios, each taken within one run: the median over runs{spread}. Against the GEMM floor "
+                  "(the step's matrix products alone, through NumPy's BLAS) lower is better and 1 is the limit; "
+                  "against PyTorch, below 1 is faster.", ""]
+        lines += [_row(["shape @ batch"] + [f"{LABELS.get(n, n)} / {LABELS.get(d, d)}" for n, d, _ in columns]),
+                  "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+        for shape in table:
+            cells = [f"`{shape}`"]
+            for _, _, values in columns:
+                got = values.get(shape)
+                if not got:
+                    cells.append("-")
+                elif len(got) == 1:
+                    cells.append(f"{got[0]:.2f}x")
+                else:
+                    cells.append(f"{statistics.median(got):.2f}x ({min(got):.2f}-{max(got):.2f})")
+            lines.append(_row(cells))
     return "\n".join(lines) + "\n"
 
 
-def plot(data: dict, benchmarks: list[dict], path: Path) -> None:
+def plot(data: dict, runs: list[list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table, backends = medians(benchmarks)
+    table, backends = median_of_runs(runs)
     shapes = list(table)
-    relative = REFERENCE in backends
-    width = 0.8 / len(backends)
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(shapes)), 4.2))
-    for k, backend in enumerate(backends):
+    reference = FLOOR if FLOOR in backends else TORCH if TORCH in backends else None
+    shown = [b for b in backends if b != reference]
+    width = 0.8 / len(shown)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(shapes)), 4.4))
+    for k, backend in enumerate(shown):
         xs, heights, labels = [], [], []
         for i, shape in enumerate(shapes):
             times = table[shape]
-            if backend not in times or (relative and REFERENCE not in times):
+            if backend not in times or (reference and reference not in times):
                 continue
-            xs.append(i + (k - (len(backends) - 1) / 2) * width)
-            heights.append(times[backend] / times[REFERENCE] if relative else times[backend] * 1e3)
+            xs.append(i + (k - (len(shown) - 1) / 2) * width)
+            heights.append(times[backend] / times[reference] if reference else times[backend] * 1e3)
             labels.append(f"{times[backend] * 1e3:.3g}")
         bars = ax.bar(xs, heights, width, label=LABELS.get(backend, backend))
-        ax.bar_label(bars, labels, fontsize=7, padding=1)
-    if relative:
+        ax.bar_label(bars, labels, fontsize=6, padding=1)
+    if reference:
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_ylabel(f"step time / {LABELS[REFERENCE]} (lower is better)")
+        ax.set_ylabel(f"step time / {LABELS[reference]} (lower is better)")
     else:
         ax.set_yscale("log")
         ax.set_ylabel("median step time (ms)")
     ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
-    ax.set_title(machine_lines(data, benchmarks)[0], fontsize=8)
-    fig.suptitle("CPU training step, median (bar labels: ms)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(machine_lines(data, runs[0])[0], fontsize=8)
+    fig.suptitle(f"CPU training step, median of {len(runs)} run(s) (bar labels: ms)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -126,20 +187,22 @@ def plot(data: dict, benchmarks: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON (--benchmark-json), one per run")
     parser.add_argument("--markdown", type=Path, help="write the table here instead of stdout")
     parser.add_argument("--png", type=Path, help="write a bar chart here (matplotlib)")
     args = parser.parse_args(argv)
-    data, benchmarks = load(args.json)
-    if not benchmarks:
-        parser.error(f"{args.json}: no benchmarks in this file")
-    text = markdown(data, benchmarks)
+    loaded = [load(path) for path in args.json]
+    for path, (_, benchmarks) in zip(args.json, loaded):
+        if not benchmarks:
+            parser.error(f"{path}: no benchmarks in this file")
+    data, runs = loaded[0][0], [benchmarks for _, benchmarks in loaded]
+    text = markdown(data, runs)
     if args.markdown:
         args.markdown.write_text(text)
     else:
         sys.stdout.write(text)
     if args.png:
-        plot(data, benchmarks, args.png)
+        plot(data, runs, args.png)
     return 0
 
 

@@ -1,18 +1,34 @@
-"""One CPU training step: gpubp's NumPy backend against a naive NumPy MLP and PyTorch's CPU build.
+"""One CPU training step: gpubp's NumPy backend against a naive NumPy MLP, PyTorch's CPU build
+and the step's own matrix products.
 
 A step is forward, softmax cross-entropy, backward and an SGD update (lr 0.01, momentum 0.9)
 on a fixed random batch, for every shape in ``SHAPES``: hidden layers use relu, the output
 layer is linear (the loss applies softmax). Everything is float32.
+
+``gemm_floor`` times only the matrix products such a step cannot avoid, through NumPy's BLAS
+into preallocated outputs: ``x @ W`` for every layer, ``dW = x.T @ dz`` for every layer and
+``dX = dz @ W.T`` for every layer but the first. No step built on the same BLAS can beat it;
+a step's ratio to it is what bias, activations, loss, update and Python cost on top.
+``gpubp`` runs with the compiled CPU kernels when Numba is installed (``extra_info["cpu_kernels"]``
+says which ran); ``gpubp_numpy`` is the same model with them switched off, the path a plain
+``pip install gpubp`` takes.
 
 Threads: nothing is pinned. Every backend uses the library defaults, which on a machine
 with N cores means N BLAS/OpenMP threads for NumPy's BLAS and for PyTorch alike; the
 counts actually used are recorded in each result's ``extra_info`` (``torch_threads``,
 ``blas_threads`` via threadpoolctl when it is installed), with ``OPENBLAS_CORETYPE``.
 
-Run, then turn the JSON into a table and a chart::
+Run three times back to back, then turn the JSONs into tables and a chart::
 
-    python -m pytest bench/test_cpu_step.py --benchmark-json bench/results/cpu_step.json -q
-    python bench/report.py bench/results/cpu_step.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+    for run in 1 2 3; do
+        python -m pytest bench/test_cpu_step.py -q --benchmark-json bench/results/cpu_step-$run.json
+    done
+    python bench/report.py bench/results/cpu_step-{1,2,3}.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+
+On a loaded shared machine, wall-clock times of multi-threaded BLAS calls say more about the
+other jobs than about the step: run every library on one thread and time CPU time instead,
+``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ... --benchmark-timer time.process_time`` (the
+committed ``bench/results/cpu_step_1thread*`` were run so; the README gives the command).
 
 The PyTorch cases skip when torch is not installed (``pip install "gpubp[torch]"``).
 """
@@ -26,6 +42,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
+from gpubp.backends import numpy_backend
 
 pytest.importorskip("pytest_benchmark")
 
@@ -41,7 +58,7 @@ SHAPES = [
     ([1024] * 4, 512),
     ([64] * 5 + [10], 4096),
 ]
-BACKENDS = ("gpubp", "numpy_naive", "torch")
+BACKENDS = ("gpubp", "gpubp_numpy", "numpy_naive", "torch", "gemm_floor")
 
 
 def shape_id(sizes: list[int], batch: int) -> str:
@@ -85,6 +102,16 @@ def gpubp_step(sizes, x, labels):
         return loss
 
     return step
+
+
+def gpubp_numpy_step(sizes, x, labels):
+    step = gpubp_step(sizes, x, labels)
+
+    def numpy_only_step():
+        with numpy_backend.compiled_kernels(False):
+            return step()
+
+    return numpy_only_step
 
 
 def naive_step(sizes, x, labels):
@@ -159,7 +186,32 @@ def torch_step(sizes, x, labels):
     return step
 
 
-STEPS = {"gpubp": gpubp_step, "numpy_naive": naive_step, "torch": torch_step}
+def gemm_floor_step(sizes, x, labels):
+    """Only the step's matrix products, each into a preallocated output (random dz, never zeros)."""
+    rng = np.random.default_rng(2)
+    weights = init_weights(sizes)[::2]
+    batch = x.shape[0]
+    inputs = [x] + [np.empty((batch, w.shape[1]), np.float32) for w in weights[:-1]]
+    logits = np.empty((batch, sizes[-1]), np.float32)
+    grads_out = [rng.standard_normal((batch, w.shape[1]), dtype=np.float32) for w in weights]
+    grads_w = [np.empty_like(w) for w in weights]
+    grads_in = [None] + [np.empty((batch, w.shape[0]), np.float32) for w in weights[1:]]
+    outputs = inputs[1:] + [logits]
+
+    def step():
+        for h, w, y in zip(inputs, weights, outputs):
+            np.matmul(h, w, out=y)
+        for k in range(len(weights) - 1, -1, -1):
+            np.matmul(inputs[k].T, grads_out[k], out=grads_w[k])
+            if k:
+                np.matmul(grads_out[k], weights[k].T, out=grads_in[k])
+        return 0.0
+
+    return step
+
+
+STEPS = {"gpubp": gpubp_step, "gpubp_numpy": gpubp_numpy_step, "numpy_naive": naive_step, "torch": torch_step,
+         "gemm_floor": gemm_floor_step}
 
 
 # ----------------------------------------------------------------------------- environment record
@@ -172,6 +224,8 @@ def thread_info() -> dict:
         "python_version": platform.python_version(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        # other work on the machine: on a shared VM the one thing that makes a run unusable
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         from threadpoolctl import threadpool_info
@@ -203,6 +257,8 @@ def test_cpu_step(benchmark, sizes, batch, backend):
     benchmark.extra_info.update(
         shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
     )
+    if backend == "gpubp":
+        benchmark.extra_info.update(cpu_kernels=numpy_backend.cpu_kernels())
     if backend == "torch":
         import torch
 

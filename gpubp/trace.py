@@ -2,7 +2,7 @@
 
 Every backend calls :func:`record` once per kernel launch, under the contract's
 stable names (``dense_fwd``, ``dense_dx``, ``dense_dw``, ``ce_fwd_bwd``, ...).
-Recording costs one attribute check when no trace is active.
+Recording costs one global read when no trace is open in any thread.
 
 >>> import gpubp as gb
 >>> with gb.trace() as t:
@@ -17,6 +17,10 @@ import threading
 from collections import Counter
 
 _local = threading.local()
+# Traces open in any thread: record() returns at once while it is 0, which is every
+# training step outside a ``with gb.trace()`` block.
+_open_count = 0
+_count_lock = threading.Lock()
 
 
 def _active() -> list[Trace]:
@@ -38,11 +42,17 @@ class Trace:
         self.launches: list[str] = []
 
     def __enter__(self) -> Trace:
+        global _open_count
         _active().append(self)
+        with _count_lock:
+            _open_count += 1
         return self
 
     def __exit__(self, *exc) -> None:
+        global _open_count
         _active().remove(self)
+        with _count_lock:
+            _open_count -= 1
 
     @property
     def total(self) -> int:
@@ -59,6 +69,8 @@ def trace() -> Trace:
 
 def record(name: str) -> None:
     """Record one launch of kernel ``name`` in every open trace (nested traces all count)."""
+    if not _open_count:
+        return
     stack = getattr(_local, "stack", None)
     if stack:
         for t in stack:

@@ -1,0 +1,132 @@
+"""Compiled CPU kernels for the NumPy backend: one pass over memory where NumPy needs several.
+
+Loaded by ``numpy_backend`` on first use, only when Numba is installed; without it the
+backend runs its pure-NumPy path, which computes the same values. Each kernel fuses the
+elementwise work around a matrix product that NumPy would run as separate passes, each
+reading and writing the whole array:
+
+- ``bias_act``: ``y = act(y + b)`` in place on the matmul output (NumPy: two passes);
+- ``act_grad_sum``: ``dz = dy * act'(y)`` and ``db = dz.sum(0)`` in one pass (NumPy: a
+  boolean temporary, a mixed-type multiply and a separate reduction);
+- ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
+  ten passes through temporaries);
+- ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
+  gradient of softmax cross-entropy around NumPy's vectorized ``exp`` (the kernels' own
+  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call.
+
+Only the activations whose derivative reads ``y`` cheaply are fused here (``ACTS``); the
+others keep the NumPy path. Arrays are C-contiguous and of one float dtype; scalars are
+passed already cast to that dtype, so the arithmetic runs at the array's precision as
+NumPy's does. ``cache=True`` keeps the machine code next to this file (or in Numba's cache
+directory), so only the first run on a machine compiles; ``nogil=True`` lets the backend's
+worker threads run a kernel on row blocks of a large parameter in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from gpubp.activations import ACT_ID
+
+# activation name -> the code the kernels branch on (a loop invariant, hoisted by LLVM)
+ACTS = {name: ACT_ID[name] for name in ("identity", "relu", "leaky_relu")}
+_IDENTITY, _RELU = ACT_ID["identity"], ACT_ID["relu"]
+
+
+@njit(cache=True, nogil=True)
+def bias_act(y, b, act, slope):
+    """``y[i, j] = act(y[i, j] + b[j])`` in place; y (B, out), b (out,); act a code of ``ACTS``."""
+    rows, cols = y.shape
+    zero = slope * 0
+    for i in range(rows):
+        for j in range(cols):
+            v = y[i, j] + b[j]
+            if act != _IDENTITY and v < 0:
+                v = zero if act == _RELU else v * slope
+            y[i, j] = v
+
+
+@njit(cache=True, nogil=True)
+def act_grad_sum(dy, y, act, slope, dz, db):
+    """``dz = dy * act'(y)`` and ``db = dz.sum(0)``; dy, y, dz (B, out), db (out,). ``dz`` may be ``dy``."""
+    rows, cols = dy.shape
+    total = np.zeros(cols, db.dtype)
+    zero = slope * 0
+    for i in range(rows):
+        for j in range(cols):
+            g = dy[i, j]
+            if act != _IDENTITY and not y[i, j] > 0:
+                g = zero if act == _RELU else g * slope
+            dz[i, j] = g
+            total[j] += g
+    db[:] = total
+
+
+@njit(cache=True, nogil=True)
+def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
+    """PyTorch's SGD on flat C-contiguous arrays; ``velocity`` is ignored when ``momentum`` is 0."""
+    p, g, v = param.reshape(-1), grad.reshape(-1), velocity.reshape(-1)
+    for i in range(p.size):
+        step = g[i]
+        if weight_decay != 0:
+            step = p[i] * weight_decay + step
+        if momentum != 0:
+            vi = v[i] * momentum + step
+            v[i] = vi
+            step = vi * momentum + step if nesterov else vi
+        p[i] += step * -lr
+
+
+@njit(cache=True, nogil=True)
+def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, keep, inv_sqrt_bias2,
+                step_scale):
+    """Adam / AdamW on flat C-contiguous arrays, in the order of operations of the NumPy path.
+
+    ``l2``: weight decay added to the gradient (Adam); ``keep``: ``1 - lr * weight_decay``
+    (AdamW, else 1); ``inv_sqrt_bias2``: ``1 / sqrt(1 - beta2**step)``; ``step_scale``:
+    ``-lr / (1 - beta1**step)``.
+    """
+    p, g, mf, vf = param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
+    for i in range(p.size):
+        pi = p[i] * keep
+        gi = pi * l2 + g[i]
+        mi = mf[i] * beta1 + gi * one_minus_beta1
+        vi = vf[i] * beta2 + gi * gi * one_minus_beta2
+        mf[i] = mi
+        vf[i] = vi
+        p[i] = pi + mi / (np.sqrt(vi) * inv_sqrt_bias2 + eps) * step_scale
+
+
+@njit(cache=True, nogil=True)
+def shift_by_row_max(logits, labels, shifted, picked):
+    """``shifted = logits - max over each row``; ``picked[i] = shifted[i, labels[i]]``. Logits (B, C)."""
+    rows, cols = logits.shape
+    for i in range(rows):
+        top = logits[i, 0]
+        for j in range(1, cols):
+            top = max(top, logits[i, j])
+        for j in range(cols):
+            shifted[i, j] = logits[i, j] - top
+        picked[i] = shifted[i, labels[i]]
+
+
+@njit(cache=True, nogil=True)
+def softmax_cross_entropy_grad(exp, labels, picked, inv_batch):
+    """From ``exp = exp(shifted)`` (B, C): write the mean cross-entropy's gradient over it, return the loss.
+
+    Per row: ``total = sum(exp)``, loss ``log(total) - picked``, gradient ``exp / (B total)``
+    minus ``1 / B`` at the label. The loss accumulates in float64.
+    """
+    rows, cols = exp.shape
+    loss = 0.0
+    for i in range(rows):
+        total = exp[i, 0] * 0
+        for j in range(cols):
+            total += exp[i, j]
+        loss += np.log(total) - picked[i]
+        scale = inv_batch / total
+        for j in range(cols):
+            exp[i, j] *= scale
+        exp[i, labels[i]] -= inv_batch
+    return loss / rows

@@ -1,0 +1,179 @@
+"""The NumPy backend's compiled CPU kernels compute what its pure-NumPy path computes.
+
+With Numba installed, the backend fuses bias+activation, act'*dy with the db sums, the
+optimizer updates and small softmax cross-entropies into compiled passes; without it (or with
+``GPUBP_CPU_KERNELS=numpy``) it runs NumPy only. Both paths run here on the same inputs, in
+float32 and float64, and must agree to rounding. Shapes are ragged (not multiples of any
+vector width) and include a parameter large enough to be split across cores.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp.backends import numpy_backend
+
+pytest.importorskip("numba", reason="the compiled CPU kernels need Numba: pip install numba")
+
+FUSED_ACTS = ["identity", "relu", "leaky_relu"]
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 2e-6, np.float64: 1e-14}
+
+
+def both_paths(fn, *args):
+    """``fn(*copies of args)`` with the compiled kernels, then with NumPy only: (compiled, numpy, args used)."""
+    runs = []
+    for enabled in (True, False):
+        copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+        with numpy_backend.compiled_kernels(enabled):
+            runs.append((fn(*copies), copies))
+    return runs
+
+
+def assert_close(compiled, reference, dtype):
+    compiled, reference = np.asarray(compiled), np.asarray(reference)
+    scale = max(float(np.max(np.abs(reference), initial=0.0)), 1.0)
+    np.testing.assert_allclose(compiled, reference, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+
+
+def test_the_compiled_kernels_are_in_use_here():
+    assert numpy_backend.cpu_kernels() == "numba"
+    with numpy_backend.compiled_kernels(False):
+        assert numpy_backend.cpu_kernels().startswith("numpy (switched off")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", FUSED_ACTS)
+def test_dense_forward_matches_the_numpy_path(act, dtype, rng):
+    x = rng.standard_normal((37, 29)).astype(dtype)
+    w = rng.standard_normal((29, 23)).astype(dtype)
+    b = rng.standard_normal(23).astype(dtype)
+    (compiled, _), (reference, _) = both_paths(numpy_backend.dense_forward, x, w, b, act)
+    assert compiled[0].dtype == dtype
+    assert_close(compiled[0], reference[0], dtype)
+    assert compiled[1] is None and reference[1] is None
+
+
+@pytest.mark.parametrize("need_dx,need_dw", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", FUSED_ACTS)
+def test_dense_backward_matches_the_numpy_path(act, dtype, need_dx, need_dw, rng):
+    x = rng.standard_normal((37, 29)).astype(dtype)
+    w = rng.standard_normal((29, 23)).astype(dtype)
+    y, _ = numpy_backend.dense_forward(x, w, rng.standard_normal(23).astype(dtype), act)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    (compiled, args), (reference, _) = both_paths(
+        numpy_backend.dense_backward, dy, x, w, y, None, act, need_dx, need_dw)
+    for got, want in zip(compiled, reference):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert_close(got, want, dtype)
+    np.testing.assert_array_equal(args[0], dy)  # dy is never modified
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", [(64, 10), (7, 3), (300, 1), (5, 40)])
+def test_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng):
+    logits = (rng.standard_normal((batch, classes)) * 30).astype(dtype)  # large: exercises the max shift
+    labels = rng.integers(0, classes, batch)
+    (compiled, _), (reference, _) = both_paths(numpy_backend.softmax_cross_entropy, logits, labels)
+    assert compiled[0] == pytest.approx(reference[0], rel=10 * RTOL[dtype], abs=RTOL[dtype])
+    assert compiled[1].dtype == dtype
+    assert_close(compiled[1], reference[1], dtype)
+
+
+# (rows, cols): ragged, and one over the backend's threshold for splitting across cores.
+PARAM_SHAPES = [(29, 23), (23,), (1100, 500)]
+SGD_OPTIONS = [
+    dict(momentum=0.0, nesterov=False, weight_decay=0.0),
+    dict(momentum=0.9, nesterov=False, weight_decay=0.0),
+    dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+]
+
+
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=["plain", "momentum", "nesterov_decay"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PARAM_SHAPES, ids=str)
+def test_sgd_update_matches_the_numpy_path(shape, dtype, options, rng):
+    param, grad = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    velocity = rng.standard_normal(shape).astype(dtype) if options["momentum"] else None
+
+    def sgd(param, grad, velocity):
+        numpy_backend.sgd_update(param, grad, velocity, 0.05, **options)
+        return param, velocity
+
+    (compiled, _), (reference, _) = both_paths(sgd, param, grad, velocity)
+    for got, want in zip(compiled, reference):
+        if want is not None:
+            assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PARAM_SHAPES, ids=str)
+def test_adam_update_matches_the_numpy_path(shape, dtype, decoupled, rng):
+    param, grad = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    m, v = rng.standard_normal(shape).astype(dtype), rng.random(shape).astype(dtype)
+
+    def adam(param, grad, m, v):
+        numpy_backend.adam_update(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, decoupled)
+        return param, m, v
+
+    (compiled, _), (reference, _) = both_paths(adam, param, grad, m, v)
+    for got, want in zip(compiled, reference):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_steps_agree_on_both_paths(dtype):
+    """A few full fit epochs (forward, loss, backward, Adam) end at the same weights either way."""
+    x, y = gb.data.load_digits()
+
+    def train():
+        gb.seed(0)
+        model = gb.Sequential([gb.Dense(64, 32, "relu"), gb.Dense(32, 16, "leaky_relu"), gb.Dense(16, 10)],
+                              device="cpu", dtype=dtype)
+        model.fit(x[:256], y[:256], epochs=2, batch_size=64, verbose=0)
+        return model.get_weights()
+
+    (compiled, _), (reference, _) = both_paths(train)
+    for got, want in zip(compiled, reference):
+        assert_close(got, want, dtype)
+
+
+def test_without_numba_the_numpy_path_runs_and_says_why():
+    """In a fresh interpreter where Numba cannot be imported, training still works on NumPy alone."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np, gpubp as gb\n"
+        "from gpubp.backends import numpy_backend\n"
+        "model = gb.Sequential([gb.Dense(4, 8, 'relu'), gb.Dense(8, 3)], device='cpu')\n"
+        "loss = model.fit(np.ones((8, 4), np.float32), np.arange(8) % 3, epochs=1, verbose=0).history['loss'][0]\n"
+        "assert np.isfinite(loss), loss\n"
+        "print(numpy_backend.cpu_kernels())\n"
+        "print('numba' in sys.modules and sys.modules['numba'] is not None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    reason, numba_loaded = result.stdout.splitlines()
+    assert reason.startswith("numpy (Numba is not installed")
+    assert numba_loaded == "False"
+
+
+def test_the_environment_variable_switches_the_compiled_kernels_off():
+    code = "from gpubp.backends import numpy_backend; print(numpy_backend.cpu_kernels())"
+    env = {**os.environ, "GPUBP_CPU_KERNELS": "numpy"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("numpy (switched off")
+
+
+def test_importing_gpubp_does_not_import_numba():
+    code = "import sys, gpubp; print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
