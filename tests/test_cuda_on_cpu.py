@@ -148,6 +148,7 @@ def test_mma_sync_multiplies_by_the_ptx_fragment_layouts(kernels, rng, kind):
     ("return_before_barrier", 32, "wait at different barriers"),
     ("shuffle_from_outside_the_mask", 32, "not in the mask"),
     ("masks_disagree", 32, "disagree on a warp collective"),
+    ("shuffles_at_different_lines", 32, "disagree on a warp collective"),
     ("half_warp_shuffle", 8, "lanes that do not exist"),
 ])
 def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message):
@@ -155,6 +156,12 @@ def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message
     with pytest.raises(harness.KernelError, match=message) as failure:
         kernels.get_function(kernel)((1,), (block,), (out,))
     assert "selftest" in str(failure.value) or kernel in str(failure.value)
+
+
+def test_syncwarp_may_be_reached_from_different_lines(kernels):
+    out = harness.device_empty((32,))
+    kernels.get_function("syncwarp_at_different_lines")((1,), (32,), (out,))
+    assert (out.get() == 2.0).all()
 
 
 def test_a_deadlock_is_reported_not_hung(kernels):

@@ -109,9 +109,28 @@ extern "C" __global__ void shuffle_from_outside_the_mask(float* out) {
     if (lane < 16) out[lane] = __shfl_sync(0x0000ffffu, 1.0f, 20);
 }
 
+// Each lane names itself, and neither group can complete without the other, so whichever
+// arrives first, the second group's mask disagrees.
 extern "C" __global__ void masks_disagree(float* out) {
     const int lane = threadIdx.x % 32;
-    out[lane] = __shfl_xor_sync(lane < 8 ? 0xffffffffu : 0x7fffffffu, 1.0f, 1);
+    out[lane] = __shfl_xor_sync(lane < 16 ? 0xffffffffu : 0xffff0001u, 1.0f, 1);
+}
+
+extern "C" __global__ void shuffles_at_different_lines(float* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane < 8) out[lane] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    else out[lane] = __shfl_xor_sync(0xffffffffu, 2.0f, 1);
+}
+
+// Legal on sm_70 and newer: __syncwarp may be reached from different places.
+extern "C" __global__ void syncwarp_at_different_lines(float* out) {
+    const int lane = threadIdx.x % 32;
+    out[lane] = 1.0f;
+    if (lane < 8) __syncwarp();
+    else __syncwarp();
+    const float next = out[(lane + 1) % 32];
+    __syncwarp();
+    out[lane] = next + 1.0f;
 }
 
 extern "C" __global__ void warp_waits_for_a_lane_at_the_barrier(float* out) {
