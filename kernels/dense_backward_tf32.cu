@@ -30,7 +30,7 @@ __device__ __forceinline__ void dense_dx_tf32(const float* __restrict__ dy, cons
     float unused_colsum;
     const GradKMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, K};
     tf32_mainloop<false>(dz, KMajor{w, K}, M, N, K, m0, n0, frag, unused_colsum);
-    tf32_store(dx, frag, m0, n0, M, N);
+    tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float v) { dx[row * N + col] = v; });
 }
 
 template <int ACT>
@@ -44,7 +44,7 @@ __device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const
     float colsum;
     const GradOuterMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, N};
     tf32_mainloop<true>(OuterMajor{x, M}, dz, M, N, K, m0, n0, frag, colsum);
-    tf32_store(dw, frag, m0, n0, M, N);
+    tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float v) { dw[row * N + col] = v; });
     if (blockIdx.x != 0) return;  // uniform across the block
     __shared__ float upper_half[Tf32Tile::BN];
     const int tid = threadIdx.x;

@@ -20,18 +20,11 @@ __device__ __forceinline__ void dense_forward_tf32(const float* __restrict__ x, 
     Tf32Fragment frag;
     float unused_colsum;
     tf32_mainloop<false>(KMajor{x, K}, OuterMajor{w, N}, M, N, K, m0, n0, frag, unused_colsum);
-#pragma unroll
-    for (int i = 0; i < Tf32Tile::TILES_M; ++i)
-#pragma unroll
-        for (int j = 0; j < Tf32Tile::TILES_N; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const long long row = m0 + frag.row(i, r), col = n0 + frag.col(j, r);
-                if (row >= M || col >= N) continue;
-                const float zv = frag.acc[i][j][r] + b[col];
-                y[row * N + col] = act_forward<ACT>(zv);
-                if constexpr (act_needs_z<ACT>()) z[row * N + col] = zv;
-            }
+    tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float acc) {
+        const float zv = acc + b[col];
+        y[row * N + col] = act_forward<ACT>(zv);
+        if constexpr (act_needs_z<ACT>()) z[row * N + col] = zv;
+    });
 }
 
 }  // namespace gpubp

@@ -118,9 +118,10 @@ __device__ __forceinline__ void tf32_mainloop(const SrcA& a_src, const SrcB& b_s
     }
 }
 
-// Stores every accumulator that falls inside out (M, N).
-__device__ __forceinline__ void tf32_store(float* __restrict__ out, const Tf32Fragment& frag, long long m0,
-                                           long long n0, long long M, long long N) {
+// Calls visit(row, col, value) for every accumulator that falls inside the (M, N) output.
+template <class Visit>
+__device__ __forceinline__ void tf32_for_each_output(const Tf32Fragment& frag, long long m0, long long n0,
+                                                     long long M, long long N, Visit visit) {
 #pragma unroll
     for (int i = 0; i < Tf32Tile::TILES_M; ++i)
 #pragma unroll
@@ -128,7 +129,7 @@ __device__ __forceinline__ void tf32_store(float* __restrict__ out, const Tf32Fr
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const long long row = m0 + frag.row(i, r), col = n0 + frag.col(j, r);
-                if (row < M && col < N) out[row * N + col] = frag.acc[i][j][r];
+                if (row < M && col < N) visit(row, col, frag.acc[i][j][r]);
             }
 }
 

@@ -48,36 +48,27 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned i
 #endif
 }
 
-__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const unsigned int (&a)[4],
-                                                  const unsigned int (&b)[2], const float (&c)[4]) {
+// The two m16n8k16 flavours differ only in the operand type's name in the instruction.
+#define GPUBP_MMA_M16N8K16(NAME, TYPE, KIND)                                                                   \
+    __device__ __forceinline__ void mma_m16n8k16_##NAME(float (&d)[4], const unsigned int (&a)[4],           \
+                                                       const unsigned int (&b)[2], const float (&c)[4]) {    \
+        GPUBP_MMA_M16N8K16_BODY(TYPE, KIND)                                                                  \
+    }
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::bf16_m16n8k16, __FILE__, __LINE__, d, a, b, c);
+#define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND) gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::KIND, __FILE__, __LINE__, d, a, b, c);
 #elif __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
+#define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND)                                                                  \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "   \
+                 "{%8,%9}, {%10,%11,%12,%13};"                                                                \
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),      \
+                   "f"(c[2]), "f"(c[3]));
 #else
-    __trap();
+#define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND) __trap();
 #endif
-}
-
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const unsigned int (&a)[4],
-                                                 const unsigned int (&b)[2], const float (&c)[4]) {
-#if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::f16_m16n8k16, __FILE__, __LINE__, d, a, b, c);
-#elif __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-#else
-    __trap();
-#endif
-}
+GPUBP_MMA_M16N8K16(bf16, "bf16", bf16_m16n8k16)
+GPUBP_MMA_M16N8K16(f16, "f16", f16_m16n8k16)
+#undef GPUBP_MMA_M16N8K16_BODY
+#undef GPUBP_MMA_M16N8K16
 
 }  // namespace gpubp
