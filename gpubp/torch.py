@@ -64,7 +64,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 from gpubp import _checks, activations, backends
 from gpubp.layers import BackwardPlan, Dense as _GpubpDense, Sequential, plan_backward
 
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+# The parameters' dtype, and the products' math: "tf32" keeps fp32 parameters and runs the
+# products on TF32 tensor cores on CUDA tensors (as Sequential(precision="tf32") does).
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp64": torch.float64}
 log = logging.getLogger("gpubp")
 
 
@@ -86,7 +88,7 @@ class Dense(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run([self], x)
+        return _run([self], x, "fp32")
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, activation={self.activation!r}"
@@ -97,7 +99,9 @@ class MLP(nn.Module):
 
     ``activation`` is used between layers and ``output_activation`` (default identity) on the
     last one. ``precision``: "fp32" or "fp64" (CPU only), the dtype the parameters are made in
-    and the one autocast casts inputs to; ``.double()``/``.float()`` change it later.
+    and the one autocast casts inputs to; ``.double()``/``.float()`` change it later. "tf32"
+    makes fp32 parameters and runs the products on TF32 tensor cores for CUDA tensors (inputs
+    rounded to 10 mantissa bits, fp32 accumulation); CPU tensors compute fp32.
     """
 
     def __init__(self, sizes, activation: str | None = "relu", output_activation: str | None = None,
@@ -109,6 +113,7 @@ class MLP(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         acts = [activation] * (len(sizes) - 2) + [output_activation]
+        self.math = "tf32" if precision == "tf32" else "fp32"
         self.layers = nn.ModuleList(
             Dense(fan_in, fan_out, act, dtype=PRECISIONS[precision])
             for fan_in, fan_out, act in zip(sizes[:-1], sizes[1:], acts)
@@ -119,7 +124,7 @@ class MLP(nn.Module):
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run(list(self.layers), x)
+        return _run(list(self.layers), x, self.math)
 
     def backward_plan(self, need_input_grad: bool = False) -> BackwardPlan:
         """Per layer, bottom to top, the kernels backward will launch with the current ``requires_grad`` flags."""
@@ -138,7 +143,7 @@ class MLP(nn.Module):
         if not isinstance(model, Sequential) or not len(model):
             raise TypeError(f"model: expected a gpubp.Sequential with at least one layer, got {type(model).__name__}")
         dtype = np.dtype(model.dtype)
-        precision = "fp64" if dtype == np.float64 else "fp32"
+        precision = "fp64" if dtype == np.float64 else model.precision
         mlp = cls([model.in_features] + [layer.out_features for layer in model], precision=precision)
         with torch.no_grad():
             for layer, source in zip(mlp.layers, model):
@@ -154,7 +159,7 @@ class MLP(nn.Module):
         dtype = np.dtype(str(self.layers[0].weight.dtype).removeprefix("torch."))
         layers = [_GpubpDense(layer.in_features, layer.out_features, layer.activation, dtype=dtype)
                   for layer in self.layers]
-        model = Sequential(layers, device=device, backend=backend, dtype=dtype)
+        model = Sequential(layers, device=device, backend=backend, dtype=dtype, precision=self.math)
         model.set_weights([p.detach().cpu().numpy() for layer in self.layers for p in (layer.weight, layer.bias)])
         for source, target in zip(self.layers, model):
             target.weight.trainable = source.weight.requires_grad
@@ -236,13 +241,13 @@ def _backend_for(tensor: torch.Tensor):
 # Dynamo would otherwise trace into the Function and rewrite its NumPy calls as torch ops, so
 # gpubp's kernels would not run at all; disabling it here makes the graph break explicit.
 @torch.compiler.disable
-def _run(layers: list[Dense], x) -> torch.Tensor:
+def _run(layers: list[Dense], x, math: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     function = _function(params[0].device.type, params[0].dtype)
     acts = tuple(layer.activation for layer in layers)
-    return function.apply(acts, torch.is_grad_enabled(), x, *params)
+    return function.apply(acts, math, torch.is_grad_enabled(), x, *params)
 
 
 @functools.cache
@@ -257,13 +262,13 @@ def _function(device_type: str, dtype: torch.dtype):
     class MLPFunction(torch.autograd.Function):
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type, cast_inputs=dtype)
-        def forward(ctx, acts, grad_enabled, x, *params):
-            return _forward(ctx, acts, grad_enabled, x, params)
+        def forward(ctx, acts, math, grad_enabled, x, *params):
+            return _forward(ctx, acts, math, grad_enabled, x, params)
 
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, grad_out):
-            return (None, None, *_backward(ctx, grad_out))
+            return (None, None, None, *_backward(ctx, grad_out))
 
     MLPFunction.__name__ = MLPFunction.__qualname__ = f"MLPFunction_{device_type}_{str(dtype).removeprefix('torch.')}"
     return MLPFunction
@@ -337,12 +342,12 @@ class _Device:
         return torch.from_dlpack(array)
 
 
-def _forward(ctx, acts: tuple, grad_enabled: bool, x: torch.Tensor, params: tuple) -> torch.Tensor:
+def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, x: torch.Tensor, params: tuple) -> torch.Tensor:
     _check_input(x, params)
     x = x.contiguous()
     device = _Device(params[0])
     # Which of (x, W0, b0, W1, b1, ...) need a gradient; none under torch.no_grad(), so inference keeps nothing.
-    wants = ctx.needs_input_grad[2:] if grad_enabled else (False,) * (1 + len(params))
+    wants = ctx.needs_input_grad[3:] if grad_enabled else (False,) * (1 + len(params))
     trainable = [wants[1 + 2 * i] or wants[2 + 2 * i] for i in range(len(acts))]
     plan = plan_backward(trainable, wants[0])
     # Per layer, what its backward reads, and nothing for a layer that computes nothing.
@@ -351,7 +356,8 @@ def _forward(ctx, acts: tuple, grad_enabled: bool, x: torch.Tensor, params: tupl
         h = device.array(x)
         for i, act in enumerate(acts):
             need_dx, need_dw = plan[i]
-            y, z = device.backend.dense_forward(h, device.array(params[2 * i]), device.array(params[2 * i + 1]), act)
+            y, z = device.backend.dense_forward(h, device.array(params[2 * i]), device.array(params[2 * i + 1]), act,
+                                                precision=math)
             reads_y = (need_dx or need_dw) and act != "identity" and act not in activations.NEEDS_Z
             kept.append((h if need_dw else None, y if reads_y else None, z if need_dx or need_dw else None))
             h = y
@@ -360,14 +366,14 @@ def _forward(ctx, acts: tuple, grad_enabled: bool, x: torch.Tensor, params: tupl
     # to any of them before backward raises instead of giving wrong gradients.
     last_reads_y = kept[-1][1] is not None
     ctx.save_for_backward(x if plan[0][1] else None, out if last_reads_y else None, *params)
-    ctx.kept, ctx.plan, ctx.acts, ctx.device = kept, plan, acts, device
+    ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device = kept, plan, acts, math, device
     return out
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:
     x, out, *params = ctx.saved_tensors
     device, plan, acts, kept = ctx.device, ctx.plan, ctx.acts, ctx.kept
-    wants = ctx.needs_input_grad[2:]
+    wants = ctx.needs_input_grad[3:]
     grads = [None] * (1 + len(params))
     active = [i for i, (need_dx, need_dw) in enumerate(plan) if need_dx or need_dw]
     if not active:
@@ -382,7 +388,7 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             if i == len(acts) - 1 and out is not None:
                 y = device.array(out)
             dx, dw, db = device.backend.dense_backward(
-                dy, inputs, device.array(params[2 * i]), y, z, acts[i], need_dx, need_dw)
+                dy, inputs, device.array(params[2 * i]), y, z, acts[i], need_dx, need_dw, precision=ctx.math)
             if need_dw:
                 grads[1 + 2 * i] = device.tensor(dw) if wants[1 + 2 * i] else None
                 grads[2 + 2 * i] = device.tensor(db) if wants[2 + 2 * i] else None

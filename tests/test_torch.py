@@ -357,3 +357,16 @@ def test_cpu_thread_setting_that_slows_the_bridge_is_reported_once(mlp, monkeypa
         mlp(random_input())
     gt._check_cpu_threads.cache_clear()
     assert sum("OMP_WAIT_POLICY=PASSIVE" in r.getMessage() for r in caplog.records) == int(warns)
+
+
+def test_tf32_precision_keeps_fp32_parameters_and_converts_with_sequential(rng):
+    """precision="tf32" is Sequential's: fp32 weights, tensor-core products on CUDA tensors only."""
+    mlp = MLP([6, 5, 3], precision="tf32")
+    assert mlp.layers[0].weight.dtype == torch.float32
+    model = mlp.to_sequential()
+    assert model.precision == "tf32"
+    assert MLP.from_sequential(model).math == "tf32"
+    x = torch.from_numpy(rng.standard_normal((4, 6)).astype(np.float32))
+    fp32 = MLP.from_sequential(model)
+    fp32.math = "fp32"
+    assert torch.equal(MLP.from_sequential(model)(x), fp32(x))  # CPU tensors compute fp32
