@@ -66,13 +66,24 @@ def cpu_harness():
     return h
 
 
-@pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
-def cb(request, cpu_harness, monkeypatch):
-    """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs."""
-    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=request.param))
+def backend_on_harness(cpu_harness, monkeypatch, sms: int):
+    """The CuPy backend, running on the CPU harness, seeing a GPU with ``sms`` SMs."""
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms))
     for cache in ("_rawmodules", "_functions", "_device_state", "origin"):
         monkeypatch.setattr(cupy_backend, cache, {})
     return cupy_backend
+
+
+@pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
+def cb(request, cpu_harness, monkeypatch):
+    """The CuPy backend on the CPU harness, on each of the two simulated GPUs."""
+    return backend_on_harness(cpu_harness, monkeypatch, request.param)
+
+
+@pytest.fixture
+def cb_h100(cpu_harness, monkeypatch):
+    """The CuPy backend on the CPU harness, on the 132-SM GPU only."""
+    return backend_on_harness(cpu_harness, monkeypatch, H100_SMS)
 
 
 def layer(rng, batch, n_in, n_out):
@@ -97,6 +108,7 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
              "sumsq", "scale_inplace"}
+    names |= {"fused_mlp_fwd", "fused_mlp_bwd", "fused_mlp_dw"}
     for act in ACTIVATIONS:
         names.add(f"dense_fwd_tf32_{act}")
         for tile in cupy_backend.GEMM_TILES:
@@ -228,6 +240,147 @@ def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
     got = cb.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True, *outs)
     for g, expected in zip(got, want):
         close(cb.to_host(g), expected)
+
+
+# ----------------------------------------------------------------------------- fused MLP
+#
+# kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
+# (batch, input width, output widths, activations, frozen layers, need_input_grad); together
+# they cover batch 1, 127, 129 and 1000, every activation, 1 to 8 layers, widths 1, 16, 33, 64
+# and 128, inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
+FUSED_RTOL = 1e-5
+FUSED_CASES = {
+    "one_unit": (1, 1, [1], ["sigmoid"], [], True),
+    **{f"act_{act}": (129, 19, [33, 16, 5], [act, act, act], [], True) for act in ACTIVATIONS},
+    **{f"{n}_layers": (127, 7, [16] * (n - 1) + [3], ["tanh", "relu", "gelu"] * 2 + ["leaky_relu", "identity"],
+                       [], False) for n in (1, 2, 5, 8)},
+    "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "relu", "sigmoid", "identity"], [], True),
+    "batch_1000": (1000, 24, [64, 64, 64, 10], ["relu", "relu", "relu", "identity"], [], False),
+    "bottom_2_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [0, 1], False),
+    "middle_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [2], False),
+    "all_but_head_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"],
+                            [0, 1, 2, 3], False),
+    "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "gelu", "identity"], [0, 1], True),
+    "softmax_head": (65, 12, [16, 6], ["gelu", "softmax"], [], False),
+}
+if SANITIZED:  # every code path once, on small batches
+    FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
+                   if name in ("one_unit", "act_gelu", "8_layers", "widths_wide_input", "middle_frozen",
+                               "all_but_head_frozen_input_grad")}
+    FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
+
+
+def mlp_params(rng, n_in, widths):
+    ws, bs = [], []
+    for fan_in, fan_out in zip([n_in, *widths[:-1]], widths):
+        ws.append((rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32))
+        bs.append((0.5 * rng.standard_normal(fan_out)).astype(np.float32))
+    return ws, bs
+
+
+def mlp_plan(widths, frozen, need_input_grad):
+    """(need_dx, need_dw) per layer, as Sequential._plan makes them."""
+    need_dx, need_dw, below = [], [], need_input_grad
+    for i in range(len(widths)):
+        need_dx.append(below)
+        need_dw.append(i not in frozen)
+        below = below or i not in frozen
+    return need_dx, need_dw
+
+
+def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
+    """The NumPy backend, layer by layer in float64: (y, dx, [(dw, db) or None per layer])."""
+    hs, saved = [x.astype(np.float64)], []
+    for w, b, act in zip(ws, bs, acts):
+        y, z = ref.dense_forward(hs[-1], *f64(w, b), act)
+        saved.append((y, z))
+        hs.append(y)
+    g, grads = dy.astype(np.float64), [None] * len(ws)
+    for i in range(len(ws) - 1, -1, -1):
+        if not (need_dx[i] or need_dw[i]):
+            break
+        g, dw, db = ref.dense_backward(g, hs[i], ws[i].astype(np.float64), *saved[i], acts[i], need_dx[i], need_dw[i])
+        grads[i] = (dw, db) if need_dw[i] else None
+    return hs[-1], g if need_dx[0] else None, grads
+
+
+def run_fused(cb, x, ws, bs, acts, dy, need_dx, need_dw):
+    keep_input = list(need_dw)
+    lowest = min(i for i in range(len(ws)) if need_dx[i] or need_dw[i])
+    keep_output = [i >= lowest and act != "identity" for i, act in enumerate(acts)]
+    dev = cb.asarray
+    y, inputs, act_inputs = cb.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
+                                                 keep_input, keep_output)
+    out_dw = [cb.empty(w.shape) if need else None for w, need in zip(ws, need_dw)]
+    out_db = [cb.empty(b.shape) if need else None for b, need in zip(bs, need_dw)]
+    dx = cb.fused_mlp_backward(dev(dy), [dev(w) for w in ws], acts, inputs, act_inputs, need_dx, need_dw,
+                               out_dw, out_db)
+    return y, inputs, act_inputs, dx, out_dw, out_db
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_mlp_matches_numpy(cb_h100, rng, case):
+    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
+    acts = acts[: len(widths)]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    ws, bs = mlp_params(rng, n_in, widths)
+    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
+    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    y_ref, dx_ref, grads_ref = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
+    with trace() as t:
+        y, _, _, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw)
+    expected = ["fused_mlp_fwd"] + (["softmax_fwd"] if acts[-1] == "softmax" else [])
+    assert t.launches == expected + cb_h100.fused_backward_kernels(acts[-1], need_dw)
+    close(cb_h100.to_host(y), y_ref, FUSED_RTOL)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, FUSED_RTOL)
+    else:
+        assert dx is None
+    for i, want in enumerate(grads_ref):
+        if want is None:
+            assert dws[i] is None and dbs[i] is None
+        else:
+            close(cb_h100.to_host(dws[i]), want[0], FUSED_RTOL)
+            close(cb_h100.to_host(dbs[i]), want[1], FUSED_RTOL)
+
+
+def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
+    """A frozen prefix keeps nothing; a trainable layer keeps its input; act' inputs are kept
+    from the lowest trainable layer up (z for gelu, the output otherwise, nothing for identity)."""
+    acts = ["relu", "tanh", "gelu", "identity"]
+    x = rng.standard_normal((40, 9)).astype(np.float32)
+    ws, bs = mlp_params(rng, 9, [16, 16, 8, 3])
+    dev = cb_h100.asarray
+    keep_input, keep_output = [False, False, True, True], [False, False, True, False]
+    y, inputs, act_inputs = cb_h100.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
+                                                      keep_input, keep_output)
+    assert [a is not None for a in inputs] == keep_input
+    assert [a is not None for a in act_inputs] == keep_output
+    y_ref, z_ref = ref.dense_forward(*f64(x, ws[0], bs[0]), "relu")
+    for i in (1, 2):
+        h_ref = y_ref
+        y_ref, z_ref = ref.dense_forward(h_ref, *f64(ws[i], bs[i]), acts[i])
+    close(cb_h100.to_host(inputs[2]), h_ref, FUSED_RTOL)
+    close(cb_h100.to_host(act_inputs[2]), z_ref, FUSED_RTOL)
+    close(cb_h100.to_host(inputs[3]), y_ref, FUSED_RTOL)
+
+
+@pytest.mark.parametrize("sms", [H100_SMS, 1], ids=["132sms", "1sm"])
+def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cpu_harness, monkeypatch, rng, sms):
+    cb = backend_on_harness(cpu_harness, monkeypatch, sms)
+    batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
+    assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
+    x = rng.standard_normal((batch, 5)).astype(np.float32)
+    ws, bs = mlp_params(rng, 5, widths)
+    dy = rng.standard_normal((batch, 3)).astype(np.float32)
+    runs = [run_fused(cb, x, ws, bs, acts, dy, [False, True], [True, True]) for _ in range(2)]
+    _, _, grads_ref = reference_mlp(x, ws, bs, acts, dy, [False, True], [True, True])
+    for i, (dw_ref, db_ref) in enumerate(grads_ref):
+        close(cb.to_host(runs[0][4][i]), dw_ref, FUSED_RTOL)
+        close(cb.to_host(runs[0][5][i]), db_ref, FUSED_RTOL)
+        assert np.array_equal(cb.to_host(runs[1][4][i]), cb.to_host(runs[0][4][i]))
+        assert np.array_equal(cb.to_host(runs[1][5][i]), cb.to_host(runs[0][5][i]))
+    assert not cb.to_host(cb._state()["tickets"]).any(), "the last block of each tile resets its ticket"
 
 
 # ----------------------------------------------------------------------------- losses
