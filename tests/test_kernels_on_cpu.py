@@ -383,6 +383,84 @@ def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(c
     assert not cb.to_host(cb._state()["tickets"]).any(), "the last block of each tile resets its ticket"
 
 
+# The fused path through the layer API: Sequential picks it on the cupy backend.
+FREEZE_PATTERNS = {"none": [], "bottom_2": [0, 1], "middle": [2], "all_but_head": [0, 1, 2, 3]}
+FUSED_MODEL = ([(12, 32, "relu"), (32, 33, "tanh"), (33, 16, "gelu"), (16, 16, "sigmoid"), (16, 5, None)], 70)
+if SANITIZED:
+    FREEZE_PATTERNS = {"middle": [2]}
+
+
+def narrow_model(backend, seed=3, **kwargs):
+    import gpubp as gb
+
+    gb.seed(seed)
+    return gb.Sequential([gb.Dense(*spec) for spec in FUSED_MODEL[0]], backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("need_input_grad", [False, True])
+@pytest.mark.parametrize("pattern", FREEZE_PATTERNS)
+def test_a_narrow_model_runs_fused_and_matches_the_numpy_model(cb_h100, rng, pattern, need_input_grad):
+    model, reference = narrow_model("cupy"), narrow_model("numpy", dtype="float64")
+    assert model.uses_fused and not reference.uses_fused
+    for m in (model, reference):
+        m.freeze_to(0)
+        for i in FREEZE_PATTERNS[pattern]:
+            m[i].freeze()
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    dout = rng.standard_normal((FUSED_MODEL[1], 5)).astype(np.float32)
+    with trace() as t:
+        y = model.forward(x, need_input_grad=need_input_grad)
+        dx = model.backward(dout, need_input_grad=need_input_grad)
+    plan = model.backward_plan(need_input_grad)
+    assert t.launches == ["fused_mlp_fwd"] + [k for _, kernels in plan for k in kernels]
+    assert plan[0][1][0] == "fused_mlp_bwd"
+    close(cb_h100.to_host(y), reference.forward(x, need_input_grad=need_input_grad), FUSED_RTOL)
+    dx_ref = reference.backward(dout, need_input_grad=need_input_grad)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, FUSED_RTOL)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert (got.grad is None) == (want.grad is None)
+        if want.grad is not None:
+            close(cb_h100.to_host(got.grad), want.grad, FUSED_RTOL)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the layer API adds no kernel path; the parity tests above cover them")
+@pytest.mark.parametrize("pattern", FREEZE_PATTERNS)
+def test_the_fused_forward_keeps_the_activations_the_per_layer_forward_keeps(cb_h100, rng, pattern):
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    kept = {}
+    for fused in (True, False):
+        model = narrow_model("cupy", fused=fused)
+        for i in FREEZE_PATTERNS[pattern]:
+            model[i].freeze()
+        model.forward(x)
+        kept[fused] = model.activation_bytes()
+    assert kept[True] == kept[False]
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_kernels(cb_h100, rng):
+    import gpubp as gb
+
+    layers = [gb.Dense(4, 129, "relu"), gb.Dense(129, 3)]
+    model = gb.Sequential(layers, backend="cupy")
+    assert not model.uses_fused
+    with trace() as t:
+        model.forward(rng.standard_normal((5, 4)).astype(np.float32))
+    assert t.launches == ["dense_fwd", "dense_fwd"]
+    with pytest.raises(ValueError, match=r"fused=True: layer 'dense_0' has out_features=129; .* at most 128"):
+        gb.Sequential(layers, backend="cupy", fused=True)
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
+    model = narrow_model("cupy", fused=False)
+    with trace() as t:
+        model.forward(rng.standard_normal((3, 12)).astype(np.float32))
+    assert t.launches == ["dense_fwd"] * len(model)
+    assert [name for name, _ in model.backward_plan()] == [layer.name for layer in model]
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -477,7 +555,8 @@ def test_sumsq_and_scale_match_numpy(cb, rng, n):
 
 
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the parity tests above cover them")
-def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
+def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
     import gpubp as gb
 
     x = rng.standard_normal((96, 8)).astype(np.float32)
@@ -485,7 +564,8 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
     losses = {}
     for backend in ("numpy", "cupy"):
         gb.seed(7)
-        model = gb.Sequential([gb.Dense(8, 16, activation="gelu"), gb.Dense(16, 3)], backend=backend)
+        model = gb.Sequential([gb.Dense(8, 16, activation="gelu"), gb.Dense(16, 3)], backend=backend,
+                              fused=fused and backend == "cupy")
         history = model.fit(x, labels, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=1e-2),
                             epochs=3, batch_size=32, verbose=0)
         losses[backend] = history.history["loss"]

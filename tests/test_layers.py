@@ -163,6 +163,24 @@ def test_a_backend_that_contradicts_the_device_is_a_value_error():
         backends.resolve("cuda", "numpy")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_fused_true_on_a_backend_without_fused_kernels_says_why(backend):
+    with pytest.raises(ValueError, match=f"fused=True: the '{backend}' backend has no fused MLP kernels"):
+        gb.Sequential([gb.Dense(3, 4)], backend=backend, fused=True)
+
+
+def test_fused_auto_runs_layer_by_layer_where_the_backend_has_no_fused_kernels():
+    model = gb.Sequential([gb.Dense(3, 4)], device="cpu")
+    assert model.fused == "auto" and not model.uses_fused
+    assert "no fused MLP kernels" in model.why_not_fused()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_fused_takes_auto_true_or_false_only(bad):
+    with pytest.raises(ValueError, match="fused: expected 'auto', True or False"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", fused=bad)
+
+
 def test_float64_is_kept_on_the_cpu():
     model = mlp(dtype="float64")
     assert model.dtype == np.float64 and all(p.data.dtype == np.float64 for p in model.parameters())
