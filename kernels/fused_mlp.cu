@@ -36,6 +36,11 @@
 // rows 16 banks apart, so the epilogue's two rows per warp store without conflicts) plus a
 // KC x MAX_WIDTH weight stage, and fwd a ROWS x KC x stage: 46 KB. dw: a KC x ROWS input stage
 // and a KC x MAX_WIDTH dz stage, 10 KB.
+// Barriers: each K step stages, waits, accumulates, waits. Those two are the only ones a layer
+// needs: the first also orders the previous layer's epilogue writes (and backward's in-place
+// dz) before any thread reads them, the second every read of the stages and of the buffer the
+// next epilogue overwrites before those writes. A thread's epilogue and the next dz step touch
+// only the elements that thread owns.
 // Boundaries: rows past B are staged as 0 and never stored; columns past a layer's width are
 // staged as 0 and never stored, so any B, in and out_l <= 128 work.
 // Global memory per forward block: its x rows once, every W_l and b_l once (from L2 after the
@@ -204,7 +209,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
                     Xs[e] = row0 + r < B && k0 + k < p.in ? x[(row0 + r) * p.in + k0 + k] : 0.0f;
                 }
             }
-            __syncthreads();
+            __syncthreads();  // the stages, and the previous layer's epilogue, are complete
             if (l == 0) {
                 accumulate_chunk(acc, Xs, F::KC, 1, Ws, o);
             } else {
@@ -232,7 +237,6 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
                 if (p.flags & STORE_Z) zout[l][row * p.out + c] = z;
             }
         }
-        __syncthreads();  // next is whole before the following layer reads it
         cur ^= 1;
     }
 }
@@ -271,7 +275,6 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                 if (p.flags & TRAINABLE) dz[l][row * p.out + c] = g;
             }
         }
-        __syncthreads();
         if (l == lowest && !input_grad) break;
         // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column tiles (one unless l = 0).
         float* next = G[cur ^ 1];
@@ -298,7 +301,6 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                 }
             }
         }
-        __syncthreads();
         cur ^= 1;
     }
 }

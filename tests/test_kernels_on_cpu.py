@@ -613,6 +613,21 @@ PLANTED_BUGS = {
         "a[i][2] = __float_as_uint(base[g * T::LDA + t + 4]);",
         "a[i][2] = __float_as_uint(base[g * T::LDA + t]);",
         "plain", "tf32_dense_forward and 132sms and identity and 37x29x23", "assert"),
+    "fused: removed barrier before a layer reads its input": (
+        "fused_mlp.cu",
+        "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
+        "",
+        "tsan", "fused_mlp_matches and act_gelu", "data race"),
+    "fused: dW reduction reads the wrong split": (
+        "fused_mlp.cu",
+        "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride",
+        "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(0) * ws_split_stride",
+        "plain", "fused_weight_gradients and 132sms", "max error"),
+    "fused: transposed weight stage off by one column": (
+        "fused_mlp.cu",
+        "w[static_cast<long long>(n0 + c) * K + k0 + k]",
+        "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
+        "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
 }
 
 
