@@ -119,6 +119,16 @@ __device__ __forceinline__ float act_grad_id(int act, float y, float z) {
     }
 }
 
+// a[l] for a runtime l, by compare-and-select over the unrolled slots: indexing the array
+// directly would put every kernel's pointer arrays in local memory.
+template <class T>
+__device__ __forceinline__ T layer_slot(const T (&a)[Fused::MAX_LAYERS], int l) {
+    T r = a[0];
+#pragma unroll
+    for (int i = 1; i < Fused::MAX_LAYERS; ++i) r = l == i ? a[i] : r;
+    return r;
+}
+
 __device__ __forceinline__ bool needs_z(int act) { return act == ACT_GELU || act == ACT_GELU_TANH; }
 
 // The rows and columns of the ROWS x MAX_WIDTH output tile one thread owns.
@@ -199,10 +209,14 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
     int cur = 0;
     for (int l = 0; l < layers; ++l) {
         const LayerPlan p = LayerPlan::of(plan, l);
+        const float* wl = layer_slot(w, l);
+        const float* bl = layer_slot(b, l);
+        float* hl = layer_slot(hout, l);
+        float* zl = layer_slot(zout, l);
         Acc acc;
         zero(acc);
         for (int k0 = 0; k0 < p.in; k0 += F::KC) {
-            stage_weight_rows(Ws, w[l], k0, p.in, p.out);
+            stage_weight_rows(Ws, wl, k0, p.in, p.out);
             if (l == 0) {  // x streams through a ROWS x KC stage: the input width is unbounded
                 for (int e = threadIdx.x; e < F::ROWS * F::KC; e += F::THREADS) {
                     const int r = e / F::KC, k = e % F::KC;
@@ -223,7 +237,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
         for (int j = 0; j < F::THREAD_COLS; ++j) {
             const int c = o.col(j);
             const bool valid = c < p.out;
-            const float bias = valid ? b[l][c] : 0.0f;
+            const float bias = valid ? bl[c] : 0.0f;
 #pragma unroll
             for (int i = 0; i < F::THREAD_ROWS; ++i) {
                 const int r = o.row(i);
@@ -233,8 +247,8 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
                 if (!last) next[r * F::LDH + c] = valid ? h : 0.0f;
                 const long long row = row0 + r;
                 if (!valid || row >= B) continue;
-                if (p.flags & STORE_H) hout[l][row * p.out + c] = h;
-                if (p.flags & STORE_Z) zout[l][row * p.out + c] = z;
+                if (p.flags & STORE_H) hl[row * p.out + c] = h;
+                if (p.flags & STORE_Z) zl[row * p.out + c] = z;
             }
         }
         cur ^= 1;
@@ -258,6 +272,8 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     __syncthreads();
     for (int l = top; l >= lowest; --l) {
         const LayerPlan p = LayerPlan::of(plan, l);
+        const float* saved_l = layer_slot(act_in, l);
+        float* dz_l = layer_slot(dz, l);
         // dz = g * act'(.) in place, each thread on the elements it owns.
 #pragma unroll
         for (int j = 0; j < F::THREAD_COLS; ++j) {
@@ -269,20 +285,21 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                 if (row >= B) continue;
                 float& g = G[cur][o.row(i) * F::LDH + c];
                 if (p.act != ACT_IDENTITY) {
-                    const float saved = act_in[l][row * p.out + c];
+                    const float saved = saved_l[row * p.out + c];
                     g *= needs_z(p.act) ? act_grad_id(p.act, 0.0f, saved) : act_grad_id(p.act, saved, 0.0f);
                 }
-                if (p.flags & TRAINABLE) dz[l][row * p.out + c] = g;
+                if (p.flags & TRAINABLE) dz_l[row * p.out + c] = g;
             }
         }
         if (l == lowest && !input_grad) break;
         // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column tiles (one unless l = 0).
         float* next = G[cur ^ 1];
+        const float* wl = layer_slot(w, l);
         for (int n0 = 0; n0 < p.in; n0 += F::MAX_WIDTH) {
             Acc acc;
             zero(acc);
             for (int k0 = 0; k0 < p.out; k0 += F::KC) {
-                stage_weight_cols(Ws, w[l], k0, p.out, n0, p.in);
+                stage_weight_cols(Ws, wl, k0, p.out, n0, p.in);
                 __syncthreads();
                 accumulate_chunk(acc, G[cur] + k0, F::LDH, 1, Ws, o);
                 __syncthreads();
@@ -322,6 +339,10 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         if ((q.flags & TRAINABLE) && q.first_tile <= static_cast<int>(blockIdx.x)) l = i;
     }
     const LayerPlan p = LayerPlan::of(plan, l);
+    const float* h_l = layer_slot(h, l);
+    const float* dz_l = layer_slot(dz, l);
+    float* dw_l = layer_slot(dw, l);
+    float* db_l = layer_slot(db, l);
     const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * F::ROWS;
     const long long k_begin = static_cast<long long>(blockIdx.y) * k_chunk;
     const long long k_end = k_begin + k_chunk < B ? k_begin + k_chunk : B;
@@ -334,11 +355,11 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     for (long long b0 = k_begin; b0 < k_end; b0 += F::KC) {
         for (int e = threadIdx.x; e < F::KC * F::ROWS; e += F::THREADS) {
             const int k = e / F::ROWS, r = e % F::ROWS;
-            Hs[e] = b0 + k < k_end && m0 + r < p.in ? h[l][(b0 + k) * p.in + m0 + r] : 0.0f;
+            Hs[e] = b0 + k < k_end && m0 + r < p.in ? h_l[(b0 + k) * p.in + m0 + r] : 0.0f;
         }
         for (int e = threadIdx.x; e < F::KC * F::MAX_WIDTH; e += F::THREADS) {
             const int k = e / F::MAX_WIDTH, c = e % F::MAX_WIDTH;
-            Ds[e] = b0 + k < k_end && c < p.out ? dz[l][(b0 + k) * p.out + c] : 0.0f;
+            Ds[e] = b0 + k < k_end && c < p.out ? dz_l[(b0 + k) * p.out + c] : 0.0f;
         }
         __syncthreads();
         accumulate_chunk(acc, Hs, 1, F::ROWS, Ds, o);
@@ -351,8 +372,8 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     }
 
     const long long dw_size = static_cast<long long>(p.in) * p.out;
-    float* dw_out = splits == 1 ? dw[l] : ws + static_cast<long long>(blockIdx.y) * ws_split_stride + p.ws;
-    float* db_out = splits == 1 ? db[l] : dw_out + dw_size;
+    float* dw_out = splits == 1 ? dw_l : ws + static_cast<long long>(blockIdx.y) * ws_split_stride + p.ws;
+    float* db_out = splits == 1 ? db_l : dw_out + dw_size;
 #pragma unroll
     for (int j = 0; j < F::THREAD_COLS; ++j) {
         const int c = o.col(j);
@@ -378,14 +399,14 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         const long long idx = static_cast<long long>(m0) * p.out + e;
         float sum = 0.0f;
         for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride + p.ws + idx);
-        dw[l][idx] = sum;
+        dw_l[idx] = sum;
     }
     if (m0 == 0) {
         for (int c = threadIdx.x; c < p.out; c += F::THREADS) {
             float sum = 0.0f;
             for (int s = 0; s < splits; ++s)
                 sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride + p.ws + dw_size + c);
-            db[l][c] = sum;
+            db_l[c] = sum;
         }
     }
     if (threadIdx.x == 0) tickets[blockIdx.x] = 0u;  // ready for the next launch

@@ -65,6 +65,21 @@ Optimizer updates (fused, in place, one launch per parameter)
         param -= lr * (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)``. PyTorch's semantics.
         Records ``adam_update``.
 
+Optional capability: the fused MLP (the cupy backend; the others do not have it)
+    A backend with ``FUSED_MLP_MAX_WIDTH`` (and ``FUSED_MLP_MAX_LAYERS``) runs a whole model
+    whose layers are all at most that many outputs wide through three functions;
+    ``Sequential`` looks for the attribute, never at the backend's name.
+    ``fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output) -> (y, inputs, act_inputs)``
+        every layer in one launch; per layer, ``keep_input`` keeps its input (for dW) and
+        ``keep_output`` what act' reads (the output, or z for gelu/gelu_tanh); the kept arrays
+        come back per layer, None where not kept. Records ``fused_mlp_fwd`` (and
+        ``softmax_fwd`` for a softmax head).
+    ``fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db) -> dx``
+        ``need_dx``/``need_dw`` per layer as for ``dense_backward``; fills ``out_dw[l]``,
+        ``out_db[l]`` of layers with ``need_dw[l]``; returns dX of the input when
+        ``need_dx[0]``, else None. Records exactly ``fused_backward_kernels(acts[-1], need_dw)``:
+        ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
+
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an
 array library directly, so one model runs unchanged on every backend.
