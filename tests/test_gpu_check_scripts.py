@@ -207,6 +207,7 @@ def all_ratio_benchmarks(gs) -> dict:
         (gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
         (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
         (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
+        (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
         (gs.FROZEN_STEP, "gpubp-cupy"): 1.1, (gs.FROZEN_FORWARD, "gpubp-cupy"): 1.0,
     }
 
@@ -217,6 +218,8 @@ def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs)
         "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS 3 ms: gpubp faster
         "step_1024_vs_torch_eager": 2.0,  # gpubp 4 ms, torch 8 ms
         "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
+        "mlp64_step_vs_torch_compile": 0.4,  # gpubp 10 ms, torch.compile 4 ms
+        "mlp64_step_fused_vs_per_layer": 2.0,  # fused 10 ms, per-layer 20 ms
         "numba_vs_cupy_1024": 0.25,  # cupy 4 ms, numba 16 ms: cupy faster
         "frozen_step_vs_forward": 1.1,  # frozen step 1.1 ms over a 1.0 ms forward
     }
@@ -331,6 +334,15 @@ def test_the_torch_train_step_updates_the_weights(dense):
     before = [p.detach().clone() for p in model.parameters()]
     step()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_torch_frozen_backbone_step_updates_only_the_head(dense):
+    torch = pytest.importorskip("torch")
+    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 5, 4], 8, frozen_backbone=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert changed == [False, False, False, False, True, True]
 
 
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason="a GPU is present: the benchmarks would run")
