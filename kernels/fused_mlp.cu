@@ -1,4 +1,4 @@
-// A whole narrow MLP in three launches, fp32:
+// A whole narrow MLP in three launches, fp32 or on tensor cores (tf32, bf16):
 //
 //   fused_mlp_fwd:  h_0 = x;  z_l = h_l @ W_l + b_l;  h_{l+1} = act_l(z_l)   for l = 0 .. L-1
 //   fused_mlp_bwd:  g = dy;  for l = top .. lo:  dz_l = g * act_l'(h_{l+1} or z_l);  g = dz_l @ W_l^T
@@ -28,10 +28,21 @@
 //   (as dense_backward.cu's dW does): deterministic, no float atomics.
 //
 // Tiles and threads (all three kernels): THREADS = 128 threads compute a ROWS x MAX_WIDTH = 32 x
-// 128 output tile as 8 row groups x 16 column groups; thread (rg, cg) owns rows rg + 8 i (i < 4)
-// and columns cg + 16 j (j < 8), so a warp reads 16 consecutive columns of a staged weight row
-// (no bank conflicts) and 2 broadcast activation values per k. The reduction dimension is staged
-// KC = 16 deep per step.
+// 128 output tile, 32 fp32 accumulators per thread, from operands staged KC = 16 deep in shared
+// memory. Who owns which element, and how a staged chunk is multiplied, is the precision's
+// product policy; everything else is shared:
+// - SimtFp32 (fused_mlp_*): fp32 FMA on the CUDA cores; 8 row groups x 16 column groups, thread
+//   (rg, cg) owns rows rg + 8 v (v < 4) and columns cg + 16 j (j < 8), so a warp reads 16
+//   consecutive columns of a staged weight row (no bank conflicts) and 2 broadcast activations.
+// - MmaTf32 / MmaBf16 (fused_mlp_*_tf32, fused_mlp_*_bf16; sm_80 and newer, kernels/mma.cuh):
+//   warp w owns rows 16 (w % 2) .. +16 and columns 64 (w / 2) .. +64 as 8 m16n8 accumulator
+//   tiles; per KC chunk tf32 issues 2 mma.m16n8k8 per tile, bf16 one mma.m16n8k16. Operands are
+//   rounded from the fp32 stages as fragments load (cvt.rna to tf32; round-to-nearest-even to
+//   bf16); weights, stored activations and gradients stay fp32 in memory, and every sum
+//   accumulates in fp32. Error: each product carries its operands' rounding (2^-11 relative for
+//   tf32, 2^-9 for bf16), per layer about that times sqrt(K) max|a| max|b|, so relative to the
+//   largest value of each result about 2e-3 (tf32) and 1e-2 (bf16) per layer on random data;
+//   tests/test_kernels_on_cpu.py bounds whole models at FUSED_TOLERANCE.
 // Shared memory per block: fwd and bwd two activation buffers 2 x ROWS x LDH floats (LDH = 144:
 // rows 16 banks apart, so the epilogue's two rows per warp store without conflicts) plus a
 // KC x MAX_WIDTH weight stage, and fwd a ROWS x KC x stage: 46 KB. dw: a KC x ROWS input stage
@@ -47,6 +58,7 @@
 // first blocks), its stored rows once. Backward block: its dy rows, the stored act' inputs of
 // its rows, every W_l in the span, its dz rows out. dW block: its split's rows of h_l and dz_l.
 #include "activations.cuh"
+#include "mma.cuh"
 
 namespace gpubp {
 
@@ -55,9 +67,6 @@ struct Fused {
     static constexpr int MAX_WIDTH = 128;
     static constexpr int ROWS = 32;     // batch rows per fwd/bwd block; W_l rows per dw block
     static constexpr int THREADS = 128;
-    static constexpr int ROW_GROUPS = 8, COL_GROUPS = 16;
-    static constexpr int THREAD_ROWS = ROWS / ROW_GROUPS;       // 4
-    static constexpr int THREAD_COLS = MAX_WIDTH / COL_GROUPS;  // 8
     static constexpr int KC = 16;
     static constexpr int LDH = MAX_WIDTH + 16;
 };
@@ -131,40 +140,94 @@ __device__ __forceinline__ T layer_slot(const T (&a)[Fused::MAX_LAYERS], int l) 
 
 __device__ __forceinline__ bool needs_z(int act) { return act == ACT_GELU || act == ACT_GELU_TANH; }
 
-// The rows and columns of the ROWS x MAX_WIDTH output tile one thread owns.
-struct Owned {
-    int rg, cg;
-    __device__ static Owned of(int tid) { return {tid / Fused::COL_GROUPS, tid % Fused::COL_GROUPS}; }
-    __device__ int row(int i) const { return rg + Fused::ROW_GROUPS * i; }
-    __device__ int col(int j) const { return cg + Fused::COL_GROUPS * j; }
-};
-
-using Acc = float[Fused::THREAD_ROWS][Fused::THREAD_COLS];
+// Every product policy: 32 accumulators per thread, acc[j][v] at tile row row(j, v) and column
+// col(j, v) (each element of the ROWS x MAX_WIDTH tile owned by exactly one thread), and
+// accumulate(acc, a, row_stride, k_stride, ws): acc(r, c) += sum_{k < KC} A(r, k) Ws[k][c], with
+// A(r, k) = a[r * row_stride + k * k_stride] and Ws a KC x MAX_WIDTH chunk, both in shared memory.
+constexpr int ACC_J = 8, ACC_V = 4;
+using Acc = float[ACC_J][ACC_V];
 
 __device__ __forceinline__ void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < Fused::THREAD_ROWS; ++i)
+    for (int j = 0; j < ACC_J; ++j)
 #pragma unroll
-        for (int j = 0; j < Fused::THREAD_COLS; ++j) acc[i][j] = 0.0f;
+        for (int v = 0; v < ACC_V; ++v) acc[j][v] = 0.0f;
 }
 
-// acc(r, c) += sum_{k < KC} A(r, k) Ws[k][c], with A(r, k) = a[r * row_stride + k * k_stride] in
-// shared memory and Ws a staged KC x MAX_WIDTH chunk (rows past the chunk's depth are zero).
-__device__ __forceinline__ void accumulate_chunk(Acc& acc, const float* a, int row_stride, int k_stride,
-                                                 const float* ws, const Owned& o) {
+struct SimtFp32 {
+    static constexpr int COL_GROUPS = 16, ROW_GROUPS = 8;
+    int rg, cg;
+    __device__ static SimtFp32 of(int tid) { return {tid / COL_GROUPS, tid % COL_GROUPS}; }
+    __device__ int row(int, int v) const { return rg + ROW_GROUPS * v; }
+    __device__ int col(int j, int) const { return cg + COL_GROUPS * j; }
+    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
 #pragma unroll 4
-    for (int k = 0; k < Fused::KC; ++k) {
-        float av[Fused::THREAD_ROWS], bv[Fused::THREAD_COLS];
+        for (int k = 0; k < Fused::KC; ++k) {
+            float av[ACC_V], bv[ACC_J];
 #pragma unroll
-        for (int i = 0; i < Fused::THREAD_ROWS; ++i) av[i] = a[o.row(i) * row_stride + k * k_stride];
+            for (int v = 0; v < ACC_V; ++v) av[v] = a[row(0, v) * row_stride + k * k_stride];
 #pragma unroll
-        for (int j = 0; j < Fused::THREAD_COLS; ++j) bv[j] = ws[k * Fused::MAX_WIDTH + o.col(j)];
+            for (int j = 0; j < ACC_J; ++j) bv[j] = ws[k * Fused::MAX_WIDTH + col(j, 0)];
 #pragma unroll
-        for (int i = 0; i < Fused::THREAD_ROWS; ++i)
+            for (int j = 0; j < ACC_J; ++j)
 #pragma unroll
-            for (int j = 0; j < Fused::THREAD_COLS; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                for (int v = 0; v < ACC_V; ++v) acc[j][v] = fmaf(av[v], bv[j], acc[j][v]);
+        }
     }
-}
+};
+
+// Tensor-core tiles: acc[j] is the m16n8 accumulator of columns n_base + 8 j, its four values at
+// (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1) of the tile (kernels/mma.cuh's C layout).
+struct MmaTile {
+    static constexpr int WARP_ROWS = 16, WARP_COLS = 64, MMA_N = 8;
+    int m_base, n_base, g, t;
+    __device__ static MmaTile of(int tid) {
+        const int warp = tid / 32, lane = tid % 32;
+        return {WARP_ROWS * (warp % 2), WARP_COLS * (warp / 2), lane >> 2, lane & 3};
+    }
+    __device__ int row(int, int v) const { return m_base + g + 8 * (v >> 1); }
+    __device__ int col(int j, int v) const { return n_base + MMA_N * j + 2 * t + (v & 1); }
+};
+
+struct MmaTf32 : MmaTile {
+    static constexpr int MMA_K = 8;
+    __device__ static MmaTf32 of(int tid) { return {MmaTile::of(tid)}; }
+    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
+#pragma unroll
+        for (int k = 0; k < Fused::KC; k += MMA_K) {
+            const float* a0 = a + (m_base + g) * row_stride + (k + t) * k_stride;
+            const unsigned int fa[4] = {to_tf32(a0[0]), to_tf32(a0[8 * row_stride]), to_tf32(a0[4 * k_stride]),
+                                        to_tf32(a0[8 * row_stride + 4 * k_stride])};
+#pragma unroll
+            for (int j = 0; j < ACC_J; ++j) {
+                const float* b0 = ws + (k + t) * Fused::MAX_WIDTH + n_base + MMA_N * j + g;
+                const unsigned int fb[2] = {to_tf32(b0[0]), to_tf32(b0[4 * Fused::MAX_WIDTH])};
+                mma_m16n8k8_tf32(acc[j], fa, fb, acc[j]);
+            }
+        }
+    }
+};
+
+struct MmaBf16 : MmaTile {
+    static constexpr int MMA_K = 16;
+    static_assert(Fused::KC == MMA_K, "one m16n8k16 step per staged chunk");
+    __device__ static MmaBf16 of(int tid) { return {MmaTile::of(tid)}; }
+    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
+        // A value (r, k) at a[r * row_stride + k * k_stride]; registers hold (k, k + 1) pairs.
+        const float* a0 = a + (m_base + g) * row_stride + 2 * t * k_stride;
+        const float* a8 = a0 + 8 * row_stride;
+        const unsigned int fa[4] = {
+            pack_bf16x2(a0[0], a0[k_stride]), pack_bf16x2(a8[0], a8[k_stride]),
+            pack_bf16x2(a0[8 * k_stride], a0[9 * k_stride]), pack_bf16x2(a8[8 * k_stride], a8[9 * k_stride])};
+#pragma unroll
+        for (int j = 0; j < ACC_J; ++j) {
+            const float* b0 = ws + 2 * t * Fused::MAX_WIDTH + n_base + MMA_N * j + g;
+            const unsigned int fb[2] = {pack_bf16x2(b0[0], b0[Fused::MAX_WIDTH]),
+                                        pack_bf16x2(b0[8 * Fused::MAX_WIDTH], b0[9 * Fused::MAX_WIDTH])};
+            mma_m16n8k16_bf16(acc[j], fa, fb, acc[j]);
+        }
+    }
+};
 
 // Ws[k][c] = W[k0 + k][c] for a row-major (K, N) W (zero outside it): one KC-deep chunk of W_l.
 __device__ __forceinline__ void stage_weight_rows(float* ws, const float* __restrict__ w, int k0, int K, int N) {
@@ -194,6 +257,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const float* __re
     }
 }
 
+template <class P>
 __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
                                             const float* const (&b)[Fused::MAX_LAYERS],
                                             float* const (&hout)[Fused::MAX_LAYERS],
@@ -204,7 +268,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
     __shared__ float Ws[F::KC * F::MAX_WIDTH];
     __shared__ float Xs[F::ROWS * F::KC];
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
-    const Owned o = Owned::of(threadIdx.x);
+    const P o = P::of(threadIdx.x);
     const int layers = plan[PLAN_LAYERS];
     int cur = 0;
     for (int l = 0; l < layers; ++l) {
@@ -225,23 +289,21 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
             }
             __syncthreads();  // the stages, and the previous layer's epilogue, are complete
             if (l == 0) {
-                accumulate_chunk(acc, Xs, F::KC, 1, Ws, o);
+                o.accumulate(acc, Xs, F::KC, 1, Ws);
             } else {
-                accumulate_chunk(acc, H[cur] + k0, F::LDH, 1, Ws, o);
+                o.accumulate(acc, H[cur] + k0, F::LDH, 1, Ws);
             }
             __syncthreads();
         }
         const bool last = l == layers - 1;
         float* next = H[cur ^ 1];
 #pragma unroll
-        for (int j = 0; j < F::THREAD_COLS; ++j) {
-            const int c = o.col(j);
-            const bool valid = c < p.out;
-            const float bias = valid ? bl[c] : 0.0f;
+        for (int j = 0; j < ACC_J; ++j) {
 #pragma unroll
-            for (int i = 0; i < F::THREAD_ROWS; ++i) {
-                const int r = o.row(i);
-                const float z = acc[i][j] + bias;
+            for (int v = 0; v < ACC_V; ++v) {
+                const int r = o.row(j, v), c = o.col(j, v);
+                const bool valid = c < p.out;
+                const float z = acc[j][v] + (valid ? bl[c] : 0.0f);
                 const float h = act_forward_id(p.act, z);
                 // Columns past the width are zeros: the next layer's last K chunk reads them.
                 if (!last) next[r * F::LDH + c] = valid ? h : 0.0f;
@@ -255,6 +317,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
     }
 }
 
+template <class P>
 __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float* __restrict__ dx,
                                              const float* const (&w)[Fused::MAX_LAYERS],
                                              const float* const (&act_in)[Fused::MAX_LAYERS],
@@ -264,7 +327,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     __shared__ float G[2][F::ROWS * F::LDH];
     __shared__ float Ws[F::KC * F::MAX_WIDTH];
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
-    const Owned o = Owned::of(threadIdx.x);
+    const P o = P::of(threadIdx.x);
     const int top = plan[PLAN_LAYERS] - 1, lowest = plan[PLAN_LOWEST];
     const bool input_grad = plan[PLAN_INPUT_GRAD] != 0;
     int cur = 0;
@@ -276,14 +339,13 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
         float* dz_l = layer_slot(dz, l);
         // dz = g * act'(.) in place, each thread on the elements it owns.
 #pragma unroll
-        for (int j = 0; j < F::THREAD_COLS; ++j) {
-            const int c = o.col(j);
-            if (c >= p.out) continue;
+        for (int j = 0; j < ACC_J; ++j) {
 #pragma unroll
-            for (int i = 0; i < F::THREAD_ROWS; ++i) {
-                const long long row = row0 + o.row(i);
-                if (row >= B) continue;
-                float& g = G[cur][o.row(i) * F::LDH + c];
+            for (int v = 0; v < ACC_V; ++v) {
+                const int c = o.col(j, v);
+                const long long row = row0 + o.row(j, v);
+                if (c >= p.out || row >= B) continue;
+                float& g = G[cur][o.row(j, v) * F::LDH + c];
                 if (p.act != ACT_IDENTITY) {
                     const float saved = saved_l[row * p.out + c];
                     g *= needs_z(p.act) ? act_grad_id(p.act, 0.0f, saved) : act_grad_id(p.act, saved, 0.0f);
@@ -301,19 +363,18 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
             for (int k0 = 0; k0 < p.out; k0 += F::KC) {
                 stage_weight_cols(Ws, wl, k0, p.out, n0, p.in);
                 __syncthreads();
-                accumulate_chunk(acc, G[cur] + k0, F::LDH, 1, Ws, o);
+                o.accumulate(acc, G[cur] + k0, F::LDH, 1, Ws);
                 __syncthreads();
             }
 #pragma unroll
-            for (int j = 0; j < F::THREAD_COLS; ++j) {
-                const int c = n0 + o.col(j);
+            for (int j = 0; j < ACC_J; ++j) {
 #pragma unroll
-                for (int i = 0; i < F::THREAD_ROWS; ++i) {
-                    const int r = o.row(i);
+                for (int v = 0; v < ACC_V; ++v) {
+                    const int r = o.row(j, v), c = n0 + o.col(j, v);
                     if (l > 0) {  // zeros past the width, as in forward
-                        next[r * F::LDH + c] = c < p.in ? acc[i][j] : 0.0f;
+                        next[r * F::LDH + c] = c < p.in ? acc[j][v] : 0.0f;
                     } else if (c < p.in && row0 + r < B) {
-                        dx[(row0 + r) * p.in + c] = acc[i][j];
+                        dx[(row0 + r) * p.in + c] = acc[j][v];
                     }
                 }
             }
@@ -322,6 +383,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     }
 }
 
+template <class P>
 __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::MAX_LAYERS],
                                                  const float* const (&dz)[Fused::MAX_LAYERS],
                                                  float* const (&dw)[Fused::MAX_LAYERS],
@@ -346,12 +408,13 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * F::ROWS;
     const long long k_begin = static_cast<long long>(blockIdx.y) * k_chunk;
     const long long k_end = k_begin + k_chunk < B ? k_begin + k_chunk : B;
-    const Owned o = Owned::of(threadIdx.x);
-    const bool owns_db = m0 == 0 && o.rg == 0;  // one thread per column of the layer
+    const P o = P::of(threadIdx.x);
+    static_assert(Fused::THREADS == Fused::MAX_WIDTH, "db: one thread per column");
+    const bool owns_db = m0 == 0 && static_cast<int>(threadIdx.x) < p.out;  // db[threadIdx.x], in fp32
 
     Acc acc;
     zero(acc);
-    float colsum[F::THREAD_COLS] = {};
+    float colsum = 0.0f;
     for (long long b0 = k_begin; b0 < k_end; b0 += F::KC) {
         for (int e = threadIdx.x; e < F::KC * F::ROWS; e += F::THREADS) {
             const int k = e / F::ROWS, r = e % F::ROWS;
@@ -362,11 +425,9 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
             Ds[e] = b0 + k < k_end && c < p.out ? dz_l[(b0 + k) * p.out + c] : 0.0f;
         }
         __syncthreads();
-        accumulate_chunk(acc, Hs, 1, F::ROWS, Ds, o);
+        o.accumulate(acc, Hs, 1, F::ROWS, Ds);
         if (owns_db) {
-            for (int k = 0; k < F::KC; ++k)
-#pragma unroll
-                for (int j = 0; j < F::THREAD_COLS; ++j) colsum[j] += Ds[k * F::MAX_WIDTH + o.col(j)];
+            for (int k = 0; k < F::KC; ++k) colsum += Ds[k * F::MAX_WIDTH + threadIdx.x];
         }
         __syncthreads();
     }
@@ -375,16 +436,14 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     float* dw_out = splits == 1 ? dw_l : ws + static_cast<long long>(blockIdx.y) * ws_split_stride + p.ws;
     float* db_out = splits == 1 ? db_l : dw_out + dw_size;
 #pragma unroll
-    for (int j = 0; j < F::THREAD_COLS; ++j) {
-        const int c = o.col(j);
-        if (c >= p.out) continue;
+    for (int j = 0; j < ACC_J; ++j) {
 #pragma unroll
-        for (int i = 0; i < F::THREAD_ROWS; ++i) {
-            const int r = m0 + o.row(i);
-            if (r < p.in) dw_out[static_cast<long long>(r) * p.out + c] = acc[i][j];
+        for (int v = 0; v < ACC_V; ++v) {
+            const int r = m0 + o.row(j, v), c = o.col(j, v);
+            if (r < p.in && c < p.out) dw_out[static_cast<long long>(r) * p.out + c] = acc[j][v];
         }
-        if (owns_db) db_out[c] = colsum[j];
     }
+    if (owns_db) db_out[threadIdx.x] = colsum;
     if (splits == 1) return;
 
     // Publish this partial, take a ticket; the last block of the tile sums them in split order.
@@ -415,39 +474,43 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
 }  // namespace gpubp
 
 // The entry points take MAX_LAYERS pointers per per-layer array (kernel arguments, so a step
-// needs no host-to-device copy of a pointer table).
+// needs no host-to-device copy of a pointer table); one set per precision.
 #define GPUBP_LAYER_PTRS(T, NAME) T NAME##0, T NAME##1, T NAME##2, T NAME##3, T NAME##4, T NAME##5, T NAME##6, T NAME##7
 #define GPUBP_LAYER_ARRAY(T, NAME) \
     T const NAME[gpubp::Fused::MAX_LAYERS] = {NAME##0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6, NAME##7}
 
-extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)
-    fused_mlp_fwd(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, b),
-                  GPUBP_LAYER_PTRS(float*, hout), GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan,
-                  int B) {
-    GPUBP_LAYER_ARRAY(const float*, w);
-    GPUBP_LAYER_ARRAY(const float*, b);
-    GPUBP_LAYER_ARRAY(float*, hout);
-    GPUBP_LAYER_ARRAY(float*, zout);
-    gpubp::mlp_forward(x, w, b, hout, zout, plan, B);
-}
+#define GPUBP_FUSED_MLP_ENTRIES(SUFFIX, POLICY)                                                                      \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
+        fused_mlp_fwd##SUFFIX(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),                        \
+                              GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),                     \
+                              GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {                 \
+        GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
+        GPUBP_LAYER_ARRAY(const float*, b);                                                                          \
+        GPUBP_LAYER_ARRAY(float*, hout);                                                                             \
+        GPUBP_LAYER_ARRAY(float*, zout);                                                                             \
+        gpubp::mlp_forward<POLICY>(x, w, b, hout, zout, plan, B);                                                    \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
+        fused_mlp_bwd##SUFFIX(const float* __restrict__ dy, float* __restrict__ dx, GPUBP_LAYER_PTRS(const float*, w), \
+                              GPUBP_LAYER_PTRS(const float*, act_in), GPUBP_LAYER_PTRS(float*, dz),                  \
+                              const int* __restrict__ plan, int B) {                                                 \
+        GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
+        GPUBP_LAYER_ARRAY(const float*, act_in);                                                                     \
+        GPUBP_LAYER_ARRAY(float*, dz);                                                                               \
+        gpubp::mlp_backward<POLICY>(dy, dx, w, act_in, dz, plan, B);                                                 \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
+        fused_mlp_dw##SUFFIX(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz),                  \
+                             GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws,     \
+                             unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk,  \
+                             int splits, int ws_split_stride) {                                                      \
+        GPUBP_LAYER_ARRAY(const float*, h);                                                                          \
+        GPUBP_LAYER_ARRAY(const float*, dz);                                                                         \
+        GPUBP_LAYER_ARRAY(float*, dw);                                                                               \
+        GPUBP_LAYER_ARRAY(float*, db);                                                                               \
+        gpubp::mlp_weight_grads<POLICY>(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);      \
+    }
 
-extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)
-    fused_mlp_bwd(const float* __restrict__ dy, float* __restrict__ dx, GPUBP_LAYER_PTRS(const float*, w),
-                  GPUBP_LAYER_PTRS(const float*, act_in), GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan,
-                  int B) {
-    GPUBP_LAYER_ARRAY(const float*, w);
-    GPUBP_LAYER_ARRAY(const float*, act_in);
-    GPUBP_LAYER_ARRAY(float*, dz);
-    gpubp::mlp_backward(dy, dx, w, act_in, dz, plan, B);
-}
-
-extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)
-    fused_mlp_dw(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz), GPUBP_LAYER_PTRS(float*, dw),
-                 GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws, unsigned int* __restrict__ tickets,
-                 const int* __restrict__ plan, int B, int k_chunk, int splits, int ws_split_stride) {
-    GPUBP_LAYER_ARRAY(const float*, h);
-    GPUBP_LAYER_ARRAY(const float*, dz);
-    GPUBP_LAYER_ARRAY(float*, dw);
-    GPUBP_LAYER_ARRAY(float*, db);
-    gpubp::mlp_weight_grads(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);
-}
+GPUBP_FUSED_MLP_ENTRIES(, gpubp::SimtFp32)
+GPUBP_FUSED_MLP_ENTRIES(_tf32, gpubp::MmaTf32)
+GPUBP_FUSED_MLP_ENTRIES(_bf16, gpubp::MmaBf16)

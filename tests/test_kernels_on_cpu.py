@@ -108,7 +108,8 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
              "sumsq", "scale_inplace"}
-    names |= {"fused_mlp_fwd", "fused_mlp_bwd", "fused_mlp_dw"}
+    names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
+              for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
         names.add(f"dense_fwd_tf32_{act}")
         for tile in cupy_backend.GEMM_TILES:
@@ -304,18 +305,32 @@ def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
     return hs[-1], g if need_dx[0] else None, grads
 
 
-def run_fused(cb, x, ws, bs, acts, dy, need_dx, need_dw):
+def run_fused(cb, x, ws, bs, acts, dy, need_dx, need_dw, precision="fp32"):
     keep_input = list(need_dw)
     lowest = min(i for i in range(len(ws)) if need_dx[i] or need_dw[i])
     keep_output = [i >= lowest and act != "identity" for i, act in enumerate(acts)]
     dev = cb.asarray
     y, inputs, act_inputs = cb.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
-                                                 keep_input, keep_output)
+                                                 keep_input, keep_output, precision)
     out_dw = [cb.empty(w.shape) if need else None for w, need in zip(ws, need_dw)]
     out_db = [cb.empty(b.shape) if need else None for b, need in zip(bs, need_dw)]
     dx = cb.fused_mlp_backward(dev(dy), [dev(w) for w in ws], acts, inputs, act_inputs, need_dx, need_dw,
-                               out_dw, out_db)
+                               out_dw, out_db, precision)
     return y, inputs, act_inputs, dx, out_dw, out_db
+
+
+def reference_backward_at(ws, acts, inputs, act_inputs, dy, need_dx, need_dw):
+    """The NumPy backend's backward in float64, differentiating at the arrays a fused forward kept."""
+    host = [[None if a is None else np.asarray(a, np.float64) for a in arrays] for arrays in (inputs, act_inputs)]
+    g, grads = dy.astype(np.float64), [None] * len(ws)
+    for i in range(len(ws) - 1, -1, -1):
+        if not (need_dx[i] or need_dw[i]):
+            break
+        y_or_z = host[1][i]
+        y, z = (None, y_or_z) if acts[i] in NEEDS_Z else (y_or_z, None)
+        g, dw, db = ref.dense_backward(g, host[0][i], ws[i].astype(np.float64), y, z, acts[i], need_dx[i], need_dw[i])
+        grads[i] = (dw, db) if need_dw[i] else None
+    return g if need_dx[0] else None, grads
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
@@ -342,6 +357,56 @@ def test_fused_mlp_matches_numpy(cb_h100, rng, case):
         else:
             close(cb_h100.to_host(dws[i]), want[0], FUSED_RTOL)
             close(cb_h100.to_host(dbs[i]), want[1], FUSED_RTOL)
+
+
+# Tensor-core precisions (kernels/fused_mlp.cu): relative to the largest magnitude of each result,
+# the forward against float64, the gradients against the float64 backward taken at the arrays the
+# fused forward kept (a rounded forward may move a pre-activation across relu's kink, which
+# changes the gradient by a whole term: that is the forward's error, bounded above, not the
+# backward kernels'). Measured worst cases over FUSED_CASES: tf32 1.5e-3, bf16 1.1e-2.
+FUSED_TOLERANCE = {"tf32": 3e-3, "bf16": 2e-2}
+PRECISION_CASES = [name for name in FUSED_CASES if name != "batch_1000"]
+if SANITIZED:
+    PRECISION_CASES = ["act_gelu", "widths_wide_input"]
+
+
+@pytest.mark.parametrize("case", PRECISION_CASES)
+@pytest.mark.parametrize("precision", FUSED_TOLERANCE)
+def test_fused_mlp_on_tensor_cores_is_within_its_tolerance(cb_h100, rng, precision, case):
+    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
+    acts = acts[: len(widths)]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    ws, bs = mlp_params(rng, n_in, widths)
+    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
+    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    y_ref, _, _ = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
+    with trace() as t:
+        y, inputs, act_inputs, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw, precision)
+    assert t.launches[0] == "fused_mlp_fwd" and t.launches[-len(cb_h100.fused_backward_kernels(acts[-1], need_dw)):] \
+        == cb_h100.fused_backward_kernels(acts[-1], need_dw)
+    tol = FUSED_TOLERANCE[precision]
+    close(cb_h100.to_host(y), y_ref, tol)
+    host = [[None if a is None else cb_h100.to_host(a) for a in arrays] for arrays in (inputs, act_inputs)]
+    dx_ref, grads_ref = reference_backward_at(ws, acts, *host, dy, need_dx, need_dw)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, tol)
+    for i, want in enumerate(grads_ref):
+        if want is not None:
+            close(cb_h100.to_host(dws[i]), want[0], tol)
+            close(cb_h100.to_host(dbs[i]), want[1], tol)
+
+
+@pytest.mark.parametrize("precision, step", [("tf32", 2.0**-12), ("bf16", 2.0**-9)])
+def test_fused_tensor_core_precisions_round_their_operands(cb_h100, precision, step):
+    """Not fp32 in disguise: an input the precision cannot hold comes out rounded."""
+    x = np.full((3, 2), 1.0 + step, np.float32)  # rounds to 1 in the precision (a tie goes to even in bf16)
+    w, b = np.ones((2, 2), np.float32), np.zeros(2, np.float32)
+    y, _, _ = cb_h100.fused_mlp_forward(cb_h100.asarray(x), [cb_h100.asarray(w)], [cb_h100.asarray(b)], ["identity"],
+                                        [False], [False], precision)
+    assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0, np.float32))
+    y, _, _ = cb_h100.fused_mlp_forward(cb_h100.asarray(x), [cb_h100.asarray(w)], [cb_h100.asarray(b)], ["identity"],
+                                        [False], [False])
+    assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0 + 2 * step, np.float32))
 
 
 def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
@@ -628,6 +693,11 @@ PLANTED_BUGS = {
         "w[static_cast<long long>(n0 + c) * K + k0 + k]",
         "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
         "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
+    "fused: wrong tf32 fragment index": (
+        "fused_mlp.cu",
+        "to_tf32(a0[4 * k_stride])",
+        "to_tf32(a0[0])",
+        "plain", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "max error"),
 }
 
 

@@ -91,6 +91,8 @@ FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
 FUSED_ROWS, FUSED_THREADS = 32, 128
 _PLAN_HEAD = 4
+# precision -> kernel name suffix; tf32 and bf16 run on tensor cores (sm_80 and newer)
+FUSED_PRECISIONS = {"fp32": "", "tf32": "_tf32", "bf16": "_bf16"}
 _STORE_H, _STORE_Z, _TRAINABLE = 1, 2, 4
 _TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
 
@@ -563,7 +565,7 @@ def _layer_slots(arrays, stand_in) -> list:
     return [stand_in if a is None else a for a in arrays]
 
 
-def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output):
+def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precision="fp32"):
     """The whole forward of a narrow MLP in one launch (``fused_mlp_fwd``).
 
     ``x`` (B, in); per layer ``weights[l]`` (in_l, out_l) with out_l <= FUSED_MLP_MAX_WIDTH,
@@ -571,7 +573,9 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output):
     applied after the kernel). ``keep_input[l]``: keep h_l (the layer's input, for its dW);
     ``keep_output[l]``: keep what act_l' reads (h_{l+1}, or z_l for gelu and gelu_tanh).
     Returns ``(y, inputs, act_inputs)``: the output (B, out) and, per layer, the kept arrays
-    (None where not kept); nothing else is written to memory."""
+    (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
+    "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
+    memory; kernels/fused_mlp.cu gives their error)."""
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
@@ -591,7 +595,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output):
         flags.append(flag | (_STORE_H if hout[i] is not None else 0) | (_STORE_Z if wants_z else 0))
     plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
     record("fused_mlp_fwd")
-    _kernel("fused_mlp.cu", "fused_mlp_fwd")(
+    _kernel("fused_mlp.cu", "fused_mlp_fwd" + FUSED_PRECISIONS[precision])(
         (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
         (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
          plan, np.int32(batch)),
@@ -610,7 +614,7 @@ def fused_backward_kernels(last_act, need_dw) -> list[str]:
     return softmax + ["fused_mlp_bwd"] + (["fused_mlp_dw"] if any(need_dw) else [])
 
 
-def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db):
+def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db, precision="fp32"):
     """Backward of ``fused_mlp_forward`` in two launches (``fused_mlp_bwd``, ``fused_mlp_dw``).
 
     ``need_dx``/``need_dw`` per layer as for ``dense_backward`` (at least one layer needs
@@ -634,7 +638,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
     record("fused_mlp_bwd")
-    _kernel("fused_mlp.cu", "fused_mlp_bwd")(
+    _kernel("fused_mlp.cu", "fused_mlp_bwd" + FUSED_PRECISIONS[precision])(
         (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
         (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
          *_layer_slots(dz, dy), plan, np.int32(batch)),
@@ -644,7 +648,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
         tickets = _state()["tickets"][1:]
         ws = _workspace(splits * ws_stride) if splits > 1 else dy
         record("fused_mlp_dw")
-        _kernel("fused_mlp.cu", "fused_mlp_dw")(
+        _kernel("fused_mlp.cu", "fused_mlp_dw" + FUSED_PRECISIONS[precision])(
             (tiles, splits), (FUSED_THREADS,),
             (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
              ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
