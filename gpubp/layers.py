@@ -30,6 +30,7 @@ from gpubp.backends import numpy_backend
 from gpubp.parameter import Parameter
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class _Buffers:
@@ -229,7 +230,9 @@ class Sequential:
     ``fused``: "auto" runs the whole model as one fused forward kernel and two backward
     kernels where the backend has them (cupy) and every layer fits them (at most 8 layers,
     each at most 128 outputs wide); True insists (a ValueError says why it cannot); False
-    always runs one layer at a time.
+    always runs one layer at a time. ``precision``: "fp32", or "tf32" / "bf16" for the fused
+    kernels' products on tensor cores (fp32 accumulation and fp32 weights; about 2e-3 and 1e-2
+    relative error per layer, see kernels/fused_mlp.cu), which needs the fused path.
     """
 
     def __init__(
@@ -239,6 +242,7 @@ class Sequential:
         backend: str = "auto",
         dtype=None,
         fused="auto",
+        precision: str = "fp32",
     ) -> None:
         self.layers: list[Dense] = list(layers)
         for i, layer in enumerate(self.layers):
@@ -269,6 +273,9 @@ class Sequential:
         self._stored_plan = None
         self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.fused = fused
 
     # --------------------------------------------------------------------- container
@@ -282,7 +289,8 @@ class Sequential:
     def __getitem__(self, index):
         """A layer, or for a slice a Sequential sharing these layers (no copies)."""
         if isinstance(index, slice):
-            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype, fused=self.fused)
+            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype, fused=self.fused,
+                              precision=self.precision)
         return self.layers[index]
 
     @property
@@ -378,8 +386,12 @@ class Sequential:
         why_not = self.why_not_fused()
         if value is True and why_not is not None:
             raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")
+        uses_fused = value is not False and why_not is None
+        if self.precision != "fp32" and not uses_fused:
+            raise ValueError(f"precision={self.precision!r}: only the fused MLP kernels compute in it, and "
+                             f"{why_not or 'fused=False turns them off'}")
         self._fused = value
-        self.uses_fused = value is not False and why_not is None
+        self.uses_fused = uses_fused
 
     def why_not_fused(self) -> str | None:
         """None when this model fits the backend's fused MLP kernels, else why not."""
@@ -492,7 +504,7 @@ class Sequential:
         acts = self._applied(logits)
         y, inputs, act_inputs = self.backend.fused_mlp_forward(
             h, [layer.weight.data for layer in self.layers], [layer.bias.data for layer in self.layers], acts,
-            keeps_input, keeps_output)
+            keeps_input, keeps_output, self.precision)
         if training:
             self._fused_saved = (acts, inputs, act_inputs)
             for layer in self.layers:  # nothing of an earlier per-layer forward stays alive
@@ -543,7 +555,7 @@ class Sequential:
         out_db = [layer._buffers.get(self.backend, "db", layer.bias.shape, self.dtype) if dw else None
                   for layer, dw in zip(self.layers, need_dw)]
         dx = self.backend.fused_mlp_backward(dy, [layer.weight.data for layer in self.layers], acts, inputs,
-                                             act_inputs, need_dx, need_dw, out_dw, out_db)
+                                             act_inputs, need_dx, need_dw, out_dw, out_db, self.precision)
         for layer, dw, db in zip(self.layers, out_dw, out_db):
             if dw is not None:
                 layer.weight.grad = dw if layer.weight.trainable else None

@@ -517,6 +517,24 @@ def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_ke
         gb.Sequential(layers, backend="cupy", fused=True)
 
 
+@pytest.mark.skipif(SANITIZED, reason="the kernels' precisions are checked above")
+@pytest.mark.parametrize("precision", FUSED_TOLERANCE)
+def test_a_model_in_a_tensor_core_precision_trains_within_its_tolerance(cb_h100, rng, precision):
+    model, reference = narrow_model("cupy", precision=precision), narrow_model("numpy", dtype="float64")
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    dout = rng.standard_normal((FUSED_MODEL[1], 5)).astype(np.float32)
+    close(cb_h100.to_host(model.forward(x)), reference.forward(x), FUSED_TOLERANCE[precision])
+    model.backward(dout)
+    reference.backward(dout)
+    # The whole chain against float64 at float64's own activations: twice the kernel test's bound
+    # (measured: 1.2e-2 for bf16), since a relu mask may differ where a pre-activation is within
+    # rounding of 0.
+    for got, want in zip(model.parameters(), reference.parameters()):
+        close(cb_h100.to_host(got.grad), want.grad, 2 * FUSED_TOLERANCE[precision])
+    with pytest.raises(ValueError, match=f"precision='{precision}': .* fused=False turns them off"):
+        narrow_model("cupy", precision=precision, fused=False)
+
+
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
     model = narrow_model("cupy", fused=False)

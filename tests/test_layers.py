@@ -181,6 +181,18 @@ def test_fused_takes_auto_true_or_false_only(bad):
         gb.Sequential([gb.Dense(3, 4)], device="cpu", fused=bad)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_tensor_core_precision_without_the_fused_kernels_says_why(precision):
+    with pytest.raises(ValueError, match=f"precision='{precision}': only the fused MLP kernels compute in it, "
+                                         "and the 'numpy' backend has no fused MLP kernels"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", precision=precision)
+
+
+def test_an_unknown_precision_is_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32', 'bf16'\), got 'fp16'"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", precision="fp16")
+
+
 def test_float64_is_kept_on_the_cpu():
     model = mlp(dtype="float64")
     assert model.dtype == np.float64 and all(p.data.dtype == np.float64 for p in model.parameters())
