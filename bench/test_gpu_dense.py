@@ -10,6 +10,8 @@ through CuPy, ``allow_tf32 = False`` for PyTorch):
   fused MLP kernels fit (``gpubp-cupy`` takes them there)
 - ``torch``           PyTorch eager, when importable with CUDA
 - ``torch-compile``   the same module under ``torch.compile`` (the mlp64 step only)
+- ``gpubp-cupy-bf16`` / ``torch-bf16``  the mlp64 step with the fused kernels' products in bf16,
+  and PyTorch eager under ``torch.autocast(dtype=torch.bfloat16)``
 
 Workloads, each named in ``extra_info["workload"]`` (bench/gpu_summary.py reads its ratios
 from these names):
@@ -56,7 +58,7 @@ STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 6
 FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
 FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
 STEP_IMPLS = ["gpubp-cupy", "gpubp-numba", "torch"]
-MLP64_EXTRA_IMPLS = ["gpubp-cupy-per-layer", "torch-compile"]  # the fused kernels' baselines
+MLP64_EXTRA_IMPLS = ["gpubp-cupy-per-layer", "torch-compile", "gpubp-cupy-bf16", "torch-bf16"]
 FROZEN_IMPLS = ["gpubp-cupy", "gpubp-numba"]
 
 # Kernel-level workloads: name -> (layer widths, batch)
@@ -93,9 +95,9 @@ def cupy():
 
 
 def gpu_backend(impl: str):
-    """The backend module of ``impl`` ("gpubp-cupy[-per-layer]" or "gpubp-numba"), or skip saying why not."""
+    """The backend module of ``impl`` ("gpubp-cupy[-per-layer|-bf16]" or "gpubp-numba"), or skip saying why not."""
     try:
-        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer"))
+        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16"))
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -135,20 +137,20 @@ def classification_batch(widths, batch, seed=0):
     return rng.standard_normal((batch, widths[0]), dtype=np.float32), rng.integers(0, widths[-1], batch)
 
 
-def gpubp_model(backend: str, widths, fused="auto") -> gb.Sequential:
+def gpubp_model(backend: str, widths, fused="auto", precision="fp32") -> gb.Sequential:
     last = len(widths) - 2
     model = gb.Sequential(
         [gb.Dense(i, o, activation=None if k == last else "relu")
          for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
-        backend=backend, fused=fused,
+        backend=backend, fused=fused, precision=precision,
     )
     model.set_weights(init_weights(widths))
     return model
 
 
-def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="auto"):
+def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="auto", precision="fp32"):
     """forward, fused softmax cross-entropy, backward, Adam: the public API, as fit runs it."""
-    model = gpubp_model(backend, widths, fused)
+    model = gpubp_model(backend, widths, fused, precision)
     if frozen_backbone:
         model.freeze_to(-1)
     be = model.backend
@@ -166,8 +168,8 @@ def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="
     return model, step
 
 
-def gpubp_forward_pass(backend: str, widths, batch, fused="auto"):
-    model = gpubp_model(backend, widths, fused)
+def gpubp_forward_pass(backend: str, widths, batch, fused="auto", precision="fp32"):
+    model = gpubp_model(backend, widths, fused, precision)
     x = model.backend.asarray(classification_batch(widths, batch)[0])
 
     def forward():
@@ -187,9 +189,10 @@ def torch_mlp(torch, device: str, widths):
     return torch.nn.Sequential(*layers).to(device)
 
 
-def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False):
+def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False, bf16=False):
     """The same step in PyTorch eager (or under ``torch.compile``): nn.Linear + ReLU,
-    F.cross_entropy, torch.optim.Adam; ``frozen_backbone`` trains the head only."""
+    F.cross_entropy, torch.optim.Adam; ``frozen_backbone`` trains the head only; ``bf16`` runs
+    forward and loss under bf16 autocast (fp32 weights, as gpubp's bf16)."""
     model = torch_mlp(torch, device, widths)
     if frozen_backbone:
         for param in model[:-1].parameters():
@@ -202,7 +205,8 @@ def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_b
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(forward(x), labels)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(forward(x), labels)
         loss.backward()
         opt.step()
         sync()
@@ -299,8 +303,11 @@ def test_train_step(benchmark, cupy, workload, impl):
 @pytest.mark.parametrize("impl", MLP64_EXTRA_IMPLS)
 def test_mlp64_train_step_baselines_of_the_fused_kernels(benchmark, cupy, impl):
     widths, batch = STEP_WORKLOADS[STEP_MLP64]
-    if impl == "torch-compile":
-        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, compiled=True)
+    if impl.startswith("torch"):
+        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, compiled=impl == "torch-compile",
+                                   bf16=impl == "torch-bf16")
+    elif impl == "gpubp-cupy-bf16":
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, precision="bf16")
     else:
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, fused=False)
     measure(benchmark, cupy, step, workload=STEP_MLP64, backend=impl, shape=widths + [batch],

@@ -11,6 +11,7 @@ Narrow MLPs, ``LAYERS`` relu layers of width ``WIDTHS`` and a linear 16-class he
 Implementations:
 
 - ``gpubp-fused``      the cupy backend with ``fused=True`` (kernels/fused_mlp.cu)
+- ``gpubp-fused-tf32``, ``gpubp-fused-bf16``  the same with ``precision="tf32"`` / ``"bf16"``
 - ``gpubp-per-layer``  the cupy backend with ``fused=False`` (one launch per layer and kernel)
 - ``torch``            PyTorch eager
 - ``torch-compile``    the same module under ``torch.compile``, width 64 only (each shape
@@ -36,7 +37,7 @@ WIDTHS = [32, 64, 128]
 LAYERS = [4, 8]
 BATCH_POWERS = [14, 17, 20]
 MODES = ["forward", "step", "frozen step"]
-IMPLS = ["gpubp-fused", "gpubp-per-layer", "torch", "torch-compile"]
+IMPLS = ["gpubp-fused", "gpubp-fused-tf32", "gpubp-fused-bf16", "gpubp-per-layer", "torch", "torch-compile"]
 CLASSES = 16
 
 
@@ -55,10 +56,12 @@ def torch_forward_pass(torch, widths, batch, compiled):
 
 def runner(impl, mode, widths, batch):
     if impl.startswith("gpubp-"):
-        fused = impl == "gpubp-fused"
+        fused = impl.startswith("gpubp-fused")
+        precision = impl.split("-")[-1] if impl.endswith(("tf32", "bf16")) else "fp32"
         if mode == "forward":
-            return gpubp_forward_pass("cupy", widths, batch, fused=fused)
-        return gpubp_train_step("cupy", widths, batch, frozen_backbone=mode == "frozen step", fused=fused)[1]
+            return gpubp_forward_pass("cupy", widths, batch, fused=fused, precision=precision)
+        return gpubp_train_step("cupy", widths, batch, frozen_backbone=mode == "frozen step", fused=fused,
+                                precision=precision)[1]
     compiled = impl == "torch-compile"
     torch = cuda_torch()
     if mode == "forward":

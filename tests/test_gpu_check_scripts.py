@@ -208,6 +208,7 @@ def all_ratio_benchmarks(gs) -> dict:
         (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
         (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
         (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
+        (gs.STEP_MLP64, "torch-bf16"): 6.0, (gs.STEP_MLP64, "gpubp-cupy-bf16"): 1.0,
         (gs.FROZEN_STEP, "gpubp-cupy"): 1.1, (gs.FROZEN_FORWARD, "gpubp-cupy"): 1.0,
     }
 
@@ -220,6 +221,7 @@ def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs)
         "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
         "mlp64_step_vs_torch_compile": 0.4,  # gpubp 10 ms, torch.compile 4 ms
         "mlp64_step_fused_vs_per_layer": 2.0,  # fused 10 ms, per-layer 20 ms
+        "mlp64_step_bf16_vs_torch_eager": 6.0,  # gpubp bf16 1 ms, torch bf16 autocast 6 ms
         "numba_vs_cupy_1024": 0.25,  # cupy 4 ms, numba 16 ms: cupy faster
         "frozen_step_vs_forward": 1.1,  # frozen step 1.1 ms over a 1.0 ms forward
     }
@@ -328,9 +330,10 @@ def test_the_unfused_baseline_computes_relu_of_x_at_w_plus_b(dense, rng):
     np.testing.assert_allclose(out, np.maximum(a @ w + b, 0), rtol=1e-6)
 
 
-def test_the_torch_train_step_updates_the_weights(dense):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_the_torch_train_step_updates_the_weights(dense, bf16):
     torch = pytest.importorskip("torch")
-    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 4], 8)
+    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 4], 8, bf16=bf16)
     before = [p.detach().clone() for p in model.parameters()]
     step()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
