@@ -25,8 +25,11 @@
 // - dW/db: one launch for every trainable layer; grid.x enumerates (layer, 32-row tile of W_l),
 //   grid.y splits the batch. With splits > 1 each block writes its partial to ws, takes a
 //   ticket for its tile, and the last block of a tile sums the partials in split order 0, 1, ...
-//   (as dense_backward.cu's dW does): deterministic, no float atomics.
+//   (as dense_backward.cu's dW does): deterministic, no float atomics. db_l is summed in the
+//   blocks of W_l's first row tile, one thread per column, over the same split.
 //
+// Launch: fused_mlp_fwd and fused_mlp_bwd grid (ceil(B / ROWS)), fused_mlp_dw grid (dW tiles of
+// every trainable layer, splits); block THREADS = 128; no dynamic shared memory.
 // Tiles and threads (all three kernels): THREADS = 128 threads compute a ROWS x MAX_WIDTH = 32 x
 // 128 output tile, 32 fp32 accumulators per thread, from operands staged KC = 16 deep in shared
 // memory. Who owns which element, and how a staged chunk is multiplied, is the precision's
