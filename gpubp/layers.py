@@ -364,12 +364,13 @@ class Sequential:
         name = backends.resolve(device, backend)
         self._check_dtype(name)
         target = backends.get(name)
+        uses_fused = self._fused_choice(self._fused, target, name)  # raises before anything moves
         for layer in self.layers:
             layer._bind(target, self.dtype)
         self.backend_name, self.backend = name, target
         self._scratch.clear()
         self._stored_plan = self._fused_saved = None
-        self.fused = self._fused
+        self.uses_fused = uses_fused
         return self
 
     # --------------------------------------------------------------------- fused kernels
@@ -381,27 +382,32 @@ class Sequential:
 
     @fused.setter
     def fused(self, value) -> None:
+        self.uses_fused = self._fused_choice(value, self.backend, self.backend_name)
+        self._fused = value
+
+    def _fused_choice(self, value, backend: ModuleType, backend_name: str) -> bool:
+        """Whether ``fused=value`` runs the fused kernels on ``backend``; raises where it must and cannot."""
         if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
             raise ValueError(f"fused: expected 'auto', True or False, got {value!r}")
-        why_not = self.why_not_fused()
+        why_not = self.why_not_fused(backend, backend_name)
         if value is True and why_not is not None:
             raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")
         uses_fused = value is not False and why_not is None
         if self.precision != "fp32" and not uses_fused:
             raise ValueError(f"precision={self.precision!r}: only the fused MLP kernels compute in it, and "
                              f"{why_not or 'fused=False turns them off'}")
-        self._fused = value
-        self.uses_fused = uses_fused
+        return uses_fused
 
-    def why_not_fused(self) -> str | None:
-        """None when this model fits the backend's fused MLP kernels, else why not."""
-        max_width = getattr(self.backend, "FUSED_MLP_MAX_WIDTH", 0)
+    def why_not_fused(self, backend: ModuleType | None = None, backend_name: str | None = None) -> str | None:
+        """None when this model fits the fused MLP kernels of its backend (or of ``backend``), else why not."""
+        backend, backend_name = backend or self.backend, backend_name or self.backend_name
+        max_width = getattr(backend, "FUSED_MLP_MAX_WIDTH", 0)
         if not max_width:
-            return f"the {self.backend_name!r} backend has no fused MLP kernels (the 'cupy' backend does)"
+            return f"the {backend_name!r} backend has no fused MLP kernels (the 'cupy' backend does)"
         if not self.layers:
             return "the model has no layers"
-        if len(self) > self.backend.FUSED_MLP_MAX_LAYERS:
-            return f"the model has {len(self)} layers; the fused kernels take at most {self.backend.FUSED_MLP_MAX_LAYERS}"
+        if len(self) > backend.FUSED_MLP_MAX_LAYERS:
+            return f"the model has {len(self)} layers; the fused kernels take at most {backend.FUSED_MLP_MAX_LAYERS}"
         for layer in self.layers:
             if layer.out_features > max_width:
                 return (f"layer {layer.name!r} has out_features={layer.out_features}; "

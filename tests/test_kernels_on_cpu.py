@@ -536,6 +536,17 @@ def test_a_model_in_a_tensor_core_precision_trains_within_its_tolerance(cb_h100,
 
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_before_anything_moves(cb_h100):
+    model = narrow_model("cupy", fused=True)
+    with pytest.raises(ValueError, match="fused=True: the 'numpy' backend has no fused MLP kernels"):
+        model.to("cpu")
+    assert model.backend_name == "cupy" and model.uses_fused
+    assert all(cb_h100.is_array(p.data) for p in model.parameters())
+    model.fused = "auto"
+    assert not model.to("cpu").uses_fused
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
     model = narrow_model("cupy", fused=False)
     with trace() as t:
