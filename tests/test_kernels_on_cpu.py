@@ -266,7 +266,7 @@ FUSED_CASES = {
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
-                   if name in ("one_unit", "act_gelu", "8_layers", "widths_wide_input", "middle_frozen",
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "middle_frozen",
                                "all_but_head_frozen_input_grad")}
     FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
 
@@ -365,7 +365,10 @@ def test_fused_mlp_matches_numpy(cb_h100, rng, case):
 # changes the gradient by a whole term: that is the forward's error, bounded above, not the
 # backward kernels'). Measured worst cases over FUSED_CASES: tf32 1.5e-3, bf16 1.1e-2.
 FUSED_TOLERANCE = {"tf32": 3e-3, "bf16": 2e-2}
-PRECISION_CASES = [name for name in FUSED_CASES if name != "batch_1000"]
+# The mma emulation is the harness's slowest path: fewer cases that still cover every activation,
+# 8 layers, an input wider than 128, freezing, the input gradient and a softmax head.
+PRECISION_CASES = ["act_relu", "act_gelu", "8_layers", "widths_wide_input", "middle_frozen",
+                   "all_but_head_frozen_input_grad", "softmax_head"]
 if SANITIZED:
     PRECISION_CASES = ["act_gelu", "widths_wide_input"]
 
@@ -712,11 +715,6 @@ PLANTED_BUGS = {
         "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
         "",
         "tsan", "fused_mlp_matches and act_gelu", "data race"),
-    "fused: dW reduction reads the wrong split": (
-        "fused_mlp.cu",
-        "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride",
-        "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(0) * ws_split_stride",
-        "plain", "fused_weight_gradients and 132sms", "max error"),
     "fused: transposed weight stage off by one column": (
         "fused_mlp.cu",
         "w[static_cast<long long>(n0 + c) * K + k0 + k]",
