@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
+from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
 from gpubp.backends import numpy_backend as ref
@@ -66,24 +67,27 @@ def cpu_harness():
     return h
 
 
-def backend_on_harness(cpu_harness, monkeypatch, sms: int):
-    """The CuPy backend, running on the CPU harness, seeing a GPU with ``sms`` SMs."""
+def cupy_on_cpu(cpu_harness, monkeypatch, sms: int):
+    """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs."""
     monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms))
     for cache in ("_rawmodules", "_functions", "_device_state", "origin"):
         monkeypatch.setattr(cupy_backend, cache, {})
+    # Models built with backend="cupy" get it too, whatever an earlier test found unavailable.
+    monkeypatch.setitem(backends._modules, "cupy", cupy_backend)
+    monkeypatch.delitem(backends._unavailable, "cupy", raising=False)
     return cupy_backend
 
 
 @pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
 def cb(request, cpu_harness, monkeypatch):
     """The CuPy backend on the CPU harness, on each of the two simulated GPUs."""
-    return backend_on_harness(cpu_harness, monkeypatch, request.param)
+    return cupy_on_cpu(cpu_harness, monkeypatch, request.param)
 
 
 @pytest.fixture
 def cb_h100(cpu_harness, monkeypatch):
     """The CuPy backend on the CPU harness, on the 132-SM GPU only."""
-    return backend_on_harness(cpu_harness, monkeypatch, H100_SMS)
+    return cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
 
 
 def layer(rng, batch, n_in, n_out):
@@ -435,7 +439,7 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
 
 @pytest.mark.parametrize("sms", [H100_SMS, 1], ids=["132sms", "1sm"])
 def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cpu_harness, monkeypatch, rng, sms):
-    cb = backend_on_harness(cpu_harness, monkeypatch, sms)
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, sms)
     batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
     assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
     x = rng.standard_normal((batch, 5)).astype(np.float32)
