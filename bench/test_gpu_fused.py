@@ -18,7 +18,7 @@ Implementations:
   compiles anew, which would dominate the run's time)
 
 Each benchmark names its ``workload`` ("fused <mode> <width>x<layers>@2^<k>") and ``backend``
-in ``extra_info``; bench/report.py turns the JSON into the README's table. The summary ratio
+in ``extra_info``; bench/fused_table.py turns the JSON into the README's table. The summary ratio
 ``mlp64_step_vs_torch_eager`` comes from bench/test_gpu_dense.py, whose gpubp-cupy step takes
 the fused kernels automatically.
 

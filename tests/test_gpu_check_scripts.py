@@ -390,3 +390,18 @@ def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_p
 def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
     with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
         driver.main(["cpu"])
+
+
+# ----------------------------------------------------------------------------- bench/fused_table.py
+
+
+def test_the_fused_table_has_a_row_per_workload_with_medians_and_speed_ratios():
+    table = load("fused_table")
+    times_ms = {("fused step 64x4@2^14", "gpubp-fused"): 2.0, ("fused step 64x4@2^14", "torch"): 6.0,
+                ("fused step 64x4@2^14", "gpubp-per-layer"): 3.0, ("fused forward 32x8@2^20", "torch"): 1.0,
+                ("train step 1024-1024-1024-1024@8192", "torch"): 9.0}  # another file's: not in the table
+    lines = table.markdown(benchmark_report(times_ms)).splitlines()
+    assert "on Fake GPU" in lines[0]
+    assert lines[2] == "| workload | gpubp-fused | gpubp-per-layer | torch | torch / fused | per-layer / fused |"
+    assert lines[4:] == ["| step 64x4@2^14 | 2.000 | 3.000 | 6.000 | 3.00 | 1.50 |",
+                         "| forward 32x8@2^20 | - | - | 1.000 | - | - |"]
