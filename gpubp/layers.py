@@ -396,6 +396,9 @@ class Sequential:
         if self.precision != "fp32" and not uses_fused:
             raise ValueError(f"precision={self.precision!r}: only the fused MLP kernels compute in it, and "
                              f"{why_not or 'fused=False turns them off'}")
+        if uses_fused and self.precision not in backend.fused_precisions():
+            raise ValueError(f"precision={self.precision!r}: this GPU runs the fused MLP kernels in "
+                             f"{backend.fused_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")
         return uses_fused
 
     def why_not_fused(self, backend: ModuleType | None = None, backend_name: str | None = None) -> str | None:

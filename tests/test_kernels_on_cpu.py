@@ -554,6 +554,16 @@ def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_befo
 
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_a_tensor_core_precision_on_a_gpu_without_them_says_so(cpu_harness, monkeypatch):
+    cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, compute_capability="75"))
+    assert cupy_backend.fused_precisions() == ("fp32",)
+    with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the fused MLP kernels in \('fp32',\) only"):
+        narrow_model("cupy", precision="bf16")
+    assert narrow_model("cupy").uses_fused
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
     model = narrow_model("cupy", fused=False)
     with trace() as t:

@@ -79,6 +79,8 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
         ``out_db[l]`` of layers with ``need_dw[l]``; returns dX of the input when
         ``need_dx[0]``, else None. Records exactly ``fused_backward_kernels(acts[-1], need_dw)``:
         ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
+    ``fused_precisions()`` the ``precision`` values both take on this device ("fp32" always;
+        "tf32" and "bf16" on tensor cores where the GPU has them).
 
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an

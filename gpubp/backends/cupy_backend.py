@@ -558,6 +558,12 @@ def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool) -
     return plans[key]
 
 
+def fused_precisions() -> tuple[str, ...]:
+    """The precisions the fused MLP kernels run in on this GPU: tf32 and bf16 need sm_80 or newer."""
+    major = int(cupy.cuda.Device().compute_capability) // 10
+    return tuple(FUSED_PRECISIONS) if major >= 8 else ("fp32",)
+
+
 def _layer_slots(arrays, stand_in) -> list:
     """The MAX_LAYERS pointer arguments of one per-layer array; the kernel never reads the
     slots of absent layers or arrays, which get ``stand_in``."""
