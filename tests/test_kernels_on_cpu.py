@@ -553,6 +553,19 @@ def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_befo
     assert not model.to("cpu").uses_fused
 
 
+@pytest.mark.skipif(SANITIZED, reason="runs no backward kernel")
+def test_a_fused_model_with_every_layer_frozen_launches_no_backward_kernel(cb_h100, rng):
+    import gpubp as gb
+
+    model = narrow_model("cupy").freeze()
+    out = model.forward(rng.standard_normal((4, 12)).astype(np.float32))
+    _, dout = gb.losses.mse(out, np.zeros((4, 5), np.float32))
+    with trace() as t, pytest.warns(UserWarning, match="every layer is frozen"):
+        assert model.backward(dout) is None
+    assert t.total == 0
+    assert "launches no kernel" in str(model.backward_plan())
+
+
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_a_tensor_core_precision_on_a_gpu_without_them_says_so(cpu_harness, monkeypatch):
     cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
