@@ -53,7 +53,9 @@ run "demo on the GPU" "$PYTHON" -m gpubp demo --device cuda --quiet
 device="$("$PYTHON" -c 'import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())')"
 stem="$("$PYTHON" bench/gpu_summary.py --file-stem "${device:-unknown GPU}")"
 mkdir -p bench/results
-run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py -q --benchmark-json "bench/results/$stem.json"
+run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py bench/test_gpu_fused.py -q \
+    --benchmark-json "bench/results/$stem.json"
+run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"bench/results/$stem.json\" > bench/results/fused_mlp.md"
 run "summary" "$PYTHON" bench/gpu_summary.py --device "${device:-unknown GPU}" \
     --junit "$work/gpu_tests.xml" --junit "$work/other_tests.xml" --sanitizer-dir "$work" \
     --benchmark "bench/results/$stem.json" --out-dir bench/results

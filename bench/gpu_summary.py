@@ -49,13 +49,21 @@ RATIOS = {
     "fwd_4096_fp32_vs_cublas": ((FWD_4096, "cublas-unfused"), (FWD_4096, "gpubp-cupy")),
     "step_1024_vs_torch_eager": ((STEP_1024, "torch"), (STEP_1024, "gpubp-cupy")),
     "mlp64_step_vs_torch_eager": ((STEP_MLP64, "torch"), (STEP_MLP64, "gpubp-cupy")),
+    "mlp64_step_vs_torch_compile": ((STEP_MLP64, "torch-compile"), (STEP_MLP64, "gpubp-cupy")),
+    "mlp64_step_fused_vs_per_layer": ((STEP_MLP64, "gpubp-cupy-per-layer"), (STEP_MLP64, "gpubp-cupy")),
+    "mlp64_step_bf16_vs_torch_eager": ((STEP_MLP64, "torch-bf16"), (STEP_MLP64, "gpubp-cupy-bf16")),
     "numba_vs_cupy_1024": ((STEP_1024, "gpubp-cupy"), (STEP_1024, "gpubp-numba")),
     "frozen_step_vs_forward": ((FROZEN_STEP, "gpubp-cupy"), (FROZEN_FORWARD, "gpubp-cupy")),
 }
 RATIO_MEANINGS = {
     "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM + bias + relu / gpubp fused forward (relu), 4096^3, TF32 off",
     "step_1024_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 1024-1024-1024-1024 @ 8192, Adam",
-    "mlp64_step_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 64-64-64-64-64-10 @ 65536, Adam",
+    "mlp64_step_vs_torch_eager": "PyTorch eager / gpubp-cupy (fused MLP kernels), train step 64-64-64-64-64-10 @ 65536, "
+                                 "Adam",
+    "mlp64_step_vs_torch_compile": "torch.compile / gpubp-cupy (fused MLP kernels), the mlp64 train step",
+    "mlp64_step_fused_vs_per_layer": "gpubp-cupy per-layer kernels / fused MLP kernels, the mlp64 train step",
+    "mlp64_step_bf16_vs_torch_eager": "PyTorch eager under bf16 autocast / gpubp fused MLP kernels in bf16, "
+                                      "the mlp64 train step",
     "numba_vs_cupy_1024": "gpubp-cupy / gpubp-numba, the 1024 train step",
     "frozen_step_vs_forward": "frozen-backbone step / forward, 256-512-512-512-10 @ 8192 (cost: lower is better)",
 }

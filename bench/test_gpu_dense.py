@@ -6,7 +6,12 @@ through CuPy, ``allow_tf32 = False`` for PyTorch):
 - ``gpubp-cupy``      the CUDA C++ kernels (fused bias + activation epilogue, fused dz prologue)
 - ``gpubp-numba``     the Numba-CUDA kernels, on the same CuPy arrays
 - ``cublas-unfused``  cuBLAS SGEMM via ``cupy.matmul`` plus elementwise bias / activation kernels
+- ``gpubp-cupy-per-layer``  the same with ``fused=False``: one launch per layer even where the
+  fused MLP kernels fit (``gpubp-cupy`` takes them there)
 - ``torch``           PyTorch eager, when importable with CUDA
+- ``torch-compile``   the same module under ``torch.compile`` (the mlp64 step only)
+- ``gpubp-cupy-bf16`` / ``torch-bf16``  the mlp64 step with the fused kernels' products in bf16,
+  and PyTorch eager under ``torch.autocast(dtype=torch.bfloat16)``
 
 Workloads, each named in ``extra_info["workload"]`` (bench/gpu_summary.py reads its ratios
 from these names):
@@ -53,6 +58,7 @@ STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 6
 FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
 FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
 STEP_IMPLS = ["gpubp-cupy", "gpubp-numba", "torch"]
+MLP64_EXTRA_IMPLS = ["gpubp-cupy-per-layer", "torch-compile", "gpubp-cupy-bf16", "torch-bf16"]
 FROZEN_IMPLS = ["gpubp-cupy", "gpubp-numba"]
 
 # Kernel-level workloads: name -> (layer widths, batch)
@@ -70,6 +76,7 @@ def summary_benchmarks() -> set[tuple[str, str]]:
     """Every (workload, backend) pair the tests below time for the summary's ratios."""
     return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
             | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
+            | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS}
             | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS})
 
 
@@ -88,9 +95,9 @@ def cupy():
 
 
 def gpu_backend(impl: str):
-    """The backend module of ``impl`` ("gpubp-cupy" or "gpubp-numba"), or skip saying why not."""
+    """The backend module of ``impl`` ("gpubp-cupy[-per-layer|-bf16]" or "gpubp-numba"), or skip saying why not."""
     try:
-        return backends.get(impl.removeprefix("gpubp-"))
+        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16"))
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -130,20 +137,20 @@ def classification_batch(widths, batch, seed=0):
     return rng.standard_normal((batch, widths[0]), dtype=np.float32), rng.integers(0, widths[-1], batch)
 
 
-def gpubp_model(backend: str, widths) -> gb.Sequential:
+def gpubp_model(backend: str, widths, fused="auto", precision="fp32") -> gb.Sequential:
     last = len(widths) - 2
     model = gb.Sequential(
         [gb.Dense(i, o, activation=None if k == last else "relu")
          for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
-        backend=backend,
+        backend=backend, fused=fused, precision=precision,
     )
     model.set_weights(init_weights(widths))
     return model
 
 
-def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False):
+def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="auto", precision="fp32"):
     """forward, fused softmax cross-entropy, backward, Adam: the public API, as fit runs it."""
-    model = gpubp_model(backend, widths)
+    model = gpubp_model(backend, widths, fused, precision)
     if frozen_backbone:
         model.freeze_to(-1)
     be = model.backend
@@ -161,8 +168,8 @@ def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False):
     return model, step
 
 
-def gpubp_forward_pass(backend: str, widths, batch):
-    model = gpubp_model(backend, widths)
+def gpubp_forward_pass(backend: str, widths, batch, fused="auto", precision="fp32"):
+    model = gpubp_model(backend, widths, fused, precision)
     x = model.backend.asarray(classification_batch(widths, batch)[0])
 
     def forward():
@@ -172,22 +179,34 @@ def gpubp_forward_pass(backend: str, widths, batch):
     return forward
 
 
-def torch_train_step(torch, device: str, widths, batch):
-    """The same step in PyTorch eager: nn.Linear + ReLU, F.cross_entropy, torch.optim.Adam."""
+def torch_mlp(torch, device: str, widths):
+    """nn.Linear + ReLU per hidden layer, a linear head: gpubp_model's network in PyTorch."""
     layers = []
     for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(torch.nn.Linear(fan_in, fan_out))
         if k < len(widths) - 2:
             layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers).to(device)
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False, bf16=False):
+    """The same step in PyTorch eager (or under ``torch.compile``): nn.Linear + ReLU,
+    F.cross_entropy, torch.optim.Adam; ``frozen_backbone`` trains the head only; ``bf16`` runs
+    forward and loss under bf16 autocast (fp32 weights, as gpubp's bf16)."""
+    model = torch_mlp(torch, device, widths)
+    if frozen_backbone:
+        for param in model[:-1].parameters():
+            param.requires_grad_(False)
+    forward = torch.compile(model) if compiled else model
     x, labels = classification_batch(widths, batch)
     x, labels = torch.as_tensor(x, device=device), torch.as_tensor(labels, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(forward(x), labels)
         loss.backward()
         opt.step()
         sync()
@@ -278,6 +297,20 @@ def test_train_step(benchmark, cupy, workload, impl):
     else:
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch)
     measure(benchmark, cupy, step, workload=workload, backend=impl, shape=widths + [batch],
+            flops=3 * gemm_flops(widths, batch))
+
+
+@pytest.mark.parametrize("impl", MLP64_EXTRA_IMPLS)
+def test_mlp64_train_step_baselines_of_the_fused_kernels(benchmark, cupy, impl):
+    widths, batch = STEP_WORKLOADS[STEP_MLP64]
+    if impl.startswith("torch"):
+        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, compiled=impl == "torch-compile",
+                                   bf16=impl == "torch-bf16")
+    elif impl == "gpubp-cupy-bf16":
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, precision="bf16")
+    else:
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, fused=False)
+    measure(benchmark, cupy, step, workload=STEP_MLP64, backend=impl, shape=widths + [batch],
             flops=3 * gemm_flops(widths, batch))
 
 

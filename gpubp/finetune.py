@@ -70,7 +70,8 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
         backbone.append(copy)
     head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
                  dtype=model.dtype)
-    return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype, precision=model.precision)
+    return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype, fused=model.fused,
+                      precision=model.precision)
 
 
 def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]:

@@ -20,6 +20,7 @@ True
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -31,6 +32,8 @@ from gpubp import _safetensors
 from gpubp import activations as _activations
 from gpubp.backends import PRECISIONS
 from gpubp.layers import Dense, Sequential
+
+log = logging.getLogger("gpubp")
 
 FORMAT_VERSION = 1
 SUFFIXES = (".npz", ".safetensors")
@@ -258,7 +261,13 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
     precision = header.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"{path}: precision {precision!r} in the header, expected one of {PRECISIONS}")
-    model = Sequential(layers, device=device, backend=backend, dtype=dtype, precision=precision)
+    model = Sequential(layers, device=device, backend=backend, dtype=dtype)
+    if precision != "fp32":
+        try:
+            model.precision = precision
+        except ValueError as exc:  # e.g. a bf16 model loaded where no fused kernels run
+            log.warning("gpubp: %s was saved with precision=%r, which cannot run here (%s); loaded as fp32",
+                        path, precision, exc)
     model.set_weights(list(weights.values()))
     for layer, (*_rest, trainable) in zip(model, specs):
         layer.trainable = trainable

@@ -241,10 +241,17 @@ class Sequential:
     ``device``: "auto" (CUDA when CuPy sees a GPU, else the CPU), "cpu" or "cuda";
     ``backend``: "auto", "numpy", "cupy" or "numba". ``GPUBP_DEVICE``/``GPUBP_BACKEND``
     replace an "auto". ``dtype`` is float32 (float64 runs on the NumPy backend only).
-    ``precision``: "fp32" (the default) or "tf32", which runs the dense products on TF32 tensor
-    cores on the cupy backend (inputs rounded to 10 mantissa bits, fp32 accumulation and fp32
-    weights; within 2e-3 of float64 relative to the largest output on N(0, 1) data). The NumPy
-    and Numba backends compute fp32 for either.
+    ``fused``: "auto" runs the whole model as one fused forward kernel and two backward
+    kernels where the backend has them (cupy) and every layer fits them (at most 8 layers,
+    each at most 128 outputs wide); True insists (a ValueError says why it cannot); False
+    always runs one layer at a time.
+    ``precision``: "fp32" (the default); "tf32", which runs the products on TF32 tensor cores on
+    the cupy backend, fused or per layer (inputs rounded to 10 mantissa bits, fp32 accumulation
+    and fp32 weights; within 2e-3 of float64 relative to the largest output per layer on N(0, 1)
+    data), while the NumPy and Numba backends compute fp32 for it; or "bf16", bfloat16 products
+    with fp32 accumulation (about 1e-2 relative per layer), which only the fused kernels have.
+    Tensor-core precisions need compute capability 8.0 or newer (kernels/fused_mlp.cu,
+    kernels/gemm_tf32.cuh).
     """
 
     def __init__(
@@ -253,6 +260,7 @@ class Sequential:
         device: str = "auto",
         backend: str = "auto",
         dtype=None,
+        fused="auto",
         precision: str = "fp32",
     ) -> None:
         self.layers: list[Dense] = list(layers)
@@ -280,10 +288,13 @@ class Sequential:
         for layer in self.layers:
             if layer.backend is not self.backend or layer.dtype != self.dtype:
                 layer._bind(self.backend, self.dtype)
-        self.precision = precision
         self._scratch = _Buffers()
         self._stored_plan = None
+        self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
+        self._fused = False
+        self.precision = precision
+        self.fused = fused
 
     # --------------------------------------------------------------------- container
 
@@ -296,7 +307,7 @@ class Sequential:
     def __getitem__(self, index):
         """A layer, or for a slice a Sequential sharing these layers (no copies)."""
         if isinstance(index, slice):
-            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype,
+            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype, fused=self.fused,
                               precision=self.precision)
         return self.layers[index]
 
@@ -308,7 +319,13 @@ class Sequential:
     def precision(self, value: str) -> None:
         if value not in backends.PRECISIONS:
             raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
+        previous = getattr(self, "_precision", "fp32")
         self._precision = value
+        try:
+            self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)
+        except ValueError:
+            self._precision = previous
+            raise
         for layer in self.layers:
             layer.precision = value
 
@@ -384,12 +401,61 @@ class Sequential:
         name = backends.resolve(device, backend)
         self._check_dtype(name)
         target = backends.get(name)
+        uses_fused = self._fused_choice(self._fused, target, name)  # raises before anything moves
         for layer in self.layers:
             layer._bind(target, self.dtype)
         self.backend_name, self.backend = name, target
         self._scratch.clear()
-        self._stored_plan = None
+        self._stored_plan = self._fused_saved = None
+        self.uses_fused = uses_fused
         return self
+
+    # --------------------------------------------------------------------- fused kernels
+
+    @property
+    def fused(self):
+        """"auto", True or False, as given; ``uses_fused`` says whether the fused kernels run."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value) -> None:
+        self.uses_fused = self._fused_choice(value, self.backend, self.backend_name)
+        self._fused = value
+
+    def _fused_choice(self, value, backend: ModuleType, backend_name: str) -> bool:
+        """Whether ``fused=value`` runs the fused kernels on ``backend``; raises where it must and cannot."""
+        if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+            raise ValueError(f"fused: expected 'auto', True or False, got {value!r}")
+        why_not = self.why_not_fused(backend, backend_name)
+        if value is True and why_not is not None:
+            raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")
+        uses_fused = value is not False and why_not is None
+        if self.precision == "bf16" and not uses_fused:
+            raise ValueError(f"precision={self.precision!r}: only the fused MLP kernels compute in it, and "
+                             f"{why_not or 'fused=False turns them off'}")
+        if not uses_fused and self.precision not in backend.dense_precisions():
+            raise ValueError(f"precision={self.precision!r}: this GPU runs the dense kernels in "
+                             f"{backend.dense_precisions()} only (tf32 needs compute capability 8.0 or newer)")
+        if uses_fused and self.precision not in backend.fused_precisions():
+            raise ValueError(f"precision={self.precision!r}: this GPU runs the fused MLP kernels in "
+                             f"{backend.fused_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")
+        return uses_fused
+
+    def why_not_fused(self, backend: ModuleType | None = None, backend_name: str | None = None) -> str | None:
+        """None when this model fits the fused MLP kernels of its backend (or of ``backend``), else why not."""
+        backend, backend_name = backend or self.backend, backend_name or self.backend_name
+        max_width = getattr(backend, "FUSED_MLP_MAX_WIDTH", 0)
+        if not max_width:
+            return f"the {backend_name!r} backend has no fused MLP kernels (the 'cupy' backend does)"
+        if not self.layers:
+            return "the model has no layers"
+        if len(self) > backend.FUSED_MLP_MAX_LAYERS:
+            return f"the model has {len(self)} layers; the fused kernels take at most {backend.FUSED_MLP_MAX_LAYERS}"
+        for layer in self.layers:
+            if layer.out_features > max_width:
+                return (f"layer {layer.name!r} has out_features={layer.out_features}; "
+                        f"the fused kernels take at most {max_width}")
+        return None
 
     def as_input(self, x, name: str = "x"):
         """Validate ``x`` (B, in_features) and return it as this model's backend array."""
@@ -413,7 +479,14 @@ class Sequential:
 
     def backward_plan(self, need_input_grad: bool = False, logits: bool = False) -> BackwardPlan:
         """Per layer, bottom to top, exactly the kernels ``backward`` will launch
-        (after a ``forward`` with the same ``logits``)."""
+        (after a ``forward`` with the same ``logits``). With the fused kernels, one entry names
+        the span of layers the fused backward covers and its launches."""
+        plan = self._plan(need_input_grad)
+        if self.uses_fused and any(dx or dw for dx, dw in plan):
+            lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
+            span = f"{self.layers[lowest].name}..{self.layers[-1].name} (fused)"
+            return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
+                                                                             [dw for _, dw in plan]))])
         return BackwardPlan(
             (layer.name, layer.backend.backward_kernels(act, need_dx, need_dw))
             for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), self._plan(need_input_grad))
@@ -437,6 +510,19 @@ class Sequential:
         plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
         keeps_output = [(dx or dw) and act != "identity" for act, (dx, dw) in zip(self._applied(logits), plan)]
         keeps_input = [dw for _, dw in plan]
+        if self.uses_fused:
+            h = self._fused_forward(h, keeps_input, keeps_output, training, logits)
+        else:
+            h = self._layer_forward(h, keeps_input, keeps_output, training, logits)
+        if training:
+            self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
+        return h
+
+    def _layer_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
+        """One dense_forward per layer, each keeping its own arrays for backward."""
+        batch = h.shape[0]
+        if training:
+            self._fused_saved = None
         last = len(self) - 1
         for i, layer in enumerate(self.layers):
             shape = (batch, layer.out_features)
@@ -450,9 +536,19 @@ class Sequential:
                     layer._buffers.drop("y", shape)
                 out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
             h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last)
-        if training:
-            self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
         return h
+
+    def _fused_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
+        """The whole model in one fused launch; the model keeps what the fused backward reads."""
+        acts = self._applied(logits)
+        y, inputs, act_inputs = self.backend.fused_mlp_forward(
+            h, [layer.weight.data for layer in self.layers], [layer.bias.data for layer in self.layers], acts,
+            keeps_input, keeps_output, self.precision)
+        if training:
+            self._fused_saved = (acts, inputs, act_inputs)
+            for layer in self.layers:  # nothing of an earlier per-layer forward stays alive
+                layer._input = layer._output = layer._preact = None
+        return y
 
     __call__ = forward
 
@@ -477,6 +573,8 @@ class Sequential:
         kept_input, kept_output, logits, batch, width = self._stored_plan
         self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
         dy = self._as_grad(dout, (batch, width))
+        if self._fused_saved is not None:
+            return self._fused_backward(dy, plan, need_input_grad)
         lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
         for i in range(len(self) - 1, lowest - 1, -1):
             layer = self.layers[i]
@@ -486,6 +584,22 @@ class Sequential:
                 out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
             dy = layer.backward(dy, need_dx, out_dx)
         return dy if need_input_grad else None
+
+    def _fused_backward(self, dy, plan, need_input_grad: bool):
+        """Backward of a fused forward: the dX chain and every dW/db in two launches."""
+        acts, inputs, act_inputs = self._fused_saved
+        need_dx, need_dw = [dx for dx, _ in plan], [dw for _, dw in plan]
+        out_dw = [layer._buffers.get(self.backend, "dw", layer.weight.shape, self.dtype) if dw else None
+                  for layer, dw in zip(self.layers, need_dw)]
+        out_db = [layer._buffers.get(self.backend, "db", layer.bias.shape, self.dtype) if dw else None
+                  for layer, dw in zip(self.layers, need_dw)]
+        dx = self.backend.fused_mlp_backward(dy, [layer.weight.data for layer in self.layers], acts, inputs,
+                                             act_inputs, need_dx, need_dw, out_dw, out_db, self.precision)
+        for layer, dw, db in zip(self.layers, out_dw, out_db):
+            if dw is not None:
+                layer.weight.grad = dw if layer.weight.trainable else None
+                layer.bias.grad = db if layer.bias.trainable else None
+        return dx if need_input_grad else None
 
     def _check_kept(self, plan, kept_input, kept_output, logits: bool, need_input_grad: bool) -> None:
         """Raise unless the last training forward kept every array this backward reads."""
@@ -527,9 +641,11 @@ class Sequential:
     def activation_bytes(self) -> int:
         """Bytes of activations kept by the last training forward for backward to read."""
         seen = {}
-        for layer in self.layers:
-            for array in layer.stored_arrays():
-                seen[id(array)] = array.nbytes
+        stored = [array for layer in self.layers for array in layer.stored_arrays()]
+        if self._fused_saved is not None:
+            stored += [array for arrays in self._fused_saved[1:] for array in arrays if array is not None]
+        for array in stored:
+            seen[id(array)] = array.nbytes
         return sum(seen.values())
 
     # --------------------------------------------------------------------- weights

@@ -1,4 +1,4 @@
-// The one place kernels reach inline PTX: tensor-core mma.sync and the tf32 conversion.
+// The one place kernels reach inline PTX: tensor-core mma.sync and the tf32 / bf16 conversions.
 //
 // Each wrapper is a warp-wide operation (all 32 lanes, converged) on register fragments laid
 // out as the PTX ISA's "Matrix Fragments for mma.m16n8k8" / "mma.m16n8k16" say, with
@@ -26,6 +26,21 @@ __device__ __forceinline__ unsigned int to_tf32(float x) {
     r = gpubp_cpu::cvt_rna_tf32(x);
 #elif __CUDA_ARCH__ >= 800
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+    __trap();
+#endif
+    return r;
+}
+
+// cvt.rn.bf16x2.f32: two floats to bf16 (round to nearest even), lo in the low half, as the
+// m16n8k16 fragments pair consecutive k (A) or rows (B).
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
+    unsigned int r = 0u;
+#if defined(GPUBP_CUDA_ON_CPU)
+    r = static_cast<unsigned int>(__float2bfloat16_rn(lo).bits) |
+        static_cast<unsigned int>(__float2bfloat16_rn(hi).bits) << 16;
+#elif __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first source goes high
 #else
     __trap();
 #endif

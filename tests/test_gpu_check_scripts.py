@@ -207,6 +207,8 @@ def all_ratio_benchmarks(gs) -> dict:
         (gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
         (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
         (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
+        (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
+        (gs.STEP_MLP64, "torch-bf16"): 6.0, (gs.STEP_MLP64, "gpubp-cupy-bf16"): 1.0,
         (gs.FROZEN_STEP, "gpubp-cupy"): 1.1, (gs.FROZEN_FORWARD, "gpubp-cupy"): 1.0,
     }
 
@@ -217,6 +219,9 @@ def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs)
         "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS 3 ms: gpubp faster
         "step_1024_vs_torch_eager": 2.0,  # gpubp 4 ms, torch 8 ms
         "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
+        "mlp64_step_vs_torch_compile": 0.4,  # gpubp 10 ms, torch.compile 4 ms
+        "mlp64_step_fused_vs_per_layer": 2.0,  # fused 10 ms, per-layer 20 ms
+        "mlp64_step_bf16_vs_torch_eager": 6.0,  # gpubp bf16 1 ms, torch bf16 autocast 6 ms
         "numba_vs_cupy_1024": 0.25,  # cupy 4 ms, numba 16 ms: cupy faster
         "frozen_step_vs_forward": 1.1,  # frozen step 1.1 ms over a 1.0 ms forward
     }
@@ -325,12 +330,22 @@ def test_the_unfused_baseline_computes_relu_of_x_at_w_plus_b(dense, rng):
     np.testing.assert_allclose(out, np.maximum(a @ w + b, 0), rtol=1e-6)
 
 
-def test_the_torch_train_step_updates_the_weights(dense):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_the_torch_train_step_updates_the_weights(dense, bf16):
     torch = pytest.importorskip("torch")
-    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 4], 8)
+    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 4], 8, bf16=bf16)
     before = [p.detach().clone() for p in model.parameters()]
     step()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_torch_frozen_backbone_step_updates_only_the_head(dense):
+    torch = pytest.importorskip("torch")
+    model, step = dense.torch_train_step(torch, "cpu", [6, 5, 5, 4], 8, frozen_backbone=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert changed == [False, False, False, False, True, True]
 
 
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason="a GPU is present: the benchmarks would run")
@@ -375,3 +390,18 @@ def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_p
 def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
     with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
         driver.main(["cpu"])
+
+
+# ----------------------------------------------------------------------------- bench/fused_table.py
+
+
+def test_the_fused_table_has_a_row_per_workload_with_medians_and_speed_ratios():
+    table = load("fused_table")
+    times_ms = {("fused step 64x4@2^14", "gpubp-fused"): 2.0, ("fused step 64x4@2^14", "torch"): 6.0,
+                ("fused step 64x4@2^14", "gpubp-per-layer"): 3.0, ("fused forward 32x8@2^20", "torch"): 1.0,
+                ("train step 1024-1024-1024-1024@8192", "torch"): 9.0}  # another file's: not in the table
+    lines = table.markdown(benchmark_report(times_ms)).splitlines()
+    assert "on Fake GPU" in lines[0]
+    assert lines[2] == "| workload | gpubp-fused | gpubp-per-layer | torch | torch / fused | per-layer / fused |"
+    assert lines[4:] == ["| step 64x4@2^14 | 2.000 | 3.000 | 6.000 | 3.00 | 1.50 |",
+                         "| forward 32x8@2^20 | - | - | 1.000 | - | - |"]

@@ -122,6 +122,8 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
              "sumsq", "scale_inplace"}
+    names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
+              for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
         names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")}
         for tile in cupy_backend.GEMM_TILES:
@@ -273,6 +275,344 @@ def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
         close(cb.to_host(g), expected)
 
 
+# ----------------------------------------------------------------------------- fused MLP
+#
+# kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
+# (batch, input width, output widths, activations, frozen layers, need_input_grad); together
+# they cover batch 1, 127, 129 and 1000, every activation, 1 to 8 layers, widths 1, 16, 33, 64
+# and 128, inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
+FUSED_RTOL = 1e-5
+FUSED_CASES = {
+    "one_unit": (1, 1, [1], ["sigmoid"], [], True),
+    **{f"act_{act}": (129, 19, [33, 16, 5], [act, act, act], [], True) for act in ACTIVATIONS},
+    **{f"{n}_layers": (127, 7, [16] * (n - 1) + [3], ["tanh", "relu", "gelu"] * 2 + ["leaky_relu", "identity"],
+                       [], False) for n in (1, 2, 5, 8)},
+    "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "relu", "sigmoid", "identity"], [], True),
+    "batch_1000": (1000, 24, [64, 64, 64, 10], ["relu", "relu", "relu", "identity"], [], False),
+    "bottom_2_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [0, 1], False),
+    "middle_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [2], False),
+    "all_but_head_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"],
+                            [0, 1, 2, 3], False),
+    "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "gelu", "identity"], [0, 1], True),
+    "softmax_head": (65, 12, [16, 6], ["gelu", "softmax"], [], False),
+}
+if SANITIZED:  # every code path once, on small batches
+    FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "middle_frozen",
+                               "all_but_head_frozen_input_grad")}
+    FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
+
+
+def mlp_params(rng, n_in, widths):
+    ws, bs = [], []
+    for fan_in, fan_out in zip([n_in, *widths[:-1]], widths):
+        ws.append((rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32))
+        bs.append((0.5 * rng.standard_normal(fan_out)).astype(np.float32))
+    return ws, bs
+
+
+def mlp_plan(widths, frozen, need_input_grad):
+    """(need_dx, need_dw) per layer, as Sequential._plan makes them."""
+    need_dx, need_dw, below = [], [], need_input_grad
+    for i in range(len(widths)):
+        need_dx.append(below)
+        need_dw.append(i not in frozen)
+        below = below or i not in frozen
+    return need_dx, need_dw
+
+
+def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
+    """The NumPy backend, layer by layer in float64: (y, dx, [(dw, db) or None per layer])."""
+    hs, saved = [x.astype(np.float64)], []
+    for w, b, act in zip(ws, bs, acts):
+        y, z = ref.dense_forward(hs[-1], *f64(w, b), act)
+        saved.append((y, z))
+        hs.append(y)
+    g, grads = dy.astype(np.float64), [None] * len(ws)
+    for i in range(len(ws) - 1, -1, -1):
+        if not (need_dx[i] or need_dw[i]):
+            break
+        g, dw, db = ref.dense_backward(g, hs[i], ws[i].astype(np.float64), *saved[i], acts[i], need_dx[i], need_dw[i])
+        grads[i] = (dw, db) if need_dw[i] else None
+    return hs[-1], g if need_dx[0] else None, grads
+
+
+def run_fused(cb, x, ws, bs, acts, dy, need_dx, need_dw, precision="fp32"):
+    keep_input = list(need_dw)
+    lowest = min(i for i in range(len(ws)) if need_dx[i] or need_dw[i])
+    keep_output = [i >= lowest and act != "identity" for i, act in enumerate(acts)]
+    dev = cb.asarray
+    y, inputs, act_inputs = cb.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
+                                                 keep_input, keep_output, precision)
+    out_dw = [cb.empty(w.shape) if need else None for w, need in zip(ws, need_dw)]
+    out_db = [cb.empty(b.shape) if need else None for b, need in zip(bs, need_dw)]
+    dx = cb.fused_mlp_backward(dev(dy), [dev(w) for w in ws], acts, inputs, act_inputs, need_dx, need_dw,
+                               out_dw, out_db, precision)
+    return y, inputs, act_inputs, dx, out_dw, out_db
+
+
+def reference_backward_at(ws, acts, inputs, act_inputs, dy, need_dx, need_dw):
+    """The NumPy backend's backward in float64, differentiating at the arrays a fused forward kept."""
+    host = [[None if a is None else np.asarray(a, np.float64) for a in arrays] for arrays in (inputs, act_inputs)]
+    g, grads = dy.astype(np.float64), [None] * len(ws)
+    for i in range(len(ws) - 1, -1, -1):
+        if not (need_dx[i] or need_dw[i]):
+            break
+        y_or_z = host[1][i]
+        y, z = (None, y_or_z) if acts[i] in NEEDS_Z else (y_or_z, None)
+        g, dw, db = ref.dense_backward(g, host[0][i], ws[i].astype(np.float64), y, z, acts[i], need_dx[i], need_dw[i])
+        grads[i] = (dw, db) if need_dw[i] else None
+    return g if need_dx[0] else None, grads
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_mlp_matches_numpy(cb_h100, rng, case):
+    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
+    acts = acts[: len(widths)]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    ws, bs = mlp_params(rng, n_in, widths)
+    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
+    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    y_ref, dx_ref, grads_ref = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
+    with trace() as t:
+        y, _, _, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw)
+    expected = ["fused_mlp_fwd"] + (["softmax_fwd"] if acts[-1] == "softmax" else [])
+    assert t.launches == expected + cb_h100.fused_backward_kernels(acts[-1], need_dw)
+    close(cb_h100.to_host(y), y_ref, FUSED_RTOL)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, FUSED_RTOL)
+    else:
+        assert dx is None
+    for i, want in enumerate(grads_ref):
+        if want is None:
+            assert dws[i] is None and dbs[i] is None
+        else:
+            close(cb_h100.to_host(dws[i]), want[0], FUSED_RTOL)
+            close(cb_h100.to_host(dbs[i]), want[1], FUSED_RTOL)
+
+
+# Tensor-core precisions (kernels/fused_mlp.cu): relative to the largest magnitude of each result,
+# the forward against float64, the gradients against the float64 backward taken at the arrays the
+# fused forward kept (a rounded forward may move a pre-activation across relu's kink, which
+# changes the gradient by a whole term: that is the forward's error, bounded above, not the
+# backward kernels'). Measured worst cases over FUSED_CASES: tf32 1.5e-3, bf16 1.1e-2.
+FUSED_TOLERANCE = {"tf32": 3e-3, "bf16": 2e-2}
+# The mma emulation is the harness's slowest path: fewer cases that still cover every activation,
+# 8 layers, an input wider than 128, freezing, the input gradient and a softmax head.
+PRECISION_CASES = ["act_relu", "act_gelu", "8_layers", "widths_wide_input", "middle_frozen",
+                   "all_but_head_frozen_input_grad", "softmax_head"]
+if SANITIZED:
+    PRECISION_CASES = ["act_gelu", "widths_wide_input"]
+
+
+@pytest.mark.parametrize("case", PRECISION_CASES)
+@pytest.mark.parametrize("precision", FUSED_TOLERANCE)
+def test_fused_mlp_on_tensor_cores_is_within_its_tolerance(cb_h100, rng, precision, case):
+    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
+    acts = acts[: len(widths)]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    ws, bs = mlp_params(rng, n_in, widths)
+    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
+    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    y_ref, _, _ = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
+    with trace() as t:
+        y, inputs, act_inputs, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw, precision)
+    assert t.launches[0] == "fused_mlp_fwd" and t.launches[-len(cb_h100.fused_backward_kernels(acts[-1], need_dw)):] \
+        == cb_h100.fused_backward_kernels(acts[-1], need_dw)
+    tol = FUSED_TOLERANCE[precision]
+    close(cb_h100.to_host(y), y_ref, tol)
+    host = [[None if a is None else cb_h100.to_host(a) for a in arrays] for arrays in (inputs, act_inputs)]
+    dx_ref, grads_ref = reference_backward_at(ws, acts, *host, dy, need_dx, need_dw)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, tol)
+    for i, want in enumerate(grads_ref):
+        if want is not None:
+            close(cb_h100.to_host(dws[i]), want[0], tol)
+            close(cb_h100.to_host(dbs[i]), want[1], tol)
+
+
+@pytest.mark.parametrize("precision, step", [("tf32", 2.0**-12), ("bf16", 2.0**-9)])
+def test_fused_tensor_core_precisions_round_their_operands(cb_h100, precision, step):
+    """Not fp32 in disguise: an input the precision cannot hold comes out rounded."""
+    x = np.full((3, 2), 1.0 + step, np.float32)  # rounds to 1 in the precision (a tie goes to even in bf16)
+    w, b = np.ones((2, 2), np.float32), np.zeros(2, np.float32)
+    y, _, _ = cb_h100.fused_mlp_forward(cb_h100.asarray(x), [cb_h100.asarray(w)], [cb_h100.asarray(b)], ["identity"],
+                                        [False], [False], precision)
+    assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0, np.float32))
+    y, _, _ = cb_h100.fused_mlp_forward(cb_h100.asarray(x), [cb_h100.asarray(w)], [cb_h100.asarray(b)], ["identity"],
+                                        [False], [False])
+    assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0 + 2 * step, np.float32))
+
+
+def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
+    """A frozen prefix keeps nothing; a trainable layer keeps its input; act' inputs are kept
+    from the lowest trainable layer up (z for gelu, the output otherwise, nothing for identity)."""
+    acts = ["relu", "tanh", "gelu", "identity"]
+    x = rng.standard_normal((40, 9)).astype(np.float32)
+    ws, bs = mlp_params(rng, 9, [16, 16, 8, 3])
+    dev = cb_h100.asarray
+    keep_input, keep_output = [False, False, True, True], [False, False, True, False]
+    y, inputs, act_inputs = cb_h100.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
+                                                      keep_input, keep_output)
+    assert [a is not None for a in inputs] == keep_input
+    assert [a is not None for a in act_inputs] == keep_output
+    y_ref, z_ref = ref.dense_forward(*f64(x, ws[0], bs[0]), "relu")
+    for i in (1, 2):
+        h_ref = y_ref
+        y_ref, z_ref = ref.dense_forward(h_ref, *f64(ws[i], bs[i]), acts[i])
+    close(cb_h100.to_host(inputs[2]), h_ref, FUSED_RTOL)
+    close(cb_h100.to_host(act_inputs[2]), z_ref, FUSED_RTOL)
+    close(cb_h100.to_host(inputs[3]), y_ref, FUSED_RTOL)
+
+
+@pytest.mark.parametrize("sms", [H100_SMS, 1], ids=["132sms", "1sm"])
+def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cpu_harness, monkeypatch, rng, sms):
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, sms)
+    batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
+    assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
+    x = rng.standard_normal((batch, 5)).astype(np.float32)
+    ws, bs = mlp_params(rng, 5, widths)
+    dy = rng.standard_normal((batch, 3)).astype(np.float32)
+    runs = [run_fused(cb, x, ws, bs, acts, dy, [False, True], [True, True]) for _ in range(2)]
+    _, _, grads_ref = reference_mlp(x, ws, bs, acts, dy, [False, True], [True, True])
+    for i, (dw_ref, db_ref) in enumerate(grads_ref):
+        close(cb.to_host(runs[0][4][i]), dw_ref, FUSED_RTOL)
+        close(cb.to_host(runs[0][5][i]), db_ref, FUSED_RTOL)
+        assert np.array_equal(cb.to_host(runs[1][4][i]), cb.to_host(runs[0][4][i]))
+        assert np.array_equal(cb.to_host(runs[1][5][i]), cb.to_host(runs[0][5][i]))
+    assert not cb.to_host(cb._state()["tickets"]).any(), "the last block of each tile resets its ticket"
+
+
+# The fused path through the layer API: Sequential picks it on the cupy backend.
+FREEZE_PATTERNS = {"none": [], "bottom_2": [0, 1], "middle": [2], "all_but_head": [0, 1, 2, 3]}
+FUSED_MODEL = ([(12, 32, "relu"), (32, 33, "tanh"), (33, 16, "gelu"), (16, 16, "sigmoid"), (16, 5, None)], 70)
+if SANITIZED:
+    FREEZE_PATTERNS = {"middle": [2]}
+
+
+def narrow_model(backend, seed=3, **kwargs):
+    import gpubp as gb
+
+    gb.seed(seed)
+    return gb.Sequential([gb.Dense(*spec) for spec in FUSED_MODEL[0]], backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("need_input_grad", [False, True])
+@pytest.mark.parametrize("pattern", FREEZE_PATTERNS)
+def test_a_narrow_model_runs_fused_and_matches_the_numpy_model(cb_h100, rng, pattern, need_input_grad):
+    model, reference = narrow_model("cupy"), narrow_model("numpy", dtype="float64")
+    assert model.uses_fused and not reference.uses_fused
+    for m in (model, reference):
+        m.freeze_to(0)
+        for i in FREEZE_PATTERNS[pattern]:
+            m[i].freeze()
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    dout = rng.standard_normal((FUSED_MODEL[1], 5)).astype(np.float32)
+    with trace() as t:
+        y = model.forward(x, need_input_grad=need_input_grad)
+        dx = model.backward(dout, need_input_grad=need_input_grad)
+    plan = model.backward_plan(need_input_grad)
+    assert t.launches == ["fused_mlp_fwd"] + [k for _, kernels in plan for k in kernels]
+    assert plan[0][1][0] == "fused_mlp_bwd"
+    close(cb_h100.to_host(y), reference.forward(x, need_input_grad=need_input_grad), FUSED_RTOL)
+    dx_ref = reference.backward(dout, need_input_grad=need_input_grad)
+    if need_input_grad:
+        close(cb_h100.to_host(dx), dx_ref, FUSED_RTOL)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert (got.grad is None) == (want.grad is None)
+        if want.grad is not None:
+            close(cb_h100.to_host(got.grad), want.grad, FUSED_RTOL)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the layer API adds no kernel path; the parity tests above cover them")
+@pytest.mark.parametrize("pattern", FREEZE_PATTERNS)
+def test_the_fused_forward_keeps_the_activations_the_per_layer_forward_keeps(cb_h100, rng, pattern):
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    kept = {}
+    for fused in (True, False):
+        model = narrow_model("cupy", fused=fused)
+        for i in FREEZE_PATTERNS[pattern]:
+            model[i].freeze()
+        model.forward(x)
+        kept[fused] = model.activation_bytes()
+    assert kept[True] == kept[False]
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_kernels(cb_h100, rng):
+    import gpubp as gb
+
+    layers = [gb.Dense(4, 129, "relu"), gb.Dense(129, 3)]
+    model = gb.Sequential(layers, backend="cupy")
+    assert not model.uses_fused
+    with trace() as t:
+        model.forward(rng.standard_normal((5, 4)).astype(np.float32))
+    assert t.launches == ["dense_fwd", "dense_fwd"]
+    with pytest.raises(ValueError, match=r"fused=True: layer 'dense_0' has out_features=129; .* at most 128"):
+        gb.Sequential(layers, backend="cupy", fused=True)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the kernels' precisions are checked above")
+@pytest.mark.parametrize("precision", FUSED_TOLERANCE)
+def test_a_model_in_a_tensor_core_precision_trains_within_its_tolerance(cb_h100, rng, precision):
+    model, reference = narrow_model("cupy", precision=precision), narrow_model("numpy", dtype="float64")
+    x = rng.standard_normal((FUSED_MODEL[1], 12)).astype(np.float32)
+    dout = rng.standard_normal((FUSED_MODEL[1], 5)).astype(np.float32)
+    close(cb_h100.to_host(model.forward(x)), reference.forward(x), FUSED_TOLERANCE[precision])
+    model.backward(dout)
+    reference.backward(dout)
+    # The whole chain against float64 at float64's own activations: twice the kernel test's bound
+    # (measured: 1.2e-2 for bf16), since a relu mask may differ where a pre-activation is within
+    # rounding of 0.
+    for got, want in zip(model.parameters(), reference.parameters()):
+        close(cb_h100.to_host(got.grad), want.grad, 2 * FUSED_TOLERANCE[precision])
+    with pytest.raises(ValueError, match=f"precision='{precision}': .* fused=False turns them off"):
+        narrow_model("cupy", precision=precision, fused=False)
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_before_anything_moves(cb_h100):
+    model = narrow_model("cupy", fused=True)
+    with pytest.raises(ValueError, match="fused=True: the 'numpy' backend has no fused MLP kernels"):
+        model.to("cpu")
+    assert model.backend_name == "cupy" and model.uses_fused
+    assert all(cb_h100.is_array(p.data) for p in model.parameters())
+    model.fused = "auto"
+    assert not model.to("cpu").uses_fused
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no backward kernel")
+def test_a_fused_model_with_every_layer_frozen_launches_no_backward_kernel(cb_h100, rng):
+    import gpubp as gb
+
+    model = narrow_model("cupy").freeze()
+    out = model.forward(rng.standard_normal((4, 12)).astype(np.float32))
+    _, dout = gb.losses.mse(out, np.zeros((4, 5), np.float32))
+    with trace() as t, pytest.warns(UserWarning, match="every layer is frozen"):
+        assert model.backward(dout) is None
+    assert t.total == 0
+    assert "launches no kernel" in str(model.backward_plan())
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_a_tensor_core_precision_on_a_gpu_without_them_says_so(cpu_harness, monkeypatch):
+    cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, compute_capability="75"))
+    assert cupy_backend.fused_precisions() == ("fp32",)
+    with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the fused MLP kernels in \('fp32',\) only"):
+        narrow_model("cupy", precision="bf16")
+    assert narrow_model("cupy").uses_fused
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
+def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
+    model = narrow_model("cupy", fused=False)
+    with trace() as t:
+        model.forward(rng.standard_normal((3, 12)).astype(np.float32))
+    assert t.launches == ["dense_fwd"] * len(model)
+    assert [name for name, _ in model.backward_plan()] == [layer.name for layer in model]
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -367,7 +707,8 @@ def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
 
 
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the parity tests above cover them")
-def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
+def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
     import gpubp as gb
 
     x = rng.standard_normal((96, 8)).astype(np.float32)
@@ -375,7 +716,8 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
     losses = {}
     for backend in ("numpy", "cupy"):
         gb.seed(7)
-        model = gb.Sequential([gb.Dense(8, 16, activation="gelu"), gb.Dense(16, 3)], backend=backend)
+        model = gb.Sequential([gb.Dense(8, 16, activation="gelu"), gb.Dense(16, 3)], backend=backend,
+                              fused=fused and backend == "cupy")
         history = model.fit(x, labels, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=1e-2),
                             epochs=3, batch_size=32, verbose=0)
         losses[backend] = history.history["loss"]
@@ -423,6 +765,21 @@ PLANTED_BUGS = {
         "a[i][2] = __float_as_uint(tile[g * T::LDA + t + 4]);",
         "a[i][2] = __float_as_uint(tile[g * T::LDA + t]);",
         "plain", "tf32_dense_forward and identity and 37x29x23", "assert"),
+    "fused: removed barrier before a layer reads its input": (
+        "fused_mlp.cu",
+        "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
+        "",
+        "tsan", "fused_mlp_matches and act_gelu", "data race"),
+    "fused: transposed weight stage off by one column": (
+        "fused_mlp.cu",
+        "w[static_cast<long long>(n0 + c) * K + k0 + k]",
+        "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
+        "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
+    "fused: wrong tf32 fragment index": (
+        "fused_mlp.cu",
+        "to_tf32(a0[4 * k_stride])",
+        "to_tf32(a0[0])",
+        "plain", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "max error"),
 }
 
 

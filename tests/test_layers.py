@@ -163,6 +163,36 @@ def test_a_backend_that_contradicts_the_device_is_a_value_error():
         backends.resolve("cuda", "numpy")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_fused_true_on_a_backend_without_fused_kernels_says_why(backend):
+    with pytest.raises(ValueError, match=f"fused=True: the '{backend}' backend has no fused MLP kernels"):
+        gb.Sequential([gb.Dense(3, 4)], backend=backend, fused=True)
+
+
+def test_fused_auto_runs_layer_by_layer_where_the_backend_has_no_fused_kernels():
+    model = gb.Sequential([gb.Dense(3, 4)], device="cpu")
+    assert model.fused == "auto" and not model.uses_fused
+    assert "no fused MLP kernels" in model.why_not_fused()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_fused_takes_auto_true_or_false_only(bad):
+    with pytest.raises(ValueError, match="fused: expected 'auto', True or False"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", fused=bad)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_tensor_core_precision_without_the_fused_kernels_says_why(precision):
+    with pytest.raises(ValueError, match=f"precision='{precision}': only the fused MLP kernels compute in it, "
+                                         "and the 'numpy' backend has no fused MLP kernels"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", precision=precision)
+
+
+def test_an_unknown_precision_is_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32', 'bf16'\), got 'fp16'"):
+        gb.Sequential([gb.Dense(3, 4)], device="cpu", precision="fp16")
+
+
 def test_float64_is_kept_on_the_cpu():
     model = mlp(dtype="float64")
     assert model.dtype == np.float64 and all(p.data.dtype == np.float64 for p in model.parameters())

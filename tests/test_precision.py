@@ -23,7 +23,9 @@ def model(precision="fp32", backend="numpy"):
 
 def test_precision_defaults_to_fp32_and_rejects_unknown_values_naming_the_argument():
     assert model().precision == "fp32"
-    with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32'\), got 'bf16'"):
+    with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32', 'bf16'\), got 'fp16'"):
+        model("fp16")
+    with pytest.raises(ValueError, match="precision='bf16': only the fused MLP kernels"):
         model("bf16")
     m = model()
     before = m.get_weights()

@@ -24,8 +24,11 @@ Dense layer
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
         (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
         buffers for ``y`` and ``z``. Records ``dense_fwd``.
-        ``precision`` (one of ``PRECISIONS``): "tf32" runs the products on TF32 tensor cores
-        where a backend has them (cupy); the others compute fp32 for either value.
+        ``precision``: one of ``dense_precisions()``; "tf32" runs the products on TF32 tensor
+        cores where a backend has them (cupy, compute capability 8.0+); the NumPy and Numba
+        backends compute fp32 for it.
+    ``dense_precisions() -> tuple[str, ...]``
+        the ``precision`` values ``dense_forward``/``dense_backward`` take on this device.
     ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
       precision="fp32") -> (dx, dw, db)``
         ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,
@@ -67,6 +70,23 @@ Optimizer updates (fused, in place, one launch per parameter)
         param -= lr * (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)``. PyTorch's semantics.
         Records ``adam_update``.
 
+Optional capability: the fused MLP (the cupy backend; the others do not have it)
+    A backend with ``FUSED_MLP_MAX_WIDTH`` (and ``FUSED_MLP_MAX_LAYERS``) runs a whole model
+    whose layers are all at most that many outputs wide through three functions;
+    ``Sequential`` looks for the attribute, never at the backend's name.
+    ``fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output) -> (y, inputs, act_inputs)``
+        every layer in one launch; per layer, ``keep_input`` keeps its input (for dW) and
+        ``keep_output`` what act' reads (the output, or z for gelu/gelu_tanh); the kept arrays
+        come back per layer, None where not kept. Records ``fused_mlp_fwd`` (and
+        ``softmax_fwd`` for a softmax head).
+    ``fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db) -> dx``
+        ``need_dx``/``need_dw`` per layer as for ``dense_backward``; fills ``out_dw[l]``,
+        ``out_db[l]`` of layers with ``need_dw[l]``; returns dX of the input when
+        ``need_dx[0]``, else None. Records exactly ``fused_backward_kernels(acts[-1], need_dw)``:
+        ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
+    ``fused_precisions()`` the ``precision`` values both take on this device ("fp32" always;
+        "tf32" and "bf16" on tensor cores where the GPU has them).
+
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an
 array library directly, so one model runs unchanged on every backend.
@@ -89,7 +109,8 @@ log = logging.getLogger("gpubp")
 BACKENDS = ("numpy", "cupy", "numba")
 # fp32: full-precision products everywhere. tf32: products on TF32 tensor cores where the
 # backend has them (inputs rounded to 10 mantissa bits, fp32 accumulation, ~1e-3 relative).
-PRECISIONS = ("fp32", "tf32")
+# bf16: bfloat16 products with fp32 accumulation, in the fused MLP kernels only.
+PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 GPU_BACKENDS = ("cupy", "numba")
 INSTALL_HINT = (

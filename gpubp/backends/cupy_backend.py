@@ -12,7 +12,10 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 - ``loss.cu``: softmax cross-entropy, MSE and BCE, value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
-- ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping.
+- ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping;
+- ``fused_mlp.cu``: a whole MLP whose layers are at most ``FUSED_MLP_MAX_WIDTH`` wide, forward
+  in one launch and backward in two (``fused_mlp_forward``/``fused_mlp_backward``, the optional
+  fused capability of the backend contract).
 
 Where the kernels come from, per source file, on first use on each device:
 
@@ -49,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp.activations import NEEDS_Z
+from gpubp.activations import ACT_ID, NEEDS_Z
 from gpubp.trace import record
 
 try:
@@ -66,8 +69,8 @@ DTYPES = (np.float32,)
 
 log = logging.getLogger("gpubp")
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "dense_backward_tf32.cu", "loss.cu",
-                "optim.cu")
+KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "dense_backward_tf32.cu",
+                "fused_mlp.cu", "loss.cu", "optim.cu")
 AOT_ENV = "GPUBP_AOT_DIR"  # where the CMake-built fatbins are, when not gpubp/_aot
 KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not the shipped ones
 AOT_MANIFEST = "manifest.txt"
@@ -85,6 +88,14 @@ SPLIT_WAVES = 2
 MIN_ROWS_PER_SPLIT = 256
 MAX_SPLITS = 32
 ELEMENTWISE_BLOCKS_PER_SM = 16
+# Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
+FUSED_MLP_MAX_WIDTH = 128
+FUSED_MLP_MAX_LAYERS = 8
+FUSED_ROWS, FUSED_THREADS = 32, 128
+_PLAN_HEAD = 4
+# precision -> kernel name suffix; tf32 and bf16 run on tensor cores (sm_80 and newer)
+FUSED_PRECISIONS = {"fp32": "", "tf32": "_tf32", "bf16": "_bf16"}
+_STORE_H, _STORE_Z, _TRAINABLE = 1, 2, 4
 _TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
 
 _LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"\s*')
@@ -201,6 +212,7 @@ _PROBE_KERNEL = {
     "dense_backward.cu": "dense_dx_identity_64x64",
     "dense_forward_tf32.cu": "dense_fwd_tf32_identity",
     "dense_backward_tf32.cu": "dense_dx_tf32_identity",
+    "fused_mlp.cu": "fused_mlp_fwd",
     "loss.cu": "mse_fwd_bwd",
     "optim.cu": "scale_inplace",
 }
@@ -539,3 +551,136 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
          np.float32(weight_decay), np.float32(step_size), np.float32(inv_sqrt_bias2),
          np.int32(bool(decoupled)), np.int64(n)),
     )
+
+
+# ----------------------------------------------------------------------------- fused MLP
+#
+# The optional fused capability (see gpubp.backends): a backend that has FUSED_MLP_MAX_WIDTH
+# runs a whole MLP whose output widths are all at most that through these two functions.
+
+
+def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool) -> tuple:
+    """(plan array, dW tiles, floats per split of the dW workspace) for kernels/fused_mlp.cu,
+    built once per model shape and freezing pattern and kept on the device."""
+    key = (n_in, tuple(widths), tuple(acts), tuple(flags), lowest, input_grad)
+    plans = _state().setdefault("fused_plans", {})
+    if key not in plans:
+        plan, tiles, ws = [len(widths), n_in, lowest, int(input_grad)], 0, 0
+        for i, (width, act, flag) in enumerate(zip(widths, acts, flags)):
+            fan_in = n_in if i == 0 else widths[i - 1]
+            plan += [width, ACT_ID[act], flag, tiles, ws]
+            if flag & _TRAINABLE:
+                tiles += -(-fan_in // FUSED_ROWS)
+                ws += fan_in * width + width
+        plans[key] = (cupy.asarray(np.array(plan, np.int32)), tiles, ws)
+    return plans[key]
+
+
+def dense_precisions() -> tuple[str, ...]:
+    """The precisions the per-layer dense kernels run in on this GPU: tf32 needs sm_80 or newer."""
+    major = int(cupy.cuda.Device().compute_capability) // 10
+    return ("fp32", "tf32") if major >= 8 else ("fp32",)
+
+
+def fused_precisions() -> tuple[str, ...]:
+    """The precisions the fused MLP kernels run in on this GPU: tf32 and bf16 need sm_80 or newer."""
+    major = int(cupy.cuda.Device().compute_capability) // 10
+    return tuple(FUSED_PRECISIONS) if major >= 8 else ("fp32",)
+
+
+def _layer_slots(arrays, stand_in) -> list:
+    """The MAX_LAYERS pointer arguments of one per-layer array; the kernel never reads the
+    slots of absent layers or arrays, which get ``stand_in``."""
+    arrays = list(arrays) + [None] * (FUSED_MLP_MAX_LAYERS - len(arrays))
+    return [stand_in if a is None else a for a in arrays]
+
+
+def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precision="fp32"):
+    """The whole forward of a narrow MLP in one launch (``fused_mlp_fwd``).
+
+    ``x`` (B, in); per layer ``weights[l]`` (in_l, out_l) with out_l <= FUSED_MLP_MAX_WIDTH,
+    ``biases[l]`` (out_l,), ``acts[l]`` an activation name (``softmax`` on the last layer only,
+    applied after the kernel). ``keep_input[l]``: keep h_l (the layer's input, for its dW);
+    ``keep_output[l]``: keep what act_l' reads (h_{l+1}, or z_l for gelu and gelu_tanh).
+    Returns ``(y, inputs, act_inputs)``: the output (B, out) and, per layer, the kept arrays
+    (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
+    "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
+    memory; kernels/fused_mlp.cu gives their error)."""
+    x = _f32(x)
+    weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
+    batch, layers = x.shape[0], len(weights)
+    widths = [w.shape[1] for w in weights]
+    kernel_acts = [*acts[:-1], "identity" if acts[-1] == "softmax" else acts[-1]]
+    y = cupy.empty((batch, widths[-1]), np.float32)
+    hout, zout, flags = [None] * layers, [None] * layers, []
+    for i, act in enumerate(kernel_acts):
+        flag = _TRAINABLE if keep_input[i] else 0
+        wants_z = keep_output[i] and act in NEEDS_Z
+        if i == layers - 1:
+            hout[i] = y
+        elif keep_input[i + 1] or (keep_output[i] and not wants_z):
+            hout[i] = cupy.empty((batch, widths[i]), np.float32)
+        if wants_z:
+            zout[i] = cupy.empty((batch, widths[i]), np.float32)
+        flags.append(flag | (_STORE_H if hout[i] is not None else 0) | (_STORE_Z if wants_z else 0))
+    plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
+    record("fused_mlp_fwd")
+    _kernel("fused_mlp.cu", "fused_mlp_fwd" + FUSED_PRECISIONS[precision])(
+        (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
+        (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
+         plan, np.int32(batch)),
+    )
+    if acts[-1] == "softmax":
+        softmax_(y)
+    inputs = [x if keep_input[0] else None] + [hout[i] if keep_input[i + 1] else None for i in range(layers - 1)]
+    act_inputs = [(zout[i] if kernel_acts[i] in NEEDS_Z else hout[i]) if keep_output[i] else None
+                  for i in range(layers)]
+    return y, inputs, act_inputs
+
+
+def fused_backward_kernels(last_act, need_dw) -> list[str]:
+    """The kernels ``fused_mlp_backward`` launches: ``need_dw`` per layer (and anything to do)."""
+    softmax = ["softmax_bwd"] if last_act == "softmax" else []
+    return softmax + ["fused_mlp_bwd"] + (["fused_mlp_dw"] if any(need_dw) else [])
+
+
+def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db, precision="fp32"):
+    """Backward of ``fused_mlp_forward`` in two launches (``fused_mlp_bwd``, ``fused_mlp_dw``).
+
+    ``need_dx``/``need_dw`` per layer as for ``dense_backward`` (at least one layer needs
+    something); ``inputs``/``act_inputs`` what the forward kept; ``out_dw[l]``/``out_db[l]``
+    receive the gradients of layers with ``need_dw[l]`` (None elsewhere). The chain runs from the
+    top down to the lowest layer that needs anything, keeping dz on chip and writing it only for
+    trainable layers; it computes g = dz @ W^T only where a lower layer (or ``need_dx[0]``, the
+    input gradient) reads it. Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
+    dy = _f32(dy)
+    batch, layers = dy.shape[0], len(weights)
+    widths = [w.shape[1] for w in weights]
+    kernel_acts = list(acts)
+    if acts[-1] == "softmax":
+        dy = softmax_backward(dy, _f32(act_inputs[-1]), cupy.empty_like(dy))
+        kernel_acts[-1] = "identity"
+    lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i])
+    flags = [_TRAINABLE if need_dw[i] else 0 for i in range(layers)]
+    n_in = weights[0].shape[0]
+    plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0])
+    dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
+    dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
+    act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
+    record("fused_mlp_bwd")
+    _kernel("fused_mlp.cu", "fused_mlp_bwd" + FUSED_PRECISIONS[precision])(
+        (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
+        (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
+         *_layer_slots(dz, dy), plan, np.int32(batch)),
+    )
+    if tiles:
+        splits, k_chunk = _dw_split(batch, tiles)
+        tickets = _state()["tickets"][1:]
+        ws = _workspace(splits * ws_stride) if splits > 1 else dy
+        record("fused_mlp_dw")
+        _kernel("fused_mlp.cu", "fused_mlp_dw" + FUSED_PRECISIONS[precision])(
+            (tiles, splits), (FUSED_THREADS,),
+            (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
+             ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
+        )
+    return dx

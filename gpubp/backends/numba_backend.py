@@ -631,6 +631,11 @@ def _dense_dx_kernel(act: str):
 # ----------------------------------------------------------------------------- dense layer
 
 
+def dense_precisions() -> tuple[str, ...]:
+    """No tensor-core kernels: "tf32" computes fp32 here."""
+    return ("fp32", "tf32")
+
+
 def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
     No tensor cores here: fp32 (or float64) for either ``precision``."""

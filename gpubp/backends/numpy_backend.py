@@ -182,6 +182,11 @@ def scale_(a: np.ndarray, s: float) -> None:
 # ----------------------------------------------------------------------------- dense layer
 
 
+def dense_precisions() -> tuple[str, ...]:
+    """No tensor cores: "tf32" computes fp32 here, as PyTorch's TF32 switch does on a CPU."""
+    return ("fp32", "tf32")
+
+
 def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
     No tensor cores here: fp32 (or float64) for either ``precision``."""
