@@ -15,10 +15,10 @@ import gpubp as gb
 from gpubp import finetune as ft
 
 
-def model(precision="fp32", backend="numpy"):
+def model(precision="fp32", backend="numpy", fused="auto"):
     gb.seed(3)
     return gb.Sequential([gb.Dense(20, 33, activation="gelu"), gb.Dense(33, 5)], backend=backend,
-                         precision=precision)
+                         precision=precision, fused=fused)
 
 
 def test_precision_defaults_to_fp32_and_rejects_unknown_values_naming_the_argument():
@@ -49,22 +49,41 @@ def test_precision_survives_slicing_replace_head_and_save_load(tmp_path, suffix)
     assert gb.load(tmp_path / f"m{suffix}").precision == "tf32"
 
 
+TENSOR_CORE_KERNELS = {
+    False: {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu", "dense_dw_tf32_identity",
+            "dense_dx_tf32_identity"},
+    True: {"fused_mlp_fwd_tf32", "fused_mlp_bwd_tf32", "fused_mlp_dw_tf32"},
+}
+
+
 @pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
-def test_tf32_selects_the_tensor_core_kernels_on_the_cupy_backend(monkeypatch, rng):
+@pytest.mark.parametrize("fused", [False, True], ids=["per_layer", "fused"])
+def test_tf32_selects_the_tensor_core_kernels_on_the_cupy_backend(monkeypatch, rng, fused):
     """On the CPU kernel harness (tests/cuda_on_cpu), where the CuPy backend runs unchanged."""
     cb = cupy_on_cpu(harness.Harness(), monkeypatch, 132)
     x = rng.standard_normal((40, 20)).astype(np.float32)
     labels = rng.integers(0, 5, 40)
     outputs = {}
     for precision in ("fp32", "tf32"):
-        m = model(precision, backend="cupy")
+        m = model(precision, backend="cupy", fused=fused)
+        assert m.uses_fused == fused
         out = m.forward(x)
         m.backward(gb.losses.cross_entropy(out, labels)[1])
         outputs[precision] = cb.to_host(out)
-        kernels = {name for _, name in cb._functions}
-        tensor_core = {k for k in kernels if "_tf32_" in k}
-        assert bool(tensor_core) == (precision == "tf32"), kernels
-    assert tensor_core == {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu",
-                           "dense_dw_tf32_identity", "dense_dx_tf32_identity"}
+        tensor_core = {name for _, name in cb._functions if "tf32" in name}
+        assert tensor_core == (TENSOR_CORE_KERNELS[fused] if precision == "tf32" else set())
     assert not np.array_equal(outputs["tf32"], outputs["fp32"])
     np.testing.assert_allclose(outputs["tf32"], outputs["fp32"], atol=5e-3 * np.abs(outputs["fp32"]).max())
+
+
+@pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+def test_a_bf16_model_loads_on_the_cpu_as_fp32_with_a_warning(monkeypatch, tmp_path, caplog):
+    cupy_on_cpu(harness.Harness(), monkeypatch, 132)
+    saved = model("bf16", backend="cupy")
+    assert saved.uses_fused
+    saved.save(tmp_path / "m.npz")
+    with caplog.at_level("WARNING", logger="gpubp"):
+        loaded = gb.load(tmp_path / "m.npz", device="cpu")
+    assert loaded.precision == "fp32"
+    assert "precision='bf16'" in caplog.text and "loaded as fp32" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), loaded.get_weights()))
