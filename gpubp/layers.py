@@ -222,6 +222,12 @@ def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tupl
     return plan
 
 
+def _checked_precision(value) -> str:
+    if value not in backends.PRECISIONS:
+        raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
+    return value
+
+
 class BackwardPlan(list):
     """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch."""
 
@@ -292,9 +298,10 @@ class Sequential:
         self._stored_plan = None
         self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
-        self._fused = False
-        self.precision = precision
-        self.fused = fused
+        self._precision = _checked_precision(precision)
+        self.fused = fused  # checks the precision against the path it picks
+        for layer in self.layers:
+            layer.precision = precision
 
     # --------------------------------------------------------------------- container
 
@@ -317,10 +324,8 @@ class Sequential:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in backends.PRECISIONS:
-            raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
-        previous = getattr(self, "_precision", "fp32")
-        self._precision = value
+        previous = self._precision
+        self._precision = _checked_precision(value)
         try:
             self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)
         except ValueError:
