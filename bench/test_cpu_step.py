@@ -160,8 +160,6 @@ def naive_step(sizes, x, labels):
 
 def torch_step(sizes, x, labels):
     torch = pytest.importorskip("torch")
-    import torch.nn.functional as F
-
     layers = []
     for k, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(torch.nn.Linear(fan_in, fan_out))
@@ -173,12 +171,20 @@ def torch_step(sizes, x, labels):
         for k, linear in enumerate(model[::2]):
             linear.weight.copy_(torch.from_numpy(weights[2 * k].T.copy()))
             linear.bias.copy_(torch.from_numpy(weights[2 * k + 1]))
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    return torch_sgd_step(model, x, labels)
+
+
+def torch_sgd_step(module, x, labels):
+    """One step of a torch module with ``F.cross_entropy`` and ``torch.optim.SGD`` (momentum), as a closure."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
     tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(tx), tlabels)
+        loss = F.cross_entropy(module(tx), tlabels)
         loss.backward()
         opt.step()
         return loss.item()

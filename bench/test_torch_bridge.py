@@ -27,16 +27,14 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from test_cpu_step import LR, MOMENTUM, SHAPES, WARMUP_STEPS, gpubp_step, init_weights, make_batch, shape_id, \
-    thread_info, torch_step
+from test_cpu_step import SHAPES, WARMUP_STEPS, gpubp_step, init_weights, make_batch, shape_id, thread_info, \
+    torch_sgd_step, torch_step
 
 pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
 
 
 def bridge_step(sizes, x, labels):
-    import torch.nn.functional as F
-
     from gpubp.torch import MLP
 
     mlp = MLP(sizes, activation="relu")
@@ -44,17 +42,7 @@ def bridge_step(sizes, x, labels):
     with torch.no_grad():
         for param, value in zip(mlp.parameters(), weights):
             param.copy_(torch.from_numpy(value))
-    opt = torch.optim.SGD(mlp.parameters(), lr=LR, momentum=MOMENTUM)
-    tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(mlp(tx), tlabels)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
+    return torch_sgd_step(mlp, x, labels)
 
 
 STEPS = {"gpubp": gpubp_step, "bridge": bridge_step, "torch": torch_step}
