@@ -89,7 +89,12 @@ def test_dense_backward_matches_numpy_and_launches_what_it_plans(cb, rng, act, s
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_activation_and_its_derivative_are_finite_at_large_preactivations(cb, rng, act):
-    """z = x @ [[1]] + 0 = x exactly; 1e20 squares past float32's range, the largest float doubles past it."""
+    check_large_preactivations(cb, rng, act)
+
+
+def check_large_preactivations(cb, rng, act):
+    """z = x @ [[1]] + 0 = x exactly; 1e20 squares past float32's range, the largest float doubles past it.
+    Also run on the CPU kernel harness (test_kernels_on_cpu.py)."""
     big = np.finfo(np.float32).max
     x = np.array([[1e4], [-1e4], [1e20], [-1e20], [big], [-big], [30.0], [-30.0], [0.5]], np.float32)
     w, b = np.ones((1, 1), np.float32), np.zeros(1, np.float32)

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
+from test_cupy_backend import check_large_preactivations
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
@@ -238,6 +239,12 @@ def test_a_softmax_output_layer_matches_numpy(cb_h100, rng):
     for got, expected in zip(cb_h100.dense_backward(cb_h100.asarray(dy), cb_h100.asarray(x), cb_h100.asarray(w), y, None, "softmax",
                                                True, True), want):
         close(cb_h100.to_host(got), expected)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activations_are_finite_at_large_preactivations(cb_h100, rng, act):
+    """kernels/activations.cuh at +-1e4, +-1e20 and the largest float, forward and derivative."""
+    check_large_preactivations(cb_h100, rng, act)
 
 
 def test_split_k_path_is_taken_and_is_bitwise_deterministic(cb_h100, rng):
