@@ -247,22 +247,28 @@ def thread_info() -> dict:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-# At least 10 timed steps even for the slowest shape, so each median rests on enough rounds.
-@pytest.mark.benchmark(min_rounds=10, max_time=2.0)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
-def test_cpu_step(benchmark, sizes, batch, backend):
+def warmed_up_step(benchmark, steps: dict, sizes, batch: int, backend: str):
+    """``steps[backend]`` built on a random batch and run ``WARMUP_STEPS`` times (its loss must be
+    finite), with the benchmark grouped by shape and labelled with the shape, backend and threads."""
     x, labels = make_batch(sizes, batch)
-    step = STEPS[backend](sizes, x, labels)
+    step = steps[backend](sizes, x, labels)
     for _ in range(WARMUP_STEPS):
         loss = step()
     assert np.isfinite(loss)
-
     name = shape_id(sizes, batch)
     benchmark.group = name
     benchmark.extra_info.update(
         shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
     )
+    return step
+
+
+# At least 10 timed steps even for the slowest shape, so each median rests on enough rounds.
+@pytest.mark.benchmark(min_rounds=10, max_time=2.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
+def test_cpu_step(benchmark, sizes, batch, backend):
+    step = warmed_up_step(benchmark, STEPS, sizes, batch, backend)
     if backend == "gpubp":
         benchmark.extra_info.update(cpu_kernels=numpy_backend.cpu_kernels())
     if backend == "torch":

@@ -23,12 +23,10 @@ the README.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import gpubp as gb
-from test_cpu_step import SHAPES, WARMUP_STEPS, gpubp_step, init_weights, make_batch, shape_id, thread_info, \
-    torch_sgd_step, torch_step
+from test_cpu_step import SHAPES, gpubp_step, init_weights, shape_id, torch_sgd_step, torch_step, warmed_up_step
 
 pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
@@ -52,14 +50,7 @@ STEPS = {"gpubp": gpubp_step, "bridge": bridge_step, "torch": torch_step}
 @pytest.mark.parametrize("backend", list(STEPS))
 @pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
 def test_bridge_step(benchmark, sizes, batch, backend):
-    x, labels = make_batch(sizes, batch)
-    step = STEPS[backend](sizes, x, labels)
-    for _ in range(WARMUP_STEPS):
-        loss = step()
-    assert np.isfinite(loss)
-    name = shape_id(sizes, batch)
-    benchmark.group = name
-    benchmark.extra_info.update(shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32",
-                                torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-                                gpubp_version=gb.__version__, **thread_info())
+    step = warmed_up_step(benchmark, STEPS, sizes, batch, backend)
+    benchmark.extra_info.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                                gpubp_version=gb.__version__)
     benchmark(step)
