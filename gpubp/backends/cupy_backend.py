@@ -77,7 +77,7 @@ AOT_MANIFEST = "manifest.txt"
 
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
 GEMM_TILES = {128: 256, 64: 64}  # square block tile -> threads per block
-TF32_TILE, TF32_THREADS = 64, 128  # kernels/dense_forward_tf32.cu
+TF32_TILE, TF32_THREADS = 64, 128  # kernels/gemm_tf32.cuh (Tf32Tile)
 BK = 8
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
@@ -360,7 +360,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
 
     ``precision="tf32"`` runs the products on TF32 tensor cores (sm_80 and newer;
     ``kernels/dense_forward_tf32.cu``): x and w rounded to 10 mantissa bits, fp32 accumulation,
-    about 1e-3 relative error. The layer API does not select it yet."""
+    about 1e-3 relative error (``Sequential(precision="tf32")`` selects it)."""
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -368,24 +368,32 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     z = None
     if act in NEEDS_Z:
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
-    kernel_act = "identity" if act == "softmax" else act  # softmax runs after the kernel
-    if precision == "tf32":
-        tile, threads = TF32_TILE, TF32_THREADS
-        filename, name = "dense_forward_tf32.cu", f"dense_fwd_tf32_{kernel_act}"
-    else:
-        tile = _gemm_tile(batch, n_out)
-        threads, filename, name = GEMM_TILES[tile], "dense_forward.cu", f"dense_fwd_{kernel_act}_{tile}x{tile}"
-    grid = (-(-batch // tile), -(-n_out // tile))
+    kernel, grid, block = _gemm_launch("fwd", "identity" if act == "softmax" else act, batch, n_out, precision)
     record("dense_fwd")
-    _kernel(filename, name)(
+    kernel(
         grid,
-        (threads,),
+        block,
         # z is never touched for activations that do not store it; y stands in for it.
         (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in)),
     )
     if act == "softmax":
         softmax_(y)
     return y, z
+
+
+def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
+    """(kernel, grid, block) of the forward ("fwd") or dX ("dx") kernel for an (m, n) output:
+    the TF32 tensor-core kernel for ``precision="tf32"``, else the fp32 tile that suits the shape."""
+    if precision == "tf32":
+        tile, threads = TF32_TILE, TF32_THREADS
+        filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
+        name = f"dense_{kind}_tf32_{act}"
+    else:
+        tile = _gemm_tile(m, n)
+        threads = GEMM_TILES[tile]
+        filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
+        name = f"dense_{kind}_{act}_{tile}x{tile}"
+    return _kernel(filename, name), (-(-m // tile), -(-n // tile)), (threads,)
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
@@ -452,15 +460,11 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
             )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        if precision == "tf32":
-            tile, threads, filename, name = TF32_TILE, TF32_THREADS, "dense_backward_tf32.cu", f"dense_dx_tf32_{act}"
-        else:
-            tile = _gemm_tile(batch, n_in)
-            threads, filename, name = GEMM_TILES[tile], "dense_backward.cu", f"dense_dx_{act}_{tile}x{tile}"
+        kernel, grid, block = _gemm_launch("dx", act, batch, n_in, precision)
         record("dense_dx")
-        _kernel(filename, name)(
-            (-(-batch // tile), -(-n_in // tile)),
-            (threads,),
+        kernel(
+            grid,
+            block,
             (dy, y_or_z, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
     return dx, dw, db
@@ -576,16 +580,19 @@ def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool) -
     return plans[key]
 
 
+def _has_tensor_cores() -> bool:
+    """Whether this GPU has the TF32/bf16 mma.sync of kernels/mma.cuh (sm_80 and newer)."""
+    return int(cupy.cuda.Device().compute_capability) >= 80
+
+
 def dense_precisions() -> tuple[str, ...]:
-    """The precisions the per-layer dense kernels run in on this GPU: tf32 needs sm_80 or newer."""
-    major = int(cupy.cuda.Device().compute_capability) // 10
-    return ("fp32", "tf32") if major >= 8 else ("fp32",)
+    """The precisions the per-layer dense kernels run in on this GPU."""
+    return ("fp32", "tf32") if _has_tensor_cores() else ("fp32",)
 
 
 def fused_precisions() -> tuple[str, ...]:
-    """The precisions the fused MLP kernels run in on this GPU: tf32 and bf16 need sm_80 or newer."""
-    major = int(cupy.cuda.Device().compute_capability) // 10
-    return tuple(FUSED_PRECISIONS) if major >= 8 else ("fp32",)
+    """The precisions the fused MLP kernels run in on this GPU."""
+    return tuple(FUSED_PRECISIONS) if _has_tensor_cores() else ("fp32",)
 
 
 def _layer_slots(arrays, stand_in) -> list:
