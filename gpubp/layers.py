@@ -187,18 +187,24 @@ class Dense:
     def backward(self, dy, need_dx: bool, out_dx=None):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed)."""
         need_dw = self.trainable
-        out_dw = out_db = None
-        if need_dw:
-            out_dw = self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype)
-            out_db = self._buffers.get(self.backend, "db", self.bias.shape, self.dtype)
+        out_dw, out_db = self.grad_buffers() if need_dw else (None, None)
         dx, dw, db = self.backend.dense_backward(
             dy, self._input, self.weight.data, self._output, self._preact, self._applied,
             need_dx, need_dw, out_dx, out_dw, out_db, self.precision,
         )
         if need_dw:
-            self.weight.grad = dw if self.weight.trainable else None
-            self.bias.grad = db if self.bias.trainable else None
+            self.take_grads(dw, db)
         return dx
+
+    def grad_buffers(self):
+        """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill."""
+        return (self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype),
+                self._buffers.get(self.backend, "db", self.bias.shape, self.dtype))
+
+    def take_grads(self, dw, db) -> None:
+        """Set ``.grad`` of the trainable parameters from a backward that computed dW and db."""
+        self.weight.grad = dw if self.weight.trainable else None
+        self.bias.grad = db if self.bias.trainable else None
 
     def stored_arrays(self) -> list:
         return [a for a in (self._input, self._output, self._preact) if a is not None]
@@ -594,16 +600,13 @@ class Sequential:
         """Backward of a fused forward: the dX chain and every dW/db in two launches."""
         acts, inputs, act_inputs = self._fused_saved
         need_dx, need_dw = [dx for dx, _ in plan], [dw for _, dw in plan]
-        out_dw = [layer._buffers.get(self.backend, "dw", layer.weight.shape, self.dtype) if dw else None
-                  for layer, dw in zip(self.layers, need_dw)]
-        out_db = [layer._buffers.get(self.backend, "db", layer.bias.shape, self.dtype) if dw else None
-                  for layer, dw in zip(self.layers, need_dw)]
+        buffers = [layer.grad_buffers() if dw else (None, None) for layer, dw in zip(self.layers, need_dw)]
+        out_dw, out_db = [dw for dw, _ in buffers], [db for _, db in buffers]
         dx = self.backend.fused_mlp_backward(dy, [layer.weight.data for layer in self.layers], acts, inputs,
                                              act_inputs, need_dx, need_dw, out_dw, out_db, self.precision)
-        for layer, dw, db in zip(self.layers, out_dw, out_db):
+        for layer, (dw, db) in zip(self.layers, buffers):
             if dw is not None:
-                layer.weight.grad = dw if layer.weight.trainable else None
-                layer.bias.grad = db if layer.bias.trainable else None
+                layer.take_grads(dw, db)
         return dx if need_input_grad else None
 
     def _check_kept(self, plan, kept_input, kept_output, logits: bool, need_input_grad: bool) -> None:
