@@ -344,6 +344,17 @@ def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
     return hs[-1], g if need_dx[0] else None, grads
 
 
+def fused_case(rng, case):
+    """Random inputs, parameters and output gradient for ``FUSED_CASES[case]``, and its plan:
+    (x, ws, bs, acts, dy, need_dx, need_dw, need_input_grad)."""
+    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    ws, bs = mlp_params(rng, n_in, widths)
+    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
+    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    return x, ws, bs, acts[: len(widths)], dy, need_dx, need_dw, need_input_grad
+
+
 def run_fused(cb, x, ws, bs, acts, dy, need_dx, need_dw, precision="fp32"):
     keep_input = list(need_dw)
     lowest = min(i for i in range(len(ws)) if need_dx[i] or need_dw[i])
@@ -374,12 +385,7 @@ def reference_backward_at(ws, acts, inputs, act_inputs, dy, need_dx, need_dw):
 
 @pytest.mark.parametrize("case", FUSED_CASES)
 def test_fused_mlp_matches_numpy(cb_h100, rng, case):
-    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
-    acts = acts[: len(widths)]
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    ws, bs = mlp_params(rng, n_in, widths)
-    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
-    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    x, ws, bs, acts, dy, need_dx, need_dw, need_input_grad = fused_case(rng, case)
     y_ref, dx_ref, grads_ref = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
     with trace() as t:
         y, _, _, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw)
@@ -415,12 +421,7 @@ if SANITIZED:
 @pytest.mark.parametrize("case", PRECISION_CASES)
 @pytest.mark.parametrize("precision", FUSED_TOLERANCE)
 def test_fused_mlp_on_tensor_cores_is_within_its_tolerance(cb_h100, rng, precision, case):
-    batch, n_in, widths, acts, frozen, need_input_grad = FUSED_CASES[case]
-    acts = acts[: len(widths)]
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
-    ws, bs = mlp_params(rng, n_in, widths)
-    dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
-    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    x, ws, bs, acts, dy, need_dx, need_dw, need_input_grad = fused_case(rng, case)
     y_ref, _, _ = reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw)
     with trace() as t:
         y, inputs, act_inputs, dx, dws, dbs = run_fused(cb_h100, x, ws, bs, acts, dy, need_dx, need_dw, precision)
