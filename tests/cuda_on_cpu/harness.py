@@ -27,6 +27,7 @@ on the CPU: monkeypatch it in as the backend's ``cupy``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -257,8 +258,7 @@ class Harness:
 
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
-        for part in (CXX, self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _compiler_version(),
-                     HEADER.read_text(), RUNTIME.read_text(), source):
+        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _toolchain_identity(), source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -298,20 +298,17 @@ class Harness:
             list(pool.map(lambda item: self.build(item[1], item[0]), sources.items()))
 
     def module(self, source: str, label: str = "kernels") -> Module:
-        path = self.build(source, label)
-        key = str(path)
-        if key not in self._modules:
-            self._modules[key] = Module(self, path)
-        return self._modules[key]
+        """The loaded library of ``source``, built (or found in the cache) on its first request."""
+        if source not in self._modules:
+            self._modules[source] = Module(self, self.build(source, label))
+        return self._modules[source]
 
 
-_compiler_version_cache: list[str] = []
-
-
-def _compiler_version() -> str:
-    if not _compiler_version_cache:
-        _compiler_version_cache.append(subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout)
-    return _compiler_version_cache[0]
+@functools.cache
+def _toolchain_identity() -> str:
+    """Everything besides the kernel source that goes into a build: compiler, header, runtime."""
+    version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+    return "\0".join((CXX, version, HEADER.read_text(), RUNTIME.read_text()))
 
 
 # ----------------------------------------------------------------------------- CuPy stand-in
