@@ -228,12 +228,6 @@ def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tupl
     return plan
 
 
-def _checked_precision(value) -> str:
-    if value not in backends.PRECISIONS:
-        raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
-    return value
-
-
 class BackwardPlan(list):
     """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch."""
 
@@ -304,10 +298,9 @@ class Sequential:
         self._stored_plan = None
         self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
-        self._precision = _checked_precision(precision)
-        self.fused = fused  # checks the precision against the path it picks
-        for layer in self.layers:
-            layer.precision = precision
+        self._precision = "fp32"
+        self.fused = fused
+        self.precision = precision  # checked against the path fused= picked
 
     # --------------------------------------------------------------------- container
 
@@ -330,8 +323,9 @@ class Sequential:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        previous = self._precision
-        self._precision = _checked_precision(value)
+        if value not in backends.PRECISIONS:
+            raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
+        previous, self._precision = self._precision, value
         try:
             self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)
         except ValueError:
