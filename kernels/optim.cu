@@ -8,6 +8,9 @@
 //                  v = b2 v + (1 - b2) g^2, p -= step_size m / (sqrt(v) inv_sqrt_bias2 + eps)
 //                  with step_size = lr / (1 - b1^t) and inv_sqrt_bias2 = 1 / sqrt(1 - b2^t)
 //                  computed on the host in double.
+//   *_hyper        the same updates with lr (and Adam's step_size, inv_sqrt_bias2) read from
+//                  device memory, skipped when the step's loss is not finite: the kernels a
+//                  captured training step (a CUDA graph) replays.
 //   sumsq          out[0] = sum a^2 (deterministic, reduce.cuh).
 //   scale_inplace  a *= s.
 //
@@ -17,9 +20,15 @@
 // grid and cost nothing next to the memory traffic.
 #include "reduce.cuh"
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    sgd_update(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ velocity,
-               float lr, float momentum, int nesterov, float weight_decay, long long n) {
+namespace {
+
+// The update bodies, shared by the entry points that take the learning rate (and Adam's
+// bias corrections) as kernel arguments and the *_hyper ones that read them from device
+// memory, which a CUDA graph captures once and a host copy updates before every replay.
+
+__device__ __forceinline__ void sgd_body(float* __restrict__ param, const float* __restrict__ grad,
+                                         float* __restrict__ velocity, float lr, float momentum, int nesterov,
+                                         float weight_decay, long long n) {
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
         const float p = param[i];
@@ -34,10 +43,10 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    adam_update(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
-                float* __restrict__ v, float lr, float beta1, float beta2, float eps, float weight_decay,
-                float step_size, float inv_sqrt_bias2, int decoupled, long long n) {
+__device__ __forceinline__ void adam_body(float* __restrict__ param, const float* __restrict__ grad,
+                                          float* __restrict__ m, float* __restrict__ v, float lr, float beta1,
+                                          float beta2, float eps, float weight_decay, float step_size,
+                                          float inv_sqrt_bias2, int decoupled, long long n) {
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
         float p = param[i];
@@ -53,6 +62,48 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
         v[i] = vi;
         param[i] = p - step_size * mi / fmaf(sqrtf(vi), inv_sqrt_bias2, eps);
     }
+}
+
+// A replayed step cannot stop between its loss and its update the way the host loop does,
+// so the update itself skips when the loss it follows is not finite: the weights stay those
+// of the previous step, as in fit.
+// |x| <= FLT_MAX is false for NaN and for +-inf, and needs no math header under NVRTC.
+__device__ __forceinline__ bool loss_is_finite(const float* __restrict__ loss) {
+    return fabsf(__ldg(loss)) <= 3.40282347e38f;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    sgd_update(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ velocity,
+               float lr, float momentum, int nesterov, float weight_decay, long long n) {
+    sgd_body(param, grad, velocity, lr, momentum, nesterov, weight_decay, n);
+}
+
+// hyper = {lr}; loss: the step's loss, on the device.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    sgd_update_hyper(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ velocity,
+                     const float* __restrict__ hyper, const float* __restrict__ loss, float momentum, int nesterov,
+                     float weight_decay, long long n) {
+    if (!loss_is_finite(loss)) return;
+    sgd_body(param, grad, velocity, __ldg(hyper), momentum, nesterov, weight_decay, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    adam_update(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
+                float* __restrict__ v, float lr, float beta1, float beta2, float eps, float weight_decay,
+                float step_size, float inv_sqrt_bias2, int decoupled, long long n) {
+    adam_body(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2, decoupled, n);
+}
+
+// hyper = {lr, step_size, inv_sqrt_bias2}; loss: the step's loss, on the device.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    adam_update_hyper(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
+                      float* __restrict__ v, const float* __restrict__ hyper, const float* __restrict__ loss,
+                      float beta1, float beta2, float eps, float weight_decay, int decoupled, long long n) {
+    if (!loss_is_finite(loss)) return;
+    adam_body(param, grad, m, v, __ldg(hyper), beta1, beta2, eps, weight_decay, __ldg(hyper + 1), __ldg(hyper + 2),
+              decoupled, n);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

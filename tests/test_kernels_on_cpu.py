@@ -122,7 +122,7 @@ def shape_id(shape):
 def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
-             "sumsq", "scale_inplace"}
+             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace"}
     names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
@@ -705,6 +705,49 @@ def test_adam_update_matches_numpy(cb_small_gpu, rng, n, decoupled, weight_decay
         close(cb_small_gpu.to_host(got), want)
 
 
+def device_scalar(cb, value):
+    return cb.asarray(np.array([value], np.float32))
+
+
+@pytest.mark.parametrize("n", VECTOR_SIZES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_updates_reading_their_rate_from_the_device_equal_the_eager_ones_bitwise(cb_small_gpu, rng, n, kind):
+    # What a replayed step launches (*_update_hyper) against what an eager step launches.
+    p, g, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    eager, replayed = ([cb_small_gpu.asarray(a) for a in (p, g, m, v)] for _ in range(2))
+    finite_loss = device_scalar(cb_small_gpu, 0.5)
+    for step in (1, 2, 7):
+        lr = 0.01 * step
+        if kind == "sgd":
+            cb_small_gpu.sgd_update(*eager[:3], lr, 0.9, True, 1e-2)
+            hyper = cb_small_gpu.asarray(np.array(cb_small_gpu.sgd_hyper(lr), np.float32))
+            cb_small_gpu.sgd_update(*replayed[:3], None, 0.9, True, 1e-2, hyper=hyper, guard=finite_loss)
+        else:
+            cb_small_gpu.adam_update(*eager, lr, 0.9, 0.999, 1e-8, 1e-2, step, True)
+            hyper = cb_small_gpu.asarray(np.array(cb_small_gpu.adam_hyper(lr, 0.9, 0.999, step), np.float32))
+            cb_small_gpu.adam_update(*replayed, None, 0.9, 0.999, 1e-8, 1e-2, None, True, hyper=hyper,
+                                     guard=finite_loss)
+    for a, b in zip(eager, replayed):
+        np.testing.assert_array_equal(cb_small_gpu.to_host(a), cb_small_gpu.to_host(b))
+
+
+@pytest.mark.parametrize("loss", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_an_update_after_a_non_finite_loss_changes_nothing(cb_small_gpu, rng, kind, loss):
+    arrays = [cb_small_gpu.asarray(rng.standard_normal(1031).astype(np.float32)) for _ in range(4)]
+    before = [cb_small_gpu.to_host(a) for a in arrays]
+    hyper = cb_small_gpu.asarray(np.array([0.1, 0.1, 1.0], np.float32))
+    if kind == "sgd":
+        cb_small_gpu.sgd_update(*arrays[:3], None, 0.9, False, 0.0, hyper=hyper[:1],
+                                guard=device_scalar(cb_small_gpu, loss))
+    else:
+        cb_small_gpu.adam_update(*arrays, None, 0.9, 0.999, 1e-8, 0.0, None, False, hyper=hyper,
+                                 guard=device_scalar(cb_small_gpu, loss))
+    for a, was in zip(arrays, before):
+        np.testing.assert_array_equal(cb_small_gpu.to_host(a), was)
+
+
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
     a = rng.standard_normal(n).astype(np.float32)
@@ -733,6 +776,26 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
                             epochs=3, batch_size=32, verbose=0)
         losses[backend] = history.history["loss"]
     np.testing.assert_allclose(losses["cupy"], losses["numpy"], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- captured steps (CUDA graphs)
+#
+# The stand-in records a capture's launches and runs them again at each replay, with the
+# arguments they had at capture, and refuses what CUDA refuses during a capture (copies,
+# synchronizations) as well as array math it cannot record.
+
+def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):
+    a = cb_h100.asarray(np.ones(4, np.float32))
+    cb_h100.scale_(a, 1.0)  # loads the module: a capture must not (drivers before CUDA 12.3 refuse it)
+    with pytest.raises(harness.CaptureError, match="device-to-host copy"):
+        cb_h100.capture(lambda: cb_h100.to_host(a))
+    with pytest.raises(harness.CaptureError, match="array math"):
+        cb_h100.capture(lambda: cb_h100.cupy.exp(a, out=a))
+    graph = cb_h100.capture(lambda: cb_h100.scale_(a, 2.0))  # the stream is usable again
+    np.testing.assert_array_equal(cb_h100.to_host(a), np.ones(4))  # captured, not run
+    graph.launch()
+    graph.launch()
+    np.testing.assert_array_equal(cb_h100.to_host(a), np.full(4, 4.0))
 
 
 # ----------------------------------------------------------------------------- sanitizers

@@ -87,6 +87,23 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
     ``fused_precisions()`` the ``precision`` values both take on this device ("fp32" always;
         "tf32" and "bf16" on tensor cores where the GPU has them).
 
+Optional capability: CUDA graphs (the cupy backend; the others do not have it)
+    A backend with ``capture`` lets ``gpubp.step.TrainStep`` record a whole training step once
+    and replay it; ``TrainStep`` looks for the attribute, never at the backend's name.
+    ``capture(fn) -> graph``
+        runs ``fn()`` with its kernel launches recorded, not run; ``graph.launch()`` replays
+        them on the current stream. The graph keeps every array its kernels touch alive.
+        ``fn`` may launch kernels and allocate, nothing else: no copy between host and device,
+        no synchronization, and no kernel's first launch (warm up first).
+    ``copy_into(dst, src)``        ``dst[...] = src`` from a host or device array, on the current stream.
+    ``softmax_cross_entropy``, ``mse`` and ``bce`` take ``out_loss``: a (1,) float32 array that
+        receives the loss, which is then returned in place of the float (nothing is read back).
+    ``sgd_update``/``adam_update`` take ``hyper`` and ``guard``: with ``hyper``, a (1,) (SGD:
+        lr) or (3,) (Adam: lr, step_size, inv_sqrt_bias2) float32 array that ``sgd_hyper(lr)`` /
+        ``adam_hyper(lr, beta1, beta2, step)`` fill, the kernel reads those at run time (``lr``
+        and ``step`` are then None); ``guard``, the (1,) loss array, skips the update when the
+        loss is not finite.
+
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an
 array library directly, so one model runs unchanged on every backend.

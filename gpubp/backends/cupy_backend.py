@@ -203,6 +203,7 @@ def _aot_mismatch(arch: str) -> str | None:
 _rawmodules: dict[tuple[int, str], object] = {}
 _functions: dict[tuple[int, str], object] = {}
 _device_state: dict[int, dict] = {}
+_captured_arrays: list | None = None  # while a graph is captured: every launch's arguments
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 
 
@@ -243,11 +244,27 @@ def _rawmodule(filename: str):
     return module
 
 
-def _kernel(filename: str, name: str):
+class _Launch:
+    """A kernel, called as CuPy's RawKernel is. While a graph is being captured, each launch's
+    arguments stay referenced by that graph: replays write through the captured pointers, so
+    no array a captured kernel touches may go back to the memory pool while the graph lives."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function) -> None:
+        self.function = function
+
+    def __call__(self, grid, block, args, **kwargs) -> None:
+        if _captured_arrays is not None:
+            _captured_arrays.append(args)
+        self.function(grid, block, args, **kwargs)
+
+
+def _kernel(filename: str, name: str) -> _Launch:
     key = (cupy.cuda.Device().id, name)
     fn = _functions.get(key)
     if fn is None:
-        fn = _functions[key] = _rawmodule(filename).get_function(name)
+        fn = _functions[key] = _Launch(_rawmodule(filename).get_function(name))
     return fn
 
 
@@ -322,15 +339,23 @@ def is_array(a) -> bool:
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
-def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, arrays: tuple, sizes: tuple) -> float:
+def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, arrays: tuple, sizes: tuple,
+                     out_loss=None):
     """Launch a kernel that ends in reduce.cuh's grid_sum_to, ``name(*arrays, partials,
-    ticket, out, *sizes)``, and return the scalar it reduced."""
+    ticket, out, *sizes)``, and return the scalar it reduced: a float, or ``out_loss``, a
+    (1,) float32 array it was written to, when given (then nothing is read back)."""
     state = _state()
+    out = state["scalar"] if out_loss is None else _check_scalar_out(out_loss)
     record(trace_name)
-    _kernel(filename, name)(
-        (grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], state["scalar"]) + sizes
-    )
-    return float(state["scalar"].get()[0])
+    _kernel(filename, name)((grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], out) + sizes)
+    return float(out.get()[0]) if out_loss is None else out_loss
+
+
+def _check_scalar_out(out):
+    if not (is_array(out) and out.dtype == np.float32 and out.shape == (1,)):
+        raise ValueError(f"out_loss: expected a float32 CuPy array of shape (1,), got {getattr(out, 'dtype', type(out))} "
+                         f"{getattr(out, 'shape', '')}")
+    return out
 
 
 def sumsq(a) -> float:
@@ -491,8 +516,9 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
-def softmax_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+def softmax_cross_entropy(logits, labels, out_loss=None):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C).
+    ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""
     logits = _f32(logits)
     batch, classes = logits.shape
     # The kernel reads labels[row] from the data pointer: contiguous int64 or int32 only.
@@ -502,59 +528,144 @@ def softmax_cross_entropy(logits, labels):
     name = "ce_fwd_bwd_i64" if labels.dtype == np.int64 else "ce_fwd_bwd_i32"
     grid = _blocks(batch, rows_per_block, MAX_REDUCE_BLOCKS)
     loss = _reduce_to_float(
-        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, grad), (np.int32(batch), np.int32(classes))
+        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, grad), (np.int32(batch), np.int32(classes)), out_loss
     )
     return loss, grad
 
 
-def _elementwise_loss(name: str, pred, target):
+def _elementwise_loss(name: str, pred, target, out_loss):
     pred = _f32(pred)
     target = asarray(target, dtype=np.float32)
     grad = cupy.empty_like(pred)
     n = pred.size
     grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
-    return _reduce_to_float("loss.cu", name, name, grid, (pred, target, grad), (np.int64(n),)), grad
+    return _reduce_to_float("loss.cu", name, name, grid, (pred, target, grad), (np.int64(n),), out_loss), grad
 
 
-def mse(pred, target):
+def mse(pred, target, out_loss=None):
     """Mean squared error over all elements."""
-    return _elementwise_loss("mse_fwd_bwd", pred, target)
+    return _elementwise_loss("mse_fwd_bwd", pred, target, out_loss)
 
 
-def bce(logits, target):
+def bce(logits, target, out_loss=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
-    return _elementwise_loss("bce_fwd_bwd", logits, target)
+    return _elementwise_loss("bce_fwd_bwd", logits, target, out_loss)
 
 
 # ----------------------------------------------------------------------------- optimizers
 
 
-def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
-    """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
+def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hyper=None, guard=None):
+    """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
+    ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     n = param.size
     record("sgd_update")
-    _kernel("optim.cu", "sgd_update")(
-        (_elementwise_blocks(n),),
-        (REDUCE_THREADS,),
-        # Without momentum the kernel never touches velocity (None then); param stands in.
-        (param, grad, param if velocity is None else velocity, np.float32(lr), np.float32(momentum),
-         np.int32(bool(nesterov)), np.float32(weight_decay), np.int64(n)),
-    )
+    # Without momentum the kernel never touches velocity (None then); param stands in.
+    velocity = param if velocity is None else velocity
+    options = (np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay), np.int64(n))
+    if hyper is None:
+        _kernel("optim.cu", "sgd_update")(
+            (_elementwise_blocks(n),), (REDUCE_THREADS,), (param, grad, velocity, np.float32(lr)) + options)
+    else:
+        _kernel("optim.cu", "sgd_update_hyper")(
+            (_elementwise_blocks(n),), (REDUCE_THREADS,), (param, grad, velocity) + _hyper_args(hyper, guard, 1)
+            + options)
 
 
-def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
-    """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled, hyper=None, guard=None):
+    """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
+    ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     n = param.size
-    step_size = lr / (1.0 - beta1**step)
-    inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - beta2**step)
     record("adam_update")
-    _kernel("optim.cu", "adam_update")(
-        (_elementwise_blocks(n),),
-        (REDUCE_THREADS,),
-        (param, grad, m, v, np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
-         np.float32(weight_decay), np.float32(step_size), np.float32(inv_sqrt_bias2),
-         np.int32(bool(decoupled)), np.int64(n)),
-    )
+    options = (np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay))
+    if hyper is None:
+        lr, step_size, inv_sqrt_bias2 = (np.float32(h) for h in adam_hyper(lr, beta1, beta2, step))
+        _kernel("optim.cu", "adam_update")(
+            (_elementwise_blocks(n),), (REDUCE_THREADS,),
+            (param, grad, m, v, lr) + options + (step_size, inv_sqrt_bias2, np.int32(bool(decoupled)), np.int64(n)))
+    else:
+        _kernel("optim.cu", "adam_update_hyper")(
+            (_elementwise_blocks(n),), (REDUCE_THREADS,),
+            (param, grad, m, v) + _hyper_args(hyper, guard, 3) + options + (np.int32(bool(decoupled)), np.int64(n)))
+
+
+def sgd_hyper(lr: float) -> tuple[float]:
+    """What ``sgd_update_hyper`` reads from ``hyper``: (lr,)."""
+    return (lr,)
+
+
+def adam_hyper(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float, float]:
+    """What ``adam_update_hyper`` reads from ``hyper`` for Adam step ``step`` (from 1):
+    (lr, step_size, inv_sqrt_bias2), the bias corrections in double on the host. The eager
+    kernel gets the same values as arguments, so eager and replayed steps agree bitwise."""
+    return lr, lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
+
+
+def _hyper_args(hyper, guard, size: int) -> tuple:
+    if not (is_array(hyper) and hyper.dtype == np.float32 and hyper.shape == (size,) and hyper.flags.c_contiguous):
+        raise ValueError(f"hyper: expected a contiguous float32 CuPy array of shape ({size},), got "
+                         f"{getattr(hyper, 'dtype', type(hyper))} {getattr(hyper, 'shape', '')}")
+    return hyper, _check_scalar_out(guard)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+#
+# The optional CUDA-graph capability (see gpubp.backends): a training step recorded once and
+# replayed, one launch for the whole step instead of one per kernel.
+
+
+class Graph:
+    """A captured sequence of launches: ``launch()`` replays it on the current stream, in order
+    with the copies before and after it. It holds every array its kernels read or write, so
+    their memory stays theirs for as long as the graph lives."""
+
+    def __init__(self, graph, arrays: list) -> None:
+        self._graph, self._arrays = graph, arrays
+        self.launches = len(arrays)
+
+    def launch(self) -> None:
+        self._graph.launch(stream=cupy.cuda.get_current_stream())
+
+
+def capture(fn) -> Graph:
+    """Run ``fn()`` with every kernel it launches recorded into a CUDA graph instead of run.
+
+    ``fn`` must launch kernels only: no host-device copy or synchronization (CUDA refuses
+    them during a capture), and every kernel should have run once before, so that no module
+    loads and no workspace grows mid-capture. A capture needs a stream of its own (CUDA
+    refuses the legacy default stream); replays run on whichever stream is current.
+    """
+    global _captured_arrays
+    if _captured_arrays is not None:
+        raise RuntimeError("capture: a capture is already in progress")
+    state = _state()
+    stream = state.get("capture_stream")
+    if stream is None:
+        stream = state["capture_stream"] = cupy.cuda.Stream()
+    arrays = _captured_arrays = []
+    try:
+        with stream:
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                try:  # a failed capture must still end, or the stream stays unusable
+                    stream.end_capture()
+                except Exception:  # the capture was invalidated: fn's error is the one to report
+                    pass
+                raise
+            graph = stream.end_capture()
+    finally:
+        _captured_arrays = None
+    return Graph(graph, arrays)
+
+
+def copy_into(dst, src) -> None:
+    """``dst[...] = src`` from a host (NumPy) or device array of dst's shape, on the current stream."""
+    if is_array(src):
+        cupy.copyto(dst, src, casting="same_kind")
+    else:
+        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
 
 
 # ----------------------------------------------------------------------------- fused MLP

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import types
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,12 +145,80 @@ class _Allocation:
         _libc.free(self.ptr)
 
 
+class CaptureError(RuntimeError):
+    """An operation CUDA refuses on a stream that is capturing a graph (a host-device copy, a
+    synchronization), or array math this stand-in cannot record into one."""
+
+
+# The graph capture in progress, if any (see cupy_shim): a list of the operations recorded.
+_capture: list | None = None
+
+
+def _refuse_during_capture(what: str) -> None:
+    if _capture is not None:
+        raise CaptureError(f"{what} is not permitted while a stream is capturing a CUDA graph")
+
+
 class DeviceArray(np.ndarray):
     """An array in "device memory": a NumPy array over its own exact-size allocation. Kernels
-    get its data pointer; ``get()`` copies it back to an ordinary NumPy array, as CuPy's does."""
+    get its data pointer; ``get()`` copies it back to an ordinary NumPy array and ``set()``
+    copies a host array in, as CuPy's do. While a graph is being captured, neither is allowed,
+    nor is NumPy math on it, which would run at capture time instead of at every replay."""
 
     def get(self) -> np.ndarray:
+        _refuse_during_capture("a device-to-host copy (get)")
         return np.array(self, copy=True, subok=False)
+
+    def set(self, host) -> None:
+        _refuse_during_capture("a host-to-device copy (set)")
+        host = np.asarray(host)
+        if host.shape != self.shape:
+            raise ValueError(f"set: shape {host.shape} does not match the array's {self.shape}")
+        np.copyto(self.view(np.ndarray), host, casting="same_kind")
+
+    def __setitem__(self, key, value) -> None:
+        _refuse_during_capture("writing device memory from the host")
+        super().__setitem__(key, value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _refuse_during_capture(f"array math ({ufunc.__name__})")
+        if out is not None:
+            kwargs["out"] = tuple(_plain(a) for a in out)
+        result = getattr(ufunc, method)(*(_plain(a) for a in inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        if isinstance(result, tuple):
+            return tuple(_device_view(r) for r in result)
+        return _device_view(result)
+
+
+class _Address:
+    """A device array as a captured launch holds it: its address, dtype and shape, and a weak
+    reference to the allocation, to tell a replay whether that memory is still the array's."""
+
+    def __init__(self, a: DeviceArray):
+        root = a
+        while isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        self.owner = weakref.ref(root)
+        self.address, self.dtype, self.shape = a.__array_interface__["data"][0], a.dtype, a.shape
+
+    def array(self, kernel: str, index: int) -> DeviceArray:
+        if self.owner() is None:
+            raise CaptureError(f"{kernel} argument {index}: the array captured there was freed after the capture; "
+                               "a replay would write memory that is no longer its own")
+        count = int(np.prod(self.shape, dtype=np.int64))
+        raw = (ctypes.c_char * max(count * self.dtype.itemsize, 1)).from_address(self.address)
+        return np.frombuffer(raw, self.dtype, count=count).reshape(self.shape).view(DeviceArray)
+
+
+def _plain(a):
+    return a.view(np.ndarray) if isinstance(a, DeviceArray) else a
+
+
+def _device_view(a):
+    # Math on device arrays gives device arrays (in NumPy's own allocation), as on CuPy.
+    return a.view(DeviceArray) if isinstance(a, np.ndarray) else a
 
 
 def device_empty(shape, dtype=np.float32, offset_bytes: int = 0) -> DeviceArray:
@@ -331,48 +400,136 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
             self.compute_capability = compute_capability
             self.attributes = {"MultiProcessorCount": sms}
 
+    class Graph:
+        """A captured graph: ``launch()`` runs the recorded operations again, in order, with the
+        arguments they had at capture (scalars by value, arrays by address), as CUDA does."""
+
+        def __init__(self, operations: list):
+            self.operations = operations
+
+        def launch(self, stream=None):
+            _refuse_during_capture("launching a graph")
+            for operation in self.operations:
+                operation()
+
     class Stream:
+        current = None  # the stream of the innermost `with stream:`, as CuPy's current stream
+
+        def __enter__(self):
+            self._outer, Stream.current = Stream.current, self
+            return self
+
+        def __exit__(self, *exc):
+            Stream.current = self._outer
+            return False
+
         def synchronize(self):
-            pass
+            _refuse_during_capture("synchronizing a stream")
+
+        def begin_capture(self, mode=None):
+            global _capture
+            if _capture is not None:
+                raise CaptureError("a capture is already in progress")
+            if Stream.current is not self:
+                raise CaptureError("begin_capture: capture on the current stream (inside `with stream:`)")
+            _capture = []
+
+        def end_capture(self):
+            global _capture
+            if _capture is None:
+                raise CaptureError("end_capture: the stream is not capturing")
+            operations, _capture = _capture, None
+            return Graph(operations)
+
+        def is_capturing(self):
+            return _capture is not None
+
+    class CapturingKernel:
+        """A kernel that, while a capture is in progress, is recorded instead of run. As in a
+        CUDA graph, the record holds the arrays' addresses, not the arrays: a replay after an
+        argument's memory was freed fails, naming the kernel and the argument."""
+
+        def __init__(self, kernel: Kernel):
+            self.kernel = kernel
+
+        def __call__(self, grid, block, args, shared_mem: int = 0):
+            if _capture is None:
+                self.kernel(grid, block, args, shared_mem)
+                return
+            recorded = [_Address(a) if isinstance(a, DeviceArray) else a for a in args]
+
+            def launch():
+                self.kernel(grid, block, [a.array(self.kernel.name, i) if isinstance(a, _Address) else a
+                                          for i, a in enumerate(recorded)], shared_mem)
+
+            _capture.append(launch)
 
     class RawModule:
         def __init__(self, code: str | None = None, options=(), path: str | None = None):
             if code is None:
                 raise CUDADriverError(f"cannot load the GPU binary {path} on the CPU")
+            _refuse_during_capture("loading a module")
             self._module = harness.module(code, _label_of(code))
 
-        def get_function(self, name: str) -> Kernel:
-            return self._module.get_function(name)
+        def get_function(self, name: str) -> CapturingKernel:
+            return CapturingKernel(self._module.get_function(name))
+
+    default_stream = Stream()
 
     def asarray(a, dtype=None):
         if isinstance(a, DeviceArray) and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
+        _refuse_during_capture("copying an array to the device")
         return to_device(np.asarray(a, dtype=dtype))
 
     def ascontiguousarray(a, dtype=None):
         if isinstance(a, DeviceArray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
+        _refuse_during_capture("copying an array to the device")
         return to_device(np.ascontiguousarray(a, dtype=dtype))
 
     def zeros(shape, dtype=np.float32):
         out = device_empty(shape, dtype)
-        out[...] = 0
+        if _capture is None:
+            out.view(np.ndarray)[...] = 0
+        else:  # CuPy fills it with a kernel, which the graph records
+            _capture.append(lambda: out.view(np.ndarray).fill(0))
         return out
 
-    # Array math the backend does with CuPy's NumPy-like API (the softmax around the identity
-    # kernel, say) runs as NumPy here.
-    cp.__getattr__ = lambda name: getattr(np, name)
+    def copyto(dst, src, casting="same_kind"):
+        def copy():
+            np.copyto(dst.view(np.ndarray), np.asarray(src).view(np.ndarray), casting=casting)
+
+        copy() if _capture is None else _capture.append(copy)
+
+    def numpy_function(name: str):
+        # Array math the backend does with CuPy's NumPy-like API (the softmax around the identity
+        # kernel, say) runs as NumPy here, at once: it cannot be recorded into a graph.
+        function = getattr(np, name)
+        if not callable(function):
+            return function
+
+        def call(*args, **kwargs):
+            _refuse_during_capture(f"cupy.{name} (array math the CPU stand-in runs at once)")
+            return function(*args, **kwargs)
+
+        return call
+
+    cp.__getattr__ = numpy_function
+    cp.copyto = copyto
     cp.ndarray = DeviceArray
     cp.empty = lambda shape, dtype=np.float32: device_empty(shape, dtype)
     cp.zeros = zeros
     cp.empty_like = lambda a: device_empty(a.shape, a.dtype)
     cp.asarray = asarray
     cp.ascontiguousarray = ascontiguousarray
-    cp.asnumpy = lambda a: np.array(a, copy=True, subok=False)
+    cp.asnumpy = lambda a: DeviceArray.get(a) if isinstance(a, DeviceArray) else np.array(a, copy=True)
     cp.RawModule = RawModule
     cp.cuda = types.SimpleNamespace(
         Device=Device,
-        get_current_stream=lambda: Stream(),
+        Stream=Stream,
+        Graph=Graph,
+        get_current_stream=lambda: Stream.current or default_stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
         driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
     )
