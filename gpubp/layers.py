@@ -688,6 +688,13 @@ class Sequential:
         """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
         return train.fit(self, x, y, **kwargs)
 
+    def train_step(self, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):
+        """One training step as a callable, ``step(x, y) -> loss``, optionally replayed from a
+        CUDA graph; see :class:`gpubp.step.TrainStep`."""
+        from gpubp.step import TrainStep
+
+        return TrainStep(self, loss=loss, optimizer=optimizer, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
+
     def evaluate(self, x, y, **kwargs) -> dict:
         return train.evaluate(self, x, y, **kwargs)
 

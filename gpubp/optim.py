@@ -84,6 +84,13 @@ class Optimizer:
 
     def step(self) -> None:
         """Update every trainable parameter that has a gradient; frozen ones are not touched."""
+        for param, group, state in self.updates():
+            self._update(param, group, state)
+
+    def updates(self) -> list[tuple[Parameter, dict, dict]]:
+        """(parameter, its group, its state) for each parameter the next ``step`` updates: the
+        trainable ones with a gradient, in group order. Makes the state of a first update."""
+        found = []
         for group in self.param_groups:
             for param in group["params"]:
                 if not param.trainable or param.grad is None:
@@ -91,10 +98,33 @@ class Optimizer:
                 state = self.state.get(id(param))
                 if state is None:
                     state = self.state[id(param)] = self._new_state(param, group)
-                self._update(param, group, state)
+                found.append((param, group, state))
+        return found
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         raise NotImplementedError
+
+    # --------------------------------------------------------------------- replayed steps
+    #
+    # A step captured in a CUDA graph (gpubp.step.TrainStep) bakes each kernel's scalar
+    # arguments in at capture. What changes from step to step (the learning rate, Adam's bias
+    # corrections) is read from a small device array instead, written before every replay.
+
+    def graph_options(self, group: dict, state: dict) -> tuple:
+        """Everything a captured update bakes in: a change needs a new capture."""
+        return tuple(value for key, value in group.items() if key not in ("params", "lr"))
+
+    def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
+        """The values the next replayed update of ``param`` reads from its device array."""
+        raise NotImplementedError
+
+    def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
+        """Launch the update of ``param`` reading ``graph_hyper`` from ``hyper`` on the device,
+        skipped when the loss in ``guard`` is not finite."""
+        raise NotImplementedError
+
+    def graph_advance(self, state: dict) -> None:
+        """Count a replayed update that ran (its loss was finite)."""
 
     # --------------------------------------------------------------------- saving and restoring
 
@@ -234,6 +264,16 @@ class SGD(Optimizer):
         param.backend.sgd_update(param.data, param.grad, state["velocity"], group["lr"], group["momentum"],
                                  group["nesterov"], group["weight_decay"])
 
+    def graph_options(self, group: dict, state: dict) -> tuple:
+        return super().graph_options(group, state) + (state["velocity"] is None,)
+
+    def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
+        return param.backend.sgd_hyper(group["lr"])
+
+    def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
+        param.backend.sgd_update(param.data, param.grad, state["velocity"], None, group["momentum"],
+                                 group["nesterov"], group["weight_decay"], hyper=hyper, guard=guard)
+
 
 class Adam(Optimizer):
     """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam."""
@@ -265,6 +305,17 @@ class Adam(Optimizer):
         beta1, beta2 = group["betas"]
         param.backend.adam_update(param.data, param.grad, state["m"], state["v"], group["lr"], beta1, beta2,
                                   group["eps"], group["weight_decay"], state["step"], self.decoupled)
+
+    def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
+        return param.backend.adam_hyper(group["lr"], *group["betas"], state["step"] + 1)
+
+    def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
+        beta1, beta2 = group["betas"]
+        param.backend.adam_update(param.data, param.grad, state["m"], state["v"], None, beta1, beta2, group["eps"],
+                                  group["weight_decay"], None, self.decoupled, hyper=hyper, guard=guard)
+
+    def graph_advance(self, state: dict) -> None:
+        state["step"] += 1
 
 
 class AdamW(Adam):

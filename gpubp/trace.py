@@ -13,6 +13,7 @@ Recording costs one global read when no trace is open in any thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 
@@ -65,6 +66,27 @@ class Trace:
 def trace() -> Trace:
     """Open a kernel-launch trace: ``with gb.trace() as t: ...; t.counts``."""
     return Trace()
+
+
+@contextlib.contextmanager
+def isolated():
+    """A trace that alone records the launches inside it, hidden from the traces already open:
+    for launches recorded but not run, such as those of a CUDA-graph capture."""
+    stack = _active()
+    outer = stack[:]
+    stack.clear()
+    try:
+        with Trace() as inner:
+            yield inner
+    finally:
+        stack[:] = outer
+
+
+def replay(names: list[str]) -> None:
+    """Record the launches ``names`` again, in order: a replayed graph runs them."""
+    if _open_count:
+        for name in names:
+            record(name)
 
 
 def record(name: str) -> None:

@@ -309,7 +309,8 @@ def _optimizer(model, optimizer):
 def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
-        learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False) -> History:
+        learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False,
+        cuda_graph=False) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -329,6 +330,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
     ``distributed=True`` trains data-parallel over torch.distributed, one process per device
     launched by torchrun; ``batch_size`` is then the global batch (see :mod:`gpubp.distributed`).
+    ``cuda_graph``: True captures each batch's step in a CUDA graph and replays it (the cupy
+    backend; a ValueError says why not elsewhere), "auto" where it can, False (the default)
+    never; see :class:`gpubp.step.TrainStep`. It changes no result: replayed steps compute
+    what the eager ones do.
     """
     compiled = getattr(model, "_compiled", {})
     loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
@@ -369,6 +374,12 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
     if verbose == 1 and not _is_terminal(sys.stderr):
         verbose = 2
+    if distributed and cuda_graph is not False:
+        raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
+                         "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
+    from gpubp.step import TrainStep
+
+    step = TrainStep(model, loss_fn, opt, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
     parallel = None
     if distributed:
         from gpubp.distributed import DataParallel
@@ -382,8 +393,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         for group in opt.param_groups:
             group["lr"] = learning_rate
     try:
-        return _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose,
-                      metrics or [], clip_grad_norm, initial_epoch, parallel)
+        return _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbacks, verbose,
+                      metrics or [], initial_epoch, parallel)
     finally:
         for group, rate in zip(opt.param_groups, rates):
             group["lr"] = rate
@@ -394,9 +405,10 @@ def _is_terminal(stream) -> bool:
     return bool(isatty and isatty())
 
 
-def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle, callbacks, verbose, metrics,
-           clip_grad_norm, initial_epoch, parallel) -> History:
-    """fit's loop, on checked data: forward, loss, backward and step per batch; callbacks per epoch."""
+def _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbacks, verbose, metrics,
+           initial_epoch, parallel) -> History:
+    """fit's loop, on checked data: one TrainStep per batch (or the data-parallel one); callbacks per epoch."""
+    loss_fn, opt = step.loss_fn, step.optimizer
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
     model.loss = loss_fn
@@ -417,17 +429,18 @@ def _train(model, x, y, x_val, y_val, loss_fn, opt, epochs, batch_size, shuffle,
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             xb, yb = x[index], y[index]
             if parallel is None:
-                value = _forward_backward(model, loss_fn, xb, yb, logits)
+                value = step.run(xb, yb)
             else:
                 value = parallel.forward_backward(loss_fn, xb, yb, logits)
+                if math.isfinite(value):
+                    if step.clip_grad_norm is not None:
+                        optim.clip_grad_norm(model.parameters(), step.clip_grad_norm)
+                    opt.step()
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "
                     "this batch's update, so the weights are those after the previous batch "
                     "(try a lower learning rate or clip_grad_norm)")
-            if clip_grad_norm is not None:
-                optim.clip_grad_norm(model.parameters(), clip_grad_norm)
-            opt.step()
             total_loss += value * len(xb)
             if bar is not None:
                 bar.update(1)

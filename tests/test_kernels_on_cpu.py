@@ -782,7 +782,147 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
 #
 # The stand-in records a capture's launches and runs them again at each replay, with the
 # arguments they had at capture, and refuses what CUDA refuses during a capture (copies,
-# synchronizations) as well as array math it cannot record.
+# synchronizations) as well as array math it cannot record. A replayed step must compute
+# bit for bit what the eager step computes.
+
+GRAPH_OPTIMIZERS = {
+    "sgd": lambda params: __import__("gpubp").optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
+                                                          weight_decay=1e-3),
+    "adam": lambda params: __import__("gpubp").optim.Adam(params, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda params: __import__("gpubp").optim.AdamW(params, lr=1e-2),
+}
+
+
+def graph_model(fused, frozen=0, head="identity", seed=5):
+    import gpubp as gb
+
+    gb.seed(seed)
+    model = gb.Sequential([gb.Dense(9, 24, "tanh"), gb.Dense(24, 16, "gelu"), gb.Dense(16, 3, head)],
+                          backend="cupy", fused=fused)
+    return model.freeze_to(frozen) if frozen else model
+
+
+def host_weights(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def run_steps(model, optimizer, batches, loss="cross_entropy", cuda_graph=False, rates=None):
+    step = model.train_step(loss, optimizer, cuda_graph=cuda_graph)
+    values, graphed = [], []
+    for i, (xb, yb) in enumerate(batches):
+        if rates is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = rates[i]
+        values.append(step(xb, yb))
+        graphed.append(step.graphed)
+    return step, values, graphed
+
+
+def graph_batches(rng, sizes, classes=3):
+    return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, classes, n)) for n in sizes]
+
+
+# Under the sanitizers one case: the rest launch the same kernels from the same graphs.
+GRAPH_CASES = [(opt, fused) for opt in sorted(GRAPH_OPTIMIZERS) for fused in (True, False)]
+if SANITIZED:
+    GRAPH_CASES = [("adam", False)]
+
+
+@pytest.mark.parametrize("opt, fused", GRAPH_CASES)
+def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100, rng, opt, fused):
+    batches = graph_batches(rng, [40] * 5)
+    rates = [0.05, 0.05, 0.02, 0.01, 0.01]  # a schedule changes the rate between replays
+    results = {}
+    for cuda_graph in (False, True):
+        model = graph_model(fused)
+        optimizer = GRAPH_OPTIMIZERS[opt](model.parameters())
+        step, values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
+        results[cuda_graph] = (values, host_weights(model), optimizer.state_dict())
+    assert graphed == [False, True, True, True, True]  # one eager warm-up, then a capture and replays
+    assert results[True][0] == results[False][0]
+    for replayed, eager in zip(results[True][1], results[False][1]):
+        np.testing.assert_array_equal(replayed, eager)
+    for key, state in results[False][2]["state"].items():
+        for name, value in state.items():
+            np.testing.assert_array_equal(results[True][2]["state"][key][name], value)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
+def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_layers(cb_h100, rng, fused):
+    batches = graph_batches(rng, [33] * 3)
+    model = graph_model(fused, frozen=1)
+    step = model.train_step("cross_entropy", "adam", cuda_graph=True)
+    with trace() as eager:
+        step(*batches[0])
+    step(*batches[1])  # captured and replayed
+    with trace() as replayed:
+        step(*batches[2])
+    assert step.graphed and replayed.launches == eager.launches
+    assert step.launches_per_step == len(eager.launches)
+    assert "dense_dw" not in eager.launches[:1]
+    assert eager.counts["adam_update"] == 4  # the two trainable layers' W and b; the frozen one has none
+    assert model[0].weight.grad is None
+
+
+def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_optimizer_as_they_were(cb_h100, rng):
+    model = graph_model(False)
+    optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+    step = model.train_step("mse", optimizer, cuda_graph=True)
+    x = rng.standard_normal((20, 9)).astype(np.float32)
+    target = rng.standard_normal((20, 3)).astype(np.float32)
+    step(x, target)
+    step(x, target)
+    assert step.graphed
+    weights, state = host_weights(model), optimizer.state_dict()
+    with pytest.raises(FloatingPointError, match="not updated"):
+        step(x, np.full_like(target, 3e38))  # finite targets whose squared error overflows
+    assert step.graphed
+    for now, was in zip(host_weights(model), weights):
+        np.testing.assert_array_equal(now, was)
+    assert [s["step"] for s in optimizer.state_dict()["state"].values()] == [s["step"] for s in state["state"].values()]
+    step(x, target)  # and training goes on from there
+    assert not all(np.array_equal(now, was) for now, was in zip(host_weights(model), weights))
+
+
+@pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the tests above cover them")
+@pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
+                                        ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
+def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
+    import gpubp as gb
+
+    x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
+    labels = rng.integers(0, 3, 100)
+    y = {"cross_entropy": labels, "categorical_cross_entropy": np.eye(3, dtype=np.float32)[labels],
+         "binary_cross_entropy": (rng.random((100, 3)) > 0.5).astype(np.float32),
+         "mse": rng.standard_normal((100, 3)).astype(np.float32)}[loss]
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model("auto", head=head)
+        gb.seed(11)  # the same shuffles
+        history = model.fit(x, y, loss=loss, optimizer="adam", epochs=3, batch_size=32, verbose=0,
+                            cuda_graph=cuda_graph)
+        runs[cuda_graph] = history.history["loss"], host_weights(model)
+    assert runs[True][0] == runs[False][0]
+    for replayed, eager in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(replayed, eager)
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"clip_grad_norm": 1.0}, "clip_grad_norm reads the gradient norm on the host"),
+    ({"loss": lambda out, y, backend=None: (0.0, out)}, "is not one of gpubp's"),
+    ({"loss": "mse", "head": "softmax"}, "softmax output layer trained with mse"),
+])
+def test_cuda_graph_true_says_why_a_step_cannot_be_captured(cb_h100, setting, expected):
+    setting = dict(setting)
+    model = graph_model(False, head=setting.pop("head", "identity"))
+    weights = host_weights(model)
+    with pytest.raises(ValueError, match=f"cuda_graph=True: .*{expected}"):
+        model.train_step(cuda_graph=True, **setting)
+    assert model.train_step(cuda_graph="auto", **setting).why_not_graphed() is not None
+    for now, was in zip(host_weights(model), weights):
+        np.testing.assert_array_equal(now, was)
+
 
 def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):
     a = cb_h100.asarray(np.ones(4, np.float32))

@@ -1,0 +1,255 @@
+"""One training step as an object, optionally captured in a CUDA graph and replayed.
+
+``model.train_step(loss, optimizer)`` returns a :class:`TrainStep`; ``step(x, y)`` runs the
+forward pass, the loss, the backward pass and the optimizer update of one batch and returns
+the loss, exactly as one batch of ``fit`` does (``fit`` runs its batches through one).
+
+>>> import numpy as np, gpubp as gb
+>>> gb.seed(0)
+>>> model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 3)], device="cpu")
+>>> step = model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.1))
+>>> x, y = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32), np.arange(16) % 3
+>>> first = step(x, y)
+>>> all(step(x, y) < first for _ in range(5))
+True
+
+With ``cuda_graph=True`` (the cupy backend) a small batch stops paying one Python call and
+one kernel launch per kernel: the whole step (about three kernels per layer, the loss, one
+update per parameter) is recorded once into a CUDA graph and then replayed with one launch.
+
+- The first call with a new signature (batch size, frozen layers, precision, the arrays of
+  the parameters and of the optimizer state, the optimizer's options other than the learning
+  rate) runs eagerly: it loads every kernel and makes every buffer and the optimizer state.
+- The next call with that signature captures the step on static input buffers, then replays
+  it. Later calls copy the batch into those buffers and replay.
+- What changes from step to step, the learning rate and Adam's bias corrections, is written
+  to a small device array before each replay, where the update kernels read it. A learning
+  rate schedule therefore needs no new capture.
+- The loss is written on the device and read back once per step. An update whose loss is not
+  finite is skipped on the device, so the weights stay those of the previous step, as in an
+  eager ``fit``.
+- Another batch size (``fit``'s last, shorter batch) or signature runs eagerly once and is
+  captured on its next call; the newest few graphs are kept.
+- Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
+  graphs, a loss function of your own, ``clip_grad_norm`` (it reads the gradient norm on the
+  host), and a softmax output layer trained with a loss that does not take its logits (its
+  softmax runs as CuPy array operations, whose temporaries a graph cannot keep).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from gpubp import _checks, losses, optim, train
+from gpubp.trace import isolated, replay
+
+GRAPHS_KEPT = 4
+_HYPER_WIDTH = 3  # the most values an update reads from its device array (Adam's)
+_DEVICE_LOSSES = {
+    losses.cross_entropy: "softmax_cross_entropy",
+    losses.categorical_cross_entropy: "softmax_cross_entropy",
+    losses.mse: "mse",
+    losses.binary_cross_entropy: "bce",
+}
+
+
+class _Captured:
+    """One captured step: the graph, its static buffers, and what a replay puts back."""
+
+    def __init__(self, x, y, loss) -> None:
+        self.x, self.y, self.loss = x, y, loss
+        self.graph = None
+        self.names: list[str] = []
+        self.updates: list = []
+        self.hyper = None
+        self.host_hyper = None
+        self.references: list = []
+        self.layer_state: list = []
+        self.model_state: tuple = ()
+
+
+class TrainStep:
+    """Forward, loss, backward and optimizer update of one batch: ``step(x, y) -> loss``.
+
+    ``loss`` and ``optimizer`` are as for ``fit`` (names or objects; by default the compiled
+    ones, else ``"cross_entropy"`` and ``"adam"``; a named optimizer is the model's, kept
+    across ``fit`` calls and steps). ``clip_grad_norm`` clips the gradients before each
+    update. ``cuda_graph``: False (the default) launches every kernel from Python; True
+    captures the step in a CUDA graph and replays it (a ValueError says why it cannot);
+    "auto" does so where it can. See the module documentation for how and when.
+    """
+
+    def __init__(self, model, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):
+        compiled = getattr(model, "_compiled", {})
+        self.model = model
+        self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
+        self.optimizer = train._optimizer(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
+        if clip_grad_norm is not None:
+            clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
+        self.clip_grad_norm = clip_grad_norm
+        if not (cuda_graph is True or cuda_graph is False or (isinstance(cuda_graph, str) and cuda_graph == "auto")):
+            raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self._refuse_if_cannot_graph()
+        self._graphs: OrderedDict = OrderedDict()
+        self._warm: OrderedDict = OrderedDict()  # signatures that ran eagerly once: captured next time
+        self.graphed = False  # whether the last call replayed a graph
+
+    # --------------------------------------------------------------------- when a graph is used
+
+    def why_not_graphed(self) -> str | None:
+        """None when the step can be captured in a CUDA graph, else why not (as ``cuda_graph=False``)."""
+        model = self.model
+        if self.cuda_graph is False:
+            return "cuda_graph=False"
+        if not hasattr(model.backend, "capture"):
+            return f"the {model.backend_name!r} backend has no CUDA graphs (the 'cupy' backend does)"
+        if self.loss_fn not in _DEVICE_LOSSES:
+            return f"the loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} is not one of gpubp's"
+        if self.clip_grad_norm is not None:
+            return "clip_grad_norm reads the gradient norm on the host every step"
+        head = model.layers[-1].activation if model.layers else None
+        if head == "softmax" and not losses.fuses(self.loss_fn, head):
+            return (f"a softmax output layer trained with {self.loss_fn.__name__} runs its softmax as CuPy array "
+                    "operations, whose temporaries a graph cannot keep")
+        return None
+
+    def _refuse_if_cannot_graph(self) -> str | None:
+        why = self.why_not_graphed()
+        if self.cuda_graph is True and why is not None:
+            raise ValueError(f"cuda_graph=True: {why}; pass cuda_graph='auto' to run the step eagerly instead")
+        return why
+
+    # --------------------------------------------------------------------- running a step
+
+    def __call__(self, x, y) -> float:
+        """Train on one batch (x, y) and return its loss; checked as ``fit`` checks its data.
+
+        A non-finite loss raises FloatingPointError and leaves the weights unchanged."""
+        x, y = train._check_dataset(self.model, x, y, self.loss_fn)
+        value = self.run(x, y)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value}; the weights were not updated "
+                                     "(try a lower learning rate or clip_grad_norm)")
+        return value
+
+    def run(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One step on data already checked as ``fit`` checks it; returns the loss, and skips
+        the update (leaving the weights as they were) when it is not finite."""
+        if self._refuse_if_cannot_graph() is not None:
+            self.graphed = False
+            return self._eager(x, y)
+        key = self._signature(len(x))
+        captured = self._graphs.get(key)
+        if captured is None and key not in self._warm:
+            self.graphed = False
+            value = self._eager(x, y)
+            _remember(self._warm, self._signature(len(x)), True)  # with the state the step made
+            return value
+        if captured is None:
+            captured = self._capture(len(x), y)
+            _remember(self._graphs, key, captured)
+        self._graphs.move_to_end(key)
+        self.graphed = True
+        return self._replay(captured, x, y)
+
+    def _eager(self, x, y) -> float:
+        model = self.model
+        value = train._forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation))
+        if math.isfinite(value):
+            if self.clip_grad_norm is not None:
+                optim.clip_grad_norm(model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
+        return value
+
+    # --------------------------------------------------------------------- capture and replay
+
+    def _signature(self, batch: int) -> tuple:
+        """What a captured step bakes in; a call whose signature differs needs its own graph."""
+        model, opt = self.model, self.optimizer
+        layers = tuple((layer.activation, layer.weight.trainable, layer.bias.trainable,
+                        id(layer.weight.data), id(layer.bias.data)) for layer in model.layers)
+        states = []
+        for group in opt.param_groups:
+            for param in group["params"]:
+                state = opt.state.get(id(param))
+                arrays = None if state is None else tuple(id(state.get(name)) for name in opt._state_arrays)
+                states.append((id(param), arrays, None if state is None else opt.graph_options(group, state)))
+        return (batch, id(model.backend), model.uses_fused, model.precision, self.loss_fn, layers, tuple(states))
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        """``y`` as the loss kernel reads it: int64 class indices, or float32 targets."""
+        if self.loss_fn is losses.categorical_cross_entropy:
+            return y.argmax(axis=1).astype(np.int64)
+        if self.loss_fn is losses.cross_entropy:
+            return y.astype(np.int64, copy=False)
+        return y.reshape(len(y), self.model.out_features).astype(np.float32, copy=False)
+
+    def _capture(self, batch: int, y: np.ndarray) -> _Captured:
+        model, backend, opt = self.model, self.model.backend, self.optimizer
+        targets = self._targets(y)
+        captured = _Captured(backend.empty((batch, model.in_features), np.float32),
+                             backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32))
+        device_loss = getattr(backend, _DEVICE_LOSSES[self.loss_fn])
+        logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
+
+        def step() -> None:
+            out = model.forward(captured.x, logits=logits)
+            _, dout = device_loss(out, captured.y, out_loss=captured.loss)
+            model.backward(dout)
+            captured.updates = opt.updates()
+            captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
+            for i, (param, group, state) in enumerate(captured.updates):
+                width = len(opt.graph_hyper(param, group, state))
+                opt.graph_update(param, group, state, captured.hyper[i, :width], captured.loss)
+
+        with isolated() as launched:
+            captured.graph = backend.capture(step)
+        captured.names = launched.launches
+        captured.host_hyper = np.zeros((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
+        # What the Python side of the model points at after the step: put back after each replay.
+        captured.references = [(param, param.grad) for param in model.parameters()]
+        captured.layer_state = [(layer, layer._input, layer._output, layer._preact, layer._applied)
+                                for layer in model.layers]
+        captured.model_state = (model._stored_plan, model._fused_saved)
+        return captured
+
+    def _replay(self, captured: _Captured, x: np.ndarray, y: np.ndarray) -> float:
+        model, backend, opt = self.model, self.model.backend, self.optimizer
+        backend.copy_into(captured.x, x)
+        backend.copy_into(captured.y, self._targets(y))
+        for i, (param, group, state) in enumerate(captured.updates):
+            values = opt.graph_hyper(param, group, state)
+            captured.host_hyper[i, :len(values)] = values
+        backend.copy_into(captured.hyper, captured.host_hyper)
+        captured.graph.launch()
+        replay(captured.names)
+        value = float(backend.to_host(captured.loss)[0])
+        if math.isfinite(value):
+            for _, _, state in captured.updates:
+                opt.graph_advance(state)
+        for param, grad in captured.references:
+            param.grad = grad
+        for layer, kept_input, kept_output, preact, applied in captured.layer_state:
+            layer._input, layer._output, layer._preact, layer._applied = kept_input, kept_output, preact, applied
+        model._stored_plan, model._fused_saved = captured.model_state
+        return value
+
+    @property
+    def launches_per_step(self) -> int | None:
+        """Kernels in the newest captured graph (one graph launch runs them all), or None."""
+        return len(next(reversed(self._graphs.values())).names) if self._graphs else None
+
+    def __repr__(self) -> str:
+        return (f"TrainStep({self.loss_fn.__name__}, {type(self.optimizer).__name__}, cuda_graph={self.cuda_graph!r}, "
+                f"{len(self._graphs)} graphs)")
+
+
+def _remember(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > GRAPHS_KEPT:
+        cache.popitem(last=False)

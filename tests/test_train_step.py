@@ -1,0 +1,137 @@
+"""TrainStep: one batch of fit as a callable, and its CUDA-graph option's checks.
+
+The capture and replay themselves run on the CuPy backend: on the CPU kernel harness in
+``test_kernels_on_cpu.py`` (bitwise against eager steps), and on a real GPU below.
+"""
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import losses
+
+
+def small_model(backend="numpy", seed=3, head=None):
+    gb.seed(seed)
+    return gb.Sequential([gb.Dense(5, 12, "relu"), gb.Dense(12, 3, head)], backend=backend)
+
+
+def batch(rng, n=16):
+    return rng.standard_normal((n, 5)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def test_a_step_is_forward_loss_backward_and_update(rng):
+    x, y = batch(rng)
+    stepped, by_hand = small_model(), small_model()
+    step = stepped.train_step("cross_entropy", gb.optim.SGD(stepped.parameters(), lr=0.1, momentum=0.9))
+    opt = gb.optim.SGD(by_hand.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        value = step(x, y)
+        expected, dout = losses.cross_entropy(by_hand.forward(x), y)
+        by_hand.backward(dout)
+        opt.step()
+        assert value == expected
+    for a, b in zip(weights_of(stepped), weights_of(by_hand)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_and_a_step_share_the_models_named_optimizer(rng):
+    x, y = batch(rng)
+    model = small_model()
+    model.fit(x, y, optimizer="adam", epochs=1, batch_size=16, verbose=0)
+    step = model.train_step(optimizer="adam")
+    step(x, y)
+    assert step.optimizer is model._named_optimizer[1]
+    assert {s["step"] for s in step.optimizer.state.values()} == {2}
+
+
+@pytest.mark.parametrize("bad, name", [
+    (lambda x, y: (x[:, :4], y), "x"),
+    (lambda x, y: (x, y[:-1]), "y"),
+    (lambda x, y: (x, y + 3), "y"),
+    (lambda x, y: (np.where(x > 1, np.nan, x), y), "x"),
+])
+def test_a_step_on_bad_input_names_it_and_changes_no_weight(rng, bad, name):
+    model = small_model()
+    step = model.train_step()
+    before = weights_of(model)
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}\b"):
+        step(*bad(*batch(rng)))
+    for now, was in zip(weights_of(model), before):
+        np.testing.assert_array_equal(now, was)
+
+
+def test_a_step_whose_loss_overflows_raises_and_changes_no_weight(rng):
+    model = small_model()
+    step = model.train_step("mse", "sgd")
+    before = weights_of(model)
+    with np.errstate(over="ignore"), pytest.raises(FloatingPointError, match="not updated"):
+        step(batch(rng)[0], np.full((16, 3), 3e38, np.float32))  # finite targets whose squared error overflows
+    for now, was in zip(weights_of(model), before):
+        np.testing.assert_array_equal(now, was)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_cuda_graph_takes_true_false_or_auto(value):
+    with pytest.raises(ValueError, match="cuda_graph: expected True, False or 'auto'"):
+        small_model().train_step(cuda_graph=value)
+
+
+def test_clip_grad_norm_must_not_be_negative():
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        small_model().train_step(clip_grad_norm=-1.0)
+
+
+def test_a_backend_without_graphs_refuses_cuda_graph_true_and_auto_runs_eagerly(rng):
+    model = small_model()
+    with pytest.raises(ValueError, match="cuda_graph=True: the 'numpy' backend has no CUDA graphs"):
+        model.train_step(cuda_graph=True)
+    step = model.train_step(cuda_graph="auto")
+    assert "no CUDA graphs" in step.why_not_graphed()
+    step(*batch(rng))
+    assert not step.graphed and step.launches_per_step is None
+
+
+def test_fit_refuses_cuda_graph_where_it_cannot_before_any_weight_changes(rng):
+    model = small_model()
+    before = weights_of(model)
+    with pytest.raises(ValueError, match="cuda_graph=True: the 'numpy' backend"):
+        model.fit(*batch(rng), epochs=1, verbose=0, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: a distributed step"):
+        model.fit(*batch(rng), epochs=1, verbose=0, cuda_graph="auto", distributed=True)
+    for now, was in zip(weights_of(model), before):
+        np.testing.assert_array_equal(now, was)
+
+
+# ----------------------------------------------------------------------------- on a real GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
+def test_fit_replaying_cuda_graphs_on_the_gpu_gives_the_eager_fit_bitwise(rng, fused):
+    x = rng.standard_normal((300, 5)).astype(np.float32)  # 2 batches of 128 and one of 44
+    y = rng.integers(0, 3, 300)
+    runs = {}
+    for cuda_graph in (False, True):
+        gb.seed(3)
+        model = gb.Sequential([gb.Dense(5, 12, "gelu"), gb.Dense(12, 3, "softmax")], backend="cupy", fused=fused)
+        history = model.fit(x, y, optimizer="adam", epochs=4, batch_size=128, verbose=0, cuda_graph=cuda_graph)
+        runs[cuda_graph] = history.history["loss"], weights_of(model)
+    assert runs[True][0] == runs[False][0]
+    for replayed, eager in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(replayed, eager)
+
+
+@pytest.mark.gpu
+def test_a_replayed_step_on_the_gpu_launches_one_graph_for_the_whole_step(rng):
+    model = small_model("cupy")
+    step = model.train_step(optimizer="adam", cuda_graph=True)
+    x, y = batch(rng, 64)
+    with gb.trace() as eager:
+        step(x, y)
+    step(x, y)
+    assert step.graphed and step.launches_per_step == len(eager.launches)
