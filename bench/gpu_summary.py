@@ -41,6 +41,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 FWD_4096 = "forward 4096x4096x4096 relu"
 STEP_1024 = "train step 1024-1024-1024-1024@8192"
 STEP_MLP64 = "train step 64-64-64-64-64-10@65536"
+STEP_B64 = "train step 784-256-256-10@64"
 FROZEN_STEP = "frozen-backbone step 256-512-512-512-10@8192"
 FROZEN_FORWARD = "forward 256-512-512-512-10@8192"
 
@@ -54,6 +55,8 @@ RATIOS = {
     "mlp64_step_bf16_vs_torch_eager": ((STEP_MLP64, "torch-bf16"), (STEP_MLP64, "gpubp-cupy-bf16")),
     "numba_vs_cupy_1024": ((STEP_1024, "gpubp-cupy"), (STEP_1024, "gpubp-numba")),
     "frozen_step_vs_forward": ((FROZEN_STEP, "gpubp-cupy"), (FROZEN_FORWARD, "gpubp-cupy")),
+    "step_b64_graph_vs_torch_eager": ((STEP_B64, "torch"), (STEP_B64, "gpubp-cupy-graph")),
+    "step_b64_graph_vs_eager": ((STEP_B64, "gpubp-cupy"), (STEP_B64, "gpubp-cupy-graph")),
 }
 RATIO_MEANINGS = {
     "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM + bias + relu / gpubp fused forward (relu), 4096^3, TF32 off",
@@ -66,6 +69,9 @@ RATIO_MEANINGS = {
                                       "the mlp64 train step",
     "numba_vs_cupy_1024": "gpubp-cupy / gpubp-numba, the 1024 train step",
     "frozen_step_vs_forward": "frozen-backbone step / forward, 256-512-512-512-10 @ 8192 (cost: lower is better)",
+    "step_b64_graph_vs_torch_eager": "PyTorch eager / gpubp-cupy replaying a CUDA graph, train step 784-256-256-10 "
+                                     "@ 64, Adam",
+    "step_b64_graph_vs_eager": "gpubp-cupy eager / the same step replayed from a CUDA graph, 784-256-256-10 @ 64",
 }
 
 # compute-sanitizer prefixes its own lines with this; continuation lines are indented after it.

@@ -10,7 +10,9 @@ batch 1, shapes that are not multiples of 4 (the scalar load/store paths) and mu
 misaligned operands: inputs and ``out=`` buffers that start one float past a 16-byte boundary
 (C-contiguous views, which the kernels take as they are), with in and out features in
 {1, 3, 4, 5, 127, 128, 129}, where the float4 paths must fall back to scalar access. Then every
-loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_.
+loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_; and, for
+cupy, training steps replayed from CUDA graphs (the update kernels that read their rates from
+the device).
 Checks nothing itself: the sanitizer does.
 """
 
@@ -87,6 +89,18 @@ def drive_losses_and_optimizers(be, rand, rng) -> None:
         be.scale_(p, 0.5)
 
 
+def drive_replayed_steps(be, rng) -> None:
+    """Training steps captured in a CUDA graph and replayed (where the backend has graphs):
+    the *_hyper update kernels, and every kernel of a step launched from a graph."""
+    import gpubp as gb
+
+    for fused, optimizer in ((False, "adam"), (True, "sgd")):
+        model = gb.Sequential([gb.Dense(13, 29, "gelu"), gb.Dense(29, 7)], backend=be.NAME, fused=fused)
+        step = model.train_step("cross_entropy", optimizer, cuda_graph=True)
+        for _ in range(4):  # eager, capture and replay, replays
+            step(rng.standard_normal((37, 13)).astype(np.float32), rng.integers(0, 7, 37))
+
+
 def drive(name: str) -> None:
     """Run every kernel of backend ``name`` on this driver's shapes and alignments."""
     be = backends.get(name)
@@ -100,6 +114,8 @@ def drive(name: str) -> None:
                          for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
     drive_misaligned_dense(be, rng, misaligned_shapes + MISALIGNED_LARGE_SHAPES[name])
     drive_losses_and_optimizers(be, rand, rng)
+    if hasattr(be, "capture"):
+        drive_replayed_steps(be, rng)
     be.synchronize()
     print(f"sanitizer driver: every {name} kernel ran")
 

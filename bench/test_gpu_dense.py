@@ -19,6 +19,9 @@ from these names):
 - ``FWD_4096``: one 4096^3 relu layer forward, gpubp's fused kernel against cuBLAS + bias + relu;
 - ``STEP_1024``, ``STEP_MLP64``: a full training step through the public API (forward, fused
   softmax cross-entropy, backward, Adam update), hidden layers relu, linear head;
+- ``STEP_B64``: the same step at 784-256-256-10 with a batch of 64, where launches cost more
+  than the math: gpubp eager, gpubp replaying the step as a CUDA graph (``gpubp-cupy-graph``,
+  ``cuda_graph=True``), and PyTorch eager;
 - ``FROZEN_STEP`` / ``FROZEN_FORWARD``: the same step with every layer but the head frozen,
   and an inference forward pass of the same model, for the frozen-step cost ratio;
 - ``kernels ...``: the dense kernels alone (forward, or forward then dX and dW/db of every
@@ -44,7 +47,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import backends
-from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_MLP64
+from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_B64, STEP_MLP64
 from test_cpu_step import init_weights  # the CPU step benchmark's He-normal initialisation
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
@@ -60,6 +63,9 @@ FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
 STEP_IMPLS = ["gpubp-cupy", "gpubp-numba", "torch"]
 MLP64_EXTRA_IMPLS = ["gpubp-cupy-per-layer", "torch-compile", "gpubp-cupy-bf16", "torch-bf16"]
 FROZEN_IMPLS = ["gpubp-cupy", "gpubp-numba"]
+# Small batches, where launches cost more than math: eager against a replayed CUDA graph.
+SMALL_STEP = ([784, 256, 256, 10], 64)
+SMALL_STEP_IMPLS = ["gpubp-cupy", "gpubp-cupy-graph", "torch"]
 
 # Kernel-level workloads: name -> (layer widths, batch)
 MLPS = {
@@ -77,7 +83,8 @@ def summary_benchmarks() -> set[tuple[str, str]]:
     return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
             | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
             | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS}
-            | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS})
+            | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS}
+            | {(STEP_B64, impl) for impl in SMALL_STEP_IMPLS})
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -97,7 +104,8 @@ def cupy():
 def gpu_backend(impl: str):
     """The backend module of ``impl`` ("gpubp-cupy[-per-layer|-bf16]" or "gpubp-numba"), or skip saying why not."""
     try:
-        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16"))
+        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16")
+                            .removesuffix("-graph"))
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -148,23 +156,24 @@ def gpubp_model(backend: str, widths, fused="auto", precision="fp32") -> gb.Sequ
     return model
 
 
-def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="auto", precision="fp32"):
-    """forward, fused softmax cross-entropy, backward, Adam: the public API, as fit runs it."""
+def gpubp_train_step(backend: str, widths, batch, frozen_backbone=False, fused="auto", precision="fp32",
+                     cuda_graph=False):
+    """forward, fused softmax cross-entropy, backward, Adam: one batch of fit (its TrainStep),
+    on data already on the device. ``step.train_step`` is the TrainStep, which says whether
+    its last call replayed a CUDA graph."""
     model = gpubp_model(backend, widths, fused, precision)
     if frozen_backbone:
         model.freeze_to(-1)
     be = model.backend
     x, labels = classification_batch(widths, batch)
     x, labels = be.asarray(x), be.asarray(labels)
-    opt = gb.optim.Adam(model.parameters(), lr=LR)
+    train_step = model.train_step("cross_entropy", gb.optim.Adam(model.parameters(), lr=LR), cuda_graph=cuda_graph)
 
     def step():
-        out = model.forward(x)
-        _, dout = gb.losses.cross_entropy(out, labels, backend=be)
-        model.backward(dout)
-        opt.step()
+        train_step.run(x, labels)
         be.synchronize()
 
+    step.train_step = train_step
     return model, step
 
 
@@ -312,6 +321,20 @@ def test_mlp64_train_step_baselines_of_the_fused_kernels(benchmark, cupy, impl):
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, fused=False)
     measure(benchmark, cupy, step, workload=STEP_MLP64, backend=impl, shape=widths + [batch],
             flops=3 * gemm_flops(widths, batch))
+
+
+@pytest.mark.parametrize("impl", SMALL_STEP_IMPLS)
+def test_small_batch_train_step(benchmark, cupy, impl):
+    widths, batch = SMALL_STEP
+    if impl == "torch":
+        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch)
+    else:
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, cuda_graph=impl.endswith("-graph"))
+    measure(benchmark, cupy, step, workload=STEP_B64, backend=impl, shape=widths + [batch],
+            flops=3 * gemm_flops(widths, batch))
+    if impl.endswith("-graph"):
+        assert step.train_step.graphed, step.train_step.why_not_graphed()
+        benchmark.extra_info["launches_per_step"] = step.train_step.launches_per_step
 
 
 @pytest.mark.parametrize("impl", FROZEN_IMPLS)

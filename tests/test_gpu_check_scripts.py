@@ -210,6 +210,7 @@ def all_ratio_benchmarks(gs) -> dict:
         (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
         (gs.STEP_MLP64, "torch-bf16"): 6.0, (gs.STEP_MLP64, "gpubp-cupy-bf16"): 1.0,
         (gs.FROZEN_STEP, "gpubp-cupy"): 1.1, (gs.FROZEN_FORWARD, "gpubp-cupy"): 1.0,
+        (gs.STEP_B64, "torch"): 0.3, (gs.STEP_B64, "gpubp-cupy"): 0.4, (gs.STEP_B64, "gpubp-cupy-graph"): 0.1,
     }
 
 
@@ -224,6 +225,8 @@ def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs)
         "mlp64_step_bf16_vs_torch_eager": 6.0,  # gpubp bf16 1 ms, torch bf16 autocast 6 ms
         "numba_vs_cupy_1024": 0.25,  # cupy 4 ms, numba 16 ms: cupy faster
         "frozen_step_vs_forward": 1.1,  # frozen step 1.1 ms over a 1.0 ms forward
+        "step_b64_graph_vs_torch_eager": 3.0,  # replayed graph 0.1 ms, torch 0.3 ms
+        "step_b64_graph_vs_eager": 4.0,  # replayed 0.1 ms, eager 0.4 ms
     }
 
 
@@ -301,6 +304,14 @@ def test_the_gpubp_train_step_updates_every_trainable_weight(dense):
     model, step = dense.gpubp_train_step("numpy", [6, 5, 4], 8)
     before = model.get_weights()
     step()
+    assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_the_graph_benchmark_step_runs_eagerly_where_there_are_no_graphs(dense):
+    model, step = dense.gpubp_train_step("numpy", [6, 5, 4], 8, cuda_graph="auto")
+    before = model.get_weights()
+    step()
+    assert not step.train_step.graphed and "no CUDA graphs" in step.train_step.why_not_graphed()
     assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
