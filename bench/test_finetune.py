@@ -173,13 +173,10 @@ def test_finetune_step(benchmark, backend, step):
             x, model = x_full, _model(SHAPE, backend)
         if step == "frozen_backbone":
             model.freeze_to(-1)
-        optimizer = gb.optim.Adam(model.parameters(), lr=1e-4)
+        train_step = model.train_step("cross_entropy", gb.optim.Adam(model.parameters(), lr=1e-4))
 
         def run():
-            out = model.forward(x)
-            _, dout = gb.losses.cross_entropy(out, labels, backend=xb)
-            model.backward(dout)
-            optimizer.step()
+            train_step.run(x, labels)
             xb.synchronize()
 
         flops = _train_flops(model)
