@@ -16,7 +16,8 @@ The JSON has exactly these keys: device, date, commit (``git rev-parse HEAD``, w
 when the work tree differs from it), kernels_sha256 (over the bytes of kernels/*.cu and
 kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped}
 (errors count as failed), sanitizer {tool: "clean" | its first error}, ratios, timings_ms
-(the median of each benchmark's rounds, keyed "<workload> | <backend>").
+(the median of each benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's
+schema, launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark).
 
 Every ratio is taken from medians of one run. A speed ratio is baseline time / gpubp time,
 so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
@@ -162,17 +163,31 @@ def ratios(medians: dict[tuple[str, str], float]) -> dict[str, float | None]:
     return out
 
 
+def launches_per_step(report: dict) -> dict[str, dict[str, int]]:
+    """{"workload | backend": {"kernels": n, "host_launches": m}} for every step benchmark that
+    counted them: kernels run per training step (gpubp's trace, the PyTorch profiler), and
+    launches made from Python (1 for a step replayed from a CUDA graph)."""
+    counts = {}
+    for bench in report.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "kernels_per_step" in info and "workload" in info and "backend" in info:
+            counts[f"{info['workload']} | {info['backend']}"] = {
+                "kernels": info["kernels_per_step"], "host_launches": info["host_launches_per_step"]}
+    return dict(sorted(counts.items()))
+
+
 def timings_ms(medians: dict[tuple[str, str], float]) -> dict[str, float]:
     return {f"{workload} | {backend}": round(seconds * 1e3, 4)
             for (workload, backend), seconds in sorted(medians.items())}
 
 
 def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict, sanitizer: dict,
-            medians: dict) -> dict:
-    """The gpu_summary.json object, keys in the issue's order."""
+            medians: dict, launches: dict | None = None) -> dict:
+    """The gpu_summary.json object, keys in the issue's order, then the launch counts."""
     return {
         "device": device, "date": date, "commit": commit, "kernels_sha256": kernels, "tests": tests,
         "sanitizer": sanitizer, "ratios": ratios(medians), "timings_ms": timings_ms(medians),
+        "launches_per_step": launches or {},
     }
 
 
@@ -204,6 +219,11 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh") -> str:
     for key, ms in data["timings_ms"].items():
         workload, backend = key.split(" | ")
         lines.append(f"| {workload} | {backend} | {ms:.3f} |")
+    if data["launches_per_step"]:
+        lines += ["", "| training step | backend | kernels | launches from Python |", "|---|---|---|---|"]
+        for key, count in data["launches_per_step"].items():
+            workload, backend = key.split(" | ")
+            lines.append(f"| {workload} | {backend} | {count['kernels']} | {count['host_launches']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +252,7 @@ def main(argv: list[str]) -> int:
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         commit=git_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),
         sanitizer=sanitizer_results(args.sanitizer_dir), medians=benchmark_medians(report),
+        launches=launches_per_step(report),
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "gpu_summary.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -307,6 +307,35 @@ def test_train_step(benchmark, cupy, workload, impl):
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch)
     measure(benchmark, cupy, step, workload=workload, backend=impl, shape=widths + [batch],
             flops=3 * gemm_flops(widths, batch))
+    record_launches(benchmark, impl, step)
+
+
+def gpubp_kernels_per_step(step) -> int:
+    """Kernels one gpubp step launches, by gpubp's own trace."""
+    with gb.trace() as launched:
+        step()
+    return launched.total
+
+
+def torch_kernels_per_step(torch, step) -> int:
+    """GPU kernels one PyTorch step runs, by the PyTorch profiler (copies and fills not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+               and not event.name.startswith(("Memcpy", "Memset")))
+
+
+def record_launches(benchmark, impl: str, step) -> None:
+    """``kernels_per_step`` (kernels run) and ``host_launches_per_step`` (launches Python made:
+    1 for a replayed CUDA graph) in extra_info, for bench/gpu_summary.py."""
+    if impl.startswith("torch"):
+        kernels = torch_kernels_per_step(cuda_torch(), step)
+    else:
+        kernels = gpubp_kernels_per_step(step)
+    graphed = getattr(getattr(step, "train_step", None), "graphed", False)
+    benchmark.extra_info.update(kernels_per_step=kernels, host_launches_per_step=1 if graphed else kernels)
 
 
 @pytest.mark.parametrize("impl", MLP64_EXTRA_IMPLS)
@@ -321,6 +350,7 @@ def test_mlp64_train_step_baselines_of_the_fused_kernels(benchmark, cupy, impl):
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, fused=False)
     measure(benchmark, cupy, step, workload=STEP_MLP64, backend=impl, shape=widths + [batch],
             flops=3 * gemm_flops(widths, batch))
+    record_launches(benchmark, impl, step)
 
 
 @pytest.mark.parametrize("impl", SMALL_STEP_IMPLS)
@@ -332,9 +362,9 @@ def test_small_batch_train_step(benchmark, cupy, impl):
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, cuda_graph=impl.endswith("-graph"))
     measure(benchmark, cupy, step, workload=STEP_B64, backend=impl, shape=widths + [batch],
             flops=3 * gemm_flops(widths, batch))
+    record_launches(benchmark, impl, step)
     if impl.endswith("-graph"):
         assert step.train_step.graphed, step.train_step.why_not_graphed()
-        benchmark.extra_info["launches_per_step"] = step.train_step.launches_per_step
 
 
 @pytest.mark.parametrize("impl", FROZEN_IMPLS)

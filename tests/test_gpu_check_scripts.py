@@ -240,6 +240,18 @@ def test_ratios_use_the_median_and_a_missing_benchmark_gives_null(gs):
     assert ratios["fwd_4096_fp32_vs_cublas"] == 1.5  # the means would also give 1.5, the mins too; medians read
 
 
+def test_launch_counts_come_from_the_step_benchmarks_that_counted_them(gs):
+    report = benchmark_report({("step", "torch"): 1.0, ("step", "gpubp-cupy-graph"): 1.0, ("forward", "gpubp-cupy"): 1.0})
+    for bench, (kernels, host) in zip(report["benchmarks"], [(40, 40), (22, 1)]):
+        bench["extra_info"].update(kernels_per_step=kernels, host_launches_per_step=host)
+    assert gs.launches_per_step(report) == {"step | gpubp-cupy-graph": {"kernels": 22, "host_launches": 1},
+                                            "step | torch": {"kernels": 40, "host_launches": 40}}
+    data = gs.summary(device="d", date="2026-11-23", commit="c", kernels="k",
+                      tests={"passed": 1, "failed": 0, "skipped": 0}, sanitizer={},
+                      medians=gs.benchmark_medians(report), launches=gs.launches_per_step(report))
+    assert "| step | gpubp-cupy-graph | 22 | 1 |" in gs.markdown(data)
+
+
 def test_timings_are_median_milliseconds_per_workload_and_backend(gs):
     medians = gs.benchmark_medians(benchmark_report({("w", "gpubp-cupy"): 1.25, ("w", "torch"): 2.5}))
     assert gs.timings_ms(medians) == {"w | gpubp-cupy": 1.25, "w | torch": 2.5}
@@ -253,7 +265,8 @@ def test_summary_has_exactly_the_issues_schema(gs):
                       tests={"passed": 3, "failed": 0, "skipped": 1},
                       sanitizer=dict.fromkeys(gs.SANITIZER_TOOLS, "clean"),
                       medians=gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs))))
-    assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms"]
+    assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms",
+                          "launches_per_step"]
     assert set(data["tests"]) == {"passed", "failed", "skipped"}
     assert list(data["sanitizer"]) == ["memcheck", "racecheck", "initcheck", "synccheck"]
     assert set(data["ratios"]) >= {"fwd_4096_fp32_vs_cublas", "step_1024_vs_torch_eager", "mlp64_step_vs_torch_eager",
@@ -313,6 +326,12 @@ def test_the_graph_benchmark_step_runs_eagerly_where_there_are_no_graphs(dense):
     step()
     assert not step.train_step.graphed and "no CUDA graphs" in step.train_step.why_not_graphed()
     assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_the_gpubp_kernel_count_of_a_step_is_its_trace(dense):
+    model, step = dense.gpubp_train_step("numpy", [6, 5, 4], 8)
+    # forward 2, loss 1, backward: dW+dX on the top layer, dW on the first, Adam on 4 parameters
+    assert dense.gpubp_kernels_per_step(step) == 2 + 1 + 3 + 4
 
 
 def test_the_frozen_backbone_step_updates_only_the_head(dense):
