@@ -50,6 +50,7 @@ FROZEN_FORWARD = "forward 256-512-512-512-10@8192"
 RATIOS = {
     "fwd_4096_fp32_vs_cublas": ((FWD_4096, "cublas-unfused"), (FWD_4096, "gpubp-cupy")),
     "step_1024_vs_torch_eager": ((STEP_1024, "torch"), (STEP_1024, "gpubp-cupy")),
+    "step_1024_vs_torch_compile": ((STEP_1024, "torch-compile"), (STEP_1024, "gpubp-cupy")),
     "mlp64_step_vs_torch_eager": ((STEP_MLP64, "torch"), (STEP_MLP64, "gpubp-cupy")),
     "mlp64_step_vs_torch_compile": ((STEP_MLP64, "torch-compile"), (STEP_MLP64, "gpubp-cupy")),
     "mlp64_step_fused_vs_per_layer": ((STEP_MLP64, "gpubp-cupy-per-layer"), (STEP_MLP64, "gpubp-cupy")),
@@ -62,6 +63,7 @@ RATIOS = {
 RATIO_MEANINGS = {
     "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM + bias + relu / gpubp fused forward (relu), 4096^3, TF32 off",
     "step_1024_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 1024-1024-1024-1024 @ 8192, Adam",
+    "step_1024_vs_torch_compile": "torch.compile / gpubp-cupy, the 1024 train step",
     "mlp64_step_vs_torch_eager": "PyTorch eager / gpubp-cupy (fused MLP kernels), train step 64-64-64-64-64-10 @ 65536, "
                                  "Adam",
     "mlp64_step_vs_torch_compile": "torch.compile / gpubp-cupy (fused MLP kernels), the mlp64 train step",

@@ -9,7 +9,7 @@ through CuPy, ``allow_tf32 = False`` for PyTorch):
 - ``gpubp-cupy-per-layer``  the same with ``fused=False``: one launch per layer even where the
   fused MLP kernels fit (``gpubp-cupy`` takes them there)
 - ``torch``           PyTorch eager, when importable with CUDA
-- ``torch-compile``   the same module under ``torch.compile`` (the mlp64 step only)
+- ``torch-compile``   the same module under ``torch.compile`` (the 1024 and mlp64 steps)
 - ``gpubp-cupy-bf16`` / ``torch-bf16``  the mlp64 step with the fused kernels' products in bf16,
   and PyTorch eager under ``torch.autocast(dtype=torch.bfloat16)``
 
@@ -82,7 +82,7 @@ def summary_benchmarks() -> set[tuple[str, str]]:
     """Every (workload, backend) pair the tests below time for the summary's ratios."""
     return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
             | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
-            | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS}
+            | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS} | {(STEP_1024, "torch-compile")}
             | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS}
             | {(STEP_B64, impl) for impl in SMALL_STEP_IMPLS})
 
@@ -336,6 +336,14 @@ def record_launches(benchmark, impl: str, step) -> None:
         kernels = gpubp_kernels_per_step(step)
     graphed = getattr(getattr(step, "train_step", None), "graphed", False)
     benchmark.extra_info.update(kernels_per_step=kernels, host_launches_per_step=1 if graphed else kernels)
+
+
+def test_1024_train_step_under_torch_compile(benchmark, cupy):
+    widths, batch = STEP_WORKLOADS[STEP_1024]
+    _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, compiled=True)
+    measure(benchmark, cupy, step, workload=STEP_1024, backend="torch-compile", shape=widths + [batch],
+            flops=3 * gemm_flops(widths, batch))
+    record_launches(benchmark, "torch-compile", step)
 
 
 @pytest.mark.parametrize("impl", MLP64_EXTRA_IMPLS)

@@ -206,6 +206,7 @@ def all_ratio_benchmarks(gs) -> dict:
     return {
         (gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
         (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
+        (gs.STEP_1024, "torch-compile"): 5.0,
         (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
         (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
         (gs.STEP_MLP64, "torch-bf16"): 6.0, (gs.STEP_MLP64, "gpubp-cupy-bf16"): 1.0,
@@ -219,6 +220,7 @@ def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs)
     assert gs.ratios(medians) == {
         "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS 3 ms: gpubp faster
         "step_1024_vs_torch_eager": 2.0,  # gpubp 4 ms, torch 8 ms
+        "step_1024_vs_torch_compile": 1.25,  # gpubp 4 ms, torch.compile 5 ms
         "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
         "mlp64_step_vs_torch_compile": 0.4,  # gpubp 10 ms, torch.compile 4 ms
         "mlp64_step_fused_vs_per_layer": 2.0,  # fused 10 ms, per-layer 20 ms
