@@ -147,7 +147,8 @@ class TrainStep:
         if captured is None and key not in self._warm:
             self.graphed = False
             value = self._eager(x, y)
-            _remember(self._warm, self._signature(len(x)), True)  # with the state the step made
+            if math.isfinite(value):  # the update ran: every kernel is loaded, the optimizer state made
+                _remember(self._warm, self._signature(len(x)), True)
             return value
         if captured is None:
             captured = self._capture(len(x), y)

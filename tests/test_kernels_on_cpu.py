@@ -885,6 +885,28 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
     assert not all(np.array_equal(now, was) for now, was in zip(host_weights(model), weights))
 
 
+def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_ran(cb_h100, rng):
+    # The eager step before a capture loads every kernel and makes the optimizer state; one that
+    # updated nothing did neither, so the next step runs eagerly again.
+    x = rng.standard_normal((20, 9)).astype(np.float32)
+    target = rng.standard_normal((20, 3)).astype(np.float32)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        step = model.train_step("mse", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        with pytest.raises(FloatingPointError):
+            step(x, np.full_like(target, 3e38))
+        values, graphed = [], []
+        for _ in range(4):
+            values.append(step(x, target))
+            graphed.append(step.graphed)
+        runs[cuda_graph] = values, host_weights(model), graphed
+    assert runs[True][2] == [False, True, True, True]  # eager until an update ran, then one capture
+    assert runs[True][0] == runs[False][0]
+    for replayed, eager in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(replayed, eager)
+
+
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the tests above cover them")
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
