@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, from the source tree (no pip install):
-#   bash bench/gpu_check.sh
-# Needs cupy, numba, numba-cuda, pytest and pytest-benchmark (torch optional) and the
-# CUDA toolkit's compute-sanitizer. Runs the gpu-marked tests and the rest of the suite
-# with Numba on the real GPU; compute-sanitizer over bench/sanitizer_driver.py (memcheck and
-# initcheck over the CuPy kernels, racecheck and synccheck over the CuPy and Numba kernels);
-# the demo on the GPU; the GPU benchmarks into bench/results/<device>.json. Then writes the
-# record of the run, bench/results/gpu_summary.json and bench/results/<device>.md
-# (bench/gpu_summary.py), and prints the latter. Exits nonzero if any step failed.
+# Everything that needs a GPU, from the source tree (no pip install):
+#   bash bench/gpu_check.sh                 # every stage, then the record of the run
+#   bash bench/gpu_check.sh tests sanitize  # some stages; `summary` writes the record of them all
+# Needs cupy, numba, numba-cuda, pytest and pytest-benchmark (torch optional), CMake, nvcc and
+# the CUDA toolkit's compute-sanitizer. The stages, in order:
+#   tests     the gpu-marked tests, and the rest of the suite with Numba on the real GPU
+#   sanitize  compute-sanitizer over bench/sanitizer_driver.py: memcheck and initcheck over the
+#             CuPy kernels, racecheck and synccheck over the CuPy and Numba kernels
+#   demo      python -m gpubp demo on the GPU
+#   aot       the CMake fatbin build, then bench/gpu_load_check.py: the fatbins load and
+#             compute, and with none NVRTC does; device="auto" picks cupy
+#   bench     the GPU benchmarks, into bench/results/<device>.json and bench/results/fused_mlp.md
+#   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
+#             from whatever the stages left in the check folder, then prints the latter
+# Each stage leaves its reports in the check folder, GPUBP_CHECK_DIR (default
+# bench/results/check, which git ignores), so stages can run in separate calls, even on
+# separate machines, and `summary` run last where the folder was brought back. The results
+# go to GPUBP_RESULTS_DIR (default bench/results).
+# Exits nonzero if any stage failed.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,9 +26,12 @@ unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
 PYTHON="${PYTHON:-python}"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+check="${GPUBP_CHECK_DIR:-bench/results/check}"
+results="${GPUBP_RESULTS_DIR:-bench/results}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 failed=()
+STAGES=(tests sanitize demo aot bench summary)
 
 run() {
     local name="$1"
@@ -27,38 +40,83 @@ run() {
     "$@" || failed+=("$name")
 }
 
+device_name() {  # read once on a GPU, then from the check folder (summary may run without one)
+    if [ ! -s "$check/device.txt" ]; then
+        "$PYTHON" -c 'import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())' \
+            >"$check/device.txt" 2>/dev/null || rm -f "$check/device.txt"
+    fi
+    cat "$check/device.txt" 2>/dev/null || echo "unknown GPU"
+}
+
 sanitize() {
     local tool="$1"
     shift
     echo "==== compute-sanitizer $tool ($*)"
     "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" bench/sanitizer_driver.py "$@" 2>&1 \
-        | tee "$work/$tool.log"
+        | tee "$check/$tool.log"
     local status="${PIPESTATUS[0]}"
-    echo "$status" >"$work/$tool.status"
+    echo "$status" >"$check/$tool.status"
     [ "$status" -eq 0 ] || failed+=("compute-sanitizer $tool")
 }
 
+stage_tests() {
+    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs --junitxml "$check/gpu_tests.xml"
+    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q --junitxml "$check/other_tests.xml"
+}
+
+stage_sanitize() {
+    sanitize memcheck cupy
+    sanitize initcheck cupy
+    sanitize racecheck cupy numba
+    sanitize synccheck cupy numba
+}
+
+stage_demo() {
+    run "demo on the GPU" "$PYTHON" -m gpubp demo --device cuda --quiet
+}
+
+stage_aot() {
+    local aot="$work/aot"
+    mkdir -p "$work/no_fatbins"
+    run "CMake fatbin build" sh -c "cmake -S . -B \"$work/build\" -DGPUBP_AOT_DIR=\"$aot\" >/dev/null \
+        && cmake --build \"$work/build\" -j && cmake --install \"$work/build\" >/dev/null"
+    run "kernels from the fatbins" env GPUBP_AOT_DIR="$aot" "$PYTHON" bench/gpu_load_check.py fatbin
+    run "kernels from NVRTC" env GPUBP_AOT_DIR="$work/no_fatbins" "$PYTHON" bench/gpu_load_check.py nvrtc
+}
+
+stage_bench() {
+    local stem
+    stem="$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)")"
+    run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py bench/test_gpu_fused.py -q \
+        --benchmark-json "$results/$stem.json"
+    cp "$results/$stem.json" "$check/bench.json" 2>/dev/null
+    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$results/$stem.json\" > \"$results/fused_mlp.md\""
+}
+
+stage_summary() {
+    local junit=()
+    for xml in "$check"/gpu_tests.xml "$check"/other_tests.xml; do
+        [ -f "$xml" ] && junit+=(--junit "$xml")
+    done
+    run "summary" "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${junit[@]}" \
+        --sanitizer-dir "$check" --benchmark "$check/bench.json" --out-dir "$results"
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
+for stage in "${stages[@]}"; do
+    case " ${STAGES[*]} " in
+        *" $stage "*) ;;
+        *) echo "gpu_check.sh: unknown stage '$stage'; expected some of: ${STAGES[*]}" >&2; exit 2 ;;
+    esac
+done
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
     echo "warning: tracked files differ from HEAD; the summary's commit will read <sha>-dirty"
 fi
-
-run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs --junitxml "$work/gpu_tests.xml"
-run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q --junitxml "$work/other_tests.xml"
-sanitize memcheck cupy
-sanitize initcheck cupy
-sanitize racecheck cupy numba
-sanitize synccheck cupy numba
-run "demo on the GPU" "$PYTHON" -m gpubp demo --device cuda --quiet
-
-device="$("$PYTHON" -c 'import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())')"
-stem="$("$PYTHON" bench/gpu_summary.py --file-stem "${device:-unknown GPU}")"
-mkdir -p bench/results
-run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py bench/test_gpu_fused.py -q \
-    --benchmark-json "bench/results/$stem.json"
-run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"bench/results/$stem.json\" > bench/results/fused_mlp.md"
-run "summary" "$PYTHON" bench/gpu_summary.py --device "${device:-unknown GPU}" \
-    --junit "$work/gpu_tests.xml" --junit "$work/other_tests.xml" --sanitizer-dir "$work" \
-    --benchmark "bench/results/$stem.json" --out-dir bench/results
+mkdir -p "$check" "$results"
+for stage in "${stages[@]}"; do
+    "stage_$stage"
+done
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"

@@ -302,6 +302,37 @@ def test_main_writes_the_json_and_the_devices_markdown(gs, tmp_path, monkeypatch
     assert "| synccheck | clean |" in table
 
 
+def gpu_check(*stages, env=None):
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *stages], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_gpu_check_refuses_an_unknown_stage_before_running_any():
+    done = gpu_check("summary", "tset")
+    assert done.returncode == 2
+    assert "unknown stage 'tset'; expected some of: tests sanitize demo aot bench summary" in done.stderr
+    assert "==== summary" not in done.stdout
+
+
+def test_gpu_checks_summary_stage_reads_what_earlier_stages_left_in_the_check_folder(gs, tmp_path):
+    """Stages may run in separate calls: the summary reads the check folder they wrote."""
+    check, results = tmp_path / "check", tmp_path / "results"
+    check.mkdir()
+    (check / "device.txt").write_text("NVIDIA H100 80GB HBM3\n")
+    (check / "gpu_tests.xml").write_text(JUNIT_GPU)
+    for tool in gs.SANITIZER_TOOLS:
+        (check / f"{tool}.log").write_text(CLEAN)
+        (check / f"{tool}.status").write_text("0")
+    (check / "bench.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs))))
+    done = gpu_check("summary", env={"GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((results / "gpu_summary.json").read_text())
+    assert data["device"] == "NVIDIA H100 80GB HBM3"
+    assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
+    assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0
+    assert (results / "NVIDIA_H100_80GB_HBM3.md").is_file()
+
+
 def test_file_stem_keeps_letters_and_digits_only(gs, capsys):
     gs.main(["--file-stem", "NVIDIA H100 80GB HBM3 (MIG 1g.10gb)"])
     assert capsys.readouterr().out == "NVIDIA_H100_80GB_HBM3__MIG_1g_10gb_\n"

@@ -36,6 +36,7 @@ from gpubp.trace import trace
 
 pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
 
+ROOT = Path(__file__).resolve().parents[1]
 MODE = harness.current_mode()
 SANITIZED = MODE != "plain"
 RTOL = 1e-4
@@ -958,6 +959,23 @@ def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):
     graph.launch()
     graph.launch()
     np.testing.assert_array_equal(cb_h100.to_host(a), np.full(4, 4.0))
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
+def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_not_there(cb_h100, capsys,
+                                                                                          monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setenv(cupy_backend.AOT_ENV, str(tmp_path))  # no fatbins there
+
+    spec = importlib.util.spec_from_file_location("gpu_load_check", ROOT / "bench" / "gpu_load_check.py")
+    load_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_check)
+    assert load_check.main(["nvrtc"]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        load_check.main(["fatbin"])
+    assert "FAIL the manifest check for sm_90" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- sanitizers
