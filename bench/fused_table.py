@@ -1,6 +1,6 @@
 """The README table of the fused MLP benchmarks, from a pytest-benchmark JSON of bench/test_gpu_fused.py.
 
-    python bench/fused_table.py bench/results/<device>.json > bench/results/fused_mlp.md
+    python bench/fused_table.py bench/results/<device>_fused.json > bench/results/fused_mlp.md
 
 One row per workload ("<mode> <width>x<layers>@2^<k>"), the median milliseconds of every
 implementation that ran it, and two speed ratios taken in the same run: PyTorch eager over

@@ -10,7 +10,9 @@
 #   demo      python -m gpubp demo on the GPU
 #   aot       the CMake fatbin build, then bench/gpu_load_check.py: the fatbins load and
 #             compute, and with none NVRTC does; device="auto" picks cupy
-#   bench     the GPU benchmarks, into bench/results/<device>.json and bench/results/fused_mlp.md
+#   bench     the GPU benchmarks of bench/test_gpu_dense.py, into bench/results/<device>.json
+#   fused     the fused MLP benchmarks, into bench/results/<device>_fused.json and fused_mlp.md
+#   splitk    the dW split-K sweep, into bench/results/<device>_splitk.json and splitk.md
 #   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
 #             from whatever the stages left in the check folder, then prints the latter
 # Each stage leaves its reports in the check folder, GPUBP_CHECK_DIR (default
@@ -31,7 +33,7 @@ results="${GPUBP_RESULTS_DIR:-bench/results}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 failed=()
-STAGES=(tests sanitize demo aot bench summary)
+STAGES=(tests sanitize demo aot bench fused splitk summary)
 
 run() {
     local name="$1"
@@ -84,13 +86,29 @@ stage_aot() {
     run "kernels from NVRTC" env GPUBP_AOT_DIR="$work/no_fatbins" "$PYTHON" bench/gpu_load_check.py nvrtc
 }
 
+stem() {
+    "$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)"
+}
+
 stage_bench() {
-    local stem
-    stem="$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)")"
-    run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py bench/test_gpu_fused.py -q \
-        --benchmark-json "$results/$stem.json"
-    cp "$results/$stem.json" "$check/bench.json" 2>/dev/null
-    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$results/$stem.json\" > \"$results/fused_mlp.md\""
+    local json
+    json="$results/$(stem).json"
+    run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py -q --benchmark-json "$json"
+    cp "$json" "$check/bench.json" 2>/dev/null
+}
+
+stage_fused() {
+    local json
+    json="$results/$(stem)_fused.json"
+    run "fused MLP benchmarks" "$PYTHON" -m pytest bench/test_gpu_fused.py -q --benchmark-json "$json"
+    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$json\" > \"$results/fused_mlp.md\""
+}
+
+stage_splitk() {
+    local json
+    json="$results/$(stem)_splitk.json"
+    run "split-K sweep" "$PYTHON" -m pytest bench/test_gpu_splitk.py -q --benchmark-json "$json"
+    run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$json\" > \"$results/splitk.md\""
 }
 
 stage_summary() {

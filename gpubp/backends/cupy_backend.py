@@ -432,6 +432,12 @@ def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
     splits = 1
     if tiles < sms:
         splits = max(1, min(-(-SPLIT_WAVES * sms // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
+    return batch_chunks(batch, splits)
+
+
+def batch_chunks(batch: int, splits: int) -> tuple[int, int]:
+    """(splits, k_chunk): the batch cut into ``splits`` chunks of whole BK steps; fewer splits
+    when rounding the chunk up leaves the last ones empty."""
     k_chunk = -(-batch // splits)
     k_chunk = -(-k_chunk // BK) * BK
     return -(-batch // k_chunk), k_chunk
