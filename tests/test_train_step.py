@@ -24,9 +24,9 @@ def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
 
 
-def test_a_step_is_forward_loss_backward_and_update(rng):
+def test_a_step_is_forward_loss_backward_and_update(rng, backend):
     x, y = batch(rng)
-    stepped, by_hand = small_model(), small_model()
+    stepped, by_hand = small_model(backend), small_model(backend)
     step = stepped.train_step("cross_entropy", gb.optim.SGD(stepped.parameters(), lr=0.1, momentum=0.9))
     opt = gb.optim.SGD(by_hand.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
