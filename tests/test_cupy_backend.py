@@ -225,15 +225,20 @@ def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):
 
 
 # ----------------------------------------------------------------------------- losses
+#
+# The check_* bodies are shared with tests/test_kernels_on_cpu.py, which runs them on the CPU
+# kernel harness at smaller sizes.
 
 LOSS_SHAPES = [(1, 1), (19, 13), (37, 10), (257, 1000), (5000, 3)]
 
 
-@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
+def check_softmax_cross_entropy(cb, rng, shape, label_dtype):
+    """Loss and gradient against NumPy in float64, with a masked (-inf) logit in every row that
+    has more than one; the loss written to device memory (``out_loss``) is the same bits."""
     logits = (5 * rng.standard_normal(shape)).astype(np.float32)
     labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
+    if shape[1] > 1:  # never the label's
+        logits[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
     with trace() as t:
         loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
@@ -241,11 +246,12 @@ def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
     assert isinstance(loss, float)
     assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
     close(cb.to_host(grad), grad_ref)
+    out = cb.empty((1,))
+    assert cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), out_loss=out)[0] is out
+    assert float(cb.to_host(out)[0]) == loss
 
 
-@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
+def check_elementwise_loss(cb, rng, name, trace_name, shape):
     pred = (3 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.random(shape).astype(np.float32)
     loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64))
@@ -254,24 +260,39 @@ def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
     assert t.launches == [trace_name]
     assert loss == pytest.approx(loss_ref, rel=RTOL)
     close(cb.to_host(grad), grad_ref)
+    out = cb.empty((1,))
+    getattr(cb, name)(cb.asarray(pred), cb.asarray(target), out_loss=out)
+    assert float(cb.to_host(out)[0]) == loss
 
 
-def test_bce_is_finite_for_huge_logits(cb):
-    logits = np.array([[-1e4, 1e4, 0.0, 88.0, -88.0]], np.float32)
-    target = np.array([[0.0, 1.0, 0.5, 0.0, 1.0]], np.float32)
+def check_losses_at_huge_logits(cb):
+    logits = np.array([[1e4, -1e4, 0.0, 88.0, -88.0], [-1e4, -1e4, -1e4, -1e4, -1e4]], np.float32)
+    labels = np.array([1, 2], np.int64)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
+    loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    close(cb.to_host(grad), grad_ref)
+    target = np.array([[0.0, 1.0, 0.5, 0.0, 1.0], [1.0, 0.0, 0.5, 1.0, 0.0]], np.float32)
     loss_ref, grad_ref = ref.bce(logits.astype(np.float64), target.astype(np.float64))
     loss, grad = cb.bce(cb.asarray(logits), cb.asarray(target))
     assert loss == pytest.approx(loss_ref, rel=RTOL)
     close(cb.to_host(grad), grad_ref)
 
 
-def test_cross_entropy_is_finite_for_huge_logits(cb):
-    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
-    labels = np.array([1, 2], np.int64)
-    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
-    loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
-    assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb.to_host(grad), grad_ref)
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
+    check_softmax_cross_entropy(cb, rng, shape, label_dtype)
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
+def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
+    check_elementwise_loss(cb, rng, name, trace_name, shape)
+
+
+def test_losses_are_finite_for_huge_logits(cb):
+    check_losses_at_huge_logits(cb)
 
 
 def test_loss_is_bitwise_deterministic(cb, rng):
@@ -283,15 +304,16 @@ def test_loss_is_bitwise_deterministic(cb, rng):
 
 # ----------------------------------------------------------------------------- optimizers
 
+SGD_CASES = [(0.0, False, 0.0), (0.0, False, 1e-2), (0.9, False, 1e-2), (0.9, True, 0.0)]
+ADAM_CASES = [(False, 0.0), (False, 1e-2), (True, 1e-2)]
 
-@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_sgd_update_matches_numpy(cb, rng, momentum, nesterov, weight_decay):
-    p, g = (rng.standard_normal(1031).astype(np.float32) for _ in range(2))
-    v = rng.standard_normal(1031).astype(np.float32) if momentum else None
+
+def check_sgd_update(cb, rng, n, momentum, nesterov, weight_decay, steps=3):
+    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal(n).astype(np.float32) if momentum else None
     p_ref, v_ref = p.astype(np.float64), None if v is None else v.astype(np.float64)
     p_dev, v_dev = cb.asarray(p), None if v is None else cb.asarray(v)
-    for _ in range(3):
+    for _ in range(steps):
         ref.sgd_update(p_ref, g.astype(np.float64), v_ref, 0.1, momentum, nesterov, weight_decay)
         with trace() as t:
             cb.sgd_update(p_dev, cb.asarray(g), v_dev, 0.1, momentum, nesterov, weight_decay)
@@ -301,13 +323,11 @@ def test_sgd_update_matches_numpy(cb, rng, momentum, nesterov, weight_decay):
         close(cb.to_host(v_dev), v_ref)
 
 
-@pytest.mark.parametrize("decoupled", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_adam_update_matches_numpy(cb, rng, decoupled, weight_decay):
-    p, g = (rng.standard_normal(1031).astype(np.float32) for _ in range(2))
-    state_ref = [p.astype(np.float64), np.zeros(1031), np.zeros(1031)]
-    state_dev = [cb.asarray(p), cb.zeros((1031,)), cb.zeros((1031,))]
-    for step in range(1, 4):
+def check_adam_update(cb, rng, n, decoupled, weight_decay, steps=3):
+    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    state_ref = [p.astype(np.float64), np.zeros(n), np.zeros(n)]
+    state_dev = [cb.asarray(p), cb.zeros((n,)), cb.zeros((n,))]
+    for step in range(1, steps + 1):
         grad = g * step
         ref.adam_update(state_ref[0], grad.astype(np.float64), state_ref[1], state_ref[2],
                         1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
@@ -319,13 +339,27 @@ def test_adam_update_matches_numpy(cb, rng, decoupled, weight_decay):
         close(cb.to_host(got), want)
 
 
-@pytest.mark.parametrize("n", [1, 1031, 3_000_001])
-def test_sumsq_and_scale(cb, rng, n):
+def check_sumsq_and_scale(cb, rng, n):
     a = rng.standard_normal(n).astype(np.float32)
     dev = cb.asarray(a)
     assert cb.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
     cb.scale_(dev, 0.5)
     close(cb.to_host(dev), a.astype(np.float64) * 0.5)
+
+
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", SGD_CASES)
+def test_sgd_update_matches_numpy(cb, rng, momentum, nesterov, weight_decay):
+    check_sgd_update(cb, rng, 1031, momentum, nesterov, weight_decay)
+
+
+@pytest.mark.parametrize("decoupled, weight_decay", ADAM_CASES)
+def test_adam_update_matches_numpy(cb, rng, decoupled, weight_decay):
+    check_adam_update(cb, rng, 1031, decoupled, weight_decay)
+
+
+@pytest.mark.parametrize("n", [1, 1031, 3_000_001])
+def test_sumsq_and_scale(cb, rng, n):
+    check_sumsq_and_scale(cb, rng, n)
 
 
 # ----------------------------------------------------------------------------- integration

@@ -27,7 +27,9 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
-from test_cupy_backend import check_large_preactivations
+from test_cupy_backend import (ADAM_CASES, SGD_CASES, check_adam_update, check_elementwise_loss,
+                               check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
+                               check_softmax_cross_entropy, check_sumsq_and_scale)
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
@@ -631,79 +633,32 @@ def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
 def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, label_dtype):
-    logits = (5 * rng.standard_normal(shape)).astype(np.float32)
-    labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
-    if shape[1] > 1:  # a masked logit in every row, never the label's
-        logits[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
-    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
-    with trace() as t:
-        loss, grad = cb_h100.softmax_cross_entropy(cb_h100.asarray(logits), cb_h100.asarray(labels))
-    assert t.launches == ["ce_fwd_bwd"]
-    assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
-    close(cb_h100.to_host(grad), grad_ref)
+    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype)
 
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
 def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape):
-    pred = (3 * rng.standard_normal(shape)).astype(np.float32)
-    target = rng.random(shape).astype(np.float32)
-    loss_ref, grad_ref = getattr(ref, name)(*f64(pred, target))
-    with trace() as t:
-        loss, grad = getattr(cb_h100, name)(cb_h100.asarray(pred), cb_h100.asarray(target))
-    assert t.launches == [trace_name]
-    assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb_h100.to_host(grad), grad_ref)
+    check_elementwise_loss(cb_h100, rng, name, trace_name, shape)
 
 
 def test_losses_are_finite_for_huge_logits(cb_h100):
-    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
-    labels = np.array([1, 2], np.int64)
-    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
-    loss, grad = cb_h100.softmax_cross_entropy(cb_h100.asarray(logits), cb_h100.asarray(labels))
-    assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb_h100.to_host(grad), grad_ref)
-    target = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.5]], np.float32)
-    loss_ref, grad_ref = ref.bce(*f64(logits, target))
-    loss, grad = cb_h100.bce(cb_h100.asarray(logits), cb_h100.asarray(target))
-    assert loss == pytest.approx(loss_ref, rel=RTOL)
-    close(cb_h100.to_host(grad), grad_ref)
+    check_losses_at_huge_logits(cb_h100)
 
 
 # ----------------------------------------------------------------------------- optimizers
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
-@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 1e-2), (0.9, True, 0.0)])
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", SGD_CASES)
 def test_sgd_update_matches_numpy(cb_small_gpu, rng, n, momentum, nesterov, weight_decay):
-    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
-    v = rng.standard_normal(n).astype(np.float32) if momentum else None
-    p_ref, v_ref = f64(p, v)
-    p_dev, v_dev = cb_small_gpu.asarray(p), None if v is None else cb_small_gpu.asarray(v)
-    for _ in range(2):
-        ref.sgd_update(p_ref, g.astype(np.float64), v_ref, 0.1, momentum, nesterov, weight_decay)
-        with trace() as t:
-            cb_small_gpu.sgd_update(p_dev, cb_small_gpu.asarray(g), v_dev, 0.1, momentum, nesterov, weight_decay)
-        assert t.launches == ["sgd_update"]
-    close(cb_small_gpu.to_host(p_dev), p_ref)
-    if v is not None:
-        close(cb_small_gpu.to_host(v_dev), v_ref)
+    check_sgd_update(cb_small_gpu, rng, n, momentum, nesterov, weight_decay, steps=2)
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
-@pytest.mark.parametrize("decoupled, weight_decay", [(False, 0.0), (False, 1e-2), (True, 1e-2)])
+@pytest.mark.parametrize("decoupled, weight_decay", ADAM_CASES)
 def test_adam_update_matches_numpy(cb_small_gpu, rng, n, decoupled, weight_decay):
-    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
-    state_ref = [p.astype(np.float64), np.zeros(n), np.zeros(n)]
-    state_dev = [cb_small_gpu.asarray(p), cb_small_gpu.zeros((n,)), cb_small_gpu.zeros((n,))]
-    for step in range(1, 3):
-        grad = g * step
-        ref.adam_update(state_ref[0], grad.astype(np.float64), state_ref[1], state_ref[2],
-                        1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
-        cb_small_gpu.adam_update(state_dev[0], cb_small_gpu.asarray(grad), state_dev[1], state_dev[2],
-                       1e-2, 0.9, 0.999, 1e-8, weight_decay, step, decoupled)
-    for got, want in zip(state_dev, state_ref):
-        close(cb_small_gpu.to_host(got), want)
+    check_adam_update(cb_small_gpu, rng, n, decoupled, weight_decay, steps=2)
 
 
 def device_scalar(cb, value):
@@ -751,11 +706,7 @@ def test_an_update_after_a_non_finite_loss_changes_nothing(cb_small_gpu, rng, ki
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
-    a = rng.standard_normal(n).astype(np.float32)
-    dev = cb_small_gpu.asarray(a)
-    assert cb_small_gpu.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
-    cb_small_gpu.scale_(dev, 0.5)
-    close(cb_small_gpu.to_host(dev), a.astype(np.float64) * 0.5)
+    check_sumsq_and_scale(cb_small_gpu, rng, n)
 
 
 # ----------------------------------------------------------------------------- a whole model
