@@ -86,6 +86,18 @@ def test_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng
     assert_close(compiled[1], reference[1], dtype)
 
 
+def test_arrays_of_a_dtype_the_kernels_are_not_built_for_run_on_numpy(rng):
+    # float16 logits (a dtype losses accept) once reached the float32/float64-only kernels.
+    logits = (3 * rng.standard_normal((6, 4))).astype(np.float16)
+    labels = rng.integers(0, 4, 6)
+    (compiled, _), (reference, _) = both_paths(numpy_backend.softmax_cross_entropy, logits, labels)
+    assert compiled[0] == reference[0] and np.array_equal(compiled[1], reference[1])
+    p, g = (rng.standard_normal(9).astype(np.float16) for _ in range(2))
+    (_, (p_compiled, *_)), (_, (p_reference, *_)) = both_paths(
+        lambda p, g: numpy_backend.sgd_update(p, g, None, 0.1, 0.0, False, 0.0), p, g)
+    assert p_compiled.dtype == np.float16 and np.array_equal(p_compiled, p_reference)
+
+
 # (rows, cols): ragged, and one over the backend's threshold for splitting across cores.
 PARAM_SHAPES = [(29, 23), (23,), (1100, 500)]
 SGD_OPTIONS = [

@@ -62,10 +62,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _compiled():
-    """The ``_cpu_kernels`` module, or None where Numba is missing or the kernels are switched off."""
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the compiled kernels are built for
+
+
+def _compiled(dtype=None):
+    """The ``_cpu_kernels`` module, or None where Numba is missing, the kernels are switched off,
+    or the arrays are of a ``dtype`` they are not built for (float16, say: NumPy computes those)."""
     global _kernels, _kernels_reason
-    if not _kernels_enabled:
+    if not _kernels_enabled or (dtype is not None and np.dtype(dtype) not in _KERNEL_DTYPES):
         return None
     if _kernels is None and _kernels_reason is None:
         try:
@@ -198,7 +202,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
         activations.forward(act, z, y)
         return y, z
     y = np.matmul(x, w, out=out)
-    kernels = _compiled()
+    kernels = _compiled(y.dtype)
     if kernels is not None and act in kernels.ACTS:
         kernels.bias_act(y, b, kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,)))
         return y, None
@@ -220,7 +224,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
     if not (need_dx or need_dw):
         return None, None, None
-    kernels = _compiled()
+    kernels = _compiled(dy.dtype)
     db = None
     if act == "identity":
         dz = dy
@@ -276,7 +280,7 @@ def softmax_cross_entropy(logits, labels):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
     record("ce_fwd_bwd")
     batch, classes = logits.shape
-    kernels = _compiled()
+    kernels = _compiled(logits.dtype)
     if kernels is not None and classes < _NARROW_CLASSES:
         # Short rows: two compiled passes around NumPy's vectorized exp replace a dozen NumPy
         # calls (12 -> 3 us at (64, 10), 330 -> 200 us at (4096, 10)). Wide rows stay on NumPy,
@@ -337,7 +341,7 @@ def bce(logits, target):
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     record("sgd_update")
-    kernels = _compiled()
+    kernels = _compiled(param.dtype)
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
         lr, momentum, weight_decay = _as_dtype(param.dtype, (lr, momentum, weight_decay))
         # without momentum the kernel never reads the velocity; grad stands in for it
@@ -372,7 +376,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     record("adam_update")
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
-    kernels = _compiled()
+    kernels = _compiled(param.dtype)
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
         l2, keep = (0.0, 1.0 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
         constants = _as_dtype(param.dtype, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, keep))
