@@ -1,4 +1,5 @@
-// The deterministic split-K finish of the dW kernels (dense_backward.cu, dense_backward_tf32.cu):
+// The deterministic split-K finish of the dW kernels (dense_backward.cu, dense_backward_tf32.cu,
+// and fused_mlp.cu's, which has its own workspace layout and uses the first three functions):
 // dW = x^T @ dz over a batch split into `splits` chunks, summed without float atomics.
 //
 // Contract: gridDim.z = splits blocks share each output tile; split s (blockIdx.z) covers batch
@@ -39,6 +40,11 @@ __device__ __forceinline__ void split_k_sum(const float* __restrict__ ws, long l
     }
 }
 
+// The last block, once it has written its sums: the tile's ticket is 0 again for the next launch.
+__device__ __forceinline__ void split_k_reset(unsigned int* ticket) {
+    if (threadIdx.x == 0) *ticket = 0u;
+}
+
 // The batch rows [begin, end) that split blockIdx.z of a dW launch covers.
 struct SplitRows {
     long long begin, end;
@@ -66,7 +72,7 @@ __device__ __forceinline__ void dense_dw_split_k_finish(const float* __restrict_
     const int cols = static_cast<int>(N - n0 < BN ? N - n0 : BN);
     split_k_sum(ws, M * N, splits, dw, N, m0, rows, n0, cols);
     if (blockIdx.x == 0) split_k_sum(ws_db, N, splits, db, N, 0, 1, n0, cols);
-    if (threadIdx.x == 0) *ticket = 0u;  // ready for the next launch
+    split_k_reset(ticket);
 }
 
 }  // namespace gpubp
