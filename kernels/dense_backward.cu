@@ -20,14 +20,12 @@
 // db comes from the same kernel, like cuBLASLt's BGRADB epilogue: the blocks of m-tile 0
 // sum the dz columns they already hold in registers (gemm_mainloop's COLSUM).
 // Split-K over the batch: when in x out gives too few tiles to fill the GPU (small layers,
-// large batches) the host picks splits > 1 and k_chunk (a multiple of BK); split s covers
-// batch rows [s k_chunk, min(B, (s+1) k_chunk)) and writes its partial dW tile to
-// ws[s] (splits x in x out floats) and its partial db to ws_db[s] (splits x out). The
-// last block to finish a tile (an atomic ticket per tile in `tickets`, which the host
-// zeroes once and the last block resets) sums the partials in split order 0, 1, ... and
-// writes dW and db: one launch, and bitwise deterministic, unlike split-K by atomicAdd.
+// large batches) the host picks splits > 1 (grid.z) and k_chunk (a multiple of BK); each split
+// writes its partials to ws (splits x in x out floats) and ws_db (splits x out), and the last
+// block of each tile sums them in split order (split_k.cuh: contract, tickets, determinism).
 // With splits == 1 the tile goes straight to dW and db and ws, ws_db, tickets are unused.
 #include "gemm_tile.cuh"
+#include "split_k.cuh"
 
 namespace gpubp {
 
@@ -61,12 +59,10 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                                          float* __restrict__ db, float* __restrict__ ws,
                                          float* __restrict__ ws_db, unsigned int* __restrict__ tickets,
                                          int B_, int in_, int out_, int k_chunk, int splits) {
-    using Shape = TileShape<BM, BN>;
     const long long M = in_, N = out_, K = B_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
-    const long long k_begin = static_cast<long long>(blockIdx.z) * k_chunk;
-    const long long k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
+    const SplitRows batch_rows = SplitRows::of(K, k_chunk);
     const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
     // The threads whose B fragments span every column of the tile exactly once.
     const bool owns_db = blockIdx.x == 0 && tt.warp_m == 0 && tt.lane_m == 0;
@@ -74,10 +70,11 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
     float acc[THREAD_M][THREAD_N];
     float colsum[THREAD_N];
     const GradOuterMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, N};
-    gemm_mainloop<BM, BN, true>(OuterMajor{x, M}, dz, M, N, k_begin, k_end, m0, n0, acc, colsum, owns_db);
+    gemm_mainloop<BM, BN, true>(OuterMajor{x, M}, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, acc, colsum,
+                                owns_db);
 
-    float* dw_out = splits == 1 ? dw : ws + static_cast<long long>(blockIdx.z) * M * N;
-    float* db_out = splits == 1 ? db : ws_db + static_cast<long long>(blockIdx.z) * N;
+    float* dw_out = split_k_partial(dw, ws, M * N, splits);
+    float* db_out = split_k_partial(db, ws_db, N, splits);
     const bool vec = N % 4 == 0 && aligned16(dw_out);
 #pragma unroll
     for (int jg = 0; jg < THREAD_N; jg += 4) {
@@ -91,37 +88,7 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                 if (j < valid_cols) db_out[col + j] = colsum[jg + j];
         }
     }
-    if (splits == 1) return;
-
-    // Split-K: publish this partial, take a ticket; the last block of the tile reduces.
-    __shared__ bool is_last;
-    __threadfence();
-    __syncthreads();
-    const unsigned int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[tile], 1u) == static_cast<unsigned int>(splits - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-
-    const long long split_stride = M * N;
-    for (int e = threadIdx.x; e < BM * BN; e += Shape::THREADS) {
-        const long long row = m0 + e / BN, col = n0 + e % BN;
-        if (row >= M || col >= N) continue;
-        const long long idx = row * N + col;
-        float sum = 0.0f;
-        for (int s = 0; s < splits; ++s) sum += __ldcg(ws + s * split_stride + idx);
-        dw[idx] = sum;
-    }
-    if (blockIdx.x == 0) {
-        for (int c = threadIdx.x; c < BN; c += Shape::THREADS) {
-            const long long col = n0 + c;
-            if (col >= N) continue;
-            float sum = 0.0f;
-            for (int s = 0; s < splits; ++s) sum += __ldcg(ws_db + s * N + col);
-            db[col] = sum;
-        }
-    }
-    if (threadIdx.x == 0) tickets[tile] = 0u;  // ready for the next launch
+    if (splits > 1) dense_dw_split_k_finish(ws, ws_db, tickets, dw, db, M, N, m0, n0, BM, BN, splits);
 }
 
 }  // namespace gpubp

@@ -19,7 +19,7 @@ __device__ __forceinline__ void dense_forward_tf32(const float* __restrict__ x, 
     const long long n0 = static_cast<long long>(blockIdx.y) * Tf32Tile::BN;
     Tf32Fragment frag;
     float unused_colsum;
-    tf32_mainloop<false>(KMajor{x, K}, OuterMajor{w, N}, M, N, K, m0, n0, frag, unused_colsum);
+    tf32_mainloop<false>(KMajor{x, K}, OuterMajor{w, N}, M, N, 0, K, m0, n0, frag, unused_colsum);
     tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float acc) {
         const float zv = acc + b[col];
         y[row * N + col] = act_forward<ACT>(zv);

@@ -25,8 +25,8 @@
 // - dW/db: one launch for every trainable layer; grid.x enumerates (layer, 32-row tile of W_l),
 //   grid.y splits the batch. With splits > 1 each block writes its partial to ws, takes a
 //   ticket for its tile, and the last block of a tile sums the partials in split order 0, 1, ...
-//   (as dense_backward.cu's dW does): deterministic, no float atomics. db_l is summed in the
-//   blocks of W_l's first row tile, one thread per column, over the same split.
+//   (split_k.cuh, as the dense dW kernels do): deterministic, no float atomics. db_l is summed
+//   in the blocks of W_l's first row tile, one thread per column, over the same split.
 //
 // Launch: fused_mlp_fwd and fused_mlp_bwd grid (ceil(B / ROWS)), fused_mlp_dw grid (dW tiles of
 // every trainable layer, splits); block THREADS = 128; no dynamic shared memory.
@@ -62,6 +62,7 @@
 // its rows, every W_l in the span, its dz rows out. dW block: its split's rows of h_l and dz_l.
 #include "activations.cuh"
 #include "mma.cuh"
+#include "split_k.cuh"
 
 namespace gpubp {
 
@@ -396,7 +397,6 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     using F = Fused;
     __shared__ float Hs[F::KC * F::ROWS];       // Hs[k][r] = h_l[b0 + k][m0 + r]
     __shared__ float Ds[F::KC * F::MAX_WIDTH];  // Ds[k][c] = dz_l[b0 + k][c]
-    __shared__ bool is_last;
     // This block's layer: the last trainable layer whose first tile is at or before blockIdx.x.
     int l = -1;
     for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
@@ -449,29 +449,11 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     if (owns_db) db_out[threadIdx.x] = colsum;
     if (splits == 1) return;
 
-    // Publish this partial, take a ticket; the last block of the tile sums them in split order.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[blockIdx.x], 1u) == static_cast<unsigned int>(splits - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (!split_k_arrived_last(&tickets[blockIdx.x], splits)) return;
     const int rows = p.in - m0 < F::ROWS ? p.in - m0 : F::ROWS;
-    for (int e = threadIdx.x; e < rows * p.out; e += F::THREADS) {
-        const long long idx = static_cast<long long>(m0) * p.out + e;
-        float sum = 0.0f;
-        for (int s = 0; s < splits; ++s) sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride + p.ws + idx);
-        dw_l[idx] = sum;
-    }
-    if (m0 == 0) {
-        for (int c = threadIdx.x; c < p.out; c += F::THREADS) {
-            float sum = 0.0f;
-            for (int s = 0; s < splits; ++s)
-                sum += __ldcg(ws + static_cast<long long>(s) * ws_split_stride + p.ws + dw_size + c);
-            db_l[c] = sum;
-        }
-    }
-    if (threadIdx.x == 0) tickets[blockIdx.x] = 0u;  // ready for the next launch
+    split_k_sum(ws + p.ws, ws_split_stride, splits, dw_l, p.out, m0, rows, 0, p.out);
+    if (m0 == 0) split_k_sum(ws + p.ws + dw_size, ws_split_stride, splits, db_l, p.out, 0, 1, 0, p.out);
+    split_k_reset(&tickets[blockIdx.x]);
 }
 
 }  // namespace gpubp

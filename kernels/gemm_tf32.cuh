@@ -1,8 +1,9 @@
 // The TF32 tensor-core GEMM main loop shared by dense_forward_tf32.cu and dense_backward_tf32.cu.
 //
-// Computes one BM x BN = 64 x 64 tile of C = A @ B over all K, A (M, K) and B (K, N) read
-// through gemm_tile.cuh's operand sources, so one loop serves x @ W (forward), dz @ W^T (dX,
-// with dz = dy * act'(.) formed as the operand loads) and x^T @ dz (dW), as the fp32 loop does.
+// Computes one BM x BN = 64 x 64 tile of C = A @ B over k in [k_begin, k_end) (all of K, or
+// one split of it in the dW kernel), A (M, K) and B (K, N) read through gemm_tile.cuh's operand
+// sources, so one loop serves x @ W (forward), dz @ W^T (dX, with dz = dy * act'(.) formed as
+// the operand loads) and x^T @ dz (dW), as the fp32 loop does.
 // Operands are rounded to TF32 (cvt.rna, 10 mantissa bits) as they are staged in shared memory
 // and multiplied on mma.sync.m16n8k8 with fp32 accumulation (kernels/mma.cuh).
 //
@@ -17,7 +18,8 @@
 // guarded scalar loads (out-of-range as 0), so any M, N, K works and only the epilogue guards
 // its stores. Thread tid always stages column tid % 64 of B, which lets COLSUM give each thread
 // the fp32 sum of its B column (db in the dW kernel) for free.
-// Memory per block: a 64 x K slab of A and a K x 64 slab of B, each read once.
+// Memory per block: a 64 x (k_end - k_begin) slab of A and a (k_end - k_begin) x 64 slab of B,
+// each read once. A k_begin that is a multiple of BK keeps every k tile but the last full.
 #pragma once
 
 #include "gemm_tile.cuh"
@@ -56,13 +58,13 @@ __device__ __forceinline__ float operand_at(const Src& src, long long k, long lo
     }
 }
 
-// frag.acc = A[m0 : m0+64, :] @ B[:, n0 : n0+64] for this thread's share. With COLSUM,
-// colsum = sum over k of B[k, n0 + tid % 64] restricted to the rows this thread staged; the
-// two threads staging a column together cover every row once.
+// frag.acc = A[m0 : m0+64, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+64] for this thread's
+// share. With COLSUM, colsum = sum over those k of B[k, n0 + tid % 64] restricted to the rows
+// this thread staged; the two threads staging a column together cover every row once.
 template <bool COLSUM, class SrcA, class SrcB>
 __device__ __forceinline__ void tf32_mainloop(const SrcA& a_src, const SrcB& b_src, long long M, long long N,
-                                              long long K, long long m0, long long n0, Tf32Fragment& frag,
-                                              float& colsum) {
+                                              long long k_begin, long long k_end, long long m0, long long n0,
+                                              Tf32Fragment& frag, float& colsum) {
     using T = Tf32Tile;
     __shared__ float As[T::BM * T::LDA];
     __shared__ float Bs[T::BK * T::LDB];
@@ -80,17 +82,17 @@ __device__ __forceinline__ void tf32_mainloop(const SrcA& a_src, const SrcB& b_s
             for (int r = 0; r < 4; ++r) frag.acc[i][j][r] = 0.0f;
     colsum = 0.0f;
 
-    for (long long k0 = 0; k0 < K; k0 += T::BK) {
+    for (long long k0 = k_begin; k0 < k_end; k0 += T::BK) {
 #pragma unroll
         for (int l = 0; l < T::LOADS; ++l) {
             const int e = tid + l * T::THREADS;
             const int am = e / T::BK, ak = e % T::BK;  // A tile: 8 consecutive k per row
             const long long a_row = m0 + am, a_k = k0 + ak;
-            const float av = a_row < M && a_k < K ? operand_at(a_src, a_k, a_row) : 0.0f;
+            const float av = a_row < M && a_k < k_end ? operand_at(a_src, a_k, a_row) : 0.0f;
             As[am * T::LDA + ak] = __uint_as_float(to_tf32(av));
             const int bk = e / T::BN, bn = e % T::BN;  // B tile: 64 consecutive n per k
             const long long b_k = k0 + bk, b_col = n0 + bn;
-            const float bv = b_k < K && b_col < N ? operand_at(b_src, b_k, b_col) : 0.0f;
+            const float bv = b_k < k_end && b_col < N ? operand_at(b_src, b_k, b_col) : 0.0f;
             Bs[bk * T::LDB + bn] = __uint_as_float(to_tf32(bv));
             if (COLSUM) colsum += bv;
         }

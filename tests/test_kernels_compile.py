@@ -41,6 +41,11 @@ def shipped_archs() -> list[str]:
     return match.group(1).split()
 
 
+def uses_tensor_cores(unit: str) -> bool:
+    """Whether ``kernels/<unit>`` reaches mma.cuh, directly or through another header."""
+    return '#line 1 "mma.cuh"' in cupy_backend.kernel_source(unit)
+
+
 def test_backend_knows_every_kernel_file():
     assert sorted(cupy_backend.KERNEL_FILES) == UNITS
 
@@ -59,12 +64,16 @@ def aot_build(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc not found on PATH: cannot compile the CUDA kernels")
     root = tmp_path_factory.mktemp("aot")
-    if CMAKE is None:  # the same nvcc command CMakeLists.txt runs, minus the manifest
+    if CMAKE is None:  # the same nvcc commands CMakeLists.txt runs, minus the manifest
         archs = shipped_archs()
-        gencode = f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(archs)},compute_{archs[0]}]"
+        older, tensor = [a for a in archs if int(a) < 80], [a for a in archs if int(a) >= 80]
         for unit in UNITS:
+            gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(archs)},compute_{archs[0]}]"]
+            if uses_tensor_cores(unit):
+                gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(older)}]",
+                           "-gencode", f"arch=compute_80,code=[sm_{',sm_'.join(tensor)},compute_80]"]
             subprocess.run(
-                [NVCC, "--fatbin", "-std=c++17", "--threads", "0", "-gencode", gencode,
+                [NVCC, "--fatbin", "-std=c++17", "--threads", "0", *gencode,
                  "-Werror", "all-warnings", "-Xptxas", "-warn-spills",
                  "-o", str(root / unit.replace(".cu", ".fatbin")), str(KERNELS / unit)],
                 check=True,
@@ -76,6 +85,7 @@ def aot_build(tmp_path_factory):
     jobs = str(max(2, os.cpu_count() or 2))
     done = subprocess.run([CMAKE, "--build", str(build), "-j", jobs], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    (root / "build.log").write_text(done.stdout)
     subprocess.run([CMAKE, "--install", str(build)], check=True, capture_output=True)
     return installed
 
@@ -88,6 +98,15 @@ def test_kernel_compiles_for_every_shipped_arch(aot_build, unit):
     image = fatbin.read_bytes()
     for arch in shipped_archs():
         assert f"sm_{arch}".encode() in image, f"{fatbin.name} has no sm_{arch} code"
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_cmake_builds_the_tensor_core_files_for_compute_80(aot_build, unit):
+    """mma.sync needs sm_80: sm_80-and-newer code compiled from older PTX is the trapping stand-in."""
+    if CMAKE is None:
+        pytest.skip("cmake not found on PATH")
+    (line,) = [line for line in (aot_build.parent / "build.log").read_text().splitlines() if f" {unit} -> " in line]
+    assert ("from compute_80" in line) == uses_tensor_cores(unit), line
 
 
 def test_cmake_manifest_matches_the_shipped_sources(aot_build):

@@ -78,7 +78,7 @@ AOT_MANIFEST = "manifest.txt"
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
 GEMM_TILES = {128: 256, 64: 64}  # square block tile -> threads per block
 TF32_TILE, TF32_THREADS = 64, 128  # kernels/gemm_tf32.cuh (Tf32Tile)
-BK = 8
+BK = 8  # the k step of both GEMM main loops (gemm_tile.cuh's BK, Tf32Tile::BK)
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
 # dW split-K: split only when the layer has fewer tiles than the GPU has SMs; aim at
@@ -407,8 +407,9 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
 
 
 def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
-    """(kernel, grid, block) of the forward ("fwd") or dX ("dx") kernel for an (m, n) output:
-    the TF32 tensor-core kernel for ``precision="tf32"``, else the fp32 tile that suits the shape."""
+    """(kernel, grid, block) of the forward ("fwd"), dX ("dx") or dW ("dw", grid before its split)
+    kernel for an (m, n) output: the TF32 tensor-core kernel for ``precision="tf32"``, else the
+    fp32 tile that suits the shape."""
     if precision == "tf32":
         tile, threads = TF32_TILE, TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
@@ -443,12 +444,24 @@ def batch_chunks(batch: int, splits: int) -> tuple[int, int]:
     return -(-batch // k_chunk), k_chunk
 
 
+def _dw_split_buffers(batch: int, tiles: int, dw, db) -> tuple:
+    """(splits, k_chunk, ws, ws_db, tickets): the batch split of a dense dW launch over ``tiles``
+    output tiles and the partials' workspace and per-tile tickets it needs (kernels/split_k.cuh)."""
+    splits, k_chunk = _dw_split(batch, tiles)
+    tickets = _state()["tickets"]
+    if splits == 1:  # the kernel writes dw and db directly and reads none of the rest
+        return splits, k_chunk, dw, db, tickets
+    ws = _workspace(splits * (dw.size + db.size))
+    return splits, k_chunk, ws[: splits * dw.size], ws[splits * dw.size :], tickets[1:]
+
+
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
                    precision="fp32"):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
 
     ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
-    db summed in fp32."""
+    db summed in fp32. In either precision dW splits the batch when the layer has too few tiles
+    to fill the GPU, and sums the splits in a fixed order: the result is bitwise repeatable."""
     if not (need_dx or need_dw):
         return None, None, None
     batch, n_out = dy.shape
@@ -465,30 +478,15 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
+        kernel, (tiles_m, tiles_n), block = _gemm_launch("dw", act, n_in, n_out, precision)
+        splits, k_chunk, ws_dw, ws_db, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db)
         record("dense_dw")
-        if precision == "tf32":
-            _kernel("dense_backward_tf32.cu", f"dense_dw_tf32_{act}")(
-                (-(-n_in // TF32_TILE), -(-n_out // TF32_TILE)),
-                (TF32_THREADS,),
-                (x, dy, y_or_z, dw, db, np.int32(batch), np.int32(n_in), np.int32(n_out)),
-            )
-        else:
-            tile = _gemm_tile(n_in, n_out)
-            tiles_m, tiles_n = -(-n_in // tile), -(-n_out // tile)
-            splits, k_chunk = _dw_split(batch, tiles_m * tiles_n)
-            tickets = _state()["tickets"]
-            if splits > 1:
-                ws = _workspace(splits * (n_in * n_out + n_out))
-                ws_dw, ws_db = ws[: splits * n_in * n_out], ws[splits * n_in * n_out :]
-                tickets = tickets[1:]
-            else:  # unused by the kernel when splits == 1
-                ws_dw, ws_db = dw, db
-            _kernel("dense_backward.cu", f"dense_dw_{act}_{tile}x{tile}")(
-                (tiles_m, tiles_n, splits),
-                (GEMM_TILES[tile],),
-                (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
-                 np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
-            )
+        kernel(
+            (tiles_m, tiles_n, splits),
+            block,
+            (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
+             np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
+        )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
         kernel, grid, block = _gemm_launch("dx", act, batch, n_in, precision)
