@@ -6,12 +6,14 @@ The arguments name the backends to drive (default: cupy): ``cupy`` runs the CUDA
 of kernels/*.cu, ``numba`` the Numba-CUDA kernels (on CuPy arrays, as a model that switches
 between the two does). For each: every activation's forward and both backward kernels on
 batch 1, shapes that are not multiples of 4 (the scalar load/store paths) and multiples of 4
-(the float4 paths); for cupy also both tile sizes and the split-K dW reduction. Then
+(the float4 paths); for cupy also both tile sizes and the split-K dW reduction, and the same in
+every other precision the GPU runs (TF32 on tensor cores). Then
 misaligned operands: inputs and ``out=`` buffers that start one float past a 16-byte boundary
 (C-contiguous views, which the kernels take as they are), with in and out features in
 {1, 3, 4, 5, 127, 128, 129}, where the float4 paths must fall back to scalar access. Then every
 loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_; and, for
-cupy, training steps replayed from CUDA graphs (the update kernels that read their rates from
+cupy, the fused MLP kernels in every precision (batches 1, 37, 129, a frozen first layer too)
+and training steps replayed from CUDA graphs (the update kernels that read their rates from
 the device).
 Checks nothing itself: the sanitizer does.
 """
@@ -47,14 +49,14 @@ def misaligned(be, host: np.ndarray):
     return be.asarray(padded)[1:].reshape(host.shape)
 
 
-def drive_dense(be, rand, shapes) -> None:
+def drive_dense(be, rand, shapes, precision="fp32") -> None:
     for batch, n_in, n_out in shapes:
         x, w, b, dy = rand(batch, n_in), rand(n_in, n_out), rand(n_out), rand(batch, n_out)
         for act in ACTIVATIONS:
-            y, z = be.dense_forward(x, w, b, act)
-            be.dense_backward(dy, x, w, y, z, act, True, True)
-            be.dense_backward(dy, x, w, y, z, act, False, True)
-            be.dense_backward(dy, x, w, y, z, act, True, False)
+            y, z = be.dense_forward(x, w, b, act, precision=precision)
+            be.dense_backward(dy, x, w, y, z, act, True, True, precision=precision)
+            be.dense_backward(dy, x, w, y, z, act, False, True, precision=precision)
+            be.dense_backward(dy, x, w, y, z, act, True, False, precision=precision)
 
 
 def drive_misaligned_dense(be, rng, shapes) -> None:
@@ -89,6 +91,19 @@ def drive_losses_and_optimizers(be, rand, rng) -> None:
         be.scale_(p, 0.5)
 
 
+def drive_fused_mlp(be, rng) -> None:
+    """The fused MLP kernels in every precision the GPU runs, trained and with a frozen first layer."""
+    import gpubp as gb
+
+    for precision in be.fused_precisions():
+        for frozen in (0, 1):
+            model = gb.Sequential([gb.Dense(13, 33, "gelu"), gb.Dense(33, 16, "tanh"), gb.Dense(16, 7)],
+                                  backend=be.NAME, fused=True, precision=precision).freeze_to(frozen)
+            step = model.train_step("cross_entropy", "adam")
+            for batch in (1, 37, 129):
+                step(rng.standard_normal((batch, 13)).astype(np.float32), rng.integers(0, 7, batch))
+
+
 def drive_replayed_steps(be, rng) -> None:
     """Training steps captured in a CUDA graph and replayed (where the backend has graphs):
     the *_hyper update kernels, and every kernel of a step launched from a graph."""
@@ -110,10 +125,15 @@ def drive(name: str) -> None:
         return be.asarray(rng.standard_normal(shape).astype(np.float32))
 
     drive_dense(be, rand, DENSE_SHAPES[name])
+    for precision in be.dense_precisions():  # the tensor-core kernels, where the GPU has them
+        if precision != "fp32":
+            drive_dense(be, rand, DENSE_SHAPES[name], precision)
     misaligned_shapes = [(MISALIGNED_BATCH, n_in, n_out)
                          for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
     drive_misaligned_dense(be, rng, misaligned_shapes + MISALIGNED_LARGE_SHAPES[name])
     drive_losses_and_optimizers(be, rand, rng)
+    if hasattr(be, "FUSED_MLP_MAX_WIDTH"):
+        drive_fused_mlp(be, rng)
     if hasattr(be, "capture"):
         drive_replayed_steps(be, rng)
     be.synchronize()

@@ -33,7 +33,7 @@ def rows(report: dict) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| dW shape (batch x in x out) | fastest split | ms | heuristic's split | ms | heuristic / fastest |",
+    lines = ["| dW shape (batch x in x out), precision | fastest split | ms | heuristic's split | ms | heuristic / fastest |",
              "|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['workload'].removeprefix('dw split-K ')} | {row['best_splits']} | {row['best_ms']:.4f} | "

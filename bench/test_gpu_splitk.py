@@ -5,7 +5,8 @@ The dW GEMM of a layer (in, out) at batch B has in x out outputs and a K of B. W
 output tiles than SMs the cupy backend splits K over ``gridDim.z`` (``cupy_backend._dw_split``,
 a deterministic split-ordered finish). Here every shape runs at each forced split count in
 ``SPLITS`` (backend "splits=<s>") and at the heuristic's own choice (backend "heuristic"), dW
-and db only (``need_dx=False``), relu, fp32 with TF32 off. bench/splitk_table.py reads the JSON
+and db only (``need_dx=False``), relu, in fp32 (TF32 off) and on TF32 tensor cores, whose dW
+kernel splits the same way. bench/splitk_table.py reads the JSON
 and tells, per shape, the fastest split against the heuristic's.
 
     pytest bench/test_gpu_splitk.py --benchmark-json splitk.json && python bench/splitk_table.py splitk.json
@@ -24,11 +25,14 @@ SPLITS = [1, 2, 4, 8, 16, 32]
 CHOICES = [f"splits={s}" for s in SPLITS] + ["heuristic"]
 
 
-def workload(batch: int, n_in: int, n_out: int) -> str:
-    return f"dw split-K {batch}x{n_in}x{n_out}"
+PRECISIONS = ["fp32", "tf32"]
 
 
-def dw_pass(cb, batch: int, n_in: int, n_out: int, seed: int = 0):
+def workload(batch: int, n_in: int, n_out: int, precision: str) -> str:
+    return f"dw split-K {batch}x{n_in}x{n_out} {precision}"
+
+
+def dw_pass(cb, batch: int, n_in: int, n_out: int, precision: str = "fp32", seed: int = 0):
     """One dW/db pass of a relu layer on random data, into reused output buffers."""
     rng = np.random.default_rng(seed)
     x, dy, y = (cb.asarray(rng.standard_normal(shape, dtype=np.float32))
@@ -37,7 +41,7 @@ def dw_pass(cb, batch: int, n_in: int, n_out: int, seed: int = 0):
     dw, db = cb.empty((n_in, n_out)), cb.empty((n_out,))
 
     def run():
-        cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=dw, out_db=db)
+        cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=dw, out_db=db, precision=precision)
         cb.synchronize()
 
     return run
@@ -46,8 +50,12 @@ def dw_pass(cb, batch: int, n_in: int, n_out: int, seed: int = 0):
 @pytest.mark.parametrize("choice", CHOICES)
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: f"{layer[0]}x{layer[1]}")
 @pytest.mark.parametrize("batch", BATCHES)
-def test_dw_split(benchmark, cupy, monkeypatch, batch, layer, choice):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dw_split(benchmark, cupy, monkeypatch, precision, batch, layer, choice):
     from gpubp.backends import cupy_backend as cb
+
+    if precision not in cb.dense_precisions():
+        pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
 
     choose = cb._dw_split
     if choice != "heuristic":
@@ -59,6 +67,6 @@ def test_dw_split(benchmark, cupy, monkeypatch, batch, layer, choice):
     chosen = []  # what each launch used, as the backend computed it
     monkeypatch.setattr(cb, "_dw_split", lambda b, tiles: chosen.append(choose(b, tiles)) or chosen[-1])
     n_in, n_out = layer
-    measure(benchmark, cupy, dw_pass(cb, batch, n_in, n_out), workload=workload(batch, n_in, n_out), backend=choice,
-            shape=[batch, n_in, n_out], flops=2.0 * batch * n_in * n_out)
+    measure(benchmark, cupy, dw_pass(cb, batch, n_in, n_out, precision), workload=workload(batch, n_in, n_out, precision),
+            backend=choice, shape=[batch, n_in, n_out], flops=2.0 * batch * n_in * n_out)
     benchmark.extra_info["splits"] = chosen[-1][0]

@@ -475,15 +475,16 @@ def test_the_fused_table_has_a_row_per_workload_with_medians_and_speed_ratios():
 
 def test_the_splitk_table_compares_the_heuristics_split_with_the_fastest():
     table = load("splitk_table")
-    report = benchmark_report({("dw split-K 4096x64x48", "splits=1"): 0.4, ("dw split-K 4096x64x48", "splits=8"): 0.1,
-                               ("dw split-K 4096x64x48", "heuristic"): 0.2, ("dw split-K 32768x77x13", "splits=4"): 0.3,
+    shape = "dw split-K 4096x64x48 fp32"
+    report = benchmark_report({(shape, "splits=1"): 0.4, (shape, "splits=8"): 0.1, (shape, "heuristic"): 0.2,
+                               ("dw split-K 32768x77x13 tf32", "splits=4"): 0.3,
                                ("train step 1024-1024-1024-1024@8192", "torch"): 9.0})  # another file's
     splits = {"splits=1": 1, "splits=8": 8, "heuristic": 16, "splits=4": 4}
     for bench in report["benchmarks"]:
         bench["extra_info"]["splits"] = splits.get(bench["extra_info"]["backend"])
     rows = table.rows(report)  # the 32768 shape has no heuristic run: no row
-    assert [(r["workload"], r["best_splits"], r["heuristic_splits"]) for r in rows] == [("dw split-K 4096x64x48", 8, 16)]
+    assert [(r["workload"], r["best_splits"], r["heuristic_splits"]) for r in rows] == [(shape, 8, 16)]
     assert rows[0]["heuristic_over_best"] == pytest.approx(2.0)
     text = table.markdown(rows)
-    assert "| 4096x64x48 | 8 | 0.1000 | 16 | 0.2000 | 2.00 |" in text
+    assert "| 4096x64x48 fp32 | 8 | 0.1000 | 16 | 0.2000 | 2.00 |" in text
     assert "geometric mean 2.000, worst 2.000" in text
