@@ -708,7 +708,7 @@ def test_updates_reading_their_rate_from_the_device_equal_the_eager_ones_bitwise
         np.testing.assert_array_equal(cb_small_gpu.to_host(a), cb_small_gpu.to_host(b))
 
 
-@pytest.mark.parametrize("loss", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("loss", [np.nan, np.inf, -np.inf] if not SANITIZED else [np.nan])
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_an_update_after_a_non_finite_loss_changes_nothing(cb_small_gpu, rng, kind, loss):
     arrays = [cb_small_gpu.asarray(rng.standard_normal(1031).astype(np.float32)) for _ in range(4)]
@@ -837,6 +837,7 @@ def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_
     assert model[0].weight.grad is None
 
 
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_optimizer_as_they_were(cb_h100, rng):
     model = graph_model(False)
     optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
@@ -857,6 +858,7 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
     assert not all(np.array_equal(now, was) for now, was in zip(host_weights(model), weights))
 
 
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_ran(cb_h100, rng):
     # The eager step before a capture loads every kernel and makes the optimizer state; one that
     # updated nothing did neither, so the next step runs eagerly again.
