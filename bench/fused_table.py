@@ -1,6 +1,6 @@
 """The README table of the fused MLP benchmarks, from a pytest-benchmark JSON of bench/test_gpu_fused.py.
 
-    python bench/fused_table.py bench/results/<device>_fused.json > bench/results/fused_mlp.md
+    python bench/fused_table.py bench/results/<device>_fused*.json > bench/results/fused_mlp.md
 
 One row per workload ("<mode> <width>x<layers>@2^<k>"), the median milliseconds of every
 implementation that ran it, and two speed ratios taken in the same run: PyTorch eager over
@@ -10,9 +10,10 @@ faster). Benchmarks of other files in the same JSON are ignored.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from gpu_summary import merge_reports
 
 PREFIX = "fused "
 IMPLS = ["gpubp-fused", "gpubp-fused-tf32", "gpubp-fused-bf16", "gpubp-per-layer", "torch", "torch-compile"]
@@ -49,10 +50,10 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
+    if not args:
         print(__doc__, file=sys.stderr)
         return 2
-    sys.stdout.write(markdown(json.loads(Path(args[0]).read_text())))
+    sys.stdout.write(markdown(merge_reports([Path(a) for a in args])))
     return 0
 
 

@@ -15,6 +15,8 @@
 #   splitk    the dW split-K sweep, into bench/results/<device>_splitk.json and splitk.md
 #   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
 #             from whatever the stages left in the check folder, then prints the latter
+# GPUBP_BENCH_SELECT, a pytest -k expression, runs part of a benchmark stage (its JSON is named
+# after it, and the tables and the summary merge every part): for a stage longer than one call.
 # Each stage leaves its reports in the check folder, GPUBP_CHECK_DIR (default
 # bench/results/check, which git ignores), so stages can run in separate calls, even on
 # separate machines, and `summary` run last where the folder was brought back. The results
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 check="${GPUBP_CHECK_DIR:-bench/results/check}"
 results="${GPUBP_RESULTS_DIR:-bench/results}"
@@ -62,8 +64,12 @@ sanitize() {
 }
 
 stage_tests() {
-    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs --junitxml "$check/gpu_tests.xml"
-    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q --junitxml "$check/other_tests.xml"
+    # pytest-xdist, where installed, spreads the suite over the machine's cores.
+    local workers=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "${GPUBP_TEST_WORKERS:-8}")
+    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs "${workers[@]}" --junitxml "$check/gpu_tests.xml"
+    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q "${workers[@]}" \
+        --junitxml "$check/other_tests.xml"
 }
 
 stage_sanitize() {
@@ -86,38 +92,46 @@ stage_aot() {
     run "kernels from NVRTC" env GPUBP_AOT_DIR="$work/no_fatbins" "$PYTHON" bench/gpu_load_check.py nvrtc
 }
 
-stem() {
-    "$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)"
+select="${GPUBP_BENCH_SELECT:-}"
+
+# <device stem><suffix>[_<the selection, as a file name>].json
+bench_json() {
+    local part=""
+    [ -z "$select" ] || part="_$("$PYTHON" bench/gpu_summary.py --file-stem "$select")"
+    echo "$results/$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)")$1$part.json"
+}
+
+benchmarks() {  # name, benchmark file, JSON
+    run "$1" "$PYTHON" -m pytest "$2" -q ${select:+-k "$select"} --benchmark-json "$3"
 }
 
 stage_bench() {
     local json
-    json="$results/$(stem).json"
-    run "GPU benchmarks" "$PYTHON" -m pytest bench/test_gpu_dense.py -q --benchmark-json "$json"
-    cp "$json" "$check/bench.json" 2>/dev/null
+    json="$(bench_json "")"
+    benchmarks "GPU benchmarks" bench/test_gpu_dense.py "$json"
+    cp "$json" "$check/bench_$(basename "$json")" 2>/dev/null
 }
 
 stage_fused() {
-    local json
-    json="$results/$(stem)_fused.json"
-    run "fused MLP benchmarks" "$PYTHON" -m pytest bench/test_gpu_fused.py -q --benchmark-json "$json"
-    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$json\" > \"$results/fused_mlp.md\""
+    benchmarks "fused MLP benchmarks" bench/test_gpu_fused.py "$(bench_json _fused)"
+    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$results\"/*_fused*.json > \"$results/fused_mlp.md\""
 }
 
 stage_splitk() {
-    local json
-    json="$results/$(stem)_splitk.json"
-    run "split-K sweep" "$PYTHON" -m pytest bench/test_gpu_splitk.py -q --benchmark-json "$json"
-    run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$json\" > \"$results/splitk.md\""
+    benchmarks "split-K sweep" bench/test_gpu_splitk.py "$(bench_json _splitk)"
+    run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$results\"/*_splitk*.json > \"$results/splitk.md\""
 }
 
 stage_summary() {
-    local junit=()
+    local inputs=()
     for xml in "$check"/gpu_tests.xml "$check"/other_tests.xml; do
-        [ -f "$xml" ] && junit+=(--junit "$xml")
+        [ -f "$xml" ] && inputs+=(--junit "$xml")
     done
-    run "summary" "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${junit[@]}" \
-        --sanitizer-dir "$check" --benchmark "$check/bench.json" --out-dir "$results"
+    for json in "$check"/bench_*.json; do
+        [ -f "$json" ] && inputs+=(--benchmark "$json")
+    done
+    run "summary" "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${inputs[@]}" \
+        --sanitizer-dir "$check" --out-dir "$results"
 }
 
 stages=("$@")

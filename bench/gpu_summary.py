@@ -10,7 +10,8 @@
 - ``--sanitizer-dir``: ``<tool>.log`` (compute-sanitizer's output) and ``<tool>.status`` (its
   exit status) for each tool in ``SANITIZER_TOOLS``; a tool with no log reads "not run".
 - ``--benchmark``: the pytest-benchmark JSON of bench/test_gpu_dense.py, whose benchmarks name
-  their ``workload`` and ``backend`` in ``extra_info``.
+  their ``workload`` and ``backend`` in ``extra_info``; given more than once (parts of the file
+  run separately), the reports are merged.
 
 The JSON has exactly these keys: device, date, commit (``git rev-parse HEAD``, with "-dirty"
 when the work tree differs from it), kernels_sha256 (over the bytes of kernels/*.cu and
@@ -144,6 +145,16 @@ def sanitizer_results(log_dir: Path | None) -> dict[str, str]:
     return results
 
 
+def merge_reports(paths: list[Path]) -> dict:
+    """One pytest-benchmark report from several (runs of parts of a benchmark file, say):
+    the benchmarks of each that exists, in order, so a later run of a benchmark wins."""
+    benchmarks = []
+    for path in paths:
+        if path.exists():
+            benchmarks += json.loads(path.read_text()).get("benchmarks", [])
+    return {"benchmarks": benchmarks}
+
+
 def benchmark_medians(report: dict) -> dict[tuple[str, str], float]:
     """{(workload, backend): median seconds} for every benchmark that names both."""
     medians = {}
@@ -240,7 +251,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device")
     parser.add_argument("--junit", type=Path, action="append", default=[])
     parser.add_argument("--sanitizer-dir", type=Path)
-    parser.add_argument("--benchmark", type=Path)
+    parser.add_argument("--benchmark", type=Path, action="append", default=[])
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.file_stem is not None:
@@ -249,7 +260,7 @@ def main(argv: list[str]) -> int:
     if not args.device:
         parser.error("--device is required")
 
-    report = json.loads(args.benchmark.read_text()) if args.benchmark and args.benchmark.exists() else {}
+    report = merge_reports(args.benchmark)
     data = summary(
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         commit=git_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),

@@ -1,15 +1,16 @@
 """The split-K sweep of bench/test_gpu_splitk.py as a table: per dW shape, the fastest batch split
 and the heuristic's, and what the heuristic loses.
 
-    python bench/splitk_table.py splitk.json > bench/results/splitk.md
+    python bench/splitk_table.py splitk*.json > bench/results/splitk.md   (several runs merge)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
+
+from gpu_summary import merge_reports
 
 
 def rows(report: dict) -> list[dict]:
@@ -46,9 +47,9 @@ def markdown(table: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        raise SystemExit("usage: splitk_table.py <pytest-benchmark JSON of bench/test_gpu_splitk.py>")
-    print(markdown(rows(json.loads(Path(argv[0]).read_text()))), end="")
+    if not argv:
+        raise SystemExit("usage: splitk_table.py <pytest-benchmark JSON of bench/test_gpu_splitk.py> ...")
+    print(markdown(rows(merge_reports([Path(a) for a in argv]))), end="")
     return 0
 
 

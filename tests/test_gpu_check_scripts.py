@@ -30,9 +30,15 @@ BENCH = ROOT / "bench"
 
 
 def load(name: str):
+    """A bench/ script as a module; bench/ is on the path while it loads, as when it runs as a
+    script, since the scripts import their siblings (gpu_summary, test_gpu_dense)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
     return module
 
 
@@ -43,12 +49,7 @@ def gs():
 
 @pytest.fixture(scope="module")
 def dense():
-    """bench/test_gpu_dense.py as a module; it imports gpu_summary from its own folder."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield load("test_gpu_dense")
-    finally:
-        sys.path.remove(str(BENCH))
+    return load("test_gpu_dense")
 
 
 # ----------------------------------------------------------------------------- kernels_sha256 and commit
@@ -254,6 +255,14 @@ def test_launch_counts_come_from_the_step_benchmarks_that_counted_them(gs):
     assert "| step | gpubp-cupy-graph | 22 | 1 |" in gs.markdown(data)
 
 
+def test_reports_of_separate_runs_merge_and_a_missing_one_is_skipped(gs, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(benchmark_report({("w", "torch"): 2.0, ("w", "gpubp-cupy"): 1.0})))
+    second.write_text(json.dumps(benchmark_report({("w", "gpubp-cupy"): 0.5, ("v", "torch"): 3.0})))
+    merged = gs.merge_reports([first, tmp_path / "missing.json", second])
+    assert gs.timings_ms(gs.benchmark_medians(merged)) == {"v | torch": 3.0, "w | gpubp-cupy": 0.5, "w | torch": 2.0}
+
+
 def test_timings_are_median_milliseconds_per_workload_and_backend(gs):
     medians = gs.benchmark_medians(benchmark_report({("w", "gpubp-cupy"): 1.25, ("w", "torch"): 2.5}))
     assert gs.timings_ms(medians) == {"w | gpubp-cupy": 1.25, "w | torch": 2.5}
@@ -323,7 +332,10 @@ def test_gpu_checks_summary_stage_reads_what_earlier_stages_left_in_the_check_fo
     for tool in gs.SANITIZER_TOOLS:
         (check / f"{tool}.log").write_text(CLEAN)
         (check / f"{tool}.status").write_text("0")
-    (check / "bench.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs))))
+    times = all_ratio_benchmarks(gs)
+    split = len(times) // 2  # as two runs of parts of the benchmark file left them
+    for name, part in (("bench_a.json", dict(list(times.items())[:split])), ("bench_b.json", dict(list(times.items())[split:]))):
+        (check / name).write_text(json.dumps(benchmark_report(part)))
     done = gpu_check("summary", env={"GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads((results / "gpu_summary.json").read_text())
