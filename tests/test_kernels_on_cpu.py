@@ -859,6 +859,29 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_weights_and_optimizer_state_loaded_between_replays_are_the_ones_trained(cb_h100, rng):
+    # set_weights and load_state_dict put new arrays in place; a graph captured on the old
+    # ones must not go on training those.
+    batches = graph_batches(rng, [24] * 6)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+        step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
+        start_weights, values = host_weights(model), []
+        for i, (xb, yb) in enumerate(batches):
+            if i == 3:
+                saved = optimizer.state_dict()
+                model.set_weights(start_weights)
+                optimizer.load_state_dict(saved)
+            values.append(step(xb, yb))
+        runs[cuda_graph] = values, host_weights(model), step.graphed
+    assert runs[True][2] and runs[True][0] == runs[False][0]
+    for replayed, eager in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(replayed, eager)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_ran(cb_h100, rng):
     # The eager step before a capture loads every kernel and makes the optimizer state; one that
     # updated nothing did neither, so the next step runs eagerly again.
