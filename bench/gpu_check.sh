@@ -13,6 +13,8 @@
 #   bench     the GPU benchmarks of bench/test_gpu_dense.py, into bench/results/<device>.json
 #   fused     the fused MLP benchmarks, into bench/results/<device>_fused.json and fused_mlp.md
 #   splitk    the dW split-K sweep, into bench/results/<device>_splitk.json and splitk.md
+#   ncu       Nsight Compute's speed-of-light, occupancy, launch and memory sections for one
+#             instance of each kernel of bench/ncu_driver.py, into bench/results/ncu_<device>.csv
 #   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
 #             from whatever the stages left in the check folder, then prints the latter
 # GPUBP_BENCH_SELECT, a pytest -k expression, runs part of a benchmark stage (its JSON is named
@@ -30,12 +32,13 @@ unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 check="${GPUBP_CHECK_DIR:-bench/results/check}"
 results="${GPUBP_RESULTS_DIR:-bench/results}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 failed=()
-STAGES=(tests sanitize demo aot bench fused splitk summary)
+STAGES=(tests sanitize demo aot bench fused splitk ncu summary)
 
 run() {
     local name="$1"
@@ -120,6 +123,15 @@ stage_fused() {
 stage_splitk() {
     benchmarks "split-K sweep" bench/test_gpu_splitk.py "$(bench_json _splitk)"
     run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$results\"/*_splitk*.json > \"$results/splitk.md\""
+}
+
+stage_ncu() {
+    local csv
+    csv="$results/ncu_$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)").csv"
+    echo "==== Nsight Compute"
+    "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis --csv --page details \
+        "$PYTHON" bench/ncu_driver.py >"$csv" || failed+=("Nsight Compute")
 }
 
 stage_summary() {

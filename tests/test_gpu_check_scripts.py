@@ -9,6 +9,7 @@ backend (which implements the same kernel contract), NumPy and PyTorch's CPU bui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gpubp as gb
 from gpubp import backends
 from gpubp._driver import cuda_device_count
 from gpubp.backends import numpy_backend
@@ -319,7 +321,7 @@ def gpu_check(*stages, env=None):
 def test_gpu_check_refuses_an_unknown_stage_before_running_any():
     done = gpu_check("summary", "tset")
     assert done.returncode == 2
-    assert "unknown stage 'tset'; expected some of: tests sanitize demo aot bench fused splitk summary" in done.stderr
+    assert "unknown stage 'tset'; expected some of: tests sanitize demo aot bench fused splitk ncu summary" in done.stderr
     assert "==== summary" not in done.stdout
 
 
@@ -500,3 +502,33 @@ def test_the_splitk_table_compares_the_heuristics_split_with_the_fastest():
     text = table.markdown(rows)
     assert "| 4096x64x48 fp32 | 8 | 0.1000 | 16 | 0.2000 | 2.00 |" in text
     assert "geometric mean 2.000, worst 2.000" in text
+
+
+# ----------------------------------------------------------------------------- bench/ncu_driver.py
+
+
+def test_the_ncu_driver_profiles_one_warmed_up_call_of_each_case(monkeypatch):
+    driver = load("ncu_driver")
+    monkeypatch.setattr(driver, "SIZES", {"fwd_4096": 9, "step_1024": ([6, 6, 6, 6], 8),
+                                          "step_mlp64": ([6, 4, 4, 3], 10), "step_b64": ([7, 5, 5, 3], 4)})
+    profiled = []
+
+    @contextlib.contextmanager
+    def region():
+        with gb.trace() as launched:
+            yield
+        profiled.append(launched.launches)
+
+    be = backends.get("numpy")
+    with gb.trace() as everything:
+        driver.profile(be, driver.CASES, region)
+    per_precision = len(be.dense_precisions())
+    assert len(profiled) == per_precision + 3
+    assert profiled[0] == ["dense_fwd", "dense_dw", "dense_dx"]
+    assert all("adam_update" in launches for launches in profiled[per_precision:])
+    assert everything.total == 2 * sum(len(launches) for launches in profiled)  # each once warm-up, once profiled
+
+
+def test_the_ncu_driver_rejects_an_unknown_case():
+    with pytest.raises(SystemExit, match=r"unknown case\(s\) \['fwd'\]"):
+        load("ncu_driver").main(["fwd"])
