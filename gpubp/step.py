@@ -160,11 +160,16 @@ class TrainStep:
     def _eager(self, x, y) -> float:
         model = self.model
         value = train._forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation))
+        self.update_if_finite(value)
+        return value
+
+    def update_if_finite(self, value: float) -> None:
+        """After a backward whose loss was ``value``: clip the gradients (if asked) and update,
+        or, when the loss is not finite, do nothing (the weights stay as they were)."""
         if math.isfinite(value):
             if self.clip_grad_norm is not None:
-                optim.clip_grad_norm(model.parameters(), self.clip_grad_norm)
+                optim.clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
             self.optimizer.step()
-        return value
 
     # --------------------------------------------------------------------- capture and replay
 
@@ -210,7 +215,7 @@ class TrainStep:
         with isolated() as launched:
             captured.graph = backend.capture(step)
         captured.names = launched.launches
-        captured.host_hyper = np.zeros((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
+        captured.host_hyper = np.zeros(captured.hyper.shape, np.float32)
         # What the Python side of the model points at after the step: put back after each replay.
         captured.references = [(param, param.grad) for param in model.parameters()]
         captured.layer_state = [(layer, layer._input, layer._output, layer._preact, layer._applied)

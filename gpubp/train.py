@@ -432,10 +432,7 @@ def _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbac
                 value = step.run(xb, yb)
             else:
                 value = parallel.forward_backward(loss_fn, xb, yb, logits)
-                if math.isfinite(value):
-                    if step.clip_grad_norm is not None:
-                        optim.clip_grad_norm(model.parameters(), step.clip_grad_norm)
-                    opt.step()
+                step.update_if_finite(value)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "

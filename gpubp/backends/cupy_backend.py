@@ -345,17 +345,17 @@ def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, array
     ticket, out, *sizes)``, and return the scalar it reduced: a float, or ``out_loss``, a
     (1,) float32 array it was written to, when given (then nothing is read back)."""
     state = _state()
-    out = state["scalar"] if out_loss is None else _check_scalar_out(out_loss)
+    out = state["scalar"] if out_loss is None else _check_scalar(out_loss, "out_loss")
     record(trace_name)
     _kernel(filename, name)((grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], out) + sizes)
     return float(out.get()[0]) if out_loss is None else out_loss
 
 
-def _check_scalar_out(out):
-    if not (is_array(out) and out.dtype == np.float32 and out.shape == (1,)):
-        raise ValueError(f"out_loss: expected a float32 CuPy array of shape (1,), got {getattr(out, 'dtype', type(out))} "
-                         f"{getattr(out, 'shape', '')}")
-    return out
+def _check_scalar(a, name: str):
+    if not (is_array(a) and a.dtype == np.float32 and a.shape == (1,)):
+        raise ValueError(f"{name}: expected a float32 CuPy array of shape (1,), got {getattr(a, 'dtype', type(a))} "
+                         f"{getattr(a, 'shape', '')}")
+    return a
 
 
 def sumsq(a) -> float:
@@ -609,7 +609,7 @@ def _hyper_args(hyper, guard, size: int) -> tuple:
     if not (is_array(hyper) and hyper.dtype == np.float32 and hyper.shape == (size,) and hyper.flags.c_contiguous):
         raise ValueError(f"hyper: expected a contiguous float32 CuPy array of shape ({size},), got "
                          f"{getattr(hyper, 'dtype', type(hyper))} {getattr(hyper, 'shape', '')}")
-    return hyper, _check_scalar_out(guard)
+    return hyper, _check_scalar(guard, "guard")
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -625,7 +625,6 @@ class Graph:
 
     def __init__(self, graph, arrays: list) -> None:
         self._graph, self._arrays = graph, arrays
-        self.launches = len(arrays)
 
     def launch(self) -> None:
         self._graph.launch(stream=cupy.cuda.get_current_stream())
