@@ -166,12 +166,16 @@ def test_dense_forward_matches_numpy(cb, rng, act, shape):
 STEEPEST_SLOPE = 1.13
 
 
+def normal_layer(rng, shape):
+    """x (B, in), w (in, out), b (out,) all N(0, 1): the data the TF32 bound is stated for."""
+    batch, n_in, n_out = shape
+    return (rng.standard_normal(s).astype(np.float32) for s in ((batch, n_in), (n_in, n_out), (n_out,)))
+
+
 @pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_tf32_dense_forward_is_within_its_error_bound(cb_h100, rng, act, shape):
-    x = rng.standard_normal(shape[:2]).astype(np.float32)
-    w = rng.standard_normal(shape[1:]).astype(np.float32)
-    b = rng.standard_normal(shape[2]).astype(np.float32)
+    x, w, b = normal_layer(rng, shape)
     y_ref, _ = ref.dense_forward(*f64(x, w, b), act)
     z_ref, _ = ref.dense_forward(*f64(x, w, b), "identity")
     y, z = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b), act, precision="tf32")
@@ -184,9 +188,7 @@ def test_tf32_dense_forward_is_within_its_error_bound(cb_h100, rng, act, shape):
 @pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape):
-    x = rng.standard_normal(shape[:2]).astype(np.float32)
-    w = rng.standard_normal(shape[1:]).astype(np.float32)
-    b = rng.standard_normal(shape[2]).astype(np.float32)
+    x, w, b = normal_layer(rng, shape)
     y64, z64 = ref.dense_forward(*f64(x, w, b), act)
     dy = rng.standard_normal(y64.shape).astype(np.float32)
     y, z = y64.astype(np.float32), None if z64 is None else z64.astype(np.float32)

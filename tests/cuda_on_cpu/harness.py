@@ -441,9 +441,6 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
             operations, _capture = _capture, None
             return Graph(operations)
 
-        def is_capturing(self):
-            return _capture is not None
-
     class CapturingKernel:
         """A kernel that, while a capture is in progress, is recorded instead of run. As in a
         CUDA graph, the record holds the arrays' addresses, not the arrays: a replay after an
@@ -528,7 +525,6 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
     cp.cuda = types.SimpleNamespace(
         Device=Device,
         Stream=Stream,
-        Graph=Graph,
         get_current_stream=lambda: Stream.current or default_stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
         driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
