@@ -75,6 +75,22 @@ def test_dense_backward_matches_the_numpy_path(act, dtype, need_dx, need_dw, rng
     np.testing.assert_array_equal(args[0], dy)  # dy is never modified
 
 
+@pytest.mark.parametrize("act", FUSED_ACTS[1:])
+def test_a_frozen_layer_sums_no_bias_gradient(act, rng):
+    """need_dw=False: dz for dX only; the fused pass leaves the db sums out, writing no out_db."""
+    x = rng.standard_normal((37, 29)).astype(np.float32)
+    w = rng.standard_normal((29, 23)).astype(np.float32)
+    y, _ = numpy_backend.dense_forward(x, w, rng.standard_normal(23).astype(np.float32), act)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    out_db = np.full(23, 7.0, np.float32)
+    dx, dw, db = numpy_backend.dense_backward(dy, x, w, y, None, act, True, False, out_db=out_db)
+    assert dw is None and db is None
+    np.testing.assert_array_equal(out_db, np.full(23, 7.0, np.float32))
+    with numpy_backend.compiled_kernels(False):
+        reference, _, _ = numpy_backend.dense_backward(dy, x, w, y, None, act, True, False)
+    assert_close(dx, reference, np.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,classes", [(64, 10), (7, 3), (300, 1), (5, 40)])
 def test_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng):

@@ -7,7 +7,8 @@ reading and writing the whole array:
 
 - ``bias_act``: ``y = act(y + b)`` in place on the matmul output (NumPy: two passes);
 - ``act_grad_sum``: ``dz = dy * act'(y)`` and ``db = dz.sum(0)`` in one pass (NumPy: a
-  boolean temporary, a mixed-type multiply and a separate reduction);
+  boolean temporary, a mixed-type multiply and a separate reduction), without the sums
+  for a frozen layer;
 - ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
   ten passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
@@ -49,9 +50,12 @@ def bias_act(y, b, act, slope):
 
 @njit(cache=True, nogil=True)
 def act_grad_sum(dy, y, act, slope, dz, db):
-    """``dz = dy * act'(y)`` and ``db = dz.sum(0)``; dy, y, dz (B, out), db (out,). ``dz`` may be ``dy``."""
+    """``dz = dy * act'(y)`` and ``db = dz.sum(0)``; dy, y, dz (B, out), db (out,). ``dz`` may be ``dy``.
+
+    ``db=None`` (a frozen layer, whose dX still needs dz) sums nothing: Numba compiles that
+    call separately, with the sums pruned away."""
     rows, cols = dy.shape
-    total = np.zeros(cols, db.dtype)
+    total = np.zeros(cols, dz.dtype)
     zero = slope * 0
     for i in range(rows):
         for j in range(cols):
@@ -59,8 +63,10 @@ def act_grad_sum(dy, y, act, slope, dz, db):
             if act != _IDENTITY and not y[i, j] > 0:
                 g = zero if act == _RELU else g * slope
             dz[i, j] = g
-            total[j] += g
-    db[:] = total
+            if db is not None:
+                total[j] += g
+    if db is not None:
+        db[:] = total
 
 
 @njit(cache=True, nogil=True)

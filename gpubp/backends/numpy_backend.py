@@ -229,9 +229,10 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if act == "identity":
         dz = dy
     elif kernels is not None and act in kernels.ACTS:
-        # one pass: dz and its column sums (db), so db costs no second read of dz
+        # one pass: dz and, for a layer that trains, its column sums (db), so db costs no second read of dz
         dz = _scratch("dz", dy.shape, dy.dtype)
-        db = out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)
+        if need_dw:
+            db = out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)
         kernels.act_grad_sum(dy, y, kernels.ACTS[act], *_as_dtype(dy.dtype, (LEAKY_SLOPE,)), dz, db)
     else:
         dz = _scratch("dz", dy.shape, dy.dtype)
@@ -247,8 +248,6 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
             # db = ones(B) @ dz: BLAS gemv reads dz once at full vector width; np.sum(dz, axis=0)
             # walks it row by row and costs about four times as much for narrow layers.
             db = np.matmul(activations.constant(1, dz.shape[:1], dz.dtype), dz, out=out_db)
-    else:
-        db = None
     if need_dx:
         record("dense_dx")
         dx = np.matmul(dz, w.T, out=out_dx)
