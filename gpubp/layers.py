@@ -494,7 +494,7 @@ class Sequential:
                                                                              [dw for _, dw in plan]))])
         return BackwardPlan(
             (layer.name, layer.backend.backward_kernels(act, need_dx, need_dw))
-            for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), self._plan(need_input_grad))
+            for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), plan)
         )
 
     def forward(self, x, training: bool = True, need_input_grad: bool = False, logits: bool = False):
