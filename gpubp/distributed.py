@@ -169,7 +169,7 @@ class DataParallel:
         self.dist.broadcast(self._tensor(bucket), src=0)
         for param, span in zip(params, spans):
             param.data[...] = bucket[span].reshape(param.shape)
-        state = [_random.generator().bit_generator.state]
+        state = [_random.get_state()]
         self.dist.broadcast_object_list(state, src=0)
         _random.generator().bit_generator.state = state[0]
 
