@@ -53,8 +53,7 @@ class Checkpoint:
 def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: int,
                     history: History | None = None) -> None:
     """Write a checkpoint of ``model`` and ``optimizer`` after ``epoch`` finished epochs, atomically."""
-    if not isinstance(model, Sequential) or not len(model):
-        raise ValueError("model: expected a Sequential with at least one layer")
+    header, tensors = io.model_contents(model)
     if not isinstance(optimizer, optim.Optimizer):
         raise TypeError(f"optimizer: expected a gpubp optimizer, got {type(optimizer).__name__}")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
@@ -66,7 +65,6 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
     if any(id(p) not in positions for p in optimizer.parameters()):
         raise ValueError("optimizer: it updates parameters that are not the model's")
     history = history if history is not None else History()
-    tensors = io._tensors(model)
     state_dict = optimizer.state_dict()
     state = {}
     for i, entries in state_dict["state"].items():
@@ -86,7 +84,7 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
         "history": {"epoch": history.epoch, "epoch_times": history.epoch_times, "history": history.history},
         "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
     }
-    io.write_file(path, {**io._architecture(model), io.CHECKPOINT_KEY: section}, tensors)
+    io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors)
 
 
 class ModelCheckpoint(Callback):

@@ -143,9 +143,15 @@ def _json_scalar(value):
 
 def save(model: Sequential, path) -> None:
     """Write ``model`` to ``path`` (.npz or .safetensors), atomically."""
+    write_file(path, *model_contents(model))
+
+
+def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host.
+    Checkpoints add their own section and tensors to these."""
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
-    write_file(path, _architecture(model), _tensors(model))
+    return _architecture(model), _tensors(model)
 
 
 def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
