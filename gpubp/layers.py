@@ -112,7 +112,6 @@ class Dense:
         self._buffers = _Buffers()
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
-        self.precision = "fp32"  # set by the Sequential that holds the layer
 
     # --------------------------------------------------------------------- state
 
@@ -160,20 +159,21 @@ class Dense:
     # --------------------------------------------------------------------- compute
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
-                logits: bool = False):
+                logits: bool = False, precision: str = "fp32"):
         """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array.
 
         In training, ``keep_input``/``keep_output`` store what backward will read (the input
         for dW; the output or, for gelu, the pre-activation for act') and nothing else.
         ``training=False`` stores nothing and leaves what an earlier training forward stored.
         ``logits=True`` returns ``x @ W + b`` without the activation (for a loss that fuses it),
-        and a following backward takes the gradient of those logits.
+        and a following backward takes the gradient of those logits. ``precision``: the
+        ``Sequential``'s, one of the backend's ``dense_precisions()``.
         """
         act = "identity" if logits else self.activation
         z_out = None
         if training and keep_output and act in activations.NEEDS_Z:
             z_out = self._buffers.get(self.backend, "z", (x.shape[0], self.out_features), self.dtype)
-        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, self.precision)
+        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision)
         if training:
             self._applied = act
             self._input = x if keep_input else None
@@ -184,13 +184,14 @@ class Dense:
     def backward_kernels(self, need_dx: bool) -> list[str]:
         return self.backend.backward_kernels(self.activation, need_dx, self.trainable)
 
-    def backward(self, dy, need_dx: bool, out_dx=None):
-        """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed)."""
+    def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
+        """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
+        ``precision`` as for the forward."""
         need_dw = self.trainable
         out_dw, out_db = self.grad_buffers() if need_dw else (None, None)
         dx, dw, db = self.backend.dense_backward(
             dy, self._input, self.weight.data, self._output, self._preact, self._applied,
-            need_dx, need_dw, out_dx, out_dw, out_db, self.precision,
+            need_dx, need_dw, out_dx, out_dw, out_db, precision,
         )
         if need_dw:
             self.take_grads(dw, db)
@@ -331,8 +332,6 @@ class Sequential:
         except ValueError:
             self._precision = previous
             raise
-        for layer in self.layers:
-            layer.precision = value
 
     @property
     def device(self) -> str:
@@ -540,7 +539,7 @@ class Sequential:
                     # This layer's output is no longer kept: give its buffer back.
                     layer._buffers.drop("y", shape)
                 out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
-            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last)
+            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last, self.precision)
         return h
 
     def _fused_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
@@ -587,7 +586,7 @@ class Sequential:
             out_dx = None
             if need_dx and i > 0:
                 out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
-            dy = layer.backward(dy, need_dx, out_dx)
+            dy = layer.backward(dy, need_dx, out_dx, self.precision)
         return dy if need_input_grad else None
 
     def _fused_backward(self, dy, plan, need_input_grad: bool):

@@ -49,6 +49,22 @@ def test_precision_survives_slicing_replace_head_and_save_load(tmp_path, suffix)
     assert gb.load(tmp_path / f"m{suffix}").precision == "tf32"
 
 
+def test_a_slice_set_to_another_precision_leaves_the_models_kernels_alone(monkeypatch, rng):
+    """Slices share their layers; the precision each layer's kernels get is its model's, at the call."""
+    from gpubp.backends import numpy_backend
+
+    seen = []
+    for name in ("dense_forward", "dense_backward"):
+        kernel = getattr(numpy_backend, name)
+        monkeypatch.setattr(numpy_backend, name,
+                            lambda *args, kernel=kernel, **kwargs: seen.append(args[-1]) or kernel(*args, **kwargs))
+    m = model("tf32")
+    m[1:].precision = "fp32"
+    out = m.forward(rng.standard_normal((9, 20)).astype(np.float32))
+    m.backward(gb.losses.cross_entropy(out, rng.integers(0, 5, 9))[1])
+    assert m.precision == "tf32" and seen == ["tf32"] * 4
+
+
 TENSOR_CORE_KERNELS = {
     False: {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu", "dense_dw_tf32_identity",
             "dense_dx_tf32_identity"},
