@@ -147,7 +147,9 @@ class TrainStep:
         if captured is None and key not in self._warm:
             self.graphed = False
             value = self._eager(x, y)
-            if math.isfinite(value):  # the update ran: every kernel is loaded, the optimizer state made
+            if math.isfinite(value):
+                # The update ran: every kernel is loaded and the optimizer state made, so the
+                # signature (which holds that state's arrays) is taken again, after the step.
                 _remember(self._warm, self._signature(len(x)), True)
             return value
         if captured is None:
