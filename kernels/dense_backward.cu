@@ -62,7 +62,7 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
     const long long M = in_, N = out_, K = B_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
-    const SplitRows batch_rows = SplitRows::of(K, k_chunk);
+    const SplitRows batch_rows = SplitRows::of(K, k_chunk, blockIdx.z);
     const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
     // The threads whose B fragments span every column of the tile exactly once.
     const bool owns_db = blockIdx.x == 0 && tt.warp_m == 0 && tt.lane_m == 0;
@@ -73,8 +73,8 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
     gemm_mainloop<BM, BN, true>(OuterMajor{x, M}, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, acc, colsum,
                                 owns_db);
 
-    float* dw_out = split_k_partial(dw, ws, M * N, splits);
-    float* db_out = split_k_partial(db, ws_db, N, splits);
+    float* dw_out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
+    float* db_out = split_k_partial(db, ws_db, N, splits, blockIdx.z);
     const bool vec = N % 4 == 0 && aligned16(dw_out);
 #pragma unroll
     for (int jg = 0; jg < THREAD_N; jg += 4) {

@@ -50,19 +50,19 @@ __device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const
     const long long M = in_, N = out_, K = B_;
     const long long m0 = static_cast<long long>(blockIdx.x) * T::BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
-    const SplitRows batch_rows = SplitRows::of(K, k_chunk);
+    const SplitRows batch_rows = SplitRows::of(K, k_chunk, blockIdx.z);
     Tf32Fragment frag;
     float colsum;
     const GradOuterMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, N};
     tf32_mainloop<true>(OuterMajor{x, M}, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, frag, colsum);
-    float* dw_out = split_k_partial(dw, ws, M * N, splits);
+    float* dw_out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
     tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float v) { dw_out[row * N + col] = v; });
     if (blockIdx.x == 0) {  // uniform across the block
         __shared__ float upper_half[T::BN];
         const int tid = threadIdx.x;
         if (tid >= T::BN) upper_half[tid - T::BN] = colsum;
         __syncthreads();
-        float* db_out = split_k_partial(db, ws_db, N, splits);
+        float* db_out = split_k_partial(db, ws_db, N, splits, blockIdx.z);
         if (tid < T::BN && n0 + tid < N) db_out[n0 + tid] = colsum + upper_half[tid];
     }
     if (splits > 1) dense_dw_split_k_finish(ws, ws_db, tickets, dw, db, M, N, m0, n0, T::BM, T::BN, splits);

@@ -409,8 +409,8 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     float* dw_l = layer_slot(dw, l);
     float* db_l = layer_slot(db, l);
     const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * F::ROWS;
-    const long long k_begin = static_cast<long long>(blockIdx.y) * k_chunk;
-    const long long k_end = k_begin + k_chunk < B ? k_begin + k_chunk : B;
+    const SplitRows batch_rows = SplitRows::of(B, k_chunk, blockIdx.y);
+    const long long k_begin = batch_rows.begin, k_end = batch_rows.end;
     const P o = P::of(threadIdx.x);
     static_assert(Fused::THREADS == Fused::MAX_WIDTH, "db: one thread per column");
     const bool owns_db = m0 == 0 && static_cast<int>(threadIdx.x) < p.out;  // db[threadIdx.x], in fp32
@@ -436,8 +436,8 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     }
 
     const long long dw_size = static_cast<long long>(p.in) * p.out;
-    float* dw_out = splits == 1 ? dw_l : ws + static_cast<long long>(blockIdx.y) * ws_split_stride + p.ws;
-    float* db_out = splits == 1 ? db_l : dw_out + dw_size;
+    float* dw_out = split_k_partial(dw_l, ws + p.ws, ws_split_stride, splits, blockIdx.y);
+    float* db_out = split_k_partial(db_l, ws + p.ws + dw_size, ws_split_stride, splits, blockIdx.y);
 #pragma unroll
     for (int j = 0; j < ACC_J; ++j) {
 #pragma unroll

@@ -1,5 +1,6 @@
 // The deterministic split-K finish of the dW kernels (dense_backward.cu, dense_backward_tf32.cu,
-// and fused_mlp.cu's, which has its own workspace layout and uses the first three functions):
+// and fused_mlp.cu's, which splits over blockIdx.y, has its own workspace layout and does not
+// use dense_dw_split_k_finish):
 // dW = x^T @ dz over a batch split into `splits` chunks, summed without float atomics.
 //
 // Contract: gridDim.z = splits blocks share each output tile; split s (blockIdx.z) covers batch
@@ -45,19 +46,20 @@ __device__ __forceinline__ void split_k_reset(unsigned int* ticket) {
     if (threadIdx.x == 0) *ticket = 0u;
 }
 
-// The batch rows [begin, end) that split blockIdx.z of a dW launch covers.
+// The batch rows [begin, end) that split `split` of a dW launch covers.
 struct SplitRows {
     long long begin, end;
-    __device__ __forceinline__ static SplitRows of(long long K, int k_chunk) {
-        const long long begin = static_cast<long long>(blockIdx.z) * k_chunk;
+    __device__ __forceinline__ static SplitRows of(long long K, int k_chunk, unsigned int split) {
+        const long long begin = static_cast<long long>(split) * k_chunk;
         return {begin, begin + k_chunk < K ? begin + k_chunk : K};
     }
 };
 
-// Where split blockIdx.z writes its part of `out` (dW, or db): `out` itself when there is one
-// split, else its partial in ws, which holds `splits` partials of `size` floats.
-__device__ __forceinline__ float* split_k_partial(float* out, float* ws, long long size, int splits) {
-    return splits == 1 ? out : ws + static_cast<long long>(blockIdx.z) * size;
+// Where split `split` writes its part of `out` (dW, or db): `out` itself when there is one
+// split, else its partial in ws, which holds `splits` partials `size` floats apart.
+__device__ __forceinline__ float* split_k_partial(float* out, float* ws, long long size, int splits,
+                                                  unsigned int split) {
+    return splits == 1 ? out : ws + static_cast<long long>(split) * size;
 }
 
 // The split-K finish of a BM x BN tile at (m0, n0) of the (M, N) dW, after its partials are in
