@@ -142,8 +142,6 @@ __device__ __forceinline__ T layer_slot(const T (&a)[Fused::MAX_LAYERS], int l) 
     return r;
 }
 
-__device__ __forceinline__ bool needs_z(int act) { return act == ACT_GELU || act == ACT_GELU_TANH; }
-
 // Every product policy: 32 accumulators per thread, acc[j][v] at tile row row(j, v) and column
 // col(j, v) (each element of the ROWS x MAX_WIDTH tile owned by exactly one thread), and
 // accumulate(acc, a, row_stride, k_stride, ws): acc(r, c) += sum_{k < KC} A(r, k) Ws[k][c], with
@@ -233,7 +231,8 @@ struct MmaBf16 : MmaTile {
     }
 };
 
-// Ws[k][c] = W[k0 + k][c] for a row-major (K, N) W (zero outside it): one KC-deep chunk of W_l.
+// Ws[k][c] = W[k0 + k][c] for a row-major (K, N) W (zero outside it): one KC-deep chunk of W_l,
+// or of dz_l's batch rows for dW.
 __device__ __forceinline__ void stage_weight_rows(float* ws, const float* __restrict__ w, int k0, int K, int N) {
     for (int e = threadIdx.x; e < Fused::KC * Fused::MAX_WIDTH; e += Fused::THREADS) {
         const int k = e / Fused::MAX_WIDTH, c = e % Fused::MAX_WIDTH;
@@ -352,7 +351,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                 float& g = G[cur][o.row(j, v) * F::LDH + c];
                 if (p.act != ACT_IDENTITY) {
                     const float saved = saved_l[row * p.out + c];
-                    g *= needs_z(p.act) ? act_grad_id(p.act, 0.0f, saved) : act_grad_id(p.act, saved, 0.0f);
+                    g *= act_grad_id(p.act, saved, saved);  // reads y or z, whichever act' needs: saved is it
                 }
                 if (p.flags & TRAINABLE) dz_l[row * p.out + c] = g;
             }
@@ -423,10 +422,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
             const int k = e / F::ROWS, r = e % F::ROWS;
             Hs[e] = b0 + k < k_end && m0 + r < p.in ? h_l[(b0 + k) * p.in + m0 + r] : 0.0f;
         }
-        for (int e = threadIdx.x; e < F::KC * F::MAX_WIDTH; e += F::THREADS) {
-            const int k = e / F::MAX_WIDTH, c = e % F::MAX_WIDTH;
-            Ds[e] = b0 + k < k_end && c < p.out ? dz_l[(b0 + k) * p.out + c] : 0.0f;
-        }
+        stage_weight_rows(Ds, dz_l, static_cast<int>(b0), static_cast<int>(k_end), p.out);
         __syncthreads();
         o.accumulate(acc, Hs, 1, F::ROWS, Ds);
         if (owns_db) {
