@@ -57,6 +57,7 @@ ROUNDS = 20
 WARMUP = 3
 LR = 1e-3
 
+FWD_SIZE = 4096  # FWD_4096: batch, in and out features
 STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 65536)}
 FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
 FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
@@ -280,11 +281,12 @@ def unfused_kernel_pass(xp, x, layers, dy, train, sync):
 
 @pytest.mark.parametrize("impl", FWD_4096_IMPLS)
 def test_forward_4096_relu(benchmark, cupy, impl):
+    n = FWD_SIZE
     rng = np.random.default_rng(0)
-    a = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32))
-    w = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32) / np.float32(64))
-    b = cupy.asarray(rng.standard_normal(4096, dtype=np.float32))
-    out = cupy.empty((4096, 4096), np.float32)
+    a = cupy.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    w = cupy.asarray(rng.standard_normal((n, n), dtype=np.float32) / np.float32(np.sqrt(n)))
+    b = cupy.asarray(rng.standard_normal(n, dtype=np.float32))
+    out = cupy.empty((n, n), np.float32)
     sync = cupy.cuda.get_current_stream().synchronize
     if impl == "gpubp-cupy":
         cb = gpu_backend(impl)
@@ -294,7 +296,7 @@ def test_forward_4096_relu(benchmark, cupy, impl):
             sync()
     else:
         fn = unfused_relu_forward(cupy, a, w, b, out, sync)
-    measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape="4096x4096x4096", flops=2.0 * 4096**3)
+    measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)
