@@ -48,7 +48,7 @@ import pytest
 import gpubp as gb
 from gpubp import backends
 from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_B64, STEP_MLP64
-from test_cpu_step import init_weights  # the CPU step benchmark's He-normal initialisation
+from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's initialisation and network
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
 os.environ["CUPY_TF32"] = "0"
@@ -187,16 +187,6 @@ def gpubp_forward_pass(backend: str, widths, batch, fused="auto", precision="fp3
         model.backend.synchronize()
 
     return forward
-
-
-def torch_mlp(torch, device: str, widths):
-    """nn.Linear + ReLU per hidden layer, a linear head: gpubp_model's network in PyTorch."""
-    layers = []
-    for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(fan_in, fan_out))
-        if k < len(widths) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers).to(device)
 
 
 def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False, bf16=False):

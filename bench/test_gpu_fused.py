@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import pytest
 
+from test_cpu_step import torch_mlp
 from test_gpu_dense import cupy  # noqa: F401  (the fixture: skips without CuPy and a GPU)
 from test_gpu_dense import (classification_batch, cuda_torch, gemm_flops, gpubp_forward_pass, gpubp_train_step,
-                            measure, torch_mlp, torch_train_step)
+                            measure, torch_train_step)
 
 WIDTHS = [32, 64, 128]
 LAYERS = [4, 8]
