@@ -137,6 +137,11 @@ def gemm_flops(widths, batch) -> float:
     return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
+def frozen_step_flops(widths, batch) -> float:
+    """A step with every layer but the head frozen: the forward's GEMMs and the head's dW."""
+    return gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]
+
+
 # ----------------------------------------------------------------------------- step builders
 # Each returns a function that runs one step and waits for the device.
 
@@ -374,7 +379,7 @@ def test_frozen_backbone_step_and_forward(benchmark, cupy, workload, impl):
     backend = gpu_backend(impl).NAME
     if workload == FROZEN_STEP:
         _, fn = gpubp_train_step(backend, widths, batch, frozen_backbone=True)
-        flops = gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]  # + the head's dW
+        flops = frozen_step_flops(widths, batch)
     else:
         fn = gpubp_forward_pass(backend, widths, batch)
         flops = gemm_flops(widths, batch)
