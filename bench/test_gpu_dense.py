@@ -103,10 +103,9 @@ def cupy():
 
 
 def gpu_backend(impl: str):
-    """The backend module of ``impl`` ("gpubp-cupy[-per-layer|-bf16]" or "gpubp-numba"), or skip saying why not."""
+    """The backend module of ``impl`` ("gpubp-<backend>[-<variant>]"), or skip saying why not."""
     try:
-        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16")
-                            .removesuffix("-graph"))
+        return backends.get(impl.split("-")[1])
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
