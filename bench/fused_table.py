@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpu_summary import merge_reports
+from gpu_summary import benchmark_medians, merge_reports
 
 PREFIX = "fused "
 IMPLS = ["gpubp-fused", "gpubp-fused-tf32", "gpubp-fused-bf16", "gpubp-per-layer", "torch", "torch-compile"]
@@ -23,11 +23,9 @@ RATIOS = {"torch / fused": ("torch", "gpubp-fused"), "per-layer / fused": ("gpub
 def medians(report: dict) -> dict[str, dict[str, float]]:
     """{workload: {implementation: median seconds}} for the fused sweep, in the order run."""
     table: dict[str, dict[str, float]] = {}
-    for bench in report.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        workload = info.get("workload", "")
+    for (workload, backend), seconds in benchmark_medians(report).items():
         if workload.startswith(PREFIX):
-            table.setdefault(workload.removeprefix(PREFIX), {})[info["backend"]] = bench["stats"]["median"]
+            table.setdefault(workload.removeprefix(PREFIX), {})[backend] = seconds
     return table
 
 

@@ -13,6 +13,10 @@ workspace growth, the optimizer's state), then once between ``cudaProfilerStart`
 - ``step_mlp64``: the 64-64-64-64-64-10 @ 65536 step on the fused MLP kernels;
 - ``step_b64``: the 784-256-256-10 @ 64 step.
 
+The sizes and the step (its weights, its data already on the device) are imported from
+bench/test_gpu_dense.py, so ncu reads the kernels of the very workloads the benchmarks time;
+that import needs pytest and pytest-benchmark, as the benchmarks do.
+
 The counters say which limit a kernel hits (SM or memory throughput against peak, achieved
 occupancy, shared-memory bank conflicts, load efficiency) before anything is changed.
 """
@@ -24,12 +28,13 @@ import sys
 
 import numpy as np
 
-import gpubp as gb
 from gpubp import backends
+from gpu_summary import STEP_1024, STEP_MLP64
+from test_gpu_dense import FWD_SIZE, SMALL_STEP, STEP_WORKLOADS, gpubp_train_step
 
 CASES = ("fwd_4096", "step_1024", "step_mlp64", "step_b64")
-SIZES = {"fwd_4096": 4096, "step_1024": ([1024] * 4, 8192), "step_mlp64": ([64] * 5 + [10], 65536),
-         "step_b64": ([784, 256, 256, 10], 64)}
+SIZES = {"fwd_4096": FWD_SIZE, "step_1024": STEP_WORKLOADS[STEP_1024], "step_mlp64": STEP_WORKLOADS[STEP_MLP64],
+         "step_b64": SMALL_STEP}
 
 
 def dense_passes(be, size: int, precision: str):
@@ -45,22 +50,13 @@ def dense_passes(be, size: int, precision: str):
     return run
 
 
-def train_step(backend: str, widths, batch: int):
-    gb.seed(0)
-    model = gb.Sequential([gb.Dense(i, o, None if k == len(widths) - 2 else "relu")
-                           for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))], backend=backend)
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((batch, widths[0]), dtype=np.float32), rng.integers(0, widths[-1], batch)
-    step = model.train_step("cross_entropy", gb.optim.Adam(model.parameters(), lr=1e-3))
-    return lambda: step(x, y)
-
-
 def case_runs(be, case: str) -> list:
     """The callables of one case: each profiled once after one warm-up call."""
     if case == "fwd_4096":
         return [dense_passes(be, SIZES[case], precision) for precision in be.dense_precisions()]
     widths, batch = SIZES[case]
-    return [train_step(be.NAME, widths, batch)]
+    _, step = gpubp_train_step(be.NAME, widths, batch)
+    return [step]
 
 
 def profile(be, cases, profiled=contextlib.nullcontext) -> None:

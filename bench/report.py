@@ -37,20 +37,21 @@ def load(path: Path) -> tuple[dict, list[dict]]:
     return data, data["benchmarks"]
 
 
-def ratios(runs: list[list[dict]], numerator: str, denominator: str) -> dict[str, list[float]]:
-    """{shape: [numerator / denominator in each run that has both]}."""
+Medians = tuple[dict[str, dict[str, float]], list[str]]  # what ``medians`` returns for one run
+
+
+def ratios(per_run: list[Medians], numerator: str, denominator: str) -> dict[str, list[float]]:
+    """{shape: [numerator / denominator in each run that has both]}, from each run's ``medians``."""
     result: dict[str, list[float]] = {}
-    for benchmarks in runs:
-        table, _ = medians(benchmarks)
+    for table, _ in per_run:
         for shape, times in table.items():
             if numerator in times and denominator in times:
                 result.setdefault(shape, []).append(times[numerator] / times[denominator])
     return result
 
 
-def median_of_runs(runs: list[list[dict]]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Like ``medians``, with each time the median over runs of that run's median."""
-    per_run = [medians(benchmarks) for benchmarks in runs]
+def median_of_runs(per_run: list[Medians]) -> Medians:
+    """Like ``medians``, with each time the median over runs of that run's median (from each run's ``medians``)."""
     table: dict[str, dict[str, list[float]]] = {}
     backends: list[str] = []
     for run_table, run_backends in per_run:
@@ -62,7 +63,7 @@ def median_of_runs(runs: list[list[dict]]) -> tuple[dict[str, dict[str, float]],
     return {shape: {b: statistics.median(v) for b, v in times.items()} for shape, times in table.items()}, order
 
 
-def medians(benchmarks: list[dict]) -> tuple[dict[str, dict[str, float]], list[str]]:
+def medians(benchmarks: list[dict]) -> Medians:
     """{shape: {backend: median seconds}} in the order shapes first appear, and the backends seen."""
     table: dict[str, dict[str, float]] = {}
     backends: list[str] = []
@@ -116,7 +117,8 @@ def _row(cells: list[str]) -> str:
 
 
 def markdown(data: dict, runs: list[list[dict]]) -> str:
-    table, backends = median_of_runs(runs)
+    per_run = [medians(benchmarks) for benchmarks in runs]
+    table, backends = median_of_runs(per_run)
     head = ["shape @ batch"] + [f"{LABELS.get(b, b)} (ms)" for b in backends]
     lines = ["# One CPU training step (forward, softmax-CE, backward, SGD momentum)", ""]
     lines += [f"{line}  " for line in machine_lines(data, [b for run in runs for b in run])]
@@ -125,7 +127,7 @@ def markdown(data: dict, runs: list[list[dict]]) -> str:
     lines += [_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for shape, times in table.items():
         lines.append(_row([f"`{shape}`"] + [f"{times[b] * 1e3:.3f}" if b in times else "-" for b in backends]))
-    columns = [(n, d, ratios(runs, n, d)) for n, d in RATIOS if n in backends and d in backends]
+    columns = [(n, d, ratios(per_run, n, d)) for n, d in RATIOS if n in backends and d in backends]
     if columns:
         spread = " (min-max over runs)" if len(runs) > 1 else ""
         lines += ["", f"Ratios, each taken within one run: the median over runs{spread}. Against the GEMM floor "
@@ -153,7 +155,7 @@ def plot(data: dict, runs: list[list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table, backends = median_of_runs(runs)
+    table, backends = median_of_runs([medians(benchmarks) for benchmarks in runs])
     shapes = list(table)
     reference = FLOOR if FLOOR in backends else TORCH if TORCH in backends else None
     shown = [b for b in backends if b != reference]

@@ -125,9 +125,12 @@ def drive(name: str) -> None:
         return be.asarray(rng.standard_normal(shape).astype(np.float32))
 
     drive_dense(be, rand, DENSE_SHAPES[name])
-    for precision in be.dense_precisions():  # the tensor-core kernels, where the GPU has them
-        if precision != "fp32":
-            drive_dense(be, rand, DENSE_SHAPES[name], precision)
+    # Only the CUDA C++ backend has tensor-core dense kernels (its TF32 tile says so); elsewhere
+    # "tf32" computes fp32, and driving it would rerun the kernels just driven.
+    if hasattr(be, "TF32_TILE"):
+        for precision in be.dense_precisions():  # the GPU's tensor-core precisions, where it has them
+            if precision != "fp32":
+                drive_dense(be, rand, DENSE_SHAPES[name], precision)
     misaligned_shapes = [(MISALIGNED_BATCH, n_in, n_out)
                          for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
     drive_misaligned_dense(be, rng, misaligned_shapes + MISALIGNED_LARGE_SHAPES[name])

@@ -158,14 +158,19 @@ def naive_step(sizes, x, labels):
     return step
 
 
-def torch_step(sizes, x, labels):
-    torch = pytest.importorskip("torch")
+def torch_mlp(torch, device: str, sizes):
+    """nn.Linear + ReLU per hidden layer, a linear head: gpubp_step's network in PyTorch, on ``device``."""
     layers = []
     for k, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(torch.nn.Linear(fan_in, fan_out))
         if k < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def torch_step(sizes, x, labels):
+    torch = pytest.importorskip("torch")
+    model = torch_mlp(torch, "cpu", sizes)
     weights = init_weights(sizes)
     with torch.no_grad():
         for k, linear in enumerate(model[::2]):

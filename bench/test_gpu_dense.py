@@ -48,7 +48,7 @@ import pytest
 import gpubp as gb
 from gpubp import backends
 from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_B64, STEP_MLP64
-from test_cpu_step import init_weights  # the CPU step benchmark's He-normal initialisation
+from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's initialisation and network
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
 os.environ["CUPY_TF32"] = "0"
@@ -57,6 +57,7 @@ ROUNDS = 20
 WARMUP = 3
 LR = 1e-3
 
+FWD_SIZE = 4096  # FWD_4096: batch, in and out features
 STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 65536)}
 FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
 FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
@@ -102,10 +103,9 @@ def cupy():
 
 
 def gpu_backend(impl: str):
-    """The backend module of ``impl`` ("gpubp-cupy[-per-layer|-bf16]" or "gpubp-numba"), or skip saying why not."""
+    """The backend module of ``impl`` ("gpubp-<backend>[-<variant>]"), or skip saying why not."""
     try:
-        return backends.get(impl.removeprefix("gpubp-").removesuffix("-per-layer").removesuffix("-bf16")
-                            .removesuffix("-graph"))
+        return backends.get(impl.split("-")[1])
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -134,6 +134,11 @@ def measure(benchmark, cupy, fn, *, workload, backend, shape, flops):
 
 def gemm_flops(widths, batch) -> float:
     return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def frozen_step_flops(widths, batch) -> float:
+    """A step with every layer but the head frozen: the forward's GEMMs and the head's dW."""
+    return gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]
 
 
 # ----------------------------------------------------------------------------- step builders
@@ -186,16 +191,6 @@ def gpubp_forward_pass(backend: str, widths, batch, fused="auto", precision="fp3
         model.backend.synchronize()
 
     return forward
-
-
-def torch_mlp(torch, device: str, widths):
-    """nn.Linear + ReLU per hidden layer, a linear head: gpubp_model's network in PyTorch."""
-    layers = []
-    for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(fan_in, fan_out))
-        if k < len(widths) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers).to(device)
 
 
 def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False, bf16=False):
@@ -280,11 +275,12 @@ def unfused_kernel_pass(xp, x, layers, dy, train, sync):
 
 @pytest.mark.parametrize("impl", FWD_4096_IMPLS)
 def test_forward_4096_relu(benchmark, cupy, impl):
+    n = FWD_SIZE
     rng = np.random.default_rng(0)
-    a = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32))
-    w = cupy.asarray(rng.standard_normal((4096, 4096), dtype=np.float32) / np.float32(64))
-    b = cupy.asarray(rng.standard_normal(4096, dtype=np.float32))
-    out = cupy.empty((4096, 4096), np.float32)
+    a = cupy.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    w = cupy.asarray(rng.standard_normal((n, n), dtype=np.float32) / np.float32(np.sqrt(n)))
+    b = cupy.asarray(rng.standard_normal(n, dtype=np.float32))
+    out = cupy.empty((n, n), np.float32)
     sync = cupy.cuda.get_current_stream().synchronize
     if impl == "gpubp-cupy":
         cb = gpu_backend(impl)
@@ -294,7 +290,7 @@ def test_forward_4096_relu(benchmark, cupy, impl):
             sync()
     else:
         fn = unfused_relu_forward(cupy, a, w, b, out, sync)
-    measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape="4096x4096x4096", flops=2.0 * 4096**3)
+    measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)
@@ -382,7 +378,7 @@ def test_frozen_backbone_step_and_forward(benchmark, cupy, workload, impl):
     backend = gpu_backend(impl).NAME
     if workload == FROZEN_STEP:
         _, fn = gpubp_train_step(backend, widths, batch, frozen_backbone=True)
-        flops = gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]  # + the head's dW
+        flops = frozen_step_flops(widths, batch)
     else:
         fn = gpubp_forward_pass(backend, widths, batch)
         flops = gemm_flops(widths, batch)

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import pytest
 
+from test_cpu_step import torch_mlp
 from test_gpu_dense import cupy  # noqa: F401  (the fixture: skips without CuPy and a GPU)
-from test_gpu_dense import (classification_batch, cuda_torch, gemm_flops, gpubp_forward_pass, gpubp_train_step,
-                            measure, torch_mlp, torch_train_step)
+from test_gpu_dense import (classification_batch, cuda_torch, frozen_step_flops, gemm_flops, gpubp_forward_pass,
+                            gpubp_train_step, measure, torch_train_step)
 
 WIDTHS = [32, 64, 128]
 LAYERS = [4, 8]
@@ -74,7 +75,7 @@ def mode_flops(mode, widths, batch) -> float:
     if mode == "forward":
         return forward
     if mode == "frozen step":
-        return forward + 2.0 * batch * widths[-2] * widths[-1]  # + the head's dW
+        return frozen_step_flops(widths, batch)
     return 3 * forward
 
 

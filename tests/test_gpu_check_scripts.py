@@ -442,18 +442,42 @@ def driver():
     return load("sanitizer_driver")
 
 
-def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract(driver, monkeypatch, capsys):
-    """Driven through the NumPy backend, which implements the same contract, on tiny shapes
-    (the CUDA simulator would take seconds per call); gpu_check.sh runs it on the GPU backends."""
-    backend = "numpy"
-    monkeypatch.setitem(driver.DENSE_SHAPES, backend, [(3, 5, 4)])
-    monkeypatch.setitem(driver.MISALIGNED_LARGE_SHAPES, backend, [])
+@pytest.fixture
+def tiny_driver(driver, monkeypatch):
+    """The driver on tiny shapes for the NumPy backend, which implements the same contract (the
+    CUDA simulator would take seconds per call); gpu_check.sh runs it on the GPU backends."""
+    monkeypatch.setitem(driver.DENSE_SHAPES, "numpy", [(3, 5, 4)])
+    monkeypatch.setitem(driver.MISALIGNED_LARGE_SHAPES, "numpy", [])
     monkeypatch.setattr(driver, "MISALIGNED_FEATURES", (1, 4))
     monkeypatch.setattr(driver, "MISALIGNED_BATCH", 3)
     monkeypatch.setattr(driver, "LOSS_SHAPES", [(2, 3)])
     monkeypatch.setattr(driver, "PARAMETER_SIZES", (1, 5))
-    driver.main([backend])
-    assert capsys.readouterr().out == f"sanitizer driver: every {backend} kernel ran\n"
+    return driver
+
+
+def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract(tiny_driver, capsys):
+    tiny_driver.main(["numpy"])
+    assert capsys.readouterr().out == "sanitizer driver: every numpy kernel ran\n"
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fp32_only", "tf32_tile"])
+def test_the_sanitizer_driver_drives_tf32_only_where_the_backend_has_tensor_core_kernels(tiny_driver, monkeypatch,
+                                                                                          tensor_cores):
+    """A backend whose "tf32" computes fp32 (NumPy here, Numba on the GPU) would rerun the same kernels."""
+    be = backends.get("numpy")
+    assert "tf32" in be.dense_precisions()
+    if tensor_cores:  # the CUDA C++ backend's mark of its TF32 kernels
+        monkeypatch.setattr(be, "TF32_TILE", 64, raising=False)
+    precisions = []
+    dense_forward = be.dense_forward
+
+    def recording_dense_forward(*args, precision="fp32", **kwargs):
+        precisions.append(precision)
+        return dense_forward(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(be, "dense_forward", recording_dense_forward)
+    tiny_driver.drive("numpy")
+    assert set(precisions) == ({"fp32", "tf32"} if tensor_cores else {"fp32"})
 
 
 def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_past_the_start(driver, backend):
