@@ -115,7 +115,7 @@ def test_save_best_only_writes_when_the_monitored_value_improves(tmp_path, monit
     model.history = gb.History()
     cb = gb.ModelCheckpoint(tmp_path / "best.npz", monitor=monitor, save_best_only=True)
     assert run_callback(cb, model, values, monitor) == saved
-    assert cb.best == max(values) if monitor == "val_accuracy" else min(values)
+    assert cb.best == (max(values) if monitor == "val_accuracy" else min(values))
 
 
 def test_a_resumed_run_remembers_the_best_value_so_far(tmp_path):
