@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import _random, backends, finetune, io
+from gpubp import _random, finetune, io
 from gpubp.checkpoint import save_checkpoint
 from child_process import run_python
 
@@ -173,23 +173,20 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, suff
 
 
 @pytest.mark.gpu
-def test_a_run_resumed_on_the_gpu_ends_within_float_tolerance(tmp_path):
+@pytest.mark.parametrize("backend", ["cupy"], indirect=True)
+def test_a_run_resumed_on_the_gpu_ends_within_float_tolerance(tmp_path, backend):
     """Not run on the Numba backend: in the CUDA simulator these few steps take ~10 s.
     (It passes there; test_a_checkpoint_resumes_on_another_backend covers loading onto it.)"""
-    backend_name = "cupy"
-    reason = backends.available()[backend_name]
-    if reason:
-        pytest.skip(f"backend {backend_name!r} is not available here: {reason}")
     x, y = dataset(8)
 
     def run(**kwargs):
         gb.seed(21)
-        model = gb.Sequential([gb.Dense(6, 5, "relu"), gb.Dense(5, 3)], backend=backend_name)
+        model = gb.Sequential([gb.Dense(6, 5, "relu"), gb.Dense(5, 3)], backend=backend)
         return model, model.fit(x, y, optimizer=gb.optim.Adam(model.parameters(), lr=0.01), batch_size=4,
                                 verbose=0, **kwargs)
 
     full, _ = run(epochs=2, callbacks=[gb.ModelCheckpoint(tmp_path / "run-{epoch}.safetensors")])
-    ckpt = gb.load_checkpoint(tmp_path / "run-1.safetensors", backend=backend_name)
+    ckpt = gb.load_checkpoint(tmp_path / "run-1.safetensors", backend=backend)
     ckpt.model.fit(x, y, optimizer=ckpt.optimizer, epochs=2, initial_epoch=ckpt.epoch, batch_size=4, verbose=0)
     for a, b in zip(full.get_weights(), ckpt.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -228,11 +225,12 @@ def test_an_initial_epoch_that_is_not_an_int_is_a_type_error():
         train(new_model(), "adam", 5, initial_epoch=2.0)
 
 
-def test_a_checkpoint_resumes_on_another_backend(tmp_path):
+@pytest.mark.parametrize("backend", ["numba"], indirect=True)
+def test_a_checkpoint_resumes_on_another_backend(tmp_path, backend):
     model = new_model()
     train(model, "adam", 1, [gb.ModelCheckpoint(tmp_path / "run.safetensors")])
-    ckpt = gb.load_checkpoint(tmp_path / "run.safetensors", backend="numba")
-    assert ckpt.model.backend_name == "numba"
+    ckpt = gb.load_checkpoint(tmp_path / "run.safetensors", backend=backend)
+    assert ckpt.model.backend_name == backend
     x, y = dataset(16)
     ckpt.model.fit(x, y, optimizer=ckpt.optimizer, epochs=2, initial_epoch=1, batch_size=16, verbose=0)
     assert all(np.all(np.isfinite(w)) for w in ckpt.model.get_weights())
