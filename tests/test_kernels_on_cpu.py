@@ -34,6 +34,7 @@ from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
 from gpubp.backends import numpy_backend as ref
+from gpubp.layers import plan_backward
 from gpubp.trace import trace
 
 pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
@@ -343,16 +344,6 @@ def mlp_params(rng, n_in, widths):
     return ws, bs
 
 
-def mlp_plan(widths, frozen, need_input_grad):
-    """(need_dx, need_dw) per layer, as Sequential._plan makes them."""
-    need_dx, need_dw, below = [], [], need_input_grad
-    for i in range(len(widths)):
-        need_dx.append(below)
-        need_dw.append(i not in frozen)
-        below = below or i not in frozen
-    return need_dx, need_dw
-
-
 def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
     """The NumPy backend, layer by layer in float64: (y, dx, [(dw, db) or None per layer])."""
     hs, saved = [x.astype(np.float64)], []
@@ -376,7 +367,8 @@ def fused_case(rng, case):
     x = rng.standard_normal((batch, n_in)).astype(np.float32)
     ws, bs = mlp_params(rng, n_in, widths)
     dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
-    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    plan = plan_backward([i not in frozen for i in range(len(widths))], need_input_grad)
+    need_dx, need_dw = map(list, zip(*plan))
     return x, ws, bs, acts[: len(widths)], dy, need_dx, need_dw, need_input_grad
 
 
