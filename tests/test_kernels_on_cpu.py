@@ -346,18 +346,12 @@ def mlp_params(rng, n_in, widths):
 
 def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
     """The NumPy backend, layer by layer in float64: (y, dx, [(dw, db) or None per layer])."""
-    hs, saved = [x.astype(np.float64)], []
+    hs, act_inputs = [x.astype(np.float64)], []
     for w, b, act in zip(ws, bs, acts):
         y, z = ref.dense_forward(hs[-1], *f64(w, b), act)
-        saved.append((y, z))
+        act_inputs.append(z if act in NEEDS_Z else y)
         hs.append(y)
-    g, grads = dy.astype(np.float64), [None] * len(ws)
-    for i in range(len(ws) - 1, -1, -1):
-        if not (need_dx[i] or need_dw[i]):
-            break
-        g, dw, db = ref.dense_backward(g, hs[i], ws[i].astype(np.float64), *saved[i], acts[i], need_dx[i], need_dw[i])
-        grads[i] = (dw, db) if need_dw[i] else None
-    return hs[-1], g if need_dx[0] else None, grads
+    return hs[-1], *reference_backward_at(ws, acts, hs[:-1], act_inputs, dy, need_dx, need_dw)
 
 
 def fused_case(rng, case):
