@@ -30,6 +30,7 @@ from cuda_on_cpu import harness
 from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
                                check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
                                check_softmax_cross_entropy, check_sumsq_and_scale)
+import gpubp as gb
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
@@ -510,8 +511,6 @@ if SANITIZED:
 
 
 def narrow_model(backend, seed=3, **kwargs):
-    import gpubp as gb
-
     gb.seed(seed)
     return gb.Sequential([gb.Dense(*spec) for spec in FUSED_MODEL[0]], backend=backend, **kwargs)
 
@@ -559,8 +558,6 @@ def test_the_fused_forward_keeps_the_activations_the_per_layer_forward_keeps(cb_
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_kernels(cb_h100, rng):
-    import gpubp as gb
-
     layers = [gb.Dense(4, 129, "relu"), gb.Dense(129, 3)]
     model = gb.Sequential(layers, backend="cupy")
     assert not model.uses_fused
@@ -605,8 +602,6 @@ def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_befo
 
 @pytest.mark.skipif(SANITIZED, reason="runs no backward kernel")
 def test_a_fused_model_with_every_layer_frozen_launches_no_backward_kernel(cb_h100, rng):
-    import gpubp as gb
-
     model = narrow_model("cupy").freeze()
     out = model.forward(rng.standard_normal((4, 12)).astype(np.float32))
     _, dout = gb.losses.mse(out, np.zeros((4, 5), np.float32))
@@ -723,8 +718,6 @@ def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the parity tests above cover them")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
-    import gpubp as gb
-
     x = rng.standard_normal((96, 8)).astype(np.float32)
     labels = rng.integers(0, 3, 96)
     losses = {}
@@ -746,16 +739,13 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
 # bit for bit what the eager step computes.
 
 GRAPH_OPTIMIZERS = {
-    "sgd": lambda params: __import__("gpubp").optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
-                                                          weight_decay=1e-3),
-    "adam": lambda params: __import__("gpubp").optim.Adam(params, lr=1e-2, weight_decay=1e-3),
-    "adamw": lambda params: __import__("gpubp").optim.AdamW(params, lr=1e-2),
+    "sgd": lambda params: gb.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda params: gb.optim.Adam(params, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda params: gb.optim.AdamW(params, lr=1e-2),
 }
 
 
 def graph_model(fused, frozen=0, head="identity", seed=5):
-    import gpubp as gb
-
     gb.seed(seed)
     model = gb.Sequential([gb.Dense(9, 24, "tanh"), gb.Dense(24, 16, "gelu"), gb.Dense(16, 3, head)],
                           backend="cupy", fused=fused)
@@ -896,8 +886,6 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
-    import gpubp as gb
-
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
     y = {"cross_entropy": labels, "categorical_cross_entropy": np.eye(3, dtype=np.float32)[labels],
