@@ -756,8 +756,8 @@ def host_weights(model):
     return [np.array(w) for w in model.get_weights()]
 
 
-def run_steps(model, optimizer, batches, loss="cross_entropy", cuda_graph=False, rates=None):
-    step = model.train_step(loss, optimizer, cuda_graph=cuda_graph)
+def run_steps(model, optimizer, batches, cuda_graph=False, rates=None):
+    step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
     values, graphed = [], []
     for i, (xb, yb) in enumerate(batches):
         if rates is not None:
@@ -765,11 +765,11 @@ def run_steps(model, optimizer, batches, loss="cross_entropy", cuda_graph=False,
                 group["lr"] = rates[i]
         values.append(step(xb, yb))
         graphed.append(step.graphed)
-    return step, values, graphed
+    return values, graphed
 
 
-def graph_batches(rng, sizes, classes=3):
-    return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, classes, n)) for n in sizes]
+def graph_batches(rng, sizes):
+    return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, 3, n)) for n in sizes]
 
 
 # Under the sanitizers one case: the rest launch the same kernels from the same graphs.
@@ -786,7 +786,7 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
     for cuda_graph in (False, True):
         model = graph_model(fused)
         optimizer = GRAPH_OPTIMIZERS[opt](model.parameters())
-        step, values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
+        values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
         results[cuda_graph] = (values, host_weights(model), optimizer.state_dict())
     assert graphed == [False, True, True, True, True]  # one eager warm-up, then a capture and replays
     assert results[True][0] == results[False][0]
