@@ -30,6 +30,7 @@ from cuda_on_cpu import harness
 from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
                                check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
                                check_softmax_cross_entropy, check_sumsq_and_scale)
+from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
@@ -40,7 +41,6 @@ from gpubp.trace import trace
 
 pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
 
-ROOT = Path(__file__).resolve().parents[1]
 MODE = harness.current_mode()
 SANITIZED = MODE != "plain"
 RTOL = 1e-4
@@ -936,13 +936,8 @@ def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
 def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_not_there(cb_h100, capsys,
                                                                                           monkeypatch, tmp_path):
-    import importlib.util
-
     monkeypatch.setenv(cupy_backend.AOT_ENV, str(tmp_path))  # no fatbins there
-
-    spec = importlib.util.spec_from_file_location("gpu_load_check", ROOT / "bench" / "gpu_load_check.py")
-    load_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_check)
+    load_check = load("gpu_load_check")
     assert load_check.main(["nvrtc"]) == 0
     assert "FAIL" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
