@@ -485,9 +485,8 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
     close(cb_h100.to_host(inputs[3]), y_ref, FUSED_RTOL)
 
 
-@pytest.mark.parametrize("sms", [H100_SMS, 1], ids=["132sms", "1sm"])
-def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cpu_harness, monkeypatch, rng, sms):
-    cb = cupy_on_cpu(cpu_harness, monkeypatch, sms)
+def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cb, rng, request):
+    sms = request.node.callspec.params["cb"]  # the SM count the fixture gave the simulated GPU
     batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
     assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
     x = rng.standard_normal((batch, 5)).astype(np.float32)
