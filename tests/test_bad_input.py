@@ -49,8 +49,7 @@ def rejected(model, error, match):
     with gb.trace() as t, pytest.raises(error, match=match):
         yield
     assert t.total == 0, f"kernels ran before the error: {dict(t.counts)}"
-    for a, b in zip(before, model.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    assert_weights_equal(before, model)
 
 
 def assert_weights_equal(expected, model):

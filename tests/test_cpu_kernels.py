@@ -7,15 +7,12 @@ float32 and float64, and must agree to rounding. Shapes are ragged (not multiple
 vector width) and include a parameter large enough to be split across cores.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import gpubp as gb
 from gpubp.backends import numpy_backend
+from child_process import run_python
 
 pytest.importorskip("numba", reason="the compiled CPU kernels need Numba: pip install numba")
 
@@ -185,23 +182,16 @@ def test_without_numba_the_numpy_path_runs_and_says_why():
         "print(numpy_backend.cpu_kernels())\n"
         "print('numba' in sys.modules and sys.modules['numba'] is not None)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
-    assert result.returncode == 0, result.stderr
-    reason, numba_loaded = result.stdout.splitlines()
+    reason, numba_loaded = run_python(code).splitlines()
     assert reason.startswith("numpy (Numba is not installed")
     assert numba_loaded == "False"
 
 
 def test_the_environment_variable_switches_the_compiled_kernels_off():
     code = "from gpubp.backends import numpy_backend; print(numpy_backend.cpu_kernels())"
-    env = {**os.environ, "GPUBP_CPU_KERNELS": "numpy"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("numpy (switched off")
+    assert run_python(code, GPUBP_CPU_KERNELS="numpy").startswith("numpy (switched off")
 
 
 def test_importing_gpubp_does_not_import_numba():
     code = "import sys, gpubp; print('numba' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert run_python(code).strip() == "False"

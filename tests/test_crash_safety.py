@@ -33,10 +33,11 @@ def leftovers(folder, name):
     return [p.name for p in folder.iterdir() if p.name != name]
 
 
-def kill_when_told(child, word):
-    """Wait for ``word`` on the child's stdout, then SIGKILL it."""
+def kill_when_told(child, word, delay=0.0):
+    """Wait for ``word`` on the child's stdout, then ``delay`` seconds more, then SIGKILL it."""
     line = child.stdout.readline().strip()
     assert line == word, f"the child said {line!r}: {child.stderr.read()[-2000:]}"
+    time.sleep(delay)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
     child.stdout.close()
@@ -94,13 +95,7 @@ def test_killed_at_random_moments_the_file_always_loads_old_or_new_weights(tmp_p
     model_with_seed(1).save(path)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        child = start_python(SAVING_IN_A_LOOP, path)
-        assert child.stdout.readline().strip() == "SAVING", child.stderr.read()[-2000:]
-        time.sleep(rng.uniform(0.0, 0.05))
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-        child.stdout.close()
-        child.stderr.close()
+        kill_when_told(start_python(SAVING_IN_A_LOOP, path), "SAVING", delay=rng.uniform(0.0, 0.05))
         loaded = weights_of(path)
         assert any(same(loaded, weights) for weights in candidates)
     model_with_seed(3).save(path)

@@ -24,6 +24,7 @@ from gpubp import distributed
 torch = pytest.importorskip("torch")
 
 import torchrun_worker as worker  # noqa: E402  (tests/ is on sys.path under pytest)
+from child_process import child_env  # noqa: E402
 
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 180
@@ -37,9 +38,7 @@ def free_port() -> int:
 
 def loopback_env() -> dict:
     """The environment for the ranks: this gpubp first on the path, gloo bound to the loopback interface."""
-    env = dict(os.environ)
-    package_root = str(Path(gb.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env = child_env()
     loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
     if loopback:
         env["GLOO_SOCKET_IFNAME"] = loopback

@@ -44,7 +44,8 @@ def trained(sizes=(4, 6, 3)):
 def checkpoint_parts(tmp_path, suffix, sizes=(4, 6, 3)):
     """(header, tensors) of a valid checkpoint: the material each test spoils."""
     path = tmp_path / f"valid{suffix}"
-    save_checkpoint(path, *trained(sizes)[:2], epoch=2, history=trained(sizes)[2])
+    model, optimizer, history = trained(sizes)
+    save_checkpoint(path, model, optimizer, epoch=2, history=history)
     return io.read_file(path)
 
 

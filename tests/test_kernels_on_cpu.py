@@ -30,15 +30,18 @@ from cuda_on_cpu import harness
 from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
                                check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
                                check_softmax_cross_entropy, check_sumsq_and_scale)
+from test_gpu_check_scripts import load
+from test_train_step import weights_of
+import gpubp as gb
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
 from gpubp.backends import numpy_backend as ref
+from gpubp.layers import plan_backward
 from gpubp.trace import trace
 
 pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
 
-ROOT = Path(__file__).resolve().parents[1]
 MODE = harness.current_mode()
 SANITIZED = MODE != "plain"
 RTOL = 1e-4
@@ -343,30 +346,14 @@ def mlp_params(rng, n_in, widths):
     return ws, bs
 
 
-def mlp_plan(widths, frozen, need_input_grad):
-    """(need_dx, need_dw) per layer, as Sequential._plan makes them."""
-    need_dx, need_dw, below = [], [], need_input_grad
-    for i in range(len(widths)):
-        need_dx.append(below)
-        need_dw.append(i not in frozen)
-        below = below or i not in frozen
-    return need_dx, need_dw
-
-
 def reference_mlp(x, ws, bs, acts, dy, need_dx, need_dw):
     """The NumPy backend, layer by layer in float64: (y, dx, [(dw, db) or None per layer])."""
-    hs, saved = [x.astype(np.float64)], []
+    hs, act_inputs = [x.astype(np.float64)], []
     for w, b, act in zip(ws, bs, acts):
         y, z = ref.dense_forward(hs[-1], *f64(w, b), act)
-        saved.append((y, z))
+        act_inputs.append(z if act in NEEDS_Z else y)
         hs.append(y)
-    g, grads = dy.astype(np.float64), [None] * len(ws)
-    for i in range(len(ws) - 1, -1, -1):
-        if not (need_dx[i] or need_dw[i]):
-            break
-        g, dw, db = ref.dense_backward(g, hs[i], ws[i].astype(np.float64), *saved[i], acts[i], need_dx[i], need_dw[i])
-        grads[i] = (dw, db) if need_dw[i] else None
-    return hs[-1], g if need_dx[0] else None, grads
+    return hs[-1], *reference_backward_at(ws, acts, hs[:-1], act_inputs, dy, need_dx, need_dw)
 
 
 def fused_case(rng, case):
@@ -376,7 +363,8 @@ def fused_case(rng, case):
     x = rng.standard_normal((batch, n_in)).astype(np.float32)
     ws, bs = mlp_params(rng, n_in, widths)
     dy = rng.standard_normal((batch, widths[-1])).astype(np.float32)
-    need_dx, need_dw = mlp_plan(widths, frozen, need_input_grad)
+    plan = plan_backward([i not in frozen for i in range(len(widths))], need_input_grad)
+    need_dx, need_dw = map(list, zip(*plan))
     return x, ws, bs, acts[: len(widths)], dy, need_dx, need_dw, need_input_grad
 
 
@@ -498,9 +486,8 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
     close(cb_h100.to_host(inputs[3]), y_ref, FUSED_RTOL)
 
 
-@pytest.mark.parametrize("sms", [H100_SMS, 1], ids=["132sms", "1sm"])
-def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cpu_harness, monkeypatch, rng, sms):
-    cb = cupy_on_cpu(cpu_harness, monkeypatch, sms)
+def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cb, rng, request):
+    sms = request.node.callspec.params["cb"]  # the SM count the fixture gave the simulated GPU
     batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
     assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
     x = rng.standard_normal((batch, 5)).astype(np.float32)
@@ -524,8 +511,6 @@ if SANITIZED:
 
 
 def narrow_model(backend, seed=3, **kwargs):
-    import gpubp as gb
-
     gb.seed(seed)
     return gb.Sequential([gb.Dense(*spec) for spec in FUSED_MODEL[0]], backend=backend, **kwargs)
 
@@ -573,8 +558,6 @@ def test_the_fused_forward_keeps_the_activations_the_per_layer_forward_keeps(cb_
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_kernels(cb_h100, rng):
-    import gpubp as gb
-
     layers = [gb.Dense(4, 129, "relu"), gb.Dense(129, 3)]
     model = gb.Sequential(layers, backend="cupy")
     assert not model.uses_fused
@@ -619,8 +602,6 @@ def test_moving_a_model_that_insists_on_fused_kernels_to_the_cpu_is_refused_befo
 
 @pytest.mark.skipif(SANITIZED, reason="runs no backward kernel")
 def test_a_fused_model_with_every_layer_frozen_launches_no_backward_kernel(cb_h100, rng):
-    import gpubp as gb
-
     model = narrow_model("cupy").freeze()
     out = model.forward(rng.standard_normal((4, 12)).astype(np.float32))
     _, dout = gb.losses.mse(out, np.zeros((4, 5), np.float32))
@@ -737,8 +718,6 @@ def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the parity tests above cover them")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
-    import gpubp as gb
-
     x = rng.standard_normal((96, 8)).astype(np.float32)
     labels = rng.integers(0, 3, 96)
     losses = {}
@@ -760,28 +739,21 @@ def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
 # bit for bit what the eager step computes.
 
 GRAPH_OPTIMIZERS = {
-    "sgd": lambda params: __import__("gpubp").optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
-                                                          weight_decay=1e-3),
-    "adam": lambda params: __import__("gpubp").optim.Adam(params, lr=1e-2, weight_decay=1e-3),
-    "adamw": lambda params: __import__("gpubp").optim.AdamW(params, lr=1e-2),
+    "sgd": lambda params: gb.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda params: gb.optim.Adam(params, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda params: gb.optim.AdamW(params, lr=1e-2),
 }
 
 
 def graph_model(fused, frozen=0, head="identity", seed=5):
-    import gpubp as gb
-
     gb.seed(seed)
     model = gb.Sequential([gb.Dense(9, 24, "tanh"), gb.Dense(24, 16, "gelu"), gb.Dense(16, 3, head)],
                           backend="cupy", fused=fused)
     return model.freeze_to(frozen) if frozen else model
 
 
-def host_weights(model):
-    return [np.array(w) for w in model.get_weights()]
-
-
-def run_steps(model, optimizer, batches, loss="cross_entropy", cuda_graph=False, rates=None):
-    step = model.train_step(loss, optimizer, cuda_graph=cuda_graph)
+def run_steps(model, optimizer, batches, cuda_graph=False, rates=None):
+    step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
     values, graphed = [], []
     for i, (xb, yb) in enumerate(batches):
         if rates is not None:
@@ -789,11 +761,11 @@ def run_steps(model, optimizer, batches, loss="cross_entropy", cuda_graph=False,
                 group["lr"] = rates[i]
         values.append(step(xb, yb))
         graphed.append(step.graphed)
-    return step, values, graphed
+    return values, graphed
 
 
-def graph_batches(rng, sizes, classes=3):
-    return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, classes, n)) for n in sizes]
+def graph_batches(rng, sizes):
+    return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, 3, n)) for n in sizes]
 
 
 # Under the sanitizers one case: the rest launch the same kernels from the same graphs.
@@ -810,8 +782,8 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
     for cuda_graph in (False, True):
         model = graph_model(fused)
         optimizer = GRAPH_OPTIMIZERS[opt](model.parameters())
-        step, values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
-        results[cuda_graph] = (values, host_weights(model), optimizer.state_dict())
+        values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
+        results[cuda_graph] = (values, weights_of(model), optimizer.state_dict())
     assert graphed == [False, True, True, True, True]  # one eager warm-up, then a capture and replays
     assert results[True][0] == results[False][0]
     for replayed, eager in zip(results[True][1], results[False][1]):
@@ -849,15 +821,15 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
     step(x, target)
     step(x, target)
     assert step.graphed
-    weights, state = host_weights(model), optimizer.state_dict()
+    weights, state = weights_of(model), optimizer.state_dict()
     with pytest.raises(FloatingPointError, match="not updated"):
         step(x, np.full_like(target, 3e38))  # finite targets whose squared error overflows
     assert step.graphed
-    for now, was in zip(host_weights(model), weights):
+    for now, was in zip(weights_of(model), weights):
         np.testing.assert_array_equal(now, was)
     assert [s["step"] for s in optimizer.state_dict()["state"].values()] == [s["step"] for s in state["state"].values()]
     step(x, target)  # and training goes on from there
-    assert not all(np.array_equal(now, was) for now, was in zip(host_weights(model), weights))
+    assert not all(np.array_equal(now, was) for now, was in zip(weights_of(model), weights))
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
@@ -870,14 +842,14 @@ def test_weights_and_optimizer_state_loaded_between_replays_are_the_ones_trained
         model = graph_model(False)
         optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
         step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
-        start_weights, values = host_weights(model), []
+        start_weights, values = weights_of(model), []
         for i, (xb, yb) in enumerate(batches):
             if i == 3:
                 saved = optimizer.state_dict()
                 model.set_weights(start_weights)
                 optimizer.load_state_dict(saved)
             values.append(step(xb, yb))
-        runs[cuda_graph] = values, host_weights(model), step.graphed
+        runs[cuda_graph] = values, weights_of(model), step.graphed
     assert runs[True][2] and runs[True][0] == runs[False][0]
     for replayed, eager in zip(runs[True][1], runs[False][1]):
         np.testing.assert_array_equal(replayed, eager)
@@ -899,7 +871,7 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
         for _ in range(4):
             values.append(step(x, target))
             graphed.append(step.graphed)
-        runs[cuda_graph] = values, host_weights(model), graphed
+        runs[cuda_graph] = values, weights_of(model), graphed
     assert runs[True][2] == [False, True, True, True]  # eager until an update ran, then one capture
     assert runs[True][0] == runs[False][0]
     for replayed, eager in zip(runs[True][1], runs[False][1]):
@@ -910,8 +882,6 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
-    import gpubp as gb
-
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
     y = {"cross_entropy": labels, "categorical_cross_entropy": np.eye(3, dtype=np.float32)[labels],
@@ -923,7 +893,7 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
         gb.seed(11)  # the same shuffles
         history = model.fit(x, y, loss=loss, optimizer="adam", epochs=3, batch_size=32, verbose=0,
                             cuda_graph=cuda_graph)
-        runs[cuda_graph] = history.history["loss"], host_weights(model)
+        runs[cuda_graph] = history.history["loss"], weights_of(model)
     assert runs[True][0] == runs[False][0]
     for replayed, eager in zip(runs[True][1], runs[False][1]):
         np.testing.assert_array_equal(replayed, eager)
@@ -937,11 +907,11 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
 def test_cuda_graph_true_says_why_a_step_cannot_be_captured(cb_h100, setting, expected):
     setting = dict(setting)
     model = graph_model(False, head=setting.pop("head", "identity"))
-    weights = host_weights(model)
+    weights = weights_of(model)
     with pytest.raises(ValueError, match=f"cuda_graph=True: .*{expected}"):
         model.train_step(cuda_graph=True, **setting)
     assert model.train_step(cuda_graph="auto", **setting).why_not_graphed() is not None
-    for now, was in zip(host_weights(model), weights):
+    for now, was in zip(weights_of(model), weights):
         np.testing.assert_array_equal(now, was)
 
 
@@ -962,13 +932,8 @@ def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
 def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_not_there(cb_h100, capsys,
                                                                                           monkeypatch, tmp_path):
-    import importlib.util
-
     monkeypatch.setenv(cupy_backend.AOT_ENV, str(tmp_path))  # no fatbins there
-
-    spec = importlib.util.spec_from_file_location("gpu_load_check", ROOT / "bench" / "gpu_load_check.py")
-    load_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_check)
+    load_check = load("gpu_load_check")
     assert load_check.main(["nvrtc"]) == 0
     assert "FAIL" not in capsys.readouterr().out
     with pytest.raises(SystemExit):

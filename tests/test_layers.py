@@ -163,7 +163,7 @@ def test_a_backend_that_contradicts_the_device_is_a_value_error():
         backends.resolve("cuda", "numpy")
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", ["numpy", "numba"], indirect=True)
 def test_fused_true_on_a_backend_without_fused_kernels_says_why(backend):
     with pytest.raises(ValueError, match=f"fused=True: the '{backend}' backend has no fused MLP kernels"):
         gb.Sequential([gb.Dense(3, 4)], backend=backend, fused=True)

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 import gpubp as gb
+from test_bad_input import assert_weights_equal, make_model
 
-IN, OUT = 4, 3
+IN, OUT = 4, 3  # make_model's input and output widths
 DOCUMENTED = (ValueError, TypeError)
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.bool_]
@@ -43,16 +44,6 @@ def any_array(draw, likely_shape=None):
     return draw(arrays(dtype, draw(shapes), elements=elements(dtype)))
 
 
-def make_model(activation="tanh"):
-    gb.seed(0)
-    return gb.Sequential([gb.Dense(IN, 5, activation), gb.Dense(5, OUT)], device="cpu")
-
-
-def assert_unchanged(model, before):
-    for a, b in zip(before, model.get_weights()):
-        np.testing.assert_array_equal(a, b)
-
-
 @PROPERTY
 @given(x=any_array(likely_shape=(3, IN)), activation=st.sampled_from(["relu", "sigmoid", "gelu", "tanh"]))
 def test_forward_returns_the_output_shape_or_a_documented_error(x, activation):
@@ -66,13 +57,13 @@ def test_forward_returns_the_output_shape_or_a_documented_error(x, activation):
     else:
         event("computed")
         assert out.shape == (x.shape[0], OUT)
-    assert_unchanged(model, before)
+    assert_weights_equal(before, model)
 
 
 @PROPERTY
 @given(dout=any_array(likely_shape=(3, OUT)))
 def test_backward_fills_gradients_or_raises_a_documented_error(dout):
-    model = make_model()
+    model = make_model("tanh")
     model.forward(np.ones((3, IN), np.float32))
     before = model.get_weights()
     try:
@@ -83,7 +74,7 @@ def test_backward_fills_gradients_or_raises_a_documented_error(dout):
         assert all(p.grad is None for p in model.parameters())
     else:
         assert [p.grad.shape for p in model.parameters()] == [p.shape for p in model.parameters()]
-    assert_unchanged(model, before)
+    assert_weights_equal(before, model)
 
 
 @PROPERTY
@@ -114,13 +105,13 @@ hyperparameter = st.one_of(st.floats(-1, 10), st.sampled_from([math.nan, math.in
                        st.builds(lambda b: {"betas": b}, st.tuples(hyperparameter, hyperparameter)),
                        st.builds(lambda e: {"eps": e}, hyperparameter)))
 def test_optimizers_accept_valid_options_or_raise_a_documented_error(name, lr, weight_decay, extra):
-    model = make_model()
+    model = make_model("tanh")
     before = model.get_weights()
     try:
         opt = getattr(gb.optim, name)(model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
     except DOCUMENTED as exc:
         event(f"rejected: {type(exc).__name__}")
-        assert_unchanged(model, before)
+        assert_weights_equal(before, model)
         return
     event("stepped")
     model.forward(np.ones((2, IN), np.float32))
@@ -150,13 +141,13 @@ def weight_lists(draw):
 @PROPERTY
 @given(weights=weight_lists())
 def test_set_weights_loads_or_leaves_every_weight_unchanged(weights):
-    model = make_model()
+    model = make_model("tanh")
     before = model.get_weights()
     try:
         model.set_weights(weights)
     except DOCUMENTED as exc:
         event(f"rejected: {type(exc).__name__}")
-        assert_unchanged(model, before)
+        assert_weights_equal(before, model)
         return
     event("loaded")
     for given_weight, loaded in zip(weights, model.get_weights()):
@@ -194,14 +185,14 @@ def fit_arguments(draw):
 @given(arguments=fit_arguments())
 def test_fit_trains_or_raises_a_documented_error_without_touching_the_weights(arguments):
     x, y = arguments.pop("x"), arguments.pop("y")
-    model = make_model()
+    model = make_model("tanh")
     before = model.get_weights()
     try:
         model.fit(x, y, optimizer=gb.optim.SGD(model.parameters(), lr=0.01), verbose=0, **arguments)
         event("trained")
     except DOCUMENTED as exc:
         event(f"rejected: {type(exc).__name__}")
-        assert_unchanged(model, before)
+        assert_weights_equal(before, model)
     except FloatingPointError:
         pytest.fail("finite inputs of moderate size gave a non-finite loss")
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())

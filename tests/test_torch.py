@@ -7,15 +7,12 @@ The CUDA path (CuPy through DLPack on torch's current stream) needs a GPU and is
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import gpubp as gb
 from gpubp.activations import ACTIVATIONS
+from child_process import run_python
 
 torch = pytest.importorskip("torch")
 
@@ -337,9 +334,7 @@ def test_from_torch_rejects_what_it_cannot_convert(module, match):
 
 def test_import_gpubp_does_not_import_torch():
     code = "import sys, gpubp, gpubp.distributed; assert 'torch' not in sys.modules, 'torch was imported'"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(os.path.abspath(gb.__file__))), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    run_python(code, timeout=60)
 
 
 @pytest.mark.parametrize("threads, policy, warns", [(2, None, True), (2, "passive", False), (1, None, False)])
