@@ -707,6 +707,30 @@ def test_an_update_after_a_non_finite_loss_changes_nothing(cb_small_gpu, rng, ki
         np.testing.assert_array_equal(cb_small_gpu.to_host(a), was)
 
 
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel")
+@pytest.mark.parametrize("name, bad", [
+    ("out_loss", lambda cb: np.zeros(1, np.float32)),  # on the host
+    ("out_loss", lambda cb: cb.empty((2,))),
+    ("hyper", lambda cb: cb.asarray(np.zeros(3, np.float64))),
+    ("hyper", lambda cb: cb.empty((6,))[::2]),  # not contiguous
+    ("guard", lambda cb: cb.empty((1, 1))),
+])
+def test_a_device_loss_or_rate_of_the_wrong_kind_is_refused_naming_it_before_any_launch(cb_small_gpu, rng, name, bad):
+    cb = cb_small_gpu
+    arrays = [cb.asarray(rng.standard_normal(7).astype(np.float32)) for _ in range(4)]
+    before = [cb.to_host(a) for a in arrays]
+    given = {"out_loss": device_scalar(cb, 0.0), "hyper": device_scalar(cb, 0.1), "guard": device_scalar(cb, 1.0),
+             name: bad(cb)}
+    with trace() as t, pytest.raises(ValueError, match=rf"^{name}: expected a contiguous float32 CuPy array"):
+        if name == "out_loss":
+            cb.mse(arrays[0], arrays[1], out_loss=given["out_loss"])
+        else:
+            cb.sgd_update(*arrays[:3], None, 0.9, False, 0.0, hyper=given["hyper"], guard=given["guard"])
+    assert t.total == 0
+    for a, was in zip(arrays, before):
+        np.testing.assert_array_equal(cb.to_host(a), was)
+
+
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
     check_sumsq_and_scale(cb_small_gpu, rng, n)

@@ -345,16 +345,18 @@ def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, array
     ticket, out, *sizes)``, and return the scalar it reduced: a float, or ``out_loss``, a
     (1,) float32 array it was written to, when given (then nothing is read back)."""
     state = _state()
-    out = state["scalar"] if out_loss is None else _check_scalar(out_loss, "out_loss")
+    out = state["scalar"] if out_loss is None else _device_floats(out_loss, "out_loss")
     record(trace_name)
     _kernel(filename, name)((grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], out) + sizes)
     return float(out.get()[0]) if out_loss is None else out_loss
 
 
-def _check_scalar(a, name: str):
-    if not (is_array(a) and a.dtype == np.float32 and a.shape == (1,)):
-        raise ValueError(f"{name}: expected a float32 CuPy array of shape (1,), got {getattr(a, 'dtype', type(a))} "
-                         f"{getattr(a, 'shape', '')}")
+def _device_floats(a, name: str, size: int = 1):
+    """``a``, checked to be what a kernel reads or writes through one pointer (a loss, a rate):
+    a contiguous float32 CuPy array of shape ``(size,)``."""
+    if not (is_array(a) and a.dtype == np.float32 and a.shape == (size,) and a.flags.c_contiguous):
+        raise ValueError(f"{name}: expected a contiguous float32 CuPy array of shape ({size},), got "
+                         f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     return a
 
 
@@ -563,34 +565,36 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     n = param.size
+    # The rate: an argument, or read on the device (checked before anything is recorded).
+    if hyper is None:
+        name, rate = "sgd_update", (np.float32(lr),)
+    else:
+        name, rate = "sgd_update_hyper", _hyper_args(hyper, guard, 1)
     record("sgd_update")
     # Without momentum the kernel never touches velocity (None then); param stands in.
     velocity = param if velocity is None else velocity
-    options = (np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay), np.int64(n))
-    if hyper is None:
-        _kernel("optim.cu", "sgd_update")(
-            (_elementwise_blocks(n),), (REDUCE_THREADS,), (param, grad, velocity, np.float32(lr)) + options)
-    else:
-        _kernel("optim.cu", "sgd_update_hyper")(
-            (_elementwise_blocks(n),), (REDUCE_THREADS,), (param, grad, velocity) + _hyper_args(hyper, guard, 1)
-            + options)
+    _kernel("optim.cu", name)(
+        (_elementwise_blocks(n),), (REDUCE_THREADS,),
+        (param, grad, velocity) + rate + (np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay),
+                                          np.int64(n)))
 
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled, hyper=None, guard=None):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     n = param.size
-    record("adam_update")
-    options = (np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay))
+    # lr and the bias corrections: arguments (lr first, the corrections after the options), or
+    # read on the device (checked before anything is recorded).
     if hyper is None:
         lr, step_size, inv_sqrt_bias2 = (np.float32(h) for h in adam_hyper(lr, beta1, beta2, step))
-        _kernel("optim.cu", "adam_update")(
-            (_elementwise_blocks(n),), (REDUCE_THREADS,),
-            (param, grad, m, v, lr) + options + (step_size, inv_sqrt_bias2, np.int32(bool(decoupled)), np.int64(n)))
+        name, head, tail = "adam_update", (lr,), (step_size, inv_sqrt_bias2)
     else:
-        _kernel("optim.cu", "adam_update_hyper")(
-            (_elementwise_blocks(n),), (REDUCE_THREADS,),
-            (param, grad, m, v) + _hyper_args(hyper, guard, 3) + options + (np.int32(bool(decoupled)), np.int64(n)))
+        name, head, tail = "adam_update_hyper", _hyper_args(hyper, guard, 3), ()
+    record("adam_update")
+    options = (np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay))
+    _kernel("optim.cu", name)(
+        (_elementwise_blocks(n),), (REDUCE_THREADS,),
+        (param, grad, m, v) + head + options + tail + (np.int32(bool(decoupled)), np.int64(n)))
 
 
 def sgd_hyper(lr: float) -> tuple[float]:
@@ -606,10 +610,7 @@ def adam_hyper(lr: float, beta1: float, beta2: float, step: int) -> tuple[float,
 
 
 def _hyper_args(hyper, guard, size: int) -> tuple:
-    if not (is_array(hyper) and hyper.dtype == np.float32 and hyper.shape == (size,) and hyper.flags.c_contiguous):
-        raise ValueError(f"hyper: expected a contiguous float32 CuPy array of shape ({size},), got "
-                         f"{getattr(hyper, 'dtype', type(hyper))} {getattr(hyper, 'shape', '')}")
-    return hyper, _check_scalar(guard, "guard")
+    return _device_floats(hyper, "hyper", size), _device_floats(guard, "guard")
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
