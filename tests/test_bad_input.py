@@ -53,8 +53,15 @@ def rejected(model, error, match):
 
 
 def assert_weights_equal(expected, model):
-    for a, b in zip(expected, model.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    """``model``'s weights are ``expected`` (a list as ``get_weights`` returns), bit for bit."""
+    assert_arrays_equal(model.get_weights(), expected)
+
+
+def assert_arrays_equal(got, want):
+    """Two lists of arrays (the weights of two runs, say) are the same length and equal bit for bit."""
+    assert len(got) == len(want), f"{len(got)} arrays against {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {i}")
 
 
 # ----------------------------------------------------------------------------- shapes

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
+from test_bad_input import assert_arrays_equal, assert_weights_equal
 from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
                                check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
                                check_softmax_cross_entropy, check_sumsq_and_scale)
 from test_gpu_check_scripts import load
-from test_train_step import weights_of
 import gpubp as gb
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
@@ -807,11 +807,10 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
         model = graph_model(fused)
         optimizer = GRAPH_OPTIMIZERS[opt](model.parameters())
         values, graphed = run_steps(model, optimizer, batches, cuda_graph=cuda_graph, rates=rates)
-        results[cuda_graph] = (values, weights_of(model), optimizer.state_dict())
+        results[cuda_graph] = (values, model.get_weights(), optimizer.state_dict())
     assert graphed == [False, True, True, True, True]  # one eager warm-up, then a capture and replays
     assert results[True][0] == results[False][0]
-    for replayed, eager in zip(results[True][1], results[False][1]):
-        np.testing.assert_array_equal(replayed, eager)
+    assert_arrays_equal(results[True][1], results[False][1])
     for key, state in results[False][2]["state"].items():
         for name, value in state.items():
             np.testing.assert_array_equal(results[True][2]["state"][key][name], value)
@@ -845,15 +844,14 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
     step(x, target)
     step(x, target)
     assert step.graphed
-    weights, state = weights_of(model), optimizer.state_dict()
+    weights, state = model.get_weights(), optimizer.state_dict()
     with pytest.raises(FloatingPointError, match="not updated"):
         step(x, np.full_like(target, 3e38))  # finite targets whose squared error overflows
     assert step.graphed
-    for now, was in zip(weights_of(model), weights):
-        np.testing.assert_array_equal(now, was)
+    assert_weights_equal(weights, model)
     assert [s["step"] for s in optimizer.state_dict()["state"].values()] == [s["step"] for s in state["state"].values()]
     step(x, target)  # and training goes on from there
-    assert not all(np.array_equal(now, was) for now, was in zip(weights_of(model), weights))
+    assert not all(np.array_equal(now, was) for now, was in zip(model.get_weights(), weights))
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
@@ -866,17 +864,16 @@ def test_weights_and_optimizer_state_loaded_between_replays_are_the_ones_trained
         model = graph_model(False)
         optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
         step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
-        start_weights, values = weights_of(model), []
+        start_weights, values = model.get_weights(), []
         for i, (xb, yb) in enumerate(batches):
             if i == 3:
                 saved = optimizer.state_dict()
                 model.set_weights(start_weights)
                 optimizer.load_state_dict(saved)
             values.append(step(xb, yb))
-        runs[cuda_graph] = values, weights_of(model), step.graphed
+        runs[cuda_graph] = values, model.get_weights(), step.graphed
     assert runs[True][2] and runs[True][0] == runs[False][0]
-    for replayed, eager in zip(runs[True][1], runs[False][1]):
-        np.testing.assert_array_equal(replayed, eager)
+    assert_arrays_equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
@@ -895,11 +892,10 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
         for _ in range(4):
             values.append(step(x, target))
             graphed.append(step.graphed)
-        runs[cuda_graph] = values, weights_of(model), graphed
+        runs[cuda_graph] = values, model.get_weights(), graphed
     assert runs[True][2] == [False, True, True, True]  # eager until an update ran, then one capture
     assert runs[True][0] == runs[False][0]
-    for replayed, eager in zip(runs[True][1], runs[False][1]):
-        np.testing.assert_array_equal(replayed, eager)
+    assert_arrays_equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the tests above cover them")
@@ -917,10 +913,9 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
         gb.seed(11)  # the same shuffles
         history = model.fit(x, y, loss=loss, optimizer="adam", epochs=3, batch_size=32, verbose=0,
                             cuda_graph=cuda_graph)
-        runs[cuda_graph] = history.history["loss"], weights_of(model)
+        runs[cuda_graph] = history.history["loss"], model.get_weights()
     assert runs[True][0] == runs[False][0]
-    for replayed, eager in zip(runs[True][1], runs[False][1]):
-        np.testing.assert_array_equal(replayed, eager)
+    assert_arrays_equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.parametrize("setting, expected", [
@@ -931,12 +926,11 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
 def test_cuda_graph_true_says_why_a_step_cannot_be_captured(cb_h100, setting, expected):
     setting = dict(setting)
     model = graph_model(False, head=setting.pop("head", "identity"))
-    weights = weights_of(model)
+    weights = model.get_weights()
     with pytest.raises(ValueError, match=f"cuda_graph=True: .*{expected}"):
         model.train_step(cuda_graph=True, **setting)
     assert model.train_step(cuda_graph="auto", **setting).why_not_graphed() is not None
-    for now, was in zip(weights_of(model), weights):
-        np.testing.assert_array_equal(now, was)
+    assert_weights_equal(weights, model)
 
 
 def test_a_capture_refuses_host_copies_and_still_ends(cb_h100):

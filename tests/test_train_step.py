@@ -9,6 +9,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import losses
+from test_bad_input import assert_arrays_equal, assert_weights_equal
 
 
 def small_model(backend="numpy", seed=3, head=None):
@@ -18,10 +19,6 @@ def small_model(backend="numpy", seed=3, head=None):
 
 def batch(rng, n=16):
     return rng.standard_normal((n, 5)).astype(np.float32), rng.integers(0, 3, n)
-
-
-def weights_of(model):
-    return [np.array(w) for w in model.get_weights()]
 
 
 def test_a_step_is_forward_loss_backward_and_update(rng, backend):
@@ -35,8 +32,7 @@ def test_a_step_is_forward_loss_backward_and_update(rng, backend):
         by_hand.backward(dout)
         opt.step()
         assert value == expected
-    for a, b in zip(weights_of(stepped), weights_of(by_hand)):
-        np.testing.assert_array_equal(a, b)
+    assert_weights_equal(by_hand.get_weights(), stepped)
 
 
 def test_fit_and_a_step_share_the_models_named_optimizer(rng):
@@ -58,21 +54,19 @@ def test_fit_and_a_step_share_the_models_named_optimizer(rng):
 def test_a_step_on_bad_input_names_it_and_changes_no_weight(rng, bad, name):
     model = small_model()
     step = model.train_step()
-    before = weights_of(model)
+    before = model.get_weights()
     with pytest.raises((ValueError, TypeError), match=rf"^{name}\b"):
         step(*bad(*batch(rng)))
-    for now, was in zip(weights_of(model), before):
-        np.testing.assert_array_equal(now, was)
+    assert_weights_equal(before, model)
 
 
 def test_a_step_whose_loss_overflows_raises_and_changes_no_weight(rng):
     model = small_model()
     step = model.train_step("mse", "sgd")
-    before = weights_of(model)
+    before = model.get_weights()
     with np.errstate(over="ignore"), pytest.raises(FloatingPointError, match="not updated"):
         step(batch(rng)[0], np.full((16, 3), 3e38, np.float32))  # finite targets whose squared error overflows
-    for now, was in zip(weights_of(model), before):
-        np.testing.assert_array_equal(now, was)
+    assert_weights_equal(before, model)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -98,13 +92,12 @@ def test_a_backend_without_graphs_refuses_cuda_graph_true_and_auto_runs_eagerly(
 
 def test_fit_refuses_cuda_graph_where_it_cannot_before_any_weight_changes(rng):
     model = small_model()
-    before = weights_of(model)
+    before = model.get_weights()
     with pytest.raises(ValueError, match="cuda_graph=True: the 'numpy' backend"):
         model.fit(*batch(rng), epochs=1, verbose=0, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph: a distributed step"):
         model.fit(*batch(rng), epochs=1, verbose=0, cuda_graph="auto", distributed=True)
-    for now, was in zip(weights_of(model), before):
-        np.testing.assert_array_equal(now, was)
+    assert_weights_equal(before, model)
 
 
 # ----------------------------------------------------------------------------- on a real GPU
@@ -120,10 +113,9 @@ def test_fit_replaying_cuda_graphs_on_the_gpu_gives_the_eager_fit_bitwise(rng, f
         gb.seed(3)
         model = gb.Sequential([gb.Dense(5, 12, "gelu"), gb.Dense(12, 3, "softmax")], backend="cupy", fused=fused)
         history = model.fit(x, y, optimizer="adam", epochs=4, batch_size=128, verbose=0, cuda_graph=cuda_graph)
-        runs[cuda_graph] = history.history["loss"], weights_of(model)
+        runs[cuda_graph] = history.history["loss"], model.get_weights()
     assert runs[True][0] == runs[False][0]
-    for replayed, eager in zip(runs[True][1], runs[False][1]):
-        np.testing.assert_array_equal(replayed, eager)
+    assert_arrays_equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.gpu
