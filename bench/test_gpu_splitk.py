@@ -6,8 +6,8 @@ output tiles than SMs the cupy backend splits K over ``gridDim.z`` (``cupy_backe
 a deterministic split-ordered finish). Here every shape runs at each forced split count in
 ``SPLITS`` (backend "splits=<s>") and at the heuristic's own choice (backend "heuristic"), dW
 and db only (``need_dx=False``), relu, in fp32 (TF32 off) and on TF32 tensor cores, whose dW
-kernel splits the same way. bench/splitk_table.py reads the JSON
-and tells, per shape, the fastest split against the heuristic's.
+kernel splits the same way. bench/splitk_table.py reads the JSON and tells, per shape, the
+fastest split against the heuristic's.
 
     pytest bench/test_gpu_splitk.py --benchmark-json splitk.json && python bench/splitk_table.py splitk.json
 """
@@ -23,8 +23,6 @@ BATCHES = [4096, 32768]
 LAYERS = [(64, 48), (77, 13), (256, 256), (1024, 256), (1024, 1024)]
 SPLITS = [1, 2, 4, 8, 16, 32]
 CHOICES = [f"splits={s}" for s in SPLITS] + ["heuristic"]
-
-
 PRECISIONS = ["fp32", "tf32"]
 
 
