@@ -1,0 +1,161 @@
+"""How the CuPy backend and the PyTorch bridge drive CuPy, on the CPU stand-in for CuPy 13 and 14.
+
+``tests/test_kernels_on_cpu.py`` checks what the kernels compute on the CPU harness; this file
+checks the calls around them that only a GPU run would otherwise exercise: kernel loading and
+CUDA-graph capture in ``gpubp/backends/cupy_backend.py``, and the CUDA path of ``gpubp.torch``
+(streams, DLPack, who allocates the tensors it returns). The stand-in (``cupy_shim`` in
+``tests/cuda_on_cpu/harness.py``) refuses what CuPy and CUDA refuse in each of these respects;
+each behaviour has a test here, and a test that the stand-in does refuse the mistake.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from cuda_on_cpu import harness
+from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
+import gpubp as gb
+from gpubp.backends import cupy_backend
+
+pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+
+
+@pytest.fixture
+def cb(cpu_harness, monkeypatch):  # noqa: F811
+    return cupy_on_cpu(cpu_harness, monkeypatch, 132)
+
+
+def on_another_thread(fn):
+    """Run ``fn()`` on a new thread (whose current stream is the legacy default one); returns
+    the exception it raised, or None."""
+    raised = []
+
+    def run():
+        try:
+            fn()
+        except Exception as exc:  # handed back to the test, which checks it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+# ----------------------------------------------------------------------------- kernel loading
+
+
+def test_each_file_lists_exactly_the_kernels_its_source_defines(cpu_harness):  # noqa: F811
+    for filename, names in cupy_backend.KERNELS.items():
+        module = cpu_harness.module(cupy_backend.kernel_source(filename), filename.removesuffix(".cu"))
+        assert sorted(names) == sorted(module.kernel_names()), filename
+
+
+def test_loading_a_file_looks_up_every_kernel_it_defines(cb):
+    cb._rawmodule("optim.cu")
+    assert {name for _, name in cb._functions} == set(cb.KERNELS["optim.cu"])
+
+
+def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
+    """The update kernels that read their rate from the device run only in captured steps."""
+    p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))
+    hyper, guard = cb.asarray(np.array([0.25], np.float32)), cb.asarray(np.zeros(1, np.float32))
+    cb.sgd_update(p, g, None, 0.5, 0.0, False, 0.0)  # eager: loads optim.cu; 1 - 0.5 * 2 = 0
+    graph = cb.capture(lambda: cb.sgd_update(p, g, None, None, 0.0, False, 0.0, hyper=hyper, guard=guard))
+    graph.launch()
+    np.testing.assert_array_equal(cb.to_host(p), np.full(5, -0.5, np.float32))
+
+
+def test_the_stand_in_refuses_a_kernels_first_lookup_during_a_capture(cb):
+    cp = cb.cupy
+    module = cp.RawModule(code=cupy_backend.kernel_source("optim.cu"))
+    module.get_function("scale_inplace")
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        module.get_function("scale_inplace")  # looked up before: loaded already
+        with pytest.raises(harness.CaptureError, match="loading the kernel sumsq"):
+            module.get_function("sumsq")
+        stream.end_capture()
+
+
+# ----------------------------------------------------------------------------- the capture stream
+
+
+def test_work_another_thread_puts_on_the_legacy_stream_during_a_capture_runs_and_is_not_captured(cb):
+    a, b = cb.asarray(np.ones(4, np.float32)), cb.asarray(np.ones(4, np.float32))
+    cb.scale_(a, 1.0)  # loads optim.cu before the capture
+
+    def step():
+        cb.scale_(a, 2.0)
+        assert on_another_thread(lambda: cb.scale_(b, 3.0)) is None
+
+    graph = cb.capture(step)
+    np.testing.assert_array_equal(cb.to_host(b), np.full(4, 3.0))  # ran at once, on its own stream
+    np.testing.assert_array_equal(cb.to_host(a), np.ones(4))  # captured, not run
+    graph.launch()
+    np.testing.assert_array_equal(cb.to_host(a), np.full(4, 2.0))
+    np.testing.assert_array_equal(cb.to_host(b), np.full(4, 3.0))
+
+
+@pytest.mark.parametrize("non_blocking", [False, True], ids=["blocking", "non_blocking"])
+def test_the_stand_in_invalidates_a_blocking_streams_capture_when_the_legacy_stream_is_used(cb, non_blocking):
+    cp = cb.cupy
+    b = cb.asarray(np.ones(4, np.float32))
+    cb.scale_(b, 1.0)
+    stream = cp.cuda.Stream(non_blocking=non_blocking)
+    with stream:
+        stream.begin_capture()
+        raised = on_another_thread(lambda: cb.scale_(b, 3.0))
+        if non_blocking:
+            assert raised is None
+            stream.end_capture()
+        else:
+            assert isinstance(raised, harness.CaptureError)
+            with pytest.raises(harness.CaptureError, match="invalidated.*non_blocking=True"):
+                stream.end_capture()
+
+
+def test_the_stand_in_refuses_a_capture_on_the_legacy_stream(cb):
+    legacy = cb.cupy.cuda.Stream.null
+    with legacy, pytest.raises(RuntimeError, match="default \\(legacy\\) stream"):
+        legacy.begin_capture()
+
+
+# ----------------------------------------------------------------------------- external streams
+
+
+class TorchStream:
+    """What ``torch.cuda.current_stream()`` gives, as torch releases before 2.6 have it: the
+    pointer in ``cuda_stream`` and no ``__cuda_stream__``."""
+
+    def __init__(self, pointer: int):
+        self.cuda_stream = pointer
+
+
+class CudaStreamProtocol:
+    def __init__(self, result):
+        self.result = result
+
+    def __cuda_stream__(self):
+        return self.result
+
+
+def test_the_stand_in_takes_external_streams_as_cupy_14_does(cpu_harness):  # noqa: F811
+    cp = harness.cupy_shim(cpu_harness, version=14)
+    assert cp.cuda.Stream.from_external(CudaStreamProtocol((0, 0x5000))).ptr == 0x5000
+    for refused in (0x5000, TorchStream(0x5000), CudaStreamProtocol((1, 0x5000)), CudaStreamProtocol((0, "0x5000"))):
+        with pytest.raises(TypeError):
+            cp.cuda.Stream.from_external(refused)
+    with pytest.warns(DeprecationWarning, match="from_external"):
+        cp.cuda.ExternalStream(0x5000, 0)
+
+
+def test_the_stand_in_takes_external_streams_as_cupy_13_does(cpu_harness):  # noqa: F811
+    cp = harness.cupy_shim(cpu_harness, version=13)
+    assert not hasattr(cp.cuda.Stream, "from_external")
+    assert cp.cuda.ExternalStream(0x5000, 0).ptr == 0x5000
