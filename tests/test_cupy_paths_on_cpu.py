@@ -159,3 +159,58 @@ def test_the_stand_in_takes_external_streams_as_cupy_13_does(cpu_harness):  # no
     cp = harness.cupy_shim(cpu_harness, version=13)
     assert not hasattr(cp.cuda.Stream, "from_external")
     assert cp.cuda.ExternalStream(0x5000, 0).ptr == 0x5000
+
+
+# ----------------------------------------------------------------------------- the PyTorch bridge
+
+torch = pytest.importorskip("torch")
+
+from test_torch import allocated_by_torch, grads_of, plain_torch, random_input  # noqa: E402
+from gpubp import torch as gpubp_torch  # noqa: E402
+from gpubp.torch import MLP  # noqa: E402
+
+TORCH_STREAM = 0x7E57
+
+
+def test_allocated_by_torch_tells_torchs_memory_from_memory_it_was_handed(cb):
+    assert allocated_by_torch(torch.empty(3))
+    assert not allocated_by_torch(torch.from_dlpack(np.ones(3)))
+    assert not allocated_by_torch(torch.from_dlpack(cb.cupy.empty((3,), np.float32)))
+
+
+@pytest.fixture(params=[13, 14], ids=["cupy13", "cupy14"])
+def bridge_on_cupy(request, cpu_harness, monkeypatch):  # noqa: F811
+    """gpubp.torch's CUDA path on the stand-in: CPU tensors stand for CUDA ones, the stand-in's
+    CuPy (13 or 14) launches the kernels, and torch's current stream is ``TORCH_STREAM``.
+    Returns the stream pointer of every kernel launch."""
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, 132, version=request.param)
+    monkeypatch.setitem(gpubp_torch.BACKEND_OF_DEVICE, "cpu", "cupy")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: TorchStream(TORCH_STREAM))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    streams = []
+    launch = cb._Launch.__call__
+
+    def recording_launch(self, grid, block, args, **kwargs):
+        streams.append(cb.cupy.cuda.get_current_stream().ptr)
+        launch(self, grid, block, args, **kwargs)
+
+    monkeypatch.setattr(cb._Launch, "__call__", recording_launch)
+    return streams
+
+
+def test_the_bridge_runs_the_cupy_kernels_on_torchs_stream_and_returns_memory_torch_allocated(bridge_on_cupy):
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], activation="gelu")
+    x = random_input()
+    inputs = [x, *mlp.parameters()]
+    with gb.trace() as t:
+        out = mlp(x)
+        grad_out = torch.ones_like(out)
+        got = grads_of(out, inputs, grad_out)
+    assert t.counts["dense_fwd"] == 2 and t.counts["dense_dw"] == 2 and t.counts["dense_dx"] == 2
+    assert set(bridge_on_cupy) == {TORCH_STREAM}
+    want = plain_torch(mlp, x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, grads_of(want, inputs, grad_out)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert all(allocated_by_torch(tensor) for tensor in (out, *got))
