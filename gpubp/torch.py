@@ -312,7 +312,7 @@ def _check_cpu_threads() -> None:
 
 class _CudaStream:
     """torch's current stream as the CUDA stream protocol presents it (``__cuda_stream__``), which
-    CuPy 14's ``Stream.from_external`` takes; torch releases before 2.6 lack the method."""
+    CuPy 14's ``Stream.from_external`` takes; older torch releases lack the method."""
 
     def __init__(self, stream) -> None:
         self.stream = stream

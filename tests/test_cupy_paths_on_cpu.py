@@ -10,15 +10,20 @@ each behaviour has a test here, and a test that the stand-in does refuse the mis
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import threading
+import types
 
 import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
+from test_gpu_check_scripts import load
 from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
 import gpubp as gb
+from gpubp.activations import ACTIVATIONS
 from gpubp.backends import cupy_backend
 
 pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
@@ -130,7 +135,7 @@ def test_the_stand_in_refuses_a_capture_on_the_legacy_stream(cb):
 
 
 class TorchStream:
-    """What ``torch.cuda.current_stream()`` gives, as torch releases before 2.6 have it: the
+    """What ``torch.cuda.current_stream()`` gives, as older torch releases have it: the
     pointer in ``cuda_stream`` and no ``__cuda_stream__``."""
 
     def __init__(self, pointer: int):
@@ -214,3 +219,69 @@ def test_the_bridge_runs_the_cupy_kernels_on_torchs_stream_and_returns_memory_to
     for g, w in zip(got, grads_of(want, inputs, grad_out)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     assert all(allocated_by_torch(tensor) for tensor in (out, *got))
+
+
+# ----------------------------------------------------------------------------- the sanitizer driver's reduced run
+
+
+def kernel_families(names) -> set[str]:
+    """Kernel names with the activation taken out: dense_fwd_relu_64x64 -> dense_fwd_64x64."""
+    acts = "|".join(sorted(ACTIVATIONS, key=len, reverse=True))
+    return {re.sub(rf"_({acts})(?=_|$)", "", name) for name in names}
+
+
+def test_the_reduced_sanitizer_run_launches_every_kernel_family_the_full_run_does(cb, monkeypatch):
+    """Shapes and activations go, never a tile, a split-K path or a loss or update kernel.
+    Launches are recorded, not run (the choices are made before a launch); the fused and graphed
+    steps, which read their loss back, are the same in both runs: every precision, both cases."""
+    driver = load("sanitizer_driver")
+    launched = []
+    monkeypatch.setattr(cb._Launch, "__call__", lambda self, *args, **kwargs: launched.append(self.function.kernel.name))
+    rng = np.random.default_rng(0)
+
+    def families(coverage):
+        launched.clear()
+        driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations)
+        driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations, "tf32")
+        driver.drive_misaligned_dense(cb, rng, coverage.misaligned, coverage.misaligned_activations)
+        driver.drive_losses_and_optimizers(cb, lambda *shape: cb.zeros(shape), rng, coverage)
+        return kernel_families(launched)
+
+    full, reduced = driver.COVERAGE["cupy"], driver.REDUCED
+    assert families(reduced) == families(full)
+    assert {"dense_fwd_128x128", "dense_dw_64x64", "dense_fwd_tf32"} <= families(reduced)
+    assert (reduced.graph_cases, reduced.misaligned_activations) == (full.graph_cases, full.misaligned_activations)
+    assert set(reduced.fused_batches) < set(full.fused_batches) and len(reduced.dense) < len(full.dense)
+
+
+# ----------------------------------------------------------------------------- first contact's facts
+
+
+def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_attributes(cb, monkeypatch, tmp_path):
+    """bench/first_contact.py facts on the stand-in, with what a driver reports made up here:
+    the device's properties and each kernel's attributes (the CPU harness has no registers)."""
+    fc = load("first_contact")
+    runtime = cb.cupy.cuda.runtime
+    for name, value in (("getDeviceProperties", lambda device: {"name": b"Stand-in GPU", "uuid": b"\x01\xfe",
+                                                                "multiProcessorCount": 132}),
+                        ("driverGetVersion", lambda: 13000), ("runtimeGetVersion", lambda: 13000)):
+        monkeypatch.setattr(runtime, name, value, raising=False)
+    monkeypatch.setattr(cb.cupy.cuda, "nvrtc", types.SimpleNamespace(getVersion=lambda: (13, 0)), raising=False)
+    look_up = cb._look_up_kernels
+    attributes = types.SimpleNamespace(num_regs=40, shared_size_bytes=8192, local_size_bytes=0, max_threads_per_block=256)
+    monkeypatch.setattr(cb, "_look_up_kernels", lambda module, filename: dict.fromkeys(look_up(module, filename),
+                                                                                        attributes))
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # facts points it at an empty folder; this puts it back after
+    assert fc.facts(tmp_path / "facts.json") == 0
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["device"]["name"] == "Stand-in GPU" and facts["device"]["uuid"] == "01fe"
+    assert facts["compute_capability"] == "90" and facts["kernel_cache_files_before"] == 0
+    assert list(facts["kernel_files"]) == list(cb.KERNEL_FILES)
+    for filename, built in facts["kernel_files"].items():
+        assert built["origin"] == "nvrtc" and built["compile_and_load_seconds"] >= 0
+        assert sorted(built["kernels"]) == sorted(cb.KERNELS[filename])
+    assert facts["kernel_files"]["optim.cu"]["kernels"]["sumsq"]["registers"] == 40
+    report = load("gpu_summary").facts_markdown(facts)
+    assert "Device: Stand-in GPU, compute capability 90, 132 SMs" in report[0]
+    assert any(line.startswith("| optim.cu | nvrtc |") and line.endswith("| 6 | 40 | 8192 | none |") for line in report)
