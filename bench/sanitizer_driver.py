@@ -5,13 +5,10 @@
 
 The arguments name the backends to drive (default: cupy): ``cupy`` runs the CUDA C++ kernels
 of kernels/*.cu, ``numba`` the Numba-CUDA kernels (on CuPy arrays, as a model that switches
-between the two does). ``--reduced`` (cupy only; ``gpu_check.sh first-contact`` runs it) keeps
-one odd shape per kernel family and two activations: the 64x64 and 128x128 tiles, the split-K
-dW finish, one misaligned shape, every loss, update and fused kernel, and the replayed CUDA
-graphs; every kernel family still runs, on a fraction of the launches. For each backend: every activation's forward and both backward kernels on
-batch 1, shapes that are not multiples of 4 (the scalar load/store paths) and multiples of 4
-(the float4 paths); for cupy also both tile sizes and the split-K dW reduction, and the same in
-every other precision the GPU runs (TF32 on tensor cores). Then
+between the two does). For each (its ``COVERAGE``): every activation's forward and both
+backward kernels on batch 1, shapes that are not multiples of 4 (the scalar load/store paths)
+and multiples of 4 (the float4 paths); for cupy also both tile sizes and the split-K dW
+reduction, and the same in every other precision the GPU runs (TF32 on tensor cores). Then
 misaligned operands: inputs and ``out=`` buffers that start one float past a 16-byte boundary
 (C-contiguous views, which the kernels take as they are), with in and out features in
 {1, 3, 4, 5, 127, 128, 129}, where the float4 paths must fall back to scalar access. Then every
@@ -19,6 +16,12 @@ loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_;
 cupy, the fused MLP kernels in every precision (batches 1, 37, 129, a frozen first layer too)
 and training steps replayed from CUDA graphs (the update kernels that read their rates from
 the device).
+
+``--reduced`` (cupy only; ``gpu_check.sh first-contact`` runs it) keeps one odd shape per
+kernel family and two activations (``REDUCED``): the 64x64 and 128x128 tiles, the split-K dW
+finish, one misaligned shape, every loss, update and fused kernel, and the replayed CUDA
+graphs. Every kernel family the full run launches still runs, in a fraction of the launches.
+
 Checks nothing itself: the sanitizer does.
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from gpubp import backends
 from gpubp.activations import ACTIVATIONS
+
 
 class Coverage(NamedTuple):
     """What the driver runs: shapes are (batch, in, out) for the dense kernels, (batch, classes)
