@@ -126,10 +126,11 @@ def test_commit_is_unknown_where_git_fails(gs, tmp_path, monkeypatch):
 
 
 def copy_for_the_summary(destination: Path) -> None:
-    """What bench/gpu_summary.py reads of the project: itself, its commit record and kernels/."""
+    """What bench/gpu_summary.py reads of the project: itself, kernels/ and the commit record, as
+    a work tree holds it (this copy of the project may itself come from git archive)."""
     (destination / "bench").mkdir(parents=True)
-    for name in ("gpu_summary.py", "commit.txt"):
-        shutil.copy(BENCH / name, destination / "bench" / name)
+    shutil.copy(BENCH / "gpu_summary.py", destination / "bench" / "gpu_summary.py")
+    (destination / "bench" / "commit.txt").write_text("$Format:%H$\n")
     shutil.copytree(ROOT / "kernels", destination / "kernels")
 
 
