@@ -17,6 +17,28 @@
 #             instance of each kernel of bench/ncu_driver.py, into bench/results/ncu_<device>.csv
 #   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
 #             from whatever the stages left in the check folder, then prints the latter
+#
+#   GPUBP_RESULTS_OUT=<dir> bash bench/gpu_check.sh first-contact
+# is the first run on a new GPU, in one call of at most 9 minutes (named alone). Its steps run
+# in order of value, each in a child shell under its own wall-clock budget (`timeout`: SIGINT,
+# which makes pytest write what it has, then SIGKILL), and after each one the summary is
+# written again, so a step that fails or runs out of time leaves what the earlier ones found:
+#   facts      bench/first_contact.py facts: device facts, every kernel file compiled by NVRTC
+#              for this GPU with times, registers and spills; then the NVRTC load check, the
+#              CMake fatbin build and the fatbin load check (bench/gpu_load_check.py)
+#   tests      the gpu-marked tests, one pytest-xdist worker per core
+#   memcheck   compute-sanitizer memcheck, then racecheck, over bench/sanitizer_driver.py --reduced
+#   racecheck  cupy (one odd shape per kernel family, the split-K finish, replayed CUDA graphs)
+#   bench      bench/first_contact.py bench: the headline ratios' benchmarks, 5 rounds each
+#   summary    gpu_summary.json and <device>.md, with the steps' results and the facts
+# Its reports go to GPUBP_CHECK_DIR (default bench/results/first_contact), CuPy's kernel cache
+# to a fresh folder (so the compile times are cold), and, when GPUBP_RESULTS_OUT is set, these
+# files to that folder (bench/gpu_summary.py --results-out; at most 8, each under 16 MB):
+# gpu_summary.json, <device>.md, benchmarks.json, first_contact.log (everything printed),
+# facts.json, gpu_tests.xml, memcheck.log, racecheck.log. GPUBP_FIRST_CONTACT_BUDGETS
+# ("tests=200 bench=60") changes step budgets; GPUBP_COMMIT names the commit of a copy without
+# git history.
+#
 # GPUBP_BENCH_SELECT, a pytest -k expression, runs part of a benchmark stage (its JSON is named
 # after it, and the tables and the summary merge every part): for a stage longer than one call.
 # Each stage leaves its reports in the check folder, GPUBP_CHECK_DIR (default
@@ -40,11 +62,14 @@ trap 'rm -rf "$work"' EXIT
 failed=()
 STAGES=(tests sanitize demo aot bench fused splitk ncu summary)
 
-run() {
-    local name="$1"
+run() {  # name, command: run it, and remember the name if it fails; returns its status
+    local name="$1" status
     shift
     echo "==== $name"
-    "$@" || failed+=("$name")
+    "$@"
+    status=$?
+    [ "$status" -eq 0 ] || failed+=("$name")
+    return "$status"
 }
 
 device_name() {  # read once on a GPU, then from the check folder (summary may run without one)
@@ -66,12 +91,15 @@ sanitize() {
     [ "$status" -eq 0 ] || failed+=("compute-sanitizer $tool")
 }
 
+xdist_workers() {  # default count: "-n <count>" where pytest-xdist is installed, to spread tests over cores
+    "$PYTHON" -c "import xdist" 2>/dev/null && echo "-n ${GPUBP_TEST_WORKERS:-$1}"
+}
+
 stage_tests() {
-    # pytest-xdist, where installed, spreads the suite over the machine's cores.
-    local workers=()
-    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "${GPUBP_TEST_WORKERS:-8}")
-    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs "${workers[@]}" --junitxml "$check/gpu_tests.xml"
-    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q "${workers[@]}" \
+    local workers
+    workers="$(xdist_workers 8)"
+    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs $workers --junitxml "$check/gpu_tests.xml"
+    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q $workers \
         --junitxml "$check/other_tests.xml"
 }
 
@@ -86,13 +114,24 @@ stage_demo() {
     run "demo on the GPU" "$PYTHON" -m gpubp demo --device cuda --quiet
 }
 
-stage_aot() {
-    local aot="$work/aot"
-    mkdir -p "$work/no_fatbins"
-    run "CMake fatbin build" sh -c "cmake -S . -B \"$work/build\" -DGPUBP_AOT_DIR=\"$aot\" >/dev/null \
+aot_build() {  # the CMake fatbin build, installed into $work/aot
+    run "CMake fatbin build" sh -c "cmake -S . -B \"$work/build\" -DGPUBP_AOT_DIR=\"$work/aot\" >/dev/null \
         && cmake --build \"$work/build\" -j && cmake --install \"$work/build\" >/dev/null"
-    run "kernels from the fatbins" env GPUBP_AOT_DIR="$aot" "$PYTHON" bench/gpu_load_check.py fatbin
-    run "kernels from NVRTC" env GPUBP_AOT_DIR="$work/no_fatbins" "$PYTHON" bench/gpu_load_check.py nvrtc
+}
+
+load_check() {  # fatbin | nvrtc: the kernels load from there and train a step as NumPy does
+    if [ "$1" = fatbin ]; then
+        run "kernels from the fatbins" env GPUBP_AOT_DIR="$work/aot" "$PYTHON" bench/gpu_load_check.py fatbin
+    else
+        mkdir -p "$work/no_fatbins"
+        run "kernels from NVRTC" env GPUBP_AOT_DIR="$work/no_fatbins" "$PYTHON" bench/gpu_load_check.py nvrtc
+    fi
+}
+
+stage_aot() {
+    aot_build
+    load_check fatbin
+    load_check nvrtc
 }
 
 select="${GPUBP_BENCH_SELECT:-}"
@@ -134,7 +173,7 @@ stage_ncu() {
         "$PYTHON" bench/ncu_driver.py >"$csv" || failed+=("Nsight Compute")
 }
 
-stage_summary() {
+summarize() {  # bench/gpu_summary.py over what the check folder holds; extra arguments are passed on
     local inputs=()
     for xml in "$check"/gpu_tests.xml "$check"/other_tests.xml; do
         [ -f "$xml" ] && inputs+=(--junit "$xml")
@@ -142,25 +181,128 @@ stage_summary() {
     for json in "$check"/bench_*.json; do
         [ -f "$json" ] && inputs+=(--benchmark "$json")
     done
-    run "summary" "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${inputs[@]}" \
-        --sanitizer-dir "$check" --out-dir "$results"
+    "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${inputs[@]}" --sanitizer-dir "$check" \
+        --out-dir "$results" "$@"
+}
+
+stage_summary() {
+    run "summary" summarize
+}
+
+# ----------------------------------------------------------------------------- first-contact
+
+FIRST_CONTACT_STEPS=(facts tests memcheck racecheck bench summary)
+# Wall-clock seconds per step; their sum, 525, keeps the stage within 9 minutes.
+declare -A budget=([facts]=130 [tests]=140 [memcheck]=55 [racecheck]=70 [bench]=110 [summary]=20)
+
+fc_facts() {
+    run "device facts and NVRTC compile times" "$PYTHON" bench/first_contact.py facts "$check/facts.json"
+    load_check nvrtc
+    aot_build && load_check fatbin
+}
+
+fc_tests() {
+    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs -p no:cacheprovider $(xdist_workers "$(nproc)") \
+        --junitxml "$check/gpu_tests.xml"
+}
+
+fc_memcheck() {
+    sanitize memcheck --reduced cupy
+}
+
+fc_racecheck() {
+    sanitize racecheck --reduced cupy
+}
+
+fc_bench() {
+    run "headline benchmarks" "$PYTHON" bench/first_contact.py bench "$check"
+}
+
+fc_publish() {  # the summary of what the steps so far left, copied to GPUBP_RESULTS_OUT when set
+    local out=()
+    if [ -n "${GPUBP_RESULTS_OUT:-}" ]; then
+        out=(--results-out "$GPUBP_RESULTS_OUT")
+        for file in first_contact.log facts.json gpu_tests.xml memcheck.log racecheck.log; do
+            out+=(--carry "$check/$file")
+        done
+    fi
+    summarize --command "GPUBP_RESULTS_OUT=<dir> bash bench/gpu_check.sh first-contact" \
+        --steps "$check/first_contact_steps.tsv" --facts "$check/facts.json" "${out[@]}"
+}
+
+fc_summary() {
+    fc_publish
+}
+
+fc_step() {  # name: fc_<name> in a child shell under its budget; records how it ended, then publishes
+    local name="$1" limit="${budget[$1]}" start=$SECONDS status result grace
+    grace=$((limit >= 40 ? 10 : limit / 4))
+    echo "==== first-contact step $name (budget $limit s)"
+    timeout --signal=INT --kill-after="$grace" "$((limit - grace))" \
+        bash -c "set -uo pipefail; failed=(); fc_$name; [ \${#failed[@]} -eq 0 ]"
+    status=$?
+    case "$status" in
+        0) result=ok ;;
+        124 | 137) result="out of time"; failed+=("first-contact $name: out of time after $limit s") ;;
+        *) result="failed (exit status $status)"; failed+=("first-contact $name") ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "$name" "$result" "$((SECONDS - start))" "$limit" >>"$check/first_contact_steps.tsv"
+    [ "$name" = summary ] || fc_publish >/dev/null
+}
+
+first_contact() {
+    local item step
+    for item in ${GPUBP_FIRST_CONTACT_BUDGETS:-}; do
+        step="${item%%=*}"
+        if [ -z "${budget[$step]:-}" ] || ! [[ "${item#*=}" =~ ^[0-9]+$ ]]; then
+            echo "gpu_check.sh: GPUBP_FIRST_CONTACT_BUDGETS: '$item' is not <step>=<seconds> for a step of:" \
+                "${FIRST_CONTACT_STEPS[*]}" >&2
+            exit 2
+        fi
+        budget[$step]="${item#*=}"
+    done
+    check="${GPUBP_CHECK_DIR:-bench/results/first_contact}"
+    mkdir -p "$check" "$results" "$work/cupy_cache"
+    rm -f "$check"/{first_contact.log,first_contact_steps.tsv,facts.json,gpu_tests.xml,device.txt} \
+        "$check"/{memcheck,racecheck}.{log,status} "$check"/bench_first_contact_*.json
+    exec > >(tee -a "$check/first_contact.log") 2>&1
+    export CUPY_CACHE_DIR="$work/cupy_cache"  # empty: facts times cold compiles; later steps reuse them
+    export PYTHON SANITIZER check results work
+    export -f run sanitize xdist_workers aot_build load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
+        fc_publish fc_summary summarize device_name
+    echo "first-contact: steps ${FIRST_CONTACT_STEPS[*]}; budgets $(for s in "${FIRST_CONTACT_STEPS[@]}"; do
+        printf '%s=%s ' "$s" "${budget[$s]}"; done)"
+    for step in "${FIRST_CONTACT_STEPS[@]}"; do
+        fc_step "$step"
+    done
 }
 
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
-for stage in "${stages[@]}"; do
-    case " ${STAGES[*]} " in
-        *" $stage "*) ;;
-        *) echo "gpu_check.sh: unknown stage '$stage'; expected some of: ${STAGES[*]}" >&2; exit 2 ;;
-    esac
-done
+if [ "${stages[*]}" != first-contact ]; then
+    for stage in "${stages[@]}"; do
+        if [ "$stage" = first-contact ]; then
+            echo "gpu_check.sh: first-contact runs alone, in a call of its own" >&2
+            exit 2
+        fi
+        case " ${STAGES[*]} " in
+            *" $stage "*) ;;
+            *) echo "gpu_check.sh: unknown stage '$stage'; expected some of: ${STAGES[*]} (or first-contact alone)" >&2
+               exit 2 ;;
+        esac
+    done
+fi
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
     echo "warning: tracked files differ from HEAD; the summary's commit will read <sha>-dirty"
 fi
-mkdir -p "$check" "$results"
-for stage in "${stages[@]}"; do
-    "stage_$stage"
-done
+if [ "${stages[*]}" = first-contact ]; then
+    first_contact
+else
+    mkdir -p "$check" "$results"
+    for stage in "${stages[@]}"; do
+        "stage_$stage"
+    done
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"

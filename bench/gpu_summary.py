@@ -12,9 +12,13 @@
 - ``--benchmark``: the pytest-benchmark JSON of bench/test_gpu_dense.py, whose benchmarks name
   their ``workload`` and ``backend`` in ``extra_info``; given more than once (parts of the file
   run separately), the reports are merged.
+- ``--steps``, ``--facts``: the first-contact stage's steps file and bench/first_contact.py's
+  facts JSON, tabulated in the markdown; ``--command`` names the command that reproduces it.
+- ``--results-out DIR``: also write the JSON, the markdown, the merged benchmark report and each
+  ``--carry`` file into DIR, as ``carry`` does: what is taken off a GPU machine.
 
-The JSON has exactly these keys: device, date, commit (``git rev-parse HEAD``, with "-dirty"
-when the work tree differs from it), kernels_sha256 (over the bytes of kernels/*.cu and
+The JSON has exactly these keys: device, date, commit (see ``source_commit``: the commit the
+measured tree is, or "unknown"), kernels_sha256 (over the bytes of kernels/*.cu and
 kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped}
 (errors count as failed), sanitizer {tool: "clean" | its first error}, ratios, timings_ms
 (the median of each benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's
@@ -31,6 +35,8 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -92,6 +98,13 @@ def kernels_sha256(root: Path = ROOT) -> str:
     return digest.hexdigest()
 
 
+COMMIT_ENV = "GPUBP_COMMIT"
+# `git archive` writes the archived commit into this file (.gitattributes marks it export-subst);
+# in a git work tree it holds the placeholder.
+COMMIT_FILE = Path("bench") / "commit.txt"
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 def git_commit(root: Path = ROOT) -> str:
     """HEAD's sha, with "-dirty" when tracked files differ from it (the tree measured is not HEAD)."""
     def git(*args):
@@ -99,6 +112,25 @@ def git_commit(root: Path = ROOT) -> str:
 
     sha = git("rev-parse", "HEAD")
     return sha + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+
+
+def source_commit(root: Path = ROOT) -> str:
+    """The commit of the tree being measured, in any copy of it; never raises.
+
+    ``GPUBP_COMMIT`` when set (for a copy made some other way, such as the working tree a GPU
+    machine is sent); else, in a git work tree, ``git_commit``; else the commit ``git archive``
+    recorded in bench/commit.txt (a release tarball); else "unknown"."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
+    if (root / ".git").exists():
+        try:
+            return git_commit(root)
+        except (OSError, subprocess.CalledProcessError):  # no git, or not a repository after all
+            pass
+    recorded = root / COMMIT_FILE
+    if recorded.is_file() and _SHA.fullmatch(recorded.read_text().strip()):
+        return recorded.read_text().strip()
+    return "unknown"
 
 
 def junit_counts(junit_paths: list[Path]) -> dict[str, int]:
@@ -204,8 +236,10 @@ def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict, s
     }
 
 
-def markdown(data: dict, command: str = "bash bench/gpu_check.sh") -> str:
-    """The human-readable twin of the summary: bench/results/<device>.md."""
+def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list | None = None,
+             facts: dict | None = None) -> str:
+    """The human-readable twin of the summary: bench/results/<device>.md; with the first-contact
+    stage's ``steps`` (``read_steps``) and ``facts`` (bench/first_contact.py's), sections on them."""
     def fmt(x):
         return "missing" if x is None else f"{x:.2f}x"
 
@@ -237,7 +271,72 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh") -> str:
         for key, count in data["launches_per_step"].items():
             workload, backend = key.split(" | ")
             lines.append(f"| {workload} | {backend} | {count['kernels']} | {count['host_launches']} |")
+    if steps:
+        lines += ["", "| first-contact step | result | seconds | budget (s) |", "|---|---|---|---|",
+                  *(f"| {name} | {result} | {seconds} | {budget} |" for name, result, seconds, budget in steps)]
+    if facts:
+        lines += ["", *facts_markdown(facts)]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- first contact
+
+CARRY_FILES = 8  # what `gpu_check.sh first-contact` copies to GPUBP_RESULTS_OUT: at most 8 files,
+CARRY_BYTES = 15_000_000  # each under 16 MB,
+_NOT_IN_A_CARRIED_NAME = re.compile(r"[^A-Za-z0-9._-]")  # with flat names of these characters
+
+
+def read_steps(path: Path) -> list[tuple[str, str, str, str]]:
+    """The first-contact steps file: one ``name<TAB>result<TAB>seconds<TAB>budget`` line per step run."""
+    return [tuple(line.split("\t")) for line in path.read_text().splitlines() if line.count("\t") == 3]
+
+
+def facts_markdown(facts: dict) -> list[str]:
+    """bench/first_contact.py's facts: the device, the toolkit, and each kernel file's NVRTC build."""
+    if "error" in facts:
+        return [f"Device facts: {facts['error']}"]
+    device = facts.get("device", {})
+    memory = device.get("totalGlobalMem")
+    lines = [f"Device facts: {facts['device_facts_error']}"] if "device_facts_error" in facts else [
+        f"Device: {device.get('name', '?')}, compute capability {facts.get('compute_capability', '?')}, "
+        f"{device.get('multiProcessorCount', '?')} SMs, "
+        + (f"{memory / 2**30:.1f} GiB" if isinstance(memory, int) else "memory ?")
+        + f"; driver {facts.get('driver_version', '?')}, runtime {facts.get('runtime_version', '?')}, "
+        f"NVRTC {'.'.join(map(str, facts.get('nvrtc_version', ['?'])))}; "
+        f"{', '.join(f'{k} {v}' for k, v in facts.get('versions', {}).items())}.",
+        "",
+        f"NVRTC: {' ('.join(facts.get('nvrtc', ['?', '?']))}); CUDA headers: {' ('.join(facts.get('cuda_headers', ['?', '?']))})."]
+    lines += ["", f"{facts.get('kernel_cache_files_before', '?')} files in CuPy's kernel cache before the compiles."]
+    files = facts.get("kernel_files", {})
+    if files:
+        lines += ["", "| kernel file | from | compile + load (s) | kernels | most registers | most static shared (B) "
+                  "| local memory in |", "|---|---|---|---|---|---|---|"]
+        for name, built in files.items():
+            kernels = built.get("kernels", {})
+            if "error" in built:
+                lines.append(f"| {name} | error: {' '.join(built['error'].split())[:300]} | | | | | |")
+                continue
+            spilling = ", ".join(k for k, v in kernels.items() if v["local_bytes"]) or "none"
+            lines.append(f"| {name} | {built['origin']} | {built['compile_and_load_seconds']:.2f} | {len(kernels)} "
+                         f"| {max((v['registers'] for v in kernels.values()), default=0)} "
+                         f"| {max((v['static_shared_bytes'] for v in kernels.values()), default=0)} | {spilling} |")
+    return lines
+
+
+def carry(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> content) into ``out_dir``: what leaves the GPU machine, so at most
+    CARRY_FILES, flat names of letters, digits and ``._-``, each under CARRY_BYTES (a bigger one
+    keeps its start and its end around a line saying how many bytes were cut)."""
+    if len(files) > CARRY_FILES:
+        raise ValueError(f"files: at most {CARRY_FILES} can be carried, got {len(files)}: {sorted(files)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if len(content) >= CARRY_BYTES:
+            head = CARRY_BYTES // 3
+            tail = CARRY_BYTES - head - 200
+            cut = f"\n[... {len(content) - head - tail} bytes cut here: the file had {len(content)} ...]\n".encode()
+            content = content[:head] + cut + content[-tail:]
+        (out_dir / _NOT_IN_A_CARRIED_NAME.sub("_", name)).write_bytes(content)
 
 
 def file_stem(device: str) -> str:
@@ -253,6 +352,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sanitizer-dir", type=Path)
     parser.add_argument("--benchmark", type=Path, action="append", default=[])
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--command", default="bash bench/gpu_check.sh", help="the command the report names")
+    parser.add_argument("--steps", type=Path, help="the first-contact steps file")
+    parser.add_argument("--facts", type=Path, help="bench/first_contact.py's facts JSON")
+    parser.add_argument("--results-out", type=Path,
+                        help="also copy the JSON, the report, the merged benchmarks and each --carry file here")
+    parser.add_argument("--carry", type=Path, action="append", default=[])
     args = parser.parse_args(argv)
     if args.file_stem is not None:
         print(file_stem(args.file_stem))
@@ -263,15 +368,24 @@ def main(argv: list[str]) -> int:
     report = merge_reports(args.benchmark)
     data = summary(
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        commit=git_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),
+        commit=source_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),
         sanitizer=sanitizer_results(args.sanitizer_dir), medians=benchmark_medians(report),
         launches=launches_per_step(report),
     )
+    steps = read_steps(args.steps) if args.steps and args.steps.is_file() else None
+    facts = json.loads(args.facts.read_text()) if args.facts and args.facts.is_file() else None
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "gpu_summary.json").write_text(json.dumps(data, indent=2) + "\n")
-    table = markdown(data)
+    text = json.dumps(data, indent=2) + "\n"
+    (args.out_dir / "gpu_summary.json").write_text(text)
+    table = markdown(data, args.command, steps, facts)
     (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
     print(table)
+    if args.results_out:
+        files = {"gpu_summary.json": text.encode(), f"{file_stem(args.device)}.md": table.encode()}
+        if report["benchmarks"]:
+            files["benchmarks.json"] = json.dumps(report, indent=1).encode()
+        files.update((path.name, path.read_bytes()) for path in args.carry if path.is_file())
+        carry(args.results_out, files)
     return 0
 
 

@@ -53,7 +53,7 @@ from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's in
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
 os.environ["CUPY_TF32"] = "0"
 
-ROUNDS = 20
+ROUNDS = int(os.environ.get("GPUBP_BENCH_ROUNDS", "20"))  # fewer for a quick look (first-contact runs 5)
 WARMUP = 3
 LR = 1e-3
 

@@ -1,7 +1,8 @@
 """Command line: ``python -m gpubp demo | info | bench``.
 
 demo   train 64-128-128-10 on the 8x8 digits, then fine-tune a frozen backbone to new classes
-info   versions, the GPUs the driver sees, which backends run here and why the others don't
+info   versions, the GPUs the driver sees, where NVRTC and the CUDA headers are, which backends run
+       here and why the others don't
 bench  time one training step per backend on a few shapes (a quick look; bench/ has the real suites)
 """
 
@@ -17,7 +18,7 @@ import time
 import numpy as np
 
 import gpubp as gb
-from gpubp import backends
+from gpubp import _toolkit, backends
 from gpubp import finetune as ft
 
 
@@ -111,6 +112,9 @@ def info(args) -> int:
         print(f"{dist:<12} {_version(dist)}")
     count, reason = cuda_device_count()
     print(f"CUDA GPUs  {count}" + (f" ({reason})" if reason else ""))
+    # What CuPy needs to compile kernels/*.cu when no CMake-built fatbin serves the GPU.
+    for what, (path, how) in (("NVRTC", _toolkit.nvrtc_library()), ("CUDA headers", _toolkit.cuda_headers())):
+        print(f"{what:<12} " + (f"{path} ({how})" if path else f"not found: {how}; {backends.INSTALL_HINT}"))
     print("backends:")
     for name, why_not in backends.available().items():
         print(f"  {name:<6} " + ("available" if why_not is None else f"unavailable: {' '.join(why_not.split())}"))

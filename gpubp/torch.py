@@ -8,10 +8,14 @@ as everywhere in gpubp; ``layers[i].bias`` is (out,)), so ``torch.optim``, ``sta
 ``DistributedDataParallel`` and ``requires_grad_`` work as on any module. Its forward runs the
 whole stack through ONE ``torch.autograd.Function`` that calls the backend contract:
 
-- CPU tensors run on the NumPy backend, zero-copy (``Tensor.numpy()`` / ``torch.from_numpy``);
-  float64 parameters compute in float64, so ``torch.autograd.gradcheck`` works;
+- CPU tensors run on the NumPy backend, zero-copy (``Tensor.numpy()``); float64 parameters
+  compute in float64, so ``torch.autograd.gradcheck`` works;
 - CUDA tensors run on the CuPy backend, zero-copy through DLPack, launched on
   ``torch.cuda.current_stream()`` under the tensor's device, with no synchronization added.
+
+The outputs, the activations kept for backward and the gradients are allocated by torch
+(``torch.empty`` on the current stream) and written by the kernels through DLPack views, so
+torch's caching allocator owns them and ``Tensor.record_stream`` works on them as on any tensor.
 
 Each call keeps its own activations in the autograd context (never in reused module buffers),
 so two forwards followed by their backwards, in any order, get their own gradients. The
@@ -230,12 +234,15 @@ def _trainable(layer: Dense) -> bool:
     return layer.weight.requires_grad or layer.bias.requires_grad
 
 
+# torch device type -> the gpubp backend that runs its tensors
+BACKEND_OF_DEVICE = {"cpu": "numpy", "cuda": "cupy"}
+
+
 def _backend_for(tensor: torch.Tensor):
-    if tensor.device.type == "cpu":
-        return backends.get("numpy")
-    if tensor.device.type == "cuda":
-        return backends.get("cupy")
-    raise ValueError(f"device: gpubp runs on CPU and CUDA tensors, got a tensor on {tensor.device}")
+    name = BACKEND_OF_DEVICE.get(tensor.device.type)
+    if name is None:
+        raise ValueError(f"device: gpubp runs on CPU and CUDA tensors, got a tensor on {tensor.device}")
+    return backends.get(name)
 
 
 # Dynamo would otherwise trace into the Function and rewrite its NumPy calls as torch ops, so
@@ -303,43 +310,59 @@ def _check_cpu_threads() -> None:
                     "torch.set_num_threads(1)")
 
 
+class _CudaStream:
+    """torch's current stream as the CUDA stream protocol presents it (``__cuda_stream__``), which
+    CuPy 14's ``Stream.from_external`` takes; older torch releases lack the method."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.stream.cuda_stream
+
+
 class _Device:
-    """Array conversion and the kernel launch scope for tensors on one device."""
+    """Array conversion, allocation and the kernel launch scope for tensors on one device.
+
+    Every tensor the bridge returns or keeps (outputs, activations, gradients) comes from
+    torch's allocator (``empty``), on torch's current stream; the kernels write into it through
+    a backend view. So torch owns all of that memory: ``Tensor.record_stream`` and the caching
+    allocator's stream bookkeeping cover it, as they could not cover memory from CuPy's pool."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.device = tensor.device
         self.backend = _backend_for(tensor)
-        if self.device.type == "cpu":
+        if self.backend.DEVICE == "cpu":
             _check_cpu_threads()
 
     def scope(self):
-        if self.device.type == "cpu":
+        """Where the kernels launch: torch's current stream of the device (CuPy's current stream
+        inside the scope), so they order with the torch work around them without a sync."""
+        if self.backend.DEVICE == "cpu":
             return contextlib.nullcontext()
-        import cupy
-
+        cupy = self.backend.cupy  # the CuPy the backend launches with
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pointer = torch.cuda.current_stream(self.device).cuda_stream
-        from_external = getattr(cupy.cuda.Stream, "from_external", None)
-        stream = from_external(pointer) if from_external is not None else cupy.cuda.ExternalStream(pointer, index)
+        current = torch.cuda.current_stream(self.device)
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy 14 and newer
+            stream = cupy.cuda.Stream.from_external(_CudaStream(current))
+        else:
+            stream = cupy.cuda.ExternalStream(current.cuda_stream, index)
         scope = contextlib.ExitStack()
         scope.enter_context(cupy.cuda.Device(index))
         scope.enter_context(stream)
         return scope
 
-    def array(self, tensor: torch.Tensor):
-        """The backend array sharing ``tensor``'s memory."""
+    def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def array(self, tensor: torch.Tensor | None):
+        """The backend array sharing ``tensor``'s memory (None for None)."""
+        if tensor is None:
+            return None
         tensor = tensor.detach()
-        if self.device.type == "cpu":
+        if self.backend.DEVICE == "cpu":
             return tensor.numpy()
-        import cupy
-
-        return cupy.from_dlpack(tensor)
-
-    def tensor(self, array) -> torch.Tensor:
-        """The tensor sharing ``array``'s memory."""
-        if self.device.type == "cpu":
-            return torch.from_numpy(array)
-        return torch.from_dlpack(array)
+        return self.backend.cupy.from_dlpack(tensor)
 
 
 def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, x: torch.Tensor, params: tuple) -> torch.Tensor:
@@ -352,22 +375,24 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, x: torch.Tensor, p
     plan = plan_backward(trainable, wants[0])
     # Per layer, what its backward reads, and nothing for a layer that computes nothing.
     kept = []
+    h = x
     with device.scope():
-        h = device.array(x)
         for i, act in enumerate(acts):
             need_dx, need_dw = plan[i]
-            y, z = device.backend.dense_forward(h, device.array(params[2 * i]), device.array(params[2 * i + 1]), act,
-                                                precision=math)
+            weight = params[2 * i]
+            y = device.empty((len(x), weight.shape[1]), weight.dtype)
+            z = device.empty(y.shape, weight.dtype) if act in activations.NEEDS_Z else None
+            device.backend.dense_forward(device.array(h), device.array(weight), device.array(params[2 * i + 1]), act,
+                                         out=device.array(y), out_z=device.array(z), precision=math)
             reads_y = (need_dx or need_dw) and act != "identity" and act not in activations.NEEDS_Z
             kept.append((h if need_dw else None, y if reads_y else None, z if need_dx or need_dw else None))
             h = y
-        out = device.tensor(h)
     # The input, the output and the weights go through save_for_backward, so an in-place change
     # to any of them before backward raises instead of giving wrong gradients.
     last_reads_y = kept[-1][1] is not None
-    ctx.save_for_backward(x if plan[0][1] else None, out if last_reads_y else None, *params)
+    ctx.save_for_backward(x if plan[0][1] else None, h if last_reads_y else None, *params)
     ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device = kept, plan, acts, math, device
-    return out
+    return h
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:
@@ -379,20 +404,25 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
     if not active:
         return grads
     with device.scope():
-        dy = device.array(grad_out.contiguous())
+        dy = grad_out.contiguous()
         for i in range(len(acts) - 1, active[0] - 1, -1):
             need_dx, need_dw = plan[i]
             inputs, y, z = kept[i]
             if i == 0 and x is not None:
-                inputs = device.array(x)
+                inputs = x
             if i == len(acts) - 1 and out is not None:
-                y = device.array(out)
-            dx, dw, db = device.backend.dense_backward(
-                dy, inputs, device.array(params[2 * i]), y, z, acts[i], need_dx, need_dw, precision=ctx.math)
+                y = out
+            weight, bias = params[2 * i], params[2 * i + 1]
+            dx = device.empty((len(dy), weight.shape[0]), weight.dtype) if need_dx else None
+            dw = device.empty(weight.shape, weight.dtype) if need_dw else None
+            db = device.empty(bias.shape, bias.dtype) if need_dw else None
+            device.backend.dense_backward(
+                device.array(dy), device.array(inputs), device.array(weight), device.array(y), device.array(z),
+                acts[i], need_dx, need_dw, device.array(dx), device.array(dw), device.array(db), precision=ctx.math)
             if need_dw:
-                grads[1 + 2 * i] = device.tensor(dw) if wants[1 + 2 * i] else None
-                grads[2 + 2 * i] = device.tensor(db) if wants[2 + 2 * i] else None
+                grads[1 + 2 * i] = dw if wants[1 + 2 * i] else None
+                grads[2 + 2 * i] = db if wants[2 + 2 * i] else None
             dy = dx
         if wants[0]:
-            grads[0] = device.tensor(dy)
+            grads[0] = dy
     return grads

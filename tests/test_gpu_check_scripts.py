@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +77,21 @@ def test_kernels_sha256_of_the_shipped_kernels_changes_with_any_byte(gs, tmp_pat
     assert gs.kernels_sha256(tmp_path) != gs.kernels_sha256(ROOT)
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_commit_is_heads_sha_marked_dirty_when_a_tracked_file_changed(gs, tmp_path):
+def git_in(folder: Path):
+    """``git`` run in ``folder`` with an identity for commits; returns its stdout."""
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True,
+        return subprocess.run(["git", *args], cwd=folder, env=env, check=True, capture_output=True,
                               text=True).stdout.strip()
 
+    return git
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_commit_is_heads_sha_marked_dirty_when_a_tracked_file_changed(gs, tmp_path):
+    git = git_in(tmp_path)
     git("init", "-q")
     (tmp_path / "f.txt").write_text("a")
     git("add", "f.txt")
@@ -94,6 +101,70 @@ def test_commit_is_heads_sha_marked_dirty_when_a_tracked_file_changed(gs, tmp_pa
     assert gs.git_commit(tmp_path) == sha
     (tmp_path / "f.txt").write_text("changed")
     assert gs.git_commit(tmp_path) == sha + "-dirty"
+
+
+def test_commit_is_the_environments_then_gits_then_the_archives_record_then_unknown(gs, tmp_path, monkeypatch):
+    monkeypatch.delenv(gs.COMMIT_ENV, raising=False)
+    (tmp_path / "bench").mkdir()
+    record = tmp_path / gs.COMMIT_FILE
+    record.write_text("$Format:%H$\n")  # as in a git work tree: not substituted
+    assert gs.source_commit(tmp_path) == "unknown"
+    record.write_text("ab" * 20 + "\n")  # as git archive leaves it
+    assert gs.source_commit(tmp_path) == "ab" * 20
+    monkeypatch.setattr(gs, "git_commit", lambda root: "cd" * 20)
+    assert gs.source_commit(tmp_path) == "ab" * 20  # no .git here: git is not asked
+    (tmp_path / ".git").mkdir()
+    assert gs.source_commit(tmp_path) == "cd" * 20
+    monkeypatch.setenv(gs.COMMIT_ENV, "ef" * 20)
+    assert gs.source_commit(tmp_path) == "ef" * 20
+
+
+def test_commit_is_unknown_where_git_fails(gs, tmp_path, monkeypatch):
+    monkeypatch.delenv(gs.COMMIT_ENV, raising=False)
+    (tmp_path / ".git").mkdir()  # not a repository git can read
+    assert gs.source_commit(tmp_path) == "unknown"
+
+
+def copy_for_the_summary(destination: Path) -> None:
+    """What bench/gpu_summary.py reads of the project: itself, kernels/ and the commit record, as
+    a work tree holds it (this copy of the project may itself come from git archive)."""
+    (destination / "bench").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_summary.py", destination / "bench" / "gpu_summary.py")
+    (destination / "bench" / "commit.txt").write_text("$Format:%H$\n")
+    shutil.copytree(ROOT / "kernels", destination / "kernels")
+
+
+def run_summary(copy: Path, env: dict) -> dict:
+    done = subprocess.run([sys.executable, str(copy / "bench" / "gpu_summary.py"), "--device", "Fake GPU",
+                           "--out-dir", str(copy / "out")], cwd=copy, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((copy / "out" / "gpu_summary.json").read_text())
+
+
+def test_the_summary_runs_in_a_copy_without_git_history(gs, tmp_path):
+    copy = tmp_path / "copy"
+    copy_for_the_summary(copy)
+    env = {k: v for k, v in os.environ.items() if k != gs.COMMIT_ENV}
+    data = run_summary(copy, env)
+    assert data["commit"] == "unknown"
+    assert data["kernels_sha256"] == gs.kernels_sha256()
+    assert run_summary(copy, {**env, gs.COMMIT_ENV: "ab" * 20})["commit"] == "ab" * 20
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_git_archive_of_the_project_records_its_commit_for_the_summary(gs, tmp_path):
+    repo = tmp_path / "repo"
+    copy_for_the_summary(repo)
+    shutil.copy(ROOT / ".gitattributes", repo / ".gitattributes")
+    git = git_in(repo)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    git("archive", "--format=tar", "-o", str(tmp_path / "release.tar"), "HEAD")
+    with tarfile.open(tmp_path / "release.tar") as release:
+        release.extractall(tmp_path / "release", filter="data")
+    env = {k: v for k, v in os.environ.items() if k != gs.COMMIT_ENV}
+    assert run_summary(tmp_path / "release", env)["commit"] == git("rev-parse", "HEAD")
 
 
 # ----------------------------------------------------------------------------- test counts
@@ -289,7 +360,7 @@ def test_summary_has_exactly_the_issues_schema(gs):
 
 
 def test_main_writes_the_json_and_the_devices_markdown(gs, tmp_path, monkeypatch):
-    monkeypatch.setattr(gs, "git_commit", lambda root=None: "f" * 40)
+    monkeypatch.setenv(gs.COMMIT_ENV, "f" * 40)
     (tmp_path / "gpu.xml").write_text(JUNIT_GPU)
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -345,6 +416,157 @@ def test_gpu_checks_summary_stage_reads_what_earlier_stages_left_in_the_check_fo
     assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
     assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0
     assert (results / "NVIDIA_H100_80GB_HBM3.md").is_file()
+
+
+def test_gpu_check_runs_first_contact_only_alone():
+    done = gpu_check("first-contact", "summary")
+    assert done.returncode == 2 and "first-contact runs alone" in done.stderr
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh first-contact
+#
+# The stage runs on the CPU with stand-ins for what needs a GPU: PYTHON, COMPUTE_SANITIZER and
+# cmake are one fake program that logs each call, and, for the calls a rule matches, writes the
+# files the real one would, prints, sleeps and exits as the rule says; any other Python call
+# (bench/gpu_summary.py, the xdist probe) runs for real.
+
+FAKE_TOOL = """
+import json, os, shutil, sys, time
+call = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(call + "\\n")
+for rule in json.loads(os.environ["FAKE_PLAN"]):
+    if rule["match"] in call:
+        for source, copy in rule.get("snapshot", {}).items():
+            shutil.copy(source, copy)
+        for path, text in rule.get("files", {}).items():
+            open(path, "w").write(text)
+        print(rule.get("stdout", ""), flush=True)
+        time.sleep(rule.get("sleep", 0))
+        sys.exit(rule.get("exit", 0))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+FACTS = {"device": {"name": "Fake H200", "multiProcessorCount": 132, "totalGlobalMem": 150 * 2**30},
+         "compute_capability": "90", "driver_version": 13000, "runtime_version": 13000, "nvrtc_version": [13, 0],
+         "versions": {"cupy": "14.2.0"}, "nvrtc": ["/x/libnvrtc.so.13", "cuda-pathfinder, site-packages"],
+         "cuda_headers": ["/x/include", "cuda-pathfinder"], "kernel_cache_files_before": 0,
+         "kernel_files": {"optim.cu": {"origin": "nvrtc", "compile_and_load_seconds": 0.5, "kernels": {
+             "sgd_update": {"registers": 20, "static_shared_bytes": 0, "local_bytes": 8, "max_threads_per_block": 1024}}}}}
+# What the fake GPU commands do, in the order first-contact runs them.
+GPU_CALLS = ["first_contact.py facts", "gpu_load_check.py nvrtc", "cmake", "gpu_load_check.py fatbin",
+             "-m pytest -m gpu", "--tool memcheck", "--tool racecheck", "first_contact.py bench"]
+
+
+def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
+    """Run ``gpu_check.sh first-contact`` with fake GPU tools; ``overrides`` are rules tried before
+    the plain ones. Returns (the finished process, the GPU calls made, in order, the check folder,
+    the results-out folder)."""
+    check, out, bin_dir = tmp_path / "check", tmp_path / "out", tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python", "compute-sanitizer", "cmake"):
+        (bin_dir / tool).write_text(f"#!{sys.executable}\n{FAKE_TOOL}")
+        (bin_dir / tool).chmod(0o755)
+    fwd = benchmark_report({(gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0})
+    plan = [*overrides,
+            {"match": "import cupy", "stdout": "Fake H200"},
+            {"match": "import xdist"},
+            {"match": "first_contact.py facts", "files": {str(check / "facts.json"): json.dumps(FACTS)}},
+            {"match": "gpu_load_check.py", "stdout": "ok  every kernel file loads"},
+            {"match": "cmake"},
+            {"match": "-m pytest -m gpu", "files": {str(check / "gpu_tests.xml"): JUNIT_GPU}},
+            {"match": "--tool memcheck", "stdout": CLEAN},
+            {"match": "--tool racecheck", "stdout": RACECHECK_CLEAN},
+            {"match": "first_contact.py bench", "files": {str(check / "bench_first_contact_fwd_4096.json"): json.dumps(fwd)}}]
+    log = tmp_path / "calls.log"
+    done = gpu_check("first-contact", env={
+        "PYTHON": str(bin_dir / "python"), "COMPUTE_SANITIZER": str(bin_dir / "compute-sanitizer"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log), "FAKE_PLAN": json.dumps(plan),
+        "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(tmp_path / "results"), "GPUBP_RESULTS_OUT": str(out),
+        "GPUBP_FIRST_CONTACT_BUDGETS": budgets, "GPUBP_COMMIT": "ab" * 20})
+    calls = [next(c for c in GPU_CALLS if c in line) for line in log.read_text().splitlines()
+             if any(c in line for c in GPU_CALLS)]
+    return done, [c for i, c in enumerate(calls) if c not in calls[:i]], check, out  # cmake runs thrice
+
+
+def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_they_found(gs, tmp_path):
+    done, calls, check, out = first_contact(gs, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls == GPU_CALLS
+    steps = gs.read_steps(check / "first_contact_steps.tsv")
+    assert [(name, result, budget) for name, result, _, budget in steps] == [
+        ("facts", "ok", "130"), ("tests", "ok", "140"), ("memcheck", "ok", "55"), ("racecheck", "ok", "70"),
+        ("bench", "ok", "110"), ("summary", "ok", "20")]
+    assert sum(int(budget) for *_, budget in steps) <= 9 * 60
+    carried = sorted(p.name for p in out.iterdir())
+    assert carried == sorted(["gpu_summary.json", "Fake_H200.md", "benchmarks.json", "first_contact.log", "facts.json",
+                              "gpu_tests.xml", "memcheck.log", "racecheck.log"])
+    assert all(p.stat().st_size < 16_000_000 for p in out.iterdir())
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["commit"] == "ab" * 20 and data["device"] == "Fake H200"
+    assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
+    assert data["sanitizer"] == {"memcheck": "clean", "racecheck": "clean", "initcheck": "not run",
+                                 "synccheck": "not run"}
+    assert data["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
+    report = (out / "Fake_H200.md").read_text()
+    assert "| bench | ok |" in report and "| optim.cu | nvrtc | 0.50 | 1 | 20 | 0 | sgd_update |" in report
+    assert "==== first-contact step racecheck" in (out / "first_contact.log").read_text()
+
+
+def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_others_found(gs, tmp_path):
+    snapshot = tmp_path / "while_racecheck_ran.json"
+    done, calls, check, out = first_contact(gs, tmp_path, budgets="tests=8", overrides=[
+        {"match": "-m pytest -m gpu", "files": {str(check := tmp_path / "check") + "/gpu_tests.xml": JUNIT_GPU},
+         "sleep": 60},
+        {"match": "--tool memcheck", "stdout": MEMCHECK_ERROR, "exit": 1},
+        {"match": "--tool racecheck", "stdout": RACECHECK_CLEAN,
+         "snapshot": {str(tmp_path / "out" / "gpu_summary.json"): str(snapshot)}}])
+    assert done.returncode == 1
+    assert "first-contact tests: out of time after 8 s" in done.stdout and "compute-sanitizer memcheck" in done.stdout
+    assert calls == GPU_CALLS  # the steps after the failures still ran
+    steps = {name: (result, int(seconds)) for name, result, seconds, _ in gs.read_steps(check / "first_contact_steps.tsv")}
+    assert steps["tests"][0] == "out of time" and steps["tests"][1] <= 9  # stopped at its budget, not after 60 s
+    assert steps["memcheck"][0] == "failed (exit status 1)" and steps["racecheck"][0] == "ok"
+    # The summary carried off while racecheck ran already held what the steps before it found.
+    earlier = json.loads(snapshot.read_text())
+    assert earlier["tests"] == {"passed": 17, "failed": 1, "skipped": 2}  # what the cut-off run reported
+    assert earlier["sanitizer"]["memcheck"] == "Invalid __global__ read of size 16 bytes"
+    assert earlier["sanitizer"]["racecheck"] == "not run"
+    final = json.loads((out / "gpu_summary.json").read_text())
+    assert final["sanitizer"]["racecheck"] == "clean" and final["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
+    assert "| tests | out of time | " in (out / "Fake_H200.md").read_text()
+
+
+def test_first_contact_refuses_a_budget_for_a_step_it_does_not_have(gs, tmp_path):
+    done = gpu_check("first-contact", env={"GPUBP_FIRST_CONTACT_BUDGETS": "test=60", "GPUBP_CHECK_DIR": str(tmp_path)})
+    assert done.returncode == 2 and "'test=60' is not <step>=<seconds>" in done.stderr
+
+
+def test_carried_files_have_flat_names_and_a_big_one_keeps_its_start_and_end(gs, tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "CARRY_BYTES", 1000)
+    big = b"first line\n" + b"x" * 5000 + b"\nlast line\n"
+    gs.carry(tmp_path, {"NVIDIA H200 (MIG 1g).md": b"report", "log.txt": big})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NVIDIA_H200__MIG_1g_.md", "log.txt"]
+    kept = (tmp_path / "log.txt").read_bytes()
+    assert len(kept) < 1000 and kept.startswith(b"first line") and kept.endswith(b"last line\n")
+    assert f"bytes cut here: the file had {len(big)} ".encode() in kept
+    with pytest.raises(ValueError, match="at most 8"):
+        gs.carry(tmp_path, {f"f{i}": b"" for i in range(9)})
+
+
+def test_the_first_contact_benchmarks_are_the_tests_behind_their_ratios(gs):
+    fc = load("first_contact")
+    ids = [node for group in fc.HEADLINE for node in fc.node_ids(group)]
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert [line for line in listed.stdout.splitlines() if "::" in line] == ids
+    assert list(fc.HEADLINE) == ["fwd_4096", "step_1024", "mlp64", "step_b64"]
+    for group, names in fc.HEADLINE.items():
+        for numerator, denominator in (gs.RATIOS[name] for name in names):
+            for workload, backend in (numerator, denominator):
+                assert any(backend in node and (workload in node or "[" + backend + "]" in node)
+                           for node in fc.node_ids(group)), (group, workload, backend)
 
 
 def test_file_stem_keeps_letters_and_digits_only(gs, capsys):
@@ -446,12 +668,8 @@ def driver():
 def tiny_driver(driver, monkeypatch):
     """The driver on tiny shapes for the NumPy backend, which implements the same contract (the
     CUDA simulator would take seconds per call); gpu_check.sh runs it on the GPU backends."""
-    monkeypatch.setitem(driver.DENSE_SHAPES, "numpy", [(3, 5, 4)])
-    monkeypatch.setitem(driver.MISALIGNED_LARGE_SHAPES, "numpy", [])
-    monkeypatch.setattr(driver, "MISALIGNED_FEATURES", (1, 4))
-    monkeypatch.setattr(driver, "MISALIGNED_BATCH", 3)
-    monkeypatch.setattr(driver, "LOSS_SHAPES", [(2, 3)])
-    monkeypatch.setattr(driver, "PARAMETER_SIZES", (1, 5))
+    monkeypatch.setitem(driver.COVERAGE, "numpy", driver.Coverage(
+        dense=[(3, 5, 4)], misaligned=[(3, 1, 4), (3, 4, 1)], losses=((2, 3),), parameters=(1, 5)))
     return driver
 
 
@@ -491,6 +709,8 @@ def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_p
 def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
     with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
         driver.main(["cpu"])
+    with pytest.raises(SystemExit, match=r"--reduced drives the cupy backend alone"):
+        driver.main(["--reduced", "cupy", "numba"])
 
 
 # ----------------------------------------------------------------------------- bench/fused_table.py

@@ -2,7 +2,8 @@
 
 The reference is the same computation in plain torch ops (``x @ W + b`` and torch's
 activation functions), and float64 finite differences through ``torch.autograd.gradcheck``.
-The CUDA path (CuPy through DLPack on torch's current stream) needs a GPU and is not run here.
+The CUDA path (CuPy through DLPack on torch's current stream) runs on the CPU stand-in for CuPy in
+tests/test_cupy_paths_on_cpu.py, and on a GPU in the test marked ``gpu`` below.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def plain_torch(mlp: MLP, x):
 
 def grads_of(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
+
+
+def allocated_by_torch(tensor) -> bool:
+    """Whether torch's allocator made the tensor's memory: only such storage is resizable; storage
+    over memory torch was handed (DLPack, NumPy) is not, and torch's stream bookkeeping
+    (``record_stream``) does not cover it."""
+    return tensor.untyped_storage().resizable()
 
 
 @pytest.fixture
@@ -250,6 +258,7 @@ def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     for g, w in zip(got, grads_of(want, inputs, grad_out)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert all(allocated_by_torch(tensor) for tensor in (out, *got))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -23,12 +23,13 @@ Where the kernels come from, per source file, on first use on each device:
    ``gpubp/_aot/`` (or the folder named by ``GPUBP_AOT_DIR``), when its manifest lists
    this GPU's architecture and its source hashes match the shipped sources (a stale
    fatbin is never used) and the driver loads it;
-2. otherwise NVRTC compiles the shipped source (cached on disk by CuPy). The local
-   ``#include`` lines are expanded here first, so the text CuPy hashes for its cache is
-   the whole program.
+2. otherwise NVRTC compiles the shipped source (cached on disk by CuPy) with ``NVRTC_OPTIONS``,
+   the flags the fatbins are built with. The local ``#include`` lines are expanded here first,
+   so the text CuPy hashes for its cache is the whole program.
 
 The kernels have ``extern "C"`` names (``dense_fwd_relu_128x128``, ...), identical on
-both paths. Each launch records its contract name with ``gpubp.trace``. Kernels go to
+both paths, listed per file in ``KERNELS``; all of a file's kernels are looked up when it
+loads. Each launch records its contract name with ``gpubp.trace``. Kernels go to
 CuPy's current stream; the deterministic reductions share one ticket buffer per device,
 so calls must not run concurrently on two streams of one device.
 
@@ -69,8 +70,6 @@ DTYPES = (np.float32,)
 
 log = logging.getLogger("gpubp")
 
-KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "dense_backward_tf32.cu",
-                "fused_mlp.cu", "loss.cu", "optim.cu")
 AOT_ENV = "GPUBP_AOT_DIR"  # where the CMake-built fatbins are, when not gpubp/_aot
 KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not the shipped ones
 AOT_MANIFEST = "manifest.txt"
@@ -99,6 +98,34 @@ _STORE_H, _STORE_Z, _TRAINABLE = 1, 2, 4
 _TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
 
 _LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"\s*')
+
+# What NVRTC compiles with, besides the -arch CuPy picks for the GPU. CMakeLists.txt builds the
+# fatbins with the same (GPUBP_CODEGEN_FLAGS), so a kernel computes the same from either path:
+# -ftz=true because CuPy adds it to every NVRTC compile (fp32 subnormals flush to zero).
+NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
+
+
+def _dense_name(kind: str, act: str, precision: str, tile: int = TF32_TILE) -> str:
+    """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw"."""
+    return f"dense_{kind}_tf32_{act}" if precision == "tf32" else f"dense_{kind}_{act}_{tile}x{tile}"
+
+
+# Every extern "C" kernel of each source file (tests/test_kernels_on_cpu.py checks this against the
+# sources). All of a file's kernels are looked up when the file loads: with lazy loading (the CUDA
+# default since 12.2) the first lookup of a kernel is what loads it, and drivers before 12.3 refuse
+# that inside a CUDA-graph capture, where a kernel used only by captured steps would first be asked for.
+KERNELS = {
+    "dense_forward.cu": tuple(_dense_name("fwd", act, "fp32", tile) for act in ACT_ID for tile in GEMM_TILES),
+    "dense_backward.cu": tuple(_dense_name(kind, act, "fp32", tile)
+                               for kind in ("dx", "dw") for act in ACT_ID for tile in GEMM_TILES),
+    "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, "tf32") for act in ACT_ID),
+    "dense_backward_tf32.cu": tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
+    "fused_mlp.cu": tuple(f"fused_mlp_{kind}{suffix}"
+                          for suffix in FUSED_PRECISIONS.values() for kind in ("fwd", "bwd", "dw")),
+    "loss.cu": ("ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd"),
+    "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "sumsq", "scale_inplace"),
+}
+KERNEL_FILES = tuple(KERNELS)
 
 
 def unavailable_reason() -> str | None:
@@ -207,19 +234,9 @@ _captured_arrays: list | None = None  # while a graph is captured: every launch'
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 
 
-# One kernel per file, fetched right after loading a fatbin so a refusal shows up there.
-_PROBE_KERNEL = {
-    "dense_forward.cu": "dense_fwd_identity_64x64",
-    "dense_backward.cu": "dense_dx_identity_64x64",
-    "dense_forward_tf32.cu": "dense_fwd_tf32_identity",
-    "dense_backward_tf32.cu": "dense_dx_tf32_identity",
-    "fused_mlp.cu": "fused_mlp_fwd",
-    "loss.cu": "mse_fwd_bwd",
-    "optim.cu": "scale_inplace",
-}
-
-
 def _rawmodule(filename: str):
+    """The loaded module of ``kernels/<filename>`` on the current device, with every kernel of it
+    looked up (in ``_functions``): from the AOT fatbin when it serves this GPU, else from NVRTC."""
     device = cupy.cuda.Device()
     key = (device.id, filename)
     module = _rawmodules.get(key)
@@ -231,17 +248,25 @@ def _rawmodule(filename: str):
         fatbin = aot_dir() / (Path(filename).stem + ".fatbin")
         try:
             module = cupy.RawModule(path=str(fatbin))
-            module.get_function(_PROBE_KERNEL[filename])
+            functions = _look_up_kernels(module, filename)
             origin[filename] = "fatbin"
         except cupy.cuda.driver.CUDADriverError as exc:  # e.g. a driver older than the toolkit
             why_not = f"the driver refused {fatbin}: {exc}"
             module = None
     if module is None:
         log.debug("gpubp: compiling %s with NVRTC (AOT fatbin unused: %s)", filename, why_not)
-        module = cupy.RawModule(code=kernel_source(filename), options=("-std=c++17",))
+        module = cupy.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS)
+        functions = _look_up_kernels(module, filename)
         origin[filename] = "nvrtc"
+    for name, function in functions.items():
+        _functions[(device.id, name)] = _Launch(function)
     _rawmodules[key] = module
     return module
+
+
+def _look_up_kernels(module, filename: str) -> dict:
+    """Every kernel of ``filename`` from its module; the first lookup compiles (NVRTC) or loads it."""
+    return {name: module.get_function(name) for name in KERNELS[filename]}
 
 
 class _Launch:
@@ -262,10 +287,9 @@ class _Launch:
 
 def _kernel(filename: str, name: str) -> _Launch:
     key = (cupy.cuda.Device().id, name)
-    fn = _functions.get(key)
-    if fn is None:
-        fn = _functions[key] = _Launch(_rawmodule(filename).get_function(name))
-    return fn
+    if key not in _functions:
+        _rawmodule(filename)
+    return _functions[key]
 
 
 def _state() -> dict:
@@ -415,13 +439,11 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
     if precision == "tf32":
         tile, threads = TF32_TILE, TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
-        name = f"dense_{kind}_tf32_{act}"
     else:
         tile = _gemm_tile(m, n)
         threads = GEMM_TILES[tile]
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
-        name = f"dense_{kind}_{act}_{tile}x{tile}"
-    return _kernel(filename, name), (-(-m // tile), -(-n // tile)), (threads,)
+    return _kernel(filename, _dense_name(kind, act, precision, tile)), (-(-m // tile), -(-n // tile)), (threads,)
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
@@ -635,9 +657,12 @@ def capture(fn) -> Graph:
     """Run ``fn()`` with every kernel it launches recorded into a CUDA graph instead of run.
 
     ``fn`` must launch kernels only: no host-device copy or synchronization (CUDA refuses
-    them during a capture), and every kernel should have run once before, so that no module
-    loads and no workspace grows mid-capture. A capture needs a stream of its own (CUDA
-    refuses the legacy default stream); replays run on whichever stream is current.
+    them during a capture), and every kernel file it uses should have loaded before (loading
+    one looks up all its kernels), so that no module loads and no workspace grows mid-capture.
+    A capture needs a stream of its own (CUDA refuses the legacy default stream), and a
+    non-blocking one: work that another thread puts on the legacy default stream would
+    otherwise synchronize with the capturing stream, which invalidates the capture. Replays
+    run on whichever stream is current.
     """
     global _captured_arrays
     if _captured_arrays is not None:
@@ -645,7 +670,7 @@ def capture(fn) -> Graph:
     state = _state()
     stream = state.get("capture_stream")
     if stream is None:
-        stream = state["capture_stream"] = cupy.cuda.Stream()
+        stream = state["capture_stream"] = cupy.cuda.Stream(non_blocking=True)
     arrays = _captured_arrays = []
     try:
         with stream:

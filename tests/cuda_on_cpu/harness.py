@@ -29,12 +29,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import types
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -383,12 +386,28 @@ def _toolchain_identity() -> str:
 # ----------------------------------------------------------------------------- CuPy stand-in
 
 
-def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") -> types.ModuleType:
+def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", version: int = 14) -> types.ModuleType:
     """The subset of the ``cupy`` module that ``cupy_backend`` uses, backed by the harness.
 
     ``sms`` is the multiprocessor count the backend sees, which drives its tile and split-K
-    choices (132: an H100 SXM)."""
+    choices (132: an H100 SXM). ``version`` (13 or 14) is the CuPy release whose stream API it
+    has. It refuses what CuPy (and CUDA under it) refuses, where the backend has been caught out:
+
+    - ``Stream.from_external`` (CuPy 14 and newer) takes only an object whose ``__cuda_stream__()``
+      returns ``(0, pointer)``; CuPy 13 has ``ExternalStream(pointer, device_id)`` instead (which
+      CuPy 14 deprecates);
+    - a module compiles or loads at its first ``get_function``, as CuPy's RawModule does, and the
+      first lookup of each kernel loads it (CUDA's lazy loading): either during a capture fails;
+    - capturing on the legacy default stream fails; so does work on the legacy default stream,
+      from any thread, while a blocking stream (one made without ``non_blocking=True``) captures:
+      it would synchronize with the capturing stream, which invalidates the capture;
+    - the current stream is per thread, as CuPy's is.
+    """
     cp = types.ModuleType("cupy_on_cpu")
+    cp.__version__ = f"{version}.0.0"
+    local = threading.local()  # the stack of streams entered with `with stream:`, per thread
+    capture = types.SimpleNamespace(stream=None, invalidated=None)  # the stream capturing, if any
+    pointers = itertools.count(0x1000)
 
     class CUDADriverError(RuntimeError):
         pass
@@ -399,6 +418,12 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
         def __init__(self, device_id: int = 0):
             self.compute_capability = compute_capability
             self.attributes = {"MultiProcessorCount": sms}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
 
     class Graph:
         """A captured graph: ``launch()`` runs the recorded operations again, in order, with the
@@ -412,15 +437,16 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
             for operation in self.operations:
                 operation()
 
-    class Stream:
-        current = None  # the stream of the innermost `with stream:`, as CuPy's current stream
+    class _BaseStream:
+        def __init__(self, ptr: int, device_id: int, non_blocking: bool):
+            self.ptr, self.device_id, self.is_non_blocking = ptr, device_id, non_blocking
 
         def __enter__(self):
-            self._outer, Stream.current = Stream.current, self
+            local.__dict__.setdefault("streams", []).append(self)
             return self
 
         def __exit__(self, *exc):
-            Stream.current = self._outer
+            local.streams.pop()
             return False
 
         def synchronize(self):
@@ -428,50 +454,115 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
 
         def begin_capture(self, mode=None):
             global _capture
+            if self.ptr == 0:
+                raise RuntimeError("cannot capture on the default (legacy) stream")
             if _capture is not None:
                 raise CaptureError("a capture is already in progress")
-            if Stream.current is not self:
+            if current_stream() is not self:
                 raise CaptureError("begin_capture: capture on the current stream (inside `with stream:`)")
-            _capture = []
+            _capture, capture.stream, capture.invalidated = [], self, None
 
         def end_capture(self):
             global _capture
-            if _capture is None:
+            if capture.stream is not self:
                 raise CaptureError("end_capture: the stream is not capturing")
-            operations, _capture = _capture, None
+            operations, invalidated = _capture, capture.invalidated
+            _capture, capture.stream, capture.invalidated = None, None, None
+            if invalidated is not None:
+                raise CaptureError(f"the capture was invalidated: {invalidated}")
             return Graph(operations)
 
+        def is_capturing(self) -> bool:
+            return capture.stream is self
+
+    class Stream(_BaseStream):
+        null = None
+
+        def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+            super().__init__(0 if null else next(pointers), -1 if null else 0, bool(non_blocking) and not null)
+
+        if version >= 14:
+            @classmethod
+            def from_external(cls, obj):
+                try:
+                    stream_version, pointer = obj.__cuda_stream__()
+                except AttributeError as exc:
+                    raise TypeError(f"Object of type {type(obj).__name__} does not implement the CUDA stream "
+                                    "protocol (__cuda_stream__ method)") from exc
+                if type(stream_version) is not int or type(pointer) is not int or stream_version != 0:
+                    raise TypeError(f"__cuda_stream__() must return (0, int), got ({stream_version!r}, {pointer!r})")
+                stream = cls.__new__(cls)
+                _BaseStream.__init__(stream, pointer, -1, non_blocking=False)
+                stream.foreign = obj  # kept alive with the stream, as CuPy does
+                return stream
+
+    class ExternalStream(_BaseStream):
+        def __init__(self, ptr, device_id=-1):
+            if version >= 14:
+                warnings.warn("ExternalStream is deprecated. Use Stream.from_external() instead",
+                              DeprecationWarning, stacklevel=2)
+            if type(ptr) is not int:
+                raise TypeError(f"ExternalStream: ptr must be an int, got {type(ptr).__name__}")
+            super().__init__(ptr, device_id, non_blocking=False)
+
+    Stream.null = Stream(null=True)
+
+    def current_stream():
+        streams = getattr(local, "streams", None)
+        return streams[-1] if streams else Stream.null
+
+    def recorded(what: str) -> bool:
+        """Whether an operation on the current stream goes into the capture in progress (True) or
+        runs now (False); raises where CUDA fails it: on the legacy default stream while a
+        blocking stream captures (an implicit synchronization with it, from this thread or any)."""
+        if capture.stream is None:
+            return False
+        stream = current_stream()
+        if stream is capture.stream:
+            return True
+        if stream.ptr == 0 and not capture.stream.is_non_blocking:
+            capture.invalidated = (f"{what} on the legacy default stream synchronizes with the capturing stream, "
+                                   "which was made without non_blocking=True")
+            raise CaptureError(capture.invalidated)
+        return False
+
     class CapturingKernel:
-        """A kernel that, while a capture is in progress, is recorded instead of run. As in a
-        CUDA graph, the record holds the arrays' addresses, not the arrays: a replay after an
-        argument's memory was freed fails, naming the kernel and the argument."""
+        """A kernel that, while a capture is in progress on the current stream, is recorded instead
+        of run. As in a CUDA graph, the record holds the arrays' addresses, not the arrays: a replay
+        after an argument's memory was freed fails, naming the kernel and the argument."""
 
         def __init__(self, kernel: Kernel):
             self.kernel = kernel
 
         def __call__(self, grid, block, args, shared_mem: int = 0):
-            if _capture is None:
+            if not recorded(f"launching {self.kernel.name}"):
                 self.kernel(grid, block, args, shared_mem)
                 return
-            recorded = [_Address(a) if isinstance(a, DeviceArray) else a for a in args]
+            addresses = [_Address(a) if isinstance(a, DeviceArray) else a for a in args]
 
             def launch():
                 self.kernel(grid, block, [a.array(self.kernel.name, i) if isinstance(a, _Address) else a
-                                          for i, a in enumerate(recorded)], shared_mem)
+                                          for i, a in enumerate(addresses)], shared_mem)
 
             _capture.append(launch)
 
     class RawModule:
+        """Compiles (``code``) or loads (``path``) at the first ``get_function``, as CuPy does."""
+
         def __init__(self, code: str | None = None, options=(), path: str | None = None):
-            if code is None:
-                raise CUDADriverError(f"cannot load the GPU binary {path} on the CPU")
-            _refuse_during_capture("loading a module")
-            self._module = harness.module(code, _label_of(code))
+            self.code, self.path = code, path
+            self._module, self._looked_up = None, set()
 
         def get_function(self, name: str) -> CapturingKernel:
-            return CapturingKernel(self._module.get_function(name))
-
-    default_stream = Stream()
+            if name not in self._looked_up:
+                _refuse_during_capture(f"loading the kernel {name} (its first lookup, under lazy loading)")
+            if self._module is None:
+                if self.code is None:
+                    raise CUDADriverError(f"cannot load the GPU binary {self.path} on the CPU")
+                self._module = harness.module(self.code, _label_of(self.code))
+            kernel = CapturingKernel(self._module.get_function(name))
+            self._looked_up.add(name)
+            return kernel
 
     def asarray(a, dtype=None):
         if isinstance(a, DeviceArray) and (dtype is None or np.dtype(dtype) == a.dtype):
@@ -485,19 +576,24 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
         _refuse_during_capture("copying an array to the device")
         return to_device(np.ascontiguousarray(a, dtype=dtype))
 
+    def from_dlpack(obj):
+        """A device array viewing another library's memory (a torch tensor's, say): this GPU's
+        memory is host memory, so the producer's CPU tensors stand for its CUDA ones."""
+        return np.from_dlpack(obj).view(DeviceArray)
+
     def zeros(shape, dtype=np.float32):
         out = device_empty(shape, dtype)
-        if _capture is None:
-            out.view(np.ndarray)[...] = 0
-        else:  # CuPy fills it with a kernel, which the graph records
+        if recorded("cupy.zeros"):  # CuPy fills it with a kernel, which the graph records
             _capture.append(lambda: out.view(np.ndarray).fill(0))
+        else:
+            out.view(np.ndarray)[...] = 0
         return out
 
     def copyto(dst, src, casting="same_kind"):
         def copy():
             np.copyto(dst.view(np.ndarray), np.asarray(src).view(np.ndarray), casting=casting)
 
-        copy() if _capture is None else _capture.append(copy)
+        _capture.append(copy) if recorded("cupy.copyto") else copy()
 
     def numpy_function(name: str):
         # Array math the backend does with CuPy's NumPy-like API (the softmax around the identity
@@ -520,12 +616,14 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90") 
     cp.empty_like = lambda a: device_empty(a.shape, a.dtype)
     cp.asarray = asarray
     cp.ascontiguousarray = ascontiguousarray
+    cp.from_dlpack = from_dlpack
     cp.asnumpy = lambda a: DeviceArray.get(a) if isinstance(a, DeviceArray) else np.array(a, copy=True)
     cp.RawModule = RawModule
     cp.cuda = types.SimpleNamespace(
         Device=Device,
         Stream=Stream,
-        get_current_stream=lambda: Stream.current or default_stream,
+        ExternalStream=ExternalStream,
+        get_current_stream=current_stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
         driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
     )

@@ -1,0 +1,201 @@
+"""The first minutes on a GPU: what the device is and how the kernels build on it, then the
+headline benchmarks with few rounds. ``bash bench/gpu_check.sh first-contact`` runs both.
+
+    python bench/first_contact.py facts <facts.json>
+    python bench/first_contact.py bench <folder>
+
+``facts``: the device as the CUDA runtime reports it, the driver, runtime, NVRTC and library
+versions, where NVRTC and the CUDA headers are, nvidia-smi's view (clocks, power, MIG mode) and
+the tools' versions; then every kernel file compiled by NVRTC for this GPU through the CuPy
+backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
+and load, and per kernel the registers, static shared memory and local memory (spills) the
+driver reports. The JSON is rewritten after each part, so a run cut short keeps what it found.
+The compile times are cold only when CuPy's cache (``CUPY_CACHE_DIR``) starts empty, which
+``kernel_cache_files_before`` records.
+
+``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
+per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
+the folder as soon as it finishes, with ``GPUBP_BENCH_ROUNDS`` rounds (5 unless set).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpu_summary import FWD_4096, RATIOS, STEP_1024, STEP_B64, STEP_MLP64
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE_BENCHMARKS = "bench/test_gpu_dense.py"
+
+# The headline ratios (bench/gpu_summary.py's names) in order of value, grouped into pytest runs.
+HEADLINE = {
+    "fwd_4096": ("fwd_4096_fp32_vs_cublas",),
+    "step_1024": ("step_1024_vs_torch_eager",),
+    "mlp64": ("mlp64_step_vs_torch_eager",),
+    "step_b64": ("step_b64_graph_vs_eager", "step_b64_graph_vs_torch_eager"),
+}
+# The test of bench/test_gpu_dense.py that times each workload, as a pytest test id.
+TEST_OF_WORKLOAD = {
+    FWD_4096: "test_forward_4096_relu[{backend}]",
+    STEP_1024: "test_train_step[{workload}-{backend}]",
+    STEP_MLP64: "test_train_step[{workload}-{backend}]",
+    STEP_B64: "test_small_batch_train_step[{backend}]",
+}
+ROUNDS = "5"
+TOOL_VERSIONS = {"nvcc": ["--version"], "compute-sanitizer": ["--version"], "ncu": ["--version"],
+                 "cmake": ["--version"]}
+SMI_QUERY = ("name,driver_version,pstate,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,"
+             "temperature.gpu,persistence_mode,mig.mode.current,ecc.mode.current")
+
+
+def node_ids(group: str) -> list[str]:
+    """The pytest node ids of the benchmarks behind ``group``'s ratios, each (workload, backend) once."""
+    pairs = dict.fromkeys(pair for ratio in HEADLINE[group] for pair in RATIOS[ratio])
+    return [f"{DENSE_BENCHMARKS}::" + TEST_OF_WORKLOAD[workload].format(workload=workload, backend=backend)
+            for workload, backend in pairs]
+
+
+def bench(folder: Path) -> int:
+    env = {**os.environ, "GPUBP_BENCH_ROUNDS": os.environ.get("GPUBP_BENCH_ROUNDS", ROUNDS)}
+    failed = []
+    for group in HEADLINE:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
+                               "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], cwd=ROOT, env=env)
+        print(f"first-contact benchmarks {group}: exit status {done.returncode} after "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        if done.returncode != 0:
+            failed.append(group)
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- facts
+
+
+def _command(argv: list[str]) -> str:
+    """The output of a command (20 s at most), or why there is none."""
+    if shutil.which(argv[0]) is None:
+        return f"{argv[0]}: not found"
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return f"{argv[0]}: no answer in 20 s"
+    return (done.stdout + done.stderr).strip()
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _plain(value):
+    """A device property as JSON: bytes as text where they are text (the name), else as hex."""
+    if isinstance(value, bytes):
+        try:
+            text = value.split(b"\0")[0].decode("ascii")
+        except UnicodeDecodeError:
+            return value.hex()
+        return text if text.isprintable() else value.hex()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def device_facts(cupy) -> dict:
+    from gpubp import _toolkit
+
+    runtime = cupy.cuda.runtime
+    device = cupy.cuda.Device()
+    properties = runtime.getDeviceProperties(device.id)
+    torch_cuda = "not installed"
+    try:
+        import torch
+
+        torch_cuda = f"{torch.__version__}, CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}"
+    except ImportError:
+        pass
+    return {
+        "device": {key: _plain(value) for key, value in sorted(properties.items())},
+        "compute_capability": device.compute_capability,
+        "driver_version": runtime.driverGetVersion(),
+        "runtime_version": runtime.runtimeGetVersion(),
+        "nvrtc_version": list(cupy.cuda.nvrtc.getVersion()),
+        "versions": {"python": platform.python_version(), "cupy": cupy.__version__, "torch": torch_cuda,
+                     **{dist: _version(dist) for dist in ("numpy", "numba", "numba-cuda", "cuda-pathfinder")}},
+        "nvrtc": list(_toolkit.nvrtc_library()),
+        "cuda_headers": list(_toolkit.cuda_headers()),
+        "nvidia_smi": _command(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"]),
+        "tools": {tool: _command([tool, *args]).splitlines()[-1:] for tool, args in TOOL_VERSIONS.items()},
+        "cupy_cache_dir": os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"),
+    }
+
+
+def kernel_facts(cupy_backend, filename: str) -> dict:
+    """Compile and load ``filename`` through the backend (NVRTC, as the AOT folder is empty),
+    timed, and the driver's attributes of each of its kernels."""
+    start = time.perf_counter()
+    cupy_backend._rawmodule(filename)
+    seconds = time.perf_counter() - start
+    device = cupy_backend.cupy.cuda.Device().id
+    kernels = {}
+    for name in cupy_backend.KERNELS[filename]:
+        kernel = cupy_backend._functions[(device, name)].function
+        kernels[name] = {"registers": kernel.num_regs, "static_shared_bytes": kernel.shared_size_bytes,
+                         "local_bytes": kernel.local_size_bytes, "max_threads_per_block": kernel.max_threads_per_block}
+    return {"origin": cupy_backend.origin[filename], "compile_and_load_seconds": round(seconds, 3), "kernels": kernels}
+
+
+def facts(out: Path) -> int:
+    from gpubp.backends import cupy_backend
+
+    os.environ[cupy_backend.AOT_ENV] = tempfile.mkdtemp()  # no fatbins: NVRTC compiles every file
+
+    if cupy_backend.unavailable_reason() is not None:
+        out.write_text(json.dumps({"error": cupy_backend.unavailable_reason()}, indent=2) + "\n")
+        print(f"first contact: {cupy_backend.unavailable_reason()}")
+        return 1
+    cache = Path(os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")))
+    status = 0
+    try:
+        found = device_facts(cupy_backend.cupy)
+    except Exception as exc:  # recorded; the kernel files are still compiled and timed
+        found, status = {"device_facts_error": f"{type(exc).__name__}: {exc}"}, 1
+    found["kernel_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+    found["kernel_files"] = {}
+    out.write_text(json.dumps(found, indent=2) + "\n")
+    print(json.dumps({key: value for key, value in found.items() if key not in ("device", "kernel_files")}, indent=1))
+    for filename in cupy_backend.KERNEL_FILES:
+        try:
+            found["kernel_files"][filename] = kernel_facts(cupy_backend, filename)
+        except Exception as exc:  # a compile or load error: recorded, and the next file still runs
+            found["kernel_files"][filename] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
+            status = 1
+        result = found["kernel_files"][filename]
+        spilling = [name for name, k in result.get("kernels", {}).items() if k["local_bytes"]]
+        print(f"{filename}: " + (result["error"] if "error" in result else
+              f"{result['origin']} in {result['compile_and_load_seconds']:.2f} s, {len(result['kernels'])} kernels"
+              + (f", local memory in {', '.join(spilling)}" if spilling else "")), flush=True)
+        out.write_text(json.dumps(found, indent=2) + "\n")
+    return status
+
+
+def main(argv: list[str]) -> int:
+    commands = {"facts": facts, "bench": bench}
+    if len(argv) != 2 or argv[0] not in commands:
+        raise SystemExit(f"usage: first_contact.py {{{'|'.join(commands)}}} <path>")
+    return commands[argv[0]](Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,287 @@
+"""How the CuPy backend and the PyTorch bridge drive CuPy, on the CPU stand-in for CuPy 13 and 14.
+
+``tests/test_kernels_on_cpu.py`` checks what the kernels compute on the CPU harness; this file
+checks the calls around them that only a GPU run would otherwise exercise: kernel loading and
+CUDA-graph capture in ``gpubp/backends/cupy_backend.py``, and the CUDA path of ``gpubp.torch``
+(streams, DLPack, who allocates the tensors it returns). The stand-in (``cupy_shim`` in
+``tests/cuda_on_cpu/harness.py``) refuses what CuPy and CUDA refuse in each of these respects;
+each behaviour has a test here, and a test that the stand-in does refuse the mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from cuda_on_cpu import harness
+from test_gpu_check_scripts import load
+from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
+import gpubp as gb
+from gpubp.activations import ACTIVATIONS
+from gpubp.backends import cupy_backend
+
+pytestmark = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+
+
+@pytest.fixture
+def cb(cpu_harness, monkeypatch):  # noqa: F811
+    return cupy_on_cpu(cpu_harness, monkeypatch, 132)
+
+
+def on_another_thread(fn):
+    """Run ``fn()`` on a new thread (whose current stream is the legacy default one); returns
+    the exception it raised, or None."""
+    raised = []
+
+    def run():
+        try:
+            fn()
+        except Exception as exc:  # handed back to the test, which checks it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+# ----------------------------------------------------------------------------- kernel loading
+
+
+def test_each_file_lists_exactly_the_kernels_its_source_defines(cpu_harness):  # noqa: F811
+    for filename, names in cupy_backend.KERNELS.items():
+        module = cpu_harness.module(cupy_backend.kernel_source(filename), filename.removesuffix(".cu"))
+        assert sorted(names) == sorted(module.kernel_names()), filename
+
+
+def test_loading_a_file_looks_up_every_kernel_it_defines(cb):
+    cb._rawmodule("optim.cu")
+    assert {name for _, name in cb._functions} == set(cb.KERNELS["optim.cu"])
+
+
+def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
+    """The update kernels that read their rate from the device run only in captured steps."""
+    p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))
+    hyper, guard = cb.asarray(np.array([0.25], np.float32)), cb.asarray(np.zeros(1, np.float32))
+    cb.sgd_update(p, g, None, 0.5, 0.0, False, 0.0)  # eager: loads optim.cu; 1 - 0.5 * 2 = 0
+    graph = cb.capture(lambda: cb.sgd_update(p, g, None, None, 0.0, False, 0.0, hyper=hyper, guard=guard))
+    graph.launch()
+    np.testing.assert_array_equal(cb.to_host(p), np.full(5, -0.5, np.float32))
+
+
+def test_the_stand_in_refuses_a_kernels_first_lookup_during_a_capture(cb):
+    cp = cb.cupy
+    module = cp.RawModule(code=cupy_backend.kernel_source("optim.cu"))
+    module.get_function("scale_inplace")
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        module.get_function("scale_inplace")  # looked up before: loaded already
+        with pytest.raises(harness.CaptureError, match="loading the kernel sumsq"):
+            module.get_function("sumsq")
+        stream.end_capture()
+
+
+# ----------------------------------------------------------------------------- the capture stream
+
+
+def test_work_another_thread_puts_on_the_legacy_stream_during_a_capture_runs_and_is_not_captured(cb):
+    a, b = cb.asarray(np.ones(4, np.float32)), cb.asarray(np.ones(4, np.float32))
+    cb.scale_(a, 1.0)  # loads optim.cu before the capture
+
+    def step():
+        cb.scale_(a, 2.0)
+        assert on_another_thread(lambda: cb.scale_(b, 3.0)) is None
+
+    graph = cb.capture(step)
+    np.testing.assert_array_equal(cb.to_host(b), np.full(4, 3.0))  # ran at once, on its own stream
+    np.testing.assert_array_equal(cb.to_host(a), np.ones(4))  # captured, not run
+    graph.launch()
+    np.testing.assert_array_equal(cb.to_host(a), np.full(4, 2.0))
+    np.testing.assert_array_equal(cb.to_host(b), np.full(4, 3.0))
+
+
+@pytest.mark.parametrize("non_blocking", [False, True], ids=["blocking", "non_blocking"])
+def test_the_stand_in_invalidates_a_blocking_streams_capture_when_the_legacy_stream_is_used(cb, non_blocking):
+    cp = cb.cupy
+    b = cb.asarray(np.ones(4, np.float32))
+    cb.scale_(b, 1.0)
+    stream = cp.cuda.Stream(non_blocking=non_blocking)
+    with stream:
+        stream.begin_capture()
+        raised = on_another_thread(lambda: cb.scale_(b, 3.0))
+        if non_blocking:
+            assert raised is None
+            stream.end_capture()
+        else:
+            assert isinstance(raised, harness.CaptureError)
+            with pytest.raises(harness.CaptureError, match="invalidated.*non_blocking=True"):
+                stream.end_capture()
+
+
+def test_the_stand_in_refuses_a_capture_on_the_legacy_stream(cb):
+    legacy = cb.cupy.cuda.Stream.null
+    with legacy, pytest.raises(RuntimeError, match="default \\(legacy\\) stream"):
+        legacy.begin_capture()
+
+
+# ----------------------------------------------------------------------------- external streams
+
+
+class TorchStream:
+    """What ``torch.cuda.current_stream()`` gives, as older torch releases have it: the
+    pointer in ``cuda_stream`` and no ``__cuda_stream__``."""
+
+    def __init__(self, pointer: int):
+        self.cuda_stream = pointer
+
+
+class CudaStreamProtocol:
+    def __init__(self, result):
+        self.result = result
+
+    def __cuda_stream__(self):
+        return self.result
+
+
+def test_the_stand_in_takes_external_streams_as_cupy_14_does(cpu_harness):  # noqa: F811
+    cp = harness.cupy_shim(cpu_harness, version=14)
+    assert cp.cuda.Stream.from_external(CudaStreamProtocol((0, 0x5000))).ptr == 0x5000
+    for refused in (0x5000, TorchStream(0x5000), CudaStreamProtocol((1, 0x5000)), CudaStreamProtocol((0, "0x5000"))):
+        with pytest.raises(TypeError):
+            cp.cuda.Stream.from_external(refused)
+    with pytest.warns(DeprecationWarning, match="from_external"):
+        cp.cuda.ExternalStream(0x5000, 0)
+
+
+def test_the_stand_in_takes_external_streams_as_cupy_13_does(cpu_harness):  # noqa: F811
+    cp = harness.cupy_shim(cpu_harness, version=13)
+    assert not hasattr(cp.cuda.Stream, "from_external")
+    assert cp.cuda.ExternalStream(0x5000, 0).ptr == 0x5000
+
+
+# ----------------------------------------------------------------------------- the PyTorch bridge
+
+torch = pytest.importorskip("torch")
+
+from test_torch import allocated_by_torch, grads_of, plain_torch, random_input  # noqa: E402
+from gpubp import torch as gpubp_torch  # noqa: E402
+from gpubp.torch import MLP  # noqa: E402
+
+TORCH_STREAM = 0x7E57
+
+
+def test_allocated_by_torch_tells_torchs_memory_from_memory_it_was_handed(cb):
+    assert allocated_by_torch(torch.empty(3))
+    assert not allocated_by_torch(torch.from_dlpack(np.ones(3)))
+    assert not allocated_by_torch(torch.from_dlpack(cb.cupy.empty((3,), np.float32)))
+
+
+@pytest.fixture(params=[13, 14], ids=["cupy13", "cupy14"])
+def bridge_on_cupy(request, cpu_harness, monkeypatch):  # noqa: F811
+    """gpubp.torch's CUDA path on the stand-in: CPU tensors stand for CUDA ones, the stand-in's
+    CuPy (13 or 14) launches the kernels, and torch's current stream is ``TORCH_STREAM``.
+    Returns the stream pointer of every kernel launch."""
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, 132, version=request.param)
+    monkeypatch.setitem(gpubp_torch.BACKEND_OF_DEVICE, "cpu", "cupy")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: TorchStream(TORCH_STREAM))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    streams = []
+    launch = cb._Launch.__call__
+
+    def recording_launch(self, grid, block, args, **kwargs):
+        streams.append(cb.cupy.cuda.get_current_stream().ptr)
+        launch(self, grid, block, args, **kwargs)
+
+    monkeypatch.setattr(cb._Launch, "__call__", recording_launch)
+    return streams
+
+
+def test_the_bridge_runs_the_cupy_kernels_on_torchs_stream_and_returns_memory_torch_allocated(bridge_on_cupy):
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], activation="gelu")
+    x = random_input()
+    inputs = [x, *mlp.parameters()]
+    with gb.trace() as t:
+        out = mlp(x)
+        grad_out = torch.ones_like(out)
+        got = grads_of(out, inputs, grad_out)
+    assert t.counts["dense_fwd"] == 2 and t.counts["dense_dw"] == 2 and t.counts["dense_dx"] == 2
+    assert set(bridge_on_cupy) == {TORCH_STREAM}
+    want = plain_torch(mlp, x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, grads_of(want, inputs, grad_out)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert all(allocated_by_torch(tensor) for tensor in (out, *got))
+
+
+# ----------------------------------------------------------------------------- the sanitizer driver's reduced run
+
+
+def kernel_families(names) -> set[str]:
+    """Kernel names with the activation taken out: dense_fwd_relu_64x64 -> dense_fwd_64x64."""
+    acts = "|".join(sorted(ACTIVATIONS, key=len, reverse=True))
+    return {re.sub(rf"_({acts})(?=_|$)", "", name) for name in names}
+
+
+def test_the_reduced_sanitizer_run_launches_every_kernel_family_the_full_run_does(cb, monkeypatch):
+    """Shapes and activations go, never a tile, a split-K path or a loss or update kernel.
+    Launches are recorded, not run (the choices are made before a launch); the fused and graphed
+    steps, which read their loss back, are the same in both runs: every precision, both cases."""
+    driver = load("sanitizer_driver")
+    launched = []
+    monkeypatch.setattr(cb._Launch, "__call__", lambda self, *args, **kwargs: launched.append(self.function.kernel.name))
+    rng = np.random.default_rng(0)
+
+    def families(coverage):
+        launched.clear()
+        driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations)
+        driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations, "tf32")
+        driver.drive_misaligned_dense(cb, rng, coverage.misaligned, coverage.misaligned_activations)
+        driver.drive_losses_and_optimizers(cb, lambda *shape: cb.zeros(shape), rng, coverage)
+        return kernel_families(launched)
+
+    full, reduced = driver.COVERAGE["cupy"], driver.REDUCED
+    assert families(reduced) == families(full)
+    assert {"dense_fwd_128x128", "dense_dw_64x64", "dense_fwd_tf32"} <= families(reduced)
+    assert (reduced.graph_cases, reduced.misaligned_activations) == (full.graph_cases, full.misaligned_activations)
+    assert set(reduced.fused_batches) < set(full.fused_batches) and len(reduced.dense) < len(full.dense)
+
+
+# ----------------------------------------------------------------------------- first contact's facts
+
+
+def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_attributes(cb, monkeypatch, tmp_path):
+    """bench/first_contact.py facts on the stand-in, with what a driver reports made up here:
+    the device's properties and each kernel's attributes (the CPU harness has no registers)."""
+    fc = load("first_contact")
+    runtime = cb.cupy.cuda.runtime
+    for name, value in (("getDeviceProperties", lambda device: {"name": b"Stand-in GPU", "uuid": b"\x01\xfe",
+                                                                "multiProcessorCount": 132}),
+                        ("driverGetVersion", lambda: 13000), ("runtimeGetVersion", lambda: 13000)):
+        monkeypatch.setattr(runtime, name, value, raising=False)
+    monkeypatch.setattr(cb.cupy.cuda, "nvrtc", types.SimpleNamespace(getVersion=lambda: (13, 0)), raising=False)
+    look_up = cb._look_up_kernels
+    attributes = types.SimpleNamespace(num_regs=40, shared_size_bytes=8192, local_size_bytes=0, max_threads_per_block=256)
+    monkeypatch.setattr(cb, "_look_up_kernels", lambda module, filename: dict.fromkeys(look_up(module, filename),
+                                                                                        attributes))
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # facts points it at an empty folder; this puts it back after
+    assert fc.facts(tmp_path / "facts.json") == 0
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["device"]["name"] == "Stand-in GPU" and facts["device"]["uuid"] == "01fe"
+    assert facts["compute_capability"] == "90" and facts["kernel_cache_files_before"] == 0
+    assert list(facts["kernel_files"]) == list(cb.KERNEL_FILES)
+    for filename, built in facts["kernel_files"].items():
+        assert built["origin"] == "nvrtc" and built["compile_and_load_seconds"] >= 0
+        assert sorted(built["kernels"]) == sorted(cb.KERNELS[filename])
+    assert facts["kernel_files"]["optim.cu"]["kernels"]["sumsq"]["registers"] == 40
+    report = load("gpu_summary").facts_markdown(facts)
+    assert "Device: Stand-in GPU, compute capability 90, 132 SMs" in report[0]
+    assert any(line.startswith("| optim.cu | nvrtc |") and line.endswith("| 6 | 40 | 8192 | none |") for line in report)
