@@ -30,8 +30,9 @@ from gpubp.activations import ACTIVATIONS
 # (batch, in, out). 1500 x 1500 outputs pick the 128x128 tiles; (2048, 64, 48) splits dW.
 DENSE_SHAPES = {
     "cupy": [(1, 1, 1), (1, 37, 29), (19, 13, 7), (37, 29, 23), (64, 32, 16), (1500, 77, 1500), (2048, 64, 48)],
-    # The Numba kernels have one 64 x 64 tile: ragged shapes, and several blocks each way.
-    "numba": [(1, 1, 1), (1, 37, 29), (19, 13, 7), (64, 32, 16), (70, 20, 9), (130, 129, 127)],
+    # The Numba kernels have one 128 x 128 tile: ragged shapes, several tiles each way, and on a
+    # GPU of many SMs every dW here splits the batch (from 64 rows on).
+    "numba": [(1, 1, 1), (1, 37, 29), (19, 13, 7), (64, 32, 16), (70, 20, 9), (130, 129, 127), (300, 257, 260)],
 }
 MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 128, 129)
 MISALIGNED_BATCH = 37
