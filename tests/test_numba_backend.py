@@ -207,6 +207,7 @@ def test_backward_kernels_names_what_dense_backward_launches():
 # ----------------------------------------------------------------------------- dW split over the batch
 
 H200_SMS = 132
+TWO_WAVES_ON_H200 = 2 * H200_SMS  # blocks
 
 
 def test_dw_launches_two_waves_of_blocks_on_an_h200_at_the_1024_benchmark():
@@ -214,7 +215,7 @@ def test_dw_launches_two_waves_of_blocks_on_an_h200_at_the_1024_benchmark():
     tiles alone fill half of 132 SMs; split over the batch they make two waves."""
     (grid_x, grid_y), _ = nb.tile_grid(1024, 1024)
     splits, _ = nb.dw_splits(8192, grid_x * grid_y, H200_SMS)
-    assert grid_x * grid_y * splits >= nb.SPLIT_WAVES * H200_SMS
+    assert grid_x * grid_y * splits >= TWO_WAVES_ON_H200
 
 
 @pytest.mark.parametrize("batch, tiles, sms", [(8192, 64, 132), (64, 14, 132), (133, 1, 2), (10**7, 1, 132),
@@ -392,13 +393,21 @@ def test_sumsq_matches_numpy_across_reduction_blocks(rng):
     assert nb.sumsq(nb.asarray(a)) == pytest.approx(ref.sumsq(a), rel=RTOL)
 
 
+def count_copies_to_host(monkeypatch) -> list:
+    """The arrays nb.to_host copies to the host from now on (it still copies them)."""
+    copies = []
+    to_host = nb.to_host
+    monkeypatch.setattr(nb, "to_host", lambda a: copies.append(a) or to_host(a))
+    return copies
+
+
 def test_sumsq_of_many_arrays_reads_one_buffer_back_once(rng, monkeypatch):
     """Gradient clipping's norm: every array reduced into one device buffer, one copy to the host."""
     arrays = [randn(rng, 23, 12), randn(rng, 5), randn(rng, 300)]
-    copies = []
-    monkeypatch.setattr(nb, "to_host", lambda a, to_host=nb.to_host: copies.append(a) or to_host(a))
+    arrays_dev = to_device(*arrays)
+    copies = count_copies_to_host(monkeypatch)
     with trace() as t:
-        total = nb.sumsq(*to_device(*arrays))
+        total = nb.sumsq(*arrays_dev)
     assert t.counts["sumsq"] == len(arrays) and len(copies) == 1
     assert total == pytest.approx(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in arrays), rel=RTOL)
 
@@ -410,8 +419,7 @@ def test_clip_grad_norm_reads_the_norm_back_once_per_backend(rng, monkeypatch):
         param.backend, param.grad = nb, nb.asarray(randn(rng, *shape))
         params.append(param)
     norm_ref = float(np.sqrt(sum(float(np.sum(host(p.grad).astype(np.float64) ** 2)) for p in params)))
-    copies = []
-    monkeypatch.setattr(nb, "to_host", lambda a, to_host=nb.to_host: copies.append(a) or to_host(a))
+    copies = count_copies_to_host(monkeypatch)
     assert gb.optim.clip_grad_norm(params, 1.0) == pytest.approx(norm_ref, rel=RTOL)
     assert len(copies) == 1
 
@@ -422,8 +430,8 @@ def test_reductions_take_a_thread_per_element_up_to_full_sms(n):
     takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element."""
     blocks = nb.reduce_blocks(n, H200_SMS)
     assert blocks <= nb.BLOCKS_PER_SM * H200_SMS and (blocks - 1) * nb.REDUCE_THREADS < n
-    if n >= nb.SPLIT_WAVES * H200_SMS * nb.REDUCE_THREADS:
-        assert blocks >= nb.SPLIT_WAVES * H200_SMS
+    if n >= TWO_WAVES_ON_H200 * nb.REDUCE_THREADS:
+        assert blocks >= TWO_WAVES_ON_H200
 
 
 def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):

@@ -41,7 +41,9 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
 
     dense_fwd   z = x @ w + b; y = act(z).    x (B, in), w (in, out), b (out,) -> y, z (B, out)
                 bias + activation in the epilogue (_forward_epilogue), one write of y (and of z
-                for gelu and gelu_tanh only). One compiled kernel per activation.
+                for gelu and gelu_tanh only); sigmoid, gelu and gelu_tanh store z (or y) first
+                and apply act() to what they read back, as 64 inlined copies of them would push
+                the accumulators out of registers. One compiled kernel per activation.
     dense_dz    dz = dy * act'(y or z), elementwise (_dz_prologue), once per dz element, before
                 the gradient GEMMs; they then read dz as a plain operand whatever the activation,
                 so act' (erf and exp for gelu) never sits in a GEMM loop nor runs once per tile.
@@ -63,7 +65,7 @@ Other kernels
                  mean over the batch.
     mse_fwd_bwd, bce_fwd_bwd, sumsq
                  grid-stride elementwise pass plus a shared-memory tree reduction per block,
-                 REDUCE_BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
+                 BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
                  one buffer read back with one copy (gradient clipping).
     sgd_update, adam_update, scale_
