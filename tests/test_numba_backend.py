@@ -273,6 +273,29 @@ def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
     assert_matches(dy_dev, dz_ref)
 
 
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's (grid, block) and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, config):
+        self.launches.append((config[0], config[1]))
+        return self.kernel[config]
+
+
+@pytest.mark.parametrize("kernel_name, run", [
+    ("_softmax_kernel", lambda y: nb.softmax_(y)),
+    ("_softmax_backward_kernel", lambda y: nb.softmax_backward(y, y, nb.empty(tuple(y.shape)))),
+], ids=["forward", "backward"])
+def test_softmax_launches_a_warp_per_row(rng, monkeypatch, kernel_name, run):
+    recorder = LaunchRecorder(getattr(nb, kernel_name))
+    monkeypatch.setattr(nb, kernel_name, recorder)
+    run(nb.asarray(randn(rng, 11, 3)))
+    assert recorder.launches == [(nb.row_blocks(11), (nb.WARP_SIZE, nb.ROWS_PER_BLOCK))]
+    assert nb.row_blocks(11) == 2
+
+
 def test_softmax_runs_a_warp_per_row_across_lanes_and_blocks(rng):
     """70 classes: each lane of a row's warp reads 2 or 3 of them; 11 rows: two blocks of 8."""
     z = randn(rng, 11, 70) * np.float32(5.0)
@@ -441,6 +464,18 @@ def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):
     nb._view(written).copy_to_device(np.ones(12, np.float32))
     np.testing.assert_array_equal(host(nb._scratch("test_scratch", 12, on_default_stream)), np.ones(12))
     np.testing.assert_array_equal(host(nb._scratch("test_scratch", 12, on_a_stream)), np.zeros(12))
+
+
+@pytest.mark.gpu
+def test_scratch_buffers_live_on_the_device_of_the_arrays_they_serve(rng):
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    for device in (1, 0):
+        with cupy.cuda.Device(device):
+            like = cupy.asarray(randn(rng, 4, 3))
+        assert nb._scratch("test_device", 12, like).device.id == device
 
 
 def test_scale_multiplies_in_place(rng):
