@@ -36,7 +36,9 @@ ODD_SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23)]
 MULTI_TILE_SHAPES = [(133, 20, 9), (3, 20, 130)]
 # Every activation on one shape (softmax: its row kernels around the identity ones); every
 # shape with gelu, the one that also stores z.
-DENSE_CASES = [(act, ODD_SHAPES[0]) for act in NAMES] + [("gelu", shape) for shape in ODD_SHAPES[1:] + MULTI_TILE_SHAPES]
+DENSE_CASES = [(act, ODD_SHAPES[0]) for act in NAMES] + [
+    ("gelu", shape) for shape in ODD_SHAPES[1:] + MULTI_TILE_SHAPES
+]
 DENSE_IDS = [f"{act}-{'x'.join(map(str, shape))}" for act, shape in DENSE_CASES]
 
 
