@@ -53,14 +53,15 @@ class Coverage(NamedTuple):
 MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 128, 129)
 MISALIGNED_BATCH = 37
 # 1500 x 1500 outputs pick the 128x128 tiles; (2048, 64, 48) splits dW over the batch (also with
-# misaligned operands). The Numba kernels have one 64 x 64 tile: ragged shapes, several blocks each way.
+# misaligned operands). The Numba kernels have one 128 x 128 tile: ragged shapes, several tiles each
+# way, and on a GPU of many SMs every dW here splits the batch (from 64 rows on).
 COVERAGE = {
     "cupy": Coverage(
         dense=[(1, 1, 1), (1, 37, 29), (19, 13, 7), (37, 29, 23), (64, 32, 16), (1500, 77, 1500), (2048, 64, 48)],
         misaligned=[(MISALIGNED_BATCH, n_in, n_out) for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]
         + [(2048, 64, 48)]),
     "numba": Coverage(
-        dense=[(1, 1, 1), (1, 37, 29), (19, 13, 7), (64, 32, 16), (70, 20, 9), (130, 129, 127)],
+        dense=[(1, 1, 1), (1, 37, 29), (19, 13, 7), (64, 32, 16), (70, 20, 9), (130, 129, 127), (300, 257, 260)],
         misaligned=[(MISALIGNED_BATCH, n_in, n_out) for n_in in MISALIGNED_FEATURES for n_out in MISALIGNED_FEATURES]),
 }
 REDUCED = Coverage(dense=[(37, 29, 23), (1500, 77, 1500), (2048, 64, 48)], misaligned=[(37, 5, 129)],

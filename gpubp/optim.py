@@ -350,7 +350,11 @@ def clip_grad_norm(params, max_norm: float) -> float:
     max_norm = _checks.non_negative(max_norm, "max_norm")
     params = list(params.parameters() if hasattr(params, "parameters") else params)
     grads = [(p.backend, p.grad) for p in params if p.trainable and p.grad is not None]
-    total = math.sqrt(sum(backend.sumsq(grad) for backend, grad in grads))
+    by_backend: dict = {}
+    for backend, grad in grads:
+        by_backend.setdefault(backend, []).append(grad)
+    # One sumsq call per backend: a GPU backend then reads the norm back once, not once per gradient.
+    total = math.sqrt(sum(backend.sumsq(*arrays) for backend, arrays in by_backend.items()))
     scale = max_norm / (total + 1e-6)
     if scale < 1:
         for backend, grad in grads:

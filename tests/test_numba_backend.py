@@ -2,7 +2,7 @@
 
 With no GPU, tests/conftest.py turns on Numba's CUDA simulator, so these kernels run for
 real with every thread in Python: shapes stay tiny and are chosen not to be multiples of
-the 64 x 64 x 16 tile. Agreement is max|numba - numpy| <= 1e-5 * max|numpy| in float32.
+the 128 x 128 x 8 tile. Agreement is max|numba - numpy| <= 1e-5 * max|numpy| in float32.
 """
 
 import json
@@ -27,17 +27,18 @@ except RuntimeError as exc:
 
 RTOL = 1e-5
 
-# (batch, in, out), each inside one 64 x 64 block but ragged against it and the 16-deep K slice.
+# (batch, in, out), each inside one 128 x 128 tile but ragged against it and the 8-deep K slice.
 ODD_SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23)]
-# (70, 20, 9): forward and dX span two row blocks; dW runs five K slices.
-# (5, 70, 66): forward and dX span two column blocks over five K slices; dW runs a 2 x 2 grid,
-# so db and the stored dz come from its first row tile only.
-MULTI_BLOCK_SHAPES = [(70, 20, 9), (5, 70, 66)]
-# Every activation on one shape; every shape with gelu, the one that also stores z;
-# softmax (its row kernels around the identity ones) also across two column blocks.
+# (133, 20, 9): forward and dX span two row tiles; dW (one tile, 133 rows) splits the batch
+# four ways on the simulator's SIMULATED_SMS = 2, so the split-K finish runs.
+# (3, 20, 130): forward and dW have two column tiles and one row tile, so the column tiles go
+# on grid.x; the stored z and db span both.
+MULTI_TILE_SHAPES = [(133, 20, 9), (3, 20, 130)]
+# Every activation on one shape (softmax: its row kernels around the identity ones); every
+# shape with gelu, the one that also stores z.
 DENSE_CASES = [(act, ODD_SHAPES[0]) for act in NAMES] + [
-    ("gelu", shape) for shape in ODD_SHAPES[1:] + MULTI_BLOCK_SHAPES
-] + [("softmax", MULTI_BLOCK_SHAPES[1])]
+    ("gelu", shape) for shape in ODD_SHAPES[1:] + MULTI_TILE_SHAPES
+]
 DENSE_IDS = [f"{act}-{'x'.join(map(str, shape))}" for act, shape in DENSE_CASES]
 
 
@@ -177,29 +178,87 @@ MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65535
 
 
-@pytest.mark.parametrize("batch", [4_194_240, 4_194_241, 100_000_000])
-def test_the_dense_grid_puts_the_batch_on_x_so_any_batch_launches(batch):
-    """forward tiles a (batch, out) result, dX a (batch, in) one; 4,194,240 = 65535 x 64."""
-    for rows, cols in [(batch, 10), (batch, 1024)]:
-        grid_x, grid_y = nb.tile_grid(rows, cols)
-        assert grid_x * nb.BLOCK_M >= rows
-        assert grid_x <= MAX_GRID_X and grid_y <= MAX_GRID_Y
+@pytest.mark.parametrize("rows, cols", [(4_194_241, 10), (10, 4_194_241), (100_000_000, 1024), (1024, 8_388_480)],
+                         ids=["batch", "features", "huge-batch", "widest-with-a-batch-of-1024"])
+def test_the_dense_grid_puts_the_larger_tile_count_on_x_so_either_may_be_huge(rows, cols):
+    """4,194,241 = 65535 x 64 + 1 rows or features; 8,388,480 = 65535 x 128 columns."""
+    (grid_x, grid_y), rows_on_x = nb.tile_grid(rows, cols)
+    row_tiles, col_tiles = (grid_x, grid_y) if rows_on_x else (grid_y, grid_x)
+    assert grid_x >= grid_y and grid_x <= MAX_GRID_X and grid_y <= MAX_GRID_Y
+    assert row_tiles * nb.BLOCK_M >= rows and col_tiles * nb.BLOCK_N >= cols
 
 
 def test_the_dense_grid_covers_every_element_with_whole_tiles():
-    for rows, cols in [(1, 1), (64, 64), (65, 64), (64, 129)]:
-        grid_x, grid_y = nb.tile_grid(rows, cols)
-        assert (grid_x - 1) * nb.BLOCK_M < rows <= grid_x * nb.BLOCK_M
-        assert (grid_y - 1) * nb.BLOCK_N < cols <= grid_y * nb.BLOCK_N
+    for rows, cols in [(1, 1), (128, 128), (129, 128), (128, 257), (3, 130)]:
+        grid, rows_on_x = nb.tile_grid(rows, cols)
+        row_tiles, col_tiles = grid if rows_on_x else grid[::-1]
+        assert (row_tiles - 1) * nb.BLOCK_M < rows <= row_tiles * nb.BLOCK_M
+        assert (col_tiles - 1) * nb.BLOCK_N < cols <= col_tiles * nb.BLOCK_N
 
 
 def test_backward_kernels_names_what_dense_backward_launches():
-    assert nb.backward_kernels("relu", True, True) == ["dense_dw", "dense_dx"]
-    assert nb.backward_kernels("relu", False, True) == ["dense_dw"]
-    assert nb.backward_kernels("relu", True, False) == ["dense_dx"]
+    assert nb.backward_kernels("relu", True, True) == ["dense_dz", "dense_dw", "dense_dx"]
+    assert nb.backward_kernels("gelu", False, True) == ["dense_dz", "dense_dw"]
+    assert nb.backward_kernels("tanh", True, False) == ["dense_dz", "dense_dx"]
+    assert nb.backward_kernels("identity", True, True) == ["dense_dw", "dense_dx"]
     assert nb.backward_kernels("relu", False, False) == []
     assert nb.backward_kernels("softmax", True, True) == ["softmax_bwd", "dense_dw", "dense_dx"]
     assert nb.backward_kernels("softmax", False, False) == []
+
+
+# ----------------------------------------------------------------------------- dW split over the batch
+
+H200_SMS = 132
+TWO_WAVES_ON_H200 = 2 * H200_SMS  # blocks
+
+
+def test_dw_launches_two_waves_of_blocks_on_an_h200_at_the_1024_benchmark():
+    """The 1024 x 1024 layers at a batch of 8192 (bench/test_gpu_dense.py's 1024x4 step): 64
+    tiles alone fill half of 132 SMs; split over the batch they make two waves."""
+    (grid_x, grid_y), _ = nb.tile_grid(1024, 1024)
+    splits, _ = nb.dw_splits(8192, grid_x * grid_y, H200_SMS)
+    assert grid_x * grid_y * splits >= TWO_WAVES_ON_H200
+
+
+@pytest.mark.parametrize("batch, tiles, sms", [(8192, 64, 132), (64, 14, 132), (133, 1, 2), (10**7, 1, 132),
+                                               (8192, 300, 132), (31, 1, 132), (1, 1, 132)])
+def test_dw_splits_cover_the_batch_in_whole_slices_of_at_least_the_minimum_rows(batch, tiles, sms):
+    splits, rows = nb.dw_splits(batch, tiles, sms)
+    assert 1 <= splits <= nb.MAX_SPLITS and rows % nb.BLOCK_K == 0
+    assert (splits - 1) * rows < batch <= splits * rows, "every split has rows, together all of them"
+    if splits > 1:
+        assert rows >= nb.MIN_ROWS_PER_SPLIT and tiles < nb.SPLIT_WAVES * sms
+    if tiles >= nb.SPLIT_WAVES * sms:
+        assert splits == 1
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_dw_sums_the_partials_in_split_order_bit_for_bit(rng, splits):
+    """dW and db are the float32 sums partial[0] + partial[1] + ... of the splits, in that order
+    (so the result depends on the split count only), and match NumPy at every split count."""
+    batch, fan_in, fan_out = 45, 11, 6
+    x, dz = randn(rng, batch, fan_in), randn(rng, batch, fan_out)
+    x_dev, dz_dev = to_device(x, dz)
+    dw, db = nb.empty((fan_in, fan_out)), nb.empty((fan_out,))
+    rows = -(-batch // splits)
+    rows += -rows % nb.BLOCK_K
+    with trace() as t:
+        nb._dense_dw(x_dev, dz_dev, dw, db, splits, rows)
+    assert t.launches == ["dense_dw"]
+    assert_matches(dw, x.T.astype(np.float64) @ dz)
+    assert_matches(db, dz.sum(0, dtype=np.float64))
+    dw_parts = host(nb._scratch("dw_partials", splits * dw.size, dz_dev)).reshape(splits, fan_in, fan_out)
+    db_parts = host(nb._scratch("db_partials", splits * db.size, dz_dev)).reshape(splits, fan_out)
+    for begin, dw_part, db_part in zip(range(0, batch, rows), dw_parts, db_parts):
+        chunk = slice(begin, begin + rows)
+        assert_matches(dw_part, x[chunk].T.astype(np.float64) @ dz[chunk])
+        assert_matches(db_part, dz[chunk].sum(0, dtype=np.float64))
+    for total, parts in [(host(dw), dw_parts), (host(db), db_parts)]:
+        in_order = parts[0]
+        for part in parts[1:]:
+            in_order = in_order + part
+        np.testing.assert_array_equal(total, in_order)
+    assert not host(nb._scratch("split_tickets", 1, dz_dev, np.uint32)).any(), "tickets reset for the next launch"
 
 
 def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
@@ -214,6 +273,43 @@ def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
     dy_dev = nb.asarray(dy)
     assert nb.softmax_backward(dy_dev, y, dy_dev) is dy_dev
     assert_matches(dy_dev, dz_ref)
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's (grid, block) and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, config):
+        self.launches.append((config[0], config[1]))
+        return self.kernel[config]
+
+
+@pytest.mark.parametrize("kernel_name, run", [
+    ("_softmax_kernel", lambda y: nb.softmax_(y)),
+    ("_softmax_backward_kernel", lambda y: nb.softmax_backward(y, y, nb.empty(tuple(y.shape)))),
+], ids=["forward", "backward"])
+def test_softmax_launches_a_warp_per_row(rng, monkeypatch, kernel_name, run):
+    recorder = LaunchRecorder(getattr(nb, kernel_name))
+    monkeypatch.setattr(nb, kernel_name, recorder)
+    run(nb.asarray(randn(rng, 11, 3)))
+    assert recorder.launches == [(nb.row_blocks(11), (nb.WARP_SIZE, nb.ROWS_PER_BLOCK))]
+    assert nb.row_blocks(11) == 2
+
+
+def test_softmax_runs_a_warp_per_row_across_lanes_and_blocks(rng):
+    """70 classes: each lane of a row's warp reads 2 or 3 of them; 11 rows: two blocks of 8."""
+    z = randn(rng, 11, 70) * np.float32(5.0)
+    y_ref = z.copy()
+    ref.softmax_(y_ref)
+    y = nb.asarray(z)
+    nb.softmax_(y)
+    assert_matches(y, y_ref)
+    dy = randn(rng, 11, 70)
+    out = nb.empty(dy.shape)
+    nb.softmax_backward(nb.asarray(dy), y, out)
+    assert_matches(out, ref.softmax_backward(dy, y_ref, np.empty_like(dy)))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -322,6 +418,68 @@ def test_sumsq_matches_numpy_across_reduction_blocks(rng):
     assert nb.sumsq(nb.asarray(a)) == pytest.approx(ref.sumsq(a), rel=RTOL)
 
 
+def count_copies_to_host(monkeypatch) -> list:
+    """The arrays nb.to_host copies to the host from now on (it still copies them)."""
+    copies = []
+    to_host = nb.to_host
+    monkeypatch.setattr(nb, "to_host", lambda a: copies.append(a) or to_host(a))
+    return copies
+
+
+def test_sumsq_of_many_arrays_reads_one_buffer_back_once(rng, monkeypatch):
+    """Gradient clipping's norm: every array reduced into one device buffer, one copy to the host."""
+    arrays = [randn(rng, 23, 12), randn(rng, 5), randn(rng, 300)]
+    arrays_dev = to_device(*arrays)
+    copies = count_copies_to_host(monkeypatch)
+    with trace() as t:
+        total = nb.sumsq(*arrays_dev)
+    assert t.counts["sumsq"] == len(arrays) and len(copies) == 1
+    assert total == pytest.approx(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in arrays), rel=RTOL)
+
+
+def test_clip_grad_norm_reads_the_norm_back_once_per_backend(rng, monkeypatch):
+    params = []
+    for shape in [(7, 5), (5,), (5, 3)]:
+        param = gb.Parameter(nb.asarray(randn(rng, *shape)))
+        param.backend, param.grad = nb, nb.asarray(randn(rng, *shape))
+        params.append(param)
+    norm_ref = float(np.sqrt(sum(float(np.sum(host(p.grad).astype(np.float64) ** 2)) for p in params)))
+    copies = count_copies_to_host(monkeypatch)
+    assert gb.optim.clip_grad_norm(params, 1.0) == pytest.approx(norm_ref, rel=RTOL)
+    assert len(copies) == 1
+
+
+@pytest.mark.parametrize("n", [1, 255, 67_584, 10**6, 10**9])
+def test_reductions_take_a_thread_per_element_up_to_full_sms(n):
+    """Two waves of 132 SMs (264 blocks of 256) from 67,584 elements on: a 1024 x 1024 gradient
+    takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element."""
+    blocks = nb.reduce_blocks(n, H200_SMS)
+    assert blocks <= nb.BLOCKS_PER_SM * H200_SMS and (blocks - 1) * nb.REDUCE_THREADS < n
+    if n >= TWO_WAVES_ON_H200 * nb.REDUCE_THREADS:
+        assert blocks >= TWO_WAVES_ON_H200
+
+
+def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):
+    on_default_stream = nb.cuda.to_device(randn(rng, 4, 3))
+    on_a_stream = nb.cuda.to_device(randn(rng, 4, 3)).bind(nb.cuda.stream())
+    written = nb._scratch("test_scratch", 12, on_default_stream)
+    nb._view(written).copy_to_device(np.ones(12, np.float32))
+    np.testing.assert_array_equal(host(nb._scratch("test_scratch", 12, on_default_stream)), np.ones(12))
+    np.testing.assert_array_equal(host(nb._scratch("test_scratch", 12, on_a_stream)), np.zeros(12))
+
+
+@pytest.mark.gpu
+def test_scratch_buffers_live_on_the_device_of_the_arrays_they_serve(rng):
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    for device in (1, 0):
+        with cupy.cuda.Device(device):
+            like = cupy.asarray(randn(rng, 4, 3))
+        assert nb._scratch("test_device", 12, like).device.id == device
+
+
 def test_scale_multiplies_in_place(rng):
     a = randn(rng, 19, 13)
     a_dev = nb.asarray(a)
@@ -375,9 +533,21 @@ def test_model_on_numba_trains_like_the_numpy_model(rng):
 
 # ----------------------------------------------------------------------------- real compiler
 
-# Runs with the simulator off: compile_ptx needs libNVVM but no GPU.
+
+def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches():
+    variants = nb.kernel_variants()
+    names = {v.name for v in variants}
+    assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_dx", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
+                     "mse_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update", "adam_update"}
+    assert {v.variant for v in variants if v.name == "dense_fwd"} == set(ACTIVATIONS)
+    assert {v.variant for v in variants if v.name == "dense_dz"} == set(ACTIVATIONS) - {"identity"}
+    assert len({(v.name, v.variant) for v in variants}) == len(variants)
+
+
+# Runs with the simulator off: compile_ptx needs libNVVM but no GPU; ptxas comes with nvcc.
 COMPILE_SCRIPT = """
-import json
+import json, shutil, subprocess, sys, tempfile
+from pathlib import Path
 from numba import cuda
 from numba.cuda import types
 from numba.cuda.cudadrv import nvvm
@@ -385,47 +555,71 @@ if not nvvm.is_available():
     print(json.dumps({"skip": "libNVVM (the CUDA toolkit's compiler library) is not installed"}))
     raise SystemExit
 from gpubp.backends import numba_backend as nb
-f32, i64, flag = types.float32, types.int64, types.boolean
-v, m = types.Array(f32, 1, "C"), types.Array(f32, 2, "C")
-labels = types.Array(i64, 1, "C")
-returns, float64_ops = {}, {}
-for name, fn in [*nb._FORWARD.items(), *(("d" + n, g) for n, g in nb._GRAD.items())]:
-    ptx, returns[name] = cuda.compile_ptx(fn.py_func, (f32,), device=True, cc=(9, 0))
-    float64_ops[name] = ptx.count(".f64")
-kernels = {
-    "dense_fwd": (nb._dense_forward_kernel("gelu"), (m, m, v, m, m)),
-    "dense_dw": (nb._dense_dw_kernel("gelu", True), (m, m, m, m, v, m)),
-    "dense_dx": (nb._dense_dx_kernel("gelu"), (m, m, m, m)),
-    "softmax_fwd": (nb._softmax_kernel, (m,)),
-    "softmax_bwd": (nb._softmax_backward_kernel, (m, m, m)),
-    "ce_fwd_bwd": (nb._softmax_cross_entropy_kernel, (m, labels, m, v, f32)),
-    "mse_fwd_bwd": (nb._mse_kernel, (v, v, v, v, f32)),
-    "bce_fwd_bwd": (nb._bce_kernel, (v, v, v, v, f32)),
-    "sumsq": (nb._sumsq_kernel, (v, v)),
-    "scale_": (nb._scale_kernel, (v, f32)),
-    "sgd_update": (nb._sgd_kernel, (v, v, f32, f32)),
-    "sgd_update_momentum": (nb._sgd_momentum_kernel, (v, v, v, f32, f32, flag, f32)),
-    "adam_update": (nb._adam_kernel, (v, v, v, v) + (f32,) * 9),
-}
-for name, (kernel, signature) in kernels.items():
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
-    float64_ops[name] = ptx.count(".f64")
-print(json.dumps({"returns": {k: str(t) for k, t in returns.items()}, "float64_ops": float64_ops}))
+part, parts = int(sys.argv[1]), int(sys.argv[2])
+report = {"returns": {}, "float64_ops": {}, "ptxas": {}}
+if part == 0:
+    for name, fn in [*nb._FORWARD.items(), *(("d" + n, g) for n, g in nb._GRAD.items())]:
+        ptx, restype = cuda.compile_ptx(fn.py_func, (types.float32,), device=True, cc=(9, 0))
+        report["returns"][name] = str(restype)
+        report["float64_ops"][name] = ptx.count(".f64")
+ptxas = shutil.which("ptxas")
+for variant in nb.kernel_variants()[part::parts]:
+    label = f"{variant.name}[{variant.variant}]"
+    ptx = nb.variant_ptx(variant)
+    report["float64_ops"][label] = ptx.count(".f64")
+    if ptxas:
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "kernel.ptx"
+            source.write_text(ptx)
+            done = subprocess.run([ptxas, "-arch=sm_90", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                                  capture_output=True, text=True, check=True)
+            report["ptxas"][label] = done.stderr
+print(json.dumps(report))
 """
+COMPILE_PROCESSES = 2
+
+
+@pytest.fixture(scope="module")
+def compiled_variants():
+    """Every entry of kernel_variants() compiled for sm_90 (PTX, and ptxas -v where ptxas is on
+    PATH), in COMPILE_PROCESSES child processes that split the list between them."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    children = [subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(part), str(COMPILE_PROCESSES)],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for part in range(COMPILE_PROCESSES)]
+    report = {"returns": {}, "float64_ops": {}, "ptxas": {}}
+    for child in children:
+        out, err = child.communicate()
+        assert child.returncode == 0, err[-4000:]
+        part = json.loads(out.strip().splitlines()[-1])
+        if "skip" in part:
+            pytest.skip(part["skip"])
+        for key in report:
+            report[key].update(part[key])
+    return report
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_to_ptx_with_float32_math_only():
+def test_every_kernel_variant_compiles_to_ptx_with_float32_math_only(compiled_variants):
     """The simulator runs kernels as Python, so Numba never types them there. Compile them
     with the real toolchain: every activation (forward and derivative) must return float32,
-    and no kernel may contain a float64 instruction (an untyped constant would add some)."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    if "skip" in report:
-        pytest.skip(report["skip"])
+    and no kernel variant may contain a float64 instruction (an untyped constant would add some)."""
+    report = compiled_variants
+    assert {label.partition("[")[0] for label in report["float64_ops"]} >= {v.name for v in nb.kernel_variants()}
     not_float32 = {name: t for name, t in report["returns"].items() if t != "float32"}
     assert not not_float32, f"activations returning another type than float32: {not_float32}"
     float64_ops = {name: n for name, n in report["float64_ops"].items() if n}
     assert not float64_ops, f"float64 instructions per kernel: {float64_ops}"
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_assembles_for_sm_90_without_spills_or_local_memory(compiled_variants):
+    """ptxas -v for each variant: no spill stores or loads and no stack frame, so the dense
+    kernels keep their 8 x 8 accumulators in registers under the 128-register launch bounds."""
+    if not compiled_variants["ptxas"]:
+        pytest.skip("ptxas (it comes with nvcc) is not on PATH")
+    assert len(compiled_variants["ptxas"]) == len(nb.kernel_variants())
+    in_memory = {label: [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
+                 for label, log in compiled_variants["ptxas"].items()}
+    clean = "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+    assert all(lines == [clean] for lines in in_memory.values()), {k: v for k, v in in_memory.items() if v != [clean]}

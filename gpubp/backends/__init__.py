@@ -11,7 +11,9 @@ Array helpers
     ``to_host(a)``               backend array -> NumPy array (a copy where the data is on a GPU)
     ``synchronize()``            wait for all queued kernels
     ``is_array(a)``              True if ``a`` is an array this backend computes on
-    ``sumsq(a)``                 float: sum of squares of ``a`` (gradient clipping). Records ``sumsq``.
+    ``sumsq(*arrays)``           float: sum of squares of every element of ``arrays`` (gradient
+                                 clipping passes all of a model's gradients at once). Records ``sumsq``
+                                 per array.
     ``scale_(a, s)``             ``a *= s`` in place. Records ``scale``.
 
 Module attributes: ``NAME``, ``DEVICE`` ("cpu" or "cuda"), ``DTYPES`` (the float dtypes it

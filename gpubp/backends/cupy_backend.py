@@ -384,11 +384,14 @@ def _device_floats(a, name: str, size: int = 1):
     return a
 
 
-def sumsq(a) -> float:
-    a = _f32(a)
-    n = a.size
-    grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
-    return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (a,), (np.int64(n),))
+def sumsq(*arrays) -> float:
+    total = 0.0
+    for a in arrays:
+        a = _f32(a)
+        n = a.size
+        grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
+        total += _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (a,), (np.int64(n),))
+    return total
 
 
 def scale_(a, s: float) -> None:

@@ -1,78 +1,88 @@
 """Numba-CUDA backend: the kernel contract of ``gpubp.backends`` as ``numba.cuda.jit`` kernels.
 
-The same fused kernels as the CuPy backend, written in Python and compiled by Numba to PTX.
+The same contract as the CuPy backend, written in Python and compiled by Numba to PTX.
 Function names, argument order and layout follow ``numpy_backend.py`` so the two read side
 by side. float32 only (``DTYPES``); shapes are row-major and C-contiguous, validated by the
 layer API before anything here runs.
 
 Arrays. Any ``__cuda_array_interface__`` array is accepted and results come back as the kind
-given: CuPy arrays stay CuPy (allocated by CuPy, so a model can switch between the cupy and
-numba kernel families without copies), Numba device arrays stay Numba device arrays (what the
-CUDA simulator gives on a machine with no GPU). The helpers ``empty``/``zeros``/``asarray``
-make CuPy arrays when CuPy is installed and a GPU is present, Numba device arrays otherwise.
-Foreign arrays are viewed with ``cuda.as_cuda_array(sync=False)`` and each kernel is launched
-on the stream their interface names (CuPy's current stream), so a launch never blocks the host.
-Each kernel variant (per activation, per argument types) is compiled by Numba on first use,
-about 1-3 s each, so the first training step of a model is slow and later ones are not.
+given: CuPy arrays stay CuPy (allocated by CuPy on the array's device, so a model can switch
+between the cupy and numba kernel families without copies), Numba device arrays stay Numba
+device arrays (what the CUDA simulator gives on a machine with no GPU). The helpers
+``empty``/``zeros``/``asarray`` make CuPy arrays when CuPy is installed and a GPU is present,
+Numba device arrays otherwise. Foreign arrays are viewed with ``cuda.as_cuda_array(sync=False)``
+and each kernel is launched on the stream their interface names (CuPy's current stream), so a
+launch never blocks the host. Scratch buffers (dz, dW partials, split tickets, block sums) are
+kept per device and per stream, so two devices or two streams never share one. Each kernel
+variant is compiled by Numba on first use, a few seconds each, so the first training step of
+a model is slow and later ones are not. ``kernel_variants()`` lists every variant.
 
-Dense kernels: one tiled, register-blocked matmul shape shared by forward, dX and dW
-    block tile   BLOCK_M x BLOCK_N = 64 x 64 outputs, K consumed in BLOCK_K = 16 slices
-    threads      (TILE_THREADS_X, TILE_THREADS_Y) = (8, 8) = 64 per block
-    register     THREAD_M x THREAD_N = 8 x 8 accumulators per thread, at rows ty + i*8 and
-                 columns tx + j*8 of the block tile: per k, 16 shared loads feed 64 FMAs, and
-                 a warp's stores for one (i, j) are 4 runs of 8 consecutive floats
-    shared       two (BLOCK_K, 64 + SMEM_PAD) float32 slices, 8.25 KiB per block
-    grid         (ceil(M / 64), ceil(N / 64)) for an (M, N) result: rows on grid.x, whose
-                 limit is 2^31 - 1 blocks, so any batch fits (forward and dX put the batch
-                 on M, as the CuPy backend does); columns on grid.y, limit 65535 blocks
-    boundaries   out-of-range slice elements are loaded as 0 and never stored; every thread
-                 runs every K slice and reaches every syncthreads, whatever the shape.
-    Two warps per block trade occupancy for the 4:1 FMA-to-load ratio; at small layers
-    (few 64 x 64 tiles) that leaves SMs idle, which the benchmarks should weigh. The
-    accumulators stay in registers through the K loop; for sigmoid, gelu and gelu_tanh the
-    compiler does not unroll the 64-element epilogue, so they pass once through local
-    memory (L1) per tile, which is small next to the K loop once K is in the hundreds.
+Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward, dX and dW
+    block tile   BLOCK_M x BLOCK_N = 128 x 128 outputs, K consumed in BLOCK_K = 8 slices,
+                 TILE_THREADS = 256 threads, launch bounds for 2 blocks per SM (<= 128 registers)
+    warp tile    32 x 64 outputs; 4 x 2 warps per block, 4 x 8 lanes per warp
+    thread tile  8 x 8 accumulators in registers: rows r, r+1, r+2, r+3 and r+16..r+19, columns
+                 c..c+3 and c+32..c+35. Per k the thread reads two runs of 4 floats of A and two
+                 of B from shared memory (four 16-byte loads) and issues 64 FMAs; the 8 lanes of
+                 a warp along N read 128 contiguous bytes, the 4 along M a broadcast each.
+    shared       A and B slices stored k-major, tile[k][o], rows padded to TILE_STRIDE = 132
+                 floats (16-byte aligned rows; transposing stores hit distinct banks); two stages
+                 of both, 16.5 KiB per block. One flat array, read at per-thread offsets computed
+                 once plus constants, indexed unsigned so Numba adds no negative-index wraparound.
+    pipeline     the next K slice is loaded from global memory into registers before the FMAs on
+                 the current one and stored to the other stage after them: one barrier per slice.
+    operands     an operand is read "k-major" (its rows run along k: x in forward, dz in dX and
+                 w in dX, each thread loading 4 consecutive k of one row) or "outer-major" (its
+                 rows are k: w in forward, x and dz in dW, each thread loading 4 floats 32 apart
+                 of one row, a warp 128 contiguous bytes). Elements past k_end load as 0; rows
+                 or columns past the result's edge load as 0 and their outputs are never stored.
+    grid         tile_grid(): the larger of (row tiles, column tiles) on grid.x (limit 2^31 - 1),
+                 the smaller on grid.y (limit 65535); the kernels take which one is on x.
 
     dense_fwd   z = x @ w + b; y = act(z).    x (B, in), w (in, out), b (out,) -> y, z (B, out)
-                bias + activation in the epilogue, one write of y (and of z for gelu and
-                gelu_tanh only). One compiled kernel per activation (closure constants).
-    dense_dw    dw = x.T @ dz (in, out), with dz = dy * act'(y or z) formed as each dz slice is
-                loaded into shared memory (once per element per row tile of dw, ceil(in/64) in
-                all); db = dz.sum(0) summed in registers from those same loads by the blocks of
-                the first row tile,
-                which also writes dz out once when dX follows.
-    dense_dx    dx = dz @ w.T (B, in). After dW it reads that dz, so act' is not evaluated
-                again; alone (need_dw=False) it forms dz as it loads, as dW does.
-                A separate dz pass would read dy and y (or z) once more and add a launch;
-                this way the fusion costs one write of dz, and only when both kernels run.
-                backward_kernels() lists what dense_backward launches: dense_dw, dense_dx.
+                bias + activation in the epilogue (_forward_epilogue), one write of y (and of z
+                for gelu and gelu_tanh only); sigmoid, gelu and gelu_tanh store z (or y) first
+                and apply act() to what they read back, as 64 inlined copies of them would push
+                the accumulators out of registers. One compiled kernel per activation.
+    dense_dz    dz = dy * act'(y or z), elementwise (_dz_prologue), once per dz element, before
+                the gradient GEMMs; they then read dz as a plain operand whatever the activation,
+                so act' (erf and exp for gelu) never sits in a GEMM loop nor runs once per tile.
+                Identity layers skip it (dz is dy); softmax layers run softmax_bwd instead.
+    dense_dw    dw = x.T @ dz (in, out), db = dz.sum(0), the batch split over grid.z when the
+                tiles alone leave SMs idle (dw_splits: SPLIT_WAVES blocks per SM). Split s covers
+                batch rows [s rows_per_split, (s+1) rows_per_split), writes its partial dW tile
+                and, in the first row of tiles, its partial db; the last split of each tile to
+                finish (a ticket per tile) sums the partials in split order 0, 1, ..., so the
+                result depends on the split count only and is the same from run to run.
+    dense_dx    dx = dz @ w.T (B, in).
+                backward_kernels() lists what dense_backward launches.
 
 Other kernels
-    softmax_fwd, softmax_bwd
-                 row softmax in place and its Jacobian-vector product, one thread per row (the
-                 softmax layer is the output layer, C is the class count); softmax layers run
-                 dense_fwd / dense_dw / dense_dx as identity around them.
-    ce_fwd_bwd   softmax cross-entropy, loss and gradient fused; a row per CE_LANES = 32
-                 threads, CE_ROWS = 8 rows per block; online max/sum-exp in one read, the
-                 gradient in a second read of the (cached) row. Mean over the batch.
+    softmax_fwd, softmax_bwd, ce_fwd_bwd
+                 a row per ROW_LANES = 32 threads (a warp), ROWS_PER_BLOCK = 8 rows per block:
+                 lane l reads columns l, l + 32, ..., and a shared-memory tree merges the lanes;
+                 softmax and cross-entropy share the online (max, sum of exp) pass. Loss is a
+                 mean over the batch.
     mse_fwd_bwd, bce_fwd_bwd, sumsq
-                 grid-stride elementwise pass plus a shared-memory tree reduction per block
-                 (REDUCE_THREADS); the per-block partial sums are added on the host in float64.
+                 grid-stride elementwise pass plus a shared-memory tree reduction per block,
+                 BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
+                 sums are added on the host in float64. sumsq reduces any number of arrays into
+                 one buffer read back with one copy (gradient clipping).
     sgd_update, adam_update, scale_
-                 fused in-place elementwise updates, grid-stride (ELEMENTWISE_THREADS).
+                 fused in-place elementwise updates, grid-stride, sized from the SM count.
 Every launch is recorded with ``gpubp.trace.record`` under the names above.
 
 What the CUDA simulator (the test suite on machines with no GPU) does and does not check.
 It runs every thread of these kernels in Python, so indexing, tiling, boundary handling,
-the fusion and the numbers are verified against the NumPy backend. It does not compile
-them: Numba's typing and float32-ness are checked separately by compiling every kernel with
-NVVM for sm_90 (no GPU needed; the test skips where libNVVM is missing). Neither tells:
-speed; memory coalescing and shared-memory bank conflicts; register pressure, spills and
-occupancy on the device; races that the simulator's one-block-at-a-time, GIL-serialised
-threads hide (a missing syncthreads can pass there); FMA contraction and the device's
-erf/exp/tanh rounding; the grid-stride wrap of launches capped at *_MAX_BLOCKS (test
-shapes are far below it); stream ordering with CuPy. Those need a GPU run (the gpu
-tests, compute-sanitizer racecheck and the benchmarks).
+the split-K finish and the numbers are verified against the NumPy backend. It does not
+compile them: Numba's typing, float32-ness and register use (no spills) are checked
+separately by compiling every variant in ``kernel_variants()`` with NVVM and ptxas for sm_90
+(no GPU needed; the test skips where libNVVM is missing). Neither tells: speed; memory
+coalescing and shared-memory bank conflicts; occupancy on the device; races that the
+simulator's one-block-at-a-time, GIL-serialised threads hide (a missing syncthreads can pass
+there); FMA contraction and the device's erf/exp/tanh rounding; the grid-stride wrap of
+launches capped by the SM count (test shapes are far below it); stream ordering with CuPy.
+Those need a GPU run (the gpu tests, compute-sanitizer racecheck and the benchmarks).
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ import functools
 import importlib.util
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -95,39 +106,57 @@ DEVICE = "cuda"
 DTYPES = (np.float32,)
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+# The simulator has no SM count; this one makes small test batches split dW over the grid.
+SIMULATED_SMS = 2
 
 # Dense tiles (see the module docstring for the launch shape).
-BLOCK_M = 64
-BLOCK_N = 64
-BLOCK_K = 16
-THREAD_M = 8
-THREAD_N = 8
-TILE_THREADS_X = BLOCK_N // THREAD_N  # 8
-TILE_THREADS_Y = BLOCK_M // THREAD_M  # 8
-TILE_THREADS = TILE_THREADS_X * TILE_THREADS_Y  # 64
-# A warp stores a transposed slice as 16 k-rows x 2 columns; a row stride of 64 + 2 words
-# puts those 32 stores in 32 distinct banks.
-SMEM_PAD = 2
-TILE_STRIDE = BLOCK_M + SMEM_PAD
-# A (64, BLOCK_K) slice stored transposed is loaded with thread tid on k = tid % 16 and rows
-# tid // 16 + r * LOAD_COL_GROUPS, so consecutive threads read consecutive addresses.
-LOAD_COL_GROUPS = TILE_THREADS // BLOCK_K  # 4
+BLOCK_M = 128
+BLOCK_N = 128
+BLOCK_K = 8
+TILE_THREADS = 256
+TILE_BLOCKS_PER_SM = 2  # launch bounds: the register allocator keeps to 65536 / (2 x 256) = 128
+WARP_SIZE = 32
+WARP_M, WARP_N = 32, 64
+WARPS_N = BLOCK_N // WARP_N  # 2
+LANES_N = 8  # lanes along N in a warp; WARP_SIZE // LANES_N = 4 along M
+RUN = 4  # a thread's rows (and columns) come in runs of 4 consecutive floats: one 16-byte load
+THREAD_M = THREAD_N = 2 * RUN
+ROW_RUN_GAP = (WARP_SIZE // LANES_N) * RUN  # 16: the second run of rows starts 16 rows down
+COL_RUN_GAP = LANES_N * RUN  # 32
+SMEM_PAD = 4
+TILE_STRIDE = BLOCK_M + SMEM_PAD  # 132 floats: rows stay 16-byte aligned, transposed stores spread over banks
+SLICE_FLOATS = BLOCK_K * TILE_STRIDE  # one operand's K slice
+STAGE_FLOATS = 2 * SLICE_FLOATS  # A then B
+TILE_SMEM_FLOATS = 2 * STAGE_FLOATS  # two stages: 4224 floats, 16.5 KiB
+LOADS_PER_THREAD = BLOCK_K * BLOCK_M // TILE_THREADS  # 4 floats of each operand per slice
+K_MAJOR_THREADS_PER_ROW = BLOCK_K // LOADS_PER_THREAD  # 2
 
-# A row-major (BLOCK_K, 64) slice is loaded one whole column per thread; that is what lets
-# the dW kernel keep db as one register sum per thread.
-assert TILE_THREADS == BLOCK_N
-assert BLOCK_M == BLOCK_N, "one transposed loader serves both tile operands"
-assert TILE_THREADS % BLOCK_K == 0 and BLOCK_M % LOAD_COL_GROUPS == 0
+assert BLOCK_M == BLOCK_N, "one stride and one loader geometry serve both operands"
+assert (BLOCK_M // WARP_M) * WARPS_N * WARP_SIZE == TILE_THREADS
+assert WARP_M == 2 * ROW_RUN_GAP and WARP_N == 2 * COL_RUN_GAP
+assert TILE_THREADS // K_MAJOR_THREADS_PER_ROW == BLOCK_M, "k-major loads: 2 threads per row"
+assert TILE_THREADS // WARP_SIZE == BLOCK_K and WARP_SIZE * LOADS_PER_THREAD == BLOCK_N, "outer-major loads"
+assert TILE_THREADS & (TILE_THREADS - 1) == 0, "_tile_thread masks threadIdx.x"
+assert BLOCK_K == 8, "_multiply_slice writes out eight k steps"
+assert TILE_STRIDE % RUN == 0 and SLICE_FLOATS % RUN == 0
 
-# Softmax cross-entropy: a row per CE_LANES threads, CE_ROWS rows per block.
-CE_LANES = 32
-CE_ROWS = 8
+# dW split-K: split the batch only when the tiles make fewer than SPLIT_WAVES blocks per SM;
+# each split keeps at least MIN_ROWS_PER_SPLIT batch rows (its partial tile costs a write and
+# a read of 8 bytes per output, against MIN_ROWS_PER_SPLIT FMAs per output), and at most
+# MAX_SPLITS (the last block of a tile reads every split's partial of it alone).
+SPLIT_WAVES = 2
+MIN_ROWS_PER_SPLIT = 32
+MAX_SPLITS = 32
 
-# Elementwise and reduction kernels.
+# Row kernels (softmax, cross-entropy): a row per warp, ROWS_PER_BLOCK rows per block.
+ROW_LANES = WARP_SIZE
+ROWS_PER_BLOCK = 8
+
+# Elementwise and reduction kernels: at most BLOCKS_PER_SM blocks per SM (8 x 256 threads
+# fill an SM's 2048), grid-stride beyond that.
 ELEMENTWISE_THREADS = 256
-ELEMENTWISE_MAX_BLOCKS = 1024
 REDUCE_THREADS = 256
-REDUCE_MAX_BLOCKS = 256
+BLOCKS_PER_SM = 8
 
 # Constants typed float32: a bare Python float would make Numba compute in float64.
 _ZERO = np.float32(0.0)
@@ -144,6 +173,9 @@ _GELU_TANH_C = np.float32(GELU_TANH_C)
 _GELU_TANH_AC = np.float32(GELU_TANH_A * GELU_TANH_C)
 _GELU_TANH_3AC = np.float32(3 * GELU_TANH_A * GELU_TANH_C)
 _GELU_SATURATION = np.float32(GELU_SATURATION)
+# Indices here are never negative; casting one to this unsigned type says so to Numba, which
+# then emits no negative-index wraparound (a compare and a select per index) for it.
+_u64 = np.uint64
 
 
 def unavailable_reason() -> str | None:
@@ -187,28 +219,66 @@ def _view(a):
     return a if is_cuda_ndarray(a) else cuda.as_cuda_array(a, sync=False)
 
 
+def _device_id(a) -> int:
+    """The device ``a`` lives on: a CuPy array says; a Numba array is in Numba's current context."""
+    if _is_cupy(a):
+        return a.device.id
+    return 0 if SIMULATOR else cuda.get_current_device().id
+
+
 def _new(shape, like, dtype=np.float32):
-    """An uninitialised device array of the kind of ``like`` (CuPy for CuPy, else Numba)."""
+    """An uninitialised device array of the kind of ``like`` (CuPy for CuPy, else Numba), on its device."""
     if _is_cupy(like):
-        return _cupy().empty(shape, dtype)
+        cp = _cupy()
+        with cp.cuda.Device(like.device.id):
+            return cp.empty(shape, dtype)
     return cuda.device_array(shape, dtype)
 
 
+def _stream_key(stream) -> int:
+    """Which stream a view's launches go to: its handle (0: the default stream). The simulator's
+    streams have no handle; each is told apart by its id."""
+    if not stream:
+        return 0
+    return int(stream) if hasattr(stream, "handle") else id(stream)
+
+
 _scratch_buffers: dict[tuple, object] = {}
+_MAX_SCRATCH_BUFFERS = 64
 
 
-def _scratch(tag: str, shape: tuple, like):
-    """A float32 buffer private to one backend call, reused by the next call with the same shape.
-
-    Reuse is safe because every kernel that touches it runs in stream order on one stream.
-    """
-    key = (tag, shape, _is_cupy(like))
+def _scratch(tag: str, size: int, like, dtype=np.float32):
+    """A flat buffer of at least ``size`` elements for one purpose (``tag``), private to the device
+    and stream of ``like`` and of its kind, reused by the next call there; allocated zeroed (the
+    split tickets rely on it, and the kernels leave them at 0). Reuse is safe because every
+    kernel that touches it runs in order on that one stream."""
+    key = (tag, np.dtype(dtype), _is_cupy(like), _device_id(like), _stream_key(_view(like).stream))
     buf = _scratch_buffers.get(key)
-    if buf is None:
-        if len(_scratch_buffers) > 64:
-            _scratch_buffers.clear()
-        buf = _scratch_buffers[key] = _new(shape, like)
-    return buf
+    if buf is None or buf.size < size:
+        if buf is None and len(_scratch_buffers) >= _MAX_SCRATCH_BUFFERS:
+            _scratch_buffers.clear()  # streams come and go; CuPy's pool reuses freed memory in stream order
+        if _is_cupy(like):
+            cp = _cupy()
+            with cp.cuda.Device(like.device.id):
+                buf = cp.zeros(size, dtype)
+        else:
+            buf = cuda.to_device(np.zeros(size, dtype))
+        _scratch_buffers[key] = buf
+    return buf[:size]
+
+
+@functools.cache
+def _sms_of_device(device_id: int, is_cupy: bool) -> int:
+    if SIMULATOR:
+        return SIMULATED_SMS
+    if is_cupy:
+        return _cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def _sm_count(like) -> int:
+    """How many SMs the device of ``like`` has (SIMULATED_SMS in the simulator)."""
+    return _sms_of_device(_device_id(like), _is_cupy(like))
 
 
 def empty(shape, dtype=np.float32):
@@ -249,27 +319,39 @@ def is_array(a) -> bool:
     return is_cuda_ndarray(a) or hasattr(a, "__cuda_array_interface__")
 
 
-def sumsq(a) -> float:
-    record("sumsq")
-    flat = _view(a).ravel()
-    blocks = _reduce_blocks(flat.size)
-    block_sums = _new((blocks,), a)
-    _sumsq_kernel[blocks, REDUCE_THREADS, flat.stream](flat, _view(block_sums))
+def elementwise_blocks(n: int, sms: int) -> int:
+    """Blocks of ELEMENTWISE_THREADS for an n-element grid-stride pass on ``sms`` SMs."""
+    return max(1, min(-(-n // ELEMENTWISE_THREADS), BLOCKS_PER_SM * sms))
+
+
+def reduce_blocks(n: int, sms: int) -> int:
+    """Blocks of REDUCE_THREADS for an n-element reduction on ``sms`` SMs: a thread per element
+    up to BLOCKS_PER_SM blocks per SM (two waves of 132 SMs from 67,584 elements on), then
+    grid-stride."""
+    return max(1, min(-(-n // REDUCE_THREADS), BLOCKS_PER_SM * sms))
+
+
+def sumsq(*arrays) -> float:
+    """The sum of squares of every element of ``arrays``: a launch per array into one buffer of
+    block sums, read back with one copy and added in float64."""
+    if not arrays:
+        return 0.0
+    sms = _sm_count(arrays[0])
+    views = [_view(a).ravel() for a in arrays]
+    blocks = [reduce_blocks(v.size, sms) for v in views]
+    block_sums = _view(_scratch("block_sums", sum(blocks), arrays[0]))
+    start = 0
+    for flat, count in zip(views, blocks):
+        record("sumsq")
+        _sumsq_kernel[count, REDUCE_THREADS, flat.stream](flat, block_sums[start:start + count])
+        start += count
     return float(to_host(block_sums).sum(dtype=np.float64))
 
 
 def scale_(a, s: float) -> None:
     record("scale")
     flat = _view(a).ravel()
-    _scale_kernel[_elementwise_blocks(flat.size), ELEMENTWISE_THREADS, flat.stream](flat, np.float32(s))
-
-
-def _elementwise_blocks(n: int) -> int:
-    return max(1, min(-(-n // ELEMENTWISE_THREADS), ELEMENTWISE_MAX_BLOCKS))
-
-
-def _reduce_blocks(n: int) -> int:
-    return max(1, min(-(-n // REDUCE_THREADS), REDUCE_MAX_BLOCKS))
+    _scale_kernel[elementwise_blocks(flat.size, _sm_count(a)), ELEMENTWISE_THREADS, flat.stream](flat, np.float32(s))
 
 
 @cuda.jit(device=True, inline="always")
@@ -407,7 +489,7 @@ _FORWARD = {
     "identity": _identity, "relu": _relu, "leaky_relu": _leaky_relu, "sigmoid": _sigmoid,
     "tanh": _tanh, "gelu": _gelu, "gelu_tanh": _gelu_tanh,
 }
-# identity has no entry: its kernels read dy as dz and never call a derivative.
+# identity has no entry: its layers launch no dz kernel (dz is dy).
 _GRAD = {
     "relu": _relu_grad, "leaky_relu": _leaky_relu_grad, "sigmoid": _sigmoid_grad,
     "tanh": _tanh_grad, "gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad,
@@ -417,42 +499,203 @@ _GRAD = {
 # ----------------------------------------------------------------------------- dense tiles
 
 
+def _tile_kernel(fn):
+    """``cuda.jit`` for the dense tile kernels: TILE_THREADS per block, TILE_BLOCKS_PER_SM
+    resident (the simulator takes no launch bounds)."""
+    if SIMULATOR:
+        return cuda.jit(fn)
+    return cuda.jit(launch_bounds=(TILE_THREADS, TILE_BLOCKS_PER_SM))(fn)
+
+
+def tile_grid(rows: int, cols: int) -> tuple[tuple[int, int], bool]:
+    """The grid of a dense kernel's (rows, cols) result in BLOCK_M x BLOCK_N tiles, and whether the
+    row tiles are on grid.x: the larger count goes on x (limit 2^31 - 1), the smaller on y
+    (limit 65535), so any batch and any width up to 65535 x 128 of the other launches."""
+    row_tiles, col_tiles = -(-rows // BLOCK_M), -(-cols // BLOCK_N)
+    if row_tiles >= col_tiles:
+        return (row_tiles, col_tiles), True
+    return (col_tiles, row_tiles), False
+
+
+def dw_splits(batch: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of a dW launch over ``tiles`` output tiles on ``sms`` SMs: the
+    batch is split only when the tiles make fewer than SPLIT_WAVES blocks per SM, into chunks of
+    whole BLOCK_K slices; fewer splits when rounding the chunk up leaves the last ones empty."""
+    splits = 1
+    target = SPLIT_WAVES * sms
+    if tiles < target:
+        splits = max(1, min(-(-target // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
+    rows = -(-batch // splits)
+    rows = -(-rows // BLOCK_K) * BLOCK_K
+    return -(-batch // rows), rows
+
+
 @cuda.jit(device=True, inline="always")
-def _load_tile(tile, src, row0, col0, tid):
-    """tile[k, c] = src[row0 + k, col0 + c] for a (BLOCK_K, BLOCK_N) slice, 0 outside src."""
-    c = tid  # one column per thread: a warp reads 32 consecutive floats of a row
-    for k in range(BLOCK_K):
+def _tile_origin(rows_on_x):
+    """(m0, n0): the first row and column of this block's tile of the result."""
+    if rows_on_x:
+        return cuda.blockIdx.x * BLOCK_M, cuda.blockIdx.y * BLOCK_N
+    return cuda.blockIdx.y * BLOCK_M, cuda.blockIdx.x * BLOCK_N
+
+
+@cuda.jit(device=True, inline="always")
+def _tile_thread():
+    """threadIdx.x of a tile kernel's TILE_THREADS (a power of two) threads. The mask changes
+    no value, but shows the compiler the index is non-negative and small: its divisions by
+    powers of two become shifts, and shared offsets built from it are visibly multiples of 4
+    floats (16-byte loads)."""
+    return cuda.threadIdx.x & (TILE_THREADS - 1)
+
+
+@cuda.jit(device=True, inline="always")
+def _thread_tile(tid):
+    """(row, col): where this thread's 8 x 8 accumulators start inside the block tile; its rows
+    are row + {0..3} and row + 16 + {0..3}, its columns col + {0..3} and col + 32 + {0..3}."""
+    warp = tid // WARP_SIZE
+    lane = tid % WARP_SIZE
+    row = (warp // WARPS_N) * WARP_M + (lane // LANES_N) * RUN
+    col = (warp % WARPS_N) * WARP_N + (lane % LANES_N) * RUN
+    return row, col
+
+
+# Operand layouts. An operand is a (K, 128) slice per step, stored k-major in shared memory at
+# tile[k * TILE_STRIDE + o]. Each layout has: coords(tid, o0) -> (o, k, at), this thread's row
+# or column o of the source, its first k inside the slice and its first shared offset; load()
+# into LOADS_PER_THREAD registers; store() from them.
+
+
+@cuda.jit(device=True, inline="always")
+def _k_major_coords(tid, o0):
+    """Source rows run along k (x in forward, dz and w in dX): 2 threads per row, 4 k each."""
+    o_local = tid // K_MAJOR_THREADS_PER_ROW
+    k = (tid % K_MAJOR_THREADS_PER_ROW) * LOADS_PER_THREAD
+    return o0 + o_local, k, k * TILE_STRIDE + o_local
+
+
+@cuda.jit(device=True, inline="always")
+def _load_k_major(src, o, k, k_end, regs):
+    """regs[p] = src[o, k + p], 0 past k_end or past the last row."""
+    in_rows = o < src.shape[0]
+    k_left = k_end - k
+    for p in range(LOADS_PER_THREAD):
         value = _ZERO
-        if row0 + k < src.shape[0] and col0 + c < src.shape[1]:
-            value = src[row0 + k, col0 + c]
-        tile[k, c] = value
+        if in_rows & (p < k_left):  # & rather than and: one predicate, no branch
+            value = src[_u64(o), _u64(k + p)]
+        regs[p] = value
 
 
 @cuda.jit(device=True, inline="always")
-def _load_tile_transposed(tile, src, row0, col0, tid):
-    """tile[k, m] = src[row0 + m, col0 + k] for a (BLOCK_M, BLOCK_K) slice, 0 outside src."""
-    k = tid % BLOCK_K
-    for r in range(BLOCK_M // LOAD_COL_GROUPS):
-        m = tid // BLOCK_K + r * LOAD_COL_GROUPS
+def _store_k_major(smem, at, regs):
+    for p in range(LOADS_PER_THREAD):
+        smem[_u64(at + p * TILE_STRIDE)] = regs[p]
+
+
+@cuda.jit(device=True, inline="always")
+def _outer_major_coords(tid, o0):
+    """Source rows are k (w in forward, x and dz in dW): a warp per k row, 4 columns 32 apart each."""
+    k = tid // WARP_SIZE
+    o_local = tid % WARP_SIZE
+    return o0 + o_local, k, k * TILE_STRIDE + o_local
+
+
+@cuda.jit(device=True, inline="always")
+def _load_outer_major(src, o, k, k_end, regs):
+    """regs[p] = src[k, o + 32 p], 0 past k_end or past the last column."""
+    in_k = k < k_end
+    for p in range(LOADS_PER_THREAD):
         value = _ZERO
-        if row0 + m < src.shape[0] and col0 + k < src.shape[1]:
-            value = src[row0 + m, col0 + k]
-        tile[k, m] = value
+        if in_k & (o + p * WARP_SIZE < src.shape[1]):
+            value = src[_u64(k), _u64(o + p * WARP_SIZE)]
+        regs[p] = value
 
 
 @cuda.jit(device=True, inline="always")
-def _multiply_tiles(a_tile, b_tile, acc, tx, ty):
-    """acc[i, j] += sum_k a_tile[k, ty + i*8] * b_tile[k, tx + j*8]: the 8 x 8 register tile."""
-    a_frag = cuda.local.array(THREAD_M, np.float32)
-    b_frag = cuda.local.array(THREAD_N, np.float32)
-    for k in range(BLOCK_K):
-        for i in range(THREAD_M):
-            a_frag[i] = a_tile[k, ty + i * TILE_THREADS_Y]
-        for j in range(THREAD_N):
-            b_frag[j] = b_tile[k, tx + j * TILE_THREADS_X]
-        for i in range(THREAD_M):
-            for j in range(THREAD_N):
-                acc[i, j] += a_frag[i] * b_frag[j]
+def _store_outer_major(smem, at, regs):
+    for p in range(LOADS_PER_THREAD):
+        smem[_u64(at + p * WARP_SIZE)] = regs[p]
+
+
+_OPERAND_LAYOUTS = {
+    "k_major": (_k_major_coords, _load_k_major, _store_k_major),
+    "outer_major": (_outer_major_coords, _load_outer_major, _store_outer_major),
+}
+
+
+@cuda.jit(device=True, inline="always")
+def _multiply_k(smem, a_at, b_at, acc):
+    """acc[i, j] += A[k, row i] * B[k, col j] for one k: 16 floats from shared memory, 64 FMAs."""
+    a = cuda.local.array(THREAD_M, np.float32)
+    b = cuda.local.array(THREAD_N, np.float32)
+    for r in range(RUN):
+        a[r] = smem[_u64(a_at + r)]
+        a[RUN + r] = smem[_u64(a_at + ROW_RUN_GAP + r)]
+        b[r] = smem[_u64(b_at + r)]
+        b[RUN + r] = smem[_u64(b_at + COL_RUN_GAP + r)]
+    # One loop of 64 rather than 8 x 8: the same unrolled FMAs, and fewer IR blocks for Numba's
+    # inliner to copy at each of the eight call sites (it dominates the compile time).
+    for e in range(THREAD_M * THREAD_N):
+        acc[e // THREAD_N, e % THREAD_N] += a[e // THREAD_N] * b[e % THREAD_N]
+
+
+@cuda.jit(device=True, inline="always")
+def _multiply_slice(smem, a_at, b_at, acc):
+    """The BLOCK_K = 8 steps of one slice, written out: Numba has no unroll pragma and LLVM keeps
+    an 8-trip loop of this size rolled; written out, every shared offset is a constant added
+    to a_at or b_at, and each run of 4 floats is one 16-byte load."""
+    _multiply_k(smem, a_at, b_at, acc)
+    _multiply_k(smem, a_at + TILE_STRIDE, b_at + TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 2 * TILE_STRIDE, b_at + 2 * TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 3 * TILE_STRIDE, b_at + 3 * TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 4 * TILE_STRIDE, b_at + 4 * TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 5 * TILE_STRIDE, b_at + 5 * TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 6 * TILE_STRIDE, b_at + 6 * TILE_STRIDE, acc)
+    _multiply_k(smem, a_at + 7 * TILE_STRIDE, b_at + 7 * TILE_STRIDE, acc)
+
+
+@functools.cache
+def _gemm_main_loop(a_layout: str, b_layout: str, sum_b_columns: bool):
+    """The K loop of a tile, C[m0:, n0:] += A @ B over k in [k_begin, k_end), for operands read
+    in the given layouts; with ``sum_b_columns`` it also adds every B element it loads to
+    ``b_column_sums`` (the thread's LOADS_PER_THREAD columns of an outer-major B: db in dW)."""
+    a_coords, load_a, store_a = _OPERAND_LAYOUTS[a_layout]
+    b_coords, load_b, store_b = _OPERAND_LAYOUTS[b_layout]
+
+    @cuda.jit(device=True, inline="always")
+    def main_loop(a, b, m0, n0, k_begin, k_end, smem, acc, b_column_sums):
+        tid = _tile_thread()
+        a_o, a_k, a_at = a_coords(tid, m0)
+        b_o, b_k, b_at = b_coords(tid, n0)
+        b_at += SLICE_FLOATS
+        a_frag, b_frag = _thread_tile(tid)
+        b_frag += SLICE_FLOATS
+        a_regs = cuda.local.array(LOADS_PER_THREAD, np.float32)
+        b_regs = cuda.local.array(LOADS_PER_THREAD, np.float32)
+        load_a(a, a_o, k_begin + a_k, k_end, a_regs)
+        load_b(b, b_o, k_begin + b_k, k_end, b_regs)
+        store_a(smem, a_at, a_regs)
+        store_b(smem, b_at, b_regs)
+        if sum_b_columns:
+            for p in range(LOADS_PER_THREAD):
+                b_column_sums[p] += b_regs[p]
+        cuda.syncthreads()
+        # Pass s multiplies slice s (in stage s % 2) between loading slice s + 1 (zeros past
+        # k_end) and storing it to the other stage. Stage offsets are (s & 1) x STAGE_FLOATS,
+        # recomputed from s rather than carried, so the compiler still sees multiples of 4.
+        for s in range((k_end - k_begin + BLOCK_K - 1) // BLOCK_K):
+            k0 = k_begin + (s + 1) * BLOCK_K
+            load_a(a, a_o, k0 + a_k, k_end, a_regs)
+            load_b(b, b_o, k0 + b_k, k_end, b_regs)
+            stage = (s & 1) * STAGE_FLOATS
+            _multiply_slice(smem, stage + a_frag, stage + b_frag, acc)
+            stage = ((s + 1) & 1) * STAGE_FLOATS
+            store_a(smem, stage + a_at, a_regs)
+            store_b(smem, stage + b_at, b_regs)
+            if sum_b_columns:
+                for p in range(LOADS_PER_THREAD):
+                    b_column_sums[p] += b_regs[p]
+            cuda.syncthreads()
+
+    return main_loop
 
 
 @cuda.jit(device=True, inline="always")
@@ -463,169 +706,213 @@ def _zero_accumulators(acc):
 
 
 @cuda.jit(device=True, inline="always")
-def _store_tile(out, acc, row0, col0, tx, ty):
-    """out[row0 + ty + i*8, col0 + tx + j*8] = acc[i, j] where inside out."""
-    for j in range(THREAD_N):
-        col = col0 + tx + j * TILE_THREADS_X
-        if col < out.shape[1]:
-            for i in range(THREAD_M):
-                row = row0 + ty + i * TILE_THREADS_Y
-                if row < out.shape[0]:
-                    out[row, col] = acc[i, j]
+def _store_tile(out, acc, m0, n0):
+    """out[m0 + row i, n0 + col j] = acc[i, j] where inside out."""
+    row, col = _thread_tile(_tile_thread())
+    for i in range(THREAD_M):
+        r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+        if r < out.shape[0]:
+            for j in range(THREAD_N):
+                c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
+                if c < out.shape[1]:
+                    out[_u64(r), _u64(c)] = acc[i, j]
 
 
-def tile_grid(rows: int, cols: int) -> tuple[int, int]:
-    """The dense kernels' grid for a (rows, cols) result: row tiles on x, column tiles on y."""
-    return (-(-rows // BLOCK_M), -(-cols // BLOCK_N))
+# Activations whose code, repeated for 64 accumulators, is more than the compiler unrolls: applied
+# in registers they would push the accumulators to local memory (and spill at 128 registers).
+# Their epilogue stores the pre-activations first and applies act() reading them back.
+_ACTIVATE_AFTER_STORE = frozenset({"sigmoid", "gelu", "gelu_tanh"})
 
 
-_TILE_BLOCK = (TILE_THREADS_X, TILE_THREADS_Y)
+@functools.cache
+def _forward_epilogue(act: str):
+    """The forward kernel's epilogue for ``act``: y = act(acc + b), and z = acc + b for the
+    activations whose derivative needs it, stored where inside y."""
+    activate = _FORWARD[act]
+    store_z = act in NEEDS_Z
+    in_registers = act not in _ACTIVATE_AFTER_STORE
+
+    @cuda.jit(device=True, inline="always")
+    def forward_epilogue(acc, b, y, z, m0, n0):
+        row, col = _thread_tile(_tile_thread())
+        pre_out = z if store_z else y  # where pre-activations go when act() reads them back
+        for j in range(THREAD_N):
+            c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
+            if c < y.shape[1]:
+                bias = b[_u64(c)]
+                for i in range(THREAD_M):
+                    r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+                    if r < y.shape[0]:
+                        pre = acc[i, j] + bias
+                        if in_registers:
+                            y[_u64(r), _u64(c)] = activate(pre)
+                            if store_z:
+                                z[_u64(r), _u64(c)] = pre
+                        else:
+                            pre_out[_u64(r), _u64(c)] = pre
+        if not in_registers:
+            # The thread's own stores, read back in program order: no barrier needed.
+            for e in range(THREAD_M * THREAD_N):
+                i = e // THREAD_N
+                j = e % THREAD_N
+                r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+                c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
+                if r < y.shape[0] and c < y.shape[1]:
+                    y[_u64(r), _u64(c)] = activate(pre_out[_u64(r), _u64(c)])
+
+    return forward_epilogue
 
 
 @functools.cache
 def _dense_forward_kernel(act: str):
     """The fused forward kernel for ``act``: its act() and whether it stores z are compile-time."""
-    activate = _FORWARD[act]
-    store_z = act in NEEDS_Z
+    main_loop = _gemm_main_loop("k_major", "outer_major", False)
+    epilogue = _forward_epilogue(act)
 
-    @cuda.jit
-    def dense_forward_kernel(x, w, b, y, z):
+    @_tile_kernel
+    def dense_forward_kernel(x, w, b, y, z, rows_on_x):
         """y = act(x @ w + b), and z = x @ w + b when store_z (else z is y and never written)."""
-        a_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
-        b_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
+        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
         acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.x * BLOCK_M
-        col0 = cuda.blockIdx.y * BLOCK_N
+        unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)  # forward keeps no column sums
+        m0, n0 = _tile_origin(rows_on_x)
         _zero_accumulators(acc)
-        for k0 in range(0, x.shape[1], BLOCK_K):
-            _load_tile_transposed(a_tile, x, row0, k0, tid)
-            _load_tile(b_tile, w, k0, col0, tid)
-            cuda.syncthreads()
-            _multiply_tiles(a_tile, b_tile, acc, tx, ty)
-            cuda.syncthreads()
-        for j in range(THREAD_N):
-            col = col0 + tx + j * TILE_THREADS_X
-            if col < y.shape[1]:
-                bias = b[col]
-                for i in range(THREAD_M):
-                    row = row0 + ty + i * TILE_THREADS_Y
-                    if row < y.shape[0]:
-                        pre = acc[i, j] + bias
-                        y[row, col] = activate(pre)
-                        if store_z:
-                            z[row, col] = pre
+        main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
+        epilogue(acc, b, y, z, m0, n0)
 
     return dense_forward_kernel
 
 
 @functools.cache
-def _dense_dw_kernel(act: str, store_dz: bool):
-    """dW/db kernel for ``act``; with ``store_dz`` it also writes dz for the dX kernel."""
-    grad = _GRAD.get(act)
-    scale_by_grad = grad is not None
-    if not scale_by_grad:
-        grad = _identity  # never called: keeps the closure typed for Numba
+def _dz_prologue(act: str):
+    """dz = dy * act'(act_in) at flat index i: the step before the gradient products."""
+    grad = _GRAD[act]
 
     @cuda.jit(device=True, inline="always")
-    def load_dz_tile(tile, dy, act_in, row0, col0, tid, dz_out, store):
-        """tile[k, c] = dz[row0 + k, col0 + c], dz = dy * act'(act_in); returns the sum of this
-        thread's column c = tid of the slice, for db; writes dz to dz_out when ``store``."""
-        c = tid
-        column_sum = _ZERO
-        for k in range(BLOCK_K):
-            value = _ZERO
-            if row0 + k < dy.shape[0] and col0 + c < dy.shape[1]:
-                value = dy[row0 + k, col0 + c]
-                if scale_by_grad:
-                    value *= grad(act_in[row0 + k, col0 + c])
-                if store:
-                    dz_out[row0 + k, col0 + c] = value
-            tile[k, c] = value
-            column_sum += value
-        return column_sum
+    def dz_prologue(dy, act_in, i):
+        return dy[i] * grad(act_in[i])
 
-    @cuda.jit
-    def dense_dw_kernel(x, dy, act_in, dw, db, dz_out):
-        """dw = x.T @ dz, db = dz.sum(0), dz = dy * act'(act_in); x (B, in), dy (B, out).
-
-        Grid (ceil(in/64), ceil(out/64)); K runs over the batch. Every block forms the dz
-        tiles it needs; the blocks with blockIdx.x == 0 see every dz element exactly once,
-        so they alone write db (and dz when store_dz). Thread tid loads column col0 + tid of
-        every dz slice, so its running sum over the K loop is db[col0 + tid].
-        """
-        a_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
-        b_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
-        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.x * BLOCK_M
-        col0 = cuda.blockIdx.y * BLOCK_N
-        first_row_tile = cuda.blockIdx.x == 0
-        column_sum = _ZERO
-        _zero_accumulators(acc)
-        for k0 in range(0, x.shape[0], BLOCK_K):
-            _load_tile(a_tile, x, k0, row0, tid)
-            column_sum += load_dz_tile(b_tile, dy, act_in, k0, col0, tid, dz_out, store_dz and first_row_tile)
-            cuda.syncthreads()
-            _multiply_tiles(a_tile, b_tile, acc, tx, ty)
-            cuda.syncthreads()
-        _store_tile(dw, acc, row0, col0, tx, ty)
-        if first_row_tile and col0 + tid < db.shape[0]:
-            db[col0 + tid] = column_sum
-
-    return dense_dw_kernel
+    return dz_prologue
 
 
 @functools.cache
-def _dense_dx_kernel(act: str):
-    """dX kernel; ``act="identity"`` reads its first argument as dz (dy, or dz the dW kernel wrote)."""
-    grad = _GRAD.get(act)
-    scale_by_grad = grad is not None
-    if not scale_by_grad:
-        grad = _identity  # never called: keeps the closure typed for Numba
-
-    @cuda.jit(device=True, inline="always")
-    def load_dz_tile_transposed(tile, dy, act_in, row0, col0, tid):
-        """tile[k, m] = dz[row0 + m, col0 + k], dz = dy * act'(act_in), 0 outside dy."""
-        k = tid % BLOCK_K
-        for r in range(BLOCK_M // LOAD_COL_GROUPS):
-            m = tid // BLOCK_K + r * LOAD_COL_GROUPS
-            value = _ZERO
-            if row0 + m < dy.shape[0] and col0 + k < dy.shape[1]:
-                value = dy[row0 + m, col0 + k]
-                if scale_by_grad:
-                    value *= grad(act_in[row0 + m, col0 + k])
-            tile[k, m] = value
+def _dense_dz_kernel(act: str):
+    """The dz kernel for ``act`` (every activation with a derivative)."""
+    prologue = _dz_prologue(act)
 
     @cuda.jit
-    def dense_dx_kernel(dy, act_in, w, dx):
-        """dx = dz @ w.T, dz = dy * act'(act_in); dy (B, out), w (in, out) -> dx (B, in).
+    def dense_dz_kernel(dy, act_in, dz):
+        """dz = dy * act'(act_in), all (n,) flat, grid-stride."""
+        for i in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
+            dz[i] = prologue(dy, act_in, i)
 
-        Grid (ceil(B/64), ceil(in/64)); K runs over out. w is read along its rows (k), so
-        both operands load with consecutive threads on consecutive addresses.
-        """
-        a_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
-        b_tile = cuda.shared.array((BLOCK_K, TILE_STRIDE), np.float32)
-        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        tid = ty * TILE_THREADS_X + tx
-        row0 = cuda.blockIdx.x * BLOCK_M
-        col0 = cuda.blockIdx.y * BLOCK_N
-        _zero_accumulators(acc)
-        for k0 in range(0, dy.shape[1], BLOCK_K):
-            load_dz_tile_transposed(a_tile, dy, act_in, row0, k0, tid)
-            _load_tile_transposed(b_tile, w, col0, k0, tid)
-            cuda.syncthreads()
-            _multiply_tiles(a_tile, b_tile, acc, tx, ty)
-            cuda.syncthreads()
-        _store_tile(dx, acc, row0, col0, tx, ty)
+    return dense_dz_kernel
 
-    return dense_dx_kernel
+
+_dx_main_loop = _gemm_main_loop("k_major", "k_major", False)
+_dw_main_loop = _gemm_main_loop("outer_major", "outer_major", True)
+
+
+@_tile_kernel
+def _dense_dx_kernel(dz, w, dx, rows_on_x):
+    """dx = dz @ w.T: dz (B, out), w (in, out) -> dx (B, in); K runs over out, both operands k-major."""
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
+    m0, n0 = _tile_origin(rows_on_x)
+    _zero_accumulators(acc)
+    _dx_main_loop(dz, w, m0, n0, 0, dz.shape[1], smem, acc, unused_sums)
+    _store_tile(dx, acc, m0, n0)
+
+
+@cuda.jit(device=True, inline="always")
+def _store_column_sums(db_part, column_sums, smem, n0):
+    """db_part[n0 + c] = the block's sum of dz column n0 + c: the BLOCK_K thread groups (one per
+    k row of a slice) meet in shared memory and are added in group order."""
+    tid = cuda.threadIdx.x
+    group = tid // WARP_SIZE
+    lane = tid % WARP_SIZE
+    for p in range(LOADS_PER_THREAD):
+        smem[_u64(group * BLOCK_N + lane + p * WARP_SIZE)] = column_sums[p]
+    cuda.syncthreads()
+    if tid < BLOCK_N and n0 + tid < db_part.shape[0]:
+        total = _ZERO
+        for g in range(BLOCK_K):
+            total += smem[_u64(g * BLOCK_N + tid)]
+        db_part[_u64(n0 + tid)] = total
+
+
+@cuda.jit(device=True, inline="always")
+def _split_k_arrived_last(tickets, tile, is_last):
+    """Publishes this block's partials and takes its tile's ticket; True, in every thread, for the
+    tile's last block to arrive (every split's partial is then visible to it). The fences on both
+    sides of the ticket order the other splits' stores before this block's loads."""
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        is_last[0] = cuda.atomic.add(tickets, tile, np.uint32(1)) == cuda.gridDim.z - 1
+    cuda.syncthreads()
+    last = is_last[0] != 0
+    if last:
+        cuda.threadfence()
+    return last
+
+
+@cuda.jit(device=True, inline="always")
+def _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, is_last):
+    """The split-K finish of the tile at (m0, n0): its last block sums every split's partial in
+    split order 0, 1, ..., writes dW (and db in the first row of tiles) and resets the ticket."""
+    tiles_n = -(-dw.shape[1] // BLOCK_N)
+    tile = (m0 // BLOCK_M) * tiles_n + n0 // BLOCK_N
+    if not _split_k_arrived_last(tickets, tile, is_last):
+        return
+    splits = cuda.gridDim.z
+    rows = min(BLOCK_M, dw.shape[0] - m0)
+    cols = min(BLOCK_N, dw.shape[1] - n0)
+    for e in range(cuda.threadIdx.x, rows * cols, TILE_THREADS):
+        r = _u64(m0 + e // cols)
+        c = _u64(n0 + e % cols)
+        total = _ZERO
+        for s in range(splits):
+            total += dw_parts[_u64(s), r, c]
+        dw[r, c] = total
+    if m0 == 0:
+        for e in range(cuda.threadIdx.x, cols, TILE_THREADS):
+            c = _u64(n0 + e)
+            total = _ZERO
+            for s in range(splits):
+                total += db_parts[_u64(s), c]
+            db[c] = total
+    if cuda.threadIdx.x == 0:
+        tickets[tile] = 0
+
+
+@_tile_kernel
+def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split, rows_on_x):
+    """dw = x.T @ dz, db = dz.sum(0): x (B, in), dz (B, out) -> dw (in, out), db (out,).
+
+    Grid (tile grid, splits): split s = blockIdx.z covers batch rows [s rows_per_split,
+    (s+1) rows_per_split) and writes its partial dW tile to dw_parts[s] and, in the first row of
+    tiles, its partial db to db_parts[s]. With one split those are dw and db themselves; with
+    more, the last split of each tile sums them in split order (tickets: one per tile, 0).
+    """
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    is_last = cuda.shared.array(1, np.int32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    column_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
+    for p in range(LOADS_PER_THREAD):
+        column_sums[p] = _ZERO
+    m0, n0 = _tile_origin(rows_on_x)
+    split = cuda.blockIdx.z
+    k_begin = split * rows_per_split
+    k_end = min(k_begin + rows_per_split, x.shape[0])
+    _zero_accumulators(acc)
+    _dw_main_loop(x, dz, m0, n0, k_begin, k_end, smem, acc, column_sums)
+    _store_tile(dw_parts[split], acc, m0, n0)
+    if m0 == 0:
+        _store_column_sums(db_parts[split], column_sums, smem, n0)
+    if cuda.gridDim.z > 1:
+        _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, is_last)
 
 
 # ----------------------------------------------------------------------------- dense layer
@@ -646,18 +933,48 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     if act in NEEDS_Z:
         z = out_z if out_z is not None else _new((batch, out_features), x)
     xv, yv = _view(x), _view(y)
+    grid, rows_on_x = tile_grid(batch, out_features)
     kernel = _dense_forward_kernel("identity" if act == "softmax" else act)
-    kernel[tile_grid(batch, out_features), _TILE_BLOCK, xv.stream](
-        xv, _view(w), _view(b), yv, yv if z is None else _view(z)
-    )
+    kernel[grid, TILE_THREADS, xv.stream](xv, _view(w), _view(b), yv, yv if z is None else _view(z), rows_on_x)
     if act == "softmax":
         softmax_(y)
     return y, z
 
 
 def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
-    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    if not (need_dx or need_dw):
+        return []
+    dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act in _GRAD else []
+    return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _dense_dz(dy, act_in, act):
+    """dz = dy * act'(act_in) into this stream's dz scratch buffer, which the gradient kernels read."""
+    record("dense_dz")
+    dz = _scratch("dz", dy.size, dy).reshape(dy.shape)
+    flat = _view(dy).ravel()
+    _dense_dz_kernel(act)[elementwise_blocks(flat.size, _sm_count(dy)), ELEMENTWISE_THREADS, flat.stream](
+        flat, _view(act_in).ravel(), _view(dz).ravel()
+    )
+    return dz
+
+
+def _dense_dw(x, dz, dw, db, splits, rows_per_split):
+    """dw = x.T @ dz and db = dz.sum(0), the batch in ``splits`` chunks of ``rows_per_split`` rows."""
+    record("dense_dw")
+    in_features, out_features = dw.shape
+    grid, rows_on_x = tile_grid(in_features, out_features)
+    tickets = _scratch("split_tickets", grid[0] * grid[1], dz, np.uint32)
+    if splits == 1:  # the kernel writes dw and db directly and reads none of the rest
+        dw_parts, db_parts = dw.reshape(1, in_features, out_features), db.reshape(1, out_features)
+    else:
+        dw_parts = _scratch("dw_partials", splits * dw.size, dz).reshape(splits, in_features, out_features)
+        db_parts = _scratch("db_partials", splits * db.size, dz).reshape(splits, out_features)
+    dzv = _view(dz)
+    _dense_dw_kernel[(*grid, splits), TILE_THREADS, dzv.stream](
+        _view(x), dzv, _view(dw_parts), _view(db_parts), _view(tickets), _view(dw), _view(db),
+        rows_per_split, rows_on_x,
+    )
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
@@ -666,112 +983,44 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if not (need_dx or need_dw):
         return None, None, None
     if act == "softmax":
-        dy = softmax_backward(dy, y, _scratch("softmax_dz", tuple(dy.shape), dy))
-        act = "identity"
-    dyv = _view(dy)
-    act_in = dyv if act == "identity" else _view(z if act in NEEDS_Z else y)
+        dz = softmax_backward(dy, y, _scratch("dz", dy.size, dy).reshape(dy.shape))
+    elif act in _GRAD:
+        dz = _dense_dz(dy, z if act in NEEDS_Z else y, act)
+    else:
+        dz = dy
     dx = dw = db = None
-    dz_source, dz_act = dyv, act
     if need_dw:
-        record("dense_dw")
         in_features, out_features = w.shape
         dw = out_dw if out_dw is not None else _new((in_features, out_features), dy)
         db = out_db if out_db is not None else _new((out_features,), dy)
-        # When dX follows, this kernel writes dz once and dX reads it instead of recomputing act'.
-        store_dz = need_dx and act != "identity"
-        dz_out = _view(_scratch("dz", tuple(dy.shape), dy)) if store_dz else dyv
-        kernel = _dense_dw_kernel(act, store_dz)
-        kernel[tile_grid(in_features, out_features), _TILE_BLOCK, dyv.stream](
-            _view(x), dyv, act_in, _view(dw), _view(db), dz_out
-        )
-        if store_dz:
-            dz_source, dz_act = dz_out, "identity"
+        grid, _ = tile_grid(in_features, out_features)
+        _dense_dw(x, dz, dw, db, *dw_splits(dy.shape[0], grid[0] * grid[1], _sm_count(dy)))
     if need_dx:
         record("dense_dx")
         batch, in_features = dy.shape[0], w.shape[0]
         dx = out_dx if out_dx is not None else _new((batch, in_features), dy)
-        kernel = _dense_dx_kernel(dz_act)
-        kernel[tile_grid(batch, in_features), _TILE_BLOCK, dyv.stream](
-            dz_source, dz_source if dz_act == "identity" else act_in, _view(w), _view(dx)
-        )
+        dzv = _view(dz)
+        grid, rows_on_x = tile_grid(batch, in_features)
+        _dense_dx_kernel[grid, TILE_THREADS, dzv.stream](dzv, _view(w), _view(dx), rows_on_x)
     return dx, dw, db
 
 
-@cuda.jit
-def _softmax_kernel(y):
-    """In place, one thread per row of y (B, C): y[r] = exp(y[r] - max(y[r])) / sum."""
-    row = cuda.grid(1)
-    if row < y.shape[0]:
-        classes = y.shape[1]
-        row_max = y[row, 0]
-        for c in range(1, classes):
-            row_max = max(row_max, y[row, c])
-        total = _ZERO
-        for c in range(classes):
-            e = math.exp(y[row, c] - row_max)
-            y[row, c] = e
-            total += e
-        inv_total = _ONE / total
-        for c in range(classes):
-            y[row, c] *= inv_total
+# ----------------------------------------------------------------------------- row kernels
 
 
-@cuda.jit
-def _softmax_backward_kernel(dy, y, out):
-    """One thread per row: out[r] = y[r] * (dy[r] - <dy[r], y[r]>); out may be dy (each row reads before it writes)."""
-    row = cuda.grid(1)
-    if row < y.shape[0]:
-        classes = y.shape[1]
-        dot = _ZERO
-        for c in range(classes):
-            dot += dy[row, c] * y[row, c]
-        for c in range(classes):
-            out[row, c] = y[row, c] * (dy[row, c] - dot)
-
-
-def _row_blocks(rows: int) -> int:
-    return -(-rows // ELEMENTWISE_THREADS)
-
-
-def softmax_(y):
-    """Row softmax of y (B, C) in place. A thread per row: softmax heads are narrow (C is the class count)."""
-    record("softmax_fwd")
-    yv = _view(y)
-    _softmax_kernel[_row_blocks(yv.shape[0]), ELEMENTWISE_THREADS, yv.stream](yv)
-
-
-def softmax_backward(dy, y, out):
-    """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
-    record("softmax_bwd")
-    yv = _view(y)
-    _softmax_backward_kernel[_row_blocks(yv.shape[0]), ELEMENTWISE_THREADS, yv.stream](_view(dy), yv, _view(out))
-    return out
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-@cuda.jit
-def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
-    """Per row r of logits (B, C): row_loss[r] = logsumexp(x_r) - x_r[label_r],
-    grad[r] = (softmax(x_r) - onehot(label_r)) * inv_batch.
-
-    Block (CE_LANES, CE_ROWS): lane tx of row ty keeps a running (max, sum of exp) over
-    columns tx, tx + 32, ...; a shared-memory tree merges the lanes; then the row is read
-    again to write the gradient. Rows past B join every barrier but load and store nothing.
-    """
-    row_max = cuda.shared.array((CE_ROWS, CE_LANES), np.float32)
-    row_sum = cuda.shared.array((CE_ROWS, CE_LANES), np.float32)
+@cuda.jit(device=True, inline="always")
+def _row_max_and_sum(x, row, in_rows, row_max, row_sum):
+    """(m, s) of row ``row`` of x (B, C): its max and the sum of exp(x - m), over the ROW_LANES
+    lanes (threadIdx.x) of the row's warp (threadIdx.y). Lane l keeps a running (max, sum) over
+    columns l, l + 32, ...; a shared-memory tree (row_max, row_sum: (ROWS_PER_BLOCK, ROW_LANES))
+    merges the lanes. Every thread of the block calls it; rows past B (not ``in_rows``) load nothing."""
     lane = cuda.threadIdx.x
     local_row = cuda.threadIdx.y
-    row = cuda.blockIdx.x * CE_ROWS + local_row
-    classes = logits.shape[1]
-    in_batch = row < logits.shape[0]
     running_max = _LOWEST
     running_sum = _ZERO
-    if in_batch:
-        for c in range(lane, classes, CE_LANES):
-            v = logits[row, c]
+    if in_rows:
+        for c in range(lane, x.shape[1], ROW_LANES):
+            v = x[row, c]
             if v > running_max:
                 running_sum = running_sum * math.exp(running_max - v) + _ONE
                 running_max = v
@@ -780,7 +1029,7 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
     row_max[local_row, lane] = running_max
     row_sum[local_row, lane] = running_sum
     cuda.syncthreads()
-    stride = CE_LANES // 2
+    stride = ROW_LANES // 2
     while stride > 0:
         if lane < stride:
             m1 = row_max[local_row, lane]
@@ -794,16 +1043,104 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
                 row_sum[local_row, lane] += s2 * math.exp(m2 - m1)
         cuda.syncthreads()
         stride //= 2
-    if in_batch:
-        m = row_max[local_row, 0]
-        total = row_sum[local_row, 0]
+    return row_max[local_row, 0], row_sum[local_row, 0]
+
+
+@cuda.jit(device=True, inline="always")
+def _row_lane_sum(value, partials):
+    """The sum of ``value`` over the ROW_LANES lanes of this thread's row, through shared
+    ``partials`` (ROWS_PER_BLOCK, ROW_LANES); every thread of the block calls it."""
+    lane = cuda.threadIdx.x
+    local_row = cuda.threadIdx.y
+    partials[local_row, lane] = value
+    cuda.syncthreads()
+    stride = ROW_LANES // 2
+    while stride > 0:
+        if lane < stride:
+            partials[local_row, lane] += partials[local_row, lane + stride]
+        cuda.syncthreads()
+        stride //= 2
+    return partials[local_row, 0]
+
+
+_ROW_BLOCK = (ROW_LANES, ROWS_PER_BLOCK)
+
+
+def row_blocks(rows: int) -> int:
+    """Blocks of the row kernels (softmax, cross-entropy) for ``rows`` rows."""
+    return -(-rows // ROWS_PER_BLOCK)
+
+
+@cuda.jit
+def _softmax_kernel(y):
+    """In place, a warp per row of y (B, C): y[r] = exp(y[r] - max(y[r])) / sum."""
+    row_max = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    row_sum = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.y
+    in_rows = row < y.shape[0]
+    m, total = _row_max_and_sum(y, row, in_rows, row_max, row_sum)
+    if in_rows:
+        inv_total = _ONE / total
+        for c in range(cuda.threadIdx.x, y.shape[1], ROW_LANES):
+            y[row, c] = math.exp(y[row, c] - m) * inv_total
+
+
+@cuda.jit
+def _softmax_backward_kernel(dy, y, out):
+    """A warp per row: out[r] = y[r] * (dy[r] - <dy[r], y[r]>); out may be dy (the barrier in the
+    row sum sits between every read of dy[r] for the dot product and the first write)."""
+    partials = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.y
+    in_rows = row < y.shape[0]
+    dot = _ZERO
+    if in_rows:
+        for c in range(cuda.threadIdx.x, y.shape[1], ROW_LANES):
+            dot += dy[row, c] * y[row, c]
+    dot = _row_lane_sum(dot, partials)
+    if in_rows:
+        for c in range(cuda.threadIdx.x, y.shape[1], ROW_LANES):
+            out[row, c] = y[row, c] * (dy[row, c] - dot)
+
+
+def softmax_(y):
+    """Row softmax of y (B, C) in place, a warp per row."""
+    record("softmax_fwd")
+    yv = _view(y)
+    _softmax_kernel[row_blocks(yv.shape[0]), _ROW_BLOCK, yv.stream](yv)
+
+
+def softmax_backward(dy, y, out):
+    """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    record("softmax_bwd")
+    yv = _view(y)
+    _softmax_backward_kernel[row_blocks(yv.shape[0]), _ROW_BLOCK, yv.stream](_view(dy), yv, _view(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@cuda.jit
+def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
+    """Per row r of logits (B, C): row_loss[r] = logsumexp(x_r) - x_r[label_r],
+    grad[r] = (softmax(x_r) - onehot(label_r)) * inv_batch.
+
+    A warp per row: _row_max_and_sum in one read of the row, then a second read (cached) writes
+    the gradient. Rows past B join every barrier but load and store nothing.
+    """
+    row_max = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    row_sum = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.y
+    in_rows = row < logits.shape[0]
+    m, total = _row_max_and_sum(logits, row, in_rows, row_max, row_sum)
+    if in_rows:
         label = labels[row]
-        for c in range(lane, classes, CE_LANES):
+        for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
             p = math.exp(logits[row, c] - m) / total
             if c == label:
                 p -= _ONE
             grad[row, c] = p * inv_batch
-        if lane == 0:
+        if cuda.threadIdx.x == 0:
             row_loss[row] = math.log(total) - (logits[row, label] - m)
 
 
@@ -841,10 +1178,9 @@ def softmax_cross_entropy(logits, labels):
     record("ce_fwd_bwd")
     batch = logits.shape[0]
     grad = _new(tuple(logits.shape), logits)
-    row_loss = _new((batch,), logits)
+    row_loss = _scratch("row_loss", batch, logits)
     lv = _view(logits)
-    blocks = -(-batch // CE_ROWS)
-    _softmax_cross_entropy_kernel[blocks, (CE_LANES, CE_ROWS), lv.stream](
+    _softmax_cross_entropy_kernel[row_blocks(batch), _ROW_BLOCK, lv.stream](
         lv, _view(labels), _view(grad), _view(row_loss), np.float32(1.0 / batch)
     )
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
@@ -855,8 +1191,8 @@ def _elementwise_loss(kernel, pred, target, grad_scale_times_n):
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
     n = flat.size
-    blocks = _reduce_blocks(n)
-    block_sums = _new((blocks,), pred)
+    blocks = reduce_blocks(n, _sm_count(pred))
+    block_sums = _scratch("block_sums", blocks, pred)
     kernel[blocks, REDUCE_THREADS, flat.stream](
         flat, _view(target).ravel(), _view(grad).ravel(), _view(block_sums), np.float32(grad_scale_times_n / n)
     )
@@ -903,7 +1239,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     record("sgd_update")
     p = _view(param).ravel()
     g = _view(grad).ravel()
-    launch = (_elementwise_blocks(p.size), ELEMENTWISE_THREADS, p.stream)
+    launch = (elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream)
     # weight_decay 0 leaves g = 0 * p + grad = grad exactly, so one kernel serves both cases.
     if momentum:
         _sgd_momentum_kernel[launch](
@@ -938,8 +1274,69 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
     f32 = np.float32
-    _adam_kernel[_elementwise_blocks(p.size), ELEMENTWISE_THREADS, p.stream](
+    _adam_kernel[elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream](
         p, _view(grad).ravel(), _view(m).ravel(), _view(v).ravel(), f32(decay), f32(l2),
         f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
         f32(1.0 / math.sqrt(1.0 - beta2**step)), f32(eps), f32(-lr / (1.0 - beta1**step)),
     )
+
+
+# ----------------------------------------------------------------------------- kernel variants
+
+
+class KernelVariant(NamedTuple):
+    """One compiled kernel of this backend: ``name`` is what its launches are recorded as,
+    ``variant`` the activation and flags it was specialised for ("" for a kernel with one),
+    ``kernel`` the Numba dispatcher, ``signature`` the argument types the backend launches it
+    with, ``threads`` its threads per block."""
+
+    name: str
+    variant: str
+    kernel: object
+    signature: tuple
+    threads: int
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every kernel variant this backend can launch: each kernel x activation x flag, with the
+    argument types it is compiled for (float32 C-contiguous arrays; labels int32 or int64).
+    Needs the real compiler's types (the simulator off): the compile test and the performance
+    model compile each one with ``variant_ptx``."""
+    from numba.cuda import types
+
+    f32, flag = types.float32, types.boolean
+    v, m, p3 = (types.Array(f32, ndim, "C") for ndim in (1, 2, 3))
+    tickets = types.Array(types.uint32, 1, "C")
+    row_threads = ROW_LANES * ROWS_PER_BLOCK
+    variants = [KernelVariant("dense_fwd", act, _dense_forward_kernel(act), (m, m, v, m, m, flag), TILE_THREADS)
+                for act in _FORWARD]
+    variants += [KernelVariant("dense_dz", act, _dense_dz_kernel(act), (v, v, v), ELEMENTWISE_THREADS)
+                 for act in _GRAD]
+    variants += [
+        KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, flag), TILE_THREADS),
+        KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, flag), TILE_THREADS),
+        KernelVariant("softmax_fwd", "", _softmax_kernel, (m,), row_threads),
+        KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
+    ]
+    variants += [KernelVariant("ce_fwd_bwd", f"labels_{label.name}", _softmax_cross_entropy_kernel,
+                               (m, types.Array(label, 1, "C"), m, v, f32), row_threads)
+                 for label in (types.int32, types.int64)]
+    variants += [
+        KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, v, f32), REDUCE_THREADS),
+        KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, v, f32), REDUCE_THREADS),
+        KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),
+        KernelVariant("scale", "", _scale_kernel, (v, f32), ELEMENTWISE_THREADS),
+        KernelVariant("sgd_update", "", _sgd_kernel, (v, v, f32, f32), ELEMENTWISE_THREADS),
+        KernelVariant("sgd_update", "momentum", _sgd_momentum_kernel, (v, v, v, f32, f32, flag, f32),
+                      ELEMENTWISE_THREADS),
+        KernelVariant("adam_update", "", _adam_kernel, (v, v, v, v) + (f32,) * 9, ELEMENTWISE_THREADS),
+    ]
+    return variants
+
+
+def variant_ptx(variant: KernelVariant, cc: tuple[int, int] = (9, 0)) -> str:
+    """The PTX Numba compiles ``variant`` to for compute capability ``cc``, launch bounds included;
+    no GPU needed (libNVVM is)."""
+    ptx, _ = cuda.compile_ptx(variant.kernel.py_func, variant.signature, cc=cc,
+                              launch_bounds=variant.kernel.targetoptions.get("launch_bounds"))
+    return ptx

@@ -172,10 +172,13 @@ def is_array(a) -> bool:
     return isinstance(a, np.ndarray)
 
 
-def sumsq(a: np.ndarray) -> float:
-    record("sumsq")
-    flat = a.reshape(-1)
-    return float(np.dot(flat, flat))
+def sumsq(*arrays: np.ndarray) -> float:
+    total = 0.0
+    for a in arrays:
+        record("sumsq")
+        flat = a.reshape(-1)
+        total += float(np.dot(flat, flat))
+    return total
 
 
 def scale_(a: np.ndarray, s: float) -> None:
