@@ -309,8 +309,10 @@ class _Graph:
             bias_name = None
             output, end = node.output[0], position + 1
             if following is not None and following.op_type == "Add" and node.output[0] in following.input:
-                bias_name = [name for name in following.input if name != node.output[0]][0]
-                output, end = following.output[0], position + 2
+                others = [name for name in following.input if name != node.output[0]]
+                if len(others) != 1:
+                    raise self._error(following, "adds the layer's output to itself, where gpubp needs a bias")
+                bias_name, output, end = others[0], following.output[0], position + 2
         if bias_name is None:
             bias = np.zeros(weight.shape[1], weight.dtype)
         else:

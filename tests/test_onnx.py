@@ -135,6 +135,18 @@ def test_matmul_and_add_layers_and_a_layer_without_bias(tmp_path):
     np.testing.assert_array_equal(model[1].bias.data, np.zeros(2, np.float32))
 
 
+def test_a_matmul_whose_output_is_added_to_itself(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"), helper.make_node("Add", ["h", "h"], ["y"],
+                                                                                       name="twice")],
+        "others", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    expect_rejected(path, "adds the layer's output to itself, where gpubp needs a bias")
+
+
 TORCH_ACTIVATIONS = [("ReLU", {}, "relu"), ("LeakyReLU", {}, "leaky_relu"), ("Tanh", {}, "tanh"), ("GELU", {}, "gelu"),
                      ("Sigmoid", {}, "sigmoid"), ("GELU", {"approximate": "tanh"}, "gelu_tanh")]
 
