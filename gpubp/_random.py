@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 _generator = np.random.default_rng()
@@ -39,3 +41,15 @@ def generator_from_state(state) -> np.random.Generator:
 def set_generator(generator: np.random.Generator) -> None:
     global _generator
     _generator = generator
+
+
+@contextlib.contextmanager
+def using(generator: np.random.Generator):
+    """Draw every random choice inside the block (weight init, shuffling) from ``generator``,
+    then give the library back its own stream, untouched: scikit-learn's ``random_state``."""
+    previous = _generator
+    set_generator(generator)
+    try:
+        yield generator
+    finally:
+        set_generator(previous)

@@ -37,6 +37,7 @@ log = logging.getLogger("gpubp")
 
 FORMAT_VERSION = 1
 SUFFIXES = (".npz", ".safetensors")
+MODEL_SUFFIXES = SUFFIXES + (".onnx",)  # a model alone (gb.load) may also be an ONNX inference graph
 WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A checkpoint's header section; it lists the tensors it adds beside the model's.
 CHECKPOINT_KEY = "checkpoint"
@@ -142,8 +143,22 @@ def _json_scalar(value):
 
 
 def save(model: Sequential, path) -> None:
-    """Write ``model`` to ``path`` (.npz or .safetensors), atomically."""
+    """Write ``model`` to ``path`` (.npz, .safetensors, or .onnx: see :mod:`gpubp.onnx`), atomically."""
+    if _model_suffix(path) == ".onnx":
+        from gpubp import onnx
+
+        data = onnx.model_proto(model).SerializeToString()
+        _atomic_write(Path(path), lambda f: f.write(data))
+        return
     write_file(path, *model_contents(model))
+
+
+def _model_suffix(path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"path: expected a file ending in {', '.join(MODEL_SUFFIXES[:-1])} or {MODEL_SUFFIXES[-1]}, "
+                         f"got {str(path)!r}")
+    return suffix
 
 
 def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
@@ -285,12 +300,17 @@ def _zeros(rng, shape) -> np.ndarray:
 
 
 def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
-    """Rebuild a model saved by :meth:`Sequential.save` (or the model of a checkpoint).
+    """Rebuild a model saved by :meth:`Sequential.save` (or the model of a checkpoint, or an
+    ONNX file: see :mod:`gpubp.onnx`).
 
     A file that is truncated, forged or of another architecture (wrong shapes or dtypes,
     NaN or inf weights, missing or extra tensors) is a ValueError naming the file and the
     problem, raised before anything is built.
     """
+    if _model_suffix(path) == ".onnx":
+        from gpubp import onnx
+
+        return onnx.load(path, device=device, backend=backend)
     header, tensors = read_file(path)
     return model_from(path, header, tensors, device=device, backend=backend)
 

@@ -701,7 +701,8 @@ class Sequential:
         return train.predict(self, x, batch_size=batch_size, logits=logits)
 
     def save(self, path) -> None:
-        """Write the architecture and weights to ``.npz`` or ``.safetensors`` (atomically)."""
+        """Write the architecture and weights to ``.npz`` or ``.safetensors``, or the inference graph to
+        ``.onnx`` (atomically)."""
         from gpubp import io
 
         io.save(self, path)

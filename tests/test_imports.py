@@ -1,9 +1,11 @@
-"""The package's modules import each other in one direction: no import circle."""
+"""The package's modules import each other in one direction, with no circle, and ``import gpubp``
+loads none of the optional integrations."""
 
 import ast
 from pathlib import Path
 
 import gpubp
+from child_process import run_python
 
 PACKAGE = Path(gpubp.__file__).parent
 
@@ -67,3 +69,8 @@ def test_optimizers_do_not_import_the_layer_module():
 def test_cycle_finder_reports_a_planted_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     assert _find_cycle(graph) == ["a", "b", "c", "a"]
+
+
+def test_import_gpubp_imports_no_optional_integration():
+    code = "import sys, gpubp; print(sorted({'sklearn', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    assert run_python(code, timeout=60).strip() == "[]"

@@ -210,7 +210,7 @@ def test_a_safetensors_file_without_gpubp_metadata_is_not_a_gpubp_file(tmp_path)
 
 
 def test_an_unknown_suffix_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match=r"path: expected a file ending in .npz or .safetensors, got '.*m.pt'"):
+    with pytest.raises(ValueError, match=r"path: expected a file ending in .npz, .safetensors or .onnx, got '.*m.pt'"):
         trained_model().save(tmp_path / "m.pt")
 
 

@@ -1,0 +1,411 @@
+"""ONNX: a model's inference graph as an ``.onnx`` file, and such files read back as models.
+
+``model.save("m.onnx")`` writes what ``model.predict`` computes, for any batch size: one
+``Gemm`` per layer (weights (in, out) as ``B``, the bias as ``C``), then its activation, the
+sigmoid or softmax head included, in the model's float type (float32, or float64 as ONNX
+``double``). The batch axis is named ``"batch"`` and left free. Opset 17, which every current
+runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5`` and
+gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, both node for
+node as PyTorch's exporter writes them before opset 20.
+
+``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
+``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
+``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
+the two gelu formulas above, ``Softmax`` over the last axis at the end; ``Identity`` and
+inference ``Dropout`` pass through). As for gpubp's other formats the whole file is checked
+before anything is built: weights kept outside the file, tensors whose data does not match
+their shape, NaN or inf weights, mixed or non-float types, unused tensors, and any graph that is
+not such a chain are a ValueError naming the file and the problem. What ONNX does not hold is
+not restored: layer names, frozen layers and the precision.
+
+Needs the onnx package (``pip install "gpubp[onnx]"``, which brings onnxruntime to run the files).
+
+>>> import os, tempfile, numpy as np, gpubp as gb
+>>> model = gb.Sequential([gb.Dense(3, 4, "gelu"), gb.Dense(4, 2, "softmax")], device="cpu")
+>>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+>>> model.save(path)
+>>> np.allclose(gb.load(path).predict(np.ones((5, 3), np.float32)), model.predict(np.ones((5, 3), np.float32)))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as exc:
+    raise ImportError(f'reading and writing .onnx files needs the onnx package: pip install "gpubp[onnx]" ({exc})'
+                      ) from exc
+
+import gpubp
+from gpubp import activations, io
+from gpubp.layers import Dense, Sequential
+
+OPSET = 17
+IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), so that older runtimes read the files
+INPUT, OUTPUT = "input", "output"
+ELEMENT_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
+CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds sqrt(2 / pi) by 5e-8
+
+# One ONNX operator per activation, with its attributes; gelu and gelu_tanh are formulas.
+SINGLE_OPS = {"relu": ("Relu", {}), "leaky_relu": ("LeakyRelu", {"alpha": activations.LEAKY_SLOPE}),
+              "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}), "softmax": ("Softmax", {"axis": -1})}
+# A formula is a chain of steps (operator, operands): "x" is the activation's input, "prev" the
+# step before, a number a scalar constant. Add and Mul match their operands in either order.
+FORMULAS = {
+    "gelu": (("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", "x", "prev"),
+             ("Mul", "prev", 0.5)),
+    "gelu_tanh": (("Mul", "x", "x"), ("Mul", "x", "prev"), ("Mul", activations.GELU_TANH_A, "prev"),
+                  ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
+                  ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),
+}
+COMMUTATIVE = ("Add", "Mul")
+# Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
+_NUMBER_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT16,
+                 TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
+                 TensorProto.UINT64, TensorProto.BOOL)
+_DATA_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def model_proto(model: Sequential) -> onnx.ModelProto:
+    """The ONNX model of what ``model.predict`` computes, checked by ``onnx.checker``."""
+    if not isinstance(model, Sequential) or not len(model):
+        raise ValueError("model: expected a Sequential with at least one layer")
+    dtype = np.dtype(model.dtype)
+    nodes, tensors, constants = [], [], {}
+    current = INPUT
+    for i, layer in enumerate(model):
+        if not isinstance(layer, Dense):
+            raise ValueError(f"model: layer {i} is a {type(layer).__name__}, which gpubp cannot write to ONNX")
+        weight, bias = (p.backend.to_host(p.data) for p in (layer.weight, layer.bias))
+        names = (f"layers.{i}.weight", f"layers.{i}.bias")
+        tensors += [numpy_helper.from_array(np.ascontiguousarray(array, dtype), name)
+                    for array, name in zip((weight, bias), names)]
+        y = OUTPUT if i == len(model) - 1 else f"layers.{i}.y"  # what the layer gives the next one
+        z = y if layer.activation == "identity" else f"layers.{i}.z"
+        nodes.append(helper.make_node("Gemm", [current, *names], [z], name=f"layers.{i}.gemm"))
+        if layer.activation != "identity":
+            nodes += _activation_nodes(layer.activation, z, y, f"layers.{i}.{layer.activation}", dtype, constants)
+        current = y
+    tensors += constants.values()
+    element = ELEMENT_TYPES[dtype]
+    graph = helper.make_graph(
+        nodes, "gpubp.Sequential", [helper.make_tensor_value_info(INPUT, element, ["batch", model.in_features])],
+        [helper.make_tensor_value_info(OUTPUT, element, ["batch", model.out_features])], initializer=tensors)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="gpubp", producer_version=gpubp.__version__)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, constants: dict) -> list:
+    """The nodes computing ``y = act(x)``; scalar constants go into ``constants``, shared by name."""
+    if act in SINGLE_OPS:
+        op, attributes = SINGLE_OPS[act]
+        return [helper.make_node(op, [x], [y], name=prefix, **attributes)]
+    nodes, prev = [], x
+    steps = FORMULAS[act]
+    for k, (op, *operands) in enumerate(steps):
+        inputs = []
+        for operand in operands:
+            if operand == "x" or operand == "prev":
+                inputs.append(x if operand == "x" else prev)
+            else:
+                name = f"constant.{operand!r}"
+                constants.setdefault(name, numpy_helper.from_array(np.array(operand, dtype), name))
+                inputs.append(name)
+        prev = y if k == len(steps) - 1 else f"{prefix}.{k}"
+        nodes.append(helper.make_node(op, inputs, [prev], name=f"{prefix}.{k}"))
+    return nodes
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
+    """The model an .onnx file holds; see the module documentation for what it may hold."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    graph = _Graph(path, _parse(path))
+    layers = graph.layers()
+    sizes = [layers[0][0].shape[0]] + [bias.shape[0] for _, bias, _ in layers]
+    header = {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": [act for _, _, act in layers]}
+    tensors = {}
+    for i, (weight, bias, _) in enumerate(layers):
+        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = weight, bias
+    graph.check_types(io.check_weights(path, tensors), sizes[0], sizes[-1])
+    return io.model_from(path, header, tensors, device=device, backend=backend)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The file's ModelProto, every tensor's data inside it and as long as its shape says, valid by
+    ``onnx.checker``."""
+    try:
+        proto = onnx.ModelProto.FromString(path.read_bytes())
+    except Exception as exc:  # protobuf's DecodeError, and whatever else a corrupt message raises
+        raise ValueError(f"{path}: not a readable ONNX model, truncated or corrupt ({exc})") from None
+    if not proto.HasField("graph"):
+        raise ValueError(f"{path}: not an ONNX model (no graph)")
+    for tensor in _tensors_in(proto.graph):
+        _check_data(path, tensor)
+    if len(proto.graph.sparse_initializer):
+        raise ValueError(f"{path}: sparse initializers are not something gpubp can represent")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx.checker.ValidationError, and errors of the checker's own parsing
+        raise ValueError(f"{path}: not a valid ONNX model ({str(exc).strip().splitlines()[0]})") from None
+    return proto
+
+
+def _check_data(path: Path, tensor) -> None:
+    """A tensor of numbers whose data is in the file and as long as its shape and type say."""
+    where = f"{path}: tensor {tensor.name!r}"
+    if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+        raise ValueError(f"{where} keeps its data in another file, which gpubp does not read; save the model "
+                         "with its data inside")
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if tensor.data_type in _NUMBER_TYPES else None
+    if dtype is None:
+        raise ValueError(f"{where} has data type {TensorProto.DataType.Name(tensor.data_type)}, expected numbers")
+    if any(d < 0 for d in tensor.dims):
+        raise ValueError(f"{where} has negative dimensions {list(tensor.dims)}")
+    fields = [f for f in _DATA_FIELDS if len(getattr(tensor, f))]
+    if len(fields) > 1:
+        raise ValueError(f"{where} holds its data in {len(fields)} fields, {fields}, where ONNX allows one")
+    count = math.prod(tensor.dims)
+    if fields == ["raw_data"]:
+        found, expected, unit = len(tensor.raw_data), count * dtype.itemsize, "bytes"
+    else:
+        found, expected, unit = len(getattr(tensor, fields[0])) if fields else 0, count, "values"
+    if found != expected:
+        raise ValueError(f"{where}: its shape {tuple(tensor.dims)} of {dtype} needs {expected} {unit} of data, "
+                         f"it holds {found}")
+
+
+def _tensors_in(graph):
+    """Every tensor of ``graph``: initializers, and tensors in node attributes and their subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors_in(subgraph)
+
+
+class _Graph:
+    """A parsed graph read as a chain of layers: each step takes the tensor the step before wrote."""
+
+    def __init__(self, path: Path, proto: onnx.ModelProto) -> None:
+        self.path, self.graph = path, proto.graph
+        # None only where no standard operator is used: the checker refuses one without its import.
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}  # checked by _parse
+        self.used: set[str] = set()
+        self.nodes = []
+        for node in self.graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                raise ValueError(f"{path}: node {node.name!r} ({node.domain}::{node.op_type}): an operator outside "
+                                 "standard ONNX, which gpubp cannot represent")
+            if node.op_type == "Constant":
+                self._constant_node(node)
+            else:
+                self.nodes.append(node)
+        inputs = [value for value in self.graph.input if value.name not in self.constants]
+        if len(inputs) != 1 or len(self.graph.output) != 1:
+            raise ValueError(f"{path}: the graph has {len(inputs)} inputs and {len(self.graph.output)} outputs; "
+                             "a gpubp model has one of each")
+        self.input, self.output = inputs[0], self.graph.output[0]
+
+    def _constant_node(self, node) -> None:
+        value = [a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+        if len(node.output) != 1 or len(node.attribute) != 1 or not value:
+            raise ValueError(f"{self.path}: Constant node {node.name!r} holds something other than one tensor "
+                             "'value', which gpubp cannot represent")
+        self.constants[node.output[0]] = numpy_helper.to_array(value[0].t)
+
+    # ------------------------------------------------------------------------- the chain
+
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray, str]]:
+        """(weight (in, out), bias (out,), activation) per layer, in order."""
+        layers, current, position = [], self.input.name, 0
+        while position < len(self.nodes):
+            node = self.nodes[position]
+            if not node.input or not node.output:
+                raise self._error(node, "a node without inputs or outputs")
+            linear = self._linear(position, current)
+            if linear is not None:
+                weight, bias, current, position = linear
+                if layers and layers[-1][0].shape[1] != weight.shape[0]:
+                    raise self._error(node, f"takes {weight.shape[0]} inputs, but the layer before gives "
+                                            f"{layers[-1][0].shape[1]}")
+                layers.append([weight, bias, "identity"])
+                continue
+            if node.op_type in ("Identity", "Dropout") and self._passes_through(node, current):
+                current, position = node.output[0], position + 1
+                continue
+            act, output, end = self._activation(position, current)
+            if not layers or layers[-1][2] != "identity":
+                raise self._error(node, "an activation where gpubp needs a linear layer first (a model is Dense "
+                                        "layers, each with at most one activation)")
+            if layers[-1][2] == "softmax" or (act == "softmax" and end != len(self.nodes)):
+                raise self._error(node, "Softmax must be the graph's last step")
+            layers[-1][2], current, position = act, output, end
+        if not layers:
+            raise ValueError(f"{self.path}: the graph holds no linear layer")
+        if current != self.output.name:
+            raise ValueError(f"{self.path}: the graph's output {self.output.name!r} is not the end of its chain of "
+                             f"layers ({current!r})")
+        unused = sorted(set(self.constants) - self.used)
+        if unused:
+            raise ValueError(f"{self.path}: tensors {unused} are not used by the layers")
+        return [tuple(layer) for layer in layers]
+
+    def _error(self, node, problem: str) -> ValueError:
+        return ValueError(f"{self.path}: node {node.name!r} ({node.op_type}): {problem}")
+
+    def _take(self, name: str, node, ndims: tuple[int, ...]) -> np.ndarray:
+        """The constant ``name`` that ``node`` reads, of one of the numbers of dimensions ``ndims``."""
+        if name not in self.constants:
+            raise self._error(node, f"reads {name!r} where gpubp needs a constant tensor")
+        array = self.constants[name]
+        if array.ndim not in ndims:
+            raise self._error(node, f"{name!r} has shape {array.shape}, expected {' or '.join(map(str, ndims))} "
+                                    "dimensions")
+        self.used.add(name)
+        return array
+
+    def _attribute(self, node, name: str, default):
+        found = [a for a in node.attribute if a.name == name]
+        return helper.get_attribute_value(found[0]) if found else default
+
+    def _linear(self, position: int, current: str):
+        """(weight (in, out), bias, output, next position) for a Gemm, or MatMul (+ Add), reading
+        ``current``; None when the node is neither."""
+        node = self.nodes[position]
+        if node.op_type not in ("Gemm", "MatMul"):
+            return None
+        if node.input[0] != current or len(node.output) != 1:
+            raise self._error(node, f"reads {node.input[0]!r}, not the tensor the step before wrote ({current!r})")
+        weight = self._take(node.input[1], node, (2,))
+        if node.op_type == "Gemm":
+            for name, allowed in (("alpha", (1.0,)), ("beta", (1.0,)), ("transA", (0,)), ("transB", (0, 1))):
+                if self._attribute(node, name, allowed[0]) not in allowed:
+                    raise self._error(node, f"{name}={self._attribute(node, name, None)}; gpubp represents Gemm "
+                                            "with alpha = beta = 1 and an untransposed input")
+            if self._attribute(node, "transB", 0):
+                weight = weight.T
+            bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            output, end = node.output[0], position + 1
+        else:
+            following = self.nodes[position + 1] if position + 1 < len(self.nodes) else None
+            bias_name = None
+            output, end = node.output[0], position + 1
+            if following is not None and following.op_type == "Add" and node.output[0] in following.input:
+                others = [name for name in following.input if name != node.output[0]]
+                if len(others) != 1:
+                    raise self._error(following, "adds the layer's output to itself, where gpubp needs a bias")
+                bias_name, output, end = others[0], following.output[0], position + 2
+        if bias_name is None:
+            bias = np.zeros(weight.shape[1], weight.dtype)
+        else:
+            bias = self._take(bias_name, node, (1, 2))
+            if bias.shape not in ((weight.shape[1],), (1, weight.shape[1])):
+                raise self._error(node, f"the bias {bias_name!r} has shape {bias.shape}, expected "
+                                        f"({weight.shape[1]},) for {weight.shape[1]} outputs")
+            bias = bias.reshape(-1)
+        return np.ascontiguousarray(weight), bias, output, end
+
+    def _passes_through(self, node, current: str) -> bool:
+        """An Identity, or a Dropout as inference runs it (no training_mode input, no mask read)."""
+        if node.input[0] != current or len(node.output) != 1:
+            return False
+        if node.op_type == "Dropout":
+            if len(node.input) > 2:
+                return False
+            if len(node.input) == 2 and node.input[1]:
+                self._take(node.input[1], node, (0,))  # the ratio, which inference ignores
+        return True
+
+    def _activation(self, position: int, current: str) -> tuple[str, str, int]:
+        """(activation, its output, the position after it) for the activation that starts at ``position``."""
+        node = self.nodes[position]
+        if node.input[0] != current and not (node.op_type in COMMUTATIVE and current in node.input):
+            raise self._error(node, f"reads {list(node.input)}, not the tensor the step before wrote ({current!r})")
+        single = {op: act for act, (op, _) in SINGLE_OPS.items()}
+        if node.op_type in single and len(node.input) == 1:
+            act = single[node.op_type]
+            if act == "leaky_relu":
+                alpha = self._attribute(node, "alpha", 0.01)
+                if not math.isclose(alpha, activations.LEAKY_SLOPE, rel_tol=CONSTANT_RTOL):
+                    raise self._error(node, f"alpha={alpha}; gpubp's leaky_relu has the slope "
+                                            f"{activations.LEAKY_SLOPE}")
+            if act == "softmax" and self._attribute(node, "axis", -1 if self.opset >= 13 else 1) not in (-1, 1):
+                raise self._error(node, "a softmax over another axis than the last")
+            return act, node.output[0], position + 1
+        if node.op_type == "Gelu" and len(node.input) == 1:
+            approximate = self._attribute(node, "approximate", b"none")
+            approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+            if approximate not in ("none", "tanh"):
+                raise self._error(node, f"approximate={approximate!r}, expected 'none' or 'tanh'")
+            return ("gelu" if approximate == "none" else "gelu_tanh"), node.output[0], position + 1
+        for act, steps in FORMULAS.items():
+            output = self._formula(position, current, steps)
+            if output is not None:
+                return act, output, position + len(steps)
+        raise self._error(node, "not a linear layer or an activation gpubp can represent (Gemm, MatMul with Add, "
+                                "Relu, LeakyRelu, Sigmoid, Tanh, Gelu or its formulas, Softmax, Identity, Dropout)")
+
+    def _formula(self, position: int, x: str, steps) -> str | None:
+        """The output of ``steps`` applied to ``x`` when the nodes from ``position`` on are those steps, else None."""
+        nodes = self.nodes[position:position + len(steps)]
+        if len(nodes) < len(steps):
+            return None
+        prev, constants = None, []
+        for node, (op, *operands) in zip(nodes, steps):
+            if node.op_type != op or len(node.input) != len(operands) or len(node.output) != 1:
+                return None
+            orders = [list(node.input), list(reversed(node.input))] if op in COMMUTATIVE else [list(node.input)]
+            matched = next((order for order in orders
+                            if all(self._operand_is(name, operand, x, prev) for name, operand in zip(order, operands))),
+                           None)
+            if matched is None:
+                return None
+            constants += [name for name, operand in zip(matched, operands) if operand not in ("x", "prev")]
+            prev = node.output[0]
+        self.used.update(constants)
+        return prev
+
+    def _operand_is(self, name: str, operand, x: str, prev: str | None) -> bool:
+        if operand == "x":
+            return name == x
+        if operand == "prev":
+            return name == prev
+        value = self.constants.get(name)
+        return value is not None and value.size == 1 and math.isclose(float(value.reshape(())), operand,
+                                                                       rel_tol=CONSTANT_RTOL)
+
+    # ------------------------------------------------------------------------- types
+
+    def check_types(self, dtype: np.dtype, in_features: int, out_features: int) -> None:
+        """The graph's input and output: (batch, features) tensors of the weights' float type."""
+        element = ELEMENT_TYPES[np.dtype(dtype)]
+        for role, value, features in (("input", self.input, in_features), ("output", self.output, out_features)):
+            tensor = value.type.tensor_type
+            if not value.type.HasField("tensor_type") or tensor.elem_type != element:
+                found = TensorProto.DataType.Name(tensor.elem_type) if value.type.HasField("tensor_type") else "?"
+                raise ValueError(f"{self.path}: the graph's {role} {value.name!r} is of type {found}, expected "
+                                 f"{TensorProto.DataType.Name(element)}, the weights' type")
+            if not tensor.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            if len(dims) != 2 or dims[1] not in (None, features):
+                raise ValueError(f"{self.path}: the graph's {role} {value.name!r} has the shape {dims}, expected "
+                                 f"(batch, {features})")

@@ -1,0 +1,553 @@
+"""scikit-learn estimators over gpubp: ``MLPClassifier`` and ``MLPRegressor``.
+
+They take ``sklearn.neural_network``'s parameters, with its names and defaults, and set the
+fitted attributes its MLPs set, so code written for scikit-learn's MLPs runs unchanged, in
+pipelines, cross-validation and grid searches; ``model_`` is the trained
+:class:`gpubp.Sequential`, to fine-tune, move to a GPU or save (``.onnx`` included).
+Needs scikit-learn (``pip install "gpubp[sklearn]"``); ``import gpubp`` does not import it.
+
+>>> import numpy as np
+>>> from gpubp.sklearn import MLPClassifier
+>>> x = np.random.default_rng(0).normal(size=(60, 4))
+>>> y = np.where(x[:, 0] + x[:, 1] > 0, "yes", "no")
+>>> clf = MLPClassifier((16,), max_iter=300, random_state=0, device="cpu").fit(x, y)
+>>> clf.classes_.tolist(), clf.predict_proba(x).shape, clf.score(x, y) > 0.9
+(['no', 'yes'], (60, 2), True)
+
+What the estimators add: ``device``, ``backend`` and ``precision`` (as for ``Sequential``),
+gpubp's activations beside scikit-learn's (``"leaky_relu"``, ``"gelu"``, ``"gelu_tanh"``; and
+``"sigmoid"`` for ``"logistic"``), and ``model_``. What differs:
+
+- ``solver`` is ``"adam"`` or ``"sgd"``: there is no ``"lbfgs"`` (a full-batch quasi-Newton
+  method, not minibatch kernels), so no ``max_fun``; ``MLPRegressor``'s ``loss`` is
+  ``"squared_error"`` only.
+- Weights start from gpubp's initialisation (He-normal for the relu family, Glorot-uniform
+  otherwise, zero biases), Adam follows PyTorch's (``epsilon`` added to the bias-corrected
+  root), and SGD's momentum PyTorch's form, which equals scikit-learn's at a fixed rate.
+- Input data keeps its float type where the backend computes in it (float32 stays float32,
+  float64 runs in float64 on the CPU) and is float32 on a GPU; sparse input is made dense.
+- The steps are scikit-learn's: along its losses (half the squared error, summed over several
+  targets; the binary log loss summed over the outputs) plus ``alpha / 2 * ||W||^2`` divided
+  by the batch's size, the nominal one for a shorter last batch. gpubp's own losses are means,
+  smaller by a factor (``_step_scale``) that the penalty and SGD's rate are scaled by.
+  ``loss_`` is scikit-learn's (the squared error averaged over the targets): the epoch's mean
+  loss plus the penalty, which scikit-learn takes before each batch's step and these at the
+  epoch's start (the same on a full batch).
+- ``sample_weight`` goes to ``Sequential.fit``, which weights each sample's loss and divides
+  by the batch size (Keras's rule), after the weights are rescaled to a mean of 1 over the
+  training samples; the penalty is divided by the weight a batch holds. So weights count as
+  repeated samples, as in scikit-learn, and on a full batch the steps are scikit-learn's.
+- ``coefs_`` and ``intercepts_`` are copies read from ``model_``.
+- ``random_state`` seeds gpubp's random stream for the estimator's own draws only (weight
+  initialisation, shuffling, the early-stopping split); the library's stream outside is left
+  as it was. Fits running in parallel threads of one process would share that stream: run
+  them in processes, as joblib does by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+
+import numpy as np
+from scipy import sparse
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+import gpubp as gb
+from gpubp import _checks, _random, backends, io
+
+# scikit-learn's estimator checks that these estimators fail, each with its reason; the test
+# suite runs every other check (tests/test_sklearn.py) and fails if one of these passes.
+EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {"MLPClassifier": {}, "MLPRegressor": {}}
+
+# scikit-learn's activation names, and gpubp's for those scikit-learn does not have.
+ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
+               "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+SOLVERS = ("adam", "sgd")
+LEARNING_RATES = ("constant", "invscaling", "adaptive")
+# The output layer's activation -> gpubp's loss that fuses it, and scikit-learn's name for it.
+HEAD_LOSSES = {"softmax": "cross_entropy", "sigmoid": "binary_cross_entropy", "identity": "mse"}
+OUT_ACTIVATIONS = {"softmax": "softmax", "sigmoid": "logistic", "identity": "identity"}
+AUTO_BATCH = 200  # batch_size="auto": min(AUTO_BATCH, n_samples), scikit-learn's rule
+MIN_ADAPTIVE_RATE = 1e-6  # learning_rate="adaptive" stops once the rate is down to this
+
+
+class _BaseMLP(BaseEstimator):
+    """What the classifier and the regressor share; see the module documentation."""
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
+                 batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
+                 shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32"):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.device = device
+        self.backend = backend
+        self.precision = precision
+
+    # --------------------------------------------------------------------- fitting
+
+    def fit(self, X, y, sample_weight=None):
+        """Train on ``X`` (n_samples, n_features) and ``y`` for up to ``max_iter`` epochs; returns self.
+
+        ``sample_weight`` (n_samples,) weights each sample's loss (see the module documentation).
+        """
+        return self._fit(X, y, sample_weight, incremental=False)
+
+    def _fit(self, X, y, sample_weight, incremental: bool):
+        hidden = self._check_params()
+        if incremental and self.early_stopping:
+            raise ValueError("early_stopping=True: partial_fit trains one epoch on the batch it is given and holds "
+                             "nothing out; use fit, or early_stopping=False")
+        first = not hasattr(self, "model_") or not (self.warm_start or incremental)
+        X, y = self._validate(X, y, reset=first)
+        X = X.toarray() if sparse.issparse(X) else X
+        targets, n_outputs = self._targets(y, incremental)
+        weights = _sample_weights(sample_weight, len(X))
+        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+        self._rng = np.random.default_rng(seed)
+        held_out = self._hold_out(y) if self.early_stopping and not incremental else None
+        with _random.using(self._rng):
+            if first:
+                self._initialize(X, n_outputs, hidden)
+            elif n_outputs != self.n_outputs_:
+                raise ValueError(f"y: expected {self.n_outputs_} outputs per sample, as in the earlier fit, "
+                                 f"got {n_outputs}")
+            if not incremental or not hasattr(self, "_optimizer"):
+                self._optimizer = self._new_optimizer(self.model_)
+                self._learning_rate = self.learning_rate_init
+            self._train(X, targets, y, weights, held_out, incremental)
+        return self
+
+    def _check_params(self) -> list[int]:
+        """Check every parameter, naming it in the error; returns the hidden layer sizes."""
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, numbers.Integral):
+            sizes = [sizes]
+        if isinstance(sizes, str) or not hasattr(sizes, "__iter__"):
+            raise TypeError(f"hidden_layer_sizes: expected an int or a sequence of ints, got {sizes!r}")
+        hidden = [_checks.positive_int(size, f"hidden_layer_sizes[{i}]") for i, size in enumerate(sizes)]
+        _choice(self.activation, tuple(ACTIVATIONS), "activation")
+        if self.solver == "lbfgs":
+            raise ValueError("solver: 'lbfgs' is a full-batch quasi-Newton method, which gpubp does not offer; "
+                             f"expected one of {SOLVERS}")
+        _choice(self.solver, SOLVERS, "solver")
+        _choice(self.learning_rate, LEARNING_RATES, "learning_rate")
+        if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
+            _checks.positive_int(self.batch_size, "batch_size")
+        _checks.positive_int(self.max_iter, "max_iter")
+        if self.n_iter_no_change != np.inf:
+            _checks.positive_int(self.n_iter_no_change, "n_iter_no_change")
+        for name in ("alpha", "power_t", "tol"):
+            _checks.non_negative(getattr(self, name), name)
+        for name in ("learning_rate_init", "epsilon"):
+            if not _checks.non_negative(getattr(self, name), name) > 0:
+                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        for name in ("momentum", "beta_1", "beta_2", "validation_fraction"):
+            _checks.in_unit_interval(getattr(self, name), name)
+        for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        return hidden
+
+    def _initialize(self, X, n_outputs: int, hidden: list[int]) -> None:
+        """A fresh model and fresh training records, as a first fit starts."""
+        backend = backends.resolve(self.device, self.backend)
+        dtype = X.dtype if X.dtype in backends.get(backend).DTYPES else np.dtype(np.float32)
+        self.n_outputs_ = n_outputs
+        self.n_layers_ = len(hidden) + 2
+        self.out_activation_ = OUT_ACTIVATIONS[self._head()]
+        sizes = [X.shape[1], *hidden]
+        layers = [gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype)
+                  for fan_in, fan_out in zip(sizes, sizes[1:])]
+        layers.append(gb.Dense(sizes[-1], n_outputs, self._head(), dtype=dtype))
+        self.model_ = gb.Sequential(layers, backend=backend, dtype=dtype, precision=self.precision)
+        self.t_ = 0
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
+        else:
+            self.validation_scores_, self.best_validation_score_, self.best_loss_ = None, None, np.inf
+
+    def _new_optimizer(self, model: gb.Sequential):
+        """Adam or SGD over two param groups: the weights, which alpha's penalty decays, and the biases."""
+        weights = [p for p in model.parameters() if p.name == "weight"]
+        biases = [p for p in model.parameters() if p.name == "bias"]
+        groups = [{"params": weights}, {"params": biases}]
+        if self.solver == "adam":
+            return gb.optim.Adam(groups, lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
+        return gb.optim.SGD(groups, lr=self.learning_rate_init, momentum=self.momentum,
+                            nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
+
+    def _loss_scale(self) -> float:
+        """scikit-learn's loss over gpubp's: the same for softmax, the binary log loss summed over
+        the outputs where gpubp's averages it, half the squared error for regression."""
+        return {"softmax": 1.0, "sigmoid": float(self.n_outputs_), "identity": 0.5}[self._head()]
+
+    def _step_scale(self) -> float:
+        """scikit-learn's loss gradient over gpubp's. As the loss, but for several regression
+        targets: scikit-learn reports the squared error averaged over them and steps along its sum."""
+        return self._loss_scale() * (self.n_outputs_ if self._head() == "identity" else 1)
+
+    def _train(self, X, targets, y, weights, held_out, incremental: bool) -> None:
+        """One epoch (partial_fit) or up to max_iter epochs of ``Sequential.fit``, with
+        scikit-learn's bookkeeping after each epoch; ``held_out``: (training rows, validation
+        rows) for early stopping, or None."""
+        validation = None
+        if held_out is not None:
+            train, held = held_out
+            validation = (X[held], y[held], None if weights is None else weights[held])
+            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
+        batch = self._batch_size(len(X))
+        weighting, mean_weight = {}, 1.0
+        if weights is not None:
+            mean_weight = weights.mean()
+            if not mean_weight > 0:
+                raise ValueError("sample_weight: every training sample's weight is zero, so nothing would train")
+            weighting["sample_weight"] = weights / mean_weight
+        # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated samples.
+        batch_weight = batch * mean_weight
+        self._optimizer.param_groups[0]["weight_decay"] = self.alpha / (self._step_scale() * batch_weight)
+        self.n_iter_ = 0
+        self._best_weights = None
+        epochs = _Epochs(self, len(X), -(-len(X) // batch) / (len(X) * mean_weight), validation)
+        self.model_.fit(X, targets, loss=HEAD_LOSSES[self._head()], optimizer=self._optimizer,
+                        epochs=1 if incremental else self.max_iter, batch_size=batch, shuffle=bool(self.shuffle),
+                        callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
+        if self._best_weights is not None:
+            self.model_.set_weights(self._best_weights)
+        if not incremental and not epochs.stopped:
+            what = "validation score" if validation else "training loss"
+            warnings.warn(f"max_iter: all {self.max_iter} epochs ran and the {what} was still improving by more "
+                          f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=3)
+
+    def _hold_out(self, y) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, validation rows) for early stopping, stratified for single-label classes."""
+        n_held = math.ceil(self.validation_fraction * len(y))  # train_test_split's rounding
+        if n_held < 2:
+            raise ValueError(f"validation_fraction: {self.validation_fraction} of {len(y)} samples holds out "
+                             f"{n_held}, too few to score; raise it, or give more data")
+        single_label = is_classifier(self) and self._label_binarizer.y_type_ != "multilabel-indicator"
+        return train_test_split(np.arange(len(y)), test_size=n_held,
+                                random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
+                                stratify=y if single_label else None)
+
+    def _batch_size(self, n_samples: int) -> int:
+        if isinstance(self.batch_size, str):
+            return min(AUTO_BATCH, n_samples)
+        if self.batch_size > n_samples:
+            warnings.warn(f"batch_size: {self.batch_size} is more than the {n_samples} training samples; "
+                          f"using {n_samples}", stacklevel=4)
+        return min(self.batch_size, n_samples)
+
+    def _gpubp_rate(self) -> float:
+        """The optimizer's rate for scikit-learn's current one: SGD's steps scale with the loss."""
+        return self._learning_rate * (self._step_scale() if self.solver == "sgd" else 1.0)
+
+    def _squared_weights(self) -> float:
+        """``||W||^2`` summed over the layers: what alpha's penalty multiplies."""
+        return sum(p.backend.sumsq(p.data) for p in self.model_.parameters() if p.name == "weight")
+
+    def _end_epoch(self, data_loss: float, squares: float, n_samples: int, penalty_share: float, validation) -> bool:
+        """scikit-learn's records after an epoch of ``n_samples`` that began with ``_squared_weights()
+        == squares``; ``penalty_share``: the number of batches over the weight they hold. True to stop."""
+        self.n_iter_ += 1
+        self.t_ += n_samples
+        self.loss_ = float(self._loss_scale() * data_loss + 0.5 * self.alpha * squares * penalty_share)
+        self.loss_curve_.append(self.loss_)
+        if self.verbose:
+            print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+        if validation is not None:
+            score = self._score_arrays(*validation)
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print(f"Validation score: {score:f}")
+            improved = score >= self.best_validation_score_ + self.tol
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best_weights = self.model_.get_weights()
+        else:
+            improved = self.loss_ <= self.best_loss_ - self.tol
+            self.best_loss_ = min(self.best_loss_, self.loss_)
+        self._no_improvement_count = 0 if improved else self._no_improvement_count + 1
+        if self.solver == "sgd" and self.learning_rate == "invscaling":
+            self._set_rate(self.learning_rate_init / (self.t_ + 1) ** self.power_t)
+        if self._no_improvement_count <= self.n_iter_no_change:
+            return False
+        message = (f"{'Validation score' if validation else 'Training loss'} did not improve by more than "
+                   f"tol={self.tol} for {self.n_iter_no_change} consecutive epochs.")
+        if self.solver == "sgd" and self.learning_rate == "adaptive" and self._learning_rate > MIN_ADAPTIVE_RATE:
+            self._set_rate(self._learning_rate / 5)
+            self._no_improvement_count = 0
+            if self.verbose:
+                print(f"{message} Learning rate divided by 5, to {self._learning_rate:g}.")
+            return False
+        if self.verbose:
+            print(f"{message} Stopping.")
+        return True
+
+    def _set_rate(self, rate: float) -> None:
+        self._learning_rate = rate
+        for group in self._optimizer.param_groups:
+            group["lr"] = self._gpubp_rate()
+
+    # --------------------------------------------------------------------- predicting
+
+    def _outputs(self, X) -> np.ndarray:
+        """The model's outputs for ``X`` (n_samples, n_outputs_): probabilities for a classifier."""
+        check_is_fitted(self)
+        X = validate_data(self, X, accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32), reset=False)
+        return self._predict_arrays(X)
+
+    def _predict_arrays(self, X) -> np.ndarray:
+        return self.model_.predict(X.toarray() if sparse.issparse(X) else X)
+
+    @property
+    def coefs_(self) -> list[np.ndarray]:
+        """Each layer's weight matrix (in, out), scikit-learn's layout: copies read from ``model_``."""
+        check_is_fitted(self)
+        return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == "weight"]
+
+    @property
+    def intercepts_(self) -> list[np.ndarray]:
+        """Each layer's bias vector (out,): copies read from ``model_``."""
+        check_is_fitted(self)
+        return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == "bias"]
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+    # --------------------------------------------------------------------- pickling
+
+    def __getstate__(self) -> dict:
+        """The model as gpubp's file contents (no backend objects), the optimizer as its state dict."""
+        state = dict(super().__getstate__())  # object.__getstate__ gives __dict__ itself, not a copy
+        if "model_" in state:
+            state["model_"] = io.model_contents(self.model_)
+            state["_optimizer"] = self._optimizer.state_dict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "model_" in state:
+            header, tensors = state["model_"]
+            self.model_ = io.model_from(f"a pickled {type(self).__name__}", header, tensors, device=self.device,
+                                        backend=self.backend)
+            self._optimizer = self._new_optimizer(self.model_)
+            # Copies: the optimizer updates its state in place, and unpickled arrays may be read-only.
+            self._optimizer.load_state_dict(copy.deepcopy(state["_optimizer"]))
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """A multilayer perceptron classifier: scikit-learn's ``MLPClassifier`` on gpubp's kernels.
+
+    Binary targets train one sigmoid output, more classes a softmax over one output each,
+    and a multi-label indicator matrix one sigmoid output per label. ``predict_proba`` gives
+    the class probabilities in the order of ``classes_``. See the module documentation.
+    """
+
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """One epoch over (X, y), continuing from the current weights and optimizer state.
+
+        ``classes`` (every class the data will ever have) is needed on the first call.
+        """
+        if not hasattr(self, "classes_"):
+            if classes is None:
+                raise ValueError("classes: the first call to partial_fit needs every class, classes=np.unique(y_all)")
+            binarizer = LabelBinarizer()
+            self._label_binarizer = binarizer.fit(y if type_of_target(y).startswith("multilabel") else classes)
+            self.classes_ = binarizer.classes_
+        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
+            raise ValueError(f"classes: {unique_labels(classes)} differs from the first call's {self.classes_}")
+        return self._fit(X, y, sample_weight, incremental=True)
+
+    def _validate(self, X, y, reset: bool):
+        X, y = validate_data(self, X, y, accept_sparse=("csr", "csc"), multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    def _targets(self, y, incremental: bool) -> tuple[np.ndarray, int]:
+        """(what the loss trains on, the number of outputs): class indices for a softmax,
+        0/1 columns for sigmoids. A first fit learns ``classes_``; later ones check against it."""
+        check_classification_targets(y)
+        if not hasattr(self, "classes_") or not (self.warm_start or incremental):
+            self._label_binarizer = LabelBinarizer().fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start and set(classes) != set(self.classes_):
+                raise ValueError(f"y: warm_start=True continues training on the classes {self.classes_}, but y has "
+                                 f"{classes}")
+            if np.setdiff1d(classes, self.classes_).size:
+                raise ValueError(f"y: classes {np.setdiff1d(classes, self.classes_)} are not among classes_ "
+                                 f"{self.classes_}")
+        encoded = self._label_binarizer.transform(y)
+        if self._label_binarizer.y_type_ == "multiclass":
+            return encoded.argmax(axis=1), encoded.shape[1]
+        return encoded, encoded.shape[1]
+
+    def _head(self) -> str:
+        return "softmax" if self._label_binarizer.y_type_ == "multiclass" else "sigmoid"
+
+    def _score_arrays(self, X, y, sample_weight) -> float:
+        return accuracy_score(y, self._labels(self._predict_arrays(X)), sample_weight=sample_weight)
+
+    def _labels(self, scores: np.ndarray) -> np.ndarray:
+        return self._label_binarizer.inverse_transform(scores.ravel() if self.n_outputs_ == 1 else scores)
+
+    def predict(self, X) -> np.ndarray:
+        """The predicted class of each row of ``X`` (or a 0/1 row per sample for multi-label targets)."""
+        return self._labels(self._outputs(X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (n_samples, n_classes) in the order of ``classes_``."""
+        scores = self._outputs(X)
+        if self.n_outputs_ == 1:
+            return np.hstack([1 - scores, scores])
+        return scores
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """The logarithm of ``predict_proba``: -inf where a probability is 0."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """A multilayer perceptron regressor: scikit-learn's ``MLPRegressor`` on gpubp's kernels.
+
+    A linear output layer with one output per target column; ``loss`` is "squared_error".
+    See the module documentation.
+    """
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5,
+                 max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False,
+                 momentum=0.9, nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9,
+                 beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32"):
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
+            batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol, verbose=verbose,
+            warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
+            early_stopping=early_stopping, validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, device=device, backend=backend, precision=precision)
+        self.loss = loss
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over (X, y), continuing from the current weights and optimizer state."""
+        return self._fit(X, y, sample_weight, incremental=True)
+
+    def _check_params(self) -> list[int]:
+        if self.loss != "squared_error":
+            raise ValueError(f"loss: gpubp's MLPRegressor trains the squared error only, got {self.loss!r}")
+        return super()._check_params()
+
+    def _validate(self, X, y, reset: bool):
+        X, y = validate_data(self, X, y, accept_sparse=("csr", "csc"), multi_output=True, y_numeric=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    def _targets(self, y, incremental: bool) -> tuple[np.ndarray, int]:
+        return y, 1 if y.ndim == 1 else y.shape[1]
+
+    def _head(self) -> str:
+        return "identity"
+
+    def _score_arrays(self, X, y, sample_weight) -> float:
+        return r2_score(y, self._values(self._predict_arrays(X)), sample_weight=sample_weight)
+
+    @staticmethod
+    def _values(outputs: np.ndarray) -> np.ndarray:
+        return outputs.ravel() if outputs.shape[1] == 1 else outputs
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted targets: (n_samples,) for one target, else (n_samples, n_outputs_)."""
+        return self._values(self._outputs(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+
+class _Epochs(gb.Callback):
+    """Runs the estimator's end-of-epoch records inside ``Sequential.fit`` and stops it when they say so."""
+
+    def __init__(self, estimator: _BaseMLP, n_samples: int, penalty_share: float, validation) -> None:
+        self.estimator, self.n_samples, self.penalty_share, self.validation = (estimator, n_samples, penalty_share,
+                                                                               validation)
+        self.squares = 0.0
+        self.stopped = False
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        self.squares = self.estimator._squared_weights()
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        if self.estimator._end_epoch(logs["loss"], self.squares, self.n_samples, self.penalty_share, self.validation):
+            self.stopped = model.stop_training = True
+
+
+def _choice(value, options: tuple, name: str) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def _sample_weights(sample_weight, n_samples: int) -> np.ndarray | None:
+    """``sample_weight`` as finite float64 weights >= 0 of shape (n_samples,) (a number: that
+    weight for every sample), or None."""
+    if sample_weight is None:
+        return None
+    weights = np.asarray(sample_weight, dtype=np.float64)
+    if weights.ndim == 0:
+        weights = np.full(n_samples, float(weights))
+    if weights.shape != (n_samples,):
+        raise ValueError(f"sample_weight: expected shape ({n_samples},), one weight per sample, got {weights.shape}")
+    if not np.all(np.isfinite(weights)) or weights.min() < 0:
+        raise ValueError(f"sample_weight: expected finite weights >= 0, got values from {weights.min()} to "
+                         f"{weights.max()}")
+    return weights

@@ -1,0 +1,331 @@
+""".onnx files: the inference graph gpubp writes, checked in onnxruntime against predict; files
+read back, PyTorch's exports read; and broken or forged files refused with a ValueError that
+names the file, before anything is built."""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpubp as gb
+from gpubp import _random, activations
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from gpubp import onnx as gpubp_onnx  # noqa: E402
+
+HEADS = ("identity", "sigmoid", "softmax")
+BATCHES = (1, 7, 33)
+
+
+def model_with(hidden: str, head: str, dtype=np.float32, sizes=(5, 9, 6, 3)) -> gb.Sequential:
+    """Two hidden layers of ``hidden`` and a ``head``, with random biases (a dropped bias shows)."""
+    gb.seed(3)
+    layers = [gb.Dense(a, b, hidden, dtype=dtype) for a, b in zip(sizes[:-2], sizes[1:-1])]
+    model = gb.Sequential(layers + [gb.Dense(sizes[-2], sizes[-1], head, dtype=dtype)], device="cpu")
+    rng = np.random.default_rng(4)
+    model.set_weights([w if w.ndim == 2 else rng.normal(0, 0.5, w.shape) for w in model.get_weights()])
+    return model
+
+
+def run_onnxruntime(path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    return session.run(None, {name: x})[0]
+
+
+def assert_runs_as_predict(model, path, rtol: float) -> None:
+    """onnxruntime's output equals ``predict``'s within ``rtol`` of the largest output, batch by batch."""
+    rng = np.random.default_rng(5)
+    for batch in BATCHES:
+        x = rng.normal(0, 2, (batch, model.in_features)).astype(model.dtype)
+        expected = model.predict(x)
+        np.testing.assert_allclose(run_onnxruntime(path, x), expected, rtol=rtol, atol=rtol * np.abs(expected).max(),
+                                   err_msg=f"batch {batch}")
+
+
+def assert_same_model(loaded, model) -> None:
+    assert [layer.activation for layer in loaded] == [layer.activation for layer in model]
+    assert loaded.dtype == model.dtype
+    for ours, theirs in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------- writing, checked in onnxruntime
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("hidden", activations.ACTIVATIONS)
+def test_onnxruntime_computes_what_predict_does_and_the_file_loads_back(tmp_path, hidden, head):
+    model = model_with(hidden, head)
+    model.save(tmp_path / "m.onnx")
+    assert_runs_as_predict(model, tmp_path / "m.onnx", rtol=1e-5)
+    assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
+
+
+# onnxruntime has no float64 kernel for Erf, so a float64 gelu model is written (and read back) but not run there.
+@pytest.mark.parametrize("hidden", [act for act in activations.ACTIVATIONS if act != "gelu"])
+def test_float64_models_run_in_double(tmp_path, hidden):
+    model = model_with(hidden, "softmax", dtype=np.float64)
+    model.save(tmp_path / "m.onnx")
+    assert_runs_as_predict(model, tmp_path / "m.onnx", rtol=1e-9)
+    assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
+
+
+def test_a_float64_gelu_model_loads_back(tmp_path):
+    model = model_with("gelu", "sigmoid", dtype=np.float64)
+    model.save(tmp_path / "m.onnx")
+    assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
+
+
+@pytest.mark.parametrize("dtype, element", [(np.float32, TensorProto.FLOAT), (np.float64, TensorProto.DOUBLE)])
+def test_the_graph_is_gemms_and_activations_over_a_free_batch_axis(tmp_path, dtype, element):
+    model = gb.Sequential([gb.Dense(4, 8, "relu", dtype=dtype), gb.Dense(8, 8, "gelu", dtype=dtype),
+                           gb.Dense(8, 8, dtype=dtype), gb.Dense(8, 3, "softmax", dtype=dtype)], device="cpu")
+    model.save(tmp_path / "m.onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert [node.op_type for node in proto.graph.node] == [
+        "Gemm", "Relu", "Gemm", "Div", "Erf", "Add", "Mul", "Mul", "Gemm", "Gemm", "Softmax"]
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
+    for value, features in ((proto.graph.input[0], 4), (proto.graph.output[0], 3)):
+        tensor = value.type.tensor_type
+        assert tensor.elem_type == element
+        assert [d.dim_param or d.dim_value for d in tensor.shape.dim] == ["batch", features]
+    assert {t.data_type for t in proto.graph.initializer} == {element}
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_scikit_learn_estimator_exports_through_its_model(tmp_path):
+    sklearn = pytest.importorskip("gpubp.sklearn")
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    clf = sklearn.MLPClassifier((8,), max_iter=5, random_state=0, device="cpu").fit(x, x[:, 0] > 0)
+    clf.model_.save(tmp_path / "clf.onnx")
+    positive = run_onnxruntime(tmp_path / "clf.onnx", x)  # the sigmoid output: the probability of classes_[1]
+    np.testing.assert_allclose(np.hstack([1 - positive, positive]), clf.predict_proba(x), rtol=1e-9)
+
+
+def test_a_checkpoint_is_never_an_onnx_file(tmp_path):
+    model_with("relu", "identity").save(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="path: expected a file ending in .npz or .safetensors"):
+        gb.load_checkpoint(tmp_path / "m.onnx")
+
+
+# ----------------------------------------------------------------------------- reading what others wrote
+
+
+def test_matmul_and_add_layers_and_a_layer_without_bias(tmp_path):
+    rng = np.random.default_rng(6)
+    w0, b0, w1 = (rng.normal(size=shape).astype(np.float32) for shape in ((4, 6), (6,), (6, 2)))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Add", ["b0", "h"], ["z"]),
+         helper.make_node("Tanh", ["z"], ["a"]), helper.make_node("Identity", ["a"], ["a2"]),
+         helper.make_node("MatMul", ["a2", "w1"], ["y"])], "others",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(a, name) for a, name in ((w0, "w0"), (b0, "b0"), (w1, "w1"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    model = gb.load(tmp_path / "m.onnx", device="cpu")
+    assert [layer.activation for layer in model] == ["tanh", "identity"]
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), run_onnxruntime(tmp_path / "m.onnx", x), rtol=1e-5)
+    np.testing.assert_array_equal(model[1].bias.data, np.zeros(2, np.float32))
+
+
+def test_a_matmul_whose_output_is_added_to_itself(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"), helper.make_node("Add", ["h", "h"], ["y"],
+                                                                                       name="twice")],
+        "others", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    expect_rejected(path, "adds the layer's output to itself, where gpubp needs a bias")
+
+
+TORCH_ACTIVATIONS = [("ReLU", {}, "relu"), ("LeakyReLU", {}, "leaky_relu"), ("Tanh", {}, "tanh"), ("GELU", {}, "gelu"),
+                     ("Sigmoid", {}, "sigmoid"), ("GELU", {"approximate": "tanh"}, "gelu_tanh")]
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript, opset 17"])
+def test_a_pytorch_export_of_linear_layers_and_activations(tmp_path, exporter):
+    torch = pytest.importorskip("torch")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch.onnx.export's dynamo exporter needs onnxscript")
+    torch.manual_seed(0)
+    modules = []
+    for name, kwargs, _ in TORCH_ACTIVATIONS:
+        modules += [torch.nn.Linear(8 if modules else 5, 8), getattr(torch.nn, name)(**kwargs)]
+    modules += [torch.nn.Dropout(0.3), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Softmax(dim=1)]
+    mlp = torch.nn.Sequential(*modules).eval()
+    path = tmp_path / "torch.onnx"
+    if exporter == "dynamo":
+        torch.onnx.export(mlp, (torch.randn(2, 5),), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:  # writes opset 17's formulas for the two gelus, where the dynamo exporter writes opset 20's Gelu
+        torch.onnx.export(mlp, (torch.randn(2, 5),), path, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    model = gb.load(path, device="cpu")
+    assert [layer.activation for layer in model] == [act for *_, act in TORCH_ACTIVATIONS] + ["identity", "softmax"]
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        expected = mlp(x).numpy()
+    np.testing.assert_allclose(model.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- broken and forged files
+
+
+def valid_proto() -> onnx.ModelProto:
+    """Gemm, LeakyRelu, Gemm, Relu, Gemm, Softmax: the graph each test spoils."""
+    model = gb.Sequential([gb.Dense(4, 6, "leaky_relu"), gb.Dense(6, 5, "relu"), gb.Dense(5, 3, "softmax")],
+                          device="cpu")
+    return gpubp_onnx.model_proto(model)
+
+
+def written(tmp_path, proto) -> str:
+    path = tmp_path / "spoiled.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def expect_rejected(path, problem: str) -> None:
+    """A ValueError naming ``path`` and matching ``problem``, with the random state untouched."""
+    state = _random.get_state()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": (node .*: )?(" + problem + ")"):
+        gb.load(path, device="cpu")
+    assert _random.get_state() == state
+
+
+def node(proto, op_type: str):
+    return next(n for n in proto.graph.node if n.op_type == op_type)
+
+
+def initializer(proto, name: str):
+    return next(t for t in proto.graph.initializer if t.name == name)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_truncated_file(tmp_path, keep):
+    path = written(tmp_path, valid_proto())
+    blob = path.read_bytes()
+    path.write_bytes(blob[:int(len(blob) * keep)])
+    expect_rejected(path, "not a readable ONNX model, truncated or corrupt|not a valid ONNX model")
+
+
+@pytest.mark.parametrize("blob, problem", [(b"", r"not an ONNX model \(no graph\)"),
+                                           (b"\x0a\xff\xff\xff\xff\x0f", "not a readable ONNX model")])
+def test_a_file_that_is_not_a_model(tmp_path, blob, problem):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    expect_rejected(path, problem)
+
+
+def test_weights_kept_in_another_file(tmp_path):
+    proto = valid_proto()
+    weight = initializer(proto, "layers.0.weight")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../../etc/passwd")
+    expect_rejected(written(tmp_path, proto), "tensor 'layers.0.weight' keeps its data in another file")
+
+
+@pytest.mark.parametrize("dims", [[4, 7], [10 ** 12, 10 ** 12]])
+def test_tensor_data_that_does_not_match_its_shape(tmp_path, dims):
+    proto = valid_proto()
+    weight = initializer(proto, "layers.0.weight")
+    del weight.dims[:]
+    weight.dims.extend(dims)
+    expect_rejected(written(tmp_path, proto), rf"tensor 'layers.0.weight': its shape \({dims[0]}, {dims[1]}\) of "
+                                              r"float32 needs \d+ bytes of data, it holds 96")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights(tmp_path, bad):
+    proto = valid_proto()
+    weight = initializer(proto, "layers.1.weight")
+    values = numpy_helper.to_array(weight).copy()
+    values[2, 1] = bad
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    expect_rejected(written(tmp_path, proto), "'layers.1.weight' contains NaN or inf")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.float64])
+def test_a_weight_of_another_type(tmp_path, dtype):
+    proto = valid_proto()
+    bias = initializer(proto, "layers.2.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias).astype(dtype), bias.name))
+    expect_rejected(written(tmp_path, proto), "'layers.2.bias' has dtype .*, expected float32, as the other weights"
+                                              "|not a valid ONNX model")
+
+
+@pytest.mark.parametrize("spoil, problem", [
+    (lambda p: setattr(node(p, "Relu"), "op_type", "Selu"), r"node 'layers.1.relu' \(Selu\): not a linear layer or an "
+                                                            "activation gpubp can represent"),
+    (lambda p: node(p, "LeakyRelu").attribute[0].__setattr__("f", 0.2), r"alpha=0.2\d*; gpubp's leaky_relu has the "
+                                                                        "slope 0.01"),
+    (lambda p: node(p, "Gemm").attribute.append(helper.make_attribute("transA", 1)), "transA=1; gpubp represents Gemm"),
+    (lambda p: node(p, "Gemm").attribute.append(helper.make_attribute("alpha", 2.0)), "alpha=2.0; gpubp represents"),
+    (lambda p: p.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "extra")),
+     r"tensors \['extra'\] are not used by the layers"),
+    (lambda p: p.graph.output.append(helper.make_tensor_value_info("layers.0.z", TensorProto.FLOAT, ["b", 6])),
+     "the graph has 1 inputs and 2 outputs"),
+    (lambda p: (setattr(node(p, "Relu"), "domain", "com.example"), p.opset_import.append(
+        helper.make_opsetid("com.example", 1))), "an operator outside standard ONNX"),
+    (lambda p: node(p, "Relu").input.__setitem__(0, "nowhere"), "not a valid ONNX model"),
+    (lambda p: node(p, "Relu").input.__setitem__(0, "input"), r"reads \['input'\], not the tensor the step before"),
+    (lambda p: p.graph.input[0].type.tensor_type.__setattr__("elem_type", TensorProto.DOUBLE),
+     "not a valid ONNX model|the graph's input 'input' is of type DOUBLE, expected FLOAT"),
+    (lambda p: p.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 5),
+     r"the graph's input 'input' has the shape \[None, 5\], expected \(batch, 4\)"),
+])
+def test_a_graph_gpubp_cannot_represent(tmp_path, spoil, problem):
+    proto = valid_proto()
+    spoil(proto)
+    expect_rejected(written(tmp_path, proto), problem)
+
+
+def test_a_formula_with_another_constant_is_no_gelu(tmp_path):
+    proto = gpubp_onnx.model_proto(model_with("gelu_tanh", "identity"))
+    constant = initializer(proto, f"constant.{activations.GELU_TANH_A!r}")
+    constant.CopyFrom(numpy_helper.from_array(np.array(0.05, np.float32), constant.name))
+    expect_rejected(written(tmp_path, proto), "not a linear layer or an activation gpubp can represent")
+
+
+def test_a_softmax_before_the_end(tmp_path):
+    proto = valid_proto()
+    relu = node(proto, "Relu")
+    relu.op_type = "Softmax"
+    relu.attribute.append(helper.make_attribute("axis", -1))
+    expect_rejected(written(tmp_path, proto), "Softmax must be the graph's last step")
+
+
+def test_an_activation_before_the_first_layer(tmp_path):
+    proto = valid_proto()
+    gemm = node(proto, "Gemm")
+    gemm.input[0] = "pre"
+    proto.graph.node.insert(0, helper.make_node("Tanh", ["input"], ["pre"], name="pre"))
+    expect_rejected(written(tmp_path, proto), "an activation where gpubp needs a linear layer first")
+
+
+@pytest.fixture(scope="module")
+def valid_blob():
+    return valid_proto().SerializeToString()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_corrupted_byte_loads_or_is_a_value_error_naming_the_file(tmp_path, valid_blob, data):
+    blob = bytearray(valid_blob)
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    path = tmp_path / "fuzzed.onnx"
+    path.write_bytes(bytes(blob))
+    try:
+        gb.load(path, device="cpu")
+    except ValueError as exc:
+        assert str(exc).startswith(f"{path}: ")

@@ -1,0 +1,270 @@
+"""gpubp.sklearn: scikit-learn's own estimator checks, the same steps as scikit-learn's MLPs,
+and what scikit-learn users do with an estimator (pipelines, grid search, partial_fit, pickle)."""
+
+import inspect
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import neural_network
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import gpubp as gb
+from gpubp import _random, train
+from gpubp import sklearn as gbsk
+from gpubp.sklearn import EXPECTED_FAILED_CHECKS, MLPClassifier, MLPRegressor
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+FIT_TAKES_SAMPLE_WEIGHT = "sample_weight" in inspect.signature(train.fit).parameters
+needs_sample_weight = pytest.mark.skipif(
+    not FIT_TAKES_SAMPLE_WEIGHT,
+    reason="Sequential.fit(sample_weight=) is not on this branch yet: the estimators pass sample_weight to it")
+
+# sklearn/utils/_test_common/instance_generator.py runs scikit-learn's own MLPs through these
+# checks with max_iter=100 (the default is 200) to keep them fast; so do we. The CPU, so the
+# checks' float64 data is computed in float64 and their tolerances apply.
+CHECKED = [MLPClassifier(max_iter=100, device="cpu"), MLPRegressor(max_iter=100, device="cpu")]
+
+
+def check_name(check) -> str:
+    return getattr(check, "func", check).__name__
+
+
+@parametrize_with_checks(CHECKED, expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS[type(est).__name__],
+                         xfail_strict=True)
+def test_scikit_learn_estimator_checks(estimator, check):
+    if "sample_weight" in check_name(check) and not FIT_TAKES_SAMPLE_WEIGHT:
+        pytest.skip("Sequential.fit(sample_weight=) is not on this branch yet: the estimators pass sample_weight to it")
+    check(estimator)
+
+
+def test_expected_failures_are_few_and_explained():
+    assert set(EXPECTED_FAILED_CHECKS) == {"MLPClassifier", "MLPRegressor"}
+    for reasons in EXPECTED_FAILED_CHECKS.values():
+        assert len(reasons) <= 3
+        assert all(name.startswith("check_") and len(reason) > 20 for name, reason in reasons.items())
+
+
+@pytest.mark.parametrize("name", ["MLPClassifier", "MLPRegressor"])
+def test_parameters_are_scikit_learns_with_its_defaults(name):
+    theirs = getattr(neural_network, name)().get_params()
+    ours = getattr(gbsk, name)().get_params()
+    del theirs["max_fun"]  # lbfgs's budget: gpubp has no lbfgs
+    assert {key: ours[key] for key in theirs} == theirs
+    assert set(ours) - set(theirs) == {"device", "backend", "precision"}
+
+
+# ----------------------------------------------------------------------------- scikit-learn as the oracle
+
+rng = np.random.default_rng(0)
+X_SMALL = rng.normal(size=(40, 5))
+TARGETS = {
+    "two regression targets": ("MLPRegressor", rng.normal(size=(40, 2))),
+    "one regression target": ("MLPRegressor", rng.normal(size=40)),
+    "four classes": ("MLPClassifier", rng.integers(0, 4, 40)),
+    "two classes": ("MLPClassifier", np.where(rng.integers(0, 2, 40) == 1, "yes", "no")),
+    "three labels": ("MLPClassifier", rng.integers(0, 2, (40, 3))),
+}
+# tol is so large that no epoch counts as an improvement: the adaptive rate divides by 5, the others stop.
+# Momentum is PyTorch's form, the same as scikit-learn's while the rate holds still: the schedules run without.
+# Adam adds epsilon after the bias correction, as PyTorch does, scikit-learn before: a tiny one hides that.
+SOLVERS = {
+    "adam": dict(solver="adam", epsilon=1e-15),
+    "sgd": dict(solver="sgd"),
+    "sgd, invscaling rate": dict(solver="sgd", learning_rate="invscaling", power_t=0.7, momentum=0.0),
+    "sgd, adaptive rate": dict(solver="sgd", learning_rate="adaptive", momentum=0.0),
+}
+
+
+def fitted_from_the_same_weights(name, X, y, sample_weight=None, **params):
+    """scikit-learn's estimator and ours, both trained for up to 6 epochs from the same random
+    weights on full batches in order, with the same parameters."""
+    params = dict(hidden_layer_sizes=(7, 6), activation="tanh", alpha=0.3, batch_size=len(X), shuffle=False,
+                  learning_rate_init=0.05, tol=1e9, n_iter_no_change=1, warm_start=True, max_iter=1, random_state=0,
+                  **params)
+    theirs = getattr(neural_network, name)(**params).fit(X, y)
+    ours = getattr(gbsk, name)(**params, device="cpu").fit(X, y)
+    start = [rng.normal(size=w.shape) for pair in zip(theirs.coefs_, theirs.intercepts_) for w in pair]
+    theirs.coefs_, theirs.intercepts_ = [w.copy() for w in start[::2]], [b.copy() for b in start[1::2]]
+    ours.model_.set_weights(start)
+    theirs.set_params(max_iter=6).fit(X, y, sample_weight=sample_weight)
+    ours.set_params(max_iter=6).fit(X, y, sample_weight=sample_weight)
+    return theirs, ours, start
+
+
+def assert_same_training(theirs, ours, start, solver):
+    assert ours.n_iter_ == theirs.n_iter_ and ours.t_ == theirs.t_
+    steps_theirs = [w - w0 for w, w0 in zip(theirs.coefs_ + theirs.intercepts_, start[::2] + start[1::2])]
+    steps_ours = [w - w0 for w, w0 in zip(ours.coefs_ + ours.intercepts_, start[::2] + start[1::2])]
+    scale = max(np.abs(step).max() for step in steps_theirs)
+    tolerance = 1e-9 if solver == "adam" else 1e-12  # Adam's division by sqrt(v) magnifies rounding
+    for step_ours, step_theirs in zip(steps_ours, steps_theirs):
+        np.testing.assert_allclose(step_ours, step_theirs, rtol=0, atol=tolerance * scale)
+    # The first entry is the first fit's, from each library's own initial weights.
+    np.testing.assert_allclose(ours.loss_curve_[1:], theirs.loss_curve_[1:], rtol=tolerance)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_training_takes_scikit_learns_steps(target, solver):
+    name, y = TARGETS[target]
+    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, **SOLVERS[solver]), solver)
+
+
+@needs_sample_weight
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_sample_weights_take_scikit_learns_steps(target, solver):
+    name, y = TARGETS[target]
+    weights = rng.integers(0, 4, len(y)).astype(float)
+    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, weights, **SOLVERS[solver]), solver)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fitted_attributes_are_scikit_learns(target):
+    name, y = TARGETS[target]
+    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    theirs = getattr(neural_network, name)(**params).fit(X_SMALL, y)
+    ours = getattr(gbsk, name)(**params, device="cpu").fit(X_SMALL, y)
+    public = {key for key in vars(theirs) if key.endswith("_") and not key.startswith("_")}
+    for key in public:
+        mine, expected = getattr(ours, key), getattr(theirs, key)
+        if key in ("coefs_", "intercepts_"):
+            assert [a.shape for a in mine] == [a.shape for a in expected]
+        elif key in ("loss_", "loss_curve_", "best_loss_"):
+            assert np.shape(mine) == np.shape(expected)
+        else:
+            np.testing.assert_array_equal(mine, expected, err_msg=key)
+    for method in ("predict", "predict_proba"):
+        if hasattr(theirs, method):
+            mine, expected = getattr(ours, method)(X_SMALL), getattr(theirs, method)(X_SMALL)
+            assert (mine.shape, mine.dtype) == (expected.shape, expected.dtype)
+
+
+def test_early_stopping_keeps_the_best_epoch_by_validation_score():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((32,), early_stopping=True, n_iter_no_change=3, learning_rate_init=0.01, max_iter=200,
+                        random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf.fit(x / 16, y)
+    assert clf.n_iter_ < 200 and clf.best_loss_ is None
+    assert len(clf.validation_scores_) == clf.n_iter_
+    assert clf.best_validation_score_ == max(clf.validation_scores_) > 0.9
+    best = int(np.argmax(clf.validation_scores_))
+    assert clf.n_iter_ == best + 1 + clf.n_iter_no_change + 1  # stopped after n_iter_no_change + 1 epochs without
+
+
+def test_partial_fit_continues_training_and_needs_the_classes_first():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((32,), learning_rate_init=0.01, random_state=0, device="cpu")
+    with pytest.raises(ValueError, match="classes: the first call to partial_fit needs every class"):
+        clf.partial_fit(x[:100] / 16, y[:100])
+    for start in list(range(0, 1000, 250)) * 4:
+        clf.partial_fit(x[start:start + 250] / 16, y[start:start + 250], classes=np.arange(10))
+    assert clf.n_iter_ == 1 and clf.t_ == 4000 and len(clf.loss_curve_) == 16
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0] / 2
+    assert clf.score(x[1000:] / 16, y[1000:]) > 0.8
+    with pytest.raises(ValueError, match=r"y: classes \[10\] are not among classes_"):
+        clf.partial_fit(x[:2] / 16, np.array([1, 10]))
+
+
+def test_a_pipeline_in_a_grid_search():
+    x, y = load_digits(return_X_y=True)
+    mlp = MLPClassifier(max_iter=30, learning_rate_init=0.01, random_state=0, device="cpu")
+    pipe = Pipeline([("scale", StandardScaler()), ("mlp", mlp)])
+    grid = {"mlp__hidden_layer_sizes": [(16,), (48,)], "mlp__alpha": [1e-4, 1.0]}
+    search = GridSearchCV(pipe, grid, cv=3).fit(x[:600], y[:600])
+    assert len(search.cv_results_["params"]) == 4
+    assert search.best_score_ > 0.8
+    assert isinstance(search.best_estimator_.named_steps["mlp"].model_, gb.Sequential)
+    assert search.score(x[600:], y[600:]) > 0.85
+
+
+def test_multilabel_targets_train_one_sigmoid_per_label():
+    x = rng.normal(size=(200, 6))
+    y = np.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0, x[:, 3] < 0.5], axis=1).astype(int)
+    clf = MLPClassifier((32,), max_iter=300, learning_rate_init=0.01, random_state=0, device="cpu").fit(x, y)
+    probabilities = clf.predict_proba(x)
+    assert clf.out_activation_ == "logistic" and clf.model_[-1].activation == "sigmoid"
+    assert probabilities.shape == (200, 3) and not np.allclose(probabilities.sum(axis=1), 1)
+    np.testing.assert_array_equal(clf.predict(x), (probabilities > 0.5).astype(int))
+    assert clf.score(x, y) > 0.9  # the subset accuracy: every label of a row right
+
+
+def test_multi_output_regression():
+    x = rng.normal(size=(200, 4))
+    y = np.stack([x @ [1.0, -2.0, 0.5, 0.0], np.tanh(x[:, 0] * x[:, 1])], axis=1)
+    reg = MLPRegressor(hidden_layer_sizes=(64,), learning_rate_init=0.01, max_iter=400, random_state=0,
+                       device="cpu").fit(x, y)
+    assert reg.predict(x).shape == (200, 2) and reg.n_outputs_ == 2
+    assert reg.score(x, y) > 0.9
+
+
+def test_pickled_estimators_predict_and_train_on_as_the_original():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((16,), max_iter=5, random_state=0, device="cpu").fit(x / 16, y)
+    copy = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(copy.predict_proba(x / 16), clf.predict_proba(x / 16))
+    clf.partial_fit(x / 16, y)
+    copy.partial_fit(x / 16, y)  # Adam's moments came along, so the step is the same
+    for theirs, ours in zip(clf.model_.get_weights(), copy.model_.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_random_state_makes_fits_repeat_and_leaves_the_library_stream_alone():
+    x, y = load_digits(return_X_y=True)
+    gb.seed(5)
+    before = _random.get_state()
+    first = MLPClassifier((16,), max_iter=3, random_state=7, device="cpu").fit(x / 16, y)
+    again = MLPClassifier((16,), max_iter=3, random_state=7, device="cpu").fit(x / 16, y)
+    other = MLPClassifier((16,), max_iter=3, random_state=8, device="cpu").fit(x / 16, y)
+    assert _random.get_state() == before
+    np.testing.assert_array_equal(first.coefs_[0], again.coefs_[0])
+    assert not np.array_equal(first.coefs_[0], other.coefs_[0])
+
+
+def test_float32_data_trains_a_float32_model():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((16,), max_iter=3, random_state=0, device="cpu").fit((x / 16).astype(np.float32), y)
+    assert clf.model_.dtype == np.float32 and clf.coefs_[0].dtype == np.float32
+    assert clf.predict_proba(x[:3] / 16).dtype == np.float32
+
+
+def test_model_is_a_sequential_to_fine_tune():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((32, 32), max_iter=10, random_state=0, device="cpu").fit(x / 16, y)
+    model = clf.model_
+    frozen = model[0].weight.data.copy()
+    model.freeze_to(2)
+    clf.set_params(warm_start=True, max_iter=2).fit(x / 16, y)
+    np.testing.assert_array_equal(clf.model_[0].weight.data, frozen)
+    assert clf.model_ is model
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(solver="lbfgs"), "solver: 'lbfgs' is a full-batch quasi-Newton method"),
+    (dict(activation="swish"), "activation: expected one of"),
+    (dict(hidden_layer_sizes=(8, 0)), r"hidden_layer_sizes\[1\]: expected a positive int"),
+    (dict(batch_size=0), "batch_size: expected a positive int"),
+    (dict(momentum=1.5), r"momentum: expected a number in \[0, 1\)"),
+    (dict(learning_rate_init=0.0), "learning_rate_init: expected a number > 0"),
+    (dict(early_stopping=True, validation_fraction=0.01), "validation_fraction: 0.01 of 50 samples holds out 1"),
+])
+def test_bad_parameters_are_named_when_fit_starts(params, match):
+    clf = MLPClassifier(**params, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        clf.fit(rng.normal(size=(50, 3)), np.arange(50) % 2)
+    assert not hasattr(clf, "model_")
+
+
+def test_a_regressor_loss_other_than_the_squared_error_is_refused():
+    with pytest.raises(ValueError, match="loss: gpubp's MLPRegressor trains the squared error only, got 'poisson'"):
+        MLPRegressor(loss="poisson", device="cpu").fit(X_SMALL, rng.random(40))
