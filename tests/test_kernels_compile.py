@@ -21,6 +21,7 @@ import ctypes.util
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
