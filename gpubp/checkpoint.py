@@ -5,8 +5,8 @@ state, the number of epochs finished, the library's random state (which decides 
 next epoch's shuffling) and the History so far. Arrays are tensors of the file; the rest
 is JSON in its header. It is written like :func:`gpubp.io.save`, atomically.
 
-:class:`ModelCheckpoint` writes one after every ``every``-th epoch of ``fit`` (or only the
-best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
+:class:`gpubp.callbacks.ModelCheckpoint` writes one after every ``every``-th epoch of ``fit``
+(or only the best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
 resumes. On the CPU the resumed run ends bit-identical to one that was never interrupted:
 the same batches in the same order meet the same weights and optimizer state.
 
@@ -25,14 +25,13 @@ the same batches in the same order meet the same weights and optimizer state.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from gpubp import _checks, _random, io, optim
 from gpubp.layers import Sequential
-from gpubp.train import Callback, History, monitor_mode
+from gpubp.history import History
 
 OPTIMIZER_CLASSES = {cls.__name__: cls for cls in optim.OPTIMIZERS.values()}
 
@@ -85,63 +84,6 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
         "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
     }
     io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors)
-
-
-class ModelCheckpoint(Callback):
-    """Write a checkpoint at the end of every ``every``-th epoch of ``fit``.
-
-    ``path`` ends in .safetensors or .npz and may hold ``{epoch}`` or a logged value
-    (``"run-{epoch:03d}-{val_loss:.3f}.safetensors"``) to keep one file per save.
-    ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
-    in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
-    minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
-    the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
-    """
-
-    main_process_only = True
-
-    def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
-                 every: int = 1) -> None:
-        io._suffix(path)
-        self.path = path
-        self.every = _checks.positive_int(every, "every")
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
-        if save_best_only and monitor is None:
-            raise ValueError("save_best_only: needs a monitor, e.g. ModelCheckpoint(path, monitor='val_loss', "
-                             "save_best_only=True)")
-        self.mode = monitor_mode(monitor or "loss", mode)
-        self.monitor, self.save_best_only = monitor, bool(save_best_only)
-        self.best = None
-        self.last_path = None
-
-    def on_train_begin(self, model) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
-        earlier = getattr(model, "history", None)
-        if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
-            for value in earlier.history[self.monitor]:
-                self._improves(value)
-
-    def _improves(self, value: float) -> bool:
-        better = value < self.best if self.mode == "min" else value > self.best
-        if better:
-            self.best = value
-        return better
-
-    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
-        finished = epoch + 1
-        if finished % self.every:
-            return
-        if self.monitor is not None:
-            if self.monitor not in logs:
-                raise KeyError(f"ModelCheckpoint: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
-            if not self._improves(logs[self.monitor]) and self.save_best_only:
-                return
-        path = str(self.path)
-        if "{" in path:
-            path = path.format(epoch=finished, **logs)
-        save_checkpoint(path, model, model.optimizer, finished, model.history)
-        self.last_path = path
 
 
 # ----------------------------------------------------------------------------- reading

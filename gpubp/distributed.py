@@ -33,7 +33,7 @@ import socket
 
 import numpy as np
 
-from gpubp import _random, train
+from gpubp import _random, batches
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 300
@@ -217,9 +217,9 @@ class DataParallel:
         return float(bucket[-1])
 
     def evaluate(self, x_val, y_val, loss_fn, metrics) -> dict:
-        """``train.evaluate`` on this rank's part of the validation data, averaged over ranks by part size."""
+        """``batches.evaluate`` on this rank's part of the validation data, averaged over ranks by part size."""
         part = _shard(len(x_val), self.rank, self.world_size)
-        local = train.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics)
+        local = batches.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics)
         names = list(local)
         weight = (part.stop - part.start) / len(x_val)
         device = "cpu" if self.model.device == "cpu" else "cuda"

@@ -21,7 +21,7 @@ import numpy as np
 
 from gpubp import _checks
 from gpubp.layers import Dense, Sequential
-from gpubp.train import Callback
+from gpubp.callbacks import Callback
 
 
 def _layers(layers, name: str = "layers") -> list[Dense]:

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import _checks, _random, activations, backends, train
+from gpubp import _checks, _random, activations, backends, batches
 from gpubp.backends import numpy_backend
 from gpubp.parameter import Parameter
 
@@ -678,13 +678,20 @@ class Sequential:
         self._stored_plan = None
 
     # --------------------------------------------------------------------- training (see train.py)
+    #
+    # The training loop sits above the layers (its callbacks save checkpoints, which rebuild
+    # models), so these methods reach it when called, not when this module loads.
 
     def compile(self, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:
         """Keras-style defaults for ``fit``/``evaluate``; see :func:`gpubp.train.compile`."""
+        from gpubp import train
+
         train.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, learning_rate=learning_rate)
 
     def fit(self, x, y, **kwargs):
         """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
+        from gpubp import train
+
         return train.fit(self, x, y, **kwargs)
 
     def train_step(self, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):
@@ -695,10 +702,12 @@ class Sequential:
         return TrainStep(self, loss=loss, optimizer=optimizer, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
 
     def evaluate(self, x, y, **kwargs) -> dict:
-        return train.evaluate(self, x, y, **kwargs)
+        """``{"loss": ..., metric: ...}`` on (x, y); see :func:`gpubp.batches.evaluate`."""
+        return batches.evaluate(self, x, y, **kwargs)
 
     def predict(self, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
-        return train.predict(self, x, batch_size=batch_size, logits=logits)
+        """Outputs for ``x`` as a NumPy array; see :func:`gpubp.batches.predict`."""
+        return batches.predict(self, x, batch_size=batch_size, logits=logits)
 
     def save(self, path) -> None:
         """Write the architecture and weights to ``.npz`` or ``.safetensors`` (atomically)."""

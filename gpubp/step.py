@@ -43,7 +43,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from gpubp import _checks, losses, optim, train
+from gpubp import _checks, batches, losses, optim
 from gpubp.trace import isolated, replay
 
 GRAPHS_KEPT = 4
@@ -86,7 +86,7 @@ class TrainStep:
         compiled = getattr(model, "_compiled", {})
         self.model = model
         self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
-        self.optimizer = train._optimizer(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
+        self.optimizer = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
         if clip_grad_norm is not None:
             clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
         self.clip_grad_norm = clip_grad_norm
@@ -129,7 +129,7 @@ class TrainStep:
         """Train on one batch (x, y) and return its loss; checked as ``fit`` checks its data.
 
         A non-finite loss raises FloatingPointError and leaves the weights unchanged."""
-        x, y = train._check_dataset(self.model, x, y, self.loss_fn)
+        x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
         value = self.run(x, y)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value}; the weights were not updated "
@@ -161,7 +161,7 @@ class TrainStep:
 
     def _eager(self, x, y) -> float:
         model = self.model
-        value = train._forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation))
+        value = batches.forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation))
         self.update_if_finite(value)
         return value
 

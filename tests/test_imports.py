@@ -15,8 +15,12 @@ def _module_name(path: Path) -> str:
 
 def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
     """gpubp modules that ``path`` imports when it loads (imports inside functions run later)."""
+    return _imports(ast.parse(path.read_text()).body, modules)
+
+
+def _imports(nodes, modules: set[str]) -> set[str]:
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -58,6 +62,24 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_modules_import_without_a_circle():
     cycle = _find_cycle(_import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def _every_import(source: str, modules: set[str]) -> set[str]:
+    """gpubp modules that ``source`` imports anywhere, inside functions too."""
+    return _imports(ast.walk(ast.parse(source)), modules)
+
+
+def test_the_training_step_and_the_data_parallel_wrapper_never_import_the_training_loop():
+    # fit uses them; they share what they need with it one floor down (gpubp.batches).
+    modules = set(_import_graph()) | {"gpubp.train"}
+    for name in ("step", "distributed"):
+        imported = _every_import((PACKAGE / f"{name}.py").read_text(), modules)
+        assert "gpubp.train" not in imported, f"gpubp.{name} imports gpubp.train"
+
+
+def test_the_import_finder_sees_an_import_inside_a_function():
+    source = "def run():\n    from gpubp import train\n    return train\n"
+    assert "gpubp.train" in _every_import(source, {"gpubp.train"})
 
 
 def test_optimizers_do_not_import_the_layer_module():

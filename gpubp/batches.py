@@ -1,0 +1,144 @@
+"""What ``fit``, the training step and the data-parallel wrapper share, one floor below them.
+
+``gpubp.train`` (the loop), ``gpubp.step`` (one batch, optionally a CUDA graph) and
+``gpubp.distributed`` (one batch over several processes) all check a dataset the same way,
+train with the model's named optimizer, run one batch's forward, loss and backward, and
+evaluate; those live here, and none of the three imports another's private helpers.
+
+>>> import numpy as np, gpubp as gb
+>>> from gpubp import batches
+>>> model = gb.Sequential([gb.Dense(2, 3)], device="cpu")
+>>> round(batches.evaluate(model, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 0]), loss="cross_entropy")["loss"], 4)
+1.0986
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gpubp import _checks, activations, losses, metrics as metric_fns, optim
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def check_dataset(model, x, y, loss_fn, name: str = "x"):
+    """Host copies of (x, y), checked against the model and the loss before any step runs."""
+    yname = "y" if name == "x" else f"{name}_y"
+    x = _checks.to_numpy(x, name)
+    y = _checks.to_numpy(y, yname)
+    _checks.batch_shape(x.shape, model.in_features, name)
+    _checks.float_dtype(x.dtype, name)
+    all_finite(x, name)
+    if len(y) != len(x):
+        raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
+    width = model.out_features
+    if loss_fn is losses.cross_entropy:
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
+        _check_class_labels(y, width, yname)
+    elif loss_fn in (losses.mse, losses.binary_cross_entropy, losses.categorical_cross_entropy):
+        if y.ndim == 1 and width == 1:
+            y = y.reshape(-1, 1)
+        if y.shape[1:] != (width,):
+            raise ValueError(f"{yname}: expected shape ({len(x)}, {width}), got {y.shape}")
+        if y.dtype.kind not in "fiub":
+            raise TypeError(f"{yname}: expected numeric targets, got dtype {y.dtype}")
+        if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
+            raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
+        if loss_fn is losses.categorical_cross_entropy and not losses.is_one_hot(y):
+            raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
+                             "for class indices use sparse_categorical_crossentropy")
+        y = y.astype(model.dtype, copy=False)
+        all_finite(y, yname)
+    elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
+        # (For a single output they may as well be regression targets.)
+        _check_class_labels(y, width, yname)
+    return x, y
+
+
+def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"{yname}: expected class labels in [0, {classes}), got values from {y.min()} to {y.max()}")
+
+
+def all_finite(a: np.ndarray, name: str) -> None:
+    # fit checks the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
+    if not np.all(np.isfinite(a)):
+        row = int(np.argwhere(~np.isfinite(a))[0][0])
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def optimizer_for(model, optimizer):
+    """The optimizer to train ``model`` with: an instance as given; a name built once per model
+    and reused (state included) while the model keeps the same parameters on the same backend."""
+    if not isinstance(optimizer, str):
+        return optim.get(optimizer, model.parameters())
+    params = model.parameters()
+    key = (optimizer.lower(), model.backend_name, tuple(id(p) for p in params))
+    cached = getattr(model, "_named_optimizer", None)
+    if cached is None or cached[0] != key:
+        cached = model._named_optimizer = (key, optim.get(optimizer, params))
+    return cached[1]
+
+
+def forward_backward(model, loss_fn, xb, yb, logits: bool) -> float:
+    """Forward and loss of one batch, then backward when the loss is finite; returns the loss.
+    ``logits``: the last layer's activation is fused into the loss (``losses.fuses``)."""
+    out = model.forward(xb, logits=logits)
+    value, dout = loss_fn(out, yb, backend=model.backend)
+    if math.isfinite(value):
+        model.backward(dout)
+    return value
+
+
+# ----------------------------------------------------------------------------- predict / evaluate
+
+
+def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
+    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches:
+    probabilities for a sigmoid or softmax last layer, or with ``logits=True`` its logits."""
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    if _checks.array_kind(x) == "other":
+        x = np.asarray(x)
+    _checks.batch_shape(x.shape, model.in_features, "x")
+    outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
+               for i in range(0, x.shape[0], batch_size)]
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> dict:
+    """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
+
+    The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
+    the compiled ones, else ``["accuracy"]`` (``[]`` for none). A loss that fuses the last
+    layer's activation is computed on the logits, which is the same value, stably.
+    Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
+    output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
+    "mse", "mae", or callables ``(scores, y) -> float``. Class labels are range-checked
+    whether or not there is a loss.
+    """
+    loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
+    if metrics is None:
+        metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
+    head = model.layers[-1].activation
+    named = [metric_fns.get(m, threshold=0.5 if head == "sigmoid" else 0.0) for m in metrics]
+    x, y = check_dataset(model, x, y, loss_fn)
+    fused = loss_fn is not None and losses.fuses(loss_fn, head)
+    outputs = predict(model, x, batch_size=batch_size, logits=fused)
+    scores = outputs
+    if fused:
+        scores = np.empty_like(outputs)
+        activations.forward(head, outputs, scores)
+    result = {}
+    if loss_fn is not None:
+        result["loss"] = loss_fn(outputs, y)[0]
+    for name, fn in named:
+        result[name] = fn(scores, y)
+    return result
