@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp import _checks, _random, io, optim
+from gpubp import _random, io, optim
 from gpubp.layers import Sequential
 from gpubp.history import History
 
