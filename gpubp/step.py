@@ -178,8 +178,8 @@ class TrainStep:
     def _signature(self, batch: int) -> tuple:
         """What a captured step bakes in; a call whose signature differs needs its own graph."""
         model, opt = self.model, self.optimizer
-        layers = tuple((layer.activation, layer.weight.trainable, layer.bias.trainable,
-                        id(layer.weight.data), id(layer.bias.data)) for layer in model.layers)
+        layers = tuple((layer.activation, *((param.trainable, id(param.data)) for param in layer.parameters()))
+                       for layer in model.layers)
         states = []
         for group in opt.param_groups:
             for param in group["params"]:
@@ -220,8 +220,7 @@ class TrainStep:
         captured.host_hyper = np.zeros(captured.hyper.shape, np.float32)
         # What the Python side of the model points at after the step: put back after each replay.
         captured.references = [(param, param.grad) for param in model.parameters()]
-        captured.layer_state = [(layer, layer._input, layer._output, layer._preact, layer._applied)
-                                for layer in model.layers]
+        captured.layer_state = [(layer, layer.saved_for_backward()) for layer in model.layers]
         captured.model_state = (model._stored_plan, model._fused_saved)
         return captured
 
@@ -241,8 +240,8 @@ class TrainStep:
                 opt.graph_advance(state)
         for param, grad in captured.references:
             param.grad = grad
-        for layer, kept_input, kept_output, preact, applied in captured.layer_state:
-            layer._input, layer._output, layer._preact, layer._applied = kept_input, kept_output, preact, applied
+        for layer, saved in captured.layer_state:
+            layer.restore_saved(saved)
         model._stored_plan, model._fused_saved = captured.model_state
         return value
 
