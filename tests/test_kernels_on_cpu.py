@@ -127,7 +127,8 @@ def shape_id(shape):
 
 def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
-    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
+    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "ce_fwd_bwd_weighted_i32",
+             "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
              "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace"}
     names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
@@ -633,16 +634,18 @@ def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
 # ----------------------------------------------------------------------------- losses
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
-def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, label_dtype):
-    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype)
+def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, label_dtype, weighted):
+    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape):
-    check_elementwise_loss(cb_h100, rng, name, trace_name, shape)
+def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape, weighted):
+    check_elementwise_loss(cb_h100, rng, name, trace_name, shape, weighted)
 
 
 def test_losses_are_finite_for_huge_logits(cb_h100):

@@ -254,11 +254,13 @@ LOSS_CASES = [
     "loss_name, kernel_name, make_inputs", LOSS_CASES,
     ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2"],
 )
-def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
     prediction, target = make_inputs(rng)
-    loss_ref, grad_ref = getattr(ref, loss_name)(prediction, target)
+    weights = rng.uniform(0, 2, len(prediction)).astype(np.float32) if weighted else None
+    loss_ref, grad_ref = getattr(ref, loss_name)(prediction, target, weights)
     with trace() as t:
-        loss, grad = getattr(nb, loss_name)(*to_device(prediction, target))
+        loss, grad = getattr(nb, loss_name)(*to_device(prediction, target), *to_device(weights) if weighted else ())
     assert t.launches == [kernel_name]
     assert isinstance(loss, float)
     assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)
@@ -398,9 +400,9 @@ kernels = {
     "dense_dx": (nb._dense_dx_kernel("gelu"), (m, m, m, m)),
     "softmax_fwd": (nb._softmax_kernel, (m,)),
     "softmax_bwd": (nb._softmax_backward_kernel, (m, m, m)),
-    "ce_fwd_bwd": (nb._softmax_cross_entropy_kernel, (m, labels, m, v, f32)),
-    "mse_fwd_bwd": (nb._mse_kernel, (v, v, v, v, f32)),
-    "bce_fwd_bwd": (nb._bce_kernel, (v, v, v, v, f32)),
+    "ce_fwd_bwd": (nb._softmax_cross_entropy_kernel, (m, labels, v, m, v, f32)),
+    "mse_fwd_bwd": (nb._mse_kernel, (v, v, v, i64, v, v, f32)),
+    "bce_fwd_bwd": (nb._bce_kernel, (v, v, v, i64, v, v, f32)),
     "sumsq": (nb._sumsq_kernel, (v, v)),
     "scale_": (nb._scale_kernel, (v, f32)),
     "sgd_update": (nb._sgd_kernel, (v, v, f32, f32)),

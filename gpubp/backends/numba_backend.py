@@ -751,10 +751,27 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
+@cuda.jit(device=True, inline="always")
+def _row_weight(weights, row):
+    """Row ``row``'s weight: ``weights`` is (B,), or (1,) holding the 1 of an unweighted loss."""
+    return weights[0] if weights.shape[0] == 1 else weights[row]
+
+_UNIT_WEIGHT: list = []  # the (1,) device array holding 1.0, made on first use
+
+
+def _weights(sample_weight):
+    """The loss kernels' weights: ``sample_weight`` (B,) or, without weights, one shared 1."""
+    if sample_weight is not None:
+        return _view(sample_weight)
+    if not _UNIT_WEIGHT:
+        _UNIT_WEIGHT.append(cuda.to_device(np.ones(1, np.float32)))
+    return _UNIT_WEIGHT[0]
+
+
 @cuda.jit
-def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
-    """Per row r of logits (B, C): row_loss[r] = logsumexp(x_r) - x_r[label_r],
-    grad[r] = (softmax(x_r) - onehot(label_r)) * inv_batch.
+def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_batch):
+    """Per row r of logits (B, C) with weight w_r: row_loss[r] = w_r (logsumexp(x_r) - x_r[label_r]),
+    grad[r] = (softmax(x_r) - onehot(label_r)) * w_r * inv_batch.
 
     Block (CE_LANES, CE_ROWS): lane tx of row ty keeps a running (max, sum of exp) over
     columns tx, tx + 32, ...; a shared-memory tree merges the lanes; then the row is read
@@ -798,46 +815,53 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
         m = row_max[local_row, 0]
         total = row_sum[local_row, 0]
         label = labels[row]
+        weight = _row_weight(weights, row)
+        scale = inv_batch * weight
         for c in range(lane, classes, CE_LANES):
             p = math.exp(logits[row, c] - m) / total
             if c == label:
                 p -= _ONE
-            grad[row, c] = p * inv_batch
+            grad[row, c] = p * scale
         if lane == 0:
-            row_loss[row] = math.log(total) - (logits[row, label] - m)
+            row_loss[row] = (math.log(total) - (logits[row, label] - m)) * weight
 
 
 @cuda.jit
-def _mse_kernel(pred, target, grad, block_sums, grad_scale):
-    """grad = (pred - target) * 2/n; block_sums[blockIdx] = the block's sum of (pred - target)^2."""
+def _mse_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
+    """With w the weight of element i's row (of ``width`` elements): grad = w (pred - target) * 2/n;
+    block_sums[blockIdx] = the block's sum of w (pred - target)^2."""
     partials = cuda.shared.array(REDUCE_THREADS, np.float32)
     total = _ZERO
     for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
         diff = pred[i] - target[i]
-        total += diff * diff
-        grad[i] = diff * grad_scale
+        weighted = diff * _row_weight(weights, i // width)
+        total += weighted * diff
+        grad[i] = weighted * grad_scale
     total = _block_sum(total, partials, cuda.threadIdx.x)
     if cuda.threadIdx.x == 0:
         block_sums[cuda.blockIdx.x] = total
 
 
 @cuda.jit
-def _bce_kernel(logits, target, grad, block_sums, grad_scale):
-    """Per element: loss = max(z, 0) - z t + log1p(exp(-|z|)), grad = (sigmoid(z) - t) / n."""
+def _bce_kernel(logits, target, weights, width, grad, block_sums, grad_scale):
+    """Per element, with w its row's weight: loss = w (max(z, 0) - z t + log1p(exp(-|z|))),
+    grad = w (sigmoid(z) - t) / n."""
     partials = cuda.shared.array(REDUCE_THREADS, np.float32)
     total = _ZERO
     for i in range(cuda.grid(1), logits.size, cuda.gridsize(1)):
         z = logits[i]
         t = target[i]
-        total += math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * t
-        grad[i] = (_sigmoid(z) - t) * grad_scale
+        weight = _row_weight(weights, i // width)
+        total += (math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * t) * weight
+        grad[i] = (_sigmoid(z) - t) * grad_scale * weight
     total = _block_sum(total, partials, cuda.threadIdx.x)
     if cuda.threadIdx.x == 0:
         block_sums[cuda.blockIdx.x] = total
 
 
-def softmax_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+def softmax_cross_entropy(logits, labels, sample_weight=None):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
+    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule)."""
     record("ce_fwd_bwd")
     batch = logits.shape[0]
     grad = _new(tuple(logits.shape), logits)
@@ -845,34 +869,36 @@ def softmax_cross_entropy(logits, labels):
     lv = _view(logits)
     blocks = -(-batch // CE_ROWS)
     _softmax_cross_entropy_kernel[blocks, (CE_LANES, CE_ROWS), lv.stream](
-        lv, _view(labels), _view(grad), _view(row_loss), np.float32(1.0 / batch)
+        lv, _view(labels), _weights(sample_weight), _view(grad), _view(row_loss), np.float32(1.0 / batch)
     )
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
 
 
-def _elementwise_loss(kernel, pred, target, grad_scale_times_n):
-    """Launch a (pred, target) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
+def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n):
+    """Launch a (pred, target, row weights) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
     n = flat.size
     blocks = _reduce_blocks(n)
     block_sums = _new((blocks,), pred)
     kernel[blocks, REDUCE_THREADS, flat.stream](
-        flat, _view(target).ravel(), _view(grad).ravel(), _view(block_sums), np.float32(grad_scale_times_n / n)
+        flat, _view(target).ravel(), _weights(sample_weight), np.int64(pred.shape[1]), _view(grad).ravel(),
+        _view(block_sums), np.float32(grad_scale_times_n / n)
     )
     return float(to_host(block_sums).sum(dtype=np.float64)) / n, grad
 
 
-def mse(pred, target):
-    """Mean squared error over all elements."""
+def mse(pred, target, sample_weight=None):
+    """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     record("mse_fwd_bwd")
-    return _elementwise_loss(_mse_kernel, pred, target, 2.0)
+    return _elementwise_loss(_mse_kernel, pred, target, sample_weight, 2.0)
 
 
-def bce(logits, target):
-    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
+def bce(logits, target, sample_weight=None):
+    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
+    ``sample_weight`` (B,) weights each row's terms."""
     record("bce_fwd_bwd")
-    return _elementwise_loss(_bce_kernel, logits, target, 1.0)
+    return _elementwise_loss(_bce_kernel, logits, target, sample_weight, 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizers
