@@ -15,6 +15,8 @@ evaluate; those live here, and none of the three imports another's private helpe
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -72,7 +74,65 @@ def all_finite(a: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
 
 
+def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x") -> np.ndarray:
+    """``sample_weight`` as a float64 host array (n,), checked: one finite weight >= 0 per sample of ``of``."""
+    weights = _checks.to_numpy(sample_weight, name)
+    if weights.ndim == 2 and weights.shape[1] == 1:
+        weights = weights.reshape(-1)
+    if weights.shape != (n,):
+        raise ValueError(f"{name}: expected {n} weights (one per sample of {of}), got shape {weights.shape}")
+    if weights.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected numeric weights, got dtype {weights.dtype}")
+    weights = weights.astype(np.float64)
+    losses.check_weights(weights, name)
+    return weights
+
+
+def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
+    """Per-sample weights from ``class_weight`` {class: weight} for targets ``y`` as
+    :func:`check_dataset` returns them, with Keras's rule for a sample's class: the label, the
+    argmax of a row of several targets, or a single target rounded. Classes not named weigh 1."""
+    if not isinstance(class_weight, Mapping):
+        raise TypeError(f"class_weight: expected a dict {{class: weight}}, got {type(class_weight).__name__}")
+    classes = model.out_features if model.out_features > 1 else 2
+    table = np.ones(classes)
+    for key, weight in class_weight.items():
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < classes:
+            raise ValueError(f"class_weight: key {key!r} is not a class; the model's {model.out_features} "
+                             f"output(s) give the classes 0 to {classes - 1}")
+        table[key] = _checks.non_negative(weight, f"class_weight[{key}]")
+    if y.ndim == 2 and y.shape[1] > 1:
+        labels = y.argmax(axis=1)
+    else:
+        labels = np.rint(y.reshape(-1)).astype(np.int64)
+    outside = (labels < 0) | (labels >= classes)
+    if np.any(outside):
+        i = int(np.argmax(outside))
+        raise ValueError(f"class_weight: the target of sample {i} ({y[i]}) names no class in 0 to {classes - 1}; "
+                         f"class weights need class targets ({getattr(loss_fn, '__name__', 'this loss')} was given "
+                         "others)")
+    return table[labels]
+
+
+def sample_weights(model, y, loss_fn, sample_weight=None, class_weight=None, name: str = "sample_weight"):
+    """The weights of each sample of (checked) ``y``: ``sample_weight`` times the ``class_weight``
+    of its class (Keras multiplies the two), or None when neither is given."""
+    weights = None if sample_weight is None else check_sample_weight(sample_weight, len(y), name)
+    if class_weight is not None:
+        per_class = class_weights(model, y, loss_fn, class_weight)
+        weights = per_class if weights is None else weights * per_class
+    return weights
+
+
 # ----------------------------------------------------------------------------- one batch
+
+
+def loss_and_grad(loss_fn, out, y, sample_weight, backend):
+    """``loss_fn``'s (loss, gradient), weighted when ``sample_weight`` is given (a loss of your
+    own is then called with ``sample_weight=`` too, and only then)."""
+    if sample_weight is None:
+        return loss_fn(out, y, backend=backend)
+    return loss_fn(out, y, sample_weight=sample_weight, backend=backend)
 
 
 def optimizer_for(model, optimizer):
@@ -88,11 +148,12 @@ def optimizer_for(model, optimizer):
     return cached[1]
 
 
-def forward_backward(model, loss_fn, xb, yb, logits: bool) -> float:
-    """Forward and loss of one batch, then backward when the loss is finite; returns the loss.
+def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -> float:
+    """Forward and loss of one batch (weighted by ``sample_weight``, if given), then backward when
+    the loss is finite; returns the loss.
     ``logits``: the last layer's activation is fused into the loss (``losses.fuses``)."""
     out = model.forward(xb, logits=logits)
-    value, dout = loss_fn(out, yb, backend=model.backend)
+    value, dout = loss_and_grad(loss_fn, out, yb, sample_weight, model.backend)
     if math.isfinite(value):
         model.backward(dout)
     return value
@@ -113,7 +174,7 @@ def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarra
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
-def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> dict:
+def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None) -> dict:
     """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
 
     The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
@@ -122,7 +183,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> di
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
     output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
     "mse", "mae", or callables ``(scores, y) -> float``. Class labels are range-checked
-    whether or not there is a loss.
+    whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
+    (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
     if metrics is None:
@@ -130,6 +192,10 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> di
     head = model.layers[-1].activation
     named = [metric_fns.get(m, threshold=0.5 if head == "sigmoid" else 0.0) for m in metrics]
     x, y = check_dataset(model, x, y, loss_fn)
+    if sample_weight is not None:
+        if loss_fn is None:
+            raise ValueError("sample_weight: it weights the loss, and there is none (pass loss=, or compile first)")
+        sample_weight = check_sample_weight(sample_weight, len(x))
     fused = loss_fn is not None and losses.fuses(loss_fn, head)
     outputs = predict(model, x, batch_size=batch_size, logits=fused)
     scores = outputs
@@ -138,7 +204,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024) -> di
         activations.forward(head, outputs, scores)
     result = {}
     if loss_fn is not None:
-        result["loss"] = loss_fn(outputs, y)[0]
+        weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
+        result["loss"] = loss_fn(outputs, y, **weighted)[0]
     for name, fn in named:
         result[name] = fn(scores, y)
     return result

@@ -56,7 +56,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
         learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False,
-        cuda_graph=False) -> History:
+        cuda_graph=False, class_weight=None, sample_weight=None) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -66,7 +66,14 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     (``binary_cross_entropy``, the cross-entropies) trains on the logits, fused and stable.
     ``learning_rate`` sets the rate of every param group for this call only.
     ``validation_split`` holds out the last fraction (before
-    shuffling), as Keras does; ``validation_data=(x_val, y_val)`` takes precedence.
+    shuffling), as Keras does; ``validation_data=(x_val, y_val)`` or ``(x_val, y_val,
+    val_sample_weight)`` takes precedence.
+    ``sample_weight`` (N,) and ``class_weight`` ({class: weight}) weight the training loss as
+    Keras does: each sample's loss times its weight (the product of the two where both are
+    given), summed over the batch and divided by the batch size. A sample's class is its label,
+    the argmax of its target row, or its single target rounded; classes not named weigh 1.
+    ``validation_split`` holds out the last samples' ``sample_weight`` with them, and the
+    validation loss is weighted by those (class weights apply to training only).
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stderr is not a
     terminal), 2 one line per epoch.
@@ -103,17 +110,26 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         learning_rate = _checks.non_negative(learning_rate, "learning_rate")
     opt = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
     x, y = batches.check_dataset(model, x, y, loss_fn)
+    if sample_weight is not None:
+        sample_weight = batches.check_sample_weight(sample_weight, len(x))
+    w_val = None
     if validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            raise TypeError("validation_data: expected a pair (x_val, y_val)")
-        x_val, y_val = batches.check_dataset(model, *validation_data, loss_fn, name="validation_data")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise TypeError("validation_data: expected (x_val, y_val) or (x_val, y_val, val_sample_weight)")
+        x_val, y_val = batches.check_dataset(model, *validation_data[:2], loss_fn, name="validation_data")
+        if len(validation_data) == 3 and validation_data[2] is not None:
+            w_val = batches.check_sample_weight(validation_data[2], len(x_val), "validation_data[2]",
+                                                of="validation_data")
     elif validation_split:
         n_val = int(round(len(x) * validation_split))
         if not 0 < n_val < len(x):
             raise ValueError(f"validation_split: {validation_split} of {len(x)} samples leaves no training or no validation data")
         x, x_val, y, y_val = x[:-n_val], x[-n_val:], y[:-n_val], y[-n_val:]
+        if sample_weight is not None:
+            sample_weight, w_val = sample_weight[:-n_val], sample_weight[-n_val:]
     else:
         x_val = y_val = None
+    weights = batches.sample_weights(model, y, loss_fn, sample_weight, class_weight)
     callbacks = list(callbacks or [])
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
@@ -137,8 +153,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         for group in opt.param_groups:
             group["lr"] = learning_rate
     try:
-        return _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbacks, verbose,
-                      metrics or [], initial_epoch, parallel)
+        return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, epochs,
+                      batch_size, shuffle, callbacks, verbose, metrics or [], initial_epoch, parallel)
     finally:
         for group, rate in zip(opt.param_groups, rates):
             group["lr"] = rate
@@ -149,9 +165,11 @@ def _is_terminal(stream) -> bool:
     return bool(isatty and isatty())
 
 
-def _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbacks, verbose, metrics,
+def _train(model, data, validation, step, epochs, batch_size, shuffle, callbacks, verbose, metrics,
            initial_epoch, parallel) -> History:
-    """fit's loop, on checked data: one TrainStep per batch (or the data-parallel one); callbacks per epoch."""
+    """fit's loop, on checked data ``(x, y, sample weights or None)`` and validation data (the same,
+    or None): one TrainStep per batch (or the data-parallel one); callbacks per epoch."""
+    x, y, weights = data
     loss_fn, opt = step.loss_fn, step.optimizer
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
@@ -172,10 +190,11 @@ def _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbac
         total_loss = 0.0
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             xb, yb = x[index], y[index]
+            wb = None if weights is None else weights[index]
             if parallel is None:
-                value = step.run(xb, yb)
+                value = step.run(xb, yb, wb)
             else:
-                value = parallel.forward_backward(loss_fn, xb, yb, logits)
+                value = parallel.forward_backward(loss_fn, xb, yb, logits, wb)
                 step.update_if_finite(value)
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -187,11 +206,12 @@ def _train(model, x, y, x_val, y_val, step, epochs, batch_size, shuffle, callbac
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         logs = {"loss": total_loss / len(x)}
-        if x_val is not None:
+        if validation is not None:
+            x_val, y_val, w_val = validation
             if parallel is None:
-                val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics)
+                val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics, sample_weight=w_val)
             else:
-                val = parallel.evaluate(x_val, y_val, loss_fn, metrics)
+                val = parallel.evaluate(x_val, y_val, loss_fn, metrics, w_val)
             logs.update({f"val_{name}": value for name, value in val.items()})
         model.backend.synchronize()
         seconds = time.perf_counter() - start

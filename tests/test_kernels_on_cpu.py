@@ -921,6 +921,27 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
+@pytest.mark.skipif(SANITIZED, reason="the weighted loss kernels run in the loss tests above")
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_a_replayed_step_with_sample_weights_computes_what_the_eager_step_computes(cb_h100, rng, loss):
+    batches = graph_batches(rng, [24] * 4)
+    targets = {"cross_entropy": [yb for _, yb in batches],
+               "mse": [rng.standard_normal((24, 3)).astype(np.float32) for _ in batches]}[loss]
+    weights = [rng.uniform(0, 2, 24) for _ in batches]
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        step = model.train_step(loss, GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        values, graphed = [], []
+        for (xb, _), yb, wb in zip(batches, targets, weights):
+            values.append(step(xb, yb, sample_weight=wb))
+            graphed.append(step.graphed)
+        runs[cuda_graph] = values, model.get_weights(), graphed
+    assert runs[True][2] == [False, True, True, True]
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
 @pytest.mark.parametrize("setting, expected", [
     ({"clip_grad_norm": 1.0}, "clip_grad_norm reads the gradient norm on the host"),
     ({"loss": lambda out, y, backend=None: (0.0, out)}, "is not one of gpubp's"),
