@@ -25,8 +25,9 @@ import numpy as np
 
 from gpubp import _checks, _random, batches, losses, metrics as metric_fns
 from gpubp.batches import evaluate, predict
-from gpubp.callbacks import Callback
+from gpubp.callbacks import Callback, largest_rate
 from gpubp.history import History
+from gpubp.optim import lr_scheduler
 from gpubp.step import TrainStep
 
 __all__ = ["compile", "evaluate", "fit", "predict"]
@@ -56,7 +57,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
         learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False,
-        cuda_graph=False, class_weight=None, sample_weight=None) -> History:
+        cuda_graph=False, class_weight=None, sample_weight=None, scheduler=None, scheduler_interval: str = "auto",
+        scheduler_monitor: str | None = None) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
@@ -64,7 +66,17 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``loss``, ``optimizer`` and ``metrics`` default to those given to :func:`compile`, else
     ``"cross_entropy"`` and ``"adam"``. A sigmoid or softmax last layer with its matching loss
     (``binary_cross_entropy``, the cross-entropies) trains on the logits, fused and stable.
-    ``learning_rate`` sets the rate of every param group for this call only.
+    ``learning_rate`` sets the rate of every param group for this call only (with a
+    learning-rate callback it is the starting rate, and the rates the callback sets stay).
+    ``scheduler`` is a :mod:`gpubp.optim.lr_scheduler` scheduler of the optimizer, stepped as
+    a PyTorch loop steps it, after the optimizer: ``scheduler_interval="epoch"`` once at the
+    end of each epoch (after validation), ``"batch"`` after every batch, and ``"auto"`` (the
+    default) per batch for OneCycleLR (its ``total_steps`` counts batches) and per epoch for
+    the others. ReduceLROnPlateau steps per epoch with the logged value ``scheduler_monitor``
+    ("val_loss" when there is validation data, else "loss"). The scheduler owns the rates, so
+    ``learning_rate`` is refused with it (a compiled one is not applied); its state goes into
+    checkpoints, and ``model.scheduler`` is the one in use. With a scheduler or a learning-rate
+    callback, each epoch also logs ``learning_rate``: the largest group rate of its last batch.
     ``validation_split`` holds out the last fraction (before
     shuffling), as Keras does; ``validation_data=(x_val, y_val)`` or ``(x_val, y_val,
     val_sample_weight)`` takes precedence.
@@ -86,12 +98,15 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``cuda_graph``: True captures each batch's step in a CUDA graph and replays it (the cupy
     backend; a ValueError says why not elsewhere), "auto" where it can, False (the default)
     never; see :class:`gpubp.step.TrainStep`. It changes no result: replayed steps compute
-    what the eager ones do.
+    what the eager ones do (OneCycleLR's momentum cycling, which changes what a captured
+    update bakes in every batch, runs eagerly under "auto" and is refused under True).
     """
     compiled = getattr(model, "_compiled", {})
     loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
     metrics = compiled.get("metrics") if metrics is None else metrics
-    if learning_rate is None:
+    if learning_rate is not None and scheduler is not None:
+        raise ValueError("learning_rate: the scheduler sets the rates; pass learning_rate or scheduler, not both")
+    if learning_rate is None and scheduler is None:
         learning_rate = compiled.get("learning_rate")
     epochs = _checks.positive_int(epochs, "epochs")
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)):
@@ -139,6 +154,15 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if distributed and cuda_graph is not False:
         raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
                          "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
+    logged = ["loss"]
+    if x_val is not None:
+        logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics or []]
+    schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged,
+                         (epochs - initial_epoch) * math.ceil(len(x) / batch_size),
+                         any(cb.sets_learning_rate for cb in callbacks))
+    if cuda_graph is True and scheduler is not None and scheduler.varies_momentum:
+        raise ValueError(f"cuda_graph=True: {type(scheduler).__name__} changes the momentum every step, which a "
+                         "captured update bakes in; pass cycle_momentum=False, or cuda_graph='auto' to run eagerly")
     step = TrainStep(model, loss_fn, opt, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
     parallel = None
     if distributed:
@@ -153,11 +177,61 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         for group in opt.param_groups:
             group["lr"] = learning_rate
     try:
-        return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, epochs,
-                      batch_size, shuffle, callbacks, verbose, metrics or [], initial_epoch, parallel)
+        return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
+                      epochs, batch_size, shuffle, callbacks, verbose, metrics or [], initial_epoch, parallel)
     finally:
-        for group, rate in zip(opt.param_groups, rates):
-            group["lr"] = rate
+        if learning_rate is not None and not schedule.logs_rate:  # this call's rate only; a schedule's stays
+            for group, rate in zip(opt.param_groups, rates):
+                group["lr"] = rate
+
+
+class _Schedule:
+    """How ``fit`` steps a PyTorch-style scheduler (per batch, or per epoch with the monitored
+    value for ReduceLROnPlateau), checked before the first step; ``logs_rate``: whether epochs
+    log ``learning_rate`` (a scheduler or a learning-rate callback changes it)."""
+
+    def __init__(self, scheduler, interval: str, monitor: str | None, optimizer, logged: list[str], batches_left: int,
+                 rate_callbacks: bool) -> None:
+        self.scheduler, self.monitor = scheduler, None
+        self.logs_rate = scheduler is not None or rate_callbacks
+        if interval not in ("auto", "epoch", "batch"):
+            raise ValueError(f"scheduler_interval: expected 'auto', 'epoch' or 'batch', got {interval!r}")
+        plateau = isinstance(scheduler, lr_scheduler.ReduceLROnPlateau)
+        if monitor is not None and not plateau:
+            raise ValueError("scheduler_monitor: only a ReduceLROnPlateau scheduler steps with a monitored value")
+        if scheduler is None:
+            if interval != "auto":
+                raise ValueError(f"scheduler_interval: {interval!r} steps a scheduler, and none was given")
+            self.per_batch = False
+            return
+        if not isinstance(scheduler, lr_scheduler.LRScheduler):
+            raise TypeError(f"scheduler: expected a gpubp.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+        if scheduler.optimizer is not optimizer:
+            raise ValueError("scheduler: it schedules another optimizer than the one fit trains with; "
+                             "build it on that optimizer (and pass it as optimizer=)")
+        self.per_batch = interval == "batch" or (interval == "auto" and isinstance(scheduler, lr_scheduler.OneCycleLR))
+        if plateau:
+            if self.per_batch:
+                raise ValueError("scheduler_interval: ReduceLROnPlateau steps once per epoch, with a monitored value")
+            self.monitor = monitor or ("val_loss" if "val_loss" in logged else "loss")
+            if self.monitor not in logged:
+                raise ValueError(f"scheduler_monitor: {self.monitor!r} is not logged; logged: {logged}")
+        if self.per_batch and isinstance(scheduler, lr_scheduler.OneCycleLR) \
+                and scheduler.last_epoch + batches_left > scheduler.total_steps:
+            raise ValueError(f"scheduler: OneCycleLR has {scheduler.total_steps - scheduler.last_epoch} of its "
+                             f"total_steps={scheduler.total_steps} left, but this fit runs {batches_left} batches")
+
+    def after_batch(self) -> None:
+        if self.scheduler is not None and self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, logs: dict) -> None:
+        if self.scheduler is None or self.per_batch:
+            return
+        if self.monitor is None:
+            self.scheduler.step()
+        else:
+            self.scheduler.step(logs[self.monitor])
 
 
 def _is_terminal(stream) -> bool:
@@ -165,16 +239,18 @@ def _is_terminal(stream) -> bool:
     return bool(isatty and isatty())
 
 
-def _train(model, data, validation, step, epochs, batch_size, shuffle, callbacks, verbose, metrics,
+def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle, callbacks, verbose, metrics,
            initial_epoch, parallel) -> History:
     """fit's loop, on checked data ``(x, y, sample weights or None)`` and validation data (the same,
-    or None): one TrainStep per batch (or the data-parallel one); callbacks per epoch."""
+    or None): one TrainStep per batch (or the data-parallel one), the scheduler per batch or per
+    epoch; callbacks around batches and epochs."""
     x, y, weights = data
     loss_fn, opt = step.loss_fn, step.optimizer
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
     model.stop_training = False
     model.loss = loss_fn
     model.optimizer = opt
+    model.scheduler = schedule.scheduler
     earlier = getattr(model, "history", None)
     history = earlier.until(initial_epoch) if initial_epoch and isinstance(earlier, History) else History()
     model.history = history
@@ -187,25 +263,35 @@ def _train(model, data, validation, step, epochs, batch_size, shuffle, callbacks
         start = time.perf_counter()
         order = _random.generator().permutation(len(x)) if shuffle else None
         bar = _progress(n_batches, epoch, epochs, verbose)
-        total_loss = 0.0
+        total_loss, seen = 0.0, 0
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
+            for cb in callbacks:
+                cb.on_train_batch_begin(model, batch)
             xb, yb = x[index], y[index]
             wb = None if weights is None else weights[index]
+            rate = largest_rate(opt)
             if parallel is None:
                 value = step.run(xb, yb, wb)
             else:
                 value = parallel.forward_backward(loss_fn, xb, yb, logits, wb)
                 step.update_if_finite(value)
-            if not math.isfinite(value):
+            if math.isfinite(value):
+                schedule.after_batch()
+            for cb in callbacks:
+                cb.on_train_batch_end(model, batch, {"loss": value})
+            if not math.isfinite(value) and not model.stop_training:
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "
                     "this batch's update, so the weights are those after the previous batch "
-                    "(try a lower learning rate or clip_grad_norm)")
+                    "(try a lower learning rate or clip_grad_norm, or stop quietly with callbacks.TerminateOnNaN)")
             total_loss += value * len(xb)
+            seen += len(xb)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        logs = {"loss": total_loss / len(x)}
+            if model.stop_training:
+                break
+        logs = {"loss": total_loss / seen}
         if validation is not None:
             x_val, y_val, w_val = validation
             if parallel is None:
@@ -213,6 +299,9 @@ def _train(model, data, validation, step, epochs, batch_size, shuffle, callbacks
             else:
                 val = parallel.evaluate(x_val, y_val, loss_fn, metrics, w_val)
             logs.update({f"val_{name}": value for name, value in val.items()})
+        if schedule.logs_rate:
+            logs["learning_rate"] = rate
+        schedule.after_epoch(logs)
         model.backend.synchronize()
         seconds = time.perf_counter() - start
         history.append(epoch, logs, seconds)

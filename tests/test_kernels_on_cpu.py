@@ -942,6 +942,42 @@ def test_a_replayed_step_with_sample_weights_computes_what_the_eager_step_comput
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_a_per_batch_schedule_replays_graphs_that_read_each_new_rate_from_the_device(cb_h100, rng):
+    batches = graph_batches(rng, [24] * 6)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+        scheduler = gb.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=6, cycle_momentum=False)
+        step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
+        values, graphed = [], []
+        for xb, yb in batches:
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+            scheduler.step()
+        runs[cuda_graph] = values, model.get_weights(), graphed
+    assert runs[True][2] == [False] + [True] * 5  # a new rate every step, and no new capture for it
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_a_schedule_that_cycles_the_momentum_trains_under_cuda_graph_auto_as_eagerly(cb_h100, rng):
+    x, labels = rng.standard_normal((64, 9)).astype(np.float32), rng.integers(0, 3, 64)
+    runs = {}
+    for cuda_graph in (False, "auto"):
+        model = graph_model(False)
+        optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+        scheduler = gb.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=2, steps_per_epoch=2)
+        gb.seed(3)
+        history = model.fit(x, labels, optimizer=optimizer, scheduler=scheduler, epochs=2, batch_size=32,
+                            cuda_graph=cuda_graph, verbose=0)
+        runs[cuda_graph] = history.history["loss"], model.get_weights()
+    assert runs["auto"][0] == runs[False][0]
+    assert_arrays_equal(runs["auto"][1], runs[False][1])
+
+
 @pytest.mark.parametrize("setting, expected", [
     ({"clip_grad_norm": 1.0}, "clip_grad_norm reads the gradient norm on the host"),
     ({"loss": lambda out, y, backend=None: (0.0, out)}, "is not one of gpubp's"),

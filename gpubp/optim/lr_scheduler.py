@@ -74,6 +74,12 @@ class LRScheduler:
     _transient = ("optimizer", "_is_initial")  # not part of a state
     _nested = ()  # entries holding other schedulers' states, which a subclass loads itself
 
+    @property
+    def varies_momentum(self) -> bool:
+        """Whether a step changes options other than the rates (OneCycleLR's momentum), which a
+        training step replayed from a CUDA graph bakes in (``fit(cuda_graph=True)`` refuses it)."""
+        return False
+
     def __init__(self, optimizer, last_epoch: int = -1) -> None:
         self.optimizer = _optimizer(optimizer)
         last_epoch = _last_epoch(last_epoch)
@@ -366,6 +372,10 @@ class OneCycleLR(LRScheduler):
                     group["base_momentum"] = _checks.in_unit_interval(low, "base_momentum")
         super().__init__(optimizer, last_epoch)
 
+    @property
+    def varies_momentum(self) -> bool:
+        return self.cycle_momentum
+
     def _set_momentum(self, group: dict, momentum: float) -> None:
         if self.use_beta1:
             group["betas"] = (momentum, *group["betas"][1:])
@@ -437,6 +447,10 @@ class SequentialLR(LRScheduler):
         first._initial_step()
         self._last_lr = first.get_last_lr()
 
+    @property
+    def varies_momentum(self) -> bool:
+        return any(scheduler.varies_momentum for scheduler in self._schedulers)
+
     def step(self) -> None:
         self.last_epoch += 1
         index = bisect_right(self._milestones, self.last_epoch)
@@ -483,11 +497,8 @@ class ReduceLROnPlateau(LRScheduler):
         self.factor = float(factor)
         self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else min_lr
         self.min_lrs = [_checks.non_negative(rate, "min_lr") for rate in _per_group(min_lr, "min_lr", self.optimizer)]
-        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
-            raise ValueError(f"patience: expected an int >= 0, got {patience!r}")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, numbers.Integral) or cooldown < 0:
-            raise ValueError(f"cooldown: expected an int >= 0, got {cooldown!r}")
-        self.patience, self.cooldown = int(patience), int(cooldown)
+        self.patience = _checks.non_negative_int(patience, "patience")
+        self.cooldown = _checks.non_negative_int(cooldown, "cooldown")
         self.eps = _checks.non_negative(eps, "eps")
         self.last_epoch = 0
         self._last_lr = self._current()
