@@ -182,7 +182,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     layer's activation is computed on the logits, which is the same value, stably.
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
     output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
-    "mse", "mae", or callables ``(scores, y) -> float``. Class labels are range-checked
+    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``. Class labels are range-checked
     whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
     (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
     """
@@ -190,7 +190,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     if metrics is None:
         metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
     head = model.layers[-1].activation
-    named = [metric_fns.get(m, threshold=0.5 if head == "sigmoid" else 0.0) for m in metrics]
+    named = [metric_fns.get(m, probabilities=head in ("sigmoid", "softmax")) for m in metrics]
     x, y = check_dataset(model, x, y, loss_fn)
     if sample_weight is not None:
         if loss_fn is None:
