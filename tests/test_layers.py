@@ -361,3 +361,10 @@ def test_the_fused_kernels_say_they_run_dense_layers_only():
     fused_backend = type("FusedBackend", (), {"FUSED_MLP_MAX_WIDTH": 128, "FUSED_MLP_MAX_LAYERS": 8})
     assert scaled.why_not_fused(fused_backend, "cupy") == \
         "layer 'scale_1' is a Scale; the fused kernels run Dense layers only"
+
+
+def test_saving_a_layer_the_file_format_does_not_hold_is_refused(tmp_path):
+    scaled, _ = scaled_and_folded()
+    with pytest.raises(TypeError, match=r"model: layers\[1\] is a Scale; the file format holds Dense layers only"):
+        scaled.save(tmp_path / "scaled.npz")
+    assert not (tmp_path / "scaled.npz").exists()
