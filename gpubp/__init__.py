@@ -20,7 +20,7 @@ from gpubp.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from gpubp import callbacks, checkpoint, finetune, io, metrics  # noqa: E402
 
 __all__ = [
-    "BackwardPlan", "Callback", "Checkpoint", "Dense", "EarlyStopping", "History", "Layer", "ModelCheckpoint", "Parameter",
-    "Sequential", "TrainStep", "callbacks", "checkpoint", "data", "finetune", "io", "load", "load_checkpoint", "losses",
-    "metrics", "optim", "seed", "trace", "__version__",
+    "BackwardPlan", "Callback", "Checkpoint", "Dense", "EarlyStopping", "History", "Layer", "ModelCheckpoint",
+    "Parameter", "Sequential", "TrainStep", "callbacks", "checkpoint", "data", "finetune", "io", "load",
+    "load_checkpoint", "losses", "metrics", "optim", "seed", "trace", "__version__",
 ]

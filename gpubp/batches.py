@@ -8,7 +8,8 @@ evaluate; those live here, and none of the three imports another's private helpe
 >>> import numpy as np, gpubp as gb
 >>> from gpubp import batches
 >>> model = gb.Sequential([gb.Dense(2, 3)], device="cpu")
->>> round(batches.evaluate(model, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 0]), loss="cross_entropy")["loss"], 4)
+>>> result = batches.evaluate(model, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 0]), loss="cross_entropy")
+>>> round(result["loss"], 4)
 1.0986
 """
 
@@ -182,8 +183,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     layer's activation is computed on the logits, which is the same value, stably.
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
     output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
-    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``. Class labels are range-checked
-    whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
+    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``.
+    Class labels are range-checked whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
     (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)

@@ -120,7 +120,8 @@ def _target(pred, target, backend: ModuleType, name: str = "target"):
 def mse(pred, target, sample_weight=None, backend: ModuleType | None = None):
     """Mean squared error over all elements; ``target`` has the shape of ``pred``."""
     pred, backend = _prediction(pred, "pred", backend)
-    return backend.mse(pred, _target(pred, target, backend), _weights(sample_weight, pred.shape[0], backend, pred.dtype))
+    weights = _weights(sample_weight, pred.shape[0], backend, pred.dtype)
+    return backend.mse(pred, _target(pred, target, backend), weights)
 
 
 def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):

@@ -29,7 +29,9 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
   finite is skipped on the device, so the weights stay those of the previous step, as in an
   eager ``fit``.
 - Another batch size (``fit``'s last, shorter batch) or signature runs eagerly once and is
-  captured on its next call; the newest few graphs are kept.
+  captured on its next call; the newest few graphs are kept. A schedule that changes the
+  momentum too (OneCycleLR's ``cycle_momentum``) changes the signature every step, so those
+  steps run eagerly.
 - Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
   graphs, a loss function of your own, ``clip_grad_norm`` (it reads the gradient norm on the
   host), and a softmax output layer trained with a loss that does not take its logits (its
@@ -86,7 +88,8 @@ class TrainStep:
         compiled = getattr(model, "_compiled", {})
         self.model = model
         self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
-        self.optimizer = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
+        optimizer = compiled.get("optimizer", "adam") if optimizer is None else optimizer
+        self.optimizer = batches.optimizer_for(model, optimizer)
         if clip_grad_norm is not None:
             clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
         self.clip_grad_norm = clip_grad_norm
@@ -165,8 +168,8 @@ class TrainStep:
 
     def _eager(self, x, y, sample_weight) -> float:
         model = self.model
-        value = batches.forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation),
-                                         sample_weight)
+        logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
+        value = batches.forward_backward(model, self.loss_fn, x, y, logits, sample_weight)
         self.update_if_finite(value)
         return value
 

@@ -1,9 +1,11 @@
-"""The training loop: compile, fit and the progress bar (evaluate and predict live in ``batches``).
+"""The training loop: compile and fit, with callbacks, a learning-rate scheduler and the
+progress bar (``evaluate`` and ``predict`` live one floor down, in ``gpubp.batches``).
 
-``fit`` checks the whole dataset once before the first step, then for each batch:
-forward, fused loss, backward, optimizer step. Non-finite inputs are rejected before
-the first step; a loss that turns non-finite stops training with an error naming the
-epoch and batch, before that batch's update touches the weights.
+``fit`` checks the whole dataset (and its weights) once before the first step, then for each
+batch: forward, fused loss, backward, optimizer step, and the scheduler if it steps per
+batch. Non-finite inputs are rejected before the first step; a loss that turns non-finite
+stops training with an error naming the epoch and batch, before that batch's update
+touches the weights (or quietly, with ``callbacks.TerminateOnNaN``).
 
 >>> import gpubp as gb
 >>> gb.seed(0)
@@ -33,7 +35,7 @@ from gpubp.step import TrainStep
 __all__ = ["compile", "evaluate", "fit", "predict"]
 
 
-# ----------------------------------------------------------------------------- compile / fit / evaluate / predict
+# ----------------------------------------------------------------------------- compile / fit
 
 
 def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:

@@ -34,7 +34,8 @@ def _import_graph() -> dict[str, set[str]]:
     modules = set(paths)
     # The package's own __init__ gathers the public names; a cycle through it is no circle between modules.
     # A package that imports its submodule ("from gpubp.optim import lr_scheduler") names itself: no edge.
-    return {name: _top_level_imports(path, modules) - {"gpubp", name} for name, path in paths.items() if name != "gpubp"}
+    return {name: _top_level_imports(path, modules) - {"gpubp", name}
+            for name, path in paths.items() if name != "gpubp"}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

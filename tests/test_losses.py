@@ -269,8 +269,8 @@ def test_weights_of_one_give_the_unweighted_loss(name):
 
 @pytest.mark.parametrize("weights, error, message", [
     (np.ones(5), ValueError, r"sample_weight: expected shape \(6,\), one weight per sample, got \(5,\)"),
-    (np.array([1, 1, -0.5, 1, 1, 1.0]), ValueError, r"sample_weight: expected finite weights >= 0, got -0.5 at sample 2"),
-    (np.array([1, 1, 1, np.nan, 1, 1.0]), ValueError, "sample_weight: expected finite weights >= 0, got nan at sample 3"),
+    (np.array([1, 1, -0.5, 1, 1, 1]), ValueError, "sample_weight: expected finite weights >= 0, got -0.5 at sample 2"),
+    (np.array([1, 1, 1, np.nan, 1, 1]), ValueError, "sample_weight: expected finite weights >= 0, got nan at sample 3"),
     (np.array(["a"] * 6), TypeError, "sample_weight: expected numeric weights, got dtype <U1"),
 ])
 def test_bad_sample_weights_are_named(weights, error, message):

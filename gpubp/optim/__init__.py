@@ -13,8 +13,8 @@
 [0.025]
 """
 
-from gpubp.optim.optimizers import (OPTIMIZERS, SCHEDULE_KEYS, SGD, Adam, AdamW, Optimizer, clip_grad_norm,  # noqa: F401
-                                    get)
+from gpubp.optim.optimizers import (OPTIMIZERS, SCHEDULE_KEYS, SGD, Adam, AdamW, Optimizer,  # noqa: F401
+                                    clip_grad_norm, get)
 from gpubp.optim import lr_scheduler  # noqa: E402
 
 __all__ = ["OPTIMIZERS", "SCHEDULE_KEYS", "SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "get", "lr_scheduler"]

@@ -256,8 +256,8 @@ class CosineAnnealingLR(LRScheduler):
         if (t - 1 - period) % (2 * period) == 0:
             return [rate + (base - floor) * (1 - math.cos(math.pi / period)) / 2
                     for base, rate in zip(self.base_lrs, self._current())]
-        return [(1 + math.cos(math.pi * t / period)) / (1 + math.cos(math.pi * (t - 1) / period)) * (rate - floor) + floor
-                for rate in self._current()]
+        ratio = (1 + math.cos(math.pi * t / period)) / (1 + math.cos(math.pi * (t - 1) / period))
+        return [ratio * (rate - floor) + floor for rate in self._current()]
 
     def _closed_form(self) -> list[float]:
         return [self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
@@ -502,7 +502,8 @@ class ReduceLROnPlateau(LRScheduler):
         self.eps = _checks.non_negative(eps, "eps")
         self.last_epoch = 0
         self._last_lr = self._current()
-        self.mode, self.threshold, self.threshold_mode = mode, _checks.non_negative(threshold, "threshold"), threshold_mode
+        self.mode, self.threshold_mode = mode, threshold_mode
+        self.threshold = _checks.non_negative(threshold, "threshold")
         self.mode_worse = math.inf if mode == "min" else -math.inf
         self.best = self.mode_worse
         self.cooldown_counter = 0
