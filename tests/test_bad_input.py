@@ -261,8 +261,8 @@ def test_unknown_activation_name_is_rejected_when_the_layer_is_built():
 def test_unknown_metric_name_in_fit_trains_nothing():
     model = make_model()
     x, y = data()
-    with rejected(model, ValueError, "metrics: unknown metric 'auc'"):
-        model.fit(x, y, metrics=["auc"], validation_split=0.25, verbose=0)
+    with rejected(model, ValueError, "metrics: unknown metric 'balanced_accuracy'"):
+        model.fit(x, y, metrics=["balanced_accuracy"], validation_split=0.25, verbose=0)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
