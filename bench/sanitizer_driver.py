@@ -100,11 +100,12 @@ def drive_misaligned_dense(be, rng, shapes, activations) -> None:
 def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
     for batch, classes in coverage.losses:
         logits = rand(batch, classes)
-        for dtype in (np.int32, np.int64):
-            be.softmax_cross_entropy(logits, be.asarray(rng.integers(0, classes, batch).astype(dtype)))
-        target = be.asarray(rng.random((batch, classes)).astype(np.float32))
-        be.mse(logits, target)
-        be.bce(logits, target)
+        for weights in (None, be.asarray(rng.random(batch).astype(np.float32))):  # the *_weighted kernels too
+            for dtype in (np.int32, np.int64):
+                be.softmax_cross_entropy(logits, be.asarray(rng.integers(0, classes, batch).astype(dtype)), weights)
+            target = be.asarray(rng.random((batch, classes)).astype(np.float32))
+            be.mse(logits, target, weights)
+            be.bce(logits, target, weights)
 
     for n in coverage.parameters:
         p, g = rand(n), rand(n)

@@ -1,12 +1,13 @@
 """Checkpoints: everything a training run needs to go on exactly where it stopped.
 
 One file (``.safetensors`` or ``.npz``, never pickle) holds the model, the optimizer's
-state, the number of epochs finished, the library's random state (which decides the
-next epoch's shuffling) and the History so far. Arrays are tensors of the file; the rest
+state, the learning-rate scheduler's state (if ``fit`` was given one), the number of epochs
+finished, the library's random state (which decides the next epoch's shuffling) and the
+History so far. Arrays are tensors of the file; the rest
 is JSON in its header. It is written like :func:`gpubp.io.save`, atomically.
 
-:class:`ModelCheckpoint` writes one after every ``every``-th epoch of ``fit`` (or only the
-best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
+:class:`gpubp.callbacks.ModelCheckpoint` writes one after every ``every``-th epoch of ``fit``
+(or only the best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
 resumes. On the CPU the resumed run ends bit-identical to one that was never interrupted:
 the same batches in the same order meet the same weights and optimizer state.
 
@@ -30,18 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp import _checks, _random, io, optim
+from gpubp import _random, io, optim
+from gpubp.optim import lr_scheduler
 from gpubp.layers import Sequential
-from gpubp.train import Callback, History, monitor_mode
+from gpubp.history import History
 
 OPTIMIZER_CLASSES = {cls.__name__: cls for cls in optim.OPTIMIZERS.values()}
 
 
 class Checkpoint:
-    """What :func:`load_checkpoint` returns: ``model``, ``optimizer``, ``epoch`` (finished) and ``history``."""
+    """What :func:`load_checkpoint` returns: ``model``, ``optimizer``, ``epoch`` (finished),
+    ``history``, and ``scheduler_state``: the state of the run's learning-rate scheduler, or None.
 
-    def __init__(self, model: Sequential, optimizer: optim.Optimizer, epoch: int, history: History) -> None:
+    As in PyTorch, build the scheduler again on ``optimizer`` and load the state, then resume::
+
+        scheduler = StepLR(ckpt.optimizer, step_size=10)
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        ckpt.model.fit(x, y, optimizer=ckpt.optimizer, scheduler=scheduler, initial_epoch=ckpt.epoch, ...)
+    """
+
+    def __init__(self, model: Sequential, optimizer: optim.Optimizer, epoch: int, history: History,
+                 scheduler_state: dict | None = None) -> None:
         self.model, self.optimizer, self.epoch, self.history = model, optimizer, epoch, history
+        self.scheduler_state = scheduler_state
 
     def __repr__(self) -> str:
         return f"Checkpoint(epoch={self.epoch}, {len(self.model)} layers, {type(self.optimizer).__name__})"
@@ -51,11 +63,17 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: int,
-                    history: History | None = None) -> None:
-    """Write a checkpoint of ``model`` and ``optimizer`` after ``epoch`` finished epochs, atomically."""
+                    history: History | None = None, scheduler: lr_scheduler.LRScheduler | None = None) -> None:
+    """Write a checkpoint of ``model``, ``optimizer`` (and ``scheduler``, which must schedule it)
+    after ``epoch`` finished epochs, atomically."""
     header, tensors = io.model_contents(model)
     if not isinstance(optimizer, optim.Optimizer):
         raise TypeError(f"optimizer: expected a gpubp optimizer, got {type(optimizer).__name__}")
+    if scheduler is not None:
+        if not isinstance(scheduler, lr_scheduler.LRScheduler):
+            raise TypeError(f"scheduler: expected a gpubp.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+        if scheduler.optimizer is not optimizer:
+            raise ValueError("scheduler: it schedules another optimizer than the one saved")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
     if type(optimizer).__name__ not in OPTIMIZER_CLASSES:
@@ -80,6 +98,8 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
         "optimizer": {"class": type(optimizer).__name__,
                       "params": [positions[id(p)] for p in optimizer.parameters()],
                       "param_groups": state_dict["param_groups"], "state": state},
+        "scheduler": None if scheduler is None else {"class": type(scheduler).__name__,
+                                                     "state": _json_ready(scheduler.state_dict())},
         "random_state": _random.get_state(),
         "history": {"epoch": history.epoch, "epoch_times": history.epoch_times, "history": history.history},
         "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
@@ -87,61 +107,26 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
     io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors)
 
 
-class ModelCheckpoint(Callback):
-    """Write a checkpoint at the end of every ``every``-th epoch of ``fit``.
+def _json_ready(value):
+    """``value`` with every non-finite float (ReduceLROnPlateau's best starts at inf) written as
+    ``{"float": "inf"}``, so that the header stays plain JSON; ``_from_json`` reads it back."""
+    if isinstance(value, dict):
+        return {key: _json_ready(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    return value
 
-    ``path`` ends in .safetensors or .npz and may hold ``{epoch}`` or a logged value
-    (``"run-{epoch:03d}-{val_loss:.3f}.safetensors"``) to keep one file per save.
-    ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
-    in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
-    minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
-    the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
-    """
 
-    main_process_only = True
-
-    def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
-                 every: int = 1) -> None:
-        io._suffix(path)
-        self.path = path
-        self.every = _checks.positive_int(every, "every")
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
-        if save_best_only and monitor is None:
-            raise ValueError("save_best_only: needs a monitor, e.g. ModelCheckpoint(path, monitor='val_loss', "
-                             "save_best_only=True)")
-        self.mode = monitor_mode(monitor or "loss", mode)
-        self.monitor, self.save_best_only = monitor, bool(save_best_only)
-        self.best = None
-        self.last_path = None
-
-    def on_train_begin(self, model) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
-        earlier = getattr(model, "history", None)
-        if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
-            for value in earlier.history[self.monitor]:
-                self._improves(value)
-
-    def _improves(self, value: float) -> bool:
-        better = value < self.best if self.mode == "min" else value > self.best
-        if better:
-            self.best = value
-        return better
-
-    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
-        finished = epoch + 1
-        if finished % self.every:
-            return
-        if self.monitor is not None:
-            if self.monitor not in logs:
-                raise KeyError(f"ModelCheckpoint: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
-            if not self._improves(logs[self.monitor]) and self.save_best_only:
-                return
-        path = str(self.path)
-        if "{" in path:
-            path = path.format(epoch=finished, **logs)
-        save_checkpoint(path, model, model.optimizer, finished, model.history)
-        self.last_path = path
+def _from_json(value):
+    if isinstance(value, dict):
+        if set(value) == {"float"} and value["float"] in ("inf", "-inf", "nan"):
+            return float(value["float"])
+        return {key: _from_json(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- reading
@@ -178,13 +163,24 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
         optimizer = _optimizer_from(section["optimizer"], model, tensors)
         generator = _random.generator_from_state(section["random_state"])
         history = _history_from(section["history"])
+        scheduler_state = _scheduler_state_from(section.get("scheduler"))
     except KeyError as exc:
         raise ValueError(f"{path}: the checkpoint has no {exc} entry") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     _random.set_generator(generator)
     model.history = history
-    return Checkpoint(model, optimizer, epoch, history)
+    return Checkpoint(model, optimizer, epoch, history, scheduler_state)
+
+
+def _scheduler_state_from(saved) -> dict | None:
+    """The saved scheduler state (None in a checkpoint of a run without one, or older than schedulers)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or saved.get("class") not in lr_scheduler.__all__:
+        raise ValueError("the scheduler entry must name a gpubp.optim.lr_scheduler class and hold its state")
+    return _from_json(saved["state"])
 
 
 def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarray]) -> optim.Optimizer:

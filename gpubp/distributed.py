@@ -33,7 +33,7 @@ import socket
 
 import numpy as np
 
-from gpubp import _random, train
+from gpubp import _random, batches
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 300
@@ -187,11 +187,13 @@ class DataParallel:
         """Values each step's all-reduce sends: the trainable parameters' sizes plus one for the loss (0 before the first step)."""
         return 0 if self._layout is None else int(self._layout[1].size)
 
-    def forward_backward(self, loss_fn, xb: np.ndarray, yb: np.ndarray, logits: bool = False) -> float:
+    def forward_backward(self, loss_fn, xb: np.ndarray, yb: np.ndarray, logits: bool = False,
+                         sample_weight: np.ndarray | None = None) -> float:
         """Forward and backward of this rank's part of the global batch, then the one all-reduce.
 
         Leaves the global batch's mean-loss gradient in every trainable parameter's ``.grad``
-        and returns the global batch's mean loss.
+        and returns the global batch's mean loss (weighted by ``sample_weight``, if given: each
+        rank's weighted sum over its part, scaled by its share, adds up to the global batch's).
         """
         model = self.model
         params = model.trainable_parameters()
@@ -202,7 +204,8 @@ class DataParallel:
         count = part.stop - part.start
         if count:
             out = model.forward(xb[part], logits=logits)
-            value, dout = loss_fn(out, yb[part], backend=model.backend)
+            weights = None if sample_weight is None else sample_weight[part]
+            value, dout = batches.loss_and_grad(loss_fn, out, yb[part], weights, model.backend)
             share = count / len(xb)
             model.backend.scale_(dout, share)
             model.backward(dout)
@@ -216,10 +219,13 @@ class DataParallel:
             param.grad = bucket[span].reshape(param.shape)
         return float(bucket[-1])
 
-    def evaluate(self, x_val, y_val, loss_fn, metrics) -> dict:
-        """``train.evaluate`` on this rank's part of the validation data, averaged over ranks by part size."""
+    def evaluate(self, x_val, y_val, loss_fn, metrics, sample_weight: np.ndarray | None = None) -> dict:
+        """``batches.evaluate`` on this rank's part of the validation data (and weights), averaged
+        over ranks by part size."""
         part = _shard(len(x_val), self.rank, self.world_size)
-        local = train.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics)
+        weights = None if sample_weight is None else sample_weight[part]
+        local = batches.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics,
+                                 sample_weight=weights)
         names = list(local)
         weight = (part.stop - part.start) / len(x_val)
         device = "cpu" if self.model.device == "cpu" else "cuda"

@@ -20,19 +20,19 @@ from collections.abc import Iterable
 import numpy as np
 
 from gpubp import _checks
-from gpubp.layers import Dense, Sequential
-from gpubp.train import Callback
+from gpubp.layers import Dense, Layer, Sequential
+from gpubp.callbacks import Callback
 
 
-def _layers(layers, name: str = "layers") -> list[Dense]:
-    if isinstance(layers, Dense):
+def _layers(layers, name: str = "layers") -> list[Layer]:
+    if isinstance(layers, Layer):
         return [layers]
     if not isinstance(layers, Iterable):
-        raise TypeError(f"{name}: expected a Dense layer, a Sequential or a list of layers, got {type(layers).__name__}")
+        raise TypeError(f"{name}: expected a layer, a Sequential or a list of layers, got {type(layers).__name__}")
     layers = list(layers)
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Dense):
-            raise TypeError(f"{name}[{i}]: expected a gpubp.Dense, got {type(layer).__name__}")
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{name}[{i}]: expected a gpubp layer such as gpubp.Dense, got {type(layer).__name__}")
     return layers
 
 

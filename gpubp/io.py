@@ -166,6 +166,9 @@ def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
     Checkpoints add their own section and tensors to these."""
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
+    for i, layer in enumerate(model):
+        if not isinstance(layer, Dense):
+            raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense layers only")
     return _architecture(model), _tensors(model)
 
 

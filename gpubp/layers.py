@@ -1,4 +1,4 @@
-"""Dense and Sequential: the layer API over the backend kernels.
+"""Layer, Dense and Sequential: the layer API over the backend kernels.
 
 Layers own parameters and call backend functions; they never touch an array library
 directly, so the same model runs on the NumPy, CuPy and Numba backends.
@@ -25,7 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import _checks, _random, activations, backends, train
+from gpubp import _checks, _random, activations, backends, batches
 from gpubp.backends import numpy_backend
 from gpubp.parameter import Parameter
 
@@ -83,45 +83,46 @@ def _init_weight(init, activation: str, fan_in: int, fan_out: int, dtype) -> np.
     return weight.astype(dtype)
 
 
-class Dense:
-    """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
+class Layer:
+    """What ``Sequential`` asks of a layer, so that it holds any kind without asking which.
 
-    ``init="auto"`` is He-normal for relu/leaky_relu and Glorot-uniform otherwise; also
-    ``"he_uniform"``, ``"glorot_normal"``, or a callable ``(rng, shape) -> array``.
-    The bias starts at zero.
+    A layer maps ``x`` (B, in_features) to (B, out_features) on its backend. ``Sequential``
+    calls ``connect`` with the width the layer below gives it, ``_bind`` to move it to the
+    model's backend, and per batch ``forward`` (told by ``keeps`` what the following backward
+    reads) and ``backward``; ``backward_kernels`` names what that backward launches, for
+    ``backward_plan``. A subclass sets ``kind`` (default names are ``f"{kind}_{position}"``),
+    ``in_features`` and ``out_features``, and lists its Parameters in ``parameters()``;
+    one without Parameters is never trainable, and backward then only passes dX through.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        activation: str | None = None,
-        init: str | Callable = "auto",
-        name: str | None = None,
-        dtype="float32",
-    ) -> None:
-        self.in_features = _checks.positive_int(in_features, "in_features")
-        self.out_features = _checks.positive_int(out_features, "out_features")
-        self.activation = activations.canonical(activation)
-        dtype = _checks.float_dtype(dtype, "dtype")
+    kind = "layer"
+    activation = "identity"  # what the layer applies last (a loss may fuse a sigmoid or softmax)
+    in_features: int
+    out_features: int
+
+    def __init__(self, name: str | None = None) -> None:
         self.name = name
         self.backend: ModuleType = numpy_backend
-        weight = _init_weight(init, self.activation, self.in_features, self.out_features, dtype)
-        self.weight = Parameter(weight, "weight")
-        self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._buffers = _Buffers()
-        self._input = self._output = self._preact = None
-        self._applied = self.activation  # the activation the last training forward applied
 
-    # --------------------------------------------------------------------- state
+    def connect(self, width: int, where: str, below: str) -> None:
+        """Check (or, for a layer that keeps its width, adopt) the input width ``width`` that
+        layer ``below`` gives this one, which sits at ``where``."""
+        if self.in_features != width:
+            raise ValueError(f"{where}: in_features={self.in_features} does not match {below}.out_features={width}")
+
+    def parameters(self) -> list[Parameter]:
+        return []
 
     @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.weight.data.dtype)
+    def dtype(self) -> np.dtype | None:
+        """The parameters' dtype; None for a layer without parameters (it computes in its input's)."""
+        params = self.parameters()
+        return np.dtype(params[0].data.dtype) if params else None
 
     @property
     def trainable(self) -> bool:
-        return self.weight.trainable or self.bias.trainable
+        return any(param.trainable for param in self.parameters())
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
@@ -130,20 +131,14 @@ class Dense:
             if not value:
                 param.grad = None
 
-    def freeze(self) -> Dense:
+    def freeze(self) -> Layer:
         """Stop training this layer: backward launches no dW/db kernel for it."""
         self.trainable = False
         return self
 
-    def unfreeze(self) -> Dense:
+    def unfreeze(self) -> Layer:
         self.trainable = True
         return self
-
-    def parameters(self) -> list[Parameter]:
-        return [self.weight, self.bias]
-
-    def needs_z(self) -> bool:
-        return self.activation in activations.NEEDS_Z
 
     def _bind(self, backend: ModuleType, dtype=None) -> None:
         """Move the parameters to ``backend`` (and ``dtype``), dropping cached buffers."""
@@ -154,7 +149,80 @@ class Dense:
             param.backend = backend
         self.backend = backend
         self._buffers.clear()
+        self.forget()
+
+    def keeps(self, act: str, need_dx: bool, need_dw: bool) -> tuple[bool, bool]:
+        """(input, output): what a backward with these needs reads, so a training forward keeps it."""
+        raise NotImplementedError
+
+    def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
+                logits: bool = False, precision: str = "fp32"):
+        raise NotImplementedError
+
+    def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
+        raise NotImplementedError
+
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
+        """The kernels ``backward`` launches after a forward that applied ``act``."""
+        raise NotImplementedError
+
+    def saved_for_backward(self) -> tuple:
+        """What the last training forward kept for backward, as a value ``restore_saved`` puts
+        back (a replayed CUDA graph does, after its kernels wrote into the same arrays)."""
+        return ()
+
+    def restore_saved(self, saved: tuple) -> None:
+        """Put back what ``saved_for_backward`` returned."""
+
+    def forget(self) -> None:
+        """Drop what the last training forward kept for backward."""
+
+    def stored_arrays(self) -> list:
+        """The arrays the last training forward kept for backward (``activation_bytes`` counts them)."""
+        return []
+
+
+class Dense(Layer):
+    """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
+
+    ``init="auto"`` is He-normal for relu/leaky_relu and Glorot-uniform otherwise; also
+    ``"he_uniform"``, ``"glorot_normal"``, or a callable ``(rng, shape) -> array``.
+    The bias starts at zero.
+    """
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        activation: str | None = None,
+        init: str | Callable = "auto",
+        name: str | None = None,
+        dtype="float32",
+    ) -> None:
+        super().__init__(name)
+        self.in_features = _checks.positive_int(in_features, "in_features")
+        self.out_features = _checks.positive_int(out_features, "out_features")
+        self.activation = activations.canonical(activation)
+        dtype = _checks.float_dtype(dtype, "dtype")
+        weight = _init_weight(init, self.activation, self.in_features, self.out_features, dtype)
+        self.weight = Parameter(weight, "weight")
+        self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._input = self._output = self._preact = None
+        self._applied = self.activation  # the activation the last training forward applied
+
+    # --------------------------------------------------------------------- state
+
+    def parameters(self) -> list[Parameter]:
+        return [self.weight, self.bias]
+
+    def needs_z(self) -> bool:
+        return self.activation in activations.NEEDS_Z
+
+    def keeps(self, act: str, need_dx: bool, need_dw: bool) -> tuple[bool, bool]:
+        # dW reads the input; act' reads the output (or z, for gelu), and identity's needs neither.
+        return need_dw, (need_dx or need_dw) and act != "identity"
 
     # --------------------------------------------------------------------- compute
 
@@ -181,8 +249,8 @@ class Dense:
             self._preact = z if keep_output else None
         return y
 
-    def backward_kernels(self, need_dx: bool) -> list[str]:
-        return self.backend.backward_kernels(self.activation, need_dx, self.trainable)
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
+        return self.backend.backward_kernels(act, need_dx, need_dw)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
@@ -209,6 +277,15 @@ class Dense:
 
     def stored_arrays(self) -> list:
         return [a for a in (self._input, self._output, self._preact) if a is not None]
+
+    def saved_for_backward(self) -> tuple:
+        return self._input, self._output, self._preact, self._applied
+
+    def restore_saved(self, saved: tuple) -> None:
+        self._input, self._output, self._preact, self._applied = saved
+
+    def forget(self) -> None:
+        self._input = self._output = self._preact = None
 
     def __repr__(self) -> str:
         frozen = "" if self.trainable else ", frozen"
@@ -243,7 +320,7 @@ class BackwardPlan(list):
 
 
 class Sequential:
-    """A stack of Dense layers on one device.
+    """A stack of layers (``Dense``, or any :class:`Layer`) on one device.
 
     ``device``: "auto" (CUDA when CuPy sees a GPU, else the CPU), "cpu" or "cuda";
     ``backend``: "auto", "numpy", "cupy" or "numba". ``GPUBP_DEVICE``/``GPUBP_BACKEND``
@@ -263,37 +340,34 @@ class Sequential:
 
     def __init__(
         self,
-        layers: Iterable[Dense] = (),
+        layers: Iterable[Layer] = (),
         device: str = "auto",
         backend: str = "auto",
         dtype=None,
         fused="auto",
         precision: str = "fp32",
     ) -> None:
-        self.layers: list[Dense] = list(layers)
+        self.layers: list[Layer] = list(layers)
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer, Dense):
-                raise TypeError(f"layers[{i}]: expected a gpubp.Dense, got {type(layer).__name__}")
-            if i and layer.in_features != self.layers[i - 1].out_features:
-                raise ValueError(
-                    f"layers[{i}]: in_features={layer.in_features} does not match "
-                    f"layers[{i - 1}].out_features={self.layers[i - 1].out_features}"
-                )
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}]: expected a gpubp layer such as gpubp.Dense, got {type(layer).__name__}")
+            if i:
+                layer.connect(self.layers[i - 1].out_features, f"layers[{i}]", f"layers[{i - 1}]")
             if layer.activation in activations.OUTPUT_ONLY and i != len(self.layers) - 1:
                 raise ValueError(
                     f"layers[{i}]: activation {layer.activation!r} is allowed on the last layer only "
                     f"(it normalises a whole row); use it on layers[{len(self.layers) - 1}] or pick another"
                 )
             if layer.name is None:
-                layer.name = f"dense_{i}"
+                layer.name = f"{layer.kind}_{i}"
         self.backend_name = backends.resolve(device, backend)
         self.backend = backends.get(self.backend_name)
         if dtype is None:
-            dtype = self.layers[0].dtype if self.layers else np.float32
+            dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
         self.dtype = _checks.float_dtype(dtype, "dtype")
         self._check_dtype(self.backend_name)
         for layer in self.layers:
-            if layer.backend is not self.backend or layer.dtype != self.dtype:
+            if layer.backend is not self.backend or layer.dtype not in (None, self.dtype):
                 layer._bind(self.backend, self.dtype)
         self._scratch = _Buffers()
         self._stored_plan = None
@@ -380,7 +454,7 @@ class Sequential:
     def summary(self) -> str:
         lines = [f"Sequential on {self.device} (backend {self.backend_name!r}, {self.dtype})"]
         for layer in self.layers:
-            count = layer.in_features * layer.out_features + layer.out_features
+            count = sum(int(np.prod(param.shape)) for param in layer.parameters())
             state = "trainable" if layer.trainable else "frozen"
             lines.append(f"  {layer.name:<10} {layer.in_features:>6} -> {layer.out_features:<6} "
                          f"{layer.activation:<11} {count:>10,} params  {state}")
@@ -456,6 +530,8 @@ class Sequential:
         if len(self) > backend.FUSED_MLP_MAX_LAYERS:
             return f"the model has {len(self)} layers; the fused kernels take at most {backend.FUSED_MLP_MAX_LAYERS}"
         for layer in self.layers:
+            if not isinstance(layer, Dense):
+                return f"layer {layer.name!r} is a {type(layer).__name__}; the fused kernels run Dense layers only"
             if layer.out_features > max_width:
                 return (f"layer {layer.name!r} has out_features={layer.out_features}; "
                         f"the fused kernels take at most {max_width}")
@@ -492,7 +568,7 @@ class Sequential:
             return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
                                                                              [dw for _, dw in plan]))])
         return BackwardPlan(
-            (layer.name, layer.backend.backward_kernels(act, need_dx, need_dw))
+            (layer.name, layer.backward_kernels(act, need_dx, need_dw))
             for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), plan)
         )
 
@@ -512,8 +588,8 @@ class Sequential:
         h = self.as_input(x)
         batch = h.shape[0]
         plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
-        keeps_output = [(dx or dw) and act != "identity" for act, (dx, dw) in zip(self._applied(logits), plan)]
-        keeps_input = [dw for _, dw in plan]
+        keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, self._applied(logits), plan)]
+        keeps_input, keeps_output = [kept for kept, _ in keeps], [kept for _, kept in keeps]
         if self.uses_fused:
             h = self._fused_forward(h, keeps_input, keeps_output, training, logits)
         else:
@@ -551,7 +627,7 @@ class Sequential:
         if training:
             self._fused_saved = (acts, inputs, act_inputs)
             for layer in self.layers:  # nothing of an earlier per-layer forward stays alive
-                layer._input = layer._output = layer._preact = None
+                layer.forget()
         return y
 
     __call__ = forward
@@ -606,8 +682,9 @@ class Sequential:
         """Raise unless the last training forward kept every array this backward reads."""
         for layer, act, (dx, dw), has_input, has_output in zip(
                 self.layers, self._applied(logits), plan, kept_input, kept_output):
-            missing = "output" if (dx or dw) and act != "identity" and not has_output else None
-            if dw and not has_input:
+            needs_input, needs_output = layer.keeps(act, dx, dw)
+            missing = "output" if needs_output and not has_output else None
+            if needs_input and not has_input:
                 missing = "input"
             if missing is None:
                 continue
@@ -678,13 +755,20 @@ class Sequential:
         self._stored_plan = None
 
     # --------------------------------------------------------------------- training (see train.py)
+    #
+    # The training loop sits above the layers (its callbacks save checkpoints, which rebuild
+    # models), so these methods reach it when called, not when this module loads.
 
     def compile(self, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:
         """Keras-style defaults for ``fit``/``evaluate``; see :func:`gpubp.train.compile`."""
+        from gpubp import train
+
         train.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, learning_rate=learning_rate)
 
     def fit(self, x, y, **kwargs):
         """Train; see :func:`gpubp.train.fit` for the arguments. Returns a History."""
+        from gpubp import train
+
         return train.fit(self, x, y, **kwargs)
 
     def train_step(self, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):
@@ -695,10 +779,12 @@ class Sequential:
         return TrainStep(self, loss=loss, optimizer=optimizer, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
 
     def evaluate(self, x, y, **kwargs) -> dict:
-        return train.evaluate(self, x, y, **kwargs)
+        """``{"loss": ..., metric: ...}`` on (x, y); see :func:`gpubp.batches.evaluate`."""
+        return batches.evaluate(self, x, y, **kwargs)
 
     def predict(self, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
-        return train.predict(self, x, batch_size=batch_size, logits=logits)
+        """Outputs for ``x`` as a NumPy array; see :func:`gpubp.batches.predict`."""
+        return batches.predict(self, x, batch_size=batch_size, logits=logits)
 
     def save(self, path) -> None:
         """Write the architecture and weights to ``.npz`` or ``.safetensors``, or the inference graph to

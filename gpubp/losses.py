@@ -2,7 +2,10 @@
 
 All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
 ``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse`` and
-``binary_cross_entropy`` over all elements. The cross-entropies and
+``binary_cross_entropy`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
+each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
+``mse`` and ``binary_cross_entropy``, divided by the element count, so a weight of 1 for
+every sample gives the unweighted mean). The cross-entropies and
 ``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
 (softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
 The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
@@ -40,7 +43,28 @@ def _on(backend: ModuleType, a, dtype):
     return a if backend.is_array(a) and a.dtype == dtype else backend.asarray(_host(a, backend), dtype)
 
 
-def cross_entropy(logits, labels, backend: ModuleType | None = None):
+def _weights(sample_weight, batch: int, backend: ModuleType, dtype):
+    """``sample_weight`` checked (B,) finite and >= 0, as a backend array in ``dtype``; None stays None."""
+    if sample_weight is None:
+        return None
+    host = _host(sample_weight, backend)
+    if host.shape != (batch,):
+        raise ValueError(f"sample_weight: expected shape ({batch},), one weight per sample, got {host.shape}")
+    if host.dtype.kind not in "fiub":
+        raise TypeError(f"sample_weight: expected numeric weights, got dtype {host.dtype}")
+    check_weights(host, "sample_weight")
+    return _on(backend, sample_weight, dtype)
+
+
+def check_weights(weights: np.ndarray, name: str) -> None:
+    """Raise unless every weight is finite and >= 0, naming the first that is not."""
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name}: expected finite weights >= 0, got {weights[i]} at sample {i}")
+
+
+def cross_entropy(logits, labels, sample_weight=None, backend: ModuleType | None = None):
     """Softmax cross-entropy, mean over the batch: logits (B, C) float, labels (B,) ints in [0, C).
 
     Softmax, loss and gradient run fused; stable for finite logits of any magnitude. A -inf
@@ -57,7 +81,8 @@ def cross_entropy(logits, labels, backend: ModuleType | None = None):
     low, high = int(host_labels.min()), int(host_labels.max())
     if low < 0 or high >= classes:
         raise ValueError(f"labels: expected class indices in [0, {classes}), got values from {low} to {high}")
-    return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64))
+    return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64),
+                                         _weights(sample_weight, batch, backend, logits.dtype))
 
 
 def is_one_hot(rows: np.ndarray) -> bool:
@@ -65,7 +90,7 @@ def is_one_hot(rows: np.ndarray) -> bool:
     return rows.dtype.kind in "fiub" and bool(np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(axis=1) == 1))
 
 
-def categorical_cross_entropy(logits, target, backend: ModuleType | None = None):
+def categorical_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):
     """Softmax cross-entropy with one-hot targets (B, C), mean over the batch (Keras's
     ``categorical_crossentropy``); the same fused kernel as :func:`cross_entropy`."""
     logits, backend = _prediction(logits, "logits", backend)
@@ -76,7 +101,8 @@ def categorical_cross_entropy(logits, target, backend: ModuleType | None = None)
     if not is_one_hot(host):
         raise ValueError("target: expected one-hot rows (a single 1 in each row, zeros elsewhere); "
                          "for class indices use cross_entropy (sparse_categorical_crossentropy)")
-    return backend.softmax_cross_entropy(logits, _on(backend, host.argmax(axis=1), np.int64))
+    return backend.softmax_cross_entropy(logits, _on(backend, host.argmax(axis=1), np.int64),
+                                         _weights(sample_weight, logits.shape[0], backend, logits.dtype))
 
 
 def _target(pred, target, backend: ModuleType, name: str = "target"):
@@ -91,20 +117,21 @@ def _target(pred, target, backend: ModuleType, name: str = "target"):
     return _on(backend, target, pred.dtype)
 
 
-def mse(pred, target, backend: ModuleType | None = None):
+def mse(pred, target, sample_weight=None, backend: ModuleType | None = None):
     """Mean squared error over all elements; ``target`` has the shape of ``pred``."""
     pred, backend = _prediction(pred, "pred", backend)
-    return backend.mse(pred, _target(pred, target, backend))
+    weights = _weights(sample_weight, pred.shape[0], backend, pred.dtype)
+    return backend.mse(pred, _target(pred, target, backend), weights)
 
 
-def binary_cross_entropy(logits, target, backend: ModuleType | None = None):
+def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):
     """Binary cross-entropy on logits (sigmoid fused), mean over all elements; targets in [0, 1]."""
     logits, backend = _prediction(logits, "logits", backend)
     target = _target(logits, target, backend)
     host = _host(target, backend)
     if host.min() < 0 or host.max() > 1:
         raise ValueError(f"target: expected values in [0, 1], got values from {host.min()} to {host.max()}")
-    return backend.bce(logits, target)
+    return backend.bce(logits, target, _weights(sample_weight, logits.shape[0], backend, logits.dtype))
 
 
 LOSSES = {

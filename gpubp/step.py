@@ -29,7 +29,9 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
   finite is skipped on the device, so the weights stay those of the previous step, as in an
   eager ``fit``.
 - Another batch size (``fit``'s last, shorter batch) or signature runs eagerly once and is
-  captured on its next call; the newest few graphs are kept.
+  captured on its next call; the newest few graphs are kept. A schedule that changes the
+  momentum too (OneCycleLR's ``cycle_momentum``) changes the signature every step, so those
+  steps run eagerly.
 - Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
   graphs, a loss function of your own, ``clip_grad_norm`` (it reads the gradient norm on the
   host), and a softmax output layer trained with a loss that does not take its logits (its
@@ -43,7 +45,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from gpubp import _checks, losses, optim, train
+from gpubp import _checks, batches, losses, optim
 from gpubp.trace import isolated, replay
 
 GRAPHS_KEPT = 4
@@ -59,8 +61,8 @@ _DEVICE_LOSSES = {
 class _Captured:
     """One captured step: the graph, its static buffers, and what a replay puts back."""
 
-    def __init__(self, x, y, loss) -> None:
-        self.x, self.y, self.loss = x, y, loss
+    def __init__(self, x, y, loss, weights) -> None:
+        self.x, self.y, self.loss, self.weights = x, y, loss, weights
         self.graph = None
         self.names: list[str] = []
         self.updates: list = []
@@ -86,7 +88,8 @@ class TrainStep:
         compiled = getattr(model, "_compiled", {})
         self.model = model
         self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
-        self.optimizer = train._optimizer(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
+        optimizer = compiled.get("optimizer", "adam") if optimizer is None else optimizer
+        self.optimizer = batches.optimizer_for(model, optimizer)
         if clip_grad_norm is not None:
             clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
         self.clip_grad_norm = clip_grad_norm
@@ -125,43 +128,48 @@ class TrainStep:
 
     # --------------------------------------------------------------------- running a step
 
-    def __call__(self, x, y) -> float:
+    def __call__(self, x, y, sample_weight=None) -> float:
         """Train on one batch (x, y) and return its loss; checked as ``fit`` checks its data.
+        ``sample_weight`` (B,) weights each sample's loss, as in ``fit``.
 
         A non-finite loss raises FloatingPointError and leaves the weights unchanged."""
-        x, y = train._check_dataset(self.model, x, y, self.loss_fn)
-        value = self.run(x, y)
+        x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
+        if sample_weight is not None:
+            sample_weight = batches.check_sample_weight(sample_weight, len(x))
+        value = self.run(x, y, sample_weight)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value}; the weights were not updated "
                                      "(try a lower learning rate or clip_grad_norm)")
         return value
 
-    def run(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One step on data already checked as ``fit`` checks it; returns the loss, and skips
-        the update (leaving the weights as they were) when it is not finite."""
+    def run(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """One step on data (and weights) already checked as ``fit`` checks them; returns the
+        loss, and skips the update (leaving the weights as they were) when it is not finite."""
         if self._refuse_if_cannot_graph() is not None:
             self.graphed = False
-            return self._eager(x, y)
-        key = self._signature(len(x))
+            return self._eager(x, y, sample_weight)
+        weighted = sample_weight is not None
+        key = self._signature(len(x), weighted)
         captured = self._graphs.get(key)
         if captured is None and key not in self._warm:
             self.graphed = False
-            value = self._eager(x, y)
+            value = self._eager(x, y, sample_weight)
             if math.isfinite(value):
                 # The update ran: every kernel is loaded and the optimizer state made, so the
                 # signature (which holds that state's arrays) is taken again, after the step.
-                _remember(self._warm, self._signature(len(x)), True)
+                _remember(self._warm, self._signature(len(x), weighted), True)
             return value
         if captured is None:
-            captured = self._capture(len(x), y)
+            captured = self._capture(len(x), y, weighted)
             _remember(self._graphs, key, captured)
         self._graphs.move_to_end(key)
         self.graphed = True
-        return self._replay(captured, x, y)
+        return self._replay(captured, x, y, sample_weight)
 
-    def _eager(self, x, y) -> float:
+    def _eager(self, x, y, sample_weight) -> float:
         model = self.model
-        value = train._forward_backward(model, self.loss_fn, x, y, losses.fuses(self.loss_fn, model.layers[-1].activation))
+        logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
+        value = batches.forward_backward(model, self.loss_fn, x, y, logits, sample_weight)
         self.update_if_finite(value)
         return value
 
@@ -175,18 +183,19 @@ class TrainStep:
 
     # --------------------------------------------------------------------- capture and replay
 
-    def _signature(self, batch: int) -> tuple:
+    def _signature(self, batch: int, weighted: bool) -> tuple:
         """What a captured step bakes in; a call whose signature differs needs its own graph."""
         model, opt = self.model, self.optimizer
-        layers = tuple((layer.activation, layer.weight.trainable, layer.bias.trainable,
-                        id(layer.weight.data), id(layer.bias.data)) for layer in model.layers)
+        layers = tuple((layer.activation, *((param.trainable, id(param.data)) for param in layer.parameters()))
+                       for layer in model.layers)
         states = []
         for group in opt.param_groups:
             for param in group["params"]:
                 state = opt.state.get(id(param))
                 arrays = None if state is None else tuple(id(state.get(name)) for name in opt._state_arrays)
                 states.append((id(param), arrays, None if state is None else opt.graph_options(group, state)))
-        return (batch, id(model.backend), model.uses_fused, model.precision, self.loss_fn, layers, tuple(states))
+        return (batch, weighted, id(model.backend), model.uses_fused, model.precision, self.loss_fn, layers,
+                tuple(states))
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         """``y`` as the loss kernel reads it: int64 class indices, or float32 targets."""
@@ -196,17 +205,18 @@ class TrainStep:
             return y.astype(np.int64, copy=False)
         return y.reshape(len(y), self.model.out_features).astype(np.float32, copy=False)
 
-    def _capture(self, batch: int, y: np.ndarray) -> _Captured:
+    def _capture(self, batch: int, y: np.ndarray, weighted: bool) -> _Captured:
         model, backend, opt = self.model, self.model.backend, self.optimizer
         targets = self._targets(y)
         captured = _Captured(backend.empty((batch, model.in_features), np.float32),
-                             backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32))
+                             backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32),
+                             backend.empty((batch,), np.float32) if weighted else None)
         device_loss = getattr(backend, _DEVICE_LOSSES[self.loss_fn])
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
 
         def step() -> None:
             out = model.forward(captured.x, logits=logits)
-            _, dout = device_loss(out, captured.y, out_loss=captured.loss)
+            _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss)
             model.backward(dout)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
@@ -220,15 +230,16 @@ class TrainStep:
         captured.host_hyper = np.zeros(captured.hyper.shape, np.float32)
         # What the Python side of the model points at after the step: put back after each replay.
         captured.references = [(param, param.grad) for param in model.parameters()]
-        captured.layer_state = [(layer, layer._input, layer._output, layer._preact, layer._applied)
-                                for layer in model.layers]
+        captured.layer_state = [(layer, layer.saved_for_backward()) for layer in model.layers]
         captured.model_state = (model._stored_plan, model._fused_saved)
         return captured
 
-    def _replay(self, captured: _Captured, x: np.ndarray, y: np.ndarray) -> float:
+    def _replay(self, captured: _Captured, x: np.ndarray, y: np.ndarray, sample_weight) -> float:
         model, backend, opt = self.model, self.model.backend, self.optimizer
         backend.copy_into(captured.x, x)
         backend.copy_into(captured.y, self._targets(y))
+        if sample_weight is not None:
+            backend.copy_into(captured.weights, sample_weight)
         for i, (param, group, state) in enumerate(captured.updates):
             values = opt.graph_hyper(param, group, state)
             captured.host_hyper[i, :len(values)] = values
@@ -241,8 +252,8 @@ class TrainStep:
                 opt.graph_advance(state)
         for param, grad in captured.references:
             param.grad = grad
-        for layer, kept_input, kept_output, preact, applied in captured.layer_state:
-            layer._input, layer._output, layer._preact, layer._applied = kept_input, kept_output, preact, applied
+        for layer, saved in captured.layer_state:
+            layer.restore_saved(saved)
         model._stored_plan, model._fused_saved = captured.model_state
         return value
 

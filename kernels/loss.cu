@@ -12,6 +12,11 @@
 //   bce_fwd_bwd    logits, target, grad (n,), binary cross-entropy on logits:
 //       loss = mean [max(z, 0) - z t + log1p(exp(-|z|))], grad = (sigmoid(z) - t) / n;
 //       both terms take exp of -|z| only, so any finite logit is safe.
+//   *_weighted     the same with per-sample weights w (B,) (Keras's sample_weight): each row's
+//       terms and gradient are multiplied by its weight, and the sum is still divided by B
+//       (cross-entropy) or n (mse, bce); the elementwise kernels take the row width to find
+//       an element's row. The unweighted kernels are these with every weight 1, which the
+//       compiler folds away, so their results are what they were without weights.
 //
 // Launch: block REDUCE_THREADS, grid min(work, the host's partials buffer) blocks, grid-stride
 // loops; the loss scalar goes to out[0] via reduce.cuh's deterministic grid sum, using
@@ -26,6 +31,15 @@ namespace gpubp {
 // element (C < 32) merges as (LOWEST, 0) without ever forming -inf - -inf = NaN.
 constexpr float LOWEST = -3.402823466e38f;
 
+// Row weights: the unweighted kernels count every row once; the *_weighted ones read w[row].
+struct EveryRowOnce {
+    __device__ __forceinline__ float of_row(long long) const { return 1.0f; }
+};
+struct SampleWeights {
+    const float* __restrict__ w;
+    __device__ __forceinline__ float of_row(long long row) const { return __ldg(w + row); }
+};
+
 // Merge two (max, sum of exp(v - max)) pairs.
 __device__ __forceinline__ void merge_softmax_stats(float& m, float& s, float m2, float s2) {
     const float mn = fmaxf(m, m2);
@@ -33,9 +47,9 @@ __device__ __forceinline__ void merge_softmax_stats(float& m, float& s, float m2
     m = mn;
 }
 
-template <class Label>
+template <class Label, class Weights>
 __device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, const Label* __restrict__ labels,
-                                           float* __restrict__ grad, float* __restrict__ partials,
+                                           Weights weights, float* __restrict__ grad, float* __restrict__ partials,
                                            unsigned int* __restrict__ ticket, float* __restrict__ out,
                                            int B, int C) {
     constexpr int WARPS = REDUCE_THREADS / 32;
@@ -62,15 +76,51 @@ __device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, con
             merge_softmax_stats(m, s, m2, s2);
         }
         const long long label = static_cast<long long>(labels[row]);
-        if (lane == 0) loss_total += logf(s) + m - z[label];
+        const float weight = weights.of_row(row);
+        if (lane == 0) loss_total += weight * (logf(s) + m - z[label]);
         const float inv_s = 1.0f / s;
+        const float scale = inv_b * weight;
         float* g = grad + row * C;
         for (int c = lane; c < C; c += 32) {
             const float p = expf(z[c] - m) * inv_s;
-            g[c] = (c == label ? p - 1.0f : p) * inv_b;
+            g[c] = (c == label ? p - 1.0f : p) * scale;
         }
     }
     grid_sum_to(loss_total, partials, ticket, out, inv_b);
+}
+
+template <class Weights>
+__device__ __forceinline__ void mse_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
+                                            Weights weights, long long width, float* __restrict__ grad,
+                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
+                                            float* __restrict__ out, long long n) {
+    const float two_over_n = 2.0f / static_cast<float>(n);
+    float total = 0.0f;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const float d = pred[i] - target[i];
+        const float wd = d * weights.of_row(i / width);
+        total = fmaf(wd, d, total);
+        grad[i] = wd * two_over_n;
+    }
+    grid_sum_to(total, partials, ticket, out, 1.0f / static_cast<float>(n));
+}
+
+template <class Weights>
+__device__ __forceinline__ void bce_fwd_bwd(const float* __restrict__ logits, const float* __restrict__ target,
+                                            Weights weights, long long width, float* __restrict__ grad,
+                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
+                                            float* __restrict__ out, long long n) {
+    const float inv_n = 1.0f / static_cast<float>(n);
+    float total = 0.0f;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const float z = logits[i], t = target[i];
+        const float weight = weights.of_row(i / width);
+        total += weight * (fmaxf(z, 0.0f) - z * t + log1pf(expf(-fabsf(z))));
+        grad[i] = (stable_sigmoid(z) - t) * inv_n * weight;
+    }
+    grid_sum_to(total, partials, ticket, out, inv_n);
 }
 
 }  // namespace gpubp
@@ -79,42 +129,54 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_i32(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ grad,
                    float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
                    int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, grad, partials, ticket, out, B, C);
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
                    float* __restrict__ grad, float* __restrict__ partials, unsigned int* __restrict__ ticket,
                    float* __restrict__ out, int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, grad, partials, ticket, out, B, C);
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    ce_fwd_bwd_weighted_i32(const float* __restrict__ logits, const int* __restrict__ labels,
+                            const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
+                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    ce_fwd_bwd_weighted_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
+                            const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
+                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     mse_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
                 float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
                 long long n) {
-    const float two_over_n = 2.0f / static_cast<float>(n);
-    float total = 0.0f;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float d = pred[i] - target[i];
-        total = fmaf(d, d, total);
-        grad[i] = d * two_over_n;
-    }
-    gpubp::grid_sum_to(total, partials, ticket, out, 1.0f / static_cast<float>(n));
+    gpubp::mse_fwd_bwd(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    mse_fwd_bwd_weighted(const float* __restrict__ pred, const float* __restrict__ target,
+                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
+                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
+    gpubp::mse_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     bce_fwd_bwd(const float* __restrict__ logits, const float* __restrict__ target, float* __restrict__ grad,
                 float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
                 long long n) {
-    const float inv_n = 1.0f / static_cast<float>(n);
-    float total = 0.0f;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float z = logits[i], t = target[i];
-        total += fmaxf(z, 0.0f) - z * t + log1pf(expf(-fabsf(z)));
-        grad[i] = (gpubp::stable_sigmoid(z) - t) * inv_n;
-    }
-    gpubp::grid_sum_to(total, partials, ticket, out, inv_n);
+    gpubp::bce_fwd_bwd(logits, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    bce_fwd_bwd_weighted(const float* __restrict__ logits, const float* __restrict__ target,
+                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
+                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
+    gpubp::bce_fwd_bwd(logits, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
 }

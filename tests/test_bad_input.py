@@ -261,8 +261,8 @@ def test_unknown_activation_name_is_rejected_when_the_layer_is_built():
 def test_unknown_metric_name_in_fit_trains_nothing():
     model = make_model()
     x, y = data()
-    with rejected(model, ValueError, "metrics: unknown metric 'auc'"):
-        model.fit(x, y, metrics=["auc"], validation_split=0.25, verbose=0)
+    with rejected(model, ValueError, "metrics: unknown metric 'balanced_accuracy'"):
+        model.fit(x, y, metrics=["balanced_accuracy"], validation_split=0.25, verbose=0)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -270,7 +270,8 @@ def test_unknown_metric_name_in_fit_trains_nothing():
     (dict(batch_size=2.5), TypeError, "batch_size: expected a positive int, got float 2.5"),
     (dict(validation_split=1.5), ValueError, r"validation_split: expected a float in \[0, 1\), got 1.5"),
     (dict(verbose=3), ValueError, "verbose: expected 0, 1 or 2, got 3"),
-    (dict(validation_data=np.ones((2, 4))), TypeError, r"validation_data: expected a pair \(x_val, y_val\)"),
+    (dict(validation_data=np.ones((2, 4))), TypeError,
+     r"validation_data: expected \(x_val, y_val\) or \(x_val, y_val, val_sample_weight\)"),
     (dict(callbacks=[print]), TypeError, r"callbacks\[0\]: expected a gpubp Callback"),
 ], ids=["epochs", "batch_size", "validation_split", "verbose", "validation_data", "callbacks"])
 def test_bad_fit_options_name_the_option_and_train_nothing(kwargs, error, match):

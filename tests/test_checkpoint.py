@@ -7,6 +7,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import _random, finetune, io
+from gpubp.optim import lr_scheduler
 from gpubp.checkpoint import save_checkpoint
 from child_process import run_python
 from test_bad_input import assert_weights_equal
@@ -166,6 +167,40 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, suff
     assert_weights_equal(model.get_weights(), ckpt.model)
     assert resumed.history == full.history and resumed.epoch == full.epoch
     assert not ckpt.model[0].trainable
+
+
+SCHEDULED = {
+    "step_lr": (lambda opt: lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), {}),
+    "one_cycle_per_batch": (lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, epochs=EPOCHS, steps_per_epoch=5),
+                            {}),
+    "linear_warmup": (lambda opt: lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=3), {}),
+    "plateau": (lambda opt: lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5), {}),
+    "keras_callbacks": (None, {"callbacks": [gb.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=0,
+                                                                            cooldown=1),
+                                             gb.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9)]}),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULED)
+def test_a_run_with_a_schedule_resumes_bit_identical(tmp_path, case):
+    make, extra = SCHEDULED[case]
+    model = new_model()
+    optimizer = OPTIMIZERS["adam_groups"](model)
+    scheduled = {} if make is None else {"scheduler": make(optimizer)}
+    callbacks = [*extra.get("callbacks", []), gb.ModelCheckpoint(tmp_path / "run-{epoch}.safetensors")]
+    full = train(model, optimizer, EPOCHS, callbacks, **scheduled)
+    assert len(set(full.history["learning_rate"])) > 1
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}.safetensors", device="cpu")
+    resumed_scheduler = {}
+    if make is not None:
+        resumed_scheduler = {"scheduler": make(ckpt.optimizer)}  # built again, as in PyTorch...
+        resumed_scheduler["scheduler"].load_state_dict(ckpt.scheduler_state)  # ...then its state loaded
+    else:
+        assert ckpt.scheduler_state is None
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, extra.get("callbacks", []), initial_epoch=ckpt.epoch,
+                    **resumed_scheduler)
+    assert_weights_equal(model.get_weights(), ckpt.model)
+    assert resumed.history == full.history
 
 
 @pytest.mark.gpu

@@ -241,36 +241,46 @@ def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):
 LOSS_SHAPES = [(1, 1), (19, 13), (37, 10), (257, 1000), (5000, 3)]
 
 
-def check_softmax_cross_entropy(cb, rng, shape, label_dtype):
+def sample_weights(cb, rng, batch, weighted):
+    """(host, device) per-sample weights in [0, 2), or (None, None) for the unweighted kernels."""
+    if not weighted:
+        return None, None
+    host = rng.uniform(0, 2, batch).astype(np.float32)
+    return host, cb.asarray(host)
+
+
+def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False):
     """Loss and gradient against NumPy in float64, with a masked (-inf) logit in every row that
     has more than one; the loss written to device memory (``out_loss``) is the same bits."""
     logits = (5 * rng.standard_normal(shape)).astype(np.float32)
     labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
     if shape[1] > 1:  # never the label's
         logits[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
-    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels)
+    weights, device_weights = sample_weights(cb, rng, shape[0], weighted)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels, weights)
     with trace() as t:
-        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels))
+        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), device_weights)
     assert t.launches == ["ce_fwd_bwd"]
     assert isinstance(loss, float)
     assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
     close(cb.to_host(grad), grad_ref)
     out = cb.empty((1,))
-    assert cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), out_loss=out)[0] is out
+    assert cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), device_weights, out_loss=out)[0] is out
     assert float(cb.to_host(out)[0]) == loss
 
 
-def check_elementwise_loss(cb, rng, name, trace_name, shape):
+def check_elementwise_loss(cb, rng, name, trace_name, shape, weighted=False):
     pred = (3 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.random(shape).astype(np.float32)
-    loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64))
+    weights, device_weights = sample_weights(cb, rng, shape[0], weighted)
+    loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64), weights)
     with trace() as t:
-        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target))
+        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights)
     assert t.launches == [trace_name]
     assert loss == pytest.approx(loss_ref, rel=RTOL)
     close(cb.to_host(grad), grad_ref)
     out = cb.empty((1,))
-    getattr(cb, name)(cb.asarray(pred), cb.asarray(target), out_loss=out)
+    getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights, out_loss=out)
     assert float(cb.to_host(out)[0]) == loss
 
 
@@ -288,16 +298,18 @@ def check_losses_at_huge_logits(cb):
     close(cb.to_host(grad), grad_ref)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype):
-    check_softmax_cross_entropy(cb, rng, shape, label_dtype)
+def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype, weighted):
+    check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape):
-    check_elementwise_loss(cb, rng, name, trace_name, shape)
+def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape, weighted):
+    check_elementwise_loss(cb, rng, name, trace_name, shape, weighted)
 
 
 def test_losses_are_finite_for_huge_logits(cb):

@@ -17,8 +17,12 @@ def _module_name(path: Path) -> str:
 
 def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
     """gpubp modules that ``path`` imports when it loads (imports inside functions run later)."""
+    return _imports(ast.parse(path.read_text()).body, modules)
+
+
+def _imports(nodes, modules: set[str]) -> set[str]:
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -31,7 +35,9 @@ def _import_graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(paths)
     # The package's own __init__ gathers the public names; a cycle through it is no circle between modules.
-    return {name: _top_level_imports(path, modules) - {"gpubp"} for name, path in paths.items() if name != "gpubp"}
+    # A package that imports its submodule ("from gpubp.optim import lr_scheduler") names itself: no edge.
+    return {name: _top_level_imports(path, modules) - {"gpubp", name}
+            for name, path in paths.items() if name != "gpubp"}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -60,6 +66,24 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_modules_import_without_a_circle():
     cycle = _find_cycle(_import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def _every_import(source: str, modules: set[str]) -> set[str]:
+    """gpubp modules that ``source`` imports anywhere, inside functions too."""
+    return _imports(ast.walk(ast.parse(source)), modules)
+
+
+def test_the_training_step_and_the_data_parallel_wrapper_never_import_the_training_loop():
+    # fit uses them; they share what they need with it one floor down (gpubp.batches).
+    modules = set(_import_graph()) | {"gpubp.train"}
+    for name in ("step", "distributed"):
+        imported = _every_import((PACKAGE / f"{name}.py").read_text(), modules)
+        assert "gpubp.train" not in imported, f"gpubp.{name} imports gpubp.train"
+
+
+def test_the_import_finder_sees_an_import_inside_a_function():
+    source = "def run():\n    from gpubp import train\n    return train\n"
+    assert "gpubp.train" in _every_import(source, {"gpubp.train"})
 
 
 def test_optimizers_do_not_import_the_layer_module():

@@ -57,6 +57,8 @@ if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix 
     BACKWARD_NEEDS = [(True, True)]
     TF32_SHAPES = SHAPES
 LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000), (300, 3)] if not SANITIZED else [(1, 1), (37, 40)]
+# The weighted loss kernels share the unweighted ones' bodies: a row, several rows and blocks, long rows.
+WEIGHTED_LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000)] if not SANITIZED else [(37, 40)]
 VECTOR_SIZES = [1, 1031, 9001] if not SANITIZED else [1, 5001]
 
 
@@ -128,7 +130,8 @@ def shape_id(shape):
 
 def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
-    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "sgd_update", "adam_update",
+    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "ce_fwd_bwd_weighted_i32",
+             "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
              "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace"}
     names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
@@ -633,17 +636,21 @@ def test_fused_false_runs_a_narrow_model_layer_by_layer(cb_h100, rng):
 
 # ----------------------------------------------------------------------------- losses
 
+LOSS_CASES = [(shape, False) for shape in LOSS_SHAPES] + [(shape, True) for shape in WEIGHTED_LOSS_SHAPES]
+LOSS_IDS = [f"{shape_id(shape)}-{'weighted' if weighted else 'unweighted'}" for shape, weighted in LOSS_CASES]
+
+
 
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
-def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, label_dtype):
-    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype)
+@pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
+def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, label_dtype):
+    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted)
 
 
-@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
 @pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape):
-    check_elementwise_loss(cb_h100, rng, name, trace_name, shape)
+def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape, weighted):
+    check_elementwise_loss(cb_h100, rng, name, trace_name, shape, weighted)
 
 
 def test_losses_are_finite_for_huge_logits(cb_h100):
@@ -917,6 +924,60 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
         runs[cuda_graph] = history.history["loss"], model.get_weights()
     assert runs[True][0] == runs[False][0]
     assert_arrays_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(SANITIZED, reason="the weighted loss kernels run in the loss tests above")
+def test_a_replayed_step_with_sample_weights_computes_what_the_eager_step_computes(cb_h100, rng):
+    batches = graph_batches(rng, [24] * 3)
+    weights = [rng.uniform(0, 2, 24) for _ in batches]
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        values, graphed = [], []
+        for (xb, yb), wb in zip(batches, weights):
+            values.append(step(xb, yb, sample_weight=wb))
+            graphed.append(step.graphed)
+        runs[cuda_graph] = values, model.get_weights(), graphed
+    assert runs[True][2] == [False, True, True]  # the weights of each replay are copied in with its batch
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_a_per_batch_schedule_replays_graphs_that_read_each_new_rate_from_the_device(cb_h100, rng):
+    batches = graph_batches(rng, [24] * 4)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+        scheduler = gb.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=4, cycle_momentum=False)
+        step = model.train_step("cross_entropy", optimizer, cuda_graph=cuda_graph)
+        values, graphed = [], []
+        for xb, yb in batches:
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+            scheduler.step()
+        runs[cuda_graph] = values, model.get_weights(), graphed
+    assert runs[True][2] == [False, True, True, True]  # a new rate every step, and no new capture for it
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_a_schedule_that_cycles_the_momentum_trains_under_cuda_graph_auto_as_eagerly(cb_h100, rng):
+    x, labels = rng.standard_normal((64, 9)).astype(np.float32), rng.integers(0, 3, 64)
+    runs = {}
+    for cuda_graph in (False, "auto"):
+        model = graph_model(False)
+        optimizer = GRAPH_OPTIMIZERS["adam"](model.parameters())
+        scheduler = gb.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=2, steps_per_epoch=2)
+        gb.seed(3)
+        history = model.fit(x, labels, optimizer=optimizer, scheduler=scheduler, epochs=2, batch_size=32,
+                            cuda_graph=cuda_graph, verbose=0)
+        runs[cuda_graph] = history.history["loss"], model.get_weights()
+    assert runs["auto"][0] == runs[False][0]
+    assert_arrays_equal(runs["auto"][1], runs[False][1])
 
 
 @pytest.mark.parametrize("setting, expected", [

@@ -77,7 +77,7 @@ def test_layers_with_mismatched_widths_are_rejected():
 
 
 def test_a_non_layer_is_rejected_with_its_position():
-    with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.Dense, got str"):
+    with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp layer such as gpubp.Dense, got str"):
         gb.Sequential([gb.Dense(4, 6), "relu"], device="cpu")
 
 
@@ -287,3 +287,84 @@ def test_freezing_a_layer_clears_its_gradients(rng):
     model[1].freeze()
     assert model[1].weight.grad is None and model[1].bias.grad is None
     assert not model[1].trainable and model[0].trainable
+
+
+# ----------------------------------------------------------------------------- the layer protocol
+
+
+class Scale(gb.Layer):
+    """``y = factor * x``: a layer without parameters that keeps its width, written against the
+    layer protocol alone (on the NumPy backend), to show Sequential needs nothing else."""
+
+    kind = "scale"
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def connect(self, width, where, below):
+        self.in_features = self.out_features = width
+
+    def keeps(self, act, need_dx, need_dw):
+        return False, False
+
+    def forward(self, x, out=None, keep_input=False, keep_output=False, training=True, logits=False,
+                precision="fp32"):
+        return x * np.float32(self.factor)
+
+    def backward(self, dy, need_dx, out_dx=None, precision="fp32"):
+        return dy * np.float32(self.factor) if need_dx else None
+
+    def backward_kernels(self, act, need_dx, need_dw):
+        return []
+
+
+def scaled_and_folded(seed=3):
+    """Dense -> Scale(2) -> Dense, and the same function with the 2 folded into the second weight."""
+    gb.seed(seed)
+    scaled = gb.Sequential([gb.Dense(4, 5, "tanh"), Scale(2.0), gb.Dense(5, 3)], device="cpu")
+    folded = gb.Sequential([gb.Dense(4, 5, "tanh"), gb.Dense(5, 3)], device="cpu")
+    w0, b0, w1, b1 = scaled.get_weights()
+    folded.set_weights([w0, b0, 2 * w1, b1])
+    return scaled, folded
+
+
+def test_sequential_holds_a_layer_that_is_not_a_dense(rng):
+    scaled, folded = scaled_and_folded()
+    assert [layer.name for layer in scaled] == ["dense_0", "scale_1", "dense_2"]
+    assert (scaled.in_features, scaled[1].in_features, scaled[1].out_features) == (4, 5, 5)
+    x, labels = rng.standard_normal((6, 4)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2])
+    np.testing.assert_allclose(scaled.forward(x), folded.forward(x), rtol=1e-6)
+    scaled.backward(gb.losses.cross_entropy(scaled.forward(x), labels)[1])
+    folded.backward(gb.losses.cross_entropy(folded.forward(x), labels)[1])
+    np.testing.assert_allclose(scaled[0].weight.grad, folded[0].weight.grad, rtol=1e-5)  # dX passed through Scale
+    np.testing.assert_allclose(scaled[2].weight.grad, 2 * folded[1].weight.grad, rtol=1e-5)
+    assert scaled.backward_plan() == [("dense_0", ["dense_dw"]), ("scale_1", []), ("dense_2", ["dense_dw", "dense_dx"])]
+    assert "scale_1" in scaled.summary() and not scaled[1].trainable
+
+
+def test_a_layer_without_parameters_trains_in_fit_and_a_step_and_freezes_around_it(rng):
+    scaled, _ = scaled_and_folded()
+    x, y = rng.standard_normal((32, 4)).astype(np.float32), rng.integers(0, 3, 32)
+    history = scaled.fit(x, y, epochs=5, batch_size=8, verbose=0)
+    assert history["loss"][-1] < history["loss"][0]
+    scaled.freeze_to(2)
+    frozen = scaled.get_weights()[:2]
+    scaled.train_step("cross_entropy", "sgd")(x, y)
+    for now, before in zip(scaled.get_weights()[:2], frozen):
+        np.testing.assert_array_equal(now, before)
+    assert scaled.backward_plan() == [("dense_0", []), ("scale_1", []), ("dense_2", ["dense_dw"])]
+
+
+def test_the_fused_kernels_say_they_run_dense_layers_only():
+    scaled, _ = scaled_and_folded()
+    fused_backend = type("FusedBackend", (), {"FUSED_MLP_MAX_WIDTH": 128, "FUSED_MLP_MAX_LAYERS": 8})
+    assert scaled.why_not_fused(fused_backend, "cupy") == \
+        "layer 'scale_1' is a Scale; the fused kernels run Dense layers only"
+
+
+def test_saving_a_layer_the_file_format_does_not_hold_is_refused(tmp_path):
+    scaled, _ = scaled_and_folded()
+    with pytest.raises(TypeError, match=r"model: layers\[1\] is a Scale; the file format holds Dense layers only"):
+        scaled.save(tmp_path / "scaled.npz")
+    assert not (tmp_path / "scaled.npz").exists()

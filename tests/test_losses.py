@@ -213,3 +213,67 @@ def test_mse_target_shape_must_match_the_predictions():
 def test_binary_cross_entropy_targets_must_lie_in_0_1():
     with pytest.raises(ValueError, match=r"target: expected values in \[0, 1\], got values from 0.0 to 2.0"):
         losses.binary_cross_entropy(np.zeros((2, 1)), np.array([[0.0], [2.0]]))
+
+
+# ----------------------------------------------------------------------------- sample weights
+
+
+WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "binary_cross_entropy")
+
+
+def torch_weighted(name, pred, target, weights):
+    """The loss and its gradient as torch computes them with weights, Keras's rule: each
+    sample's loss times its weight, summed, over the batch (for bce, over all elements,
+    which is what torch's mean with ``weight=`` does)."""
+    torch = pytest.importorskip("torch", reason="the oracle is PyTorch: pip install 'gpubp[torch]'")
+    functional = torch.nn.functional
+    z = torch.tensor(pred, requires_grad=True)
+    w = torch.tensor(weights)
+    if name in ("cross_entropy", "categorical_cross_entropy"):  # class indices, or one-hot probabilities
+        value = (functional.cross_entropy(z, torch.tensor(target), reduction="none") * w).sum() / len(pred)
+    elif name == "mse":
+        value = (functional.mse_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
+    else:
+        value = functional.binary_cross_entropy_with_logits(z, torch.tensor(target), weight=w[:, None])
+    value.backward()
+    return value.item(), z.grad.numpy()
+
+
+def weighted_case(name, shape, seed=0):
+    pred, target = make_case("cross_entropy" if name == "categorical_cross_entropy" else name, shape, seed)
+    if name == "categorical_cross_entropy":
+        target = np.eye(shape[1])[target]
+    weights = np.random.default_rng(seed + 1).uniform(0, 3, shape[0])
+    weights[0] = 0.0  # a sample that does not count
+    return pred, target, weights
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (7, 1), (6, 4)], ids=str)
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_weighted_losses_and_gradients_equal_torchs(name, shape):
+    pred, target, weights = weighted_case(name, shape)
+    value, grad = losses.get(name)(pred, target, sample_weight=weights)
+    expected_value, expected_grad = torch_weighted(name, pred, target, weights)
+    assert value == pytest.approx(expected_value, rel=1e-12, abs=1e-15)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_weights_of_one_give_the_unweighted_loss(name):
+    pred, target, _ = weighted_case(name, (6, 4))
+    unweighted = losses.get(name)(pred.astype(np.float32), target)
+    weighted = losses.get(name)(pred.astype(np.float32), target, sample_weight=np.ones(6))
+    assert weighted[0] == pytest.approx(unweighted[0], rel=1e-6)
+    np.testing.assert_allclose(weighted[1], unweighted[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("weights, error, message", [
+    (np.ones(5), ValueError, r"sample_weight: expected shape \(6,\), one weight per sample, got \(5,\)"),
+    (np.array([1, 1, -0.5, 1, 1, 1]), ValueError, "sample_weight: expected finite weights >= 0, got -0.5 at sample 2"),
+    (np.array([1, 1, 1, np.nan, 1, 1]), ValueError, "sample_weight: expected finite weights >= 0, got nan at sample 3"),
+    (np.array(["a"] * 6), TypeError, "sample_weight: expected numeric weights, got dtype <U1"),
+])
+def test_bad_sample_weights_are_named(weights, error, message):
+    pred, target, _ = weighted_case("mse", (6, 2))
+    with pytest.raises(error, match=message):
+        losses.mse(pred, target, sample_weight=weights)

@@ -350,11 +350,13 @@ LOSS_CASES = [
     "loss_name, kernel_name, make_inputs", LOSS_CASES,
     ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2"],
 )
-def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
     prediction, target = make_inputs(rng)
-    loss_ref, grad_ref = getattr(ref, loss_name)(prediction, target)
+    weights = rng.uniform(0, 2, len(prediction)).astype(np.float32) if weighted else None
+    loss_ref, grad_ref = getattr(ref, loss_name)(prediction, target, weights)
     with trace() as t:
-        loss, grad = getattr(nb, loss_name)(*to_device(prediction, target))
+        loss, grad = getattr(nb, loss_name)(*to_device(prediction, target), *to_device(weights) if weighted else ())
     assert t.launches == [kernel_name]
     assert isinstance(loss, float)
     assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)

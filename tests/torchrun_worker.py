@@ -6,7 +6,9 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 
 1. ``fit(distributed=True)`` (which joins the process group from torchrun's environment);
    the ranks are seeded differently on purpose, since fit broadcasts rank 0's weights and
-   random state; with ``verbose=2`` and two callbacks, one ``main_process_only``;
+   random state; with ``verbose=2`` and two callbacks, one ``main_process_only``; with class
+   and sample weights, which each rank applies to its part of every batch and of the
+   validation data;
 2. ``fit(distributed=True)`` with a global batch the world size does not divide (the error);
 3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
@@ -29,7 +31,7 @@ FIT_SEED = 3
 DDP_SEED = 5
 DDP_STEPS = 3
 FIT_KWARGS = dict(loss="cross_entropy", epochs=3, batch_size=16, validation_split=0.2, metrics=["accuracy"],
-                  verbose=2)
+                  verbose=2, class_weight={0: 1.0, 1: 2.5, 2: 0.5}, sample_weight=np.linspace(0.5, 1.5, 101))
 
 
 def fit_data():

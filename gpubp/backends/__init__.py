@@ -53,12 +53,16 @@ Dense layer
         and the trace tests check that the backend really launches what it says.
 
 Losses (each a mean, as in PyTorch and Keras; the gradient returned is that of the mean)
-    ``softmax_cross_entropy(logits, labels) -> (loss: float, dlogits)``
+    ``softmax_cross_entropy(logits, labels, sample_weight=None) -> (loss: float, dlogits)``
         ``logits`` (B, C) float, ``labels`` (B,) int32/int64 in [0, C). Mean over the batch.
         Softmax, loss and gradient fused in one pass per row. Records ``ce_fwd_bwd``.
-    ``mse(pred, target) -> (loss, dpred)``     mean over all elements. Records ``mse_fwd_bwd``.
-    ``bce(logits, target) -> (loss, dlogits)`` binary cross-entropy on logits, mean over all
-        elements, stable for any logit. Records ``bce_fwd_bwd``.
+    ``mse(pred, target, sample_weight=None) -> (loss, dpred)``     mean over all elements.
+        Records ``mse_fwd_bwd``.
+    ``bce(logits, target, sample_weight=None) -> (loss, dlogits)`` binary cross-entropy on
+        logits, mean over all elements, stable for any logit. Records ``bce_fwd_bwd``.
+    ``sample_weight``: None, or (B,) float weights >= 0 (checked by ``gpubp.losses``): each
+        row's loss terms and gradient are multiplied by its weight, and the sum is divided by
+        the same count as unweighted (Keras's ``sample_weight``), in the same kernel.
 
 Optimizer updates (fused, in place, one launch per parameter)
     ``sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay)``
@@ -98,8 +102,9 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``fn`` may launch kernels and allocate, nothing else: no copy between host and device,
         no synchronization, and no kernel's first launch (warm up first).
     ``copy_into(dst, src)``        ``dst[...] = src`` from a host or device array, on the current stream.
-    ``softmax_cross_entropy``, ``mse`` and ``bce`` take ``out_loss``: a (1,) float32 array that
-        receives the loss, which is then returned in place of the float (nothing is read back).
+    ``softmax_cross_entropy``, ``mse`` and ``bce`` take ``out_loss`` (after ``sample_weight``): a
+        (1,) float32 array that receives the loss, which is then returned in place of the float
+        (nothing is read back).
     ``sgd_update``/``adam_update`` take ``hyper`` and ``guard``: with ``hyper``, a (1,) (SGD:
         lr) or (3,) (Adam: lr, step_size, inv_sqrt_bias2) float32 array that ``sgd_hyper(lr)`` /
         ``adam_hyper(lr, beta1, beta2, step)`` fill, the kernel reads those at run time (``lr``

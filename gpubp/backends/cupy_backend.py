@@ -547,8 +547,9 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
-def softmax_cross_entropy(logits, labels, out_loss=None):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C).
+def softmax_cross_entropy(logits, labels, sample_weight=None, out_loss=None):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
+    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule).
     ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""
     logits = _f32(logits)
     batch, classes = logits.shape
@@ -557,30 +558,40 @@ def softmax_cross_entropy(logits, labels, out_loss=None):
     grad = cupy.empty_like(logits)
     rows_per_block = REDUCE_THREADS // 32
     name = "ce_fwd_bwd_i64" if labels.dtype == np.int64 else "ce_fwd_bwd_i32"
+    weights = ()
+    if sample_weight is not None:
+        name, weights = name.replace("ce_fwd_bwd", "ce_fwd_bwd_weighted"), (asarray(sample_weight, np.float32),)
     grid = _blocks(batch, rows_per_block, MAX_REDUCE_BLOCKS)
     loss = _reduce_to_float(
-        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, grad), (np.int32(batch), np.int32(classes)), out_loss
+        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, *weights, grad), (np.int32(batch), np.int32(classes)),
+        out_loss
     )
     return loss, grad
 
 
-def _elementwise_loss(name: str, pred, target, out_loss):
+def _elementwise_loss(name: str, pred, target, sample_weight, out_loss):
     pred = _f32(pred)
     target = asarray(target, dtype=np.float32)
     grad = cupy.empty_like(pred)
     n = pred.size
     grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
-    return _reduce_to_float("loss.cu", name, name, grid, (pred, target, grad), (np.int64(n),), out_loss), grad
+    if sample_weight is None:
+        arrays, sizes, kernel = (pred, target, grad), (np.int64(n),), name
+    else:
+        arrays = (pred, target, asarray(sample_weight, np.float32), grad)
+        sizes, kernel = (np.int64(n), np.int64(pred.shape[1])), f"{name}_weighted"
+    return _reduce_to_float("loss.cu", kernel, name, grid, arrays, sizes, out_loss), grad
 
 
-def mse(pred, target, out_loss=None):
-    """Mean squared error over all elements."""
-    return _elementwise_loss("mse_fwd_bwd", pred, target, out_loss)
+def mse(pred, target, sample_weight=None, out_loss=None):
+    """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
+    return _elementwise_loss("mse_fwd_bwd", pred, target, sample_weight, out_loss)
 
 
-def bce(logits, target, out_loss=None):
-    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
-    return _elementwise_loss("bce_fwd_bwd", logits, target, out_loss)
+def bce(logits, target, sample_weight=None, out_loss=None):
+    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
+    ``sample_weight`` (B,) weights each row's terms."""
+    return _elementwise_loss("bce_fwd_bwd", logits, target, sample_weight, out_loss)
 
 
 # ----------------------------------------------------------------------------- optimizers

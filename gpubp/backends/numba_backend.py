@@ -1120,10 +1120,35 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
+@cuda.jit(device=True, inline="always")
+def _row_weight(weights, row):
+    """Row ``row``'s weight: ``weights`` is (B,), or (1,) holding the 1 of an unweighted loss."""
+    return weights[0] if weights.shape[0] == 1 else weights[row]
+
+
+_unit_weights: dict[tuple, object] = {}  # per kind and device: the (1,) array holding 1.0
+
+
+def _weights(sample_weight, like):
+    """The loss kernels' weights: ``sample_weight`` (B,) or, without weights, one shared 1 on the
+    device of ``like``."""
+    if sample_weight is not None:
+        return _view(sample_weight)
+    key = (_is_cupy(like), _device_id(like))
+    if key not in _unit_weights:
+        if _is_cupy(like):
+            cp = _cupy()
+            with cp.cuda.Device(like.device.id):
+                _unit_weights[key] = cp.ones(1, np.float32)
+        else:
+            _unit_weights[key] = cuda.to_device(np.ones(1, np.float32))
+    return _view(_unit_weights[key])
+
+
 @cuda.jit
-def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
-    """Per row r of logits (B, C): row_loss[r] = logsumexp(x_r) - x_r[label_r],
-    grad[r] = (softmax(x_r) - onehot(label_r)) * inv_batch.
+def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_batch):
+    """Per row r of logits (B, C) with weight w_r: row_loss[r] = w_r (logsumexp(x_r) - x_r[label_r]),
+    grad[r] = (softmax(x_r) - onehot(label_r)) * w_r * inv_batch.
 
     A warp per row: _row_max_and_sum in one read of the row, then a second read (cached) writes
     the gradient. Rows past B join every barrier but load and store nothing.
@@ -1135,80 +1160,89 @@ def _softmax_cross_entropy_kernel(logits, labels, grad, row_loss, inv_batch):
     m, total = _row_max_and_sum(logits, row, in_rows, row_max, row_sum)
     if in_rows:
         label = labels[row]
+        weight = _row_weight(weights, row)
+        scale = inv_batch * weight
         for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
             p = math.exp(logits[row, c] - m) / total
             if c == label:
                 p -= _ONE
-            grad[row, c] = p * inv_batch
+            grad[row, c] = p * scale
         if cuda.threadIdx.x == 0:
-            row_loss[row] = math.log(total) - (logits[row, label] - m)
+            row_loss[row] = (math.log(total) - (logits[row, label] - m)) * weight
 
 
 @cuda.jit
-def _mse_kernel(pred, target, grad, block_sums, grad_scale):
-    """grad = (pred - target) * 2/n; block_sums[blockIdx] = the block's sum of (pred - target)^2."""
+def _mse_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
+    """With w the weight of element i's row (of ``width`` elements): grad = w (pred - target) * 2/n;
+    block_sums[blockIdx] = the block's sum of w (pred - target)^2."""
     partials = cuda.shared.array(REDUCE_THREADS, np.float32)
     total = _ZERO
     for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
         diff = pred[i] - target[i]
-        total += diff * diff
-        grad[i] = diff * grad_scale
+        weighted = diff * _row_weight(weights, i // width)
+        total += weighted * diff
+        grad[i] = weighted * grad_scale
     total = _block_sum(total, partials, cuda.threadIdx.x)
     if cuda.threadIdx.x == 0:
         block_sums[cuda.blockIdx.x] = total
 
 
 @cuda.jit
-def _bce_kernel(logits, target, grad, block_sums, grad_scale):
-    """Per element: loss = max(z, 0) - z t + log1p(exp(-|z|)), grad = (sigmoid(z) - t) / n."""
+def _bce_kernel(logits, target, weights, width, grad, block_sums, grad_scale):
+    """Per element, with w its row's weight: loss = w (max(z, 0) - z t + log1p(exp(-|z|))),
+    grad = w (sigmoid(z) - t) / n."""
     partials = cuda.shared.array(REDUCE_THREADS, np.float32)
     total = _ZERO
     for i in range(cuda.grid(1), logits.size, cuda.gridsize(1)):
         z = logits[i]
         t = target[i]
-        total += math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * t
-        grad[i] = (_sigmoid(z) - t) * grad_scale
+        weight = _row_weight(weights, i // width)
+        total += (math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * t) * weight
+        grad[i] = (_sigmoid(z) - t) * grad_scale * weight
     total = _block_sum(total, partials, cuda.threadIdx.x)
     if cuda.threadIdx.x == 0:
         block_sums[cuda.blockIdx.x] = total
 
 
-def softmax_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C)."""
+def softmax_cross_entropy(logits, labels, sample_weight=None):
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
+    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule)."""
     record("ce_fwd_bwd")
     batch = logits.shape[0]
     grad = _new(tuple(logits.shape), logits)
     row_loss = _scratch("row_loss", batch, logits)
     lv = _view(logits)
     _softmax_cross_entropy_kernel[row_blocks(batch), _ROW_BLOCK, lv.stream](
-        lv, _view(labels), _view(grad), _view(row_loss), np.float32(1.0 / batch)
+        lv, _view(labels), _weights(sample_weight, logits), _view(grad), _view(row_loss), np.float32(1.0 / batch)
     )
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
 
 
-def _elementwise_loss(kernel, pred, target, grad_scale_times_n):
-    """Launch a (pred, target) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
+def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n):
+    """Launch a (pred, target, row weights) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
     n = flat.size
     blocks = reduce_blocks(n, _sm_count(pred))
     block_sums = _scratch("block_sums", blocks, pred)
     kernel[blocks, REDUCE_THREADS, flat.stream](
-        flat, _view(target).ravel(), _view(grad).ravel(), _view(block_sums), np.float32(grad_scale_times_n / n)
+        flat, _view(target).ravel(), _weights(sample_weight, pred), np.int64(pred.shape[1]), _view(grad).ravel(),
+        _view(block_sums), np.float32(grad_scale_times_n / n)
     )
     return float(to_host(block_sums).sum(dtype=np.float64)) / n, grad
 
 
-def mse(pred, target):
-    """Mean squared error over all elements."""
+def mse(pred, target, sample_weight=None):
+    """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     record("mse_fwd_bwd")
-    return _elementwise_loss(_mse_kernel, pred, target, 2.0)
+    return _elementwise_loss(_mse_kernel, pred, target, sample_weight, 2.0)
 
 
-def bce(logits, target):
-    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|))."""
+def bce(logits, target, sample_weight=None):
+    """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
+    ``sample_weight`` (B,) weights each row's terms."""
     record("bce_fwd_bwd")
-    return _elementwise_loss(_bce_kernel, logits, target, 1.0)
+    return _elementwise_loss(_bce_kernel, logits, target, sample_weight, 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -1319,11 +1353,11 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
     ]
     variants += [KernelVariant("ce_fwd_bwd", f"labels_{label.name}", _softmax_cross_entropy_kernel,
-                               (m, types.Array(label, 1, "C"), m, v, f32), row_threads)
+                               (m, types.Array(label, 1, "C"), v, m, v, f32), row_threads)
                  for label in (types.int32, types.int64)]
     variants += [
-        KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, v, f32), REDUCE_THREADS),
-        KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, v, f32), REDUCE_THREADS),
+        KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
+        KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
         KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),
         KernelVariant("scale", "", _scale_kernel, (v, f32), ELEMENTWISE_THREADS),
         KernelVariant("sgd_update", "", _sgd_kernel, (v, v, f32, f32), ELEMENTWISE_THREADS),

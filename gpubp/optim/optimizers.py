@@ -26,6 +26,10 @@ import numpy as np
 from gpubp import _checks
 from gpubp.parameter import Parameter
 
+# What PyTorch's learning-rate schedulers (gpubp.optim.lr_scheduler) keep in a param group
+# beside the optimizer's options; a state_dict saves and restores them with the options.
+SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
 
 class Optimizer:
     """Base class: holds param groups and per-parameter state; subclasses define ``_update``.
@@ -186,16 +190,21 @@ class Optimizer:
             param = numbering[key]
             state[id(param)] = self._saved_state(entries, param, key)
         for group, saved in zip(self.param_groups, options):
+            for key in SCHEDULE_KEYS:
+                group.pop(key, None)
             group.update(saved)
         self.state = state
 
     def _saved_options(self, saved: dict, g: int) -> dict:
-        found = {key: value for key, value in saved.items() if key != "params"}
+        found = {key: value for key, value in saved.items() if key not in ("params", *SCHEDULE_KEYS)}
         if set(found) != set(self.defaults):
             raise ValueError(f"state_dict: param group {g} has the options {sorted(found)}, but "
                              f"{type(self).__name__} takes {sorted(self.defaults)}")
         found = {key: tuple(value) if isinstance(self.defaults[key], tuple) else value for key, value in found.items()}
         self._validate(found)
+        for key in SCHEDULE_KEYS:
+            if key in saved:
+                found[key] = _checks.non_negative(saved[key], f"state_dict: param group {g}'s {key!r}")
         return found
 
     def _saved_state(self, entries: dict, param: Parameter, key) -> dict:

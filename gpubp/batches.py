@@ -1,0 +1,212 @@
+"""What ``fit``, the training step and the data-parallel wrapper share, one floor below them.
+
+``gpubp.train`` (the loop), ``gpubp.step`` (one batch, optionally a CUDA graph) and
+``gpubp.distributed`` (one batch over several processes) all check a dataset the same way,
+train with the model's named optimizer, run one batch's forward, loss and backward, and
+evaluate; those live here, and none of the three imports another's private helpers.
+
+>>> import numpy as np, gpubp as gb
+>>> from gpubp import batches
+>>> model = gb.Sequential([gb.Dense(2, 3)], device="cpu")
+>>> result = batches.evaluate(model, np.zeros((4, 2), np.float32), np.array([0, 1, 2, 0]), loss="cross_entropy")
+>>> round(result["loss"], 4)
+1.0986
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+
+from gpubp import _checks, activations, losses, metrics as metric_fns, optim
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def check_dataset(model, x, y, loss_fn, name: str = "x"):
+    """Host copies of (x, y), checked against the model and the loss before any step runs."""
+    yname = "y" if name == "x" else f"{name}_y"
+    x = _checks.to_numpy(x, name)
+    y = _checks.to_numpy(y, yname)
+    _checks.batch_shape(x.shape, model.in_features, name)
+    _checks.float_dtype(x.dtype, name)
+    all_finite(x, name)
+    if len(y) != len(x):
+        raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
+    width = model.out_features
+    if loss_fn is losses.cross_entropy:
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
+        _check_class_labels(y, width, yname)
+    elif loss_fn in (losses.mse, losses.binary_cross_entropy, losses.categorical_cross_entropy):
+        if y.ndim == 1 and width == 1:
+            y = y.reshape(-1, 1)
+        if y.shape[1:] != (width,):
+            raise ValueError(f"{yname}: expected shape ({len(x)}, {width}), got {y.shape}")
+        if y.dtype.kind not in "fiub":
+            raise TypeError(f"{yname}: expected numeric targets, got dtype {y.dtype}")
+        if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
+            raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
+        if loss_fn is losses.categorical_cross_entropy and not losses.is_one_hot(y):
+            raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
+                             "for class indices use sparse_categorical_crossentropy")
+        y = y.astype(model.dtype, copy=False)
+        all_finite(y, yname)
+    elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
+        # (For a single output they may as well be regression targets.)
+        _check_class_labels(y, width, yname)
+    return x, y
+
+
+def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"{yname}: expected class labels in [0, {classes}), got values from {y.min()} to {y.max()}")
+
+
+def all_finite(a: np.ndarray, name: str) -> None:
+    # fit checks the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
+    if not np.all(np.isfinite(a)):
+        row = int(np.argwhere(~np.isfinite(a))[0][0])
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
+
+
+def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x") -> np.ndarray:
+    """``sample_weight`` as a float64 host array (n,), checked: one finite weight >= 0 per sample of ``of``."""
+    weights = _checks.to_numpy(sample_weight, name)
+    if weights.ndim == 2 and weights.shape[1] == 1:
+        weights = weights.reshape(-1)
+    if weights.shape != (n,):
+        raise ValueError(f"{name}: expected {n} weights (one per sample of {of}), got shape {weights.shape}")
+    if weights.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected numeric weights, got dtype {weights.dtype}")
+    weights = weights.astype(np.float64)
+    losses.check_weights(weights, name)
+    return weights
+
+
+def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
+    """Per-sample weights from ``class_weight`` {class: weight} for targets ``y`` as
+    :func:`check_dataset` returns them, with Keras's rule for a sample's class: the label, the
+    argmax of a row of several targets, or a single target rounded. Classes not named weigh 1."""
+    if not isinstance(class_weight, Mapping):
+        raise TypeError(f"class_weight: expected a dict {{class: weight}}, got {type(class_weight).__name__}")
+    classes = model.out_features if model.out_features > 1 else 2
+    table = np.ones(classes)
+    for key, weight in class_weight.items():
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < classes:
+            raise ValueError(f"class_weight: key {key!r} is not a class; the model's {model.out_features} "
+                             f"output(s) give the classes 0 to {classes - 1}")
+        table[key] = _checks.non_negative(weight, f"class_weight[{key}]")
+    if y.ndim == 2 and y.shape[1] > 1:
+        labels = y.argmax(axis=1)
+    else:
+        labels = np.rint(y.reshape(-1)).astype(np.int64)
+    outside = (labels < 0) | (labels >= classes)
+    if np.any(outside):
+        i = int(np.argmax(outside))
+        raise ValueError(f"class_weight: the target of sample {i} ({y[i]}) names no class in 0 to {classes - 1}; "
+                         f"class weights need class targets ({getattr(loss_fn, '__name__', 'this loss')} was given "
+                         "others)")
+    return table[labels]
+
+
+def sample_weights(model, y, loss_fn, sample_weight=None, class_weight=None, name: str = "sample_weight"):
+    """The weights of each sample of (checked) ``y``: ``sample_weight`` times the ``class_weight``
+    of its class (Keras multiplies the two), or None when neither is given."""
+    weights = None if sample_weight is None else check_sample_weight(sample_weight, len(y), name)
+    if class_weight is not None:
+        per_class = class_weights(model, y, loss_fn, class_weight)
+        weights = per_class if weights is None else weights * per_class
+    return weights
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def loss_and_grad(loss_fn, out, y, sample_weight, backend):
+    """``loss_fn``'s (loss, gradient), weighted when ``sample_weight`` is given (a loss of your
+    own is then called with ``sample_weight=`` too, and only then)."""
+    if sample_weight is None:
+        return loss_fn(out, y, backend=backend)
+    return loss_fn(out, y, sample_weight=sample_weight, backend=backend)
+
+
+def optimizer_for(model, optimizer):
+    """The optimizer to train ``model`` with: an instance as given; a name built once per model
+    and reused (state included) while the model keeps the same parameters on the same backend."""
+    if not isinstance(optimizer, str):
+        return optim.get(optimizer, model.parameters())
+    params = model.parameters()
+    key = (optimizer.lower(), model.backend_name, tuple(id(p) for p in params))
+    cached = getattr(model, "_named_optimizer", None)
+    if cached is None or cached[0] != key:
+        cached = model._named_optimizer = (key, optim.get(optimizer, params))
+    return cached[1]
+
+
+def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -> float:
+    """Forward and loss of one batch (weighted by ``sample_weight``, if given), then backward when
+    the loss is finite; returns the loss.
+    ``logits``: the last layer's activation is fused into the loss (``losses.fuses``)."""
+    out = model.forward(xb, logits=logits)
+    value, dout = loss_and_grad(loss_fn, out, yb, sample_weight, model.backend)
+    if math.isfinite(value):
+        model.backward(dout)
+    return value
+
+
+# ----------------------------------------------------------------------------- predict / evaluate
+
+
+def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
+    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches:
+    probabilities for a sigmoid or softmax last layer, or with ``logits=True`` its logits."""
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    if _checks.array_kind(x) == "other":
+        x = np.asarray(x)
+    _checks.batch_shape(x.shape, model.in_features, "x")
+    outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
+               for i in range(0, x.shape[0], batch_size)]
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None) -> dict:
+    """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
+
+    The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
+    the compiled ones, else ``["accuracy"]`` (``[]`` for none). A loss that fuses the last
+    layer's activation is computed on the logits, which is the same value, stably.
+    Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
+    output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
+    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``.
+    Class labels are range-checked whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
+    (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
+    """
+    loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
+    if metrics is None:
+        metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
+    head = model.layers[-1].activation
+    named = [metric_fns.get(m, probabilities=head in ("sigmoid", "softmax")) for m in metrics]
+    x, y = check_dataset(model, x, y, loss_fn)
+    if sample_weight is not None:
+        if loss_fn is None:
+            raise ValueError("sample_weight: it weights the loss, and there is none (pass loss=, or compile first)")
+        sample_weight = check_sample_weight(sample_weight, len(x))
+    fused = loss_fn is not None and losses.fuses(loss_fn, head)
+    outputs = predict(model, x, batch_size=batch_size, logits=fused)
+    scores = outputs
+    if fused:
+        scores = np.empty_like(outputs)
+        activations.forward(head, outputs, scores)
+    result = {}
+    if loss_fn is not None:
+        weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
+        result["loss"] = loss_fn(outputs, y, **weighted)[0]
+    for name, fn in named:
+        result[name] = fn(scores, y)
+    return result

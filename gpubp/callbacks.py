@@ -1,0 +1,356 @@
+"""Keras-style callbacks: hooks ``fit`` calls around epochs and batches.
+
+``Callback`` is the base. ``EarlyStopping`` stops, ``ModelCheckpoint`` saves checkpoints,
+``LearningRateScheduler`` and ``ReduceLROnPlateau`` set the learning rates, ``CSVLogger``
+writes one row per epoch, ``TerminateOnNaN`` stops at a non-finite loss and
+``LambdaCallback`` runs functions. ``History`` (what ``fit`` returns) is re-exported here,
+as in ``keras.callbacks``. Keras's names, arguments and meanings; each hook also gets the
+model (``on_epoch_end(model, epoch, logs)``), where Keras sets ``self.model``.
+
+>>> import gpubp as gb
+>>> from gpubp.callbacks import EarlyStopping
+>>> EarlyStopping(monitor="val_loss", patience=3).mode
+'min'
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import numbers
+import os
+
+from gpubp import _checks, io
+from gpubp.checkpoint import save_checkpoint
+from gpubp.history import History
+
+__all__ = ["CSVLogger", "Callback", "EarlyStopping", "History", "LambdaCallback", "LearningRateScheduler",
+           "ModelCheckpoint", "ReduceLROnPlateau", "TerminateOnNaN", "monitor_mode"]
+
+
+class Callback:
+    """Hooks called by ``fit``; set ``model.stop_training = True`` to stop (after this batch, or
+    after this epoch when set at its end).
+
+    A callback that writes files sets ``main_process_only = True``: under ``fit(distributed=True)``
+    it then runs on rank 0 only. One that changes the optimizer's learning rates sets
+    ``sets_learning_rate = True``: ``fit`` then logs ``learning_rate`` each epoch (the largest
+    of the param groups' rates in the epoch's last batch) and leaves the rates it set.
+    """
+
+    main_process_only = False
+    sets_learning_rate = False
+
+    def on_train_begin(self, model) -> None: ...
+
+    def on_epoch_begin(self, model, epoch: int) -> None: ...
+
+    def on_train_batch_begin(self, model, batch: int) -> None: ...
+
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None: ...
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None: ...
+
+    def on_train_end(self, model) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    ``mode`` "auto" minimises losses and errors and maximises anything else (accuracy, f1).
+    ``restore_best_weights`` puts back the weights of the best epoch when training stops.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best_weights: bool = False) -> None:
+        patience = _checks.non_negative_int(patience, "patience")
+        self.min_delta = _checks.non_negative(min_delta, "min_delta")
+        self.monitor, self.patience, self.mode = monitor, patience, monitor_mode(monitor, mode)
+        self.restore_best_weights = restore_best_weights
+
+    def on_train_begin(self, model) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.best_weights = None
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+        value = logs[self.monitor]
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = model.get_weights()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            model.stop_training = True
+
+    def on_train_end(self, model) -> None:
+        if self.stopped_epoch is not None and self.best_weights is not None:
+            model.set_weights(self.best_weights)
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """"min" or "max"; "auto" minimises losses and errors and maximises anything else."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        return "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
+    return mode
+
+
+class ModelCheckpoint(Callback):
+    """Write a checkpoint at the end of every ``every``-th epoch of ``fit``.
+
+    ``path`` ends in .safetensors or .npz and may hold ``{epoch}`` or a logged value
+    (``"run-{epoch:03d}-{val_loss:.3f}.safetensors"``) to keep one file per save.
+    ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
+    in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
+    minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
+    the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
+    The file holds the state of the scheduler ``fit`` was given too (see :class:`gpubp.Checkpoint`).
+    """
+
+    main_process_only = True
+
+    def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
+                 every: int = 1) -> None:
+        io._suffix(path)
+        self.path = path
+        self.every = _checks.positive_int(every, "every")
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
+        if save_best_only and monitor is None:
+            raise ValueError("save_best_only: needs a monitor, e.g. ModelCheckpoint(path, monitor='val_loss', "
+                             "save_best_only=True)")
+        self.mode = monitor_mode(monitor or "loss", mode)
+        self.monitor, self.save_best_only = monitor, bool(save_best_only)
+        self.best = None
+        self.last_path = None
+
+    def on_train_begin(self, model) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        earlier = getattr(model, "history", None)
+        if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
+            for value in earlier.history[self.monitor]:
+                self._improves(value)
+
+    def _improves(self, value: float) -> bool:
+        better = value < self.best if self.mode == "min" else value > self.best
+        if better:
+            self.best = value
+        return better
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        finished = epoch + 1
+        if finished % self.every:
+            return
+        if self.monitor is not None:
+            if self.monitor not in logs:
+                raise KeyError(f"ModelCheckpoint: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+            if not self._improves(logs[self.monitor]) and self.save_best_only:
+                return
+        path = str(self.path)
+        if "{" in path:
+            path = path.format(epoch=finished, **logs)
+        save_checkpoint(path, model, model.optimizer, finished, model.history, getattr(model, "scheduler", None))
+        self.last_path = path
+
+
+# ----------------------------------------------------------------------------- learning rates
+
+
+def _rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite learning rate >= 0, got {value!r}")
+    return float(value)
+
+
+def largest_rate(optimizer) -> float:
+    """The largest of the param groups' rates: the rate of a Keras script (one group), or the head's
+    under discriminative rates. ``fit`` logs it as ``learning_rate``."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+class LearningRateScheduler(Callback):
+    """At the start of each epoch, set the rate to ``schedule(epoch, lr)`` (Keras's callback).
+
+    ``schedule`` is called once per param group with that group's current rate, so a relative
+    schedule (``lr * 0.9``) keeps discriminative rates' ratios and an absolute one sets every
+    group. ``verbose=1`` prints each new rate.
+    """
+
+    sets_learning_rate = True
+
+    def __init__(self, schedule, verbose: int = 0) -> None:
+        if not callable(schedule):
+            raise TypeError(f"schedule: expected a function (epoch, lr) -> lr, got {type(schedule).__name__}")
+        self.schedule, self.verbose = schedule, verbose
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        groups = model.optimizer.param_groups
+        rates = [_rate(self.schedule(epoch, group["lr"]), f"schedule (epoch {epoch})") for group in groups]
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {max(rates)}.")
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the rates by ``factor`` when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` epochs (Keras's callback); then wait ``cooldown`` epochs
+    before counting again; never below ``min_lr``. Every param group whose rate is above
+    ``min_lr`` is reduced. ``mode`` "auto" minimises losses and errors and maximises anything
+    else. A resumed ``fit`` rebuilds the counts from the History it continues (its
+    ``learning_rate`` column), so the resumed run reduces when the uninterrupted one would.
+    """
+
+    sets_learning_rate = True
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0) -> None:
+        if not _checks.non_negative(factor, "factor") < 1.0:
+            raise ValueError(f"factor: expected a number < 1.0 (a reduction), got {factor}")
+        self.monitor, self.factor, self.verbose = monitor, float(factor), verbose
+        self.patience = _checks.non_negative_int(patience, "patience")
+        self.cooldown = _checks.non_negative_int(cooldown, "cooldown")
+        self.min_delta = _checks.non_negative(min_delta, "min_delta")
+        self.min_lr = _checks.non_negative(min_lr, "min_lr")
+        self.mode = monitor_mode(monitor, mode)
+
+    def on_train_begin(self, model) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+        self.cooldown_counter = 0
+        earlier = getattr(model, "history", None)
+        if isinstance(earlier, History):
+            values, rates = earlier.history.get(self.monitor, []), earlier.history.get("learning_rate", [])
+            for value, rate in zip(values, rates):
+                self._reduces(value, rate)
+
+    def _reduces(self, value: float, rate: float) -> bool:
+        """Count an epoch that logged ``value`` at rate ``rate``; True when it ends in a reduction."""
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if improved:
+            self.best, self.wait = value, 0
+            return False
+        if self.cooldown_counter > 0:
+            return False
+        self.wait += 1
+        if self.wait >= self.patience and rate > self.min_lr:
+            self.cooldown_counter, self.wait = self.cooldown, 0
+            return True
+        return False
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        if self.monitor not in logs:
+            raise KeyError(f"ReduceLROnPlateau: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+        if not self._reduces(logs[self.monitor], largest_rate(model.optimizer)):
+            return
+        for group in model.optimizer.param_groups:
+            if group["lr"] > self.min_lr:
+                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {largest_rate(model.optimizer)}.")
+
+
+# ----------------------------------------------------------------------------- logging and stopping
+
+
+class CSVLogger(Callback):
+    """One row per epoch in the CSV file ``filename``: the epoch (from 0) and every logged value.
+
+    The header is ``epoch`` and the logged names in sorted order (as Keras writes it). With
+    ``append=True`` the rows go after those already in the file (a resumed run continues its
+    log) under the file's header; otherwise the file starts empty. A value not logged in an
+    epoch is written as ``NA``. Each row is written and closed at the end of its epoch.
+    """
+
+    main_process_only = True
+
+    def __init__(self, filename, separator: str = ",", append: bool = False) -> None:
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise ValueError(f"separator: expected one character, got {separator!r}")
+        self.filename, self.separator, self.append = os.fspath(filename), separator, bool(append)
+        self.keys = None
+
+    def on_train_begin(self, model) -> None:
+        self.keys = None
+        if not self.append:
+            open(self.filename, "w").close()
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        with open(self.filename, "a+", newline="") as file:
+            if self.keys is None:
+                file.seek(0)
+                header = next(csv.reader(file, delimiter=self.separator), None)
+                self.keys = header[1:] if header else sorted(logs)
+                if not header:
+                    csv.writer(file, delimiter=self.separator).writerow(["epoch", *self.keys])
+            csv.writer(file, delimiter=self.separator).writerow([epoch, *(logs.get(key, "NA") for key in self.keys)])
+
+
+class TerminateOnNaN(Callback):
+    """Stop training at the first batch whose loss is NaN or infinite (Keras's callback).
+
+    That batch's update is skipped, so the weights are those after the batch before; the
+    epoch then ends as usual (its logs show the non-finite loss) and ``fit`` returns, where it
+    would otherwise raise FloatingPointError.
+    """
+
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
+        if not math.isfinite(logs["loss"]):
+            print(f"Batch {batch}: Invalid loss, terminating training")
+            model.stop_training = True
+
+
+class LambdaCallback(Callback):
+    """Call functions at the hooks, with Keras's signatures: ``on_epoch_begin(epoch, logs)``,
+    ``on_epoch_end(epoch, logs)``, ``on_train_batch_begin(batch, logs)``,
+    ``on_train_batch_end(batch, logs)`` (also as ``on_batch_begin``/``on_batch_end``),
+    ``on_train_begin(logs)`` and ``on_train_end(logs)``. Hooks without a log get ``{}``."""
+
+    def __init__(self, on_epoch_begin=None, on_epoch_end=None, on_train_begin=None, on_train_end=None,
+                 on_train_batch_begin=None, on_train_batch_end=None, on_batch_begin=None, on_batch_end=None) -> None:
+        self.functions = {"on_epoch_begin": on_epoch_begin, "on_epoch_end": on_epoch_end,
+                          "on_train_begin": on_train_begin, "on_train_end": on_train_end,
+                          "on_train_batch_begin": on_train_batch_begin or on_batch_begin,
+                          "on_train_batch_end": on_train_batch_end or on_batch_end}
+        for name, fn in self.functions.items():
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: expected a function, got {type(fn).__name__}")
+
+    def _call(self, hook: str, *args) -> None:
+        fn = self.functions[hook]
+        if fn is not None:
+            fn(*args)
+
+    def on_train_begin(self, model) -> None:
+        self._call("on_train_begin", {})
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        self._call("on_epoch_begin", epoch, {})
+
+    def on_train_batch_begin(self, model, batch: int) -> None:
+        self._call("on_train_batch_begin", batch, {})
+
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
+        self._call("on_train_batch_end", batch, logs)
+
+    def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
+        self._call("on_epoch_end", epoch, logs)
+
+    def on_train_end(self, model) -> None:
+        self._call("on_train_end", {})

@@ -1,0 +1,42 @@
+"""The History ``fit`` returns: per-epoch logged values, as Keras's ``History``.
+
+It sits below the callbacks and the checkpoints, which both read and write it.
+
+>>> from gpubp.history import History
+>>> h = History()
+>>> h.append(0, {"loss": 0.5}, seconds=0.1)
+>>> h["loss"]
+[0.5]
+"""
+
+from __future__ import annotations
+
+
+class History:
+    """Per-epoch metrics, as Keras's ``History``: ``history["loss"]``, ``history["val_loss"]``, ..."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+        self.epoch_times: list[float] = []
+
+    def append(self, epoch: int, logs: dict, seconds: float) -> None:
+        self.epoch.append(epoch)
+        self.epoch_times.append(seconds)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def until(self, epoch: int) -> History:
+        """A copy holding the epochs before ``epoch``: where a run resumed at ``epoch`` continues."""
+        kept = History()
+        for i, number in enumerate(self.epoch):
+            if number < epoch:
+                kept.append(number, {key: values[i] for key, values in self.history.items()}, self.epoch_times[i])
+        return kept
+
+    def __repr__(self) -> str:
+        last = {k: round(v[-1], 5) for k, v in self.history.items()}
+        return f"History({len(self.epoch)} epochs, last={last})"

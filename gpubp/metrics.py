@@ -1,0 +1,189 @@
+"""Metrics for ``evaluate`` and ``fit``'s validation: each ``(scores, y) -> float`` on host arrays.
+
+``scores`` (N, out) are what ``predict`` returns; ``y`` the targets as ``fit`` takes them.
+A single output is a logit (class 1 when > 0) unless the model's last layer is a sigmoid
+or softmax, whose probabilities ``evaluate`` passes with threshold 0.5.
+
+Keras's names mean what they mean in Keras: ``mean_absolute_error`` and
+``mean_squared_error`` (the same as ``mae`` and ``mse``), ``binary_accuracy`` (every output
+thresholded and compared with its target), ``categorical_accuracy`` (one-hot targets),
+``sparse_categorical_accuracy`` (class labels), ``top_k_categorical_accuracy`` (the target's
+score among the k highest, ties included; ``TopKCategoricalAccuracy(k)`` for another k than
+5) and ``auc`` (binary ROC AUC over 200 thresholds, interpolated, as ``keras.metrics.AUC()``).
+
+>>> import numpy as np
+>>> accuracy(np.array([[0.2, 0.8], [0.9, 0.1]]), np.array([1, 1]))
+0.5
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy.special import expit
+
+
+def _classes(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted class: argmax over classes, or score > threshold for a single output."""
+    if scores.shape[1] == 1:
+        return (scores[:, 0] > threshold).astype(np.int64)
+    return scores.argmax(axis=1)
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    return y.reshape(-1).astype(np.int64) if y.ndim == 1 or y.shape[1] == 1 else y.argmax(axis=1)
+
+
+def _per_class(pred: np.ndarray, true: np.ndarray):
+    classes = np.union1d(pred, true)
+    tp = np.array([np.sum((pred == c) & (true == c)) for c in classes], dtype=np.float64)
+    fp = np.array([np.sum((pred == c) & (true != c)) for c in classes], dtype=np.float64)
+    fn = np.array([np.sum((pred != c) & (true == c)) for c in classes], dtype=np.float64)
+    return classes, tp, fp, fn
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _binary(scores: np.ndarray) -> bool:
+    return scores.shape[1] == 1
+
+
+def _precision_recall(scores, y, threshold):
+    pred, true = _classes(scores, threshold), _labels(y)
+    classes, tp, fp, fn = _per_class(pred, true)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    if _binary(scores):
+        positive = classes == 1
+        return precision[positive].sum(), recall[positive].sum()
+    return precision, recall
+
+
+def accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
+    return float(np.mean(_classes(scores, threshold) == _labels(y)))
+
+
+def precision(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
+    """Binary precision for one output; macro-averaged over classes otherwise."""
+    return float(np.mean(_precision_recall(scores, y, threshold)[0]))
+
+
+def recall(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
+    """Binary recall for one output; macro-averaged over classes otherwise."""
+    return float(np.mean(_precision_recall(scores, y, threshold)[1]))
+
+
+def f1(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
+    """Binary F1 for one output; macro-averaged F1 over classes otherwise (scikit-learn's 'macro')."""
+    p, r = _precision_recall(scores, y, threshold)
+    p, r = np.atleast_1d(p), np.atleast_1d(r)
+    return float(np.mean(_ratio(2 * p * r, p + r)))
+
+
+def mean_squared_error(scores: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((scores - y.reshape(scores.shape)) ** 2))
+
+
+def mean_absolute_error(scores: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.abs(scores - y.reshape(scores.shape))))
+
+
+def _targets_like(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    if y.size != scores.size:
+        raise ValueError(f"{name}: expected one target per output, {scores.shape}, got {y.shape}")
+    return y.reshape(scores.shape)
+
+
+def _one_hot_labels(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    if y.ndim != 2 or y.shape != scores.shape:
+        raise ValueError(f"{name}: expected one-hot targets of shape {scores.shape}, got {y.shape} "
+                         "(for class labels use sparse_categorical_accuracy)")
+    return y.argmax(axis=1)
+
+
+def binary_accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> float:
+    """The fraction of outputs above ``threshold`` exactly when their target is 1 (Keras's)."""
+    return float(np.mean(_targets_like(scores, y, "binary_accuracy") == (scores > threshold)))
+
+
+def categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of rows whose highest score is the one-hot target's class (Keras's)."""
+    return float(np.mean(scores.argmax(axis=1) == _one_hot_labels(scores, y, "categorical_accuracy")))
+
+
+def sparse_categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of rows whose highest score is the class label (Keras's)."""
+    return float(np.mean(scores.argmax(axis=1) == y.reshape(-1)))
+
+
+def top_k_categorical_accuracy(scores: np.ndarray, y: np.ndarray, k: int = 5) -> float:
+    """The fraction of rows whose one-hot target's score is among the ``k`` highest, a score tied
+    with the k-th counting as in (Keras's, through ``in_top_k``)."""
+    labels = _one_hot_labels(scores, y, "top_k_categorical_accuracy")
+    if k >= scores.shape[1]:
+        return 1.0
+    kth = np.partition(scores, -k, axis=1)[:, -k]
+    return float(np.mean(scores[np.arange(len(labels)), labels] >= kth))
+
+
+class TopKCategoricalAccuracy:
+    """``top_k_categorical_accuracy`` with another ``k``, as ``keras.metrics.TopKCategoricalAccuracy(k)``;
+    logged under ``name``."""
+
+    def __init__(self, k: int = 5, name: str = "top_k_categorical_accuracy") -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        self.k, self.name = k, name
+
+    def __call__(self, scores: np.ndarray, y: np.ndarray) -> float:
+        return top_k_categorical_accuracy(scores, y, self.k)
+
+
+AUC_THRESHOLDS = 200
+_AUC_EPSILON = 1e-7  # Keras's backend.epsilon(): the end thresholds sit just outside [0, 1]
+
+
+def auc(scores: np.ndarray, y: np.ndarray, from_logits: bool = False, num_thresholds: int = AUC_THRESHOLDS) -> float:
+    """Binary ROC AUC as ``keras.metrics.AUC()`` computes it: every output against its 0/1 target,
+    true and false positive rates at ``num_thresholds`` evenly spaced thresholds (a score counts
+    as positive above a threshold), and the curve's area by the trapezoid rule. ``from_logits``
+    applies the sigmoid first."""
+    targets = _targets_like(scores, y, "auc").reshape(-1) != 0
+    probabilities = np.clip(expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
+    inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
+    thresholds = np.array([-_AUC_EPSILON, *inner, 1.0 + _AUC_EPSILON])
+    positives, negatives = np.sort(probabilities[targets]), np.sort(probabilities[~targets])
+    # How many of each lie above each threshold, from the sorted scores.
+    tp = len(positives) - np.searchsorted(positives, thresholds, side="right")
+    fp = len(negatives) - np.searchsorted(negatives, thresholds, side="right")
+    recall = _ratio(tp.astype(np.float64), np.full(len(thresholds), float(len(positives))))
+    fp_rate = _ratio(fp.astype(np.float64), np.full(len(thresholds), float(len(negatives))))
+    heights = (recall[:-1] + recall[1:]) / 2
+    return float(np.sum((fp_rate[:-1] - fp_rate[1:]) * heights))
+
+
+METRICS = {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
+           "mse": mean_squared_error, "mae": mean_absolute_error,
+           "mean_squared_error": mean_squared_error, "mean_absolute_error": mean_absolute_error,
+           "binary_accuracy": binary_accuracy, "categorical_accuracy": categorical_accuracy,
+           "sparse_categorical_accuracy": sparse_categorical_accuracy,
+           "top_k_categorical_accuracy": top_k_categorical_accuracy, "auc": auc}
+THRESHOLDED = (accuracy, precision, recall, f1, binary_accuracy)
+
+
+def get(metric, probabilities: bool = False):
+    """``(name, fn)`` for a metric name or a callable ``(scores, y) -> float`` (named by its
+    ``name`` or ``__name__``). ``probabilities``: the scores are a sigmoid's or softmax's (a
+    single output's class 1 begins at 0.5), not logits (at 0; ``auc`` applies the sigmoid)."""
+    if callable(metric):
+        return getattr(metric, "name", None) or getattr(metric, "__name__", "metric"), metric
+    if metric not in METRICS:
+        raise ValueError(f"metrics: unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
+    fn = METRICS[metric]
+    if fn in THRESHOLDED:
+        return metric, functools.partial(fn, threshold=0.5 if probabilities else 0.0)
+    if fn is auc:
+        return metric, functools.partial(fn, from_logits=not probabilities)
+    return metric, fn

@@ -1,0 +1,213 @@
+"""Keras's callbacks in gpubp.callbacks: learning-rate callbacks, CSVLogger, TerminateOnNaN,
+LambdaCallback, and the batch hooks fit calls."""
+
+import csv
+import math
+import types
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp import callbacks
+from test_bad_input import assert_weights_equal
+
+
+def data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 4)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def new_model(seed=1):
+    gb.seed(seed)
+    return gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dense(6, 3)], device="cpu")
+
+
+def test_the_top_level_names_are_the_callbacks_modules():
+    assert (gb.Callback, gb.EarlyStopping, gb.ModelCheckpoint, gb.History) == \
+        (callbacks.Callback, callbacks.EarlyStopping, callbacks.ModelCheckpoint, callbacks.History)
+
+
+class Recorder(gb.Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, model):
+        self.events.append("train_begin")
+
+    def on_epoch_begin(self, model, epoch):
+        self.events.append(("epoch_begin", epoch))
+
+    def on_train_batch_begin(self, model, batch):
+        self.events.append(("batch_begin", batch))
+
+    def on_train_batch_end(self, model, batch, logs):
+        self.events.append(("batch_end", batch, sorted(logs)))
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.events.append(("epoch_end", epoch))
+
+    def on_train_end(self, model):
+        self.events.append("train_end")
+
+
+def test_fit_calls_the_hooks_around_every_batch_and_epoch():
+    x, y = data(20)
+    recorder = Recorder()
+    new_model().fit(x, y, epochs=2, batch_size=8, callbacks=[recorder], verbose=0)
+    epoch = [("batch_begin", 0), ("batch_end", 0, ["loss"]), ("batch_begin", 1), ("batch_end", 1, ["loss"]),
+             ("batch_begin", 2), ("batch_end", 2, ["loss"])]
+    assert recorder.events == ["train_begin", ("epoch_begin", 0), *epoch, ("epoch_end", 0),
+                               ("epoch_begin", 1), *epoch, ("epoch_end", 1), "train_end"]
+
+
+# ----------------------------------------------------------------------------- learning rates
+
+
+def test_learning_rate_scheduler_calls_the_schedule_with_the_epoch_and_each_groups_rate():
+    x, y = data()
+    model = new_model()
+    optimizer = gb.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
+                              {"params": model[1].parameters(), "lr": 0.1}])
+    calls = []
+
+    def schedule(epoch, lr):
+        calls.append((epoch, lr))
+        return lr if epoch < 2 else lr * 0.5
+
+    history = model.fit(x, y, optimizer=optimizer, epochs=4, batch_size=8, verbose=0,
+                        callbacks=[callbacks.LearningRateScheduler(schedule)])
+    assert calls == [(0, 0.01), (0, 0.1), (1, 0.01), (1, 0.1), (2, 0.01), (2, 0.1), (3, 0.005), (3, 0.05)]
+    assert history["learning_rate"] == [0.1, 0.1, 0.05, 0.025]  # the largest group's, as trained
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0025, 0.025]  # the rates stay after fit
+
+
+def test_a_schedule_that_returns_no_rate_is_named():
+    x, y = data()
+    model = new_model()
+    with pytest.raises(ValueError, match=r"schedule \(epoch 0\): expected a finite learning rate >= 0, got None"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.LearningRateScheduler(lambda epoch, lr: None)])
+
+
+def run_plateau(callback, values, rates):
+    """Feed ``values`` as the monitored value of successive epochs; the rates after each."""
+    params = [gb.Parameter(np.zeros(1, np.float32), "p") for _ in rates]
+    model = types.SimpleNamespace(optimizer=gb.optim.SGD([{"params": [p], "lr": r} for p, r in zip(params, rates)]),
+                                  history=gb.History())
+    callback.on_train_begin(model)
+    seen = []
+    for epoch, value in enumerate(values):
+        callback.on_epoch_end(model, epoch, {"val_loss": value})
+        seen.append([group["lr"] for group in model.optimizer.param_groups])
+    return seen
+
+
+def test_reduce_lr_on_plateau_follows_keras():
+    # Keras's rule, by hand: an epoch improves when below best - min_delta; after `patience`
+    # epochs without, the rate halves (down to min_lr) and `cooldown` epochs pass uncounted;
+    # at min_lr the count goes on but nothing changes.
+    values = [1.0, 0.98, 0.97, 0.99, 0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]
+    callback = callbacks.ReduceLROnPlateau(factor=0.5, patience=2, cooldown=1, min_delta=0.05, min_lr=0.2)
+    seen = run_plateau(callback, values, [1.0])
+    assert [rates[0] for rates in seen] == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2, 0.2, 0.2, 0.2]
+    assert callback.wait == 3
+
+
+def test_reduce_lr_on_plateau_reduces_every_group_above_min_lr():
+    callback = callbacks.ReduceLROnPlateau(factor=0.5, patience=0, min_lr=0.08)
+    assert run_plateau(callback, [1.0, 1.0, 1.0], [0.1, 1.0]) == [[0.1, 1.0], [0.08, 0.5], [0.08, 0.25]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(factor=1.0), r"factor: expected a number < 1.0 \(a reduction\), got 1.0"),
+    (dict(patience=-1), "patience: expected an int >= 0, got -1"),
+    (dict(cooldown=1.5), "cooldown: expected an int >= 0, got 1.5"),
+    (dict(mode="up"), "mode: expected 'auto', 'min' or 'max'"),
+])
+def test_bad_reduce_lr_on_plateau_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        callbacks.ReduceLROnPlateau(**kwargs)
+
+
+# ----------------------------------------------------------------------------- CSVLogger
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.reader(file))
+
+
+def test_csv_logger_writes_one_row_per_epoch_with_every_logged_value(tmp_path):
+    x, y = data()
+    path = tmp_path / "log.csv"
+    history = new_model().fit(x, y, epochs=3, batch_size=8, validation_split=0.25, metrics=["accuracy"], verbose=0,
+                              callbacks=[callbacks.CSVLogger(path)])
+    header, *rows = read_rows(path)
+    assert header == ["epoch", "loss", "val_accuracy", "val_loss"]
+    assert [int(row[0]) for row in rows] == [0, 1, 2]
+    for i, name in enumerate(header[1:], start=1):
+        assert [float(row[i]) for row in rows] == history[name]
+
+
+def test_csv_logger_appends_a_resumed_run_under_the_same_header(tmp_path):
+    x, y = data()
+    path = tmp_path / "log.csv"
+    model = new_model()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callbacks.CSVLogger(path, separator=";")])
+    model.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0,
+              callbacks=[callbacks.CSVLogger(path, separator=";", append=True)])
+    header, *rows = [line.split(";") for line in path.read_text().splitlines()]
+    assert header == ["epoch", "loss"] and [row[0] for row in rows] == ["0", "1", "2", "3"]
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callbacks.CSVLogger(path, separator=";")])
+    assert len(path.read_text().splitlines()) == 2  # without append, the file starts again
+
+
+# ----------------------------------------------------------------------------- TerminateOnNaN
+
+
+def overflowing():
+    """Batches of 8: the second's targets are finite, but their squared error overflows float32."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((24, 4)).astype(np.float32), rng.standard_normal((24, 3)).astype(np.float32)
+    y[8:16] = 3e38
+    return x, y
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_terminate_on_nan_stops_quietly_with_the_weights_before_the_bad_batch(capsys):
+    x, y = overflowing()
+    model, reference = new_model(), new_model()
+    history = model.fit(x, y, loss="mse", optimizer="sgd", epochs=3, batch_size=8, shuffle=False, verbose=0,
+                        callbacks=[callbacks.TerminateOnNaN()])
+    reference.fit(x[:8], y[:8], loss="mse", optimizer="sgd", epochs=1, batch_size=8, shuffle=False, verbose=0)
+    assert_weights_equal(reference.get_weights(), model)
+    assert len(history.epoch) == 1 and not math.isfinite(history["loss"][0])
+    assert "Batch 1: Invalid loss, terminating training" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_without_terminate_on_nan_a_non_finite_loss_raises_naming_the_callback():
+    x, y = overflowing()
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 2.*TerminateOnNaN"):
+        new_model().fit(x, y, loss="mse", epochs=1, batch_size=8, shuffle=False, verbose=0)
+
+
+# ----------------------------------------------------------------------------- LambdaCallback
+
+
+def test_lambda_callback_calls_functions_with_keras_signatures():
+    x, y = data(16)
+    calls = []
+    lambdas = callbacks.LambdaCallback(
+        on_train_begin=lambda logs: calls.append(("train_begin", logs)),
+        on_epoch_end=lambda epoch, logs: calls.append(("epoch_end", epoch, sorted(logs))),
+        on_batch_end=lambda batch, logs: calls.append(("batch_end", batch, sorted(logs))),
+        on_train_end=lambda logs: calls.append(("train_end", logs)))
+    new_model().fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[lambdas])
+    assert calls == [("train_begin", {}), ("batch_end", 0, ["loss"]), ("batch_end", 1, ["loss"]),
+                     ("epoch_end", 0, ["loss"]), ("train_end", {})]
+
+
+def test_lambda_callback_refuses_what_it_cannot_call():
+    with pytest.raises(TypeError, match="on_epoch_end: expected a function, got int"):
+        callbacks.LambdaCallback(on_epoch_end=3)

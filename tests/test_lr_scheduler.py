@@ -1,0 +1,197 @@
+"""gpubp.optim.lr_scheduler against torch.optim.lr_scheduler: the same rates after every step,
+group by group, with the same arguments; state_dict round trips; bad arguments."""
+
+import json
+
+import pytest
+
+import gpubp as gb
+from gpubp import finetune
+from gpubp.optim import lr_scheduler as ours
+
+torch = pytest.importorskip("torch", reason="the oracle is PyTorch: pip install 'gpubp[torch]'")
+theirs = torch.optim.lr_scheduler
+
+STEPS = 24
+
+# name -> (optimizer kind, scheduler class name, arguments); the same for both libraries.
+CASES = {
+    "step": ("sgd", "StepLR", dict(step_size=3, gamma=0.5)),
+    "multistep_repeated_milestone": ("sgd", "MultiStepLR", dict(milestones=[2, 5, 5, 9], gamma=0.3)),
+    "exponential": ("adam", "ExponentialLR", dict(gamma=0.9)),
+    "cosine_past_t_max": ("sgd", "CosineAnnealingLR", dict(T_max=5, eta_min=0.001)),
+    "linear_warmup": ("adam", "LinearLR", dict(start_factor=0.25, end_factor=1.0, total_iters=4)),
+    "linear_decay": ("sgd", "LinearLR", dict(start_factor=1.0, end_factor=0.1, total_iters=7)),
+    "one_cycle_sgd_momentum": ("sgd_momentum", "OneCycleLR", dict(max_lr=[0.2, 0.4, 0.8], total_steps=STEPS)),
+    "one_cycle_adam_beta1": ("adam", "OneCycleLR", dict(max_lr=0.5, epochs=4, steps_per_epoch=6)),
+    "one_cycle_three_phase_linear": ("sgd_momentum", "OneCycleLR",
+                                     dict(max_lr=0.3, total_steps=STEPS, three_phase=True, anneal_strategy="linear",
+                                          pct_start=0.25, div_factor=10.0, final_div_factor=100.0)),
+    "one_cycle_no_momentum": ("sgd", "OneCycleLR", dict(max_lr=0.3, total_steps=STEPS, cycle_momentum=False)),
+}
+
+
+def optimizers(kind):
+    """A gpubp optimizer with discriminative rates (three groups) and the torch one with the same groups."""
+    model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 4, "relu"), gb.Dense(4, 2)], device="cpu")
+    groups = finetune.param_groups(model, lr=0.1, decay=0.5)
+    torch_groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"]} for group in groups]
+    if kind == "adam":
+        return gb.optim.Adam(groups), torch.optim.Adam(torch_groups)
+    momentum = 0.9 if kind == "sgd_momentum" else 0.0
+    return gb.optim.SGD(groups, momentum=momentum), torch.optim.SGD(torch_groups, lr=0.1, momentum=momentum)
+
+
+def momenta(optimizer):
+    return [group["betas"][0] if "betas" in group else group["momentum"] for group in optimizer.param_groups]
+
+
+def run_both(ours_scheduler, theirs_scheduler, ours_opt, theirs_opt, steps=STEPS, metrics=None):
+    """Step both schedulers in lock step; after every step the rates and momenta must be equal, bit for bit."""
+    assert [g["lr"] for g in ours_opt.param_groups] == [g["lr"] for g in theirs_opt.param_groups]
+    for i in range(steps):
+        theirs_opt.step()
+        if metrics is None:
+            ours_scheduler.step()
+            theirs_scheduler.step()
+        else:
+            ours_scheduler.step(metrics[i])
+            theirs_scheduler.step(metrics[i])
+        assert ours_scheduler.get_last_lr() == theirs_scheduler.get_last_lr(), f"step {i + 1}"
+        assert [g["lr"] for g in ours_opt.param_groups] == [g["lr"] for g in theirs_opt.param_groups]
+        assert momenta(ours_opt) == momenta(theirs_opt), f"step {i + 1}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_rate_equals_pytorchs_after_every_step(case):
+    kind, name, kwargs = CASES[case]
+    ours_opt, theirs_opt = optimizers(kind)
+    run_both(getattr(ours, name)(ours_opt, **kwargs), getattr(theirs, name)(theirs_opt, **kwargs), ours_opt, theirs_opt)
+
+
+def test_lambda_lr_with_one_function_per_group_equals_pytorch():
+    functions = [lambda epoch: 0.95 ** epoch, lambda epoch: 1.0 / (1 + epoch), lambda epoch: epoch // 3 + 1]
+    ours_opt, theirs_opt = optimizers("sgd")
+    run_both(ours.LambdaLR(ours_opt, functions), theirs.LambdaLR(theirs_opt, functions), ours_opt, theirs_opt)
+
+
+SEQUENCES = {
+    "warmup_then_cosine": (lambda lib, opt: [lib.LinearLR(opt, start_factor=0.1, total_iters=3),
+                                             lib.CosineAnnealingLR(opt, T_max=8, eta_min=0.01)], [3]),
+    "three_phases": (lambda lib, opt: [lib.ExponentialLR(opt, gamma=0.8), lib.StepLR(opt, step_size=2, gamma=0.5),
+                                       lib.MultiStepLR(opt, milestones=[3, 4], gamma=0.2)], [4, 11]),
+}
+
+
+@pytest.mark.parametrize("sequence", SEQUENCES)
+def test_sequential_lr_equals_pytorch(sequence):
+    make, milestones = SEQUENCES[sequence]
+    ours_opt, theirs_opt = optimizers("sgd")
+    ours_scheduler = ours.SequentialLR(ours_opt, make(ours, ours_opt), milestones)
+    theirs_scheduler = theirs.SequentialLR(theirs_opt, make(theirs, theirs_opt), milestones)
+    run_both(ours_scheduler, theirs_scheduler, ours_opt, theirs_opt)
+
+
+PLATEAU = {
+    "rel_min": dict(factor=0.5, patience=1, cooldown=1, min_lr=[0.01, 0.02, 0.0]),
+    "abs_max": dict(mode="max", factor=0.2, patience=0, threshold=0.05, threshold_mode="abs", min_lr=0.004),
+}
+
+
+@pytest.mark.parametrize("case", PLATEAU)
+def test_reduce_lr_on_plateau_equals_pytorch(case):
+    values = [1.0, 0.9, 0.95, 0.95, 0.8, 0.85, 0.84, 0.86, 0.7, 0.71, 0.72, 0.73, 0.74, 0.6, 0.61, 0.62, 0.63, 0.64]
+    if PLATEAU[case].get("mode") == "max":
+        values = [-v for v in values]
+    ours_opt, theirs_opt = optimizers("sgd")
+    run_both(ours.ReduceLROnPlateau(ours_opt, **PLATEAU[case]), theirs.ReduceLROnPlateau(theirs_opt, **PLATEAU[case]),
+             ours_opt, theirs_opt, steps=len(values), metrics=values)
+    assert ours_opt.param_groups[0]["lr"] < 0.025  # it did reduce
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+
+RESUMABLE = {
+    **{case: (lambda opt, name=name, kwargs=kwargs: getattr(ours, name)(opt, **kwargs), kind)
+       for case, (kind, name, kwargs) in CASES.items()},
+    "lambda": (lambda opt: ours.LambdaLR(opt, lambda epoch: 0.9 ** epoch), "sgd"),
+    "sequential": (lambda opt: ours.SequentialLR(opt, [ours.LinearLR(opt, start_factor=0.1, total_iters=3),
+                                                       ours.CosineAnnealingLR(opt, T_max=8)], [3]), "sgd"),
+    "plateau": (lambda opt: ours.ReduceLROnPlateau(opt, patience=1), "sgd"),
+}
+
+
+def step(scheduler, i):
+    if isinstance(scheduler, ours.ReduceLROnPlateau):
+        scheduler.step([1.0, 0.9, 0.95, 0.96, 0.97][i % 5])
+    else:
+        scheduler.step()
+
+
+@pytest.mark.parametrize("case", RESUMABLE)
+def test_a_scheduler_rebuilt_from_its_state_continues_as_the_uninterrupted_one(case):
+    make, kind = RESUMABLE[case]
+    optimizer = optimizers(kind)[0]
+    scheduler = make(optimizer)
+    for i in range(9):
+        step(scheduler, i)
+    # What a checkpoint holds: the optimizer's and the scheduler's states, through JSON.
+    saved_optimizer = json.loads(json.dumps(optimizer.state_dict()))
+    saved = json.loads(json.dumps(scheduler.state_dict()))
+    restored_optimizer = optimizers(kind)[0]
+    restored_optimizer.load_state_dict(saved_optimizer)
+    restored = make(restored_optimizer)  # its first step at construction moves the rates...
+    restored.load_state_dict(saved)  # ...and loading puts the saved ones back
+    for i in range(9, STEPS):
+        assert restored_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"], f"step {i}"
+        step(scheduler, i)
+        step(restored, i)
+        assert restored.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_loading_the_state_of_another_scheduler_class_is_refused_naming_both():
+    optimizer = optimizers("sgd")[0]
+    state = ours.StepLR(optimizer, step_size=2).state_dict()
+    with pytest.raises(ValueError, match="state_dict: expected the entries .* of a ExponentialLR"):
+        ours.ExponentialLR(optimizer, gamma=0.9).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda opt: ours.StepLR(opt, step_size=0), ValueError, "step_size: expected a positive int, got 0"),
+    (lambda opt: ours.StepLR("sgd", step_size=2), TypeError, "optimizer: expected a gpubp optimizer"),
+    (lambda opt: ours.ReduceLROnPlateau(opt, factor=1.0), ValueError, r"factor: expected a number < 1.0, got 1.0"),
+    (lambda opt: ours.ReduceLROnPlateau(opt, mode="up"), ValueError, "mode: expected 'min' or 'max'"),
+    (lambda opt: ours.LinearLR(opt, start_factor=0.0), ValueError, r"start_factor: expected a number in \(0, 1\]"),
+    (lambda opt: ours.OneCycleLR(opt, max_lr=0.1), ValueError, "total_steps: give total_steps, or epochs and"),
+    (lambda opt: ours.OneCycleLR(opt, max_lr=[0.1, 0.2], total_steps=5), ValueError,
+     r"max_lr: expected one value per param group \(3\), got 2"),
+    (lambda opt: ours.LambdaLR(opt, [lambda e: 1.0] * 2), ValueError, "lr_lambda: expected one value per param group"),
+    (lambda opt: ours.SequentialLR(opt, [ours.ReduceLROnPlateau(opt)], []), ValueError,
+     r"schedulers\[0\]: ReduceLROnPlateau steps with a metric"),
+    (lambda opt: ours.SequentialLR(opt, [ours.StepLR(opt, 2), ours.StepLR(opt, 3)], []), ValueError,
+     "milestones: expected 1"),
+    (lambda opt: ours.StepLR(opt, step_size=2, last_epoch=4), ValueError, r"param_groups\[0\] has no 'initial_lr'"),
+])
+def test_bad_arguments_are_named(make, error, message):
+    optimizer = optimizers("sgd")[0]
+    with pytest.raises(error, match=message):
+        make(optimizer)
+
+
+def test_one_cycle_refuses_a_step_past_its_total():
+    optimizer = optimizers("sgd")[0]
+    scheduler = ours.OneCycleLR(optimizer, max_lr=0.1, total_steps=3)
+    for _ in range(3):
+        scheduler.step()
+    with pytest.raises(ValueError, match="OneCycleLR: stepped 4 times, but total_steps is 3"):
+        scheduler.step()
+
+
+def test_pytorchs_import_path_works():
+    from gpubp.optim.lr_scheduler import StepLR
+
+    assert StepLR is gb.optim.lr_scheduler.StepLR
