@@ -315,47 +315,6 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
 
-// ------------------------------------------------------------------ tensor cores (PTX ISA,
-// "Warp Level Matrix Multiply-Accumulate Instructions": mma.sync.aligned). kernels/mma.cuh is
-// the one place kernels reach inline PTX; with GPUBP_CUDA_ON_CPU defined it calls these
-// instead. Each is a warp collective over all 32 lanes: every lane contributes its fragments,
-// and the product is formed from the fragment layouts of the PTX ISA ("Matrix Fragments for
-// mma.m16n8k8" and "mma.m16n8k16"), with g = lane >> 2 and t = lane % 4:
-//   m16n8k8 .tf32:  A (16x8)  a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)
-//                   B (8x8)   b0 (t, g)  b1 (t+4, g)
-//   m16n8k16 .bf16/.f16 (two 16-bit elements per register, the lower column/row in the low half):
-//                   A (16x16) element i of a0..a7: row g + 8 ((i >> 1) & 1), col 2t + (i & 1) + 8 (i >= 4)
-//                   B (16x8)  element i of b0..b3: row 2t + (i & 1) + 8 (i >= 2), col g
-//   C, D (16x8, f32): c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
-// Products of tf32, bf16 or fp16 inputs are exact in fp32; D = C + sum_k A B is accumulated in
-// fp32 in k order. Hardware accumulates with its own internal order and precision, so a GPU
-// may differ by a few fp32 ulp of the running sum per k step. tf32 operands use only their top
-// 19 bits, as the hardware does: callers round with cvt_rna_tf32 first.
-namespace gpubp_cpu {
-
-// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (finite x).
-inline uint32_t cvt_rna_tf32(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN pass through
-    return (u + 0x1000u) & 0xffffe000u;
-}
-
-inline float tf32_value(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
-inline float bf16_value(uint32_t bits16) { return __uint_as_float((bits16 & 0xffffu) << 16); }
-inline float f16_value(uint32_t bits16) {
-    __half h;
-    h.bits = static_cast<uint16_t>(bits16);
-    return __half2float(h);
-}
-
-enum class MmaKind { tf32_m16n8k8, bf16_m16n8k16, f16_m16n8k16 };
-
-void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-              const float (&c)[4]);
-
-}  // namespace gpubp_cpu
-
 // ------------------------------------------------------------------ kernel registration
 // harness.py ends the unit that compiles a kernel source with one GPUBP_CPU_REGISTER(name) per
 // extern "C" kernel. It hands runtime.cpp's table the kernel's address, a function that calls
@@ -409,3 +368,44 @@ int register_kernel(const char* name, void (*fn)(A...)) {
 }  // namespace gpubp_cpu
 
 #define GPUBP_CPU_REGISTER(name) static const int gpubp_cpu_registered_##name = ::gpubp_cpu::register_kernel(#name, &name);
+
+// ------------------------------------------------------------------ tensor cores (PTX ISA,
+// "Warp Level Matrix Multiply-Accumulate Instructions": mma.sync.aligned). kernels/mma.cuh is
+// the one place kernels reach inline PTX; with GPUBP_CUDA_ON_CPU defined it calls these
+// instead. Each is a warp collective over all 32 lanes: every lane contributes its fragments,
+// and the product is formed from the fragment layouts of the PTX ISA ("Matrix Fragments for
+// mma.m16n8k8" and "mma.m16n8k16"), with g = lane >> 2 and t = lane % 4:
+//   m16n8k8 .tf32:  A (16x8)  a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)
+//                   B (8x8)   b0 (t, g)  b1 (t+4, g)
+//   m16n8k16 .bf16/.f16 (two 16-bit elements per register, the lower column/row in the low half):
+//                   A (16x16) element i of a0..a7: row g + 8 ((i >> 1) & 1), col 2t + (i & 1) + 8 (i >= 4)
+//                   B (16x8)  element i of b0..b3: row 2t + (i & 1) + 8 (i >= 2), col g
+//   C, D (16x8, f32): c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
+// Products of tf32, bf16 or fp16 inputs are exact in fp32; D = C + sum_k A B is accumulated in
+// fp32 in k order. Hardware accumulates with its own internal order and precision, so a GPU
+// may differ by a few fp32 ulp of the running sum per k step. tf32 operands use only their top
+// 19 bits, as the hardware does: callers round with cvt_rna_tf32 first.
+namespace gpubp_cpu {
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (finite x).
+inline uint32_t cvt_rna_tf32(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN pass through
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+inline float tf32_value(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
+inline float bf16_value(uint32_t bits16) { return __uint_as_float((bits16 & 0xffffu) << 16); }
+inline float f16_value(uint32_t bits16) {
+    __half h;
+    h.bits = static_cast<uint16_t>(bits16);
+    return __half2float(h);
+}
+
+enum class MmaKind { tf32_m16n8k8, bf16_m16n8k16, f16_m16n8k16 };
+
+void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+              const float (&c)[4]);
+
+}  // namespace gpubp_cpu
