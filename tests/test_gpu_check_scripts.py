@@ -33,9 +33,11 @@ BENCH = ROOT / "bench"
 
 def load(name: str):
     """A bench/ script as a module; bench/ is on the path while it loads, as when it runs as a
-    script, since the scripts import their siblings (gpu_summary, test_gpu_dense)."""
+    script, since the scripts import their siblings (gpu_summary, test_gpu_dense). It is in
+    sys.modules as ``bench_<name>`` (dataclasses look their module up there)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     sys.path.insert(0, str(BENCH))
     try:
         spec.loader.exec_module(module)

@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import glob
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,23 +26,16 @@ from pathlib import Path
 import pytest
 
 from gpubp.backends import cupy_backend
+from test_gpu_check_scripts import load
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
 UNITS = sorted(p.name for p in KERNELS.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 CMAKE = shutil.which("cmake")
-
-
-def shipped_archs() -> list[str]:
-    """GPUBP_CUDA_ARCHS from CMakeLists.txt: the one list of architectures we ship."""
-    match = re.search(r"set\(GPUBP_CUDA_ARCHS ([0-9 ]+)\)", (REPO / "CMakeLists.txt").read_text())
-    return match.group(1).split()
-
-
-def uses_tensor_cores(unit: str) -> bool:
-    """Whether ``kernels/<unit>`` reaches mma.cuh, directly or through another header."""
-    return '#line 1 "mma.cuh"' in cupy_backend.kernel_source(unit)
+# What CMakeLists.txt builds, read as bench/kernel_model.py (which compiles the same way) reads it.
+kernel_model = load("kernel_model")
+shipped_archs, uses_tensor_cores = kernel_model.shipped_archs, kernel_model.uses_tensor_cores
 
 
 def test_backend_knows_every_kernel_file():

@@ -139,11 +139,11 @@ def kernel_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "kernels"
 
 
-def kernel_source(filename: str) -> str:
-    """The source of ``kernels/<filename>`` with its local ``#include "..."`` lines expanded
-    (each header once, as its ``#pragma once`` asks), ready for NVRTC. ``#line`` directives
-    keep every file's own name and line numbers in compiler messages."""
-    root = kernel_dir()
+def kernel_source(filename: str, root: Path | None = None) -> str:
+    """The source of ``kernels/<filename>`` (in ``root``, default ``kernel_dir()``) with its local
+    ``#include "..."`` lines expanded (each header once, as its ``#pragma once`` asks), ready for
+    NVRTC. ``#line`` directives keep every file's own name and line numbers in compiler messages."""
+    root = root or kernel_dir()
     seen: set[str] = set()
 
     def expand(name: str) -> str:

@@ -1,0 +1,542 @@
+"""A performance model of every kernel, without a GPU: what the compiler made of each one.
+
+    PYTHONPATH=. python bench/kernel_model.py [--kernel-dir DIR] [--out FILE] [--jobs N]
+
+(from the repository root) writes ``bench/results/kernel_model.json`` and, next to it, ``kernel_model.md`` (``--out`` names
+the JSON). ``tests/test_kernel_model.py`` rebuilds the model for sm_90 in CI and fails on a
+spill, on a kernel the committed report does not name, and on a figure worse than the
+committed one.
+
+What is compiled. Every ``kernels/*.cu`` as the shipped build (``CMakeLists.txt``) compiles it:
+the front end for ``compute_80`` when the file reaches ``mma.cuh`` and for the lowest shipped
+architecture otherwise, then ptxas for sm_90 and sm_80. Every Numba-CUDA kernel variant the
+Numba backend can launch (``bench/numba_variants.py``) through ``numba.cuda.compile_ptx`` for
+compute capability 9.0 and ptxas for sm_90. Results are cached by a hash of everything that
+goes into them (sources, toolchain versions, this model's code) in the temporary folder.
+
+What is read (``bench/sass_reader.py``), per kernel and architecture:
+
+- ptxas's report: registers per thread, spill bytes (spill stores plus spill loads), and
+  static shared memory per block;
+- the launch shape: ``__launch_bounds__``'s thread count from the cubin (``EIATTR_MAX_THREADS``);
+  for Numba kernels, the block the backend launches them with. The model assumes a kernel
+  is launched with exactly that many threads;
+- the hot loop in the SASS: for a kernel with HMMA, the smallest loop holding one; otherwise
+  the innermost loop with the most FFMA. Its instruction mix counts every instruction in the
+  loop's address range once (static counts: both sides of a branch inside the loop count).
+
+The model, per kernel:
+
+- ``occupancy_warps``: resident warps per SM, the least of four limits, as CUDA's occupancy
+  calculator takes them: (1) warps: 64 per SM; (2) blocks: 32 per SM; (3) registers: a
+  warp's registers are ``registers x 32`` rounded up to 256, each of the SM's 4
+  sub-partitions holds ``floor(16384 / that)`` warps, and whole blocks fit in 4 times that
+  (none when a block's warps, rounded up to a multiple of 4, need more than 64K registers);
+  (4) shared memory: each block takes its static shared memory plus 1 KiB the system
+  reserves, rounded up to 128 bytes, out of 228 KiB per SM on sm_90 and 164 KiB on sm_80 (the
+  largest carveout, which the driver picks for a kernel that needs it). Dynamic shared memory
+  is not seen (no kernel uses it today).
+- ``issue_ceiling``: the largest fraction of the SM's peak that the hot loop can sustain if
+  each sub-partition issues one warp instruction per cycle and nothing else stalls. A pass
+  of the loop costs a warp ``I`` issue cycles (``I`` = its instructions) on its sub-partition:
+
+  * fp32 (kernels without HMMA): the FP32 pipe needs ``F x c`` cycles for the loop's ``F``
+    FFMA, ``c`` = 32 lanes / FP32 lanes per sub-partition (1 on sm_90, 2 on sm_80), so
+    ``ceiling = F c / max(I, F c)``; on sm_90 that is the FFMA share ``F / I``.
+  * tensor (kernels with HMMA): each HMMA keeps the sub-partition's tensor core busy for
+    ``flops(shape) / dense peak flops per sub-partition per cycle`` cycles: on sm_90 512
+    (tf32) and 1024 (bf16, f16), so HMMA.1688 tf32 and HMMA.16816 bf16 take 4 cycles; on
+    sm_80 256 and 512, 8 cycles. With ``T`` the sum over the loop's HMMA,
+    ``ceiling = T / max(I, T)``: about 4 instructions per HMMA reach the sm_90 peak.
+    The peak is the dense tensor-core peak of the datasheets (H100 SXM: 495 TFLOP/s tf32,
+    989 bf16 at 132 SMs and 1.83 GHz; A100: 156 and 312 at 108 SMs and 1.41 GHz); on Hopper
+    ``mma.sync`` itself is not known to reach it (``wgmma`` does), so the real ceiling may be
+    lower still.
+
+  The ceiling is a bound, not a prediction: the model cannot see latency and how well the
+  resident warps hide it, dependency stalls, shared-memory bank conflicts (the access
+  profiler's figures cover those), L2 and DRAM bandwidth and hit rates, clocks and power
+  limits, the warp scheduler's choices, tail effects of the grid, and how often each branch
+  inside the loop is taken. Kernels that stream memory (losses, optimizer updates) are bound
+  by bandwidth, which their ceiling does not describe.
+
+Memory figures. ``shared_wavefronts_per_request``, ``global_load_efficiency`` and
+``global_store_efficiency`` come from the access profiler of the CPU kernel harness
+(``tests/cuda_on_cpu/access_profile.py``), through ``memory_figures``, for the CUDA C++
+kernels; they are null where the profiler is absent, and for Numba kernels, which it does not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba_variants
+import sass_reader as sass
+from gpu_summary import kernels_sha256
+
+from gpubp.backends import cupy_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels"
+RESULTS = ROOT / "bench" / "results"
+ACCESS_PROFILER = ROOT / "tests" / "cuda_on_cpu" / "access_profile.py"
+CACHE = Path(tempfile.gettempdir()) / "gpubp-kernel-model"
+PRIMARY_ARCH = "sm_90"
+CUDA_ARCHS = ("sm_90", "sm_80")  # the CUDA C++ kernels; Numba's are modelled for PRIMARY_ARCH only
+NUMBA_SOURCE = "numba_backend.py"
+MEMORY_FIELDS = ("shared_wavefronts_per_request", "global_load_efficiency", "global_store_efficiency")
+# Higher is better for these (the others: lower is better).
+HIGHER_IS_BETTER = ("issue_ceiling", "global_load_efficiency", "global_store_efficiency")
+# A fresh figure may be this much worse, relatively, than the committed one before CI fails:
+# one instruction more in a 50-instruction loop.
+TOLERANCE = 0.02
+# The kernels bench/gpu_summary.py's ratios time (regular expressions, in the order shown).
+SPEED_GOALS = (
+    "dense_fwd_relu_128x128", "dense_dx_relu_128x128", "dense_dw_relu_128x128",
+    r"dense_fwd_(tf32|bf16)_relu", r"dense_dx_(tf32|bf16)_relu", r"dense_dw_(tf32|bf16)_relu",
+    r"fused_mlp_fwd(_tf32|_bf16)?", r"fused_mlp_bwd(_tf32|_bf16)?", r"fused_mlp_dw(_tf32|_bf16)?",
+    r"numba:dense_forward\[relu\]", r"numba:dense_dx\[relu\]", r"numba:dense_dw\[relu(,store_dz)?\]",
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM limits and pipe widths of one architecture (CUDA C Programming Guide, compute
+    capabilities table; the occupancy calculator's allocation granularities)."""
+
+    name: str
+    cc: tuple[int, int]
+    max_warps: int
+    max_blocks: int
+    registers: int  # 32-bit registers per SM
+    sub_partitions: int
+    register_unit: int  # a warp's registers are allocated in multiples of this
+    max_registers_per_block: int
+    smem: int  # bytes of shared memory per SM at the largest carveout
+    smem_reserved: int  # bytes the system takes per block
+    smem_unit: int
+    ffma_cycles: int  # cycles one warp's FFMA occupies a sub-partition's FP32 lanes
+    tensor_flops: dict  # dense tensor-core flops per sub-partition per cycle, by operand type
+
+
+ARCHS = {
+    "sm_90": Arch("sm_90", (9, 0), max_warps=64, max_blocks=32, registers=65536, sub_partitions=4,
+                  register_unit=256, max_registers_per_block=65536, smem=228 * 1024, smem_reserved=1024,
+                  smem_unit=128, ffma_cycles=1, tensor_flops={"TF32": 512, "BF16": 1024, "F16": 1024}),
+    "sm_80": Arch("sm_80", (8, 0), max_warps=64, max_blocks=32, registers=65536, sub_partitions=4,
+                  register_unit=256, max_registers_per_block=65536, smem=164 * 1024, smem_reserved=1024,
+                  smem_unit=128, ffma_cycles=2, tensor_flops={"TF32": 256, "BF16": 512, "F16": 512}),
+}
+# HMMA shape (as SASS spells it) -> (m, n, k)
+HMMA_SHAPES = {"1688": (16, 8, 8), "16816": (16, 8, 16), "1684": (16, 8, 4)}
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def cuda_tool(name: str) -> str:
+    """A CUDA binary: from the nvidia-cuda-* wheels (``pip install nvidia-cuda-cuobjdump
+    nvidia-cuda-nvdisasm``, in the dev extra), else from PATH."""
+    try:
+        import nvidia
+    except ImportError:
+        wheels = []
+    else:
+        wheels = [path for base in nvidia.__path__ for path in sorted(Path(base).glob(f"*/bin/{name}"))]
+    found = [str(p) for p in wheels if os.access(p, os.X_OK)] or [shutil.which(name)]
+    if found[0] is None:
+        raise FileNotFoundError(f"{name} not found in the nvidia-* wheels or on PATH "
+                                "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    return found[0]
+
+
+def _run(*command: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def toolchain() -> dict[str, str]:
+    """The versions the figures depend on."""
+    def release(tool: str) -> str:
+        return re.search(r"V(\d+\.\d+\.\d+)", _run(tool, "--version")).group(1)
+
+    return {"nvcc": release("nvcc"), "ptxas": release("ptxas"), "cuobjdump": release(cuda_tool("cuobjdump")),
+            "numba_cuda": importlib.metadata.version("numba-cuda")}
+
+
+# ----------------------------------------------------------------------------- what the shipped build compiles
+
+
+def shipped_archs(root: Path = ROOT) -> list[str]:
+    """GPUBP_CUDA_ARCHS from CMakeLists.txt: the one list of architectures we ship."""
+    match = re.search(r"set\(GPUBP_CUDA_ARCHS ([0-9 ]+)\)", (root / "CMakeLists.txt").read_text())
+    return match.group(1).split()
+
+
+def uses_tensor_cores(unit: str, kernel_dir: Path = KERNELS) -> bool:
+    """Whether ``<kernel_dir>/<unit>`` reaches mma.cuh, directly or through another header."""
+    return '#line 1 "mma.cuh"' in cupy_backend.kernel_source(unit, kernel_dir)
+
+
+def front_end_arch(unit: str, kernel_dir: Path = KERNELS) -> str:
+    """The virtual architecture CMakeLists.txt compiles ``unit``'s sm_80-and-newer SASS from."""
+    return "compute_80" if uses_tensor_cores(unit, kernel_dir) else f"compute_{shipped_archs()[0]}"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def occupancy(registers: int, smem_bytes: int, threads: int, arch: Arch) -> tuple[int, str]:
+    """(resident warps per SM, the limit that binds) for blocks of ``threads`` threads."""
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // arch.register_unit) * arch.register_unit
+    per_block_smem = -(-(smem_bytes + arch.smem_reserved) // arch.smem_unit) * arch.smem_unit
+    blocks = {
+        "warps": arch.max_warps // warps,
+        "blocks": arch.max_blocks,
+        "registers": (arch.registers // arch.sub_partitions // per_warp) * arch.sub_partitions // warps,
+        "shared memory": arch.smem // per_block_smem,
+    }
+    # The launch check takes a block's warps as if spread over every sub-partition.
+    if per_warp * -(-warps // arch.sub_partitions) * arch.sub_partitions > arch.max_registers_per_block:
+        blocks["registers"] = 0
+    limit = min(blocks, key=blocks.get)
+    return blocks[limit] * warps, limit
+
+
+def hmma_cycles(opcode: str, arch: Arch) -> float:
+    """Cycles one HMMA keeps a sub-partition's tensor core busy at the dense peak."""
+    parts = opcode.split(".")
+    shape, operands = parts[1], parts[-1]
+    if shape not in HMMA_SHAPES or operands not in arch.tensor_flops:
+        raise ValueError(f"{opcode}: no tensor-core rate for shape {shape!r} with {operands!r} operands on {arch.name}")
+    m, n, k = HMMA_SHAPES[shape]
+    return 2 * m * n * k / arch.tensor_flops[operands]
+
+
+def issue_ceiling(mix: dict, arch: Arch) -> float:
+    """The fraction of the fp32 (no HMMA) or tensor-core peak the loop can sustain at one issue
+    per cycle per sub-partition (see the module docstring)."""
+    if mix["hmma"]:
+        busy = sum(n * hmma_cycles(opcode, arch) for opcode, n in mix["hmma_by_shape"].items())
+    else:
+        busy = mix["ffma"] * arch.ffma_cycles
+    return busy / max(mix["instructions"], busy)
+
+
+def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], threads: int | None, arch: Arch) -> dict:
+    """The model's figures for one compiled kernel (memory figures not included)."""
+    loop = sass.hot_loop(code)
+    hot = None
+    if loop is not None:
+        mix = sass.instruction_mix(loop.body)
+        hot = {
+            "address": f"{loop.start:#06x}-{loop.end:#06x}",
+            "instructions": mix["instructions"],
+            "ffma": mix["ffma"],
+            "hmma": mix["hmma"],
+            "ffma_share": round(mix["ffma"] / mix["instructions"], 4),
+            "instr_per_hmma": round(mix["instructions"] / mix["hmma"], 2) if mix["hmma"] else None,
+            **{kind: mix[kind] for kind in ("lds", "ldsm", "sts", "ldg", "ldgsts", "stg", "other")},
+            "hmma_by_shape": mix["hmma_by_shape"],
+        }
+    warps, limit = occupancy(resources.registers, resources.smem_bytes, threads, arch) if threads else (None, None)
+    return {
+        "threads": threads,
+        "registers": resources.registers,
+        "spill_bytes": resources.spill_stores + resources.spill_loads,
+        "stack_bytes": resources.stack_frame,
+        "smem_bytes": resources.smem_bytes,
+        "occupancy_warps": warps,
+        "occupancy_limit": limit,
+        "peak": "tensor" if any(i.base == "HMMA" for i in code) else "fp32",
+        "hot_loop": hot,
+        "issue_ceiling": round(issue_ceiling(hot, arch), 4) if hot else None,
+    }
+
+
+def read_cubin(cubin: Path, ptxas_log: str, arch: Arch, threads: int | None = None) -> dict[str, dict]:
+    """Figures of every entry function of one cubin; ``threads`` is the block size of kernels
+    that have no ``__launch_bounds__``."""
+    cuobjdump = cuda_tool("cuobjdump")
+    code = sass.sass_functions(_run(cuobjdump, "-sass", str(cubin)))
+    bounds = sass.max_threads(_run(cuobjdump, "-elf", str(cubin)))
+    return {name: kernel_figures(resources, code[name], bounds.get(name, threads), arch)
+            for name, resources in sass.ptxas_resources(ptxas_log).items()}
+
+
+def assemble(ptx: Path, arch: Arch, threads: int | None = None) -> dict[str, dict]:
+    """ptxas for ``arch`` (the shipped build's default optimization), then ``read_cubin``."""
+    cubin = ptx.with_suffix(f".{arch.name}.cubin")
+    log = _run("ptxas", f"-arch={arch.name}", "-v", "-o", str(cubin), str(ptx))
+    return read_cubin(cubin, log, arch, threads)
+
+
+# ----------------------------------------------------------------------------- compiling, cached
+
+
+def _model_code() -> list[bytes]:
+    return [Path(path).read_bytes() for path in (__file__, sass.__file__, numba_variants.__file__)]
+
+
+def _cached(parts: list, compute):
+    """``compute()``'s JSON result, kept in the temporary folder under a hash of ``parts``."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+        digest.update(b"\0")
+    path = CACHE / f"{digest.hexdigest()}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(result))
+    os.replace(partial, path)
+    return result
+
+
+def cuda_unit(unit: str, kernel_dir: Path = KERNELS, archs: tuple[str, ...] = CUDA_ARCHS,
+              tools: dict | None = None) -> dict[str, dict[str, dict]]:
+    """{arch: {kernel: figures}} for one ``kernels/*.cu`` file."""
+    tools = tools or toolchain()
+    sources = [p.read_bytes() for p in sorted(kernel_dir.iterdir()) if p.suffix in (".cu", ".cuh")]
+    virtual = front_end_arch(unit, kernel_dir)
+
+    def compute():
+        with tempfile.TemporaryDirectory(prefix="gpubp-kernel-model-") as folder:
+            ptx = Path(folder) / unit.replace(".cu", ".ptx")
+            _run("nvcc", "-ptx", "-std=c++17", f"-arch={virtual}", "-o", str(ptx), str(kernel_dir / unit))
+            return {arch: assemble(ptx, ARCHS[arch]) for arch in archs}
+
+    return _cached([unit, virtual, list(archs), tools, *sources, *_model_code()], compute)
+
+
+def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
+    """{variant name: figures} for every Numba kernel variant, on PRIMARY_ARCH."""
+    package = [p.read_bytes() for p in sorted((ROOT / "gpubp").rglob("*.py"))]
+    arch = ARCHS[PRIMARY_ARCH]
+
+    def compute():
+        variants = numba_variants.variants()
+        ptx = numba_variants.compile_ptx(variants, arch.cc, jobs)
+        with tempfile.TemporaryDirectory(prefix="gpubp-kernel-model-") as folder, ThreadPoolExecutor(jobs) as pool:
+            def one(index_variant):
+                index, variant = index_variant
+                path = Path(folder) / f"variant{index}.ptx"
+                path.write_text(ptx[variant.name])
+                (figures,) = assemble(path, arch, variant.threads).values()  # one kernel per Numba PTX module
+                return variant.name, figures
+
+            return dict(pool.map(one, enumerate(variants)))
+
+    return _cached(["numba", tools, *package, *_model_code()], compute)
+
+
+# ----------------------------------------------------------------------------- memory figures
+
+
+def memory_figures(kernel_dir: Path) -> tuple[dict[str, dict], str | None]:
+    """The access profiler's figures per CUDA C++ kernel, or ({}, why there are none)."""
+    if not ACCESS_PROFILER.is_file():
+        return {}, f"the access profiler ({ACCESS_PROFILER.relative_to(ROOT)}) is not in this tree"
+    sys.path.insert(0, str(ACCESS_PROFILER.parents[1]))
+    try:
+        from cuda_on_cpu import access_profile
+    finally:
+        sys.path.remove(str(ACCESS_PROFILER.parents[1]))
+    return access_profile.profile_kernels(kernel_dir), None
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tuple[str, ...] = CUDA_ARCHS) -> dict:
+    """Compile and model every kernel in ``kernel_dir`` for ``archs`` (PRIMARY_ARCH first) and
+    every Numba backend kernel (only where numba-cuda finds libNVVM; ``numba_unavailable`` says
+    why not)."""
+    kernel_dir = Path(kernel_dir).resolve()
+    if kernel_dir.name != "kernels":
+        raise ValueError(f"kernel_dir: expected a folder named kernels (its sha256 is taken as "
+                         f"bench/gpu_summary.py takes it), got {kernel_dir}")
+    jobs = jobs or os.cpu_count() or 1
+    tools = toolchain()
+    units = sorted((p.name for p in kernel_dir.glob("*.cu")), key=lambda u: -(kernel_dir / u).stat().st_size)
+    with ThreadPoolExecutor(jobs) as pool:
+        numba_done = pool.submit(numba_kernels, tools, jobs)
+        per_unit = {unit: pool.submit(cuda_unit, unit, kernel_dir, archs, tools) for unit in units}
+        memory, memory_missing = memory_figures(kernel_dir)
+        by_arch: dict[str, dict] = {arch: {} for arch in archs}
+        for unit in sorted(per_unit):
+            for arch, kernels in per_unit[unit].result().items():
+                by_arch[arch].update({name: {"source": unit, **figures} for name, figures in kernels.items()})
+        try:
+            numba_figures, numba_missing = numba_done.result(), None
+        except numba_variants.NVVMUnavailable as exc:
+            numba_figures, numba_missing = {}, str(exc)
+    for name, figures in by_arch[PRIMARY_ARCH].items():
+        profile = memory.get(name, {})
+        figures.update({field: profile.get(field) for field in MEMORY_FIELDS})
+    for name, figures in numba_figures.items():
+        by_arch[PRIMARY_ARCH][name] = {"source": NUMBA_SOURCE, **figures, **dict.fromkeys(MEMORY_FIELDS)}
+    return {
+        "kernels_sha256": kernels_sha256(kernel_dir.parent),
+        "arch": PRIMARY_ARCH,
+        "toolchain": tools,
+        "numba_unavailable": numba_missing,
+        "memory_figures": memory_missing or f"from {ACCESS_PROFILER.relative_to(ROOT)} (CUDA C++ kernels only; "
+                                            "the profiler does not run Numba kernels)",
+        "kernels": dict(sorted(by_arch[PRIMARY_ARCH].items())),
+        "other_archs": {arch: dict(sorted(by_arch[arch].items())) for arch in archs if arch != PRIMARY_ARCH},
+    }
+
+
+def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> list[tuple[str, str]]:
+    """Why ``fresh`` is worse than ``committed``, as (kind, message) pairs; empty when it is not.
+
+    Kinds: "spill" (a fresh kernel spills), "unlisted" (a kernel one report names and the other
+    does not: the committed report needs a re-run), "worse" (a figure worse than the committed
+    one by more than ``tolerance``, relative; compared where the committed report has it)."""
+    problems = []
+    sections = [(fresh["arch"], committed["kernels"], fresh["kernels"])]
+    sections += [(arch, committed["other_archs"].get(arch, {}), kernels) for arch, kernels in fresh["other_archs"].items()]
+    rerun = "run bench/kernel_model.py and commit its report"
+    for arch, old, new in sections:
+        problems += [("spill", f"{name} ({arch}) spills {k['spill_bytes']} bytes")
+                     for name, k in sorted(new.items()) if k["spill_bytes"]]
+        problems += [("unlisted", f"{name} ({arch}) is not in the committed report: {rerun}")
+                     for name in sorted(set(new) - set(old))]
+        problems += [("unlisted", f"{name} ({arch}) is in the committed report but was not built: {rerun}")
+                     for name in sorted(set(old) - set(new))]
+        for name in sorted(set(old) & set(new)):
+            for field in ("issue_ceiling", *MEMORY_FIELDS):
+                was, now = old[name].get(field), new[name].get(field)
+                if was is None:
+                    continue
+                if now is None:
+                    problems.append(("worse", f"{name} ({arch}) {field}: {was} in the committed report, now unmeasured"))
+                elif field in HIGHER_IS_BETTER and now < was * (1 - tolerance):
+                    problems.append(("worse", f"{name} ({arch}) {field} fell from {was} to {now}"))
+                elif field not in HIGHER_IS_BETTER and now > was * (1 + tolerance):
+                    problems.append(("worse", f"{name} ({arch}) {field} rose from {was} to {now}"))
+    return problems
+
+
+def _ordered(kernels: dict) -> tuple[list[str], list[str]]:
+    """(the speed goals' kernels in SPEED_GOALS order, every other kernel by name)."""
+    goals = []
+    for pattern in SPEED_GOALS:
+        goals += [name for name in sorted(kernels) if re.fullmatch(pattern, name) and name not in goals]
+    return goals, [name for name in sorted(kernels) if name not in goals]
+
+
+def _cell(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+TABLE_HEAD = ("| kernel | threads | regs | spill B | smem B | warps/SM | loop instr | FFMA | HMMA | LDS+LDSM | LDG+LDGSTS "
+              "| FFMA share | instr/HMMA | ceiling | smem wavefronts/req | ld eff | st eff |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _hmma_cell(loop: dict) -> str:
+    """"8 (1688 tf32)": the loop's HMMA and their shapes."""
+    if not loop.get("hmma"):
+        return _cell(loop.get("hmma"))
+    shapes = " + ".join(f"{opcode.split('.')[1]} {opcode.split('.')[-1].lower()}" for opcode in loop["hmma_by_shape"])
+    return f"{loop['hmma']} ({shapes})"
+
+
+def table_row(name: str, k: dict) -> str:
+    loop = k["hot_loop"] or {}
+    memory = [_cell(k.get(f)) for f in MEMORY_FIELDS] if k["source"] != NUMBA_SOURCE else ["n/a"] * 3
+    cells = [f"`{name}`", _cell(k["threads"]), _cell(k["registers"]), _cell(k["spill_bytes"]), _cell(k["smem_bytes"]),
+             _cell(k["occupancy_warps"]), _cell(loop.get("instructions")), _cell(loop.get("ffma")),
+             _hmma_cell(loop),
+             _cell(loop["lds"] + loop["ldsm"] if loop else None), _cell(loop["ldg"] + loop["ldgsts"] if loop else None),
+             _cell(loop.get("ffma_share")), _cell(loop.get("instr_per_hmma"), 1),
+             _cell(k["issue_ceiling"]) + (" tc" if k["peak"] == "tensor" else ""), *memory]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict) -> str:
+    kernels = report["kernels"]
+    goals, rest = _ordered(kernels)
+    tools = report["toolchain"]
+    lines = [
+        "# Kernel model: what the compiler made of each kernel",
+        "",
+        f"Written by `python bench/kernel_model.py` for kernels sha256 `{report['kernels_sha256'][:16]}...`, "
+        f"nvcc {tools['nvcc']}, numba-cuda {tools['numba_cuda']}; no GPU involved. Figures for "
+        f"{report['arch']} (H100) unless named; see the docstring of `bench/kernel_model.py` for every formula.",
+        "",
+        "- **warps/SM**: theoretical occupancy for the kernel's launch shape (`threads` per block).",
+        "- **loop**: the hot loop in the SASS (tensor-core kernels: the smallest loop holding an HMMA; others: the "
+        "innermost loop with the most FFMA), static counts per pass.",
+        "- **ceiling**: the largest fraction of the fp32 peak (or, marked `tc`, the dense tensor-core peak) that loop "
+        "can sustain at one instruction issued per cycle per sub-partition. A bound, not a prediction.",
+        f"- **memory** (wavefronts per shared request, global load and store efficiency): {report['memory_figures']}. "
+        "`n/a`: Numba kernels, which the profiler does not run.",
+        *([f"- **Numba kernels**: not compiled here: {report['numba_unavailable']}."]
+          if report["numba_unavailable"] else []),
+        "",
+        "## The kernels the speed goals are about",
+        "",
+        TABLE_HEAD,
+        *[table_row(name, kernels[name]) for name in goals],
+        "",
+        f"## Every other kernel ({report['arch']})",
+        "",
+        TABLE_HEAD,
+        *[table_row(name, kernels[name]) for name in rest],
+    ]
+    for arch, others in report["other_archs"].items():
+        lines += ["", f"## {arch} (A100): the CUDA C++ kernels", "",
+                  "| kernel | regs | spill B | smem B | warps/SM | loop instr | ceiling |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in sum(_ordered(others), []):
+            k = others[name]
+            lines.append(f"| `{name}` | {k['registers']} | {k['spill_bytes']} | {k['smem_bytes']} | "
+                         f"{_cell(k['occupancy_warps'])} | {_cell((k['hot_loop'] or {}).get('instructions'))} | "
+                         f"{_cell(k['issue_ceiling'])}{' tc' if k['peak'] == 'tensor' else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: Path) -> None:
+    """``out`` (JSON) and the same name with ``.md`` (the tables)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel-dir", type=Path, default=KERNELS, help="the CUDA sources (a folder named kernels)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernel_model.json",
+                        help="the JSON report; the tables go next to it with .md")
+    parser.add_argument("--jobs", type=int, default=None, help="compilations at once (default: CPU count)")
+    args = parser.parse_args(argv)
+    report = build_report(args.kernel_dir, args.jobs)
+    write(report, args.out)
+    print(f"{len(report['kernels'])} kernels -> {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Read what the compiler made of a kernel: ptxas's resource report, a cubin's SASS and its
+``.nv.info`` attributes, and find each kernel's hot loop in the SASS.
+
+The readers take the text the tools print, so they are tested on planted sources
+(``tests/test_kernel_model.py``) without anything but the CUDA compiler:
+
+- ``ptxas_resources(log)``: ``ptxas -v``'s per-function registers, spill stores and loads,
+  stack frame and static shared memory;
+- ``sass_functions(text)``: ``cuobjdump -sass`` as a list of ``Instruction`` per function
+  (address, predicate, opcode, branch target);
+- ``max_threads(text)``: ``cuobjdump -elf``'s ``EIATTR_MAX_THREADS`` per function, the block
+  size ``__launch_bounds__`` promised (kernels without launch bounds have none);
+- ``loops(code)``: the loops of a function from its backward branches. A branch at address
+  ``b`` to a target ``t < b`` closes the loop ``[t, b]``; branches back to one target (a
+  ``continue``) make one loop, ending at the last of them. A branch to itself is not a loop:
+  every function ends with one, after its last ``EXIT``, that never runs. The loop body is every
+  instruction in that address range, both sides of any forward branch inside it included,
+  so counts are static: what one pass issues when every guarded path runs;
+- ``hot_loop(code)``: for a kernel with HMMA, the smallest loop holding one; otherwise the
+  innermost loop (one holding no other) with the most FFMA, ties to the larger loop (an
+  unrolled main loop rather than its remainder). Where some innermost loop reads shared
+  memory, only those count: a tiled kernel's main loop feeds its FFMA from shared memory,
+  while an epilogue loop the compiler left rolled (Numba's dense forward with sigmoid runs
+  one over its 64 accumulators, with more FFMA than the main loop) reads none;
+- ``instruction_mix(body)``: the loop's instructions by kind.
+
+SASS is not a documented language: opcodes are read by their base name (the part before the
+first dot), and only the few that the model names are told apart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------- ptxas -v
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+_PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+@dataclass(frozen=True)
+class Resources:
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_frame: int  # bytes of local memory per thread (spills and local arrays)
+    smem_bytes: int  # static shared memory per block
+
+
+def ptxas_resources(log: str) -> dict[str, Resources]:
+    """Per entry function, what ``ptxas -v`` reported (one architecture's log). The log gives
+    each function's properties (stack frame, spills) after its name, and each entry's
+    registers and shared memory after "Compiling entry function"."""
+    frames: dict[str, list[int]] = {}
+    found = {}
+    entry = properties_of = None
+    for line in log.splitlines():
+        if match := _PTXAS_ENTRY.search(line):
+            entry = match.group(1)
+        elif match := _PTXAS_PROPERTIES.search(line):
+            properties_of = match.group(1)
+        elif match := _PTXAS_FRAME.search(line):
+            frames[properties_of] = [int(g) for g in match.groups()]
+        elif (match := _PTXAS_USED.search(line)) and entry:
+            stack, spill_stores, spill_loads = frames[entry]
+            found[entry] = Resources(registers=int(match.group(1)), spill_stores=spill_stores,
+                                     spill_loads=spill_loads, stack_frame=stack, smem_bytes=int(match.group(2) or 0))
+            entry = None
+    return found
+
+
+# ----------------------------------------------------------------------------- SASS
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    predicate: str  # "" when unconditional, else e.g. "@!P0"
+    opcode: str  # with its modifiers: "HMMA.1688.F32.TF32"
+    target: int | None  # the branch target, for BRA and JMP
+
+    @property
+    def base(self) -> str:
+        return self.opcode.partition(".")[0]
+
+
+_FUNCTION = re.compile(r"^\s*Function : (\S+)")
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCHES = ("BRA", "JMP")
+_TARGET = re.compile(r"0x([0-9a-f]+)\s*$")
+
+
+def sass_functions(text: str) -> dict[str, list[Instruction]]:
+    """``cuobjdump -sass`` of one cubin -> the instructions of each function, in address order."""
+    functions: dict[str, list[Instruction]] = {}
+    code: list[Instruction] | None = None
+    for line in text.splitlines():
+        if match := _FUNCTION.match(line):
+            code = functions.setdefault(match.group(1), [])
+        elif code is not None and (match := _INSTRUCTION.match(line)):
+            address, predicate, opcode, operands = match.groups()
+            target = None
+            if opcode.partition(".")[0] in _BRANCHES and (jump := _TARGET.search(operands.strip())):
+                target = int(jump.group(1), 16)
+            code.append(Instruction(int(address, 16), (predicate or "").strip(), opcode, target))
+    return functions
+
+
+# ----------------------------------------------------------------------------- .nv.info
+
+_NV_INFO = re.compile(r"^\.nv\.info\.(\S+)")
+_MAX_THREADS = re.compile(r"Attribute:\s+EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) "
+                          r"(0x[0-9a-f]+)")
+
+
+def max_threads(elf_text: str) -> dict[str, int]:
+    """``cuobjdump -elf``: the block size each function's ``__launch_bounds__`` allows (x*y*z)."""
+    found = {}
+    sections = re.split(r"(?m)^(?=\.nv\.info\.)", elf_text)
+    for section in sections:
+        head = _NV_INFO.match(section)
+        bounds = _MAX_THREADS.search(section)
+        if head and bounds:
+            x, y, z = (int(v, 16) for v in bounds.groups())
+            found[head.group(1)] = x * y * z
+    return found
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+@dataclass(frozen=True)
+class Loop:
+    start: int  # address of its first instruction (the backward branches' target)
+    end: int  # address of its last backward branch
+    body: tuple[Instruction, ...]
+
+    def contains(self, other: Loop) -> bool:
+        return self != other and self.start <= other.start and other.end <= self.end
+
+
+def loops(code: list[Instruction]) -> list[Loop]:
+    """Every loop closed by a backward branch, outermost first where they nest."""
+    ends: dict[int, int] = {}
+    for ins in code:
+        if ins.target is not None and ins.target < ins.address:
+            ends[ins.target] = max(ends.get(ins.target, ins.target), ins.address)
+    found = [Loop(start, end, tuple(i for i in code if start <= i.address <= end)) for start, end in ends.items()]
+    return sorted(found, key=lambda loop: (loop.start, -loop.end))
+
+
+def innermost(found: list[Loop]) -> list[Loop]:
+    return [loop for loop in found if not any(loop.contains(other) for other in found)]
+
+
+def hot_loop(code: list[Instruction]) -> Loop | None:
+    """The loop that bounds a kernel's throughput (see the module docstring), or None."""
+    found = loops(code)
+    with_mma = [loop for loop in found if any(i.base == "HMMA" for i in loop.body)]
+    if with_mma:
+        return min(with_mma, key=lambda loop: (len(loop.body), loop.start))
+    candidates = innermost(found)
+    if not candidates:
+        return None
+    tiled = [loop for loop in candidates if any(i.base in ("LDS", "LDSM") for i in loop.body)]
+    return max(tiled or candidates, key=lambda loop: (count(loop.body, "FFMA"), len(loop.body), -loop.start))
+
+
+def count(body, base: str) -> int:
+    return sum(1 for i in body if i.base == base)
+
+
+# Opcodes the mix names; everything else issued (integer, control, conversions, ...) is "other".
+MIX_KINDS = ("FFMA", "HMMA", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "STG")
+
+
+def instruction_mix(body) -> dict:
+    """Counts of the loop body's instructions: ``instructions`` (all but NOP, which pads and is
+    not issued work), one count per ``MIX_KINDS`` entry in lower case, ``other``, and
+    ``hmma_by_shape`` ({"HMMA.1688.F32.TF32": n, ...})."""
+    issued = [i for i in body if i.base != "NOP"]
+    bases = Counter(i.base for i in issued)
+    mix = {"instructions": len(issued)}
+    for kind in MIX_KINDS:
+        mix[kind.lower()] = bases[kind]
+    mix["other"] = len(issued) - sum(bases[kind] for kind in MIX_KINDS)
+    mix["hmma_by_shape"] = dict(sorted(Counter(i.opcode for i in issued if i.base == "HMMA").items()))
+    return mix

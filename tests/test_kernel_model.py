@@ -1,0 +1,343 @@
+"""The static performance model (bench/kernel_model.py): speed regressions fail CI like wrong results.
+
+The shipped kernels and every Numba kernel variant are compiled as the model compiles them,
+for sm_90, and compared by name with the committed report, ``bench/results/kernel_model.json``:
+a spill, a kernel one report names and the other does not, or a hot-loop ceiling or memory
+figure worse than the committed one fails. The model's figures are static counts, not timings.
+The report's sm_80 figures are not rebuilt here, to keep CI short; an sm_80 spill fails the
+CMake build of tests/test_kernels_compile.py.
+
+The SASS reader is shown not to be blind on planted sources whose answers are known: loops
+with a known FFMA or HMMA count, nested and sibling loops, a kernel that spills, a kernel
+without launch bounds. Skipped, with the reason, when nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_gpu_check_scripts import load
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "bench" / "results" / "kernel_model.json"
+NVCC = shutil.which("nvcc")
+NO_NVCC = "nvcc not found on PATH: cannot compile the CUDA kernels"
+
+km = load("kernel_model")
+numba_variants = load("numba_variants")
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads(COMMITTED.read_text())
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict:
+    if NVCC is None:
+        pytest.skip(NO_NVCC)
+    return km.build_report(archs=(km.PRIMARY_ARCH,))
+
+
+def comparable(committed: dict, fresh: dict) -> dict:
+    """The committed report without its Numba kernels where this machine cannot compile them."""
+    if not fresh["numba_unavailable"]:
+        return committed
+    kernels = {name: k for name, k in committed["kernels"].items() if not name.startswith(numba_variants.PREFIX)}
+    return {**committed, "kernels": kernels}
+
+
+def problems_of(kind: str, committed: dict, fresh: dict) -> list[str]:
+    return [message for found, message in km.regressions(comparable(committed, fresh), fresh) if found == kind]
+
+
+# ----------------------------------------------------------------------------- the shipped kernels
+
+
+def toolchains(committed: dict, fresh: dict) -> str:
+    return f"toolchain of the committed report: {committed['toolchain']}; here: {fresh['toolchain']}"
+
+
+def test_no_kernel_spills(committed, fresh):
+    assert problems_of("spill", committed, fresh) == [], toolchains(committed, fresh)
+
+
+def test_the_committed_report_names_every_kernel_and_nothing_else(committed, fresh):
+    assert problems_of("unlisted", committed, fresh) == [], toolchains(committed, fresh)
+
+
+def test_no_hot_loop_ceiling_or_memory_figure_is_worse_than_committed(committed, fresh):
+    assert problems_of("worse", committed, fresh) == [], toolchains(committed, fresh)
+
+
+def test_every_numba_variant_is_modelled(fresh):
+    if fresh["numba_unavailable"]:
+        pytest.skip(f"the Numba kernels cannot be compiled here: {fresh['numba_unavailable']}")
+    numba = {name: k for name, k in fresh["kernels"].items() if name.startswith(numba_variants.PREFIX)}
+    assert numba
+    assert all(k["hot_loop"] and k["occupancy_warps"] for k in numba.values())
+
+
+def test_the_committed_tables_are_written_from_the_committed_json(committed):
+    assert COMMITTED.with_suffix(".md").read_text() == km.markdown(committed)
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+
+def report(**kernels) -> dict:
+    return {"arch": "sm_90", "kernels": kernels, "other_archs": {"sm_80": {}}}
+
+
+def figures(ceiling=0.5, spill=0, **memory) -> dict:
+    return {"spill_bytes": spill, "issue_ceiling": ceiling, **dict.fromkeys(km.MEMORY_FIELDS), **memory}
+
+
+def test_regressions_fail_a_ceiling_beyond_the_tolerance_only():
+    old = report(k=figures(0.50))
+    assert km.regressions(old, report(k=figures(0.50 * (1 - km.TOLERANCE / 2)))) == []
+    assert km.regressions(old, report(k=figures(0.52))) == []
+    ((kind, message),) = km.regressions(old, report(k=figures(0.50 * (1 - 2 * km.TOLERANCE))))
+    assert kind == "worse" and "k (sm_90) issue_ceiling fell" in message
+
+
+def test_regressions_fail_a_spill_and_kernels_that_one_report_lacks():
+    problems = km.regressions(report(a=figures(), b=figures()), report(b=figures(spill=8), c=figures()))
+    assert sorted(kind for kind, _ in problems) == ["spill", "unlisted", "unlisted"]
+    assert any("c (sm_90) is not in the committed report" in message for _, message in problems)
+    assert any("a (sm_90) is in the committed report but was not built" in message for _, message in problems)
+
+
+def test_regressions_compare_memory_figures_once_the_committed_report_has_them():
+    unmeasured = report(k=figures())
+    measured = figures(shared_wavefronts_per_request=1.0, global_load_efficiency=0.9, global_store_efficiency=1.0)
+    assert km.regressions(unmeasured, report(k=measured)) == []
+    conflicts = dict(measured, shared_wavefronts_per_request=2.0)
+    uncoalesced = dict(measured, global_load_efficiency=0.5)
+    assert "wavefronts_per_request rose" in km.regressions(report(k=measured), report(k=conflicts))[0][1]
+    assert "global_load_efficiency fell" in km.regressions(report(k=measured), report(k=uncoalesced))[0][1]
+    assert "now unmeasured" in km.regressions(report(k=measured), unmeasured)[0][1]
+
+
+# ----------------------------------------------------------------------------- the model's formulas
+
+
+@pytest.mark.parametrize("registers, smem, threads, expected", [
+    (128, 16896, 256, (16, "registers")),  # 4096 registers a warp: 4 warps per sub-partition, 2 blocks
+    (168, 8448, 64, (12, "registers")),  # 5376 a warp: 3 per sub-partition, 6 blocks of 2 warps
+    (32, 0, 256, (64, "warps")),
+    (16, 0, 32, (32, "blocks")),
+    (32, 100_000, 128, (8, "shared memory")),  # 101 120 bytes with the reserved KiB: 2 blocks in 228 KiB
+    (255, 0, 1024, (0, "registers")),  # 8192 registers a warp x 32 warps is past the 64K a block may hold
+])
+def test_occupancy_takes_the_tightest_of_the_four_limits(registers, smem, threads, expected):
+    assert km.occupancy(registers, smem, threads, km.ARCHS["sm_90"]) == expected
+
+
+def mix(instructions, ffma=0, **hmma_by_shape):
+    return {"instructions": instructions, "ffma": ffma, "hmma": sum(hmma_by_shape.values()),
+            "hmma_by_shape": {f"HMMA.{shape}": n for shape, n in hmma_by_shape.items()}}
+
+
+def test_the_fp32_ceiling_is_the_ffma_share_on_sm_90_and_twice_it_on_sm_80():
+    assert km.issue_ceiling(mix(100, ffma=40), km.ARCHS["sm_90"]) == 0.4
+    assert km.issue_ceiling(mix(100, ffma=40), km.ARCHS["sm_80"]) == 0.8
+    assert km.issue_ceiling(mix(100, ffma=60), km.ARCHS["sm_80"]) == 1.0
+
+
+def test_the_tensor_ceiling_counts_4_cycles_per_hmma_on_sm_90_and_8_on_sm_80():
+    two = {"1688.F32.TF32": 1, "16816.F32.BF16": 1}
+    assert km.issue_ceiling(mix(16, **two), km.ARCHS["sm_90"]) == 0.5
+    assert km.issue_ceiling(mix(16, **two), km.ARCHS["sm_80"]) == 1.0
+    assert km.issue_ceiling(mix(2, **two), km.ARCHS["sm_90"]) == 1.0
+    with pytest.raises(ValueError, match="no tensor-core rate"):
+        km.issue_ceiling(mix(16, **{"884.F32.F16": 1}), km.ARCHS["sm_90"])
+
+
+def test_numba_variants_are_named_by_origin_flags_and_differing_argument_types():
+    f32 = ("array", "float32", 2, "C")
+    entries = [
+        {"origin": ("factory", "_dense_dw_kernel", ("relu", True)), "types": [f32], "threads": 64,
+         "params": ["x"], "factory_params": ["act", "store_dz"]},
+        {"origin": ("factory", "_dense_dw_kernel", ("relu", False)), "types": [f32], "threads": 64,
+         "params": ["x"], "factory_params": ["act", "store_dz"]},
+        *({"origin": ("attribute", "_ce_kernel"), "types": [f32, ("array", labels, 1, "C")], "threads": 256,
+           "params": ["logits", "labels"], "factory_params": []} for labels in ("int32", "int64")),
+    ]
+    assert [v["name"] for v in numba_variants._named(entries)] == [
+        "numba:ce(labels=int32)", "numba:ce(labels=int64)", "numba:dense_dw[relu,store_dz]", "numba:dense_dw[relu]"]
+
+
+# ----------------------------------------------------------------------------- planted sources
+
+PLANTED_MMA_HEADER = r"""
+#pragma once
+// m16n8k8 TF32 mma.sync, as kernels/mma.cuh wraps it: including a header of this name is
+// what makes the build compile a file's front end for compute_80.
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+"""
+
+PLANTED_TENSOR = r"""
+#include "mma.cuh"
+// The outer loop holds 3 HMMA, the inner one 2 (two accumulators, so they cannot merge).
+extern "C" __global__ void __launch_bounds__(32) planted_mma_loops(float* out, const unsigned* in, int n, int m) {
+    const int lane = threadIdx.x;
+    unsigned a[4], b[2];
+    for (int r = 0; r < 4; ++r) a[r] = in[lane + 32 * r];
+    for (int r = 0; r < 2; ++r) b[r] = in[128 + lane + 32 * r];
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+    for (int j = 0; j < m; ++j) {
+        mma_tf32(d, a, b);
+#pragma unroll 1
+        for (int i = 0; i < n; ++i) {
+            mma_tf32(c, a, b);
+            mma_tf32(d, a, b);
+        }
+    }
+    for (int r = 0; r < 4; ++r) out[lane + 32 * r] = c[r] + d[r];
+}
+"""
+
+# Eight independent FMA chains: 8 FFMA per pass of a loop the compiler may not unroll.
+FMA_CHAINS = """
+#pragma unroll 1
+        for (int i = 0; i < n; ++i) {{
+#pragma unroll
+            for (int k = 0; k < {chains}; ++k) acc[k] = fmaf(acc[k], x[k], y);
+        }}"""
+
+PLANTED_SIMT = r"""
+#define LOAD_CHAINS(N)                                                              \
+    const int t = threadIdx.x;                                                      \
+    float acc[N], x[N];                                                             \
+    for (int k = 0; k < N; ++k) { acc[k] = in[t + 64 * k]; x[k] = in[t + 4096 + 64 * k]; } \
+    const float y = in[t + 8192];
+#define STORE_CHAINS(N)                                                             \
+    float sum = 0.f;                                                                \
+    for (int k = 0; k < N; ++k) sum += acc[k];                                      \
+    out[t] = sum;
+
+extern "C" __global__ void __launch_bounds__(64) planted_ffma_loop(float* out, const float* in, int n) {
+    LOAD_CHAINS(8)
+    {
+""" + FMA_CHAINS.format(chains=8) + r"""
+    }
+    STORE_CHAINS(8)
+}
+
+// An outer loop holding two inner loops (8 and 4 FFMA) and 2 FFMA of its own: the hot loop is
+// the innermost one with the most FFMA, not the outer loop that holds more. (The compiler also
+// makes a copy of the outer loop without the inner ones, for n < 1: an innermost loop of 2 FFMA.)
+extern "C" __global__ void __launch_bounds__(128) planted_nested_loops(float* out, const float* in, int n, int m) {
+    LOAD_CHAINS(8)
+#pragma unroll 1
+    for (int j = 0; j < m; ++j) {
+""" + FMA_CHAINS.format(chains=4) + FMA_CHAINS.format(chains=8) + r"""
+#pragma unroll
+        for (int k = 0; k < 2; ++k) acc[k] = fmaf(acc[k], y, x[k]);
+    }
+    STORE_CHAINS(8)
+}
+
+// A loop feeding 4 FFMA from shared memory (a tiled main loop) and a rolled loop of 8 FFMA on
+// registers (an epilogue): the hot loop is the one that reads shared memory.
+extern "C" __global__ void __launch_bounds__(64) planted_tile_and_epilogue(float* out, const float* in, int n) {
+    LOAD_CHAINS(8)
+    __shared__ float tile[256];
+    for (int k = 0; k < 4; ++k) tile[t + 64 * k] = in[t + 256 * k];
+    __syncthreads();
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[k] = fmaf(tile[(i + 64 * k + t) & 255], x[k], acc[k]);
+    }
+""" + FMA_CHAINS.format(chains=8) + r"""
+    STORE_CHAINS(8)
+}
+
+// 64 values live through the loop, with at most 32 registers (1024 threads x 2 blocks per SM).
+extern "C" __global__ void __launch_bounds__(1024, 2) planted_spill(float* out, const float* in, int n) {
+    LOAD_CHAINS(64)
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {
+#pragma unroll
+        for (int k = 0; k < 64; ++k) acc[k] = fmaf(acc[k], acc[(k + 1) % 64], x[k] * y);
+    }
+    STORE_CHAINS(64)
+}
+
+extern "C" __global__ void planted_unbounded(float* out, const float* in, int n) {
+    LOAD_CHAINS(8)
+    {
+""" + FMA_CHAINS.format(chains=8) + r"""
+    }
+    STORE_CHAINS(8)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict[str, dict]:
+    """The planted kernels' sm_90 figures, compiled as the model compiles kernels/."""
+    if NVCC is None:
+        pytest.skip(NO_NVCC)
+    kernels = tmp_path_factory.mktemp("planted") / "kernels"
+    kernels.mkdir()
+    (kernels / "mma.cuh").write_text(PLANTED_MMA_HEADER)
+    (kernels / "tensor.cu").write_text(PLANTED_TENSOR)
+    (kernels / "simt.cu").write_text(PLANTED_SIMT)
+    found = {}
+    for unit in ("simt.cu", "tensor.cu"):
+        found.update(km.cuda_unit(unit, kernels, archs=("sm_90",))["sm_90"])
+    return found
+
+
+def test_the_hot_loop_of_a_simple_loop_has_its_known_ffma_count(planted):
+    k = planted["planted_ffma_loop"]
+    loop = k["hot_loop"]
+    assert loop["ffma"] == 8
+    assert 8 < loop["instructions"] <= 8 + 4  # the counter's add, compare and branch
+    assert loop["ffma_share"] == round(8 / loop["instructions"], 4) == k["issue_ceiling"]
+    assert loop["hmma"] == 0 and loop["instr_per_hmma"] is None and k["peak"] == "fp32"
+
+
+def test_the_hot_loop_is_the_innermost_loop_with_the_most_ffma(planted):
+    assert planted["planted_nested_loops"]["hot_loop"]["ffma"] == 8
+
+
+def test_the_hot_loop_of_a_tiled_kernel_is_one_that_reads_shared_memory(planted):
+    loop = planted["planted_tile_and_epilogue"]["hot_loop"]
+    assert (loop["ffma"], loop["lds"]) == (4, 4)
+
+
+def test_a_tensor_core_kernels_hot_loop_is_the_smallest_loop_holding_an_hmma(planted):
+    k = planted["planted_mma_loops"]
+    loop = k["hot_loop"]
+    assert loop["hmma"] == 2 and loop["hmma_by_shape"] == {"HMMA.1688.F32.TF32": 2}
+    assert loop["instr_per_hmma"] == round(loop["instructions"] / 2, 2)
+    assert k["peak"] == "tensor" and k["issue_ceiling"] == round(min(1.0, 2 * 4 / loop["instructions"]), 4)
+
+
+def test_a_spilling_kernel_reports_its_spills_and_fails_the_comparison(planted):
+    k = planted["planted_spill"]
+    assert k["spill_bytes"] > 0 and k["registers"] <= 32
+    kinds = [kind for kind, _ in km.regressions(report(planted_spill=k), report(planted_spill=k))]
+    assert kinds == ["spill"]
+
+
+def test_the_launch_shape_is_read_from_launch_bounds(planted):
+    assert planted["planted_ffma_loop"]["threads"] == 64
+    assert planted["planted_nested_loops"]["threads"] == 128
+    assert planted["planted_spill"]["threads"] == 1024
+    assert planted["planted_unbounded"]["threads"] is None
+    assert planted["planted_unbounded"]["occupancy_warps"] is None
