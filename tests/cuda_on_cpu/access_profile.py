@@ -156,7 +156,7 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
     """name -> (description, simulated SMs, run(cb, rng)): together they launch every kernel."""
     def dense(precision, tile, sms):
         layers = ", ".join(f"{kernel} (batch, in, out) = {shape}" for kernel, shape in _gemm_layers(tile).items())
-        return (f"dense layers, every activation, {precision} on {sms} SMs: {layers}", sms,
+        return (f"dense layers in every activation, {precision}, {tile}x{tile} tiles, on {sms} SM(s): {layers}", sms,
                 _dense_layers(precision, tile))
 
     # One SM makes the backend pick the large fp32 tile for any shape, an H100 the small one here.
