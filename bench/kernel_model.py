@@ -543,8 +543,8 @@ def markdown(report: dict) -> str:
         "",
         "| kernel | line | space | access | bytes/lane | requests | per request | efficiency |",
         "|---|---|---|---|---:|---:|---:|---:|",
-        *[f"| `{name}` | {entry['line']} | {entry['kind']} | {entry['access']} | {entry['width']} | {entry['requests']} | "
-          f"{_cell(entry['per_request'])} | {_cell(entry['efficiency'], 3)} |"
+        *[f"| `{name}` | {entry['line']} | {entry['kind']} | {entry['access']} | {entry['width']} | "
+          f"{entry['requests']} | {_cell(entry['per_request'])} | {_cell(entry['efficiency'], 3)} |"
           for name in goals for entry in kernels[name]["memory_lines_below_ideal"] or []],
     ]
     for arch, others in report["other_archs"].items():

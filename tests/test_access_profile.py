@@ -230,6 +230,6 @@ def test_profile_kernels_reports_every_kernel_it_finds_with_every_figure(tmp_pat
 def test_a_kernel_no_workload_launches_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(access_profile, "WORKLOADS", LOSSES_AND_OPTIMIZERS)
     kernels = kernel_dir_with(tmp_path, ["loss.cu", "optim.cu"])
-    (kernels / "extra.cu").write_text('extern "C" __global__ void never_launched(float* p) { p[threadIdx.x] = 0.0f; }\n')
+    (kernels / "extra.cu").write_text('extern "C" __global__ void never_launched(float* p) { p[0] = 0.0f; }\n')
     with pytest.raises(RuntimeError, match=r"no workload .* launches never_launched \(extra\.cu\): add"):
         access_profile.profile_kernels(kernels)

@@ -22,7 +22,7 @@ Per kernel it returns, for that launch:
   launch reads and writes, the least DRAM traffic it can cause (the roofline's memory term);
 - ``launch``: the workload, grid, block and dynamic shared memory of the profiled launch;
 - ``lines``: per source line (the innermost frame in a kernel file, so an access inside an
-  inline helper counts at the helper's line, as Nsight's source view counts it; ``called_from``
+  inline function counts at that function's line, as Nsight's source view counts it; ``called_from``
   lists the kernel lines that called it), memory space (``kind``: shared or global) and ``access``
   (load or store): requests, wavefronts or sectors, their number per request, the efficiency
   (shared: ideal over actual wavefronts; global: as above), the access width and the requests

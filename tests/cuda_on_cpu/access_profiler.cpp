@@ -38,7 +38,7 @@
 //
 // Requests. A GPU issues one request per warp instruction, holding the active lanes'
 // addresses; here each CUDA thread runs on its own, so requests are rebuilt. A call site is
-// the access's return address with its three callers' (an inline helper called from two
+// the access's return address with its three callers' (an inline function called from two
 // places is two sites, as nvcc's inlining makes it two instructions); a lane's n-th execution
 // of a site in a block is its occurrence n; the lanes of one warp with the same (site, n) form
 // one request. That is the hardware's grouping whenever the lanes of a warp execute a site
