@@ -62,8 +62,14 @@ The model, per kernel:
 
 Memory figures. ``shared_wavefronts_per_request``, ``global_load_efficiency`` and
 ``global_store_efficiency`` come from the access profiler of the CPU kernel harness
-(``tests/cuda_on_cpu/access_profile.py``), through ``memory_figures``, for the CUDA C++
-kernels; they are null where the profiler is absent, and for Numba kernels, which it does not run.
+(``tests/cuda_on_cpu/access_profile.py``, whose docstring says what it counts and what it
+cannot see), through ``memory_figures``, for the CUDA C++ kernels, each from one launch of the
+profiler's workloads (``memory_workloads`` in the report); they are null where the profiler is
+absent, and for Numba kernels, which it does not run. Beside them, not compared in CI:
+``shared_ideal_wavefronts_per_request`` (the same bytes without bank conflicts: 4 for a
+conflict-free 16-byte access, so the ratio of the two is the conflict factor) and
+``memory_lines_below_ideal``, the source lines whose requests take more wavefronts than the
+ideal or use less than every byte of the sectors they move.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ PRIMARY_ARCH = "sm_90"
 CUDA_ARCHS = ("sm_90", "sm_80")  # the CUDA C++ kernels; Numba's are modelled for PRIMARY_ARCH only
 NUMBA_SOURCE = "numba_backend.py"
 MEMORY_FIELDS = ("shared_wavefronts_per_request", "global_load_efficiency", "global_store_efficiency")
+MEMORY_DETAILS = ("shared_ideal_wavefronts_per_request", "memory_lines_below_ideal")
 # Higher is better for these (the others: lower is better).
 HIGHER_IS_BETTER = ("issue_ceiling", "global_load_efficiency", "global_store_efficiency")
 # A fresh figure may be this much worse, relatively, than the committed one before CI fails:
@@ -356,16 +363,31 @@ def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- memory figures
 
 
-def memory_figures(kernel_dir: Path) -> tuple[dict[str, dict], str | None]:
-    """The access profiler's figures per CUDA C++ kernel, or ({}, why there are none)."""
+def memory_figures(kernel_dir: Path) -> tuple[dict[str, dict], list[str], str | None]:
+    """The access profiler's figures per CUDA C++ kernel and the descriptions of the workloads
+    it launched them in, or ({}, [], why there are none)."""
     if not ACCESS_PROFILER.is_file():
-        return {}, f"the access profiler ({ACCESS_PROFILER.relative_to(ROOT)}) is not in this tree"
+        return {}, [], f"the access profiler ({ACCESS_PROFILER.relative_to(ROOT)}) is not in this tree"
     sys.path.insert(0, str(ACCESS_PROFILER.parents[1]))
     try:
         from cuda_on_cpu import access_profile
     finally:
         sys.path.remove(str(ACCESS_PROFILER.parents[1]))
-    return access_profile.profile_kernels(kernel_dir), None
+    workloads = [description for description, _, _ in access_profile.WORKLOADS.values()]
+    return access_profile.profile_kernels(kernel_dir), workloads, None
+
+
+def memory_of(profile: dict) -> dict:
+    """The report's memory fields from one kernel's profile (all null for an empty one)."""
+    if not profile:
+        return dict.fromkeys(MEMORY_FIELDS + MEMORY_DETAILS)
+    below = [{"line": f"{entry['file']}:{entry['line']}", "kind": entry["kind"], "access": entry["access"],
+              "width": entry["width"], "requests": entry["requests"], "per_request": entry["per_request"],
+              "efficiency": entry["efficiency"]}
+             for entry in profile["lines"] if entry["efficiency"] < 1]
+    return {**{field: profile[field] for field in MEMORY_FIELDS},
+            "shared_ideal_wavefronts_per_request": profile["shared_ideal_wavefronts_per_request"],
+            "memory_lines_below_ideal": below}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -385,7 +407,7 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
     with ThreadPoolExecutor(jobs) as pool:
         numba_done = pool.submit(numba_kernels, tools, jobs)
         per_unit = {unit: pool.submit(cuda_unit, unit, kernel_dir, archs, tools) for unit in units}
-        memory, memory_missing = memory_figures(kernel_dir)
+        memory, memory_workloads, memory_missing = memory_figures(kernel_dir)
         by_arch: dict[str, dict] = {arch: {} for arch in archs}
         for unit in sorted(per_unit):
             for arch, kernels in per_unit[unit].result().items():
@@ -395,10 +417,9 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         except numba_variants.NVVMUnavailable as exc:
             numba_figures, numba_missing = {}, str(exc)
     for name, figures in by_arch[PRIMARY_ARCH].items():
-        profile = memory.get(name, {})
-        figures.update({field: profile.get(field) for field in MEMORY_FIELDS})
+        figures.update(memory_of(memory.get(name, {})))
     for name, figures in numba_figures.items():
-        by_arch[PRIMARY_ARCH][name] = {"source": NUMBA_SOURCE, **figures, **dict.fromkeys(MEMORY_FIELDS)}
+        by_arch[PRIMARY_ARCH][name] = {"source": NUMBA_SOURCE, **figures, **memory_of({})}
     return {
         "kernels_sha256": kernels_sha256(kernel_dir.parent),
         "arch": PRIMARY_ARCH,
@@ -406,6 +427,7 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         "numba_unavailable": numba_missing,
         "memory_figures": memory_missing or f"from {ACCESS_PROFILER.relative_to(ROOT)} (CUDA C++ kernels only; "
                                             "the profiler does not run Numba kernels)",
+        "memory_workloads": memory_workloads,
         "kernels": dict(sorted(by_arch[PRIMARY_ARCH].items())),
         "other_archs": {arch: dict(sorted(by_arch[arch].items())) for arch in archs if arch != PRIMARY_ARCH},
     }
@@ -459,8 +481,8 @@ def _cell(value, digits: int = 2) -> str:
 
 
 TABLE_HEAD = ("| kernel | threads | regs | spill B | smem B | warps/SM | loop instr | FFMA | HMMA | LDS+LDSM | LDG+LDGSTS "
-              "| FFMA share | instr/HMMA | ceiling | smem wavefronts/req | ld eff | st eff |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| FFMA share | instr/HMMA | ceiling | smem wavefronts/req | ideal | ld eff | st eff |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def _hmma_cell(loop: dict) -> str:
@@ -473,7 +495,9 @@ def _hmma_cell(loop: dict) -> str:
 
 def table_row(name: str, k: dict) -> str:
     loop = k["hot_loop"] or {}
-    memory = [_cell(k.get(f)) for f in MEMORY_FIELDS] if k["source"] != NUMBA_SOURCE else ["n/a"] * 3
+    wavefronts, load, store = MEMORY_FIELDS
+    memory = ([_cell(k.get(f)) for f in (wavefronts, "shared_ideal_wavefronts_per_request", load, store)]
+              if k["source"] != NUMBA_SOURCE else ["n/a"] * 4)
     cells = [f"`{name}`", _cell(k["threads"]), _cell(k["registers"]), _cell(k["spill_bytes"]), _cell(k["smem_bytes"]),
              _cell(k["occupancy_warps"]), _cell(loop.get("instructions")), _cell(loop.get("ffma")),
              _hmma_cell(loop),
@@ -499,8 +523,11 @@ def markdown(report: dict) -> str:
         "innermost loop with the most FFMA), static counts per pass.",
         "- **ceiling**: the largest fraction of the fp32 peak (or, marked `tc`, the dense tensor-core peak) that loop "
         "can sustain at one instruction issued per cycle per sub-partition. A bound, not a prediction.",
-        f"- **memory** (wavefronts per shared request, global load and store efficiency): {report['memory_figures']}. "
-        "`n/a`: Numba kernels, which the profiler does not run.",
+        f"- **memory** (wavefronts per shared request, their conflict-free ideal, global load and store efficiency: "
+        f"bytes used over bytes moved in 32-byte sectors): {report['memory_figures']}. "
+        "`n/a`: Numba kernels, which the profiler does not run."
+        + (" Each kernel is profiled in its first launch by one of these workloads: "
+           + "; ".join(report["memory_workloads"]) + "." if report["memory_workloads"] else ""),
         *([f"- **Numba kernels**: not compiled here: {report['numba_unavailable']}."]
           if report["numba_unavailable"] else []),
         "",
@@ -513,6 +540,18 @@ def markdown(report: dict) -> str:
         "",
         TABLE_HEAD,
         *[table_row(name, kernels[name]) for name in rest],
+        "",
+        "## Source lines below the memory ideal, in the kernels the speed goals are about",
+        "",
+        "Shared: more wavefronts per request than the same bytes need without bank conflicts (efficiency = ideal / "
+        "actual). Global: sectors moved that the request does not use in full (efficiency = bytes used / bytes "
+        "moved; a warp-uniform 4-byte read is 0.125).",
+        "",
+        "| kernel | line | space | access | bytes/lane | requests | per request | efficiency |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+        *[f"| `{name}` | {entry['line']} | {entry['kind']} | {entry['access']} | {entry['width']} | "
+          f"{entry['requests']} | {_cell(entry['per_request'])} | {_cell(entry['efficiency'], 3)} |"
+          for name in goals for entry in kernels[name]["memory_lines_below_ideal"] or []],
     ]
     for arch, others in report["other_archs"].items():
         lines += ["", f"## {arch} (A100): the CUDA C++ kernels", "",

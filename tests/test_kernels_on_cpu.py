@@ -84,7 +84,7 @@ def cupy_on_cpu(cpu_harness, monkeypatch, sms: int, version: int = 14):
     """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs (and the
     stream API of CuPy ``version``)."""
     monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms, version=version))
-    for cache in ("_rawmodules", "_functions", "_device_state", "origin"):
+    for cache in harness.BACKEND_CACHES:
         monkeypatch.setattr(cupy_backend, cache, {})
     # Models built with backend="cupy" get it too, whatever an earlier test found unavailable.
     monkeypatch.setitem(backends._modules, "cupy", cupy_backend)

@@ -1,7 +1,9 @@
 // CUDA C++ on the CPU: the subset of the CUDA programming model that kernels/*.cu use (and
 // the fused and tensor-core kernels after them), mapped onto C++20 so g++ compiles the
 // kernel sources unchanged and tests/cuda_on_cpu/harness.py runs them against the NumPy
-// backend, plain, under AddressSanitizer + UBSan, and under ThreadSanitizer.
+// backend, plain, under AddressSanitizer + UBSan, and under ThreadSanitizer; a fourth build,
+// profile, records every shared- and global-memory access for the memory-traffic figures of
+// access_profile.py (access_profiler.cpp says what it counts and how).
 //
 // Execution model (CUDA C++ Programming Guide, "Thread Hierarchy"): a launch runs its
 // blocks one after another, in an order the launcher chooses (natural or shuffled, so no
@@ -19,7 +21,8 @@
 //     ("Warp Shuffle Functions", "Warp Vote Functions").
 //   - A block whose threads all wait with none able to proceed is reported as a deadlock.
 //
-// Limits (what a GPU run still has to show): timing, coalescing and bank conflicts; real warp
+// Limits (what a GPU run still has to show): timing; coalescing and bank conflicts beyond the
+// profile build's model of them (access_profiler.cpp); real warp
 // scheduling (lanes here never run in lockstep, so warp-synchronous code without __syncwarp
 // fails here, which is right); the memory model beyond barriers and fences (a warp collective
 // orders memory among its lanes here, as only __syncwarp does on hardware, so a race hidden
@@ -36,7 +39,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 // ------------------------------------------------------------------ qualifiers (Programming
 // Guide, "Function Execution Space Specifiers", "Variable Memory Space Specifiers")
@@ -309,6 +314,60 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 }
 inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
+
+// ------------------------------------------------------------------ kernel registration
+// harness.py ends the unit that compiles a kernel source with one GPUBP_CPU_REGISTER(name) per
+// extern "C" kernel. It hands runtime.cpp's table the kernel's address, a function that calls
+// it with an array of pointers to its arguments, and its signature: one type code per
+// parameter, which harness.py checks each argument against. It lives here, not in the
+// runtime, so that a unit holding kernels needs only this header (the profile build compiles
+// the kernels and the runtime as separate units, see the top of this file).
+namespace gpubp_cpu {
+
+using Invoker = void (*)(void* fn, void** args);
+int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature);
+
+template <class T>
+constexpr const char* type_code() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, float>) return "f";
+    else if constexpr (std::is_same_v<U, double>) return "d";
+    else if constexpr (std::is_same_v<U, bool>) return "b";
+    else if constexpr (std::is_same_v<U, int>) return "i";
+    else if constexpr (std::is_same_v<U, unsigned int>) return "u";
+    else if constexpr (std::is_same_v<U, long long> || std::is_same_v<U, long>) return "l";
+    else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) return "L";
+    else if constexpr (std::is_same_v<U, short>) return "s";
+    else if constexpr (std::is_same_v<U, unsigned short>) return "S";
+    else if constexpr (std::is_same_v<U, signed char> || std::is_same_v<U, char>) return "c";
+    else if constexpr (std::is_same_v<U, unsigned char>) return "B";
+    else if constexpr (std::is_same_v<U, __half>) return "h";
+    else if constexpr (std::is_same_v<U, __nv_bfloat16>) return "H";
+    else return "?";
+}
+
+template <class T>
+std::string arg_code() {
+    if constexpr (std::is_pointer_v<T>) return std::string(type_code<std::remove_pointer_t<T>>()) + "*";
+    else return type_code<T>();
+}
+
+template <class... A, size_t... I>
+void invoke_with(void* fn, void** args, std::index_sequence<I...>) {
+    reinterpret_cast<void (*)(A...)>(fn)(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+}
+
+template <class... A>
+int register_kernel(const char* name, void (*fn)(A...)) {
+    std::string sig;
+    ((sig += (sig.empty() ? "" : ","), sig += arg_code<A>()), ...);
+    return add_kernel(name, reinterpret_cast<void*>(fn),
+                      [](void* f, void** args) { invoke_with<A...>(f, args, std::index_sequence_for<A...>{}); }, sig);
+}
+
+}  // namespace gpubp_cpu
+
+#define GPUBP_CPU_REGISTER(name) static const int gpubp_cpu_registered_##name = ::gpubp_cpu::register_kernel(#name, &name);
 
 // ------------------------------------------------------------------ tensor cores (PTX ISA,
 // "Warp Level Matrix Multiply-Accumulate Instructions": mma.sync.aligned). kernels/mma.cuh is

@@ -6,18 +6,23 @@ not). This module compiles a kernel source with the machine's g++ into a shared 
 cached by a hash of everything that goes into it, and launches its ``extern "C"`` kernels
 through ctypes with the argument lists the CuPy backend passes.
 
-Three modes, one per build:
+Four modes, one per build:
 
 - ``plain``: for parity against the NumPy backend;
-- ``asan``: AddressSanitizer + UBSan. Every device buffer is its own ``malloc`` of exactly
+- ``asan``: AddressSanitizer + UBSan. Every device buffer is its own allocation of exactly
   its size, so one element past the end (or before a deliberately offset view) is a
   heap-buffer-overflow, and a misaligned ``float4`` access is a UBSan error;
 - ``tsan``: ThreadSanitizer, the race check: two threads of a block touching the same
-  shared (or global) memory with no barrier between them is a data race.
+  shared (or global) memory with no barrier between them is a data race;
+- ``profile``: every shared- and global-memory access recorded (``access_profiler.cpp``);
+  each launch leaves a ``LaunchProfile`` in ``Harness.profiles``, which ``access_profile.py``
+  turns into Nsight Compute's memory figures. The kernel source is compiled alone, with
+  gcc's memory-access instrumentation and no sanitizer runtime, and linked to the runtime and
+  the recorder, compiled once, uninstrumented.
 
 The sanitizer runtimes must be loaded before Python starts, so the ``asan`` and ``tsan``
 modes run in a child process started with ``sanitizer_env(mode)``; the mode a process is in
-is ``GPUBP_HARNESS_MODE`` (default ``plain``).
+is ``GPUBP_HARNESS_MODE`` (default ``plain``). ``plain`` and ``profile`` run in any process.
 
 ``cupy_shim(harness)`` is a stand-in for the parts of CuPy that ``gpubp/backends/cupy_backend.py``
 uses, so the backend itself (its launch geometry, split-K workspace and argument lists) runs
@@ -37,6 +42,7 @@ import subprocess
 import tempfile
 import threading
 import types
+import typing
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +53,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_on_cpu.h"
 RUNTIME = HERE / "runtime.cpp"
-MODES = ("plain", "asan", "tsan")
+PROFILER = HERE / "access_profiler.cpp"
+PROFILE_SHARED_SCRIPT = HERE / "profile_shared.ld"  # names the kernel unit's object KERNEL_OBJECT
+KERNEL_OBJECT = "kernel-unit.o"
+MODES = ("plain", "asan", "tsan", "profile")
 MODE_ENV = "GPUBP_HARNESS_MODE"
 CXX = os.environ.get("CXX") or shutil.which("g++") or "g++"
 
@@ -60,7 +69,16 @@ MODE_FLAGS = {
     "asan": ["-O0", "-g1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
              "-fno-omit-frame-pointer"],
     "tsan": ["-O1", "-g1", "-fsanitize=thread"],
+    # The kernel unit alone: a call before every memory reference (access_profiler.cpp says
+    # why -O0), line tables to name each access's source line, frame pointers to name its callers.
+    # -fno-gnu-unique: a __shared__ array in a template is otherwise one object per process, the
+    # first loaded library's, and would lie outside the shared memory of every later one.
+    "profile": ["-O0", "-g1", "-fno-omit-frame-pointer", "-fno-gnu-unique", "-fsanitize=kernel-address",
+                "--param", "asan-instrumentation-with-call-threshold=0", "--param", "asan-stack=0",
+                "--param", "asan-globals=0"],
 }
+# The profile build's runtime and recorder: one uninstrumented object shared by every kernel unit.
+PROFILE_RUNTIME_FLAGS = ["-O2", "-fno-omit-frame-pointer"]
 _RUNTIME_LIB = {"asan": "libasan.so", "tsan": "libtsan.so"}
 _PROBE_SYMBOL = {"asan": "__asan_init", "tsan": "__tsan_init"}
 
@@ -86,7 +104,7 @@ def current_mode() -> str:
 def sanitizer_env(mode: str) -> dict[str, str]:
     """Environment for a child Python process that runs the harness in ``mode``."""
     env = {**os.environ, MODE_ENV: mode}
-    if mode == "plain":
+    if mode not in _RUNTIME_LIB:
         return env
     lib = subprocess.run([CXX, f"-print-file-name={_RUNTIME_LIB[mode]}"], capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -115,10 +133,12 @@ def rewrite_dynamic_shared(source: str) -> str:
 
 # ----------------------------------------------------------------------------- device memory
 
-_libc = ctypes.CDLL(None)  # malloc/free as interposed by a preloaded AddressSanitizer
-_libc.malloc.restype = ctypes.c_void_p
-_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc = ctypes.CDLL(None)  # posix_memalign/free as interposed by a preloaded AddressSanitizer
+_libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
 _libc.free.argtypes = [ctypes.c_void_p]
+# cudaMalloc returns 256-byte aligned memory; so does the harness, so that 32-byte sectors and
+# 128-byte lines fall where they would on a GPU (the profile build counts them).
+DEVICE_ALIGNMENT = 256
 _asan_poison = getattr(_libc, "__asan_poison_memory_region", None)
 _asan_unpoison = getattr(_libc, "__asan_unpoison_memory_region", None)
 for _fn in (_asan_poison, _asan_unpoison):
@@ -127,15 +147,17 @@ for _fn in (_asan_poison, _asan_unpoison):
 
 
 class _Allocation:
-    """One malloc of exactly ``nbytes`` (+ ``offset`` poisoned bytes in front), freed with the
-    last array that views it. Filled with 0xff bytes (NaN as float) like uninitialized memory."""
+    """One allocation of exactly ``nbytes`` (+ ``offset`` poisoned bytes in front), aligned as
+    cudaMalloc's, freed with the last array that views it. Filled with 0xff bytes (NaN as
+    float) like uninitialized memory."""
 
     def __init__(self, nbytes: int, offset: int = 0):
         self.offset = offset
         self.nbytes = nbytes
-        self.ptr = _libc.malloc(max(nbytes + offset, 1))
-        if not self.ptr:
-            raise MemoryError(f"malloc({nbytes + offset}) failed")
+        ptr = ctypes.c_void_p()
+        if _libc.posix_memalign(ctypes.byref(ptr), DEVICE_ALIGNMENT, max(nbytes + offset, 1)) != 0:
+            raise MemoryError(f"posix_memalign({DEVICE_ALIGNMENT}, {nbytes + offset}) failed")
+        self.ptr = ptr.value
         ctypes.memset(self.ptr, 0xFF, nbytes + offset)
         if offset and _asan_poison is not None:
             _asan_poison(self.ptr, offset)
@@ -225,7 +247,7 @@ def _device_view(a):
 
 
 def device_empty(shape, dtype=np.float32, offset_bytes: int = 0) -> DeviceArray:
-    """An uninitialized device array; ``offset_bytes`` > 0 places it that far past a malloc'd
+    """An uninitialized device array; ``offset_bytes`` > 0 places it that far past an allocated
     (and, under AddressSanitizer, poisoned) start, e.g. 4 for a float array that is not
     16-byte aligned."""
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
@@ -266,9 +288,18 @@ class Kernel:
             slots[i] = ctypes.addressof(keep[-1])
         err = ctypes.create_string_buffer(4096)
         seed = self.module.harness.order_seed if order_seed is None else order_seed
+        profiling = self.module.harness.mode == "profile"
+        if profiling:
+            spans = [bound for arg in args if isinstance(arg, DeviceArray) for bound in _byte_span(arg)]
+            self.module.lib.gpubp_cpu_profile_begin((ctypes.c_ulonglong * max(len(spans), 1))(*spans),
+                                                    len(spans) // 2, ctypes.c_ulonglong(shared_mem))
         status = self.module.lib.gpubp_cpu_launch(
             self.name.encode(), (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
             ctypes.c_ulonglong(shared_mem), slots, ctypes.c_ulonglong(seed), err, len(err))
+        if profiling:
+            report = self.module.lib.gpubp_cpu_profile_end().decode()
+            if status == 0:
+                self.module.harness.profiles.append(LaunchProfile(self, grid, block, shared_mem, report))
         if status != 0:
             raise KernelError(err.value.decode(errors="replace"))
 
@@ -290,6 +321,51 @@ class Kernel:
         return ctypes.create_string_buffer(arg.tobytes(), len(arg.tobytes()))
 
 
+def _byte_span(a: np.ndarray) -> tuple[int, int]:
+    """[first, last + 1) byte addresses of a device array, whatever its strides."""
+    start = a.__array_interface__["data"][0]
+    if a.size == 0:
+        return start, start
+    low = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s > 0)
+    return start + low, start + high + a.itemsize
+
+
+class SiteCounts(typing.NamedTuple):
+    """What one call site of a launch did in one memory space (access_profiler.cpp's report):
+    ``units`` are shared-memory wavefronts or global-memory sectors, ``ideal`` the fewest that
+    the same bytes could take; ``frames`` the return addresses naming the site, innermost
+    first, as offsets into the library."""
+    space: str  # "shared" | "global"
+    access: str  # "load" | "store"
+    width: int  # bytes per lane and access
+    requests: int
+    units: int
+    ideal: int
+    bytes_used: int  # global: distinct bytes the requests' lanes access
+    lane_accesses: int
+    partial: int  # requests with fewer than 32 lanes
+    frames: tuple[int, ...]
+
+
+class LaunchProfile:
+    """One launch's memory accesses, in profile mode: the kernel, its geometry, the distinct
+    global bytes it read and wrote, and its counts per call site."""
+
+    def __init__(self, kernel: Kernel, grid, block, shared_mem: int, report: str):
+        self.kernel, self.library = kernel.name, kernel.module.path
+        self.grid, self.block, self.dynamic_shared_bytes = tuple(grid), tuple(block), int(shared_mem)
+        self.sites: list[SiteCounts] = []
+        for line in report.splitlines():
+            kind, *fields = line.split()
+            if kind == "unique":
+                self.unique_bytes_read, self.unique_bytes_written = map(int, fields)
+            else:
+                space, access, *numbers = fields
+                counts = [int(v) for v in numbers[:7]]
+                self.sites.append(SiteCounts(space, access, *counts, tuple(int(f, 16) for f in numbers[7:])))
+
+
 def _dim3(value, what: str) -> tuple[int, int, int]:
     dims = tuple(int(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
     if not 1 <= len(dims) <= 3:
@@ -306,6 +382,8 @@ class Module:
         self.lib.gpubp_cpu_signature.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_kernel_name.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_launch.restype = ctypes.c_int
+        if harness.mode == "profile":
+            self.lib.gpubp_cpu_profile_end.restype = ctypes.c_char_p
 
     def kernel_names(self) -> list[str]:
         return [self.lib.gpubp_cpu_kernel_name(i).decode() for i in range(self.lib.gpubp_cpu_kernel_count())]
@@ -322,15 +400,18 @@ class Harness:
 
     def __init__(self, mode: str | None = None, order_seed: int = 0):
         self.mode = mode or current_mode()
-        if self.mode != "plain" and not hasattr(_libc, _PROBE_SYMBOL[self.mode]):
+        if self.mode in _PROBE_SYMBOL and not hasattr(_libc, _PROBE_SYMBOL[self.mode]):
             raise RuntimeError(f"harness mode {self.mode!r} needs its sanitizer runtime loaded before Python starts: "
                                f"run the process with the environment sanitizer_env({self.mode!r})")
         self.order_seed = order_seed  # 0: blocks in natural order; else shuffled with this seed
         self._modules: dict[str, Module] = {}
+        self.profiles: list[LaunchProfile] = []  # profile mode: one per launch, in launch order
 
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
-        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _toolchain_identity(), source):
+        recorder = PROFILER.read_text() + PROFILE_SHARED_SCRIPT.read_text() if self.mode == "profile" else ""
+        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _toolchain_identity(), recorder,
+                     source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -351,14 +432,24 @@ class Harness:
             if scan.returncode != 0:
                 raise RuntimeError(f"preprocessing {label} failed:\n{scan.stderr[-4000:]}")
             names = sorted(set(_KERNEL.findall(scan.stdout)))
-            with unit.open("a") as f:
-                f.write(f'#include "{RUNTIME}"\n')
-                f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
             built = work / path.name
-            done = subprocess.run([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], "-o", str(built), str(unit)],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"compiling {label} for the CPU ({self.mode}) failed:\n{done.stderr[-6000:]}")
+            with unit.open("a") as f:
+                if self.mode != "profile":
+                    f.write(f'#include "{RUNTIME}"\n')
+                f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
+            if self.mode == "profile":
+                kernel_object = work / KERNEL_OBJECT
+                # Compiled in `work`, mapped to ".": the kernel files' paths in the line tables are
+                # relative ("./gemm_tile.cuh"), the harness's and the system's headers absolute.
+                _compile([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], f"-fdebug-prefix-map={work}=.", "-c",
+                          "-o", str(kernel_object), str(unit)], f"compiling {label} for the CPU ({self.mode})",
+                         cwd=work)
+                # The kernel unit first: inline functions both units define keep its instrumented copy.
+                _compile([CXX, *COMMON_FLAGS, "-o", str(built), str(kernel_object), str(_profile_runtime()),
+                          f"-Wl,-T,{PROFILE_SHARED_SCRIPT}"], f"linking {label} for the CPU ({self.mode})")
+            else:
+                _compile([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], "-o", str(built), str(unit)],
+                         f"compiling {label} for the CPU ({self.mode})")
             os.replace(built, path)  # atomic: a concurrent build of the same source is harmless
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -383,7 +474,40 @@ def _toolchain_identity() -> str:
     return "\0".join((CXX, version, HEADER.read_text(), RUNTIME.read_text()))
 
 
+def _compile(command: list[str], what: str, cwd: Path | None = None) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-6000:]}")
+
+
+_profile_runtime_lock = threading.Lock()
+
+
+def _profile_runtime() -> Path:
+    """The object file of runtime.cpp and access_profiler.cpp for the profile build, built
+    once (under a lock: the kernel units of a prebuild all link it) and cached by hash."""
+    flags = [*COMMON_FLAGS, *PROFILE_RUNTIME_FLAGS]
+    key = hashlib.sha256("\0".join((" ".join(flags), _toolchain_identity(), PROFILER.read_text())).encode())
+    path = cache_dir() / f"runtime-profile-{key.hexdigest()[:20]}.o"
+    with _profile_runtime_lock:
+        if not path.exists():
+            work = Path(tempfile.mkdtemp(dir=cache_dir()))
+            try:
+                unit = work / "runtime.cpp"
+                unit.write_text(f'#include "{HEADER}"\n#include "{RUNTIME}"\n#include "{PROFILER}"\n')
+                _compile([CXX, *flags, "-c", "-o", str(work / path.name), str(unit)],
+                         "compiling the profile build's runtime")
+                os.replace(work / path.name, path)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
 # ----------------------------------------------------------------------------- CuPy stand-in
+
+# The CuPy backend's caches of modules, kernels and per-device buffers: emptied whenever the
+# backend is given another stand-in, so that nothing made with a previous one is used.
+BACKEND_CACHES = ("_rawmodules", "_functions", "_device_state", "origin")
 
 
 def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", version: int = 14) -> types.ModuleType:

@@ -1,6 +1,8 @@
 // The launcher and synchronization runtime behind cuda_on_cpu.h. harness.py compiles one
 // translation unit per kernel source: the header, the source, this file, and one
 // GPUBP_CPU_REGISTER line per extern "C" kernel, into a shared library it loads with ctypes.
+// The profile build compiles this file with access_profiler.cpp as a unit of its own, which
+// its memory instrumentation leaves out, and links it to the instrumented kernel unit.
 //
 // A launch (gpubp_cpu_launch) runs one OS thread per CUDA thread of a block, from a pool that
 // lives as long as the process. Each thread runs the kernel for every block in turn (natural
@@ -337,9 +339,10 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
 }
 
 // ------------------------------------------------------------------ kernel registry
+// Filled before the library is used, by the GPUBP_CPU_REGISTER lines (cuda_on_cpu.h).
 struct KernelEntry {
     void* fn;
-    void (*invoke)(void* fn, void** args);
+    Invoker invoke;
     std::string signature;
 };
 
@@ -348,49 +351,12 @@ std::map<std::string, KernelEntry>& registry() {
     return kernels;
 }
 
-template <class T>
-constexpr const char* type_code() {
-    using U = std::remove_cv_t<T>;
-    if constexpr (std::is_same_v<U, float>) return "f";
-    else if constexpr (std::is_same_v<U, double>) return "d";
-    else if constexpr (std::is_same_v<U, bool>) return "b";
-    else if constexpr (std::is_same_v<U, int>) return "i";
-    else if constexpr (std::is_same_v<U, unsigned int>) return "u";
-    else if constexpr (std::is_same_v<U, long long> || std::is_same_v<U, long>) return "l";
-    else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) return "L";
-    else if constexpr (std::is_same_v<U, short>) return "s";
-    else if constexpr (std::is_same_v<U, unsigned short>) return "S";
-    else if constexpr (std::is_same_v<U, signed char> || std::is_same_v<U, char>) return "c";
-    else if constexpr (std::is_same_v<U, unsigned char>) return "B";
-    else if constexpr (std::is_same_v<U, __half>) return "h";
-    else if constexpr (std::is_same_v<U, __nv_bfloat16>) return "H";
-    else return "?";
-}
-
-template <class T>
-std::string arg_code() {
-    if constexpr (std::is_pointer_v<T>) return std::string(type_code<std::remove_pointer_t<T>>()) + "*";
-    else return type_code<T>();
-}
-
-template <class... A, size_t... I>
-void invoke_with(void* fn, void** args, std::index_sequence<I...>) {
-    reinterpret_cast<void (*)(A...)>(fn)(*static_cast<std::remove_cv_t<A>*>(args[I])...);
-}
-
-template <class... A>
-int register_kernel(const char* name, void (*fn)(A...)) {
-    std::string sig;
-    ((sig += (sig.empty() ? "" : ","), sig += arg_code<A>()), ...);
-    registry()[name] = KernelEntry{reinterpret_cast<void*>(fn),
-                                   [](void* f, void** args) { invoke_with<A...>(f, args, std::index_sequence_for<A...>{}); },
-                                   sig};
+int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature) {
+    registry()[name] = KernelEntry{fn, invoke, signature};
     return 0;
 }
 
 }  // namespace gpubp_cpu
-
-#define GPUBP_CPU_REGISTER(name) static const int gpubp_cpu_registered_##name = ::gpubp_cpu::register_kernel(#name, &name);
 
 // ------------------------------------------------------------------ the thread pool
 // Threads are started once per process and reused by every launch: starting 256 threads
