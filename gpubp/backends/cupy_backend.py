@@ -122,7 +122,9 @@ KERNELS = {
     "dense_backward_tf32.cu": tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
     "fused_mlp.cu": tuple(f"fused_mlp_{kind}{suffix}"
                           for suffix in FUSED_PRECISIONS.values() for kind in ("fwd", "bwd", "dw")),
-    "loss.cu": ("ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd"),
+    "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
+                     for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
+                                          ("bce_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "sumsq", "scale_inplace"),
 }
 KERNEL_FILES = tuple(KERNELS)
