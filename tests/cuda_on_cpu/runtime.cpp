@@ -156,16 +156,15 @@ std::string block_name() {
 
 // Waits until `word` moves past `seen`; throws Abort when the launch fails meanwhile, and fails
 // it with a deadlock report when every thread of the block has waited with no progress.
+// The caller counted this thread in `blocked` when it arrived, under the lock of its
+// synchronization point, and the thread that releases it uncounts it before the release: a
+// thread released but not yet scheduled (common on a loaded machine) is then never mistaken for
+// one still waiting.
 void wait_past(std::atomic<unsigned>& word, unsigned seen, const Site& site) {
-    if (word.load(std::memory_order_acquire) != seen) return;
-    current->blocked.fetch_add(1);
     auto last_progress = current->progress.load();
     auto since = std::chrono::steady_clock::now();
     while (word.load(std::memory_order_acquire) == seen) {
-        if (current->failed.load()) {
-            current->blocked.fetch_sub(1);
-            throw Abort{};
-        }
+        if (current->failed.load()) throw Abort{};
         futex_wait(word, seen, POLL_NS);
         const auto now_progress = current->progress.load();
         if (now_progress != last_progress) {
@@ -174,12 +173,10 @@ void wait_past(std::atomic<unsigned>& word, unsigned seen, const Site& site) {
         } else if (current->blocked.load() == current->threads &&
                    std::chrono::steady_clock::now() - since > DEADLOCK_AFTER &&
                    word.load(std::memory_order_acquire) == seen && !current->failed.load()) {
-            current->blocked.fetch_sub(1);
             abort_launch("deadlock in " + block_name() + ": every thread waits and none can proceed; thread " +
                          std::to_string(linear_tid) + " waits at " + where(site));
         }
     }
-    current->blocked.fetch_sub(1);
     if (current->failed.load()) throw Abort{};
 }
 
@@ -203,11 +200,16 @@ void block_barrier(const Site& site, F between_blocks) {
         }
         seen = L.bar_generation.load(std::memory_order_relaxed);
         last = ++L.bar_arrived == L.threads;
-        if (last) L.bar_arrived = 0;
+        if (last) {
+            L.bar_arrived = 0;
+        } else {
+            L.blocked.fetch_add(1);
+        }
     }
     if (last) {
         between_blocks();
         L.progress.fetch_add(1);
+        L.blocked.fetch_sub(L.threads - 1);
         L.bar_generation.fetch_add(1, std::memory_order_release);
         futex_wake_all(L.bar_generation);
         return;
@@ -245,7 +247,7 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
     const unsigned lane = linear_tid % 32, bit = 1u << lane;
     Warp& w = *L.warps[linear_tid / 32];
     const Site site{file, line, op};
-    unsigned seen, parity;
+    unsigned seen, parity, waiters = 0;
     bool last;
     {
         std::unique_lock<std::mutex> lock(w.m);
@@ -269,10 +271,16 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
         if (words > 0) std::memcpy(w.payload[parity][lane], payload, sizeof(uint32_t) * words);
         w.arrived |= bit;
         last = w.arrived == w.mask;
-        if (last) w.arrived = 0;
+        if (last) {
+            w.arrived = 0;
+            waiters = static_cast<unsigned>(__builtin_popcount(w.mask)) - 1;
+        } else {
+            L.blocked.fetch_add(1);
+        }
     }
     if (last) {
         L.progress.fetch_add(1);
+        L.blocked.fetch_sub(waiters);
         w.generation.fetch_add(1, std::memory_order_release);
         futex_wake_all(w.generation);
     } else {
