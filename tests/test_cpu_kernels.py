@@ -195,3 +195,128 @@ def test_the_environment_variable_switches_the_compiled_kernels_off():
 def test_importing_gpubp_does_not_import_numba():
     code = "import sys, gpubp; print('numba' in sys.modules)"
     assert run_python(code).strip() == "False"
+
+
+# ----------------------------------------------------------------------------- every core
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Row blocks for every size, on up to 3 threads whatever this machine's core count (the
+    worker pool queues what it cannot run at once), so the split paths run on small shapes."""
+    monkeypatch.setattr(numpy_backend, "_CORES", 4)
+    monkeypatch.setattr(numpy_backend, "_PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(numpy_backend, "_COMPILED_PARALLEL_MIN_ELEMENTS", 0)
+
+
+def dense_step(x, w, b, dy, act, threads):
+    with numpy_backend.use_cpu_threads(threads):
+        y, z = numpy_backend.dense_forward(x, w, b, act)
+        dx, dw, db = numpy_backend.dense_backward(dy, x, w, y, z, act, True, True)
+    return [a.copy() for a in (y, dx, dw, db)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", FUSED_ACTS + ["gelu", "sigmoid"])
+def test_dense_layer_results_do_not_depend_on_the_thread_count(act, dtype, split_everything, rng):
+    """203 rows: three blocks of whole 64-row chunks and a ragged last chunk; bit-identical."""
+    x = rng.standard_normal((203, 29)).astype(dtype)
+    w = rng.standard_normal((29, 23)).astype(dtype)
+    b = rng.standard_normal(23).astype(dtype)
+    dy = rng.standard_normal((203, 23)).astype(dtype)
+    one, three = dense_step(x, w, b, dy, act, 1), dense_step(x, w, b, dy, act, 3)
+    for got, want in zip(three, one):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_bias_gradient_adds_its_row_chunks_in_order(split_everything, rng):
+    """db is the float32 sum of each chunk of rows, the chunks then added first to last: the
+    same numbers on any thread count, and within rounding of the float64 sum."""
+    chunk = numpy_backend._SUM_CHUNK_ROWS
+    dy = (rng.standard_normal((5 * chunk + 7, 11)) * 1e3).astype(np.float32)
+    y = np.ones_like(dy)  # relu' = 1 everywhere: dz = dy
+    expected = np.zeros(11, np.float32)
+    for first in range(0, dy.shape[0], chunk):
+        part = np.zeros(11, np.float32)
+        for row in dy[first:first + chunk]:
+            part += row
+        expected = part if first == 0 else expected + part
+    for threads in (1, 2, 3):
+        with numpy_backend.use_cpu_threads(threads):
+            _, _, db = numpy_backend.dense_backward(dy, dy[:, :3], np.ones((3, 11), np.float32), y, None, "relu",
+                                                    False, True)
+        np.testing.assert_array_equal(db, expected)
+    np.testing.assert_allclose(db, dy.astype(np.float64).sum(0), rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optimizer_updates_do_not_depend_on_the_thread_count(dtype, split_everything, rng):
+    start = [rng.standard_normal((131, 7)).astype(dtype) for _ in range(4)]
+    results = []
+    for threads in (1, 3):
+        p, g, m, v = (a.copy() for a in start)
+        v = np.abs(v)
+        with numpy_backend.use_cpu_threads(threads):
+            numpy_backend.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5, True)
+            numpy_backend.sgd_update(p, g, m, 0.05, 0.9, True, 0.01)
+        results.append((p, m, v))
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows,chunk_rows,threads", [(203, 64, 3), (10, 1, 3), (64, 64, 3), (1000, 7, 2)])
+def test_row_blocks_are_whole_chunks_covering_every_row_once(rows, chunk_rows, threads, split_everything):
+    blocks = []
+    with numpy_backend.use_cpu_threads(threads):
+        numpy_backend._in_row_blocks(lambda lo, hi: blocks.append((lo, hi)), rows, rows, 0, chunk_rows)
+    blocks.sort()
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(hi == next_lo for (_, hi), (next_lo, _) in zip(blocks, blocks[1:]))
+    assert all(lo % chunk_rows == 0 and hi > lo for lo, hi in blocks)
+    assert len(blocks) == min(threads, -(-rows // chunk_rows))
+
+
+def test_small_work_stays_on_the_calling_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(numpy_backend, "_CORES", 4)
+    callers = []
+    with numpy_backend.use_cpu_threads(3):
+        numpy_backend._in_row_blocks(lambda lo, hi: callers.append((threading.current_thread(), lo, hi)),
+                                     100, 100, 101)
+    assert callers == [(threading.current_thread(), 0, 100)]
+
+
+def test_an_error_in_a_worker_block_reaches_the_caller(split_everything):
+    def body(lo, hi):
+        if lo > 0:
+            raise FloatingPointError(f"rows {lo}:{hi}")
+
+    with numpy_backend.use_cpu_threads(3), pytest.raises(FloatingPointError, match="rows"):
+        numpy_backend._in_row_blocks(body, 30, 30, 0)
+
+
+@pytest.mark.parametrize("environment,expected", [
+    ({}, 4),
+    ({"OPENBLAS_NUM_THREADS": "2"}, 2),
+    ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"}, 3),
+    ({"OMP_NUM_THREADS": "3", "NUMBA_NUM_THREADS": "1"}, 1),
+    ({"MKL_NUM_THREADS": "16"}, 4),  # never more threads than cores
+    ({"OMP_NUM_THREADS": "", "OPENBLAS_NUM_THREADS": "two", "MKL_NUM_THREADS": "0"}, 4),  # unusable: ignored
+])
+def test_the_thread_count_follows_the_blas_environment(environment, expected, monkeypatch):
+    for variable in numpy_backend._THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(numpy_backend, "_CORES", 4)
+    assert numpy_backend._default_threads() == expected
+
+
+@pytest.mark.parametrize("threads", [0, -2, 2.5, True, "2"])
+def test_use_cpu_threads_rejects_what_is_not_a_positive_count(threads):
+    before = numpy_backend.cpu_threads()
+    with pytest.raises(ValueError, match="threads"):
+        with numpy_backend.use_cpu_threads(threads):
+            pass
+    assert numpy_backend.cpu_threads() == before

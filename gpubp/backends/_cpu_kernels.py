@@ -6,9 +6,10 @@ elementwise work around a matrix product that NumPy would run as separate passes
 reading and writing the whole array:
 
 - ``bias_act``: ``y = act(y + b)`` in place on the matmul output (NumPy: two passes);
-- ``act_grad_sum``: ``dz = dy * act'(y)`` and ``db = dz.sum(0)`` in one pass (NumPy: a
-  boolean temporary, a mixed-type multiply and a separate reduction), without the sums
-  for a frozen layer;
+- ``act_grad_sum``: ``dz = dy * act'(y)`` and the column sums of dz (``db``) in one pass
+  (NumPy: a boolean temporary, a mixed-type multiply and a separate reduction), without the
+  sums for a frozen layer; the sums are taken per fixed chunk of rows and the chunks added in
+  order (``add_rows_in_order``), so db is the same whatever the thread count;
 - ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
   ten passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
@@ -20,7 +21,8 @@ others keep the NumPy path. Arrays are C-contiguous and of one float dtype; scal
 passed already cast to that dtype, so the arithmetic runs at the array's precision as
 NumPy's does. ``cache=True`` keeps the machine code next to this file (or in Numba's cache
 directory), so only the first run on a machine compiles; ``nogil=True`` lets the backend's
-worker threads run a kernel on row blocks of a large parameter in parallel.
+worker threads run a kernel on row blocks of a large array in parallel (each kernel is
+elementwise along rows, or sums per chunk of rows, for that).
 ``error_model="numpy"``: a float division follows IEEE 754 instead of checking its divisor
 for zero to raise ZeroDivisionError, as Python does. That check keeps LLVM from vectorizing a
 loop that divides: Adam's update ran 8x slower with it (no divisor here can be zero: Adam's has
@@ -53,24 +55,37 @@ def bias_act(y, b, act, slope):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def act_grad_sum(dy, y, act, slope, dz, db):
-    """``dz = dy * act'(y)`` and ``db = dz.sum(0)``; dy, y, dz (B, out), db (out,). ``dz`` may be ``dy``.
+def act_grad_sum(dy, y, act, slope, dz, partials, chunk_rows):
+    """``dz = dy * act'(y)``, and the column sums of each ``chunk_rows`` rows of dz into a row of
+    ``partials``; dy, y, dz (rows, out), partials (ceil(rows / chunk_rows), out). ``dz`` may be ``dy``.
 
-    ``db=None`` (a frozen layer, whose dX still needs dz) sums nothing: Numba compiles that
-    call separately, with the sums pruned away."""
+    db is ``add_rows_in_order(partials)``: the sums depend on the chunk size alone, never on how
+    many threads ran row blocks of one call (each block a whole number of chunks).
+    ``partials=None`` (a frozen layer, whose dX still needs dz) sums nothing: Numba compiles
+    that call separately, with the sums pruned away."""
     rows, cols = dy.shape
-    total = np.zeros(cols, dz.dtype)
     zero = slope * 0
-    for i in range(rows):
-        for j in range(cols):
-            g = dy[i, j]
-            if act != _IDENTITY and not y[i, j] > 0:
-                g = zero if act == _RELU else g * slope
-            dz[i, j] = g
-            if db is not None:
-                total[j] += g
-    if db is not None:
-        db[:] = total
+    for first in range(0, rows, chunk_rows):
+        chunk = first // chunk_rows
+        if partials is not None:
+            partials[chunk, :] = 0
+        for i in range(first, min(first + chunk_rows, rows)):
+            for j in range(cols):
+                g = dy[i, j]
+                if act != _IDENTITY and not y[i, j] > 0:
+                    g = zero if act == _RELU else g * slope
+                dz[i, j] = g
+                if partials is not None:
+                    partials[chunk, j] += g
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def add_rows_in_order(partials, out):
+    """``out = partials[0] + partials[1] + ...``, added in that order; partials (n, cols), out (cols,)."""
+    out[:] = partials[0]
+    for c in range(1, partials.shape[0]):
+        for j in range(partials.shape[1]):
+            out[j] += partials[c, j]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -11,8 +11,11 @@ It is written for speed, not only clarity:
   both ``dx = dz @ w.T`` and ``dw = x.T @ dz``; ``db`` is reduced from the same ``dz``;
 - reductions that NumPy would run one short row at a time (``db``, softmax row sums) are
   BLAS matrix-vector products with a cached vector of ones (``activations.constant``);
-- optimizer updates of parameters larger than one core's L2 cache are split into row blocks
-  that run on all cores (``_on_all_cores``);
+- the elementwise passes (bias+activation, act'*dy with the db sums, the optimizer updates)
+  of arrays larger than about one core's L2 cache run in row blocks on every thread the BLAS
+  is given (``_in_row_blocks``; ``cpu_threads()``, ``use_cpu_threads(n)``), with results that
+  do not depend on the count: blocks are independent rows, and db sums fixed chunks of rows
+  that are then added in order;
 - where Numba is installed, the elementwise work around each matrix product runs as one
   compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the optimizer
   updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
@@ -43,12 +46,51 @@ DTYPES = (np.float32, np.float64)
 
 _scratch_buffers: dict[tuple, np.ndarray] = {}
 
-# NumPy releases the GIL inside ufunc loops, so threads running ufuncs on disjoint row blocks
-# use every core. Below ~2 MiB per array (one core's L2 holds the work) the ~20 us handoff to
-# a worker costs more than the second core saves; measured on a 2-core EPYC.
+# NumPy releases the GIL inside ufunc loops, and the compiled kernels are built nogil, so
+# threads running either on disjoint row blocks use every core. The handoff to a worker costs
+# ~20 us: below these sizes (per array) one core finishes first. NumPy's ufunc chains make
+# several passes and a temporary per operation, so their threshold is larger; measured on a
+# 2-core EPYC.
 _PARALLEL_MIN_ELEMENTS = 1 << 19
+_COMPILED_PARALLEL_MIN_ELEMENTS = 1 << 17
+# The bias gradient is summed per chunk of this many rows and the chunks added in order, so
+# it does not depend on how many threads split the rows (row blocks are whole chunks).
+_SUM_CHUNK_ROWS = 64
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _default_threads() -> int:
+    """The BLAS's thread count, as the environment sets it (the first of ``_THREAD_VARIABLES``
+    that holds a positive integer), else one per core; never more than the cores."""
+    for variable in _THREAD_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), _CORES)
+    return _CORES
+
+
+_threads = _default_threads()
 _workers = ThreadPoolExecutor(max(_CORES - 1, 1), thread_name_prefix="gpubp-numpy")
+
+
+def cpu_threads() -> int:
+    """How many threads the backend's elementwise passes and compiled kernels use."""
+    return _threads
+
+
+@contextlib.contextmanager
+def use_cpu_threads(threads: int):
+    """Run the backend's elementwise passes on ``threads`` threads (at most the cores) inside the
+    block; results are the same for every count. The BLAS keeps its own setting."""
+    global _threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int, got {threads!r}")
+    before, _threads = _threads, min(threads, _CORES)
+    try:
+        yield
+    finally:
+        _threads = before
 
 
 # The compiled kernels: the module once loaded, or why they are not used.
@@ -126,23 +168,36 @@ def _scratch(tag: str, shape: tuple, dtype) -> np.ndarray:
     return buf
 
 
-def _on_all_cores(kernel, *args) -> None:
-    """Run ``kernel(*blocks)`` on matching leading-axis blocks of the array ``args``, one block per core.
+def _in_row_blocks(body, rows: int, elements: int, min_elements: int, chunk_rows: int = 1) -> None:
+    """Call ``body(first, stop)`` over row blocks covering ``range(rows)``, one block per thread.
+
+    Blocks are whole multiples of ``chunk_rows``. Work of fewer than ``min_elements``
+    elements (per array) runs in the calling thread in one piece."""
+    threads = min(_threads, -(-rows // chunk_rows))
+    if threads <= 1 or elements < min_elements:
+        body(0, rows)
+        return
+    chunks = -(-rows // chunk_rows)
+    bounds = [min(rows, chunk_rows * (chunks * i // threads)) for i in range(threads + 1)]
+    pending = [_workers.submit(body, first, stop) for first, stop in zip(bounds[1:-1], bounds[2:])]
+    try:
+        body(bounds[0], bounds[1])
+    finally:
+        for future in pending:
+            future.result()
+
+
+def _on_all_cores(kernel, *args, min_elements: int | None = None) -> None:
+    """Run ``kernel(*blocks)`` on matching leading-axis blocks of the array ``args``, one block per thread.
 
     ``kernel`` must be elementwise along axis 0 (each block is independent). ``None`` and
-    scalar entries are passed through unsplit. Small arrays run in the calling thread in one piece.
-    """
+    scalar entries are passed through unsplit."""
     first = args[0]
-    rows = first.shape[0]
-    if _CORES == 1 or first.size < _PARALLEL_MIN_ELEMENTS or rows < _CORES:
-        kernel(*args)
-        return
-    bounds = [rows * i // _CORES for i in range(_CORES + 1)]
-    blocks = [[a[lo:hi] if isinstance(a, np.ndarray) else a for a in args] for lo, hi in zip(bounds[:-1], bounds[1:])]
-    pending = [_workers.submit(kernel, *block) for block in blocks[1:]]
-    kernel(*blocks[0])
-    for future in pending:
-        future.result()
+
+    def body(lo, hi):
+        kernel(*(a[lo:hi] if isinstance(a, np.ndarray) else a for a in args))
+
+    _in_row_blocks(body, first.shape[0], first.size, _PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements)
 
 
 # ----------------------------------------------------------------------------- array helpers
@@ -202,18 +257,20 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
         z = np.matmul(x, w, out=out_z)
         z += b
         y = out if out is not None else np.empty_like(z)
-        activations.forward(act, z, y)
+        _on_all_cores(lambda z, y: activations.forward(act, z, y), z, y)
         return y, z
     y = np.matmul(x, w, out=out)
     kernels = _compiled(y.dtype)
     if kernels is not None and act in kernels.ACTS:
-        kernels.bias_act(y, b, kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,)))
+        code, slope = kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,))
+        _in_row_blocks(lambda lo, hi: kernels.bias_act(y[lo:hi], b, code, slope), y.shape[0], y.size,
+                       _COMPILED_PARALLEL_MIN_ELEMENTS)
         return y, None
     y += b
     if act == "softmax":
         softmax_(y)
     else:
-        activations.forward(act, y, y)
+        _on_all_cores(lambda z, y: activations.forward(act, z, y), y, y)
     return y, None
 
 
@@ -232,17 +289,28 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if act == "identity":
         dz = dy
     elif kernels is not None and act in kernels.ACTS:
-        # one pass: dz and, for a layer that trains, its column sums (db), so db costs no second read of dz
+        # one pass: dz and, for a layer that trains, its column sums per chunk of rows (db), so db
+        # costs no second read of dz
         dz = _scratch("dz", dy.shape, dy.dtype)
+        rows = dy.shape[0]
+        partials = _scratch("db_chunks", (-(-rows // _SUM_CHUNK_ROWS), dy.shape[1]), dy.dtype) if need_dw else None
+        code, slope = kernels.ACTS[act], *_as_dtype(dy.dtype, (LEAKY_SLOPE,))
+
+        def act_grad(lo, hi):
+            kernels.act_grad_sum(dy[lo:hi], y[lo:hi], code, slope, dz[lo:hi],
+                                 None if partials is None else partials[lo // _SUM_CHUNK_ROWS:],
+                                 _SUM_CHUNK_ROWS)
+
+        _in_row_blocks(act_grad, rows, dy.size, _COMPILED_PARALLEL_MIN_ELEMENTS, _SUM_CHUNK_ROWS)
         if need_dw:
             db = out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)
-        kernels.act_grad_sum(dy, y, kernels.ACTS[act], *_as_dtype(dy.dtype, (LEAKY_SLOPE,)), dz, db)
+            kernels.add_rows_in_order(partials, db)
     else:
         dz = _scratch("dz", dy.shape, dy.dtype)
         if act == "softmax":
             softmax_backward(dy, y, dz)
         else:
-            activations.backward(act, dy, y, z, dz)
+            _on_all_cores(lambda dy, y, z, dz: activations.backward(act, dy, y, z, dz), dy, y, z, dz)
     dx = dw = None
     if need_dw:
         record("dense_dw")
@@ -375,7 +443,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
         lr, momentum, weight_decay = _as_dtype(param.dtype, (lr, momentum, weight_decay))
         # without momentum the kernel never reads the velocity; grad stands in for it
         _on_all_cores(kernels.sgd_update, param, grad, grad if velocity is None else velocity,
-                      lr, momentum, bool(nesterov), weight_decay)
+                      lr, momentum, bool(nesterov), weight_decay, min_elements=_COMPILED_PARALLEL_MIN_ELEMENTS)
         return
 
     def update(param, grad, velocity, decayed, work):
@@ -410,7 +478,8 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
         l2, keep = (0.0, 1.0 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
         constants = _as_dtype(param.dtype, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, keep))
         cast = param.dtype.type
-        _on_all_cores(kernels.adam_update, param, grad, m, v, *constants, cast(1.0 / math.sqrt(bias2)), cast(-lr / bias1))
+        _on_all_cores(kernels.adam_update, param, grad, m, v, *constants, cast(1.0 / math.sqrt(bias2)),
+                      cast(-lr / bias1), min_elements=_COMPILED_PARALLEL_MIN_ELEMENTS)
         return
 
     def update(param, grad, m, v, decayed, tmp):
