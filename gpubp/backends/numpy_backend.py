@@ -193,11 +193,14 @@ def _on_all_cores(kernel, *args, min_elements: int | None = None) -> None:
     ``kernel`` must be elementwise along axis 0 (each block is independent). ``None`` and
     scalar entries are passed through unsplit."""
     first = args[0]
+    if _threads == 1 or first.size < (_PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements):
+        kernel(*args)  # the common case at small sizes, without building the blocks
+        return
 
     def body(lo, hi):
         kernel(*(a[lo:hi] if isinstance(a, np.ndarray) else a for a in args))
 
-    _in_row_blocks(body, first.shape[0], first.size, _PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements)
+    _in_row_blocks(body, first.shape[0], first.size, 0)
 
 
 # ----------------------------------------------------------------------------- array helpers
