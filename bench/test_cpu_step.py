@@ -13,22 +13,32 @@ a step's ratio to it is what bias, activations, loss, update and Python cost on 
 says which ran); ``gpubp_numpy`` is the same model with them switched off, the path a plain
 ``pip install gpubp`` takes.
 
-Threads: nothing is pinned. Every backend uses the library defaults, which on a machine
-with N cores means N BLAS/OpenMP threads for NumPy's BLAS and for PyTorch alike; the
-counts actually used are recorded in each result's ``extra_info`` (``torch_threads``,
-``blas_threads`` via threadpoolctl when it is installed), with ``OPENBLAS_CORETYPE``.
+Two tables, each from three runs back to back:
 
-Run three times back to back, then turn the JSONs into tables and a chart::
+- **every core, wall clock** (what a user sees): nothing is pinned, so on N cores NumPy's
+  BLAS, gpubp's elementwise passes (``numpy_backend.cpu_threads()``) and PyTorch all use N
+  threads, and the timer is the wall clock::
 
-    for run in 1 2 3; do
-        python -m pytest bench/test_cpu_step.py -q --benchmark-json bench/results/cpu_step-$run.json
-    done
-    python bench/report.py bench/results/cpu_step-{1,2,3}.json --markdown bench/results/cpu_step.md --png bench/results/cpu_step.png
+      for run in 1 2 3; do
+          python -m pytest bench/test_cpu_step.py -q --benchmark-json bench/results/cpu_step_allcores-$run.json
+      done
+      python bench/report.py bench/results/cpu_step_allcores-{1,2,3}.json \
+          --markdown bench/results/cpu_step_allcores.md --png bench/results/cpu_step_allcores.png
 
-On a loaded shared machine, wall-clock times of multi-threaded BLAS calls say more about the
-other jobs than about the step: run every library on one thread and time CPU time instead,
-``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ... --benchmark-timer time.process_time`` (the
-committed ``bench/results/cpu_step_1thread*`` were run so; the README gives the command).
+- **one thread, process time**: every library on one thread, timed by the process's CPU time,
+  which other jobs on a shared machine move far less than the wall clock::
+
+      for run in 1 2 3; do
+          OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m pytest bench/test_cpu_step.py -q \
+              --benchmark-timer time.process_time --benchmark-json bench/results/cpu_step_1thread-$run.json
+      done
+      python bench/report.py bench/results/cpu_step_1thread-{1,2,3}.json \
+          --markdown bench/results/cpu_step_1thread.md --png bench/results/cpu_step_1thread.png
+
+The thread counts actually used are recorded in each result's ``extra_info``
+(``gpubp_threads``, ``torch_threads``, ``blas_threads`` via threadpoolctl when it is
+installed), with ``OPENBLAS_CORETYPE`` and the load average at the start of the case: a wall
+clock run under load says more about the other jobs than about the step.
 
 The PyTorch cases skip when torch is not installed (``pip install "gpubp[torch]"``).
 """
@@ -235,6 +245,7 @@ def thread_info() -> dict:
         "python_version": platform.python_version(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "gpubp_threads": numpy_backend.cpu_threads(),
         # other work on the machine: on a shared VM the one thing that makes a run unusable
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
