@@ -9,6 +9,11 @@ reading and writing the whole array:
 - ``act_grad_sum``: ``dz = dy * act'(y)`` and ``db = dz.sum(0)`` in one pass (NumPy: a
   boolean temporary, a mixed-type multiply and a separate reduction), without the sums
   for a frozen layer;
+- ``bias_act_dropout`` / ``dropout_act_grad_sum``: the same two passes with a dropout mask
+  generated inside them (``gpubp.philox``), never stored: forward keeps ``act(y + b) * scale``
+  or 0, backward regenerates the mask from the key and forms ``dz = dy * scale * act'(.)`` or 0;
+  ``apply_mask`` is the mask alone (a dropout on the model's input, its backward, and the
+  activations these kernels do not fuse);
 - ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
   ten passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
@@ -32,11 +37,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from gpubp import philox
 from gpubp.activations import ACT_ID
 
 # activation name -> the code the kernels branch on (a loop invariant, hoisted by LLVM)
 ACTS = {name: ACT_ID[name] for name in ("identity", "relu", "leaky_relu")}
 _IDENTITY, _RELU = ACT_ID["identity"], ACT_ID["relu"]
+
+_philox = njit(cache=True, nogil=True)(philox.philox4x32_10)
+_GROUP = philox.COLUMNS_PER_CALL
+_NO_COUNTER = np.uint64(0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -69,6 +79,62 @@ def act_grad_sum(dy, y, act, slope, dz, db):
             dz[i, j] = g
             if db is not None:
                 total[j] += g
+    if db is not None:
+        db[:] = total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def bias_act_dropout(y, b, act, slope, key, threshold, scale):
+    """``y[i, j] = act(y[i, j] + b[j]) * scale`` where the mask of ``key`` keeps (i, j), else 0;
+    in place, y (B, out). One Philox call per row and group of four columns (``gpubp.philox``)."""
+    rows, cols = y.shape
+    k0, k1, keep_from = np.uint64(key[0]), np.uint64(key[1]), np.uint64(threshold)
+    zero = slope * 0
+    for i in range(rows):
+        for g in range(0, cols, _GROUP):
+            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            for j in range(g, min(g + _GROUP, cols)):
+                v = y[i, j] + b[j]
+                if act != _IDENTITY and v < 0:
+                    v = zero if act == _RELU else v * slope
+                y[i, j] = v * scale if words[j - g] >= keep_from else zero
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def apply_mask(src, dst, key, threshold, scale):
+    """``dst = src * scale`` where the mask of ``key`` keeps the element, else 0; (B, n) each,
+    ``dst`` may be ``src``. A dropout's forward and, on the gradient, its backward."""
+    rows, cols = src.shape
+    k0, k1, keep_from = np.uint64(key[0]), np.uint64(key[1]), np.uint64(threshold)
+    zero = scale * 0
+    for i in range(rows):
+        for g in range(0, cols, _GROUP):
+            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            for j in range(g, min(g + _GROUP, cols)):
+                dst[i, j] = src[i, j] * scale if words[j - g] >= keep_from else zero
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dropout_act_grad_sum(dy, y, act, slope, key, threshold, scale, keep_prob, dz, db):
+    """``dz = dy * scale * act'(y * keep_prob)`` where the mask of ``key`` kept the element, else 0,
+    and ``db = dz.sum(0)`` (none for ``db=None``); dy, y, dz (B, out). ``y`` is the masked output
+    (``y * keep_prob`` is the activation's own output where kept); identity never reads it."""
+    rows, cols = dy.shape
+    k0, k1, keep_from = np.uint64(key[0]), np.uint64(key[1]), np.uint64(threshold)
+    total = np.zeros(cols, dz.dtype)
+    zero = slope * 0
+    for i in range(rows):
+        for g in range(0, cols, _GROUP):
+            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            for j in range(g, min(g + _GROUP, cols)):
+                v = zero
+                if words[j - g] >= keep_from:
+                    v = dy[i, j] * scale
+                    if act != _IDENTITY and not y[i, j] * keep_prob > 0:
+                        v = zero if act == _RELU else v * slope
+                dz[i, j] = v
+                if db is not None:
+                    total[j] += v
     if db is not None:
         db[:] = total
 
