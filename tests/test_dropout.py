@@ -374,3 +374,46 @@ def test_every_backend_draws_the_same_masks_and_gradients_as_numpy(backend, rng,
     for ours, reference in zip(results[backend], results["numpy"]):
         np.testing.assert_array_equal(ours == 0, reference == 0)  # the masks, exactly
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_save_and_load_keep_each_dropout_where_it_stands_with_its_rate(tmp_path, rng, suffix):
+    model = dropout_model("relu", rate=0.35, first=0.15)
+    model[3].freeze()
+    model.save(tmp_path / f"m{suffix}")
+    loaded = gb.load(tmp_path / f"m{suffix}", device="cpu")
+    assert [repr(layer) for layer in loaded] == [repr(layer) for layer in model]
+    assert [layer.name for layer in loaded] == [layer.name for layer in model]
+    x = rng.standard_normal((11, 7)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    outs = []
+    for m in (model, loaded):
+        gb.seed(6)
+        outs.append(m.forward(x))
+    np.testing.assert_array_equal(*outs)  # the same masks: the same layers draw the same keys
+
+
+@pytest.mark.parametrize("entry, message", [
+    ([[9, 0.5, "d"]], "expected a position in"),
+    ([[1, 1.0, "d"]], "expected a position in"),
+    ([[1, 0.5, "d"], [1, 0.2, "e"]], "lists a position twice"),
+    ([["1", 0.5, "d"]], r"must list \[position, rate, name\] entries"),
+    ({"1": 0.5}, r"must list \[position, rate, name\] entries"),
+])
+def test_a_file_whose_dropout_entry_is_broken_is_refused_naming_it(tmp_path, entry, message):
+    import json
+
+    model = dropout_model()
+    path = tmp_path / "m.npz"
+    model.save(path)
+    with np.load(path) as data:
+        arrays = dict(data)
+    header = json.loads(str(arrays["__architecture__"]))
+    header["dropout"] = entry
+    arrays["__architecture__"] = np.array(json.dumps(header))
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+        gb.load(path, device="cpu")
