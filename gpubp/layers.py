@@ -752,8 +752,7 @@ class Sequential:
         h = self.as_input(x)
         batch = h.shape[0]
         if training and self._draw_keys:
-            for layer in self.layers:
-                layer.next_key()
+            self.draw_keys()
         plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
         keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, self._applied(logits), plan)]
         keeps_input, keeps_output = [kept for kept, _ in keeps], [kept for _, kept in keeps]
@@ -764,6 +763,12 @@ class Sequential:
         if training:
             self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
         return h
+
+    def draw_keys(self) -> None:
+        """Draw each layer's randomness for the next training forward (a Dropout's key) from the
+        library's stream, bottom to top: what every training forward does first."""
+        for layer in self.layers:
+            layer.next_key()
 
     def _layer_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
         """One dense_forward per layer, each keeping its own arrays for backward."""

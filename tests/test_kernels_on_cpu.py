@@ -909,6 +909,29 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
             np.testing.assert_array_equal(results[True][2]["state"][key][name], value)
 
 
+@pytest.mark.skipif(SANITIZED, reason="the dropout kernels run in the dropout tests above")
+def test_replayed_steps_draw_new_dropout_masks_as_the_eager_steps_do_bitwise(cb_h100, rng):
+    batches = graph_batches(rng, [30] * 5)
+    runs = {}
+    for cuda_graph in (False, True):
+        gb.seed(5)
+        model = gb.Sequential([gb.Dropout(0.2), gb.Dense(9, 24, "tanh"), gb.Dropout(0.5), gb.Dense(24, 3)],
+                              backend="cupy")
+        step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        gb.seed(8)
+        values, graphed, keys = [], [], []
+        for xb, yb in batches:
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+            keys.append(tuple(cb_h100.to_host(model[2]._key)))
+        runs[cuda_graph] = values, model.get_weights(), graphed, keys
+    assert runs[True][2] == [False, True, True, True, True]
+    assert len(set(runs[True][3])) == 5  # a new key each step, replays included
+    assert runs[True][3] == runs[False][3]
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_layers(cb_h100, rng, fused):
