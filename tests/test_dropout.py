@@ -417,3 +417,22 @@ def test_a_file_whose_dropout_entry_is_broken_is_refused_naming_it(tmp_path, ent
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=message):
         gb.load(path, device="cpu")
+
+
+def test_onnx_export_writes_no_node_for_a_dropout_and_runs_as_predict_in_onnxruntime(tmp_path, rng):
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = dropout_model("gelu", rate=0.4, first=0.2)
+    gb.seed(0)
+    model.fit(rng.standard_normal((30, 7)).astype(np.float32), rng.integers(0, 5, 30), epochs=1, verbose=0)
+    path = tmp_path / "m.onnx"
+    model.save(path)
+    import onnx
+
+    assert not [node for node in onnx.load(path).graph.node if node.op_type == "Dropout"]
+    x = rng.standard_normal((13, 7)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(out, model.predict(x), rtol=1e-5, atol=1e-6)
+    loaded = gb.load(path, device="cpu")  # the inference model: the Dense layers
+    np.testing.assert_allclose(loaded.predict(x), model.predict(x), rtol=1e-6, atol=1e-7)
