@@ -1,8 +1,9 @@
 """Save and load models (.npz, .safetensors) and import PyTorch / Keras weights.
 
 Both file formats hold the architecture (layer sizes, activations, which layers are
-frozen, where the Dropout layers stand and their rates) and the weights under the keys ``layers.{i}.weight`` (in, out) and
-``layers.{i}.bias``, so :func:`load` rebuilds the model. ``.npz`` files are written and
+frozen, where the Dropout layers stand and their rates) and the weights under the keys
+``layers.{i}.weight`` (in, out) and ``layers.{i}.bias`` (``i`` counting Dense layers), so
+:func:`load` rebuilds the model. ``.npz`` files are written and
 read without pickle. Writes are atomic: a temporary file in the same folder, synced to
 disk, renamed over the target, then the folder synced, so a crash leaves the old file or
 the new one. Loading checks the whole file (its framing, every shape and dtype, finite

@@ -436,3 +436,66 @@ def test_onnx_export_writes_no_node_for_a_dropout_and_runs_as_predict_in_onnxrun
     np.testing.assert_allclose(out, model.predict(x), rtol=1e-5, atol=1e-6)
     loaded = gb.load(path, device="cpu")  # the inference model: the Dense layers
     np.testing.assert_allclose(loaded.predict(x), model.predict(x), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the torch bridge
+
+
+def test_the_torch_mlp_of_a_sequential_draws_its_masks_and_gives_its_gradients(rng):
+    torch = pytest.importorskip("torch")
+    from gpubp.torch import MLP
+
+    model = dropout_model("tanh", rate=0.3, first=0.2)
+    mlp = MLP.from_sequential(model)
+    assert mlp.input_dropout == 0.2 and [layer.dropout for layer in mlp.layers] == [0.3, None]
+    x = rng.standard_normal((10, 7)).astype(np.float32)
+    dout = rng.standard_normal((10, 5)).astype(np.float32)
+    gb.seed(31)
+    out = model.forward(x, need_input_grad=True)
+    dx = model.backward(dout, need_input_grad=True)
+    gb.seed(31)
+    x_torch = torch.tensor(x, requires_grad=True)
+    out_torch = mlp(x_torch)
+    out_torch.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out_torch.detach().numpy(), out)
+    np.testing.assert_allclose(x_torch.grad.numpy(), dx, rtol=1e-6, atol=1e-7)
+    dense = [layer for layer in model if isinstance(layer, gb.Dense)]
+    for ours, theirs in zip(dense, mlp.layers):
+        np.testing.assert_allclose(theirs.weight.grad.numpy(), ours.weight.grad, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(theirs.bias.grad.numpy(), ours.bias.grad, rtol=1e-6, atol=1e-7)
+    mlp.eval()  # as nn.Dropout: no mask outside training mode
+    np.testing.assert_array_equal(mlp(torch.tensor(x)).detach().numpy(), model.predict(x))
+    assert [repr(layer) for layer in mlp.to_sequential()] == [repr(layer) for layer in model]
+
+
+def test_nn_dropout_converts_to_gpubp_and_back(rng):
+    torch = pytest.importorskip("torch")
+    from gpubp.gradcheck import to_torch
+    from gpubp.torch import from_torch
+
+    module = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(7, 13), torch.nn.ReLU(), torch.nn.Dropout(0.4),
+                                 torch.nn.Linear(13, 5))
+    mlp = from_torch(module)
+    model = mlp.to_sequential()
+    assert [repr(layer) for layer in model] == ["Dropout(0.1)", "Dense(7, 13, activation='relu')", "Dropout(0.4)",
+                                                "Dense(13, 5, activation='identity')"]
+    back = to_torch(model)
+    assert [type(m).__name__ for m in back] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "Identity"]
+    assert [m.p for m in back if isinstance(m, torch.nn.Dropout)] == [0.1, 0.4]
+    x = torch.tensor(rng.standard_normal((6, 7)).astype(np.float32))
+    module.eval()
+    np.testing.assert_allclose(model.predict(x.numpy()), module(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="a second nn.Dropout in a row"):
+        from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1), torch.nn.Dropout(0.1)))
+    with pytest.raises(ValueError, match="must directly follow an nn.Linear"):
+        from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1), torch.nn.ReLU()))
+
+
+def test_a_bad_dropout_rate_for_the_torch_mlp_names_its_argument():
+    pytest.importorskip("torch")
+    from gpubp.torch import MLP
+
+    with pytest.raises(ValueError, match=r"input_dropout: expected a number in \[0, 1\)"):
+        MLP([3, 4], input_dropout=1.0)
+    with pytest.raises(TypeError, match="dropout: expected a number"):
+        MLP([3, 4, 2], dropout="half")
