@@ -499,3 +499,25 @@ def test_a_bad_dropout_rate_for_the_torch_mlp_names_its_argument():
         MLP([3, 4], input_dropout=1.0)
     with pytest.raises(TypeError, match="dropout: expected a number"):
         MLP([3, 4, 2], dropout="half")
+
+
+# ----------------------------------------------------------------------------- scikit-learn
+
+
+def test_the_sklearn_estimators_take_dropout_draw_masks_from_random_state_and_pickle(rng):
+    pytest.importorskip("sklearn")
+    import pickle
+
+    from gpubp.sklearn import MLPClassifier, MLPRegressor
+
+    x = rng.standard_normal((80, 5))
+    y = (x[:, 0] > 0).astype(int)
+    fits = [MLPClassifier((16, 8), dropout=0.25, max_iter=5, random_state=3, device="cpu").fit(x, y) for _ in range(2)]
+    assert [type(layer).__name__ for layer in fits[0].model_] == ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    assert fits[0].loss_curve_ == fits[1].loss_curve_  # the same masks for the same random_state
+    plain = MLPClassifier((16, 8), max_iter=5, random_state=3, device="cpu").fit(x, y)
+    assert plain.loss_curve_ != fits[0].loss_curve_
+    assert len(plain.model_) == 3 and fits[0].get_params()["dropout"] == 0.25
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fits[0])).predict_proba(x), fits[0].predict_proba(x))
+    with pytest.raises(ValueError, match=r"dropout: expected a number in \[0, 1\)"):
+        MLPRegressor(dropout=1.5, device="cpu").fit(x, x[:, 0])
