@@ -521,3 +521,14 @@ def test_the_sklearn_estimators_take_dropout_draw_masks_from_random_state_and_pi
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(fits[0])).predict_proba(x), fits[0].predict_proba(x))
     with pytest.raises(ValueError, match=r"dropout: expected a number in \[0, 1\)"):
         MLPRegressor(dropout=1.5, device="cpu").fit(x, x[:, 0])
+
+
+def test_fine_tuning_keeps_the_dropouts_and_counts_only_layers_with_weights_for_the_rates():
+    from gpubp import finetune as ft
+
+    model = dropout_model("relu", first=0.1)
+    new = ft.replace_head(model, out_features=2)
+    assert [repr(layer) for layer in new][:3] == [repr(layer) for layer in model][:3]
+    assert new.out_features == 2 and isinstance(new[2], gb.Dropout)
+    groups = ft.param_groups(new, lr=1.0, decay=0.5)
+    assert [group["lr"] for group in groups] == [0.5, 1.0]
