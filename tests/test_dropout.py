@@ -532,3 +532,43 @@ def test_fine_tuning_keeps_the_dropouts_and_counts_only_layers_with_weights_for_
     assert new.out_features == 2 and isinstance(new[2], gb.Dropout)
     groups = ft.param_groups(new, lr=1.0, decay=0.5)
     assert [group["lr"] for group in groups] == [0.5, 1.0]
+
+
+# ----------------------------------------------------------------------------- the README's ports
+
+
+def test_the_readme_keras_port_with_dropout_runs(tmp_path, rng):
+    from gpubp import callbacks as cb
+
+    x = rng.standard_normal((200, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dropout(0.1), gb.Dense(20, 64, "relu"), gb.Dropout(0.5), gb.Dense(64, 3, "softmax")],
+                          device="cpu")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=["sparse_categorical_accuracy"], learning_rate=1e-3)
+    callbacks = [cb.LearningRateScheduler(lambda epoch, lr: lr if epoch < 10 else lr * 0.9),
+                 cb.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2),
+                 cb.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True),
+                 cb.CSVLogger(str(tmp_path / "log.csv"), append=True), cb.TerminateOnNaN()]
+    history = model.fit(x, y, epochs=3, batch_size=64, validation_split=0.1, class_weight={0: 1.0, 1: 3.0, 2: 1.0},
+                        callbacks=callbacks, verbose=0)
+    assert len(history.history["loss"]) == 3 and "val_sparse_categorical_accuracy" in history.history
+
+
+def test_the_readme_pytorch_loop_port_with_dropout_runs(rng):
+    from gpubp.optim.lr_scheduler import OneCycleLR
+
+    batches = [(rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 3, 16), rng.uniform(0, 2, 16))
+               for _ in range(4)]
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(20, 64, "relu"), gb.Dropout(0.5), gb.Dense(64, 3)], device="cpu")
+    opt = gb.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = OneCycleLR(opt, max_lr=0.1, epochs=2, steps_per_epoch=len(batches))
+    step = model.train_step("cross_entropy", opt)
+    losses = []
+    for epoch in range(2):
+        for xb, yb, wb in batches:
+            losses.append(step(xb, yb, sample_weight=wb))
+            scheduler.step()
+    assert len(losses) == 8 and all(math.isfinite(value) for value in losses)
