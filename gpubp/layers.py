@@ -353,6 +353,9 @@ class Dropout(Layer):
         self.in_features = self.out_features = None
         self._key = None  # the backend array (2,) uint32 of the last drawn key
         self._mask = None  # the mask of the last training forward run by this layer itself
+        # Where the batch's rows start in the global batch of a data-parallel step (gpubp.distributed
+        # sets it): the mask's row counters start there, so the processes draw one process's masks.
+        self.rows_from = 0
 
     def connect(self, width: int, where: str, below: str) -> None:
         self.in_features = self.out_features = width
@@ -376,7 +379,7 @@ class Dropout(Layer):
         """The mask of the key drawn last, as the kernels take it."""
         if self._key is None:
             self.next_key()
-        return philox.Mask(self._key, *philox.mask_constants(self.rate))
+        return philox.Mask(self._key, *philox.mask_constants(self.rate), self.rows_from)
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
                 logits: bool = False, precision: str = "fp32"):

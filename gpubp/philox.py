@@ -9,11 +9,13 @@ element is a pure function of its position and the key: a backward pass regenera
 of its forward instead of storing it, and any thread computes any element.
 
 The dropout mask. Element ``(row, col)`` of a (rows, cols) array reads word ``col % 4`` of
-Philox4x32-10 at counter ``(col // 4, row, 0, 0)`` and is kept when that word is at least
+Philox4x32-10 at counter ``(col // 4, first_row + row, 0, 0)`` and is kept when that word is at least
 ``threshold = floor(rate * 2**32)``, so it is dropped with probability ``threshold / 2**32``
 (within 2**-32 of ``rate``). Four neighbouring columns of a row share one call: a GPU thread
 that owns a run of four outputs generates their mask with one Philox evaluation, whatever the
-row width. Every training forward of a Dropout layer draws a fresh 64-bit key from the
+row width. ``first_row`` (0 but in a data-parallel step) is where the array's rows start in the
+global batch, so the processes of ``fit(distributed=True)`` draw the masks one process would
+draw for the whole batch, not one mask each for their own rows. Every training forward of a Dropout layer draws a fresh 64-bit key from the
 library's random stream (``gb.seed``), so the key names the layer and the step, and the counter
 names the element. A kept element is multiplied by ``scale = float32(1 / (1 - rate))``
 (inverted dropout); a dropped one is exactly 0.
@@ -83,12 +85,14 @@ class Mask(NamedTuple):
     ``key``: the backend array of the two key words (uint32, shape (2,)), which a replayed CUDA
     graph reads from device memory; ``threshold``: keep where the word >= it; ``scale``: the
     kept elements' factor, ``1 / (1 - rate)``; ``keep_prob``: ``1 - rate``, which turns a kept
-    output back into the activation's own output for its derivative (all float32)."""
+    output back into the activation's own output for its derivative (all float32); ``first_row``:
+    the row counter of the array's first row."""
 
     key: object
     threshold: int
     scale: np.float32
     keep_prob: np.float32
+    first_row: int = 0
 
 
 def threshold(rate: float) -> int:
@@ -106,11 +110,12 @@ def draw_key(generator: np.random.Generator) -> np.ndarray:
     return generator.integers(0, 2**32, size=2, dtype=np.uint64).astype(np.uint32)
 
 
-def keep_mask(key, rows: int, cols: int, threshold: int) -> np.ndarray:
-    """The (rows, cols) boolean mask of kept elements for ``key`` (two ints or a (2,) array)."""
+def keep_mask(key, rows: int, cols: int, threshold: int, first_row: int = 0) -> np.ndarray:
+    """The (rows, cols) boolean mask of kept elements for ``key`` (two ints or a (2,) array), its
+    rows counted from ``first_row``."""
     k0, k1 = (int(k) for k in np.asarray(key).reshape(-1)[:2])
     groups = -(-cols // COLUMNS_PER_CALL)
     col_group = np.arange(groups, dtype=np.uint32)[None, :]
-    row = np.arange(rows, dtype=np.uint32)[:, None]
+    row = (np.arange(rows, dtype=np.uint64) + np.uint64(first_row)).astype(np.uint32)[:, None]
     words = np.stack(philox4x32_10_numpy(col_group, row, 0, 0, k0, k1), axis=-1)  # (rows, groups, 4)
     return words.reshape(rows, groups * COLUMNS_PER_CALL)[:, :cols] >= np.uint32(threshold)

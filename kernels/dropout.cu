@@ -31,16 +31,17 @@ __device__ __forceinline__ float kept(float value, unsigned int word, unsigned i
     return word >= threshold ? value * scale : 0.0f;
 }
 
-// Calls body(i, word) for every element i = row * cols + col this thread owns, with its mask word.
+// Calls body(i, word) for every element i = row * cols + col this thread owns, with its mask word;
+// the rows' counters start at first_row.
 template <class Body>
 __device__ __forceinline__ void for_each_masked(long long rows, long long cols, const unsigned int* __restrict__ key,
-                                                Body body) {
+                                                long long first_row, Body body) {
     constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
     const long long groups = (cols + G - 1) / G;
     for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < rows * groups;
          g += static_cast<long long>(gridDim.x) * blockDim.x) {
         const long long row = g / groups, col = (g % groups) * G;
-        const PhiloxWords words = dropout_words(key, row, col);
+        const PhiloxWords words = dropout_words(key, first_row + row, col);
 #pragma unroll
         for (int e = 0; e < G; ++e) {
             if (col + e < cols) body(row * cols + col + e, words.w[e]);
@@ -52,8 +53,8 @@ template <int ACT>
 __device__ __forceinline__ void dropout_dz(const float* __restrict__ dy, const float* __restrict__ act_in,
                                            float* __restrict__ dz, long long rows, long long cols,
                                            const unsigned int* __restrict__ key, unsigned int threshold, float scale,
-                                           float keep_prob) {
-    for_each_masked(rows, cols, key, [&](long long i, unsigned int word) {
+                                           long long first_row, float keep_prob) {
+    for_each_masked(rows, cols, key, first_row, [&](long long i, unsigned int word) {
         float grad = 1.0f;
         if constexpr (ACT != ACT_IDENTITY) {
             const float a = act_in[i];
@@ -67,9 +68,9 @@ __device__ __forceinline__ void dropout_dz(const float* __restrict__ dy, const f
 
 extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
     dropout_mask(const float* src, float* dst, long long rows, long long cols, const unsigned int* __restrict__ key,
-                 unsigned int threshold, float scale) {
+                 unsigned int threshold, float scale, long long first_row) {
     // src and dst may alias (in place), so neither is __restrict__.
-    gpubp::for_each_masked(rows, cols, key, [&](long long i, unsigned int word) {
+    gpubp::for_each_masked(rows, cols, key, first_row, [&](long long i, unsigned int word) {
         dst[i] = gpubp::kept(src[i], word, threshold, scale);
     });
 }
@@ -90,8 +91,8 @@ extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
     extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)                                        \
         dropout_dz_##name(const float* __restrict__ dy, const float* __restrict__ act_in, float* __restrict__ dz, \
                           long long rows, long long cols, const unsigned int* __restrict__ key,                 \
-                          unsigned int threshold, float scale, float keep_prob) {                               \
-        gpubp::dropout_dz<id>(dy, act_in, dz, rows, cols, key, threshold, scale, keep_prob);                    \
+                          unsigned int threshold, float scale, long long first_row, float keep_prob) {          \
+        gpubp::dropout_dz<id>(dy, act_in, dz, rows, cols, key, threshold, scale, first_row, keep_prob);         \
     }
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DROPOUT_DZ)
 #undef GPUBP_DROPOUT_DZ

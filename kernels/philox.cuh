@@ -9,9 +9,10 @@
 // W1 to the key. No state: any thread computes any element's word, and a backward pass
 // regenerates its forward's mask from the key instead of reading a stored one.
 //
-// The mask (dropout_keep): element (row, col) of a row-major (rows, cols) array reads word
-// col % 4 at counter (col / 4, row, 0, 0) and is kept when it is >= threshold = floor(rate 2^32).
-// A run of four columns starting at a multiple of 4 costs one call.
+// The mask: element (row, col) of a row-major (rows, cols) array reads word col % 4 at counter
+// (col / 4, first_row + row, 0, 0) and is kept when it is >= threshold = floor(rate 2^32).
+// A run of four columns starting at a multiple of 4 costs one call. first_row is 0 but in a
+// data-parallel step, where it is the array's first row in the global batch.
 //
 // Device code only, no includes: the same text compiles under nvcc and NVRTC.
 #pragma once
@@ -47,7 +48,7 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(unsigned int c0, unsigned i
     return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// The mask words of `row` and the group of four columns holding `col` (col a multiple of 4).
+// The mask words of global row `row` and the group of four columns holding `col` (a multiple of 4).
 // key: two words in device memory, so a replayed CUDA graph reads each step's new key.
 __device__ __forceinline__ PhiloxWords dropout_words(const unsigned int* __restrict__ key, long long row,
                                                      long long col) {

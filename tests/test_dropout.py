@@ -572,3 +572,29 @@ def test_the_readme_pytorch_loop_port_with_dropout_runs(rng):
             losses.append(step(xb, yb, sample_weight=wb))
             scheduler.step()
     assert len(losses) == 8 and all(math.isfinite(value) for value in losses)
+
+
+def test_the_masks_of_row_blocks_counted_from_their_first_row_make_the_whole_batchs_mask(rng):
+    """What fit(distributed=True) relies on: each process masks its part of the global batch with
+    rows counted from the part's first row, so together they draw the one-process mask."""
+    x = rng.standard_normal((10, 7)).astype(np.float32)
+    whole = philox.Mask(np.array([5, 6], np.uint32), *philox.mask_constants(0.5))
+    parts = [numpy_backend.dropout_forward(x[lo:hi], whole._replace(first_row=lo)) for lo, hi in ((0, 4), (4, 10))]
+    np.testing.assert_array_equal(np.concatenate(parts), numpy_backend.dropout_forward(x, whole))
+    with numpy_backend.compiled_kernels(False):
+        np.testing.assert_array_equal(numpy_backend.dropout_forward(x[4:], whole._replace(first_row=4)), parts[1])
+
+
+def test_every_backend_counts_the_mask_rows_from_first_row(backend, rng):
+    x = rng.standard_normal((9, 6)).astype(np.float32)
+    w = rng.standard_normal((6, 11)).astype(np.float32)
+    b = np.zeros(11, np.float32)
+    module = gb.backends.get(backend)
+    constants = philox.mask_constants(0.5)
+    key = np.array([7, 8], np.uint32)
+    host, device = philox.Mask(key, *constants, 5), philox.Mask(module.asarray(key, np.uint32), *constants, 5)
+    np.testing.assert_array_equal(module.to_host(module.dropout_forward(module.asarray(x), device)),
+                                  numpy_backend.dropout_forward(x, host))
+    y, _ = module.dense_forward(module.asarray(x), module.asarray(w), module.asarray(b), "relu", dropout=device)
+    y_ref, _ = numpy_backend.dense_forward(x, w, b, "relu", dropout=host)
+    np.testing.assert_array_equal(module.to_host(y) == 0, y_ref == 0)

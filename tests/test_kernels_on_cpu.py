@@ -335,11 +335,12 @@ def test_philox_in_cuda_gives_the_known_answers_and_equals_numpy_bit_for_bit(cb_
     np.testing.assert_array_equal(words, np.stack(philox.philox4x32_10_numpy(*counters.T, *key), axis=1))
 
 
-def dropout_masks(cb, rng, rate=0.4):
-    """The same mask for the NumPy backend (a host key) and the backend under test (a device key)."""
+def dropout_masks(cb, rng, rate=0.4, first_row=3):
+    """The same mask for the NumPy backend (a host key) and the backend under test (a device key),
+    its rows counted from ``first_row`` (as in a data-parallel step)."""
     key = rng.integers(0, 2**32, size=2, dtype=np.uint64).astype(np.uint32)
     constants = philox.mask_constants(rate)
-    return philox.Mask(key, *constants), philox.Mask(cb.asarray(key, np.uint32), *constants)
+    return philox.Mask(key, *constants, first_row), philox.Mask(cb.asarray(key, np.uint32), *constants, first_row)
 
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=shape_id)

@@ -84,15 +84,16 @@ def act_grad_sum(dy, y, act, slope, dz, db):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def bias_act_dropout(y, b, act, slope, key, threshold, scale):
+def bias_act_dropout(y, b, act, slope, key, threshold, first_row, scale):
     """``y[i, j] = act(y[i, j] + b[j]) * scale`` where the mask of ``key`` keeps (i, j), else 0;
-    in place, y (B, out). One Philox call per row and group of four columns (``gpubp.philox``)."""
+    in place, y (B, out), its rows counted from ``first_row``. One Philox call per row and group
+    of four columns (``gpubp.philox``)."""
     rows, cols = y.shape
     k0, k1, keep_from = np.uint64(key[0]), np.uint64(key[1]), np.uint64(threshold)
     zero = slope * 0
     for i in range(rows):
         for g in range(0, cols, _GROUP):
-            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            words = _philox(np.uint64(g // _GROUP), np.uint64(first_row + i), _NO_COUNTER, _NO_COUNTER, k0, k1)
             for j in range(g, min(g + _GROUP, cols)):
                 v = y[i, j] + b[j]
                 if act != _IDENTITY and v < 0:
@@ -101,7 +102,7 @@ def bias_act_dropout(y, b, act, slope, key, threshold, scale):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def apply_mask(src, dst, key, threshold, scale):
+def apply_mask(src, dst, key, threshold, first_row, scale):
     """``dst = src * scale`` where the mask of ``key`` keeps the element, else 0; (B, n) each,
     ``dst`` may be ``src``. A dropout's forward and, on the gradient, its backward."""
     rows, cols = src.shape
@@ -109,13 +110,13 @@ def apply_mask(src, dst, key, threshold, scale):
     zero = scale * 0
     for i in range(rows):
         for g in range(0, cols, _GROUP):
-            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            words = _philox(np.uint64(g // _GROUP), np.uint64(first_row + i), _NO_COUNTER, _NO_COUNTER, k0, k1)
             for j in range(g, min(g + _GROUP, cols)):
                 dst[i, j] = src[i, j] * scale if words[j - g] >= keep_from else zero
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def dropout_act_grad_sum(dy, y, act, slope, key, threshold, scale, keep_prob, dz, db):
+def dropout_act_grad_sum(dy, y, act, slope, key, threshold, first_row, scale, keep_prob, dz, db):
     """``dz = dy * scale * act'(y * keep_prob)`` where the mask of ``key`` kept the element, else 0,
     and ``db = dz.sum(0)`` (none for ``db=None``); dy, y, dz (B, out). ``y`` is the masked output
     (``y * keep_prob`` is the activation's own output where kept); identity never reads it."""
@@ -125,7 +126,7 @@ def dropout_act_grad_sum(dy, y, act, slope, key, threshold, scale, keep_prob, dz
     zero = slope * 0
     for i in range(rows):
         for g in range(0, cols, _GROUP):
-            words = _philox(np.uint64(g // _GROUP), np.uint64(i), _NO_COUNTER, _NO_COUNTER, k0, k1)
+            words = _philox(np.uint64(g // _GROUP), np.uint64(first_row + i), _NO_COUNTER, _NO_COUNTER, k0, k1)
             for j in range(g, min(g + _GROUP, cols)):
                 v = zero
                 if words[j - g] >= keep_from:

@@ -875,7 +875,7 @@ def _apply_mask(src, dst, dropout) -> None:
     _kernel("dropout.cu", "dropout_mask")(
         (_dropout_grid(rows, cols),), (DROPOUT_THREADS,),
         (src, dst, np.int64(rows), np.int64(cols), dropout.key, np.uint32(dropout.threshold),
-         np.float32(dropout.scale)),
+         np.float32(dropout.scale), np.int64(dropout.first_row)),
     )
 
 
@@ -931,7 +931,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     _kernel("dropout.cu", f"dropout_dz_{act}")(
         (_dropout_grid(rows, cols),), (DROPOUT_THREADS,),
         (dy, act_in, dz, np.int64(rows), np.int64(cols), dropout.key, np.uint32(dropout.threshold),
-         np.float32(dropout.scale), np.float32(dropout.keep_prob)),
+         np.float32(dropout.scale), np.int64(dropout.first_row), np.float32(dropout.keep_prob)),
     )
     return _gemm_dense_backward(dz, x, w, None, None, "identity", need_dx, need_dw, out_dx, out_dw, out_db, precision)
 

@@ -529,14 +529,15 @@ def _kept(value, word, threshold, scale):
 
 
 @cuda.jit
-def _mask_kernel(src, dst, cols, key, threshold, scale):
-    """dst = src * scale where the mask of ``key`` keeps, else 0; src, dst (rows * cols,) flat, a
-    thread per row and group of 4 columns, grid-stride. ``dst`` may be ``src``."""
+def _mask_kernel(src, dst, cols, key, threshold, scale, first_row):
+    """dst = src * scale where the mask of ``key`` keeps, else 0; src, dst (rows * cols,) flat, its
+    rows counted from ``first_row``; a thread per row and group of 4 columns, grid-stride. ``dst``
+    may be ``src``."""
     groups = (cols + _GROUP - 1) // _GROUP
     for g in range(cuda.grid(1), (src.size // cols) * groups, cuda.gridsize(1)):
         row = g // groups
         col = (g % groups) * _GROUP
-        words = _mask_words(key, row, col)
+        words = _mask_words(key, first_row + row, col)
         for e in range(_GROUP):
             if col + e < cols:
                 i = _u64(row * cols + col + e)
@@ -811,7 +812,7 @@ def _forward_epilogue(act: str):
 
 
 @cuda.jit(device=True, inline="always")
-def _mask_tile(y, m0, n0, key, threshold, scale):
+def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
     """The dropout pass of the forward epilogue: y * scale where the mask keeps, else 0, over this
     thread's outputs of the tile at (m0, n0), read back from its own stores (no barrier needed)."""
     row, col = _thread_tile(_tile_thread())
@@ -821,7 +822,7 @@ def _mask_tile(y, m0, n0, key, threshold, scale):
             for run in range(THREAD_N // RUN):
                 c0 = n0 + col + run * COL_RUN_GAP  # a multiple of 4: one Philox call for the run
                 if c0 < y.shape[1]:
-                    words = _mask_words(key, r, c0)
+                    words = _mask_words(key, first_row + r, c0)
                     for e in range(RUN):
                         if c0 + e < y.shape[1]:
                             y[_u64(r), _u64(c0 + e)] = _kept(y[_u64(r), _u64(c0 + e)], words[e], threshold, scale)
@@ -834,7 +835,7 @@ def _dense_forward_masked_kernel(act: str):
     epilogue = _forward_epilogue(act)
 
     @_tile_kernel
-    def dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, key, threshold, scale):
+    def dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, key, threshold, scale, first_row):
         """y = act(x @ w + b) * scale where the mask of ``key`` keeps, else 0; z unmasked."""
         smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
         acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
@@ -843,7 +844,7 @@ def _dense_forward_masked_kernel(act: str):
         _zero_accumulators(acc)
         main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
         epilogue(acc, b, y, z, m0, n0)
-        _mask_tile(y, m0, n0, key, threshold, scale)
+        _mask_tile(y, m0, n0, key, threshold, scale, first_row)
 
     return dense_forward_masked_kernel
 
@@ -906,14 +907,14 @@ def _dropout_dz_kernel(act: str):
     reads_z = act in NEEDS_Z
 
     @cuda.jit
-    def dropout_dz_kernel(dy, act_in, dz, cols, key, threshold, scale, keep_prob):
+    def dropout_dz_kernel(dy, act_in, dz, cols, key, threshold, scale, first_row, keep_prob):
         """dz = dy * scale * act'(act_in * keep_prob, or act_in = z) where the mask of ``key`` kept,
         else 0; all (rows * cols,) flat; a thread per row and group of 4 columns, grid-stride."""
         groups = (cols + _GROUP - 1) // _GROUP
         for g in range(cuda.grid(1), (dy.size // cols) * groups, cuda.gridsize(1)):
             row = g // groups
             col = (g % groups) * _GROUP
-            words = _mask_words(key, row, col)
+            words = _mask_words(key, first_row + row, col)
             for e in range(_GROUP):
                 if col + e < cols:
                     i = _u64(row * cols + col + e)
@@ -1061,8 +1062,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
 
 
 def _mask_args(dropout) -> tuple:
-    """(key, threshold, scale) as the mask kernels take them."""
-    return _view(dropout.key), np.uint64(dropout.threshold), np.float32(dropout.scale)
+    """(key, threshold, scale, first_row) as the mask kernels take them."""
+    return _view(dropout.key), np.uint64(dropout.threshold), np.float32(dropout.scale), np.int64(dropout.first_row)
 
 
 def _apply_mask(src, dst, dropout) -> None:
@@ -1513,10 +1514,11 @@ def kernel_variants() -> list[KernelVariant]:
                  for act in _GRAD]
     key, word, i64 = types.Array(types.uint32, 1, "C"), types.uint64, types.int64
     variants += [KernelVariant("dense_fwd", f"{act}_dropout", _dense_forward_masked_kernel(act),
-                               (m, m, v, m, m, flag, key, word, f32), TILE_THREADS) for act in _FORWARD]
-    variants += [KernelVariant("dropout_dz", act, _dropout_dz_kernel(act), (v, v, v, i64, key, word, f32, f32),
+                               (m, m, v, m, m, flag, key, word, f32, i64), TILE_THREADS) for act in _FORWARD]
+    variants += [KernelVariant("dropout_dz", act, _dropout_dz_kernel(act), (v, v, v, i64, key, word, f32, i64, f32),
                                ELEMENTWISE_THREADS) for act in _FORWARD]
-    variants.append(KernelVariant("dropout_fwd", "", _mask_kernel, (v, v, i64, key, word, f32), ELEMENTWISE_THREADS))
+    variants.append(KernelVariant("dropout_fwd", "", _mask_kernel, (v, v, i64, key, word, f32, i64),
+                                  ELEMENTWISE_THREADS))
     variants += [
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, flag), TILE_THREADS),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, flag), TILE_THREADS),

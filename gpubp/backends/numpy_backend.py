@@ -217,7 +217,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
             kernels.bias_act(y, b, kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,)))
         else:
             slope, scale = _as_dtype(y.dtype, (LEAKY_SLOPE, dropout.scale))
-            kernels.bias_act_dropout(y, b, kernels.ACTS[act], slope, dropout.key, dropout.threshold, scale)
+            kernels.bias_act_dropout(y, b, kernels.ACTS[act], slope, dropout.key, dropout.threshold, dropout.first_row,
+                                     scale)
         return y, None
     y += b
     if act == "softmax":
@@ -234,9 +235,9 @@ def _apply_mask(src, dst, dropout) -> None:
     kernels = _compiled(src.dtype)
     scale = src.dtype.type(dropout.scale)
     if kernels is not None:
-        kernels.apply_mask(src, dst, dropout.key, dropout.threshold, scale)
+        kernels.apply_mask(src, dst, dropout.key, dropout.threshold, dropout.first_row, scale)
         return
-    keep = philox.keep_mask(dropout.key, *src.shape, dropout.threshold)
+    keep = philox.keep_mask(dropout.key, *src.shape, dropout.threshold, dropout.first_row)
     np.multiply(src, scale, out=dst)
     dst[~keep] = 0
 
@@ -276,7 +277,7 @@ def _masked_dz(dy, y, z, act, dropout, db):
     if kernels is not None and act in kernels.ACTS:
         slope, scale, keep_prob = _as_dtype(dy.dtype, (LEAKY_SLOPE, dropout.scale, dropout.keep_prob))
         kernels.dropout_act_grad_sum(dy, dy if y is None else y, kernels.ACTS[act], slope, dropout.key,
-                                     dropout.threshold, scale, keep_prob, dz, db)
+                                     dropout.threshold, dropout.first_row, scale, keep_prob, dz, db)
         return dz, db is not None
     _apply_mask(dy, dz, dropout)
     if act != "identity":
