@@ -18,8 +18,11 @@
 // Launch: DROPOUT_THREADS threads per block, one thread per row and group of four columns
 // (rows * ceil(cols / 4) work items), grid-stride, so one Philox call serves four elements.
 // Memory: each element of the inputs is read once and of the output written once; the key is
-// two words read by every thread (a broadcast). Shapes need not be multiples of 4: the last
-// group of a row stops at its width. Indices are 64-bit (rows * cols may exceed 2^31).
+// two words read by every thread (a broadcast). When cols is a multiple of 4 and every operand
+// 16-byte aligned, a group is one float4 load or store per operand, so a warp's accesses are 512
+// contiguous bytes; otherwise (the row's last group stopping at its width, or an operand view
+// that starts off a 16-byte boundary) each element is a guarded scalar access. Indices are
+// 64-bit (rows * cols may exceed 2^31).
 #include "activations.cuh"
 #include "philox.cuh"
 
@@ -27,25 +30,49 @@ namespace gpubp {
 
 constexpr int DROPOUT_THREADS = 256;
 
+__device__ __forceinline__ bool dropout_aligned16(const float* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15u) == 0;
+}
+
 __device__ __forceinline__ float kept(float value, unsigned int word, unsigned int threshold, float scale) {
     return word >= threshold ? value * scale : 0.0f;
 }
 
-// Calls body(i, word) for every element i = row * cols + col this thread owns, with its mask word;
-// the rows' counters start at first_row.
+// The `count` (1..4) elements of a group from p + base: one float4 when `vec`, else scalars.
+__device__ __forceinline__ void load_group(const float* p, long long base, int count, bool vec, float (&v)[4]) {
+    if (vec) {
+        const float4 a = *reinterpret_cast<const float4*>(p + base);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void store_group(float* p, long long base, int count, bool vec, const float (&v)[4]) {
+    if (vec) {
+        *reinterpret_cast<float4*>(p + base) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (e < count) p[base + e] = v[e];
+        }
+    }
+}
+
+// Calls body(base, count, words) for every group this thread owns: its first element
+// base = row * cols + col, how many of its four columns lie inside the row, and its mask words
+// (the rows' counters start at first_row).
 template <class Body>
-__device__ __forceinline__ void for_each_masked(long long rows, long long cols, const unsigned int* __restrict__ key,
-                                                long long first_row, Body body) {
+__device__ __forceinline__ void for_each_group(long long rows, long long cols, const unsigned int* __restrict__ key,
+                                               long long first_row, Body body) {
     constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
     const long long groups = (cols + G - 1) / G;
     for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < rows * groups;
          g += static_cast<long long>(gridDim.x) * blockDim.x) {
         const long long row = g / groups, col = (g % groups) * G;
-        const PhiloxWords words = dropout_words(key, first_row + row, col);
-#pragma unroll
-        for (int e = 0; e < G; ++e) {
-            if (col + e < cols) body(row * cols + col + e, words.w[e]);
-        }
+        const long long left = cols - col;
+        body(row * cols + col, left < G ? static_cast<int>(left) : G, dropout_words(key, first_row + row, col));
     }
 }
 
@@ -54,13 +81,20 @@ __device__ __forceinline__ void dropout_dz(const float* __restrict__ dy, const f
                                            float* __restrict__ dz, long long rows, long long cols,
                                            const unsigned int* __restrict__ key, unsigned int threshold, float scale,
                                            long long first_row, float keep_prob) {
-    for_each_masked(rows, cols, key, first_row, [&](long long i, unsigned int word) {
-        float grad = 1.0f;
-        if constexpr (ACT != ACT_IDENTITY) {
-            const float a = act_in[i];
-            grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a) : act_grad<ACT>(a * keep_prob, 0.0f);
+    const bool vec = cols % 4 == 0 && dropout_aligned16(dy) && dropout_aligned16(act_in) && dropout_aligned16(dz);
+    for_each_group(rows, cols, key, first_row, [&](long long base, int count, const PhiloxWords& words) {
+        float g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        load_group(dy, base, count, vec, g);
+        if constexpr (ACT != ACT_IDENTITY) load_group(act_in, base, count, vec, a);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float grad = 1.0f;
+            if constexpr (ACT != ACT_IDENTITY) {
+                grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a[e]) : act_grad<ACT>(a[e] * keep_prob, 0.0f);
+            }
+            g[e] = kept(g[e], words.w[e], threshold, scale) * grad;
         }
-        dz[i] = kept(dy[i], word, threshold, scale) * grad;
+        store_group(dz, base, count, vec, g);
     });
 }
 
@@ -69,9 +103,14 @@ __device__ __forceinline__ void dropout_dz(const float* __restrict__ dy, const f
 extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
     dropout_mask(const float* src, float* dst, long long rows, long long cols, const unsigned int* __restrict__ key,
                  unsigned int threshold, float scale, long long first_row) {
-    // src and dst may alias (in place), so neither is __restrict__.
-    gpubp::for_each_masked(rows, cols, key, first_row, [&](long long i, unsigned int word) {
-        dst[i] = gpubp::kept(src[i], word, threshold, scale);
+    // src and dst may alias (in place), so neither is __restrict__; each group is read before it is written.
+    const bool vec = cols % 4 == 0 && gpubp::dropout_aligned16(src) && gpubp::dropout_aligned16(dst);
+    gpubp::for_each_group(rows, cols, key, first_row, [&](long long base, int count, const gpubp::PhiloxWords& words) {
+        float v[4];
+        gpubp::load_group(src, base, count, vec, v);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = gpubp::kept(v[e], words.w[e], threshold, scale);
+        gpubp::store_group(dst, base, count, vec, v);
     });
 }
 

@@ -319,7 +319,9 @@ def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
 #
 # kernels/philox.cuh and dropout.cu: the generator against Random123's known answers and gpubp.philox,
 # bit for bit; the masks and gradients against the NumPy backend given the same key.
-DROPOUT_SHAPES = [(1, 1, 1), (37, 29, 23), (130, 257, 65)] if not SANITIZED else [(37, 29, 23)]
+# (24, 16, 32): widths that are multiples of 4, the float4 path; the others the scalar one.
+DROPOUT_SHAPES = [(1, 1, 1), (37, 29, 23), (130, 257, 65), (24, 16, 32)] if not SANITIZED else [(37, 29, 23),
+                                                                                               (24, 16, 32)]
 DROPOUT_ACTS = ACTIVATIONS if not SANITIZED else ("relu", "gelu")
 
 
@@ -380,6 +382,23 @@ def test_a_masked_dense_layer_matches_numpy_forward_and_backward(cb, rng, act, s
     assert t.launches == cb.backward_kernels(act, True, True, dropout=True) == ["dropout_dz", "dense_dw", "dense_dx"]
     for g, expected in zip(got, want):
         close(cb.to_host(g), expected)
+
+
+def test_dropout_operands_off_a_16_byte_boundary_take_the_scalar_path(cb_h100, rng):
+    """Widths that are multiples of 4 in views starting one float past a 16-byte boundary: a float4
+    access there is misaligned (UBSan reports it; a GPU faults)."""
+    host_mask, device_mask = dropout_masks(cb_h100, rng)
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    out = harness.device_empty((9, 16), offset_bytes=4)
+    cb_h100.dropout_forward(harness.to_device(x, offset_bytes=4), device_mask, out=out)
+    np.testing.assert_array_equal(cb_h100.to_host(out), ref.dropout_forward(x, host_mask))
+    w = rng.standard_normal((5, 16)).astype(np.float32)
+    y = np.abs(rng.standard_normal((9, 16))).astype(np.float32)
+    got, _, _ = cb_h100.dense_backward(harness.to_device(x, offset_bytes=4), None, cb_h100.asarray(w),
+                                       harness.to_device(y, offset_bytes=4), None, "sigmoid", True, False,
+                                       dropout=device_mask)
+    want, _, _ = ref.dense_backward(*f64(x, None, w, y, None), "sigmoid", True, False, dropout=host_mask)
+    close(cb_h100.to_host(got), want)
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
@@ -1198,8 +1217,8 @@ PLANTED_BUGS = {
         "plain", "philox_in_cuda", "assert"),
     "dropout: the last column group reads one past the row": (
         "dropout.cu",
-        "if (col + e < cols) body(row * cols + col + e, words.w[e]);",
-        "if (col + e <= cols) body(row * cols + col + e, words.w[e]);",
+        "for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;",
+        "for (int e = 0; e < 4; ++e) v[e] = e <= count ? p[base + e] : 0.0f;",
         "asan", "dropout_mask_kernel and 132sms", "heap-buffer-overflow"),
 }
 
