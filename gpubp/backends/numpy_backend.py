@@ -18,6 +18,10 @@ It is written for speed, not only clarity:
   updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
   never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or ``compiled_kernels(False)``) keeps
   the pure-NumPy path, which computes the same values and is what runs without Numba.
+- a dropout mask above a Dense (``dropout=``, a ``philox.Mask``) is generated inside those
+  compiled passes, never stored: the forward's bias+activation pass masks its output and the
+  backward's dz pass regenerates the mask; without Numba, ``philox.keep_mask`` computes the same
+  mask vectorized.
 
 Each "kernel" below records the name a GPU backend records for the same work, so
 ``gb.trace()`` counts read the same on every backend.
