@@ -34,6 +34,7 @@ import socket
 import numpy as np
 
 from gpubp import _random, batches
+from gpubp.layers import Dropout
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 300
@@ -203,7 +204,15 @@ class DataParallel:
         part = _shard(len(xb), self.rank, self.world_size)
         count = part.stop - part.start
         if count:
-            out = model.forward(xb[part], logits=logits)
+            # Each Dropout's mask rows count from this part's first row of the global batch.
+            dropouts = [layer for layer in model if isinstance(layer, Dropout)]
+            for layer in dropouts:
+                layer.rows_from = part.start
+            try:
+                out = model.forward(xb[part], logits=logits)
+            finally:
+                for layer in dropouts:
+                    layer.rows_from = 0
             weights = None if sample_weight is None else sample_weight[part]
             value, dout = batches.loss_and_grad(loss_fn, out, yb[part], weights, model.backend)
             share = count / len(xb)
@@ -213,6 +222,7 @@ class DataParallel:
                 bucket[span] = param.grad.reshape(-1)
             bucket[-1] = value * share
         else:
+            model.draw_keys()  # as the other ranks' forwards do, so every rank's random stream stays the same
             bucket[...] = 0
         self.dist.all_reduce(self._tensor(bucket))
         for param, span in zip(params, spans):

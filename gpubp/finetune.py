@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from gpubp import _checks
-from gpubp.layers import Dense, Layer, Sequential
+from gpubp.layers import Dense, Dropout, Layer, Sequential
 from gpubp.callbacks import Callback
 
 
@@ -60,6 +60,9 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
     out_features = _checks.positive_int(out_features, "out_features")
     backbone = []
     for layer in model.layers[:-1]:
+        if isinstance(layer, Dropout):
+            backbone.append(Dropout(layer.rate, name=layer.name))
+            continue
         # Host copies, so training the new model never changes the original; passing them as
         # the init keeps the random stream for the head alone.
         weight = np.array(layer.backend.to_host(layer.weight.data))
@@ -75,7 +78,8 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
 
 
 def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]:
-    """Discriminative learning rates: the top layer gets ``lr``, the layer ``d`` below it ``lr * decay**d``.
+    """Discriminative learning rates: the top layer gets ``lr``, the layer ``d`` below it ``lr * decay**d``
+    (counting layers with parameters: a Dropout is passed over).
 
     Returns PyTorch-style param groups for any gpubp optimizer. Frozen layers are included,
     so unfreezing later (e.g. :class:`GradualUnfreezing`) needs no new optimizer.
@@ -84,8 +88,9 @@ def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]
         raise ValueError("model: expected a Sequential with at least one layer")
     lr = _checks.non_negative(lr, "lr")
     decay = _checks.non_negative(decay, "decay")
-    top = len(model) - 1
-    return [{"params": layer.parameters(), "lr": lr * decay ** (top - i)} for i, layer in enumerate(model)]
+    layers = [layer for layer in model if layer.parameters()]  # a Dropout has none, and no depth of its own
+    top = len(layers) - 1
+    return [{"params": layer.parameters(), "lr": lr * decay ** (top - i)} for i, layer in enumerate(layers)]
 
 
 class GradualUnfreezing(Callback):

@@ -8,7 +8,9 @@ inside that function only; the library itself never needs it.
 
 Gradients are reported under the names the model files use: ``layers.{i}.weight`` (in, out),
 ``layers.{i}.bias`` (out,) and ``input`` (B, in). Frozen parameters get no gradient and are
-not checked.
+not checked. A model with Dropout layers is differentiated through the masks of one key:
+every probe of ``check_gradients`` runs a training forward that draws its keys from the
+library's random stream as it stood before the analytic forward, so all see the same masks.
 
 >>> import numpy as np, gpubp as gb
 >>> gb.seed(0)
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpubp import _random
 from gpubp import losses as _losses
-from gpubp.layers import Sequential
+from gpubp.layers import Dense, Dropout, Sequential
 
 
 def _param_names(model: Sequential) -> list[str]:
-    return [f"layers.{i}.{kind}" for i in range(len(model)) for kind in ("weight", "bias")]
+    return [f"layers.{i}.{param.name}" for i, layer in enumerate(model) for param in layer.parameters()]
 
 
 def _host(array, backend) -> np.ndarray:
@@ -50,11 +53,15 @@ def analytic_gradients(model: Sequential, x, target, loss="mse") -> tuple[float,
     return value, grads
 
 
-def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6) -> dict[str, np.ndarray]:
+def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
+                        random_state: dict | None = None) -> dict[str, np.ndarray]:
     """Central differences of the loss for every trainable parameter element and every input element.
 
     Needs a float64 model on the NumPy backend (float32 differences are too coarse to check
-    anything). Each parameter is restored exactly after its element is probed.
+    anything). Each parameter is restored exactly after its element is probed. ``random_state``
+    (``gpubp._random.get_state()``): each probe runs a training forward whose Dropout keys come
+    from the library's stream restarted at that state (the stream is left as it was); without it
+    the probes run inference forwards.
     """
     if model.backend_name != "numpy" or model.dtype != np.float64:
         raise ValueError(f"model: numerical gradients need a float64 model on the numpy backend, got "
@@ -63,7 +70,10 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
     x = np.array(x, dtype=np.float64, copy=True)
 
     def loss_at(inputs) -> float:
-        return loss_fn(model.forward(inputs, training=False), target, backend=model.backend)[0]
+        if random_state is None:
+            return loss_fn(model.forward(inputs, training=False), target, backend=model.backend)[0]
+        with _random.using(_random.generator_from_state(random_state)):
+            return loss_fn(model.forward(inputs, training=True), target, backend=model.backend)[0]
 
     def probe(array: np.ndarray) -> np.ndarray:
         grad = np.zeros_like(array)
@@ -90,8 +100,9 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
     Raises ``AssertionError`` naming the gradient and the worst element when
     ``|analytic - numerical| > atol + rtol * |numerical|`` anywhere.
     """
+    keys_from = _random.get_state() if any(isinstance(layer, Dropout) for layer in model) else None
     _, analytic = analytic_gradients(model, x, target, loss)
-    numerical = numerical_gradients(model, x, target, loss, eps)
+    numerical = numerical_gradients(model, x, target, loss, eps, keys_from)
     errors = {}
     for name, expected in numerical.items():
         got = analytic[name]
@@ -111,7 +122,8 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
 
 
 def to_torch(model: Sequential):
-    """The equivalent ``torch.nn.Sequential`` (nn.Linear + activation modules), same weights and dtype."""
+    """The equivalent ``torch.nn.Sequential`` (nn.Linear + activation modules, nn.Dropout for a
+    Dropout), same weights and dtype."""
     import torch
 
     dtype = torch.float64 if model.dtype == np.float64 else torch.float32
@@ -127,6 +139,9 @@ def to_torch(model: Sequential):
     }
     stack = []
     for layer in model:
+        if isinstance(layer, Dropout):
+            stack.append(torch.nn.Dropout(layer.rate))
+            continue
         linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(_host(layer.weight.data, layer.backend).T.copy()))
@@ -167,6 +182,9 @@ def compare_with_torch(model: Sequential, x, target, loss: str = "mse", rtol: fl
 
     if not isinstance(loss, str):
         raise TypeError(f"loss: compare_with_torch needs a loss name, got {type(loss).__name__}")
+    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model):
+        raise ValueError("model: has a Dropout, and PyTorch would draw masks of its own; compare the layers "
+                         "around it with the mask given to both (gpubp.philox.keep_mask)")
     value, ours = analytic_gradients(model, x, target, loss)
     out = model.backend.to_host(model.forward(x, training=False))
 
@@ -178,8 +196,11 @@ def compare_with_torch(model: Sequential, x, target, loss: str = "mse", rtol: fl
 
     theirs = {"output": out_torch.detach().numpy(), "loss": np.array(loss_torch.item()), "input": x_torch.grad.numpy()}
     mine = {"output": out, "loss": np.array(value), "input": ours["input"]}
+    linears = iter(module for module in twin if isinstance(module, torch.nn.Linear))
     for i, layer in enumerate(model):
-        linear = twin[2 * i]
+        if not isinstance(layer, Dense):
+            continue
+        linear = next(linears)
         if layer.weight.trainable:
             theirs[f"layers.{i}.weight"] = linear.weight.grad.numpy().T
             mine[f"layers.{i}.weight"] = ours[f"layers.{i}.weight"]

@@ -1,8 +1,9 @@
 """Save and load models (.npz, .safetensors) and import PyTorch / Keras weights.
 
 Both file formats hold the architecture (layer sizes, activations, which layers are
-frozen) and the weights under the keys ``layers.{i}.weight`` (in, out) and
-``layers.{i}.bias``, so :func:`load` rebuilds the model. ``.npz`` files are written and
+frozen, where the Dropout layers stand and their rates) and the weights under the keys
+``layers.{i}.weight`` (in, out) and ``layers.{i}.bias`` (``i`` counting Dense layers), so
+:func:`load` rebuilds the model. ``.npz`` files are written and
 read without pickle. Writes are atomic: a temporary file in the same folder, synced to
 disk, renamed over the target, then the folder synced, so a crash leaves the old file or
 the new one. Loading checks the whole file (its framing, every shape and dtype, finite
@@ -31,7 +32,7 @@ import numpy as np
 from gpubp import _safetensors
 from gpubp import activations as _activations
 from gpubp.backends import PRECISIONS
-from gpubp.layers import Dense, Sequential
+from gpubp.layers import Dense, Dropout, Sequential
 
 log = logging.getLogger("gpubp")
 
@@ -51,14 +52,23 @@ def _suffix(path) -> str:
 
 
 def _architecture(model: Sequential) -> dict:
-    return {
+    """The Dense layers' sizes, activations, names and trainable flags (the weights' keys count
+    Dense layers only) and, where the model has any, ``"dropout"``: ``[position, rate, name]`` of
+    each Dropout, its position in the whole model. A reader that knows no Dropout loads the same
+    inference model."""
+    dense = [layer for layer in model if isinstance(layer, Dense)]
+    header = {
         "format_version": FORMAT_VERSION,
-        "sizes": [model.in_features] + [layer.out_features for layer in model],
-        "activations": [layer.activation for layer in model],
-        "names": [layer.name for layer in model],
-        "trainable": [layer.trainable for layer in model],
+        "sizes": [model.in_features] + [layer.out_features for layer in dense],
+        "activations": [layer.activation for layer in dense],
+        "names": [layer.name for layer in dense],
+        "trainable": [layer.trainable for layer in dense],
         "precision": model.precision,
     }
+    dropouts = [[i, layer.rate, layer.name] for i, layer in enumerate(model) if isinstance(layer, Dropout)]
+    if dropouts:
+        header["dropout"] = dropouts
+    return header
 
 
 def _tensors(model: Sequential) -> dict[str, np.ndarray]:
@@ -167,8 +177,11 @@ def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
     for i, layer in enumerate(model):
-        if not isinstance(layer, Dense):
-            raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense layers only")
+        if not isinstance(layer, (Dense, Dropout)):
+            raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense and "
+                            "Dropout layers only")
+    if not any(isinstance(layer, Dense) for layer in model):
+        raise ValueError("model: expected at least one Dense layer")
     return _architecture(model), _tensors(model)
 
 
@@ -239,6 +252,27 @@ def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, boo
     return [(sizes[i], sizes[i + 1], acts[i], names[i], bool(trainable[i])) for i in range(len(acts))]
 
 
+def _dropout_specs(path: Path, header: dict, dense_count: int) -> list[tuple[int, float, str]]:
+    """(position, rate, name) of each Dropout the header lists, checked: positions distinct and
+    within the model that the Dense layers and these make."""
+    entries = header.get("dropout", [])
+    total = dense_count + (len(entries) if isinstance(entries, list) else 0)
+    specs = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
+                and not isinstance(entry[0], bool) and isinstance(entry[1], (int, float))
+                and not isinstance(entry[1], bool) and isinstance(entry[2], str)):
+            raise ValueError(f"{path}: the header's 'dropout' must list [position, rate, name] entries, got {entry!r}")
+        position, rate, name = entry
+        if not 0 <= position < total or not 0 <= rate < 1:
+            raise ValueError(f"{path}: dropout entry {entry!r}: expected a position in [0, {total}) and a rate in "
+                             "[0, 1)")
+        specs.append((position, float(rate), name))
+    if len({position for position, _, _ in specs}) != len(specs):
+        raise ValueError(f"{path}: the header's 'dropout' lists a position twice")
+    return sorted(specs)
+
+
 def extra_tensor_names(path: Path, header: dict) -> list[str]:
     """The tensors a checkpoint header declares beside the model's (none for a model file)."""
     section = header.get(CHECKPOINT_KEY)
@@ -282,6 +316,8 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
     # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
     layers = [Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)
               for fan_in, fan_out, act, name, _ in specs]
+    for position, rate, name in _dropout_specs(path, header, len(layers)):
+        layers.insert(position, Dropout(rate, name=name))
     precision = header.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"{path}: precision {precision!r} in the header, expected one of {PRECISIONS}")
@@ -293,7 +329,7 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
             log.warning("gpubp: %s was saved with precision=%r, which cannot run here (%s); loaded as fp32",
                         path, precision, exc)
     model.set_weights(list(weights.values()))
-    for layer, (*_rest, trainable) in zip(model, specs):
+    for layer, (*_rest, trainable) in zip([layer for layer in model if isinstance(layer, Dense)], specs):
         layer.trainable = trainable
     return model
 

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import _checks, _random, activations, backends, batches
+from gpubp import _checks, _random, activations, backends, batches, philox
 from gpubp.backends import numpy_backend
 from gpubp.parameter import Parameter
 
@@ -99,6 +99,9 @@ class Layer:
     activation = "identity"  # what the layer applies last (a loss may fuse a sigmoid or softmax)
     in_features: int
     out_features: int
+    # Whether forward can apply the mask of a Dropout right above it in its own epilogue (and
+    # backward regenerate it): Sequential then runs the two as one step.
+    takes_dropout = False
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
@@ -157,14 +160,26 @@ class Layer:
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
                 logits: bool = False, precision: str = "fp32"):
+        """``x`` (B, in) -> (B, out). A layer that ``takes_dropout`` also takes ``dropout=``, the
+        Dropout above it, whose mask it applies to its output in training."""
         raise NotImplementedError
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         raise NotImplementedError
 
     def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
-        """The kernels ``backward`` launches after a forward that applied ``act``."""
+        """The kernels ``backward`` launches after a forward that applied ``act`` (and, for a layer
+        that ``takes_dropout``, ``dropout=True``: a Dropout's mask)."""
         raise NotImplementedError
+
+    def next_key(self) -> None:
+        """Draw what the next training forward's randomness comes from (a Dropout's key) from the
+        library's random stream; the model calls it for every layer, in order, per training forward."""
+
+    @property
+    def detail(self) -> str:
+        """What ``summary`` shows after the widths."""
+        return self.activation
 
     def saved_for_backward(self) -> tuple:
         """What the last training forward kept for backward, as a value ``restore_saved`` puts
@@ -191,6 +206,7 @@ class Dense(Layer):
     """
 
     kind = "dense"
+    takes_dropout = True
 
     def __init__(
         self,
@@ -211,6 +227,7 @@ class Dense(Layer):
         self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
+        self._dropout = None  # the philox.Mask the last training forward applied to its output, if any
 
     # --------------------------------------------------------------------- state
 
@@ -227,7 +244,7 @@ class Dense(Layer):
     # --------------------------------------------------------------------- compute
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
-                logits: bool = False, precision: str = "fp32"):
+                logits: bool = False, precision: str = "fp32", dropout: Dropout | None = None):
         """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array.
 
         In training, ``keep_input``/``keep_output`` store what backward will read (the input
@@ -236,30 +253,40 @@ class Dense(Layer):
         ``logits=True`` returns ``x @ W + b`` without the activation (for a loss that fuses it),
         and a following backward takes the gradient of those logits. ``precision``: the
         ``Sequential``'s, one of the backend's ``dense_precisions()``.
+        ``dropout``: the Dropout above this layer; in training its mask (from the key it drew last)
+        multiplies the output inside the forward kernel, and backward regenerates it for dz.
+        The output this layer keeps is then the masked one.
         """
         act = "identity" if logits else self.activation
         z_out = None
         if training and keep_output and act in activations.NEEDS_Z:
             z_out = self._buffers.get(self.backend, "z", (x.shape[0], self.out_features), self.dtype)
-        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision)
+        mask = dropout.mask() if training and dropout is not None else None
+        kwargs = {} if mask is None else {"dropout": mask}
+        y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision, **kwargs)
         if training:
             self._applied = act
+            self._dropout = mask
             self._input = x if keep_input else None
             self._output = y if keep_output and act not in activations.NEEDS_Z else None
             self._preact = z if keep_output else None
         return y
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, dropout: bool = False) -> list[str]:
+        if dropout:
+            return self.backend.backward_kernels(act, need_dx, need_dw, dropout=True)
         return self.backend.backward_kernels(act, need_dx, need_dw)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
-        ``precision`` as for the forward."""
+        ``precision`` as for the forward. ``dy`` is the gradient of the output the forward returned
+        (masked, when it applied a Dropout's mask)."""
         need_dw = self.trainable
         out_dw, out_db = self.grad_buffers() if need_dw else (None, None)
+        kwargs = {} if self._dropout is None else {"dropout": self._dropout}
         dx, dw, db = self.backend.dense_backward(
             dy, self._input, self.weight.data, self._output, self._preact, self._applied,
-            need_dx, need_dw, out_dx, out_dw, out_db, precision,
+            need_dx, need_dw, out_dx, out_dw, out_db, precision, **kwargs,
         )
         if need_dw:
             self.take_grads(dw, db)
@@ -279,17 +306,112 @@ class Dense(Layer):
         return [a for a in (self._input, self._output, self._preact) if a is not None]
 
     def saved_for_backward(self) -> tuple:
-        return self._input, self._output, self._preact, self._applied
+        return self._input, self._output, self._preact, self._applied, self._dropout
 
     def restore_saved(self, saved: tuple) -> None:
-        self._input, self._output, self._preact, self._applied = saved
+        self._input, self._output, self._preact, self._applied, self._dropout = saved
 
     def forget(self) -> None:
-        self._input = self._output = self._preact = None
+        self._input = self._output = self._preact = self._dropout = None
 
     def __repr__(self) -> str:
         frozen = "" if self.trainable else ", frozen"
         return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r}{frozen})"
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training each element is zeroed with probability ``rate`` (Keras's
+    meaning: the fraction dropped) and the rest are scaled by ``1 / (1 - rate)``; in ``predict``,
+    ``evaluate`` and validation it is the identity.
+
+    The mask is never stored. It is a function of a key and each element's position
+    (``gpubp.philox``: Philox4x32-10, the same on every backend); every training forward draws a
+    fresh key from the library's random stream, so ``gb.seed(s)`` and the same calls give the
+    same masks, and a resumed checkpoint goes on with the same sequence. Right above a ``Dense``
+    its mask is applied by that layer's forward and regenerated by its backward (inside their
+    kernels on the NumPy and Numba backends; on the CuPy backend, for now, in an elementwise pass
+    right after the forward GEMM and one before the gradient GEMMs); standing first (a dropout on
+    the input) or above another Dropout it runs its own elementwise kernel.
+
+    >>> import numpy as np, gpubp as gb
+    >>> gb.seed(0)
+    >>> model = gb.Sequential([gb.Dense(4, 64, "relu"), gb.Dropout(0.5), gb.Dense(64, 2)], device="cpu")
+    >>> x = np.ones((3, 4), np.float32)
+    >>> bool(np.array_equal(model.predict(x), model.predict(x)))  # identity outside training
+    True
+    """
+
+    kind = "dropout"
+
+    def __init__(self, rate: float, name: str | None = None) -> None:
+        super().__init__(name)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+            raise TypeError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), "
+                            f"got {type(rate).__name__} {rate!r}")
+        if not 0 <= rate < 1:
+            raise ValueError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), got {rate}")
+        self.rate = float(rate)
+        # The width is the layer's below (or, standing first, the layer's above): set by Sequential.
+        self.in_features = self.out_features = None
+        self._key = None  # the backend array (2,) uint32 of the last drawn key
+        self._mask = None  # the mask of the last training forward run by this layer itself
+        # Where the batch's rows start in the global batch of a data-parallel step (gpubp.distributed
+        # sets it): the mask's row counters start there, so the processes draw one process's masks.
+        self.rows_from = 0
+
+    def connect(self, width: int, where: str, below: str) -> None:
+        self.in_features = self.out_features = width
+
+    def _bind(self, backend: ModuleType, dtype=None) -> None:
+        super()._bind(backend, dtype)
+        self._key = None
+
+    def keeps(self, act: str, need_dx: bool, need_dw: bool) -> tuple[bool, bool]:
+        return False, False  # its backward regenerates the mask from the key
+
+    def next_key(self) -> None:
+        host = philox.draw_key(_random.generator())
+        if self._key is None or not hasattr(self.backend, "copy_into"):
+            self._key = self.backend.asarray(host, np.uint32)
+        else:
+            # The same device array each time: a replayed CUDA graph reads the key from it.
+            self.backend.copy_into(self._key, host)
+
+    def mask(self) -> philox.Mask:
+        """The mask of the key drawn last, as the kernels take it."""
+        if self._key is None:
+            self.next_key()
+        return philox.Mask(self._key, *philox.mask_constants(self.rate), self.rows_from)
+
+    def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
+                logits: bool = False, precision: str = "fp32"):
+        """``x`` masked and scaled in training (into ``out``), ``x`` itself otherwise."""
+        if not training:
+            return x
+        self._mask = self.mask()
+        return self.backend.dropout_forward(x, self._mask, out)
+
+    def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
+        return self.backend.dropout_backward(dy, self._mask, out_dx) if need_dx else None
+
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
+        return ["dropout_bwd"] if need_dx else []
+
+    def saved_for_backward(self) -> tuple:
+        return (self._mask,)
+
+    def restore_saved(self, saved: tuple) -> None:
+        (self._mask,) = saved
+
+    def forget(self) -> None:
+        self._mask = None
+
+    @property
+    def detail(self) -> str:
+        return f"rate {self.rate:g}"
+
+    def __repr__(self) -> str:
+        return f"Dropout({self.rate:g})"
 
 
 def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tuple[bool, bool]]:
@@ -307,7 +429,12 @@ def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tupl
 
 
 class BackwardPlan(list):
-    """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch."""
+    """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch.
+    ``notes``: for a layer whose work another layer's kernels do (a Dropout above a Dense), where."""
+
+    def __init__(self, entries=(), notes: dict | None = None) -> None:
+        super().__init__(entries)
+        self.notes = dict(notes or {})
 
     def __str__(self) -> str:
         if not any(kernels for _, kernels in self):
@@ -315,7 +442,8 @@ class BackwardPlan(list):
         width = max(len(name) for name, _ in self)
         lines = ["backward plan (bottom to top):"]
         for name, kernels in self:
-            lines.append(f"  {name:<{width}}  {', '.join(kernels) if kernels else '(nothing: skipped)'}")
+            done = ', '.join(kernels) if kernels else self.notes.get(name, '(nothing: skipped)')
+            lines.append(f"  {name:<{width}}  {done}")
         return "\n".join(lines)
 
 
@@ -351,6 +479,8 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"layers[{i}]: expected a gpubp layer such as gpubp.Dense, got {type(layer).__name__}")
+        self._adopt_input_width()
+        for i, layer in enumerate(self.layers):
             if i:
                 layer.connect(self.layers[i - 1].out_features, f"layers[{i}]", f"layers[{i - 1}]")
             if layer.activation in activations.OUTPUT_ONLY and i != len(self.layers) - 1:
@@ -373,9 +503,39 @@ class Sequential:
         self._stored_plan = None
         self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
+        # A training forward draws each Dropout's key first; a CUDA-graph capture turns this off
+        # and draws them itself before each replay (gpubp.step).
+        self._draw_keys = True
         self._precision = "fp32"
         self.fused = fused
         self.precision = precision  # checked against the path fused= picked
+
+    def _adopt_input_width(self) -> None:
+        """Layers that take their width from the layer below (Dropout) and stand first take it
+        from the first layer above them that has one."""
+        known = next((layer.in_features for layer in self.layers if layer.in_features is not None), None)
+        if self.layers and known is None:
+            raise ValueError("layers: no layer fixes the input width (a model of Dropout layers alone); "
+                             "add a Dense")
+        for i, layer in enumerate(self.layers):
+            if layer.in_features is not None:
+                break
+            layer.connect(known, f"layers[{i}]", "the first layer with a width")
+
+    def _steps(self) -> list[tuple[int, Layer | None]]:
+        """(index, Dropout or None) per forward step, bottom to top: a layer that ``takes_dropout``
+        and the Dropout right above it run as one step, the layer's kernels applying the mask."""
+        steps, i = [], 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            above = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if layer.takes_dropout and isinstance(above, Dropout):
+                steps.append((i, above))
+                i += 2
+            else:
+                steps.append((i, None))
+                i += 1
+        return steps
 
     # --------------------------------------------------------------------- container
 
@@ -455,9 +615,9 @@ class Sequential:
         lines = [f"Sequential on {self.device} (backend {self.backend_name!r}, {self.dtype})"]
         for layer in self.layers:
             count = sum(int(np.prod(param.shape)) for param in layer.parameters())
-            state = "trainable" if layer.trainable else "frozen"
+            state = "" if not layer.parameters() else "trainable" if layer.trainable else "frozen"
             lines.append(f"  {layer.name:<10} {layer.in_features:>6} -> {layer.out_features:<6} "
-                         f"{layer.activation:<11} {count:>10,} params  {state}")
+                         f"{layer.detail:<11} {count:>10,} params  {state}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -530,6 +690,9 @@ class Sequential:
         if len(self) > backend.FUSED_MLP_MAX_LAYERS:
             return f"the model has {len(self)} layers; the fused kernels take at most {backend.FUSED_MLP_MAX_LAYERS}"
         for layer in self.layers:
+            if isinstance(layer, Dropout):
+                return (f"layer {layer.name!r} is a Dropout; the fused kernels apply no dropout mask yet "
+                        "(the per-layer kernels apply it)")
             if not isinstance(layer, Dense):
                 return f"layer {layer.name!r} is a {type(layer).__name__}; the fused kernels run Dense layers only"
             if layer.out_features > max_width:
@@ -567,10 +730,16 @@ class Sequential:
             span = f"{self.layers[lowest].name}..{self.layers[-1].name} (fused)"
             return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
                                                                              [dw for _, dw in plan]))])
-        return BackwardPlan(
-            (layer.name, layer.backward_kernels(act, need_dx, need_dw))
-            for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), plan)
-        )
+        acts, entries, notes = self._applied(logits), [None] * len(self), {}
+        for i, dropout in self._steps():
+            layer, (need_dx, need_dw) = self.layers[i], plan[i]
+            if dropout is None:
+                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw))
+            else:
+                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw, dropout=True))
+                entries[i + 1] = (dropout.name, [])
+                notes[dropout.name] = f"(its mask is regenerated by {layer.name}'s kernels)"
+        return BackwardPlan(entries, notes)
 
     def forward(self, x, training: bool = True, need_input_grad: bool = False, logits: bool = False):
         """Run the model on ``x`` (B, in_features); returns (B, out_features) on the model's device.
@@ -587,6 +756,8 @@ class Sequential:
             raise ValueError("forward: the model has no layers")
         h = self.as_input(x)
         batch = h.shape[0]
+        if training and self._draw_keys:
+            self.draw_keys()
         plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
         keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, self._applied(logits), plan)]
         keeps_input, keeps_output = [kept for kept, _ in keeps], [kept for _, kept in keeps]
@@ -598,24 +769,35 @@ class Sequential:
             self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
         return h
 
+    def draw_keys(self) -> None:
+        """Draw each layer's randomness for the next training forward (a Dropout's key) from the
+        library's stream, bottom to top: what every training forward does first."""
+        for layer in self.layers:
+            layer.next_key()
+
     def _layer_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
         """One dense_forward per layer, each keeping its own arrays for backward."""
         batch = h.shape[0]
         if training:
             self._fused_saved = None
         last = len(self) - 1
-        for i, layer in enumerate(self.layers):
+        for step, (i, dropout) in enumerate(self._steps()):
+            layer = self.layers[i]
+            top = i if dropout is None else i + 1  # the last layer whose output this step writes
             shape = (batch, layer.out_features)
-            if i == last:
+            if top == last:
                 out = None
-            elif keeps_input[i + 1] or keeps_output[i]:
+            elif keeps_input[top + 1] or keeps_output[i]:
                 out = layer._buffers.get(self.backend, "y", shape, self.dtype)
             else:
                 if training:
                     # This layer's output is no longer kept: give its buffer back.
                     layer._buffers.drop("y", shape)
-                out = self._scratch.get(self.backend, ("y", "train" if training else "infer", i % 2), shape, self.dtype)
-            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last, self.precision)
+                out = self._scratch.get(self.backend, ("y", "train" if training else "infer", step % 2), shape,
+                                        self.dtype)
+            fused = {} if dropout is None else {"dropout": dropout}
+            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last, self.precision,
+                              **fused)
         return h
 
     def _fused_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
@@ -656,7 +838,10 @@ class Sequential:
         if self._fused_saved is not None:
             return self._fused_backward(dy, plan, need_input_grad)
         lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
+        applied_below = {i + 1 for i, dropout in self._steps() if dropout is not None}
         for i in range(len(self) - 1, lowest - 1, -1):
+            if i in applied_below:
+                continue  # the layer below regenerates this Dropout's mask in its own backward
             layer = self.layers[i]
             need_dx = plan[i][0]
             out_dx = None

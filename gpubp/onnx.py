@@ -3,7 +3,8 @@
 ``model.save("m.onnx")`` writes what ``model.predict`` computes, for any batch size: one
 ``Gemm`` per layer (weights (in, out) as ``B``, the bias as ``C``), then its activation, the
 sigmoid or softmax head included, in the model's float type (float32, or float64 as ONNX
-``double``). The batch axis is named ``"batch"`` and left free. Opset 17, which every current
+``double``). A Dropout is the identity in ``predict`` and writes no node. The batch axis is named
+``"batch"`` and left free. Opset 17, which every current
 runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5`` and
 gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, both node for
 node as PyTorch's exporter writes them before opset 20.
@@ -44,7 +45,7 @@ except ImportError as exc:
 
 import gpubp
 from gpubp import activations, io
-from gpubp.layers import Dense, Sequential
+from gpubp.layers import Dense, Dropout, Sequential
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), so that older runtimes read the files
@@ -83,13 +84,17 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
     nodes, tensors, constants = [], [], {}
     current = INPUT
     for i, layer in enumerate(model):
-        if not isinstance(layer, Dense):
+        if not isinstance(layer, (Dense, Dropout)):
             raise ValueError(f"model: layer {i} is a {type(layer).__name__}, which gpubp cannot write to ONNX")
+    dense = [(i, layer) for i, layer in enumerate(model) if isinstance(layer, Dense)]
+    if not dense:
+        raise ValueError("model: expected at least one Dense layer")
+    for i, layer in dense:
         weight, bias = (p.backend.to_host(p.data) for p in (layer.weight, layer.bias))
         names = (f"layers.{i}.weight", f"layers.{i}.bias")
         tensors += [numpy_helper.from_array(np.ascontiguousarray(array, dtype), name)
                     for array, name in zip((weight, bias), names)]
-        y = OUTPUT if i == len(model) - 1 else f"layers.{i}.y"  # what the layer gives the next one
+        y = OUTPUT if i == dense[-1][0] else f"layers.{i}.y"  # what the layer gives the next one
         z = y if layer.activation == "identity" else f"layers.{i}.z"
         nodes.append(helper.make_node("Gemm", [current, *names], [z], name=f"layers.{i}.gemm"))
         if layer.activation != "identity":

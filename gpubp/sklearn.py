@@ -16,7 +16,9 @@ Needs scikit-learn (``pip install "gpubp[sklearn]"``); ``import gpubp`` does not
 
 What the estimators add: ``device``, ``backend`` and ``precision`` (as for ``Sequential``),
 gpubp's activations beside scikit-learn's (``"leaky_relu"``, ``"gelu"``, ``"gelu_tanh"``; and
-``"sigmoid"`` for ``"logistic"``), and ``model_``. What differs:
+``"sigmoid"`` for ``"logistic"``), ``dropout`` (the fraction of each hidden layer's outputs a
+:class:`gpubp.Dropout` after it drops while training; 0, the default, adds none; the masks come
+from ``random_state``'s stream), and ``model_``. What differs:
 
 - ``solver`` is ``"adam"`` or ``"sgd"``: there is no ``"lbfgs"`` (a full-batch quasi-Newton
   method, not minibatch kernels), so no ``max_fun``; ``MLPRegressor``'s ``loss`` is
@@ -88,7 +90,7 @@ class _BaseMLP(BaseEstimator):
                  batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
                  shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32"):
+                 epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32", dropout=0.0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -114,6 +116,7 @@ class _BaseMLP(BaseEstimator):
         self.device = device
         self.backend = backend
         self.precision = precision
+        self.dropout = dropout
 
     # --------------------------------------------------------------------- fitting
 
@@ -158,6 +161,10 @@ class _BaseMLP(BaseEstimator):
             raise TypeError(f"hidden_layer_sizes: expected an int or a sequence of ints, got {sizes!r}")
         hidden = [_checks.positive_int(size, f"hidden_layer_sizes[{i}]") for i, size in enumerate(sizes)]
         _choice(self.activation, tuple(ACTIVATIONS), "activation")
+        try:
+            gb.Dropout(self.dropout)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"dropout: {str(exc).removeprefix('rate: ')}") from None
         if self.solver == "lbfgs":
             raise ValueError("solver: 'lbfgs' is a full-batch quasi-Newton method, which gpubp does not offer; "
                              f"expected one of {SOLVERS}")
@@ -188,8 +195,11 @@ class _BaseMLP(BaseEstimator):
         self.n_layers_ = len(hidden) + 2
         self.out_activation_ = OUT_ACTIVATIONS[self._head()]
         sizes = [X.shape[1], *hidden]
-        layers = [gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype)
-                  for fan_in, fan_out in zip(sizes, sizes[1:])]
+        layers = []
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            layers.append(gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype))
+            if self.dropout:
+                layers.append(gb.Dropout(self.dropout))
         layers.append(gb.Dense(sizes[-1], n_outputs, self._head(), dtype=dtype))
         self.model_ = gb.Sequential(layers, backend=backend, dtype=dtype, precision=self.precision)
         self.t_ = 0
@@ -466,14 +476,16 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  alpha=0.0001, batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5,
                  max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False,
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9,
-                 beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32"):
+                 beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, device="auto", backend="auto", precision="fp32",
+                 dropout=0.0):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
             batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
             power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol, verbose=verbose,
             warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
             early_stopping=early_stopping, validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
-            epsilon=epsilon, n_iter_no_change=n_iter_no_change, device=device, backend=backend, precision=precision)
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, device=device, backend=backend, precision=precision,
+            dropout=dropout)
         self.loss = loss
 
     def partial_fit(self, X, y, sample_weight=None):

@@ -24,7 +24,10 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
   it. Later calls copy the batch into those buffers and replay.
 - What changes from step to step, the learning rate and Adam's bias corrections, is written
   to a small device array before each replay, where the update kernels read it. A learning
-  rate schedule therefore needs no new capture.
+  rate schedule therefore needs no new capture. So are the keys of the Dropout masks: each
+  replay draws new ones from the library's random stream, as an eager step does, and copies
+  them to the device arrays the mask kernels read, so a replay drops other elements than the
+  last and the same seed gives the same masks with graphs or without.
 - The loss is written on the device and read back once per step. An update whose loss is not
   finite is skipped on the device, so the weights stay those of the previous step, as in an
   eager ``fit``.
@@ -186,7 +189,8 @@ class TrainStep:
     def _signature(self, batch: int, weighted: bool) -> tuple:
         """What a captured step bakes in; a call whose signature differs needs its own graph."""
         model, opt = self.model, self.optimizer
-        layers = tuple((layer.activation, *((param.trainable, id(param.data)) for param in layer.parameters()))
+        layers = tuple((layer.activation, getattr(layer, "rate", None),
+                        *((param.trainable, id(param.data)) for param in layer.parameters()))
                        for layer in model.layers)
         states = []
         for group in opt.param_groups:
@@ -224,8 +228,13 @@ class TrainStep:
                 width = len(opt.graph_hyper(param, group, state))
                 opt.graph_update(param, group, state, captured.hyper[i, :width], captured.loss)
 
-        with isolated() as launched:
-            captured.graph = backend.capture(step)
+        # The Dropout keys the captured kernels read are drawn before each replay, not in the capture.
+        model._draw_keys = False
+        try:
+            with isolated() as launched:
+                captured.graph = backend.capture(step)
+        finally:
+            model._draw_keys = True
         captured.names = launched.launches
         captured.host_hyper = np.zeros(captured.hyper.shape, np.float32)
         # What the Python side of the model points at after the step: put back after each replay.
@@ -236,6 +245,7 @@ class TrainStep:
 
     def _replay(self, captured: _Captured, x: np.ndarray, y: np.ndarray, sample_weight) -> float:
         model, backend, opt = self.model, self.model.backend, self.optimizer
+        model.draw_keys()
         backend.copy_into(captured.x, x)
         backend.copy_into(captured.y, self._targets(y))
         if sample_weight is not None:

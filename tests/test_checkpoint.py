@@ -203,6 +203,31 @@ def test_a_run_with_a_schedule_resumes_bit_identical(tmp_path, case):
     assert resumed.history == full.history
 
 
+def dropout_model():
+    gb.seed(21)
+    return gb.Sequential([gb.Dropout(0.1), gb.Dense(6, 12, "gelu"), gb.Dropout(0.3, name="drop"),
+                          gb.Dense(12, 8, "relu"), gb.Dense(8, 3)], device="cpu")
+
+
+def test_a_run_with_dropout_and_a_schedule_resumes_bit_identical(tmp_path, suffix):
+    """The masks come from the library's random stream, which the checkpoint saves: the resumed run
+    draws the keys the uninterrupted one drew."""
+    model = dropout_model()
+    model[1].freeze()
+    optimizer = gb.optim.Adam(model.parameters(), lr=0.01)
+    full = train(model, optimizer, EPOCHS, [gb.ModelCheckpoint(tmp_path / ("run-{epoch}" + suffix))],
+                 scheduler=lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5))
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}{suffix}", device="cpu")
+    assert [type(layer).__name__ for layer in ckpt.model] == ["Dropout", "Dense", "Dropout", "Dense", "Dense"]
+    assert [layer.rate for layer in ckpt.model if isinstance(layer, gb.Dropout)] == [0.1, 0.3]
+    assert ckpt.model[2].name == "drop" and not ckpt.model[1].trainable
+    scheduler = lr_scheduler.StepLR(ckpt.optimizer, step_size=2, gamma=0.5)
+    scheduler.load_state_dict(ckpt.scheduler_state)
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, initial_epoch=ckpt.epoch, scheduler=scheduler)
+    assert_weights_equal(model.get_weights(), ckpt.model)
+    assert resumed.history == full.history
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy"], indirect=True)
 def test_a_run_resumed_on_the_gpu_ends_within_float_tolerance(tmp_path, backend):

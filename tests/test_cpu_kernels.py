@@ -209,22 +209,30 @@ def split_everything(monkeypatch):
     monkeypatch.setattr(numpy_backend, "_COMPILED_PARALLEL_MIN_ELEMENTS", 0)
 
 
-def dense_step(x, w, b, dy, act, threads):
+def dense_step(x, w, b, dy, act, threads, dropout=None):
     with numpy_backend.use_cpu_threads(threads):
-        y, z = numpy_backend.dense_forward(x, w, b, act)
-        dx, dw, db = numpy_backend.dense_backward(dy, x, w, y, z, act, True, True)
-    return [a.copy() for a in (y, dx, dw, db)]
+        y, z = numpy_backend.dense_forward(x, w, b, act, dropout=dropout)
+        dx, dw, db = numpy_backend.dense_backward(dy, x, w, y, z, act, True, True, dropout=dropout)
+        masked_input = numpy_backend.dropout_forward(x, dropout) if dropout is not None else x
+    return [a.copy() for a in (y, dx, dw, db, masked_input)]
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", FUSED_ACTS + ["gelu", "sigmoid"])
-def test_dense_layer_results_do_not_depend_on_the_thread_count(act, dtype, split_everything, rng):
-    """203 rows: three blocks of whole 64-row chunks and a ragged last chunk; bit-identical."""
+def test_dense_layer_results_do_not_depend_on_the_thread_count(act, dtype, dropout, split_everything, rng):
+    """203 rows: three blocks of whole 64-row chunks and a ragged last chunk; bit-identical,
+    dropout masks included (each block counts its rows from the array's first)."""
     x = rng.standard_normal((203, 29)).astype(dtype)
     w = rng.standard_normal((29, 23)).astype(dtype)
     b = rng.standard_normal(23).astype(dtype)
     dy = rng.standard_normal((203, 23)).astype(dtype)
-    one, three = dense_step(x, w, b, dy, act, 1), dense_step(x, w, b, dy, act, 3)
+    mask = None
+    if dropout:
+        from gpubp import philox
+
+        mask = philox.Mask(np.array([0x1234, 0xBEEF], np.uint32), *philox.mask_constants(0.3), first_row=5)
+    one, three = dense_step(x, w, b, dy, act, 1, mask), dense_step(x, w, b, dy, act, 3, mask)
     for got, want in zip(three, one):
         np.testing.assert_array_equal(got, want)
 

@@ -235,3 +235,18 @@ def test_fit_distributed_without_torchrun_or_a_process_group_says_how_to_launch(
         model.fit(x, y, distributed=True, verbose=0)
     for got, want in zip(model.get_weights(), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_fit_with_dropout_on_one_rank_draws_the_masks_of_fit_without_distributed(one_rank_group):
+    x, y = worker.fit_data()
+    runs = []
+    for distributed_fit in (False, True):
+        gb.seed(3)
+        model = gb.Sequential([gb.Dropout(0.2), gb.Dense(x.shape[1], 16, "relu"), gb.Dropout(0.5),
+                               gb.Dense(16, int(y.max()) + 1)], device="cpu")
+        model.fit(x, y, optimizer=gb.optim.SGD(model.parameters(), lr=0.05), epochs=2, batch_size=8, verbose=0,
+                  distributed=distributed_fit)
+        runs.append(model.get_weights())
+        assert all(layer.rows_from == 0 for layer in model if isinstance(layer, gb.Dropout))
+    for got, want in zip(*runs):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

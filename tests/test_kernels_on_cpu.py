@@ -33,7 +33,7 @@ from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_upda
                                check_softmax_cross_entropy, check_sumsq_and_scale)
 from test_gpu_check_scripts import load
 import gpubp as gb
-from gpubp import backends
+from gpubp import backends, philox
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from gpubp.backends import cupy_backend
 from gpubp.backends import numpy_backend as ref
@@ -132,7 +132,8 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "ce_fwd_bwd_weighted_i32",
              "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
-             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace"}
+             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words"}
+    names |= {f"dropout_dz_{act}" for act in ACTIVATIONS}
     names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
@@ -312,6 +313,110 @@ def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
     got = cb.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True, *outs)
     for g, expected in zip(got, want):
         close(cb.to_host(g), expected)
+
+
+# ----------------------------------------------------------------------------- dropout
+#
+# kernels/philox.cuh and dropout.cu: the generator against Random123's known answers and gpubp.philox,
+# bit for bit; the masks and gradients against the NumPy backend given the same key.
+# (24, 16, 32): widths that are multiples of 4, the float4 path; the others the scalar one.
+DROPOUT_SHAPES = [(1, 1, 1), (37, 29, 23), (130, 257, 65), (24, 16, 32)] if not SANITIZED else [(37, 29, 23),
+                                                                                               (24, 16, 32)]
+DROPOUT_ACTS = ACTIVATIONS if not SANITIZED else ("relu", "gelu")
+
+
+def test_philox_in_cuda_gives_the_known_answers_and_equals_numpy_bit_for_bit(cb_h100, rng):
+    from test_dropout import KNOWN_ANSWERS
+
+    for counter, key, expected in KNOWN_ANSWERS:
+        words = cb_h100.to_host(cb_h100.philox_words(np.array([counter], np.uint32), np.array(key, np.uint32)))
+        assert [int(w) for w in words[0]] == list(expected)
+    counters = rng.integers(0, 2**32, size=(300, 4), dtype=np.uint64).astype(np.uint32)
+    key = rng.integers(0, 2**32, size=2, dtype=np.uint64).astype(np.uint32)
+    words = cb_h100.to_host(cb_h100.philox_words(counters, key))
+    np.testing.assert_array_equal(words, np.stack(philox.philox4x32_10_numpy(*counters.T, *key), axis=1))
+
+
+def dropout_masks(cb, rng, rate=0.4, first_row=3):
+    """The same mask for the NumPy backend (a host key) and the backend under test (a device key),
+    its rows counted from ``first_row`` (as in a data-parallel step)."""
+    key = rng.integers(0, 2**32, size=2, dtype=np.uint64).astype(np.uint32)
+    constants = philox.mask_constants(rate)
+    return philox.Mask(key, *constants, first_row), philox.Mask(cb.asarray(key, np.uint32), *constants, first_row)
+
+
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=shape_id)
+def test_the_dropout_mask_kernel_matches_numpy_in_place_and_out_of_place(cb, rng, shape):
+    x = rng.standard_normal(shape[:2]).astype(np.float32)
+    host_mask, device_mask = dropout_masks(cb, rng)
+    expected = ref.dropout_forward(x, host_mask)
+    with trace() as t:
+        out = cb.dropout_forward(cb.asarray(x), device_mask)
+        back = cb.dropout_backward(cb.asarray(x), device_mask)
+    assert t.launches == ["dropout_fwd", "dropout_bwd"]
+    np.testing.assert_array_equal(cb.to_host(out), expected)
+    np.testing.assert_array_equal(cb.to_host(back), expected)
+    in_place = cb.asarray(x)
+    assert cb.dropout_forward(in_place, device_mask, out=in_place) is in_place
+    np.testing.assert_array_equal(cb.to_host(in_place), expected)
+
+
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", DROPOUT_ACTS)
+def test_a_masked_dense_layer_matches_numpy_forward_and_backward(cb, rng, act, shape):
+    x, w, b = layer(rng, *shape)
+    host_mask, device_mask = dropout_masks(cb, rng)
+    y_ref, z_ref = ref.dense_forward(*f64(x, w, b), act, dropout=host_mask)
+    with trace() as t:
+        y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act, dropout=device_mask)
+    assert t.launches == ["dense_fwd", "dropout_fwd"]
+    y_host = cb.to_host(y)
+    np.testing.assert_array_equal(y_host == 0, y_ref == 0)
+    close(y_host, y_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    want = ref.dense_backward(*f64(dy, x, w, y_host, None if z is None else cb.to_host(z)), act, True, True,
+                              dropout=host_mask)
+    with trace() as t:
+        got = cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, z, act, True, True,
+                                dropout=device_mask)
+    assert t.launches == cb.backward_kernels(act, True, True, dropout=True) == ["dropout_dz", "dense_dw", "dense_dx"]
+    for g, expected in zip(got, want):
+        close(cb.to_host(g), expected)
+
+
+def test_dropout_operands_off_a_16_byte_boundary_take_the_scalar_path(cb_h100, rng):
+    """Widths that are multiples of 4 in views starting one float past a 16-byte boundary: a float4
+    access there is misaligned (UBSan reports it; a GPU faults)."""
+    host_mask, device_mask = dropout_masks(cb_h100, rng)
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    out = harness.device_empty((9, 16), offset_bytes=4)
+    cb_h100.dropout_forward(harness.to_device(x, offset_bytes=4), device_mask, out=out)
+    np.testing.assert_array_equal(cb_h100.to_host(out), ref.dropout_forward(x, host_mask))
+    w = rng.standard_normal((5, 16)).astype(np.float32)
+    y = np.abs(rng.standard_normal((9, 16))).astype(np.float32)
+    got, _, _ = cb_h100.dense_backward(harness.to_device(x, offset_bytes=4), None, cb_h100.asarray(w),
+                                       harness.to_device(y, offset_bytes=4), None, "sigmoid", True, False,
+                                       dropout=device_mask)
+    want, _, _ = ref.dense_backward(*f64(x, None, w, y, None), "sigmoid", True, False, dropout=host_mask)
+    close(cb_h100.to_host(got), want)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
+def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
+    x = rng.standard_normal((45, 9)).astype(np.float32)
+    labels = rng.integers(0, 3, 45)
+    runs = {}
+    for name in ("numpy", "cupy"):
+        gb.seed(2)
+        model = gb.Sequential([gb.Dropout(0.2), gb.Dense(9, 33, "relu"), gb.Dropout(0.5), gb.Dense(33, 3)],
+                              backend=name)
+        if name == "cupy":
+            assert "is a Dropout; the fused kernels apply no dropout mask yet" in model.why_not_fused()
+        history = model.fit(x, labels, epochs=2, batch_size=16, verbose=0)
+        runs[name] = history.history["loss"], model.get_weights()
+    np.testing.assert_allclose(runs["cupy"][0], runs["numpy"][0], rtol=1e-4)
+    for ours, reference in zip(runs["cupy"][1], runs["numpy"][1]):
+        close(ours, reference, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- fused MLP
@@ -824,6 +929,29 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
             np.testing.assert_array_equal(results[True][2]["state"][key][name], value)
 
 
+@pytest.mark.skipif(SANITIZED, reason="the dropout kernels run in the dropout tests above")
+def test_replayed_steps_draw_new_dropout_masks_as_the_eager_steps_do_bitwise(cb_h100, rng):
+    batches = graph_batches(rng, [30] * 5)
+    runs = {}
+    for cuda_graph in (False, True):
+        gb.seed(5)
+        model = gb.Sequential([gb.Dropout(0.2), gb.Dense(9, 24, "tanh"), gb.Dropout(0.5), gb.Dense(24, 3)],
+                              backend="cupy")
+        step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        gb.seed(8)
+        values, graphed, keys = [], [], []
+        for xb, yb in batches:
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+            keys.append(tuple(cb_h100.to_host(model[2]._key)))
+        runs[cuda_graph] = values, model.get_weights(), graphed, keys
+    assert runs[True][2] == [False, True, True, True, True]
+    assert len(set(runs[True][3])) == 5  # a new key each step, replays included
+    assert runs[True][3] == runs[False][3]
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_layers(cb_h100, rng, fused):
@@ -1082,6 +1210,16 @@ PLANTED_BUGS = {
         "to_tf32(a0[4 * k_stride])",
         "to_tf32(a0[0])",
         "plain", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "max error"),
+    "philox: a round that leaves the key out": (
+        "philox.cuh",
+        "        c2 = hi0 ^ c3 ^ k1;\n",
+        "        c2 = hi0 ^ c3;\n",
+        "plain", "philox_in_cuda", "assert"),
+    "dropout: the last column group reads one past the row": (
+        "dropout.cu",
+        "for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;",
+        "for (int e = 0; e < 4; ++e) v[e] = e <= count ? p[base + e] : 0.0f;",
+        "asan", "dropout_mask_kernel and 132sms", "heap-buffer-overflow"),
 }
 
 

@@ -46,7 +46,7 @@ def test_parameters_are_scikit_learns_with_its_defaults(name):
     ours = getattr(gbsk, name)().get_params()
     del theirs["max_fun"]  # lbfgs's budget: gpubp has no lbfgs
     assert {key: ours[key] for key in theirs} == theirs
-    assert set(ours) - set(theirs) == {"device", "backend", "precision"}
+    assert set(ours) - set(theirs) == {"device", "backend", "precision", "dropout"}
 
 
 # ----------------------------------------------------------------------------- scikit-learn as the oracle

@@ -43,9 +43,12 @@ def fit_data():
 
 
 def fit_model(device: str = "cpu") -> gb.Sequential:
-    """Three layers with the middle one frozen: its gradient is neither computed nor sent."""
-    model = gb.Sequential([gb.Dense(6, 12, "relu"), gb.Dense(12, 12, "tanh"), gb.Dense(12, 3)], device=device)
-    model[1].freeze()
+    """Three Dense layers with the middle one frozen: its gradient is neither computed nor sent.
+    Dropout on the input and after the first layer: each rank masks its part of the global batch
+    with the rows counted from the part's first, so the ranks together draw one process's masks."""
+    model = gb.Sequential([gb.Dropout(0.1), gb.Dense(6, 12, "relu"), gb.Dropout(0.3), gb.Dense(12, 12, "tanh"),
+                           gb.Dense(12, 3)], device=device)
+    model[3].freeze()
     return model
 
 

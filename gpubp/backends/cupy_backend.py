@@ -13,6 +13,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping;
+- ``dropout.cu``: dropout masks (Philox4x32-10, ``philox.cuh``) applied after the Dense forward
+  and regenerated before its gradient kernels, never stored (see the dropout section below);
 - ``fused_mlp.cu``: a whole MLP whose layers are at most ``FUSED_MLP_MAX_WIDTH`` wide, forward
   in one launch and backward in two (``fused_mlp_forward``/``fused_mlp_backward``, the optional
   fused capability of the backend contract).
@@ -126,6 +128,7 @@ KERNELS = {
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
                                           ("bce_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "sumsq", "scale_inplace"),
+    "dropout.cu": ("dropout_mask", "philox_words") + tuple(f"dropout_dz_{act}" for act in ACT_ID),
 }
 KERNEL_FILES = tuple(KERNELS)
 
@@ -847,3 +850,101 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
              ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
         )
     return dx
+
+
+# ----------------------------------------------------------------------------- dropout
+#
+# This round the mask runs in kernels/dropout.cu's elementwise passes around the GEMM kernels,
+# whose epilogue (forward) and operand loads (backward) will apply it once their rewrite lands:
+# dense_forward and dense_backward below take ``dropout=`` and call the GEMM versions above,
+# adding one pass over the output (forward) and one forming dz (backward), which the gradient
+# kernels then read as an identity layer's.
+
+DROPOUT_THREADS = 256  # kernels/dropout.cu
+_gemm_dense_forward, _gemm_dense_backward, _gemm_backward_kernels = dense_forward, dense_backward, backward_kernels
+
+
+def _dropout_grid(rows: int, cols: int) -> int:
+    """Blocks for a pass of one thread per row and group of four columns, grid-stride beyond the cap."""
+    return _blocks(rows * -(-cols // 4), DROPOUT_THREADS, ELEMENTWISE_BLOCKS_PER_SM * _state()["sms"])
+
+
+def _apply_mask(src, dst, dropout) -> None:
+    """``dst = src * scale`` where ``dropout``'s mask keeps the element, else 0 (``dst`` may be ``src``)."""
+    rows, cols = src.shape
+    _kernel("dropout.cu", "dropout_mask")(
+        (_dropout_grid(rows, cols),), (DROPOUT_THREADS,),
+        (src, dst, np.int64(rows), np.int64(cols), dropout.key, np.uint32(dropout.threshold),
+         np.float32(dropout.scale), np.int64(dropout.first_row)),
+    )
+
+
+def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):  # noqa: F811
+    """The GEMM kernels' ``act(x @ w + b)`` (see ``_gemm_dense_forward``); with ``dropout`` (a
+    ``philox.Mask``) the output is then masked and scaled in place by one ``dropout_fwd`` pass
+    (z, for gelu, stays unmasked)."""
+    y, z = _gemm_dense_forward(x, w, b, act, out, out_z, precision)
+    if dropout is not None:
+        record("dropout_fwd")
+        _apply_mask(y, y, dropout)
+    return y, z
+
+
+def dropout_forward(x, dropout, out=None):
+    """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
+    x = _f32(x)
+    out = out if out is not None else cupy.empty_like(x)
+    record("dropout_fwd")
+    _apply_mask(x, out, dropout)
+    return out
+
+
+def dropout_backward(dy, dropout, out=None):
+    """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
+    dy = _f32(dy)
+    out = out if out is not None else cupy.empty_like(dy)
+    record("dropout_bwd")
+    _apply_mask(dy, out, dropout)
+    return out
+
+
+def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:  # noqa: F811
+    if dropout and (need_dx or need_dw):
+        return ["dropout_dz"] + _gemm_backward_kernels("identity", need_dx, need_dw)
+    return _gemm_backward_kernels(act, need_dx, need_dw)
+
+
+def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,  # noqa: F811
+                   precision="fp32", dropout=None):
+    """The GEMM kernels' gradients (see ``_gemm_dense_backward``). With ``dropout`` (the mask the
+    forward applied, so ``y`` is the masked output) one ``dropout_dz`` pass forms
+    ``dz = dy * scale * act'(.)`` where the mask kept, else 0, and the gradient kernels read it as
+    an identity layer's dy."""
+    if dropout is None or not (need_dx or need_dw):
+        return _gemm_dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx, out_dw, out_db, precision)
+    dy = _f32(dy)
+    rows, cols = dy.shape
+    act_in = z if act in NEEDS_Z else y
+    act_in = dy if act_in is None else _f32(act_in)
+    dz = cupy.empty_like(dy)
+    record("dropout_dz")
+    _kernel("dropout.cu", f"dropout_dz_{act}")(
+        (_dropout_grid(rows, cols),), (DROPOUT_THREADS,),
+        (dy, act_in, dz, np.int64(rows), np.int64(cols), dropout.key, np.uint32(dropout.threshold),
+         np.float32(dropout.scale), np.int64(dropout.first_row), np.float32(dropout.keep_prob)),
+    )
+    return _gemm_dense_backward(dz, x, w, None, None, "identity", need_dx, need_dw, out_dx, out_dw, out_db, precision)
+
+
+def philox_words(counters, key):
+    """Philox4x32-10 of each row of ``counters`` (n, 4) uint32 under ``key`` (2,) uint32 -> (n, 4)
+    uint32, by kernels/philox.cuh: how the tests hold it to the known answers and to gpubp.philox."""
+    counters = cupy.ascontiguousarray(cupy.asarray(counters, dtype=np.uint32))
+    key = cupy.ascontiguousarray(cupy.asarray(key, dtype=np.uint32))
+    out = cupy.empty(counters.shape, np.uint32)
+    n = counters.shape[0]
+    _kernel("dropout.cu", "philox_words")(
+        (_blocks(n, DROPOUT_THREADS, ELEMENTWISE_BLOCKS_PER_SM * _state()["sms"]),), (DROPOUT_THREADS,),
+        (counters, key, out, np.int64(n)),
+    )
+    return out

@@ -57,6 +57,18 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
     dense_dx    dx = dz @ w.T (B, in).
                 backward_kernels() lists what dense_backward launches.
 
+Dropout (``gpubp.philox``: Philox4x32-10, the mask never stored)
+    dense_fwd   with a mask (``dropout=``): a second epilogue pass over the thread's own stores
+                (no barrier: each thread reads what it wrote) keeps y * scale or writes 0, one
+                Philox call per row and run of 4 columns (a run starts at a multiple of 4, so
+                its 4 mask words come from one counter); one compiled kernel per activation.
+    dropout_dz  dz = dy * scale * act'(y * keep_prob, or z) where the mask kept, else 0: the
+                dense_dz kernel regenerating the mask, a thread per row and group of 4 columns,
+                grid-stride; also for identity layers, whose dz is then no longer dy.
+    dropout_fwd, dropout_bwd
+                the mask alone (a Dropout standing first, or above another Dropout), the same
+                thread layout.
+
 Other kernels
     softmax_fwd, softmax_bwd, ce_fwd_bwd
                  a row per ROW_LANES = 32 threads (a warp), ROWS_PER_BLOCK = 8 rows per block:
@@ -97,6 +109,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
+from gpubp import philox
 from gpubp.activations import GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
 from gpubp.backends import INSTALL_HINT
 from gpubp.trace import record
@@ -496,6 +509,41 @@ _GRAD = {
 }
 
 
+# ----------------------------------------------------------------------------- dropout masks
+
+_philox = cuda.jit(device=True, inline="always")(philox.philox4x32_10)
+_GROUP = philox.COLUMNS_PER_CALL
+_NO_COUNTER = np.uint64(0)
+
+
+@cuda.jit(device=True, inline="always")
+def _mask_words(key, row, col):
+    """The four mask words of ``row`` and the group of 4 columns holding ``col`` (a multiple of 4)."""
+    return _philox(_u64(col // _GROUP), _u64(row), _NO_COUNTER, _NO_COUNTER, _u64(key[0]), _u64(key[1]))
+
+
+@cuda.jit(device=True, inline="always")
+def _kept(value, word, threshold, scale):
+    """``value * scale`` where the mask word keeps its element, else 0."""
+    return value * scale if word >= threshold else _ZERO
+
+
+@cuda.jit
+def _mask_kernel(src, dst, cols, key, threshold, scale, first_row):
+    """dst = src * scale where the mask of ``key`` keeps, else 0; src, dst (rows * cols,) flat, its
+    rows counted from ``first_row``; a thread per row and group of 4 columns, grid-stride. ``dst``
+    may be ``src``."""
+    groups = (cols + _GROUP - 1) // _GROUP
+    for g in range(cuda.grid(1), (src.size // cols) * groups, cuda.gridsize(1)):
+        row = g // groups
+        col = (g % groups) * _GROUP
+        words = _mask_words(key, first_row + row, col)
+        for e in range(_GROUP):
+            if col + e < cols:
+                i = _u64(row * cols + col + e)
+                dst[i] = _kept(src[i], words[e], threshold, scale)
+
+
 # ----------------------------------------------------------------------------- dense tiles
 
 
@@ -763,6 +811,44 @@ def _forward_epilogue(act: str):
     return forward_epilogue
 
 
+@cuda.jit(device=True, inline="always")
+def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
+    """The dropout pass of the forward epilogue: y * scale where the mask keeps, else 0, over this
+    thread's outputs of the tile at (m0, n0), read back from its own stores (no barrier needed)."""
+    row, col = _thread_tile(_tile_thread())
+    for i in range(THREAD_M):
+        r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+        if r < y.shape[0]:
+            for run in range(THREAD_N // RUN):
+                c0 = n0 + col + run * COL_RUN_GAP  # a multiple of 4: one Philox call for the run
+                if c0 < y.shape[1]:
+                    words = _mask_words(key, first_row + r, c0)
+                    for e in range(RUN):
+                        if c0 + e < y.shape[1]:
+                            y[_u64(r), _u64(c0 + e)] = _kept(y[_u64(r), _u64(c0 + e)], words[e], threshold, scale)
+
+
+@functools.cache
+def _dense_forward_masked_kernel(act: str):
+    """The fused forward kernel for ``act`` with a dropout mask applied to its output."""
+    main_loop = _gemm_main_loop("k_major", "outer_major", False)
+    epilogue = _forward_epilogue(act)
+
+    @_tile_kernel
+    def dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, key, threshold, scale, first_row):
+        """y = act(x @ w + b) * scale where the mask of ``key`` keeps, else 0; z unmasked."""
+        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+        unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
+        m0, n0 = _tile_origin(rows_on_x)
+        _zero_accumulators(acc)
+        main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
+        epilogue(acc, b, y, z, m0, n0)
+        _mask_tile(y, m0, n0, key, threshold, scale, first_row)
+
+    return dense_forward_masked_kernel
+
+
 @functools.cache
 def _dense_forward_kernel(act: str):
     """The fused forward kernel for ``act``: its act() and whether it stores z are compile-time."""
@@ -807,6 +893,35 @@ def _dense_dz_kernel(act: str):
             dz[i] = prologue(dy, act_in, i)
 
     return dense_dz_kernel
+
+
+@cuda.jit(device=True, inline="always")
+def _one(a):
+    return _ONE
+
+
+@functools.cache
+def _dropout_dz_kernel(act: str):
+    """The dz kernel of a layer whose output the forward masked, for ``act`` (identity included)."""
+    grad = _GRAD.get(act, _one)
+    reads_z = act in NEEDS_Z
+
+    @cuda.jit
+    def dropout_dz_kernel(dy, act_in, dz, cols, key, threshold, scale, first_row, keep_prob):
+        """dz = dy * scale * act'(act_in * keep_prob, or act_in = z) where the mask of ``key`` kept,
+        else 0; all (rows * cols,) flat; a thread per row and group of 4 columns, grid-stride."""
+        groups = (cols + _GROUP - 1) // _GROUP
+        for g in range(cuda.grid(1), (dy.size // cols) * groups, cuda.gridsize(1)):
+            row = g // groups
+            col = (g % groups) * _GROUP
+            words = _mask_words(key, first_row + row, col)
+            for e in range(_GROUP):
+                if col + e < cols:
+                    i = _u64(row * cols + col + e)
+                    own = act_in[i] if reads_z else act_in[i] * keep_prob
+                    dz[i] = _kept(dy[i], words[e], threshold, scale) * grad(own)
+
+    return dropout_dz_kernel
 
 
 _dx_main_loop = _gemm_main_loop("k_major", "k_major", False)
@@ -923,9 +1038,11 @@ def dense_precisions() -> tuple[str, ...]:
     return ("fp32", "tf32")
 
 
-def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
+def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
-    No tensor cores here: fp32 (or float64) for either ``precision``."""
+    No tensor cores here: fp32 (or float64) for either ``precision``. ``dropout`` (a
+    ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
+    layer is the last layer, where no mask follows it.)"""
     record("dense_fwd")
     batch, out_features = x.shape[0], w.shape[1]
     y = out if out is not None else _new((batch, out_features), x)
@@ -934,18 +1051,64 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
         z = out_z if out_z is not None else _new((batch, out_features), x)
     xv, yv = _view(x), _view(y)
     grid, rows_on_x = tile_grid(batch, out_features)
-    kernel = _dense_forward_kernel("identity" if act == "softmax" else act)
-    kernel[grid, TILE_THREADS, xv.stream](xv, _view(w), _view(b), yv, yv if z is None else _view(z), rows_on_x)
+    args = (xv, _view(w), _view(b), yv, yv if z is None else _view(z), rows_on_x)
+    if dropout is None:
+        _dense_forward_kernel("identity" if act == "softmax" else act)[grid, TILE_THREADS, xv.stream](*args)
+    else:
+        _dense_forward_masked_kernel(act)[grid, TILE_THREADS, xv.stream](*args, *_mask_args(dropout))
     if act == "softmax":
         softmax_(y)
     return y, z
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
+def _mask_args(dropout) -> tuple:
+    """(key, threshold, scale, first_row) as the mask kernels take them."""
+    return _view(dropout.key), np.uint64(dropout.threshold), np.float32(dropout.scale), np.int64(dropout.first_row)
+
+
+def _apply_mask(src, dst, dropout) -> None:
+    flat = _view(src).ravel()
+    groups = src.shape[0] * -(-src.shape[1] // _GROUP)
+    _mask_kernel[elementwise_blocks(groups, _sm_count(src)), ELEMENTWISE_THREADS, flat.stream](
+        flat, _view(dst).ravel(), src.shape[1], *_mask_args(dropout))
+
+
+def dropout_forward(x, dropout, out=None):
+    """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
+    record("dropout_fwd")
+    out = out if out is not None else _new(x.shape, x)
+    _apply_mask(x, out, dropout)
+    return out
+
+
+def dropout_backward(dy, dropout, out=None):
+    """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
+    record("dropout_bwd")
+    out = out if out is not None else _new(dy.shape, dy)
+    _apply_mask(dy, out, dropout)
+    return out
+
+
+def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:
     if not (need_dx or need_dw):
         return []
-    dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act in _GRAD else []
+    if dropout:
+        dz = ["dropout_dz"]
+    else:
+        dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act in _GRAD else []
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _dropout_dz(dy, act_in, act, dropout):
+    """dz of a masked layer into this stream's dz scratch buffer, the mask regenerated."""
+    record("dropout_dz")
+    dz = _scratch("dz", dy.size, dy).reshape(dy.shape)
+    flat = _view(dy).ravel()
+    groups = dy.shape[0] * -(-dy.shape[1] // _GROUP)
+    _dropout_dz_kernel(act)[elementwise_blocks(groups, _sm_count(dy)), ELEMENTWISE_THREADS, flat.stream](
+        flat, flat if act_in is None else _view(act_in).ravel(), _view(dz).ravel(), dy.shape[1],
+        *_mask_args(dropout), np.float32(dropout.keep_prob))
+    return dz
 
 
 def _dense_dz(dy, act_in, act):
@@ -978,11 +1141,14 @@ def _dense_dw(x, dz, dw, db, splits, rows_per_split):
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32"):
-    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
+                   precision="fp32", dropout=None):
+    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
+    ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
     if not (need_dx or need_dw):
         return None, None, None
-    if act == "softmax":
+    if dropout is not None:
+        dz = _dropout_dz(dy, z if act in NEEDS_Z else y, act, dropout)
+    elif act == "softmax":
         dz = softmax_backward(dy, y, _scratch("dz", dy.size, dy).reshape(dy.shape))
     elif act in _GRAD:
         dz = _dense_dz(dy, z if act in NEEDS_Z else y, act)
@@ -1346,6 +1512,13 @@ def kernel_variants() -> list[KernelVariant]:
                 for act in _FORWARD]
     variants += [KernelVariant("dense_dz", act, _dense_dz_kernel(act), (v, v, v), ELEMENTWISE_THREADS)
                  for act in _GRAD]
+    key, word, i64 = types.Array(types.uint32, 1, "C"), types.uint64, types.int64
+    variants += [KernelVariant("dense_fwd", f"{act}_dropout", _dense_forward_masked_kernel(act),
+                               (m, m, v, m, m, flag, key, word, f32, i64), TILE_THREADS) for act in _FORWARD]
+    variants += [KernelVariant("dropout_dz", act, _dropout_dz_kernel(act), (v, v, v, i64, key, word, f32, i64, f32),
+                               ELEMENTWISE_THREADS) for act in _FORWARD]
+    variants.append(KernelVariant("dropout_fwd", "", _mask_kernel, (v, v, i64, key, word, f32, i64),
+                                  ELEMENTWISE_THREADS))
     variants += [
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, flag), TILE_THREADS),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, flag), TILE_THREADS),

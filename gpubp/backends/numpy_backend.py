@@ -21,6 +21,10 @@ It is written for speed, not only clarity:
   updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
   never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or ``compiled_kernels(False)``) keeps
   the pure-NumPy path, which computes the same values and is what runs without Numba.
+- a dropout mask above a Dense (``dropout=``, a ``philox.Mask``) is generated inside those
+  compiled passes, never stored: the forward's bias+activation pass masks its output and the
+  backward's dz pass regenerates the mask; without Numba, ``philox.keep_mask`` computes the same
+  mask vectorized.
 
 Each "kernel" below records the name a GPU backend records for the same work, so
 ``gb.trace()`` counts read the same on every backend.
@@ -36,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy.special import expit
 
-from gpubp import activations
+from gpubp import activations, philox
 from gpubp.activations import LEAKY_SLOPE, NEEDS_Z
 from gpubp.trace import record
 
@@ -252,44 +256,132 @@ def dense_precisions() -> tuple[str, ...]:
     return ("fp32", "tf32")
 
 
-def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
+def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
-    No tensor cores here: fp32 (or float64) for either ``precision``."""
+    No tensor cores here: fp32 (or float64) for either ``precision``.
+
+    ``dropout`` (a ``philox.Mask``): the output is ``y * scale`` where the mask keeps it and 0
+    elsewhere, formed in the bias+activation pass (a second pass for the activations that pass
+    does not fuse); ``z`` stays unmasked. The mask is generated, never stored."""
     record("dense_fwd")
     if act in NEEDS_Z:
         z = np.matmul(x, w, out=out_z)
         z += b
         y = out if out is not None else np.empty_like(z)
         _on_all_cores(lambda z, y: activations.forward(act, z, y), z, y)
+        if dropout is not None:
+            _apply_mask(y, y, dropout)
         return y, z
     y = np.matmul(x, w, out=out)
     kernels = _compiled(y.dtype)
     if kernels is not None and act in kernels.ACTS:
         code, slope = kernels.ACTS[act], *_as_dtype(y.dtype, (LEAKY_SLOPE,))
-        _in_row_blocks(lambda lo, hi: kernels.bias_act(y[lo:hi], b, code, slope), y.shape[0], y.size,
-                       _COMPILED_PARALLEL_MIN_ELEMENTS)
+        if dropout is None:
+            def body(lo, hi):
+                kernels.bias_act(y[lo:hi], b, code, slope)
+        else:
+            scale = y.dtype.type(dropout.scale)
+
+            def body(lo, hi):
+                kernels.bias_act_dropout(y[lo:hi], b, code, slope, dropout.key, dropout.threshold,
+                                         dropout.first_row + lo, scale)
+        _in_row_blocks(body, y.shape[0], y.size, _COMPILED_PARALLEL_MIN_ELEMENTS)
         return y, None
     y += b
     if act == "softmax":
         softmax_(y)
     else:
         _on_all_cores(lambda z, y: activations.forward(act, z, y), y, y)
+    if dropout is not None:
+        _apply_mask(y, y, dropout)
     return y, None
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
-    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+def _apply_mask(src, dst, dropout) -> None:
+    """``dst = src * scale`` where ``dropout``'s mask keeps the element, else 0 (``dst`` may be ``src``)."""
+    kernels = _compiled(src.dtype)
+    scale = src.dtype.type(dropout.scale)
+    if kernels is not None:
+        def body(lo, hi):
+            kernels.apply_mask(src[lo:hi], dst[lo:hi], dropout.key, dropout.threshold, dropout.first_row + lo, scale)
+
+        _in_row_blocks(body, src.shape[0], src.size, _COMPILED_PARALLEL_MIN_ELEMENTS)
+        return
+    keep = philox.keep_mask(dropout.key, *src.shape, dropout.threshold, dropout.first_row)
+    np.multiply(src, scale, out=dst)
+    dst[~keep] = 0
+
+
+def dropout_forward(x, dropout, out=None):
+    """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
+    record("dropout_fwd")
+    out = out if out is not None else np.empty_like(x)
+    _apply_mask(x, out, dropout)
+    return out
+
+
+def dropout_backward(dy, dropout, out=None):
+    """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
+    record("dropout_bwd")
+    out = out if out is not None else np.empty_like(dy)
+    _apply_mask(dy, out, dropout)
+    return out
+
+
+def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:
+    """What ``dense_backward`` records; ``dropout``: the forward masked its output, and the pass
+    forming dz (``dropout_dz``) regenerates the mask."""
+    if not (need_dx or need_dw):
+        return []
+    dz = ["dropout_dz"] if dropout else ["softmax_bwd"] if act == "softmax" else []
+    return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _masked_dz(dy, y, z, act, dropout, db):
+    """``dz = dy * scale * act'(.)`` where the forward's mask kept, else 0, into a scratch buffer;
+    ``y`` is the masked output, so the activation's own output is ``y * keep_prob`` where kept.
+    Returns dz and whether it filled ``db`` (its column sums; the compiled pass does)."""
+    record("dropout_dz")
+    dz = _scratch("dz", dy.shape, dy.dtype)
+    kernels = _compiled(dy.dtype)
+    if kernels is not None and act in kernels.ACTS:
+        code, (slope, scale, keep_prob) = kernels.ACTS[act], _as_dtype(dy.dtype, (LEAKY_SLOPE, dropout.scale,
+                                                                                  dropout.keep_prob))
+        y = dy if y is None else y
+        rows = dy.shape[0]
+        partials = None if db is None else _scratch("db_chunks", (-(-rows // _SUM_CHUNK_ROWS), dy.shape[1]), dy.dtype)
+
+        def body(lo, hi):
+            kernels.dropout_act_grad_sum(dy[lo:hi], y[lo:hi], code, slope, dropout.key, dropout.threshold,
+                                         dropout.first_row + lo, scale, keep_prob, dz[lo:hi],
+                                         None if partials is None else partials[lo // _SUM_CHUNK_ROWS:],
+                                         _SUM_CHUNK_ROWS)
+
+        _in_row_blocks(body, rows, dy.size, _COMPILED_PARALLEL_MIN_ELEMENTS, _SUM_CHUNK_ROWS)
+        if db is not None:
+            kernels.add_rows_in_order(partials, db)
+        return dz, db is not None
+    _apply_mask(dy, dz, dropout)
+    if act != "identity":
+        own = None if y is None else np.multiply(y, dy.dtype.type(dropout.keep_prob))
+        activations.backward(act, dz, own, z, dz)
+    return dz, False
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32"):
-    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is."""
+                   precision="fp32", dropout=None):
+    """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
+    ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
     if not (need_dx or need_dw):
         return None, None, None
     kernels = _compiled(dy.dtype)
     db = None
-    if act == "identity":
+    if dropout is not None:
+        db = (out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)) if need_dw else None
+        dz, summed = _masked_dz(dy, y, z, act, dropout, db)
+        if not summed:
+            db = None
+    elif act == "identity":
         dz = dy
     elif kernels is not None and act in kernels.ACTS:
         # one pass: dz and, for a layer that trains, its column sums per chunk of rows (db), so db

@@ -5,8 +5,8 @@ tables would show for one representative launch of each, from the harness's prof
 ``harness.py``, finds each file's ``extern "C"`` kernels, and runs the CuPy backend on the
 harness (as ``tests/test_kernels_on_cpu.py`` does, so the launch geometry, tile choice and
 argument lists are the ones a GPU gets) through the workloads in ``WORKLOADS``: every dense
-layer in each activation, tile size and precision, the fused MLP in each precision, the losses
-and the optimizers. The first launch of each kernel is its representative launch. A kernel
+layer in each activation, tile size and precision, the fused MLP in each precision, the losses,
+the optimizers and the dropout masks. The first launch of each kernel is its representative launch. A kernel
 that no workload launches is an error that names it: add a workload for it.
 
 Per kernel it returns, for that launch:
@@ -76,6 +76,7 @@ GEMM_K = 40
 FUSED_BATCH, FUSED_IN, FUSED_WIDTHS, FUSED_ACTS = 40, 40, (128, 64, 16), ("relu", "gelu", "identity")
 LOSS_SHAPE = (40, 10)
 VECTOR_SIZE = 1031  # four full 256-thread blocks and a partial fifth
+DROPOUT_SHAPE = (40, 64)
 
 SECTOR = 32
 
@@ -154,6 +155,20 @@ def _optimizers(cb, rng):
     cb.scale_(grad, 0.5)
 
 
+def _dropout(cb, rng):
+    """The mask pass and every activation's regeneration pass on a DROPOUT_SHAPE Dense output (a
+    width that is a multiple of 4: the float4 path), and the generator's own test window."""
+    from gpubp import philox
+
+    y, dy = (cb.asarray(rng.standard_normal(DROPOUT_SHAPE).astype(np.float32)) for _ in range(2))
+    mask = philox.Mask(cb.asarray(np.array([1, 2], np.uint32), np.uint32), *philox.mask_constants(0.5))
+    cb.dropout_forward(y, mask, out=y)
+    w = cb.empty((3, DROPOUT_SHAPE[1]))
+    for act in ACTIVATIONS:  # dropout_dz_<act>, then the (small) identity dX kernel
+        cb.dense_backward(dy, None, w, y, y, act, True, False, dropout=mask)
+    cb.philox_words(np.zeros((VECTOR_SIZE, 4), np.uint32), np.array([1, 2], np.uint32))
+
+
 def _workloads() -> dict[str, tuple[str, int, object]]:
     """name -> (description, simulated SMs, run(cb, rng)): together they launch every kernel."""
     def dense(precision, tile, sms):
@@ -172,6 +187,8 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
                                       _fused_mlp(precision))
     work["losses"] = (f"losses: logits {LOSS_SHAPE}", H100_SMS, _losses)
     work["optimizers"] = (f"optimizers and gradient norm: {VECTOR_SIZE} parameters", ONE_SM, _optimizers)
+    work["dropout"] = (f"dropout masks and their regeneration: {DROPOUT_SHAPE}, every activation; Philox on "
+                       f"{VECTOR_SIZE} counters", H100_SMS, _dropout)
     return work
 
 
