@@ -211,6 +211,7 @@ class Dense(Layer):
         self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
+        self._precision = "fp32"  # and the precision it ran in
 
     # --------------------------------------------------------------------- state
 
@@ -244,13 +245,15 @@ class Dense(Layer):
         y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision)
         if training:
             self._applied = act
+            self._precision = precision
             self._input = x if keep_input else None
             self._output = y if keep_output and act not in activations.NEEDS_Z else None
             self._preact = z if keep_output else None
         return y
 
     def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
-        return self.backend.backward_kernels(act, need_dx, need_dw)
+        """In the precision of the last training forward (the one backward runs in)."""
+        return self.backend.backward_kernels(act, need_dx, need_dw, self._precision)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
@@ -279,10 +282,10 @@ class Dense(Layer):
         return [a for a in (self._input, self._output, self._preact) if a is not None]
 
     def saved_for_backward(self) -> tuple:
-        return self._input, self._output, self._preact, self._applied
+        return self._input, self._output, self._preact, self._applied, self._precision
 
     def restore_saved(self, saved: tuple) -> None:
-        self._input, self._output, self._preact, self._applied = saved
+        self._input, self._output, self._preact, self._applied, self._precision = saved
 
     def forget(self) -> None:
         self._input = self._output = self._preact = None

@@ -13,8 +13,8 @@
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 16, warp 32x64, thread 8x8),
 // BM x BN = 128x128 (256 threads) or 128x64 (128 threads), chosen by the host.
-// Occupancy (sm_90): 16 warps per SM (128x128), 12 (128x64); TileShape::MIN_BLOCKS. dense_dz:
-// 64 warps (256 threads, 32 registers).
+// Occupancy (sm_90): dX and dW 8 warps per SM (128x128), 12 (128x64) (GradShape); dense_dz 64
+// (256 threads, 32 registers).
 //
 // dz launch: any grid, block REDUCE_THREADS; a grid-stride loop over the B * out elements.
 //
@@ -36,6 +36,16 @@
 #include "split_k.cuh"
 
 namespace gpubp {
+
+// Blocks per SM for dX and dW: at 128 registers a thread (2 blocks of 128x128), dX's two
+// transposed operands (four row pointers each) spill and dW's column sums push its loop into
+// rematerializing addresses, so 128x128 takes 1 block (8 warps per SM: each warp still has 64
+// independent FMAs per k step and a whole slice to hide its loads behind). 128x64 keeps
+// TileShape's 3 (12 warps).
+template <int BM, int BN>
+struct GradShape {
+    static constexpr int MIN_BLOCKS = TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
+};
 
 template <int ACT>
 __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const float* __restrict__ y_or_z,
@@ -142,13 +152,13 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
     }
 #define GPUBP_DENSE_GRAD_ENTRY(BM, BN)                                                                   \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
-                                                 gpubp::TileShape<BM, BN>::MIN_BLOCKS)                  \
+                                                 gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
         dense_dx_##BM##x##BN(const float* __restrict__ dz, const float* __restrict__ w,                  \
                              float* __restrict__ dx, int B, int in, int out) {                           \
         gpubp::dense_dx<BM, BN>(dz, w, dx, B, in, out);                                                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
-                                                 gpubp::TileShape<BM, BN>::MIN_BLOCKS)                  \
+                                                 gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
         dense_dw_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ dz,                  \
                              float* __restrict__ dw, float* __restrict__ db, float* __restrict__ ws,     \
                              float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int B,       \

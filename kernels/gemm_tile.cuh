@@ -458,8 +458,13 @@ __device__ __forceinline__ float gemm_mainloop(LoadA& a, LoadB& b, long long k_b
         static_assert(KSTEP * BN <= BK * Shape::LDA, "the column partials must fit in an A buffer");
         float* partial = smem.a[0];
         __syncthreads();
+        if constexpr (W == 4 && LoadB::SPACING == 1) {  // four adjacent columns: one 16-byte store
+            *reinterpret_cast<float4*>(partial + b.k_lane * BN + b.column(0)) =
+                make_float4(sums[0], sums[1], sums[2], sums[3]);
+        } else {
 #pragma unroll
-        for (int j = 0; j < W; ++j) partial[b.k_lane * BN + b.column(j)] = sums[j];
+            for (int j = 0; j < W; ++j) partial[b.k_lane * BN + b.column(j)] = sums[j];
+        }
         __syncthreads();
         if (tid < BN) {
 #pragma unroll

@@ -207,7 +207,7 @@ def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape)
     dev = [None if a is None else cb_h100.asarray(a) for a in (dy, x, w, y, z)]
     with trace() as t:
         dx, dw, db = cb_h100.dense_backward(*dev, act, True, True, precision="tf32")
-    assert t.launches == cb_h100.backward_kernels(act, True, True)
+    assert t.launches == cb_h100.backward_kernels(act, True, True, "tf32")
     close(cb_h100.to_host(dx), dx_ref, TF32_RTOL)
     close(cb_h100.to_host(dw), dw_ref, TF32_RTOL)
     close(cb_h100.to_host(db), db_ref)  # summed in fp32 from the unrounded dz

@@ -461,15 +461,16 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
     return _kernel(filename, _dense_name(kind, act, precision, tile)), grid, (threads,)
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
     if not (need_dx or need_dw):
         return []
-    dz = ["softmax_bwd"] if act == "softmax" else [] if act == "identity" else ["dense_dz"]
+    # fp32 forms dz in its own pass; the TF32 kernels form it while loading their operands.
+    dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act != "identity" and precision == "fp32" else []
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
 def _dense_dz(dy, act_in, act):
-    """dz = dy * act'(act_in), (B, out): what the gradient products of either precision read."""
+    """dz = dy * act'(act_in), (B, out): what the fp32 gradient products read."""
     record("dense_dz")
     dz = cupy.empty_like(dy)
     n = dy.size
@@ -522,10 +523,12 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dy = softmax_backward(dy, _f32(y), cupy.empty_like(dy))
         act = "identity"
     x = None if x is None else _f32(x)
-    # act' reads z for gelu/gelu_tanh, else y; identity reads neither (dz is dy).
-    dz = dy if act == "identity" else _dense_dz(dy, _f32(z if act in NEEDS_Z else y), act)
-    # The TF32 kernels' own dz prologue is the identity one: they read dz as dy.
-    gemm_act, fp32 = "identity", precision != "tf32"
+    # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
+    y_or_z = dy if act == "identity" else _f32(z if act in NEEDS_Z else y)
+    if precision == "tf32":  # dz formed while the operands load: (dy, y_or_z) stand for dz
+        dz_args, gemm_act = (dy, y_or_z), act
+    else:  # dz formed once, here; the products are the same for every activation
+        dz_args, gemm_act = (dy if act == "identity" else _dense_dz(dy, y_or_z, act),), "identity"
     dx = dw = db = None
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
@@ -536,7 +539,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         kernel(
             (tiles_m, tiles_n, splits),
             block,
-            (x, *((dz,) if fp32 else (dz, dz)), dw, db, ws_dw, ws_db, tickets,
+            (x, *dz_args, dw, db, ws_dw, ws_db, tickets,
              np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
         )
     if need_dx:
@@ -546,7 +549,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         kernel(
             grid,
             block,
-            (*((dz,) if fp32 else (dz, dz)), w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+            (*dz_args, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
     return dx, dw, db
 
