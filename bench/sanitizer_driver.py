@@ -18,7 +18,7 @@ and training steps replayed from CUDA graphs (the update kernels that read their
 the device).
 
 ``--reduced`` (cupy only; ``gpu_check.sh first-contact`` runs it) keeps one odd shape per
-kernel family and two activations (``REDUCED``): the 64x64 and 128x128 tiles, the split-K dW
+kernel family and two activations (``REDUCED``): the 128x64 and 128x128 tiles, the split-K dW
 finish, one misaligned shape, every loss, update and fused kernel, and the replayed CUDA
 graphs. Every kernel family the full run launches still runs, in a fraction of the launches.
 

@@ -228,6 +228,7 @@ class Dense(Layer):
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
         self._dropout = None  # the philox.Mask the last training forward applied to its output, if any
+        self._precision = "fp32"  # and the precision it ran in
 
     # --------------------------------------------------------------------- state
 
@@ -267,15 +268,15 @@ class Dense(Layer):
         if training:
             self._applied = act
             self._dropout = mask
+            self._precision = precision
             self._input = x if keep_input else None
             self._output = y if keep_output and act not in activations.NEEDS_Z else None
             self._preact = z if keep_output else None
         return y
 
     def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, dropout: bool = False) -> list[str]:
-        if dropout:
-            return self.backend.backward_kernels(act, need_dx, need_dw, dropout=True)
-        return self.backend.backward_kernels(act, need_dx, need_dw)
+        """In the precision of the last training forward (the one backward runs in)."""
+        return self.backend.backward_kernels(act, need_dx, need_dw, self._precision, dropout=dropout)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
@@ -306,10 +307,10 @@ class Dense(Layer):
         return [a for a in (self._input, self._output, self._preact) if a is not None]
 
     def saved_for_backward(self) -> tuple:
-        return self._input, self._output, self._preact, self._applied, self._dropout
+        return self._input, self._output, self._preact, self._applied, self._dropout, self._precision
 
     def restore_saved(self, saved: tuple) -> None:
-        self._input, self._output, self._preact, self._applied, self._dropout = saved
+        self._input, self._output, self._preact, self._applied, self._dropout, self._precision = saved
 
     def forget(self) -> None:
         self._input = self._output = self._preact = self._dropout = None

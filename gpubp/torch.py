@@ -165,7 +165,7 @@ class MLP(nn.Module):
             entries.append(("input_dropout", ["dropout_bwd"] if need_input_grad else []))
         for i, (layer, (need_dx, need_dw)) in enumerate(zip(self.layers, plan)):
             masked = {"dropout": True} if layer.dropout is not None else {}
-            entries.append((f"dense_{i}", backend.backward_kernels(layer.activation, need_dx, need_dw, **masked)))
+            entries.append((f"dense_{i}", backend.backward_kernels(layer.activation, need_dx, need_dw, self.math, **masked)))
         return BackwardPlan(entries)
 
     # --------------------------------------------------------------------- conversions

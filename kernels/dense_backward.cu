@@ -1,46 +1,89 @@
-// Dense-layer backward, fp32, for y = act(x @ W + b). Two kernels, each launched only
-// when its gradient is needed:
+// Dense-layer backward, fp32, for y = act(x @ W + b). Three kernels, each launched only
+// when its result is needed:
 //
-//   dense_dx_<act>_<BM>x<BN>:  dx = dz @ W^T,  dz = dy * act'(y or z)
-//   dense_dw_<act>_<BM>x<BN>:  dW = x^T @ dz,  db = dz.sum(0)
+//   dense_dz_<act>:       dz = dy * act'(y or z), elementwise (not for identity: dz = dy)
+//   dense_dw_<BM>x<BN>:   dW = x^T @ dz,  db = dz.sum(0)
+//   dense_dx_<BM>x<BN>:   dx = dz @ W^T
 //
-// dz is never materialized: each kernel forms it while loading its dz operand tile
-// (GradKMajor / GradOuterMajor in gemm_tile.cuh), reading dy and y (or z for gelu and
-// gelu_tanh) at the same index. That rereads dy and y once per kernel instead of writing
-// and reading back a (B, out) dz buffer.
+// act' is evaluated once per element, in dense_dz, and the two products read dz as a plain
+// operand whatever the activation, so their main loops hold only loads, stores and FMAs
+// (gemm_tile.cuh). dense_dz reads dy and y (or z, for gelu and gelu_tanh) and writes dz,
+// (B, out) each; the products would otherwise reread dy and y once per tile column.
 //
-// Layout: dy, y, z (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
-// all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 8, warp 32x64, thread 8x8),
-// BM x BN = 128x128 (256 threads) or 64x64 (64 threads), chosen by the host.
+// Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
+// all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 16, warp 32x64, thread 8x8),
+// BM x BN = 128x128 (256 threads) or 128x64 (128 threads), chosen by the host.
+// Occupancy (sm_90): dX and dW 8 warps per SM (128x128), 12 (128x64) (GradShape); dense_dz 64
+// (256 threads, 32 registers).
+//
+// dz launch: any grid, block REDUCE_THREADS; a grid-stride loop over the B * out elements.
 //
 // dX launch: grid (ceil(B / BM), ceil(in / BN)); GEMM M = B, N = in, K = out. Each block
-// reads a BM x out slab of dy and y|z, an in-tile x out slab of W, writes BM x BN of dx.
+// reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx.
 //
 // dW launch: grid (ceil(in / BM), ceil(out / BN), splits); GEMM M = in, N = out, K = B.
-// db comes from the same kernel, like cuBLASLt's BGRADB epilogue: the blocks of m-tile 0
-// sum the dz columns they already hold in registers (gemm_mainloop's COLSUM).
+// db comes from the same kernel, like cuBLASLt's BGRADB epilogue: each thread sums the dz
+// values it stages (its columns are the same in every slice) and the blocks of m-tile 0
+// write the column sums.
 // Split-K over the batch: when in x out gives too few tiles to fill the GPU (small layers,
-// large batches) the host picks splits > 1 (grid.z) and k_chunk (a multiple of BK); each split
-// writes its partials to ws (splits x in x out floats) and ws_db (splits x out), and the last
-// block of each tile sums them in split order (split_k.cuh: contract, tickets, determinism).
+// large batches) the host picks splits > 1 (grid.z) and k_chunk; each split writes its
+// partials to ws (splits x in x out floats) and ws_db (splits x out), and the last block of
+// each tile sums them in split order (split_k.cuh: contract, tickets, determinism).
 // With splits == 1 the tile goes straight to dW and db and ws, ws_db, tickets are unused.
+#include "activations.cuh"
 #include "gemm_tile.cuh"
+#include "reduce.cuh"
 #include "split_k.cuh"
 
 namespace gpubp {
 
-template <int ACT, int BM, int BN>
-__device__ __forceinline__ void dense_dx(const float* __restrict__ dy, const float* __restrict__ y_or_z,
-                                         const float* __restrict__ w, float* __restrict__ dx, int B_,
-                                         int in_, int out_) {
+// Blocks per SM for dX and dW: at 128 registers a thread (2 blocks of 128x128), dX's two
+// transposed operands (four row pointers each) spill and dW's column sums push its loop into
+// rematerializing addresses, so 128x128 takes 1 block (8 warps per SM: each warp still has 64
+// independent FMAs per k step and a whole slice to hide its loads behind). 128x64 keeps
+// TileShape's 3 (12 warps).
+template <int BM, int BN>
+struct GradShape {
+    static constexpr int MIN_BLOCKS = TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
+};
+
+template <int ACT>
+__device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const float* __restrict__ y_or_z,
+                                         float* __restrict__ dz, long long n) {
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const float v = y_or_z[i];
+        dz[i] = dy[i] * act_grad<ACT>(v, v);
+    }
+}
+
+// acc = this thread's share of dz[m0 : m0+BM, :] @ w[n0 : n0+BN, :]^T; VEC: float4 loads.
+template <int BM, int BN, bool VEC>
+__device__ __forceinline__ void dx_product(const float* dz, const float* w, long long M, long long N,
+                                           long long K, long long m0, long long n0, GemmSmem<BM, BN>& smem,
+                                           float (&acc)[THREAD_M][THREAD_N]) {
+    using Shape = TileShape<BM, BN>;
+    KContiguousTile<BM, Shape::THREADS, Shape::LDA, VEC> a;
+    KContiguousTile<BN, Shape::THREADS, Shape::LDB, VEC> b;
+    a.init(dz, K, m0, M, 0, threadIdx.x);
+    b.init(w, K, n0, N, 0, threadIdx.x);
+    gemm_mainloop<BM, BN, false>(a, b, 0, K, smem, acc);
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const float* __restrict__ w,
+                                         float* __restrict__ dx, int B_, int in_, int out_) {
     const long long M = B_, N = in_, K = out_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
 
+    __shared__ __align__(16) GemmSmem<BM, BN> smem;
     float acc[THREAD_M][THREAD_N];
-    float unused_colsum[THREAD_N];
-    const GradKMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, K};
-    gemm_mainloop<BM, BN, false>(dz, KMajor{w, K}, M, N, 0, K, m0, n0, acc, unused_colsum, false);
+    if (K % 4 == 0 && aligned16(dz) && aligned16(w)) {
+        dx_product<BM, BN, true>(dz, w, M, N, K, m0, n0, smem, acc);
+    } else {
+        dx_product<BM, BN, false>(dz, w, M, N, K, m0, n0, smem, acc);
+    }
 
     const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
     const bool vec = N % 4 == 0 && aligned16(dx);
@@ -53,28 +96,40 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dy, const flo
     }
 }
 
-template <int ACT, int BM, int BN>
-__device__ __forceinline__ void dense_dw(const float* __restrict__ x, const float* __restrict__ dy,
-                                         const float* __restrict__ y_or_z, float* __restrict__ dw,
-                                         float* __restrict__ db, float* __restrict__ ws,
-                                         float* __restrict__ ws_db, unsigned int* __restrict__ tickets,
-                                         int B_, int in_, int out_, int k_chunk, int splits) {
+// acc = this thread's share of x[k_begin : k_end, m0 : m0+BM]^T @ dz[k_begin : k_end, n0 : n0+BN];
+// returns, in threads tid < BN, the sum of dz column n0 + tid over those rows.
+template <int BM, int BN, bool VEC>
+__device__ __forceinline__ float dw_product(const float* x, const float* dz, long long M, long long N,
+                                            long long k_begin, long long k_end, long long m0, long long n0,
+                                            GemmSmem<BM, BN>& smem, float (&acc)[THREAD_M][THREAD_N]) {
+    using Shape = TileShape<BM, BN>;
+    OContiguousTile<BM, Shape::THREADS, Shape::LDA, VEC> a;
+    OContiguousTile<BN, Shape::THREADS, Shape::LDB, VEC> b;
+    a.init(x, M, m0, M, k_begin, threadIdx.x);
+    b.init(dz, N, n0, N, k_begin, threadIdx.x);
+    return gemm_mainloop<BM, BN, true>(a, b, k_begin, k_end, smem, acc);
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ void dense_dw(const float* __restrict__ x, const float* __restrict__ dz,
+                                         float* __restrict__ dw, float* __restrict__ db, float* __restrict__ ws,
+                                         float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int B_,
+                                         int in_, int out_, int k_chunk, int splits) {
     const long long M = in_, N = out_, K = B_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
     const SplitRows batch_rows = SplitRows::of(K, k_chunk, blockIdx.z);
-    const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
-    // The threads whose B fragments span every column of the tile exactly once.
-    const bool owns_db = blockIdx.x == 0 && tt.warp_m == 0 && tt.lane_m == 0;
 
+    __shared__ __align__(16) GemmSmem<BM, BN> smem;
     float acc[THREAD_M][THREAD_N];
-    float colsum[THREAD_N];
-    const GradOuterMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, N};
-    gemm_mainloop<BM, BN, true>(OuterMajor{x, M}, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, acc, colsum,
-                                owns_db);
+    const float column_sum =
+        M % 4 == 0 && N % 4 == 0 && aligned16(x) && aligned16(dz)
+            ? dw_product<BM, BN, true>(x, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, smem, acc)
+            : dw_product<BM, BN, false>(x, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, smem, acc);
 
     float* dw_out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
     float* db_out = split_k_partial(db, ws_db, N, splits, blockIdx.z);
+    const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
     const bool vec = N % 4 == 0 && aligned16(dw_out);
 #pragma unroll
     for (int jg = 0; jg < THREAD_N; jg += 4) {
@@ -82,37 +137,41 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
         const long long valid_cols = N - col;
         if (valid_cols <= 0) continue;
         store_acc_columns(dw_out, acc, jg, tt, m0, M, N, col, valid_cols, vec);
-        if (owns_db) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                if (j < valid_cols) db_out[col + j] = colsum[jg + j];
-        }
     }
+    if (blockIdx.x == 0 && threadIdx.x < BN && n0 + threadIdx.x < N) db_out[n0 + threadIdx.x] = column_sum;
     if (splits > 1) dense_dw_split_k_finish(ws, ws_db, tickets, dw, db, M, N, m0, n0, BM, BN, splits);
 }
 
 }  // namespace gpubp
 
-#define GPUBP_DENSE_BWD_ENTRY(NAME, ID, BM, BN)                                                         \
+#define GPUBP_DENSE_DZ_ENTRY(NAME, ID)                                                                   \
+    extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)                                  \
+        dense_dz_##NAME(const float* __restrict__ dy, const float* __restrict__ y_or_z,                  \
+                        float* __restrict__ dz, long long n) {                                           \
+        gpubp::dense_dz<ID>(dy, y_or_z, dz, n);                                                          \
+    }
+#define GPUBP_DENSE_GRAD_ENTRY(BM, BN)                                                                   \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
-                                                 gpubp::TileShape<BM, BN>::MIN_BLOCKS)                  \
-        dense_dx_##NAME##_##BM##x##BN(const float* __restrict__ dy, const float* __restrict__ y_or_z,    \
-                                      const float* __restrict__ w, float* __restrict__ dx, int B, int in, \
-                                      int out) {                                                          \
-        gpubp::dense_dx<ID, BM, BN>(dy, y_or_z, w, dx, B, in, out);                                     \
+                                                 gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
+        dense_dx_##BM##x##BN(const float* __restrict__ dz, const float* __restrict__ w,                  \
+                             float* __restrict__ dx, int B, int in, int out) {                           \
+        gpubp::dense_dx<BM, BN>(dz, w, dx, B, in, out);                                                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
-                                                 gpubp::TileShape<BM, BN>::MIN_BLOCKS)                  \
-        dense_dw_##NAME##_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ dy,         \
-                                      const float* __restrict__ y_or_z, float* __restrict__ dw,          \
-                                      float* __restrict__ db, float* __restrict__ ws,                    \
-                                      float* __restrict__ ws_db, unsigned int* __restrict__ tickets,     \
-                                      int B, int in, int out, int k_chunk, int splits) {                 \
-        gpubp::dense_dw<ID, BM, BN>(x, dy, y_or_z, dw, db, ws, ws_db, tickets, B, in, out, k_chunk,     \
-                                    splits);                                                              \
+                                                 gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
+        dense_dw_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ dz,                  \
+                             float* __restrict__ dw, float* __restrict__ db, float* __restrict__ ws,     \
+                             float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int B,       \
+                             int in, int out, int k_chunk, int splits) {                                 \
+        gpubp::dense_dw<BM, BN>(x, dz, dw, db, ws, ws_db, tickets, B, in, out, k_chunk, splits);       \
     }
-#define GPUBP_DENSE_BWD_ENTRIES(NAME, ID)        \
-    GPUBP_DENSE_BWD_ENTRY(NAME, ID, 128, 128)    \
-    GPUBP_DENSE_BWD_ENTRY(NAME, ID, 64, 64)
 
-GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_ENTRIES)
+// Every activation of activations.cuh but identity, whose dz is dy.
+GPUBP_DENSE_DZ_ENTRY(relu, gpubp::ACT_RELU)
+GPUBP_DENSE_DZ_ENTRY(leaky_relu, gpubp::ACT_LEAKY_RELU)
+GPUBP_DENSE_DZ_ENTRY(sigmoid, gpubp::ACT_SIGMOID)
+GPUBP_DENSE_DZ_ENTRY(tanh, gpubp::ACT_TANH)
+GPUBP_DENSE_DZ_ENTRY(gelu, gpubp::ACT_GELU)
+GPUBP_DENSE_DZ_ENTRY(gelu_tanh, gpubp::ACT_GELU_TANH)
+GPUBP_DENSE_GRAD_ENTRY(128, 128)
+GPUBP_DENSE_GRAD_ENTRY(128, 64)

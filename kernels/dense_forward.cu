@@ -4,17 +4,40 @@
 // (M, N) row-major; all C-contiguous. z is written only for activations whose derivative
 // needs it (gelu, gelu_tanh); for the others the z pointer is never touched.
 //
-// Tiles (gemm_tile.cuh): block BM x BN x BK=8, warp 32x64, thread 8x8.
+// Tiles (gemm_tile.cuh): block BM x BN x BK=16, warp 32x64, thread 8x8.
 //   dense_fwd_<act>_128x128: 256 threads, for problems with at least one full wave of tiles
-//   dense_fwd_<act>_64x64:    64 threads, for narrow layers / small batches
+//   dense_fwd_<act>_128x64:  128 threads, for narrow layers / small batches
+// Occupancy (sm_90): 16 warps per SM (128x128; sigmoid 8), 12 (128x64); ForwardShape.
 // Launch: grid (ceil(M / BM), ceil(N / BN)), block THREADS, no dynamic shared memory.
 // M is on grid.x, whose limit (2^31 - 1) any batch fits. Each block reads a BM x K slab
 // of x, a K x BN slab of W and BN biases, and writes its BM x BN tile of y (and z).
 // The epilogue adds the bias and applies the activation in registers, so y costs one
 // write instead of cuBLAS's write + read + write for a separate bias/activation pass.
+#include "activations.cuh"
 #include "gemm_tile.cuh"
 
 namespace gpubp {
+
+// Blocks per SM: TileShape's, except sigmoid on 128x128 tiles, whose epilogue (an IEEE
+// division next to the 64 live accumulators) spills at 128 registers a thread: 1 block there.
+template <int ACT, int BM, int BN>
+struct ForwardShape {
+    static constexpr int MIN_BLOCKS =
+        ACT == ACT_SIGMOID && TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
+};
+
+// acc = this thread's share of x[m0 : m0+BM, :] @ w[:, n0 : n0+BN]; VEC: float4 loads.
+template <int BM, int BN, bool VEC>
+__device__ __forceinline__ void forward_product(const float* x, const float* w, long long M, long long N,
+                                                long long K, long long m0, long long n0, GemmSmem<BM, BN>& smem,
+                                                float (&acc)[THREAD_M][THREAD_N]) {
+    using Shape = TileShape<BM, BN>;
+    KContiguousTile<BM, Shape::THREADS, Shape::LDA, VEC> a;
+    OContiguousTile<BN, Shape::THREADS, Shape::LDB, VEC> b;
+    a.init(x, K, m0, M, 0, threadIdx.x);
+    b.init(w, N, n0, N, 0, threadIdx.x);
+    gemm_mainloop<BM, BN, false>(a, b, 0, K, smem, acc);
+}
 
 template <int ACT, int BM, int BN>
 __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const float* __restrict__ w,
@@ -24,21 +47,29 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
 
+    __shared__ __align__(16) GemmSmem<BM, BN> smem;
     float acc[THREAD_M][THREAD_N];
-    float unused_colsum[THREAD_N];
-    gemm_mainloop<BM, BN, false>(KMajor{x, K}, OuterMajor{w, N}, M, N, 0, K, m0, n0, acc,
-                                 unused_colsum, false);
+    if (K % 4 == 0 && N % 4 == 0 && aligned16(x) && aligned16(w)) {
+        forward_product<BM, BN, true>(x, w, M, N, K, m0, n0, smem, acc);
+    } else {
+        forward_product<BM, BN, false>(x, w, M, N, K, m0, n0, smem, acc);
+    }
 
     const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
-    const bool vec = N % 4 == 0 && aligned16(y) && (!act_needs_z<ACT>() || aligned16(z));
+    const bool vec = N % 4 == 0 && aligned16(y) && aligned16(b) && (!act_needs_z<ACT>() || aligned16(z));
 #pragma unroll
     for (int jg = 0; jg < THREAD_N; jg += 4) {
         const long long col = n0 + tt.col(jg);
         const long long valid_cols = N - col;  // columns col .. col+3 that exist
         if (valid_cols <= 0) continue;
         float bias[4];
+        if (vec && valid_cols >= 4) {
+            const float4 b4 = load4(b + col);
+            bias[0] = b4.x; bias[1] = b4.y; bias[2] = b4.z; bias[3] = b4.w;
+        } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bias[j] = j < valid_cols ? b[col + j] : 0.0f;
+            for (int j = 0; j < 4; ++j) bias[j] = j < valid_cols ? b[col + j] : 0.0f;
+        }
 #pragma unroll
         for (int i = 0; i < THREAD_M; ++i) {
             const long long row = m0 + tt.row(i);
@@ -59,7 +90,7 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
 
 #define GPUBP_DENSE_FWD_ENTRY(NAME, ID, BM, BN)                                                    \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,              \
-                                               gpubp::TileShape<BM, BN>::MIN_BLOCKS)\
+                                               gpubp::ForwardShape<ID, BM, BN>::MIN_BLOCKS)\
         dense_fwd_##NAME##_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ w,    \
                                        const float* __restrict__ b, float* __restrict__ y,          \
                                        float* __restrict__ z, int M, int N, int K) {               \
@@ -67,6 +98,6 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
     }
 #define GPUBP_DENSE_FWD_ENTRIES(NAME, ID)        \
     GPUBP_DENSE_FWD_ENTRY(NAME, ID, 128, 128)    \
-    GPUBP_DENSE_FWD_ENTRY(NAME, ID, 64, 64)
+    GPUBP_DENSE_FWD_ENTRY(NAME, ID, 128, 64)
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_FWD_ENTRIES)

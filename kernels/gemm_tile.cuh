@@ -1,37 +1,42 @@
 // The tiled fp32 GEMM main loop shared by dense_forward.cu and dense_backward.cu.
 //
 // Computes one BM x BN tile of C = A @ B over k in [k_begin, k_end), A (M, K) and B (K, N)
-// seen through operand loaders, so one main loop serves x @ W (forward), dz @ W^T (dX, with
-// dz = dy * act'(.) formed as the operand is loaded) and x^T @ dz (dW).
+// read through tile loaders, so one main loop serves x @ W (forward), dz @ W^T (dX) and
+// x^T @ dz (dW). The activation derivative is not evaluated here: dX and dW read dz from
+// dense_backward.cu's dense_dz pass, which forms dz = dy * act'(.) once per element.
 //
-// Tiling (the classic 2D block + warp tiling of fast SIMT SGEMMs):
-//   block tile  BM x BN, BK = 8 deep; BM, BN in {64, 128} (template parameters)
-//   warp tile   WARP_M x WARP_N = 32 x 64; warps laid out (BM/32) x (BN/64);
-//               threads per block = 32 * (BM/32) * (BN/64): 256 for 128x128, 64 for 64x64
+// Tiling (the classic block / warp / thread register blocking of fast SIMT SGEMMs):
+//   block tile  BM x BN = 128x128 (256 threads) or 128x64 (128 threads), BK = 16 deep
+//   warp tile   WARP_M x WARP_N = 32 x 64; warps laid out (BM/32) x (BN/64)
 //   thread tile 8 x 8 = two 4-row groups 16 rows apart x two 4-column groups 32 columns apart;
 //               lanes laid out 4 (rows) x 8 (columns) within the warp. Each k step reads
-//               two float4 of A and two float4 of B from shared memory and issues 64 FMAs;
-//               the eight lanes sharing a row group read one float4 (a broadcast), and the
-//               eight column groups of a warp read 128 contiguous bytes: conflict-free.
-//   shared      A and B tiles stored k-major, As[k][m] and Bs[k][n], each row padded by 4
-//               floats so transposing stores from K-contiguous operands hit distinct banks
-//               while rows stay 16-byte aligned; two buffers of each:
-//               2 * BK * (BM + 4 + BN + 4) * 4 bytes = 17 KB (128x128), 9 KB (64x64),
-//               static and under the 48 KB default, so no opt-in is needed.
-//   pipeline    global -> registers for tile t+1 is issued before the FMAs on tile t and
-//               stored to the other shared buffer after them: one __syncthreads per tile.
+//               two float4 of A and two float4 of B from shared memory (LDS.128) and issues
+//               64 FMAs; the eight lanes sharing a row group read one float4 (a broadcast),
+//               the eight column groups of a warp 128 contiguous bytes: conflict-free.
+//   shared      A and B tiles stored k-major, As[k][m] and Bs[k][n], each row padded by
+//               SMEM_PAD = 4 floats (row stride = 4 banks mod 32) so the transposing stores
+//               of K-contiguous operands hit distinct banks while rows stay 16-byte aligned;
+//               two buffers of each: 2 * BK * (BM + 4 + BN + 4) * 4 bytes = 33 KB (128x128),
+//               25 KB (128x64), static and under the 48 KB default.
+//   pipeline    global -> registers for slice t+1 is issued before the FMAs on slice t and
+//               stored to the other shared buffer after them: one __syncthreads per slice.
 //
-// Memory per block: reads a BM x (k_end - k_begin) slab of A and a (k_end - k_begin) x BN
-// slab of B once each (float4 where the contiguous extent is a multiple of 4 and the base
-// is 16-byte aligned, else guarded scalars); out-of-range elements load as 0, so any M, N,
-// K works and the epilogue only has to guard its stores. Index products use long long.
+// Boundaries, kept out of the loop: rows and columns past M or N are never stored, so a
+// loader clamps them to the last valid row or column once, before the loop, and the loop's
+// loads need no bounds checks (they read real data the epilogue discards). Only k must be
+// exact: the loop runs over the whole BK slices, and a last partial slice (K % BK rows) is
+// loaded with guards, out-of-range k as 0, after it. Each loader has a float4 form (the
+// contiguous extent a multiple of 4 and the base 16-byte aligned: every access 16 bytes) and
+// a scalar form for any other shape, in which 8 or 32 lanes read consecutive floats; both
+// use every byte of the 32-byte sectors they move. The kernel picks one form for both
+// operands at run time (gemm_mainloop<..., VEC>), so the loop holds no such branch.
 #pragma once
 
 #include "activations.cuh"
 
 namespace gpubp {
 
-constexpr int BK = 8;
+constexpr int BK = 16;
 constexpr int WARP_M = 32;
 constexpr int WARP_N = 64;
 constexpr int THREAD_M = 8;
@@ -48,11 +53,11 @@ struct TileShape {
     static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
     static constexpr int LDA = BM + SMEM_PAD;  // row stride of As[k][.]
     static constexpr int LDB = BN + SMEM_PAD;
-    // Resident blocks per SM that __launch_bounds__ asks the register allocator for
-    // (64K registers per SM): 128x128 gets 2 (<= 128 registers, 16 warps); 64x64, which
-    // stages two float4 per operand per thread, gets 6 (<= 168 registers, 12 warps).
-    // Both fit without spills (the build fails on any spill).
-    static constexpr int MIN_BLOCKS = THREADS >= 256 ? 2 : 6;
+    // Resident blocks per SM that __launch_bounds__ asks the register allocator for (64K
+    // registers per SM): 128x128 gets 2 (<= 128 registers, 16 warps per SM); 128x64, whose
+    // threads stage 24 floats a slice instead of 16, gets 3 (<= 168 registers, 12 warps).
+    // The build fails on any spill.
+    static constexpr int MIN_BLOCKS = THREADS >= 256 ? 2 : 3;
 };
 
 // Where one thread's 8x8 accumulator sits inside the block tile: rows row0 + {0..3} and
@@ -76,14 +81,22 @@ struct ThreadTile {
     __device__ __forceinline__ int col(int j) const { return col0 + (j / 4) * (LANES_N * 4) + j % 4; }
 };
 
-// ---------------------------------------------------------------------------- operand sources
-//
-// An operand is a K x O matrix (O = M for A, N for B) read from global memory, element
-// (k, o). The sources below differ only in layout and in what they compute per element.
-
 __device__ __forceinline__ bool aligned16(const float* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
+
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// std::conditional, which NVRTC's headers do not provide.
+template <bool C, class T, class F> struct Pick { using type = T; };
+template <class T, class F> struct Pick<false, T, F> { using type = F; };
+
+// ---------------------------------------------------------------------------- operand sources
+//
+// Element accessors for the TF32 tensor-core main loop (gemm_tf32.cuh), which forms dz while
+// loading; the fp32 main loop below reads dz from memory and uses the tile loaders instead.
+// An operand is a K x O matrix (O = M for A, N for B) read from global memory, element
+// (k, o). The sources below differ only in layout and in what they compute per element.
 
 // Element (k, o) at p[k * ld + o]: contiguous along O (x @ W's W, x^T in dW).
 struct OuterMajor {
@@ -158,164 +171,307 @@ template <class Src> struct IsKMajor { static constexpr bool value = false; };
 template <> struct IsKMajor<KMajor> { static constexpr bool value = true; };
 template <int ACT> struct IsKMajor<GradKMajor<ACT>> { static constexpr bool value = true; };
 
-// ---------------------------------------------------------------------------- tile loader
+// An operand is a K x O matrix (O = M for A, N for B) in global memory, element (k, o), with
+// O extent `o_extent`; `ld` is the row stride of its storage. A tile loader stages the
+// operand's BK x O slices: load(s) pulls whole slice s (counted from k_begin) into registers,
+// load_tail(s, k_valid) a partial one (k_valid of BK rows, the rest as 0), store() writes the registers to a k-major shared buffer T[k][o] with row stride LD.
+
+// ---------------------------------------------------------------------------- K-contiguous
 //
-// Stages one BK x O tile of an operand: load() pulls it from global memory into registers
-// (one float4 per pass; THREADS threads cover the tile in PASSES passes), store() writes
-// the registers to a k-major shared buffer T[k][o] with row stride LD.
-template <class Src, int O, int THREADS, int LD>
-struct TileLoader {
-    static constexpr bool K_MAJOR = IsKMajor<Src>::value;
-    static constexpr int VECS = BK * O / 4;
-    static constexpr int PASSES = VECS / THREADS;
-    static_assert(VECS % THREADS == 0, "tile must split evenly into float4 per thread");
-    static constexpr int VECS_PER_LINE = K_MAJOR ? BK / 4 : O / 4;  // float4s along the contiguous axis
+// Element (k, o) at p[o * ld + k] (x in x @ W; dz and W in dz @ W^T). Transposed as stored.
+//   float4 form: lanes in pairs on one row, 8 consecutive k each pair (a 32-byte sector);
+//                a thread's float4 are k = 4 (tid % 2) + {0, 8} of rows tid / 2 + i GROUP.
+//   scalar form: 8 lanes on one row, one k each; a thread's floats are k = tid % 8 + {0, 8}
+//                of rows tid / 8 + i GROUP.
+// Stores: the 32 lanes of a warp write 32 distinct banks (row stride = 4 banks mod 32).
+template <int O, int THREADS, int LD, bool VEC>
+struct KContiguousTile {
+    static constexpr int LANES_K = VEC ? 2 : 8;   // lanes along k on one row
+    static constexpr int GROUP = THREADS / LANES_K;  // rows one pass of the block covers
+    static constexpr int ROWS = O / GROUP;        // rows per thread
+    static constexpr int PER_ROW = 2;             // float4 (or floats) per row per thread
+    static_assert(O % GROUP == 0, "tile rows must split evenly over the threads");
+    static_assert(BK == 16, "the lane layout covers 16 k: 2 lanes x 2 float4, or 8 lanes x 2 floats");
+    using Reg = typename Pick<VEC, float4, float>::type;
 
-    Src src;
-    long long o_extent, k_end;  // elements beyond these load as 0
-    bool vec;
-    float4 reg[PASSES];
+    const float* row[ROWS];  // (row r, k = the first slice's first + this thread's first k)
+    Reg reg[ROWS][PER_ROW];
+    int k_lane, r_lane;
 
-    __device__ __forceinline__ void coords(int tid, int pass, int& k, int& o) const {
-        const int v = tid + pass * THREADS;
-        if constexpr (K_MAJOR) {
-            o = v / VECS_PER_LINE;
-            k = (v % VECS_PER_LINE) * 4;
-        } else {
-            k = v / VECS_PER_LINE;
-            o = (v % VECS_PER_LINE) * 4;
+    __device__ __forceinline__ void init(const float* p, long long ld, long long o0, long long o_extent,
+                                         long long k_begin, int tid) {
+        k_lane = VEC ? 4 * (tid % LANES_K) : tid % LANES_K;
+        r_lane = tid / LANES_K;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            long long o = o0 + r_lane + i * GROUP;
+            if (o >= o_extent) o = o_extent - 1;
+            row[i] = p + o * ld + k_begin + k_lane;
         }
     }
+    // Offset of this thread's h-th float4 (or float) from row[i]: 8 k further.
+    __host__ __device__ static constexpr int step(int h) { return 8 * h; }
 
-    __device__ __forceinline__ void load(int tid, long long k0, long long o0) {
+    __device__ __forceinline__ void load(int slice) {
 #pragma unroll
-        for (int pass = 0; pass < PASSES; ++pass) {
-            int kk, oo;
-            coords(tid, pass, kk, oo);
-            const long long k = k0 + kk, o = o0 + oo;
-            float e[4];
+        for (int i = 0; i < ROWS; ++i) {
+            const float* q = row[i] + slice * BK;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) e[j] = 0.0f;
-            if constexpr (K_MAJOR) {
-                // Four consecutive k of line o.
-                const long long base = o * src.ld + k;
-                if (o < o_extent) {
-                    if (vec && k + 3 < k_end) {
-                        const float4 t = src.at4(base);
-                        e[0] = t.x; e[1] = t.y; e[2] = t.z; e[3] = t.w;
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < 4; ++j)
-                            if (k + j < k_end) e[j] = src.at(base + j);
-                    }
-                }
-            } else {
-                const long long base = k * src.ld + o;
-                if (k < k_end) {
-                    if (vec && o + 3 < o_extent) {
-                        const float4 t = src.at4(base);
-                        e[0] = t.x; e[1] = t.y; e[2] = t.z; e[3] = t.w;
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < 4; ++j)
-                            if (o + j < o_extent) e[j] = src.at(base + j);
-                    }
-                }
+            for (int h = 0; h < PER_ROW; ++h) {
+                if constexpr (VEC) reg[i][h] = load4(q + step(h));
+                else reg[i][h] = q[step(h)];
             }
-            reg[pass] = make_float4(e[0], e[1], e[2], e[3]);
         }
     }
-
-    __device__ __forceinline__ void store(int tid, float* tile) const {
+    __device__ __forceinline__ void load_tail(int slice, int k_valid) {
 #pragma unroll
-        for (int pass = 0; pass < PASSES; ++pass) {
-            int k, o;
-            coords(tid, pass, k, o);
-            if constexpr (K_MAJOR) {
-                tile[(k + 0) * LD + o] = reg[pass].x;
-                tile[(k + 1) * LD + o] = reg[pass].y;
-                tile[(k + 2) * LD + o] = reg[pass].z;
-                tile[(k + 3) * LD + o] = reg[pass].w;
-            } else {
-                *reinterpret_cast<float4*>(tile + k * LD + o) = reg[pass];
+        for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+            for (int h = 0; h < PER_ROW; ++h) {
+                const int k = k_lane + step(h);
+                const float* q = row[i] + slice * BK + step(h);
+                if constexpr (VEC) {  // K is a multiple of 4 here, so is k_valid: a float4 is all in or out
+                    reg[i][h] = k < k_valid ? load4(q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                } else {
+                    reg[i][h] = k < k_valid ? q[0] : 0.0f;
+                }
             }
-        }
+    }
+    __device__ __forceinline__ void store(float* tile) const {
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+            for (int h = 0; h < PER_ROW; ++h) {
+                float* t = tile + (k_lane + step(h)) * LD + r_lane + i * GROUP;
+                if constexpr (VEC) {
+                    t[0 * LD] = reg[i][h].x;
+                    t[1 * LD] = reg[i][h].y;
+                    t[2 * LD] = reg[i][h].z;
+                    t[3 * LD] = reg[i][h].w;
+                } else {
+                    t[0] = reg[i][h];
+                }
+            }
     }
 };
 
-// ---------------------------------------------------------------------------- main loop
+// ---------------------------------------------------------------------------- O-contiguous
 //
-// acc += A[m0 : m0+BM, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+BN] for this thread's
-// 8x8 share. With COLSUM, the threads whose fragments cover row group 0 (warp_m == 0,
-// lane_m == 0: together every column of the tile exactly once) also add each B element
-// they read into colsum[8], giving sum_k B[k, col] for free: that is db in the dW kernel.
-template <int BM, int BN, bool COLSUM, class SrcA, class SrcB>
-__device__ __forceinline__ void gemm_mainloop(const SrcA& a_src, const SrcB& b_src,
-                                              long long M, long long N, long long k_begin,
-                                              long long k_end, long long m0, long long n0,
-                                              float (&acc)[THREAD_M][THREAD_N],
-                                              float (&colsum)[THREAD_N], bool colsum_active) {
-    using Shape = TileShape<BM, BN>;
-    __shared__ __align__(16) float As[2][BK * Shape::LDA];
-    __shared__ __align__(16) float Bs[2][BK * Shape::LDB];
+// Element (k, o) at p[k * ld + o] (W in x @ W; x^T and dz in dW). Stored as it is read.
+//   float4 form: O/4 lanes span a k row, 4 columns each; a thread's float4 are columns
+//                4 (tid % (O/4)) + {0..3} of k rows tid / (O/4) + i KSTEP. A group past
+//                o_extent (a multiple of 4 here) is clamped to the last one.
+//   scalar form: a warp spans a k row, each lane O/32 columns 32 apart (one address, immediate
+//                offsets); a thread's floats are columns tid % 32 + 32 c of k rows
+//                tid / 32 + i KSTEP. Columns past o_extent are not loaded (their registers
+//                keep whatever they held: those columns are never stored).
+// A thread's columns are the same in every slice, so it also sums the column values it stages
+// (add_column_sums): the threads with the same columns together see every k once.
+template <int O, int THREADS, int LD, bool VEC>
+struct OContiguousTile {
+    static constexpr int WIDTH = VEC ? 4 : O / 32;   // columns per thread
+    static constexpr int SPACING = VEC ? 1 : 32;     // between a thread's columns
+    static constexpr int LANES_O = O / WIDTH;        // lanes across one k row
+    static constexpr int KSTEP = THREADS / LANES_O;  // k rows one pass of the block covers
+    static constexpr int PASSES = BK / KSTEP;
+    static_assert(THREADS % LANES_O == 0 && BK % KSTEP == 0, "slice must split evenly over the threads");
+    using Reg = typename Pick<VEC, float4, float>::type;
 
+    const float* row[PASSES];  // (k = the first slice's first + k_lane + i KSTEP, this thread's first column)
+    long long next;            // offset of the next slice load() reads from row[i]
+    long long slice_stride;    // BK rows
+    Reg reg[PASSES][VEC ? 1 : WIDTH];
+    bool valid[VEC ? 1 : WIDTH];
+    int k_lane, o_lane;
+
+    __device__ __forceinline__ void init(const float* p, long long ld_, long long o0, long long o_extent,
+                                         long long k_begin, int tid) {
+        k_lane = tid / LANES_O;
+        long long o;
+        if constexpr (VEC) {
+            o_lane = (tid % LANES_O) * 4;
+            o = o0 + o_lane;
+            if (o >= o_extent) o = o_extent - 4;
+            valid[0] = true;
+        } else {
+            o_lane = tid % LANES_O;
+            o = o0 + o_lane;
+#pragma unroll
+            for (int c = 0; c < WIDTH; ++c) valid[c] = o + c * SPACING < o_extent;
+#pragma unroll
+            for (int i = 0; i < PASSES; ++i)
+#pragma unroll
+                for (int c = 0; c < WIDTH; ++c) reg[i][c] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) row[i] = p + (k_begin + k_lane + i * KSTEP) * ld_ + o;
+        next = 0;
+        slice_stride = BK * ld_;
+    }
+    __device__ __forceinline__ void load_row(int i, long long offset, bool in_k) {
+        const float* q = row[i] + offset;
+        if constexpr (VEC) {
+            reg[i][0] = in_k ? load4(q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        } else {
+#pragma unroll
+            for (int c = 0; c < WIDTH; ++c) {
+                if (!in_k) reg[i][c] = 0.0f;
+                else if (valid[c]) reg[i][c] = q[c * SPACING];
+            }
+        }
+    }
+    // Slices are read in order, so the offset is a running sum (no 64-bit multiply per slice).
+    __device__ __forceinline__ void load(int) {
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) load_row(i, next, true);
+        next += slice_stride;
+    }
+    __device__ __forceinline__ void load_tail(int, int k_valid) {
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) load_row(i, next, k_lane + i * KSTEP < k_valid);
+    }
+    __device__ __forceinline__ void store(float* tile) const {
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) {
+            float* t = tile + (k_lane + i * KSTEP) * LD + o_lane;
+            if constexpr (VEC) {
+                *reinterpret_cast<float4*>(t) = reg[i][0];
+            } else {
+#pragma unroll
+                for (int c = 0; c < WIDTH; ++c) t[c * SPACING] = reg[i][c];
+            }
+        }
+    }
+    // sums[c] += this thread's staged values of its column c (4 o_lane + c, or o_lane + 32 c).
+    __device__ __forceinline__ void add_column_sums(float (&sums)[WIDTH]) const {
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) {
+            if constexpr (VEC) {
+                sums[0] += reg[i][0].x; sums[1] += reg[i][0].y; sums[2] += reg[i][0].z; sums[3] += reg[i][0].w;
+            } else {
+#pragma unroll
+                for (int c = 0; c < WIDTH; ++c) sums[c] += reg[i][c];
+            }
+        }
+    }
+    // Tile column of this thread's column c.
+    __device__ __forceinline__ int column(int c) const { return o_lane + c * SPACING; }
+};
+
+// ---------------------------------------------------------------------------- main loop
+
+// Column sums per thread: the B loader's WIDTH when they are wanted, else a placeholder.
+template <bool COLSUM, class LoadB> struct SumWidth { static constexpr int value = 1; };
+template <class LoadB> struct SumWidth<true, LoadB> { static constexpr int value = LoadB::WIDTH; };
+
+template <int BM, int BN>
+struct GemmSmem {
+    float a[2][BK * TileShape<BM, BN>::LDA];
+    float b[2][BK * TileShape<BM, BN>::LDB];
+};
+
+// acc = this thread's 8x8 share of A[m0 : m0+BM, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+BN],
+// A and B staged by the loaders LoadA (O = BM) and LoadB (O = BN), already init()-ed at
+// k_begin. With COLSUM (LoadB an OContiguousTile), also returns, in the threads tid < BN,
+// sum over k of B[k, n0 + tid] (the dW kernel's db), summed in a fixed order.
+template <int BM, int BN, bool COLSUM, class LoadA, class LoadB>
+__device__ __forceinline__ float gemm_mainloop(LoadA& a, LoadB& b, long long k_begin, long long k_end,
+                                               GemmSmem<BM, BN>& smem, float (&acc)[THREAD_M][THREAD_N]) {
+    using Shape = TileShape<BM, BN>;
     const int tid = threadIdx.x;
     const ThreadTile tt = ThreadTile::of<BM, BN>(tid);
-
-    TileLoader<SrcA, BM, Shape::THREADS, Shape::LDA> a{a_src, M, k_end, a_src.can_vectorize()};
-    TileLoader<SrcB, BN, Shape::THREADS, Shape::LDB> b{b_src, N, k_end, b_src.can_vectorize()};
 
 #pragma unroll
     for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
         for (int j = 0; j < THREAD_N; ++j) acc[i][j] = 0.0f;
+    float sums[SumWidth<COLSUM, LoadB>::value];
 #pragma unroll
-    for (int j = 0; j < THREAD_N; ++j) colsum[j] = 0.0f;
+    for (int j = 0; j < SumWidth<COLSUM, LoadB>::value; ++j) sums[j] = 0.0f;
 
-    const long long tiles = (k_end - k_begin + BK - 1) / BK;
-    if (tiles <= 0) return;
+    const int whole = static_cast<int>((k_end - k_begin) / BK);  // whole slices; then a tail of
+    const int tail = static_cast<int>((k_end - k_begin) % BK);   // this many k
 
-    a.load(tid, k_begin, m0);
-    b.load(tid, k_begin, n0);
-    a.store(tid, As[0]);
-    b.store(tid, Bs[0]);
-    __syncthreads();
-
-    for (long long t = 0; t < tiles; ++t) {
-        const int cur = static_cast<int>(t & 1);
-        const bool more = t + 1 < tiles;
-        if (more) {  // global loads for tile t+1 stay in flight during the FMAs on tile t
-            a.load(tid, k_begin + (t + 1) * BK, m0);
-            b.load(tid, k_begin + (t + 1) * BK, n0);
-        }
-        const float* as = As[cur];
-        const float* bs = Bs[cur];
+    auto stage = [&](int buf) {
+        a.store(smem.a[buf]);
+        b.store(smem.b[buf]);
+        if constexpr (COLSUM) b.add_column_sums(sums);
+    };
+    auto multiply = [&](int buf) {
+        const float* as = smem.a[buf];
+        const float* bs = smem.b[buf];
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
-            float af[THREAD_M], bf[THREAD_N];
-            const float4 a0 = *reinterpret_cast<const float4*>(as + k * Shape::LDA + tt.row0);
-            const float4 a1 = *reinterpret_cast<const float4*>(as + k * Shape::LDA + tt.row0 + LANES_M * 4);
-            const float4 b0 = *reinterpret_cast<const float4*>(bs + k * Shape::LDB + tt.col0);
-            const float4 b1 = *reinterpret_cast<const float4*>(bs + k * Shape::LDB + tt.col0 + LANES_N * 4);
-            af[0] = a0.x; af[1] = a0.y; af[2] = a0.z; af[3] = a0.w;
-            af[4] = a1.x; af[5] = a1.y; af[6] = a1.z; af[7] = a1.w;
-            bf[0] = b0.x; bf[1] = b0.y; bf[2] = b0.z; bf[3] = b0.w;
-            bf[4] = b1.x; bf[5] = b1.y; bf[6] = b1.z; bf[7] = b1.w;
+            const float4 a0 = load4(as + k * Shape::LDA + tt.row0);
+            const float4 a1 = load4(as + k * Shape::LDA + tt.row0 + LANES_M * 4);
+            const float4 b0 = load4(bs + k * Shape::LDB + tt.col0);
+            const float4 b1 = load4(bs + k * Shape::LDB + tt.col0 + LANES_N * 4);
+            const float af[THREAD_M] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bf[THREAD_N] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
             for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
                 for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
-            if (COLSUM && colsum_active) {
-#pragma unroll
-                for (int j = 0; j < THREAD_N; ++j) colsum[j] += bf[j];
-            }
         }
-        if (more) {  // the other buffer was last read in iteration t-1, before its barrier
-            a.store(tid, As[cur ^ 1]);
-            b.store(tid, Bs[cur ^ 1]);
+    };
+
+    int cur = 0;
+    if (whole > 0) {
+        a.load(0);
+        b.load(0);
+        stage(0);
+        __syncthreads();
+        // Every slice but the last whole one: the next slice's loads are in flight during the
+        // FMAs; its buffer was last read before the previous barrier.
+        for (int t = 1; t < whole; ++t) {
+            a.load(t);
+            b.load(t);
+            multiply(cur);
+            stage(cur ^ 1);
+            __syncthreads();
+            cur ^= 1;
+        }
+        if (tail) {
+            a.load_tail(whole, tail);
+            b.load_tail(whole, tail);
+        }
+        multiply(cur);
+        if (tail) {
+            stage(cur ^ 1);
+            __syncthreads();
+            cur ^= 1;
+            multiply(cur);
+        }
+    } else if (tail) {
+        a.load_tail(0, tail);
+        b.load_tail(0, tail);
+        stage(0);
+        __syncthreads();
+        multiply(0);
+    }
+
+    float column_sum = 0.0f;
+    if constexpr (COLSUM) {
+        // KSTEP threads hold partial sums of each column (k rows k_lane + i KSTEP); add them
+        // in k_lane order through an A buffer, no longer read.
+        constexpr int W = LoadB::WIDTH, KSTEP = LoadB::KSTEP;
+        static_assert(KSTEP * BN <= BK * Shape::LDA, "the column partials must fit in an A buffer");
+        float* partial = smem.a[0];
+        __syncthreads();
+        if constexpr (W == 4 && LoadB::SPACING == 1) {  // four adjacent columns: one 16-byte store
+            *reinterpret_cast<float4*>(partial + b.k_lane * BN + b.column(0)) =
+                make_float4(sums[0], sums[1], sums[2], sums[3]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < W; ++j) partial[b.k_lane * BN + b.column(j)] = sums[j];
         }
         __syncthreads();
+        if (tid < BN) {
+#pragma unroll
+            for (int s = 0; s < KSTEP; ++s) column_sum += partial[s * BN + tid];
+        }
     }
+    return column_sum;
 }
 
 // Writes up to four consecutive floats of one row: a float4 store when all four are in

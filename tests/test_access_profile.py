@@ -125,16 +125,16 @@ def test_unique_bytes_count_each_byte_once_however_often_it_is_read(patterns):
 
 # ----------------------------------------------------------------------------- planted bugs
 #
-# One dense forward on 64x64 tiles, in a copy of kernels/ with one line changed. Both changes
+# One dense forward on 128x64 tiles, in a copy of kernels/ with one line changed. Both changes
 # keep the results right: only the memory traffic tells them apart.
 
-def forward_64x64(cb, rng):
+def forward_128x64(cb, rng):
     x, w, b = (cb.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((72, 40), (40, 72), (72,)))
     cb.dense_forward(x, w, b, "identity")
 
 
-FORWARD = ("one dense forward on 64x64 tiles", access_profile.H100_SMS, forward_64x64)
-FORWARD_KERNEL = "dense_fwd_identity_64x64"
+FORWARD = ("one dense forward on 128x64 tiles", access_profile.H100_SMS, forward_128x64)
+FORWARD_KERNEL = "dense_fwd_identity_128x64"
 
 
 def plant(tmp_path: Path, correct: str, planted: str) -> Path:
@@ -160,9 +160,9 @@ def test_a_removed_padding_shows_as_a_two_way_conflict_on_the_transposing_stores
     kernels = plant(tmp_path, "constexpr int SMEM_PAD = 4;", "constexpr int SMEM_PAD = 0;")
     planted = access_profile.profile_workloads([FORWARD], kernels)[FORWARD_KERNEL]
     source = (kernels / "gemm_tile.cuh").read_text()
-    # The k-major operand (x) is stored to shared memory transposed, one float per k row.
+    # The k-contiguous operand (x) is stored to shared memory transposed, one float per k row.
     transposing = {number for number, text in enumerate(source.splitlines(), start=1)
-                   if re.search(r"tile\[\(k \+ \d\) \* LD \+ o\] = reg\[pass\]", text)}
+                   if re.search(r"t\[\d \* LD\] = reg\[i\]\[h\]\.[xyzw];", text)}
     assert len(transposing) == 4
     shipped_stores, planted_stores = (gemm_tile_lines(f, "shared", "store") for f in (shipped_forward, planted))
     for number in transposing:
@@ -174,14 +174,16 @@ def test_a_removed_padding_shows_as_a_two_way_conflict_on_the_transposing_stores
 
 def test_a_transposed_staging_index_shows_as_uncoalesced_loads(shipped_forward, tmp_path):
     # Consecutive threads walk down a column of x (one row each) instead of along its rows.
-    kernels = plant(tmp_path, "            o = v / VECS_PER_LINE;\n            k = (v % VECS_PER_LINE) * 4;\n",
-                    "            o = v % O;\n            k = (v / O) * 4;\n")
+    kernels = plant(tmp_path, "        k_lane = VEC ? 4 * (tid % LANES_K) : tid % LANES_K;\n        r_lane = tid / LANES_K;\n",
+                    "        k_lane = VEC ? 4 * (tid / GROUP) : tid / GROUP;\n        r_lane = tid % GROUP;\n")
     planted = access_profile.profile_workloads([FORWARD], kernels)[FORWARD_KERNEL]
     shipped_loads, planted_loads = (gemm_tile_lines(f, "global", "load") for f in (shipped_forward, planted))
     assert all(entry["efficiency"] == 1.0 for entry in shipped_loads.values())
     worst = min(planted_loads.values(), key=lambda entry: entry["efficiency"])
-    # 16 of each 32-byte sector used, in more sectors per request (edge tiles' requests included).
-    assert worst["efficiency"] == 0.5 and worst["per_request"] > shipped_loads[worst["line"]]["per_request"]
+    # 16 of each 32-byte sector used, in more sectors per request; a little more in the edge tile,
+    # whose rows past the batch all read the last row (the loader clamps them), sharing its sectors.
+    assert 0.5 <= worst["efficiency"] < 0.65
+    assert worst["per_request"] > shipped_loads[worst["line"]]["per_request"]
     assert planted["global_load_efficiency"] < 0.8 < shipped_forward["global_load_efficiency"]
 
 

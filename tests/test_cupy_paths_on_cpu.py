@@ -225,7 +225,7 @@ def test_the_bridge_runs_the_cupy_kernels_on_torchs_stream_and_returns_memory_to
 
 
 def kernel_families(names) -> set[str]:
-    """Kernel names with the activation taken out: dense_fwd_relu_64x64 -> dense_fwd_64x64."""
+    """Kernel names with the activation taken out: dense_fwd_relu_128x64 -> dense_fwd_128x64."""
     acts = "|".join(sorted(ACTIVATIONS, key=len, reverse=True))
     return {re.sub(rf"_({acts})(?=_|$)", "", name) for name in names}
 
@@ -249,7 +249,7 @@ def test_the_reduced_sanitizer_run_launches_every_kernel_family_the_full_run_doe
 
     full, reduced = driver.COVERAGE["cupy"], driver.REDUCED
     assert families(reduced) == families(full)
-    assert {"dense_fwd_128x128", "dense_dw_64x64", "dense_fwd_tf32"} <= families(reduced)
+    assert {"dense_fwd_128x128", "dense_dw_128x64", "dense_dz", "dense_fwd_tf32"} <= families(reduced)
     assert (reduced.graph_cases, reduced.misaligned_activations) == (full.graph_cases, full.misaligned_activations)
     assert set(reduced.fused_batches) < set(full.fused_batches) and len(reduced.dense) < len(full.dense)
 

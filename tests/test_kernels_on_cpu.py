@@ -3,7 +3,7 @@
 The CuPy backend itself runs here, with ``tests/cuda_on_cpu``'s stand-in for CuPy: its
 launch geometry, tile and split-K choices, workspaces and argument lists are the ones a GPU
 gets, and the kernels are the shipped sources (or ``GPUBP_KERNEL_DIR``'s) compiled by g++.
-Two simulated GPUs pick the two code paths: 132 SMs (an H100: 64x64 tiles, split-K for
+Two simulated GPUs pick the two code paths: 132 SMs (an H100: 128x64 tiles, split-K for
 small layers with large batches) and 1 SM (128x128 tiles, no split).
 
 The process's harness mode (``GPUBP_HARNESS_MODE``) is plain unless this file runs inside
@@ -47,13 +47,16 @@ SANITIZED = MODE != "plain"
 RTOL = 1e-4
 H100_SMS = 132
 
-# (batch, in, out), none a multiple of any tile; with 132 SMs, (600, 37, 29) and (1100, 13, 7)
-# split the dW batch 2 and 4 ways (fp32 and TF32); (130, 257, 65) spans several tiles of either size.
-SHAPES = [(1, 1, 1), (19, 13, 7), (37, 29, 23), (130, 257, 65), (600, 37, 29), (1100, 13, 7)]
+# (batch, in, out), none a multiple of any tile; with 132 SMs, (600, 37, 29), (600, 36, 28) and
+# (1100, 13, 7) split the dW batch 2 and 4 ways (fp32 and TF32); (130, 257, 65) and (132, 260, 68)
+# span several tiles of either size. (40, 36, 20), (132, 260, 68) and (600, 36, 28) have every
+# extent a multiple of 4, so the fp32 GEMMs take their float4 loads; the others their scalar ones.
+SHAPES = [(1, 1, 1), (19, 13, 7), (37, 29, 23), (40, 36, 20), (130, 257, 65), (132, 260, 68), (600, 37, 29),
+          (600, 36, 28), (1100, 13, 7)]
 BACKWARD_NEEDS = [(True, True), (True, False), (False, True)]
 TF32_SHAPES = SHAPES + [(70, 200, 130)]
 if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix runs plain
-    SHAPES = [(37, 29, 23), (600, 37, 29)]
+    SHAPES = [(37, 29, 23), (40, 36, 20), (600, 37, 29)]
     BACKWARD_NEEDS = [(True, True)]
     TF32_SHAPES = SHAPES
 LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000), (300, 3)] if not SANITIZED else [(1, 1), (37, 40)]
@@ -94,7 +97,7 @@ def cupy_on_cpu(cpu_harness, monkeypatch, sms: int, version: int = 14):
 
 @pytest.fixture(params=[H100_SMS, 1], ids=["132sms", "1sm"])
 def cb(request, cpu_harness, monkeypatch):
-    """Both GEMM paths: 132 SMs picks 64x64 tiles and split-K, 1 SM the 128x128 tiles."""
+    """Both GEMM paths: 132 SMs picks 128x64 tiles and split-K, 1 SM the 128x128 tiles."""
     return cupy_on_cpu(cpu_harness, monkeypatch, request.param)
 
 
@@ -138,8 +141,9 @@ def launched_kernel_names() -> set[str]:
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
         names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")}
-        for tile in cupy_backend.GEMM_TILES:
-            names |= {f"dense_{kind}_{act}_{tile}x{tile}" for kind in ("fwd", "dx", "dw")}
+        names |= {f"dense_fwd_{act}_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
+    names |= {f"dense_dz_{act}" for act in ACTIVATIONS if act != "identity"}
+    names |= {f"dense_{kind}_{cupy_backend.tile_name(tile)}" for kind in ("dx", "dw") for tile in cupy_backend.GEMM_TILES}
     return names
 
 
@@ -204,7 +208,7 @@ def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape)
     dev = [None if a is None else cb_h100.asarray(a) for a in (dy, x, w, y, z)]
     with trace() as t:
         dx, dw, db = cb_h100.dense_backward(*dev, act, True, True, precision="tf32")
-    assert t.launches == cb_h100.backward_kernels(act, True, True)
+    assert t.launches == cb_h100.backward_kernels(act, True, True, "tf32")
     close(cb_h100.to_host(dx), dx_ref, TF32_RTOL)
     close(cb_h100.to_host(dw), dw_ref, TF32_RTOL)
     close(cb_h100.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
@@ -1172,9 +1176,24 @@ def test_kernels_are_clean_under_sanitizer(mode):
 PLANTED_BUGS = {
     "removed __syncthreads": (
         "gemm_tile.cuh",
-        "            b.store(tid, Bs[cur ^ 1]);\n        }\n        __syncthreads();\n",
-        "            b.store(tid, Bs[cur ^ 1]);\n        }\n",
-        "tsan", "dense_forward_matches and 132sms and relu and 37x29x23", "data race"),
+        "            stage(cur ^ 1);\n            __syncthreads();\n            cur ^= 1;\n        }\n",
+        "            stage(cur ^ 1);\n            cur ^= 1;\n        }\n",
+        "tsan", "dense_forward_matches and 132sms and relu and 600x37x29", "data race"),
+    "k tail reads one row past k_end": (
+        "gemm_tile.cuh",
+        "load_row(i, next, k_lane + i * KSTEP < k_valid);",
+        "load_row(i, next, k_lane + i * KSTEP <= k_valid);",
+        "asan", "dense_forward_matches and 132sms and identity and 37x29x23", "heap-buffer-overflow"),
+    "k tail slice dropped": (
+        "gemm_tile.cuh",
+        "            cur ^= 1;\n            multiply(cur);\n",
+        "            cur ^= 1;\n",
+        "plain", "dense_forward_matches and 1sm and identity and 600x37x29", "max error"),
+    "edge column not masked": (
+        "gemm_tile.cuh",
+        "valid[c] = o + c * SPACING < o_extent;",
+        "valid[c] = o + c * SPACING <= o_extent;",
+        "asan", "dense_forward_matches and 132sms and identity and 37x29x23", "heap-buffer-overflow"),
     "off-by-one store guard": (
         "gemm_tile.cuh",
         "if (j < valid) p[idx + j] = v[j];",

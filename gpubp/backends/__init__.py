@@ -21,26 +21,32 @@ computes in), and ``unavailable_reason()``: None when the backend can run here, 
 (never raises).
 
 Dense layer
-    ``dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32") -> (y, z_or_None)``
+    ``dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None) -> (y, z_or_None)``
         ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
         (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
         buffers for ``y`` and ``z``. Records ``dense_fwd``.
         ``precision``: one of ``dense_precisions()``; "tf32" runs the products on TF32 tensor
         cores where a backend has them (cupy, compute capability 8.0+); the NumPy and Numba
-        backends compute fp32 for it.
+        backends compute fp32 for it. ``dropout`` (a ``philox.Mask``): ``y`` is then
+        ``act(z) * scale`` where the mask keeps the element and 0 elsewhere; ``z`` stays unmasked.
     ``dense_precisions() -> tuple[str, ...]``
         the ``precision`` values ``dense_forward``/``dense_backward`` take on this device.
     ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-      precision="fp32") -> (dx, dw, db)``
+      precision="fp32", dropout=None) -> (dx, dw, db)``
         ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,
         ``dw = x.T @ dz``, ``db = dz.sum(0)`` with db fused into the dW kernel.
         ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None.
         ``need_dx=False``: no dX kernel is launched, ``dx`` is None. ``x`` may be None
         when ``need_dw`` is False. ``dy`` is never modified. The ``out_*`` buffers, when
-        given, receive the results. Records exactly ``backward_kernels(act, need_dx, need_dw)``.
-    ``backward_kernels(act, need_dx, need_dw) -> list[str]``
+        given, receive the results. Records exactly
+        ``backward_kernels(act, need_dx, need_dw, precision, dropout is not None)``. ``dropout``:
+        the mask the forward applied (``y`` holds the masked output); it is regenerated, never read.
+    ``backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]``
         the names of the kernels ``dense_backward`` launches for these arguments, in order.
+    ``dropout_forward(x, dropout, out=None)`` / ``dropout_backward(dy, dropout, out=None)``
+        a dropout on its own (on the model's input): the mask of ``dropout`` applied to ``x``,
+        and regenerated for ``dy``. Record ``dropout_fwd`` / ``dropout_bwd``.
     ``act="softmax"`` (output layers only) runs as ``act="identity"`` followed by ``softmax_``
     in forward, and ``softmax_backward`` before the identity gradient kernels in backward;
     ``y`` must then be given to ``dense_backward``.

@@ -6,9 +6,10 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 - ``dense_forward.cu``: one tiled SGEMM with the bias and activation in its epilogue;
 - ``dense_forward_tf32.cu``, ``dense_backward_tf32.cu``: the same kernels on TF32 tensor cores
   (``precision="tf32"``; ``gemm_tf32.cuh``);
-- ``dense_backward.cu``: ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``dz = dy * act'(.)``
-  formed while the operands load, and ``db`` reduced inside the dW kernel (split over the
-  batch, reduced deterministically, when the layer is too small to fill the GPU);
+- ``dense_backward.cu``: ``dz = dy * act'(.)`` once per element (``dense_dz``, skipped for
+  identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
+  kernel (split over the batch, reduced deterministically, when the layer is too small to
+  fill the GPU);
 - ``loss.cu``: softmax cross-entropy, MSE and BCE, value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
@@ -77,9 +78,9 @@ KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not th
 AOT_MANIFEST = "manifest.txt"
 
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
-GEMM_TILES = {128: 256, 64: 64}  # square block tile -> threads per block
+GEMM_TILES = {(128, 128): 256, (128, 64): 128}  # fp32 block tile (BM, BN) -> threads per block
 TF32_TILE, TF32_THREADS = 64, 128  # kernels/gemm_tf32.cuh (Tf32Tile)
-BK = 8  # the k step of both GEMM main loops (gemm_tile.cuh's BK, Tf32Tile::BK)
+BK = 8  # the dW batch chunks are whole multiples of this (Tf32Tile::BK; gemm_tile.cuh's BK is 16)
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
 # dW split-K: split only when the layer has fewer tiles than the GPU has SMs; aim at
@@ -107,9 +108,17 @@ _LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"\s*')
 NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
 
 
-def _dense_name(kind: str, act: str, precision: str, tile: int = TF32_TILE) -> str:
-    """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw"."""
-    return f"dense_{kind}_tf32_{act}" if precision == "tf32" else f"dense_{kind}_{act}_{tile}x{tile}"
+def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF32_TILE, TF32_TILE)) -> str:
+    """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw". The fp32 dX and dW
+    kernels read dz (``dense_dz``), so they are the same for every activation."""
+    if precision == "tf32":
+        return f"dense_{kind}_tf32_{act}"
+    return f"dense_{kind}_{act}_{tile_name(tile)}" if kind == "fwd" else f"dense_{kind}_{tile_name(tile)}"
+
+
+def tile_name(tile: tuple[int, int]) -> str:
+    """"128x64" for an fp32 block tile (BM, BN)."""
+    return f"{tile[0]}x{tile[1]}"
 
 
 # Every extern "C" kernel of each source file (tests/test_kernels_on_cpu.py checks this against the
@@ -118,8 +127,8 @@ def _dense_name(kind: str, act: str, precision: str, tile: int = TF32_TILE) -> s
 # that inside a CUDA-graph capture, where a kernel used only by captured steps would first be asked for.
 KERNELS = {
     "dense_forward.cu": tuple(_dense_name("fwd", act, "fp32", tile) for act in ACT_ID for tile in GEMM_TILES),
-    "dense_backward.cu": tuple(_dense_name(kind, act, "fp32", tile)
-                               for kind in ("dx", "dw") for act in ACT_ID for tile in GEMM_TILES),
+    "dense_backward.cu": tuple(f"dense_dz_{act}" for act in ACT_ID if act != "identity")
+                         + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES),
     "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, "tf32") for act in ACT_ID),
     "dense_backward_tf32.cu": tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
     "fused_mlp.cu": tuple(f"fused_mlp_{kind}{suffix}"
@@ -334,10 +343,10 @@ def _blocks(work: int, threads: int, cap: int) -> int:
     return max(1, min(-(-work // threads), cap))
 
 
-def _gemm_tile(m: int, n: int) -> int:
-    """128x128 tiles when they make at least one full wave on this GPU, else 64x64."""
+def _gemm_tile(m: int, n: int) -> tuple[int, int]:
+    """128x128 tiles when they make at least one full wave on this GPU, else 128x64."""
     big = max(GEMM_TILES)
-    tiles = -(-m // big) * (-(-n // big))
+    tiles = -(-m // big[0]) * (-(-n // big[1]))
     return big if tiles >= _state()["sms"] else min(GEMM_TILES)
 
 
@@ -445,18 +454,32 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
     kernel for an (m, n) output: the TF32 tensor-core kernel for ``precision="tf32"``, else the
     fp32 tile that suits the shape."""
     if precision == "tf32":
-        tile, threads = TF32_TILE, TF32_THREADS
+        tile, threads = (TF32_TILE, TF32_TILE), TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
     else:
         tile = _gemm_tile(m, n)
         threads = GEMM_TILES[tile]
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
-    return _kernel(filename, _dense_name(kind, act, precision, tile)), (-(-m // tile), -(-n // tile)), (threads,)
+    grid = (-(-m // tile[0]), -(-n // tile[1]))
+    return _kernel(filename, _dense_name(kind, act, precision, tile)), grid, (threads,)
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
-    softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
-    return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
+    if not (need_dx or need_dw):
+        return []
+    # fp32 forms dz in its own pass; the TF32 kernels form it while loading their operands.
+    dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act != "identity" and precision == "fp32" else []
+    return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _dense_dz(dy, act_in, act):
+    """dz = dy * act'(act_in), (B, out): what the fp32 gradient products read."""
+    record("dense_dz")
+    dz = cupy.empty_like(dy)
+    n = dy.size
+    _kernel("dense_backward.cu", f"dense_dz_{act}")((_elementwise_blocks(n),), (REDUCE_THREADS,),
+                                                    (dy, act_in, dz, np.int64(n)))
+    return dz
 
 
 def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
@@ -504,29 +527,32 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         act = "identity"
     x = None if x is None else _f32(x)
     # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
-    y_or_z = z if act in NEEDS_Z else y
-    y_or_z = dy if y_or_z is None else _f32(y_or_z)
+    y_or_z = dy if act == "identity" else _f32(z if act in NEEDS_Z else y)
+    if precision == "tf32":  # dz formed while the operands load: (dy, y_or_z) stand for dz
+        dz_args, gemm_act = (dy, y_or_z), act
+    else:  # dz formed once, here; the products are the same for every activation
+        dz_args, gemm_act = (dy if act == "identity" else _dense_dz(dy, y_or_z, act),), "identity"
     dx = dw = db = None
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
-        kernel, (tiles_m, tiles_n), block = _gemm_launch("dw", act, n_in, n_out, precision)
+        kernel, (tiles_m, tiles_n), block = _gemm_launch("dw", gemm_act, n_in, n_out, precision)
         splits, k_chunk, ws_dw, ws_db, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db)
         record("dense_dw")
         kernel(
             (tiles_m, tiles_n, splits),
             block,
-            (x, dy, y_or_z, dw, db, ws_dw, ws_db, tickets,
+            (x, *dz_args, dw, db, ws_dw, ws_db, tickets,
              np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
         )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        kernel, grid, block = _gemm_launch("dx", act, batch, n_in, precision)
+        kernel, grid, block = _gemm_launch("dx", gemm_act, batch, n_in, precision)
         record("dense_dx")
         kernel(
             grid,
             block,
-            (dy, y_or_z, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+            (*dz_args, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
     return dx, dw, db
 
@@ -908,10 +934,10 @@ def dropout_backward(dy, dropout, out=None):
     return out
 
 
-def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:  # noqa: F811
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:  # noqa: F811
     if dropout and (need_dx or need_dw):
-        return ["dropout_dz"] + _gemm_backward_kernels("identity", need_dx, need_dw)
-    return _gemm_backward_kernels(act, need_dx, need_dw)
+        return ["dropout_dz"] + _gemm_backward_kernels("identity", need_dx, need_dw, precision)
+    return _gemm_backward_kernels(act, need_dx, need_dw, precision)
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,  # noqa: F811

@@ -1089,7 +1089,7 @@ def dropout_backward(dy, dropout, out=None):
     return out
 
 
-def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
     if not (need_dx or need_dw):
         return []
     if dropout:

@@ -328,7 +328,7 @@ def dropout_backward(dy, dropout, out=None):
     return out
 
 
-def backward_kernels(act, need_dx, need_dw, dropout=False) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
     """What ``dense_backward`` records; ``dropout``: the forward masked its output, and the pass
     forming dz (``dropout_dz``) regenerates the mask."""
     if not (need_dx or need_dw):

@@ -62,7 +62,7 @@ from gpubp.backends import cupy_backend
 
 from . import harness
 
-H100_SMS = 132  # a simulated H100: small layers get 64x64 fp32 tiles
+H100_SMS = 132  # a simulated H100: small layers get 128x64 fp32 tiles
 ONE_SM = 1  # a simulated GPU with one SM: every layer gets 128x128 fp32 tiles
 # The dense kernels' GEMMs (forward x @ W, dX = dz @ W^T, dW = x^T @ dz) each run on a layer
 # shaped for it: an output of one full tile plus an 8-wide edge tile on both axes, and K =
@@ -84,13 +84,14 @@ SECTOR = 32
 # ----------------------------------------------------------------------------- workloads
 
 
-def _gemm_layers(tile: int) -> dict[str, tuple[int, int, int]]:
-    """(batch, in, out) of the layer each dense kernel runs on, for a square output tile."""
-    edge = tile + 8
-    return {"forward": (edge, GEMM_K, edge), "dX": (edge, edge, GEMM_K), "dW": (GEMM_K, edge, edge)}
+def _gemm_layers(tile: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
+    """(batch, in, out) of the layer each dense kernel runs on, for an output tile (rows, columns):
+    one whole tile and an edge tile along each."""
+    rows, cols = tile[0] + 8, tile[1] + 8
+    return {"forward": (rows, GEMM_K, cols), "dX": (rows, cols, GEMM_K), "dW": (GEMM_K, rows, cols)}
 
 
-def _dense_layers(precision: str, tile: int):
+def _dense_layers(precision: str, tile: tuple[int, int]):
     def run(cb, rng):
         def arrays(*shapes):
             return [cb.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes]
@@ -173,14 +174,14 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
     """name -> (description, simulated SMs, run(cb, rng)): together they launch every kernel."""
     def dense(precision, tile, sms):
         layers = ", ".join(f"{kernel} (batch, in, out) = {shape}" for kernel, shape in _gemm_layers(tile).items())
-        return (f"dense layers in every activation, {precision}, {tile}x{tile} tiles, on {sms} SM(s): {layers}", sms,
+        return (f"dense layers in every activation, {precision}, {tile[0]}x{tile[1]} tiles, on {sms} SM(s): {layers}", sms,
                 _dense_layers(precision, tile))
 
     # One SM makes the backend pick the large fp32 tile for any shape, an H100 the small one here.
     big, small = max(cupy_backend.GEMM_TILES), min(cupy_backend.GEMM_TILES)
-    work = {f"dense fp32 {big}x{big}": dense("fp32", big, ONE_SM),
-            f"dense fp32 {small}x{small}": dense("fp32", small, H100_SMS),
-            "dense tf32": dense("tf32", cupy_backend.TF32_TILE, H100_SMS)}
+    work = {f"dense fp32 {cupy_backend.tile_name(big)}": dense("fp32", big, ONE_SM),
+            f"dense fp32 {cupy_backend.tile_name(small)}": dense("fp32", small, H100_SMS),
+            "dense tf32": dense("tf32", (cupy_backend.TF32_TILE,) * 2, H100_SMS)}
     for precision in cupy_backend.FUSED_PRECISIONS:
         work[f"fused {precision}"] = (f"fused_mlp_forward + fused_mlp_backward: batch {FUSED_BATCH}, in {FUSED_IN}, "
                                       f"widths {list(FUSED_WIDTHS)}, {'/'.join(FUSED_ACTS)}, {precision}", H100_SMS,
