@@ -61,7 +61,10 @@ MODE_ENV = "GPUBP_HARNESS_MODE"
 CXX = os.environ.get("CXX") or shutil.which("g++") or "g++"
 
 COMMON_FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-DGPUBP_CUDA_ON_CPU=1",
-                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable"]
+                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
+                # Locals a kernel reads before it writes them hold one fixed pattern (0xfe bytes: a
+                # huge float, a pointer that faults), so such a read fails the same way every run.
+                "-ftrivial-auto-var-init=pattern"]
 # Chosen for compile time, which dominates a fresh CI run: UBSan at -O1 takes twice as long
 # to build as at -O0, and -g1 (line tables only) is all the sanitizers' reports need.
 MODE_FLAGS = {
