@@ -162,8 +162,8 @@ class Layer:
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         raise NotImplementedError
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
-        """The kernels ``backward`` launches after a forward that applied ``act``."""
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, precision: str = "fp32") -> list[str]:
+        """The kernels ``backward`` launches after a forward that applied ``act``, in ``precision``."""
         raise NotImplementedError
 
     def saved_for_backward(self) -> tuple:
@@ -249,8 +249,8 @@ class Dense(Layer):
             self._preact = z if keep_output else None
         return y
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
-        return self.backend.backward_kernels(act, need_dx, need_dw)
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, precision: str = "fp32") -> list[str]:
+        return self.backend.backward_kernels(act, need_dx, need_dw, precision)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
@@ -568,7 +568,7 @@ class Sequential:
             return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
                                                                              [dw for _, dw in plan]))])
         return BackwardPlan(
-            (layer.name, layer.backward_kernels(act, need_dx, need_dw))
+            (layer.name, layer.backward_kernels(act, need_dx, need_dw, self.precision))
             for layer, act, (need_dx, need_dw) in zip(self.layers, self._applied(logits), plan)
         )
 

@@ -135,7 +135,7 @@ class MLP(nn.Module):
         backend = _backend_for(self.layers[0].weight)
         plan = plan_backward([_trainable(layer) for layer in self.layers], need_input_grad)
         return BackwardPlan(
-            (f"dense_{i}", backend.backward_kernels(layer.activation, need_dx, need_dw))
+            (f"dense_{i}", backend.backward_kernels(layer.activation, need_dx, need_dw, self.math))
             for i, (layer, (need_dx, need_dw)) in enumerate(zip(self.layers, plan))
         )
 

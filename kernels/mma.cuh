@@ -16,7 +16,9 @@
 //
 // Data movement (PTX ISA "Data Movement and Conversion Instructions"):
 //   cp_async_ca<BYTES>(dst, src) / cp_async_cg(dst, src): cp.async.ca (4, 8 or 16 bytes, cached in
-//     L1) / .cg (16 bytes, L2 only) from global src to shared dst, both aligned to the size. The copy
+//     L1) / .cg (16 bytes, L2 only) from global src to shared dst, both aligned to the size;
+//     cp_async_cg_zfill(dst, src, n): the same 16 bytes, of which only the first n come from src
+//     and the rest are zeros (the src-size operand). The copy
 //     belongs to the thread's open group; cp_async_commit() closes it; cp_async_wait<N>() returns once
 //     at most the N newest committed groups of this thread are still in flight; cp_async_wait_all()
 //     commits and waits for everything. Only the issuing thread's wait makes its copies visible to it;
@@ -127,6 +129,20 @@ __device__ __forceinline__ void cp_async_cg(void* dst, const void* src) {
     gpubp_cpu::cp_async<16>(dst, src, __FILE__, __LINE__);
 #elif __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// cp.async.cg with a source size: copies the first src_bytes (0 to 16, a multiple of 4) of the
+// 16-byte chunk and writes zeros to the rest; with 0 nothing is read, so src may then point
+// anywhere (the edge tiles' rows and columns past the operand).
+__device__ __forceinline__ void cp_async_cg_zfill(void* dst, const void* src, int src_bytes) {
+#if defined(GPUBP_CUDA_ON_CPU)
+    gpubp_cpu::cp_async_zfill(dst, src, src_bytes, __FILE__, __LINE__);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
 #else
     __trap();
 #endif

@@ -81,6 +81,18 @@ def test_dynamic_shared_memory_is_sized_by_the_launch(kernels):
     assert np.array_equal(out.get(), values[::-1])
 
 
+def test_dynamic_shared_memory_past_48_kib_needs_the_kernels_opt_in(kernels):
+    values = np.arange(16384, dtype=np.float32)
+    out = harness.device_empty((16384,))
+    kernel = kernels.get_function("reverse_through_shared")
+    args = (harness.to_device(values), out, np.int32(16384))
+    with pytest.raises(harness.KernelError, match="max_dynamic_shared_size_bytes"):
+        kernel((1,), (64,), args, shared_mem=16384 * 4)
+    kernel.max_dynamic_shared_size_bytes = 16384 * 4
+    kernel((1,), (64,), args, shared_mem=16384 * 4)
+    assert np.array_equal(out.get(), values[::-1])
+
+
 @pytest.mark.parametrize("grid, block", [((3,), (5,)), ((2, 3), (4, 2)), ((2, 1, 2), (2, 2, 3))])
 def test_every_block_and_thread_runs_once_with_its_own_ids(kernels, grid, block):
     blocks, threads = int(np.prod(grid)), int(np.prod(block))

@@ -38,8 +38,8 @@ Dense layer
         ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None.
         ``need_dx=False``: no dX kernel is launched, ``dx`` is None. ``x`` may be None
         when ``need_dw`` is False. ``dy`` is never modified. The ``out_*`` buffers, when
-        given, receive the results. Records exactly ``backward_kernels(act, need_dx, need_dw)``.
-    ``backward_kernels(act, need_dx, need_dw) -> list[str]``
+        given, receive the results. Records exactly ``backward_kernels(act, need_dx, need_dw, precision)``.
+    ``backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]``
         the names of the kernels ``dense_backward`` launches for these arguments, in order.
     ``act="softmax"`` (output layers only) runs as ``act="identity"`` followed by ``softmax_``
     in forward, and ``softmax_backward`` before the identity gradient kernels in backward;

@@ -941,7 +941,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     return y, z
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
     if not (need_dx or need_dw):
         return []
     dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act in _GRAD else []

@@ -217,7 +217,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     return y, None
 
 
-def backward_kernels(act, need_dx, need_dw) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
     softmax = ["softmax_bwd"] if act == "softmax" and (need_dx or need_dw) else []
     return softmax + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 

@@ -424,11 +424,14 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
 // marked, and a read of them through ldmatrix or shared_load, by any thread of the block, fails
 // the launch; so does a second copy into bytes still in flight, and a thread that returns with
 // copies it never waited for. wait_all is commit_group then wait_group 0. Both addresses must be
-// aligned to the copy's size. The shared-memory writes are made here, in the kernel's unit, so
-// the profile build records them (at the wait, with the pattern of the issue).
+// aligned to the copy's size. With a src-size operand (zfill) only that many bytes are read and
+// the rest of the 16 are zeros; none is read when it is 0. The shared-memory writes are made
+// here, in the kernel's unit, so the profile build records them (at the wait, with the pattern
+// of the issue).
 // Limits: plain C++ reads of shared memory (not through shared_load) are not checked against
 // copies in flight; the source is not checked to be global nor the destination shared; the
-// .ca/.cg cache hints have no effect here; the src-size (zero-fill) operand is not emulated.
+// .ca/.cg cache hints have no effect here; a src-size must be a multiple of 4 here (PTX allows
+// any byte count).
 //
 // ldmatrix.m8n8.xN[.trans].b16: a warp collective. Lane l (l < 8N) reads the 16-byte row
 // l % 8 of matrix l / 8 at the address it gives (16-byte aligned; every lane of the warp
@@ -474,6 +477,23 @@ inline void cp_async(void* dst, const void* src, const char* file, int line) {
     copy.dst = static_cast<unsigned char*>(dst);
     copy.bytes = BYTES;
     copy_bytes<BYTES>(copy.data, src);  // the global read
+    async_issue(copy, file, line);
+}
+
+inline void cp_async_zfill(void* dst, const void* src, int src_bytes, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+        fail("cp.async: the source and destination must be aligned to the copy size", file, line);
+    if (src_bytes < 0 || src_bytes > 16 || src_bytes % 4 != 0)
+        fail("cp.async src-size: 0 to 16 bytes, a multiple of 4 in this emulation", file, line);
+    AsyncCopy copy;
+    copy.dst = static_cast<unsigned char*>(dst);
+    copy.bytes = 16;
+    std::memset(copy.data, 0, 16);
+    if (src_bytes == 16) {
+        copy_bytes<16>(copy.data, src);  // one global read, as a whole chunk's
+    } else {
+        for (int i = 0; i < src_bytes; i += 4) copy_bytes<4>(copy.data + i, static_cast<const unsigned char*>(src) + i);
+    }
     async_issue(copy, file, line);
 }
 
