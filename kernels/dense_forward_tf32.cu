@@ -23,9 +23,12 @@ __device__ __forceinline__ void dense_forward_tf32(const float* __restrict__ x, 
     const long long n0 = static_cast<long long>(blockIdx.y) * Tf32Tile::BN;
     Tf32Fragment frag;
     tf32_gemm(Operand<true>{x, K, M}, Operand<false>{w, N, N}, 0, K, m0, n0, smem, frag);
-    const bool vector = pairs_aligned(y, N) && (!act_needs_z<ACT>() || pairs_aligned(z, N));
+    // Pairs of columns go as 8-byte accesses where y, z (and b, read alike) allow.
+    const bool vector = pairs_aligned(y, N) && (!act_needs_z<ACT>() || pairs_aligned(z, N)) && pairs_aligned(b, N);
     tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float a0, float a1, bool pair) {
-        const float z0 = a0 + b[col], z1 = pair ? a1 + b[col + 1] : 0.0f;
+        const float2 bias = pair && vector ? *reinterpret_cast<const float2*>(b + col)
+                                           : make_float2(b[col], pair ? b[col + 1] : 0.0f);
+        const float z0 = a0 + bias.x, z1 = a1 + bias.y;
         store_pair(y, row * N + col, act_forward<ACT>(z0), act_forward<ACT>(z1), pair, vector);
         if constexpr (act_needs_z<ACT>()) store_pair(z, row * N + col, z0, z1, pair, vector);
     });
