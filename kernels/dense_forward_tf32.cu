@@ -8,7 +8,7 @@
 // store where the rows allow.
 // Launch: dense_fwd_tf32_<act>, grid (ceil(M / 128), ceil(N / 128)), block 256, dynamic shared
 // memory Tf32Gemm<true, false>::smem_bytes (101 376 bytes). M is on grid.x, whose limit any batch
-// fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 178-206 registers.
+// fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 206 registers.
 #include "gemm_tf32.cuh"
 
 namespace gpubp {

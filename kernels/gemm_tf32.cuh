@@ -65,7 +65,6 @@ struct Tf32Tile {
 // cp.async stores (4 rows x 8 chunks) fill each bank group exactly 4 times: conflict-free both ways.
 struct KContiguous {
     static constexpr int TILE_FLOATS = Tf32Tile::BM * Tf32Tile::BK;
-    static constexpr int CHUNKS_PER_ROW = Tf32Tile::BK / Tf32Tile::CHUNK;
     __device__ __forceinline__ static int offset(int o, int k) {
         return o * Tf32Tile::BK + (((k / Tf32Tile::CHUNK) ^ (o % 8)) * Tf32Tile::CHUNK) + k % Tf32Tile::CHUNK;
     }
