@@ -17,7 +17,8 @@ goes into them (sources, toolchain versions, this model's code) in the temporary
 What is read (``bench/sass_reader.py``), per kernel and architecture:
 
 - ptxas's report: registers per thread, spill bytes (spill stores plus spill loads), and
-  static shared memory per block;
+  static shared memory per block, to which the dynamic shared memory the CuPy backend launches
+  the kernel with is added (``cupy_backend._dynamic_shared_bytes``: the TF32 GEMMs' pipeline);
 - the launch shape: ``__launch_bounds__``'s thread count from the cubin (``EIATTR_MAX_THREADS``);
   for Numba kernels, the block the backend launches them with. The model assumes a kernel
   is launched with exactly that many threads;
@@ -34,8 +35,8 @@ The model, per kernel:
   (none when a block's warps, rounded up to a multiple of 4, need more than 64K registers);
   (4) shared memory: each block takes its static shared memory plus 1 KiB the system
   reserves, rounded up to 128 bytes, out of 228 KiB per SM on sm_90 and 164 KiB on sm_80 (the
-  largest carveout, which the driver picks for a kernel that needs it). Dynamic shared memory
-  is not seen (no kernel uses it today).
+  largest carveout, which the driver picks for a kernel that needs it); dynamic shared memory
+  counts as the backend requests it.
 - ``issue_ceiling``: the largest fraction of the SM's peak that the hot loop can sustain if
   each sub-partition issues one warp instruction per cycle and nothing else stalls. A pass
   of the loop costs a warp ``I`` issue cycles (``I`` = its instructions) on its sub-partition:
@@ -251,8 +252,10 @@ def issue_ceiling(mix: dict, arch: Arch) -> float:
     return busy / max(mix["instructions"], busy)
 
 
-def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], threads: int | None, arch: Arch) -> dict:
-    """The model's figures for one compiled kernel (memory figures not included)."""
+def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], threads: int | None, arch: Arch,
+                   dynamic_smem: int = 0) -> dict:
+    """The model's figures for one compiled kernel (memory figures not included); ``dynamic_smem``:
+    the dynamic shared memory the backend launches it with."""
     loop = sass.hot_loop(code)
     hot = None
     if loop is not None:
@@ -267,13 +270,15 @@ def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], thre
             **{kind: mix[kind] for kind in ("lds", "ldsm", "sts", "ldg", "ldgsts", "stg", "other")},
             "hmma_by_shape": mix["hmma_by_shape"],
         }
-    warps, limit = occupancy(resources.registers, resources.smem_bytes, threads, arch) if threads else (None, None)
+    smem = resources.smem_bytes + dynamic_smem
+    warps, limit = occupancy(resources.registers, smem, threads, arch) if threads else (None, None)
     return {
         "threads": threads,
         "registers": resources.registers,
         "spill_bytes": resources.spill_stores + resources.spill_loads,
         "stack_bytes": resources.stack_frame,
-        "smem_bytes": resources.smem_bytes,
+        "smem_bytes": smem,
+        "dynamic_smem_bytes": dynamic_smem,
         "occupancy_warps": warps,
         "occupancy_limit": limit,
         "peak": "tensor" if any(i.base == "HMMA" for i in code) else "fp32",
@@ -288,7 +293,8 @@ def read_cubin(cubin: Path, ptxas_log: str, arch: Arch, threads: int | None = No
     cuobjdump = cuda_tool("cuobjdump")
     code = sass.sass_functions(_run(cuobjdump, "-sass", str(cubin)))
     bounds = sass.max_threads(_run(cuobjdump, "-elf", str(cubin)))
-    return {name: kernel_figures(resources, code[name], bounds.get(name, threads), arch)
+    return {name: kernel_figures(resources, code[name], bounds.get(name, threads), arch,
+                                 cupy_backend._dynamic_shared_bytes(name))
             for name, resources in sass.ptxas_resources(ptxas_log).items()}
 
 

@@ -24,6 +24,10 @@ from these names):
   ``cuda_graph=True``), and PyTorch eager;
 - ``FROZEN_STEP`` / ``FROZEN_FORWARD``: the same step with every layer but the head frozen,
   and an inference forward pass of the same model, for the frozen-step cost ratio;
+- ``tf32 4096^3 ...``: one 4096^3 layer on TF32 tensor cores, each of its three GEMMs alone:
+  gpubp's ``precision="tf32"`` kernels (``gpubp-cupy-tf32``: forward with bias and relu, dX,
+  dW; the backward's dz kernel included, as it runs) against ``torch.matmul`` with TF32 allowed
+  (``cublas-tf32``: the bare product, cuBLAS's TF32 GEMM); issue 28's goal is 0.7 of cuBLAS;
 - ``kernels ...``: the dense kernels alone (forward, or forward then dX and dW/db of every
   layer) at the widths and batches of ``MLPS`` and ``SINGLE_LAYERS``.
 
@@ -76,6 +80,8 @@ MLPS = {
     "4096x3@256": ([4096] * 3, 256),
 }
 SINGLE_LAYERS = {"1024wide@8192": ([1024, 1024], 8192), "64wide@65536": ([64, 64], 65536)}
+TF32_GEMMS = ("forward", "dX", "dW")
+TF32_IMPLS = ["gpubp-cupy-tf32", "cublas-tf32"]
 KERNEL_IMPLS = ["gpubp-cupy", "gpubp-numba", "cublas-unfused", "torch"]
 
 
@@ -291,6 +297,43 @@ def test_forward_4096_relu(benchmark, cupy, impl):
     else:
         fn = unfused_relu_forward(cupy, a, w, b, out, sync)
     measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
+
+
+@pytest.mark.parametrize("impl", TF32_IMPLS)
+@pytest.mark.parametrize("gemm", TF32_GEMMS)
+def test_tf32_gemm_4096_against_cublas(benchmark, cupy, gemm, impl):
+    n = FWD_SIZE
+    rng = np.random.default_rng(0)
+    x, w, dy = (cupy.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(3))
+    b = cupy.asarray(rng.standard_normal(n, dtype=np.float32))
+    sync = cupy.cuda.get_current_stream().synchronize
+    if impl == "gpubp-cupy-tf32":
+        cb = gpu_backend(impl)
+        y, _ = cb.dense_forward(x, w, b, "relu", precision="tf32")
+        out = cupy.empty((n, n), np.float32)
+        calls = {"forward": lambda: cb.dense_forward(x, w, b, "relu", out=out, precision="tf32"),
+                 "dX": lambda: cb.dense_backward(dy, x, w, y, None, "relu", True, False, out_dx=out, precision="tf32"),
+                 "dW": lambda: cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=out,
+                                                 out_db=b, precision="tf32")}
+    else:
+        torch = cuda_torch()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tx, tw, tdy = (torch.as_tensor(a, device="cuda") for a in (x, w, dy))
+        tout = torch.empty((n, n), device="cuda")
+        calls = {"forward": lambda: torch.matmul(tx, tw, out=tout), "dX": lambda: torch.matmul(tdy, tw.T, out=tout),
+                 "dW": lambda: torch.matmul(tx.T, tdy, out=tout)}
+
+    def fn():
+        calls[gemm]()
+        sync()
+
+    try:
+        measure(benchmark, cupy, fn, workload=f"tf32 4096^3 {gemm}", backend=impl, shape=f"{n}x{n}x{n}",
+                flops=2.0 * n**3)
+    finally:
+        if impl == "cublas-tf32":
+            torch.backends.cuda.matmul.allow_tf32 = False
+    benchmark.extra_info["dtype"] = "tf32"
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)

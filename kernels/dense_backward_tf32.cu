@@ -1,88 +1,133 @@
-// Dense-layer backward on TF32 tensor cores, for y = act(x @ W + b): the tensor-core twins of
-// dense_backward.cu's kernels, each launched only when its gradient is needed.
+// Dense-layer backward on TF32 tensor cores, for y = act(x @ W + b), in up to three launches:
 //
-//   dense_dx_tf32_<act>:  dx = dz @ W^T,  dz = dy * act'(y or z)
-//   dense_dw_tf32_<act>:  dW = x^T @ dz,  db = dz.sum(0)
+//   dense_dz_db_<act>:    dz = dy * act'(y or z) (stored unless act is identity, where dz = dy),
+//                         db = dz.sum(0) (when dW is needed): elementwise, fp32
+//   dense_dx_tf32_<act>:  dx = dz @ W^T     (gemm_tf32.cuh, A = dz k-contiguous, B = W^T k-contiguous)
+//   dense_dw_tf32_<act>:  dW = x^T @ dz     (A = x^T outer-contiguous, B = dz outer-contiguous)
 //
-// dz is formed while loading, never stored (gemm_tile.cuh's GradKMajor / GradOuterMajor), and
-// rounded to TF32 with the other operand on its way into shared memory (gemm_tf32.cuh: tiles
-// and error bound). db is summed in fp32 from the unrounded dz, by the blocks of m-tile 0,
-// each thread over the batch rows it staged; the two threads of each column add their halves
-// in a fixed order, so db is exact fp32 and deterministic.
+// The activation's derivative is applied once, by the dz kernel, and the two products are plain
+// pipelined GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu
+// alone costs more instructions per element than a k step has per mma). dx and dW kernels are
+// the same for every activation; they keep one name per activation so that the trace, the
+// benchmarks and the performance model's history compare like with like.
 //
-// Layout: dy, y, z (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,); all
-// row-major and C-contiguous. Block 128 threads, no dynamic shared memory.
-// dX launch: grid (ceil(B / 64), ceil(in / 64)); GEMM M = B, N = in, K = out.
-// dW launch: grid (ceil(in / 64), ceil(out / 64), splits); GEMM M = in, N = out, K = B.
-// Split-K over the batch exactly as in dense_backward.cu: when in x out gives too few tiles to
-// fill the GPU the host picks splits > 1 and k_chunk (a multiple of Tf32Tile::BK, so every k
-// tile of a split but its last is full); each split writes its partial dW tile to ws (splits x
-// in x out floats) and its partial db, still summed in fp32, to ws_db (splits x out), and the
-// last block of each tile sums them in split order (split_k.cuh), so dW and db are bitwise
-// deterministic and db stays an fp32 sum of the unrounded dz. With splits == 1 the tile goes
-// straight to dW and db and ws, ws_db, tickets are unused.
+// Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
+// all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
+// order: each of the 8 row groups of a dz block sums every 8th row, then the groups are added in
+// order, so db is deterministic.
+//
+// dz launch: grid (ceil(out / 32)), block 256 = 32 columns x 8 row groups; reads dy and y|z once,
+// writes dz once; occupancy on sm_90: 8 blocks (64 warps) per SM.
+// dX launch: grid (ceil(B / 128), ceil(in / 128)), block 256, dynamic shared memory
+// Tf32Gemm<true, true>::smem_bytes (98 304 bytes); GEMM M = B, N = in, K = out.
+// dW launch: grid (ceil(in / 128), ceil(out / 128), splits), block 256, dynamic shared memory
+// Tf32Gemm<false, false>::smem_bytes (104 448 bytes); GEMM M = in, N = out, K = B. Both GEMMs:
+// 1 block (8 warps) per SM on sm_90, by registers (gemm_tf32.cuh).
+// Split-K over the batch as in dense_backward.cu: when in x out gives too few tiles to fill the
+// GPU the host picks splits > 1 and k_chunk (a multiple of Tf32Tile::BK, so every k tile of a
+// split but its last is whole); each split writes its partial dW tile to ws (splits x in x out
+// floats), and the last block of each tile sums them in split order (split_k.cuh), so dW is
+// bitwise deterministic. With splits == 1 the tile goes straight to dW; ws and tickets are unused.
 #include "gemm_tf32.cuh"
 #include "split_k.cuh"
 
 namespace gpubp {
 
+struct DzShape {
+    static constexpr int COLS = 32, ROW_GROUPS = 8, THREADS = COLS * ROW_GROUPS;
+};
+
 template <int ACT>
-__device__ __forceinline__ void dense_dx_tf32(const float* __restrict__ dy, const float* __restrict__ y_or_z,
-                                              const float* __restrict__ w, float* __restrict__ dx, int B_,
-                                              int in_, int out_) {
+__device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const float* __restrict__ y_or_z,
+                                         float* __restrict__ dz, float* __restrict__ db, int B, int N_, int store_dz,
+                                         int sum_db) {
+    using S = DzShape;
+    __shared__ float partial[S::ROW_GROUPS][S::COLS];
+    const long long N = N_;
+    const int lane = threadIdx.x % S::COLS, group = threadIdx.x / S::COLS;
+    const long long col = static_cast<long long>(blockIdx.x) * S::COLS + lane;
+    float sum = 0.0f;
+    if (col < N) {
+        for (long long row = group; row < B; row += S::ROW_GROUPS) {
+            float g = dy[row * N + col];
+            if constexpr (ACT != ACT_IDENTITY) {  // identity reads neither y nor z
+                const float v = y_or_z[row * N + col];
+                g *= act_grad<ACT>(v, v);
+            }
+            if (store_dz) dz[row * N + col] = g;
+            sum += g;
+        }
+    }
+    if (!sum_db) return;  // uniform across the launch
+    partial[group][lane] = sum;
+    __syncthreads();
+    if (group == 0 && col < N) {
+        float total = partial[0][lane];
+#pragma unroll
+        for (int r = 1; r < S::ROW_GROUPS; ++r) total += partial[r][lane];
+        db[col] = total;
+    }
+}
+
+__device__ __forceinline__ void dense_dx_tf32(const float* __restrict__ dz, const float* __restrict__ w,
+                                              float* __restrict__ dx, int B_, int in_, int out_) {
+    extern __shared__ __align__(16) float smem[];
     const long long M = B_, N = in_, K = out_;
     const long long m0 = static_cast<long long>(blockIdx.x) * Tf32Tile::BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * Tf32Tile::BN;
     Tf32Fragment frag;
-    float unused_colsum;
-    const GradKMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, K};
-    tf32_mainloop<false>(dz, KMajor{w, K}, M, N, 0, K, m0, n0, frag, unused_colsum);
-    tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float v) { dx[row * N + col] = v; });
+    tf32_gemm(Operand<true>{dz, K, M}, Operand<true>{w, K, N}, 0, K, m0, n0, smem, frag);
+    const bool vector = pairs_aligned(dx, N);
+    tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
+        store_pair(dx, row * N + col, v0, v1, pair, vector);
+    });
 }
 
-template <int ACT>
-__device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const float* __restrict__ dy,
-                                              const float* __restrict__ y_or_z, float* __restrict__ dw,
-                                              float* __restrict__ db, float* __restrict__ ws,
-                                              float* __restrict__ ws_db, unsigned int* __restrict__ tickets,
-                                              int B_, int in_, int out_, int k_chunk, int splits) {
+__device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const float* __restrict__ dz,
+                                              float* __restrict__ dw, float* __restrict__ ws,
+                                              unsigned int* __restrict__ tickets, int B_, int in_, int out_,
+                                              int k_chunk, int splits) {
     using T = Tf32Tile;
+    extern __shared__ __align__(16) float smem[];
     const long long M = in_, N = out_, K = B_;
     const long long m0 = static_cast<long long>(blockIdx.x) * T::BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     const SplitRows batch_rows = SplitRows::of(K, k_chunk, blockIdx.z);
     Tf32Fragment frag;
-    float colsum;
-    const GradOuterMajor<ACT> dz{GradPrologue<ACT>{dy, y_or_z}, N};
-    tf32_mainloop<true>(OuterMajor{x, M}, dz, M, N, batch_rows.begin, batch_rows.end, m0, n0, frag, colsum);
-    float* dw_out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
-    tf32_for_each_output(frag, m0, n0, M, N, [&](long long row, long long col, float v) { dw_out[row * N + col] = v; });
-    if (blockIdx.x == 0) {  // uniform across the block
-        __shared__ float upper_half[T::BN];
-        const int tid = threadIdx.x;
-        if (tid >= T::BN) upper_half[tid - T::BN] = colsum;
-        __syncthreads();
-        float* db_out = split_k_partial(db, ws_db, N, splits, blockIdx.z);
-        if (tid < T::BN && n0 + tid < N) db_out[n0 + tid] = colsum + upper_half[tid];
-    }
-    if (splits > 1) dense_dw_split_k_finish(ws, ws_db, tickets, dw, db, M, N, m0, n0, T::BM, T::BN, splits);
+    tf32_gemm(Operand<false>{x, M, M}, Operand<false>{dz, N, N}, batch_rows.begin, batch_rows.end, m0, n0, smem,
+              frag);
+    float* out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
+    const bool vector = pairs_aligned(out, N);
+    tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
+        store_pair(out, row * N + col, v0, v1, pair, vector);
+    });
+    if (splits == 1) return;  // uniform across the launch
+    unsigned int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
+    if (!split_k_arrived_last(ticket, splits)) return;
+    const int rows = static_cast<int>(M - m0 < T::BM ? M - m0 : T::BM);
+    const int cols = static_cast<int>(N - n0 < T::BN ? N - n0 : T::BN);
+    split_k_sum(ws, M * N, splits, dw, N, m0, rows, n0, cols);
+    split_k_reset(ticket);
 }
 
 }  // namespace gpubp
 
 #define GPUBP_DENSE_BWD_TF32_ENTRY(NAME, ID)                                                                 \
-    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS)                                 \
-        dense_dx_tf32_##NAME(const float* __restrict__ dy, const float* __restrict__ y_or_z,                  \
-                             const float* __restrict__ w, float* __restrict__ dx, int B, int in, int out) {   \
-        gpubp::dense_dx_tf32<ID>(dy, y_or_z, w, dx, B, in, out);                                             \
+    extern "C" __global__ void __launch_bounds__(gpubp::DzShape::THREADS)                                   \
+        dense_dz_db_##NAME(const float* __restrict__ dy, const float* __restrict__ y_or_z, float* __restrict__ dz, \
+                           float* __restrict__ db, int B, int out, int store_dz, int sum_db) {                \
+        gpubp::dense_dz<ID>(dy, y_or_z, dz, db, B, out, store_dz, sum_db);                                   \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS)                                 \
-        dense_dw_tf32_##NAME(const float* __restrict__ x, const float* __restrict__ dy,                       \
-                             const float* __restrict__ y_or_z, float* __restrict__ dw, float* __restrict__ db, \
-                             float* __restrict__ ws, float* __restrict__ ws_db,                                \
-                             unsigned int* __restrict__ tickets, int B, int in, int out, int k_chunk,         \
-                             int splits) {                                                                    \
-        gpubp::dense_dw_tf32<ID>(x, dy, y_or_z, dw, db, ws, ws_db, tickets, B, in, out, k_chunk, splits);    \
+    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
+        dense_dx_tf32_##NAME(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, \
+                             int B, int in, int out) {                                                        \
+        gpubp::dense_dx_tf32(dz, w, dx, B, in, out);                                                         \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
+        dense_dw_tf32_##NAME(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, \
+                             float* __restrict__ ws, unsigned int* __restrict__ tickets, int B, int in, int out, \
+                             int k_chunk, int splits) {                                                       \
+        gpubp::dense_dw_tf32(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                           \
     }
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_TF32_ENTRY)

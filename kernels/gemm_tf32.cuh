@@ -1,138 +1,383 @@
-// The TF32 tensor-core GEMM main loop shared by dense_forward_tf32.cu and dense_backward_tf32.cu.
+// The TF32 tensor-core GEMM shared by dense_forward_tf32.cu and dense_backward_tf32.cu:
+// C[m0 : m0+128, n0 : n0+128] = A[., k_begin : k_end] @ B[k_begin : k_end, .] with fp32 accumulation,
+// on mma.sync.m16n8k8.tf32 (kernels/mma.cuh). One loop serves x @ W (forward), dz @ W^T (dX)
+// and x^T @ dz (dW): each operand is a plain fp32 array read in one of two layouts (Layout), and
+// nothing is computed on an operand on its way in (the backward's dz = dy * act'(.) is formed
+// once, beforehand, by dense_backward_tf32.cu's dz kernel).
 //
-// Computes one BM x BN = 64 x 64 tile of C = A @ B over k in [k_begin, k_end) (all of K, or
-// one split of it in the dW kernel), A (M, K) and B (K, N) read through gemm_tile.cuh's operand
-// sources, so one loop serves x @ W (forward), dz @ W^T (dX, with dz = dy * act'(.) formed as
-// the operand loads) and x^T @ dz (dW), as the fp32 loop does.
-// Operands are rounded to TF32 (cvt.rna, 10 mantissa bits) as they are staged in shared memory
-// and multiplied on mma.sync.m16n8k8 with fp32 accumulation (kernels/mma.cuh).
+// Design, the standard one for sm_80 and newer:
+//   - block tile BM x BN = 128 x 128, K step BK = 32, 8 warps as 2 (M) x 4 (N), warp tile
+//     64 x 32 = 4 (m16) x 4 (n8) mma tiles: 16 mma per 8-deep k step from 4 A and 4 B fragments;
+//   - a STAGES = 3 deep cp.async pipeline (global -> shared, no registers): while the warps
+//     multiply k tile t, the copies of tiles t + 1 and t + 2 are in flight;
+//   - shared layouts (below) in which every fragment load and every cp.async store is
+//     conflict-free: a k-contiguous tile is swizzled and read with ldmatrix.x4, an
+//     outer-contiguous tile is padded and read with 32-bit loads.
+// Operands are not rounded: the tensor core reads a tf32 operand's top 19 bits, so the fp32
+// bits staged by cp.async are truncated to tf32 (round toward zero) by the mma itself, and
+// rounding them first (cvt.rna) would cost an instruction per fragment register in the hot loop.
 //
-// Error: each product carries both operands' rounding (relative 2^-11 each), so against
+// Error: each product carries both operands' truncation (relative < 2^-10 each), so against
 // float64 |C - C_ref| is about 2^-10 sqrt(K) max|A| max|B| for random data; the tests bound it
 // at 2e-3 relative to the largest |C| on N(0, 1) data.
 //
-// Tiles: 4 warps in 2 x 2, each owning a 32 x 32 warp tile = 2 (m16) x 4 (n8) mma tiles, so a
-// k step of BK = 8 issues 8 mma per warp from 2 A and 4 B fragments. Shared: As[BM][BK + 4]
-// (k contiguous per row) and Bs[BK][BN + 4] (n contiguous), 4.2 KB, padded so a warp's fragment
-// reads spread over banks. Each thread stages four elements of each operand per k tile with
-// guarded scalar loads (out-of-range as 0), so any M, N, K works and only the epilogue guards
-// its stores. Thread tid always stages column tid % 64 of B, which lets COLSUM give each thread
-// the fp32 sum of its B column (db in the dW kernel) for free.
-// Memory per block: a 64 x (k_end - k_begin) slab of A and a (k_end - k_begin) x 64 slab of B,
-// each read once. A k_begin that is a multiple of BK keeps every k tile but the last full.
+// Edges: when both operands' rows are 16-byte aligned (pointer and leading dimension), every
+// tile, interior or edge, is staged by 16-byte cp.async whose source size stops at the
+// operand's edge in M, N or K (zeros past it): no branch in the loop. An operand whose rows are
+// not aligned (a view one float into an allocation, a width not a multiple of 4) sends the
+// whole launch to a second instantiation of the loop that stages by guarded 32-bit loads, zero
+// outside the operand. The epilogue guards its stores.
+// The k loop runs STAGES tiles per pass, so that each tile's slot is a compile-time constant
+// and every shared address in the loop is a register plus an immediate; the k_tiles % STAGES
+// tiles left over run once after it, outside any loop.
+//
+// Shared memory: STAGES x (A tile + B tile) = 96 to 102 KB of dynamic shared memory (Tf32Gemm's
+// smem_bytes), above the 48 KB default: the host opts in once per kernel. Occupancy on sm_90:
+// 1 block (8 warps) per SM, bound by registers (167 to 234 a thread: 64 accumulators, a k step's
+// fragments and the loop-invariant shared addresses; capping them at 128 for 2 blocks spills).
+// Memory per block: a 128 x (k_end - k_begin) slab of A and a (k_end - k_begin) x 128 slab of B,
+// each read once from global memory.
 #pragma once
 
-#include "gemm_tile.cuh"
+#include "activations.cuh"
 #include "mma.cuh"
 
 namespace gpubp {
 
 struct Tf32Tile {
-    static constexpr int BM = 64, BN = 64, BK = 8;
-    static constexpr int WARP_M = 32, WARP_N = 32;  // warps laid out 2 x 2
-    static constexpr int MMA_M = 16, MMA_N = 8;
-    static constexpr int TILES_M = WARP_M / MMA_M, TILES_N = WARP_N / MMA_N;  // 2 x 4 per warp
-    static constexpr int THREADS = 128;
-    static constexpr int LDA = BK + 4, LDB = BN + 4;
-    static constexpr int LOADS = BM * BK / THREADS;  // elements per thread per operand per k tile: 4
-    static_assert(BM * BK == BK * BN, "both operands stage the same number of elements");
-    static_assert(THREADS % BN == 0, "a thread stages one fixed column of B");
+    static constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3;
+    static constexpr int WARPS_M = 2, WARPS_N = 4, THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int WARP_M = BM / WARPS_M, WARP_N = BN / WARPS_N;  // 64 x 32
+    static constexpr int MMA_M = 16, MMA_N = 8, MMA_K = 8;
+    static constexpr int TILES_M = WARP_M / MMA_M, TILES_N = WARP_N / MMA_N;  // 4 x 4 per warp
+    static constexpr int MIN_BLOCKS = 1;  // per SM, for __launch_bounds__
+    static constexpr int CHUNK = 4;       // floats per 16-byte cp.async
 };
 
-// One thread's accumulators: [m16 tile][n8 tile][fragment register], and where each sits.
-struct Tf32Fragment {
-    float acc[Tf32Tile::TILES_M][Tf32Tile::TILES_N][4];
-    int warp_row, warp_col, g, t;
-    // Accumulator r of tile (i, j): row g + 8 (r / 2), column 2t + r % 2 of that 16 x 8 tile.
-    __device__ __forceinline__ int row(int i, int r) const { return warp_row + i * Tf32Tile::MMA_M + g + 8 * (r / 2); }
-    __device__ __forceinline__ int col(int j, int r) const { return warp_col + j * Tf32Tile::MMA_N + 2 * t + r % 2; }
+// ---------------------------------------------------------------------------- shared layouts
+//
+// A tile holds TILE_O x BK elements (o = m for A, n for B) of an operand; offset(o, k) is where
+// element (o, k) lives, in floats from the tile's start.
+
+// K-contiguous (x and dz as A, W^T as B): TILE_O rows of BK = 32 floats, eight 16-byte chunks
+// per row, chunk c of row o stored at chunk c ^ (o % 8). ldmatrix's eight rows of one 8x8
+// matrix (same chunk, 8 consecutive o) then fall in eight different 4-bank groups, and a warp's
+// cp.async stores (4 rows x 8 chunks) fill each bank group exactly 4 times: conflict-free both ways.
+struct KContiguous {
+    static constexpr int TILE_FLOATS = Tf32Tile::BM * Tf32Tile::BK;
+    __device__ __forceinline__ static int offset(int o, int k) {
+        return o * Tf32Tile::BK + (((k / Tf32Tile::CHUNK) ^ (o % 8)) * Tf32Tile::CHUNK) + k % Tf32Tile::CHUNK;
+    }
 };
 
-// Element (k, o) of an operand source, whichever way it is laid out.
-template <class Src>
-__device__ __forceinline__ float operand_at(const Src& src, long long k, long long o) {
-    if constexpr (IsKMajor<Src>::value) {
-        return src.at(o * src.ld + k);
-    } else {
-        return src.at(k * src.ld + o);
+// Outer-contiguous (W as B, x^T as A, dz as B): BK rows (k) of 128 floats along o, padded to
+// 136: a fragment's 32-bit loads read 4 k rows x 8 consecutive o, whose banks 8 k + o are all
+// different; a warp's cp.async stores fill one 512-byte row. 544-byte rows keep chunks aligned.
+struct OuterContiguous {
+    static constexpr int LD = Tf32Tile::BN + 8;
+    static constexpr int TILE_FLOATS = Tf32Tile::BK * LD;
+    __device__ __forceinline__ static int offset(int o, int k) { return k * LD + o; }
+};
+
+template <bool C, class IfTrue, class IfFalse>
+struct Choose {
+    using type = IfTrue;
+};
+template <class IfTrue, class IfFalse>
+struct Choose<false, IfTrue, IfFalse> {
+    using type = IfFalse;
+};
+
+// An operand in global memory: element (k, o) at p[o * ld + k] (K_CONTIGUOUS) or p[k * ld + o];
+// o in [0, o_extent), k in [0, k_end).
+template <bool K_CONTIGUOUS>
+struct Operand {
+    using Layout = typename Choose<K_CONTIGUOUS, KContiguous, OuterContiguous>::type;
+    const float* p;
+    long long ld, o_extent;
+    __device__ __forceinline__ bool rows_aligned() const {
+        return ld % Tf32Tile::CHUNK == 0 && (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+    }
+};
+
+// Where this thread's chunks of a tile come from and go to. Thread tid copies chunks tid,
+// tid + 256, ... of the tile: for K_CONTIGUOUS chunk e is (o = e / 8, k = 4 (e % 8)), else
+// (k = e / 32, o = 4 (e % 32)), so a warp reads 4 rows of 128 contiguous bytes, or 512. Chunk i
+// of the thread is its chunk 0 plus i x (32 rows or 8 k) in global memory and a constant offset
+// in shared memory, so the whole-tile path keeps one pointer per operand.
+template <bool K_CONTIGUOUS>
+struct ChunkMap {
+    using T = Tf32Tile;
+    using L = typename Choose<K_CONTIGUOUS, KContiguous, OuterContiguous>::type;
+    static constexpr int PER_THREAD = T::BM * T::BK / T::CHUNK / T::THREADS;  // 4
+    static constexpr int ROWS_PER_PASS = T::THREADS / (K_CONTIGUOUS ? T::BK / T::CHUNK : T::BM / T::CHUNK);
+    __device__ __forceinline__ static int o_of(int tid) { return K_CONTIGUOUS ? tid / (T::BK / T::CHUNK) : (tid % (T::BM / T::CHUNK)) * T::CHUNK; }
+    __device__ __forceinline__ static int k_of(int tid) { return K_CONTIGUOUS ? (tid % (T::BK / T::CHUNK)) * T::CHUNK : tid / (T::BM / T::CHUNK); }
+    // Chunk i is ROWS_PER_PASS rows (o for K_CONTIGUOUS, else k) below chunk 0.
+    __device__ __forceinline__ static int o_of(int tid, int i) { return o_of(tid) + (K_CONTIGUOUS ? i * ROWS_PER_PASS : 0); }
+    __device__ __forceinline__ static int k_of(int tid, int i) { return k_of(tid) + (K_CONTIGUOUS ? 0 : i * ROWS_PER_PASS); }
+};
+
+// Copies the operand's o in [o0, o0 + 128), k in [k0, k0 + 32) into `tile` by guarded 32-bit
+// loads, 0 outside the operand: the path for edge tiles and rows that are not 16-byte aligned.
+template <bool K_CONTIGUOUS>
+__device__ __forceinline__ void stage_tile_guarded(float* tile, const Operand<K_CONTIGUOUS>& src, long long o0,
+                                                   long long k0, long long k_end) {
+    using C = ChunkMap<K_CONTIGUOUS>;
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < C::PER_THREAD; ++i) {
+        const int o = C::o_of(tid, i), k = C::k_of(tid, i);
+        float* dst = tile + C::L::offset(o, k);
+#pragma unroll
+        for (int j = 0; j < Tf32Tile::CHUNK; ++j) {
+            const long long go = o0 + o + (K_CONTIGUOUS ? 0 : j), gk = k0 + k + (K_CONTIGUOUS ? j : 0);
+            const bool inside = go < src.o_extent && gk < k_end;
+            dst[j] = inside ? src.p[K_CONTIGUOUS ? go * src.ld + gk : gk * src.ld + go] : 0.0f;
+        }
     }
 }
 
-// frag.acc = A[m0 : m0+64, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+64] for this thread's
-// share. With COLSUM, colsum = sum over those k of B[k, n0 + tid % 64] restricted to the rows
-// this thread staged; the two threads staging a column together cover every row once.
-template <bool COLSUM, class SrcA, class SrcB>
-__device__ __forceinline__ void tf32_mainloop(const SrcA& a_src, const SrcB& b_src, long long M, long long N,
-                                              long long k_begin, long long k_end, long long m0, long long n0,
-                                              Tf32Fragment& frag, float& colsum) {
+// The cp.async path, for operands whose rows are 16-byte aligned: this thread's chunks of each
+// k tile, each a 16-byte cp.async whose source size cuts it at the operand's edge (zeros past
+// it), so edge tiles take the same branch-free code as interior ones. copy() stages the k tiles
+// in order, 0, 1, ..., advancing one pointer and one count.
+template <bool K_CONTIGUOUS>
+struct TileCopier {
+    using C = ChunkMap<K_CONTIGUOUS>;
+    const float* next;                   // this thread's chunk 0 of the next k tile
+    long long pass_stride, tile_stride;  // floats between chunks i and i + 1, and between k tiles
+    int to;                              // shared offset of chunk 0 within a tile
+    // k left before k_end at the next tile: for K_CONTIGUOUS along the chunk's row, else in k
+    // rows below chunk 0's.
+    int left;
+    // K_CONTIGUOUS: per chunk, -1 if its row lies inside the operand, else 0. Else: the bytes of
+    // the chunk inside the operand's width (the same for every chunk of the thread).
+    int row_mask[K_CONTIGUOUS ? C::PER_THREAD : 1];
+    int width_bytes;
+
+    __device__ __forceinline__ static TileCopier of(const Operand<K_CONTIGUOUS>& src, long long o0, long long k_begin,
+                                                    long long k_end) {
+        const int tid = threadIdx.x, o = C::o_of(tid), k = C::k_of(tid);
+        const long long ld = src.ld;
+        TileCopier c;
+        c.next = K_CONTIGUOUS ? src.p + (o0 + o) * ld + k_begin + k : src.p + (k_begin + k) * ld + o0 + o;
+        c.pass_stride = C::ROWS_PER_PASS * ld;
+        c.tile_stride = K_CONTIGUOUS ? Tf32Tile::BK : Tf32Tile::BK * ld;
+        c.to = C::L::offset(o, k);
+        const long long k_left = k_end - k_begin - k;
+        c.left = static_cast<int>(k_left < (1 << 30) ? k_left : (1 << 30));
+        const long long o_left = src.o_extent - o0 - o;
+        c.width_bytes = 4 * static_cast<int>(o_left < 0 ? 0 : (o_left > Tf32Tile::CHUNK ? Tf32Tile::CHUNK : o_left));
+        if constexpr (K_CONTIGUOUS) {
+#pragma unroll
+            for (int i = 0; i < C::PER_THREAD; ++i) c.row_mask[i] = o0 + C::o_of(tid, i) < src.o_extent ? -1 : 0;
+        }
+        return c;
+    }
+
+    __device__ __forceinline__ void copy(float* tile) {
+        const int k_bytes = 4 * (left < 0 ? 0 : (left > Tf32Tile::CHUNK ? Tf32Tile::CHUNK : left));
+#pragma unroll
+        for (int i = 0; i < C::PER_THREAD; ++i) {
+            const int bytes = K_CONTIGUOUS ? k_bytes & row_mask[K_CONTIGUOUS ? i : 0]
+                                           : (i * C::ROWS_PER_PASS < left ? width_bytes : 0);
+            // Rows ROWS_PER_PASS apart keep o % 8 (K_CONTIGUOUS) and the padding, so the offset of
+            // chunk i is chunk 0's plus that of the rows in between.
+            cp_async_cg_zfill(tile + to + C::L::offset(K_CONTIGUOUS ? i * C::ROWS_PER_PASS : 0,
+                                                       K_CONTIGUOUS ? 0 : i * C::ROWS_PER_PASS),
+                              next + i * pass_stride, bytes);
+        }
+        next += tile_stride;
+        left -= Tf32Tile::BK;
+    }
+};
+
+// One thread's accumulators: [m16 tile][n8 tile][fragment register], and where each sits in the
+// block tile: register r of tile (i, j) is row g + 8 (r / 2), column 2t + r % 2 of that 16 x 8 tile.
+struct Tf32Fragment {
+    float acc[Tf32Tile::TILES_M][Tf32Tile::TILES_N][4];
+    int warp_row, warp_col, g, t;
+    __device__ __forceinline__ int row(int i, int half) const { return warp_row + i * Tf32Tile::MMA_M + g + 8 * half; }
+    __device__ __forceinline__ int col(int j) const { return warp_col + j * Tf32Tile::MMA_N + 2 * t; }
+};
+
+// A fragments of one 8-deep k step (k = kk * 8 in the tile) for this warp's four m16 tiles.
+// K-contiguous: one ldmatrix.x4 per tile; lane l names row (l % 16) of the tile at chunk
+// 2 kk + l / 16, so the four 8x8 matrices are a0..a3 of the m16n8k8 A fragment.
+template <bool K_CONTIGUOUS>
+__device__ __forceinline__ void load_a(unsigned int (&a)[Tf32Tile::TILES_M][4], const float* tile, const Tf32Fragment& f,
+                                       int kk, int lane) {
     using T = Tf32Tile;
-    __shared__ float As[T::BM * T::LDA];
-    __shared__ float Bs[T::BK * T::LDB];
+#pragma unroll
+    for (int i = 0; i < T::TILES_M; ++i) {
+        if constexpr (K_CONTIGUOUS) {
+            ldmatrix<4>(a[i], tile + KContiguous::offset(f.warp_row + i * T::MMA_M + lane % 16, kk * 8 + (lane / 16) * 4));
+        } else {
+            const float* base = tile + OuterContiguous::offset(f.warp_row + i * T::MMA_M + f.g, kk * 8 + f.t);
+            a[i][0] = __float_as_uint(shared_load(base));
+            a[i][1] = __float_as_uint(shared_load(base + 8));
+            a[i][2] = __float_as_uint(shared_load(base + 4 * OuterContiguous::LD));
+            a[i][3] = __float_as_uint(shared_load(base + 4 * OuterContiguous::LD + 8));
+        }
+    }
+}
+
+// B fragments (b0 at (k = t, n = g), b1 at (t + 4, g)) for this warp's four n8 tiles.
+// K-contiguous (rows are n): one ldmatrix.x4 per pair of tiles; lane l names row
+// (l % 8) + 8 (l / 16) at chunk 2 kk + (l / 8) % 2, giving b0, b1 of tile j and of tile j + 1.
+template <bool K_CONTIGUOUS>
+__device__ __forceinline__ void load_b(unsigned int (&b)[Tf32Tile::TILES_N][2], const float* tile, const Tf32Fragment& f,
+                                       int kk, int lane) {
+    using T = Tf32Tile;
+    if constexpr (K_CONTIGUOUS) {
+#pragma unroll
+        for (int j = 0; j < T::TILES_N; j += 2) {
+            unsigned int r[4];
+            ldmatrix<4>(r, tile + KContiguous::offset(f.warp_col + j * T::MMA_N + lane % 8 + 8 * (lane / 16),
+                                                      kk * 8 + ((lane / 8) % 2) * 4));
+            b[j][0] = r[0];
+            b[j][1] = r[1];
+            b[j + 1][0] = r[2];
+            b[j + 1][1] = r[3];
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < T::TILES_N; ++j) {
+            const float* base = tile + OuterContiguous::offset(f.warp_col + j * T::MMA_N + f.g, kk * 8 + f.t);
+            b[j][0] = __float_as_uint(shared_load(base));
+            b[j][1] = __float_as_uint(shared_load(base + 4 * OuterContiguous::LD));
+        }
+    }
+}
+
+template <bool A_K_CONTIGUOUS, bool B_K_CONTIGUOUS>
+struct Tf32Gemm {
+    using ALayout = typename Operand<A_K_CONTIGUOUS>::Layout;
+    using BLayout = typename Operand<B_K_CONTIGUOUS>::Layout;
+    static constexpr int STAGE_FLOATS = ALayout::TILE_FLOATS + BLayout::TILE_FLOATS;
+    static constexpr int smem_bytes = Tf32Tile::STAGES * STAGE_FLOATS * 4;
+};
+
+// frag.acc = A[m0 : m0+128, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+128] for this thread's
+// share; `smem` is the block's dynamic shared memory (Tf32Gemm::smem_bytes).
+template <bool ALIGNED, bool A_K_CONTIGUOUS, bool B_K_CONTIGUOUS>
+__device__ __forceinline__ void tf32_gemm_loop(const Operand<A_K_CONTIGUOUS>& a_src, const Operand<B_K_CONTIGUOUS>& b_src,
+                                          long long k_begin, long long k_end, long long m0, long long n0, float* smem,
+                                          Tf32Fragment& frag) {
+    using T = Tf32Tile;
+    using G = Tf32Gemm<A_K_CONTIGUOUS, B_K_CONTIGUOUS>;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    frag.g = lane >> 2;
+    frag.g = lane / 4;
     frag.t = lane % 4;
-    frag.warp_row = (warp / 2) * T::WARP_M;
-    frag.warp_col = (warp % 2) * T::WARP_N;
-    const int g = frag.g, t = frag.t;
+    frag.warp_row = (warp / T::WARPS_N) * T::WARP_M;
+    frag.warp_col = (warp % T::WARPS_N) * T::WARP_N;
 #pragma unroll
     for (int i = 0; i < T::TILES_M; ++i)
 #pragma unroll
         for (int j = 0; j < T::TILES_N; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) frag.acc[i][j][r] = 0.0f;
-    colsum = 0.0f;
 
-    for (long long k0 = k_begin; k0 < k_end; k0 += T::BK) {
-#pragma unroll
-        for (int l = 0; l < T::LOADS; ++l) {
-            const int e = tid + l * T::THREADS;
-            const int am = e / T::BK, ak = e % T::BK;  // A tile: 8 consecutive k per row
-            const long long a_row = m0 + am, a_k = k0 + ak;
-            const float av = a_row < M && a_k < k_end ? operand_at(a_src, a_k, a_row) : 0.0f;
-            As[am * T::LDA + ak] = __uint_as_float(to_tf32(av));
-            const int bk = e / T::BN, bn = e % T::BN;  // B tile: 64 consecutive n per k
-            const long long b_k = k0 + bk, b_col = n0 + bn;
-            const float bv = b_k < k_end && b_col < N ? operand_at(b_src, b_k, b_col) : 0.0f;
-            Bs[bk * T::LDB + bn] = __uint_as_float(to_tf32(bv));
-            if (COLSUM) colsum += bv;
+    const int k_tiles = static_cast<int>((k_end - k_begin + T::BK - 1) / T::BK);
+    auto a_copier = TileCopier<A_K_CONTIGUOUS>::of(a_src, m0, k_begin, k_end);
+    auto b_copier = TileCopier<B_K_CONTIGUOUS>::of(b_src, n0, k_begin, k_end);
+    // Stages k tile kt (the tiles go in order) into slot `slot`.
+    auto stage = [&](int kt, int slot) {
+        float* as = smem + slot * G::STAGE_FLOATS;
+        float* bs = as + G::ALayout::TILE_FLOATS;
+        if constexpr (ALIGNED) {
+            a_copier.copy(as);
+            b_copier.copy(bs);
+        } else {
+            const long long k0 = k_begin + static_cast<long long>(kt) * T::BK;
+            stage_tile_guarded(as, a_src, m0, k0, k_end);
+            stage_tile_guarded(bs, b_src, n0, k0, k_end);
         }
-        __syncthreads();
-        unsigned int a[T::TILES_M][4], b[T::TILES_N][2];
+    };
+    // One k tile: wait for it, refill the slot the previous tile used, multiply. One cp.async
+    // group per tile, empty past the last, so "all but the newest STAGES - 2 groups" is tile kt.
+    auto step = [&](int kt, int slot) {
+        cp_async_wait<T::STAGES - 2>();
+        __syncthreads();  // tile kt is in every thread's view; the previous tile's slot is free
+        if (kt + T::STAGES - 1 < k_tiles) stage(kt + T::STAGES - 1, (slot + T::STAGES - 1) % T::STAGES);
+        cp_async_commit();
+        const float* as = smem + slot * G::STAGE_FLOATS;
+        const float* bs = as + G::ALayout::TILE_FLOATS;
 #pragma unroll
-        for (int i = 0; i < T::TILES_M; ++i) {
-            const float* tile = As + (frag.warp_row + i * T::MMA_M) * T::LDA;
-            a[i][0] = __float_as_uint(tile[g * T::LDA + t]);
-            a[i][1] = __float_as_uint(tile[(g + 8) * T::LDA + t]);
-            a[i][2] = __float_as_uint(tile[g * T::LDA + t + 4]);
-            a[i][3] = __float_as_uint(tile[(g + 8) * T::LDA + t + 4]);
+        for (int kk = 0; kk < T::BK / T::MMA_K; ++kk) {
+            unsigned int a[T::TILES_M][4], b[T::TILES_N][2];
+            load_a<A_K_CONTIGUOUS>(a, as, frag, kk, lane);
+            load_b<B_K_CONTIGUOUS>(b, bs, frag, kk, lane);
+#pragma unroll
+            for (int i = 0; i < T::TILES_M; ++i)
+#pragma unroll
+                for (int j = 0; j < T::TILES_N; ++j) mma_m16n8k8_tf32(frag.acc[i][j], a[i], b[j], frag.acc[i][j]);
         }
+    };
 #pragma unroll
-        for (int j = 0; j < T::TILES_N; ++j) {
-            const int col = frag.warp_col + j * T::MMA_N + g;
-            b[j][0] = __float_as_uint(Bs[t * T::LDB + col]);
-            b[j][1] = __float_as_uint(Bs[(t + 4) * T::LDB + col]);
-        }
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (s < k_tiles) stage(s, s);
+        cp_async_commit();
+    }
+    // STAGES tiles per pass, so that every slot is a constant and shared addresses are immediates;
+    // the last k_tiles % STAGES tiles after it.
+    int kt = 0;
+    for (; kt + T::STAGES <= k_tiles; kt += T::STAGES) {
 #pragma unroll
-        for (int i = 0; i < T::TILES_M; ++i)
+        for (int s = 0; s < T::STAGES; ++s) step(kt + s, s);
+    }
 #pragma unroll
-            for (int j = 0; j < T::TILES_N; ++j) mma_m16n8k8_tf32(frag.acc[i][j], a[i], b[j], frag.acc[i][j]);
-        __syncthreads();  // the next k tile overwrites As and Bs
+    for (int s = 0; s < T::STAGES - 1; ++s)
+        if (kt + s < k_tiles) step(kt + s, s);
+    cp_async_wait<0>();  // only empty groups remain; nothing may be in flight at return
+}
+
+// frag.acc = A[m0 : m0+128, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+128]: by cp.async
+// when both operands' rows are 16-byte aligned (any M, N, K), else by guarded loads (a view
+// that starts off a 16-byte boundary, or a leading dimension that is not a multiple of 4).
+template <bool A_K_CONTIGUOUS, bool B_K_CONTIGUOUS>
+__device__ __forceinline__ void tf32_gemm(const Operand<A_K_CONTIGUOUS>& a_src, const Operand<B_K_CONTIGUOUS>& b_src,
+                                          long long k_begin, long long k_end, long long m0, long long n0, float* smem,
+                                          Tf32Fragment& frag) {
+    if (a_src.rows_aligned() && b_src.rows_aligned()) {  // uniform across the launch
+        tf32_gemm_loop<true>(a_src, b_src, k_begin, k_end, m0, n0, smem, frag);
+    } else {
+        tf32_gemm_loop<false>(a_src, b_src, k_begin, k_end, m0, n0, smem, frag);
     }
 }
 
-// Calls visit(row, col, value) for every accumulator that falls inside the (M, N) output.
+// Calls visit(row, col, v0, v1, pair) for each pair of horizontally adjacent accumulators
+// (columns col, col + 1) whose first element lies inside the (M, N) output; pair says whether
+// the second one does too.
 template <class Visit>
-__device__ __forceinline__ void tf32_for_each_output(const Tf32Fragment& frag, long long m0, long long n0,
-                                                     long long M, long long N, Visit visit) {
+__device__ __forceinline__ void tf32_for_each_pair(const Tf32Fragment& frag, long long m0, long long n0, long long M,
+                                                   long long N, Visit visit) {
 #pragma unroll
     for (int i = 0; i < Tf32Tile::TILES_M; ++i)
 #pragma unroll
         for (int j = 0; j < Tf32Tile::TILES_N; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const long long row = m0 + frag.row(i, r), col = n0 + frag.col(j, r);
-                if (row < M && col < N) visit(row, col, frag.acc[i][j][r]);
+            for (int half = 0; half < 2; ++half) {
+                const long long row = m0 + frag.row(i, half), col = n0 + frag.col(j);
+                if (row < M && col < N)
+                    visit(row, col, frag.acc[i][j][2 * half], frag.acc[i][j][2 * half + 1], col + 1 < N);
             }
+}
+
+// Stores v0, v1 at out[idx], out[idx + 1] (the second only when `pair`), as one 8-byte store
+// when `vector` (the host's row width is even and out is 8-byte aligned, so idx even is).
+__device__ __forceinline__ void store_pair(float* out, long long idx, float v0, float v1, bool pair, bool vector) {
+    if (pair && vector) {
+        *reinterpret_cast<float2*>(out + idx) = make_float2(v0, v1);
+    } else {
+        out[idx] = v0;
+        if (pair) out[idx + 1] = v1;
+    }
+}
+
+__device__ __forceinline__ bool pairs_aligned(const float* out, long long ld) {
+    return ld % 2 == 0 && (reinterpret_cast<unsigned long long>(out) & 7ull) == 0;
 }
 
 }  // namespace gpubp

@@ -187,6 +187,37 @@ def test_a_transposed_staging_index_shows_as_uncoalesced_loads(shipped_forward, 
     assert planted["global_load_efficiency"] < 0.8 < shipped_forward["global_load_efficiency"]
 
 
+def forward_tf32(cb, rng):
+    x, w, b = (cb.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((136, 40), (40, 136), (136,)))
+    cb.dense_forward(x, w, b, "identity", precision="tf32")
+
+
+def test_a_wrong_swizzle_shows_as_a_bank_conflict_on_the_tensor_core_fragment_loads(tmp_path):
+    """x's k-contiguous tile is read by ldmatrix, eight rows of one 16-byte column per matrix; the
+    swizzle puts those rows in eight different bank groups. Swizzling by o % 2 still stores each
+    element in a place of its own (the results stay right) but leaves them in two: 4-way conflicts."""
+    workload = [("one dense forward on TF32 tensor cores", access_profile.H100_SMS, forward_tf32)]
+    kernel = "dense_fwd_tf32_identity"
+    kernels = tmp_path / "kernels"
+    shutil.copytree(cupy_backend.kernel_dir(), kernels)
+    source = (kernels / "gemm_tf32.cuh").read_text()
+    correct = "(((k / Tf32Tile::CHUNK) ^ (o % 8)) * Tf32Tile::CHUNK)"
+    assert source.count(correct) == 1, "the code to plant the bug in has changed; update the test"
+    (kernels / "gemm_tf32.cuh").write_text(source.replace(correct, correct.replace("o % 8", "o % 2")))
+    shipped = access_profile.profile_workloads(workload)[kernel]
+    planted = access_profile.profile_workloads(workload, kernels)[kernel]
+
+    def fragment_loads(figures):  # ldmatrix's reads, at its line in mma.cuh
+        (entry,) = [e for e in figures["lines"] if (e["file"], e["kind"], e["access"], e["width"]) ==
+                    ("mma.cuh", "shared", "load", 16)]
+        return entry
+
+    assert fragment_loads(shipped)["per_request"] == 4.0  # one wavefront per 8x8 matrix
+    assert fragment_loads(planted)["per_request"] == 16.0
+    assert shipped["shared_wavefronts_per_request"] <= 1.05 * shipped["shared_ideal_wavefronts_per_request"]
+    assert planted["shared_wavefronts_per_request"] > shipped["shared_wavefronts_per_request"]
+
+
 # ----------------------------------------------------------------------------- the API
 
 

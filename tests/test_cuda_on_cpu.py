@@ -81,6 +81,18 @@ def test_dynamic_shared_memory_is_sized_by_the_launch(kernels):
     assert np.array_equal(out.get(), values[::-1])
 
 
+def test_dynamic_shared_memory_past_48_kib_needs_the_kernels_opt_in(kernels):
+    values = np.arange(16384, dtype=np.float32)
+    out = harness.device_empty((16384,))
+    kernel = kernels.get_function("reverse_through_shared")
+    args = (harness.to_device(values), out, np.int32(16384))
+    with pytest.raises(harness.KernelError, match="max_dynamic_shared_size_bytes"):
+        kernel((1,), (64,), args, shared_mem=16384 * 4)
+    kernel.max_dynamic_shared_size_bytes = 16384 * 4
+    kernel((1,), (64,), args, shared_mem=16384 * 4)
+    assert np.array_equal(out.get(), values[::-1])
+
+
 @pytest.mark.parametrize("grid, block", [((3,), (5,)), ((2, 3), (4, 2)), ((2, 1, 2), (2, 2, 3))])
 def test_every_block_and_thread_runs_once_with_its_own_ids(kernels, grid, block):
     blocks, threads = int(np.prod(grid)), int(np.prod(block))
@@ -140,6 +152,44 @@ def test_mma_sync_multiplies_by_the_ptx_fragment_layouts(kernels, rng, kind):
     np.testing.assert_allclose(d.get(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_an_async_copy_lands_at_the_wait_of_its_group_not_at_the_issue(kernels):
+    values = np.arange(1, 13, dtype=np.float32)
+    out = harness.device_empty((36,))
+    kernels.get_function("async_copy_groups")((1,), (1,), (harness.to_device(values), out))
+    issued, first_wait, second_wait = out.get().reshape(3, 12)
+    assert (issued == -1).all()
+    assert np.array_equal(first_wait[:8], [1, -1, -1, -1, 5, 6, -1, -1])
+    assert (first_wait[8:] == -1).all()
+    assert np.array_equal(second_wait, [1, -1, -1, -1, 5, 6, -1, -1, 9, 10, 11, 12])
+
+
+def ldmatrix_expected(tile: np.ndarray, count: int, trans: bool) -> np.ndarray:
+    """What each lane receives, from the PTX ISA's description of ldmatrix."""
+    rows = tile[(np.arange(32) * 5) % 32]  # the row lane l names
+    out = np.zeros((32, count), np.uint32)
+    for lane in range(32):
+        for i in range(count):
+            matrix = rows[8 * i: 8 * i + 8]  # (8, 8) 16-bit elements
+            if trans:
+                r, c = 2 * (lane % 4), lane // 4
+                lo, hi = matrix[r, c], matrix[r + 1, c]
+            else:
+                r, c = lane // 4, 2 * (lane % 4)
+                lo, hi = matrix[r, c], matrix[r, c + 1]
+            out[lane, i] = int(lo) | int(hi) << 16
+    return out
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_ldmatrix_gives_each_lane_the_ptx_fragment(kernels, rng, count, trans):
+    tile = rng.integers(0, 2**16, size=(32, 8), dtype=np.uint16)
+    out = harness.device_empty((32 * count,), np.uint32)
+    kernels.get_function("ldmatrix_rows")(
+        (1,), (32,), (harness.to_device(tile.ravel()), out, np.int32(count), np.int32(trans)))
+    assert np.array_equal(out.get().reshape(32, count), ldmatrix_expected(tile, count, trans))
+
+
 # ----------------------------------------------------------------------------- what fails
 
 
@@ -150,9 +200,13 @@ def test_mma_sync_multiplies_by_the_ptx_fragment_layouts(kernels, rng, kind):
     ("masks_disagree", 32, "disagree on a warp collective"),
     ("shuffles_at_different_lines", 32, "disagree on a warp collective"),
     ("half_warp_shuffle", 8, "lanes that do not exist"),
+    ("read_before_wait", 32, "still has in flight"),
+    ("ldmatrix_before_wait", 32, "still has in flight"),
+    ("return_without_wait", 32, "never waited for"),
+    ("misaligned_async_copy", 32, "aligned to the copy size"),
 ])
 def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message):
-    out = harness.device_empty((64,))
+    out = harness.device_empty((4 * 33,))
     with pytest.raises(harness.KernelError, match=message) as failure:
         kernels.get_function(kernel)((1,), (block,), (out,))
     assert "selftest" in str(failure.value) or kernel in str(failure.value)

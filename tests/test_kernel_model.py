@@ -90,6 +90,30 @@ def test_the_simt_gemms_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh)
     assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
 
 
+# Issue 28's goal for the per-layer tensor-core GEMMs: about 4 instructions per HMMA keep an
+# sm_90 sub-partition's tensor core busy (HMMA.1688 tf32 and HMMA.16816 bf16 take 4 cycles).
+PER_LAYER_TENSOR_CORE = re.compile(r"dense_(fwd|dx|dw)_(tf32|bf16)_\w+")
+MAX_INSTRUCTIONS_PER_HMMA = 4.0
+
+
+def per_layer_tensor_core(kernels: dict) -> dict:
+    found = {name: k for name, k in kernels.items() if PER_LAYER_TENSOR_CORE.fullmatch(name)}
+    assert found, "no per-layer tensor-core kernel in the report"
+    return found
+
+
+def test_the_per_layer_tensor_core_loops_issue_at_most_4_instructions_per_hmma(fresh):
+    over = {name: k["hot_loop"]["instr_per_hmma"] for name, k in per_layer_tensor_core(fresh["kernels"]).items()
+            if k["hot_loop"]["instr_per_hmma"] > MAX_INSTRUCTIONS_PER_HMMA}
+    assert over == {}, f"more than {MAX_INSTRUCTIONS_PER_HMMA} instructions per HMMA on sm_90"
+
+
+def test_the_per_layer_tensor_core_kernels_do_not_spill_on_sm_80_either(committed):
+    spills = {name: k["spill_bytes"] for name, k in per_layer_tensor_core(committed["other_archs"]["sm_80"]).items()
+              if k["spill_bytes"]}
+    assert spills == {}
+
+
 def test_every_numba_variant_is_modelled(fresh):
     if fresh["numba_unavailable"]:
         pytest.skip(f"the Numba kernels cannot be compiled here: {fresh['numba_unavailable']}")

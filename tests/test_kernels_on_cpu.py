@@ -54,7 +54,9 @@ H100_SMS = 132
 SHAPES = [(1, 1, 1), (19, 13, 7), (37, 29, 23), (40, 36, 20), (130, 257, 65), (132, 260, 68), (600, 37, 29),
           (600, 36, 28), (1100, 13, 7)]
 BACKWARD_NEEDS = [(True, True), (True, False), (False, True)]
-TF32_SHAPES = SHAPES + [(70, 200, 130)]
+# (256, 96, 136): whole 128 x 128 tiles and k tiles, the three-tile pass of the pipeline with
+# and without the tiles after it, in each of forward, dX and dW.
+TF32_SHAPES = SHAPES + [(70, 200, 130), (256, 96, 136)]
 if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix runs plain
     SHAPES = [(37, 29, 23), (40, 36, 20), (600, 37, 29)]
     BACKWARD_NEEDS = [(True, True)]
@@ -140,7 +142,7 @@ def launched_kernel_names() -> set[str]:
     names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
               for suffix in cupy_backend.FUSED_PRECISIONS.values()}
     for act in ACTIVATIONS:
-        names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")}
+        names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")} | {f"dense_dz_db_{act}"}
         names |= {f"dense_fwd_{act}_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
     names |= {f"dense_dz_{act}" for act in ACTIVATIONS if act != "identity"}
     names |= {f"dense_{kind}_{cupy_backend.tile_name(tile)}" for kind in ("dx", "dw") for tile in cupy_backend.GEMM_TILES}
@@ -212,6 +214,48 @@ def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape)
     close(cb_h100.to_host(dx), dx_ref, TF32_RTOL)
     close(cb_h100.to_host(dw), dw_ref, TF32_RTOL)
     close(cb_h100.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
+
+
+@pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
+@pytest.mark.parametrize("act", ["identity", "gelu"])
+def test_tf32_backward_launches_only_what_is_needed(cb_h100, rng, act, need_dx, need_dw):
+    """dz is its own launch, except for an identity layer without dW (dz is dy, and no db)."""
+    x, w, b = normal_layer(rng, (37, 29, 23))
+    y64, z64 = ref.dense_forward(*f64(x, w, b), act)
+    dy = rng.standard_normal(y64.shape).astype(np.float32)
+    z = None if z64 is None else z64.astype(np.float32)
+    want = ref.dense_backward(*f64(dy, x, w, None, z), act, need_dx, need_dw)
+    # identity is given no y at all: its gradient must not read one
+    dev = [None if a is None else cb_h100.asarray(a) for a in (dy, x, w, None, z)]
+    with trace() as t:
+        got = cb_h100.dense_backward(*dev, act, need_dx, need_dw, precision="tf32")
+    expected = cb_h100.backward_kernels(act, need_dx, need_dw, "tf32")
+    assert t.launches == expected
+    assert ("dense_dz" in expected) == (act != "identity" or need_dw)
+    for g, reference, rtol in zip(got, want, (TF32_RTOL, TF32_RTOL, RTOL)):
+        if reference is None:
+            assert g is None
+        else:
+            close(cb_h100.to_host(g), reference, rtol)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(4, 5), (12, 129), (5, 4)])
+def test_tf32_misaligned_operands_take_the_guarded_path(cb_h100, rng, n_in, n_out):
+    """Views one float past a 16-byte boundary cannot be staged by 16-byte cp.async (a fault on a
+    GPU, a failed launch here): the GEMMs load them with guarded scalar loads instead."""
+    batch = 37
+    x, w, b = normal_layer(rng, (batch, n_in, n_out))
+    x_dev, w_dev = harness.to_device(x, offset_bytes=4), harness.to_device(w, offset_bytes=4)
+    y, z = cb_h100.dense_forward(x_dev, w_dev, cb_h100.asarray(b), "gelu", precision="tf32")
+    y_ref, z_ref = ref.dense_forward(*f64(x, w, b), "gelu")
+    close(cb_h100.to_host(z), z_ref, TF32_RTOL)
+    dy = rng.standard_normal((batch, n_out)).astype(np.float32)
+    want = ref.dense_backward(*f64(dy, x, w, None, cb_h100.to_host(z)), "gelu", True, True)
+    outs = [harness.device_empty(s, offset_bytes=4) for s in ((batch, n_in), (n_in, n_out), (n_out,))]
+    got = cb_h100.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True,
+                                 *outs, precision="tf32")
+    for g, reference, rtol in zip(got, want, (TF32_RTOL, TF32_RTOL, RTOL)):
+        close(cb_h100.to_host(g), reference, rtol)
 
 
 def test_tf32_forward_rounds_its_inputs(cb_h100, rng):
@@ -1206,8 +1250,23 @@ PLANTED_BUGS = {
         "plain", "elementwise_losses and mse", "max error|assert"),
     "wrong mma fragment index": (
         "gemm_tf32.cuh",
-        "a[i][2] = __float_as_uint(tile[g * T::LDA + t + 4]);",
-        "a[i][2] = __float_as_uint(tile[g * T::LDA + t]);",
+        "a[i][2] = __float_as_uint(shared_load(base + 4 * OuterContiguous::LD));",
+        "a[i][2] = __float_as_uint(shared_load(base));",
+        "plain", "tf32_dense_backward and identity and 37x29x23", "max error"),
+    "tensor cores: missing cp.async wait": (
+        "gemm_tf32.cuh",
+        "        cp_async_wait<T::STAGES - 2>();\n",
+        "",
+        "plain", "tf32_dense_forward and identity and 256x96x136", "still has in flight"),
+    "tensor cores: wait for one group too few": (
+        "gemm_tf32.cuh",
+        "        cp_async_wait<T::STAGES - 2>();\n",
+        "        cp_async_wait<T::STAGES - 1>();\n",
+        "plain", "tf32_dense_forward and identity and 256x96x136", "still has in flight"),
+    "tensor cores: wrong ldmatrix row address": (
+        "gemm_tf32.cuh",
+        "KContiguous::offset(f.warp_row + i * T::MMA_M + lane % 16,",
+        "KContiguous::offset(f.warp_row + i * T::MMA_M + lane % 8,",
         "plain", "tf32_dense_forward and identity and 37x29x23", "assert"),
     "split-K finish drops the last split": (
         "split_k.cuh",

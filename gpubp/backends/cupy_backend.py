@@ -79,8 +79,16 @@ AOT_MANIFEST = "manifest.txt"
 
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
 GEMM_TILES = {(128, 128): 256, (128, 64): 128}  # fp32 block tile (BM, BN) -> threads per block
-TF32_TILE, TF32_THREADS = 64, 128  # kernels/gemm_tf32.cuh (Tf32Tile)
-BK = 8  # the dW batch chunks are whole multiples of this (Tf32Tile::BK; gemm_tile.cuh's BK is 16)
+TF32_TILE, TF32_THREADS, TF32_BK, TF32_STAGES = 128, 256, 32, 3  # kernels/gemm_tf32.cuh (Tf32Tile)
+# Dynamic shared memory of the TF32 GEMMs: STAGES x (A tile + B tile) floats, a k-contiguous tile
+# being 128 x 32 and an outer-contiguous one 32 x (128 + 8) (gemm_tf32.cuh's layouts). Forward
+# reads x k-contiguous and W outer-contiguous, dX dz and W^T k-contiguous, dW x^T and dz outer.
+_TF32_K_TILE, _TF32_OUTER_TILE = TF32_TILE * TF32_BK, TF32_BK * (TF32_TILE + 8)
+TF32_SHARED_BYTES = {kind: TF32_STAGES * 4 * (a + b) for kind, (a, b) in {
+    "fwd": (_TF32_K_TILE, _TF32_OUTER_TILE), "dx": (_TF32_K_TILE, _TF32_K_TILE),
+    "dw": (_TF32_OUTER_TILE, _TF32_OUTER_TILE)}.items()}
+DZ_COLUMNS, DZ_THREADS = 32, 256  # kernels/dense_backward_tf32.cu's dense_dz_db (DzShape)
+BK = 16  # the k step of the fp32 GEMM main loop (gemm_tile.cuh's BK): dW batch chunks are multiples of it
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
 # dW split-K: split only when the layer has fewer tiles than the GPU has SMs; aim at
@@ -130,7 +138,8 @@ KERNELS = {
     "dense_backward.cu": tuple(f"dense_dz_{act}" for act in ACT_ID if act != "identity")
                          + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES),
     "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, "tf32") for act in ACT_ID),
-    "dense_backward_tf32.cu": tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
+    "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
+    + tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
     "fused_mlp.cu": tuple(f"fused_mlp_{kind}{suffix}"
                           for suffix in FUSED_PRECISIONS.values() for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
@@ -273,9 +282,21 @@ def _rawmodule(filename: str):
         functions = _look_up_kernels(module, filename)
         origin[filename] = "nvrtc"
     for name, function in functions.items():
+        shared = _dynamic_shared_bytes(name)
+        if shared > DEFAULT_SHARED_LIMIT:  # opt in once, when the kernel is loaded
+            function.max_dynamic_shared_size_bytes = shared
         _functions[(device.id, name)] = _Launch(function)
     _rawmodules[key] = module
     return module
+
+
+DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel may take without opting in
+
+
+def _dynamic_shared_bytes(name: str) -> int:
+    """The dynamic shared memory kernel ``name`` is launched with (0 for all but the TF32 GEMMs)."""
+    match = re.fullmatch(r"dense_(fwd|dx|dw)_tf32_\w+", name)
+    return TF32_SHARED_BYTES[match.group(1)] if match else 0
 
 
 def _look_up_kernels(module, filename: str) -> dict:
@@ -436,13 +457,15 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     z = None
     if act in NEEDS_Z:
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
-    kernel, grid, block = _gemm_launch("fwd", "identity" if act == "softmax" else act, batch, n_out, precision)
+    kernel, grid, block, shared = _gemm_launch("fwd", "identity" if act == "softmax" else act, batch, n_out,
+                                               precision)
     record("dense_fwd")
     kernel(
         grid,
         block,
         # z is never touched for activations that do not store it; y stands in for it.
         (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in)),
+        shared_mem=shared,
     )
     if act == "softmax":
         softmax_(y)
@@ -450,9 +473,9 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
 
 
 def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
-    """(kernel, grid, block) of the forward ("fwd"), dX ("dx") or dW ("dw", grid before its split)
-    kernel for an (m, n) output: the TF32 tensor-core kernel for ``precision="tf32"``, else the
-    fp32 tile that suits the shape."""
+    """(kernel, grid, block, dynamic shared bytes) of the forward ("fwd"), dX ("dx") or dW ("dw",
+    grid before its split) kernel for an (m, n) output: the TF32 tensor-core kernel for
+    ``precision="tf32"``, else the fp32 tile that suits the shape."""
     if precision == "tf32":
         tile, threads = (TF32_TILE, TF32_TILE), TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
@@ -461,15 +484,8 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
         threads = GEMM_TILES[tile]
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
     grid = (-(-m // tile[0]), -(-n // tile[1]))
-    return _kernel(filename, _dense_name(kind, act, precision, tile)), grid, (threads,)
-
-
-def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
-    if not (need_dx or need_dw):
-        return []
-    # fp32 forms dz in its own pass; the TF32 kernels form it while loading their operands.
-    dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act != "identity" and precision == "fp32" else []
-    return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    name = _dense_name(kind, act, precision, tile)
+    return _kernel(filename, name), grid, (threads,), _dynamic_shared_bytes(name)
 
 
 def _dense_dz(dy, act_in, act):
@@ -482,27 +498,45 @@ def _dense_dz(dy, act_in, act):
     return dz
 
 
-def _dw_split(batch: int, tiles: int) -> tuple[int, int]:
+def _launches_dz(act: str, need_dw: bool, precision: str) -> bool:
+    """Whether backward forms dz = dy * act'(.) in a kernel of its own: fp32 for every activation
+    but identity (dz is then dy; the dW kernel sums db); TF32 also for identity when dW is needed,
+    since its dz kernel (``dense_dz_db``) sums db."""
+    if precision == "tf32":
+        return act != "identity" or need_dw
+    return act != "identity"
+
+
+def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
+    if not (need_dx or need_dw):
+        return []
+    softmax = ["softmax_bwd"] if act == "softmax" else []
+    act = "identity" if act == "softmax" else act
+    dz = ["dense_dz"] if _launches_dz(act, need_dw, precision) else []
+    return softmax + dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+
+
+def _dw_split(batch: int, tiles: int, k_step: int = BK) -> tuple[int, int]:
     """(splits, k_chunk) for the dW kernel: split the batch only when tiles alone leave SMs idle."""
     sms = _state()["sms"]
     splits = 1
     if tiles < sms:
         splits = max(1, min(-(-SPLIT_WAVES * sms // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
-    return batch_chunks(batch, splits)
+    return batch_chunks(batch, splits, k_step)
 
 
-def batch_chunks(batch: int, splits: int) -> tuple[int, int]:
-    """(splits, k_chunk): the batch cut into ``splits`` chunks of whole BK steps; fewer splits
-    when rounding the chunk up leaves the last ones empty."""
+def batch_chunks(batch: int, splits: int, k_step: int = BK) -> tuple[int, int]:
+    """(splits, k_chunk): the batch cut into ``splits`` chunks of whole k steps (``k_step``, the
+    kernel's: BK or TF32_BK); fewer splits when rounding the chunk up leaves the last ones empty."""
     k_chunk = -(-batch // splits)
-    k_chunk = -(-k_chunk // BK) * BK
+    k_chunk = -(-k_chunk // k_step) * k_step
     return -(-batch // k_chunk), k_chunk
 
 
-def _dw_split_buffers(batch: int, tiles: int, dw, db) -> tuple:
+def _dw_split_buffers(batch: int, tiles: int, dw, db, k_step: int = BK) -> tuple:
     """(splits, k_chunk, ws, ws_db, tickets): the batch split of a dense dW launch over ``tiles``
     output tiles and the partials' workspace and per-tile tickets it needs (kernels/split_k.cuh)."""
-    splits, k_chunk = _dw_split(batch, tiles)
+    splits, k_chunk = _dw_split(batch, tiles, k_step)
     tickets = _state()["tickets"]
     if splits == 1:  # the kernel writes dw and db directly and reads none of the rest
         return splits, k_chunk, dw, db, tickets
@@ -528,32 +562,71 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     x = None if x is None else _f32(x)
     # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
     y_or_z = dy if act == "identity" else _f32(z if act in NEEDS_Z else y)
-    if precision == "tf32":  # dz formed while the operands load: (dy, y_or_z) stand for dz
-        dz_args, gemm_act = (dy, y_or_z), act
-    else:  # dz formed once, here; the products are the same for every activation
-        dz_args, gemm_act = (dy if act == "identity" else _dense_dz(dy, y_or_z, act),), "identity"
     dx = dw = db = None
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
-        kernel, (tiles_m, tiles_n), block = _gemm_launch("dw", gemm_act, n_in, n_out, precision)
+    if precision == "tf32":
+        return _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db)
+    # dz formed once, here; the products are the same for every activation
+    dz = dy if act == "identity" else _dense_dz(dy, y_or_z, act)
+    if need_dw:
+        kernel, (tiles_m, tiles_n), block, _ = _gemm_launch("dw", "identity", n_in, n_out, precision)
         splits, k_chunk, ws_dw, ws_db, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db)
         record("dense_dw")
         kernel(
             (tiles_m, tiles_n, splits),
             block,
-            (x, *dz_args, dw, db, ws_dw, ws_db, tickets,
+            (x, dz, dw, db, ws_dw, ws_db, tickets,
              np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk), np.int32(splits)),
         )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        kernel, grid, block = _gemm_launch("dx", gemm_act, batch, n_in, precision)
+        kernel, grid, block, _ = _gemm_launch("dx", "identity", batch, n_in, precision)
         record("dense_dx")
         kernel(
             grid,
             block,
-            (*dz_args, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+            (dz, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
         )
+    return dx, dw, db
+
+
+def _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db):
+    """dense_backward on TF32 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.) and
+    db in one elementwise kernel, then dW = x^T dz and dX = dz W^T as plain GEMMs."""
+    batch, n_out = dy.shape
+    n_in = w.shape[0]
+    dz = dy
+    if _launches_dz(act, need_dw, "tf32"):
+        store_dz = act != "identity"
+        if store_dz:
+            dz = cupy.empty((batch, n_out), np.float32)
+        record("dense_dz")
+        _kernel("dense_backward_tf32.cu", f"dense_dz_db_{act}")(
+            (-(-n_out // DZ_COLUMNS),),
+            (DZ_THREADS,),
+            # Arrays the launch does not write or read stand in for dz (identity) and db (no dW).
+            (dy, y_or_z, dz, db if need_dw else dz, np.int32(batch), np.int32(n_out), np.int32(store_dz),
+             np.int32(need_dw)),
+        )
+    dx = None
+    if need_dw:
+        kernel, (tiles_m, tiles_n), block, shared = _gemm_launch("dw", act, n_in, n_out, "tf32")
+        splits, k_chunk, ws_dw, _, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db, TF32_BK)
+        record("dense_dw")
+        kernel(
+            (tiles_m, tiles_n, splits),
+            block,
+            (x, dz, dw, ws_dw, tickets, np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(k_chunk),
+             np.int32(splits)),
+            shared_mem=shared,
+        )
+    if need_dx:
+        dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
+        kernel, grid, block, shared = _gemm_launch("dx", act, batch, n_in, "tf32")
+        record("dense_dx")
+        kernel(grid, block, (dz, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)), shared_mem=shared)
     return dx, dw, db
 
 

@@ -39,8 +39,8 @@ for global memory.
 What it cannot see: caches (a weight tile that every block reads counts in each block's
 requests and sectors but once in the unique bytes; L1 and L2 hit rates are a GPU's to
 measure), timing (latency hiding, bandwidth, overlap of copies and math), the coalescer's
-corner cases beyond the documented rules, and accesses made outside the kernel unit (none
-today; see access_profiler.cpp for asynchronous and matrix copies). Requests are counted as
+corner cases beyond the documented rules, and accesses made outside the kernel unit (none;
+access_profiler.cpp says how cp.async and ldmatrix are seen). Requests are counted as
 the source makes them at -O0: where nvcc merges two reads of one value into one load, the
 request count errs high while per-request figures and efficiencies do not change.
 """

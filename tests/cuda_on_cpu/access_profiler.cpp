@@ -74,9 +74,12 @@
 // many blocks count in every block's requests but once in the unique bytes), the coalescer's
 // real corner cases (the uniform paths above, misaligned vectors, which fault on a GPU and
 // which the asan build catches), timing (latency, bandwidth, overlap), and accesses that
-// runtime.cpp makes for a kernel (it makes none today: mma.sync takes registers; an async or
-// matrix copy that the runtime emulates must make its shared- and global-memory accesses in
-// the kernel unit, in the header, to be seen).
+// runtime.cpp makes for a kernel (it makes none: mma.sync takes registers, and the header's
+// emulations of cp.async and ldmatrix make their accesses in the kernel unit: a cp.async's
+// global read at its issue, one access of its size, and its shared write at the wait that
+// delivers it, in issue order, so the lanes' n-th deliveries pair up as their n-th issues did;
+// ldmatrix's reads as one 16-byte access per lane that names a row, 8 lanes per matrix, which
+// the 16-byte rule below counts as one wavefront per conflict-free matrix, as the hardware).
 #include <dlfcn.h>
 
 #include <algorithm>

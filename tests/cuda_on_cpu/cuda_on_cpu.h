@@ -413,3 +413,132 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
               const float (&c)[4]);
 
 }  // namespace gpubp_cpu
+
+// ------------------------------------------------------------------ asynchronous copies and
+// matrix loads (PTX ISA, "Data Movement and Conversion Instructions: cp.async, cp.async.commit_group,
+// cp.async.wait_group / cp.async.wait_all" and "Warp-level matrix load instruction: ldmatrix").
+// kernels/mma.cuh calls these with GPUBP_CUDA_ON_CPU defined.
+//
+// cp.async: the issuing thread reads the source at the issue (the source is global memory that
+// no thread of the launch writes, as for every operand here) and the runtime keeps the bytes in
+// the thread's open group; commit_group closes the group; wait_group N writes the copies of every
+// committed group but the N newest into shared memory, in issue order, and only then. So a
+// missing or short wait leaves the destination holding what it held before (stale data, which
+// the parity tests see), as a GPU may. While a copy is in flight its destination bytes are
+// marked, and a read of them through ldmatrix or shared_load, by any thread of the block, fails
+// the launch; so does a second copy into bytes still in flight, and a thread that returns with
+// copies it never waited for. wait_all is commit_group then wait_group 0. Both addresses must be
+// aligned to the copy's size. With a src-size operand (zfill) only that many bytes are read and
+// the rest of the 16 are zeros; none is read when it is 0. The shared-memory writes are made
+// here, in the kernel's unit, so the profile build records them (at the wait, with the pattern
+// of the issue).
+// Limits: plain C++ reads of shared memory (not through shared_load) are not checked against
+// copies in flight; the source is not checked to be global nor the destination shared; the
+// .ca/.cg cache hints have no effect here; a src-size must be a multiple of 4 here (PTX allows
+// any byte count).
+//
+// ldmatrix.m8n8.xN[.trans].b16: a warp collective. Lane l (l < 8N) reads the 16-byte row
+// l % 8 of matrix l / 8 at the address it gives (16-byte aligned; every lane of the warp
+// takes part); the rows are exchanged and lane l receives, of each matrix i, the 32-bit word
+// l % 4 of row l / 4, or with .trans the 16-bit elements (2 (l % 4), l / 4) and
+// (2 (l % 4) + 1, l / 4), the first in the low half.
+namespace gpubp_cpu {
+
+struct AsyncCopy {
+    unsigned char* dst;
+    uint32_t bytes;
+    alignas(16) unsigned char data[16];
+};
+void async_issue(const AsyncCopy& copy, const char* file, int line);
+void async_commit();
+// The copies of every committed group but the `keep` newest, oldest first, taken off the
+// thread's queue; their bytes stay marked in flight until async_landed().
+const AsyncCopy* async_take(int keep, int* count);
+void async_landed();
+void check_not_in_flight(const void* p, size_t bytes, const char* what, const char* file, int line);
+
+typedef uint32_t word_alias __attribute__((may_alias));
+typedef uint32_t words2_alias __attribute__((vector_size(8), may_alias));
+typedef uint32_t words4_alias __attribute__((vector_size(16), may_alias));
+
+// One access of `BYTES` bytes each way, as the GPU's 4-, 8- and 16-byte loads and stores.
+template <int BYTES>
+inline void copy_bytes(void* dst, const void* src) {
+    if constexpr (BYTES == 4) {
+        *static_cast<word_alias*>(dst) = *static_cast<const word_alias*>(src);
+    } else if constexpr (BYTES == 8) {
+        *static_cast<words2_alias*>(dst) = *static_cast<const words2_alias*>(src);
+    } else {
+        *static_cast<words4_alias*>(dst) = *static_cast<const words4_alias*>(src);
+    }
+}
+
+template <int BYTES>
+inline void cp_async(void* dst, const void* src, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES != 0 || reinterpret_cast<uintptr_t>(src) % BYTES != 0)
+        fail("cp.async: the source and destination must be aligned to the copy size", file, line);
+    AsyncCopy copy;
+    copy.dst = static_cast<unsigned char*>(dst);
+    copy.bytes = BYTES;
+    copy_bytes<BYTES>(copy.data, src);  // the global read
+    async_issue(copy, file, line);
+}
+
+inline void cp_async_zfill(void* dst, const void* src, int src_bytes, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+        fail("cp.async: the source and destination must be aligned to the copy size", file, line);
+    if (src_bytes < 0 || src_bytes > 16 || src_bytes % 4 != 0)
+        fail("cp.async src-size: 0 to 16 bytes, a multiple of 4 in this emulation", file, line);
+    AsyncCopy copy;
+    copy.dst = static_cast<unsigned char*>(dst);
+    copy.bytes = 16;
+    std::memset(copy.data, 0, 16);
+    if (src_bytes == 16) {
+        copy_bytes<16>(copy.data, src);  // one global read, as a whole chunk's
+    } else {
+        for (int i = 0; i < src_bytes; i += 4) copy_bytes<4>(copy.data + i, static_cast<const unsigned char*>(src) + i);
+    }
+    async_issue(copy, file, line);
+}
+
+inline void cp_async_wait_group(int keep, const char* file, int line) {
+    (void)file;
+    (void)line;
+    int count = 0;
+    const AsyncCopy* copies = async_take(keep, &count);
+    for (int i = 0; i < count; ++i) {  // the shared writes, one access per copy
+        const AsyncCopy& c = copies[i];
+        if (c.bytes == 16) copy_bytes<16>(c.dst, c.data);
+        else if (c.bytes == 8) copy_bytes<8>(c.dst, c.data);
+        else copy_bytes<4>(c.dst, c.data);
+    }
+    async_landed();
+}
+
+template <int N, bool TRANS>
+inline void ldmatrix(uint32_t (&r)[N], const void* row, const char* file, int line) {
+    static const char* const names[2][5] = {
+        {"", "ldmatrix.x1", "ldmatrix.x2", "", "ldmatrix.x4"},
+        {"", "ldmatrix.x1.trans", "ldmatrix.x2.trans", "", "ldmatrix.x4.trans"}};
+    const unsigned lane = lane_id();
+    alignas(16) uint32_t mine[4] = {0, 0, 0, 0};
+    if (lane < 8u * N) {
+        if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned", file, line);
+        check_not_in_flight(row, 16, "ldmatrix", file, line);
+        copy_bytes<16>(mine, row);  // the shared read of this lane's row
+    }
+    const uint32_t* all = warp_exchange(names[TRANS][N], file, line, 0xffffffffu, mine, 4);
+    for (int i = 0; i < N; ++i) {
+        const uint32_t* matrix = all + 4 * 8 * i;  // its 8 rows, 4 words each
+        if constexpr (!TRANS) {
+            r[i] = matrix[4 * (lane / 4) + lane % 4];
+        } else {
+            const unsigned col = lane / 4, word = col / 2, shift = 16 * (col % 2);
+            const uint32_t lo = (matrix[4 * (2 * (lane % 4)) + word] >> shift) & 0xffffu;
+            const uint32_t hi = (matrix[4 * (2 * (lane % 4) + 1) + word] >> shift) & 0xffffu;
+            r[i] = lo | hi << 16;
+        }
+    }
+}
+
+}  // namespace gpubp_cpu

@@ -61,7 +61,10 @@ MODE_ENV = "GPUBP_HARNESS_MODE"
 CXX = os.environ.get("CXX") or shutil.which("g++") or "g++"
 
 COMMON_FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-DGPUBP_CUDA_ON_CPU=1",
-                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable"]
+                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
+                # Locals a kernel reads before it writes them hold one fixed pattern (0xfe bytes: a
+                # huge float, a pointer that faults), so such a read fails the same way every run.
+                "-ftrivial-auto-var-init=pattern"]
 # Chosen for compile time, which dominates a fresh CI run: UBSan at -O1 takes twice as long
 # to build as at -O0, and -g1 (line tables only) is all the sanitizers' reports need.
 MODE_FLAGS = {
@@ -271,15 +274,27 @@ _SCALAR_CODES = {np.float32: "f", np.float64: "d", np.int32: "i", np.uint32: "u"
 _POINTEE_CODES = {np.dtype(t).str: c for t, c in _SCALAR_CODES.items()}
 
 
+# Dynamic shared memory a launch may request unless its kernel opted in to more
+# (cudaFuncAttributeMaxDynamicSharedMemorySize, CuPy's ``max_dynamic_shared_size_bytes``).
+DEFAULT_DYNAMIC_SHARED = 48 * 1024
+
+
 class Kernel:
-    """One ``extern "C"`` kernel; called as CuPy's RawKernel is: ``k(grid, block, args, shared_mem=0)``."""
+    """One ``extern "C"`` kernel; called as CuPy's RawKernel is: ``k(grid, block, args, shared_mem=0)``.
+    A launch that asks for more than 48 KiB of dynamic shared memory fails, as on a GPU, unless
+    ``max_dynamic_shared_size_bytes`` was raised to cover it first."""
 
     def __init__(self, module: Module, name: str, signature: str):
         self.module, self.name = module, name
         self.codes = signature.split(",") if signature else []
+        self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SHARED
 
     def __call__(self, grid, block, args, shared_mem: int = 0, order_seed: int | None = None):
         grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise KernelError(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's limit "
+                              f"of {self.max_dynamic_shared_size_bytes} (raise max_dynamic_shared_size_bytes first, "
+                              "as cudaFuncSetAttribute does)")
         if len(args) != len(self.codes):
             raise TypeError(f"{self.name} takes {len(self.codes)} arguments ({','.join(self.codes)}), got {len(args)}")
         keep, slots = [], (ctypes.c_void_p * max(len(args), 1))()
@@ -657,6 +672,14 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
 
         def __init__(self, kernel: Kernel):
             self.kernel = kernel
+
+        @property
+        def max_dynamic_shared_size_bytes(self) -> int:
+            return self.kernel.max_dynamic_shared_size_bytes
+
+        @max_dynamic_shared_size_bytes.setter
+        def max_dynamic_shared_size_bytes(self, value: int) -> None:
+            self.kernel.max_dynamic_shared_size_bytes = int(value)
 
         def __call__(self, grid, block, args, shared_mem: int = 0):
             if not recorded(f"launching {self.kernel.name}"):

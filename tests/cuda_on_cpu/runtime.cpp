@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -346,6 +347,128 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
     }
 }
 
+// ------------------------------------------------------------------ cp.async (cuda_on_cpu.h says
+// what is emulated). Each thread queues its own copies; the bytes of every copy in flight are
+// counted per 32-bit word, block-wide (blocks run one at a time), so any thread's read of them
+// is caught: in an array beside the dynamic shared buffer, and in a map for static __shared__.
+namespace {
+
+constexpr size_t SHARED_WORDS = MAX_DYNAMIC_SHARED / 4;
+std::atomic<uint16_t> dynamic_in_flight[SHARED_WORDS];
+std::mutex static_in_flight_m;
+std::map<uintptr_t, int> static_in_flight;  // word address -> copies in flight
+std::atomic<int> static_in_flight_words{0};
+
+struct AsyncQueue {
+    std::vector<AsyncCopy> open;                    // issued since the last commit_group
+    std::deque<std::vector<AsyncCopy>> committed;   // oldest first
+    std::vector<AsyncCopy> taken;                   // being written by the current wait
+};
+thread_local AsyncQueue async_queue;
+
+bool in_dynamic_shared(uintptr_t word) {
+    const auto base = reinterpret_cast<uintptr_t>(dynamic_shared_storage);
+    return word >= base && word < base + MAX_DYNAMIC_SHARED;
+}
+
+// Adds delta to the in-flight count of every word of [p, p + bytes); true if any was in flight before.
+bool mark_in_flight(const void* p, size_t bytes, int delta) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{3};
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+    bool was = false;
+    for (uintptr_t word = first; word < end; word += 4) {
+        if (in_dynamic_shared(word)) {
+            auto& count = dynamic_in_flight[(word - reinterpret_cast<uintptr_t>(dynamic_shared_storage)) / 4];
+            was |= count.fetch_add(static_cast<uint16_t>(delta), std::memory_order_relaxed) != 0;
+        } else {
+            std::lock_guard<std::mutex> lock(static_in_flight_m);
+            int& count = static_in_flight[word];
+            was |= count != 0;
+            count += delta;
+            if (count == 0) static_in_flight.erase(word);
+            static_in_flight_words.store(static_cast<int>(static_in_flight.size()), std::memory_order_relaxed);
+        }
+    }
+    return was;
+}
+
+bool any_in_flight(const void* p, size_t bytes) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{3};
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+    for (uintptr_t word = first; word < end; word += 4) {
+        if (in_dynamic_shared(word)) {
+            if (dynamic_in_flight[(word - reinterpret_cast<uintptr_t>(dynamic_shared_storage)) / 4].load(
+                    std::memory_order_relaxed) != 0)
+                return true;
+        } else if (static_in_flight_words.load(std::memory_order_relaxed) != 0) {
+            std::lock_guard<std::mutex> lock(static_in_flight_m);
+            if (static_in_flight.count(word)) return true;
+        }
+    }
+    return false;
+}
+
+// A new launch: nothing is in flight (a failed launch may have left marks behind).
+void async_reset_launch() {
+    for (auto& count : dynamic_in_flight) count.store(0, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(static_in_flight_m);
+    static_in_flight.clear();
+    static_in_flight_words.store(0);
+}
+
+// Before a thread runs a block: its queue from a failed launch is dropped.
+void async_reset_thread() {
+    async_queue.open.clear();
+    async_queue.committed.clear();
+    async_queue.taken.clear();
+}
+
+// After a thread returns from a block: a copy it never waited for would land in shared memory
+// that the next block owns.
+void async_check_drained() {
+    size_t pending = async_queue.open.size();
+    for (const auto& group : async_queue.committed) pending += group.size();
+    if (pending != 0)
+        abort_launch("thread " + std::to_string(linear_tid) + " of " + block_name() + " returned with " +
+                     std::to_string(pending) + " cp.async copies it never waited for (cp.async.wait_group / wait_all)");
+}
+
+}  // namespace
+
+void async_issue(const AsyncCopy& copy, const char* file, int line) {
+    if (mark_in_flight(copy.dst, copy.bytes, +1))
+        fail("cp.async into shared memory that another cp.async still has in flight", file, line);
+    async_queue.open.push_back(copy);
+}
+
+void async_commit() {
+    async_queue.committed.push_back(std::move(async_queue.open));
+    async_queue.open.clear();
+}
+
+const AsyncCopy* async_take(int keep, int* count) {
+    auto& q = async_queue;
+    q.taken.clear();
+    while (static_cast<int>(q.committed.size()) > keep) {
+        q.taken.insert(q.taken.end(), q.committed.front().begin(), q.committed.front().end());
+        q.committed.pop_front();
+    }
+    *count = static_cast<int>(q.taken.size());
+    return q.taken.data();
+}
+
+void async_landed() {
+    for (const AsyncCopy& c : async_queue.taken) mark_in_flight(c.dst, c.bytes, -1);
+    async_queue.taken.clear();
+}
+
+void check_not_in_flight(const void* p, size_t bytes, const char* what, const char* file, int line) {
+    if (any_in_flight(p, bytes))
+        fail((std::string(what) + " reads shared memory that a cp.async still has in flight (a missing or "
+                                  "short cp.async.wait_group, or no __syncthreads after it)").c_str(),
+             file, line);
+}
+
 // ------------------------------------------------------------------ kernel registry
 // Filled before the library is used, by the GPUBP_CPU_REGISTER lines (cuda_on_cpu.h).
 struct KernelEntry {
@@ -386,7 +509,9 @@ void run_thread(Launch& L, unsigned tid) {
     try {
         for (size_t i = 0; i < L.order.size(); ++i) {
             blockIdx = uint3{L.order[i].x, L.order[i].y, L.order[i].z};
+            async_reset_thread();
             L.invoke(L.fn, L.args);
+            async_check_drained();
             Warp& w = *L.warps[tid / 32];
             {
                 std::lock_guard<std::mutex> lock(w.m);
@@ -495,6 +620,7 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     blockDim = dim3(block[0], block[1], block[2]);
     dynamic_shared_bytes = shared_bytes;
     std::memset(dynamic_shared_storage, 0xff, shared_bytes);  // "uninitialized", as on a GPU
+    async_reset_launch();
     if (__asan_poison_memory_region)
         __asan_poison_memory_region(dynamic_shared_storage + shared_bytes, MAX_DYNAMIC_SHARED - shared_bytes);
 

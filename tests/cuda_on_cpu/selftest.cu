@@ -149,3 +149,76 @@ extern "C" __global__ void racy_neighbour_read(float* out) {
 extern "C" __global__ void store_one_past_the_end(float* out, int n) {
     if (threadIdx.x <= n) out[threadIdx.x] = 1.0f;
 }
+
+// ---------------------------------------------------------------- cp.async and ldmatrix
+
+// One thread copies in[0:4] (4 bytes), in[4:6] (8 bytes) and in[8:12] (16 bytes, .cg) into shared
+// memory holding -1 in two groups, and records what shared memory holds at each step:
+// out[0:12] after the issue, out[12:24] after wait_group 1 (the first group landed), out[24:36]
+// after wait_group 0.
+extern "C" __global__ void async_copy_groups(const float* in, float* out) {
+    __shared__ __align__(16) float buffer[12];
+    for (int i = 0; i < 12; ++i) buffer[i] = -1.0f;
+    gpubp::cp_async_ca<4>(buffer, in);
+    gpubp::cp_async_ca<8>(buffer + 4, in + 4);
+    gpubp::cp_async_commit();
+    gpubp::cp_async_cg(buffer + 8, in + 8);
+    gpubp::cp_async_commit();
+    for (int i = 0; i < 12; ++i) out[i] = buffer[i];  // plain reads: not checked, stale
+    gpubp::cp_async_wait<1>();
+    for (int i = 0; i < 8; ++i) out[12 + i] = gpubp::shared_load(buffer + i);
+    for (int i = 8; i < 12; ++i) out[12 + i] = buffer[i];
+    gpubp::cp_async_wait<0>();
+    for (int i = 0; i < 12; ++i) out[24 + i] = gpubp::shared_load(buffer + i);
+}
+
+// One warp: 32 rows of 8 16-bit values (in, row-major) staged through cp.async, then
+// ldmatrix.x`count` (.trans if trans) from rows named by lane: lane l gives row (l * 5) % 32 of
+// the staged tile, so a row order mix-up shows. out: count words per lane.
+extern "C" __global__ void ldmatrix_rows(const unsigned short* in, unsigned int* out, int count, int trans) {
+    __shared__ __align__(16) unsigned short tile[32 * 8];
+    const int lane = threadIdx.x;
+    gpubp::cp_async_cg(tile + lane * 8, in + lane * 8);
+    gpubp::cp_async_wait_all();
+    __syncwarp();
+    const unsigned short* row = tile + ((lane * 5) % 32) * 8;
+    unsigned int r[4] = {0, 0, 0, 0};
+    if (count == 1 && !trans) gpubp::ldmatrix<1>(reinterpret_cast<unsigned int(&)[1]>(r), row);
+    if (count == 1 && trans) gpubp::ldmatrix<1, true>(reinterpret_cast<unsigned int(&)[1]>(r), row);
+    if (count == 2 && !trans) gpubp::ldmatrix<2>(reinterpret_cast<unsigned int(&)[2]>(r), row);
+    if (count == 2 && trans) gpubp::ldmatrix<2, true>(reinterpret_cast<unsigned int(&)[2]>(r), row);
+    if (count == 4 && !trans) gpubp::ldmatrix<4>(r, row);
+    if (count == 4 && trans) gpubp::ldmatrix<4, true>(r, row);
+    for (int i = 0; i < count; ++i) out[lane * count + i] = r[i];
+}
+
+// Misuse: a read of bytes still in flight, through shared_load and through ldmatrix; a thread
+// that returns with a copy it never waited for; a misaligned 16-byte copy.
+extern "C" __global__ void read_before_wait(float* out) {
+    __shared__ __align__(16) float buffer[4 * 32];
+    gpubp::cp_async_cg(buffer + 4 * threadIdx.x, out + 4 * threadIdx.x);
+    gpubp::cp_async_commit();
+    out[threadIdx.x] = gpubp::shared_load(buffer + 4 * threadIdx.x);
+    gpubp::cp_async_wait_all();
+}
+
+extern "C" __global__ void ldmatrix_before_wait(float* out) {
+    __shared__ __align__(16) float buffer[4 * 32];
+    gpubp::cp_async_cg(buffer + 4 * threadIdx.x, out + 4 * threadIdx.x);
+    unsigned int r[4];
+    gpubp::ldmatrix<4>(r, buffer + 4 * threadIdx.x);
+    gpubp::cp_async_wait_all();
+    out[threadIdx.x] = __uint_as_float(r[0]);
+}
+
+extern "C" __global__ void return_without_wait(float* out) {
+    __shared__ __align__(16) float buffer[4 * 32];
+    gpubp::cp_async_cg(buffer + 4 * threadIdx.x, out + 4 * threadIdx.x);
+    gpubp::cp_async_commit();
+}
+
+extern "C" __global__ void misaligned_async_copy(float* out) {
+    __shared__ __align__(16) float buffer[4 * 33];
+    gpubp::cp_async_cg(buffer + 4 * threadIdx.x + 1, out + 4 * threadIdx.x);
+    gpubp::cp_async_wait_all();
+}
