@@ -124,7 +124,7 @@ def drive_fused_mlp(be, rng, batches) -> None:
 
     for precision in be.fused_precisions():
         for frozen in (0, 1):
-            model = gb.Sequential([gb.Dense(13, 33, "gelu"), gb.Dense(33, 16, "tanh"), gb.Dense(16, 7)],
+            model = gb.Sequential([gb.Dense(13, 33, "gelu"), gb.Dense(33, 16, "gelu"), gb.Dense(16, 7)],
                                   backend=be.NAME, fused=True, precision=precision).freeze_to(frozen)
             step = model.train_step("cross_entropy", "adam")
             for batch in batches:

@@ -6,14 +6,17 @@
 //
 // Widths: every layer's output width (hidden and output) is at most MAX_WIDTH = 128, so a
 // block holds the activations of its batch rows for a whole layer in shared memory; the input
-// width is any size (layer 0 streams x in K chunks). 1 to MAX_LAYERS = 8 layers, each with its
-// own activation (a runtime id, as activations.cuh numbers them), any batch size B.
+// width is any size (layer 0 streams x in K chunks). 1 to MAX_LAYERS = 8 layers, any batch size
+// B. The activation is a template parameter, ACT: one fwd and one bwd kernel per activation,
+// named by it (fused_mlp_fwd_relu, ...), so the epilogues hold its code alone; each layer applies
+// ACT or nothing (identity), as the plan says, so a model fuses when all its layers that apply an
+// activation apply the same one (the host picks the kernel; any other model runs per layer).
 // Layout: x (B, in); W_l (in_l, out_l); b_l (out_l,); every (B, width) array row-major and
 // C-contiguous, as everywhere in gpubp. Per-layer arrays come as MAX_LAYERS pointer arguments
 // each; slots the plan marks unused may be any valid pointer and are never touched.
 //
 // The plan (a small int array the host builds once per model shape, see PLAN_* below) says per
-// layer its widths, activation and what to store:
+// layer its widths, its activation (ACT's id, or identity's) and what to store:
 // - forward writes h_{l+1} to hout[l] only where backward reads it (the dW input of a trainable
 //   layer l+1, or act_l' for layers from the lowest trainable one up), z_l to zout[l] only for
 //   gelu/gelu_tanh layers that backward differentiates, and always the output h_L. A frozen
@@ -22,41 +25,37 @@
 //   stays in shared memory and goes to global memory (dz[l]) only for trainable layers, whose
 //   dW needs it; g = dz_l @ W_l^T is computed only above lo, or for lo = 0 when the caller asks
 //   for the input gradient (dx, any width: written straight to global memory in 128-column tiles).
-// - dW/db: one launch for every trainable layer; grid.x enumerates (layer, 32-row tile of W_l),
-//   grid.y splits the batch. With splits > 1 each block writes its partial to ws, takes a
-//   ticket for its tile, and the last block of a tile sums the partials in split order 0, 1, ...
-//   (split_k.cuh, as the dense dW kernels do): deterministic, no float atomics. db_l is summed
-//   in the blocks of W_l's first row tile, one thread per column, over the same split.
+// - dW/db: one launch for every trainable layer; grid.x enumerates (layer, row tile of W_l: 32
+//   rows fp32, 64 on tensor cores), grid.y splits the batch. With splits > 1 each block writes its
+//   partial to ws, takes a ticket for its tile, and the last block of a tile sums the partials in
+//   split order 0, 1, ... (split_k.cuh, as the dense dW kernels do): deterministic, no float
+//   atomics. db_l is summed in fp32 in the blocks of W_l's first row tile, one thread per column,
+//   over the same split.
 //
-// Launch: fused_mlp_fwd and fused_mlp_bwd grid (ceil(B / ROWS)), fused_mlp_dw grid (dW tiles of
-// every trainable layer, splits); block THREADS = 128; no dynamic shared memory.
-// Tiles and threads (all three kernels): THREADS = 128 threads compute a ROWS x MAX_WIDTH = 32 x
-// 128 output tile, 32 fp32 accumulators per thread, from operands staged KC = 16 deep in shared
-// memory. Who owns which element, and how a staged chunk is multiplied, is the precision's
-// product policy; everything else is shared:
-// - SimtFp32 (fused_mlp_*): fp32 FMA on the CUDA cores; 8 row groups x 16 column groups, thread
-//   (rg, cg) owns rows rg + 8 v (v < 4) and columns cg + 16 j (j < 8), so a warp reads 16
-//   consecutive columns of a staged weight row (no bank conflicts) and 2 broadcast activations.
-// - MmaTf32 / MmaBf16 (fused_mlp_*_tf32, fused_mlp_*_bf16; sm_80 and newer, kernels/mma.cuh):
-//   warp w owns rows 16 (w % 2) .. +16 and columns 64 (w / 2) .. +64 as 8 m16n8 accumulator
-//   tiles; per KC chunk tf32 issues 2 mma.m16n8k8 per tile, bf16 one mma.m16n8k16. Operands are
-//   rounded from the fp32 stages as fragments load (cvt.rna to tf32; round-to-nearest-even to
-//   bf16); weights, stored activations and gradients stay fp32 in memory, and every sum
-//   accumulates in fp32. Error: each product carries its operands' rounding (2^-11 relative for
-//   tf32, 2^-9 for bf16), per layer about that times sqrt(K) max|a| max|b|, so relative to the
-//   largest value of each result about 2e-3 (tf32) and 1e-2 (bf16) per layer on random data;
+// Two implementations share the plan, the entry points and the host's launch code:
+// - fp32 (fused_mlp_fwd_<act>, fused_mlp_bwd_<act>, fused_mlp_dw; the SimtFp32 policy below):
+//   FMA on the CUDA cores. THREADS = 128 threads compute a ROWS x MAX_WIDTH = 32 x 128 output tile,
+//   thread (rg, cg) of 8 row groups x 16 column groups owning rows rg + 8 v (v < 4) and columns
+//   cg + 16 j (j < 8), from operands staged KC = 16 deep in shared memory (a warp reads 16
+//   consecutive columns of a staged weight row and 2 broadcast activations). Launch: fwd and bwd
+//   grid ceil(B / 32), dw (dW tiles, splits); static shared memory: fwd and bwd two activation
+//   buffers 2 x ROWS x LDH floats (LDH = 144: rows 16 banks apart, so the epilogue's two rows per
+//   warp store without conflicts) plus a KC x LDW weight stage, and fwd a ROWS x KC x stage:
+//   46 KB; dw a KC x ROWS input stage and a KC x LDW dz stage, 10 KB. Occupancy on sm_90 and
+//   sm_80: 16 warps per SM (registers). Each K step stages, waits, accumulates, waits; those two
+//   barriers also order one layer's epilogue writes before the next layer's reads. It computes
+//   all 128 columns whatever a layer's width (columns past it are staged as 0 and never stored).
+// - tensor cores (the _tf32 and _bf16 kernels; sm_80 and newer, kernels/mma.cuh): a warp owns
+//   16 batch rows (or 16 rows of dW) and every column; the "tensor cores" section below gives the
+//   data flow, the layouts, the shared memory (dynamic, 66 to 132 KB) and the occupancy. Operands
+//   are rounded once, as they are staged (cvt.rna to tf32; round-to-nearest-even to bf16);
+//   weights, stored activations and gradients stay fp32 in memory, and every sum accumulates in
+//   fp32. Error: each product carries its operands' rounding (2^-11 relative for tf32, 2^-9 for
+//   bf16), per layer about that times sqrt(K) max|a| max|b|, so relative to the largest value of
+//   each result about 2e-3 (tf32) and 1e-2 (bf16) per layer on random data;
 //   tests/test_kernels_on_cpu.py bounds whole models at FUSED_TOLERANCE.
-// Shared memory per block: fwd and bwd two activation buffers 2 x ROWS x LDH floats (LDH = 144:
-// rows 16 banks apart, so the epilogue's two rows per warp store without conflicts) plus a
-// KC x MAX_WIDTH weight stage, and fwd a ROWS x KC x stage: 46 KB. dw: a KC x ROWS input stage
-// and a KC x MAX_WIDTH dz stage, 10 KB.
-// Barriers: each K step stages, waits, accumulates, waits. Those two are the only ones a layer
-// needs: the first also orders the previous layer's epilogue writes (and backward's in-place
-// dz) before any thread reads them, the second every read of the stages and of the buffer the
-// next epilogue overwrites before those writes. A thread's epilogue and the next dz step touch
-// only the elements that thread owns.
-// Boundaries: rows past B are staged as 0 and never stored; columns past a layer's width are
-// staged as 0 and never stored, so any B, in and out_l <= 128 work.
+// Boundaries: rows past B and columns past a layer's width are staged as 0 and never stored, so
+// any B, in and out_l <= 128 work.
 // Global memory per forward block: its x rows once, every W_l and b_l once (from L2 after the
 // first blocks), its stored rows once. Backward block: its dy rows, the stored act' inputs of
 // its rows, every W_l in the span, its dz rows out. dW block: its split's rows of h_l and dz_l.
@@ -73,6 +72,8 @@ struct Fused {
     static constexpr int THREADS = 128;
     static constexpr int KC = 16;
     static constexpr int LDH = MAX_WIDTH + 16;
+    // Weight stage rows 2 banks apart: W^T's staging stores (16 k x 2 columns per warp) hit 32 banks.
+    static constexpr int LDW = MAX_WIDTH + 2;
 };
 
 // The plan: plan[PLAN_LAYERS] layers, plan[PLAN_IN] the input width, plan[PLAN_LOWEST] the
@@ -106,32 +107,6 @@ struct LayerPlan {
     }
 };
 
-// The activation a layer applies is data here, not a template argument: one kernel serves
-// every mix of activations. The branch is uniform across the block.
-__device__ __forceinline__ float act_forward_id(int act, float z) {
-    switch (act) {
-        case ACT_RELU: return act_forward<ACT_RELU>(z);
-        case ACT_LEAKY_RELU: return act_forward<ACT_LEAKY_RELU>(z);
-        case ACT_SIGMOID: return act_forward<ACT_SIGMOID>(z);
-        case ACT_TANH: return act_forward<ACT_TANH>(z);
-        case ACT_GELU: return act_forward<ACT_GELU>(z);
-        case ACT_GELU_TANH: return act_forward<ACT_GELU_TANH>(z);
-        default: return z;
-    }
-}
-
-__device__ __forceinline__ float act_grad_id(int act, float y, float z) {
-    switch (act) {
-        case ACT_RELU: return act_grad<ACT_RELU>(y, z);
-        case ACT_LEAKY_RELU: return act_grad<ACT_LEAKY_RELU>(y, z);
-        case ACT_SIGMOID: return act_grad<ACT_SIGMOID>(y, z);
-        case ACT_TANH: return act_grad<ACT_TANH>(y, z);
-        case ACT_GELU: return act_grad<ACT_GELU>(y, z);
-        case ACT_GELU_TANH: return act_grad<ACT_GELU_TANH>(y, z);
-        default: return 1.0f;
-    }
-}
-
 // a[l] for a runtime l, by compare-and-select over the unrolled slots: indexing the array
 // directly would put every kernel's pointer arrays in local memory.
 template <class T>
@@ -142,10 +117,11 @@ __device__ __forceinline__ T layer_slot(const T (&a)[Fused::MAX_LAYERS], int l) 
     return r;
 }
 
-// Every product policy: 32 accumulators per thread, acc[j][v] at tile row row(j, v) and column
+// The fp32 product policy: 32 accumulators per thread, acc[j][v] at tile row row(j, v) and column
 // col(j, v) (each element of the ROWS x MAX_WIDTH tile owned by exactly one thread), and
 // accumulate(acc, a, row_stride, k_stride, ws): acc(r, c) += sum_{k < KC} A(r, k) Ws[k][c], with
-// A(r, k) = a[r * row_stride + k * k_stride] and Ws a KC x MAX_WIDTH chunk, both in shared memory.
+// A(r, k) = a[r * row_stride + k * k_stride] and Ws a KC x MAX_WIDTH chunk (rows LDW apart), both in
+// shared memory.
 constexpr int ACC_J = 8, ACC_V = 4;
 using Acc = float[ACC_J][ACC_V];
 
@@ -169,64 +145,11 @@ struct SimtFp32 {
 #pragma unroll
             for (int v = 0; v < ACC_V; ++v) av[v] = a[row(0, v) * row_stride + k * k_stride];
 #pragma unroll
-            for (int j = 0; j < ACC_J; ++j) bv[j] = ws[k * Fused::MAX_WIDTH + col(j, 0)];
+            for (int j = 0; j < ACC_J; ++j) bv[j] = ws[k * Fused::LDW + col(j, 0)];
 #pragma unroll
             for (int j = 0; j < ACC_J; ++j)
 #pragma unroll
                 for (int v = 0; v < ACC_V; ++v) acc[j][v] = fmaf(av[v], bv[j], acc[j][v]);
-        }
-    }
-};
-
-// Tensor-core tiles: acc[j] is the m16n8 accumulator of columns n_base + 8 j, its four values at
-// (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1) of the tile (kernels/mma.cuh's C layout).
-struct MmaTile {
-    static constexpr int WARP_ROWS = 16, WARP_COLS = 64, MMA_N = 8;
-    int m_base, n_base, g, t;
-    __device__ static MmaTile of(int tid) {
-        const int warp = tid / 32, lane = tid % 32;
-        return {WARP_ROWS * (warp % 2), WARP_COLS * (warp / 2), lane >> 2, lane & 3};
-    }
-    __device__ int row(int, int v) const { return m_base + g + 8 * (v >> 1); }
-    __device__ int col(int j, int v) const { return n_base + MMA_N * j + 2 * t + (v & 1); }
-};
-
-struct MmaTf32 : MmaTile {
-    static constexpr int MMA_K = 8;
-    __device__ static MmaTf32 of(int tid) { return {MmaTile::of(tid)}; }
-    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
-#pragma unroll
-        for (int k = 0; k < Fused::KC; k += MMA_K) {
-            const float* a0 = a + (m_base + g) * row_stride + (k + t) * k_stride;
-            const unsigned int fa[4] = {to_tf32(a0[0]), to_tf32(a0[8 * row_stride]), to_tf32(a0[4 * k_stride]),
-                                        to_tf32(a0[8 * row_stride + 4 * k_stride])};
-#pragma unroll
-            for (int j = 0; j < ACC_J; ++j) {
-                const float* b0 = ws + (k + t) * Fused::MAX_WIDTH + n_base + MMA_N * j + g;
-                const unsigned int fb[2] = {to_tf32(b0[0]), to_tf32(b0[4 * Fused::MAX_WIDTH])};
-                mma_m16n8k8_tf32(acc[j], fa, fb, acc[j]);
-            }
-        }
-    }
-};
-
-struct MmaBf16 : MmaTile {
-    static constexpr int MMA_K = 16;
-    static_assert(Fused::KC == MMA_K, "one m16n8k16 step per staged chunk");
-    __device__ static MmaBf16 of(int tid) { return {MmaTile::of(tid)}; }
-    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
-        // A value (r, k) at a[r * row_stride + k * k_stride]; registers hold (k, k + 1) pairs.
-        const float* a0 = a + (m_base + g) * row_stride + 2 * t * k_stride;
-        const float* a8 = a0 + 8 * row_stride;
-        const unsigned int fa[4] = {
-            pack_bf16x2(a0[0], a0[k_stride]), pack_bf16x2(a8[0], a8[k_stride]),
-            pack_bf16x2(a0[8 * k_stride], a0[9 * k_stride]), pack_bf16x2(a8[8 * k_stride], a8[9 * k_stride])};
-#pragma unroll
-        for (int j = 0; j < ACC_J; ++j) {
-            const float* b0 = ws + 2 * t * Fused::MAX_WIDTH + n_base + MMA_N * j + g;
-            const unsigned int fb[2] = {pack_bf16x2(b0[0], b0[Fused::MAX_WIDTH]),
-                                        pack_bf16x2(b0[8 * Fused::MAX_WIDTH], b0[9 * Fused::MAX_WIDTH])};
-            mma_m16n8k16_bf16(acc[j], fa, fb, acc[j]);
         }
     }
 };
@@ -236,7 +159,7 @@ struct MmaBf16 : MmaTile {
 __device__ __forceinline__ void stage_weight_rows(float* ws, const float* __restrict__ w, int k0, int K, int N) {
     for (int e = threadIdx.x; e < Fused::KC * Fused::MAX_WIDTH; e += Fused::THREADS) {
         const int k = e / Fused::MAX_WIDTH, c = e % Fused::MAX_WIDTH;
-        ws[e] = k0 + k < K && c < N ? w[static_cast<long long>(k0 + k) * N + c] : 0.0f;
+        ws[k * Fused::LDW + c] = k0 + k < K && c < N ? w[static_cast<long long>(k0 + k) * N + c] : 0.0f;
     }
 }
 
@@ -245,7 +168,7 @@ __device__ __forceinline__ void stage_weight_cols(float* ws, const float* __rest
                                                   int N) {
     for (int e = threadIdx.x; e < Fused::KC * Fused::MAX_WIDTH; e += Fused::THREADS) {
         const int c = e / Fused::KC, k = e % Fused::KC;  // k fastest: consecutive threads, consecutive W
-        ws[k * Fused::MAX_WIDTH + c] =
+        ws[k * Fused::LDW + c] =
             k0 + k < K && n0 + c < N ? w[static_cast<long long>(n0 + c) * K + k0 + k] : 0.0f;
     }
 }
@@ -260,7 +183,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int ld, const float* __re
     }
 }
 
-template <class P>
+template <class P, int ACT>
 __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
                                             const float* const (&b)[Fused::MAX_LAYERS],
                                             float* const (&hout)[Fused::MAX_LAYERS],
@@ -268,7 +191,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
                                             int B) {
     using F = Fused;
     __shared__ float H[2][F::ROWS * F::LDH];
-    __shared__ float Ws[F::KC * F::MAX_WIDTH];
+    __shared__ float Ws[F::KC * F::LDW];
     __shared__ float Xs[F::ROWS * F::KC];
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
     const P o = P::of(threadIdx.x);
@@ -299,6 +222,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
             __syncthreads();
         }
         const bool last = l == layers - 1;
+        const bool activated = p.act != ACT_IDENTITY;
         float* next = H[cur ^ 1];
 #pragma unroll
         for (int j = 0; j < ACC_J; ++j) {
@@ -307,7 +231,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
                 const int r = o.row(j, v), c = o.col(j, v);
                 const bool valid = c < p.out;
                 const float z = acc[j][v] + (valid ? bl[c] : 0.0f);
-                const float h = act_forward_id(p.act, z);
+                const float h = activated ? act_forward<ACT>(z) : z;
                 // Columns past the width are zeros: the next layer's last K chunk reads them.
                 if (!last) next[r * F::LDH + c] = valid ? h : 0.0f;
                 const long long row = row0 + r;
@@ -320,7 +244,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
     }
 }
 
-template <class P>
+template <class P, int ACT>
 __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float* __restrict__ dx,
                                              const float* const (&w)[Fused::MAX_LAYERS],
                                              const float* const (&act_in)[Fused::MAX_LAYERS],
@@ -328,7 +252,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                                              int B) {
     using F = Fused;
     __shared__ float G[2][F::ROWS * F::LDH];
-    __shared__ float Ws[F::KC * F::MAX_WIDTH];
+    __shared__ float Ws[F::KC * F::LDW];
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
     const P o = P::of(threadIdx.x);
     const int top = plan[PLAN_LAYERS] - 1, lowest = plan[PLAN_LOWEST];
@@ -351,7 +275,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                 float& g = G[cur][o.row(j, v) * F::LDH + c];
                 if (p.act != ACT_IDENTITY) {
                     const float saved = saved_l[row * p.out + c];
-                    g *= act_grad_id(p.act, saved, saved);  // reads y or z, whichever act' needs: saved is it
+                    g *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs: saved is it
                 }
                 if (p.flags & TRAINABLE) dz_l[row * p.out + c] = g;
             }
@@ -386,6 +310,529 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     }
 }
 
+// ----------------------------------------------------------------------------- tensor cores
+//
+// fused_mlp_{fwd,bwd}_{tf32,bf16}_<act>: a warp owns 16 batch rows (MmaRows::ROWS = 64 per
+// block) and every column of them, so a layer's input and output stay in the warp's own part of
+// shared memory between layers and only the weight stage is shared by the block (fused_mlp_dw_*
+// works the same way on 16 rows of dW per warp; see mlp_weight_grads_mma). Per layer (and per
+// 128-deep K chunk of a wider x, or 128-column chunk of a wider dx):
+//   1. the block stages B (W_l, or W_l^T in backward) into shared memory, rounded once (tf32 /
+//      bf16) and laid out in mma fragment order: one uint4 per lane holds the B fragments of
+//      two adjacent n8 tiles, so the hot loop reads B with one conflict-free 16-byte load per
+//      two mma; only the k-steps and tile pairs the layer's widths need are staged;
+//   2. the warp loads its 16 x K A fragments (the layer's input, already rounded in its buffer)
+//      into registers once;
+//   3. the warp runs ceil(out / 8) n8 tiles over ceil(in / MMA_K) k-steps in groups of 4 tiles
+//      (a tail group of 1-3), writing the fp32 products to its Z buffer: no mma on columns
+//      past the width, K past the fan-in, or a 16-row slab past the batch, beyond the padding of
+//      one mma tile;
+//   4. a row pass (32 lanes across a row: coalesced global stores) adds the bias, applies ACT,
+//      stores what the plan asks for, and writes the next layer's A, rounded, over the Z buffer.
+// Layouts, in 32-bit words (tf32: one operand per word; bf16: two, k and k + 1):
+// - A buffer (per warp): rows g and g + 8 interleaved, row pair g at g * A_LD (A_LD = 272 = 16
+//   mod 32), element (g + 8 h, column c) at word 2 c + h. tf32: c is a column. bf16: c is a
+//   column pair, pair p of each 16-column group j at 8 j + 2 (p % 4) + p / 4. Either way a lane's
+//   A fragment of k-step s, (a0, a1, a2, a3), is the 16 bytes at 16 s + 4 t of its row pair:
+//   one conflict-free load. tf32 reads columns 8 s + 2 t, + 1 as mma k positions t and t + 4:
+//   the k order inside a k-step is free as long as A and B agree (Op::k_of says which k each
+//   register holds).
+// - Z buffer: fp32 products in the same interleaved layout with c a column, so an accumulator's
+//   (g, 2t), (g + 8, 2t), (g, 2t + 1), (g + 8, 2t + 1) are one 16-byte store, and a row pass reads
+//   rows g and g + 8 of a column as 8 bytes. It is the A buffer itself (A is in registers by then)
+//   except for a forward whose input is wider than 128, whose partial sums over K chunks need
+//   their own buffer while x's next chunk is staged.
+// - B stage: uint4 index (s * PAIRS + pair) * 32 + slot(g, t), components (b0, b1) of tile
+//   2 pair and (b0, b1) of tile 2 pair + 1; slot(g, t) = 4 g + (t ^ (g >> 1)) swizzles the lanes
+//   so that the staging stores (32 lanes: 16 columns x 2 k, or 8 k x 4 columns transposed)
+//   also fall in 32 distinct banks; reads are 8 consecutive slots per quarter-warp either way.
+// Launch: fwd and bwd grid ceil(B / 64), dw (dW tiles of 64 rows, splits); block 128 threads.
+// Shared memory (dynamic, opted in above 48 KB by the host once per kernel): B stage 64 KB
+// (tf32) or 32 KB (bf16), plus 4 x 8 x 272 words of A/Z buffers (34 KB), plus as much again for
+// a forward with an input wider than 128: tf32 98 KB (132 KB), bf16 66 KB (100 KB). Registers
+// (ptxas, sm_90): about 140 tf32, 110 bf16, so occupancy is set by shared memory: on sm_90
+// (228 KB per SM) tf32 2 blocks = 8 warps per SM (1 block with a wide input), bf16 3 blocks = 12
+// warps (2); on sm_80 (164 KB) tf32 1 block = 4 warps, bf16 2 blocks = 8 warps (1).
+// Barriers: a stage is written between two __syncthreads (every warp done reading the last one,
+// then every warp sees the new one); a warp's own buffers need only __syncwarp between the lanes
+// that write and read them (its A fragments are in registers before Z overwrites them; a row
+// pass reads a row pair's Z before it writes that row pair's A over it).
+struct MmaRows {
+    static constexpr int WARPS = Fused::THREADS / 32;
+    static constexpr int ROWS = 16 * WARPS;                // batch rows per block
+    static constexpr int A_LD = 2 * Fused::MAX_WIDTH + 16;  // words per row pair (g, g + 8) of A/Z
+    static constexpr int A_WORDS = 8 * A_LD;                // one warp's A/Z buffer
+    static constexpr int PAIRS = Fused::MAX_WIDTH / 16;    // n8 tile pairs across the widest layer
+    static constexpr int GROUP = 4;                        // n8 tiles per pass over the k-steps
+    __device__ static int slot(int g, int t) { return 4 * g + (t ^ (g >> 1)); }
+};
+
+struct Tf32Op {
+    static constexpr int MMA_K = 8;
+    static constexpr bool PAIRED = false;  // one operand per word
+    // The k a register holds in k-step s: r = 0 for a0/a1/b0 (mma k position t), 1 for a2/a3/b1
+    // (position t + 4); columns 2t and 2t + 1, adjacent in the A buffer.
+    __device__ static int k_of(int s, int t, int r) { return MMA_K * s + 2 * t + r; }
+    __device__ static int word_of(int c) { return c; }
+    __device__ static void mma(float (&acc)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+        const unsigned int b[2] = {b0, b1};
+        mma_m16n8k8_tf32(acc, a, b, acc);
+    }
+};
+
+struct Bf16Op {
+    static constexpr int MMA_K = 16;
+    static constexpr bool PAIRED = true;  // k and k + 1 in one word, k in the low half
+    __device__ static int k_of(int s, int t, int r) { return MMA_K * s + 2 * t + 8 * r; }
+    __device__ static int word_of(int c) {
+        const int p = (c % 16) / 2;
+        return 8 * (c / 16) + 2 * (p % 4) + p / 4;
+    }
+    __device__ static void mma(float (&acc)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+        const unsigned int b[2] = {b0, b1};
+        mma_m16n8k16_bf16(acc, a, b, acc);
+    }
+};
+
+// The B stage for one chunk: B(k, n) = w[(k0 + k) * N + n0 + n], or w[(n0 + n) * K + k0 + k] when
+// TRANSPOSED, zero past K and N; k-steps and tile pairs past them are not staged. The lane bits of
+// e are n (16 columns) and the k pair when not transposed, k (8) and 4 columns when transposed, so
+// each warp reads whole 32-byte runs of the row-major source.
+template <class Op, bool TRANSPOSED>
+__device__ __forceinline__ void stage_b(unsigned int* __restrict__ bst, const float* __restrict__ w, int k0, int K,
+                                        int n0, int N) {
+    const int kvalid = K - k0 < Fused::MAX_WIDTH ? K - k0 : Fused::MAX_WIDTH;
+    const int nvalid = N - n0 < Fused::MAX_WIDTH ? N - n0 : Fused::MAX_WIDTH;
+    const int ksteps = (kvalid + Op::MMA_K - 1) / Op::MMA_K, pairs = (nvalid + 15) / 16;
+    const auto value = [&](int k, int n) {
+        if (k >= kvalid || n >= nvalid) return 0.0f;
+        return TRANSPOSED ? w[static_cast<long long>(n0 + n) * K + k0 + k]
+                          : w[static_cast<long long>(k0 + k) * N + n0 + n];
+    };
+    // bf16 from W^T: with K and k0 even, k < K - k0 implies k + 1 < K - k0 (k is even).
+    [[maybe_unused]] const bool pairs_aligned =
+        K % 2 == 0 && k0 % 2 == 0 && reinterpret_cast<unsigned long long>(w) % 8 == 0;
+    for (int e = threadIdx.x; e < ksteps * pairs * 128; e += Fused::THREADS) {
+        int g, q, r, t;
+        if (TRANSPOSED) {
+            r = e & 1, t = (e >> 1) & 3, q = (e >> 4) & 1, g = ((e >> 3) & 1) | ((e >> 4) & 6);
+        } else {
+            g = e & 7, q = (e >> 3) & 1, r = (e >> 4) & 1, t = (e >> 5) & 3;
+        }
+        const int pair = (e >> 7) % pairs, s = (e >> 7) / pairs;
+        const int n = 16 * pair + 8 * q + g, k = Op::k_of(s, t, r);
+        unsigned int word;
+        if constexpr (Op::PAIRED) {
+            if (TRANSPOSED && pairs_aligned) {  // k and k + 1 adjacent in the source: one 8-byte load
+                float2 v = make_float2(0.0f, 0.0f);
+                if (k < kvalid && n < nvalid) {
+                    v = *reinterpret_cast<const float2*>(w + static_cast<long long>(n0 + n) * K + k0 + k);
+                }
+                word = pack_bf16x2(v.x, v.y);
+            } else {
+                word = pack_bf16x2(value(k, n), value(k + 1, n));
+            }
+        } else {
+            word = to_tf32(value(k, n));
+        }
+        bst[4 * ((s * MmaRows::PAIRS + pair) * 32 + MmaRows::slot(g, t)) + 2 * q + r] = word;
+    }
+}
+
+// Column c = lane + 32 i of the row pair (g, g + 8) at apair gets v (row g) and v8 (row g + 8),
+// rounded: every lane of the warp calls it with its own column (bf16 pairs a column with its right
+// neighbour's, by shuffle).
+template <class Op>
+__device__ __forceinline__ void store_a(unsigned int* __restrict__ apair, int c, float v, float v8) {
+    if constexpr (Op::PAIRED) {
+        const float right = __shfl_down_sync(0xffffffffu, v, 1), right8 = __shfl_down_sync(0xffffffffu, v8, 1);
+        const uint2 words = {pack_bf16x2(v, right), pack_bf16x2(v8, right8)};
+        if (c % 2 == 0) *reinterpret_cast<uint2*>(apair + 2 * Op::word_of(c)) = words;
+    } else {
+        const uint2 words = {to_tf32(v), to_tf32(v8)};
+        *reinterpret_cast<uint2*>(apair + 2 * c) = words;
+    }
+}
+
+// Z (r, c) and Z (r + 8, c) of the row pair at zpair, fp32.
+__device__ __forceinline__ float2 load_z(const unsigned int* __restrict__ zpair, int c) {
+    const uint2 u = *reinterpret_cast<const uint2*>(zpair + 2 * c);
+    return make_float2(__uint_as_float(u.x), __uint_as_float(u.y));
+}
+
+// One warp's 16 rows: A fragments in registers, products into the Z buffer.
+template <class Op>
+struct WarpMma {
+    static constexpr int KSTEPS = Fused::MAX_WIDTH / Op::MMA_K;
+    unsigned int a[KSTEPS][4];
+    int g, t;
+
+    __device__ static WarpMma of(int lane) {
+        WarpMma m;
+        m.g = lane >> 2;
+        m.t = lane & 3;
+        return m;
+    }
+
+    __device__ void load_a(const unsigned int* __restrict__ abuf, int ksteps) {
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s) {
+            uint4 f = {0u, 0u, 0u, 0u};
+            if (s < ksteps) f = *reinterpret_cast<const uint4*>(abuf + g * MmaRows::A_LD + 16 * s + 4 * t);
+            a[s][0] = f.x, a[s][1] = f.y, a[s][2] = f.z, a[s][3] = f.w;
+        }
+    }
+
+    // A(r, k) = value(r, k) for r < 16, k < 128, rounded: for an A each of whose elements only this
+    // warp reads (dW's h_l^T), straight from global memory.
+    template <class Value>
+    __device__ void load_a_from(const Value& value, int ksteps) {
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s) {
+            if (s >= ksteps) break;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int k = Op::k_of(s, t, r);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if constexpr (Op::PAIRED) {
+                        a[s][2 * r + h] = pack_bf16x2(value(g + 8 * h, k), value(g + 8 * h, k + 1));
+                    } else {
+                        a[s][2 * r + h] = to_tf32(value(g + 8 * h, k));
+                    }
+                }
+            }
+        }
+    }
+
+    // Z[r][c] = (Z[r][c] if ACCUMULATE) + sum_k A(r, k) B(k, c) for the first 8 nt columns, over
+    // ksteps k-steps.
+    template <bool ACCUMULATE>
+    __device__ void product(const unsigned int* __restrict__ bst, int nt, int ksteps,
+                            unsigned int* __restrict__ z) const {
+        int j0 = 0;
+        for (; j0 + MmaRows::GROUP <= nt; j0 += MmaRows::GROUP) tiles<MmaRows::GROUP, ACCUMULATE>(bst, j0, ksteps, z);
+        switch (nt - j0) {
+            case 3: tiles<3, ACCUMULATE>(bst, j0, ksteps, z); break;
+            case 2: tiles<2, ACCUMULATE>(bst, j0, ksteps, z); break;
+            case 1: tiles<1, ACCUMULATE>(bst, j0, ksteps, z); break;
+            default: break;
+        }
+    }
+
+    template <int NT, bool ACCUMULATE>
+    __device__ __forceinline__ void tiles(const unsigned int* __restrict__ bst, int j0, int ksteps,
+                                          unsigned int* __restrict__ z) const {
+        const uint4* b = reinterpret_cast<const uint4*>(bst) + (j0 / 2) * 32 + MmaRows::slot(g, t);
+        // The accumulator's (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) are Z words
+        // 2 c, 2 c + 2, 2 c + 1, 2 c + 3 of row pair g, c = 8 j + 2 t: one 16-byte access.
+        uint4* zt = reinterpret_cast<uint4*>(z + g * MmaRows::A_LD + 16 * j0 + 4 * t);
+        float acc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            uint4 f = {0u, 0u, 0u, 0u};
+            if (ACCUMULATE) f = zt[4 * j];
+            acc[j][0] = __uint_as_float(f.x), acc[j][1] = __uint_as_float(f.z);
+            acc[j][2] = __uint_as_float(f.y), acc[j][3] = __uint_as_float(f.w);
+        }
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s) {
+            if (s >= ksteps) break;  // warp-uniform
+#pragma unroll
+            for (int p = 0; p < (NT + 1) / 2; ++p) {
+                const uint4 bp = b[(s * MmaRows::PAIRS + p) * 32];
+                Op::mma(acc[2 * p], a[s], bp.x, bp.y);
+                if (2 * p + 1 < NT) Op::mma(acc[2 * p + 1], a[s], bp.z, bp.w);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const uint4 f = {__float_as_uint(acc[j][0]), __float_as_uint(acc[j][2]), __float_as_uint(acc[j][1]),
+                             __float_as_uint(acc[j][3])};
+            zt[4 * j] = f;
+        }
+    }
+};
+
+template <class Op, int ACT>
+__device__ __forceinline__ void mlp_forward_mma(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
+                                                const float* const (&b)[Fused::MAX_LAYERS],
+                                                float* const (&hout)[Fused::MAX_LAYERS],
+                                                float* const (&zout)[Fused::MAX_LAYERS], const int* __restrict__ plan,
+                                                int B) {
+    using F = Fused;
+    using R = MmaRows;
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    constexpr int B_WORDS = WarpMma<Op>::KSTEPS * R::PAIRS * 128;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned int* bst = fused_smem;
+    unsigned int* abuf = fused_smem + B_WORDS + warp * R::A_WORDS;
+    // An input wider than one chunk keeps its partial sums apart from the staged x.
+    unsigned int* zbuf = plan[PLAN_IN] > F::MAX_WIDTH ? abuf + R::WARPS * R::A_WORDS : abuf;
+    const long long row0 = static_cast<long long>(blockIdx.x) * R::ROWS + 16 * warp;  // this warp's rows
+    const bool active = row0 < B;  // warp-uniform: a slab wholly past the batch does no math
+    WarpMma<Op> m = WarpMma<Op>::of(lane);
+    const int layers = plan[PLAN_LAYERS];
+    for (int l = 0; l < layers; ++l) {
+        const LayerPlan p = LayerPlan::of(plan, l);
+        const float* wl = layer_slot(w, l);
+        const int nt = (p.out + 7) / 8;
+        for (int k0 = 0; k0 < p.in; k0 += F::MAX_WIDTH) {
+            __syncthreads();  // every warp is done with the previous stage
+            stage_b<Op, false>(bst, wl, k0, p.in, 0, p.out);
+            if (l == 0 && active) {  // x's chunk into this warp's A buffer, zero past B and in
+                for (int r = 0; r < 8; ++r) {
+                    const long long row = row0 + r, row8 = row + 8;
+#pragma unroll
+                    for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                        const int c = lane + 32 * i;
+                        const bool in_x = k0 + c < p.in;
+                        store_a<Op>(abuf + r * R::A_LD, c, in_x && row < B ? x[row * p.in + k0 + c] : 0.0f,
+                                    in_x && row8 < B ? x[row8 * p.in + k0 + c] : 0.0f);
+                    }
+                }
+            }
+            __syncthreads();
+            if (active) {
+                const int kvalid = p.in - k0 < F::MAX_WIDTH ? p.in - k0 : F::MAX_WIDTH;
+                const int ksteps = (kvalid + Op::MMA_K - 1) / Op::MMA_K;
+                m.load_a(abuf, ksteps);
+                __syncwarp();  // every lane has its A before Z (which may be the A buffer) is written
+                if (k0 == 0) {
+                    m.template product<false>(bst, nt, ksteps, zbuf);
+                } else {
+                    m.template product<true>(bst, nt, ksteps, zbuf);
+                }
+            }
+        }
+        if (!active) continue;
+        __syncwarp();  // the row pass reads Z written by other lanes
+        const bool last = l == layers - 1, activated = p.act != ACT_IDENTITY;
+        const float* bl = layer_slot(b, l);
+        float* hl = layer_slot(hout, l);
+        float* zl = layer_slot(zout, l);
+        float bias[F::MAX_WIDTH / 32];
+#pragma unroll
+        for (int i = 0; i < F::MAX_WIDTH / 32; ++i) bias[i] = lane + 32 * i < p.out ? bl[lane + 32 * i] : 0.0f;
+        for (int r = 0; r < 8; ++r) {  // rows r and r + 8
+            float2 z[F::MAX_WIDTH / 32];
+#pragma unroll
+            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                const int c = lane + 32 * i;
+                z[i] = c < p.out ? load_z(zbuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
+                z[i].x += bias[i], z[i].y += bias[i];
+            }
+            __syncwarp();  // bf16: the row pair's A words overlap its Z words
+#pragma unroll
+            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                const int c = lane + 32 * i;
+                const bool valid = c < p.out;
+                float h[2] = {z[i].x, z[i].y};
+                const float zi[2] = {z[i].x, z[i].y};
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const long long row = row0 + r + 8 * half;
+                    if (valid && activated) h[half] = act_forward<ACT>(zi[half]);
+                    if (valid && row < B) {
+                        if (p.flags & STORE_H) hl[row * p.out + c] = h[half];
+                        if (p.flags & STORE_Z) zl[row * p.out + c] = zi[half];
+                    }
+                }
+                if (!last) store_a<Op>(abuf + r * R::A_LD, c, h[0], h[1]);  // zero past the width: K's padding
+            }
+        }
+        __syncwarp();
+    }
+}
+
+template <class Op, int ACT>
+__device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, float* __restrict__ dx,
+                                                 const float* const (&w)[Fused::MAX_LAYERS],
+                                                 const float* const (&act_in)[Fused::MAX_LAYERS],
+                                                 float* const (&dz)[Fused::MAX_LAYERS], const int* __restrict__ plan,
+                                                 int B) {
+    using F = Fused;
+    using R = MmaRows;
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    constexpr int B_WORDS = WarpMma<Op>::KSTEPS * R::PAIRS * 128;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned int* bst = fused_smem;
+    unsigned int* abuf = fused_smem + B_WORDS + warp * R::A_WORDS;  // also Z: g, fp32
+    const long long row0 = static_cast<long long>(blockIdx.x) * R::ROWS + 16 * warp;
+    const bool active = row0 < B;
+    WarpMma<Op> m = WarpMma<Op>::of(lane);
+    const int top = plan[PLAN_LAYERS] - 1, lowest = plan[PLAN_LOWEST];
+    const bool input_grad = plan[PLAN_INPUT_GRAD] != 0;
+    if (active) {  // g = dy, in Z's layout
+        const int out = LayerPlan::of(plan, top).out;
+        for (int r = 0; r < 8; ++r) {
+            const long long row = row0 + r, row8 = row + 8;
+#pragma unroll
+            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                const int c = lane + 32 * i;
+                if (c < out) {
+                    const uint2 g = {__float_as_uint(row < B ? dy[row * out + c] : 0.0f),
+                                     __float_as_uint(row8 < B ? dy[row8 * out + c] : 0.0f)};
+                    *reinterpret_cast<uint2*>(abuf + r * R::A_LD + 2 * c) = g;
+                }
+            }
+        }
+        __syncwarp();
+    }
+    for (int l = top; l >= lowest; --l) {
+        const LayerPlan p = LayerPlan::of(plan, l);
+        if (active) {  // dz = g * act'(.): out to dz_l for a trainable layer, rounded into A
+            const float* saved_l = layer_slot(act_in, l);
+            float* dz_l = layer_slot(dz, l);
+            for (int r = 0; r < 8; ++r) {  // rows r and r + 8
+                float2 g[F::MAX_WIDTH / 32];
+#pragma unroll
+                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                    const int c = lane + 32 * i;
+                    g[i] = c < p.out ? load_z(abuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
+                }
+                __syncwarp();  // bf16: the row pair's A words overlap its g words
+#pragma unroll
+                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                    const int c = lane + 32 * i;
+                    float dzv[2] = {g[i].x, g[i].y};
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const long long row = row0 + r + 8 * half;
+                        if (c < p.out && row < B) {
+                            if (p.act != ACT_IDENTITY) {
+                                const float saved = saved_l[row * p.out + c];
+                                dzv[half] *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs
+                            }
+                            if (p.flags & TRAINABLE) dz_l[row * p.out + c] = dzv[half];
+                        } else {
+                            dzv[half] = 0.0f;
+                        }
+                    }
+                    store_a<Op>(abuf + r * R::A_LD, c, dzv[0], dzv[1]);
+                }
+            }
+            __syncwarp();
+        }
+        if (l == lowest && !input_grad) break;
+        // g = dz @ W_l^T, (16, out) x (out, in) per warp, in 128-column chunks (one unless l = 0).
+        const float* wl = layer_slot(w, l);
+        const int ksteps = (p.out + Op::MMA_K - 1) / Op::MMA_K;
+        if (active) {
+            m.load_a(abuf, ksteps);
+            __syncwarp();  // Z overwrites the A buffer
+        }
+        for (int n0 = 0; n0 < p.in; n0 += F::MAX_WIDTH) {
+            __syncthreads();
+            stage_b<Op, true>(bst, wl, 0, p.out, n0, p.in);
+            __syncthreads();
+            if (!active) continue;
+            const int cols = p.in - n0 < F::MAX_WIDTH ? p.in - n0 : F::MAX_WIDTH;
+            m.template product<false>(bst, (cols + 7) / 8, ksteps, abuf);
+            __syncwarp();
+            if (l > 0) continue;  // g stays in Z for layer l - 1
+            for (int r = 0; r < 8; ++r) {
+                const long long row = row0 + r, row8 = row + 8;
+#pragma unroll
+                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                    const int c = lane + 32 * i;
+                    if (c >= cols) continue;
+                    const float2 v = load_z(abuf + r * R::A_LD, c);
+                    if (row < B) dx[row * p.in + n0 + c] = v.x;
+                    if (row8 < B) dx[row8 * p.in + n0 + c] = v.y;
+                }
+            }
+            __syncwarp();  // the next chunk's products overwrite Z
+        }
+    }
+}
+
+// dW/db on tensor cores: a block owns MmaRows::ROWS = 64 rows of dW_l (16 per warp) and all its
+// columns; over its split's batch rows in 128-row chunks, the block stages dz_l's chunk as B (as
+// the forward stages W_l), each warp loads its A = h_l^T fragments straight from global memory,
+// rounded (every element is read by one warp only), and accumulates into its Z buffer, which it
+// then writes out row by row. db sums dz_l from global memory in fp32, in the blocks of W_l's first
+// row tile, one thread per column. Shared memory: the B stage and 4 Z buffers, as the forward.
+template <class Op>
+__device__ __forceinline__ void mlp_weight_grads_mma(const float* const (&h)[Fused::MAX_LAYERS],
+                                                     const float* const (&dz)[Fused::MAX_LAYERS],
+                                                     float* const (&dw)[Fused::MAX_LAYERS],
+                                                     float* const (&db)[Fused::MAX_LAYERS], float* __restrict__ ws,
+                                                     unsigned int* __restrict__ tickets, const int* __restrict__ plan,
+                                                     int B, int k_chunk, int splits, int ws_split_stride) {
+    using F = Fused;
+    using R = MmaRows;
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    constexpr int B_WORDS = WarpMma<Op>::KSTEPS * R::PAIRS * 128;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned int* bst = fused_smem;
+    unsigned int* zbuf = fused_smem + B_WORDS + warp * R::A_WORDS;
+    int l = -1;  // the last trainable layer whose first tile is at or before blockIdx.x
+    for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
+        const LayerPlan q = LayerPlan::of(plan, i);
+        if ((q.flags & TRAINABLE) && q.first_tile <= static_cast<int>(blockIdx.x)) l = i;
+    }
+    const LayerPlan p = LayerPlan::of(plan, l);
+    const float* h_l = layer_slot(h, l);
+    const float* dz_l = layer_slot(dz, l);
+    float* dw_l = layer_slot(dw, l);
+    float* db_l = layer_slot(db, l);
+    const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * R::ROWS;
+    const int mw = m0 + 16 * warp;  // this warp's first row of dW_l
+    const bool active = mw < p.in;
+    const SplitRows batch_rows = SplitRows::of(B, k_chunk, blockIdx.y);
+    const long long k_begin = batch_rows.begin, k_end = batch_rows.end;
+    static_assert(Fused::THREADS == Fused::MAX_WIDTH, "db: one thread per column");
+    const bool owns_db = m0 == 0 && static_cast<int>(threadIdx.x) < p.out;
+    const int nt = (p.out + 7) / 8;
+    WarpMma<Op> m = WarpMma<Op>::of(lane);
+    float colsum = 0.0f;
+    for (long long b0 = k_begin; b0 < k_end; b0 += F::MAX_WIDTH) {
+        const int rows = k_end - b0 < F::MAX_WIDTH ? static_cast<int>(k_end - b0) : F::MAX_WIDTH;
+        __syncthreads();  // every warp is done with the previous stage
+        stage_b<Op, false>(bst, dz_l, static_cast<int>(b0), static_cast<int>(k_end), 0, p.out);
+        if (owns_db) {
+            for (int k = 0; k < rows; ++k) colsum += dz_l[(b0 + k) * p.out + threadIdx.x];
+        }
+        __syncthreads();
+        if (!active) continue;
+        const int ksteps = (rows + Op::MMA_K - 1) / Op::MMA_K;
+        m.load_a_from([&](int r, int k) { return mw + r < p.in && k < rows ? h_l[(b0 + k) * p.in + mw + r] : 0.0f; },
+                      ksteps);
+        if (b0 == k_begin) {
+            m.template product<false>(bst, nt, ksteps, zbuf);
+        } else {
+            m.template product<true>(bst, nt, ksteps, zbuf);
+        }
+    }
+
+    const long long dw_size = static_cast<long long>(p.in) * p.out;
+    float* dw_out = split_k_partial(dw_l, ws + p.ws, ws_split_stride, splits, blockIdx.y);
+    float* db_out = split_k_partial(db_l, ws + p.ws + dw_size, ws_split_stride, splits, blockIdx.y);
+    if (active) {
+        __syncwarp();  // the row pass reads Z written by other lanes
+        const bool any_rows = k_begin < k_end;
+        for (int r = 0; r < 8; ++r) {
+#pragma unroll
+            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= p.out) continue;
+                const float2 v = any_rows ? load_z(zbuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
+                if (mw + r < p.in) dw_out[static_cast<long long>(mw + r) * p.out + c] = v.x;
+                if (mw + r + 8 < p.in) dw_out[static_cast<long long>(mw + r + 8) * p.out + c] = v.y;
+            }
+        }
+    }
+    if (owns_db) db_out[threadIdx.x] = colsum;
+    if (splits == 1) return;
+
+    if (!split_k_arrived_last(&tickets[blockIdx.x], splits)) return;
+    const int rows = p.in - m0 < R::ROWS ? p.in - m0 : R::ROWS;
+    split_k_sum(ws + p.ws, ws_split_stride, splits, dw_l, p.out, m0, rows, 0, p.out);
+    if (m0 == 0) split_k_sum(ws + p.ws + dw_size, ws_split_stride, splits, db_l, p.out, 0, 1, 0, p.out);
+    split_k_reset(&tickets[blockIdx.x]);
+}
+
 template <class P>
 __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::MAX_LAYERS],
                                                  const float* const (&dz)[Fused::MAX_LAYERS],
@@ -395,7 +842,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
                                                  int B, int k_chunk, int splits, int ws_split_stride) {
     using F = Fused;
     __shared__ float Hs[F::KC * F::ROWS];       // Hs[k][r] = h_l[b0 + k][m0 + r]
-    __shared__ float Ds[F::KC * F::MAX_WIDTH];  // Ds[k][c] = dz_l[b0 + k][c]
+    __shared__ float Ds[F::KC * F::LDW];  // Ds[k][c] = dz_l[b0 + k][c]
     // This block's layer: the last trainable layer whose first tile is at or before blockIdx.x.
     int l = -1;
     for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
@@ -426,7 +873,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         __syncthreads();
         o.accumulate(acc, Hs, 1, F::ROWS, Ds);
         if (owns_db) {
-            for (int k = 0; k < F::KC; ++k) colsum += Ds[k * F::MAX_WIDTH + threadIdx.x];
+            for (int k = 0; k < F::KC; ++k) colsum += Ds[k * F::LDW + threadIdx.x];
         }
         __syncthreads();
     }
@@ -455,32 +902,36 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
 }  // namespace gpubp
 
 // The entry points take MAX_LAYERS pointers per per-layer array (kernel arguments, so a step
-// needs no host-to-device copy of a pointer table); one set per precision.
+// needs no host-to-device copy of a pointer table): fused_mlp_fwd<precision>_<activation> and
+// fused_mlp_bwd<precision>_<activation> for each precision and activation, fused_mlp_dw<precision>
+// (which applies no activation) for each precision.
 #define GPUBP_LAYER_PTRS(T, NAME) T NAME##0, T NAME##1, T NAME##2, T NAME##3, T NAME##4, T NAME##5, T NAME##6, T NAME##7
 #define GPUBP_LAYER_ARRAY(T, NAME) \
     T const NAME[gpubp::Fused::MAX_LAYERS] = {NAME##0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6, NAME##7}
 
-#define GPUBP_FUSED_MLP_ENTRIES(SUFFIX, POLICY)                                                                      \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
-        fused_mlp_fwd##SUFFIX(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),                        \
-                              GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),                     \
-                              GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {                 \
+#define GPUBP_FUSED_MLP_ACT_ENTRIES(SUFFIX, FORWARD, BACKWARD, NAME)                                                      \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
+        fused_mlp_fwd##SUFFIX##_##NAME(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),               \
+                                       GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),            \
+                                       GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {        \
         GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
         GPUBP_LAYER_ARRAY(const float*, b);                                                                          \
         GPUBP_LAYER_ARRAY(float*, hout);                                                                             \
         GPUBP_LAYER_ARRAY(float*, zout);                                                                             \
-        gpubp::mlp_forward<POLICY>(x, w, b, hout, zout, plan, B);                                                    \
+        FORWARD(x, w, b, hout, zout, plan, B);                                               \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
-        fused_mlp_bwd##SUFFIX(const float* __restrict__ dy, float* __restrict__ dx, GPUBP_LAYER_PTRS(const float*, w), \
-                              GPUBP_LAYER_PTRS(const float*, act_in), GPUBP_LAYER_PTRS(float*, dz),                  \
-                              const int* __restrict__ plan, int B) {                                                 \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
+        fused_mlp_bwd##SUFFIX##_##NAME(const float* __restrict__ dy, float* __restrict__ dx,                         \
+                                       GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, act_in),    \
+                                       GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan, int B) {          \
         GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
         GPUBP_LAYER_ARRAY(const float*, act_in);                                                                     \
         GPUBP_LAYER_ARRAY(float*, dz);                                                                               \
-        gpubp::mlp_backward<POLICY>(dy, dx, w, act_in, dz, plan, B);                                                 \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS)                                              \
+        BACKWARD(dy, dx, w, act_in, dz, plan, B);                                            \
+    }
+
+#define GPUBP_FUSED_MLP_DW_ENTRY(SUFFIX, WEIGHT_GRADS)                                                                     \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
         fused_mlp_dw##SUFFIX(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz),                  \
                              GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws,     \
                              unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk,  \
@@ -489,9 +940,21 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         GPUBP_LAYER_ARRAY(const float*, dz);                                                                         \
         GPUBP_LAYER_ARRAY(float*, dw);                                                                               \
         GPUBP_LAYER_ARRAY(float*, db);                                                                               \
-        gpubp::mlp_weight_grads<POLICY>(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);      \
+        WEIGHT_GRADS(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);                         \
     }
 
-GPUBP_FUSED_MLP_ENTRIES(, gpubp::SimtFp32)
-GPUBP_FUSED_MLP_ENTRIES(_tf32, gpubp::MmaTf32)
-GPUBP_FUSED_MLP_ENTRIES(_bf16, gpubp::MmaBf16)
+#define GPUBP_FUSED_MLP_FP32(NAME, ACT)                                                                          \
+    GPUBP_FUSED_MLP_ACT_ENTRIES(, (gpubp::mlp_forward<gpubp::SimtFp32, ACT>),                                      \
+                                (gpubp::mlp_backward<gpubp::SimtFp32, ACT>), NAME)
+#define GPUBP_FUSED_MLP_TF32(NAME, ACT)                                                                          \
+    GPUBP_FUSED_MLP_ACT_ENTRIES(_tf32, (gpubp::mlp_forward_mma<gpubp::Tf32Op, ACT>),                               \
+                                (gpubp::mlp_backward_mma<gpubp::Tf32Op, ACT>), NAME)
+#define GPUBP_FUSED_MLP_BF16(NAME, ACT)                                                                          \
+    GPUBP_FUSED_MLP_ACT_ENTRIES(_bf16, (gpubp::mlp_forward_mma<gpubp::Bf16Op, ACT>),                               \
+                                (gpubp::mlp_backward_mma<gpubp::Bf16Op, ACT>), NAME)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_FP32)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_TF32)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_BF16)
+GPUBP_FUSED_MLP_DW_ENTRY(, gpubp::mlp_weight_grads<gpubp::SimtFp32>)
+GPUBP_FUSED_MLP_DW_ENTRY(_tf32, gpubp::mlp_weight_grads_mma<gpubp::Tf32Op>)
+GPUBP_FUSED_MLP_DW_ENTRY(_bf16, gpubp::mlp_weight_grads_mma<gpubp::Bf16Op>)

@@ -139,8 +139,9 @@ def launched_kernel_names() -> set[str]:
              "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
              "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words"}
     names |= {f"dropout_dz_{act}" for act in ACTIVATIONS}
-    names |= {f"fused_mlp_{kind}{suffix}" for kind in ("fwd", "bwd", "dw")
-              for suffix in cupy_backend.FUSED_PRECISIONS.values()}
+    for suffix in cupy_backend.FUSED_PRECISIONS.values():
+        names |= {f"fused_mlp_{kind}{suffix}_{act}" for kind in ("fwd", "bwd") for act in ACTIVATIONS}
+        names.add(f"fused_mlp_dw{suffix}")
     for act in ACTIVATIONS:
         names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")} | {f"dense_dz_db_{act}"}
         names |= {f"dense_fwd_{act}_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
@@ -471,26 +472,29 @@ def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
 #
 # kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
 # (batch, input width, output widths, activations, frozen layers, need_input_grad); together
-# they cover batch 1, 127, 129 and 1000, every activation, 1 to 8 layers, widths 1, 16, 33, 64
-# and 128, inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
+# they cover batch 1, 45, 50, 127, 129 and 1000, every activation (the kernels' one activation,
+# with identity layers anywhere), 1 to 8 layers, widths 1, 10, 16, 32, 33, 40, 64, 72 and 128,
+# inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
 FUSED_RTOL = 1e-5
 FUSED_CASES = {
     "one_unit": (1, 1, [1], ["sigmoid"], [], True),
     **{f"act_{act}": (129, 19, [33, 16, 5], [act, act, act], [], True) for act in ACTIVATIONS},
-    **{f"{n}_layers": (127, 7, [16] * (n - 1) + [3], ["tanh", "relu", "gelu"] * 2 + ["leaky_relu", "identity"],
+    **{f"{n}_layers": (127, 7, [16] * (n - 1) + [3], ["tanh", "identity", "tanh"] * 2 + ["tanh", "identity"],
                        [], False) for n in (1, 2, 5, 8)},
-    "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "relu", "sigmoid", "identity"], [], True),
+    "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "gelu_tanh", "identity", "gelu_tanh"], [], True),
+    "widths_40_72_10": (45, 40, [40, 72, 10], ["leaky_relu", "leaky_relu", "identity"], [], True),
+    "widths_32_64_128": (50, 32, [32, 64, 128], ["sigmoid", "sigmoid", "sigmoid"], [], True),
     "batch_1000": (1000, 24, [64, 64, 64, 10], ["relu", "relu", "relu", "identity"], [], False),
-    "bottom_2_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [0, 1], False),
-    "middle_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"], [2], False),
-    "all_but_head_frozen": (129, 20, [32, 32, 16, 16, 4], ["relu", "tanh", "gelu", "sigmoid", "identity"],
+    "bottom_2_frozen": (129, 20, [32, 32, 16, 16, 4], ["gelu", "gelu", "identity", "gelu", "identity"], [0, 1], False),
+    "middle_frozen": (129, 20, [32, 32, 16, 16, 4], ["gelu", "gelu", "identity", "gelu", "identity"], [2], False),
+    "all_but_head_frozen": (129, 20, [32, 32, 16, 16, 4], ["gelu", "gelu", "identity", "gelu", "identity"],
                             [0, 1, 2, 3], False),
-    "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "gelu", "identity"], [0, 1], True),
+    "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "relu", "identity"], [0, 1], True),
     "softmax_head": (65, 12, [16, 6], ["gelu", "softmax"], [], False),
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
-                   if name in ("one_unit", "act_gelu", "widths_wide_input", "middle_frozen",
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "middle_frozen",
                                "all_but_head_frozen_input_grad")}
     FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
 
@@ -582,10 +586,10 @@ def test_fused_mlp_matches_numpy(cb_h100, rng, case):
 FUSED_TOLERANCE = {"tf32": 3e-3, "bf16": 2e-2}
 # The mma emulation is the harness's slowest path: fewer cases that still cover every activation,
 # 8 layers, an input wider than 128, freezing, the input gradient and a softmax head.
-PRECISION_CASES = ["act_relu", "act_gelu", "8_layers", "widths_wide_input", "middle_frozen",
-                   "all_but_head_frozen_input_grad", "softmax_head"]
+PRECISION_CASES = ["act_relu", "act_gelu", "8_layers", "widths_wide_input", "widths_40_72_10", "widths_32_64_128",
+                   "middle_frozen", "all_but_head_frozen_input_grad", "softmax_head"]
 if SANITIZED:
-    PRECISION_CASES = ["act_gelu", "widths_wide_input"]
+    PRECISION_CASES = ["act_gelu", "widths_wide_input", "widths_40_72_10"]
 
 
 @pytest.mark.parametrize("case", PRECISION_CASES)
@@ -622,10 +626,18 @@ def test_fused_tensor_core_precisions_round_their_operands(cb_h100, precision, s
     assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0 + 2 * step, np.float32))
 
 
+def test_the_fused_forward_refuses_two_activations_naming_the_argument(cb_h100, rng):
+    ws, bs = mlp_params(rng, 3, [4, 2])
+    dev = cb_h100.asarray
+    with pytest.raises(ValueError, match=r"acts: the fused kernels apply one activation besides identity"):
+        cb_h100.fused_mlp_forward(dev(np.ones((2, 3), np.float32)), [dev(w) for w in ws], [dev(b) for b in bs],
+                                  ["relu", "tanh"], [False, False], [False, False])
+
+
 def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
     """A frozen prefix keeps nothing; a trainable layer keeps its input; act' inputs are kept
     from the lowest trainable layer up (z for gelu, the output otherwise, nothing for identity)."""
-    acts = ["relu", "tanh", "gelu", "identity"]
+    acts = ["gelu", "identity", "gelu", "identity"]
     x = rng.standard_normal((40, 9)).astype(np.float32)
     ws, bs = mlp_params(rng, 9, [16, 16, 8, 3])
     dev = cb_h100.asarray
@@ -634,7 +646,7 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
                                                       keep_input, keep_output)
     assert [a is not None for a in inputs] == keep_input
     assert [a is not None for a in act_inputs] == keep_output
-    y_ref, z_ref = ref.dense_forward(*f64(x, ws[0], bs[0]), "relu")
+    y_ref, z_ref = ref.dense_forward(*f64(x, ws[0], bs[0]), acts[0])
     for i in (1, 2):
         h_ref = y_ref
         y_ref, z_ref = ref.dense_forward(h_ref, *f64(ws[i], bs[i]), acts[i])
@@ -643,18 +655,21 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
     close(cb_h100.to_host(inputs[3]), y_ref, FUSED_RTOL)
 
 
-def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cb, rng, request):
+@pytest.mark.parametrize("precision", ["fp32", *FUSED_TOLERANCE])
+def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cb, rng, request, precision):
     sms = request.node.callspec.params["cb"]  # the SM count the fixture gave the simulated GPU
     batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
     assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
     x = rng.standard_normal((batch, 5)).astype(np.float32)
     ws, bs = mlp_params(rng, 5, widths)
     dy = rng.standard_normal((batch, 3)).astype(np.float32)
-    runs = [run_fused(cb, x, ws, bs, acts, dy, [False, True], [True, True]) for _ in range(2)]
-    _, _, grads_ref = reference_mlp(x, ws, bs, acts, dy, [False, True], [True, True])
+    runs = [run_fused(cb, x, ws, bs, acts, dy, [False, True], [True, True], precision) for _ in range(2)]
+    host = [[cb.to_host(a) for a in arrays] for arrays in runs[0][1:3]]  # tensor cores: at what forward kept
+    _, grads_ref = reference_backward_at(ws, acts, *host, dy, [False, True], [True, True])
+    tol = FUSED_TOLERANCE.get(precision, FUSED_RTOL)
     for i, (dw_ref, db_ref) in enumerate(grads_ref):
-        close(cb.to_host(runs[0][4][i]), dw_ref, FUSED_RTOL)
-        close(cb.to_host(runs[0][5][i]), db_ref, FUSED_RTOL)
+        close(cb.to_host(runs[0][4][i]), dw_ref, tol)
+        close(cb.to_host(runs[0][5][i]), db_ref, tol)
         assert np.array_equal(cb.to_host(runs[1][4][i]), cb.to_host(runs[0][4][i]))
         assert np.array_equal(cb.to_host(runs[1][5][i]), cb.to_host(runs[0][5][i]))
     assert not cb.to_host(cb._state()["tickets"]).any(), "the last block of each tile resets its ticket"
@@ -662,7 +677,7 @@ def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(c
 
 # The fused path through the layer API: Sequential picks it on the cupy backend.
 FREEZE_PATTERNS = {"none": [], "bottom_2": [0, 1], "middle": [2], "all_but_head": [0, 1, 2, 3]}
-FUSED_MODEL = ([(12, 32, "relu"), (32, 33, "tanh"), (33, 16, "gelu"), (16, 16, "sigmoid"), (16, 5, None)], 70)
+FUSED_MODEL = ([(12, 32, "tanh"), (32, 33, "tanh"), (33, 16, None), (16, 16, "tanh"), (16, 5, None)], 70)
 if SANITIZED:
     FREEZE_PATTERNS = {"middle": [2]}
 
@@ -723,6 +738,30 @@ def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_ke
     assert t.launches == ["dense_fwd", "dense_fwd"]
     with pytest.raises(ValueError, match=r"fused=True: layer 'dense_0' has out_features=129; .* at most 128"):
         gb.Sequential(layers, backend="cupy", fused=True)
+
+
+def test_fused_auto_keeps_the_per_layer_path_for_a_model_of_two_activations(cb_h100, rng):
+    layers = [gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "tanh"), gb.Dense(8, 3)]
+    model = gb.Sequential(layers, backend="cupy")
+    assert not model.uses_fused
+    with trace() as t:
+        model.forward(rng.standard_normal((5, 4)).astype(np.float32))
+    assert t.launches == ["dense_fwd"] * 3
+    with pytest.raises(ValueError, match=r"fused=True: the layers apply 'relu' and 'tanh'; .* one activation"):
+        gb.Sequential(layers, backend="cupy", fused=True)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_the_fused_kernels_are_the_ones_compiled_for_the_models_activation(cb_h100, monkeypatch, rng, act):
+    launched = []
+    launch = cb_h100._Launch.__call__
+    monkeypatch.setattr(cb_h100._Launch, "__call__",
+                        lambda self, *a, **k: launched.append(self.function.kernel.name) or launch(self, *a, **k))
+    model = gb.Sequential([gb.Dense(4, 8, act), gb.Dense(8, 8, act), gb.Dense(8, 3)], backend="cupy")
+    assert model.uses_fused
+    out = model.forward(rng.standard_normal((5, 4)).astype(np.float32))
+    model.backward(gb.losses.mse(out, np.zeros((5, 3), np.float32))[1])
+    assert launched == [f"fused_mlp_fwd_{act}", f"fused_mlp_bwd_{act}", "fused_mlp_dw"]
 
 
 @pytest.mark.skipif(SANITIZED, reason="the kernels' precisions are checked above")
@@ -932,7 +971,7 @@ GRAPH_OPTIMIZERS = {
 
 def graph_model(fused, frozen=0, head="identity", seed=5):
     gb.seed(seed)
-    model = gb.Sequential([gb.Dense(9, 24, "tanh"), gb.Dense(24, 16, "gelu"), gb.Dense(16, 3, head)],
+    model = gb.Sequential([gb.Dense(9, 24, "gelu"), gb.Dense(24, 16, "gelu"), gb.Dense(16, 3, head)],
                           backend="cupy", fused=fused)
     return model.freeze_to(frozen) if frozen else model
 
@@ -1283,10 +1322,10 @@ PLANTED_BUGS = {
         "w[static_cast<long long>(n0 + c) * K + k0 + k]",
         "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
         "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
-    "fused: wrong tf32 fragment index": (
+    "fused: wrong tensor-core A fragment": (
         "fused_mlp.cu",
-        "to_tf32(a0[4 * k_stride])",
-        "to_tf32(a0[0])",
+        "abuf + g * MmaRows::A_LD + 16 * s + 4 * t);",
+        "abuf + g * MmaRows::A_LD + 16 * s + 4 * (t ^ 1));",
         "plain", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "max error"),
     "philox: a round that leaves the key out": (
         "philox.cuh",
@@ -1298,6 +1337,16 @@ PLANTED_BUGS = {
         "for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;",
         "for (int e = 0; e < 4; ++e) v[e] = e <= count ? p[base + e] : 0.0f;",
         "asan", "dropout_mask_kernel and 132sms", "heap-buffer-overflow"),
+    "fused: weight stage stored without its swizzle": (
+        "fused_mlp.cu",
+        "MmaRows::slot(g, t)) + 2 * q + r] = word;",
+        "4 * g + t) + 2 * q + r] = word;",
+        "plain", "fused_mlp_on_tensor_cores and bf16 and act_gelu", "max error"),
+    "fused: tensor-core dx written past the input width": (
+        "fused_mlp.cu",
+        "                    if (c >= cols) continue;\n",
+        "",
+        "asan", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "heap-buffer-overflow"),
 }
 
 

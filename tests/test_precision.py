@@ -68,7 +68,7 @@ def test_a_slice_set_to_another_precision_leaves_the_models_kernels_alone(monkey
 TENSOR_CORE_KERNELS = {
     False: {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu", "dense_dw_tf32_identity",
             "dense_dx_tf32_identity"},
-    True: {"fused_mlp_fwd_tf32", "fused_mlp_bwd_tf32", "fused_mlp_dw_tf32"},
+    True: {"fused_mlp_fwd_tf32_gelu", "fused_mlp_bwd_tf32_gelu", "fused_mlp_dw_tf32"},
 }
 
 

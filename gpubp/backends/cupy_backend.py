@@ -102,6 +102,12 @@ ELEMENTWISE_BLOCKS_PER_SM = 16
 FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
 FUSED_ROWS, FUSED_THREADS = 32, 128
+# The tensor-core fwd/bwd (Fused MmaRows): 16 rows per warp, a dynamic shared B stage of
+# (128 / mma k) k-steps x 8 tile pairs x 128 words, and per warp an A/Z buffer of 16 x 136 words
+# (two for a forward whose input is wider than 128).
+FUSED_MMA_ROWS = 64
+_FUSED_MMA_K = {"tf32": 8, "bf16": 16}
+_FUSED_A_WORDS = (FUSED_THREADS // 32) * 16 * (FUSED_MLP_MAX_WIDTH + 8)
 _PLAN_HEAD = 4
 # precision -> kernel name suffix; tf32 and bf16 run on tensor cores (sm_80 and newer)
 FUSED_PRECISIONS = {"fp32": "", "tf32": "_tf32", "bf16": "_bf16"}
@@ -129,6 +135,12 @@ def tile_name(tile: tuple[int, int]) -> str:
     return f"{tile[0]}x{tile[1]}"
 
 
+def _fused_name(kind: str, precision: str, act: str | None = None) -> str:
+    """The extern "C" name of a fused MLP kernel: ``kind`` "fwd" or "bwd" (one per activation ``act``,
+    the one activation its layers apply besides identity) or "dw" (no activation)."""
+    return f"fused_mlp_{kind}{FUSED_PRECISIONS[precision]}" + ("" if act is None else f"_{act}")
+
+
 # Every extern "C" kernel of each source file (tests/test_kernels_on_cpu.py checks this against the
 # sources). All of a file's kernels are looked up when the file loads: with lazy loading (the CUDA
 # default since 12.2) the first lookup of a kernel is what loads it, and drivers before 12.3 refuse
@@ -140,8 +152,9 @@ KERNELS = {
     "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, "tf32") for act in ACT_ID),
     "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
     + tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
-    "fused_mlp.cu": tuple(f"fused_mlp_{kind}{suffix}"
-                          for suffix in FUSED_PRECISIONS.values() for kind in ("fwd", "bwd", "dw")),
+    "fused_mlp.cu": tuple(_fused_name(kind, precision, act) for precision in FUSED_PRECISIONS
+                          for kind in ("fwd", "bwd") for act in ACT_ID)
+    + tuple(_fused_name("dw", precision) for precision in FUSED_PRECISIONS),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
                                           ("bce_fwd_bwd", ""))),
@@ -821,10 +834,11 @@ def copy_into(dst, src) -> None:
 # runs a whole MLP whose output widths are all at most that through these two functions.
 
 
-def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool) -> tuple:
+def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool, dw_rows: int = FUSED_ROWS) -> tuple:
     """(plan array, dW tiles, floats per split of the dW workspace) for kernels/fused_mlp.cu,
-    built once per model shape and freezing pattern and kept on the device."""
-    key = (n_in, tuple(widths), tuple(acts), tuple(flags), lowest, input_grad)
+    built once per model shape and freezing pattern and kept on the device; a dW tile is
+    ``dw_rows`` rows of a layer's dW."""
+    key = (n_in, tuple(widths), tuple(acts), tuple(flags), lowest, input_grad, dw_rows)
     plans = _state().setdefault("fused_plans", {})
     if key not in plans:
         plan, tiles, ws = [len(widths), n_in, lowest, int(input_grad)], 0, 0
@@ -832,7 +846,7 @@ def _fused_plan(n_in: int, widths, acts, flags, lowest: int, input_grad: bool) -
             fan_in = n_in if i == 0 else widths[i - 1]
             plan += [width, ACT_ID[act], flag, tiles, ws]
             if flag & _TRAINABLE:
-                tiles += -(-fan_in // FUSED_ROWS)
+                tiles += -(-fan_in // dw_rows)
                 ws += fan_in * width + width
         plans[key] = (cupy.asarray(np.array(plan, np.int32)), tiles, ws)
     return plans[key]
@@ -853,6 +867,40 @@ def fused_precisions() -> tuple[str, ...]:
     return tuple(FUSED_PRECISIONS) if _has_tensor_cores() else ("fp32",)
 
 
+def fused_activation(acts) -> str | None:
+    """The activation a fused kernel is compiled for that runs a model whose layers apply ``acts``
+    (kernel activations: softmax already replaced by identity): the one activation besides
+    identity that they apply, "identity" when they apply none, None when they apply two or more
+    (such a model runs layer by layer)."""
+    applied = set(acts) - {"identity"}
+    if len(applied) > 1:
+        return None
+    return applied.pop() if applied else "identity"
+
+
+def _fused_rows(precision: str) -> int:
+    """Batch rows per fwd/bwd block, and dW rows per dw block, of the fused kernels."""
+    return FUSED_ROWS if precision == "fp32" else FUSED_MMA_ROWS
+
+
+def _fused_launch(kind: str, precision: str, act: str | None, n_in: int):
+    """(kernel, dynamic shared bytes) of a fused kernel. The tensor-core kernels take their shared
+    memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it can
+    ask for once, at its first use on a device."""
+    name = _fused_name(kind, precision, act)
+    kernel = _kernel("fused_mlp.cu", name)
+    if precision == "fp32":
+        return kernel, 0
+    b_words = FUSED_MLP_MAX_WIDTH // _FUSED_MMA_K[precision] * (FUSED_MLP_MAX_WIDTH // 16) * 128
+    buffers = 2 if kind == "fwd" and n_in > FUSED_MLP_MAX_WIDTH else 1
+    opted = _state().setdefault("fused_shared_opt_in", set())
+    if name not in opted:
+        most = 4 * (b_words + (2 if kind == "fwd" else 1) * _FUSED_A_WORDS)
+        kernel.function.max_dynamic_shared_size_bytes = most
+        opted.add(name)
+    return kernel, 4 * (b_words + buffers * _FUSED_A_WORDS)
+
+
 def _layer_slots(arrays, stand_in) -> list:
     """The MAX_LAYERS pointer arguments of one per-layer array; the kernel never reads the
     slots of absent layers or arrays, which get ``stand_in``."""
@@ -870,12 +918,15 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     Returns ``(y, inputs, act_inputs)``: the output (B, out) and, per layer, the kept arrays
     (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
     "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
-    memory; kernels/fused_mlp.cu gives their error)."""
+    memory; kernels/fused_mlp.cu gives their error). The layers apply at most one activation
+    besides identity (``fused_activation``): the kernels are compiled once per activation."""
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]
     kernel_acts = [*acts[:-1], "identity" if acts[-1] == "softmax" else acts[-1]]
+    if fused_activation(kernel_acts) is None:
+        raise ValueError(f"acts: the fused kernels apply one activation besides identity, got {list(acts)}")
     y = cupy.empty((batch, widths[-1]), np.float32)
     hout, zout, flags = [None] * layers, [None] * layers, []
     for i, act in enumerate(kernel_acts):
@@ -889,12 +940,11 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
             zout[i] = cupy.empty((batch, widths[i]), np.float32)
         flags.append(flag | (_STORE_H if hout[i] is not None else 0) | (_STORE_Z if wants_z else 0))
     plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
+    kernel, shared = _fused_launch("fwd", precision, fused_activation(kernel_acts), x.shape[1])
     record("fused_mlp_fwd")
-    _kernel("fused_mlp.cu", "fused_mlp_fwd" + FUSED_PRECISIONS[precision])(
-        (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
-        (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
-         plan, np.int32(batch)),
-    )
+    kernel((-(-batch // _fused_rows(precision)),), (FUSED_THREADS,),
+           (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
+            plan, np.int32(batch)), shared_mem=shared)
     if acts[-1] == "softmax":
         softmax_(y)
     inputs = [x if keep_input[0] else None] + [hout[i] if keep_input[i + 1] else None for i in range(layers - 1)]
@@ -925,29 +975,30 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     if acts[-1] == "softmax":
         dy = softmax_backward(dy, _f32(act_inputs[-1]), cupy.empty_like(dy))
         kernel_acts[-1] = "identity"
+    if fused_activation(kernel_acts) is None:
+        raise ValueError(f"acts: the fused kernels apply one activation besides identity, got {list(acts)}")
     lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i])
     flags = [_TRAINABLE if need_dw[i] else 0 for i in range(layers)]
     n_in = weights[0].shape[0]
-    plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0])
+    plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0], _fused_rows(precision))
     dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
     dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
+    kernel, shared = _fused_launch("bwd", precision, fused_activation(kernel_acts), n_in)
     record("fused_mlp_bwd")
-    _kernel("fused_mlp.cu", "fused_mlp_bwd" + FUSED_PRECISIONS[precision])(
-        (-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
-        (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
-         *_layer_slots(dz, dy), plan, np.int32(batch)),
-    )
+    kernel((-(-batch // _fused_rows(precision)),), (FUSED_THREADS,),
+           (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
+            *_layer_slots(dz, dy), plan, np.int32(batch)), shared_mem=shared)
     if tiles:
         splits, k_chunk = _dw_split(batch, tiles)
         tickets = _state()["tickets"][1:]
         ws = _workspace(splits * ws_stride) if splits > 1 else dy
+        kernel, shared = _fused_launch("dw", precision, None, n_in)
         record("fused_mlp_dw")
-        _kernel("fused_mlp.cu", "fused_mlp_dw" + FUSED_PRECISIONS[precision])(
-            (tiles, splits), (FUSED_THREADS,),
-            (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
-             ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
-        )
+        kernel((tiles, splits), (FUSED_THREADS,),
+               (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
+                ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
+               shared_mem=shared)
     return dx
 
 

@@ -71,6 +71,7 @@
 struct __align__(8) float2 { float x, y; };
 struct __align__(16) float4 { float x, y, z, w; };
 struct __align__(8) int2 { int x, y; };
+struct __align__(8) uint2 { unsigned int x, y; };
 struct __align__(16) int4 { int x, y, z, w; };
 struct __align__(16) uint4 { unsigned int x, y, z, w; };
 struct uint3 { unsigned int x, y, z; };

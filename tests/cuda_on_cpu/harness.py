@@ -93,6 +93,11 @@ _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+# The dynamic shared memory a kernel may ask for before it opts in to more ("Shared Memory" in
+# the programming guide's compute capabilities: 48 KB).
+DEFAULT_DYNAMIC_SHARED = 48 * 1024
+
+
 class KernelError(RuntimeError):
     """A launch failed: a barrier or warp-collective mismatch, a deadlock, a bad launch shape."""
 
@@ -672,6 +677,9 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
 
         def __init__(self, kernel: Kernel):
             self.kernel = kernel
+            # CUDA's cudaFuncAttributeMaxDynamicSharedMemorySize, which CuPy's Function sets: a
+            # launch asking for more dynamic shared memory than this fails.
+            self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SHARED
 
         @property
         def max_dynamic_shared_size_bytes(self) -> int:
@@ -682,6 +690,9 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
             self.kernel.max_dynamic_shared_size_bytes = int(value)
 
         def __call__(self, grid, block, args, shared_mem: int = 0):
+            if shared_mem > self.max_dynamic_shared_size_bytes:
+                raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: {self.kernel.name} asks for {shared_mem} bytes of "
+                                      f"dynamic shared memory and has opted in to {self.max_dynamic_shared_size_bytes}")
             if not recorded(f"launching {self.kernel.name}"):
                 self.kernel(grid, block, args, shared_mem)
                 return
