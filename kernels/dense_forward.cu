@@ -7,7 +7,7 @@
 // Tiles (gemm_tile.cuh): block BM x BN x BK=16, warp 32x64, thread 8x8.
 //   dense_fwd_<act>_128x128: 256 threads, for problems with at least one full wave of tiles
 //   dense_fwd_<act>_128x64:  128 threads, for narrow layers / small batches
-// Occupancy (sm_90): 16 warps per SM (128x128; sigmoid 8), 12 (128x64); ForwardShape.
+// Occupancy (sm_90): 16 warps per SM (128x128; sigmoid, gelu and gelu_tanh 8), 12 (128x64); ForwardShape.
 // Launch: grid (ceil(M / BM), ceil(N / BN)), block THREADS, no dynamic shared memory.
 // M is on grid.x, whose limit (2^31 - 1) any batch fits. Each block reads a BM x K slab
 // of x, a K x BN slab of W and BN biases, and writes its BM x BN tile of y (and z).
@@ -18,12 +18,14 @@
 
 namespace gpubp {
 
-// Blocks per SM: TileShape's, except sigmoid on 128x128 tiles, whose epilogue (an IEEE
-// division next to the 64 live accumulators) spills at 128 registers a thread: 1 block there.
+// Blocks per SM: TileShape's, except on 128x128 tiles for the activations whose epilogue
+// spills at 128 registers a thread next to the 64 live accumulators: sigmoid (an IEEE division)
+// on every architecture, gelu and gelu_tanh (erf, tanh) on sm_86 and sm_89: 1 block there.
 template <int ACT, int BM, int BN>
 struct ForwardShape {
+    static constexpr bool HEAVY_EPILOGUE = ACT == ACT_SIGMOID || ACT == ACT_GELU || ACT == ACT_GELU_TANH;
     static constexpr int MIN_BLOCKS =
-        ACT == ACT_SIGMOID && TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
+        HEAVY_EPILOGUE && TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
 };
 
 // acc = this thread's share of x[m0 : m0+BM, :] @ w[:, n0 : n0+BN]; VEC: float4 loads.
