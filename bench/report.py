@@ -6,7 +6,8 @@
 Give one JSON per run (three back-to-back runs, say). The first table has one row per shape
 and the median step time of each backend (the median over runs of each run's median); the
 second has the ratios that matter, each taken within one run and shown as the median over
-runs with the range: each step against the GEMM floor (the step's own matrix products
+runs with the range (where a benchmark interleaved the backends round by round, as
+``test_cpu_step.py`` does, a run's ratio is the median of its rounds' ratios): each step against the GEMM floor (the step's own matrix products
 alone, the most a step on the same BLAS could hope for), and against PyTorch's CPU build
 (below 1 is faster than PyTorch). The header names the machine (CPU model and core count
 from the JSON's ``machine_info``) and the NumPy, BLAS and PyTorch versions and thread counts
@@ -37,24 +38,34 @@ def load(path: Path) -> tuple[dict, list[dict]]:
     return data, data["benchmarks"]
 
 
-Medians = tuple[dict[str, dict[str, float]], list[str]]  # what ``medians`` returns for one run
+# what ``medians`` returns for one run: {shape: {backend: median}}, the backends, and where the
+# backends were interleaved, {shape: {backend: [seconds per step in each round]}}
+Medians = tuple[dict[str, dict[str, float]], list[str], dict[str, dict[str, list[float]]]]
 
 
 def ratios(per_run: list[Medians], numerator: str, denominator: str) -> dict[str, list[float]]:
-    """{shape: [numerator / denominator in each run that has both]}, from each run's ``medians``."""
+    """{shape: [numerator / denominator in each run that has both]}, from each run's ``medians``.
+
+    Where a run interleaved the backends round by round, its ratio is the median of the rounds'
+    ratios (each taken between blocks run moments apart); otherwise the ratio of the medians."""
     result: dict[str, list[float]] = {}
-    for table, _ in per_run:
+    for table, _, rounds in per_run:
         for shape, times in table.items():
             if numerator in times and denominator in times:
-                result.setdefault(shape, []).append(times[numerator] / times[denominator])
+                paired = rounds.get(shape, {})
+                if numerator in paired and denominator in paired:
+                    value = statistics.median(n / d for n, d in zip(paired[numerator], paired[denominator]))
+                else:
+                    value = times[numerator] / times[denominator]
+                result.setdefault(shape, []).append(value)
     return result
 
 
-def median_of_runs(per_run: list[Medians]) -> Medians:
+def median_of_runs(per_run: list[Medians]) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Like ``medians``, with each time the median over runs of that run's median (from each run's ``medians``)."""
     table: dict[str, dict[str, list[float]]] = {}
     backends: list[str] = []
-    for run_table, run_backends in per_run:
+    for run_table, run_backends, _ in per_run:
         for shape, times in run_table.items():
             for backend, seconds in times.items():
                 table.setdefault(shape, {}).setdefault(backend, []).append(seconds)
@@ -64,18 +75,26 @@ def median_of_runs(per_run: list[Medians]) -> Medians:
 
 
 def medians(benchmarks: list[dict]) -> Medians:
-    """{shape: {backend: median seconds}} in the order shapes first appear, and the backends seen."""
+    """{shape: {backend: median seconds}} in the order shapes first appear, the backends seen, and
+    the per-round times of benchmarks that interleaved backends (``extra_info["interleaved"]``)."""
     table: dict[str, dict[str, float]] = {}
+    rounds: dict[str, dict[str, list[float]]] = {}
     backends: list[str] = []
     for bench in benchmarks:
         info = bench.get("extra_info", {})
         shape = info.get("shape", bench.get("group") or bench["name"])
-        backend = info.get("backend", bench["name"])
-        table.setdefault(shape, {})[backend] = bench["stats"]["median"]
-        if backend not in backends:
-            backends.append(backend)
+        interleaved = info.get("interleaved")
+        if interleaved:
+            rounds[shape] = interleaved
+            measured = {backend: statistics.median(times) for backend, times in interleaved.items()}
+        else:
+            measured = {info.get("backend", bench["name"]): bench["stats"]["median"]}
+        for backend, seconds in measured.items():
+            table.setdefault(shape, {})[backend] = seconds
+            if backend not in backends:
+                backends.append(backend)
     order = [b for b in LABELS if b in backends] + [b for b in backends if b not in LABELS]
-    return table, order
+    return table, order, rounds
 
 
 def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
@@ -119,6 +138,7 @@ def _row(cells: list[str]) -> str:
 def markdown(data: dict, runs: list[list[dict]]) -> str:
     per_run = [medians(benchmarks) for benchmarks in runs]
     table, backends = median_of_runs(per_run)
+    interleaved = any(rounds for _, _, rounds in per_run)
     head = ["shape @ batch"] + [f"{LABELS.get(b, b)} (ms)" for b in backends]
     lines = ["# One CPU training step (forward, softmax-CE, backward, SGD momentum)", ""]
     lines += [f"{line}  " for line in machine_lines(data, [b for run in runs for b in run])]
@@ -130,7 +150,9 @@ def markdown(data: dict, runs: list[list[dict]]) -> str:
     columns = [(n, d, ratios(per_run, n, d)) for n, d in RATIOS if n in backends and d in backends]
     if columns:
         spread = " (min-max over runs)" if len(runs) > 1 else ""
-        lines += ["", f"Ratios, each taken within one run: the median over runs{spread}. Against the GEMM floor "
+        within = ("each the median of one run's per-round ratios (the backends interleaved round by round)"
+                  if interleaved else "each taken within one run")
+        lines += ["", f"Ratios, {within}: the median over runs{spread}. Against the GEMM floor "
                   "(the step's matrix products alone, through NumPy's BLAS) lower is better and 1 is the limit; "
                   "against PyTorch, below 1 is faster.", ""]
         lines += [_row(["shape @ batch"] + [f"{LABELS.get(n, n)} / {LABELS.get(d, d)}" for n, d, _ in columns]),

@@ -13,6 +13,13 @@ a step's ratio to it is what bias, activations, loss, update and Python cost on 
 says which ran); ``gpubp_numpy`` is the same model with them switched off, the path a plain
 ``pip install gpubp`` takes.
 
+Each shape is one test that interleaves the backends: a round runs a block of about 10 ms of
+steps of every backend, one after another, and a run's ratio is the median of its rounds' ratios
+(``bench/report.py``), so a ratio compares blocks timed moments apart rather than cases timed
+seconds apart, which on a shared VM differ by up to 2x for reasons that are not the code.
+pytest-benchmark's own statistics are gpubp's blocks; every backend's per-round seconds per step
+are in ``extra_info["interleaved"]``.
+
 Two tables, each from three runs back to back:
 
 - **every core, wall clock** (what a user sees): nothing is pinned, so on N cores NumPy's
@@ -40,7 +47,7 @@ The thread counts actually used are recorded in each result's ``extra_info``
 installed), with ``OPENBLAS_CORETYPE`` and the load average at the start of the case: a wall
 clock run under load says more about the other jobs than about the step.
 
-The PyTorch cases skip when torch is not installed (``pip install "gpubp[torch]"``).
+PyTorch is left out of the rounds when it is not installed (``pip install "gpubp[torch]"``).
 """
 
 from __future__ import annotations
@@ -263,32 +270,85 @@ def thread_info() -> dict:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def warmed_up_step(benchmark, steps: dict, sizes, batch: int, backend: str):
-    """``steps[backend]`` built on a random batch and run ``WARMUP_STEPS`` times (its loss must be
-    finite), with the benchmark grouped by shape and labelled with the shape, backend and threads."""
+def built_steps(sizes, batch: int) -> dict:
+    """Every backend's step on one random batch, each run ``WARMUP_STEPS`` times (its loss must be
+    finite); the backends PyTorch needs are left out where it is not installed."""
     x, labels = make_batch(sizes, batch)
-    step = steps[backend](sizes, x, labels)
-    for _ in range(WARMUP_STEPS):
-        loss = step()
-    assert np.isfinite(loss)
+    steps = {}
+    for backend in BACKENDS:
+        try:
+            step = STEPS[backend](sizes, x, labels)
+        except pytest.skip.Exception:
+            continue
+        for _ in range(WARMUP_STEPS):
+            loss = step()
+        assert np.isfinite(loss), backend
+        steps[backend] = step
+    return steps
+
+
+def steps_per_block(step, timer) -> int:
+    """How many steps make a block of about ``BLOCK_SECONDS`` (at least one)."""
+    started = timer()
+    step()
+    return max(1, int(BLOCK_SECONDS / max(timer() - started, 1e-6)))
+
+
+# A round times one block of steps of every backend, one after another (the order rotates from
+# round to round), so each ratio is taken between blocks run within milliseconds of each other:
+# on a shared VM the speed drifts by 2x over seconds, and back-to-back tests per backend
+# compared different moments more than different code.
+BLOCK_SECONDS = 0.01
+ROUNDS = 100
+MAX_SECONDS_PER_SHAPE = 15.0
+
+
+@pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
+def test_cpu_step(benchmark, request, sizes, batch):
+    """Every backend's step on one shape, interleaved round by round.
+
+    pytest-benchmark times gpubp's blocks (its stats are gpubp's); the setup of each round runs
+    and times the other backends' blocks with the same timer. ``extra_info["interleaved"]`` holds
+    every backend's seconds per step in each round, which ``bench/report.py`` turns into
+    per-round ratios."""
+    from pytest_benchmark.utils import load_timer
+
+    timer = load_timer(request.config.getoption("benchmark_timer")).target
+    steps = built_steps(sizes, batch)
+    blocks = {backend: steps_per_block(step, timer) for backend, step in steps.items()}
+    others = [backend for backend in steps if backend != "gpubp"]
+    one_round = sum(timer_block(steps[b], blocks[b], timer) for b in steps)
+    rounds = max(10, min(ROUNDS, int(MAX_SECONDS_PER_SHAPE / max(one_round, 1e-6))))
+    times: dict[str, list[float]] = {backend: [] for backend in steps}
+    order = {"next": 0}
+
+    def run_the_others():
+        k = order["next"] % max(len(others), 1)
+        order["next"] += 1
+        for backend in others[k:] + others[:k]:
+            times[backend].append(timer_block(steps[backend], blocks[backend], timer) / blocks[backend])
+
+    n = blocks["gpubp"]
+
+    def timed_gpubp_block():
+        times["gpubp"].append(timer_block(steps["gpubp"], n, timer) / n)
+
     name = shape_id(sizes, batch)
     benchmark.group = name
-    benchmark.extra_info.update(
-        shape=name, sizes=sizes, batch=batch, backend=backend, dtype="float32", **thread_info()
-    )
-    return step
-
-
-# At least 10 timed steps even for the slowest shape, so each median rests on enough rounds.
-@pytest.mark.benchmark(min_rounds=10, max_time=2.0)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
-def test_cpu_step(benchmark, sizes, batch, backend):
-    step = warmed_up_step(benchmark, STEPS, sizes, batch, backend)
-    if backend == "gpubp":
-        benchmark.extra_info.update(cpu_kernels=numpy_backend.cpu_kernels())
-    if backend == "torch":
+    benchmark.extra_info.update(shape=name, sizes=sizes, batch=batch, backend="gpubp", dtype="float32",
+                                steps_per_round=n, cpu_kernels=numpy_backend.cpu_kernels(), **thread_info())
+    if "torch" in steps:
         import torch
 
         benchmark.extra_info.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads())
-    benchmark(step)
+    benchmark.pedantic(timed_gpubp_block, setup=run_the_others, rounds=rounds)
+    assert all(len(v) == rounds for v in times.values()), {b: len(v) for b, v in times.items()}
+    benchmark.extra_info.update(interleaved=times, steps_per_block=blocks)
+
+
+def timer_block(step, n: int, timer) -> float:
+    """Seconds (by ``timer``) to run ``step`` ``n`` times."""
+    started = timer()
+    for _ in range(n):
+        step()
+    return timer() - started
