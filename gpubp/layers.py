@@ -235,6 +235,10 @@ class Dense(Layer):
     def parameters(self) -> list[Parameter]:
         return [self.weight, self.bias]
 
+    # read several times per training step: without building the parameter list
+    trainable = property(lambda self: self.weight.trainable or self.bias.trainable, Layer.trainable.fset,
+                         doc="True when the weight or the bias trains.")
+
     def needs_z(self) -> bool:
         return self.activation in activations.NEEDS_Z
 
@@ -501,6 +505,7 @@ class Sequential:
             if layer.backend is not self.backend or layer.dtype not in (None, self.dtype):
                 layer._bind(self.backend, self.dtype)
         self._scratch = _Buffers()
+        self._needs_cache: dict = {}  # (trainable flags, activations, need_input_grad) -> _needs()
         self._stored_plan = None
         self._fused_saved = None  # what the last fused training forward kept for backward
         self._warned_all_frozen = False
@@ -721,6 +726,22 @@ class Sequential:
     def _plan(self, need_input_grad: bool) -> list[tuple[bool, bool]]:
         return plan_backward([layer.trainable for layer in self.layers], need_input_grad)
 
+    def _needs(self, need_input_grad: bool, logits: bool) -> tuple[list, list[bool], list[bool]]:
+        """(backward plan, whether each layer keeps its input, its output) for the layers as they
+        are now; a training step asks twice, so it is kept per freezing state (a few entries)."""
+        flags = tuple(layer.trainable for layer in self.layers)
+        acts = self._applied(logits)
+        key = (flags, tuple(acts), need_input_grad)
+        needs = self._needs_cache.get(key)
+        if needs is None:
+            plan = plan_backward(flags, need_input_grad)
+            keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, acts, plan)]
+            needs = plan, [kept for kept, _ in keeps], [kept for _, kept in keeps]
+            if len(self._needs_cache) > 16:
+                self._needs_cache.clear()
+            self._needs_cache[key] = needs
+        return needs
+
     def _applied(self, logits: bool) -> list[str]:
         """The activation each layer applies; ``logits=True`` leaves the last one out."""
         acts = [layer.activation for layer in self.layers]
@@ -766,9 +787,10 @@ class Sequential:
         batch = h.shape[0]
         if training and self._draw_keys:
             self.draw_keys()
-        plan = self._plan(need_input_grad) if training else [(False, False)] * len(self)
-        keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, self._applied(logits), plan)]
-        keeps_input, keeps_output = [kept for kept, _ in keeps], [kept for _, kept in keeps]
+        if training:
+            _, keeps_input, keeps_output = self._needs(need_input_grad, logits)
+        else:
+            keeps_input = keeps_output = [False] * len(self)
         if self.uses_fused:
             h = self._fused_forward(h, keeps_input, keeps_output, training, logits)
         else:
@@ -832,7 +854,8 @@ class Sequential:
         output when the first layer is trainable); ``forward(x, need_input_grad=True)``
         keeps it in every case.
         """
-        plan = self._plan(need_input_grad)
+        kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
+        plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)
         if not any(dx or dw for dx, dw in plan):
             if not self._warned_all_frozen:
                 warnings.warn("backward: every layer is frozen, so no kernel is launched", stacklevel=2)
@@ -841,7 +864,8 @@ class Sequential:
         if self._stored_plan is None:
             raise RuntimeError("backward: run forward(x) in training mode first")
         kept_input, kept_output, logits, batch, width = self._stored_plan
-        self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
+        if not all(has or not needs for has, needs in zip(kept_input + kept_output, needs_input + needs_output)):
+            self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
         dy = self._as_grad(dout, (batch, width))
         if self._fused_saved is not None:
             return self._fused_backward(dy, plan, need_input_grad)

@@ -12,8 +12,8 @@ It is written for speed, not only clarity:
 - reductions that NumPy would run one short row at a time (``db``, softmax row sums) are
   BLAS matrix-vector products with a cached vector of ones (``activations.constant``);
 - the elementwise passes (bias+activation, act'*dy with the db sums, the optimizer updates)
-  of arrays larger than about one core's L2 cache run in row blocks on every thread the BLAS
-  is given (``_in_row_blocks``; ``cpu_threads()``, ``use_cpu_threads(n)``), with results that
+  of very large arrays (``_PARALLEL_MIN_ELEMENTS``: below it the BLAS's spinning threads make
+  a handoff cost more than it saves) run in row blocks on every thread the BLAS is given (``_in_row_blocks``; ``cpu_threads()``, ``use_cpu_threads(n)``), with results that
   do not depend on the count: blocks are independent rows, and db sums fixed chunks of rows
   that are then added in order;
 - where Numba is installed, the elementwise work around each matrix product runs as one
@@ -51,12 +51,17 @@ DTYPES = (np.float32, np.float64)
 _scratch_buffers: dict[tuple, np.ndarray] = {}
 
 # NumPy releases the GIL inside ufunc loops, and the compiled kernels are built nogil, so
-# threads running either on disjoint row blocks use every core. The handoff to a worker costs
-# ~20 us: below these sizes (per array) one core finishes first. NumPy's ufunc chains make
-# several passes and a temporary per operation, so their threshold is larger; measured on a
-# 2-core EPYC.
-_PARALLEL_MIN_ELEMENTS = 1 << 19
-_COMPILED_PARALLEL_MIN_ELEMENTS = 1 << 17
+# threads running either on disjoint row blocks can use every core. But the BLAS gets there
+# first: after each matrix product OpenBLAS's (and MKL's) worker threads spin on the other
+# cores waiting for the next one, so a worker of ours woken right after a product waits for
+# a spinning thread's time slice. Measured on a quiet 2-core EPYC VM with a two-thread
+# OpenBLAS: handing a block to a worker costs ~50 us even with nothing else running, and one
+# threaded SGD update of 200k weights per step made the 784-256-256-10 @ 256 step 1.7x slower
+# than running it on the calling thread; no benchmark shape gained from threading its passes.
+# So only passes over arrays of this many elements (16 MiB of float32, a millisecond or more on
+# one core) are split, where a time slice is small beside the pass.
+_PARALLEL_MIN_ELEMENTS = 1 << 22
+_COMPILED_PARALLEL_MIN_ELEMENTS = 1 << 22
 # The bias gradient is summed per chunk of this many rows and the chunks added in order, so
 # it does not depend on how many threads split the rows (row blocks are whole chunks).
 _SUM_CHUNK_ROWS = 64
