@@ -1,0 +1,54 @@
+"""bench/report.py: the ratios it prints are the ones the benchmark JSON supports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(shape: str, backend: str, median: float, interleaved: dict | None = None) -> dict:
+    info = {"shape": shape, "backend": backend}
+    if interleaved is not None:
+        info["interleaved"] = interleaved
+    return {"name": f"test_cpu_step[{shape}]", "group": shape, "stats": {"median": median}, "extra_info": info}
+
+
+def test_an_interleaved_run_gives_the_median_of_its_rounds_ratios_not_the_ratio_of_medians(report):
+    # gpubp takes 1.1x the floor in four of five rounds; the machine slowed down 3x for the floor's
+    # last three blocks and gpubp's last two. The medians (1.1 and 3.0) would say 0.37x.
+    rounds = {"gpubp": [1.1, 1.1, 1.1, 3.3, 3.3], "gemm_floor": [1.0, 1.0, 3.0, 3.0, 3.0]}
+    per_run = [report.medians([bench("s", "gpubp", 0.0, rounds)])]
+    assert per_run[0][0]["s"] == {"gpubp": pytest.approx(1.1), "gemm_floor": 3.0}
+    assert report.ratios(per_run, "gpubp", "gemm_floor") == {"s": [pytest.approx(1.1)]}
+
+
+def test_separate_cases_give_the_ratio_of_their_medians(report):
+    per_run = [report.medians([bench("s", "gpubp", 3.0), bench("s", "torch", 4.0)])]
+    assert report.ratios(per_run, "gpubp", "torch") == {"s": [pytest.approx(0.75)]}
+
+
+def test_the_markdown_says_how_its_ratios_were_taken(report, tmp_path):
+    rounds = {"gpubp": [1.0, 1.2], "torch": [2.0, 2.0], "gemm_floor": [0.9, 1.0]}
+    data = {"machine_info": {}, "benchmarks": [bench("784@64", "gpubp", 1.1, rounds)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "run.md"
+    assert report.main([str(path), "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "per-round ratios" in text
+    assert "| `784@64` | 1100.000 | 2000.000 | 950.000 |" in text  # medians of the rounds, in ms
+    # per round gpubp / floor is 1.0 / 0.9 and 1.2 / 1.0 (median 1.16), torch / floor 2.22 and 2.0, gpubp / torch 0.5 and 0.6
+    assert "| `784@64` | 1.16x | 2.11x | 0.55x |" in text
