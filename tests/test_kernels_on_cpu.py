@@ -1325,10 +1325,10 @@ PLANTED_BUGS = {
         "__device__ bool active(int n) const { return Fused::STRIP * warp < n; }",
         "__device__ bool active(int n) const { return Fused::STRIP * (warp + 1) <= n; }",
         "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
-    "fused: transposed weight stage off by one column": (
+    "fused: transposed weight stage off by one k": (
         "fused_mlp.cu",
-        "w[static_cast<long long>(n0 + c) * K + k0 + k]",
-        "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
+        "wt.init(wl, p.out, n0, p.in, 0, threadIdx.x);",
+        "wt.init(wl, p.out, n0, p.in, 1, threadIdx.x);",
         "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
     "fused: wrong tensor-core A fragment": (
         "fused_mlp.cu",
