@@ -25,26 +25,23 @@
 //   stays in shared memory and goes to global memory (dz[l]) only for trainable layers, whose
 //   dW needs it; g = dz_l @ W_l^T is computed only above lo, or for lo = 0 when the caller asks
 //   for the input gradient (dx, any width: written straight to global memory in 128-column tiles).
-// - dW/db: one launch for every trainable layer; grid.x enumerates (layer, row tile of W_l: 32
-//   rows fp32, 64 on tensor cores), grid.y splits the batch. With splits > 1 each block writes its
+// - dW/db: one launch for every trainable layer; grid.x enumerates (layer, row tile of W_l: 64
+//   rows), grid.y splits the batch. With splits > 1 each block writes its
 //   partial to ws, takes a ticket for its tile, and the last block of a tile sums the partials in
 //   split order 0, 1, ... (split_k.cuh, as the dense dW kernels do): deterministic, no float
-//   atomics. db_l is summed in fp32 in the blocks of W_l's first row tile, one thread per column,
-//   over the same split.
+//   atomics. db_l is summed in fp32 in the blocks of W_l's first row tile, over the same split.
 //
 // Two implementations share the plan, the entry points and the host's launch code:
-// - fp32 (fused_mlp_fwd_<act>, fused_mlp_bwd_<act>, fused_mlp_dw; the SimtFp32 policy below):
-//   FMA on the CUDA cores. THREADS = 128 threads compute a ROWS x MAX_WIDTH = 32 x 128 output tile,
-//   thread (rg, cg) of 8 row groups x 16 column groups owning rows rg + 8 v (v < 4) and columns
-//   cg + 16 j (j < 8), from operands staged KC = 16 deep in shared memory (a warp reads 16
-//   consecutive columns of a staged weight row and 2 broadcast activations). Launch: fwd and bwd
-//   grid ceil(B / 32), dw (dW tiles, splits); static shared memory: fwd and bwd two activation
-//   buffers 2 x ROWS x LDH floats (LDH = 144: rows 16 banks apart, so the epilogue's two rows per
-//   warp store without conflicts) plus a KC x LDW weight stage, and fwd a ROWS x KC x stage:
-//   46 KB; dw a KC x ROWS input stage and a KC x LDW dz stage, 10 KB. Occupancy on sm_90 and
-//   sm_80: 16 warps per SM (registers). Each K step stages, waits, accumulates, waits; those two
-//   barriers also order one layer's epilogue writes before the next layer's reads. It computes
-//   all 128 columns whatever a layer's width (columns past it are staged as 0 and never stored).
+// - fp32 (fused_mlp_fwd_<act>, fused_mlp_bwd_<act>, fused_mlp_dw; the "fp32, CUDA cores" section):
+//   FMA on the CUDA cores. THREADS = 128 threads compute a ROWS x MAX_WIDTH = 64 x 128 tile of each
+//   product in 8 x 8 thread tiles, warp w owning the 32-column strip 32 w ..; a warp whose strip
+//   starts past the product's width does no FMA. The layer's input stays in shared memory (k-major);
+//   W_l (W_l^T; dz_l and h_l^T in dW; x's 128-deep chunks) is staged whole into shared memory before
+//   each product, whose hot loop then reads only shared memory. Launch: fwd and bwd grid
+//   ceil(B / 64), dw (dW tiles of 64 rows, splits); dynamic shared memory 100 KB (a 128 x LDA
+//   activation buffer, LDA = 68, and a 128 x LDB stage, LDB = 132). Occupancy (shared memory):
+//   sm_90 2 blocks = 8 warps per SM, sm_80 1 block = 4 warps. Hot loop on sm_90 (ptxas 13.0):
+//   1024 FFMA in 1095 instructions (93.5%) forward and backward, 1104 (92.8%) dW.
 // - tensor cores (the _tf32 and _bf16 kernels; sm_80 and newer, kernels/mma.cuh): a warp owns
 //   16 batch rows (or 16 rows of dW) and every column; the "tensor cores" section below gives the
 //   data flow, the layouts, the shared memory (dynamic, 66 to 132 KB) and the occupancy. Operands
@@ -54,12 +51,13 @@
 //   bf16), per layer about that times sqrt(K) max|a| max|b|, so relative to the largest value of
 //   each result about 2e-3 (tf32) and 1e-2 (bf16) per layer on random data;
 //   tests/test_kernels_on_cpu.py bounds whole models at FUSED_TOLERANCE.
-// Boundaries: rows past B and columns past a layer's width are staged as 0 and never stored, so
-// any B, in and out_l <= 128 work.
+// Boundaries: columns past a layer's width and k past its fan-in are staged as 0, rows past B are
+// zeros or copies of row B - 1; none is stored, so any B, in and out_l <= 128 work.
 // Global memory per forward block: its x rows once, every W_l and b_l once (from L2 after the
 // first blocks), its stored rows once. Backward block: its dy rows, the stored act' inputs of
 // its rows, every W_l in the span, its dz rows out. dW block: its split's rows of h_l and dz_l.
 #include "activations.cuh"
+#include "gemm_tile.cuh"
 #include "mma.cuh"
 #include "split_k.cuh"
 
@@ -68,12 +66,18 @@ namespace gpubp {
 struct Fused {
     static constexpr int MAX_LAYERS = 8;
     static constexpr int MAX_WIDTH = 128;
-    static constexpr int ROWS = 32;     // batch rows per fwd/bwd block; W_l rows per dw block
+    static constexpr int ROWS = 64;     // batch rows per fwd/bwd block; W_l rows per dw block
     static constexpr int THREADS = 128;
-    static constexpr int KC = 16;
-    static constexpr int LDH = MAX_WIDTH + 16;
-    // Weight stage rows 2 banks apart: W^T's staging stores (16 k x 2 columns per warp) hit 32 banks.
-    static constexpr int LDW = MAX_WIDTH + 2;
+    // fp32: shared row strides (floats) of the k-major operands. Activations A[k][r] (ROWS rows)
+    // and the B stage B[k][c] (MAX_WIDTH columns), each padded by 4: rows 16-byte aligned for the
+    // hot loop's float4 reads, 4 banks apart so the transposing stores of the K-contiguous loaders
+    // (8 lanes along k) hit 32 distinct banks.
+    static constexpr int LDA = ROWS + 4;
+    static constexpr int LDB = MAX_WIDTH + 4;
+    static constexpr int STRIP = MAX_WIDTH / (THREADS / 32);  // fp32: columns per warp
+    // fp32: resident blocks per SM on sm_90, as shared memory allows (100 KB a block): registers to
+    // match (ptxas: 155 to 167 a thread, no spills).
+    static constexpr int FP32_BLOCKS = 2;
 };
 
 // The plan: plan[PLAN_LAYERS] layers, plan[PLAN_IN] the input width, plan[PLAN_LOWEST] the
@@ -105,6 +109,16 @@ struct LayerPlan {
         const int in = l == 0 ? plan[PLAN_IN] : plan[PLAN_HEAD + (l - 1) * PLAN_STRIDE + LAYER_OUT];
         return {in, p[LAYER_OUT], p[LAYER_ACT], p[LAYER_FLAGS], p[LAYER_FIRST_TILE], p[LAYER_WS]};
     }
+    // fused_mlp_dw: the layer of this block's dW tile, the last trainable layer whose first tile is at
+    // or before blockIdx.x.
+    __device__ static int of_dw_tile(const int* __restrict__ plan) {
+        int l = -1;
+        for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
+            const int* q = plan + PLAN_HEAD + i * PLAN_STRIDE;
+            if ((q[LAYER_FLAGS] & TRAINABLE) && q[LAYER_FIRST_TILE] <= static_cast<int>(blockIdx.x)) l = i;
+        }
+        return l;
+    }
 };
 
 // a[l] for a runtime l, by compare-and-select over the unrolled slots: indexing the array
@@ -117,198 +131,308 @@ __device__ __forceinline__ T layer_slot(const T (&a)[Fused::MAX_LAYERS], int l) 
     return r;
 }
 
-// The fp32 product policy: 32 accumulators per thread, acc[j][v] at tile row row(j, v) and column
-// col(j, v) (each element of the ROWS x MAX_WIDTH tile owned by exactly one thread), and
-// accumulate(acc, a, row_stride, k_stride, ws): acc(r, c) += sum_{k < KC} A(r, k) Ws[k][c], with
-// A(r, k) = a[r * row_stride + k * k_stride] and Ws a KC x MAX_WIDTH chunk (rows LDW apart), both in
-// shared memory.
-constexpr int ACC_J = 8, ACC_V = 4;
-using Acc = float[ACC_J][ACC_V];
+// After a dW block has written its partial (splits > 1): the last block of its tile sums the
+// splits' partials of dW_l rows m0 .. m0 + rows (and db_l, from W_l's first row tile) in split
+// order, and resets the tile's ticket (split_k.cuh).
+__device__ __forceinline__ void finish_split_weight_grads(float* __restrict__ ws, unsigned int* __restrict__ tickets,
+                                                          const LayerPlan& p, float* dw_l, float* db_l, int m0,
+                                                          int tile_rows, int splits, int ws_split_stride) {
+    if (!split_k_arrived_last(&tickets[blockIdx.x], splits)) return;
+    const int rows = p.in - m0 < tile_rows ? p.in - m0 : tile_rows;
+    const long long dw_size = static_cast<long long>(p.in) * p.out;
+    split_k_sum(ws + p.ws, ws_split_stride, splits, dw_l, p.out, m0, rows, 0, p.out);
+    if (m0 == 0) split_k_sum(ws + p.ws + dw_size, ws_split_stride, splits, db_l, p.out, 0, 1, 0, p.out);
+    split_k_reset(&tickets[blockIdx.x]);
+}
+
+// ----------------------------------------------------------------------------- fp32, CUDA cores
+//
+// A block computes a ROWS x MAX_WIDTH = 64 x 128 tile of a layer's product, A (64 x K) @ B (K x 128):
+// forward h_l @ W_l, backward dz_l @ W_l^T, dw h_l^T @ dz_l. Warp w owns the 32-column strip
+// 32 w .. 32 w + 31 and all 64 rows; lane (lm = lane % 8, ln = lane / 8) owns an 8 x 8 thread tile
+// of rows 4 lm + {0..3} and 32 + 4 lm + {0..3}, columns 32 w + 4 ln + {0..3} and + 16 + {0..3}
+// (gemm_tile.cuh's register blocking with the lanes ordered so that each quarter-warp reads A as 128
+// contiguous bytes and B as one broadcast float4). Width-aware: a warp whose strip starts at or past
+// the product's width does no FMA, so a layer of width n costs ceil(n / 32) warps' FMAs; K runs to the
+// fan-in rounded up to BK = 16; rows past the batch are computed only in the batch's last block.
+// Both operands of a product are resident in shared memory for up to MAX_WIDTH = 128 k, k-major:
+// A[k][r] (row stride LDA) and B[k][c] (LDB), so the hot loop is pure math, each k two LDS.128 of A,
+// two of B and 64 FFMA. The block stages them from global memory with gemm_tile.cuh's tile loaders,
+// then runs the product: forward, a layer's input stays in the A buffer (x's 128-deep chunks for
+// layer 0) and W_l is staged whole (per chunk); backward, g and dz stay in the A buffer and W_l^T is
+// staged whole (per 128-column chunk of dx); dW, 128 batch rows of h_l^T and dz_l at a time. A
+// layer's epilogue overwrites its input in place, after the barrier that ends its product, each
+// thread writing the 8 x 8 tile it owns as float4 columns. Shared memory (dynamic, opted in by the
+// host): MAX_WIDTH x (LDA + LDB) floats = 100 KB.
+struct SimtTile {
+    int warp, row0, col0;
+    __device__ static SimtTile of(int tid) {
+        const int warp = tid / 32, lane = tid % 32;
+        return {warp, 4 * (lane % 8), Fused::STRIP * warp + 4 * (lane / 8)};
+    }
+    __device__ int row(int i) const { return row0 + (i / 4) * 32 + i % 4; }
+    __device__ int col(int j) const { return col0 + (j / 4) * 16 + j % 4; }
+    // Whether this warp's strip holds any of the first n columns: warp-uniform.
+    __device__ bool active(int n) const { return Fused::STRIP * warp < n; }
+};
+
+using Acc = float[THREAD_M][THREAD_N];
+
+// acc += A[k][rows] B[k][cols] over one BK-deep slice, A and B k-major in shared memory.
+__device__ __forceinline__ void multiply_slice(Acc& acc, const float* a, const float* b, const SimtTile& t) {
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+        const float4 a0 = load4(a + k * Fused::LDA + t.row0), a1 = load4(a + k * Fused::LDA + t.row0 + 32);
+        const float4 b0 = load4(b + k * Fused::LDB + t.col0), b1 = load4(b + k * Fused::LDB + t.col0 + 16);
+        const float af[THREAD_M] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const float bf[THREAD_N] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+        for (int i = 0; i < THREAD_M; ++i)
+#pragma unroll
+            for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
+    }
+}
+
+// acc += A[k][rows] B[k][cols] for k < K, both resident in shared memory (k-major, zero from K up
+// to the next multiple of BK).
+__device__ __forceinline__ void resident_product(Acc& acc, const float* a, const float* b, int K, const SimtTile& t) {
+    for (int k0 = 0; k0 < K; k0 += BK) multiply_slice(acc, a + k0 * Fused::LDA, b + k0 * Fused::LDB, t);
+}
 
 __device__ __forceinline__ void zero(Acc& acc) {
 #pragma unroll
-    for (int j = 0; j < ACC_J; ++j)
+    for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
-        for (int v = 0; v < ACC_V; ++v) acc[j][v] = 0.0f;
+        for (int j = 0; j < THREAD_N; ++j) acc[i][j] = 0.0f;
 }
 
-struct SimtFp32 {
-    static constexpr int COL_GROUPS = 16, ROW_GROUPS = 8;
-    int rg, cg;
-    __device__ static SimtFp32 of(int tid) { return {tid / COL_GROUPS, tid % COL_GROUPS}; }
-    __device__ int row(int, int v) const { return rg + ROW_GROUPS * v; }
-    __device__ int col(int j, int) const { return cg + COL_GROUPS * j; }
-    __device__ void accumulate(Acc& acc, const float* a, int row_stride, int k_stride, const float* ws) const {
-#pragma unroll 4
-        for (int k = 0; k < Fused::KC; ++k) {
-            float av[ACC_V], bv[ACC_J];
+// Staging a K x O operand (K <= MAX_WIDTH) into a k-major shared buffer dst[k][o] of row stride LD,
+// through one of gemm_tile.cuh's tile loaders (LoadT: OContiguousTile or KContiguousTile, scalar
+// form, init()-ed at the first k), BK rows a time; rows from K up to the next multiple of BK are 0.
+// With COLSUM, also adds the loader's staged values to sums (OContiguousTile::add_column_sums).
+template <bool COLSUM = false, class LoadT, class Sums = float[1]>
+__device__ __forceinline__ void stage_operand(float* dst, int ld, LoadT& tile, int K, Sums* sums = nullptr) {
+    const int whole = K / BK, tail = K % BK;
+    for (int s = 0; s < whole; ++s) {
+        tile.load(s);
+        tile.store(dst + s * BK * ld);
+        if constexpr (COLSUM) tile.add_column_sums(*sums);
+    }
+    if (tail) {
+        tile.load_tail(whole, tail);
+        tile.store(dst + whole * BK * ld);
+        if constexpr (COLSUM) tile.add_column_sums(*sums);
+    }
+}
+
+// dst[k][r] = src[(row0 + r) * ld + k0 + k] for the block's ROWS rows (rows past `rows` repeat the
+// last one: never stored): K columns of a row-major (rows, ld) array, transposed.
+__device__ __forceinline__ void stage_rows_k_major(float* dst, const float* __restrict__ src, long long ld,
+                                                   long long row0, long long rows, long long k0, int K) {
+    KContiguousTile<Fused::ROWS, Fused::THREADS, Fused::LDA, false> tile;
+    tile.init(src, ld, row0, rows, k0, threadIdx.x);
+    stage_operand(dst, Fused::LDA, tile, K);
+}
+
+// dst[k][c] = w[(k0 + k) * N + c], 0 past N: K rows of a row-major (., N) array, N <= MAX_WIDTH.
+template <bool COLSUM = false, class Sums = float[1]>
+__device__ __forceinline__ void stage_rows_of(float* dst, const float* __restrict__ w, int N, long long k0, int K,
+                                              Sums* sums = nullptr) {
+    OContiguousTile<Fused::MAX_WIDTH, Fused::THREADS, Fused::LDB, false> tile;
+    tile.init(w, N, 0, N, k0, threadIdx.x);
+    stage_operand<COLSUM>(dst, Fused::LDB, tile, K, sums);
+}
+
+// The 4 x 4 block (ig, jg) of a thread's tile: rows t.row(4 ig) + {0..3}, columns t.col(4 jg) + {0..3}.
+struct Quad {
+    float v[4][4];  // v[row][column]
+    // Columns into an activation buffer A[c][r], as float4 over the 4 rows.
+    __device__ void store_columns(float* buf, int r, int c) const {
 #pragma unroll
-            for (int v = 0; v < ACC_V; ++v) av[v] = a[row(0, v) * row_stride + k * k_stride];
+        for (int jj = 0; jj < 4; ++jj)
+            *reinterpret_cast<float4*>(buf + (c + jj) * Fused::LDA + r) = make_float4(v[0][jj], v[1][jj], v[2][jj], v[3][jj]);
+    }
+    __device__ void load_columns(const float* buf, int r, int c) {
 #pragma unroll
-            for (int j = 0; j < ACC_J; ++j) bv[j] = ws[k * Fused::LDW + col(j, 0)];
-#pragma unroll
-            for (int j = 0; j < ACC_J; ++j)
-#pragma unroll
-                for (int v = 0; v < ACC_V; ++v) acc[j][v] = fmaf(av[v], bv[j], acc[j][v]);
+        for (int jj = 0; jj < 4; ++jj) {
+            const float4 f = load4(buf + (c + jj) * Fused::LDA + r);
+            v[0][jj] = f.x, v[1][jj] = f.y, v[2][jj] = f.z, v[3][jj] = f.w;
         }
+    }
+    // Rows into a row-major array of row stride ld: columns c .. c + 3 (those below n) of rows
+    // row .. row + 3 (those below B).
+    __device__ void store_rows(float* out, int ld, long long row, int c, long long B, int n, bool vec) const {
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii)
+            if (row + ii < B) store4(out, (row + ii) * ld + c, v[ii], n - c, vec);
     }
 };
 
-// Ws[k][c] = W[k0 + k][c] for a row-major (K, N) W (zero outside it): one KC-deep chunk of W_l,
-// or of dz_l's batch rows for dW.
-__device__ __forceinline__ void stage_weight_rows(float* ws, const float* __restrict__ w, int k0, int K, int N) {
-    for (int e = threadIdx.x; e < Fused::KC * Fused::MAX_WIDTH; e += Fused::THREADS) {
-        const int k = e / Fused::MAX_WIDTH, c = e % Fused::MAX_WIDTH;
-        ws[k * Fused::LDW + c] = k0 + k < K && c < N ? w[static_cast<long long>(k0 + k) * N + c] : 0.0f;
-    }
-}
+__device__ __forceinline__ bool vectorizable(const float* p, int N) { return N % 4 == 0 && aligned16(p); }
 
-// Ws[k][c] = W[n0 + c][k0 + k] for a row-major (N, K) W: one KC-deep chunk of W_l^T, columns n0 ..
-__device__ __forceinline__ void stage_weight_cols(float* ws, const float* __restrict__ w, int k0, int K, int n0,
-                                                  int N) {
-    for (int e = threadIdx.x; e < Fused::KC * Fused::MAX_WIDTH; e += Fused::THREADS) {
-        const int c = e / Fused::KC, k = e % Fused::KC;  // k fastest: consecutive threads, consecutive W
-        ws[k * Fused::LDW + c] =
-            k0 + k < K && n0 + c < N ? w[static_cast<long long>(n0 + c) * K + k0 + k] : 0.0f;
-    }
-}
-
-// dst[r][c] = src[(row0 + r) * N + c] for a ROWS x MAX_WIDTH block of a (B, N) array, zero
-// past B and past N.
-__device__ __forceinline__ void stage_rows(float* dst, int ld, const float* __restrict__ src, long long row0,
-                                           int B, int N) {
-    for (int e = threadIdx.x; e < Fused::ROWS * Fused::MAX_WIDTH; e += Fused::THREADS) {
-        const int r = e / Fused::MAX_WIDTH, c = e % Fused::MAX_WIDTH;
-        dst[r * ld + c] = row0 + r < B && c < N ? src[(row0 + r) * N + c] : 0.0f;
-    }
-}
-
-template <class P, int ACT>
+template <int ACT>
 __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
                                             const float* const (&b)[Fused::MAX_LAYERS],
                                             float* const (&hout)[Fused::MAX_LAYERS],
                                             float* const (&zout)[Fused::MAX_LAYERS], const int* __restrict__ plan,
                                             int B) {
     using F = Fused;
-    __shared__ float H[2][F::ROWS * F::LDH];
-    __shared__ float Ws[F::KC * F::LDW];
-    __shared__ float Xs[F::ROWS * F::KC];
+    // H[k][r]: the layer's input h_l^T (for layer 0, x's K chunk); Ws[k][c]: W_l (its K chunk).
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    float* H = reinterpret_cast<float*>(fused_smem);
+    float* Ws = H + F::MAX_WIDTH * F::LDA;
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
-    const P o = P::of(threadIdx.x);
+    const SimtTile t = SimtTile::of(threadIdx.x);
     const int layers = plan[PLAN_LAYERS];
-    int cur = 0;
     for (int l = 0; l < layers; ++l) {
         const LayerPlan p = LayerPlan::of(plan, l);
-        const float* wl = layer_slot(w, l);
+        const bool active = t.active(p.out);
+        Acc acc;
+        zero(acc);
+        for (int k0 = 0; k0 < p.in; k0 += F::MAX_WIDTH) {  // one chunk but for a wide x
+            const int K = p.in - k0 < F::MAX_WIDTH ? p.in - k0 : F::MAX_WIDTH;
+            __syncthreads();  // every warp is done with the previous chunk
+            if (l == 0) stage_rows_k_major(H, x, p.in, row0, B, k0, K);
+            stage_rows_of(Ws, layer_slot(w, l), p.out, k0, K);
+            __syncthreads();  // the stages, and the previous layer's epilogue, are complete
+            if (active) resident_product(acc, H, Ws, K, t);
+        }
+        __syncthreads();  // every warp has read H: the epilogue overwrites it
+        if (!active) continue;
+        const bool last = l == layers - 1, activated = p.act != ACT_IDENTITY;
         const float* bl = layer_slot(b, l);
         float* hl = layer_slot(hout, l);
         float* zl = layer_slot(zout, l);
-        Acc acc;
-        zero(acc);
-        for (int k0 = 0; k0 < p.in; k0 += F::KC) {
-            stage_weight_rows(Ws, wl, k0, p.in, p.out);
-            if (l == 0) {  // x streams through a ROWS x KC stage: the input width is unbounded
-                for (int e = threadIdx.x; e < F::ROWS * F::KC; e += F::THREADS) {
-                    const int r = e / F::KC, k = e % F::KC;
-                    Xs[e] = row0 + r < B && k0 + k < p.in ? x[(row0 + r) * p.in + k0 + k] : 0.0f;
-                }
-            }
-            __syncthreads();  // the stages, and the previous layer's epilogue, are complete
-            if (l == 0) {
-                o.accumulate(acc, Xs, F::KC, 1, Ws);
+        const bool vec = vectorizable(hl, p.out) && vectorizable(zl, p.out);
+#pragma unroll
+        for (int jg = 0; jg < 2; ++jg) {
+            const int c = t.col(4 * jg);
+            float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (vectorizable(bl, p.out) && c + 4 <= p.out) {
+                const float4 b4 = load4(bl + c);
+                bias[0] = b4.x, bias[1] = b4.y, bias[2] = b4.z, bias[3] = b4.w;
             } else {
-                o.accumulate(acc, H[cur] + k0, F::LDH, 1, Ws);
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj)
+                    if (c + jj < p.out) bias[jj] = bl[c + jj];
             }
-            __syncthreads();
-        }
-        const bool last = l == layers - 1;
-        const bool activated = p.act != ACT_IDENTITY;
-        float* next = H[cur ^ 1];
 #pragma unroll
-        for (int j = 0; j < ACC_J; ++j) {
+            for (int ig = 0; ig < 2; ++ig) {
+                Quad z, h;
 #pragma unroll
-            for (int v = 0; v < ACC_V; ++v) {
-                const int r = o.row(j, v), c = o.col(j, v);
-                const bool valid = c < p.out;
-                const float z = acc[j][v] + (valid ? bl[c] : 0.0f);
-                const float h = activated ? act_forward<ACT>(z) : z;
-                // Columns past the width are zeros: the next layer's last K chunk reads them.
-                if (!last) next[r * F::LDH + c] = valid ? h : 0.0f;
-                const long long row = row0 + r;
-                if (!valid || row >= B) continue;
-                if (p.flags & STORE_H) hl[row * p.out + c] = h;
-                if (p.flags & STORE_Z) zl[row * p.out + c] = z;
+                for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        z.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj] + bias[jj];
+                        // Columns past the width are zeros: the next layer's last K slice reads them.
+                        h.v[ii][jj] = c + jj >= p.out ? 0.0f : activated ? act_forward<ACT>(z.v[ii][jj]) : z.v[ii][jj];
+                    }
+                const int r = t.row(4 * ig);
+                if (!last) h.store_columns(H, r, c);
+                if (p.flags & STORE_H) h.store_rows(hl, p.out, row0 + r, c, B, p.out, vec);
+                if (p.flags & STORE_Z) z.store_rows(zl, p.out, row0 + r, c, B, p.out, vec);
             }
         }
-        cur ^= 1;
     }
 }
 
-template <class P, int ACT>
+template <int ACT>
 __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float* __restrict__ dx,
                                              const float* const (&w)[Fused::MAX_LAYERS],
                                              const float* const (&act_in)[Fused::MAX_LAYERS],
                                              float* const (&dz)[Fused::MAX_LAYERS], const int* __restrict__ plan,
                                              int B) {
     using F = Fused;
-    __shared__ float G[2][F::ROWS * F::LDH];
-    __shared__ float Ws[F::KC * F::LDW];
+    // G[c][r]: g, then dz, of the block's rows; Ws[k][c]: W_l^T (its column chunk).
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    float* G = reinterpret_cast<float*>(fused_smem);
+    float* Ws = G + F::MAX_WIDTH * F::LDA;
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
-    const P o = P::of(threadIdx.x);
+    const SimtTile t = SimtTile::of(threadIdx.x);
     const int top = plan[PLAN_LAYERS] - 1, lowest = plan[PLAN_LOWEST];
     const bool input_grad = plan[PLAN_INPUT_GRAD] != 0;
-    int cur = 0;
-    stage_rows(G[cur], F::LDH, dy, row0, B, LayerPlan::of(plan, top).out);
+    const int out_top = LayerPlan::of(plan, top).out;
+    stage_rows_k_major(G, dy, out_top, row0, B, 0, out_top);
     __syncthreads();
     for (int l = top; l >= lowest; --l) {
         const LayerPlan p = LayerPlan::of(plan, l);
-        const float* saved_l = layer_slot(act_in, l);
-        float* dz_l = layer_slot(dz, l);
-        // dz = g * act'(.) in place, each thread on the elements it owns.
+        // dz = g * act'(.) in place, each thread on the tile it owns (and wrote, for l < top).
+        if (t.active(p.out)) {
+            const float* saved_l = layer_slot(act_in, l);
+            float* dz_l = layer_slot(dz, l);
+            const bool vec = vectorizable(saved_l, p.out) && vectorizable(dz_l, p.out);
 #pragma unroll
-        for (int j = 0; j < ACC_J; ++j) {
+            for (int ig = 0; ig < 2; ++ig)
 #pragma unroll
-            for (int v = 0; v < ACC_V; ++v) {
-                const int c = o.col(j, v);
-                const long long row = row0 + o.row(j, v);
-                if (c >= p.out || row >= B) continue;
-                float& g = G[cur][o.row(j, v) * F::LDH + c];
-                if (p.act != ACT_IDENTITY) {
-                    const float saved = saved_l[row * p.out + c];
-                    g *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs: saved is it
+                for (int jg = 0; jg < 2; ++jg) {
+                    const int r = t.row(4 * ig), c = t.col(4 * jg);
+                    Quad g;
+                    g.load_columns(G, r, c);
+#pragma unroll
+                    for (int ii = 0; ii < 4; ++ii) {
+                        const long long row = row0 + r + ii;
+                        float saved[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        if (p.act != ACT_IDENTITY && row < B) {
+                            if (vec && c + 4 <= p.out) {
+                                const float4 s = load4(saved_l + row * p.out + c);
+                                saved[0] = s.x, saved[1] = s.y, saved[2] = s.z, saved[3] = s.w;
+                            } else {
+#pragma unroll
+                                for (int jj = 0; jj < 4; ++jj)
+                                    if (c + jj < p.out) saved[jj] = saved_l[row * p.out + c + jj];
+                            }
+                        }
+#pragma unroll
+                        for (int jj = 0; jj < 4; ++jj) {
+                            float& v = g.v[ii][jj];
+                            if (row >= B || c + jj >= p.out) {
+                                v = 0.0f;
+                            } else if (p.act != ACT_IDENTITY) {
+                                v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
+                            }
+                        }
+                    }
+                    g.store_columns(G, r, c);
+                    if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
                 }
-                if (p.flags & TRAINABLE) dz_l[row * p.out + c] = g;
-            }
         }
         if (l == lowest && !input_grad) break;
-        // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column tiles (one unless l = 0).
-        float* next = G[cur ^ 1];
+        // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column chunks (one unless l = 0).
         const float* wl = layer_slot(w, l);
+        const bool vec = l > 0 || vectorizable(dx, p.in);
         for (int n0 = 0; n0 < p.in; n0 += F::MAX_WIDTH) {
+            const int cols = p.in - n0;
+            const bool active = t.active(cols);
+            __syncthreads();  // every warp is done with the previous stage; dz is complete
+            KContiguousTile<F::MAX_WIDTH, F::THREADS, F::LDB, false> wt;  // B(k, n) = W_l[n0 + n][k]
+            wt.init(wl, p.out, n0, p.in, 0, threadIdx.x);
+            stage_operand(Ws, F::LDB, wt, p.out);
+            __syncthreads();
             Acc acc;
             zero(acc);
-            for (int k0 = 0; k0 < p.out; k0 += F::KC) {
-                stage_weight_cols(Ws, wl, k0, p.out, n0, p.in);
-                __syncthreads();
-                o.accumulate(acc, G[cur] + k0, F::LDH, 1, Ws);
-                __syncthreads();
-            }
+            if (active) resident_product(acc, G, Ws, p.out, t);
+            __syncthreads();  // every warp has read G: the epilogue overwrites it (l > 0)
+            if (!active) continue;
 #pragma unroll
-            for (int j = 0; j < ACC_J; ++j) {
+            for (int ig = 0; ig < 2; ++ig)
 #pragma unroll
-                for (int v = 0; v < ACC_V; ++v) {
-                    const int r = o.row(j, v), c = n0 + o.col(j, v);
-                    if (l > 0) {  // zeros past the width, as in forward
-                        next[r * F::LDH + c] = c < p.in ? acc[j][v] : 0.0f;
-                    } else if (c < p.in && row0 + r < B) {
-                        dx[(row0 + r) * p.in + c] = acc[j][v];
+                for (int jg = 0; jg < 2; ++jg) {
+                    const int r = t.row(4 * ig), c = t.col(4 * jg);
+                    Quad g;
+#pragma unroll
+                    for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+                        for (int jj = 0; jj < 4; ++jj) g.v[ii][jj] = c + jj < cols ? acc[4 * ig + ii][4 * jg + jj] : 0.0f;
+                    if (l > 0) {
+                        g.store_columns(G, r, c);  // g for layer l - 1, zeros past the width as in forward
+                    } else {
+                        g.store_rows(dx + n0, p.in, row0 + r, c, B, cols, vec);
                     }
                 }
-            }
         }
-        cur ^= 1;
     }
 }
+
 
 // ----------------------------------------------------------------------------- tensor cores
 //
@@ -369,6 +493,7 @@ struct MmaRows {
 
 struct Tf32Op {
     static constexpr int MMA_K = 8;
+    static constexpr int BLOCKS = 2;  // per SM on sm_90, as shared memory allows: registers to match
     static constexpr bool PAIRED = false;  // one operand per word
     // The k a register holds in k-step s: r = 0 for a0/a1/b0 (mma k position t), 1 for a2/a3/b1
     // (position t + 4); columns 2t and 2t + 1, adjacent in the A buffer.
@@ -382,6 +507,7 @@ struct Tf32Op {
 
 struct Bf16Op {
     static constexpr int MMA_K = 16;
+    static constexpr int BLOCKS = 3;  // per SM on sm_90, as shared memory allows: registers to match
     static constexpr bool PAIRED = true;  // k and k + 1 in one word, k in the low half
     __device__ static int k_of(int s, int t, int r) { return MMA_K * s + 2 * t + 8 * r; }
     __device__ static int word_of(int c) {
@@ -767,11 +893,7 @@ __device__ __forceinline__ void mlp_weight_grads_mma(const float* const (&h)[Fus
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     unsigned int* bst = fused_smem;
     unsigned int* zbuf = fused_smem + B_WORDS + warp * R::A_WORDS;
-    int l = -1;  // the last trainable layer whose first tile is at or before blockIdx.x
-    for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
-        const LayerPlan q = LayerPlan::of(plan, i);
-        if ((q.flags & TRAINABLE) && q.first_tile <= static_cast<int>(blockIdx.x)) l = i;
-    }
+    const int l = LayerPlan::of_dw_tile(plan);
     const LayerPlan p = LayerPlan::of(plan, l);
     const float* h_l = layer_slot(h, l);
     const float* dz_l = layer_slot(dz, l);
@@ -824,16 +946,12 @@ __device__ __forceinline__ void mlp_weight_grads_mma(const float* const (&h)[Fus
         }
     }
     if (owns_db) db_out[threadIdx.x] = colsum;
-    if (splits == 1) return;
-
-    if (!split_k_arrived_last(&tickets[blockIdx.x], splits)) return;
-    const int rows = p.in - m0 < R::ROWS ? p.in - m0 : R::ROWS;
-    split_k_sum(ws + p.ws, ws_split_stride, splits, dw_l, p.out, m0, rows, 0, p.out);
-    if (m0 == 0) split_k_sum(ws + p.ws + dw_size, ws_split_stride, splits, db_l, p.out, 0, 1, 0, p.out);
-    split_k_reset(&tickets[blockIdx.x]);
+    if (splits > 1) finish_split_weight_grads(ws, tickets, p, dw_l, db_l, m0, R::ROWS, splits, ws_split_stride);
 }
 
-template <class P>
+// dW_l rows m0 .. m0 + 63 (all columns) and, in W_l's first row tile, db_l, over this split's batch
+// rows: A = h_l^T and B = dz_l, both staged from row-major global arrays; db from the B loader's
+// column sums, added over its k lanes in a fixed order (as gemm_tile.cuh's dW does).
 __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::MAX_LAYERS],
                                                  const float* const (&dz)[Fused::MAX_LAYERS],
                                                  float* const (&dw)[Fused::MAX_LAYERS],
@@ -841,14 +959,11 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
                                                  unsigned int* __restrict__ tickets, const int* __restrict__ plan,
                                                  int B, int k_chunk, int splits, int ws_split_stride) {
     using F = Fused;
-    __shared__ float Hs[F::KC * F::ROWS];       // Hs[k][r] = h_l[b0 + k][m0 + r]
-    __shared__ float Ds[F::KC * F::LDW];  // Ds[k][c] = dz_l[b0 + k][c]
-    // This block's layer: the last trainable layer whose first tile is at or before blockIdx.x.
-    int l = -1;
-    for (int i = 0; i < plan[PLAN_LAYERS]; ++i) {
-        const LayerPlan q = LayerPlan::of(plan, i);
-        if ((q.flags & TRAINABLE) && q.first_tile <= static_cast<int>(blockIdx.x)) l = i;
-    }
+    using LoadB = OContiguousTile<F::MAX_WIDTH, F::THREADS, F::LDB, false>;
+    extern __shared__ __align__(16) unsigned int fused_smem[];
+    float* As = reinterpret_cast<float*>(fused_smem);  // As[k][r] = h_l[b0 + k][m0 + r]
+    float* Bs = As + F::MAX_WIDTH * F::LDA;            // Bs[k][c] = dz_l[b0 + k][c]
+    const int l = LayerPlan::of_dw_tile(plan);
     const LayerPlan p = LayerPlan::of(plan, l);
     const float* h_l = layer_slot(h, l);
     const float* dz_l = layer_slot(dz, l);
@@ -856,47 +971,55 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     float* db_l = layer_slot(db, l);
     const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * F::ROWS;
     const SplitRows batch_rows = SplitRows::of(B, k_chunk, blockIdx.y);
-    const long long k_begin = batch_rows.begin, k_end = batch_rows.end;
-    const P o = P::of(threadIdx.x);
-    static_assert(Fused::THREADS == Fused::MAX_WIDTH, "db: one thread per column");
-    const bool owns_db = m0 == 0 && static_cast<int>(threadIdx.x) < p.out;  // db[threadIdx.x], in fp32
-
+    const SimtTile t = SimtTile::of(threadIdx.x);
+    const bool active = t.active(p.out);
+    float sums[LoadB::WIDTH] = {};
     Acc acc;
     zero(acc);
-    float colsum = 0.0f;
-    for (long long b0 = k_begin; b0 < k_end; b0 += F::KC) {
-        for (int e = threadIdx.x; e < F::KC * F::ROWS; e += F::THREADS) {
-            const int k = e / F::ROWS, r = e % F::ROWS;
-            Hs[e] = b0 + k < k_end && m0 + r < p.in ? h_l[(b0 + k) * p.in + m0 + r] : 0.0f;
-        }
-        stage_weight_rows(Ds, dz_l, static_cast<int>(b0), static_cast<int>(k_end), p.out);
+    for (long long b0 = batch_rows.begin; b0 < batch_rows.end; b0 += F::MAX_WIDTH) {
+        const int K = batch_rows.end - b0 < F::MAX_WIDTH ? static_cast<int>(batch_rows.end - b0) : F::MAX_WIDTH;
+        __syncthreads();  // every warp is done with the previous chunk
+        OContiguousTile<F::ROWS, F::THREADS, F::LDA, false> ht;  // A(k, r) = h_l[b0 + k][m0 + r]
+        ht.init(h_l, p.in, m0, p.in, b0, threadIdx.x);
+        stage_operand(As, F::LDA, ht, K);
+        stage_rows_of<true>(Bs, dz_l, p.out, b0, K, &sums);
         __syncthreads();
-        o.accumulate(acc, Hs, 1, F::ROWS, Ds);
-        if (owns_db) {
-            for (int k = 0; k < F::KC; ++k) colsum += Ds[k * F::LDW + threadIdx.x];
-        }
-        __syncthreads();
+        if (active) resident_product(acc, As, Bs, K, t);
     }
-
     const long long dw_size = static_cast<long long>(p.in) * p.out;
     float* dw_out = split_k_partial(dw_l, ws + p.ws, ws_split_stride, splits, blockIdx.y);
     float* db_out = split_k_partial(db_l, ws + p.ws + dw_size, ws_split_stride, splits, blockIdx.y);
+    static_assert(LoadB::KSTEP * F::MAX_WIDTH <= F::MAX_WIDTH * F::LDA, "the column partials must fit in As");
+    __syncthreads();  // every warp has read As
+    if (m0 == 0) {  // db: KSTEP threads hold partial sums of each column
 #pragma unroll
-    for (int j = 0; j < ACC_J; ++j) {
-#pragma unroll
-        for (int v = 0; v < ACC_V; ++v) {
-            const int r = m0 + o.row(j, v), c = o.col(j, v);
-            if (r < p.in && c < p.out) dw_out[static_cast<long long>(r) * p.out + c] = acc[j][v];
+        for (int j = 0; j < LoadB::WIDTH; ++j) {  // the scalar loader's k lane and column j
+            const int k_lane = threadIdx.x / LoadB::LANES_O, column = threadIdx.x % LoadB::LANES_O + j * LoadB::SPACING;
+            As[k_lane * F::MAX_WIDTH + column] = sums[j];
         }
     }
-    if (owns_db) db_out[threadIdx.x] = colsum;
-    if (splits == 1) return;
-
-    if (!split_k_arrived_last(&tickets[blockIdx.x], splits)) return;
-    const int rows = p.in - m0 < F::ROWS ? p.in - m0 : F::ROWS;
-    split_k_sum(ws + p.ws, ws_split_stride, splits, dw_l, p.out, m0, rows, 0, p.out);
-    if (m0 == 0) split_k_sum(ws + p.ws + dw_size, ws_split_stride, splits, db_l, p.out, 0, 1, 0, p.out);
-    split_k_reset(&tickets[blockIdx.x]);
+    __syncthreads();
+    if (m0 == 0 && static_cast<int>(threadIdx.x) < p.out) {
+        float column_sum = 0.0f;
+#pragma unroll
+        for (int s = 0; s < LoadB::KSTEP; ++s) column_sum += As[s * F::MAX_WIDTH + threadIdx.x];
+        db_out[threadIdx.x] = column_sum;
+    }
+    if (t.active(p.out)) {
+        const bool vec = vectorizable(dw_out, p.out);
+#pragma unroll
+        for (int ig = 0; ig < 2; ++ig)
+#pragma unroll
+            for (int jg = 0; jg < 2; ++jg) {
+                Quad q;
+#pragma unroll
+                for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) q.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj];
+                q.store_rows(dw_out, p.out, m0 + t.row(4 * ig), t.col(4 * jg), p.in, p.out, vec);
+            }
+    }
+    if (splits > 1) finish_split_weight_grads(ws, tickets, p, dw_l, db_l, m0, F::ROWS, splits, ws_split_stride);
 }
 
 }  // namespace gpubp
@@ -909,8 +1032,8 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
 #define GPUBP_LAYER_ARRAY(T, NAME) \
     T const NAME[gpubp::Fused::MAX_LAYERS] = {NAME##0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6, NAME##7}
 
-#define GPUBP_FUSED_MLP_ACT_ENTRIES(SUFFIX, FORWARD, BACKWARD, NAME)                                                      \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
+#define GPUBP_FUSED_MLP_ACT_ENTRIES(SUFFIX, BLOCKS, FORWARD, BACKWARD, NAME)                                                    \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
         fused_mlp_fwd##SUFFIX##_##NAME(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),               \
                                        GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),            \
                                        GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {        \
@@ -920,7 +1043,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         GPUBP_LAYER_ARRAY(float*, zout);                                                                             \
         FORWARD(x, w, b, hout, zout, plan, B);                                               \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
         fused_mlp_bwd##SUFFIX##_##NAME(const float* __restrict__ dy, float* __restrict__ dx,                         \
                                        GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, act_in),    \
                                        GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan, int B) {          \
@@ -930,8 +1053,8 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         BACKWARD(dy, dx, w, act_in, dz, plan, B);                                            \
     }
 
-#define GPUBP_FUSED_MLP_DW_ENTRY(SUFFIX, WEIGHT_GRADS)                                                                     \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, 1)                                              \
+#define GPUBP_FUSED_MLP_DW_ENTRY(SUFFIX, BLOCKS, WEIGHT_GRADS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
         fused_mlp_dw##SUFFIX(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz),                  \
                              GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws,     \
                              unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk,  \
@@ -944,17 +1067,17 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     }
 
 #define GPUBP_FUSED_MLP_FP32(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(, (gpubp::mlp_forward<gpubp::SimtFp32, ACT>),                                      \
-                                (gpubp::mlp_backward<gpubp::SimtFp32, ACT>), NAME)
+    GPUBP_FUSED_MLP_ACT_ENTRIES(, gpubp::Fused::FP32_BLOCKS, (gpubp::mlp_forward<ACT>),                                      \
+                                (gpubp::mlp_backward<ACT>), NAME)
 #define GPUBP_FUSED_MLP_TF32(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(_tf32, (gpubp::mlp_forward_mma<gpubp::Tf32Op, ACT>),                               \
+    GPUBP_FUSED_MLP_ACT_ENTRIES(_tf32, gpubp::Tf32Op::BLOCKS, (gpubp::mlp_forward_mma<gpubp::Tf32Op, ACT>),                               \
                                 (gpubp::mlp_backward_mma<gpubp::Tf32Op, ACT>), NAME)
 #define GPUBP_FUSED_MLP_BF16(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(_bf16, (gpubp::mlp_forward_mma<gpubp::Bf16Op, ACT>),                               \
+    GPUBP_FUSED_MLP_ACT_ENTRIES(_bf16, gpubp::Bf16Op::BLOCKS, (gpubp::mlp_forward_mma<gpubp::Bf16Op, ACT>),                               \
                                 (gpubp::mlp_backward_mma<gpubp::Bf16Op, ACT>), NAME)
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_FP32)
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_TF32)
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_BF16)
-GPUBP_FUSED_MLP_DW_ENTRY(, gpubp::mlp_weight_grads<gpubp::SimtFp32>)
-GPUBP_FUSED_MLP_DW_ENTRY(_tf32, gpubp::mlp_weight_grads_mma<gpubp::Tf32Op>)
-GPUBP_FUSED_MLP_DW_ENTRY(_bf16, gpubp::mlp_weight_grads_mma<gpubp::Bf16Op>)
+GPUBP_FUSED_MLP_DW_ENTRY(, gpubp::Fused::FP32_BLOCKS, gpubp::mlp_weight_grads)
+GPUBP_FUSED_MLP_DW_ENTRY(_tf32, gpubp::Tf32Op::BLOCKS, gpubp::mlp_weight_grads_mma<gpubp::Tf32Op>)
+GPUBP_FUSED_MLP_DW_ENTRY(_bf16, gpubp::Bf16Op::BLOCKS, gpubp::mlp_weight_grads_mma<gpubp::Bf16Op>)

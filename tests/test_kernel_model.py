@@ -90,6 +90,18 @@ def test_the_simt_gemms_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh)
     assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
 
 
+# The fused MLP's fp32 kernels (forward and backward in every activation, dW): the same goal.
+FUSED_FP32 = re.compile(r"fused_mlp_(fwd|bwd)_[a-z_]+|fused_mlp_dw")  # no digits: not _tf32, _bf16
+
+
+def test_the_fused_fp32_kernels_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh):
+    fused = {name: k for name, k in fresh["kernels"].items() if FUSED_FP32.fullmatch(name)}
+    assert len(fused) == 2 * len(ACTIVATIONS) + 1
+    below = {name: k["hot_loop"]["ffma_share"] for name, k in fused.items()
+             if k["hot_loop"]["ffma_share"] < SIMT_FFMA_GOAL}
+    assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
+
+
 # Issue 28's goal for the per-layer tensor-core GEMMs: about 4 instructions per HMMA keep an
 # sm_90 sub-partition's tensor core busy (HMMA.1688 tf32 and HMMA.16816 bf16 take 4 cycles).
 PER_LAYER_TENSOR_CORE = re.compile(r"dense_(fwd|dx|dw)_(tf32|bf16)_\w+")

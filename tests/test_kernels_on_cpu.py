@@ -472,8 +472,9 @@ def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
 #
 # kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
 # (batch, input width, output widths, activations, frozen layers, need_input_grad); together
-# they cover batch 1, 45, 50, 127, 129 and 1000, every activation (the kernels' one activation,
-# with identity layers anywhere), 1 to 8 layers, widths 1, 10, 16, 32, 33, 40, 64, 72 and 128,
+# they cover batch 1, 45, 50, 65, 127, 129, 131 and 1000, every activation (the kernels' one
+# activation, with identity layers anywhere), 1 to 8 layers, widths 1, 10, 16, 17, 32, 33, 40, 64,
+# 72, 100 and 128 (a whole, a partial and no 32-column fp32 warp strip; 8-column mma tiles),
 # inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
 FUSED_RTOL = 1e-5
 FUSED_CASES = {
@@ -484,6 +485,8 @@ FUSED_CASES = {
     "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "gelu_tanh", "identity", "gelu_tanh"], [], True),
     "widths_40_72_10": (45, 40, [40, 72, 10], ["leaky_relu", "leaky_relu", "identity"], [], True),
     "widths_32_64_128": (50, 32, [32, 64, 128], ["sigmoid", "sigmoid", "sigmoid"], [], True),
+    "widths_17_33_100_1": (131, 23, [17, 33, 100, 1], ["tanh", "tanh", "tanh", "identity"], [], True),
+    "widths_1_64_128_33_wide_input": (65, 130, [1, 64, 128, 33], ["relu", "relu", "identity", "relu"], [], True),
     "batch_1000": (1000, 24, [64, 64, 64, 10], ["relu", "relu", "relu", "identity"], [], False),
     "bottom_2_frozen": (129, 20, [32, 32, 16, 16, 4], ["gelu", "gelu", "identity", "gelu", "identity"], [0, 1], False),
     "middle_frozen": (129, 20, [32, 32, 16, 16, 4], ["gelu", "gelu", "identity", "gelu", "identity"], [2], False),
@@ -494,8 +497,8 @@ FUSED_CASES = {
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
-                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "middle_frozen",
-                               "all_but_head_frozen_input_grad")}
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "widths_17_33_100_1",
+                               "middle_frozen", "all_but_head_frozen_input_grad")}
     FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
 
 
@@ -1317,10 +1320,15 @@ PLANTED_BUGS = {
         "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
         "",
         "tsan", "fused_mlp_matches and act_gelu", "data race"),
-    "fused: transposed weight stage off by one column": (
+    "fused: a warp strip that holds the last columns of a layer skipped": (
         "fused_mlp.cu",
-        "w[static_cast<long long>(n0 + c) * K + k0 + k]",
-        "w[static_cast<long long>(n0 + c) * K + k0 + k + 1]",
+        "__device__ bool active(int n) const { return Fused::STRIP * warp < n; }",
+        "__device__ bool active(int n) const { return Fused::STRIP * (warp + 1) <= n; }",
+        "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
+    "fused: transposed weight stage off by one k": (
+        "fused_mlp.cu",
+        "wt.init(wl, p.out, n0, p.in, 0, threadIdx.x);",
+        "wt.init(wl, p.out, n0, p.in, 1, threadIdx.x);",
         "asan", "fused_mlp_matches and act_gelu", "heap-buffer-overflow"),
     "fused: wrong tensor-core A fragment": (
         "fused_mlp.cu",

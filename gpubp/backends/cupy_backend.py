@@ -101,11 +101,11 @@ ELEMENTWISE_BLOCKS_PER_SM = 16
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
-FUSED_ROWS, FUSED_THREADS = 32, 128
-# The tensor-core fwd/bwd (Fused MmaRows): 16 rows per warp, a dynamic shared B stage of
-# (128 / mma k) k-steps x 8 tile pairs x 128 words, and per warp an A/Z buffer of 16 x 136 words
-# (two for a forward whose input is wider than 128).
-FUSED_MMA_ROWS = 64
+# Batch rows per fwd/bwd block and dW rows per dw block, in every precision (fp32: a 64 x 128
+# block tile; tensor cores, MmaRows: 16 rows per warp).
+FUSED_ROWS, FUSED_THREADS = 64, 128
+# The tensor-core fwd/bwd: a dynamic shared B stage of (128 / mma k) k-steps x 8 tile pairs x 128
+# words, and per warp an A/Z buffer of 16 x 136 words (two for a forward whose input is wider than 128).
 _FUSED_MMA_K = {"tf32": 8, "bf16": 16}
 _FUSED_A_WORDS = (FUSED_THREADS // 32) * 16 * (FUSED_MLP_MAX_WIDTH + 8)
 _PLAN_HEAD = 4
@@ -307,9 +307,16 @@ DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel may take with
 
 
 def _dynamic_shared_bytes(name: str) -> int:
-    """The dynamic shared memory kernel ``name`` is launched with (0 for all but the TF32 GEMMs)."""
+    """The dynamic shared memory kernel ``name`` is launched with (0 for all but the TF32 GEMMs and
+    the fused kernels; these at an input of at most 128 features)."""
     match = re.fullmatch(r"dense_(fwd|dx|dw)_tf32_\w+", name)
-    return TF32_SHARED_BYTES[match.group(1)] if match else 0
+    if match:
+        return TF32_SHARED_BYTES[match.group(1)]
+    fused = re.fullmatch(r"fused_mlp_(fwd|bwd|dw)(_tf32|_bf16)?(_[a-z_]+)?", name)
+    if fused:
+        precision = (fused.group(2) or "_fp32")[1:]
+        return _fused_shared_bytes(fused.group(1), precision, FUSED_MLP_MAX_WIDTH)
+    return 0
 
 
 def _look_up_kernels(module, filename: str) -> dict:
@@ -878,27 +885,28 @@ def fused_activation(acts) -> str | None:
     return applied.pop() if applied else "identity"
 
 
-def _fused_rows(precision: str) -> int:
-    """Batch rows per fwd/bwd block, and dW rows per dw block, of the fused kernels."""
-    return FUSED_ROWS if precision == "fp32" else FUSED_MMA_ROWS
+def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
+    """The dynamic shared memory of a fused kernel: fp32 a 128-deep k-major activation buffer and
+    weight stage; tensor cores the B stage and the warps' A/Z buffers (two for a forward whose input
+    is wider than 128)."""
+    if precision == "fp32":
+        return 4 * FUSED_MLP_MAX_WIDTH * ((FUSED_ROWS + 4) + (FUSED_MLP_MAX_WIDTH + 4))
+    b_words = FUSED_MLP_MAX_WIDTH // _FUSED_MMA_K[precision] * (FUSED_MLP_MAX_WIDTH // 16) * 128
+    buffers = 2 if kind == "fwd" and n_in > FUSED_MLP_MAX_WIDTH else 1
+    return 4 * (b_words + buffers * _FUSED_A_WORDS)
 
 
 def _fused_launch(kind: str, precision: str, act: str | None, n_in: int):
-    """(kernel, dynamic shared bytes) of a fused kernel. The tensor-core kernels take their shared
-    memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it can
-    ask for once, at its first use on a device."""
+    """(kernel, dynamic shared bytes) of a fused kernel. The fused kernels take their shared memory
+    dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it can ask for
+    once, at its first use on a device."""
     name = _fused_name(kind, precision, act)
     kernel = _kernel("fused_mlp.cu", name)
-    if precision == "fp32":
-        return kernel, 0
-    b_words = FUSED_MLP_MAX_WIDTH // _FUSED_MMA_K[precision] * (FUSED_MLP_MAX_WIDTH // 16) * 128
-    buffers = 2 if kind == "fwd" and n_in > FUSED_MLP_MAX_WIDTH else 1
     opted = _state().setdefault("fused_shared_opt_in", set())
     if name not in opted:
-        most = 4 * (b_words + (2 if kind == "fwd" else 1) * _FUSED_A_WORDS)
-        kernel.function.max_dynamic_shared_size_bytes = most
+        kernel.function.max_dynamic_shared_size_bytes = _fused_shared_bytes(kind, precision, FUSED_MLP_MAX_WIDTH + 1)
         opted.add(name)
-    return kernel, 4 * (b_words + buffers * _FUSED_A_WORDS)
+    return kernel, _fused_shared_bytes(kind, precision, n_in)
 
 
 def _layer_slots(arrays, stand_in) -> list:
@@ -942,7 +950,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
     kernel, shared = _fused_launch("fwd", precision, fused_activation(kernel_acts), x.shape[1])
     record("fused_mlp_fwd")
-    kernel((-(-batch // _fused_rows(precision)),), (FUSED_THREADS,),
+    kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
             plan, np.int32(batch)), shared_mem=shared)
     if acts[-1] == "softmax":
@@ -980,13 +988,13 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i])
     flags = [_TRAINABLE if need_dw[i] else 0 for i in range(layers)]
     n_in = weights[0].shape[0]
-    plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0], _fused_rows(precision))
+    plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0], FUSED_ROWS)
     dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
     dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
     kernel, shared = _fused_launch("bwd", precision, fused_activation(kernel_acts), n_in)
     record("fused_mlp_bwd")
-    kernel((-(-batch // _fused_rows(precision)),), (FUSED_THREADS,),
+    kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
             *_layer_slots(dz, dy), plan, np.int32(batch)), shared_mem=shared)
     if tiles:
