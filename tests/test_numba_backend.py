@@ -495,14 +495,25 @@ def test_clip_grad_norm_reads_the_norm_back_once_per_backend(rng, monkeypatch):
     assert len(copies) == 1
 
 
-@pytest.mark.parametrize("n", [1, 255, 67_584, 10**6, 10**9])
+@pytest.mark.parametrize("n", [1, 255, 4096, 67_584, 10**6, 10**9])
 def test_reductions_take_a_thread_per_element_up_to_full_sms(n):
     """Two waves of 132 SMs (264 blocks of 256) from 67,584 elements on: a 1024 x 1024 gradient
-    takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element."""
+    takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element
+    (so a 64 x 64 gradient, 4096 elements, takes 16 blocks: a thread per element)."""
     blocks = nb.reduce_blocks(n, H200_SMS)
     assert blocks <= nb.BLOCKS_PER_SM * H200_SMS and (blocks - 1) * nb.REDUCE_THREADS < n
     if n >= TWO_WAVES_ON_H200 * nb.REDUCE_THREADS:
         assert blocks >= TWO_WAVES_ON_H200
+
+
+@pytest.mark.parametrize("workload", ["steps", "frozen"])
+def test_the_loss_of_every_benchmark_step_launches_two_waves_of_row_blocks(workload):
+    """The benchmark steps' one reduction besides dW's db: softmax cross-entropy over the batch,
+    a warp per row (8192 rows: 1024 blocks; 65,536: 8192)."""
+    dense = load("test_gpu_dense")
+    steps = dense.STEP_WORKLOADS.values() if workload == "steps" else [dense.FROZEN_MODEL]
+    for _, batch in steps:
+        assert nb.row_blocks(batch) >= TWO_WAVES_ON_H200
 
 
 def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):

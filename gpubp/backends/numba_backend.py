@@ -346,7 +346,8 @@ def elementwise_blocks(n: int, sms: int) -> int:
 def reduce_blocks(n: int, sms: int) -> int:
     """Blocks of REDUCE_THREADS for an n-element reduction on ``sms`` SMs: a thread per element
     up to BLOCKS_PER_SM blocks per SM (two waves of 132 SMs from 67,584 elements on), then
-    grid-stride."""
+    grid-stride. A smaller array takes fewer blocks, since one more would hold no element (a
+    64 x 64 gradient: 16); one load per thread, its time is the launch's, not bandwidth's."""
     return max(1, min(-(-n // REDUCE_THREADS), BLOCKS_PER_SM * sms))
 
 
