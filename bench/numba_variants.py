@@ -16,12 +16,15 @@ it comes from:
 
 A kernel that comes from neither is an error, so a rewritten backend is followed or refused,
 never half-read. ``compile_ptx(variants, cc)`` then compiles each variant with
-``numba.cuda.compile_ptx`` for that compute capability, the simulator off (libNVVM is needed,
-not a GPU), in parallel processes.
+``numba.cuda.compile_ptx`` for that compute capability and the launch bounds the backend's
+kernel carries, the simulator off (libNVVM is needed, not a GPU), in parallel processes.
 
-What it cannot see: a kernel the contract's functions never launch (a dead kernel), and the
+What it cannot see: a kernel the contract's functions never launch (a dead kernel), the
 optional fused-MLP capability, which the Numba backend does not have (``drive_contract`` says
-where to add it).
+where to add it), and the dropout variants (the masked forward, dropout_dz, the mask alone),
+which ``drive_contract`` does not drive, to keep the model's compile time down; the backend's
+``kernel_variants()`` lists them and tests/test_numba_backend.py compiles them (float32 only,
+no spills).
 
     python bench/numba_variants.py            # list the variants
 """
@@ -203,7 +206,9 @@ def _compile(entries: list[dict], cc: tuple[int, int]) -> dict:
         if origin[0] == "factory":
             kernel = kernel(*origin[2])
         signature = tuple(numba_type(spec) for spec in entry["types"])
-        ptx[entry["name"]], _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
+        # The launch bounds the backend's dispatcher compiles with: they cap the registers.
+        ptx[entry["name"]], _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc,
+                                                 launch_bounds=kernel.targetoptions.get("launch_bounds"))
     return {"ptx": ptx}
 
 

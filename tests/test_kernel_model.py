@@ -126,6 +126,35 @@ def test_the_per_layer_tensor_core_kernels_do_not_spill_on_sm_80_either(committe
     assert spills == {}
 
 
+# Issue 32's goal for the Numba backend's GEMMs: the forward of every activation, dX and dW,
+# compiled with the launch bounds the backend gives them.
+NUMBA_GEMM = re.compile(re.escape(numba_variants.PREFIX) + r"dense_(forward\[\w+\]|dx|dw)")
+NUMBA_FFMA_GOAL = 0.70
+
+
+def test_the_numba_gemms_issue_at_least_70_percent_ffma_without_spilling(fresh):
+    if fresh["numba_unavailable"]:
+        pytest.skip(f"the Numba kernels cannot be compiled here: {fresh['numba_unavailable']}")
+    gemms = {name: k for name, k in fresh["kernels"].items() if NUMBA_GEMM.fullmatch(name)}
+    assert len(gemms) == len(ACTIVATIONS) + 2
+    below = {name: k["hot_loop"]["ffma_share"] for name, k in gemms.items()
+             if k["hot_loop"]["ffma_share"] < NUMBA_FFMA_GOAL}
+    assert below == {}, f"FFMA share below {NUMBA_FFMA_GOAL}"
+    assert {name: k["spill_bytes"] for name, k in gemms.items() if k["spill_bytes"]} == {}
+
+
+def test_the_numba_gemms_are_modelled_under_the_launch_bounds_they_run_with(fresh):
+    """TILE_BLOCKS_PER_SM blocks of TILE_THREADS: at most 128 registers a thread, 16 warps per SM."""
+    if fresh["numba_unavailable"]:
+        pytest.skip(f"the Numba kernels cannot be compiled here: {fresh['numba_unavailable']}")
+    from gpubp.backends import numba_backend as nb
+
+    per_block = nb.TILE_THREADS * nb.TILE_BLOCKS_PER_SM
+    gemms = {name: k for name, k in fresh["kernels"].items() if NUMBA_GEMM.fullmatch(name)}
+    assert all(k["registers"] <= 65536 // per_block for k in gemms.values())
+    assert all(k["occupancy_warps"] >= per_block // 32 for k in gemms.values())
+
+
 def test_every_numba_variant_is_modelled(fresh):
     if fresh["numba_unavailable"]:
         pytest.skip(f"the Numba kernels cannot be compiled here: {fresh['numba_unavailable']}")

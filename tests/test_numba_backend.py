@@ -19,6 +19,7 @@ from gpubp import backends
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
+from test_gpu_check_scripts import load
 
 try:
     nb = backends.get("numba")
@@ -212,53 +213,96 @@ H200_SMS = 132
 TWO_WAVES_ON_H200 = 2 * H200_SMS  # blocks
 
 
-def test_dw_launches_two_waves_of_blocks_on_an_h200_at_the_1024_benchmark():
-    """The 1024 x 1024 layers at a batch of 8192 (bench/test_gpu_dense.py's 1024x4 step): 64
-    tiles alone fill half of 132 SMs; split over the batch they make two waves."""
-    (grid_x, grid_y), _ = nb.tile_grid(1024, 1024)
-    splits, _ = nb.dw_splits(8192, grid_x * grid_y, H200_SMS)
+def benchmark_layers() -> list[tuple[str, int, int, int]]:
+    """(workload, in, out, batch) of every dense layer the GPU benchmarks train or time on the
+    Numba backend (bench/test_gpu_dense.py: the train steps, the kernel-level MLPs and single
+    layers, the frozen-backbone model)."""
+    dense = load("test_gpu_dense")
+    workloads = {**dense.STEP_WORKLOADS, **dense.MLPS, **dense.SINGLE_LAYERS, "frozen": dense.FROZEN_MODEL}
+    return [(name, n_in, n_out, batch) for name, (widths, batch) in workloads.items()
+            for n_in, n_out in zip(widths[:-1], widths[1:])]
+
+
+@pytest.mark.parametrize("workload, n_in, n_out, batch", benchmark_layers(),
+                         ids=lambda v: str(v) if not isinstance(v, str) else v.replace(" ", "_"))
+def test_dw_launches_two_waves_of_blocks_on_an_h200_at_every_benchmark_layer(workload, n_in, n_out, batch):
+    """A 64 x 64 layer is one tile, split 265 ways at a batch of 65,536; a 1024 x 1024 layer at
+    8192 is 64 tiles split 5 ways; a 4096 x 4096 layer needs no split."""
+    (grid_x, grid_y), _ = nb.tile_grid(n_in, n_out)
+    splits, _ = nb.dw_splits(batch, grid_x * grid_y, H200_SMS)
     assert grid_x * grid_y * splits >= TWO_WAVES_ON_H200
 
 
 @pytest.mark.parametrize("batch, tiles, sms", [(8192, 64, 132), (64, 14, 132), (133, 1, 2), (10**7, 1, 132),
-                                               (8192, 300, 132), (31, 1, 132), (1, 1, 132)])
+                                               (8192, 300, 132), (31, 1, 132), (1, 1, 132), (65536, 1, 132),
+                                               (65536, 1, 1000)])
 def test_dw_splits_cover_the_batch_in_whole_slices_of_at_least_the_minimum_rows(batch, tiles, sms):
     splits, rows = nb.dw_splits(batch, tiles, sms)
     assert 1 <= splits <= nb.MAX_SPLITS and rows % nb.BLOCK_K == 0
     assert (splits - 1) * rows < batch <= splits * rows, "every split has rows, together all of them"
+    target = nb.SPLIT_WAVES * sms
     if splits > 1:
-        assert rows >= nb.MIN_ROWS_PER_SPLIT and tiles < nb.SPLIT_WAVES * sms
-    if tiles >= nb.SPLIT_WAVES * sms:
+        assert rows >= nb.MIN_ROWS_PER_SPLIT and tiles < target
+    if tiles >= target:
         assert splits == 1
+    else:
+        assert tiles * splits >= target or splits >= min(batch // nb.MIN_ROWS_PER_SPLIT, nb.MAX_SPLITS)
 
 
-@pytest.mark.parametrize("splits", [2, 3])
-def test_split_dw_sums_the_partials_in_split_order_bit_for_bit(rng, splits):
-    """dW and db are the float32 sums partial[0] + partial[1] + ... of the splits, in that order
-    (so the result depends on the split count only), and match NumPy at every split count."""
+@pytest.mark.parametrize("splits", [1, 2, nb.MAX_GROUP_SPLITS, nb.MAX_GROUP_SPLITS + 1, 265, nb.MAX_SPLITS])
+def test_split_groups_keep_each_finishing_block_to_at_most_32_partials(splits):
+    per_group = nb.dw_split_group(splits)
+    groups = -(-splits // per_group)
+    assert per_group <= nb.MAX_GROUP_SPLITS and groups <= nb.MAX_GROUP_SPLITS
+    assert (groups - 1) * per_group < splits, "no group is empty"
+    if splits <= nb.MAX_GROUP_SPLITS:
+        assert groups == 1
+
+
+def in_order(parts) -> np.ndarray:
+    """parts[0] + parts[1] + ..., added in that order in float32."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+# Float addition is commutative, so an order shows from 3 terms on: 3 splits in one group; 6 in
+# groups of 4 and 2 (the last group shorter); 6 in 3 groups of 2 (three group sums).
+@pytest.mark.parametrize("splits, group_splits", [(3, 3), (6, 4), (6, 2)],
+                         ids=["3-splits", "6-splits-in-groups-of-4-and-2", "6-splits-in-3-groups"])
+def test_split_dw_sums_the_partials_in_split_order_then_group_order_bit_for_bit(rng, splits, group_splits):
+    """dW and db are the float32 sums of each group's split partials in split order, then of the
+    group sums in group order (one group: partial[0] + partial[1] + ...), so the result
+    depends on the split count and group size only, and match NumPy whatever the grouping."""
     batch, fan_in, fan_out = 45, 11, 6
     x, dz = randn(rng, batch, fan_in), randn(rng, batch, fan_out)
     x_dev, dz_dev = to_device(x, dz)
     dw, db = nb.empty((fan_in, fan_out)), nb.empty((fan_out,))
     rows = -(-batch // splits)
     rows += -rows % nb.BLOCK_K
+    assert -(-batch // rows) == splits
+    groups = -(-splits // group_splits)
     with trace() as t:
-        nb._dense_dw(x_dev, dz_dev, dw, db, splits, rows)
+        nb._dense_dw(x_dev, dz_dev, dw, db, splits, rows, group_splits)
     assert t.launches == ["dense_dw"]
     assert_matches(dw, x.T.astype(np.float64) @ dz)
     assert_matches(db, dz.sum(0, dtype=np.float64))
-    dw_parts = host(nb._scratch("dw_partials", splits * dw.size, dz_dev)).reshape(splits, fan_in, fan_out)
-    db_parts = host(nb._scratch("db_partials", splits * db.size, dz_dev)).reshape(splits, fan_out)
+    slots = splits + (groups if groups > 1 else 0)
+    dw_parts = host(nb._scratch("dw_partials", slots * dw.size, dz_dev)).reshape(slots, fan_in, fan_out)
+    db_parts = host(nb._scratch("db_partials", slots * db.size, dz_dev)).reshape(slots, fan_out)
     for begin, dw_part, db_part in zip(range(0, batch, rows), dw_parts, db_parts):
         chunk = slice(begin, begin + rows)
         assert_matches(dw_part, x[chunk].T.astype(np.float64) @ dz[chunk])
         assert_matches(db_part, dz[chunk].sum(0, dtype=np.float64))
     for total, parts in [(host(dw), dw_parts), (host(db), db_parts)]:
-        in_order = parts[0]
-        for part in parts[1:]:
-            in_order = in_order + part
-        np.testing.assert_array_equal(total, in_order)
-    assert not host(nb._scratch("split_tickets", 1, dz_dev, np.uint32)).any(), "tickets reset for the next launch"
+        group_sums = [in_order(parts[first:min(first + group_splits, splits)])
+                      for first in range(0, splits, group_splits)]
+        if groups > 1:
+            np.testing.assert_array_equal(parts[splits:], np.stack(group_sums))
+        np.testing.assert_array_equal(total, in_order(group_sums))
+    tickets = host(nb._scratch("split_tickets", groups + 1, dz_dev, np.uint32))
+    assert not tickets.any(), "tickets reset for the next launch"
 
 
 def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
@@ -451,14 +495,25 @@ def test_clip_grad_norm_reads_the_norm_back_once_per_backend(rng, monkeypatch):
     assert len(copies) == 1
 
 
-@pytest.mark.parametrize("n", [1, 255, 67_584, 10**6, 10**9])
+@pytest.mark.parametrize("n", [1, 255, 4096, 67_584, 10**6, 10**9])
 def test_reductions_take_a_thread_per_element_up_to_full_sms(n):
     """Two waves of 132 SMs (264 blocks of 256) from 67,584 elements on: a 1024 x 1024 gradient
-    takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element."""
+    takes 1056; the grid never passes BLOCKS_PER_SM per SM, nor has a block without an element
+    (so a 64 x 64 gradient, 4096 elements, takes 16 blocks: a thread per element)."""
     blocks = nb.reduce_blocks(n, H200_SMS)
     assert blocks <= nb.BLOCKS_PER_SM * H200_SMS and (blocks - 1) * nb.REDUCE_THREADS < n
     if n >= TWO_WAVES_ON_H200 * nb.REDUCE_THREADS:
         assert blocks >= TWO_WAVES_ON_H200
+
+
+@pytest.mark.parametrize("workload", ["steps", "frozen"])
+def test_the_loss_of_every_benchmark_step_launches_two_waves_of_row_blocks(workload):
+    """The benchmark steps' one reduction besides dW's db: softmax cross-entropy over the batch,
+    a warp per row (8192 rows: 1024 blocks; 65,536: 8192)."""
+    dense = load("test_gpu_dense")
+    steps = dense.STEP_WORKLOADS.values() if workload == "steps" else [dense.FROZEN_MODEL]
+    for _, batch in steps:
+        assert nb.row_blocks(batch) >= TWO_WAVES_ON_H200
 
 
 def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):

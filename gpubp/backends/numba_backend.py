@@ -51,9 +51,13 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
     dense_dw    dw = x.T @ dz (in, out), db = dz.sum(0), the batch split over grid.z when the
                 tiles alone leave SMs idle (dw_splits: SPLIT_WAVES blocks per SM). Split s covers
                 batch rows [s rows_per_split, (s+1) rows_per_split), writes its partial dW tile
-                and, in the first row of tiles, its partial db; the last split of each tile to
-                finish (a ticket per tile) sums the partials in split order 0, 1, ..., so the
-                result depends on the split count only and is the same from run to run.
+                and, in the first row of tiles, its partial db. The splits come in groups of
+                consecutive ones (dw_split_group: at most MAX_GROUP_SPLITS each); the last split
+                of a group to finish (a ticket per tile and group) sums its group's partials in
+                split order, and the last group of a tile to finish (a ticket per tile) sums the
+                group sums in group order; with one group the first sum is the result. Either
+                way the result depends on the split count and group size only, both fixed by the
+                shapes and the SM count, and is the same from run to run.
     dense_dx    dx = dz @ w.T (B, in).
                 backward_kernels() lists what dense_backward launches.
 
@@ -155,11 +159,13 @@ assert TILE_STRIDE % RUN == 0 and SLICE_FLOATS % RUN == 0
 
 # dW split-K: split the batch only when the tiles make fewer than SPLIT_WAVES blocks per SM;
 # each split keeps at least MIN_ROWS_PER_SPLIT batch rows (its partial tile costs a write and
-# a read of 8 bytes per output, against MIN_ROWS_PER_SPLIT FMAs per output), and at most
-# MAX_SPLITS (the last block of a tile reads every split's partial of it alone).
+# a read of 8 bytes per output, against MIN_ROWS_PER_SPLIT FMAs per output). A finishing block
+# reads at most MAX_GROUP_SPLITS partials of its tile alone (the splits of its group, or the
+# groups' sums), so up to MAX_SPLITS = MAX_GROUP_SPLITS^2 splits finish in two levels.
 SPLIT_WAVES = 2
 MIN_ROWS_PER_SPLIT = 32
-MAX_SPLITS = 32
+MAX_GROUP_SPLITS = 32
+MAX_SPLITS = MAX_GROUP_SPLITS * MAX_GROUP_SPLITS
 
 # Row kernels (softmax, cross-entropy): a row per warp, ROWS_PER_BLOCK rows per block.
 ROW_LANES = WARP_SIZE
@@ -340,7 +346,8 @@ def elementwise_blocks(n: int, sms: int) -> int:
 def reduce_blocks(n: int, sms: int) -> int:
     """Blocks of REDUCE_THREADS for an n-element reduction on ``sms`` SMs: a thread per element
     up to BLOCKS_PER_SM blocks per SM (two waves of 132 SMs from 67,584 elements on), then
-    grid-stride."""
+    grid-stride. A smaller array takes fewer blocks, since one more would hold no element (a
+    64 x 64 gradient: 16); one load per thread, its time is the launch's, not bandwidth's."""
     return max(1, min(-(-n // REDUCE_THREADS), BLOCKS_PER_SM * sms))
 
 
@@ -567,15 +574,27 @@ def tile_grid(rows: int, cols: int) -> tuple[tuple[int, int], bool]:
 
 def dw_splits(batch: int, tiles: int, sms: int) -> tuple[int, int]:
     """(splits, rows_per_split) of a dW launch over ``tiles`` output tiles on ``sms`` SMs: the
-    batch is split only when the tiles make fewer than SPLIT_WAVES blocks per SM, into chunks of
-    whole BLOCK_K slices; fewer splits when rounding the chunk up leaves the last ones empty."""
-    splits = 1
+    batch is split only when the tiles make fewer than SPLIT_WAVES blocks per SM, into as many
+    chunks as make SPLIT_WAVES blocks per SM (at most one per MIN_ROWS_PER_SPLIT rows and
+    MAX_SPLITS), each a whole number of BLOCK_K slices. Chunks are rounded up to whole slices
+    where that still leaves that many splits, else down (one more, shorter, split at the end)."""
+    wanted = 1
     target = SPLIT_WAVES * sms
     if tiles < target:
-        splits = max(1, min(-(-target // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
-    rows = -(-batch // splits)
+        wanted = max(1, min(-(-target // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
+    rows = -(-batch // wanted)
     rows = -(-rows // BLOCK_K) * BLOCK_K
+    if -(-batch // rows) < wanted:
+        rows = batch // wanted // BLOCK_K * BLOCK_K  # >= MIN_ROWS_PER_SPLIT, a multiple of BLOCK_K
     return -(-batch // rows), rows
+
+
+def dw_split_group(splits: int) -> int:
+    """How many consecutive splits share a first-level finish: all of them up to
+    MAX_GROUP_SPLITS (one level), else as few groups of at most MAX_GROUP_SPLITS as cover them,
+    of equal size but the last."""
+    groups = -(-splits // MAX_GROUP_SPLITS)
+    return -(-splits // groups)
 
 
 @cuda.jit(device=True, inline="always")
@@ -958,14 +977,18 @@ def _store_column_sums(db_part, column_sums, smem, n0):
 
 
 @cuda.jit(device=True, inline="always")
-def _split_k_arrived_last(tickets, tile, is_last):
-    """Publishes this block's partials and takes its tile's ticket; True, in every thread, for the
-    tile's last block to arrive (every split's partial is then visible to it). The fences on both
-    sides of the ticket order the other splits' stores before this block's loads."""
+def _arrived_last(tickets, ticket, arrivals, is_last):
+    """Publishes this block's stores and takes ``tickets[ticket]``; True, in every thread, for the
+    last of the ``arrivals`` blocks taking it, which finds every other's stores visible and
+    leaves the ticket at 0 for the next launch. The fences on both sides of the ticket order
+    the other blocks' stores before this block's loads."""
     cuda.threadfence()
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
-        is_last[0] = cuda.atomic.add(tickets, tile, np.uint32(1)) == cuda.gridDim.z - 1
+        last = cuda.atomic.add(tickets, ticket, np.uint32(1)) == arrivals - 1
+        if last:
+            tickets[ticket] = 0
+        is_last[0] = last
     cuda.syncthreads()
     last = is_last[0] != 0
     if last:
@@ -974,42 +997,59 @@ def _split_k_arrived_last(tickets, tile, is_last):
 
 
 @cuda.jit(device=True, inline="always")
-def _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, is_last):
-    """The split-K finish of the tile at (m0, n0): its last block sums every split's partial in
-    split order 0, 1, ..., writes dW (and db in the first row of tiles) and resets the ticket."""
-    tiles_n = -(-dw.shape[1] // BLOCK_N)
-    tile = (m0 // BLOCK_M) * tiles_n + n0 // BLOCK_N
-    if not _split_k_arrived_last(tickets, tile, is_last):
-        return
-    splits = cuda.gridDim.z
+def _sum_partials(dw_parts, db_parts, first, step, count, dw, db, m0, n0):
+    """The tile at (m0, n0) of dw = dw_parts[first] + dw_parts[first + step] + ... (``count``
+    terms, added in that order), and in the first row of tiles its columns of db likewise."""
     rows = min(BLOCK_M, dw.shape[0] - m0)
     cols = min(BLOCK_N, dw.shape[1] - n0)
     for e in range(cuda.threadIdx.x, rows * cols, TILE_THREADS):
         r = _u64(m0 + e // cols)
         c = _u64(n0 + e % cols)
         total = _ZERO
-        for s in range(splits):
-            total += dw_parts[_u64(s), r, c]
+        for s in range(count):
+            total += dw_parts[_u64(first + s * step), r, c]
         dw[r, c] = total
     if m0 == 0:
         for e in range(cuda.threadIdx.x, cols, TILE_THREADS):
             c = _u64(n0 + e)
             total = _ZERO
-            for s in range(splits):
-                total += db_parts[_u64(s), c]
+            for s in range(count):
+                total += db_parts[_u64(first + s * step), c]
             db[c] = total
-    if cuda.threadIdx.x == 0:
-        tickets[tile] = 0
+
+
+@cuda.jit(device=True, inline="always")
+def _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, group_splits, is_last):
+    """The split-K finish of the tile at (m0, n0) for this block's split (see the module
+    docstring). dw_parts[s] (db_parts[s]) holds split s's partial for s < splits and, with more
+    than one group, group g's sum at splits + g. tickets: a ticket per tile and group, then one
+    per tile, all 0."""
+    splits = cuda.gridDim.z
+    groups = (splits + group_splits - 1) // group_splits
+    group = cuda.blockIdx.z // group_splits
+    first = group * group_splits
+    tiles_n = (dw.shape[1] + BLOCK_N - 1) // BLOCK_N
+    tiles = (dw.shape[0] + BLOCK_M - 1) // BLOCK_M * tiles_n
+    tile = (m0 // BLOCK_M) * tiles_n + n0 // BLOCK_N
+    if not _arrived_last(tickets, tile * groups + group, min(group_splits, splits - first), is_last):
+        return
+    if groups == 1:
+        _sum_partials(dw_parts, db_parts, 0, 1, splits, dw, db, m0, n0)
+        return
+    _sum_partials(dw_parts, db_parts, first, 1, min(group_splits, splits - first),
+                  dw_parts[_u64(splits + group)], db_parts[_u64(splits + group)], m0, n0)
+    if _arrived_last(tickets, tiles * groups + tile, groups, is_last):
+        _sum_partials(dw_parts, db_parts, splits, 1, groups, dw, db, m0, n0)
 
 
 @_tile_kernel
-def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split, rows_on_x):
+def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split, group_splits, rows_on_x):
     """dw = x.T @ dz, db = dz.sum(0): x (B, in), dz (B, out) -> dw (in, out), db (out,).
 
     Grid (tile grid, splits): split s = blockIdx.z covers batch rows [s rows_per_split,
     (s+1) rows_per_split) and writes its partial dW tile to dw_parts[s] and, in the first row of
     tiles, its partial db to db_parts[s]. With one split those are dw and db themselves; with
-    more, the last split of each tile sums them in split order (tickets: one per tile, 0).
+    more, _split_k_finish sums them in groups of ``group_splits``.
     """
     smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
     is_last = cuda.shared.array(1, np.int32)
@@ -1027,7 +1067,7 @@ def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split,
     if m0 == 0:
         _store_column_sums(db_parts[split], column_sums, smem, n0)
     if cuda.gridDim.z > 1:
-        _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, is_last)
+        _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, group_splits, is_last)
 
 
 # ----------------------------------------------------------------------------- dense layer
@@ -1122,21 +1162,25 @@ def _dense_dz(dy, act_in, act):
     return dz
 
 
-def _dense_dw(x, dz, dw, db, splits, rows_per_split):
-    """dw = x.T @ dz and db = dz.sum(0), the batch in ``splits`` chunks of ``rows_per_split`` rows."""
+def _dense_dw(x, dz, dw, db, splits, rows_per_split, group_splits):
+    """dw = x.T @ dz and db = dz.sum(0), the batch in ``splits`` chunks of ``rows_per_split`` rows
+    whose partials are summed in groups of ``group_splits`` (see the module docstring)."""
     record("dense_dw")
     in_features, out_features = dw.shape
     grid, rows_on_x = tile_grid(in_features, out_features)
-    tickets = _scratch("split_tickets", grid[0] * grid[1], dz, np.uint32)
+    groups = -(-splits // group_splits)
+    tiles = grid[0] * grid[1]
+    tickets = _scratch("split_tickets", tiles * (groups + 1), dz, np.uint32)
     if splits == 1:  # the kernel writes dw and db directly and reads none of the rest
         dw_parts, db_parts = dw.reshape(1, in_features, out_features), db.reshape(1, out_features)
     else:
-        dw_parts = _scratch("dw_partials", splits * dw.size, dz).reshape(splits, in_features, out_features)
-        db_parts = _scratch("db_partials", splits * db.size, dz).reshape(splits, out_features)
+        slots = splits + (groups if groups > 1 else 0)  # the splits' partials, then the groups' sums
+        dw_parts = _scratch("dw_partials", slots * dw.size, dz).reshape(slots, in_features, out_features)
+        db_parts = _scratch("db_partials", slots * db.size, dz).reshape(slots, out_features)
     dzv = _view(dz)
     _dense_dw_kernel[(*grid, splits), TILE_THREADS, dzv.stream](
         _view(x), dzv, _view(dw_parts), _view(db_parts), _view(tickets), _view(dw), _view(db),
-        rows_per_split, rows_on_x,
+        rows_per_split, group_splits, rows_on_x,
     )
 
 
@@ -1160,7 +1204,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dw = out_dw if out_dw is not None else _new((in_features, out_features), dy)
         db = out_db if out_db is not None else _new((out_features,), dy)
         grid, _ = tile_grid(in_features, out_features)
-        _dense_dw(x, dz, dw, db, *dw_splits(dy.shape[0], grid[0] * grid[1], _sm_count(dy)))
+        splits, rows_per_split = dw_splits(dy.shape[0], grid[0] * grid[1], _sm_count(dy))
+        _dense_dw(x, dz, dw, db, splits, rows_per_split, dw_split_group(splits))
     if need_dx:
         record("dense_dx")
         batch, in_features = dy.shape[0], w.shape[0]
@@ -1520,7 +1565,8 @@ def kernel_variants() -> list[KernelVariant]:
     variants.append(KernelVariant("dropout_fwd", "", _mask_kernel, (v, v, i64, key, word, f32, i64),
                                   ELEMENTWISE_THREADS))
     variants += [
-        KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, flag), TILE_THREADS),
+        KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, types.int64, flag),
+                      TILE_THREADS),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, flag), TILE_THREADS),
         KernelVariant("softmax_fwd", "", _softmax_kernel, (m,), row_threads),
         KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
