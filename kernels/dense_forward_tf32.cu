@@ -59,9 +59,9 @@ GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_FWD_TF32_ENTRY)
 // round_bf16: the bf16 operands of the _bf16 GEMMs, formed once per operand and launch:
 // dst (dst_rows, ld) = src (rows, cols) rounded to bf16 (round to nearest even, cvt.rn), zero in
 // the padding (columns cols..ld, rows rows..dst_rows); ld = Bf16Tile::padded(cols) (even), so every
-// row of dst starts 16-byte aligned and the GEMMs' cp.async copy whole chunks. Each thread
-// writes two columns as one 32-bit store; src (any leading dimension, any alignment) is read by
-// 32-bit loads, coalesced along the row.
+// row of dst starts on a 32-byte sector and the GEMMs' cp.async copy whole chunks. Each thread
+// reads two columns (one 8-byte load where src's rows allow it: src_ld even, src 8-byte aligned;
+// else two 4-byte loads, for a view at any offset) and writes them as one 32-bit store.
 // Launch: grid (ceil(ld / 2 / 256), min(dst_rows, 65535)), block 256; blocks step down the rows
 // by gridDim.y. Reads the source once, writes the bf16 copy once.
 extern "C" __global__ void __launch_bounds__(256)
@@ -70,9 +70,17 @@ extern "C" __global__ void __launch_bounds__(256)
     const long long c = 2 * (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x);
     if (c >= ld) return;
     unsigned int* out = reinterpret_cast<unsigned int*>(dst);
+    const bool pairs = src_ld % 2 == 0 && (reinterpret_cast<unsigned long long>(src) & 7ull) == 0;  // uniform
     for (long long r = blockIdx.y; r < dst_rows; r += gridDim.y) {
-        const float lo = r < rows && c < cols ? src[r * src_ld + c] : 0.0f;
-        const float hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 0.0f;
+        float lo = 0.0f, hi = 0.0f;
+        if (pairs && r < rows && c + 1 < cols) {
+            const float2 v = *reinterpret_cast<const float2*>(src + r * src_ld + c);
+            lo = v.x;
+            hi = v.y;
+        } else {
+            lo = r < rows && c < cols ? src[r * src_ld + c] : 0.0f;
+            hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 0.0f;
+        }
         out[(r * ld + c) / 2] = gpubp::pack_bf16x2(lo, hi);
     }
 }

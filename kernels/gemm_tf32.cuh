@@ -87,11 +87,13 @@ struct MmaTile {
     static constexpr int MIN_BLOCKS = 1;                                      // per SM, for __launch_bounds__
     static constexpr int CHUNK = 16 / static_cast<int>(sizeof(E));            // elements per 16-byte cp.async
     static constexpr int BK = 8 * CHUNK;
+    static constexpr int ROW_ALIGN = 32 / static_cast<int>(sizeof(E));  // elements per 32-byte sector
     // The leading dimension (and staged extent) of an operand n elements wide: fp32 operands are
     // the caller's arrays as they are; bf16 operands come from round_bf16, each row padded with
-    // zeros to whole 16-byte chunks, so every cp.async of theirs copies 0 or 16 bytes.
+    // zeros to whole 32-byte sectors, so every cp.async of theirs copies 0 or 16 bytes and every
+    // row starts on a sector (no sector is fetched for a neighbouring row's chunk).
     __device__ __forceinline__ static long long padded(long long n) {
-        return sizeof(E) == 4 ? n : (n + CHUNK - 1) / CHUNK * CHUNK;
+        return sizeof(E) == 4 ? n : (n + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
     }
 };
 using Tf32Tile = MmaTile<float>;

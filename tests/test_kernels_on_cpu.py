@@ -1405,8 +1405,8 @@ PLANTED_BUGS = {
         "plain", "bf16_dense_forward_matches and identity and 37x29x23", "max error"),
     "bf16: padding of a rounded operand left unwritten": (
         "dense_forward_tf32.cu",
-        "const float hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 0.0f;",
-        "const float hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 1.0f;",
+        "hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 0.0f;",
+        "hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 1.0f;",
         "plain", "bf16_dense_forward_matches and identity and 37x29x23", "max error"),
     "split-K finish drops the last split": (
         "split_k.cuh",

@@ -89,8 +89,8 @@ TF32_SHARED_BYTES = {kind: TF32_STAGES * 4 * (a + b) for kind, (a, b) in {
     "fwd": (_TF32_K_TILE, _TF32_OUTER_TILE), "dx": (_TF32_K_TILE, _TF32_K_TILE),
     "dw": (_TF32_OUTER_TILE, _TF32_OUTER_TILE)}.items()}
 # The bf16 GEMMs (MmaTile<bf16>): the same tile, its k step 64 elements (128 bytes, as TF32's 32
-# floats), so their shared tiles take the same bytes; operands padded to BF16_CHUNK columns.
-BF16_BK, BF16_CHUNK = 64, 8
+# floats), so their shared tiles take the same bytes; operands padded to BF16_ROW columns (32 bytes).
+BF16_BK, BF16_ROW = 64, 16
 ROUND_THREADS, MAX_GRID_Y = 256, 65535  # round_bf16's block; CUDA's grid.y limit
 DZ_COLUMNS, DZ_THREADS = 32, 256  # kernels/dense_backward_tf32.cu's dense_dz_db (DzShape)
 BK = 16  # the k step of the fp32 GEMM main loop (gemm_tile.cuh's BK): dW batch chunks are multiples of it
@@ -497,8 +497,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
 
 
 def _bf16_ld(n: int) -> int:
-    """The row length of a bf16 operand n elements wide: whole 16-byte chunks (MmaTile::padded)."""
-    return -(-n // BF16_CHUNK) * BF16_CHUNK
+    """The row length of a bf16 operand n elements wide: whole 32-byte sectors (MmaTile::padded)."""
+    return -(-n // BF16_ROW) * BF16_ROW
 
 
 def _round_bf16(a, rows: int | None = None):
