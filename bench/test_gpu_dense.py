@@ -28,6 +28,13 @@ from these names):
   gpubp's ``precision="tf32"`` kernels (``gpubp-cupy-tf32``: forward with bias and relu, dX,
   dW; the backward's dz kernel included, as it runs) against ``torch.matmul`` with TF32 allowed
   (``cublas-tf32``: the bare product, cuBLAS's TF32 GEMM); issue 28's goal is 0.7 of cuBLAS;
+- ``bf16 4096^3 ...``: the same three GEMMs in bf16: gpubp's ``precision="bf16"`` kernels
+  (``gpubp-cupy-bf16``: their ``round_bf16`` passes included, as they run) against
+  ``torch.matmul`` of the fp32 tensors under bf16 autocast (``cublas-bf16``: autocast's casts
+  and cuBLAS's bf16 GEMM); issue 28's goal is 0.6 of cuBLAS;
+- ``STEP_1024`` also in bf16: ``gpubp-cupy-bf16`` (per-layer bf16 kernels: the layers are wider
+  than the fused ones) against ``torch-bf16`` (eager under bf16 autocast); issue 28's goal is
+  1.2x PyTorch;
 - ``kernels ...``: the dense kernels alone (forward, or forward then dX and dW/db of every
   layer) at the widths and batches of ``MLPS`` and ``SINGLE_LAYERS``.
 
@@ -82,6 +89,8 @@ MLPS = {
 SINGLE_LAYERS = {"1024wide@8192": ([1024, 1024], 8192), "64wide@65536": ([64, 64], 65536)}
 TF32_GEMMS = ("forward", "dX", "dW")
 TF32_IMPLS = ["gpubp-cupy-tf32", "cublas-tf32"]
+BF16_IMPLS = ["gpubp-cupy-bf16", "cublas-bf16"]
+STEP_1024_BF16_IMPLS = ["gpubp-cupy-bf16", "torch-bf16"]
 KERNEL_IMPLS = ["gpubp-cupy", "gpubp-numba", "cublas-unfused", "torch"]
 
 
@@ -90,6 +99,7 @@ def summary_benchmarks() -> set[tuple[str, str]]:
     return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
             | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
             | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS} | {(STEP_1024, "torch-compile")}
+            | {(STEP_1024, impl) for impl in STEP_1024_BF16_IMPLS}
             | {(workload, impl) for workload in (FROZEN_STEP, FROZEN_FORWARD) for impl in FROZEN_IMPLS}
             | {(STEP_B64, impl) for impl in SMALL_STEP_IMPLS})
 
@@ -334,6 +344,61 @@ def test_tf32_gemm_4096_against_cublas(benchmark, cupy, gemm, impl):
         if impl == "cublas-tf32":
             torch.backends.cuda.matmul.allow_tf32 = False
     benchmark.extra_info["dtype"] = "tf32"
+
+
+@pytest.mark.parametrize("impl", BF16_IMPLS)
+@pytest.mark.parametrize("gemm", TF32_GEMMS)
+def test_bf16_gemm_4096_against_cublas(benchmark, cupy, gemm, impl):
+    n = FWD_SIZE
+    rng = np.random.default_rng(0)
+    x, w, dy = (cupy.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(3))
+    b = cupy.asarray(rng.standard_normal(n, dtype=np.float32))
+    sync = cupy.cuda.get_current_stream().synchronize
+    if impl == "gpubp-cupy-bf16":
+        cb = gpu_backend(impl)
+        if "bf16" not in cb.dense_precisions():
+            pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
+        y, _ = cb.dense_forward(x, w, b, "relu", precision="bf16")
+        out = cupy.empty((n, n), np.float32)
+        calls = {"forward": lambda: cb.dense_forward(x, w, b, "relu", out=out, precision="bf16"),
+                 "dX": lambda: cb.dense_backward(dy, x, w, y, None, "relu", True, False, out_dx=out, precision="bf16"),
+                 "dW": lambda: cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=out,
+                                                 out_db=b, precision="bf16")}
+    else:
+        torch = cuda_torch()
+        tx, tw, tdy = (torch.as_tensor(a, device="cuda") for a in (x, w, dy))
+        products = {"forward": lambda: torch.matmul(tx, tw), "dX": lambda: torch.matmul(tdy, tw.T),
+                    "dW": lambda: torch.matmul(tx.T, tdy)}
+
+        def autocast(product):
+            def call():
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                    return product()
+            return call
+
+        calls = {name: autocast(product) for name, product in products.items()}
+
+    def fn():
+        calls[gemm]()
+        sync()
+
+    measure(benchmark, cupy, fn, workload=f"bf16 4096^3 {gemm}", backend=impl, shape=f"{n}x{n}x{n}",
+            flops=2.0 * n**3)
+    benchmark.extra_info["dtype"] = "bf16"
+
+
+@pytest.mark.parametrize("impl", STEP_1024_BF16_IMPLS)
+def test_1024_train_step_in_bf16_against_torch_autocast(benchmark, cupy, impl):
+    widths, batch = STEP_WORKLOADS[STEP_1024]
+    if impl == "torch-bf16":
+        _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, bf16=True)
+    else:
+        if "bf16" not in gpu_backend(impl).dense_precisions():
+            pytest.skip(f"this GPU runs the dense kernels in {gpu_backend(impl).dense_precisions()} only")
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, precision="bf16")
+    measure(benchmark, cupy, step, workload=STEP_1024, backend=impl, shape=widths + [batch],
+            flops=3 * gemm_flops(widths, batch))
+    record_launches(benchmark, impl, step)
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)

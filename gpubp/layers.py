@@ -465,8 +465,10 @@ class Sequential:
     ``precision``: "fp32" (the default); "tf32", which runs the products on TF32 tensor cores on
     the cupy backend, fused or per layer (inputs rounded to 10 mantissa bits, fp32 accumulation
     and fp32 weights; within 2e-3 of float64 relative to the largest output per layer on N(0, 1)
-    data), while the NumPy and Numba backends compute fp32 for it; or "bf16", bfloat16 products
-    with fp32 accumulation (about 1e-2 relative per layer), which only the fused kernels have.
+    data), while the NumPy and Numba backends compute fp32 for it; or "bf16", the products' operands
+    rounded to bfloat16 with fp32 accumulation (within 1e-2 relative per layer), fused or per layer
+    on the cupy backend, emulated by the NumPy backend (the same rounding, fp32 products) and fp32
+    on the Numba backend. Weights, optimizer state, the loss and the updates stay fp32 throughout.
     Tensor-core precisions need compute capability 8.0 or newer (kernels/fused_mlp.cu,
     kernels/gemm_tf32.cuh).
     """
@@ -674,12 +676,9 @@ class Sequential:
         if value is True and why_not is not None:
             raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")
         uses_fused = value is not False and why_not is None
-        if self.precision == "bf16" and not uses_fused:
-            raise ValueError(f"precision={self.precision!r}: only the fused MLP kernels compute in it, and "
-                             f"{why_not or 'fused=False turns them off'}")
         if not uses_fused and self.precision not in backend.dense_precisions():
             raise ValueError(f"precision={self.precision!r}: this GPU runs the dense kernels in "
-                             f"{backend.dense_precisions()} only (tf32 needs compute capability 8.0 or newer)")
+                             f"{backend.dense_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")
         if uses_fused and self.precision not in backend.fused_precisions():
             raise ValueError(f"precision={self.precision!r}: this GPU runs the fused MLP kernels in "
                              f"{backend.fused_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")

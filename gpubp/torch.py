@@ -76,9 +76,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 from gpubp import _checks, _random, activations, backends, philox
 from gpubp.layers import BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, plan_backward
 
-# The parameters' dtype, and the products' math: "tf32" keeps fp32 parameters and runs the
-# products on TF32 tensor cores on CUDA tensors (as Sequential(precision="tf32") does).
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp64": torch.float64}
+# The parameters' dtype, and the products' math: "tf32" and "bf16" keep fp32 parameters and run
+# the products on tensor cores on CUDA tensors (as Sequential(precision=...) does).
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
 log = logging.getLogger("gpubp")
 
 
@@ -126,7 +126,10 @@ class MLP(nn.Module):
     last one. ``precision``: "fp32" or "fp64" (CPU only), the dtype the parameters are made in
     and the one autocast casts inputs to; ``.double()``/``.float()`` change it later. "tf32"
     makes fp32 parameters and runs the products on TF32 tensor cores for CUDA tensors (inputs
-    rounded to 10 mantissa bits, fp32 accumulation); CPU tensors compute fp32.
+    rounded to 10 mantissa bits, fp32 accumulation); CPU tensors compute fp32. "bf16" makes fp32
+    parameters and rounds the products' operands to bfloat16 (fp32 accumulation; bf16 tensor
+    cores for CUDA tensors, the same rounding emulated for CPU ones), as autocast to bfloat16 does
+    for the matmuls; the loss, gradients' sums and updates stay fp32.
     ``dropout``: the fraction of each hidden layer's outputs dropped in training mode;
     ``input_dropout``: of the inputs (None, the default: no Dropout there).
     """
@@ -140,7 +143,7 @@ class MLP(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         acts = [activation] * (len(sizes) - 2) + [output_activation]
-        self.math = "tf32" if precision == "tf32" else "fp32"
+        self.math = precision if precision in ("tf32", "bf16") else "fp32"
         dropout = _rate(dropout, "dropout")
         self.input_dropout = _rate(input_dropout, "input_dropout")
         self.layers = nn.ModuleList(

@@ -1,4 +1,6 @@
-// Dense-layer backward on TF32 tensor cores, for y = act(x @ W + b), in up to three launches:
+// Dense-layer backward on TF32 or bf16 tensor cores, for y = act(x @ W + b), in up to three
+// launches (bf16: dense_{dx,dw}_bf16_<act>, the same GEMMs on dz, W and x rounded by
+// dense_forward_tf32.cu's round_bf16, after the fp32 dz kernel; db stays an fp32 sum):
 //
 //   dense_dz_db_<act>:    dz = dy * act'(y or z) (stored unless act is identity, where dz = dy),
 //                         db = dz.sum(0) (when dW is needed): elementwise, fp32
@@ -24,7 +26,7 @@
 // Tf32Gemm<false, false>::smem_bytes (104 448 bytes); GEMM M = in, N = out, K = B. Both GEMMs:
 // 1 block (8 warps) per SM on sm_90, by registers (gemm_tf32.cuh).
 // Split-K over the batch as in dense_backward.cu: when in x out gives too few tiles to fill the
-// GPU the host picks splits > 1 and k_chunk (a multiple of Tf32Tile::BK, so every k tile of a
+// GPU the host picks splits > 1 and k_chunk (a multiple of MmaTile::BK, so every k tile of a
 // split but its last is whole); each split writes its partial dW tile to ws (splits x in x out
 // floats), and the last block of each tile sums them in split order (split_k.cuh), so dW is
 // bitwise deterministic. With splits == 1 the tile goes straight to dW; ws and tickets are unused.
@@ -69,33 +71,38 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
     }
 }
 
-__device__ __forceinline__ void dense_dx_tf32(const float* __restrict__ dz, const float* __restrict__ w,
-                                              float* __restrict__ dx, int B_, int in_, int out_) {
+// E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
+// (B, padded in) from round_bf16).
+template <class E>
+__device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* __restrict__ w,
+                                             float* __restrict__ dx, int B_, int in_, int out_) {
+    using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
-    const long long M = B_, N = in_, K = out_;
-    const long long m0 = static_cast<long long>(blockIdx.x) * Tf32Tile::BM;
-    const long long n0 = static_cast<long long>(blockIdx.y) * Tf32Tile::BN;
+    const long long M = B_, N = in_, K = T::padded(out_);
+    const long long m0 = static_cast<long long>(blockIdx.x) * T::BM;
+    const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     Tf32Fragment frag;
-    tf32_gemm(Operand<true>{dz, K, M}, Operand<true>{w, K, N}, 0, K, m0, n0, smem, frag);
+    mma_gemm(Operand<true, E>{dz, K, M}, Operand<true, E>{w, K, N}, 0, K, m0, n0, smem, frag);
     const bool vector = pairs_aligned(dx, N);
     tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
         store_pair(dx, row * N + col, v0, v1, pair, vector);
     });
 }
 
-__device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const float* __restrict__ dz,
-                                              float* __restrict__ dw, float* __restrict__ ws,
-                                              unsigned int* __restrict__ tickets, int B_, int in_, int out_,
-                                              int k_chunk, int splits) {
-    using T = Tf32Tile;
+template <class E>
+__device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* __restrict__ dz,
+                                             float* __restrict__ dw, float* __restrict__ ws,
+                                             unsigned int* __restrict__ tickets, int B_, int in_, int out_,
+                                             int k_chunk, int splits) {
+    using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
-    const long long M = in_, N = out_, K = B_;
+    const long long M = in_, N = out_, K = B_, ldx = T::padded(in_), lddz = T::padded(out_);
     const long long m0 = static_cast<long long>(blockIdx.x) * T::BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     const SplitRows batch_rows = SplitRows::of(K, k_chunk, blockIdx.z);
     Tf32Fragment frag;
-    tf32_gemm(Operand<false>{x, M, M}, Operand<false>{dz, N, N}, batch_rows.begin, batch_rows.end, m0, n0, smem,
-              frag);
+    mma_gemm(Operand<false, E>{x, ldx, ldx}, Operand<false, E>{dz, lddz, lddz}, batch_rows.begin, batch_rows.end, m0,
+             n0, smem, frag);
     float* out = split_k_partial(dw, ws, M * N, splits, blockIdx.z);
     const bool vector = pairs_aligned(out, N);
     tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
@@ -121,13 +128,24 @@ __device__ __forceinline__ void dense_dw_tf32(const float* __restrict__ x, const
     extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
         dense_dx_tf32_##NAME(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, \
                              int B, int in, int out) {                                                        \
-        gpubp::dense_dx_tf32(dz, w, dx, B, in, out);                                                         \
+        gpubp::dense_dx_mma<float>(dz, w, dx, B, in, out);                                                   \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
         dense_dw_tf32_##NAME(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, \
                              float* __restrict__ ws, unsigned int* __restrict__ tickets, int B, int in, int out, \
                              int k_chunk, int splits) {                                                       \
-        gpubp::dense_dw_tf32(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                           \
+        gpubp::dense_dw_mma<float>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                     \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::Bf16Tile::THREADS, gpubp::Bf16Tile::MIN_BLOCKS)    \
+        dense_dx_bf16_##NAME(const gpubp::bf16_bits* __restrict__ dz, const gpubp::bf16_bits* __restrict__ w,  \
+                             float* __restrict__ dx, int B, int in, int out) {                                \
+        gpubp::dense_dx_mma<gpubp::bf16_bits>(dz, w, dx, B, in, out);                                        \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::Bf16Tile::THREADS, gpubp::Bf16Tile::MIN_BLOCKS)    \
+        dense_dw_bf16_##NAME(const gpubp::bf16_bits* __restrict__ x, const gpubp::bf16_bits* __restrict__ dz,  \
+                             float* __restrict__ dw, float* __restrict__ ws, unsigned int* __restrict__ tickets, \
+                             int B, int in, int out, int k_chunk, int splits) {                               \
+        gpubp::dense_dw_mma<gpubp::bf16_bits>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);          \
     }
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_TF32_ENTRY)

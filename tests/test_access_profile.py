@@ -201,7 +201,7 @@ def test_a_wrong_swizzle_shows_as_a_bank_conflict_on_the_tensor_core_fragment_lo
     kernels = tmp_path / "kernels"
     shutil.copytree(cupy_backend.kernel_dir(), kernels)
     source = (kernels / "gemm_tf32.cuh").read_text()
-    correct = "(((k / Tf32Tile::CHUNK) ^ (o % 8)) * Tf32Tile::CHUNK)"
+    correct = "(((k / T::CHUNK) ^ (o % 8)) * T::CHUNK)"
     assert source.count(correct) == 1, "the code to plant the bug in has changed; update the test"
     (kernels / "gemm_tf32.cuh").write_text(source.replace(correct, correct.replace("o % 8", "o % 2")))
     shipped = access_profile.profile_workloads(workload)[kernel]

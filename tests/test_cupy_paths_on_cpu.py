@@ -242,14 +242,16 @@ def test_the_reduced_sanitizer_run_launches_every_kernel_family_the_full_run_doe
     def families(coverage):
         launched.clear()
         driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations)
-        driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations, "tf32")
+        for precision in ("tf32", "bf16"):
+            driver.drive_dense(cb, lambda *shape: cb.zeros(shape), coverage.dense, coverage.activations, precision)
         driver.drive_misaligned_dense(cb, rng, coverage.misaligned, coverage.misaligned_activations)
         driver.drive_losses_and_optimizers(cb, lambda *shape: cb.zeros(shape), rng, coverage)
         return kernel_families(launched)
 
     full, reduced = driver.COVERAGE["cupy"], driver.REDUCED
     assert families(reduced) == families(full)
-    assert {"dense_fwd_128x128", "dense_dw_128x64", "dense_dz", "dense_fwd_tf32"} <= families(reduced)
+    assert {"dense_fwd_128x128", "dense_dw_128x64", "dense_dz", "dense_fwd_tf32", "dense_dw_bf16",
+            "round_bf16"} <= families(reduced)
     assert (reduced.graph_cases, reduced.misaligned_activations) == (full.graph_cases, full.misaligned_activations)
     assert set(reduced.fused_batches) < set(full.fused_batches) and len(reduced.dense) < len(full.dense)
 

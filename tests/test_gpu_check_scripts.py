@@ -697,7 +697,7 @@ def test_the_sanitizer_driver_drives_tf32_only_where_the_backend_has_tensor_core
 
     monkeypatch.setattr(be, "dense_forward", recording_dense_forward)
     tiny_driver.drive("numpy")
-    assert set(precisions) == ({"fp32", "tf32"} if tensor_cores else {"fp32"})
+    assert set(precisions) == ({"fp32", "tf32", "bf16"} if tensor_cores else {"fp32"})
 
 
 def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_past_the_start(driver, backend):

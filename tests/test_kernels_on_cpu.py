@@ -28,7 +28,7 @@ import pytest
 
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
-from test_cupy_backend import (ADAM_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
+from test_cupy_backend import (ADAM_CASES, BF16_RTOL, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
                                check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
                                check_softmax_cross_entropy, check_sumsq_and_scale)
 from test_gpu_check_scripts import load
@@ -137,13 +137,15 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "ce_fwd_bwd_weighted_i32",
              "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
-             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words"}
+             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words",
+             "round_bf16"}
     names |= {f"dropout_dz_{act}" for act in ACTIVATIONS}
     for suffix in cupy_backend.FUSED_PRECISIONS.values():
         names |= {f"fused_mlp_{kind}{suffix}_{act}" for kind in ("fwd", "bwd") for act in ACTIVATIONS}
         names.add(f"fused_mlp_dw{suffix}")
     for act in ACTIVATIONS:
-        names |= {f"dense_{kind}_tf32_{act}" for kind in ("fwd", "dx", "dw")} | {f"dense_dz_db_{act}"}
+        names |= {f"dense_{kind}_{p}_{act}" for kind in ("fwd", "dx", "dw") for p in ("tf32", "bf16")}
+        names.add(f"dense_dz_db_{act}")
         names |= {f"dense_fwd_{act}_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
     names |= {f"dense_dz_{act}" for act in ACTIVATIONS if act != "identity"}
     names |= {f"dense_{kind}_{cupy_backend.tile_name(tile)}" for kind in ("dx", "dw") for tile in cupy_backend.GEMM_TILES}
@@ -269,6 +271,90 @@ def test_tf32_forward_rounds_its_inputs(cb_h100, rng):
     assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 1.0 + 2.0**-12, np.float32))
 
 
+# bf16 (kernels/gemm_tf32.cuh, MmaTile<bf16>): the operands are rounded to bf16 once, by round_bf16,
+# and the NumPy backend's precision="bf16" rounds the same operands the same way (round_bf16), so
+# the kernels must match it up to the order of their fp32 sums (RTOL), and both must stay within
+# the documented bf16 bound (BF16_RTOL, 1e-2 relative to the largest pre-activation on N(0, 1)
+# data) of the unrounded float64 result. The backward's dz is formed in fp32 on both sides, where
+# an activation's derivative may differ by an ulp and so round to a neighbouring bf16 value:
+# BF16_DZ_RTOL bounds what such a flip costs (2^-8 of one product, over the sum of at least 16).
+BF16_DZ_RTOL = 1e-3
+BF16_FORWARD_LAUNCHES = ["round_bf16", "round_bf16", "dense_fwd"]
+
+
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_bf16_dense_forward_matches_numpy_and_its_error_bound(cb_h100, rng, act, shape):
+    x, w, b = normal_layer(rng, shape)
+    y_ref, z_ref = ref.dense_forward(*f64(x, w, b), act, precision="bf16")
+    y_exact, _ = ref.dense_forward(*f64(x, w, b), act)
+    z_exact, _ = ref.dense_forward(*f64(x, w, b), "identity")
+    with trace() as t:
+        y, z = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b), act,
+                                     precision="bf16")
+    assert t.launches == BF16_FORWARD_LAUNCHES
+    close(cb_h100.to_host(y), y_ref)
+    if act in NEEDS_Z:
+        close(cb_h100.to_host(z), z_ref)
+    bound = BF16_RTOL * float(np.max(np.abs(z_exact)))
+    assert np.max(np.abs(cb_h100.to_host(y) - y_exact)) <= STEEPEST_SLOPE * bound
+
+
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_bf16_dense_backward_matches_numpy_and_its_error_bound(cb_h100, rng, act, need_dx, need_dw, shape):
+    x, w, b = normal_layer(rng, shape)
+    y64, z64 = ref.dense_forward(*f64(x, w, b), act)
+    dy = rng.standard_normal(y64.shape).astype(np.float32)
+    y, z = y64.astype(np.float32), None if z64 is None else z64.astype(np.float32)
+    emulated = ref.dense_backward(dy, x, w, y, z, act, need_dx, need_dw, precision="bf16")
+    exact = ref.dense_backward(*f64(dy, x, w, y, z), act, need_dx, need_dw)
+    dev = [None if a is None else cb_h100.asarray(a) for a in (dy, x, w, y, z)]
+    with trace() as t:
+        got = cb_h100.dense_backward(*dev, act, need_dx, need_dw, precision="bf16")
+    assert t.launches == cb_h100.backward_kernels(act, need_dx, need_dw, "bf16")
+    parity = RTOL if act in ("identity", "relu") else BF16_DZ_RTOL  # their dz is exact in fp32
+    for g, want, bound, rtol in zip(got, emulated, exact, (parity, parity, RTOL)):
+        if want is None:
+            assert g is None
+        else:
+            close(cb_h100.to_host(g), want.astype(np.float64), rtol)
+            close(cb_h100.to_host(g), bound, BF16_RTOL)  # db: an fp32 sum of the unrounded dz
+
+
+def test_bf16_forward_rounds_its_inputs_to_nearest_even(cb_h100):
+    """Not an fp32 or tf32 kernel in disguise: 1 + 2^-8 is a tie that rounds to 1 (even), and
+    1 + 3 * 2^-8 one that rounds up, to 1 + 2^-6."""
+    x = np.array([[1.0 + 2.0**-8], [1.0 + 3 * 2.0**-8], [-(1.0 + 2.0**-9)]], np.float32)
+    w = np.ones((1, 2), np.float32)
+    y, _ = cb_h100.dense_forward(cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.zeros((2,)), "identity",
+                                 precision="bf16")
+    expected = np.repeat(np.array([[1.0], [1.0 + 2.0**-6], [-1.0]], np.float32), 2, axis=1)
+    assert np.array_equal(cb_h100.to_host(y), expected)
+    assert np.array_equal(ref.dense_forward(x, w, np.zeros(2, np.float32), "identity", precision="bf16")[0], expected)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(4, 5), (12, 129), (5, 4)])
+def test_bf16_takes_misaligned_operands(cb_h100, rng, n_in, n_out):
+    """fp32 views one float past a 16-byte boundary: round_bf16 reads them by 32-bit loads, and the
+    GEMMs get its aligned, padded copies."""
+    batch = 37
+    x, w, b = normal_layer(rng, (batch, n_in, n_out))
+    x_dev, w_dev = harness.to_device(x, offset_bytes=4), harness.to_device(w, offset_bytes=4)
+    y, z = cb_h100.dense_forward(x_dev, w_dev, cb_h100.asarray(b), "gelu", precision="bf16")
+    _, z_ref = ref.dense_forward(*f64(x, w, b), "gelu", precision="bf16")
+    close(cb_h100.to_host(z), z_ref)
+    dy = rng.standard_normal((batch, n_out)).astype(np.float32)
+    z_host = cb_h100.to_host(z)
+    want = ref.dense_backward(dy, x, w, None, z_host, "gelu", True, True, precision="bf16")
+    outs = [harness.device_empty(s, offset_bytes=4) for s in ((batch, n_in), (n_in, n_out), (n_out,))]
+    got = cb_h100.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True,
+                                 *outs, precision="bf16")
+    for g, reference in zip(got, want):
+        close(cb_h100.to_host(g), reference.astype(np.float64), BF16_DZ_RTOL)
+
+
 @pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -314,7 +400,7 @@ SPLIT_K_SHAPES = {(600, 37, 29): 2, (1100, 13, 7): 4} if not SANITIZED else {(60
 
 
 @pytest.mark.parametrize("shape", SPLIT_K_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_resets_its_tickets(cb_h100, rng, monkeypatch,
                                                                                   precision, shape):
     batch, n_in, n_out = shape
@@ -334,8 +420,8 @@ def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_resets_its_ticke
     assert cb_h100._dw_split(batch, 1)[0] == 1
     one_split = dw_and_db()
     _, dw_ref, db_ref = ref.dense_backward(*f64(dy, x, w, y), None, "tanh", False, True)
-    for got, repeat, single, want, rtol in zip(split, again, one_split, (dw_ref, db_ref),
-                                               (TF32_RTOL if precision == "tf32" else RTOL, RTOL)):
+    dw_rtol = {"tf32": TF32_RTOL, "bf16": BF16_RTOL}.get(precision, RTOL)
+    for got, repeat, single, want, rtol in zip(split, again, one_split, (dw_ref, db_ref), (dw_rtol, RTOL)):
         assert np.array_equal(repeat, got)
         close(got, want, rtol)  # db is an fp32 sum in either precision
         # Both round the same operands; only the order of the fp32 additions differs.
@@ -781,11 +867,9 @@ def test_a_model_in_a_tensor_core_precision_trains_within_its_tolerance(cb_h100,
     # rounding of 0.
     for got, want in zip(model.parameters(), reference.parameters()):
         close(cb_h100.to_host(got.grad), want.grad, 2 * FUSED_TOLERANCE[precision])
-    if precision == "bf16":  # only the fused kernels have bf16; tf32 has per-layer kernels too
-        with pytest.raises(ValueError, match="precision='bf16': .* fused=False turns them off"):
-            narrow_model("cupy", precision=precision, fused=False)
-    else:
-        assert not narrow_model("cupy", precision=precision, fused=False).uses_fused
+    per_layer = narrow_model("cupy", precision=precision, fused=False)  # the dense_*_<precision> kernels
+    assert not per_layer.uses_fused
+    close(cb_h100.to_host(per_layer.forward(x)), reference.forward(x), FUSED_TOLERANCE[precision])
 
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
@@ -817,6 +901,8 @@ def test_a_tensor_core_precision_on_a_gpu_without_them_says_so(cpu_harness, monk
     assert cupy_backend.fused_precisions() == ("fp32",)
     with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the fused MLP kernels in \('fp32',\) only"):
         narrow_model("cupy", precision="bf16")
+    with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the dense kernels in \('fp32',\) only"):
+        narrow_model("cupy", precision="bf16", fused=False)
     assert narrow_model("cupy").uses_fused
 
 
@@ -1292,7 +1378,7 @@ PLANTED_BUGS = {
         "plain", "elementwise_losses and mse", "max error|assert"),
     "wrong mma fragment index": (
         "gemm_tf32.cuh",
-        "a[i][2] = __float_as_uint(shared_load(base + 4 * OuterContiguous::LD));",
+        "a[i][2] = __float_as_uint(shared_load(base + 4 * L::LD));",
         "a[i][2] = __float_as_uint(shared_load(base));",
         "plain", "tf32_dense_backward and identity and 37x29x23", "max error"),
     "tensor cores: missing cp.async wait": (
@@ -1307,9 +1393,24 @@ PLANTED_BUGS = {
         "plain", "tf32_dense_forward and identity and 256x96x136", "still has in flight"),
     "tensor cores: wrong ldmatrix row address": (
         "gemm_tf32.cuh",
-        "KContiguous::offset(f.warp_row + i * T::MMA_M + lane % 16,",
-        "KContiguous::offset(f.warp_row + i * T::MMA_M + lane % 8,",
+        "KContiguous<E>::offset(f.warp_row + i * T::MMA_M + lane % 16,",
+        "KContiguous<E>::offset(f.warp_row + i * T::MMA_M + lane % 8,",
         "plain", "tf32_dense_forward and identity and 37x29x23", "assert"),
+    "bf16: transposed ldmatrix names the wrong k rows": (
+        "gemm_tf32.cuh",
+        "kk * T::MMA_K + 8 * (q / 2) + lane % 8));",
+        "kk * T::MMA_K + 8 * (q % 2) + lane % 8));",
+        "plain", "bf16_dense_backward_matches and identity and 37x29x23", "max error"),
+    "bf16: rounding swaps the columns of a pair": (
+        "dense_forward_tf32.cu",
+        "out[(r * ld + c) / 2] = gpubp::pack_bf16x2(lo, hi);",
+        "out[(r * ld + c) / 2] = gpubp::pack_bf16x2(hi, lo);",
+        "plain", "bf16_dense_forward_matches and identity and 37x29x23", "max error"),
+    "bf16: padding of a rounded operand left unwritten": (
+        "dense_forward_tf32.cu",
+        "hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 0.0f;",
+        "hi = r < rows && c + 1 < cols ? src[r * src_ld + c + 1] : 1.0f;",
+        "plain", "bf16_dense_forward_matches and identity and 37x29x23", "max error"),
     "split-K finish drops the last split": (
         "split_k.cuh",
         "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + s * split_stride + idx);",

@@ -25,8 +25,6 @@ def test_precision_defaults_to_fp32_and_rejects_unknown_values_naming_the_argume
     assert model().precision == "fp32"
     with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32', 'bf16'\), got 'fp16'"):
         model("fp16")
-    with pytest.raises(ValueError, match="precision='bf16': only the fused MLP kernels"):
-        model("bf16")
     m = model()
     before = m.get_weights()
     with pytest.raises(ValueError, match="precision"):
@@ -38,6 +36,27 @@ def test_precision_defaults_to_fp32_and_rejects_unknown_values_naming_the_argume
 def test_tf32_on_the_numpy_backend_computes_fp32(rng):
     x = rng.standard_normal((9, 20)).astype(np.float32)
     assert np.array_equal(model("tf32").predict(x), model("fp32").predict(x))
+
+
+def test_bf16_on_the_numpy_backend_rounds_the_operands_of_every_product(rng):
+    """The emulation the bf16 GPU kernels are tested against: x and W rounded to bf16 (nearest
+    even) before each product, fp32 accumulation; weights and gradients stay fp32."""
+    from gpubp import activations
+    from gpubp.backends.numpy_backend import round_bf16
+
+    x = rng.standard_normal((9, 20)).astype(np.float32)
+    m, reference = model("bf16"), model("fp32")
+    w0, b0, w1, b1 = reference.get_weights()
+    h = np.empty((9, 33), np.float32)
+    activations.forward("gelu", round_bf16(x) @ round_bf16(w0) + b0, h)
+    expected = round_bf16(h) @ round_bf16(w1) + b1
+    out = m.forward(x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    fp32_out = reference.forward(x)
+    assert not np.array_equal(out, fp32_out)
+    np.testing.assert_allclose(out, fp32_out, atol=1e-2 * 4 * np.abs(fp32_out).max())
+    m.backward(gb.losses.cross_entropy(out, rng.integers(0, 5, 9))[1])
+    assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32 for p in m.parameters())
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
@@ -66,15 +85,15 @@ def test_a_slice_set_to_another_precision_leaves_the_models_kernels_alone(monkey
 
 
 TENSOR_CORE_KERNELS = {
-    False: {"dense_fwd_tf32_gelu", "dense_fwd_tf32_identity", "dense_dw_tf32_gelu", "dense_dw_tf32_identity",
-            "dense_dx_tf32_identity"},
-    True: {"fused_mlp_fwd_tf32_gelu", "fused_mlp_bwd_tf32_gelu", "fused_mlp_dw_tf32"},
-}
+    (False, p): {f"dense_fwd_{p}_gelu", f"dense_fwd_{p}_identity", f"dense_dw_{p}_gelu", f"dense_dw_{p}_identity",
+                 f"dense_dx_{p}_identity"} | ({"round_bf16"} if p == "bf16" else set())
+    for p in ("tf32", "bf16")} | {
+    (True, p): {f"fused_mlp_fwd_{p}_gelu", f"fused_mlp_bwd_{p}_gelu", f"fused_mlp_dw_{p}"} for p in ("tf32", "bf16")}
 
 
 @pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
 @pytest.mark.parametrize("fused", [False, True], ids=["per_layer", "fused"])
-def test_tf32_selects_the_tensor_core_kernels_on_the_cupy_backend(monkeypatch, rng, fused):
+def test_tensor_core_precisions_select_their_kernels_on_the_cupy_backend(monkeypatch, rng, fused):
     """On the CPU kernel harness (tests/cuda_on_cpu), where the CuPy backend runs unchanged."""
     cb = cupy_on_cpu(harness.Harness(), monkeypatch, 132)
     launched = []  # the names of the kernels launched (every kernel of a file is looked up when it loads)
@@ -88,26 +107,27 @@ def test_tf32_selects_the_tensor_core_kernels_on_the_cupy_backend(monkeypatch, r
     x = rng.standard_normal((40, 20)).astype(np.float32)
     labels = rng.integers(0, 5, 40)
     outputs = {}
-    for precision in ("fp32", "tf32"):
+    for precision in ("fp32", "tf32", "bf16"):
+        launched.clear()
         m = model(precision, backend="cupy", fused=fused)
         assert m.uses_fused == fused
         out = m.forward(x)
         m.backward(gb.losses.cross_entropy(out, labels)[1])
         outputs[precision] = cb.to_host(out)
-        tensor_core = {name for name in launched if "tf32" in name}
-        assert tensor_core == (TENSOR_CORE_KERNELS[fused] if precision == "tf32" else set())
-    assert not np.array_equal(outputs["tf32"], outputs["fp32"])
-    np.testing.assert_allclose(outputs["tf32"], outputs["fp32"], atol=5e-3 * np.abs(outputs["fp32"]).max())
+        tensor_core = {name for name in launched if "tf32" in name or "bf16" in name}
+        assert tensor_core == TENSOR_CORE_KERNELS.get((fused, precision), set())
+    for precision, tolerance in (("tf32", 5e-3), ("bf16", 3e-2)):
+        assert not np.array_equal(outputs[precision], outputs["fp32"])
+        np.testing.assert_allclose(outputs[precision], outputs["fp32"], atol=tolerance * np.abs(outputs["fp32"]).max())
 
 
 @pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
-def test_a_bf16_model_loads_on_the_cpu_as_fp32_with_a_warning(monkeypatch, tmp_path, caplog):
+def test_a_bf16_model_loads_on_the_cpu_as_bf16_emulated(monkeypatch, tmp_path, caplog):
     cupy_on_cpu(harness.Harness(), monkeypatch, 132)
     saved = model("bf16", backend="cupy")
     assert saved.uses_fused
     saved.save(tmp_path / "m.npz")
     with caplog.at_level("WARNING", logger="gpubp"):
         loaded = gb.load(tmp_path / "m.npz", device="cpu")
-    assert loaded.precision == "fp32"
-    assert "precision='bf16'" in caplog.text and "loaded as fp32" in caplog.text
+    assert loaded.precision == "bf16" and not caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), loaded.get_weights()))

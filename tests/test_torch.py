@@ -374,3 +374,22 @@ def test_tf32_precision_keeps_fp32_parameters_and_converts_with_sequential(rng):
     fp32 = MLP.from_sequential(model)
     fp32.math = "fp32"
     assert torch.equal(MLP.from_sequential(model)(x), fp32(x))  # CPU tensors compute fp32
+
+
+def test_bf16_precision_keeps_fp32_parameters_rounds_the_products_and_converts_with_sequential(rng):
+    """precision="bf16" is Sequential's: fp32 weights and gradients; CPU tensors get the NumPy
+    backend's emulation of the bf16 kernels' rounding, so they differ from fp32 within its bound."""
+    mlp = MLP([6, 5, 3], precision="bf16")
+    assert mlp.layers[0].weight.dtype == torch.float32
+    model = mlp.to_sequential()
+    assert model.precision == "bf16"
+    assert MLP.from_sequential(model).math == "bf16"
+    x = torch.from_numpy(rng.standard_normal((4, 6)).astype(np.float32))
+    fp32 = MLP.from_sequential(model)
+    fp32.math = "fp32"
+    out, reference = mlp(x), fp32(x).detach()
+    assert not torch.equal(out, reference)
+    torch.testing.assert_close(out, reference, rtol=0, atol=3e-2 * float(reference.abs().max()))
+    assert torch.equal(out.detach(), torch.from_numpy(model.forward(x.numpy())))
+    out.sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())

@@ -25,10 +25,12 @@ Dense layer
         ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
         (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
-        buffers for ``y`` and ``z``. Records ``dense_fwd``.
+        buffers for ``y`` and ``z``. Records ``dense_fwd`` (after ``round_bf16`` for x and w in "bf16").
         ``precision``: one of ``dense_precisions()``; "tf32" runs the products on TF32 tensor
         cores where a backend has them (cupy, compute capability 8.0+); the NumPy and Numba
-        backends compute fp32 for it. ``dropout`` (a ``philox.Mask``): ``y`` is then
+        backends compute fp32 for it. "bf16" rounds the products' operands (x, w; in the
+        backward dz, x and w) to bf16 once (``round_bf16``) and multiplies them with fp32
+        accumulation: on bf16 tensor cores (cupy), emulated by NumPy, fp32 on Numba. ``dropout`` (a ``philox.Mask``): ``y`` is then
         ``act(z) * scale`` where the mask keeps the element and 0 elsewhere; ``z`` stays unmasked.
     ``dense_precisions() -> tuple[str, ...]``
         the ``precision`` values ``dense_forward``/``dense_backward`` take on this device.
@@ -142,7 +144,8 @@ log = logging.getLogger("gpubp")
 BACKENDS = ("numpy", "cupy", "numba")
 # fp32: full-precision products everywhere. tf32: products on TF32 tensor cores where the
 # backend has them (inputs rounded to 10 mantissa bits, fp32 accumulation, ~1e-3 relative).
-# bf16: bfloat16 products with fp32 accumulation, in the fused MLP kernels only.
+# bf16: products of operands rounded to bfloat16, fp32 accumulation, ~1e-2 relative (fused and
+# per-layer kernels on cupy; emulated by the NumPy backend; fp32 on the Numba backend).
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 GPU_BACKENDS = ("cupy", "numba")

@@ -5,7 +5,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 
 - ``dense_forward.cu``: one tiled SGEMM with the bias and activation in its epilogue;
 - ``dense_forward_tf32.cu``, ``dense_backward_tf32.cu``: the same kernels on TF32 tensor cores
-  (``precision="tf32"``; ``gemm_tf32.cuh``);
+  (``precision="tf32"``) and on bf16 ones (``precision="bf16"``, their operands rounded to bf16 by
+  ``round_bf16`` first), one pipelined GEMM (``gemm_tf32.cuh``) for both;
 - ``dense_backward.cu``: ``dz = dy * act'(.)`` once per element (``dense_dz``, skipped for
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
@@ -87,6 +88,10 @@ _TF32_K_TILE, _TF32_OUTER_TILE = TF32_TILE * TF32_BK, TF32_BK * (TF32_TILE + 8)
 TF32_SHARED_BYTES = {kind: TF32_STAGES * 4 * (a + b) for kind, (a, b) in {
     "fwd": (_TF32_K_TILE, _TF32_OUTER_TILE), "dx": (_TF32_K_TILE, _TF32_K_TILE),
     "dw": (_TF32_OUTER_TILE, _TF32_OUTER_TILE)}.items()}
+# The bf16 GEMMs (MmaTile<bf16>): the same tile, its k step 64 elements (128 bytes, as TF32's 32
+# floats), so their shared tiles take the same bytes; operands padded to BF16_ROW columns (32 bytes).
+BF16_BK, BF16_ROW = 64, 16
+ROUND_THREADS, MAX_GRID_Y = 256, 65535  # round_bf16's block; CUDA's grid.y limit
 DZ_COLUMNS, DZ_THREADS = 32, 256  # kernels/dense_backward_tf32.cu's dense_dz_db (DzShape)
 BK = 16  # the k step of the fp32 GEMM main loop (gemm_tile.cuh's BK): dW batch chunks are multiples of it
 REDUCE_THREADS = 256
@@ -125,8 +130,8 @@ NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
 def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF32_TILE, TF32_TILE)) -> str:
     """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw". The fp32 dX and dW
     kernels read dz (``dense_dz``), so they are the same for every activation."""
-    if precision == "tf32":
-        return f"dense_{kind}_tf32_{act}"
+    if precision in ("tf32", "bf16"):
+        return f"dense_{kind}_{precision}_{act}"
     return f"dense_{kind}_{act}_{tile_name(tile)}" if kind == "fwd" else f"dense_{kind}_{tile_name(tile)}"
 
 
@@ -149,9 +154,10 @@ KERNELS = {
     "dense_forward.cu": tuple(_dense_name("fwd", act, "fp32", tile) for act in ACT_ID for tile in GEMM_TILES),
     "dense_backward.cu": tuple(f"dense_dz_{act}" for act in ACT_ID if act != "identity")
                          + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES),
-    "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, "tf32") for act in ACT_ID),
+    "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, p) for act in ACT_ID for p in ("tf32", "bf16"))
+    + ("round_bf16",),
     "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
-    + tuple(_dense_name(kind, act, "tf32") for kind in ("dx", "dw") for act in ACT_ID),
+    + tuple(_dense_name(kind, act, p) for act in ACT_ID for kind in ("dx", "dw") for p in ("tf32", "bf16")),
     "fused_mlp.cu": tuple(_fused_name(kind, precision, act) for precision in FUSED_PRECISIONS
                           for kind in ("fwd", "bwd") for act in ACT_ID)
     + tuple(_fused_name("dw", precision) for precision in FUSED_PRECISIONS),
@@ -307,9 +313,10 @@ DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel may take with
 
 
 def _dynamic_shared_bytes(name: str) -> int:
-    """The dynamic shared memory kernel ``name`` is launched with (0 for all but the TF32 GEMMs and
-    the fused kernels; these at an input of at most 128 features)."""
-    match = re.fullmatch(r"dense_(fwd|dx|dw)_tf32_\w+", name)
+    """The dynamic shared memory kernel ``name`` is launched with (0 for all but the tensor-core
+    GEMMs, where a bf16 tile takes the bytes of a TF32 one, and the fused kernels, these at an
+    input of at most 128 features)."""
+    match = re.fullmatch(r"dense_(fwd|dx|dw)_(tf32|bf16)_\w+", name)
     if match:
         return TF32_SHARED_BYTES[match.group(1)]
     fused = re.fullmatch(r"fused_mlp_(fwd|bwd|dw)(_tf32|_bf16)?(_[a-z_]+)?", name)
@@ -469,7 +476,9 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
 
     ``precision="tf32"`` runs the products on TF32 tensor cores (sm_80 and newer;
     ``kernels/dense_forward_tf32.cu``): x and w rounded to 10 mantissa bits, fp32 accumulation,
-    about 1e-3 relative error (``Sequential(precision="tf32")`` selects it)."""
+    about 1e-3 relative error (``Sequential(precision="tf32")`` selects it). ``precision="bf16"``:
+    x and w rounded to bf16 (8 mantissa bits, round to nearest even) by ``round_bf16``, then the
+    products on bf16 tensor cores with fp32 accumulation, about 1e-2 relative error."""
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -479,6 +488,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
     kernel, grid, block, shared = _gemm_launch("fwd", "identity" if act == "softmax" else act, batch, n_out,
                                                precision)
+    if precision == "bf16":
+        x, w = _round_bf16(x), _round_bf16(w, _bf16_ld(n_in))
     record("dense_fwd")
     kernel(
         grid,
@@ -492,11 +503,32 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32"):
     return y, z
 
 
+def _bf16_ld(n: int) -> int:
+    """The row length of a bf16 operand n elements wide: whole 32-byte sectors (MmaTile::padded)."""
+    return -(-n // BF16_ROW) * BF16_ROW
+
+
+def _round_bf16(a, rows: int | None = None):
+    """``a`` (r, c) fp32 rounded to bf16 (uint16 bit patterns) in a fresh (rows or r, _bf16_ld(c))
+    array, zero in the padding: an operand of the bf16 GEMMs (kernels/dense_forward_tf32.cu)."""
+    src_rows, cols = a.shape
+    rows = src_rows if rows is None else rows
+    ld = _bf16_ld(cols)
+    out = cupy.empty((rows, ld), np.uint16)
+    record("round_bf16")
+    _kernel("dense_forward_tf32.cu", "round_bf16")(
+        (-(-ld // (2 * ROUND_THREADS)), max(1, min(rows, MAX_GRID_Y))), (ROUND_THREADS,),
+        (a, np.int64(a.strides[0] // a.itemsize), out, np.int64(src_rows), np.int64(cols), np.int64(rows),
+         np.int64(ld)),
+    )
+    return out
+
+
 def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str):
     """(kernel, grid, block, dynamic shared bytes) of the forward ("fwd"), dX ("dx") or dW ("dw",
-    grid before its split) kernel for an (m, n) output: the TF32 tensor-core kernel for
-    ``precision="tf32"``, else the fp32 tile that suits the shape."""
-    if precision == "tf32":
+    grid before its split) kernel for an (m, n) output: the tensor-core kernel for
+    ``precision="tf32"`` or ``"bf16"``, else the fp32 tile that suits the shape."""
+    if precision in ("tf32", "bf16"):
         tile, threads = (TF32_TILE, TF32_TILE), TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
     else:
@@ -522,7 +554,7 @@ def _launches_dz(act: str, need_dw: bool, precision: str) -> bool:
     """Whether backward forms dz = dy * act'(.) in a kernel of its own: fp32 for every activation
     but identity (dz is then dy; the dW kernel sums db); TF32 also for identity when dW is needed,
     since its dz kernel (``dense_dz_db``) sums db."""
-    if precision == "tf32":
+    if precision in ("tf32", "bf16"):
         return act != "identity" or need_dw
     return act != "identity"
 
@@ -533,6 +565,9 @@ def backward_kernels(act, need_dx, need_dw, precision="fp32") -> list[str]:
     softmax = ["softmax_bwd"] if act == "softmax" else []
     act = "identity" if act == "softmax" else act
     dz = ["dense_dz"] if _launches_dz(act, need_dw, precision) else []
+    if precision == "bf16":  # dz, then x for dW and W for dX, rounded before their products
+        return (softmax + dz + ["round_bf16"] + (["round_bf16", "dense_dw"] if need_dw else [])
+                + (["round_bf16", "dense_dx"] if need_dx else []))
     return softmax + dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
@@ -569,7 +604,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
 
     ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
-    db summed in fp32. In either precision dW splits the batch when the layer has too few tiles
+    db summed in fp32. ``precision="bf16"``: the same, with dz, x and w rounded to bf16 first. In either precision dW splits the batch when the layer has too few tiles
     to fill the GPU, and sums the splits in a fixed order: the result is bitwise repeatable."""
     if not (need_dx or need_dw):
         return None, None, None
@@ -586,8 +621,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
-    if precision == "tf32":
-        return _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db)
+    if precision in ("tf32", "bf16"):
+        return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision)
     # dz formed once, here; the products are the same for every activation
     dz = dy if act == "identity" else _dense_dz(dy, y_or_z, act)
     if need_dw:
@@ -612,13 +647,14 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     return dx, dw, db
 
 
-def _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db):
-    """dense_backward on TF32 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.) and
-    db in one elementwise kernel, then dW = x^T dz and dX = dz W^T as plain GEMMs."""
+def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision):
+    """dense_backward on TF32 or bf16 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.)
+    and db (fp32) in one elementwise kernel, then dW = x^T dz and dX = dz W^T as plain GEMMs
+    (bf16: on dz, x and w rounded by round_bf16)."""
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dz = dy
-    if _launches_dz(act, need_dw, "tf32"):
+    if _launches_dz(act, need_dw, precision):
         store_dz = act != "identity"
         if store_dz:
             dz = cupy.empty((batch, n_out), np.float32)
@@ -631,9 +667,14 @@ def _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db
              np.int32(need_dw)),
         )
     dx = None
+    if precision == "bf16":
+        dz = _round_bf16(dz)
     if need_dw:
-        kernel, (tiles_m, tiles_n), block, shared = _gemm_launch("dw", act, n_in, n_out, "tf32")
-        splits, k_chunk, ws_dw, _, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db, TF32_BK)
+        if precision == "bf16":
+            x = _round_bf16(x)
+        kernel, (tiles_m, tiles_n), block, shared = _gemm_launch("dw", act, n_in, n_out, precision)
+        k_step = BF16_BK if precision == "bf16" else TF32_BK
+        splits, k_chunk, ws_dw, _, tickets = _dw_split_buffers(batch, tiles_m * tiles_n, dw, db, k_step)
         record("dense_dw")
         kernel(
             (tiles_m, tiles_n, splits),
@@ -644,7 +685,9 @@ def _dense_backward_tf32(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db
         )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        kernel, grid, block, shared = _gemm_launch("dx", act, batch, n_in, "tf32")
+        if precision == "bf16":
+            w = _round_bf16(w, _bf16_ld(n_in))
+        kernel, grid, block, shared = _gemm_launch("dx", act, batch, n_in, precision)
         record("dense_dx")
         kernel(grid, block, (dz, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)), shared_mem=shared)
     return dx, dw, db
@@ -866,7 +909,7 @@ def _has_tensor_cores() -> bool:
 
 def dense_precisions() -> tuple[str, ...]:
     """The precisions the per-layer dense kernels run in on this GPU."""
-    return ("fp32", "tf32") if _has_tensor_cores() else ("fp32",)
+    return ("fp32", "tf32", "bf16") if _has_tensor_cores() else ("fp32",)
 
 
 def fused_precisions() -> tuple[str, ...]:

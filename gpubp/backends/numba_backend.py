@@ -1074,8 +1074,9 @@ def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split,
 
 
 def dense_precisions() -> tuple[str, ...]:
-    """No tensor-core kernels: "tf32" computes fp32 here."""
-    return ("fp32", "tf32")
+    """No tensor-core kernels: "tf32" and "bf16" compute fp32 here (bf16's operand rounding is
+    emulated by the NumPy backend, the reference, not by these SIMT kernels)."""
+    return ("fp32", "tf32", "bf16")
 
 
 def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):

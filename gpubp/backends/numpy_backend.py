@@ -257,8 +257,30 @@ def scale_(a: np.ndarray, s: float) -> None:
 
 
 def dense_precisions() -> tuple[str, ...]:
-    """No tensor cores: "tf32" computes fp32 here, as PyTorch's TF32 switch does on a CPU."""
-    return ("fp32", "tf32")
+    """No tensor cores: "tf32" computes fp32 here, as PyTorch's TF32 switch does on a CPU; "bf16"
+    rounds the products' operands to bf16 as the GPU kernels do (``round_bf16``) and multiplies
+    them in the array's precision, so it matches them up to the order of the fp32 sums."""
+    return ("fp32", "tf32", "bf16")
+
+
+_BF16_HALF_ULP = np.uint32(0x7FFF)
+_BF16_KEEP = np.uint32(0xFFFF0000)
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16 (8 significant bits, round to nearest, ties to even, as the GPU's
+    ``cvt.rn.bf16x2.f32``; NaN stays NaN, overflow goes to inf), in a new array of a's dtype.
+    float64 goes through float32 first, as it does on its way to a GPU.
+
+    >>> round_bf16(np.array([1 + 2**-8, 1 + 3 * 2**-8], np.float32)).tolist()  # ties to even
+    [1.0, 1.015625]
+    """
+    record("round_bf16")
+    bits = np.array(a, np.float32).view(np.uint32)
+    odd = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = ((bits + _BF16_HALF_ULP + odd) & _BF16_KEEP).view(np.float32)
+    rounded = np.where(np.isnan(bits.view(np.float32)), np.float32(np.nan), rounded)
+    return rounded.astype(a.dtype, copy=False)
 
 
 def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):
@@ -267,7 +289,10 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
 
     ``dropout`` (a ``philox.Mask``): the output is ``y * scale`` where the mask keeps it and 0
     elsewhere, formed in the bias+activation pass (a second pass for the activations that pass
-    does not fuse); ``z`` stays unmasked. The mask is generated, never stored."""
+    does not fuse); ``z`` stays unmasked. The mask is generated, never stored.
+    ``precision="bf16"``: x and w rounded to bf16 first (``round_bf16``); "tf32" computes as "fp32"."""
+    if precision == "bf16":
+        x, w = round_bf16(x), round_bf16(w)
     record("dense_fwd")
     if act in NEEDS_Z:
         z = np.matmul(x, w, out=out_z)
@@ -339,6 +364,9 @@ def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> 
     if not (need_dx or need_dw):
         return []
     dz = ["dropout_dz"] if dropout else ["softmax_bwd"] if act == "softmax" else []
+    if precision == "bf16":  # dz, then x for dW and W for dX, rounded before their products
+        return (dz + ["round_bf16"] + (["round_bf16", "dense_dw"] if need_dw else [])
+                + (["round_bf16", "dense_dx"] if need_dx else []))
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
@@ -412,14 +440,20 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         else:
             _on_all_cores(lambda dy, y, z, dz: activations.backward(act, dy, y, z, dz), dy, y, z, dz)
     dx = dw = None
+    if need_dw and db is None:
+        # db = ones(B) @ dz: BLAS gemv reads dz once at full vector width; np.sum(dz, axis=0)
+        # walks it row by row and costs about four times as much for narrow layers.
+        db = np.matmul(activations.constant(1, dz.shape[:1], dz.dtype), dz, out=out_db)
+    if precision == "bf16":  # db above from the unrounded dz, as on the GPU
+        dz = round_bf16(dz)
     if need_dw:
+        if precision == "bf16":
+            x = round_bf16(x)
         record("dense_dw")
         dw = np.matmul(x.T, dz, out=out_dw)
-        if db is None:
-            # db = ones(B) @ dz: BLAS gemv reads dz once at full vector width; np.sum(dz, axis=0)
-            # walks it row by row and costs about four times as much for narrow layers.
-            db = np.matmul(activations.constant(1, dz.shape[:1], dz.dtype), dz, out=out_db)
     if need_dx:
+        if precision == "bf16":
+            w = round_bf16(w)
         record("dense_dx")
         dx = np.matmul(dz, w.T, out=out_dx)
     return dx, dw, db

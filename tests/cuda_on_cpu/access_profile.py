@@ -186,7 +186,8 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
     big, small = max(cupy_backend.GEMM_TILES), min(cupy_backend.GEMM_TILES)
     work = {f"dense fp32 {cupy_backend.tile_name(big)}": dense("fp32", big, ONE_SM),
             f"dense fp32 {cupy_backend.tile_name(small)}": dense("fp32", small, H100_SMS),
-            "dense tf32": dense("tf32", (cupy_backend.TF32_TILE,) * 2, H100_SMS)}
+            "dense tf32": dense("tf32", (cupy_backend.TF32_TILE,) * 2, H100_SMS),
+            "dense bf16": dense("bf16", (cupy_backend.TF32_TILE,) * 2, H100_SMS)}
     for precision in cupy_backend.FUSED_PRECISIONS:
         work[f"fused {precision}"] = (f"fused_mlp_forward + fused_mlp_backward: batch {FUSED_BATCH}, in {FUSED_IN}, "
                                       f"widths {list(FUSED_WIDTHS)}, each activation (identity head), {precision}",
