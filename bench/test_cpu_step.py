@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import numpy as np
 import pytest
@@ -298,8 +299,14 @@ def steps_per_block(step, timer) -> int:
 # round to round), so each ratio is taken between blocks run within milliseconds of each other:
 # on a shared VM the speed drifts by 2x over seconds, and back-to-back tests per backend
 # compared different moments more than different code.
+#
+# Before each block the process sleeps ``SETTLE_SECONDS``, untimed. With every core in use, a
+# library's idle worker threads keep spinning on the cores after its last call (OpenBLAS's for
+# about 0.1 s): without the pause, the block after an OpenBLAS one shared its cores with them,
+# and PyTorch's step on two threads timed 2.3x slower than on its own.
 BLOCK_SECONDS = 0.01
-ROUNDS = 100
+SETTLE_SECONDS = 0.15
+ROUNDS = 40
 MAX_SECONDS_PER_SHAPE = 15.0
 
 
@@ -317,8 +324,8 @@ def test_cpu_step(benchmark, request, sizes, batch):
     steps = built_steps(sizes, batch)
     blocks = {backend: steps_per_block(step, timer) for backend, step in steps.items()}
     others = [backend for backend in steps if backend != "gpubp"]
-    one_round = sum(timer_block(steps[b], blocks[b], timer) for b in steps)
-    rounds = max(10, min(ROUNDS, int(MAX_SECONDS_PER_SHAPE / max(one_round, 1e-6))))
+    one_round = sum(timer_block(steps[b], blocks[b], timer) + SETTLE_SECONDS for b in steps)
+    rounds = max(10, min(ROUNDS, int(MAX_SECONDS_PER_SHAPE / one_round)))
     times: dict[str, list[float]] = {backend: [] for backend in steps}
     order = {"next": 0}
 
@@ -347,7 +354,8 @@ def test_cpu_step(benchmark, request, sizes, batch):
 
 
 def timer_block(step, n: int, timer) -> float:
-    """Seconds (by ``timer``) to run ``step`` ``n`` times."""
+    """Seconds (by ``timer``) to run ``step`` ``n`` times, after ``SETTLE_SECONDS`` of sleep."""
+    time.sleep(SETTLE_SECONDS)
     started = timer()
     for _ in range(n):
         step()
