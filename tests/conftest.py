@@ -32,7 +32,43 @@ def pytest_report_header(config):
     return f"gpubp: {where}; Numba CUDA simulator {'on' if SIMULATOR else 'off'}"
 
 
+# Module-scoped fixtures that compile for minutes and keep their result in memory only: every
+# test using one joins one xdist group (pyproject.toml runs the suite with --dist loadgroup),
+# so one pytest-xdist worker computes it once, instead of every worker computing it again.
+ONE_WORKER_FIXTURES = {
+    "test_kernels_compile.py": {"aot_build"},
+    "test_kernel_model.py": {"fresh"},
+    "test_numba_backend.py": {"compiled_variants"},
+    "test_distributed.py": {"ranks"},
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", default=None,
+                     help="run only the I-th of N interleaved parts (I from 0) of the tests selected; "
+                          "the sanitizer runs of tests/test_kernels_on_cpu.py split the file so")
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise pytest.UsageError(f"--shard: expected I/N with 0 <= I < N, got {spec!r}")
+    return int(index), int(count)
+
+
+# tryfirst: before pytest-xdist reads the xdist_group marks this adds.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("shard"):
+        index, count = shard_of(config.getoption("shard"))
+        config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+        items[:] = items[index::count]
+    for item in items:
+        shared = ONE_WORKER_FIXTURES.get(item.path.name, set()) & set(item.fixturenames)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{min(shared)}"))
+    # The longest tests start first, so that no worker is left with one of them at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if GPU_COUNT:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {NO_GPU_REASON}")
