@@ -3,6 +3,10 @@
 With no GPU, Numba's CUDA simulator is switched on here, before anything imports
 Numba, so the Numba-CUDA kernels run for real (in Python) on small shapes.
 Tests marked ``gpu`` need a real device and skip, with the reason, otherwise.
+
+Run time: under pytest-xdist (``-n auto``), tests marked ``slow`` are handed out first, and
+the tests of each fixture in ``ONE_WORKER_FIXTURES`` share one worker; ``--shard I/N`` runs
+one of N parts of a run (the sanitizer reruns of one file are split so).
 """
 
 import os
@@ -45,8 +49,8 @@ ONE_WORKER_FIXTURES = {
 
 def pytest_addoption(parser):
     parser.addoption("--shard", metavar="I/N", default=None,
-                     help="run only the I-th of N interleaved parts (I from 0) of the tests selected; "
-                          "the sanitizer runs of tests/test_kernels_on_cpu.py split the file so")
+                     help="run only the I-th (from 0) of N interleaved parts of the tests collected: every N-th "
+                          "from the I-th; the sanitizer runs of tests/test_kernels_on_cpu.py split the file so")
 
 
 def shard_of(spec: str) -> tuple[int, int]:
