@@ -76,6 +76,7 @@ ideal or use less than every byte of the sectors they move.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -321,11 +322,17 @@ def _cached(parts: list, compute):
     path = CACHE / f"{digest.hexdigest()}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result = compute()
     CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, path)
+    # Another process computing the same result (a second pytest-xdist worker) is waited for,
+    # not repeated.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = compute()
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(result))
+        os.replace(partial, path)
     return result
 
 

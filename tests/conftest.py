@@ -3,6 +3,10 @@
 With no GPU, Numba's CUDA simulator is switched on here, before anything imports
 Numba, so the Numba-CUDA kernels run for real (in Python) on small shapes.
 Tests marked ``gpu`` need a real device and skip, with the reason, otherwise.
+
+Run time: under pytest-xdist (``-n auto``), tests marked ``slow`` are handed out first, and
+the tests of each fixture in ``ONE_WORKER_FIXTURES`` share one worker; ``--shard I/N`` runs
+one of N parts of a run (the sanitizer reruns of one file are split so).
 """
 
 import os
@@ -32,7 +36,43 @@ def pytest_report_header(config):
     return f"gpubp: {where}; Numba CUDA simulator {'on' if SIMULATOR else 'off'}"
 
 
+# Module-scoped fixtures that compile for minutes and keep their result in memory only: every
+# test using one joins one xdist group (pyproject.toml runs the suite with --dist loadgroup),
+# so one pytest-xdist worker computes it once, instead of every worker computing it again.
+ONE_WORKER_FIXTURES = {
+    "test_kernels_compile.py": {"aot_build"},
+    "test_kernel_model.py": {"fresh"},
+    "test_numba_backend.py": {"compiled_variants"},
+    "test_distributed.py": {"ranks"},
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", default=None,
+                     help="run only the I-th (from 0) of N interleaved parts of the tests collected: every N-th "
+                          "from the I-th; the sanitizer runs of tests/test_kernels_on_cpu.py split the file so")
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise pytest.UsageError(f"--shard: expected I/N with 0 <= I < N, got {spec!r}")
+    return int(index), int(count)
+
+
+# tryfirst: before pytest-xdist reads the xdist_group marks this adds.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("shard"):
+        index, count = shard_of(config.getoption("shard"))
+        config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+        items[:] = items[index::count]
+    for item in items:
+        shared = ONE_WORKER_FIXTURES.get(item.path.name, set()) & set(item.fixturenames)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{min(shared)}"))
+    # The longest tests start first, so that no worker is left with one of them at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if GPU_COUNT:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {NO_GPU_REASON}")

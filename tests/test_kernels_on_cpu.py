@@ -1328,14 +1328,22 @@ def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_n
 # ----------------------------------------------------------------------------- sanitizers
 
 
+# Each sanitizer run is split into this many child processes (conftest.py's --shard), which
+# together run every test of this file, so that pytest-xdist spreads them over the cores.
+SANITIZER_SHARDS = {"asan": 2, "tsan": 4}
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(SANITIZED, reason="runs from the plain-mode process")
-@pytest.mark.parametrize("mode", ["asan", "tsan"])
-def test_kernels_are_clean_under_sanitizer(mode):
+@pytest.mark.parametrize("mode, shard", [(mode, i) for mode, n in SANITIZER_SHARDS.items() for i in range(n)],
+                         ids=[f"{mode}-{i + 1}of{n}" for mode, n in SANITIZER_SHARDS.items() for i in range(n)])
+def test_kernels_are_clean_under_sanitizer(mode, shard):
     """This file again, in a child process under the sanitizer: any out-of-bounds access,
     misaligned vector access, undefined behaviour or data race fails it with the report."""
     done = subprocess.run(
         # -s: a sanitizer ends the process on its first report, so pytest must not hold stderr.
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider",
+         f"--shard={shard}/{SANITIZER_SHARDS[mode]}"],
         env=harness.sanitizer_env(mode), capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, f"{mode}:\n{done.stdout[-8000:]}\n{done.stderr[-8000:]}"
 
@@ -1459,6 +1467,7 @@ PLANTED_BUGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SANITIZED, reason="runs from the plain-mode process")
 @pytest.mark.parametrize("bug", PLANTED_BUGS)
 def test_a_planted_kernel_bug_fails_the_suite(bug, tmp_path):

@@ -31,7 +31,9 @@ on the CPU: monkeypatch it in as the backend's ``cupy``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -131,6 +133,16 @@ def cache_dir() -> Path:
     path = Path(tempfile.gettempdir()) / "gpubp-cuda-on-cpu"
     path.mkdir(exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def build_lock(target: Path):
+    """Held while ``target`` is built: a second builder of the same file (another pytest-xdist
+    worker, a sanitizer run in a child process, another thread of ``prebuild``) waits, then finds
+    it built, instead of compiling it again at the same time."""
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def rewrite_dynamic_shared(source: str) -> str:
@@ -443,6 +455,12 @@ class Harness:
         path = self.library_path(source, label)
         if path.exists():
             return path
+        with build_lock(path):
+            if not path.exists():
+                self._compile_library(source, label, path)
+        return path
+
+    def _compile_library(self, source: str, label: str, path: Path) -> None:
         work = Path(tempfile.mkdtemp(dir=cache_dir()))
         try:
             unit = work / f"{label}.cpp"
@@ -470,10 +488,9 @@ class Harness:
             else:
                 _compile([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], "-o", str(built), str(unit)],
                          f"compiling {label} for the CPU ({self.mode})")
-            os.replace(built, path)  # atomic: a concurrent build of the same source is harmless
+            os.replace(built, path)  # atomic: a reader never sees a partial library
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return path
 
     def prebuild(self, sources: dict[str, str]) -> None:
         """Compile several sources at once, one g++ per core."""
@@ -509,7 +526,7 @@ def _profile_runtime() -> Path:
     flags = [*COMMON_FLAGS, *PROFILE_RUNTIME_FLAGS]
     key = hashlib.sha256("\0".join((" ".join(flags), _toolchain_identity(), PROFILER.read_text())).encode())
     path = cache_dir() / f"runtime-profile-{key.hexdigest()[:20]}.o"
-    with _profile_runtime_lock:
+    with _profile_runtime_lock, build_lock(path):
         if not path.exists():
             work = Path(tempfile.mkdtemp(dir=cache_dir()))
             try:
