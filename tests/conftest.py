@@ -37,7 +37,7 @@ def pytest_report_header(config):
 
 
 # Module-scoped fixtures that compile for minutes and keep their result in memory only: every
-# test using one joins one xdist group (pyproject.toml runs the suite with --dist loadgroup),
+# test using one joins one xdist group (with -n the suite runs --dist loadgroup, see below),
 # so one pytest-xdist worker computes it once, instead of every worker computing it again.
 ONE_WORKER_FIXTURES = {
     "test_kernels_compile.py": {"aot_build"},
@@ -45,6 +45,14 @@ ONE_WORKER_FIXTURES = {
     "test_numba_backend.py": {"compiled_variants"},
     "test_distributed.py": {"ranks"},
 }
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # -n without --dist gives pytest-xdist's "load" (set before configure); "loadgroup" is "load"
+    # that also keeps each xdist_group on one worker. The scheduler is made after this runs.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 def pytest_addoption(parser):
