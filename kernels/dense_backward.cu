@@ -18,6 +18,15 @@
 //
 // dz launch: any grid, block REDUCE_THREADS; a grid-stride loop over the B * out elements.
 //
+// Dropout (dense_dz_dropout_<act>, every activation, identity included): the layer's forward
+// applied a Dropout's mask in its epilogue (dense_fwd_*_dropout), so y is the masked output.
+// This pass regenerates the mask from its key and forms
+//   dz = dy * scale * act'(y * keep_prob, or z) where the mask kept, else 0
+// (y * keep_prob is the activation's own output where the element was kept; gelu and gelu_tanh
+// read z, stored unmasked). dX and dW then read dz as for any layer: no pass of its own for the
+// mask. Launch: any grid, block DROPOUT_THREADS, one thread per row and group of four columns
+// (dropout.cuh), so one Philox call serves four elements.
+//
 // dX launch: grid (ceil(B / BM), ceil(in / BN)); GEMM M = B, N = in, K = out. Each block
 // reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx.
 //
@@ -31,6 +40,7 @@
 // each tile sums them in split order (split_k.cuh: contract, tickets, determinism).
 // With splits == 1 the tile goes straight to dW and db and ws, ws_db, tickets are unused.
 #include "activations.cuh"
+#include "dropout.cuh"
 #include "gemm_tile.cuh"
 #include "reduce.cuh"
 #include "split_k.cuh"
@@ -55,6 +65,27 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
         const float v = y_or_z[i];
         dz[i] = dy[i] * act_grad<ACT>(v, v);
     }
+}
+
+template <int ACT>
+__device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, const float* __restrict__ act_in,
+                                                 float* __restrict__ dz, long long rows, long long cols,
+                                                 const DropoutMask& mask, float keep_prob) {
+    const bool vec = cols % 4 == 0 && dropout_aligned16(dy) && dropout_aligned16(act_in) && dropout_aligned16(dz);
+    for_each_group(rows, cols, mask, [&](long long base, int count, const PhiloxWords& words) {
+        float g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        load_group(dy, base, count, vec, g);
+        if constexpr (ACT != ACT_IDENTITY) load_group(act_in, base, count, vec, a);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float grad = 1.0f;
+            if constexpr (ACT != ACT_IDENTITY) {
+                grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a[e]) : act_grad<ACT>(a[e] * keep_prob, 0.0f);
+            }
+            g[e] = mask.apply(g[e], words.w[e]) * grad;
+        }
+        store_group(dz, base, count, vec, g);
+    });
 }
 
 // acc = this thread's share of dz[m0 : m0+BM, :] @ w[n0 : n0+BN, :]^T; VEC: float4 loads.
@@ -150,6 +181,15 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                         float* __restrict__ dz, long long n) {                                           \
         gpubp::dense_dz<ID>(dy, y_or_z, dz, n);                                                          \
     }
+#define GPUBP_DENSE_DZ_DROPOUT_ENTRY(NAME, ID)                                                           \
+    extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)                                 \
+        dense_dz_dropout_##NAME(const float* __restrict__ dy, const float* __restrict__ act_in,          \
+                                float* __restrict__ dz, long long rows, long long cols,                  \
+                                const unsigned int* __restrict__ key, unsigned int threshold, float scale, \
+                                long long first_row, float keep_prob) {                                  \
+        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, rows, cols,                                          \
+                                    gpubp::DropoutMask{key, threshold, scale, first_row}, keep_prob);    \
+    }
 #define GPUBP_DENSE_GRAD_ENTRY(BM, BN)                                                                   \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
                                                  gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
@@ -173,5 +213,6 @@ GPUBP_DENSE_DZ_ENTRY(sigmoid, gpubp::ACT_SIGMOID)
 GPUBP_DENSE_DZ_ENTRY(tanh, gpubp::ACT_TANH)
 GPUBP_DENSE_DZ_ENTRY(gelu, gpubp::ACT_GELU)
 GPUBP_DENSE_DZ_ENTRY(gelu_tanh, gpubp::ACT_GELU_TANH)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DROPOUT_ENTRY)
 GPUBP_DENSE_GRAD_ENTRY(128, 128)
 GPUBP_DENSE_GRAD_ENTRY(128, 64)

@@ -30,6 +30,16 @@
 // split but its last is whole); each split writes its partial dW tile to ws (splits x in x out
 // floats), and the last block of each tile sums them in split order (split_k.cuh), so dW is
 // bitwise deterministic. With splits == 1 the tile goes straight to dW; ws and tickets are unused.
+//
+// Dropout (dense_dz_db_dropout_<act>, every activation): the layer's forward applied a Dropout's
+// mask in its epilogue (dense_fwd_tf32_*_dropout), so y is the masked output. The dz kernel
+// regenerates the mask from its key and forms dz = dy * scale * act'(y * keep_prob, or z) where
+// the mask kept, else 0 (always stored), and db from it; dX and dW read dz as for any layer, so
+// the mask costs no pass of its own. Its block is 8 groups of four columns (the same 32 columns
+// as DzShape) x 32 row groups: one Philox call serves a thread's four columns of a row, read
+// and written as one float4 where the width and the operands allow. db: each row group sums
+// every 32nd row, then the groups are added in order (deterministic).
+#include "dropout.cuh"
 #include "gemm_tf32.cuh"
 #include "split_k.cuh"
 
@@ -68,6 +78,52 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
 #pragma unroll
         for (int r = 1; r < S::ROW_GROUPS; ++r) total += partial[r][lane];
         db[col] = total;
+    }
+}
+
+struct DzDropoutShape {
+    static constexpr int GROUPS = DzShape::COLS / 4, ROW_GROUPS = DzShape::THREADS / GROUPS;
+};
+
+template <int ACT>
+__device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, const float* __restrict__ act_in,
+                                                 float* __restrict__ dz, float* __restrict__ db, int B, int N_,
+                                                 int sum_db, const DropoutMask& mask, float keep_prob) {
+    using S = DzDropoutShape;
+    __shared__ float partial[S::ROW_GROUPS][DzShape::COLS];
+    const long long N = N_;
+    const int group = threadIdx.x % S::GROUPS, row_group = threadIdx.x / S::GROUPS;
+    const long long col = static_cast<long long>(blockIdx.x) * DzShape::COLS + 4 * group;
+    const int count = N - col < 4 ? static_cast<int>(N - col) : 4;  // <= 0: no column of this group exists
+    const bool vec = N % 4 == 0 && dropout_aligned16(dy) && dropout_aligned16(act_in) && dropout_aligned16(dz);
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (count > 0) {
+        for (long long row = row_group; row < B; row += S::ROW_GROUPS) {
+            const PhiloxWords words = mask.words(row, col);
+            float g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            load_group(dy, row * N + col, count, vec, g);
+            if constexpr (ACT != ACT_IDENTITY) load_group(act_in, row * N + col, count, vec, a);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float grad = 1.0f;
+                if constexpr (ACT != ACT_IDENTITY) {
+                    grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a[e]) : act_grad<ACT>(a[e] * keep_prob, 0.0f);
+                }
+                g[e] = mask.apply(g[e], words.w[e]) * grad;
+                sum[e] += g[e];
+            }
+            store_group(dz, row * N + col, count, vec, g);
+        }
+    }
+    if (!sum_db) return;  // uniform across the launch
+#pragma unroll
+    for (int e = 0; e < 4; ++e) partial[row_group][4 * group + e] = sum[e];
+    __syncthreads();
+    const long long db_col = static_cast<long long>(blockIdx.x) * DzShape::COLS + threadIdx.x;
+    if (threadIdx.x < DzShape::COLS && db_col < N) {
+        float total = partial[0][threadIdx.x];
+        for (int r = 1; r < S::ROW_GROUPS; ++r) total += partial[r][threadIdx.x];
+        db[db_col] = total;
     }
 }
 
@@ -148,4 +204,15 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
         gpubp::dense_dw_mma<gpubp::bf16_bits>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);          \
     }
 
+#define GPUBP_DENSE_DZ_DROPOUT_TF32_ENTRY(NAME, ID)                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::DzShape::THREADS)                                   \
+        dense_dz_db_dropout_##NAME(const float* __restrict__ dy, const float* __restrict__ act_in,          \
+                                   float* __restrict__ dz, float* __restrict__ db, int B, int out, int sum_db, \
+                                   const unsigned int* __restrict__ key, unsigned int threshold, float scale, \
+                                   long long first_row, float keep_prob) {                                   \
+        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, B, out, sum_db,                                      \
+                                    gpubp::DropoutMask{key, threshold, scale, first_row}, keep_prob);        \
+    }
+
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_TF32_ENTRY)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DROPOUT_TF32_ENTRY)

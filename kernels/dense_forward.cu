@@ -1,4 +1,4 @@
-// Fused dense-layer forward, fp32:  z = x @ W + b,  y = act(z).
+// Fused dense-layer forward, fp32:  z = x @ W + b,  y = act(z)  (dropout variant: y = mask(act(z))).
 //
 // Layout: x (M = batch, K = in) row-major, W (K, N = out) row-major, b (N,), y and z
 // (M, N) row-major; all C-contiguous. z is written only for activations whose derivative
@@ -13,7 +13,15 @@
 // of x, a K x BN slab of W and BN biases, and writes its BM x BN tile of y (and z).
 // The epilogue adds the bias and applies the activation in registers, so y costs one
 // write instead of cuBLAS's write + read + write for a separate bias/activation pass.
+//
+// Dropout (dense_fwd_<act>_dropout_<BM>x<BN>): a Dropout above the layer, applied in the same
+// epilogue after the activation: y = act(z) * scale where the Philox mask of (key, row, col)
+// keeps the element, else 0 (dropout.cuh; z stays unmasked). A thread's four neighbouring
+// columns start at a multiple of 4, so one Philox call serves them. The variant is a template
+// argument: the main loop is the same code, and the kernels without it are unchanged. Extra
+// arguments: key (two words in device memory), threshold, scale, first_row.
 #include "activations.cuh"
+#include "dropout.cuh"
 #include "gemm_tile.cuh"
 
 namespace gpubp {
@@ -41,10 +49,10 @@ __device__ __forceinline__ void forward_product(const float* x, const float* w, 
     gemm_mainloop<BM, BN, false>(a, b, 0, K, smem, acc);
 }
 
-template <int ACT, int BM, int BN>
+template <int ACT, int BM, int BN, bool DROPOUT>
 __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const float* __restrict__ w,
                                               const float* __restrict__ b, float* __restrict__ y,
-                                              float* __restrict__ z, int M_, int N_, int K_) {
+                                              float* __restrict__ z, int M_, int N_, int K_, DropoutMask mask) {
     const long long M = M_, N = N_, K = K_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
@@ -82,6 +90,11 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
                 zv[j] = acc[i][jg + j] + bias[j];
                 yv[j] = act_forward<ACT>(zv[j]);
             }
+            if constexpr (DROPOUT) {  // col is a multiple of 4 (ThreadTile::col)
+                const PhiloxWords words = mask.words(row, col);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) yv[j] = mask.apply(yv[j], words.w[j]);
+            }
             store4(y, row * N + col, yv, valid_cols, vec);
             if constexpr (act_needs_z<ACT>()) store4(z, row * N + col, zv, valid_cols, vec);
         }
@@ -96,7 +109,17 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
         dense_fwd_##NAME##_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ w,    \
                                        const float* __restrict__ b, float* __restrict__ y,          \
                                        float* __restrict__ z, int M, int N, int K) {               \
-        gpubp::dense_forward<ID, BM, BN>(x, w, b, y, z, M, N, K);                                  \
+        gpubp::dense_forward<ID, BM, BN, false>(x, w, b, y, z, M, N, K, gpubp::DropoutMask{});     \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,              \
+                                               gpubp::ForwardShape<ID, BM, BN>::MIN_BLOCKS)\
+        dense_fwd_##NAME##_dropout_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ w, \
+                                               const float* __restrict__ b, float* __restrict__ y,   \
+                                               float* __restrict__ z, int M, int N, int K,           \
+                                               const unsigned int* __restrict__ key, unsigned int threshold, \
+                                               float scale, long long first_row) {                   \
+        gpubp::dense_forward<ID, BM, BN, true>(x, w, b, y, z, M, N, K,                              \
+                                               gpubp::DropoutMask{key, threshold, scale, first_row}); \
     }
 #define GPUBP_DENSE_FWD_ENTRIES(NAME, ID)        \
     GPUBP_DENSE_FWD_ENTRY(NAME, ID, 128, 128)    \

@@ -11,15 +11,22 @@
 // fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 206 registers.
 // dense_fwd_bf16_<act>: the same launch and shared bytes, on x (M, padded K) and W (padded K,
 // padded N) rounded by round_bf16 (below; padded: MmaTile::padded, zeros past K and N).
+//
+// Dropout (dense_fwd_{tf32,bf16}_<act>_dropout): a Dropout above the layer, applied in the same
+// epilogue after the activation: y = act(z) * scale where the Philox mask keeps the element, else 0
+// (dropout.cuh; z stays unmasked). A pair's two columns (col even) are words col % 4 and the next
+// of the call for the group col / 4; the variant is a template argument, so the kernels without
+// it are unchanged. Extra arguments: key (two words in device memory), threshold, scale, first_row.
+#include "dropout.cuh"
 #include "gemm_tf32.cuh"
 
 namespace gpubp {
 
 // E: float (tf32 products) or bf16_bits (x (M, padded K) and W (padded K, padded N) from round_bf16).
-template <class E, int ACT>
+template <class E, int ACT, bool DROPOUT>
 __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const E* __restrict__ w,
                                                   const float* __restrict__ b, float* __restrict__ y,
-                                                  float* __restrict__ z, int M_, int N_, int K_) {
+                                                  float* __restrict__ z, int M_, int N_, int K_, DropoutMask mask) {
     using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
     const long long M = M_, N = N_, K = T::padded(K_), ldw = T::padded(N_);
@@ -33,26 +40,40 @@ __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const
         const float2 bias = pair && vector ? *reinterpret_cast<const float2*>(b + col)
                                            : make_float2(b[col], pair ? b[col + 1] : 0.0f);
         const float z0 = a0 + bias.x, z1 = a1 + bias.y;
-        store_pair(y, row * N + col, act_forward<ACT>(z0), act_forward<ACT>(z1), pair, vector);
+        float y0 = act_forward<ACT>(z0), y1 = act_forward<ACT>(z1);
+        if constexpr (DROPOUT) {
+            const PhiloxWords words = mask.words(row, col & ~3ll);
+            const bool upper = (col & 2) != 0;  // columns 2, 3 of the group
+            y0 = mask.apply(y0, upper ? words.w[2] : words.w[0]);
+            y1 = mask.apply(y1, upper ? words.w[3] : words.w[1]);
+        }
+        store_pair(y, row * N + col, y0, y1, pair, vector);
         if constexpr (act_needs_z<ACT>()) store_pair(z, row * N + col, z0, z1, pair, vector);
     });
 }
 
 }  // namespace gpubp
 
-#define GPUBP_DENSE_FWD_TF32_ENTRY(NAME, ID)                                                                \
-    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)   \
-        dense_fwd_tf32_##NAME(const float* __restrict__ x, const float* __restrict__ w,                      \
-                              const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z,     \
-                              int M, int N, int K) {                                                         \
-        gpubp::dense_forward_mma<float, ID>(x, w, b, y, z, M, N, K);                                        \
+#define GPUBP_DENSE_FWD_MMA_ENTRY(PREC, E, TILE, NAME, ID)                                                 \
+    extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
+        dense_fwd_##PREC##_##NAME(const E* __restrict__ x, const E* __restrict__ w,                          \
+                                  const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z, \
+                                  int M, int N, int K) {                                                     \
+        gpubp::dense_forward_mma<E, ID, false>(x, w, b, y, z, M, N, K, gpubp::DropoutMask{});               \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(gpubp::Bf16Tile::THREADS, gpubp::Bf16Tile::MIN_BLOCKS)   \
-        dense_fwd_bf16_##NAME(const gpubp::bf16_bits* __restrict__ x, const gpubp::bf16_bits* __restrict__ w, \
-                              const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z,     \
-                              int M, int N, int K) {                                                         \
-        gpubp::dense_forward_mma<gpubp::bf16_bits, ID>(x, w, b, y, z, M, N, K);                              \
+    extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
+        dense_fwd_##PREC##_##NAME##_dropout(const E* __restrict__ x, const E* __restrict__ w,                \
+                                            const float* __restrict__ b, float* __restrict__ y,              \
+                                            float* __restrict__ z, int M, int N, int K,                      \
+                                            const unsigned int* __restrict__ key, unsigned int threshold,    \
+                                            float scale, long long first_row) {                              \
+        gpubp::dense_forward_mma<E, ID, true>(x, w, b, y, z, M, N, K,                                        \
+                                              gpubp::DropoutMask{key, threshold, scale, first_row});         \
     }
+
+#define GPUBP_DENSE_FWD_TF32_ENTRY(NAME, ID)                   \
+    GPUBP_DENSE_FWD_MMA_ENTRY(tf32, float, Tf32Tile, NAME, ID) \
+    GPUBP_DENSE_FWD_MMA_ENTRY(bf16, gpubp::bf16_bits, Bf16Tile, NAME, ID)
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_FWD_TF32_ENTRY)
 

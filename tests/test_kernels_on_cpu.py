@@ -139,7 +139,10 @@ def launched_kernel_names() -> set[str]:
              "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
              "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words",
              "round_bf16"}
-    names |= {f"dropout_dz_{act}" for act in ACTIVATIONS}
+    names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
+    names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
+    names |= {f"dense_fwd_{act}_dropout_{cupy_backend.tile_name(tile)}" for act in ACTIVATIONS
+              for tile in cupy_backend.GEMM_TILES}
     for suffix in cupy_backend.FUSED_PRECISIONS.values():
         names |= {f"fused_mlp_{kind}{suffix}_{act}" for kind in ("fwd", "bwd") for act in ACTIVATIONS}
         names.add(f"fused_mlp_dw{suffix}")
@@ -496,27 +499,86 @@ def test_the_dropout_mask_kernel_matches_numpy_in_place_and_out_of_place(cb, rng
     np.testing.assert_array_equal(cb.to_host(in_place), expected)
 
 
+def check_masked_dense_layer(cb, rng, act, shape, precision, need_dx=True, need_dw=True):
+    """A Dense with a Dropout above it, forward and backward, against the NumPy backend given the
+    same key. Forward: one launch (the mask in the epilogue), whose output is the same kernel's
+    unmasked output times scale where gpubp.philox keeps, else 0, bit for bit. Backward: the dz
+    pass regenerates the mask, and nothing else is launched for it."""
+    x, w, b = layer(rng, *shape)
+    host_mask, device_mask = dropout_masks(cb, rng)
+    xd, wd, bd = cb.asarray(x), cb.asarray(w), cb.asarray(b)
+    plain_y, plain_z = cb.dense_forward(xd, wd, bd, act, precision=precision)
+    with trace() as t:
+        y, z = cb.dense_forward(xd, wd, bd, act, precision=precision, dropout=device_mask)
+    # no dropout_fwd: the mask is applied in the Dense kernel's epilogue
+    assert t.launches == (BF16_FORWARD_LAUNCHES if precision == "bf16" else ["dense_fwd"])
+    y_host, z_host = cb.to_host(y), None if z is None else cb.to_host(z)
+    keep = philox.keep_mask(host_mask.key, *y_host.shape, host_mask.threshold, host_mask.first_row)
+    np.testing.assert_array_equal(y_host, np.where(keep, cb.to_host(plain_y) * host_mask.scale, np.float32(0)))
+    if act in NEEDS_Z:
+        np.testing.assert_array_equal(z_host, cb.to_host(plain_z))  # z stays unmasked
+    if precision == "fp32":
+        y_ref, _ = ref.dense_forward(*f64(x, w, b), act, dropout=host_mask)
+        close(y_host, y_ref)
+    dy = rng.standard_normal(y_host.shape).astype(np.float32)
+    want = ref.dense_backward(*f64(dy, x, w, y_host, z_host), act, need_dx, need_dw, dropout=host_mask)
+    with trace() as t:
+        got = cb.dense_backward(cb.asarray(dy), xd, wd, y, z, act, need_dx, need_dw, precision=precision,
+                                dropout=device_mask)
+    rounded = ["round_bf16"] if precision == "bf16" else []  # bf16: dz, x and w rounded before their products
+    expected = (["dropout_dz"] + rounded + (rounded + ["dense_dw"] if need_dw else [])
+                + (rounded + ["dense_dx"] if need_dx else []))
+    assert t.launches == cb.backward_kernels(act, need_dx, need_dw, precision, dropout=True) == expected
+    products_rtol = {"fp32": RTOL, "tf32": TF32_RTOL, "bf16": BF16_RTOL}[precision]
+    for g, reference, rtol in zip(got, want, (products_rtol, products_rtol, RTOL)):  # db: fp32 from the exact dz
+        if reference is None:
+            assert g is None
+        else:
+            close(cb.to_host(g), reference, rtol)
+
+
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("act", DROPOUT_ACTS)
 def test_a_masked_dense_layer_matches_numpy_forward_and_backward(cb, rng, act, shape):
-    x, w, b = layer(rng, *shape)
-    host_mask, device_mask = dropout_masks(cb, rng)
-    y_ref, z_ref = ref.dense_forward(*f64(x, w, b), act, dropout=host_mask)
+    check_masked_dense_layer(cb, rng, act, shape, "fp32")
+
+
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", DROPOUT_ACTS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_masked_tensor_core_dense_layer_matches_numpy_forward_and_backward(cb_h100, rng, precision, act, shape):
+    check_masked_dense_layer(cb_h100, rng, act, shape, precision)
+
+
+@pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("act", ["identity", "gelu"])
+def test_a_masked_dense_layer_launches_only_what_is_needed(cb_h100, rng, act, precision, need_dx, need_dw):
+    """One dz pass however the gradients are needed, for identity too (dz is no longer dy)."""
+    check_masked_dense_layer(cb_h100, rng, act, (37, 29, 23), precision, need_dx, need_dw)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_masked_softmax_layer_matches_numpy(cb_h100, rng, precision):
+    """A softmax output layer's mask follows the softmax: its own pass, after it and before softmax_bwd."""
+    x, w, b = layer(rng, 19, 13, 7)
+    host_mask, device_mask = dropout_masks(cb_h100, rng)
+    y_ref, _ = ref.dense_forward(*f64(x, w, b), "softmax", dropout=host_mask)
     with trace() as t:
-        y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act, dropout=device_mask)
-    assert t.launches == ["dense_fwd", "dropout_fwd"]
-    y_host = cb.to_host(y)
-    np.testing.assert_array_equal(y_host == 0, y_ref == 0)
-    close(y_host, y_ref)
+        y, _ = cb_h100.dense_forward(*(cb_h100.asarray(a) for a in (x, w, b)), "softmax", precision=precision,
+                                     dropout=device_mask)
+    assert t.launches == ["dense_fwd", "softmax_fwd", "dropout_fwd"]
+    close(cb_h100.to_host(y), y_ref, TF32_RTOL)
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    want = ref.dense_backward(*f64(dy, x, w, y_host, None if z is None else cb.to_host(z)), act, True, True,
-                              dropout=host_mask)
+    want = ref.dense_backward(*f64(dy, x, w, cb_h100.to_host(y), None), "softmax", True, True, dropout=host_mask)
     with trace() as t:
-        got = cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, z, act, True, True,
-                                dropout=device_mask)
-    assert t.launches == cb.backward_kernels(act, True, True, dropout=True) == ["dropout_dz", "dense_dw", "dense_dx"]
-    for g, expected in zip(got, want):
-        close(cb.to_host(g), expected)
+        got = cb_h100.dense_backward(*(cb_h100.asarray(a) for a in (dy, x, w)), y, None, "softmax", True, True,
+                                     precision=precision, dropout=device_mask)
+    assert t.launches == cb_h100.backward_kernels("softmax", True, True, precision, dropout=True)
+    assert t.launches[:2] == ["dropout_dz", "softmax_bwd"]
+    for g, reference in zip(got, want):
+        close(cb_h100.to_host(g), reference, TF32_RTOL)
 
 
 def test_dropout_operands_off_a_16_byte_boundary_take_the_scalar_path(cb_h100, rng):
@@ -1450,10 +1512,25 @@ PLANTED_BUGS = {
         "        c2 = hi0 ^ c3;\n",
         "plain", "philox_in_cuda", "assert"),
     "dropout: the last column group reads one past the row": (
-        "dropout.cu",
+        "dropout.cuh",
         "for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;",
         "for (int e = 0; e < 4; ++e) v[e] = e <= count ? p[base + e] : 0.0f;",
         "asan", "dropout_mask_kernel and 132sms", "heap-buffer-overflow"),
+    "dropout: the fused forward masks with the next column group's words": (
+        "dense_forward.cu",
+        "const PhiloxWords words = mask.words(row, col);",
+        "const PhiloxWords words = mask.words(row, col + 4);",
+        "plain", "masked_dense_layer_matches and 1sm and relu", "assert|mismatch"),
+    "dropout: the tf32 dz pass regenerates the mask one row off": (
+        "dense_backward_tf32.cu",
+        "const PhiloxWords words = mask.words(row, col);",
+        "const PhiloxWords words = mask.words(row + 1, col);",
+        "plain", "masked_tensor_core_dense_layer and tf32 and relu and 37x29x23", "max error"),
+    "dropout: the fp32 dz pass forgets the first row's offset": (
+        "dropout.cuh",
+        "return dropout_words(key, first_row + row, col);",
+        "return dropout_words(key, row, col);",
+        "plain", "masked_dense_layer_matches and 132sms and gelu and 37x29x23", "assert|mismatch|max error"),
     "fused: weight stage stored without its swizzle": (
         "fused_mlp.cu",
         "MmaRows::slot(g, t)) + 2 * q + r] = word;",

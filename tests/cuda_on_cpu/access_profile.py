@@ -94,6 +94,12 @@ def _gemm_layers(tile: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     return {"forward": (rows, GEMM_K, cols), "dX": (rows, cols, GEMM_K), "dW": (GEMM_K, rows, cols)}
 
 
+def _mask(cb):
+    from gpubp import philox
+
+    return philox.Mask(cb.asarray(np.array([1, 2], np.uint32), np.uint32), *philox.mask_constants(0.5))
+
+
 def _dense_layers(precision: str, tile: tuple[int, int]):
     def run(cb, rng):
         def arrays(*shapes):
@@ -107,10 +113,15 @@ def _dense_layers(precision: str, tile: tuple[int, int]):
             batch, n_in, n_out = layers[kernel]  # dy, x, w, y, z: y and z any values act' can take
             backward.append((arrays((batch, n_out), (batch, n_in), (n_in, n_out), (batch, n_out), (batch, n_out)),
                              need_dx, need_dw))
+        mask = _mask(cb)
         for act in ACTIVATIONS:
             cb.dense_forward(x, w, b, act, precision=precision)
+            cb.dense_forward(x, w, b, act, precision=precision, dropout=mask)  # the epilogue with a mask
             for (dy, x_in, w_in, y, z), need_dx, need_dw in backward:
                 cb.dense_backward(dy, x_in, w_in, y, z, act, need_dx, need_dw, precision=precision)
+            if precision == "tf32":  # the dz + db pass that regenerates the mask (fp32's: _dropout)
+                (dy, x_in, w_in, y, z), _, _ = backward[1]
+                cb.dense_backward(dy, x_in, w_in, y, z, act, False, True, precision=precision, dropout=mask)
 
     return run
 
@@ -162,15 +173,13 @@ def _optimizers(cb, rng):
 
 
 def _dropout(cb, rng):
-    """The mask pass and every activation's regeneration pass on a DROPOUT_SHAPE Dense output (a
-    width that is a multiple of 4: the float4 path), and the generator's own test window."""
-    from gpubp import philox
-
+    """The mask pass and every activation's fp32 regeneration pass on a DROPOUT_SHAPE Dense output
+    (a width that is a multiple of 4: the float4 path), and the generator's own test window."""
     y, dy = (cb.asarray(rng.standard_normal(DROPOUT_SHAPE).astype(np.float32)) for _ in range(2))
-    mask = philox.Mask(cb.asarray(np.array([1, 2], np.uint32), np.uint32), *philox.mask_constants(0.5))
+    mask = _mask(cb)
     cb.dropout_forward(y, mask, out=y)
     w = cb.empty((3, DROPOUT_SHAPE[1]))
-    for act in ACTIVATIONS:  # dropout_dz_<act>, then the (small) identity dX kernel
+    for act in ACTIVATIONS:  # dense_dz_dropout_<act>, then the (small) identity dX kernel
         cb.dense_backward(dy, None, w, y, y, act, True, False, dropout=mask)
     cb.philox_words(np.zeros((VECTOR_SIZE, 4), np.uint32), np.array([1, 2], np.uint32))
 

@@ -1,0 +1,80 @@
+// Applying a dropout mask (philox.cuh) inside a kernel: the mask's arguments, and the
+// elementwise pass's groups of four columns. The Dense kernels' dropout variants
+// (dense_forward.cu, dense_forward_tf32.cu: the epilogue; dense_backward.cu,
+// dense_backward_tf32.cu: the dz pass) and dropout.cu's own passes share it.
+//
+// Device code only: the same text compiles under nvcc and NVRTC.
+#pragma once
+
+#include "philox.cuh"
+
+namespace gpubp {
+
+// A dropout mask, as gpubp.philox.Mask gives it to a kernel: `key` (two words in device memory,
+// so a replayed CUDA graph reads each step's new key), keep where the word >= `threshold`,
+// kept elements times `scale`, the array's rows counted from `first_row`.
+struct DropoutMask {
+    const unsigned int* key;
+    unsigned int threshold;
+    float scale;
+    long long first_row;
+
+    // The mask words of the array's row `row` and columns col .. col + 3 (col a multiple of 4).
+    __device__ __forceinline__ PhiloxWords words(long long row, long long col) const {
+        return dropout_words(key, first_row + row, col);
+    }
+    // v * scale where `word` keeps the element, else 0.
+    __device__ __forceinline__ float apply(float v, unsigned int word) const {
+        return word >= threshold ? v * scale : 0.0f;
+    }
+};
+
+// The elementwise passes: DROPOUT_THREADS threads per block, one thread per row and group of
+// four columns (rows * ceil(cols / 4) work items), grid-stride, so one Philox call serves four
+// elements. When cols is a multiple of 4 and every operand 16-byte aligned, a group is one
+// float4 load or store per operand, so a warp's accesses are 512 contiguous bytes; otherwise
+// (the row's last group stopping at its width, or an operand view that starts off a 16-byte
+// boundary) each element is a guarded scalar access. Indices are 64-bit.
+constexpr int DROPOUT_THREADS = 256;
+
+__device__ __forceinline__ bool dropout_aligned16(const float* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15u) == 0;
+}
+
+// The `count` (1..4) elements of a group from p + base: one float4 when `vec`, else scalars.
+__device__ __forceinline__ void load_group(const float* p, long long base, int count, bool vec, float (&v)[4]) {
+    if (vec) {
+        const float4 a = *reinterpret_cast<const float4*>(p + base);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = e < count ? p[base + e] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void store_group(float* p, long long base, int count, bool vec, const float (&v)[4]) {
+    if (vec) {
+        *reinterpret_cast<float4*>(p + base) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (e < count) p[base + e] = v[e];
+        }
+    }
+}
+
+// Calls body(base, count, words) for every group this thread owns: its first element
+// base = row * cols + col, how many of its four columns lie inside the row, and its mask words.
+template <class Body>
+__device__ __forceinline__ void for_each_group(long long rows, long long cols, const DropoutMask& mask, Body body) {
+    constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
+    const long long groups = (cols + G - 1) / G;
+    for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < rows * groups;
+         g += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const long long row = g / groups, col = (g % groups) * G;
+        const long long left = cols - col;
+        body(row * cols + col, left < G ? static_cast<int>(left) : G, mask.words(row, col));
+    }
+}
+
+}  // namespace gpubp
