@@ -28,10 +28,11 @@ namespace gpubp {
 
 // Blocks per SM: TileShape's, except on 128x128 tiles for the activations whose epilogue
 // spills at 128 registers a thread next to the 64 live accumulators: sigmoid (an IEEE division)
-// on every architecture, gelu and gelu_tanh (erf, tanh) on sm_86 and sm_89: 1 block there.
-template <int ACT, int BM, int BN>
+// on every architecture, gelu and gelu_tanh (erf, tanh) on sm_86 and sm_89, and every dropout
+// variant (its Philox rounds spilled 24 bytes at 128 registers): 1 block there.
+template <int ACT, int BM, int BN, bool DROPOUT = false>
 struct ForwardShape {
-    static constexpr bool HEAVY_EPILOGUE = ACT == ACT_SIGMOID || ACT == ACT_GELU || ACT == ACT_GELU_TANH;
+    static constexpr bool HEAVY_EPILOGUE = DROPOUT || ACT == ACT_SIGMOID || ACT == ACT_GELU || ACT == ACT_GELU_TANH;
     static constexpr int MIN_BLOCKS =
         HEAVY_EPILOGUE && TileShape<BM, BN>::THREADS >= 256 ? 1 : TileShape<BM, BN>::MIN_BLOCKS;
 };
@@ -112,7 +113,7 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
         gpubp::dense_forward<ID, BM, BN, false>(x, w, b, y, z, M, N, K, gpubp::DropoutMask{});     \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,              \
-                                               gpubp::ForwardShape<ID, BM, BN>::MIN_BLOCKS)\
+                                               gpubp::ForwardShape<ID, BM, BN, true>::MIN_BLOCKS)\
         dense_fwd_##NAME##_dropout_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ w, \
                                                const float* __restrict__ b, float* __restrict__ y,   \
                                                float* __restrict__ z, int M, int N, int K,           \
