@@ -237,24 +237,36 @@ def test_dense_layer_results_do_not_depend_on_the_thread_count(act, dtype, dropo
         np.testing.assert_array_equal(got, want)
 
 
-def test_the_bias_gradient_adds_its_row_chunks_in_order(split_everything, rng):
-    """db is the float32 sum of each chunk of rows, the chunks then added first to last: the
-    same numbers on any thread count, and within rounding of the float64 sum."""
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
+def test_the_bias_gradient_adds_its_row_chunks_in_order(dropout, split_everything, rng):
+    """db is the float32 sum of each chunk of rows of dz, the chunks then added first to last:
+    the same numbers on any thread count, and within rounding of the float64 sum. Under a
+    dropout mask dz is leaky_relu's ``dy * scale * slope`` where kept, each product rounded to
+    float32 before it is summed, as the dz the backward hands on holds it."""
     chunk = numpy_backend._SUM_CHUNK_ROWS
     dy = (rng.standard_normal((5 * chunk + 7, 11)) * 1e3).astype(np.float32)
-    y = np.ones_like(dy)  # relu' = 1 everywhere: dz = dy
+    if dropout:
+        from gpubp import philox
+        from gpubp.activations import LEAKY_SLOPE
+
+        mask = philox.Mask(np.array([0x1234, 0xBEEF], np.uint32), *philox.mask_constants(0.3), first_row=5)
+        act, y = "leaky_relu", -np.ones_like(dy)  # leaky_relu' = slope wherever the mask keeps
+        keep = philox.keep_mask(mask.key, *dy.shape, mask.threshold, mask.first_row)
+        dz = np.where(keep, dy * mask.scale * np.float32(LEAKY_SLOPE), np.float32(0))
+    else:
+        mask, act, y, dz = None, "relu", np.ones_like(dy), dy  # relu' = 1 everywhere
     expected = np.zeros(11, np.float32)
-    for first in range(0, dy.shape[0], chunk):
+    for first in range(0, dz.shape[0], chunk):
         part = np.zeros(11, np.float32)
-        for row in dy[first:first + chunk]:
+        for row in dz[first:first + chunk]:
             part += row
         expected = part if first == 0 else expected + part
     for threads in (1, 2, 3):
         with numpy_backend.use_cpu_threads(threads):
-            _, _, db = numpy_backend.dense_backward(dy, dy[:, :3], np.ones((3, 11), np.float32), y, None, "relu",
-                                                    False, True)
+            _, _, db = numpy_backend.dense_backward(dy, dy[:, :3], np.ones((3, 11), np.float32), y, None, act,
+                                                    False, True, dropout=mask)
         np.testing.assert_array_equal(db, expected)
-    np.testing.assert_allclose(db, dy.astype(np.float64).sum(0), rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(db, dz.astype(np.float64).sum(0), rtol=1e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

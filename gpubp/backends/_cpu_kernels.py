@@ -10,7 +10,7 @@ reading and writing the whole array:
   (NumPy: a boolean temporary, a mixed-type multiply and a separate reduction), without the
   sums for a frozen layer; the sums are taken per fixed chunk of rows and the chunks added in
   order (``add_rows_in_order``), so db is the same whatever the thread count;
-- ``bias_act_dropout`` / ``dropout_act_grad_sum``: the same two passes with a dropout mask
+- ``bias_act_dropout`` / ``act_grad_sum(..., mask)``: the same two passes with a dropout mask
   generated inside them (``gpubp.philox``), never stored: forward keeps ``act(y + b) * scale``
   or 0, backward regenerates the mask from the key and forms ``dz = dy * scale * act'(.)`` or 0;
   ``apply_mask`` is the mask alone (a dropout on the model's input, its backward, and the
@@ -68,24 +68,40 @@ def bias_act(y, b, act, slope):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def act_grad_sum(dy, y, act, slope, dz, partials, chunk_rows):
+def act_grad_sum(dy, y, act, slope, dz, partials, chunk_rows, mask):
     """``dz = dy * act'(y)``, and the column sums of each ``chunk_rows`` rows of dz into a row of
     ``partials``; dy, y, dz (rows, out), partials (ceil(rows / chunk_rows), out). ``dz`` may be ``dy``.
 
     db is ``add_rows_in_order(partials)``: the sums depend on the chunk size alone, never on how
     many threads ran row blocks of one call (each block a whole number of chunks).
     ``partials=None`` (a frozen layer, whose dX still needs dz) sums nothing: Numba compiles
-    that call separately, with the sums pruned away."""
+    that call separately, with the sums pruned away.
+
+    ``mask``: None, or the dropout mask the forward applied, ``(key, threshold, first_row, scale,
+    keep_prob)`` (rows counted from ``first_row``; ``gpubp.philox``): then ``dz = dy * scale *
+    act'(y * keep_prob)`` where it kept the element, else 0 (``y`` is the masked output, so
+    ``y * keep_prob`` is the activation's own output where kept; identity never reads it). As for
+    ``partials``, None compiles a version without the mask."""
     rows, cols = dy.shape
-    zero = slope * 0
+    # dz's type, not slope * 0's float64: a float64 zero widens g where the mask drops, and
+    # g * slope would then reach the sums unrounded to dz's precision
+    zero = dz.dtype.type(0)
+    if mask is not None:
+        keep = np.empty(cols, np.bool_)
     for first in range(0, rows, chunk_rows):
         chunk = first // chunk_rows
         if partials is not None:
             partials[chunk, :] = 0
         for i in range(first, min(first + chunk_rows, rows)):
+            if mask is not None:
+                _row_mask(keep, mask[0], mask[2] + i, mask[1])
             for j in range(cols):
                 g = dy[i, j]
-                if act != _IDENTITY and not y[i, j] > 0:
+                own = y[i, j]
+                if mask is not None:
+                    g = g * mask[3] if keep[j] else zero
+                    own = own * mask[4]
+                if act != _IDENTITY and not own > 0:
                     g = zero if act == _RELU else g * slope
                 dz[i, j] = g
                 if partials is not None:
@@ -148,33 +164,6 @@ def apply_mask(src, dst, key, threshold, first_row, scale):
         _row_mask(keep, key, first_row + i, threshold)
         for j in range(cols):
             dst[i, j] = src[i, j] * scale if keep[j] else zero
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dropout_act_grad_sum(dy, y, act, slope, key, threshold, first_row, scale, keep_prob, dz, partials, chunk_rows):
-    """``dz = dy * scale * act'(y * keep_prob)`` where the mask of ``key`` kept the element, else 0,
-    and the column sums of each ``chunk_rows`` rows of dz into a row of ``partials`` as
-    ``act_grad_sum`` takes them (none for ``partials=None``); dy, y, dz (B, out), their rows
-    counted from ``first_row``. ``y`` is the masked output (``y * keep_prob`` is the activation's
-    own output where kept); identity never reads it."""
-    rows, cols = dy.shape
-    keep = np.empty(cols, np.bool_)
-    zero = slope * 0
-    for first in range(0, rows, chunk_rows):
-        chunk = first // chunk_rows
-        if partials is not None:
-            partials[chunk, :] = 0
-        for i in range(first, min(first + chunk_rows, rows)):
-            _row_mask(keep, key, first_row + i, threshold)
-            for j in range(cols):
-                v = zero
-                if keep[j]:
-                    v = dy[i, j] * scale
-                    if act != _IDENTITY and not y[i, j] * keep_prob > 0:
-                        v = zero if act == _RELU else v * slope
-                dz[i, j] = v
-                if partials is not None:
-                    partials[chunk, j] += v
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

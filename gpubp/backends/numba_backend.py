@@ -535,16 +535,24 @@ def _kept(value, word, threshold, scale):
     return value * scale if word >= threshold else _ZERO
 
 
+@cuda.jit(device=True, inline="always")
+def _mask_group(g, cols, key, first_row):
+    """Group ``g`` of the mask passes over a (rows, cols) array, in groups of 4 columns per row (a
+    thread per group, grid-stride: ``g`` runs over rows * ceil(cols / 4)): its row, its first
+    column and its mask words (rows counted from ``first_row``)."""
+    groups = (cols + _GROUP - 1) // _GROUP
+    row = g // groups
+    col = (g % groups) * _GROUP
+    return row, col, _mask_words(key, first_row + row, col)
+
+
 @cuda.jit
 def _mask_kernel(src, dst, cols, key, threshold, scale, first_row):
     """dst = src * scale where the mask of ``key`` keeps, else 0; src, dst (rows * cols,) flat, its
     rows counted from ``first_row``; a thread per row and group of 4 columns, grid-stride. ``dst``
     may be ``src``."""
-    groups = (cols + _GROUP - 1) // _GROUP
-    for g in range(cuda.grid(1), (src.size // cols) * groups, cuda.gridsize(1)):
-        row = g // groups
-        col = (g % groups) * _GROUP
-        words = _mask_words(key, first_row + row, col)
+    for g in range(cuda.grid(1), (src.size // cols) * ((cols + _GROUP - 1) // _GROUP), cuda.gridsize(1)):
+        row, col, words = _mask_group(g, cols, key, first_row)
         for e in range(_GROUP):
             if col + e < cols:
                 i = _u64(row * cols + col + e)
@@ -929,11 +937,8 @@ def _dropout_dz_kernel(act: str):
     def dropout_dz_kernel(dy, act_in, dz, cols, key, threshold, scale, first_row, keep_prob):
         """dz = dy * scale * act'(act_in * keep_prob, or act_in = z) where the mask of ``key`` kept,
         else 0; all (rows * cols,) flat; a thread per row and group of 4 columns, grid-stride."""
-        groups = (cols + _GROUP - 1) // _GROUP
-        for g in range(cuda.grid(1), (dy.size // cols) * groups, cuda.gridsize(1)):
-            row = g // groups
-            col = (g % groups) * _GROUP
-            words = _mask_words(key, first_row + row, col)
+        for g in range(cuda.grid(1), (dy.size // cols) * ((cols + _GROUP - 1) // _GROUP), cuda.gridsize(1)):
+            row, col, words = _mask_group(g, cols, key, first_row)
             for e in range(_GROUP):
                 if col + e < cols:
                     i = _u64(row * cols + col + e)
@@ -1114,20 +1119,23 @@ def _apply_mask(src, dst, dropout) -> None:
         flat, _view(dst).ravel(), src.shape[1], *_mask_args(dropout))
 
 
+def _masked_copy(src, dropout, out, trace_name: str):
+    """``out = src * scale`` where ``dropout``'s mask keeps, else 0 (a new array when ``out`` is
+    None), recorded as ``trace_name``."""
+    record(trace_name)
+    out = out if out is not None else _new(src.shape, src)
+    _apply_mask(src, out, dropout)
+    return out
+
+
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
-    record("dropout_fwd")
-    out = out if out is not None else _new(x.shape, x)
-    _apply_mask(x, out, dropout)
-    return out
+    return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
-    record("dropout_bwd")
-    out = out if out is not None else _new(dy.shape, dy)
-    _apply_mask(dy, out, dropout)
-    return out
+    return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
 def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:

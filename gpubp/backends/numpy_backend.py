@@ -342,20 +342,23 @@ def _apply_mask(src, dst, dropout) -> None:
     dst[~keep] = 0
 
 
+def _masked_copy(src, dropout, out, trace_name: str):
+    """``out = src * scale`` where ``dropout``'s mask keeps, else 0 (a new array when ``out`` is
+    None), recorded as ``trace_name``."""
+    record(trace_name)
+    out = out if out is not None else np.empty_like(src)
+    _apply_mask(src, out, dropout)
+    return out
+
+
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
-    record("dropout_fwd")
-    out = out if out is not None else np.empty_like(x)
-    _apply_mask(x, out, dropout)
-    return out
+    return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
-    record("dropout_bwd")
-    out = out if out is not None else np.empty_like(dy)
-    _apply_mask(dy, out, dropout)
-    return out
+    return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
 def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
@@ -385,10 +388,9 @@ def _masked_dz(dy, y, z, act, dropout, db):
         partials = None if db is None else _scratch("db_chunks", (-(-rows // _SUM_CHUNK_ROWS), dy.shape[1]), dy.dtype)
 
         def body(lo, hi):
-            kernels.dropout_act_grad_sum(dy[lo:hi], y[lo:hi], code, slope, dropout.key, dropout.threshold,
-                                         dropout.first_row + lo, scale, keep_prob, dz[lo:hi],
-                                         None if partials is None else partials[lo // _SUM_CHUNK_ROWS:],
-                                         _SUM_CHUNK_ROWS)
+            kernels.act_grad_sum(dy[lo:hi], y[lo:hi], code, slope, dz[lo:hi],
+                                 None if partials is None else partials[lo // _SUM_CHUNK_ROWS:], _SUM_CHUNK_ROWS,
+                                 (dropout.key, dropout.threshold, dropout.first_row + lo, scale, keep_prob))
 
         _in_row_blocks(body, rows, dy.size, _COMPILED_PARALLEL_MIN_ELEMENTS, _SUM_CHUNK_ROWS)
         if db is not None:
@@ -426,8 +428,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
 
         def act_grad(lo, hi):
             kernels.act_grad_sum(dy[lo:hi], y[lo:hi], code, slope, dz[lo:hi],
-                                 None if partials is None else partials[lo // _SUM_CHUNK_ROWS:],
-                                 _SUM_CHUNK_ROWS)
+                                 None if partials is None else partials[lo // _SUM_CHUNK_ROWS:], _SUM_CHUNK_ROWS,
+                                 None)
 
         _in_row_blocks(act_grad, rows, dy.size, _COMPILED_PARALLEL_MIN_ELEMENTS, _SUM_CHUNK_ROWS)
         if need_dw:
