@@ -77,13 +77,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
         load_group(dy, base, count, vec, g);
         if constexpr (ACT != ACT_IDENTITY) load_group(act_in, base, count, vec, a);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float grad = 1.0f;
-            if constexpr (ACT != ACT_IDENTITY) {
-                grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a[e]) : act_grad<ACT>(a[e] * keep_prob, 0.0f);
-            }
-            g[e] = mask.apply(g[e], words.w[e]) * grad;
-        }
+        for (int e = 0; e < 4; ++e) g[e] = masked_dz<ACT>(g[e], a[e], words.w[e], mask, keep_prob);
         store_group(dz, base, count, vec, g);
     });
 }

@@ -105,11 +105,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
             if constexpr (ACT != ACT_IDENTITY) load_group(act_in, row * N + col, count, vec, a);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float grad = 1.0f;
-                if constexpr (ACT != ACT_IDENTITY) {
-                    grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, a[e]) : act_grad<ACT>(a[e] * keep_prob, 0.0f);
-                }
-                g[e] = mask.apply(g[e], words.w[e]) * grad;
+                g[e] = masked_dz<ACT>(g[e], a[e], words.w[e], mask, keep_prob);
                 sum[e] += g[e];
             }
             store_group(dz, row * N + col, count, vec, g);

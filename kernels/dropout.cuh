@@ -1,11 +1,12 @@
-// Applying a dropout mask (philox.cuh) inside a kernel: the mask's arguments, and the
-// elementwise pass's groups of four columns. The Dense kernels' dropout variants
-// (dense_forward.cu, dense_forward_tf32.cu: the epilogue; dense_backward.cu,
+// Applying a dropout mask (philox.cuh) inside a kernel: the mask's arguments, the elementwise
+// pass's groups of four columns, and an element of a Dense layer's masked dz. The Dense kernels'
+// dropout variants (dense_forward.cu, dense_forward_tf32.cu: the epilogue; dense_backward.cu,
 // dense_backward_tf32.cu: the dz pass) and dropout.cu's own passes share it.
 //
 // Device code only: the same text compiles under nvcc and NVRTC.
 #pragma once
 
+#include "activations.cuh"
 #include "philox.cuh"
 
 namespace gpubp {
@@ -75,6 +76,20 @@ __device__ __forceinline__ void for_each_group(long long rows, long long cols, c
         const long long left = cols - col;
         body(row * cols + col, left < G ? static_cast<int>(left) : G, mask.words(row, col));
     }
+}
+
+// An element of a Dense layer's dropout dz pass (dense_backward.cu, dense_backward_tf32.cu):
+// dz = dy * scale * act'(y * keep_prob, or z) where `word` keeps, else 0; act_in is the masked
+// y (y * keep_prob is the activation's own output where kept), or z where act_needs_z, and
+// unread for identity.
+template <int ACT>
+__device__ __forceinline__ float masked_dz(float dy, float act_in, unsigned int word, const DropoutMask& mask,
+                                           float keep_prob) {
+    float grad = 1.0f;
+    if constexpr (ACT != ACT_IDENTITY) {
+        grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, act_in) : act_grad<ACT>(act_in * keep_prob, 0.0f);
+    }
+    return mask.apply(dy, word) * grad;
 }
 
 }  // namespace gpubp
