@@ -174,6 +174,15 @@ struct SimtTile {
     __device__ int col(int j) const { return col0 + (j / 4) * 16 + j % 4; }
     // Whether this warp's strip holds any of the first n columns: warp-uniform.
     __device__ bool active(int n) const { return Fused::STRIP * warp < n; }
+    // body(ig, jg, r, c) for each 4 x 4 block (ig, jg) of the thread's tile (a Quad), unrolled:
+    // rows r = row(4 ig) + {0..3}, columns c = col(4 jg) + {0..3}.
+    template <class Body>
+    __device__ __forceinline__ void for_each_quad(Body body) const {
+#pragma unroll
+        for (int ig = 0; ig < 2; ++ig)
+#pragma unroll
+            for (int jg = 0; jg < 2; ++jg) body(ig, jg, row(4 * ig), col(4 * jg));
+    }
 };
 
 using Acc = float[THREAD_M][THREAD_N];
@@ -361,40 +370,36 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
             const float* saved_l = layer_slot(act_in, l);
             float* dz_l = layer_slot(dz, l);
             const bool vec = vectorizable(saved_l, p.out) && vectorizable(dz_l, p.out);
+            t.for_each_quad([&](int, int, int r, int c) {
+                Quad g;
+                g.load_columns(G, r, c);
 #pragma unroll
-            for (int ig = 0; ig < 2; ++ig)
+                for (int ii = 0; ii < 4; ++ii) {
+                    const long long row = row0 + r + ii;
+                    float saved[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    if (p.act != ACT_IDENTITY && row < B) {
+                        if (vec && c + 4 <= p.out) {
+                            const float4 s = load4(saved_l + row * p.out + c);
+                            saved[0] = s.x, saved[1] = s.y, saved[2] = s.z, saved[3] = s.w;
+                        } else {
 #pragma unroll
-                for (int jg = 0; jg < 2; ++jg) {
-                    const int r = t.row(4 * ig), c = t.col(4 * jg);
-                    Quad g;
-                    g.load_columns(G, r, c);
-#pragma unroll
-                    for (int ii = 0; ii < 4; ++ii) {
-                        const long long row = row0 + r + ii;
-                        float saved[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        if (p.act != ACT_IDENTITY && row < B) {
-                            if (vec && c + 4 <= p.out) {
-                                const float4 s = load4(saved_l + row * p.out + c);
-                                saved[0] = s.x, saved[1] = s.y, saved[2] = s.z, saved[3] = s.w;
-                            } else {
-#pragma unroll
-                                for (int jj = 0; jj < 4; ++jj)
-                                    if (c + jj < p.out) saved[jj] = saved_l[row * p.out + c + jj];
-                            }
-                        }
-#pragma unroll
-                        for (int jj = 0; jj < 4; ++jj) {
-                            float& v = g.v[ii][jj];
-                            if (row >= B || c + jj >= p.out) {
-                                v = 0.0f;
-                            } else if (p.act != ACT_IDENTITY) {
-                                v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
-                            }
+                            for (int jj = 0; jj < 4; ++jj)
+                                if (c + jj < p.out) saved[jj] = saved_l[row * p.out + c + jj];
                         }
                     }
-                    g.store_columns(G, r, c);
-                    if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        float& v = g.v[ii][jj];
+                        if (row >= B || c + jj >= p.out) {
+                            v = 0.0f;
+                        } else if (p.act != ACT_IDENTITY) {
+                            v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
+                        }
+                    }
                 }
+                g.store_columns(G, r, c);
+                if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
+            });
         }
         if (l == lowest && !input_grad) break;
         // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column chunks (one unless l = 0).
@@ -413,22 +418,18 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
             if (active) resident_product(acc, G, Ws, p.out, t);
             __syncthreads();  // every warp has read G: the epilogue overwrites it (l > 0)
             if (!active) continue;
+            t.for_each_quad([&](int ig, int jg, int r, int c) {
+                Quad g;
 #pragma unroll
-            for (int ig = 0; ig < 2; ++ig)
+                for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
-                for (int jg = 0; jg < 2; ++jg) {
-                    const int r = t.row(4 * ig), c = t.col(4 * jg);
-                    Quad g;
-#pragma unroll
-                    for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-                        for (int jj = 0; jj < 4; ++jj) g.v[ii][jj] = c + jj < cols ? acc[4 * ig + ii][4 * jg + jj] : 0.0f;
-                    if (l > 0) {
-                        g.store_columns(G, r, c);  // g for layer l - 1, zeros past the width as in forward
-                    } else {
-                        g.store_rows(dx + n0, p.in, row0 + r, c, B, cols, vec);
-                    }
+                    for (int jj = 0; jj < 4; ++jj) g.v[ii][jj] = c + jj < cols ? acc[4 * ig + ii][4 * jg + jj] : 0.0f;
+                if (l > 0) {
+                    g.store_columns(G, r, c);  // g for layer l - 1, zeros past the width as in forward
+                } else {
+                    g.store_rows(dx + n0, p.in, row0 + r, c, B, cols, vec);
                 }
+            });
         }
     }
 }
@@ -1007,17 +1008,14 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     }
     if (t.active(p.out)) {
         const bool vec = vectorizable(dw_out, p.out);
+        t.for_each_quad([&](int ig, int jg, int r, int c) {
+            Quad q;
 #pragma unroll
-        for (int ig = 0; ig < 2; ++ig)
+            for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
-            for (int jg = 0; jg < 2; ++jg) {
-                Quad q;
-#pragma unroll
-                for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) q.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj];
-                q.store_rows(dw_out, p.out, m0 + t.row(4 * ig), t.col(4 * jg), p.in, p.out, vec);
-            }
+                for (int jj = 0; jj < 4; ++jj) q.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj];
+            q.store_rows(dw_out, p.out, m0 + r, c, p.in, p.out, vec);
+        });
     }
     if (splits > 1) finish_split_weight_grads(ws, tickets, p, dw_l, db_l, m0, F::ROWS, splits, ws_split_stride);
 }
