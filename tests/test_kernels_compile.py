@@ -5,10 +5,14 @@
   spills as errors; the tests below check what it produced. Without cmake, the same nvcc
   command runs directly. Skipped, with the reason, when nvcc is absent.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
-  include-expanded sources that the backend hands it as CuPy 14 does, to an sm_XX cubin, for
-  every shipped architecture, so ptxas runs here (register spills, the static shared-memory
-  limit); through libnvrtc and ctypes, no GPU or CuPy needed. Skipped when no libnvrtc is
-  found (``pip install nvidia-cuda-nvrtc`` provides one). Both paths use the same flags.
+  include-expanded sources that the backend hands it as CuPy 14 does, to an sm_XX cubin, so
+  ptxas runs here (register spills, the static shared-memory limit); through libnvrtc and
+  ctypes, no GPU or CuPy needed. Skipped when no libnvrtc is found (``pip install
+  nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. By default NVRTC compiles
+  for the newest shipped architecture only (sm_90, the H100/H200 the kernels are tuned for):
+  each architecture costs a whole front end and ptxas run, minutes per kernel file on a 2-core
+  machine, and the CMake build above already compiles every architecture with spills as
+  errors. ``GPUBP_NVRTC_ARCHS=all`` (or a list such as ``80,86``) compiles those instead.
 - ``python -m gpubp info`` says where NVRTC and the CUDA headers are, and the CUDA extras
   bring them.
 - The sources are found through ``importlib.resources`` in a built wheel.
@@ -135,6 +139,26 @@ CUDA_HEADERS, _ = _toolkit.cuda_headers()
 needs_nvrtc = pytest.mark.skipif(LIBNVRTC is None, reason="no libnvrtc found (pip install nvidia-cuda-nvrtc provides one)")
 
 
+NVRTC_ARCHS_ENV = "GPUBP_NVRTC_ARCHS"
+
+
+def nvrtc_archs() -> list[str]:
+    """The architectures the NVRTC test compiles for: ``GPUBP_NVRTC_ARCHS`` ("all", or a
+    comma-separated list of shipped ones), by default the newest shipped architecture."""
+    shipped = shipped_archs()
+    wanted = os.environ.get(NVRTC_ARCHS_ENV, "").strip()
+    if not wanted:
+        return shipped[-1:]
+    if wanted == "all":
+        return shipped
+    archs = [a.strip().removeprefix("sm_") for a in wanted.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in shipped]
+    if unknown or not archs:
+        raise ValueError(f"{NVRTC_ARCHS_ENV}={wanted!r}: expected 'all' or a comma-separated list of the shipped "
+                         f"architectures {shipped}")
+    return archs
+
+
 def cupy_nvrtc_options(arch: str) -> list[str]:
     """What CuPy 14 compiles a RawModule with on a GPU of compute capability ``arch``: the backend's
     options, then CuPy's own, the CUDA headers, and ``-arch=sm_<arch>``, which asks NVRTC for a
@@ -196,16 +220,30 @@ def nvrtc_cubin(source: str, name: str, options: list[str]) -> dict:
 
 @needs_nvrtc
 @pytest.mark.parametrize("unit", UNITS)
-def test_kernel_compiles_with_nvrtc_to_a_cubin_for_every_shipped_arch_as_cupy_does(unit):
+def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
-    archs = shipped_archs()
+    archs = nvrtc_archs()
     # NVRTC compiles concurrently from several threads: one per core, up to one per arch.
     with ThreadPoolExecutor(max_workers=min(len(archs), os.cpu_count() or 1)) as pool:
         compiled = dict(zip(archs, pool.map(lambda arch: nvrtc_cubin(source, unit, cupy_nvrtc_options(arch)), archs)))
     assert all(c["size"] > 0 for c in compiled.values()), compiled
     spills = {arch: {k: tuple(v) for k, v in c["spills"].items()} for arch, c in compiled.items() if c["spills"]}
-    assert spills == {arch: known for (file, arch), known in KNOWN_NVRTC_SPILLS.items() if file == unit}
+    assert spills == {arch: known for (file, arch), known in KNOWN_NVRTC_SPILLS.items() if file == unit and arch in archs}
+
+
+def test_the_nvrtc_architectures_default_to_the_newest_and_a_bad_choice_names_the_variable(monkeypatch):
+    shipped = shipped_archs()
+    monkeypatch.delenv(NVRTC_ARCHS_ENV, raising=False)
+    assert nvrtc_archs() == [shipped[-1]]
+    monkeypatch.setenv(NVRTC_ARCHS_ENV, "all")
+    assert nvrtc_archs() == shipped
+    monkeypatch.setenv(NVRTC_ARCHS_ENV, f"sm_{shipped[0]}, {shipped[-1]}")
+    assert nvrtc_archs() == [shipped[0], shipped[-1]]
+    for bad in ("70", "all,80", ","):
+        monkeypatch.setenv(NVRTC_ARCHS_ENV, bad)
+        with pytest.raises(ValueError, match=NVRTC_ARCHS_ENV):
+            nvrtc_archs()
 
 
 # 49,156 bytes of static shared memory, 4 past the 48 KiB a block may declare statically.
