@@ -90,7 +90,9 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
                                                  float* __restrict__ dz, float* __restrict__ db, int B, int N_,
                                                  int sum_db, const DropoutMask& mask, float keep_prob) {
     using S = DzDropoutShape;
-    __shared__ float partial[S::ROW_GROUPS][DzShape::COLS];
+    // A thread's four column sums go in as one 16-byte store: eight lanes of a row group fill a
+    // 128-byte row, one wavefront per quarter warp (four scalar stores would hit 8 banks 4 ways).
+    __shared__ __align__(16) float partial[S::ROW_GROUPS][DzShape::COLS];
     const long long N = N_;
     const int group = threadIdx.x % S::GROUPS, row_group = threadIdx.x / S::GROUPS;
     const long long col = static_cast<long long>(blockIdx.x) * DzShape::COLS + 4 * group;
@@ -112,8 +114,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
         }
     }
     if (!sum_db) return;  // uniform across the launch
-#pragma unroll
-    for (int e = 0; e < 4; ++e) partial[row_group][4 * group + e] = sum[e];
+    *reinterpret_cast<float4*>(&partial[row_group][4 * group]) = make_float4(sum[0], sum[1], sum[2], sum[3]);
     __syncthreads();
     const long long db_col = static_cast<long long>(blockIdx.x) * DzShape::COLS + threadIdx.x;
     if (threadIdx.x < DzShape::COLS && db_col < N) {
