@@ -914,10 +914,7 @@ def test_fused_auto_keeps_the_per_layer_path_for_a_model_of_two_activations(cb_h
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_the_fused_kernels_are_the_ones_compiled_for_the_models_activation(cb_h100, monkeypatch, rng, act):
-    launched = []
-    launch = cb_h100._Launch.__call__
-    monkeypatch.setattr(cb_h100._Launch, "__call__",
-                        lambda self, *a, **k: launched.append(self.function.kernel.name) or launch(self, *a, **k))
+    launched = harness.record_launches(cb_h100, monkeypatch)
     model = gb.Sequential([gb.Dense(4, 8, act), gb.Dense(8, 8, act), gb.Dense(8, 3)], backend="cupy")
     assert model.uses_fused
     out = model.forward(rng.standard_normal((5, 4)).astype(np.float32))

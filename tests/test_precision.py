@@ -96,14 +96,8 @@ TENSOR_CORE_KERNELS = {
 def test_tensor_core_precisions_select_their_kernels_on_the_cupy_backend(monkeypatch, rng, fused):
     """On the CPU kernel harness (tests/cuda_on_cpu), where the CuPy backend runs unchanged."""
     cb = cupy_on_cpu(harness.Harness(), monkeypatch, 132)
-    launched = []  # the names of the kernels launched (every kernel of a file is looked up when it loads)
-    launch = cb._Launch.__call__
-
-    def recording_launch(self, *args, **kwargs):
-        launched.append(self.function.kernel.name)
-        launch(self, *args, **kwargs)
-
-    monkeypatch.setattr(cb._Launch, "__call__", recording_launch)
+    # the names of the kernels launched (every kernel of a file is looked up when it loads)
+    launched = harness.record_launches(cb, monkeypatch)
     x = rng.standard_normal((40, 20)).astype(np.float32)
     labels = rng.integers(0, 5, 40)
     outputs = {}

@@ -547,6 +547,20 @@ def _profile_runtime() -> Path:
 BACKEND_CACHES = ("_rawmodules", "_functions", "_device_state", "origin")
 
 
+def record_launches(backend, monkeypatch) -> list[str]:
+    """The names of the kernels ``backend`` (the CuPy backend on a ``cupy_shim``) launches from
+    now on, in order, appended to the list returned; each launch still runs."""
+    launched = []
+    launch = backend._Launch.__call__
+
+    def recording_launch(self, *args, **kwargs):
+        launched.append(self.function.kernel.name)
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(backend._Launch, "__call__", recording_launch)
+    return launched
+
+
 def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", version: int = 14) -> types.ModuleType:
     """The subset of the ``cupy`` module that ``cupy_backend`` uses, backed by the harness.
 
