@@ -27,6 +27,8 @@ import pytest  # noqa: E402
 
 from gpubp import backends  # noqa: E402
 
+import xdist_groups  # noqa: E402
+
 # Every backend a model can run on here: numba runs in the CUDA simulator without a GPU.
 BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
 
@@ -37,7 +39,7 @@ def pytest_report_header(config):
 
 
 # Module-scoped fixtures that compile for minutes and keep their result in memory only: every
-# test using one joins one xdist group (with -n the suite runs --dist loadgroup, see below),
+# test using one joins one xdist group (with -n the suite runs --dist loadgroup: xdist_groups.py),
 # so one pytest-xdist worker computes it once, instead of every worker computing it again.
 ONE_WORKER_FIXTURES = {
     "test_kernels_compile.py": {"aot_build"},
@@ -47,12 +49,10 @@ ONE_WORKER_FIXTURES = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    # -n without --dist gives pytest-xdist's "load" (set before configure); "loadgroup" is "load"
-    # that also keeps each xdist_group on one worker. The scheduler is made after this runs.
-    if getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
+    # With -n: loadgroup scheduling, and each worker tags its grouped tests so (xdist_groups.py).
+    if not config.pluginmanager.has_plugin("xdist_groups"):
+        config.pluginmanager.register(xdist_groups, "xdist_groups")
 
 
 def pytest_addoption(parser):
