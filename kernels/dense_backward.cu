@@ -181,8 +181,9 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                                 float* __restrict__ dz, long long rows, long long cols,                  \
                                 const unsigned int* __restrict__ key, unsigned int threshold, float scale, \
                                 long long first_row, float keep_prob) {                                  \
-        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, rows, cols,                                          \
-                                    gpubp::DropoutMask{key, threshold, scale, first_row}, keep_prob);    \
+        if (!gpubp::owns_a_group(rows, cols)) return;                                                    \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);      \
+        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, rows, cols, mask, keep_prob);                        \
     }
 #define GPUBP_DENSE_GRAD_ENTRY(BM, BN)                                                                   \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \

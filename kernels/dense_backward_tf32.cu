@@ -207,8 +207,8 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
                                    float* __restrict__ dz, float* __restrict__ db, int B, int out, int sum_db, \
                                    const unsigned int* __restrict__ key, unsigned int threshold, float scale, \
                                    long long first_row, float keep_prob) {                                   \
-        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, B, out, sum_db,                                      \
-                                    gpubp::DropoutMask{key, threshold, scale, first_row}, keep_prob);        \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
+        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, B, out, sum_db, mask, keep_prob);                    \
     }
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_TF32_ENTRY)

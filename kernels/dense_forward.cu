@@ -119,8 +119,8 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
                                                float* __restrict__ z, int M, int N, int K,           \
                                                const unsigned int* __restrict__ key, unsigned int threshold, \
                                                float scale, long long first_row) {                   \
-        gpubp::dense_forward<ID, BM, BN, true>(x, w, b, y, z, M, N, K,                              \
-                                               gpubp::DropoutMask{key, threshold, scale, first_row}); \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row); \
+        gpubp::dense_forward<ID, BM, BN, true>(x, w, b, y, z, M, N, K, mask);                       \
     }
 #define GPUBP_DENSE_FWD_ENTRIES(NAME, ID)        \
     GPUBP_DENSE_FWD_ENTRY(NAME, ID, 128, 128)    \

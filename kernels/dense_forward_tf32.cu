@@ -67,8 +67,8 @@ __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const
                                             float* __restrict__ z, int M, int N, int K,                      \
                                             const unsigned int* __restrict__ key, unsigned int threshold,    \
                                             float scale, long long first_row) {                              \
-        gpubp::dense_forward_mma<E, ID, true>(x, w, b, y, z, M, N, K,                                        \
-                                              gpubp::DropoutMask{key, threshold, scale, first_row});         \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
+        gpubp::dense_forward_mma<E, ID, true>(x, w, b, y, z, M, N, K, mask);                                 \
     }
 
 #define GPUBP_DENSE_FWD_TF32_ENTRY(NAME, ID)                   \

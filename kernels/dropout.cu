@@ -19,7 +19,8 @@ extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
     dropout_mask(const float* src, float* dst, long long rows, long long cols, const unsigned int* __restrict__ key,
                  unsigned int threshold, float scale, long long first_row) {
     // src and dst may alias (in place), so neither is __restrict__; each group is read before it is written.
-    const gpubp::DropoutMask mask{key, threshold, scale, first_row};
+    if (!gpubp::owns_a_group(rows, cols)) return;
+    const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);
     const bool vec = cols % 4 == 0 && gpubp::dropout_aligned16(src) && gpubp::dropout_aligned16(dst);
     gpubp::for_each_group(rows, cols, mask, [&](long long base, int count, const gpubp::PhiloxWords& words) {
         float v[4];
@@ -33,10 +34,13 @@ extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
 extern "C" __global__ void __launch_bounds__(gpubp::DROPOUT_THREADS)
     philox_words(const unsigned int* __restrict__ counters, const unsigned int* __restrict__ key,
                  unsigned int* __restrict__ out, long long n) {
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (first >= n) return;
+    const unsigned int k0 = key[0], k1 = key[1];  // once a thread, not once a counter
+    for (long long i = first; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
         const unsigned int* c = counters + 4 * i;
-        const gpubp::PhiloxWords words = gpubp::philox4x32_10(c[0], c[1], c[2], c[3], key[0], key[1]);
+        const gpubp::PhiloxWords words = gpubp::philox4x32_10(c[0], c[1], c[2], c[3], k0, k1);
 #pragma unroll
         for (int j = 0; j < 4; ++j) out[4 * i + j] = words.w[j];
     }

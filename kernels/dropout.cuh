@@ -11,18 +11,25 @@
 
 namespace gpubp {
 
-// A dropout mask, as gpubp.philox.Mask gives it to a kernel: `key` (two words in device memory,
-// so a replayed CUDA graph reads each step's new key), keep where the word >= `threshold`,
-// kept elements times `scale`, the array's rows counted from `first_row`.
+// A dropout mask, as gpubp.philox.Mask gives it to a kernel: the key (k0, k1), keep where the
+// word >= `threshold`, kept elements times `scale`, the array's rows counted from `first_row`.
 struct DropoutMask {
-    const unsigned int* key;
+    unsigned int k0, k1;
     unsigned int threshold;
     float scale;
     long long first_row;
 
+    // The key comes as two words in device memory, so that a replayed CUDA graph reads each step's
+    // new key. A thread reads them once, here, at the kernel's start: read at every words() call,
+    // they were a warp-uniform 4-byte load per group of four columns (one 32-byte sector each).
+    __device__ static DropoutMask read(const unsigned int* __restrict__ key, unsigned int threshold, float scale,
+                                       long long first_row) {
+        return DropoutMask{key[0], key[1], threshold, scale, first_row};
+    }
+
     // The mask words of the array's row `row` and columns col .. col + 3 (col a multiple of 4).
     __device__ __forceinline__ PhiloxWords words(long long row, long long col) const {
-        return dropout_words(key, first_row + row, col);
+        return dropout_words(k0, k1, first_row + row, col);
     }
     // v * scale where `word` keeps the element, else 0.
     __device__ __forceinline__ float apply(float v, unsigned int word) const {
@@ -62,6 +69,13 @@ __device__ __forceinline__ void store_group(float* p, long long base, int count,
             if (e < count) p[base + e] = v[e];
         }
     }
+}
+
+// Whether this thread owns any group of for_each_group: one that owns none returns before it
+// reads the mask's key (a grid may hold more threads than a small array has groups).
+__device__ __forceinline__ bool owns_a_group(long long rows, long long cols) {
+    constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x < rows * ((cols + G - 1) / G);
 }
 
 // Calls body(base, count, words) for every group this thread owns: its first element

@@ -48,12 +48,11 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(unsigned int c0, unsigned i
     return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// The mask words of global row `row` and the group of four columns holding `col` (a multiple of 4).
-// key: two words in device memory, so a replayed CUDA graph reads each step's new key.
-__device__ __forceinline__ PhiloxWords dropout_words(const unsigned int* __restrict__ key, long long row,
-                                                     long long col) {
+// The mask words of key (k0, k1), global row `row` and the group of four columns holding `col`
+// (a multiple of 4).
+__device__ __forceinline__ PhiloxWords dropout_words(unsigned int k0, unsigned int k1, long long row, long long col) {
     return philox4x32_10(static_cast<unsigned int>(col / PhiloxConst::COLUMNS_PER_CALL),
-                         static_cast<unsigned int>(row), 0u, 0u, key[0], key[1]);
+                         static_cast<unsigned int>(row), 0u, 0u, k0, k1);
 }
 
 }  // namespace gpubp

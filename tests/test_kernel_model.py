@@ -121,6 +121,47 @@ def test_the_per_layer_tensor_core_loops_issue_at_most_4_instructions_per_hmma(f
     assert over == {}, f"more than {MAX_INSTRUCTIONS_PER_HMMA} instructions per HMMA on sm_90"
 
 
+# Issue 28's memory goal for every GEMM, per layer and fused, in every precision, on the access
+# profiler's workloads: shared memory conflict-free (at most 1.05 times the wavefronts the same
+# bytes take without bank conflicts) and global loads at least 90% efficient.
+GEMM = re.compile(r"dense_(fwd|dx|dw)_\w+|fused_mlp_\w+")
+MAX_CONFLICT_FACTOR = 1.05
+MIN_GLOBAL_LOAD_EFFICIENCY = 0.90
+
+
+def memory_goal_misses(kernels: dict) -> dict:
+    misses = {}
+    for name, k in kernels.items():
+        if not GEMM.fullmatch(name):
+            continue
+        shared, ideal, loads = (k["shared_wavefronts_per_request"], k["shared_ideal_wavefronts_per_request"],
+                                k["global_load_efficiency"])
+        if loads is None or loads < MIN_GLOBAL_LOAD_EFFICIENCY:
+            misses[name] = f"global load efficiency {loads}"
+        elif shared is not None and shared > MAX_CONFLICT_FACTOR * ideal:
+            misses[name] = f"{shared} shared wavefronts per request where {ideal} are conflict-free"
+    return misses
+
+
+def test_every_gemm_reads_shared_memory_without_conflicts_and_global_memory_at_least_90_percent_efficiently(fresh):
+    if not fresh["memory_figures"].startswith("from "):
+        pytest.skip(f"no memory figures: {fresh['memory_figures']}")
+    gemms = [name for name in fresh["kernels"] if GEMM.fullmatch(name)]
+    assert len(gemms) > 100, "the GEMM pattern has lost the kernels it is about"
+    assert memory_goal_misses(fresh["kernels"]) == {}
+
+
+def test_the_memory_goal_fails_a_conflicting_or_uncoalesced_gemm_and_ignores_other_kernels():
+    def k(shared, ideal, loads):
+        return {"shared_wavefronts_per_request": shared, "shared_ideal_wavefronts_per_request": ideal,
+                "global_load_efficiency": loads}
+    kernels = {"dense_fwd_tf32_relu": k(4.0, 4.0, 0.95), "dense_dw_128x128": k(2.0, 1.0, 1.0),
+               "fused_mlp_fwd_relu": k(3.0, 3.0, 0.85), "adam_update_hyper": k(None, None, 0.5)}
+    assert memory_goal_misses(kernels) == {
+        "dense_dw_128x128": "2.0 shared wavefronts per request where 1.0 are conflict-free",
+        "fused_mlp_fwd_relu": "global load efficiency 0.85"}
+
+
 def test_the_per_layer_tensor_core_kernels_do_not_spill_on_sm_80_either(committed):
     spills = {name: k["spill_bytes"] for name, k in per_layer_tensor_core(committed["other_archs"]["sm_80"]).items()
               if k["spill_bytes"]}

@@ -1547,8 +1547,8 @@ PLANTED_BUGS = {
         "plain", "masked_tensor_core_dense_layer and tf32 and relu and 37x29x23", "max error"),
     "dropout: the fp32 dz pass forgets the first row's offset": (
         "dropout.cuh",
-        "return dropout_words(key, first_row + row, col);",
-        "return dropout_words(key, row, col);",
+        "return dropout_words(k0, k1, first_row + row, col);",
+        "return dropout_words(k0, k1, row, col);",
         "plain", "masked_dense_layer_matches and 132sms and gelu and 37x29x23", "assert|mismatch|max error"),
     "fused: weight stage stored without its swizzle": (
         "fused_mlp.cu",
