@@ -58,8 +58,13 @@ BACKWARD_NEEDS = [(True, True), (True, False), (False, True)]
 # (256, 96, 136): whole 128 x 128 tiles and k tiles, the three-tile pass of the pipeline with
 # and without the tiles after it, in each of forward, dX and dW.
 TF32_SHAPES = SHAPES + [(70, 200, 130), (256, 96, 136)]
+# The sanitizer runs split the dW batch from SANITIZED_MIN_ROWS_PER_SPLIT rows a split (the
+# backend: 256), so (80, 37, 29) splits 2 ways on 132 SMs as (600, 37, 29) does plain: the same
+# split-K code (partials, tickets, the last block's sum, a short last chunk) on 7.5 times fewer
+# rows, where one CUDA thread is one OS thread and every barrier is a sanitizer event.
+SANITIZED_MIN_ROWS_PER_SPLIT = 32
 if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix runs plain
-    SHAPES = [(37, 29, 23), (40, 36, 20), (600, 37, 29)]
+    SHAPES = [(37, 29, 23), (40, 36, 20), (80, 37, 29)]
     BACKWARD_NEEDS = [(True, True)]
     TF32_SHAPES = SHAPES
 # Whole models and captured training steps launch the kernels above over and over on the same
@@ -97,6 +102,8 @@ def cupy_on_cpu(cpu_harness, monkeypatch, sms: int, version: int = 14):
     """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs (and the
     stream API of CuPy ``version``)."""
     monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms, version=version))
+    if SANITIZED:
+        monkeypatch.setattr(cupy_backend, "MIN_ROWS_PER_SPLIT", SANITIZED_MIN_ROWS_PER_SPLIT)
     for cache in harness.BACKEND_CACHES:
         monkeypatch.setattr(cupy_backend, cache, {})
     # Models built with backend="cupy" get it too, whatever an earlier test found unavailable.
@@ -406,8 +413,8 @@ def test_activations_are_finite_at_large_preactivations(cb_h100, rng, act):
 
 
 # dW split over the batch on 132 SMs, in both precisions (each layer is one 64x64 output tile):
-# (batch, in, out) -> splits. The sanitizer runs keep the cheaper one.
-SPLIT_K_SHAPES = {(600, 37, 29): 2, (1100, 13, 7): 4} if not SANITIZED else {(600, 37, 29): 2}
+# (batch, in, out) -> splits. The sanitizer runs split (80, 37, 29) as (600, 37, 29) (see SHAPES).
+SPLIT_K_SHAPES = {(600, 37, 29): 2, (1100, 13, 7): 4} if not SANITIZED else {(80, 37, 29): 2}
 
 
 @pytest.mark.parametrize("shape", SPLIT_K_SHAPES, ids=shape_id)
@@ -656,7 +663,7 @@ if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
                    if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "widths_17_33_100_1",
                                "middle_frozen", "all_but_head_frozen_input_grad")}
-    FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
+    FUSED_CASES["split_dw"] = (80, 5, [16, 3], ["tanh", "identity"], [], True)
 
 
 def mlp_params(rng, n_in, widths):
@@ -818,7 +825,8 @@ def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
 @pytest.mark.parametrize("precision", ["fp32", *FUSED_TOLERANCE])
 def test_fused_weight_gradients_split_over_the_batch_are_bitwise_deterministic(cb, rng, request, precision):
     sms = request.node.callspec.params["cb"]  # the SM count the fixture gave the simulated GPU
-    batch, widths, acts = 1100, [16, 3], ["tanh", "identity"]
+    batch = 1100 if not SANITIZED else 150  # 4 splits either way (SANITIZED_MIN_ROWS_PER_SPLIT)
+    widths, acts = [16, 3], ["tanh", "identity"]
     assert cb._dw_split(batch, 2)[0] == (4 if sms == H100_SMS else 1)  # 2 dW tiles: one per layer
     x = rng.standard_normal((batch, 5)).astype(np.float32)
     ws, bs = mlp_params(rng, 5, widths)
@@ -1439,7 +1447,7 @@ PLANTED_BUGS = {
         "gemm_tile.cuh",
         "            stage(cur ^ 1);\n            __syncthreads();\n            cur ^= 1;\n        }\n",
         "            stage(cur ^ 1);\n            cur ^= 1;\n        }\n",
-        "tsan", "dense_forward_matches and 132sms and relu and 600x37x29", "data race"),
+        "tsan", "dense_forward_matches and 132sms and relu and 80x37x29", "data race"),
     "k tail reads one row past k_end": (
         "gemm_tile.cuh",
         "load_row(i, next, k_lane + i * KSTEP < k_valid);",
