@@ -7,7 +7,8 @@
 // Tiles (gemm_tile.cuh): block BM x BN x BK=16, warp 32x64, thread 8x8.
 //   dense_fwd_<act>_128x128: 256 threads, for problems with at least one full wave of tiles
 //   dense_fwd_<act>_128x64:  128 threads, for narrow layers / small batches
-// Occupancy (sm_90): 16 warps per SM (128x128; sigmoid, gelu and gelu_tanh 8), 12 (128x64); ForwardShape.
+// Occupancy (sm_90): 16 warps per SM (128x128; sigmoid, gelu, gelu_tanh and every _dropout variant
+// 8, by 155 to 159 registers), 12 (128x64); ForwardShape.
 // Launch: grid (ceil(M / BM), ceil(N / BN)), block THREADS, no dynamic shared memory.
 // M is on grid.x, whose limit (2^31 - 1) any batch fits. Each block reads a BM x K slab
 // of x, a K x BN slab of W and BN biases, and writes its BM x BN tile of y (and z).

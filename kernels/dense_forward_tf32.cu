@@ -8,7 +8,7 @@
 // store where the rows allow.
 // Launch: dense_fwd_tf32_<act>, grid (ceil(M / 128), ceil(N / 128)), block 256, dynamic shared
 // memory Tf32Gemm<true, false>::smem_bytes (101 376 bytes). M is on grid.x, whose limit any batch
-// fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 206 registers.
+// fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 206 registers (208 with dropout).
 // dense_fwd_bf16_<act>: the same launch and shared bytes, on x (M, padded K) and W (padded K,
 // padded N) rounded by round_bf16 (below; padded: MmaTile::padded, zeros past K and N).
 //
