@@ -1510,10 +1510,20 @@ PLANTED_BUGS = {
         "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
         "",
         "tsan", "fused_mlp_matches and act_gelu", "data race"),
-    "fused: a warp strip that holds the last columns of a layer skipped": (
+    "fused: the column quad that holds the last columns of a layer skipped": (
         "fused_mlp.cu",
-        "__device__ bool active(int n) const { return Fused::STRIP * warp < n; }",
-        "__device__ bool active(int n) const { return Fused::STRIP * (warp + 1) <= n; }",
+        "const int q = (n - Fused::STRIP * warp + QUAD_COLS - 1) / QUAD_COLS;",
+        "const int q = (n - Fused::STRIP * warp) / QUAD_COLS;",
+        "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
+    "fused: the row quad that holds the batch's last rows skipped": (
+        "fused_mlp.cu",
+        "const long long q = (rows + QUAD_ROWS - 1) / QUAD_ROWS;",
+        "const long long q = rows / QUAD_ROWS;",
+        "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
+    "fused: the next product's K padding left unwritten (uninitialized shared memory)": (
+        "fused_mlp.cu",
+        "return t.col_quads((n + BK - 1) / BK * BK);",
+        "return t.col_quads(n);",
         "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
     "fused: transposed weight stage off by one k": (
         "fused_mlp.cu",
