@@ -629,9 +629,10 @@ def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
 #
 # kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
 # (batch, input width, output widths, activations, frozen layers, need_input_grad); together
-# they cover batch 1, 45, 50, 65, 127, 129, 131 and 1000, every activation (the kernels' one
-# activation, with identity layers anywhere), 1 to 8 layers, widths 1, 10, 16, 17, 32, 33, 40, 64,
-# 72, 100 and 128 (a whole, a partial and no 32-column fp32 warp strip; 8-column mma tiles),
+# they cover batch 1, 20, 45, 50, 65, 127, 129, 131 and 1000, every activation (the kernels' one
+# activation, with identity layers anywhere), 1 to 8 layers, widths 1, 8, 10, 16, 17, 24, 32, 33, 40,
+# 64, 72, 100 and 128 (whole, partial and no 32-column fp32 warp strips; whole and partial 8-column
+# tiles, fp32 quads and mma tiles alike; batches that end inside a 16-row tile),
 # inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
 FUSED_RTOL = 1e-5
 FUSED_CASES = {
@@ -641,6 +642,7 @@ FUSED_CASES = {
                        [], False) for n in (1, 2, 5, 8)},
     "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "gelu_tanh", "identity", "gelu_tanh"], [], True),
     "widths_40_72_10": (45, 40, [40, 72, 10], ["leaky_relu", "leaky_relu", "identity"], [], True),
+    "batch_20_widths_8_24_40": (20, 9, [8, 24, 40], ["relu", "relu", "identity"], [], True),
     "widths_32_64_128": (50, 32, [32, 64, 128], ["sigmoid", "sigmoid", "sigmoid"], [], True),
     "widths_17_33_100_1": (131, 23, [17, 33, 100, 1], ["tanh", "tanh", "tanh", "identity"], [], True),
     "widths_1_64_128_33_wide_input": (65, 130, [1, 64, 128, 33], ["relu", "relu", "identity", "relu"], [], True),
@@ -654,8 +656,8 @@ FUSED_CASES = {
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
-                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "widths_17_33_100_1",
-                               "middle_frozen", "all_but_head_frozen_input_grad")}
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "batch_20_widths_8_24_40",
+                               "widths_17_33_100_1", "middle_frozen", "all_but_head_frozen_input_grad")}
     FUSED_CASES["split_dw"] = (600, 5, [16, 3], ["tanh", "identity"], [], True)
 
 
