@@ -169,9 +169,10 @@ __device__ __forceinline__ void finish_split_weight_grads(float* __restrict__ ws
 // columns), so only 2 x 2 quads (or 4 x 1 ones) make it one mma tile; 4 x 4 quads read with float4
 // make it 32 x 16 or 16 x 32. The price is loads: each k, RQ LDS.64 of A (8 distinct 8-byte words,
 // each read by 4 lanes) and CQ LDS.64 of B (4 distinct, each read by 8 lanes), 8 loads per 64 FFMA
-// where float4 quads take 4: 88% FFMA in the full hot loop where 4 x 4 quads reach 94%. The swapped ln bits make a half-warp's two column pairs (ln 0 and 2, then 1 and
-// 3) 4 columns apart, 4 LDA = 272 = 16 (mod 32) words in the k-major A[c][r], so the epilogues'
-// 8-byte column stores into it hit 32 distinct banks per half-warp, as the hot loop's loads do.
+// where float4 quads take 4: 88% FFMA in the full hot loop where 4 x 4 quads reach 94%. The
+// swapped ln bits make a half-warp's two column pairs (ln 0 and 2, then 1 and 3) 4 columns apart,
+// 4 LDA = 272 = 16 (mod 32) words in the k-major A[c][r], so the epilogues' 8-byte column stores
+// into it hit 32 distinct banks per half-warp, as the hot loop's loads do.
 // K runs to the fan-in rounded up to BK = 16 (to the fan-in in the edge instantiations); the padding
 // must be zeros, so an epilogue that writes the next product's A writes the column quads up to the
 // width rounded up to BK, zeros past the width.
@@ -249,7 +250,8 @@ __device__ __forceinline__ void quads_product(Acc& acc, const float* a, const fl
     if constexpr (RQ == SimtTile::QUADS && CQ == SimtTile::QUADS) {
         for (int k0 = 0; k0 < K; k0 += BK) {
 #pragma unroll
-            for (int k = 0; k < BK; ++k) multiply_k<RQ, CQ>(acc, a + (k0 + k) * Fused::LDA, b + (k0 + k) * Fused::LDB, t);
+            for (int k = 0; k < BK; ++k)
+                multiply_k<RQ, CQ>(acc, a + (k0 + k) * Fused::LDA, b + (k0 + k) * Fused::LDB, t);
         }
     } else {
 #pragma unroll 1
