@@ -34,14 +34,16 @@
 // Two implementations share the plan, the entry points and the host's launch code:
 // - fp32 (fused_mlp_fwd_<act>, fused_mlp_bwd_<act>, fused_mlp_dw; the "fp32, CUDA cores" section):
 //   FMA on the CUDA cores. THREADS = 128 threads compute a ROWS x MAX_WIDTH = 64 x 128 tile of each
-//   product in 8 x 8 thread tiles, warp w owning the 32-column strip 32 w ..; a warp whose strip
-//   starts past the product's width does no FMA. The layer's input stays in shared memory (k-major);
-//   W_l (W_l^T; dz_l and h_l^T in dW; x's 128-deep chunks) is staged whole into shared memory before
-//   each product, whose hot loop then reads only shared memory. Launch: fwd and bwd grid
-//   ceil(B / 64), dw (dW tiles of 64 rows, splits); dynamic shared memory 100 KB (a 128 x LDA
-//   activation buffer, LDA = 68, and a 128 x LDB stage, LDB = 132). Occupancy (shared memory):
+//   product in 8 x 8 thread tiles of 2 x 2 quads, warp w owning the 32-column strip 32 w ..; a warp
+//   computes only its quads that hold a column below the product's width and a row below the batch
+//   (16 x 8 per warp: at most one mma tile of padding). The layer's input stays in shared memory
+//   (k-major); W_l (W_l^T; dz_l and h_l^T in dW; x's 128-deep chunks) is staged whole into shared
+//   memory before each product, whose hot loop then reads only shared memory. Launch: fwd and bwd
+//   grid ceil(B / 64), dw (dW tiles of 64 rows, splits); dynamic shared memory 100 KB (a 128 x LDA
+//   activation buffer, LDA = 68, and a 128 x LDB stage, LDB = 132). Occupancy (shared memory, and
+//   registers allow as much):
 //   sm_90 2 blocks = 8 warps per SM, sm_80 1 block = 4 warps. Hot loop on sm_90 (ptxas 13.0):
-//   1024 FFMA in 1095 instructions (93.5%) forward and backward, 1104 (92.8%) dW.
+//   1024 FFMA and 128 LDS.64 in 1159 instructions (88.4%) forward and backward, 1163 (88.0%) dW.
 // - tensor cores (the _tf32 and _bf16 kernels; sm_80 and newer, kernels/mma.cuh): a warp owns
 //   16 batch rows (or 16 rows of dW) and every column; the "tensor cores" section below gives the
 //   data flow, the layouts, the shared memory (dynamic, 66 to 132 KB) and the occupancy. Operands
@@ -76,7 +78,7 @@ struct Fused {
     static constexpr int LDB = MAX_WIDTH + 4;
     static constexpr int STRIP = MAX_WIDTH / (THREADS / 32);  // fp32: columns per warp
     // fp32: resident blocks per SM on sm_90, as shared memory allows (100 KB a block): registers to
-    // match (ptxas: 155 to 167 a thread, no spills).
+    // match (ptxas: 163 to 187 a thread, no spills; 2 blocks allow up to 255).
     static constexpr int FP32_BLOCKS = 2;
 };
 
@@ -149,70 +151,145 @@ __device__ __forceinline__ void finish_split_weight_grads(float* __restrict__ ws
 //
 // A block computes a ROWS x MAX_WIDTH = 64 x 128 tile of a layer's product, A (64 x K) @ B (K x 128):
 // forward h_l @ W_l, backward dz_l @ W_l^T, dw h_l^T @ dz_l. Warp w owns the 32-column strip
-// 32 w .. 32 w + 31 and all 64 rows; lane (lm = lane % 8, ln = lane / 8) owns an 8 x 8 thread tile
-// of rows 4 lm + {0..3} and 32 + 4 lm + {0..3}, columns 32 w + 4 ln + {0..3} and + 16 + {0..3}
-// (gemm_tile.cuh's register blocking with the lanes ordered so that each quarter-warp reads A as 128
-// contiguous bytes and B as one broadcast float4). Width-aware: a warp whose strip starts at or past
-// the product's width does no FMA, so a layer of width n costs ceil(n / 32) warps' FMAs; K runs to the
-// fan-in rounded up to BK = 16; rows past the batch are computed only in the batch's last block.
+// 32 w .. 32 w + 31 and all 64 rows. A lane's 8 x 8 thread tile is QUADS x QUADS = 4 x 4 quads of
+// 2 x 2: with lm = lane % 8 along rows and ln (lane / 8, its two bits swapped) along columns, row
+// quad i holds rows 16 i + 2 lm + {0, 1} and column quad j columns 32 w + 8 j + 2 ln + {0, 1}. The
+// warp's row quad i thus covers 16 rows and its column quad j 8 columns, the shape of one mma tile
+// (16 x 8), and the product skips whole quads, warp-uniformly: it computes the first RQ row quads
+// (those holding any of the block's rows below the batch, or below the fan-in in dW) and the first
+// CQ column quads of the strip (those holding any column below the width), so at most 15 rows and
+// 7 columns past the edge are computed, whatever the widths and the batch. The skipping must save
+// issue slots, not predicate FFMAs off (they would still issue): RQ and CQ are fixed for a whole
+// product and select, outside the k loop, one of the product's 16 instantiations (quads_product<RQ,
+// CQ>); the full one (4, 4) is unrolled over a BK-deep slice, the 15 edge ones run one k per pass
+// (the loop's few instructions a k, on tile edges only) to keep the code, and the compile time of
+// the 15 fp32 kernels, small (nvcc still takes about 40% longer on this file than with 4 x 4 quads
+// and one product); the epilogues, shared by all, guard per quad.
+// Why 2 x 2 quads: the warp-uniform unit of work is (8 lanes x quad rows) x (4 lanes x quad
+// columns), so only 2 x 2 quads (or 4 x 1 ones) make it one mma tile; 4 x 4 quads read with float4
+// make it 32 x 16 or 16 x 32. The price is loads: each k, RQ LDS.64 of A (8 distinct 8-byte words,
+// each read by 4 lanes) and CQ LDS.64 of B (4 distinct, each read by 8 lanes), 8 loads per 64 FFMA
+// where float4 quads take 4: 88% FFMA in the full hot loop where 4 x 4 quads reach 94%. The
+// swapped ln bits make a half-warp's two column pairs (ln 0 and 2, then 1 and 3) 4 columns apart,
+// 4 LDA = 272 = 16 (mod 32) words in the k-major A[c][r], so the epilogues' 8-byte column stores
+// into it hit 32 distinct banks per half-warp, as the hot loop's loads do.
+// K runs to the fan-in rounded up to BK = 16 (to the fan-in in the edge instantiations); the padding
+// must be zeros, so an epilogue that writes the next product's A writes the column quads up to the
+// width rounded up to BK, zeros past the width.
 // Both operands of a product are resident in shared memory for up to MAX_WIDTH = 128 k, k-major:
-// A[k][r] (row stride LDA) and B[k][c] (LDB), so the hot loop is pure math, each k two LDS.128 of A,
-// two of B and 64 FFMA. The block stages them from global memory with gemm_tile.cuh's tile loaders,
-// then runs the product: forward, a layer's input stays in the A buffer (x's 128-deep chunks for
-// layer 0) and W_l is staged whole (per chunk); backward, g and dz stay in the A buffer and W_l^T is
-// staged whole (per 128-column chunk of dx); dW, 128 batch rows of h_l^T and dz_l at a time. A
-// layer's epilogue overwrites its input in place, after the barrier that ends its product, each
-// thread writing the 8 x 8 tile it owns as float4 columns. Shared memory (dynamic, opted in by the
-// host): MAX_WIDTH x (LDA + LDB) floats = 100 KB.
+// A[k][r] (row stride LDA) and B[k][c] (LDB), so the hot loop is pure math. The block stages them
+// from global memory with gemm_tile.cuh's tile loaders, then runs the product: forward, a layer's
+// input stays in the A buffer (x's 128-deep chunks for layer 0) and W_l is staged whole (per chunk);
+// backward, g and dz stay in the A buffer and W_l^T is staged whole (per 128-column chunk of dx);
+// dW, 128 batch rows of h_l^T and dz_l at a time. A layer's epilogue overwrites its input in place,
+// after the barrier that ends its product, each thread writing the quads it owns as float2 columns;
+// global stores are float2 per row of a quad (4 lanes: one whole 32-byte sector). Shared memory
+// (dynamic, opted in by the host): MAX_WIDTH x (LDA + LDB) floats = 100 KB.
 struct SimtTile {
+    static constexpr int QUADS = 4;       // quads per thread along rows and along columns
+    static constexpr int QUAD_ROWS = 16;  // rows of a warp's row quad: 8 lanes x 2
+    static constexpr int QUAD_COLS = 8;   // columns of a warp's column quad: 4 lanes x 2
     int warp, row0, col0;
     __device__ static SimtTile of(int tid) {
         const int warp = tid / 32, lane = tid % 32;
-        return {warp, 4 * (lane % 8), Fused::STRIP * warp + 4 * (lane / 8)};
+        const int ln = 2 * ((lane / 8) % 2) + lane / 16;
+        return {warp, 2 * (lane % 8), Fused::STRIP * warp + 2 * ln};
     }
-    __device__ int row(int i) const { return row0 + (i / 4) * 32 + i % 4; }
-    __device__ int col(int j) const { return col0 + (j / 4) * 16 + j % 4; }
-    // Whether this warp's strip holds any of the first n columns: warp-uniform.
-    __device__ bool active(int n) const { return Fused::STRIP * warp < n; }
-    // body(ig, jg, r, c) for each 4 x 4 block (ig, jg) of the thread's tile (a Quad), unrolled:
-    // rows r = row(4 ig) + {0..3}, columns c = col(4 jg) + {0..3}.
+    // Row i and column j of the thread's 8 x 8 tile: quad i / 2, its row (column) i % 2.
+    __device__ int row(int i) const { return row0 + (i / 2) * QUAD_ROWS + i % 2; }
+    __device__ int col(int j) const { return col0 + (j / 2) * QUAD_COLS + j % 2; }
+    // Row quads holding any of the block's first `rows` rows: block-uniform.
+    __device__ static int row_quads(long long rows) {
+        const long long q = (rows + QUAD_ROWS - 1) / QUAD_ROWS;
+        return q < 0 ? 0 : q > QUADS ? QUADS : static_cast<int>(q);
+    }
+    // Column quads of this warp's strip holding any of the first n columns: warp-uniform.
+    __device__ int col_quads(int n) const {
+        const int q = (n - Fused::STRIP * warp + QUAD_COLS - 1) / QUAD_COLS;
+        return q < 0 ? 0 : q > QUADS ? QUADS : q;
+    }
+    // body(i, j, r, c) for the quads (i, j) with i < rq and j < cq, unrolled (acc stays in
+    // registers): rows r + {0, 1}, columns c + {0, 1}.
     template <class Body>
-    __device__ __forceinline__ void for_each_quad(Body body) const {
+    __device__ __forceinline__ void for_each_quad(int rq, int cq, Body body) const {
 #pragma unroll
-        for (int ig = 0; ig < 2; ++ig)
+        for (int i = 0; i < QUADS; ++i)
 #pragma unroll
-            for (int jg = 0; jg < 2; ++jg) body(ig, jg, row(4 * ig), col(4 * jg));
+            for (int j = 0; j < QUADS; ++j)
+                if (i < rq && j < cq) body(i, j, row(2 * i), col(2 * j));
     }
 };
 
-using Acc = float[THREAD_M][THREAD_N];
+using Acc = float[2 * SimtTile::QUADS][2 * SimtTile::QUADS];  // acc[row][column] of the thread tile
 
-// acc += A[k][rows] B[k][cols] over one BK-deep slice, A and B k-major in shared memory.
-__device__ __forceinline__ void multiply_slice(Acc& acc, const float* a, const float* b, const SimtTile& t) {
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// acc += A[k][rows] B[k][cols] for one k over the first RQ x CQ quads.
+template <int RQ, int CQ>
+__device__ __forceinline__ void multiply_k(Acc& acc, const float* a, const float* b, const SimtTile& t) {
+    float2 af[RQ], bf[CQ];
 #pragma unroll
-    for (int k = 0; k < BK; ++k) {
-        const float4 a0 = load4(a + k * Fused::LDA + t.row0), a1 = load4(a + k * Fused::LDA + t.row0 + 32);
-        const float4 b0 = load4(b + k * Fused::LDB + t.col0), b1 = load4(b + k * Fused::LDB + t.col0 + 16);
-        const float af[THREAD_M] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float bf[THREAD_N] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    for (int i = 0; i < RQ; ++i) af[i] = load2(a + t.row0 + SimtTile::QUAD_ROWS * i);
 #pragma unroll
-        for (int i = 0; i < THREAD_M; ++i)
+    for (int j = 0; j < CQ; ++j) bf[j] = load2(b + t.col0 + SimtTile::QUAD_COLS * j);
 #pragma unroll
-            for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(af[i], bf[j], acc[i][j]);
+    for (int i = 0; i < RQ; ++i)
+#pragma unroll
+        for (int j = 0; j < CQ; ++j) {
+            acc[2 * i][2 * j] = fmaf(af[i].x, bf[j].x, acc[2 * i][2 * j]);
+            acc[2 * i][2 * j + 1] = fmaf(af[i].x, bf[j].y, acc[2 * i][2 * j + 1]);
+            acc[2 * i + 1][2 * j] = fmaf(af[i].y, bf[j].x, acc[2 * i + 1][2 * j]);
+            acc[2 * i + 1][2 * j + 1] = fmaf(af[i].y, bf[j].y, acc[2 * i + 1][2 * j + 1]);
+        }
+}
+
+// acc += A[k][rows] B[k][cols] for k < K over the first RQ x CQ quads, both operands resident in
+// shared memory (k-major, zero from K up to the next multiple of BK).
+template <int RQ, int CQ>
+__device__ __forceinline__ void quads_product(Acc& acc, const float* a, const float* b, int K, const SimtTile& t) {
+    if constexpr (RQ == SimtTile::QUADS && CQ == SimtTile::QUADS) {
+        for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+            for (int k = 0; k < BK; ++k)
+                multiply_k<RQ, CQ>(acc, a + (k0 + k) * Fused::LDA, b + (k0 + k) * Fused::LDB, t);
+        }
+    } else {
+#pragma unroll 1
+        for (int k = 0; k < K; ++k) multiply_k<RQ, CQ>(acc, a + k * Fused::LDA, b + k * Fused::LDB, t);
     }
 }
 
-// acc += A[k][rows] B[k][cols] for k < K, both resident in shared memory (k-major, zero from K up
-// to the next multiple of BK).
-__device__ __forceinline__ void resident_product(Acc& acc, const float* a, const float* b, int K, const SimtTile& t) {
-    for (int k0 = 0; k0 < K; k0 += BK) multiply_slice(acc, a + k0 * Fused::LDA, b + k0 * Fused::LDB, t);
+template <int RQ>
+__device__ __forceinline__ void quads_product(Acc& acc, const float* a, const float* b, int K, const SimtTile& t,
+                                              int cq) {
+    switch (cq) {
+        case 1: quads_product<RQ, 1>(acc, a, b, K, t); break;
+        case 2: quads_product<RQ, 2>(acc, a, b, K, t); break;
+        case 3: quads_product<RQ, 3>(acc, a, b, K, t); break;
+        case 4: quads_product<RQ, 4>(acc, a, b, K, t); break;
+        default: break;
+    }
+}
+
+// acc += A[k][rows] B[k][cols] for k < K over the first rq row quads and cq column quads: the
+// instantiation for (rq, cq) is picked once, outside the k loop.
+__device__ __forceinline__ void resident_product(Acc& acc, const float* a, const float* b, int K, const SimtTile& t,
+                                                 int rq, int cq) {
+    static_assert(SimtTile::QUADS == 4, "one case per quad count");
+    switch (rq) {
+        case 1: quads_product<1>(acc, a, b, K, t, cq); break;
+        case 2: quads_product<2>(acc, a, b, K, t, cq); break;
+        case 3: quads_product<3>(acc, a, b, K, t, cq); break;
+        case 4: quads_product<4>(acc, a, b, K, t, cq); break;
+        default: break;
+    }
 }
 
 __device__ __forceinline__ void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < THREAD_M; ++i)
+    for (int i = 0; i < 2 * SimtTile::QUADS; ++i)
 #pragma unroll
-        for (int j = 0; j < THREAD_N; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 2 * SimtTile::QUADS; ++j) acc[i][j] = 0.0f;
 }
 
 // Staging a K x O operand (K <= MAX_WIDTH) into a k-major shared buffer dst[k][o] of row stride LD,
@@ -252,32 +329,63 @@ __device__ __forceinline__ void stage_rows_of(float* dst, const float* __restric
     stage_operand<COLSUM>(dst, Fused::LDB, tile, K, sums);
 }
 
-// The 4 x 4 block (ig, jg) of a thread's tile: rows t.row(4 ig) + {0..3}, columns t.col(4 jg) + {0..3}.
+// The quad (i, j) of a thread's tile, rows t.row(2 i) + {0, 1}, columns t.col(2 j) + {0, 1}, and how
+// it moves.
 struct Quad {
-    float v[4][4];  // v[row][column]
-    // Columns into an activation buffer A[c][r], as float4 over the 4 rows.
+    float v[2][2];  // v[row][column]
+    __device__ static Quad of(const Acc& acc, int i, int j) {
+        return {{{acc[2 * i][2 * j], acc[2 * i][2 * j + 1]}, {acc[2 * i + 1][2 * j], acc[2 * i + 1][2 * j + 1]}}};
+    }
+    // Columns into an activation buffer A[c][r], as float2 over the 2 rows.
     __device__ void store_columns(float* buf, int r, int c) const {
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-            *reinterpret_cast<float4*>(buf + (c + jj) * Fused::LDA + r) = make_float4(v[0][jj], v[1][jj], v[2][jj], v[3][jj]);
+        for (int jj = 0; jj < 2; ++jj)
+            *reinterpret_cast<float2*>(buf + (c + jj) * Fused::LDA + r) = make_float2(v[0][jj], v[1][jj]);
     }
     __device__ void load_columns(const float* buf, int r, int c) {
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-            const float4 f = load4(buf + (c + jj) * Fused::LDA + r);
-            v[0][jj] = f.x, v[1][jj] = f.y, v[2][jj] = f.z, v[3][jj] = f.w;
+        for (int jj = 0; jj < 2; ++jj) {
+            const float2 f = load2(buf + (c + jj) * Fused::LDA + r);
+            v[0][jj] = f.x, v[1][jj] = f.y;
         }
     }
-    // Rows into a row-major array of row stride ld: columns c .. c + 3 (those below n) of rows
-    // row .. row + 3 (those below B).
+    // Rows into a row-major array of row stride ld: columns c, c + 1 (those below n) of rows row,
+    // row + 1 (those below B); a float2 store where the row allows it (vec) and both columns are in.
     __device__ void store_rows(float* out, int ld, long long row, int c, long long B, int n, bool vec) const {
 #pragma unroll
-        for (int ii = 0; ii < 4; ++ii)
-            if (row + ii < B) store4(out, (row + ii) * ld + c, v[ii], n - c, vec);
+        for (int ii = 0; ii < 2; ++ii) {
+            if (row + ii >= B) continue;
+            float* p = out + (row + ii) * ld + c;
+            if (vec && c + 2 <= n) {
+                *reinterpret_cast<float2*>(p) = make_float2(v[ii][0], v[ii][1]);
+            } else {
+#pragma unroll
+                for (int jj = 0; jj < 2; ++jj)
+                    if (c + jj < n) p[jj] = v[ii][jj];
+            }
+        }
     }
 };
 
-__device__ __forceinline__ bool vectorizable(const float* p, int N) { return N % 4 == 0 && aligned16(p); }
+// Whether rows of N floats at p allow float2 access at even columns.
+__device__ __forceinline__ bool vectorizable(const float* p, int N) {
+    return N % 2 == 0 && (reinterpret_cast<unsigned long long>(p) & 7ull) == 0;
+}
+
+// v[0], v[1] = p[c], p[c + 1], those below n (0 past it): one float2 load where vec allows.
+__device__ __forceinline__ void load_pair(float (&v)[2], const float* p, int c, int n, bool vec) {
+    if (vec && c + 2 <= n) {
+        const float2 f = load2(p + c);
+        v[0] = f.x, v[1] = f.y;
+    } else {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) v[jj] = c + jj < n ? p[c + jj] : 0.0f;
+    }
+}
+
+// Column quads an epilogue writes into the next product's A: the width rounded up to BK, the
+// next product's K padding, which must hold zeros.
+__device__ __forceinline__ int written_quads(const SimtTile& t, int n) { return t.col_quads((n + BK - 1) / BK * BK); }
 
 template <int ACT>
 __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
@@ -292,10 +400,10 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
     float* Ws = H + F::MAX_WIDTH * F::LDA;
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
     const SimtTile t = SimtTile::of(threadIdx.x);
+    const int rq = SimtTile::row_quads(B - row0);
     const int layers = plan[PLAN_LAYERS];
     for (int l = 0; l < layers; ++l) {
         const LayerPlan p = LayerPlan::of(plan, l);
-        const bool active = t.active(p.out);
         Acc acc;
         zero(acc);
         for (int k0 = 0; k0 < p.in; k0 += F::MAX_WIDTH) {  // one chunk but for a wide x
@@ -304,39 +412,34 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
             if (l == 0) stage_rows_k_major(H, x, p.in, row0, B, k0, K);
             stage_rows_of(Ws, layer_slot(w, l), p.out, k0, K);
             __syncthreads();  // the stages, and the previous layer's epilogue, are complete
-            if (active) resident_product(acc, H, Ws, K, t);
+            resident_product(acc, H, Ws, K, t, rq, t.col_quads(p.out));
         }
         __syncthreads();  // every warp has read H: the epilogue overwrites it
-        if (!active) continue;
         const bool last = l == layers - 1, activated = p.act != ACT_IDENTITY;
         const float* bl = layer_slot(b, l);
         float* hl = layer_slot(hout, l);
         float* zl = layer_slot(zout, l);
-        const bool vec = vectorizable(hl, p.out) && vectorizable(zl, p.out);
+        const bool vec = vectorizable(hl, p.out) && vectorizable(zl, p.out), vec_bias = vectorizable(bl, p.out);
+        const int cq = written_quads(t, p.out);
 #pragma unroll
-        for (int jg = 0; jg < 2; ++jg) {
-            const int c = t.col(4 * jg);
-            float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (vectorizable(bl, p.out) && c + 4 <= p.out) {
-                const float4 b4 = load4(bl + c);
-                bias[0] = b4.x, bias[1] = b4.y, bias[2] = b4.z, bias[3] = b4.w;
-            } else {
+        for (int j = 0; j < SimtTile::QUADS; ++j) {
+            if (j >= cq) continue;
+            const int c = t.col(2 * j);
+            float bias[2];
+            load_pair(bias, bl, c, p.out, vec_bias);
 #pragma unroll
-                for (int jj = 0; jj < 4; ++jj)
-                    if (c + jj < p.out) bias[jj] = bl[c + jj];
-            }
+            for (int i = 0; i < SimtTile::QUADS; ++i) {
+                if (i >= rq) continue;
+                Quad z = Quad::of(acc, i, j), h;
 #pragma unroll
-            for (int ig = 0; ig < 2; ++ig) {
-                Quad z, h;
+                for (int ii = 0; ii < 2; ++ii)
 #pragma unroll
-                for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) {
-                        z.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj] + bias[jj];
+                    for (int jj = 0; jj < 2; ++jj) {
+                        z.v[ii][jj] += bias[jj];
                         // Columns past the width are zeros: the next layer's last K slice reads them.
                         h.v[ii][jj] = c + jj >= p.out ? 0.0f : activated ? act_forward<ACT>(z.v[ii][jj]) : z.v[ii][jj];
                     }
-                const int r = t.row(4 * ig);
+                const int r = t.row(2 * i);
                 if (!last) h.store_columns(H, r, c);
                 if (p.flags & STORE_H) h.store_rows(hl, p.out, row0 + r, c, B, p.out, vec);
                 if (p.flags & STORE_Z) z.store_rows(zl, p.out, row0 + r, c, B, p.out, vec);
@@ -358,6 +461,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     float* Ws = G + F::MAX_WIDTH * F::LDA;
     const long long row0 = static_cast<long long>(blockIdx.x) * F::ROWS;
     const SimtTile t = SimtTile::of(threadIdx.x);
+    const int rq = SimtTile::row_quads(B - row0);
     const int top = plan[PLAN_LAYERS] - 1, lowest = plan[PLAN_LOWEST];
     const bool input_grad = plan[PLAN_INPUT_GRAD] != 0;
     const int out_top = LayerPlan::of(plan, top).out;
@@ -365,30 +469,22 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
     __syncthreads();
     for (int l = top; l >= lowest; --l) {
         const LayerPlan p = LayerPlan::of(plan, l);
-        // dz = g * act'(.) in place, each thread on the tile it owns (and wrote, for l < top).
-        if (t.active(p.out)) {
+        // dz = g * act'(.) in place, each thread on the quads it owns (and wrote, for l < top), zeros
+        // past the width and the batch up to the product's K padding.
+        {
             const float* saved_l = layer_slot(act_in, l);
             float* dz_l = layer_slot(dz, l);
             const bool vec = vectorizable(saved_l, p.out) && vectorizable(dz_l, p.out);
-            t.for_each_quad([&](int, int, int r, int c) {
+            t.for_each_quad(rq, written_quads(t, p.out), [&](int, int, int r, int c) {
                 Quad g;
                 g.load_columns(G, r, c);
 #pragma unroll
-                for (int ii = 0; ii < 4; ++ii) {
+                for (int ii = 0; ii < 2; ++ii) {
                     const long long row = row0 + r + ii;
-                    float saved[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    if (p.act != ACT_IDENTITY && row < B) {
-                        if (vec && c + 4 <= p.out) {
-                            const float4 s = load4(saved_l + row * p.out + c);
-                            saved[0] = s.x, saved[1] = s.y, saved[2] = s.z, saved[3] = s.w;
-                        } else {
+                    float saved[2] = {0.0f, 0.0f};
+                    if (p.act != ACT_IDENTITY && row < B) load_pair(saved, saved_l + row * p.out, c, p.out, vec);
 #pragma unroll
-                            for (int jj = 0; jj < 4; ++jj)
-                                if (c + jj < p.out) saved[jj] = saved_l[row * p.out + c + jj];
-                        }
-                    }
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) {
+                    for (int jj = 0; jj < 2; ++jj) {
                         float& v = g.v[ii][jj];
                         if (row >= B || c + jj >= p.out) {
                             v = 0.0f;
@@ -407,7 +503,6 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
         const bool vec = l > 0 || vectorizable(dx, p.in);
         for (int n0 = 0; n0 < p.in; n0 += F::MAX_WIDTH) {
             const int cols = p.in - n0;
-            const bool active = t.active(cols);
             __syncthreads();  // every warp is done with the previous stage; dz is complete
             KContiguousTile<F::MAX_WIDTH, F::THREADS, F::LDB, false> wt;  // B(k, n) = W_l[n0 + n][k]
             wt.init(wl, p.out, n0, p.in, 0, threadIdx.x);
@@ -415,17 +510,18 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
             __syncthreads();
             Acc acc;
             zero(acc);
-            if (active) resident_product(acc, G, Ws, p.out, t);
+            resident_product(acc, G, Ws, p.out, t, rq, t.col_quads(cols));
             __syncthreads();  // every warp has read G: the epilogue overwrites it (l > 0)
-            if (!active) continue;
-            t.for_each_quad([&](int ig, int jg, int r, int c) {
-                Quad g;
+            // g for layer l - 1 into G, zeros past the width as in forward; or dx out.
+            t.for_each_quad(rq, l > 0 ? written_quads(t, cols) : t.col_quads(cols), [&](int i, int j, int r, int c) {
+                Quad g = Quad::of(acc, i, j);
 #pragma unroll
-                for (int ii = 0; ii < 4; ++ii)
+                for (int ii = 0; ii < 2; ++ii)
 #pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) g.v[ii][jj] = c + jj < cols ? acc[4 * ig + ii][4 * jg + jj] : 0.0f;
+                    for (int jj = 0; jj < 2; ++jj)
+                        if (c + jj >= cols) g.v[ii][jj] = 0.0f;
                 if (l > 0) {
-                    g.store_columns(G, r, c);  // g for layer l - 1, zeros past the width as in forward
+                    g.store_columns(G, r, c);
                 } else {
                     g.store_rows(dx + n0, p.in, row0 + r, c, B, cols, vec);
                 }
@@ -973,7 +1069,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
     const int m0 = (static_cast<int>(blockIdx.x) - p.first_tile) * F::ROWS;
     const SplitRows batch_rows = SplitRows::of(B, k_chunk, blockIdx.y);
     const SimtTile t = SimtTile::of(threadIdx.x);
-    const bool active = t.active(p.out);
+    const int rq = SimtTile::row_quads(p.in - m0), cq = t.col_quads(p.out);
     float sums[LoadB::WIDTH] = {};
     Acc acc;
     zero(acc);
@@ -985,7 +1081,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         stage_operand(As, F::LDA, ht, K);
         stage_rows_of<true>(Bs, dz_l, p.out, b0, K, &sums);
         __syncthreads();
-        if (active) resident_product(acc, As, Bs, K, t);
+        resident_product(acc, As, Bs, K, t, rq, cq);
     }
     const long long dw_size = static_cast<long long>(p.in) * p.out;
     float* dw_out = split_k_partial(dw_l, ws + p.ws, ws_split_stride, splits, blockIdx.y);
@@ -1006,17 +1102,10 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         for (int s = 0; s < LoadB::KSTEP; ++s) column_sum += As[s * F::MAX_WIDTH + threadIdx.x];
         db_out[threadIdx.x] = column_sum;
     }
-    if (t.active(p.out)) {
-        const bool vec = vectorizable(dw_out, p.out);
-        t.for_each_quad([&](int ig, int jg, int r, int c) {
-            Quad q;
-#pragma unroll
-            for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-                for (int jj = 0; jj < 4; ++jj) q.v[ii][jj] = acc[4 * ig + ii][4 * jg + jj];
-            q.store_rows(dw_out, p.out, m0 + r, c, p.in, p.out, vec);
-        });
-    }
+    const bool vec = vectorizable(dw_out, p.out);
+    t.for_each_quad(rq, cq, [&](int i, int j, int r, int c) {
+        Quad::of(acc, i, j).store_rows(dw_out, p.out, m0 + r, c, p.in, p.out, vec);
+    });
     if (splits > 1) finish_split_weight_grads(ws, tickets, p, dw_l, db_l, m0, F::ROWS, splits, ws_split_stride);
 }
 

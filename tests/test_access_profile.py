@@ -218,6 +218,48 @@ def test_a_wrong_swizzle_shows_as_a_bank_conflict_on_the_tensor_core_fragment_lo
     assert planted["shared_wavefronts_per_request"] > shipped["shared_wavefronts_per_request"]
 
 
+# ----------------------------------------------------------------------------- fused MLP work
+#
+# Issue 28: the fused MLP does no work on columns past a layer's width or rows past the batch
+# beyond the padding of one mma tile, 16 rows x 8 columns. A fused forward's shared-memory reads
+# are its product's operand reads (fp32: its stages and epilogue only store; tensor cores: the A
+# fragments, the B stage and the products read back in the row pass), so for a one-layer model
+# of one 64-row block and one 16-deep slice their count follows the product's work: it must
+# depend on the width and the batch only through the mma tiles they cover, ceil(width / 8) and
+# ceil(batch / 16), and grow with them. A kernel that pads further (fp32 before issue 28: 32
+# columns a warp, 64 rows a block) reads as much for width 8 as for 24, for batch 16 as for 64.
+# (Tensor cores pair two 8-column tiles per 16-byte B load: their reads grow every 16 columns.)
+
+FUSED_WORK_IN = 16
+
+
+def fused_forward_reads(precision: str, batch: int, width: int) -> int:
+    def run(cb, rng):
+        x, w, b = (cb.asarray(rng.standard_normal(s).astype(np.float32))
+                   for s in ((batch, FUSED_WORK_IN), (FUSED_WORK_IN, width), (width,)))
+        cb.fused_mlp_forward(x, [w], [b], ["identity"], [False], [False], precision)
+
+    workload = (f"a fused {precision} layer, batch {batch}, width {width}", access_profile.H100_SMS, run)
+    kernel = f"fused_mlp_fwd{cupy_backend.FUSED_PRECISIONS[precision]}_identity"
+    figures = access_profile.profile_workloads([workload])[kernel]
+    return sum(entry["requests"] for entry in figures["lines"]
+               if (entry["kind"], entry["access"]) == ("shared", "load"))
+
+
+@pytest.mark.parametrize("precision", cupy_backend.FUSED_PRECISIONS)
+def test_the_fused_forward_works_on_whole_mma_tiles_of_the_width_only(precision):
+    reads = {width: fused_forward_reads(precision, 64, width) for width in (1, 8, 9, 16, 24, 40, 128)}
+    assert reads[1] == reads[8] and reads[9] == reads[16], reads  # the same 8-column tiles
+    assert reads[8] < reads[24] < reads[40] < reads[128], reads
+
+
+@pytest.mark.parametrize("precision", cupy_backend.FUSED_PRECISIONS)
+def test_the_fused_forward_works_on_whole_mma_tiles_of_the_batch_only(precision):
+    reads = {batch: fused_forward_reads(precision, batch, 24) for batch in (1, 16, 17, 32, 40, 48, 64)}
+    assert reads[1] == reads[16] and reads[17] == reads[32] and reads[40] == reads[48], reads  # the same 16-row tiles
+    assert reads[16] < reads[32] < reads[48] < reads[64], reads
+
+
 # ----------------------------------------------------------------------------- the API
 
 

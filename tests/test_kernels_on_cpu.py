@@ -644,9 +644,10 @@ def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
 #
 # kernels/fused_mlp.cu against the NumPy backend run layer by layer in float64. A case is
 # (batch, input width, output widths, activations, frozen layers, need_input_grad); together
-# they cover batch 1, 45, 50, 65, 127, 129, 131 and 1000, every activation (the kernels' one
-# activation, with identity layers anywhere), 1 to 8 layers, widths 1, 10, 16, 17, 32, 33, 40, 64,
-# 72, 100 and 128 (a whole, a partial and no 32-column fp32 warp strip; 8-column mma tiles),
+# they cover batch 1, 20, 45, 50, 65, 127, 129, 131 and 1000, every activation (the kernels' one
+# activation, with identity layers anywhere), 1 to 8 layers, widths 1, 8, 10, 16, 17, 24, 32, 33, 40,
+# 64, 72, 100 and 128 (whole, partial and no 32-column fp32 warp strips; whole and partial 8-column
+# tiles, fp32 quads and mma tiles alike; batches that end inside a 16-row tile),
 # inputs wider than one 128-column tile, and the fine-tune tests' freeze patterns.
 FUSED_RTOL = 1e-5
 FUSED_CASES = {
@@ -656,6 +657,7 @@ FUSED_CASES = {
                        [], False) for n in (1, 2, 5, 8)},
     "widths_wide_input": (37, 300, [128, 64, 33, 1], ["gelu_tanh", "gelu_tanh", "identity", "gelu_tanh"], [], True),
     "widths_40_72_10": (45, 40, [40, 72, 10], ["leaky_relu", "leaky_relu", "identity"], [], True),
+    "batch_20_widths_8_24_40": (20, 9, [8, 24, 40], ["relu", "relu", "identity"], [], True),
     "widths_32_64_128": (50, 32, [32, 64, 128], ["sigmoid", "sigmoid", "sigmoid"], [], True),
     "widths_17_33_100_1": (131, 23, [17, 33, 100, 1], ["tanh", "tanh", "tanh", "identity"], [], True),
     "widths_1_64_128_33_wide_input": (65, 130, [1, 64, 128, 33], ["relu", "relu", "identity", "relu"], [], True),
@@ -669,8 +671,8 @@ FUSED_CASES = {
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
-                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "widths_17_33_100_1",
-                               "middle_frozen", "all_but_head_frozen_input_grad")}
+                   if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "batch_20_widths_8_24_40",
+                               "widths_17_33_100_1", "middle_frozen", "all_but_head_frozen_input_grad")}
     FUSED_CASES["split_dw"] = (80, 5, [16, 3], ["tanh", "identity"], [], True)
 
 
@@ -1526,10 +1528,20 @@ PLANTED_BUGS = {
         "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",
         "",
         "tsan", "fused_mlp_matches and act_gelu", "data race"),
-    "fused: a warp strip that holds the last columns of a layer skipped": (
+    "fused: the column quad that holds the last columns of a layer skipped": (
         "fused_mlp.cu",
-        "__device__ bool active(int n) const { return Fused::STRIP * warp < n; }",
-        "__device__ bool active(int n) const { return Fused::STRIP * (warp + 1) <= n; }",
+        "const int q = (n - Fused::STRIP * warp + QUAD_COLS - 1) / QUAD_COLS;",
+        "const int q = (n - Fused::STRIP * warp) / QUAD_COLS;",
+        "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
+    "fused: the row quad that holds the batch's last rows skipped": (
+        "fused_mlp.cu",
+        "const long long q = (rows + QUAD_ROWS - 1) / QUAD_ROWS;",
+        "const long long q = rows / QUAD_ROWS;",
+        "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
+    "fused: the next product's K padding left unwritten (uninitialized shared memory)": (
+        "fused_mlp.cu",
+        "return t.col_quads((n + BK - 1) / BK * BK);",
+        "return t.col_quads(n);",
         "plain", "fused_mlp_matches and widths_17_33_100_1", "max error"),
     "fused: transposed weight stage off by one k": (
         "fused_mlp.cu",
