@@ -71,7 +71,7 @@ if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix 
 # shapes. A data race is between threads of one block, which the kernel tests already run under
 # ThreadSanitizer for every kernel; so these run plain and under AddressSanitizer (which also
 # checks the workspaces the backend sizes for a whole step) but not under ThreadSanitizer,
-# where they took most of CI's time.
+# where they took most of CI's time. (Those skipped under both sanitizers need no mark.)
 whole_model = pytest.mark.skipif(MODE == "tsan", reason="whole models: plain and AddressSanitizer runs only; every "
                                                         "kernel runs under ThreadSanitizer in the kernel tests")
 LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000), (300, 3)] if not SANITIZED else [(1, 1), (37, 40)]
@@ -621,7 +621,6 @@ def test_dropout_operands_off_a_16_byte_boundary_take_the_scalar_path(cb_h100, r
     close(cb_h100.to_host(got), want)
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
 def test_a_model_with_dropout_trains_on_the_cupy_backend_as_on_numpy(cb, rng):
     x = rng.standard_normal((45, 9)).astype(np.float32)
@@ -940,7 +939,6 @@ def test_the_fused_kernels_are_the_ones_compiled_for_the_models_activation(cb_h1
     assert launched == [f"fused_mlp_fwd_{act}", f"fused_mlp_bwd_{act}", "fused_mlp_dw"]
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="the kernels' precisions are checked above")
 @pytest.mark.parametrize("precision", FUSED_TOLERANCE)
 def test_a_model_in_a_tensor_core_precision_trains_within_its_tolerance(cb_h100, rng, precision):
@@ -1116,7 +1114,6 @@ def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
 # ----------------------------------------------------------------------------- a whole model
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the parity tests above cover them")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_model_trains_on_the_cupy_backend_as_on_numpy(cb, rng, fused):
@@ -1195,7 +1192,6 @@ def test_a_replayed_training_step_computes_what_the_eager_step_computes(cb_h100,
             np.testing.assert_array_equal(results[True][2]["state"][key][name], value)
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="the dropout kernels run in the dropout tests above")
 def test_replayed_steps_draw_new_dropout_masks_as_the_eager_steps_do_bitwise(cb_h100, rng):
     batches = graph_batches(rng, [30] * 5)
@@ -1219,7 +1215,6 @@ def test_replayed_steps_draw_new_dropout_masks_as_the_eager_steps_do_bitwise(cb_
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_layers(cb_h100, rng, fused):
@@ -1238,7 +1233,6 @@ def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_
     assert model[0].weight.grad is None
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_optimizer_as_they_were(cb_h100, rng):
     model = graph_model(False)
@@ -1259,7 +1253,6 @@ def test_a_replayed_step_whose_loss_is_not_finite_leaves_the_weights_and_the_opt
     assert not all(np.array_equal(now, was) for now, was in zip(model.get_weights(), weights))
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_weights_and_optimizer_state_loaded_between_replays_are_the_ones_trained(cb_h100, rng):
     # set_weights and load_state_dict put new arrays in place; a graph captured on the old
@@ -1282,7 +1275,6 @@ def test_weights_and_optimizer_state_loaded_between_replays_are_the_ones_trained
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_ran(cb_h100, rng):
     # The eager step before a capture loads every kernel and makes the optimizer state; one that
@@ -1308,7 +1300,6 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the tests above cover them")
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
-@whole_model
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
@@ -1326,7 +1317,6 @@ def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, he
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="the weighted loss kernels run in the loss tests above")
 def test_a_replayed_step_with_sample_weights_computes_what_the_eager_step_computes(cb_h100, rng):
     batches = graph_batches(rng, [24] * 3)
@@ -1345,7 +1335,6 @@ def test_a_replayed_step_with_sample_weights_computes_what_the_eager_step_comput
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_per_batch_schedule_replays_graphs_that_read_each_new_rate_from_the_device(cb_h100, rng):
     batches = graph_batches(rng, [24] * 4)
@@ -1366,7 +1355,6 @@ def test_a_per_batch_schedule_replays_graphs_that_read_each_new_rate_from_the_de
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
-@whole_model
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_a_schedule_that_cycles_the_momentum_trains_under_cuda_graph_auto_as_eagerly(cb_h100, rng):
     x, labels = rng.standard_normal((64, 9)).astype(np.float32), rng.integers(0, 3, 64)
