@@ -61,7 +61,7 @@ TF32_SHAPES = SHAPES + [(70, 200, 130), (256, 96, 136)]
 # The sanitizer runs split the dW batch from SANITIZED_MIN_ROWS_PER_SPLIT rows a split (the
 # backend: 256), so (80, 37, 29) splits 2 ways on 132 SMs as (600, 37, 29) does plain: the same
 # split-K code (partials, tickets, the last block's sum, a short last chunk) on 7.5 times fewer
-# rows, where one CUDA thread is one OS thread and every barrier is a sanitizer event.
+# rows, where every access and every barrier is a sanitizer event.
 SANITIZED_MIN_ROWS_PER_SPLIT = 32
 if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix runs plain
     SHAPES = [(37, 29, 23), (40, 36, 20), (80, 37, 29)]

@@ -143,7 +143,7 @@ std::mutex sites_m;
 std::vector<Site> sites;  // site id -> frames, for as long as the library is loaded
 std::unordered_map<Site, uint32_t, SiteHash> site_ids;
 
-// One per pool thread (they live as long as the process): its records of this launch.
+// One per CUDA thread's fiber (they live as long as the process): its records of this launch.
 struct ThreadLog {
     unsigned epoch = 0;
     uint32_t block = UINT32_MAX;          // the block its occurrence counts are for
@@ -153,7 +153,6 @@ struct ThreadLog {
 };
 std::mutex logs_m;
 std::vector<ThreadLog*> logs;
-thread_local ThreadLog* thread_log = nullptr;
 thread_local bool recording = false;  // no recursion should a callback reach instrumented code
 
 inline bool within(uintptr_t a, uintptr_t begin, uintptr_t end) { return a >= begin && a < end; }
@@ -168,6 +167,8 @@ Region* region_of(uintptr_t a) {
 }
 
 ThreadLog& this_thread_log() {
+    // The runtime keeps one slot per fiber: one log per CUDA thread, as the requests need.
+    ThreadLog*& thread_log = reinterpret_cast<ThreadLog*&>(::gpubp_cpu::thread_slot());
     if (thread_log == nullptr) {
         thread_log = new ThreadLog;
         std::lock_guard<std::mutex> lock(logs_m);

@@ -7,8 +7,9 @@
 //
 // Execution model (CUDA C++ Programming Guide, "Thread Hierarchy"): a launch runs its
 // blocks one after another, in an order the launcher chooses (natural or shuffled, so no
-// kernel may depend on block order); the threads of one block run concurrently, one OS
-// thread per CUDA thread. Threads 32w .. 32w+31 (linear thread id, x fastest) form warp w.
+// kernel may depend on block order); the threads of one block are fibers of one OS thread,
+// each running until it waits at a synchronization point (runtime.cpp), and the sanitizers see
+// each as a thread of its own. Threads 32w .. 32w+31 (linear thread id, x fastest) form warp w.
 //
 // What is checked, beyond running the code:
 //   - __syncthreads() is a real barrier that counts arrivals. Threads of one block that wait
@@ -84,9 +85,18 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 
 // ------------------------------------------------------------------ built-in variables
-// ("Built-in Variables"): per OS thread, set by the launcher before the kernel runs.
-extern thread_local uint3 threadIdx;
-extern thread_local uint3 blockIdx;
+// ("Built-in Variables"): threadIdx and blockIdx are the running fiber's, read through the
+// pointer the scheduler sets before it resumes one (atomic: ThreadSanitizer sees the scheduler
+// and each fiber as threads of their own).
+namespace gpubp_cpu {
+struct ThreadCoords {
+    uint3 thread, block;
+};
+extern std::atomic<const ThreadCoords*> running_coords;
+inline const ThreadCoords& coords() { return *running_coords.load(std::memory_order_relaxed); }
+}  // namespace gpubp_cpu
+#define threadIdx (::gpubp_cpu::coords().thread)
+#define blockIdx (::gpubp_cpu::coords().block)
 extern dim3 blockDim;
 extern dim3 gridDim;
 constexpr int warpSize = 32;

@@ -1,7 +1,7 @@
 """Run the CUDA C++ kernels of ``kernels/`` on the CPU: compile, load, allocate, launch.
 
 ``cuda_on_cpu.h`` maps the CUDA subset the kernels use onto C++20; ``runtime.cpp`` runs a
-launch with one OS thread per CUDA thread (see both files for what is checked and what is
+launch with one fiber per CUDA thread (see both files for what is checked and what is
 not). This module compiles a kernel source with the machine's g++ into a shared library,
 cached by a hash of everything that goes into it, and launches its ``extern "C"`` kernels
 through ctypes with the argument lists the CuPy backend passes.

@@ -4,16 +4,24 @@
 // The profile build compiles this file with access_profiler.cpp as a unit of its own, which
 // its memory instrumentation leaves out, and links it to the instrumented kernel unit.
 //
-// A launch (gpubp_cpu_launch) runs one OS thread per CUDA thread of a block, from a pool that
-// lives as long as the process. Each thread runs the kernel for every block in turn (natural
-// order, or shuffled when a seed is given) and meets the others at an end-of-block barrier
-// before the next block starts, so shared memory is one copy per block and blocks never
-// overlap. Waiting is futex-based (Linux only). Every error (a barrier mismatch, a
-// mask mismatch, a deadlock, a bad launch shape) fails the launch with a message; the kernel's
-// threads stop at their next synchronization point.
+// A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a ucontext with a
+// stack of its own) on the launching OS thread; fibers and their stacks live as long as the
+// process. Each fiber runs the kernel for every block in turn (natural order, or shuffled when
+// a seed is given) and meets the others at an end-of-block barrier before the next block
+// starts, so shared memory is one copy per block and blocks never overlap. A fiber runs until
+// it waits at a synchronization point (a barrier, a warp collective) or returns; the scheduler
+// then resumes the next fiber, in thread order, whose wait is over. A switch costs a few
+// hundred nanoseconds where a futex wake-up of an OS thread costs microseconds, and a barrier
+// of 256 threads is 256 switches. Every error (a barrier mismatch, a mask mismatch, a
+// deadlock, a bad launch shape) fails the launch with a message; the kernel's threads stop at
+// their next synchronization point.
+//
+// The sanitizers see the fibers as threads: each has a ThreadSanitizer fiber, switched to
+// without synchronization, so two CUDA threads' accesses are ordered only by what orders them
+// on a GPU (the barriers' and collectives' release/acquire pairs, atomics), and every switch
+// tells AddressSanitizer which stack is live.
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdio>
 #include <deque>
 #include <map>
@@ -21,26 +29,32 @@
 #include <mutex>
 #include <random>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
-#include <climits>
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
+#include <sys/mman.h>
+#include <ucontext.h>
 
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
 dim3 blockDim;
 dim3 gridDim;
 
 // AddressSanitizer's manual poisoning, present only when the runtime is loaded (asan mode).
 extern "C" void __asan_poison_memory_region(void const volatile*, size_t) __attribute__((weak));
 extern "C" void __asan_unpoison_memory_region(void const volatile*, size_t) __attribute__((weak));
+// The sanitizers' fiber interfaces (sanitizer/common_interface_defs.h, sanitizer/tsan_interface.h),
+// each present only in its own mode.
+extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size)
+    __attribute__((weak));
+extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old)
+    __attribute__((weak));
+extern "C" void* __tsan_get_current_fiber() __attribute__((weak));
+extern "C" void* __tsan_create_fiber(unsigned flags) __attribute__((weak));
+extern "C" void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
 
 namespace gpubp_cpu {
+
+// The running CUDA thread's threadIdx and blockIdx (cuda_on_cpu.h reads them through this).
+std::atomic<const ThreadCoords*> running_coords{nullptr};
 
 // The dynamic shared memory of the running block (`extern __shared__` arrays point here).
 // Sized to an H100's opt-in maximum; the bytes past the launch's request are poisoned under
@@ -57,22 +71,6 @@ namespace {
 
 constexpr int END_OF_BLOCK = -1;  // the barrier "line" a thread waits at after returning
 const char* const END_OF_BLOCK_FILE = "(the end of the kernel)";
-constexpr long POLL_NS = 100'000'000;           // a waiting thread checks for failure and deadlock this often
-constexpr auto DEADLOCK_AFTER = std::chrono::milliseconds(2000);
-
-// Waiting is a futex on a 32-bit generation counter: no mutex to reacquire on wake-up, so a
-// barrier of 256 threads costs one wake-up each. ThreadSanitizer sees the happens-before
-// edges through the counter's release/acquire, which are exactly the barrier's.
-void futex_wait(std::atomic<unsigned>& word, unsigned expected, long timeout_ns) {
-    timespec ts{0, timeout_ns};
-    syscall(SYS_futex, reinterpret_cast<unsigned*>(&word), FUTEX_WAIT_PRIVATE, expected, timeout_ns ? &ts : nullptr,
-            nullptr, 0);
-}
-
-void futex_wake_all(std::atomic<unsigned>& word) {
-    syscall(SYS_futex, reinterpret_cast<unsigned*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-}
-
 struct Site {
     const char* file = nullptr;
     int line = 0;
@@ -120,13 +118,43 @@ struct Launch {
     std::vector<std::unique_ptr<Warp>> warps;
     std::vector<dim3> order;  // blocks, in the order they run
 
-    std::atomic<unsigned> blocked{0};             // threads waiting at any synchronization point
-    std::atomic<unsigned> progress{0};            // completed synchronizations
     std::atomic<unsigned> finished{0};            // threads done with every block
 };
 
 Launch* current = nullptr;
-thread_local unsigned linear_tid = 0;
+
+struct AsyncQueue {
+    std::vector<AsyncCopy> open;                    // issued since the last commit_group
+    std::deque<std::vector<AsyncCopy>> committed;   // oldest first
+    std::vector<AsyncCopy> taken;                   // being written by the current wait
+};
+
+// One CUDA thread: fiber i runs linear thread i of every launch. What the scheduler reads
+// while the fiber is switched out is atomic (ThreadSanitizer sees the scheduler as a thread
+// of its own).
+struct Fiber {
+    ucontext_t context;
+    unsigned char* stack = nullptr;  // above a guard page
+    size_t stack_bytes = 0;
+    void* tsan_fiber = nullptr;
+    void* asan_fake_stack = nullptr;  // AddressSanitizer's, while switched out
+    unsigned tid = 0;                 // linear thread index in the block
+    ThreadCoords coords{};
+    AsyncQueue async;                 // its cp.async copies
+    uint32_t exchanged[32 * 16];      // the payloads of its last warp collective
+    void* slot = nullptr;             // thread_slot(): the profile build's per-thread log
+    // What it waits for: resumable once *wait_word != wait_seen (or the launch failed).
+    std::atomic<std::atomic<unsigned>*> wait_word{nullptr};
+    std::atomic<unsigned> wait_seen{0};
+    std::atomic<bool> done{false};
+};
+
+std::atomic<Fiber*> running{nullptr};
+std::atomic<Fiber*> deadlock_reporter{nullptr};  // the waiting fiber that reports a deadlock
+
+Fiber& self() { return *running.load(std::memory_order_relaxed); }
+unsigned linear_tid() { return self().tid; }
+void yield_to_scheduler();
 
 void record_error(const std::string& msg) {
     std::lock_guard<std::mutex> lock(current->error_m);
@@ -134,19 +162,9 @@ void record_error(const std::string& msg) {
     current->failed.store(true);
 }
 
-// Wakes every waiter of the launch so it sees the failure and unwinds.
-void wake_everyone() {
-    current->bar_generation.fetch_add(1);
-    futex_wake_all(current->bar_generation);
-    for (auto& w : current->warps) {
-        w->generation.fetch_add(1);
-        futex_wake_all(w->generation);
-    }
-}
-
+// The scheduler resumes every waiting fiber of a failed launch, which then unwinds.
 [[noreturn]] void abort_launch(const std::string& msg) {
     record_error(msg);
-    wake_everyone();
     throw Abort{};
 }
 
@@ -155,27 +173,21 @@ std::string block_name() {
            std::to_string(blockIdx.z) + ")";
 }
 
-// Waits until `word` moves past `seen`; throws Abort when the launch fails meanwhile, and fails
-// it with a deadlock report when every thread of the block has waited with no progress.
-// The caller counted this thread in `blocked` when it arrived, under the lock of its
-// synchronization point, and the thread that releases it uncounts it before the release: a
-// thread released but not yet scheduled (common on a loaded machine) is then never mistaken for
-// one still waiting.
+// Waits until `word` moves past `seen`; throws Abort when the launch fails meanwhile. The
+// scheduler resumes this fiber when the word has moved or the launch has failed, or, when no
+// fiber of the block can proceed, to report the deadlock.
 void wait_past(std::atomic<unsigned>& word, unsigned seen, const Site& site) {
-    auto last_progress = current->progress.load();
-    auto since = std::chrono::steady_clock::now();
+    Fiber& me = self();
     while (word.load(std::memory_order_acquire) == seen) {
         if (current->failed.load()) throw Abort{};
-        futex_wait(word, seen, POLL_NS);
-        const auto now_progress = current->progress.load();
-        if (now_progress != last_progress) {
-            last_progress = now_progress;
-            since = std::chrono::steady_clock::now();
-        } else if (current->blocked.load() == current->threads &&
-                   std::chrono::steady_clock::now() - since > DEADLOCK_AFTER &&
-                   word.load(std::memory_order_acquire) == seen && !current->failed.load()) {
+        me.wait_seen.store(seen, std::memory_order_relaxed);
+        me.wait_word.store(&word, std::memory_order_relaxed);
+        yield_to_scheduler();
+        me.wait_word.store(nullptr, std::memory_order_relaxed);
+        if (deadlock_reporter.load() == &me) {
+            deadlock_reporter.store(nullptr);
             abort_launch("deadlock in " + block_name() + ": every thread waits and none can proceed; thread " +
-                         std::to_string(linear_tid) + " waits at " + where(site));
+                         std::to_string(me.tid) + " waits at " + where(site));
         }
     }
     if (current->failed.load()) throw Abort{};
@@ -192,27 +204,20 @@ void block_barrier(const Site& site, F between_blocks) {
         std::lock_guard<std::mutex> lock(L.bar_m);
         if (L.bar_arrived == 0) {
             L.bar_site = site;
-            L.bar_first_thread = linear_tid;
+            L.bar_first_thread = linear_tid();
         } else if (L.bar_site != site) {
             abort_launch("threads of " + block_name() + " wait at different barriers: thread " +
                          std::to_string(L.bar_first_thread) + " at " + where(L.bar_site) + ", thread " +
-                         std::to_string(linear_tid) + " at " + where(site) +
+                         std::to_string(linear_tid()) + " at " + where(site) +
                          " (a __syncthreads in divergent code, or a thread that returned early)");
         }
         seen = L.bar_generation.load(std::memory_order_relaxed);
         last = ++L.bar_arrived == L.threads;
-        if (last) {
-            L.bar_arrived = 0;
-        } else {
-            L.blocked.fetch_add(1);
-        }
+        if (last) L.bar_arrived = 0;
     }
     if (last) {
         between_blocks();
-        L.progress.fetch_add(1);
-        L.blocked.fetch_sub(L.threads - 1);
         L.bar_generation.fetch_add(1, std::memory_order_release);
-        futex_wake_all(L.bar_generation);
         return;
     }
     wait_past(L.bar_generation, seen, site);
@@ -226,17 +231,17 @@ void block_barrier(const Site& site) {
 
 [[noreturn]] void fail(const char* what, const char* file, int line) {
     abort_launch(std::string(what) + " (" + file + ":" + std::to_string(line) + ", " + block_name() + ", thread " +
-                 std::to_string(linear_tid) + ")");
+                 std::to_string(linear_tid()) + ")");
 }
 
 void sync_block(const char* file, int line) { block_barrier(Site{file, line, "__syncthreads"}); }
 
 void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-unsigned lane_id() { return linear_tid % 32; }
+unsigned lane_id() { return linear_tid() % 32; }
 
 unsigned active_mask() {
-    Warp& w = *current->warps[linear_tid / 32];
+    Warp& w = *current->warps[linear_tid() / 32];
     std::lock_guard<std::mutex> lock(w.m);
     return w.lanes & ~w.exited;
 }
@@ -245,10 +250,10 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
                               int words) {
     Launch& L = *current;
     if (L.failed.load()) throw Abort{};
-    const unsigned lane = linear_tid % 32, bit = 1u << lane;
-    Warp& w = *L.warps[linear_tid / 32];
+    const unsigned lane = linear_tid() % 32, bit = 1u << lane;
+    Warp& w = *L.warps[linear_tid() / 32];
     const Site site{file, line, op};
-    unsigned seen, parity, waiters = 0;
+    unsigned seen, parity;
     bool last;
     {
         std::unique_lock<std::mutex> lock(w.m);
@@ -263,7 +268,7 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
             char theirs[32], mine[32];
             std::snprintf(theirs, sizeof theirs, "mask 0x%08x", w.mask);
             std::snprintf(mine, sizeof mine, "mask 0x%08x", mask);
-            abort_launch("lanes of warp " + std::to_string(linear_tid / 32) + " in " + block_name() +
+            abort_launch("lanes of warp " + std::to_string(linear_tid() / 32) + " in " + block_name() +
                          " disagree on a warp collective: " + theirs + " at " + where(w.site) + ", lane " +
                          std::to_string(lane) + " with " + mine + " at " + where(site));
         }
@@ -272,24 +277,16 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
         if (words > 0) std::memcpy(w.payload[parity][lane], payload, sizeof(uint32_t) * words);
         w.arrived |= bit;
         last = w.arrived == w.mask;
-        if (last) {
-            w.arrived = 0;
-            waiters = static_cast<unsigned>(__builtin_popcount(w.mask)) - 1;
-        } else {
-            L.blocked.fetch_add(1);
-        }
+        if (last) w.arrived = 0;
     }
     if (last) {
-        L.progress.fetch_add(1);
-        L.blocked.fetch_sub(waiters);
         w.generation.fetch_add(1, std::memory_order_release);
-        futex_wake_all(w.generation);
     } else {
         wait_past(w.generation, seen, site);
     }
     // Safe without the lock: no lane can write this parity again before every lane of this
     // collective has arrived at the next one, which is after this copy.
-    thread_local uint32_t out[32 * 16];
+    uint32_t* out = self().exchanged;
     for (int l = 0; l < 32; ++l) std::memcpy(out + words * l, w.payload[parity][l], sizeof(uint32_t) * words);
     return out;
 }
@@ -359,12 +356,7 @@ std::mutex static_in_flight_m;
 std::map<uintptr_t, int> static_in_flight;  // word address -> copies in flight
 std::atomic<int> static_in_flight_words{0};
 
-struct AsyncQueue {
-    std::vector<AsyncCopy> open;                    // issued since the last commit_group
-    std::deque<std::vector<AsyncCopy>> committed;   // oldest first
-    std::vector<AsyncCopy> taken;                   // being written by the current wait
-};
-thread_local AsyncQueue async_queue;
+AsyncQueue& async_queue() { return self().async; }
 
 bool in_dynamic_shared(uintptr_t word) {
     const auto base = reinterpret_cast<uintptr_t>(dynamic_shared_storage);
@@ -418,18 +410,18 @@ void async_reset_launch() {
 
 // Before a thread runs a block: its queue from a failed launch is dropped.
 void async_reset_thread() {
-    async_queue.open.clear();
-    async_queue.committed.clear();
-    async_queue.taken.clear();
+    async_queue().open.clear();
+    async_queue().committed.clear();
+    async_queue().taken.clear();
 }
 
 // After a thread returns from a block: a copy it never waited for would land in shared memory
 // that the next block owns.
 void async_check_drained() {
-    size_t pending = async_queue.open.size();
-    for (const auto& group : async_queue.committed) pending += group.size();
+    size_t pending = async_queue().open.size();
+    for (const auto& group : async_queue().committed) pending += group.size();
     if (pending != 0)
-        abort_launch("thread " + std::to_string(linear_tid) + " of " + block_name() + " returned with " +
+        abort_launch("thread " + std::to_string(linear_tid()) + " of " + block_name() + " returned with " +
                      std::to_string(pending) + " cp.async copies it never waited for (cp.async.wait_group / wait_all)");
 }
 
@@ -438,16 +430,16 @@ void async_check_drained() {
 void async_issue(const AsyncCopy& copy, const char* file, int line) {
     if (mark_in_flight(copy.dst, copy.bytes, +1))
         fail("cp.async into shared memory that another cp.async still has in flight", file, line);
-    async_queue.open.push_back(copy);
+    async_queue().open.push_back(copy);
 }
 
 void async_commit() {
-    async_queue.committed.push_back(std::move(async_queue.open));
-    async_queue.open.clear();
+    async_queue().committed.push_back(std::move(async_queue().open));
+    async_queue().open.clear();
 }
 
 const AsyncCopy* async_take(int keep, int* count) {
-    auto& q = async_queue;
+    auto& q = async_queue();
     q.taken.clear();
     while (static_cast<int>(q.committed.size()) > keep) {
         q.taken.insert(q.taken.end(), q.committed.front().begin(), q.committed.front().end());
@@ -458,8 +450,8 @@ const AsyncCopy* async_take(int keep, int* count) {
 }
 
 void async_landed() {
-    for (const AsyncCopy& c : async_queue.taken) mark_in_flight(c.dst, c.bytes, -1);
-    async_queue.taken.clear();
+    for (const AsyncCopy& c : async_queue().taken) mark_in_flight(c.dst, c.bytes, -1);
+    async_queue().taken.clear();
 }
 
 void check_not_in_flight(const void* p, size_t bytes, const char* what, const char* file, int line) {
@@ -489,26 +481,46 @@ int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& si
 
 }  // namespace gpubp_cpu
 
-// ------------------------------------------------------------------ the thread pool
-// Threads are started once per process and reused by every launch: starting 256 threads
-// costs ~20 ms plain and ~300 ms under ThreadSanitizer, far more than most test launches.
+// ------------------------------------------------------------------ the fibers
 namespace gpubp_cpu {
+
+void*& thread_slot() { return self().slot; }
+
 namespace {
 
-// Bumped once per launch: the launch count in the high bits, its threads per block in the low
-// 11, in one word, so a worker that wakes late never pairs one launch's count with another's.
-std::atomic<unsigned> pool_word{0};
-constexpr unsigned THREAD_BITS = 11;
-unsigned pool_size = 0;  // threads started so far (never joined: they idle in a futex)
+// Deep enough for every kernel at -O0 under AddressSanitizer; the pages are committed only as
+// a stack grows into them, and one more page below each, never accessible, turns an overflow
+// into a fault.
+constexpr size_t FIBER_STACK_BYTES = 1 << 20;
+const size_t PAGE = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+std::vector<std::unique_ptr<Fiber>> fibers;  // never freed: reused by every launch
+
+ucontext_t scheduler_context;
+void* scheduler_tsan_fiber = nullptr;
+void* scheduler_asan_fake_stack = nullptr;
+const void* scheduler_stack_bottom = nullptr;  // the launching thread's stack, as AddressSanitizer knows it
+size_t scheduler_stack_bytes = 0;
+std::atomic<unsigned> launch_gate{0};  // what the launcher wrote before a launch happens before its fibers run
+
+// The two halves of every switch, for the sanitizers; to_stack is the stack being switched to.
+void leaving(void** fake_stack_save, const void* to_stack, size_t to_bytes, void* to_tsan_fiber) {
+    if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(fake_stack_save, to_stack, to_bytes);
+    if (__tsan_switch_to_fiber) __tsan_switch_to_fiber(to_tsan_fiber, 1 /* __tsan_switch_to_fiber_no_sync */);
+}
+
+void arrived_in_fiber(void* fake_stack) {
+    if (__sanitizer_finish_switch_fiber)
+        __sanitizer_finish_switch_fiber(fake_stack, &scheduler_stack_bottom, &scheduler_stack_bytes);
+}
 
 // One CUDA thread's whole launch: every block in order, meeting the block at its end.
-void run_thread(Launch& L, unsigned tid) {
-    linear_tid = tid;
-    threadIdx = uint3{tid % blockDim.x, (tid / blockDim.x) % blockDim.y, tid / (blockDim.x * blockDim.y)};
+void run_thread(Launch& L, Fiber& me) {
+    const unsigned tid = me.tid;
+    me.coords.thread = uint3{tid % blockDim.x, (tid / blockDim.x) % blockDim.y, tid / (blockDim.x * blockDim.y)};
     const unsigned bit = 1u << (tid % 32);
     try {
         for (size_t i = 0; i < L.order.size(); ++i) {
-            blockIdx = uint3{L.order[i].x, L.order[i].y, L.order[i].z};
+            me.coords.block = uint3{L.order[i].x, L.order[i].y, L.order[i].z};
             async_reset_thread();
             L.invoke(L.fn, L.args);
             async_check_drained();
@@ -532,32 +544,108 @@ void run_thread(Launch& L, unsigned tid) {
     }
 }
 
-void worker(unsigned tid) {
-    unsigned seen = 0;
-    for (;;) {
-        unsigned word;
-        while ((word = pool_word.load(std::memory_order_acquire)) == seen) futex_wait(pool_word, seen, 0);
-        seen = word;
-        // A participant cannot miss its launch: the launch waits for it. Others skip freely.
-        if (tid >= (word & ((1u << THREAD_BITS) - 1))) continue;
-        Launch& L = *current;
-        run_thread(L, tid);
-        // The launch (on the launcher's stack) may be gone once the last thread has counted
-        // itself, so nothing of it is read after the increment; waking its address is harmless.
-        const unsigned threads = L.threads;
-        std::atomic<unsigned>& finished = L.finished;
-        if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == threads) futex_wake_all(finished);
-    }
+void fiber_main() {
+    arrived_in_fiber(nullptr);
+    Fiber& me = self();
+    launch_gate.load(std::memory_order_acquire);
+    run_thread(*current, me);
+    // Nothing the launcher writes for the next launch is read after the release below.
+    void* const scheduler_fiber = scheduler_tsan_fiber;
+    const void* const bottom = scheduler_stack_bottom;
+    const size_t bytes = scheduler_stack_bytes;
+    me.done.store(true, std::memory_order_relaxed);
+    current->finished.fetch_add(1, std::memory_order_release);
+    leaving(nullptr, bottom, bytes, scheduler_fiber);  // this run is over
+    setcontext(&scheduler_context);
 }
 
-void run_on_pool(Launch& L) {
+Fiber& new_fiber(unsigned tid) {
+    auto f = std::make_unique<Fiber>();
+    f->tid = tid;
+    void* mapped = mmap(nullptr, FIBER_STACK_BYTES + PAGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+    if (mapped == MAP_FAILED) {
+        std::fprintf(stderr, "cuda_on_cpu: cannot map a fiber stack\n");
+        std::abort();
+    }
+    mprotect(mapped, PAGE, PROT_NONE);
+    f->stack = static_cast<unsigned char*>(mapped) + PAGE;
+    f->stack_bytes = FIBER_STACK_BYTES;
+    if (__tsan_create_fiber) f->tsan_fiber = __tsan_create_fiber(0);
+    fibers.push_back(std::move(f));
+    return *fibers.back();
+}
+
+// Called by the running fiber: back to the scheduler, until it resumes this fiber.
+void yield_to_scheduler() {
+    Fiber& me = self();
+    leaving(&me.asan_fake_stack, scheduler_stack_bottom, scheduler_stack_bytes, scheduler_tsan_fiber);
+    swapcontext(&me.context, &scheduler_context);
+    arrived_in_fiber(me.asan_fake_stack);
+}
+
+void resume(Fiber& f) {
+    running.store(&f, std::memory_order_relaxed);
+    running_coords.store(&f.coords, std::memory_order_relaxed);
+    leaving(&scheduler_asan_fake_stack, f.stack, f.stack_bytes, f.tsan_fiber);
+    swapcontext(&scheduler_context, &f.context);
+    if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(scheduler_asan_fake_stack, nullptr, nullptr);
+    running.store(nullptr, std::memory_order_relaxed);
+    running_coords.store(nullptr, std::memory_order_relaxed);
+}
+
+bool can_run(const Fiber& f, const Launch& L) {
+    if (f.done.load(std::memory_order_relaxed)) return false;
+    const std::atomic<unsigned>* word = f.wait_word.load(std::memory_order_relaxed);
+    return word == nullptr || word->load(std::memory_order_relaxed) != f.wait_seen.load(std::memory_order_relaxed) ||
+           L.failed.load(std::memory_order_relaxed);
+}
+
+// Runs the launch's threads to the end: passes over the fibers in thread order, resuming each
+// that can run, until every one has returned from its last block.
+void run_fibers(Launch& L) {
     current = &L;
-    while (pool_size < L.threads) std::thread(worker, pool_size++).detach();
-    const unsigned epoch = (pool_word.load(std::memory_order_relaxed) >> THREAD_BITS) + 1;
-    pool_word.store((epoch << THREAD_BITS) | L.threads, std::memory_order_release);
-    futex_wake_all(pool_word);
-    unsigned done;
-    while ((done = L.finished.load(std::memory_order_acquire)) != L.threads) futex_wait(L.finished, done, 0);
+    while (fibers.size() < L.threads) new_fiber(static_cast<unsigned>(fibers.size()));
+    if (__tsan_get_current_fiber) scheduler_tsan_fiber = __tsan_get_current_fiber();
+    for (unsigned t = 0; t < L.threads; ++t) {
+        Fiber& f = *fibers[t];
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack;
+        f.context.uc_stack.ss_size = f.stack_bytes;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_main, 0);
+        // AddressSanitizer's swapcontext clears the shadow of the stack the context names, on
+        // every switch: 128 KiB each time for these stacks, and the redzones of the frames a
+        // suspended fiber still has. The stack is set up now; the fiber switches tell
+        // AddressSanitizer which stack is live.
+        f.context.uc_stack.ss_size = 0;
+        f.wait_word.store(nullptr, std::memory_order_relaxed);
+        f.done.store(false, std::memory_order_relaxed);
+    }
+    launch_gate.fetch_add(1, std::memory_order_release);
+    unsigned running_threads = L.threads;
+    while (running_threads != 0) {
+        bool resumed = false;
+        for (unsigned t = 0; t < L.threads; ++t) {
+            Fiber& f = *fibers[t];
+            if (!can_run(f, L)) continue;
+            resume(f);
+            resumed = true;
+            if (f.done.load(std::memory_order_relaxed)) --running_threads;
+        }
+        if (!resumed && running_threads != 0) {
+            // Every thread left waits and none can proceed: the first of them reports it.
+            for (unsigned t = 0; t < L.threads; ++t) {
+                Fiber& f = *fibers[t];
+                if (f.done.load(std::memory_order_relaxed)) continue;
+                deadlock_reporter.store(&f);
+                resume(f);
+                if (f.done.load(std::memory_order_relaxed)) --running_threads;
+                break;
+            }
+        }
+    }
+    L.finished.load(std::memory_order_acquire);
 }
 
 }  // namespace
@@ -624,7 +712,7 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     if (__asan_poison_memory_region)
         __asan_poison_memory_region(dynamic_shared_storage + shared_bytes, MAX_DYNAMIC_SHARED - shared_bytes);
 
-    run_on_pool(L);
+    run_fibers(L);
 
     if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(dynamic_shared_storage, MAX_DYNAMIC_SHARED);
     if (L.failed.load()) return report(std::string(name) + ": " + L.error);
