@@ -71,11 +71,21 @@ __device__ __forceinline__ void store_group(float* p, long long base, int count,
     }
 }
 
+// The groups of four columns of a rows x cols array, counted row by row, and the first one
+// this thread owns; it owns every grid-size-th group after it. for_each_group and owns_a_group
+// both read the mapping from these two.
+__device__ __forceinline__ long long group_count(long long rows, long long cols) {
+    constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
+    return rows * ((cols + G - 1) / G);
+}
+__device__ __forceinline__ long long first_group() {
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
 // Whether this thread owns any group of for_each_group: one that owns none returns before it
 // reads the mask's key (a grid may hold more threads than a small array has groups).
 __device__ __forceinline__ bool owns_a_group(long long rows, long long cols) {
-    constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
-    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x < rows * ((cols + G - 1) / G);
+    return first_group() < group_count(rows, cols);
 }
 
 // Calls body(base, count, words) for every group this thread owns: its first element
@@ -84,8 +94,8 @@ template <class Body>
 __device__ __forceinline__ void for_each_group(long long rows, long long cols, const DropoutMask& mask, Body body) {
     constexpr int G = PhiloxConst::COLUMNS_PER_CALL;
     const long long groups = (cols + G - 1) / G;
-    for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < rows * groups;
-         g += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long total = group_count(rows, cols), stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    for (long long g = first_group(); g < total; g += stride) {
         const long long row = g / groups, col = (g % groups) * G;
         const long long left = cols - col;
         body(row * cols + col, left < G ? static_cast<int>(left) : G, mask.words(row, col));

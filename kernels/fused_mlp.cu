@@ -62,6 +62,7 @@
 #include "gemm_tile.cuh"
 #include "mma.cuh"
 #include "split_k.cuh"
+#include "vector_access.cuh"
 
 namespace gpubp {
 
@@ -367,11 +368,6 @@ struct Quad {
     }
 };
 
-// Whether rows of N floats at p allow float2 access at even columns.
-__device__ __forceinline__ bool vectorizable(const float* p, int N) {
-    return N % 2 == 0 && (reinterpret_cast<unsigned long long>(p) & 7ull) == 0;
-}
-
 // v[0], v[1] = p[c], p[c + 1], those below n (0 past it): one float2 load where vec allows.
 __device__ __forceinline__ void load_pair(float (&v)[2], const float* p, int c, int n, bool vec) {
     if (vec && c + 2 <= n) {
@@ -419,7 +415,7 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
         const float* bl = layer_slot(b, l);
         float* hl = layer_slot(hout, l);
         float* zl = layer_slot(zout, l);
-        const bool vec = vectorizable(hl, p.out) && vectorizable(zl, p.out), vec_bias = vectorizable(bl, p.out);
+        const bool vec = pairs_aligned(hl, p.out) && pairs_aligned(zl, p.out), vec_bias = pairs_aligned(bl, p.out);
         const int cq = written_quads(t, p.out);
 #pragma unroll
         for (int j = 0; j < SimtTile::QUADS; ++j) {
@@ -474,7 +470,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
         {
             const float* saved_l = layer_slot(act_in, l);
             float* dz_l = layer_slot(dz, l);
-            const bool vec = vectorizable(saved_l, p.out) && vectorizable(dz_l, p.out);
+            const bool vec = pairs_aligned(saved_l, p.out) && pairs_aligned(dz_l, p.out);
             t.for_each_quad(rq, written_quads(t, p.out), [&](int, int, int r, int c) {
                 Quad g;
                 g.load_columns(G, r, c);
@@ -500,7 +496,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
         if (l == lowest && !input_grad) break;
         // g = dz @ W_l^T, (ROWS, out) x (out, in), in MAX_WIDTH-column chunks (one unless l = 0).
         const float* wl = layer_slot(w, l);
-        const bool vec = l > 0 || vectorizable(dx, p.in);
+        const bool vec = l > 0 || pairs_aligned(dx, p.in);
         for (int n0 = 0; n0 < p.in; n0 += F::MAX_WIDTH) {
             const int cols = p.in - n0;
             __syncthreads();  // every warp is done with the previous stage; dz is complete
@@ -633,7 +629,7 @@ __device__ __forceinline__ void stage_b(unsigned int* __restrict__ bst, const fl
                           : w[static_cast<long long>(k0 + k) * N + n0 + n];
     };
     // bf16 from W^T: with K and k0 even, k < K - k0 implies k + 1 < K - k0 (k is even).
-    [[maybe_unused]] const bool pairs_aligned =
+    [[maybe_unused]] const bool k_pairs_aligned =
         K % 2 == 0 && k0 % 2 == 0 && reinterpret_cast<unsigned long long>(w) % 8 == 0;
     for (int e = threadIdx.x; e < ksteps * pairs * 128; e += Fused::THREADS) {
         int g, q, r, t;
@@ -646,7 +642,7 @@ __device__ __forceinline__ void stage_b(unsigned int* __restrict__ bst, const fl
         const int n = 16 * pair + 8 * q + g, k = Op::k_of(s, t, r);
         unsigned int word;
         if constexpr (Op::PAIRED) {
-            if (TRANSPOSED && pairs_aligned) {  // k and k + 1 adjacent in the source: one 8-byte load
+            if (TRANSPOSED && k_pairs_aligned) {  // k and k + 1 adjacent in the source: one 8-byte load
                 float2 v = make_float2(0.0f, 0.0f);
                 if (k < kvalid && n < nvalid) {
                     v = *reinterpret_cast<const float2*>(w + static_cast<long long>(n0 + n) * K + k0 + k);
@@ -1102,7 +1098,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         for (int s = 0; s < LoadB::KSTEP; ++s) column_sum += As[s * F::MAX_WIDTH + threadIdx.x];
         db_out[threadIdx.x] = column_sum;
     }
-    const bool vec = vectorizable(dw_out, p.out);
+    const bool vec = pairs_aligned(dw_out, p.out);
     t.for_each_quad(rq, cq, [&](int i, int j, int r, int c) {
         Quad::of(acc, i, j).store_rows(dw_out, p.out, m0 + r, c, p.in, p.out, vec);
     });

@@ -47,6 +47,7 @@
 
 #include "activations.cuh"
 #include "mma.cuh"
+#include "vector_access.cuh"
 
 namespace gpubp {
 
@@ -457,10 +458,6 @@ __device__ __forceinline__ void store_pair(float* out, long long idx, float v0, 
         out[idx] = v0;
         if (pair) out[idx + 1] = v1;
     }
-}
-
-__device__ __forceinline__ bool pairs_aligned(const float* out, long long ld) {
-    return ld % 2 == 0 && (reinterpret_cast<unsigned long long>(out) & 7ull) == 0;
 }
 
 }  // namespace gpubp
