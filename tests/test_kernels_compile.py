@@ -3,7 +3,9 @@
 - One CMake build (configure, build, install into a temporary folder) compiles every
   ``kernels/*.cu`` for every architecture in ``CMakeLists.txt`` with warnings and register
   spills as errors; the tests below check what it produced. Without cmake, the same nvcc
-  command runs directly. Skipped, with the reason, when nvcc is absent.
+  command runs directly. Skipped, with the reason, when nvcc is absent. The build is
+  ``bench/aot_build.py``'s, cached by its inputs and shared with the kernel model
+  (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles it once.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
   include-expanded sources that the backend hands it as CuPy 14 does, to an sm_XX cubin, so
   ptxas runs here (register spills, the static shared-memory limit); through libnvrtc and
