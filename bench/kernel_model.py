@@ -1,6 +1,6 @@
 """A performance model of every kernel, without a GPU: what the compiler made of each one.
 
-    PYTHONPATH=. python bench/kernel_model.py [--kernel-dir DIR] [--out FILE] [--jobs N]
+    PYTHONPATH=. python bench/kernel_model.py [--kernel-dir DIR] [--out FILE] [--jobs N] [--compile]
 
 (from the repository root) writes ``bench/results/kernel_model.json`` and, next to it, ``kernel_model.md`` (``--out`` names
 the JSON). ``tests/test_kernel_model.py`` rebuilds the model for sm_90 in CI and fails on a
@@ -9,10 +9,18 @@ committed one.
 
 What is compiled. Every ``kernels/*.cu`` as the shipped build (``CMakeLists.txt``) compiles it:
 the front end for ``compute_80`` when the file reaches ``mma.cuh`` and for the lowest shipped
-architecture otherwise, then ptxas for sm_90 and sm_80. Every Numba-CUDA kernel variant the
-Numba backend can launch (``bench/numba_variants.py``) through ``numba.cuda.compile_ptx`` for
-compute capability 9.0 and ptxas for sm_90. Results are cached by a hash of everything that
-goes into them (sources, toolchain versions, this model's code) in the temporary folder.
+architecture otherwise, then ptxas for sm_90 and sm_80. By default the model does not compile
+them itself: it reads the sm_90 and sm_80 code of the shipped build's fatbins
+(``bench/aot_build.py``, one build per set of inputs, shared through the temporary folder with
+tests/test_kernels_compile.py) with ``cuobjdump``, the resources from ``-res-usage`` instead of
+ptxas's report. That build fails on a register spill (``-Xptxas -warn-spills`` with
+``-Werror all-warnings``), so the spills of its kernels are 0. ``--compile`` (and any
+``--kernel-dir`` outside a tree with a CMakeLists.txt) compiles with ``nvcc -ptx`` and ptxas
+instead; both ways give the same figures. Every Numba-CUDA kernel variant the Numba backend can
+launch (``bench/numba_variants.py``) through ``numba.cuda.compile_ptx`` for compute capability
+9.0 (a compile tests/test_numba_backend.py shares) and ptxas for sm_90. Results are cached by a
+hash of everything that goes into them (sources, toolchain versions, this model's code) in the
+temporary folder.
 
 What is read (``bench/sass_reader.py``), per kernel and architecture:
 
@@ -90,6 +98,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import aot_build
 import numba_variants
 import sass_reader as sass
 from gpu_summary import kernels_sha256
@@ -299,6 +308,29 @@ def read_cubin(cubin: Path, ptxas_log: str, arch: Arch, threads: int | None = No
             for name, resources in sass.ptxas_resources(ptxas_log).items()}
 
 
+def read_fatbin(fatbin: Path, arch: Arch) -> dict[str, dict]:
+    """Figures of every entry function in ``fatbin``'s ``arch`` code, as ``assemble`` gives them
+    for the same PTX: the SASS and launch bounds as ``read_cubin`` reads them, the resources from
+    ``cuobjdump -res-usage`` instead of ptxas's report. A fatbin holds no spill counts: it must
+    come from a build that fails on a spill (``aot_build.strict``), so its spills are 0."""
+    cuobjdump = cuda_tool("cuobjdump")
+    where = ("-arch", arch.name, str(fatbin))
+    sass_text = _run(cuobjdump, "-sass", *where)
+    images = len(re.findall(rf"(?m)^\s*code for {arch.name}\s*$", sass_text))
+    if images != 1:
+        raise ValueError(f"{fatbin.name}: {images} {arch.name} images, expected one")
+    code = sass.sass_functions(sass_text)
+    elf = _run(cuobjdump, "-elf", *where)
+    bounds = sass.max_threads(elf)
+    resources = sass.res_usage(_run(cuobjdump, "-res-usage", *where),
+                               sass.reserved_shared_memory(elf, arch.smem_reserved))
+    if set(resources) != set(code):
+        raise ValueError(f"{fatbin.name} ({arch.name}): -res-usage names {sorted(resources)}, -sass {sorted(code)}")
+    return {name: kernel_figures(resources[name], code[name], bounds.get(name), arch,
+                                 cupy_backend._dynamic_shared_bytes(name))
+            for name in resources}
+
+
 def assemble(ptx: Path, arch: Arch, threads: int | None = None) -> dict[str, dict]:
     """ptxas for ``arch`` (the shipped build's default optimization), then ``read_cubin``."""
     cubin = ptx.with_suffix(f".{arch.name}.cubin")
@@ -310,7 +342,7 @@ def assemble(ptx: Path, arch: Arch, threads: int | None = None) -> dict[str, dic
 
 
 def _model_code() -> list[bytes]:
-    return [Path(path).read_bytes() for path in (__file__, sass.__file__, numba_variants.__file__)]
+    return [Path(path).read_bytes() for path in (__file__, sass.__file__, numba_variants.__file__, aot_build.__file__)]
 
 
 def _cached(parts: list, compute):
@@ -337,9 +369,13 @@ def _cached(parts: list, compute):
 
 
 def cuda_unit(unit: str, kernel_dir: Path = KERNELS, archs: tuple[str, ...] = CUDA_ARCHS,
-              tools: dict | None = None) -> dict[str, dict[str, dict]]:
-    """{arch: {kernel: figures}} for one ``kernels/*.cu`` file."""
+              tools: dict | None = None, fatbin: Path | None = None) -> dict[str, dict[str, dict]]:
+    """{arch: {kernel: figures}} for one ``kernels/*.cu`` file: read from ``fatbin`` (the
+    shipped build's, which compiled the file as below) when given, else compiled here."""
     tools = tools or toolchain()
+    if fatbin is not None:
+        return _cached([unit, "fatbin", list(archs), tools, fatbin.read_bytes(), *_model_code()],
+                       lambda: {arch: read_fatbin(fatbin, ARCHS[arch]) for arch in archs})
     sources = [p.read_bytes() for p in sorted(kernel_dir.iterdir()) if p.suffix in (".cu", ".cuh")]
     virtual = front_end_arch(unit, kernel_dir)
 
@@ -358,8 +394,10 @@ def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
     arch = ARCHS[PRIMARY_ARCH]
 
     def compute():
-        variants = numba_variants.variants()
-        ptx = numba_variants.compile_ptx(variants, arch.cc, jobs)
+        # The compile tests/test_numba_backend.py shares (one per session, in the temporary folder).
+        compiled = numba_variants.every_ptx(arch.cc, jobs)
+        variants = [numba_variants.from_dict(v) for v in compiled["variants"]]
+        ptx = compiled["traced"]
         with tempfile.TemporaryDirectory(prefix="gpubp-kernel-model-") as folder, ThreadPoolExecutor(jobs) as pool:
             def one(index_variant):
                 index, variant = index_variant
@@ -406,10 +444,28 @@ def memory_of(profile: dict) -> dict:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tuple[str, ...] = CUDA_ARCHS) -> dict:
-    """Compile and model every kernel in ``kernel_dir`` for ``archs`` (PRIMARY_ARCH first) and
-    every Numba backend kernel (only where numba-cuda finds libNVVM; ``numba_unavailable`` says
-    why not)."""
+def shipped_fatbins(kernel_dir: Path) -> dict[str, Path] | None:
+    """{unit: fatbin} from the shared build of the tree holding ``kernel_dir``
+    (``bench/aot_build.py``: CMakeLists.txt's build, run once per set of inputs and reused), or
+    None where that tree has no CMakeLists.txt. The build fails on a register spill, which
+    ``read_fatbin`` relies on: refused if CMakeLists.txt has lost the flags that make it so."""
+    root = kernel_dir.parent
+    if not (root / "CMakeLists.txt").is_file() or kernel_dir != root / "kernels":
+        return None
+    if not aot_build.strict(root):
+        raise RuntimeError(f"{root / 'CMakeLists.txt'} no longer builds with {' '.join(aot_build.STRICT_FLAGS)}: "
+                           "a fatbin would hide register spills; use --compile")
+    installed = aot_build.build(root)
+    return {p.name: installed / f"{p.stem}.fatbin" for p in kernel_dir.glob("*.cu")}
+
+
+def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tuple[str, ...] = CUDA_ARCHS,
+                 from_fatbins: bool = True) -> dict:
+    """Model every kernel in ``kernel_dir`` for ``archs`` (PRIMARY_ARCH first) and every Numba
+    backend kernel (only where numba-cuda finds libNVVM; ``numba_unavailable`` says why not).
+    The CUDA C++ kernels are read from the shipped build's fatbins (``shipped_fatbins``) when
+    ``from_fatbins`` and the tree has a CMakeLists.txt, else compiled with nvcc -ptx and ptxas;
+    both give the same figures (tests/test_kernel_model.py checks it on planted kernels)."""
     kernel_dir = Path(kernel_dir).resolve()
     if kernel_dir.name != "kernels":
         raise ValueError(f"kernel_dir: expected a folder named kernels (its sha256 is taken as "
@@ -419,8 +475,11 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
     units = sorted((p.name for p in kernel_dir.glob("*.cu")), key=lambda u: -(kernel_dir / u).stat().st_size)
     with ThreadPoolExecutor(jobs) as pool:
         numba_done = pool.submit(numba_kernels, tools, jobs)
-        per_unit = {unit: pool.submit(cuda_unit, unit, kernel_dir, archs, tools) for unit in units}
+        fatbins = pool.submit(shipped_fatbins, kernel_dir) if from_fatbins else None
         memory, memory_workloads, memory_missing = memory_figures(kernel_dir)
+        fatbins = fatbins.result() if fatbins else None
+        per_unit = {unit: pool.submit(cuda_unit, unit, kernel_dir, archs, tools, fatbins and fatbins[unit])
+                    for unit in units}
         by_arch: dict[str, dict] = {arch: {} for arch in archs}
         for unit in sorted(per_unit):
             for arch, kernels in per_unit[unit].result().items():
@@ -590,8 +649,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "kernel_model.json",
                         help="the JSON report; the tables go next to it with .md")
     parser.add_argument("--jobs", type=int, default=None, help="compilations at once (default: CPU count)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the CUDA kernels with nvcc -ptx and ptxas instead of reading the shipped build's "
+                             "fatbins (bench/aot_build.py)")
     args = parser.parse_args(argv)
-    report = build_report(args.kernel_dir, args.jobs)
+    report = build_report(args.kernel_dir, args.jobs, from_fatbins=not args.compile)
     write(report, args.out)
     print(f"{len(report['kernels'])} kernels -> {args.out} and {args.out.with_suffix('.md')}")
 

@@ -181,35 +181,73 @@ class NVVMUnavailable(RuntimeError):
     """numba-cuda cannot compile here: libNVVM (part of the CUDA toolkit) was not found."""
 
 
-def _compile(entries: list[dict], cc: tuple[int, int]) -> dict:
-    """With the simulator off: {"ptx": the PTX of each variant}, or {"unavailable": why not}."""
-    from numba import cuda, types
-    from numba.cuda.cudadrv import nvvm
+NO_NVVM = "libNVVM (the CUDA toolkit's compiler library) is not installed"
+
+
+def _traced_kernel(entry: dict):
+    """(dispatcher, signature) of a traced variant, with the simulator off."""
+    import numpy as np
+    from numba import types
     from numba.np.numpy_support import from_dtype
 
     from gpubp.backends import numba_backend as backend
 
-    if not nvvm.is_available():
-        return {"unavailable": "libNVVM (the CUDA toolkit's compiler library) is not installed"}
-
     def numba_type(spec):
-        import numpy as np
-
         if spec[0] == "array":
             return types.Array(from_dtype(np.dtype(spec[1])), spec[2], spec[3])
         return from_dtype(np.dtype(spec[1]))
 
-    ptx = {}
-    for entry in entries:
-        origin = entry["origin"]
-        kernel = getattr(backend, origin[1])
-        if origin[0] == "factory":
-            kernel = kernel(*origin[2])
-        signature = tuple(numba_type(spec) for spec in entry["types"])
-        # The launch bounds the backend's dispatcher compiles with: they cap the registers.
-        ptx[entry["name"]], _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc,
-                                                 launch_bounds=kernel.targetoptions.get("launch_bounds"))
-    return {"ptx": ptx}
+    origin = entry["origin"]
+    kernel = getattr(backend, origin[1])
+    if origin[0] == "factory":
+        kernel = kernel(*origin[2])
+    return kernel, tuple(numba_type(spec) for spec in entry["types"])
+
+
+def _compile_ptx(kernel, signature, cc):
+    from numba import cuda
+
+    # The launch bounds the backend's dispatcher compiles with: they cap the registers.
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=kernel.targetoptions.get("launch_bounds"))
+    return ptx
+
+
+def _compile(entries: list[dict], cc: tuple[int, int]) -> dict:
+    """With the simulator off: {"ptx": the PTX of each variant}, or {"unavailable": why not}."""
+    from numba.cuda.cudadrv import nvvm
+
+    if not nvvm.is_available():
+        return {"unavailable": NO_NVVM}
+    return {"ptx": {entry["name"]: _compile_ptx(*_traced_kernel(entry), cc) for entry in entries}}
+
+
+def _compile_all(traced: list[dict], cc: tuple[int, int], part: int, parts: int) -> dict:
+    """With the simulator off, the ``part``-th of ``parts`` shares of ``every_ptx``'s work: each
+    distinct kernel compile of the traced variants and of ``numba_backend.kernel_variants()``
+    (one dispatcher with the same argument types is one compile, whichever list names it)."""
+    from numba import cuda, types
+    from numba.cuda.cudadrv import nvvm
+
+    from gpubp.backends import numba_backend as backend
+
+    if not nvvm.is_available():
+        return {"unavailable": NO_NVVM}
+    named = [("traced", entry["name"], *_traced_kernel(entry)) for entry in traced]
+    named += [("backend", f"{v.name}[{v.variant}]", v.kernel, tuple(v.signature)) for v in backend.kernel_variants()]
+    compiles: dict[tuple, list] = {}
+    for which, name, kernel, signature in named:  # in the same order in every part
+        compiles.setdefault((id(kernel), tuple(map(str, signature))), []).append((which, name, kernel, signature))
+    result = {"traced": {}, "backend": {}, "device_functions": {}}
+    for uses in list(compiles.values())[part::parts]:
+        _, _, kernel, signature = uses[0]
+        ptx = _compile_ptx(kernel, signature, cc)
+        for which, name, _, _ in uses:
+            result[which][name] = ptx
+    if part == 0:  # the activations, forward and derivative, as device functions
+        for name, fn in [*backend._FORWARD.items(), *(("d" + n, g) for n, g in backend._GRAD.items())]:
+            ptx, restype = cuda.compile_ptx(fn.py_func, (types.float32,), device=True, cc=cc)
+            result["device_functions"][name] = {"returns": str(restype), "float64_ops": ptx.count(".f64")}
+    return result
 
 
 def _child(command: str, payload, simulator: bool, timeout: float):
@@ -228,8 +266,7 @@ def _child(command: str, payload, simulator: bool, timeout: float):
 
 def variants(timeout: float = 300) -> list[Variant]:
     """Every kernel variant the Numba backend launches, by name (see the module docstring)."""
-    return [Variant(v["name"], _frozen(v["origin"]), _frozen(v["types"]), v["threads"])
-            for v in _child("trace", None, simulator=True, timeout=timeout)]
+    return [from_dict(v) for v in _child("trace", None, simulator=True, timeout=timeout)]
 
 
 def compile_ptx(found: list[Variant], cc: tuple[int, int] = (9, 0), jobs: int | None = None,
@@ -250,18 +287,77 @@ def compile_ptx(found: list[Variant], cc: tuple[int, int] = (9, 0), jobs: int | 
     return {name: ptx for part in parts for name, ptx in part["ptx"].items()}
 
 
+def every_ptx(cc: tuple[int, int] = (9, 0), jobs: int | None = None, timeout: float = 600) -> dict:
+    """One compile, shared: the PTX of every traced variant (``variants()``, which the kernel
+    model models) and of every entry of ``numba_backend.kernel_variants()`` (which
+    tests/test_numba_backend.py checks), each distinct kernel compiled once, and the activations
+    as device functions. Kept in the temporary folder under a hash of what goes in (the gpubp
+    package, this file, numba-cuda's version, ``cc``); a second process asking for it (another
+    pytest-xdist worker) waits on a file lock and reads the first one's result. Returns
+    {"variants": [asdict(Variant)], "traced": {name: ptx}, "backend": {"name[variant]": ptx},
+    "device_functions": {name: {"returns": type, "float64_ops": count}}}; raises
+    ``NVVMUnavailable`` where numba-cuda finds no libNVVM."""
+    import fcntl
+    import hashlib
+    import importlib.metadata
+    from concurrent.futures import ThreadPoolExecutor
+
+    digest = hashlib.sha256(json.dumps([list(cc), importlib.metadata.version("numba-cuda")]).encode())
+    for path in [Path(__file__), *sorted((ROOT / "gpubp").rglob("*.py"))]:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    cache = Path(tempfile.gettempdir()) / "gpubp-numba-ptx"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{digest.hexdigest()[:24]}.json"
+
+    def read():
+        result = json.loads(path.read_text())
+        if "unavailable" in result:
+            raise NVVMUnavailable(result["unavailable"])
+        return result
+
+    if path.is_file():
+        return read()
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return read()
+        traced = [asdict(v) for v in variants(timeout)]
+        jobs = max(1, jobs or os.cpu_count() or 1)
+        payloads = [{"traced": traced, "cc": list(cc), "part": part, "parts": jobs} for part in range(jobs)]
+        with ThreadPoolExecutor(jobs) as pool:
+            parts = list(pool.map(lambda payload: _child("compile_all", payload, False, timeout), payloads))
+        result = {"variants": traced, "traced": {}, "backend": {}, "device_functions": {}}
+        for part in parts:
+            if "unavailable" in part:
+                result = {"unavailable": part["unavailable"]}
+                break
+            for field in ("traced", "backend", "device_functions"):
+                result[field].update(part[field])
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(result))
+        os.replace(partial, path)
+    return read()
+
+
+def from_dict(entry: dict) -> Variant:
+    return Variant(entry["name"], _frozen(entry["origin"]), _frozen(entry["types"]), entry["threads"])
+
+
 def _frozen(value):
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("trace", "compile"):
+    if argv and argv[0] in ("trace", "compile", "compile_all"):
         command, request, reply = argv
         if command == "trace":
             result = _trace()
-        else:
+        elif command == "compile":
             payload = json.loads(Path(request).read_text())
             result = _compile(payload["variants"], tuple(payload["cc"]))
+        else:
+            payload = json.loads(Path(request).read_text())
+            result = _compile_all(payload["traced"], tuple(payload["cc"]), payload["part"], payload["parts"])
         Path(reply).write_text(json.dumps(result))
         return
     for variant in variants():

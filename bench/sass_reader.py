@@ -6,6 +6,8 @@ The readers take the text the tools print, so they are tested on planted sources
 
 - ``ptxas_resources(log)``: ``ptxas -v``'s per-function registers, spill stores and loads,
   stack frame and static shared memory;
+- ``res_usage(text)``: ``cuobjdump -res-usage``'s per-function registers, stack frame and
+  shared memory (what a built fatbin says without ptxas's report; it has no spill counts);
 - ``sass_functions(text)``: ``cuobjdump -sass`` as a list of ``Instruction`` per function
   (address, predicate, opcode, branch target);
 - ``max_threads(text)``: ``cuobjdump -elf``'s ``EIATTR_MAX_THREADS`` per function, the block
@@ -71,6 +73,40 @@ def ptxas_resources(log: str) -> dict[str, Resources]:
                                      spill_loads=spill_loads, stack_frame=stack, smem_bytes=int(match.group(2) or 0))
             entry = None
     return found
+
+
+# ----------------------------------------------------------------------------- cuobjdump -res-usage
+
+_RES_FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
+_RES_FIGURES = re.compile(r"\bREG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def res_usage(text: str, reserved_smem: int = 0) -> dict[str, Resources]:
+    """Per function, what ``cuobjdump -res-usage`` of one architecture's cubin reports, as
+    ``ptxas -v`` reports it. Spill counts are not in a cubin: they are 0 here (the caller must
+    know that the build fails on a spill). ``reserved_smem``: the shared memory the compiler
+    reserves at the start of every block that uses shared memory at all, which
+    ``cuobjdump`` counts in SHARED and ptxas does not (1 KiB on sm_90, none on sm_80; see
+    ``reserved_shared_memory``)."""
+    found = {}
+    name = None
+    for line in text.splitlines():
+        if match := _RES_FUNCTION.match(line):
+            name = match.group(1)
+        elif name and (match := _RES_FIGURES.search(line)):
+            registers, stack, shared, _local = (int(g) for g in match.groups())
+            if shared and shared < reserved_smem:
+                raise ValueError(f"{name}: SHARED:{shared} is less than the {reserved_smem} bytes reserved")
+            found[name] = Resources(registers=registers, spill_stores=0, spill_loads=0, stack_frame=stack,
+                                    smem_bytes=shared - reserved_smem if shared else 0)
+            name = None
+    return found
+
+
+def reserved_shared_memory(elf_text: str, reserved: int) -> int:
+    """``reserved`` when ``cuobjdump -elf`` of one cubin shows the reserved shared-memory window
+    (the ``.nv.shared.reserved.0`` section sm_90 code has), else 0."""
+    return reserved if re.search(r"(?m)\s\.nv\.shared\.reserved\.0\s*$", elf_text) else 0
 
 
 # ----------------------------------------------------------------------------- SASS

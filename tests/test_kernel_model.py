@@ -1,11 +1,14 @@
 """The static performance model (bench/kernel_model.py): speed regressions fail CI like wrong results.
 
-The shipped kernels and every Numba kernel variant are compiled as the model compiles them,
-for sm_90, and compared by name with the committed report, ``bench/results/kernel_model.json``:
-a spill, a kernel one report names and the other does not, or a hot-loop ceiling or memory
-figure worse than the committed one fails. The model's figures are static counts, not timings.
-The report's sm_80 figures are not rebuilt here, to keep CI short; an sm_80 spill fails the
-CMake build of tests/test_kernels_compile.py.
+The shipped kernels and every Numba kernel variant are modelled for sm_90 and compared by name
+with the committed report, ``bench/results/kernel_model.json``: a spill, a kernel one report
+names and the other does not, or a hot-loop ceiling or memory figure worse than the committed
+one fails. The model's figures are static counts, not timings. The shipped kernels are read
+from the fatbins of the CMake build (bench/aot_build.py), which tests/test_kernels_compile.py
+checks and shares, instead of being compiled a second time: that build fails on a register
+spill for every architecture, and a planted source built both ways shows the fatbin gives the
+figures ptxas gives. The Numba PTX is the compile tests/test_numba_backend.py shares. The
+report's sm_80 figures are not rebuilt here, to keep CI short.
 
 The SASS reader is shown not to be blind on planted sources whose answers are known: loops
 with a known FFMA or HMMA count, nested and sibling loops, a kernel that spills, a kernel
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,6 +70,8 @@ def toolchains(committed: dict, fresh: dict) -> str:
 
 
 def test_no_kernel_spills(committed, fresh):
+    # The shipped kernels' spills are read as 0 from a build that fails on any spill.
+    assert km.aot_build.strict(), "CMakeLists.txt no longer fails the build on a register spill"
     assert problems_of("spill", committed, fresh) == [], toolchains(committed, fresh)
 
 
@@ -399,6 +405,14 @@ extern "C" __global__ void __launch_bounds__(1024, 2) planted_spill(float* out, 
     STORE_CHAINS(64)
 }
 
+// Dynamic shared memory only: none static, which sm_90 code still reserves 1 KiB of shared memory for.
+extern "C" __global__ void __launch_bounds__(256) planted_dynamic_shared(float* out, const float* in) {
+    extern __shared__ float staged[];
+    staged[threadIdx.x] = in[threadIdx.x];
+    __syncthreads();
+    out[threadIdx.x] = staged[255 - threadIdx.x];
+}
+
 extern "C" __global__ void planted_unbounded(float* out, const float* in, int n) {
     LOAD_CHAINS(8)
     {
@@ -410,8 +424,8 @@ extern "C" __global__ void planted_unbounded(float* out, const float* in, int n)
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> dict[str, dict]:
-    """The planted kernels' sm_90 figures, compiled as the model compiles kernels/."""
+def planted_dir(tmp_path_factory) -> Path:
+    """A folder named kernels holding the planted sources."""
     if NVCC is None:
         pytest.skip(NO_NVCC)
     kernels = tmp_path_factory.mktemp("planted") / "kernels"
@@ -419,9 +433,15 @@ def planted(tmp_path_factory) -> dict[str, dict]:
     (kernels / "mma.cuh").write_text(PLANTED_MMA_HEADER)
     (kernels / "tensor.cu").write_text(PLANTED_TENSOR)
     (kernels / "simt.cu").write_text(PLANTED_SIMT)
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def planted(planted_dir) -> dict[str, dict]:
+    """The planted kernels' sm_90 figures, compiled as the model compiles kernels/."""
     found = {}
     for unit in ("simt.cu", "tensor.cu"):
-        found.update(km.cuda_unit(unit, kernels, archs=("sm_90",))["sm_90"])
+        found.update(km.cuda_unit(unit, planted_dir, archs=("sm_90",))["sm_90"])
     return found
 
 
@@ -464,3 +484,59 @@ def test_the_launch_shape_is_read_from_launch_bounds(planted):
     assert planted["planted_spill"]["threads"] == 1024
     assert planted["planted_unbounded"]["threads"] is None
     assert planted["planted_unbounded"]["occupancy_warps"] is None
+
+
+# ----------------------------------------------------------------------------- figures read from a fatbin
+
+
+def test_a_fatbin_gives_the_figures_ptxas_gives(planted_dir, tmp_path):
+    """The model reads the shipped kernels from the CMake build's fatbins (cuobjdump -sass, -elf,
+    -res-usage) instead of compiling them again; the planted files, built both ways as that
+    build builds them, have the same figures on both architectures. Spills aside: a fatbin does
+    not record them, and the shipped build fails on one (tests/test_kernels_compile.py)."""
+    archs = tuple(km.CUDA_ARCHS)
+    for unit in ("simt.cu", "tensor.cu"):
+        compiled = km.cuda_unit(unit, planted_dir, archs=archs)
+        fatbin = tmp_path / unit.replace(".cu", ".fatbin")
+        code = ",".join(archs)
+        subprocess.run([NVCC, "--fatbin", *km.codegen_flags(), "-gencode",
+                        f"arch={km.front_end_arch(unit, planted_dir)},code=[{code}]", "-o", str(fatbin),
+                        str(planted_dir / unit)], check=True, capture_output=True)
+        read = km.cuda_unit(unit, planted_dir, archs=archs, fatbin=fatbin)
+        for arch in archs:
+            assert sorted(read[arch]) == sorted(compiled[arch])
+            for name, figures in compiled[arch].items():
+                if name == "planted_spill":
+                    assert figures["spill_bytes"] > 0 and read[arch][name]["spill_bytes"] == 0
+                    figures = {**figures, "spill_bytes": 0}
+                assert read[arch][name] == figures, (arch, name)
+    assert compiled["sm_90"]["planted_mma_loops"]["peak"] == "tensor"
+
+
+RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_90
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function tiled:
+  REG:40 STACK:8 SHARED:5120 LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function streaming:
+  REG:26 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_res_usage_reads_registers_stack_and_static_shared_memory_less_the_reserved_window():
+    sass = km.sass
+    found = sass.res_usage(RES_USAGE, reserved_smem=1024)
+    assert found == {"tiled": sass.Resources(registers=40, spill_stores=0, spill_loads=0, stack_frame=8, smem_bytes=4096),
+                     "streaming": sass.Resources(registers=26, spill_stores=0, spill_loads=0, stack_frame=0,
+                                                 smem_bytes=0)}
+    assert sass.res_usage(RES_USAGE)["tiled"].smem_bytes == 5120
+    with pytest.raises(ValueError, match="reserved"):
+        sass.res_usage(RES_USAGE.replace("SHARED:5120", "SHARED:512"), reserved_smem=1024)
+    elf = "   1d   ff80      0  0  1                       NOBITS        3    0        0 .nv.shared.reserved.0\n"
+    assert sass.reserved_shared_memory(elf, 1024) == 1024
+    assert sass.reserved_shared_memory(elf.replace("reserved", "tile"), 1024) == 0

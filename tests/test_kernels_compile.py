@@ -3,7 +3,9 @@
 - One CMake build (configure, build, install into a temporary folder) compiles every
   ``kernels/*.cu`` for every architecture in ``CMakeLists.txt`` with warnings and register
   spills as errors; the tests below check what it produced. Without cmake, the same nvcc
-  command runs directly. Skipped, with the reason, when nvcc is absent.
+  command runs directly. Skipped, with the reason, when nvcc is absent. The build is
+  ``bench/aot_build.py``'s, cached by its inputs and shared with the kernel model
+  (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles it once.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
   include-expanded sources that the backend hands it as CuPy 14 does, to an sm_XX cubin, so
   ptxas runs here (register spills, the static shared-memory limit); through libnvrtc and
@@ -48,6 +50,7 @@ NVCC = shutil.which("nvcc")
 CMAKE = shutil.which("cmake")
 # What CMakeLists.txt builds, read as bench/kernel_model.py (which compiles the same way) reads it.
 kernel_model = load("kernel_model")
+aot = load("aot_build")
 shipped_archs, uses_tensor_cores = kernel_model.shipped_archs, kernel_model.uses_tensor_cores
 codegen_flags = kernel_model.codegen_flags
 
@@ -65,35 +68,16 @@ def test_nvcc_13_supports_every_shipped_arch():
 
 
 @pytest.fixture(scope="module")
-def aot_build(tmp_path_factory):
-    """Build every kernel file once; returns the folder holding the fatbins (and manifest)."""
+def aot_build():
+    """Build every kernel file once; returns the folder holding the fatbins (and manifest).
+    The build is bench/aot_build.py's, shared through the temporary folder with the kernel
+    model (tests/test_kernel_model.py), which reads its sm_90 code instead of compiling again."""
     if NVCC is None:
         pytest.skip("nvcc not found on PATH: cannot compile the CUDA kernels")
-    root = tmp_path_factory.mktemp("aot")
-    if CMAKE is None:  # the same nvcc commands CMakeLists.txt runs, minus the manifest
-        archs = shipped_archs()
-        older, tensor = [a for a in archs if int(a) < 80], [a for a in archs if int(a) >= 80]
-        for unit in UNITS:
-            gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(archs)},compute_{archs[0]}]"]
-            if uses_tensor_cores(unit):
-                gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(older)}]",
-                           "-gencode", f"arch=compute_80,code=[sm_{',sm_'.join(tensor)},compute_80]"]
-            subprocess.run(
-                [NVCC, "--fatbin", *codegen_flags(), "--threads", "0", *gencode,
-                 "-Werror", "all-warnings", "-Xptxas", "-warn-spills",
-                 "-o", str(root / unit.replace(".cu", ".fatbin")), str(KERNELS / unit)],
-                check=True,
-            )
-        return root
-    build, installed = root / "build", root / "installed"
-    subprocess.run([CMAKE, "-S", str(REPO), "-B", str(build), f"-DGPUBP_AOT_DIR={installed}"], check=True,
-                   capture_output=True)
-    jobs = str(max(2, os.cpu_count() or 2))
-    done = subprocess.run([CMAKE, "--build", str(build), "-j", jobs], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
-    (root / "build.log").write_text(done.stdout)
-    subprocess.run([CMAKE, "--install", str(build)], check=True, capture_output=True)
-    return installed
+    try:
+        return aot.build(REPO)
+    except aot.BuildFailed as failed:
+        pytest.fail(str(failed))
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -130,6 +114,34 @@ def test_backend_accepts_the_installed_fatbins_only_for_shipped_archs(aot_build,
     monkeypatch.setenv(cupy_backend.AOT_ENV, str(aot_build))
     assert cupy_backend._aot_mismatch(shipped_archs()[-1]) is None
     assert "not sm_70" in cupy_backend._aot_mismatch("70")
+
+
+def test_the_build_is_shared_and_found_again_without_compiling(aot_build):
+    """A second caller (the kernel model on another pytest-xdist worker) gets the same folder."""
+    assert aot.build(REPO) == aot_build
+    assert (aot_build.parent / "complete").is_file()
+
+
+def test_the_shared_build_is_keyed_by_every_input(tmp_path):
+    for name in ("CMakeLists.txt", "kernels"):
+        (shutil.copytree if name == "kernels" else shutil.copy)(REPO / name, tmp_path / name)
+    before = aot.key(tmp_path)
+    assert before == aot.key(REPO)
+    for changed in (tmp_path / "kernels" / "mma.cuh", tmp_path / "CMakeLists.txt"):
+        text = changed.read_text()
+        changed.write_text(text + "\n")
+        assert aot.key(tmp_path) != before, changed.name
+        changed.write_text(text)
+    assert aot.key(tmp_path) == before
+
+
+def test_the_build_fails_on_a_spill_so_a_built_fatbin_has_none(tmp_path):
+    """bench/kernel_model.py reads spills as 0 from the fatbins on the strength of this."""
+    assert aot.strict(REPO)
+    assert all(flag in aot.common_flags(REPO) for flag in ("-Werror", "all-warnings", "-warn-spills"))
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    (tmp_path / "CMakeLists.txt").write_text(cmake.replace(" -Xptxas -warn-spills", ""))
+    assert not aot.strict(tmp_path)
 
 
 # ----------------------------------------------------------------------------- NVRTC

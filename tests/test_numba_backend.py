@@ -5,11 +5,12 @@ real with every thread in Python: shapes stay tiny and are chosen not to be mult
 the 128 x 128 x 8 tile. Agreement is max|numba - numpy| <= 1e-5 * max|numpy| in float32.
 """
 
-import json
-import os
+import shutil
 import subprocess
-import sys
+import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -604,58 +605,37 @@ def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches()
     assert len({(v.name, v.variant) for v in variants}) == len(variants)
 
 
-# Runs with the simulator off: compile_ptx needs libNVVM but no GPU; ptxas comes with nvcc.
-COMPILE_SCRIPT = """
-import json, shutil, subprocess, sys, tempfile
-from pathlib import Path
-from numba import cuda
-from numba.cuda import types
-from numba.cuda.cudadrv import nvvm
-if not nvvm.is_available():
-    print(json.dumps({"skip": "libNVVM (the CUDA toolkit's compiler library) is not installed"}))
-    raise SystemExit
-from gpubp.backends import numba_backend as nb
-part, parts = int(sys.argv[1]), int(sys.argv[2])
-report = {"returns": {}, "float64_ops": {}, "ptxas": {}}
-if part == 0:
-    for name, fn in [*nb._FORWARD.items(), *(("d" + n, g) for n, g in nb._GRAD.items())]:
-        ptx, restype = cuda.compile_ptx(fn.py_func, (types.float32,), device=True, cc=(9, 0))
-        report["returns"][name] = str(restype)
-        report["float64_ops"][name] = ptx.count(".f64")
-ptxas = shutil.which("ptxas")
-for variant in nb.kernel_variants()[part::parts]:
-    label = f"{variant.name}[{variant.variant}]"
-    ptx = nb.variant_ptx(variant)
-    report["float64_ops"][label] = ptx.count(".f64")
-    if ptxas:
-        with tempfile.TemporaryDirectory() as folder:
-            source = Path(folder) / "kernel.ptx"
-            source.write_text(ptx)
-            done = subprocess.run([ptxas, "-arch=sm_90", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
-                                  capture_output=True, text=True, check=True)
-            report["ptxas"][label] = done.stderr
-print(json.dumps(report))
-"""
 COMPILE_PROCESSES = 2
+numba_variants = load("numba_variants")
 
 
 @pytest.fixture(scope="module")
 def compiled_variants():
     """Every entry of kernel_variants() compiled for sm_90 (PTX, and ptxas -v where ptxas is on
-    PATH), in COMPILE_PROCESSES child processes that split the list between them."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    children = [subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(part), str(COMPILE_PROCESSES)],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for part in range(COMPILE_PROCESSES)]
-    report = {"returns": {}, "float64_ops": {}, "ptxas": {}}
-    for child in children:
-        out, err = child.communicate()
-        assert child.returncode == 0, err[-4000:]
-        part = json.loads(out.strip().splitlines()[-1])
-        if "skip" in part:
-            pytest.skip(part["skip"])
-        for key in report:
-            report[key].update(part[key])
+    PATH). The PTX comes from bench/numba_variants.py's ``every_ptx``, one compile (with the
+    simulator off: libNVVM is needed, no GPU) that the kernel model (tests/test_kernel_model.py,
+    on another pytest-xdist worker) shares through the temporary folder."""
+    try:
+        compiled = numba_variants.every_ptx((9, 0), COMPILE_PROCESSES)
+    except numba_variants.NVVMUnavailable as exc:
+        pytest.skip(str(exc))
+    functions = compiled["device_functions"]
+    report = {"returns": {name: f["returns"] for name, f in functions.items()},
+              "float64_ops": {name: f["float64_ops"] for name, f in functions.items()}, "ptxas": {}}
+    report["float64_ops"].update({label: ptx.count(".f64") for label, ptx in compiled["backend"].items()})
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        def assemble(label_ptx):
+            label, ptx = label_ptx
+            with tempfile.TemporaryDirectory() as folder:
+                source = Path(folder) / "kernel.ptx"
+                source.write_text(ptx)
+                done = subprocess.run([ptxas, "-arch=sm_90", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                                      capture_output=True, text=True, check=True)
+                return label, done.stderr
+
+        with ThreadPoolExecutor(COMPILE_PROCESSES) as pool:
+            report["ptxas"] = dict(pool.map(assemble, compiled["backend"].items()))
     return report
 
 
