@@ -79,7 +79,7 @@ struct Fused {
     static constexpr int LDB = MAX_WIDTH + 4;
     static constexpr int STRIP = MAX_WIDTH / (THREADS / 32);  // fp32: columns per warp
     // fp32: resident blocks per SM on sm_90, as shared memory allows (100 KB a block): registers to
-    // match (ptxas: 163 to 187 a thread, no spills; 2 blocks allow up to 255).
+    // match (ptxas: 163 to 183 a thread, no spills; 2 blocks allow up to 255).
     static constexpr int FP32_BLOCKS = 2;
 };
 
