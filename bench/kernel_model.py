@@ -199,16 +199,8 @@ def toolchain() -> dict[str, str]:
 # ----------------------------------------------------------------------------- what the shipped build compiles
 
 
-def shipped_archs(root: Path = ROOT) -> list[str]:
-    """GPUBP_CUDA_ARCHS from CMakeLists.txt: the one list of architectures we ship."""
-    match = re.search(r"set\(GPUBP_CUDA_ARCHS ([0-9 ]+)\)", (root / "CMakeLists.txt").read_text())
-    return match.group(1).split()
-
-
-def codegen_flags(root: Path = ROOT) -> list[str]:
-    """GPUBP_CODEGEN_FLAGS from CMakeLists.txt: the flags nvcc builds the fatbins with."""
-    match = re.search(r"set\(GPUBP_CODEGEN_FLAGS ([^)]+)\)", (root / "CMakeLists.txt").read_text())
-    return match.group(1).split()
+# CMakeLists.txt's architectures and code-generation flags, as the shared build reads them.
+shipped_archs, codegen_flags = aot_build.shipped_archs, aot_build.codegen_flags
 
 
 def uses_tensor_cores(unit: str, kernel_dir: Path = KERNELS) -> bool:

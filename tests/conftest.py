@@ -41,11 +41,14 @@ def pytest_report_header(config):
 # Module-scoped fixtures that compile for minutes and keep their result in memory only: every
 # test using one joins one xdist group (with -n the suite runs --dist loadgroup: xdist_groups.py),
 # so one pytest-xdist worker computes it once, instead of every worker computing it again.
+# fixture -> group, by file. The CMake build (bench/aot_build.py) is shared through the
+# temporary folder, and the kernel model reads its fatbins: on another worker the model would
+# wait minutes for the build's lock, idle, so both fixtures' tests share one worker.
 ONE_WORKER_FIXTURES = {
-    "test_kernels_compile.py": {"aot_build"},
-    "test_kernel_model.py": {"fresh"},
-    "test_numba_backend.py": {"compiled_variants"},
-    "test_distributed.py": {"ranks"},
+    "test_kernels_compile.py": {"aot_build": "cmake_build"},
+    "test_kernel_model.py": {"fresh": "cmake_build"},
+    "test_numba_backend.py": {"compiled_variants": "test_numba_backend.compiled_variants"},
+    "test_distributed.py": {"ranks": "test_distributed.ranks"},
 }
 
 
@@ -76,9 +79,10 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
         items[:] = items[index::count]
     for item in items:
-        shared = ONE_WORKER_FIXTURES.get(item.path.name, set()) & set(item.fixturenames)
+        groups = ONE_WORKER_FIXTURES.get(item.path.name, {})
+        shared = sorted(set(groups) & set(item.fixturenames))
         if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{min(shared)}"))
+            item.add_marker(pytest.mark.xdist_group(groups[shared[0]]))
     # The longest tests start first, so that no worker is left with one of them at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if GPU_COUNT:
