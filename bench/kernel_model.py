@@ -84,8 +84,6 @@ ideal or use less than every byte of the sectors they move.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -101,6 +99,7 @@ from pathlib import Path
 import aot_build
 import numba_variants
 import sass_reader as sass
+import temp_cache
 from gpu_summary import kernels_sha256
 
 from gpubp.backends import cupy_backend
@@ -109,7 +108,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 RESULTS = ROOT / "bench" / "results"
 ACCESS_PROFILER = ROOT / "tests" / "cuda_on_cpu" / "access_profile.py"
-CACHE = Path(tempfile.gettempdir()) / "gpubp-kernel-model"
+CACHE_FOLDER = "gpubp-kernel-model"  # in the temporary folder (temp_cache.py)
 PRIMARY_ARCH = "sm_90"
 CUDA_ARCHS = ("sm_90", "sm_80")  # the CUDA C++ kernels; Numba's are modelled for PRIMARY_ARCH only
 NUMBA_SOURCE = "numba_backend.py"
@@ -338,26 +337,9 @@ def _model_code() -> list[bytes]:
 
 
 def _cached(parts: list, compute):
-    """``compute()``'s JSON result, kept in the temporary folder under a hash of ``parts``."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
-        digest.update(b"\0")
-    path = CACHE / f"{digest.hexdigest()}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # Another process computing the same result (a second pytest-xdist worker) is waited for,
-    # not repeated.
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return json.loads(path.read_text())
-        result = compute()
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(result))
-        os.replace(partial, path)
-    return result
+    """``compute()``'s JSON result, kept in the temporary folder under a hash of ``parts``
+    (another process computing the same result is waited for, not repeated)."""
+    return temp_cache.cached_json(CACHE_FOLDER, parts, compute)
 
 
 def cuda_unit(unit: str, kernel_dir: Path = KERNELS, archs: tuple[str, ...] = CUDA_ARCHS,

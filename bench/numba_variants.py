@@ -15,9 +15,10 @@ it comes from:
   ``numba:softmax_cross_entropy(labels=int32)``.
 
 A kernel that comes from neither is an error, so a rewritten backend is followed or refused,
-never half-read. ``compile_ptx(variants, cc)`` then compiles each variant with
-``numba.cuda.compile_ptx`` for that compute capability and the launch bounds the backend's
-kernel carries, the simulator off (libNVVM is needed, not a GPU), in parallel processes.
+never half-read. ``every_ptx(cc)`` then compiles each variant, and every entry of the backend's
+``kernel_variants()``, with ``numba_backend.kernel_ptx`` for that compute capability and the
+launch bounds the backend's kernel carries, the simulator off (libNVVM is needed, not a GPU),
+in parallel processes, once per set of inputs (cached in the temporary folder).
 
 What it cannot see: a kernel the contract's functions never launch (a dead kernel), the
 optional fused-MLP capability, which the Numba backend does not have (``drive_contract`` says
@@ -41,6 +42,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import temp_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "numba:"
@@ -204,23 +207,6 @@ def _traced_kernel(entry: dict):
     return kernel, tuple(numba_type(spec) for spec in entry["types"])
 
 
-def _compile_ptx(kernel, signature, cc):
-    from numba import cuda
-
-    # The launch bounds the backend's dispatcher compiles with: they cap the registers.
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=kernel.targetoptions.get("launch_bounds"))
-    return ptx
-
-
-def _compile(entries: list[dict], cc: tuple[int, int]) -> dict:
-    """With the simulator off: {"ptx": the PTX of each variant}, or {"unavailable": why not}."""
-    from numba.cuda.cudadrv import nvvm
-
-    if not nvvm.is_available():
-        return {"unavailable": NO_NVVM}
-    return {"ptx": {entry["name"]: _compile_ptx(*_traced_kernel(entry), cc) for entry in entries}}
-
-
 def _compile_all(traced: list[dict], cc: tuple[int, int], part: int, parts: int) -> dict:
     """With the simulator off, the ``part``-th of ``parts`` shares of ``every_ptx``'s work: each
     distinct kernel compile of the traced variants and of ``numba_backend.kernel_variants()``
@@ -240,7 +226,7 @@ def _compile_all(traced: list[dict], cc: tuple[int, int], part: int, parts: int)
     result = {"traced": {}, "backend": {}, "device_functions": {}}
     for uses in list(compiles.values())[part::parts]:
         _, _, kernel, signature = uses[0]
-        ptx = _compile_ptx(kernel, signature, cc)
+        ptx = backend.kernel_ptx(kernel, signature, cc)
         for which, name, _, _ in uses:
             result[which][name] = ptx
     if part == 0:  # the activations, forward and derivative, as device functions
@@ -269,24 +255,6 @@ def variants(timeout: float = 300) -> list[Variant]:
     return [from_dict(v) for v in _child("trace", None, simulator=True, timeout=timeout)]
 
 
-def compile_ptx(found: list[Variant], cc: tuple[int, int] = (9, 0), jobs: int | None = None,
-                timeout: float = 600) -> dict[str, str]:
-    """The PTX of each variant for compute capability ``cc``, compiled in ``jobs`` processes at
-    once. Raises ``NVVMUnavailable`` where numba-cuda finds no libNVVM."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(found)))
-    chunks = [[asdict(v) for v in found[i::jobs]] for i in range(jobs)]
-    with ThreadPoolExecutor(jobs) as pool:
-        parts = pool.map(lambda chunk: _child("compile", {"variants": chunk, "cc": list(cc)}, False, timeout),
-                         chunks)
-        parts = list(parts)
-    for part in parts:
-        if "unavailable" in part:
-            raise NVVMUnavailable(part["unavailable"])
-    return {name: ptx for part in parts for name, ptx in part["ptx"].items()}
-
-
 def every_ptx(cc: tuple[int, int] = (9, 0), jobs: int | None = None, timeout: float = 600) -> dict:
     """One compile, shared: the PTX of every traced variant (``variants()``, which the kernel
     model models) and of every entry of ``numba_backend.kernel_variants()`` (which
@@ -297,46 +265,30 @@ def every_ptx(cc: tuple[int, int] = (9, 0), jobs: int | None = None, timeout: fl
     {"variants": [asdict(Variant)], "traced": {name: ptx}, "backend": {"name[variant]": ptx},
     "device_functions": {name: {"returns": type, "float64_ops": count}}}; raises
     ``NVVMUnavailable`` where numba-cuda finds no libNVVM."""
-    import fcntl
-    import hashlib
     import importlib.metadata
     from concurrent.futures import ThreadPoolExecutor
 
-    digest = hashlib.sha256(json.dumps([list(cc), importlib.metadata.version("numba-cuda")]).encode())
-    for path in [Path(__file__), *sorted((ROOT / "gpubp").rglob("*.py"))]:
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    cache = Path(tempfile.gettempdir()) / "gpubp-numba-ptx"
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{digest.hexdigest()[:24]}.json"
-
-    def read():
-        result = json.loads(path.read_text())
-        if "unavailable" in result:
-            raise NVVMUnavailable(result["unavailable"])
-        return result
-
-    if path.is_file():
-        return read()
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return read()
+    def compute():
         traced = [asdict(v) for v in variants(timeout)]
-        jobs = max(1, jobs or os.cpu_count() or 1)
-        payloads = [{"traced": traced, "cc": list(cc), "part": part, "parts": jobs} for part in range(jobs)]
-        with ThreadPoolExecutor(jobs) as pool:
+        workers = max(1, jobs or os.cpu_count() or 1)
+        payloads = [{"traced": traced, "cc": list(cc), "part": part, "parts": workers} for part in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
             parts = list(pool.map(lambda payload: _child("compile_all", payload, False, timeout), payloads))
         result = {"variants": traced, "traced": {}, "backend": {}, "device_functions": {}}
         for part in parts:
             if "unavailable" in part:
-                result = {"unavailable": part["unavailable"]}
-                break
+                return {"unavailable": part["unavailable"]}
             for field in ("traced", "backend", "device_functions"):
                 result[field].update(part[field])
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(result))
-        os.replace(partial, path)
-    return read()
+        return result
+
+    sources = [Path(__file__), *sorted((ROOT / "gpubp").rglob("*.py"))]
+    inputs = [list(cc), importlib.metadata.version("numba-cuda"),
+              *(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() for p in sources)]
+    result = temp_cache.cached_json("gpubp-numba-ptx", inputs, compute)
+    if "unavailable" in result:
+        raise NVVMUnavailable(result["unavailable"])
+    return result
 
 
 def from_dict(entry: dict) -> Variant:
@@ -348,13 +300,10 @@ def _frozen(value):
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("trace", "compile", "compile_all"):
+    if argv and argv[0] in ("trace", "compile_all"):
         command, request, reply = argv
         if command == "trace":
             result = _trace()
-        elif command == "compile":
-            payload = json.loads(Path(request).read_text())
-            result = _compile(payload["variants"], tuple(payload["cc"]))
         else:
             payload = json.loads(Path(request).read_text())
             result = _compile_all(payload["traced"], tuple(payload["cc"]), payload["part"], payload["parts"])

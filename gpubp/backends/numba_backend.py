@@ -1555,7 +1555,7 @@ def kernel_variants() -> list[KernelVariant]:
     """Every kernel variant this backend can launch: each kernel x activation x flag, with the
     argument types it is compiled for (float32 C-contiguous arrays; labels int32 or int64).
     Needs the real compiler's types (the simulator off): the compile test and the performance
-    model compile each one with ``variant_ptx``."""
+    model compile each one with ``kernel_ptx``."""
     from numba.cuda import types
 
     f32, flag = types.float32, types.boolean
@@ -1596,9 +1596,10 @@ def kernel_variants() -> list[KernelVariant]:
     return variants
 
 
-def variant_ptx(variant: KernelVariant, cc: tuple[int, int] = (9, 0)) -> str:
-    """The PTX Numba compiles ``variant`` to for compute capability ``cc``, launch bounds included;
-    no GPU needed (libNVVM is)."""
-    ptx, _ = cuda.compile_ptx(variant.kernel.py_func, variant.signature, cc=cc,
-                              launch_bounds=variant.kernel.targetoptions.get("launch_bounds"))
+def kernel_ptx(kernel, signature: tuple, cc: tuple[int, int] = (9, 0)) -> str:
+    """The PTX Numba compiles the dispatcher ``kernel`` to for the argument types ``signature``
+    and compute capability ``cc``, with the launch bounds the dispatcher compiles with (they cap
+    the registers); no GPU needed (libNVVM is). A ``KernelVariant`` is
+    ``kernel_ptx(v.kernel, v.signature)``."""
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=kernel.targetoptions.get("launch_bounds"))
     return ptx
