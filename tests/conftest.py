@@ -21,6 +21,10 @@ GPU_COUNT, NO_GPU_REASON = cuda_device_count()
 if GPU_COUNT == 0:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATOR:  # blocks that wait on events instead of polling their threads: simulator_blocks.py
+    import simulator_blocks
+
+    simulator_blocks.install()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
