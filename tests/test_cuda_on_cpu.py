@@ -267,6 +267,14 @@ def test_thread_sanitizer_reports_a_shared_memory_race():
     assert "selftest.cu" in done.stderr or "racy_neighbour_read" in done.stderr
 
 
+def test_thread_sanitizer_reports_a_race_a_shuffle_does_not_order_and_none_after_syncwarp():
+    """Of the warp collectives only __syncwarp orders memory among the lanes, as on a GPU."""
+    racy = run_under("tsan", "neighbour_read_after_a_shuffle", "(harness.device_empty((32,)),)", 32)
+    assert racy.returncode != 0 and "data race" in racy.stderr, racy.stderr[-3000:]
+    ordered = run_under("tsan", "neighbour_read_after_syncwarp", "(harness.device_empty((32,)),)", 32)
+    assert ordered.returncode == 0 and "finished" in ordered.stdout, ordered.stderr[-3000:]
+
+
 def test_address_sanitizer_reports_a_store_one_past_the_end():
     done = run_under("asan", "store_one_past_the_end", "(harness.device_empty((16,)), np.int32(16))", 32)
     assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr, done.stderr[-3000:]

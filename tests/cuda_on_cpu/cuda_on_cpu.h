@@ -23,14 +23,14 @@
 //   - A block whose threads all wait with none able to proceed is reported as a deadlock.
 //
 // Limits (what a GPU run still has to show): timing; coalescing and bank conflicts beyond the
-// profile build's model of them (access_profiler.cpp); real warp
-// scheduling (lanes here never run in lockstep, so warp-synchronous code without __syncwarp
-// fails here, which is right); the memory model beyond barriers and fences (a warp collective
-// orders memory among its lanes here, as only __syncwarp does on hardware, so a race hidden
-// behind a shuffle alone is not caught); __activemask() returns the lanes that have not yet
-// returned, since which lanes a GPU would have converged is unknowable here; independent collectives by disjoint lane subsets of
-// one warp at the same time are reported as a mask mismatch; device math rounds as the host's
-// libm (see the math section for each function's tolerance).
+// profile build's model of them (access_profiler.cpp); real warp scheduling (lanes here never
+// run in lockstep, so warp-synchronous code without __syncwarp fails here, which is right); the
+// memory model beyond barriers, __syncwarp and fences (as on hardware, no other warp collective
+// orders memory among its lanes here, so ThreadSanitizer reports a race hidden behind a shuffle
+// or an mma.sync); __activemask() returns the lanes that have not yet returned, since which
+// lanes a GPU would have converged is unknowable here; independent collectives by disjoint lane
+// subsets of one warp at the same time are reported as a mask mismatch; device math rounds as
+// the host's libm (see the math section for each function's tolerance).
 #pragma once
 
 #include <math.h>

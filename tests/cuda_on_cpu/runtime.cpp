@@ -18,7 +18,8 @@
 //
 // The sanitizers see the fibers as threads: each has a ThreadSanitizer fiber, switched to
 // without synchronization, so two CUDA threads' accesses are ordered only by what orders them
-// on a GPU (the barriers' and collectives' release/acquire pairs, atomics), and every switch
+// on a GPU (the barriers' and __syncwarp's release/acquire pairs, atomics; the other warp
+// collectives order nothing, see HiddenFromTsan), and every switch
 // tells AddressSanitizer which stack is live.
 #include <algorithm>
 #include <atomic>
@@ -50,6 +51,12 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 extern "C" void* __tsan_get_current_fiber() __attribute__((weak));
 extern "C" void* __tsan_create_fiber(unsigned flags) __attribute__((weak));
 extern "C" void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
+// ThreadSanitizer's switches for the running thread (fiber): stop and restart seeing its memory
+// accesses (sanitizer/tsan_interface.h) and its synchronization (the dynamic annotations).
+extern "C" void __tsan_ignore_thread_begin() __attribute__((weak));
+extern "C" void __tsan_ignore_thread_end() __attribute__((weak));
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line) __attribute__((weak));
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line) __attribute__((weak));
 
 namespace gpubp_cpu {
 
@@ -85,6 +92,35 @@ struct Site {
 bool is_syncwarp(const Site& a, const Site& b) {
     return std::strcmp(a.op, "__syncwarp") == 0 && std::strcmp(b.op, "__syncwarp") == 0;
 }
+
+// On a GPU a warp collective orders memory between its lanes only if it is __syncwarp
+// (Programming Guide, "Synchronization Functions"); a shuffle, a vote, ldmatrix or mma.sync
+// orders none. While one of these is made, the running fiber's accesses and synchronization are
+// hidden from ThreadSanitizer, so the runtime's bookkeeping for it (the warp's lock, its
+// generation counter, the payload copies) gives the lanes no happens-before: a race hidden behind
+// a shuffle is reported, as on hardware it is one. It also spares ThreadSanitizer a vector-clock
+// join per lane per collective, most of what a tensor-core kernel cost it. An RAII guard, so that
+// a collective that fails (and throws) leaves the fiber seen again for its next launch.
+class HiddenFromTsan {
+  public:
+    explicit HiddenFromTsan(bool hide) : hidden_(hide && __tsan_ignore_thread_begin && AnnotateIgnoreSyncBegin) {
+        if (hidden_) {
+            __tsan_ignore_thread_begin();
+            AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+        }
+    }
+    ~HiddenFromTsan() {
+        if (hidden_) {
+            AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+            __tsan_ignore_thread_end();
+        }
+    }
+    HiddenFromTsan(const HiddenFromTsan&) = delete;
+    HiddenFromTsan& operator=(const HiddenFromTsan&) = delete;
+
+  private:
+    const bool hidden_;
+};
 
 std::string where(const Site& s) {
     if (s.line == END_OF_BLOCK) return "the end of the kernel (returned)";
@@ -241,6 +277,7 @@ void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 unsigned lane_id() { return linear_tid() % 32; }
 
 unsigned active_mask() {
+    const HiddenFromTsan hidden(true);  // __activemask orders no memory either
     Warp& w = *current->warps[linear_tid() / 32];
     std::lock_guard<std::mutex> lock(w.m);
     return w.lanes & ~w.exited;
@@ -253,6 +290,7 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
     const unsigned lane = linear_tid() % 32, bit = 1u << lane;
     Warp& w = *L.warps[linear_tid() / 32];
     const Site site{file, line, op};
+    const HiddenFromTsan hidden(std::strcmp(op, "__syncwarp") != 0);
     unsigned seen, parity;
     bool last;
     {

@@ -146,6 +146,22 @@ extern "C" __global__ void racy_neighbour_read(float* out) {
     out[threadIdx.x] = tile[(threadIdx.x + 1) % 64];  // no __syncthreads between
 }
 
+// The same read within one warp, after a warp collective: a shuffle orders no memory (a race, as
+// on a GPU), __syncwarp does (correct).
+extern "C" __global__ void neighbour_read_after_a_shuffle(float* out) {
+    __shared__ float tile[32];
+    tile[threadIdx.x] = static_cast<float>(threadIdx.x);
+    const float one = __shfl_sync(0xffffffffu, 1.0f, 0);
+    out[threadIdx.x] = one * tile[(threadIdx.x + 1) % 32];
+}
+
+extern "C" __global__ void neighbour_read_after_syncwarp(float* out) {
+    __shared__ float tile[32];
+    tile[threadIdx.x] = static_cast<float>(threadIdx.x);
+    __syncwarp();
+    out[threadIdx.x] = tile[(threadIdx.x + 1) % 32];
+}
+
 extern "C" __global__ void store_one_past_the_end(float* out, int n) {
     if (threadIdx.x <= n) out[threadIdx.x] = 1.0f;
 }
