@@ -444,8 +444,8 @@ class Harness:
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
         recorder = PROFILER.read_text() + PROFILE_SHARED_SCRIPT.read_text() if self.mode == "profile" else ""
-        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _toolchain_identity(), recorder,
-                     source):
+        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(_runtime_flags(self.mode)),
+                     _toolchain_identity(), recorder, source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -524,6 +524,10 @@ def _compile(command: list[str], what: str, cwd: Path | None = None) -> None:
         raise RuntimeError(f"{what} failed:\n{done.stderr[-6000:]}")
 
 
+def _runtime_flags(mode: str) -> list[str]:
+    return [*COMMON_FLAGS, *(PROFILE_RUNTIME_FLAGS if mode == "profile" else MODE_FLAGS[mode])]
+
+
 _runtime_lock = threading.Lock()
 
 
@@ -534,7 +538,7 @@ def _runtime_object(mode: str) -> Path:
     sanitizer sees the runtime's code instrumented as before; ``profile`` compiles it with
     access_profiler.cpp and PROFILE_RUNTIME_FLAGS, uninstrumented."""
     profile = mode == "profile"
-    flags = [*COMMON_FLAGS, *(PROFILE_RUNTIME_FLAGS if profile else MODE_FLAGS[mode])]
+    flags = _runtime_flags(mode)
     sources = [HEADER, RUNTIME, *([PROFILER] if profile else [])]
     # _toolchain_identity() holds the compiler, the header and runtime.cpp.
     recorder = PROFILER.read_text() if profile else ""
