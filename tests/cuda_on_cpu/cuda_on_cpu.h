@@ -335,8 +335,8 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2
 // extern "C" kernel. It hands runtime.cpp's table the kernel's address, a function that calls
 // it with an array of pointers to its arguments, and its signature: one type code per
 // parameter, which harness.py checks each argument against. It lives here, not in the
-// runtime, so that a unit holding kernels needs only this header (the profile build compiles
-// the kernels and the runtime as separate units, see the top of this file).
+// runtime, so that a unit holding kernels needs only this header (harness.py compiles the
+// kernels and the runtime as separate units, see the top of runtime.cpp).
 namespace gpubp_cpu {
 
 using Invoker = void (*)(void* fn, void** args);

@@ -4,7 +4,9 @@
 launch with one fiber per CUDA thread (see both files for what is checked and what is
 not). This module compiles a kernel source with the machine's g++ into a shared library,
 cached by a hash of everything that goes into it, and launches its ``extern "C"`` kernels
-through ctypes with the argument lists the CuPy backend passes.
+through ctypes with the argument lists the CuPy backend passes. Each library is two units
+linked: the kernel source with the header, and the runtime, compiled once per mode (and cached
+as an object file) since every kernel source of a mode links the same one.
 
 Four modes, one per build:
 
@@ -442,8 +444,8 @@ class Harness:
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
         recorder = PROFILER.read_text() + PROFILE_SHARED_SCRIPT.read_text() if self.mode == "profile" else ""
-        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), _toolchain_identity(), recorder,
-                     source):
+        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(_runtime_flags(self.mode)),
+                     _toolchain_identity(), recorder, source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -470,24 +472,29 @@ class Harness:
             if scan.returncode != 0:
                 raise RuntimeError(f"preprocessing {label} failed:\n{scan.stderr[-4000:]}")
             names = sorted(set(_KERNEL.findall(scan.stdout)))
-            built = work / path.name
             with unit.open("a") as f:
-                if self.mode != "profile":
-                    f.write(f'#include "{RUNTIME}"\n')
                 f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
+            # The kernel unit alone, linked to the mode's runtime object, compiled once (_runtime_object).
+            kernel_object, built = work / KERNEL_OBJECT, work / path.name
+            flags = [*COMMON_FLAGS, *MODE_FLAGS[self.mode]]
+            link_flags, link_script, cwd = flags, [], None  # a sanitizer's flags also link its runtime
             if self.mode == "profile":
-                kernel_object = work / KERNEL_OBJECT
                 # Compiled in `work`, mapped to ".": the kernel files' paths in the line tables are
                 # relative ("./gemm_tile.cuh"), the harness's and the system's headers absolute.
-                _compile([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], f"-fdebug-prefix-map={work}=.", "-c",
-                          "-o", str(kernel_object), str(unit)], f"compiling {label} for the CPU ({self.mode})",
-                         cwd=work)
-                # The kernel unit first: inline functions both units define keep its instrumented copy.
-                _compile([CXX, *COMMON_FLAGS, "-o", str(built), str(kernel_object), str(_profile_runtime()),
-                          f"-Wl,-T,{PROFILE_SHARED_SCRIPT}"], f"linking {label} for the CPU ({self.mode})")
-            else:
-                _compile([CXX, *COMMON_FLAGS, *MODE_FLAGS[self.mode], "-o", str(built), str(unit)],
-                         f"compiling {label} for the CPU ({self.mode})")
+                flags, cwd = [*flags, f"-fdebug-prefix-map={work}=."], work
+                # Linked without the instrumentation flags (no sanitizer runtime), with the script
+                # that gathers the kernel unit's shared memory.
+                link_flags, link_script = COMMON_FLAGS, [f"-Wl,-T,{PROFILE_SHARED_SCRIPT}"]
+            # The runtime, when it is not built yet, compiles meanwhile, on another core.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                runtime = pool.submit(_runtime_object, self.mode)
+                _compile([CXX, *flags, "-c", "-o", str(kernel_object), str(unit)],
+                         f"compiling {label} for the CPU ({self.mode})", cwd=cwd)
+                runtime_object = runtime.result()
+            # The kernel unit first: inline functions both units define keep its copy (the
+            # profile build's instrumented one; in the other modes both are compiled alike).
+            _compile([CXX, *link_flags, "-o", str(built), str(kernel_object), str(runtime_object), *link_script],
+                     f"linking {label} for the CPU ({self.mode})")
             os.replace(built, path)  # atomic: a reader never sees a partial library
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -517,23 +524,34 @@ def _compile(command: list[str], what: str, cwd: Path | None = None) -> None:
         raise RuntimeError(f"{what} failed:\n{done.stderr[-6000:]}")
 
 
-_profile_runtime_lock = threading.Lock()
+def _runtime_flags(mode: str) -> list[str]:
+    return [*COMMON_FLAGS, *(PROFILE_RUNTIME_FLAGS if mode == "profile" else MODE_FLAGS[mode])]
 
 
-def _profile_runtime() -> Path:
-    """The object file of runtime.cpp and access_profiler.cpp for the profile build, built
-    once (under a lock: the kernel units of a prebuild all link it) and cached by hash."""
-    flags = [*COMMON_FLAGS, *PROFILE_RUNTIME_FLAGS]
-    key = hashlib.sha256("\0".join((" ".join(flags), _toolchain_identity(), PROFILER.read_text())).encode())
-    path = cache_dir() / f"runtime-profile-{key.hexdigest()[:20]}.o"
-    with _profile_runtime_lock, build_lock(path):
+_runtime_lock = threading.Lock()
+
+
+def _runtime_object(mode: str) -> Path:
+    """The object file of runtime.cpp for ``mode``, which every kernel library of that mode links:
+    built once (under a lock: the kernel units of a prebuild all link it) and cached by hash.
+    ``plain``, ``asan`` and ``tsan`` compile it with the kernel unit's own flags, so each
+    sanitizer sees the runtime's code instrumented as before; ``profile`` compiles it with
+    access_profiler.cpp and PROFILE_RUNTIME_FLAGS, uninstrumented."""
+    profile = mode == "profile"
+    flags = _runtime_flags(mode)
+    sources = [HEADER, RUNTIME, *([PROFILER] if profile else [])]
+    # _toolchain_identity() holds the compiler, the header and runtime.cpp.
+    recorder = PROFILER.read_text() if profile else ""
+    key = hashlib.sha256("\0".join((mode, " ".join(flags), _toolchain_identity(), recorder)).encode())
+    path = cache_dir() / f"runtime-{mode}-{key.hexdigest()[:20]}.o"
+    with _runtime_lock, build_lock(path):
         if not path.exists():
             work = Path(tempfile.mkdtemp(dir=cache_dir()))
             try:
                 unit = work / "runtime.cpp"
-                unit.write_text(f'#include "{HEADER}"\n#include "{RUNTIME}"\n#include "{PROFILER}"\n')
+                unit.write_text("".join(f'#include "{source}"\n' for source in sources))
                 _compile([CXX, *flags, "-c", "-o", str(work / path.name), str(unit)],
-                         "compiling the profile build's runtime")
+                         f"compiling the runtime for the CPU ({mode})")
                 os.replace(work / path.name, path)
             finally:
                 shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,11 @@
-// The launcher and synchronization runtime behind cuda_on_cpu.h. harness.py compiles one
-// translation unit per kernel source: the header, the source, this file, and one
-// GPUBP_CPU_REGISTER line per extern "C" kernel, into a shared library it loads with ctypes.
-// The profile build compiles this file with access_profiler.cpp as a unit of its own, which
-// its memory instrumentation leaves out, and links it to the instrumented kernel unit.
+// The launcher and synchronization runtime behind cuda_on_cpu.h. harness.py builds one shared
+// library per kernel source, which it loads with ctypes, from two translation units: the kernel
+// unit (the header, the source, and one GPUBP_CPU_REGISTER line per extern "C" kernel) and this
+// file after the header, a unit compiled once per build mode and linked to every kernel unit of
+// that mode. So the kernel unit reaches the runtime only through what cuda_on_cpu.h declares;
+// everything else here is internal. The plain, asan and tsan builds compile this unit with the
+// kernel unit's flags (the sanitizers instrument both alike); the profile build compiles it with
+// access_profiler.cpp and without the memory instrumentation of its kernel units.
 //
 // A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a ucontext with a
 // stack of its own) on the launching OS thread; fibers and their stacks live as long as the
