@@ -30,9 +30,14 @@ def selftest_source() -> str:
     return SELFTEST.read_text().replace('#include "mma.cuh"', mma)
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    return harness.Harness("plain").module(selftest_source(), "selftest")
+# The runtime switches fibers with its own x86-64 stack switch, or elsewhere with ucontext; the
+# kernels run on both here, so that the one this machine does not use is not left untested.
+FIBER_SWITCHES = {"stack switch": (), "ucontext": ("GPUBP_CPU_UCONTEXT_FIBERS",)}
+
+
+@pytest.fixture(scope="module", params=list(FIBER_SWITCHES))
+def kernels(request):
+    return harness.Harness("plain", defines=FIBER_SWITCHES[request.param]).module(selftest_source(), "selftest")
 
 
 def ints(n):

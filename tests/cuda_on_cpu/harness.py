@@ -432,8 +432,11 @@ class Module:
 class Harness:
     """Compiles and loads kernel sources for one mode (the process's, by default)."""
 
-    def __init__(self, mode: str | None = None, order_seed: int = 0):
+    def __init__(self, mode: str | None = None, order_seed: int = 0, defines: tuple[str, ...] = ()):
+        """``defines``: macros (``NAME`` or ``NAME=VALUE``) both units are compiled with, such as
+        GPUBP_CPU_UCONTEXT_FIBERS, which a test sets to run the runtime's portable fiber switch."""
         self.mode = mode or current_mode()
+        self.defines = tuple(f"-D{d}" for d in defines)
         if self.mode in _PROBE_SYMBOL and not hasattr(_libc, _PROBE_SYMBOL[self.mode]):
             raise RuntimeError(f"harness mode {self.mode!r} needs its sanitizer runtime loaded before Python starts: "
                                f"run the process with the environment sanitizer_env({self.mode!r})")
@@ -444,8 +447,8 @@ class Harness:
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
         recorder = PROFILER.read_text() + PROFILE_SHARED_SCRIPT.read_text() if self.mode == "profile" else ""
-        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(_runtime_flags(self.mode)),
-                     _toolchain_identity(), recorder, source):
+        for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(self.defines),
+                     " ".join(_runtime_flags(self.mode)), _toolchain_identity(), recorder, source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -476,7 +479,7 @@ class Harness:
                 f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
             # The kernel unit alone, linked to the mode's runtime object, compiled once (_runtime_object).
             kernel_object, built = work / KERNEL_OBJECT, work / path.name
-            flags = [*COMMON_FLAGS, *MODE_FLAGS[self.mode]]
+            flags = [*COMMON_FLAGS, *MODE_FLAGS[self.mode], *self.defines]
             link_flags, link_script, cwd = flags, [], None  # a sanitizer's flags also link its runtime
             if self.mode == "profile":
                 # Compiled in `work`, mapped to ".": the kernel files' paths in the line tables are
@@ -487,7 +490,7 @@ class Harness:
                 link_flags, link_script = COMMON_FLAGS, [f"-Wl,-T,{PROFILE_SHARED_SCRIPT}"]
             # The runtime, when it is not built yet, compiles meanwhile, on another core.
             with ThreadPoolExecutor(max_workers=1) as pool:
-                runtime = pool.submit(_runtime_object, self.mode)
+                runtime = pool.submit(_runtime_object, self.mode, self.defines)
                 _compile([CXX, *flags, "-c", "-o", str(kernel_object), str(unit)],
                          f"compiling {label} for the CPU ({self.mode})", cwd=cwd)
                 runtime_object = runtime.result()
@@ -531,14 +534,14 @@ def _runtime_flags(mode: str) -> list[str]:
 _runtime_lock = threading.Lock()
 
 
-def _runtime_object(mode: str) -> Path:
+def _runtime_object(mode: str, defines: tuple[str, ...] = ()) -> Path:
     """The object file of runtime.cpp for ``mode``, which every kernel library of that mode links:
     built once (under a lock: the kernel units of a prebuild all link it) and cached by hash.
     ``plain``, ``asan`` and ``tsan`` compile it with the kernel unit's own flags, so each
     sanitizer sees the runtime's code instrumented as before; ``profile`` compiles it with
     access_profiler.cpp and PROFILE_RUNTIME_FLAGS, uninstrumented."""
     profile = mode == "profile"
-    flags = _runtime_flags(mode)
+    flags = [*_runtime_flags(mode), *defines]
     sources = [HEADER, RUNTIME, *([PROFILER] if profile else [])]
     # _toolchain_identity() holds the compiler, the header and runtime.cpp.
     recorder = PROFILER.read_text() if profile else ""

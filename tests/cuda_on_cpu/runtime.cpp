@@ -7,15 +7,15 @@
 // kernel unit's flags (the sanitizers instrument both alike); the profile build compiles it with
 // access_profiler.cpp and without the memory instrumentation of its kernel units.
 //
-// A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a ucontext with a
-// stack of its own) on the launching OS thread; fibers and their stacks live as long as the
+// A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a context with a
+// stack of its own, see "switching stacks") on the launching OS thread; fibers and their stacks live as long as the
 // process. Each fiber runs the kernel for every block in turn (natural order, or shuffled when
 // a seed is given) and meets the others at an end-of-block barrier before the next block
 // starts, so shared memory is one copy per block and blocks never overlap. A fiber runs until
 // it waits at a synchronization point (a barrier, a warp collective) or returns; the scheduler
-// then resumes the next fiber, in thread order, whose wait is over. A switch costs a few
-// hundred nanoseconds where a futex wake-up of an OS thread costs microseconds, and a barrier
-// of 256 threads is 256 switches. Every error (a barrier mismatch, a mask mismatch, a
+// then resumes the next fiber, in thread order, whose wait is over. A switch costs tens of
+// nanoseconds where a futex wake-up of an OS thread costs microseconds, and a barrier of 256
+// threads is 256 switches. Every error (a barrier mismatch, a mask mismatch, a
 // deadlock, a bad launch shape) fails the launch with a message; the kernel's threads stop at
 // their next synchronization point.
 //
@@ -168,11 +168,108 @@ struct AsyncQueue {
     std::vector<AsyncCopy> taken;                   // being written by the current wait
 };
 
+// ------------------------------------------------------------------ switching stacks
+// A suspended fiber (or the suspended scheduler) is a saved stack pointer. On x86-64 a switch
+// is a few instructions: push the callee-saved registers and the floating-point control words
+// (MXCSR, the x87 control word) on the current stack, store its pointer, load the other's, pop
+// them. glibc's swapcontext also saves and restores the signal mask, a system call on every
+// switch, which was most of a tensor-core test's time. Elsewhere (and with
+// GPUBP_CPU_UCONTEXT_FIBERS defined, as a test builds it) the fibers are ucontexts.
+#if defined(__x86_64__) && !defined(GPUBP_CPU_UCONTEXT_FIBERS)
+#define GPUBP_CPU_STACK_SWITCH 1
+extern "C" void gpubp_cpu_switch_stack(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl gpubp_cpu_switch_stack
+    .hidden gpubp_cpu_switch_stack
+    .type gpubp_cpu_switch_stack, @function
+gpubp_cpu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gpubp_cpu_switch_stack, .-gpubp_cpu_switch_stack
+)");
+
+struct StackContext {
+    void* sp = nullptr;
+};
+
+// Makes `c` start `entry` on [stack, stack + bytes) at the first switch to it: the frame
+// gpubp_cpu_switch_stack pops (the current control words, zeroed registers) under a return to
+// `entry`, which finds the stack aligned as after a call (rsp + 8 a multiple of 16). Not seen
+// by the sanitizers, like glibc's makecontext: the stack may still hold the poisoned redzones
+// of frames a fiber left by switching away, and its next frames are the fiber's own.
+__attribute__((no_sanitize_address, no_sanitize_thread)) void start_context(StackContext& c, unsigned char* stack,
+                                                                             size_t bytes, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
+    auto* slot = reinterpret_cast<uint64_t*>(top);
+    *--slot = 0;                                  // entry's return address: it never returns
+    *--slot = reinterpret_cast<uint64_t>(entry);  // where the switch's ret goes
+    for (int i = 0; i < 6; ++i) *--slot = 0;      // rbp, rbx, r12 .. r15
+    uint32_t mxcsr;
+    uint16_t x87;
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(x87));
+    *--slot = mxcsr | uint64_t{x87} << 32;
+    c.sp = slot;
+}
+
+inline void switch_context(StackContext& from, StackContext& to) { gpubp_cpu_switch_stack(&from.sp, to.sp); }
+
+[[noreturn]] void jump_context(StackContext& to) {
+    StackContext ignored;
+    gpubp_cpu_switch_stack(&ignored.sp, to.sp);
+    __builtin_unreachable();
+}
+#else
+struct StackContext {
+    ucontext_t uc;
+};
+
+void start_context(StackContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+    // AddressSanitizer's swapcontext clears the shadow of the stack the context names, on
+    // every switch: 1 MiB each time for these stacks, and the redzones of the frames a
+    // suspended fiber still has. The stack is set up now; the fiber switches tell
+    // AddressSanitizer which stack is live.
+    c.uc.uc_stack.ss_size = 0;
+}
+
+inline void switch_context(StackContext& from, StackContext& to) { swapcontext(&from.uc, &to.uc); }
+
+[[noreturn]] void jump_context(StackContext& to) {
+    setcontext(&to.uc);
+    __builtin_unreachable();
+}
+#endif
+
 // One CUDA thread: fiber i runs linear thread i of every launch. What the scheduler reads
 // while the fiber is switched out is atomic (ThreadSanitizer sees the scheduler as a thread
 // of its own).
 struct Fiber {
-    ucontext_t context;
+    StackContext context;
     unsigned char* stack = nullptr;  // above a guard page
     size_t stack_bytes = 0;
     void* tsan_fiber = nullptr;
@@ -536,7 +633,7 @@ constexpr size_t FIBER_STACK_BYTES = 1 << 20;
 const size_t PAGE = static_cast<size_t>(sysconf(_SC_PAGESIZE));
 std::vector<std::unique_ptr<Fiber>> fibers;  // never freed: reused by every launch
 
-ucontext_t scheduler_context;
+StackContext scheduler_context;
 void* scheduler_tsan_fiber = nullptr;
 void* scheduler_asan_fake_stack = nullptr;
 const void* scheduler_stack_bottom = nullptr;  // the launching thread's stack, as AddressSanitizer knows it
@@ -597,7 +694,7 @@ void fiber_main() {
     me.done.store(true, std::memory_order_relaxed);
     current->finished.fetch_add(1, std::memory_order_release);
     leaving(nullptr, bottom, bytes, scheduler_fiber);  // this run is over
-    setcontext(&scheduler_context);
+    jump_context(scheduler_context);
 }
 
 Fiber& new_fiber(unsigned tid) {
@@ -621,7 +718,7 @@ Fiber& new_fiber(unsigned tid) {
 void yield_to_scheduler() {
     Fiber& me = self();
     leaving(&me.asan_fake_stack, scheduler_stack_bottom, scheduler_stack_bytes, scheduler_tsan_fiber);
-    swapcontext(&me.context, &scheduler_context);
+    switch_context(me.context, scheduler_context);
     arrived_in_fiber(me.asan_fake_stack);
 }
 
@@ -629,7 +726,7 @@ void resume(Fiber& f) {
     running.store(&f, std::memory_order_relaxed);
     running_coords.store(&f.coords, std::memory_order_relaxed);
     leaving(&scheduler_asan_fake_stack, f.stack, f.stack_bytes, f.tsan_fiber);
-    swapcontext(&scheduler_context, &f.context);
+    switch_context(scheduler_context, f.context);
     if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(scheduler_asan_fake_stack, nullptr, nullptr);
     running.store(nullptr, std::memory_order_relaxed);
     running_coords.store(nullptr, std::memory_order_relaxed);
@@ -650,16 +747,7 @@ void run_fibers(Launch& L) {
     if (__tsan_get_current_fiber) scheduler_tsan_fiber = __tsan_get_current_fiber();
     for (unsigned t = 0; t < L.threads; ++t) {
         Fiber& f = *fibers[t];
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = f.stack_bytes;
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, fiber_main, 0);
-        // AddressSanitizer's swapcontext clears the shadow of the stack the context names, on
-        // every switch: 128 KiB each time for these stacks, and the redzones of the frames a
-        // suspended fiber still has. The stack is set up now; the fiber switches tell
-        // AddressSanitizer which stack is live.
-        f.context.uc_stack.ss_size = 0;
+        start_context(f.context, f.stack, f.stack_bytes, fiber_main);
         f.wait_word.store(nullptr, std::memory_order_relaxed);
         f.done.store(false, std::memory_order_relaxed);
     }
