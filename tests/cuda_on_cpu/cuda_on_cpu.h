@@ -105,10 +105,13 @@ constexpr int warpSize = 32;
 namespace gpubp_cpu {
 [[noreturn]] void fail(const char* what, const char* file, int line);
 void sync_block(const char* file, int line);
-// One warp rendezvous: the calling lane offers `payload` (words 32-bit words) for the lanes of
-// `mask`; returns the payloads of all 32 lanes (only those in `mask` are meaningful).
-const uint32_t* warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
-                              int words);
+// One warp rendezvous: the calling lane offers `payload` (words 32-bit words, at most
+// MAX_PAYLOAD_WORDS) for the lanes of `mask`; returns the payloads of all 32 lanes, lane l's at
+// [l] (only those in `mask` are meaningful), to be read before the lane's next collective.
+constexpr int MAX_PAYLOAD_WORDS = 16;
+using LanePayloads = const uint32_t (*)[MAX_PAYLOAD_WORDS];
+LanePayloads warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
+                           int words);
 unsigned lane_id();
 unsigned active_mask();
 void fence();
@@ -161,19 +164,19 @@ template <class T>
 inline T shuffle(Shfl kind, const char* op, const char* file, int line, unsigned mask, T v, int arg, int width = 32) {
     uint32_t w[2];
     to_words(v, w);
-    const uint32_t* all = warp_exchange(op, file, line, mask, w, SHUFFLE_WORDS);
+    const LanePayloads all = warp_exchange(op, file, line, mask, w, SHUFFLE_WORDS);
     const int src = shuffle_source(kind, static_cast<int>(lane_id()), arg, width, file, line);
     if (src < 0) return v;
     if (!((mask >> src) & 1u)) fail("shuffle reads a lane that is not in the mask (undefined on a GPU)", file, line);
-    return from_words<T>(all + SHUFFLE_WORDS * src);
+    return from_words<T>(all[src]);
 }
 
 inline unsigned ballot(const char* op, const char* file, int line, unsigned mask, int pred) {
     const uint32_t w[1] = {pred != 0};
-    const uint32_t* all = warp_exchange(op, file, line, mask, w, 1);
+    const LanePayloads all = warp_exchange(op, file, line, mask, w, 1);
     unsigned bits = 0;
     for (int l = 0; l < 32; ++l)
-        if (((mask >> l) & 1u) && all[l]) bits |= 1u << l;
+        if (((mask >> l) & 1u) && all[l][0]) bits |= 1u << l;
     return bits;
 }
 
@@ -538,15 +541,15 @@ inline void ldmatrix(uint32_t (&r)[N], const void* row, const char* file, int li
         check_not_in_flight(row, 16, "ldmatrix", file, line);
         copy_bytes<16>(mine, row);  // the shared read of this lane's row
     }
-    const uint32_t* all = warp_exchange(names[TRANS][N], file, line, 0xffffffffu, mine, 4);
+    const LanePayloads all = warp_exchange(names[TRANS][N], file, line, 0xffffffffu, mine, 4);
     for (int i = 0; i < N; ++i) {
-        const uint32_t* matrix = all + 4 * 8 * i;  // its 8 rows, 4 words each
+        const LanePayloads matrix = all + 8 * i;  // its 8 rows, 4 words each, from lanes 8i .. 8i + 7
         if constexpr (!TRANS) {
-            r[i] = matrix[4 * (lane / 4) + lane % 4];
+            r[i] = matrix[lane / 4][lane % 4];
         } else {
             const unsigned col = lane / 4, word = col / 2, shift = 16 * (col % 2);
-            const uint32_t lo = (matrix[4 * (2 * (lane % 4)) + word] >> shift) & 0xffffu;
-            const uint32_t hi = (matrix[4 * (2 * (lane % 4) + 1) + word] >> shift) & 0xffffu;
+            const uint32_t lo = (matrix[2 * (lane % 4)][word] >> shift) & 0xffffu;
+            const uint32_t hi = (matrix[2 * (lane % 4) + 1][word] >> shift) & 0xffffu;
             r[i] = lo | hi << 16;
         }
     }

@@ -135,7 +135,7 @@ struct Warp {
     std::atomic<unsigned> generation{0};
     unsigned arrived = 0, mask = 0, exited = 0, lanes = 0;  // lanes: which of the 32 exist
     Site site;
-    uint32_t payload[2][32][16] = {};  // by generation parity: a lane may enter the next
+    uint32_t payload[2][32][MAX_PAYLOAD_WORDS] = {};  // by generation parity: a lane may enter the next
                                        // collective while others still read this one
 };
 
@@ -277,7 +277,6 @@ struct Fiber {
     unsigned tid = 0;                 // linear thread index in the block
     ThreadCoords coords{};
     AsyncQueue async;                 // its cp.async copies
-    uint32_t exchanged[32 * 16];      // the payloads of its last warp collective
     void* slot = nullptr;             // thread_slot(): the profile build's per-thread log
     // What it waits for: resumable once *wait_word != wait_seen (or the launch failed).
     std::atomic<std::atomic<unsigned>*> wait_word{nullptr};
@@ -383,10 +382,11 @@ unsigned active_mask() {
     return w.lanes & ~w.exited;
 }
 
-const uint32_t* warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
-                              int words) {
+LanePayloads warp_exchange(const char* op, const char* file, int line, unsigned mask, const uint32_t* payload,
+                           int words) {
     Launch& L = *current;
     if (L.failed.load()) throw Abort{};
+    if (words > MAX_PAYLOAD_WORDS) fail((std::string(op) + ": a payload wider than MAX_PAYLOAD_WORDS").c_str(), file, line);
     const unsigned lane = linear_tid() % 32, bit = 1u << lane;
     Warp& w = *L.warps[linear_tid() / 32];
     const Site site{file, line, op};
@@ -422,62 +422,55 @@ const uint32_t* warp_exchange(const char* op, const char* file, int line, unsign
     } else {
         wait_past(w.generation, seen, site);
     }
-    // Safe without the lock: no lane can write this parity again before every lane of this
-    // collective has arrived at the next one, which is after this copy.
-    uint32_t* out = self().exchanged;
-    for (int l = 0; l < 32; ++l) std::memcpy(out + words * l, w.payload[parity][l], sizeof(uint32_t) * words);
-    return out;
+    // Read in place, without the lock: no lane can write this parity again before every lane of
+    // this collective has arrived at the next one, and this lane reads it before it arrives there.
+    return w.payload[parity];
 }
+
+namespace {
+
+// Element (r, k) of A and (k, c) of B, read from the lane whose fragment holds it: the layouts
+// in cuda_on_cpu.h, inverted. A lane's payload is its a0..a3, then b0, b1.
+float a_element(LanePayloads all, MmaKind kind, int r, int k) {
+    if (kind == MmaKind::tf32_m16n8k8) return tf32_value(all[4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]);
+    const int kk = k % 8, i = (kk & 1) + 2 * (r >= 8) + 4 * (k >= 8);
+    const uint32_t half = (all[4 * (r % 8) + kk / 2][i / 2] >> (16 * (i & 1))) & 0xffffu;
+    return kind == MmaKind::bf16_m16n8k16 ? bf16_value(half) : f16_value(half);
+}
+
+float b_element(LanePayloads all, MmaKind kind, int k, int c) {
+    if (kind == MmaKind::tf32_m16n8k8) return tf32_value(all[4 * c + k % 4][4 + (k >= 4)]);
+    const int kk = k % 8, i = (kk & 1) + 2 * (k >= 8);
+    const uint32_t half = (all[4 * c + kk / 2][4 + i / 2] >> (16 * (i & 1))) & 0xffffu;
+    return kind == MmaKind::bf16_m16n8k16 ? bf16_value(half) : f16_value(half);
+}
+
+}  // namespace
 
 void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
               const float (&c)[4]) {
-    constexpr int WORDS = 10;
-    uint32_t mine[WORDS];
+    uint32_t mine[6];
     std::memcpy(mine, a, 16);
     std::memcpy(mine + 4, b, 8);
-    std::memcpy(mine + 6, c, 16);
     const char* op = kind == MmaKind::tf32_m16n8k8 ? "mma.sync.m16n8k8.tf32"
                      : kind == MmaKind::bf16_m16n8k16 ? "mma.sync.m16n8k16.bf16"
                                                       : "mma.sync.m16n8k16.f16";
-    const uint32_t* all = warp_exchange(op, file, line, 0xffffffffu, mine, WORDS);
-    // Assemble A (16 x K), B (K x 8) and C (16 x 8) from every lane's fragments.
+    const LanePayloads all = warp_exchange(op, file, line, 0xffffffffu, mine, 6);
+    // This lane's elements of D (and of C, which it holds itself) are rows g and g + 8, columns 2t
+    // and 2t + 1: it needs those two rows of A and two columns of B.
     const int K = kind == MmaKind::tf32_m16n8k8 ? 8 : 16;
-    float A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
-    for (int l = 0; l < 32; ++l) {
-        const uint32_t* f = all + WORDS * l;
-        const int g = l >> 2, t = l % 4;
-        if (kind == MmaKind::tf32_m16n8k8) {
-            A[g][t] = tf32_value(f[0]);
-            A[g + 8][t] = tf32_value(f[1]);
-            A[g][t + 4] = tf32_value(f[2]);
-            A[g + 8][t + 4] = tf32_value(f[3]);
-            B[t][g] = tf32_value(f[4]);
-            B[t + 4][g] = tf32_value(f[5]);
-        } else {
-            auto value = [&](uint32_t half) {
-                return kind == MmaKind::bf16_m16n8k16 ? bf16_value(half) : f16_value(half);
-            };
-            for (int i = 0; i < 8; ++i) {
-                const uint32_t half = (f[i / 2] >> (16 * (i & 1))) & 0xffffu;
-                A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >= 4)] = value(half);
-            }
-            for (int i = 0; i < 4; ++i) {
-                const uint32_t half = (f[4 + i / 2] >> (16 * (i & 1))) & 0xffffu;
-                B[2 * t + (i & 1) + 8 * (i >= 2)][g] = value(half);
-            }
-        }
-        float cf[4];
-        std::memcpy(cf, f + 6, 16);
-        C[g][2 * t] = cf[0];
-        C[g][2 * t + 1] = cf[1];
-        C[g + 8][2 * t] = cf[2];
-        C[g + 8][2 * t + 1] = cf[3];
-    }
     const int g = static_cast<int>(lane_id()) >> 2, t = static_cast<int>(lane_id()) % 4;
-    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int i = 0; i < 4; ++i) {
-        float acc = C[rows[i]][cols[i]];
-        for (int k = 0; k < K; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+    float A[2][16], B[16][2], C[4];
+    for (int k = 0; k < K; ++k) {
+        for (int h = 0; h < 2; ++h) {
+            A[h][k] = a_element(all, kind, g + 8 * h, k);
+            B[k][h] = b_element(all, kind, k, 2 * t + h);
+        }
+    }
+    std::memcpy(C, c, sizeof C);  // d may be c
+    for (int i = 0; i < 4; ++i) {  // element i: row g + 8 (i / 2), column 2t + i % 2
+        float acc = C[i];
+        for (int k = 0; k < K; ++k) acc += A[i / 2][k] * B[k][i % 2];
         d[i] = acc;
     }
 }
