@@ -1417,7 +1417,7 @@ def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_n
 
 # Each sanitizer run is split into this many child processes (conftest.py's --shard), which
 # together run every test of this file, so that pytest-xdist spreads them over the cores.
-SANITIZER_SHARDS = {"asan": 2, "tsan": 4}
+SANITIZER_SHARDS = {"asan": 2, "tsan": 2}
 
 
 @pytest.mark.slow
