@@ -24,7 +24,7 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if SIMULATOR:  # blocks that wait on events instead of polling their threads: simulator_blocks.py
     import simulator_blocks
 
-    simulator_blocks.install()
+    simulator_blocks.install_on_import()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -14,13 +14,20 @@ sees is unchanged: the same barrier rule, the first failure aborts the block's o
 threads (``abort``, as the simulator does, so they raise at their next barrier) and
 is raised with the thread and block that failed.
 
-The tests install it (conftest.py) whenever the simulator is on;
+conftest.py calls ``install_on_import()`` whenever the simulator is on, which installs it
+when (if ever) the simulator is imported: a test process that never runs Numba (the CPU kernel
+harness's child processes) does not pay the second it takes to import numba.cuda.
 tests/test_simulator_blocks.py checks the rules above on both schedulers.
 """
 
+import importlib.abc
+import importlib.util
+import sys
 import threading
 
 import numpy as np
+
+SIMULATOR_KERNEL = "numba.cuda.simulator.kernel"  # the module whose BlockManager is replaced
 
 
 def _classes():
@@ -97,3 +104,36 @@ def install() -> None:
     _, manager = _classes()
     manager.waits_on_events = True
     sim.BlockManager = manager
+
+
+def install_on_import() -> None:
+    """``install()`` as soon as the simulator's kernel module is imported (at once if it is)."""
+    if SIMULATOR_KERNEL in sys.modules:
+        install()
+    elif not any(isinstance(finder, _InstallAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _InstallAfterImport())
+
+
+class _InstallAfterImport(importlib.abc.MetaPathFinder):
+    """Finds the simulator's kernel module as the other finders do, then installs once it ran."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != SIMULATOR_KERNEL:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenInstall(spec.loader)
+        return spec
+
+
+class _ThenInstall(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        install()

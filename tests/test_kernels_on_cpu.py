@@ -1415,6 +1415,12 @@ def test_the_gpu_load_check_passes_for_nvrtc_and_refuses_a_fatbin_path_that_is_n
 # ----------------------------------------------------------------------------- sanitizers
 
 
+# This file again in a child process, stopping at the first failure. -s: a sanitizer ends the
+# process on its first report, so pytest must not hold stderr. Without the plugins this file does
+# not use (a second of every child's start).
+RERUN_THIS_FILE = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider",
+                   "-p", "no:hypothesispytest", "-p", "no:benchmark"]
+
 # Each sanitizer run is split into this many child processes (conftest.py's --shard), which
 # together run every test of this file, so that pytest-xdist spreads them over the cores.
 SANITIZER_SHARDS = {"asan": 2, "tsan": 2}
@@ -1428,9 +1434,7 @@ def test_kernels_are_clean_under_sanitizer(mode, shard):
     """This file again, in a child process under the sanitizer: any out-of-bounds access,
     misaligned vector access, undefined behaviour or data race fails it with the report."""
     done = subprocess.run(
-        # -s: a sanitizer ends the process on its first report, so pytest must not hold stderr.
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider",
-         f"--shard={shard}/{SANITIZER_SHARDS[mode]}"],
+        [*RERUN_THIS_FILE, f"--shard={shard}/{SANITIZER_SHARDS[mode]}"],
         env=harness.sanitizer_env(mode), capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, f"{mode}:\n{done.stdout[-8000:]}\n{done.stderr[-8000:]}"
 
@@ -1591,7 +1595,7 @@ def test_a_planted_kernel_bug_fails_the_suite(bug, tmp_path):
     (kernels / filename).write_text(source.replace(correct, planted))
     env = {**harness.sanitizer_env(mode), cupy_backend.KERNEL_DIR_ENV: str(kernels), PREBUILD_ENV: "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider", "-k", selection],
+        [*RERUN_THIS_FILE, "-k", selection],
         env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     output = done.stdout + done.stderr
     assert done.returncode != 0, f"{bug} went unnoticed in {mode} mode:\n{output[-4000:]}"

@@ -5,6 +5,12 @@ suite installs, and both must give the NumPy answer; a scheduler whose barriers 
 fail the same checks.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,6 +96,21 @@ def scheduler(request, monkeypatch):
 def test_the_suite_runs_the_simulator_with_the_event_driven_scheduler():
     assert EVENTS.waits_on_events
     assert POLLING is not EVENTS and not getattr(POLLING, "waits_on_events", False)
+
+
+def test_installing_on_import_waits_for_the_simulator_to_be_imported():
+    script = textwrap.dedent("""
+        import sys
+        import simulator_blocks
+        simulator_blocks.install_on_import()
+        assert "numba" not in sys.modules
+        from numba.cuda.simulator import kernel
+        assert kernel.BlockManager.waits_on_events
+        print("installed")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent,
+                          env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert done.returncode == 0 and "installed" in done.stdout, done.stderr[-3000:]
 
 
 def test_a_barrier_orders_shared_memory_across_every_thread_of_each_block(scheduler, rng):
