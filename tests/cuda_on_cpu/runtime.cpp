@@ -8,22 +8,22 @@
 // access_profiler.cpp and without the memory instrumentation of its kernel units.
 //
 // A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a context with a
-// stack of its own, see "switching stacks") on the launching OS thread; fibers and their stacks live as long as the
-// process. Each fiber runs the kernel for every block in turn (natural order, or shuffled when
-// a seed is given) and meets the others at an end-of-block barrier before the next block
-// starts, so shared memory is one copy per block and blocks never overlap. A fiber runs until
-// it waits at a synchronization point (a barrier, a warp collective) or returns; the scheduler
-// then resumes the next fiber, in thread order, whose wait is over. A switch costs tens of
-// nanoseconds where a futex wake-up of an OS thread costs microseconds, and a barrier of 256
-// threads is 256 switches. Every error (a barrier mismatch, a mask mismatch, a
-// deadlock, a bad launch shape) fails the launch with a message; the kernel's threads stop at
-// their next synchronization point.
+// stack of its own, see "switching stacks") on the launching OS thread; fibers and their stacks
+// live as long as the process. Each fiber runs the kernel for every block in turn (natural
+// order, or shuffled when a seed is given) and meets the others at an end-of-block barrier
+// before the next block starts, so shared memory is one copy per block and blocks never
+// overlap. A fiber runs until it waits at a synchronization point (a barrier, a warp
+// collective) or returns; the scheduler then resumes the next fiber, in thread order, whose wait
+// is over. A switch is a few instructions and no system call, where a futex wake-up of an OS
+// thread costs microseconds, and a barrier of 256 threads is 256 switches. Every error (a barrier mismatch,
+// a mask mismatch, a deadlock, a bad launch shape) fails the launch with a message; the
+// kernel's threads stop at their next synchronization point.
 //
 // The sanitizers see the fibers as threads: each has a ThreadSanitizer fiber, switched to
 // without synchronization, so two CUDA threads' accesses are ordered only by what orders them
 // on a GPU (the barriers' and __syncwarp's release/acquire pairs, atomics; the other warp
-// collectives order nothing, see HiddenFromTsan), and every switch
-// tells AddressSanitizer which stack is live.
+// collectives order nothing, see HiddenFromTsan), and every switch tells AddressSanitizer which
+// stack is live.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
