@@ -239,6 +239,15 @@ inline void switch_context(StackContext& from, StackContext& to) { gpubp_cpu_swi
     gpubp_cpu_switch_stack(&ignored.sp, to.sp);
     __builtin_unreachable();
 }
+
+// The switch returns into frames a CET shadow stack has never seen, which would fault. glibc
+// turns a shadow stack on only when asked (and only from 2.39); rdsspq, a no-op that leaves 0
+// where none is active, tells.
+bool shadow_stack_active() {
+    unsigned long long ssp = 0;
+    asm volatile("rdsspq %0" : "+r"(ssp));
+    return ssp != 0;
+}
 #else
 struct StackContext {
     ucontext_t uc;
@@ -263,6 +272,8 @@ inline void switch_context(StackContext& from, StackContext& to) { swapcontext(&
     setcontext(&to.uc);
     __builtin_unreachable();
 }
+
+bool shadow_stack_active() { return false; }  // glibc's ucontext keeps a shadow stack in step
 #endif
 
 // One CUDA thread: fiber i runs linear thread i of every launch. What the scheduler reads
@@ -810,6 +821,9 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     if (shared_bytes > MAX_DYNAMIC_SHARED)
         return report("dynamic shared memory request of " + std::to_string(shared_bytes) + " bytes exceeds " +
                       std::to_string(MAX_DYNAMIC_SHARED));
+    if (shadow_stack_active())
+        return report("a CET shadow stack is active, which the fibers' stack switch does not keep; build the "
+                      "harness with GPUBP_CPU_UCONTEXT_FIBERS defined (Harness(defines=...))");
 
     Launch L;
     L.threads = static_cast<unsigned>(threads);
