@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gpubp.backends import cupy_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_NAME = "gpubp-aot"
 # What CMakeLists.txt makes nvcc check, the same in the fallback without cmake: a build that
@@ -92,10 +94,11 @@ def key(root: Path = ROOT) -> str:
     return digest.hexdigest()[:24]
 
 
-def _uses_tensor_cores(unit: Path) -> bool:
-    """As CMakeLists.txt decides: the file includes mma.cuh or a header that does."""
-    headers = ["mma.cuh"] + [h.name for h in unit.parent.glob("*.cuh") if '#include "mma.cuh"' in h.read_text()]
-    return any(f'#include "{h}"' in unit.read_text() for h in headers)
+def uses_tensor_cores(unit: str, kernel_dir: Path = ROOT / "kernels") -> bool:
+    """Whether ``<kernel_dir>/<unit>`` reaches mma.cuh, directly or through another header: the
+    files whose sm_80-and-newer code CMakeLists.txt builds from compute_80
+    (tests/test_kernels_compile.py checks that its build log agrees)."""
+    return '#line 1 "mma.cuh"' in cupy_backend.kernel_source(unit, kernel_dir)
 
 
 def _nvcc_directly(root: Path, out: Path) -> None:
@@ -105,7 +108,7 @@ def _nvcc_directly(root: Path, out: Path) -> None:
     out.mkdir(parents=True)
     for unit in sorted((root / "kernels").glob("*.cu")):
         gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(archs)},compute_{archs[0]}]"]
-        if _uses_tensor_cores(unit):
+        if uses_tensor_cores(unit.name, root / "kernels"):
             gencode = ["-gencode", f"arch=compute_{archs[0]},code=[sm_{',sm_'.join(older)}]",
                        "-gencode", f"arch=compute_80,code=[sm_{',sm_'.join(tensor)},compute_80]"]
         done = subprocess.run(["nvcc", *common_flags(root), *gencode, "-o", str(out / f"{unit.stem}.fatbin"),
@@ -137,7 +140,8 @@ def build(root: Path = ROOT, cache: Path | None = None) -> Path:
         raise FileNotFoundError("nvcc not found on PATH: cannot compile the CUDA kernels")
     cache = cache or Path(tempfile.gettempdir()) / CACHE_NAME
     cache.mkdir(parents=True, exist_ok=True)
-    done = cache / key(root)
+    build_key = key(root)  # reads every input and runs nvcc and cmake: once
+    done = cache / build_key
     complete = done / "complete"  # written last: the folder is whole
     if complete.is_file():
         return done / "installed"
@@ -154,7 +158,7 @@ def build(root: Path = ROOT, cache: Path | None = None) -> Path:
         except BaseException:
             shutil.rmtree(done, ignore_errors=True)
             raise
-        complete.write_text(key(root) + "\n")
+        complete.write_text(build_key + "\n")
     return done / "installed"
 
 

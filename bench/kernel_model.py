@@ -198,13 +198,10 @@ def toolchain() -> dict[str, str]:
 # ----------------------------------------------------------------------------- what the shipped build compiles
 
 
-# CMakeLists.txt's architectures and code-generation flags, as the shared build reads them.
+# CMakeLists.txt's architectures, code-generation flags and choice of front end, as the shared
+# build reads them.
 shipped_archs, codegen_flags = aot_build.shipped_archs, aot_build.codegen_flags
-
-
-def uses_tensor_cores(unit: str, kernel_dir: Path = KERNELS) -> bool:
-    """Whether ``<kernel_dir>/<unit>`` reaches mma.cuh, directly or through another header."""
-    return '#line 1 "mma.cuh"' in cupy_backend.kernel_source(unit, kernel_dir)
+uses_tensor_cores = aot_build.uses_tensor_cores
 
 
 def front_end_arch(unit: str, kernel_dir: Path = KERNELS) -> str:
