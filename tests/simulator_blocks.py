@@ -30,7 +30,8 @@ import numpy as np
 SIMULATOR_KERNEL = "numba.cuda.simulator.kernel"  # the module whose BlockManager is replaced
 
 
-def _classes():
+def _event_block_manager():
+    """EventBlockManager and the thread class it runs, made once the simulator is imported."""
     from numba.cuda.simulator import kernel as sim
 
     class EventBlockThread(sim.BlockThread):
@@ -92,7 +93,7 @@ def _classes():
                 error, traceback = failed[0].exception
                 raise error.with_traceback(traceback)
 
-    return EventBlockThread, EventBlockManager
+    return EventBlockManager
 
 
 def install() -> None:
@@ -101,7 +102,7 @@ def install() -> None:
 
     if getattr(sim.BlockManager, "waits_on_events", False):
         return
-    _, manager = _classes()
+    manager = _event_block_manager()
     manager.waits_on_events = True
     sim.BlockManager = manager
 

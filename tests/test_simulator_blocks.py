@@ -22,8 +22,6 @@ if not SIMULATOR:
 from numba import cuda  # noqa: E402
 from numba.cuda.simulator import kernel as sim  # noqa: E402
 
-import simulator_blocks  # noqa: E402
-
 POLLING = sim.BlockManager.__mro__[1]  # the simulator's own, which the installed one extends
 EVENTS = sim.BlockManager
 

@@ -15,9 +15,9 @@
 // overlap. A fiber runs until it waits at a synchronization point (a barrier, a warp
 // collective) or returns; the scheduler then resumes the next fiber, in thread order, whose wait
 // is over. A switch is a few instructions and no system call, where a futex wake-up of an OS
-// thread costs microseconds, and a barrier of 256 threads is 256 switches. Every error (a barrier mismatch,
-// a mask mismatch, a deadlock, a bad launch shape) fails the launch with a message; the
-// kernel's threads stop at their next synchronization point.
+// thread costs microseconds, and a barrier of 256 threads is 256 switches. Every error (a
+// barrier mismatch, a mask mismatch, a deadlock, a bad launch shape) fails the launch with a
+// message; the kernel's threads stop at their next synchronization point.
 //
 // The sanitizers see the fibers as threads: each has a ThreadSanitizer fiber, switched to
 // without synchronization, so two CUDA threads' accesses are ordered only by what orders them
@@ -135,8 +135,8 @@ struct Warp {
     std::atomic<unsigned> generation{0};
     unsigned arrived = 0, mask = 0, exited = 0, lanes = 0;  // lanes: which of the 32 exist
     Site site;
-    uint32_t payload[2][32][MAX_PAYLOAD_WORDS] = {};  // by generation parity: a lane may enter the next
-                                       // collective while others still read this one
+    // By generation parity: a lane may enter the next collective while others still read this one.
+    uint32_t payload[2][32][MAX_PAYLOAD_WORDS] = {};
 };
 
 struct Launch {
@@ -176,7 +176,6 @@ struct AsyncQueue {
 // switch, which was most of a tensor-core test's time. Elsewhere (and with
 // GPUBP_CPU_UCONTEXT_FIBERS defined, as a test builds it) the fibers are ucontexts.
 #if defined(__x86_64__) && !defined(GPUBP_CPU_UCONTEXT_FIBERS)
-#define GPUBP_CPU_STACK_SWITCH 1
 extern "C" void gpubp_cpu_switch_stack(void** save_sp, void* to_sp);
 asm(R"(
     .text
