@@ -33,6 +33,7 @@ enum ActId : int {
     ACT_TANH = 4,
     ACT_GELU = 5,
     ACT_GELU_TANH = 6,
+    ACT_COUNT = 7,
 };
 
 // Members of a struct rather than namespace-scope constants, which NVRTC reports as
@@ -44,6 +45,44 @@ struct ActConst {
     static constexpr float INV_SQRT_2PI = 0.3989422804014327f;
     static constexpr float GELU_SATURATION = 40.0f;  // gpubp/activations.py GELU_SATURATION
 };
+
+// Activation sets: one kernel serves every activation of its set, chosen at run time by an `act`
+// argument (an ActId, the same for the whole launch) through with_activation below. The main loop,
+// which is what costs compile time, is then compiled once per kernel instead of once per
+// activation; each epilogue still has its activation fixed at compile time, behind one uniform
+// branch taken after the main loop. A set is a bit mask of ActIds (members of a struct, as above).
+__host__ __device__ constexpr unsigned act_bit(int act) { return 1u << act; }
+struct ActSet {
+    static constexpr unsigned ALL = (1u << ACT_COUNT) - 1;
+    // The epilogues that fit beside the 64 accumulators of an fp32 thread tile within 128
+    // registers (dense_forward.cu); sigmoid's IEEE division, gelu's erf and gelu_tanh's tanh of a
+    // cubic do not.
+    static constexpr unsigned LIGHT = act_bit(ACT_IDENTITY) | act_bit(ACT_RELU) | act_bit(ACT_LEAKY_RELU) |
+                                      act_bit(ACT_TANH);
+    static constexpr unsigned HEAVY = ALL & ~LIGHT;
+};
+
+template <int A>
+struct ActTag {
+    static constexpr int ID = A;
+};
+
+// f(ActTag<act>{}) for the activation `act` of SET: f is instantiated once per member of SET. An
+// act outside SET traps: the host launched the kernel of another set, and no output is written.
+template <unsigned SET, int A = 0, class F>
+__device__ __forceinline__ void with_activation(int act, F&& f) {
+    if constexpr (A == ACT_COUNT) {
+        __trap();
+    } else {
+        if constexpr ((SET & act_bit(A)) != 0) {
+            if (act == A) {
+                f(ActTag<A>{});
+                return;
+            }
+        }
+        with_activation<SET, A + 1>(act, f);
+    }
+}
 
 template <int ACT>
 __host__ __device__ constexpr bool act_needs_z() {

@@ -122,6 +122,9 @@ void* dynamic_shared();
 #define __syncthreads() ::gpubp_cpu::sync_block(__FILE__, __LINE__)
 #define __threadfence() ::gpubp_cpu::fence()
 #define __threadfence_block() ::gpubp_cpu::fence()
+// A trap aborts the launch, as it does on a GPU (where the context is lost too): the launch fails
+// naming the file and line.
+#define __trap() ::gpubp_cpu::fail("__trap()", __FILE__, __LINE__)
 
 namespace gpubp_cpu {
 
