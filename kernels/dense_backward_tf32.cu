@@ -1,17 +1,16 @@
 // Dense-layer backward on TF32 or bf16 tensor cores, for y = act(x @ W + b), in up to three
-// launches (bf16: dense_{dx,dw}_bf16_<act>, the same GEMMs on dz, W and x rounded by
+// launches (bf16: dense_{dx,dw}_bf16, the same GEMMs on dz, W and x rounded by
 // dense_forward_tf32.cu's round_bf16, after the fp32 dz kernel; db stays an fp32 sum):
 //
 //   dense_dz_db_<act>:    dz = dy * act'(y or z) (stored unless act is identity, where dz = dy),
 //                         db = dz.sum(0) (when dW is needed): elementwise, fp32
-//   dense_dx_tf32_<act>:  dx = dz @ W^T     (gemm_tf32.cuh, A = dz k-contiguous, B = W^T k-contiguous)
-//   dense_dw_tf32_<act>:  dW = x^T @ dz     (A = x^T outer-contiguous, B = dz outer-contiguous)
+//   dense_dx_tf32:        dx = dz @ W^T     (gemm_tf32.cuh, A = dz k-contiguous, B = W^T k-contiguous)
+//   dense_dw_tf32:        dW = x^T @ dz     (A = x^T outer-contiguous, B = dz outer-contiguous)
 //
 // The activation's derivative is applied once, by the dz kernel, and the two products are plain
 // pipelined GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu
-// alone costs more instructions per element than a k step has per mma). dx and dW kernels are
-// the same for every activation; they keep one name per activation so that the trace, the
-// benchmarks and the performance model's history compare like with like.
+// alone costs more instructions per element than a k step has per mma). So the dx and dW kernels
+// serve every activation, and are compiled once, not once per activation.
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
@@ -172,33 +171,24 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
 
 }  // namespace gpubp
 
-#define GPUBP_DENSE_BWD_TF32_ENTRY(NAME, ID)                                                                 \
+#define GPUBP_DENSE_DZ_DB_ENTRY(NAME, ID)                                                                    \
     extern "C" __global__ void __launch_bounds__(gpubp::DzShape::THREADS)                                   \
         dense_dz_db_##NAME(const float* __restrict__ dy, const float* __restrict__ y_or_z, float* __restrict__ dz, \
                            float* __restrict__ db, int B, int out, int store_dz, int sum_db) {                \
         gpubp::dense_dz<ID>(dy, y_or_z, dz, db, B, out, store_dz, sum_db);                                   \
+    }
+
+#define GPUBP_DENSE_GRAD_MMA_ENTRIES(PREC, E, TILE)                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
+        dense_dx_##PREC(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx, int B, int in, \
+                        int out) {                                                                            \
+        gpubp::dense_dx_mma<E>(dz, w, dx, B, in, out);                                                       \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
-        dense_dx_tf32_##NAME(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, \
-                             int B, int in, int out) {                                                        \
-        gpubp::dense_dx_mma<float>(dz, w, dx, B, in, out);                                                   \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(gpubp::Tf32Tile::THREADS, gpubp::Tf32Tile::MIN_BLOCKS)    \
-        dense_dw_tf32_##NAME(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw, \
-                             float* __restrict__ ws, unsigned int* __restrict__ tickets, int B, int in, int out, \
-                             int k_chunk, int splits) {                                                       \
-        gpubp::dense_dw_mma<float>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                     \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(gpubp::Bf16Tile::THREADS, gpubp::Bf16Tile::MIN_BLOCKS)    \
-        dense_dx_bf16_##NAME(const gpubp::bf16_bits* __restrict__ dz, const gpubp::bf16_bits* __restrict__ w,  \
-                             float* __restrict__ dx, int B, int in, int out) {                                \
-        gpubp::dense_dx_mma<gpubp::bf16_bits>(dz, w, dx, B, in, out);                                        \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(gpubp::Bf16Tile::THREADS, gpubp::Bf16Tile::MIN_BLOCKS)    \
-        dense_dw_bf16_##NAME(const gpubp::bf16_bits* __restrict__ x, const gpubp::bf16_bits* __restrict__ dz,  \
-                             float* __restrict__ dw, float* __restrict__ ws, unsigned int* __restrict__ tickets, \
-                             int B, int in, int out, int k_chunk, int splits) {                               \
-        gpubp::dense_dw_mma<gpubp::bf16_bits>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);          \
+    extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
+        dense_dw_##PREC(const E* __restrict__ x, const E* __restrict__ dz, float* __restrict__ dw,            \
+                        float* __restrict__ ws, unsigned int* __restrict__ tickets, int B, int in, int out,   \
+                        int k_chunk, int splits) {                                                            \
+        gpubp::dense_dw_mma<E>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                         \
     }
 
 #define GPUBP_DENSE_DZ_DROPOUT_TF32_ENTRY(NAME, ID)                                                          \
@@ -211,5 +201,7 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
         gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, B, out, sum_db, mask, keep_prob);                    \
     }
 
-GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_BWD_TF32_ENTRY)
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DB_ENTRY)
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DROPOUT_TF32_ENTRY)
+GPUBP_DENSE_GRAD_MMA_ENTRIES(tf32, float, Tf32Tile)
+GPUBP_DENSE_GRAD_MMA_ENTRIES(bf16, gpubp::bf16_bits, Bf16Tile)
