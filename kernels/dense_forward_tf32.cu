@@ -3,18 +3,16 @@
 // Same contract and layout as dense_forward.cu (x (M, K), W (K, N), b (N,), y and z (M, N),
 // row-major; z written only for gelu and gelu_tanh), with the products on TF32 tensor cores and
 // fp32 accumulation: gemm_tf32.cuh (tiles, pipeline, error bound), A = x k-contiguous (ldmatrix),
-// B = W outer-contiguous. The epilogue adds the bias and applies the activation to the accumulators
-// in registers, outside the k loop; y and z are stored two columns per store where the rows allow.
-// Each kernel serves every activation (act, its last argument before any dropout arguments; the
-// epilogue is fixed per activation at compile time and chosen by one uniform branch after the k
-// loop: activations.cuh's with_activation), so the main loop is compiled once per kernel.
-// Launch: dense_fwd_tf32, grid (ceil(M / 128), ceil(N / 128)), block 256, dynamic shared
+// B = W outer-contiguous. The epilogue adds the bias and applies the activation, fixed at compile
+// time, to the accumulators in registers, outside the k loop; y and z are stored two columns per
+// store where the rows allow.
+// Launch: dense_fwd_tf32_<act>, grid (ceil(M / 128), ceil(N / 128)), block 256, dynamic shared
 // memory Tf32Gemm<true, false>::smem_bytes (101 376 bytes). M is on grid.x, whose limit any batch
 // fits. Occupancy on sm_90: 1 block (8 warps) per SM, by its 206 registers (208 with dropout).
-// dense_fwd_bf16: the same launch and shared bytes, on x (M, padded K) and W (padded K,
+// dense_fwd_bf16_<act>: the same launch and shared bytes, on x (M, padded K) and W (padded K,
 // padded N) rounded by round_bf16 (below; padded: MmaTile::padded, zeros past K and N).
 //
-// Dropout (dense_fwd_{tf32,bf16}_dropout): a Dropout above the layer, applied in the same
+// Dropout (dense_fwd_{tf32,bf16}_<act>_dropout): a Dropout above the layer, applied in the same
 // epilogue after the activation: y = act(z) * scale where the Philox mask keeps the element, else 0
 // (dropout.cuh; z stays unmasked). A pair's two columns (col even) are words col % 4 and the next
 // of the call for the group col / 4; the variant is a template argument, so the kernels without
@@ -25,11 +23,10 @@
 namespace gpubp {
 
 // E: float (tf32 products) or bf16_bits (x (M, padded K) and W (padded K, padded N) from round_bf16).
-template <class E, bool DROPOUT>
+template <class E, int ACT, bool DROPOUT>
 __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const E* __restrict__ w,
                                                   const float* __restrict__ b, float* __restrict__ y,
-                                                  float* __restrict__ z, int M_, int N_, int K_, int act,
-                                                  DropoutMask mask) {
+                                                  float* __restrict__ z, int M_, int N_, int K_, DropoutMask mask) {
     using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
     const long long M = M_, N = N_, K = T::padded(K_), ldw = T::padded(N_);
@@ -37,46 +34,48 @@ __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     Tf32Fragment frag;
     mma_gemm(Operand<true, E>{x, K, M}, Operand<false, E>{w, ldw, ldw}, 0, K, m0, n0, smem, frag);
-    with_activation<ActSet::ALL>(act, [&](auto activation) {
-        constexpr int ACT = decltype(activation)::ID;
-        // Pairs of columns go as 8-byte accesses where y, z (and b, read alike) allow.
-        const bool vector = pairs_aligned(y, N) && (!act_needs_z<ACT>() || pairs_aligned(z, N)) && pairs_aligned(b, N);
-        tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float a0, float a1, bool pair) {
-            const float2 bias = pair && vector ? *reinterpret_cast<const float2*>(b + col)
-                                               : make_float2(b[col], pair ? b[col + 1] : 0.0f);
-            const float z0 = a0 + bias.x, z1 = a1 + bias.y;
-            float y0 = act_forward<ACT>(z0), y1 = act_forward<ACT>(z1);
-            if constexpr (DROPOUT) {
-                const PhiloxWords words = mask.words(row, col & ~3ll);
-                const bool upper = (col & 2) != 0;  // columns 2, 3 of the group
-                y0 = mask.apply(y0, upper ? words.w[2] : words.w[0]);
-                y1 = mask.apply(y1, upper ? words.w[3] : words.w[1]);
-            }
-            store_pair(y, row * N + col, y0, y1, pair, vector);
-            if constexpr (act_needs_z<ACT>()) store_pair(z, row * N + col, z0, z1, pair, vector);
-        });
+    // Pairs of columns go as 8-byte accesses where y, z (and b, read alike) allow.
+    const bool vector = pairs_aligned(y, N) && (!act_needs_z<ACT>() || pairs_aligned(z, N)) && pairs_aligned(b, N);
+    tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float a0, float a1, bool pair) {
+        const float2 bias = pair && vector ? *reinterpret_cast<const float2*>(b + col)
+                                           : make_float2(b[col], pair ? b[col + 1] : 0.0f);
+        const float z0 = a0 + bias.x, z1 = a1 + bias.y;
+        float y0 = act_forward<ACT>(z0), y1 = act_forward<ACT>(z1);
+        if constexpr (DROPOUT) {
+            const PhiloxWords words = mask.words(row, col & ~3ll);
+            const bool upper = (col & 2) != 0;  // columns 2, 3 of the group
+            y0 = mask.apply(y0, upper ? words.w[2] : words.w[0]);
+            y1 = mask.apply(y1, upper ? words.w[3] : words.w[1]);
+        }
+        store_pair(y, row * N + col, y0, y1, pair, vector);
+        if constexpr (act_needs_z<ACT>()) store_pair(z, row * N + col, z0, z1, pair, vector);
     });
 }
 
 }  // namespace gpubp
 
-#define GPUBP_DENSE_FWD_MMA_ENTRIES(PREC, E, TILE)                                                          \
+#define GPUBP_DENSE_FWD_MMA_ENTRY(PREC, E, TILE, NAME, ID)                                                 \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
-        dense_fwd_##PREC(const E* __restrict__ x, const E* __restrict__ w, const float* __restrict__ b,       \
-                         float* __restrict__ y, float* __restrict__ z, int M, int N, int K, int act) {       \
-        gpubp::dense_forward_mma<E, false>(x, w, b, y, z, M, N, K, act, gpubp::DropoutMask{});               \
+        dense_fwd_##PREC##_##NAME(const E* __restrict__ x, const E* __restrict__ w,                          \
+                                  const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z, \
+                                  int M, int N, int K) {                                                     \
+        gpubp::dense_forward_mma<E, ID, false>(x, w, b, y, z, M, N, K, gpubp::DropoutMask{});               \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
-        dense_fwd_##PREC##_dropout(const E* __restrict__ x, const E* __restrict__ w,                         \
-                                   const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z, \
-                                   int M, int N, int K, int act, const unsigned int* __restrict__ key,       \
-                                   unsigned int threshold, float scale, long long first_row) {               \
+        dense_fwd_##PREC##_##NAME##_dropout(const E* __restrict__ x, const E* __restrict__ w,                \
+                                            const float* __restrict__ b, float* __restrict__ y,              \
+                                            float* __restrict__ z, int M, int N, int K,                      \
+                                            const unsigned int* __restrict__ key, unsigned int threshold,    \
+                                            float scale, long long first_row) {                              \
         const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
-        gpubp::dense_forward_mma<E, true>(x, w, b, y, z, M, N, K, act, mask);                                \
+        gpubp::dense_forward_mma<E, ID, true>(x, w, b, y, z, M, N, K, mask);                                 \
     }
 
-GPUBP_DENSE_FWD_MMA_ENTRIES(tf32, float, Tf32Tile)
-GPUBP_DENSE_FWD_MMA_ENTRIES(bf16, gpubp::bf16_bits, Bf16Tile)
+#define GPUBP_DENSE_FWD_TF32_ENTRY(NAME, ID)                   \
+    GPUBP_DENSE_FWD_MMA_ENTRY(tf32, float, Tf32Tile, NAME, ID) \
+    GPUBP_DENSE_FWD_MMA_ENTRY(bf16, gpubp::bf16_bits, Bf16Tile, NAME, ID)
+
+GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_FWD_TF32_ENTRY)
 
 // round_bf16: the bf16 operands of the _bf16 GEMMs, formed once per operand and launch:
 // dst (dst_rows, ld) = src (rows, cols) rounded to bf16 (round to nearest even, cvt.rn), zero in

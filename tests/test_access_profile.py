@@ -197,7 +197,7 @@ def test_a_wrong_swizzle_shows_as_a_bank_conflict_on_the_tensor_core_fragment_lo
     swizzle puts those rows in eight different bank groups. Swizzling by o % 2 still stores each
     element in a place of its own (the results stay right) but leaves them in two: 4-way conflicts."""
     workload = [("one dense forward on TF32 tensor cores", access_profile.H100_SMS, forward_tf32)]
-    kernel = "dense_fwd_tf32"
+    kernel = "dense_fwd_tf32_identity"
     kernels = tmp_path / "kernels"
     shutil.copytree(cupy_backend.kernel_dir(), kernels)
     source = (kernels / "gemm_tf32.cuh").read_text()

@@ -36,9 +36,10 @@ Where the kernels come from, per source file, on first use on each device:
 
 The kernels have ``extern "C"`` names (``dense_fwd_128x128``, ...), identical on
 both paths, listed per file in ``KERNELS``; all of a file's kernels are looked up when it
-loads. A GEMM kernel serves several activations (its ``act`` argument, ``ACT_ID``): its main
-loop is compiled once, not once per activation, and the epilogue, compiled for each activation,
-is picked by one uniform branch after it (``kernels/activations.cuh``, ``with_activation``). Each launch records its contract name with ``gpubp.trace``. Kernels go to
+loads. An fp32 forward kernel serves several activations (its ``act`` argument, ``ACT_ID``): its
+main loop is compiled once, not once per activation, and the epilogue, compiled for each
+activation, is picked by one uniform branch after it (``kernels/activations.cuh``,
+``with_activation``). Each launch records its contract name with ``gpubp.trace``. Kernels go to
 CuPy's current stream; the deterministic reductions share one ticket buffer per device,
 so calls must not run concurrently on two streams of one device.
 
@@ -141,13 +142,17 @@ _HEAVY_TILE = (128, 128)
 
 def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF32_TILE, TF32_TILE),
                 dropout: bool = False) -> str:
-    """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw". A forward kernel serves
-    several activations, ``act`` passed at launch (``ACT_ID``): every one, but for the fp32 128x128
-    tile without dropout, which has one kernel for the activations of ``HEAVY_EPILOGUE`` and one for
-    the rest. The dX and dW kernels read dz (``dense_dz``/``dense_dz_db``), so they serve every
-    activation. ``dropout``: the forward's variant that applies a Dropout's mask in its epilogue."""
+    """The extern "C" name of a dense kernel: ``kind`` "fwd", "dx" or "dw". An fp32 forward kernel
+    serves several activations, ``act`` passed at launch (``ACT_ID``): every one, but for the
+    128x128 tile without dropout, which has one kernel for the activations of ``HEAVY_EPILOGUE``
+    and one for the rest. A tensor-core forward kernel has one activation (there, one kernel for
+    all would take ptxas longer than seven). The dX and dW kernels read dz (``dense_dz``,
+    ``dense_dz_db``), so they serve every activation. ``dropout``: the forward's variant that
+    applies a Dropout's mask in its epilogue."""
     if precision in ("tf32", "bf16"):
-        return f"dense_{kind}_{precision}" + ("_dropout" if dropout and kind == "fwd" else "")
+        if kind == "fwd":
+            return f"dense_fwd_{precision}_{act}" + ("_dropout" if dropout else "")
+        return f"dense_{kind}_{precision}"
     if kind == "fwd":
         heavy = tile == _HEAVY_TILE and not dropout and act in HEAVY_EPILOGUE
         return f"dense_fwd{'_heavy' if heavy else ''}{'_dropout' if dropout else ''}_{tile_name(tile)}"
@@ -175,7 +180,7 @@ KERNELS = {
     "dense_backward.cu": tuple(f"dense_dz_{act}" for act in ACT_ID if act != "identity")
                          + tuple(f"dense_dz_dropout_{act}" for act in ACT_ID)
                          + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES),
-    "dense_forward_tf32.cu": tuple(_dense_name("fwd", "identity", p, dropout=dropout)
+    "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, p, dropout=dropout) for act in ACT_ID
                                    for p in ("tf32", "bf16") for dropout in (False, True))
     + ("round_bf16",),
     "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
@@ -339,7 +344,7 @@ def _dynamic_shared_bytes(name: str) -> int:
     """The dynamic shared memory kernel ``name`` is launched with (0 for all but the tensor-core
     GEMMs, where a bf16 tile takes the bytes of a TF32 one, and the fused kernels, these at an
     input of at most 128 features)."""
-    match = re.fullmatch(r"dense_(fwd|dx|dw)_(tf32|bf16)(_dropout)?", name)
+    match = re.fullmatch(r"dense_(fwd|dx|dw)_(tf32|bf16)(_[a-z_]+)?", name)
     if match:
         return TF32_SHARED_BYTES[match.group(1)]
     fused = re.fullmatch(r"fused_mlp_(fwd|bwd|dw)(_tf32|_bf16)?(_[a-z_]+)?", name)
@@ -524,8 +529,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
         grid,
         block,
         # z is never touched for activations that do not store it; y stands in for it.
-        (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in),
-         np.int32(ACT_ID["identity" if act == "softmax" else act]))
+        (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in))
+        + ((np.int32(ACT_ID["identity" if act == "softmax" else act]),) if precision == "fp32" else ())
         + (_mask_args(dropout) if fused else ()),
         shared_mem=shared,
     )
