@@ -196,6 +196,8 @@ def test_dense_forward_matches_numpy(cb, rng, act, shape):
         assert z is None
 
 
+@pytest.mark.skipif(SANITIZED, reason="a failed launch unwinds its threads with a C++ exception, and AddressSanitizer "
+                                      "preloaded into Python finds no __cxa_throw to pass it to; runs plain")
 def test_a_forward_kernel_launched_for_an_activation_outside_its_set_traps(cpu_harness, rng, monkeypatch):
     """A kernel serves a set of activations, the one to apply passed at launch
     (kernels/activations.cuh): the host picking a kernel that lacks it must fail the launch, not
