@@ -1,7 +1,8 @@
 """Every Numba-CUDA kernel variant the Numba backend can launch, and its PTX.
 
-``gpubp/backends/numba_backend.py`` compiles one kernel per activation and flag (closures made
-by cached factories such as ``_dense_dw_kernel(act, store_dz)``) and per argument types. No
+``gpubp/backends/numba_backend.py`` compiles some kernels once per activation and flag (closures
+made by cached factories such as ``_dense_dz_kernel(act)``), others once (module-level kernels,
+as the dense forward, whose activation is a launch argument), and each per argument types. No
 table here names them: ``variants()`` calls every function of the kernel contract
 (``gpubp/backends/__init__.py``) over every activation, precision and flag, in Numba's CUDA
 simulator with each launch recorded instead of run, and names each launched kernel by where

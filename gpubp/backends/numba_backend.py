@@ -43,7 +43,10 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 bias + activation in the epilogue (_forward_epilogue), one write of y (and of z
                 for gelu and gelu_tanh only); sigmoid, gelu and gelu_tanh store z (or y) first
                 and apply act() to what they read back, as 64 inlined copies of them would push
-                the accumulators out of registers. One compiled kernel per activation.
+                the accumulators out of registers. One compiled kernel for every activation: it
+                takes the activation's ACT_ID and branches once, uniformly, after the main loop
+                to the epilogue compiled for it (_forward_epilogue_by_id), so the main loop is
+                compiled once, not once per activation.
     dense_dz    dz = dy * act'(y or z), elementwise (_dz_prologue), once per dz element, before
                 the gradient GEMMs; they then read dz as a plain operand whatever the activation,
                 so act' (erf and exp for gelu) never sits in a GEMM loop nor runs once per tile.
@@ -65,7 +68,8 @@ Dropout (``gpubp.philox``: Philox4x32-10, the mask never stored)
     dense_fwd   with a mask (``dropout=``): a second epilogue pass over the thread's own stores
                 (no barrier: each thread reads what it wrote) keeps y * scale or writes 0, one
                 Philox call per row and run of 4 columns (a run starts at a multiple of 4, so
-                its 4 mask words come from one counter); one compiled kernel per activation.
+                its 4 mask words come from one counter); one compiled kernel, the activation
+                passed at launch as without a mask.
     dropout_dz  dz = dy * scale * act'(y * keep_prob, or z) where the mask kept, else 0: the
                 dense_dz kernel regenerating the mask, a thread per row and group of 4 columns,
                 grid-stride; also for identity layers, whose dz is then no longer dy.
@@ -114,7 +118,8 @@ from numba import cuda
 from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
 from gpubp import philox
-from gpubp.activations import GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE, NEEDS_Z
+from gpubp.activations import (ACT_ID, ACTIVATIONS, GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE,
+                               NEEDS_Z)
 from gpubp.backends import INSTALL_HINT
 from gpubp.trace import record
 
@@ -855,45 +860,64 @@ def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
                             y[_u64(r), _u64(c0 + e)] = _kept(y[_u64(r), _u64(c0 + e)], words[e], threshold, scale)
 
 
-@functools.cache
-def _dense_forward_masked_kernel(act: str):
-    """The fused forward kernel for ``act`` with a dropout mask applied to its output."""
-    main_loop = _gemm_main_loop("k_major", "outer_major", False)
-    epilogue = _forward_epilogue(act)
+def _forward_epilogue_by_id():
+    """The forward epilogue chosen at run time by the activation's ``ACT_ID``: one branch, uniform
+    across the grid, taken once after the main loop, to the epilogue compiled for that activation
+    (``_forward_epilogue``: its act() and whether it stores z stay fixed at compile time). An id
+    outside ``ACT_ID`` stores nothing."""
+    assert tuple(_FORWARD) == ACTIVATIONS, "the chain below lists the activations in ACT_ID order"
+    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh = (_forward_epilogue(a) for a in ACTIVATIONS)
+    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id = range(len(ACTIVATIONS))
 
-    @_tile_kernel
-    def dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, key, threshold, scale, first_row):
-        """y = act(x @ w + b) * scale where the mask of ``key`` keeps, else 0; z unmasked."""
-        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-        unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
-        m0, n0 = _tile_origin(rows_on_x)
-        _zero_accumulators(acc)
-        main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
-        epilogue(acc, b, y, z, m0, n0)
-        _mask_tile(y, m0, n0, key, threshold, scale, first_row)
+    @cuda.jit(device=True, inline="always")
+    def forward_epilogue_by_id(act, acc, b, y, z, m0, n0):
+        if act == identity_id:
+            identity(acc, b, y, z, m0, n0)
+        elif act == relu_id:
+            relu(acc, b, y, z, m0, n0)
+        elif act == leaky_relu_id:
+            leaky_relu(acc, b, y, z, m0, n0)
+        elif act == sigmoid_id:
+            sigmoid(acc, b, y, z, m0, n0)
+        elif act == tanh_id:
+            tanh(acc, b, y, z, m0, n0)
+        elif act == gelu_id:
+            gelu(acc, b, y, z, m0, n0)
+        elif act == gelu_tanh_id:
+            gelu_tanh(acc, b, y, z, m0, n0)
 
-    return dense_forward_masked_kernel
+    return forward_epilogue_by_id
 
 
-@functools.cache
-def _dense_forward_kernel(act: str):
-    """The fused forward kernel for ``act``: its act() and whether it stores z are compile-time."""
-    main_loop = _gemm_main_loop("k_major", "outer_major", False)
-    epilogue = _forward_epilogue(act)
+_forward_epilogue_any = _forward_epilogue_by_id()
+_fwd_main_loop = _gemm_main_loop("k_major", "outer_major", False)
 
-    @_tile_kernel
-    def dense_forward_kernel(x, w, b, y, z, rows_on_x):
-        """y = act(x @ w + b), and z = x @ w + b when store_z (else z is y and never written)."""
-        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-        unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)  # forward keeps no column sums
-        m0, n0 = _tile_origin(rows_on_x)
-        _zero_accumulators(acc)
-        main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
-        epilogue(acc, b, y, z, m0, n0)
 
-    return dense_forward_kernel
+@_tile_kernel
+def _dense_forward_kernel(x, w, b, y, z, rows_on_x, act):
+    """y = act(x @ w + b), and z = x @ w + b for the activations that store it (else z is y and
+    never written); ``act`` is the activation's ``ACT_ID``."""
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)  # forward keeps no column sums
+    m0, n0 = _tile_origin(rows_on_x)
+    _zero_accumulators(acc)
+    _fwd_main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
+    _forward_epilogue_any(act, acc, b, y, z, m0, n0)
+
+
+@_tile_kernel
+def _dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, act, key, threshold, scale, first_row):
+    """y = act(x @ w + b) * scale where the mask of ``key`` keeps, else 0; z unmasked; ``act`` is
+    the activation's ``ACT_ID``."""
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
+    m0, n0 = _tile_origin(rows_on_x)
+    _zero_accumulators(acc)
+    _fwd_main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
+    _forward_epilogue_any(act, acc, b, y, z, m0, n0)
+    _mask_tile(y, m0, n0, key, threshold, scale, first_row)
 
 
 @functools.cache
@@ -1099,9 +1123,11 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     grid, rows_on_x = tile_grid(batch, out_features)
     args = (xv, _view(w), _view(b), yv, yv if z is None else _view(z), rows_on_x)
     if dropout is None:
-        _dense_forward_kernel("identity" if act == "softmax" else act)[grid, TILE_THREADS, xv.stream](*args)
+        act_id = np.int32(ACT_ID["identity" if act == "softmax" else act])
+        _dense_forward_kernel[grid, TILE_THREADS, xv.stream](*args, act_id)
     else:
-        _dense_forward_masked_kernel(act)[grid, TILE_THREADS, xv.stream](*args, *_mask_args(dropout))
+        act_id = np.int32(ACT_ID[act])
+        _dense_forward_masked_kernel[grid, TILE_THREADS, xv.stream](*args, act_id, *_mask_args(dropout))
     if act == "softmax":
         softmax_(y)
     return y, z
@@ -1562,13 +1588,13 @@ def kernel_variants() -> list[KernelVariant]:
     v, m, p3 = (types.Array(f32, ndim, "C") for ndim in (1, 2, 3))
     tickets = types.Array(types.uint32, 1, "C")
     row_threads = ROW_LANES * ROWS_PER_BLOCK
-    variants = [KernelVariant("dense_fwd", act, _dense_forward_kernel(act), (m, m, v, m, m, flag), TILE_THREADS)
-                for act in _FORWARD]
+    i32 = types.int32
+    variants = [KernelVariant("dense_fwd", "", _dense_forward_kernel, (m, m, v, m, m, flag, i32), TILE_THREADS)]
     variants += [KernelVariant("dense_dz", act, _dense_dz_kernel(act), (v, v, v), ELEMENTWISE_THREADS)
                  for act in _GRAD]
     key, word, i64 = types.Array(types.uint32, 1, "C"), types.uint64, types.int64
-    variants += [KernelVariant("dense_fwd", f"{act}_dropout", _dense_forward_masked_kernel(act),
-                               (m, m, v, m, m, flag, key, word, f32, i64), TILE_THREADS) for act in _FORWARD]
+    variants.append(KernelVariant("dense_fwd", "dropout", _dense_forward_masked_kernel,
+                                  (m, m, v, m, m, flag, i32, key, word, f32, i64), TILE_THREADS))
     variants += [KernelVariant("dropout_dz", act, _dropout_dz_kernel(act), (v, v, v, i64, key, word, f32, i64, f32),
                                ELEMENTWISE_THREADS) for act in _FORWARD]
     variants.append(KernelVariant("dropout_fwd", "", _mask_kernel, (v, v, i64, key, word, f32, i64),
