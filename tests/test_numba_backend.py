@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import backends
+from gpubp import backends, philox
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
@@ -85,6 +85,23 @@ def test_dense_forward_matches_numpy(rng, act, shape):
     with trace() as t:
         y, z = nb.dense_forward(*to_device(x, w, b), act)
     assert t.launches == ["dense_fwd"] + (["softmax_fwd"] if act == "softmax" else [])
+    assert_matches(y, y_ref)
+    if act in NEEDS_Z:
+        assert_matches(z, z_ref)
+    else:
+        assert z is None
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_dense_forward_with_a_mask_matches_numpy_for_every_activation(rng, act):
+    # One masked kernel serves every activation (its id passed at launch): each branch of its
+    # epilogue, on a shape ragged against the tile and the mask's runs of 4 columns.
+    x, w, b = dense_inputs(rng, *MULTI_TILE_SHAPES[0])
+    key, constants = np.array([0x1234, 0xBEEF], np.uint32), philox.mask_constants(0.3)
+    y_ref, z_ref = ref.dense_forward(x, w, b, act, dropout=philox.Mask(key, *constants, 5))
+    with trace() as t:
+        y, z = nb.dense_forward(*to_device(x, w, b), act, dropout=philox.Mask(nb.asarray(key), *constants, 5))
+    assert t.launches == ["dense_fwd"]
     assert_matches(y, y_ref)
     if act in NEEDS_Z:
         assert_matches(z, z_ref)
