@@ -865,9 +865,10 @@ def _forward_epilogue_by_id():
     across the grid, taken once after the main loop, to the epilogue compiled for that activation
     (``_forward_epilogue``: its act() and whether it stores z stay fixed at compile time). An id
     outside ``ACT_ID`` stores nothing."""
-    assert tuple(_FORWARD) == ACTIVATIONS, "the chain below lists the activations in ACT_ID order"
-    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh = (_forward_epilogue(a) for a in ACTIVATIONS)
-    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id = range(len(ACTIVATIONS))
+    names = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+    assert sorted(names) == sorted(ACTIVATIONS), "the chain below has a branch per activation"
+    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh = (_forward_epilogue(a) for a in names)
+    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id = (ACT_ID[a] for a in names)
 
     @cuda.jit(device=True, inline="always")
     def forward_epilogue_by_id(act, acc, b, y, z, m0, n0):
@@ -1578,7 +1579,8 @@ class KernelVariant(NamedTuple):
 
 
 def kernel_variants() -> list[KernelVariant]:
-    """Every kernel variant this backend can launch: each kernel x activation x flag, with the
+    """Every kernel variant this backend can launch: each kernel x flag, and x activation for the
+    kernels compiled per activation (dense_dz, dropout_dz; the forward takes it at launch), with the
     argument types it is compiled for (float32 C-contiguous arrays; labels int32 or int64).
     Needs the real compiler's types (the simulator off): the compile test and the performance
     model compile each one with ``kernel_ptx``."""
