@@ -7,16 +7,19 @@
 // Widths: every layer's output width (hidden and output) is at most MAX_WIDTH = 128, so a
 // block holds the activations of its batch rows for a whole layer in shared memory; the input
 // width is any size (layer 0 streams x in K chunks). 1 to MAX_LAYERS = 8 layers, any batch size
-// B. The activation is a template parameter, ACT: one fwd and one bwd kernel per activation,
-// named by it (fused_mlp_fwd_relu, ...), so the epilogues hold its code alone; each layer applies
-// ACT or nothing (identity), as the plan says, so a model fuses when all its layers that apply an
-// activation apply the same one (the host picks the kernel; any other model runs per layer).
+// B. One fwd and one bwd kernel per precision serve every activation: a layer's is its plan's
+// (LAYER_ACT), picked at run time once per layer by with_activation (activations.cuh) around the
+// layer's whole forward epilogue or backward dz pass, each compiled with its activation fixed;
+// the products are compiled once per kernel (the 7 epilogues of each pass, unrolled over a
+// thread's tile, are now most of nvcc's time on this file). An id outside ActSet::ALL traps.
+// The kernels take any mix of activations; the host fuses a model whose layers apply at most one
+// besides identity (any other runs per layer).
 // Layout: x (B, in); W_l (in_l, out_l); b_l (out_l,); every (B, width) array row-major and
 // C-contiguous, as everywhere in gpubp. Per-layer arrays come as MAX_LAYERS pointer arguments
 // each; slots the plan marks unused may be any valid pointer and are never touched.
 //
 // The plan (a small int array the host builds once per model shape, see PLAN_* below) says per
-// layer its widths, its activation (ACT's id, or identity's) and what to store:
+// layer its widths, its activation (an ActId) and what to store:
 // - forward writes h_{l+1} to hout[l] only where backward reads it (the dW input of a trainable
 //   layer l+1, or act_l' for layers from the lowest trainable one up), z_l to zout[l] only for
 //   gelu/gelu_tanh layers that backward differentiates, and always the output h_L. A frozen
@@ -32,7 +35,7 @@
 //   atomics. db_l is summed in fp32 in the blocks of W_l's first row tile, over the same split.
 //
 // Two implementations share the plan, the entry points and the host's launch code:
-// - fp32 (fused_mlp_fwd_<act>, fused_mlp_bwd_<act>, fused_mlp_dw; the "fp32, CUDA cores" section):
+// - fp32 (fused_mlp_fwd, fused_mlp_bwd, fused_mlp_dw; the "fp32, CUDA cores" section):
 //   FMA on the CUDA cores. THREADS = 128 threads compute a ROWS x MAX_WIDTH = 64 x 128 tile of each
 //   product in 8 x 8 thread tiles of 2 x 2 quads, warp w owning the 32-column strip 32 w ..; a warp
 //   computes only its quads that hold a column below the product's width and a row below the batch
@@ -164,8 +167,8 @@ __device__ __forceinline__ void finish_split_weight_grads(float* __restrict__ ws
 // product and select, outside the k loop, one of the product's 16 instantiations (quads_product<RQ,
 // CQ>); the full one (4, 4) is unrolled over a BK-deep slice, the 15 edge ones run one k per pass
 // (the loop's few instructions a k, on tile edges only) to keep the code, and the compile time of
-// the 15 fp32 kernels, small (nvcc still takes about 40% longer on this file than with 4 x 4 quads
-// and one product); the epilogues, shared by all, guard per quad.
+// the fp32 kernels, small (nvcc took about 40% longer on this file than with 4 x 4 quads and one
+// product, when each activation had its own kernels); the epilogues, shared by all, guard per quad.
 // Why 2 x 2 quads: the warp-uniform unit of work is (8 lanes x quad rows) x (4 lanes x quad
 // columns), so only 2 x 2 quads (or 4 x 1 ones) make it one mma tile; 4 x 4 quads read with float4
 // make it 32 x 16 or 16 x 32. The price is loads: each k, RQ LDS.64 of A (8 distinct 8-byte words,
@@ -383,7 +386,6 @@ __device__ __forceinline__ void load_pair(float (&v)[2], const float* p, int c, 
 // next product's K padding, which must hold zeros.
 __device__ __forceinline__ int written_quads(const SimtTile& t, int n) { return t.col_quads((n + BK - 1) / BK * BK); }
 
-template <int ACT>
 __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
                                             const float* const (&b)[Fused::MAX_LAYERS],
                                             float* const (&hout)[Fused::MAX_LAYERS],
@@ -411,40 +413,42 @@ __device__ __forceinline__ void mlp_forward(const float* __restrict__ x, const f
             resident_product(acc, H, Ws, K, t, rq, t.col_quads(p.out));
         }
         __syncthreads();  // every warp has read H: the epilogue overwrites it
-        const bool last = l == layers - 1, activated = p.act != ACT_IDENTITY;
+        const bool last = l == layers - 1;
         const float* bl = layer_slot(b, l);
         float* hl = layer_slot(hout, l);
         float* zl = layer_slot(zout, l);
         const bool vec = pairs_aligned(hl, p.out) && pairs_aligned(zl, p.out), vec_bias = pairs_aligned(bl, p.out);
         const int cq = written_quads(t, p.out);
+        with_activation<ActSet::ALL>(p.act, [&](auto tag) {  // the layer's activation, fixed for its epilogue
+            constexpr int ACT = decltype(tag)::ID;
 #pragma unroll
-        for (int j = 0; j < SimtTile::QUADS; ++j) {
-            if (j >= cq) continue;
-            const int c = t.col(2 * j);
-            float bias[2];
-            load_pair(bias, bl, c, p.out, vec_bias);
+            for (int j = 0; j < SimtTile::QUADS; ++j) {
+                if (j >= cq) continue;
+                const int c = t.col(2 * j);
+                float bias[2];
+                load_pair(bias, bl, c, p.out, vec_bias);
 #pragma unroll
-            for (int i = 0; i < SimtTile::QUADS; ++i) {
-                if (i >= rq) continue;
-                Quad z = Quad::of(acc, i, j), h;
+                for (int i = 0; i < SimtTile::QUADS; ++i) {
+                    if (i >= rq) continue;
+                    Quad z = Quad::of(acc, i, j), h;
 #pragma unroll
-                for (int ii = 0; ii < 2; ++ii)
+                    for (int ii = 0; ii < 2; ++ii)
 #pragma unroll
-                    for (int jj = 0; jj < 2; ++jj) {
-                        z.v[ii][jj] += bias[jj];
-                        // Columns past the width are zeros: the next layer's last K slice reads them.
-                        h.v[ii][jj] = c + jj >= p.out ? 0.0f : activated ? act_forward<ACT>(z.v[ii][jj]) : z.v[ii][jj];
-                    }
-                const int r = t.row(2 * i);
-                if (!last) h.store_columns(H, r, c);
-                if (p.flags & STORE_H) h.store_rows(hl, p.out, row0 + r, c, B, p.out, vec);
-                if (p.flags & STORE_Z) z.store_rows(zl, p.out, row0 + r, c, B, p.out, vec);
+                        for (int jj = 0; jj < 2; ++jj) {
+                            z.v[ii][jj] += bias[jj];
+                            // Columns past the width are zeros: the next layer's last K slice reads them.
+                            h.v[ii][jj] = c + jj >= p.out ? 0.0f : act_forward<ACT>(z.v[ii][jj]);
+                        }
+                    const int r = t.row(2 * i);
+                    if (!last) h.store_columns(H, r, c);
+                    if (p.flags & STORE_H) h.store_rows(hl, p.out, row0 + r, c, B, p.out, vec);
+                    if (p.flags & STORE_Z) z.store_rows(zl, p.out, row0 + r, c, B, p.out, vec);
+                }
             }
-        }
+        });
     }
 }
 
-template <int ACT>
 __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float* __restrict__ dx,
                                              const float* const (&w)[Fused::MAX_LAYERS],
                                              const float* const (&act_in)[Fused::MAX_LAYERS],
@@ -471,26 +475,29 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
             const float* saved_l = layer_slot(act_in, l);
             float* dz_l = layer_slot(dz, l);
             const bool vec = pairs_aligned(saved_l, p.out) && pairs_aligned(dz_l, p.out);
-            t.for_each_quad(rq, written_quads(t, p.out), [&](int, int, int r, int c) {
-                Quad g;
-                g.load_columns(G, r, c);
+            with_activation<ActSet::ALL>(p.act, [&](auto tag) {  // the layer's activation, fixed for its dz pass
+                constexpr int ACT = decltype(tag)::ID;
+                t.for_each_quad(rq, written_quads(t, p.out), [&](int, int, int r, int c) {
+                    Quad g;
+                    g.load_columns(G, r, c);
 #pragma unroll
-                for (int ii = 0; ii < 2; ++ii) {
-                    const long long row = row0 + r + ii;
-                    float saved[2] = {0.0f, 0.0f};
-                    if (p.act != ACT_IDENTITY && row < B) load_pair(saved, saved_l + row * p.out, c, p.out, vec);
+                    for (int ii = 0; ii < 2; ++ii) {
+                        const long long row = row0 + r + ii;
+                        float saved[2] = {0.0f, 0.0f};
+                        if (ACT != ACT_IDENTITY && row < B) load_pair(saved, saved_l + row * p.out, c, p.out, vec);
 #pragma unroll
-                    for (int jj = 0; jj < 2; ++jj) {
-                        float& v = g.v[ii][jj];
-                        if (row >= B || c + jj >= p.out) {
-                            v = 0.0f;
-                        } else if (p.act != ACT_IDENTITY) {
-                            v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
+                        for (int jj = 0; jj < 2; ++jj) {
+                            float& v = g.v[ii][jj];
+                            if (row >= B || c + jj >= p.out) {
+                                v = 0.0f;
+                            } else if constexpr (ACT != ACT_IDENTITY) {
+                                v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
+                            }
                         }
                     }
-                }
-                g.store_columns(G, r, c);
-                if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
+                    g.store_columns(G, r, c);
+                    if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
+                });
             });
         }
         if (l == lowest && !input_grad) break;
@@ -529,7 +536,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
 
 // ----------------------------------------------------------------------------- tensor cores
 //
-// fused_mlp_{fwd,bwd}_{tf32,bf16}_<act>: a warp owns 16 batch rows (MmaRows::ROWS = 64 per
+// fused_mlp_{fwd,bwd}_{tf32,bf16}: a warp owns 16 batch rows (MmaRows::ROWS = 64 per
 // block) and every column of them, so a layer's input and output stay in the warp's own part of
 // shared memory between layers and only the weight stage is shared by the block (fused_mlp_dw_*
 // works the same way on 16 rows of dW per warp; see mlp_weight_grads_mma). Per layer (and per
@@ -544,7 +551,8 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
 //      (a tail group of 1-3), writing the fp32 products to its Z buffer: no mma on columns
 //      past the width, K past the fan-in, or a 16-row slab past the batch, beyond the padding of
 //      one mma tile;
-//   4. a row pass (32 lanes across a row: coalesced global stores) adds the bias, applies ACT,
+//   4. a row pass (32 lanes across a row: coalesced global stores) adds the bias, applies the
+//      layer's activation (one with_activation branch around the whole pass),
 //      stores what the plan asks for, and writes the next layer's A, rounded, over the Z buffer.
 // Layouts, in 32-bit words (tf32: one operand per word; bf16: two, k and k + 1):
 // - A buffer (per warp): rows g and g + 8 interleaved, row pair g at g * A_LD (A_LD = 272 = 16
@@ -773,7 +781,7 @@ struct WarpMma {
     }
 };
 
-template <class Op, int ACT>
+template <class Op>
 __device__ __forceinline__ void mlp_forward_mma(const float* __restrict__ x, const float* const (&w)[Fused::MAX_LAYERS],
                                                 const float* const (&b)[Fused::MAX_LAYERS],
                                                 float* const (&hout)[Fused::MAX_LAYERS],
@@ -826,45 +834,48 @@ __device__ __forceinline__ void mlp_forward_mma(const float* __restrict__ x, con
         }
         if (!active) continue;
         __syncwarp();  // the row pass reads Z written by other lanes
-        const bool last = l == layers - 1, activated = p.act != ACT_IDENTITY;
+        const bool last = l == layers - 1;
         const float* bl = layer_slot(b, l);
         float* hl = layer_slot(hout, l);
         float* zl = layer_slot(zout, l);
         float bias[F::MAX_WIDTH / 32];
 #pragma unroll
         for (int i = 0; i < F::MAX_WIDTH / 32; ++i) bias[i] = lane + 32 * i < p.out ? bl[lane + 32 * i] : 0.0f;
-        for (int r = 0; r < 8; ++r) {  // rows r and r + 8
-            float2 z[F::MAX_WIDTH / 32];
-#pragma unroll
-            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
-                const int c = lane + 32 * i;
-                z[i] = c < p.out ? load_z(zbuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
-                z[i].x += bias[i], z[i].y += bias[i];
-            }
-            __syncwarp();  // bf16: the row pair's A words overlap its Z words
-#pragma unroll
-            for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
-                const int c = lane + 32 * i;
-                const bool valid = c < p.out;
-                float h[2] = {z[i].x, z[i].y};
-                const float zi[2] = {z[i].x, z[i].y};
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const long long row = row0 + r + 8 * half;
-                    if (valid && activated) h[half] = act_forward<ACT>(zi[half]);
-                    if (valid && row < B) {
-                        if (p.flags & STORE_H) hl[row * p.out + c] = h[half];
-                        if (p.flags & STORE_Z) zl[row * p.out + c] = zi[half];
-                    }
+        with_activation<ActSet::ALL>(p.act, [&](auto tag) {  // the layer's activation, fixed for its row pass
+            constexpr int ACT = decltype(tag)::ID;
+            for (int r = 0; r < 8; ++r) {  // rows r and r + 8
+                float2 z[F::MAX_WIDTH / 32];
+    #pragma unroll
+                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                    const int c = lane + 32 * i;
+                    z[i] = c < p.out ? load_z(zbuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
+                    z[i].x += bias[i], z[i].y += bias[i];
                 }
-                if (!last) store_a<Op>(abuf + r * R::A_LD, c, h[0], h[1]);  // zero past the width: K's padding
+                __syncwarp();  // bf16: the row pair's A words overlap its Z words
+    #pragma unroll
+                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                    const int c = lane + 32 * i;
+                    const bool valid = c < p.out;
+                    float h[2] = {z[i].x, z[i].y};
+                    const float zi[2] = {z[i].x, z[i].y};
+    #pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const long long row = row0 + r + 8 * half;
+                        if (valid) h[half] = act_forward<ACT>(zi[half]);
+                        if (valid && row < B) {
+                            if (p.flags & STORE_H) hl[row * p.out + c] = h[half];
+                            if (p.flags & STORE_Z) zl[row * p.out + c] = zi[half];
+                        }
+                    }
+                    if (!last) store_a<Op>(abuf + r * R::A_LD, c, h[0], h[1]);  // zero past the width: K's padding
+                }
             }
-        }
+        });
         __syncwarp();
     }
 }
 
-template <class Op, int ACT>
+template <class Op>
 __device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, float* __restrict__ dx,
                                                  const float* const (&w)[Fused::MAX_LAYERS],
                                                  const float* const (&act_in)[Fused::MAX_LAYERS],
@@ -903,34 +914,37 @@ __device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, f
         if (active) {  // dz = g * act'(.): out to dz_l for a trainable layer, rounded into A
             const float* saved_l = layer_slot(act_in, l);
             float* dz_l = layer_slot(dz, l);
-            for (int r = 0; r < 8; ++r) {  // rows r and r + 8
-                float2 g[F::MAX_WIDTH / 32];
-#pragma unroll
-                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
-                    const int c = lane + 32 * i;
-                    g[i] = c < p.out ? load_z(abuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
-                }
-                __syncwarp();  // bf16: the row pair's A words overlap its g words
-#pragma unroll
-                for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
-                    const int c = lane + 32 * i;
-                    float dzv[2] = {g[i].x, g[i].y};
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const long long row = row0 + r + 8 * half;
-                        if (c < p.out && row < B) {
-                            if (p.act != ACT_IDENTITY) {
-                                const float saved = saved_l[row * p.out + c];
-                                dzv[half] *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs
-                            }
-                            if (p.flags & TRAINABLE) dz_l[row * p.out + c] = dzv[half];
-                        } else {
-                            dzv[half] = 0.0f;
-                        }
+            with_activation<ActSet::ALL>(p.act, [&](auto tag) {  // the layer's activation, fixed for its dz pass
+                constexpr int ACT = decltype(tag)::ID;
+                for (int r = 0; r < 8; ++r) {  // rows r and r + 8
+                    float2 g[F::MAX_WIDTH / 32];
+    #pragma unroll
+                    for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                        const int c = lane + 32 * i;
+                        g[i] = c < p.out ? load_z(abuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
                     }
-                    store_a<Op>(abuf + r * R::A_LD, c, dzv[0], dzv[1]);
+                    __syncwarp();  // bf16: the row pair's A words overlap its g words
+    #pragma unroll
+                    for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
+                        const int c = lane + 32 * i;
+                        float dzv[2] = {g[i].x, g[i].y};
+    #pragma unroll
+                        for (int half = 0; half < 2; ++half) {
+                            const long long row = row0 + r + 8 * half;
+                            if (c < p.out && row < B) {
+                                if constexpr (ACT != ACT_IDENTITY) {
+                                    const float saved = saved_l[row * p.out + c];
+                                    dzv[half] *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs
+                                }
+                                if (p.flags & TRAINABLE) dz_l[row * p.out + c] = dzv[half];
+                            } else {
+                                dzv[half] = 0.0f;
+                            }
+                        }
+                        store_a<Op>(abuf + r * R::A_LD, c, dzv[0], dzv[1]);
+                    }
                 }
-            }
+            });
             __syncwarp();
         }
         if (l == lowest && !input_grad) break;
@@ -1108,59 +1122,49 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
 }  // namespace gpubp
 
 // The entry points take MAX_LAYERS pointers per per-layer array (kernel arguments, so a step
-// needs no host-to-device copy of a pointer table): fused_mlp_fwd<precision>_<activation> and
-// fused_mlp_bwd<precision>_<activation> for each precision and activation, fused_mlp_dw<precision>
-// (which applies no activation) for each precision.
+// needs no host-to-device copy of a pointer table): fused_mlp_fwd<precision>,
+// fused_mlp_bwd<precision> and fused_mlp_dw<precision> for each precision (<precision> empty for
+// fp32, _tf32, _bf16). Each fwd and bwd kernel serves every activation: a layer's activation is
+// its plan's (LAYER_ACT), dispatched once per layer around its epilogue or dz pass
+// (with_activation), and an id outside ActSet::ALL traps.
 #define GPUBP_LAYER_PTRS(T, NAME) T NAME##0, T NAME##1, T NAME##2, T NAME##3, T NAME##4, T NAME##5, T NAME##6, T NAME##7
 #define GPUBP_LAYER_ARRAY(T, NAME) \
     T const NAME[gpubp::Fused::MAX_LAYERS] = {NAME##0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6, NAME##7}
 
-#define GPUBP_FUSED_MLP_ACT_ENTRIES(SUFFIX, BLOCKS, FORWARD, BACKWARD, NAME)                                                    \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
-        fused_mlp_fwd##SUFFIX##_##NAME(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),               \
-                                       GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),            \
-                                       GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {        \
-        GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
-        GPUBP_LAYER_ARRAY(const float*, b);                                                                          \
-        GPUBP_LAYER_ARRAY(float*, hout);                                                                             \
-        GPUBP_LAYER_ARRAY(float*, zout);                                                                             \
-        FORWARD(x, w, b, hout, zout, plan, B);                                               \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
-        fused_mlp_bwd##SUFFIX##_##NAME(const float* __restrict__ dy, float* __restrict__ dx,                         \
-                                       GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, act_in),    \
-                                       GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan, int B) {          \
-        GPUBP_LAYER_ARRAY(const float*, w);                                                                          \
-        GPUBP_LAYER_ARRAY(const float*, act_in);                                                                     \
-        GPUBP_LAYER_ARRAY(float*, dz);                                                                               \
-        BACKWARD(dy, dx, w, act_in, dz, plan, B);                                            \
+#define GPUBP_FUSED_MLP_ENTRIES(SUFFIX, BLOCKS, FORWARD, BACKWARD, WEIGHT_GRADS)                                 \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                  \
+        fused_mlp_fwd##SUFFIX(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),                    \
+                              GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),                 \
+                              GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {             \
+        GPUBP_LAYER_ARRAY(const float*, w);                                                                      \
+        GPUBP_LAYER_ARRAY(const float*, b);                                                                      \
+        GPUBP_LAYER_ARRAY(float*, hout);                                                                         \
+        GPUBP_LAYER_ARRAY(float*, zout);                                                                         \
+        FORWARD(x, w, b, hout, zout, plan, B);                                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                  \
+        fused_mlp_bwd##SUFFIX(const float* __restrict__ dy, float* __restrict__ dx,                              \
+                              GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, act_in),         \
+                              GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan, int B) {               \
+        GPUBP_LAYER_ARRAY(const float*, w);                                                                      \
+        GPUBP_LAYER_ARRAY(const float*, act_in);                                                                 \
+        GPUBP_LAYER_ARRAY(float*, dz);                                                                           \
+        BACKWARD(dy, dx, w, act_in, dz, plan, B);                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                  \
+        fused_mlp_dw##SUFFIX(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz),              \
+                             GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws, \
+                             unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk, \
+                             int splits, int ws_split_stride) {                                                  \
+        GPUBP_LAYER_ARRAY(const float*, h);                                                                      \
+        GPUBP_LAYER_ARRAY(const float*, dz);                                                                     \
+        GPUBP_LAYER_ARRAY(float*, dw);                                                                           \
+        GPUBP_LAYER_ARRAY(float*, db);                                                                           \
+        WEIGHT_GRADS(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);                     \
     }
 
-#define GPUBP_FUSED_MLP_DW_ENTRY(SUFFIX, BLOCKS, WEIGHT_GRADS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(gpubp::Fused::THREADS, BLOCKS)                                            \
-        fused_mlp_dw##SUFFIX(GPUBP_LAYER_PTRS(const float*, h), GPUBP_LAYER_PTRS(const float*, dz),                  \
-                             GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws,     \
-                             unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk,  \
-                             int splits, int ws_split_stride) {                                                      \
-        GPUBP_LAYER_ARRAY(const float*, h);                                                                          \
-        GPUBP_LAYER_ARRAY(const float*, dz);                                                                         \
-        GPUBP_LAYER_ARRAY(float*, dw);                                                                               \
-        GPUBP_LAYER_ARRAY(float*, db);                                                                               \
-        WEIGHT_GRADS(h, dz, dw, db, ws, tickets, plan, B, k_chunk, splits, ws_split_stride);                         \
-    }
-
-#define GPUBP_FUSED_MLP_FP32(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(, gpubp::Fused::FP32_BLOCKS, (gpubp::mlp_forward<ACT>),                                      \
-                                (gpubp::mlp_backward<ACT>), NAME)
-#define GPUBP_FUSED_MLP_TF32(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(_tf32, gpubp::Tf32Op::BLOCKS, (gpubp::mlp_forward_mma<gpubp::Tf32Op, ACT>),                               \
-                                (gpubp::mlp_backward_mma<gpubp::Tf32Op, ACT>), NAME)
-#define GPUBP_FUSED_MLP_BF16(NAME, ACT)                                                                          \
-    GPUBP_FUSED_MLP_ACT_ENTRIES(_bf16, gpubp::Bf16Op::BLOCKS, (gpubp::mlp_forward_mma<gpubp::Bf16Op, ACT>),                               \
-                                (gpubp::mlp_backward_mma<gpubp::Bf16Op, ACT>), NAME)
-GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_FP32)
-GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_TF32)
-GPUBP_FOR_EACH_ACTIVATION(GPUBP_FUSED_MLP_BF16)
-GPUBP_FUSED_MLP_DW_ENTRY(, gpubp::Fused::FP32_BLOCKS, gpubp::mlp_weight_grads)
-GPUBP_FUSED_MLP_DW_ENTRY(_tf32, gpubp::Tf32Op::BLOCKS, gpubp::mlp_weight_grads_mma<gpubp::Tf32Op>)
-GPUBP_FUSED_MLP_DW_ENTRY(_bf16, gpubp::Bf16Op::BLOCKS, gpubp::mlp_weight_grads_mma<gpubp::Bf16Op>)
+GPUBP_FUSED_MLP_ENTRIES(, gpubp::Fused::FP32_BLOCKS, gpubp::mlp_forward, gpubp::mlp_backward, gpubp::mlp_weight_grads)
+GPUBP_FUSED_MLP_ENTRIES(_tf32, gpubp::Tf32Op::BLOCKS, gpubp::mlp_forward_mma<gpubp::Tf32Op>,
+                        gpubp::mlp_backward_mma<gpubp::Tf32Op>, gpubp::mlp_weight_grads_mma<gpubp::Tf32Op>)
+GPUBP_FUSED_MLP_ENTRIES(_bf16, gpubp::Bf16Op::BLOCKS, gpubp::mlp_forward_mma<gpubp::Bf16Op>,
+                        gpubp::mlp_backward_mma<gpubp::Bf16Op>, gpubp::mlp_weight_grads_mma<gpubp::Bf16Op>)

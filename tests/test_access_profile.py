@@ -240,7 +240,7 @@ def fused_forward_reads(precision: str, batch: int, width: int) -> int:
         cb.fused_mlp_forward(x, [w], [b], ["identity"], [False], [False], precision)
 
     workload = (f"a fused {precision} layer, batch {batch}, width {width}", access_profile.H100_SMS, run)
-    kernel = f"fused_mlp_fwd{cupy_backend.FUSED_PRECISIONS[precision]}_identity"
+    kernel = f"fused_mlp_fwd{cupy_backend.FUSED_PRECISIONS[precision]}"
     figures = access_profile.profile_workloads([workload])[kernel]
     return sum(entry["requests"] for entry in figures["lines"]
                if (entry["kind"], entry["access"]) == ("shared", "load"))

@@ -97,13 +97,13 @@ def test_the_simt_gemms_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh)
     assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
 
 
-# The fused MLP's fp32 kernels (forward and backward in every activation, dW): the same goal.
-FUSED_FP32 = re.compile(r"fused_mlp_(fwd|bwd)_[a-z_]+|fused_mlp_dw")  # no digits: not _tf32, _bf16
+# The fused MLP's fp32 kernels (forward and backward, each serving every activation, and dW): the same goal.
+FUSED_FP32 = re.compile(r"fused_mlp_(fwd|bwd|dw)")  # not _tf32, _bf16
 
 
 def test_the_fused_fp32_kernels_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh):
     fused = {name: k for name, k in fresh["kernels"].items() if FUSED_FP32.fullmatch(name)}
-    assert len(fused) == 2 * len(ACTIVATIONS) + 1
+    assert len(fused) == 3
     below = {name: k["hot_loop"]["ffma_share"] for name, k in fused.items()
              if k["hot_loop"]["ffma_share"] < SIMT_FFMA_GOAL}
     assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
@@ -153,7 +153,9 @@ def test_every_gemm_reads_shared_memory_without_conflicts_and_global_memory_at_l
     if not fresh["memory_figures"].startswith("from "):
         pytest.skip(f"no memory figures: {fresh['memory_figures']}")
     gemms = [name for name in fresh["kernels"] if GEMM.fullmatch(name)]
-    assert len(gemms) > 100, "the GEMM pattern has lost the kernels it is about"
+    families = ("dense_fwd_", "dense_dx_", "dense_dw_", "fused_mlp_fwd", "fused_mlp_bwd", "fused_mlp_dw")
+    assert all(any(name.startswith(f) for name in gemms) for f in families), \
+        "the GEMM pattern has lost the kernels it is about"
     assert memory_goal_misses(fresh["kernels"]) == {}
 
 
@@ -162,10 +164,10 @@ def test_the_memory_goal_fails_a_conflicting_or_uncoalesced_gemm_and_ignores_oth
         return {"shared_wavefronts_per_request": shared, "shared_ideal_wavefronts_per_request": ideal,
                 "global_load_efficiency": loads}
     kernels = {"dense_fwd_tf32_relu": k(4.0, 4.0, 0.95), "dense_dw_128x128": k(2.0, 1.0, 1.0),
-               "fused_mlp_fwd_relu": k(3.0, 3.0, 0.85), "adam_update_hyper": k(None, None, 0.5)}
+               "fused_mlp_fwd": k(3.0, 3.0, 0.85), "adam_update_hyper": k(None, None, 0.5)}
     assert memory_goal_misses(kernels) == {
         "dense_dw_128x128": "2.0 shared wavefronts per request where 1.0 are conflict-free",
-        "fused_mlp_fwd_relu": "global load efficiency 0.85"}
+        "fused_mlp_fwd": "global load efficiency 0.85"}
 
 
 def test_the_per_layer_tensor_core_kernels_do_not_spill_on_sm_80_either(committed):

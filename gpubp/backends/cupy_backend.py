@@ -164,10 +164,10 @@ def tile_name(tile: tuple[int, int]) -> str:
     return f"{tile[0]}x{tile[1]}"
 
 
-def _fused_name(kind: str, precision: str, act: str | None = None) -> str:
-    """The extern "C" name of a fused MLP kernel: ``kind`` "fwd" or "bwd" (one per activation ``act``,
-    the one activation its layers apply besides identity) or "dw" (no activation)."""
-    return f"fused_mlp_{kind}{FUSED_PRECISIONS[precision]}" + ("" if act is None else f"_{act}")
+def _fused_name(kind: str, precision: str) -> str:
+    """The extern "C" name of a fused MLP kernel: ``kind`` "fwd", "bwd" or "dw". One kernel per kind
+    and precision serves every activation: each layer's comes in the plan."""
+    return f"fused_mlp_{kind}{FUSED_PRECISIONS[precision]}"
 
 
 # Every extern "C" kernel of each source file (tests/test_kernels_on_cpu.py checks this against the
@@ -186,9 +186,8 @@ KERNELS = {
     "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
     + tuple(f"dense_dz_db_dropout_{act}" for act in ACT_ID)
     + tuple(_dense_name(kind, "identity", p) for kind in ("dx", "dw") for p in ("tf32", "bf16")),
-    "fused_mlp.cu": tuple(_fused_name(kind, precision, act) for precision in FUSED_PRECISIONS
-                          for kind in ("fwd", "bwd") for act in ACT_ID)
-    + tuple(_fused_name("dw", precision) for precision in FUSED_PRECISIONS),
+    "fused_mlp.cu": tuple(_fused_name(kind, precision) for precision in FUSED_PRECISIONS
+                          for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
                                           ("bce_fwd_bwd", ""))),
@@ -1001,10 +1000,10 @@ def fused_precisions() -> tuple[str, ...]:
 
 
 def fused_activation(acts) -> str | None:
-    """The activation a fused kernel is compiled for that runs a model whose layers apply ``acts``
-    (kernel activations: softmax already replaced by identity): the one activation besides
-    identity that they apply, "identity" when they apply none, None when they apply two or more
-    (such a model runs layer by layer)."""
+    """For layers that apply ``acts`` (kernel activations: softmax already replaced by identity):
+    the one activation besides identity that they apply, "identity" when they apply none, None
+    when they apply two or more. The fused path takes models of one activation besides identity
+    (the others run layer by layer); its kernels read each layer's activation from the plan."""
     applied = set(acts) - {"identity"}
     if len(applied) > 1:
         return None
@@ -1022,11 +1021,11 @@ def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
     return 4 * (b_words + buffers * _FUSED_A_WORDS)
 
 
-def _fused_launch(kind: str, precision: str, act: str | None, n_in: int):
+def _fused_launch(kind: str, precision: str, n_in: int):
     """(kernel, dynamic shared bytes) of a fused kernel. The fused kernels take their shared memory
     dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it can ask for
     once, at its first use on a device."""
-    name = _fused_name(kind, precision, act)
+    name = _fused_name(kind, precision)
     kernel = _kernel("fused_mlp.cu", name)
     opted = _state().setdefault("fused_shared_opt_in", set())
     if name not in opted:
@@ -1053,7 +1052,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
     "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
     memory; kernels/fused_mlp.cu gives their error). The layers apply at most one activation
-    besides identity (``fused_activation``): the kernels are compiled once per activation."""
+    besides identity (``fused_activation``)."""
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
@@ -1074,7 +1073,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
             zout[i] = cupy.empty((batch, widths[i]), np.float32)
         flags.append(flag | (_STORE_H if hout[i] is not None else 0) | (_STORE_Z if wants_z else 0))
     plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
-    kernel, shared = _fused_launch("fwd", precision, fused_activation(kernel_acts), x.shape[1])
+    kernel, shared = _fused_launch("fwd", precision, x.shape[1])
     record("fused_mlp_fwd")
     kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
@@ -1118,7 +1117,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
     dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
-    kernel, shared = _fused_launch("bwd", precision, fused_activation(kernel_acts), n_in)
+    kernel, shared = _fused_launch("bwd", precision, n_in)
     record("fused_mlp_bwd")
     kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),
@@ -1127,7 +1126,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
         splits, k_chunk = _dw_split(batch, tiles)
         tickets = _state()["tickets"][1:]
         ws = _workspace(splits * ws_stride) if splits > 1 else dy
-        kernel, shared = _fused_launch("dw", precision, None, n_in)
+        kernel, shared = _fused_launch("dw", precision, n_in)
         record("fused_mlp_dw")
         kernel((tiles, splits), (FUSED_THREADS,),
                (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
