@@ -71,11 +71,11 @@ ONE_SM = 1  # a simulated GPU with one SM: every layer gets 128x128 fp32 tiles
 # in the layers the speed goals are about; a width that is not (a 10-class head) costs
 # sectors that these figures leave out.
 GEMM_K = 40
-# The fused MLP, once per activation (each has its own fwd and bwd kernels; gelu's store z): one
-# 64-row block of 40 rows (fp32: 8 x 8 thread tiles of whole and of clamped rows; tensor cores two
-# full 16-row warps, an 8-row edge and a warp past the batch); an input of two and a half 16-deep
-# slices, a full 128-wide layer, a 64-wide one and a 16-wide identity head (fp32: 4, 2 and 1 warps
-# with work).
+# The fused MLP, once per activation (one fwd and one bwd kernel per precision run every
+# activation's epilogue; gelu's store z): one 64-row block of 40 rows (fp32: 8 x 8 thread tiles of
+# whole and of clamped rows; tensor cores two full 16-row warps, an 8-row edge and a warp past the
+# batch); an input of two and a half 16-deep slices, a full 128-wide layer, a 64-wide one and a
+# 16-wide identity head (fp32: 4, 2 and 1 warps with work).
 FUSED_BATCH, FUSED_IN, FUSED_WIDTHS = 40, 40, (128, 64, 16)
 LOSS_SHAPE = (40, 10)
 VECTOR_SIZE = 1031  # four full 256-thread blocks and a partial fifth
