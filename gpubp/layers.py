@@ -703,13 +703,6 @@ class Sequential:
             if layer.out_features > max_width:
                 return (f"layer {layer.name!r} has out_features={layer.out_features}; "
                         f"the fused kernels take at most {max_width}")
-        acts = [layer.activation for layer in self.layers]
-        if acts[-1] == "softmax":  # applied after the fused forward
-            acts[-1] = "identity"
-        if backend.fused_activation(acts) is None:
-            applied = sorted(set(acts) - {"identity"})
-            return (f"the layers apply {' and '.join(map(repr, applied))}; the fused kernels apply one "
-                    "activation besides identity")
         return None
 
     def as_input(self, x, name: str = "x"):

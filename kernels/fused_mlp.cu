@@ -12,8 +12,7 @@
 // layer's whole forward epilogue or backward dz pass, each compiled with its activation fixed;
 // the products are compiled once per kernel (the 7 epilogues of each pass, unrolled over a
 // thread's tile, are now most of nvcc's time on this file). An id outside ActSet::ALL traps.
-// The kernels take any mix of activations; the host fuses a model whose layers apply at most one
-// besides identity (any other runs per layer).
+// The kernels take any mix of activations, one per layer, and so does the host.
 // Layout: x (B, in); W_l (in_l, out_l); b_l (out_l,); every (B, width) array row-major and
 // C-contiguous, as everywhere in gpubp. Per-layer arrays come as MAX_LAYERS pointer arguments
 // each; slots the plan marks unused may be any valid pointer and are never touched.

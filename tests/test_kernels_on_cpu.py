@@ -689,11 +689,15 @@ FUSED_CASES = {
                             [0, 1, 2, 3], False),
     "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "relu", "identity"], [0, 1], True),
     "softmax_head": (65, 12, [16, 6], ["gelu", "softmax"], [], False),
+    # Every activation in one model, each layer its own, with a frozen layer and the input gradient.
+    "mixed_activations": (41, 150, [24, 17, 33, 9, 16, 12, 5],
+                          ["relu", "tanh", "gelu", "sigmoid", "leaky_relu", "gelu_tanh", "identity"], [2], True),
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()
                    if name in ("one_unit", "act_gelu", "widths_wide_input", "widths_40_72_10", "batch_20_widths_8_24_40",
-                               "widths_17_33_100_1", "middle_frozen", "all_but_head_frozen_input_grad")}
+                               "widths_17_33_100_1", "middle_frozen", "all_but_head_frozen_input_grad",
+                               "mixed_activations")}
     FUSED_CASES["split_dw"] = (80, 5, [16, 3], ["tanh", "identity"], [], True)
 
 
@@ -785,7 +789,7 @@ FUSED_TOLERANCE = {"tf32": 3e-3, "bf16": 2e-2}
 # The mma emulation is the harness's slowest path: fewer cases that still cover every activation,
 # 8 layers, an input wider than 128, freezing, the input gradient and a softmax head.
 PRECISION_CASES = ["act_relu", "act_gelu", "8_layers", "widths_wide_input", "widths_40_72_10", "widths_32_64_128",
-                   "middle_frozen", "all_but_head_frozen_input_grad", "softmax_head"]
+                   "middle_frozen", "all_but_head_frozen_input_grad", "softmax_head", "mixed_activations"]
 if SANITIZED:
     PRECISION_CASES = ["act_gelu", "widths_wide_input", "widths_40_72_10"]
 
@@ -822,14 +826,6 @@ def test_fused_tensor_core_precisions_round_their_operands(cb_h100, precision, s
     y, _, _ = cb_h100.fused_mlp_forward(cb_h100.asarray(x), [cb_h100.asarray(w)], [cb_h100.asarray(b)], ["identity"],
                                         [False], [False])
     assert np.array_equal(cb_h100.to_host(y), np.full((3, 2), 2.0 + 2 * step, np.float32))
-
-
-def test_the_fused_forward_refuses_two_activations_naming_the_argument(cb_h100, rng):
-    ws, bs = mlp_params(rng, 3, [4, 2])
-    dev = cb_h100.asarray
-    with pytest.raises(ValueError, match=r"acts: the fused kernels apply one activation besides identity"):
-        cb_h100.fused_mlp_forward(dev(np.ones((2, 3), np.float32)), [dev(w) for w in ws], [dev(b) for b in bs],
-                                  ["relu", "tanh"], [False, False], [False, False])
 
 
 def test_fused_forward_keeps_exactly_what_backward_reads(cb_h100, rng):
@@ -940,15 +936,24 @@ def test_fused_auto_keeps_the_per_layer_path_for_a_model_wider_than_the_fused_ke
         gb.Sequential(layers, backend="cupy", fused=True)
 
 
-def test_fused_auto_keeps_the_per_layer_path_for_a_model_of_two_activations(cb_h100, rng):
-    layers = [gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "tanh"), gb.Dense(8, 3)]
-    model = gb.Sequential(layers, backend="cupy")
-    assert not model.uses_fused
-    with trace() as t:
-        model.forward(rng.standard_normal((5, 4)).astype(np.float32))
-    assert t.launches == ["dense_fwd"] * 3
-    with pytest.raises(ValueError, match=r"fused=True: the layers apply 'relu' and 'tanh'; .* one activation"):
-        gb.Sequential(layers, backend="cupy", fused=True)
+@pytest.mark.skipif(SANITIZED, reason="the layer API adds no kernel path; the parity tests above cover them")
+def test_a_model_mixing_activations_fuses_and_computes_what_the_per_layer_kernels_compute(cb_h100, rng):
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    target = rng.standard_normal((5, 3)).astype(np.float32)
+    results = {}
+    for fused in (True, False):
+        gb.seed(0)
+        model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "tanh"), gb.Dense(8, 3, "sigmoid")],
+                              backend="cupy", fused=fused)
+        assert model.uses_fused == fused and model.why_not_fused() is None
+        with trace() as t:
+            out = model.forward(x)
+            model.backward(gb.losses.mse(out, target)[1])
+        assert (t.launches[0] == "fused_mlp_fwd") == fused
+        results[fused] = [cb_h100.to_host(out)] + [cb_h100.to_host(g) for layer in model.layers
+                                                   for g in (layer.weight.grad, layer.bias.grad)]
+    for fused_result, per_layer in zip(results[True], results[False]):
+        np.testing.assert_allclose(fused_result, per_layer, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)

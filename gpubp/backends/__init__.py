@@ -100,9 +100,6 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
         ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
     ``fused_precisions()`` the ``precision`` values both take on this device ("fp32" always;
         "tf32" and "bf16" on tensor cores where the GPU has them).
-    ``fused_activation(acts)`` the one activation besides identity that layers applying ``acts``
-        use ("identity" when none), or None when they use two or more, which the fused kernels
-        do not take.
 
 Optional capability: CUDA graphs (the cupy backend; the others do not have it)
     A backend with ``capture`` lets ``gpubp.step.TrainStep`` record a whole training step once

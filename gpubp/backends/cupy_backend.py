@@ -999,17 +999,6 @@ def fused_precisions() -> tuple[str, ...]:
     return tuple(FUSED_PRECISIONS) if _has_tensor_cores() else ("fp32",)
 
 
-def fused_activation(acts) -> str | None:
-    """For layers that apply ``acts`` (kernel activations: softmax already replaced by identity):
-    the one activation besides identity that they apply, "identity" when they apply none, None
-    when they apply two or more. The fused path takes models of one activation besides identity
-    (the others run layer by layer); its kernels read each layer's activation from the plan."""
-    applied = set(acts) - {"identity"}
-    if len(applied) > 1:
-        return None
-    return applied.pop() if applied else "identity"
-
-
 def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
     """The dynamic shared memory of a fused kernel: fp32 a 128-deep k-major activation buffer and
     weight stage; tensor cores the B stage and the warps' A/Z buffers (two for a forward whose input
@@ -1051,15 +1040,13 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     Returns ``(y, inputs, act_inputs)``: the output (B, out) and, per layer, the kept arrays
     (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
     "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
-    memory; kernels/fused_mlp.cu gives their error). The layers apply at most one activation
-    besides identity (``fused_activation``)."""
+    memory; kernels/fused_mlp.cu gives their error). Each layer may apply its own activation: the
+    kernel picks each layer's epilogue from the plan."""
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]
     kernel_acts = [*acts[:-1], "identity" if acts[-1] == "softmax" else acts[-1]]
-    if fused_activation(kernel_acts) is None:
-        raise ValueError(f"acts: the fused kernels apply one activation besides identity, got {list(acts)}")
     y = cupy.empty((batch, widths[-1]), np.float32)
     hout, zout, flags = [None] * layers, [None] * layers, []
     for i, act in enumerate(kernel_acts):
@@ -1108,8 +1095,6 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     if acts[-1] == "softmax":
         dy = softmax_backward(dy, _f32(act_inputs[-1]), cupy.empty_like(dy))
         kernel_acts[-1] = "identity"
-    if fused_activation(kernel_acts) is None:
-        raise ValueError(f"acts: the fused kernels apply one activation besides identity, got {list(acts)}")
     lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i])
     flags = [_TRAINABLE if need_dw[i] else 0 for i in range(layers)]
     n_in = weights[0].shape[0]
