@@ -844,20 +844,20 @@ __device__ __forceinline__ void mlp_forward_mma(const float* __restrict__ x, con
             constexpr int ACT = decltype(tag)::ID;
             for (int r = 0; r < 8; ++r) {  // rows r and r + 8
                 float2 z[F::MAX_WIDTH / 32];
-    #pragma unroll
+#pragma unroll
                 for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
                     const int c = lane + 32 * i;
                     z[i] = c < p.out ? load_z(zbuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
                     z[i].x += bias[i], z[i].y += bias[i];
                 }
                 __syncwarp();  // bf16: the row pair's A words overlap its Z words
-    #pragma unroll
+#pragma unroll
                 for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
                     const int c = lane + 32 * i;
                     const bool valid = c < p.out;
                     float h[2] = {z[i].x, z[i].y};
                     const float zi[2] = {z[i].x, z[i].y};
-    #pragma unroll
+#pragma unroll
                     for (int half = 0; half < 2; ++half) {
                         const long long row = row0 + r + 8 * half;
                         if (valid) h[half] = act_forward<ACT>(zi[half]);
@@ -917,17 +917,17 @@ __device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, f
                 constexpr int ACT = decltype(tag)::ID;
                 for (int r = 0; r < 8; ++r) {  // rows r and r + 8
                     float2 g[F::MAX_WIDTH / 32];
-    #pragma unroll
+#pragma unroll
                     for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
                         const int c = lane + 32 * i;
                         g[i] = c < p.out ? load_z(abuf + r * R::A_LD, c) : make_float2(0.0f, 0.0f);
                     }
                     __syncwarp();  // bf16: the row pair's A words overlap its g words
-    #pragma unroll
+#pragma unroll
                     for (int i = 0; i < F::MAX_WIDTH / 32; ++i) {
                         const int c = lane + 32 * i;
                         float dzv[2] = {g[i].x, g[i].y};
-    #pragma unroll
+#pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             const long long row = row0 + r + 8 * half;
                             if (c < p.out && row < B) {

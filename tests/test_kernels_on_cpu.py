@@ -72,6 +72,10 @@ if SANITIZED:  # every kernel, both tile sizes, split-K; the rest of the matrix 
 # ThreadSanitizer for every kernel; so these run plain and under AddressSanitizer (which also
 # checks the workspaces the backend sizes for a whole step) but not under ThreadSanitizer,
 # where they took most of CI's time. (Those skipped under both sanitizers need no mark.)
+# Tests whose launch must fail run plain: a failed launch unwinds its threads with a C++
+# exception, and AddressSanitizer preloaded into Python finds no __cxa_throw to pass it to.
+fails_a_launch = pytest.mark.skipif(SANITIZED, reason="a test of a failing launch, which unwinds with a C++ exception "
+                                                      "the preloaded sanitizer cannot pass on; runs plain")
 whole_model = pytest.mark.skipif(MODE == "tsan", reason="whole models: plain and AddressSanitizer runs only; every "
                                                         "kernel runs under ThreadSanitizer in the kernel tests")
 LOSS_SHAPES = [(1, 1), (37, 10), (5, 1000), (300, 3)] if not SANITIZED else [(1, 1), (37, 40)]
@@ -195,8 +199,7 @@ def test_dense_forward_matches_numpy(cb, rng, act, shape):
         assert z is None
 
 
-@pytest.mark.skipif(SANITIZED, reason="a failed launch unwinds its threads with a C++ exception, and AddressSanitizer "
-                                      "preloaded into Python finds no __cxa_throw to pass it to; runs plain")
+@fails_a_launch
 def test_a_forward_kernel_launched_for_an_activation_outside_its_set_traps(cpu_harness, rng, monkeypatch):
     """A kernel serves a set of activations, the one to apply passed at launch
     (kernels/activations.cuh): the host picking a kernel that lacks it must fail the launch, not
@@ -966,8 +969,7 @@ def test_one_fused_kernel_per_precision_serves_every_activation(cb_h100, monkeyp
     assert launched == ["fused_mlp_fwd", "fused_mlp_bwd", "fused_mlp_dw"]
 
 
-@pytest.mark.skipif(SANITIZED, reason="a failed launch unwinds its threads with a C++ exception, and AddressSanitizer "
-                                      "preloaded into Python finds no __cxa_throw to pass it to; runs plain")
+@fails_a_launch
 @pytest.mark.parametrize("act_id", [-1, len(ACTIVATIONS)])
 @pytest.mark.parametrize("precision", cupy_backend.FUSED_PRECISIONS)
 def test_a_fused_forward_traps_on_a_plan_with_an_activation_outside_its_set(cb_h100, monkeypatch, rng, precision,

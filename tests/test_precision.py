@@ -85,7 +85,8 @@ def test_a_slice_set_to_another_precision_leaves_the_models_kernels_alone(monkey
 
 
 TENSOR_CORE_KERNELS = {
-    (False, p): {f"dense_fwd_{p}_gelu", f"dense_fwd_{p}_identity", f"dense_dw_{p}", f"dense_dx_{p}"} | ({"round_bf16"} if p == "bf16" else set())
+    (False, p): {f"dense_fwd_{p}_gelu", f"dense_fwd_{p}_identity", f"dense_dw_{p}", f"dense_dx_{p}"}
+    | ({"round_bf16"} if p == "bf16" else set())
     for p in ("tf32", "bf16")} | {
     (True, p): {f"fused_mlp_fwd_{p}", f"fused_mlp_bwd_{p}", f"fused_mlp_dw_{p}"} for p in ("tf32", "bf16")}
 

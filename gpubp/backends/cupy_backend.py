@@ -346,7 +346,7 @@ def _dynamic_shared_bytes(name: str) -> int:
     match = re.fullmatch(r"dense_(fwd|dx|dw)_(tf32|bf16)(_[a-z_]+)?", name)
     if match:
         return TF32_SHARED_BYTES[match.group(1)]
-    fused = re.fullmatch(r"fused_mlp_(fwd|bwd|dw)(_tf32|_bf16)?(_[a-z_]+)?", name)
+    fused = re.fullmatch(r"fused_mlp_(fwd|bwd|dw)(_tf32|_bf16)?", name)
     if fused:
         precision = (fused.group(2) or "_fp32")[1:]
         return _fused_shared_bytes(fused.group(1), precision, FUSED_MLP_MAX_WIDTH)
