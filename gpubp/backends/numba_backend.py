@@ -894,10 +894,10 @@ _forward_epilogue_any = _forward_epilogue_by_id()
 _fwd_main_loop = _gemm_main_loop("k_major", "outer_major", False)
 
 
-@_tile_kernel
-def _dense_forward_kernel(x, w, b, y, z, rows_on_x, act):
-    """y = act(x @ w + b), and z = x @ w + b for the activations that store it (else z is y and
-    never written); ``act`` is the activation's ``ACT_ID``."""
+@cuda.jit(device=True, inline="always")
+def _forward_tile(x, w, b, y, z, rows_on_x, act):
+    """This block's tile of y = act(x @ w + b) (and of z for the activations that store it; else z
+    is y and never written), ``act`` the activation's ``ACT_ID``; returns the tile's origin."""
     smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
     acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
     unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)  # forward keeps no column sums
@@ -905,19 +905,21 @@ def _dense_forward_kernel(x, w, b, y, z, rows_on_x, act):
     _zero_accumulators(acc)
     _fwd_main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
     _forward_epilogue_any(act, acc, b, y, z, m0, n0)
+    return m0, n0
+
+
+@_tile_kernel
+def _dense_forward_kernel(x, w, b, y, z, rows_on_x, act):
+    """y = act(x @ w + b), and z = x @ w + b for the activations that store it (else z is y and
+    never written); ``act`` is the activation's ``ACT_ID``."""
+    _forward_tile(x, w, b, y, z, rows_on_x, act)
 
 
 @_tile_kernel
 def _dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, act, key, threshold, scale, first_row):
     """y = act(x @ w + b) * scale where the mask of ``key`` keeps, else 0; z unmasked; ``act`` is
     the activation's ``ACT_ID``."""
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-    unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
-    m0, n0 = _tile_origin(rows_on_x)
-    _zero_accumulators(acc)
-    _fwd_main_loop(x, w, m0, n0, 0, x.shape[1], smem, acc, unused_sums)
-    _forward_epilogue_any(act, acc, b, y, z, m0, n0)
+    m0, n0 = _forward_tile(x, w, b, y, z, rows_on_x, act)
     _mask_tile(y, m0, n0, key, threshold, scale, first_row)
 
 
