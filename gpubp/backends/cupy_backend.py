@@ -519,8 +519,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     if act in NEEDS_Z:
         z = out_z if out_z is not None else cupy.empty((batch, n_out), np.float32)
     fused = dropout is not None and act != "softmax"
-    kernel, grid, block, shared = _gemm_launch("fwd", "identity" if act == "softmax" else act, batch, n_out,
-                                               precision, dropout=fused)
+    kernel_act = "identity" if act == "softmax" else act  # softmax_ follows the kernel
+    kernel, grid, block, shared = _gemm_launch("fwd", kernel_act, batch, n_out, precision, dropout=fused)
     if precision == "bf16":
         x, w = _round_bf16(x), _round_bf16(w, _bf16_ld(n_in))
     record("dense_fwd")
@@ -529,7 +529,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
         block,
         # z is never touched for activations that do not store it; y stands in for it.
         (x, w, b, y, y if z is None else z, np.int32(batch), np.int32(n_out), np.int32(n_in))
-        + ((np.int32(ACT_ID["identity" if act == "softmax" else act]),) if precision == "fp32" else ())
+        + ((np.int32(ACT_ID[kernel_act]),) if precision == "fp32" else ())
         + (_mask_args(dropout) if fused else ()),
         shared_mem=shared,
     )
