@@ -86,6 +86,15 @@ def test_dynamic_shared_memory_is_sized_by_the_launch(kernels):
     assert np.array_equal(out.get(), values[::-1])
 
 
+def test_a_store_past_the_dynamic_shared_request_fails_the_launch(kernels):
+    values = np.arange(300, dtype=np.float32)
+    out = harness.device_empty((300,))
+    args = (harness.to_device(values), out, np.int32(300))
+    with pytest.raises(harness.KernelError, match=r"reverse_through_shared: wrote dynamic shared memory at byte "
+                                                  r"1024, past the launch's request of 1024 bytes"):
+        kernels.get_function("reverse_through_shared")((1,), (64,), args, shared_mem=256 * 4)
+
+
 def test_dynamic_shared_memory_past_48_kib_needs_the_kernels_opt_in(kernels):
     values = np.arange(16384, dtype=np.float32)
     out = harness.device_empty((16384,))

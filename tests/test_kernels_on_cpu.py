@@ -269,6 +269,31 @@ def test_tf32_dense_backward_is_within_its_error_bound(cb_h100, rng, act, shape)
     close(cb_h100.to_host(db), db_ref)  # summed in fp32 from the unrounded dz
 
 
+@fails_a_launch
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("kind", ["fwd", "dx", "dw"])
+def test_a_tensor_core_gemm_launched_without_its_dynamic_shared_memory_fails(cpu_harness, monkeypatch, rng, kind,
+                                                                            precision):
+    """The tensor-core GEMMs stage their tiles in dynamic shared memory, which the host must
+    request at every launch (``_dynamic_shared_bytes``, read from the kernel's name). A launch
+    that asks for none, as a name the lookup did not recognise once did, must fail here, not
+    compute the right answer in the harness's spare buffer."""
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
+    requested = cb._dynamic_shared_bytes
+    planted = f"dense_{kind}_{precision}"
+    monkeypatch.setattr(cb, "_dynamic_shared_bytes",
+                        lambda name: 0 if name.startswith(planted) else requested(name))
+    x, w, b = (cb.asarray(a) for a in normal_layer(rng, (37, 40, 24)))
+    y, z = cb.dense_forward(x, w, b, "relu", precision="fp32")
+    with pytest.raises(harness.KernelError, match=rf"{planted}\w*: wrote dynamic shared memory at byte \d+, past "
+                                                  r"the launch's request of 0 bytes"):
+        if kind == "fwd":
+            cb.dense_forward(x, w, b, "relu", precision=precision)
+        else:
+            cb.dense_backward(cb.asarray(rng.standard_normal((37, 24)).astype(np.float32)), x, w, y, z, "relu",
+                              kind == "dx", kind == "dw", precision=precision)
+
+
 @pytest.mark.parametrize("need_dx, need_dw", BACKWARD_NEEDS)
 @pytest.mark.parametrize("act", ["identity", "gelu"])
 def test_tf32_backward_launches_only_what_is_needed(cb_h100, rng, act, need_dx, need_dw):

@@ -67,8 +67,11 @@ namespace gpubp_cpu {
 std::atomic<const ThreadCoords*> running_coords{nullptr};
 
 // The dynamic shared memory of the running block (`extern __shared__` arrays point here).
-// Sized to an H100's opt-in maximum; the bytes past the launch's request are poisoned under
-// AddressSanitizer, so reading past the requested size is caught like any other overflow.
+// Sized to an H100's opt-in maximum. The bytes past the launch's request are poisoned under
+// AddressSanitizer, so any access past the requested size is caught like any other overflow.
+// In every build they are also filled with 0xff before the launch and checked after it, so a
+// kernel that wrote past its request fails the launch, and one that only reads there reads
+// NaN (or -1 as an integer).
 constexpr size_t MAX_DYNAMIC_SHARED = 227 * 1024;
 alignas(128) static unsigned char dynamic_shared_storage[MAX_DYNAMIC_SHARED];
 static size_t dynamic_shared_bytes = 0;
@@ -842,7 +845,8 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     gridDim = dim3(grid[0], grid[1], grid[2]);
     blockDim = dim3(block[0], block[1], block[2]);
     dynamic_shared_bytes = shared_bytes;
-    std::memset(dynamic_shared_storage, 0xff, shared_bytes);  // "uninitialized", as on a GPU
+    // The request is "uninitialized", as on a GPU; the rest is the canary checked below.
+    std::memset(dynamic_shared_storage, 0xff, MAX_DYNAMIC_SHARED);
     async_reset_launch();
     if (__asan_poison_memory_region)
         __asan_poison_memory_region(dynamic_shared_storage + shared_bytes, MAX_DYNAMIC_SHARED - shared_bytes);
@@ -851,6 +855,13 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
 
     if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(dynamic_shared_storage, MAX_DYNAMIC_SHARED);
     if (L.failed.load()) return report(std::string(name) + ": " + L.error);
+    const unsigned char* const past = dynamic_shared_storage + shared_bytes;
+    const unsigned char* const end = dynamic_shared_storage + MAX_DYNAMIC_SHARED;
+    const unsigned char* const written = std::find_if(past, end, [](unsigned char b) { return b != 0xff; });
+    if (written != end)
+        return report(std::string(name) + ": wrote dynamic shared memory at byte " +
+                      std::to_string(written - dynamic_shared_storage) + ", past the launch's request of " +
+                      std::to_string(shared_bytes) + " bytes (shared_mem)");
     return 0;
 }
 
