@@ -93,16 +93,37 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
     return grads
 
 
+# A central difference subtracts two losses that each carry their float64 rounding, a few ulps
+# of the loss that grow with the ops behind it; over 2 eps that is the floor of its error.
+ROUNDING_ULPS = 32
+
+
+def rounding_floor(loss_value: float, eps: float) -> float:
+    """The rounding error of a float64 central difference at this loss and step:
+    ``ROUNDING_ULPS`` ulps of the loss over ``2 eps``."""
+    return ROUNDING_ULPS * float(np.finfo(np.float64).eps) * abs(loss_value) / (2 * eps)
+
+
 def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6, rtol: float = 1e-5,
-                    atol: float = 1e-8) -> dict[str, float]:
+                    atol: float | None = None) -> dict[str, float]:
     """Compare backward with central differences; return ``{name: max abs error}``.
 
     Raises ``AssertionError`` naming the gradient and the worst element when
-    ``|analytic - numerical| > atol + rtol * |numerical|`` anywhere.
+    ``|analytic - numerical| > atol + rtol * |numerical|`` anywhere. ``atol=None`` is 1e-8 plus
+    ``rounding_floor(loss, eps)``, the rounding the differences carry at this loss: a loss in
+    the hundreds puts about 1e-8 of noise on every numerical gradient element, which a fixed
+    1e-8 would report as a wrong gradient wherever an element is small.
     """
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: must be a finite number > 0, got {eps!r}")
+    for name, tolerance in (("rtol", rtol), ("atol", atol)):
+        if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"{name}: must be a finite number >= 0, got {tolerance!r}")
     keys_from = _random.get_state() if any(isinstance(layer, Dropout) for layer in model) else None
-    _, analytic = analytic_gradients(model, x, target, loss)
+    value, analytic = analytic_gradients(model, x, target, loss)
     numerical = numerical_gradients(model, x, target, loss, eps, keys_from)
+    if atol is None:
+        atol = 1e-8 + rounding_floor(value, eps)
     errors = {}
     for name, expected in numerical.items():
         got = analytic[name]

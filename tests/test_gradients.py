@@ -94,13 +94,9 @@ def test_backward_matches_central_differences_on_random_shapes(batch, sizes, act
     model = random_model(sizes, activation, seed)
     x = np.random.default_rng(seed).normal(size=(batch, sizes[0]))
     assume(distance_to_a_kink(model, x) > 1e-4)
-    target = random_target(loss, batch, sizes[-1], seed)
-    # A central difference carries the rounding of the two losses it subtracts, a few ulps of the
-    # loss over 2 eps: with these weights a loss reaches the hundreds, and its noise (5e-8 at a
-    # loss of 261) outgrows the default atol on a gradient element of 1e-3.
-    value, _ = gradcheck.analytic_gradients(model, x, target, loss)
-    rounding = 32 * np.finfo(np.float64).eps * abs(value) / (2 * GRADCHECK_EPS)
-    gradcheck.check_gradients(model, x, target, loss=loss, eps=GRADCHECK_EPS, atol=1e-8 + rounding)
+    # With these weights a loss reaches the hundreds; the default atol takes the rounding of the
+    # central differences at that loss into account.
+    gradcheck.check_gradients(model, x, random_target(loss, batch, sizes[-1], seed), loss=loss, eps=GRADCHECK_EPS)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -137,6 +133,48 @@ def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
     x = np.random.default_rng(0).normal(size=(3, 3))
     with pytest.raises(AssertionError, match=r"layers\.\d\.weight: backward gives"):
         gradcheck.check_gradients(model, x, random_target("mse", 3, 2, 0), loss="mse")
+
+
+def large_loss_case():
+    """A regression on targets in the thousands: a loss of about 1e7, whose central differences
+    carry about 1e-3 of rounding noise, more than rtol makes of its smaller gradients (15 to 1400)."""
+    model = random_model([3, 5, 2], "tanh", seed=4)
+    rng = np.random.default_rng(5)
+    return model, rng.normal(size=(6, 3)), rng.normal(3000.0, 500.0, (6, 2))
+
+
+def test_the_default_atol_grows_with_the_rounding_of_the_central_differences():
+    model, x, target = large_loss_case()
+    value, _ = gradcheck.analytic_gradients(model, x, target, "mse")
+    assert value > 1e6
+    gradcheck.check_gradients(model, x, target, loss="mse")
+    with pytest.raises(AssertionError, match="atol=1e-08"):  # a fixed atol calls the noise a wrong gradient
+        gradcheck.check_gradients(model, x, target, loss="mse", atol=1e-8)
+
+
+def test_the_default_atol_still_catches_a_wrong_gradient_at_a_large_loss(monkeypatch):
+    real = numpy_backend.dense_backward
+
+    def off_by_one_percent(*args, **kwargs):
+        dx, dw, db = real(*args, **kwargs)
+        if db is not None:
+            db *= 1.01
+        return dx, dw, db
+
+    model, x, target = large_loss_case()
+    monkeypatch.setattr(numpy_backend, "dense_backward", off_by_one_percent)
+    with pytest.raises(AssertionError, match=r"layers\.\d\.bias: backward gives"):
+        gradcheck.check_gradients(model, x, target, loss="mse")
+
+
+@pytest.mark.parametrize("argument, value", [("eps", 0.0), ("eps", float("nan")), ("rtol", -1e-5),
+                                             ("atol", float("inf"))])
+def test_check_gradients_refuses_a_bad_step_or_tolerance(argument, value):
+    model, x, target = large_loss_case()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=rf"^{argument}: must be a finite number"):
+        gradcheck.check_gradients(model, x, target, **{argument: value})
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
 def test_numerical_gradients_need_a_float64_model():
