@@ -119,16 +119,21 @@ def test_frozen_layers_get_no_gradient_and_the_rest_still_check():
     assert {"input", "layers.0.weight", "layers.2.weight"} <= set(errors)
 
 
-def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
+def plant_a_one_percent_error(monkeypatch, gradient):
+    """The NumPy backend's dense backward, with its ``"dw"`` or ``"db"`` 1% too large."""
     real = numpy_backend.dense_backward
 
     def off_by_one_percent(*args, **kwargs):
-        dx, dw, db = real(*args, **kwargs)
-        if dw is not None:
-            dw *= 1.01
-        return dx, dw, db
+        grads = dict(zip(("dx", "dw", "db"), real(*args, **kwargs)))
+        if grads[gradient] is not None:
+            grads[gradient] *= 1.01
+        return grads["dx"], grads["dw"], grads["db"]
 
     monkeypatch.setattr(numpy_backend, "dense_backward", off_by_one_percent)
+
+
+def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
+    plant_a_one_percent_error(monkeypatch, "dw")
     model = random_model([3, 4, 2], "sigmoid", seed=0)
     x = np.random.default_rng(0).normal(size=(3, 3))
     with pytest.raises(AssertionError, match=r"layers\.\d\.weight: backward gives"):
@@ -153,16 +158,8 @@ def test_the_default_atol_grows_with_the_rounding_of_the_central_differences():
 
 
 def test_the_default_atol_still_catches_a_wrong_gradient_at_a_large_loss(monkeypatch):
-    real = numpy_backend.dense_backward
-
-    def off_by_one_percent(*args, **kwargs):
-        dx, dw, db = real(*args, **kwargs)
-        if db is not None:
-            db *= 1.01
-        return dx, dw, db
-
     model, x, target = large_loss_case()
-    monkeypatch.setattr(numpy_backend, "dense_backward", off_by_one_percent)
+    plant_a_one_percent_error(monkeypatch, "db")
     with pytest.raises(AssertionError, match=r"layers\.\d\.bias: backward gives"):
         gradcheck.check_gradients(model, x, target, loss="mse")
 
