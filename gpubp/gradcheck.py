@@ -173,11 +173,11 @@ def to_torch(model: Sequential):
     return torch.nn.Sequential(*stack)
 
 
-def _torch_loss(name, out, target):
+def _torch_loss(loss, out, target):
     import torch
     import torch.nn.functional as F
 
-    name = _losses.ALIASES.get(name, name)
+    name = "huber" if isinstance(loss, _losses.Huber) else _losses.ALIASES.get(loss, loss)
     target = np.asarray(target)
     if name == "cross_entropy":
         return F.cross_entropy(out, torch.from_numpy(target.astype(np.int64)))
@@ -186,14 +186,17 @@ def _torch_loss(name, out, target):
     target = torch.from_numpy(target.reshape(tuple(out.shape)).astype(np.float64)).to(out.dtype)
     if name == "mse":
         return F.mse_loss(out, target)
+    if name == "huber":
+        return F.huber_loss(out, target, delta=loss.delta if isinstance(loss, _losses.Huber) else 1.0)
     if name == "binary_cross_entropy":
         return F.binary_cross_entropy_with_logits(out, target)
     raise ValueError(f"loss: compare_with_torch knows {sorted(_losses.LOSSES)}, got {name!r}")
 
 
-def compare_with_torch(model: Sequential, x, target, loss: str = "mse", rtol: float = 1e-6,
+def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber = "mse", rtol: float = 1e-6,
                        atol: float = 1e-6) -> dict[str, float]:
     """Run ``model`` and its PyTorch twin on (x, target); compare outputs, loss and gradients.
+    ``loss``: a loss's name, or a ``losses.Huber``.
 
     Returns ``{"output": err, "loss": err, name: err, ...}`` (max abs errors, weight gradients
     compared in our (in, out) layout). Raises ``AssertionError`` naming the first quantity
@@ -201,8 +204,8 @@ def compare_with_torch(model: Sequential, x, target, loss: str = "mse", rtol: fl
     """
     import torch
 
-    if not isinstance(loss, str):
-        raise TypeError(f"loss: compare_with_torch needs a loss name, got {type(loss).__name__}")
+    if not isinstance(loss, (str, _losses.Huber)):
+        raise TypeError(f"loss: compare_with_torch needs a loss name or a Huber, got {type(loss).__name__}")
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model):
         raise ValueError("model: has a Dropout, and PyTorch would draw masks of its own; compare the layers "
                          "around it with the mask given to both (gpubp.philox.keep_mask)")

@@ -1,11 +1,12 @@
 """Losses: each returns ``(loss, grad)``, a Python float and the gradient of the mean loss.
 
 All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
-``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse`` and
+``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse``, ``huber`` and
 ``binary_cross_entropy`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
 each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
-``mse`` and ``binary_cross_entropy``, divided by the element count, so a weight of 1 for
-every sample gives the unweighted mean). The cross-entropies and
+``mse``, ``huber`` and ``binary_cross_entropy``, divided by the element count, so a weight of 1
+for every sample gives the unweighted mean). ``Huber(delta)`` is the Huber loss with another
+delta, for ``fit``, ``compile`` and ``train_step``. The cross-entropies and
 ``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
 (softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
 The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
@@ -124,6 +125,62 @@ def mse(pred, target, sample_weight=None, backend: ModuleType | None = None):
     return backend.mse(pred, _target(pred, target, backend), weights)
 
 
+def _delta(delta) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"delta: expected a number, got {type(delta).__name__}")
+    if not (np.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta: expected a finite number > 0, got {delta!r}")
+    return float(delta)
+
+
+def huber(pred, target, sample_weight=None, backend: ModuleType | None = None, delta: float = 1.0):
+    """Huber loss, mean over all elements; ``target`` has the shape of ``pred``.
+
+    With ``d = pred - target``: ``d^2 / 2`` where ``|d| <= delta``, ``delta (|d| - delta / 2)``
+    past it, so errors past ``delta`` pull with a constant force (``delta``) rather than one that
+    grows with them. Keras's ``huber`` and PyTorch's ``HuberLoss(delta=delta)``; with the
+    default ``delta`` of 1 also PyTorch's ``SmoothL1Loss``. For another delta in ``fit``, pass
+    ``Huber(delta)``.
+    """
+    delta = _delta(delta)
+    pred, backend = _prediction(pred, "pred", backend)
+    weights = _weights(sample_weight, pred.shape[0], backend, pred.dtype)
+    return backend.huber(pred, _target(pred, target, backend), weights, delta)
+
+
+class Huber:
+    """The Huber loss with its ``delta`` fixed (Keras's ``losses.Huber(delta)``), to pass as a
+    ``loss``: ``model.fit(x, y, loss=gb.losses.Huber(0.5))``. Called as :func:`huber` is."""
+
+    __name__ = "huber"
+
+    def __init__(self, delta: float = 1.0) -> None:
+        self.delta = _delta(delta)
+
+    def __call__(self, pred, target, sample_weight=None, backend: ModuleType | None = None):
+        return huber(pred, target, sample_weight, backend, self.delta)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Huber) and other.delta == self.delta
+
+    def __hash__(self) -> int:
+        return hash((Huber, self.delta))
+
+    def __repr__(self) -> str:
+        return f"Huber(delta={self.delta!r})"
+
+
+def base(loss_fn):
+    """The loss ``loss_fn`` computes, as a function of this module: :func:`huber` for a
+    ``Huber``, ``loss_fn`` itself otherwise."""
+    return huber if isinstance(loss_fn, Huber) else loss_fn
+
+
+def options(loss_fn) -> dict:
+    """The keyword arguments that ``loss_fn`` passes to its backend function (a ``Huber``'s delta)."""
+    return {"delta": loss_fn.delta} if isinstance(loss_fn, Huber) else {}
+
+
 def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):
     """Binary cross-entropy on logits (sigmoid fused), mean over all elements; targets in [0, 1]."""
     logits, backend = _prediction(logits, "logits", backend)
@@ -138,9 +195,11 @@ LOSSES = {
     "cross_entropy": cross_entropy,
     "categorical_cross_entropy": categorical_cross_entropy,
     "mse": mse,
+    "huber": huber,
     "binary_cross_entropy": binary_cross_entropy,
 }
 ALIASES = {
+    "huber_loss": "huber",
     "sparse_categorical_crossentropy": "cross_entropy",
     "categorical_crossentropy": "categorical_cross_entropy",
     "mean_squared_error": "mse",

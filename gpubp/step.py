@@ -57,6 +57,7 @@ _DEVICE_LOSSES = {
     losses.cross_entropy: "softmax_cross_entropy",
     losses.categorical_cross_entropy: "softmax_cross_entropy",
     losses.mse: "mse",
+    losses.huber: "huber",
     losses.binary_cross_entropy: "bce",
 }
 
@@ -113,7 +114,7 @@ class TrainStep:
             return "cuda_graph=False"
         if not hasattr(model.backend, "capture"):
             return f"the {model.backend_name!r} backend has no CUDA graphs (the 'cupy' backend does)"
-        if self.loss_fn not in _DEVICE_LOSSES:
+        if losses.base(self.loss_fn) not in _DEVICE_LOSSES:
             return f"the loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} is not one of gpubp's"
         if self.clip_grad_norm is not None:
             return "clip_grad_norm reads the gradient norm on the host every step"
@@ -215,12 +216,13 @@ class TrainStep:
         captured = _Captured(backend.empty((batch, model.in_features), np.float32),
                              backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32),
                              backend.empty((batch,), np.float32) if weighted else None)
-        device_loss = getattr(backend, _DEVICE_LOSSES[self.loss_fn])
+        device_loss = getattr(backend, _DEVICE_LOSSES[losses.base(self.loss_fn)])
+        options = losses.options(self.loss_fn)
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
 
         def step() -> None:
             out = model.forward(captured.x, logits=logits)
-            _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss)
+            _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss, **options)
             model.backward(dout)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)

@@ -271,18 +271,26 @@ def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False):
     assert float(cb.to_host(out)[0]) == loss
 
 
-def check_elementwise_loss(cb, rng, name, trace_name, shape, weighted=False):
+# (backend function, trace name, options): the elementwise losses, Huber at its default delta
+# and at one that puts most errors past it (pred is 3 N(0, 1), target U(0, 1)).
+ELEMENTWISE_LOSSES = [("mse", "mse_fwd_bwd", {}), ("bce", "bce_fwd_bwd", {}), ("huber", "huber_fwd_bwd", {}),
+                      ("huber", "huber_fwd_bwd", {"delta": 0.25})]
+ELEMENTWISE_LOSS_IDS = ["mse", "bce", "huber", "huber-delta-0.25"]
+
+
+def check_elementwise_loss(cb, rng, name, trace_name, shape, weighted=False, options=None):
+    options = options or {}
     pred = (3 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.random(shape).astype(np.float32)
     weights, device_weights = sample_weights(cb, rng, shape[0], weighted)
-    loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64), weights)
+    loss_ref, grad_ref = getattr(ref, name)(pred.astype(np.float64), target.astype(np.float64), weights, **options)
     with trace() as t:
-        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights)
+        loss, grad = getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights, **options)
     assert t.launches == [trace_name]
     assert loss == pytest.approx(loss_ref, rel=RTOL)
     close(cb.to_host(grad), grad_ref)
     out = cb.empty((1,))
-    getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights, out_loss=out)
+    getattr(cb, name)(cb.asarray(pred), cb.asarray(target), device_weights, out_loss=out, **options)
     assert float(cb.to_host(out)[0]) == loss
 
 
@@ -309,9 +317,9 @@ def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype, weight
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, shape, weighted):
-    check_elementwise_loss(cb, rng, name, trace_name, shape, weighted)
+@pytest.mark.parametrize("name, trace_name, options", ELEMENTWISE_LOSSES, ids=ELEMENTWISE_LOSS_IDS)
+def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, options, shape, weighted):
+    check_elementwise_loss(cb, rng, name, trace_name, shape, weighted, options)
 
 
 def test_losses_are_finite_for_huge_logits(cb):

@@ -17,7 +17,7 @@ from gpubp import activations, gradcheck
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import numpy_backend
 
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+LOSSES = ("mse", "huber", "cross_entropy", "binary_cross_entropy")
 SHAPES = [  # (batch, in, hidden, out)
     (1, 3, 5, 2),
     (7, 5, 3, 4),
@@ -57,6 +57,8 @@ def distance_to_a_kink(model, x):
 
 def random_target(loss, batch, out, seed):
     rng = np.random.default_rng(seed)
+    if loss == "huber":  # errors inside and past delta = 1
+        return rng.uniform(-2.0, 2.0, (batch, out))
     if loss == "cross_entropy":
         return rng.integers(0, out, batch)
     if loss == "categorical_cross_entropy":
@@ -217,6 +219,16 @@ def test_float32_model_matches_pytorch_float32(activation):
     x = np.random.default_rng(3).normal(size=(11, 9)).astype(np.float32)
     gradcheck.compare_with_torch(model, x, random_target("cross_entropy", 11, 4, 1), loss="cross_entropy",
                                  rtol=1e-4, atol=1e-5)
+
+
+def test_a_huber_loss_of_another_delta_matches_pytorch_and_central_differences():
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([5, 7, 3], "gelu", seed=13)
+    x = np.random.default_rng(6).normal(size=(6, 5))
+    target = random_target("huber", 6, 3, 7)
+    for delta in (0.2, 3.0):
+        gradcheck.compare_with_torch(model, x, target, loss=gb.losses.Huber(delta), rtol=1e-10, atol=1e-12)
+        gradcheck.check_gradients(model, x, target, loss=gb.losses.Huber(delta))
 
 
 def test_pytorch_twin_skips_gradients_of_frozen_layers():

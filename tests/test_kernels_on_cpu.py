@@ -29,9 +29,10 @@ import pytest
 
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
-from test_cupy_backend import (ADAM_CASES, BF16_RTOL, SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
-                               check_large_preactivations, check_losses_at_huge_logits, check_sgd_update,
-                               check_softmax_cross_entropy, check_sumsq_and_scale)
+from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, SGD_CASES, TF32_RTOL,
+                               check_adam_update, check_elementwise_loss, check_large_preactivations,
+                               check_losses_at_huge_logits, check_sgd_update, check_softmax_cross_entropy,
+                               check_sumsq_and_scale)
 from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends, philox
@@ -161,8 +162,9 @@ def shape_id(shape):
 
 def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
-    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "bce_fwd_bwd", "ce_fwd_bwd_weighted_i32",
-             "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
+    names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd",
+             "ce_fwd_bwd_weighted_i32", "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "huber_fwd_bwd_weighted",
+             "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
              "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words",
              "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
@@ -1094,9 +1096,9 @@ def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, labe
 
 
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
-@pytest.mark.parametrize("name, trace_name", [("mse", "mse_fwd_bwd"), ("bce", "bce_fwd_bwd")])
-def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, shape, weighted):
-    check_elementwise_loss(cb_h100, rng, name, trace_name, shape, weighted)
+@pytest.mark.parametrize("name, trace_name, options", ELEMENTWISE_LOSSES, ids=ELEMENTWISE_LOSS_IDS)
+def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, options, shape, weighted):
+    check_elementwise_loss(cb_h100, rng, name, trace_name, shape, weighted, options)
 
 
 def test_losses_are_finite_for_huge_logits(cb_h100):
@@ -1378,13 +1380,17 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 
 @pytest.mark.skipif(SANITIZED, reason="the training loop adds no kernel; the tests above cover them")
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
-                                        ("binary_cross_entropy", "sigmoid"), ("mse", "identity")])
+                                        ("binary_cross_entropy", "sigmoid"), ("mse", "identity"),
+                                        ("huber", "identity"), (gb.losses.Huber(0.3), "identity")],
+                         ids=["cross_entropy", "categorical_cross_entropy", "binary_cross_entropy", "mse", "huber",
+                              "huber-delta-0.3"])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
+    errors = (3 * rng.standard_normal((100, 3))).astype(np.float32)  # regression targets, some past delta
     y = {"cross_entropy": labels, "categorical_cross_entropy": np.eye(3, dtype=np.float32)[labels],
          "binary_cross_entropy": (rng.random((100, 3)) > 0.5).astype(np.float32),
-         "mse": rng.standard_normal((100, 3)).astype(np.float32)}[loss]
+         "mse": errors, "huber": errors}[loss if isinstance(loss, str) else loss.__name__]
     runs = {}
     for cuda_graph in (False, True):
         model = graph_model("auto", head=head)

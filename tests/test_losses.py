@@ -7,7 +7,7 @@ import pytest
 
 from gpubp import backends, losses
 
-LOSS_NAMES = ("cross_entropy", "mse", "binary_cross_entropy")
+LOSS_NAMES = ("cross_entropy", "mse", "huber", "binary_cross_entropy")
 SHAPES = [(1, 1), (1, 4), (5, 3), (7, 1)]
 
 
@@ -19,6 +19,9 @@ def reference_loss(name, pred, target):
         return -np.mean(log_softmax[np.arange(len(target)), target])
     if name == "mse":
         return np.mean((pred - target) ** 2)
+    if name == "huber":  # delta 1; pred is N(0, 2) and target U(0, 1), so errors lie on both sides of it
+        error = np.abs(pred - target)
+        return np.mean(np.where(error <= 1, error**2 / 2, error - 0.5))
     p = 1 / (1 + np.exp(-pred))
     return np.mean(-target * np.log(p) - (1 - target) * np.log(1 - p))
 
@@ -153,7 +156,7 @@ def test_mse_is_finite_at_1e4(dtype):
 @pytest.mark.parametrize("alias, name", [
     ("sparse_categorical_crossentropy", "cross_entropy"), ("mean_squared_error", "mse"),
     ("bce", "binary_cross_entropy"), ("binary_crossentropy", "binary_cross_entropy"),
-    ("categorical_crossentropy", "categorical_cross_entropy"),
+    ("categorical_crossentropy", "categorical_cross_entropy"), ("huber_loss", "huber"),
 ])
 def test_keras_spellings_name_the_same_loss(alias, name):
     assert losses.get(alias) is losses.get(name)
@@ -218,7 +221,7 @@ def test_binary_cross_entropy_targets_must_lie_in_0_1():
 # ----------------------------------------------------------------------------- sample weights
 
 
-WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "binary_cross_entropy")
+WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "huber", "binary_cross_entropy")
 
 
 def torch_weighted(name, pred, target, weights):
@@ -233,6 +236,8 @@ def torch_weighted(name, pred, target, weights):
         value = (functional.cross_entropy(z, torch.tensor(target), reduction="none") * w).sum() / len(pred)
     elif name == "mse":
         value = (functional.mse_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
+    elif name == "huber":
+        value = (functional.huber_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
     else:
         value = functional.binary_cross_entropy_with_logits(z, torch.tensor(target), weight=w[:, None])
     value.backward()
@@ -277,3 +282,80 @@ def test_bad_sample_weights_are_named(weights, error, message):
     pred, target, _ = weighted_case("mse", (6, 2))
     with pytest.raises(error, match=message):
         losses.mse(pred, target, sample_weight=weights)
+
+
+# ----------------------------------------------------------------------------- Huber's delta
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.5, 2.0, 100.0])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_huber_with_any_delta_equals_torchs_huber_loss(delta, weighted):
+    torch = pytest.importorskip("torch", reason="the oracle is PyTorch: pip install 'gpubp[torch]'")
+    pred, target, weights = weighted_case("huber", (6, 4), seed=3)
+    weights = weights if weighted else np.ones(6)
+    z = torch.tensor(pred, requires_grad=True)
+    expected = (torch.nn.functional.huber_loss(z, torch.tensor(target), reduction="none", delta=delta)
+                * torch.tensor(weights)[:, None]).mean()
+    expected.backward()
+    for loss in (lambda *a, **k: losses.huber(*a, delta=delta, **k), losses.Huber(delta)):
+        value, grad = loss(pred, target, sample_weight=weights if weighted else None)
+        assert value == pytest.approx(expected.item(), rel=1e-12)
+        np.testing.assert_allclose(grad, z.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_huber_is_half_the_squared_error_inside_delta_and_linear_past_it():
+    pred, target = make_case("huber", (5, 3))
+    assert losses.huber(pred, target, delta=100.0)[0] == pytest.approx(losses.mse(pred, target)[0] / 2, rel=1e-12)
+    # Past delta each error costs delta (|e| - delta / 2) and pulls with delta: the mean absolute
+    # error times delta, less delta^2 / 2.
+    tiny = 1e-3
+    error = np.abs(pred - target)
+    assert error.min() > tiny
+    value, grad = losses.huber(pred, target, delta=tiny)
+    assert value == pytest.approx(tiny * error.mean() - tiny**2 / 2, rel=1e-12)
+    np.testing.assert_array_equal(grad, tiny * np.sign(pred - target) / pred.size)
+
+
+@pytest.mark.parametrize("delta, error, message", [
+    (0.0, ValueError, r"delta: expected a finite number > 0, got 0\.0"),
+    (-1.0, ValueError, r"delta: expected a finite number > 0, got -1\.0"),
+    (float("inf"), ValueError, r"delta: expected a finite number > 0, got inf"),
+    (float("nan"), ValueError, r"delta: expected a finite number > 0, got nan"),
+    ("1", TypeError, "delta: expected a number, got str"),
+    (True, TypeError, "delta: expected a number, got bool"),
+])
+def test_a_bad_huber_delta_is_named(delta, error, message):
+    pred, target = make_case("huber", (2, 2))
+    with pytest.raises(error, match=message):
+        losses.huber(pred, target, delta=delta)
+    with pytest.raises(error, match=message):
+        losses.Huber(delta)
+
+
+def test_huber_losses_of_equal_delta_are_equal_and_name_themselves():
+    assert losses.Huber(0.5) == losses.Huber(0.5) and hash(losses.Huber(0.5)) == hash(losses.Huber(0.5))
+    assert losses.Huber(0.5) != losses.Huber(1.0)
+    assert repr(losses.Huber(2)) == "Huber(delta=2.0)" and losses.Huber().__name__ == "huber"
+    assert losses.get(losses.Huber(0.5)) == losses.Huber(0.5)
+    assert losses.base(losses.Huber(0.5)) is losses.huber and losses.base(losses.mse) is losses.mse
+    assert losses.options(losses.Huber(0.5)) == {"delta": 0.5} and losses.options(losses.huber) == {}
+
+
+@pytest.mark.parametrize("delta", [0.2, 1.0])
+def test_fit_with_a_huber_loss_takes_the_step_of_its_delta(delta):
+    import gpubp as gb
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(0, 2, size=(8, 2)).astype(np.float32)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 5, "tanh"), gb.Dense(5, 2)], device="cpu")
+    model.backward(losses.huber(model.forward(x), y, delta=delta)[1])
+    expected = [w - 0.25 * p.grad for w, p in zip(model.get_weights(), model.parameters())]
+    model.compile(optimizer="sgd", loss=losses.Huber(delta), learning_rate=0.25)
+    with gb.trace() as t:
+        history = model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    assert t.counts["huber_fwd_bwd"] == 1
+    for got, want in zip(model.get_weights(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert model.evaluate(x, y)["loss"] == pytest.approx(losses.huber(model.predict(x), y, delta=delta)[0], rel=1e-6)
+    assert history["loss"][0] > model.evaluate(x, y)["loss"]

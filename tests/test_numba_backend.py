@@ -405,12 +405,16 @@ LOSS_CASES = [
     ("mse", "mse_fwd_bwd", lambda rng: mse_inputs(rng, 23, 12)),
     ("bce", "bce_fwd_bwd", lambda rng: bce_inputs(rng, 19, 7)),
     ("bce", "bce_fwd_bwd", lambda rng: bce_inputs(rng, 1, 2)),
+    # errors of standard deviation 1.4: about half inside delta = 1, half past it
+    ("huber", "huber_fwd_bwd", lambda rng: mse_inputs(rng, 19, 7)),
+    ("huber", "huber_fwd_bwd", lambda rng: mse_inputs(rng, 23, 12)),
 ]
 
 
 @pytest.mark.parametrize(
     "loss_name, kernel_name, make_inputs", LOSS_CASES,
-    ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2"],
+    ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2",
+         "huber-19x7", "huber-23x12"],
 )
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
@@ -423,6 +427,17 @@ def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
     assert isinstance(loss, float)
     assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)
     assert_matches(grad, grad_ref)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_huber_takes_its_delta(rng, weighted):
+    prediction, target = mse_inputs(rng, 23, 12)
+    weights = rng.uniform(0, 2, len(prediction)).astype(np.float32) if weighted else None
+    loss_ref, grad_ref = ref.huber(prediction, target, weights, delta=0.3)
+    loss, grad = nb.huber(*to_device(prediction, target), *to_device(weights) if weighted else (), delta=0.3)
+    assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)
+    assert_matches(grad, grad_ref)
+    assert abs(loss - ref.huber(prediction, target, weights)[0]) > 0.1  # delta 1 gives another loss
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -613,7 +628,7 @@ def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches()
     variants = nb.kernel_variants()
     names = {v.name for v in variants}
     assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_dx", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
-                     "mse_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update", "adam_update", "dropout_dz",
+                     "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update", "adam_update", "dropout_dz",
                      "dropout_fwd"}
     # One forward kernel for every activation (passed at launch), and one with a dropout mask.
     assert sorted(v.variant for v in variants if v.name == "dense_fwd") == ["", "dropout"]

@@ -11,7 +11,7 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU);
-- ``loss.cu``: softmax cross-entropy, MSE and BCE, value and gradient in one pass;
+- ``loss.cu``: softmax cross-entropy, MSE, Huber and BCE, value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD and Adam/AdamW updates, plus ``sumsq`` and ``scale_`` for clipping;
@@ -190,7 +190,7 @@ KERNELS = {
                           for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
-                                          ("bce_fwd_bwd", ""))),
+                                          ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "sumsq", "scale_inplace"),
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
@@ -818,7 +818,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, out_loss=None):
     return loss, grad
 
 
-def _elementwise_loss(name: str, pred, target, sample_weight, out_loss):
+def _elementwise_loss(name: str, pred, target, sample_weight, out_loss, options: tuple = ()):
     pred = _f32(pred)
     target = asarray(target, dtype=np.float32)
     grad = cupy.empty_like(pred)
@@ -829,12 +829,18 @@ def _elementwise_loss(name: str, pred, target, sample_weight, out_loss):
     else:
         arrays = (pred, target, asarray(sample_weight, np.float32), grad)
         sizes, kernel = (np.int64(n), np.int64(pred.shape[1])), f"{name}_weighted"
-    return _reduce_to_float("loss.cu", kernel, name, grid, arrays, sizes, out_loss), grad
+    return _reduce_to_float("loss.cu", kernel, name, grid, arrays, sizes + options, out_loss), grad
 
 
 def mse(pred, target, sample_weight=None, out_loss=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     return _elementwise_loss("mse_fwd_bwd", pred, target, sample_weight, out_loss)
+
+
+def huber(pred, target, sample_weight=None, delta=1.0, out_loss=None):
+    """Huber loss over all elements: c (d - c/2) with d = pred - target, c = clip(d, -delta,
+    delta), gradient c / n; ``sample_weight`` (B,) weights each row's terms."""
+    return _elementwise_loss("huber_fwd_bwd", pred, target, sample_weight, out_loss, (np.float32(delta),))
 
 
 def bce(logits, target, sample_weight=None, out_loss=None):

@@ -83,7 +83,7 @@ Other kernels
                  lane l reads columns l, l + 32, ..., and a shared-memory tree merges the lanes;
                  softmax and cross-entropy share the online (max, sum of exp) pass. Loss is a
                  mean over the batch.
-    mse_fwd_bwd, bce_fwd_bwd, sumsq
+    mse_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, sumsq
                  grid-stride elementwise pass plus a shared-memory tree reduction per block,
                  BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
@@ -1437,6 +1437,23 @@ def _mse_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
 
 
 @cuda.jit
+def _huber_kernel(pred, target, weights, width, grad, block_sums, grad_scale, delta):
+    """With d = pred - target, c = clip(d, -delta, delta) and w the row's weight: grad = w c / n;
+    block_sums[blockIdx] = the block's sum of w c (d - c / 2)."""
+    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
+    total = _ZERO
+    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
+        diff = pred[i] - target[i]
+        clipped = min(max(diff, -delta), delta)
+        weighted = clipped * _row_weight(weights, i // width)
+        total += weighted * (diff - np.float32(0.5) * clipped)
+        grad[i] = weighted * grad_scale
+    total = _block_sum(total, partials, cuda.threadIdx.x)
+    if cuda.threadIdx.x == 0:
+        block_sums[cuda.blockIdx.x] = total
+
+
+@cuda.jit
 def _bce_kernel(logits, target, weights, width, grad, block_sums, grad_scale):
     """Per element, with w its row's weight: loss = w (max(z, 0) - z t + log1p(exp(-|z|))),
     grad = w (sigmoid(z) - t) / n."""
@@ -1467,7 +1484,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None):
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
 
 
-def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n):
+def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, options: tuple = ()):
     """Launch a (pred, target, row weights) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
@@ -1476,7 +1493,7 @@ def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n):
     block_sums = _scratch("block_sums", blocks, pred)
     kernel[blocks, REDUCE_THREADS, flat.stream](
         flat, _view(target).ravel(), _weights(sample_weight, pred), np.int64(pred.shape[1]), _view(grad).ravel(),
-        _view(block_sums), np.float32(grad_scale_times_n / n)
+        _view(block_sums), np.float32(grad_scale_times_n / n), *options
     )
     return float(to_host(block_sums).sum(dtype=np.float64)) / n, grad
 
@@ -1485,6 +1502,13 @@ def mse(pred, target, sample_weight=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     record("mse_fwd_bwd")
     return _elementwise_loss(_mse_kernel, pred, target, sample_weight, 2.0)
+
+
+def huber(pred, target, sample_weight=None, delta=1.0):
+    """Huber loss over all elements: c (d - c/2) with d = pred - target, c = clip(d, -delta,
+    delta), gradient c / n; ``sample_weight`` (B,) weights each row's terms."""
+    record("huber_fwd_bwd")
+    return _elementwise_loss(_huber_kernel, pred, target, sample_weight, 1.0, (np.float32(delta),))
 
 
 def bce(logits, target, sample_weight=None):
@@ -1615,6 +1639,7 @@ def kernel_variants() -> list[KernelVariant]:
                  for label in (types.int32, types.int64)]
     variants += [
         KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
+        KernelVariant("huber_fwd_bwd", "", _huber_kernel, (v, v, v, types.int64, v, v, f32, f32), REDUCE_THREADS),
         KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
         KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),
         KernelVariant("scale", "", _scale_kernel, (v, f32), ELEMENTWISE_THREADS),

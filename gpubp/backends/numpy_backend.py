@@ -546,6 +546,21 @@ def mse(pred, target, sample_weight=None):
     return loss, weighted
 
 
+def huber(pred, target, sample_weight=None, delta=1.0):
+    """Huber loss over all elements: with d = pred - target and c = clip(d, -delta, delta), each
+    element's loss is c (d - c / 2) (d^2 / 2 inside delta, delta (|d| - delta / 2) outside) and
+    its gradient c / n; ``sample_weight`` (B,) weights each row as for ``mse``."""
+    record("huber_fwd_bwd")
+    diff = np.subtract(pred, target, dtype=pred.dtype)
+    clipped = np.clip(diff, -delta, delta)
+    diff -= 0.5 * clipped
+    if sample_weight is not None:
+        clipped *= _row_weights(sample_weight, clipped)
+    loss = float(np.dot(clipped.reshape(-1), diff.reshape(-1))) / diff.size
+    clipped *= 1.0 / diff.size
+    return loss, clipped
+
+
 def bce(logits, target, sample_weight=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
     ``sample_weight`` (B,) weights each row as for ``mse``."""
