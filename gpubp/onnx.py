@@ -171,6 +171,14 @@ def _parse(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _type_name(code: int) -> str:
+    """ONNX's name of a tensor data type, or the number of one it has no name for (a corrupt file's)."""
+    try:
+        return TensorProto.DataType.Name(code)
+    except ValueError:
+        return f"{code} (not an ONNX data type)"
+
+
 def _check_data(path: Path, tensor) -> None:
     """A tensor of numbers whose data is in the file and as long as its shape and type say."""
     where = f"{path}: tensor {tensor.name!r}"
@@ -179,7 +187,7 @@ def _check_data(path: Path, tensor) -> None:
                          "with its data inside")
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if tensor.data_type in _NUMBER_TYPES else None
     if dtype is None:
-        raise ValueError(f"{where} has data type {TensorProto.DataType.Name(tensor.data_type)}, expected numbers")
+        raise ValueError(f"{where} has data type {_type_name(tensor.data_type)}, expected numbers")
     if any(d < 0 for d in tensor.dims):
         raise ValueError(f"{where} has negative dimensions {list(tensor.dims)}")
     fields = [f for f in _DATA_FIELDS if len(getattr(tensor, f))]
@@ -405,9 +413,9 @@ class _Graph:
         for role, value, features in (("input", self.input, in_features), ("output", self.output, out_features)):
             tensor = value.type.tensor_type
             if not value.type.HasField("tensor_type") or tensor.elem_type != element:
-                found = TensorProto.DataType.Name(tensor.elem_type) if value.type.HasField("tensor_type") else "?"
+                found = _type_name(tensor.elem_type) if value.type.HasField("tensor_type") else "?"
                 raise ValueError(f"{self.path}: the graph's {role} {value.name!r} is of type {found}, expected "
-                                 f"{TensorProto.DataType.Name(element)}, the weights' type")
+                                 f"{_type_name(element)}, the weights' type")
             if not tensor.HasField("shape"):
                 continue
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]

@@ -263,6 +263,15 @@ def test_a_weight_of_another_type(tmp_path, dtype):
                                               "|not a valid ONNX model")
 
 
+@pytest.mark.parametrize("code", [29, 1000])
+def test_a_weight_of_a_data_type_onnx_does_not_name(tmp_path, code):
+    """A corrupt byte can leave a type code that is no ONNX type; the error still names the file."""
+    proto = valid_proto()
+    initializer(proto, "layers.2.bias").data_type = code
+    expect_rejected(written(tmp_path, proto), rf"tensor 'layers.2.bias' has data type {code} \(not an ONNX data type\), "
+                                              "expected numbers")
+
+
 @pytest.mark.parametrize("spoil, problem", [
     (lambda p: setattr(node(p, "Relu"), "op_type", "Selu"), r"node 'layers.1.relu' \(Selu\): not a linear layer or an "
                                                             "activation gpubp can represent"),
