@@ -1,6 +1,6 @@
 """Activation registry: names, kernel ids, and the NumPy reference forward/derivative.
 
-Every backend accepts the same eight names (``NAMES``). The GPU kernels select an
+Every backend accepts the same nine names (``NAMES``). The GPU kernels select an
 elementwise activation by its integer id (``ACT_ID``) at compile time; the NumPy functions here are the
 reference those kernels are tested against.
 
@@ -14,16 +14,17 @@ sigmoid        1 / (1 + exp(-z))                    y: y (1 - y)
 tanh           tanh(z)                              y: 1 - y^2
 gelu           z Phi(z), Phi via erf (exact)        z: Phi(z) + z phi(z)
 gelu_tanh      0.5 z (1 + tanh(c (z + a z^3)))      z: see ``_gelu_tanh_grad``
+silu           z sigmoid(z) (swish)                 z: s (1 + z (1 - s)), s = sigmoid(z)
 softmax        exp(z_c) / sum_k exp(z_k), per row   y: dz = y (dy - sum_k dy_k y_k)
 =============  ===================================  ===============================
 
 softmax is not elementwise: it normalises each row, so its backward is the
 Jacobian-vector product above rather than ``dy * act'``. It is an output activation
 (``OUTPUT_ONLY``): a model may use it on its last layer only. The GPU kernels know the
-seven elementwise activations (``ACTIVATIONS``); the backends run softmax as an identity
+eight elementwise activations (``ACTIVATIONS``); the backends run softmax as an identity
 dense layer followed by their row-wise ``softmax_`` (and ``softmax_backward``).
 
-Only gelu and gelu_tanh need the pre-activation ``z`` in backward (``NEEDS_Z``);
+Only gelu, gelu_tanh and silu need the pre-activation ``z`` in backward (``NEEDS_Z``);
 the others derive their derivative from the output ``y``, so ``z`` is never stored.
 
 >>> import numpy as np
@@ -39,11 +40,11 @@ import math
 import numpy as np
 from scipy.special import erf, expit
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 OUTPUT_ONLY = ("softmax",)
 NAMES = ACTIVATIONS + OUTPUT_ONLY
-NEEDS_Z = frozenset({"gelu", "gelu_tanh"})
+NEEDS_Z = frozenset({"gelu", "gelu_tanh", "silu"})
 RELU_FAMILY = frozenset({"relu", "leaky_relu"})
 LEAKY_SLOPE = 0.01
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
@@ -57,7 +58,7 @@ GELU_TANH_A = 0.044715
 GELU_SATURATION = 40.0
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
+_ALIASES = {None: "identity", "linear": "identity", "none": "identity", "swish": "silu"}
 
 # Read-only arrays of one value, keyed by (value, shape, dtype); see ``constant``.
 _constants: dict[tuple, np.ndarray] = {}
@@ -96,7 +97,7 @@ def constant(value: float, shape: tuple, dtype) -> np.ndarray:
 
 
 def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
-    """Write ``act(z)`` into ``out``; ``out`` may be ``z`` itself except for gelu/gelu_tanh."""
+    """Write ``act(z)`` into ``out``; ``out`` may be ``z`` itself except for ``NEEDS_Z``'s."""
     if name == "identity":
         if out is not z:
             np.copyto(out, z)
@@ -125,6 +126,9 @@ def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
         np.tanh(out, out=out)
         out += 1
         out *= 0.5
+        out *= z
+    elif name == "silu":
+        expit(z, out=out)  # exp(-|z|) inside: 0 or 1 at |z| = 1e4, so z s is -0.0 or z
         out *= z
     elif name == "softmax":
         # Shifting each row by its max keeps exp() finite for logits of any size.
@@ -156,6 +160,8 @@ def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out
         np.multiply(dy, _gelu_grad(z), out=out)
     elif name == "gelu_tanh":
         np.multiply(dy, _gelu_tanh_grad(z), out=out)
+    elif name == "silu":
+        np.multiply(dy, _silu_grad(z), out=out)
     elif name == "softmax":
         # The Jacobian of row softmax is diag(y) - y y^T, so J^T dy = y * (dy - <dy, y>).
         dot = np.einsum("ij,ij->i", dy, y)[:, None]
@@ -207,3 +213,14 @@ def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
     t *= 0.5
     du += t
     return du
+
+
+def _silu_grad(z: np.ndarray) -> np.ndarray:
+    # d/dz [z s(z)] = s + z s (1 - s) = s (1 + z (1 - s)); s is exactly 0 or 1 far out, so the
+    # product stays finite (0 for a large negative z, 1 for a large positive one).
+    s = expit(z)
+    grad = np.subtract(1, s, dtype=s.dtype)
+    grad *= z
+    grad += 1
+    grad *= s
+    return grad

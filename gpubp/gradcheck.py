@@ -156,6 +156,7 @@ def to_torch(model: Sequential):
         "tanh": torch.nn.Tanh,
         "gelu": lambda: torch.nn.GELU(approximate="none"),
         "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+        "silu": torch.nn.SiLU,
         "softmax": lambda: torch.nn.Softmax(dim=1),
     }
     stack = []

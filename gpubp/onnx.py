@@ -5,14 +5,15 @@
 sigmoid or softmax head included, in the model's float type (float32, or float64 as ONNX
 ``double``). A Dropout is the identity in ``predict`` and writes no node. The batch axis is named
 ``"batch"`` and left free. Opset 17, which every current
-runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5`` and
-gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, both node for
-node as PyTorch's exporter writes them before opset 20.
+runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5``,
+gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` and silu as
+``x * Sigmoid(x)``, each node for node as PyTorch's exporter writes them (the gelus before
+opset 20).
 
 ``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
 ``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
-the two gelu formulas above, ``Softmax`` over the last axis at the end; ``Identity`` and
+the formulas above, ``Softmax`` over the last axis at the end; ``Identity`` and
 inference ``Dropout`` pass through). As for gpubp's other formats the whole file is checked
 before anything is built: weights kept outside the file, tensors whose data does not match
 their shape, NaN or inf weights, mixed or non-float types, unused tensors, and any graph that is
@@ -53,7 +54,7 @@ INPUT, OUTPUT = "input", "output"
 ELEMENT_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
 CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds sqrt(2 / pi) by 5e-8
 
-# One ONNX operator per activation, with its attributes; gelu and gelu_tanh are formulas.
+# One ONNX operator per activation, with its attributes; gelu, gelu_tanh and silu are formulas.
 SINGLE_OPS = {"relu": ("Relu", {}), "leaky_relu": ("LeakyRelu", {"alpha": activations.LEAKY_SLOPE}),
               "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}), "softmax": ("Softmax", {"axis": -1})}
 # A formula is a chain of steps (operator, operands): "x" is the activation's input, "prev" the
@@ -64,6 +65,7 @@ FORMULAS = {
     "gelu_tanh": (("Mul", "x", "x"), ("Mul", "x", "prev"), ("Mul", activations.GELU_TANH_A, "prev"),
                   ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
                   ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),
+    "silu": (("Sigmoid", "x"), ("Mul", "x", "prev")),
 }
 COMMUTATIVE = ("Add", "Mul")
 # Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
@@ -352,6 +354,10 @@ class _Graph:
         node = self.nodes[position]
         if node.input[0] != current and not (node.op_type in COMMUTATIVE and current in node.input):
             raise self._error(node, f"reads {list(node.input)}, not the tensor the step before wrote ({current!r})")
+        for act, steps in FORMULAS.items():  # first: silu's formula starts with a Sigmoid
+            output = self._formula(position, current, steps)
+            if output is not None:
+                return act, output, position + len(steps)
         single = {op: act for act, (op, _) in SINGLE_OPS.items()}
         if node.op_type in single and len(node.input) == 1:
             act = single[node.op_type]
@@ -369,12 +375,9 @@ class _Graph:
             if approximate not in ("none", "tanh"):
                 raise self._error(node, f"approximate={approximate!r}, expected 'none' or 'tanh'")
             return ("gelu" if approximate == "none" else "gelu_tanh"), node.output[0], position + 1
-        for act, steps in FORMULAS.items():
-            output = self._formula(position, current, steps)
-            if output is not None:
-                return act, output, position + len(steps)
         raise self._error(node, "not a linear layer or an activation gpubp can represent (Gemm, MatMul with Add, "
-                                "Relu, LeakyRelu, Sigmoid, Tanh, Gelu or its formulas, Softmax, Identity, Dropout)")
+                                "Relu, LeakyRelu, Sigmoid, Tanh, Gelu or its formulas, x * Sigmoid(x), Softmax, "
+                                "Identity, Dropout)")
 
     def _formula(self, position: int, x: str, steps) -> str | None:
         """The output of ``steps`` applied to ``x`` when the nodes from ``position`` on are those steps, else None."""

@@ -15,10 +15,10 @@ Needs scikit-learn (``pip install "gpubp[sklearn]"``); ``import gpubp`` does not
 (['no', 'yes'], (60, 2), True)
 
 What the estimators add: ``device``, ``backend`` and ``precision`` (as for ``Sequential``),
-gpubp's activations beside scikit-learn's (``"leaky_relu"``, ``"gelu"``, ``"gelu_tanh"``; and
-``"sigmoid"`` for ``"logistic"``), ``dropout`` (the fraction of each hidden layer's outputs a
-:class:`gpubp.Dropout` after it drops while training; 0, the default, adds none; the masks come
-from ``random_state``'s stream), and ``model_``. What differs:
+gpubp's activations beside scikit-learn's (``"leaky_relu"``, ``"gelu"``, ``"gelu_tanh"``,
+``"silu"``; and ``"sigmoid"`` for ``"logistic"``), ``dropout`` (the fraction of each hidden
+layer's outputs a :class:`gpubp.Dropout` after it drops while training; 0, the default, adds
+none; the masks come from ``random_state``'s stream), and ``model_``. What differs:
 
 - ``solver`` is ``"adam"`` or ``"sgd"``: there is no ``"lbfgs"`` (a full-batch quasi-Newton
   method, not minibatch kernels), so no ``max_fun``; ``MLPRegressor``'s ``loss`` is
@@ -73,7 +73,8 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {"MLPClassifier": {}, "MLPRe
 
 # scikit-learn's activation names, and gpubp's for those scikit-learn does not have.
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
-               "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+               "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh",
+               "silu": "silu"}
 SOLVERS = ("adam", "sgd")
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
 # The output layer's activation -> gpubp's loss that fuses it, and scikit-learn's name for it.

@@ -236,13 +236,15 @@ def _activation_of(module) -> str | None:
         return "tanh"
     if isinstance(module, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_tanh"}[module.approximate]
+    if isinstance(module, nn.SiLU):
+        return "silu"
     return None
 
 
 def from_torch(module: nn.Sequential) -> MLP:
     """An MLP with the same computation as ``module``, an ``nn.Sequential`` of ``nn.Linear``
     layers each followed by at most one activation (ReLU, LeakyReLU(0.01), Sigmoid, Tanh, GELU,
-    Identity) and then at most one ``nn.Dropout``, with at most one ``nn.Dropout`` before them all.
+    SiLU, Identity) and then at most one ``nn.Dropout``, with at most one ``nn.Dropout`` before them all.
     Weights are copied and transposed to (in, out); ``requires_grad`` flags are kept; the MLP is
     in the training mode ``module`` is in."""
     if not isinstance(module, nn.Sequential):
@@ -267,7 +269,7 @@ def from_torch(module: nn.Sequential) -> MLP:
         act = _activation_of(child)
         if act is None:
             raise ValueError(f"module[{i}]: {child!r} is not supported; expected nn.Linear, ReLU, LeakyReLU(0.01), "
-                             "Sigmoid, Tanh, GELU, Identity or Dropout")
+                             "Sigmoid, Tanh, GELU, SiLU, Identity or Dropout")
         if not linears or acts[-1] != "identity" or dropouts[-1] is not None:
             raise ValueError(f"module[{i}]: {child!r} must directly follow an nn.Linear")
         acts[-1] = act

@@ -10,8 +10,9 @@
 //   4   tanh        tanh(z)                            y: 1 - y^2
 //   5   gelu        z Phi(z), Phi the normal CDF       z: Phi(z) + z phi(z)
 //   6   gelu_tanh   0.5 z (1 + tanh(c (z + a z^3)))    z: 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
+//   7   silu        z sigmoid(z) (swish)               z: s (1 + z (1 - s)), s = sigmoid(z)
 //
-// Only gelu and gelu_tanh need the pre-activation z in backward (act_needs_z); the other
+// Only gelu, gelu_tanh and silu need the pre-activation z in backward (act_needs_z); the other
 // derivatives are functions of the output y, so forward never stores z for them.
 // Everything is full-precision fp32 (erff/normcdff/expf/tanhf; never built with fast math),
 // and finite for any finite z: sigmoid takes exp of -|z| only, so |z| = 1e4 gives exactly
@@ -19,6 +20,8 @@
 // 0.5 (1 + erf(z / sqrt 2)) would cancel to 0, and its z phi(z) is z * 0 once z^2 overflows;
 // gelu_tanh's derivative reads z clamped to +-GELU_SATURATION, where tanh is already +-1
 // (as in activations.py), since from |z| = 1.8e19 z^2 overflows and (1 - t^2) du = 0 * inf.
+// silu uses the same exp(-|z|) sigmoid, so its forward and derivative are 0 (not NaN) for a
+// large negative z, where z (1 - s) is large but s is exactly 0.
 //
 // Device code only, no includes: the same text compiles under nvcc and NVRTC.
 #pragma once
@@ -33,7 +36,8 @@ enum ActId : int {
     ACT_TANH = 4,
     ACT_GELU = 5,
     ACT_GELU_TANH = 6,
-    ACT_COUNT = 7,
+    ACT_SILU = 7,
+    ACT_COUNT = 8,
 };
 
 // Members of a struct rather than namespace-scope constants, which NVRTC reports as
@@ -55,8 +59,8 @@ __host__ __device__ constexpr unsigned act_bit(int act) { return 1u << act; }
 struct ActSet {
     static constexpr unsigned ALL = (1u << ACT_COUNT) - 1;
     // The epilogues that fit beside the 64 accumulators of an fp32 thread tile within 128
-    // registers (dense_forward.cu); sigmoid's IEEE division, gelu's erf and gelu_tanh's tanh of a
-    // cubic do not.
+    // registers (dense_forward.cu); sigmoid's and silu's IEEE division, gelu's erf and gelu_tanh's
+    // tanh of a cubic do not.
     static constexpr unsigned LIGHT = act_bit(ACT_IDENTITY) | act_bit(ACT_RELU) | act_bit(ACT_LEAKY_RELU) |
                                       act_bit(ACT_TANH);
     static constexpr unsigned HEAVY = ALL & ~LIGHT;
@@ -86,7 +90,7 @@ __device__ __forceinline__ void with_activation(int act, F&& f) {
 
 template <int ACT>
 __host__ __device__ constexpr bool act_needs_z() {
-    return ACT == ACT_GELU || ACT == ACT_GELU_TANH;
+    return ACT == ACT_GELU || ACT == ACT_GELU_TANH || ACT == ACT_SILU;
 }
 
 __device__ __forceinline__ float stable_sigmoid(float z) {
@@ -109,6 +113,8 @@ __device__ __forceinline__ float act_forward(float z) {
         return tanhf(z);
     } else if constexpr (ACT == ACT_GELU) {
         return z * normcdff(z);
+    } else if constexpr (ACT == ACT_SILU) {
+        return z * stable_sigmoid(z);
     } else {
         static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
         const float t = tanhf(z * (ActConst::GELU_TANH_C + ActConst::GELU_TANH_A * ActConst::GELU_TANH_C * z * z));
@@ -132,6 +138,9 @@ __device__ __forceinline__ float act_grad(float y, float z) {
         return 1.0f - y * y;
     } else if constexpr (ACT == ACT_GELU) {
         return normcdff(z) + z * ActConst::INV_SQRT_2PI * expf(-0.5f * z * z);
+    } else if constexpr (ACT == ACT_SILU) {
+        const float s = stable_sigmoid(z);
+        return s * (1.0f + z * (1.0f - s));
     } else {
         static_assert(ACT == ACT_GELU_TANH, "unknown activation id");
         // Comparisons rather than fminf/fmaxf, which would turn a NaN z into a number.
@@ -156,4 +165,5 @@ __device__ __forceinline__ float act_grad(float y, float z) {
     MACRO(sigmoid, gpubp::ACT_SIGMOID)          \
     MACRO(tanh, gpubp::ACT_TANH)                \
     MACRO(gelu, gpubp::ACT_GELU)                \
-    MACRO(gelu_tanh, gpubp::ACT_GELU_TANH)
+    MACRO(gelu_tanh, gpubp::ACT_GELU_TANH)      \
+    MACRO(silu, gpubp::ACT_SILU)

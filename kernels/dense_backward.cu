@@ -7,7 +7,7 @@
 //
 // act' is evaluated once per element, in dense_dz, and the two products read dz as a plain
 // operand whatever the activation, so their main loops hold only loads, stores and FMAs
-// (gemm_tile.cuh). dense_dz reads dy and y (or z, for gelu and gelu_tanh) and writes dz,
+// (gemm_tile.cuh). dense_dz reads dy and y (or z, for gelu, gelu_tanh and silu) and writes dz,
 // (B, out) each; the products would otherwise reread dy and y once per tile column.
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
@@ -22,8 +22,8 @@
 // applied a Dropout's mask in its epilogue (dense_fwd_*_dropout), so y is the masked output.
 // This pass regenerates the mask from its key and forms
 //   dz = dy * scale * act'(y * keep_prob, or z) where the mask kept, else 0
-// (y * keep_prob is the activation's own output where the element was kept; gelu and gelu_tanh
-// read z, stored unmasked). dX and dW then read dz as for any layer: no pass of its own for the
+// (y * keep_prob is the activation's own output where the element was kept; gelu, gelu_tanh and
+// silu read z, stored unmasked). dX and dW then read dz as for any layer: no pass of its own for the
 // mask. Launch: any grid, block DROPOUT_THREADS, one thread per row and group of four columns
 // (dropout.cuh), so one Philox call serves four elements.
 //
@@ -208,6 +208,7 @@ GPUBP_DENSE_DZ_ENTRY(sigmoid, gpubp::ACT_SIGMOID)
 GPUBP_DENSE_DZ_ENTRY(tanh, gpubp::ACT_TANH)
 GPUBP_DENSE_DZ_ENTRY(gelu, gpubp::ACT_GELU)
 GPUBP_DENSE_DZ_ENTRY(gelu_tanh, gpubp::ACT_GELU_TANH)
+GPUBP_DENSE_DZ_ENTRY(silu, gpubp::ACT_SILU)
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DROPOUT_ENTRY)
 GPUBP_DENSE_GRAD_ENTRY(128, 128)
 GPUBP_DENSE_GRAD_ENTRY(128, 64)

@@ -2,7 +2,7 @@
 //
 // Layout: x (M = batch, K = in) row-major, W (K, N = out) row-major, b (N,), y and z
 // (M, N) row-major; all C-contiguous. z is written only for activations whose derivative
-// needs it (gelu, gelu_tanh); for the others the z pointer is never touched.
+// needs it (gelu, gelu_tanh, silu); for the others the z pointer is never touched.
 //
 // Tiles (gemm_tile.cuh): block BM x BN x BK=16, warp 32x64, thread 8x8.
 //   dense_fwd_128x128:  256 threads, for problems with at least one full wave of tiles
@@ -11,7 +11,7 @@
 // (activations.cuh): the main loop is compiled once per kernel, and the epilogue, fixed per
 // activation at compile time, is chosen by one uniform branch after it. dense_fwd_128x128 serves
 // ActSet::LIGHT (identity, relu, leaky_relu, tanh) and dense_fwd_heavy_128x128 ActSet::HEAVY
-// (sigmoid, gelu, gelu_tanh), whose epilogues need more registers; every other kernel serves all.
+// (sigmoid, gelu, gelu_tanh, silu), whose epilogues need more registers; every other kernel serves all.
 // Occupancy (sm_90): 16 warps per SM (dense_fwd_128x128), 8 (dense_fwd_heavy_128x128 and
 // dense_fwd_dropout_128x128, by 155 and 159 registers), 12 (128x64); ForwardShape.
 // Launch: grid (ceil(M / BM), ceil(N / BN)), block THREADS, no dynamic shared memory.
@@ -33,8 +33,8 @@
 namespace gpubp {
 
 // Blocks per SM: TileShape's, except on 128x128 tiles for the sets whose epilogue spills at 128
-// registers a thread next to the 64 live accumulators: any set holding sigmoid (an IEEE division)
-// on every architecture, gelu or gelu_tanh (erf, tanh) on sm_86 and sm_89, and every dropout
+// registers a thread next to the 64 live accumulators: any set holding sigmoid or silu (an IEEE
+// division) on every architecture, gelu or gelu_tanh (erf, tanh) on sm_86 and sm_89, and every dropout
 // variant (its Philox rounds spilled 24 bytes at 128 registers): 1 block there.
 template <unsigned SET, int BM, int BN, bool DROPOUT = false>
 struct ForwardShape {

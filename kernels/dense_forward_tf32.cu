@@ -1,7 +1,7 @@
 // Fused dense-layer forward on TF32 or bf16 tensor cores:  z = x @ W + b,  y = act(z).
 //
 // Same contract and layout as dense_forward.cu (x (M, K), W (K, N), b (N,), y and z (M, N),
-// row-major; z written only for gelu and gelu_tanh), with the products on TF32 tensor cores and
+// row-major; z written only for gelu, gelu_tanh and silu), with the products on TF32 tensor cores and
 // fp32 accumulation: gemm_tf32.cuh (tiles, pipeline, error bound), A = x k-contiguous (ldmatrix),
 // B = W outer-contiguous. The epilogue adds the bias and applies the activation, fixed at compile
 // time, to the accumulators in registers, outside the k loop; y and z are stored two columns per

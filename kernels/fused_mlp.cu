@@ -21,7 +21,7 @@
 // layer its widths, its activation (an ActId) and what to store:
 // - forward writes h_{l+1} to hout[l] only where backward reads it (the dW input of a trainable
 //   layer l+1, or act_l' for layers from the lowest trainable one up), z_l to zout[l] only for
-//   gelu/gelu_tanh layers that backward differentiates, and always the output h_L. A frozen
+//   gelu, gelu_tanh and silu layers that backward differentiates, and always the output h_L. A frozen
 //   prefix therefore stores nothing.
 // - backward runs from the top layer down to the lowest layer that needs anything (lo): dz_l
 //   stays in shared memory and goes to global memory (dz[l]) only for trainable layers, whose

@@ -23,16 +23,17 @@ DEFINITIONS = {  # the textbook formulas, one scalar at a time
     "tanh": math.tanh,
     "gelu": lambda z: 0.5 * z * (1 + math.erf(z / math.sqrt(2))),
     "gelu_tanh": _gelu_tanh,
+    "silu": lambda z: z / (1 + math.exp(-z)),
 }
 # Values at z = -m and z = m for a large m, and derivatives at z = m and z = -m.
 LIMIT_VALUES = {
     "identity": lambda m: (-m, m), "relu": lambda m: (0.0, m), "leaky_relu": lambda m: (-0.01 * m, m),
     "sigmoid": lambda m: (0.0, 1.0), "tanh": lambda m: (-1.0, 1.0), "gelu": lambda m: (0.0, m),
-    "gelu_tanh": lambda m: (0.0, m),
+    "gelu_tanh": lambda m: (0.0, m), "silu": lambda m: (0.0, m),
 }
 LIMIT_SLOPES = {
     "identity": (1.0, 1.0), "relu": (1.0, 0.0), "leaky_relu": (1.0, 0.01), "sigmoid": (0.0, 0.0),
-    "tanh": (0.0, 0.0), "gelu": (1.0, 0.0), "gelu_tanh": (1.0, 0.0),
+    "tanh": (0.0, 0.0), "gelu": (1.0, 0.0), "gelu_tanh": (1.0, 0.0), "silu": (1.0, 0.0),
 }
 # 1e20 squares past float32's range (z^2 overflows from 1.8e19); "max" is the dtype's largest float.
 MAGNITUDES = [1e4, 1e20, "max"]
@@ -62,9 +63,9 @@ def points(dtype=np.float64):
     return z[np.abs(z) > 1e-3].astype(dtype)
 
 
-def test_the_registry_lists_the_seven_contract_activations():
+def test_the_registry_lists_the_eight_contract_activations():
     assert set(ACTIVATIONS) == set(DEFINITIONS)
-    assert activations.NEEDS_Z == {"gelu", "gelu_tanh"}
+    assert activations.NEEDS_Z == {"gelu", "gelu_tanh", "silu"}
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -162,7 +163,7 @@ def test_dense_layer_applies_its_activation_to_x_at_w_plus_b(name):
 def test_backend_keeps_z_only_for_activations_whose_derivative_needs_it(name):
     x, w, b = np.ones((2, 3)), np.ones((3, 4)), np.zeros(4)
     _, z = numpy_backend.dense_forward(x, w, b, name)
-    assert (z is not None) == (name in {"gelu", "gelu_tanh"})
+    assert (z is not None) == (name in {"gelu", "gelu_tanh", "silu"})
 
 
 @pytest.mark.parametrize("alias", [None, "linear", "none"])
@@ -171,9 +172,14 @@ def test_none_and_linear_mean_identity(alias):
     assert gb.Dense(2, 2, alias).activation == "identity"
 
 
+def test_swish_is_silu():  # Keras's older name for it
+    assert activations.canonical("swish") == "silu"
+    assert gb.Dense(2, 2, "swish").activation == "silu"
+
+
 def test_unknown_activation_name_is_a_value_error_listing_the_known_ones():
-    with pytest.raises(ValueError, match=r"activation: unknown activation 'swish'; expected one of .*'gelu_tanh'"):
-        gb.Dense(2, 2, activation="swish")
+    with pytest.raises(ValueError, match=r"activation: unknown activation 'mish'; expected one of .*'gelu_tanh'"):
+        gb.Dense(2, 2, activation="mish")
 
 
 def test_activation_of_the_wrong_type_is_a_type_error():

@@ -727,8 +727,9 @@ FUSED_CASES = {
     "all_but_head_frozen_input_grad": (33, 20, [32, 16, 4], ["relu", "relu", "identity"], [0, 1], True),
     "softmax_head": (65, 12, [16, 6], ["gelu", "softmax"], [], False),
     # Every activation in one model, each layer its own, with a frozen layer and the input gradient.
-    "mixed_activations": (41, 150, [24, 17, 33, 9, 16, 12, 5],
-                          ["relu", "tanh", "gelu", "sigmoid", "leaky_relu", "gelu_tanh", "identity"], [2], True),
+    "mixed_activations": (41, 150, [24, 17, 33, 9, 16, 12, 20, 5],
+                          ["relu", "tanh", "gelu", "sigmoid", "leaky_relu", "gelu_tanh", "silu", "identity"], [2],
+                          True),
 }
 if SANITIZED:  # every code path once, on small batches
     FUSED_CASES = {name: (min(batch, 33), *rest) for name, (batch, *rest) in FUSED_CASES.items()

@@ -148,7 +148,8 @@ def test_a_matmul_whose_output_is_added_to_itself(tmp_path):
 
 
 TORCH_ACTIVATIONS = [("ReLU", {}, "relu"), ("LeakyReLU", {}, "leaky_relu"), ("Tanh", {}, "tanh"), ("GELU", {}, "gelu"),
-                     ("Sigmoid", {}, "sigmoid"), ("GELU", {"approximate": "tanh"}, "gelu_tanh")]
+                     ("Sigmoid", {}, "sigmoid"), ("SiLU", {}, "silu"),
+                     ("GELU", {"approximate": "tanh"}, "gelu_tanh")]
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")

@@ -29,6 +29,7 @@ TORCH_ACTIVATIONS = {
     "tanh": torch.tanh,
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
 }
 
 
@@ -288,7 +289,7 @@ def test_mixed_dtypes_inside_the_mlp_raise(mlp):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sizes=[4]), "sizes"), (dict(sizes=[4, 0]), r"sizes\[1\]"), (dict(sizes=[4, 2], precision="fp16"), "precision"),
-    (dict(sizes=[4, 3, 2], activation="swish"), "activation"),
+    (dict(sizes=[4, 3, 2], activation="mish"), "activation"),
 ])
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

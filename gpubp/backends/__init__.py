@@ -24,7 +24,7 @@ Dense layer
     ``dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None) -> (y, z_or_None)``
         ``z = x @ w + b; y = act(z)`` as one fused kernel. ``x`` (B, in), ``w`` (in, out),
         ``b`` (out,). ``z`` is returned (and stored) only for ``act in NEEDS_Z``
-        (gelu, gelu_tanh); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
+        (gelu, gelu_tanh, silu); otherwise ``None``. ``out`` and ``out_z`` are optional (B, out)
         buffers for ``y`` and ``z``. Records ``dense_fwd`` (after ``round_bf16`` for x and w in "bf16").
         ``precision``: one of ``dense_precisions()``; "tf32" runs the products on TF32 tensor
         cores where a backend has them (cupy, compute capability 8.0+); the NumPy and Numba
@@ -93,7 +93,7 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
     ``Sequential`` looks for the attribute, never at the backend's name.
     ``fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output) -> (y, inputs, act_inputs)``
         every layer in one launch; per layer, ``keep_input`` keeps its input (for dW) and
-        ``keep_output`` what act' reads (the output, or z for gelu/gelu_tanh); the kept arrays
+        ``keep_output`` what act' reads (the output, or z for gelu, gelu_tanh, silu); the kept arrays
         come back per layer, None where not kept. Records ``fused_mlp_fwd`` (and
         ``softmax_fwd`` for a softmax head).
     ``fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db) -> dx``

@@ -136,7 +136,7 @@ NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
 # kernels/activations.cuh's ActSet::HEAVY: the activations whose epilogue does not fit beside an
 # fp32 128x128 tile's accumulators at two blocks per SM, so dense_forward.cu serves them there with
 # a kernel of its own (dense_fwd_heavy_128x128).
-HEAVY_EPILOGUE = ("sigmoid", "gelu", "gelu_tanh")
+HEAVY_EPILOGUE = ("sigmoid", "gelu", "gelu_tanh", "silu")
 _HEAVY_TILE = (128, 128)
 
 
@@ -146,9 +146,9 @@ def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF
     serves several activations, ``act`` passed at launch (``ACT_ID``): every one, but for the
     128x128 tile without dropout, which has one kernel for the activations of ``HEAVY_EPILOGUE``
     and one for the rest. A tensor-core forward kernel has one activation (there, one kernel for
-    all would take ptxas longer than seven). The dX and dW kernels read dz (``dense_dz``,
-    ``dense_dz_db``), so they serve every activation. ``dropout``: the forward's variant that
-    applies a Dropout's mask in its epilogue."""
+    all would take ptxas longer than one per activation). The dX and dW kernels read dz
+    (``dense_dz``, ``dense_dz_db``), so they serve every activation. ``dropout``: the forward's
+    variant that applies a Dropout's mask in its epilogue."""
     if precision in ("tf32", "bf16"):
         if kind == "fwd":
             return f"dense_fwd_{precision}_{act}" + ("_dropout" if dropout else "")
@@ -683,7 +683,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dy = softmax_backward(dy, _f32(y), dy if masked else cupy.empty_like(dy))
         act = "identity"
     x = None if x is None else _f32(x)
-    # The one array act' reads: z for gelu/gelu_tanh, else y; identity reads neither.
+    # The one array act' reads: z for NEEDS_Z's activations, else y; identity reads neither.
     y_or_z = dy if act == "identity" else _f32(z if act in NEEDS_Z else y)
     dx = dw = db = None
     if need_dw:
@@ -1042,7 +1042,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     ``x`` (B, in); per layer ``weights[l]`` (in_l, out_l) with out_l <= FUSED_MLP_MAX_WIDTH,
     ``biases[l]`` (out_l,), ``acts[l]`` an activation name (``softmax`` on the last layer only,
     applied after the kernel). ``keep_input[l]``: keep h_l (the layer's input, for its dW);
-    ``keep_output[l]``: keep what act_l' reads (h_{l+1}, or z_l for gelu and gelu_tanh).
+    ``keep_output[l]``: keep what act_l' reads (h_{l+1}, or z_l for gelu, gelu_tanh and silu).
     Returns ``(y, inputs, act_inputs)``: the output (B, out) and, per layer, the kept arrays
     (None where not kept); nothing else is written to memory. ``precision``: "fp32", or "tf32" /
     "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in

@@ -41,12 +41,12 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
 
     dense_fwd   z = x @ w + b; y = act(z).    x (B, in), w (in, out), b (out,) -> y, z (B, out)
                 bias + activation in the epilogue (_forward_epilogue), one write of y (and of z
-                for gelu and gelu_tanh only); sigmoid, gelu and gelu_tanh store z (or y) first
-                and apply act() to what they read back, as 64 inlined copies of them would push
-                the accumulators out of registers. One compiled kernel for every activation: it
-                takes the activation's ACT_ID and branches once, uniformly, after the main loop
-                to the epilogue compiled for it (_forward_epilogue_by_id), so the main loop is
-                compiled once, not once per activation.
+                for gelu, gelu_tanh and silu only); sigmoid, gelu, gelu_tanh and silu store z (or
+                y) first and apply act() to what they read back, as 64 inlined copies of them
+                would push the accumulators out of registers. One compiled kernel for every
+                activation: it takes the activation's ACT_ID and branches once, uniformly, after
+                the main loop to the epilogue compiled for it (_forward_epilogue_by_id), so the
+                main loop is compiled once, not once per activation.
     dense_dz    dz = dy * act'(y or z), elementwise (_dz_prologue), once per dz element, before
                 the gradient GEMMs; they then read dz as a plain operand whatever the activation,
                 so act' (erf and exp for gelu) never sits in a GEMM loop nor runs once per tile.
@@ -417,7 +417,7 @@ def _scale_kernel(a, s):
 
 # ----------------------------------------------------------------------------- activations
 # act(z) and act'(.) on one float32 element, as device functions. Each derivative takes what
-# activations.py says it is computed from: y for relu..tanh, z for gelu and gelu_tanh.
+# activations.py says it is computed from: y for relu..tanh, z for gelu, gelu_tanh and silu.
 # The operation order mirrors activations.py so results agree to float32 rounding.
 
 
@@ -473,6 +473,11 @@ def _gelu_tanh(z):
 
 
 @cuda.jit(device=True, inline="always")
+def _silu(z):
+    return _sigmoid(z) * z
+
+
+@cuda.jit(device=True, inline="always")
 def _relu_grad(y):
     return _ONE if y > _ZERO else _ZERO
 
@@ -510,14 +515,21 @@ def _gelu_tanh_grad(z):
     return du + (t + _ONE) * _HALF
 
 
+@cuda.jit(device=True, inline="always")
+def _silu_grad(z):
+    # s (1 + z (1 - s)), s = sigmoid(z): 0 where s is 0 (a large negative z), not 0 * inf
+    s = _sigmoid(z)
+    return ((_ONE - s) * z + _ONE) * s
+
+
 _FORWARD = {
     "identity": _identity, "relu": _relu, "leaky_relu": _leaky_relu, "sigmoid": _sigmoid,
-    "tanh": _tanh, "gelu": _gelu, "gelu_tanh": _gelu_tanh,
+    "tanh": _tanh, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": _silu,
 }
 # identity has no entry: its layers launch no dz kernel (dz is dy).
 _GRAD = {
     "relu": _relu_grad, "leaky_relu": _leaky_relu_grad, "sigmoid": _sigmoid_grad,
-    "tanh": _tanh_grad, "gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad,
+    "tanh": _tanh_grad, "gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _silu_grad,
 }
 
 
@@ -801,7 +813,7 @@ def _store_tile(out, acc, m0, n0):
 # Activations whose code, repeated for 64 accumulators, is more than the compiler unrolls: applied
 # in registers they would push the accumulators to local memory (and spill at 128 registers).
 # Their epilogue stores the pre-activations first and applies act() reading them back.
-_ACTIVATE_AFTER_STORE = frozenset({"sigmoid", "gelu", "gelu_tanh"})
+_ACTIVATE_AFTER_STORE = frozenset({"sigmoid", "gelu", "gelu_tanh", "silu"})
 
 
 @functools.cache
@@ -865,10 +877,11 @@ def _forward_epilogue_by_id():
     across the grid, taken once after the main loop, to the epilogue compiled for that activation
     (``_forward_epilogue``: its act() and whether it stores z stay fixed at compile time). An id
     outside ``ACT_ID`` stores nothing."""
-    names = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh")
+    names = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
     assert sorted(names) == sorted(ACTIVATIONS), "the chain below has a branch per activation"
-    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh = (_forward_epilogue(a) for a in names)
-    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id = (ACT_ID[a] for a in names)
+    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh, silu = (_forward_epilogue(a) for a in names)
+    (identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id,
+     silu_id) = (ACT_ID[a] for a in names)
 
     @cuda.jit(device=True, inline="always")
     def forward_epilogue_by_id(act, acc, b, y, z, m0, n0):
@@ -886,6 +899,8 @@ def _forward_epilogue_by_id():
             gelu(acc, b, y, z, m0, n0)
         elif act == gelu_tanh_id:
             gelu_tanh(acc, b, y, z, m0, n0)
+        elif act == silu_id:
+            silu(acc, b, y, z, m0, n0)
 
     return forward_epilogue_by_id
 
