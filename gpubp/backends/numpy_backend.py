@@ -17,8 +17,8 @@ It is written for speed, not only clarity:
   do not depend on the count: blocks are independent rows, and db sums fixed chunks of rows
   that are then added in order;
 - where Numba is installed, the elementwise work around each matrix product runs as one
-  compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the optimizer
-  updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
+  compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the SGD and
+  Adam updates; RMSprop's runs as NumPy passes over two scratch buffers) instead of several NumPy passes. They load on first use, so ``import gpubp``
   never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or ``compiled_kernels(False)``) keeps
   the pure-NumPy path, which computes the same values and is what runs without Numba.
 - a dropout mask above a Dense (``dropout=``, a ``philox.Mask``) is generated inside those
@@ -657,3 +657,42 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
 
     decayed = _scratch("adam_g", grad.shape, grad.dtype) if weight_decay and not decoupled else None
     _on_all_cores(update, param, grad, m, v, decayed, _scratch("adam_t", grad.shape, grad.dtype))
+
+
+def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
+                   centered):
+    """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
+    record("rmsprop_update")
+
+    def update(param, grad, square_avg, grad_avg, momentum_buffer, decayed, tmp):
+        g = grad
+        if weight_decay:
+            np.multiply(param, weight_decay, out=decayed)
+            decayed += grad
+            g = decayed
+        square_avg *= alpha
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - alpha
+        square_avg += tmp
+        if centered:
+            grad_avg *= alpha
+            np.multiply(g, 1.0 - alpha, out=tmp)
+            grad_avg += tmp
+            np.multiply(grad_avg, grad_avg, out=tmp)
+            np.subtract(square_avg, tmp, out=tmp)
+            np.sqrt(tmp, out=tmp)
+        else:
+            np.sqrt(square_avg, out=tmp)
+        tmp += eps
+        np.divide(g, tmp, out=tmp)
+        if momentum:
+            momentum_buffer *= momentum
+            momentum_buffer += tmp
+            np.multiply(momentum_buffer, -lr, out=tmp)
+        else:
+            tmp *= -lr
+        param += tmp
+
+    decayed = _scratch("rmsprop_g", grad.shape, grad.dtype) if weight_decay else None
+    _on_all_cores(update, param, grad, square_avg, grad_avg, momentum_buffer, decayed,
+                  _scratch("rmsprop_t", grad.shape, grad.dtype))
