@@ -191,7 +191,8 @@ KERNELS = {
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
                                           ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""))),
-    "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "sumsq", "scale_inplace"),
+    "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
+                 "rmsprop_update_hyper", "sumsq", "scale_inplace"),
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
 KERNEL_FILES = tuple(KERNELS)
@@ -888,6 +889,25 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
         (param, grad, m, v) + head + options + tail + (np.int32(bool(decoupled)), np.int64(n)))
 
 
+def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
+                   centered, hyper=None, guard=None):
+    """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer).
+    ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
+    n = param.size
+    if hyper is None:
+        name, rate = "rmsprop_update", (np.float32(lr),)
+    else:
+        name, rate = "rmsprop_update_hyper", _hyper_args(hyper, guard, 1)
+    record("rmsprop_update")
+    # The kernel never touches grad_avg when not centered, nor momentum_buffer without
+    # momentum (None then); param stands in.
+    buffers = tuple(param if buffer is None else buffer for buffer in (grad_avg, momentum_buffer))
+    _kernel("optim.cu", name)(
+        (_elementwise_blocks(n),), (REDUCE_THREADS,),
+        (param, grad, square_avg) + buffers + rate + (np.float32(alpha), np.float32(eps), np.float32(weight_decay),
+                                                      np.float32(momentum), np.int32(bool(centered)), np.int64(n)))
+
+
 def sgd_hyper(lr: float) -> tuple[float]:
     """What ``sgd_update_hyper`` reads from ``hyper``: (lr,)."""
     return (lr,)
@@ -898,6 +918,11 @@ def adam_hyper(lr: float, beta1: float, beta2: float, step: int) -> tuple[float,
     (lr, step_size, inv_sqrt_bias2), the bias corrections in double on the host. The eager
     kernel gets the same values as arguments, so eager and replayed steps agree bitwise."""
     return lr, lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
+
+
+def rmsprop_hyper(lr: float) -> tuple[float]:
+    """What ``rmsprop_update_hyper`` reads from ``hyper``: (lr,)."""
+    return (lr,)
 
 
 def _hyper_args(hyper, guard, size: int) -> tuple:
