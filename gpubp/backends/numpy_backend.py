@@ -17,8 +17,8 @@ It is written for speed, not only clarity:
   do not depend on the count: blocks are independent rows, and db sums fixed chunks of rows
   that are then added in order;
 - where Numba is installed, the elementwise work around each matrix product runs as one
-  compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the SGD and
-  Adam updates; RMSprop's runs as NumPy passes over two scratch buffers) instead of several NumPy passes. They load on first use, so ``import gpubp``
+  compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the optimizer
+  updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
   never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or ``compiled_kernels(False)``) keeps
   the pure-NumPy path, which computes the same values and is what runs without Numba.
 - a dropout mask above a Dense (``dropout=``, a ``philox.Mask``) is generated inside those
@@ -663,6 +663,15 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
                    centered):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
     record("rmsprop_update")
+    kernels = _compiled(param.dtype)
+    if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
+        constants = _as_dtype(param.dtype, (-lr, alpha, 1.0 - alpha, eps, weight_decay, momentum))
+        # the kernel never reads the buffers an option leaves unused; the square average stands in
+        _on_all_cores(kernels.rmsprop_update, param, grad, square_avg,
+                      square_avg if grad_avg is None else grad_avg,
+                      square_avg if momentum_buffer is None else momentum_buffer, *constants, bool(centered),
+                      min_elements=_COMPILED_PARALLEL_MIN_ELEMENTS)
+        return
 
     def update(param, grad, square_avg, grad_avg, momentum_buffer, decayed, tmp):
         g = grad
