@@ -115,6 +115,25 @@ def test_rmsprop_first_step_moves_each_element_by_lr_over_sqrt_one_minus_alpha()
     np.testing.assert_allclose(param.data, [-0.2, 0.2, -0.2], rtol=1e-7)
 
 
+def test_rmsprop_momentum_turned_on_later_starts_from_a_zero_buffer():
+    # As OneCycleLR's cycle_momentum may: the first step with momentum then moves as one without.
+    runs = []
+    for later in (0.0, 0.9):
+        params = make_params()
+        opt = optim.RMSprop(params, lr=0.01)
+        for step, grads in enumerate(gradient_sequence()[:4]):
+            if step == 2:
+                opt.param_groups[0]["momentum"] = later
+            for p, g in zip(params, grads):
+                p.grad = g.copy()
+            opt.step()
+            runs.append([p.data.copy() for p in params])
+    without, switched = runs[:4], runs[4:]
+    for a, b in zip(without[2], switched[2]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(without[3][0], switched[3][0])
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("lr", -0.1, "lr: expected a finite number >= 0"),
     ("alpha", 1.0, r"alpha: expected a number in \[0, 1\)"),

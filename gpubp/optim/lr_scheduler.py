@@ -43,7 +43,7 @@ __all__ = ["LRScheduler", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnea
 
 def _optimizer(optimizer) -> Optimizer:
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer: expected a gpubp optimizer (gpubp.optim.SGD, Adam, AdamW), "
+        raise TypeError(f"optimizer: expected a gpubp optimizer (gpubp.optim.SGD, Adam, AdamW, RMSprop), "
                         f"got {type(optimizer).__name__}")
     return optimizer
 
