@@ -29,10 +29,10 @@ import pytest
 
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
-from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, RMSPROP_CASES, SGD_CASES,
-                               TF32_RTOL, check_adam_update, check_elementwise_loss, check_large_preactivations,
-                               check_losses_at_huge_logits, check_rmsprop_update, check_sgd_update,
-                               check_softmax_cross_entropy, check_sumsq_and_scale)
+from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, RMSPROP_CASES,
+                               SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
+                               check_large_preactivations, check_losses_at_huge_logits, check_rmsprop_update,
+                               check_sgd_update, check_softmax_cross_entropy, check_sumsq_and_scale)
 from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends, philox
@@ -165,8 +165,8 @@ def launched_kernel_names() -> set[str]:
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd",
              "ce_fwd_bwd_weighted_i32", "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "huber_fwd_bwd_weighted",
              "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
-             "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words",
-             "round_bf16"}
+             "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sumsq", "scale_inplace",
+             "dropout_mask", "philox_words", "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
     names |= {f"dense_fwd_dropout_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
