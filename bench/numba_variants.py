@@ -94,6 +94,9 @@ def drive_contract(backend) -> None:
     for decoupled in (False, True):
         backend.adam_update(w, array(n_in, n_out), array(n_in, n_out), second_moment, 1e-3, 0.9, 0.999, 1e-8,
                             1e-2, 1, decoupled)
+    for momentum, centered in ((0.0, False), (0.9, True)):
+        backend.rmsprop_update(w, array(n_in, n_out), second_moment, array(n_in, n_out) if centered else None,
+                               array(n_in, n_out) if momentum else None, 1e-2, 0.99, 1e-8, 1e-2, momentum, centered)
     backend.sumsq(w)
     backend.scale_(w, 0.5)
 

@@ -12,10 +12,10 @@ reduction, and the same in every other precision the GPU runs (TF32 on tensor co
 misaligned operands: inputs and ``out=`` buffers that start one float past a 16-byte boundary
 (C-contiguous views, which the kernels take as they are), with in and out features in
 {1, 3, 4, 5, 127, 128, 129}, where the float4 paths must fall back to scalar access. Then every
-loss with both label widths, SGD in each mode, Adam and AdamW, sumsq and scale_; and, for
-cupy, the fused MLP kernels in every precision (batches 1, 37, 129, a frozen first layer too)
-and training steps replayed from CUDA graphs (the update kernels that read their rates from
-the device).
+loss with both label widths, SGD in each mode, Adam and AdamW, RMSprop plain and centered with
+momentum, sumsq and scale_; and, for cupy, the fused MLP kernels in every precision (batches 1,
+37, 129, a frozen first layer too) and training steps replayed from CUDA graphs (the update
+kernels that read their rates from the device).
 
 ``--reduced`` (cupy only; ``gpu_check.sh first-contact`` runs it) keeps one odd shape per
 kernel family and two activations (``REDUCED``): the 128x64 and 128x128 tiles, the split-K dW
@@ -47,7 +47,7 @@ class Coverage(NamedTuple):
     losses: tuple = ((1, 1), (1, 10), (37, 13), (300, 1001))
     parameters: tuple = (1, 1031)
     fused_batches: tuple = (1, 37, 129)
-    graph_cases: tuple = ((False, "adam"), (True, "sgd"))  # (fused, optimizer) of the replayed steps
+    graph_cases: tuple = ((False, "adam"), (True, "sgd"), (False, "rmsprop"))  # (fused, optimizer) replayed
 
 
 MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 128, 129)
@@ -115,6 +115,9 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
             be.sgd_update(p, g, be.zeros((n,)), 0.1, 0.9, nesterov, 1e-2)
         for decoupled in (False, True):
             be.adam_update(p, g, be.zeros((n,)), be.zeros((n,)), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1, decoupled)
+        for momentum, centered in ((0.0, False), (0.9, True)):
+            be.rmsprop_update(p, g, be.zeros((n,)), be.zeros((n,)) if centered else None,
+                              be.zeros((n,)) if momentum else None, 1e-2, 0.99, 1e-8, 1e-2, momentum, centered)
         be.sumsq(p)
         be.scale_(p, 0.5)
 

@@ -8,6 +8,11 @@
 //                  v = b2 v + (1 - b2) g^2, p -= step_size m / (sqrt(v) inv_sqrt_bias2 + eps)
 //                  with step_size = lr / (1 - b1^t) and inv_sqrt_bias2 = 1 / sqrt(1 - b2^t)
 //                  computed on the host in double.
+//   rmsprop_update PyTorch RMSprop: g = grad + weight_decay p; v = alpha v + (1 - alpha) g^2;
+//                  centered: gm = alpha gm + (1 - alpha) g, avg = sqrt(v - gm^2) + eps, else
+//                  avg = sqrt(v) + eps and `grad_avg` is not touched; with momentum
+//                  b = momentum b + g / avg, p -= lr b; without, p -= lr g / avg and
+//                  `momentum_buffer` is not touched.
 //   *_hyper        the same updates with lr (and Adam's step_size, inv_sqrt_bias2) read from
 //                  device memory, skipped when the step's loss is not finite: the kernels a
 //                  captured training step (a CUDA graph) replays.
@@ -64,6 +69,31 @@ __device__ __forceinline__ void adam_body(float* __restrict__ param, const float
     }
 }
 
+__device__ __forceinline__ void rmsprop_body(float* __restrict__ param, const float* __restrict__ grad,
+                                             float* __restrict__ square_avg, float* __restrict__ grad_avg,
+                                             float* __restrict__ momentum_buffer, float lr, float alpha, float eps,
+                                             float weight_decay, float momentum, int centered, long long n) {
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const float p = param[i];
+        const float g = fmaf(weight_decay, p, grad[i]);
+        const float v = fmaf(alpha, square_avg[i], (1.0f - alpha) * g * g);
+        square_avg[i] = v;
+        float variance = v;
+        if (centered) {
+            const float gm = fmaf(alpha, grad_avg[i], (1.0f - alpha) * g);
+            grad_avg[i] = gm;
+            variance = fmaf(-gm, gm, v);
+        }
+        float step = g / (sqrtf(variance) + eps);
+        if (momentum != 0.0f) {
+            step = fmaf(momentum, momentum_buffer[i], step);
+            momentum_buffer[i] = step;
+        }
+        param[i] = p - lr * step;
+    }
+}
+
 // A replayed step cannot stop between its loss and its update the way the host loop does,
 // so the update itself skips when the loss it follows is not finite: the weights stay those
 // of the previous step, as in fit.
@@ -104,6 +134,25 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     if (!loss_is_finite(loss)) return;
     adam_body(param, grad, m, v, __ldg(hyper), beta1, beta2, eps, weight_decay, __ldg(hyper + 1), __ldg(hyper + 2),
               decoupled, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    rmsprop_update(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ square_avg,
+                   float* __restrict__ grad_avg, float* __restrict__ momentum_buffer, float lr, float alpha,
+                   float eps, float weight_decay, float momentum, int centered, long long n) {
+    rmsprop_body(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum, centered,
+                 n);
+}
+
+// hyper = {lr}; loss: the step's loss, on the device.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    rmsprop_update_hyper(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ square_avg,
+                         float* __restrict__ grad_avg, float* __restrict__ momentum_buffer,
+                         const float* __restrict__ hyper, const float* __restrict__ loss, float alpha, float eps,
+                         float weight_decay, float momentum, int centered, long long n) {
+    if (!loss_is_finite(loss)) return;
+    rmsprop_body(param, grad, square_avg, grad_avg, momentum_buffer, __ldg(hyper), alpha, eps, weight_decay, momentum,
+                 centered, n);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

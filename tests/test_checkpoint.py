@@ -20,6 +20,8 @@ OPTIMIZERS = {
     "adam_groups": lambda model: gb.optim.Adam(finetune.param_groups(model, lr=0.01, decay=0.5)),
     "adamw": lambda model: gb.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05),
     "adam_head_only": lambda model: gb.optim.Adam(model[2].parameters(), lr=0.01),
+    "rmsprop_centered_momentum": lambda model: gb.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9,
+                                                                centered=True),
 }
 
 

@@ -153,6 +153,33 @@ def test_adam_update_matches_the_numpy_path(shape, dtype, decoupled, rng):
         assert_close(got, want, dtype)
 
 
+RMSPROP_OPTIONS = [
+    dict(momentum=0.0, centered=False, weight_decay=0.0),
+    dict(momentum=0.0, centered=True, weight_decay=0.01),
+    dict(momentum=0.9, centered=True, weight_decay=0.0),
+]
+
+
+@pytest.mark.parametrize("options", RMSPROP_OPTIONS, ids=["plain", "centered_decay", "centered_momentum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PARAM_SHAPES, ids=str)
+def test_rmsprop_update_matches_the_numpy_path(shape, dtype, options, rng):
+    param, grad, grad_avg, buffer = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
+    square_avg = (rng.random(shape) + grad_avg.astype(np.float64) ** 2).astype(dtype)  # above grad_avg^2
+    grad_avg = grad_avg if options["centered"] else None
+    buffer = buffer if options["momentum"] else None
+
+    def rmsprop(param, grad, square_avg, grad_avg, buffer):
+        numpy_backend.rmsprop_update(param, grad, square_avg, grad_avg, buffer, 1e-2, 0.9, 1e-8,
+                                     options["weight_decay"], options["momentum"], options["centered"])
+        return param, square_avg, grad_avg, buffer
+
+    (compiled, _), (reference, _) = both_paths(rmsprop, param, grad, square_avg, grad_avg, buffer)
+    for got, want in zip(compiled, reference):
+        if want is not None:
+            assert_close(got, want, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_steps_agree_on_both_paths(dtype):
     """A few full fit epochs (forward, loss, backward, Adam) end at the same weights either way."""
@@ -279,6 +306,7 @@ def test_optimizer_updates_do_not_depend_on_the_thread_count(dtype, split_everyt
         with numpy_backend.use_cpu_threads(threads):
             numpy_backend.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5, True)
             numpy_backend.sgd_update(p, g, m, 0.05, 0.9, True, 0.01)
+            numpy_backend.rmsprop_update(p, g, v, None, m, 1e-2, 0.99, 1e-8, 0.01, 0.9, False)
         results.append((p, m, v))
     for got, want in zip(*results):
         np.testing.assert_array_equal(got, want)

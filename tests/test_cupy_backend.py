@@ -337,6 +337,7 @@ def test_loss_is_bitwise_deterministic(cb, rng):
 
 SGD_CASES = [(0.0, False, 0.0), (0.0, False, 1e-2), (0.9, False, 1e-2), (0.9, True, 0.0)]
 ADAM_CASES = [(False, 0.0), (False, 1e-2), (True, 1e-2)]
+RMSPROP_CASES = [(0.0, False, 0.0), (0.0, True, 1e-2), (0.9, False, 1e-2), (0.9, True, 0.0)]
 
 
 def check_sgd_update(cb, rng, n, momentum, nesterov, weight_decay, steps=3):
@@ -370,6 +371,25 @@ def check_adam_update(cb, rng, n, decoupled, weight_decay, steps=3):
         close(cb.to_host(got), want)
 
 
+def check_rmsprop_update(cb, rng, n, momentum, centered, weight_decay, steps=3):
+    p = rng.standard_normal(n).astype(np.float32)
+    # param, square_avg, grad_avg (centered only), momentum_buffer (with momentum only)
+    used = (True, True, centered, bool(momentum))
+    state_ref = [p.astype(np.float64)] + [np.zeros(n) if u else None for u in used[1:]]
+    state_dev = [cb.asarray(p)] + [cb.zeros((n,)) if u else None for u in used[1:]]
+    for _ in range(steps):
+        grad = rng.standard_normal(n).astype(np.float32)
+        ref.rmsprop_update(state_ref[0], grad.astype(np.float64), *state_ref[1:], 1e-2, 0.9, 1e-8, weight_decay,
+                           momentum, centered)
+        with trace() as t:
+            cb.rmsprop_update(state_dev[0], cb.asarray(grad), *state_dev[1:], 1e-2, 0.9, 1e-8, weight_decay,
+                              momentum, centered)
+        assert t.launches == ["rmsprop_update"]
+    for got, want in zip(state_dev, state_ref):
+        if want is not None:
+            close(cb.to_host(got), want)
+
+
 def check_sumsq_and_scale(cb, rng, n):
     a = rng.standard_normal(n).astype(np.float32)
     dev = cb.asarray(a)
@@ -386,6 +406,11 @@ def test_sgd_update_matches_numpy(cb, rng, momentum, nesterov, weight_decay):
 @pytest.mark.parametrize("decoupled, weight_decay", ADAM_CASES)
 def test_adam_update_matches_numpy(cb, rng, decoupled, weight_decay):
     check_adam_update(cb, rng, 1031, decoupled, weight_decay)
+
+
+@pytest.mark.parametrize("momentum, centered, weight_decay", RMSPROP_CASES)
+def test_rmsprop_update_matches_numpy(cb, rng, momentum, centered, weight_decay):
+    check_rmsprop_update(cb, rng, 1031, momentum, centered, weight_decay)
 
 
 @pytest.mark.parametrize("n", [1, 1031, 3_000_001])

@@ -280,6 +280,7 @@ OPTIMIZERS = {
     "sgd_nesterov": lambda params: gb.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
     "adam_l2": lambda params: gb.optim.Adam(params, lr=1e-2, weight_decay=1e-2),
     "adamw": lambda params: gb.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "rmsprop_centered": lambda params: gb.optim.RMSprop(params, lr=1e-2, centered=True, weight_decay=1e-2),
 }
 
 

@@ -29,10 +29,10 @@ import pytest
 
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
-from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, SGD_CASES, TF32_RTOL,
-                               check_adam_update, check_elementwise_loss, check_large_preactivations,
-                               check_losses_at_huge_logits, check_sgd_update, check_softmax_cross_entropy,
-                               check_sumsq_and_scale)
+from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, RMSPROP_CASES,
+                               SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
+                               check_large_preactivations, check_losses_at_huge_logits, check_rmsprop_update,
+                               check_sgd_update, check_softmax_cross_entropy, check_sumsq_and_scale)
 from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends, philox
@@ -164,9 +164,9 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd",
              "ce_fwd_bwd_weighted_i32", "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "huber_fwd_bwd_weighted",
-             "bce_fwd_bwd_weighted", "sgd_update", "adam_update",
-             "sgd_update_hyper", "adam_update_hyper", "sumsq", "scale_inplace", "dropout_mask", "philox_words",
-             "round_bf16"}
+             "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
+             "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sumsq", "scale_inplace",
+             "dropout_mask", "philox_words", "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
     names |= {f"dense_fwd_dropout_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
@@ -1121,17 +1121,23 @@ def test_adam_update_matches_numpy(cb_small_gpu, rng, n, decoupled, weight_decay
     check_adam_update(cb_small_gpu, rng, n, decoupled, weight_decay, steps=2)
 
 
+@pytest.mark.parametrize("n", VECTOR_SIZES)
+@pytest.mark.parametrize("momentum, centered, weight_decay", RMSPROP_CASES)
+def test_rmsprop_update_matches_numpy(cb_small_gpu, rng, n, momentum, centered, weight_decay):
+    check_rmsprop_update(cb_small_gpu, rng, n, momentum, centered, weight_decay, steps=2)
+
+
 def device_scalar(cb, value):
     return cb.asarray(np.array([value], np.float32))
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
 def test_updates_reading_their_rate_from_the_device_equal_the_eager_ones_bitwise(cb_small_gpu, rng, n, kind):
     # What a replayed step launches (*_update_hyper) against what an eager step launches.
-    p, g, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
-    v = np.abs(v)
-    eager, replayed = ([cb_small_gpu.asarray(a) for a in (p, g, m, v)] for _ in range(2))
+    p, g, m, v, b = (rng.standard_normal(n).astype(np.float32) for _ in range(5))
+    v = np.abs(v) + m * m  # RMSprop's centered square average stays above its mean gradient squared
+    eager, replayed = ([cb_small_gpu.asarray(a) for a in (p, g, m, v, b)] for _ in range(2))
     finite_loss = device_scalar(cb_small_gpu, 0.5)
     for step in (1, 2, 7):
         lr = 0.01 * step
@@ -1139,27 +1145,35 @@ def test_updates_reading_their_rate_from_the_device_equal_the_eager_ones_bitwise
             cb_small_gpu.sgd_update(*eager[:3], lr, 0.9, True, 1e-2)
             hyper = cb_small_gpu.asarray(np.array(cb_small_gpu.sgd_hyper(lr), np.float32))
             cb_small_gpu.sgd_update(*replayed[:3], None, 0.9, True, 1e-2, hyper=hyper, guard=finite_loss)
-        else:
-            cb_small_gpu.adam_update(*eager, lr, 0.9, 0.999, 1e-8, 1e-2, step, True)
+        elif kind == "adam":
+            cb_small_gpu.adam_update(*eager[:4], lr, 0.9, 0.999, 1e-8, 1e-2, step, True)
             hyper = cb_small_gpu.asarray(np.array(cb_small_gpu.adam_hyper(lr, 0.9, 0.999, step), np.float32))
-            cb_small_gpu.adam_update(*replayed, None, 0.9, 0.999, 1e-8, 1e-2, None, True, hyper=hyper,
+            cb_small_gpu.adam_update(*replayed[:4], None, 0.9, 0.999, 1e-8, 1e-2, None, True, hyper=hyper,
                                      guard=finite_loss)
+        else:  # square_avg v, grad_avg m, momentum_buffer b
+            cb_small_gpu.rmsprop_update(*eager[:2], eager[3], eager[2], eager[4], lr, 0.99, 1e-8, 1e-2, 0.9, True)
+            hyper = cb_small_gpu.asarray(np.array(cb_small_gpu.rmsprop_hyper(lr), np.float32))
+            cb_small_gpu.rmsprop_update(*replayed[:2], replayed[3], replayed[2], replayed[4], None, 0.99, 1e-8, 1e-2,
+                                        0.9, True, hyper=hyper, guard=finite_loss)
     for a, b in zip(eager, replayed):
         np.testing.assert_array_equal(cb_small_gpu.to_host(a), cb_small_gpu.to_host(b))
 
 
 @pytest.mark.parametrize("loss", [np.nan, np.inf, -np.inf] if not SANITIZED else [np.nan])
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
 def test_an_update_after_a_non_finite_loss_changes_nothing(cb_small_gpu, rng, kind, loss):
-    arrays = [cb_small_gpu.asarray(rng.standard_normal(1031).astype(np.float32)) for _ in range(4)]
+    arrays = [cb_small_gpu.asarray(rng.standard_normal(1031).astype(np.float32)) for _ in range(5)]
     before = [cb_small_gpu.to_host(a) for a in arrays]
     hyper = cb_small_gpu.asarray(np.array([0.1, 0.1, 1.0], np.float32))
     if kind == "sgd":
         cb_small_gpu.sgd_update(*arrays[:3], None, 0.9, False, 0.0, hyper=hyper[:1],
                                 guard=device_scalar(cb_small_gpu, loss))
-    else:
-        cb_small_gpu.adam_update(*arrays, None, 0.9, 0.999, 1e-8, 0.0, None, False, hyper=hyper,
+    elif kind == "adam":
+        cb_small_gpu.adam_update(*arrays[:4], None, 0.9, 0.999, 1e-8, 0.0, None, False, hyper=hyper,
                                  guard=device_scalar(cb_small_gpu, loss))
+    else:
+        cb_small_gpu.rmsprop_update(*arrays, None, 0.99, 1e-8, 0.0, 0.9, True, hyper=hyper[:1],
+                                    guard=device_scalar(cb_small_gpu, loss))
     for a, was in zip(arrays, before):
         np.testing.assert_array_equal(cb_small_gpu.to_host(a), was)
 
@@ -1223,6 +1237,7 @@ GRAPH_OPTIMIZERS = {
     "sgd": lambda params: gb.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda params: gb.optim.Adam(params, lr=1e-2, weight_decay=1e-3),
     "adamw": lambda params: gb.optim.AdamW(params, lr=1e-2),
+    "rmsprop": lambda params: gb.optim.RMSprop(params, lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-3),
 }
 
 

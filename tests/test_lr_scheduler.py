@@ -28,6 +28,7 @@ CASES = {
                                      dict(max_lr=0.3, total_steps=STEPS, three_phase=True, anneal_strategy="linear",
                                           pct_start=0.25, div_factor=10.0, final_div_factor=100.0)),
     "one_cycle_no_momentum": ("sgd", "OneCycleLR", dict(max_lr=0.3, total_steps=STEPS, cycle_momentum=False)),
+    "one_cycle_rmsprop_momentum": ("rmsprop", "OneCycleLR", dict(max_lr=0.05, total_steps=STEPS)),
 }
 
 
@@ -38,6 +39,8 @@ def optimizers(kind):
     torch_groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"]} for group in groups]
     if kind == "adam":
         return gb.optim.Adam(groups), torch.optim.Adam(torch_groups)
+    if kind == "rmsprop":
+        return gb.optim.RMSprop(groups), torch.optim.RMSprop(torch_groups)
     momentum = 0.9 if kind == "sgd_momentum" else 0.0
     return gb.optim.SGD(groups, momentum=momentum), torch.optim.SGD(torch_groups, lr=0.1, momentum=momentum)
 

@@ -489,6 +489,28 @@ def test_adam_update_matches_numpy(rng, weight_decay, decoupled):
         assert_matches(actual, expected)
 
 
+@pytest.mark.parametrize(
+    "momentum, centered, weight_decay",
+    [(0.0, False, 0.0), (0.0, True, 1e-2), (0.9, False, 1e-2), (0.9, True, 0.0)],
+    ids=["plain", "centered-weight-decay", "momentum-weight-decay", "centered-momentum"],
+)
+def test_rmsprop_update_matches_numpy(rng, momentum, centered, weight_decay):
+    param, grads, state = optimizer_state(rng, "square_avg", "grad_avg", "momentum_buffer")
+    # The buffers an option does not use are None on both sides, as RMSprop passes them.
+    host = [state["square_avg"], state["grad_avg"] if centered else None,
+            state["momentum_buffer"] if momentum else None]
+    param_dev = nb.asarray(param)
+    dev = [None if a is None else nb.asarray(a) for a in host]
+    with trace() as t:
+        for grad in grads:
+            args = (1e-2, 0.9, 1e-8, weight_decay, momentum, centered)
+            ref.rmsprop_update(param, grad, *host, *args)
+            nb.rmsprop_update(param_dev, nb.asarray(grad), *dev, *args)
+    assert t.counts["rmsprop_update"] == 2 * STEPS
+    for actual, expected in [(param_dev, param)] + [(d, h) for d, h in zip(dev, host) if h is not None]:
+        assert_matches(actual, expected)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -628,8 +650,8 @@ def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches()
     variants = nb.kernel_variants()
     names = {v.name for v in variants}
     assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_dx", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
-                     "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update", "adam_update", "dropout_dz",
-                     "dropout_fwd"}
+                     "mse_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update", "adam_update",
+                     "rmsprop_update", "dropout_dz", "dropout_fwd"}
     # One forward kernel for every activation (passed at launch), and one with a dropout mask.
     assert sorted(v.variant for v in variants if v.name == "dense_fwd") == ["", "dropout"]
     assert {v.variant for v in variants if v.name == "dense_dz"} == set(ACTIVATIONS) - {"identity"}

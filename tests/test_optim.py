@@ -81,20 +81,102 @@ def test_adam_and_adamw_match_pytorch(name, config):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+RMSPROP_CONFIGS = {
+    "plain": dict(lr=0.01),
+    "momentum": dict(lr=0.01, momentum=0.9),
+    "centered": dict(lr=0.01, centered=True),
+    "centered_momentum": dict(lr=0.02, alpha=0.9, momentum=0.5, centered=True),
+    "weight_decay": dict(lr=0.01, weight_decay=0.1, eps=1e-6),
+    "everything": dict(lr=0.005, alpha=0.95, eps=1e-4, weight_decay=0.05, momentum=0.8, centered=True),
+}
+
+
+@pytest.mark.parametrize("config", RMSPROP_CONFIGS.values(), ids=RMSPROP_CONFIGS.keys())
+def test_rmsprop_matches_pytorch(config):
+    torch = torch_or_skip()
+    ours = run_ours(lambda p: optim.RMSprop(p, **config), all_in_one)
+    theirs = run_torch(lambda p: torch.optim.RMSprop(p, **config), all_in_one)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rmsprop_defaults_are_pytorchs():
+    torch = torch_or_skip()
+    ours = optim.RMSprop(make_params()).defaults
+    theirs = torch.optim.RMSprop([torch.zeros(1, requires_grad=True)]).defaults
+    assert ours == {key: theirs[key] for key in ours}
+
+
+def test_rmsprop_first_step_moves_each_element_by_lr_over_sqrt_one_minus_alpha():
+    param = Parameter(np.zeros(3))
+    param.grad = np.array([2.0, -0.5, 1e3])
+    optim.RMSprop([param], lr=0.1, alpha=0.75).step()
+    # v = (1 - alpha) g^2, so g / sqrt(v) = sign(g) / sqrt(1 - alpha) = 2 sign(g)
+    np.testing.assert_allclose(param.data, [-0.2, 0.2, -0.2], rtol=1e-7)
+
+
+def test_rmsprop_momentum_turned_on_later_starts_from_a_zero_buffer():
+    # As OneCycleLR's cycle_momentum may: the first step with momentum then moves as one without.
+    runs = []
+    for later in (0.0, 0.9):
+        params = make_params()
+        opt = optim.RMSprop(params, lr=0.01)
+        for step, grads in enumerate(gradient_sequence()[:4]):
+            if step == 2:
+                opt.param_groups[0]["momentum"] = later
+            for p, g in zip(params, grads):
+                p.grad = g.copy()
+            opt.step()
+            runs.append([p.data.copy() for p in params])
+    without, switched = runs[:4], runs[4:]
+    for a, b in zip(without[2], switched[2]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(without[3][0], switched[3][0])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", -0.1, "lr: expected a finite number >= 0"),
+    ("alpha", 1.0, r"alpha: expected a number in \[0, 1\)"),
+    ("alpha", -0.5, "alpha: expected a finite number >= 0"),
+    ("eps", 0.0, "eps: expected a number > 0"),
+    ("weight_decay", float("nan"), "weight_decay: expected a finite number >= 0"),
+    ("momentum", 1.5, r"momentum: expected a number in \[0, 1\)"),
+    ("centered", "yes", "centered: expected a bool"),
+])
+def test_rmsprop_rejects_a_bad_option_naming_it_and_leaves_the_weights(option, value, message):
+    params = make_params()
+    before = [p.data.copy() for p in params]
+    with pytest.raises((ValueError, TypeError), match=message):
+        optim.RMSprop(params, **{option: value})
+    opt = optim.RMSprop(params)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.add_param_group({"params": [Parameter(np.ones(2))], option: value})
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.data, b)
+
+
 def test_adamw_default_weight_decay_is_pytorchs():
     torch = torch_or_skip()
     param = torch.zeros(1, requires_grad=True)
     assert optim.AdamW(make_params()).defaults["weight_decay"] == torch.optim.AdamW([param]).defaults["weight_decay"]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
+GROUP_OPTIONS = {
+    "SGD": (dict(lr=0.05, momentum=0.9), {}),
+    "Adam": (dict(lr=0.05), {}),
+    "RMSprop": (dict(lr=0.05, momentum=0.9), dict(centered=True, momentum=0.0, alpha=0.9)),
+}
+
+
+@pytest.mark.parametrize("name", GROUP_OPTIONS)
 def test_param_groups_each_use_their_own_options(name):
     torch = torch_or_skip()
+    options, second_group = GROUP_OPTIONS[name]
 
     def groups(params):
-        return [{"params": params[:1], "lr": 0.3}, {"params": params[1:], "lr": 0.01, "weight_decay": 0.1}]
+        return [{"params": params[:1], "lr": 0.3},
+                {"params": params[1:], "lr": 0.01, "weight_decay": 0.1, **second_group}]
 
-    options = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
     ours = run_ours(lambda p: getattr(optim, name)(p, **options), groups)
     theirs = run_torch(lambda p: getattr(torch.optim, name)(p, **options), groups)
     for a, b in zip(ours, theirs):
@@ -157,7 +239,8 @@ def test_clip_grad_norm_ignores_frozen_parameters():
 
 
 @pytest.mark.parametrize("make", [lambda p: optim.SGD(p, lr=0.1, momentum=0.9), lambda p: optim.Adam(p),
-                                  lambda p: optim.AdamW(p)], ids=["SGD", "Adam", "AdamW"])
+                                  lambda p: optim.AdamW(p), lambda p: optim.RMSprop(p, momentum=0.9, centered=True)],
+                         ids=["SGD", "Adam", "AdamW", "RMSprop"])
 def test_optimizers_skip_frozen_parameters_and_keep_no_state_for_them(make):
     gb.seed(0)
     model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")

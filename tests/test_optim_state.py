@@ -17,6 +17,9 @@ MAKERS = {
     "sgd_nesterov": lambda groups: optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
     "adam": lambda groups: optim.Adam(groups, lr=0.01, weight_decay=0.1),
     "adamw": lambda groups: optim.AdamW(groups, lr=0.01),
+    "rmsprop": lambda groups: optim.RMSprop(groups, lr=0.01),
+    "rmsprop_centered_momentum": lambda groups: optim.RMSprop(groups, lr=0.01, momentum=0.9, centered=True,
+                                                              weight_decay=0.01),
 }
 
 

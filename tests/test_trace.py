@@ -65,6 +65,7 @@ def test_each_loss_is_one_fused_kernel(loss, target, kernel):
     (lambda p: gb.optim.SGD(p, lr=0.1, momentum=0.9), "sgd_update"),
     (lambda p: gb.optim.Adam(p), "adam_update"),
     (lambda p: gb.optim.AdamW(p), "adam_update"),
+    (lambda p: gb.optim.RMSprop(p, momentum=0.9, centered=True), "rmsprop_update"),
 ])
 def test_an_optimizer_step_is_one_kernel_per_trainable_parameter(make, kernel):
     m = model()

@@ -86,6 +86,14 @@ Optimizer updates (fused, in place, one launch per parameter)
         ``m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
         param -= lr * (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)``. PyTorch's semantics.
         Records ``adam_update``.
+    ``rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps,
+    weight_decay, momentum, centered)``
+        ``g = grad + weight_decay * param; square_avg = alpha square_avg + (1-alpha) g^2``;
+        ``centered``: ``grad_avg = alpha grad_avg + (1-alpha) g`` and
+        ``avg = sqrt(square_avg - grad_avg^2) + eps``, else ``avg = sqrt(square_avg) + eps``
+        and ``grad_avg`` is None; with momentum: ``momentum_buffer = momentum momentum_buffer
+        + g / avg; param -= lr * momentum_buffer``; without: ``param -= lr * g / avg`` and
+        ``momentum_buffer`` is None. PyTorch's RMSprop semantics. Records ``rmsprop_update``.
 
 Optional capability: the fused MLP (the cupy backend; the others do not have it)
     A backend with ``FUSED_MLP_MAX_WIDTH`` (and ``FUSED_MLP_MAX_LAYERS``) runs a whole model
@@ -116,11 +124,11 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
     ``softmax_cross_entropy``, ``mse``, ``huber`` and ``bce`` take ``out_loss`` (a keyword): a
         (1,) float32 array that receives the loss, which is then returned in place of the float
         (nothing is read back).
-    ``sgd_update``/``adam_update`` take ``hyper`` and ``guard``: with ``hyper``, a (1,) (SGD:
-        lr) or (3,) (Adam: lr, step_size, inv_sqrt_bias2) float32 array that ``sgd_hyper(lr)`` /
-        ``adam_hyper(lr, beta1, beta2, step)`` fill, the kernel reads those at run time (``lr``
-        and ``step`` are then None); ``guard``, the (1,) loss array, skips the update when the
-        loss is not finite.
+    ``sgd_update``/``adam_update``/``rmsprop_update`` take ``hyper`` and ``guard``: with
+        ``hyper``, a (1,) (SGD, RMSprop: lr) or (3,) (Adam: lr, step_size, inv_sqrt_bias2)
+        float32 array that ``sgd_hyper(lr)`` / ``adam_hyper(lr, beta1, beta2, step)`` /
+        ``rmsprop_hyper(lr)`` fill, the kernel reads those at run time (``lr`` and ``step`` are
+        then None); ``guard``, the (1,) loss array, skips the update when the loss is not finite.
 
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an

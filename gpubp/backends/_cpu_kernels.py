@@ -18,8 +18,8 @@ reading and writing the whole array:
   (``_row_mask``): with Philox inlined and no branch in its loop, LLVM vectorizes the calls
   across groups of columns (0.2 ms for a (1024, 512) mask, against 2.4 ms for the pass that
   applies it, on the 2-core development machine);
-- ``sgd_update`` / ``adam_update``: the whole optimizer step per element (NumPy: four to
-  ten passes through temporaries);
+- ``sgd_update`` / ``adam_update`` / ``rmsprop_update``: the whole optimizer step per element
+  (NumPy: four to twelve passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
   gradient of softmax cross-entropy around NumPy's vectorized ``exp`` (the kernels' own
   ``exp`` is scalar), for short rows, where NumPy reduces one short row per call.
@@ -199,6 +199,32 @@ def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta
         mf[i] = mi
         vf[i] = vi
         p[i] = pi + mi / (np.sqrt(vi) * inv_sqrt_bias2 + eps) * step_scale
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, alpha, one_minus_alpha, eps,
+                   weight_decay, momentum, centered):
+    """RMSprop on flat C-contiguous arrays, in the order of operations of the NumPy path;
+    ``grad_avg`` is ignored unless ``centered``, ``momentum_buffer`` when ``momentum`` is 0."""
+    p, g, v = param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1)
+    gm, b = grad_avg.reshape(-1), momentum_buffer.reshape(-1)
+    for i in range(p.size):
+        gi = g[i]
+        if weight_decay != 0:
+            gi = p[i] * weight_decay + gi
+        vi = v[i] * alpha + gi * gi * one_minus_alpha
+        v[i] = vi
+        if centered:
+            gmi = gm[i] * alpha + gi * one_minus_alpha
+            gm[i] = gmi
+            avg = np.sqrt(vi - gmi * gmi) + eps
+        else:
+            avg = np.sqrt(vi) + eps
+        step = gi / avg
+        if momentum != 0:
+            step = b[i] * momentum + step
+            b[i] = step
+        p[i] += step * neg_lr
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

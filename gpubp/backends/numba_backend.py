@@ -88,7 +88,7 @@ Other kernels
                  BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
                  one buffer read back with one copy (gradient clipping).
-    sgd_update, adam_update, scale_
+    sgd_update, adam_update, rmsprop_update, scale_
                  fused in-place elementwise updates, grid-stride, sized from the SM count.
 Every launch is recorded with ``gpubp.trace.record`` under the names above.
 
@@ -1603,6 +1603,45 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     )
 
 
+@cuda.jit
+def _rmsprop_kernel(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, alpha, one_minus_alpha, eps,
+                    weight_decay, momentum, centered):
+    """g = grad + wd p; v = alpha v + (1-alpha) g^2; centered: gm = alpha gm + (1-alpha) g,
+    avg = sqrt(v - gm^2) + eps, else avg = sqrt(v) + eps; momentum: b = momentum b + g / avg,
+    param += neg_lr * b, else param += neg_lr * g / avg."""
+    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
+        p = param[i]
+        g = p * weight_decay + grad[i]
+        v = square_avg[i] * alpha + g * g * one_minus_alpha
+        square_avg[i] = v
+        variance = v
+        if centered:
+            gm = grad_avg[i] * alpha + g * one_minus_alpha
+            grad_avg[i] = gm
+            variance = v - gm * gm
+        step = g / (math.sqrt(variance) + eps)
+        if momentum != 0:
+            step = momentum_buffer[i] * momentum + step
+            momentum_buffer[i] = step
+        param[i] = p + step * neg_lr
+
+
+def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
+                   centered):
+    """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
+    record("rmsprop_update")
+    p = _view(param).ravel()
+    v = _view(square_avg).ravel()
+    # The kernel never reads grad_avg when not centered, nor momentum_buffer without momentum
+    # (None then): the square average stands in, so one kernel serves every combination.
+    grad_avg, momentum_buffer = (v if a is None else _view(a).ravel() for a in (grad_avg, momentum_buffer))
+    f32 = np.float32
+    _rmsprop_kernel[elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream](
+        p, _view(grad).ravel(), v, grad_avg, momentum_buffer, f32(-lr), f32(alpha), f32(1.0 - alpha), f32(eps),
+        f32(weight_decay), f32(momentum), bool(centered),
+    )
+
+
 # ----------------------------------------------------------------------------- kernel variants
 
 
@@ -1662,6 +1701,7 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant("sgd_update", "momentum", _sgd_momentum_kernel, (v, v, v, f32, f32, flag, f32),
                       ELEMENTWISE_THREADS),
         KernelVariant("adam_update", "", _adam_kernel, (v, v, v, v) + (f32,) * 9, ELEMENTWISE_THREADS),
+        KernelVariant("rmsprop_update", "", _rmsprop_kernel, (v,) * 5 + (f32,) * 6 + (flag,), ELEMENTWISE_THREADS),
     ]
     return variants
 

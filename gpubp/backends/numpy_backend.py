@@ -657,3 +657,51 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
 
     decayed = _scratch("adam_g", grad.shape, grad.dtype) if weight_decay and not decoupled else None
     _on_all_cores(update, param, grad, m, v, decayed, _scratch("adam_t", grad.shape, grad.dtype))
+
+
+def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
+                   centered):
+    """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
+    record("rmsprop_update")
+    kernels = _compiled(param.dtype)
+    if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
+        constants = _as_dtype(param.dtype, (-lr, alpha, 1.0 - alpha, eps, weight_decay, momentum))
+        # the kernel never reads the buffers an option leaves unused; the square average stands in
+        _on_all_cores(kernels.rmsprop_update, param, grad, square_avg,
+                      square_avg if grad_avg is None else grad_avg,
+                      square_avg if momentum_buffer is None else momentum_buffer, *constants, bool(centered),
+                      min_elements=_COMPILED_PARALLEL_MIN_ELEMENTS)
+        return
+
+    def update(param, grad, square_avg, grad_avg, momentum_buffer, decayed, tmp):
+        g = grad
+        if weight_decay:
+            np.multiply(param, weight_decay, out=decayed)
+            decayed += grad
+            g = decayed
+        square_avg *= alpha
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - alpha
+        square_avg += tmp
+        if centered:
+            grad_avg *= alpha
+            np.multiply(g, 1.0 - alpha, out=tmp)
+            grad_avg += tmp
+            np.multiply(grad_avg, grad_avg, out=tmp)
+            np.subtract(square_avg, tmp, out=tmp)
+            np.sqrt(tmp, out=tmp)
+        else:
+            np.sqrt(square_avg, out=tmp)
+        tmp += eps
+        np.divide(g, tmp, out=tmp)
+        if momentum:
+            momentum_buffer *= momentum
+            momentum_buffer += tmp
+            np.multiply(momentum_buffer, -lr, out=tmp)
+        else:
+            tmp *= -lr
+        param += tmp
+
+    decayed = _scratch("rmsprop_g", grad.shape, grad.dtype) if weight_decay else None
+    _on_all_cores(update, param, grad, square_avg, grad_avg, momentum_buffer, decayed,
+                  _scratch("rmsprop_t", grad.shape, grad.dtype))

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules, laid out as ``torch.optim``.
 
-``gpubp.optim.SGD``, ``Adam`` and ``AdamW`` (in ``optimizers.py``) update the parameters;
+``gpubp.optim.SGD``, ``Adam``, ``AdamW`` and ``RMSprop`` (in ``optimizers.py``) update the parameters;
 ``gpubp.optim.lr_scheduler`` holds PyTorch's schedulers, which set each param group's rate.
 
 >>> import gpubp as gb
@@ -14,7 +14,8 @@
 """
 
 from gpubp.optim.optimizers import (OPTIMIZERS, SCHEDULE_KEYS, SGD, Adam, AdamW, Optimizer,  # noqa: F401
-                                    clip_grad_norm, get)
+                                    RMSprop, clip_grad_norm, get)
 from gpubp.optim import lr_scheduler  # noqa: E402
 
-__all__ = ["OPTIMIZERS", "SCHEDULE_KEYS", "SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "get", "lr_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULE_KEYS", "SGD", "Adam", "AdamW", "Optimizer", "RMSprop", "clip_grad_norm", "get",
+           "lr_scheduler"]

@@ -43,7 +43,7 @@ __all__ = ["LRScheduler", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnea
 
 def _optimizer(optimizer) -> Optimizer:
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer: expected a gpubp optimizer (gpubp.optim.SGD, Adam, AdamW), "
+        raise TypeError(f"optimizer: expected a gpubp optimizer (gpubp.optim.SGD, Adam, AdamW, RMSprop), "
                         f"got {type(optimizer).__name__}")
     return optimizer
 
@@ -317,8 +317,8 @@ class OneCycleLR(LRScheduler):
     """The 1cycle policy (Smith and Topin), stepped after every batch: the rate warms up from
     ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of ``total_steps``
     (or ``epochs * steps_per_epoch``), then anneals to ``initial_lr / final_div_factor``
-    (``three_phase`` as in PyTorch). With ``cycle_momentum`` the momentum (SGD) or beta1
-    (Adam, AdamW) moves the other way, between ``max_momentum`` and ``base_momentum``."""
+    (``three_phase`` as in PyTorch). With ``cycle_momentum`` the momentum (SGD, RMSprop) or
+    beta1 (Adam, AdamW) moves the other way, between ``max_momentum`` and ``base_momentum``."""
 
     def __init__(self, optimizer, max_lr, total_steps: int | None = None, epochs: int | None = None,
                  steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",

@@ -1,4 +1,4 @@
-"""Optimizers: SGD (momentum, Nesterov), Adam and AdamW, with PyTorch's semantics.
+"""Optimizers: SGD (momentum, Nesterov), Adam, AdamW and RMSprop, with PyTorch's semantics.
 
 Each step is one fused backend kernel per parameter. Parameters that are not
 trainable (frozen) are skipped and get no state, so freezing costs no optimizer
@@ -337,11 +337,74 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+class RMSprop(Optimizer):
+    """RMSprop (Hinton): divide the gradient by a running root mean square of its recent values.
+
+    As torch.optim.RMSprop: ``g = grad + weight_decay * p; v = alpha v + (1 - alpha) g^2``;
+    ``centered`` also keeps the mean gradient ``gm`` and divides by ``sqrt(v - gm^2) + eps``
+    (an estimate of the variance) instead of ``sqrt(v) + eps``; with ``momentum`` the scaled
+    step accumulates in a buffer ``b = momentum b + g / avg`` and ``p -= lr b``.
+    """
+
+    _state_arrays = ("square_avg", "momentum_buffer", "grad_avg")
+    _state_lazy = ("momentum_buffer", "grad_avg")
+    _state_counters = ("step",)
+
+    def __init__(self, params, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered))
+
+    def _validate(self, options: dict) -> None:
+        super()._validate(options)
+        _checks.in_unit_interval(options["alpha"], "alpha")
+        if not _checks.non_negative(options["eps"], "eps") > 0:
+            raise ValueError(f"eps: expected a number > 0, got {options['eps']}")
+        _checks.in_unit_interval(options["momentum"], "momentum")
+        if not isinstance(options["centered"], (bool, np.bool_)):
+            raise TypeError(f"centered: expected a bool, got {type(options['centered']).__name__} "
+                            f"{options['centered']!r}")
+
+    def _new_state(self, param: Parameter, group: dict) -> dict:
+        return {"step": 0, "square_avg": param.backend.zeros(param.shape, param.data.dtype), "momentum_buffer": None,
+                "grad_avg": None}
+
+    def _update(self, param: Parameter, group: dict, state: dict) -> None:
+        self._make_buffers(param, group, state)
+        state["step"] += 1
+        param.backend.rmsprop_update(param.data, param.grad, state["square_avg"], state["grad_avg"],
+                                     state["momentum_buffer"], group["lr"], group["alpha"], group["eps"],
+                                     group["weight_decay"], group["momentum"], group["centered"])
+
+    @staticmethod
+    def _make_buffers(param: Parameter, group: dict, state: dict) -> None:
+        # Made on first use, as SGD's velocity, so a schedule that turns momentum on later works
+        # too (OneCycleLR's cycle_momentum moves "momentum").
+        for name, used in (("momentum_buffer", group["momentum"]), ("grad_avg", group["centered"])):
+            if used and state[name] is None:
+                state[name] = param.backend.zeros(param.shape, param.data.dtype)
+
+    def graph_options(self, group: dict, state: dict) -> tuple:
+        return super().graph_options(group, state) + (state["momentum_buffer"] is None, state["grad_avg"] is None)
+
+    def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
+        return param.backend.rmsprop_hyper(group["lr"])
+
+    def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
+        param.backend.rmsprop_update(param.data, param.grad, state["square_avg"], state["grad_avg"],
+                                     state["momentum_buffer"], None, group["alpha"], group["eps"],
+                                     group["weight_decay"], group["momentum"], group["centered"], hyper=hyper,
+                                     guard=guard)
+
+    def graph_advance(self, state: dict) -> None:
+        state["step"] += 1
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get(optimizer, params) -> Optimizer:
-    """An optimizer instance from an instance, or a name ("sgd", "adam", "adamw") with defaults."""
+    """An optimizer instance from an instance, or a name ("sgd", "adam", "adamw", "rmsprop") with defaults."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if not isinstance(optimizer, str):

@@ -169,6 +169,11 @@ def _optimizers(cb, rng):
     cb.sgd_update(param, grad, m, None, 0.9, True, 1e-2, hyper=sgd_hyper, guard=finite_loss)
     cb.adam_update(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1, True)
     cb.adam_update(param, grad, m, v, None, 0.9, 0.999, 1e-8, 1e-2, None, True, hyper=adam_hyper, guard=finite_loss)
+    # centered with momentum: the variant that touches every buffer; grad_avg from zero keeps v - gm^2 >= 0
+    grad_avg = cb.zeros((VECTOR_SIZE,))
+    cb.rmsprop_update(param, grad, v, grad_avg, m, 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
+    cb.rmsprop_update(param, grad, v, grad_avg, m, None, 0.99, 1e-8, 1e-2, 0.9, True, hyper=sgd_hyper,
+                      guard=finite_loss)
     cb.sumsq(grad)
     cb.scale_(grad, 0.5)
 
