@@ -322,9 +322,9 @@ def test_to_sequential_round_trip_keeps_weights_activations_and_frozen_layers(ml
 def test_from_torch_computes_what_the_torch_sequential_computes():
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 8),
-                                 torch.nn.LeakyReLU(0.01), torch.nn.Linear(8, 2))
+                                 torch.nn.LeakyReLU(0.01), torch.nn.Linear(8, 6), torch.nn.SiLU(), torch.nn.Linear(6, 2))
     mlp = from_torch(module)
-    assert [layer.activation for layer in mlp.layers] == ["gelu_tanh", "leaky_relu", "identity"]
+    assert [layer.activation for layer in mlp.layers] == ["gelu_tanh", "leaky_relu", "silu", "identity"]
     x = random_input(3, 5, requires_grad=False)
     torch.testing.assert_close(mlp(x), module(x), rtol=1e-5, atol=1e-6)
 
