@@ -85,6 +85,7 @@ def drive_contract(backend) -> None:
     for label_dtype in (np.int32, np.int64):
         backend.softmax_cross_entropy(dy, backend.asarray(np.arange(batch, dtype=label_dtype) % n_out))
     backend.mse(dy, y)
+    backend.mae(dy, y)
     backend.huber(dy, y)
     backend.bce(dy, y)
     for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):

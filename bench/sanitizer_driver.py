@@ -105,6 +105,7 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
                 be.softmax_cross_entropy(logits, be.asarray(rng.integers(0, classes, batch).astype(dtype)), weights)
             target = be.asarray(rng.random((batch, classes)).astype(np.float32))
             be.mse(logits, target, weights)
+            be.mae(logits, target, weights)
             be.huber(logits, target, weights, 0.5)
             be.bce(logits, target, weights)
 

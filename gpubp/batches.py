@@ -42,7 +42,7 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
         _check_class_labels(y, width, yname)
-    elif losses.base(loss_fn) in (losses.mse, losses.huber, losses.binary_cross_entropy,
+    elif losses.base(loss_fn) in (losses.mse, losses.mae, losses.huber, losses.binary_cross_entropy,
                                   losses.categorical_cross_entropy):
         if y.ndim == 1 and width == 1:
             y = y.reshape(-1, 1)

@@ -187,6 +187,8 @@ def _torch_loss(loss, out, target):
     target = torch.from_numpy(target.reshape(tuple(out.shape)).astype(np.float64)).to(out.dtype)
     if name == "mse":
         return F.mse_loss(out, target)
+    if name == "mae":
+        return F.l1_loss(out, target)
     if name == "huber":
         return F.huber_loss(out, target, delta=loss.delta if isinstance(loss, _losses.Huber) else 1.0)
     if name == "binary_cross_entropy":

@@ -1,10 +1,10 @@
 """Losses: each returns ``(loss, grad)``, a Python float and the gradient of the mean loss.
 
 All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
-``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse``, ``huber`` and
+``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse``, ``mae``, ``huber`` and
 ``binary_cross_entropy`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
 each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
-``mse``, ``huber`` and ``binary_cross_entropy``, divided by the element count, so a weight of 1
+the elementwise losses, divided by the element count, so a weight of 1
 for every sample gives the unweighted mean). ``Huber(delta)`` is the Huber loss with another
 delta, for ``fit``, ``compile`` and ``train_step``. The cross-entropies and
 ``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
@@ -125,6 +125,15 @@ def mse(pred, target, sample_weight=None, backend: ModuleType | None = None):
     return backend.mse(pred, _target(pred, target, backend), weights)
 
 
+def mae(pred, target, sample_weight=None, backend: ModuleType | None = None):
+    """Mean absolute error over all elements (Keras's ``mae``, PyTorch's ``L1Loss``); ``target`` has
+    the shape of ``pred``. Its gradient is ``sign(pred - target) / n``, 0 where they are equal, as
+    in PyTorch."""
+    pred, backend = _prediction(pred, "pred", backend)
+    weights = _weights(sample_weight, pred.shape[0], backend, pred.dtype)
+    return backend.mae(pred, _target(pred, target, backend), weights)
+
+
 def _delta(delta) -> float:
     if isinstance(delta, bool) or not isinstance(delta, (int, float, np.integer, np.floating)):
         raise TypeError(f"delta: expected a number, got {type(delta).__name__}")
@@ -195,11 +204,14 @@ LOSSES = {
     "cross_entropy": cross_entropy,
     "categorical_cross_entropy": categorical_cross_entropy,
     "mse": mse,
+    "mae": mae,
     "huber": huber,
     "binary_cross_entropy": binary_cross_entropy,
 }
 ALIASES = {
     "huber_loss": "huber",
+    "mean_absolute_error": "mae",
+    "l1": "mae",
     "sparse_categorical_crossentropy": "cross_entropy",
     "categorical_crossentropy": "categorical_cross_entropy",
     "mean_squared_error": "mse",

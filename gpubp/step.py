@@ -57,6 +57,7 @@ _DEVICE_LOSSES = {
     losses.cross_entropy: "softmax_cross_entropy",
     losses.categorical_cross_entropy: "softmax_cross_entropy",
     losses.mse: "mse",
+    losses.mae: "mae",
     losses.huber: "huber",
     losses.binary_cross_entropy: "bce",
 }

@@ -9,6 +9,8 @@
 //       gradient. Each row costs two reads and one write of C floats; the second read
 //       is usually an L1/L2 hit.
 //   mse_fwd_bwd    pred, target, grad (n,): loss = mean (p - t)^2, grad = 2 (p - t) / n.
+//   mae_fwd_bwd    pred, target, grad (n,): loss = mean |p - t|, grad = sign(p - t) / n, 0 where
+//       p = t (as PyTorch's L1Loss).
 //   huber_fwd_bwd  pred, target, grad (n,), delta > 0: with d = p - t and c = clamp(d, -delta,
 //       delta), loss = mean c (d - c / 2) (d^2 / 2 inside delta, delta (|d| - delta / 2) past
 //       it), grad = c / n.
@@ -17,7 +19,7 @@
 //       both terms take exp of -|z| only, so any finite logit is safe.
 //   *_weighted     the same with per-sample weights w (B,) (Keras's sample_weight): each row's
 //       terms and gradient are multiplied by its weight, and the sum is still divided by B
-//       (cross-entropy) or n (mse, huber, bce); the elementwise kernels take the row width to find
+//       (cross-entropy) or n (the others); the elementwise kernels take the row width to find
 //       an element's row. The unweighted kernels are these with every weight 1, which the
 //       compiler folds away, so their results are what they were without weights.
 //
@@ -110,6 +112,23 @@ __device__ __forceinline__ void mse_fwd_bwd(const float* __restrict__ pred, cons
 }
 
 template <class Weights>
+__device__ __forceinline__ void mae_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
+                                            Weights weights, long long width, float* __restrict__ grad,
+                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
+                                            float* __restrict__ out, long long n) {
+    const float inv_n = 1.0f / static_cast<float>(n);
+    float total = 0.0f;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const float d = pred[i] - target[i];
+        const float weight = weights.of_row(i / width);
+        total = fmaf(weight, fabsf(d), total);
+        grad[i] = (d > 0.0f ? inv_n : (d < 0.0f ? -inv_n : 0.0f)) * weight;
+    }
+    grid_sum_to(total, partials, ticket, out, inv_n);
+}
+
+template <class Weights>
 __device__ __forceinline__ void huber_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
                                               Weights weights, long long width, float delta,
                                               float* __restrict__ grad, float* __restrict__ partials,
@@ -187,6 +206,20 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
                          const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
                          unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
     gpubp::mse_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    mae_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
+                float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
+                long long n) {
+    gpubp::mae_fwd_bwd(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    mae_fwd_bwd_weighted(const float* __restrict__ pred, const float* __restrict__ target,
+                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
+                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
+    gpubp::mae_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

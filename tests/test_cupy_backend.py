@@ -273,9 +273,9 @@ def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False):
 
 # (backend function, trace name, options): the elementwise losses, Huber at its default delta
 # and at one that puts most errors past it (pred is 3 N(0, 1), target U(0, 1)).
-ELEMENTWISE_LOSSES = [("mse", "mse_fwd_bwd", {}), ("bce", "bce_fwd_bwd", {}), ("huber", "huber_fwd_bwd", {}),
-                      ("huber", "huber_fwd_bwd", {"delta": 0.25})]
-ELEMENTWISE_LOSS_IDS = ["mse", "bce", "huber", "huber-delta-0.25"]
+ELEMENTWISE_LOSSES = [("mse", "mse_fwd_bwd", {}), ("mae", "mae_fwd_bwd", {}), ("bce", "bce_fwd_bwd", {}),
+                      ("huber", "huber_fwd_bwd", {}), ("huber", "huber_fwd_bwd", {"delta": 0.25})]
+ELEMENTWISE_LOSS_IDS = ["mse", "mae", "bce", "huber", "huber-delta-0.25"]
 
 
 def check_elementwise_loss(cb, rng, name, trace_name, shape, weighted=False, options=None):

@@ -17,7 +17,7 @@ from gpubp import activations, gradcheck
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import numpy_backend
 
-LOSSES = ("mse", "huber", "cross_entropy", "binary_cross_entropy")
+LOSSES = ("mse", "mae", "huber", "cross_entropy", "binary_cross_entropy")
 SHAPES = [  # (batch, in, hidden, out)
     (1, 3, 5, 2),
     (7, 5, 3, 4),
@@ -57,7 +57,7 @@ def distance_to_a_kink(model, x):
 
 def random_target(loss, batch, out, seed):
     rng = np.random.default_rng(seed)
-    if loss == "huber":  # errors inside and past delta = 1
+    if loss in ("huber", "mae"):  # errors inside and past huber's delta = 1
         return rng.uniform(-2.0, 2.0, (batch, out))
     if loss == "cross_entropy":
         return rng.integers(0, out, batch)

@@ -7,7 +7,7 @@ import pytest
 
 from gpubp import backends, losses
 
-LOSS_NAMES = ("cross_entropy", "mse", "huber", "binary_cross_entropy")
+LOSS_NAMES = ("cross_entropy", "mse", "mae", "huber", "binary_cross_entropy")
 SHAPES = [(1, 1), (1, 4), (5, 3), (7, 1)]
 
 
@@ -19,6 +19,8 @@ def reference_loss(name, pred, target):
         return -np.mean(log_softmax[np.arange(len(target)), target])
     if name == "mse":
         return np.mean((pred - target) ** 2)
+    if name == "mae":
+        return np.mean(np.abs(pred - target))
     if name == "huber":  # delta 1; pred is N(0, 2) and target U(0, 1), so errors lie on both sides of it
         error = np.abs(pred - target)
         return np.mean(np.where(error <= 1, error**2 / 2, error - 0.5))
@@ -157,6 +159,7 @@ def test_mse_is_finite_at_1e4(dtype):
     ("sparse_categorical_crossentropy", "cross_entropy"), ("mean_squared_error", "mse"),
     ("bce", "binary_cross_entropy"), ("binary_crossentropy", "binary_cross_entropy"),
     ("categorical_crossentropy", "categorical_cross_entropy"), ("huber_loss", "huber"),
+    ("mean_absolute_error", "mae"), ("l1", "mae"),
 ])
 def test_keras_spellings_name_the_same_loss(alias, name):
     assert losses.get(alias) is losses.get(name)
@@ -221,7 +224,7 @@ def test_binary_cross_entropy_targets_must_lie_in_0_1():
 # ----------------------------------------------------------------------------- sample weights
 
 
-WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "huber", "binary_cross_entropy")
+WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "mae", "huber", "binary_cross_entropy")
 
 
 def torch_weighted(name, pred, target, weights):
@@ -236,6 +239,8 @@ def torch_weighted(name, pred, target, weights):
         value = (functional.cross_entropy(z, torch.tensor(target), reduction="none") * w).sum() / len(pred)
     elif name == "mse":
         value = (functional.mse_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
+    elif name == "mae":
+        value = (functional.l1_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
     elif name == "huber":
         value = (functional.huber_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
     else:
@@ -359,3 +364,11 @@ def test_fit_with_a_huber_loss_takes_the_step_of_its_delta(delta):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert model.evaluate(x, y)["loss"] == pytest.approx(losses.huber(model.predict(x), y, delta=delta)[0], rel=1e-6)
     assert history["loss"][0] > model.evaluate(x, y)["loss"]
+
+
+def test_mae_gradient_is_the_sign_of_the_error_and_zero_where_there_is_none():
+    pred = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+    target = np.array([[0.0, 2.0, 4.0], [-1.0, 0.0, 0.0]])
+    value, grad = losses.mae(pred, target)
+    assert value == pytest.approx((1.0 + 0.0 + 1.0 + 0.0 + 0.5 + 0.0) / 6, rel=1e-15)
+    np.testing.assert_array_equal(grad, np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) / 6)

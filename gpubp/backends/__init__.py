@@ -66,6 +66,8 @@ Losses (each a mean, as in PyTorch and Keras; the gradient returned is that of t
         Softmax, loss and gradient fused in one pass per row. Records ``ce_fwd_bwd``.
     ``mse(pred, target, sample_weight=None) -> (loss, dpred)``     mean over all elements.
         Records ``mse_fwd_bwd``.
+    ``mae(pred, target, sample_weight=None) -> (loss, dpred)``     mean of |pred - target| over all
+        elements; dpred = sign(pred - target) / n (0 where equal). Records ``mae_fwd_bwd``.
     ``huber(pred, target, sample_weight=None, delta=1.0) -> (loss, dpred)`` mean over all
         elements of c (d - c/2), d = pred - target, c = clip(d, -delta, delta); dpred = c / n.
         Records ``huber_fwd_bwd``.
@@ -121,7 +123,7 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``fn`` may launch kernels and allocate, nothing else: no copy between host and device,
         no synchronization, and no kernel's first launch (warm up first).
     ``copy_into(dst, src)``        ``dst[...] = src`` from a host or device array, on the current stream.
-    ``softmax_cross_entropy``, ``mse``, ``huber`` and ``bce`` take ``out_loss`` (a keyword): a
+    ``softmax_cross_entropy``, ``mse``, ``mae``, ``huber`` and ``bce`` take ``out_loss`` (a keyword): a
         (1,) float32 array that receives the loss, which is then returned in place of the float
         (nothing is read back).
     ``sgd_update``/``adam_update``/``rmsprop_update`` take ``hyper`` and ``guard``: with

@@ -11,7 +11,7 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU);
-- ``loss.cu``: softmax cross-entropy, MSE, Huber and BCE, value and gradient in one pass;
+- ``loss.cu``: softmax cross-entropy, MSE, MAE, Huber and BCE, value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD, Adam/AdamW and RMSprop updates, plus ``sumsq`` and ``scale_`` for clipping;
@@ -190,7 +190,7 @@ KERNELS = {
                           for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
-                                          ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""))),
+                                          ("mae_fwd_bwd", ""), ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
                  "rmsprop_update_hyper", "sumsq", "scale_inplace"),
     "dropout.cu": ("dropout_mask", "philox_words"),
@@ -836,6 +836,12 @@ def _elementwise_loss(name: str, pred, target, sample_weight, out_loss, options:
 def mse(pred, target, sample_weight=None, out_loss=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     return _elementwise_loss("mse_fwd_bwd", pred, target, sample_weight, out_loss)
+
+
+def mae(pred, target, sample_weight=None, out_loss=None):
+    """Mean absolute error over all elements, gradient sign(d) / n (0 where d = pred - target is
+    0); ``sample_weight`` (B,) weights each row's errors."""
+    return _elementwise_loss("mae_fwd_bwd", pred, target, sample_weight, out_loss)
 
 
 def huber(pred, target, sample_weight=None, delta=1.0, out_loss=None):

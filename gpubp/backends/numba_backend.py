@@ -83,7 +83,7 @@ Other kernels
                  lane l reads columns l, l + 32, ..., and a shared-memory tree merges the lanes;
                  softmax and cross-entropy share the online (max, sum of exp) pass. Loss is a
                  mean over the batch.
-    mse_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, sumsq
+    mse_fwd_bwd, mae_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, sumsq
                  grid-stride elementwise pass plus a shared-memory tree reduction per block,
                  BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
@@ -1452,6 +1452,23 @@ def _mse_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
 
 
 @cuda.jit
+def _mae_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
+    """With d = pred - target and w its row's weight: grad = w sign(d) / n (0 where d is 0);
+    block_sums[blockIdx] = the block's sum of w |d|."""
+    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
+    total = _ZERO
+    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
+        diff = pred[i] - target[i]
+        weight = _row_weight(weights, i // width)
+        total += abs(diff) * weight
+        sign = _ONE if diff > _ZERO else (-_ONE if diff < _ZERO else _ZERO)
+        grad[i] = sign * weight * grad_scale
+    total = _block_sum(total, partials, cuda.threadIdx.x)
+    if cuda.threadIdx.x == 0:
+        block_sums[cuda.blockIdx.x] = total
+
+
+@cuda.jit
 def _huber_kernel(pred, target, weights, width, grad, block_sums, grad_scale, delta):
     """With d = pred - target, c = clip(d, -delta, delta) and w the row's weight: grad = w c / n;
     block_sums[blockIdx] = the block's sum of w c (d - c / 2)."""
@@ -1517,6 +1534,13 @@ def mse(pred, target, sample_weight=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
     record("mse_fwd_bwd")
     return _elementwise_loss(_mse_kernel, pred, target, sample_weight, 2.0)
+
+
+def mae(pred, target, sample_weight=None):
+    """Mean absolute error over all elements, gradient sign(d) / n; ``sample_weight`` (B,)
+    weights each row's errors."""
+    record("mae_fwd_bwd")
+    return _elementwise_loss(_mae_kernel, pred, target, sample_weight, 1.0)
 
 
 def huber(pred, target, sample_weight=None, delta=1.0):
@@ -1693,6 +1717,7 @@ def kernel_variants() -> list[KernelVariant]:
                  for label in (types.int32, types.int64)]
     variants += [
         KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
+        KernelVariant("mae_fwd_bwd", "", _mae_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
         KernelVariant("huber_fwd_bwd", "", _huber_kernel, (v, v, v, types.int64, v, v, f32, f32), REDUCE_THREADS),
         KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
         KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),

@@ -546,6 +546,19 @@ def mse(pred, target, sample_weight=None):
     return loss, weighted
 
 
+def mae(pred, target, sample_weight=None):
+    """Mean absolute error over all elements: each element's loss |d| (d = pred - target) and
+    its gradient sign(d) / n, 0 where d is 0; ``sample_weight`` (B,) weights each row as for ``mse``."""
+    record("mae_fwd_bwd")
+    diff = np.subtract(pred, target, dtype=pred.dtype)
+    grad = np.sign(diff)
+    if sample_weight is not None:
+        grad *= _row_weights(sample_weight, grad)
+    loss = float(np.dot(grad.reshape(-1), diff.reshape(-1))) / diff.size  # sign(d) d = |d|
+    grad *= 1.0 / diff.size
+    return loss, grad
+
+
 def huber(pred, target, sample_weight=None, delta=1.0):
     """Huber loss over all elements: with d = pred - target and c = clip(d, -delta, delta), each
     element's loss is c (d - c / 2) (d^2 / 2 inside delta, delta (|d| - delta / 2) outside) and

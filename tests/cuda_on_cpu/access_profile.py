@@ -155,6 +155,7 @@ def _losses(cb, rng):
         for dtype in (np.int32, np.int64):
             cb.softmax_cross_entropy(logits, labels.astype(dtype), sample_weight=sample_weight)
         cb.mse(logits, target, sample_weight=sample_weight)
+        cb.mae(logits, target, sample_weight=sample_weight)
         cb.huber(logits, target, sample_weight=sample_weight, delta=0.5)
         cb.bce(logits, (target > 0).astype(np.float32), sample_weight=sample_weight)
 
