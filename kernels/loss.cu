@@ -194,34 +194,29 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C);
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    mse_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
-                float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
-                long long n) {
-    gpubp::mse_fwd_bwd(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
-}
+// An elementwise loss's two entry points: NAME(pred, target, grad, partials, ticket, out, n), and
+// NAME_weighted, which also takes the per-sample weights (B,) and the row width that finds an
+// element's row; both run gpubp::NAME.
+#define GPUBP_ELEMENTWISE_LOSS_ENTRIES(NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)                                        \
+        NAME(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,      \
+             float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,         \
+             long long n) {                                                                                     \
+        gpubp::NAME(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);                   \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)                                        \
+        NAME##_weighted(const float* __restrict__ pred, const float* __restrict__ target,                     \
+                        const float* __restrict__ weights, float* __restrict__ grad,                           \
+                        float* __restrict__ partials, unsigned int* __restrict__ ticket,                       \
+                        float* __restrict__ out, long long n, long long width) {                               \
+        gpubp::NAME(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);       \
+    }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    mse_fwd_bwd_weighted(const float* __restrict__ pred, const float* __restrict__ target,
-                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
-                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
-    gpubp::mse_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
-}
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(mse_fwd_bwd)
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(mae_fwd_bwd)
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(bce_fwd_bwd)
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    mae_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
-                float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
-                long long n) {
-    gpubp::mae_fwd_bwd(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
-}
-
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    mae_fwd_bwd_weighted(const float* __restrict__ pred, const float* __restrict__ target,
-                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
-                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
-    gpubp::mae_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
-}
-
+// Huber's take its delta last.
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     huber_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
                   float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
@@ -237,16 +232,3 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     gpubp::huber_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, delta, grad, partials, ticket, out, n);
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    bce_fwd_bwd(const float* __restrict__ logits, const float* __restrict__ target, float* __restrict__ grad,
-                float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
-                long long n) {
-    gpubp::bce_fwd_bwd(logits, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);
-}
-
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
-    bce_fwd_bwd_weighted(const float* __restrict__ logits, const float* __restrict__ target,
-                         const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
-                         unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width) {
-    gpubp::bce_fwd_bwd(logits, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);
-}
