@@ -285,9 +285,10 @@ def test_profile_kernels_reports_every_kernel_it_finds_with_every_figure(tmp_pat
     monkeypatch.setattr(access_profile, "WORKLOADS", LOSSES_AND_OPTIMIZERS)
     kernels = kernel_dir_with(tmp_path, ["loss.cu", "optim.cu"])
     figures = access_profile.profile_kernels(kernels)
-    defined = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(',
-                             (kernels / "loss.cu").read_text() + (kernels / "optim.cu").read_text()))
-    assert defined and set(figures) == defined
+    # The kernels the two files define (some through macros), as the backend lists them;
+    # tests/test_cupy_paths_on_cpu.py holds those lists to the compiled sources.
+    defined = set(cupy_backend.KERNELS["loss.cu"]) | set(cupy_backend.KERNELS["optim.cu"])
+    assert set(figures) == defined
     for name, kernel in figures.items():
         assert set(kernel) == FIELDS, name
         assert kernel["global_load_efficiency"] is not None and 0 < kernel["global_load_efficiency"] <= 1, name
