@@ -94,75 +94,58 @@ __device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, con
     grid_sum_to(loss_total, partials, ticket, out, inv_b);
 }
 
-template <class Weights>
-__device__ __forceinline__ void mse_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
-                                            Weights weights, long long width, float* __restrict__ grad,
-                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
-                                            float* __restrict__ out, long long n) {
-    const float two_over_n = 2.0f / static_cast<float>(n);
+// The pass every elementwise loss makes: grid-stride over the n elements, element i in row
+// i / width of weight w; term(p, t, w, inv_n, total) adds the element's weighted loss to total
+// and returns its gradient. The grid's sum of total over n is the loss.
+template <class Weights, class Term>
+__device__ __forceinline__ void elementwise_loss(const float* __restrict__ pred, const float* __restrict__ target,
+                                                 Weights weights, long long width, float* __restrict__ grad,
+                                                 float* __restrict__ partials, unsigned int* __restrict__ ticket,
+                                                 float* __restrict__ out, long long n, Term term) {
+    const float inv_n = 1.0f / static_cast<float>(n);
     float total = 0.0f;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float d = pred[i] - target[i];
-        const float wd = d * weights.of_row(i / width);
+        grad[i] = term(pred[i], target[i], weights.of_row(i / width), inv_n, total);
+    }
+    grid_sum_to(total, partials, ticket, out, inv_n);
+}
+
+// The elementwise losses' terms (the formulas at the top of this file).
+struct SquaredError {
+    __device__ __forceinline__ float operator()(float p, float t, float w, float inv_n, float& total) const {
+        const float d = p - t;
+        const float wd = d * w;
         total = fmaf(wd, d, total);
-        grad[i] = wd * two_over_n;
+        return wd * (2.0f * inv_n);
     }
-    grid_sum_to(total, partials, ticket, out, 1.0f / static_cast<float>(n));
-}
+};
 
-template <class Weights>
-__device__ __forceinline__ void mae_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
-                                            Weights weights, long long width, float* __restrict__ grad,
-                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
-                                            float* __restrict__ out, long long n) {
-    const float inv_n = 1.0f / static_cast<float>(n);
-    float total = 0.0f;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float d = pred[i] - target[i];
-        const float weight = weights.of_row(i / width);
-        total = fmaf(weight, fabsf(d), total);
-        grad[i] = (d > 0.0f ? inv_n : (d < 0.0f ? -inv_n : 0.0f)) * weight;
+struct AbsoluteError {
+    __device__ __forceinline__ float operator()(float p, float t, float w, float inv_n, float& total) const {
+        const float d = p - t;
+        total = fmaf(w, fabsf(d), total);
+        return (d > 0.0f ? inv_n : (d < 0.0f ? -inv_n : 0.0f)) * w;
     }
-    grid_sum_to(total, partials, ticket, out, inv_n);
-}
+};
 
-template <class Weights>
-__device__ __forceinline__ void huber_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target,
-                                              Weights weights, long long width, float delta,
-                                              float* __restrict__ grad, float* __restrict__ partials,
-                                              unsigned int* __restrict__ ticket, float* __restrict__ out,
-                                              long long n) {
-    const float inv_n = 1.0f / static_cast<float>(n);
-    float total = 0.0f;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float d = pred[i] - target[i];
+struct HuberError {
+    float delta;
+    __device__ __forceinline__ float operator()(float p, float t, float w, float inv_n, float& total) const {
+        const float d = p - t;
         const float c = fminf(fmaxf(d, -delta), delta);
-        const float wc = c * weights.of_row(i / width);
+        const float wc = c * w;
         total = fmaf(wc, d - 0.5f * c, total);
-        grad[i] = wc * inv_n;
+        return wc * inv_n;
     }
-    grid_sum_to(total, partials, ticket, out, inv_n);
-}
+};
 
-template <class Weights>
-__device__ __forceinline__ void bce_fwd_bwd(const float* __restrict__ logits, const float* __restrict__ target,
-                                            Weights weights, long long width, float* __restrict__ grad,
-                                            float* __restrict__ partials, unsigned int* __restrict__ ticket,
-                                            float* __restrict__ out, long long n) {
-    const float inv_n = 1.0f / static_cast<float>(n);
-    float total = 0.0f;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float z = logits[i], t = target[i];
-        const float weight = weights.of_row(i / width);
-        total += weight * (fmaxf(z, 0.0f) - z * t + log1pf(expf(-fabsf(z))));
-        grad[i] = (stable_sigmoid(z) - t) * inv_n * weight;
+struct BinaryCrossEntropy {  // p is a logit
+    __device__ __forceinline__ float operator()(float z, float t, float w, float inv_n, float& total) const {
+        total += w * (fmaxf(z, 0.0f) - z * t + log1pf(expf(-fabsf(z))));
+        return (stable_sigmoid(z) - t) * inv_n * w;
     }
-    grid_sum_to(total, partials, ticket, out, inv_n);
-}
+};
 
 }  // namespace gpubp
 
@@ -196,32 +179,34 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
 
 // An elementwise loss's two entry points: NAME(pred, target, grad, partials, ticket, out, n), and
 // NAME_weighted, which also takes the per-sample weights (B,) and the row width that finds an
-// element's row; both run gpubp::NAME.
-#define GPUBP_ELEMENTWISE_LOSS_ENTRIES(NAME)                                                                    \
+// element's row; both run elementwise_loss with TERM.
+#define GPUBP_ELEMENTWISE_LOSS_ENTRIES(NAME, TERM)                                                              \
     extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)                                        \
         NAME(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,      \
              float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,         \
              long long n) {                                                                                     \
-        gpubp::NAME(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n);                   \
+        gpubp::elementwise_loss(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n, TERM); \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)                                        \
         NAME##_weighted(const float* __restrict__ pred, const float* __restrict__ target,                     \
                         const float* __restrict__ weights, float* __restrict__ grad,                           \
                         float* __restrict__ partials, unsigned int* __restrict__ ticket,                       \
                         float* __restrict__ out, long long n, long long width) {                               \
-        gpubp::NAME(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n);       \
+        gpubp::elementwise_loss(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket,    \
+                                out, n, TERM);                                                                  \
     }
 
-GPUBP_ELEMENTWISE_LOSS_ENTRIES(mse_fwd_bwd)
-GPUBP_ELEMENTWISE_LOSS_ENTRIES(mae_fwd_bwd)
-GPUBP_ELEMENTWISE_LOSS_ENTRIES(bce_fwd_bwd)
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(mse_fwd_bwd, gpubp::SquaredError{})
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(mae_fwd_bwd, gpubp::AbsoluteError{})
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(bce_fwd_bwd, gpubp::BinaryCrossEntropy{})
 
 // Huber's take its delta last.
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     huber_fwd_bwd(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ grad,
                   float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
                   long long n, float delta) {
-    gpubp::huber_fwd_bwd(pred, target, gpubp::EveryRowOnce{}, 1, delta, grad, partials, ticket, out, n);
+    gpubp::elementwise_loss(pred, target, gpubp::EveryRowOnce{}, 1, grad, partials, ticket, out, n,
+                            gpubp::HuberError{delta});
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
@@ -229,6 +214,6 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
                            const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
                            unsigned int* __restrict__ ticket, float* __restrict__ out, long long n, long long width,
                            float delta) {
-    gpubp::huber_fwd_bwd(pred, target, gpubp::SampleWeights{weights}, width, delta, grad, partials, ticket, out, n);
+    gpubp::elementwise_loss(pred, target, gpubp::SampleWeights{weights}, width, grad, partials, ticket, out, n,
+                            gpubp::HuberError{delta});
 }
-
