@@ -22,7 +22,9 @@ measured tree is, or "unknown"), kernels_sha256 (over the bytes of kernels/*.cu 
 kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped}
 (errors count as failed), sanitizer {tool: "clean" | its first error}, ratios, timings_ms
 (the median of each benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's
-schema, launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark).
+schema, launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark) and,
+where bench/results/kernel_model.json exists, model_bounds: the kernel model's bound beside each
+measured gpubp benchmark (bench/model_bounds.py says how it is made).
 
 Every ratio is taken from medians of one run. A speed ratio is baseline time / gpubp time,
 so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
@@ -237,9 +239,10 @@ def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict, s
 
 
 def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list | None = None,
-             facts: dict | None = None) -> str:
+             facts: dict | None = None, sections: list[str] | None = None) -> str:
     """The human-readable twin of the summary: bench/results/<device>.md; with the first-contact
-    stage's ``steps`` (``read_steps``) and ``facts`` (bench/first_contact.py's), sections on them."""
+    stage's ``steps`` (``read_steps``) and ``facts`` (bench/first_contact.py's), sections on them;
+    ``sections``: more lines, after the timings (the model's bounds)."""
     def fmt(x):
         return "missing" if x is None else f"{x:.2f}x"
 
@@ -271,6 +274,8 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
         for key, count in data["launches_per_step"].items():
             workload, backend = key.split(" | ")
             lines.append(f"| {workload} | {backend} | {count['kernels']} | {count['host_launches']} |")
+    if sections:
+        lines += ["", *sections]
     if steps:
         lines += ["", "| first-contact step | result | seconds | budget (s) |", "|---|---|---|---|",
                   *(f"| {name} | {result} | {seconds} | {budget} |" for name, result, seconds, budget in steps)]
@@ -344,6 +349,34 @@ def file_stem(device: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in device) or "unknown_gpu"
 
 
+KERNEL_MODEL = ROOT / "bench" / "results" / "kernel_model.json"
+
+
+def bounds_beside(report: dict, facts: dict | None, model_path: Path = KERNEL_MODEL) -> tuple[dict, list[str]] | None:
+    """(the summary's ``model_bounds``, its markdown lines) from bench/model_bounds.py, or None
+    when there is no kernel model or no benchmark. Imported here, not above, so that this script
+    also runs alone; whatever goes wrong is reported in the record, never keeps it from being
+    written. Without ``facts`` the device is asked (bench/first_contact.py's device_facts)."""
+    if not model_path.is_file() or not report["benchmarks"]:
+        return None
+    bench = str(Path(__file__).resolve().parent)
+    if bench not in sys.path:  # as when this runs as a script; its siblings import each other
+        sys.path.insert(0, bench)
+    try:
+        import model_bounds
+
+        if facts is None or "device" not in facts:
+            import cupy
+            from first_contact import device_facts
+
+            facts = device_facts(cupy)
+        bounds = model_bounds.model_bounds(report, json.loads(model_path.read_text()), facts, kernels_sha256())
+        return bounds, model_bounds.markdown(bounds)
+    except Exception as exc:  # noqa: BLE001 - the record is written whatever this finds
+        bounds = {"error": f"{type(exc).__name__}: {exc}"}
+        return bounds, [f"Kernel model bounds: {bounds['error']}."]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--file-stem", metavar="DEVICE", help="only print the file name stem for DEVICE")
@@ -358,6 +391,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results-out", type=Path,
                         help="also copy the JSON, the report, the merged benchmarks and each --carry file here")
     parser.add_argument("--carry", type=Path, action="append", default=[])
+    parser.add_argument("--kernel-model", type=Path, default=KERNEL_MODEL,
+                        help="bench/kernel_model.py's JSON, whose bounds go beside the measured times")
     args = parser.parse_args(argv)
     if args.file_stem is not None:
         print(file_stem(args.file_stem))
@@ -374,10 +409,13 @@ def main(argv: list[str]) -> int:
     )
     steps = read_steps(args.steps) if args.steps and args.steps.is_file() else None
     facts = json.loads(args.facts.read_text()) if args.facts and args.facts.is_file() else None
+    bounds = bounds_beside(report, facts, args.kernel_model)
+    if bounds is not None:
+        data["model_bounds"] = bounds[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2) + "\n"
     (args.out_dir / "gpu_summary.json").write_text(text)
-    table = markdown(data, args.command, steps, facts)
+    table = markdown(data, args.command, steps, facts, bounds[1] if bounds else None)
     (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
     print(table)
     if args.results_out:

@@ -778,3 +778,163 @@ def test_the_ncu_driver_profiles_one_warmed_up_call_of_each_case(monkeypatch):
 def test_the_ncu_driver_rejects_an_unknown_case():
     with pytest.raises(SystemExit, match=r"unknown case\(s\) \['fwd'\]"):
         load("ncu_driver").main(["fwd"])
+
+
+# ----------------------------------------------------------------------------- the model's bounds (bench/model_bounds.py)
+
+SMI_CSV = ("name, driver_version, pstate, clocks.current.sm [MHz], clocks.max.sm [MHz], clocks.current.memory [MHz]\n"
+           "NVIDIA H200, 580.65.06, P0, 345 MHz, 1980 MHz, 3201 MHz")
+H200_FACTS = {"device": {"name": "NVIDIA H200", "multiProcessorCount": 132}, "nvidia_smi": SMI_CSV}
+
+
+@pytest.fixture(scope="module")
+def mb():
+    return load("model_bounds")
+
+
+def fake_model(names, ceiling=0.5, peak="fp32", sha="00" * 32) -> dict:
+    return {"kernels_sha256": sha, "arch": "sm_90",
+            "kernels": {name: {"issue_ceiling": ceiling, "peak": peak} for name in names}}
+
+
+def shaped_report(rows) -> dict:
+    """A benchmark report whose benchmarks also name their shape, as bench/test_gpu_dense.py's do."""
+    return {"benchmarks": [{"stats": {"median": ms / 1e3}, "extra_info": {"workload": w, "backend": b, "shape": s}}
+                           for w, b, s, ms in rows]}
+
+
+def test_a_training_steps_products_are_the_forward_then_dw_everywhere_and_dx_above_the_input(mb, gs):
+    cb = backends.cupy_backend
+    found = mb.products(gs.STEP_1024, "gpubp-cupy", [1024] * 4 + [8192], 132)
+    assert [p.kind for p in found] == ["fwd"] * 3 + ["dw", "dx", "dw", "dx", "dw"]
+    assert {(p.m, p.n, p.k) for p in found if p.kind == "dw"} == {(1024, 1024, 8192)}
+    assert {(p.m, p.n, p.k) for p in found if p.kind != "dw"} == {(8192, 1024, 1024)}
+    # as the backend picks them: 64 tiles of 128x128 would leave SMs idle, so dW takes 128x64 and splits the batch
+    assert found[0].kernel == "dense_fwd_128x128" and found[0].blocks == 64 * 8
+    assert found[3].kernel == "dense_dw_128x64" and found[3].blocks == 128 * cb.dw_split(8192, 128, 132)[0] == 384
+    assert found[4].kernel == "dense_dx_128x128"
+    tf32 = mb.products(gs.STEP_1024, "gpubp-cupy-tf32", [1024] * 4 + [8192], 132)
+    assert [p.kernel for p in tf32[:3]] == ["dense_fwd_tf32_relu"] * 2 + ["dense_fwd_tf32_identity"]
+
+
+def test_a_frozen_backbone_step_runs_the_forward_and_the_heads_dw_only(mb, gs):
+    found = mb.products(gs.FROZEN_STEP, "gpubp-cupy", [256, 512, 512, 512, 10, 8192], 132)
+    assert [(p.kind, p.m, p.n, p.k) for p in found] == [
+        ("fwd", 8192, 512, 256), ("fwd", 8192, 512, 512), ("fwd", 8192, 512, 512), ("fwd", 8192, 10, 512),
+        ("dw", 512, 10, 8192)]
+    forward = mb.products(gs.FROZEN_FORWARD, "gpubp-cupy", [256, 512, 512, 512, 10, 8192], 132)
+    assert [p.kind for p in forward] == ["fwd"] * 4
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_products_are_the_dense_kernels_a_step_launches(mb, dense, frozen):
+    """The trace of a real (NumPy) step counts the same forward, dW and dX launches."""
+    widths, batch = [6, 5, 5, 4], 8
+    _, step = dense.gpubp_train_step("numpy", widths, batch, frozen_backbone=frozen)
+    with gb.trace() as launched:
+        step()
+    workload = "frozen-backbone step" if frozen else "train step"
+    kinds = [p.kind for p in mb.products(workload, "gpubp-cupy-per-layer", widths + [batch], 132)]
+    assert {kind: kinds.count(kind) for kind in ("fwd", "dw", "dx")} == {
+        kind: launched.counts[f"dense_{kind}"] for kind in ("fwd", "dw", "dx")}
+
+
+def test_narrow_models_run_the_fused_kernels_unless_the_backend_is_per_layer(mb, gs):
+    shape = [64] * 5 + [10, 65536]
+    assert {p.kernel for p in mb.products(gs.STEP_MLP64, "gpubp-cupy", shape, 132)} == {
+        "fused_mlp_fwd", "fused_mlp_bwd", "fused_mlp_dw"}
+    assert {p.kernel for p in mb.products(gs.STEP_MLP64, "gpubp-cupy-bf16", shape, 132)} == {
+        "fused_mlp_fwd_bf16", "fused_mlp_bwd_bf16", "fused_mlp_dw_bf16"}
+    assert all(p.kernel.startswith("dense_") for p in mb.products(gs.STEP_MLP64, "gpubp-cupy-per-layer", shape, 132))
+    assert {p.kernel for p in mb.products(gs.STEP_MLP64, "gpubp-numba", shape, 132)} == {
+        "numba:dense_forward", "numba:dense_dw", "numba:dense_dx"}
+
+
+def test_baselines_and_kernel_workloads_get_no_bound(mb, gs):
+    assert mb.products(gs.STEP_1024, "torch", [1024] * 4 + [8192], 132) is None
+    assert mb.products(gs.FWD_4096, "cublas-unfused", "4096x4096x4096", 132) is None
+    assert mb.products("kernels forward layer 64wide@65536", "gpubp-cupy", "64wide@65536", 132) is None
+
+
+def test_the_single_4096_gemms_name_their_kernel(mb, gs):
+    assert [p.kernel for p in mb.products(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 132)] == ["dense_fwd_128x128"]
+    assert [p.kernel for p in mb.products("tf32 4096^3 dX", "gpubp-cupy-tf32", "4096x4096x4096", 132)] == [
+        "dense_dx_tf32"]
+    assert [p.kernel for p in mb.products("bf16 4096^3 forward", "gpubp-cupy-bf16", "4096x4096x4096", 132)] == [
+        "dense_fwd_bf16_relu"]
+
+
+def test_every_kernel_a_bound_needs_is_in_the_committed_model(mb, gs, dense):
+    model = json.loads((BENCH / "results" / "kernel_model.json").read_text())
+    shapes = {gs.FWD_4096: "4096x4096x4096"} | {w: widths + [batch] for w, (widths, batch) in dense.STEP_WORKLOADS.items()}
+    shapes |= {gs.STEP_B64: dense.SMALL_STEP[0] + [dense.SMALL_STEP[1]], gs.FROZEN_STEP: dense.FROZEN_MODEL[0] + [8192],
+               gs.FROZEN_FORWARD: dense.FROZEN_MODEL[0] + [8192]}
+    shapes |= {f"{p} 4096^3 {g}": "4096x4096x4096" for p in ("tf32", "bf16") for g in dense.TF32_GEMMS}
+    backends_ = ["gpubp-cupy", "gpubp-cupy-tf32", "gpubp-cupy-bf16", "gpubp-cupy-per-layer", "gpubp-numba"]
+    needed = {p.kernel for w, shape in shapes.items() for b in backends_ for p in mb.products(w, b, shape, 132) or []}
+    assert needed - set(model["kernels"]) == set()
+    assert len(needed) > 12
+
+
+def test_the_sm_clock_is_nvidia_smis_max_else_the_device_clock_rate(mb):
+    assert mb.sm_clock_hz(H200_FACTS) == 1980e6
+    assert mb.sm_clock_hz({"nvidia_smi": "nvidia-smi: not found", "device": {"clockRate": 1755000}}) == 1755e6
+    assert mb.sm_clock_hz({"nvidia_smi": "nvidia-smi: not found", "device": {}}) is None
+
+
+def test_the_share_out_charges_the_busiest_sm(mb):
+    assert mb.share_out(132, 132) == 1.0
+    assert mb.share_out(133, 132) == 133 / 264
+    assert mb.share_out(1, 132) == 1 / 132
+    assert mb.share_out(None, 132) == 1.0
+
+
+def test_the_bound_is_the_flops_at_the_ceiling_of_the_devices_peak(mb, gs):
+    report = shaped_report([(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 4.0),
+                            ("tf32 4096^3 dW", "gpubp-cupy-tf32", "4096x4096x4096", 1.0),
+                            (gs.FWD_4096, "cublas-unfused", "4096x4096x4096", 3.0)])
+    model = fake_model(["dense_fwd_128x128"], ceiling=0.8)
+    model["kernels"]["dense_dw_tf32"] = {"issue_ceiling": 1.0, "peak": "tensor"}
+    bounds = mb.model_bounds(report, model, H200_FACTS, "00" * 32)
+    assert bounds["sms"] == 132 and bounds["sm_clock_mhz"] == 1980 and bounds["model_is_of_these_kernels"]
+    fp32_peak = 132 * 4 * 64 * 1980e6
+    tiles = 32 * 32  # 1024 blocks: the busiest SMs run 8, so 1024 / (8 * 132) of the time does work
+    expected = 2 * 4096**3 / (0.8 * fp32_peak * tiles / (8 * 132))
+    row = bounds["benchmarks"][f"{gs.FWD_4096} | gpubp-cupy"]
+    assert row["bound_ms"] == pytest.approx(expected * 1e3, abs=1e-4)
+    assert row["ratio"] == pytest.approx(4.0e-3 / expected, abs=0.01) and row["kernels"] == {"dense_fwd_128x128": 0.8}
+    tf32 = bounds["benchmarks"]["tf32 4096^3 dW | gpubp-cupy-tf32"]
+    tf32_tiles = 32 * 32  # 128x128 tiles, dW's batch unsplit since they fill the SMs
+    assert tf32["bound_ms"] == pytest.approx(
+        2 * 4096**3 / (132 * 4 * 512 * 1980e6 * tf32_tiles / (8 * 132)) * 1e3, abs=1e-4)
+    assert set(bounds["benchmarks"]) == {f"{gs.FWD_4096} | gpubp-cupy", "tf32 4096^3 dW | gpubp-cupy-tf32"}
+
+
+def test_a_kernel_the_model_lacks_or_missing_device_numbers_are_said(mb, gs):
+    report = shaped_report([(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 4.0)])
+    bounds = mb.model_bounds(report, fake_model(["dense_fwd_128x64"]), H200_FACTS, "11" * 32)
+    assert not bounds["model_is_of_these_kernels"]
+    assert bounds["benchmarks"][f"{gs.FWD_4096} | gpubp-cupy"] == {
+        "error": "the kernel model has no issue ceiling for dense_fwd_128x128"}
+    table = "\n".join(mb.markdown(bounds))
+    assert "regenerate it" in table and "no issue ceiling for dense_fwd_128x128" in table
+    assert "error" in mb.model_bounds(report, fake_model(["dense_fwd_128x128"]), {"device": {}}, "00" * 32)
+
+
+def test_main_puts_the_models_bounds_beside_the_measured_times(gs, tmp_path, monkeypatch):
+    monkeypatch.setenv(gs.COMMIT_ENV, "f" * 40)
+    (tmp_path / "bench.json").write_text(json.dumps(shaped_report([(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 4.0)])))
+    (tmp_path / "facts.json").write_text(json.dumps(H200_FACTS))
+    (tmp_path / "model.json").write_text(json.dumps(fake_model(["dense_fwd_128x128"], sha=gs.kernels_sha256())))
+    out = tmp_path / "results"
+    args = ["--device", "NVIDIA H200", "--benchmark", str(tmp_path / "bench.json"), "--facts", str(tmp_path / "facts.json"),
+            "--out-dir", str(out)]
+    gs.main([*args, "--kernel-model", str(tmp_path / "model.json")])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    row = data["model_bounds"]["benchmarks"][f"{gs.FWD_4096} | gpubp-cupy"]
+    assert row["measured_ms"] == 4.0 and row["bound_ms"] > 0
+    table = (out / "NVIDIA_H200.md").read_text()
+    assert f"| {gs.FWD_4096} | gpubp-cupy | {row['bound_ms']:.3f} | 4.000 |" in table
+    assert "regenerate" not in table
+    gs.main([*args, "--kernel-model", str(tmp_path / "none.json")])
+    assert "model_bounds" not in json.loads((out / "gpu_summary.json").read_text())

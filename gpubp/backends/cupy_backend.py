@@ -419,11 +419,16 @@ def _blocks(work: int, threads: int, cap: int) -> int:
     return max(1, min(-(-work // threads), cap))
 
 
-def _gemm_tile(m: int, n: int) -> tuple[int, int]:
-    """128x128 tiles when they make at least one full wave on this GPU, else 128x64."""
+def gemm_tile(m: int, n: int, sms: int) -> tuple[int, int]:
+    """The fp32 block tile for an (m, n) output on a GPU of ``sms`` multiprocessors: 128x128 when
+    its tiles make at least one full wave, else 128x64."""
     big = max(GEMM_TILES)
     tiles = -(-m // big[0]) * (-(-n // big[1]))
-    return big if tiles >= _state()["sms"] else min(GEMM_TILES)
+    return big if tiles >= sms else min(GEMM_TILES)
+
+
+def _gemm_tile(m: int, n: int) -> tuple[int, int]:
+    return gemm_tile(m, n, _state()["sms"])
 
 
 # ----------------------------------------------------------------------------- array helpers
@@ -630,13 +635,17 @@ def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> 
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
 
 
-def _dw_split(batch: int, tiles: int, k_step: int = BK) -> tuple[int, int]:
-    """(splits, k_chunk) for the dW kernel: split the batch only when tiles alone leave SMs idle."""
-    sms = _state()["sms"]
+def dw_split(batch: int, tiles: int, sms: int, k_step: int = BK) -> tuple[int, int]:
+    """(splits, k_chunk) for a dW launch of ``tiles`` output tiles on a GPU of ``sms``
+    multiprocessors: split the batch only when tiles alone leave SMs idle."""
     splits = 1
     if tiles < sms:
         splits = max(1, min(-(-SPLIT_WAVES * sms // tiles), batch // MIN_ROWS_PER_SPLIT, MAX_SPLITS))
     return batch_chunks(batch, splits, k_step)
+
+
+def _dw_split(batch: int, tiles: int, k_step: int = BK) -> tuple[int, int]:
+    return dw_split(batch, tiles, _state()["sms"], k_step)
 
 
 def batch_chunks(batch: int, splits: int, k_step: int = BK) -> tuple[int, int]:
