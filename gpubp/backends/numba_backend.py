@@ -83,7 +83,7 @@ Other kernels
                  lane l reads columns l, l + 32, ..., and a shared-memory tree merges the lanes;
                  softmax and cross-entropy share the online (max, sum of exp) pass. Loss is a
                  mean over the batch.
-    mse_fwd_bwd, mae_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, sumsq
+    mse_fwd_bwd, mae_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, poisson_fwd_bwd, sumsq
                  grid-stride elementwise pass plus a shared-memory tree reduction per block,
                  BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
@@ -1495,10 +1495,18 @@ def _binary_cross_entropy(z, target, weight, grad_scale, unused):
     return loss, (_sigmoid(z) - target) * grad_scale * weight
 
 
+@cuda.jit(device=True, inline="always")
+def _poisson_nll(z, target, weight, grad_scale, unused):
+    """On the log rate z: w (exp(z) - t z); gradient w (exp(z) - t) / n."""
+    rate = math.exp(z)
+    return (rate - z * target) * weight, (rate - target) * grad_scale * weight
+
+
 _mse_kernel = _elementwise_loss_kernel(_squared_error)
 _mae_kernel = _elementwise_loss_kernel(_absolute_error)
 _huber_kernel = _elementwise_loss_kernel(_huber_error)
 _bce_kernel = _elementwise_loss_kernel(_binary_cross_entropy)
+_poisson_kernel = _elementwise_loss_kernel(_poisson_nll)
 
 
 def softmax_cross_entropy(logits, labels, sample_weight=None):
@@ -1554,6 +1562,13 @@ def bce(logits, target, sample_weight=None):
     ``sample_weight`` (B,) weights each row's terms."""
     record("bce_fwd_bwd")
     return _elementwise_loss(_bce_kernel, logits, target, sample_weight, 1.0)
+
+
+def poisson(log_rate, target, sample_weight=None):
+    """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z,
+    gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row's terms."""
+    record("poisson_fwd_bwd")
+    return _elementwise_loss(_poisson_kernel, log_rate, target, sample_weight, 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -1720,6 +1735,7 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant("mae_fwd_bwd", "", _mae_kernel, loss_args, REDUCE_THREADS),
         KernelVariant("huber_fwd_bwd", "", _huber_kernel, loss_args, REDUCE_THREADS),
         KernelVariant("bce_fwd_bwd", "", _bce_kernel, loss_args, REDUCE_THREADS),
+        KernelVariant("poisson_fwd_bwd", "", _poisson_kernel, loss_args, REDUCE_THREADS),
         KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),
         KernelVariant("scale", "", _scale_kernel, (v, f32), ELEMENTWISE_THREADS),
         KernelVariant("sgd_update", "", _sgd_kernel, (v, v, f32, f32), ELEMENTWISE_THREADS),
