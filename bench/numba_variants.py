@@ -88,6 +88,7 @@ def drive_contract(backend) -> None:
     backend.mae(dy, y)
     backend.huber(dy, y)
     backend.bce(dy, y)
+    backend.poisson(dy, y)
     for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
         velocity = array(n_in, n_out) if momentum else None
         backend.sgd_update(w, array(n_in, n_out), velocity, 0.1, momentum, nesterov, 1e-4)

@@ -108,6 +108,7 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
             be.mae(logits, target, weights)
             be.huber(logits, target, weights, 0.5)
             be.bce(logits, target, weights)
+            be.poisson(logits, target, weights)
 
     for n in coverage.parameters:
         p, g = rand(n), rand(n)

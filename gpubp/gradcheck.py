@@ -193,6 +193,8 @@ def _torch_loss(loss, out, target):
         return F.huber_loss(out, target, delta=loss.delta if isinstance(loss, _losses.Huber) else 1.0)
     if name == "binary_cross_entropy":
         return F.binary_cross_entropy_with_logits(out, target)
+    if name == "poisson":
+        return F.poisson_nll_loss(out, target, log_input=True, full=False)
     raise ValueError(f"loss: compare_with_torch knows {sorted(_losses.LOSSES)}, got {name!r}")
 
 

@@ -1,13 +1,13 @@
 """Losses: each returns ``(loss, grad)``, a Python float and the gradient of the mean loss.
 
 All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
-``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse``, ``mae``, ``huber`` and
-``binary_cross_entropy`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
+``categorical_cross_entropy`` (one-hot rows) over the batch, ``mse``, ``mae``, ``huber``,
+``binary_cross_entropy`` and ``poisson`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
 each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
 the elementwise losses, divided by the element count, so a weight of 1
 for every sample gives the unweighted mean). ``Huber(delta)`` is the Huber loss with another
 delta, for ``fit``, ``compile`` and ``train_step``. The cross-entropies and
-``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
+``binary_cross_entropy`` take logits, and ``poisson`` log rates; ``fuses`` says when a model's output activation
 (softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
 The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
 
@@ -200,6 +200,23 @@ def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType
     return backend.bce(logits, target, _weights(sample_weight, logits.shape[0], backend, logits.dtype))
 
 
+def poisson(log_rate, target, sample_weight=None, backend: ModuleType | None = None):
+    """Poisson negative log-likelihood on log rates, mean over all elements: with ``z`` the
+    log rate and ``t`` the count, ``exp(z) - t z`` (the constant ``log t!`` left out), gradient
+    ``(exp(z) - t) / n``. PyTorch's ``poisson_nll_loss(z, t, log_input=True, full=False)``.
+    Targets are counts or rates: finite and >= 0. A model trained on it outputs log rates
+    (an identity output layer), so ``predict`` gives log rates; ``exp`` of them is the
+    predicted mean. (Keras's ``poisson`` takes the rate itself, not its log.)"""
+    log_rate, backend = _prediction(log_rate, "log_rate", backend)
+    target = _target(log_rate, target, backend)
+    host = _host(target, backend)
+    bad = ~np.isfinite(host) | (host < 0)
+    if np.any(bad):
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"target: expected finite counts >= 0 for the poisson loss, got {host[index]} at {index}")
+    return backend.poisson(log_rate, target, _weights(sample_weight, log_rate.shape[0], backend, log_rate.dtype))
+
+
 LOSSES = {
     "cross_entropy": cross_entropy,
     "categorical_cross_entropy": categorical_cross_entropy,
@@ -207,8 +224,10 @@ LOSSES = {
     "mae": mae,
     "huber": huber,
     "binary_cross_entropy": binary_cross_entropy,
+    "poisson": poisson,
 }
 ALIASES = {
+    "poisson_nll": "poisson",
     "huber_loss": "huber",
     "mean_absolute_error": "mae",
     "l1": "mae",

@@ -21,8 +21,12 @@ layer's outputs a :class:`gpubp.Dropout` after it drops while training; 0, the d
 none; the masks come from ``random_state``'s stream), and ``model_``. What differs:
 
 - ``solver`` is ``"adam"`` or ``"sgd"``: there is no ``"lbfgs"`` (a full-batch quasi-Newton
-  method, not minibatch kernels), so no ``max_fun``; ``MLPRegressor``'s ``loss`` is
-  ``"squared_error"`` only.
+  method, not minibatch kernels), so no ``max_fun``. ``MLPRegressor``'s ``loss`` is
+  ``"squared_error"`` or ``"poisson"``, as in scikit-learn: ``"poisson"`` trains gpubp's
+  ``poisson`` loss on the log rate the linear output layer gives (scikit-learn's log link, its
+  ``out_activation_`` ``"exp"``), and ``predict`` returns ``exp`` of it, the predicted mean, as
+  scikit-learn's does (``model_.predict`` gives the log rates). ``y`` must be >= 0 for it: a
+  negative target is an error here, where scikit-learn only documents the requirement.
 - Weights start from gpubp's initialisation (He-normal for the relu family, Glorot-uniform
   otherwise, zero biases), Adam follows PyTorch's (``epsilon`` added to the bias-corrected
   root), and SGD's momentum PyTorch's form, which equals scikit-learn's at a fixed rate.
@@ -31,10 +35,12 @@ none; the masks come from ``random_state``'s stream), and ``model_``. What diffe
 - The steps are scikit-learn's: along its losses (half the squared error, summed over several
   targets; the binary log loss summed over the outputs) plus ``alpha / 2 * ||W||^2`` divided
   by the batch's size, the nominal one for a shorter last batch. gpubp's own losses are means,
-  smaller by a factor (``_step_scale``) that the penalty and SGD's rate are scaled by.
-  ``loss_`` is scikit-learn's (the squared error averaged over the targets): the epoch's mean
-  loss plus the penalty, which scikit-learn takes before each batch's step and these at the
-  epoch's start (the same on a full batch).
+  smaller by a factor (``_step_scale``) that the penalty and SGD's rate are scaled by; for
+  ``"poisson"`` scikit-learn's loss is half the Poisson deviance summed over the targets, whose
+  gradient is gpubp's times the number of targets. ``loss_`` is scikit-learn's (the squared
+  error averaged over the targets; the half deviance, which adds the constant ``y log y - y``
+  that gpubp's loss leaves out): the epoch's mean loss plus the penalty, which scikit-learn
+  takes before each batch's step and these at the epoch's start (the same on a full batch).
 - ``sample_weight`` goes to ``Sequential.fit``, which weights each sample's loss and divides
   by the batch size (Keras's rule), after the weights are rescaled to a mean of 1 over the
   training samples; the penalty is divided by the weight a batch holds. So weights count as
@@ -55,6 +61,7 @@ import warnings
 
 import numpy as np
 from scipy import sparse
+from scipy.special import xlogy
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
@@ -78,8 +85,12 @@ ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "r
 SOLVERS = ("adam", "sgd")
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
 # The output layer's activation -> gpubp's loss that fuses it, and scikit-learn's name for it.
-HEAD_LOSSES = {"softmax": "cross_entropy", "sigmoid": "binary_cross_entropy", "identity": "mse"}
-OUT_ACTIVATIONS = {"softmax": "softmax", "sigmoid": "logistic", "identity": "identity"}
+# "exp" is the Poisson regressor's: a linear layer gives the log rate, which gpubp's poisson loss
+# takes, and predict applies exp (scikit-learn's log link).
+HEAD_LOSSES = {"softmax": "cross_entropy", "sigmoid": "binary_cross_entropy", "identity": "mse", "exp": "poisson"}
+OUT_ACTIVATIONS = {"softmax": "softmax", "sigmoid": "logistic", "identity": "identity", "exp": "exp"}
+HEAD_LAYERS = {"exp": "identity"}  # the output layer's gpubp activation, where it is not the head's name
+REGRESSION_LOSSES = ("squared_error", "poisson")
 AUTO_BATCH = 200  # batch_size="auto": min(AUTO_BATCH, n_samples), scikit-learn's rule
 MIN_ADAPTIVE_RATE = 1e-6  # learning_rate="adaptive" stops once the rate is down to this
 
@@ -201,7 +212,7 @@ class _BaseMLP(BaseEstimator):
             layers.append(gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype))
             if self.dropout:
                 layers.append(gb.Dropout(self.dropout))
-        layers.append(gb.Dense(sizes[-1], n_outputs, self._head(), dtype=dtype))
+        layers.append(gb.Dense(sizes[-1], n_outputs, HEAD_LAYERS.get(self._head(), self._head()), dtype=dtype))
         self.model_ = gb.Sequential(layers, backend=backend, dtype=dtype, precision=self.precision)
         self.t_ = 0
         self.loss_curve_ = []
@@ -223,8 +234,10 @@ class _BaseMLP(BaseEstimator):
 
     def _loss_scale(self) -> float:
         """scikit-learn's loss over gpubp's: the same for softmax, the binary log loss summed over
-        the outputs where gpubp's averages it, half the squared error for regression."""
-        return {"softmax": 1.0, "sigmoid": float(self.n_outputs_), "identity": 0.5}[self._head()]
+        the outputs where gpubp's averages it, half the squared error for regression, and the
+        half Poisson deviance summed over the outputs (less its constant, ``_loss_offset``)."""
+        return {"softmax": 1.0, "sigmoid": float(self.n_outputs_), "identity": 0.5,
+                "exp": float(self.n_outputs_)}[self._head()]
 
     def _step_scale(self) -> float:
         """scikit-learn's loss gradient over gpubp's. As the loss, but for several regression
@@ -247,6 +260,7 @@ class _BaseMLP(BaseEstimator):
             if not mean_weight > 0:
                 raise ValueError("sample_weight: every training sample's weight is zero, so nothing would train")
             weighting["sample_weight"] = weights / mean_weight
+        self._loss_offset = self._constant_loss(targets, weights)
         # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated samples.
         batch_weight = batch * mean_weight
         self._optimizer.param_groups[0]["weight_decay"] = self.alpha / (self._step_scale() * batch_weight)
@@ -274,6 +288,11 @@ class _BaseMLP(BaseEstimator):
                                 random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
                                 stratify=y if single_label else None)
 
+    def _constant_loss(self, targets, weights) -> float:
+        """What scikit-learn's loss adds to gpubp's scaled one on these targets: 0 but for the
+        Poisson deviance's ``y log y - y`` summed over the outputs, averaged over the samples."""
+        return 0.0
+
     def _batch_size(self, n_samples: int) -> int:
         if isinstance(self.batch_size, str):
             return min(AUTO_BATCH, n_samples)
@@ -295,7 +314,8 @@ class _BaseMLP(BaseEstimator):
         == squares``; ``penalty_share``: the number of batches over the weight they hold. True to stop."""
         self.n_iter_ += 1
         self.t_ += n_samples
-        self.loss_ = float(self._loss_scale() * data_loss + 0.5 * self.alpha * squares * penalty_share)
+        self.loss_ = float(self._loss_scale() * data_loss + self._loss_offset
+                           + 0.5 * self.alpha * squares * penalty_share)
         self.loss_curve_.append(self.loss_)
         if self.verbose:
             print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
@@ -469,8 +489,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """A multilayer perceptron regressor: scikit-learn's ``MLPRegressor`` on gpubp's kernels.
 
-    A linear output layer with one output per target column; ``loss`` is "squared_error".
-    See the module documentation.
+    A linear output layer with one output per target column; ``loss`` is "squared_error", or
+    "poisson" for counts (y >= 0): the layer gives the log of the mean, and ``predict`` the
+    mean (``exp`` of it), as scikit-learn's. See the module documentation.
     """
 
     def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
@@ -494,8 +515,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return self._fit(X, y, sample_weight, incremental=True)
 
     def _check_params(self) -> list[int]:
-        if self.loss != "squared_error":
-            raise ValueError(f"loss: gpubp's MLPRegressor trains the squared error only, got {self.loss!r}")
+        _choice(self.loss, REGRESSION_LOSSES, "loss")
         return super()._check_params()
 
     def _validate(self, X, y, reset: bool):
@@ -506,10 +526,24 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return X, y
 
     def _targets(self, y, incremental: bool) -> tuple[np.ndarray, int]:
+        if self.loss == "poisson" and y.min() < 0:
+            raise ValueError(f"y: loss='poisson' needs targets >= 0 (counts or rates), got values from {y.min()} "
+                             f"to {y.max()}")
         return y, 1 if y.ndim == 1 else y.shape[1]
 
     def _head(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
+
+    def _constant_loss(self, targets, weights) -> float:
+        if self._head() != "exp":
+            return 0.0
+        targets = targets.reshape(len(targets), -1).astype(np.float64)
+        per_sample = (xlogy(targets, targets) - targets).sum(axis=1)
+        return float(np.average(per_sample, weights=weights))
+
+    def _predict_arrays(self, X) -> np.ndarray:
+        outputs = super()._predict_arrays(X)
+        return np.exp(outputs) if self.out_activation_ == "exp" else outputs
 
     def _score_arrays(self, X, y, sample_weight) -> float:
         return r2_score(y, self._values(self._predict_arrays(X)), sample_weight=sample_weight)

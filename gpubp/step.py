@@ -60,6 +60,7 @@ _DEVICE_LOSSES = {
     losses.mae: "mae",
     losses.huber: "huber",
     losses.binary_cross_entropy: "bce",
+    losses.poisson: "poisson",
 }
 
 

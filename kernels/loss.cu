@@ -17,6 +17,10 @@
 //   bce_fwd_bwd    logits, target, grad (n,), binary cross-entropy on logits:
 //       loss = mean [max(z, 0) - z t + log1p(exp(-|z|))], grad = (sigmoid(z) - t) / n;
 //       both terms take exp of -|z| only, so any finite logit is safe.
+//   poisson_fwd_bwd  log_rate, target, grad (n,), Poisson negative log-likelihood on log rates
+//       (PyTorch's poisson_nll_loss with log_input, without the log t! constant):
+//       loss = mean [exp(z) - t z], grad = (exp(z) - t) / n; exp(z) overflows past z ~ 88.7,
+//       as PyTorch's float32 does.
 //   *_weighted     the same with per-sample weights w (B,) (Keras's sample_weight): each row's
 //       terms and gradient are multiplied by its weight, and the sum is still divided by B
 //       (cross-entropy) or n (the others); the elementwise kernels take the row width to find
@@ -147,6 +151,14 @@ struct BinaryCrossEntropy {  // p is a logit
     }
 };
 
+struct PoissonNll {  // p is a log rate
+    __device__ __forceinline__ float operator()(float z, float t, float w, float inv_n, float& total) const {
+        const float rate = expf(z);
+        total = fmaf(w, rate - z * t, total);
+        return (rate - t) * inv_n * w;
+    }
+};
+
 }  // namespace gpubp
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
@@ -199,6 +211,7 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
 GPUBP_ELEMENTWISE_LOSS_ENTRIES(mse_fwd_bwd, gpubp::SquaredError{})
 GPUBP_ELEMENTWISE_LOSS_ENTRIES(mae_fwd_bwd, gpubp::AbsoluteError{})
 GPUBP_ELEMENTWISE_LOSS_ENTRIES(bce_fwd_bwd, gpubp::BinaryCrossEntropy{})
+GPUBP_ELEMENTWISE_LOSS_ENTRIES(poisson_fwd_bwd, gpubp::PoissonNll{})
 
 // Huber's take its delta last.
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

@@ -272,10 +272,12 @@ def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False):
 
 
 # (backend function, trace name, options): the elementwise losses, Huber at its default delta
-# and at one that puts most errors past it (pred is 3 N(0, 1), target U(0, 1)).
+# and at one that puts most errors past it (pred is 3 N(0, 1), target U(0, 1)); Poisson's log
+# rates reach about 12 there, rates of about 1e5.
 ELEMENTWISE_LOSSES = [("mse", "mse_fwd_bwd", {}), ("mae", "mae_fwd_bwd", {}), ("bce", "bce_fwd_bwd", {}),
-                      ("huber", "huber_fwd_bwd", {}), ("huber", "huber_fwd_bwd", {"delta": 0.25})]
-ELEMENTWISE_LOSS_IDS = ["mse", "mae", "bce", "huber", "huber-delta-0.25"]
+                      ("huber", "huber_fwd_bwd", {}), ("huber", "huber_fwd_bwd", {"delta": 0.25}),
+                      ("poisson", "poisson_fwd_bwd", {})]
+ELEMENTWISE_LOSS_IDS = ["mse", "mae", "bce", "huber", "huber-delta-0.25", "poisson"]
 
 
 def check_elementwise_loss(cb, rng, name, trace_name, shape, weighted=False, options=None):

@@ -17,7 +17,7 @@ from gpubp import activations, gradcheck
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import numpy_backend
 
-LOSSES = ("mse", "mae", "huber", "cross_entropy", "binary_cross_entropy")
+LOSSES = ("mse", "mae", "huber", "cross_entropy", "binary_cross_entropy", "poisson")
 SHAPES = [  # (batch, in, hidden, out)
     (1, 3, 5, 2),
     (7, 5, 3, 4),
@@ -63,6 +63,8 @@ def random_target(loss, batch, out, seed):
         return rng.integers(0, out, batch)
     if loss == "categorical_cross_entropy":
         return np.eye(out)[rng.integers(0, out, batch)]
+    if loss == "poisson":  # counts for the model's log rates
+        return rng.poisson(1.5, (batch, out)).astype(np.float64)
     return rng.uniform(0.0, 1.0, (batch, out))
 
 

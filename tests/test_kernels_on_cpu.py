@@ -164,7 +164,7 @@ def launched_kernel_names() -> set[str]:
     """Every kernel name the backend can launch: what the parametrizations below cover."""
     names = {"ce_fwd_bwd_i32", "ce_fwd_bwd_i64", "mse_fwd_bwd", "mae_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd",
              "ce_fwd_bwd_weighted_i32", "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "mae_fwd_bwd_weighted",
-             "huber_fwd_bwd_weighted",
+             "huber_fwd_bwd_weighted", "poisson_fwd_bwd", "poisson_fwd_bwd_weighted",
              "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
              "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sumsq", "scale_inplace",
              "dropout_mask", "philox_words", "round_bf16"}
@@ -1399,16 +1399,17 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity"),
                                         ("mae", "identity"), ("huber", "identity"),
-                                        (gb.losses.Huber(0.3), "identity")],
+                                        (gb.losses.Huber(0.3), "identity"), ("poisson", "identity")],
                          ids=["cross_entropy", "categorical_cross_entropy", "binary_cross_entropy", "mse", "mae",
-                              "huber", "huber-delta-0.3"])
+                              "huber", "huber-delta-0.3", "poisson"])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
     errors = (3 * rng.standard_normal((100, 3))).astype(np.float32)  # regression targets, some past delta
     y = {"cross_entropy": labels, "categorical_cross_entropy": np.eye(3, dtype=np.float32)[labels],
          "binary_cross_entropy": (rng.random((100, 3)) > 0.5).astype(np.float32),
-         "mse": errors, "mae": errors, "huber": errors}[loss if isinstance(loss, str) else loss.__name__]
+         "mse": errors, "mae": errors, "huber": errors,
+         "poisson": rng.poisson(2.0, (100, 3)).astype(np.float32)}[loss if isinstance(loss, str) else loss.__name__]
     runs = {}
     for cuda_graph in (False, True):
         model = graph_model("auto", head=head)

@@ -7,7 +7,7 @@ import pytest
 
 from gpubp import backends, losses
 
-LOSS_NAMES = ("cross_entropy", "mse", "mae", "huber", "binary_cross_entropy")
+LOSS_NAMES = ("cross_entropy", "mse", "mae", "huber", "binary_cross_entropy", "poisson")
 SHAPES = [(1, 1), (1, 4), (5, 3), (7, 1)]
 
 
@@ -24,6 +24,8 @@ def reference_loss(name, pred, target):
     if name == "huber":  # delta 1; pred is N(0, 2) and target U(0, 1), so errors lie on both sides of it
         error = np.abs(pred - target)
         return np.mean(np.where(error <= 1, error**2 / 2, error - 0.5))
+    if name == "poisson":  # the negative log-likelihood of counts at rate exp(pred), less log(target!)
+        return np.mean(np.exp(pred) - target * pred)
     p = 1 / (1 + np.exp(-pred))
     return np.mean(-target * np.log(p) - (1 - target) * np.log(1 - p))
 
@@ -33,6 +35,8 @@ def make_case(name, shape, seed=0):
     pred = rng.normal(0, 2, shape)
     if name == "cross_entropy":
         return pred, rng.integers(0, shape[1], shape[0])
+    if name == "poisson":  # counts, some of them 0
+        return pred, rng.poisson(2.0, shape).astype(np.float64)
     return pred, rng.uniform(0, 1, shape)
 
 
@@ -159,7 +163,7 @@ def test_mse_is_finite_at_1e4(dtype):
     ("sparse_categorical_crossentropy", "cross_entropy"), ("mean_squared_error", "mse"),
     ("bce", "binary_cross_entropy"), ("binary_crossentropy", "binary_cross_entropy"),
     ("categorical_crossentropy", "categorical_cross_entropy"), ("huber_loss", "huber"),
-    ("mean_absolute_error", "mae"), ("l1", "mae"),
+    ("mean_absolute_error", "mae"), ("l1", "mae"), ("poisson_nll", "poisson"),
 ])
 def test_keras_spellings_name_the_same_loss(alias, name):
     assert losses.get(alias) is losses.get(name)
@@ -224,7 +228,7 @@ def test_binary_cross_entropy_targets_must_lie_in_0_1():
 # ----------------------------------------------------------------------------- sample weights
 
 
-WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "mae", "huber", "binary_cross_entropy")
+WEIGHTED = ("cross_entropy", "categorical_cross_entropy", "mse", "mae", "huber", "binary_cross_entropy", "poisson")
 
 
 def torch_weighted(name, pred, target, weights):
@@ -243,6 +247,9 @@ def torch_weighted(name, pred, target, weights):
         value = (functional.l1_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
     elif name == "huber":
         value = (functional.huber_loss(z, torch.tensor(target), reduction="none") * w[:, None]).mean()
+    elif name == "poisson":
+        value = (functional.poisson_nll_loss(z, torch.tensor(target), log_input=True, full=False, reduction="none")
+                 * w[:, None]).mean()
     else:
         value = functional.binary_cross_entropy_with_logits(z, torch.tensor(target), weight=w[:, None])
     value.backward()
@@ -364,6 +371,60 @@ def test_fit_with_a_huber_loss_takes_the_step_of_its_delta(delta):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert model.evaluate(x, y)["loss"] == pytest.approx(losses.huber(model.predict(x), y, delta=delta)[0], rel=1e-6)
     assert history["loss"][0] > model.evaluate(x, y)["loss"]
+
+
+# ----------------------------------------------------------------------------- Poisson
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (7, 1), (6, 4)], ids=str)
+def test_poisson_equals_torchs_poisson_nll_loss_on_log_rates(shape):
+    torch = pytest.importorskip("torch", reason="the oracle is PyTorch: pip install 'gpubp[torch]'")
+    pred, target = make_case("poisson", shape, seed=5)
+    z = torch.tensor(pred, requires_grad=True)
+    expected = torch.nn.functional.poisson_nll_loss(z, torch.tensor(target), log_input=True, full=False)
+    expected.backward()
+    value, grad = losses.poisson(pred, target)
+    assert value == pytest.approx(expected.item(), rel=1e-12)
+    np.testing.assert_allclose(grad, z.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_poisson_is_smallest_where_the_rate_is_the_count():
+    counts = np.array([[0.5, 1.0, 3.0, 7.0]])
+    value, grad = losses.poisson(np.log(counts), counts)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-15)
+    assert value == pytest.approx(np.mean(counts - counts * np.log(counts)), rel=1e-12)
+    for shift in (-0.1, 0.1):
+        assert losses.poisson(np.log(counts) + shift, counts)[0] > value
+
+
+@pytest.mark.parametrize("bad, shown", [(-1.0, r"-1\.0 at \(1, 0\)"), (np.nan, r"nan at \(1, 0\)"),
+                                        (np.inf, r"inf at \(1, 0\)")])
+def test_poisson_targets_must_be_finite_counts_of_zero_or_more(bad, shown):
+    target = np.array([[0.0, 2.0], [bad, 1.0]])
+    with pytest.raises(ValueError, match=rf"^target: expected finite counts >= 0 for the poisson loss, got {shown}"):
+        losses.poisson(np.zeros((2, 2)), target)
+    with pytest.raises(ValueError, match="^target: "):
+        losses.get("poisson")(np.zeros((2, 2)), target, sample_weight=np.ones(2))
+
+
+def test_fit_with_the_poisson_loss_learns_log_rates_and_refuses_negative_counts():
+    import gpubp as gb
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    counts = rng.poisson(np.exp(0.8 * x[:, :1] - 0.5 * x[:, 1:2] + 0.5)).astype(np.float32)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 16, "tanh"), gb.Dense(16, 1)], device="cpu")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"^y: poisson expects counts >= 0, got values from -1\.0"):
+        model.fit(x, counts - 1, loss="poisson", epochs=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # nothing trained
+    history = model.fit(x, counts, loss="poisson", optimizer="adam", learning_rate=0.02, epochs=60, batch_size=50,
+                        verbose=0)
+    assert history["loss"][-1] < history["loss"][0]
+    predicted_mean = np.exp(model.predict(x))  # predict gives log rates
+    constant = np.full_like(counts, counts.mean())
+    assert losses.poisson(np.log(predicted_mean), counts)[0] < losses.poisson(np.log(constant), counts)[0] - 0.1
 
 
 def test_mae_gradient_is_the_sign_of_the_error_and_zero_where_there_is_none():

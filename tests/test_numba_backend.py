@@ -392,6 +392,11 @@ def bce_inputs(rng, *shape):
     return logits, rng.random(shape, dtype=np.float32)
 
 
+def poisson_inputs(rng, *shape):
+    """Log rates of 2 N(0, 1) and Poisson counts of mean 2 (some 0)."""
+    return randn(rng, *shape) * np.float32(2.0), rng.poisson(2.0, shape).astype(np.float32)
+
+
 LOSS_CASES = [
     # (backend function, trace name, inputs)
     ("softmax_cross_entropy", "ce_fwd_bwd", lambda rng: ce_inputs(rng, 19, 7)),
@@ -409,13 +414,15 @@ LOSS_CASES = [
     ("huber", "huber_fwd_bwd", lambda rng: mse_inputs(rng, 19, 7)),
     ("huber", "huber_fwd_bwd", lambda rng: mse_inputs(rng, 23, 12)),
     ("mae", "mae_fwd_bwd", lambda rng: mse_inputs(rng, 23, 12)),
+    ("poisson", "poisson_fwd_bwd", lambda rng: poisson_inputs(rng, 19, 7)),
+    ("poisson", "poisson_fwd_bwd", lambda rng: poisson_inputs(rng, 23, 12)),
 ]
 
 
 @pytest.mark.parametrize(
     "loss_name, kernel_name, make_inputs", LOSS_CASES,
     ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2",
-         "huber-19x7", "huber-23x12", "mae-23x12"],
+         "huber-19x7", "huber-23x12", "mae-23x12", "poisson-19x7", "poisson-23x12"],
 )
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
@@ -651,8 +658,8 @@ def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches()
     variants = nb.kernel_variants()
     names = {v.name for v in variants}
     assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_dx", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
-                     "mse_fwd_bwd", "mae_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "sumsq", "scale", "sgd_update",
-                     "adam_update", "rmsprop_update", "dropout_dz", "dropout_fwd"}
+                     "mse_fwd_bwd", "mae_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "poisson_fwd_bwd", "sumsq", "scale",
+                     "sgd_update", "adam_update", "rmsprop_update", "dropout_dz", "dropout_fwd"}
     # One forward kernel for every activation (passed at launch), and one with a dropout mask.
     assert sorted(v.variant for v in variants if v.name == "dense_fwd") == ["", "dropout"]
     assert {v.variant for v in variants if v.name == "dense_dz"} == set(ACTIVATIONS) - {"identity"}

@@ -9,6 +9,7 @@ import pytest
 from sklearn import neural_network
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import mean_poisson_deviance, r2_score
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -53,12 +54,17 @@ def test_parameters_are_scikit_learns_with_its_defaults(name):
 
 rng = np.random.default_rng(0)
 X_SMALL = rng.normal(size=(40, 5))
+# (estimator, y, its parameters); the counts come from their own stream, so the data of the
+# tests below that draw from ``rng`` stays what it was.
+COUNTS = np.random.default_rng(3).poisson(np.exp(0.5 * X_SMALL[:, :2] - 0.2), (40, 2)).astype(float)
 TARGETS = {
-    "two regression targets": ("MLPRegressor", rng.normal(size=(40, 2))),
-    "one regression target": ("MLPRegressor", rng.normal(size=40)),
-    "four classes": ("MLPClassifier", rng.integers(0, 4, 40)),
-    "two classes": ("MLPClassifier", np.where(rng.integers(0, 2, 40) == 1, "yes", "no")),
-    "three labels": ("MLPClassifier", rng.integers(0, 2, (40, 3))),
+    "two regression targets": ("MLPRegressor", rng.normal(size=(40, 2)), {}),
+    "one regression target": ("MLPRegressor", rng.normal(size=40), {}),
+    "four classes": ("MLPClassifier", rng.integers(0, 4, 40), {}),
+    "two classes": ("MLPClassifier", np.where(rng.integers(0, 2, 40) == 1, "yes", "no"), {}),
+    "three labels": ("MLPClassifier", rng.integers(0, 2, (40, 3)), {}),
+    "poisson counts": ("MLPRegressor", COUNTS[:, 0], {"loss": "poisson"}),
+    "two poisson targets": ("MLPRegressor", COUNTS, {"loss": "poisson"}),
 }
 # tol is so large that no epoch counts as an improvement: the adaptive rate divides by 5, the others stop.
 # Momentum is PyTorch's form, the same as scikit-learn's while the rate holds still: the schedules run without.
@@ -103,22 +109,23 @@ def assert_same_training(theirs, ours, start, solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_training_takes_scikit_learns_steps(target, solver):
-    name, y = TARGETS[target]
-    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, **SOLVERS[solver]), solver)
+    name, y, params = TARGETS[target]
+    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, **SOLVERS[solver], **params), solver)
 
 
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_sample_weights_take_scikit_learns_steps(target, solver):
-    name, y = TARGETS[target]
+    name, y, params = TARGETS[target]
     weights = np.random.default_rng(2).integers(0, 4, len(y)).astype(float)
-    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, weights, **SOLVERS[solver]), solver)
+    assert_same_training(*fitted_from_the_same_weights(name, X_SMALL, y, weights, **SOLVERS[solver], **params),
+                         solver)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_fitted_attributes_are_scikit_learns(target):
-    name, y = TARGETS[target]
-    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    name, y, params = TARGETS[target]
+    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0, **params)
     theirs = getattr(neural_network, name)(**params).fit(X_SMALL, y)
     ours = getattr(gbsk, name)(**params, device="cpu").fit(X_SMALL, y)
     public = {key for key in vars(theirs) if key.endswith("_") and not key.startswith("_")}
@@ -253,6 +260,43 @@ def test_bad_parameters_are_named_when_fit_starts(params, match):
     assert not hasattr(clf, "model_")
 
 
-def test_a_regressor_loss_other_than_the_squared_error_is_refused():
-    with pytest.raises(ValueError, match="loss: gpubp's MLPRegressor trains the squared error only, got 'poisson'"):
-        MLPRegressor(loss="poisson", device="cpu").fit(X_SMALL, rng.random(40))
+def test_a_regressor_loss_other_than_scikit_learns_two_is_refused():
+    with pytest.raises(ValueError, match=r"loss: expected one of \('squared_error', 'poisson'\), got 'absolute_error'"):
+        MLPRegressor(loss="absolute_error", device="cpu").fit(X_SMALL, np.ones(40))
+
+
+# ----------------------------------------------------------------------------- Poisson regression
+
+
+def poisson_toy(n, seed):
+    """Counts whose log mean is a smooth function of 3 features, means from about 0.2 to 20."""
+    draw = np.random.default_rng(seed)
+    x = draw.uniform(-1, 1, (n, 3))
+    mean = np.exp(0.5 + 1.2 * x[:, 0] - 0.8 * x[:, 1] ** 2 + 0.6 * np.sin(3 * x[:, 2]))
+    return x, draw.poisson(mean).astype(float), mean
+
+
+def test_a_poisson_regressor_predicts_means_that_beat_the_constant_mean():
+    x, y, _ = poisson_toy(600, seed=4)
+    x_test, y_test, mean_test = poisson_toy(400, seed=5)
+    reg = MLPRegressor(loss="poisson", hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=300,
+                       random_state=0, device="cpu").fit(x, y)
+    predicted = reg.predict(x_test)
+    assert reg.out_activation_ == "exp" and reg.model_[-1].activation == "identity"
+    assert predicted.shape == (400,) and np.all(predicted > 0)
+    # predict is scikit-learn's: exp of the log rate the model outputs.
+    np.testing.assert_allclose(predicted, np.exp(reg.model_.predict(x_test)).ravel(), rtol=1e-12)
+    constant = np.full_like(y_test, y.mean())
+    ours, baseline = mean_poisson_deviance(y_test, predicted), mean_poisson_deviance(y_test, constant)
+    best = mean_poisson_deviance(y_test, mean_test)  # the true means: only the counts' own noise is left
+    assert ours < 0.6 * baseline and ours < 1.1 * best, (ours, baseline, best)
+    assert reg.score(x_test, y_test) == pytest.approx(r2_score(y_test, predicted), rel=1e-12)
+
+
+def test_a_poisson_regressor_refuses_negative_targets_naming_y():
+    reg = MLPRegressor(loss="poisson", max_iter=5, device="cpu")
+    with pytest.raises(ValueError, match=r"^y: loss='poisson' needs targets >= 0 \(counts or rates\), got values "
+                                         r"from -1\.0 to 3\.0"):
+        reg.fit(X_SMALL, np.r_[-1.0, np.full(38, 2.0), 3.0])
+    assert not hasattr(reg, "model_")
+    MLPRegressor(loss="squared_error", max_iter=5, device="cpu").fit(X_SMALL, np.r_[-1.0, np.full(38, 2.0), 3.0])

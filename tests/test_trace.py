@@ -54,6 +54,7 @@ def test_asking_for_the_input_gradient_adds_the_first_layers_dx():
     ("huber", np.zeros((7, 3), np.float32), "huber_fwd_bwd"),
     ("mae", np.zeros((7, 3), np.float32), "mae_fwd_bwd"),
     ("binary_cross_entropy", np.zeros((7, 3), np.float32), "bce_fwd_bwd"),
+    ("poisson", np.zeros((7, 3), np.float32), "poisson_fwd_bwd"),
 ])
 def test_each_loss_is_one_fused_kernel(loss, target, kernel):
     out = model().forward(X)

@@ -73,6 +73,9 @@ Losses (each a mean, as in PyTorch and Keras; the gradient returned is that of t
         Records ``huber_fwd_bwd``.
     ``bce(logits, target, sample_weight=None) -> (loss, dlogits)`` binary cross-entropy on
         logits, mean over all elements, stable for any logit. Records ``bce_fwd_bwd``.
+    ``poisson(log_rate, target, sample_weight=None) -> (loss, dlog_rate)`` Poisson negative
+        log-likelihood on log rates z, mean over all elements of exp(z) - t z; dz = (exp(z) - t) / n.
+        Records ``poisson_fwd_bwd``.
     ``sample_weight``: None, or (B,) float weights >= 0 (checked by ``gpubp.losses``): each
         row's loss terms and gradient are multiplied by its weight, and the sum is divided by
         the same count as unweighted (Keras's ``sample_weight``), in the same kernel.
@@ -123,7 +126,7 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``fn`` may launch kernels and allocate, nothing else: no copy between host and device,
         no synchronization, and no kernel's first launch (warm up first).
     ``copy_into(dst, src)``        ``dst[...] = src`` from a host or device array, on the current stream.
-    ``softmax_cross_entropy``, ``mse``, ``mae``, ``huber`` and ``bce`` take ``out_loss`` (a keyword): a
+    ``softmax_cross_entropy``, ``mse``, ``mae``, ``huber``, ``bce`` and ``poisson`` take ``out_loss`` (a keyword): a
         (1,) float32 array that receives the loss, which is then returned in place of the float
         (nothing is read back).
     ``sgd_update``/``adam_update``/``rmsprop_update`` take ``hyper`` and ``guard``: with

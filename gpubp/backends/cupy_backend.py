@@ -11,7 +11,7 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU);
-- ``loss.cu``: softmax cross-entropy, MSE, MAE, Huber and BCE, value and gradient in one pass;
+- ``loss.cu``: softmax cross-entropy, MSE, MAE, Huber, BCE and Poisson, value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD, Adam/AdamW and RMSprop updates, plus ``sumsq`` and ``scale_`` for clipping;
@@ -190,7 +190,8 @@ KERNELS = {
                           for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
                      for loss, labels in (("ce_fwd_bwd", "_i32"), ("ce_fwd_bwd", "_i64"), ("mse_fwd_bwd", ""),
-                                          ("mae_fwd_bwd", ""), ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""))),
+                                          ("mae_fwd_bwd", ""), ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""),
+                                          ("poisson_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
                  "rmsprop_update_hyper", "sumsq", "scale_inplace"),
     "dropout.cu": ("dropout_mask", "philox_words"),
@@ -863,6 +864,12 @@ def bce(logits, target, sample_weight=None, out_loss=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
     ``sample_weight`` (B,) weights each row's terms."""
     return _elementwise_loss("bce_fwd_bwd", logits, target, sample_weight, out_loss)
+
+
+def poisson(log_rate, target, sample_weight=None, out_loss=None):
+    """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z,
+    gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row's terms."""
+    return _elementwise_loss("poisson_fwd_bwd", log_rate, target, sample_weight, out_loss)
 
 
 # ----------------------------------------------------------------------------- optimizers

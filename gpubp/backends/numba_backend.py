@@ -83,7 +83,7 @@ Other kernels
                  lane l reads columns l, l + 32, ..., and a shared-memory tree merges the lanes;
                  softmax and cross-entropy share the online (max, sum of exp) pass. Loss is a
                  mean over the batch.
-    mse_fwd_bwd, mae_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, sumsq
+    mse_fwd_bwd, mae_fwd_bwd, huber_fwd_bwd, bce_fwd_bwd, poisson_fwd_bwd, sumsq
                  grid-stride elementwise pass plus a shared-memory tree reduction per block,
                  BLOCKS_PER_SM blocks of REDUCE_THREADS per SM at most; the per-block
                  sums are added on the host in float64. sumsq reduces any number of arrays into
@@ -1435,71 +1435,78 @@ def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_b
             row_loss[row] = (math.log(total) - (logits[row, label] - m)) * weight
 
 
-@cuda.jit
-def _mse_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
-    """With w the weight of element i's row (of ``width`` elements): grad = w (pred - target) * 2/n;
-    block_sums[blockIdx] = the block's sum of w (pred - target)^2."""
-    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
-    total = _ZERO
-    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
-        diff = pred[i] - target[i]
-        weighted = diff * _row_weight(weights, i // width)
-        total += weighted * diff
-        grad[i] = weighted * grad_scale
-    total = _block_sum(total, partials, cuda.threadIdx.x)
-    if cuda.threadIdx.x == 0:
-        block_sums[cuda.blockIdx.x] = total
+def _elementwise_loss_kernel(term):
+    """The one pass of every elementwise loss, for ``term``: grid-stride over pred and target (n,),
+    element i in row i // width of weight w (``_row_weight``);
+    ``term(p, t, w, grad_scale, option) -> (loss, grad)`` gives the element's weighted loss, added
+    to the thread's total, and its gradient, stored in grad[i]; block_sums[blockIdx] = the
+    block's total. ``option`` is the loss's one parameter (Huber's delta), which the other terms
+    ignore, so every loss launches with the same arguments. loss.cu's ``elementwise_loss`` with
+    its term functors, as a factory."""
+
+    @cuda.jit
+    def elementwise_loss_kernel(pred, target, weights, width, grad, block_sums, grad_scale, option):
+        partials = cuda.shared.array(REDUCE_THREADS, np.float32)
+        total = _ZERO
+        for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
+            loss, grad_i = term(pred[i], target[i], _row_weight(weights, i // width), grad_scale, option)
+            total += loss
+            grad[i] = grad_i
+        total = _block_sum(total, partials, cuda.threadIdx.x)
+        if cuda.threadIdx.x == 0:
+            block_sums[cuda.blockIdx.x] = total
+
+    return elementwise_loss_kernel
 
 
-@cuda.jit
-def _mae_kernel(pred, target, weights, width, grad, block_sums, grad_scale):
-    """With d = pred - target and w its row's weight: grad = w sign(d) / n (0 where d is 0);
-    block_sums[blockIdx] = the block's sum of w |d|."""
-    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
-    total = _ZERO
-    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
-        diff = pred[i] - target[i]
-        weight = _row_weight(weights, i // width)
-        total += abs(diff) * weight
-        sign = _ONE if diff > _ZERO else (-_ONE if diff < _ZERO else _ZERO)
-        grad[i] = sign * weight * grad_scale
-    total = _block_sum(total, partials, cuda.threadIdx.x)
-    if cuda.threadIdx.x == 0:
-        block_sums[cuda.blockIdx.x] = total
+# The elementwise losses' terms: (w loss, w dloss/dp * grad_scale) of one element, grad_scale being
+# 1/n times the constant the gradient carries (2 for the squared error).
 
 
-@cuda.jit
-def _huber_kernel(pred, target, weights, width, grad, block_sums, grad_scale, delta):
-    """With d = pred - target, c = clip(d, -delta, delta) and w the row's weight: grad = w c / n;
-    block_sums[blockIdx] = the block's sum of w c (d - c / 2)."""
-    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
-    total = _ZERO
-    for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
-        diff = pred[i] - target[i]
-        clipped = min(max(diff, -delta), delta)
-        weighted = clipped * _row_weight(weights, i // width)
-        total += weighted * (diff - np.float32(0.5) * clipped)
-        grad[i] = weighted * grad_scale
-    total = _block_sum(total, partials, cuda.threadIdx.x)
-    if cuda.threadIdx.x == 0:
-        block_sums[cuda.blockIdx.x] = total
+@cuda.jit(device=True, inline="always")
+def _squared_error(pred, target, weight, grad_scale, unused):
+    """w (p - t)^2; gradient w (p - t) * 2/n."""
+    diff = pred - target
+    weighted = diff * weight
+    return weighted * diff, weighted * grad_scale
 
 
-@cuda.jit
-def _bce_kernel(logits, target, weights, width, grad, block_sums, grad_scale):
-    """Per element, with w its row's weight: loss = w (max(z, 0) - z t + log1p(exp(-|z|))),
-    grad = w (sigmoid(z) - t) / n."""
-    partials = cuda.shared.array(REDUCE_THREADS, np.float32)
-    total = _ZERO
-    for i in range(cuda.grid(1), logits.size, cuda.gridsize(1)):
-        z = logits[i]
-        t = target[i]
-        weight = _row_weight(weights, i // width)
-        total += (math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * t) * weight
-        grad[i] = (_sigmoid(z) - t) * grad_scale * weight
-    total = _block_sum(total, partials, cuda.threadIdx.x)
-    if cuda.threadIdx.x == 0:
-        block_sums[cuda.blockIdx.x] = total
+@cuda.jit(device=True, inline="always")
+def _absolute_error(pred, target, weight, grad_scale, unused):
+    """w |d| with d = p - t; gradient w sign(d) / n, 0 where d is 0."""
+    diff = pred - target
+    sign = _ONE if diff > _ZERO else (-_ONE if diff < _ZERO else _ZERO)
+    return abs(diff) * weight, sign * weight * grad_scale
+
+
+@cuda.jit(device=True, inline="always")
+def _huber_error(pred, target, weight, grad_scale, delta):
+    """With d = p - t and c = clip(d, -delta, delta): w c (d - c / 2); gradient w c / n."""
+    diff = pred - target
+    clipped = min(max(diff, -delta), delta)
+    weighted = clipped * weight
+    return weighted * (diff - _HALF * clipped), weighted * grad_scale
+
+
+@cuda.jit(device=True, inline="always")
+def _binary_cross_entropy(z, target, weight, grad_scale, unused):
+    """On the logit z: w (max(z, 0) - z t + log1p(exp(-|z|))); gradient w (sigmoid(z) - t) / n."""
+    loss = (math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * target) * weight
+    return loss, (_sigmoid(z) - target) * grad_scale * weight
+
+
+@cuda.jit(device=True, inline="always")
+def _poisson_nll(z, target, weight, grad_scale, unused):
+    """On the log rate z: w (exp(z) - t z); gradient w (exp(z) - t) / n."""
+    rate = math.exp(z)
+    return (rate - z * target) * weight, (rate - target) * grad_scale * weight
+
+
+_mse_kernel = _elementwise_loss_kernel(_squared_error)
+_mae_kernel = _elementwise_loss_kernel(_absolute_error)
+_huber_kernel = _elementwise_loss_kernel(_huber_error)
+_bce_kernel = _elementwise_loss_kernel(_binary_cross_entropy)
+_poisson_kernel = _elementwise_loss_kernel(_poisson_nll)
 
 
 def softmax_cross_entropy(logits, labels, sample_weight=None):
@@ -1516,8 +1523,8 @@ def softmax_cross_entropy(logits, labels, sample_weight=None):
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
 
 
-def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, options: tuple = ()):
-    """Launch a (pred, target, row weights) -> (block sums, grad) loss kernel; return (mean loss, grad)."""
+def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, option=0.0):
+    """Launch a kernel of ``_elementwise_loss_kernel``; return (mean loss, grad)."""
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
     n = flat.size
@@ -1525,7 +1532,7 @@ def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, o
     block_sums = _scratch("block_sums", blocks, pred)
     kernel[blocks, REDUCE_THREADS, flat.stream](
         flat, _view(target).ravel(), _weights(sample_weight, pred), np.int64(pred.shape[1]), _view(grad).ravel(),
-        _view(block_sums), np.float32(grad_scale_times_n / n), *options
+        _view(block_sums), np.float32(grad_scale_times_n / n), np.float32(option)
     )
     return float(to_host(block_sums).sum(dtype=np.float64)) / n, grad
 
@@ -1547,7 +1554,7 @@ def huber(pred, target, sample_weight=None, delta=1.0):
     """Huber loss over all elements: c (d - c/2) with d = pred - target, c = clip(d, -delta,
     delta), gradient c / n; ``sample_weight`` (B,) weights each row's terms."""
     record("huber_fwd_bwd")
-    return _elementwise_loss(_huber_kernel, pred, target, sample_weight, 1.0, (np.float32(delta),))
+    return _elementwise_loss(_huber_kernel, pred, target, sample_weight, 1.0, delta)
 
 
 def bce(logits, target, sample_weight=None):
@@ -1555,6 +1562,13 @@ def bce(logits, target, sample_weight=None):
     ``sample_weight`` (B,) weights each row's terms."""
     record("bce_fwd_bwd")
     return _elementwise_loss(_bce_kernel, logits, target, sample_weight, 1.0)
+
+
+def poisson(log_rate, target, sample_weight=None):
+    """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z,
+    gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row's terms."""
+    record("poisson_fwd_bwd")
+    return _elementwise_loss(_poisson_kernel, log_rate, target, sample_weight, 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -1715,11 +1729,13 @@ def kernel_variants() -> list[KernelVariant]:
     variants += [KernelVariant("ce_fwd_bwd", f"labels_{label.name}", _softmax_cross_entropy_kernel,
                                (m, types.Array(label, 1, "C"), v, m, v, f32), row_threads)
                  for label in (types.int32, types.int64)]
+    loss_args = (v, v, v, types.int64, v, v, f32, f32)
     variants += [
-        KernelVariant("mse_fwd_bwd", "", _mse_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
-        KernelVariant("mae_fwd_bwd", "", _mae_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
-        KernelVariant("huber_fwd_bwd", "", _huber_kernel, (v, v, v, types.int64, v, v, f32, f32), REDUCE_THREADS),
-        KernelVariant("bce_fwd_bwd", "", _bce_kernel, (v, v, v, types.int64, v, v, f32), REDUCE_THREADS),
+        KernelVariant("mse_fwd_bwd", "", _mse_kernel, loss_args, REDUCE_THREADS),
+        KernelVariant("mae_fwd_bwd", "", _mae_kernel, loss_args, REDUCE_THREADS),
+        KernelVariant("huber_fwd_bwd", "", _huber_kernel, loss_args, REDUCE_THREADS),
+        KernelVariant("bce_fwd_bwd", "", _bce_kernel, loss_args, REDUCE_THREADS),
+        KernelVariant("poisson_fwd_bwd", "", _poisson_kernel, loss_args, REDUCE_THREADS),
         KernelVariant("sumsq", "", _sumsq_kernel, (v, v), REDUCE_THREADS),
         KernelVariant("scale", "", _scale_kernel, (v, f32), ELEMENTWISE_THREADS),
         KernelVariant("sgd_update", "", _sgd_kernel, (v, v, f32, f32), ELEMENTWISE_THREADS),

@@ -596,6 +596,23 @@ def bce(logits, target, sample_weight=None):
     return loss, grad
 
 
+def poisson(log_rate, target, sample_weight=None):
+    """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z, its
+    gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row as for ``mse``."""
+    record("poisson_fwd_bwd")
+    target = target.astype(log_rate.dtype, copy=False)
+    rate = np.exp(log_rate)
+    per_elem = rate - log_rate * target
+    grad = np.subtract(rate, target, out=rate)
+    grad *= 1.0 / grad.size
+    if sample_weight is not None:
+        weights = _row_weights(sample_weight, log_rate)
+        per_elem *= weights
+        grad *= weights
+    loss = float(per_elem.mean(dtype=np.float64))
+    return loss, grad
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 

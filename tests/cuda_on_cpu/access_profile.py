@@ -158,6 +158,7 @@ def _losses(cb, rng):
         cb.mae(logits, target, sample_weight=sample_weight)
         cb.huber(logits, target, sample_weight=sample_weight, delta=0.5)
         cb.bce(logits, (target > 0).astype(np.float32), sample_weight=sample_weight)
+        cb.poisson(logits, np.abs(target), sample_weight=sample_weight)
 
 
 def _optimizers(cb, rng):
