@@ -1091,10 +1091,11 @@ LOSS_IDS = [f"{shape_id(shape)}-{'weighted' if weighted else 'unweighted'}" for 
 
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["one-hot", "smoothed"])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
-def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, label_dtype):
-    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted)
+def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, label_dtype, label_smoothing):
+    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted, label_smoothing)
 
 
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
