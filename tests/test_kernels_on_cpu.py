@@ -1400,9 +1400,12 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity"),
                                         ("mae", "identity"), ("huber", "identity"),
-                                        (gb.losses.Huber(0.3), "identity")],
+                                        (gb.losses.Huber(0.3), "identity"),
+                                        (gb.losses.CrossEntropy(0.1), "softmax"),
+                                        (gb.losses.CategoricalCrossEntropy(0.2), "identity")],
                          ids=["cross_entropy", "categorical_cross_entropy", "binary_cross_entropy", "mse", "mae",
-                              "huber", "huber-delta-0.3"])
+                              "huber", "huber-delta-0.3", "cross_entropy-smoothing-0.1",
+                              "categorical_cross_entropy-smoothing-0.2"])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)
