@@ -5,8 +5,10 @@ All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
 ``binary_cross_entropy`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
 each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
 the elementwise losses, divided by the element count, so a weight of 1
-for every sample gives the unweighted mean). ``Huber(delta)`` is the Huber loss with another
-delta, for ``fit``, ``compile`` and ``train_step``. The cross-entropies and
+for every sample gives the unweighted mean). The cross-entropies take ``label_smoothing``.
+``Huber(delta)`` is the Huber loss with another delta, and ``CrossEntropy(label_smoothing)`` /
+``CategoricalCrossEntropy(label_smoothing)`` the cross-entropies with label smoothing, for
+``fit``, ``compile`` and ``train_step``. The cross-entropies and
 ``binary_cross_entropy`` take logits; ``fuses`` says when a model's output activation
 (softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
 The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
