@@ -250,7 +250,7 @@ def shift_by_row_max_smoothed(logits, labels, shifted, picked, keep, off):
         top = logits[i, 0]
         for j in range(1, cols):
             top = max(top, logits[i, j])
-        total = shifted[i, 0] * 0
+        total = keep * 0  # a zero of the arrays' dtype (shifted is not written yet; a logit may be -inf)
         for j in range(cols):
             v = logits[i, j] - top
             shifted[i, j] = v
