@@ -102,7 +102,9 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
         logits = rand(batch, classes)
         for weights in (None, be.asarray(rng.random(batch).astype(np.float32))):  # the *_weighted kernels too
             for dtype in (np.int32, np.int64):
-                be.softmax_cross_entropy(logits, be.asarray(rng.integers(0, classes, batch).astype(dtype)), weights)
+                labels = be.asarray(rng.integers(0, classes, batch).astype(dtype))
+                for label_smoothing in (0.0, 0.1):  # the one-hot and the smoothed code of each kernel
+                    be.softmax_cross_entropy(logits, labels, weights, label_smoothing)
             target = be.asarray(rng.random((batch, classes)).astype(np.float32))
             be.mse(logits, target, weights)
             be.mae(logits, target, weights)

@@ -38,23 +38,24 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
-    if loss_fn is losses.cross_entropy:
+    base = losses.base(loss_fn)  # the function of a loss with options (Huber(0.5), CrossEntropy(0.1))
+    if base is losses.cross_entropy:
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
         _check_class_labels(y, width, yname)
-    elif losses.base(loss_fn) in (losses.mse, losses.mae, losses.huber, losses.binary_cross_entropy,
-                                  losses.categorical_cross_entropy, losses.poisson):
+    elif base in (losses.mse, losses.mae, losses.huber, losses.binary_cross_entropy,
+                  losses.categorical_cross_entropy, losses.poisson):
         if y.ndim == 1 and width == 1:
             y = y.reshape(-1, 1)
         if y.shape[1:] != (width,):
             raise ValueError(f"{yname}: expected shape ({len(x)}, {width}), got {y.shape}")
         if y.dtype.kind not in "fiub":
             raise TypeError(f"{yname}: expected numeric targets, got dtype {y.dtype}")
-        if loss_fn is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
+        if base is losses.binary_cross_entropy and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"{yname}: binary_cross_entropy expects targets in [0, 1], got {y.min()} to {y.max()}")
-        if loss_fn is losses.poisson and y.min() < 0:
+        if base is losses.poisson and y.min() < 0:
             raise ValueError(f"{yname}: poisson expects counts >= 0, got values from {y.min()} to {y.max()}")
-        if loss_fn is losses.categorical_cross_entropy and not losses.is_one_hot(y):
+        if base is losses.categorical_cross_entropy and not losses.is_one_hot(y):
             raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
                              "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)

@@ -174,23 +174,30 @@ def to_torch(model: Sequential):
     return torch.nn.Sequential(*stack)
 
 
+# The loss classes compare_with_torch takes (a loss with options: PyTorch's loss gets them too).
+_LOSS_CLASSES = (_losses.Huber, _losses.CrossEntropy, _losses.CategoricalCrossEntropy)
+
+
 def _torch_loss(loss, out, target):
     import torch
     import torch.nn.functional as F
 
-    name = "huber" if isinstance(loss, _losses.Huber) else _losses.ALIASES.get(loss, loss)
+    name = _losses.base(loss).__name__ if isinstance(loss, _LOSS_CLASSES) else _losses.ALIASES.get(loss, loss)
+    options = _losses.options(loss)
     target = np.asarray(target)
     if name == "cross_entropy":
-        return F.cross_entropy(out, torch.from_numpy(target.astype(np.int64)))
+        return F.cross_entropy(out, torch.from_numpy(target.astype(np.int64)),
+                               label_smoothing=options.get("label_smoothing", 0.0))
     if name == "categorical_cross_entropy":
-        return F.cross_entropy(out, torch.from_numpy(target.astype(np.float64)).to(out.dtype))
+        return F.cross_entropy(out, torch.from_numpy(target.astype(np.float64)).to(out.dtype),
+                               label_smoothing=options.get("label_smoothing", 0.0))
     target = torch.from_numpy(target.reshape(tuple(out.shape)).astype(np.float64)).to(out.dtype)
     if name == "mse":
         return F.mse_loss(out, target)
     if name == "mae":
         return F.l1_loss(out, target)
     if name == "huber":
-        return F.huber_loss(out, target, delta=loss.delta if isinstance(loss, _losses.Huber) else 1.0)
+        return F.huber_loss(out, target, delta=options.get("delta", 1.0))
     if name == "binary_cross_entropy":
         return F.binary_cross_entropy_with_logits(out, target)
     if name == "poisson":
@@ -198,10 +205,11 @@ def _torch_loss(loss, out, target):
     raise ValueError(f"loss: compare_with_torch knows {sorted(_losses.LOSSES)}, got {name!r}")
 
 
-def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber = "mse", rtol: float = 1e-6,
-                       atol: float = 1e-6) -> dict[str, float]:
+def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber | _losses.CrossEntropy = "mse",
+                       rtol: float = 1e-6, atol: float = 1e-6) -> dict[str, float]:
     """Run ``model`` and its PyTorch twin on (x, target); compare outputs, loss and gradients.
-    ``loss``: a loss's name, or a ``losses.Huber``.
+    ``loss``: a loss's name, or a ``losses.Huber``, ``losses.CrossEntropy`` or
+    ``losses.CategoricalCrossEntropy`` (its options go to PyTorch's loss).
 
     Returns ``{"output": err, "loss": err, name: err, ...}`` (max abs errors, weight gradients
     compared in our (in, out) layout). Raises ``AssertionError`` naming the first quantity
@@ -209,8 +217,9 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber =
     """
     import torch
 
-    if not isinstance(loss, (str, _losses.Huber)):
-        raise TypeError(f"loss: compare_with_torch needs a loss name or a Huber, got {type(loss).__name__}")
+    if not isinstance(loss, (str, *_LOSS_CLASSES)):
+        raise TypeError(f"loss: compare_with_torch needs a loss name, a Huber, a CrossEntropy or a "
+                        f"CategoricalCrossEntropy, got {type(loss).__name__}")
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model):
         raise ValueError("model: has a Dropout, and PyTorch would draw masks of its own; compare the layers "
                          "around it with the mask given to both (gpubp.philox.keep_mask)")

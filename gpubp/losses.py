@@ -5,8 +5,10 @@ All are means, as in PyTorch and Keras: ``cross_entropy`` (class indices) and
 ``binary_cross_entropy`` and ``poisson`` over all elements. Each takes ``sample_weight`` (B,), non-negative:
 each sample's loss times its weight, summed and divided by the batch size (Keras's rule; for
 the elementwise losses, divided by the element count, so a weight of 1
-for every sample gives the unweighted mean). ``Huber(delta)`` is the Huber loss with another
-delta, for ``fit``, ``compile`` and ``train_step``. The cross-entropies and
+for every sample gives the unweighted mean). The cross-entropies take ``label_smoothing``.
+``Huber(delta)`` is the Huber loss with another delta, and ``CrossEntropy(label_smoothing)`` /
+``CategoricalCrossEntropy(label_smoothing)`` the cross-entropies with label smoothing, for
+``fit``, ``compile`` and ``train_step``. The cross-entropies and
 ``binary_cross_entropy`` take logits, and ``poisson`` log rates; ``fuses`` says when a model's output activation
 (softmax, sigmoid) is the one such a loss applies, so fit/evaluate give it the logits.
 The backend is chosen by the array's type (or passed by the training loop). Inputs are checked here, once; the kernels trust them.
@@ -65,13 +67,30 @@ def check_weights(weights: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected finite weights >= 0, got {weights[i]} at sample {i}")
 
 
-def cross_entropy(logits, labels, sample_weight=None, backend: ModuleType | None = None):
+def _label_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.integer, np.floating)):
+        raise TypeError(f"label_smoothing: expected a number, got {type(label_smoothing).__name__}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def cross_entropy(logits, labels, sample_weight=None, backend: ModuleType | None = None,
+                  label_smoothing: float = 0.0):
     """Softmax cross-entropy, mean over the batch: logits (B, C) float, labels (B,) ints in [0, C).
 
     Softmax, loss and gradient run fused; stable for finite logits of any magnitude. A -inf
     logit (a masked class) gets probability 0 and gradient 0. A +inf logit is not supported:
     its row's loss and gradient come out inf or NaN (PyTorch gives NaN).
+
+    ``label_smoothing`` eps in [0, 1): each row's target is ``(1 - eps) onehot(label) + eps / C``
+    (PyTorch's ``CrossEntropyLoss(label_smoothing=eps)``, Keras's smoothed targets), so the row's
+    loss is ``logsumexp(z) - (1 - eps) z[label] - eps / C sum(z)`` and its gradient
+    ``softmax(z) - target``. With eps > 0 a -inf logit makes the loss inf, as in PyTorch: the
+    smoothed target puts eps / C on the masked class. For label smoothing in ``fit``, pass
+    ``CrossEntropy(label_smoothing)``.
     """
+    label_smoothing = _label_smoothing(label_smoothing)
     logits, backend = _prediction(logits, "logits", backend)
     batch, classes = logits.shape
     host_labels = _host(labels, backend)
@@ -83,7 +102,7 @@ def cross_entropy(logits, labels, sample_weight=None, backend: ModuleType | None
     if low < 0 or high >= classes:
         raise ValueError(f"labels: expected class indices in [0, {classes}), got values from {low} to {high}")
     return backend.softmax_cross_entropy(logits, _on(backend, labels, np.int64),
-                                         _weights(sample_weight, batch, backend, logits.dtype))
+                                         _weights(sample_weight, batch, backend, logits.dtype), label_smoothing)
 
 
 def is_one_hot(rows: np.ndarray) -> bool:
@@ -91,9 +110,12 @@ def is_one_hot(rows: np.ndarray) -> bool:
     return rows.dtype.kind in "fiub" and bool(np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(axis=1) == 1))
 
 
-def categorical_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):
+def categorical_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None,
+                              label_smoothing: float = 0.0):
     """Softmax cross-entropy with one-hot targets (B, C), mean over the batch (Keras's
-    ``categorical_crossentropy``); the same fused kernel as :func:`cross_entropy`."""
+    ``categorical_crossentropy``, ``label_smoothing`` included); the same fused kernel as
+    :func:`cross_entropy`, whose documentation says what ``label_smoothing`` does."""
+    label_smoothing = _label_smoothing(label_smoothing)
     logits, backend = _prediction(logits, "logits", backend)
     host = _host(target, backend)
     if host.shape != tuple(logits.shape):
@@ -103,7 +125,8 @@ def categorical_cross_entropy(logits, target, sample_weight=None, backend: Modul
         raise ValueError("target: expected one-hot rows (a single 1 in each row, zeros elsewhere); "
                          "for class indices use cross_entropy (sparse_categorical_crossentropy)")
     return backend.softmax_cross_entropy(logits, _on(backend, host.argmax(axis=1), np.int64),
-                                         _weights(sample_weight, logits.shape[0], backend, logits.dtype))
+                                         _weights(sample_weight, logits.shape[0], backend, logits.dtype),
+                                         label_smoothing)
 
 
 def _target(pred, target, backend: ModuleType, name: str = "target"):
@@ -157,37 +180,86 @@ def huber(pred, target, sample_weight=None, backend: ModuleType | None = None, d
     return backend.huber(pred, _target(pred, target, backend), weights, delta)
 
 
-class Huber:
+class _WithOptions:
+    """A loss function of this module with its keyword options fixed, to pass as a ``loss``
+    (Keras's loss classes): called as the function is, equal to another of its class with the
+    same options. A subclass names the function (``function``, also its ``__name__``) and its
+    options, each the keyword's name and its check (``_options``); ``__init__`` stores them.
+    ``options()`` checks them again, so an option set to a bad value after construction is
+    refused before any step uses it (the training step passes them to the backend directly)."""
+
+    function = staticmethod(lambda *args, **kwargs: None)
+    _options: dict = {}
+
+    def __init__(self, **options) -> None:
+        for name, check in self._options.items():
+            setattr(self, name, check(options[name]))
+
+    @property
+    def __name__(self) -> str:
+        return self.function.__name__
+
+    def options(self) -> dict:
+        return {name: check(getattr(self, name)) for name, check in self._options.items()}
+
+    def __call__(self, pred, target, sample_weight=None, backend: ModuleType | None = None):
+        return self.function(pred, target, sample_weight, backend, **self.options())
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.options() == self.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), *self.options().items()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+
+class Huber(_WithOptions):
     """The Huber loss with its ``delta`` fixed (Keras's ``losses.Huber(delta)``), to pass as a
     ``loss``: ``model.fit(x, y, loss=gb.losses.Huber(0.5))``. Called as :func:`huber` is."""
 
-    __name__ = "huber"
+    function = staticmethod(huber)
+    _options = {"delta": _delta}
 
     def __init__(self, delta: float = 1.0) -> None:
-        self.delta = _delta(delta)
+        super().__init__(delta=delta)
 
-    def __call__(self, pred, target, sample_weight=None, backend: ModuleType | None = None):
-        return huber(pred, target, sample_weight, backend, self.delta)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Huber) and other.delta == self.delta
+class CrossEntropy(_WithOptions):
+    """:func:`cross_entropy` (class indices) with its ``label_smoothing`` fixed (PyTorch's
+    ``CrossEntropyLoss(label_smoothing=eps)``), to pass as a ``loss``:
+    ``model.fit(x, y, loss=gb.losses.CrossEntropy(label_smoothing=0.1))``."""
 
-    def __hash__(self) -> int:
-        return hash((Huber, self.delta))
+    function = staticmethod(cross_entropy)
+    _options = {"label_smoothing": _label_smoothing}
 
-    def __repr__(self) -> str:
-        return f"Huber(delta={self.delta!r})"
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=label_smoothing)
+
+
+class CategoricalCrossEntropy(_WithOptions):
+    """:func:`categorical_cross_entropy` (one-hot targets) with its ``label_smoothing`` fixed
+    (Keras's ``CategoricalCrossentropy(label_smoothing=eps)``), to pass as a ``loss``."""
+
+    function = staticmethod(categorical_cross_entropy)
+    _options = {"label_smoothing": _label_smoothing}
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=label_smoothing)
 
 
 def base(loss_fn):
     """The loss ``loss_fn`` computes, as a function of this module: :func:`huber` for a
-    ``Huber``, ``loss_fn`` itself otherwise."""
-    return huber if isinstance(loss_fn, Huber) else loss_fn
+    ``Huber``, :func:`cross_entropy` for a ``CrossEntropy`` (and so on), ``loss_fn`` itself
+    otherwise."""
+    return loss_fn.function if isinstance(loss_fn, _WithOptions) else loss_fn
 
 
 def options(loss_fn) -> dict:
-    """The keyword arguments that ``loss_fn`` passes to its backend function (a ``Huber``'s delta)."""
-    return {"delta": loss_fn.delta} if isinstance(loss_fn, Huber) else {}
+    """The keyword arguments that ``loss_fn`` passes to its backend function (a ``Huber``'s
+    delta, a ``CrossEntropy``'s label smoothing); none for a plain function."""
+    return loss_fn.options() if isinstance(loss_fn, _WithOptions) else {}
 
 
 def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType | None = None):
@@ -249,7 +321,7 @@ FUSED_ACTIVATION = {
 
 def fuses(loss_fn, activation: str) -> bool:
     """True when ``loss_fn`` applies ``activation`` itself, so it should be given the logits."""
-    return FUSED_ACTIVATION.get(loss_fn) == activation
+    return FUSED_ACTIVATION.get(base(loss_fn)) == activation
 
 
 def get(loss):

@@ -94,6 +94,7 @@ class TrainStep:
         compiled = getattr(model, "_compiled", {})
         self.model = model
         self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
+        losses.options(self.loss_fn)  # a loss class's options, checked before any step
         optimizer = compiled.get("optimizer", "adam") if optimizer is None else optimizer
         self.optimizer = batches.optimizer_for(model, optimizer)
         if clip_grad_norm is not None:
@@ -206,9 +207,10 @@ class TrainStep:
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         """``y`` as the loss kernel reads it: int64 class indices, or float32 targets."""
-        if self.loss_fn is losses.categorical_cross_entropy:
+        base = losses.base(self.loss_fn)
+        if base is losses.categorical_cross_entropy:
             return y.argmax(axis=1).astype(np.int64)
-        if self.loss_fn is losses.cross_entropy:
+        if base is losses.cross_entropy:
             return y.astype(np.int64, copy=False)
         return y.reshape(len(y), self.model.out_features).astype(np.float32, copy=False)
 

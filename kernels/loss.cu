@@ -1,9 +1,12 @@
 // Fused loss kernels, fp32: loss value and gradient of the mean in one pass each.
 //
 //   ce_fwd_bwd_i32 / ce_fwd_bwd_i64   softmax cross-entropy, labels int32 / int64
-//       logits (B, C) row-major, labels (B,), grad (B, C):
-//       loss = mean_r [ log sum_c exp(z_rc) - z_r,label ],
-//       grad_rc = (softmax(z_r)_c - [c == label_r]) / B.
+//       logits (B, C) row-major, labels (B,), grad (B, C), label smoothing eps in [0, 1)
+//       (the last argument): each row's target is t = (1 - eps) onehot(label) + eps / C,
+//       loss = mean_r [ log sum_c exp(z_rc) - (1 - eps) z_r,label - eps / C sum_c z_rc ],
+//       grad_rc = (softmax(z_r)_c - t_c) / B (PyTorch's label_smoothing). eps = 0 runs the
+//       plain one-hot code (OneHot below), so its results are what they were before eps; with
+//       eps > 0 (Smoothed) a -inf logit makes the row's loss +inf, as in PyTorch.
 //       One warp per row (grid-stride over rows, REDUCE_THREADS / 32 rows per block at a
 //       time): an online max/sum-of-exp pass over the row, then one pass writing the
 //       gradient. Each row costs two reads and one write of C floats; the second read
@@ -56,11 +59,36 @@ __device__ __forceinline__ void merge_softmax_stats(float& m, float& s, float m2
     m = mn;
 }
 
-template <class Label, class Weights>
-__device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, const Label* __restrict__ labels,
-                                           Weights weights, float* __restrict__ grad, float* __restrict__ partials,
-                                           unsigned int* __restrict__ ticket, float* __restrict__ out,
-                                           int B, int C) {
+// The row target of the cross-entropy. OneHot: the label's one-hot row, the kernel as it was
+// before label smoothing. Smoothed: (1 - eps) onehot + eps / C, which also needs the row's
+// sum of z - m (taken in the gradient pass, where the max m is known, so that a logit of any
+// magnitude cancels against m before it is summed). With m the row max and s = sum exp(z - m):
+// loss = log s - (1 - eps)(z_label - m) - eps / C sum (z - m), which is the header's formula.
+struct OneHot {
+    static constexpr bool SUMS_ROW = false;
+    __device__ __forceinline__ float grad(float p, bool is_label) const { return is_label ? p - 1.0f : p; }
+    __device__ __forceinline__ float row_loss(float s, float m, float z_label, float) const {
+        return logf(s) + m - z_label;
+    }
+};
+struct Smoothed {
+    float keep;  // 1 - eps
+    float off;   // eps / C: every class's share
+    float on;    // 1 - eps + eps / C: the label's target
+    __device__ Smoothed(float eps, int C)
+        : keep(1.0f - eps), off(eps / static_cast<float>(C)), on(1.0f - eps + eps / static_cast<float>(C)) {}
+    static constexpr bool SUMS_ROW = true;
+    __device__ __forceinline__ float grad(float p, bool is_label) const { return p - (is_label ? on : off); }
+    __device__ __forceinline__ float row_loss(float s, float m, float z_label, float shifted_sum) const {
+        return logf(s) - keep * (z_label - m) - off * shifted_sum;
+    }
+};
+
+template <class Label, class Weights, class Target>
+__device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const Label* __restrict__ labels,
+                                        Weights weights, float* __restrict__ grad, float* __restrict__ partials,
+                                        unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,
+                                        Target target) {
     constexpr int WARPS = REDUCE_THREADS / 32;
     const int lane = threadIdx.x % 32;
     const float inv_b = 1.0f / static_cast<float>(B);
@@ -86,16 +114,38 @@ __device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, con
         }
         const long long label = static_cast<long long>(labels[row]);
         const float weight = weights.of_row(row);
-        if (lane == 0) loss_total += weight * (logf(s) + m - z[label]);
         const float inv_s = 1.0f / s;
         const float scale = inv_b * weight;
         float* g = grad + row * C;
+        float shifted_sum = 0.0f;  // this lane's sum of z - m (Smoothed only)
         for (int c = lane; c < C; c += 32) {
-            const float p = expf(z[c] - m) * inv_s;
-            g[c] = (c == label ? p - 1.0f : p) * scale;
+            const float shifted = z[c] - m;
+            const float p = expf(shifted) * inv_s;
+            g[c] = target.grad(p, c == label) * scale;
+            if (Target::SUMS_ROW) shifted_sum += shifted;
         }
+        if (Target::SUMS_ROW) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) {
+                shifted_sum += __shfl_xor_sync(FULL_WARP, shifted_sum, offset);
+            }
+        }
+        if (lane == 0) loss_total += weight * target.row_loss(s, m, z[label], shifted_sum);
     }
     grid_sum_to(loss_total, partials, ticket, out, inv_b);
+}
+
+// An entry point's eps picks the target: 0 runs OneHot, anything else Smoothed.
+template <class Label, class Weights>
+__device__ __forceinline__ void ce_fwd_bwd(const float* __restrict__ logits, const Label* __restrict__ labels,
+                                           Weights weights, float* __restrict__ grad, float* __restrict__ partials,
+                                           unsigned int* __restrict__ ticket, float* __restrict__ out,
+                                           int B, int C, float eps) {
+    if (eps == 0.0f) {
+        ce_rows(logits, labels, weights, grad, partials, ticket, out, B, C, OneHot{});
+    } else {
+        ce_rows(logits, labels, weights, grad, partials, ticket, out, B, C, Smoothed(eps, C));
+    }
 }
 
 // The pass every elementwise loss makes: grid-stride over the n elements, element i in row
@@ -164,29 +214,31 @@ struct PoissonNll {  // p is a log rate
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_i32(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ grad,
                    float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
-                   int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C);
+                   int B, int C, float eps) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
                    float* __restrict__ grad, float* __restrict__ partials, unsigned int* __restrict__ ticket,
-                   float* __restrict__ out, int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C);
+                   float* __restrict__ out, int B, int C, float eps) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_weighted_i32(const float* __restrict__ logits, const int* __restrict__ labels,
                             const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
-                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C);
+                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,
+                            float eps) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     ce_fwd_bwd_weighted_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
                             const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
-                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C) {
-    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C);
+                            unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,
+                            float eps) {
+    gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C, eps);
 }
 
 // An elementwise loss's two entry points: NAME(pred, target, grad, partials, ticket, out, n), and

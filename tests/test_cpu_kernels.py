@@ -99,6 +99,27 @@ def test_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng
     assert_close(compiled[1], reference[1], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", [(64, 10), (7, 3), (300, 1), (5, 31)])
+def test_label_smoothed_softmax_cross_entropy_matches_the_numpy_path(batch, classes, dtype, rng):
+    logits = (rng.standard_normal((batch, classes)) * 30).astype(dtype)
+    labels = rng.integers(0, classes, batch)
+    if classes > 1:  # a masked logit in one row: that row's loss, and so the mean, is inf on both paths
+        masked = logits.copy()
+        masked[0, (labels[0] + 1) % classes] = -np.inf
+        (compiled, _), (reference, _) = both_paths(numpy_backend.softmax_cross_entropy, masked, labels, None, 0.1)
+        assert compiled[0] == reference[0] == np.inf
+        assert_close(compiled[1], reference[1], dtype)
+    for _ in range(3):
+        # The compiled pass writes into np.empty arrays: leave NaNs where they may come from (it once
+        # summed a row starting from the output's unwritten first element, giving a NaN loss at random).
+        np.full((batch, classes), np.nan, dtype)
+        (compiled, _), (reference, _) = both_paths(numpy_backend.softmax_cross_entropy, logits, labels, None, 0.1)
+        assert compiled[0] == pytest.approx(reference[0], rel=10 * RTOL[dtype], abs=RTOL[dtype])
+        assert compiled[1].dtype == dtype
+        assert_close(compiled[1], reference[1], dtype)
+
+
 def test_arrays_of_a_dtype_the_kernels_are_not_built_for_run_on_numpy(rng):
     # float16 logits (a dtype losses accept) once reached the float32/float64-only kernels.
     logits = (3 * rng.standard_normal((6, 4))).astype(np.float16)

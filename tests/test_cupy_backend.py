@@ -251,24 +251,33 @@ def sample_weights(cb, rng, batch, weighted):
     return host, cb.asarray(host)
 
 
-def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False):
+def check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted=False, label_smoothing=0.0):
     """Loss and gradient against NumPy in float64, with a masked (-inf) logit in every row that
-    has more than one; the loss written to device memory (``out_loss``) is the same bits."""
+    has more than one; the loss written to device memory (``out_loss``) is the same bits. With
+    ``label_smoothing`` the masked rows' loss is +inf (as in PyTorch; the gradient stays finite),
+    so the logits are also checked unmasked, where the loss is finite."""
     logits = (5 * rng.standard_normal(shape)).astype(np.float32)
     labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
+    masked = logits.copy()
     if shape[1] > 1:  # never the label's
-        logits[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
+        masked[np.arange(shape[0]), (labels + 1) % shape[1]] = -np.inf
     weights, device_weights = sample_weights(cb, rng, shape[0], weighted)
-    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels, weights)
-    with trace() as t:
-        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), device_weights)
-    assert t.launches == ["ce_fwd_bwd"]
-    assert isinstance(loss, float)
-    assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
-    close(cb.to_host(grad), grad_ref)
-    out = cb.empty((1,))
-    assert cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), device_weights, out_loss=out)[0] is out
-    assert float(cb.to_host(out)[0]) == loss
+    options = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    for z in [masked] if not label_smoothing or shape[1] == 1 else [logits, masked]:
+        loss_ref, grad_ref = ref.softmax_cross_entropy(z.astype(np.float64), labels, weights, label_smoothing)
+        with trace() as t:
+            loss, grad = cb.softmax_cross_entropy(cb.asarray(z), cb.asarray(labels), device_weights, **options)
+        assert t.launches == ["ce_fwd_bwd"]
+        assert isinstance(loss, float)
+        if np.isinf(loss_ref):
+            assert loss == loss_ref == np.inf
+        else:
+            assert loss == pytest.approx(loss_ref, rel=RTOL, abs=1e-6)
+        close(cb.to_host(grad), grad_ref)
+        out = cb.empty((1,))
+        assert cb.softmax_cross_entropy(cb.asarray(z), cb.asarray(labels), device_weights, out_loss=out,
+                                        **options)[0] is out
+        assert float(cb.to_host(out)[0]) == loss
 
 
 # (backend function, trace name, options): the elementwise losses, Huber at its default delta
@@ -310,11 +319,12 @@ def check_losses_at_huge_logits(cb):
     close(cb.to_host(grad), grad_ref)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["one-hot", "smoothed"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype, weighted):
-    check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted)
+def test_softmax_cross_entropy_matches_numpy(cb, rng, shape, label_dtype, weighted, label_smoothing):
+    check_softmax_cross_entropy(cb, rng, shape, label_dtype, weighted, label_smoothing)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])

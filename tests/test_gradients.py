@@ -233,6 +233,30 @@ def test_a_huber_loss_of_another_delta_matches_pytorch_and_central_differences()
         gradcheck.check_gradients(model, x, target, loss=gb.losses.Huber(delta))
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["CrossEntropy", "CategoricalCrossEntropy"])
+def test_a_label_smoothed_cross_entropy_matches_pytorch_and_central_differences(one_hot):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([5, 7, 35], "gelu", seed=13)  # 35 classes: more than a GPU row's 32 lanes
+    x = np.random.default_rng(6).normal(size=(6, 5))
+    labels = random_target("cross_entropy", 6, 35, 7)
+    target = np.eye(35)[labels] if one_hot else labels
+    loss_class = gb.losses.CategoricalCrossEntropy if one_hot else gb.losses.CrossEntropy
+    for eps in (0.1, 0.6):
+        gradcheck.compare_with_torch(model, x, target, loss=loss_class(eps), rtol=1e-10, atol=1e-12)
+        gradcheck.check_gradients(model, x, target, loss=loss_class(eps))
+    with pytest.raises(AssertionError, match="loss: gpubp and PyTorch differ"):  # eps reaches PyTorch, and matters
+        _compare_with_eps_lost(model, x, target, loss_class(0.1))
+
+
+def _compare_with_eps_lost(model, x, target, loss):
+    """compare_with_torch with our loss smoothed and PyTorch's not."""
+    from unittest import mock
+
+    real = gradcheck._torch_loss
+    with mock.patch.object(gradcheck, "_torch_loss", lambda _, out, t: real(gb.losses.base(loss).__name__, out, t)):
+        gradcheck.compare_with_torch(model, x, target, loss=loss, rtol=1e-10, atol=1e-12)
+
+
 def test_pytorch_twin_skips_gradients_of_frozen_layers():
     pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
     model = random_model([4, 5, 5, 2], "relu", seed=8)

@@ -1091,10 +1091,11 @@ LOSS_IDS = [f"{shape_id(shape)}-{'weighted' if weighted else 'unweighted'}" for 
 
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["one-hot", "smoothed"])
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
-def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, label_dtype):
-    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted)
+def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, label_dtype, label_smoothing):
+    check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted, label_smoothing)
 
 
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
@@ -1399,9 +1400,12 @@ def test_a_step_whose_first_loss_is_not_finite_is_captured_only_after_an_update_
 @pytest.mark.parametrize("loss, head", [("cross_entropy", "softmax"), ("categorical_cross_entropy", "identity"),
                                         ("binary_cross_entropy", "sigmoid"), ("mse", "identity"),
                                         ("mae", "identity"), ("huber", "identity"),
-                                        (gb.losses.Huber(0.3), "identity"), ("poisson", "identity")],
+                                        (gb.losses.Huber(0.3), "identity"), ("poisson", "identity"),
+                                        (gb.losses.CrossEntropy(0.1), "softmax"),
+                                        (gb.losses.CategoricalCrossEntropy(0.2), "identity")],
                          ids=["cross_entropy", "categorical_cross_entropy", "binary_cross_entropy", "mse", "mae",
-                              "huber", "huber-delta-0.3", "poisson"])
+                              "huber", "huber-delta-0.3", "poisson", "cross_entropy-smoothing-0.1",
+                              "categorical_cross_entropy-smoothing-0.2"])
 def test_fit_with_cuda_graphs_gives_the_eager_fit_bitwise(cb_h100, rng, loss, head):
     x = rng.standard_normal((100, 9)).astype(np.float32)  # 100 = 3 batches of 32 and one of 4
     labels = rng.integers(0, 3, 100)

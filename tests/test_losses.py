@@ -433,3 +433,228 @@ def test_mae_gradient_is_the_sign_of_the_error_and_zero_where_there_is_none():
     value, grad = losses.mae(pred, target)
     assert value == pytest.approx((1.0 + 0.0 + 1.0 + 0.0 + 0.5 + 0.0) / 6, rel=1e-15)
     np.testing.assert_array_equal(grad, np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) / 6)
+
+
+# ----------------------------------------------------------------------------- label smoothing
+
+
+def torch_smoothed(pred, labels, weights, eps):
+    """PyTorch's ``cross_entropy(label_smoothing=eps)`` per sample, times the weights, summed over
+    the batch: (loss, gradient), in float64."""
+    torch = pytest.importorskip("torch", reason="the oracle is PyTorch: pip install 'gpubp[torch]'")
+    z = torch.tensor(pred.astype(np.float64), requires_grad=True)
+    per_sample = torch.nn.functional.cross_entropy(z, torch.tensor(labels), reduction="none", label_smoothing=eps)
+    value = (per_sample * torch.tensor(np.ones(len(pred)) if weights is None else weights)).sum() / len(pred)
+    value.backward()
+    return value.item(), z.grad.numpy()
+
+
+def smoothed_case(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 3, shape), rng.integers(0, shape[1], shape[0]), rng.uniform(0, 3, shape[0])
+
+
+# (5, 7): the compiled NumPy path (short rows, no weights); (6, 45) and (3, 33): NumPy's own, rows
+# longer than the 32 lanes of a GPU row and not a multiple of them.
+SMOOTHED_SHAPES = [(1, 1), (5, 7), (6, 45), (3, 33)]
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", SMOOTHED_SHAPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_label_smoothing_equals_torchs_cross_entropy(eps, shape, weighted):
+    pred, labels, weights = smoothed_case(shape)
+    weights = weights if weighted else None
+    expected_value, expected_grad = torch_smoothed(pred, labels, weights, eps)
+    one_hot = np.eye(shape[1])[labels]
+    for value, grad in (losses.cross_entropy(pred, labels, weights, label_smoothing=eps),
+                        losses.CrossEntropy(eps)(pred, labels, sample_weight=weights),
+                        losses.categorical_cross_entropy(pred, one_hot, weights, label_smoothing=eps),
+                        losses.CategoricalCrossEntropy(label_smoothing=eps)(pred, one_hot, weights)):
+        assert value == pytest.approx(expected_value, rel=1e-12)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-11, atol=1e-15)
+    if shape[1] > 1:  # eps / C of the target moves off the label: another loss
+        assert abs(losses.cross_entropy(pred, labels, weights)[0] - expected_value) > 1e-3 * eps
+
+
+@pytest.mark.parametrize("shape", SMOOTHED_SHAPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_label_smoothing_in_float32_equals_torchs_cross_entropy(shape, weighted):
+    pred, labels, weights = smoothed_case(shape, seed=5)
+    weights = weights.astype(np.float32) if weighted else None
+    expected_value, expected_grad = torch_smoothed(pred.astype(np.float32), labels, weights, 0.1)
+    value, grad = losses.cross_entropy(pred.astype(np.float32), labels, weights, label_smoothing=0.1)
+    assert grad.dtype == np.float32
+    assert value == pytest.approx(expected_value, rel=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (5, 3), (4, 40)], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_label_smoothing_gradient_is_the_derivative_of_the_mean_loss(shape, weighted):
+    pred, labels, weights = smoothed_case(shape, seed=1)
+    weights = weights if weighted else None
+    loss = losses.CrossEntropy(0.3)
+    _, grad = loss(pred, labels, weights)
+    numerical = np.zeros_like(pred)
+    step = 1e-6
+    for index in np.ndindex(pred.shape):
+        plus, minus = pred.copy(), pred.copy()
+        plus[index] += step
+        minus[index] -= step
+        numerical[index] = (loss(plus, labels, weights)[0] - loss(minus, labels, weights)[0]) / (2 * step)
+    np.testing.assert_allclose(grad, numerical, rtol=1e-6, atol=1e-9)
+
+
+def test_label_smoothing_of_equal_logits_costs_log_c_and_pulls_nowhere_but_to_the_label():
+    # Equal logits: softmax is uniform, so every class's cross-entropy is log C whatever the target,
+    # and the gradient is (1/C - target) / B: -(1 - eps)(1 - 1/C) / B at the label, (1 - eps) / (C B) elsewhere.
+    value, grad = losses.cross_entropy(np.zeros((2, 10)), np.array([3, 7]), label_smoothing=0.2)
+    assert value == pytest.approx(math.log(10), rel=1e-12)
+    expected = np.full((2, 10), 0.8 / 10 / 2)
+    expected[[0, 1], [3, 7]] = -0.8 * 0.9 / 2
+    np.testing.assert_allclose(grad, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_label_smoothing_is_stable_for_logits_of_plus_minus_1e4(dtype):
+    logits = np.array([[1e4, -1e4], [1e4, -1e4]], dtype=dtype)
+    value, grad = losses.cross_entropy(logits, np.array([0, 1]), label_smoothing=0.1)
+    # a target of (0.95, 0.05): right costs 0.05 * 2e4, wrong 0.95 * 2e4
+    assert value == pytest.approx((0.05 * 2e4 + 0.95 * 2e4) / 2, rel=1e-6)
+    np.testing.assert_allclose(grad, [[0.025, -0.025], [0.475, -0.475]], atol=1e-7)
+
+
+@pytest.mark.parametrize("masked", MASKED_COLUMNS.values(), ids=MASKED_COLUMNS.keys())
+def test_label_smoothing_makes_a_masked_logits_loss_inf_with_torchs_gradient_on_every_backend(backend, masked):
+    # PyTorch's rule: the smoothed target puts eps / C on the masked class, whose log-probability is -inf.
+    be = backends.get(backend)
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (4, 41)).astype(np.float32)
+    logits[:, masked] = -np.inf
+    labels = rng.choice(np.setdiff1d(np.arange(41), masked), 4)
+    expected_value, expected_grad = torch_smoothed(logits, labels, None, 0.1)
+    assert expected_value == math.inf
+    for weights in (None, rng.uniform(0.5, 2, 4).astype(np.float32)):
+        if weights is not None:
+            expected_grad = torch_smoothed(logits, labels, weights, 0.1)[1]
+        value, grad = losses.cross_entropy(be.asarray(logits), be.asarray(labels),
+                                           None if weights is None else be.asarray(weights), backend=be,
+                                           label_smoothing=0.1)
+        assert value == math.inf
+        np.testing.assert_allclose(be.to_host(grad), expected_grad, atol=1e-6)
+    assert math.isfinite(losses.cross_entropy(be.asarray(logits), be.asarray(labels), backend=be)[0])
+
+
+def test_label_smoothing_zero_is_the_one_hot_loss_bit_for_bit():
+    for shape in [(5, 7), (6, 45)]:
+        for dtype in (np.float32, np.float64):
+            pred, labels, weights = smoothed_case(shape, seed=9)
+            pred = pred.astype(dtype)
+            for w in (None, weights.astype(dtype)):
+                plain = losses.cross_entropy(pred, labels, w)
+                for zero in (0, 0.0, np.float32(0)):
+                    value, grad = losses.cross_entropy(pred, labels, w, label_smoothing=zero)
+                    assert value == plain[0] and grad.tobytes() == plain[1].tobytes()
+                    value, grad = losses.CrossEntropy(zero)(pred, labels, w)
+                    assert value == plain[0] and grad.tobytes() == plain[1].tobytes()
+
+
+BAD_LABEL_SMOOTHING = [
+    (1.0, ValueError, r"label_smoothing: expected a number in \[0, 1\), got 1\.0"),
+    (-0.1, ValueError, r"label_smoothing: expected a number in \[0, 1\), got -0\.1"),
+    (float("nan"), ValueError, r"label_smoothing: expected a number in \[0, 1\), got nan"),
+    (float("inf"), ValueError, r"label_smoothing: expected a number in \[0, 1\), got inf"),
+    ("0.1", TypeError, "label_smoothing: expected a number, got str"),
+    (True, TypeError, "label_smoothing: expected a number, got bool"),
+    (None, TypeError, "label_smoothing: expected a number, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("eps, error, message", BAD_LABEL_SMOOTHING)
+def test_a_bad_label_smoothing_is_named(eps, error, message):
+    pred, labels, _ = smoothed_case((2, 3))
+    with pytest.raises(error, match=message):
+        losses.cross_entropy(pred, labels, label_smoothing=eps)
+    with pytest.raises(error, match=message):
+        losses.categorical_cross_entropy(pred, np.eye(3)[labels], label_smoothing=eps)
+    with pytest.raises(error, match=message):
+        losses.CrossEntropy(eps)
+    with pytest.raises(error, match=message):
+        losses.CategoricalCrossEntropy(eps)
+
+
+def test_cross_entropy_losses_of_equal_label_smoothing_are_equal_and_name_themselves():
+    assert losses.CrossEntropy(0.1) == losses.CrossEntropy(0.1)
+    assert hash(losses.CrossEntropy(0.1)) == hash(losses.CrossEntropy(0.1))
+    assert losses.CrossEntropy(0.1) != losses.CrossEntropy(0.2)
+    assert losses.CrossEntropy(0.1) != losses.CategoricalCrossEntropy(0.1)
+    assert repr(losses.CrossEntropy(0.1)) == "CrossEntropy(label_smoothing=0.1)"
+    assert repr(losses.CategoricalCrossEntropy()) == "CategoricalCrossEntropy(label_smoothing=0.0)"
+    assert losses.CrossEntropy().__name__ == "cross_entropy"
+    assert losses.CategoricalCrossEntropy().__name__ == "categorical_cross_entropy"
+    assert losses.get(losses.CrossEntropy(0.1)) == losses.CrossEntropy(0.1)
+    assert losses.base(losses.CrossEntropy(0.1)) is losses.cross_entropy
+    assert losses.base(losses.CategoricalCrossEntropy(0.1)) is losses.categorical_cross_entropy
+    assert losses.options(losses.CrossEntropy(0.1)) == {"label_smoothing": 0.1}
+    assert losses.options(losses.cross_entropy) == {}
+    assert losses.fuses(losses.CrossEntropy(0.1), "softmax") and not losses.fuses(losses.CrossEntropy(0.1), "sigmoid")
+    assert losses.fuses(losses.CategoricalCrossEntropy(0.1), "softmax")
+    assert not losses.fuses(losses.Huber(0.5), "softmax")
+
+
+def smoothed_fit_case():
+    rng = np.random.default_rng(4)
+    return rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8)
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["CrossEntropy", "CategoricalCrossEntropy"])
+@pytest.mark.parametrize("head", ["softmax", "identity"])
+def test_fit_with_label_smoothing_takes_the_step_of_the_smoothed_loss(one_hot, head):
+    import gpubp as gb
+
+    x, labels = smoothed_fit_case()
+    y = np.eye(3, dtype=np.float32)[labels] if one_hot else labels
+    loss = losses.CategoricalCrossEntropy(0.1) if one_hot else losses.CrossEntropy(0.1)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 5, "tanh"), gb.Dense(5, 3, head)], device="cpu")
+    # a softmax head is fused into the loss: the loss is given the logits
+    model.backward(losses.cross_entropy(model.forward(x, logits=True), labels, label_smoothing=0.1)[1])
+    expected = [w - 0.25 * p.grad for w, p in zip(model.get_weights(), model.parameters())]
+    model.backward(losses.cross_entropy(model.forward(x, logits=True), labels)[1])
+    unsmoothed = [w - 0.25 * p.grad for w, p in zip(model.get_weights(), model.parameters())]
+    model.compile(optimizer="sgd", loss=loss, learning_rate=0.25)
+    with gb.trace() as t:
+        history = model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    assert t.counts["ce_fwd_bwd"] == 1 and "softmax_fwd" not in t.counts and "softmax_bwd" not in t.counts
+    for got, want in zip(model.get_weights(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert max(np.abs(got - other).max() for got, other in zip(model.get_weights(), unsmoothed)) > 1e-4
+    logits = model.predict(x, logits=True)
+    assert model.evaluate(x, y)["loss"] == pytest.approx(
+        losses.cross_entropy(logits, labels, label_smoothing=0.1)[0], rel=1e-6)
+    assert history["loss"][0] > model.evaluate(x, y)["loss"]
+
+
+@pytest.mark.parametrize("loss, y, error, message", [
+    (losses.CrossEntropy(0.1), "one-hot", TypeError, "y: cross_entropy expects 1-D integer class labels"),
+    (losses.CategoricalCrossEntropy(0.1), "labels", ValueError, r"y: expected shape \(8, 3\)"),
+    ("changed", "labels", ValueError, r"label_smoothing: expected a number in \[0, 1\), got 1\.5"),
+], ids=["class-loss-with-one-hot-rows", "one-hot-loss-with-labels", "label-smoothing-set-to-1.5"])
+def test_fit_with_a_bad_smoothed_loss_is_refused_and_changes_no_weight(loss, y, error, message):
+    import gpubp as gb
+    from test_bad_input import assert_weights_equal
+
+    x, labels = smoothed_fit_case()
+    y = np.eye(3, dtype=np.float32)[labels] if y == "one-hot" else labels
+    if loss == "changed":
+        loss = losses.CrossEntropy(0.1)
+        loss.label_smoothing = 1.5  # after the check of its construction
+    model = gb.Sequential([gb.Dense(4, 5, "tanh"), gb.Dense(5, 3, "softmax")], device="cpu")
+    before = model.get_weights()
+    with pytest.raises(error, match=message):
+        model.fit(x, y, loss=loss, optimizer="sgd", epochs=1, batch_size=4, verbose=0)
+    assert_weights_equal(before, model)
+    if "label_smoothing" in message:  # a training step refuses it when built, before any batch
+        with pytest.raises(error, match=message):
+            model.train_step(loss)

@@ -448,6 +448,34 @@ def test_huber_takes_its_delta(rng, weighted):
     assert abs(loss - ref.huber(prediction, target, weights)[0]) > 0.1  # delta 1 gives another loss
 
 
+@pytest.mark.parametrize("make_inputs", [lambda rng: ce_inputs(rng, 19, 7), lambda rng: ce_inputs(rng, 3, 33, np.int32),
+                                         lambda rng: ce_inputs(rng, 9, 5, scale=1e4)],
+                         ids=["19x7", "3x33-int32", "large-logits"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_softmax_cross_entropy_takes_its_label_smoothing(rng, make_inputs, weighted):
+    # 19 rows: the last of three blocks of 8 rows has rows past B, which join the row sum's barriers
+    logits, labels = make_inputs(rng)
+    weights = rng.uniform(0, 2, len(logits)).astype(np.float32) if weighted else None
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels, weights, 0.2)
+    with trace() as t:
+        loss, grad = nb.softmax_cross_entropy(*to_device(logits, labels), *to_device(weights) if weighted else (),
+                                              label_smoothing=0.2)
+    assert t.launches == ["ce_fwd_bwd"]
+    assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)
+    assert_matches(grad, grad_ref)
+    assert abs(loss - ref.softmax_cross_entropy(logits, labels, weights)[0]) > 1e-3 * max(abs(loss_ref), 1.0)
+
+
+def test_softmax_cross_entropy_with_label_smoothing_of_a_masked_logit_is_inf_with_a_finite_gradient(rng):
+    logits, labels = ce_inputs(rng, 10, 40)
+    logits[np.arange(10), (labels + 1) % 40] = -np.inf
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits.astype(np.float64), labels, None, 0.1)
+    loss, grad = nb.softmax_cross_entropy(*to_device(logits, labels), label_smoothing=0.1)
+    assert loss == loss_ref == np.inf
+    assert_matches(grad, grad_ref)
+    assert nb.softmax_cross_entropy(*to_device(logits, labels))[0] < np.inf  # one-hot: the mask costs nothing
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 PARAM_SHAPE = (19, 13)

@@ -104,15 +104,17 @@ def test_fit_refuses_cuda_graph_where_it_cannot_before_any_weight_changes(rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["cross_entropy", losses.CrossEntropy(0.1)], ids=["one-hot", "label-smoothing"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
-def test_fit_replaying_cuda_graphs_on_the_gpu_gives_the_eager_fit_bitwise(rng, fused):
+def test_fit_replaying_cuda_graphs_on_the_gpu_gives_the_eager_fit_bitwise(rng, fused, loss):
     x = rng.standard_normal((300, 5)).astype(np.float32)  # 2 batches of 128 and one of 44
     y = rng.integers(0, 3, 300)
     runs = {}
     for cuda_graph in (False, True):
         gb.seed(3)
         model = gb.Sequential([gb.Dense(5, 12, "gelu"), gb.Dense(12, 3, "softmax")], backend="cupy", fused=fused)
-        history = model.fit(x, y, optimizer="adam", epochs=4, batch_size=128, verbose=0, cuda_graph=cuda_graph)
+        history = model.fit(x, y, loss=loss, optimizer="adam", epochs=4, batch_size=128, verbose=0,
+                            cuda_graph=cuda_graph)
         runs[cuda_graph] = history.history["loss"], model.get_weights()
     assert runs[True][0] == runs[False][0]
     assert_arrays_equal(runs[True][1], runs[False][1])

@@ -61,9 +61,12 @@ Dense layer
         and the trace tests check that the backend really launches what it says.
 
 Losses (each a mean, as in PyTorch and Keras; the gradient returned is that of the mean)
-    ``softmax_cross_entropy(logits, labels, sample_weight=None) -> (loss: float, dlogits)``
+    ``softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0) -> (loss: float, dlogits)``
         ``logits`` (B, C) float, ``labels`` (B,) int32/int64 in [0, C). Mean over the batch.
-        Softmax, loss and gradient fused in one pass per row. Records ``ce_fwd_bwd``.
+        Softmax, loss and gradient fused in one pass per row. ``label_smoothing`` eps in [0, 1)
+        (checked by ``gpubp.losses``): each row's target is (1 - eps) onehot + eps / C, its loss
+        logsumexp(z) - (1 - eps) z[label] - eps / C sum(z), dlogits (softmax(z) - target) / B;
+        eps = 0 gives exactly the one-hot results. Records ``ce_fwd_bwd``.
     ``mse(pred, target, sample_weight=None) -> (loss, dpred)``     mean over all elements.
         Records ``mse_fwd_bwd``.
     ``mae(pred, target, sample_weight=None) -> (loss, dpred)``     mean of |pred - target| over all

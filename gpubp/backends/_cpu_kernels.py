@@ -22,7 +22,8 @@ reading and writing the whole array:
   (NumPy: four to twelve passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
   gradient of softmax cross-entropy around NumPy's vectorized ``exp`` (the kernels' own
-  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call.
+  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call; their
+  ``*_smoothed`` twins do the same for a label-smoothed target.
 
 Only the activations whose derivative reads ``y`` cheaply are fused here (``ACTS``); the
 others keep the NumPy path. Arrays are C-contiguous and of one float dtype; scalars are
@@ -241,6 +242,23 @@ def shift_by_row_max(logits, labels, shifted, picked):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def shift_by_row_max_smoothed(logits, labels, shifted, picked, keep, off):
+    """``shift_by_row_max`` for a smoothed target: ``picked[i] = keep * shifted[i, labels[i]] +
+    off * sum(shifted[i])`` (keep = 1 - eps, off = eps / C), the target's part of the loss."""
+    rows, cols = logits.shape
+    for i in range(rows):
+        top = logits[i, 0]
+        for j in range(1, cols):
+            top = max(top, logits[i, j])
+        total = keep * 0  # a zero of the arrays' dtype (shifted is not written yet; a logit may be -inf)
+        for j in range(cols):
+            v = logits[i, j] - top
+            shifted[i, j] = v
+            total += v
+        picked[i] = keep * shifted[i, labels[i]] + off * total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_cross_entropy_grad(exp, labels, picked, inv_batch):
     """From ``exp = exp(shifted)`` (B, C): write the mean cross-entropy's gradient over it, return the loss.
 
@@ -258,4 +276,23 @@ def softmax_cross_entropy_grad(exp, labels, picked, inv_batch):
         for j in range(cols):
             exp[i, j] *= scale
         exp[i, labels[i]] -= inv_batch
+    return loss / rows
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def softmax_cross_entropy_grad_smoothed(exp, labels, picked, inv_batch, off_scaled, on_scaled):
+    """``softmax_cross_entropy_grad`` for a smoothed target, from ``shift_by_row_max_smoothed``'s
+    ``picked``: the gradient ``exp / (B total)`` minus ``off_scaled`` = eps / (C B) everywhere and
+    ``on_scaled`` = (1 - eps) / B more at the label."""
+    rows, cols = exp.shape
+    loss = 0.0
+    for i in range(rows):
+        total = exp[i, 0] * 0
+        for j in range(cols):
+            total += exp[i, j]
+        loss += np.log(total) - picked[i]
+        scale = inv_batch / total
+        for j in range(cols):
+            exp[i, j] = exp[i, j] * scale - off_scaled
+        exp[i, labels[i]] -= on_scaled
     return loss / rows

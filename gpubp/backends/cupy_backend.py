@@ -11,7 +11,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU);
-- ``loss.cu``: softmax cross-entropy, MSE, MAE, Huber, BCE and Poisson, value and gradient in one pass;
+- ``loss.cu``: softmax cross-entropy (label smoothing included), MSE, MAE, Huber, BCE and Poisson,
+  value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
   which are CuPy array operations (no hand-written kernel);
 - ``optim.cu``: SGD, Adam/AdamW and RMSprop updates, plus ``sumsq`` and ``scale_`` for clipping;
@@ -807,9 +808,10 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
-def softmax_cross_entropy(logits, labels, sample_weight=None, out_loss=None):
+def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0, out_loss=None):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
-    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule).
+    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
+    ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C (0: the one-hot kernel path).
     ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""
     logits = _f32(logits)
     batch, classes = logits.shape
@@ -823,8 +825,8 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, out_loss=None):
         name, weights = name.replace("ce_fwd_bwd", "ce_fwd_bwd_weighted"), (asarray(sample_weight, np.float32),)
     grid = _blocks(batch, rows_per_block, MAX_REDUCE_BLOCKS)
     loss = _reduce_to_float(
-        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, *weights, grad), (np.int32(batch), np.int32(classes)),
-        out_loss
+        "loss.cu", name, "ce_fwd_bwd", grid, (logits, labels, *weights, grad),
+        (np.int32(batch), np.int32(classes), np.float32(label_smoothing)), out_loss
     )
     return loss, grad
 

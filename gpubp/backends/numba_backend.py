@@ -1410,29 +1410,53 @@ def _weights(sample_weight, like):
 
 
 @cuda.jit
-def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_batch):
-    """Per row r of logits (B, C) with weight w_r: row_loss[r] = w_r (logsumexp(x_r) - x_r[label_r]),
-    grad[r] = (softmax(x_r) - onehot(label_r)) * w_r * inv_batch.
+def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_batch, label_smoothing):
+    """Per row r of logits (B, C) with weight w_r and target t_r = (1 - eps) onehot(label_r) + eps / C
+    (eps = ``label_smoothing``): row_loss[r] = w_r (logsumexp(x_r) - (1 - eps) x_r[label_r] - eps / C
+    sum(x_r)), grad[r] = (softmax(x_r) - t_r) * w_r * inv_batch.
 
     A warp per row: _row_max_and_sum in one read of the row, then a second read (cached) writes
-    the gradient. Rows past B join every barrier but load and store nothing.
+    the gradient. Rows past B join every barrier but load and store nothing. eps = 0 runs the
+    one-hot code alone; eps > 0 also sums x - max over the row in the second read (a -inf logit
+    then makes the row's loss +inf, as in PyTorch).
     """
     row_max = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
     row_sum = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    partials = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)  # eps > 0: the row's sum
     row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.y
     in_rows = row < logits.shape[0]
     m, total = _row_max_and_sum(logits, row, in_rows, row_max, row_sum)
-    if in_rows:
-        label = labels[row]
-        weight = _row_weight(weights, row)
-        scale = inv_batch * weight
-        for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
-            p = math.exp(logits[row, c] - m) / total
-            if c == label:
-                p -= _ONE
-            grad[row, c] = p * scale
-        if cuda.threadIdx.x == 0:
-            row_loss[row] = (math.log(total) - (logits[row, label] - m)) * weight
+    if label_smoothing == _ZERO:
+        if in_rows:
+            label = labels[row]
+            weight = _row_weight(weights, row)
+            scale = inv_batch * weight
+            for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
+                p = math.exp(logits[row, c] - m) / total
+                if c == label:
+                    p -= _ONE
+                grad[row, c] = p * scale
+            if cuda.threadIdx.x == 0:
+                row_loss[row] = (math.log(total) - (logits[row, label] - m)) * weight
+    else:  # the same for every thread of the launch, so every thread meets _row_lane_sum's barriers
+        off = label_smoothing / np.float32(logits.shape[1])
+        on = _ONE - label_smoothing + off
+        shifted_sum = _ZERO
+        label = 0
+        weight = _ZERO
+        if in_rows:
+            label = labels[row]
+            weight = _row_weight(weights, row)
+            scale = inv_batch * weight
+            for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
+                shifted = logits[row, c] - m
+                shifted_sum += shifted
+                p = math.exp(shifted) / total
+                grad[row, c] = (p - (on if c == label else off)) * scale
+        shifted_sum = _row_lane_sum(shifted_sum, partials)
+        if in_rows and cuda.threadIdx.x == 0:
+            row_loss[row] = (math.log(total) - (_ONE - label_smoothing) * (logits[row, label] - m)
+                             - off * shifted_sum) * weight
 
 
 def _elementwise_loss_kernel(term):
@@ -1509,16 +1533,18 @@ _bce_kernel = _elementwise_loss_kernel(_binary_cross_entropy)
 _poisson_kernel = _elementwise_loss_kernel(_poisson_nll)
 
 
-def softmax_cross_entropy(logits, labels, sample_weight=None):
+def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
-    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule)."""
+    ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
+    ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C."""
     record("ce_fwd_bwd")
     batch = logits.shape[0]
     grad = _new(tuple(logits.shape), logits)
     row_loss = _scratch("row_loss", batch, logits)
     lv = _view(logits)
     _softmax_cross_entropy_kernel[row_blocks(batch), _ROW_BLOCK, lv.stream](
-        lv, _view(labels), _weights(sample_weight, logits), _view(grad), _view(row_loss), np.float32(1.0 / batch)
+        lv, _view(labels), _weights(sample_weight, logits), _view(grad), _view(row_loss), np.float32(1.0 / batch),
+        np.float32(label_smoothing)
     )
     return float(to_host(row_loss).sum(dtype=np.float64)) / batch, grad
 
@@ -1727,7 +1753,7 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
     ]
     variants += [KernelVariant("ce_fwd_bwd", f"labels_{label.name}", _softmax_cross_entropy_kernel,
-                               (m, types.Array(label, 1, "C"), v, m, v, f32), row_threads)
+                               (m, types.Array(label, 1, "C"), v, m, v, f32, f32), row_threads)
                  for label in (types.int32, types.int64)]
     loss_args = (v, v, v, types.int64, v, v, f32, f32)
     variants += [

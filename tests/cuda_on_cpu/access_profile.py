@@ -154,6 +154,8 @@ def _losses(cb, rng):
     for sample_weight in (None, weights):  # the plain kernels, then the *_weighted ones
         for dtype in (np.int32, np.int64):
             cb.softmax_cross_entropy(logits, labels.astype(dtype), sample_weight=sample_weight)
+        # the smoothed target's code path: the same reads and writes, plus a warp sum per row
+        cb.softmax_cross_entropy(logits, labels, sample_weight=sample_weight, label_smoothing=0.1)
         cb.mse(logits, target, sample_weight=sample_weight)
         cb.mae(logits, target, sample_weight=sample_weight)
         cb.huber(logits, target, sample_weight=sample_weight, delta=0.5)
