@@ -7,10 +7,14 @@
 //       grad_rc = (softmax(z_r)_c - t_c) / B (PyTorch's label_smoothing). eps = 0 runs the
 //       plain one-hot code (OneHot below), so its results are what they were before eps; with
 //       eps > 0 (Smoothed) a -inf logit makes the row's loss +inf, as in PyTorch.
-//       One warp per row (grid-stride over rows, REDUCE_THREADS / 32 rows per block at a
-//       time): an online max/sum-of-exp pass over the row, then one pass writing the
-//       gradient. Each row costs two reads and one write of C floats; the second read
-//       is usually an L1/L2 hit.
+//       A row group of ce_row_lanes(C) lanes per row: the warp for C > 16, else the smallest
+//       power of two >= C, so a warp takes 32 / lanes adjacent rows at once and a short row
+//       (C = 10: two rows per warp, 80 contiguous bytes per load) does not leave most of the
+//       warp idle (grid-stride over rows, REDUCE_THREADS / lanes rows per block at a time):
+//       an online max/sum-of-exp pass over the row, then one pass writing the gradient. Each
+//       row costs two reads and one write of C floats; the second read is usually an L1/L2
+//       hit. The lanes a group has beyond C hold the empty (LOWEST, 0) pair, which merges
+//       exactly, so the gradient is the same to the bit for any group width >= C.
 //   mse_fwd_bwd    pred, target, grad (n,): loss = mean (p - t)^2, grad = 2 (p - t) / n.
 //   mae_fwd_bwd    pred, target, grad (n,): loss = mean |p - t|, grad = sign(p - t) / n, 0 where
 //       p = t (as PyTorch's L1Loss).
@@ -52,6 +56,14 @@ struct SampleWeights {
     __device__ __forceinline__ float of_row(long long row) const { return __ldg(w + row); }
 };
 
+// The lanes that share one row of C classes: a power of two, at most the warp (the host's
+// rows per block, REDUCE_THREADS / this, is cupy_backend.ce_row_lanes).
+__device__ __forceinline__ int ce_row_lanes(int C) {
+    int lanes = 1;
+    while (lanes < C && lanes < 32) lanes *= 2;
+    return lanes;
+}
+
 // Merge two (max, sum of exp(v - max)) pairs.
 __device__ __forceinline__ void merge_softmax_stats(float& m, float& s, float m2, float s2) {
     const float mn = fmaxf(m, m2);
@@ -90,14 +102,20 @@ __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const 
                                         unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,
                                         Target target) {
     constexpr int WARPS = REDUCE_THREADS / 32;
-    const int lane = threadIdx.x % 32;
+    const int lanes = ce_row_lanes(C);  // per row; 32 / lanes rows per warp
+    const int rows_per_warp = 32 / lanes;
+    const int lane = threadIdx.x % lanes;  // within the row group
     const float inv_b = 1.0f / static_cast<float>(B);
-    float loss_total = 0.0f;  // meaningful in lane 0 of each warp
-    for (long long row = static_cast<long long>(blockIdx.x) * WARPS + threadIdx.x / 32; row < B;
-         row += static_cast<long long>(gridDim.x) * WARPS) {
-        const float* z = logits + row * C;
+    float loss_total = 0.0f;  // meaningful in lane 0 of each row group
+    // first: the warp's first row; the loop's bounds are the warp's, so every lane takes each
+    // shuffle (a lane whose row is past B carries the empty pair and writes nothing).
+    for (long long first = (static_cast<long long>(blockIdx.x) * WARPS + threadIdx.x / 32) * rows_per_warp;
+         first < B; first += static_cast<long long>(gridDim.x) * WARPS * rows_per_warp) {
+        const long long row = first + (threadIdx.x % 32) / lanes;
+        const bool in_batch = row < B;
+        const float* z = logits + (in_batch ? row : 0) * C;
         float m = LOWEST, s = 0.0f;
-        for (int c = lane; c < C; c += 32) {
+        for (int c = lane; in_batch && c < C; c += lanes) {
             const float v = z[c];
             if (v > m) {
                 s = s * expf(m - v) + 1.0f;
@@ -106,31 +124,29 @@ __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const 
                 s += expf(v - m);
             }
         }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) {
+        for (int offset = lanes / 2; offset > 0; offset /= 2) {
             const float m2 = __shfl_xor_sync(FULL_WARP, m, offset);
             const float s2 = __shfl_xor_sync(FULL_WARP, s, offset);
             merge_softmax_stats(m, s, m2, s2);
         }
-        const long long label = static_cast<long long>(labels[row]);
-        const float weight = weights.of_row(row);
+        const long long label = in_batch ? static_cast<long long>(labels[row]) : 0;
+        const float weight = in_batch ? weights.of_row(row) : 0.0f;
         const float inv_s = 1.0f / s;
         const float scale = inv_b * weight;
-        float* g = grad + row * C;
+        float* g = grad + (in_batch ? row : 0) * C;
         float shifted_sum = 0.0f;  // this lane's sum of z - m (Smoothed only)
-        for (int c = lane; c < C; c += 32) {
+        for (int c = lane; in_batch && c < C; c += lanes) {
             const float shifted = z[c] - m;
             const float p = expf(shifted) * inv_s;
             g[c] = target.grad(p, c == label) * scale;
             if (Target::SUMS_ROW) shifted_sum += shifted;
         }
         if (Target::SUMS_ROW) {
-#pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) {
+            for (int offset = lanes / 2; offset > 0; offset /= 2) {
                 shifted_sum += __shfl_xor_sync(FULL_WARP, shifted_sum, offset);
             }
         }
-        if (lane == 0) loss_total += weight * target.row_loss(s, m, z[label], shifted_sum);
+        if (in_batch && lane == 0) loss_total += weight * target.row_loss(s, m, z[label], shifted_sum);
     }
     grid_sum_to(loss_total, partials, ticket, out, inv_b);
 }

@@ -1098,6 +1098,23 @@ def test_softmax_cross_entropy_matches_numpy(cb_h100, rng, shape, weighted, labe
     check_softmax_cross_entropy(cb_h100, rng, shape, label_dtype, weighted, label_smoothing)
 
 
+# Rows of C <= 16 classes share a warp (loss.cu's ce_row_lanes): batches that leave the last
+# warp's row groups part empty, one to four rows per group width, and the widths' edges.
+CE_ROW_GROUP_SHAPES = [(61, 16), (33, 2), (45, 17), (70, 5), (9, 1)] if not SANITIZED else [(19, 10), (7, 3)]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["one-hot", "smoothed"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("shape", CE_ROW_GROUP_SHAPES, ids=shape_id)
+def test_softmax_cross_entropy_shares_a_warp_between_short_rows(cb_h100, rng, shape, weighted, label_smoothing):
+    check_softmax_cross_entropy(cb_h100, rng, shape, np.int64, weighted, label_smoothing)
+
+
+def test_the_cross_entropy_row_group_is_the_power_of_two_that_holds_the_row():
+    lanes = {c: cupy_backend.ce_row_lanes(c) for c in (1, 2, 3, 4, 5, 9, 10, 16, 17, 32, 33, 1000)}
+    assert lanes == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 9: 16, 10: 16, 16: 16, 17: 32, 32: 32, 33: 32, 1000: 32}
+
+
 @pytest.mark.parametrize("shape, weighted", LOSS_CASES, ids=LOSS_IDS)
 @pytest.mark.parametrize("name, trace_name, options", ELEMENTWISE_LOSSES, ids=ELEMENTWISE_LOSS_IDS)
 def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, options, shape, weighted):

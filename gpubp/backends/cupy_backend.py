@@ -808,6 +808,12 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
+def ce_row_lanes(classes: int) -> int:
+    """The lanes the cross-entropy kernel gives one row of ``classes`` logits (loss.cu's
+    ``ce_row_lanes``): the smallest power of two >= classes, at most the warp."""
+    return min(32, 1 << max(0, classes - 1).bit_length())
+
+
 def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0, out_loss=None):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
@@ -818,7 +824,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     # The kernel reads labels[row] from the data pointer: contiguous int64 or int32 only.
     labels = asarray(labels, dtype=np.int64 if labels.dtype == np.int64 else np.int32)
     grad = cupy.empty_like(logits)
-    rows_per_block = REDUCE_THREADS // 32
+    rows_per_block = REDUCE_THREADS // ce_row_lanes(classes)
     name = "ce_fwd_bwd_i64" if labels.dtype == np.int64 else "ce_fwd_bwd_i32"
     weights = ()
     if sample_weight is not None:
