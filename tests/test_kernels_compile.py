@@ -113,7 +113,22 @@ def test_backend_accepts_the_installed_fatbins_only_for_shipped_archs(aot_build,
         pytest.skip("cmake not found on PATH")
     monkeypatch.setenv(cupy_backend.AOT_ENV, str(aot_build))
     assert cupy_backend._aot_mismatch(shipped_archs()[-1]) is None
-    assert "not sm_70" in cupy_backend._aot_mismatch("70")
+    assert "none of which runs on sm_70" in cupy_backend._aot_mismatch("70")
+
+
+def test_the_fatbins_serve_every_gpu_of_a_major_version_from_its_shipped_minor_up(tmp_path, monkeypatch):
+    """A manifest of sm_75, sm_80 and sm_90 SASS serves sm_75 (Turing), sm_80 to sm_89 (Ampere,
+    Ada) and sm_90 (Hopper): CUDA runs a cubin on its major version's equal or higher minor ones."""
+    (tmp_path / cupy_backend.AOT_MANIFEST).write_text(
+        "archs 75 80 90\n" + "".join(f"source {digest} {name}\n" for name, digest in cupy_backend.source_hashes().items()))
+    monkeypatch.setenv(cupy_backend.AOT_ENV, str(tmp_path))
+    served = {arch: cupy_backend.sass_for(arch, ["75", "80", "90"]) for arch in ("75", "80", "86", "87", "89", "90")}
+    assert served == {"75": "75", "80": "80", "86": "80", "87": "80", "89": "80", "90": "90"}
+    assert all(cupy_backend._aot_mismatch(arch) is None for arch in served)
+    for newer_or_older in ("70", "72", "100", "120"):  # no SASS of that major: NVRTC compiles for it
+        assert cupy_backend.sass_for(newer_or_older, ["75", "80", "90"]) is None
+        assert f"none of which runs on sm_{newer_or_older}" in cupy_backend._aot_mismatch(newer_or_older)
+    assert cupy_backend.sass_for("86", ["80", "86", "90"]) == "86"  # its own, where shipped
 
 
 def test_the_build_is_shared_and_found_again_without_compiling(aot_build):

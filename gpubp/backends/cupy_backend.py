@@ -276,6 +276,15 @@ def aot_dir() -> Path:
     return Path(os.environ.get(AOT_ENV) or Path(__file__).resolve().parents[1] / "_aot")
 
 
+def sass_for(arch: str, archs: list[str]) -> str | None:
+    """The architecture of ``archs`` (the fatbins' SASS, e.g. ["75", "80", "90"]) whose code
+    runs on compute capability ``arch``: the newest of the same major version and no higher
+    minor one (CUDA's binary compatibility: sm_80's SASS runs on sm_86 and sm_89); None if none."""
+    major, minor = divmod(int(arch), 10)
+    fitting = [a for a in archs if divmod(int(a), 10)[0] == major and divmod(int(a), 10)[1] <= minor]
+    return max(fitting, key=int, default=None)
+
+
 def _aot_mismatch(arch: str) -> str | None:
     """None when the AOT fatbins can serve compute capability ``arch`` (e.g. "90"), else why not."""
     manifest = aot_dir() / AOT_MANIFEST
@@ -290,8 +299,8 @@ def _aot_mismatch(arch: str) -> str | None:
         elif key == "source":
             digest, _, name = value.partition(" ")
             built[name] = digest
-    if arch not in archs:
-        return f"built for sm_{', sm_'.join(archs)}, not sm_{arch}"
+    if sass_for(arch, archs) is None:
+        return f"built for sm_{', sm_'.join(archs)}, none of which runs on sm_{arch}"
     if built != source_hashes():
         return "built from other kernel sources than the shipped ones (rebuild it)"
     return None
