@@ -22,8 +22,8 @@ reading and writing the whole array:
   (NumPy: four to twelve passes through temporaries);
 - ``shift_by_row_max`` and ``softmax_cross_entropy_grad``: the row max, row sums, loss and
   gradient of softmax cross-entropy around NumPy's vectorized ``exp`` (the kernels' own
-  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call; their
-  ``*_smoothed`` twins do the same for a label-smoothed target.
+  ``exp`` is scalar), for short rows, where NumPy reduces one short row per call;
+  ``shift_by_row_max_smoothed`` also takes a label-smoothed target's part of the loss.
 
 Only the activations whose derivative reads ``y`` cheaply are fused here (``ACTS``); the
 others keep the NumPy path. Arrays are C-contiguous and of one float dtype; scalars are
@@ -259,31 +259,15 @@ def shift_by_row_max_smoothed(logits, labels, shifted, picked, keep, off):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def softmax_cross_entropy_grad(exp, labels, picked, inv_batch):
+def softmax_cross_entropy_grad(exp, labels, picked, inv_batch, off_scaled, on_scaled):
     """From ``exp = exp(shifted)`` (B, C): write the mean cross-entropy's gradient over it, return the loss.
 
-    Per row: ``total = sum(exp)``, loss ``log(total) - picked``, gradient ``exp / (B total)``
-    minus ``1 / B`` at the label. The loss accumulates in float64.
+    Per row: ``total = sum(exp)``, loss ``log(total) - picked`` (``shift_by_row_max``'s, or its
+    smoothed twin's), gradient ``exp / (B total)`` minus ``off_scaled`` everywhere and
+    ``on_scaled`` more at the label: 0 and 1 / B for the one-hot target (x - 0 is x, so the
+    one-hot gradient is the same bits as without the term), eps / (C B) and (1 - eps) / B for a
+    smoothed one. The loss accumulates in float64.
     """
-    rows, cols = exp.shape
-    loss = 0.0
-    for i in range(rows):
-        total = exp[i, 0] * 0
-        for j in range(cols):
-            total += exp[i, j]
-        loss += np.log(total) - picked[i]
-        scale = inv_batch / total
-        for j in range(cols):
-            exp[i, j] *= scale
-        exp[i, labels[i]] -= inv_batch
-    return loss / rows
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def softmax_cross_entropy_grad_smoothed(exp, labels, picked, inv_batch, off_scaled, on_scaled):
-    """``softmax_cross_entropy_grad`` for a smoothed target, from ``shift_by_row_max_smoothed``'s
-    ``picked``: the gradient ``exp / (B total)`` minus ``off_scaled`` = eps / (C B) everywhere and
-    ``on_scaled`` = (1 - eps) / B more at the label."""
     rows, cols = exp.shape
     loss = 0.0
     for i in range(rows):

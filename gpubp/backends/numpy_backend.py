@@ -506,12 +506,9 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
         else:
             kernels.shift_by_row_max(logits, labels, grad, picked)
         np.exp(grad, out=grad)
-        if smoothing:
-            loss = kernels.softmax_cross_entropy_grad_smoothed(
-                grad, labels, picked, dtype(1.0 / batch), dtype(label_smoothing / (classes * batch)),
-                dtype((1.0 - label_smoothing) / batch))
-        else:
-            loss = kernels.softmax_cross_entropy_grad(grad, labels, picked, dtype(1.0 / batch))
+        loss = kernels.softmax_cross_entropy_grad(grad, labels, picked, dtype(1.0 / batch),
+                                                  dtype(label_smoothing / (classes * batch)),
+                                                  dtype((1.0 - label_smoothing) / batch))
         return float(loss), grad
     rows = np.arange(batch)
     if classes < _NARROW_CLASSES:
@@ -561,6 +558,16 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
 def _row_weights(sample_weight, like):
     """``sample_weight`` (B,) as a (B, 1) column in ``like``'s dtype, to scale each row."""
     return sample_weight.astype(like.dtype, copy=False).reshape(-1, 1)
+
+
+def _weighted_mean(per_elem, grad, sample_weight):
+    """(the mean of ``per_elem``, ``grad``), each row of both first scaled in place by its
+    ``sample_weight`` when one is given: an elementwise loss's value and gradient."""
+    if sample_weight is not None:
+        weights = _row_weights(sample_weight, per_elem)
+        per_elem *= weights
+        grad *= weights
+    return float(per_elem.mean(dtype=np.float64)), grad
 
 
 def mse(pred, target, sample_weight=None):
@@ -620,12 +627,7 @@ def bce(logits, target, sample_weight=None):
     grad = expit(logits)
     grad -= target
     grad *= 1.0 / grad.size
-    if sample_weight is not None:
-        weights = _row_weights(sample_weight, logits)
-        per_elem *= weights
-        grad *= weights
-    loss = float(per_elem.mean(dtype=np.float64))
-    return loss, grad
+    return _weighted_mean(per_elem, grad, sample_weight)
 
 
 def poisson(log_rate, target, sample_weight=None):
@@ -637,12 +639,7 @@ def poisson(log_rate, target, sample_weight=None):
     per_elem = rate - log_rate * target
     grad = np.subtract(rate, target, out=rate)
     grad *= 1.0 / grad.size
-    if sample_weight is not None:
-        weights = _row_weights(sample_weight, log_rate)
-        per_elem *= weights
-        grad *= weights
-    loss = float(per_elem.mean(dtype=np.float64))
-    return loss, grad
+    return _weighted_mean(per_elem, grad, sample_weight)
 
 
 # ----------------------------------------------------------------------------- optimizers
