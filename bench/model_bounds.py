@@ -13,8 +13,9 @@ the model says the same work cannot beat:
   that suits the output (``cupy_backend.gemm_tile``), the tensor-core kernels for tf32 and bf16,
   the fused MLP kernels for a model whose layers are at most ``FUSED_MLP_MAX_WIDTH`` wide (unless
   the backend is "-per-layer"), the Numba kernels for "gpubp-numba";
-- the bound: each product's ``2 m n k`` flops at the kernel's ``issue_ceiling`` of the device's
-  peak, where the peak is SMs x 4 sub-partitions x flops per sub-partition per cycle (64 FFMA
+- the bound: each product's ``2 m n k`` flops at the kernel's ``issue_ceiling`` (the model's
+  figures for the device's architecture: its primary sm_90, or sm_80 from ``other_archs``,
+  which has the CUDA C++ kernels only) of the device's peak, where the peak is SMs x 4 sub-partitions x flops per sub-partition per cycle (64 FFMA
   flops on sm_90's FP32 lanes, the model's ``tensor_flops`` for tf32 and bf16) x the SM clock
   (nvidia-smi's ``clocks.max.sm``); a per-layer kernel's grid also pays for its uneven share-out:
   its blocks (dW's after the batch split, ``cupy_backend.dw_split``) are equal work, so the SM
@@ -166,13 +167,21 @@ def share_out(blocks: int | None, sms: int) -> float:
     return blocks / (-(-blocks // sms) * sms)
 
 
-def bound_seconds(found: list[Product], model: dict, arch: dict, precision: str, sms: int,
+def kernels_for(model: dict, arch: str) -> dict | None:
+    """The model's kernels for ``arch`` ("sm_90"): its primary architecture's, or one of
+    ``other_archs`` (the CUDA C++ kernels only); None when the model has no figures for it."""
+    if model.get("arch", "sm_90") == arch:
+        return model["kernels"]
+    return model.get("other_archs", {}).get(arch)
+
+
+def bound_seconds(found: list[Product], kernels: dict, arch: dict, precision: str, sms: int,
                   clock_hz: float) -> tuple[float, dict]:
-    """(seconds, {kernel: its issue ceiling}) for ``found`` at the model's ceilings; a kernel the
-    model lacks raises KeyError naming it."""
+    """(seconds, {kernel: its issue ceiling}) for ``found`` at the ceilings of ``kernels`` (the
+    model's, for the device's architecture); a kernel missing there raises KeyError naming it."""
     total, ceilings = 0.0, {}
     for product in found:
-        entry = model["kernels"].get(product.kernel)
+        entry = kernels.get(product.kernel)
         if entry is None or not entry.get("issue_ceiling"):
             raise KeyError(f"the kernel model has no issue ceiling for {product.kernel}")
         rate = entry["issue_ceiling"] * peak_flops(entry, precision, arch, sms, clock_hz)
@@ -190,7 +199,12 @@ def model_bounds(report: dict, model: dict, facts: dict, kernels_sha256: str) ->
     clock_hz = sm_clock_hz(facts)
     if not isinstance(sms, int) or clock_hz is None:
         return {"error": "no SM count or SM clock in the device facts (bench/first_contact.py's)"}
-    arch_name = model.get("arch", "sm_90")
+    # The device's architecture, where the facts name it; else the model's own.
+    capability = facts.get("compute_capability")
+    arch_name = f"sm_{capability}" if capability else model.get("arch", "sm_90")
+    kernels = kernels_for(model, arch_name)
+    if kernels is None or arch_name not in ARCHS:
+        return {"error": f"the kernel model has no figures for {arch_name}, the device's architecture"}
     arch = {"tensor_flops": ARCHS[arch_name].tensor_flops, "ffma_cycles": ARCHS[arch_name].ffma_cycles}
     out = {"sms": sms, "sm_clock_mhz": round(clock_hz / 1e6), "arch": arch_name,
            "model_is_of_these_kernels": model.get("kernels_sha256") == kernels_sha256, "benchmarks": {}}
@@ -203,7 +217,7 @@ def model_bounds(report: dict, model: dict, facts: dict, kernels_sha256: str) ->
             continue
         key = f"{info['workload']} | {info['backend']}"
         try:
-            seconds, ceilings = bound_seconds(found, model, arch, precision_of(info["backend"]), sms, clock_hz)
+            seconds, ceilings = bound_seconds(found, kernels, arch, precision_of(info["backend"]), sms, clock_hz)
         except KeyError as exc:
             out["benchmarks"][key] = {"error": str(exc.args[0])}
             continue

@@ -910,6 +910,21 @@ def test_the_bound_is_the_flops_at_the_ceiling_of_the_devices_peak(mb, gs):
     assert set(bounds["benchmarks"]) == {f"{gs.FWD_4096} | gpubp-cupy", "tf32 4096^3 dW | gpubp-cupy-tf32"}
 
 
+def test_the_bound_takes_the_figures_and_rates_of_the_devices_architecture(mb, gs):
+    report = shaped_report([(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 4.0)])
+    model = fake_model(["dense_fwd_128x128"], ceiling=0.8)
+    model["other_archs"] = {"sm_80": {"dense_fwd_128x128": {"issue_ceiling": 0.5, "peak": "fp32"}}}
+    a100 = {"device": {"multiProcessorCount": 108, "clockRate": 1410000}, "compute_capability": "80"}
+    bounds = mb.model_bounds(report, model, a100, "00" * 32)
+    row = bounds["benchmarks"][f"{gs.FWD_4096} | gpubp-cupy"]
+    assert bounds["arch"] == "sm_80" and row["kernels"] == {"dense_fwd_128x128": 0.5}
+    peak = 108 * 4 * 32 * 1410e6  # sm_80: an FFMA takes a sub-partition's 16 FP32 lanes 2 cycles
+    assert row["bound_ms"] == pytest.approx(2 * 4096**3 / (0.5 * peak * 1024 / (10 * 108)) * 1e3, abs=1e-4)
+    rtx = {**H200_FACTS, "compute_capability": "86"}
+    assert mb.model_bounds(report, model, rtx, "00" * 32) == {
+        "error": "the kernel model has no figures for sm_86, the device's architecture"}
+
+
 def test_a_kernel_the_model_lacks_or_missing_device_numbers_are_said(mb, gs):
     report = shaped_report([(gs.FWD_4096, "gpubp-cupy", "4096x4096x4096", 4.0)])
     bounds = mb.model_bounds(report, fake_model(["dense_fwd_128x64"]), H200_FACTS, "11" * 32)
