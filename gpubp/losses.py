@@ -67,9 +67,14 @@ def check_weights(weights: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected finite weights >= 0, got {weights[i]} at sample {i}")
 
 
+def _number(value, name: str) -> None:
+    """A loss option must be a real number (a bool is not one); the caller checks its range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
 def _label_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.integer, np.floating)):
-        raise TypeError(f"label_smoothing: expected a number, got {type(label_smoothing).__name__}")
+    _number(label_smoothing, "label_smoothing")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
     return float(label_smoothing)
@@ -158,8 +163,7 @@ def mae(pred, target, sample_weight=None, backend: ModuleType | None = None):
 
 
 def _delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.integer, np.floating)):
-        raise TypeError(f"delta: expected a number, got {type(delta).__name__}")
+    _number(delta, "delta")
     if not (np.isfinite(delta) and delta > 0):
         raise ValueError(f"delta: expected a finite number > 0, got {delta!r}")
     return float(delta)

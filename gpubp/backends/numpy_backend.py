@@ -533,25 +533,21 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
         loss = float(np.dot(row_loss, sample_weight)) / batch
     # softmax / B in one pass over (B, C), scaling by the (B,) column 1 / (B * total) (times the weights)
     np.divide(1.0 / batch, total, out=total)
-    if smoothing:
-        # minus target / B (times the weights): eps / (C B) everywhere, (1 - eps) / B more at the label
-        if sample_weight is None:
-            grad *= total[:, None]
-            grad -= label_smoothing / (classes * batch)
-            grad[rows, labels] -= (1.0 - label_smoothing) / batch
-        else:
-            total *= sample_weight
-            grad *= total[:, None]
-            grad -= (sample_weight * (label_smoothing / (classes * batch)))[:, None]
-            grad[rows, labels] -= sample_weight * ((1.0 - label_smoothing) / batch)
-        return loss, grad
+    # minus target / B (times the weights): with smoothing eps / (C B) everywhere, and at the
+    # label (1 - eps) / B more; one-hot, 1 / B at the label alone
+    off = label_smoothing / (classes * batch)
+    on = (1.0 - label_smoothing) / batch
     if sample_weight is None:
         grad *= total[:, None]
-        grad[rows, labels] -= 1.0 / batch
+        if smoothing:
+            grad -= off
+        grad[rows, labels] -= on
     else:
         total *= sample_weight
         grad *= total[:, None]
-        grad[rows, labels] -= sample_weight / batch
+        if smoothing:
+            grad -= (sample_weight * off)[:, None]
+        grad[rows, labels] -= sample_weight * on if smoothing else sample_weight / batch
     return loss, grad
 
 
