@@ -121,14 +121,20 @@ def test_cross_entropy_is_stable_for_logits_of_plus_minus_1e4(dtype):
 MASKED_COLUMNS = {"first": [0], "first-of-two-passes": [0, 32], "middle": [5, 6], "last": [40]}
 
 
-@pytest.mark.parametrize("masked", MASKED_COLUMNS.values(), ids=MASKED_COLUMNS.keys())
-def test_cross_entropy_gives_minus_inf_logits_zero_probability_on_every_backend(backend, masked):
-    be = backends.get(backend)
+def masked_rows(masked):
+    """(logits (4, 41) float32 with -inf in the ``masked`` columns, labels among the kept columns,
+    the kept columns, the generator drawn from)."""
     rng = np.random.default_rng(2)
     logits = rng.normal(0, 2, (4, 41)).astype(np.float32)
     logits[:, masked] = -np.inf
     kept = np.setdiff1d(np.arange(41), masked)
-    labels = rng.choice(kept, 4)
+    return logits, rng.choice(kept, 4), kept, rng
+
+
+@pytest.mark.parametrize("masked", MASKED_COLUMNS.values(), ids=MASKED_COLUMNS.keys())
+def test_cross_entropy_gives_minus_inf_logits_zero_probability_on_every_backend(backend, masked):
+    be = backends.get(backend)
+    logits, labels, kept, _ = masked_rows(masked)
     finite = logits[:, kept].astype(np.float64)
     expected = reference_loss("cross_entropy", finite, np.searchsorted(kept, labels))
     value, grad = losses.cross_entropy(be.asarray(logits), be.asarray(labels), backend=be)
@@ -529,10 +535,7 @@ def test_label_smoothing_is_stable_for_logits_of_plus_minus_1e4(dtype):
 def test_label_smoothing_makes_a_masked_logits_loss_inf_with_torchs_gradient_on_every_backend(backend, masked):
     # PyTorch's rule: the smoothed target puts eps / C on the masked class, whose log-probability is -inf.
     be = backends.get(backend)
-    rng = np.random.default_rng(2)
-    logits = rng.normal(0, 2, (4, 41)).astype(np.float32)
-    logits[:, masked] = -np.inf
-    labels = rng.choice(np.setdiff1d(np.arange(41), masked), 4)
+    logits, labels, _, rng = masked_rows(masked)
     expected_value, expected_grad = torch_smoothed(logits, labels, None, 0.1)
     assert expected_value == math.inf
     for weights in (None, rng.uniform(0.5, 2, 4).astype(np.float32)):
