@@ -48,19 +48,24 @@ def test_loss_value_matches_its_definition(name, shape):
     assert value == pytest.approx(reference_loss(name, pred, target), rel=1e-12)
 
 
+def central_differences(value, pred, step=1e-6):
+    """The gradient of ``value(pred)`` (a float) by float64 central differences, element by element."""
+    numerical = np.zeros_like(pred)
+    for index in np.ndindex(pred.shape):
+        plus, minus = pred.copy(), pred.copy()
+        plus[index] += step
+        minus[index] -= step
+        numerical[index] = (value(plus) - value(minus)) / (2 * step)
+    return numerical
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_gradient_is_the_derivative_of_the_mean_loss(name, shape):
     pred, target = make_case(name, shape, seed=1)
     fn = losses.get(name)
     _, grad = fn(pred, target)
-    numerical = np.zeros_like(pred)
-    eps = 1e-6
-    for index in np.ndindex(pred.shape):
-        plus, minus = pred.copy(), pred.copy()
-        plus[index] += eps
-        minus[index] -= eps
-        numerical[index] = (fn(plus, target)[0] - fn(minus, target)[0]) / (2 * eps)
+    numerical = central_differences(lambda p: fn(p, target)[0], pred)
     np.testing.assert_allclose(grad, numerical, rtol=1e-6, atol=1e-9)
 
 
@@ -502,13 +507,7 @@ def test_label_smoothing_gradient_is_the_derivative_of_the_mean_loss(shape, weig
     weights = weights if weighted else None
     loss = losses.CrossEntropy(0.3)
     _, grad = loss(pred, labels, weights)
-    numerical = np.zeros_like(pred)
-    step = 1e-6
-    for index in np.ndindex(pred.shape):
-        plus, minus = pred.copy(), pred.copy()
-        plus[index] += step
-        minus[index] -= step
-        numerical[index] = (loss(plus, labels, weights)[0] - loss(minus, labels, weights)[0]) / (2 * step)
+    numerical = central_differences(lambda p: loss(p, labels, weights)[0], pred)
     np.testing.assert_allclose(grad, numerical, rtol=1e-6, atol=1e-9)
 
 
