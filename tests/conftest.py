@@ -60,6 +60,10 @@ def pytest_configure(config):
     # With -n: loadgroup scheduling, and each worker tags its grouped tests so (xdist_groups.py).
     if not config.pluginmanager.has_plugin("xdist_groups"):
         config.pluginmanager.register(xdist_groups, "xdist_groups")
+    # Without pytest-xdist (not installed, or -p no:xdist) nothing registers its xdist_group mark,
+    # which --strict-markers would refuse where the hook below adds it.
+    if not config.pluginmanager.has_plugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker (a no-op without it)")
 
 
 def pytest_addoption(parser):

@@ -65,3 +65,13 @@ def test_the_check_fails_where_the_scheduler_ignores_groups(tmp_path):
     # pytest-xdist's plain -n (load): the fixture is computed on both workers.
     workers, output = run_sandbox(tmp_path)
     assert sorted(workers) == ["gw0", "gw1"], output
+
+
+def test_the_suite_collects_its_grouped_tests_without_pytest_xdist():
+    # conftest.py marks the tests of ONE_WORKER_FIXTURES with xdist_group; with pytest-xdist off,
+    # --strict-markers refused that mark until conftest.py registered it itself.
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
+                           "-p", "no:cacheprovider", str(TESTS / "test_kernels_compile.py")],
+                          cwd=TESTS.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_kernels_compile.py::test_cmake_manifest_matches_the_shipped_sources" in done.stdout, done.stdout
