@@ -259,10 +259,9 @@ def test_the_reduced_sanitizer_run_launches_every_kernel_family_the_full_run_doe
 # ----------------------------------------------------------------------------- first contact's facts
 
 
-def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_attributes(cb, monkeypatch, tmp_path):
-    """bench/first_contact.py facts on the stand-in, with what a driver reports made up here:
-    the device's properties and each kernel's attributes (the CPU harness has no registers)."""
-    fc = load("first_contact")
+def fake_driver_facts(cb, monkeypatch, tmp_path):
+    """What a driver reports, made up here for the stand-in: the device's properties and each
+    kernel's attributes (the CPU harness has no registers); and an empty kernel cache."""
     runtime = cb.cupy.cuda.runtime
     for name, value in (("getDeviceProperties", lambda device: {"name": b"Stand-in GPU", "uuid": b"\x01\xfe",
                                                                 "multiProcessorCount": 132}),
@@ -275,6 +274,12 @@ def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_a
                                                                                         attributes))
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "empty_cache"))
     monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # facts points it at an empty folder; this puts it back after
+
+
+def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_attributes(cb, monkeypatch, tmp_path):
+    """bench/first_contact.py facts on the stand-in."""
+    fc = load("first_contact")
+    fake_driver_facts(cb, monkeypatch, tmp_path)
     assert fc.facts(tmp_path / "facts.json") == 0
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert facts["device"]["name"] == "Stand-in GPU" and facts["device"]["uuid"] == "01fe"
@@ -289,6 +294,38 @@ def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_a
     kernels = len(cb.KERNELS["optim.cu"])
     assert any(line.startswith("| optim.cu | nvrtc |") and line.endswith(f"| {kernels} | 40 | 8192 | none |")
                for line in report)
+
+
+def test_first_contact_facts_compile_the_kernel_files_side_by_side(cb, monkeypatch, tmp_path):
+    """Two files compile at once with two threads: each compile waits (up to 30 s) until another
+    one is under way too, which one-after-another compiling never lets happen."""
+    fc = load("first_contact")
+    fake_driver_facts(cb, monkeypatch, tmp_path)
+    together, compile_file = threading.Barrier(2, timeout=30), cb._rawmodule
+    monkeypatch.setattr(cb, "_rawmodule", lambda filename: (together.wait(), compile_file(filename))[1])
+    monkeypatch.setattr(cb, "KERNEL_FILES", cb.KERNEL_FILES[:2])
+    assert fc.facts(tmp_path / "facts.json", jobs=2) == 0
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert list(facts["kernel_files"]) == list(cb.KERNEL_FILES)
+    assert facts["kernel_compile"]["threads"] == 2 and facts["kernel_compile"]["wall_seconds"] >= 0
+
+
+def test_a_kernel_file_that_fails_to_compile_is_recorded_and_the_others_still_compile(cb, monkeypatch, tmp_path, capsys):
+    fc = load("first_contact")
+    fake_driver_facts(cb, monkeypatch, tmp_path)
+    broken, compile_file = cb.KERNEL_FILES[0], cb._rawmodule
+
+    def compile_or_fail(filename):
+        if filename == broken:
+            raise RuntimeError("NVRTC_ERROR_COMPILATION: made up here")
+        return compile_file(filename)
+
+    monkeypatch.setattr(cb, "_rawmodule", compile_or_fail)
+    assert fc.facts(tmp_path / "facts.json") == 1
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["kernel_files"][broken] == {"error": "RuntimeError: NVRTC_ERROR_COMPILATION: made up here"}
+    assert all(facts["kernel_files"][name]["origin"] == "nvrtc" for name in cb.KERNEL_FILES if name != broken)
+    assert f"{broken}: RuntimeError: NVRTC_ERROR_COMPILATION" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- dropout in the Dense kernels
