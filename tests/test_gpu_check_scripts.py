@@ -428,9 +428,10 @@ def test_gpu_check_runs_first_contact_only_alone():
 # ----------------------------------------------------------------------------- gpu_check.sh first-contact
 #
 # The stage runs on the CPU with stand-ins for what needs a GPU: PYTHON, COMPUTE_SANITIZER and
-# cmake are one fake program that logs each call, and, for the calls a rule matches, writes the
-# files the real one would, prints, sleeps and exits as the rule says; any other Python call
-# (bench/gpu_summary.py, the xdist probe) runs for real.
+# cmake are one fake program that logs each call, and, for the calls a rule matches, waits for a
+# file (``wait_for``, up to 30 s, else fails), writes the files the real one would, prints, sleeps
+# and exits as the rule says; any other Python call (bench/gpu_summary.py, the xdist probe) runs
+# for real.
 
 FAKE_TOOL = """
 import json, os, shutil, sys, time
@@ -439,6 +440,12 @@ with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(call + "\\n")
 for rule in json.loads(os.environ["FAKE_PLAN"]):
     if rule["match"] in call:
+        waited = 0
+        while rule.get("wait_for") and not os.path.exists(rule["wait_for"]):
+            if waited >= 30:
+                sys.exit("gave up waiting for " + rule["wait_for"])
+            time.sleep(0.1)
+            waited += 0.1
         for source, copy in rule.get("snapshot", {}).items():
             shutil.copy(source, copy)
         for path, text in rule.get("files", {}).items():
@@ -462,7 +469,8 @@ GPU_CALLS = ["first_contact.py facts", "gpu_load_check.py nvrtc", "cmake", "gpu_
 
 def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
     """Run ``gpu_check.sh first-contact`` with fake GPU tools; ``overrides`` are rules tried before
-    the plain ones. Returns (the finished process, the GPU calls made, in order, the check folder,
+    the plain ones. Calls are told apart by the text of GPU_CALLS, so the test's name (in
+    ``tmp_path``) must not hold "cmake". Returns (the finished process, the GPU calls made, in order, the check folder,
     the results-out folder)."""
     check, out, bin_dir = tmp_path / "check", tmp_path / "out", tmp_path / "bin"
     bin_dir.mkdir()
@@ -488,7 +496,10 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
         "GPUBP_FIRST_CONTACT_BUDGETS": budgets, "GPUBP_COMMIT": "ab" * 20})
     calls = [next(c for c in GPU_CALLS if c in line) for line in log.read_text().splitlines()
              if any(c in line for c in GPU_CALLS)]
-    return done, [c for i, c in enumerate(calls) if c not in calls[:i]], check, out  # cmake runs thrice
+    calls = [c for i, c in enumerate(calls) if c not in calls[:i]]  # cmake runs thrice
+    # The CMake build runs beside the NVRTC load check: either may be logged first.
+    return done, sorted(calls, key=lambda c: GPU_CALLS.index(c)) if set(calls[1:3]) == set(GPU_CALLS[1:3]) else calls, \
+        check, out
 
 
 def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_they_found(gs, tmp_path):
@@ -537,6 +548,28 @@ def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_oth
     final = json.loads((out / "gpu_summary.json").read_text())
     assert final["sanitizer"]["racecheck"] == "clean" and final["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
     assert "| tests | out of time | " in (out / "Fake_H200.md").read_text()
+
+
+def test_first_contacts_fatbin_build_runs_beside_the_nvrtc_load_check(gs, tmp_path):
+    # The NVRTC load check waits until the build has started: run one after the other, it would
+    # give up after 30 s and fail the step.
+    started = tmp_path / "cmake_started"
+    done, calls, check, _ = first_contact(gs, tmp_path, overrides=[
+        {"match": "gpu_load_check.py nvrtc", "wait_for": str(started), "stdout": "ok  nvrtc"},
+        {"match": "cmake", "files": {str(started): ""}, "sleep": 1}])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls == GPU_CALLS
+    assert gs.read_steps(check / "first_contact_steps.tsv")[0][:2] == ("facts", "ok")
+
+
+def test_a_failed_fatbin_build_fails_the_facts_step_and_skips_the_fatbin_check(gs, tmp_path):
+    done, calls, check, _ = first_contact(gs, tmp_path, overrides=[
+        {"match": "cmake --build", "stdout": "nvcc fatal : made up here", "exit": 1}])
+    assert done.returncode == 1
+    assert "gpu_load_check.py fatbin" not in calls and calls[-1] == "first_contact.py bench"
+    assert "nvcc fatal : made up here" in done.stdout and "FAILED: first-contact facts" in done.stdout
+    steps = {name: result for name, result, *_ in gs.read_steps(check / "first_contact_steps.tsv")}
+    assert steps["facts"].startswith("failed") and steps["tests"] == "ok"
 
 
 def test_first_contact_refuses_a_budget_for_a_step_it_does_not_have(gs, tmp_path):
