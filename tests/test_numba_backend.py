@@ -618,7 +618,7 @@ def test_scratch_buffers_are_private_to_a_stream_and_shared_within_one(rng):
 
 @pytest.mark.gpu
 def test_scratch_buffers_live_on_the_device_of_the_arrays_they_serve(rng):
-    import cupy
+    cupy = pytest.importorskip("cupy")
 
     if cupy.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs two CUDA GPUs")
