@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 from gpubp import backends  # noqa: E402
 
 import xdist_groups  # noqa: E402
+from cuda_on_cpu import rehearsal  # noqa: E402
 
 # Every backend a model can run on here: numba runs in the CUDA simulator without a GPU.
 BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]
@@ -64,9 +65,14 @@ def pytest_configure(config):
     # which --strict-markers would refuse where the hook below adds it.
     if not config.pluginmanager.has_plugin("xdist"):
         config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker (a no-op without it)")
+    if config.getoption(rehearsal.OPTION):
+        rehearsal.install()
 
 
 def pytest_addoption(parser):
+    parser.addoption(rehearsal.OPTION, action="store_true", default=False,
+                     help="run the gpu-marked tests without a GPU, the CuPy backend on the CPU kernel harness "
+                          "(tests/cuda_on_cpu/rehearsal.py)")
     parser.addoption("--shard", metavar="I/N", default=None,
                      help="run only the I-th (from 0) of N interleaved parts of the tests collected: every N-th "
                           "from the I-th; the sanitizer runs of tests/test_kernels_on_cpu.py split the file so")
@@ -93,6 +99,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(groups[shared[0]]))
     # The longest tests start first, so that no worker is left with one of them at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if config.getoption(rehearsal.OPTION):
+        rehearsal.skip_what_cannot_run(items)
+        return
     if GPU_COUNT:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {NO_GPU_REASON}")

@@ -212,6 +212,12 @@ class DeviceArray(np.ndarray):
     copies a host array in, as CuPy's do. While a graph is being captured, neither is allowed,
     nor is NumPy math on it, which would run at capture time instead of at every replay."""
 
+    @property
+    def data(self) -> types.SimpleNamespace:
+        """CuPy's MemoryPointer, as far as the backend's tests use one: ``ptr``, the address of the
+        first element."""
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
     def get(self) -> np.ndarray:
         _refuse_during_capture("a device-to-host copy (get)")
         return np.array(self, copy=True, subok=False)

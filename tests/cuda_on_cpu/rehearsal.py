@@ -1,0 +1,54 @@
+"""A rehearsal of the ``gpu`` tests without a GPU: ``pytest -m gpu --gpu-rehearsal tests``.
+
+The tests marked ``gpu`` run on a real device only, so a mistake in one of them (a call that
+no longer matches the backend, say) would first show on a GPU, in the few minutes one is lent.
+With ``--gpu-rehearsal`` the CuPy backend runs on the CPU harness instead (``cupy_shim``, an
+H100's 132 SMs and compute capability 9.0), its arrays count as CuPy's, and the ``gpu`` tests
+run rather than skip. What the stand-in cannot do is skipped by name in ``CANNOT_REHEARSE``,
+with the reason. The harness runs one thread per CUDA thread, so the large shapes take minutes;
+``-k`` leaves them out (tests/test_gpu_rehearsal.py runs the rest in the suite).
+
+The harness computes what the CUDA code computes, not what a GPU's timing or memory model
+adds: a pass here says the tests and the backend's Python agree, not that the GPU will.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cuda_on_cpu import harness
+from gpubp import _checks, backends
+from gpubp.backends import cupy_backend
+
+OPTION = "--gpu-rehearsal"
+SMS = 132  # an H100 SXM's (an H200 has the same): small layers take the 128x64 tiles and split dW
+
+# test function name -> why the stand-in cannot run it (it skips with that reason).
+CANNOT_REHEARSE = {
+    "test_cupy_and_numba_backends_share_arrays": "the Numba backend runs in the CUDA simulator here, "
+                                                 "which cannot take the stand-in's arrays",
+}
+
+
+def install() -> None:
+    """Put the CuPy backend on the CPU harness for the rest of this process."""
+    cpu = harness.Harness()
+    cpu.prebuild({Path(f).stem: cupy_backend.kernel_source(f) for f in cupy_backend.KERNEL_FILES})
+    cupy_backend.cupy = harness.cupy_shim(cpu, sms=SMS)
+    for cache in harness.BACKEND_CACHES:
+        setattr(cupy_backend, cache, {})
+    backends._modules["cupy"] = cupy_backend
+    backends._unavailable.pop("cupy", None)
+    array_kind = _checks.array_kind
+    # The stand-in's arrays are NumPy arrays underneath; as CuPy's, they go to the CuPy backend.
+    _checks.array_kind = lambda a: "cupy" if isinstance(a, harness.DeviceArray) else array_kind(a)
+
+
+def skip_what_cannot_run(items) -> None:
+    """Skip the tests of ``CANNOT_REHEARSE``, with the reason."""
+    for item in items:
+        reason = CANNOT_REHEARSE.get(getattr(item, "originalname", None) or item.name)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"gpu rehearsal: {reason}"))

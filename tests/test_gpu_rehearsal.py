@@ -1,0 +1,67 @@
+"""The gpu tests rehearsed on the CPU harness (tests/cuda_on_cpu/rehearsal.py), in a pytest of
+their own: the rehearsal swaps the CuPy backend's ``cupy`` for the whole process.
+
+Without a GPU these tests are the only run the ``gpu`` tests get, so a stale call in one of
+them (the rehearsal's first run found one) fails here instead of in a GPU's first minutes.
+The large shapes of tests/test_cupy_backend.py are left out: the harness takes minutes on them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cuda_on_cpu import rehearsal
+from test_cupy_backend import LARGE_SHAPES
+
+TESTS = Path(__file__).parent
+NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_SHAPES) + ")"
+
+
+def rehearse(*args, cwd=TESTS.parent, timeout=900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "-o", "addopts=-rs --strict-markers", rehearsal.OPTION, "-m", "gpu", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def counts(output: str) -> dict[str, int]:
+    summary = output.strip().splitlines()[-1]
+    return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
+
+
+@pytest.mark.slow
+def test_the_gpu_tests_pass_on_the_cpu_harness():
+    done = rehearse("-k", NOT_LARGE, "tests")
+    found = counts(done.stdout)
+    assert done.returncode == 0 and not found.get("failed") and not found.get("error"), done.stdout[-6000:]
+    assert found["passed"] >= 450, done.stdout[-3000:]  # 500 when written
+    # Each skip is one the rehearsal names, or a test that needs the real cupy module.
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert all("gpu rehearsal:" in line or "could not import 'cupy'" in line for line in skips), skips
+
+
+def test_every_test_the_rehearsal_cannot_run_exists():
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in TESTS.glob("test_*.py")), re.M))
+    assert set(rehearsal.CANNOT_REHEARSE) <= defined
+
+
+def test_the_rehearsal_catches_a_gpu_test_that_calls_the_backend_as_it_no_longer_is(tmp_path):
+    # The stale call the first rehearsal found: _gemm_launch returned three values when the test
+    # was written, and four since.
+    source = (TESTS / "test_cupy_backend.py").read_text()
+    fixed = '        _, grid, *_ = cb._gemm_launch("dw", "tanh", n_in, n_out, precision)'
+    assert fixed in source
+    (tmp_path / "test_cupy_backend.py").write_text(source.replace(fixed, fixed.replace("*_", "_")))
+    shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    done = rehearse("-c", str(TESTS.parent / "pyproject.toml"), "--rootdir", str(tmp_path),
+                    "-k", "test_split_k_dw_is_bitwise_repeatable and fp32", str(tmp_path), cwd=tmp_path)
+    found = counts(done.stdout)
+    assert done.returncode == 1 and found.get("failed") == 1 and not found.get("passed"), done.stdout[-3000:]
+    assert "ValueError: too many values to unpack" in done.stdout
