@@ -14,6 +14,7 @@ adds: a pass here says the tests and the backend's Python agree, not that the GP
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,9 @@ def install() -> None:
         setattr(cupy_backend, cache, {})
     backends._modules["cupy"] = cupy_backend
     backends._unavailable.pop("cupy", None)
+    # A test that imports cupy itself would mix a real GPU's arrays with the stand-in's: hidden,
+    # `pytest.importorskip("cupy")` skips it, on a machine with CuPy too.
+    sys.modules["cupy"] = None
     array_kind = _checks.array_kind
     # The stand-in's arrays are NumPy arrays underneath; as CuPy's, they go to the CuPy backend.
     _checks.array_kind = lambda a: "cupy" if isinstance(a, harness.DeviceArray) else array_kind(a)
