@@ -59,11 +59,12 @@ def test_dw_split(benchmark, cupy, monkeypatch, precision, batch, layer, choice)
     if choice != "heuristic":
         forced = int(choice.removeprefix("splits="))
 
-        def choose(b, tiles):
-            return cb.batch_chunks(b, forced)
+        def choose(b, tiles, k_step=cb.BK):
+            return cb.batch_chunks(b, forced, k_step)
 
     chosen = []  # what each launch used, as the backend computed it
-    monkeypatch.setattr(cb, "_dw_split", lambda b, tiles: chosen.append(choose(b, tiles)) or chosen[-1])
+    monkeypatch.setattr(cb, "_dw_split", lambda b, tiles, k_step=cb.BK: chosen.append(choose(b, tiles, k_step))
+                        or chosen[-1])
     n_in, n_out = layer
     measure(benchmark, cupy, dw_pass(cb, batch, n_in, n_out, precision), workload=workload(batch, n_in, n_out, precision),
             backend=choice, shape=[batch, n_in, n_out], flops=2.0 * batch * n_in * n_out)

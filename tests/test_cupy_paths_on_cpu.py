@@ -362,3 +362,35 @@ def test_a_dropout_above_a_dense_launches_no_pass_of_its_own(cb, monkeypatch, pr
     dz_kernel = "dense_dz_db_dropout_gelu" if precision == "tf32" else "dense_dz_dropout_gelu"
     assert dz_kernel in launched and not any(name.startswith(("dropout_", "dense_dz_gelu", "dense_dz_db_gelu"))
                                              for name in launched)
+
+
+# ----------------------------------------------------------------------------- the split-K sweep
+
+
+class FakeBenchmark:
+    """pytest-benchmark's fixture, as far as bench/test_gpu_dense.py's ``measure`` uses it."""
+
+    def __init__(self):
+        self.group, self.extra_info, self.calls = None, {}, 0
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=1e-3))
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        for _ in range(warmup_rounds + rounds * iterations):
+            fn()
+            self.calls += 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("choice", ["splits=2", "heuristic"])
+def test_the_split_k_sweep_forces_each_split_and_records_the_heuristics(cb, monkeypatch, precision, choice):
+    """bench/test_gpu_splitk.py's benchmark, run on the stand-in at a small shape: the split it
+    forces (or the heuristic's) is the one the dW launch used, whatever k step it asks with."""
+    sweep = load("test_gpu_splitk")
+    monkeypatch.setattr(cb.cupy.cuda.runtime, "getDeviceProperties", lambda device: {"name": b"Stand-in GPU"},
+                        raising=False)
+    benchmark = FakeBenchmark()
+    sweep.test_dw_split(benchmark, cb.cupy, monkeypatch, precision, 256, (8, 4), choice)
+    k_step = cb.TF32_BK if precision == "tf32" else cb.BK
+    expected = 2 if choice == "splits=2" else cb.dw_split(256, 1, 132, k_step)[0]
+    assert benchmark.extra_info["splits"] == expected and benchmark.calls > 0
+    assert benchmark.extra_info["device"] == "Stand-in GPU"
