@@ -24,11 +24,15 @@ TESTS = Path(__file__).parent
 NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_SHAPES) + ")"
 
 
-def rehearse(*args, cwd=TESTS.parent, timeout=900) -> subprocess.CompletedProcess:
+def pytest_run(*args, cwd=TESTS.parent, timeout=900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "-o", "addopts=-rs --strict-markers", rehearsal.OPTION, "-m", "gpu", *args],
+                           "-o", "addopts=-rs --strict-markers", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rehearse(*args, **kwargs) -> subprocess.CompletedProcess:
+    return pytest_run(rehearsal.OPTION, "-m", "gpu", *args, **kwargs)
 
 
 def counts(output: str) -> dict[str, int]:
@@ -65,3 +69,28 @@ def test_the_rehearsal_catches_a_gpu_test_that_calls_the_backend_as_it_no_longer
     found = counts(done.stdout)
     assert done.returncode == 1 and found.get("failed") == 1 and not found.get("passed"), done.stdout[-3000:]
     assert "ValueError: too many values to unpack" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_gpubp_gpu_benchmarks_run_on_the_cpu_harness_at_small_sizes():
+    # bench/ as the GPU stages run it, through the rehearsal plugin; of the fused sweep, one
+    # width, depth and batch (the whole sweep takes about two minutes here).
+    done = pytest_run("-p", "cuda_on_cpu.rehearsal", "-k", "not test_fused_mlp or -32-4-14-",
+                      "bench/test_gpu_dense.py", "bench/test_gpu_fused.py")
+    found = counts(done.stdout)
+    assert done.returncode == 0 and not found.get("failed") and not found.get("error"), done.stdout[-6000:]
+    assert found["passed"] >= 26 + 12, done.stdout[-3000:]  # every gpubp benchmark of the dense file
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all("gpu rehearsal:" in line for line in skips), skips
+
+
+def test_the_benchmark_rehearsal_catches_a_benchmark_that_calls_the_backend_as_it_never_was(tmp_path):
+    source = (TESTS.parent / "bench" / "test_gpu_dense.py").read_text()
+    call = 'cb.dense_forward(a, w, b, "relu", out=out)'
+    assert call in source
+    (tmp_path / "test_gpu_dense.py").write_text(source.replace(call, call.replace("out=out", "output=out")))
+    done = pytest_run("-p", "cuda_on_cpu.rehearsal", "-k", "test_forward_4096_relu", str(tmp_path / "test_gpu_dense.py"),
+                      cwd=TESTS.parent / "bench")
+    found = counts(done.stdout)
+    assert done.returncode == 1 and found.get("failed") == 1 and not found.get("passed"), done.stdout[-3000:]
+    assert "unexpected keyword argument 'output'" in done.stdout

@@ -1,4 +1,6 @@
-"""A rehearsal of the ``gpu`` tests without a GPU: ``pytest -m gpu --gpu-rehearsal tests``.
+"""A rehearsal of the ``gpu`` tests without a GPU: ``pytest -m gpu --gpu-rehearsal tests``;
+and of the GPU benchmarks: ``pytest -p cuda_on_cpu.rehearsal bench/test_gpu_dense.py
+bench/test_gpu_fused.py`` (with ``tests`` on ``PYTHONPATH``).
 
 The tests marked ``gpu`` run on a real device only, so a mistake in one of them (a call that
 no longer matches the backend, say) would first show on a GPU, in the few minutes one is lent.
@@ -10,6 +12,12 @@ with the reason. The harness runs one thread per CUDA thread, so the large shape
 
 The harness computes what the CUDA code computes, not what a GPU's timing or memory model
 adds: a pass here says the tests and the backend's Python agree, not that the GPU will.
+
+As a plugin (``-p cuda_on_cpu.rehearsal``, for bench/), it also shrinks the benchmarks'
+workloads (``shrink``: widths over 128 to 136, so the per-layer kernels still run; batches to
+72 at most), times each once, and skips what is not gpubp's CuPy backend (PyTorch, cuBLAS and
+the Numba backend need a real GPU), so every gpubp benchmark's code runs as the GPU stage runs
+it, if not at its size.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ CANNOT_REHEARSE = {
 }
 
 
+# The GPU benchmarks' implementations the stand-in runs: gpubp's CuPy backend, fused or not.
+BENCH_IMPLS = ("gpubp-cupy", "gpubp-fused", "gpubp-per-layer")
+WIDE, BATCH = 136, 72
+
+
 def install() -> None:
     """Put the CuPy backend on the CPU harness for the rest of this process."""
     cpu = harness.Harness()
@@ -48,6 +61,7 @@ def install() -> None:
     array_kind = _checks.array_kind
     # The stand-in's arrays are NumPy arrays underneath; as CuPy's, they go to the CuPy backend.
     _checks.array_kind = lambda a: "cupy" if isinstance(a, harness.DeviceArray) else array_kind(a)
+    cupy_backend.cupy.cuda.runtime.getDeviceProperties = lambda device: {"name": b"CPU harness (rehearsal)"}
 
 
 def skip_what_cannot_run(items) -> None:
@@ -56,3 +70,40 @@ def skip_what_cannot_run(items) -> None:
         reason = CANNOT_REHEARSE.get(getattr(item, "originalname", None) or item.name)
         if reason:
             item.add_marker(pytest.mark.skip(reason=f"gpu rehearsal: {reason}"))
+
+
+# ----------------------------------------------------------------------------- as a plugin, for bench/
+
+
+def shrink(widths, batch) -> tuple[list[int], int]:
+    return [min(w, WIDE) for w in widths], min(batch, BATCH)
+
+
+def shrink_module(module) -> None:
+    """bench/test_gpu_dense.py's and test_gpu_fused.py's workloads, small, timed once."""
+    small = {"ROUNDS": 1, "WARMUP": 0, "FWD_SIZE": WIDE}
+    for name in ("STEP_WORKLOADS", "MLPS", "SINGLE_LAYERS"):
+        if hasattr(module, name):
+            small[name] = {key: shrink(*value) for key, value in getattr(module, name).items()}
+    for name in ("FROZEN_MODEL", "SMALL_STEP"):
+        if hasattr(module, name):
+            small[name] = shrink(*getattr(module, name))
+    if hasattr(module, "runner"):  # test_gpu_fused.py: the batch is 2**power
+        runner = module.runner
+        small["runner"] = lambda impl, mode, widths, batch: runner(impl, mode, *shrink(widths, batch))
+    for name, value in small.items():
+        if hasattr(module, name):
+            setattr(module, name, value)
+
+
+def pytest_configure(config):
+    install()
+
+
+def pytest_collection_modifyitems(config, items):
+    for module in {item.module for item in items}:
+        shrink_module(module)
+    for item in items:
+        impl = getattr(item, "callspec", None) and item.callspec.params.get("impl")
+        if not (impl or "").startswith(BENCH_IMPLS):
+            item.add_marker(pytest.mark.skip(reason=f"gpu rehearsal: {impl or item.name} needs a real GPU"))
