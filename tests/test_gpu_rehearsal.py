@@ -25,7 +25,9 @@ NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_S
 
 
 def pytest_run(*args, cwd=TESTS.parent, timeout=900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # Not as a pytest-xdist worker, which its variables would say: pytest-benchmark turns itself off there.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            "-o", "addopts=-rs --strict-markers", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
