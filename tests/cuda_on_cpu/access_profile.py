@@ -32,7 +32,7 @@ Per kernel it returns, for that launch:
 How, in short (``access_profiler.cpp`` gives the rules implemented and their sources): gcc
 instruments the kernel unit at -O0 to call the recorder before every memory reference with
 its address and width; the recorder keeps the accesses to shared memory and to the launch's
-array arguments, groups the 32 lanes of each warp by call site and occurrence into requests,
+array arguments (and to the arrays a table of addresses among them points to), groups the 32 lanes of each warp by call site and occurrence into requests,
 and counts 4-byte banks per half- or quarter-warp phase for shared memory and 32-byte sectors
 for global memory.
 
@@ -178,6 +178,12 @@ def _optimizers(cb, rng):
     cb.rmsprop_update(param, grad, v, grad_avg, m, 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
     cb.rmsprop_update(param, grad, v, grad_avg, m, None, 0.99, 1e-8, 1e-2, 0.9, True, hyper=sgd_hyper,
                       guard=finite_loss)
+    # The multi-tensor updates over two tensors: the vector and a second one of another length.
+    other = [cb.asarray(np.abs(rng.standard_normal(VECTOR_SIZE // 3)).astype(np.float32)) for _ in range(5)]
+    cb.sgd_update_many([(param, grad, m), tuple(other[:3])], 0.1, 0.9, True, 1e-2)
+    cb.adam_update_many([(param, grad, m, v), tuple(other[:4])], 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1, True)
+    cb.rmsprop_update_many([(param, grad, v, grad_avg, m), (other[0], other[1], other[2], cb.zeros((VECTOR_SIZE // 3,)),
+                                                            other[4])], 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
     cb.sumsq(grad)
     cb.scale_(grad, 0.5)
 

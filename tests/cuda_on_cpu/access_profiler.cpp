@@ -25,8 +25,9 @@
 //            statics: profile_shared.ld gathers those (.bss of the kernel unit's object)
 //            between gpubp_shared_begin and gpubp_shared_end. (A __constant__ array without
 //            an initializer would be counted as shared; no kernel has one.)
-//   global   the launch's array arguments, [data, data + nbytes) each, as harness.py passes
-//            them to gpubp_cpu_profile_begin (merged where views of one buffer overlap);
+//   global   the launch's array arguments, [data, data + nbytes) each, and the arrays a
+//            table of addresses among them points to (the *_many updates'), as harness.py
+//            passes them to gpubp_cpu_profile_begin (merged where views of one buffer overlap);
 //   ignored  everything else: the thread's stack (registers and local memory on a GPU), the
 //            harness's own variables (threadIdx, blockDim: special registers on a GPU). A
 //            kernel that reached device memory through a pointer it was not passed as an

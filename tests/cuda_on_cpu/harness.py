@@ -168,6 +168,11 @@ for _fn in (_asan_poison, _asan_unpoison):
         _fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
+# Every device allocation alive: the profile build counts an array a pointer table points to
+# (see Kernel.__call__) as global memory of the launch.
+_live_allocations: weakref.WeakSet = weakref.WeakSet()
+
+
 class _Allocation:
     """One allocation of exactly ``nbytes`` (+ ``offset`` poisoned bytes in front), aligned as
     cudaMalloc's, freed with the last array that views it. Filled with 0xff bytes (NaN as
@@ -185,6 +190,7 @@ class _Allocation:
             _asan_poison(self.ptr, offset)
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.ptr + offset, False),
                                     "version": 3}
+        _live_allocations.add(self)
 
     def __del__(self):
         if self.offset and _asan_unpoison is not None:
@@ -331,6 +337,8 @@ class Kernel:
         profiling = self.module.harness.mode == "profile"
         if profiling:
             spans = [bound for arg in args if isinstance(arg, DeviceArray) for bound in _byte_span(arg)]
+            spans += [bound for arg in args if isinstance(arg, DeviceArray) and arg.dtype == np.int64
+                      for bound in _pointed_to(arg)]
             self.module.lib.gpubp_cpu_profile_begin((ctypes.c_ulonglong * max(len(spans), 1))(*spans),
                                                     len(spans) // 2, ctypes.c_ulonglong(shared_mem))
         status = self.module.lib.gpubp_cpu_launch(
@@ -359,6 +367,19 @@ class Kernel:
             want = expected.__name__ if expected is not None else code
             raise TypeError(f"{where}: expected a numpy.{want} scalar, got {type(arg).__name__}")
         return ctypes.create_string_buffer(arg.tobytes(), len(arg.tobytes()))
+
+
+def _pointed_to(table: np.ndarray) -> list[int]:
+    """The byte spans, flat, of the live allocations that ``table``'s values point into: a kernel
+    that reads its arrays' addresses from a table (the optimizers' *_many kernels) reaches them
+    through global memory as surely as through its arguments."""
+    values = np.asarray(table).ravel()
+    spans = []
+    for allocation in list(_live_allocations):
+        begin = allocation.ptr + allocation.offset
+        if np.any((values >= begin) & (values < begin + max(allocation.nbytes, 1))):
+            spans += [begin, begin + allocation.nbytes]
+    return spans
 
 
 def _byte_span(a: np.ndarray) -> tuple[int, int]:
