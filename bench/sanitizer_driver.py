@@ -124,6 +124,13 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
                               be.zeros((n,)) if momentum else None, 1e-2, 0.99, 1e-8, 1e-2, momentum, centered)
         be.sumsq(p)
         be.scale_(p, 0.5)
+    if getattr(be, "MULTI_TENSOR_UPDATES", False):  # every parameter size in one launch of each
+        def tensors(state: int) -> list[tuple]:
+            return [(rand(n), rand(n), *(be.zeros((n,)) for _ in range(state))) for n in coverage.parameters]
+
+        be.sgd_update_many(tensors(1), 0.1, 0.9, True, 1e-2)
+        be.adam_update_many(tensors(2), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1, True)
+        be.rmsprop_update_many(tensors(3), 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
 
 
 def drive_fused_mlp(be, rng, batches) -> None:

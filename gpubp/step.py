@@ -230,9 +230,15 @@ class TrainStep:
             model.backward(dout)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
-            for i, (param, group, state) in enumerate(captured.updates):
-                width = len(opt.graph_hyper(param, group, state))
-                opt.graph_update(param, group, state, captured.hyper[i, :width], captured.loss)
+            i = 0  # the row of the batch's first update: the updates' rows are in their order
+            for batch in opt.batches(captured.updates):
+                if len(batch) > 1:
+                    opt.graph_update_many(batch, captured.hyper[i:i + len(batch)], captured.loss)
+                else:
+                    param, group, state = batch[0]
+                    width = len(opt.graph_hyper(param, group, state))
+                    opt.graph_update(param, group, state, captured.hyper[i, :width], captured.loss)
+                i += len(batch)
 
         # The Dropout keys the captured kernels read are drawn before each replay, not in the capture.
         model._draw_keys = False

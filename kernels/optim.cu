@@ -16,13 +16,20 @@
 //   *_hyper        the same updates with lr (and Adam's step_size, inv_sqrt_bias2) read from
 //                  device memory, skipped when the step's loss is not finite: the kernels a
 //                  captured training step (a CUDA graph) replays.
+//   *_many         the same updates of several tensors in one launch (a training step's
+//                  parameters): the table (below) gives each block its tensor and chunk; lr
+//                  (and Adam's corrections) come as arguments, or with `hyper` from its row t
+//                  of `hyper_stride` floats for tensor t, guarded by `loss` as *_hyper are.
+//                  Each element gets the single-tensor kernel's arithmetic, so the results are
+//                  the same bits.
 //   sumsq          out[0] = sum a^2 (deterministic, reduce.cuh).
 //   scale_inplace  a *= s.
 //
 // All are elementwise over n contiguous floats (n may exceed 2^31): block REDUCE_THREADS,
-// grid-stride loops; each element is read and written once (sumsq reads only), so they
-// run at memory bandwidth. Flags are runtime ints: the branches are uniform across the
-// grid and cost nothing next to the memory traffic.
+// grid-stride loops (the *_many ones: a chunk of MULTI_CHUNK elements per block); each
+// element is read and written once (sumsq reads only), so they run at memory bandwidth.
+// Flags are runtime ints: the branches are uniform across the grid and cost nothing next to
+// the memory traffic.
 #include "reduce.cuh"
 
 namespace {
@@ -31,21 +38,45 @@ namespace {
 // bias corrections) as kernel arguments and the *_hyper ones that read them from device
 // memory, which a CUDA graph captures once and a host copy updates before every replay.
 
+__device__ __forceinline__ void sgd_element(float* __restrict__ param, const float* __restrict__ grad,
+                                            float* __restrict__ velocity, float lr, float momentum, int nesterov,
+                                            float weight_decay, long long i) {
+    const float p = param[i];
+    const float g = fmaf(weight_decay, p, grad[i]);
+    float step = g;
+    if (momentum != 0.0f) {
+        const float v = fmaf(momentum, velocity[i], g);
+        velocity[i] = v;
+        step = nesterov ? fmaf(momentum, v, g) : v;
+    }
+    param[i] = p - lr * step;
+}
+
 __device__ __forceinline__ void sgd_body(float* __restrict__ param, const float* __restrict__ grad,
                                          float* __restrict__ velocity, float lr, float momentum, int nesterov,
                                          float weight_decay, long long n) {
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float p = param[i];
-        const float g = fmaf(weight_decay, p, grad[i]);
-        float step = g;
-        if (momentum != 0.0f) {
-            const float v = fmaf(momentum, velocity[i], g);
-            velocity[i] = v;
-            step = nesterov ? fmaf(momentum, v, g) : v;
-        }
-        param[i] = p - lr * step;
+        sgd_element(param, grad, velocity, lr, momentum, nesterov, weight_decay, i);
     }
+}
+
+__device__ __forceinline__ void adam_element(float* __restrict__ param, const float* __restrict__ grad,
+                                             float* __restrict__ m, float* __restrict__ v, float lr, float beta1,
+                                             float beta2, float eps, float weight_decay, float step_size,
+                                             float inv_sqrt_bias2, int decoupled, long long i) {
+    float p = param[i];
+    float g = grad[i];
+    if (decoupled) {
+        p *= 1.0f - lr * weight_decay;
+    } else {
+        g = fmaf(weight_decay, p, g);
+    }
+    const float mi = fmaf(beta1, m[i], (1.0f - beta1) * g);
+    const float vi = fmaf(beta2, v[i], (1.0f - beta2) * g * g);
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = p - step_size * mi / fmaf(sqrtf(vi), inv_sqrt_bias2, eps);
 }
 
 __device__ __forceinline__ void adam_body(float* __restrict__ param, const float* __restrict__ grad,
@@ -54,19 +85,30 @@ __device__ __forceinline__ void adam_body(float* __restrict__ param, const float
                                           float inv_sqrt_bias2, int decoupled, long long n) {
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        float p = param[i];
-        float g = grad[i];
-        if (decoupled) {
-            p *= 1.0f - lr * weight_decay;
-        } else {
-            g = fmaf(weight_decay, p, g);
-        }
-        const float mi = fmaf(beta1, m[i], (1.0f - beta1) * g);
-        const float vi = fmaf(beta2, v[i], (1.0f - beta2) * g * g);
-        m[i] = mi;
-        v[i] = vi;
-        param[i] = p - step_size * mi / fmaf(sqrtf(vi), inv_sqrt_bias2, eps);
+        adam_element(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2, decoupled, i);
     }
+}
+
+__device__ __forceinline__ void rmsprop_element(float* __restrict__ param, const float* __restrict__ grad,
+                                                float* __restrict__ square_avg, float* __restrict__ grad_avg,
+                                                float* __restrict__ momentum_buffer, float lr, float alpha, float eps,
+                                                float weight_decay, float momentum, int centered, long long i) {
+    const float p = param[i];
+    const float g = fmaf(weight_decay, p, grad[i]);
+    const float v = fmaf(alpha, square_avg[i], (1.0f - alpha) * g * g);
+    square_avg[i] = v;
+    float variance = v;
+    if (centered) {
+        const float gm = fmaf(alpha, grad_avg[i], (1.0f - alpha) * g);
+        grad_avg[i] = gm;
+        variance = fmaf(-gm, gm, v);
+    }
+    float step = g / (sqrtf(variance) + eps);
+    if (momentum != 0.0f) {
+        step = fmaf(momentum, momentum_buffer[i], step);
+        momentum_buffer[i] = step;
+    }
+    param[i] = p - lr * step;
 }
 
 __device__ __forceinline__ void rmsprop_body(float* __restrict__ param, const float* __restrict__ grad,
@@ -75,22 +117,8 @@ __device__ __forceinline__ void rmsprop_body(float* __restrict__ param, const fl
                                              float weight_decay, float momentum, int centered, long long n) {
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const float p = param[i];
-        const float g = fmaf(weight_decay, p, grad[i]);
-        const float v = fmaf(alpha, square_avg[i], (1.0f - alpha) * g * g);
-        square_avg[i] = v;
-        float variance = v;
-        if (centered) {
-            const float gm = fmaf(alpha, grad_avg[i], (1.0f - alpha) * g);
-            grad_avg[i] = gm;
-            variance = fmaf(-gm, gm, v);
-        }
-        float step = g / (sqrtf(variance) + eps);
-        if (momentum != 0.0f) {
-            step = fmaf(momentum, momentum_buffer[i], step);
-            momentum_buffer[i] = step;
-        }
-        param[i] = p - lr * step;
+        rmsprop_element(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
+                        centered, i);
     }
 }
 
@@ -101,6 +129,43 @@ __device__ __forceinline__ void rmsprop_body(float* __restrict__ param, const fl
 __device__ __forceinline__ bool loss_is_finite(const float* __restrict__ loss) {
     return fabsf(__ldg(loss)) <= 3.40282347e38f;
 }
+
+// A multi-tensor launch's table, `count` tensors of K buffers each, as 64-bit words:
+//   [t * K + j]               buffer j of tensor t (param, grad, then the optimizer's state),
+//   [count * K + t]           tensor t's length,
+//   [count * K + count + t]   its first block (t = count: the grid), ascending.
+// Block b updates elements [c * MULTI_CHUNK, (c + 1) * MULTI_CHUNK) of the tensor t whose
+// blocks hold b, c = b - first block of t; MULTI_CHUNK is cupy_backend's.
+constexpr int MULTI_CHUNK = 4 * gpubp::REDUCE_THREADS;
+
+template <int K>
+struct MultiTensor {
+    float* buffer[K];
+    int index;              // the tensor's, 0 .. count - 1
+    long long begin, end;   // the elements of it this block updates
+
+    __device__ static MultiTensor of_block(const long long* __restrict__ table, int count) {
+        const long long* first = table + count * K + count;
+        const long long b = blockIdx.x;
+        int lo = 0, hi = count - 1;  // the last tensor whose first block is at or before b
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (__ldg(first + mid) <= b) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        MultiTensor tensor;
+#pragma unroll
+        for (int j = 0; j < K; ++j) tensor.buffer[j] = reinterpret_cast<float*>(__ldg(table + lo * K + j));
+        const long long n = __ldg(table + count * K + lo);
+        tensor.index = lo;
+        tensor.begin = (b - __ldg(first + lo)) * MULTI_CHUNK;
+        tensor.end = n < tensor.begin + MULTI_CHUNK ? n : tensor.begin + MULTI_CHUNK;
+        return tensor;
+    }
+};
 
 }  // namespace
 
@@ -153,6 +218,54 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     if (!loss_is_finite(loss)) return;
     rmsprop_body(param, grad, square_avg, grad_avg, momentum_buffer, __ldg(hyper), alpha, eps, weight_decay, momentum,
                  centered, n);
+}
+
+// The multi-tensor updates. from_hyper = 0: lr (and Adam's step_size, inv_sqrt_bias2) as
+// arguments, `hyper` and `loss` unread. from_hyper = 1: read from tensor t's row of `hyper`
+// ({lr}, or Adam's {lr, step_size, inv_sqrt_bias2}), and nothing updated when `loss` is not
+// finite. A buffer an update does not touch (velocity without momentum, ...) is param again.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    sgd_update_many(const long long* __restrict__ table, int count, const float* __restrict__ hyper,
+                    int hyper_stride, const float* __restrict__ loss, int from_hyper, float lr, float momentum,
+                    int nesterov, float weight_decay) {
+    if (from_hyper && !loss_is_finite(loss)) return;
+    const auto t = MultiTensor<3>::of_block(table, count);
+    if (from_hyper) lr = __ldg(hyper + static_cast<long long>(t.index) * hyper_stride);
+    for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) {
+        sgd_element(t.buffer[0], t.buffer[1], t.buffer[2], lr, momentum, nesterov, weight_decay, i);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    adam_update_many(const long long* __restrict__ table, int count, const float* __restrict__ hyper,
+                     int hyper_stride, const float* __restrict__ loss, int from_hyper, float lr, float beta1,
+                     float beta2, float eps, float weight_decay, float step_size, float inv_sqrt_bias2,
+                     int decoupled) {
+    if (from_hyper && !loss_is_finite(loss)) return;
+    const auto t = MultiTensor<4>::of_block(table, count);
+    if (from_hyper) {
+        const float* row = hyper + static_cast<long long>(t.index) * hyper_stride;
+        lr = __ldg(row);
+        step_size = __ldg(row + 1);
+        inv_sqrt_bias2 = __ldg(row + 2);
+    }
+    for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) {
+        adam_element(t.buffer[0], t.buffer[1], t.buffer[2], t.buffer[3], lr, beta1, beta2, eps, weight_decay,
+                     step_size, inv_sqrt_bias2, decoupled, i);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    rmsprop_update_many(const long long* __restrict__ table, int count, const float* __restrict__ hyper,
+                        int hyper_stride, const float* __restrict__ loss, int from_hyper, float lr, float alpha,
+                        float eps, float weight_decay, float momentum, int centered) {
+    if (from_hyper && !loss_is_finite(loss)) return;
+    const auto t = MultiTensor<5>::of_block(table, count);
+    if (from_hyper) lr = __ldg(hyper + static_cast<long long>(t.index) * hyper_stride);
+    for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) {
+        rmsprop_element(t.buffer[0], t.buffer[1], t.buffer[2], t.buffer[3], t.buffer[4], lr, alpha, eps,
+                        weight_decay, momentum, centered, i);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

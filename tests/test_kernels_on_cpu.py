@@ -166,7 +166,8 @@ def launched_kernel_names() -> set[str]:
              "ce_fwd_bwd_weighted_i32", "ce_fwd_bwd_weighted_i64", "mse_fwd_bwd_weighted", "mae_fwd_bwd_weighted",
              "huber_fwd_bwd_weighted", "poisson_fwd_bwd", "poisson_fwd_bwd_weighted",
              "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
-             "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sumsq", "scale_inplace",
+             "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sgd_update_many", "adam_update_many",
+             "rmsprop_update_many", "sumsq", "scale_inplace",
              "dropout_mask", "philox_words", "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
@@ -1221,6 +1222,111 @@ def test_a_device_loss_or_rate_of_the_wrong_kind_is_refused_naming_it_before_any
         np.testing.assert_array_equal(cb.to_host(a), was)
 
 
+# ----------------------------------------------------------------------------- multi-tensor updates
+
+# Tensor lengths of one *_many launch: empty, one element, either side of a block's chunk and
+# several chunks (cupy_backend.MULTI_CHUNK = 1024).
+MANY_SIZES = [5, 0, 1, 1023, 1024, 1025, 3 * 1024 + 7] if not SANITIZED else [5, 0, 1, 1025]
+# kind -> (buffers per tensor after param and grad, option tuples: the single update's after lr)
+MANY_KINDS = {
+    "sgd": (1, [(0.9, True, 1e-2), (0.0, False, 0.0)]),
+    "adam": (2, [(0.9, 0.999, 1e-8, 1e-2, True), (0.8, 0.99, 1e-6, 1e-2, False)]),
+    "rmsprop": (3, [(0.99, 1e-8, 1e-2, 0.9, True), (0.9, 1e-6, 0.0, 0.0, False)]),
+}
+
+
+def many_tensors(cb, rng, kind):
+    """Each MANY_SIZES tensor's (param, grad, state...) twice: on the device for single-tensor
+    updates and for one multi-tensor update, the same values."""
+    extra = MANY_KINDS[kind][0]
+    host = []
+    for n in MANY_SIZES:
+        arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2 + extra)]
+        if kind == "rmsprop":  # square_avg above grad_avg squared, as a centered average keeps it
+            arrays[2] = np.abs(arrays[2]) + arrays[3] ** 2
+        host.append(arrays)
+    return ([tuple(cb.asarray(a) for a in arrays) for arrays in host] for _ in range(2))
+
+
+def single_update(cb, kind, tensor, lr, options, step, hyper=None, guard=None):
+    if kind == "sgd":
+        cb.sgd_update(*tensor, lr, *options, hyper=hyper, guard=guard)
+    elif kind == "adam":
+        cb.adam_update(*tensor, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
+    else:
+        cb.rmsprop_update(*tensor, lr, *options, hyper=hyper, guard=guard)
+
+
+def many_update(cb, kind, tensors, lr, options, step, hyper=None, guard=None):
+    if kind == "sgd":
+        cb.sgd_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
+    elif kind == "adam":
+        cb.adam_update_many(tensors, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
+    else:
+        cb.rmsprop_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
+
+
+def assert_tensors_equal(cb, got, want):
+    for t, (a_tensor, b_tensor) in enumerate(zip(got, want)):
+        for j, (a, b) in enumerate(zip(a_tensor, b_tensor)):
+            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"tensor {t}, buffer {j}")
+
+
+@pytest.mark.parametrize("option", [0, 1])
+@pytest.mark.parametrize("kind", list(MANY_KINDS))
+def test_a_multi_tensor_update_is_the_single_updates_bitwise_in_one_launch(cb_small_gpu, rng, kind, option):
+    cb, options = cb_small_gpu, MANY_KINDS[kind][1][option]
+    singles, many = many_tensors(cb, rng, kind)
+    for step in (1, 2):
+        lr = 0.01 * step
+        for tensor in singles:
+            single_update(cb, kind, tensor, lr, options, step)
+        with trace() as t:
+            many_update(cb, kind, many, lr, options, step)
+        assert t.launches == [f"{kind}_update_many"]
+    assert_tensors_equal(cb, many, singles)
+
+
+@pytest.mark.parametrize("kind", list(MANY_KINDS))
+def test_a_multi_tensor_update_reads_each_tensors_row_of_hyper_as_the_single_ones_read_theirs(cb_small_gpu, rng,
+                                                                                              kind):
+    # Rows that differ per tensor (its own step, as a replayed step's tensors may have), from a
+    # (tensors, 3) array, as TrainStep's capture hands a batch its rows.
+    cb, options = cb_small_gpu, MANY_KINDS[kind][1][0]
+    singles, many = many_tensors(cb, rng, kind)
+    rows = np.zeros((len(MANY_SIZES), 3), np.float32)
+    for t in range(len(MANY_SIZES)):
+        lr = 0.01 * (t + 1)
+        values = cb.adam_hyper(lr, *options[:2], t + 1) if kind == "adam" else (lr,)
+        rows[t, :len(values)] = values
+    hyper, finite = cb.asarray(rows), device_scalar(cb, 0.25)
+    for t, tensor in enumerate(singles):
+        single_update(cb, kind, tensor, None, options, None, hyper=hyper[t, :3 if kind == "adam" else 1],
+                      guard=finite)
+    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=finite)
+    assert_tensors_equal(cb, many, singles)
+    before = [tuple(cb.to_host(a) for a in tensor) for tensor in many]
+    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=device_scalar(cb, np.nan))
+    for tensor, was in zip(many, before):  # a non-finite loss: nothing changes
+        for a, b in zip(tensor, was):
+            np.testing.assert_array_equal(cb.to_host(a), b)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel")
+def test_a_multi_tensor_update_refuses_hyper_rows_of_the_wrong_shape_before_any_launch(cb_small_gpu, rng):
+    cb = cb_small_gpu
+    _, many = many_tensors(cb, rng, "adam")
+    before = [tuple(cb.to_host(a) for a in tensor) for tensor in many]
+    with trace() as t, pytest.raises(ValueError, match=r"^hyper: expected a contiguous float32 CuPy array of shape "
+                                                       rf"\({len(many)}, >= 3\)"):
+        cb.adam_update_many(many, None, 0.9, 0.999, 1e-8, 0.0, None, False, hyper=cb.empty((len(many), 1)),
+                            guard=device_scalar(cb, 1.0))
+    assert t.total == 0
+    for tensor, was in zip(many, before):
+        for a, b in zip(tensor, was):
+            np.testing.assert_array_equal(cb.to_host(a), b)
+
+
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 def test_sumsq_and_scale_match_numpy(cb_small_gpu, rng, n):
     check_sumsq_and_scale(cb_small_gpu, rng, n)
@@ -1281,6 +1387,36 @@ def run_steps(model, optimizer, batches, cuda_graph=False, rates=None):
 
 def graph_batches(rng, sizes):
     return [(rng.standard_normal((n, 9)).astype(np.float32), rng.integers(0, 3, n)) for n in sizes]
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the multi-tensor parity tests do not")
+@pytest.mark.parametrize("opt", sorted(GRAPH_OPTIMIZERS))
+def test_an_optimizer_updates_a_group_in_one_launch_as_it_would_parameter_by_parameter(cb_h100, rng, monkeypatch,
+                                                                                       opt):
+    # Two groups (the head at its own rate), and the first layer unfrozen after two steps, so
+    # that its parameters are two steps behind: for Adam, whose update reads the step count, a
+    # launch of their own.
+    batches = graph_batches(rng, [17] * 4)
+    runs = {}
+    for multi in (False, True):
+        monkeypatch.setattr(cb_h100, "MULTI_TENSOR_UPDATES", multi)
+        model = graph_model(False, frozen=1)
+        optimizer = GRAPH_OPTIMIZERS[opt]([{"params": model[:2].parameters()},
+                                           {"params": model[2].parameters(), "lr": 3e-3}])
+        step = model.train_step("cross_entropy", optimizer)
+        launched = []
+        for i, (xb, yb) in enumerate(batches):
+            if i == 2:
+                model.unfreeze()
+            with trace() as t:
+                step(xb, yb)
+            launched.append([name for name in t.launches if name.endswith(("_update", "_update_many"))])
+        runs[multi] = model.get_weights(), launched
+    assert_arrays_equal(runs[True][0], runs[False][0])
+    single, many = f"{opt.removesuffix('w')}_update", f"{opt.removesuffix('w')}_update_many"
+    assert runs[False][1] == [[single] * 4] * 2 + [[single] * 6] * 2
+    stepped = opt in ("adam", "adamw")  # the first layer's W and b are behind the second's
+    assert runs[True][1] == [[many] * 2] * 2 + [[many] * (3 if stepped else 2)] * 2
 
 
 # Under the sanitizers one case: the rest launch the same kernels from the same graphs.
@@ -1345,7 +1481,8 @@ def test_a_replayed_step_launches_what_the_eager_step_launches_and_skips_frozen_
     assert step.graphed and replayed.launches == eager.launches
     assert step.launches_per_step == len(eager.launches)
     assert "dense_dw" not in eager.launches[:1]
-    assert eager.counts["adam_update"] == 4  # the two trainable layers' W and b; the frozen one has none
+    # One launch updates the two trainable layers' W and b; the frozen one has no update.
+    assert eager.counts["adam_update_many"] == 1 and "adam_update" not in eager.counts
     assert model[0].weight.grad is None
 
 

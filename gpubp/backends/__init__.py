@@ -138,6 +138,20 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``rmsprop_hyper(lr)`` fill, the kernel reads those at run time (``lr`` and ``step`` are
         then None); ``guard``, the (1,) loss array, skips the update when the loss is not finite.
 
+Optional capability: multi-tensor updates (the cupy backend; the others do not have it)
+    A backend with ``MULTI_TENSOR_UPDATES`` updates several tensors in one launch; the
+    optimizers look for the attribute and hand it each run of parameters that share a param
+    group, a device, a dtype and (Adam) a step count (``Optimizer.batches``).
+    ``sgd_update_many(tensors, lr, momentum, nesterov, weight_decay)``,
+    ``adam_update_many(tensors, lr, beta1, beta2, eps, weight_decay, step, decoupled)``,
+    ``rmsprop_update_many(tensors, lr, alpha, eps, weight_decay, momentum, centered)``
+        ``tensors`` a list of the single update's array arguments, one tuple per tensor
+        ((param, grad, velocity); (param, grad, m, v); (param, grad, square_avg, grad_avg,
+        momentum_buffer)); each tensor ends with the bits its single update gives it. With the
+        CUDA-graph capability, ``hyper`` is a (len(tensors), >= width) float32 array whose row t
+        tensor t reads, and ``guard`` as for the single updates. Records ``sgd_update_many``,
+        ``adam_update_many`` or ``rmsprop_update_many``, once.
+
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an
 array library directly, so one model runs unchanged on every backend.

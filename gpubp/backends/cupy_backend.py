@@ -110,6 +110,11 @@ SPLIT_WAVES = 2
 MIN_ROWS_PER_SPLIT = 256
 MAX_SPLITS = 32
 ELEMENTWISE_BLOCKS_PER_SM = 16
+# The *_many optimizer kernels (kernels/optim.cu's MULTI_CHUNK): elements per block.
+MULTI_CHUNK = 4 * REDUCE_THREADS
+# Optional capability (gpubp.backends): one launch updates a list of tensors.
+MULTI_TENSOR_UPDATES = True
+MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
@@ -194,7 +199,8 @@ KERNELS = {
                                           ("mae_fwd_bwd", ""), ("huber_fwd_bwd", ""), ("bce_fwd_bwd", ""),
                                           ("poisson_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
-                 "rmsprop_update_hyper", "sumsq", "scale_inplace"),
+                 "rmsprop_update_hyper", "sgd_update_many", "adam_update_many", "rmsprop_update_many", "sumsq",
+                 "scale_inplace"),
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
 KERNEL_FILES = tuple(KERNELS)
@@ -945,6 +951,79 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
         (_elementwise_blocks(n),), (REDUCE_THREADS,),
         (param, grad, square_avg) + buffers + rate + (np.float32(alpha), np.float32(eps), np.float32(weight_decay),
                                                       np.float32(momentum), np.int32(bool(centered)), np.int64(n)))
+
+
+# One launch for many tensors: kernels/optim.cu's *_many kernels find each block's tensor in a
+# table of the tensors' buffers, lengths and first blocks. A model's parameters, gradient
+# buffers and optimizer state keep their memory from step to step, so the table of a training
+# step's update is made once and found again by its contents (which a CUDA graph's capture,
+# where no host copy may run, relies on: the eager step before it made the table).
+
+
+def _multi_table(tensors: list[tuple]) -> tuple:
+    """(table, blocks) of a *_many launch over ``tensors``, each a tuple of equally many buffers."""
+    words = [int(a.data.ptr) for tensor in tensors for a in tensor]
+    sizes = [int(tensor[0].size) for tensor in tensors]
+    firsts = [0]
+    for n in sizes:
+        firsts.append(firsts[-1] + -(-n // MULTI_CHUNK))
+    tables = _state().setdefault("multi_tables", {})
+    key = (len(tensors[0]), *words, *sizes)
+    table = tables.get(key)
+    if table is None:
+        if len(tables) >= MAX_MULTI_TABLES:
+            tables.pop(next(iter(tables)))  # the oldest
+        table = tables[key] = cupy.asarray(np.array(words + sizes + firsts, np.int64))
+    return table, firsts[-1]
+
+
+def _update_many(name: str, tensors: list[tuple], hyper, guard, width: int, scalars: tuple) -> None:
+    """Launch ``name`` over ``tensors``; ``hyper``: None, or (len(tensors), >= ``width``) rows."""
+    if not tensors:
+        return
+    table, blocks = _multi_table(tensors)
+    if hyper is None:
+        spare = _state()["scalar"]  # neither read
+        head = (spare, np.int32(0), spare, np.int32(0))
+    else:
+        if not (is_array(hyper) and hyper.dtype == np.float32 and hyper.ndim == 2 and hyper.flags.c_contiguous
+                and hyper.shape[0] == len(tensors) and hyper.shape[1] >= width):
+            raise ValueError(f"hyper: expected a contiguous float32 CuPy array of shape ({len(tensors)}, >= {width}), "
+                             f"got {getattr(hyper, 'dtype', type(hyper))} {getattr(hyper, 'shape', '')}")
+        head = (hyper, np.int32(hyper.shape[1]), _device_floats(guard, "guard"), np.int32(1))
+    if blocks == 0:
+        return
+    record(name)
+    _kernel("optim.cu", name)((blocks,), (REDUCE_THREADS,), (table, np.int32(len(tensors))) + head + scalars)
+
+
+def sgd_update_many(tensors, lr, momentum, nesterov, weight_decay, hyper=None, guard=None):
+    """``sgd_update`` of every (param, grad, velocity) in ``tensors``, in one launch: the same bits.
+    ``hyper``: row t, (lr,), for tensor t (then ``lr`` is None); ``guard`` as for ``sgd_update``."""
+    tensors = [(param, grad, param if velocity is None else velocity) for param, grad, velocity in tensors]
+    _update_many("sgd_update_many", tensors, hyper, guard, 1,
+                 (np.float32(lr or 0), np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay)))
+
+
+def adam_update_many(tensors, lr, beta1, beta2, eps, weight_decay, step, decoupled, hyper=None, guard=None):
+    """``adam_update`` of every (param, grad, m, v) in ``tensors``, all at Adam step ``step``, in one
+    launch: the same bits. ``hyper``: row t, ``adam_hyper``'s (lr, step_size, inv_sqrt_bias2), for
+    tensor t (then ``lr`` and ``step`` are None); ``guard`` as for ``adam_update``."""
+    lr, step_size, inv_sqrt_bias2 = adam_hyper(lr, beta1, beta2, step) if hyper is None else (0.0, 0.0, 0.0)
+    _update_many("adam_update_many", list(tensors), hyper, guard, 3,
+                 (np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay),
+                  np.float32(step_size), np.float32(inv_sqrt_bias2), np.int32(bool(decoupled))))
+
+
+def rmsprop_update_many(tensors, lr, alpha, eps, weight_decay, momentum, centered, hyper=None, guard=None):
+    """``rmsprop_update`` of every (param, grad, square_avg, grad_avg, momentum_buffer) in
+    ``tensors``, in one launch: the same bits. ``hyper``: row t, (lr,), for tensor t (then ``lr``
+    is None); ``guard`` as for ``rmsprop_update``."""
+    tensors = [(param, grad, square_avg, *(param if b is None else b for b in (grad_avg, momentum_buffer)))
+               for param, grad, square_avg, grad_avg, momentum_buffer in tensors]
+    _update_many("rmsprop_update_many", tensors, hyper, guard, 1,
+                 (np.float32(lr or 0), np.float32(alpha), np.float32(eps), np.float32(weight_decay),
+                  np.float32(momentum), np.int32(bool(centered))))
 
 
 def sgd_hyper(lr: float) -> tuple[float]:

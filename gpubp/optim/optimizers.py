@@ -87,9 +87,32 @@ class Optimizer:
             param.grad = None
 
     def step(self) -> None:
-        """Update every trainable parameter that has a gradient; frozen ones are not touched."""
-        for param, group, state in self.updates():
-            self._update(param, group, state)
+        """Update every trainable parameter that has a gradient; frozen ones are not touched. On a
+        backend with multi-tensor updates, each of ``batches`` takes one launch."""
+        for batch in self.batches(self.updates()):
+            if len(batch) > 1:
+                self._update_many(batch)
+            else:
+                self._update(*batch[0])
+
+    def batches(self, updates: list[tuple[Parameter, dict, dict]]) -> list[list[tuple[Parameter, dict, dict]]]:
+        """``updates`` in runs that one launch updates: consecutive parameters of one group, on one
+        device of a backend with ``MULTI_TENSOR_UPDATES``, in one dtype and, where the update reads
+        the step count (Adam's bias corrections), at one step count; elsewhere one parameter a run."""
+        runs, previous = [], None
+        for update in updates:
+            param, group, state = update
+            key = None
+            if getattr(param.backend, "MULTI_TENSOR_UPDATES", False):
+                device = getattr(getattr(param.data, "device", None), "id", None)
+                key = (id(param.backend), id(group), device, param.data.dtype,
+                       state["step"] if self._update_reads_step else None)
+            if key is not None and key == previous:
+                runs[-1].append(update)
+            else:
+                runs.append([update])
+            previous = key
+        return runs
 
     def updates(self) -> list[tuple[Parameter, dict, dict]]:
         """(parameter, its group, its state) for each parameter the next ``step`` updates: the
@@ -105,7 +128,16 @@ class Optimizer:
                 found.append((param, group, state))
         return found
 
+    _update_reads_step = False  # Adam: parameters at different steps update in separate launches
+
     def _new_state(self, param: Parameter, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _update(self, param: Parameter, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    def _update_many(self, batch: list[tuple[Parameter, dict, dict]]) -> None:
+        """``_update`` of each parameter of one of ``batches``, in one launch."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------- replayed steps
@@ -125,6 +157,11 @@ class Optimizer:
     def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
         """Launch the update of ``param`` reading ``graph_hyper`` from ``hyper`` on the device,
         skipped when the loss in ``guard`` is not finite."""
+        raise NotImplementedError
+
+    def graph_update_many(self, batch: list[tuple[Parameter, dict, dict]], hyper, guard) -> None:
+        """``graph_update`` of each parameter of one of ``batches`` in one launch, parameter t
+        reading row t of ``hyper``."""
         raise NotImplementedError
 
     def graph_advance(self, state: dict) -> None:
@@ -267,11 +304,27 @@ class SGD(Optimizer):
         return {"velocity": None}
 
     def _update(self, param: Parameter, group: dict, state: dict) -> None:
+        self._make_velocity(param, group, state)
+        param.backend.sgd_update(param.data, param.grad, state["velocity"], group["lr"], group["momentum"],
+                                 group["nesterov"], group["weight_decay"])
+
+    def _update_many(self, batch: list[tuple[Parameter, dict, dict]]) -> None:
+        for param, group, state in batch:
+            self._make_velocity(param, group, state)
+        self._sgd_many(batch, batch[0][1]["lr"])
+
+    @staticmethod
+    def _make_velocity(param: Parameter, group: dict, state: dict) -> None:
         # Made on first use with momentum, so a schedule that turns momentum on later works too.
         if group["momentum"] and state["velocity"] is None:
             state["velocity"] = param.backend.zeros(param.shape, param.data.dtype)
-        param.backend.sgd_update(param.data, param.grad, state["velocity"], group["lr"], group["momentum"],
-                                 group["nesterov"], group["weight_decay"])
+
+    @staticmethod
+    def _sgd_many(batch: list, lr, hyper=None, guard=None) -> None:
+        group = batch[0][1]
+        batch[0][0].backend.sgd_update_many([(p.data, p.grad, s["velocity"]) for p, _, s in batch], lr,
+                                            group["momentum"], group["nesterov"], group["weight_decay"],
+                                            hyper=hyper, guard=guard)
 
     def graph_options(self, group: dict, state: dict) -> tuple:
         return super().graph_options(group, state) + (state["velocity"] is None,)
@@ -283,11 +336,15 @@ class SGD(Optimizer):
         param.backend.sgd_update(param.data, param.grad, state["velocity"], None, group["momentum"],
                                  group["nesterov"], group["weight_decay"], hyper=hyper, guard=guard)
 
+    def graph_update_many(self, batch: list[tuple[Parameter, dict, dict]], hyper, guard) -> None:
+        self._sgd_many(batch, None, hyper, guard)
+
 
 class Adam(Optimizer):
     """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam."""
 
     decoupled = False
+    _update_reads_step = True
     _state_arrays = ("m", "v")
     _state_counters = ("step",)
 
@@ -315,6 +372,18 @@ class Adam(Optimizer):
         param.backend.adam_update(param.data, param.grad, state["m"], state["v"], group["lr"], beta1, beta2,
                                   group["eps"], group["weight_decay"], state["step"], self.decoupled)
 
+    def _update_many(self, batch: list[tuple[Parameter, dict, dict]]) -> None:
+        for _, _, state in batch:
+            state["step"] += 1
+        group, state = batch[0][1], batch[0][2]
+        self._adam_many(batch, group["lr"], state["step"])
+
+    def _adam_many(self, batch: list, lr, step, hyper=None, guard=None) -> None:
+        group = batch[0][1]
+        batch[0][0].backend.adam_update_many([(p.data, p.grad, s["m"], s["v"]) for p, _, s in batch], lr,
+                                             *group["betas"], group["eps"], group["weight_decay"], step,
+                                             self.decoupled, hyper=hyper, guard=guard)
+
     def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
         return param.backend.adam_hyper(group["lr"], *group["betas"], state["step"] + 1)
 
@@ -322,6 +391,9 @@ class Adam(Optimizer):
         beta1, beta2 = group["betas"]
         param.backend.adam_update(param.data, param.grad, state["m"], state["v"], None, beta1, beta2, group["eps"],
                                   group["weight_decay"], None, self.decoupled, hyper=hyper, guard=guard)
+
+    def graph_update_many(self, batch: list[tuple[Parameter, dict, dict]], hyper, guard) -> None:
+        self._adam_many(batch, None, None, hyper, guard)
 
     def graph_advance(self, state: dict) -> None:
         state["step"] += 1
@@ -376,6 +448,20 @@ class RMSprop(Optimizer):
                                      state["momentum_buffer"], group["lr"], group["alpha"], group["eps"],
                                      group["weight_decay"], group["momentum"], group["centered"])
 
+    def _update_many(self, batch: list[tuple[Parameter, dict, dict]]) -> None:
+        for param, group, state in batch:
+            self._make_buffers(param, group, state)
+            state["step"] += 1
+        self._rmsprop_many(batch, batch[0][1]["lr"])
+
+    @staticmethod
+    def _rmsprop_many(batch: list, lr, hyper=None, guard=None) -> None:
+        group = batch[0][1]
+        batch[0][0].backend.rmsprop_update_many(
+            [(p.data, p.grad, s["square_avg"], s["grad_avg"], s["momentum_buffer"]) for p, _, s in batch], lr,
+            group["alpha"], group["eps"], group["weight_decay"], group["momentum"], group["centered"], hyper=hyper,
+            guard=guard)
+
     @staticmethod
     def _make_buffers(param: Parameter, group: dict, state: dict) -> None:
         # Made on first use, as SGD's velocity, so a schedule that turns momentum on later works
@@ -395,6 +481,9 @@ class RMSprop(Optimizer):
                                      state["momentum_buffer"], None, group["alpha"], group["eps"],
                                      group["weight_decay"], group["momentum"], group["centered"], hyper=hyper,
                                      guard=guard)
+
+    def graph_update_many(self, batch: list[tuple[Parameter, dict, dict]], hyper, guard) -> None:
+        self._rmsprop_many(batch, None, hyper, guard)
 
     def graph_advance(self, state: dict) -> None:
         state["step"] += 1
