@@ -131,6 +131,8 @@ def drive_losses_and_optimizers(be, rand, rng, coverage: Coverage) -> None:
         be.sgd_update_many(tensors(1), 0.1, 0.9, True, 1e-2)
         be.adam_update_many(tensors(2), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1, True)
         be.rmsprop_update_many(tensors(3), 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
+        be.scale_many([p for p, *_ in tensors(0)], 0.5)
+    be.sumsq(*(rand(n) for n in coverage.parameters for _ in range(2)))  # several arrays: one launch on cupy
 
 
 def drive_fused_mlp(be, rng, batches) -> None:

@@ -22,8 +22,8 @@
 //                  of `hyper_stride` floats for tensor t, guarded by `loss` as *_hyper are.
 //                  Each element gets the single-tensor kernel's arithmetic, so the results are
 //                  the same bits.
-//   sumsq          out[0] = sum a^2 (deterministic, reduce.cuh).
-//   scale_inplace  a *= s.
+//   sumsq          out[0] = sum a^2 (deterministic, reduce.cuh); sumsq_many: over several arrays.
+//   scale_inplace  a *= s; scale_many: several arrays in one launch.
 //
 // All are elementwise over n contiguous floats (n may exceed 2^31): block REDUCE_THREADS,
 // grid-stride loops (the *_many ones: a chunk of MULTI_CHUNK elements per block); each
@@ -133,9 +133,9 @@ __device__ __forceinline__ bool loss_is_finite(const float* __restrict__ loss) {
 // A multi-tensor launch's table, `count` tensors of K buffers each, as 64-bit words:
 //   [t * K + j]               buffer j of tensor t (param, grad, then the optimizer's state),
 //   [count * K + t]           tensor t's length,
-//   [count * K + count + t]   its first block (t = count: the grid), ascending.
-// Block b updates elements [c * MULTI_CHUNK, (c + 1) * MULTI_CHUNK) of the tensor t whose
-// blocks hold b, c = b - first block of t; MULTI_CHUNK is cupy_backend's.
+//   [count * K + count + t]   its first chunk (t = count: all the chunks), ascending.
+// Chunk b is elements [c * MULTI_CHUNK, (c + 1) * MULTI_CHUNK) of the tensor t whose chunks
+// hold b, c = b - first chunk of t; MULTI_CHUNK is cupy_backend's. A block updates one chunk.
 constexpr int MULTI_CHUNK = 4 * gpubp::REDUCE_THREADS;
 
 template <int K>
@@ -145,9 +145,13 @@ struct MultiTensor {
     long long begin, end;   // the elements of it this block updates
 
     __device__ static MultiTensor of_block(const long long* __restrict__ table, int count) {
+        return of_chunk(table, count, blockIdx.x);
+    }
+
+    // Chunk b of the launch's (a block's, or one of the chunks a block loops over).
+    __device__ static MultiTensor of_chunk(const long long* __restrict__ table, int count, long long b) {
         const long long* first = table + count * K + count;
-        const long long b = blockIdx.x;
-        int lo = 0, hi = count - 1;  // the last tensor whose first block is at or before b
+        int lo = 0, hi = count - 1;  // the last tensor whose first chunk is at or before b
         while (lo < hi) {
             const int mid = (lo + hi + 1) / 2;
             if (__ldg(first + mid) <= b) {
@@ -277,6 +281,29 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
         total = fmaf(a[i], a[i], total);
     }
     gpubp::grid_sum_to(total, partials, ticket, out, 1.0f);
+}
+
+// The sum of squares of every tensor of a table (K = 1) in one launch, as gradient clipping
+// needs it: block b takes chunks b, b + gridDim.x, ... of `chunks` (gridDim.x is capped at
+// the partials' buffer), then grid_sum_to adds the blocks' sums in block order.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    sumsq_many(const long long* __restrict__ table, float* __restrict__ partials, unsigned int* __restrict__ ticket,
+               float* __restrict__ out, int count, long long chunks) {
+    float total = 0.0f;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const auto t = MultiTensor<1>::of_chunk(table, count, c);
+        const float* __restrict__ a = t.buffer[0];
+        for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) total = fmaf(a[i], a[i], total);
+    }
+    gpubp::grid_sum_to(total, partials, ticket, out, 1.0f);
+}
+
+// a *= s for every tensor of a table (K = 1), one chunk a block.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    scale_many(const long long* __restrict__ table, int count, float s) {
+    const auto t = MultiTensor<1>::of_block(table, count);
+    float* __restrict__ a = t.buffer[0];
+    for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) a[i] *= s;
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

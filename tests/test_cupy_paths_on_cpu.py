@@ -310,7 +310,8 @@ def test_first_contact_facts_compile_the_kernel_files_side_by_side(cb, monkeypat
     assert facts["kernel_compile"]["threads"] == 2 and facts["kernel_compile"]["wall_seconds"] >= 0
 
 
-def test_a_kernel_file_that_fails_to_compile_is_recorded_and_the_others_still_compile(cb, monkeypatch, tmp_path, capsys):
+def test_a_kernel_file_that_fails_to_compile_is_recorded_and_the_others_still_compile(cb, monkeypatch, tmp_path,
+                                                                                        capsys):
     fc = load("first_contact")
     fake_driver_facts(cb, monkeypatch, tmp_path)
     broken, compile_file = cb.KERNEL_FILES[0], cb._rawmodule

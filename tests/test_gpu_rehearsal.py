@@ -91,8 +91,8 @@ def test_the_benchmark_rehearsal_catches_a_benchmark_that_calls_the_backend_as_i
     call = 'cb.dense_forward(a, w, b, "relu", out=out)'
     assert call in source
     (tmp_path / "test_gpu_dense.py").write_text(source.replace(call, call.replace("out=out", "output=out")))
-    done = pytest_run("-p", "cuda_on_cpu.rehearsal", "-k", "test_forward_4096_relu", str(tmp_path / "test_gpu_dense.py"),
-                      cwd=TESTS.parent / "bench")
+    done = pytest_run("-p", "cuda_on_cpu.rehearsal", "-k", "test_forward_4096_relu",
+                      str(tmp_path / "test_gpu_dense.py"), cwd=TESTS.parent / "bench")
     found = counts(done.stdout)
     assert done.returncode == 1 and found.get("failed") == 1 and not found.get("passed"), done.stdout[-3000:]
     assert "unexpected keyword argument 'output'" in done.stdout

@@ -167,7 +167,7 @@ def launched_kernel_names() -> set[str]:
              "huber_fwd_bwd_weighted", "poisson_fwd_bwd", "poisson_fwd_bwd_weighted",
              "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
              "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sgd_update_many", "adam_update_many",
-             "rmsprop_update_many", "sumsq", "scale_inplace",
+             "rmsprop_update_many", "sumsq", "sumsq_many", "scale_inplace", "scale_many",
              "dropout_mask", "philox_words", "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
@@ -1325,6 +1325,50 @@ def test_a_multi_tensor_update_refuses_hyper_rows_of_the_wrong_shape_before_any_
     for tensor, was in zip(many, before):
         for a, b in zip(tensor, was):
             np.testing.assert_array_equal(cb.to_host(a), b)
+
+
+@pytest.mark.parametrize("max_blocks", [cupy_backend.MAX_REDUCE_BLOCKS, 2])
+def test_the_sum_of_squares_of_many_arrays_is_one_launch_and_one_read(cb_small_gpu, rng, monkeypatch, max_blocks):
+    # With 2 blocks the chunks outnumber them, and each block loops over several.
+    monkeypatch.setattr(cb_small_gpu, "MAX_REDUCE_BLOCKS", max_blocks)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in MANY_SIZES]
+    on_device = [cb_small_gpu.asarray(a) for a in arrays]
+    with trace() as t:
+        total = cb_small_gpu.sumsq(*on_device)
+    assert t.launches == ["sumsq"]
+    assert total == pytest.approx(sum(float(np.dot(a.astype(np.float64), a)) for a in arrays), rel=RTOL)
+    assert cb_small_gpu.sumsq(*on_device) == total  # the same sum, in the same order, every time
+    assert cb_small_gpu.sumsq(cb_small_gpu.empty((0,)), cb_small_gpu.empty((0,))) == 0.0
+
+
+def test_scaling_many_arrays_is_one_launch_of_the_single_scales_bits(cb_small_gpu, rng):
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in MANY_SIZES]
+    singles, many = ([cb_small_gpu.asarray(a) for a in arrays] for _ in range(2))
+    for a in singles:
+        cb_small_gpu.scale_(a, 0.3)
+    with trace() as t:
+        cb_small_gpu.scale_many(many, 0.3)
+    assert t.launches == ["scale"]
+    for a, b in zip(many, singles):
+        np.testing.assert_array_equal(cb_small_gpu.to_host(a), cb_small_gpu.to_host(b))
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the two tests above do not")
+def test_clipping_a_models_gradients_is_two_launches_and_matches_numpy(cb_h100, rng):
+    grads = {}
+    for backend in ("numpy", "cupy"):
+        gb.seed(3)
+        model = gb.Sequential([gb.Dense(9, 24, "gelu"), gb.Dense(24, 3)], backend=backend)
+        x, y = graph_batches(np.random.default_rng(0), [17])[0]
+        _, dout = gb.losses.cross_entropy(model.forward(x), y)
+        model.backward(dout)
+        with trace() as t:
+            norm = gb.optim.clip_grad_norm(model.parameters(), 0.05)
+        grads[backend] = norm, [model.backend.to_host(p.grad) for p in model.parameters()], t.launches
+    assert grads["cupy"][2] == ["sumsq", "scale"]
+    assert grads["cupy"][0] == pytest.approx(grads["numpy"][0], rel=RTOL)
+    for got, want in zip(grads["cupy"][1], grads["numpy"][1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)

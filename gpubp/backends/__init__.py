@@ -13,7 +13,7 @@ Array helpers
     ``is_array(a)``              True if ``a`` is an array this backend computes on
     ``sumsq(*arrays)``           float: sum of squares of every element of ``arrays`` (gradient
                                  clipping passes all of a model's gradients at once). Records ``sumsq``
-                                 per array.
+                                 per launch: per array, or once (cupy).
     ``scale_(a, s)``             ``a *= s`` in place. Records ``scale``.
 
 Module attributes: ``NAME``, ``DEVICE`` ("cpu" or "cuda"), ``DTYPES`` (the float dtypes it
@@ -151,6 +151,7 @@ Optional capability: multi-tensor updates (the cupy backend; the others do not h
         CUDA-graph capability, ``hyper`` is a (len(tensors), >= width) float32 array whose row t
         tensor t reads, and ``guard`` as for the single updates. Records ``sgd_update_many``,
         ``adam_update_many`` or ``rmsprop_update_many``, once.
+    ``scale_many(arrays, s)``  ``scale_(a, s)`` of each array, in one launch. Records ``scale``.
 
 Every kernel launch calls ``gpubp.trace.record(name)`` with the names above.
 Layers, losses and optimizers reach arrays only through these functions, never an

@@ -200,7 +200,7 @@ KERNELS = {
                                           ("poisson_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
                  "rmsprop_update_hyper", "sgd_update_many", "adam_update_many", "rmsprop_update_many", "sumsq",
-                 "scale_inplace"),
+                 "sumsq_many", "scale_inplace", "scale_many"),
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
 KERNEL_FILES = tuple(KERNELS)
@@ -497,13 +497,18 @@ def _device_floats(a, name: str, size: int = 1):
 
 
 def sumsq(*arrays) -> float:
-    total = 0.0
-    for a in arrays:
-        a = _f32(a)
-        n = a.size
+    """The sum of squares of every element of ``arrays``: one launch and one read back, whatever
+    their number (several arrays: ``sumsq_many`` over their table)."""
+    arrays = [_f32(a) for a in arrays]
+    if len(arrays) == 1:
+        n = arrays[0].size
         grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
-        total += _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (a,), (np.int64(n),))
-    return total
+        return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (arrays[0],), (np.int64(n),))
+    if not any(a.size for a in arrays):
+        return 0.0
+    table, chunks = _multi_table([(a,) for a in arrays])
+    return _reduce_to_float("optim.cu", "sumsq_many", "sumsq", min(chunks, MAX_REDUCE_BLOCKS), (table,),
+                            (np.int32(len(arrays)), np.int64(chunks)))
 
 
 def scale_(a, s: float) -> None:
@@ -512,6 +517,14 @@ def scale_(a, s: float) -> None:
     _kernel("optim.cu", "scale_inplace")(
         (_elementwise_blocks(n),), (REDUCE_THREADS,), (a, np.float32(s), np.int64(n))
     )
+
+
+def scale_many(arrays, s: float) -> None:
+    """``scale_(a, s)`` of every array of ``arrays``, in one launch: the same bits."""
+    table, blocks = _multi_table([(a,) for a in arrays]) if arrays else (None, 0)
+    if blocks:
+        record("scale")
+        _kernel("optim.cu", "scale_many")((blocks,), (REDUCE_THREADS,), (table, np.int32(len(arrays)), np.float32(s)))
 
 
 def _elementwise_blocks(n: int) -> int:

@@ -518,6 +518,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
     total = math.sqrt(sum(backend.sumsq(*arrays) for backend, arrays in by_backend.items()))
     scale = max_norm / (total + 1e-6)
     if scale < 1:
-        for backend, grad in grads:
-            backend.scale_(grad, scale)
+        for backend, arrays in by_backend.items():
+            if getattr(backend, "MULTI_TENSOR_UPDATES", False):
+                backend.scale_many(arrays, scale)
+            else:
+                for grad in arrays:
+                    backend.scale_(grad, scale)
     return total

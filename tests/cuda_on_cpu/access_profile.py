@@ -186,6 +186,8 @@ def _optimizers(cb, rng):
                                                             other[4])], 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
     cb.sumsq(grad)
     cb.scale_(grad, 0.5)
+    cb.sumsq(grad, other[0])  # several arrays: one launch (sumsq_many)
+    cb.scale_many([grad, other[0]], 0.5)
 
 
 def _dropout(cb, rng):
