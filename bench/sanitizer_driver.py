@@ -150,12 +150,13 @@ def drive_fused_mlp(be, rng, batches) -> None:
 
 def drive_replayed_steps(be, rng, cases) -> None:
     """Training steps captured in a CUDA graph and replayed (where the backend has graphs):
-    the *_hyper update kernels, and every kernel of a step launched from a graph."""
+    the *_hyper and *_many update kernels, and every kernel of a step launched from a graph;
+    the first case clips its gradients on the device."""
     import gpubp as gb
 
-    for fused, optimizer in cases:
+    for i, (fused, optimizer) in enumerate(cases):
         model = gb.Sequential([gb.Dense(13, 29, "gelu"), gb.Dense(29, 7)], backend=be.NAME, fused=fused)
-        step = model.train_step("cross_entropy", optimizer, cuda_graph=True)
+        step = model.train_step("cross_entropy", optimizer, cuda_graph=True, clip_grad_norm=0.1 if i == 0 else None)
         for _ in range(4):  # eager, capture and replay, replays
             step(rng.standard_normal((37, 13)).astype(np.float32), rng.integers(0, 7, 37))
 

@@ -35,10 +35,12 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
   captured on its next call; the newest few graphs are kept. A schedule that changes the
   momentum too (OneCycleLR's ``cycle_momentum``) changes the signature every step, so those
   steps run eagerly.
+- ``clip_grad_norm`` is captured too: the norm is summed on the device and the gradients scaled
+  there (``clip_``), the scale computed in double as the eager step computes it on the host.
 - Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
-  graphs, a loss function of your own, ``clip_grad_norm`` (it reads the gradient norm on the
-  host), and a softmax output layer trained with a loss that does not take its logits (its
-  softmax runs as CuPy array operations, whose temporaries a graph cannot keep).
+  graphs, a loss function of your own, and a softmax output layer trained with a loss that
+  does not take its logits (its softmax runs as CuPy array operations, whose temporaries a
+  graph cannot keep).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class _Captured:
         self.updates: list = []
         self.hyper = None
         self.host_hyper = None
+        self.norm_sq = None  # the squared gradient norm, when the step clips
         self.references: list = []
         self.layer_state: list = []
         self.model_state: tuple = ()
@@ -119,8 +122,8 @@ class TrainStep:
             return f"the {model.backend_name!r} backend has no CUDA graphs (the 'cupy' backend does)"
         if losses.base(self.loss_fn) not in _DEVICE_LOSSES:
             return f"the loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} is not one of gpubp's"
-        if self.clip_grad_norm is not None:
-            return "clip_grad_norm reads the gradient norm on the host every step"
+        if self.clip_grad_norm is not None and not hasattr(model.backend, "clip_"):
+            return f"the {model.backend_name!r} backend cannot clip gradients in a graph"
         head = model.layers[-1].activation if model.layers else None
         if head == "softmax" and not losses.fuses(self.loss_fn, head):
             return (f"a softmax output layer trained with {self.loss_fn.__name__} runs its softmax as CuPy array "
@@ -203,7 +206,7 @@ class TrainStep:
                 arrays = None if state is None else tuple(id(state.get(name)) for name in opt._state_arrays)
                 states.append((id(param), arrays, None if state is None else opt.graph_options(group, state)))
         return (batch, weighted, id(model.backend), model.uses_fused, model.precision, self.loss_fn, layers,
-                tuple(states))
+                tuple(states), self.clip_grad_norm)
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         """``y`` as the loss kernel reads it: int64 class indices, or float32 targets."""
@@ -220,6 +223,7 @@ class TrainStep:
         captured = _Captured(backend.empty((batch, model.in_features), np.float32),
                              backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32),
                              backend.empty((batch,), np.float32) if weighted else None)
+        captured.norm_sq = backend.empty((1,), np.float32)  # clip_grad_norm's, when it clips
         device_loss = getattr(backend, _DEVICE_LOSSES[losses.base(self.loss_fn)])
         options = losses.options(self.loss_fn)
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
@@ -228,6 +232,9 @@ class TrainStep:
             out = model.forward(captured.x, logits=logits)
             _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss, **options)
             model.backward(dout)
+            if self.clip_grad_norm is not None:  # the gradients optim.clip_grad_norm would clip
+                backend.clip_([p.grad for p in model.parameters() if p.trainable and p.grad is not None],
+                              self.clip_grad_norm, captured.norm_sq, captured.loss)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
             i = 0  # the row of the batch's first update: the updates' rows are in their order

@@ -23,7 +23,8 @@
 //                  Each element gets the single-tensor kernel's arithmetic, so the results are
 //                  the same bits.
 //   sumsq          out[0] = sum a^2 (deterministic, reduce.cuh); sumsq_many: over several arrays.
-//   scale_inplace  a *= s; scale_many: several arrays in one launch.
+//   scale_inplace  a *= s; scale_many: several arrays in one launch; scale_many_clip: the
+//                  gradient clipping of a captured step, its scale computed on the device.
 //
 // All are elementwise over n contiguous floats (n may exceed 2^31): block REDUCE_THREADS,
 // grid-stride loops (the *_many ones: a chunk of MULTI_CHUNK elements per block); each
@@ -304,6 +305,22 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     const auto t = MultiTensor<1>::of_block(table, count);
     float* __restrict__ a = t.buffer[0];
     for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) a[i] *= s;
+}
+
+// The gradient clipping of a captured training step: every tensor of the table (K = 1) times
+// s = max_norm / (sqrt(*sumsq) + 1e-6) where s < 1, nothing when the step's loss is not finite.
+// s in double, as gpubp.optim.clip_grad_norm computes it on the host in an eager step, then
+// rounded to float as the eager step's scale argument is: the same bits.
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+    scale_many_clip(const long long* __restrict__ table, int count, const float* __restrict__ sumsq,
+                    const float* __restrict__ loss, double max_norm) {
+    if (!loss_is_finite(loss)) return;
+    const double s = max_norm / (sqrt(static_cast<double>(__ldg(sumsq))) + 1e-6);
+    if (!(s < 1.0)) return;
+    const float f = static_cast<float>(s);
+    const auto t = MultiTensor<1>::of_block(table, count);
+    float* __restrict__ a = t.buffer[0];
+    for (long long i = t.begin + threadIdx.x; i < t.end; i += blockDim.x) a[i] *= f;
 }
 
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)

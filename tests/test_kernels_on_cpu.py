@@ -17,6 +17,7 @@ reference's largest magnitude, against the NumPy backend in float64.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -167,7 +168,7 @@ def launched_kernel_names() -> set[str]:
              "huber_fwd_bwd_weighted", "poisson_fwd_bwd", "poisson_fwd_bwd_weighted",
              "bce_fwd_bwd_weighted", "sgd_update", "adam_update", "rmsprop_update",
              "sgd_update_hyper", "adam_update_hyper", "rmsprop_update_hyper", "sgd_update_many", "adam_update_many",
-             "rmsprop_update_many", "sumsq", "sumsq_many", "scale_inplace", "scale_many",
+             "rmsprop_update_many", "sumsq", "sumsq_many", "scale_inplace", "scale_many", "scale_many_clip",
              "dropout_mask", "philox_words", "round_bf16"}
     names |= {f"dense_dz_dropout_{act}" for act in ACTIVATIONS} | {f"dense_dz_db_dropout_{act}" for act in ACTIVATIONS}
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
@@ -1677,8 +1678,53 @@ def test_a_schedule_that_cycles_the_momentum_trains_under_cuda_graph_auto_as_eag
     assert_arrays_equal(runs["auto"][1], runs[False][1])
 
 
+def test_clipping_on_the_device_scales_by_the_bits_the_host_computes(cb_small_gpu, rng):
+    # Over many norms and limits, as a float computation of the scale would differ from the
+    # host's double now and then; and nothing is scaled after a non-finite loss.
+    cb = cb_small_gpu
+    finite, nan = device_scalar(cb, 0.5), device_scalar(cb, np.nan)
+    trials = 48 if not SANITIZED else 4
+    for trial in range(trials):
+        host = [(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)).astype(np.float32) for n in (3, 1030)]
+        max_norm = float(10 ** rng.uniform(-2, 2))
+        eager, device = ([cb.asarray(a) for a in host] for _ in range(2))
+        norm = math.sqrt(cb.sumsq(*eager))  # as gpubp.optim.clip_grad_norm computes the scale
+        if max_norm / (norm + 1e-6) < 1:
+            cb.scale_many(eager, max_norm / (norm + 1e-6))
+        norm_sq = cb.empty((1,))
+        cb.clip_(device, max_norm, norm_sq, nan)
+        for a, was in zip(device, host):
+            np.testing.assert_array_equal(cb.to_host(a), was)
+        cb.clip_(device, max_norm, norm_sq, finite)
+        for a, b in zip(device, eager):
+            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"trial {trial}, max_norm {max_norm}")
+
+
+@whole_model
+@pytest.mark.parametrize("max_norm", [0.05, 0.0, 1e3], ids=["clips", "zero", "above_the_norm"])
+def test_a_replayed_step_clips_the_gradients_as_the_eager_step_does(cb_h100, rng, max_norm):
+    # The norm summed and the scale computed on the device, in double, against the host's.
+    batches = graph_batches(rng, [24] * 4)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False, frozen=1)
+        step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph,
+                                clip_grad_norm=max_norm)
+        values, graphed = [], []
+        for xb, yb in batches:
+            with trace() as t:
+                values.append(step(xb, yb))
+            graphed.append(step.graphed)
+        runs[cuda_graph] = values, model.get_weights(), graphed, [model.backend.to_host(p.grad) for p in
+                                                                  model.parameters() if p.grad is not None]
+    assert runs[True][2] == [False, True, True, True]
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+    assert_arrays_equal(runs[True][3], runs[False][3])  # the clipped gradients themselves
+    assert t.counts["sumsq"] == 1 and t.counts["scale"] == 1  # the last call, replayed: the clip's two launches
+
+
 @pytest.mark.parametrize("setting, expected", [
-    ({"clip_grad_norm": 1.0}, "clip_grad_norm reads the gradient norm on the host"),
     ({"loss": lambda out, y, backend=None: (0.0, out)}, "is not one of gpubp's"),
     ({"loss": "mse", "head": "softmax"}, "softmax output layer trained with mse"),
 ])

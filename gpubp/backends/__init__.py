@@ -129,6 +129,10 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``fn`` may launch kernels and allocate, nothing else: no copy between host and device,
         no synchronization, and no kernel's first launch (warm up first).
     ``copy_into(dst, src)``        ``dst[...] = src`` from a host or device array, on the current stream.
+    ``clip_(arrays, max_norm, norm_sq, guard)``  the gradient clipping of ``gpubp.optim.clip_grad_norm``
+        on the device, the same bits: ``norm_sq`` (a (1,) float32 array) receives the sum of
+        squares, and the arrays are scaled unless ``guard``'s loss is not finite. Records
+        ``sumsq`` and ``scale``.
     ``softmax_cross_entropy``, ``mse``, ``mae``, ``huber``, ``bce`` and ``poisson`` take ``out_loss`` (a keyword): a
         (1,) float32 array that receives the loss, which is then returned in place of the float
         (nothing is read back).

@@ -200,7 +200,7 @@ KERNELS = {
                                           ("poisson_fwd_bwd", ""))),
     "optim.cu": ("sgd_update", "sgd_update_hyper", "adam_update", "adam_update_hyper", "rmsprop_update",
                  "rmsprop_update_hyper", "sgd_update_many", "adam_update_many", "rmsprop_update_many", "sumsq",
-                 "sumsq_many", "scale_inplace", "scale_many"),
+                 "sumsq_many", "scale_inplace", "scale_many", "scale_many_clip"),
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
 KERNEL_FILES = tuple(KERNELS)
@@ -499,16 +499,20 @@ def _device_floats(a, name: str, size: int = 1):
 def sumsq(*arrays) -> float:
     """The sum of squares of every element of ``arrays``: one launch and one read back, whatever
     their number (several arrays: ``sumsq_many`` over their table)."""
-    arrays = [_f32(a) for a in arrays]
+    return _sumsq([_f32(a) for a in arrays])
+
+
+def _sumsq(arrays: list, out=None):
+    """``sumsq`` of float32 arrays: a float, or written to ``out`` (a (1,) float32 array)."""
     if len(arrays) == 1:
         n = arrays[0].size
         grid = _blocks(n, REDUCE_THREADS, MAX_REDUCE_BLOCKS)
-        return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (arrays[0],), (np.int64(n),))
-    if not any(a.size for a in arrays):
-        return 0.0
+        return _reduce_to_float("optim.cu", "sumsq", "sumsq", grid, (arrays[0],), (np.int64(n),), out)
     table, chunks = _multi_table([(a,) for a in arrays])
-    return _reduce_to_float("optim.cu", "sumsq_many", "sumsq", min(chunks, MAX_REDUCE_BLOCKS), (table,),
-                            (np.int32(len(arrays)), np.int64(chunks)))
+    if chunks == 0 and out is None:
+        return 0.0
+    return _reduce_to_float("optim.cu", "sumsq_many", "sumsq", max(min(chunks, MAX_REDUCE_BLOCKS), 1), (table,),
+                            (np.int32(len(arrays)), np.int64(chunks)), out)
 
 
 def scale_(a, s: float) -> None:
@@ -525,6 +529,22 @@ def scale_many(arrays, s: float) -> None:
     if blocks:
         record("scale")
         _kernel("optim.cu", "scale_many")((blocks,), (REDUCE_THREADS,), (table, np.int32(len(arrays)), np.float32(s)))
+
+
+def clip_(arrays, max_norm: float, norm_sq, guard) -> None:
+    """The gradient clipping of a captured step, on the device: ``norm_sq``, a (1,) float32
+    array, receives the sum of squares of ``arrays`` as ``sumsq`` adds them, then every array is
+    scaled as ``gpubp.optim.clip_grad_norm`` scales it (the scale in double, the same bits);
+    nothing is scaled when ``guard``, the step's loss, is not finite."""
+    arrays = list(arrays)
+    if not arrays:
+        return
+    _sumsq(arrays, _device_floats(norm_sq, "norm_sq"))
+    table, blocks = _multi_table([(a,) for a in arrays])
+    if blocks:
+        record("scale")
+        _kernel("optim.cu", "scale_many_clip")((blocks,), (REDUCE_THREADS,), (
+            table, np.int32(len(arrays)), norm_sq, _device_floats(guard, "guard"), np.float64(max_norm)))
 
 
 def _elementwise_blocks(n: int) -> int:

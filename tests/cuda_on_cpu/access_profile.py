@@ -188,6 +188,7 @@ def _optimizers(cb, rng):
     cb.scale_(grad, 0.5)
     cb.sumsq(grad, other[0])  # several arrays: one launch (sumsq_many)
     cb.scale_many([grad, other[0]], 0.5)
+    cb.clip_([grad, other[0]], 1e-3, cb.empty((1,)), finite_loss)  # a captured step's clipping
 
 
 def _dropout(cb, rng):
