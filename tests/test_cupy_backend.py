@@ -8,6 +8,8 @@ multiples of any tile (plus shapes that pick the 128x128 tiles and the split-K d
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -412,6 +414,131 @@ def check_sumsq_and_scale(cb, rng, n):
     assert cb.sumsq(dev) == pytest.approx(float(np.dot(a.astype(np.float64), a)), rel=RTOL)
     cb.scale_(dev, 0.5)
     close(cb.to_host(dev), a.astype(np.float64) * 0.5)
+
+
+def device_scalar(cb, value):
+    return cb.asarray(np.array([value], np.float32))
+
+
+# Tensor lengths of one multi-tensor launch: empty, one element, either side of a block's
+# 1024-element chunk, and several chunks.
+MANY_SIZES = [5, 0, 1, 1023, 1024, 1025, 3 * 1024 + 7, 100_003]
+# kind -> (buffers per tensor after param and grad, option tuples: the single update's after lr)
+MANY_KINDS = {
+    "sgd": (1, [(0.9, True, 1e-2), (0.0, False, 0.0)]),
+    "adam": (2, [(0.9, 0.999, 1e-8, 1e-2, True), (0.8, 0.99, 1e-6, 1e-2, False)]),
+    "rmsprop": (3, [(0.99, 1e-8, 1e-2, 0.9, True), (0.9, 1e-6, 0.0, 0.0, False)]),
+}
+
+
+def many_tensors(cb, rng, kind, sizes):
+    """A tensor of each length in ``sizes``, (param, grad, state...), twice: on the device for
+    single-tensor updates and for one multi-tensor update, the same values."""
+    extra = MANY_KINDS[kind][0]
+    host = []
+    for n in sizes:
+        arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2 + extra)]
+        if kind == "rmsprop":  # square_avg above grad_avg squared, as a centered average keeps it
+            arrays[2] = np.abs(arrays[2]) + arrays[3] ** 2
+        host.append(arrays)
+    return ([tuple(cb.asarray(a) for a in arrays) for arrays in host] for _ in range(2))
+
+
+def single_update(cb, kind, tensor, lr, options, step, hyper=None, guard=None):
+    if kind == "sgd":
+        cb.sgd_update(*tensor, lr, *options, hyper=hyper, guard=guard)
+    elif kind == "adam":
+        cb.adam_update(*tensor, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
+    else:
+        cb.rmsprop_update(*tensor, lr, *options, hyper=hyper, guard=guard)
+
+
+def many_update(cb, kind, tensors, lr, options, step, hyper=None, guard=None):
+    if kind == "sgd":
+        cb.sgd_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
+    elif kind == "adam":
+        cb.adam_update_many(tensors, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
+    else:
+        cb.rmsprop_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
+
+
+def assert_tensors_equal(cb, got, want):
+    for t, (a_tensor, b_tensor) in enumerate(zip(got, want)):
+        for j, (a, b) in enumerate(zip(a_tensor, b_tensor)):
+            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"tensor {t}, buffer {j}")
+
+
+def check_many_update(cb, rng, kind, option, sizes):
+    """A multi-tensor update of tensors of ``sizes`` is their single updates' bits, in one launch."""
+    options = MANY_KINDS[kind][1][option]
+    singles, many = many_tensors(cb, rng, kind, sizes)
+    for step in (1, 2):
+        lr = 0.01 * step
+        for tensor in singles:
+            single_update(cb, kind, tensor, lr, options, step)
+        with trace() as t:
+            many_update(cb, kind, many, lr, options, step)
+        assert t.launches == [f"{kind}_update_many"]
+    assert_tensors_equal(cb, many, singles)
+
+
+def check_many_update_from_hyper(cb, rng, kind, sizes):
+    """Each tensor reads its row of ``hyper`` as the single updates read theirs: rows that differ
+    per tensor (its own step, as a replayed step's tensors may have), from a (tensors, 3) array,
+    as TrainStep's capture hands a batch its rows; a non-finite loss changes nothing."""
+    options = MANY_KINDS[kind][1][0]
+    singles, many = many_tensors(cb, rng, kind, sizes)
+    rows = np.zeros((len(sizes), 3), np.float32)
+    for t in range(len(sizes)):
+        lr = 0.01 * (t + 1)
+        values = cb.adam_hyper(lr, *options[:2], t + 1) if kind == "adam" else (lr,)
+        rows[t, :len(values)] = values
+    hyper, finite = cb.asarray(rows), device_scalar(cb, 0.25)
+    for t, tensor in enumerate(singles):
+        single_update(cb, kind, tensor, None, options, None, hyper=hyper[t, :3 if kind == "adam" else 1],
+                      guard=finite)
+    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=finite)
+    assert_tensors_equal(cb, many, singles)
+    before = [tuple(cb.to_host(a) for a in tensor) for tensor in many]
+    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=device_scalar(cb, np.nan))
+    for tensor, was in zip(many, before):  # a non-finite loss: nothing changes
+        for a, b in zip(tensor, was):
+            np.testing.assert_array_equal(cb.to_host(a), b)
+
+
+def check_clip_bits(cb, rng, trials):
+    """``clip_`` over many norms and limits scales by the bits the host computes, as a float
+    computation of the scale would not now and then; and not at all after a non-finite loss."""
+    finite, nan = device_scalar(cb, 0.5), device_scalar(cb, np.nan)
+    for trial in range(trials):
+        host = [(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)).astype(np.float32) for n in (3, 1030)]
+        max_norm = float(10 ** rng.uniform(-2, 2))
+        eager, device = ([cb.asarray(a) for a in host] for _ in range(2))
+        norm = math.sqrt(cb.sumsq(*eager))  # as gpubp.optim.clip_grad_norm computes the scale
+        if max_norm / (norm + 1e-6) < 1:
+            cb.scale_many(eager, max_norm / (norm + 1e-6))
+        norm_sq = cb.empty((1,))
+        cb.clip_(device, max_norm, norm_sq, nan)
+        for a, was in zip(device, host):
+            np.testing.assert_array_equal(cb.to_host(a), was)
+        cb.clip_(device, max_norm, norm_sq, finite)
+        for a, b in zip(device, eager):
+            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"trial {trial}, max_norm {max_norm}")
+
+
+@pytest.mark.parametrize("option", [0, 1])
+@pytest.mark.parametrize("kind", list(MANY_KINDS))
+def test_multi_tensor_updates_are_the_single_updates_bitwise(cb, rng, kind, option):
+    check_many_update(cb, rng, kind, option, MANY_SIZES)
+
+
+@pytest.mark.parametrize("kind", list(MANY_KINDS))
+def test_multi_tensor_updates_read_each_tensors_row_of_hyper(cb, rng, kind):
+    check_many_update_from_hyper(cb, rng, kind, MANY_SIZES)
+
+
+def test_clipping_on_the_device_scales_by_the_bits_the_host_computes(cb, rng):
+    check_clip_bits(cb, rng, 64)
 
 
 @pytest.mark.parametrize("momentum, nesterov, weight_decay", SGD_CASES)

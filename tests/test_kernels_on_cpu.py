@@ -30,10 +30,12 @@ import pytest
 
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
-from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, RMSPROP_CASES,
-                               SGD_CASES, TF32_RTOL, check_adam_update, check_elementwise_loss,
-                               check_large_preactivations, check_losses_at_huge_logits, check_rmsprop_update,
-                               check_sgd_update, check_softmax_cross_entropy, check_sumsq_and_scale)
+from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, MANY_KINDS,
+                               RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_clip_bits,
+                               check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
+                               check_many_update, check_many_update_from_hyper, check_rmsprop_update,
+                               check_sgd_update, check_softmax_cross_entropy, check_sumsq_and_scale, device_scalar,
+                               many_tensors)
 from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends, philox
@@ -1148,10 +1150,6 @@ def test_rmsprop_update_matches_numpy(cb_small_gpu, rng, n, momentum, centered, 
     check_rmsprop_update(cb_small_gpu, rng, n, momentum, centered, weight_decay, steps=2)
 
 
-def device_scalar(cb, value):
-    return cb.asarray(np.array([value], np.float32))
-
-
 @pytest.mark.parametrize("n", VECTOR_SIZES)
 @pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
 def test_updates_reading_their_rate_from_the_device_equal_the_eager_ones_bitwise(cb_small_gpu, rng, n, kind):
@@ -1228,95 +1226,24 @@ def test_a_device_loss_or_rate_of_the_wrong_kind_is_refused_naming_it_before_any
 # Tensor lengths of one *_many launch: empty, one element, either side of a block's chunk and
 # several chunks (cupy_backend.MULTI_CHUNK = 1024).
 MANY_SIZES = [5, 0, 1, 1023, 1024, 1025, 3 * 1024 + 7] if not SANITIZED else [5, 0, 1, 1025]
-# kind -> (buffers per tensor after param and grad, option tuples: the single update's after lr)
-MANY_KINDS = {
-    "sgd": (1, [(0.9, True, 1e-2), (0.0, False, 0.0)]),
-    "adam": (2, [(0.9, 0.999, 1e-8, 1e-2, True), (0.8, 0.99, 1e-6, 1e-2, False)]),
-    "rmsprop": (3, [(0.99, 1e-8, 1e-2, 0.9, True), (0.9, 1e-6, 0.0, 0.0, False)]),
-}
-
-
-def many_tensors(cb, rng, kind):
-    """Each MANY_SIZES tensor's (param, grad, state...) twice: on the device for single-tensor
-    updates and for one multi-tensor update, the same values."""
-    extra = MANY_KINDS[kind][0]
-    host = []
-    for n in MANY_SIZES:
-        arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2 + extra)]
-        if kind == "rmsprop":  # square_avg above grad_avg squared, as a centered average keeps it
-            arrays[2] = np.abs(arrays[2]) + arrays[3] ** 2
-        host.append(arrays)
-    return ([tuple(cb.asarray(a) for a in arrays) for arrays in host] for _ in range(2))
-
-
-def single_update(cb, kind, tensor, lr, options, step, hyper=None, guard=None):
-    if kind == "sgd":
-        cb.sgd_update(*tensor, lr, *options, hyper=hyper, guard=guard)
-    elif kind == "adam":
-        cb.adam_update(*tensor, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
-    else:
-        cb.rmsprop_update(*tensor, lr, *options, hyper=hyper, guard=guard)
-
-
-def many_update(cb, kind, tensors, lr, options, step, hyper=None, guard=None):
-    if kind == "sgd":
-        cb.sgd_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
-    elif kind == "adam":
-        cb.adam_update_many(tensors, lr, *options[:4], step, options[4], hyper=hyper, guard=guard)
-    else:
-        cb.rmsprop_update_many(tensors, lr, *options, hyper=hyper, guard=guard)
-
-
-def assert_tensors_equal(cb, got, want):
-    for t, (a_tensor, b_tensor) in enumerate(zip(got, want)):
-        for j, (a, b) in enumerate(zip(a_tensor, b_tensor)):
-            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"tensor {t}, buffer {j}")
 
 
 @pytest.mark.parametrize("option", [0, 1])
 @pytest.mark.parametrize("kind", list(MANY_KINDS))
 def test_a_multi_tensor_update_is_the_single_updates_bitwise_in_one_launch(cb_small_gpu, rng, kind, option):
-    cb, options = cb_small_gpu, MANY_KINDS[kind][1][option]
-    singles, many = many_tensors(cb, rng, kind)
-    for step in (1, 2):
-        lr = 0.01 * step
-        for tensor in singles:
-            single_update(cb, kind, tensor, lr, options, step)
-        with trace() as t:
-            many_update(cb, kind, many, lr, options, step)
-        assert t.launches == [f"{kind}_update_many"]
-    assert_tensors_equal(cb, many, singles)
+    check_many_update(cb_small_gpu, rng, kind, option, MANY_SIZES)
 
 
 @pytest.mark.parametrize("kind", list(MANY_KINDS))
 def test_a_multi_tensor_update_reads_each_tensors_row_of_hyper_as_the_single_ones_read_theirs(cb_small_gpu, rng,
                                                                                               kind):
-    # Rows that differ per tensor (its own step, as a replayed step's tensors may have), from a
-    # (tensors, 3) array, as TrainStep's capture hands a batch its rows.
-    cb, options = cb_small_gpu, MANY_KINDS[kind][1][0]
-    singles, many = many_tensors(cb, rng, kind)
-    rows = np.zeros((len(MANY_SIZES), 3), np.float32)
-    for t in range(len(MANY_SIZES)):
-        lr = 0.01 * (t + 1)
-        values = cb.adam_hyper(lr, *options[:2], t + 1) if kind == "adam" else (lr,)
-        rows[t, :len(values)] = values
-    hyper, finite = cb.asarray(rows), device_scalar(cb, 0.25)
-    for t, tensor in enumerate(singles):
-        single_update(cb, kind, tensor, None, options, None, hyper=hyper[t, :3 if kind == "adam" else 1],
-                      guard=finite)
-    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=finite)
-    assert_tensors_equal(cb, many, singles)
-    before = [tuple(cb.to_host(a) for a in tensor) for tensor in many]
-    many_update(cb, kind, many, None, options, None, hyper=hyper, guard=device_scalar(cb, np.nan))
-    for tensor, was in zip(many, before):  # a non-finite loss: nothing changes
-        for a, b in zip(tensor, was):
-            np.testing.assert_array_equal(cb.to_host(a), b)
+    check_many_update_from_hyper(cb_small_gpu, rng, kind, MANY_SIZES)
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel")
 def test_a_multi_tensor_update_refuses_hyper_rows_of_the_wrong_shape_before_any_launch(cb_small_gpu, rng):
     cb = cb_small_gpu
-    _, many = many_tensors(cb, rng, "adam")
+    _, many = many_tensors(cb, rng, "adam", MANY_SIZES)
     before = [tuple(cb.to_host(a) for a in tensor) for tensor in many]
     with trace() as t, pytest.raises(ValueError, match=r"^hyper: expected a contiguous float32 CuPy array of shape "
                                                        rf"\({len(many)}, >= 3\)"):
@@ -1679,25 +1606,7 @@ def test_a_schedule_that_cycles_the_momentum_trains_under_cuda_graph_auto_as_eag
 
 
 def test_clipping_on_the_device_scales_by_the_bits_the_host_computes(cb_small_gpu, rng):
-    # Over many norms and limits, as a float computation of the scale would differ from the
-    # host's double now and then; and nothing is scaled after a non-finite loss.
-    cb = cb_small_gpu
-    finite, nan = device_scalar(cb, 0.5), device_scalar(cb, np.nan)
-    trials = 48 if not SANITIZED else 4
-    for trial in range(trials):
-        host = [(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)).astype(np.float32) for n in (3, 1030)]
-        max_norm = float(10 ** rng.uniform(-2, 2))
-        eager, device = ([cb.asarray(a) for a in host] for _ in range(2))
-        norm = math.sqrt(cb.sumsq(*eager))  # as gpubp.optim.clip_grad_norm computes the scale
-        if max_norm / (norm + 1e-6) < 1:
-            cb.scale_many(eager, max_norm / (norm + 1e-6))
-        norm_sq = cb.empty((1,))
-        cb.clip_(device, max_norm, norm_sq, nan)
-        for a, was in zip(device, host):
-            np.testing.assert_array_equal(cb.to_host(a), was)
-        cb.clip_(device, max_norm, norm_sq, finite)
-        for a, b in zip(device, eager):
-            np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"trial {trial}, max_norm {max_norm}")
+    check_clip_bits(cb_small_gpu, rng, 48 if not SANITIZED else 4)
 
 
 @whole_model
