@@ -1241,6 +1241,19 @@ def test_a_multi_tensor_update_reads_each_tensors_row_of_hyper_as_the_single_one
 
 
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel")
+def test_the_multi_tensor_tables_kept_are_the_most_recently_used(cb_small_gpu, monkeypatch):
+    cb = cb_small_gpu
+    monkeypatch.setattr(cb, "MAX_MULTI_TABLES", 2)
+    a, b, c = ([(cb.zeros((n,)),)] for n in (3, 4, 5))
+    table_a = cb._multi_table(a)[0]
+    cb._multi_table(b)
+    assert cb._multi_table(a)[0] is table_a  # found again, and now the most recently used
+    cb._multi_table(c)  # makes room by dropping b's
+    assert cb._multi_table(a)[0] is table_a
+    assert [key[-1] for key in cb._state()["multi_tables"]] == [5, 3]  # c's, then a's (their lengths)
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel")
 def test_a_multi_tensor_update_refuses_hyper_rows_of_the_wrong_shape_before_any_launch(cb_small_gpu, rng):
     cb = cb_small_gpu
     _, many = many_tensors(cb, rng, "adam", MANY_SIZES)

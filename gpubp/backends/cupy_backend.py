@@ -987,7 +987,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
 
 
 # One launch for many tensors: kernels/optim.cu's *_many kernels find each block's tensor in a
-# table of the tensors' buffers, lengths and first blocks. A model's parameters, gradient
+# table of the tensors' buffers, lengths and first chunks. A model's parameters, gradient
 # buffers and optimizer state keep their memory from step to step, so the table of a training
 # step's update is made once and found again by its contents (which a CUDA graph's capture,
 # where no host copy may run, relies on: the eager step before it made the table).
@@ -1002,11 +1002,12 @@ def _multi_table(tensors: list[tuple]) -> tuple:
         firsts.append(firsts[-1] + -(-n // MULTI_CHUNK))
     tables = _state().setdefault("multi_tables", {})
     key = (len(tensors[0]), *words, *sizes)
-    table = tables.get(key)
+    table = tables.pop(key, None)  # put back last: the dict runs from least to most recently used
     if table is None:
         if len(tables) >= MAX_MULTI_TABLES:
-            tables.pop(next(iter(tables)))  # the oldest
-        table = tables[key] = cupy.asarray(np.array(words + sizes + firsts, np.int64))
+            tables.pop(next(iter(tables)))
+        table = cupy.asarray(np.array(words + sizes + firsts, np.int64))
+    tables[key] = table
     return table, firsts[-1]
 
 
@@ -1014,7 +1015,6 @@ def _update_many(name: str, tensors: list[tuple], hyper, guard, width: int, scal
     """Launch ``name`` over ``tensors``; ``hyper``: None, or (len(tensors), >= ``width``) rows."""
     if not tensors:
         return
-    table, blocks = _multi_table(tensors)
     if hyper is None:
         spare = _state()["scalar"]  # neither read
         head = (spare, np.int32(0), spare, np.int32(0))
@@ -1024,6 +1024,7 @@ def _update_many(name: str, tensors: list[tuple], hyper, guard, width: int, scal
             raise ValueError(f"hyper: expected a contiguous float32 CuPy array of shape ({len(tensors)}, >= {width}), "
                              f"got {getattr(hyper, 'dtype', type(hyper))} {getattr(hyper, 'shape', '')}")
         head = (hyper, np.int32(hyper.shape[1]), _device_floats(guard, "guard"), np.int32(1))
+    table, blocks = _multi_table(tensors)
     if blocks == 0:
         return
     record(name)
