@@ -7,8 +7,9 @@ no longer matches the backend, say) would first show on a GPU, in the few minute
 With ``--gpu-rehearsal`` the CuPy backend runs on the CPU harness instead (``cupy_shim``, an
 H100's 132 SMs and compute capability 9.0), its arrays count as CuPy's, and the ``gpu`` tests
 run rather than skip. What the stand-in cannot do is skipped by name in ``CANNOT_REHEARSE``,
-with the reason. The harness runs one thread per CUDA thread, so the large shapes take minutes;
-``-k`` leaves them out (tests/test_gpu_rehearsal.py runs the rest in the suite).
+with the reason, and a test that imports cupy itself skips. The harness runs one thread per CUDA
+thread, so the large shapes of tests/test_cupy_backend.py cost about 80 s of CPU more than the
+other 500 tests' 50 s; tests/test_gpu_rehearsal.py leaves them out with ``-k``.
 
 The harness computes what the CUDA code computes, not what a GPU's timing or memory model
 adds: a pass here says the tests and the backend's Python agree, not that the GPU will.
