@@ -51,6 +51,7 @@ from collections import OrderedDict
 import numpy as np
 
 from gpubp import _checks, batches, losses, optim
+from gpubp.optim.optimizers import clipped_parameters
 from gpubp.trace import isolated, replay
 
 GRAPHS_KEPT = 4
@@ -223,7 +224,8 @@ class TrainStep:
         captured = _Captured(backend.empty((batch, model.in_features), np.float32),
                              backend.empty(targets.shape, targets.dtype), backend.empty((1,), np.float32),
                              backend.empty((batch,), np.float32) if weighted else None)
-        captured.norm_sq = backend.empty((1,), np.float32)  # clip_grad_norm's, when it clips
+        if self.clip_grad_norm is not None:
+            captured.norm_sq = backend.empty((1,), np.float32)
         device_loss = getattr(backend, _DEVICE_LOSSES[losses.base(self.loss_fn)])
         options = losses.options(self.loss_fn)
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
@@ -232,9 +234,9 @@ class TrainStep:
             out = model.forward(captured.x, logits=logits)
             _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss, **options)
             model.backward(dout)
-            if self.clip_grad_norm is not None:  # the gradients optim.clip_grad_norm would clip
-                backend.clip_([p.grad for p in model.parameters() if p.trainable and p.grad is not None],
-                              self.clip_grad_norm, captured.norm_sq, captured.loss)
+            if self.clip_grad_norm is not None:
+                backend.clip_([p.grad for p in clipped_parameters(model)], self.clip_grad_norm, captured.norm_sq,
+                              captured.loss)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)
             i = 0  # the row of the batch's first update: the updates' rows are in their order

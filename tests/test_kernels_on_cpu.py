@@ -1280,6 +1280,9 @@ def test_the_sum_of_squares_of_many_arrays_is_one_launch_and_one_read(cb_small_g
     assert total == pytest.approx(sum(float(np.dot(a.astype(np.float64), a)) for a in arrays), rel=RTOL)
     assert cb_small_gpu.sumsq(*on_device) == total  # the same sum, in the same order, every time
     assert cb_small_gpu.sumsq(cb_small_gpu.empty((0,)), cb_small_gpu.empty((0,))) == 0.0
+    with trace() as t:
+        assert cb_small_gpu.sumsq() == 0.0  # no arrays: no launch, as before sumsq_many
+    assert t.total == 0
 
 
 def test_scaling_many_arrays_is_one_launch_of_the_single_scales_bits(cb_small_gpu, rng):

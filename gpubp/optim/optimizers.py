@@ -1,6 +1,7 @@
 """Optimizers: SGD (momentum, Nesterov), Adam, AdamW and RMSprop, with PyTorch's semantics.
 
-Each step is one fused backend kernel per parameter. Parameters that are not
+Each step is one fused backend kernel per parameter, or, on a backend with multi-tensor
+updates (cupy), one per run of parameters that ``Optimizer.batches`` groups. Parameters that are not
 trainable (frozen) are skipped and get no state, so freezing costs no optimizer
 memory. Param groups work as in PyTorch: pass a list of dicts, each with its own
 ``params`` and any of the optimizer's options (``lr``, ``weight_decay``, ...).
@@ -503,17 +504,22 @@ def get(optimizer, params) -> Optimizer:
     return OPTIMIZERS[optimizer.lower()](params)
 
 
+def clipped_parameters(params) -> list[Parameter]:
+    """The parameters whose gradients ``clip_grad_norm`` clips: the trainable ones with a gradient
+    (also what a captured step's clipping takes, gpubp.step)."""
+    params = params.parameters() if hasattr(params, "parameters") else params
+    return [p for p in params if p.trainable and p.grad is not None]
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale the gradients of ``params`` in place so their global L2 norm is at most ``max_norm``.
 
     Returns the norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does.
     """
     max_norm = _checks.non_negative(max_norm, "max_norm")
-    params = list(params.parameters() if hasattr(params, "parameters") else params)
-    grads = [(p.backend, p.grad) for p in params if p.trainable and p.grad is not None]
     by_backend: dict = {}
-    for backend, grad in grads:
-        by_backend.setdefault(backend, []).append(grad)
+    for p in clipped_parameters(params):
+        by_backend.setdefault(p.backend, []).append(p.grad)
     # One sumsq call per backend: a GPU backend then reads the norm back once, not once per gradient.
     total = math.sqrt(sum(backend.sumsq(*arrays) for backend, arrays in by_backend.items()))
     scale = max_norm / (total + 1e-6)
