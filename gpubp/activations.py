@@ -38,7 +38,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf, expit
+
+from gpubp import _special
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -107,13 +108,13 @@ def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
         # max(z, slope*z) is z for z > 0 and slope*z otherwise, since 0 < slope < 1.
         np.maximum(z, z * z.dtype.type(LEAKY_SLOPE), out=out)
     elif name == "sigmoid":
-        expit(z, out=out)
+        _special.expit(z, out=out)
     elif name == "tanh":
         np.tanh(z, out=out)
     elif name == "gelu":
         # Halving before the multiply by z keeps z Phi(z) finite up to the largest float.
         np.multiply(z, _INV_SQRT2, out=out)
-        erf(out, out=out)
+        _special.erf(out, out=out)
         out += 1
         out *= 0.5
         out *= z
@@ -128,7 +129,7 @@ def forward(name: str, z: np.ndarray, out: np.ndarray) -> None:
         out *= 0.5
         out *= z
     elif name == "silu":
-        expit(z, out=out)  # exp(-|z|) inside: 0 or 1 at |z| = 1e4, so z s is -0.0 or z
+        _special.expit(z, out=out)  # exp(-|z|) inside: 0 or 1 at |z| = 1e4, so z s is -0.0 or z
         out *= z
     elif name == "softmax":
         # Shifting each row by its max keeps exp() finite for logits of any size.
@@ -185,7 +186,7 @@ def _gelu_grad(z: np.ndarray) -> np.ndarray:
     grad *= z
     grad *= _INV_SQRT_2PI
     phi = np.multiply(z, _INV_SQRT2, out=z)  # the clamped copy is not read again
-    erf(phi, out=phi)
+    _special.erf(phi, out=phi)
     phi += 1
     phi *= 0.5
     grad += phi
@@ -218,7 +219,7 @@ def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
 def _silu_grad(z: np.ndarray) -> np.ndarray:
     # d/dz [z s(z)] = s + z s (1 - s) = s (1 + z (1 - s)); s is exactly 0 or 1 far out, so the
     # product stays finite (0 for a large negative z, 1 for a large positive one).
-    s = expit(z)
+    s = _special.expit(z)
     grad = np.subtract(1, s, dtype=s.dtype)
     grad *= z
     grad += 1

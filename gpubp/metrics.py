@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from scipy.special import expit
+
+from gpubp import _special
 
 
 def _classes(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -151,7 +152,7 @@ def auc(scores: np.ndarray, y: np.ndarray, from_logits: bool = False, num_thresh
     as positive above a threshold), and the curve's area by the trapezoid rule. ``from_logits``
     applies the sigmoid first."""
     targets = _targets_like(scores, y, "auc").reshape(-1) != 0
-    probabilities = np.clip(expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
+    probabilities = np.clip(_special.expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
     inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
     thresholds = np.array([-_AUC_EPSILON, *inner, 1.0 + _AUC_EPSILON])
     positives, negatives = np.sort(probabilities[targets]), np.sort(probabilities[~targets])

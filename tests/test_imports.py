@@ -1,8 +1,11 @@
 """The package's modules import each other in one direction, with no circle, and ``import gpubp``
-loads none of the optional integrations."""
+loads none of the optional integrations, nor scipy.special before an activation needs it."""
 
 import ast
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 import gpubp
 from child_process import run_python
@@ -98,3 +101,27 @@ def test_cycle_finder_reports_a_planted_circle():
 def test_import_gpubp_imports_no_optional_integration():
     code = "import sys, gpubp; print(sorted({'sklearn', 'onnx', 'onnxruntime'} & set(sys.modules)))"
     assert run_python(code, timeout=60).strip() == "[]"
+
+
+def test_import_gpubp_leaves_scipy_special_for_the_first_activation_that_needs_it():
+    # scipy.special costs about as much as the rest of `import gpubp`; a relu model never needs it.
+    code = ("import sys, numpy as np, gpubp\n"
+            "before = 'scipy.special' in sys.modules\n"
+            "z = np.array([-2.0, 0.0, 3.0], dtype=np.float32); y = np.empty_like(z)\n"
+            "gpubp.activations.forward('relu', z, y)\n"
+            "after_relu = 'scipy.special' in sys.modules\n"
+            "gpubp.activations.forward('sigmoid', z, y)\n"
+            "print(before, after_relu, 'scipy.special' in sys.modules, y.tolist())")
+    before, after_relu, after_sigmoid, values = run_python(code, timeout=60).strip().split(" ", 3)
+    assert (before, after_relu, after_sigmoid) == ("False", "False", "True")
+    expected = 1.0 / (1.0 + np.exp(-np.array([-2.0, 0.0, 3.0])))
+    np.testing.assert_allclose(eval(values), expected, rtol=1e-6)
+
+
+def test_the_lazy_scipy_special_names_only_what_it_forwards():
+    from gpubp import _special
+    from scipy import special
+
+    assert _special.erf is special.erf and _special.expit is special.expit
+    with pytest.raises(AttributeError, match="no attribute 'gamma'"):
+        _special.gamma

@@ -38,9 +38,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy.special import expit
 
-from gpubp import activations, philox
+from gpubp import _special, activations, philox
 from gpubp.activations import LEAKY_SLOPE, NEEDS_Z
 from gpubp.trace import record
 
@@ -620,7 +619,7 @@ def bce(logits, target, sample_weight=None):
     np.log1p(per_elem, out=per_elem)
     per_elem += np.maximum(logits, 0)
     per_elem -= logits * target
-    grad = expit(logits)
+    grad = _special.expit(logits)
     grad -= target
     grad *= 1.0 / grad.size
     return _weighted_mean(per_elem, grad, sample_weight)
