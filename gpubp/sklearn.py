@@ -10,7 +10,7 @@ Needs scikit-learn (``pip install "gpubp[sklearn]"``); ``import gpubp`` does not
 >>> from gpubp.sklearn import MLPClassifier
 >>> x = np.random.default_rng(0).normal(size=(60, 4))
 >>> y = np.where(x[:, 0] + x[:, 1] > 0, "yes", "no")
->>> clf = MLPClassifier((16,), max_iter=300, random_state=0, device="cpu").fit(x, y)
+>>> clf = MLPClassifier((16,), max_iter=1000, random_state=0, device="cpu").fit(x, y)
 >>> clf.classes_.tolist(), clf.predict_proba(x).shape, clf.score(x, y) > 0.9
 (['no', 'yes'], (60, 2), True)
 
