@@ -42,6 +42,7 @@
 #include "activations.cuh"
 #include "dropout.cuh"
 #include "gemm_tile.cuh"
+#include "one_kernel.cuh"
 #include "reduce.cuh"
 #include "split_k.cuh"
 
@@ -190,6 +191,7 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                                                  gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
         dense_dx_##BM##x##BN(const float* __restrict__ dz, const float* __restrict__ w,                  \
                              float* __restrict__ dx, int B, int in, int out) {                           \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dx_##BM##x##BN)                                                    \
         gpubp::dense_dx<BM, BN>(dz, w, dx, B, in, out);                                                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
@@ -198,6 +200,7 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                              float* __restrict__ dw, float* __restrict__ db, float* __restrict__ ws,     \
                              float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int B,       \
                              int in, int out, int k_chunk, int splits) {                                 \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dw_##BM##x##BN)                                                    \
         gpubp::dense_dw<BM, BN>(x, dz, dw, db, ws, ws_db, tickets, B, in, out, k_chunk, splits);       \
     }
 

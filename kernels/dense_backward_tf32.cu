@@ -40,6 +40,7 @@
 // every 32nd row, then the groups are added in order (deterministic).
 #include "dropout.cuh"
 #include "gemm_tf32.cuh"
+#include "one_kernel.cuh"
 #include "split_k.cuh"
 
 namespace gpubp {
@@ -182,12 +183,14 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
         dense_dx_##PREC(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx, int B, int in, \
                         int out) {                                                                            \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dx_##PREC)                                                              \
         gpubp::dense_dx_mma<E>(dz, w, dx, B, in, out);                                                       \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
         dense_dw_##PREC(const E* __restrict__ x, const E* __restrict__ dz, float* __restrict__ dw,            \
                         float* __restrict__ ws, unsigned int* __restrict__ tickets, int B, int in, int out,   \
                         int k_chunk, int splits) {                                                            \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dw_##PREC)                                                              \
         gpubp::dense_dw_mma<E>(x, dz, dw, ws, tickets, B, in, out, k_chunk, splits);                         \
     }
 

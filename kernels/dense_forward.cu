@@ -29,6 +29,7 @@
 #include "activations.cuh"
 #include "dropout.cuh"
 #include "gemm_tile.cuh"
+#include "one_kernel.cuh"
 
 namespace gpubp {
 
@@ -121,6 +122,7 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
         NAME##_##BM##x##BN(const float* __restrict__ x, const float* __restrict__ w,                      \
                            const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z,     \
                            int M, int N, int K, int act) {                                                \
+        GPUBP_ONLY_KERNEL_GUARD(NAME##_##BM##x##BN)                                                       \
         gpubp::dense_forward<SET, BM, BN, false>(x, w, b, y, z, M, N, K, act, gpubp::DropoutMask{});      \
     }
 #define GPUBP_DENSE_FWD_DROPOUT_ENTRY(BM, BN)                                                              \
@@ -131,6 +133,7 @@ __device__ __forceinline__ void dense_forward(const float* __restrict__ x, const
                                       float* __restrict__ z, int M, int N, int K, int act,                \
                                       const unsigned int* __restrict__ key, unsigned int threshold,       \
                                       float scale, long long first_row) {                                 \
+        GPUBP_ONLY_KERNEL_GUARD(dense_fwd_dropout_##BM##x##BN)                                            \
         const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);       \
         gpubp::dense_forward<gpubp::ActSet::ALL, BM, BN, true>(x, w, b, y, z, M, N, K, act, mask);        \
     }

@@ -19,6 +19,7 @@
 // it are unchanged. Extra arguments: key (two words in device memory), threshold, scale, first_row.
 #include "dropout.cuh"
 #include "gemm_tf32.cuh"
+#include "one_kernel.cuh"
 
 namespace gpubp {
 
@@ -59,6 +60,7 @@ __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const
         dense_fwd_##PREC##_##NAME(const E* __restrict__ x, const E* __restrict__ w,                          \
                                   const float* __restrict__ b, float* __restrict__ y, float* __restrict__ z, \
                                   int M, int N, int K) {                                                     \
+        GPUBP_ONLY_KERNEL_GUARD(dense_fwd_##PREC##_##NAME)                                                   \
         gpubp::dense_forward_mma<E, ID, false>(x, w, b, y, z, M, N, K, gpubp::DropoutMask{});               \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
@@ -67,6 +69,7 @@ __device__ __forceinline__ void dense_forward_mma(const E* __restrict__ x, const
                                             float* __restrict__ z, int M, int N, int K,                      \
                                             const unsigned int* __restrict__ key, unsigned int threshold,    \
                                             float scale, long long first_row) {                              \
+        GPUBP_ONLY_KERNEL_GUARD(dense_fwd_##PREC##_##NAME##_dropout)                                         \
         const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
         gpubp::dense_forward_mma<E, ID, true>(x, w, b, y, z, M, N, K, mask);                                 \
     }

@@ -63,6 +63,7 @@
 #include "activations.cuh"
 #include "gemm_tile.cuh"
 #include "mma.cuh"
+#include "one_kernel.cuh"
 #include "split_k.cuh"
 #include "vector_access.cuh"
 
@@ -1135,6 +1136,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         fused_mlp_fwd##SUFFIX(const float* __restrict__ x, GPUBP_LAYER_PTRS(const float*, w),                    \
                               GPUBP_LAYER_PTRS(const float*, b), GPUBP_LAYER_PTRS(float*, hout),                 \
                               GPUBP_LAYER_PTRS(float*, zout), const int* __restrict__ plan, int B) {             \
+        GPUBP_ONLY_KERNEL_GUARD(fused_mlp_fwd##SUFFIX)                                                           \
         GPUBP_LAYER_ARRAY(const float*, w);                                                                      \
         GPUBP_LAYER_ARRAY(const float*, b);                                                                      \
         GPUBP_LAYER_ARRAY(float*, hout);                                                                         \
@@ -1145,6 +1147,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
         fused_mlp_bwd##SUFFIX(const float* __restrict__ dy, float* __restrict__ dx,                              \
                               GPUBP_LAYER_PTRS(const float*, w), GPUBP_LAYER_PTRS(const float*, act_in),         \
                               GPUBP_LAYER_PTRS(float*, dz), const int* __restrict__ plan, int B) {               \
+        GPUBP_ONLY_KERNEL_GUARD(fused_mlp_bwd##SUFFIX)                                                           \
         GPUBP_LAYER_ARRAY(const float*, w);                                                                      \
         GPUBP_LAYER_ARRAY(const float*, act_in);                                                                 \
         GPUBP_LAYER_ARRAY(float*, dz);                                                                           \
@@ -1155,6 +1158,7 @@ __device__ __forceinline__ void mlp_weight_grads(const float* const (&h)[Fused::
                              GPUBP_LAYER_PTRS(float*, dw), GPUBP_LAYER_PTRS(float*, db), float* __restrict__ ws, \
                              unsigned int* __restrict__ tickets, const int* __restrict__ plan, int B, int k_chunk, \
                              int splits, int ws_split_stride) {                                                  \
+        GPUBP_ONLY_KERNEL_GUARD(fused_mlp_dw##SUFFIX)                                                            \
         GPUBP_LAYER_ARRAY(const float*, h);                                                                      \
         GPUBP_LAYER_ARRAY(const float*, dz);                                                                     \
         GPUBP_LAYER_ARRAY(float*, dw);                                                                           \

@@ -65,6 +65,97 @@ def test_loading_a_file_looks_up_every_kernel_it_defines(cb):
     assert {name for _, name in cb._functions} == set(cb.KERNELS["optim.cu"])
 
 
+def recorded_modules(cb, monkeypatch) -> list:
+    """Every RawModule the backend makes from now on, as (file, its -DGPUBP_ONLY_KERNEL or None,
+    the kernels looked up from it)."""
+    made, raw_module = [], cb.cupy.RawModule
+
+    class Recording(raw_module):
+        def __init__(self, code=None, options=(), path=None):
+            super().__init__(code=code, options=options, path=path)
+            only = [o.split("=", 1)[1].strip('"') for o in options if o.startswith("-DGPUBP_ONLY_KERNEL=")]
+            self.entry = (re.search(r'#line 1 "(\w+\.cu)"', code or "").group(1), only[0] if only else None, [])
+            made.append(self.entry)
+
+        def get_function(self, name):
+            self.entry[2].append(name)
+            return super().get_function(name)
+
+    monkeypatch.setattr(cb.cupy, "RawModule", Recording)
+    return made
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_nvrtc_builds_each_gemm_kernel_a_step_launches_alone_and_the_other_kernels_together(cb, monkeypatch,
+                                                                                          precision):
+    made = recorded_modules(cb, monkeypatch)
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(40, 136, "relu"), gb.Dense(136, 9)], backend="cupy", fused=False,
+                          precision=precision)
+    x, y = np.random.default_rng(0).normal(size=(72, 40)).astype(np.float32), np.arange(72) % 9
+    loss = model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.1))(x, y)
+    assert np.isfinite(loss)
+    for filename, only, looked_up in made:
+        if filename not in cb.ONE_KERNEL_FILES:
+            assert only is None and sorted(looked_up) == sorted(cb.KERNELS[filename]), filename
+        elif only:  # a GEMM's module: that kernel alone
+            assert looked_up == [only] and only in cb.GEMM_KERNELS[filename], (filename, only, looked_up)
+        else:  # the file's other kernels
+            assert sorted(looked_up) == sorted(cb.part_kernels(filename, "")) and looked_up, filename
+    gemms = sorted(only for _, only, _ in made if only)
+    assert len(gemms) == len(set(gemms)), "a GEMM kernel was compiled twice"
+    forward = "dense_fwd_128x64" if precision == "fp32" else "dense_fwd_tf32_relu"
+    assert forward in gemms and "dense_fwd_dropout_128x64" not in gemms  # not the file's other GEMMs
+
+
+def test_a_gemm_kernel_launched_from_a_module_built_for_another_does_nothing(cb):
+    """The stand-in acts as NVRTC's one-kernel build: dense_forward.cu built for
+    dense_fwd_128x128 has an empty dense_fwd_128x64."""
+    source, rng = cb.kernel_source("dense_forward.cu"), np.random.default_rng(0)
+    x, w, b = (cb.asarray(rng.normal(size=s).astype(np.float32)) for s in ((5, 7), (7, 6), (6,)))
+    expected = np.maximum(cb.to_host(x) @ cb.to_host(w) + cb.to_host(b), 0)
+    for part, computes in (("dense_fwd_128x64", True), ("dense_fwd_128x128", False), ("", False)):
+        module = cb.cupy.RawModule(code=source, options=cb.nvrtc_options("dense_forward.cu", part))
+        y, z = cb.zeros((5, 6)), cb.zeros((5, 6))
+        module.get_function("dense_fwd_128x64")((1, 1), (128,), (x, w, b, y, z, np.int32(5), np.int32(6),
+                                                                np.int32(7), np.int32(cb.ACT_ID["relu"])))
+        if computes:
+            np.testing.assert_allclose(cb.to_host(y), expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert not np.any(cb.to_host(y)), part
+
+
+def test_a_step_whose_gemm_comes_from_the_wrong_module_fails(cb, monkeypatch):
+    """A planted routing bug: every module built as the file's non-GEMM part leaves the GEMMs empty."""
+    options = cb.nvrtc_options
+    monkeypatch.setattr(cb, "nvrtc_options", lambda filename, part: options(filename, ""))
+    x = cb.asarray(np.ones((3, 4), np.float32))
+    y, _ = cb.dense_forward(x, cb.asarray(np.ones((4, 5), np.float32)), cb.zeros((5,)), "relu")
+    assert not np.any(cb.to_host(y) == 4.0)  # relu(1 * 1 * 4): nothing written, as on a GPU
+    monkeypatch.setattr(cb, "nvrtc_options", options)
+    for cache in harness.BACKEND_CACHES:
+        monkeypatch.setattr(cb, cache, {})
+    y, _ = cb.dense_forward(x, cb.asarray(np.ones((4, 5), np.float32)), cb.zeros((5,)), "relu")
+    np.testing.assert_array_equal(cb.to_host(y), np.full((3, 5), 4.0, np.float32))  # the routing as shipped
+
+
+def test_preload_loads_every_kernel_of_every_file(cb):
+    seconds = cb.preload(jobs=2)
+    assert set(seconds) == {(f, part) for f in cb.KERNEL_FILES for part in cb.kernel_parts(f)}
+    assert {name for _, name in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
+    assert all(cb.origin[f] == "nvrtc" for f in cb.KERNEL_FILES)
+
+
+def test_preload_loads_fatbins_whole_and_every_nvrtc_part_where_the_driver_refuses_one(cb, monkeypatch):
+    """With fatbins that serve this GPU a file loads whole; the stand-in's driver refuses every
+    GPU binary, as an old driver refuses a new toolkit's, and then each NVRTC part compiles."""
+    monkeypatch.setattr(cb, "_aot_mismatch", lambda arch: None)
+    seconds = cb.preload(jobs=2)
+    assert set(seconds) == {(f, None) for f in cb.KERNEL_FILES}
+    assert {name for _, name in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
+    assert {key[1:] for key in cb._rawmodules} == {(f, part) for f in cb.KERNEL_FILES for part in cb.kernel_parts(f)}
+
+
 def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
     """The update kernels that read their rate from the device run only in captured steps."""
     p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))
@@ -270,8 +361,8 @@ def fake_driver_facts(cb, monkeypatch, tmp_path):
     monkeypatch.setattr(cb.cupy.cuda, "nvrtc", types.SimpleNamespace(getVersion=lambda: (13, 0)), raising=False)
     look_up = cb._look_up_kernels
     attributes = types.SimpleNamespace(num_regs=40, shared_size_bytes=8192, local_size_bytes=0, max_threads_per_block=256)
-    monkeypatch.setattr(cb, "_look_up_kernels", lambda module, filename: dict.fromkeys(look_up(module, filename),
-                                                                                        attributes))
+    monkeypatch.setattr(cb, "_look_up_kernels", lambda module, filename, part=None: dict.fromkeys(
+        look_up(module, filename, part), attributes))
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "empty_cache"))
     monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # facts points it at an empty folder; this puts it back after
 
@@ -288,22 +379,29 @@ def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_a
     for filename, built in facts["kernel_files"].items():
         assert built["origin"] == "nvrtc" and built["compile_and_load_seconds"] >= 0
         assert sorted(built["kernels"]) == sorted(cb.KERNELS[filename])
+        assert built["modules"] == len(cb.kernel_parts(filename))
+    # one module per GEMM kernel of dense_forward.cu (5), none besides: it has no other kernel
+    assert facts["kernel_files"]["dense_forward.cu"]["modules"] == len(cb.KERNELS["dense_forward.cu"]) == 5
+    assert facts["kernel_files"]["optim.cu"]["modules"] == 1
+    assert facts["kernel_compile"]["modules"] == sum(len(cb.kernel_parts(f)) for f in cb.KERNEL_FILES)
     assert facts["kernel_files"]["optim.cu"]["kernels"]["sumsq"]["registers"] == 40
     report = load("gpu_summary").facts_markdown(facts)
     assert "Device: Stand-in GPU, compute capability 90, 132 SMs" in report[0]
     kernels = len(cb.KERNELS["optim.cu"])
-    assert any(line.startswith("| optim.cu | nvrtc |") and line.endswith(f"| {kernels} | 40 | 8192 | none |")
+    assert any(line.startswith("| optim.cu | nvrtc | 1 |") and line.endswith(f"| {kernels} | 40 | 8192 | none |")
                for line in report)
+    gemms = len(cb.KERNELS["dense_forward.cu"])
+    assert any(line.startswith(f"| dense_forward.cu | nvrtc | {gemms} |") for line in report)
 
 
 def test_first_contact_facts_compile_the_kernel_files_side_by_side(cb, monkeypatch, tmp_path):
-    """Two files compile at once with two threads: each compile waits (up to 30 s) until another
+    """Two modules compile at once with two threads: each compile waits (up to 30 s) until another
     one is under way too, which one-after-another compiling never lets happen."""
     fc = load("first_contact")
     fake_driver_facts(cb, monkeypatch, tmp_path)
-    together, compile_file = threading.Barrier(2, timeout=30), cb._rawmodule
-    monkeypatch.setattr(cb, "_rawmodule", lambda filename: (together.wait(), compile_file(filename))[1])
-    monkeypatch.setattr(cb, "KERNEL_FILES", cb.KERNEL_FILES[:2])
+    together, compile_part = threading.Barrier(2, timeout=30), cb._rawmodule
+    monkeypatch.setattr(cb, "_rawmodule", lambda filename, part="": (together.wait(), compile_part(filename, part))[1])
+    monkeypatch.setattr(cb, "KERNEL_FILES", ("optim.cu", "loss.cu"))
     assert fc.facts(tmp_path / "facts.json", jobs=2) == 0
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert list(facts["kernel_files"]) == list(cb.KERNEL_FILES)
@@ -316,10 +414,10 @@ def test_a_kernel_file_that_fails_to_compile_is_recorded_and_the_others_still_co
     fake_driver_facts(cb, monkeypatch, tmp_path)
     broken, compile_file = cb.KERNEL_FILES[0], cb._rawmodule
 
-    def compile_or_fail(filename):
-        if filename == broken:
+    def compile_or_fail(filename, part=""):
+        if filename == broken and part == cb.kernel_parts(broken)[-1]:  # one module of the file
             raise RuntimeError("NVRTC_ERROR_COMPILATION: made up here")
-        return compile_file(filename)
+        return compile_file(filename, part)
 
     monkeypatch.setattr(cb, "_rawmodule", compile_or_fail)
     assert fc.facts(tmp_path / "facts.json") == 1

@@ -7,7 +7,8 @@
   ``bench/aot_build.py``'s, cached by its inputs and shared with the kernel model
   (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles it once.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
-  include-expanded sources that the backend hands it as CuPy 14 does, to an sm_XX cubin, so
+  include-expanded sources that the backend hands it as CuPy 14 does, one module per GEMM kernel
+  and one for a file's other kernels (``cupy_backend.kernel_parts``), to an sm_XX cubin, so
   ptxas runs here (register spills, the static shared-memory limit); through libnvrtc and
   ctypes, no GPU or CuPy needed. Skipped when no libnvrtc is found (``pip install
   nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. By default NVRTC compiles
@@ -186,16 +187,17 @@ def nvrtc_archs() -> list[str]:
     return archs
 
 
-def cupy_nvrtc_options(arch: str) -> list[str]:
+def cupy_nvrtc_options(arch: str, backend_options=cupy_backend.NVRTC_OPTIONS) -> list[str]:
     """What CuPy 14 compiles a RawModule with on a GPU of compute capability ``arch``: the backend's
     options, then CuPy's own, the CUDA headers, and ``-arch=sm_<arch>``, which asks NVRTC for a
     cubin, so ptxas runs (and enforces the static shared-memory limit) at compile time."""
-    options = [*cupy_backend.NVRTC_OPTIONS, "-ftz=true", "--device-as-default-execution-space", f"-arch=sm_{arch}"]
+    options = [*backend_options, "-ftz=true", "--device-as-default-execution-space", f"-arch=sm_{arch}"]
     return options + ([f"-I{CUDA_HEADERS}"] if CUDA_HEADERS else [])
 
 
-def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str, int]:
-    """Compile ``source`` with NVRTC; returns (nvrtcResult, log, size of the cubin, 0 if none)."""
+def nvrtc_compile(source: str, name: str, options: list[str], cubin_to: Path | None = None) -> tuple[int, str, int]:
+    """Compile ``source`` with NVRTC; returns (nvrtcResult, log, size of the cubin, 0 if none), and
+    writes the cubin to ``cubin_to`` when given."""
     lib = ctypes.CDLL(LIBNVRTC)
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) == 0
@@ -208,6 +210,10 @@ def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str,
     cubin = ctypes.c_size_t(0)
     if result == 0 and any(o.startswith("-arch=sm_") for o in options):
         assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)) == 0
+        if cubin_to is not None:
+            code = ctypes.create_string_buffer(cubin.value)
+            assert lib.nvrtcGetCUBIN(prog, code) == 0
+            cubin_to.write_bytes(code.raw)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return result, log.value.decode(errors="replace"), cubin.value
 
@@ -248,13 +254,19 @@ def nvrtc_cubin(source: str, name: str, options: list[str]) -> dict:
 @needs_nvrtc
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
+    """Every NVRTC module the backend builds of ``unit``, for each architecture of ``nvrtc_archs``."""
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
     archs = nvrtc_archs()
-    # NVRTC compiles concurrently from several threads: one per core, up to one per arch.
-    with ThreadPoolExecutor(max_workers=min(len(archs), os.cpu_count() or 1)) as pool:
-        compiled = dict(zip(archs, pool.map(lambda arch: nvrtc_cubin(source, unit, cupy_nvrtc_options(arch)), archs)))
-    assert all(c["size"] > 0 for c in compiled.values()), compiled
+    builds = [(arch, part) for arch in archs for part in cupy_backend.kernel_parts(unit)]
+    # NVRTC compiles concurrently from several threads: one per core.
+    with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
+        done = list(pool.map(lambda build: nvrtc_cubin(source, unit, cupy_nvrtc_options(
+            build[0], cupy_backend.nvrtc_options(unit, build[1]))), builds))
+    assert all(c["size"] > 0 for c in done), dict(zip(builds, done))
+    compiled = {arch: {"spills": {}} for arch in archs}
+    for (arch, _), c in zip(builds, done):
+        compiled[arch]["spills"].update(c["spills"])
     spills = {arch: {k: tuple(v) for k, v in c["spills"].items()} for arch, c in compiled.items() if c["spills"]}
     assert spills == {arch: known for (file, arch), known in KNOWN_NVRTC_SPILLS.items() if file == unit and arch in archs}
 
@@ -314,6 +326,79 @@ def test_the_cubin_compile_reports_the_kernels_that_spill():
 def test_nvrtc_and_the_cmake_fatbins_compile_with_the_same_flags():
     assert codegen_flags() == list(cupy_backend.NVRTC_OPTIONS)
     assert "-ftz=true" in cupy_backend.NVRTC_OPTIONS  # what CuPy adds to every NVRTC compile
+
+
+# ----------------------------------------------------------------------------- one GEMM kernel per NVRTC module
+
+_ENTRY = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(\w+)\s*\([^{]*\{\s*'
+                    r'(?:if\s*\(\s*!\s*::\s*gpubp\s*::\s*kernel_compiled\s*\(\s*"(\w*)"\s*\)\s*\)\s*return\s*;)?')
+
+
+def one_kernel_guards(source: str) -> dict[str, str | None]:
+    """Each extern "C" kernel of ``source`` (include-expanded) -> the name its first statement,
+    kernels/one_kernel.cuh's guard, spells; None where it has no guard. From the preprocessor's
+    output, as the CPU harness finds the kernels."""
+    from cuda_on_cpu import harness
+
+    done = subprocess.run([harness.CXX, "-std=c++20", "-E", "-P", "-DGPUBP_CUDA_ON_CPU=1", "-DGPUBP_CPU_SCAN=1",
+                           "-include", str(harness.HEADER), "-x", "c++", "-"], input=source, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {name: guard or None for name, guard in _ENTRY.findall(done.stdout)}  # no kernel is named ""
+
+
+def guard_mistakes(filename: str, source: str) -> list[str]:
+    """What is wrong with ``filename``'s guards: a GEMM kernel of the backend's without its own
+    name in one, any other kernel with one."""
+    guards = one_kernel_guards(source)
+    gemms = set(cupy_backend.GEMM_KERNELS.get(filename, ()))
+    wrong = [f"{name}: guard names {guard!r}" for name, guard in guards.items() if name in gemms and guard != name]
+    wrong += [f"{name}: guarded, but not a GEMM kernel of the backend's" for name, guard in guards.items()
+              if name not in gemms and guard is not None]
+    return wrong + [f"{name}: no such kernel" for name in gemms - set(guards)]
+
+
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="no C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("unit", UNITS)
+def test_each_gemm_kernel_opens_with_the_guard_that_names_it_and_no_other_kernel_has_one(unit):
+    assert guard_mistakes(unit, cupy_backend.kernel_source(unit)) == []
+
+
+@needs_cxx
+def test_a_guard_that_names_another_kernel_is_found():
+    source = cupy_backend.kernel_source("dense_backward.cu")
+    guard = "GPUBP_ONLY_KERNEL_GUARD(dense_dw_##BM##x##BN)"
+    planted = source.replace(guard, guard.replace("dense_dw", "dense_dx"))
+    assert planted != source
+    assert guard_mistakes("dense_backward.cu", planted) == ["dense_dw_128x128: guard names 'dense_dx_128x128'",
+                                                            "dense_dw_128x64: guard names 'dense_dx_128x64'"]
+    unguarded = source.replace(guard, "")
+    assert guard_mistakes("dense_backward.cu", unguarded) == ["dense_dw_128x128: guard names None",
+                                                              "dense_dw_128x64: guard names None"]
+
+
+@needs_nvrtc
+def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_for_each_other(tmp_path):
+    """dense_backward.cu built for dense_dx_128x64 and for its other kernels (""), read back with
+    cuobjdump: every GEMM entry but the one named is an empty kernel (a few instructions), the
+    named one and the elementwise kernels are whole."""
+    cuobjdump = kernel_model.cuda_tool("cuobjdump")
+    source, unit = cupy_backend.kernel_source("dense_backward.cu"), "dense_backward.cu"
+    sass = load("sass_reader")
+    for part in ("dense_dx_128x64", ""):
+        cubin = tmp_path / f"{part or 'rest'}.cubin"
+        options = cupy_nvrtc_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
+        result, log, _ = nvrtc_compile(source, unit, options, cubin_to=cubin)
+        assert result == 0, log
+        listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        sizes = {name: len(code) for name, code in sass.sass_functions(listing).items()}
+        assert set(sizes) == set(cupy_backend.KERNELS[unit])
+        for name, size in sizes.items():
+            whole = name == part or name not in cupy_backend.GEMM_KERNELS[unit]
+            assert (size > 40) == whole, (part, name, size)
 
 
 # ----------------------------------------------------------------------------- finding NVRTC and the headers

@@ -34,10 +34,15 @@ Where the kernels come from, per source file, on first use on each device:
    fatbin is never used) and the driver loads it;
 2. otherwise NVRTC compiles the shipped source (cached on disk by CuPy) with ``NVRTC_OPTIONS``,
    the flags the fatbins are built with. The local ``#include`` lines are expanded here first,
-   so the text CuPy hashes for its cache is the whole program.
+   so the text CuPy hashes for its cache is the whole program. A file with GEMM kernels
+   (``ONE_KERNEL_FILES``) is compiled once per GEMM kernel launched, with only that one's code
+   (``kernels/one_kernel.cuh``), and once for its other kernels (``kernel_part``): a model's
+   first step compiles the one or two GEMMs it uses, a few seconds, not the file's every GEMM,
+   which take 23 to 36 s of one core for the largest files. ``load_file`` compiles every part,
+   ``preload`` every file, side by side.
 
 The kernels have ``extern "C"`` names (``dense_fwd_128x128``, ...), identical on
-both paths, listed per file in ``KERNELS``; all of a file's kernels are looked up when it
+both paths, listed per file in ``KERNELS``; all of a module's kernels are looked up when it
 loads. An fp32 forward kernel serves several activations (its ``act`` argument, ``ACT_ID``): its
 main loop is compiled once, not once per activation, and the epilogue, compiled for each
 activation, is picked by one uniform branch after it (``kernels/activations.cuh``,
@@ -61,6 +66,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +184,11 @@ def _fused_name(kind: str, precision: str) -> str:
 
 
 # Every extern "C" kernel of each source file (tests/test_kernels_on_cpu.py checks this against the
-# sources). All of a file's kernels are looked up when the file loads: with lazy loading (the CUDA
-# default since 12.2) the first lookup of a kernel is what loads it, and drivers before 12.3 refuse
-# that inside a CUDA-graph capture, where a kernel used only by captured steps would first be asked for.
+# sources). All of a module's kernels are looked up when it loads (a fatbin's: the file's; an NVRTC
+# part's: its GEMM, or the file's other kernels): with lazy loading (the CUDA default since 12.2) the
+# first lookup of a kernel is what loads it, and drivers before 12.3 refuse that inside a CUDA-graph
+# capture, where a kernel used only by captured steps would first be asked for. A GEMM kernel has a
+# module of its own on the NVRTC path; captured steps launch the GEMMs of the eager step before them.
 KERNELS = {
     "dense_forward.cu": tuple(dict.fromkeys(_dense_name("fwd", act, "fp32", tile, dropout) for act in ACT_ID
                                             for tile in GEMM_TILES for dropout in (False, True))),
@@ -205,6 +213,40 @@ KERNELS = {
     "dropout.cu": ("dropout_mask", "philox_words"),
 }
 KERNEL_FILES = tuple(KERNELS)
+
+# The files whose GEMM kernels NVRTC compiles one at a time (kernels/one_kernel.cuh: each GEMM entry
+# point is guarded), and which kernels those are; tests/test_kernels_compile.py checks this against
+# the guards in the sources.
+ONE_KERNEL_FILES = ("dense_forward.cu", "dense_backward.cu", "dense_forward_tf32.cu", "dense_backward_tf32.cu",
+                    "fused_mlp.cu")
+_GEMM_KERNEL = re.compile(r"dense_(fwd|dx|dw)_.+|fused_mlp_.+")
+GEMM_KERNELS = {filename: tuple(name for name in KERNELS[filename] if _GEMM_KERNEL.fullmatch(name))
+                for filename in ONE_KERNEL_FILES}
+
+
+def kernel_part(filename: str, name: str) -> str:
+    """The NVRTC module of ``kernels/<filename>`` that holds kernel ``name``: the kernel's own
+    name for a GEMM kernel of a ``ONE_KERNEL_FILES`` file, else "" (the file's other kernels)."""
+    return name if name in GEMM_KERNELS.get(filename, ()) else ""
+
+
+def kernel_parts(filename: str) -> tuple[str, ...]:
+    """Every NVRTC module of ``kernels/<filename>`` (``kernel_part``'s answers), "" first when the
+    file has kernels besides its GEMMs."""
+    gemms = GEMM_KERNELS.get(filename, ())
+    return (("",) if len(gemms) < len(KERNELS[filename]) else ()) + gemms
+
+
+def part_kernels(filename: str, part: str) -> tuple[str, ...]:
+    """The kernels of ``kernels/<filename>`` that NVRTC module ``part`` holds."""
+    return (part,) if part else tuple(name for name in KERNELS[filename] if name not in GEMM_KERNELS.get(filename, ()))
+
+
+def nvrtc_options(filename: str, part: str) -> tuple[str, ...]:
+    """``NVRTC_OPTIONS``, and for a ``ONE_KERNEL_FILES`` file the GEMM kernel to compile ("": none)."""
+    if filename not in ONE_KERNEL_FILES:
+        return NVRTC_OPTIONS
+    return (*NVRTC_OPTIONS, f'-DGPUBP_ONLY_KERNEL="{part}"')
 
 
 def unavailable_reason() -> str | None:
@@ -315,37 +357,37 @@ def _aot_mismatch(arch: str) -> str | None:
 
 # ----------------------------------------------------------------------------- loading
 
-_rawmodules: dict[tuple[int, str], object] = {}
+_rawmodules: dict[tuple[int, str, str | None], object] = {}  # (device, file, NVRTC part or None: fatbin)
 _functions: dict[tuple[int, str], object] = {}
 _device_state: dict[int, dict] = {}
 _captured_arrays: list | None = None  # while a graph is captured: every launch's arguments
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 
 
-def _rawmodule(filename: str):
-    """The loaded module of ``kernels/<filename>`` on the current device, with every kernel of it
-    looked up (in ``_functions``): from the AOT fatbin when it serves this GPU, else from NVRTC."""
+def _rawmodule(filename: str, part: str = ""):
+    """The loaded module of ``kernels/<filename>`` on the current device that holds NVRTC module
+    ``part``'s kernels (``kernel_part``), with every kernel of it looked up (in ``_functions``):
+    the AOT fatbin, all of the file's kernels, when it serves this GPU, else ``part`` from NVRTC."""
     device = cupy.cuda.Device()
-    key = (device.id, filename)
-    module = _rawmodules.get(key)
-    if module is not None:
-        return module
-    arch = device.compute_capability
-    why_not = _aot_mismatch(arch)
+    fatbin_key = (device.id, filename, None)
+    for key in (fatbin_key, (device.id, filename, part)):
+        if key in _rawmodules:
+            return _rawmodules[key]
+    module, why_not = None, _aot_mismatch(device.compute_capability)
     if why_not is None:
         fatbin = aot_dir() / (Path(filename).stem + ".fatbin")
         try:
             module = cupy.RawModule(path=str(fatbin))
             functions = _look_up_kernels(module, filename)
-            origin[filename] = "fatbin"
+            origin[filename], key = "fatbin", fatbin_key
         except cupy.cuda.driver.CUDADriverError as exc:  # e.g. a driver older than the toolkit
-            why_not = f"the driver refused {fatbin}: {exc}"
-            module = None
+            module, why_not = None, f"the driver refused {fatbin}: {exc}"
     if module is None:
-        log.debug("gpubp: compiling %s with NVRTC (AOT fatbin unused: %s)", filename, why_not)
-        module = cupy.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS)
-        functions = _look_up_kernels(module, filename)
-        origin[filename] = "nvrtc"
+        log.debug("gpubp: compiling %s%s with NVRTC (AOT fatbin unused: %s)", filename,
+                  f" for {part}" if part else "", why_not)
+        module = cupy.RawModule(code=kernel_source(filename), options=nvrtc_options(filename, part))
+        functions = _look_up_kernels(module, filename, part)
+        origin[filename], key = "nvrtc", (device.id, filename, part)
     for name, function in functions.items():
         shared = _dynamic_shared_bytes(name)
         if shared > DEFAULT_SHARED_LIMIT:  # opt in once, when the kernel is loaded
@@ -353,6 +395,46 @@ def _rawmodule(filename: str):
         _functions[(device.id, name)] = _Launch(function)
     _rawmodules[key] = module
     return module
+
+
+def load_file(filename: str) -> None:
+    """Load every kernel of ``kernels/<filename>`` on the current device: its fatbin, or each of
+    its NVRTC modules (``kernel_parts``) in turn."""
+    for part in kernel_parts(filename):
+        _rawmodule(filename, part)
+
+
+def preload(jobs: int | None = None) -> dict[tuple[str, str | None], float]:
+    """Compile (or find in CuPy's cache) and load every kernel on the current device, ``jobs``
+    modules at once (default: one per core), so that no later step waits for NVRTC: for a
+    container image, or before timing. CuPy releases the GIL while NVRTC compiles. Returns the
+    seconds each (file, part) took (part None for each file when the AOT fatbins serve this GPU:
+    they load whole); an error is raised after the others have loaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = cupy.cuda.Device()
+    if _aot_mismatch(device.compute_capability) is None:
+        parts = [(filename, None) for filename in KERNEL_FILES]
+    else:
+        parts = [(filename, part) for filename in KERNEL_FILES for part in kernel_parts(filename)]
+    device = device.id
+
+    def load(item: tuple[str, str | None]) -> float:
+        filename, part = item
+        start = time.perf_counter()
+        with cupy.cuda.Device(device):  # a new thread's current device is device 0
+            if part is None:
+                load_file(filename)  # the fatbin (or, should the driver refuse it, every NVRTC part)
+            else:
+                _rawmodule(filename, part)
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        futures = {item: pool.submit(load, item) for item in parts}
+        failed = [future.exception() for future in futures.values() if future.exception() is not None]
+    if failed:
+        raise failed[0]
+    return {item: future.result() for item, future in futures.items()}
 
 
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a kernel may take without opting in
@@ -372,9 +454,11 @@ def _dynamic_shared_bytes(name: str) -> int:
     return 0
 
 
-def _look_up_kernels(module, filename: str) -> dict:
-    """Every kernel of ``filename`` from its module; the first lookup compiles (NVRTC) or loads it."""
-    return {name: module.get_function(name) for name in KERNELS[filename]}
+def _look_up_kernels(module, filename: str, part: str | None = None) -> dict:
+    """Every kernel of ``filename`` (of its NVRTC module ``part``, when given) from ``module``; the
+    first lookup compiles (NVRTC) or loads it."""
+    names = KERNELS[filename] if part is None else part_kernels(filename, part)
+    return {name: module.get_function(name) for name in names}
 
 
 class _Launch:
@@ -396,7 +480,7 @@ class _Launch:
 def _kernel(filename: str, name: str) -> _Launch:
     key = (cupy.cuda.Device().id, name)
     if key not in _functions:
-        _rawmodule(filename)
+        _rawmodule(filename, kernel_part(filename, name))
     return _functions[key]
 
 
