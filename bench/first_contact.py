@@ -9,11 +9,13 @@ versions, where NVRTC and the CUDA headers are, nvidia-smi's view (clocks, power
 the tools' versions; then every kernel file compiled by NVRTC for this GPU through the CuPy
 backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
 and load, and per kernel the registers, static shared memory and local memory (spills) the
-driver reports. The files compile side by side, one per thread (CuPy lets go of the GIL while
-NVRTC compiles), as many at once as there are cores: one after another they take about 106 s
-on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long as
-the slowest file (34 s there). The JSON is rewritten as each file finishes, so a run cut short
-keeps what it found. The compile times are cold only when CuPy's cache (``CUPY_CACHE_DIR``)
+driver reports. Each file is built as the backend builds it, one NVRTC module per GEMM kernel
+and one for its other kernels (``cupy_backend.kernel_parts``: 60 modules), so CuPy's cache then
+holds what the tests load. The modules compile side by side, one per thread (CuPy lets go of the
+GIL while NVRTC compiles), as many at once as there are cores: one after another they take about
+111 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
+as the slowest module (fused_mlp_fwd, 13 s there). The JSON is rewritten as each file's modules
+finish, so a run cut short keeps what it found. The compile times are cold only when CuPy's cache (``CUPY_CACHE_DIR``)
 starts empty, which ``kernel_cache_files_before`` records.
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
@@ -145,24 +147,27 @@ def device_facts(cupy) -> dict:
     }
 
 
-def kernel_facts(cupy_backend, filename: str, device: int = 0) -> dict:
-    """Compile and load ``filename`` through the backend (NVRTC, as the AOT folder is empty) on
-    ``device``, timed, and the driver's attributes of each of its kernels."""
+def part_facts(cupy_backend, filename: str, part: str, device: int = 0) -> dict:
+    """Compile and load NVRTC module ``part`` of ``filename`` through the backend (NVRTC, as the AOT
+    folder is empty) on ``device``, timed, and the driver's attributes of each of its kernels."""
     start = time.perf_counter()
     with cupy_backend.cupy.cuda.Device(device):  # a new thread's current device is device 0
-        cupy_backend._rawmodule(filename)
+        cupy_backend._rawmodule(filename, part)
     seconds = time.perf_counter() - start
     kernels = {}
-    for name in cupy_backend.KERNELS[filename]:
+    for name in cupy_backend.part_kernels(filename, part):
         kernel = cupy_backend._functions[(device, name)].function
         kernels[name] = {"registers": kernel.num_regs, "static_shared_bytes": kernel.shared_size_bytes,
                          "local_bytes": kernel.local_size_bytes, "max_threads_per_block": kernel.max_threads_per_block}
-    return {"origin": cupy_backend.origin[filename], "compile_and_load_seconds": round(seconds, 3), "kernels": kernels}
+    return {"seconds": seconds, "kernels": kernels}
 
 
 def facts(out: Path, jobs: int | None = None) -> int:
-    """The device facts and every kernel file compiled, into ``out``; ``jobs`` files at once (one per
-    core, up to one per file, unless given). Returns 0, or 1 if anything failed."""
+    """The device facts and every kernel compiled, into ``out``: each file's NVRTC modules
+    (``cupy_backend.kernel_parts``: one per GEMM kernel, one for the rest), ``jobs`` at once (one per
+    core, unless given), as the backend builds them, so CuPy's cache then holds what the tests
+    load. Per file: its modules' compile and load seconds summed, and each kernel's attributes.
+    Returns 0, or 1 if anything failed."""
     from gpubp.backends import cupy_backend
 
     os.environ[cupy_backend.AOT_ENV] = tempfile.mkdtemp()  # no fatbins: NVRTC compiles every file
@@ -182,26 +187,38 @@ def facts(out: Path, jobs: int | None = None) -> int:
     out.write_text(json.dumps(found, indent=2) + "\n")
     print(json.dumps({key: value for key, value in found.items() if key not in ("device", "kernel_files")}, indent=1))
     files = list(cupy_backend.KERNEL_FILES)
-    jobs = jobs or max(1, min(len(files), os.cpu_count() or 1))
+    parts = {filename: cupy_backend.kernel_parts(filename) for filename in files}
+    jobs = jobs or max(1, min(sum(map(len, parts.values())), os.cpu_count() or 1))
     device = cupy_backend.cupy.cuda.Device().id
+    built: dict[str, dict[str, dict]] = {filename: {} for filename in files}  # file -> part -> result
     done: dict[str, dict] = {}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        running = {pool.submit(kernel_facts, cupy_backend, filename, device): filename for filename in files}
+        running = {pool.submit(part_facts, cupy_backend, filename, part, device): (filename, part)
+                   for filename in files for part in parts[filename]}
         for future in as_completed(running):
-            filename = running[future]
+            filename, part = running[future]
             try:
-                done[filename] = future.result()
-            except Exception as exc:  # a compile or load error: recorded, and the other files still run
-                done[filename] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
+                built[filename][part] = future.result()
+            except Exception as exc:  # a compile or load error: recorded, and the other modules still run
+                built[filename][part] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
                 status = 1
-            result = done[filename]
+            if len(built[filename]) < len(parts[filename]):
+                continue
+            errors = [result["error"] for result in built[filename].values() if "error" in result]
+            result = done[filename] = {"error": errors[0]} if errors else {
+                "origin": cupy_backend.origin[filename], "modules": len(parts[filename]),
+                "compile_and_load_seconds": round(sum(r["seconds"] for r in built[filename].values()), 3),
+                "kernels": {name: kernel for part in parts[filename] for name, kernel in
+                            built[filename][part]["kernels"].items()}}
             spilling = [name for name, k in result.get("kernels", {}).items() if k["local_bytes"]]
+            spilled = f", local memory in {', '.join(spilling)}" if spilling else ""
             print(f"{filename}: " + (result["error"] if "error" in result else
-                  f"{result['origin']} in {result['compile_and_load_seconds']:.2f} s, {len(result['kernels'])} kernels"
-                  + (f", local memory in {', '.join(spilling)}" if spilling else "")), flush=True)
+                  f"{result['origin']} in {result['compile_and_load_seconds']:.2f} s ({result['modules']} modules), "
+                  f"{len(result['kernels'])} kernels{spilled}"), flush=True)
             found["kernel_files"] = {name: done[name] for name in files if name in done}  # in the backend's order
-            found["kernel_compile"] = {"threads": jobs, "wall_seconds": round(time.perf_counter() - start, 3)}
+            found["kernel_compile"] = {"threads": jobs, "modules": sum(map(len, parts.values())),
+                                       "wall_seconds": round(time.perf_counter() - start, 3)}
             out.write_text(json.dumps(found, indent=2) + "\n")
     return status
 

@@ -23,8 +23,8 @@
 # in order of value, each in a child shell under its own wall-clock budget (`timeout`: SIGINT,
 # which makes pytest write what it has, then SIGKILL), and after each one the summary is
 # written again, so a step that fails or runs out of time leaves what the earlier ones found:
-#   facts      bench/first_contact.py facts: device facts, every kernel file compiled by NVRTC
-#              for this GPU (side by side) with times, registers and spills; then the NVRTC load
+#   facts      bench/first_contact.py facts: device facts, every kernel compiled by NVRTC for
+#              this GPU (its modules side by side) with times, registers and spills; then the NVRTC load
 #              check beside the CMake fatbin build, and the fatbin load check (bench/gpu_load_check.py)
 #   tests      the gpu-marked tests, one pytest-xdist worker per core
 #   memcheck   compute-sanitizer memcheck, then racecheck, over bench/sanitizer_driver.py --reduced
@@ -98,6 +98,8 @@ xdist_workers() {  # default count: "-n <count>" where pytest-xdist is installed
 stage_tests() {
     local workers
     workers="$(xdist_workers 8)"
+    # Every NVRTC module compiled once, side by side, before the workers would each compile what they need.
+    run "kernels compiled" "$PYTHON" -c "from gpubp.backends import cupy_backend; cupy_backend.preload()"
     run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs $workers --junitxml "$check/gpu_tests.xml"
     run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q $workers \
         --junitxml "$check/other_tests.xml"

@@ -314,15 +314,16 @@ def facts_markdown(facts: dict) -> list[str]:
     lines += ["", f"{facts.get('kernel_cache_files_before', '?')} files in CuPy's kernel cache before the compiles."]
     files = facts.get("kernel_files", {})
     if files:
-        lines += ["", "| kernel file | from | compile + load (s) | kernels | most registers | most static shared (B) "
-                  "| local memory in |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| kernel file | from | NVRTC modules | compile + load (s, summed) | kernels | most registers "
+                  "| most static shared (B) | local memory in |", "|---|---|---|---|---|---|---|---|"]
         for name, built in files.items():
             kernels = built.get("kernels", {})
             if "error" in built:
-                lines.append(f"| {name} | error: {' '.join(built['error'].split())[:300]} | | | | | |")
+                lines.append(f"| {name} | error: {' '.join(built['error'].split())[:300]} | | | | | | |")
                 continue
             spilling = ", ".join(k for k, v in kernels.items() if v["local_bytes"]) or "none"
-            lines.append(f"| {name} | {built['origin']} | {built['compile_and_load_seconds']:.2f} | {len(kernels)} "
+            lines.append(f"| {name} | {built['origin']} | {built.get('modules', 1)} "
+                         f"| {built['compile_and_load_seconds']:.2f} | {len(kernels)} "
                          f"| {max((v['registers'] for v in kernels.values()), default=0)} "
                          f"| {max((v['static_shared_bytes'] for v in kernels.values()), default=0)} | {spilling} |")
     return lines

@@ -522,7 +522,7 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
                                  "synccheck": "not run"}
     assert data["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
     report = (out / "Fake_H200.md").read_text()
-    assert "| bench | ok |" in report and "| optim.cu | nvrtc | 0.50 | 1 | 20 | 0 | sgd_update |" in report
+    assert "| bench | ok |" in report and "| optim.cu | nvrtc | 1 | 0.50 | 1 | 20 | 0 | sgd_update |" in report
     assert "==== first-contact step racecheck" in (out / "first_contact.log").read_text()
 
 
