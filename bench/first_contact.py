@@ -13,7 +13,7 @@ driver reports. Each file is built as the backend builds it, one NVRTC module pe
 and one for its other kernels (``cupy_backend.kernel_parts``: 60 modules), so CuPy's cache then
 holds what the tests load. The modules compile side by side, one per thread (CuPy lets go of the
 GIL while NVRTC compiles), as many at once as there are cores: one after another they take about
-111 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
+114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
 as the slowest module (fused_mlp_fwd, 13 s there). The JSON is rewritten as each file's modules
 finish, so a run cut short keeps what it found. The compile times are cold only when CuPy's cache (``CUPY_CACHE_DIR``)
 starts empty, which ``kernel_cache_files_before`` records.

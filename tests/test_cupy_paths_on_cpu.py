@@ -156,6 +156,23 @@ def test_preload_loads_fatbins_whole_and_every_nvrtc_part_where_the_driver_refus
     assert {key[1:] for key in cb._rawmodules} == {(f, part) for f in cb.KERNEL_FILES for part in cb.kernel_parts(f)}
 
 
+def test_the_first_step_benchmark_finds_the_modules_a_step_builds_and_tabulates_them():
+    """bench/nvrtc_first_step.py's discovery on the stand-in (its NVRTC timing needs libnvrtc)."""
+    first_step = load("nvrtc_first_step")
+    modules = first_step.first_step_modules([40, 136, 9], "relu", "tf32", False)
+    assert ("dense_forward_tf32.cu", "dense_fwd_tf32_relu") in modules
+    assert ("dense_forward_tf32.cu", "dense_fwd_tf32_identity") in modules  # the linear head
+    assert all(part in cupy_backend.kernel_parts(f) for f, part in modules)
+    assert not any(f == "fused_mlp.cu" or "dropout" in part for f, part in modules)
+    report = {"arch": "90", "repeat": 1, "models": {"m": {
+        "modules": [{"file": f, "part": part, "seconds": 1.0} for f, part in modules],
+        "whole_files": [{"file": "dense_forward_tf32.cu", "seconds": 30.0}]}}}
+    row = first_step.markdown(report).splitlines()[-1]
+    assert row.startswith("| m | `dense_fwd_tf32_relu`") and row.endswith(f"| {len(modules):.1f} | "
+                                                                         "`dense_forward_tf32.cu` | 30.0 |")
+    assert "`loss.cu`" in row and "`dense_backward_tf32.cu` rest" in row
+
+
 def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
     """The update kernels that read their rate from the device run only in captured steps."""
     p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))
