@@ -15,8 +15,8 @@ holds what the tests load. The modules compile side by side, one per thread (CuP
 GIL while NVRTC compiles), as many at once as there are cores: one after another they take about
 114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
 as the slowest module (fused_mlp_fwd, 13 s there). The JSON is rewritten as each file's modules
-finish, so a run cut short keeps what it found. The compile times are cold only when CuPy's cache (``CUPY_CACHE_DIR``)
-starts empty, which ``kernel_cache_files_before`` records.
+finish, so a run cut short keeps what it found. The compile times are cold only when CuPy's
+cache (``CUPY_CACHE_DIR``) starts empty, which ``kernel_cache_files_before`` records.
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
 per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
