@@ -8,7 +8,8 @@ block to a few seconds, and ``CHECKS`` asserts what the block's comments say it 
 that needs a GPU runs as a ``gpu`` test (the rehearsal runs it on the stand-in); one that needs
 more than one process is listed in ``NOT_RUN`` with the reason. A new block with none of these
 fails ``test_every_readme_block_is_run_or_says_why_not``, so the README cannot grow an example
-nobody runs.
+nobody runs. Below them, what the README's prose names must exist: the project's files, the
+``GPUBP_*`` environment variables, the ``python -m gpubp`` commands.
 """
 
 from __future__ import annotations
@@ -263,3 +264,47 @@ def test_a_block_that_calls_what_gpubp_lacks_fails_with_its_readme_line(workdir,
     with pytest.raises(AttributeError, match="train_stepp") as caught:
         run_block(name, workdir)
     assert any(entry.path == README for entry in caught.traceback)
+
+
+# ----------------------------------------------------------------------------- what the prose names
+
+ROOT = README.parent
+PATH = re.compile(r"(?<![\w/.])((?:bench|tests|kernels|gpubp|\.ci)/[\w./-]+\.(?:py|cu|cuh|md|json|sh|ld|cpp|h))\b")
+# Results the README says a GPU run writes; none has run yet (issue: GPU truth).
+WRITTEN_ON_A_GPU = {"bench/results/fused_mlp.md", "bench/results/gpu_summary.json"}
+SOURCES = [p for folder in ("gpubp", "bench", "tests", "kernels", ".ci") for p in (ROOT / folder).rglob("*")
+           if p.is_file() and p.suffix in (".py", ".sh", ".cu", ".cuh", ".h", ".cpp", "")
+           and p.resolve() != Path(__file__).resolve()] + [ROOT / "CMakeLists.txt"]  # not this file's planted names
+
+
+def missing_paths(text: str) -> list[str]:
+    return sorted({path for path in PATH.findall(text) if not (ROOT / path).exists()} - WRITTEN_ON_A_GPU)
+
+
+def unknown_variables(text: str) -> list[str]:
+    code = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in SOURCES)
+    return sorted({name for name in re.findall(r"\bGPUBP_[A-Z0-9_]+\b", text) if name not in code})
+
+
+def test_every_file_the_readme_names_exists():
+    assert missing_paths(README.read_text(encoding="utf-8")) == []
+
+
+def test_every_environment_variable_the_readme_names_is_read_somewhere():
+    assert unknown_variables(README.read_text(encoding="utf-8")) == []
+
+
+def test_every_gpubp_command_the_readme_names_exists():
+    from gpubp.__main__ import main as gpubp_main
+
+    for command in sorted(set(re.findall(r"python -m gpubp (\w+)", README.read_text(encoding="utf-8")))):
+        with pytest.raises(SystemExit) as done:
+            with contextlib.redirect_stdout(io.StringIO()):
+                gpubp_main([command, "--help"])
+        assert done.value.code == 0, command
+
+
+def test_a_renamed_file_or_variable_in_the_readme_is_found():
+    text = "see `bench/no_such_script.py` and bench/results/gpu_summary.json, with GPUBP_NO_SUCH_SETTING=1"
+    assert missing_paths(text) == ["bench/no_such_script.py"]
+    assert unknown_variables(text) == ["GPUBP_NO_SUCH_SETTING"]
