@@ -116,14 +116,26 @@ def info(args) -> int:
     for what, (path, how) in (("NVRTC", _toolkit.nvrtc_library()), ("CUDA headers", _toolkit.cuda_headers())):
         print(f"{what:<12} " + (f"{path} ({how})" if path else f"not found: {how}; {backends.INSTALL_HINT}"))
     print("backends:")
-    for name, why_not in backends.available().items():
+    available = backends.available()
+    for name, why_not in available.items():
         print(f"  {name:<6} " + ("available" if why_not is None else f"unavailable: {' '.join(why_not.split())}"))
+    if available.get("cupy") is None:
+        print(f"cupy kernels {_cupy_kernels(backends.get('cupy'))}")
     try:
         chosen = backends.resolve("auto", "auto")
         print(f"device='auto' picks backend {chosen!r}")
     except (RuntimeError, ValueError) as exc:
         print(f"device='auto' fails: {exc}")
     return 0
+
+
+def _cupy_kernels(cupy_backend) -> str:
+    """Where the CuPy backend's kernels come from on the current GPU, and what a first step waits for."""
+    why_not = cupy_backend._aot_mismatch(cupy_backend.cupy.cuda.Device().compute_capability)
+    if why_not is None:
+        return f"from the CMake fatbins in {cupy_backend.aot_dir()}: no compiling"
+    return (f"compiled by NVRTC on first use, each GEMM kernel a model launches on its own, and cached by CuPy "
+            f"(no fatbins: {why_not}); gpubp.backends.get('cupy').preload() compiles them all at once")
 
 
 def bench(args) -> int:

@@ -173,6 +173,20 @@ def test_the_first_step_benchmark_finds_the_modules_a_step_builds_and_tabulates_
     assert "`loss.cu`" in row and "`dense_backward_tf32.cu` rest" in row
 
 
+def test_info_says_where_the_cupy_kernels_come_from(cb, capsys, monkeypatch, tmp_path):
+    from gpubp.__main__ import main as gpubp_main
+
+    monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # no fatbins there
+    gpubp_main(["info"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
+    assert "compiled by NVRTC on first use" in line and f"no {tmp_path / cb.AOT_MANIFEST}" in line
+    assert "preload()" in line
+    monkeypatch.setattr(cb, "_aot_mismatch", lambda arch: None)
+    gpubp_main(["info"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
+    assert line == f"cupy kernels from the CMake fatbins in {tmp_path}: no compiling"
+
+
 def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
     """The update kernels that read their rate from the device run only in captured steps."""
     p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))
