@@ -29,12 +29,7 @@ __device__ constexpr bool same_name(const char* a, const char* b) {
 inline const char* cpu_only_kernel = nullptr;
 __attribute__((no_sanitize_address, no_sanitize_thread)) inline bool kernel_compiled(const char* name) {
     const char* only = __atomic_load_n(&cpu_only_kernel, __ATOMIC_RELAXED);
-    if (only == nullptr) return true;
-    while (*name != '\0' && *name == *only) {
-        ++name;
-        ++only;
-    }
-    return *name == *only;
+    return only == nullptr || same_name(name, only);
 }
 #elif defined(GPUBP_ONLY_KERNEL)
 __device__ constexpr bool kernel_compiled(const char* name) { return same_name(name, GPUBP_ONLY_KERNEL); }

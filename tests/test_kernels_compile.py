@@ -42,6 +42,7 @@ import pytest
 from gpubp import _toolkit
 from gpubp.__main__ import main as gpubp_main
 from gpubp.backends import cupy_backend
+from cuda_on_cpu import harness
 from test_gpu_check_scripts import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,8 +339,6 @@ def one_kernel_guards(source: str) -> dict[str, str | None]:
     """Each extern "C" kernel of ``source`` (include-expanded) -> the name its first statement,
     kernels/one_kernel.cuh's guard, spells; None where it has no guard. From the preprocessor's
     output, as the CPU harness finds the kernels."""
-    from cuda_on_cpu import harness
-
     done = subprocess.run([harness.CXX, "-std=c++20", "-E", "-P", "-DGPUBP_CUDA_ON_CPU=1", "-DGPUBP_CPU_SCAN=1",
                            "-include", str(harness.HEADER), "-x", "c++", "-"], input=source, capture_output=True,
                           text=True)
@@ -358,7 +357,7 @@ def guard_mistakes(filename: str, source: str) -> list[str]:
     return wrong + [f"{name}: no such kernel" for name in gemms - set(guards)]
 
 
-needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="no C++ compiler")
+needs_cxx = pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
 
 
 @needs_cxx

@@ -233,8 +233,7 @@ def kernel_part(filename: str, name: str) -> str:
 def kernel_parts(filename: str) -> tuple[str, ...]:
     """Every NVRTC module of ``kernels/<filename>`` (``kernel_part``'s answers), "" first when the
     file has kernels besides its GEMMs."""
-    gemms = GEMM_KERNELS.get(filename, ())
-    return (("",) if len(gemms) < len(KERNELS[filename]) else ()) + gemms
+    return (("",) if part_kernels(filename, "") else ()) + GEMM_KERNELS.get(filename, ())
 
 
 def part_kernels(filename: str, part: str) -> tuple[str, ...]:
