@@ -10,8 +10,9 @@ the tools' versions; then every kernel file compiled by NVRTC for this GPU throu
 backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
 and load, and per kernel the registers, static shared memory and local memory (spills) the
 driver reports. Each file is built as the backend builds it, one NVRTC module per GEMM kernel
-and one for its other kernels (``cupy_backend.kernel_parts``: 60 modules), so CuPy's cache then
-holds what the tests load. The modules compile side by side, one per thread (CuPy lets go of the
+and one for its other kernels (``cupy_backend.kernel_parts``: 60 modules, each with every
+activation its kernel serves), so CuPy's cache then holds what the tests load (gpu_check.sh sets
+``GPUBP_NVRTC_ACTIVATIONS=all``). The modules compile side by side, one per thread (CuPy lets go of the
 GIL while NVRTC compiles), as many at once as there are cores: one after another they take about
 114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
 as the slowest module (fused_mlp_fwd, 13 s there). The JSON is rewritten as each file's modules
@@ -156,7 +157,7 @@ def part_facts(cupy_backend, filename: str, part: str, device: int = 0) -> dict:
     seconds = time.perf_counter() - start
     kernels = {}
     for name in cupy_backend.part_kernels(filename, part):
-        kernel = cupy_backend._functions[(device, name)].function
+        kernel = cupy_backend._functions[(device, name, cupy_backend.split_part(part)[1] or None)].function
         kernels[name] = {"registers": kernel.num_regs, "static_shared_bytes": kernel.shared_size_bytes,
                          "local_bytes": kernel.local_size_bytes, "max_threads_per_block": kernel.max_threads_per_block}
     return {"seconds": seconds, "kernels": kernels}

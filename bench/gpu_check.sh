@@ -52,6 +52,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
+# NVRTC builds a kernel that takes its activation at launch with every activation it serves, as
+# preload() and first_contact.py facts build it, so every process here finds each kernel in CuPy's
+# cache; a model's own first step builds its activations alone (the default), which one gpu test
+# (tests/test_gpu_kernel_loading.py) checks.
+export GPUBP_NVRTC_ACTIVATIONS="${GPUBP_NVRTC_ACTIVATIONS:-all}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"

@@ -5,11 +5,13 @@
 
 For each model of ``MODELS``, one training step runs on the CPU kernel harness's CuPy stand-in
 (tests/cuda_on_cpu), which records the NVRTC modules the backend builds for it
-(``cupy_backend.kernel_part``: one per GEMM kernel launched, one for a file's other kernels).
-Those modules are then compiled by the real NVRTC (libnvrtc through ctypes, as
-tests/test_kernels_compile.py does, to an sm_<arch> cubin, so ptxas runs) one after another on
-one core and timed, and so are the whole files that hold them, which is what the backend
-compiled before it built one GEMM per module. Each module and file is timed ``--repeat`` times
+(``cupy_backend.kernel_part``: one per GEMM kernel launched, built for the activations it
+launches where it takes one at launch, and one for a file's other kernels). Those modules are
+then compiled by the real NVRTC (libnvrtc through ctypes, as tests/test_kernels_compile.py does,
+to an sm_<arch> cubin, so ptxas runs) one after another on one core and timed; so are the same
+kernels' modules with every activation they serve (what ``preload`` and
+``GPUBP_NVRTC_ACTIVATIONS=all`` build), and the whole files that hold them, which is what the
+backend compiled before it built one GEMM per module. Each module and file is timed ``--repeat`` times
 (default 2) and its least time kept, once per run however many models share it: compile times
 vary with the machine and its load, and the least is the one least disturbed. Writes
 ``<out>.json`` and ``<out>.md`` and prints the table.
@@ -56,6 +58,7 @@ def first_step_modules(widths: list[int], act: str, precision: str, fused: bool)
 
     built: list[tuple[str, str]] = []
     with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(cupy_backend.NVRTC_ACTIVATIONS_ENV, raising=False)  # the default: the launched activations
         cupy_on_cpu(harness.Harness(), patch, 132)
         load = cupy_backend._rawmodule
         patch.setattr(cupy_backend, "_rawmodule",
@@ -98,11 +101,14 @@ def measure(arch: str, repeat: int = 2) -> dict:
     for name, spec in MODELS.items():
         modules = first_step_modules(*spec)
         files = list(dict.fromkeys(filename for filename, _ in modules))
+        every = list(dict.fromkeys((f, cupy_backend.split_part(part)[0]) for f, part in modules))
         rows[name] = {
             "modules": [{"file": f, "part": part, "seconds": seconds(f, part)} for f, part in modules],
+            "every_activation": [{"file": f, "part": part, "seconds": seconds(f, part)} for f, part in every],
             "whole_files": [{"file": f, "seconds": seconds(f, None)} for f in files],
         }
         print(f"{name}: {sum(m['seconds'] for m in rows[name]['modules']):.1f} s in {len(modules)} modules, "
+              f"{sum(m['seconds'] for m in rows[name]['every_activation']):.1f} s with every activation, "
               f"{sum(w['seconds'] for w in rows[name]['whole_files']):.1f} s in {len(files)} whole files", flush=True)
     return {"arch": arch, "repeat": repeat, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "python": platform.python_version(), "models": rows}
@@ -132,15 +138,18 @@ def module_name(filename: str, part: str) -> str:
 def markdown(report: dict) -> str:
     lines = [f"# NVRTC time of a model's first CuPy training step (sm_{report['arch']}, one core)", "",
              "Written by `python bench/nvrtc_first_step.py`: the modules are those a step on the CPU stand-in "
-             "built, compiled one after another, and the whole files that hold them, in the same run, each the "
+             "built, compiled one after another; then the same kernels' modules with every activation they "
+             "serve (what `preload()` builds), and the whole files that hold them, in the same run, each the "
              f"least of {report['repeat']} compiles.", "",
-             "| first step of | NVRTC modules built | their seconds | whole files | their seconds |",
-             "|---|---|---:|---|---:|"]
+             "| first step of | NVRTC modules built | their seconds | with every activation, seconds | whole files "
+             "| their seconds |",
+             "|---|---|---:|---:|---|---:|"]
     for name, row in report["models"].items():
         modules = ", ".join(module_name(m["file"], m["part"]) for m in row["modules"])
         files = ", ".join(f"`{w['file']}`" for w in row["whole_files"])
-        lines.append(f"| {name} | {modules} | {sum(m['seconds'] for m in row['modules']):.1f} | {files} "
-                     f"| {sum(w['seconds'] for w in row['whole_files']):.1f} |")
+        every = sum(m["seconds"] for m in row.get("every_activation", row["modules"]))
+        lines.append(f"| {name} | {modules} | {sum(m['seconds'] for m in row['modules']):.1f} | {every:.1f} "
+                     f"| {files} | {sum(w['seconds'] for w in row['whole_files']):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -71,15 +71,41 @@ struct ActTag {
     static constexpr int ID = A;
 };
 
-// f(ActTag<act>{}) for the activation `act` of SET: f is instantiated once per member of SET. An
-// act outside SET traps: the host launched the kernel of another set, and no output is written.
+// Compiling only the activations a model launches. Each epilogue of a set is unrolled over a
+// thread's tile, so a kernel serving every activation spends most of its compile time on
+// epilogues a model never runs (the fp32 fused_mlp_fwd: 9 s for all eight, 2 s for relu and
+// identity). The CuPy backend's NVRTC path therefore builds such a kernel for the activations a
+// launch may pick, with -DGPUBP_ONLY_ACTS=<bit mask of ActIds> (cupy_backend.kernel_part):
+// with_activation then instantiates only the members of SET in the mask, and an act outside it
+// traps as one outside SET does. Without the macro (the CMake fatbins, NVRTC's whole-set builds,
+// the CPU harness, the sanitizers) every member of SET is compiled. The CPU harness builds a file
+// once and its CuPy stand-in names the mask of the module a launch comes from
+// (gpubp_cpu_set_only_acts), so an act that module lacks traps there too, at run time.
+#if defined(GPUBP_CUDA_ON_CPU)
+inline unsigned cpu_only_acts = ~0u;
+__attribute__((no_sanitize_address, no_sanitize_thread)) inline bool act_launchable(int act) {
+    return ((__atomic_load_n(&cpu_only_acts, __ATOMIC_RELAXED) >> act) & 1u) != 0;
+}
+constexpr unsigned COMPILED_ACTS = ~0u;
+#else
+__device__ constexpr bool act_launchable(int) { return true; }
+#if defined(GPUBP_ONLY_ACTS)
+constexpr unsigned COMPILED_ACTS = GPUBP_ONLY_ACTS;
+#else
+constexpr unsigned COMPILED_ACTS = ~0u;
+#endif
+#endif
+
+// f(ActTag<act>{}) for the activation `act` of SET: f is instantiated once per member of SET (and
+// of COMPILED_ACTS). An act outside SET traps: the host launched the kernel of another set (or
+// from a module built for other activations), and no output is written.
 template <unsigned SET, int A = 0, class F>
 __device__ __forceinline__ void with_activation(int act, F&& f) {
     if constexpr (A == ACT_COUNT) {
         __trap();
     } else {
-        if constexpr ((SET & act_bit(A)) != 0) {
-            if (act == A) {
+        if constexpr ((SET & COMPILED_ACTS & act_bit(A)) != 0) {
+            if (act == A && act_launchable(A)) {
                 f(ActTag<A>{});
                 return;
             }
@@ -154,6 +180,12 @@ __device__ __forceinline__ float act_grad(float y, float z) {
 }
 
 }  // namespace gpubp
+
+#if defined(GPUBP_CUDA_ON_CPU)
+extern "C" __attribute__((no_sanitize_address, no_sanitize_thread)) void gpubp_cpu_set_only_acts(unsigned mask) {
+    __atomic_store_n(&gpubp::cpu_only_acts, mask, __ATOMIC_RELAXED);
+}
+#endif
 
 // Instantiates MACRO(name, id) once per activation, so each kernel file declares its
 // extern "C" entry points (one per activation) in one line. The names are what the

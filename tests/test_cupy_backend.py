@@ -584,6 +584,32 @@ def test_fit_learns_a_separable_problem_on_cupy(cb, rng):
     assert np.mean(predicted == labels) > 0.95
 
 
+def test_nvrtc_builds_the_kernels_a_model_launches_for_its_activations_alone(cb, rng, monkeypatch, tmp_path):
+    """With GPUBP_NVRTC_ACTIVATIONS unset (gpu_check.sh sets "all", so its other tests load the
+    whole-set modules it compiled first), a model's fp32 forward kernel and fused MLP kernels are
+    built for the activations it launches, and train as the NumPy backend does."""
+    import gpubp as gb
+
+    monkeypatch.delenv(cb.NVRTC_ACTIVATIONS_ENV, raising=False)
+    monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # no fatbins: NVRTC builds everything
+    for cache in ("_rawmodules", "_functions"):
+        monkeypatch.setattr(cb, cache, {})
+    x, labels = rng.standard_normal((70, 13)).astype(np.float32), rng.integers(0, 5, 70)
+    for fused, act in ((False, "gelu"), (True, "silu")):
+        models = [gb.Sequential([gb.Dense(13, 24, act), gb.Dense(24, 5)], backend=backend, fused=fused)
+                  for backend, fused in (("cupy", fused), ("numpy", "auto"))]
+        models[0].set_weights(models[1].get_weights())
+        losses = [model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.1))(x, labels)
+                  for model in models]
+        assert abs(losses[0] - losses[1]) <= RTOL * abs(losses[1])
+        for got, want in zip(*(model.get_weights() for model in models)):
+            close(got, want.astype(np.float64))
+    parts = {part for _, _, part in cb._rawmodules}
+    assert {"dense_fwd_128x64:identity", "dense_fwd_128x64:gelu", "fused_mlp_fwd:identity+silu",
+            "fused_mlp_bwd:identity+silu"} <= parts
+    assert not parts & set(cb.ACT_KERNELS)  # no kernel built for every activation it serves
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 def test_cupy_and_numba_backends_share_arrays(cb, rng, act):
     try:

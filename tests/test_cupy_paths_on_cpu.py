@@ -62,19 +62,21 @@ def test_each_file_lists_exactly_the_kernels_its_source_defines(cpu_harness):  #
 
 def test_loading_a_file_looks_up_every_kernel_it_defines(cb):
     cb._rawmodule("optim.cu")
-    assert {name for _, name in cb._functions} == set(cb.KERNELS["optim.cu"])
+    assert {key[1] for key in cb._functions} == set(cb.KERNELS["optim.cu"])
 
 
 def recorded_modules(cb, monkeypatch) -> list:
     """Every RawModule the backend makes from now on, as (file, its -DGPUBP_ONLY_KERNEL or None,
-    the kernels looked up from it)."""
+    the kernels looked up from it, the activations of its -DGPUBP_ONLY_ACTS or None)."""
     made, raw_module = [], cb.cupy.RawModule
 
     class Recording(raw_module):
         def __init__(self, code=None, options=(), path=None):
             super().__init__(code=code, options=options, path=path)
             only = [o.split("=", 1)[1].strip('"') for o in options if o.startswith("-DGPUBP_ONLY_KERNEL=")]
-            self.entry = (re.search(r'#line 1 "(\w+\.cu)"', code or "").group(1), only[0] if only else None, [])
+            acts = [int(o.split("=", 1)[1].rstrip("u"), 0) for o in options if o.startswith("-DGPUBP_ONLY_ACTS=")]
+            self.entry = (re.search(r'#line 1 "(\w+\.cu)"', code or "").group(1), only[0] if only else None, [],
+                          cb.act_names(acts[0]) if acts else None)
             made.append(self.entry)
 
         def get_function(self, name):
@@ -95,17 +97,21 @@ def test_nvrtc_builds_each_gemm_kernel_a_step_launches_alone_and_the_other_kerne
     x, y = np.random.default_rng(0).normal(size=(72, 40)).astype(np.float32), np.arange(72) % 9
     loss = model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.1))(x, y)
     assert np.isfinite(loss)
-    for filename, only, looked_up in made:
+    for filename, only, looked_up, acts in made:
         if filename not in cb.ONE_KERNEL_FILES:
             assert only is None and sorted(looked_up) == sorted(cb.KERNELS[filename]), filename
-        elif only:  # a GEMM's module: that kernel alone
+        elif only:  # a GEMM's module: that kernel alone, and its epilogue for one activation where it takes one
             assert looked_up == [only] and only in cb.GEMM_KERNELS[filename], (filename, only, looked_up)
+            assert (acts is not None) == (only in cb.ACT_KERNELS) and acts != (), (only, acts)
         else:  # the file's other kernels
-            assert sorted(looked_up) == sorted(cb.part_kernels(filename, "")) and looked_up, filename
-    gemms = sorted(only for _, only, _ in made if only)
+            assert sorted(looked_up) == sorted(cb.part_kernels(filename, "")) and looked_up and acts is None, filename
+    gemms = sorted((only, acts or ()) for _, only, _, acts in made if only)
     assert len(gemms) == len(set(gemms)), "a GEMM kernel was compiled twice"
-    forward = "dense_fwd_128x64" if precision == "fp32" else "dense_fwd_tf32_relu"
-    assert forward in gemms and "dense_fwd_dropout_128x64" not in gemms  # not the file's other GEMMs
+    if precision == "fp32":  # one forward kernel for both layers, built once per activation
+        forward = [("dense_fwd_128x64", ("identity",)), ("dense_fwd_128x64", ("relu",))]
+    else:  # a kernel per activation
+        forward = [("dense_fwd_tf32_identity", ()), ("dense_fwd_tf32_relu", ())]
+    assert [gemm for gemm in gemms if gemm[0].startswith("dense_fwd")] == forward  # not the file's other GEMMs
 
 
 def test_a_gemm_kernel_launched_from_a_module_built_for_another_does_nothing(cb):
@@ -139,10 +145,91 @@ def test_a_step_whose_gemm_comes_from_the_wrong_module_fails(cb, monkeypatch):
     np.testing.assert_array_equal(cb.to_host(y), np.full((3, 5), 4.0, np.float32))  # the routing as shipped
 
 
+def small_fused_step(cb, acts: list[str], fused: bool = True) -> float:
+    """One SGD step of a 12-16-...-5 model with hidden activations ``acts`` on the stand-in."""
+    gb.seed(0)
+    widths = [12] + [16] * len(acts) + [5]
+    layers = [gb.Dense(a, b, act) for a, b, act in zip(widths, widths[1:], [*acts, "identity"])]
+    model = gb.Sequential(layers, backend="cupy", fused=fused)
+    x, y = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32), np.arange(20) % 5
+    return model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.1))(x, y)
+
+
+def test_a_kernel_that_takes_its_activation_at_launch_is_built_for_the_launched_ones(cb, monkeypatch):
+    made = recorded_modules(cb, monkeypatch)
+    assert np.isfinite(small_fused_step(cb, ["gelu", "relu"]))
+    fused = sorted((only, acts) for filename, only, _, acts in made if filename == "fused_mlp.cu" and only)
+    assert fused == [("fused_mlp_bwd", ("identity", "relu", "gelu")), ("fused_mlp_dw", None),
+                     ("fused_mlp_fwd", ("identity", "relu", "gelu"))]
+    made.clear()  # a model whose activations a loaded module holds builds nothing more
+    assert np.isfinite(small_fused_step(cb, ["relu"]))
+    assert made == []
+    assert np.isfinite(small_fused_step(cb, ["tanh"]))  # one it does not hold: its own modules
+    assert sorted((only, acts) for _, only, _, acts in made) == [("fused_mlp_bwd", ("identity", "tanh")),
+                                                                 ("fused_mlp_fwd", ("identity", "tanh"))]
+
+
+def test_gpubp_nvrtc_activations_all_builds_each_kernel_for_every_activation_and_a_bad_value_names_it(cb, monkeypatch):
+    made = recorded_modules(cb, monkeypatch)
+    monkeypatch.setenv(cb.NVRTC_ACTIVATIONS_ENV, "all")
+    assert np.isfinite(small_fused_step(cb, ["gelu"]))
+    assert sorted(only for filename, only, _, acts in made if filename == "fused_mlp.cu" and acts is None) == [
+        "fused_mlp_bwd", "fused_mlp_dw", "fused_mlp_fwd"]
+    monkeypatch.setenv(cb.NVRTC_ACTIVATIONS_ENV, "some")
+    with pytest.raises(ValueError, match=f"{cb.NVRTC_ACTIVATIONS_ENV}='some': expected one of launched, all"):
+        small_fused_step(cb, ["silu"], fused=False)  # read when a kernel is first looked up
+
+
+def test_a_module_built_for_some_activations_computes_them_and_traps_on_another(cb):
+    """The stand-in acts as NVRTC's build with -DGPUBP_ONLY_ACTS (kernels/activations.cuh)."""
+    source, rng = cb.kernel_source("dense_forward.cu"), np.random.default_rng(0)
+    x, w, b = (cb.asarray(rng.normal(size=s).astype(np.float32)) for s in ((5, 7), (7, 6), (6,)))
+    module = cb.cupy.RawModule(code=source, options=cb.nvrtc_options("dense_forward.cu", cb.kernel_part(
+        "dense_forward.cu", "dense_fwd_128x64", cb.act_mask(["relu", "tanh"]))))
+    kernel = module.get_function("dense_fwd_128x64")
+    z = cb.to_host(x) @ cb.to_host(w) + cb.to_host(b)
+    for act, expected in (("relu", np.maximum(z, 0)), ("tanh", np.tanh(z)), ("gelu", None)):
+        y = cb.zeros((5, 6))
+        args = (x, w, b, y, y, np.int32(5), np.int32(6), np.int32(7), np.int32(cb.ACT_ID[act]))
+        if expected is None:
+            with pytest.raises(harness.KernelError, match=r"__trap\(\)"):
+                kernel((1, 1), (128,), args)
+        else:
+            kernel((1, 1), (128,), args)
+            np.testing.assert_allclose(cb.to_host(y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_whose_kernel_was_built_for_other_activations_fails(cb, monkeypatch):
+    """A planted routing bug: every kernel built for identity alone, whatever the launch needs."""
+    part = cb.kernel_part
+    monkeypatch.setattr(cb, "kernel_part", lambda filename, name, acts=0: part(filename, name, acts and 1))
+    with pytest.raises(harness.KernelError, match=r"__trap\(\)"):
+        small_fused_step(cb, ["relu"])
+    assert np.isfinite(small_fused_step(cb, []))  # identity alone is what it was built for
+
+
+def test_kernel_part_names_the_activations_and_refuses_one_the_kernel_does_not_serve(cb):
+    relu_gelu = cb.act_mask(["gelu", "relu"])
+    assert cb.kernel_part("fused_mlp.cu", "fused_mlp_fwd_tf32", relu_gelu) == "fused_mlp_fwd_tf32:relu+gelu"
+    assert cb.split_part("fused_mlp_fwd_tf32:relu+gelu") == ("fused_mlp_fwd_tf32", relu_gelu)
+    assert cb.nvrtc_options("fused_mlp.cu", "fused_mlp_fwd_tf32:relu+gelu")[-1] == "-DGPUBP_ONLY_ACTS=0x22u"
+    assert cb.kernel_part("fused_mlp.cu", "fused_mlp_dw", relu_gelu) == "fused_mlp_dw"  # takes no activation
+    assert cb.kernel_part("dense_forward.cu", "dense_fwd_heavy_128x128", 0) == "dense_fwd_heavy_128x128"
+    with pytest.raises(ValueError, match="dense_fwd_heavy_128x128 does not serve relu"):
+        cb.kernel_part("dense_forward.cu", "dense_fwd_heavy_128x128", relu_gelu)
+
+
+def test_preloaded_kernels_serve_every_activation_and_nothing_more_is_built(cb, monkeypatch):
+    cb.preload(jobs=2)
+    made = recorded_modules(cb, monkeypatch)
+    assert np.isfinite(small_fused_step(cb, ["silu"])) and np.isfinite(small_fused_step(cb, ["gelu"], fused=False))
+    assert made == []
+
+
 def test_preload_loads_every_kernel_of_every_file(cb):
     seconds = cb.preload(jobs=2)
     assert set(seconds) == {(f, part) for f in cb.KERNEL_FILES for part in cb.kernel_parts(f)}
-    assert {name for _, name in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
+    assert {key[1] for key in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
     assert all(cb.origin[f] == "nvrtc" for f in cb.KERNEL_FILES)
 
 
@@ -152,24 +239,29 @@ def test_preload_loads_fatbins_whole_and_every_nvrtc_part_where_the_driver_refus
     monkeypatch.setattr(cb, "_aot_mismatch", lambda arch: None)
     seconds = cb.preload(jobs=2)
     assert set(seconds) == {(f, None) for f in cb.KERNEL_FILES}
-    assert {name for _, name in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
+    assert {key[1] for key in cb._functions} == {name for names in cb.KERNELS.values() for name in names}
     assert {key[1:] for key in cb._rawmodules} == {(f, part) for f in cb.KERNEL_FILES for part in cb.kernel_parts(f)}
 
 
-def test_the_first_step_benchmark_finds_the_modules_a_step_builds_and_tabulates_them():
+def test_the_first_step_benchmark_finds_the_modules_a_step_builds_and_tabulates_them(monkeypatch):
     """bench/nvrtc_first_step.py's discovery on the stand-in (its NVRTC timing needs libnvrtc)."""
     first_step = load("nvrtc_first_step")
+    monkeypatch.setenv(cupy_backend.NVRTC_ACTIVATIONS_ENV, "all")  # the benchmark finds what a step builds unset
     modules = first_step.first_step_modules([40, 136, 9], "relu", "tf32", False)
     assert ("dense_forward_tf32.cu", "dense_fwd_tf32_relu") in modules
     assert ("dense_forward_tf32.cu", "dense_fwd_tf32_identity") in modules  # the linear head
     assert all(part in cupy_backend.kernel_parts(f) for f, part in modules)
     assert not any(f == "fused_mlp.cu" or "dropout" in part for f, part in modules)
+    fp32 = first_step.first_step_modules([40, 136, 9], "relu", "fp32", False)
+    assert [part for _, part in fp32 if part.startswith("dense_fwd")] == ["dense_fwd_128x64:relu",
+                                                                          "dense_fwd_128x64:identity"]
     report = {"arch": "90", "repeat": 1, "models": {"m": {
         "modules": [{"file": f, "part": part, "seconds": 1.0} for f, part in modules],
+        "every_activation": [{"file": f, "part": part, "seconds": 2.0} for f, part in modules],
         "whole_files": [{"file": "dense_forward_tf32.cu", "seconds": 30.0}]}}}
     row = first_step.markdown(report).splitlines()[-1]
-    assert row.startswith("| m | `dense_fwd_tf32_relu`") and row.endswith(f"| {len(modules):.1f} | "
-                                                                         "`dense_forward_tf32.cu` | 30.0 |")
+    assert row.startswith("| m | `dense_fwd_tf32_relu`") and row.endswith(
+        f"| {len(modules):.1f} | {2 * len(modules):.1f} | `dense_forward_tf32.cu` | 30.0 |")
     assert "`loss.cu`" in row and "`dense_backward_tf32.cu` rest" in row
 
 

@@ -252,14 +252,28 @@ def nvrtc_cubin(source: str, name: str, options: list[str]) -> dict:
     return compiled
 
 
+def act_parts(unit: str) -> list[str]:
+    """For each kernel of ``unit`` that takes its activation at launch, one NVRTC module built for
+    some of the activations it serves (``cupy_backend.kernel_part``): the i-th such kernel for its
+    i-th and (i + 4)-th, so that a file's modules together build each activation's epilogue."""
+    names = [name for name in cupy_backend.GEMM_KERNELS.get(unit, ()) if name in cupy_backend.ACT_KERNELS]
+    parts = []
+    for i, name in enumerate(names):
+        served = cupy_backend.act_names(cupy_backend.ACT_KERNELS[name])
+        acts = cupy_backend.act_mask([served[i % len(served)], served[(i + 4) % len(served)]])
+        parts.append(cupy_backend.kernel_part(unit, name, acts))
+    return parts
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
-    """Every NVRTC module the backend builds of ``unit``, for each architecture of ``nvrtc_archs``."""
+    """Every NVRTC module of ``unit`` that preload builds, and some that a model's first step builds
+    (``act_parts``), for each architecture of ``nvrtc_archs``."""
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
     archs = nvrtc_archs()
-    builds = [(arch, part) for arch in archs for part in cupy_backend.kernel_parts(unit)]
+    builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *act_parts(unit))]
     # NVRTC compiles concurrently from several threads: one per core.
     with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
         done = list(pool.map(lambda build: nvrtc_cubin(source, unit, cupy_nvrtc_options(
@@ -401,6 +415,28 @@ def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_fo
         for name, size in sizes.items():
             whole = name == part or name not in cupy_backend.GEMM_KERNELS[unit]
             assert (size > 40) == whole, (part, name, size)
+
+
+@needs_nvrtc
+def test_an_nvrtc_module_built_for_one_activation_holds_that_epilogue_alone(tmp_path):
+    """dense_fwd_128x64 serves every activation; built for relu alone (-DGPUBP_ONLY_ACTS) its
+    code is a fraction of the whole-set build's: the seven other epilogues are not compiled."""
+    try:
+        cuobjdump = kernel_model.cuda_tool("cuobjdump")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    source, unit, name = cupy_backend.kernel_source("dense_forward.cu"), "dense_forward.cu", "dense_fwd_128x64"
+    sass = load("sass_reader")
+    sizes = {}
+    for acts in (0, cupy_backend.act_mask(["relu"])):
+        part = cupy_backend.kernel_part(unit, name, acts)
+        cubin = tmp_path / f"{part.replace(':', '_')}.cubin"
+        options = cupy_nvrtc_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
+        result, log, _ = nvrtc_compile(source, unit, options, cubin_to=cubin)
+        assert result == 0, log
+        listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        sizes[part] = len(sass.sass_functions(listing)[name])
+    assert sizes[f"{name}:relu"] < 0.6 * sizes[name], sizes
 
 
 # ----------------------------------------------------------------------------- finding NVRTC and the headers

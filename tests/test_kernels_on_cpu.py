@@ -227,6 +227,9 @@ def test_a_forward_kernel_launched_for_an_activation_outside_its_set_traps(cpu_h
 
     close(cb.to_host(forward("sigmoid")), ref.dense_forward(*f64(x, w, b), "sigmoid")[0])
     monkeypatch.setattr(cb, "HEAVY_EPILOGUE", ())  # sigmoid sent to dense_fwd_128x128
+    with pytest.raises(ValueError, match="dense_fwd_128x128 does not serve sigmoid"):
+        forward("sigmoid")  # NVRTC would build it for sigmoid alone: the host refuses first
+    monkeypatch.setenv(cb.NVRTC_ACTIVATIONS_ENV, "all")  # the kernel with its whole set
     with pytest.raises(harness.KernelError, match=r"__trap\(\)"):
         forward("sigmoid")
     monkeypatch.setitem(cb.ACT_ID, "relu", len(ACTIVATIONS))
@@ -1016,7 +1019,10 @@ def test_a_fused_forward_traps_on_a_plan_with_an_activation_outside_its_set(cb_h
                                                                             act_id):
     """A layer's activation id in the plan picks its epilogue at run time (kernels/activations.cuh,
     with_activation): an id outside the kernel's set must fail the launch, not apply another
-    activation or leave y unwritten. Layer 0 (identity) runs; layer 1's id is outside."""
+    activation or leave y unwritten. Layer 0 (identity) runs; layer 1's id is outside. The kernel
+    is built with every activation: the host asks for no mask (act_mask 0), as it builds one from
+    the plan's ids otherwise."""
+    monkeypatch.setattr(cb_h100, "act_mask", lambda acts: 0)
     ws, bs = mlp_params(rng, 3, [4, 2])
     dev = cb_h100.asarray
     x = dev(rng.standard_normal((5, 3)).astype(np.float32))

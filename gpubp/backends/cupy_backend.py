@@ -38,14 +38,20 @@ Where the kernels come from, per source file, on first use on each device:
    (``ONE_KERNEL_FILES``) is compiled once per GEMM kernel launched, with only that one's code
    (``kernels/one_kernel.cuh``), and once for its other kernels (``kernel_part``): a model's
    first step compiles the one or two GEMMs it uses, a few seconds, not the file's every GEMM,
-   which take 23 to 36 s of one core for the largest files. ``load_file`` compiles every part,
-   ``preload`` every file, side by side.
+   which take 23 to 36 s of one core for the largest files. A kernel that takes its activation
+   at launch (``ACT_KERNELS``) is compiled for the activations of the launch that first needs it,
+   not for all eight (``kernels/activations.cuh``); a later launch with another activation builds
+   one more module, unless a loaded one holds it. ``load_file`` compiles every part of a file
+   and ``preload`` every file, side by side, each kernel with every activation it serves, and the
+   kernels they load serve every later launch; ``GPUBP_NVRTC_ACTIVATIONS=all`` builds those
+   whole-set modules on first use too (one module per kernel, for a process that finds them in
+   CuPy's cache).
 
 The kernels have ``extern "C"`` names (``dense_fwd_128x128``, ...), identical on
 both paths, listed per file in ``KERNELS``; all of a module's kernels are looked up when it
 loads. An fp32 forward kernel serves several activations (its ``act`` argument, ``ACT_ID``): its
 main loop is compiled once, not once per activation, and the epilogue, compiled for each
-activation, is picked by one uniform branch after it (``kernels/activations.cuh``,
+activation the module is built for, is picked by one uniform branch after it (``kernels/activations.cuh``,
 ``with_activation``). Each launch records its contract name with ``gpubp.trace``. Kernels go to
 CuPy's current stream; the deterministic reductions share one ticket buffer per device,
 so calls must not run concurrently on two streams of one device.
@@ -90,6 +96,11 @@ log = logging.getLogger("gpubp")
 
 AOT_ENV = "GPUBP_AOT_DIR"  # where the CMake-built fatbins are, when not gpubp/_aot
 KERNEL_DIR_ENV = "GPUBP_KERNEL_DIR"  # where the kernel sources are, when not the shipped ones
+# Which activations an NVRTC module of a kernel that takes its activation at launch holds:
+# "launched" (the default) those of the launch that first needs it, "all" every one its kernel
+# serves, as preload() builds them (ACT_MODULES; kernel_part).
+NVRTC_ACTIVATIONS_ENV = "GPUBP_NVRTC_ACTIVATIONS"
+ACT_MODULES = ("launched", "all")
 AOT_MANIFEST = "manifest.txt"
 
 # Mirrors of the constants in kernels/gemm_tile.cuh and kernels/reduce.cuh.
@@ -224,28 +235,82 @@ GEMM_KERNELS = {filename: tuple(name for name in KERNELS[filename] if _GEMM_KERN
                 for filename in ONE_KERNEL_FILES}
 
 
-def kernel_part(filename: str, name: str) -> str:
-    """The NVRTC module of ``kernels/<filename>`` that holds kernel ``name``: the kernel's own
-    name for a GEMM kernel of a ``ONE_KERNEL_FILES`` file, else "" (the file's other kernels)."""
-    return name if name in GEMM_KERNELS.get(filename, ()) else ""
+def act_mask(acts) -> int:
+    """The bit mask of activation names ``acts`` (bit ``ACT_ID[name]``), as kernels/activations.cuh
+    reads -DGPUBP_ONLY_ACTS."""
+    return sum(1 << ACT_ID[act] for act in set(acts))
+
+
+def act_names(mask: int) -> tuple[str, ...]:
+    """The activation names of bit mask ``mask``, in ``ACT_ID`` order."""
+    return tuple(act for act, bit in ACT_ID.items() if mask >> bit & 1)
+
+
+def _act_kernels() -> dict[str, int]:
+    served = {_fused_name(kind, precision): act_mask(ACT_ID) for precision in FUSED_PRECISIONS for kind in ("fwd", "bwd")}
+    for tile in GEMM_TILES:
+        for dropout in (False, True):
+            for act, bit in ACT_ID.items():
+                name = _dense_name("fwd", act, "fp32", tile, dropout)
+                served[name] = served.get(name, 0) | 1 << bit
+    return served
+
+
+# The GEMM kernels that take their activation at launch (an ``act`` argument, or each layer's in
+# the fused plan) -> the mask of the activations each serves: on the NVRTC path each is built for
+# the activations a launch uses (kernels/activations.cuh, -DGPUBP_ONLY_ACTS), not all of them.
+ACT_KERNELS = _act_kernels()
+
+
+def kernel_part(filename: str, name: str, acts: int = 0) -> str:
+    """The NVRTC module of ``kernels/<filename>`` that holds kernel ``name``: "" (the file's other
+    kernels) but for a GEMM kernel of a ``ONE_KERNEL_FILES`` file, which has a module of its own,
+    its name. For a kernel of ``ACT_KERNELS`` and a nonzero ``acts`` (``act_mask``, a subset of the
+    activations it serves), "<name>:<act>+<act>...": the module holding that kernel's epilogues for
+    those activations only; with ``acts`` 0, its module for every one it serves."""
+    if name not in GEMM_KERNELS.get(filename, ()):
+        return ""
+    if not acts or name not in ACT_KERNELS:
+        return name
+    if acts & ~ACT_KERNELS[name]:
+        raise ValueError(f"kernel_part: {name} does not serve {', '.join(act_names(acts & ~ACT_KERNELS[name]))}")
+    return f"{name}:{'+'.join(act_names(acts))}"
+
+
+def split_part(part: str) -> tuple[str, int]:
+    """(the GEMM kernel of NVRTC module ``part``, "" for a file's other kernels; the mask of the
+    activations it is built for, 0 for all it serves)."""
+    name, _, acts = part.partition(":")
+    return name, act_mask(acts.split("+")) if acts else 0
 
 
 def kernel_parts(filename: str) -> tuple[str, ...]:
-    """Every NVRTC module of ``kernels/<filename>`` (``kernel_part``'s answers), "" first when the
-    file has kernels besides its GEMMs."""
+    """The NVRTC modules that hold every kernel of ``kernels/<filename>`` (``kernel_part`` of each
+    with every activation), "" first when the file has kernels besides its GEMMs."""
     return (("",) if part_kernels(filename, "") else ()) + GEMM_KERNELS.get(filename, ())
 
 
 def part_kernels(filename: str, part: str) -> tuple[str, ...]:
     """The kernels of ``kernels/<filename>`` that NVRTC module ``part`` holds."""
-    return (part,) if part else tuple(name for name in KERNELS[filename] if name not in GEMM_KERNELS.get(filename, ()))
+    name = split_part(part)[0]
+    return (name,) if name else tuple(k for k in KERNELS[filename] if k not in GEMM_KERNELS.get(filename, ()))
 
 
 def nvrtc_options(filename: str, part: str) -> tuple[str, ...]:
-    """``NVRTC_OPTIONS``, and for a ``ONE_KERNEL_FILES`` file the GEMM kernel to compile ("": none)."""
+    """``NVRTC_OPTIONS``, and for a ``ONE_KERNEL_FILES`` file the GEMM kernel to compile ("": none)
+    and, where ``part`` names them, the activations to compile its epilogues for."""
     if filename not in ONE_KERNEL_FILES:
         return NVRTC_OPTIONS
-    return (*NVRTC_OPTIONS, f'-DGPUBP_ONLY_KERNEL="{part}"')
+    name, acts = split_part(part)
+    return (*NVRTC_OPTIONS, f'-DGPUBP_ONLY_KERNEL="{name}"') + ((f"-DGPUBP_ONLY_ACTS={acts:#x}u",) if acts else ())
+
+
+def act_modules() -> str:
+    """``GPUBP_NVRTC_ACTIVATIONS``: "launched" (unset) or "all" (``ACT_MODULES``)."""
+    value = os.environ.get(NVRTC_ACTIVATIONS_ENV, "").strip() or ACT_MODULES[0]
+    if value not in ACT_MODULES:
+        raise ValueError(f"{NVRTC_ACTIVATIONS_ENV}={value!r}: expected one of {', '.join(ACT_MODULES)}")
+    return value
 
 
 def unavailable_reason() -> str | None:
@@ -357,7 +422,9 @@ def _aot_mismatch(arch: str) -> str | None:
 # ----------------------------------------------------------------------------- loading
 
 _rawmodules: dict[tuple[int, str, str | None], object] = {}  # (device, file, NVRTC part or None: fatbin)
-_functions: dict[tuple[int, str], object] = {}
+# (device, kernel, None) -> the kernel with every activation it serves; (device, kernel, act_mask)
+# -> one built for (at least) those activations (ACT_KERNELS)
+_functions: dict[tuple[int, str, int | None], object] = {}
 _device_state: dict[int, dict] = {}
 _captured_arrays: list | None = None  # while a graph is captured: every launch's arguments
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
@@ -387,11 +454,10 @@ def _rawmodule(filename: str, part: str = ""):
         module = cupy.RawModule(code=kernel_source(filename), options=nvrtc_options(filename, part))
         functions = _look_up_kernels(module, filename, part)
         origin[filename], key = "nvrtc", (device.id, filename, part)
+    acts = split_part(part)[1] if key[2] is not None else 0
     for name, function in functions.items():
-        shared = _dynamic_shared_bytes(name)
-        if shared > DEFAULT_SHARED_LIMIT:  # opt in once, when the kernel is loaded
-            function.max_dynamic_shared_size_bytes = shared
-        _functions[(device.id, name)] = _Launch(function)
+        launch = _functions[(device.id, name, acts or None)] = _Launch(function)
+        launch.allow_shared(_dynamic_shared_bytes(name))  # what its launches take, at least
     _rawmodules[key] = module
     return module
 
@@ -465,10 +531,16 @@ class _Launch:
     arguments stay referenced by that graph: replays write through the captured pointers, so
     no array a captured kernel touches may go back to the memory pool while the graph lives."""
 
-    __slots__ = ("function",)
+    __slots__ = ("function", "shared_limit")
 
     def __init__(self, function) -> None:
-        self.function = function
+        self.function, self.shared_limit = function, DEFAULT_SHARED_LIMIT
+
+    def allow_shared(self, size: int) -> None:
+        """Let the kernel take up to ``size`` bytes of dynamic shared memory: past the 48 KB a kernel
+        gets unasked it must opt in (cudaFuncSetAttribute), once per loaded kernel."""
+        if size > self.shared_limit:
+            self.function.max_dynamic_shared_size_bytes = self.shared_limit = size
 
     def __call__(self, grid, block, args, **kwargs) -> None:
         if _captured_arrays is not None:
@@ -476,11 +548,34 @@ class _Launch:
         self.function(grid, block, args, **kwargs)
 
 
-def _kernel(filename: str, name: str) -> _Launch:
-    key = (cupy.cuda.Device().id, name)
-    if key not in _functions:
+def _kernel(filename: str, name: str, acts: int = 0) -> _Launch:
+    """Kernel ``name`` of ``kernels/<filename>`` on the current device, loaded on first use. ``acts``:
+    for a kernel of ``ACT_KERNELS``, the mask of the activations this launch may pick (0: any)."""
+    device = cupy.cuda.Device().id
+    launch = _functions.get((device, name, None))  # every activation: a fatbin, or preloaded
+    if launch is None:
+        launch = _functions.get((device, name, acts)) if acts else None
+        if launch is None:
+            launch = _load_kernel(filename, name, acts, device)
+    return launch
+
+
+def _load_kernel(filename: str, name: str, acts: int, device: int) -> _Launch:
+    """``_kernel``'s first lookup of (``name``, ``acts``) on ``device``: a loaded module built for
+    more activations serves; else NVRTC builds the kernel for ``acts`` alone (with
+    ``GPUBP_NVRTC_ACTIVATIONS=all``, or where the fatbins serve, for every activation)."""
+    if not acts or name not in ACT_KERNELS or act_modules() == "all":
         _rawmodule(filename, kernel_part(filename, name))
-    return _functions[key]
+        return _functions[(device, name, None)]
+    wider = [launch for (dev, kernel, built), launch in _functions.items()
+             if dev == device and kernel == name and built and built & acts == acts]
+    if not wider:
+        part = kernel_part(filename, name, acts)
+        _rawmodule(filename, part)
+        built = _functions.get((device, name, None))  # the fatbin's
+        wider = [built or _functions[(device, name, split_part(part)[1])]]
+    _functions[(device, name, acts)] = wider[0]
+    return wider[0]
 
 
 def _state() -> dict:
@@ -715,7 +810,8 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
     grid = (-(-m // tile[0]), -(-n // tile[1]))
     name = _dense_name(kind, act, precision, tile, dropout)
-    return _kernel(filename, name), grid, (threads,), _dynamic_shared_bytes(name)
+    acts = 1 << ACT_ID[act] if name in ACT_KERNELS else 0
+    return _kernel(filename, name, acts), grid, (threads,), _dynamic_shared_bytes(name)
 
 
 def _dense_dz(dy, act_in, act):
@@ -1280,16 +1376,13 @@ def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
     return 4 * (b_words + buffers * _FUSED_A_WORDS)
 
 
-def _fused_launch(kind: str, precision: str, n_in: int):
-    """(kernel, dynamic shared bytes) of a fused kernel. The fused kernels take their shared memory
-    dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it can ask for
-    once, at its first use on a device."""
-    name = _fused_name(kind, precision)
-    kernel = _kernel("fused_mlp.cu", name)
-    opted = _state().setdefault("fused_shared_opt_in", set())
-    if name not in opted:
-        kernel.function.max_dynamic_shared_size_bytes = _fused_shared_bytes(kind, precision, FUSED_MLP_MAX_WIDTH + 1)
-        opted.add(name)
+def _fused_launch(kind: str, precision: str, n_in: int, acts: int = 0):
+    """(kernel, dynamic shared bytes) of a fused kernel whose layers' activations are among
+    ``acts`` (a mask; fwd and bwd are built for them, dw has none). The fused kernels take their
+    shared memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it
+    can ask for (a forward's input wider than 128 takes a second buffer)."""
+    kernel = _kernel("fused_mlp.cu", _fused_name(kind, precision), acts if kind != "dw" else 0)
+    kernel.allow_shared(_fused_shared_bytes(kind, precision, FUSED_MLP_MAX_WIDTH + 1))
     return kernel, _fused_shared_bytes(kind, precision, n_in)
 
 
@@ -1330,7 +1423,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
             zout[i] = cupy.empty((batch, widths[i]), np.float32)
         flags.append(flag | (_STORE_H if hout[i] is not None else 0) | (_STORE_Z if wants_z else 0))
     plan, _, _ = _fused_plan(x.shape[1], widths, kernel_acts, flags, 0, False)
-    kernel, shared = _fused_launch("fwd", precision, x.shape[1])
+    kernel, shared = _fused_launch("fwd", precision, x.shape[1], act_mask(kernel_acts))
     record("fused_mlp_fwd")
     kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (x, *_layer_slots(weights, x), *_layer_slots(biases, x), *_layer_slots(hout, y), *_layer_slots(zout, y),
@@ -1372,7 +1465,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
     dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
-    kernel, shared = _fused_launch("bwd", precision, n_in)
+    kernel, shared = _fused_launch("bwd", precision, n_in, act_mask(kernel_acts))
     record("fused_mlp_bwd")
     kernel((-(-batch // FUSED_ROWS),), (FUSED_THREADS,),
            (dy, dy if dx is None else dx, *_layer_slots(weights, dy), *_layer_slots(act_in, dy),

@@ -91,6 +91,8 @@ _PROBE_SYMBOL = {"asan": "__asan_init", "tsan": "__tsan_init"}
 
 _KERNEL = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(\w+)\s*\(')
 _ONLY_KERNEL = re.compile(r'-DGPUBP_ONLY_KERNEL="(\w*)"')
+_ONLY_ACTS = re.compile(r"-DGPUBP_ONLY_ACTS=(0x[0-9a-fA-F]+|[0-9]+)[uU]?")
+ALL_ACTS = 0xFFFFFFFF  # kernels/activations.cuh's mask with no -DGPUBP_ONLY_ACTS
 # `extern __shared__ T name[];` cannot be spelled on the CPU (`__shared__` is `static` there),
 # so it is the one construct rewritten before compiling: into a pointer to the launch's
 # dynamic shared buffer.
@@ -322,10 +324,11 @@ class Kernel:
         self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SHARED
 
     def __call__(self, grid, block, args, shared_mem: int = 0, order_seed: int | None = None,
-                 only_kernel: bytes | None = None):
+                 only_kernel: bytes | None = None, only_acts: int = ALL_ACTS):
         """``only_kernel``: the GEMM kernel the launch's module was built for by NVRTC with
         -DGPUBP_ONLY_KERNEL (b"" for none, None for a whole build): every other GEMM of the file
-        returns at once, as in that build (kernels/one_kernel.cuh)."""
+        returns at once, as in that build (kernels/one_kernel.cuh). ``only_acts``: the activations
+        it was built for (-DGPUBP_ONLY_ACTS, a bit mask): another traps (kernels/activations.cuh)."""
         grid, block = _dim3(grid, "grid"), _dim3(block, "block")
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise KernelError(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's limit "
@@ -348,6 +351,8 @@ class Kernel:
                                                     len(spans) // 2, ctypes.c_ulonglong(shared_mem))
         if self.module.set_only_kernel is not None:
             self.module.set_only_kernel(only_kernel)
+        if self.module.set_only_acts is not None:
+            self.module.set_only_acts(only_acts)
         try:
             status = self.module.lib.gpubp_cpu_launch(
                 self.name.encode(), (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
@@ -355,6 +360,8 @@ class Kernel:
         finally:
             if self.module.set_only_kernel is not None:
                 self.module.set_only_kernel(None)
+            if self.module.set_only_acts is not None:
+                self.module.set_only_acts(ALL_ACTS)
         if profiling:
             report = self.module.lib.gpubp_cpu_profile_end().decode()
             if status == 0:
@@ -460,6 +467,10 @@ class Module:
         self.set_only_kernel = getattr(self.lib, "gpubp_cpu_set_only_kernel", None)
         if self.set_only_kernel is not None:
             self.set_only_kernel.argtypes = [ctypes.c_char_p]
+        # kernels/activations.cuh's, in a file with kernels that take their activation at launch
+        self.set_only_acts = getattr(self.lib, "gpubp_cpu_set_only_acts", None)
+        if self.set_only_acts is not None:
+            self.set_only_acts.argtypes = [ctypes.c_uint]
 
     def kernel_names(self) -> list[str]:
         return [self.lib.gpubp_cpu_kernel_name(i).decode() for i in range(self.lib.gpubp_cpu_kernel_count())]
@@ -769,8 +780,8 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
         of run. As in a CUDA graph, the record holds the arrays' addresses, not the arrays: a replay
         after an argument's memory was freed fails, naming the kernel and the argument."""
 
-        def __init__(self, kernel: Kernel, only_kernel: bytes | None = None):
-            self.kernel, self.only_kernel = kernel, only_kernel
+        def __init__(self, kernel: Kernel, only_kernel: bytes | None = None, only_acts: int = ALL_ACTS):
+            self.kernel, self.only_kernel, self.only_acts = kernel, only_kernel, only_acts
             # CUDA's cudaFuncAttributeMaxDynamicSharedMemorySize, which CuPy's Function sets: a
             # launch asking for more dynamic shared memory than this fails.
             self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SHARED
@@ -788,13 +799,14 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
                 raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: {self.kernel.name} asks for {shared_mem} bytes of "
                                       f"dynamic shared memory and has opted in to {self.max_dynamic_shared_size_bytes}")
             if not recorded(f"launching {self.kernel.name}"):
-                self.kernel(grid, block, args, shared_mem, only_kernel=self.only_kernel)
+                self.kernel(grid, block, args, shared_mem, only_kernel=self.only_kernel, only_acts=self.only_acts)
                 return
             addresses = [_Address(a) if isinstance(a, DeviceArray) else a for a in args]
 
             def launch():
                 self.kernel(grid, block, [a.array(self.kernel.name, i) if isinstance(a, _Address) else a
-                                          for i, a in enumerate(addresses)], shared_mem, only_kernel=self.only_kernel)
+                                          for i, a in enumerate(addresses)], shared_mem, only_kernel=self.only_kernel,
+                            only_acts=self.only_acts)
 
             _capture.append(launch)
 
@@ -802,13 +814,16 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
         """Compiles (``code``) or loads (``path``) at the first ``get_function``, as CuPy does. One
         harness build serves every set of ``options``; a -DGPUBP_ONLY_KERNEL="<name>" among them
         makes the file's other GEMM kernels return at once in this module's launches, as NVRTC's
-        build with it would (kernels/one_kernel.cuh)."""
+        build with it would (kernels/one_kernel.cuh), and a -DGPUBP_ONLY_ACTS=<mask> makes an
+        activation outside the mask trap (kernels/activations.cuh)."""
 
         def __init__(self, code: str | None = None, options=(), path: str | None = None):
             self.code, self.path, self.options = code, path, tuple(options)
             self._module, self._looked_up = None, set()
             only = [m.group(1) for m in map(_ONLY_KERNEL.fullmatch, self.options) if m]
             self.only_kernel = only[-1].encode() if only else None
+            acts = [int(m.group(1), 0) for m in map(_ONLY_ACTS.fullmatch, self.options) if m]
+            self.only_acts = acts[-1] if acts else ALL_ACTS
 
         def get_function(self, name: str) -> CapturingKernel:
             if name not in self._looked_up:
@@ -817,7 +832,7 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
                 if self.code is None:
                     raise CUDADriverError(f"cannot load the GPU binary {self.path} on the CPU")
                 self._module = harness.module(self.code, _label_of(self.code))
-            kernel = CapturingKernel(self._module.get_function(name), self.only_kernel)
+            kernel = CapturingKernel(self._module.get_function(name), self.only_kernel, self.only_acts)
             self._looked_up.add(name)
             return kernel
 
