@@ -13,14 +13,17 @@ architecture otherwise, then ptxas for sm_90 and sm_80. By default the model doe
 them itself: it reads the sm_90 and sm_80 code of the shipped build's fatbins
 (``bench/aot_build.py``, one build per set of inputs, shared through the temporary folder with
 tests/test_kernels_compile.py) with ``cuobjdump``, the resources from ``-res-usage`` instead of
-ptxas's report. That build fails on a register spill (``-Xptxas -warn-spills`` with
-``-Werror all-warnings``), so the spills of its kernels are 0. ``--compile`` (and any
-``--kernel-dir`` outside a tree with a CMakeLists.txt) compiles with ``nvcc -ptx`` and ptxas
-instead; both ways give the same figures. Every Numba-CUDA kernel variant the Numba backend can
-launch (``bench/numba_variants.py``) through ``numba.cuda.compile_ptx`` for compute capability
-9.0 (a compile tests/test_numba_backend.py shares) and ptxas for sm_90. Results are cached by a
-hash of everything that goes into them (sources, toolchain versions, this model's code) in the
-temporary folder.
+ptxas's report. That build fails on a register spill (``-Xptxas -warn-spills`` with ``-Werror
+all-warnings``), so the spills of its kernels are 0. ``--compile`` (and any ``--kernel-dir``
+outside a tree with a CMakeLists.txt) compiles with ``nvcc -ptx`` and ptxas instead; both ways
+give the same figures. The kernels of the speed goals are also compiled as a pip install's first
+step compiles them where no fatbin serves the GPU (``first_step_parts``: one NVRTC module per
+GEMM kernel, for a relu model's activations; ``bench/nvrtc_build.py``, straight for sm_90 as
+CuPy compiles) and modelled the same way, under the report's ``nvrtc``. Every Numba-CUDA kernel
+variant the Numba backend can launch (``bench/numba_variants.py``) through
+``numba.cuda.compile_ptx`` for compute capability 9.0 (a compile tests/test_numba_backend.py
+shares) and ptxas for sm_90. Results are cached by a hash of everything that goes into them
+(sources, toolchain versions, this model's code) in the temporary folder.
 
 What is read (``bench/sass_reader.py``), per kernel and architecture:
 
@@ -98,6 +101,7 @@ from pathlib import Path
 
 import aot_build
 import numba_variants
+import nvrtc_build
 import sass_reader as sass
 import temp_cache
 from gpu_summary import kernels_sha256
@@ -359,6 +363,45 @@ def cuda_unit(unit: str, kernel_dir: Path = KERNELS, archs: tuple[str, ...] = CU
     return _cached([unit, virtual, list(archs), tools, *sources, *_model_code()], compute)
 
 
+# The activations a relu model's first step builds a kernel that takes its activation at launch
+# for (relu hidden layers, a linear head): a fused MLP kernel holds its whole plan's, a per-layer
+# forward kernel one layer's.
+FIRST_STEP_ACTS = {"fused": ("identity", "relu"), "dense": ("relu",)}
+
+
+def first_step_parts() -> list[tuple[str, str]]:
+    """(file, NVRTC module) of every CUDA C++ kernel of ``SPEED_GOALS``, as the CuPy backend builds it
+    where no fatbin serves the GPU (what a pip install runs): one module per GEMM kernel
+    (``cupy_backend.kernel_part``), for a relu model's activations (``FIRST_STEP_ACTS``) where the
+    kernel takes its activation at launch."""
+    parts = []
+    for filename in cupy_backend.ONE_KERNEL_FILES:
+        for name in cupy_backend.GEMM_KERNELS[filename]:
+            if any(re.fullmatch(pattern, name) for pattern in SPEED_GOALS):
+                acts = FIRST_STEP_ACTS["fused" if name.startswith("fused_mlp") else "dense"]
+                parts.append((filename, cupy_backend.kernel_part(filename, name, cupy_backend.act_mask(acts))))
+    return parts
+
+
+def nvrtc_kernels(kernel_dir: Path, jobs: int) -> dict[str, dict]:
+    """{module: figures} for every ``first_step_parts`` module, compiled by NVRTC for PRIMARY_ARCH as
+    CuPy compiles it on the GPU (bench/nvrtc_build.py, whose cache tests/test_kernels_compile.py
+    shares), read as a fatbin's code is; the spills from ptxas's report."""
+    arch = ARCHS[PRIMARY_ARCH]
+
+    def one(item: tuple[str, str]) -> tuple[str, dict]:
+        filename, part = item
+        name = cupy_backend.split_part(part)[0]
+        options = nvrtc_build.cupy_options(PRIMARY_ARCH.removeprefix("sm_"), cupy_backend.nvrtc_options(filename, part))
+        compiled = nvrtc_build.cubin(cupy_backend.kernel_source(filename, kernel_dir), filename, options)
+        with tempfile.TemporaryDirectory(prefix="gpubp-kernel-model-") as folder:
+            figures = read_fatbin(nvrtc_build.write_cubin(compiled, Path(folder) / "module.cubin"), arch)[name]
+        return part, {"source": filename, **figures, "spill_bytes": sum(compiled["spills"].get(name, (0, 0)))}
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(pool.map(one, first_step_parts()))
+
+
 def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
     """{variant name: figures} for every Numba kernel variant, on PRIMARY_ARCH."""
     package = [p.read_bytes() for p in sorted((ROOT / "gpubp").rglob("*.py"))]
@@ -463,6 +506,8 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         figures.update(memory_of(memory.get(name, {})))
     for name, figures in numba_figures.items():
         by_arch[PRIMARY_ARCH][name] = {"source": NUMBA_SOURCE, **figures, **memory_of({})}
+    nvrtc_missing = None if nvrtc_build.LIBNVRTC else "no libnvrtc found (pip install nvidia-cuda-nvrtc provides one)"
+    nvrtc = {} if nvrtc_missing else nvrtc_kernels(kernel_dir, jobs)
     return {
         "kernels_sha256": kernels_sha256(kernel_dir.parent),
         "arch": PRIMARY_ARCH,
@@ -473,6 +518,8 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         "memory_workloads": memory_workloads,
         "kernels": dict(sorted(by_arch[PRIMARY_ARCH].items())),
         "other_archs": {arch: dict(sorted(by_arch[arch].items())) for arch in archs if arch != PRIMARY_ARCH},
+        "nvrtc_unavailable": nvrtc_missing,
+        "nvrtc": {part: {**figures, **memory_of({})} for part, figures in sorted(nvrtc.items())},
     }
 
 
@@ -485,6 +532,7 @@ def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> l
     problems = []
     sections = [(fresh["arch"], committed["kernels"], fresh["kernels"])]
     sections += [(arch, committed["other_archs"].get(arch, {}), kernels) for arch, kernels in fresh["other_archs"].items()]
+    sections += [(f"{fresh['arch']} NVRTC", committed.get("nvrtc", {}), fresh.get("nvrtc", {}))]
     rerun = "run bench/kernel_model.py and commit its report"
     for arch, old, new in sections:
         problems += [("spill", f"{name} ({arch}) spills {k['spill_bytes']} bytes")
@@ -550,8 +598,14 @@ def table_row(name: str, k: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _ordered_parts(parts: dict) -> list[str]:
+    """NVRTC modules in the order of their kernels in ``_ordered``."""
+    by_kernel = {cupy_backend.split_part(part)[0]: part for part in parts}
+    return [by_kernel[name] for name in sum(_ordered(by_kernel), [])]
+
+
 def markdown(report: dict) -> str:
-    kernels = report["kernels"]
+    kernels, nvrtc = report["kernels"], report.get("nvrtc", {})
     goals, rest = _ordered(kernels)
     tools = report["toolchain"]
     lines = [
@@ -578,6 +632,16 @@ def markdown(report: dict) -> str:
         "",
         TABLE_HEAD,
         *[table_row(name, kernels[name]) for name in goals],
+        "",
+        f"## The same kernels as NVRTC builds them for a model's first step ({report['arch']})",
+        "",
+        "What a pip install runs where no CMake fatbin serves the GPU: each GEMM kernel in an NVRTC module of its own, "
+        "built for a relu model's activations where it takes its activation at launch (`cupy_backend.kernel_part`), "
+        f"compiled straight for {report['arch']} as CuPy compiles it (the CMake build's code comes from compute_80 PTX). "
+        "Memory figures: the same source's, above.",
+        "",
+        *([TABLE_HEAD, *[table_row(part, nvrtc[part]) for part in _ordered_parts(nvrtc)]]
+          if not report.get("nvrtc_unavailable") else [f"Not compiled here: {report['nvrtc_unavailable']}."]),
         "",
         f"## Every other kernel ({report['arch']})",
         "",

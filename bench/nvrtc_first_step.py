@@ -7,7 +7,7 @@ For each model of ``MODELS``, one training step runs on the CPU kernel harness's
 (tests/cuda_on_cpu), which records the NVRTC modules the backend builds for it
 (``cupy_backend.kernel_part``: one per GEMM kernel launched, built for the activations it
 launches where it takes one at launch, and one for a file's other kernels). Those modules are
-then compiled by the real NVRTC (libnvrtc through ctypes, as tests/test_kernels_compile.py does,
+then compiled by the real NVRTC (libnvrtc through ctypes, bench/nvrtc_build.py, as CuPy does,
 to an sm_<arch> cubin, so ptxas runs) one after another on one core and timed; so are the same
 kernels' modules with every activation they serve (what ``preload`` and
 ``GPUBP_NVRTC_ACTIVATIONS=all`` build), and the whole files that hold them, which is what the
@@ -76,14 +76,14 @@ def first_step_modules(widths: list[int], act: str, precision: str, fused: bool)
 def compile_seconds(filename: str, part: str | None, arch: str, repeat: int) -> float:
     """The least time of ``repeat`` NVRTC compiles of ``kernels/<filename>`` to an sm_<arch> cubin:
     NVRTC module ``part``, or the whole file (None)."""
-    from test_kernels_compile import cupy_nvrtc_options, nvrtc_compile
+    import nvrtc_build
 
     options = cupy_backend.NVRTC_OPTIONS if part is None else cupy_backend.nvrtc_options(filename, part)
     least = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        result, log, _ = nvrtc_compile(cupy_backend.kernel_source(filename), filename,
-                                       cupy_nvrtc_options(arch, options))
+        result, log, _ = nvrtc_build.compile_program(cupy_backend.kernel_source(filename), filename,
+                                                     nvrtc_build.cupy_options(arch, options))
         if result != 0:
             raise RuntimeError(f"NVRTC failed on {filename} ({part!r}):\n{log}")
         least = min(least, time.perf_counter() - start)

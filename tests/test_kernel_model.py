@@ -50,7 +50,10 @@ def fresh() -> dict:
 
 
 def comparable(committed: dict, fresh: dict) -> dict:
-    """The committed report without its Numba kernels where this machine cannot compile them."""
+    """The committed report without its Numba kernels, or its NVRTC builds, where this machine
+    cannot compile them."""
+    if fresh["nvrtc_unavailable"]:
+        committed = {**committed, "nvrtc": {}}
     if not fresh["numba_unavailable"]:
         return committed
     kernels = {name: k for name, k in committed["kernels"].items() if not name.startswith(numba_variants.PREFIX)}
@@ -120,6 +123,33 @@ def per_layer_tensor_core(kernels: dict) -> dict:
     found = {name: k for name, k in kernels.items() if PER_LAYER_TENSOR_CORE.fullmatch(name)}
     assert found, "no per-layer tensor-core kernel in the report"
     return found
+
+
+def nvrtc_builds(fresh: dict) -> dict:
+    """The report's NVRTC builds of the speed goals' kernels, by module (skips without libnvrtc)."""
+    if fresh["nvrtc_unavailable"]:
+        pytest.skip(f"NVRTC cannot compile here: {fresh['nvrtc_unavailable']}")
+    return fresh["nvrtc"]
+
+
+def test_nvrtc_builds_every_speed_goal_kernel_as_a_models_first_step_does(fresh):
+    built = {cupy_backend.split_part(part)[0]: part for part in nvrtc_builds(fresh)}
+    goals = {name for name in km._ordered(fresh["kernels"])[0] if not name.startswith(numba_variants.PREFIX)}
+    assert set(built) == goals and len(goals) == 18
+    assert built["dense_fwd_128x128"] == "dense_fwd_128x128:relu"  # its epilogue for relu alone
+    assert built["fused_mlp_bwd_bf16"] == "fused_mlp_bwd_bf16:identity+relu"
+
+
+def test_nvrtcs_builds_keep_the_occupancy_and_the_ceiling_of_the_shipped_build(fresh):
+    """What a pip install runs (no fatbin) is as fast, by the model, as the CMake build the goals
+    are set on: the same warps per SM, the hot loop's ceiling within the comparison's tolerance,
+    and no spill."""
+    for part, k in nvrtc_builds(fresh).items():
+        shipped = fresh["kernels"][cupy_backend.split_part(part)[0]]
+        assert k["spill_bytes"] == 0, part
+        assert k["occupancy_warps"] >= shipped["occupancy_warps"], (part, k["occupancy_warps"], shipped["occupancy_warps"])
+        assert k["issue_ceiling"] >= shipped["issue_ceiling"] * (1 - km.TOLERANCE), (
+            part, k["issue_ceiling"], shipped["issue_ceiling"])
 
 
 def test_the_per_layer_tensor_core_loops_issue_at_most_4_instructions_per_hmma(fresh):
@@ -227,6 +257,18 @@ def report(**kernels) -> dict:
 
 def figures(ceiling=0.5, spill=0, **memory) -> dict:
     return {"spill_bytes": spill, "issue_ceiling": ceiling, **dict.fromkeys(km.MEMORY_FIELDS), **memory}
+
+
+def test_regressions_compare_the_nvrtc_builds_as_the_shipped_ones():
+    def with_nvrtc(**parts) -> dict:
+        return {**report(), "nvrtc": parts}
+
+    old = with_nvrtc(**{"k:relu": figures(0.50)})
+    assert km.regressions(old, with_nvrtc(**{"k:relu": figures(0.50)})) == []
+    ((kind, message),) = km.regressions(old, with_nvrtc(**{"k:relu": figures(0.40)}))
+    assert kind == "worse" and message.startswith("k:relu (sm_90 NVRTC) issue_ceiling fell")
+    assert [kind for kind, _ in km.regressions(old, with_nvrtc(**{"k:relu": figures(spill=4)}))] == ["spill"]
+    assert [kind for kind, _ in km.regressions(old, with_nvrtc())] == ["unlisted"]
 
 
 def test_regressions_fail_a_ceiling_beyond_the_tolerance_only():

@@ -23,16 +23,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
-import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -163,8 +159,8 @@ def test_the_build_fails_on_a_spill_so_a_built_fatbin_has_none(tmp_path):
 
 # ----------------------------------------------------------------------------- NVRTC
 
-LIBNVRTC, _ = _toolkit.nvrtc_library()
-CUDA_HEADERS, _ = _toolkit.cuda_headers()
+nvrtc = load("nvrtc_build")  # libnvrtc through ctypes, as CuPy 14 compiles on a GPU
+LIBNVRTC = nvrtc.LIBNVRTC
 needs_nvrtc = pytest.mark.skipif(LIBNVRTC is None, reason="no libnvrtc found (pip install nvidia-cuda-nvrtc provides one)")
 
 
@@ -188,68 +184,11 @@ def nvrtc_archs() -> list[str]:
     return archs
 
 
-def cupy_nvrtc_options(arch: str, backend_options=cupy_backend.NVRTC_OPTIONS) -> list[str]:
-    """What CuPy 14 compiles a RawModule with on a GPU of compute capability ``arch``: the backend's
-    options, then CuPy's own, the CUDA headers, and ``-arch=sm_<arch>``, which asks NVRTC for a
-    cubin, so ptxas runs (and enforces the static shared-memory limit) at compile time."""
-    options = [*backend_options, "-ftz=true", "--device-as-default-execution-space", f"-arch=sm_{arch}"]
-    return options + ([f"-I{CUDA_HEADERS}"] if CUDA_HEADERS else [])
-
-
-def nvrtc_compile(source: str, name: str, options: list[str], cubin_to: Path | None = None) -> tuple[int, str, int]:
-    """Compile ``source`` with NVRTC; returns (nvrtcResult, log, size of the cubin, 0 if none), and
-    writes the cubin to ``cubin_to`` when given."""
-    lib = ctypes.CDLL(LIBNVRTC)
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) == 0
-    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
-    result = lib.nvrtcCompileProgram(prog, len(options), opts)
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    cubin = ctypes.c_size_t(0)
-    if result == 0 and any(o.startswith("-arch=sm_") for o in options):
-        assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)) == 0
-        if cubin_to is not None:
-            code = ctypes.create_string_buffer(cubin.value)
-            assert lib.nvrtcGetCUBIN(prog, code) == 0
-            cubin_to.write_bytes(code.raw)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return result, log.value.decode(errors="replace"), cubin.value
-
-
-_SPILL = re.compile(r"ptxas warning : Registers are spilled to local memory in function '(\w+)', "
-                    r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-
 # Register spills ptxas reports when NVRTC compiles straight for an architecture, as CuPy does:
 # (file, arch) -> {kernel: (bytes stored, bytes loaded)}. The CMake build, whose sm_80-and-newer
 # code comes from compute_80 PTX, has none (spills fail it). Any other spill fails the test, and
 # so does one listed here that is gone, so this list stays the truth.
 KNOWN_NVRTC_SPILLS: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
-
-
-def nvrtc_cubin(source: str, name: str, options: list[str]) -> dict:
-    """``nvrtc_compile`` with ptxas's spill warning on: {"size": cubin bytes, "spills": {kernel:
-    (stored, loaded)}}, asserting no error and no warning but spills. A result is cached in the
-    temporary folder by everything that goes into it (libnvrtc's file, the options, the source),
-    as the CPU harness caches its builds, so an unchanged kernel file is not compiled again."""
-    options = [*options, "-Xptxas", "-warn-spills"]
-    lib = Path(LIBNVRTC).resolve()
-    key = hashlib.sha256("\0".join([str(lib), str(lib.stat().st_size), str(lib.stat().st_mtime_ns),
-                                     *options, source]).encode()).hexdigest()[:24]
-    cached = Path(tempfile.gettempdir()) / "gpubp-nvrtc" / f"{Path(name).stem}-{key}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    result, log, size = nvrtc_compile(source, name, options)
-    assert result == 0, f"{name} {' '.join(options)}:\n{log}"
-    spills = {kernel: [int(stored), int(loaded)] for kernel, stored, loaded in _SPILL.findall(log)}
-    others = [line for line in log.splitlines() if "warning" in line.lower() and not _SPILL.search(line)]
-    assert not others, f"{name} {' '.join(options)}:\n{log}"
-    compiled = {"size": size, "spills": spills}
-    cached.parent.mkdir(exist_ok=True)
-    cached.write_text(json.dumps(compiled))
-    return compiled
 
 
 def act_parts(unit: str) -> list[str]:
@@ -276,7 +215,7 @@ def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *act_parts(unit))]
     # NVRTC compiles concurrently from several threads: one per core.
     with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
-        done = list(pool.map(lambda build: nvrtc_cubin(source, unit, cupy_nvrtc_options(
+        done = list(pool.map(lambda build: nvrtc.cubin(source, unit, nvrtc.cupy_options(
             build[0], cupy_backend.nvrtc_options(unit, build[1]))), builds))
     assert all(c["size"] > 0 for c in done), dict(zip(builds, done))
     compiled = {arch: {"spills": {}} for arch in archs}
@@ -327,14 +266,14 @@ MANY_LIVE_VALUES = """extern "C" __global__ void many_live_values(const float* i
 def test_a_cubin_compile_catches_what_a_ptx_compile_lets_through():
     """ptxas enforces the static shared-memory limit; PTX for compute_XX is made without it."""
     arch = shipped_archs()[-1]
-    assert nvrtc_compile(OVER_THE_SHARED_LIMIT, "planted.cu", [f"-arch=compute_{arch}"])[0] == 0
-    result, log, _ = nvrtc_compile(OVER_THE_SHARED_LIMIT, "planted.cu", cupy_nvrtc_options(arch))
+    assert nvrtc.compile_program(OVER_THE_SHARED_LIMIT, "planted.cu", [f"-arch=compute_{arch}"])[0] == 0
+    result, log, _ = nvrtc.compile_program(OVER_THE_SHARED_LIMIT, "planted.cu", nvrtc.cupy_options(arch))
     assert result != 0 and "too much shared data" in log, log
 
 
 @needs_nvrtc
 def test_the_cubin_compile_reports_the_kernels_that_spill():
-    spills = nvrtc_cubin(MANY_LIVE_VALUES, "planted.cu", [*cupy_nvrtc_options(shipped_archs()[-1]), "-maxrregcount=24"])
+    spills = nvrtc.cubin(MANY_LIVE_VALUES, "planted.cu", [*nvrtc.cupy_options(shipped_archs()[-1]), "-maxrregcount=24"])
     assert list(spills["spills"]) == ["many_live_values"]
 
 
@@ -406,8 +345,8 @@ def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_fo
     sass = load("sass_reader")
     for part in ("dense_dx_128x64", ""):
         cubin = tmp_path / f"{part or 'rest'}.cubin"
-        options = cupy_nvrtc_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
-        result, log, _ = nvrtc_compile(source, unit, options, cubin_to=cubin)
+        options = nvrtc.cupy_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
+        result, log, _ = nvrtc.compile_program(source, unit, options, cubin_to=cubin)
         assert result == 0, log
         listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
         sizes = {name: len(code) for name, code in sass.sass_functions(listing).items()}
@@ -431,8 +370,8 @@ def test_an_nvrtc_module_built_for_one_activation_holds_that_epilogue_alone(tmp_
     for acts in (0, cupy_backend.act_mask(["relu"])):
         part = cupy_backend.kernel_part(unit, name, acts)
         cubin = tmp_path / f"{part.replace(':', '_')}.cubin"
-        options = cupy_nvrtc_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
-        result, log, _ = nvrtc_compile(source, unit, options, cubin_to=cubin)
+        options = nvrtc.cupy_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
+        result, log, _ = nvrtc.compile_program(source, unit, options, cubin_to=cubin)
         assert result == 0, log
         listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
         sizes[part] = len(sass.sass_functions(listing)[name])
