@@ -9,15 +9,18 @@ versions, where NVRTC and the CUDA headers are, nvidia-smi's view (clocks, power
 the tools' versions; then every kernel file compiled by NVRTC for this GPU through the CuPy
 backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
 and load, and per kernel the registers, static shared memory and local memory (spills) the
-driver reports. Each file is built as the backend builds it, one NVRTC module per GEMM kernel
-and one for its other kernels (``cupy_backend.kernel_parts``: 60 modules, each with every
-activation its kernel serves), so CuPy's cache then holds what the tests load (gpu_check.sh sets
-``GPUBP_NVRTC_ACTIVATIONS=all``). The modules compile side by side, one per thread (CuPy lets go of the
-GIL while NVRTC compiles), as many at once as there are cores: one after another they take about
-114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by side about as long
-as the slowest module (fused_mlp_fwd, 13 s there). The JSON is rewritten as each file's modules
-finish, so a run cut short keeps what it found. The compile times are cold only when CuPy's
-cache (``CUPY_CACHE_DIR``) starts empty, which ``kernel_cache_files_before`` records.
+driver reports. Each file is built as ``preload`` builds it, one NVRTC module per GEMM kernel,
+with every activation it serves, and one for its other kernels (``cupy_backend.kernel_parts``:
+60 modules), so CuPy's cache then holds what the tests load (gpu_check.sh runs them with
+``GPUBP_NVRTC_ACTIVATIONS=all``); and the 14 modules a relu model's first step builds of the
+kernels that take their activation at launch (``cupy_backend.model_parts``), which the
+benchmarks load as a user's model would. The modules compile side by side, one per thread (CuPy
+lets go of the GIL while NVRTC compiles), as many at once as there are cores: one after another
+the 60 take about 114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by
+side about as long as the slowest module (fused_mlp_fwd, 9 to 13 s there). The JSON is rewritten
+as each file's modules finish, so a run cut short keeps what it found. The compile times are
+cold only when CuPy's cache (``CUPY_CACHE_DIR``) starts empty, which
+``kernel_cache_files_before`` records.
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
 per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
@@ -163,11 +166,18 @@ def part_facts(cupy_backend, filename: str, part: str, device: int = 0) -> dict:
     return {"seconds": seconds, "kernels": kernels}
 
 
+# The activations whose modules facts also builds as a model's first step does (the benchmarks' relu
+# models, with a linear head), so that the benchmarks find them in CuPy's cache.
+FIRST_STEP_ACTS = ("identity", "relu")
+
+
 def facts(out: Path, jobs: int | None = None) -> int:
     """The device facts and every kernel compiled, into ``out``: each file's NVRTC modules
-    (``cupy_backend.kernel_parts``: one per GEMM kernel, one for the rest), ``jobs`` at once (one per
-    core, unless given), as the backend builds them, so CuPy's cache then holds what the tests
-    load. Per file: its modules' compile and load seconds summed, and each kernel's attributes.
+    (``cupy_backend.kernel_parts``: one per GEMM kernel, each with every activation it serves, one
+    for the rest), as ``preload`` builds them, so CuPy's cache then holds what the tests load; and
+    the modules a relu model's first step builds (``cupy_backend.model_parts``, ``FIRST_STEP_ACTS``),
+    which the benchmarks load; ``jobs`` at once (one per core, unless given). Per file: its modules'
+    compile and load seconds summed, each kernel's attributes, and each first-step module's.
     Returns 0, or 1 if anything failed."""
     from gpubp.backends import cupy_backend
 
@@ -188,7 +198,8 @@ def facts(out: Path, jobs: int | None = None) -> int:
     out.write_text(json.dumps(found, indent=2) + "\n")
     print(json.dumps({key: value for key, value in found.items() if key not in ("device", "kernel_files")}, indent=1))
     files = list(cupy_backend.KERNEL_FILES)
-    parts = {filename: cupy_backend.kernel_parts(filename) for filename in files}
+    whole = {filename: cupy_backend.kernel_parts(filename) for filename in files}
+    parts = {filename: whole[filename] + cupy_backend.model_parts(filename, FIRST_STEP_ACTS) for filename in files}
     jobs = jobs or max(1, min(sum(map(len, parts.values())), os.cpu_count() or 1))
     device = cupy_backend.cupy.cuda.Device().id
     built: dict[str, dict[str, dict]] = {filename: {} for filename in files}  # file -> part -> result
@@ -208,10 +219,13 @@ def facts(out: Path, jobs: int | None = None) -> int:
                 continue
             errors = [result["error"] for result in built[filename].values() if "error" in result]
             result = done[filename] = {"error": errors[0]} if errors else {
-                "origin": cupy_backend.origin[filename], "modules": len(parts[filename]),
-                "compile_and_load_seconds": round(sum(r["seconds"] for r in built[filename].values()), 3),
-                "kernels": {name: kernel for part in parts[filename] for name, kernel in
-                            built[filename][part]["kernels"].items()}}
+                "origin": cupy_backend.origin[filename], "modules": len(whole[filename]),
+                "compile_and_load_seconds": round(sum(built[filename][part]["seconds"] for part in whole[filename]), 3),
+                "kernels": {name: kernel for part in whole[filename] for name, kernel in
+                            built[filename][part]["kernels"].items()},
+                "first_step_modules": {part: {"seconds": round(built[filename][part]["seconds"], 3), **kernel}
+                                       for part in parts[filename][len(whole[filename]):]
+                                       for kernel in built[filename][part]["kernels"].values()}}
             spilling = [name for name, k in result.get("kernels", {}).items() if k["local_bytes"]]
             spilled = f", local memory in {', '.join(spilling)}" if spilling else ""
             print(f"{filename}: " + (result["error"] if "error" in result else

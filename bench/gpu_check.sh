@@ -52,11 +52,12 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
-# NVRTC builds a kernel that takes its activation at launch with every activation it serves, as
-# preload() and first_contact.py facts build it, so every process here finds each kernel in CuPy's
-# cache; a model's own first step builds its activations alone (the default), which one gpu test
-# (tests/test_gpu_kernel_loading.py) checks.
-export GPUBP_NVRTC_ACTIVATIONS="${GPUBP_NVRTC_ACTIVATIONS:-all}"
+# The tests and the sanitizers run every activation in many processes: they load each kernel that
+# takes its activation at launch with every activation it serves (GPUBP_NVRTC_ACTIVATIONS=all), as
+# preload() and first_contact.py facts compile it, from CuPy's cache. The demo and the benchmarks
+# load what a user's model loads (a module per kernel and activation; first_contact.py facts
+# compiles a relu model's), and tests/test_cupy_backend.py checks that path once.
+whole_sets() { GPUBP_NVRTC_ACTIVATIONS=all "$@"; }
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
@@ -89,7 +90,7 @@ sanitize() {
     local tool="$1"
     shift
     echo "==== compute-sanitizer $tool ($*)"
-    "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" bench/sanitizer_driver.py "$@" 2>&1 \
+    whole_sets "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" bench/sanitizer_driver.py "$@" 2>&1 \
         | tee "$check/$tool.log"
     local status="${PIPESTATUS[0]}"
     echo "$status" >"$check/$tool.status"
@@ -105,8 +106,8 @@ stage_tests() {
     workers="$(xdist_workers 8)"
     # Every NVRTC module compiled once, side by side, before the workers would each compile what they need.
     run "kernels compiled" "$PYTHON" -c "from gpubp.backends import cupy_backend; cupy_backend.preload()"
-    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs $workers --junitxml "$check/gpu_tests.xml"
-    run "other tests (Numba on the GPU)" "$PYTHON" -m pytest -m "not gpu" tests -q $workers \
+    run "gpu tests" whole_sets "$PYTHON" -m pytest -m gpu tests -q -rs $workers --junitxml "$check/gpu_tests.xml"
+    run "other tests (Numba on the GPU)" whole_sets "$PYTHON" -m pytest -m "not gpu" tests -q $workers \
         --junitxml "$check/other_tests.xml"
 }
 
@@ -220,7 +221,8 @@ fc_facts() {
 }
 
 fc_tests() {
-    run "gpu tests" "$PYTHON" -m pytest -m gpu tests -q -rs -p no:cacheprovider $(xdist_workers "$(nproc)") \
+    run "gpu tests" whole_sets "$PYTHON" -m pytest -m gpu tests -q -rs -p no:cacheprovider \
+        $(xdist_workers "$(nproc)") \
         --junitxml "$check/gpu_tests.xml"
 }
 
@@ -286,7 +288,7 @@ first_contact() {
     exec > >(tee -a "$check/first_contact.log") 2>&1
     export CUPY_CACHE_DIR="$work/cupy_cache"  # empty: facts times cold compiles; later steps reuse them
     export PYTHON SANITIZER check results work
-    export -f run sanitize xdist_workers aot_build load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
+    export -f run sanitize whole_sets xdist_workers aot_build load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
         fc_publish fc_summary summarize device_name
     echo "first-contact: steps ${FIRST_CONTACT_STEPS[*]}; budgets $(for s in "${FIRST_CONTACT_STEPS[@]}"; do
         printf '%s=%s ' "$s" "${budget[$s]}"; done)"

@@ -219,6 +219,19 @@ def test_kernel_part_names_the_activations_and_refuses_one_the_kernel_does_not_s
         cb.kernel_part("dense_forward.cu", "dense_fwd_heavy_128x128", relu_gelu)
 
 
+def test_model_parts_are_the_modules_a_models_steps_build(cb, monkeypatch):
+    """A per-layer forward kernel once per activation it serves, a fused kernel once for the plan's."""
+    assert cb.model_parts("fused_mlp.cu", ["relu", "gelu"])[:2] == ("fused_mlp_fwd:relu+gelu", "fused_mlp_bwd:relu+gelu")
+    assert set(cb.model_parts("dense_forward.cu", ["gelu", "relu"])) == {
+        "dense_fwd_128x128:relu", "dense_fwd_heavy_128x128:gelu", "dense_fwd_128x64:relu", "dense_fwd_128x64:gelu",
+        *(f"dense_fwd_dropout_128x{n}:{act}" for n in (128, 64) for act in ("relu", "gelu"))}
+    assert cb.model_parts("dense_backward.cu", ["relu"]) == ()  # no kernel there takes an activation
+    made = recorded_modules(cb, monkeypatch)
+    small_fused_step(cb, ["gelu", "relu"])
+    built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
+    assert built == set(cb.model_parts("fused_mlp.cu", ["identity", "relu", "gelu"])[:2])  # fp32's
+
+
 def test_preloaded_kernels_serve_every_activation_and_nothing_more_is_built(cb, monkeypatch):
     cb.preload(jobs=2)
     made = recorded_modules(cb, monkeypatch)
@@ -506,7 +519,13 @@ def test_first_contact_facts_compile_every_kernel_file_and_record_each_kernels_a
     # one module per GEMM kernel of dense_forward.cu (5), none besides: it has no other kernel
     assert facts["kernel_files"]["dense_forward.cu"]["modules"] == len(cb.KERNELS["dense_forward.cu"]) == 5
     assert facts["kernel_files"]["optim.cu"]["modules"] == 1
-    assert facts["kernel_compile"]["modules"] == sum(len(cb.kernel_parts(f)) for f in cb.KERNEL_FILES)
+    # and a relu model's modules of the kernels that take their activation at launch, for the benchmarks
+    relu_model = facts["kernel_files"]["fused_mlp.cu"]["first_step_modules"]
+    assert sorted(relu_model) == sorted(cb.model_parts("fused_mlp.cu", fc.FIRST_STEP_ACTS))
+    assert relu_model["fused_mlp_fwd:identity+relu"]["seconds"] >= 0 and facts["kernel_files"]["optim.cu"][
+        "first_step_modules"] == {}
+    assert facts["kernel_compile"]["modules"] == sum(len(cb.kernel_parts(f)) + len(cb.model_parts(f, fc.FIRST_STEP_ACTS))
+                                                     for f in cb.KERNEL_FILES)
     assert facts["kernel_files"]["optim.cu"]["kernels"]["sumsq"]["registers"] == 40
     report = load("gpu_summary").facts_markdown(facts)
     assert "Device: Stand-in GPU, compute capability 90, 132 SMs" in report[0]

@@ -437,7 +437,7 @@ FAKE_TOOL = """
 import json, os, shutil, sys, time
 call = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
 with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(call + "\\n")
+    log.write(call + " | GPUBP_NVRTC_ACTIVATIONS=" + os.environ.get("GPUBP_NVRTC_ACTIVATIONS", "") + "\\n")
 for rule in json.loads(os.environ["FAKE_PLAN"]):
     if rule["match"] in call:
         waited = 0
@@ -524,6 +524,15 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
     report = (out / "Fake_H200.md").read_text()
     assert "| bench | ok |" in report and "| optim.cu | nvrtc | 1 | 0.50 | 1 | 20 | 0 | sgd_update |" in report
     assert "==== first-contact step racecheck" in (out / "first_contact.log").read_text()
+
+
+def test_first_contacts_tests_and_sanitizers_load_whole_activation_sets_and_the_benchmarks_a_users_modules(gs, tmp_path):
+    done, _, _, _ = first_contact(gs, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    modes = {c: line.rsplit("=", 1)[1] for line in (tmp_path / "calls.log").read_text().splitlines()
+             for c in GPU_CALLS if c in line}
+    assert modes == {**dict.fromkeys(GPU_CALLS, ""), "-m pytest -m gpu": "all", "--tool memcheck": "all",
+                     "--tool racecheck": "all"}
 
 
 def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_others_found(gs, tmp_path):

@@ -290,6 +290,22 @@ def kernel_parts(filename: str) -> tuple[str, ...]:
     return (("",) if part_kernels(filename, "") else ()) + GEMM_KERNELS.get(filename, ())
 
 
+def model_parts(filename: str, acts) -> tuple[str, ...]:
+    """The NVRTC modules of the kernels of ``kernels/<filename>`` that take their activation at launch,
+    as a model whose layers use activations ``acts`` builds them: a per-layer forward kernel once per
+    activation it serves (each launch is one layer's), a fused MLP kernel once for all of them (a
+    launch is the whole plan's)."""
+    parts = []
+    for name in GEMM_KERNELS.get(filename, ()):
+        served = ACT_KERNELS.get(name, 0)
+        if name.startswith("fused_mlp"):
+            masks = [served & act_mask(acts)]
+        else:
+            masks = [served & 1 << ACT_ID[act] for act in ACT_ID if act in acts]
+        parts += [kernel_part(filename, name, mask) for mask in masks if mask]
+    return tuple(parts)
+
+
 def part_kernels(filename: str, part: str) -> tuple[str, ...]:
     """The kernels of ``kernels/<filename>`` that NVRTC module ``part`` holds."""
     name = split_part(part)[0]
