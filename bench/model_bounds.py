@@ -23,6 +23,11 @@ the model says the same work cannot beat:
   one SM's rate. (Counting blocks per SM, not the resident slots the occupancy allows, keeps it
   a bound: one block whose warps cover the four sub-partitions may issue at the SM's full rate.)
 
+The ceilings are the shipped (CMake) build's; where the GPU ran NVRTC's builds instead (no fatbin
+serves it, as in a first-contact run), the model's ``nvrtc`` figures of the same kernels would
+move the bound by about 1% (none is more than tests/test_kernel_model.py's 2% tolerance below
+the shipped build's).
+
 The bound leaves out everything but those products: the elementwise passes (dz, the loss, the
 optimizer), memory traffic, launch latency, and the clock falling under load. A measured time
 near its bound (ratio near 1) leaves the model nothing to find; a ratio of 3 says two thirds of
