@@ -191,28 +191,32 @@ def nvrtc_archs() -> list[str]:
 KNOWN_NVRTC_SPILLS: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
 
 
-def act_parts(unit: str) -> list[str]:
-    """For each kernel of ``unit`` that takes its activation at launch, one NVRTC module built for
-    some of the activations it serves (``cupy_backend.kernel_part``): the i-th such kernel for its
-    i-th and (i + 4)-th, so that a file's modules together build each activation's epilogue."""
-    names = [name for name in cupy_backend.GEMM_KERNELS.get(unit, ()) if name in cupy_backend.ACT_KERNELS]
-    parts = []
-    for i, name in enumerate(names):
-        served = cupy_backend.act_names(cupy_backend.ACT_KERNELS[name])
-        acts = cupy_backend.act_mask([served[i % len(served)], served[(i + 4) % len(served)]])
-        parts.append(cupy_backend.kernel_part(unit, name, acts))
-    return parts
+# Modules of the kernels that take their activation at launch built for some activations (what a
+# model's first step builds), beside the whole-set ones kernel_parts lists: the kernels the kernel
+# model does not build so (bench/kernel_model.py first_step_parts: its NVRTC builds of the speed
+# goals' kernels, which a warning fails as it fails these), with the heavy epilogues.
+ACT_PARTS = {"dense_forward.cu": ("dense_fwd_128x64:relu", "dense_fwd_heavy_128x128:silu",
+                                  "dense_fwd_dropout_128x128:gelu", "dense_fwd_dropout_128x64:sigmoid+gelu_tanh")}
+
+
+def test_every_kernel_that_takes_its_activation_at_launch_is_compiled_for_some_activations_alone():
+    built = {cupy_backend.split_part(part)[0] for parts in ACT_PARTS.values() for part in parts}
+    built |= {cupy_backend.split_part(part)[0] for _, part in kernel_model.first_step_parts()}
+    assert set(cupy_backend.ACT_KERNELS) <= built
+    for unit, parts in ACT_PARTS.items():  # each as the backend names it, for some activations
+        assert all(cupy_backend.kernel_part(unit, *cupy_backend.split_part(part)) == part for part in parts)
+        assert all(cupy_backend.split_part(part)[1] for part in parts)
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     """Every NVRTC module of ``unit`` that preload builds, and some that a model's first step builds
-    (``act_parts``), for each architecture of ``nvrtc_archs``."""
+    (``ACT_PARTS``), for each architecture of ``nvrtc_archs``."""
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
     archs = nvrtc_archs()
-    builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *act_parts(unit))]
+    builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *ACT_PARTS.get(unit, ()))]
     # NVRTC compiles concurrently from several threads: one per core.
     with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
         done = list(pool.map(lambda build: nvrtc.cubin(source, unit, nvrtc.cupy_options(
@@ -333,23 +337,27 @@ def test_a_guard_that_names_another_kernel_is_found():
 
 
 @needs_nvrtc
-def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_for_each_other(tmp_path):
-    """dense_backward.cu built for dense_dx_128x64 and for its other kernels (""), read back with
-    cuobjdump: every GEMM entry but the one named is an empty kernel (a few instructions), the
-    named one and the elementwise kernels are whole."""
+def module_code_sizes(unit: str, part: str, tmp_path: Path) -> dict[str, int]:
+    """Instructions per kernel in ``cuobjdump -sass`` of NVRTC module ``part`` of ``unit`` (the
+    compile the NVRTC test above caches); skips without cuobjdump."""
     try:
         cuobjdump = kernel_model.cuda_tool("cuobjdump")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    source, unit = cupy_backend.kernel_source("dense_backward.cu"), "dense_backward.cu"
-    sass = load("sass_reader")
+    options = nvrtc.cupy_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
+    cubin = nvrtc.write_cubin(nvrtc.cubin(cupy_backend.kernel_source(unit), unit, options), tmp_path / "module.cubin")
+    listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {name: len(code) for name, code in load("sass_reader").sass_functions(listing).items()}
+
+
+@needs_nvrtc
+def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_for_each_other(tmp_path):
+    """dense_backward.cu built for dense_dx_128x64 and for its other kernels (""), read back with
+    cuobjdump: every GEMM entry but the one named is an empty kernel (a few instructions), the
+    named one and the elementwise kernels are whole."""
+    unit = "dense_backward.cu"
     for part in ("dense_dx_128x64", ""):
-        cubin = tmp_path / f"{part or 'rest'}.cubin"
-        options = nvrtc.cupy_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
-        result, log, _ = nvrtc.compile_program(source, unit, options, cubin_to=cubin)
-        assert result == 0, log
-        listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        sizes = {name: len(code) for name, code in sass.sass_functions(listing).items()}
+        sizes = module_code_sizes(unit, part, tmp_path)
         assert set(sizes) == set(cupy_backend.KERNELS[unit])
         for name, size in sizes.items():
             whole = name == part or name not in cupy_backend.GEMM_KERNELS[unit]
@@ -360,22 +368,10 @@ def test_an_nvrtc_module_holds_the_code_of_its_gemm_kernel_and_an_empty_entry_fo
 def test_an_nvrtc_module_built_for_one_activation_holds_that_epilogue_alone(tmp_path):
     """dense_fwd_128x64 serves every activation; built for relu alone (-DGPUBP_ONLY_ACTS) its
     code is a fraction of the whole-set build's: the seven other epilogues are not compiled."""
-    try:
-        cuobjdump = kernel_model.cuda_tool("cuobjdump")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    source, unit, name = cupy_backend.kernel_source("dense_forward.cu"), "dense_forward.cu", "dense_fwd_128x64"
-    sass = load("sass_reader")
-    sizes = {}
-    for acts in (0, cupy_backend.act_mask(["relu"])):
-        part = cupy_backend.kernel_part(unit, name, acts)
-        cubin = tmp_path / f"{part.replace(':', '_')}.cubin"
-        options = nvrtc.cupy_options(shipped_archs()[-1], cupy_backend.nvrtc_options(unit, part))
-        result, log, _ = nvrtc.compile_program(source, unit, options, cubin_to=cubin)
-        assert result == 0, log
-        listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        sizes[part] = len(sass.sass_functions(listing)[name])
-    assert sizes[f"{name}:relu"] < 0.6 * sizes[name], sizes
+    unit, name = "dense_forward.cu", "dense_fwd_128x64"
+    whole = module_code_sizes(unit, name, tmp_path)[name]
+    relu = module_code_sizes(unit, f"{name}:relu", tmp_path)[name]
+    assert relu < 0.6 * whole, (relu, whole)
 
 
 # ----------------------------------------------------------------------------- finding NVRTC and the headers
