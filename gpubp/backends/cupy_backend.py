@@ -47,14 +47,14 @@ Where the kernels come from, per source file, on first use on each device:
    whole-set modules on first use too (one module per kernel, for a process that finds them in
    CuPy's cache).
 
-The kernels have ``extern "C"`` names (``dense_fwd_128x128``, ...), identical on
-both paths, listed per file in ``KERNELS``; all of a module's kernels are looked up when it
-loads. An fp32 forward kernel serves several activations (its ``act`` argument, ``ACT_ID``): its
-main loop is compiled once, not once per activation, and the epilogue, compiled for each
-activation the module is built for, is picked by one uniform branch after it (``kernels/activations.cuh``,
+The kernels have ``extern "C"`` names (``dense_fwd_128x128``, ...), identical on both paths,
+listed per file in ``KERNELS``; all of a module's kernels are looked up when it loads. An fp32
+forward kernel serves several activations (its ``act`` argument, ``ACT_ID``): its main loop is
+compiled once, not once per activation, and the epilogue, compiled for each activation the
+module is built for, is picked by one uniform branch after it (``kernels/activations.cuh``,
 ``with_activation``). Each launch records its contract name with ``gpubp.trace``. Kernels go to
-CuPy's current stream; the deterministic reductions share one ticket buffer per device,
-so calls must not run concurrently on two streams of one device.
+CuPy's current stream; the deterministic reductions share one ticket buffer per device, so calls
+must not run concurrently on two streams of one device.
 
 >>> import numpy as np
 >>> from gpubp.backends import cupy_backend as cb
