@@ -35,7 +35,8 @@ What is read (``bench/sass_reader.py``), per kernel and architecture:
   is launched with exactly that many threads;
 - the hot loop in the SASS: for a kernel with HMMA, the smallest loop holding one; otherwise
   the innermost loop with the most FFMA. Its instruction mix counts every instruction in the
-  loop's address range once (static counts: both sides of a branch inside the loop count).
+  loop's address range once (static counts: both sides of a branch inside the loop count) but
+  padding: NOP, and an instruction on a never-true predicate (sm_90's ``@!UPT UIADD3 URZ, ...``).
 
 The model, per kernel:
 

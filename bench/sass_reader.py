@@ -123,6 +123,13 @@ class Instruction:
     def base(self) -> str:
         return self.opcode.partition(".")[0]
 
+    @property
+    def padding(self) -> bool:
+        """A NOP, or an instruction whose predicate is never true (``@!PT``, ``@!UPT``): ptxas for
+        sm_90 pads with ``@!UPT UIADD3 URZ, URZ, URZ, URZ`` where it padded with NOP for sm_80
+        PTX. Neither is work the loop issues."""
+        return self.base == "NOP" or self.predicate.strip() in ("@!PT", "@!UPT")
+
 
 _FUNCTION = re.compile(r"^\s*Function : (\S+)")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -215,10 +222,10 @@ MIX_KINDS = ("FFMA", "HMMA", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "STG")
 
 
 def instruction_mix(body) -> dict:
-    """Counts of the loop body's instructions: ``instructions`` (all but NOP, which pads and is
-    not issued work), one count per ``MIX_KINDS`` entry in lower case, ``other``, and
+    """Counts of the loop body's instructions: ``instructions`` (all but padding, ``Instruction.padding``,
+    which is not issued work), one count per ``MIX_KINDS`` entry in lower case, ``other``, and
     ``hmma_by_shape`` ({"HMMA.1688.F32.TF32": n, ...})."""
-    issued = [i for i in body if i.base != "NOP"]
+    issued = [i for i in body if not i.padding]
     bases = Counter(i.base for i in issued)
     mix = {"instructions": len(issued)}
     for kind in MIX_KINDS:

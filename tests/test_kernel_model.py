@@ -317,6 +317,27 @@ def mix(instructions, ffma=0, **hmma_by_shape):
             "hmma_by_shape": {f"HMMA.{shape}": n for shape, n in hmma_by_shape.items()}}
 
 
+PADDED_LOOP = """
+        Function : padded
+        /*0000*/                   LDS.128 R4, [R2] ;
+        /*0010*/                   HMMA.1688.F32.TF32 R8, R4, R6, R8 ;
+        /*0020*/                   NOP ;
+        /*0030*/                   @!UPT UIADD3 URZ, URZ, URZ, URZ ;
+        /*0040*/                   @!PT LDS RZ, [RZ] ;
+        /*0050*/                   @P0 IADD3 R2, R2, 0x10, RZ ;
+        /*0060*/                   @!P1 BRA 0x0 ;
+"""
+
+
+def test_padding_is_not_counted_as_issued_work():
+    """NOP and an instruction predicated on never-true (ptxas's sm_90 padding) are not issued work;
+    an instruction on a real predicate is."""
+    (code,) = km.sass.sass_functions(PADDED_LOOP).values()
+    assert [i.padding for i in code] == [False, False, True, True, True, False, False]
+    found = km.sass.instruction_mix(code)
+    assert found["instructions"] == 4 and found["hmma"] == 1 and found["lds"] == 1 and found["other"] == 2
+
+
 def test_the_fp32_ceiling_is_the_ffma_share_on_sm_90_and_twice_it_on_sm_80():
     assert km.issue_ceiling(mix(100, ffma=40), km.ARCHS["sm_90"]) == 0.4
     assert km.issue_ceiling(mix(100, ffma=40), km.ARCHS["sm_80"]) == 0.8
