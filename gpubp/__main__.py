@@ -143,8 +143,14 @@ def _cupy_kernels(cupy_backend) -> str:
     why_not = cupy_backend._aot_mismatch(cupy_backend.cupy.cuda.Device().compute_capability)
     if why_not is None:
         return f"from the CMake fatbins in {cupy_backend.aot_dir()}: no compiling"
-    return (f"compiled by NVRTC on first use, each GEMM kernel a model launches on its own, and cached by CuPy "
-            f"(no fatbins: {why_not}); gpubp.backends.get('cupy').preload() compiles them all at once")
+    try:
+        whole = cupy_backend.act_modules() == "all"
+    except ValueError as exc:  # a bad GPUBP_NVRTC_ACTIVATIONS: said here, raised at the first launch
+        return f"not loadable: {exc}"
+    activations = (f"with every activation it serves ({cupy_backend.NVRTC_ACTIVATIONS_ENV}=all)" if whole
+                   else "for the activations it launches")
+    return (f"compiled by NVRTC on first use, each GEMM kernel a model launches on its own, {activations}, and "
+            f"cached by CuPy (no fatbins: {why_not}); gpubp.backends.get('cupy').preload() compiles them all at once")
 
 
 def bench(args) -> int:

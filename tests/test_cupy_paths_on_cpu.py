@@ -285,7 +285,16 @@ def test_info_says_where_the_cupy_kernels_come_from(cb, capsys, monkeypatch, tmp
     gpubp_main(["info"])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
     assert "compiled by NVRTC on first use" in line and f"no {tmp_path / cb.AOT_MANIFEST}" in line
-    assert "preload()" in line
+    assert "preload()" in line and "for the activations it launches" in line
+    monkeypatch.setenv(cb.NVRTC_ACTIVATIONS_ENV, "all")
+    gpubp_main(["info"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
+    assert f"with every activation it serves ({cb.NVRTC_ACTIVATIONS_ENV}=all)" in line
+    monkeypatch.setenv(cb.NVRTC_ACTIVATIONS_ENV, "everything")
+    gpubp_main(["info"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
+    assert line.startswith(f"cupy kernels not loadable: {cb.NVRTC_ACTIVATIONS_ENV}='everything'")
+    monkeypatch.delenv(cb.NVRTC_ACTIVATIONS_ENV)
     monkeypatch.setattr(cb, "_aot_mismatch", lambda arch: None)
     gpubp_main(["info"])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cupy kernels ")]
