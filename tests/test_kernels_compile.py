@@ -8,9 +8,10 @@
   (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles it once.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
   include-expanded sources that the backend hands it as CuPy 14 does, one module per GEMM kernel
-  and one for a file's other kernels (``cupy_backend.kernel_parts``), to an sm_XX cubin, so
-  ptxas runs here (register spills, the static shared-memory limit); through libnvrtc and
-  ctypes, no GPU or CuPy needed. Skipped when no libnvrtc is found (``pip install
+  and one for a file's other kernels (``cupy_backend.kernel_parts``), and some modules built for
+  the activations a model launches (``ACT_PARTS``), to an sm_XX cubin, so ptxas runs here
+  (register spills, the static shared-memory limit); through libnvrtc and ctypes
+  (bench/nvrtc_build.py), no GPU or CuPy needed. Skipped when no libnvrtc is found (``pip install
   nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. By default NVRTC compiles
   for the newest shipped architecture only (sm_90, the H100/H200 the kernels are tuned for):
   each architecture costs a whole front end and ptxas run, minutes per kernel file on a 2-core
