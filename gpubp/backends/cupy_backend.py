@@ -566,7 +566,8 @@ class _Launch:
 
 def _kernel(filename: str, name: str, acts: int = 0) -> _Launch:
     """Kernel ``name`` of ``kernels/<filename>`` on the current device, loaded on first use. ``acts``:
-    for a kernel of ``ACT_KERNELS``, the mask of the activations this launch may pick (0: any)."""
+    the mask of the activations this launch may pick (0: any), which only a kernel of
+    ``ACT_KERNELS`` is built for; any other loads whole, and later lookups find it first."""
     device = cupy.cuda.Device().id
     launch = _functions.get((device, name, None))  # every activation: a fatbin, or preloaded
     if launch is None:
@@ -826,8 +827,7 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
     grid = (-(-m // tile[0]), -(-n // tile[1]))
     name = _dense_name(kind, act, precision, tile, dropout)
-    acts = 1 << ACT_ID[act] if name in ACT_KERNELS else 0
-    return _kernel(filename, name, acts), grid, (threads,), _dynamic_shared_bytes(name)
+    return _kernel(filename, name, 1 << ACT_ID[act]), grid, (threads,), _dynamic_shared_bytes(name)
 
 
 def _dense_dz(dy, act_in, act):
@@ -1394,10 +1394,10 @@ def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
 
 def _fused_launch(kind: str, precision: str, n_in: int, acts: int = 0):
     """(kernel, dynamic shared bytes) of a fused kernel whose layers' activations are among
-    ``acts`` (a mask; fwd and bwd are built for them, dw has none). The fused kernels take their
+    ``acts`` (a mask; fwd and bwd are built for them, dw takes none). The fused kernels take their
     shared memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it
     can ask for (a forward's input wider than 128 takes a second buffer)."""
-    kernel = _kernel("fused_mlp.cu", _fused_name(kind, precision), acts if kind != "dw" else 0)
+    kernel = _kernel("fused_mlp.cu", _fused_name(kind, precision), acts)
     kernel.allow_shared(_fused_shared_bytes(kind, precision, FUSED_MLP_MAX_WIDTH + 1))
     return kernel, _fused_shared_bytes(kind, precision, n_in)
 
