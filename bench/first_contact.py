@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from gpu_summary import FWD_4096, RATIOS, STEP_1024, STEP_B64, STEP_MLP64
+from gpu_summary import FWD_4096, HEAD_ACT, HIDDEN_ACT, RATIOS, STEP_1024, STEP_B64, STEP_MLP64
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE_BENCHMARKS = "bench/test_gpu_dense.py"
@@ -166,9 +166,9 @@ def part_facts(cupy_backend, filename: str, part: str, device: int = 0) -> dict:
     return {"seconds": seconds, "kernels": kernels}
 
 
-# The activations whose modules facts also builds as a model's first step does (the benchmarks' relu
-# models, with a linear head), so that the benchmarks find them in CuPy's cache.
-FIRST_STEP_ACTS = ("identity", "relu")
+# The activations whose modules facts also builds as a model's first step does (the benchmarks'
+# models), so that the benchmarks find them in CuPy's cache.
+FIRST_STEP_ACTS = (HEAD_ACT, HIDDEN_ACT)
 
 
 def facts(out: Path, jobs: int | None = None) -> int:

@@ -54,6 +54,8 @@ STEP_MLP64 = "train step 64-64-64-64-64-10@65536"
 STEP_B64 = "train step 784-256-256-10@64"
 FROZEN_STEP = "frozen-backbone step 256-512-512-512-10@8192"
 FROZEN_FORWARD = "forward 256-512-512-512-10@8192"
+# The activations of its models (gpubp_model): relu hidden layers and a linear head.
+HIDDEN_ACT, HEAD_ACT = "relu", "identity"
 
 # name -> ((workload, backend) whose time is the numerator, (workload, backend) the denominator)
 RATIOS = {

@@ -105,7 +105,7 @@ import numba_variants
 import nvrtc_build
 import sass_reader as sass
 import temp_cache
-from gpu_summary import kernels_sha256
+from gpu_summary import HEAD_ACT, HIDDEN_ACT, kernels_sha256
 
 from gpubp.backends import cupy_backend
 
@@ -364,23 +364,18 @@ def cuda_unit(unit: str, kernel_dir: Path = KERNELS, archs: tuple[str, ...] = CU
     return _cached([unit, virtual, list(archs), tools, *sources, *_model_code()], compute)
 
 
-# The activations a relu model's first step builds a kernel that takes its activation at launch
-# for (relu hidden layers, a linear head): a fused MLP kernel holds its whole plan's, a per-layer
-# forward kernel one layer's.
-FIRST_STEP_ACTS = {"fused": ("identity", "relu"), "dense": ("relu",)}
-
-
 def first_step_parts() -> list[tuple[str, str]]:
     """(file, NVRTC module) of every CUDA C++ kernel of ``SPEED_GOALS``, as the CuPy backend builds it
     where no fatbin serves the GPU (what a pip install runs): one module per GEMM kernel
-    (``cupy_backend.kernel_part``), for a relu model's activations (``FIRST_STEP_ACTS``) where the
-    kernel takes its activation at launch."""
+    (``cupy_backend.kernel_part``), and where the kernel takes its activation at launch the module
+    of the benchmarks' models (``cupy_backend.model_parts``) that holds their hidden layers'."""
+    hidden = cupy_backend.act_mask([HIDDEN_ACT])
     parts = []
     for filename in cupy_backend.ONE_KERNEL_FILES:
-        for name in cupy_backend.GEMM_KERNELS[filename]:
-            if any(re.fullmatch(pattern, name) for pattern in SPEED_GOALS):
-                acts = FIRST_STEP_ACTS["fused" if name.startswith("fused_mlp") else "dense"]
-                parts.append((filename, cupy_backend.kernel_part(filename, name, cupy_backend.act_mask(acts))))
+        modules = {cupy_backend.split_part(part)[0]: part for part in cupy_backend.model_parts(
+            filename, (HEAD_ACT, HIDDEN_ACT)) if cupy_backend.split_part(part)[1] & hidden}
+        parts += [(filename, modules.get(name, name)) for name in cupy_backend.GEMM_KERNELS[filename]
+                  if any(re.fullmatch(pattern, name) for pattern in SPEED_GOALS)]
     return parts
 
 

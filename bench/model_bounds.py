@@ -42,6 +42,7 @@ import io
 import re
 from dataclasses import dataclass
 
+from gpu_summary import HEAD_ACT, HIDDEN_ACT
 from kernel_model import ARCHS
 
 from gpubp.backends import cupy_backend as cb
@@ -50,7 +51,6 @@ from gpubp.layers import plan_backward
 FP32_FLOPS_PER_CYCLE = 64  # per sub-partition: 32 lanes x 2 flops per FFMA, at 1 FFMA per cycle
 SUB_PARTITIONS = 4
 TENSOR_OPERANDS = {"tf32": "TF32", "bf16": "BF16"}
-HIDDEN_ACT, HEAD_ACT = "relu", "identity"  # bench/test_gpu_dense.py's models
 _SINGLE_GEMM = re.compile(r"(tf32|bf16) \d+\^3 (forward|dX|dW)")
 _GEMM_KIND = {"forward": "fwd", "dX": "dx", "dW": "dw"}
 

@@ -58,7 +58,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import backends
-from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, STEP_1024, STEP_B64, STEP_MLP64
+from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, HEAD_ACT, HIDDEN_ACT, STEP_1024, STEP_B64, STEP_MLP64
 from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's initialisation and network
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
@@ -167,7 +167,7 @@ def classification_batch(widths, batch, seed=0):
 def gpubp_model(backend: str, widths, fused="auto", precision="fp32") -> gb.Sequential:
     last = len(widths) - 2
     model = gb.Sequential(
-        [gb.Dense(i, o, activation=None if k == last else "relu")
+        [gb.Dense(i, o, activation=HEAD_ACT if k == last else HIDDEN_ACT)
          for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))],
         backend=backend, fused=fused, precision=precision,
     )
