@@ -102,6 +102,10 @@ class Layer:
     # Whether forward can apply the mask of a Dropout right above it in its own epilogue (and
     # backward regenerate it): Sequential then runs the two as one step.
     takes_dropout = False
+    # Whether, on a backend with the FOLDS_DX_ACT capability, backward can apply the act' of a
+    # layer of this kind right below in its dX kernel's epilogue (``below=``), and take from the
+    # layer above a dy that is already its own dz (``folded=True``): see ``Sequential.folded``.
+    folds_act = False
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
@@ -207,6 +211,7 @@ class Dense(Layer):
 
     kind = "dense"
     takes_dropout = True
+    folds_act = True
 
     def __init__(
         self,
@@ -282,20 +287,32 @@ class Dense(Layer):
         """In the precision of the last training forward (the one backward runs in)."""
         return self.backend.backward_kernels(act, need_dx, need_dw, self._precision, dropout=dropout)
 
-    def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
+    def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32", below: Dense | None = None,
+                 folded: bool = False):
         """Fill the trainable parameters' ``.grad`` and return ``dx`` (or None if not needed);
         ``precision`` as for the forward. ``dy`` is the gradient of the output the forward returned
-        (masked, when it applied a Dropout's mask)."""
+        (masked, when it applied a Dropout's mask).
+
+        On a backend with ``FOLDS_DX_ACT``: ``below``, the Dense whose output this layer's input
+        is, which applied no Dropout's mask; the dX kernel applies its act' in its epilogue and
+        returns its dz. ``folded``: ``dy`` is this layer's dz already (the layer above applied
+        this one's act'), so no kernel forms it."""
         need_dw = self.trainable
         out_dw, out_db = self.grad_buffers() if need_dw else (None, None)
         kwargs = {} if self._dropout is None else {"dropout": self._dropout}
+        if below is not None:
+            kwargs.update(dx_act=below._applied, dx_act_in=below.act_input())
         dx, dw, db = self.backend.dense_backward(
-            dy, self._input, self.weight.data, self._output, self._preact, self._applied,
+            dy, self._input, self.weight.data, self._output, self._preact, "identity" if folded else self._applied,
             need_dx, need_dw, out_dx, out_dw, out_db, precision, **kwargs,
         )
         if need_dw:
             self.take_grads(dw, db)
         return dx
+
+    def act_input(self):
+        """What act' reads, as the last training forward kept it: the output, or z (``NEEDS_Z``)."""
+        return self._preact if self._applied in activations.NEEDS_Z else self._output
 
     def grad_buffers(self):
         """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill."""
@@ -435,7 +452,8 @@ def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tupl
 
 class BackwardPlan(list):
     """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch.
-    ``notes``: for a layer whose work another layer's kernels do (a Dropout above a Dense), where."""
+    ``notes``: for a layer whose work another layer's kernels do (a Dropout above a Dense, a
+    Dense's act' in the dX of the Dense above), where."""
 
     def __init__(self, entries=(), notes: dict | None = None) -> None:
         super().__init__(entries)
@@ -448,6 +466,8 @@ class BackwardPlan(list):
         lines = ["backward plan (bottom to top):"]
         for name, kernels in self:
             done = ', '.join(kernels) if kernels else self.notes.get(name, '(nothing: skipped)')
+            if kernels and name in self.notes:
+                done += f"  {self.notes[name]}"
             lines.append(f"  {name:<{width}}  {done}")
         return "\n".join(lines)
 
@@ -752,6 +772,9 @@ class Sequential:
             return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
                                                                              [dw for _, dw in plan]))])
         acts, entries, notes = self._applied(logits), [None] * len(self), {}
+        for i in self.folded(plan, acts):
+            notes[self.layers[i].name] = f"(its act' is applied by {self.layers[i + 1].name}'s dX)"
+            acts[i] = "identity"  # its dz comes from the layer above
         for i, dropout in self._steps():
             layer, (need_dx, need_dw) = self.layers[i], plan[i]
             if dropout is None:
@@ -863,6 +886,7 @@ class Sequential:
             return self._fused_backward(dy, plan, need_input_grad)
         lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
         applied_below = {i + 1 for i, dropout in self._steps() if dropout is not None}
+        folded = self.folded(plan, self._applied(logits))
         for i in range(len(self) - 1, lowest - 1, -1):
             if i in applied_below:
                 continue  # the layer below regenerates this Dropout's mask in its own backward
@@ -871,8 +895,26 @@ class Sequential:
             out_dx = None
             if need_dx and i > 0:
                 out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
-            dy = layer.backward(dy, need_dx, out_dx, self.precision)
+            fold = {}
+            if i - 1 in folded:
+                fold["below"] = self.layers[i - 1]
+            if i in folded:
+                fold["folded"] = True
+            dy = layer.backward(dy, need_dx, out_dx, self.precision, **fold)
         return dy if need_input_grad else None
+
+    def folded(self, plan, acts) -> frozenset[int]:
+        """The layers whose act' the layer right above applies in its dX kernel's epilogue, given
+        the backward ``plan`` and the activations ``acts`` the forward applied: on a backend with
+        ``FOLDS_DX_ACT``, each layer that ``folds_act`` right below another that does and computes
+        dX, with an activation other than identity (a Dropout between them, whose mask the lower
+        layer's dz pass regenerates, stops it). Its dz then costs no pass of its own."""
+        if not getattr(self.backend, "FOLDS_DX_ACT", False):
+            return frozenset()
+        layers = self.layers
+        return frozenset(i for i in range(len(layers) - 1)
+                         if layers[i].folds_act and layers[i + 1].folds_act and plan[i + 1][0]
+                         and acts[i] not in ("identity", "softmax"))
 
     def _fused_backward(self, dy, plan, need_input_grad: bool):
         """Backward of a fused forward: the dX chain and every dW/db in two launches."""

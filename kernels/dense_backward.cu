@@ -3,13 +3,16 @@
 //
 //   dense_dz_<act>:       dz = dy * act'(y or z), elementwise (not for identity: dz = dy)
 //   dense_dw_<BM>x<BN>:   dW = x^T @ dz,  db = dz.sum(0)
-//   dense_dx_<BM>x<BN>:   dx = dz @ W^T
+//   dense_dx_<BM>x<BN>:   dx = dz @ W^T, or with the activation of the layer below (act, at launch)
+//                         that layer's dz: (dz @ W^T) * act'(act_in)
 //
-// act' is evaluated once per element, in dense_dz, and the two products read dz as a plain
-// operand whatever the activation, so their main loops hold only loads, stores and FMAs
-// (gemm_tile.cuh). dense_dz reads dy and y (or z, for gelu, gelu_tanh and silu) and writes dz,
-// (B, out) each; the products would otherwise reread dy and y once per tile column.
-//
+// act' is evaluated once per element, and the two products read dz as a plain operand whatever
+// the activation, so their main loops hold only loads, stores and FMAs (gemm_tile.cuh). Where
+// the layer below is a dense layer too, its act' is applied in this layer's dX epilogue, in
+// registers, on the way out: the layer below then skips its dense_dz pass (which would read dy
+// and y, or z, and write dz, (B, out) each) and reads its dz as identity's. Only the bottom layer
+// of a chain, whose dy comes from elsewhere (the loss, a Dropout), runs dense_dz. The epilogue
+// multiplies the same two floats dense_dz would, so dz is bitwise the same either way.
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 16, warp 32x64, thread 8x8),
 // BM x BN = 128x128 (256 threads) or 128x64 (128 threads), chosen by the host.
@@ -28,7 +31,10 @@
 // (dropout.cuh), so one Philox call serves four elements.
 //
 // dX launch: grid (ceil(B / BM), ceil(in / BN)); GEMM M = B, N = in, K = out. Each block
-// reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx.
+// reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx; with an act
+// other than identity it also reads BM x BN of act_in (B, in: the layer below's output, or its z
+// for gelu, gelu_tanh and silu; identity never touches it). The act' epilogues are chosen after
+// the main loop, as in dense_forward.cu (activations.cuh: with_activation, every activation).
 //
 // dW launch: grid (ceil(in / BM), ceil(out / BN), splits); GEMM M = in, N = out, K = B.
 // db comes from the same kernel, like cuBLASLt's BGRADB epilogue: each thread sums the dz
@@ -96,9 +102,36 @@ __device__ __forceinline__ void dx_product(const float* dz, const float* w, long
     gemm_mainloop<BM, BN, false>(a, b, 0, K, smem, acc);
 }
 
+// dx = acc * act'(act_in) at this thread's columns jg .. jg+3 (col; valid_cols of them exist) of
+// every row it owns: act' of the layer below, whose dz this dX is. act_in is that layer's output
+// (or z, act_needs_z) (M, N); vec: float4 loads and stores.
+template <int ACT>
+__device__ __forceinline__ void store_dx_columns(float* dx, const float* act_in, const float (&acc)[THREAD_M][THREAD_N],
+                                                 int jg, const ThreadTile& tt, long long m0, long long M, long long N,
+                                                 long long col, long long valid_cols, bool vec) {
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const long long row = m0 + tt.row(i);
+        if (row >= M) continue;
+        float a[4];
+        if (vec && valid_cols >= 4) {
+            const float4 a4 = load4(act_in + row * N + col);
+            a[0] = a4.x; a[1] = a4.y; a[2] = a4.z; a[3] = a4.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;
+        }
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = acc[i][jg + j] * act_grad<ACT>(a[j], a[j]);
+        store4(dx, row * N + col, v, valid_cols, vec);
+    }
+}
+
 template <int BM, int BN>
 __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const float* __restrict__ w,
-                                         float* __restrict__ dx, int B_, int in_, int out_) {
+                                         float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,
+                                         int out_, int act) {
     const long long M = B_, N = in_, K = out_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
@@ -111,15 +144,22 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const flo
         dx_product<BM, BN, false>(dz, w, M, N, K, m0, n0, smem, acc);
     }
 
-    const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
-    const bool vec = N % 4 == 0 && aligned16(dx);
+    with_activation<ActSet::ALL>(act, [&](auto activation) {
+        constexpr int ACT = decltype(activation)::ID;
+        const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
+        const bool vec = N % 4 == 0 && aligned16(dx) && (ACT == ACT_IDENTITY || aligned16(act_in));
 #pragma unroll
-    for (int jg = 0; jg < THREAD_N; jg += 4) {
-        const long long col = n0 + tt.col(jg);
-        const long long valid_cols = N - col;
-        if (valid_cols <= 0) continue;
-        store_acc_columns(dx, acc, jg, tt, m0, M, N, col, valid_cols, vec);
-    }
+        for (int jg = 0; jg < THREAD_N; jg += 4) {
+            const long long col = n0 + tt.col(jg);
+            const long long valid_cols = N - col;
+            if (valid_cols <= 0) continue;
+            if constexpr (ACT == ACT_IDENTITY) {
+                store_acc_columns(dx, acc, jg, tt, m0, M, N, col, valid_cols, vec);
+            } else {
+                store_dx_columns<ACT>(dx, act_in, acc, jg, tt, m0, M, N, col, valid_cols, vec);
+            }
+        }
+    });
 }
 
 // acc = this thread's share of x[k_begin : k_end, m0 : m0+BM]^T @ dz[k_begin : k_end, n0 : n0+BN];
@@ -190,9 +230,10 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
                                                  gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
         dense_dx_##BM##x##BN(const float* __restrict__ dz, const float* __restrict__ w,                  \
-                             float* __restrict__ dx, int B, int in, int out) {                           \
+                             float* __restrict__ dx, const float* __restrict__ act_in, int B, int in,   \
+                             int out, int act) {                                                         \
         GPUBP_ONLY_KERNEL_GUARD(dense_dx_##BM##x##BN)                                                    \
-        gpubp::dense_dx<BM, BN>(dz, w, dx, B, in, out);                                                  \
+        gpubp::dense_dx<BM, BN>(dz, w, dx, act_in, B, in, out, act);                                     \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
                                                  gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \

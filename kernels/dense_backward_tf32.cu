@@ -4,13 +4,17 @@
 //
 //   dense_dz_db_<act>:    dz = dy * act'(y or z) (stored unless act is identity, where dz = dy),
 //                         db = dz.sum(0) (when dW is needed): elementwise, fp32
-//   dense_dx_tf32:        dx = dz @ W^T     (gemm_tf32.cuh, A = dz k-contiguous, B = W^T k-contiguous)
+//   dense_dx_tf32:        dx = dz @ W^T     (gemm_tf32.cuh, A = dz k-contiguous, B = W^T k-contiguous),
+//                         or the dz of the layer below: (dz @ W^T) * act'(act_in) (act at launch)
 //   dense_dw_tf32:        dW = x^T @ dz     (A = x^T outer-contiguous, B = dz outer-contiguous)
 //
-// The activation's derivative is applied once, by the dz kernel, and the two products are plain
-// pipelined GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu
-// alone costs more instructions per element than a k step has per mma). So the dx and dW kernels
-// serve every activation, and are compiled once, not once per activation.
+// The activation's derivative is applied once per element, outside the products' main loops (by
+// the dz kernel, or in the epilogue of the dX above), and the two products are plain pipelined
+// GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu alone
+// costs more instructions per element than a k step has per mma). So the dW kernel serves
+// every activation and is compiled once. The dX kernel applies the act' of the layer below (its
+// act argument) in its epilogue, as dense_backward.cu's does: that layer's dz kernel then only
+// sums db (dense_dz_db_identity, which stores nothing), or is not launched when it is frozen.
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
@@ -126,9 +130,12 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
 
 // E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
 // (B, padded in) from round_bf16).
+// act_in: the output (or z, act_needs_z) of the layer below, whose act' the epilogue applies (act);
+// identity reads nothing.
 template <class E>
 __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* __restrict__ w,
-                                             float* __restrict__ dx, int B_, int in_, int out_) {
+                                             float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,
+                                             int out_, int act) {
     using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
     const long long M = B_, N = in_, K = T::padded(out_);
@@ -136,9 +143,18 @@ __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* 
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     Tf32Fragment frag;
     mma_gemm(Operand<true, E>{dz, K, M}, Operand<true, E>{w, K, N}, 0, K, m0, n0, smem, frag);
-    const bool vector = pairs_aligned(dx, N);
-    tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
-        store_pair(dx, row * N + col, v0, v1, pair, vector);
+    with_activation<ActSet::ALL>(act, [&](auto activation) {
+        constexpr int ACT = decltype(activation)::ID;
+        const bool vector = pairs_aligned(dx, N) && (ACT == ACT_IDENTITY || pairs_aligned(act_in, N));
+        tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
+            if constexpr (ACT != ACT_IDENTITY) {
+                float a0, a1 = 0.0f;
+                read_pair(act_in, row * N + col, a0, a1, pair, vector);
+                v0 *= act_grad<ACT>(a0, a0);
+                v1 *= act_grad<ACT>(a1, a1);
+            }
+            store_pair(dx, row * N + col, v0, v1, pair, vector);
+        });
     });
 }
 
@@ -181,10 +197,10 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
 
 #define GPUBP_DENSE_GRAD_MMA_ENTRIES(PREC, E, TILE)                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
-        dense_dx_##PREC(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx, int B, int in, \
-                        int out) {                                                                            \
+        dense_dx_##PREC(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx,            \
+                        const float* __restrict__ act_in, int B, int in, int out, int act) {                  \
         GPUBP_ONLY_KERNEL_GUARD(dense_dx_##PREC)                                                              \
-        gpubp::dense_dx_mma<E>(dz, w, dx, B, in, out);                                                       \
+        gpubp::dense_dx_mma<E>(dz, w, dx, act_in, B, in, out, act);                                          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
         dense_dw_##PREC(const E* __restrict__ x, const E* __restrict__ dz, float* __restrict__ dw,            \

@@ -460,4 +460,16 @@ __device__ __forceinline__ void store_pair(float* out, long long idx, float v0, 
     }
 }
 
+// Reads in[idx] into v0 and, when `pair`, in[idx + 1] into v1 (else leaves v1): store_pair's mirror.
+__device__ __forceinline__ void read_pair(const float* in, long long idx, float& v0, float& v1, bool pair, bool vector) {
+    if (pair && vector) {
+        const float2 v = *reinterpret_cast<const float2*>(in + idx);
+        v0 = v.x;
+        v1 = v.y;
+    } else {
+        v0 = in[idx];
+        if (pair) v1 = in[idx + 1];
+    }
+}
+
 }  // namespace gpubp

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from gpubp import backends
+from gpubp import activations, backends
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
@@ -29,6 +29,8 @@ BF16_RTOL = 1e-2
 # with at most 144 SMs; batch 4096 into a 64 x 48 layer takes the split-K dW path.
 SHAPES = [(19, 13, 7), (3, 33, 17), (1, 1, 1), (37, 29, 23), (130, 257, 65)]
 LARGE_SHAPES = [(1500, 77, 1500), (4096, 64, 48), (2053, 37, 70)]
+# (batch, in, out) of a layer whose dX applies the act' below: 1500 x 1500 dX outputs take the 128x128 tiles.
+LARGE_FOLD_SHAPES = [(1500, 1500, 77)]
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,57 @@ def test_misaligned_operands_and_out_buffers_give_the_reference_results(cb, rng,
     for got, buf, want in zip(grads, bufs, grads_ref):
         assert got is buf
         close(cb.to_host(got), want)
+
+
+FOLD_IN = 11  # the lower layer's input width in check_dx_applies_the_activation_below
+
+
+def check_dx_applies_the_activation_below(cb, rng, act, shape, precision, misalign=None):
+    """An upper layer (batch, in, out) = ``shape`` above a lower one with activation ``act``: the
+    upper layer's dX given ``act`` (``dx_act``) is the lower layer's dz, within RTOL of float64's
+    dx * act', and the lower layer's gradients from it (run as identity's) are bit for bit those its
+    own dz pass gives; nothing more is launched for it. ``misalign``: a copy of an array that is
+    not aligned for vector access, for what the epilogue reads."""
+    batch, n_mid, n_out = shape
+    x, w0, b0 = (cb.asarray(a) for a in layer(rng, batch, FOLD_IN, n_mid))
+    w1 = cb.asarray(layer(rng, batch, n_mid, n_out)[1])
+    y0, z0 = cb.dense_forward(x, w0, b0, act, precision=precision)
+    act_in = z0 if act in NEEDS_Z else y0
+    if misalign is not None:
+        act_in = misalign(act_in)
+    dy = cb.asarray(rng.standard_normal((batch, n_out)).astype(np.float32))
+    plain, _, _ = cb.dense_backward(dy, y0, w1, None, None, "identity", True, False, precision=precision)
+    with trace() as t:
+        dz, _, _ = cb.dense_backward(dy, y0, w1, None, None, "identity", True, False, precision=precision,
+                                     dx_act=act, dx_act_in=act_in)
+    assert t.launches == cb.backward_kernels("identity", True, False, precision)
+    y64, z64 = (None if a is None else cb.to_host(a).astype(np.float64) for a in (y0, z0))
+    want = np.empty((batch, n_mid))
+    activations.backward(act, cb.to_host(plain).astype(np.float64), y64, z64, want)
+    close(cb.to_host(dz), want)
+    own = cb.dense_backward(plain, x, w0, y0, z0, act, True, True, precision=precision)
+    with trace() as t:
+        folded = cb.dense_backward(dz, x, w0, y0, z0, "identity", True, True, precision=precision)
+    assert t.launches == cb.backward_kernels("identity", True, True, precision)
+    for got, expected in zip(folded, own):
+        np.testing.assert_array_equal(cb.to_host(got), cb.to_host(expected))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + LARGE_FOLD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", [act for act in ACTIVATIONS if act != "identity"])
+def test_dx_with_the_activation_below_is_that_layers_dz_bit_for_bit(cb, rng, act, shape, precision):
+    if precision not in cb.dense_precisions():
+        pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
+    check_dx_applies_the_activation_below(cb, rng, act, shape, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_dx_reads_a_misaligned_activation_below_one_float_at_a_time(cb, rng, precision):
+    if precision not in cb.dense_precisions():
+        pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
+    check_dx_applies_the_activation_below(cb, rng, "gelu", (40, 36, 20), precision,
+                                          misalign=lambda a: misaligned(cb, cb.to_host(a)))
 
 
 def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):

@@ -220,16 +220,25 @@ def test_kernel_part_names_the_activations_and_refuses_one_the_kernel_does_not_s
 
 
 def test_model_parts_are_the_modules_a_models_steps_build(cb, monkeypatch):
-    """A per-layer forward kernel once per activation it serves, a fused kernel once for the plan's."""
+    """A per-layer forward or dX kernel once per activation it serves, a fused kernel once for the plan's."""
     assert cb.model_parts("fused_mlp.cu", ["relu", "gelu"])[:2] == ("fused_mlp_fwd:relu+gelu", "fused_mlp_bwd:relu+gelu")
     assert set(cb.model_parts("dense_forward.cu", ["gelu", "relu"])) == {
         "dense_fwd_128x128:relu", "dense_fwd_heavy_128x128:gelu", "dense_fwd_128x64:relu", "dense_fwd_128x64:gelu",
         *(f"dense_fwd_dropout_128x{n}:{act}" for n in (128, 64) for act in ("relu", "gelu"))}
-    assert cb.model_parts("dense_backward.cu", ["relu"]) == ()  # no kernel there takes an activation
+    # the dX kernels take the activation of the layer below, whose act' they apply
+    assert cb.model_parts("dense_backward.cu", ["relu"]) == ("dense_dx_128x128:relu", "dense_dx_128x64:relu")
+    assert cb.model_parts("dense_backward_tf32.cu", ["relu", "gelu"]) == (
+        "dense_dx_tf32:relu", "dense_dx_tf32:gelu", "dense_dx_bf16:relu", "dense_dx_bf16:gelu")
     made = recorded_modules(cb, monkeypatch)
     small_fused_step(cb, ["gelu", "relu"])
     built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
     assert built == set(cb.model_parts("fused_mlp.cu", ["identity", "relu", "gelu"])[:2])  # fp32's
+    made.clear()
+    small_fused_step(cb, ["gelu", "relu"], fused=False)  # the hidden layers' dX apply gelu's and relu's
+    built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
+    assert {part for part in built if part.startswith("dense_dx")} == {"dense_dx_128x64:gelu", "dense_dx_128x64:relu"}
+    assert built <= set(cb.model_parts("dense_forward.cu", ["identity", "relu", "gelu"])
+                        + cb.model_parts("dense_backward.cu", ["identity", "relu", "gelu"]))
 
 
 def test_preloaded_kernels_serve_every_activation_and_nothing_more_is_built(cb, monkeypatch):
@@ -263,7 +272,8 @@ def test_the_first_step_benchmark_finds_the_modules_a_step_builds_and_tabulates_
     modules = first_step.first_step_modules([40, 136, 9], "relu", "tf32", False)
     assert ("dense_forward_tf32.cu", "dense_fwd_tf32_relu") in modules
     assert ("dense_forward_tf32.cu", "dense_fwd_tf32_identity") in modules  # the linear head
-    assert all(part in cupy_backend.kernel_parts(f) for f, part in modules)
+    assert ("dense_backward_tf32.cu", "dense_dx_tf32:relu") in modules  # the head's dX applies relu'
+    assert all(cupy_backend.split_part(part)[0] in {"", *cupy_backend.kernel_parts(f)} for f, part in modules)
     assert not any(f == "fused_mlp.cu" or "dropout" in part for f, part in modules)
     fp32 = first_step.first_step_modules([40, 136, 9], "relu", "fp32", False)
     assert [part for _, part in fp32 if part.startswith("dense_fwd")] == ["dense_fwd_128x64:relu",

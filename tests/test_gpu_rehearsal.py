@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from cuda_on_cpu import rehearsal
-from test_cupy_backend import LARGE_SHAPES
+from test_cupy_backend import LARGE_FOLD_SHAPES, LARGE_SHAPES
 
 TESTS = Path(__file__).parent
-NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_SHAPES) + ")"
+NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_SHAPES + LARGE_FOLD_SHAPES) + ")"
 
 
 def pytest_run(*args, cwd=TESTS.parent, timeout=900) -> subprocess.CompletedProcess:

@@ -17,7 +17,6 @@ reference's largest magnitude, against the NumPy backend in float64.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -34,8 +33,8 @@ from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEM
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_clip_bits,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
                                check_many_update, check_many_update_from_hyper, check_rmsprop_update,
-                               check_sgd_update, check_softmax_cross_entropy, check_sumsq_and_scale, device_scalar,
-                               many_tensors)
+                               check_dx_applies_the_activation_below, check_sgd_update, check_softmax_cross_entropy,
+                               check_sumsq_and_scale, device_scalar, many_tensors)
 from test_gpu_check_scripts import load
 import gpubp as gb
 from gpubp import backends, philox
@@ -467,6 +466,98 @@ def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
             assert g is None
         else:
             close(cb.to_host(g), expected)
+
+
+# ----------------------------------------------------------------------------- act' in the dX epilogue
+#
+# The dX kernels take the activation of the layer below (dx_act) and return its dz
+# (check_dx_applies_the_activation_below). Shapes: (batch, in, out) of the upper layer.
+FOLD_SHAPES = [(1, 1, 1), (37, 29, 23), (40, 36, 20), (132, 260, 68)] if not SANITIZED else [(37, 29, 23),
+                                                                                               (40, 36, 20)]
+FOLD_ACTS = [act for act in KERNEL_ACTS if act != "identity"]
+
+
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", FOLD_ACTS)
+def test_dx_with_the_activation_below_is_that_layers_dz_bit_for_bit(cb, rng, act, shape):
+    check_dx_applies_the_activation_below(cb, rng, act, shape, "fp32")
+
+
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", FOLD_ACTS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_dx_with_the_activation_below_is_that_layers_dz_bit_for_bit(cb_h100, rng, precision, act,
+                                                                                shape):
+    check_dx_applies_the_activation_below(cb_h100, rng, act, shape, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_dx_reads_a_misaligned_activation_below_one_float_at_a_time(cb_h100, rng, precision):
+    check_dx_applies_the_activation_below(cb_h100, rng, "gelu", (40, 36, 20), precision,
+                                          misalign=lambda a: harness.to_device(cb_h100.to_host(a), offset_bytes=4))
+
+
+def folded_step(cb, frozen=(), fold=True, precision="fp32"):
+    """(gradients, backward's launches, its plan) of one step of a per-layer model whose hidden layers
+    each have another activation, on the CuPy backend with its dX epilogues applying act' (``fold``)
+    or with a dz pass per layer (the capability switched off)."""
+    gb.seed(4)
+    model = gb.Sequential([gb.Dense(9, 24, "relu"), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16, "tanh"),
+                           gb.Dense(16, 5)], backend="cupy", fused=False, precision=precision)
+    for i in frozen:
+        model[i].freeze()
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((37, 9)).astype(np.float32)
+    dout = cb.asarray(rng.standard_normal((37, 5)).astype(np.float32))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cb, "FOLDS_DX_ACT", fold)
+        model.forward(x)
+        with trace() as t:
+            model.backward(dout)
+        plan = model.backward_plan()
+    return [None if p.grad is None else cb.to_host(p.grad) for p in model.parameters()], t.launches, plan
+
+
+def assert_grads_equal(got, want):
+    assert [g is None for g in got] == [w is None for w in want]
+    for g, w in zip(got, want):
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
+
+
+@whole_model
+@pytest.mark.parametrize("frozen", [(), (1,), (0, 1)], ids=["none", "middle", "bottom_2"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_model_whose_dx_apply_the_activations_below_gets_the_same_gradients_bit_for_bit(cb_h100, precision,
+                                                                                          frozen):
+    """Every hidden layer's act' in the dX above it: no dz pass but where a dz sums db (tensor cores),
+    the plan says so and backward launches it, and the gradients are those of a dz pass per layer."""
+    grads, launches, plan = folded_step(cb_h100, frozen, True, precision)
+    want, unfolded_launches, unfolded_plan = folded_step(cb_h100, frozen, False, precision)
+    assert_grads_equal(grads, want)
+    for got in ((launches, plan), (unfolded_launches, unfolded_plan)):
+        assert got[0] == [kernel for _, kernels in reversed(got[1]) for kernel in kernels]
+    lowest = min(i for i in range(4) if i not in frozen)
+    dz_passes = [kernels.count("dense_dz") for _, kernels in plan]
+    # fp32: no dz pass at all (the head is linear); tensor cores: one per trained layer's db
+    assert dz_passes == [int(precision == "tf32" and i not in frozen) for i in range(4)]
+    assert [kernels.count("dense_dz") for _, kernels in unfolded_plan] == [
+        int(i >= lowest and (i < 3 or (precision == "tf32" and i not in frozen))) for i in range(4)]
+    assert plan.notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in range(lowest, 3)}
+    assert f"dense_{lowest}  " in str(plan) and "its act' is applied by" in str(plan)
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel the test above does not")
+def test_a_layer_that_applies_its_own_act_prime_after_the_dx_above_did_fails_the_bitwise_check(cb_h100,
+                                                                                                 monkeypatch):
+    """A planted bug for the test above: a layer below a folding dX forms its dz from it again."""
+    backward = gb.Dense.backward
+    monkeypatch.setattr(gb.Dense, "backward", lambda layer, dy, need_dx, out_dx=None, precision="fp32", below=None,
+                        folded=False: backward(layer, dy, need_dx, out_dx, precision, below))
+    grads, _, _ = folded_step(cb_h100, (), True)
+    want, _, _ = folded_step(cb_h100, (), False)
+    with pytest.raises(AssertionError):
+        assert_grads_equal(grads, want)
 
 
 def test_a_softmax_output_layer_matches_numpy(cb_h100, rng):
@@ -1858,6 +1949,21 @@ PLANTED_BUGS = {
         "MmaRows::slot(g, t)) + 2 * q + r] = word;",
         "4 * g + t) + 2 * q + r] = word;",
         "plain", "fused_mlp_on_tensor_cores and bf16 and act_gelu", "max error"),
+    "dX epilogue: act' of the layer below taken at another column": (
+        "dense_backward.cu",
+        "v[j] = acc[i][jg + j] * act_grad<ACT>(a[j], a[j]);",
+        "v[j] = acc[i][jg + j] * act_grad<ACT>(a[3 - j], a[3 - j]);",
+        "plain", "dx_with_the_activation_below and 1sm and tanh and 37x29x23", "max error|mismatch"),
+    "dX epilogue: reads the layer below's output one past a row's end": (
+        "dense_backward.cu",
+        "a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;",
+        "a[j] = j <= valid_cols ? act_in[row * N + col + j] : 0.0f;",
+        "asan", "dx_with_the_activation_below and 132sms and gelu and 37x29x23", "heap-buffer-overflow"),
+    "tensor cores: dX epilogue applies a pair's first act' to both": (
+        "dense_backward_tf32.cu",
+        "v1 *= act_grad<ACT>(a1, a1);",
+        "v1 *= act_grad<ACT>(a0, a0);",
+        "plain", "tensor_core_dx_with_the_activation_below and tf32 and tanh and 37x29x23", "max error|mismatch"),
     "fused: tensor-core dx written past the input width": (
         "fused_mlp.cu",
         "                    if (c >= cols) continue;\n",

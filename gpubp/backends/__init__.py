@@ -142,6 +142,17 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         ``rmsprop_hyper(lr)`` fill, the kernel reads those at run time (``lr`` and ``step`` are
         then None); ``guard``, the (1,) loss array, skips the update when the loss is not finite.
 
+Optional capability: act' in the dX epilogue (the cupy backend; the others do not have it)
+    A backend with ``FOLDS_DX_ACT`` takes two more keywords in ``dense_backward``:
+    ``dx_act`` (default "identity") and ``dx_act_in``, the activation of the layer below and what
+    its act' reads (its output, or its z for ``NEEDS_Z``'s activations). The dX kernel then
+    multiplies dx by that derivative in its epilogue, so dx comes back as the lower layer's dz,
+    bit for bit what that layer's own pass would form, and the lower layer's ``dense_backward``
+    runs with ``act="identity"``: its dz costs no pass of its own (a tensor-core layer that trains
+    still sums db in one). Records nothing more. ``Sequential.folded`` says where it applies (a
+    Dense right below a Dense that computes dX, neither a Dropout's nor identity's), and
+    ``backward_plan`` shows it.
+
 Optional capability: multi-tensor updates (the cupy backend; the others do not have it)
     A backend with ``MULTI_TENSOR_UPDATES`` updates several tensors in one launch; the
     optimizers look for the attribute and hand it each run of parameters that share a param

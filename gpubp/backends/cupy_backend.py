@@ -10,7 +10,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
 - ``dense_backward.cu``: ``dz = dy * act'(.)`` once per element (``dense_dz``, skipped for
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
-  fill the GPU);
+  fill the GPU). The dX kernels (here and on tensor cores) can apply the act' of the layer
+  below in their epilogue (``dx_act``), so that layer's dz costs no pass of its own;
 - ``loss.cu``: softmax cross-entropy (label smoothing included), MSE, MAE, Huber, BCE and Poisson,
   value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
@@ -132,6 +133,8 @@ ELEMENTWISE_BLOCKS_PER_SM = 16
 MULTI_CHUNK = 4 * REDUCE_THREADS
 # Optional capability (gpubp.backends): one launch updates a list of tensors.
 MULTI_TENSOR_UPDATES = True
+# Optional capability (gpubp.backends): dX applies the act' of the layer below in its epilogue.
+FOLDS_DX_ACT = True
 MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
@@ -170,8 +173,9 @@ def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF
     serves several activations, ``act`` passed at launch (``ACT_ID``): every one, but for the
     128x128 tile without dropout, which has one kernel for the activations of ``HEAVY_EPILOGUE``
     and one for the rest. A tensor-core forward kernel has one activation (there, one kernel for
-    all would take ptxas longer than one per activation). The dX and dW kernels read dz
-    (``dense_dz``, ``dense_dz_db``), so they serve every activation. ``dropout``: the forward's
+    all would take ptxas longer than one per activation). The dW kernels read dz
+    (``dense_dz``, ``dense_dz_db``), so they serve every activation; a dX kernel takes at launch
+    the activation of the layer below (``dx_act``), whose act' its epilogue applies. ``dropout``: the forward's
     variant that applies a Dropout's mask in its epilogue."""
     if precision in ("tf32", "bf16"):
         if kind == "fwd":
@@ -247,7 +251,10 @@ def act_names(mask: int) -> tuple[str, ...]:
 
 
 def _act_kernels() -> dict[str, int]:
-    served = {_fused_name(kind, precision): act_mask(ACT_ID) for precision in FUSED_PRECISIONS for kind in ("fwd", "bwd")}
+    every = act_mask(ACT_ID)
+    served = {_fused_name(kind, precision): every for precision in FUSED_PRECISIONS for kind in ("fwd", "bwd")}
+    served.update({_dense_name("dx", "identity", precision, tile): every
+                   for precision in ("fp32", "tf32", "bf16") for tile in GEMM_TILES})
     for tile in GEMM_TILES:
         for dropout in (False, True):
             for act, bit in ACT_ID.items():
@@ -292,9 +299,9 @@ def kernel_parts(filename: str) -> tuple[str, ...]:
 
 def model_parts(filename: str, acts) -> tuple[str, ...]:
     """The NVRTC modules of the kernels of ``kernels/<filename>`` that take their activation at launch,
-    as a model whose layers use activations ``acts`` builds them: a per-layer forward kernel once per
-    activation it serves (each launch is one layer's), a fused MLP kernel once for all of them (a
-    launch is the whole plan's)."""
+    as a model whose layers use activations ``acts`` builds them: a per-layer forward or dX kernel
+    once per activation it serves (each launch is one layer's, or for dX the layer's below), a fused
+    MLP kernel once for all of them (a launch is the whole plan's)."""
     parts = []
     for name in GEMM_KERNELS.get(filename, ()):
         served = ACT_KERNELS.get(name, 0)
@@ -914,7 +921,7 @@ def _dw_split_buffers(batch: int, tiles: int, dw, db, k_step: int = BK) -> tuple
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None):
+                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
 
     ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
@@ -925,12 +932,18 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dropout``: the ``philox.Mask`` the forward applied (``y`` is the masked output). The pass
     forming dz regenerates it, ``dz = dy * scale * act'(y * keep_prob, or z)`` where kept, else
     0, in the kernel that forms dz anyway (for identity too); dX and dW read that dz. A softmax
-    layer's mask (applied after the softmax) is regenerated on dy before ``softmax_bwd``."""
+    layer's mask (applied after the softmax) is regenerated on dy before ``softmax_bwd``.
+
+    ``dx_act`` (the ``FOLDS_DX_ACT`` capability): the activation of the layer below, whose input
+    gradient dx is; the dX kernel's epilogue multiplies dx by its derivative at ``dx_act_in`` (that
+    layer's output, or its z for ``NEEDS_Z``'s activations), so dx comes back as that layer's dz,
+    bit for bit what its own ``dense_dz`` would form, and its backward then runs as identity's."""
     if not (need_dx or need_dw):
         return None, None, None
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dy, w = _f32(dy), _f32(w)
+    below_in = None if dx_act == "identity" else _f32(dx_act_in)  # what the dX epilogue reads
     if act == "softmax":
         masked = dropout is not None
         if masked:  # the softmax's own output is y * keep_prob where kept (0 where dropped)
@@ -946,7 +959,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
     if precision in ("tf32", "bf16"):
-        return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout)
+        return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout,
+                                   dx_act, below_in)
     # dz formed once, here; the products are the same for every activation
     if dropout is not None:
         dz = _dense_dz_dropout(dy, y_or_z, act, dropout)
@@ -964,21 +978,24 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        kernel, grid, block, _ = _gemm_launch("dx", "identity", batch, n_in, precision)
+        kernel, grid, block, _ = _gemm_launch("dx", dx_act, batch, n_in, precision)
         record("dense_dx")
         kernel(
             grid,
             block,
-            (dz, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)),
+            # dx stands in for identity's act_in, which the kernel never reads
+            (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in), np.int32(n_out),
+             np.int32(ACT_ID[dx_act])),
         )
     return dx, dw, db
 
 
-def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout=None):
+def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout, dx_act,
+                        below_in):
     """dense_backward on TF32 or bf16 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.)
     and db (fp32) in one elementwise kernel (with ``dropout``, its variant that regenerates the
     mask), then dW = x^T dz and dX = dz W^T as plain GEMMs (bf16: on dz, x and w rounded by
-    round_bf16)."""
+    round_bf16), dX times ``dx_act``'s derivative at ``below_in`` in its epilogue."""
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dz = dy
@@ -1025,9 +1042,10 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
         if precision == "bf16":
             w = _round_bf16(w, _bf16_ld(n_in))
-        kernel, grid, block, shared = _gemm_launch("dx", act, batch, n_in, precision)
+        kernel, grid, block, shared = _gemm_launch("dx", dx_act, batch, n_in, precision)
         record("dense_dx")
-        kernel(grid, block, (dz, w, dx, np.int32(batch), np.int32(n_in), np.int32(n_out)), shared_mem=shared)
+        kernel(grid, block, (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in),
+                             np.int32(n_out), np.int32(ACT_ID[dx_act])), shared_mem=shared)
     return dx, dw, db
 
 
