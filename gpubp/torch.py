@@ -163,13 +163,18 @@ class MLP(nn.Module):
         flags (after a forward in training mode, for the dropout)."""
         backend = _backend_for(self.layers[0].weight)
         plan = plan_backward([_trainable(layer) for layer in self.layers], need_input_grad)
-        entries = []
+        acts = [layer.activation for layer in self.layers]
+        folded = _folded(backend, acts, plan, [layer.dropout is not None for layer in self.layers])
+        entries, notes = [], {}
         if self.input_dropout is not None:
             entries.append(("input_dropout", ["dropout_bwd"] if need_input_grad else []))
         for i, (layer, (need_dx, need_dw)) in enumerate(zip(self.layers, plan)):
             masked = {"dropout": True} if layer.dropout is not None else {}
-            entries.append((f"dense_{i}", backend.backward_kernels(layer.activation, need_dx, need_dw, self.math, **masked)))
-        return BackwardPlan(entries)
+            act = "identity" if i in folded else acts[i]
+            if i in folded:
+                notes[f"dense_{i}"] = f"(its act' is applied by dense_{i + 1}'s dX)"
+            entries.append((f"dense_{i}", backend.backward_kernels(act, need_dx, need_dw, self.math, **masked)))
+        return BackwardPlan(entries, notes)
 
     # --------------------------------------------------------------------- conversions
 
@@ -474,6 +479,16 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
     return h
 
 
+def _folded(backend, acts, plan, masked) -> frozenset[int]:
+    """The layers whose act' the dX kernel of the layer above applies, on a backend with
+    ``FOLDS_DX_ACT`` (``Sequential.folded``'s rule): each below a layer that computes dX, with no
+    Dropout's mask on its output (``masked``) and an activation other than identity."""
+    if not getattr(backend, "FOLDS_DX_ACT", False):
+        return frozenset()
+    return frozenset(i for i in range(len(acts) - 1)
+                     if plan[i + 1][0] and not masked[i] and acts[i] not in ("identity", "softmax"))
+
+
 def _backward(ctx, grad_out: torch.Tensor) -> list:
     x, out, *params = ctx.saved_tensors
     device, plan, acts, kept = ctx.device, ctx.plan, ctx.acts, ctx.kept
@@ -482,6 +497,7 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
     active = [i for i, (need_dx, need_dw) in enumerate(plan) if need_dx or need_dw]
     if not active:
         return grads
+    folded = _folded(device.backend, acts, plan, [mask is not None for mask in ctx.masks[1:]])
     with device.scope():
         dy = grad_out.contiguous()
         for i in range(len(acts) - 1, active[0] - 1, -1):
@@ -496,10 +512,13 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             dw = device.empty(weight.shape, weight.dtype) if need_dw else None
             db = device.empty(bias.shape, bias.dtype) if need_dw else None
             masked = {} if ctx.masks[i + 1] is None else {"dropout": ctx.masks[i + 1]}
+            if i - 1 in folded:  # this dX applies the act' of the layer below and hands it its dz
+                below = kept[i - 1][2] if acts[i - 1] in activations.NEEDS_Z else kept[i - 1][1]
+                masked.update(dx_act=acts[i - 1], dx_act_in=device.array(below))
             device.backend.dense_backward(
                 device.array(dy), device.array(inputs), device.array(weight), device.array(y), device.array(z),
-                acts[i], need_dx, need_dw, device.array(dx), device.array(dw), device.array(db), precision=ctx.math,
-                **masked)
+                "identity" if i in folded else acts[i], need_dx, need_dw, device.array(dx), device.array(dw),
+                device.array(db), precision=ctx.math, **masked)
             if need_dw:
                 grads[1 + 2 * i] = dw if wants[1 + 2 * i] else None
                 grads[2 + 2 * i] = db if wants[2 + 2 * i] else None

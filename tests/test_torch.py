@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp.activations import ACTIVATIONS
+from gpubp import activations
+from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from child_process import run_python
 
 torch = pytest.importorskip("torch")
@@ -152,6 +153,61 @@ def test_backward_launches_the_plan_of_sequential_for_the_same_frozen_layers(mlp
     assert {name: t.counts[name] for name in want} == want
     for i, layer in enumerate(mlp.layers):
         assert (layer.weight.grad is None) == (i in frozen)
+
+
+def fold_on_numpy(monkeypatch, broken=False):
+    """The NumPy backend given the FOLDS_DX_ACT capability the CuPy kernels have: dX multiplied by
+    the act' of the layer below after its product, standing in for the kernel's epilogue
+    (``broken``: a planted bug, the capability claimed and dx_act ignored)."""
+    nb = gb.backends.get("numpy")
+    plain = nb.dense_backward
+
+    def dense_backward(*args, dx_act="identity", dx_act_in=None, **kwargs):
+        dx, dw, db = plain(*args, **kwargs)
+        if dx is not None and dx_act != "identity" and not broken:
+            y, z = (None, dx_act_in) if dx_act in NEEDS_Z else (dx_act_in, None)
+            activations.backward(dx_act, dx.copy(), y, z, dx)
+        return dx, dw, db
+
+    monkeypatch.setattr(nb, "FOLDS_DX_ACT", True, raising=False)
+    monkeypatch.setattr(nb, "dense_backward", dense_backward)
+
+
+@pytest.mark.parametrize("frozen, input_grad", [((), False), ((), True), ((1,), False), ((0,), False)])
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_on_a_backend_whose_dx_applies_the_act_below_the_grads_are_the_same_and_the_plan_says_so(
+        monkeypatch, activation, frozen, input_grad):
+    grads, plans = {}, {}
+    for fold in (False, True):
+        gb.seed(0)
+        mlp = MLP([7, 9, 8, 5], activation=activation)
+        for i in frozen:
+            mlp.layers[i].requires_grad_(False)
+        x = random_input(requires_grad=input_grad)
+        with monkeypatch.context() as patch:
+            if fold:
+                fold_on_numpy(patch)
+            plans[fold] = mlp.backward_plan(need_input_grad=input_grad)
+            with gb.trace() as t:
+                mlp(x).square().sum().backward()
+        assert t.launches[len(mlp.layers):] == [k for _, kernels in reversed(plans[fold]) for k in kernels]
+        grads[fold] = [p.grad for p in [x, *mlp.parameters()]]
+    for got, want in zip(grads[True], grads[False]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    lowest = 0 if input_grad else min(i for i in range(3) if i not in frozen)
+    assert plans[True].notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in range(lowest, 2)}
+    assert plans[False].notes == {}
+
+
+def test_a_backend_that_claims_the_capability_and_ignores_dx_act_gives_other_grads(monkeypatch, mlp):
+    """A planted bug for the test above: with no act' applied anywhere the hidden layers' grads change."""
+    x = random_input()
+    want = grads_of(mlp(x).square().sum(), [x, *mlp.parameters()], torch.tensor(1.0))
+    fold_on_numpy(monkeypatch, broken=True)
+    got = grads_of(mlp(x).square().sum(), [x, *mlp.parameters()], torch.tensor(1.0))
+    assert not torch.allclose(got[0], want[0]) and torch.equal(got[-1], want[-1])  # the head's db is untouched
 
 
 def test_frozen_bottom_layer_with_input_not_needing_grad_launches_no_dx_below_the_lowest_trainable(mlp):
