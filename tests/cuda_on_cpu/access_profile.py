@@ -94,6 +94,11 @@ def _gemm_layers(tile: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     return {"forward": (rows, GEMM_K, cols), "dX": (rows, cols, GEMM_K), "dW": (GEMM_K, rows, cols)}
 
 
+# The activation of the layer below whose act' the profiled dX kernels apply (every dX launch reads
+# the layer's output, or z, for it; which activation makes no difference to the accesses).
+BELOW_ACT = "gelu"
+
+
 def _mask(cb):
     from gpubp import philox
 
@@ -118,7 +123,9 @@ def _dense_layers(precision: str, tile: tuple[int, int]):
             cb.dense_forward(x, w, b, act, precision=precision)
             cb.dense_forward(x, w, b, act, precision=precision, dropout=mask)  # the epilogue with a mask
             for (dy, x_in, w_in, y, z), need_dx, need_dw in backward:
-                cb.dense_backward(dy, x_in, w_in, y, z, act, need_dx, need_dw, precision=precision)
+                # dX as a hidden layer's: its epilogue reads and applies the act' of the layer below
+                below = {"dx_act": BELOW_ACT, "dx_act_in": x_in} if need_dx else {}
+                cb.dense_backward(dy, x_in, w_in, y, z, act, need_dx, need_dw, precision=precision, **below)
             if precision == "tf32":  # the dz + db pass that regenerates the mask (fp32's: _dropout)
                 (dy, x_in, w_in, y, z), _, _ = backward[1]
                 cb.dense_backward(dy, x_in, w_in, y, z, act, False, True, precision=precision, dropout=mask)
@@ -207,8 +214,8 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
     """name -> (description, simulated SMs, run(cb, rng)): together they launch every kernel."""
     def dense(precision, tile, sms):
         layers = ", ".join(f"{kernel} (batch, in, out) = {shape}" for kernel, shape in _gemm_layers(tile).items())
-        return (f"dense layers in every activation, {precision}, {tile[0]}x{tile[1]} tiles, on {sms} SM(s): {layers}", sms,
-                _dense_layers(precision, tile))
+        return (f"dense layers in every activation, {precision}, {tile[0]}x{tile[1]} tiles, on {sms} SM(s): {layers}, "
+                f"dX applying the act' of a {BELOW_ACT} layer below", sms, _dense_layers(precision, tile))
 
     # One SM makes the backend pick the large fp32 tile for any shape, an H100 the small one here.
     big, small = max(cupy_backend.GEMM_TILES), min(cupy_backend.GEMM_TILES)
