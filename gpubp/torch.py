@@ -170,9 +170,11 @@ class MLP(nn.Module):
             entries.append(("input_dropout", ["dropout_bwd"] if need_input_grad else []))
         for i, (layer, (need_dx, need_dw)) in enumerate(zip(self.layers, plan)):
             masked = {"dropout": True} if layer.dropout is not None else {}
-            act = "identity" if i in folded else acts[i]
-            if i in folded:
-                notes[f"dense_{i}"] = f"(its act' is applied by dense_{i + 1}'s dX)"
+            act = acts[i]
+            if i in folded:  # its dz comes from the dX above: it runs as an unmasked identity layer
+                act, masked = "identity", {}
+                what = "act' is" if layer.dropout is None else "act' and its dropout's mask are"
+                notes[f"dense_{i}"] = f"(its {what} applied by dense_{i + 1}'s dX)"
             entries.append((f"dense_{i}", backend.backward_kernels(act, need_dx, need_dw, self.math, **masked)))
         return BackwardPlan(entries, notes)
 
@@ -480,13 +482,14 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
 
 
 def _folded(backend, acts, plan, masked) -> frozenset[int]:
-    """The layers whose act' the dX kernel of the layer above applies, on a backend with
-    ``FOLDS_DX_ACT`` (``Sequential.folded``'s rule): each below a layer that computes dX, with no
-    Dropout's mask on its output (``masked``) and an activation other than identity."""
+    """The layers whose dz the dX kernel of the layer above forms, on a backend with
+    ``FOLDS_DX_ACT`` (``Sequential.folded``'s rule): each below a layer that computes dX, its act'
+    applied and its output's Dropout mask (``masked``) regenerated there; an identity layer
+    without a mask has nothing to apply."""
     if not getattr(backend, "FOLDS_DX_ACT", False):
         return frozenset()
     return frozenset(i for i in range(len(acts) - 1)
-                     if plan[i + 1][0] and not masked[i] and acts[i] not in ("identity", "softmax"))
+                     if plan[i + 1][0] and acts[i] != "softmax" and (masked[i] or acts[i] != "identity"))
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:
@@ -511,10 +514,12 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             dx = device.empty((len(dy), weight.shape[0]), weight.dtype) if need_dx else None
             dw = device.empty(weight.shape, weight.dtype) if need_dw else None
             db = device.empty(bias.shape, bias.dtype) if need_dw else None
-            masked = {} if ctx.masks[i + 1] is None else {"dropout": ctx.masks[i + 1]}
-            if i - 1 in folded:  # this dX applies the act' of the layer below and hands it its dz
+            masked = {} if ctx.masks[i + 1] is None or i in folded else {"dropout": ctx.masks[i + 1]}
+            if i - 1 in folded:  # this dX forms the dz of the layer below: its act', its output's mask
                 below = kept[i - 1][2] if acts[i - 1] in activations.NEEDS_Z else kept[i - 1][1]
                 masked.update(dx_act=acts[i - 1], dx_act_in=device.array(below))
+                if ctx.masks[i] is not None:
+                    masked["dx_dropout"] = ctx.masks[i]
             device.backend.dense_backward(
                 device.array(dy), device.array(inputs), device.array(weight), device.array(y), device.array(z),
                 "identity" if i in folded else acts[i], need_dx, need_dw, device.array(dx), device.array(dw),

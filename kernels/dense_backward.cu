@@ -104,34 +104,45 @@ __device__ __forceinline__ void dx_product(const float* dz, const float* w, long
 
 // dx = acc * act'(act_in) at this thread's columns jg .. jg+3 (col; valid_cols of them exist) of
 // every row it owns: act' of the layer below, whose dz this dX is. act_in is that layer's output
-// (or z, act_needs_z) (M, N); vec: float4 loads and stores.
-template <int ACT>
+// (or z, act_needs_z) (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that
+// layer's output carried a Dropout's mask (act_in is the masked output), regenerated here as the
+// dz pass would: masked_dz (dropout.cuh) with the words of (row, col), col a multiple of 4.
+template <int ACT, bool DROPOUT>
 __device__ __forceinline__ void store_dx_columns(float* dx, const float* act_in, const float (&acc)[THREAD_M][THREAD_N],
                                                  int jg, const ThreadTile& tt, long long m0, long long M, long long N,
-                                                 long long col, long long valid_cols, bool vec) {
+                                                 long long col, long long valid_cols, bool vec,
+                                                 const DropoutMask& mask, float keep_prob) {
 #pragma unroll
     for (int i = 0; i < THREAD_M; ++i) {
         const long long row = m0 + tt.row(i);
         if (row >= M) continue;
-        float a[4];
-        if (vec && valid_cols >= 4) {
-            const float4 a4 = load4(act_in + row * N + col);
-            a[0] = a4.x; a[1] = a4.y; a[2] = a4.z; a[3] = a4.w;
-        } else {
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if constexpr (ACT != ACT_IDENTITY) {
+            if (vec && valid_cols >= 4) {
+                const float4 a4 = load4(act_in + row * N + col);
+                a[0] = a4.x; a[1] = a4.y; a[2] = a4.z; a[3] = a4.w;
+            } else {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;
+                for (int j = 0; j < 4; ++j) a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;
+            }
         }
         float v[4];
+        if constexpr (DROPOUT) {
+            const PhiloxWords words = mask.words(row, col);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = acc[i][jg + j] * act_grad<ACT>(a[j], a[j]);
+            for (int j = 0; j < 4; ++j) v[j] = masked_dz<ACT>(acc[i][jg + j], a[j], words.w[j], mask, keep_prob);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[j] = acc[i][jg + j] * act_grad<ACT>(a[j], a[j]);
+        }
         store4(dx, row * N + col, v, valid_cols, vec);
     }
 }
 
-template <int BM, int BN>
+template <int BM, int BN, bool DROPOUT>
 __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const float* __restrict__ w,
                                          float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,
-                                         int out_, int act) {
+                                         int out_, int act, DropoutMask mask, float keep_prob) {
     const long long M = B_, N = in_, K = out_;
     const long long m0 = static_cast<long long>(blockIdx.x) * BM;
     const long long n0 = static_cast<long long>(blockIdx.y) * BN;
@@ -153,10 +164,11 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const flo
             const long long col = n0 + tt.col(jg);
             const long long valid_cols = N - col;
             if (valid_cols <= 0) continue;
-            if constexpr (ACT == ACT_IDENTITY) {
+            if constexpr (ACT == ACT_IDENTITY && !DROPOUT) {
                 store_acc_columns(dx, acc, jg, tt, m0, M, N, col, valid_cols, vec);
             } else {
-                store_dx_columns<ACT>(dx, act_in, acc, jg, tt, m0, M, N, col, valid_cols, vec);
+                store_dx_columns<ACT, DROPOUT>(dx, act_in, acc, jg, tt, m0, M, N, col, valid_cols, vec, mask,
+                                               keep_prob);
             }
         }
     });
@@ -233,7 +245,18 @@ __device__ __forceinline__ void dense_dw(const float* __restrict__ x, const floa
                              float* __restrict__ dx, const float* __restrict__ act_in, int B, int in,   \
                              int out, int act) {                                                         \
         GPUBP_ONLY_KERNEL_GUARD(dense_dx_##BM##x##BN)                                                    \
-        gpubp::dense_dx<BM, BN>(dz, w, dx, act_in, B, in, out, act);                                     \
+        gpubp::dense_dx<BM, BN, false>(dz, w, dx, act_in, B, in, out, act, gpubp::DropoutMask{}, 1.0f);  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
+                                                 gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \
+        dense_dx_dropout_##BM##x##BN(const float* __restrict__ dz, const float* __restrict__ w,          \
+                                     float* __restrict__ dx, const float* __restrict__ act_in, int B,     \
+                                     int in, int out, int act, const unsigned int* __restrict__ key,    \
+                                     unsigned int threshold, float scale, long long first_row,          \
+                                     float keep_prob) {                                                  \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dx_dropout_##BM##x##BN)                                            \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);      \
+        gpubp::dense_dx<BM, BN, true>(dz, w, dx, act_in, B, in, out, act, mask, keep_prob);              \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(gpubp::TileShape<BM, BN>::THREADS,                     \
                                                  gpubp::GradShape<BM, BN>::MIN_BLOCKS)                  \

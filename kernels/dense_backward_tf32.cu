@@ -131,11 +131,13 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
 // E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
 // (B, padded in) from round_bf16).
 // act_in: the output (or z, act_needs_z) of the layer below, whose act' the epilogue applies (act);
-// identity reads nothing.
-template <class E>
+// identity reads nothing. DROPOUT: that output carried a Dropout's mask (act_in is the masked
+// output), regenerated as its dz pass would (masked_dz); a pair's two columns (col even) are words
+// col % 4 and the next of the group's (dense_forward_tf32.cu's epilogue does the same).
+template <class E, bool DROPOUT>
 __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* __restrict__ w,
                                              float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,
-                                             int out_, int act) {
+                                             int out_, int act, DropoutMask mask, float keep_prob) {
     using T = MmaTile<E>;
     extern __shared__ __align__(16) float smem[];
     const long long M = B_, N = in_, K = T::padded(out_);
@@ -147,9 +149,14 @@ __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* 
         constexpr int ACT = decltype(activation)::ID;
         const bool vector = pairs_aligned(dx, N) && (ACT == ACT_IDENTITY || pairs_aligned(act_in, N));
         tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
-            if constexpr (ACT != ACT_IDENTITY) {
-                float a0, a1 = 0.0f;
-                read_pair(act_in, row * N + col, a0, a1, pair, vector);
+            float a0 = 0.0f, a1 = 0.0f;
+            if constexpr (ACT != ACT_IDENTITY) read_pair(act_in, row * N + col, a0, a1, pair, vector);
+            if constexpr (DROPOUT) {
+                const PhiloxWords words = mask.words(row, col & ~3ll);
+                const bool upper = (col & 2) != 0;
+                v0 = masked_dz<ACT>(v0, a0, upper ? words.w[2] : words.w[0], mask, keep_prob);
+                v1 = masked_dz<ACT>(v1, a1, upper ? words.w[3] : words.w[1], mask, keep_prob);
+            } else if constexpr (ACT != ACT_IDENTITY) {
                 v0 *= act_grad<ACT>(a0, a0);
                 v1 *= act_grad<ACT>(a1, a1);
             }
@@ -200,7 +207,16 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
         dense_dx_##PREC(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx,            \
                         const float* __restrict__ act_in, int B, int in, int out, int act) {                  \
         GPUBP_ONLY_KERNEL_GUARD(dense_dx_##PREC)                                                              \
-        gpubp::dense_dx_mma<E>(dz, w, dx, act_in, B, in, out, act);                                          \
+        gpubp::dense_dx_mma<E, false>(dz, w, dx, act_in, B, in, out, act, gpubp::DropoutMask{}, 1.0f);       \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
+        dense_dx_##PREC##_dropout(const E* __restrict__ dz, const E* __restrict__ w, float* __restrict__ dx,  \
+                                  const float* __restrict__ act_in, int B, int in, int out, int act,          \
+                                  const unsigned int* __restrict__ key, unsigned int threshold, float scale,  \
+                                  long long first_row, float keep_prob) {                                     \
+        GPUBP_ONLY_KERNEL_GUARD(dense_dx_##PREC##_dropout)                                                    \
+        const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
+        gpubp::dense_dx_mma<E, true>(dz, w, dx, act_in, B, in, out, act, mask, keep_prob);                   \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::TILE::THREADS, gpubp::TILE::MIN_BLOCKS)            \
         dense_dw_##PREC(const E* __restrict__ x, const E* __restrict__ dz, float* __restrict__ dw,            \

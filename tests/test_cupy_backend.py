@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from gpubp import activations, backends
+from gpubp import activations, backends, philox
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
@@ -211,35 +211,52 @@ def test_misaligned_operands_and_out_buffers_give_the_reference_results(cb, rng,
 FOLD_IN = 11  # the lower layer's input width in check_dx_applies_the_activation_below
 
 
-def check_dx_applies_the_activation_below(cb, rng, act, shape, precision, misalign=None):
+def check_dx_applies_the_activation_below(cb, rng, act, shape, precision, misalign=None, dropout=False):
     """An upper layer (batch, in, out) = ``shape`` above a lower one with activation ``act``: the
     upper layer's dX given ``act`` (``dx_act``) is the lower layer's dz, within RTOL of float64's
     dx * act', and the lower layer's gradients from it (run as identity's) are bit for bit those its
     own dz pass gives; nothing more is launched for it. ``misalign``: a copy of an array that is
-    not aligned for vector access, for what the epilogue reads."""
+    not aligned for vector access, for what the epilogue reads. ``dropout``: the lower layer's
+    forward masks its output (rate 0.4, rows from 3), and the dX epilogue regenerates the mask
+    (``dx_dropout``) as the lower layer's own dz pass would. On tensor cores the masked dz pass sums
+    db in another order than the unmasked one (32 row groups, not 8): db is then held to RTOL."""
     batch, n_mid, n_out = shape
     x, w0, b0 = (cb.asarray(a) for a in layer(rng, batch, FOLD_IN, n_mid))
     w1 = cb.asarray(layer(rng, batch, n_mid, n_out)[1])
-    y0, z0 = cb.dense_forward(x, w0, b0, act, precision=precision)
+    key = rng.integers(0, 2**32, size=2, dtype=np.uint64).astype(np.uint32)
+    mask = philox.Mask(cb.asarray(key, np.uint32), *philox.mask_constants(0.4), 3) if dropout else None
+    masked = {} if mask is None else {"dropout": mask}
+    y0, z0 = cb.dense_forward(x, w0, b0, act, precision=precision, **masked)
     act_in = z0 if act in NEEDS_Z else y0
     if misalign is not None:
         act_in = misalign(act_in)
     dy = cb.asarray(rng.standard_normal((batch, n_out)).astype(np.float32))
     plain, _, _ = cb.dense_backward(dy, y0, w1, None, None, "identity", True, False, precision=precision)
+    below = {"dx_act": act, "dx_act_in": act_in} | ({} if mask is None else {"dx_dropout": mask})
     with trace() as t:
-        dz, _, _ = cb.dense_backward(dy, y0, w1, None, None, "identity", True, False, precision=precision,
-                                     dx_act=act, dx_act_in=act_in)
+        dz, _, _ = cb.dense_backward(dy, y0, w1, None, None, "identity", True, False, precision=precision, **below)
     assert t.launches == cb.backward_kernels("identity", True, False, precision)
     y64, z64 = (None if a is None else cb.to_host(a).astype(np.float64) for a in (y0, z0))
-    want = np.empty((batch, n_mid))
-    activations.backward(act, cb.to_host(plain).astype(np.float64), y64, z64, want)
+    plain64 = cb.to_host(plain).astype(np.float64)
+    if mask is not None:  # the activation's own output where kept, and dy scaled there, 0 elsewhere
+        keep = philox.keep_mask(key, batch, n_mid, mask.threshold, mask.first_row)
+        plain64 = np.where(keep, plain64 * np.float64(mask.scale), 0.0)
+        y64 = None if y64 is None else y64 * np.float64(mask.keep_prob)
+    want = plain64.copy()
+    if act != "identity":
+        activations.backward(act, plain64, y64, z64, want)
     close(cb.to_host(dz), want)
-    own = cb.dense_backward(plain, x, w0, y0, z0, act, True, True, precision=precision)
+    own = cb.dense_backward(plain, x, w0, y0, z0, act, True, True, precision=precision, **masked)
     with trace() as t:
         folded = cb.dense_backward(dz, x, w0, y0, z0, "identity", True, True, precision=precision)
     assert t.launches == cb.backward_kernels("identity", True, True, precision)
-    for got, expected in zip(folded, own):
+    *products, db = folded
+    for got, expected in zip(products, own):
         np.testing.assert_array_equal(cb.to_host(got), cb.to_host(expected))
+    if mask is None or precision == "fp32":
+        np.testing.assert_array_equal(cb.to_host(db), cb.to_host(own[2]))
+    else:
+        close(cb.to_host(db), cb.to_host(own[2]).astype(np.float64))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
@@ -257,6 +274,15 @@ def test_dx_reads_a_misaligned_activation_below_one_float_at_a_time(cb, rng, pre
         pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
     check_dx_applies_the_activation_below(cb, rng, "gelu", (40, 36, 20), precision,
                                           misalign=lambda a: misaligned(cb, cb.to_host(a)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + LARGE_FOLD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_dx_regenerating_the_mask_below_is_that_layers_masked_dz_bit_for_bit(cb, rng, act, shape, precision):
+    if precision not in cb.dense_precisions():
+        pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
+    check_dx_applies_the_activation_below(cb, rng, act, shape, precision, dropout=True)
 
 
 def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):

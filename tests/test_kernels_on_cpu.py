@@ -175,6 +175,9 @@ def launched_kernel_names() -> set[str]:
     names |= {f"dense_fwd_{precision}_{act}_dropout" for act in ACTIVATIONS for precision in ("tf32", "bf16")}
     names |= {f"dense_fwd_dropout_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
     names |= {f"dense_{kind}_{p}" for kind in ("dx", "dw") for p in ("tf32", "bf16")}
+    # dX regenerating the mask below: test_(tensor_core_)dx_regenerating_the_mask_below_...
+    names |= {f"dense_dx_{p}_dropout" for p in ("tf32", "bf16")}
+    names |= {f"dense_dx_dropout_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
     names |= {f"dense_fwd_{p}_{act}" for act in ACTIVATIONS for p in ("tf32", "bf16")}
     names |= {f"dense_fwd_{cupy_backend.tile_name(tile)}" for tile in cupy_backend.GEMM_TILES}
     names.add("dense_fwd_heavy_128x128")
@@ -475,6 +478,7 @@ def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
 FOLD_SHAPES = [(1, 1, 1), (37, 29, 23), (40, 36, 20), (132, 260, 68)] if not SANITIZED else [(37, 29, 23),
                                                                                                (40, 36, 20)]
 FOLD_ACTS = [act for act in KERNEL_ACTS if act != "identity"]
+DROPOUT_FOLD_ACTS = KERNEL_ACTS if not SANITIZED else ("identity", "gelu")  # a mask alone, too
 
 
 @pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
@@ -491,19 +495,37 @@ def test_tensor_core_dx_with_the_activation_below_is_that_layers_dz_bit_for_bit(
     check_dx_applies_the_activation_below(cb_h100, rng, act, shape, precision)
 
 
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", DROPOUT_FOLD_ACTS)
+def test_dx_regenerating_the_mask_below_is_that_layers_masked_dz_bit_for_bit(cb, rng, act, shape):
+    check_dx_applies_the_activation_below(cb, rng, act, shape, "fp32", dropout=True)
+
+
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("act", DROPOUT_FOLD_ACTS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_dx_regenerating_the_mask_below_is_that_layers_masked_dz_bit_for_bit(cb_h100, rng, precision,
+                                                                                        act, shape):
+    check_dx_applies_the_activation_below(cb_h100, rng, act, shape, precision, dropout=True)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 def test_dx_reads_a_misaligned_activation_below_one_float_at_a_time(cb_h100, rng, precision):
     check_dx_applies_the_activation_below(cb_h100, rng, "gelu", (40, 36, 20), precision,
                                           misalign=lambda a: harness.to_device(cb_h100.to_host(a), offset_bytes=4))
 
 
-def folded_step(cb, frozen=(), fold=True, precision="fp32"):
+def folded_step(cb, frozen=(), fold=True, precision="fp32", dropout=False):
     """(gradients, backward's launches, its plan) of one step of a per-layer model whose hidden layers
-    each have another activation, on the CuPy backend with its dX epilogues applying act' (``fold``)
-    or with a dz pass per layer (the capability switched off)."""
+    each have another activation, on the CuPy backend with its dX epilogues forming the dz below
+    (``fold``) or with a dz pass per layer (the capability switched off). ``dropout``: Dropouts
+    above the relu layer and above a linear one."""
     gb.seed(4)
-    model = gb.Sequential([gb.Dense(9, 24, "relu"), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16, "tanh"),
-                           gb.Dense(16, 5)], backend="cupy", fused=False, precision=precision)
+    layers = [gb.Dense(9, 24, "relu"), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16, "tanh"), gb.Dense(16, 5)]
+    if dropout:
+        layers = [gb.Dense(9, 24, "relu"), gb.Dropout(0.3), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16),
+                  gb.Dropout(0.2), gb.Dense(16, 5)]
+    model = gb.Sequential(layers, backend="cupy", fused=False, precision=precision)
     for i in frozen:
         model[i].freeze()
     rng = np.random.default_rng(9)
@@ -545,6 +567,34 @@ def test_a_model_whose_dx_apply_the_activations_below_gets_the_same_gradients_bi
         int(i >= lowest and (i < 3 or (precision == "tf32" and i not in frozen))) for i in range(4)]
     assert plan.notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in range(lowest, 3)}
     assert f"dense_{lowest}  " in str(plan) and "its act' is applied by" in str(plan)
+
+
+@whole_model
+@pytest.mark.parametrize("frozen", [(), (2,), (0, 2)], ids=["none", "middle", "bottom_2"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_model_whose_dx_regenerate_the_dropout_masks_below_gets_the_same_gradients(cb_h100, precision, frozen):
+    """Dropouts above a relu layer and a linear one: the dX above each regenerates its mask, no
+    dropout_dz pass runs, and the gradients are the masked dz passes' (bit for bit but the tensor
+    cores' db, whose masked pass sums in another order)."""
+    grads, launches, plan = folded_step(cb_h100, frozen, True, precision, dropout=True)
+    want, unfolded_launches, unfolded_plan = folded_step(cb_h100, frozen, False, precision, dropout=True)
+    weights, biases = slice(0, None, 2), slice(1, None, 2)
+    assert_grads_equal(grads[weights], want[weights])
+    if precision == "fp32":
+        assert_grads_equal(grads[biases], want[biases])
+    for got, expected in zip(grads[biases], want[biases]):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            close(got, expected.astype(np.float64))
+    assert launches == [kernel for _, kernels in reversed(plan) for kernel in kernels]
+    assert "dropout_dz" not in launches and unfolded_launches.count("dropout_dz") == 2 - (0 in frozen)
+    below_trained = {"dense_0": "(its act' and dropout_1's mask are applied by dense_2's dX)",
+                     "dropout_1": "(its mask is regenerated by dense_2's dX)",
+                     "dense_2": "(its act' is applied by dense_3's dX)"}
+    assert plan.notes == {
+        **({"dropout_1": "(its mask is regenerated by dense_0's kernels)"} if 0 in frozen else below_trained),
+        "dense_3": "(its act' and dropout_4's mask are applied by dense_5's dX)",
+        "dropout_4": "(its mask is regenerated by dense_5's dX)"}
 
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel the test above does not")
@@ -1964,6 +2014,16 @@ PLANTED_BUGS = {
         "v1 *= act_grad<ACT>(a1, a1);",
         "v1 *= act_grad<ACT>(a0, a0);",
         "plain", "tensor_core_dx_with_the_activation_below and tf32 and tanh and 37x29x23", "max error|mismatch"),
+    "dX epilogue: the mask below regenerated from the next column group's words": (
+        "dense_backward.cu",
+        "const PhiloxWords words = mask.words(row, col);",
+        "const PhiloxWords words = mask.words(row, col + 4);",
+        "plain", "dx_regenerating_the_mask_below and 1sm and relu and 37x29x23", "max error|mismatch"),
+    "tensor cores: dX epilogue masks a pair's second column with its first one's word": (
+        "dense_backward_tf32.cu",
+        "v1 = masked_dz<ACT>(v1, a1, upper ? words.w[3] : words.w[1], mask, keep_prob);",
+        "v1 = masked_dz<ACT>(v1, a1, upper ? words.w[2] : words.w[0], mask, keep_prob);",
+        "plain", "tensor_core_dx_regenerating and tf32 and relu and 37x29x23", "max error|mismatch"),
     "fused: tensor-core dx written past the input width": (
         "fused_mlp.cu",
         "                    if (c >= cols) continue;\n",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import activations
+from gpubp import activations, philox
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from child_process import run_python
 
@@ -162,10 +162,16 @@ def fold_on_numpy(monkeypatch, broken=False):
     nb = gb.backends.get("numpy")
     plain = nb.dense_backward
 
-    def dense_backward(*args, dx_act="identity", dx_act_in=None, **kwargs):
+    def dense_backward(*args, dx_act="identity", dx_act_in=None, dx_dropout=None, **kwargs):
         dx, dw, db = plain(*args, **kwargs)
-        if dx is not None and dx_act != "identity" and not broken:
-            y, z = (None, dx_act_in) if dx_act in NEEDS_Z else (dx_act_in, None)
+        if dx is None or broken:
+            return dx, dw, db
+        y, z = (None, dx_act_in) if dx_act in NEEDS_Z else (dx_act_in, None)
+        if dx_dropout is not None:  # the masked output's own activation where kept, dy scaled there
+            keep = philox.keep_mask(dx_dropout.key, *dx.shape, dx_dropout.threshold, dx_dropout.first_row)
+            dx[...] = np.where(keep, dx * dx_dropout.scale, 0)
+            y = None if y is None else y * dx_dropout.keep_prob
+        if dx_act != "identity":
             activations.backward(dx_act, dx.copy(), y, z, dx)
         return dx, dw, db
 
@@ -174,13 +180,13 @@ def fold_on_numpy(monkeypatch, broken=False):
 
 
 @pytest.mark.parametrize("frozen, input_grad", [((), False), ((), True), ((1,), False), ((0,), False)])
-@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+@pytest.mark.parametrize("activation, dropout", [("tanh", None), ("gelu", None), ("relu", 0.3), ("identity", 0.3)])
 def test_on_a_backend_whose_dx_applies_the_act_below_the_grads_are_the_same_and_the_plan_says_so(
-        monkeypatch, activation, frozen, input_grad):
+        monkeypatch, activation, dropout, frozen, input_grad):
     grads, plans = {}, {}
     for fold in (False, True):
         gb.seed(0)
-        mlp = MLP([7, 9, 8, 5], activation=activation)
+        mlp = MLP([7, 9, 8, 5], activation=activation, dropout=dropout)
         for i in frozen:
             mlp.layers[i].requires_grad_(False)
         x = random_input(requires_grad=input_grad)
@@ -197,8 +203,11 @@ def test_on_a_backend_whose_dx_applies_the_act_below_the_grads_are_the_same_and_
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     lowest = 0 if input_grad else min(i for i in range(3) if i not in frozen)
-    assert plans[True].notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in range(lowest, 2)}
+    what = "act' is" if dropout is None else "act' and its dropout's mask are"
+    assert plans[True].notes == {f"dense_{i}": f"(its {what} applied by dense_{i + 1}'s dX)" for i in range(lowest, 2)}
     assert plans[False].notes == {}
+    if dropout is not None:
+        assert not any("dropout_dz" in kernels for _, kernels in plans[True])
 
 
 def test_a_backend_that_claims_the_capability_and_ignores_dx_act_gives_other_grads(monkeypatch, mlp):

@@ -149,8 +149,11 @@ Optional capability: act' in the dX epilogue (the cupy backend; the others do no
     multiplies dx by that derivative in its epilogue, so dx comes back as the lower layer's dz,
     bit for bit what that layer's own pass would form, and the lower layer's ``dense_backward``
     runs with ``act="identity"``: its dz costs no pass of its own (a tensor-core layer that trains
-    still sums db in one). Records nothing more. ``Sequential.folded`` says where it applies (a
-    Dense right below a Dense that computes dX, neither a Dropout's nor identity's), and
+    still sums db in one). ``dx_dropout``: the ``philox.Mask`` the lower layer's forward applied
+    to its output (``dx_act_in`` the masked output); the epilogue regenerates it as that layer's
+    ``dropout_dz`` pass would, for identity too, and the lower layer runs unmasked. Records
+    nothing more. ``Sequential.folded`` says where it applies (a Dense whose output, masked or
+    not, is the input of a Dense that computes dX; not an unmasked identity layer), and
     ``backward_plan`` shows it.
 
 Optional capability: multi-tensor updates (the cupy backend; the others do not have it)

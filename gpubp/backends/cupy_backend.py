@@ -175,16 +175,18 @@ def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF
     and one for the rest. A tensor-core forward kernel has one activation (there, one kernel for
     all would take ptxas longer than one per activation). The dW kernels read dz
     (``dense_dz``, ``dense_dz_db``), so they serve every activation; a dX kernel takes at launch
-    the activation of the layer below (``dx_act``), whose act' its epilogue applies. ``dropout``: the forward's
+    the activation of the layer below (``dx_act``), whose act' its epilogue applies. ``dropout``:
+    the forward's variant that applies a Dropout's mask in its epilogue, or the dX variant that
+    regenerates the mask on the layer below's output (``dx_dropout``). ``dropout``: the forward's
     variant that applies a Dropout's mask in its epilogue."""
     if precision in ("tf32", "bf16"):
         if kind == "fwd":
             return f"dense_fwd_{precision}_{act}" + ("_dropout" if dropout else "")
-        return f"dense_{kind}_{precision}"
+        return f"dense_{kind}_{precision}" + ("_dropout" if dropout else "")
     if kind == "fwd":
         heavy = tile == _HEAVY_TILE and not dropout and act in HEAVY_EPILOGUE
         return f"dense_fwd{'_heavy' if heavy else ''}{'_dropout' if dropout else ''}_{tile_name(tile)}"
-    return f"dense_{kind}_{tile_name(tile)}"
+    return f"dense_{kind}{'_dropout' if dropout else ''}_{tile_name(tile)}"
 
 
 def tile_name(tile: tuple[int, int]) -> str:
@@ -209,13 +211,15 @@ KERNELS = {
                                             for tile in GEMM_TILES for dropout in (False, True))),
     "dense_backward.cu": tuple(f"dense_dz_{act}" for act in ACT_ID if act != "identity")
                          + tuple(f"dense_dz_dropout_{act}" for act in ACT_ID)
-                         + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES),
+                         + tuple(_dense_name(kind, "identity", "fp32", tile) for kind in ("dx", "dw") for tile in GEMM_TILES)
+                         + tuple(_dense_name("dx", "identity", "fp32", tile, True) for tile in GEMM_TILES),
     "dense_forward_tf32.cu": tuple(_dense_name("fwd", act, p, dropout=dropout) for act in ACT_ID
                                    for p in ("tf32", "bf16") for dropout in (False, True))
     + ("round_bf16",),
     "dense_backward_tf32.cu": tuple(f"dense_dz_db_{act}" for act in ACT_ID)
     + tuple(f"dense_dz_db_dropout_{act}" for act in ACT_ID)
-    + tuple(_dense_name(kind, "identity", p) for kind in ("dx", "dw") for p in ("tf32", "bf16")),
+    + tuple(_dense_name(kind, "identity", p) for kind in ("dx", "dw") for p in ("tf32", "bf16"))
+    + tuple(_dense_name("dx", "identity", p, dropout=True) for p in ("tf32", "bf16")),
     "fused_mlp.cu": tuple(_fused_name(kind, precision) for precision in FUSED_PRECISIONS
                           for kind in ("fwd", "bwd", "dw")),
     "loss.cu": tuple(f"{loss}{weighting}{labels}" for weighting in ("", "_weighted")
@@ -253,8 +257,8 @@ def act_names(mask: int) -> tuple[str, ...]:
 def _act_kernels() -> dict[str, int]:
     every = act_mask(ACT_ID)
     served = {_fused_name(kind, precision): every for precision in FUSED_PRECISIONS for kind in ("fwd", "bwd")}
-    served.update({_dense_name("dx", "identity", precision, tile): every
-                   for precision in ("fp32", "tf32", "bf16") for tile in GEMM_TILES})
+    served.update({_dense_name("dx", "identity", precision, tile, dropout): every
+                   for precision in ("fp32", "tf32", "bf16") for tile in GEMM_TILES for dropout in (False, True)})
     for tile in GEMM_TILES:
         for dropout in (False, True):
             for act, bit in ACT_ID.items():
@@ -824,7 +828,7 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
     """(kernel, grid, block, dynamic shared bytes) of the forward ("fwd"), dX ("dx") or dW ("dw",
     grid before its split) kernel for an (m, n) output: the tensor-core kernel for
     ``precision="tf32"`` or ``"bf16"``, else the fp32 tile that suits the shape; ``dropout``: the
-    forward's variant that applies a mask."""
+    forward's variant that applies a mask, or dX's that regenerates the layer below's."""
     if precision in ("tf32", "bf16"):
         tile, threads = (TF32_TILE, TF32_TILE), TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
@@ -921,7 +925,7 @@ def _dw_split_buffers(batch: int, tiles: int, dw, db, k_step: int = BK) -> tuple
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None):
+                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
 
     ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
@@ -937,7 +941,10 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_act`` (the ``FOLDS_DX_ACT`` capability): the activation of the layer below, whose input
     gradient dx is; the dX kernel's epilogue multiplies dx by its derivative at ``dx_act_in`` (that
     layer's output, or its z for ``NEEDS_Z``'s activations), so dx comes back as that layer's dz,
-    bit for bit what its own ``dense_dz`` would form, and its backward then runs as identity's."""
+    bit for bit what its own ``dense_dz`` would form, and its backward then runs as identity's.
+    ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in`` is
+    then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for
+    identity too, and that layer's backward runs as an unmasked identity's."""
     if not (need_dx or need_dw):
         return None, None, None
     batch, n_out = dy.shape
@@ -960,7 +967,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
     if precision in ("tf32", "bf16"):
         return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout,
-                                   dx_act, below_in)
+                                   dx_act, below_in, dx_dropout)
     # dz formed once, here; the products are the same for every activation
     if dropout is not None:
         dz = _dense_dz_dropout(dy, y_or_z, act, dropout)
@@ -978,24 +985,30 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         )
     if need_dx:
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
-        kernel, grid, block, _ = _gemm_launch("dx", dx_act, batch, n_in, precision)
+        kernel, grid, block, _ = _gemm_launch("dx", dx_act, batch, n_in, precision, dropout=dx_dropout is not None)
         record("dense_dx")
         kernel(
             grid,
             block,
             # dx stands in for identity's act_in, which the kernel never reads
             (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in), np.int32(n_out),
-             np.int32(ACT_ID[dx_act])),
+             np.int32(ACT_ID[dx_act])) + _below_mask_args(dx_dropout),
         )
     return dx, dw, db
 
 
+def _below_mask_args(dx_dropout) -> tuple:
+    """The dX dropout variant's last arguments: the layer below's mask and its keep probability."""
+    return () if dx_dropout is None else (*_mask_args(dx_dropout), np.float32(dx_dropout.keep_prob))
+
+
 def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout, dx_act,
-                        below_in):
+                        below_in, dx_dropout):
     """dense_backward on TF32 or bf16 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.)
     and db (fp32) in one elementwise kernel (with ``dropout``, its variant that regenerates the
     mask), then dW = x^T dz and dX = dz W^T as plain GEMMs (bf16: on dz, x and w rounded by
-    round_bf16), dX times ``dx_act``'s derivative at ``below_in`` in its epilogue."""
+    round_bf16), dX times ``dx_act``'s derivative at ``below_in`` (and ``dx_dropout``'s mask) in its
+    epilogue."""
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dz = dy
@@ -1042,10 +1055,11 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
         if precision == "bf16":
             w = _round_bf16(w, _bf16_ld(n_in))
-        kernel, grid, block, shared = _gemm_launch("dx", dx_act, batch, n_in, precision)
+        kernel, grid, block, shared = _gemm_launch("dx", dx_act, batch, n_in, precision, dropout=dx_dropout is not None)
         record("dense_dx")
         kernel(grid, block, (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in),
-                             np.int32(n_out), np.int32(ACT_ID[dx_act])), shared_mem=shared)
+                             np.int32(n_out), np.int32(ACT_ID[dx_act])) + _below_mask_args(dx_dropout),
+               shared_mem=shared)
     return dx, dw, db
 
 

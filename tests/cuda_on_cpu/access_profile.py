@@ -129,6 +129,10 @@ def _dense_layers(precision: str, tile: tuple[int, int]):
             if precision == "tf32":  # the dz + db pass that regenerates the mask (fp32's: _dropout)
                 (dy, x_in, w_in, y, z), _, _ = backward[1]
                 cb.dense_backward(dy, x_in, w_in, y, z, act, False, True, precision=precision, dropout=mask)
+        # dX whose epilogue also regenerates the mask on the layer below's output (its _dropout variant)
+        (dy, x_in, w_in, y, z), _, _ = backward[0]
+        cb.dense_backward(dy, x_in, w_in, y, z, "identity", True, False, precision=precision, dx_act=BELOW_ACT,
+                          dx_act_in=x_in, dx_dropout=mask)
 
     return run
 
@@ -215,7 +219,8 @@ def _workloads() -> dict[str, tuple[str, int, object]]:
     def dense(precision, tile, sms):
         layers = ", ".join(f"{kernel} (batch, in, out) = {shape}" for kernel, shape in _gemm_layers(tile).items())
         return (f"dense layers in every activation, {precision}, {tile[0]}x{tile[1]} tiles, on {sms} SM(s): {layers}, "
-                f"dX applying the act' of a {BELOW_ACT} layer below", sms, _dense_layers(precision, tile))
+                f"dX applying the act' of a {BELOW_ACT} layer below (and its Dropout's mask)", sms,
+                _dense_layers(precision, tile))
 
     # One SM makes the backend pick the large fp32 tile for any shape, an H100 the small one here.
     big, small = max(cupy_backend.GEMM_TILES), min(cupy_backend.GEMM_TILES)
