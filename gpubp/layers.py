@@ -914,18 +914,19 @@ class Sequential:
 
     def folded(self, plan, acts) -> dict[int, int]:
         """{layer: the layer above whose dX kernel forms its dz}, given the backward ``plan`` and the
-        activations ``acts`` the forward applied: on a backend with ``FOLDS_DX_ACT``, each layer
-        that ``folds_act`` whose output is the input of another that does and computes dX, right
-        above it or above the Dropout it runs with; that dX's epilogue applies its act' (and
-        regenerates the Dropout's mask), so its dz costs no pass of its own. An identity layer
-        without a Dropout has nothing to apply."""
-        if not getattr(self.backend, "FOLDS_DX_ACT", False):
+        activations ``acts`` the forward applied: on a backend with ``FOLDS_DX_ACT`` (the
+        activations it does this for), each layer with one of them that ``folds_act`` whose output
+        is the input of another that does and computes dX, right above it or above the Dropout it
+        runs with; that dX's epilogue applies its act' (and regenerates the Dropout's mask), so its
+        dz costs no pass of its own. An identity layer without a Dropout has nothing to apply."""
+        served = getattr(self.backend, "FOLDS_DX_ACT", ())
+        if not served:
             return {}
         layers, folds = self.layers, {}
         for i, dropout in self._steps():
             upper = i + (1 if dropout is None else 2)
             if (upper < len(layers) and layers[i].folds_act and layers[upper].folds_act and plan[upper][0]
-                    and acts[i] != "softmax" and (dropout is not None or acts[i] != "identity")):
+                    and acts[i] in served and (dropout is not None or acts[i] != "identity")):
                 folds[i] = upper
         return folds
 

@@ -484,12 +484,11 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
 def _folded(backend, acts, plan, masked) -> frozenset[int]:
     """The layers whose dz the dX kernel of the layer above forms, on a backend with
     ``FOLDS_DX_ACT`` (``Sequential.folded``'s rule): each below a layer that computes dX, its act'
-    applied and its output's Dropout mask (``masked``) regenerated there; an identity layer
-    without a mask has nothing to apply."""
-    if not getattr(backend, "FOLDS_DX_ACT", False):
-        return frozenset()
+    applied and its output's Dropout mask (``masked``) regenerated there, for the activations the
+    backend serves; an identity layer without a mask has nothing to apply."""
+    served = getattr(backend, "FOLDS_DX_ACT", ())
     return frozenset(i for i in range(len(acts) - 1)
-                     if plan[i + 1][0] and acts[i] != "softmax" and (masked[i] or acts[i] != "identity"))
+                     if plan[i + 1][0] and acts[i] in served and (masked[i] or acts[i] != "identity"))
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:

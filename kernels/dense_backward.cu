@@ -10,9 +10,10 @@
 // the activation, so their main loops hold only loads, stores and FMAs (gemm_tile.cuh). Where
 // the layer below is a dense layer too, its act' is applied in this layer's dX epilogue, in
 // registers, on the way out: the layer below then skips its dense_dz pass (which would read dy
-// and y, or z, and write dz, (B, out) each) and reads its dz as identity's. Only the bottom layer
-// of a chain, whose dy comes from elsewhere (the loss, a Dropout), runs dense_dz. The epilogue
-// multiplies the same two floats dense_dz would, so dz is bitwise the same either way.
+// and y and write dz, (B, out) each) and reads its dz as identity's. The epilogue multiplies the
+// same two floats dense_dz would, so dz is bitwise the same either way. It serves the
+// activations whose derivative reads y (ActSet::FROM_Y); a gelu, gelu_tanh or silu layer, and
+// the bottom layer of a chain, whose dy comes from elsewhere, run dense_dz.
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 16, warp 32x64, thread 8x8),
 // BM x BN = 128x128 (256 threads) or 128x64 (128 threads), chosen by the host.
@@ -32,9 +33,10 @@
 //
 // dX launch: grid (ceil(B / BM), ceil(in / BN)); GEMM M = B, N = in, K = out. Each block
 // reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx; with an act
-// other than identity it also reads BM x BN of act_in (B, in: the layer below's output, or its z
-// for gelu, gelu_tanh and silu; identity never touches it). The act' epilogues are chosen after
-// the main loop, as in dense_forward.cu (activations.cuh: with_activation, every activation).
+// other than identity it also reads BM x BN of act_in (B, in: the layer below's output; identity
+// never touches it). The act' epilogues are chosen after the main loop, as in dense_forward.cu
+// (activations.cuh: with_activation), for the activations of ActSet::FROM_Y, whose derivative
+// reads the output; a layer with gelu, gelu_tanh or silu keeps its dense_dz pass.
 //
 // dW launch: grid (ceil(in / BM), ceil(out / BN), splits); GEMM M = in, N = out, K = B.
 // db comes from the same kernel, like cuBLASLt's BGRADB epilogue: each thread sums the dz
@@ -104,7 +106,7 @@ __device__ __forceinline__ void dx_product(const float* dz, const float* w, long
 
 // dx = acc * act'(act_in) at this thread's columns jg .. jg+3 (col; valid_cols of them exist) of
 // every row it owns: act' of the layer below, whose dz this dX is. act_in is that layer's output
-// (or z, act_needs_z) (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that
+// (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that
 // layer's output carried a Dropout's mask (act_in is the masked output), regenerated here as the
 // dz pass would: masked_dz (dropout.cuh) with the words of (row, col), col a multiple of 4.
 template <int ACT, bool DROPOUT>
@@ -155,7 +157,7 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const flo
         dx_product<BM, BN, false>(dz, w, M, N, K, m0, n0, smem, acc);
     }
 
-    with_activation<ActSet::ALL>(act, [&](auto activation) {
+    with_activation<ActSet::FROM_Y>(act, [&](auto activation) {
         constexpr int ACT = decltype(activation)::ID;
         const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
         const bool vec = N % 4 == 0 && aligned16(dx) && (ACT == ACT_IDENTITY || aligned16(act_in));

@@ -13,8 +13,9 @@
 // GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu alone
 // costs more instructions per element than a k step has per mma). So the dW kernel serves
 // every activation and is compiled once. The dX kernel applies the act' of the layer below (its
-// act argument) in its epilogue, as dense_backward.cu's does: that layer's dz kernel then only
-// sums db (dense_dz_db_identity, which stores nothing), or is not launched when it is frozen.
+// act argument, one whose derivative reads y: ActSet::FROM_Y) in its epilogue, as
+// dense_backward.cu's does: that layer's dz kernel then only sums db (dense_dz_db_identity, which
+// stores nothing), or is not launched when it is frozen.
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
@@ -130,7 +131,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
 
 // E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
 // (B, padded in) from round_bf16).
-// act_in: the output (or z, act_needs_z) of the layer below, whose act' the epilogue applies (act);
+// act_in: the output of the layer below, whose act' the epilogue applies (act, of ActSet::FROM_Y);
 // identity reads nothing. DROPOUT: that output carried a Dropout's mask (act_in is the masked
 // output), regenerated as its dz pass would (masked_dz); a pair's two columns (col even) are words
 // col % 4 and the next of the group's (dense_forward_tf32.cu's epilogue does the same).
@@ -145,7 +146,7 @@ __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* 
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     Tf32Fragment frag;
     mma_gemm(Operand<true, E>{dz, K, M}, Operand<true, E>{w, K, N}, 0, K, m0, n0, smem, frag);
-    with_activation<ActSet::ALL>(act, [&](auto activation) {
+    with_activation<ActSet::FROM_Y>(act, [&](auto activation) {
         constexpr int ACT = decltype(activation)::ID;
         const bool vector = pairs_aligned(dx, N) && (ACT == ACT_IDENTITY || pairs_aligned(act_in, N));
         tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {

@@ -228,16 +228,17 @@ def test_model_parts_are_the_modules_a_models_steps_build(cb, monkeypatch):
     # the dX kernels take the activation of the layer below, whose act' they apply
     assert cb.model_parts("dense_backward.cu", ["relu"]) == (
         "dense_dx_128x128:relu", "dense_dx_128x64:relu", "dense_dx_dropout_128x128:relu", "dense_dx_dropout_128x64:relu")
-    assert cb.model_parts("dense_backward_tf32.cu", ["relu", "gelu"]) == tuple(
-        f"dense_dx_{p}{dropout}:{act}" for dropout in ("", "_dropout") for p in ("tf32", "bf16") for act in ("relu", "gelu"))
+    assert cb.model_parts("dense_backward_tf32.cu", ["relu", "gelu"]) == tuple(  # gelu's derivative reads z: no fold
+        f"dense_dx_{p}{dropout}:relu" for dropout in ("", "_dropout") for p in ("tf32", "bf16"))
     made = recorded_modules(cb, monkeypatch)
     small_fused_step(cb, ["gelu", "relu"])
     built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
     assert built == set(cb.model_parts("fused_mlp.cu", ["identity", "relu", "gelu"])[:2])  # fp32's
     made.clear()
-    small_fused_step(cb, ["gelu", "relu"], fused=False)  # the hidden layers' dX apply gelu's and relu's
+    small_fused_step(cb, ["gelu", "relu"], fused=False)  # the head's dX applies relu's; relu's takes gelu's dz
     built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
-    assert {part for part in built if part.startswith("dense_dx")} == {"dense_dx_128x64:gelu", "dense_dx_128x64:relu"}
+    assert {part for part in built if part.startswith("dense_dx")} == {"dense_dx_128x64:identity",
+                                                                        "dense_dx_128x64:relu"}
     assert built <= set(cb.model_parts("dense_forward.cu", ["identity", "relu", "gelu"])
                         + cb.model_parts("dense_backward.cu", ["identity", "relu", "gelu"]))
 
@@ -596,12 +597,12 @@ def test_a_kernel_file_that_fails_to_compile_is_recorded_and_the_others_still_co
 def test_a_dropout_above_a_dense_launches_no_pass_of_its_own(cb, monkeypatch, precision):
     """The kernels a training step of Dropout -> Dense -> Dropout -> Dense launches, by name: the
     Dropout above the first Dense is applied in that Dense's forward kernel (its _dropout variant)
-    and regenerated, with gelu's act', in the epilogue of the second Dense's dX (its _dropout
+    and regenerated, with tanh's act', in the epilogue of the second Dense's dX (its _dropout
     variant), which hands the first its dz; only the Dropout on the input, which stands on no
     Dense, runs dropout.cu's mask pass, and no dropout dz pass is left in backward."""
     launched = harness.record_launches(cb, monkeypatch)
     gb.seed(1)
-    model = gb.Sequential([gb.Dropout(0.2), gb.Dense(9, 33, "gelu"), gb.Dropout(0.5), gb.Dense(33, 3)],
+    model = gb.Sequential([gb.Dropout(0.2), gb.Dense(9, 33, "tanh"), gb.Dropout(0.5), gb.Dense(33, 3)],
                           backend="cupy", precision=precision, fused=False)
     x = np.random.default_rng(0).standard_normal((21, 9)).astype(np.float32)
     with gb.trace() as t:
@@ -609,7 +610,7 @@ def test_a_dropout_above_a_dense_launches_no_pass_of_its_own(cb, monkeypatch, pr
     forward = list(launched)
     assert t.launches == ["dropout_fwd", "dense_fwd", "dense_fwd"]
     assert forward[0] == "dropout_mask"
-    dropout_forward = "dense_fwd_tf32_gelu_dropout" if precision == "tf32" else r"dense_fwd_dropout_128x\d+"
+    dropout_forward = "dense_fwd_tf32_tanh_dropout" if precision == "tf32" else r"dense_fwd_dropout_128x\d+"
     assert re.fullmatch(dropout_forward, forward[1]), forward
     forward_kernel = "dense_fwd_tf32_identity" if precision == "tf32" else r"dense_fwd_128x\d+"
     assert re.fullmatch(forward_kernel, forward[2]), forward
@@ -623,7 +624,7 @@ def test_a_dropout_above_a_dense_launches_no_pass_of_its_own(cb, monkeypatch, pr
     assert t.launches == db_dz + ["dense_dw", "dense_dx"] + db_dz + ["dense_dw"]
     dx_kernel = "dense_dx_tf32_dropout" if precision == "tf32" else r"dense_dx_dropout_128x\d+"
     assert any(re.fullmatch(dx_kernel, name) for name in launched), launched
-    assert not any(name.startswith(("dropout_", "dense_dz_gelu", "dense_dz_db_gelu", "dense_dz_dropout",
+    assert not any(name.startswith(("dropout_", "dense_dz_tanh", "dense_dz_db_tanh", "dense_dz_dropout",
                                     "dense_dz_db_dropout")) for name in launched)
 
 

@@ -33,7 +33,8 @@ from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEM
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_clip_bits,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
                                check_many_update, check_many_update_from_hyper, check_rmsprop_update,
-                               check_dx_applies_the_activation_below, check_sgd_update, check_softmax_cross_entropy,
+                               FOLDS_DX_ACT, check_dx_applies_the_activation_below, check_sgd_update,
+                               check_softmax_cross_entropy,
                                check_sumsq_and_scale, device_scalar, many_tensors)
 from test_gpu_check_scripts import load
 import gpubp as gb
@@ -477,8 +478,10 @@ def test_dense_backward_matches_numpy(cb, rng, act, shape, need_dx, need_dw):
 # (check_dx_applies_the_activation_below). Shapes: (batch, in, out) of the upper layer.
 FOLD_SHAPES = [(1, 1, 1), (37, 29, 23), (40, 36, 20), (132, 260, 68)] if not SANITIZED else [(37, 29, 23),
                                                                                                (40, 36, 20)]
-FOLD_ACTS = [act for act in KERNEL_ACTS if act != "identity"]
-DROPOUT_FOLD_ACTS = KERNEL_ACTS if not SANITIZED else ("identity", "gelu")  # a mask alone, too
+# The activations whose derivative the dX epilogue applies; under the sanitizers the one with the
+# longest epilogue (sigmoid: a product of y) and a mask alone (identity).
+DROPOUT_FOLD_ACTS = FOLDS_DX_ACT if not SANITIZED else ("identity", "sigmoid")
+FOLD_ACTS = [act for act in DROPOUT_FOLD_ACTS if act != "identity"]
 
 
 @pytest.mark.parametrize("shape", FOLD_SHAPES, ids=shape_id)
@@ -511,8 +514,19 @@ def test_tensor_core_dx_regenerating_the_mask_below_is_that_layers_masked_dz_bit
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 def test_dx_reads_a_misaligned_activation_below_one_float_at_a_time(cb_h100, rng, precision):
-    check_dx_applies_the_activation_below(cb_h100, rng, "gelu", (40, 36, 20), precision,
+    check_dx_applies_the_activation_below(cb_h100, rng, "sigmoid", (40, 36, 20), precision,
                                           misalign=lambda a: harness.to_device(cb_h100.to_host(a), offset_bytes=4))
+
+
+@pytest.mark.parametrize("act", sorted(NEEDS_Z))
+def test_a_dx_asked_for_an_activation_below_whose_derivative_reads_z_is_refused(cb_h100, rng, act):
+    """gelu's, gelu_tanh's and silu's derivatives are not compiled into the dX epilogues (their
+    layers keep their dz pass): the backend refuses the launch, naming the kernel and activation."""
+    x, w, _ = layer(rng, 5, 7, 6)
+    dy = cb_h100.asarray(rng.standard_normal((5, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match=f"dense_dx_tf32 does not serve {act}"):
+        cb_h100.dense_backward(dy, None, cb_h100.asarray(w), None, None, "identity", True, False, precision="tf32",
+                               dx_act=act, dx_act_in=cb_h100.asarray(x))
 
 
 def folded_step(cb, frozen=(), fold=True, precision="fp32", dropout=False):
@@ -532,7 +546,7 @@ def folded_step(cb, frozen=(), fold=True, precision="fp32", dropout=False):
     x = rng.standard_normal((37, 9)).astype(np.float32)
     dout = cb.asarray(rng.standard_normal((37, 5)).astype(np.float32))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cb, "FOLDS_DX_ACT", fold)
+        patch.setattr(cb, "FOLDS_DX_ACT", cb.FOLDS_DX_ACT if fold else frozenset())
         model.forward(x)
         with trace() as t:
             model.backward(dout)
@@ -552,21 +566,23 @@ def assert_grads_equal(got, want):
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 def test_a_model_whose_dx_apply_the_activations_below_gets_the_same_gradients_bit_for_bit(cb_h100, precision,
                                                                                           frozen):
-    """Every hidden layer's act' in the dX above it: no dz pass but where a dz sums db (tensor cores),
-    the plan says so and backward launches it, and the gradients are those of a dz pass per layer."""
+    """The relu and tanh layers' act' in the dX above them: no dz pass for them but where a dz sums
+    db (tensor cores); the gelu layer, whose derivative reads z, keeps its pass. The plan says so,
+    backward launches it, and the gradients are those of a dz pass per layer."""
     grads, launches, plan = folded_step(cb_h100, frozen, True, precision)
     want, unfolded_launches, unfolded_plan = folded_step(cb_h100, frozen, False, precision)
     assert_grads_equal(grads, want)
     for got in ((launches, plan), (unfolded_launches, unfolded_plan)):
         assert got[0] == [kernel for _, kernels in reversed(got[1]) for kernel in kernels]
     lowest = min(i for i in range(4) if i not in frozen)
-    dz_passes = [kernels.count("dense_dz") for _, kernels in plan]
-    # fp32: no dz pass at all (the head is linear); tensor cores: one per trained layer's db
-    assert dz_passes == [int(precision == "tf32" and i not in frozen) for i in range(4)]
+    folded = [i for i in (0, 2) if i >= lowest]  # relu and tanh, below a layer that computes dX
+    db_pass = [int(precision == "tf32" and i not in frozen) for i in range(4)]  # an identity layer's dz sums db
+    assert [kernels.count("dense_dz") for _, kernels in plan] == [
+        db_pass[i] if i in folded or i == 3 else int(i >= lowest) for i in range(4)]
     assert [kernels.count("dense_dz") for _, kernels in unfolded_plan] == [
-        int(i >= lowest and (i < 3 or (precision == "tf32" and i not in frozen))) for i in range(4)]
-    assert plan.notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in range(lowest, 3)}
-    assert f"dense_{lowest}  " in str(plan) and "its act' is applied by" in str(plan)
+        db_pass[i] if i == 3 else int(i >= lowest) for i in range(4)]
+    assert plan.notes == {f"dense_{i}": f"(its act' is applied by dense_{i + 1}'s dX)" for i in folded}
+    assert f"dense_{folded[-1]}  " in str(plan) and "its act' is applied by" in str(plan)
 
 
 @whole_model
@@ -589,8 +605,7 @@ def test_a_model_whose_dx_regenerate_the_dropout_masks_below_gets_the_same_gradi
     assert launches == [kernel for _, kernels in reversed(plan) for kernel in kernels]
     assert "dropout_dz" not in launches and unfolded_launches.count("dropout_dz") == 2 - (0 in frozen)
     below_trained = {"dense_0": "(its act' and dropout_1's mask are applied by dense_2's dX)",
-                     "dropout_1": "(its mask is regenerated by dense_2's dX)",
-                     "dense_2": "(its act' is applied by dense_3's dX)"}
+                     "dropout_1": "(its mask is regenerated by dense_2's dX)"}  # gelu's dense_2 keeps its pass
     assert plan.notes == {
         **({"dropout_1": "(its mask is regenerated by dense_0's kernels)"} if 0 in frozen else below_trained),
         "dense_3": "(its act' and dropout_4's mask are applied by dense_5's dX)",
@@ -2008,7 +2023,7 @@ PLANTED_BUGS = {
         "dense_backward.cu",
         "a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;",
         "a[j] = j <= valid_cols ? act_in[row * N + col + j] : 0.0f;",
-        "asan", "dx_with_the_activation_below and 132sms and gelu and 37x29x23", "heap-buffer-overflow"),
+        "asan", "dx_with_the_activation_below and 132sms and sigmoid and 37x29x23", "heap-buffer-overflow"),
     "tensor cores: dX epilogue applies a pair's first act' to both": (
         "dense_backward_tf32.cu",
         "v1 *= act_grad<ACT>(a1, a1);",

@@ -143,18 +143,19 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         then None); ``guard``, the (1,) loss array, skips the update when the loss is not finite.
 
 Optional capability: act' in the dX epilogue (the cupy backend; the others do not have it)
-    A backend with ``FOLDS_DX_ACT`` takes two more keywords in ``dense_backward``:
-    ``dx_act`` (default "identity") and ``dx_act_in``, the activation of the layer below and what
-    its act' reads (its output, or its z for ``NEEDS_Z``'s activations). The dX kernel then
+    A backend with ``FOLDS_DX_ACT`` (the set of activations it does this for: cupy's, those whose
+    derivative reads the output) takes more keywords in ``dense_backward``: ``dx_act`` (default
+    "identity"), one of them, and ``dx_act_in``, the activation of the layer below and what its
+    act' reads (its output). The dX kernel then
     multiplies dx by that derivative in its epilogue, so dx comes back as the lower layer's dz,
     bit for bit what that layer's own pass would form, and the lower layer's ``dense_backward``
     runs with ``act="identity"``: its dz costs no pass of its own (a tensor-core layer that trains
     still sums db in one). ``dx_dropout``: the ``philox.Mask`` the lower layer's forward applied
     to its output (``dx_act_in`` the masked output); the epilogue regenerates it as that layer's
     ``dropout_dz`` pass would, for identity too, and the lower layer runs unmasked. Records
-    nothing more. ``Sequential.folded`` says where it applies (a Dense whose output, masked or
-    not, is the input of a Dense that computes dX; not an unmasked identity layer), and
-    ``backward_plan`` shows it.
+    nothing more. ``Sequential.folded`` says where it applies (a Dense with one of those
+    activations whose output, masked or not, is the input of a Dense that computes dX; not an
+    unmasked identity layer), and ``backward_plan`` shows it.
 
 Optional capability: multi-tensor updates (the cupy backend; the others do not have it)
     A backend with ``MULTI_TENSOR_UPDATES`` updates several tensors in one launch; the

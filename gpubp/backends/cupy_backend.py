@@ -133,8 +133,9 @@ ELEMENTWISE_BLOCKS_PER_SM = 16
 MULTI_CHUNK = 4 * REDUCE_THREADS
 # Optional capability (gpubp.backends): one launch updates a list of tensors.
 MULTI_TENSOR_UPDATES = True
-# Optional capability (gpubp.backends): dX applies the act' of the layer below in its epilogue.
-FOLDS_DX_ACT = True
+# Optional capability (gpubp.backends): dX forms the dz of the layer below in its epilogue, for
+# these activations of it (kernels/activations.cuh ActSet::FROM_Y: the derivatives that read y).
+FOLDS_DX_ACT = frozenset(act for act in ACT_ID if act not in NEEDS_Z)
 MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
@@ -257,7 +258,7 @@ def act_names(mask: int) -> tuple[str, ...]:
 def _act_kernels() -> dict[str, int]:
     every = act_mask(ACT_ID)
     served = {_fused_name(kind, precision): every for precision in FUSED_PRECISIONS for kind in ("fwd", "bwd")}
-    served.update({_dense_name("dx", "identity", precision, tile, dropout): every
+    served.update({_dense_name("dx", "identity", precision, tile, dropout): act_mask(FOLDS_DX_ACT)
                    for precision in ("fp32", "tf32", "bf16") for tile in GEMM_TILES for dropout in (False, True)})
     for tile in GEMM_TILES:
         for dropout in (False, True):
@@ -938,9 +939,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     0, in the kernel that forms dz anyway (for identity too); dX and dW read that dz. A softmax
     layer's mask (applied after the softmax) is regenerated on dy before ``softmax_bwd``.
 
-    ``dx_act`` (the ``FOLDS_DX_ACT`` capability): the activation of the layer below, whose input
-    gradient dx is; the dX kernel's epilogue multiplies dx by its derivative at ``dx_act_in`` (that
-    layer's output, or its z for ``NEEDS_Z``'s activations), so dx comes back as that layer's dz,
+    ``dx_act`` (the ``FOLDS_DX_ACT`` capability, one of its activations): the activation of the
+    layer below, whose input gradient dx is; the dX kernel's epilogue multiplies dx by its
+    derivative at ``dx_act_in`` (that layer's output), so dx comes back as that layer's dz,
     bit for bit what its own ``dense_dz`` would form, and its backward then runs as identity's.
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in`` is
     then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for

@@ -95,8 +95,8 @@ def _gemm_layers(tile: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
 
 
 # The activation of the layer below whose act' the profiled dX kernels apply (every dX launch reads
-# the layer's output, or z, for it; which activation makes no difference to the accesses).
-BELOW_ACT = "gelu"
+# the layer's output for it; which activation makes no difference to the accesses).
+BELOW_ACT = "sigmoid"
 
 
 def _mask(cb):
