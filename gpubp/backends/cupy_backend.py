@@ -11,7 +11,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU). The dX kernels (here and on tensor cores) can apply the act' of the layer
-  below in their epilogue (``dx_act``), so that layer's dz costs no pass of its own;
+  below in their epilogue (``dx_act``, where that derivative reads the layer's output:
+  ``FOLDS_DX_ACT``), and regenerate its Dropout's mask, so that layer's dz costs no pass of its own;
 - ``loss.cu``: softmax cross-entropy (label smoothing included), MSE, MAE, Huber, BCE and Poisson,
   value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
@@ -133,10 +134,10 @@ ELEMENTWISE_BLOCKS_PER_SM = 16
 MULTI_CHUNK = 4 * REDUCE_THREADS
 # Optional capability (gpubp.backends): one launch updates a list of tensors.
 MULTI_TENSOR_UPDATES = True
+MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Optional capability (gpubp.backends): dX forms the dz of the layer below in its epilogue, for
 # these activations of it (kernels/activations.cuh ActSet::FROM_Y: the derivatives that read y).
 FOLDS_DX_ACT = frozenset(act for act in ACT_ID if act not in NEEDS_Z)
-MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
@@ -176,10 +177,10 @@ def _dense_name(kind: str, act: str, precision: str, tile: tuple[int, int] = (TF
     and one for the rest. A tensor-core forward kernel has one activation (there, one kernel for
     all would take ptxas longer than one per activation). The dW kernels read dz
     (``dense_dz``, ``dense_dz_db``), so they serve every activation; a dX kernel takes at launch
-    the activation of the layer below (``dx_act``), whose act' its epilogue applies. ``dropout``:
-    the forward's variant that applies a Dropout's mask in its epilogue, or the dX variant that
-    regenerates the mask on the layer below's output (``dx_dropout``). ``dropout``: the forward's
-    variant that applies a Dropout's mask in its epilogue."""
+    the activation of the layer below (``dx_act``, one of ``FOLDS_DX_ACT``), whose act' its
+    epilogue applies. ``dropout``: the forward's variant that applies a Dropout's mask in its
+    epilogue, or the dX variant that regenerates the mask on the layer below's output
+    (``dx_dropout``)."""
     if precision in ("tf32", "bf16"):
         if kind == "fwd":
             return f"dense_fwd_{precision}_{act}" + ("_dropout" if dropout else "")
