@@ -106,9 +106,9 @@ __device__ __forceinline__ void dx_product(const float* dz, const float* w, long
 
 // dx = acc * act'(act_in) at this thread's columns jg .. jg+3 (col; valid_cols of them exist) of
 // every row it owns: act' of the layer below, whose dz this dX is. act_in is that layer's output
-// (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that
-// layer's output carried a Dropout's mask (act_in is the masked output), regenerated here as the
-// dz pass would: masked_dz (dropout.cuh) with the words of (row, col), col a multiple of 4.
+// (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that layer's output carried
+// a Dropout's mask (act_in is the masked output), regenerated here as the dz pass would: masked_dz
+// (dropout.cuh) with the words of (row, col), col a multiple of 4.
 template <int ACT, bool DROPOUT>
 __device__ __forceinline__ void store_dx_columns(float* dx, const float* act_in, const float (&acc)[THREAD_M][THREAD_N],
                                                  int jg, const ThreadTile& tt, long long m0, long long M, long long N,
@@ -120,13 +120,9 @@ __device__ __forceinline__ void store_dx_columns(float* dx, const float* act_in,
         if (row >= M) continue;
         float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if constexpr (ACT != ACT_IDENTITY) {
-            if (vec && valid_cols >= 4) {
-                const float4 a4 = load4(act_in + row * N + col);
-                a[0] = a4.x; a[1] = a4.y; a[2] = a4.z; a[3] = a4.w;
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;
-            }
+            // vec holds N % 4 == 0, so a vector group is whole (dropout.cuh's load_group asks that)
+            const int count = static_cast<int>(valid_cols < 4 ? valid_cols : 4);
+            load_group(act_in, row * N + col, count, vec, a);
         }
         float v[4];
         if constexpr (DROPOUT) {

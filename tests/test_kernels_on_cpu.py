@@ -2021,8 +2021,8 @@ PLANTED_BUGS = {
         "plain", "dx_with_the_activation_below and 1sm and tanh and 37x29x23", "max error|mismatch"),
     "dX epilogue: reads the layer below's output one past a row's end": (
         "dense_backward.cu",
-        "a[j] = j < valid_cols ? act_in[row * N + col + j] : 0.0f;",
-        "a[j] = j <= valid_cols ? act_in[row * N + col + j] : 0.0f;",
+        "const int count = static_cast<int>(valid_cols < 4 ? valid_cols : 4);",
+        "const int count = static_cast<int>(valid_cols < 4 ? valid_cols + 1 : 4);",
         "asan", "dx_with_the_activation_below and 132sms and sigmoid and 37x29x23", "heap-buffer-overflow"),
     "tensor cores: dX epilogue applies a pair's first act' to both": (
         "dense_backward_tf32.cu",
