@@ -452,6 +452,14 @@ def plan_backward(trainable: Sequence[bool], need_input_grad: bool) -> list[tupl
     return plan
 
 
+def dz_formed_above(backend, act: str, masked: bool) -> bool:
+    """Whether, on ``backend``, the dX kernel of the dense layer above forms the dz of a layer that
+    applied ``act`` (and a Dropout's mask, when ``masked``) to its output: the backend's
+    ``FOLDS_DX_ACT`` serves ``act``, and there is something to apply (not an unmasked identity).
+    ``Sequential.folded`` and the torch bridge's backward both decide by it."""
+    return act in getattr(backend, "FOLDS_DX_ACT", ()) and (masked or act != "identity")
+
+
 class BackwardPlan(list):
     """``[(layer_name, [kernel, ...]), ...]`` bottom to top: what backward will launch.
     ``notes``: for a layer whose work another layer's kernels do (a Dropout above a Dense, a
@@ -919,14 +927,13 @@ class Sequential:
         is the input of another that does and computes dX, right above it or above the Dropout it
         runs with; that dX's epilogue applies its act' (and regenerates the Dropout's mask), so its
         dz costs no pass of its own. An identity layer without a Dropout has nothing to apply."""
-        served = getattr(self.backend, "FOLDS_DX_ACT", ())
-        if not served:
+        if not getattr(self.backend, "FOLDS_DX_ACT", ()):
             return {}
         layers, folds = self.layers, {}
         for i, dropout in self._steps():
             upper = i + (1 if dropout is None else 2)
             if (upper < len(layers) and layers[i].folds_act and layers[upper].folds_act and plan[upper][0]
-                    and acts[i] in served and (dropout is not None or acts[i] != "identity")):
+                    and dz_formed_above(self.backend, acts[i], dropout is not None)):
                 folds[i] = upper
         return folds
 

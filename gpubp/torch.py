@@ -74,7 +74,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     raise ImportError('gpubp.torch needs PyTorch: pip install "gpubp[torch]"') from _exc
 
 from gpubp import _checks, _random, activations, backends, philox
-from gpubp.layers import BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, plan_backward
+from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, dz_formed_above,
+                          plan_backward)
 
 # The parameters' dtype, and the products' math: "tf32" and "bf16" keep fp32 parameters and run
 # the products on tensor cores on CUDA tensors (as Sequential(precision=...) does).
@@ -482,13 +483,10 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
 
 
 def _folded(backend, acts, plan, masked) -> frozenset[int]:
-    """The layers whose dz the dX kernel of the layer above forms, on a backend with
-    ``FOLDS_DX_ACT`` (``Sequential.folded``'s rule): each below a layer that computes dX, its act'
-    applied and its output's Dropout mask (``masked``) regenerated there, for the activations the
-    backend serves; an identity layer without a mask has nothing to apply."""
-    served = getattr(backend, "FOLDS_DX_ACT", ())
-    return frozenset(i for i in range(len(acts) - 1)
-                     if plan[i + 1][0] and acts[i] in served and (masked[i] or acts[i] != "identity"))
+    """The layers whose dz the dX kernel of the layer above forms (``Sequential.folded``'s rule):
+    each below a layer that computes dX, where ``dz_formed_above`` says so of its activation and
+    of the Dropout mask on its output (``masked``)."""
+    return frozenset(i for i in range(len(acts) - 1) if plan[i + 1][0] and dz_formed_above(backend, acts[i], masked[i]))
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:

@@ -952,7 +952,6 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     batch, n_out = dy.shape
     n_in = w.shape[0]
     dy, w = _f32(dy), _f32(w)
-    below_in = None if dx_act == "identity" else _f32(dx_act_in)  # what the dX epilogue reads
     if act == "softmax":
         masked = dropout is not None
         if masked:  # the softmax's own output is y * keep_prob where kept (0 where dropped)
@@ -969,7 +968,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
     if precision in ("tf32", "bf16"):
         return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout,
-                                   dx_act, below_in, dx_dropout)
+                                   dx_act, dx_act_in, dx_dropout)
     # dz formed once, here; the products are the same for every activation
     if dropout is not None:
         dz = _dense_dz_dropout(dy, y_or_z, act, dropout)
@@ -989,27 +988,27 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         dx = out_dx if out_dx is not None else cupy.empty((batch, n_in), np.float32)
         kernel, grid, block, _ = _gemm_launch("dx", dx_act, batch, n_in, precision, dropout=dx_dropout is not None)
         record("dense_dx")
-        kernel(
-            grid,
-            block,
-            # dx stands in for identity's act_in, which the kernel never reads
-            (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in), np.int32(n_out),
-             np.int32(ACT_ID[dx_act])) + _below_mask_args(dx_dropout),
-        )
+        kernel(grid, block, _dx_args(dz, w, dx, n_out, dx_act, dx_act_in, dx_dropout))
     return dx, dw, db
 
 
-def _below_mask_args(dx_dropout) -> tuple:
-    """The dX dropout variant's last arguments: the layer below's mask and its keep probability."""
-    return () if dx_dropout is None else (*_mask_args(dx_dropout), np.float32(dx_dropout.keep_prob))
+def _dx_args(dz, w, dx, n_out: int, dx_act: str, dx_act_in, dx_dropout) -> tuple:
+    """The arguments of a dX kernel (fp32 or tensor cores) writing ``dx`` (B, in) from ``dz`` and
+    ``w`` (rounded, for bf16) of a layer ``n_out`` wide: the layer below's activation and output
+    (dx stands in for identity's, which the kernel never reads) and, for the ``_dropout`` variant,
+    that output's mask and keep probability."""
+    batch, n_in = dx.shape
+    act_in = dx if dx_act == "identity" else _f32(dx_act_in)
+    mask = () if dx_dropout is None else (*_mask_args(dx_dropout), np.float32(dx_dropout.keep_prob))
+    return (dz, w, dx, act_in, np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(ACT_ID[dx_act])) + mask
 
 
 def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout, dx_act,
-                        below_in, dx_dropout):
+                        dx_act_in, dx_dropout):
     """dense_backward on TF32 or bf16 tensor cores (kernels/dense_backward_tf32.cu): dz = dy * act'(.)
     and db (fp32) in one elementwise kernel (with ``dropout``, its variant that regenerates the
     mask), then dW = x^T dz and dX = dz W^T as plain GEMMs (bf16: on dz, x and w rounded by
-    round_bf16), dX times ``dx_act``'s derivative at ``below_in`` (and ``dx_dropout``'s mask) in its
+    round_bf16), dX times ``dx_act``'s derivative at ``dx_act_in`` (and ``dx_dropout``'s mask) in its
     epilogue."""
     batch, n_out = dy.shape
     n_in = w.shape[0]
@@ -1059,9 +1058,7 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
             w = _round_bf16(w, _bf16_ld(n_in))
         kernel, grid, block, shared = _gemm_launch("dx", dx_act, batch, n_in, precision, dropout=dx_dropout is not None)
         record("dense_dx")
-        kernel(grid, block, (dz, w, dx, dx if below_in is None else below_in, np.int32(batch), np.int32(n_in),
-                             np.int32(n_out), np.int32(ACT_ID[dx_act])) + _below_mask_args(dx_dropout),
-               shared_mem=shared)
+        kernel(grid, block, _dx_args(dz, w, dx, n_out, dx_act, dx_act_in, dx_dropout), shared_mem=shared)
     return dx, dw, db
 
 
