@@ -23,7 +23,7 @@ in parallel processes, once per set of inputs (cached in the temporary folder).
 
 What it cannot see: a kernel the contract's functions never launch (a dead kernel), the
 optional fused-MLP capability, which the Numba backend does not have (``drive_contract`` says
-where to add it), and the dropout variants (the masked forward, dropout_dz, the mask alone),
+where to add it), and the dropout variants (the masked forward and dX, dropout_dz, the mask alone),
 which ``drive_contract`` does not drive, to keep the model's compile time down; the backend's
 ``kernel_variants()`` lists them and tests/test_numba_backend.py compiles them (float32 only,
 no spills).

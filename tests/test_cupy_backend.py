@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+import gpubp as gb
 from gpubp import activations, backends, philox
 from gpubp.backends import cupy_backend
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
@@ -286,6 +287,38 @@ def test_dx_regenerating_the_mask_below_is_that_layers_masked_dz_bit_for_bit(cb,
     if precision not in cb.dense_precisions():
         pytest.skip(f"this GPU runs the dense kernels in {cb.dense_precisions()} only")
     check_dx_applies_the_activation_below(cb, rng, act, shape, precision, dropout=True)
+
+
+def folded_step(cb, frozen=(), fold=True, precision="fp32", dropout=False):
+    """(gradients, backward's launches, its plan) of one step of a per-layer model whose hidden layers
+    each have another activation, on the backend ``cb`` (cupy or numba) with its dX epilogues
+    forming the dz below (``fold``) or with a dz pass per layer (the capability switched off).
+    ``dropout``: Dropouts above the relu layer and above a linear one."""
+    gb.seed(4)
+    layers = [gb.Dense(9, 24, "relu"), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16, "tanh"), gb.Dense(16, 5)]
+    if dropout:
+        layers = [gb.Dense(9, 24, "relu"), gb.Dropout(0.3), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16),
+                  gb.Dropout(0.2), gb.Dense(16, 5)]
+    model = gb.Sequential(layers, backend=cb.NAME, fused=False, precision=precision)
+    for i in frozen:
+        model[i].freeze()
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((37, 9)).astype(np.float32)
+    dout = cb.asarray(rng.standard_normal((37, 5)).astype(np.float32))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cb, "FOLDS_DX_ACT", cb.FOLDS_DX_ACT if fold else frozenset())
+        model.forward(x)
+        with trace() as t:
+            model.backward(dout)
+        plan = model.backward_plan()
+    return [None if p.grad is None else cb.to_host(p.grad) for p in model.parameters()], t.launches, plan
+
+
+def assert_grads_equal(got, want):
+    assert [g is None for g in got] == [w is None for w in want]
+    for g, w in zip(got, want):
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
 
 
 def test_strided_and_float64_inputs_are_read_as_their_values(cb, rng):
@@ -651,8 +684,6 @@ def test_auto_device_picks_cupy(cb):
 
 
 def test_fit_learns_a_separable_problem_on_cupy(cb, rng):
-    import gpubp as gb
-
     centers = 4 * rng.standard_normal((3, 8))
     labels = rng.integers(0, 3, 600)
     x = (centers[labels] + rng.standard_normal((600, 8))).astype(np.float32)
@@ -670,8 +701,6 @@ def test_nvrtc_builds_the_kernels_a_model_launches_for_its_activations_alone(cb,
     """With GPUBP_NVRTC_ACTIVATIONS unset (gpu_check.sh sets "all", so its other tests load the
     whole-set modules it compiled first), a model's fp32 forward kernel and fused MLP kernels are
     built for the activations it launches, and train as the NumPy backend does."""
-    import gpubp as gb
-
     monkeypatch.delenv(cb.NVRTC_ACTIVATIONS_ENV, raising=False)
     monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # no fatbins: NVRTC builds everything
     for cache in ("_rawmodules", "_functions"):

@@ -33,7 +33,8 @@ from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEM
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_clip_bits,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
                                check_many_update, check_many_update_from_hyper, check_rmsprop_update,
-                               FOLDS_DX_ACT, check_dx_applies_the_activation_below, check_sgd_update,
+                               FOLDS_DX_ACT, assert_grads_equal, check_dx_applies_the_activation_below,
+                               check_sgd_update, folded_step,
                                check_softmax_cross_entropy,
                                check_sumsq_and_scale, device_scalar, many_tensors)
 from test_gpu_check_scripts import load
@@ -527,38 +528,6 @@ def test_a_dx_asked_for_an_activation_below_whose_derivative_reads_z_is_refused(
     with pytest.raises(ValueError, match=f"dense_dx_tf32 does not serve {act}"):
         cb_h100.dense_backward(dy, None, cb_h100.asarray(w), None, None, "identity", True, False, precision="tf32",
                                dx_act=act, dx_act_in=cb_h100.asarray(x))
-
-
-def folded_step(cb, frozen=(), fold=True, precision="fp32", dropout=False):
-    """(gradients, backward's launches, its plan) of one step of a per-layer model whose hidden layers
-    each have another activation, on the CuPy backend with its dX epilogues forming the dz below
-    (``fold``) or with a dz pass per layer (the capability switched off). ``dropout``: Dropouts
-    above the relu layer and above a linear one."""
-    gb.seed(4)
-    layers = [gb.Dense(9, 24, "relu"), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16, "tanh"), gb.Dense(16, 5)]
-    if dropout:
-        layers = [gb.Dense(9, 24, "relu"), gb.Dropout(0.3), gb.Dense(24, 20, "gelu"), gb.Dense(20, 16),
-                  gb.Dropout(0.2), gb.Dense(16, 5)]
-    model = gb.Sequential(layers, backend="cupy", fused=False, precision=precision)
-    for i in frozen:
-        model[i].freeze()
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((37, 9)).astype(np.float32)
-    dout = cb.asarray(rng.standard_normal((37, 5)).astype(np.float32))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cb, "FOLDS_DX_ACT", cb.FOLDS_DX_ACT if fold else frozenset())
-        model.forward(x)
-        with trace() as t:
-            model.backward(dout)
-        plan = model.backward_plan()
-    return [None if p.grad is None else cb.to_host(p.grad) for p in model.parameters()], t.launches, plan
-
-
-def assert_grads_equal(got, want):
-    assert [g is None for g in got] == [w is None for w in want]
-    for g, w in zip(got, want):
-        if w is not None:
-            np.testing.assert_array_equal(g, w)
 
 
 @whole_model

@@ -61,7 +61,11 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 group sums in group order; with one group the first sum is the result. Either
                 way the result depends on the split count and group size only, both fixed by the
                 shapes and the SM count, and is the same from run to run.
-    dense_dx    dx = dz @ w.T (B, in).
+    dense_dx    dx = dz @ w.T (B, in); or, given the activation of the dense layer below (the
+                FOLDS_DX_ACT capability: identity, relu, leaky_relu, sigmoid, tanh, whose
+                derivatives read y), dx * act'(that layer's y) in the epilogue (_dx_epilogue),
+                which is that layer's dz: its own dense_dz pass is then not launched. One
+                compiled kernel, the activation passed at launch as for the forward.
                 backward_kernels() lists what dense_backward launches.
 
 Dropout (``gpubp.philox``: Philox4x32-10, the mask never stored)
@@ -72,7 +76,9 @@ Dropout (``gpubp.philox``: Philox4x32-10, the mask never stored)
                 passed at launch as without a mask.
     dropout_dz  dz = dy * scale * act'(y * keep_prob, or z) where the mask kept, else 0: the
                 dense_dz kernel regenerating the mask, a thread per row and group of 4 columns,
-                grid-stride; also for identity layers, whose dz is then no longer dy.
+                grid-stride; also for identity layers, whose dz is then no longer dy. Where a
+                dense layer above computes dX, its dense_dx kernel's masked variant regenerates
+                the mask instead (a second epilogue pass over its own stores, as dense_fwd's).
     dropout_fwd, dropout_bwd
                 the mask alone (a Dropout standing first, or above another Dropout), the same
                 thread layout.
@@ -994,16 +1000,112 @@ _dx_main_loop = _gemm_main_loop("k_major", "k_major", False)
 _dw_main_loop = _gemm_main_loop("outer_major", "outer_major", True)
 
 
-@_tile_kernel
-def _dense_dx_kernel(dz, w, dx, rows_on_x):
-    """dx = dz @ w.T: dz (B, out), w (in, out) -> dx (B, in); K runs over out, both operands k-major."""
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+# The activations of a layer below whose act' the dX kernel applies in its epilogue (the
+# FOLDS_DX_ACT capability): those whose derivative reads y, a select or two products an element.
+_DX_EPILOGUE_ACTS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
+assert set(_DX_EPILOGUE_ACTS) == {act for act in ACT_ID if act not in NEEDS_Z}
+FOLDS_DX_ACT = frozenset(_DX_EPILOGUE_ACTS)
+
+
+@functools.cache
+def _dx_epilogue(act: str, masked: bool):
+    """The dX kernel's epilogue for a layer below with activation ``act``: dx = acc * act'(act_in)
+    where inside dx, which is then that layer's dz. ``masked``: that layer's forward applied a
+    Dropout's mask, here regenerated (``mask`` is (key, threshold, scale, first_row, keep_prob)):
+    acc * scale * act'(act_in * keep_prob) where kept, else 0, in a second pass over the
+    thread's own stores of acc (no barrier: each thread reads what it wrote), one Philox call per
+    row and run of 4 columns, as the forward's _mask_tile (16 inlined Philox calls beside the
+    accumulators would push those to local memory). Unmasked, ``mask`` is () and unread. The
+    products are those of the layer's own dense_dz (_dz_prologue) or dropout_dz pass, in the same
+    order: the same bits."""
+    grad = _GRAD.get(act, _one)
+
+    @cuda.jit(device=True, inline="always")
+    def dx_epilogue(acc, dx, act_in, m0, n0, mask):
+        row, col = _thread_tile(_tile_thread())
+        if masked:
+            key, threshold, scale, first_row, keep_prob = mask
+            _store_tile(dx, acc, m0, n0)
+            for i in range(THREAD_M):
+                r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+                if r < dx.shape[0]:
+                    for run in range(THREAD_N // RUN):
+                        c0 = n0 + col + run * COL_RUN_GAP  # a multiple of 4: one Philox call for the run
+                        if c0 < dx.shape[1]:
+                            words = _mask_words(key, first_row + r, c0)
+                            for e in range(RUN):
+                                at = (_u64(r), _u64(c0 + e))
+                                if c0 + e < dx.shape[1]:
+                                    own = act_in[at] * keep_prob
+                                    dx[at] = _kept(dx[at], words[e], threshold, scale) * grad(own)
+            return
+        for i in range(THREAD_M):
+            r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
+            if r < dx.shape[0]:
+                for j in range(THREAD_N):
+                    c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
+                    if c < dx.shape[1]:
+                        dx[_u64(r), _u64(c)] = acc[i, j] * grad(act_in[_u64(r), _u64(c)])
+
+    return dx_epilogue
+
+
+@functools.cache
+def _dx_epilogue_by_id(masked: bool):
+    """The dX epilogue chosen at run time by the layer below's ``ACT_ID`` (one of FOLDS_DX_ACT), as
+    the forward's: one uniform branch after the main loop. An id outside them stores nothing."""
+    identity, relu, leaky_relu, sigmoid, tanh = (_dx_epilogue(a, masked) for a in _DX_EPILOGUE_ACTS)
+    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id = (ACT_ID[a] for a in _DX_EPILOGUE_ACTS)
+
+    @cuda.jit(device=True, inline="always")
+    def dx_epilogue_by_id(act, acc, dx, act_in, m0, n0, mask):
+        if act == identity_id:
+            identity(acc, dx, act_in, m0, n0, mask)
+        elif act == relu_id:
+            relu(acc, dx, act_in, m0, n0, mask)
+        elif act == leaky_relu_id:
+            leaky_relu(acc, dx, act_in, m0, n0, mask)
+        elif act == sigmoid_id:
+            sigmoid(acc, dx, act_in, m0, n0, mask)
+        elif act == tanh_id:
+            tanh(acc, dx, act_in, m0, n0, mask)
+
+    return dx_epilogue_by_id
+
+
+_dx_epilogue_any = _dx_epilogue_by_id(False)
+_dx_epilogue_masked_any = _dx_epilogue_by_id(True)
+
+
+@cuda.jit(device=True, inline="always")
+def _dx_product(dz, w, rows_on_x, smem, acc):
+    """acc = this thread's share of the block's tile of dz @ w.T; returns the tile's origin."""
     unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
     m0, n0 = _tile_origin(rows_on_x)
     _zero_accumulators(acc)
     _dx_main_loop(dz, w, m0, n0, 0, dz.shape[1], smem, acc, unused_sums)
-    _store_tile(dx, acc, m0, n0)
+    return m0, n0
+
+
+@_tile_kernel
+def _dense_dx_kernel(dz, w, dx, act_in, rows_on_x, act):
+    """dx = (dz @ w.T) * act'(act_in): dz (B, out), w (in, out) -> dx (B, in); K runs over out,
+    both operands k-major. ``act``: the ACT_ID of the layer below (identity's: plain dx, act_in
+    unread), whose output act_in (B, in) is; dx is then that layer's dz."""
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
+    _dx_epilogue_any(act, acc, dx, act_in, m0, n0, ())
+
+
+@_tile_kernel
+def _dense_dx_masked_kernel(dz, w, dx, act_in, rows_on_x, act, key, threshold, scale, first_row, keep_prob):
+    """The dX kernel of a layer above one whose forward masked its output act_in: (dz @ w.T) *
+    scale * act'(act_in * keep_prob) where that mask (regenerated) kept, else 0; identity too."""
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+    m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
+    _dx_epilogue_masked_any(act, acc, dx, act_in, m0, n0, (key, threshold, scale, first_row, keep_prob))
 
 
 @cuda.jit(device=True, inline="always")
@@ -1238,11 +1340,24 @@ def _dense_dw(x, dz, dw, db, splits, rows_per_split, group_splits):
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None):
+                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
-    ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
+    ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output.
+
+    ``dx_act`` (the ``FOLDS_DX_ACT`` capability, one of its activations): the activation of the
+    layer below, whose input gradient dx is; the dX kernel's epilogue multiplies dx by its
+    derivative at ``dx_act_in`` (that layer's output), so dx comes back as that layer's dz, the
+    bits its own ``dense_dz`` would form, and its backward then runs as identity's.
+    ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in``
+    is then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would,
+    for identity too, and that layer's backward runs as an unmasked identity's."""
     if not (need_dx or need_dw):
         return None, None, None
+    if dx_act not in _DX_EPILOGUE_ACTS:
+        raise ValueError(f"dx_act: the dX kernel applies the derivative of {', '.join(_DX_EPILOGUE_ACTS)} "
+                         f"(those that read the output), not {dx_act!r}")
+    if dx_act_in is None and dx_act != "identity":
+        raise ValueError(f"dx_act_in: the output of the layer below is needed for dx_act={dx_act!r}")
     if dropout is not None:
         dz = _dropout_dz(dy, z if act in NEEDS_Z else y, act, dropout)
     elif act == "softmax":
@@ -1263,9 +1378,16 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         record("dense_dx")
         batch, in_features = dy.shape[0], w.shape[0]
         dx = out_dx if out_dx is not None else _new((batch, in_features), dy)
-        dzv = _view(dz)
+        dzv, dxv = _view(dz), _view(dx)
         grid, rows_on_x = tile_grid(batch, in_features)
-        _dense_dx_kernel[grid, TILE_THREADS, dzv.stream](dzv, _view(w), _view(dx), rows_on_x)
+        # identity's epilogue never reads act_in: dx stands in for it
+        args = (dzv, _view(w), dxv, dxv if dx_act == "identity" else _view(dx_act_in), rows_on_x,
+                np.int32(ACT_ID[dx_act]))
+        if dx_dropout is None:
+            _dense_dx_kernel[grid, TILE_THREADS, dzv.stream](*args)
+        else:
+            _dense_dx_masked_kernel[grid, TILE_THREADS, dzv.stream](*args, *_mask_args(dx_dropout),
+                                                                     np.float32(dx_dropout.keep_prob))
     return dx, dw, db
 
 
@@ -1748,7 +1870,9 @@ def kernel_variants() -> list[KernelVariant]:
     variants += [
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, types.int64, flag),
                       TILE_THREADS),
-        KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, flag), TILE_THREADS),
+        KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
+        KernelVariant("dense_dx", "dropout", _dense_dx_masked_kernel, (m, m, m, m, flag, i32, key, word, f32, i64, f32),
+                      TILE_THREADS),
         KernelVariant("softmax_fwd", "", _softmax_kernel, (m,), row_threads),
         KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
     ]
