@@ -168,60 +168,65 @@ def test_dense_writes_into_the_buffers_it_is_given(rng):
         assert_matches(actual, expected)
 
 
-# The dX kernel given the activation of the layer below (FOLDS_DX_ACT): each branch of its two
-# epilogues on a ragged shape, the masked one also across two row tiles and two column tiles.
-FOLDS = sorted(nb.FOLDS_DX_ACT)
-FOLD_CASES = ([(act, False, ODD_SHAPES[0]) for act in FOLDS if act != "identity"]
-              + [(act, True, ODD_SHAPES[0]) for act in FOLDS]
-              + [("sigmoid", True, (133, 20, 9)), ("relu", True, (3, 130, 9))])
+# The dX kernel given the activation of the layer below (FOLDS_DX_ACT: every one) on a ragged shape:
+# an act' applied in registers (relu, sigmoid) and one after the store (gelu); masked, the three
+# kinds of act' input (none, y * keep_prob, z), also across two row tiles and two column tiles.
+# The other activations take one of those two paths with their own act', which the dense_dz tests check.
+FOLD_CASES = ([(act, False, ODD_SHAPES[0]) for act in ("relu", "sigmoid", "gelu")]
+              + [(act, True, ODD_SHAPES[0]) for act in ("identity", "sigmoid", "gelu")]
+              + [("gelu_tanh", True, (133, 20, 9)), ("relu", True, (3, 130, 9))])
 
 
 @pytest.mark.parametrize("act, dropout, shape", FOLD_CASES,
                          ids=[f"{act}-{'masked' if dropout else 'plain'}-{'x'.join(map(str, shape))}"
                               for act, dropout, shape in FOLD_CASES])
 def test_dx_with_the_activation_below_is_that_layers_dz_bit_for_bit(rng, act, dropout, shape):
+    assert act in nb.FOLDS_DX_ACT
     check_dx_applies_the_activation_below(nb, rng, act, shape, "fp32", dropout=dropout)
 
 
-def test_dx_refuses_an_activation_below_whose_derivative_reads_z(rng):
+def test_dx_refuses_an_unknown_activation_below_or_a_missing_output(rng):
     x, w, _ = dense_inputs(rng, 5, 7, 6)
     dy, w_dev, x_dev = to_device(randn(rng, 5, 6), w, x)
     with trace() as t:
-        for act in sorted(set(ACTIVATIONS) - nb.FOLDS_DX_ACT):
-            with pytest.raises(ValueError, match=f"dx_act: .* not '{act}'"):
+        for act in ("softmax", "Relu"):
+            with pytest.raises(ValueError, match=f"dx_act: expected one of identity, .*, got '{act}'"):
                 nb.dense_backward(dy, None, w_dev, None, None, "identity", True, False, dx_act=act, dx_act_in=x_dev)
-        with pytest.raises(ValueError, match="dx_act_in: "):
-            nb.dense_backward(dy, None, w_dev, None, None, "identity", True, False, dx_act="relu")
+        with pytest.raises(ValueError, match="dx_act_in: .* needed for dx_act='gelu'"):
+            nb.dense_backward(dy, None, w_dev, None, None, "identity", True, False, dx_act="gelu")
     assert t.launches == []
 
 
-@pytest.mark.parametrize("planted", ["identity_for_every_act", "mask_ignored"])
+@pytest.mark.parametrize("planted", ["identity_epilogue_for_relu", "mask_ignored"])
 def test_the_fold_check_fails_on_a_planted_epilogue_bug(rng, monkeypatch, planted):
-    """The check above is not blind: an epilogue that skips act' below, or one that skips the mask."""
-    if planted == "identity_for_every_act":
-        monkeypatch.setattr(nb, "_dx_epilogue_any", lambda act, *args: nb._dx_epilogue("identity", False)(*args))
+    """The check above is not blind: relu's branch running identity's epilogue (act' skipped), or
+    the masked kernel running the unmasked epilogues (the mask skipped)."""
+    if planted == "identity_epilogue_for_relu":
+        with monkeypatch.context() as ids:
+            ids.setitem(nb.ACT_ID, "identity", nb.ACT_ID["relu"])
+            kernel = nb._dx_kernel(nb._dx_epilogues(("identity",), False), False)
+        monkeypatch.setattr(nb, "_dense_dx_kernel", kernel)
     else:
-        monkeypatch.setattr(nb, "_dx_epilogue_masked_any", nb._dx_epilogue_any)
+        monkeypatch.setattr(nb, "_dense_dx_masked_kernel", nb._dx_kernel(nb._dx_epilogues(nb._DX_FROM_Y, False), True))
     with pytest.raises(AssertionError):
         check_dx_applies_the_activation_below(nb, rng, "relu", ODD_SHAPES[0], "fp32",
                                               dropout=planted == "mask_ignored")
 
 
-def test_a_model_whose_dx_regenerate_the_masks_and_acts_below_gets_the_same_gradients_bit_for_bit():
-    """A relu layer under a Dropout, a gelu one, a linear one under a Dropout: the dX above the relu
-    and the linear layers forms their dz (act' and mask), no dz or dropout_dz pass runs for them,
-    the gelu layer (its derivative reads z) keeps its pass, and the gradients are bit for bit those
-    of a pass per layer."""
+def test_a_model_whose_dx_form_every_dz_below_gets_the_same_gradients_bit_for_bit():
+    """A relu layer under a Dropout, a gelu one, a linear one under a Dropout: the dX above each
+    forms its dz (act', from y or from z, and the mask), no dz or dropout_dz pass runs, and the
+    gradients are bit for bit those of a pass per layer."""
     grads, launches, plan = folded_step(nb, dropout=True)
     want, unfolded_launches, unfolded_plan = folded_step(nb, fold=False, dropout=True)
     assert_grads_equal(grads, want)
     for got in ((launches, plan), (unfolded_launches, unfolded_plan)):
         assert got[0] == [kernel for _, kernels in reversed(got[1]) for kernel in kernels]
-    assert [kernels for _, kernels in plan if "dropout_dz" in kernels or "dense_dz" in kernels] == [
-        ["dense_dz", "dense_dw", "dense_dx"]]  # the gelu layer's
-    assert unfolded_launches.count("dropout_dz") == 2
+    assert not {"dense_dz", "dropout_dz"} & set(launches)
+    assert Counter(unfolded_launches)["dropout_dz"] == 2 and Counter(unfolded_launches)["dense_dz"] == 1
     assert plan.notes == {"dense_0": "(its act' and dropout_1's mask are applied by dense_2's dX)",
                           "dropout_1": "(its mask is regenerated by dense_2's dX)",
+                          "dense_2": "(its act' is applied by dense_3's dX)",
                           "dense_3": "(its act' and dropout_4's mask are applied by dense_5's dX)",
                           "dropout_4": "(its mask is regenerated by dense_5's dX)"}
 
@@ -749,9 +754,10 @@ def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches()
                      "sgd_update", "adam_update", "rmsprop_update", "dropout_dz", "dropout_fwd"}
     # One forward kernel for every activation (passed at launch), and one with a dropout mask.
     assert sorted(v.variant for v in variants if v.name == "dense_fwd") == ["", "dropout"]
-    # One dX kernel for every activation below that it serves (passed at launch), and one that also
-    # regenerates that layer's mask.
-    assert sorted(v.variant for v in variants if v.name == "dense_dx") == ["", "dropout"]
+    # One dX kernel for the activations below whose act' reads y and one for those that read z (passed
+    # at launch), each with a twin that also regenerates that layer's mask.
+    assert sorted(v.variant for v in variants if v.name == "dense_dx") == ["", "dropout", "reads_z",
+                                                                           "reads_z,dropout"]
     assert {v.variant for v in variants if v.name == "dense_dz"} == set(ACTIVATIONS) - {"identity"}
     assert {v.variant for v in variants if v.name == "dropout_dz"} == set(ACTIVATIONS)
     assert len({(v.name, v.variant) for v in variants}) == len(variants)

@@ -1001,80 +1001,103 @@ _dw_main_loop = _gemm_main_loop("outer_major", "outer_major", True)
 
 
 # The activations of a layer below whose act' the dX kernel applies in its epilogue (the
-# FOLDS_DX_ACT capability): those whose derivative reads y, a select or two products an element.
-_DX_EPILOGUE_ACTS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
-assert set(_DX_EPILOGUE_ACTS) == {act for act in ACT_ID if act not in NEEDS_Z}
-FOLDS_DX_ACT = frozenset(_DX_EPILOGUE_ACTS)
+# FOLDS_DX_ACT capability): every one. Those whose derivative reads y, a select or two products an
+# element, are applied in registers; gelu's, gelu_tanh's and silu's read z through erf, tanh or a
+# division and are applied after the store, as the forward's _ACTIVATE_AFTER_STORE.
+# Two compiled kernels (each with a masked twin), so a model whose layers read y never compiles
+# the epilogues of those that read z.
+_DX_FROM_Y = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
+_DX_FROM_Z = tuple(sorted(NEEDS_Z))
+assert sorted(_DX_FROM_Y + _DX_FROM_Z) == sorted(ACTIVATIONS)
+FOLDS_DX_ACT = frozenset(_DX_FROM_Y + _DX_FROM_Z)
 
 
 @functools.cache
 def _dx_epilogue(act: str, masked: bool):
     """The dX kernel's epilogue for a layer below with activation ``act``: dx = acc * act'(act_in)
-    where inside dx, which is then that layer's dz. ``masked``: that layer's forward applied a
+    where inside dx, which is then that layer's dz; act_in is that layer's y, or z for the
+    activations whose derivative reads it (NEEDS_Z). ``masked``: that layer's forward applied a
     Dropout's mask, here regenerated (``mask`` is (key, threshold, scale, first_row, keep_prob)):
-    acc * scale * act'(act_in * keep_prob) where kept, else 0, in a second pass over the
-    thread's own stores of acc (no barrier: each thread reads what it wrote), one Philox call per
-    row and run of 4 columns, as the forward's _mask_tile (16 inlined Philox calls beside the
-    accumulators would push those to local memory). Unmasked, ``mask`` is () and unread. The
-    products are those of the layer's own dense_dz (_dz_prologue) or dropout_dz pass, in the same
-    order: the same bits."""
+    acc * scale * act'(y * keep_prob, or z) where kept, else 0, one Philox call per row and run
+    of 4 columns. Unmasked, ``mask`` is () and unread.
+    A masked epilogue, and one for a NEEDS_Z activation, stores acc as it is and applies the rest
+    in a second pass over the thread's own stores (no barrier: each thread reads what it wrote),
+    as the forward's _mask_tile: 16 inlined Philox calls, or 64 copies of erf, beside the
+    accumulators would push those to local memory. The products are those of the layer's own
+    dense_dz (_dz_prologue) or dropout_dz pass, in the same order: the same bits."""
     grad = _GRAD.get(act, _one)
+    after_store = masked or act in NEEDS_Z
+    scale_own = act not in NEEDS_Z  # y * keep_prob is the activation's own output; z is unmasked
 
     @cuda.jit(device=True, inline="always")
     def dx_epilogue(acc, dx, act_in, m0, n0, mask):
         row, col = _thread_tile(_tile_thread())
-        if masked:
-            key, threshold, scale, first_row, keep_prob = mask
-            _store_tile(dx, acc, m0, n0)
+        if not after_store:
             for i in range(THREAD_M):
                 r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
                 if r < dx.shape[0]:
-                    for run in range(THREAD_N // RUN):
-                        c0 = n0 + col + run * COL_RUN_GAP  # a multiple of 4: one Philox call for the run
-                        if c0 < dx.shape[1]:
-                            words = _mask_words(key, first_row + r, c0)
-                            for e in range(RUN):
-                                at = (_u64(r), _u64(c0 + e))
-                                if c0 + e < dx.shape[1]:
-                                    own = act_in[at] * keep_prob
-                                    dx[at] = _kept(dx[at], words[e], threshold, scale) * grad(own)
+                    for j in range(THREAD_N):
+                        c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
+                        if c < dx.shape[1]:
+                            dx[_u64(r), _u64(c)] = acc[i, j] * grad(act_in[_u64(r), _u64(c)])
             return
+        if masked:
+            key, threshold, scale, first_row, keep_prob = mask
+        _store_tile(dx, acc, m0, n0)
         for i in range(THREAD_M):
             r = m0 + row + (i // RUN) * ROW_RUN_GAP + i % RUN
             if r < dx.shape[0]:
-                for j in range(THREAD_N):
-                    c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
-                    if c < dx.shape[1]:
-                        dx[_u64(r), _u64(c)] = acc[i, j] * grad(act_in[_u64(r), _u64(c)])
+                for run in range(THREAD_N // RUN):
+                    c0 = n0 + col + run * COL_RUN_GAP  # a multiple of 4: one Philox call for the run
+                    if c0 < dx.shape[1]:
+                        if masked:
+                            words = _mask_words(key, first_row + r, c0)
+                        for e in range(RUN):
+                            at = (_u64(r), _u64(c0 + e))
+                            if c0 + e < dx.shape[1]:
+                                g = dx[at]
+                                own = act_in[at]
+                                if masked:
+                                    g = _kept(g, words[e], threshold, scale)
+                                    if scale_own:
+                                        own = own * keep_prob
+                                dx[at] = g * grad(own)
 
     return dx_epilogue
 
 
-@functools.cache
-def _dx_epilogue_by_id(masked: bool):
-    """The dX epilogue chosen at run time by the layer below's ``ACT_ID`` (one of FOLDS_DX_ACT), as
-    the forward's: one uniform branch after the main loop. An id outside them stores nothing."""
-    identity, relu, leaky_relu, sigmoid, tanh = (_dx_epilogue(a, masked) for a in _DX_EPILOGUE_ACTS)
-    identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id = (ACT_ID[a] for a in _DX_EPILOGUE_ACTS)
+@cuda.jit(device=True, inline="always")
+def _no_dx_epilogue(acc, dx, act_in, m0, n0, mask):
+    """An unused slot of _dx_epilogues."""
+
+
+_DX_SLOTS = 5  # the most activations one dX kernel serves (_DX_FROM_Y)
+
+
+def _dx_epilogues(acts, masked: bool):
+    """The dX epilogue chosen at run time by the layer below's ``ACT_ID``, one of ``acts``: one
+    uniform branch after the main loop, as the forward's _forward_epilogue_by_id; an id outside
+    ``acts`` stores nothing (the host refuses it first). A flat chain of _DX_SLOTS branches, the
+    unused ones never taken (a nested one, a closure per activation, compiles seconds slower)."""
+    assert len(acts) <= _DX_SLOTS
+    slots = [(ACT_ID[act], _dx_epilogue(act, masked)) for act in acts]
+    slots += [(-1, _no_dx_epilogue)] * (_DX_SLOTS - len(slots))
+    (id0, e0), (id1, e1), (id2, e2), (id3, e3), (id4, e4) = slots
 
     @cuda.jit(device=True, inline="always")
-    def dx_epilogue_by_id(act, acc, dx, act_in, m0, n0, mask):
-        if act == identity_id:
-            identity(acc, dx, act_in, m0, n0, mask)
-        elif act == relu_id:
-            relu(acc, dx, act_in, m0, n0, mask)
-        elif act == leaky_relu_id:
-            leaky_relu(acc, dx, act_in, m0, n0, mask)
-        elif act == sigmoid_id:
-            sigmoid(acc, dx, act_in, m0, n0, mask)
-        elif act == tanh_id:
-            tanh(acc, dx, act_in, m0, n0, mask)
+    def dx_epilogues(act, acc, dx, act_in, m0, n0, mask):
+        if act == id0:
+            e0(acc, dx, act_in, m0, n0, mask)
+        elif act == id1:
+            e1(acc, dx, act_in, m0, n0, mask)
+        elif act == id2:
+            e2(acc, dx, act_in, m0, n0, mask)
+        elif act == id3:
+            e3(acc, dx, act_in, m0, n0, mask)
+        elif act == id4:
+            e4(acc, dx, act_in, m0, n0, mask)
 
-    return dx_epilogue_by_id
-
-
-_dx_epilogue_any = _dx_epilogue_by_id(False)
-_dx_epilogue_masked_any = _dx_epilogue_by_id(True)
+    return dx_epilogues
 
 
 @cuda.jit(device=True, inline="always")
@@ -1087,25 +1110,36 @@ def _dx_product(dz, w, rows_on_x, smem, acc):
     return m0, n0
 
 
-@_tile_kernel
-def _dense_dx_kernel(dz, w, dx, act_in, rows_on_x, act):
-    """dx = (dz @ w.T) * act'(act_in): dz (B, out), w (in, out) -> dx (B, in); K runs over out,
-    both operands k-major. ``act``: the ACT_ID of the layer below (identity's: plain dx, act_in
-    unread), whose output act_in (B, in) is; dx is then that layer's dz."""
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-    m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
-    _dx_epilogue_any(act, acc, dx, act_in, m0, n0, ())
+def _dx_kernel(epilogue, masked: bool):
+    """A dX kernel ending in ``epilogue`` (a _dx_chain of masked epilogues when ``masked``):
+    dx = (dz @ w.T) * act'(act_in) of the layer below, ``act`` its ACT_ID (identity's: plain dx,
+    act_in unread) and act_in (B, in) its y or z; dx is then that layer's dz. dz (B, out), w
+    (in, out) -> dx (B, in); K runs over out, both operands k-major. The masked kernel takes that
+    layer's mask (key, threshold, scale, first_row) and keep probability as well."""
+    if masked:
+        @_tile_kernel
+        def dense_dx_masked_kernel(dz, w, dx, act_in, rows_on_x, act, key, threshold, scale, first_row, keep_prob):
+            smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+            acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+            m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
+            epilogue(act, acc, dx, act_in, m0, n0, (key, threshold, scale, first_row, keep_prob))
+
+        return dense_dx_masked_kernel
+
+    @_tile_kernel
+    def dense_dx_kernel(dz, w, dx, act_in, rows_on_x, act):
+        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+        acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
+        m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
+        epilogue(act, acc, dx, act_in, m0, n0, ())
+
+    return dense_dx_kernel
 
 
-@_tile_kernel
-def _dense_dx_masked_kernel(dz, w, dx, act_in, rows_on_x, act, key, threshold, scale, first_row, keep_prob):
-    """The dX kernel of a layer above one whose forward masked its output act_in: (dz @ w.T) *
-    scale * act'(act_in * keep_prob) where that mask (regenerated) kept, else 0; identity too."""
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
-    acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
-    m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
-    _dx_epilogue_masked_any(act, acc, dx, act_in, m0, n0, (key, threshold, scale, first_row, keep_prob))
+_dense_dx_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Y, False), False)
+_dense_dx_masked_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Y, True), True)
+_dense_dx_z_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Z, False), False)
+_dense_dx_z_masked_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Z, True), True)
 
 
 @cuda.jit(device=True, inline="always")
@@ -1353,11 +1387,11 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     for identity too, and that layer's backward runs as an unmasked identity's."""
     if not (need_dx or need_dw):
         return None, None, None
-    if dx_act not in _DX_EPILOGUE_ACTS:
-        raise ValueError(f"dx_act: the dX kernel applies the derivative of {', '.join(_DX_EPILOGUE_ACTS)} "
-                         f"(those that read the output), not {dx_act!r}")
+    if dx_act not in _DX_FROM_Y + _DX_FROM_Z:
+        raise ValueError(f"dx_act: expected one of {', '.join(_DX_FROM_Y + _DX_FROM_Z)}, got {dx_act!r}")
     if dx_act_in is None and dx_act != "identity":
-        raise ValueError(f"dx_act_in: the output of the layer below is needed for dx_act={dx_act!r}")
+        raise ValueError(f"dx_act_in: what act' of the layer below reads (its output, or z for "
+                         f"{', '.join(sorted(NEEDS_Z))}) is needed for dx_act={dx_act!r}")
     if dropout is not None:
         dz = _dropout_dz(dy, z if act in NEEDS_Z else y, act, dropout)
     elif act == "softmax":
@@ -1383,11 +1417,13 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         # identity's epilogue never reads act_in: dx stands in for it
         args = (dzv, _view(w), dxv, dxv if dx_act == "identity" else _view(dx_act_in), rows_on_x,
                 np.int32(ACT_ID[dx_act]))
+        reads_z = dx_act in NEEDS_Z
         if dx_dropout is None:
-            _dense_dx_kernel[grid, TILE_THREADS, dzv.stream](*args)
+            kernel = _dense_dx_z_kernel if reads_z else _dense_dx_kernel
+            kernel[grid, TILE_THREADS, dzv.stream](*args)
         else:
-            _dense_dx_masked_kernel[grid, TILE_THREADS, dzv.stream](*args, *_mask_args(dx_dropout),
-                                                                     np.float32(dx_dropout.keep_prob))
+            kernel = _dense_dx_z_masked_kernel if reads_z else _dense_dx_masked_kernel
+            kernel[grid, TILE_THREADS, dzv.stream](*args, *_mask_args(dx_dropout), np.float32(dx_dropout.keep_prob))
     return dx, dw, db
 
 
@@ -1861,6 +1897,7 @@ def kernel_variants() -> list[KernelVariant]:
     variants += [KernelVariant("dense_dz", act, _dense_dz_kernel(act), (v, v, v), ELEMENTWISE_THREADS)
                  for act in _GRAD]
     key, word, i64 = types.Array(types.uint32, 1, "C"), types.uint64, types.int64
+    dx_masked = (m, m, m, m, flag, i32, key, word, f32, i64, f32)
     variants.append(KernelVariant("dense_fwd", "dropout", _dense_forward_masked_kernel,
                                   (m, m, v, m, m, flag, i32, key, word, f32, i64), TILE_THREADS))
     variants += [KernelVariant("dropout_dz", act, _dropout_dz_kernel(act), (v, v, v, i64, key, word, f32, i64, f32),
@@ -1871,8 +1908,9 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, types.int64, flag),
                       TILE_THREADS),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
-        KernelVariant("dense_dx", "dropout", _dense_dx_masked_kernel, (m, m, m, m, flag, i32, key, word, f32, i64, f32),
-                      TILE_THREADS),
+        KernelVariant("dense_dx", "dropout", _dense_dx_masked_kernel, dx_masked, TILE_THREADS),
+        KernelVariant("dense_dx", "reads_z", _dense_dx_z_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
+        KernelVariant("dense_dx", "reads_z,dropout", _dense_dx_z_masked_kernel, dx_masked, TILE_THREADS),
         KernelVariant("softmax_fwd", "", _softmax_kernel, (m,), row_threads),
         KernelVariant("softmax_bwd", "", _softmax_backward_kernel, (m, m, m), row_threads),
     ]
