@@ -64,12 +64,6 @@ struct ActSet {
     static constexpr unsigned LIGHT = act_bit(ACT_IDENTITY) | act_bit(ACT_RELU) | act_bit(ACT_LEAKY_RELU) |
                                       act_bit(ACT_TANH);
     static constexpr unsigned HEAVY = ALL & ~LIGHT;
-    // The activations whose derivative reads the output, in a few instructions: the dX kernels'
-    // epilogues apply those of the layer below (dense_backward.cu, dense_backward_tf32.cu).
-    // gelu's, gelu_tanh's and silu's read z through erf, tanh or a division: unrolled over a
-    // thread's 64 accumulators in every dX kernel they doubled the backward files' compile time,
-    // so those layers keep their dz pass (cupy_backend.FOLDS_DX_ACT mirrors this set).
-    static constexpr unsigned FROM_Y = LIGHT | act_bit(ACT_SIGMOID);
 };
 
 template <int A>

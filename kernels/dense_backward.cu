@@ -11,9 +11,12 @@
 // the layer below is a dense layer too, its act' is applied in this layer's dX epilogue, in
 // registers, on the way out: the layer below then skips its dense_dz pass (which would read dy
 // and y and write dz, (B, out) each) and reads its dz as identity's. The epilogue multiplies the
-// same two floats dense_dz would, so dz is bitwise the same either way. It serves the
-// activations whose derivative reads y (ActSet::FROM_Y); a gelu, gelu_tanh or silu layer, and
-// the bottom layer of a chain, whose dy comes from elsewhere, run dense_dz.
+// same two floats dense_dz would, so dz is bitwise the same either way. It serves every
+// activation: those whose derivative reads y in registers; gelu, gelu_tanh and silu, whose
+// derivatives read z through erf, tanh or a division, after the plain store, in a pass over the
+// thread's own stores whose loops are not unrolled (dx_act_after_store: 64 unrolled copies of
+// erf in every dX kernel doubled this file's compile time). The bottom layer of a chain, whose
+// dy comes from elsewhere, runs dense_dz.
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major and C-contiguous. Tiles: gemm_tile.cuh (BK = 16, warp 32x64, thread 8x8),
 // BM x BN = 128x128 (256 threads) or 128x64 (128 threads), chosen by the host.
@@ -33,10 +36,10 @@
 //
 // dX launch: grid (ceil(B / BM), ceil(in / BN)); GEMM M = B, N = in, K = out. Each block
 // reads a BM x out slab of dz, an in-tile x out slab of W, writes BM x BN of dx; with an act
-// other than identity it also reads BM x BN of act_in (B, in: the layer below's output; identity
-// never touches it). The act' epilogues are chosen after the main loop, as in dense_forward.cu
-// (activations.cuh: with_activation), for the activations of ActSet::FROM_Y, whose derivative
-// reads the output; a layer with gelu, gelu_tanh or silu keeps its dense_dz pass.
+// other than identity it also reads BM x BN of act_in (B, in: the layer below's output, or its z
+// for gelu, gelu_tanh and silu; identity never touches it), and those three read back the tile
+// they stored. The act' epilogues are chosen after the main loop, as in dense_forward.cu
+// (activations.cuh: with_activation), for every activation.
 //
 // dW launch: grid (ceil(in / BM), ceil(out / BN), splits); GEMM M = in, N = out, K = B.
 // db comes from the same kernel, like cuBLASLt's BGRADB epilogue: each thread sums the dz
@@ -104,6 +107,22 @@ __device__ __forceinline__ void dx_product(const float* dz, const float* w, long
     gemm_mainloop<BM, BN, false>(a, b, 0, K, smem, acc);
 }
 
+// v (dx at columns col .. col+3 of row, col a multiple of 4) becomes the dz of the layer below:
+// v * act'(a), a its y or z there; DROPOUT: masked_dz (dropout.cuh) with the words of (row, col).
+// The products of that layer's dz pass, in its order: the same bits.
+template <int ACT, bool DROPOUT>
+__device__ __forceinline__ void dz_of_group(float (&v)[4], const float (&a)[4], long long row, long long col,
+                                            const DropoutMask& mask, float keep_prob) {
+    if constexpr (DROPOUT) {
+        const PhiloxWords words = mask.words(row, col);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = masked_dz<ACT>(v[j], a[j], words.w[j], mask, keep_prob);
+    } else if constexpr (ACT != ACT_IDENTITY) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] *= act_grad<ACT>(a[j], a[j]);
+    }
+}
+
 // dx = acc * act'(act_in) at this thread's columns jg .. jg+3 (col; valid_cols of them exist) of
 // every row it owns: act' of the layer below, whose dz this dX is. act_in is that layer's output
 // (M, N), unread for identity; vec: float4 loads and stores. DROPOUT: that layer's output carried
@@ -124,16 +143,36 @@ __device__ __forceinline__ void store_dx_columns(float* dx, const float* act_in,
             const int count = static_cast<int>(valid_cols < 4 ? valid_cols : 4);
             load_group(act_in, row * N + col, count, vec, a);
         }
-        float v[4];
-        if constexpr (DROPOUT) {
-            const PhiloxWords words = mask.words(row, col);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) v[j] = masked_dz<ACT>(acc[i][jg + j], a[j], words.w[j], mask, keep_prob);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) v[j] = acc[i][jg + j] * act_grad<ACT>(a[j], a[j]);
-        }
+        float v[4] = {acc[i][jg], acc[i][jg + 1], acc[i][jg + 2], acc[i][jg + 3]};
+        dz_of_group<ACT, DROPOUT>(v, a, row, col, mask, keep_prob);
         store4(dx, row * N + col, v, valid_cols, vec);
+    }
+}
+
+// For an act' that reads z (gelu, gelu_tanh, silu; act_in is z): dx as the identity epilogue
+// stored it, times act'(z) (and the mask), a group of four columns at a time in loops that are
+// not unrolled. Unrolled over 64 accumulators, erf or tanh doubled the file's compile time; here
+// each thread re-reads only what it stored itself (no barrier) after acc is dead.
+template <int ACT, bool DROPOUT>
+__device__ __forceinline__ void dx_act_after_store(float* dx, const float* z, const ThreadTile& tt, long long m0,
+                                                   long long n0, long long M, long long N, bool vec,
+                                                   const DropoutMask& mask, float keep_prob) {
+#pragma unroll 1
+    for (int i = 0; i < THREAD_M; ++i) {
+        const long long row = m0 + tt.row(i);
+        if (row >= M) continue;
+#pragma unroll 1
+        for (int jg = 0; jg < THREAD_N; jg += 4) {
+            const long long col = n0 + tt.col(jg);
+            const long long valid_cols = N - col;
+            if (valid_cols <= 0) continue;
+            const int count = valid_cols < 4 ? static_cast<int>(valid_cols) : 4;
+            float v[4], a[4];
+            load_group(dx, row * N + col, count, vec, v);
+            load_group(z, row * N + col, count, vec, a);
+            dz_of_group<ACT, DROPOUT>(v, a, row, col, mask, keep_prob);
+            store4(dx, row * N + col, v, valid_cols, vec);
+        }
     }
 }
 
@@ -153,8 +192,10 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const flo
         dx_product<BM, BN, false>(dz, w, M, N, K, m0, n0, smem, acc);
     }
 
-    with_activation<ActSet::FROM_Y>(act, [&](auto activation) {
+    with_activation<ActSet::ALL>(act, [&](auto activation) {
         constexpr int ACT = decltype(activation)::ID;
+        // Those that read z: the identity epilogue's plain store, then the after-store pass.
+        constexpr bool AFTER_STORE = act_needs_z<ACT>();
         const ThreadTile tt = ThreadTile::of<BM, BN>(threadIdx.x);
         const bool vec = N % 4 == 0 && aligned16(dx) && (ACT == ACT_IDENTITY || aligned16(act_in));
 #pragma unroll
@@ -162,13 +203,14 @@ __device__ __forceinline__ void dense_dx(const float* __restrict__ dz, const flo
             const long long col = n0 + tt.col(jg);
             const long long valid_cols = N - col;
             if (valid_cols <= 0) continue;
-            if constexpr (ACT == ACT_IDENTITY && !DROPOUT) {
+            if constexpr ((ACT == ACT_IDENTITY && !DROPOUT) || AFTER_STORE) {
                 store_acc_columns(dx, acc, jg, tt, m0, M, N, col, valid_cols, vec);
             } else {
                 store_dx_columns<ACT, DROPOUT>(dx, act_in, acc, jg, tt, m0, M, N, col, valid_cols, vec, mask,
                                                keep_prob);
             }
         }
+        if constexpr (AFTER_STORE) dx_act_after_store<ACT, DROPOUT>(dx, act_in, tt, m0, n0, M, N, vec, mask, keep_prob);
     });
 }
 

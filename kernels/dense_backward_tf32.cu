@@ -13,9 +13,9 @@
 // GEMMs whose hot loops hold nothing but data movement and mma (the derivative of gelu alone
 // costs more instructions per element than a k step has per mma). So the dW kernel serves
 // every activation and is compiled once. The dX kernel applies the act' of the layer below (its
-// act argument, one whose derivative reads y: ActSet::FROM_Y) in its epilogue, as
-// dense_backward.cu's does: that layer's dz kernel then only sums db (dense_dz_db_identity, which
-// stores nothing), or is not launched when it is frozen.
+// act argument, any activation) in its epilogue, as dense_backward.cu's does (in registers, or
+// for gelu, gelu_tanh and silu in a pass over its own stores): that layer's dz kernel then only
+// sums db (dense_dz_db_identity, which stores nothing), or is not launched when it is frozen.
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
@@ -131,10 +131,50 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
 
 // E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
 // (B, padded in) from round_bf16).
-// act_in: the output of the layer below, whose act' the epilogue applies (act, of ActSet::FROM_Y);
-// identity reads nothing. DROPOUT: that output carried a Dropout's mask (act_in is the masked
+// act_in: what act' of the layer below reads (its output, or z for gelu, gelu_tanh and silu),
+// which the epilogue applies (act); identity reads nothing. DROPOUT: that output carried a Dropout's mask (act_in is the masked
 // output), regenerated as its dz pass would (masked_dz); a pair's two columns (col even) are words
 // col % 4 and the next of the group's (dense_forward_tf32.cu's epilogue does the same).
+// v0, v1 (dx at columns col, col + 1 of row, col even) become the dz of the layer below:
+// v * act'(a), a its y or z there; DROPOUT: masked_dz with words col % 4 and the next of the
+// group's. The products of that layer's dz pass, in its order: the same bits.
+template <int ACT, bool DROPOUT>
+__device__ __forceinline__ void dz_of_pair(float& v0, float& v1, float a0, float a1, long long row, long long col,
+                                           const DropoutMask& mask, float keep_prob) {
+    if constexpr (DROPOUT) {
+        const PhiloxWords words = mask.words(row, col & ~3ll);
+        const bool upper = (col & 2) != 0;
+        v0 = masked_dz<ACT>(v0, a0, upper ? words.w[2] : words.w[0], mask, keep_prob);
+        v1 = masked_dz<ACT>(v1, a1, upper ? words.w[3] : words.w[1], mask, keep_prob);
+    } else if constexpr (ACT != ACT_IDENTITY) {
+        v0 *= act_grad<ACT>(a0, a0);
+        v1 *= act_grad<ACT>(a1, a1);
+    }
+}
+
+// For an act' that reads z (gelu, gelu_tanh, silu; z is the layer below's): dx as the identity
+// epilogue stored it, times act'(z) (and the mask), a pair at a time in a loop that is not
+// unrolled (unrolled over the 32 pairs, erf or tanh would multiply the file's compile time); each
+// thread re-reads only what it stored itself (no barrier).
+template <int ACT, bool DROPOUT>
+__device__ __forceinline__ void dx_act_after_store(float* dx, const float* z, const Tf32Fragment& frag, long long m0,
+                                                   long long n0, long long M, long long N, bool vector,
+                                                   const DropoutMask& mask, float keep_prob) {
+    using T = Tf32Tile;
+#pragma unroll 1
+    for (int p = 0; p < T::TILES_M * T::TILES_N * 2; ++p) {
+        const int i = p / (2 * T::TILES_N), j = (p / 2) % T::TILES_N, half = p % 2;
+        const long long row = m0 + frag.row(i, half), col = n0 + frag.col(j);
+        if (row >= M || col >= N) continue;
+        const bool pair = col + 1 < N;
+        float v0 = 0.0f, v1 = 0.0f, a0 = 0.0f, a1 = 0.0f;
+        read_pair(dx, row * N + col, v0, v1, pair, vector);
+        read_pair(z, row * N + col, a0, a1, pair, vector);
+        dz_of_pair<ACT, DROPOUT>(v0, v1, a0, a1, row, col, mask, keep_prob);
+        store_pair(dx, row * N + col, v0, v1, pair, vector);
+    }
+}
+
 template <class E, bool DROPOUT>
 __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* __restrict__ w,
                                              float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,
@@ -146,23 +186,20 @@ __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* 
     const long long n0 = static_cast<long long>(blockIdx.y) * T::BN;
     Tf32Fragment frag;
     mma_gemm(Operand<true, E>{dz, K, M}, Operand<true, E>{w, K, N}, 0, K, m0, n0, smem, frag);
-    with_activation<ActSet::FROM_Y>(act, [&](auto activation) {
+    with_activation<ActSet::ALL>(act, [&](auto activation) {
         constexpr int ACT = decltype(activation)::ID;
+        // Those that read z: the identity epilogue's plain store, then the after-store pass.
+        constexpr bool AFTER_STORE = act_needs_z<ACT>();
         const bool vector = pairs_aligned(dx, N) && (ACT == ACT_IDENTITY || pairs_aligned(act_in, N));
         tf32_for_each_pair(frag, m0, n0, M, N, [&](long long row, long long col, float v0, float v1, bool pair) {
-            float a0 = 0.0f, a1 = 0.0f;
-            if constexpr (ACT != ACT_IDENTITY) read_pair(act_in, row * N + col, a0, a1, pair, vector);
-            if constexpr (DROPOUT) {
-                const PhiloxWords words = mask.words(row, col & ~3ll);
-                const bool upper = (col & 2) != 0;
-                v0 = masked_dz<ACT>(v0, a0, upper ? words.w[2] : words.w[0], mask, keep_prob);
-                v1 = masked_dz<ACT>(v1, a1, upper ? words.w[3] : words.w[1], mask, keep_prob);
-            } else if constexpr (ACT != ACT_IDENTITY) {
-                v0 *= act_grad<ACT>(a0, a0);
-                v1 *= act_grad<ACT>(a1, a1);
+            if constexpr (!AFTER_STORE) {
+                float a0 = 0.0f, a1 = 0.0f;
+                if constexpr (ACT != ACT_IDENTITY) read_pair(act_in, row * N + col, a0, a1, pair, vector);
+                dz_of_pair<ACT, DROPOUT>(v0, v1, a0, a1, row, col, mask, keep_prob);
             }
             store_pair(dx, row * N + col, v0, v1, pair, vector);
         });
+        if constexpr (AFTER_STORE) dx_act_after_store<ACT, DROPOUT>(dx, act_in, frag, m0, n0, M, N, vector, mask, keep_prob);
     });
 }
 

@@ -228,17 +228,17 @@ def test_model_parts_are_the_modules_a_models_steps_build(cb, monkeypatch):
     # the dX kernels take the activation of the layer below, whose act' they apply
     assert cb.model_parts("dense_backward.cu", ["relu"]) == (
         "dense_dx_128x128:relu", "dense_dx_128x64:relu", "dense_dx_dropout_128x128:relu", "dense_dx_dropout_128x64:relu")
-    assert cb.model_parts("dense_backward_tf32.cu", ["relu", "gelu"]) == tuple(  # gelu's derivative reads z: no fold
-        f"dense_dx_{p}{dropout}:relu" for dropout in ("", "_dropout") for p in ("tf32", "bf16"))
+    assert cb.model_parts("dense_backward_tf32.cu", ["relu", "gelu"]) == tuple(
+        f"dense_dx_{p}{dropout}:{act}" for dropout in ("", "_dropout") for p in ("tf32", "bf16") for act in ("relu", "gelu"))
     made = recorded_modules(cb, monkeypatch)
     small_fused_step(cb, ["gelu", "relu"])
     built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
     assert built == set(cb.model_parts("fused_mlp.cu", ["identity", "relu", "gelu"])[:2])  # fp32's
     made.clear()
-    small_fused_step(cb, ["gelu", "relu"], fused=False)  # the head's dX applies relu's; relu's takes gelu's dz
+    small_fused_step(cb, ["gelu", "relu"], fused=False)  # the head's dX applies relu's, relu's dX gelu's
     built = {f"{only}:{'+'.join(acts)}" for filename, only, _, acts in made if acts}
-    assert {part for part in built if part.startswith("dense_dx")} == {"dense_dx_128x64:identity",
-                                                                        "dense_dx_128x64:relu"}
+    assert {part for part in built if part.startswith("dense_dx")} == {"dense_dx_128x64:relu",
+                                                                        "dense_dx_128x64:gelu"}
     assert built <= set(cb.model_parts("dense_forward.cu", ["identity", "relu", "gelu"])
                         + cb.model_parts("dense_backward.cu", ["identity", "relu", "gelu"]))
 

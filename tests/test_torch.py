@@ -205,7 +205,7 @@ def test_on_a_backend_whose_dx_applies_the_act_below_the_grads_are_the_same_and_
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     lowest = 0 if input_grad else min(i for i in range(3) if i not in frozen)
     what = "act' is" if dropout is None else "act' and its dropout's mask are"
-    folded = range(lowest, 2) if activation in cupy_backend.FOLDS_DX_ACT else ()  # gelu's derivative reads z
+    folded = range(lowest, 2) if activation in cupy_backend.FOLDS_DX_ACT else ()
     assert plans[True].notes == {f"dense_{i}": f"(its {what} applied by dense_{i + 1}'s dX)" for i in folded}
     assert plans[False].notes == {}
     if dropout is not None:

@@ -143,10 +143,10 @@ Optional capability: CUDA graphs (the cupy backend; the others do not have it)
         then None); ``guard``, the (1,) loss array, skips the update when the loss is not finite.
 
 Optional capability: act' in the dX epilogue (the cupy and numba backends; numpy does not have it)
-    A backend with ``FOLDS_DX_ACT`` (the set of activations it does this for; on both GPU backends
-    those whose derivative reads the output) takes more keywords in ``dense_backward``: ``dx_act``
-    (default "identity"), one of them, and ``dx_act_in``, the activation of the layer below and
-    what its act' reads (its output). The dX kernel then multiplies dx by that derivative in its epilogue, so dx comes back as the lower layer's dz,
+    A backend with ``FOLDS_DX_ACT`` (the set of activations it does this for; every one on both GPU
+    backends) takes more keywords in ``dense_backward``: ``dx_act`` (default "identity"), one of
+    them, and ``dx_act_in``, the activation of the layer below and what its act' reads (its
+    output, or its z for ``NEEDS_Z``'s). The dX kernel then multiplies dx by that derivative in its epilogue, so dx comes back as the lower layer's dz,
     bit for bit what that layer's own pass would form, and the lower layer's ``dense_backward``
     runs with ``act="identity"``: its dz costs no pass of its own (a tensor-core layer that trains
     still sums db in one). ``dx_dropout``: the ``philox.Mask`` the lower layer's forward applied

@@ -11,8 +11,8 @@ C-contiguous); it is the default backend when a GPU is present. The kernels:
   identity), then ``dx = dz @ W.T`` and ``dW = x.T @ dz`` with ``db`` reduced inside the dW
   kernel (split over the batch, reduced deterministically, when the layer is too small to
   fill the GPU). The dX kernels (here and on tensor cores) can apply the act' of the layer
-  below in their epilogue (``dx_act``, where that derivative reads the layer's output:
-  ``FOLDS_DX_ACT``), and regenerate its Dropout's mask, so that layer's dz costs no pass of its own;
+  below in their epilogue (``dx_act``, any activation: ``FOLDS_DX_ACT``), and regenerate its
+  Dropout's mask, so that layer's dz costs no pass of its own;
 - ``loss.cu``: softmax cross-entropy (label smoothing included), MSE, MAE, Huber, BCE and Poisson,
   value and gradient in one pass;
 - softmax output layers: the identity kernels around ``softmax_``/``softmax_backward``,
@@ -136,8 +136,9 @@ MULTI_CHUNK = 4 * REDUCE_THREADS
 MULTI_TENSOR_UPDATES = True
 MAX_MULTI_TABLES = 64  # tables kept per device (a model and its optimizer need one or two)
 # Optional capability (gpubp.backends): dX forms the dz of the layer below in its epilogue, for
-# these activations of it (kernels/activations.cuh ActSet::FROM_Y: the derivatives that read y).
-FOLDS_DX_ACT = frozenset(act for act in ACT_ID if act not in NEEDS_Z)
+# these activations of it: every one (kernels/dense_backward.cu: those that read y in registers,
+# those that read z in a pass over the tile after its store).
+FOLDS_DX_ACT = frozenset(ACT_ID)
 # Mirrors of kernels/fused_mlp.cu's Fused constants and plan layout.
 FUSED_MLP_MAX_WIDTH = 128
 FUSED_MLP_MAX_LAYERS = 8
