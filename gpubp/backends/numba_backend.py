@@ -45,7 +45,7 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 y) first and apply act() to what they read back, as 64 inlined copies of them
                 would push the accumulators out of registers. One compiled kernel for every
                 activation: it takes the activation's ACT_ID and branches once, uniformly, after
-                the main loop to the epilogue compiled for it (_forward_epilogue_by_id), so the
+                the main loop to the epilogue compiled for it (_by_act_id), so the
                 main loop is compiled once, not once per activation.
     dense_dz    dz = dy * act'(y or z), elementwise (_dz_prologue), once per dz element, before
                 the gradient GEMMs; they then read dz as a plain operand whatever the activation,
@@ -878,40 +878,47 @@ def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
                             y[_u64(r), _u64(c0 + e)] = _kept(y[_u64(r), _u64(c0 + e)], words[e], threshold, scale)
 
 
-def _forward_epilogue_by_id():
-    """The forward epilogue chosen at run time by the activation's ``ACT_ID``: one branch, uniform
-    across the grid, taken once after the main loop, to the epilogue compiled for that activation
-    (``_forward_epilogue``: its act() and whether it stores z stay fixed at compile time). An id
-    outside ``ACT_ID`` stores nothing."""
-    names = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
-    assert sorted(names) == sorted(ACTIVATIONS), "the chain below has a branch per activation"
-    identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_tanh, silu = (_forward_epilogue(a) for a in names)
-    (identity_id, relu_id, leaky_relu_id, sigmoid_id, tanh_id, gelu_id, gelu_tanh_id,
-     silu_id) = (ACT_ID[a] for a in names)
+@cuda.jit(device=True, inline="always")
+def _no_epilogue(a0, a1, a2, a3, a4, a5):
+    """An unused slot of _by_act_id."""
+
+
+def _by_act_id(epilogues: dict):
+    """One device function ``(act, a0, ..., a5)`` that calls the epilogue of ``epilogues``
+    ({ACT_ID: epilogue taking six arguments}) whose ACT_ID ``act`` is: one branch, uniform across
+    the grid, taken once after a kernel's main loop, so each epilogue keeps its activation fixed
+    at compile time and the main loop is compiled once for all of them. An id not in
+    ``epilogues`` runs nothing. A flat chain of a slot per activation, the unused ones never
+    taken: Numba inlines no star-args, and a nested chain (a closure per activation) compiles
+    seconds slower."""
+    slots = list(epilogues.items()) + [(-1, _no_epilogue)] * (len(ACTIVATIONS) - len(epilogues))
+    (id0, e0), (id1, e1), (id2, e2), (id3, e3), (id4, e4), (id5, e5), (id6, e6), (id7, e7) = slots
 
     @cuda.jit(device=True, inline="always")
-    def forward_epilogue_by_id(act, acc, b, y, z, m0, n0):
-        if act == identity_id:
-            identity(acc, b, y, z, m0, n0)
-        elif act == relu_id:
-            relu(acc, b, y, z, m0, n0)
-        elif act == leaky_relu_id:
-            leaky_relu(acc, b, y, z, m0, n0)
-        elif act == sigmoid_id:
-            sigmoid(acc, b, y, z, m0, n0)
-        elif act == tanh_id:
-            tanh(acc, b, y, z, m0, n0)
-        elif act == gelu_id:
-            gelu(acc, b, y, z, m0, n0)
-        elif act == gelu_tanh_id:
-            gelu_tanh(acc, b, y, z, m0, n0)
-        elif act == silu_id:
-            silu(acc, b, y, z, m0, n0)
+    def by_act_id(act, a0, a1, a2, a3, a4, a5):
+        if act == id0:
+            e0(a0, a1, a2, a3, a4, a5)
+        elif act == id1:
+            e1(a0, a1, a2, a3, a4, a5)
+        elif act == id2:
+            e2(a0, a1, a2, a3, a4, a5)
+        elif act == id3:
+            e3(a0, a1, a2, a3, a4, a5)
+        elif act == id4:
+            e4(a0, a1, a2, a3, a4, a5)
+        elif act == id5:
+            e5(a0, a1, a2, a3, a4, a5)
+        elif act == id6:
+            e6(a0, a1, a2, a3, a4, a5)
+        elif act == id7:
+            e7(a0, a1, a2, a3, a4, a5)
 
-    return forward_epilogue_by_id
+    return by_act_id
 
 
-_forward_epilogue_any = _forward_epilogue_by_id()
+# The forward epilogue chosen at run time by the activation's ACT_ID (_forward_epilogue: its act()
+# and whether it stores z stay fixed at compile time), arguments (acc, b, y, z, m0, n0).
+_forward_epilogue_any = _by_act_id({ACT_ID[act]: _forward_epilogue(act) for act in ACTIVATIONS})
 _fwd_main_loop = _gemm_main_loop("k_major", "outer_major", False)
 
 
@@ -1066,38 +1073,11 @@ def _dx_epilogue(act: str, masked: bool):
     return dx_epilogue
 
 
-@cuda.jit(device=True, inline="always")
-def _no_dx_epilogue(acc, dx, act_in, m0, n0, mask):
-    """An unused slot of _dx_epilogues."""
-
-
-_DX_SLOTS = 5  # the most activations one dX kernel serves (_DX_FROM_Y)
-
-
 def _dx_epilogues(acts, masked: bool):
-    """The dX epilogue chosen at run time by the layer below's ``ACT_ID``, one of ``acts``: one
-    uniform branch after the main loop, as the forward's _forward_epilogue_by_id; an id outside
-    ``acts`` stores nothing (the host refuses it first). A flat chain of _DX_SLOTS branches, the
-    unused ones never taken (a nested one, a closure per activation, compiles seconds slower)."""
-    assert len(acts) <= _DX_SLOTS
-    slots = [(ACT_ID[act], _dx_epilogue(act, masked)) for act in acts]
-    slots += [(-1, _no_dx_epilogue)] * (_DX_SLOTS - len(slots))
-    (id0, e0), (id1, e1), (id2, e2), (id3, e3), (id4, e4) = slots
-
-    @cuda.jit(device=True, inline="always")
-    def dx_epilogues(act, acc, dx, act_in, m0, n0, mask):
-        if act == id0:
-            e0(acc, dx, act_in, m0, n0, mask)
-        elif act == id1:
-            e1(acc, dx, act_in, m0, n0, mask)
-        elif act == id2:
-            e2(acc, dx, act_in, m0, n0, mask)
-        elif act == id3:
-            e3(acc, dx, act_in, m0, n0, mask)
-        elif act == id4:
-            e4(acc, dx, act_in, m0, n0, mask)
-
-    return dx_epilogues
+    """The dX epilogue chosen at run time by the layer below's ``ACT_ID``, one of ``acts``, with the
+    arguments (acc, dx, act_in, m0, n0, mask); an id outside ``acts`` stores nothing (the host
+    refuses it first)."""
+    return _by_act_id({ACT_ID[act]: _dx_epilogue(act, masked) for act in acts})
 
 
 @cuda.jit(device=True, inline="always")
