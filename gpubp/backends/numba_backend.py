@@ -62,10 +62,12 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 way the result depends on the split count and group size only, both fixed by the
                 shapes and the SM count, and is the same from run to run.
     dense_dx    dx = dz @ w.T (B, in); or, given the activation of the dense layer below (the
-                FOLDS_DX_ACT capability: identity, relu, leaky_relu, sigmoid, tanh, whose
-                derivatives read y), dx * act'(that layer's y) in the epilogue (_dx_epilogue),
-                which is that layer's dz: its own dense_dz pass is then not launched. One
-                compiled kernel, the activation passed at launch as for the forward.
+                FOLDS_DX_ACT capability: every activation), dx * act'(that layer's y, or z) in
+                the epilogue (_dx_epilogue), which is that layer's dz: its own dense_dz pass is
+                then not launched. An act' of y (identity, relu, leaky_relu, sigmoid, tanh) is
+                applied in registers; an act' of z (gelu, gelu_tanh, silu) in a second pass over
+                the thread's own stores. Two compiled kernels, one per kind, each taking the
+                activation at launch as the forward does.
                 backward_kernels() lists what dense_backward launches.
 
 Dropout (``gpubp.philox``: Philox4x32-10, the mask never stored)
