@@ -129,12 +129,6 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
     }
 }
 
-// E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
-// (B, padded in) from round_bf16).
-// act_in: what act' of the layer below reads (its output, or z for gelu, gelu_tanh and silu),
-// which the epilogue applies (act); identity reads nothing. DROPOUT: that output carried a Dropout's mask (act_in is the masked
-// output), regenerated as its dz pass would (masked_dz); a pair's two columns (col even) are words
-// col % 4 and the next of the group's (dense_forward_tf32.cu's epilogue does the same).
 // v0, v1 (dx at columns col, col + 1 of row, col even) become the dz of the layer below:
 // v * act'(a), a its y or z there; DROPOUT: masked_dz with words col % 4 and the next of the
 // group's. The products of that layer's dz pass, in its order: the same bits.
@@ -175,6 +169,11 @@ __device__ __forceinline__ void dx_act_after_store(float* dx, const float* z, co
     }
 }
 
+// E: float (tf32 products) or bf16_bits (dz (B, padded out), W (padded in, padded out) and x
+// (B, padded in) from round_bf16).
+// act_in: what act' of the layer below reads (its output, or z for gelu, gelu_tanh and silu),
+// which the epilogue applies (act); identity reads nothing. DROPOUT: that output carried a
+// Dropout's mask (act_in is the masked output), regenerated as its dz pass would (dz_of_pair).
 template <class E, bool DROPOUT>
 __device__ __forceinline__ void dense_dx_mma(const E* __restrict__ dz, const E* __restrict__ w,
                                              float* __restrict__ dx, const float* __restrict__ act_in, int B_, int in_,

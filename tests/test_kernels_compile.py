@@ -200,7 +200,7 @@ ACT_PARTS = {"dense_forward.cu": ("dense_fwd_128x64:relu", "dense_fwd_heavy_128x
                                   "dense_fwd_dropout_128x128:gelu", "dense_fwd_dropout_128x64:sigmoid+gelu_tanh"),
              "dense_backward.cu": ("dense_dx_128x64:sigmoid+tanh", "dense_dx_dropout_128x128:sigmoid",
                                    "dense_dx_dropout_128x64:identity+leaky_relu"),
-             "dense_backward_tf32.cu": ("dense_dx_tf32_dropout:relu", "dense_dx_bf16_dropout:sigmoid")}
+             "dense_backward_tf32.cu": ("dense_dx_tf32_dropout:relu", "dense_dx_bf16_dropout:gelu_tanh")}
 
 
 def test_every_kernel_that_takes_its_activation_at_launch_is_compiled_for_some_activations_alone():
