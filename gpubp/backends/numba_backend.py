@@ -1362,8 +1362,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
 
     ``dx_act`` (the ``FOLDS_DX_ACT`` capability, one of its activations): the activation of the
     layer below, whose input gradient dx is; the dX kernel's epilogue multiplies dx by its
-    derivative at ``dx_act_in`` (that layer's output), so dx comes back as that layer's dz, the
-    bits its own ``dense_dz`` would form, and its backward then runs as identity's.
+    derivative at ``dx_act_in`` (that layer's output, or its z for ``NEEDS_Z``'s activations), so
+    dx comes back as that layer's dz, the bits its own ``dense_dz`` would form, and its backward
+    then runs as identity's.
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in``
     is then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would,
     for identity too, and that layer's backward runs as an unmasked identity's."""
