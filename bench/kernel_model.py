@@ -454,29 +454,35 @@ def memory_of(profile: dict) -> dict:
 # ----------------------------------------------------------------------------- the report
 
 
-def shipped_fatbins(kernel_dir: Path) -> dict[str, Path] | None:
+def shipped_fatbins(kernel_dir: Path, sass_archs: list[str] | None = None) -> dict[str, Path] | None:
     """{unit: fatbin} from the shared build of the tree holding ``kernel_dir``
     (``bench/aot_build.py``: CMakeLists.txt's build, run once per set of inputs and reused), or
     None where that tree has no CMakeLists.txt. The build fails on a register spill, which
-    ``read_fatbin`` relies on: refused if CMakeLists.txt has lost the flags that make it so."""
+    ``read_fatbin`` relies on: refused if CMakeLists.txt has lost the flags that make it so.
+    ``sass_archs``: the architectures to build SASS for (by default every shipped one, so that the
+    report is written only from a build that every architecture passed)."""
     root = kernel_dir.parent
     if not (root / "CMakeLists.txt").is_file() or kernel_dir != root / "kernels":
         return None
     if not aot_build.strict(root):
         raise RuntimeError(f"{root / 'CMakeLists.txt'} no longer builds with {' '.join(aot_build.STRICT_FLAGS)}: "
                            "a fatbin would hide register spills; use --compile")
-    installed = aot_build.build(root)
+    installed = aot_build.build(root, sass=sass_archs)
     return {p.name: installed / f"{p.stem}.fatbin" for p in kernel_dir.glob("*.cu")}
 
 
 def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tuple[str, ...] = CUDA_ARCHS,
-                 from_fatbins: bool = True) -> dict:
+                 from_fatbins: bool = True, sass_archs: list[str] | None = None) -> dict:
     """Model every kernel in ``kernel_dir`` for ``archs`` (PRIMARY_ARCH first) and every Numba
     backend kernel (only where numba-cuda finds libNVVM; ``numba_unavailable`` says why not).
-    The CUDA C++ kernels are read from the shipped build's fatbins (``shipped_fatbins``) when
-    ``from_fatbins`` and the tree has a CMakeLists.txt, else compiled with nvcc -ptx and ptxas;
-    both give the same figures (tests/test_kernel_model.py checks it on planted kernels)."""
+    The CUDA C++ kernels are read from the shipped build's fatbins (``shipped_fatbins``, with SASS
+    for ``sass_archs``, by default every shipped architecture) when ``from_fatbins`` and the tree has a
+    CMakeLists.txt, else compiled with nvcc -ptx and ptxas; both give the same figures
+    (tests/test_kernel_model.py checks it on planted kernels)."""
     kernel_dir = Path(kernel_dir).resolve()
+    unbuilt = [arch for arch in archs if sass_archs is not None and arch.removeprefix("sm_") not in sass_archs]
+    if from_fatbins and unbuilt:
+        raise ValueError(f"sass_archs: {sass_archs} builds no SASS for {unbuilt}, which archs asks for")
     if kernel_dir.name != "kernels":
         raise ValueError(f"kernel_dir: expected a folder named kernels (its sha256 is taken as "
                          f"bench/gpu_summary.py takes it), got {kernel_dir}")
@@ -485,7 +491,7 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
     units = sorted((p.name for p in kernel_dir.glob("*.cu")), key=lambda u: -(kernel_dir / u).stat().st_size)
     with ThreadPoolExecutor(jobs) as pool:
         numba_done = pool.submit(numba_kernels, tools, jobs)
-        fatbins = pool.submit(shipped_fatbins, kernel_dir) if from_fatbins else None
+        fatbins = pool.submit(shipped_fatbins, kernel_dir, sass_archs) if from_fatbins else None
         memory, memory_workloads, memory_missing = memory_figures(kernel_dir)
         fatbins = fatbins.result() if fatbins else None
         per_unit = {unit: pool.submit(cuda_unit, unit, kernel_dir, archs, tools, fatbins and fatbins[unit])

@@ -8,7 +8,10 @@ from the fatbins of the CMake build (bench/aot_build.py), which tests/test_kerne
 checks and shares, instead of being compiled a second time: that build fails on a register
 spill for every architecture, and a planted source built both ways shows the fatbin gives the
 figures ptxas gives. The Numba PTX is the compile tests/test_numba_backend.py shares. The
-report's sm_80 figures are not rebuilt here, to keep CI short.
+build makes sm_90's SASS alone, and the report's sm_80 figures are not rebuilt here, to keep CI
+short: the committed report must be of the kernels as they are, and bench/kernel_model.py writes
+it only from a build of every shipped architecture, with spills as errors; a planted pair of
+files shows that a build of sm_90 alone gives the full build's sm_90 code.
 
 The SASS reader is shown not to be blind on planted sources whose answers are known: loops
 with a known FFMA or HMMA count, nested and sibling loops, a kernel that spills, a kernel
@@ -46,7 +49,7 @@ def committed() -> dict:
 def fresh() -> dict:
     if NVCC is None:
         pytest.skip(NO_NVCC)
-    return km.build_report(archs=(km.PRIMARY_ARCH,))
+    return km.build_report(archs=(km.PRIMARY_ARCH,), sass_archs=km.aot_build.archs_under_test())
 
 
 def comparable(committed: dict, fresh: dict) -> dict:
@@ -69,6 +72,19 @@ def problems_of(kind: str, committed: dict, fresh: dict) -> list[str]:
 
 def toolchains(committed: dict, fresh: dict) -> str:
     return f"toolchain of the committed report: {committed['toolchain']}; here: {fresh['toolchain']}"
+
+
+def test_the_committed_report_is_of_the_kernels_as_they_are(committed):
+    """Every kernel change re-runs the model; its report is also the only build of the
+    architectures other than sm_90 that a change must pass (spills are errors there)."""
+    assert committed["kernels_sha256"] == km.kernels_sha256(ROOT), (
+        "kernels/ changed since bench/results/kernel_model.json was written: run "
+        "PYTHONPATH=. python bench/kernel_model.py and commit its report")
+
+
+def test_the_report_refuses_an_architecture_the_build_makes_no_sass_for():
+    with pytest.raises(ValueError, match="sass_archs: .* no SASS for .*sm_80"):
+        km.build_report(archs=("sm_90", "sm_80"), sass_archs=["90"])
 
 
 def test_no_kernel_spills(committed, fresh):
@@ -372,12 +388,16 @@ def test_numba_variants_are_named_by_origin_flags_and_differing_argument_types()
 PLANTED_MMA_HEADER = r"""
 #pragma once
 // m16n8k8 TF32 mma.sync, as kernels/mma.cuh wraps it: including a header of this name is
-// what makes the build compile a file's front end for compute_80.
+// what makes the build compile a file's front end for compute_80. Older code traps.
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
 }
 """
 
@@ -577,6 +597,49 @@ def test_a_fatbin_gives_the_figures_ptxas_gives(planted_dir, tmp_path):
                     figures = {**figures, "spill_bytes": 0}
                 assert read[arch][name] == figures, (arch, name)
     assert compiled["sm_90"]["planted_mma_loops"]["peak"] == "tensor"
+
+
+# A loop with FFMA that spills nowhere (the planted SIMT file's spilling kernel would fail a build).
+PLANTED_FFMA = r"""
+extern "C" __global__ void __launch_bounds__(128) planted_axpy_loop(float* y, const float* x, float a, int n) {
+    float acc = y[threadIdx.x];
+    for (int i = 0; i < n; ++i) acc = fmaf(a, x[i * 128 + threadIdx.x], acc);
+    y[threadIdx.x] = acc;
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+def test_a_build_of_some_architectures_sass_is_the_full_builds_for_them(tmp_path):
+    """CMakeLists.txt's GPUBP_SASS_ARCHS (what the suite builds: sm_90 alone) changes which SASS a
+    fatbin holds, not the PTX it is made from: a planted tensor-core file's sm_90 code, and
+    another's, is the full build's."""
+    root = tmp_path / "tree"
+    (root / "kernels").mkdir(parents=True)
+    (root / "kernels" / "mma.cuh").write_text(PLANTED_MMA_HEADER)
+    (root / "kernels" / "tensor.cu").write_text(PLANTED_TENSOR)
+    (root / "kernels" / "simt.cu").write_text(PLANTED_FFMA)
+    shutil.copy(ROOT / "CMakeLists.txt", root / "CMakeLists.txt")
+    full = km.aot_build.build(root, cache=tmp_path / "cache")
+    alone = km.aot_build.build(root, cache=tmp_path / "cache", sass=["90"])
+    assert full != alone
+    cuobjdump = km.cuda_tool("cuobjdump")
+    for unit in ("simt", "tensor"):
+        listed = subprocess.run([cuobjdump, "--list-elf", str(alone / f"{unit}.fatbin")], capture_output=True,
+                                text=True, check=True).stdout
+        assert re.findall(r"\.(sm_\d+)\.cubin", listed) == ["sm_90"], listed
+        code = [subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", str(folder / f"{unit}.fatbin")],
+                               capture_output=True, text=True, check=True).stdout for folder in (full, alone)]
+        assert "FFMA" in code[0] or "HMMA" in code[0]
+        assert code[0] == code[1], unit
+
+
+def test_cmake_refuses_sass_for_an_architecture_it_does_not_ship(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found on PATH")
+    done = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DGPUBP_SASS_ARCHS=70;90"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "GPUBP_SASS_ARCHS: 70 is not one of GPUBP_CUDA_ARCHS" in done.stderr, done.stderr
 
 
 RES_USAGE = """

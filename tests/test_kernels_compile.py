@@ -1,22 +1,26 @@
 """The CUDA kernels build on a machine without a GPU: nvcc via CMake, NVRTC, and packaging.
 
 - One CMake build (configure, build, install into a temporary folder) compiles every
-  ``kernels/*.cu`` for every architecture in ``CMakeLists.txt`` with warnings and register
-  spills as errors; the tests below check what it produced. Without cmake, the same nvcc
-  command runs directly. Skipped, with the reason, when nvcc is absent. The build is
-  ``bench/aot_build.py``'s, cached by its inputs and shared with the kernel model
-  (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles it once.
+  ``kernels/*.cu`` with warnings and register spills as errors; the tests below check what it
+  produced. Without cmake, the same nvcc command runs directly. Skipped, with the reason, when
+  nvcc is absent. The build is ``bench/aot_build.py``'s, cached by its inputs and shared with
+  the kernel model (tests/test_kernel_model.py reads its sm_90 code), so a test session compiles
+  it once. It builds the SASS of sm_90 alone (``GPUBP_SASS_ARCHS``; from the PTX the full build
+  compiles, so the same SASS): the other architectures' ptxas runs, and the compute_75 front end
+  of the tensor-core files, would double a 2-core machine's build. ``bench/kernel_model.py``
+  builds every architecture, and tests/test_kernel_model.py requires its committed report to be
+  of the kernels as they are. ``GPUBP_TEST_ARCHS=all`` (or a list such as ``75,80``) builds
+  those architectures here too.
 - NVRTC (what the CuPy backend uses when no matching fatbin is installed) compiles the
   include-expanded sources that the backend hands it as CuPy 14 does, one module per GEMM kernel
   and one for a file's other kernels (``cupy_backend.kernel_parts``), and some modules built for
   the activations a model launches (``ACT_PARTS``), to an sm_XX cubin, so ptxas runs here
   (register spills, the static shared-memory limit); through libnvrtc and ctypes
   (bench/nvrtc_build.py), no GPU or CuPy needed. Skipped when no libnvrtc is found (``pip install
-  nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. By default NVRTC compiles
-  for the newest shipped architecture only (sm_90, the H100/H200 the kernels are tuned for):
-  each architecture costs a whole front end and ptxas run, minutes per kernel file on a 2-core
-  machine, and the CMake build above already compiles every architecture with spills as
-  errors. ``GPUBP_NVRTC_ARCHS=all`` (or a list such as ``80,86``) compiles those instead.
+  nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. NVRTC compiles for the
+  architectures of ``GPUBP_TEST_ARCHS`` too, by default sm_90 alone (the H100/H200 the kernels
+  are tuned for): each architecture costs a whole front end and ptxas run, minutes per kernel
+  file on a 2-core machine.
 - ``python -m gpubp info`` says where NVRTC and the CUDA headers are, and the CUDA extras
   bring them.
 - The sources are found through ``importlib.resources`` in a built wheel.
@@ -68,25 +72,35 @@ def test_nvcc_13_supports_every_shipped_arch():
 
 @pytest.fixture(scope="module")
 def aot_build():
-    """Build every kernel file once; returns the folder holding the fatbins (and manifest).
-    The build is bench/aot_build.py's, shared through the temporary folder with the kernel
-    model (tests/test_kernel_model.py), which reads its sm_90 code instead of compiling again."""
+    """Build every kernel file once, with the SASS of ``aot.archs_under_test()``; returns the folder
+    holding the fatbins (and manifest). The build is bench/aot_build.py's, shared through the
+    temporary folder with the kernel model (tests/test_kernel_model.py), which reads its sm_90
+    code instead of compiling again."""
     if NVCC is None:
         pytest.skip("nvcc not found on PATH: cannot compile the CUDA kernels")
     try:
-        return aot.build(REPO)
+        return aot.build(REPO, sass=aot.archs_under_test())
     except aot.BuildFailed as failed:
         pytest.fail(str(failed))
 
 
+def fatbin_images(fatbin: Path) -> tuple[list[str], list[str]]:
+    """The architectures of ``fatbin``'s SASS (ELF) images and of its PTX, as cuobjdump lists them."""
+    cuobjdump = kernel_model.cuda_tool("cuobjdump")
+    listed = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(fatbin)], capture_output=True, text=True,
+                            check=True).stdout
+    return sorted(re.findall(r"ELF file\s+\d+:.*\.(sm_\d+)\.cubin", listed)), \
+        sorted(re.findall(r"PTX file\s+\d+:.*\.(sm_\d+)\.ptx", listed))
+
+
 @pytest.mark.parametrize("unit", UNITS)
-def test_kernel_compiles_for_every_shipped_arch(aot_build, unit):
+def test_kernel_compiles_to_the_sass_asked_for_and_the_ptx_it_is_made_from(aot_build, unit):
+    """sm_90's SASS (and any GPUBP_TEST_ARCHS adds), and the PTX a newer GPU JITs: compute_75's,
+    or compute_80's for the tensor-core files."""
     fatbin = aot_build / unit.replace(".cu", ".fatbin")
-    assert fatbin.stat().st_size > 0
-    # A fatbin names each embedded image's architecture in its ELF/PTX headers.
-    image = fatbin.read_bytes()
-    for arch in shipped_archs():
-        assert f"sm_{arch}".encode() in image, f"{fatbin.name} has no sm_{arch} code"
+    elf, ptx = fatbin_images(fatbin)
+    assert elf == [f"sm_{arch}" for arch in aot.archs_under_test()], fatbin.name
+    assert ptx == [f"sm_{80 if uses_tensor_cores(unit) else shipped_archs()[0]}"], fatbin.name
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -102,17 +116,19 @@ def test_cmake_manifest_matches_the_shipped_sources(aot_build):
     if CMAKE is None:
         pytest.skip("cmake not found on PATH")
     manifest = (aot_build / cupy_backend.AOT_MANIFEST).read_text().splitlines()
-    assert manifest[0].split()[1:] == shipped_archs()
+    assert manifest[0].split()[1:] == aot.archs_under_test()  # those with SASS
     built = {line.split()[2]: line.split()[1] for line in manifest[1:]}
     assert built == cupy_backend.source_hashes()
 
 
-def test_backend_accepts_the_installed_fatbins_only_for_shipped_archs(aot_build, monkeypatch):
+def test_backend_accepts_the_installed_fatbins_only_for_the_archs_they_hold(aot_build, monkeypatch):
     if CMAKE is None:
         pytest.skip("cmake not found on PATH")
     monkeypatch.setenv(cupy_backend.AOT_ENV, str(aot_build))
     assert cupy_backend._aot_mismatch(shipped_archs()[-1]) is None
     assert "none of which runs on sm_70" in cupy_backend._aot_mismatch("70")
+    if "75" not in aot.archs_under_test():  # no sm_75 SASS built: NVRTC's, not a fatbin that lacks it
+        assert "none of which runs on sm_75" in cupy_backend._aot_mismatch("75")
 
 
 def test_the_fatbins_serve_every_gpu_of_a_major_version_from_its_shipped_minor_up(tmp_path, monkeypatch):
@@ -132,7 +148,7 @@ def test_the_fatbins_serve_every_gpu_of_a_major_version_from_its_shipped_minor_u
 
 def test_the_build_is_shared_and_found_again_without_compiling(aot_build):
     """A second caller (the kernel model on another pytest-xdist worker) gets the same folder."""
-    assert aot.build(REPO) == aot_build
+    assert aot.build(REPO, sass=aot.archs_under_test()) == aot_build
     assert (aot_build.parent / "complete").is_file()
 
 
@@ -147,6 +163,7 @@ def test_the_shared_build_is_keyed_by_every_input(tmp_path):
         assert aot.key(tmp_path) != before, changed.name
         changed.write_text(text)
     assert aot.key(tmp_path) == before
+    assert aot.key(tmp_path, sass=["90"]) != before and aot.key(tmp_path, sass=shipped_archs()) == before
 
 
 def test_the_build_fails_on_a_spill_so_a_built_fatbin_has_none(tmp_path):
@@ -163,26 +180,6 @@ def test_the_build_fails_on_a_spill_so_a_built_fatbin_has_none(tmp_path):
 nvrtc = load("nvrtc_build")  # libnvrtc through ctypes, as CuPy 14 compiles on a GPU
 LIBNVRTC = nvrtc.LIBNVRTC
 needs_nvrtc = pytest.mark.skipif(LIBNVRTC is None, reason="no libnvrtc found (pip install nvidia-cuda-nvrtc provides one)")
-
-
-NVRTC_ARCHS_ENV = "GPUBP_NVRTC_ARCHS"
-
-
-def nvrtc_archs() -> list[str]:
-    """The architectures the NVRTC test compiles for: ``GPUBP_NVRTC_ARCHS`` ("all", or a
-    comma-separated list of shipped ones), by default the newest shipped architecture."""
-    shipped = shipped_archs()
-    wanted = os.environ.get(NVRTC_ARCHS_ENV, "").strip()
-    if not wanted:
-        return shipped[-1:]
-    if wanted == "all":
-        return shipped
-    archs = [a.strip().removeprefix("sm_") for a in wanted.split(",") if a.strip()]
-    unknown = [a for a in archs if a not in shipped]
-    if unknown or not archs:
-        raise ValueError(f"{NVRTC_ARCHS_ENV}={wanted!r}: expected 'all' or a comma-separated list of the shipped "
-                         f"architectures {shipped}")
-    return archs
 
 
 # Register spills ptxas reports when NVRTC compiles straight for an architecture, as CuPy does:
@@ -216,10 +213,10 @@ def test_every_kernel_that_takes_its_activation_at_launch_is_compiled_for_some_a
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     """Every NVRTC module of ``unit`` that preload builds, and some that a model's first step builds
-    (``ACT_PARTS``), for each architecture of ``nvrtc_archs``."""
+    (``ACT_PARTS``), for each architecture of ``aot.archs_under_test()``."""
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
-    archs = nvrtc_archs()
+    archs = aot.archs_under_test()
     builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *ACT_PARTS.get(unit, ()))]
     # NVRTC compiles concurrently from several threads: one per core.
     with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
@@ -233,18 +230,18 @@ def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     assert spills == {arch: known for (file, arch), known in KNOWN_NVRTC_SPILLS.items() if file == unit and arch in archs}
 
 
-def test_the_nvrtc_architectures_default_to_the_newest_and_a_bad_choice_names_the_variable(monkeypatch):
+def test_the_test_architectures_default_to_the_newest_and_a_bad_choice_names_the_variable(monkeypatch):
     shipped = shipped_archs()
-    monkeypatch.delenv(NVRTC_ARCHS_ENV, raising=False)
-    assert nvrtc_archs() == [shipped[-1]]
-    monkeypatch.setenv(NVRTC_ARCHS_ENV, "all")
-    assert nvrtc_archs() == shipped
-    monkeypatch.setenv(NVRTC_ARCHS_ENV, f"sm_{shipped[0]}, {shipped[-1]}")
-    assert nvrtc_archs() == [shipped[0], shipped[-1]]
+    monkeypatch.delenv(aot.TEST_ARCHS_ENV, raising=False)
+    assert aot.archs_under_test() == [shipped[-1]]
+    monkeypatch.setenv(aot.TEST_ARCHS_ENV, "all")
+    assert aot.archs_under_test() == shipped
+    monkeypatch.setenv(aot.TEST_ARCHS_ENV, f"sm_{shipped[1]}, {shipped[0]}")
+    assert aot.archs_under_test() == [shipped[0], shipped[1], shipped[-1]]  # in shipped order, the newest always
     for bad in ("70", "all,80", ","):
-        monkeypatch.setenv(NVRTC_ARCHS_ENV, bad)
-        with pytest.raises(ValueError, match=NVRTC_ARCHS_ENV):
-            nvrtc_archs()
+        monkeypatch.setenv(aot.TEST_ARCHS_ENV, bad)
+        with pytest.raises(ValueError, match=aot.TEST_ARCHS_ENV):
+            aot.archs_under_test()
 
 
 # 49,156 bytes of static shared memory, 4 past the 48 KiB a block may declare statically.
