@@ -10,6 +10,7 @@ one of N parts of a run (the sanitizer reruns of one file are split so).
 """
 
 import os
+import sys
 
 # The suite runs many small matrix products; one BLAS thread is faster for those and keeps
 # timings steady on a shared 2-core machine. Must be set before NumPy loads.
@@ -25,6 +26,11 @@ if SIMULATOR:  # blocks that wait on events instead of polling their threads: si
     import simulator_blocks
 
     simulator_blocks.install_on_import()
+    # The simulator runs each thread of a block as a Python thread. They give up the GIL at every
+    # barrier and at their end anyway; the interpreter's forced switch every 5 ms only adds GIL
+    # hand-offs among them (system time). Every 50 ms took about a tenth off the Numba tests'
+    # CPU time on a 2-core machine, and no test here times a thread finer than that.
+    sys.setswitchinterval(0.05)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
