@@ -75,7 +75,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
 from gpubp import _checks, _random, activations, backends, philox
 from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, dz_formed_above,
-                          plan_backward)
+                          folded_note, plan_backward)
 
 # The parameters' dtype, and the products' math: "tf32" and "bf16" keep fp32 parameters and run
 # the products on tensor cores on CUDA tensors (as Sequential(precision=...) does).
@@ -174,8 +174,7 @@ class MLP(nn.Module):
             act = acts[i]
             if i in folded:  # its dz comes from the dX above: it runs as an unmasked identity layer
                 act, masked = "identity", {}
-                what = "act' is" if layer.dropout is None else "act' and its dropout's mask are"
-                notes[f"dense_{i}"] = f"(its {what} applied by dense_{i + 1}'s dX)"
+                notes[f"dense_{i}"] = folded_note(f"dense_{i + 1}", None if layer.dropout is None else "its dropout")
             entries.append((f"dense_{i}", backend.backward_kernels(act, need_dx, need_dw, self.math, **masked)))
         return BackwardPlan(entries, notes)
 
