@@ -8,11 +8,12 @@
 ``GPUBP_SASS_ARCHS``, from the same PTX), into a folder of the temporary directory named by a
 hash of everything that goes in: ``CMakeLists.txt``, every ``kernels/*.cu`` and ``*.cuh``,
 nvcc's and cmake's versions, the SASS architectures, and this file. The test suite builds the
-architectures of ``archs_under_test()``: sm_90's alone unless ``GPUBP_TEST_ARCHS`` says otherwise. A second caller (another pytest-xdist
-worker: ``tests/test_kernels_compile.py`` checks the fatbins, ``bench/kernel_model.py`` reads
-their sm_90 and sm_80 code) waits on a file lock and reuses the first one's build instead of
-compiling every kernel again. A build that fails is not kept. It is built in place (CMake's build folder keeps absolute
-paths) and marked whole by a ``complete`` file written last.
+SASS of ``archs_under_test()``: sm_90's alone unless ``GPUBP_TEST_ARCHS`` adds others. A second
+caller (another pytest-xdist worker: ``tests/test_kernels_compile.py`` checks the fatbins,
+``bench/kernel_model.py`` reads their sm_90 and sm_80 code) waits on a file lock and reuses the
+first one's build instead of compiling every kernel again. A build that fails is not kept. It is
+built in place (CMake's build folder keeps absolute paths) and marked whole by a ``complete``
+file written last.
 
 The folder holds ``installed/`` (the fatbins and ``manifest.txt``, what ``cmake --install``
 puts in ``gpubp/_aot``), ``build.log`` (``cmake --build``'s output, one ``<unit> -> <fatbin>``
@@ -153,8 +154,8 @@ def _nvcc_directly(root: Path, out: Path, sass: list[str] | None) -> None:
     """The nvcc commands CMakeLists.txt runs, for a machine without cmake (no manifest)."""
     out.mkdir(parents=True)
     for unit in sorted((root / "kernels").glob("*.cu")):
-        done = subprocess.run(["nvcc", *common_flags(root), *gencode(root, unit.name, sass), "-o", str(out / f"{unit.stem}.fatbin"),
-                               str(unit)], capture_output=True, text=True)
+        done = subprocess.run(["nvcc", *common_flags(root), *gencode(root, unit.name, sass),
+                               "-o", str(out / f"{unit.stem}.fatbin"), str(unit)], capture_output=True, text=True)
         if done.returncode:
             raise BuildFailed(f"nvcc {unit.name} failed:\n{done.stdout[-6000:]}{done.stderr[-6000:]}")
 

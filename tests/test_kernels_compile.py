@@ -166,6 +166,22 @@ def test_the_shared_build_is_keyed_by_every_input(tmp_path):
     assert aot.key(tmp_path, sass=["90"]) != before and aot.key(tmp_path, sass=shipped_archs()) == before
 
 
+def test_without_cmake_nvcc_gets_the_gencodes_cmake_gives_it():
+    """The fallback's flags, as CMakeLists.txt forms them: PTX for compute_75 (compute_80 for the
+    tensor-core files, whose sm_75 SASS keeps compute_75's), SASS for the architectures asked for."""
+    plain, tensor = "dropout.cu", "dense_forward_tf32.cu"
+    assert uses_tensor_cores(tensor) and not uses_tensor_cores(plain)
+    assert aot.gencode(REPO, plain) == ["-gencode", "arch=compute_75,code=[sm_75,sm_80,sm_90,compute_75]"]
+    assert aot.gencode(REPO, plain, ["90"]) == ["-gencode", "arch=compute_75,code=[sm_90,compute_75]"]
+    assert aot.gencode(REPO, tensor) == ["-gencode", "arch=compute_75,code=[sm_75]",
+                                         "-gencode", "arch=compute_80,code=[sm_80,sm_90,compute_80]"]
+    assert aot.gencode(REPO, tensor, ["90"]) == ["-gencode", "arch=compute_80,code=[sm_90,compute_80]"]
+    assert aot.gencode(REPO, tensor, ["75"]) == ["-gencode", "arch=compute_75,code=[sm_75]",
+                                                 "-gencode", "arch=compute_80,code=[compute_80]"]
+    with pytest.raises(ValueError, match="sass: expected some of the shipped architectures"):
+        aot.gencode(REPO, plain, ["70"])
+
+
 def test_the_build_fails_on_a_spill_so_a_built_fatbin_has_none(tmp_path):
     """bench/kernel_model.py reads spills as 0 from the fatbins on the strength of this."""
     assert aot.strict(REPO)
