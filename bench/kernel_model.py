@@ -301,6 +301,14 @@ def read_cubin(cubin: Path, ptxas_log: str, arch: Arch, threads: int | None = No
             for name, resources in sass.ptxas_resources(ptxas_log).items()}
 
 
+def fatbin_images(fatbin: Path) -> tuple[list[str], list[str]]:
+    """The architectures ("sm_90", ...) of ``fatbin``'s SASS (ELF) images and of its PTX, sorted,
+    as ``cuobjdump --list-elf --list-ptx`` names them."""
+    listed = _run(cuda_tool("cuobjdump"), "--list-elf", "--list-ptx", str(fatbin))
+    return (sorted(re.findall(r"ELF file\s+\d+:.*\.(sm_\d+)\.cubin", listed)),
+            sorted(re.findall(r"PTX file\s+\d+:.*\.(sm_\d+)\.ptx", listed)))
+
+
 def read_fatbin(fatbin: Path, arch: Arch) -> dict[str, dict]:
     """Figures of every entry function in ``fatbin``'s ``arch`` code, as ``assemble`` gives them
     for the same PTX: the SASS and launch bounds as ``read_cubin`` reads them, the resources from
@@ -480,9 +488,10 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
     CMakeLists.txt, else compiled with nvcc -ptx and ptxas; both give the same figures
     (tests/test_kernel_model.py checks it on planted kernels)."""
     kernel_dir = Path(kernel_dir).resolve()
-    unbuilt = [arch for arch in archs if sass_archs is not None and arch.removeprefix("sm_") not in sass_archs]
-    if from_fatbins and unbuilt:
-        raise ValueError(f"sass_archs: {sass_archs} builds no SASS for {unbuilt}, which archs asks for")
+    if from_fatbins and sass_archs is not None:
+        unbuilt = [arch for arch in archs if arch.removeprefix("sm_") not in sass_archs]
+        if unbuilt:
+            raise ValueError(f"sass_archs: {sass_archs} builds no SASS for {unbuilt}, which archs asks for")
     if kernel_dir.name != "kernels":
         raise ValueError(f"kernel_dir: expected a folder named kernels (its sha256 is taken as "
                          f"bench/gpu_summary.py takes it), got {kernel_dir}")

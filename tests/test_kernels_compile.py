@@ -84,21 +84,12 @@ def aot_build():
         pytest.fail(str(failed))
 
 
-def fatbin_images(fatbin: Path) -> tuple[list[str], list[str]]:
-    """The architectures of ``fatbin``'s SASS (ELF) images and of its PTX, as cuobjdump lists them."""
-    cuobjdump = kernel_model.cuda_tool("cuobjdump")
-    listed = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(fatbin)], capture_output=True, text=True,
-                            check=True).stdout
-    return sorted(re.findall(r"ELF file\s+\d+:.*\.(sm_\d+)\.cubin", listed)), \
-        sorted(re.findall(r"PTX file\s+\d+:.*\.(sm_\d+)\.ptx", listed))
-
-
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_to_the_sass_asked_for_and_the_ptx_it_is_made_from(aot_build, unit):
     """sm_90's SASS (and any GPUBP_TEST_ARCHS adds), and the PTX a newer GPU JITs: compute_75's,
     or compute_80's for the tensor-core files."""
     fatbin = aot_build / unit.replace(".cu", ".fatbin")
-    elf, ptx = fatbin_images(fatbin)
+    elf, ptx = kernel_model.fatbin_images(fatbin)
     assert elf == [f"sm_{arch}" for arch in aot.archs_under_test()], fatbin.name
     assert ptx == [f"sm_{80 if uses_tensor_cores(unit) else shipped_archs()[0]}"], fatbin.name
 
