@@ -19,7 +19,12 @@ outside a tree with a CMakeLists.txt) compiles with ``nvcc -ptx`` and ptxas inst
 give the same figures. The kernels of the speed goals are also compiled as a pip install's first
 step compiles them where no fatbin serves the GPU (``first_step_parts``: one NVRTC module per
 GEMM kernel, for a relu model's activations; ``bench/nvrtc_build.py``, straight for sm_90 as
-CuPy compiles) and modelled the same way, under the report's ``nvrtc``. Every Numba-CUDA kernel
+CuPy compiles) and modelled the same way, under the report's ``nvrtc``. Every NVRTC module
+``cupy_backend.preload`` compiles (``preload_modules``) is compiled so as well, and its spills
+and compile inputs recorded under ``nvrtc_preload``: tests/test_kernels_compile.py compiles each
+kernel that takes its activation at launch for some activations, and leaves the slow modules
+that hold one for every activation to this record where the inputs and the NVRTC are the same.
+Every Numba-CUDA kernel
 variant the Numba backend can launch (``bench/numba_variants.py``) through
 ``numba.cuda.compile_ptx`` for compute capability 9.0 (a compile tests/test_numba_backend.py
 shares) and ptxas for sm_90. Results are cached by a hash of everything that goes into them
@@ -406,6 +411,39 @@ def nvrtc_kernels(kernel_dir: Path, jobs: int) -> dict[str, dict]:
         return dict(pool.map(one, first_step_parts()))
 
 
+def preload_modules() -> list[tuple[str, str]]:
+    """(file, NVRTC module) of every module ``cupy_backend.preload`` compiles where no fatbin serves
+    the GPU: ``cupy_backend.kernel_parts`` of every kernel file, each kernel for every activation
+    it serves."""
+    return [(filename, part) for filename in cupy_backend.KERNEL_FILES for part in cupy_backend.kernel_parts(filename)]
+
+
+def preload_inputs(filename: str, part: str, kernel_dir: Path = KERNELS) -> tuple[str, list[str]]:
+    """(source, options) of ``part``'s NVRTC compile for PRIMARY_ARCH, as CuPy compiles it."""
+    options = nvrtc_build.cupy_options(PRIMARY_ARCH.removeprefix("sm_"), cupy_backend.nvrtc_options(filename, part))
+    return cupy_backend.kernel_source(filename, kernel_dir), options
+
+
+def nvrtc_preload(kernel_dir: Path, jobs: int) -> dict:
+    """Every ``preload_modules`` module compiled by NVRTC for PRIMARY_ARCH (``nvrtc_build.cubin``,
+    cached as ``nvrtc_kernels``' compiles are; an error, or a warning other than a spill, raises):
+    {"nvrtc": ``nvrtc_build.identity()``, "modules": {file: {part: {"kernels": [...], "spills":
+    {kernel: [bytes stored, loaded]}, "inputs_sha256": ``nvrtc_build.inputs_sha256``}}}}."""
+    def one(item: tuple[str, str]) -> tuple[str, str, dict]:
+        filename, part = item
+        source, options = preload_inputs(filename, part, kernel_dir)
+        compiled = nvrtc_build.cubin(source, filename, options)
+        return filename, part, {"kernels": list(cupy_backend.part_kernels(filename, part)),
+                                "spills": compiled["spills"],
+                                "inputs_sha256": nvrtc_build.inputs_sha256(source, options)}
+
+    modules: dict[str, dict] = {}
+    with ThreadPoolExecutor(jobs) as pool:
+        for filename, part, record in pool.map(one, preload_modules()):
+            modules.setdefault(filename, {})[part] = record
+    return {"nvrtc": nvrtc_build.identity(), "modules": modules}
+
+
 def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
     """{variant name: figures} for every Numba kernel variant, on PRIMARY_ARCH."""
     package = [p.read_bytes() for p in sorted((ROOT / "gpubp").rglob("*.py"))]
@@ -480,13 +518,14 @@ def shipped_fatbins(kernel_dir: Path, sass_archs: list[str] | None = None) -> di
 
 
 def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tuple[str, ...] = CUDA_ARCHS,
-                 from_fatbins: bool = True, sass_archs: list[str] | None = None) -> dict:
+                 from_fatbins: bool = True, sass_archs: list[str] | None = None, preload: bool = True) -> dict:
     """Model every kernel in ``kernel_dir`` for ``archs`` (PRIMARY_ARCH first) and every Numba
     backend kernel (only where numba-cuda finds libNVVM; ``numba_unavailable`` says why not).
     The CUDA C++ kernels are read from the shipped build's fatbins (``shipped_fatbins``, with SASS
     for ``sass_archs``, by default every shipped architecture) when ``from_fatbins`` and the tree has a
     CMakeLists.txt, else compiled with nvcc -ptx and ptxas; both give the same figures
-    (tests/test_kernel_model.py checks it on planted kernels)."""
+    (tests/test_kernel_model.py checks it on planted kernels). ``preload``: also compile every
+    module ``preload`` builds with NVRTC (``nvrtc_preload``; None in the report without it)."""
     kernel_dir = Path(kernel_dir).resolve()
     if from_fatbins and sass_archs is not None:
         unbuilt = [arch for arch in archs if arch.removeprefix("sm_") not in sass_archs]
@@ -519,6 +558,7 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         by_arch[PRIMARY_ARCH][name] = {"source": NUMBA_SOURCE, **figures, **memory_of({})}
     nvrtc_missing = None if nvrtc_build.LIBNVRTC else "no libnvrtc found (pip install nvidia-cuda-nvrtc provides one)"
     nvrtc = {} if nvrtc_missing else nvrtc_kernels(kernel_dir, jobs)
+    preloaded = nvrtc_preload(kernel_dir, jobs) if preload and not nvrtc_missing else None
     return {
         "kernels_sha256": kernels_sha256(kernel_dir.parent),
         "arch": PRIMARY_ARCH,
@@ -531,6 +571,7 @@ def build_report(kernel_dir: Path = KERNELS, jobs: int | None = None, archs: tup
         "other_archs": {arch: dict(sorted(by_arch[arch].items())) for arch in archs if arch != PRIMARY_ARCH},
         "nvrtc_unavailable": nvrtc_missing,
         "nvrtc": {part: {**figures, **memory_of({})} for part, figures in sorted(nvrtc.items())},
+        "nvrtc_preload": preloaded,
     }
 
 
@@ -615,6 +656,20 @@ def _ordered_parts(parts: dict) -> list[str]:
     return [by_kernel[name] for name in sum(_ordered(by_kernel), [])]
 
 
+def preload_lines(report: dict) -> list[str]:
+    """The markdown's account of ``nvrtc_preload``."""
+    preloaded = report.get("nvrtc_preload")
+    if not preloaded:
+        return [f"Not compiled here: {report.get('nvrtc_unavailable') or 'built without them'}."]
+    modules = [record for parts in preloaded["modules"].values() for record in parts.values()]
+    spills = sorted((kernel, sum(bytes_)) for record in modules for kernel, bytes_ in record["spills"].items())
+    return [f"{len(modules)} modules holding {sum(len(record['kernels']) for record in modules)} kernels, each "
+            f"kernel that takes its activation at launch for every activation it serves, compiled straight for "
+            f"{report['arch']} by NVRTC {preloaded['nvrtc']['version']} (libnvrtc sha256 "
+            f"`{preloaded['nvrtc']['sha256'][:16]}...`): "
+            + (", ".join(f"`{kernel}` spills {n} bytes" for kernel, n in spills) if spills else "no spills") + "."]
+
+
 def markdown(report: dict) -> str:
     kernels, nvrtc = report["kernels"], report.get("nvrtc", {})
     goals, rest = _ordered(kernels)
@@ -653,6 +708,10 @@ def markdown(report: dict) -> str:
         "",
         *([TABLE_HEAD, *[table_row(part, nvrtc[part]) for part in _ordered_parts(nvrtc)]]
           if not report.get("nvrtc_unavailable") else [f"Not compiled here: {report['nvrtc_unavailable']}."]),
+        "",
+        f"## Every NVRTC module `preload()` compiles ({report['arch']})",
+        "",
+        *preload_lines(report),
         "",
         f"## Every other kernel ({report['arch']})",
         "",

@@ -10,7 +10,11 @@
   with no warning but spills: {"size", "spills": {kernel: [stored, loaded]}, "cubin": base64},
   kept in the temporary folder (``temp_cache``) by everything that goes into it (libnvrtc's
   file, the options, the source), so tests/test_kernels_compile.py's compile of a module and
-  bench/kernel_model.py's read of the same module happen once per machine.
+  bench/kernel_model.py's read of the same module happen once per machine;
+- ``identity()``: which NVRTC this is, exactly (its version and the sha256 of its library file),
+  and ``inputs_sha256(source, options)``: what else goes into a compile. Together they say when a
+  compile recorded elsewhere (bench/kernel_model.py's of every module ``preload`` builds) is the
+  one this machine would make.
 
 ``LIBNVRTC`` is None where no libnvrtc is found (``pip install nvidia-cuda-nvrtc`` provides one).
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import functools
+import hashlib
 import re
 import tempfile
 from pathlib import Path
@@ -93,6 +99,29 @@ def cubin(source: str, name: str, options: list[str]) -> dict:
 
     return temp_cache.cached_json(CACHE_FOLDER, [str(lib), lib.stat().st_size, lib.stat().st_mtime_ns, *options,
                                                  source], compute)
+
+
+@functools.cache
+def identity() -> dict[str, str]:
+    """{"version": NVRTC's "major.minor", "sha256": of the libnvrtc file}: the version alone does not
+    name a build (CUDA 13.0 and a 13.5 wheel may share a major.minor in other releases)."""
+    lib = ctypes.CDLL(LIBNVRTC)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
+        raise NvrtcError(f"nvrtcVersion failed for {LIBNVRTC}")
+    with open(LIBNVRTC, "rb") as library:
+        digest = hashlib.file_digest(library, "sha256").hexdigest()
+    return {"version": f"{major.value}.{minor.value}", "sha256": digest}
+
+
+def inputs_sha256(source: str, options: list[str]) -> str:
+    """sha256 of a compile's source and options, but the ``-I`` of the CUDA headers: a path of the
+    machine, and no kernel includes a header from it (kernel_source inlines the local ones; the
+    sources include no system header, which tests/test_kernels_compile.py checks)."""
+    digest = hashlib.sha256()
+    for part in [option for option in options if not option.startswith("-I")] + [source]:
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
 
 
 def write_cubin(compiled: dict, path: Path) -> Path:

@@ -20,7 +20,11 @@
   nvidia-cuda-nvrtc`` provides one). Both paths use the same flags. NVRTC compiles for the
   architectures of ``GPUBP_TEST_ARCHS`` too, by default sm_90 alone (the H100/H200 the kernels
   are tuned for): each architecture costs a whole front end and ptxas run, minutes per kernel
-  file on a 2-core machine.
+  file on a 2-core machine. For sm_90 the modules that hold a kernel for every activation it
+  takes at launch (half the NVRTC time) are left to the committed kernel model, which compiles
+  every ``preload`` module whenever it runs, where it compiled them from the same inputs with
+  the same NVRTC and found no spill (``left_to_the_model``); each of those kernels is compiled
+  here for some activations alone.
 - ``python -m gpubp info`` says where NVRTC and the CUDA headers are, and the CUDA extras
   bring them.
 - The sources are found through ``importlib.resources`` in a built wheel.
@@ -29,6 +33,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import re
 import shutil
@@ -216,15 +221,39 @@ def test_every_kernel_that_takes_its_activation_at_launch_is_compiled_for_some_a
         assert all(cupy_backend.split_part(part)[1] for part in parts)
 
 
+COMMITTED_MODEL = json.loads((REPO / "bench" / "results" / "kernel_model.json").read_text())
+PRIMARY = kernel_model.PRIMARY_ARCH.removeprefix("sm_")
+
+
+def left_to_the_model(unit: str, report: dict) -> set[str]:
+    """The modules of ``unit`` that the NVRTC test below does not compile for the primary
+    architecture: each holding a kernel of ``ACT_KERNELS`` for every activation it serves (the
+    slowest compiles: half the NVRTC time of the suite), where ``report`` (the committed kernel
+    model's ``nvrtc_preload``) compiled that module from the same inputs with this machine's NVRTC,
+    without a spill. Each such kernel is compiled here for some activations alone (``ACT_PARTS`` and
+    the kernel model's first-step modules), so every kernel's code still goes through NVRTC in CI."""
+    preloaded = report.get("nvrtc_preload")
+    if not preloaded or preloaded["nvrtc"] != nvrtc.identity():
+        return set()
+    records = preloaded["modules"].get(unit, {})
+    return {part for part in cupy_backend.kernel_parts(unit)
+            if part in cupy_backend.ACT_KERNELS and part in records and not records[part]["spills"]
+            and records[part]["inputs_sha256"] == nvrtc.inputs_sha256(*kernel_model.preload_inputs(unit, part))}
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("unit", UNITS)
 def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
     """Every NVRTC module of ``unit`` that preload builds, and some that a model's first step builds
-    (``ACT_PARTS``), for each architecture of ``aot.archs_under_test()``."""
+    (``ACT_PARTS``), for each architecture of ``aot.archs_under_test()``; for the primary one, but
+    the modules ``left_to_the_model``."""
     source = cupy_backend.kernel_source(unit)
     assert '#include "' not in source  # local headers are inlined, so CuPy's cache key sees them
+    assert "#include <" not in source  # nvrtc_build.inputs_sha256 leaves out the CUDA headers' -I
     archs = aot.archs_under_test()
-    builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *ACT_PARTS.get(unit, ()))]
+    left = left_to_the_model(unit, COMMITTED_MODEL)
+    builds = [(arch, part) for arch in archs for part in (*cupy_backend.kernel_parts(unit), *ACT_PARTS.get(unit, ()))
+              if not (arch == PRIMARY and part in left)]
     # NVRTC compiles concurrently from several threads: one per core.
     with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1)) as pool:
         done = list(pool.map(lambda build: nvrtc.cubin(source, unit, nvrtc.cupy_options(
@@ -235,6 +264,54 @@ def test_kernel_compiles_with_nvrtc_to_a_cubin_as_cupy_does(unit):
         compiled[arch]["spills"].update(c["spills"])
     spills = {arch: {k: tuple(v) for k, v in c["spills"].items()} for arch, c in compiled.items() if c["spills"]}
     assert spills == {arch: known for (file, arch), known in KNOWN_NVRTC_SPILLS.items() if file == unit and arch in archs}
+
+
+def test_the_kernel_model_compiled_every_preload_module_from_the_inputs_of_now_without_a_spill():
+    """What ``left_to_the_model`` relies on: the committed kernel model compiled every module
+    ``preload`` builds, from the sources and options of now. (bench/kernel_model.py compiles them
+    again whenever it runs, which every kernel change requires: tests/test_kernel_model.py.)"""
+    preloaded = COMMITTED_MODEL["nvrtc_preload"]
+    assert preloaded is not None, "the committed kernel model was written without NVRTC: run bench/kernel_model.py"
+    recorded = {(unit, part): record for unit, parts in preloaded["modules"].items() for part, record in parts.items()}
+    assert sorted(recorded) == sorted(kernel_model.preload_modules())
+    stale = [module for module, record in recorded.items()
+             if record["inputs_sha256"] != nvrtc.inputs_sha256(*kernel_model.preload_inputs(*module))]
+    assert stale == [], "compiled from other sources or options than today's: run bench/kernel_model.py"
+    for unit in UNITS:
+        spills = {kernel: tuple(bytes_) for (u, _), record in recorded.items() if u == unit
+                  for kernel, bytes_ in record["spills"].items()}
+        assert spills == KNOWN_NVRTC_SPILLS.get((unit, PRIMARY), {}), unit
+    assert all(record["kernels"] == list(cupy_backend.part_kernels(*module)) for module, record in recorded.items())
+
+
+@needs_nvrtc
+def test_only_whole_set_modules_compiled_by_this_nvrtc_from_the_same_inputs_without_a_spill_are_left_to_the_model():
+    whole_sets = {unit: {part for part in cupy_backend.kernel_parts(unit) if part in cupy_backend.ACT_KERNELS}
+                  for unit in UNITS}
+    assert sum(map(len, whole_sets.values())) == len(cupy_backend.ACT_KERNELS)
+    if COMMITTED_MODEL["nvrtc_preload"]["nvrtc"] == nvrtc.identity():  # else all are compiled here
+        assert {unit: left_to_the_model(unit, COMMITTED_MODEL) for unit in UNITS} == whole_sets
+    unit, part = "fused_mlp.cu", "fused_mlp_fwd"
+    records = COMMITTED_MODEL["nvrtc_preload"]["modules"]
+
+    def planted(**record) -> dict:
+        modules = {**records, unit: {**records[unit], part: {**records[unit][part], **record}}}
+        return {**COMMITTED_MODEL, "nvrtc_preload": {"nvrtc": nvrtc.identity(), "modules": modules}}
+
+    assert part in left_to_the_model(unit, planted())
+    assert part not in left_to_the_model(unit, planted(spills={part: [8, 8]}))
+    assert part not in left_to_the_model(unit, planted(inputs_sha256="0" * 64))
+    other_nvrtc = {**planted()["nvrtc_preload"], "nvrtc": {**nvrtc.identity(), "sha256": "0" * 64}}
+    assert left_to_the_model(unit, {**COMMITTED_MODEL, "nvrtc_preload": other_nvrtc}) == set()
+    assert left_to_the_model(unit, {**COMMITTED_MODEL, "nvrtc_preload": None}) == set()
+
+
+def test_the_inputs_of_an_nvrtc_compile_are_its_options_but_the_headers_path_and_its_source():
+    digest = nvrtc.inputs_sha256("int x;", ["-arch=sm_90", "-I/usr/local/cuda/include"])
+    assert digest == nvrtc.inputs_sha256("int x;", ["-arch=sm_90", "-I/opt/cuda/include"])
+    assert digest != nvrtc.inputs_sha256("int x;", ["-arch=sm_80", "-I/usr/local/cuda/include"])
+    assert digest != nvrtc.inputs_sha256("int y;", ["-arch=sm_90", "-I/usr/local/cuda/include"])
+    assert nvrtc.inputs_sha256("a", ["b"]) != nvrtc.inputs_sha256("", ["ba"])  # parts stay apart
 
 
 def test_the_test_architectures_default_to_the_newest_and_a_bad_choice_names_the_variable(monkeypatch):
