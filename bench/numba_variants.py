@@ -238,7 +238,8 @@ def _compile_all(traced: list[dict], cc: tuple[int, int], part: int, parts: int)
             result[which][name] = ptx
     if part == 0:  # the activations, forward and derivative, as device functions
         for name, fn in [*backend._FORWARD.items(), *(("d" + n, g) for n, g in backend._GRAD.items())]:
-            ptx, restype = cuda.compile_ptx(fn.py_func, (types.float32,), device=True, cc=cc)
+            with backend._device_functions_compiled_for(cc):  # one may call another
+                ptx, restype = cuda.compile_ptx(fn.py_func, (types.float32,), device=True, cc=cc)
             result["device_functions"][name] = {"returns": str(restype), "float64_ops": ptx.count(".f64")}
     return result
 

@@ -14,8 +14,10 @@ Numba device arrays otherwise. Foreign arrays are viewed with ``cuda.as_cuda_arr
 and each kernel is launched on the stream their interface names (CuPy's current stream), so a
 launch never blocks the host. Scratch buffers (dz, dW partials, split tickets, block sums) are
 kept per device and per stream, so two devices or two streams never share one. Each kernel
-variant is compiled by Numba on first use, a few seconds each, so the first training step of
-a model is slow and later ones are not. ``kernel_variants()`` lists every variant.
+variant is compiled by Numba on first use, so the first training step of a model waits and
+later ones do not: to PTX, a dense GEMM kernel takes 1 to 3 s of one core of a 2-core VM, the
+others well under 1 s (a relu MLP's first Adam step with cross-entropy, 6 s; ``_inlined`` says
+why not four times that). ``kernel_variants()`` lists every variant.
 
 Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward, dX and dW
     block tile   BLOCK_M x BLOCK_N = 128 x 128 outputs, K consumed in BLOCK_K = 8 slices,
@@ -115,10 +117,13 @@ Those need a GPU run (the gpu tests, compute-sanitizer racecheck and the benchma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
 import os
+import threading
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -136,6 +141,13 @@ DEVICE = "cuda"
 DTYPES = (np.float32,)
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+# Every device function is inlined by NVVM (LLVM's alwaysinline attribute), not by Numba's IR
+# inliner (inline="always"), which deep-copies the callee's IR at every call site: that copying
+# was four fifths of a kernel's compile. Each device function is now typed and lowered once per
+# argument types and shared by every kernel that calls it; the SASS is the same to within a few
+# registers (bench/results/kernel_model.md). The simulator's jit takes no forceinline, and runs
+# device functions as Python anyway.
+_inlined = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, forceinline=True)
 # The simulator has no SM count; this one makes small test batches split dW over the grid.
 SIMULATED_SMS = 2
 
@@ -387,7 +399,7 @@ def scale_(a, s: float) -> None:
     _scale_kernel[elementwise_blocks(flat.size, _sm_count(a)), ELEMENTWISE_THREADS, flat.stream](flat, np.float32(s))
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _block_sum(value, partials, tid):
     """Sum ``value`` over the block's REDUCE_THREADS threads through shared ``partials``.
 
@@ -429,7 +441,7 @@ def _scale_kernel(a, s):
 # The operation order mirrors activations.py so results agree to float32 rounding.
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _sigmoid(z):
     # exp of a non-positive number only: no overflow at |z| = 1e4.
     if z >= _ZERO:
@@ -438,27 +450,27 @@ def _sigmoid(z):
     return e / (_ONE + e)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _identity(z):
     return z
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _relu(z):
     return z if z > _ZERO else _ZERO
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _leaky_relu(z):
     return z if z > _ZERO else z * _LEAKY_SLOPE
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _tanh(z):
     return math.tanh(z)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _saturate(z):
     """z clamped to [-GELU_SATURATION, GELU_SATURATION] (see activations.py); NaN stays NaN."""
     if z > _GELU_SATURATION:
@@ -468,44 +480,44 @@ def _saturate(z):
     return z
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _gelu(z):
     return (math.erf(z * _INV_SQRT2) + _ONE) * _HALF * z
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _gelu_tanh(z):
     clamped = _saturate(z)
     u = (clamped * clamped * _GELU_TANH_AC + _GELU_TANH_C) * clamped
     return (math.tanh(u) + _ONE) * _HALF * z
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _silu(z):
     return _sigmoid(z) * z
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _relu_grad(y):
     return _ONE if y > _ZERO else _ZERO
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _leaky_relu_grad(y):
     return _ONE if y > _ZERO else _LEAKY_SLOPE
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _sigmoid_grad(y):
     return (_ONE - y) * y
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _tanh_grad(y):
     return _ONE - y * y
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _gelu_grad(z):
     # Phi(z) + z phi(z)
     z = _saturate(z)
@@ -513,7 +525,7 @@ def _gelu_grad(z):
     return density + (math.erf(z * _INV_SQRT2) + _ONE) * _HALF
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _gelu_tanh_grad(z):
     # 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2), t = tanh(c (z + a z^3))
     z = _saturate(z)
@@ -523,7 +535,7 @@ def _gelu_tanh_grad(z):
     return du + (t + _ONE) * _HALF
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _silu_grad(z):
     # s (1 + z (1 - s)), s = sigmoid(z): 0 where s is 0 (a large negative z), not 0 * inf
     s = _sigmoid(z)
@@ -543,24 +555,24 @@ _GRAD = {
 
 # ----------------------------------------------------------------------------- dropout masks
 
-_philox = cuda.jit(device=True, inline="always")(philox.philox4x32_10)
+_philox = _inlined(philox.philox4x32_10)
 _GROUP = philox.COLUMNS_PER_CALL
 _NO_COUNTER = np.uint64(0)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _mask_words(key, row, col):
     """The four mask words of ``row`` and the group of 4 columns holding ``col`` (a multiple of 4)."""
     return _philox(_u64(col // _GROUP), _u64(row), _NO_COUNTER, _NO_COUNTER, _u64(key[0]), _u64(key[1]))
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _kept(value, word, threshold, scale):
     """``value * scale`` where the mask word keeps its element, else 0."""
     return value * scale if word >= threshold else _ZERO
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _mask_group(g, cols, key, first_row):
     """Group ``g`` of the mask passes over a (rows, cols) array, in groups of 4 columns per row (a
     thread per group, grid-stride: ``g`` runs over rows * ceil(cols / 4)): its row, its first
@@ -630,7 +642,7 @@ def dw_split_group(splits: int) -> int:
     return -(-splits // groups)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _tile_origin(rows_on_x):
     """(m0, n0): the first row and column of this block's tile of the result."""
     if rows_on_x:
@@ -638,7 +650,7 @@ def _tile_origin(rows_on_x):
     return cuda.blockIdx.y * BLOCK_M, cuda.blockIdx.x * BLOCK_N
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _tile_thread():
     """threadIdx.x of a tile kernel's TILE_THREADS (a power of two) threads. The mask changes
     no value, but shows the compiler the index is non-negative and small: its divisions by
@@ -647,7 +659,7 @@ def _tile_thread():
     return cuda.threadIdx.x & (TILE_THREADS - 1)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _thread_tile(tid):
     """(row, col): where this thread's 8 x 8 accumulators start inside the block tile; its rows
     are row + {0..3} and row + 16 + {0..3}, its columns col + {0..3} and col + 32 + {0..3}."""
@@ -664,7 +676,7 @@ def _thread_tile(tid):
 # into LOADS_PER_THREAD registers; store() from them.
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _k_major_coords(tid, o0):
     """Source rows run along k (x in forward, dz and w in dX): 2 threads per row, 4 k each."""
     o_local = tid // K_MAJOR_THREADS_PER_ROW
@@ -672,7 +684,7 @@ def _k_major_coords(tid, o0):
     return o0 + o_local, k, k * TILE_STRIDE + o_local
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _load_k_major(src, o, k, k_end, regs):
     """regs[p] = src[o, k + p], 0 past k_end or past the last row."""
     in_rows = o < src.shape[0]
@@ -684,13 +696,13 @@ def _load_k_major(src, o, k, k_end, regs):
         regs[p] = value
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _store_k_major(smem, at, regs):
     for p in range(LOADS_PER_THREAD):
         smem[_u64(at + p * TILE_STRIDE)] = regs[p]
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _outer_major_coords(tid, o0):
     """Source rows are k (w in forward, x and dz in dW): a warp per k row, 4 columns 32 apart each."""
     k = tid // WARP_SIZE
@@ -698,7 +710,7 @@ def _outer_major_coords(tid, o0):
     return o0 + o_local, k, k * TILE_STRIDE + o_local
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _load_outer_major(src, o, k, k_end, regs):
     """regs[p] = src[k, o + 32 p], 0 past k_end or past the last column."""
     in_k = k < k_end
@@ -709,7 +721,7 @@ def _load_outer_major(src, o, k, k_end, regs):
         regs[p] = value
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _store_outer_major(smem, at, regs):
     for p in range(LOADS_PER_THREAD):
         smem[_u64(at + p * WARP_SIZE)] = regs[p]
@@ -721,7 +733,7 @@ _OPERAND_LAYOUTS = {
 }
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _multiply_k(smem, a_at, b_at, acc):
     """acc[i, j] += A[k, row i] * B[k, col j] for one k: 16 floats from shared memory, 64 FMAs."""
     a = cuda.local.array(THREAD_M, np.float32)
@@ -731,13 +743,12 @@ def _multiply_k(smem, a_at, b_at, acc):
         a[RUN + r] = smem[_u64(a_at + ROW_RUN_GAP + r)]
         b[r] = smem[_u64(b_at + r)]
         b[RUN + r] = smem[_u64(b_at + COL_RUN_GAP + r)]
-    # One loop of 64 rather than 8 x 8: the same unrolled FMAs, and fewer IR blocks for Numba's
-    # inliner to copy at each of the eight call sites (it dominates the compile time).
+    # One loop of 64 rather than 8 x 8: the same unrolled FMAs, in fewer IR blocks to compile.
     for e in range(THREAD_M * THREAD_N):
         acc[e // THREAD_N, e % THREAD_N] += a[e // THREAD_N] * b[e % THREAD_N]
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _multiply_slice(smem, a_at, b_at, acc):
     """The BLOCK_K = 8 steps of one slice, written out: Numba has no unroll pragma and LLVM keeps
     an 8-trip loop of this size rolled; written out, every shared offset is a constant added
@@ -760,7 +771,7 @@ def _gemm_main_loop(a_layout: str, b_layout: str, sum_b_columns: bool):
     a_coords, load_a, store_a = _OPERAND_LAYOUTS[a_layout]
     b_coords, load_b, store_b = _OPERAND_LAYOUTS[b_layout]
 
-    @cuda.jit(device=True, inline="always")
+    @_inlined
     def main_loop(a, b, m0, n0, k_begin, k_end, smem, acc, b_column_sums):
         tid = _tile_thread()
         a_o, a_k, a_at = a_coords(tid, m0)
@@ -798,14 +809,14 @@ def _gemm_main_loop(a_layout: str, b_layout: str, sum_b_columns: bool):
     return main_loop
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _zero_accumulators(acc):
     for i in range(THREAD_M):
         for j in range(THREAD_N):
             acc[i, j] = _ZERO
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _store_tile(out, acc, m0, n0):
     """out[m0 + row i, n0 + col j] = acc[i, j] where inside out."""
     row, col = _thread_tile(_tile_thread())
@@ -832,7 +843,7 @@ def _forward_epilogue(act: str):
     store_z = act in NEEDS_Z
     in_registers = act not in _ACTIVATE_AFTER_STORE
 
-    @cuda.jit(device=True, inline="always")
+    @_inlined
     def forward_epilogue(acc, b, y, z, m0, n0):
         row, col = _thread_tile(_tile_thread())
         pre_out = z if store_z else y  # where pre-activations go when act() reads them back
@@ -863,7 +874,7 @@ def _forward_epilogue(act: str):
     return forward_epilogue
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
     """The dropout pass of the forward epilogue: y * scale where the mask keeps, else 0, over this
     thread's outputs of the tile at (m0, n0), read back from its own stores (no barrier needed)."""
@@ -880,7 +891,7 @@ def _mask_tile(y, m0, n0, key, threshold, scale, first_row):
                             y[_u64(r), _u64(c0 + e)] = _kept(y[_u64(r), _u64(c0 + e)], words[e], threshold, scale)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _no_epilogue(a0, a1, a2, a3, a4, a5):
     """An unused slot of _by_act_id."""
 
@@ -891,12 +902,13 @@ def _by_act_id(epilogues: dict):
     the grid, taken once after a kernel's main loop, so each epilogue keeps its activation fixed
     at compile time and the main loop is compiled once for all of them. An id not in
     ``epilogues`` runs nothing. A flat chain of a slot per activation, the unused ones never
-    taken: Numba inlines no star-args, and a nested chain (a closure per activation) compiles
-    seconds slower."""
+    taken, each call with the six arguments spelled out (when Numba's IR inliner did the
+    inlining it took no star-args, and a nested chain, a closure per activation, compiled
+    seconds slower)."""
     slots = list(epilogues.items()) + [(-1, _no_epilogue)] * (len(ACTIVATIONS) - len(epilogues))
     (id0, e0), (id1, e1), (id2, e2), (id3, e3), (id4, e4), (id5, e5), (id6, e6), (id7, e7) = slots
 
-    @cuda.jit(device=True, inline="always")
+    @_inlined
     def by_act_id(act, a0, a1, a2, a3, a4, a5):
         if act == id0:
             e0(a0, a1, a2, a3, a4, a5)
@@ -924,7 +936,7 @@ _forward_epilogue_any = _by_act_id({ACT_ID[act]: _forward_epilogue(act) for act 
 _fwd_main_loop = _gemm_main_loop("k_major", "outer_major", False)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _forward_tile(x, w, b, y, z, rows_on_x, act):
     """This block's tile of y = act(x @ w + b) (and of z for the activations that store it; else z
     is y and never written), ``act`` the activation's ``ACT_ID``; returns the tile's origin."""
@@ -958,7 +970,7 @@ def _dz_prologue(act: str):
     """dz = dy * act'(act_in) at flat index i: the step before the gradient products."""
     grad = _GRAD[act]
 
-    @cuda.jit(device=True, inline="always")
+    @_inlined
     def dz_prologue(dy, act_in, i):
         return dy[i] * grad(act_in[i])
 
@@ -979,7 +991,7 @@ def _dense_dz_kernel(act: str):
     return dense_dz_kernel
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _one(a):
     return _ONE
 
@@ -1038,7 +1050,7 @@ def _dx_epilogue(act: str, masked: bool):
     after_store = masked or act in NEEDS_Z
     scale_own = act not in NEEDS_Z  # y * keep_prob is the activation's own output; z is unmasked
 
-    @cuda.jit(device=True, inline="always")
+    @_inlined
     def dx_epilogue(acc, dx, act_in, m0, n0, mask):
         row, col = _thread_tile(_tile_thread())
         if not after_store:
@@ -1082,7 +1094,7 @@ def _dx_epilogues(acts, masked: bool):
     return _by_act_id({ACT_ID[act]: _dx_epilogue(act, masked) for act in acts})
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _dx_product(dz, w, rows_on_x, smem, acc):
     """acc = this thread's share of the block's tile of dz @ w.T; returns the tile's origin."""
     unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
@@ -1124,7 +1136,7 @@ _dense_dx_z_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Z, False), False)
 _dense_dx_z_masked_kernel = _dx_kernel(_dx_epilogues(_DX_FROM_Z, True), True)
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _store_column_sums(db_part, column_sums, smem, n0):
     """db_part[n0 + c] = the block's sum of dz column n0 + c: the BLOCK_K thread groups (one per
     k row of a slice) meet in shared memory and are added in group order."""
@@ -1141,7 +1153,7 @@ def _store_column_sums(db_part, column_sums, smem, n0):
         db_part[_u64(n0 + tid)] = total
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _arrived_last(tickets, ticket, arrivals, is_last):
     """Publishes this block's stores and takes ``tickets[ticket]``; True, in every thread, for the
     last of the ``arrivals`` blocks taking it, which finds every other's stores visible and
@@ -1161,7 +1173,7 @@ def _arrived_last(tickets, ticket, arrivals, is_last):
     return last
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _sum_partials(dw_parts, db_parts, first, step, count, dw, db, m0, n0):
     """The tile at (m0, n0) of dw = dw_parts[first] + dw_parts[first + step] + ... (``count``
     terms, added in that order), and in the first row of tiles its columns of db likewise."""
@@ -1183,7 +1195,7 @@ def _sum_partials(dw_parts, db_parts, first, step, count, dw, db, m0, n0):
             db[c] = total
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _split_k_finish(dw_parts, db_parts, tickets, dw, db, m0, n0, group_splits, is_last):
     """The split-K finish of the tile at (m0, n0) for this block's split (see the module
     docstring). dw_parts[s] (db_parts[s]) holds split s's partial for s < splits and, with more
@@ -1413,7 +1425,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
 # ----------------------------------------------------------------------------- row kernels
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _row_max_and_sum(x, row, in_rows, row_max, row_sum):
     """(m, s) of row ``row`` of x (B, C): its max and the sum of exp(x - m), over the ROW_LANES
     lanes (threadIdx.x) of the row's warp (threadIdx.y). Lane l keeps a running (max, sum) over
@@ -1451,7 +1463,7 @@ def _row_max_and_sum(x, row, in_rows, row_max, row_sum):
     return row_max[local_row, 0], row_sum[local_row, 0]
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _row_lane_sum(value, partials):
     """The sum of ``value`` over the ROW_LANES lanes of this thread's row, through shared
     ``partials`` (ROWS_PER_BLOCK, ROW_LANES); every thread of the block calls it."""
@@ -1525,7 +1537,7 @@ def softmax_backward(dy, y, out):
 # ----------------------------------------------------------------------------- losses
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _row_weight(weights, row):
     """Row ``row``'s weight: ``weights`` is (B,), or (1,) holding the 1 of an unweighted loss."""
     return weights[0] if weights.shape[0] == 1 else weights[row]
@@ -1628,7 +1640,7 @@ def _elementwise_loss_kernel(term):
 # 1/n times the constant the gradient carries (2 for the squared error).
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _squared_error(pred, target, weight, grad_scale, unused):
     """w (p - t)^2; gradient w (p - t) * 2/n."""
     diff = pred - target
@@ -1636,7 +1648,7 @@ def _squared_error(pred, target, weight, grad_scale, unused):
     return weighted * diff, weighted * grad_scale
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _absolute_error(pred, target, weight, grad_scale, unused):
     """w |d| with d = p - t; gradient w sign(d) / n, 0 where d is 0."""
     diff = pred - target
@@ -1644,7 +1656,7 @@ def _absolute_error(pred, target, weight, grad_scale, unused):
     return abs(diff) * weight, sign * weight * grad_scale
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _huber_error(pred, target, weight, grad_scale, delta):
     """With d = p - t and c = clip(d, -delta, delta): w c (d - c / 2); gradient w c / n."""
     diff = pred - target
@@ -1653,14 +1665,14 @@ def _huber_error(pred, target, weight, grad_scale, delta):
     return weighted * (diff - _HALF * clipped), weighted * grad_scale
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _binary_cross_entropy(z, target, weight, grad_scale, unused):
     """On the logit z: w (max(z, 0) - z t + log1p(exp(-|z|))); gradient w (sigmoid(z) - t) / n."""
     loss = (math.log1p(math.exp(-abs(z))) + max(z, _ZERO) - z * target) * weight
     return loss, (_sigmoid(z) - target) * grad_scale * weight
 
 
-@cuda.jit(device=True, inline="always")
+@_inlined
 def _poisson_nll(z, target, weight, grad_scale, unused):
     """On the log rate z: w (exp(z) - t z); gradient w (exp(z) - t) / n."""
     rate = math.exp(z)
@@ -1918,10 +1930,37 @@ def kernel_variants() -> list[KernelVariant]:
     return variants
 
 
+_NO_GPU_COMPILE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _device_functions_compiled_for(cc: tuple[int, int]):
+    """numba-cuda compiles a device function that a kernel calls (one Numba does not inline:
+    ``_inlined``) for the current device's compute capability, which ``compile_ptx`` without a
+    GPU cannot ask for. Without one, the device functions are compiled for ``cc`` meanwhile. (In
+    these kernels cc picks nothing: numba-cuda reads it for fastmath's tanh, which they do not
+    use, and for float64 atomics below sm_60.) With a GPU they are compiled for it, as a launch
+    compiles them, and shared with the launches."""
+    from numba.cuda import dispatcher
+
+    if cuda.is_available():
+        yield
+        return
+    with _NO_GPU_COMPILE:
+        current = dispatcher.get_current_device
+        dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+        try:
+            yield
+        finally:
+            dispatcher.get_current_device = current
+
+
 def kernel_ptx(kernel, signature: tuple, cc: tuple[int, int] = (9, 0)) -> str:
     """The PTX Numba compiles the dispatcher ``kernel`` to for the argument types ``signature``
     and compute capability ``cc``, with the launch bounds the dispatcher compiles with (they cap
     the registers); no GPU needed (libNVVM is). A ``KernelVariant`` is
     ``kernel_ptx(v.kernel, v.signature)``."""
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=kernel.targetoptions.get("launch_bounds"))
+    with _device_functions_compiled_for(cc):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc,
+                                  launch_bounds=kernel.targetoptions.get("launch_bounds"))
     return ptx
