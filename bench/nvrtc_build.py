@@ -104,7 +104,7 @@ def cubin(source: str, name: str, options: list[str]) -> dict:
 @functools.cache
 def identity() -> dict[str, str]:
     """{"version": NVRTC's "major.minor", "sha256": of the libnvrtc file}: the version alone does not
-    name a build (CUDA 13.0 and a 13.5 wheel may share a major.minor in other releases)."""
+    name a build, which patch releases (13.5.37 and a later 13.5.x wheel) share."""
     lib = ctypes.CDLL(LIBNVRTC)
     major, minor = ctypes.c_int(), ctypes.c_int()
     if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
