@@ -16,8 +16,8 @@ launch never blocks the host. Scratch buffers (dz, dW partials, split tickets, b
 kept per device and per stream, so two devices or two streams never share one. Each kernel
 variant is compiled by Numba on first use, so the first training step of a model waits and
 later ones do not: to PTX, a dense GEMM kernel takes 1 to 3 s of one core of a 2-core VM, the
-others well under 1 s (a relu MLP's first Adam step with cross-entropy, 6 s; ``_inlined`` says
-why not four times that). ``kernel_variants()`` lists every variant.
+others well under 1 s (the seven kernels of a relu MLP's Adam step with cross-entropy, 6 s;
+``_inlined`` says why not four times that). ``kernel_variants()`` lists every variant.
 
 Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward, dX and dW
     block tile   BLOCK_M x BLOCK_N = 128 x 128 outputs, K consumed in BLOCK_K = 8 slices,
