@@ -392,6 +392,12 @@ def first_step_parts() -> list[tuple[str, str]]:
     return parts
 
 
+def nvrtc_inputs(filename: str, part: str, kernel_dir: Path = KERNELS) -> tuple[str, list[str]]:
+    """(source, options) of NVRTC module ``part``'s compile for PRIMARY_ARCH, as CuPy compiles it."""
+    options = nvrtc_build.cupy_options(PRIMARY_ARCH.removeprefix("sm_"), cupy_backend.nvrtc_options(filename, part))
+    return cupy_backend.kernel_source(filename, kernel_dir), options
+
+
 def nvrtc_kernels(kernel_dir: Path, jobs: int) -> dict[str, dict]:
     """{module: figures} for every ``first_step_parts`` module, compiled by NVRTC for PRIMARY_ARCH as
     CuPy compiles it on the GPU (bench/nvrtc_build.py, whose cache tests/test_kernels_compile.py
@@ -401,8 +407,8 @@ def nvrtc_kernels(kernel_dir: Path, jobs: int) -> dict[str, dict]:
     def one(item: tuple[str, str]) -> tuple[str, dict]:
         filename, part = item
         name = cupy_backend.split_part(part)[0]
-        options = nvrtc_build.cupy_options(PRIMARY_ARCH.removeprefix("sm_"), cupy_backend.nvrtc_options(filename, part))
-        compiled = nvrtc_build.cubin(cupy_backend.kernel_source(filename, kernel_dir), filename, options)
+        source, options = nvrtc_inputs(filename, part, kernel_dir)
+        compiled = nvrtc_build.cubin(source, filename, options)
         with tempfile.TemporaryDirectory(prefix="gpubp-kernel-model-") as folder:
             figures = read_fatbin(nvrtc_build.write_cubin(compiled, Path(folder) / "module.cubin"), arch)[name]
         return part, {"source": filename, **figures, "spill_bytes": sum(compiled["spills"].get(name, (0, 0)))}
@@ -418,12 +424,6 @@ def preload_modules() -> list[tuple[str, str]]:
     return [(filename, part) for filename in cupy_backend.KERNEL_FILES for part in cupy_backend.kernel_parts(filename)]
 
 
-def preload_inputs(filename: str, part: str, kernel_dir: Path = KERNELS) -> tuple[str, list[str]]:
-    """(source, options) of ``part``'s NVRTC compile for PRIMARY_ARCH, as CuPy compiles it."""
-    options = nvrtc_build.cupy_options(PRIMARY_ARCH.removeprefix("sm_"), cupy_backend.nvrtc_options(filename, part))
-    return cupy_backend.kernel_source(filename, kernel_dir), options
-
-
 def nvrtc_preload(kernel_dir: Path, jobs: int) -> dict:
     """Every ``preload_modules`` module compiled by NVRTC for PRIMARY_ARCH (``nvrtc_build.cubin``,
     cached as ``nvrtc_kernels``' compiles are; an error, or a warning other than a spill, raises):
@@ -431,7 +431,7 @@ def nvrtc_preload(kernel_dir: Path, jobs: int) -> dict:
     {kernel: [bytes stored, loaded]}, "inputs_sha256": ``nvrtc_build.inputs_sha256``}}}}."""
     def one(item: tuple[str, str]) -> tuple[str, str, dict]:
         filename, part = item
-        source, options = preload_inputs(filename, part, kernel_dir)
+        source, options = nvrtc_inputs(filename, part, kernel_dir)
         compiled = nvrtc_build.cubin(source, filename, options)
         return filename, part, {"kernels": list(cupy_backend.part_kernels(filename, part)),
                                 "spills": compiled["spills"],

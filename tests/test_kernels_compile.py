@@ -238,7 +238,7 @@ def left_to_the_model(unit: str, report: dict) -> set[str]:
     records = preloaded["modules"].get(unit, {})
     return {part for part in cupy_backend.kernel_parts(unit)
             if part in cupy_backend.ACT_KERNELS and part in records and not records[part]["spills"]
-            and records[part]["inputs_sha256"] == nvrtc.inputs_sha256(*kernel_model.preload_inputs(unit, part))}
+            and records[part]["inputs_sha256"] == nvrtc.inputs_sha256(*kernel_model.nvrtc_inputs(unit, part))}
 
 
 @needs_nvrtc
@@ -275,7 +275,7 @@ def test_the_kernel_model_compiled_every_preload_module_from_the_inputs_of_now_w
     recorded = {(unit, part): record for unit, parts in preloaded["modules"].items() for part, record in parts.items()}
     assert sorted(recorded) == sorted(kernel_model.preload_modules())
     stale = [module for module, record in recorded.items()
-             if record["inputs_sha256"] != nvrtc.inputs_sha256(*kernel_model.preload_inputs(*module))]
+             if record["inputs_sha256"] != nvrtc.inputs_sha256(*kernel_model.nvrtc_inputs(*module))]
     assert stale == [], "compiled from other sources or options than today's: run bench/kernel_model.py"
     for unit in UNITS:
         spills = {kernel: tuple(bytes_) for (u, _), record in recorded.items() if u == unit
