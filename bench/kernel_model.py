@@ -650,6 +650,37 @@ def table_row(name: str, k: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+README_HEAD = ("| kernel | threads | regs | warps/SM | loop instructions | FFMA | HMMA | FFMA share | instr / HMMA | ceiling |\n"
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def readme_table(report: dict) -> str:
+    """The README's table of the speed goals' kernels ("Performance without a GPU"): the columns
+    of ``table_row`` a reader compares across kernels, from the same figures."""
+    rows = []
+    for name in _ordered(report["kernels"])[0]:
+        k = report["kernels"][name]
+        loop = k["hot_loop"] or {}
+        cells = [f"`{name}`", _cell(k["threads"]), _cell(k["registers"]), _cell(k["occupancy_warps"]),
+                 _cell(loop.get("instructions")), _cell(loop.get("ffma")), _hmma_cell(loop),
+                 _cell(loop.get("ffma_share")), _cell(loop.get("instr_per_hmma"), 1),
+                 _cell(k["issue_ceiling"]) + (" tc" if k["peak"] == "tensor" else "")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join([README_HEAD, *rows])
+
+
+def update_readme(report: dict, readme: Path) -> bool:
+    """Put ``readme_table(report)`` in place of the table ``readme`` has under ``README_HEAD``;
+    True where that changed the file."""
+    text = readme.read_text(encoding="utf-8")
+    start = text.index(README_HEAD)
+    end = text.index("\n\n", start)
+    updated = text[:start] + readme_table(report) + text[end:]
+    if updated != text:
+        readme.write_text(updated, encoding="utf-8")
+    return updated != text
+
+
 def _ordered_parts(parts: dict) -> list[str]:
     """NVRTC modules in the order of their kernels in ``_ordered``."""
     by_kernel = {cupy_backend.split_part(part)[0]: part for part in parts}
@@ -761,6 +792,9 @@ def main(argv: list[str] | None = None) -> None:
     report = build_report(args.kernel_dir, args.jobs, from_fatbins=not args.compile)
     write(report, args.out)
     print(f"{len(report['kernels'])} kernels -> {args.out} and {args.out.with_suffix('.md')}")
+    if args.kernel_dir == KERNELS and update_readme(report, KERNELS.parent / "README.md"):
+        print("README.md: the kernel table updated; check the FFMA shares its prose states "
+              "(tests/test_kernel_model.py::test_the_readme_shows_the_committed_figures)")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,49 @@ def test_the_committed_tables_are_written_from_the_committed_json(committed):
     assert COMMITTED.with_suffix(".md").read_text() == km.markdown(committed)
 
 
+README = ROOT / "README.md"
+
+
+def ffma_range(kernels: dict, pattern: re.Pattern) -> str:
+    """"86-90%": the lowest and highest FFMA share, in percent, of the hot loops ``pattern`` names."""
+    shares = [k["hot_loop"]["ffma_share"] for name, k in kernels.items() if pattern.fullmatch(name)]
+    return f"{round(100 * min(shares))}-{round(100 * max(shares))}%"
+
+
+def test_the_readme_shows_the_committed_figures(committed):
+    """The README's table of the speed goals' kernels, and the FFMA shares its prose gives for
+    the fp32 and Numba GEMMs, are the committed report's."""
+    readme = README.read_text(encoding="utf-8")
+    assert km.readme_table(committed) in readme, (
+        "README's kernel table differs from kernel_model.json: python bench/kernel_model.py rewrites it")
+    simt, numba = (ffma_range(committed["kernels"], pattern) for pattern in (SIMT_GEMM, NUMBA_GEMM))
+    for phrase in (f"The fp32 GEMM loops issue an FFMA in {simt} of their slots", f"the Numba GEMM loops in {numba}",
+                   f"its GEMM loops issue an FFMA in {numba} of their slots, the `cupy` fp32 GEMMs' in {simt}"):
+        assert " ".join(phrase.split()) in " ".join(readme.split()), f"README lacks {phrase!r}"
+
+
+def test_update_readme_rewrites_the_table_and_nothing_else(committed, tmp_path):
+    readme = tmp_path / "README.md"
+    text = README.read_text(encoding="utf-8")
+    readme.write_text(text, encoding="utf-8")
+    assert not km.update_readme(committed, readme)
+    changed = json.loads(json.dumps(committed))
+    changed["kernels"]["dense_dw_tf32"]["registers"] += 1
+    assert km.update_readme(changed, readme)
+    updated = readme.read_text(encoding="utf-8")
+    assert km.readme_table(changed) in updated and km.readme_table(committed) not in updated
+    assert updated.replace(km.readme_table(changed), km.readme_table(committed)) == text
+
+
+def test_a_figure_that_changed_makes_the_readme_stale(committed):
+    name = "numba:dense_dx"
+    changed = json.loads(json.dumps(committed))
+    changed["kernels"][name]["hot_loop"]["instructions"] += 1
+    assert km.readme_table(changed) not in README.read_text(encoding="utf-8")
+    changed["kernels"]["numba:dense_dw"]["hot_loop"]["ffma_share"] -= 0.05  # the lowest share
+    assert ffma_range(changed["kernels"], NUMBA_GEMM) != ffma_range(committed["kernels"], NUMBA_GEMM)
+
+
 # ----------------------------------------------------------------------------- the comparison
 
 
