@@ -56,7 +56,9 @@ def regression(n_samples: int = 1000, n_features: int = 8, noise: float = 0.05,
 def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, stratify: bool = False):
     """Shuffle and split into ``x_train, x_test, y_train, y_test`` (scikit-learn's order).
 
-    ``stratify=True`` keeps each class's share in both parts (``y`` must be class labels).
+    ``stratify=True`` keeps each class's share in both parts (``y`` must be class labels): each
+    class gives ``round(test_size * its count)`` samples to the test part. A split that would
+    leave either part empty raises a ValueError naming ``test_size``.
     """
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
@@ -71,6 +73,9 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
         ])
         is_test = np.zeros(len(x), bool)
         is_test[test] = True
+        if not 0 < len(test) < len(x):
+            raise ValueError(f"test_size: {test_size} of each class (rounded) leaves an empty split of these "
+                             f"{len(x)} samples; use a larger test_size, more samples, or stratify=False")
         train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), rng.permutation(test)
     else:
         order = rng.permutation(len(x))

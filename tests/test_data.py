@@ -113,6 +113,14 @@ def test_stratified_split_keeps_each_class_share():
     assert np.bincount(y_train).tolist() == [90, 45, 15]
 
 
+@pytest.mark.parametrize("test_size", [0.2, 0.9])
+def test_a_stratified_split_that_leaves_a_part_empty_raises(test_size):
+    x = np.zeros((6, 2), np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])  # 0.2 of 2 rounds to 0 test samples a class, 0.9 to 2
+    with pytest.raises(ValueError, match=rf"test_size: {test_size} of each class \(rounded\) leaves an empty split"):
+        data.train_test_split(x, y, test_size=test_size, seed=0, stratify=True)
+
+
 @pytest.mark.parametrize("test_size", [0, 1, 1.5, True])
 def test_split_rejects_a_test_size_outside_0_1(test_size):
     x, y = labelled()
