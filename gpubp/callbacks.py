@@ -19,6 +19,7 @@ import csv
 import math
 import numbers
 import os
+import string
 
 from gpubp import _checks, io
 from gpubp.checkpoint import save_checkpoint
@@ -35,11 +36,21 @@ class Callback:
     A callback that writes files sets ``main_process_only = True``: under ``fit(distributed=True)``
     it then runs on rank 0 only. One that changes the optimizer's learning rates sets
     ``sets_learning_rate = True``: ``fit`` then logs ``learning_rate`` each epoch (the largest
-    of the param groups' rates in the epoch's last batch) and leaves the rates it set.
+    of the param groups' rates in the epoch's last batch) and leaves the rates it set. One that
+    saves the training state sets ``saves_state = True``: its ``on_epoch_end`` runs after every
+    other callback's, wherever it stands in the list, so what it saves holds what those changed
+    at the epoch's end (a rate ``ReduceLROnPlateau`` lowered, say). ``monitors()`` names the
+    logged values the callback reads at each epoch's end; ``fit`` checks before its first step
+    that it logs them.
     """
 
     main_process_only = False
     sets_learning_rate = False
+    saves_state = False
+
+    def monitors(self) -> list[str]:
+        """The logged values ``on_epoch_end`` reads (``fit`` checks them before training)."""
+        return []
 
     def on_train_begin(self, model) -> None: ...
 
@@ -55,18 +66,36 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs
+    (Keras 3's callback and meanings).
 
     ``mode`` "auto" minimises losses and errors and maximises anything else (accuracy, f1).
-    ``restore_best_weights`` puts back the weights of the best epoch when training stops.
+    ``baseline``: an epoch resets the count of epochs without improvement only if it improves
+    on the best value so far and on ``baseline`` too; training stops at an epoch that does not
+    improve on the best once that count reaches ``patience``. ``start_from_epoch``: epochs before this one (counted from the run's first) are not
+    monitored, a warm-up that cannot stop training. ``restore_best_weights`` puts back, when
+    training ends (stopped or not), the weights of the best monitored epoch (of the first
+    monitored one where none improved). ``verbose=1`` prints when it stops and restores.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
-                 restore_best_weights: bool = False) -> None:
+                 restore_best_weights: bool = False, *, baseline: float | None = None, start_from_epoch: int = 0,
+                 verbose: int = 0) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor: expected the name of a logged value, got {type(monitor).__name__}")
         patience = _checks.non_negative_int(patience, "patience")
         self.min_delta = _checks.non_negative(min_delta, "min_delta")
         self.monitor, self.patience, self.mode = monitor, patience, monitor_mode(monitor, mode)
-        self.restore_best_weights = restore_best_weights
+        self.restore_best_weights = bool(restore_best_weights)
+        if baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, numbers.Real)
+                                     or not math.isfinite(baseline)):
+            raise ValueError(f"baseline: expected a finite number or None, got {baseline!r}")
+        self.baseline = None if baseline is None else float(baseline)
+        self.start_from_epoch = _checks.non_negative_int(start_from_epoch, "start_from_epoch")
+        self.verbose = verbose
+
+    def monitors(self) -> list[str]:
+        return [self.monitor]
 
     def on_train_begin(self, model) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
@@ -75,27 +104,37 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch = None
 
-    def _improved(self, value: float) -> bool:
+    def _improves_on(self, value: float, reference: float) -> bool:
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            return value < reference - self.min_delta
+        return value > reference + self.min_delta
 
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
         if self.monitor not in logs:
             raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+        if epoch < self.start_from_epoch:
+            return
         value = logs[self.monitor]
-        if self._improved(value):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights, self.best_epoch = model.get_weights(), epoch
+        self.wait += 1
+        if self._improves_on(value, self.best):
+            self.best, self.best_epoch = value, epoch
             if self.restore_best_weights:
                 self.best_weights = model.get_weights()
+            if self.baseline is None or self._improves_on(value, self.baseline):
+                self.wait = 0
             return
-        self.wait += 1
-        if self.wait >= self.patience:
+        if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             model.stop_training = True
 
     def on_train_end(self, model) -> None:
-        if self.stopped_epoch is not None and self.best_weights is not None:
+        if self.stopped_epoch is not None and self.verbose:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.best_weights is not None:
+            if self.verbose:
+                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             model.set_weights(self.best_weights)
 
 
@@ -108,6 +147,20 @@ def monitor_mode(monitor: str, mode: str) -> str:
     return mode
 
 
+def _format_fields(path: str) -> list[str]:
+    """The names a ``str.format`` pattern fills in (``"run-{epoch:03d}-{val_loss:.3f}"``:
+    epoch, val_loss), each checked to be a name."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(path) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"path: {error} in {path!r} (write a literal brace as {{{{ or }}}})") from None
+    for field in fields:
+        if not field.isidentifier():
+            raise ValueError(f"path: {{{field}}} in {path!r} names no logged value; name one, as in "
+                             "{epoch:03d} or {val_loss:.3f}")
+    return fields
+
+
 class ModelCheckpoint(Callback):
     """Write a checkpoint at the end of every ``every``-th epoch of ``fit``.
 
@@ -118,14 +171,20 @@ class ModelCheckpoint(Callback):
     minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
     the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
     The file holds the state of the scheduler ``fit`` was given too (see :class:`gpubp.Checkpoint`).
+    It is written after every other callback's ``on_epoch_end``, wherever this callback stands
+    in the list, so a resumed run continues from the rates and state those set at that epoch's
+    end. ``fit`` checks before its first step that it logs ``monitor`` and every value ``path``
+    names.
     """
 
     main_process_only = True
+    saves_state = True
 
     def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
                  every: int = 1) -> None:
         io._suffix(path)
         self.path = path
+        self.fields = _format_fields(os.fspath(path))
         self.every = _checks.positive_int(every, "every")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
@@ -136,6 +195,9 @@ class ModelCheckpoint(Callback):
         self.monitor, self.save_best_only = monitor, bool(save_best_only)
         self.best = None
         self.last_path = None
+
+    def monitors(self) -> list[str]:
+        return ([self.monitor] if self.monitor is not None else []) + [name for name in self.fields if name != "epoch"]
 
     def on_train_begin(self, model) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
@@ -215,6 +277,9 @@ class ReduceLROnPlateau(Callback):
     """
 
     sets_learning_rate = True
+
+    def monitors(self) -> list[str]:
+        return [self.monitor]
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0) -> None:

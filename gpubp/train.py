@@ -89,8 +89,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``validation_split`` holds out the last samples' ``sample_weight`` with them, and the
     validation loss is weighted by those (class weights apply to training only).
     ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
-    ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stderr is not a
-    terminal), 2 one line per epoch.
+    ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
+    terminal), 2 one line per epoch; on stdout, as Keras prints them.
     ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
     to ``epochs - 1``, and the History continues ``model.history`` (which
     :func:`gpubp.load_checkpoint` restores) up to that epoch. ``model.optimizer`` and
@@ -138,7 +138,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             w_val = batches.check_sample_weight(validation_data[2], len(x_val), "validation_data[2]",
                                                 of="validation_data")
     elif validation_split:
-        n_val = int(round(len(x) * validation_split))
+        n_val = len(x) - math.floor(len(x) * (1 - validation_split))  # Keras's rounding
         if not 0 < n_val < len(x):
             raise ValueError(f"validation_split: {validation_split} of {len(x)} samples leaves no training or no validation data")
         x, x_val, y, y_val = x[:-n_val], x[-n_val:], y[:-n_val], y[-n_val:]
@@ -151,7 +151,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
-    if verbose == 1 and not _is_terminal(sys.stderr):
+    if verbose == 1 and not _is_terminal(sys.stdout):
         verbose = 2
     if distributed and cuda_graph is not False:
         raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
@@ -159,9 +159,11 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     logged = ["loss"]
     if x_val is not None:
         logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics or []]
+        _check_metrics(model, metrics or [], y_val)
     schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged,
                          (epochs - initial_epoch) * math.ceil(len(x) / batch_size),
                          any(cb.sets_learning_rate for cb in callbacks))
+    _check_monitors(callbacks, logged + (["learning_rate"] if schedule.logs_rate else []))
     if cuda_graph is True and scheduler is not None and scheduler.varies_momentum:
         raise ValueError(f"cuda_graph=True: {type(scheduler).__name__} changes the momentum every step, which a "
                          "captured update bakes in; pass cycle_momentum=False, or cuda_graph='auto' to run eagerly")
@@ -185,6 +187,35 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         if learning_rate is not None and not schedule.logs_rate:  # this call's rate only; a schedule's stays
             for group, rate in zip(opt.param_groups, rates):
                 group["lr"] = rate
+
+
+def _check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
+    """Score a zero output of the model's shape against the first validation targets with each
+    named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
+    fails before the first step rather than at the first epoch's end. Callables are the
+    caller's and are not probed."""
+    probabilities = model.layers[-1].activation in ("sigmoid", "softmax")
+    rows = min(len(y_val), 2)
+    probe = np.zeros((rows, model.layers[-1].out_features), np.float32)
+    for metric in metrics:
+        if callable(metric):
+            continue
+        name, fn = metric_fns.get(metric, probabilities=probabilities)
+        try:
+            fn(probe, y_val[:rows])
+        except (ValueError, TypeError, IndexError) as error:
+            raise ValueError(f"metrics: {name!r} cannot score this model's validation targets: {error}") from None
+
+
+def _check_monitors(callbacks: list, logged: list[str]) -> None:
+    """Every value a callback reads at an epoch's end is one this fit logs."""
+    for i, cb in enumerate(callbacks):
+        for name in cb.monitors():
+            if name not in logged:
+                hint = (" (validation values need validation_data or validation_split)"
+                        if name.startswith("val_") and "val_loss" not in logged else "")
+                raise ValueError(f"callbacks[{i}]: {type(cb).__name__} reads {name!r}, which this fit does not log; "
+                                 f"it logs {logged}{hint}")
 
 
 class _Schedule:
@@ -312,8 +343,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
             bar.close()
         elif verbose == 2:
             print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
-                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), file=sys.stderr)
-        for cb in callbacks:
+                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), file=sys.stdout, flush=True)
+        for cb in sorted(callbacks, key=lambda cb: cb.saves_state):  # state savers last, see Callback
             cb.on_epoch_end(model, epoch, logs)
         if model.stop_training:
             break
@@ -332,4 +363,5 @@ def _progress(total: int, epoch: int, epochs: int, verbose: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True,
+                file=sys.stdout)

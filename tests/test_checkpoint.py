@@ -144,10 +144,23 @@ def test_a_checkpoint_path_needs_a_known_suffix(tmp_path):
         gb.ModelCheckpoint(tmp_path / "run.pt")
 
 
-def test_a_monitor_that_is_not_logged_is_a_key_error(tmp_path):
+@pytest.mark.parametrize("kwargs, unlogged", [({"monitor": "val_f1"}, "val_f1"),
+                                              ({"path": "run-{epoch}-{val_f1:.3f}.npz"}, "val_f1")])
+def test_an_unlogged_monitor_or_path_value_fails_before_the_first_step(tmp_path, kwargs, unlogged):
     model = new_model()
-    with pytest.raises(KeyError, match="ModelCheckpoint: monitor 'val_f1' is not logged"):
-        train(model, "adam", 1, [gb.ModelCheckpoint(tmp_path / "run.npz", monitor="val_f1")])
+    before = model.get_weights()
+    checkpoint = gb.ModelCheckpoint(**{"path": tmp_path / "run.npz", **kwargs})
+    with pytest.raises(ValueError, match=rf"callbacks\[0\]: ModelCheckpoint reads '{unlogged}', which this fit "
+                                         r"does not log; it logs \['loss', 'val_loss', 'val_accuracy'\]$"):
+        train(model, "adam", 1, [checkpoint])
+    assert_weights_equal(before, model)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["run-{}.npz", "run-{0}.npz", "run-{epoch.real}.npz", "run-{epoch.npz", "run}.npz"])
+def test_a_path_that_names_no_logged_value_is_refused(path):
+    with pytest.raises(ValueError, match=r"^path: "):
+        gb.ModelCheckpoint(path)
 
 
 def test_an_optimizer_of_other_parameters_cannot_be_checkpointed(tmp_path):
@@ -201,6 +214,24 @@ def test_a_run_with_a_schedule_resumes_bit_identical(tmp_path, case):
         assert ckpt.scheduler_state is None
     resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, extra.get("callbacks", []), initial_epoch=ckpt.epoch,
                     **resumed_scheduler)
+    assert_weights_equal(model.get_weights(), ckpt.model)
+    assert resumed.history == full.history
+
+
+def test_a_checkpoint_listed_before_a_rate_callback_saves_the_rate_it_set(tmp_path):
+    """ModelCheckpoint's on_epoch_end runs after the other callbacks' wherever it is listed, so the
+    checkpoint holds the rate ReduceLROnPlateau lowered at that epoch's end, and the run resumes
+    bit-identical (listed first, it used to save the rate from before the reduction)."""
+    def plateau():
+        return gb.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=0)
+
+    model = new_model()
+    optimizer = OPTIMIZERS["adam_groups"](model)
+    full = train(model, optimizer, EPOCHS, [gb.ModelCheckpoint(tmp_path / "run-{epoch}.npz"), plateau()])
+    rates = full.history["learning_rate"]
+    assert rates[STOP] < rates[STOP - 1], "no reduction at the end of the epoch the checkpoint saves"
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}.npz", device="cpu")
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, [plateau()], initial_epoch=ckpt.epoch)
     assert_weights_equal(model.get_weights(), ckpt.model)
     assert resumed.history == full.history
 

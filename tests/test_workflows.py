@@ -195,11 +195,86 @@ def test_without_restore_best_weights_the_last_weights_stay():
         np.testing.assert_array_equal(got, last)
 
 
-def test_early_stopping_on_an_unlogged_metric_names_what_is_logged():
+def test_restore_best_weights_restores_when_training_runs_to_its_last_epoch_too():
+    """Keras 3's meaning: the best epoch's weights come back when training ends, stopped or not."""
     x, y = linear_problem()
     model = linear_model()
-    with pytest.raises(KeyError, match=r"monitor 'val_loss' is not logged; logged: \['loss'\]"):
-        model.fit(x, y, loss="mse", epochs=2, verbose=0, callbacks=[gb.EarlyStopping()])
+    opt = gb.optim.SGD(model.parameters(), lr=0.1)
+    record = RecordWeights()
+    stopper = gb.EarlyStopping(monitor="val_loss", patience=100, restore_best_weights=True)
+    history = model.fit(x, y, loss="mse", optimizer=opt, epochs=6, batch_size=4, shuffle=False, verbose=0,
+                        validation_data=(x, y), callbacks=[RaiseLearningRate(opt, 3, 0.6), record, stopper])
+    assert len(history.epoch) == 6 and stopper.stopped_epoch is None and stopper.best_epoch == 2
+    for want, got in zip(record.weights[2], model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("baseline, epochs_run", [(None, 4), (1e6, 4), (0.0, 3)])
+def test_an_epoch_that_does_not_beat_the_baseline_does_not_reset_the_patience(baseline, epochs_run):
+    """A flat loss: the first epoch sets the best. Below the baseline it resets the count, so
+    patience 3 stops at the fourth epoch; above it, the count runs on from the first epoch."""
+    x, y = linear_problem()
+    model = linear_model()
+    stopper = gb.EarlyStopping(monitor="loss", patience=3, baseline=baseline, restore_best_weights=True)
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.0), epochs=20,
+                        batch_size=4, shuffle=False, verbose=0, callbacks=[stopper])
+    assert len(history.epoch) == epochs_run and stopper.best_epoch == 0
+
+
+def test_start_from_epoch_does_not_monitor_the_warm_up_epochs():
+    x, y = linear_problem()
+    model = linear_model()
+    stopper = gb.EarlyStopping(monitor="loss", patience=1, start_from_epoch=4)
+    history = model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.0), epochs=20,
+                        batch_size=4, shuffle=False, verbose=0, callbacks=[stopper])
+    assert len(history.epoch) == 6 and stopper.best_epoch == 4 and stopper.stopped_epoch == 5
+
+
+def test_early_stopping_verbose_says_when_it_stops_and_restores(capsys):
+    x, y = linear_problem()
+    stopper = gb.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True, verbose=1)
+    linear_model().fit(x, y, loss="mse", optimizer="sgd", learning_rate=0.0, epochs=9, batch_size=4, verbose=0,
+                       callbacks=[stopper])
+    assert capsys.readouterr().out.splitlines() == [
+        "Epoch 2: early stopping", "Restoring model weights from the end of the best epoch: 1."]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"baseline": float("nan")}, "baseline: expected a finite number or None"),
+    ({"start_from_epoch": -1}, "start_from_epoch"), ({"monitor": 3}, "monitor: expected the name of a logged value"),
+])
+def test_early_stopping_rejects_bad_arguments_by_name(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        gb.EarlyStopping(**kwargs)
+
+
+@pytest.mark.parametrize("make, read", [
+    (lambda: gb.EarlyStopping(), "EarlyStopping reads 'val_loss'"),
+    (lambda: gb.callbacks.ReduceLROnPlateau("val_accuracy"), "ReduceLROnPlateau reads 'val_accuracy'"),
+])
+def test_a_callback_monitoring_an_unlogged_value_fails_before_the_first_step(make, read):
+    x, y = linear_problem()
+    model = linear_model()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=rf"callbacks\[1\]: {read}, which this fit does not log; it logs \['loss'"
+                                         r".*\(validation values need validation_data or validation_split\)"):
+        model.fit(x, y, loss="mse", epochs=2, verbose=0, callbacks=[gb.Callback(), make()])
+    for want, got in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("auc", r"'auc' cannot score this model's validation targets: auc: expected one target per output"),
+    ("categorical_accuracy", r"'categorical_accuracy' cannot score .* expected one-hot targets"),
+])
+def test_a_metric_that_cannot_score_the_validation_targets_fails_before_the_first_step(metric, message):
+    x, y = classification_data(n=40)
+    model = classifier()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=rf"^metrics: {message}"):
+        model.fit(x, y, epochs=2, verbose=0, validation_split=0.25, metrics=["accuracy", metric])
+    for want, got in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_mse", "min"), ("val_accuracy", "max"),
@@ -248,31 +323,44 @@ def test_validation_loss_is_the_evaluate_loss_after_the_epoch():
     assert history["val_loss"][-1] == pytest.approx(model.evaluate(x[:30], y[:30])["loss"], rel=1e-6)
 
 
-def test_validation_split_too_small_for_the_data_is_rejected():
+@pytest.mark.parametrize("n, split, held_out", [(10, 0.05, 1), (10, 0.25, 3), (30, 0.15, 5), (120, 0.25, 30),
+                                                (4, 0.01, 1)])
+def test_validation_split_holds_out_as_many_rows_as_keras(n, split, held_out):
+    """Keras trains on the first floor(n (1 - split)) rows and validates on the rest."""
+    x, y = classification_data(n=n)
+    split_run = classifier().fit(x, y, epochs=1, batch_size=16, validation_split=split, verbose=0)
+    explicit = classifier().fit(x[:n - held_out], y[:n - held_out], epochs=1, batch_size=16,
+                                validation_data=(x[n - held_out:], y[n - held_out:]), verbose=0)
+    assert split_run.history == explicit.history
+
+
+@pytest.mark.parametrize("split", [0.8, 1e-18])
+def test_validation_split_that_leaves_a_part_empty_is_rejected(split):
     x, y = classification_data(n=4)
-    with pytest.raises(ValueError, match="validation_split: 0.01 of 4 samples leaves no training or no validation"):
-        classifier().fit(x, y, validation_split=0.01, verbose=0)
+    with pytest.raises(ValueError, match=f"validation_split: {split} of 4 samples leaves no training or no validation"):
+        classifier().fit(x, y, validation_split=split, verbose=0)
 
 
 # ----------------------------------------------------------------------------- progress output
 
 
 def test_verbose_1_draws_a_progress_bar_per_epoch_on_a_terminal(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     x, y = classification_data()
     classifier().fit(x, y, epochs=2, batch_size=40, verbose=1)
     captured = capsys.readouterr()
-    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err
-    assert "3/3" in captured.err and "batch" in captured.err and "loss=" in captured.err
-    assert captured.out == ""
+    assert "epoch 1/2" in captured.out and "epoch 2/2" in captured.out
+    assert "3/3" in captured.out and "batch" in captured.out and "loss=" in captured.out
+    assert captured.err == ""
 
 
-def test_verbose_1_prints_one_keras_line_per_epoch_when_stderr_is_not_a_terminal(capsys):
+def test_verbose_1_prints_one_keras_line_per_epoch_when_stdout_is_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # where the output goes decides, not stderr
     x, y = classification_data()
     classifier().fit(x, y, epochs=3, batch_size=40, validation_split=0.25, metrics=["accuracy"], verbose=1)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert "\r" not in err and len(lines) == 3
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert "\r" not in out and len(lines) == 3 and err == ""
     assert re.fullmatch(r"epoch 3/3 - \d+\.\d\ds - loss: \d\.\d{4} - val_loss: \d\.\d{4} - val_accuracy: \d\.\d{4}",
                         lines[-1])
 
@@ -280,8 +368,9 @@ def test_verbose_1_prints_one_keras_line_per_epoch_when_stderr_is_not_a_terminal
 def test_verbose_2_prints_one_line_per_epoch(capsys):
     x, y = classification_data()
     classifier().fit(x, y, epochs=3, batch_size=40, verbose=2)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("epoch 1/3") and "loss: " in lines[0]
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert err == "" and len(lines) == 3 and lines[0].startswith("epoch 1/3") and "loss: " in lines[0]
 
 
 def test_verbose_0_is_silent(capsys):
