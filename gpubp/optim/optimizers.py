@@ -275,9 +275,6 @@ class Optimizer:
             state[name] = param.backend.asarray(host, param.data.dtype)
         return state
 
-    def _update(self, param: Parameter, group: dict, state: dict) -> None:
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         groups = ", ".join(
             f"{{{len(g['params'])} params, " + ", ".join(f"{k}={g[k]}" for k in self.defaults) + "}"
