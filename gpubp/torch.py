@@ -48,6 +48,10 @@ kernels eagerly, forward and backward, and the code before and after it compiles
 kernels with its own ops.) A ``torch.library.custom_op`` would avoid the break; it is not
 registered here.
 
+Derivatives: first derivatives only. A second derivative through an MLP (a Hessian, a gradient
+penalty built with ``create_graph=True``) raises a RuntimeError when autograd reaches the MLP,
+rather than counting its part as zero.
+
 >>> import torch, gpubp as gb
 >>> from gpubp.torch import MLP
 >>> gb.seed(0)
@@ -335,6 +339,28 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
     return function.apply(acts, math, torch.is_grad_enabled(), drops, x, *params)
 
 
+SECOND_DERIVATIVE = ("gpubp.torch.MLP computes first derivatives only: its backward runs gpubp's kernels, "
+                     "which autograd cannot differentiate again (a Hessian, or a gradient penalty built with "
+                     "create_graph=True, passes through it)")
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """Passes a gradient the MLP's backward computed under ``create_graph=True`` and raises when
+    autograd differentiates it. The MLP's gradients depend on its inputs and weights, but the
+    kernels record no graph of that; without this node they would reach a second derivative as
+    constants and count as zero. (``once_differentiable`` guards only where the incoming
+    gradient requires grad, which ``out.sum()``'s does not.) Its inputs are the gradient and the
+    MLP's inputs that require grad, so a second derivative with respect to any of them reaches it."""
+
+    @staticmethod
+    def forward(ctx, grad, *sources):  # sources: the MLP's inputs that require grad, which grad depends on
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(SECOND_DERIVATIVE)
+
+
 @functools.cache
 def _function(device_type: str, dtype: torch.dtype):
     """The autograd Function for parameters on ``device_type`` in ``dtype``.
@@ -353,7 +379,11 @@ def _function(device_type: str, dtype: torch.dtype):
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, grad_out):
-            return (None, None, None, None, *_backward(ctx, grad_out))
+            grads = _backward(ctx, grad_out)
+            if torch.is_grad_enabled():  # create_graph=True: what differentiates these grads must fail
+                sources = [t for t in ctx.saved_tensors[2:] if t is not None and t.requires_grad]
+                grads = [None if grad is None else _FirstDerivativeOnly.apply(grad, *sources) for grad in grads]
+            return (None, None, None, None, *grads)
 
     MLPFunction.__name__ = MLPFunction.__qualname__ = f"MLPFunction_{device_type}_{str(dtype).removeprefix('torch.')}"
     return MLPFunction
@@ -476,7 +506,9 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
     # to any of them before backward raises instead of giving wrong gradients.
     last_reads_y = kept[-1][1] is not None
     # A dropped input is not x: layer 0 keeps it among its own arrays.
-    ctx.save_for_backward(x if plan[0][1] and masks[0] is None else None, h if last_reads_y else None, *params)
+    # Last, x again where it requires grad: a second derivative's path to it (_FirstDerivativeOnly).
+    ctx.save_for_backward(x if plan[0][1] and masks[0] is None else None, h if last_reads_y else None, *params,
+                          x if x.requires_grad else None)
     ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = kept, plan, acts, math, device, masks
     return h
 
@@ -489,7 +521,7 @@ def _folded(backend, acts, plan, masked) -> frozenset[int]:
 
 
 def _backward(ctx, grad_out: torch.Tensor) -> list:
-    x, out, *params = ctx.saved_tensors
+    x, out, *params, _ = ctx.saved_tensors
     device, plan, acts, kept = ctx.device, ctx.plan, ctx.acts, ctx.kept
     wants = ctx.needs_input_grad[4:]
     grads = [None] * (1 + len(params))

@@ -94,6 +94,20 @@ def test_gradcheck_in_float64_for_the_input_and_every_parameter(activation):
     assert torch.autograd.gradcheck(run, (random_input(3, 4, torch.float64), *params))
 
 
+def test_a_second_derivative_through_the_mlp_raises_rather_than_counting_as_zero(mlp):
+    """A gradient penalty (create_graph=True, then backward through the input gradient) must not
+    silently give the parameters zero gradient: the backward is once_differentiable."""
+    x = random_input()
+    (grad_x,) = torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
+    penalty = (grad_x.norm(dim=1) - 1).pow(2).mean()
+    with pytest.raises(RuntimeError, match="gpubp.torch.MLP computes first derivatives only"):
+        penalty.backward()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.functional.hessian(lambda v: mlp(v).sum(), x.detach()[:1])
+    first = torch.autograd.grad(mlp(x).sum(), x)[0]  # without create_graph, first derivatives as before
+    torch.testing.assert_close(first, grad_x.detach())
+
+
 def test_float64_module_computes_in_float64():
     gb.seed(3)
     mlp = MLP([4, 6, 2], precision="fp64")
