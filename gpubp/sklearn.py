@@ -29,7 +29,8 @@ none; the masks come from ``random_state``'s stream), and ``model_``. What diffe
   negative target is an error here, where scikit-learn only documents the requirement.
 - Weights start from gpubp's initialisation (He-normal for the relu family, Glorot-uniform
   otherwise, zero biases), Adam follows PyTorch's (``epsilon`` added to the bias-corrected
-  root), and SGD's momentum PyTorch's form, which equals scikit-learn's at a fixed rate.
+  root), and SGD's momentum PyTorch's form, its buffers rescaled when the rate changes
+  (``invscaling``, ``adaptive``) so that the steps stay scikit-learn's.
 - Input data keeps its float type where the backend computes in it (float32 stays float32,
   float64 runs in float64 on the CPU) and is float32 on a GPU; sparse input is made dense.
 - The steps are scikit-learn's: along its losses (half the squared error, summed over several
@@ -275,7 +276,7 @@ class _BaseMLP(BaseEstimator):
         if not incremental and not epochs.stopped:
             what = "validation score" if validation else "training loss"
             warnings.warn(f"max_iter: all {self.max_iter} epochs ran and the {what} was still improving by more "
-                          f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=3)
+                          f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=4)
 
     def _hold_out(self, y) -> tuple[np.ndarray, np.ndarray]:
         """(training rows, validation rows) for early stopping, stratified for single-label classes."""
@@ -298,7 +299,7 @@ class _BaseMLP(BaseEstimator):
             return min(AUTO_BATCH, n_samples)
         if self.batch_size > n_samples:
             warnings.warn(f"batch_size: {self.batch_size} is more than the {n_samples} training samples; "
-                          f"using {n_samples}", stacklevel=4)
+                          f"using {n_samples}", stacklevel=5)  # the caller of fit or partial_fit
         return min(self.batch_size, n_samples)
 
     def _gpubp_rate(self) -> float:
@@ -349,9 +350,22 @@ class _BaseMLP(BaseEstimator):
         return True
 
     def _set_rate(self, rate: float) -> None:
+        """Change scikit-learn's rate. SGD's momentum buffers are rescaled so the next step is
+        scikit-learn's: its velocity holds past steps already times their rates (``v = m v -
+        lr g``, the step ``v``), where PyTorch's buffer holds gradients that the current rate
+        multiplies (``b = m b + g``, the step ``-lr b``); the two agree while ``v = -lr b``, so a
+        rate going from ``lr`` to ``lr'`` multiplies ``b`` by ``lr / lr'``."""
+        before = self._gpubp_rate()
         self._learning_rate = rate
+        after = self._gpubp_rate()
         for group in self._optimizer.param_groups:
-            group["lr"] = self._gpubp_rate()
+            group["lr"] = after
+        if self.solver != "sgd" or not self.momentum or after == before:
+            return
+        for param in self.model_.parameters():
+            velocity = self._optimizer.state.get(id(param), {}).get("velocity")
+            if velocity is not None:
+                param.backend.scale_(velocity, before / after)
 
     # --------------------------------------------------------------------- predicting
 

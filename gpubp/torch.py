@@ -156,6 +156,9 @@ class MLP(nn.Module):
             for i, (fan_in, fan_out, act) in enumerate(zip(sizes[:-1], sizes[1:], acts))
         )
 
+    def extra_repr(self) -> str:
+        return "" if self.input_dropout is None else f"input_dropout={self.input_dropout:g}"
+
     @property
     def sizes(self) -> list[int]:
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]

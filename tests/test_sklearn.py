@@ -67,13 +67,16 @@ TARGETS = {
     "two poisson targets": ("MLPRegressor", COUNTS, {"loss": "poisson"}),
 }
 # tol is so large that no epoch counts as an improvement: the adaptive rate divides by 5, the others stop.
-# Momentum is PyTorch's form, the same as scikit-learn's while the rate holds still: the schedules run without.
+# Momentum is PyTorch's form, its buffers rescaled when the rate changes: the schedules run with and without.
 # Adam adds epsilon after the bias correction, as PyTorch does, scikit-learn before: a tiny one hides that.
 SOLVERS = {
     "adam": dict(solver="adam", epsilon=1e-15),
     "sgd": dict(solver="sgd"),
     "sgd, invscaling rate": dict(solver="sgd", learning_rate="invscaling", power_t=0.7, momentum=0.0),
     "sgd, adaptive rate": dict(solver="sgd", learning_rate="adaptive", momentum=0.0),
+    "sgd, invscaling rate, nesterov momentum": dict(solver="sgd", learning_rate="invscaling", power_t=0.7),
+    "sgd, adaptive rate, momentum": dict(solver="sgd", learning_rate="adaptive", momentum=0.7,
+                                         nesterovs_momentum=False),
 }
 
 
@@ -141,6 +144,19 @@ def test_fitted_attributes_are_scikit_learns(target):
         if hasattr(theirs, method):
             mine, expected = getattr(ours, method)(X_SMALL), getattr(theirs, method)(X_SMALL)
             assert (mine.shape, mine.dtype) == (expected.shape, expected.dtype)
+
+
+@pytest.mark.parametrize("call", ["fit", "partial_fit"])
+def test_the_estimators_warnings_point_at_the_callers_line(call):
+    """Like scikit-learn's, a warning names the line that called fit, not a line of gpubp."""
+    x, y = X_SMALL, (X_SMALL[:, 0] > 0).astype(int)
+    clf = MLPClassifier((4,), max_iter=2, batch_size=100, random_state=0, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(clf, call)(x, y, **({"classes": [0, 1]} if call == "partial_fit" else {}))
+    expected = {UserWarning, ConvergenceWarning} if call == "fit" else {UserWarning}
+    assert {w.category for w in caught} == expected
+    assert {w.filename for w in caught} == {__file__}
 
 
 def test_early_stopping_keeps_the_best_epoch_by_validation_score():

@@ -108,6 +108,12 @@ def test_a_second_derivative_through_the_mlp_raises_rather_than_counting_as_zero
     torch.testing.assert_close(first, grad_x.detach())
 
 
+def test_the_repr_shows_every_dropout():
+    text = repr(MLP([4, 8, 3], dropout=0.1, input_dropout=0.25))
+    assert text.startswith("MLP(\n  input_dropout=0.25\n") and "Dense(4, 8, activation='relu', dropout=0.1)" in text
+    assert "input_dropout" not in repr(MLP([4, 8, 3]))
+
+
 def test_float64_module_computes_in_float64():
     gb.seed(3)
     mlp = MLP([4, 6, 2], precision="fp64")
