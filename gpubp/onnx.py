@@ -8,7 +8,9 @@ sigmoid or softmax head included, in the model's float type (float32, or float64
 runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5``,
 gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` and silu as
 ``x * Sigmoid(x)``, each node for node as PyTorch's exporter writes them (the gelus before
-opset 20).
+opset 20). Reading, the gelus' formulas are also taken in the other order PyTorch's dynamo
+exporter writes them below opset 20 (the half taken before the last product, ``x^3`` as a
+``Pow``).
 
 ``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
@@ -66,6 +68,15 @@ FORMULAS = {
                   ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
                   ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),
     "silu": (("Sigmoid", "x"), ("Mul", "x", "prev")),
+}
+# Other orders of the same arithmetic that exporters write, read as well: PyTorch's dynamo
+# exporter below opset 20 halves before the last product, and cubes with a Pow.
+READ_ALSO = {
+    "gelu": ((("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", 0.5, "prev"),
+              ("Mul", "x", "prev")),),
+    "gelu_tanh": ((("Pow", "x", 3.0), ("Mul", activations.GELU_TANH_A, "prev"), ("Add", "x", "prev"),
+                   ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"), ("Add", 1.0, "prev"),
+                   ("Mul", 0.5, "prev"), ("Mul", "x", "prev")),),
 }
 COMMUTATIVE = ("Add", "Mul")
 # Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
@@ -355,9 +366,10 @@ class _Graph:
         if node.input[0] != current and not (node.op_type in COMMUTATIVE and current in node.input):
             raise self._error(node, f"reads {list(node.input)}, not the tensor the step before wrote ({current!r})")
         for act, steps in FORMULAS.items():  # first: silu's formula starts with a Sigmoid
-            output = self._formula(position, current, steps)
-            if output is not None:
-                return act, output, position + len(steps)
+            for chain in (steps, *READ_ALSO.get(act, ())):
+                output = self._formula(position, current, chain)
+                if output is not None:
+                    return act, output, position + len(chain)
         single = {op: act for act, (op, _) in SINGLE_OPS.items()}
         if node.op_type in single and len(node.input) == 1:
             act = single[node.op_type]
