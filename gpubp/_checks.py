@@ -70,6 +70,20 @@ def float_dtype(dtype, name: str) -> np.dtype:
     return dtype
 
 
+PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def parameter_dtype(dtype, name: str) -> np.dtype:
+    """float32 or float64: the types gpubp's kernels and files hold weights in."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype!r}") from None
+    if dtype not in PARAMETER_DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype}")
+    return dtype
+
+
 def batch_shape(shape, features: int, name: str) -> None:
     shape = tuple(shape)
     if len(shape) != 2:

@@ -194,7 +194,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
     if metrics is None:
         metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
-    head = model.layers[-1].activation
+    head = model._end(-1).activation
     named = [metric_fns.get(m, probabilities=head in ("sigmoid", "softmax")) for m in metrics]
     x, y = check_dataset(model, x, y, loss_fn)
     if sample_weight is not None:

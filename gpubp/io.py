@@ -62,13 +62,29 @@ def _architecture(model: Sequential) -> dict:
         "sizes": [model.in_features] + [layer.out_features for layer in dense],
         "activations": [layer.activation for layer in dense],
         "names": [layer.name for layer in dense],
-        "trainable": [layer.trainable for layer in dense],
+        "trainable": [_trainable_entry(layer) for layer in dense],
         "precision": model.precision,
     }
     dropouts = [[i, layer.rate, layer.name] for i, layer in enumerate(model) if isinstance(layer, Dropout)]
     if dropouts:
         header["dropout"] = dropouts
     return header
+
+
+def _trainable_entry(layer: Dense) -> bool | list[bool]:
+    """A Dense layer's entry in the header's ``"trainable"``: one flag where its weight and bias
+    agree, else ``[weight's, bias's]`` (a frozen bias alone, say)."""
+    flags = [layer.weight.trainable, layer.bias.trainable]
+    return flags[0] if flags[0] == flags[1] else flags
+
+
+def _trainable_flags(path: Path, entry, i: int) -> tuple[bool, bool]:
+    """(weight's, bias's) flag from a header's ``"trainable"`` entry for layer ``i``."""
+    if isinstance(entry, bool):
+        return entry, entry
+    if isinstance(entry, list) and len(entry) == 2 and all(isinstance(flag, bool) for flag in entry):
+        return entry[0], entry[1]
+    raise ValueError(f"{path}: the header's trainable[{i}] must be true, false or [weight's, bias's], got {entry!r}")
 
 
 def _tensors(model: Sequential) -> dict[str, np.ndarray]:
@@ -230,8 +246,9 @@ def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     return metadata["gpubp"], tensors
 
 
-def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, bool]]:
-    """(in, out, activation, name, trainable) per layer, from a header checked for consistency."""
+def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, tuple[bool, bool]]]:
+    """(in, out, activation, name, (weight trainable, bias trainable)) per layer, from a header
+    checked for consistency."""
     if header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {header.get('format_version')!r}, expected {FORMAT_VERSION}")
     sizes, acts = header.get("sizes"), header.get("activations")
@@ -249,7 +266,8 @@ def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, boo
         acts = [_activations.canonical(a, f"activations[{i}]") for i, a in enumerate(acts)]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
-    return [(sizes[i], sizes[i + 1], acts[i], names[i], bool(trainable[i])) for i in range(len(acts))]
+    flags = [_trainable_flags(path, entry, i) for i, entry in enumerate(trainable)]
+    return [(sizes[i], sizes[i + 1], acts[i], names[i], flags[i]) for i in range(len(acts))]
 
 
 def _dropout_specs(path: Path, header: dict, dense_count: int) -> list[tuple[int, float, str]]:
@@ -329,8 +347,9 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
             log.warning("gpubp: %s was saved with precision=%r, which cannot run here (%s); loaded as fp32",
                         path, precision, exc)
     model.set_weights(list(weights.values()))
-    for layer, (*_rest, trainable) in zip([layer for layer in model if isinstance(layer, Dense)], specs):
-        layer.trainable = trainable
+    for layer, (*_rest, (weight_trainable, bias_trainable)) in zip(
+            [layer for layer in model if isinstance(layer, Dense)], specs):
+        layer.weight.trainable, layer.bias.trainable = weight_trainable, bias_trainable
     return model
 
 
@@ -408,9 +427,11 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     if orphans:
         raise ValueError(f"state_dict: missing key {orphans[0][: -len('.bias')] + '.weight'!r} (for {orphans[0]!r})")
     # With a model, check against its layers here, so errors name the state dict's keys and (out, in) shapes.
-    layers = list(model) if isinstance(model, Sequential) else None
+    # The model's Dense layers: a Dropout holds no weights, as an nn.Dropout holds no state.
+    layers = [layer for layer in model if isinstance(layer, Dense)] if isinstance(model, Sequential) else None
     if layers is not None and len(layers) != len(prefixes):
-        raise ValueError(f"state_dict: {len(prefixes)} Linear layers {prefixes}, but the model has {len(layers)} layers")
+        raise ValueError(f"state_dict: {len(prefixes)} Linear layers {prefixes}, but the model has {len(layers)} "
+                         "Dense layers")
     weights = []
     for i, prefix in enumerate(prefixes):
         w = _numpy(state_dict[f"{prefix}.weight"], f"{prefix}.weight")

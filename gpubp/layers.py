@@ -226,7 +226,7 @@ class Dense(Layer):
         self.in_features = _checks.positive_int(in_features, "in_features")
         self.out_features = _checks.positive_int(out_features, "out_features")
         self.activation = activations.canonical(activation)
-        dtype = _checks.float_dtype(dtype, "dtype")
+        dtype = _checks.parameter_dtype(dtype, "dtype")
         weight = _init_weight(init, self.activation, self.in_features, self.out_features, dtype)
         self.weight = Parameter(weight, "weight")
         self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
@@ -538,10 +538,12 @@ class Sequential:
         self.backend = backends.get(self.backend_name)
         if dtype is None:
             dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
-        self.dtype = _checks.float_dtype(dtype, "dtype")
+        self.dtype = _checks.parameter_dtype(dtype, "dtype")
         self._check_dtype(self.backend_name)
         for layer in self.layers:
-            if layer.backend is not self.backend or layer.dtype not in (None, self.dtype):
+            # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
+            # float64 layer would stay float64 in a float32 model)
+            if layer.backend is not self.backend or (layer.dtype is not None and layer.dtype != self.dtype):
                 layer._bind(self.backend, self.dtype)
         self._scratch = _Buffers()
         self._needs_cache: dict = {}  # (trainable flags, activations, need_input_grad) -> _needs()
@@ -618,11 +620,16 @@ class Sequential:
 
     @property
     def in_features(self) -> int:
-        return self.layers[0].in_features
+        return self._end(0).in_features
 
     @property
     def out_features(self) -> int:
-        return self.layers[-1].out_features
+        return self._end(-1).out_features
+
+    def _end(self, index: int) -> Layer:
+        if not self.layers:
+            raise ValueError("the model has no layers: give Sequential a list of layers, e.g. [Dense(4, 2)]")
+        return self.layers[index]
 
     def parameters(self) -> list[Parameter]:
         """Every Parameter, trainable and frozen, in Keras order [W0, b0, W1, b1, ...]."""

@@ -103,6 +103,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     what the eager ones do (OneCycleLR's momentum cycling, which changes what a captured
     update bakes in every batch, runs eagerly under "auto" and is refused under True).
     """
+    model._end(-1)  # a model without layers says so before anything else
     compiled = getattr(model, "_compiled", {})
     loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
     metrics = compiled.get("metrics") if metrics is None else metrics

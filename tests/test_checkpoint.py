@@ -218,6 +218,20 @@ def test_a_run_with_a_schedule_resumes_bit_identical(tmp_path, case):
     assert resumed.history == full.history
 
 
+def test_a_parameter_frozen_alone_stays_frozen_in_the_resumed_run(tmp_path):
+    model = new_model()
+    model[1].bias.trainable = False
+    frozen = model[1].bias.data.copy()
+    full = train(model, gb.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9), EPOCHS,
+                 [gb.ModelCheckpoint(tmp_path / "run-{epoch}.npz")])
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}.npz", device="cpu")
+    assert (ckpt.model[1].weight.trainable, ckpt.model[1].bias.trainable) == (True, False)
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, initial_epoch=ckpt.epoch)
+    np.testing.assert_array_equal(ckpt.model[1].bias.data, frozen)
+    assert_weights_equal(model.get_weights(), ckpt.model)
+    assert resumed.history == full.history
+
+
 def test_a_checkpoint_listed_before_a_rate_callback_saves_the_rate_it_set(tmp_path):
     """ModelCheckpoint's on_epoch_end runs after the other callbacks' wherever it is listed, so the
     checkpoint holds the rate ReduceLROnPlateau lowered at that epoch's end, and the run resumes

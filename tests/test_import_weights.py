@@ -123,6 +123,19 @@ def test_state_dict_loads_into_an_existing_model(rng):
     assert all(np.array_equal(w, sd[f"{2 * i}.weight"].T) for i, w in enumerate(model.get_weights()[::2]))
 
 
+def test_state_dict_loads_into_a_model_with_dropout_layers(rng):
+    """nn.Sequential(Linear, ReLU, Dropout, Linear, ...): the Dropouts hold no weights on either side."""
+    sd = numpy_state_dict(rng)
+    model = gb.Sequential([gb.Dense(6, 9, "relu"), gb.Dropout(0.5), gb.Dense(9, 7, "relu"), gb.Dropout(0.2),
+                           gb.Dense(7, 3)], device="cpu")
+    assert io.from_torch_state_dict(sd, model=model) is model
+    dense = [layer for layer in model if isinstance(layer, gb.Dense)]
+    assert all(np.array_equal(layer.weight.data, sd[f"{2 * i}.weight"].T) for i, layer in enumerate(dense))
+    with pytest.raises(ValueError, match=r"3 Linear layers \['0', '2', '4'\], but the model has 2 Dense layers"):
+        io.from_torch_state_dict(sd, model=gb.Sequential([gb.Dense(6, 9), gb.Dropout(0.5), gb.Dense(9, 3)],
+                                                          device="cpu"))
+
+
 def test_imported_weights_do_not_share_memory_with_the_state_dict(rng):
     sd = numpy_state_dict(rng)
     model = io.from_torch_state_dict(sd, device="cpu")

@@ -74,6 +74,27 @@ def test_round_trip_restores_frozen_flags(tmp_path, suffix):
     assert [layer.trainable for layer in loaded] == [False, True, False]
 
 
+def test_round_trip_restores_a_frozen_bias_alone(tmp_path, suffix):
+    """Parameter.trainable is per parameter: a layer whose bias alone is frozen comes back so."""
+    model = trained_model()
+    model[1].bias.trainable = False
+    model.save(tmp_path / f"m{suffix}")
+    header, _ = io.read_file(tmp_path / f"m{suffix}")
+    assert header["trainable"] == [True, [True, False], True]
+    loaded = gb.load(tmp_path / f"m{suffix}", device="cpu")
+    assert [(layer.weight.trainable, layer.bias.trainable) for layer in loaded] == \
+        [(True, True), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("entry", ["yes", 1, [True], [True, 0], None])
+def test_a_trainable_entry_that_is_not_flags_is_rejected(tmp_path, entry):
+    path = tmp_path / "m.npz"
+    arch = {**arch_for([3, 4], ["relu"]), "trainable": [entry]}
+    write_npz(path, arch, {"layers.0.weight": np.ones((3, 4)), "layers.0.bias": np.ones(4)})
+    with pytest.raises(ValueError, match=r"the header's trainable\[0\] must be true, false or \[weight's, bias's\]"):
+        gb.load(path, device="cpu")
+
+
 def test_a_loaded_model_predicts_exactly_what_the_saved_one_did(tmp_path, suffix):
     model = trained_model()
     x = np.random.default_rng(1).normal(size=(17, 4)).astype(np.float32)

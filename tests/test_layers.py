@@ -200,6 +200,30 @@ def test_float64_is_kept_on_the_cpu():
     assert model.forward(np.ones((2, 4), np.float32)).dtype == np.float64
 
 
+@pytest.mark.parametrize("layer_dtype, model_dtype", [("float64", "float32"), ("float32", "float64")])
+def test_every_layer_takes_the_models_dtype(layer_dtype, model_dtype):
+    """Both ways: NumPy reads np.dtype(None) as float64, which once kept a float64 layer in a float32 model."""
+    model = gb.Sequential([gb.Dense(3, 4, dtype=layer_dtype), gb.Dropout(0.1), gb.Dense(4, 2)], device="cpu",
+                          dtype=model_dtype)
+    assert {p.data.dtype for p in model.parameters()} == {np.dtype(model_dtype)}
+    assert model.predict(np.ones((1, 3), np.float32)).dtype == np.dtype(model_dtype)
+
+
+@pytest.mark.parametrize("make", [lambda: gb.Dense(3, 4, dtype="float16"),
+                                  lambda: gb.Sequential([gb.Dense(3, 4)], device="cpu", dtype=np.float16),
+                                  lambda: gb.Sequential([gb.Dense(3, 4)], device="cpu", dtype="int32")])
+def test_weights_are_float32_or_float64_only(make):
+    with pytest.raises(TypeError, match=r"dtype: expected float32 or float64, got (float16|int32)"):
+        make()
+
+
+@pytest.mark.parametrize("call", [lambda m, x: m.predict(x), lambda m, x: m.evaluate(x, np.zeros(2)),
+                                  lambda m, x: m.fit(x, np.zeros(2), verbose=0)])
+def test_a_model_without_layers_says_so(call):
+    with pytest.raises(ValueError, match="the model has no layers"):
+        call(gb.Sequential([], device="cpu"), np.ones((2, 3), np.float32))
+
+
 # ----------------------------------------------------------------------------- forward / backward
 
 
