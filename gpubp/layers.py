@@ -489,6 +489,18 @@ class BackwardPlan(list):
         return "\n".join(lines)
 
 
+def _checked_precision(value) -> str:
+    if value not in backends.PRECISIONS:
+        raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
+    return value
+
+
+def _why_not_precision(backend: ModuleType, precision: str, fused: bool) -> str:
+    """Why ``backend`` does not run ``precision`` on this device (its ``why_not_precision``)."""
+    explain = getattr(backend, "why_not_precision", None)
+    return explain(precision, fused) if explain is not None else "tf32 and bf16 need compute capability 8.0 or newer"
+
+
 class Sequential:
     """A stack of layers (``Dense``, or any :class:`Layer`) on one device.
 
@@ -553,9 +565,8 @@ class Sequential:
         # A training forward draws each Dropout's key first; a CUDA-graph capture turns this off
         # and draws them itself before each replay (gpubp.step).
         self._draw_keys = True
-        self._precision = "fp32"
-        self.fused = fused
-        self.precision = precision  # checked against the path fused= picked
+        self._precision = _checked_precision(precision)
+        self.fused = fused  # picks the path for that precision, or says why it cannot
 
     def _adopt_input_width(self) -> None:
         """Layers that take their width from the layer below (Dropout) and stand first take it
@@ -605,9 +616,7 @@ class Sequential:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in backends.PRECISIONS:
-            raise ValueError(f"precision: expected one of {backends.PRECISIONS}, got {value!r}")
-        previous, self._precision = self._precision, value
+        previous, self._precision = self._precision, _checked_precision(value)
         try:
             self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)
         except ValueError:
@@ -722,10 +731,10 @@ class Sequential:
         uses_fused = value is not False and why_not is None
         if not uses_fused and self.precision not in backend.dense_precisions():
             raise ValueError(f"precision={self.precision!r}: this GPU runs the dense kernels in "
-                             f"{backend.dense_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")
+                             f"{backend.dense_precisions()} only ({_why_not_precision(backend, self.precision, False)})")
         if uses_fused and self.precision not in backend.fused_precisions():
             raise ValueError(f"precision={self.precision!r}: this GPU runs the fused MLP kernels in "
-                             f"{backend.fused_precisions()} only (tf32 and bf16 need compute capability 8.0 or newer)")
+                             f"{backend.fused_precisions()} only ({_why_not_precision(backend, self.precision, True)})")
         return uses_fused
 
     def why_not_fused(self, backend: ModuleType | None = None, backend_name: str | None = None) -> str | None:
@@ -747,7 +756,8 @@ class Sequential:
             if layer.out_features > max_width:
                 return (f"layer {layer.name!r} has out_features={layer.out_features}; "
                         f"the fused kernels take at most {max_width}")
-        return None
+        here = getattr(backend, "why_not_fused_here", None)  # this GPU: its tensor cores, its shared memory
+        return here(self.precision, self.in_features) if here is not None else None
 
     def as_input(self, x, name: str = "x"):
         """Validate ``x`` (B, in_features) and return it as this model's backend array."""

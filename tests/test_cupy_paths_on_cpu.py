@@ -257,6 +257,19 @@ def test_preload_loads_every_kernel_of_every_file(cb):
     assert all(cb.origin[f] == "nvrtc" for f in cb.KERNEL_FILES)
 
 
+def test_preload_on_a_gpu_with_99_kb_a_block_opts_in_only_the_kernels_that_fit(cpu_harness, monkeypatch):  # noqa: F811
+    """An sm_86 block has at most 101376 bytes of shared memory; the stand-in's driver refuses an
+    opt-in past it. The kernels that need more are loaded (a fatbin or a whole-set module holds
+    them beside the others) and never opted in, so the load does not fail; the backend never
+    launches them there (tests/test_kernels_on_cpu.py)."""
+    cb = cupy_on_cpu(cpu_harness, monkeypatch, 84, compute_capability="86")
+    cb.preload(jobs=2)
+    limits = {key[1]: launch.shared_limit for key, launch in cb._functions.items()}
+    assert limits["fused_mlp_fwd"] == limits["dense_dw_tf32"] == limits["dense_dw_bf16"] == cb.DEFAULT_SHARED_LIMIT
+    assert limits["fused_mlp_fwd_tf32"] == cb._fused_shared_bytes("fwd", "tf32", cb.FUSED_MLP_MAX_WIDTH)
+    assert limits["dense_dx_tf32"] == cb.TF32_SHARED_BYTES["dx"] <= 101376 - cb.STATIC_SHARED_ALLOWANCE
+
+
 def test_preload_loads_fatbins_whole_and_every_nvrtc_part_where_the_driver_refuses_one(cb, monkeypatch):
     """With fatbins that serve this GPU a file loads whole; the stand-in's driver refuses every
     GPU binary, as an old driver refuses a new toolkit's, and then each NVRTC part compiles."""

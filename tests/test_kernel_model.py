@@ -265,6 +265,16 @@ def test_the_committed_tables_are_written_from_the_committed_json(committed):
     assert COMMITTED.with_suffix(".md").read_text() == km.markdown(committed)
 
 
+def test_the_backends_static_shared_memory_allowance_covers_every_kernel_launched_with_dynamic_memory(committed):
+    """cupy_backend compares a kernel's dynamic shared memory plus STATIC_SHARED_ALLOWANCE with the
+    GPU's per-block limit before it opts in; the compiled kernels' static __shared__ must fit it."""
+    reports = [committed["kernels"], *committed["other_archs"].values()]
+    static = {name: k["smem_bytes"] - k["dynamic_smem_bytes"] for kernels in reports for name, k in kernels.items()
+              if k.get("dynamic_smem_bytes")}
+    assert static and {name for name in static if name.startswith("fused_mlp")}
+    assert {name: b for name, b in static.items() if b > cupy_backend.STATIC_SHARED_ALLOWANCE} == {}
+
+
 README = ROOT / "README.md"
 
 

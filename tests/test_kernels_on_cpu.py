@@ -114,10 +114,11 @@ def cpu_harness():
     return h
 
 
-def cupy_on_cpu(cpu_harness, monkeypatch, sms: int, version: int = 14):
-    """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs (and the
-    stream API of CuPy ``version``)."""
-    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms, version=version))
+def cupy_on_cpu(cpu_harness, monkeypatch, sms: int, version: int = 14, compute_capability: str = "90"):
+    """The CuPy backend, running on the CPU harness, seeing a GPU with this many SMs, of this
+    compute capability (its shared memory per block), and the stream API of CuPy ``version``."""
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, sms=sms, version=version,
+                                                                compute_capability=compute_capability))
     if SANITIZED:
         monkeypatch.setattr(cupy_backend, "MIN_ROWS_PER_SPLIT", SANITIZED_MIN_ROWS_PER_SPLIT)
     for cache in harness.BACKEND_CACHES:
@@ -1197,14 +1198,72 @@ def test_a_fused_model_with_every_layer_frozen_launches_no_backward_kernel(cb_h1
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")
 def test_a_tensor_core_precision_on_a_gpu_without_them_says_so(cpu_harness, monkeypatch):
-    cupy_on_cpu(cpu_harness, monkeypatch, H100_SMS)
-    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(cpu_harness, compute_capability="75"))
-    assert cupy_backend.fused_precisions() == ("fp32",)
-    with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the fused MLP kernels in \('fp32',\) only"):
-        narrow_model("cupy", precision="bf16")
-    with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the dense kernels in \('fp32',\) only"):
-        narrow_model("cupy", precision="bf16", fused=False)
-    assert narrow_model("cupy").uses_fused
+    cupy_on_cpu(cpu_harness, monkeypatch, 40, compute_capability="75")
+    assert cupy_backend.dense_precisions() == ("fp32",)
+    with pytest.raises(ValueError, match=r"fused=True: the fused kernels in bf16 need tensor cores"):
+        narrow_model("cupy", precision="bf16", fused=True)
+    for fused in ("auto", False):
+        with pytest.raises(ValueError, match=r"precision='bf16': this GPU runs the dense kernels in \('fp32',\) only "
+                                             r"\(tf32 and bf16 need compute capability 8.0 or newer\)"):
+            narrow_model("cupy", precision="bf16", fused=fused)
+
+
+@pytest.mark.skipif(SANITIZED, reason="runs no kernel")
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_layer_too_wide_for_the_grids_y_axis_is_refused_before_any_launch(cb_h100, precision):
+    """CUDA's grid y extent is at most 65535 tiles (the harness does not enforce it)."""
+    widest = cupy_backend.MAX_GRID_Y * 128
+    assert cupy_backend._gemm_launch("fwd", "relu", 1, widest, precision)[1][1] == cupy_backend.MAX_GRID_Y
+    with trace() as t, pytest.raises(ValueError, match=rf"fwd: an output {widest + 1} wide takes 65536 tiles"):
+        cupy_backend._gemm_launch("fwd", "relu", 1, widest + 1, precision)
+    assert t.total == 0
+
+
+# Per-block shared memory after opting in (the shim's Device reports it, and its kernels refuse an
+# opt-in past it, as the driver does): sm_86/89's 99 KB hold the tf32 and bf16 fused kernels for an
+# input of at most 128 features, not the fp32 fused ones (100 KB) or the per-layer TF32 dW (102 KB);
+# sm_75's 64 KB none of them.
+SMALL_SHARED_GPUS = {"86": ("tf32", "bf16"), "75": ()}
+
+
+@pytest.mark.skipif(SANITIZED, reason="the fp32 per-layer kernels are covered above in every mode")
+@pytest.mark.parametrize("cc, fused_precisions", SMALL_SHARED_GPUS.items(), ids=lambda v: f"sm_{v}" if v else "")
+def test_on_a_gpu_with_less_shared_memory_fp32_runs_layer_by_layer_and_matches_numpy(cpu_harness, monkeypatch, rng,
+                                                                                     cc, fused_precisions):
+    cupy_on_cpu(cpu_harness, monkeypatch, 40, compute_capability=cc)
+    assert cupy_backend.fused_precisions() == fused_precisions and cupy_backend.dense_precisions() == ("fp32",)
+    model, reference = narrow_model("cupy"), narrow_model("numpy", dtype="float64")
+    assert not model.uses_fused
+    assert f"this GPU gives a block at most {harness.SHARED_OPTIN[cc]}" in model.why_not_fused()
+    with pytest.raises(ValueError, match=r"fused=True: in fp32, the fused kernels for 12 inputs take 102464 bytes"):
+        model.fused = True
+    x = rng.standard_normal((9, 12)).astype(np.float32)
+    for m in (model, reference):
+        _, dout = gb.losses.mse(m.forward(x), np.zeros((9, 5), np.float32))
+        m.backward(dout)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        close(got.grad.get(), want.grad)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the tf32 fused kernels are covered above in every mode")
+def test_on_an_sm86_gpu_tf32_runs_fused_and_the_per_layer_tensor_core_path_says_why_not(cpu_harness, monkeypatch,
+                                                                                       rng):
+    cupy_on_cpu(cpu_harness, monkeypatch, 84, compute_capability="86")
+    model = narrow_model("cupy", precision="tf32")
+    assert model.uses_fused
+    x = rng.standard_normal((9, 12)).astype(np.float32)
+    _, dout = gb.losses.mse(model.forward(x), np.zeros((9, 5), np.float32))
+    model.backward(dout)
+    assert all(np.isfinite(p.grad.get()).all() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"precision='tf32': this GPU runs the dense kernels in \('fp32',\) only "
+                                         r"\(its per-layer tensor-core kernels take 104512 bytes of shared memory per "
+                                         r"block, and this GPU gives a block at most 101376\)"):
+        model.fused = False
+    for precision in ("tf32", "bf16"):  # an input wider than 128 takes a second buffer, past 99 KB
+        with pytest.raises(ValueError, match=rf"precision='{precision}': this GPU runs the dense kernels"):
+            gb.Sequential([gb.Dense(200, 16, "relu"), gb.Dense(16, 3)], backend="cupy", precision=precision)
+    with pytest.raises(ValueError, match=r"fused_mlp_fwd: 102400 bytes of dynamic shared memory .* exceed the 101376"):
+        cupy_backend._fused_launch("fwd", "fp32", 12)
 
 
 @pytest.mark.skipif(SANITIZED, reason="runs no kernel of its own")

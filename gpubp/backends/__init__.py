@@ -117,8 +117,14 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
         ``out_db[l]`` of layers with ``need_dw[l]``; returns dX of the input when
         ``need_dx[0]``, else None. Records exactly ``fused_backward_kernels(acts[-1], need_dw)``:
         ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
-    ``fused_precisions()`` the ``precision`` values both take on this device ("fp32" always;
-        "tf32" and "bf16" on tensor cores where the GPU has them).
+    ``fused_precisions()`` the ``precision`` values both take on this device, for inputs of
+        up to ``FUSED_MLP_MAX_WIDTH`` features ("tf32" and "bf16" on tensor cores where the GPU
+        has them; each where its kernels fit the GPU's shared memory per block).
+    ``why_not_fused_here(precision, in_features) -> str | None`` (optional)
+        why this device cannot run the fused kernels for such a model (tensor cores, shared
+        memory per block), or None; ``Sequential.why_not_fused`` reports it.
+    ``why_not_precision(precision, fused) -> str`` (optional)
+        why ``precision`` is missing from ``fused_precisions()`` (``dense_precisions()``), for errors.
 
 Optional capability: CUDA graphs (the cupy backend; the others do not have it)
     A backend with ``capture`` lets ``gpubp.step.TrainStep`` record a whole training step once

@@ -486,8 +486,9 @@ def _rawmodule(filename: str, part: str = ""):
         origin[filename], key = "nvrtc", (device.id, filename, part)
     acts = split_part(part)[1] if key[2] is not None else 0
     for name, function in functions.items():
-        launch = _functions[(device.id, name, acts or None)] = _Launch(function)
-        launch.allow_shared(_dynamic_shared_bytes(name))  # what its launches take, at least
+        launch = _functions[(device.id, name, acts or None)] = _Launch(function, name)
+        if _fits(_dynamic_shared_bytes(name)):  # one that does not fit is never launched on this GPU
+            launch.allow_shared(_dynamic_shared_bytes(name))  # what its launches take, at least
     _rawmodules[key] = module
     return module
 
@@ -561,15 +562,20 @@ class _Launch:
     arguments stay referenced by that graph: replays write through the captured pointers, so
     no array a captured kernel touches may go back to the memory pool while the graph lives."""
 
-    __slots__ = ("function", "shared_limit")
+    __slots__ = ("function", "name", "shared_limit")
 
-    def __init__(self, function) -> None:
-        self.function, self.shared_limit = function, DEFAULT_SHARED_LIMIT
+    def __init__(self, function, name: str = "kernel") -> None:
+        self.function, self.name, self.shared_limit = function, name, DEFAULT_SHARED_LIMIT
 
     def allow_shared(self, size: int) -> None:
         """Let the kernel take up to ``size`` bytes of dynamic shared memory: past the 48 KB a kernel
-        gets unasked it must opt in (cudaFuncSetAttribute), once per loaded kernel."""
+        gets unasked it must opt in (cudaFuncSetAttribute), once per loaded kernel. More than the
+        GPU gives a block is refused here, naming the kernel, rather than by the driver."""
         if size > self.shared_limit:
+            if not _fits(size):
+                raise ValueError(f"{self.name}: {size} bytes of dynamic shared memory (and up to "
+                                 f"{STATIC_SHARED_ALLOWANCE} static) exceed the {shared_per_block()} bytes this GPU "
+                                 "gives a block")
             self.function.max_dynamic_shared_size_bytes = self.shared_limit = size
 
     def __call__(self, grid, block, args, **kwargs) -> None:
@@ -840,6 +846,10 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
         threads = GEMM_TILES[tile]
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
     grid = (-(-m // tile[0]), -(-n // tile[1]))
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(f"{kind}: an output {n} wide takes {grid[1]} tiles of {tile[1]} columns along the "
+                         f"kernel grid's y axis, and CUDA launches at most {MAX_GRID_Y} there (a layer at most "
+                         f"{MAX_GRID_Y * tile[1]} wide)")
     name = _dense_name(kind, act, precision, tile, dropout)
     return _kernel(filename, name, 1 << ACT_ID[act]), grid, (threads,), _dynamic_shared_bytes(name)
 
@@ -1404,14 +1414,74 @@ def _has_tensor_cores() -> bool:
     return int(cupy.cuda.Device().compute_capability) >= 80
 
 
+# The most shared memory one block may take after opting in, by compute capability (the CUDA C++
+# Programming Guide's table), where the driver's attribute cannot be read.
+SHARED_PER_BLOCK_OPTIN = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                          90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+# What a kernel here declares __shared__ on top of its dynamic bytes, at most (dense_dw_tf32's
+# split-K flag, 16 bytes; tests/test_kernel_model.py holds every kernel to it).
+STATIC_SHARED_ALLOWANCE = 64
+_shared_limits: dict[int, int] = {}
+
+
+def shared_per_block() -> int:
+    """The most shared memory (bytes) one block may use on the current GPU after opting in
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KB on sm_90, 163 KB on sm_80, 99 KB on
+    sm_86, sm_89 and sm_120, 64 KB on sm_75. A kernel asking for more cannot be launched."""
+    device = cupy.cuda.Device()
+    if device.id not in _shared_limits:
+        limit = device.attributes.get("MaxSharedMemoryPerBlockOptin")
+        if limit is None:
+            cc = int(device.compute_capability)
+            limit = SHARED_PER_BLOCK_OPTIN.get(cc, min(SHARED_PER_BLOCK_OPTIN.values()))
+        _shared_limits[device.id] = int(limit)
+    return _shared_limits[device.id]
+
+
+def _fits(dynamic_bytes: int) -> bool:
+    return dynamic_bytes + STATIC_SHARED_ALLOWANCE <= shared_per_block()
+
+
+def _dense_shared_bytes() -> int:
+    """The most dynamic shared memory a per-layer tensor-core GEMM takes (dW's)."""
+    return max(TF32_SHARED_BYTES.values())
+
+
 def dense_precisions() -> tuple[str, ...]:
-    """The precisions the per-layer dense kernels run in on this GPU."""
-    return ("fp32", "tf32", "bf16") if _has_tensor_cores() else ("fp32",)
+    """The precisions the per-layer dense kernels run in on this GPU: tf32 and bf16 where it has
+    tensor cores and room for their pipelines' shared memory (``why_not_precision`` says why not)."""
+    return ("fp32", "tf32", "bf16") if _has_tensor_cores() and _fits(_dense_shared_bytes()) else ("fp32",)
 
 
 def fused_precisions() -> tuple[str, ...]:
-    """The precisions the fused MLP kernels run in on this GPU."""
-    return tuple(FUSED_PRECISIONS) if _has_tensor_cores() else ("fp32",)
+    """The precisions the fused MLP kernels run in on this GPU, for inputs of up to
+    FUSED_MLP_MAX_WIDTH features (``why_not_fused_here`` checks a wider input)."""
+    return tuple(precision for precision in FUSED_PRECISIONS
+                 if (precision == "fp32" or _has_tensor_cores())
+                 and _fits(_fused_shared_most(precision, FUSED_MLP_MAX_WIDTH)))
+
+
+def why_not_precision(precision: str, fused: bool) -> str:
+    """Why ``precision`` is not among this GPU's ``fused_precisions()`` (or ``dense_precisions()``)."""
+    if precision != "fp32" and not _has_tensor_cores():
+        return "tf32 and bf16 need compute capability 8.0 or newer"
+    need = _fused_shared_most(precision, FUSED_MLP_MAX_WIDTH) if fused else _dense_shared_bytes()
+    kind = "fused MLP" if fused else "per-layer tensor-core"
+    return (f"its {kind} kernels take {need + STATIC_SHARED_ALLOWANCE} bytes of shared memory per block, and "
+            f"this GPU gives a block at most {shared_per_block()}")
+
+
+def why_not_fused_here(precision: str, in_features: int) -> str | None:
+    """None when the fused kernels run in ``precision`` on this GPU (its tensor cores) and fit its
+    shared memory for a model of ``in_features`` inputs, else why not: the fused kernels then do
+    not run, and ``fused="auto"`` runs the per-layer ones."""
+    if precision != "fp32" and not _has_tensor_cores():
+        return f"the fused kernels in {precision} need tensor cores (compute capability 8.0 or newer)"
+    need = _fused_shared_most(precision, in_features) + STATIC_SHARED_ALLOWANCE
+    if need > shared_per_block():
+        return (f"in {precision}, the fused kernels for {in_features} inputs take {need} bytes of shared memory "
+                f"per block, and this GPU gives a block at most {shared_per_block()}")
+    return None
 
 
 def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
@@ -1425,14 +1495,20 @@ def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
     return 4 * (b_words + buffers * _FUSED_A_WORDS)
 
 
+def _fused_shared_most(precision: str, n_in: int) -> int:
+    """The most dynamic shared memory a fused kernel in ``precision`` takes for ``n_in`` inputs."""
+    return max(_fused_shared_bytes(kind, precision, n_in) for kind in ("fwd", "bwd", "dw"))
+
+
 def _fused_launch(kind: str, precision: str, n_in: int, acts: int = 0):
     """(kernel, dynamic shared bytes) of a fused kernel whose layers' activations are among
     ``acts`` (a mask; fwd and bwd are built for them, dw takes none). The fused kernels take their
-    shared memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to the most it
-    can ask for (a forward's input wider than 128 takes a second buffer)."""
+    shared memory dynamically, past the 48 KB a kernel gets unasked, so each opts in to what this
+    launch takes (a forward's input wider than 128 takes a second buffer)."""
     kernel = _kernel("fused_mlp.cu", _fused_name(kind, precision), acts)
-    kernel.allow_shared(_fused_shared_bytes(kind, precision, FUSED_MLP_MAX_WIDTH + 1))
-    return kernel, _fused_shared_bytes(kind, precision, n_in)
+    shared = _fused_shared_bytes(kind, precision, n_in)
+    kernel.allow_shared(shared)
+    return kernel, shared
 
 
 def _layer_slots(arrays, stand_in) -> list:

@@ -618,7 +618,7 @@ def _runtime_object(mode: str, defines: tuple[str, ...] = ()) -> Path:
 
 # The CuPy backend's caches of modules, kernels and per-device buffers: emptied whenever the
 # backend is given another stand-in, so that nothing made with a previous one is used.
-BACKEND_CACHES = ("_rawmodules", "_functions", "_device_state", "origin")
+BACKEND_CACHES = ("_rawmodules", "_functions", "_device_state", "origin", "_shared_limits")
 
 
 def record_launches(backend, monkeypatch) -> list[str]:
@@ -635,12 +635,22 @@ def record_launches(backend, monkeypatch) -> list[str]:
     return launched
 
 
+# The most shared memory a block may take after opting in, by compute capability (the CUDA C++
+# Programming Guide's table; cudaDevAttrMaxSharedMemoryPerBlockOptin on the GPU).
+SHARED_OPTIN = {"75": 65536, "80": 166912, "86": 101376, "89": 101376, "90": 232448, "120": 101376}
+
+
 def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", version: int = 14) -> types.ModuleType:
     """The subset of the ``cupy`` module that ``cupy_backend`` uses, backed by the harness.
 
     ``sms`` is the multiprocessor count the backend sees, which drives its tile and split-K
-    choices (132: an H100 SXM). ``version`` (13 or 14) is the CuPy release whose stream API it
-    has. It refuses what CuPy (and CUDA under it) refuses, where the backend has been caught out:
+    choices (132: an H100 SXM). ``compute_capability`` sets the per-block shared memory limit
+    its Device reports (``SHARED_OPTIN``). ``version`` (13 or 14) is the CuPy release whose
+    stream API it has. It refuses what CuPy (and CUDA under it) refuses, where the backend has
+    been caught out:
+
+    - a kernel's ``max_dynamic_shared_size_bytes`` set above the device's per-block limit (the
+      driver's CUDA_ERROR_INVALID_VALUE), as on an sm_86 GPU for a 102 KB pipeline;
 
     - ``Stream.from_external`` (CuPy 14 and newer) takes only an object whose ``__cuda_stream__()``
       returns ``(0, pointer)``; CuPy 13 has ``ExternalStream(pointer, device_id)`` instead (which
@@ -666,7 +676,7 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
 
         def __init__(self, device_id: int = 0):
             self.compute_capability = compute_capability
-            self.attributes = {"MultiProcessorCount": sms}
+            self.attributes = {"MultiProcessorCount": sms, "MaxSharedMemoryPerBlockOptin": SHARED_OPTIN[compute_capability]}
 
         def __enter__(self):
             return self
@@ -792,6 +802,10 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
 
         @max_dynamic_shared_size_bytes.setter
         def max_dynamic_shared_size_bytes(self, value: int) -> None:
+            if int(value) > SHARED_OPTIN[compute_capability]:
+                raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: {self.kernel.name} opts in to {value} bytes of "
+                                      f"dynamic shared memory; an sm_{compute_capability} block has at most "
+                                      f"{SHARED_OPTIN[compute_capability]}")
             self.kernel.max_dynamic_shared_size_bytes = int(value)
 
         def __call__(self, grid, block, args, shared_mem: int = 0):
