@@ -47,12 +47,22 @@ def _epoch_times(seconds: list[float], backend: str) -> str:
     return f"{1e3 * float(np.median(seconds[1:])):.1f} ms per epoch after the first ({first})"
 
 
-def demo(args) -> int:
-    backend = backends.resolve(args.device, args.backend)
-    print(f"gpubp {gb.__version__}: device {backends.device_of(backend)!r}, backend {backend!r}")
-    gb.seed(args.seed)
+def demo(args, usage_error) -> int:
+    """``usage_error(message)``: the demo parser's ``error``, for what only the data can check."""
+    try:
+        backend = backends.resolve(args.device, args.backend)
+    except ValueError as exc:  # --backend runs on another device than --device (or GPUBP_DEVICE) names
+        usage_error(str(exc))
     x, y = gb.data.load_digits()
     x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.2, seed=args.seed, stratify=True)
+    # The shots of each new class are drawn from its training images without replacement.
+    images = {digit: int(np.count_nonzero(y_train == digit)) for digit in range(5, 10)}
+    rarest = min(images, key=images.get)
+    if args.shots > images[rarest]:
+        usage_error(f"argument --shots: expected an int in [1, {images[rarest]}] (the training split holds "
+                    f"{images[rarest]} images of digit {rarest}, the fewest of 5-9), got {args.shots}")
+    print(f"gpubp {gb.__version__}: device {backends.device_of(backend)!r}, backend {backend!r}")
+    gb.seed(args.seed)
 
     print("\n[1/2] train 64-128-128-10 (relu) on the 8x8 digits")
     model = gb.Sequential([
@@ -175,23 +185,38 @@ def bench(args) -> int:
     return 0
 
 
+def _int_at_least(low: int):
+    """An argparse ``type``: an int >= ``low``; argparse names the option in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpubp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train on digits, then fine-tune a frozen backbone")
-    p_demo.add_argument("--epochs", type=int, default=40)
-    p_demo.add_argument("--shots", type=int, default=20, help="labelled examples per new class")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--epochs", type=_int_at_least(1), default=40)
+    p_demo.add_argument("--shots", type=_int_at_least(1), default=20, help="labelled examples per new class")
+    p_demo.add_argument("--seed", type=_int_at_least(0), default=0)
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("info", help="versions, GPUs and backends")
     p_bench = sub.add_parser("bench", help="quick training-step timings per backend")
-    p_bench.add_argument("--repeats", type=int, default=20)
+    p_bench.add_argument("--repeats", type=_int_at_least(1), default=20)
     p_demo.add_argument("--device", default="auto", choices=backends.DEVICES)
     for p in (p_demo, p_bench):
         p.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS)
     args = parser.parse_args(argv)
-    return {"demo": demo, "info": info, "bench": bench}[args.command](args)
+    if args.command == "demo":
+        return demo(args, p_demo.error)
+    return {"info": info, "bench": bench}[args.command](args)
 
 
 if __name__ == "__main__":

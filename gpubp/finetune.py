@@ -69,12 +69,17 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
         copy = Dense(layer.in_features, layer.out_features, layer.activation, init=lambda rng, shape, w=weight: w,
                      name=layer.name, dtype=model.dtype)
         copy.bias.data = np.array(layer.backend.to_host(layer.bias.data), dtype=model.dtype)
-        copy.trainable = layer.trainable
+        copy.weight.trainable, copy.bias.trainable = layer.weight.trainable, layer.bias.trainable
         backbone.append(copy)
     head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
                  dtype=model.dtype)
     return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype, fused=model.fused,
                       precision=model.precision)
+
+
+def _with_parameters(model: Sequential) -> list[Layer]:
+    """The layers that count as depth, bottom to top: a Dropout has no parameters, and no depth of its own."""
+    return [layer for layer in model if layer.parameters()]
 
 
 def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]:
@@ -88,19 +93,25 @@ def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]
         raise ValueError("model: expected a Sequential with at least one layer")
     lr = _checks.non_negative(lr, "lr")
     decay = _checks.non_negative(decay, "decay")
-    layers = [layer for layer in model if layer.parameters()]  # a Dropout has none, and no depth of its own
+    layers = _with_parameters(model)
     top = len(layers) - 1
     return [{"params": layer.parameters(), "lr": lr * decay ** (top - i)} for i, layer in enumerate(layers)]
 
 
 class GradualUnfreezing(Callback):
     """ULMFiT-style gradual unfreezing: train the top ``initial`` layers in the first epoch,
-    then unfreeze one more layer from the top every ``every`` epochs."""
+    then unfreeze one more layer from the top every ``every`` epochs.
+
+    Layers are counted as :func:`param_groups` counts them: a Dropout is passed over, so each
+    step unfreezes one more Dense layer. What is trainable depends on the epoch alone, so a
+    run resumed with ``fit(..., initial_epoch=...)`` unfreezes as the uninterrupted one did.
+    """
 
     def __init__(self, initial: int = 1, every: int = 1) -> None:
         self.initial = _checks.positive_int(initial, "initial")
         self.every = _checks.positive_int(every, "every")
 
     def on_epoch_begin(self, model, epoch: int) -> None:
-        trainable = min(len(model), self.initial + epoch // self.every)
-        model.freeze_to(len(model) - trainable)
+        trainable = self.initial + epoch // self.every
+        for depth, layer in enumerate(reversed(_with_parameters(model))):
+            layer.trainable = depth < trainable

@@ -7,10 +7,17 @@ with what backward computed. ``compare_with_torch`` builds the equivalent
 inside that function only; the library itself never needs it.
 
 Gradients are reported under the names the model files use: ``layers.{i}.weight`` (in, out),
-``layers.{i}.bias`` (out,) and ``input`` (B, in). Frozen parameters get no gradient and are
-not checked. A model with Dropout layers is differentiated through the masks of one key:
-every probe of ``check_gradients`` runs a training forward that draws its keys from the
-library's random stream as it stood before the analytic forward, so all see the same masks.
+``layers.{i}.bias`` (out,) (``i`` counting Dense layers, as :mod:`gpubp.io` does) and ``input``
+(B, in). Frozen parameters get no gradient and are not checked. A model with Dropout layers
+is differentiated through the masks of one key: every probe of ``check_gradients`` runs a
+training forward that draws its keys from the library's random stream as it stood before the
+analytic forward, so all see the same masks.
+
+The objective checked is the one ``fit`` trains. Where the loss applies the last layer's
+activation itself (``losses.fuses``: a softmax head with a cross-entropy, a sigmoid head with
+``binary_cross_entropy``), the loss is given the logits, which is the loss of the
+probabilities, and backward starts from the logits' gradient; the PyTorch twin gives its loss
+the logits too. Any other pairing (a sigmoid head with ``mse``) checks the loss of the output.
 
 >>> import numpy as np, gpubp as gb
 >>> gb.seed(0)
@@ -26,12 +33,19 @@ from __future__ import annotations
 import numpy as np
 
 from gpubp import _random
+from gpubp import io as _io
 from gpubp import losses as _losses
-from gpubp.layers import Dense, Dropout, Sequential
+from gpubp.layers import Dropout, Sequential
 
 
 def _param_names(model: Sequential) -> list[str]:
-    return [f"layers.{i}.{param.name}" for i, layer in enumerate(model) for param in layer.parameters()]
+    """The model file's name of each of ``model.parameters()``, in order."""
+    return _io.tensor_names(model)
+
+
+def _fuses_head(model: Sequential, loss_fn) -> bool:
+    """Whether ``fit`` gives ``loss_fn`` the logits: it applies the last layer's activation itself."""
+    return _losses.fuses(loss_fn, model.layers[-1].activation)
 
 
 def _host(array, backend) -> np.ndarray:
@@ -39,12 +53,13 @@ def _host(array, backend) -> np.ndarray:
 
 
 def analytic_gradients(model: Sequential, x, target, loss="mse") -> tuple[float, dict[str, np.ndarray]]:
-    """One training forward and backward: ``(loss, {name: gradient})`` as NumPy copies.
+    """One training forward and backward, as ``fit`` runs them: ``(loss, {name: gradient})`` as NumPy copies.
 
     Only trainable parameters appear, plus ``"input"`` (backward runs with ``need_input_grad=True``).
+    A loss that fuses the last layer's activation is given the logits.
     """
     loss_fn = _losses.get(loss)
-    out = model.forward(x, training=True, need_input_grad=True)
+    out = model.forward(x, training=True, need_input_grad=True, logits=_fuses_head(model, loss_fn))
     value, dout = loss_fn(out, target, backend=model.backend)
     dx = model.backward(dout, need_input_grad=True)
     grads = {name: _host(p.grad, p.backend) for name, p in zip(_param_names(model), model.parameters())
@@ -61,19 +76,20 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
     anything). Each parameter is restored exactly after its element is probed. ``random_state``
     (``gpubp._random.get_state()``): each probe runs a training forward whose Dropout keys come
     from the library's stream restarted at that state (the stream is left as it was); without it
-    the probes run inference forwards.
+    the probes run inference forwards. A loss that fuses the last layer's activation is given the logits.
     """
     if model.backend_name != "numpy" or model.dtype != np.float64:
         raise ValueError(f"model: numerical gradients need a float64 model on the numpy backend, got "
                          f"{model.dtype} on {model.backend_name!r}")
     loss_fn = _losses.get(loss)
+    logits = _fuses_head(model, loss_fn)
     x = np.array(x, dtype=np.float64, copy=True)
 
     def loss_at(inputs) -> float:
         if random_state is None:
-            return loss_fn(model.forward(inputs, training=False), target, backend=model.backend)[0]
+            return loss_fn(model.forward(inputs, training=False, logits=logits), target, backend=model.backend)[0]
         with _random.using(_random.generator_from_state(random_state)):
-            return loss_fn(model.forward(inputs, training=True), target, backend=model.backend)[0]
+            return loss_fn(model.forward(inputs, training=True, logits=logits), target, backend=model.backend)[0]
 
     def probe(array: np.ndarray) -> np.ndarray:
         grad = np.zeros_like(array)
@@ -212,8 +228,10 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     ``losses.CategoricalCrossEntropy`` (its options go to PyTorch's loss).
 
     Returns ``{"output": err, "loss": err, name: err, ...}`` (max abs errors, weight gradients
-    compared in our (in, out) layout). Raises ``AssertionError`` naming the first quantity
-    that differs by more than ``atol + rtol * |torch|``.
+    compared in our (in, out) layout). The output compared is what ``predict`` returns; a loss
+    that fuses the last layer's activation is given the logits on both sides, as ``fit`` does.
+    Raises ``AssertionError`` naming the first quantity that differs by more than
+    ``atol + rtol * |torch|``.
     """
     import torch
 
@@ -227,24 +245,23 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     out = model.backend.to_host(model.forward(x, training=False))
 
     twin = to_torch(model)
-    x_torch = torch.from_numpy(np.array(x, dtype=np.float64)).to(twin[0].weight.dtype).requires_grad_(True)
-    out_torch = twin(x_torch)
-    loss_torch = _torch_loss(loss, out_torch, target)
+    x_torch = torch.from_numpy(np.array(x, dtype=np.float64)).to(next(twin.parameters()).dtype).requires_grad_(True)
+    if _fuses_head(model, _losses.get(loss)):
+        logits = twin[:-1](x_torch)  # twin[-1] is the head's nn.Softmax or nn.Sigmoid
+        out_torch = twin[-1](logits)
+        loss_torch = _torch_loss(loss, logits, target)
+    else:
+        out_torch = twin(x_torch)
+        loss_torch = _torch_loss(loss, out_torch, target)
     loss_torch.backward()
 
     theirs = {"output": out_torch.detach().numpy(), "loss": np.array(loss_torch.item()), "input": x_torch.grad.numpy()}
-    mine = {"output": out, "loss": np.array(value), "input": ours["input"]}
-    linears = iter(module for module in twin if isinstance(module, torch.nn.Linear))
-    for i, layer in enumerate(model):
-        if not isinstance(layer, Dense):
-            continue
-        linear = next(linears)
-        if layer.weight.trainable:
-            theirs[f"layers.{i}.weight"] = linear.weight.grad.numpy().T
-            mine[f"layers.{i}.weight"] = ours[f"layers.{i}.weight"]
-        if layer.bias.trainable:
-            theirs[f"layers.{i}.bias"] = linear.bias.grad.numpy()
-            mine[f"layers.{i}.bias"] = ours[f"layers.{i}.bias"]
+    mine = {"output": out, "loss": np.array(value), **ours}
+    # twin.parameters() are the Linears' weight and bias, in the order of model.parameters()
+    for name, param, twin_param in zip(_param_names(model), model.parameters(), twin.parameters()):
+        if param.trainable:
+            grad = twin_param.grad.numpy()
+            theirs[name] = grad.T if grad.ndim == 2 else grad  # nn.Linear's weight is (out, in)
     errors = {}
     for name, expected in theirs.items():
         got = np.asarray(mine[name], dtype=np.float64)

@@ -87,9 +87,14 @@ def _trainable_flags(path: Path, entry, i: int) -> tuple[bool, bool]:
     raise ValueError(f"{path}: the header's trainable[{i}] must be true, false or [weight's, bias's], got {entry!r}")
 
 
+def tensor_names(model: Sequential) -> list[str]:
+    """The name a model file gives each of ``model.parameters()``, in order: ``layers.{i}.weight``
+    and ``layers.{i}.bias``, ``i`` counting Dense layers (a Dropout holds no tensor)."""
+    return [f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(len(model.parameters()))]
+
+
 def _tensors(model: Sequential) -> dict[str, np.ndarray]:
-    weights = model.get_weights()
-    return {f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}": w for i, w in enumerate(weights)}
+    return dict(zip(tensor_names(model), model.get_weights()))
 
 
 def _temp_prefix(path: Path) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
+import gpubp as gb
 from gpubp.__main__ import _epoch_times, main
 
 pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn (the demo extra)")
@@ -33,3 +35,48 @@ def test_the_demo_reports_the_median_epoch_after_the_first_which_loads_the_kerne
         "30.5 ms per epoch after the first (5500 ms, loading the kernels: NVRTC compiles them on a GPU's first run)")
     assert _epoch_times([0.04, 0.02, 0.03], "numpy") == "25.0 ms per epoch after the first (40 ms)"
     assert _epoch_times([0.04], "numpy") == "one epoch of 40 ms"
+
+
+def usage_error(argv, capsys) -> str:
+    """What ``main(argv)`` writes to stderr, after checking it exits as argparse does on a usage error."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before anything runs
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--epochs", "0"], "argument --epochs: expected an int >= 1, got 0"),
+    (["demo", "--epochs", "-2"], "argument --epochs: expected an int >= 1, got -2"),
+    (["demo", "--epochs", "1.5"], "argument --epochs: expected an int >= 1, got '1.5'"),
+    (["demo", "--shots", "0"], "argument --shots: expected an int >= 1, got 0"),
+    (["demo", "--seed", "-1"], "argument --seed: expected an int >= 0, got -1"),
+    (["bench", "--repeats", "0"], "argument --repeats: expected an int >= 1, got 0"),
+], ids=["epochs_0", "epochs_negative", "epochs_not_an_int", "shots_0", "seed_negative", "repeats_0"])
+def test_an_option_out_of_its_range_is_a_usage_error_naming_the_option_and_the_range(argv, message, capsys):
+    assert message in usage_error(argv, capsys)
+
+
+def fewest_training_images_of_a_new_digit(seed=0):
+    x, y = gb.data.load_digits()
+    y_train = gb.data.train_test_split(x, y, test_size=0.2, seed=seed, stratify=True)[2]
+    return min(int(np.count_nonzero(y_train == digit)) for digit in range(5, 10))
+
+
+def test_more_shots_than_the_rarest_new_digit_has_is_a_usage_error_naming_the_most(capsys):
+    most = fewest_training_images_of_a_new_digit()
+    err = usage_error(["demo", "--shots", str(most + 1), "--backend", "numpy"], capsys)
+    assert f"argument --shots: expected an int in [1, {most}]" in err and f"got {most + 1}" in err
+
+
+def test_the_demo_takes_as_many_shots_as_the_rarest_new_digit_has(capsys):
+    most = fewest_training_images_of_a_new_digit()
+    assert main(["demo", "--epochs", "1", "--shots", str(most), "--quiet", "--backend", "numpy"]) == 0
+    assert f"with {most} labels per class" in capsys.readouterr().out
+
+
+def test_a_backend_of_another_device_is_a_usage_error(capsys):
+    err = usage_error(["demo", "--device", "cpu", "--backend", "cupy"], capsys)
+    assert "backend: 'cupy' runs on device 'cuda', but device='cpu' was asked for" in err

@@ -337,6 +337,13 @@ def test_replace_head_keeps_the_backbone_weights_and_frozen_state(pattern):
         assert np.array_equal(old, copied)
 
 
+def test_replace_head_keeps_a_bias_frozen_alone():
+    model = make_model()
+    model[0].bias.trainable = False
+    new = ft.replace_head(model, out_features=2)
+    assert (new[0].weight.trainable, new[0].bias.trainable) == (True, False)
+
+
 @pytest.mark.parametrize("activation", [None, "sigmoid"])
 def test_replace_head_adds_a_fresh_trainable_head(activation):
     model = make_model().freeze()
@@ -449,6 +456,48 @@ def test_gradual_unfreezing_leaves_a_layer_unchanged_until_its_epoch(rng):
     assert np.array_equal(model.get_weights()[0], bottom)
     model.fit(x, y, optimizer="adam", epochs=5, batch_size=16, verbose=0, callbacks=[ft.GradualUnfreezing()])
     assert not np.array_equal(model.get_weights()[0], bottom)
+
+
+def dropout_model(dropout_on_top=False):
+    """Three Dense layers with a Dropout above each hidden one (and above the head if asked)."""
+    gb.seed(0)
+    layers = [gb.Dense(5, 8, "relu"), gb.Dropout(0.5), gb.Dense(8, 8, "relu"), gb.Dropout(0.5), gb.Dense(8, 3)]
+    return gb.Sequential(layers + [gb.Dropout(0.5)] * dropout_on_top, device="cpu")
+
+
+def dense_flags(model):
+    return [layer.trainable for layer in model if isinstance(layer, gb.Dense)]
+
+
+@pytest.mark.parametrize("dropout_on_top", [False, True], ids=["dropout_between", "dropout_on_top"])
+def test_gradual_unfreezing_counts_dense_layers_and_passes_over_dropouts(dropout_on_top):
+    model = dropout_model(dropout_on_top)
+    unfreezing = ft.GradualUnfreezing()
+    per_epoch = []
+    for epoch in range(4):
+        unfreezing.on_epoch_begin(model, epoch)
+        per_epoch.append(dense_flags(model))
+    assert per_epoch == [[False, False, True], [False, True, True], [True, True, True], [True, True, True]]
+
+
+def test_gradual_unfreezing_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    x, y = classification_data(np.random.default_rng(3), n=32)
+    callbacks = [ft.GradualUnfreezing()]
+
+    def fit(model, optimizer, epochs, initial_epoch=0, more=()):
+        model.fit(x, y, optimizer=optimizer, epochs=epochs, initial_epoch=initial_epoch, batch_size=8, verbose=0,
+                  callbacks=callbacks + list(more))
+
+    whole = dropout_model()
+    fit(whole, gb.optim.Adam(whole.parameters(), lr=1e-2), epochs=4)
+    path = tmp_path / "run.safetensors"
+    first = dropout_model()
+    fit(first, gb.optim.Adam(first.parameters(), lr=1e-2), epochs=2, more=[gb.ModelCheckpoint(path)])
+    ckpt = gb.load_checkpoint(path, device="cpu")
+    assert dense_flags(ckpt.model) == [False, True, True]
+    fit(ckpt.model, ckpt.optimizer, epochs=4, initial_epoch=ckpt.epoch)
+    assert dense_flags(ckpt.model) == dense_flags(whole) == [True, True, True]
+    assert all(np.array_equal(a, b) for a, b in zip(ckpt.model.get_weights(), whole.get_weights()))
 
 
 @pytest.mark.parametrize("kwargs", [{"initial": 0}, {"every": 0}, {"initial": 1.5}])

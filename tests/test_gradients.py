@@ -72,6 +72,26 @@ def softmax_head_model(sizes, seed):
     return random_model(sizes, "tanh", seed, head="softmax")
 
 
+def unfused(loss):
+    """``loss`` as a plain function, which training never fuses with the last layer's activation:
+    backward then runs that activation's own backward on the loss's gradient."""
+    loss_fn = gb.losses.get(loss)
+    return lambda out, target, backend=None: loss_fn(out, target, backend=backend)
+
+
+# A head and the loss that applies its activation itself: fit gives the loss the logits.
+FUSED_PAIRINGS = [("softmax", "cross_entropy"), ("softmax", "categorical_cross_entropy"),
+                  ("sigmoid", "binary_cross_entropy")]
+# A head whose output the loss takes as it is.
+UNFUSED_PAIRINGS = [("sigmoid", "mse"), ("softmax", "mse"), ("softmax", "binary_cross_entropy")]
+
+
+def head_case(head, loss, seed=9):
+    model = random_model([4, 6, 3], "tanh", seed, head=head)
+    x = np.random.default_rng(seed).normal(size=(5, 4))
+    return model, x, random_target(loss, 5, 3, seed)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -109,8 +129,41 @@ def test_softmax_output_backward_is_its_jacobian_vector_product_for_every_loss(l
     batch, n_in, hidden, n_out = shape
     model = softmax_head_model([n_in, hidden, n_out], seed=zlib.crc32(repr((loss, shape)).encode()))
     x = np.random.default_rng(1).normal(size=(batch, n_in))
-    errors = gradcheck.check_gradients(model, x, random_target(loss, batch, n_out, 2), loss=loss)
+    # unfused: a cross-entropy would otherwise take the logits, and the softmax's backward not run
+    errors = gradcheck.check_gradients(model, x, random_target(loss, batch, n_out, 2), loss=unfused(loss))
     assert set(errors) == {"input", "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+
+
+@pytest.mark.parametrize("head, loss", FUSED_PAIRINGS + UNFUSED_PAIRINGS)
+def test_the_loss_checked_is_the_loss_evaluate_computes(head, loss):
+    model, x, target = head_case(head, loss)
+    value, _ = gradcheck.analytic_gradients(model, x, target, loss=loss)
+    assert value == pytest.approx(model.evaluate(x, target, loss=loss)["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize("head, loss", FUSED_PAIRINGS)
+def test_a_fused_head_is_checked_with_the_gradients_training_computes(head, loss):
+    model, x, target = head_case(head, loss)
+    _, checked = gradcheck.analytic_gradients(model, x, target, loss=loss)
+    logits = model.forward(x, logits=True)  # what fit's step runs for this pairing
+    model.backward(gb.losses.get(loss)(logits, target)[1])
+    for i, layer in enumerate(model):
+        np.testing.assert_allclose(checked[f"layers.{i}.weight"], layer.weight.grad, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(checked[f"layers.{i}.bias"], layer.bias.grad, rtol=1e-12, atol=1e-15)
+    gradcheck.check_gradients(model, x, target, loss=loss)  # central differences of that same loss
+
+
+@pytest.mark.parametrize("model_layers", [
+    lambda: [gb.Dropout(0.3), gb.Dense(5, 6, "relu"), gb.Dense(6, 7)],
+    lambda: [gb.Dense(5, 6, "tanh"), gb.Dropout(0.3), gb.Dense(6, 4, "tanh"), gb.Dropout(0.3), gb.Dense(4, 7)],
+], ids=["dropout_first", "dropout_between"])
+def test_gradients_are_named_as_the_model_file_names_the_weights(model_layers, tmp_path):
+    gb.seed(0)
+    model = gb.Sequential(model_layers(), dtype="float64", device="cpu")
+    x = np.random.default_rng(0).normal(size=(3, 5))
+    errors = gradcheck.check_gradients(model, x, np.array([0, 6, 3]), loss="cross_entropy")
+    model.save(tmp_path / "model.npz")
+    assert set(errors) - {"input"} == set(np.load(tmp_path / "model.npz").files) - {"__architecture__"}
 
 
 def test_frozen_layers_get_no_gradient_and_the_rest_still_check():
@@ -255,6 +308,36 @@ def _compare_with_eps_lost(model, x, target, loss):
     real = gradcheck._torch_loss
     with mock.patch.object(gradcheck, "_torch_loss", lambda _, out, t: real(gb.losses.base(loss).__name__, out, t)):
         gradcheck.compare_with_torch(model, x, target, loss=loss, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head, loss", FUSED_PAIRINGS + UNFUSED_PAIRINGS)
+def test_the_pytorch_twin_computes_the_loss_evaluate_computes(head, loss):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    from unittest import mock
+
+    model, x, target = head_case(head, loss)
+    twin_losses = []
+    real = gradcheck._torch_loss
+
+    def recorded(*args):
+        value = real(*args)
+        twin_losses.append(value.item())
+        return value
+
+    with mock.patch.object(gradcheck, "_torch_loss", recorded):
+        gradcheck.compare_with_torch(model, x, target, loss=loss, rtol=1e-10, atol=1e-12)
+    assert twin_losses == [pytest.approx(model.evaluate(x, target, loss=loss)["loss"], rel=1e-12)]
+
+
+def test_the_pytorch_twin_names_gradients_as_the_model_file_does():
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    gb.seed(0)
+    model = gb.Sequential([gb.Dropout(0.0), gb.Dense(5, 6, "relu"), gb.Dropout(0.0), gb.Dense(6, 3)],
+                          dtype="float64", device="cpu")
+    errors = gradcheck.compare_with_torch(model, np.ones((2, 5)), np.array([0, 2]), loss="cross_entropy",
+                                          rtol=1e-10, atol=1e-12)
+    assert set(errors) == {"output", "loss", "input", "layers.0.weight", "layers.0.bias", "layers.1.weight",
+                           "layers.1.bias"}
 
 
 def test_pytorch_twin_skips_gradients_of_frozen_layers():
