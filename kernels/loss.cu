@@ -203,7 +203,9 @@ struct HuberError {
     float delta;
     __device__ __forceinline__ float operator()(float p, float t, float w, float inv_n, float& total) const {
         const float d = p - t;
-        const float c = fminf(fmaxf(d, -delta), delta);
+        // Not fminf(fmaxf(d, -delta), delta): those return the operand that is not NaN, which
+        // would give a NaN prediction a finite gradient. Comparisons pass a NaN d through.
+        const float c = d < -delta ? -delta : (d > delta ? delta : d);
         const float wc = c * w;
         total = fmaf(wc, d - 0.5f * c, total);
         return wc * inv_n;

@@ -1312,6 +1312,19 @@ def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, options,
     check_elementwise_loss(cb_h100, rng, name, trace_name, shape, weighted, options)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_a_nan_prediction_gets_a_nan_huber_gradient_as_in_numpy(cb_h100, weighted):
+    """fminf/fmaxf, as a GPU (and this harness) runs them, would clip NaN to a finite gradient."""
+    pred = np.array([[np.nan, 0.5, 3.0], [-2.0, np.nan, 0.25]], np.float32)
+    target = np.zeros_like(pred)
+    weights = (np.array([1.0, 2.0], np.float32),) if weighted else ()
+    _, expected = ref.huber(pred, target, *weights)
+    loss, grad = cb_h100.huber(*(cb_h100.asarray(a) for a in (pred, target, *weights)))
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(np.isnan(grad.get()), np.isnan(pred))
+    np.testing.assert_allclose(grad.get(), expected, rtol=1e-6)
+
+
 def test_losses_are_finite_for_huge_logits(cb_h100):
     check_losses_at_huge_logits(cb_h100)
 

@@ -5,6 +5,7 @@ real with every thread in Python: shapes stay tiny and are chosen not to be mult
 the 128 x 128 x 8 tile. Agreement is max|numba - numpy| <= 1e-5 * max|numpy| in float32.
 """
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -781,6 +782,7 @@ def compiled_variants():
     report = {"returns": {name: f["returns"] for name, f in functions.items()},
               "float64_ops": {name: f["float64_ops"] for name, f in functions.items()}, "ptxas": {}}
     report["float64_ops"].update({label: ptx.count(".f64") for label, ptx in compiled["backend"].items()})
+    report["float_min_max"] = {label: len(FLOAT_MIN_MAX.findall(ptx)) for label, ptx in compiled["backend"].items()}
     ptxas = shutil.which("ptxas")
     if ptxas:
         def assemble(label_ptx):
@@ -808,6 +810,19 @@ def test_every_kernel_variant_compiles_to_ptx_with_float32_math_only(compiled_va
     assert not not_float32, f"activations returning another type than float32: {not_float32}"
     float64_ops = {name: n for name, n in report["float64_ops"].items() if n}
     assert not float64_ops, f"float64 instructions per kernel: {float64_ops}"
+
+
+# PTX min.f32 / max.f32 (what Python's min and max on float32 compile to): they return the
+# operand that is not NaN, where the simulator's Python min and max keep the NaN.
+FLOAT_MIN_MAX = re.compile(r"\b(?:min|max)(?:\.\w+)*\.f32\b")
+
+
+@pytest.mark.slow
+def test_the_huber_kernel_clips_without_float_min_max_so_a_nan_gradient_stays_nan(compiled_variants):
+    """The simulator cannot show it: on a GPU, min(max(nan, -delta), delta) is -delta, a finite
+    gradient for a NaN prediction, where the NumPy reference (np.clip) gives NaN."""
+    huber = {label: n for label, n in compiled_variants["float_min_max"].items() if label.startswith("huber_fwd_bwd")}
+    assert huber and set(huber.values()) == {0}, huber
 
 
 @pytest.mark.slow

@@ -1660,7 +1660,9 @@ def _absolute_error(pred, target, weight, grad_scale, unused):
 def _huber_error(pred, target, weight, grad_scale, delta):
     """With d = p - t and c = clip(d, -delta, delta): w c (d - c / 2); gradient w c / n."""
     diff = pred - target
-    clipped = min(max(diff, -delta), delta)
+    # Not min(max(...)): on a GPU those are fminf/fmaxf, which return the operand that is not NaN
+    # and would give a NaN prediction a finite gradient (the simulator's Python max would not).
+    clipped = -delta if diff < -delta else (delta if diff > delta else diff)
     weighted = clipped * weight
     return weighted * (diff - _HALF * clipped), weighted * grad_scale
 
