@@ -140,17 +140,22 @@ def loss_and_grad(loss_fn, out, y, sample_weight, backend):
     return loss_fn(out, y, sample_weight=sample_weight, backend=backend)
 
 
-def optimizer_for(model, optimizer):
+def optimizer_for(model, optimizer, fresh: bool = False):
     """The optimizer to train ``model`` with: an instance as given; a name built once per model
-    and reused (state included) while the model keeps the same parameters on the same backend."""
+    and name, and reused (state included) while the model keeps the same parameters on the same
+    backend, whatever other names were used in between; ``fresh`` builds it again (``compile``,
+    as Keras's builds a new optimizer)."""
     if not isinstance(optimizer, str):
         return optim.get(optimizer, model.parameters())
     params = model.parameters()
-    key = (optimizer.lower(), model.backend_name, tuple(id(p) for p in params))
-    cached = getattr(model, "_named_optimizer", None)
-    if cached is None or cached[0] != key:
-        cached = model._named_optimizer = (key, optim.get(optimizer, params))
-    return cached[1]
+    name = optimizer.lower()
+    key = (model.backend_name, tuple(id(p) for p in params))
+    named = getattr(model, "_named_optimizers", None)
+    if named is None:
+        named = model._named_optimizers = {}
+    if fresh or name not in named or named[name][0] != key:
+        named[name] = (key, optim.get(optimizer, params))
+    return named[name][1]
 
 
 def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -> float:
@@ -179,6 +184,34 @@ def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarra
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
+def metric_list(metrics) -> list:
+    """``metrics`` as a list: a list or tuple of names and callables, or None for none."""
+    if metrics is None:
+        return []
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"metrics: expected a list of metric names or callables, got {metrics!r}; "
+                        "pass metrics=[...]")
+    return list(metrics)
+
+
+def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
+    """Score a zero output of the model's shape against the first targets ``y_val`` with each
+    named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
+    fails before any work (``fit``: before the first step, not at the first epoch's end).
+    Callables are the caller's and are not probed."""
+    probabilities = model.layers[-1].activation in ("sigmoid", "softmax")
+    rows = min(len(y_val), 2)
+    probe = np.zeros((rows, model.layers[-1].out_features), np.float32)
+    for metric in metrics:
+        if callable(metric):
+            continue
+        name, fn = metric_fns.get(metric, probabilities=probabilities)
+        try:
+            fn(probe, y_val[:rows])
+        except (ValueError, TypeError, IndexError) as error:
+            raise ValueError(f"metrics: {name!r} cannot score this model's targets: {error}") from None
+
+
 def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None) -> dict:
     """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
 
@@ -195,8 +228,10 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     if metrics is None:
         metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
     head = model._end(-1).activation
+    metrics = metric_list(metrics)
     named = [metric_fns.get(m, probabilities=head in ("sigmoid", "softmax")) for m in metrics]
     x, y = check_dataset(model, x, y, loss_fn)
+    check_metrics(model, metrics, y)
     if sample_weight is not None:
         if loss_fn is None:
             raise ValueError("sample_weight: it weights the loss, and there is none (pass loss=, or compile first)")

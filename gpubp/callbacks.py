@@ -16,6 +16,7 @@ model (``on_epoch_end(model, epoch, logs)``), where Keras sets ``self.model``.
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import numbers
 import os
@@ -243,8 +244,20 @@ def largest_rate(optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+def _takes_two_arguments(fn) -> bool:
+    """Whether ``fn`` can be called with two positional arguments (else it takes the epoch alone)."""
+    try:
+        inspect.signature(fn).bind(0, 0.0)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): call it as documented
+        return True
+    return True
+
+
 class LearningRateScheduler(Callback):
-    """At the start of each epoch, set the rate to ``schedule(epoch, lr)`` (Keras's callback).
+    """At the start of each epoch, set the rate to ``schedule(epoch, lr)`` (Keras's callback;
+    a ``schedule(epoch)`` of one argument works too, as Keras still accepts it).
 
     ``schedule`` is called once per param group with that group's current rate, so a relative
     schedule (``lr * 0.9``) keeps discriminative rates' ratios and an absolute one sets every
@@ -257,10 +270,12 @@ class LearningRateScheduler(Callback):
         if not callable(schedule):
             raise TypeError(f"schedule: expected a function (epoch, lr) -> lr, got {type(schedule).__name__}")
         self.schedule, self.verbose = schedule, verbose
+        self._takes_rate = _takes_two_arguments(schedule)
 
     def on_epoch_begin(self, model, epoch: int) -> None:
         groups = model.optimizer.param_groups
-        rates = [_rate(self.schedule(epoch, group["lr"]), f"schedule (epoch {epoch})") for group in groups]
+        rates = [_rate(self.schedule(epoch, group["lr"]) if self._takes_rate else self.schedule(epoch),
+                       f"schedule (epoch {epoch})") for group in groups]
         for group, rate in zip(groups, rates):
             group["lr"] = rate
         if self.verbose:
@@ -300,7 +315,8 @@ class ReduceLROnPlateau(Callback):
         if isinstance(earlier, History):
             values, rates = earlier.history.get(self.monitor, []), earlier.history.get("learning_rate", [])
             for value, rate in zip(values, rates):
-                self._reduces(value, rate)
+                if not (math.isnan(value) or math.isnan(rate)):  # NaN: an epoch that did not log it
+                    self._reduces(value, rate)
 
     def _reduces(self, value: float, rate: float) -> bool:
         """Count an epoch that logged ``value`` at rate ``rate``; True when it ends in a reduction."""

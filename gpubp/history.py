@@ -11,6 +11,8 @@ It sits below the callbacks and the checkpoints, which both read and write it.
 
 from __future__ import annotations
 
+import math
+
 
 class History:
     """Per-epoch metrics, as Keras's ``History``: ``history["loss"]``, ``history["val_loss"]``, ..."""
@@ -21,10 +23,16 @@ class History:
         self.epoch_times: list[float] = []
 
     def append(self, epoch: int, logs: dict, seconds: float) -> None:
+        """Add an epoch's logs. Every list keeps one entry per epoch: a value an epoch did not
+        log is NaN (a resumed run that validates where the earlier one did not, say)."""
+        done = len(self.epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, [math.nan] * done).append(value)
+        for values in self.history.values():
+            if len(values) == done:
+                values.append(math.nan)
         self.epoch.append(epoch)
         self.epoch_times.append(seconds)
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
 
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]

@@ -20,6 +20,7 @@ touches the weights (or quietly, with ``callbacks.TerminateOnNaN``).
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 
@@ -40,17 +41,19 @@ __all__ = ["compile", "evaluate", "fit", "predict"]
 
 def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learning_rate: float | None = None) -> None:
     """Keras's ``model.compile``: the optimizer, loss and metrics that ``fit`` and ``evaluate``
-    use when they are not given. ``optimizer`` is a name (built here, once, and kept with its
-    state across ``fit`` calls) or an Optimizer; ``learning_rate`` is then the rate of every
-    ``fit`` call that does not pass its own.
+    use when they are not given. ``optimizer`` is a name (built here, afresh at each ``compile``
+    as Keras builds it, and kept with its state across the ``fit`` calls that use it) or an
+    Optimizer; ``learning_rate`` is then the rate of every ``fit`` call that trains with that
+    optimizer and passes no rate of its own (an optimizer given to ``fit`` keeps its rates).
     """
     loss_fn = losses.get(loss)
-    for m in metrics or []:
+    metrics = batches.metric_list(metrics)
+    for m in metrics:
         metric_fns.get(m)
     if learning_rate is not None:
         _checks.non_negative(learning_rate, "learning_rate")
-    batches.optimizer_for(model, optimizer)
-    model._compiled = {"optimizer": optimizer, "loss": loss_fn, "metrics": list(metrics or []),
+    batches.optimizer_for(model, optimizer, fresh=True)
+    model._compiled = {"optimizer": optimizer, "loss": loss_fn, "metrics": metrics,
                        "learning_rate": learning_rate}
     model.loss = loss_fn
 
@@ -109,7 +112,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     metrics = compiled.get("metrics") if metrics is None else metrics
     if learning_rate is not None and scheduler is not None:
         raise ValueError("learning_rate: the scheduler sets the rates; pass learning_rate or scheduler, not both")
-    if learning_rate is None and scheduler is None:
+    if learning_rate is None and scheduler is None and optimizer is None:  # the compiled optimizer's rate
         learning_rate = compiled.get("learning_rate")
     epochs = _checks.positive_int(epochs, "epochs")
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)):
@@ -120,9 +123,11 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
-    if isinstance(validation_split, bool) or not 0 <= validation_split < 1:
+    if isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real) \
+            or not 0 <= validation_split < 1:
         raise ValueError(f"validation_split: expected a float in [0, 1), got {validation_split!r}")
-    for m in metrics or []:
+    metrics = batches.metric_list(metrics)
+    for m in metrics:
         metric_fns.get(m)
     if learning_rate is not None:
         learning_rate = _checks.non_negative(learning_rate, "learning_rate")
@@ -148,6 +153,9 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     else:
         x_val = y_val = None
     weights = batches.sample_weights(model, y, loss_fn, sample_weight, class_weight)
+    if isinstance(callbacks, Callback):
+        raise TypeError(f"callbacks: expected a list of gpubp Callbacks, got one {type(callbacks).__name__}; "
+                        "pass callbacks=[...]")
     callbacks = list(callbacks or [])
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
@@ -160,7 +168,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     logged = ["loss"]
     if x_val is not None:
         logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics or []]
-        _check_metrics(model, metrics or [], y_val)
+        batches.check_metrics(model, metrics or [], y_val)
     schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged,
                          (epochs - initial_epoch) * math.ceil(len(x) / batch_size),
                          any(cb.sets_learning_rate for cb in callbacks))
@@ -188,24 +196,6 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         if learning_rate is not None and not schedule.logs_rate:  # this call's rate only; a schedule's stays
             for group, rate in zip(opt.param_groups, rates):
                 group["lr"] = rate
-
-
-def _check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
-    """Score a zero output of the model's shape against the first validation targets with each
-    named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
-    fails before the first step rather than at the first epoch's end. Callables are the
-    caller's and are not probed."""
-    probabilities = model.layers[-1].activation in ("sigmoid", "softmax")
-    rows = min(len(y_val), 2)
-    probe = np.zeros((rows, model.layers[-1].out_features), np.float32)
-    for metric in metrics:
-        if callable(metric):
-            continue
-        name, fn = metric_fns.get(metric, probabilities=probabilities)
-        try:
-            fn(probe, y_val[:rows])
-        except (ValueError, TypeError, IndexError) as error:
-            raise ValueError(f"metrics: {name!r} cannot score this model's validation targets: {error}") from None
 
 
 def _check_monitors(callbacks: list, logged: list[str]) -> None:
@@ -340,11 +330,11 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         seconds = time.perf_counter() - start
         history.append(epoch, logs, seconds)
         if bar is not None:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+            bar.set_postfix({k: _shown(v) for k, v in logs.items()})
             bar.close()
         elif verbose == 2:
             print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
-                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), file=sys.stdout, flush=True)
+                  + " - ".join(f"{k}: {_shown(v)}" for k, v in logs.items()), file=sys.stdout, flush=True)
         for cb in sorted(callbacks, key=lambda cb: cb.saves_state):  # state savers last, see Callback
             cb.on_epoch_end(model, epoch, logs)
         if model.stop_training:
@@ -352,6 +342,12 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     for cb in callbacks:
         cb.on_train_end(model)
     return history
+
+
+def _shown(value: float) -> str:
+    """A logged value as Keras's progress bar prints it: 4 decimals, or 4 significant digits in
+    e notation at or below 1e-3 (a learning rate of 1e-5 would read 0.0000)."""
+    return f"{value:.4f}" if abs(value) > 1e-3 else f"{value:.4e}"
 
 
 def _batches(n: int, batch_size: int, order: np.ndarray | None):

@@ -313,6 +313,26 @@ def test_a_resumed_run_keeps_checkpointing_its_whole_history(tmp_path):
     assert again.epoch == 5 and again.history.epoch == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("first, then", [({}, {"validation_split": 0.2}), ({"validation_split": 0.2}, {})],
+                         ids=["validation_added", "validation_dropped"])
+def test_a_resumed_run_that_logs_other_values_keeps_one_entry_per_epoch(tmp_path, first, then):
+    """A value an epoch did not log is NaN, so the History still lines up with its epochs, its
+    checkpoint loads, and a further resume works."""
+    x, y = dataset()
+    model = new_model()
+    model.fit(x, y, optimizer="adam", epochs=2, batch_size=8, verbose=0, **first)
+    history = model.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0,
+                        callbacks=[gb.ModelCheckpoint(tmp_path / "run.npz")], **then)
+    assert history.epoch == [0, 1, 2, 3] and set(history.history) == {"loss", "val_loss"}
+    assert all(len(values) == 4 for values in history.history.values())
+    logged = [0, 1] if first else [2, 3]
+    assert [i for i, value in enumerate(history["val_loss"]) if not np.isnan(value)] == logged
+    ckpt = gb.load_checkpoint(tmp_path / "run.npz", device="cpu")
+    np.testing.assert_array_equal(ckpt.history["val_loss"], history["val_loss"])
+    resumed = ckpt.model.fit(x, y, optimizer=ckpt.optimizer, epochs=5, initial_epoch=4, batch_size=8, verbose=0)
+    assert resumed.epoch == [0, 1, 2, 3, 4] and len(resumed["val_loss"]) == 5 and np.isnan(resumed["val_loss"][4])
+
+
 @pytest.mark.parametrize("initial_epoch", [5, 7, -1])
 def test_an_initial_epoch_outside_the_run_is_rejected_before_training(initial_epoch):
     model = new_model()

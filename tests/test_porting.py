@@ -306,6 +306,34 @@ def test_a_named_optimizer_keeps_its_state_across_fit_calls(rng):
     assert not np.array_equal(named[0], fresh_each_time[0])
 
 
+def test_compile_builds_its_named_optimizer_afresh_and_fit_keeps_it_whatever_other_names_ran(rng):
+    x, y = rng.normal(size=(16, 4)).astype(np.float32), rng.normal(size=(16, 1)).astype(np.float32)
+    model = head_model(None, 1, "numpy")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    adam = model.optimizer
+    model.fit(x, y, optimizer="sgd", epochs=1, batch_size=8, verbose=0)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert model.optimizer is adam and {s["step"] for s in adam.state.values()} == {4}
+    model.compile(optimizer="adam", loss="mse", learning_rate=1e-5)  # Keras: a new optimizer, step 0
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert model.optimizer is not adam and {s["step"] for s in model.optimizer.state.values()} == {2}
+
+
+def test_compiles_rate_is_not_forced_on_an_optimizer_given_to_fit(rng):
+    x, y = rng.normal(size=(16, 4)).astype(np.float32), rng.normal(size=(16, 1)).astype(np.float32)
+    model = head_model(None, 1, "numpy")
+    model.compile(optimizer="adam", loss="mse", learning_rate=0.05)
+    mine = optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    model.fit(x, y, optimizer=mine, epochs=1, batch_size=8, verbose=0, callbacks=[gb.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(mine.param_groups[0]["lr"]))])
+    assert seen == [0.1, 0.1]
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[gb.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(model.optimizer.param_groups[0]["lr"]))])
+    assert seen[2:] == [0.05, 0.05]
+
+
 # ----------------------------------------------------------------------------- input gradient
 
 

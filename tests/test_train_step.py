@@ -41,7 +41,7 @@ def test_fit_and_a_step_share_the_models_named_optimizer(rng):
     model.fit(x, y, optimizer="adam", epochs=1, batch_size=16, verbose=0)
     step = model.train_step(optimizer="adam")
     step(x, y)
-    assert step.optimizer is model._named_optimizer[1]
+    assert step.optimizer is model._named_optimizers["adam"][1]
     assert {s["step"] for s in step.optimizer.state.values()} == {2}
 
 

@@ -264,7 +264,7 @@ def test_a_callback_monitoring_an_unlogged_value_fails_before_the_first_step(mak
 
 
 @pytest.mark.parametrize("metric, message", [
-    ("auc", r"'auc' cannot score this model's validation targets: auc: expected one target per output"),
+    ("auc", r"'auc' cannot score this model's targets: auc: expected one target per output"),
     ("categorical_accuracy", r"'categorical_accuracy' cannot score .* expected one-hot targets"),
 ])
 def test_a_metric_that_cannot_score_the_validation_targets_fails_before_the_first_step(metric, message):
@@ -371,6 +371,46 @@ def test_verbose_2_prints_one_line_per_epoch(capsys):
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert err == "" and len(lines) == 3 and lines[0].startswith("epoch 1/3") and "loss: " in lines[0]
+
+
+def test_verbose_2_prints_values_at_or_below_1e_3_in_e_notation_as_keras_does(capsys):
+    x, y = classification_data()
+    classifier().fit(x, y, epochs=1, batch_size=40, verbose=2, learning_rate=1e-5,
+                     callbacks=[gb.callbacks.LearningRateScheduler(lambda epoch, lr: 1e-5)])
+    line = capsys.readouterr().out.strip()
+    assert line.endswith(" - learning_rate: 1.0000e-05") and re.search(r" - loss: \d\.\d{4} ", line)
+
+
+def test_a_learning_rate_schedule_of_the_epoch_alone_works_as_in_keras():
+    x, y = classification_data()
+    model = classifier()
+    history = model.fit(x, y, epochs=3, batch_size=40, verbose=0, optimizer="sgd",
+                        callbacks=[gb.callbacks.LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1))])
+    assert history["learning_rate"] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"metrics": "accuracy"}, TypeError, r"metrics: expected a list of metric names or callables, got 'accuracy'"),
+    ({"callbacks": gb.callbacks.TerminateOnNaN()}, TypeError,
+     r"callbacks: expected a list of gpubp Callbacks, got one TerminateOnNaN; pass callbacks=\[...\]"),
+    ({"validation_split": "0.1"}, ValueError, r"validation_split: expected a float in \[0, 1\), got '0.1'"),
+])
+def test_fit_names_an_argument_of_the_wrong_kind(kwargs, error, message):
+    x, y = classification_data(n=20)
+    model = classifier()
+    before = model.get_weights()
+    with pytest.raises(error, match=message):
+        model.fit(x, y, epochs=1, verbose=0, **kwargs)
+    for want, got in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_evaluate_names_a_metric_that_cannot_score_the_targets():
+    x, y = classification_data(n=20)
+    with pytest.raises(ValueError, match=r"^metrics: 'mse' cannot score this model's targets: "):
+        classifier().evaluate(x, y, metrics=["mse"])
+    with pytest.raises(TypeError, match=r"^metrics: expected a list"):
+        classifier().evaluate(x, y, metrics="accuracy")
 
 
 def test_verbose_0_is_silent(capsys):
