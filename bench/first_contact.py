@@ -4,9 +4,11 @@ headline benchmarks with few rounds. ``bash bench/gpu_check.sh first-contact`` r
     python bench/first_contact.py facts <facts.json>
     python bench/first_contact.py bench <folder>
 
-``facts``: the device as the CUDA runtime reports it, the driver, runtime, NVRTC and library
-versions, where NVRTC and the CUDA headers are, nvidia-smi's view (clocks, power, MIG mode) and
-the tools' versions; then every kernel file compiled by NVRTC for this GPU through the CuPy
+``facts``: first what needs no CuPy (``host_facts``: nvidia-smi's view (clocks, power, MIG
+mode), the tools' and libraries' versions, where NVRTC and the CUDA headers are, and the
+variables that decide it), written before CuPy is asked, so that a GPU CuPy cannot reach still
+leaves them; then the device as the CUDA runtime reports it, the driver, runtime and NVRTC
+versions (``device_facts``); then every kernel file compiled by NVRTC for this GPU through the CuPy
 backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
 and load, and per kernel the registers, static shared memory and local memory (spills) the
 driver reports. Each file is built as ``preload`` builds it, one NVRTC module per GEMM kernel,
@@ -24,7 +26,10 @@ cold only when CuPy's cache (``CUPY_CACHE_DIR``) starts empty, which
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
 per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
-the folder as soon as it finishes, with ``GPUBP_BENCH_ROUNDS`` rounds (5 unless set).
+the folder as soon as it finishes, with ``GPUBP_BENCH_ROUNDS`` rounds (5 unless set). Each run
+has ``GROUP_SECONDS`` (``GPUBP_BENCH_GROUP_SECONDS``), then SIGINT, on which pytest-benchmark
+still writes the benchmarks that finished, so one that hangs costs its group, not the others;
+how each group ended is added to the first-contact steps file in the folder (``STEPS_FILE``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +67,13 @@ TEST_OF_WORKLOAD = {
     STEP_B64: "test_small_batch_train_step[{backend}]",
 }
 ROUNDS = "5"
+# Seconds each group's pytest run may take, a few times what one should need (PyTorch's import
+# and CUDA's start are most of it, 5 rounds the rest): with 100 s for the step, a hang in the
+# first group leaves the others about 50.
+GROUP_SECONDS = 40
+GROUP_GRACE = 10  # after the SIGINT, for pytest-benchmark to write its JSON (it asks py-cpuinfo first)
+# The file gpu_check.sh first-contact records each step's result in, in the check folder.
+STEPS_FILE = "first_contact_steps.tsv"
 TOOL_VERSIONS = {"nvcc": ["--version"], "compute-sanitizer": ["--version"], "ncu": ["--version"],
                  "cmake": ["--version"]}
 SMI_QUERY = ("name,driver_version,pstate,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,"
@@ -74,16 +87,37 @@ def node_ids(group: str) -> list[str]:
             for workload, backend in pairs]
 
 
+def run_group(argv: list[str], env: dict, seconds: float) -> int | None:
+    """Run ``argv``; past ``seconds``, SIGINT (pytest then writes what it has), then SIGKILL.
+    Its exit status, or None when it ran out of time."""
+    process = subprocess.Popen(argv, cwd=ROOT, env=env)
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=GROUP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return None
+
+
 def bench(folder: Path) -> int:
     env = {**os.environ, "GPUBP_BENCH_ROUNDS": os.environ.get("GPUBP_BENCH_ROUNDS", ROUNDS)}
+    seconds = float(os.environ.get("GPUBP_BENCH_GROUP_SECONDS", GROUP_SECONDS))
     failed = []
     for group in HEADLINE:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
-                               "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], cwd=ROOT, env=env)
-        print(f"first-contact benchmarks {group}: exit status {done.returncode} after "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
-        if done.returncode != 0:
+        status = run_group([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
+                            "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], env, seconds)
+        took = time.perf_counter() - start
+        result = "ok" if status == 0 else f"out of time after {seconds:g} s" if status is None else \
+            f"failed (exit status {status})"
+        print(f"first-contact benchmarks {group}: {result}, {took:.1f} s", flush=True)
+        with open(folder / STEPS_FILE, "a") as steps:  # a row of the record's steps table
+            steps.write(f"bench {group}\t{result}\t{took:.0f}\t{seconds:g}\n")
+        if status != 0:
             failed.append(group)
     return 1 if failed else 0
 
@@ -99,6 +133,8 @@ def _command(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         return f"{argv[0]}: no answer in 20 s"
+    except OSError as exc:
+        return f"{argv[0]}: {exc}"
     return (done.stdout + done.stderr).strip()
 
 
@@ -122,9 +158,37 @@ def _plain(value):
     return value
 
 
-def device_facts(cupy) -> dict:
+def _cupy_version() -> str:
+    """The installed CuPy distribution (cupy-cuda12x, say) and its version, without importing it."""
+    found = sorted(f"{d.metadata['Name']} {d.version}" for d in importlib.metadata.distributions()
+                   if (d.metadata["Name"] or "").lower().startswith("cupy"))
+    return ", ".join(found) or "not installed"
+
+
+# The variables that decide which CUDA libraries and headers are found, and where CuPy caches.
+ENVIRONMENT = ("CUDA_PATH", "CUDA_HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUPY_CACHE_DIR")
+
+
+def host_facts() -> dict:
+    """What needs no CuPy: nvidia-smi's view, the tools' and libraries' versions, where NVRTC and
+    the CUDA headers are, and the variables that decide it."""
     from gpubp import _toolkit
 
+    return {
+        "nvidia_smi": _command(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"]),
+        "tools": {tool: _command([tool, *args]).splitlines()[-1:] for tool, args in TOOL_VERSIONS.items()},
+        "versions": {"python": platform.python_version(), "cupy": _cupy_version(),
+                     **{dist: _version(dist) for dist in ("numpy", "numba", "numba-cuda", "cuda-pathfinder", "torch")}},
+        "nvrtc": list(_toolkit.nvrtc_library()),
+        "cuda_headers": list(_toolkit.cuda_headers()),
+        "environment": {name: os.environ.get(name) for name in ENVIRONMENT},
+        "cupy_cache_dir": os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"),
+    }
+
+
+def device_facts(cupy) -> dict:
+    """What CuPy says of the device: its properties, the driver, runtime and NVRTC versions, and
+    whether PyTorch sees CUDA."""
     runtime = cupy.cuda.runtime
     device = cupy.cuda.Device()
     properties = runtime.getDeviceProperties(device.id)
@@ -141,13 +205,8 @@ def device_facts(cupy) -> dict:
         "driver_version": runtime.driverGetVersion(),
         "runtime_version": runtime.runtimeGetVersion(),
         "nvrtc_version": list(cupy.cuda.nvrtc.getVersion()),
-        "versions": {"python": platform.python_version(), "cupy": cupy.__version__, "torch": torch_cuda,
-                     **{dist: _version(dist) for dist in ("numpy", "numba", "numba-cuda", "cuda-pathfinder")}},
-        "nvrtc": list(_toolkit.nvrtc_library()),
-        "cuda_headers": list(_toolkit.cuda_headers()),
-        "nvidia_smi": _command(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"]),
-        "tools": {tool: _command([tool, *args]).splitlines()[-1:] for tool, args in TOOL_VERSIONS.items()},
-        "cupy_cache_dir": os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"),
+        "cupy_version": cupy.__version__,
+        "torch_cuda": torch_cuda,
     }
 
 
@@ -179,24 +238,30 @@ def facts(out: Path, jobs: int | None = None) -> int:
     which the benchmarks load; ``jobs`` at once (one per core, unless given). Per file: its modules'
     compile and load seconds summed, each kernel's attributes, and each first-step module's.
     Returns 0, or 1 if anything failed."""
+    cache = Path(os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")))
+    found = host_facts()  # before CuPy is imported: kept whatever CuPy then does
+    found["kernel_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+    out.write_text(json.dumps(found, indent=2) + "\n")
+    print(json.dumps(found, indent=1), flush=True)
+
     from gpubp.backends import cupy_backend
 
     os.environ[cupy_backend.AOT_ENV] = tempfile.mkdtemp()  # no fatbins: NVRTC compiles every file
-
     if cupy_backend.unavailable_reason() is not None:
-        out.write_text(json.dumps({"error": cupy_backend.unavailable_reason()}, indent=2) + "\n")
-        print(f"first contact: {cupy_backend.unavailable_reason()}")
+        found["error"] = cupy_backend.unavailable_reason()
+        out.write_text(json.dumps(found, indent=2) + "\n")
+        print(f"first contact: {found['error']}")
         return 1
-    cache = Path(os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")))
     status = 0
     try:
-        found = device_facts(cupy_backend.cupy)
+        found.update(device_facts(cupy_backend.cupy))
     except Exception as exc:  # recorded; the kernel files are still compiled and timed
-        found, status = {"device_facts_error": f"{type(exc).__name__}: {exc}"}, 1
-    found["kernel_cache_files_before"] = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+        found["device_facts_error"], status = f"{type(exc).__name__}: {exc}", 1
     found["kernel_files"] = {}
     out.write_text(json.dumps(found, indent=2) + "\n")
-    print(json.dumps({key: value for key, value in found.items() if key not in ("device", "kernel_files")}, indent=1))
+    print(json.dumps({key: value for key, value in found.items()
+                      if key in ("compute_capability", "driver_version", "runtime_version", "nvrtc_version",
+                                 "cupy_version", "torch_cuda", "device_facts_error")}, indent=1), flush=True)
     files = list(cupy_backend.KERNEL_FILES)
     whole = {filename: cupy_backend.kernel_parts(filename) for filename in files}
     parts = {filename: whole[filename] + cupy_backend.model_parts(filename, FIRST_STEP_ACTS) for filename in files}

@@ -22,22 +22,29 @@
 # is the first run on a new GPU, in one call of at most 9 minutes (named alone). Its steps run
 # in order of value, each in a child shell under its own wall-clock budget (`timeout`: SIGINT,
 # which makes pytest write what it has, then SIGKILL), and after each one the summary is
-# written again, so a step that fails or runs out of time leaves what the earlier ones found:
-#   facts      bench/first_contact.py facts: device facts, every kernel compiled by NVRTC for
-#              this GPU (its modules side by side) with times, registers and spills; then the NVRTC load
-#              check beside the CMake fatbin build, and the fatbin load check (bench/gpu_load_check.py)
-#   tests      the gpu-marked tests, one pytest-xdist worker per core
-#   memcheck   compute-sanitizer memcheck, then racecheck, over bench/sanitizer_driver.py --reduced
-#   racecheck  cupy (one odd shape per kernel family, the split-K finish, replayed CUDA graphs)
-#   bench      bench/first_contact.py bench: the headline ratios' benchmarks, 5 rounds each
+# written again (under half the summary step's budget), so a step that fails or runs out of
+# time leaves what the earlier ones found:
+#   facts      bench/first_contact.py facts: what needs no CuPy (nvidia-smi, versions, library
+#              paths), then device facts and every kernel compiled by NVRTC for this GPU (its
+#              modules side by side) with times, registers and spills; then the NVRTC load check
+#              beside the CMake fatbin build (its lines in the log as they come, marked "cmake| "),
+#              and the fatbin load check (bench/gpu_load_check.py)
+#   tests      the gpu-marked tests, one pytest-xdist worker per core, past collection errors,
+#              with the stacks of a test stuck for 60 s
+#   memcheck   compute-sanitizer memcheck over bench/sanitizer_driver.py --reduced cupy (one odd
+#              shape per kernel family, the split-K finish, replayed CUDA graphs)
+#   racecheck  compute-sanitizer racecheck over bench/sanitizer_driver.py --reduced-racecheck cupy
+#   bench      bench/first_contact.py bench: the headline ratios' benchmarks, 5 rounds each, each
+#              group of them under its own timeout
 #   summary    gpu_summary.json and <device>.md, with the steps' results and the facts
 # Its reports go to GPUBP_CHECK_DIR (default bench/results/first_contact), CuPy's kernel cache
 # to a fresh folder (so the compile times are cold), and, when GPUBP_RESULTS_OUT is set, these
-# files to that folder (bench/gpu_summary.py --results-out; at most 8, each under 16 MB):
-# gpu_summary.json, <device>.md, benchmarks.json, first_contact.log (everything printed),
-# facts.json, gpu_tests.xml, memcheck.log, racecheck.log. GPUBP_FIRST_CONTACT_BUDGETS
+# files to that folder (at most 8, each under 16 MB): first_contact.log (everything printed, as
+# it is printed), facts.json, gpu_tests.xml, memcheck.log and racecheck.log (copied as they are
+# after each step, before anything parses them), and gpu_summary.json, <device>.md and
+# benchmarks.json (bench/gpu_summary.py --results-out). GPUBP_FIRST_CONTACT_BUDGETS
 # ("tests=200 bench=60") changes step budgets; GPUBP_COMMIT names the commit of a copy without
-# git history.
+# git history (the summary's tree_sha256 names its source in any case).
 #
 # GPUBP_BENCH_SELECT, a pytest -k expression, runs part of a benchmark stage (its JSON is named
 # after it, and the tables and the summary merge every part): for a stage longer than one call.
@@ -86,15 +93,24 @@ device_name() {  # read once on a GPU, then from the check folder (summary may r
     cat "$check/device.txt" 2>/dev/null || echo "unknown GPU"
 }
 
-sanitize() {
-    local tool="$1"
+sanitize() {  # tool, driver arguments: its output into $check/<tool>.log, its exit status into <tool>.status
+    local tool="$1" status cut_off=0
     shift
     echo "==== compute-sanitizer $tool ($*)"
+    # A first-contact step's timeout sends SIGINT to its whole process group, this shell and tee
+    # included. Until the sanitizer ends, its status reads 124 ("cut off", as bench/gpu_summary.py
+    # also reads a missing one); tee -i lets the log take all the sanitizer prints until it
+    # exits; the trap holds the interrupt back until the status says so.
+    echo 124 >"$check/$tool.status"
+    trap 'cut_off=1' INT
     whole_sets "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" bench/sanitizer_driver.py "$@" 2>&1 \
-        | tee "$check/$tool.log"
-    local status="${PIPESTATUS[0]}"
+        | tee -i "$check/$tool.log"
+    status="${PIPESTATUS[0]}"
+    trap - INT
+    [ "$cut_off" -eq 0 ] || status=124
     echo "$status" >"$check/$tool.status"
     [ "$status" -eq 0 ] || failed+=("compute-sanitizer $tool")
+    [ "$cut_off" -eq 0 ] || kill -INT $$
 }
 
 xdist_workers() {  # default count: "-n <count>" where pytest-xdist is installed, to spread tests over cores
@@ -200,29 +216,35 @@ stage_summary() {
 # ----------------------------------------------------------------------------- first-contact
 
 FIRST_CONTACT_STEPS=(facts tests memcheck racecheck bench summary)
-# Wall-clock seconds per step; their sum, 525, keeps the stage within 9 minutes.
-declare -A budget=([facts]=130 [tests]=140 [memcheck]=55 [racecheck]=70 [bench]=110 [summary]=20)
+# Wall-clock seconds per step. Their sum, 505, and the five publishes between steps, at most
+# 11 s each (PUBLISH_SECONDS and a second's grace), keep the stage within 560 s; the call that
+# runs it is killed at about 570.
+declare -A budget=([facts]=125 [tests]=135 [memcheck]=55 [racecheck]=70 [bench]=100 [summary]=20)
+# bench/gpu_summary.py's CARRY_BYTES: a raw file this big or bigger keeps its first third and its end.
+CARRY_BYTES=15000000
 
 fc_facts() {
     run "device facts and NVRTC compile times" "$PYTHON" bench/first_contact.py facts "$check/facts.json"
     # The CMake build (about 40 s of its slowest file) needs no GPU: it runs while the NVRTC load
-    # check uses the kernels facts compiled, and prints when it is done.
+    # check uses the kernels facts compiled. Its lines go to the log as they come, marked, so a
+    # build the step's budget cuts off still shows how far it got.
     local cmake
-    aot_build >"$work/cmake.log" 2>&1 &
+    (aot_build 2>&1 | while IFS= read -r line; do printf 'cmake| %s\n' "$line"; done; exit "${PIPESTATUS[0]}") &
     cmake=$!
     load_check nvrtc
     if wait "$cmake"; then
-        cat "$work/cmake.log"
         load_check fatbin
     else
-        cat "$work/cmake.log"
         failed+=("CMake fatbin build")
     fi
 }
 
 fc_tests() {
-    run "gpu tests" whole_sets "$PYTHON" -m pytest -m gpu tests -q -rs -p no:cacheprovider \
-        $(xdist_workers "$(nproc)") \
+    # A test file that fails to import costs its own tests, not the others'; a test stuck for a
+    # minute has every thread's stack dumped into the log (pytest's faulthandler: pytest-timeout
+    # is not installed); -rfEs lists failures, errors and skips at the end.
+    run "gpu tests" whole_sets "$PYTHON" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
+        --continue-on-collection-errors -o faulthandler_timeout=60 $(xdist_workers "$(nproc)") \
         --junitxml "$check/gpu_tests.xml"
 }
 
@@ -231,27 +253,44 @@ fc_memcheck() {
 }
 
 fc_racecheck() {
-    sanitize racecheck --reduced cupy
+    sanitize racecheck --reduced-racecheck cupy
 }
 
 fc_bench() {
     run "headline benchmarks" "$PYTHON" bench/first_contact.py bench "$check"
 }
 
-fc_publish() {  # the summary of what the steps so far left, copied to GPUBP_RESULTS_OUT when set
+# The check folder's files that first-contact copies into GPUBP_RESULTS_OUT as they are, after
+# each step, each under CARRY_BYTES: what a step found comes back even if bench/gpu_summary.py
+# cannot read it.
+carry_raw() {
+    local name size head=$((CARRY_BYTES / 3)) tail=$((CARRY_BYTES - CARRY_BYTES / 3 - 200))
+    for name in facts.json gpu_tests.xml memcheck.log racecheck.log; do
+        [ -f "$check/$name" ] || continue
+        size=$(wc -c <"$check/$name")
+        if [ "$size" -lt "$CARRY_BYTES" ]; then
+            cp "$check/$name" "$GPUBP_RESULTS_OUT/$name"
+        else
+            { head -c "$head" "$check/$name"
+              printf '\n[... %s bytes cut here: the file had %s ...]\n' "$((size - head - tail))" "$size"
+              tail -c "$tail" "$check/$name"; } >"$GPUBP_RESULTS_OUT/$name"
+        fi
+    done
+}
+
+fc_publish() {  # the raw files, then the summary of what the steps so far left (to GPUBP_RESULTS_OUT when set)
     local out=()
     if [ -n "${GPUBP_RESULTS_OUT:-}" ]; then
+        carry_raw
         out=(--results-out "$GPUBP_RESULTS_OUT")
-        for file in first_contact.log facts.json gpu_tests.xml memcheck.log racecheck.log; do
-            out+=(--carry "$check/$file")
-        done
     fi
-    summarize --command "GPUBP_RESULTS_OUT=<dir> bash bench/gpu_check.sh first-contact" \
+    timeout --kill-after=1 "$PUBLISH_SECONDS" bash -c 'summarize "$@"' summarize \
+        --command "GPUBP_RESULTS_OUT=<dir> bash bench/gpu_check.sh first-contact" \
         --steps "$check/first_contact_steps.tsv" --facts "$check/facts.json" "${out[@]}"
 }
 
 fc_summary() {
-    fc_publish
+    run "summary" fc_publish
 }
 
 fc_step() {  # name: fc_<name> in a child shell under its budget; records how it ended, then publishes
@@ -282,14 +321,25 @@ first_contact() {
         budget[$step]="${item#*=}"
     done
     check="${GPUBP_CHECK_DIR:-bench/results/first_contact}"
+    PUBLISH_SECONDS=$((budget[summary] / 2))
     mkdir -p "$check" "$results" "$work/cupy_cache"
     rm -f "$check"/{first_contact.log,first_contact_steps.tsv,facts.json,gpu_tests.xml,device.txt} \
         "$check"/{memcheck,racecheck}.{log,status} "$check"/bench_first_contact_*.json
-    exec > >(tee -a "$check/first_contact.log") 2>&1
+    if [ -n "${GPUBP_RESULTS_OUT:-}" ]; then
+        mkdir -p "$GPUBP_RESULTS_OUT"
+        # Into GPUBP_RESULTS_OUT too, as it is printed, so a kill at any moment leaves all printed
+        # until then: its first CARRY_BYTES (head, unbuffered, else it would hold the last few kB;
+        # once it has them tee -p goes on without it).
+        exec > >(tee -p -a "$check/first_contact.log" \
+            >(stdbuf -o0 head -c "$CARRY_BYTES" >"$GPUBP_RESULTS_OUT/first_contact.log")) 2>&1
+    else
+        exec > >(tee -a "$check/first_contact.log") 2>&1
+    fi
+    export PYTHONUNBUFFERED=1  # what a Python step printed is in the log, even if it is killed
     export CUPY_CACHE_DIR="$work/cupy_cache"  # empty: facts times cold compiles; later steps reuse them
-    export PYTHON SANITIZER check results work
+    export PYTHON SANITIZER check results work PUBLISH_SECONDS CARRY_BYTES
     export -f run sanitize whole_sets xdist_workers aot_build load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
-        fc_publish fc_summary summarize device_name
+        carry_raw fc_publish fc_summary summarize device_name
     echo "first-contact: steps ${FIRST_CONTACT_STEPS[*]}; budgets $(for s in "${FIRST_CONTACT_STEPS[@]}"; do
         printf '%s=%s ' "$s" "${budget[$s]}"; done)"
     for step in "${FIRST_CONTACT_STEPS[@]}"; do

@@ -14,17 +14,24 @@
   run separately), the reports are merged.
 - ``--steps``, ``--facts``: the first-contact stage's steps file and bench/first_contact.py's
   facts JSON, tabulated in the markdown; ``--command`` names the command that reproduces it.
-- ``--results-out DIR``: also write the JSON, the markdown, the merged benchmark report and each
-  ``--carry`` file into DIR, as ``carry`` does: what is taken off a GPU machine.
+- ``--results-out DIR``: also write the JSON, the markdown and the merged benchmark report into
+  DIR, as ``carry`` does: what is taken off a GPU machine (gpu_check.sh copies the raw inputs).
+
+Every input is read softly: one that cannot be read (a file a step cut off mid-write leaves
+truncated) is left out and its error recorded as ``<input>_error`` (junit_error,
+benchmark_error, sanitizer_error, steps_error, facts_error), so the record is still written.
 
 The JSON has exactly these keys: device, date, commit (see ``source_commit``: the commit the
 measured tree is, or "unknown"), kernels_sha256 (over the bytes of kernels/*.cu and
 kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped}
-(errors count as failed), sanitizer {tool: "clean" | its first error}, ratios, timings_ms
-(the median of each benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's
-schema, launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark) and,
+(errors count as failed; null when there is no junit report to read), sanitizer {tool:
+"clean" | its first error | "cut off ..." | "not run"}, ratios, timings_ms (the median of each
+benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's schema,
+launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark),
+tree_sha256 (``tree_sha256``: the source measured, which names its commit where git cannot),
 where bench/results/kernel_model.json exists, model_bounds: the kernel model's bound beside each
-measured gpubp benchmark (bench/model_bounds.py says how it is made).
+measured gpubp benchmark (bench/model_bounds.py says how it is made), and the ``<input>_error``
+of any input that could not be read.
 
 Every ratio is taken from medians of one run. A speed ratio is baseline time / gpubp time,
 so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
@@ -102,6 +109,39 @@ def kernels_sha256(root: Path = ROOT) -> str:
     return digest.hexdigest()
 
 
+# The source a GPU run measures, for ``tree_sha256``: every file below these folders, these files.
+TREE_FOLDERS = ("gpubp", "kernels", "tests")
+TREE_FILES = ("bench/*.py", "bench/*.sh", "pyproject.toml", "CMakeLists.txt")
+# What is not source there (as .gitignore has it): caches, build outputs, results.
+_NOT_SOURCE_FOLDERS = {"__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks", "results", "_aot"}
+_NOT_SOURCE_SUFFIXES = (".pyc", ".pyo", ".pyd", ".fatbin")
+
+
+def tree_files(root: Path = ROOT) -> list[str]:
+    """The paths (relative, with /) that ``tree_sha256`` hashes, sorted."""
+    paths = [p for folder in TREE_FOLDERS for p in (root / folder).rglob("*")]
+    paths += [p for pattern in TREE_FILES for p in root.glob(pattern)]
+    return sorted({p.relative_to(root).as_posix() for p in paths
+                   if p.is_file() and not p.name.endswith(_NOT_SOURCE_SUFFIXES)
+                   and not _NOT_SOURCE_FOLDERS & set(p.relative_to(root).parts[:-1])
+                   and not any(part.endswith(".egg-info") for part in p.relative_to(root).parts)})
+
+
+def tree_sha256(root: Path = ROOT) -> str:
+    """sha256 of ``sha256sum``'s lines ("<sha256 of the file>  <path>\\n") for ``tree_files``,
+    in sorted path order: what the record names the measured source by, where a copy of the
+    project has no git history to name its commit. To find which commit a result came from,
+    recompute it on a checkout of a candidate (``git worktree add /tmp/at <commit>``, or
+    ``git archive <commit> | tar -x -C /tmp/at``), which holds no caches:
+
+        python bench/gpu_summary.py --tree-sha256 /tmp/at
+    """
+    digest = hashlib.sha256()
+    for path in tree_files(root):
+        digest.update(f"{hashlib.sha256((root / path).read_bytes()).hexdigest()}  {path}\n".encode())
+    return digest.hexdigest()
+
+
 COMMIT_ENV = "GPUBP_COMMIT"
 # `git archive` writes the archived commit into this file (.gitattributes marks it export-subst);
 # in a git work tree it holds the placeholder.
@@ -137,11 +177,14 @@ def source_commit(root: Path = ROOT) -> str:
     return "unknown"
 
 
-def junit_counts(junit_paths: list[Path]) -> dict[str, int]:
-    """{passed, failed, skipped} summed over pytest --junitxml reports; errors count as failed."""
+def count_tests(reports: list[ET.ElementTree]) -> dict[str, int] | None:
+    """{passed, failed, skipped} summed over parsed pytest --junitxml reports; errors count as
+    failed. None without a report: the tests did not run (or wrote nothing), not 0 of 0."""
+    if not reports:
+        return None
     counts = {"passed": 0, "failed": 0, "skipped": 0}
-    for path in junit_paths:
-        root = ET.parse(path).getroot()
+    for report in reports:
+        root = report.getroot()
         suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
         for suite in suites:
             tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
@@ -152,12 +195,26 @@ def junit_counts(junit_paths: list[Path]) -> dict[str, int]:
     return counts
 
 
+def junit_counts(junit_paths: list[Path]) -> dict[str, int] | None:
+    """``count_tests`` of the pytest --junitxml reports at ``junit_paths``."""
+    return count_tests([ET.parse(path) for path in junit_paths])
+
+
+# The exit status gpu_check.sh's sanitize() leaves while the sanitizer runs, and keeps when the
+# step's timeout stops it (timeout's own status for a command it stopped).
+CUT_OFF = 124
+# bench/sanitizer_driver.py's lines start so: the last says how far a cut-off run got.
+DRIVER_PREFIX = "sanitizer driver:"
+
+
 def sanitizer_result(log: str, status: int) -> str:
-    """"clean", or the first error compute-sanitizer reported (its headline), or why the run failed."""
-    last_other = ""
+    """"clean", or the first error compute-sanitizer reported (its headline), or why the run
+    failed: for a run cut off (``CUT_OFF``), where the driver had got to."""
+    last_other = last_progress = ""
     for line in log.splitlines():
         if not line.startswith(SANITIZER_PREFIX):
             last_other = line.strip() or last_other
+            last_progress = line.strip() if line.startswith(DRIVER_PREFIX) else last_progress
             continue
         message = line[len(SANITIZER_PREFIX):]
         if message.startswith(" ") and not message.startswith("  "):
@@ -166,29 +223,50 @@ def sanitizer_result(log: str, status: int) -> str:
                 return message
     if status == 0:
         return "clean"
+    if status == CUT_OFF:
+        return f"cut off before it finished, no error found; last: {last_progress or last_other or 'no output'}"
     return f"exit status {status}: {last_other or 'no output'}"
 
 
 def sanitizer_results(log_dir: Path | None) -> dict[str, str]:
+    """``sanitizer_result`` per tool of ``SANITIZER_TOOLS`` from ``<tool>.log`` and
+    ``<tool>.status`` in ``log_dir``: "not run" without a log; a status that is missing or not a
+    number (its writer was stopped) reads as ``CUT_OFF``."""
     results = {}
     for tool in SANITIZER_TOOLS:
         log = log_dir / f"{tool}.log" if log_dir else None
         if log is None or not log.exists():
             results[tool] = "not run"
             continue
-        status = int((log_dir / f"{tool}.status").read_text().strip() or 1)
-        results[tool] = sanitizer_result(log.read_text(errors="replace"), status)
+        status_file = log_dir / f"{tool}.status"
+        status = status_file.read_text().strip() if status_file.is_file() else ""
+        results[tool] = sanitizer_result(log.read_text(errors="replace"), int(status) if status.isdigit() else CUT_OFF)
     return results
 
 
+def merge(reports: list[dict]) -> dict:
+    """One pytest-benchmark report from several (runs of parts of a benchmark file, say): the
+    benchmarks of each, in order, so a later run of a benchmark wins."""
+    return {"benchmarks": [bench for report in reports for bench in report.get("benchmarks", [])]}
+
+
 def merge_reports(paths: list[Path]) -> dict:
-    """One pytest-benchmark report from several (runs of parts of a benchmark file, say):
-    the benchmarks of each that exists, in order, so a later run of a benchmark wins."""
-    benchmarks = []
+    """``merge`` of the pytest-benchmark reports at ``paths`` that exist."""
+    return merge([json.loads(path.read_text()) for path in paths if path.exists()])
+
+
+def read_softly(paths: list[Path], read, errors: dict[str, str], key: str) -> list:
+    """``read(path)`` for each of ``paths``; one that raises (a file cut off mid-write, say) is
+    left out and its error added to ``errors[key]``, so that the record is written whatever
+    one input holds."""
+    found = []
     for path in paths:
-        if path.exists():
-            benchmarks += json.loads(path.read_text()).get("benchmarks", [])
-    return {"benchmarks": benchmarks}
+        try:
+            found.append(read(path))
+        except Exception as exc:  # noqa: BLE001 - recorded in the summary, which is still written
+            error = f"{path.name}: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+            errors[key] = f"{errors[key]}; {error}" if key in errors else error
+    return found
 
 
 def benchmark_medians(report: dict) -> dict[tuple[str, str], float]:
@@ -230,13 +308,14 @@ def timings_ms(medians: dict[tuple[str, str], float]) -> dict[str, float]:
             for (workload, backend), seconds in sorted(medians.items())}
 
 
-def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict, sanitizer: dict,
-            medians: dict, launches: dict | None = None) -> dict:
-    """The gpu_summary.json object, keys in the issue's order, then the launch counts."""
+def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict | None, sanitizer: dict,
+            medians: dict, launches: dict | None = None, tree: str | None = None) -> dict:
+    """The gpu_summary.json object, keys in the issue's order, then the launch counts and the
+    source tree's sha256."""
     return {
         "device": device, "date": date, "commit": commit, "kernels_sha256": kernels, "tests": tests,
         "sanitizer": sanitizer, "ratios": ratios(medians), "timings_ms": timings_ms(medians),
-        "launches_per_step": launches or {},
+        "launches_per_step": launches or {}, "tree_sha256": tree,
     }
 
 
@@ -252,9 +331,11 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
     lines = [
         f"# GPU check on {data['device']}",
         "",
-        f"{data['date']}, commit `{data['commit']}`, kernels sha256 `{data['kernels_sha256'][:16]}...`; "
+        f"{data['date']}, commit `{data['commit']}`, source tree sha256 `{data.get('tree_sha256') or '?'}` "
+        f"(bench/gpu_summary.py --tree-sha256), kernels sha256 `{data['kernels_sha256'][:16]}...`; "
         f"reproduce with `{command}`. fp32, TF32 off; every time is the median of its rounds.",
         "",
+        "Tests: no junit report (they did not run, or wrote none)." if tests is None else
         f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.",
         "",
         "| compute-sanitizer | result |",
@@ -283,13 +364,16 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
                   *(f"| {name} | {result} | {seconds} | {budget} |" for name, result, seconds, budget in steps)]
     if facts:
         lines += ["", *facts_markdown(facts)]
+    unread = [f"- {key}: {value}" for key, value in data.items() if key.endswith("_error")]
+    if unread:
+        lines += ["", "Inputs that could not be read (left out above):", *unread]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- first contact
 
-CARRY_FILES = 8  # what `gpu_check.sh first-contact` copies to GPUBP_RESULTS_OUT: at most 8 files,
-CARRY_BYTES = 15_000_000  # each under 16 MB,
+CARRY_FILES = 8  # what `gpu_check.sh first-contact` leaves in GPUBP_RESULTS_OUT: at most 8 files,
+CARRY_BYTES = 15_000_000  # each under 16 MB (gpu_check.sh's CARRY_BYTES, for the raw files it copies),
 _NOT_IN_A_CARRIED_NAME = re.compile(r"[^A-Za-z0-9._-]")  # with flat names of these characters
 
 
@@ -300,20 +384,26 @@ def read_steps(path: Path) -> list[tuple[str, str, str, str]]:
 
 def facts_markdown(facts: dict) -> list[str]:
     """bench/first_contact.py's facts: the device, the toolkit, and each kernel file's NVRTC build."""
-    if "error" in facts:
-        return [f"Device facts: {facts['error']}"]
     device = facts.get("device", {})
     memory = device.get("totalGlobalMem")
+    host = [f"Versions: {', '.join(f'{k} {v}' for k, v in facts.get('versions', {}).items())}"
+            + (f"; torch sees {facts['torch_cuda']}" if "torch_cuda" in facts else "") + ".",
+            "",
+            f"NVRTC: {' ('.join(facts.get('nvrtc', ['?', '?']))}); "
+            f"CUDA headers: {' ('.join(facts.get('cuda_headers', ['?', '?']))}).",
+            "", f"{facts.get('kernel_cache_files_before', '?')} files in CuPy's kernel cache before the compiles."]
+    if "error" in facts:  # CuPy could not reach the GPU: what the host could say
+        return [f"Device facts: {facts['error']}", "", *host, "",
+                *(f"{name} unset" if value is None else f"{name}={value}"
+                  for name, value in facts.get("environment", {}).items()),
+                "", "```", facts.get("nvidia_smi", "nvidia-smi: not asked"), "```"]
     lines = [f"Device facts: {facts['device_facts_error']}"] if "device_facts_error" in facts else [
         f"Device: {device.get('name', '?')}, compute capability {facts.get('compute_capability', '?')}, "
         f"{device.get('multiProcessorCount', '?')} SMs, "
         + (f"{memory / 2**30:.1f} GiB" if isinstance(memory, int) else "memory ?")
         + f"; driver {facts.get('driver_version', '?')}, runtime {facts.get('runtime_version', '?')}, "
-        f"NVRTC {'.'.join(map(str, facts.get('nvrtc_version', ['?'])))}; "
-        f"{', '.join(f'{k} {v}' for k, v in facts.get('versions', {}).items())}.",
-        "",
-        f"NVRTC: {' ('.join(facts.get('nvrtc', ['?', '?']))}); CUDA headers: {' ('.join(facts.get('cuda_headers', ['?', '?']))})."]
-    lines += ["", f"{facts.get('kernel_cache_files_before', '?')} files in CuPy's kernel cache before the compiles."]
+        f"NVRTC {'.'.join(map(str, facts.get('nvrtc_version', ['?'])))}."]
+    lines += ["", *host]
     files = facts.get("kernel_files", {})
     if files:
         lines += ["", "| kernel file | from | NVRTC modules | compile + load (s, summed) | kernels | most registers "
@@ -359,7 +449,8 @@ def bounds_beside(report: dict, facts: dict | None, model_path: Path = KERNEL_MO
     """(the summary's ``model_bounds``, its markdown lines) from bench/model_bounds.py, or None
     when there is no kernel model or no benchmark. Imported here, not above, so that this script
     also runs alone; whatever goes wrong is reported in the record, never keeps it from being
-    written. Without ``facts`` the device is asked (bench/first_contact.py's device_facts)."""
+    written. Without ``facts`` the device is asked (bench/first_contact.py's facts); facts that
+    hold none (CuPy could not reach the GPU) give no bound, rather than asking again."""
     if not model_path.is_file() or not report["benchmarks"]:
         return None
     bench = str(Path(__file__).resolve().parent)
@@ -368,11 +459,13 @@ def bounds_beside(report: dict, facts: dict | None, model_path: Path = KERNEL_MO
     try:
         import model_bounds
 
-        if facts is None or "device" not in facts:
+        if facts is None:
             import cupy
-            from first_contact import device_facts
+            from first_contact import device_facts, host_facts
 
-            facts = device_facts(cupy)
+            facts = {**host_facts(), **device_facts(cupy)}
+        elif "device" not in facts:
+            raise ValueError("the device facts hold no device")
         bounds = model_bounds.model_bounds(report, json.loads(model_path.read_text()), facts, kernels_sha256())
         return bounds, model_bounds.markdown(bounds)
     except Exception as exc:  # noqa: BLE001 - the record is written whatever this finds
@@ -383,6 +476,8 @@ def bounds_beside(report: dict, facts: dict | None, model_path: Path = KERNEL_MO
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--file-stem", metavar="DEVICE", help="only print the file name stem for DEVICE")
+    parser.add_argument("--tree-sha256", metavar="DIR", type=Path, nargs="?", const=ROOT,
+                        help="only print tree_sha256 of the project at DIR (this one by default)")
     parser.add_argument("--device")
     parser.add_argument("--junit", type=Path, action="append", default=[])
     parser.add_argument("--sanitizer-dir", type=Path)
@@ -391,41 +486,49 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--command", default="bash bench/gpu_check.sh", help="the command the report names")
     parser.add_argument("--steps", type=Path, help="the first-contact steps file")
     parser.add_argument("--facts", type=Path, help="bench/first_contact.py's facts JSON")
-    parser.add_argument("--results-out", type=Path,
-                        help="also copy the JSON, the report, the merged benchmarks and each --carry file here")
-    parser.add_argument("--carry", type=Path, action="append", default=[])
+    parser.add_argument("--results-out", type=Path, help="also copy the JSON, the report and the merged benchmarks here")
     parser.add_argument("--kernel-model", type=Path, default=KERNEL_MODEL,
                         help="bench/kernel_model.py's JSON, whose bounds go beside the measured times")
     args = parser.parse_args(argv)
     if args.file_stem is not None:
         print(file_stem(args.file_stem))
         return 0
+    if args.tree_sha256 is not None:
+        print(tree_sha256(args.tree_sha256))
+        return 0
     if not args.device:
         parser.error("--device is required")
 
-    report = merge_reports(args.benchmark)
+    errors: dict[str, str] = {}
+    report = merge(read_softly([p for p in args.benchmark if p.exists()], lambda p: json.loads(p.read_text()),
+                               errors, "benchmark_error"))
+    sanitizer = read_softly([args.sanitizer_dir], sanitizer_results, errors, "sanitizer_error")
     data = summary(
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        commit=source_commit(), kernels=kernels_sha256(), tests=junit_counts([p for p in args.junit if p.exists()]),
-        sanitizer=sanitizer_results(args.sanitizer_dir), medians=benchmark_medians(report),
-        launches=launches_per_step(report),
+        commit=source_commit(), kernels=kernels_sha256(),
+        tests=count_tests(read_softly([p for p in args.junit if p.exists()], ET.parse, errors, "junit_error")),
+        sanitizer=sanitizer[0] if sanitizer else {}, medians=benchmark_medians(report),
+        launches=launches_per_step(report), tree=tree_sha256(),
     )
-    steps = read_steps(args.steps) if args.steps and args.steps.is_file() else None
-    facts = json.loads(args.facts.read_text()) if args.facts and args.facts.is_file() else None
-    bounds = bounds_beside(report, facts, args.kernel_model)
+    steps = read_softly([args.steps] if args.steps and args.steps.is_file() else [], read_steps, errors, "steps_error")
+    facts = read_softly([args.facts] if args.facts and args.facts.is_file() else [],
+                        lambda p: json.loads(p.read_text()), errors, "facts_error")
+    # With --facts (first-contact), the facts are what there is: the device is not asked again.
+    bounds = bounds_beside(report, facts[0] if facts else ({} if args.facts else None), args.kernel_model)
     if bounds is not None:
         data["model_bounds"] = bounds[0]
+    data.update(errors)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2) + "\n"
     (args.out_dir / "gpu_summary.json").write_text(text)
-    table = markdown(data, args.command, steps, facts, bounds[1] if bounds else None)
+    table = markdown(data, args.command, steps[0] if steps else None, facts[0] if facts else None,
+                     bounds[1] if bounds else None)
     (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
     print(table)
     if args.results_out:
         files = {"gpu_summary.json": text.encode(), f"{file_stem(args.device)}.md": table.encode()}
         if report["benchmarks"]:
             files["benchmarks.json"] = json.dumps(report, indent=1).encode()
-        files.update((path.name, path.read_bytes()) for path in args.carry if path.is_file())
         carry(args.results_out, files)
     return 0
 

@@ -2,6 +2,7 @@
 
     compute-sanitizer --tool racecheck --error-exitcode 1 python bench/sanitizer_driver.py cupy numba
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitizer_driver.py --reduced cupy
+    compute-sanitizer --tool racecheck --error-exitcode 1 python bench/sanitizer_driver.py --reduced-racecheck cupy
 
 The arguments name the backends to drive (default: cupy): ``cupy`` runs the CUDA C++ kernels
 of kernels/*.cu, ``numba`` the Numba-CUDA kernels (on CuPy arrays, as a model that switches
@@ -21,6 +22,12 @@ kernels that read their rates from the device).
 kernel family and two activations (``REDUCED``): the 128x64 and 128x128 tiles, the split-K dW
 finish, one misaligned shape, every loss, update and fused kernel, and the replayed CUDA
 graphs. Every kernel family the full run launches still runs, in a fraction of the launches.
+``--reduced-racecheck`` (``REDUCED_RACECHECK``) is that, less the largest shape in the
+tensor-core precisions, to fit racecheck's minute: see there.
+
+For cupy the driver turns CuPy's memory pool off (``exact_allocations``) but for the replayed
+CUDA graphs, so that memcheck sees each array's own bounds. It prints a line as it starts each
+section and shape, with the seconds since it started, so a run cut off says where it was.
 
 Checks nothing itself: the sanitizer does.
 """
@@ -28,6 +35,7 @@ Checks nothing itself: the sanitizer does.
 from __future__ import annotations
 
 import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -48,6 +56,7 @@ class Coverage(NamedTuple):
     parameters: tuple = (1, 1031)
     fused_batches: tuple = (1, 37, 129)
     graph_cases: tuple = ((False, "adam"), (True, "sgd"), (False, "rmsprop"))  # (fused, optimizer) replayed
+    tensor_core_dense: list | None = None  # the dense shapes in the tensor-core precisions; None: dense
 
 
 MISALIGNED_FEATURES = (1, 3, 4, 5, 127, 128, 129)
@@ -66,6 +75,22 @@ COVERAGE = {
 }
 REDUCED = Coverage(dense=[(37, 29, 23), (1500, 77, 1500), (2048, 64, 48)], misaligned=[(37, 5, 129)],
                    activations=("relu", "gelu"), losses=((37, 13),), parameters=(1031,), fused_batches=(37,))
+# Racecheck follows every shared-memory access, and (1500, 77, 1500) makes most of the reduced
+# run's: 346 MFLOP per GEMM against 13 for the next. It stays in fp32, the one shape that picks
+# the 128x128 tiles (at least one wave of them), and goes from TF32 and bf16, whose kernels have
+# one 128x128 tile at every shape: (37, 29, 23) launches each on ragged edges, and (2048, 64,
+# 48)'s dW splits the batch into 8 chunks of 256 rows, 8 k tiles in TF32 and 4 in bf16: past
+# the 3-stage cp.async ring, whose reuse of a stage is where a missing barrier would race.
+# Dropping the precisions instead (fp32 only) would leave those pipelined kernels, the likeliest
+# to race, unchecked.
+REDUCED_RACECHECK = REDUCED._replace(tensor_core_dense=[(37, 29, 23), (2048, 64, 48)])
+REDUCTIONS = {"--reduced": REDUCED, "--reduced-racecheck": REDUCED_RACECHECK}
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """A line as each piece of work starts: a run the sanitizer's time limit cuts off says where."""
+    print(f"sanitizer driver: {what} at {time.perf_counter() - _START:.1f} s", flush=True)
 
 
 def misaligned(be, host: np.ndarray):
@@ -77,6 +102,7 @@ def misaligned(be, host: np.ndarray):
 
 def drive_dense(be, rand, shapes, activations, precision="fp32") -> None:
     for batch, n_in, n_out in shapes:
+        progress(f"{be.NAME} dense {precision} {(batch, n_in, n_out)}")
         x, w, b, dy = rand(batch, n_in), rand(n_in, n_out), rand(n_out), rand(batch, n_out)
         for act in activations:
             y, z = be.dense_forward(x, w, b, act, precision=precision)
@@ -161,42 +187,71 @@ def drive_replayed_steps(be, rng, cases) -> None:
             step(rng.standard_normal((37, 13)).astype(np.float32), rng.integers(0, 7, 37))
 
 
+def drive_every_precision(be, rand, coverage: Coverage) -> None:
+    """The dense kernels on ``coverage.dense`` in fp32, then on ``coverage.tensor_core_dense`` in
+    the GPU's tensor-core precisions, where the backend has them."""
+    drive_dense(be, rand, coverage.dense, coverage.activations)
+    # Only the CUDA C++ backend has tensor-core dense kernels (its TF32 tile says so); elsewhere
+    # "tf32" computes fp32, and driving it would rerun the kernels just driven.
+    if hasattr(be, "TF32_TILE"):
+        for precision in be.dense_precisions():
+            if precision != "fp32":
+                drive_dense(be, rand, coverage.tensor_core_dense or coverage.dense, coverage.activations, precision)
+
+
+def exact_allocations(be):
+    """Turn CuPy's memory pool off for ``be`` (a backend on CuPy) and return a function that puts
+    it back; None for a backend without CuPy. The pool rounds each array up (to 512 bytes) and
+    carves many from one cudaMalloc, so a read a few floats past an array's end lands in memory
+    the pool owns, which memcheck takes for valid; without it each array is its own allocation."""
+    cuda = getattr(getattr(be, "cupy", None), "cuda", None)
+    if cuda is None:
+        return None
+    pooled = cuda.get_allocator()
+    cuda.set_allocator(None)
+    return lambda: cuda.set_allocator(pooled)
+
+
 def drive(name: str, coverage: Coverage | None = None) -> None:
     """Run every kernel of backend ``name`` on ``coverage``'s shapes (its full ``COVERAGE`` by default)."""
     coverage = coverage or COVERAGE[name]
     be = backends.get(name)
     rng = np.random.default_rng(0)
+    pool_back = exact_allocations(be)
 
     def rand(*shape):
         return be.asarray(rng.standard_normal(shape).astype(np.float32))
 
-    drive_dense(be, rand, coverage.dense, coverage.activations)
-    # Only the CUDA C++ backend has tensor-core dense kernels (its TF32 tile says so); elsewhere
-    # "tf32" computes fp32, and driving it would rerun the kernels just driven.
-    if hasattr(be, "TF32_TILE"):
-        for precision in be.dense_precisions():  # the GPU's tensor-core precisions, where it has them
-            if precision != "fp32":
-                drive_dense(be, rand, coverage.dense, coverage.activations, precision)
+    drive_every_precision(be, rand, coverage)
+    progress(f"{name} misaligned operands")
     drive_misaligned_dense(be, rng, coverage.misaligned, coverage.misaligned_activations)
+    progress(f"{name} losses and optimizers")
     drive_losses_and_optimizers(be, rand, rng, coverage)
     if hasattr(be, "FUSED_MLP_MAX_WIDTH"):
+        progress(f"{name} fused MLP")
         drive_fused_mlp(be, rng, coverage.fused_batches)
     if hasattr(be, "capture"):
+        # Captured over the pool: without it every array the step frees is a cudaFree, which
+        # synchronizes, and a synchronization invalidates a capture in progress.
+        if pool_back is not None:
+            pool_back()
+        progress(f"{name} replayed CUDA graphs")
         drive_replayed_steps(be, rng, coverage.graph_cases)
     be.synchronize()
-    print(f"sanitizer driver: every {name} kernel ran")
+    print(f"sanitizer driver: every {name} kernel ran", flush=True)
 
 
 def main(argv: list[str]) -> None:
-    reduced = "--reduced" in argv
-    names = [a for a in argv if a != "--reduced"] or ["cupy"]
+    reductions = [a for a in argv if a in REDUCTIONS]
+    names = [a for a in argv if a not in REDUCTIONS] or ["cupy"]
     unknown = sorted(set(names) - set(COVERAGE))
     if unknown:
         raise SystemExit(f"sanitizer_driver: unknown backend(s) {unknown}; expected some of {sorted(COVERAGE)}")
-    if reduced and names != ["cupy"]:
-        raise SystemExit(f"sanitizer_driver: --reduced drives the cupy backend alone, got {names}")
+    if reductions and (names != ["cupy"] or len(reductions) > 1):
+        raise SystemExit(f"sanitizer_driver: {' or '.join(REDUCTIONS)} (one) drives the cupy backend alone, "
+                         f"got {argv}")
     for name in names:
-        drive(name, REDUCED if reduced else None)
+        drive(name, REDUCTIONS[reductions[0]] if reductions else None)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +130,36 @@ def test_commit_is_unknown_where_git_fails(gs, tmp_path, monkeypatch):
     assert gs.source_commit(tmp_path) == "unknown"
 
 
+def test_tree_sha256_hashes_each_source_files_path_and_bytes_in_sorted_order(gs, tmp_path):
+    for name, data in {"gpubp/b.py": b"2", "gpubp/a.py": b"1", "kernels/k.cu": b"3", "bench/x.sh": b"4",
+                       "pyproject.toml": b"5", "gpubp/__pycache__/a.cpython-311.pyc": b"cache", "bench/results/r.json": b"6",
+                       "bench/notes.md": b"not source", "tests/.pytest_cache/v": b"cache"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    listed = ["bench/x.sh", "gpubp/a.py", "gpubp/b.py", "kernels/k.cu", "pyproject.toml"]
+    assert gs.tree_files(tmp_path) == listed
+    lines = "".join(f"{hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()}  {p}\n" for p in listed)
+    assert gs.tree_sha256(tmp_path) == hashlib.sha256(lines.encode()).hexdigest()  # sha256sum's lines, hashed
+    (tmp_path / "gpubp" / "a.py").rename(tmp_path / "gpubp" / "c.py")  # the same bytes elsewhere: another tree
+    assert gs.tree_sha256(tmp_path) != hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs this git checkout")
+def test_tree_sha256_of_this_checkout_is_that_of_the_files_git_would_copy(gs, tmp_path, capsys):
+    """What a GPU machine is sent (tracked files and untracked ones git does not ignore) hashes
+    as this checkout does: the caches and builds git ignores here are left out."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for path in filter(None, listed):
+        if (ROOT / path).is_file():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / path, tmp_path / path)
+    assert gs.tree_files(tmp_path) == gs.tree_files(ROOT)
+    assert gs.tree_sha256(tmp_path) == gs.tree_sha256(ROOT)
+    gs.main(["--tree-sha256", str(tmp_path)])
+    assert capsys.readouterr().out == gs.tree_sha256(ROOT) + "\n"
+
+
 def copy_for_the_summary(destination: Path) -> None:
     """What bench/gpu_summary.py reads of the project: itself, kernels/ and the commit record, as
     a work tree holds it (this copy of the project may itself come from git archive)."""
@@ -150,6 +183,7 @@ def test_the_summary_runs_in_a_copy_without_git_history(gs, tmp_path):
     data = run_summary(copy, env)
     assert data["commit"] == "unknown"
     assert data["kernels_sha256"] == gs.kernels_sha256()
+    assert data["tree_sha256"] == gs.tree_sha256(copy)  # names the source when the commit cannot
     assert run_summary(copy, {**env, gs.COMMIT_ENV: "ab" * 20})["commit"] == "ab" * 20
 
 
@@ -182,6 +216,13 @@ def test_test_counts_sum_junit_reports_and_count_errors_as_failures(gs, tmp_path
     (tmp_path / "rest.xml").write_text(JUNIT_REST)
     counts = gs.junit_counts([tmp_path / "gpu.xml", tmp_path / "rest.xml"])
     assert counts == {"passed": 17 + 6, "failed": 1 + 1, "skipped": 2}
+
+
+def test_test_counts_are_null_without_a_report_not_zero(gs, tmp_path):
+    assert gs.junit_counts([]) is None
+    gs.main(["--device", "Fake GPU", "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_summary.json").read_text())["tests"] is None
+    assert "Tests: no junit report" in (tmp_path / "Fake_GPU.md").read_text()
 
 
 def test_test_counts_read_pytests_own_junit_report(gs, tmp_path):
@@ -231,6 +272,14 @@ SYNCCHECK_ERROR = """========= COMPUTE-SANITIZER
 =========     at ce_fwd_bwd_i64+0x2f0
 ========= ERROR SUMMARY: 1 error
 """
+CUT_OFF_LOG = """========= COMPUTE-SANITIZER
+sanitizer driver: cupy dense fp32 (37, 29, 23) at 0.4 s
+sanitizer driver: cupy dense fp32 (1500, 77, 1500) at 3.1 s
+Traceback (most recent call last):
+KeyboardInterrupt
+========= Target application returned an error
+========= ERROR SUMMARY: 0 errors
+"""
 DRIVER_CRASH = """========= COMPUTE-SANITIZER
 Traceback (most recent call last):
   File "bench/sanitizer_driver.py", line 9, in <module>
@@ -249,9 +298,22 @@ RuntimeError: backend 'cupy' is not available: CuPy is not installed
     (SYNCCHECK_ERROR, 1, "Barrier error detected. Divergent thread(s) in block"),
     (DRIVER_CRASH, 1, "exit status 1: RuntimeError: backend 'cupy' is not available: CuPy is not installed"),
     ("", 139, "exit status 139: no output"),
-], ids=["clean", "racecheck-clean", "memcheck", "racecheck", "synccheck", "driver-crash", "killed"])
+    (CUT_OFF_LOG, 124, "cut off before it finished, no error found; last: "
+                       "sanitizer driver: cupy dense fp32 (1500, 77, 1500) at 3.1 s"),
+    (CUT_OFF_LOG.replace("KeyboardInterrupt", MEMCHECK_ERROR), 124, "Invalid __global__ read of size 16 bytes"),
+], ids=["clean", "racecheck-clean", "memcheck", "racecheck", "synccheck", "driver-crash", "killed", "cut-off",
+        "error-then-cut-off"])
 def test_sanitizer_result_is_clean_or_the_first_error(gs, log, status, result):
     assert gs.sanitizer_result(log, status) == result
+
+
+def test_a_sanitizer_log_without_a_status_reads_as_cut_off_not_as_a_crash(gs, tmp_path):
+    """Its writer was stopped before the status was written (or while it was)."""
+    (tmp_path / "memcheck.log").write_text(CUT_OFF_LOG)
+    (tmp_path / "racecheck.log").write_text(CUT_OFF_LOG)
+    (tmp_path / "racecheck.status").write_text("")
+    results = gs.sanitizer_results(tmp_path)
+    assert results["memcheck"] == results["racecheck"] == gs.sanitizer_result(CUT_OFF_LOG, gs.CUT_OFF)
 
 
 def test_sanitizer_results_read_each_tools_log_and_status_and_mark_missing_ones(gs, tmp_path):
@@ -352,7 +414,7 @@ def test_summary_has_exactly_the_issues_schema(gs):
                       sanitizer=dict.fromkeys(gs.SANITIZER_TOOLS, "clean"),
                       medians=gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs))))
     assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms",
-                          "launches_per_step"]
+                          "launches_per_step", "tree_sha256"]
     assert set(data["tests"]) == {"passed", "failed", "skipped"}
     assert list(data["sanitizer"]) == ["memcheck", "racecheck", "initcheck", "synccheck"]
     assert set(data["ratios"]) >= {"fwd_4096_fp32_vs_cublas", "step_1024_vs_torch_eager", "mlp64_step_vs_torch_eager",
@@ -384,6 +446,39 @@ def test_main_writes_the_json_and_the_devices_markdown(gs, tmp_path, monkeypatch
     table = (out / "NVIDIA_H100_80GB_HBM3.md").read_text()
     assert "| step_1024_vs_torch_eager | 2.00x |" in table
     assert "| synccheck | clean |" in table
+
+
+def test_an_input_that_cannot_be_read_is_left_out_and_named_and_the_record_still_written(gs, tmp_path):
+    """A step cut off mid-write leaves a truncated file; the steps after it must still publish."""
+    (tmp_path / "gpu.xml").write_text(JUNIT_GPU[:90])
+    (tmp_path / "rest.xml").write_text(JUNIT_REST)
+    (tmp_path / "good.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs))))
+    (tmp_path / "cut.json").write_text('{"benchmarks": [{"name": ')
+    (tmp_path / "facts.json").write_text(json.dumps(FACTS)[:50])
+    out = tmp_path / "results"
+    gs.main(["--device", "Fake GPU", "--junit", str(tmp_path / "gpu.xml"), "--junit", str(tmp_path / "rest.xml"),
+             "--benchmark", str(tmp_path / "cut.json"), "--benchmark", str(tmp_path / "good.json"),
+             "--facts", str(tmp_path / "facts.json"), "--out-dir", str(out)])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["tests"] == {"passed": 6, "failed": 1, "skipped": 0}  # rest.xml's
+    assert data["junit_error"].startswith("gpu.xml: ParseError: ")
+    assert data["benchmark_error"].startswith("cut.json: JSONDecodeError: ")
+    assert data["facts_error"].startswith("facts.json: JSONDecodeError: ")
+    assert data["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
+    table = (out / "Fake_GPU.md").read_text()
+    assert "Inputs that could not be read" in table and "- junit_error: gpu.xml: ParseError" in table
+
+
+def test_facts_that_hold_no_device_give_no_bound_rather_than_asking_the_device(gs, tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(benchmark_report({(gs.FWD_4096, "gpubp-cupy"): 4.0})))
+    (tmp_path / "facts.json").write_text(json.dumps({"error": "CuPy is not installed", "nvidia_smi": "smi says"}))
+    (tmp_path / "model.json").write_text(json.dumps({"kernels": {}}))
+    gs.main(["--device", "Fake GPU", "--benchmark", str(tmp_path / "bench.json"), "--facts", str(tmp_path / "facts.json"),
+             "--kernel-model", str(tmp_path / "model.json"), "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert data["model_bounds"] == {"error": "ValueError: the device facts hold no device"}
+    table = (tmp_path / "Fake_GPU.md").read_text()
+    assert "Device facts: CuPy is not installed" in table and "smi says" in table
 
 
 def gpu_check(*stages, env=None):
@@ -437,7 +532,7 @@ FAKE_TOOL = """
 import json, os, shutil, sys, time
 call = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
 with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(call + " | GPUBP_NVRTC_ACTIVATIONS=" + os.environ.get("GPUBP_NVRTC_ACTIVATIONS", "") + "\\n")
+    log.write(call + "".join(f" | {name}=" + os.environ.get(name, "") for name in ENV_LOGGED) + "\\n")
 for rule in json.loads(os.environ["FAKE_PLAN"]):
     if rule["match"] in call:
         waited = 0
@@ -450,11 +545,13 @@ for rule in json.loads(os.environ["FAKE_PLAN"]):
             shutil.copy(source, copy)
         for path, text in rule.get("files", {}).items():
             open(path, "w").write(text)
-        print(rule.get("stdout", ""), flush=True)
+        for part in rule.get("prints", [rule.get("stdout", "")]):  # a number: that many x's
+            print(part if isinstance(part, str) else "x" * part, flush=True)
         time.sleep(rule.get("sleep", 0))
         sys.exit(rule.get("exit", 0))
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
+ENV_LOGGED = ("GPUBP_NVRTC_ACTIVATIONS", "PYTHONUNBUFFERED")  # each call's, in the calls' log
 
 FACTS = {"device": {"name": "Fake H200", "multiProcessorCount": 132, "totalGlobalMem": 150 * 2**30},
          "compute_capability": "90", "driver_version": 13000, "runtime_version": 13000, "nvrtc_version": [13, 0],
@@ -475,7 +572,7 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
     check, out, bin_dir = tmp_path / "check", tmp_path / "out", tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("python", "compute-sanitizer", "cmake"):
-        (bin_dir / tool).write_text(f"#!{sys.executable}\n{FAKE_TOOL}")
+        (bin_dir / tool).write_text(f"#!{sys.executable}\nENV_LOGGED = {ENV_LOGGED!r}\n{FAKE_TOOL}")
         (bin_dir / tool).chmod(0o755)
     fwd = benchmark_report({(gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0})
     plan = [*overrides,
@@ -493,7 +590,7 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
         "PYTHON": str(bin_dir / "python"), "COMPUTE_SANITIZER": str(bin_dir / "compute-sanitizer"),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log), "FAKE_PLAN": json.dumps(plan),
         "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(tmp_path / "results"), "GPUBP_RESULTS_OUT": str(out),
-        "GPUBP_FIRST_CONTACT_BUDGETS": budgets, "GPUBP_COMMIT": "ab" * 20})
+        "GPUBP_FIRST_CONTACT_BUDGETS": budgets, "GPUBP_COMMIT": "ab" * 20, "PYTHONUNBUFFERED": ""})
     calls = [next(c for c in GPU_CALLS if c in line) for line in log.read_text().splitlines()
              if any(c in line for c in GPU_CALLS)]
     calls = [c for i, c in enumerate(calls) if c not in calls[:i]]  # cmake runs thrice
@@ -508,15 +605,16 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
     assert calls == GPU_CALLS
     steps = gs.read_steps(check / "first_contact_steps.tsv")
     assert [(name, result, budget) for name, result, _, budget in steps] == [
-        ("facts", "ok", "130"), ("tests", "ok", "140"), ("memcheck", "ok", "55"), ("racecheck", "ok", "70"),
-        ("bench", "ok", "110"), ("summary", "ok", "20")]
-    assert sum(int(budget) for *_, budget in steps) <= 9 * 60
+        ("facts", "ok", "125"), ("tests", "ok", "135"), ("memcheck", "ok", "55"), ("racecheck", "ok", "70"),
+        ("bench", "ok", "100"), ("summary", "ok", "20")]
+    # with the five publishes between steps, each under half the summary's budget and a second's grace
+    assert sum(int(budget) for *_, budget in steps) + 5 * (20 // 2 + 1) <= 560
     carried = sorted(p.name for p in out.iterdir())
     assert carried == sorted(["gpu_summary.json", "Fake_H200.md", "benchmarks.json", "first_contact.log", "facts.json",
                               "gpu_tests.xml", "memcheck.log", "racecheck.log"])
     assert all(p.stat().st_size < 16_000_000 for p in out.iterdir())
     data = json.loads((out / "gpu_summary.json").read_text())
-    assert data["commit"] == "ab" * 20 and data["device"] == "Fake H200"
+    assert data["commit"] == "ab" * 20 and data["device"] == "Fake H200" and data["tree_sha256"] == gs.tree_sha256()
     assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
     assert data["sanitizer"] == {"memcheck": "clean", "racecheck": "clean", "initcheck": "not run",
                                  "synccheck": "not run"}
@@ -524,15 +622,26 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
     report = (out / "Fake_H200.md").read_text()
     assert "| bench | ok |" in report and "| optim.cu | nvrtc | 1 | 0.50 | 1 | 20 | 0 | sgd_update |" in report
     assert "==== first-contact step racecheck" in (out / "first_contact.log").read_text()
+    assert "sanitizer_driver.py --reduced-racecheck cupy" in (tmp_path / "calls.log").read_text()
+
+
+def test_first_contacts_tests_go_on_past_collection_errors_and_dump_a_stuck_tests_stacks(gs, tmp_path):
+    done, _, _, _ = first_contact(gs, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tests = next(line for line in (tmp_path / "calls.log").read_text().splitlines() if "-m pytest -m gpu" in line)
+    assert "--continue-on-collection-errors" in tests and "-o faulthandler_timeout=60" in tests
+    assert " -rfEs " in tests  # the failures and errors listed last, where the log's end shows them
 
 
 def test_first_contacts_tests_and_sanitizers_load_whole_activation_sets_and_the_benchmarks_a_users_modules(gs, tmp_path):
     done, _, _, _ = first_contact(gs, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    modes = {c: line.rsplit("=", 1)[1] for line in (tmp_path / "calls.log").read_text().splitlines()
-             for c in GPU_CALLS if c in line}
-    assert modes == {**dict.fromkeys(GPU_CALLS, ""), "-m pytest -m gpu": "all", "--tool memcheck": "all",
-                     "--tool racecheck": "all"}
+    logged = [(c, dict(field.split("=", 1) for field in line.split(" | ")[1:]))
+              for line in (tmp_path / "calls.log").read_text().splitlines() for c in GPU_CALLS if c in line]
+    assert {c: env["GPUBP_NVRTC_ACTIVATIONS"] for c, env in logged} == {
+        **dict.fromkeys(GPU_CALLS, ""), "-m pytest -m gpu": "all", "--tool memcheck": "all", "--tool racecheck": "all"}
+    # and print unbuffered, so that a step killed mid-way has everything it printed in the log
+    assert {env["PYTHONUNBUFFERED"] for _, env in logged} == {"1"}
 
 
 def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_others_found(gs, tmp_path):
@@ -557,6 +666,63 @@ def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_oth
     final = json.loads((out / "gpu_summary.json").read_text())
     assert final["sanitizer"]["racecheck"] == "clean" and final["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
     assert "| tests | out of time | " in (out / "Fake_H200.md").read_text()
+
+
+CUT_OFF_AT = "sanitizer driver: cupy dense fp32 (37, 29, 23) at 0.4 s"
+
+
+def test_a_sanitizer_its_budget_cuts_off_leaves_its_log_and_every_later_summary(gs, tmp_path):
+    """The step's SIGINT reaches the sanitizer, tee and the shell that would write its status:
+    the status reads cut off, the log keeps what was printed, and later publishes still work."""
+    out = tmp_path / "out"
+    done, calls, check, _ = first_contact(gs, tmp_path, budgets="memcheck=6", overrides=[
+        {"match": "--tool memcheck", "stdout": CUT_OFF_AT, "sleep": 60},
+        {"match": "--tool racecheck", "stdout": RACECHECK_CLEAN,
+         "snapshot": {str(out / "first_contact.log"): str(tmp_path / "log_while_racecheck_ran")}}])
+    assert done.returncode == 1 and calls == GPU_CALLS
+    steps = {name: result for name, result, *_ in gs.read_steps(check / "first_contact_steps.tsv")}
+    assert steps == {"facts": "ok", "tests": "ok", "memcheck": "out of time", "racecheck": "ok", "bench": "ok",
+                     "summary": "ok"}
+    assert (check / "memcheck.status").read_text().strip() == str(gs.CUT_OFF)
+    final = json.loads((out / "gpu_summary.json").read_text())
+    assert final["sanitizer"]["memcheck"] == f"cut off before it finished, no error found; last: {CUT_OFF_AT}"
+    assert final["sanitizer"]["racecheck"] == "clean" and final["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
+    assert CUT_OFF_AT in (out / "memcheck.log").read_text()
+    # The log in the results folder is written as the run prints, not copied between steps.
+    assert "==== compute-sanitizer racecheck" in (tmp_path / "log_while_racecheck_ran").read_text()
+
+
+def test_a_summary_writer_that_hangs_costs_little_fails_the_summary_step_and_the_raw_files_come_back(gs, tmp_path):
+    started = time.monotonic()
+    done, calls, check, out = first_contact(gs, tmp_path, budgets="summary=4", overrides=[
+        {"match": "gpu_summary.py --device", "sleep": 60}])
+    assert time.monotonic() - started < 50  # five publishes of 2 s and a summary step of 4, not of a minute
+    assert done.returncode == 1 and calls == GPU_CALLS and "FAILED: first-contact summary" in done.stdout
+    steps = {name: result for name, result, *_ in gs.read_steps(check / "first_contact_steps.tsv")}
+    assert steps["bench"] == "ok" and steps["summary"].startswith("failed")
+    assert sorted(p.name for p in out.iterdir()) == ["facts.json", "first_contact.log", "gpu_tests.xml",
+                                                     "memcheck.log", "racecheck.log"]
+    assert json.loads((out / "facts.json").read_text()) == FACTS
+    assert (out / "gpu_tests.xml").read_text() == JUNIT_GPU and CLEAN in (out / "memcheck.log").read_text()
+
+
+def test_a_raw_file_too_big_to_carry_keeps_its_start_and_end_and_the_log_its_start(gs, tmp_path):
+    assert f"\nCARRY_BYTES={gs.CARRY_BYTES}\n" in (BENCH / "gpu_check.sh").read_text()
+    done, _, _, out = first_contact(gs, tmp_path, overrides=[
+        {"match": "--tool memcheck", "prints": ["first line", gs.CARRY_BYTES, CLEAN]}])
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = (out / "memcheck.log").read_text()
+    assert len(kept) < gs.CARRY_BYTES and kept.startswith("first line") and kept.endswith(CLEAN + "\n")
+    assert f"bytes cut here: the file had {len('first line') + gs.CARRY_BYTES + len(CLEAN) + 3} ..." in kept
+    assert (out / "first_contact.log").stat().st_size == gs.CARRY_BYTES
+    assert json.loads((out / "gpu_summary.json").read_text())["sanitizer"]["memcheck"] == "clean"
+
+
+def test_the_fatbin_builds_lines_reach_the_log_as_they_come(gs, tmp_path):
+    done, _, check, out = first_contact(gs, tmp_path, budgets="facts=8", overrides=[
+        {"match": "cmake --build", "stdout": "building dense_forward.cu", "sleep": 60}])
+    assert gs.read_steps(check / "first_contact_steps.tsv")[0][:2] == ("facts", "out of time")
+    assert "cmake| building dense_forward.cu" in (out / "first_contact.log").read_text()
 
 
 def test_first_contacts_fatbin_build_runs_beside_the_nvrtc_load_check(gs, tmp_path):
@@ -611,6 +777,56 @@ def test_the_first_contact_benchmarks_are_the_tests_behind_their_ratios(gs):
             for workload, backend in (numerator, denominator):
                 assert any(backend in node and (workload in node or "[" + backend + "]" in node)
                            for node in fc.node_ids(group)), (group, workload, backend)
+
+
+def test_first_contact_facts_keep_what_needs_no_cupy_when_cupy_cannot_reach_the_gpu(gs, tmp_path, monkeypatch):
+    fc = load("first_contact")
+    cb = backends.cupy_backend
+    monkeypatch.setattr(cb, "unavailable_reason", lambda: "made up: cudaErrorNoDevice")
+    monkeypatch.setenv(cb.AOT_ENV, str(tmp_path))  # facts points it at an empty folder; this puts it back after
+    monkeypatch.setenv("CUDA_PATH", "/made/up/cuda")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert fc.facts(tmp_path / "facts.json") == 1
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["error"] == "made up: cudaErrorNoDevice"
+    assert {"nvidia_smi", "tools", "versions", "nvrtc", "cuda_headers", "environment", "kernel_cache_files_before"} <= set(facts)
+    assert facts["environment"]["CUDA_PATH"] == "/made/up/cuda" and facts["environment"]["CUDA_HOME"] is None
+    assert set(facts["tools"]) == set(fc.TOOL_VERSIONS) and facts["versions"]["python"]
+    table = "\n".join(gs.facts_markdown(facts))
+    assert "Device facts: made up: cudaErrorNoDevice" in table and "CUDA_PATH=/made/up/cuda" in table
+    assert "CUDA_HOME unset" in table and facts["nvidia_smi"] in table and "NVRTC: " in table
+
+
+BENCHMARK_FILE = """
+import time
+def test_quick(benchmark):
+    benchmark(lambda: None)
+def test_hangs(benchmark):
+    benchmark(lambda: None)
+    time.sleep(60)
+"""
+
+
+def test_a_first_contact_benchmark_group_that_hangs_costs_its_own_time_and_keeps_what_finished(tmp_path, monkeypatch):
+    fc = load("first_contact")
+    (tmp_path / "test_made_up.py").write_text(BENCHMARK_FILE)
+    monkeypatch.setattr(fc, "HEADLINE", {"hangs": (), "quick": ()})
+    monkeypatch.setattr(fc, "node_ids", lambda group: [
+        f"{tmp_path / 'test_made_up.py'}::test_quick", *([f"{tmp_path / 'test_made_up.py'}::test_hangs"] * (group == "hangs"))])
+    monkeypatch.setenv("GPUBP_BENCH_GROUP_SECONDS", "8")
+    for name in [name for name in os.environ if name.startswith("PYTEST_XDIST")]:  # pytest-benchmark is off there
+        monkeypatch.delenv(name)
+    started = time.monotonic()
+    assert fc.bench(tmp_path) == 1
+    assert time.monotonic() - started < 40
+    steps = [line.split("\t") for line in (tmp_path / fc.STEPS_FILE).read_text().splitlines()]
+    assert [(name, result, budget) for name, result, _, budget in steps] == [
+        ("bench hangs", "out of time after 8 s", "8"), ("bench quick", "ok", "8")]
+    # The SIGINT let pytest-benchmark write the benchmarks that finished before the hang.
+    for group in ("hangs", "quick"):
+        report = json.loads((tmp_path / f"bench_first_contact_{group}.json").read_text())
+        assert [b["name"] for b in report["benchmarks"]][:1] == ["test_quick"]
 
 
 def test_file_stem_keeps_letters_and_digits_only(gs, capsys):
@@ -717,9 +933,12 @@ def tiny_driver(driver, monkeypatch):
     return driver
 
 
-def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract(tiny_driver, capsys):
+def test_the_sanitizer_driver_makes_only_calls_of_the_kernel_contract_and_says_where_it_is(tiny_driver, capsys):
     tiny_driver.main(["numpy"])
-    assert capsys.readouterr().out == "sanitizer driver: every numpy kernel ran\n"
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.sub(r" at \d+\.\d s$", "", line) for line in lines] == [
+        "sanitizer driver: numpy dense fp32 (3, 5, 4)", "sanitizer driver: numpy misaligned operands",
+        "sanitizer driver: numpy losses and optimizers", "sanitizer driver: every numpy kernel ran"]
 
 
 @pytest.mark.parametrize("tensor_cores", [False, True], ids=["fp32_only", "tf32_tile"])
@@ -742,6 +961,27 @@ def test_the_sanitizer_driver_drives_tf32_only_where_the_backend_has_tensor_core
     assert set(precisions) == ({"fp32", "tf32", "bf16"} if tensor_cores else {"fp32"})
 
 
+def test_the_sanitizer_driver_turns_cupys_memory_pool_off_but_for_the_captured_graphs(tiny_driver, monkeypatch):
+    """The pool rounds arrays up and shares allocations, which hides a small overrun from memcheck;
+    a capture needs it (a cudaFree synchronizes, which invalidates a capture)."""
+    be = backends.get("numpy")
+    allocator = ["the pool"]
+    cuda = types.SimpleNamespace(get_allocator=lambda: allocator[0], set_allocator=lambda a: allocator.__setitem__(0, a))
+    monkeypatch.setattr(be, "cupy", types.SimpleNamespace(cuda=cuda), raising=False)
+    monkeypatch.setattr(be, "capture", None, raising=False)  # a backend with CUDA graphs
+    seen = {}
+    dense_forward = be.dense_forward
+
+    def recording_dense_forward(*args, **kwargs):
+        seen.setdefault("dense", allocator[0])
+        return dense_forward(*args, **kwargs)
+
+    monkeypatch.setattr(be, "dense_forward", recording_dense_forward)
+    monkeypatch.setattr(tiny_driver, "drive_replayed_steps", lambda be, rng, cases: seen.setdefault("graphs", allocator[0]))
+    tiny_driver.drive("numpy")
+    assert seen == {"dense": None, "graphs": "the pool"}
+
+
 def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_past_the_start(driver, backend):
     be = backends.get(backend)
     host = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -753,8 +993,10 @@ def test_the_sanitizer_drivers_misaligned_operands_hold_their_values_one_float_p
 def test_the_sanitizer_driver_rejects_an_unknown_backend(driver):
     with pytest.raises(SystemExit, match=r"unknown backend\(s\) \['cpu'\]"):
         driver.main(["cpu"])
-    with pytest.raises(SystemExit, match=r"--reduced drives the cupy backend alone"):
+    with pytest.raises(SystemExit, match=r"--reduced or --reduced-racecheck \(one\) drives the cupy backend alone"):
         driver.main(["--reduced", "cupy", "numba"])
+    with pytest.raises(SystemExit, match=r"\(one\) drives the cupy backend alone"):
+        driver.main(["--reduced", "--reduced-racecheck", "cupy"])
 
 
 # ----------------------------------------------------------------------------- bench/fused_table.py

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cuda_on_cpu import rehearsal
+from cuda_on_cpu import harness, rehearsal
 from test_cupy_backend import LARGE_FOLD_SHAPES, LARGE_SHAPES, SHAPES
+from test_cupy_paths_on_cpu import cb, cpu_harness, kernel_families  # noqa: F401  (cb and cpu_harness are fixtures)
+from test_gpu_check_scripts import load
 
 TESTS = Path(__file__).parent
 NOT_LARGE = "not (" + " or ".join("x".join(map(str, shape)) for shape in LARGE_SHAPES + LARGE_FOLD_SHAPES) + ")"
@@ -100,3 +102,27 @@ def test_the_benchmark_rehearsal_catches_a_benchmark_that_calls_the_backend_as_i
     found = counts(done.stdout)
     assert done.returncode == 1 and found.get("failed") == 1 and not found.get("passed"), done.stdout[-3000:]
     assert "unexpected keyword argument 'output'" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which(harness.CXX) is None, reason=f"no C++ compiler ({harness.CXX})")
+def test_the_racecheck_run_launches_every_kernel_family_and_pipeline_wrap_of_the_reduced_run(cb, monkeypatch):
+    """bench/sanitizer_driver.py --reduced-racecheck drops the largest shape from the tensor-core
+    precisions (racecheck's minute): never a kernel, nor a tensor-core dW whose split of the batch
+    runs more k tiles than the cp.async ring has stages. Launches are recorded, not run."""
+    driver = load("sanitizer_driver")
+    launched = []
+    monkeypatch.setattr(cb._Launch, "__call__", lambda self, grid, block, args, **kwargs: launched.append(
+        (self.function.kernel.name, grid, args)))
+
+    def drive(coverage) -> set[str]:
+        launched.clear()
+        driver.drive_every_precision(cb, lambda *shape: cb.zeros(shape), coverage)
+        return kernel_families(name for name, _, _ in launched)
+
+    assert drive(driver.REDUCED_RACECHECK) == drive(driver.REDUCED)
+    drive(driver.REDUCED_RACECHECK)
+    tensor_core_dw = [(name, grid[2], int(args[8]) // (cb.BF16_BK if "bf16" in name else cb.TF32_BK))
+                      for name, grid, args in launched if name.startswith(("dense_dw_tf32", "dense_dw_bf16"))]
+    wrapping = {name for name, splits, k_tiles in tensor_core_dw if splits > 1 and k_tiles > cb.TF32_STAGES}
+    assert tensor_core_dw and wrapping == {name for name, *_ in tensor_core_dw}
+    assert driver.REDUCED_RACECHECK._replace(tensor_core_dense=None) == driver.REDUCED
