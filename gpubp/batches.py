@@ -176,6 +176,8 @@ def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarra
     """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches:
     probabilities for a sigmoid or softmax last layer, or with ``logits=True`` its logits."""
     batch_size = _checks.positive_int(batch_size, "batch_size")
+    if not isinstance(logits, (bool, np.bool_)):
+        raise TypeError(f"logits: expected True or False, got {logits!r}")
     if _checks.array_kind(x) == "other":
         x = np.asarray(x)
     _checks.batch_shape(x.shape, model.in_features, "x")

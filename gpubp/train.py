@@ -95,8 +95,9 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
     terminal), 2 one line per epoch; on stdout, as Keras prints them.
     ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
-    to ``epochs - 1``, and the History continues ``model.history`` (which
-    :func:`gpubp.load_checkpoint` restores) up to that epoch. ``model.optimizer`` and
+    to ``epochs - 1`` (none when they are equal: a run resumed from its last checkpoint), and
+    the History continues ``model.history`` (which :func:`gpubp.load_checkpoint` restores) up
+    to that epoch. ``model.optimizer`` and
     ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
     ``distributed=True`` trains data-parallel over torch.distributed, one process per device
     launched by torchrun; ``batch_size`` is then the global batch (see :mod:`gpubp.distributed`).
@@ -117,8 +118,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     epochs = _checks.positive_int(epochs, "epochs")
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)):
         raise TypeError(f"initial_epoch: expected an int, got {type(initial_epoch).__name__}")
-    if not 0 <= initial_epoch < epochs:
-        raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}), got {initial_epoch!r} "
+    if not 0 <= initial_epoch <= epochs:  # equal: nothing left to train, as in Keras
+        raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}], got {initial_epoch!r} "
                          "(epochs counts from the start of the run, as in Keras)")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if verbose not in (0, 1, 2):

@@ -333,11 +333,22 @@ def test_a_resumed_run_that_logs_other_values_keeps_one_entry_per_epoch(tmp_path
     assert resumed.epoch == [0, 1, 2, 3, 4] and len(resumed["val_loss"]) == 5 and np.isnan(resumed["val_loss"][4])
 
 
-@pytest.mark.parametrize("initial_epoch", [5, 7, -1])
+def test_a_run_resumed_from_its_last_checkpoint_trains_nothing_and_keeps_its_history(tmp_path):
+    """Keras runs range(initial_epoch, epochs): nothing when they are equal."""
+    model = new_model()
+    full = train(model, "adam", 3, [gb.ModelCheckpoint(tmp_path / "run.npz")])
+    ckpt = gb.load_checkpoint(tmp_path / "run.npz", device="cpu")
+    before = ckpt.model.get_weights()
+    resumed = train(ckpt.model, ckpt.optimizer, 3, initial_epoch=ckpt.epoch)
+    assert resumed.history == full.history and resumed.epoch == [0, 1, 2]
+    assert_weights_equal(before, ckpt.model)
+
+
+@pytest.mark.parametrize("initial_epoch", [6, 7, -1])
 def test_an_initial_epoch_outside_the_run_is_rejected_before_training(initial_epoch):
     model = new_model()
     before = model.get_weights()
-    with pytest.raises(ValueError, match=r"initial_epoch: expected an int in \[0, epochs=5\)"):
+    with pytest.raises(ValueError, match=r"initial_epoch: expected an int in \[0, epochs=5\]"):
         train(model, "adam", 5, initial_epoch=initial_epoch)
     assert_weights_equal(before, model)
 

@@ -217,6 +217,12 @@ def test_weights_are_float32_or_float64_only(make):
         make()
 
 
+@pytest.mark.parametrize("logits", ["yes", 1, None])
+def test_predict_takes_logits_as_a_bool(logits):
+    with pytest.raises(TypeError, match="logits: expected True or False"):
+        mlp().predict(np.ones((2, 4), np.float32), logits=logits)
+
+
 @pytest.mark.parametrize("call", [lambda m, x: m.predict(x), lambda m, x: m.evaluate(x, np.zeros(2)),
                                   lambda m, x: m.fit(x, np.zeros(2), verbose=0)])
 def test_a_model_without_layers_says_so(call):
