@@ -73,10 +73,11 @@ class EarlyStopping(Callback):
     ``mode`` "auto" minimises losses and errors and maximises anything else (accuracy, f1).
     ``baseline``: an epoch resets the count of epochs without improvement only if it improves
     on the best value so far and on ``baseline`` too; training stops at an epoch that does not
-    improve on the best once that count reaches ``patience``. ``start_from_epoch``: epochs before this one (counted from the run's first) are not
-    monitored, a warm-up that cannot stop training. ``restore_best_weights`` puts back, when
-    training ends (stopped or not), the weights of the best monitored epoch (of the first
-    monitored one where none improved). ``verbose=1`` prints when it stops and restores.
+    improve on the best once that count reaches ``patience``. ``start_from_epoch``: epochs
+    before this one (counted from the run's first) are not monitored, a warm-up that cannot stop
+    training. ``restore_best_weights`` puts back, when training ends (stopped or not), the
+    weights of the best monitored epoch (of the first monitored one where none improved).
+    ``verbose=1`` prints when it stops and restores.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",

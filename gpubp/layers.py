@@ -730,11 +730,13 @@ class Sequential:
             raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")
         uses_fused = value is not False and why_not is None
         if not uses_fused and self.precision not in backend.dense_precisions():
+            why = _why_not_precision(backend, self.precision, False)
             raise ValueError(f"precision={self.precision!r}: this GPU runs the dense kernels in "
-                             f"{backend.dense_precisions()} only ({_why_not_precision(backend, self.precision, False)})")
+                             f"{backend.dense_precisions()} only ({why})")
         if uses_fused and self.precision not in backend.fused_precisions():
+            why = _why_not_precision(backend, self.precision, True)
             raise ValueError(f"precision={self.precision!r}: this GPU runs the fused MLP kernels in "
-                             f"{backend.fused_precisions()} only ({_why_not_precision(backend, self.precision, True)})")
+                             f"{backend.fused_precisions()} only ({why})")
         return uses_fused
 
     def why_not_fused(self, backend: ModuleType | None = None, backend_name: str | None = None) -> str | None:

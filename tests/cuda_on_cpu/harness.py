@@ -676,7 +676,8 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
 
         def __init__(self, device_id: int = 0):
             self.compute_capability = compute_capability
-            self.attributes = {"MultiProcessorCount": sms, "MaxSharedMemoryPerBlockOptin": SHARED_OPTIN[compute_capability]}
+            self.attributes = {"MultiProcessorCount": sms,
+                               "MaxSharedMemoryPerBlockOptin": SHARED_OPTIN[compute_capability]}
 
         def __enter__(self):
             return self
