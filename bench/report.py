@@ -26,10 +26,11 @@ from pathlib import Path
 TORCH = "torch"
 FLOOR = "gemm_floor"
 LABELS = {"gpubp": "gpubp", "gpubp_numpy": "gpubp, NumPy only", "numpy_naive": "naive NumPy",
-          "torch": "PyTorch CPU", "gemm_floor": "GEMM floor"}
-# (numerator, denominator) of the ratio columns, where both were run
+          "torch": "PyTorch CPU", "gemm_floor": "GEMM floor", "bridge": "bridge"}
+# (numerator, denominator) of the ratio columns, where both were run (the bridge's:
+# bench/test_torch_bridge.py's gpubp.torch.MLP step)
 RATIOS = [("gpubp", FLOOR), (TORCH, FLOOR), ("gpubp", TORCH), ("gpubp_numpy", FLOOR), ("gpubp_numpy", TORCH),
-          ("numpy_naive", TORCH)]
+          ("numpy_naive", TORCH), ("bridge", TORCH), ("bridge", "gpubp")]
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:

@@ -271,14 +271,16 @@ def thread_info() -> dict:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def built_steps(sizes, batch: int) -> dict:
-    """Every backend's step on one random batch, each run ``WARMUP_STEPS`` times (its loss must be
-    finite); the backends PyTorch needs are left out where it is not installed."""
+def built_steps(sizes, batch: int, builders: dict | None = None) -> dict:
+    """Every backend's step (``builders``, default ``STEPS``, by backend) on one random batch, each
+    run ``WARMUP_STEPS`` times (its loss must be finite); the backends PyTorch needs are left out
+    where it is not installed."""
+    builders = STEPS if builders is None else builders
     x, labels = make_batch(sizes, batch)
     steps = {}
-    for backend in BACKENDS:
+    for backend in builders:
         try:
-            step = STEPS[backend](sizes, x, labels)
+            step = builders[backend](sizes, x, labels)
         except pytest.skip.Exception:
             continue
         for _ in range(WARMUP_STEPS):
@@ -312,16 +314,20 @@ MAX_SECONDS_PER_SHAPE = 15.0
 
 @pytest.mark.parametrize("sizes,batch", SHAPES, ids=[shape_id(s, b) for s, b in SHAPES])
 def test_cpu_step(benchmark, request, sizes, batch):
-    """Every backend's step on one shape, interleaved round by round.
+    """Every backend's step on one shape, interleaved round by round (``interleaved``)."""
+    interleaved(benchmark, request, sizes, batch, built_steps(sizes, batch))
+
+
+def interleaved(benchmark, request, sizes, batch: int, steps: dict) -> None:
+    """Time ``steps`` (built, by backend, "gpubp" among them) round by round on one shape.
 
     pytest-benchmark times gpubp's blocks (its stats are gpubp's); the setup of each round runs
     and times the other backends' blocks with the same timer. ``extra_info["interleaved"]`` holds
     every backend's seconds per step in each round, which ``bench/report.py`` turns into
-    per-round ratios."""
+    per-round ratios. bench/test_torch_bridge.py times its steps the same way."""
     from pytest_benchmark.utils import load_timer
 
     timer = load_timer(request.config.getoption("benchmark_timer")).target
-    steps = built_steps(sizes, batch)
     blocks = {backend: steps_per_block(step, timer) for backend, step in steps.items()}
     others = [backend for backend in steps if backend != "gpubp"]
     one_round = sum(timer_block(steps[b], blocks[b], timer) + SETTLE_SECONDS for b in steps)

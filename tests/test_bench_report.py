@@ -52,3 +52,24 @@ def test_the_markdown_says_how_its_ratios_were_taken(report, tmp_path):
     assert "| `784@64` | 1100.000 | 2000.000 | 950.000 |" in text  # medians of the rounds, in ms
     # per round gpubp / floor is 1.0 / 0.9 and 1.2 / 1.0 (median 1.16), torch / floor 2.22 and 2.0, gpubp / torch 0.5 and 0.6
     assert "| `784@64` | 1.16x | 2.11x | 0.55x |" in text
+
+
+def test_every_benchmark_module_collects():
+    """pytest bench/ is what a user runs: a helper renamed in one benchmark module must not break
+    another's import (bench/test_torch_bridge.py once imported a removed warmed_up_step)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", str(ROOT / "bench")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    collected = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+    assert {f"bench/{path.name}" for path in (ROOT / "bench").glob("test_*.py")} <= collected
+
+
+def test_the_bridge_ratios_are_tabulated(report, tmp_path):
+    rounds = {"gpubp": [1.0, 1.0], "torch": [2.0, 2.0], "bridge": [3.0, 3.0]}
+    benchmarks = [bench("s@1", "gpubp", 1.0, rounds)]
+    data = {"machine_info": {}, "benchmarks": benchmarks}
+    text = report.markdown(data, [benchmarks])
+    assert "| bridge / PyTorch CPU | bridge / gpubp |" in text and "| 1.50x | 3.00x |" in text
