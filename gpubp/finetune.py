@@ -57,6 +57,9 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
         raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
     if not len(model):
         raise ValueError("model: replace_head needs a model with at least one layer, got an empty Sequential")
+    if not isinstance(model.layers[-1], Dense):
+        raise ValueError(f"model: its last layer, {model.layers[-1].name!r}, is a {type(model.layers[-1]).__name__}, "
+                         "not the Dense head replace_head replaces")
     out_features = _checks.positive_int(out_features, "out_features")
     backbone = []
     for layer in model.layers[:-1]:

@@ -367,6 +367,12 @@ def test_training_the_new_model_leaves_the_original_unchanged(rng):
         assert np.array_equal(old, now)
 
 
+def test_replace_head_on_a_model_ending_in_a_dropout_raises():
+    model = gb.Sequential([gb.Dense(8, 16, "relu"), gb.Dense(16, 3), gb.Dropout(0.5, name="drop")], device="cpu")
+    with pytest.raises(ValueError, match="its last layer, 'drop', is a Dropout, not the Dense head"):
+        ft.replace_head(model, 5, activation="softmax")
+
+
 def test_replace_head_on_an_empty_model_raises():
     with pytest.raises(ValueError, match="at least one layer"):
         ft.replace_head(gb.Sequential([], device="cpu"), out_features=2)

@@ -175,6 +175,17 @@ def test_the_per_layer_tensor_core_loops_issue_at_most_4_instructions_per_hmma(f
     assert over == {}, f"more than {MAX_INSTRUCTIONS_PER_HMMA} instructions per HMMA on sm_90"
 
 
+FUSED_TENSOR_CORE = re.compile(r"fused_mlp_(fwd|bwd|dw)_(tf32|bf16)")
+
+
+def test_the_fused_tensor_core_loops_issue_at_most_4_instructions_per_hmma(fresh):
+    fused = {name: k["hot_loop"]["instr_per_hmma"] for name, k in fresh["kernels"].items()
+             if FUSED_TENSOR_CORE.fullmatch(name)}
+    assert len(fused) == 6
+    over = {name: n for name, n in fused.items() if n > MAX_INSTRUCTIONS_PER_HMMA}
+    assert over == {}, f"more than {MAX_INSTRUCTIONS_PER_HMMA} instructions per HMMA on sm_90"
+
+
 # Issue 28's memory goal for every GEMM, per layer and fused, in every precision, on the access
 # profiler's workloads: shared memory conflict-free (at most 1.05 times the wavefronts the same
 # bytes take without bank conflicts) and global loads at least 90% efficient.
