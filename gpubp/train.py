@@ -168,8 +168,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
                          "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
     logged = ["loss"]
     if x_val is not None:
-        logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics or []]
-        batches.check_metrics(model, metrics or [], y_val)
+        logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics]
+        batches.check_metrics(model, metrics, y_val)
     schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged,
                          (epochs - initial_epoch) * math.ceil(len(x) / batch_size),
                          any(cb.sets_learning_rate for cb in callbacks))
@@ -192,7 +192,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             group["lr"] = learning_rate
     try:
         return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
-                      epochs, batch_size, shuffle, callbacks, verbose, metrics or [], initial_epoch, parallel)
+                      epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel)
     finally:
         if learning_rate is not None and not schedule.logs_rate:  # this call's rate only; a schedule's stays
             for group, rate in zip(opt.param_groups, rates):
@@ -282,6 +282,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     for cb in callbacks:
         cb.on_train_begin(model)
     n_batches = math.ceil(len(x) / batch_size)
+    at_epoch_end = sorted(callbacks, key=lambda cb: cb.saves_state)  # state savers last, see Callback
     for epoch in range(initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(model, epoch)
@@ -336,7 +337,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         elif verbose == 2:
             print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
                   + " - ".join(f"{k}: {_shown(v)}" for k, v in logs.items()), file=sys.stdout, flush=True)
-        for cb in sorted(callbacks, key=lambda cb: cb.saves_state):  # state savers last, see Callback
+        for cb in at_epoch_end:
             cb.on_epoch_end(model, epoch, logs)
         if model.stop_training:
             break

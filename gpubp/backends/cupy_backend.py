@@ -487,8 +487,9 @@ def _rawmodule(filename: str, part: str = ""):
     acts = split_part(part)[1] if key[2] is not None else 0
     for name, function in functions.items():
         launch = _functions[(device.id, name, acts or None)] = _Launch(function, name)
-        if _fits(_dynamic_shared_bytes(name)):  # one that does not fit is never launched on this GPU
-            launch.allow_shared(_dynamic_shared_bytes(name))  # what its launches take, at least
+        shared = _dynamic_shared_bytes(name)  # what its launches take, at least
+        if _fits(shared):  # one that does not fit is never launched on this GPU
+            launch.allow_shared(shared)
     _rawmodules[key] = module
     return module
 
@@ -1457,18 +1458,17 @@ def fused_precisions() -> tuple[str, ...]:
     """The precisions the fused MLP kernels run in on this GPU, for inputs of up to
     FUSED_MLP_MAX_WIDTH features (``why_not_fused_here`` checks a wider input)."""
     return tuple(precision for precision in FUSED_PRECISIONS
-                 if (precision == "fp32" or _has_tensor_cores())
-                 and _fits(_fused_shared_most(precision, FUSED_MLP_MAX_WIDTH)))
+                 if why_not_fused_here(precision, FUSED_MLP_MAX_WIDTH) is None)
 
 
 def why_not_precision(precision: str, fused: bool) -> str:
     """Why ``precision`` is not among this GPU's ``fused_precisions()`` (or ``dense_precisions()``)."""
+    if fused:
+        return why_not_fused_here(precision, FUSED_MLP_MAX_WIDTH)
     if precision != "fp32" and not _has_tensor_cores():
         return "tf32 and bf16 need compute capability 8.0 or newer"
-    need = _fused_shared_most(precision, FUSED_MLP_MAX_WIDTH) if fused else _dense_shared_bytes()
-    kind = "fused MLP" if fused else "per-layer tensor-core"
-    return (f"its {kind} kernels take {need + STATIC_SHARED_ALLOWANCE} bytes of shared memory per block, and "
-            f"this GPU gives a block at most {shared_per_block()}")
+    return (f"its per-layer tensor-core kernels take {_dense_shared_bytes() + STATIC_SHARED_ALLOWANCE} bytes of "
+            f"shared memory per block, and this GPU gives a block at most {shared_per_block()}")
 
 
 def why_not_fused_here(precision: str, in_features: int) -> str | None:
