@@ -1313,15 +1313,17 @@ def test_elementwise_losses_match_numpy(cb_h100, rng, name, trace_name, options,
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_a_nan_prediction_gets_a_nan_huber_gradient_as_in_numpy(cb_h100, weighted):
-    """fminf/fmaxf, as a GPU (and this harness) runs them, would clip NaN to a finite gradient."""
+@pytest.mark.parametrize("name, nan_gradient", [("huber", True), ("mae", False)])
+def test_a_nan_prediction_gets_the_gradient_numpy_gives_it(cb_h100, name, nan_gradient, weighted):
+    """Huber's gradient is NaN there (fminf/fmaxf, as a GPU and this harness run them, would have
+    clipped NaN to a finite one); MAE's is 0, as PyTorch's L1Loss gives. The loss is NaN in both."""
     pred = np.array([[np.nan, 0.5, 3.0], [-2.0, np.nan, 0.25]], np.float32)
     target = np.zeros_like(pred)
     weights = (np.array([1.0, 2.0], np.float32),) if weighted else ()
-    _, expected = ref.huber(pred, target, *weights)
-    loss, grad = cb_h100.huber(*(cb_h100.asarray(a) for a in (pred, target, *weights)))
+    _, expected = getattr(ref, name)(pred, target, *weights)
+    loss, grad = getattr(cb_h100, name)(*(cb_h100.asarray(a) for a in (pred, target, *weights)))
     assert np.isnan(loss)
-    np.testing.assert_array_equal(np.isnan(grad.get()), np.isnan(pred))
+    np.testing.assert_array_equal(np.isnan(grad.get()), np.isnan(pred) & nan_gradient)
     np.testing.assert_allclose(grad.get(), expected, rtol=1e-6)
 
 

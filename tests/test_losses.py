@@ -307,6 +307,24 @@ def test_bad_sample_weights_are_named(weights, error, message):
         losses.mse(pred, target, sample_weight=weights)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("name", ["mae", "huber"])
+def test_a_nan_prediction_gets_torchs_gradient_on_every_backend(backend, name, weighted):
+    """The loss is NaN; the NaN element's gradient is 0 for MAE (L1Loss's sign(NaN) is 0, where
+    np.sign gives NaN) and NaN for Huber, and every other element's is finite."""
+    be = backends.get(backend)
+    pred, target, weights = weighted_case(name, (4, 3), seed=5)
+    pred[1, 2] = np.nan
+    weights = weights if weighted else np.ones(4)
+    expected_value, expected_grad = torch_weighted(name, pred, target, weights)
+    assert math.isnan(expected_value)
+    args = [be.asarray(a.astype(np.float32)) for a in (pred, target)]
+    value, grad = losses.get(name)(*args, sample_weight=be.asarray(weights.astype(np.float32)) if weighted else None,
+                                   backend=be)
+    assert math.isnan(value)
+    np.testing.assert_allclose(be.to_host(grad), expected_grad, rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- Huber's delta
 
 

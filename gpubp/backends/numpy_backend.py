@@ -627,10 +627,11 @@ def mse(pred, target, sample_weight=None):
 
 def mae(pred, target, sample_weight=None):
     """Mean absolute error over all elements: each element's loss |d| (d = pred - target) and
-    its gradient sign(d) / n, 0 where d is 0; ``sample_weight`` (B,) weights each row as for ``mse``."""
+    its gradient sign(d) / n, 0 where d is 0 or NaN (a NaN makes the loss NaN), as PyTorch's
+    L1Loss and the GPU kernels have it; ``sample_weight`` (B,) weights each row as for ``mse``."""
     record("mae_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
-    grad = np.sign(diff)
+    grad = np.subtract(diff > 0, diff < 0, dtype=diff.dtype)  # np.sign(NaN) is NaN
     if sample_weight is not None:
         grad *= _row_weights(sample_weight, grad)
     loss = _dot(grad.reshape(-1), diff.reshape(-1)) / diff.size  # sign(d) d = |d|
