@@ -34,11 +34,20 @@ if SIMULATOR:  # blocks that wait on events instead of polling their threads: si
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from gpubp import backends  # noqa: E402
 
 import xdist_groups  # noqa: E402
 from cuda_on_cpu import rehearsal  # noqa: E402
+
+# The property tests draw the same examples on every run (derived from each test's code), so a
+# run's result does not depend on chance and a failure reproduces; ``--hypothesis-profile=explore``
+# draws new ones each run, to look for what the fixed draws miss (the option loads its profile
+# after this file has loaded this one).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 # Every backend a model can run on here: numba runs in the CUDA simulator without a GPU.
 BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=pytest.mark.gpu)]

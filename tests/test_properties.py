@@ -196,3 +196,9 @@ def test_fit_trains_or_raises_a_documented_error_without_touching_the_weights(ar
     except FloatingPointError:
         pytest.fail("finite inputs of moderate size gave a non-finite loss")
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_the_examples_are_the_same_every_run_unless_a_run_asks_to_explore(request):
+    """conftest.py's profile: a CI run cannot fail on a draw the previous run did not make."""
+    exploring = request.config.getoption("hypothesis_profile", None) == "explore"
+    assert PROPERTY.derandomize is not exploring
