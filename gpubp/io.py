@@ -25,12 +25,14 @@ import logging
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from gpubp import _safetensors
 from gpubp import activations as _activations
+from gpubp import backends
 from gpubp.backends import PRECISIONS
 from gpubp.layers import Dense, Dropout, Sequential
 
@@ -214,7 +216,7 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     try:
         text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # zlib: a compressed entry's data is damaged
         raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -234,14 +236,18 @@ def _read_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     with data:
         if "__architecture__" not in data.files:
             raise ValueError("not a gpubp model file (no '__architecture__' entry)")
-        return str(data["__architecture__"]), {k: _npz_entry(data, k) for k in data.files if k != "__architecture__"}
+        return (str(_npz_entry(data, "__architecture__")),
+                {k: _npz_entry(data, k) for k in data.files if k != "__architecture__"})
 
 
 def _npz_entry(data, key: str) -> np.ndarray:
     try:
-        return data[key]
+        value = data[key]
     except (ValueError, EOFError) as exc:
         raise ValueError(f"entry {key!r}: {exc}") from None
+    if not isinstance(value, np.ndarray):  # NumPy returns an entry without the .npy magic as raw bytes
+        raise ValueError(f"entry {key!r}: not a .npy array")
+    return value
 
 
 def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
@@ -344,7 +350,11 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
     precision = header.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"{path}: precision {precision!r} in the header, expected one of {PRECISIONS}")
-    model = Sequential(layers, device=device, backend=backend, dtype=dtype)
+    backends.resolve(device, backend)  # the caller's arguments: their errors are not the file's
+    try:
+        model = Sequential(layers, device=device, backend=backend, dtype=dtype)
+    except ValueError as exc:  # an order of layers Sequential refuses (softmax below the top, say)
+        raise ValueError(f"{path}: {exc}") from None
     if precision != "fp32":
         try:
             model.precision = precision

@@ -260,6 +260,48 @@ def rewrite_npz_entry(path, name, mutate):
             archive.writestr(entry, raw)
 
 
+def test_an_npz_entry_that_is_not_an_npy_array(tmp_path, loader):
+    """NumPy hands back the raw bytes of an entry without the .npy magic, not an array."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    rewrite_npz_entry(path, "layers.0.weight.npy", lambda raw: bytes(64))
+    expect_rejected(loader, path, "entry 'layers.0.weight': not a .npy array")
+
+
+def test_a_compressed_npz_entry_whose_data_is_damaged(tmp_path, loader):
+    """np.savez_compressed's archives load; a damaged deflate stream is zlib's error, not zipfile's."""
+    header, tensors = checkpoint_parts(tmp_path, ".npz")
+    path = tmp_path / "compressed.npz"
+    np.savez_compressed(path, __architecture__=np.array(json.dumps(header)), **tensors)
+    assert loader(path) is not None
+    with zipfile.ZipFile(path) as archive:
+        entry = archive.getinfo("layers.0.weight.npy")
+    blob = bytearray(path.read_bytes())
+    name_and_extra = int.from_bytes(blob[entry.header_offset + 26:entry.header_offset + 28], "little") + \
+        int.from_bytes(blob[entry.header_offset + 28:entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_and_extra  # the local header is 30 bytes, then name and extra field
+    blob[start:start + 16] = bytes(range(16))
+    path.write_bytes(bytes(blob))
+    expect_rejected(loader, path, r"not a readable .npz archive, truncated or corrupt \(Error -3")
+
+
+@pytest.mark.parametrize("forge", [
+    lambda header: header["activations"].__setitem__(0, "softmax"),
+    lambda header: header.__setitem__("dropout", [[2, 0.5, "after_the_head"]]),
+], ids=["softmax below the top", "dropout above a softmax head"])
+def test_an_order_of_layers_sequential_refuses(tmp_path, suffix, loader, forge):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    header["activations"][-1] = "softmax"
+    forge(header)
+    expect_rejected(loader, written(tmp_path, suffix, header, tensors),
+                    r"layers\[\d\]: activation 'softmax' is allowed on the last layer only")
+
+
+def test_a_bad_device_is_the_callers_error_not_the_files(tmp_path):
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    with pytest.raises(ValueError, match=r"^device: expected one of"):
+        gb.load(path, device="tpu")
+
+
 # ----------------------------------------------------------------------------- random forgeries of the header
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=False)
