@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from gpubp import _checks, _random
@@ -58,15 +61,22 @@ def regression(n_samples: int = 1000, n_features: int = 8, noise: float = 0.05,
 def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, stratify: bool = False):
     """Shuffle and split into ``x_train, x_test, y_train, y_test`` (scikit-learn's order).
 
-    ``stratify=True`` keeps each class's share in both parts (``y`` must be class labels): each
-    class gives ``round(test_size * its count)`` samples to the test part. A split that would
-    leave either part empty raises a ValueError naming ``test_size``.
+    The test part takes ``ceil(test_size * N)`` of the N samples and the train part the rest, as
+    scikit-learn's ``train_test_split`` counts them. ``stratify=True`` keeps each class's share in
+    both parts (``y`` must be class labels, shape (N,)): each class gives ``round(test_size * its
+    count)`` samples to the test part. A split that would leave either part empty raises a
+    ValueError naming ``test_size``.
     """
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
         raise ValueError(f"y: expected {len(x)} rows to match x, got {len(y)}")
+    if not isinstance(test_size, numbers.Real):
+        raise TypeError(f"test_size: expected a float in (0, 1), got {type(test_size).__name__} {test_size!r}")
     if isinstance(test_size, bool) or not 0 < test_size < 1:
         raise ValueError(f"test_size: expected a float in (0, 1), got {test_size!r}")
+    if stratify and y.ndim != 1:
+        raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}"
+                         + ("; for one-hot rows pass y.argmax(axis=1)" if y.ndim == 2 else ""))
     rng = np.random.default_rng(seed) if seed is not None else _random.generator()
     if stratify:
         test = np.concatenate([
@@ -81,7 +91,7 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
         train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), rng.permutation(test)
     else:
         order = rng.permutation(len(x))
-        n_test = int(round(len(x) * test_size))
+        n_test = math.ceil(len(x) * test_size)
         if not 0 < n_test < len(x):
             raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
         test_idx, train_idx = order[:n_test], order[n_test:]

@@ -97,6 +97,21 @@ def test_split_partitions_the_rows_in_sklearn_order():
     np.testing.assert_array_equal(y_train, (x_train[:, 0] // 2).astype(int) % 4)  # rows keep their labels
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 10, 99, 101])
+@pytest.mark.parametrize("test_size", [0.1, 0.125, 0.25, 0.3, 0.5, 0.7, 0.9])
+def test_split_sizes_are_scikit_learns(n, test_size):
+    """ceil(test_size * N) test samples; an empty part is a ValueError on both sides."""
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    x, y = labelled(n)
+    try:
+        expected = [len(part) for part in model_selection.train_test_split(x, y, test_size=test_size)[:2]]
+    except ValueError:
+        with pytest.raises(ValueError, match=rf"test_size: {test_size} of {n} samples leaves an empty split"):
+            data.train_test_split(x, y, test_size=test_size, seed=0)
+        return
+    assert [len(part) for part in data.train_test_split(x, y, test_size=test_size, seed=0)[:2]] == expected
+
+
 def test_split_with_a_seed_is_reproducible_and_seeds_differ():
     x, y = labelled()
     a, b, c = (data.train_test_split(x, y, seed=s) for s in (7, 7, 8))
@@ -126,6 +141,20 @@ def test_split_rejects_a_test_size_outside_0_1(test_size):
     x, y = labelled()
     with pytest.raises(ValueError, match=r"test_size: expected a float in \(0, 1\)"):
         data.train_test_split(x, y, test_size=test_size)
+
+
+@pytest.mark.parametrize("test_size", [None, "0.2"])
+def test_split_rejects_a_test_size_that_is_not_a_number(test_size):
+    x, y = labelled()
+    with pytest.raises(TypeError, match=r"test_size: expected a float in \(0, 1\), got (NoneType|str)"):
+        data.train_test_split(x, y, test_size=test_size)
+
+
+def test_a_stratified_split_of_one_hot_rows_names_y():
+    x, y = labelled(10, 2)
+    with pytest.raises(ValueError, match=r"y: stratify=True needs class labels of shape \(10,\), got shape "
+                                         r"\(10, 2\); for one-hot rows pass y.argmax\(axis=1\)"):
+        data.train_test_split(x, np.eye(2)[y], stratify=True)
 
 
 def test_split_rejects_x_and_y_of_different_lengths():
