@@ -44,6 +44,9 @@ from gpubp import _special
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 OUTPUT_ONLY = ("softmax",)
+# Output activations that give probabilities: the classification losses take their layer's logits
+# (losses.FUSED_ACTIVATION), and nothing may stand above such an output layer.
+PROBABILITY_HEADS = ("sigmoid", "softmax")
 NAMES = ACTIVATIONS + OUTPUT_ONLY
 NEEDS_Z = frozenset({"gelu", "gelu_tanh", "silu"})
 RELU_FAMILY = frozenset({"relu", "leaky_relu"})

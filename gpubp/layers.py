@@ -546,6 +546,7 @@ class Sequential:
                 )
             if layer.name is None:
                 layer.name = f"{layer.kind}_{i}"
+        self._check_nothing_above_a_probability_head()
         self.backend_name = backends.resolve(device, backend)
         self.backend = backends.get(self.backend_name)
         if dtype is None:
@@ -567,6 +568,20 @@ class Sequential:
         self._draw_keys = True
         self._precision = _checked_precision(precision)
         self.fused = fused  # picks the path for that precision, or says why it cannot
+
+    def _check_nothing_above_a_probability_head(self) -> None:
+        """A Dropout above a sigmoid output layer would scale its probabilities past 1 in training,
+        and the losses that take that layer's logits (binary cross-entropy) would be given
+        probabilities. (Above a softmax, the loop before this refuses it already.)"""
+        dense = [i for i, layer in enumerate(self.layers) if isinstance(layer, Dense)]
+        if dense and dense[-1] != len(self.layers) - 1:
+            head = self.layers[dense[-1]]
+            if head.activation in activations.PROBABILITY_HEADS:
+                raise ValueError(
+                    f"layers[{dense[-1] + 1}]: a {type(self.layers[dense[-1] + 1]).__name__} cannot stand above the "
+                    f"{head.activation} output layer layers[{dense[-1]}] (it would scale probabilities past 1 in "
+                    "training, and the classification losses take that layer's logits); put it below the output layer"
+                )
 
     def _adopt_input_width(self) -> None:
         """Layers that take their width from the layer below (Dropout) and stand first take it

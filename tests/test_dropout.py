@@ -115,6 +115,25 @@ def test_a_rate_outside_zero_to_one_is_refused_naming_rate(rate):
         gb.Dropout(rate)
 
 
+@pytest.mark.parametrize("above", [[gb.Dropout(0.2)], [gb.Dropout(0.2), gb.Dropout(0.1)]], ids=["one", "two"])
+def test_nothing_stands_above_a_sigmoid_output_layer(above):
+    """In training a Dropout there would scale probabilities past 1, and binary cross-entropy takes
+    the sigmoid's logits: fit trained on the probabilities as if they were logits."""
+    with pytest.raises(ValueError, match=r"layers\[2\]: a Dropout cannot stand above the sigmoid output layer "
+                                         r"layers\[1\].*put it below the output layer"):
+        gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 1, "sigmoid"), *above], device="cpu")
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [gb.Dense(3, 4, "sigmoid"), gb.Dropout(0.2), gb.Dense(4, 1, "sigmoid")],
+    lambda: [gb.Dense(3, 4, "relu"), gb.Dense(4, 1, "tanh"), gb.Dropout(0.2)],
+    lambda: [gb.Dense(3, 1), gb.Dropout(0.2)],
+], ids=["sigmoid hidden", "tanh output", "identity output"])
+def test_a_dropout_above_a_hidden_sigmoid_or_another_output_stays_allowed(layers):
+    model = gb.Sequential(layers(), device="cpu")
+    assert model.predict(np.ones((2, 3), np.float32)).shape == (2, 1)
+
+
 @pytest.mark.parametrize("rate", ["0.5", None, True, [0.5]])
 def test_a_rate_that_is_not_a_number_is_refused_naming_rate(rate):
     with pytest.raises(TypeError, match="rate: expected a number"):
@@ -190,7 +209,9 @@ def test_the_compiled_and_the_numpy_kernels_give_the_same_masked_outputs_and_gra
 def test_backward_regenerates_the_mask_dz_is_dy_times_mask_over_keep_times_act_grad(rng, act, compiled):
     gb.seed(5)
     dense, dropout = gb.Dense(6, 11, act, dtype="float64"), gb.Dropout(0.4)
-    model = gb.Sequential([dense, dropout], device="cpu", dtype="float64")
+    # an identity map on top, so dy reaches the Dropout unchanged (nothing may stand above a sigmoid output)
+    top = gb.Dense(11, 11, init=lambda rng, shape: np.eye(*shape))
+    model = gb.Sequential([dense, dropout, top], device="cpu", dtype="float64")
     x = rng.standard_normal((10, 6))
     dy = rng.standard_normal((10, 11))
     with numpy_backend.compiled_kernels(compiled):
