@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpubp import _random
+from gpubp import _checks, _random
 from gpubp import io as _io
 from gpubp import losses as _losses
 from gpubp.layers import Dropout, Sequential
@@ -130,11 +130,11 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
     the hundreds puts about 1e-8 of noise on every numerical gradient element, which a fixed
     1e-8 would report as a wrong gradient wherever an element is small.
     """
-    if not (np.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps: must be a finite number > 0, got {eps!r}")
-    for name, tolerance in (("rtol", rtol), ("atol", atol)):
-        if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"{name}: must be a finite number >= 0, got {tolerance!r}")
+    if _checks.non_negative(eps, "eps") == 0:
+        raise ValueError("eps: expected a finite number > 0, got 0")
+    _checks.non_negative(rtol, "rtol")
+    if atol is not None:
+        _checks.non_negative(atol, "atol")
     keys_from = _random.get_state() if any(isinstance(layer, Dropout) for layer in model) else None
     value, analytic = analytic_gradients(model, x, target, loss)
     numerical = numerical_gradients(model, x, target, loss, eps, keys_from)

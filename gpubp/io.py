@@ -392,9 +392,17 @@ def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
 
 
 def _numpy(value, key: str) -> np.ndarray:
-    """A NumPy copy of a torch tensor (on any device) or array-like, without importing torch."""
+    """A NumPy copy of a torch tensor (on any device) or array-like, without importing torch.
+    Floating-point tensors NumPy has no dtype for (bfloat16, the float8s) widen to float32 first,
+    which is exact."""
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        try:
+            value = value.numpy()
+        except TypeError:
+            if not value.is_floating_point():
+                raise TypeError(f"state dict: {key!r} has dtype {value.dtype}, which NumPy cannot hold") from None
+            value = value.float().numpy()
     array = np.asarray(value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"state dict: {key!r} is not numeric (dtype {array.dtype})")

@@ -221,12 +221,16 @@ def test_the_default_atol_still_catches_a_wrong_gradient_at_a_large_loss(monkeyp
         gradcheck.check_gradients(model, x, target, loss="mse")
 
 
-@pytest.mark.parametrize("argument, value", [("eps", 0.0), ("eps", float("nan")), ("rtol", -1e-5),
-                                             ("atol", float("inf"))])
-def test_check_gradients_refuses_a_bad_step_or_tolerance(argument, value):
+@pytest.mark.parametrize("argument, value, error", [
+    ("eps", 0.0, ValueError), ("eps", float("nan"), ValueError), ("rtol", -1e-5, ValueError),
+    ("atol", float("inf"), ValueError), ("eps", "1e-6", TypeError), ("rtol", None, TypeError),
+    ("atol", True, TypeError),
+])
+def test_check_gradients_refuses_a_bad_step_or_tolerance_before_any_work(monkeypatch, argument, value, error):
     model, x, target = large_loss_case()
     before = model.get_weights()
-    with pytest.raises(ValueError, match=rf"^{argument}: must be a finite number"):
+    monkeypatch.setattr(gradcheck, "analytic_gradients", lambda *a: pytest.fail("ran before checking its arguments"))
+    with pytest.raises(error, match=rf"^{argument}: expected a (finite )?number"):
         gradcheck.check_gradients(model, x, target, **{argument: value})
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 

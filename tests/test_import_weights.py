@@ -84,6 +84,16 @@ def test_torch_linear_weights_are_transposed_to_in_out(torch):
         assert np.array_equal(layer.bias.data, linear.bias.detach().numpy())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_a_torch_state_dict_of_another_float_type_imports_its_values_exactly(torch, dtype):
+    """NumPy has no bfloat16: those tensors widen to float32 first (exact), as float16 ones do."""
+    net = torch_mlp(torch, "relu").to(getattr(torch, dtype))
+    model = io.from_torch_state_dict(net.state_dict(), device="cpu")
+    expected = [t.detach().float().numpy() for t in net.state_dict().values()]
+    for got, want in zip(model.get_weights(), expected):
+        np.testing.assert_array_equal(got, want.T if want.ndim == 2 else want)
+
+
 def test_state_dict_of_numpy_arrays_imports_like_one_of_tensors(torch):
     net = torch_mlp(torch, "tanh")
     as_numpy = {key: value.numpy() for key, value in net.state_dict().items()}
