@@ -3,6 +3,7 @@ group by group, with the same arguments; state_dict round trips; bad arguments."
 
 import json
 
+import numpy as np
 import pytest
 
 import gpubp as gb
@@ -83,10 +84,16 @@ SEQUENCES = {
                                              lib.CosineAnnealingLR(opt, T_max=8, eta_min=0.01)], [3]),
     "three_phases": (lambda lib, opt: [lib.ExponentialLR(opt, gamma=0.8), lib.StepLR(opt, step_size=2, gamma=0.5),
                                        lib.MultiStepLR(opt, milestones=[3, 4], gamma=0.2)], [4, 11]),
+    # PyTorch undoes the construction step of a nested SequentialLR's own schedulers, not its counter.
+    "nested_sequential_first": (lambda lib, opt: [lib.SequentialLR(opt, [lib.LinearLR(opt, start_factor=0.5,
+                                                                                      total_iters=2),
+                                                                         lib.ExponentialLR(opt, gamma=0.9)], [2]),
+                                                  lib.StepLR(opt, step_size=2, gamma=0.5)], [5]),
 }
 
 
 @pytest.mark.parametrize("sequence", SEQUENCES)
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # torch, nested
 def test_sequential_lr_equals_pytorch(sequence):
     make, milestones = SEQUENCES[sequence]
     ours_opt, theirs_opt = optimizers("sgd")
@@ -112,6 +119,30 @@ def test_reduce_lr_on_plateau_equals_pytorch(case):
     assert ours_opt.param_groups[0]["lr"] < 0.025  # it did reduce
 
 
+def added_group(optimizer, torch_optimizer):
+    optimizer.add_param_group({"params": [gb.Parameter(np.zeros(2), name="added")], "lr": 0.5})
+    torch_optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": 0.5})
+
+
+def test_reduce_lr_on_plateau_reduces_a_group_added_after_it_was_built_as_pytorch():
+    ours_opt, theirs_opt = optimizers("sgd")
+    ours_scheduler = ours.ReduceLROnPlateau(ours_opt, patience=0, min_lr=0.01)
+    theirs_scheduler = theirs.ReduceLROnPlateau(theirs_opt, patience=0, min_lr=0.01)
+    added_group(ours_opt, theirs_opt)
+    run_both(ours_scheduler, theirs_scheduler, ours_opt, theirs_opt, steps=6, metrics=[1.0] * 6)
+    assert ours_opt.param_groups[3]["lr"] < 0.5  # the added group was reduced
+
+
+def test_reduce_lr_on_plateau_with_one_min_lr_per_group_refuses_a_group_added_later():
+    ours_opt, theirs_opt = optimizers("sgd")
+    scheduler = ours.ReduceLROnPlateau(ours_opt, patience=0, min_lr=[0.0, 0.0, 0.0])
+    added_group(ours_opt, theirs_opt)
+    scheduler.step(1.0)
+    with pytest.raises(RuntimeError, match=r"min_lr: one rate per param group was given for 3 groups, but the "
+                                           r"optimizer now has 4"):
+        scheduler.step(1.0)
+
+
 # ----------------------------------------------------------------------------- saving and resuming
 
 
@@ -122,6 +153,17 @@ RESUMABLE = {
     "sequential": (lambda opt: ours.SequentialLR(opt, [ours.LinearLR(opt, start_factor=0.1, total_iters=3),
                                                        ours.CosineAnnealingLR(opt, T_max=8)], [3]), "sgd"),
     "plateau": (lambda opt: ours.ReduceLROnPlateau(opt, patience=1), "sgd"),
+    "sequential_nested": (lambda opt: ours.SequentialLR(opt, [
+        ours.SequentialLR(opt, [ours.LinearLR(opt, start_factor=0.5, total_iters=2), ours.ExponentialLR(opt, 0.9)],
+                          [2]),
+        ours.StepLR(opt, step_size=2, gamma=0.5)], [7]), "sgd"),
+    # Saved while the OneCycleLR has not started: its momentum must stay the one it set when built.
+    "sequential_then_one_cycle": (lambda opt: ours.SequentialLR(opt, [
+        ours.LinearLR(opt, start_factor=0.5, total_iters=3),
+        ours.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS, anneal_strategy="linear")], [12]), "sgd_momentum"),
+    "sequential_one_cycle_then_linear": (lambda opt: ours.SequentialLR(opt, [
+        ours.OneCycleLR(opt, max_lr=0.1, total_steps=6),
+        ours.LinearLR(opt, start_factor=0.5, total_iters=3)], [5]), "adam"),
 }
 
 
@@ -183,6 +225,48 @@ def test_bad_arguments_are_named(make, error, message):
     optimizer = optimizers("sgd")[0]
     with pytest.raises(error, match=message):
         make(optimizer)
+
+
+def group_options(optimizer):
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(div_factor=0.0), r"div_factor: expected a number > 0, got 0.0"),
+    (dict(final_div_factor=0.0), r"final_div_factor: expected a number > 0, got 0.0"),
+    (dict(pct_start=0.1), r"pct_start: 0.1 of total_steps=10 leaves phase 1 of 2 \(warm-up\) with no steps"),
+    (dict(pct_start=1.0), r"pct_start: 1.0 of total_steps=10 leaves phase 2 of 2 \(annealing\) with no steps"),
+    (dict(pct_start=0.55, three_phase=True), r"pct_start: 0.55 of total_steps=10 leaves phase 3 of 3 "
+                                             r"\(annihilation\) with no steps"),
+    (dict(base_momentum=1.5), r"base_momentum: expected a number in \[0, 1\), got 1.5"),
+    (dict(max_momentum=[0.95, 0.95, 1.2]), r"max_momentum\[2\]: expected a number in \[0, 1\), got 1.2"),
+    (dict(max_lr=[0.1, 0.2, -1.0]), r"max_lr\[2\]: expected a finite number >= 0, got -1.0"),
+    (dict(anneal_strategy="step"), r"anneal_strategy: expected 'cos' or 'linear', got 'step'"),
+    (dict(last_epoch=-2), r"last_epoch: expected an int >= -1, got -2"),
+], ids=["div_factor", "final_div_factor", "empty_warm_up", "empty_annealing", "empty_annihilation", "base_momentum",
+        "max_momentum", "max_lr", "anneal_strategy", "last_epoch"])
+def test_one_cycle_refuses_a_bad_argument_before_changing_the_optimizer(kwargs, message):
+    optimizer = optimizers("sgd_momentum")[0]
+    before = group_options(optimizer)
+    with pytest.raises(ValueError, match=message):
+        ours.OneCycleLR(optimizer, **{"max_lr": 0.1, "total_steps": 10, **kwargs})
+    assert group_options(optimizer) == before
+
+
+@pytest.mark.parametrize("milestones, group_added_late, message", [
+    ([3], True, r"schedulers: param_groups\[3\] has no 'initial_lr': the group was added to the optimizer after"),
+    (["3"], False, r"milestones\[0\]: expected an int >= 0, got '3'"),
+], ids=["group_added_after_the_schedulers", "milestone_not_an_int"])
+def test_sequential_lr_refuses_a_bad_argument_before_changing_the_optimizer_or_its_schedulers(
+        milestones, group_added_late, message):
+    optimizer, torch_optimizer = optimizers("sgd")
+    schedulers = [ours.LinearLR(optimizer, start_factor=0.5, total_iters=2), ours.ExponentialLR(optimizer, 0.9)]
+    if group_added_late:
+        added_group(optimizer, torch_optimizer)
+    before = group_options(optimizer), [scheduler.state_dict() for scheduler in schedulers]
+    with pytest.raises(ValueError, match=message):
+        ours.SequentialLR(optimizer, schedulers, milestones)
+    assert (group_options(optimizer), [scheduler.state_dict() for scheduler in schedulers]) == before
 
 
 def test_one_cycle_refuses_a_step_past_its_total():

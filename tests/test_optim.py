@@ -303,3 +303,14 @@ def test_optimizer_by_name_uses_its_defaults():
     opt = optim.get("AdamW", params)
     assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["lr"] == 1e-3
     assert math.isclose(opt.param_groups[0]["weight_decay"], 0.01)
+
+
+@pytest.mark.parametrize("params, got", [
+    (Parameter(np.ones(2), name="w"), "Parameter; wrap a single parameter in a list"),
+    ({"params": [Parameter(np.ones(2), name="w")]}, "dict; wrap a single param-group dict in a list"),
+    (3, "int$"),
+], ids=["parameter", "group", "number"])
+def test_params_that_are_not_an_iterable_of_them_are_a_type_error_naming_params(params, got):
+    with pytest.raises(TypeError, match=r"params: expected an iterable of Parameters or of param-group dicts "
+                                        rf"\(or a model\), got {got}"):
+        optim.SGD(params, lr=0.1)

@@ -102,6 +102,17 @@ def test_state_dict_arrays_are_numpy_copies_unaffected_by_later_steps():
     np.testing.assert_array_equal(sd["state"][0]["velocity"], before)
 
 
+def test_a_loaded_state_dict_is_unaffected_by_later_steps():
+    params = make_params()
+    opt = optim.Adam(params, lr=0.01)
+    steps(opt, params, seed=1, count=1)
+    sd = opt.state_dict()
+    before = copy.deepcopy(sd)
+    opt.load_state_dict(sd)
+    steps(opt, params, seed=2, count=2)
+    assert_same_state(sd, before)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 

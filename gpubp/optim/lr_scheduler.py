@@ -58,6 +58,21 @@ def _per_group(value, name: str, optimizer: Optimizer) -> list:
     return [value] * len(optimizer.param_groups)
 
 
+def _checked_per_group(value, name: str, optimizer: Optimizer, check) -> list:
+    """``_per_group`` with every value passed through ``check``, named by its group's index
+    where ``value`` was a list with one per group."""
+    per_group = isinstance(value, (list, tuple))
+    return [check(item, f"{name}[{i}]" if per_group else name)
+            for i, item in enumerate(_per_group(value, name, optimizer))]
+
+
+def _positive(value, name: str) -> float:
+    """A number > 0: a divisor."""
+    if _checks.non_negative(value, name) == 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    return float(value)
+
+
 def _last_epoch(value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < -1:
         raise ValueError(f"last_epoch: expected an int >= -1, got {value!r}")
@@ -324,12 +339,15 @@ class OneCycleLR(LRScheduler):
                  steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",
                  cycle_momentum: bool = True, base_momentum=0.85, max_momentum=0.95, div_factor: float = 25.0,
                  final_div_factor: float = 1e4, three_phase: bool = False, last_epoch: int = -1) -> None:
+        # Every argument is checked before a param group changes, so a refused one leaves the
+        # optimizer as it was.
         optimizer = _optimizer(optimizer)
+        last_epoch = _last_epoch(last_epoch)
         if total_steps is not None:
-            self.total_steps = _checks.positive_int(total_steps, "total_steps")
+            total_steps = _checks.positive_int(total_steps, "total_steps")
         elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = _checks.positive_int(epochs, "epochs") * _checks.positive_int(steps_per_epoch,
-                                                                                            "steps_per_epoch")
+            total_steps = _checks.positive_int(epochs, "epochs") * _checks.positive_int(steps_per_epoch,
+                                                                                       "steps_per_epoch")
         else:
             raise ValueError("total_steps: give total_steps, or epochs and steps_per_epoch")
         pct_start = _checks.non_negative(pct_start, "pct_start")
@@ -337,39 +355,51 @@ class OneCycleLR(LRScheduler):
             raise ValueError(f"pct_start: expected a number in [0, 1], got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy: expected 'cos' or 'linear', got {anneal_strategy!r}")
-        self._anneal_func_type = anneal_strategy
-        warmup_end = float(pct_start * self.total_steps) - 1
+        max_lrs = _checked_per_group(max_lr, "max_lr", optimizer, _checks.non_negative)
+        div_factor = _positive(div_factor, "div_factor")
+        final_div_factor = _positive(final_div_factor, "final_div_factor")
+        cycle_momentum = bool(cycle_momentum)
+        if cycle_momentum:
+            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+                raise ValueError(f"cycle_momentum: {type(optimizer).__name__} has no momentum or betas to cycle")
+            highs = _checked_per_group(max_momentum, "max_momentum", optimizer, _checks.in_unit_interval)
+            lows = _checked_per_group(base_momentum, "base_momentum", optimizer, _checks.in_unit_interval)
+        warmup_end = float(pct_start * total_steps) - 1
         if three_phase:
+            names = ("warm-up", "cool-down", "annihilation")
             phases = [(warmup_end, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                      (float(2 * pct_start * self.total_steps) - 2, "max_lr", "initial_lr", "base_momentum",
+                      (float(2 * pct_start * total_steps) - 2, "max_lr", "initial_lr", "base_momentum",
                        "max_momentum"),
-                      (self.total_steps - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+                      (total_steps - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
         else:
+            names = ("warm-up", "annealing")
             phases = [(warmup_end, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                      (self.total_steps - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
+                      (total_steps - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
+        start = 0.0
+        for i, ((end, *_), name) in enumerate(zip(phases, names)):
+            if end == start:  # get_lr divides by the phase's length
+                raise ValueError(f"pct_start: {pct_start} of total_steps={total_steps} leaves phase {i + 1} of "
+                                 f"{len(phases)} ({name}) with no steps; change pct_start or total_steps so "
+                                 "that every phase has at least one")
+            start = end
+
+        self.total_steps = total_steps
+        self._anneal_func_type = anneal_strategy
         self._schedule_phases = [dict(zip(("end_step", "start_lr", "end_lr", "start_momentum", "end_momentum"), phase))
                                  for phase in phases]
-        max_lrs = _per_group(max_lr, "max_lr", optimizer)
-        div_factor = _checks.non_negative(div_factor, "div_factor")
-        final_div_factor = _checks.non_negative(final_div_factor, "final_div_factor")
         if last_epoch == -1:
-            for i, (group, peak) in enumerate(zip(optimizer.param_groups, max_lrs)):
-                peak = _checks.non_negative(peak, f"max_lr[{i}]" if isinstance(max_lr, (list, tuple)) else "max_lr")
+            for group, peak in zip(optimizer.param_groups, max_lrs):
                 group["initial_lr"] = peak / div_factor
                 group["max_lr"] = peak
                 group["min_lr"] = group["initial_lr"] / final_div_factor
-        self.cycle_momentum = bool(cycle_momentum)
-        if self.cycle_momentum:
-            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
-                raise ValueError(f"cycle_momentum: {type(optimizer).__name__} has no momentum or betas to cycle")
+        self.cycle_momentum = cycle_momentum
+        if cycle_momentum:
             self.use_beta1 = "betas" in optimizer.defaults
-            highs = _per_group(max_momentum, "max_momentum", optimizer)
-            lows = _per_group(base_momentum, "base_momentum", optimizer)
             if last_epoch == -1:
                 for group, high, low in zip(optimizer.param_groups, highs, lows):
-                    self._set_momentum(group, _checks.in_unit_interval(high, "max_momentum"))
+                    self._set_momentum(group, high)
                     group["max_momentum"] = high
-                    group["base_momentum"] = _checks.in_unit_interval(low, "base_momentum")
+                    group["base_momentum"] = low
         super().__init__(optimizer, last_epoch)
 
     @property
@@ -408,7 +438,11 @@ class OneCycleLR(LRScheduler):
         return rates
 
     def _restore_rates(self) -> None:
-        self.get_lr()  # the momentum of the saved step
+        # The momentum of the saved step. A scheduler that a SequentialLR has not started yet has
+        # its construction step undone (last_epoch < 0): it set no momentum since it was built,
+        # and building it again set the same one.
+        if self.last_epoch >= 0:
+            self.get_lr()
         super()._restore_rates()
 
 
@@ -435,14 +469,20 @@ class SequentialLR(LRScheduler):
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"milestones: expected {len(schedulers) - 1} (one fewer than the schedulers), "
                              f"got {len(milestones)}")
+        for i, milestone in enumerate(milestones):
+            _checks.non_negative_int(milestone, f"milestones[{i}]")
+        for i, group in enumerate(optimizer.param_groups):
+            if "initial_lr" not in group:
+                raise ValueError(f"schedulers: param_groups[{i}] has no 'initial_lr': the group was added to the "
+                                 "optimizer after the schedulers were built; add every group first")
         self._schedulers = schedulers
         self._milestones = milestones
         self.last_epoch = _last_epoch(last_epoch) + 1
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
-        for scheduler in schedulers:  # undo the step each made when it was built
-            scheduler.last_epoch -= 1
+        for scheduler in schedulers:
+            _undo_construction_step(scheduler)
         first = schedulers[bisect_right(milestones, 0)]
         first._initial_step()
         self._last_lr = first.get_last_lr()
@@ -476,11 +516,23 @@ class SequentialLR(LRScheduler):
         super().load_state_dict(state_dict)  # the rates end as this scheduler's last ones
 
 
+def _undo_construction_step(scheduler: LRScheduler) -> None:
+    """Undo the step ``scheduler`` made when it was built. A nested SequentialLR's steps were its
+    own schedulers' (and its counter stays as it is), as PyTorch's recursive undo does."""
+    if isinstance(scheduler, SequentialLR):
+        for inner in scheduler._schedulers:
+            _undo_construction_step(inner)
+    else:
+        scheduler.last_epoch -= 1
+
+
 class ReduceLROnPlateau(LRScheduler):
     """Multiply each group's rate by ``factor`` (down to ``min_lr``) when the metric given to
     ``step(metric)`` has not improved for more than ``patience`` epochs; ``threshold`` and
     ``threshold_mode`` ("rel" or "abs") say what counts as better, ``cooldown`` epochs pass
-    after a reduction before counting again, and a change smaller than ``eps`` is skipped."""
+    after a reduction before counting again, and a change smaller than ``eps`` is skipped. A param
+    group added to the optimizer later is reduced too, down to ``min_lr`` where that was one number
+    (where it was one per group, extend ``min_lrs`` for the new group)."""
 
     _transient = ("optimizer",)
 
@@ -522,14 +574,24 @@ class ReduceLROnPlateau(LRScheduler):
             self.cooldown_counter -= 1
             self.num_bad_epochs = 0  # bad epochs in cooldown do not count
         if self.num_bad_epochs > self.patience:
-            for group, floor in zip(self.optimizer.param_groups, self.min_lrs):
-                old = float(group["lr"])
-                new = max(old * self.factor, floor)
-                if old - new > self.eps:
-                    group["lr"] = new
+            self._reduce()
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
         self._last_lr = self._current()
+
+    def _reduce(self) -> None:
+        groups = self.optimizer.param_groups
+        if len(self.min_lrs) != len(groups):  # a group was added to the optimizer after this was built
+            if self.default_min_lr is None:
+                raise RuntimeError(f"min_lr: one rate per param group was given for {len(self.min_lrs)} groups, "
+                                   f"but the optimizer now has {len(groups)}; set the scheduler's min_lrs to one "
+                                   "rate per group")
+            self.min_lrs += [float(self.default_min_lr)] * (len(groups) - len(self.min_lrs))
+        for group, floor in zip(groups, self.min_lrs):
+            old = float(group["lr"])
+            new = max(old * self.factor, floor)
+            if old - new > self.eps:
+                group["lr"] = new
 
     def _is_better(self, value: float, best: float) -> bool:
         if self.mode == "min":

@@ -49,7 +49,14 @@ class Optimizer:
         self.state: dict[int, dict] = {}
         if hasattr(params, "parameters"):
             params = params.parameters()
-        groups = list(params) if isinstance(params, Iterable) else params
+        if isinstance(params, (Parameter, dict)) or not isinstance(params, Iterable):
+            hint = ""
+            if isinstance(params, (Parameter, dict)):
+                single = "parameter" if isinstance(params, Parameter) else "param-group dict"
+                hint = f"; wrap a single {single} in a list"
+            raise TypeError("params: expected an iterable of Parameters or of param-group dicts (or a model), got "
+                            f"{type(params).__name__}{hint}")
+        groups = list(params)
         if not groups:
             raise ValueError("params: expected a non-empty list of Parameters or of param-group dicts")
         if not isinstance(groups[0], dict):
@@ -268,8 +275,10 @@ class Optimizer:
                 raise ValueError(f"{where} has shape {host.shape}, but the parameter {param.name!r} has {param.shape}")
             if host.dtype.kind != "f":
                 raise TypeError(f"{where} has dtype {host.dtype}, expected a floating-point array")
+            # Always a copy: the NumPy backend would otherwise keep the caller's array as the state,
+            # and later steps would rewrite the dict it was loaded from.
             with np.errstate(over="ignore"):  # a float64 value too large for float32 becomes inf: caught below
-                host = host.astype(param.data.dtype, copy=False)
+                host = host.astype(param.data.dtype, copy=True)
             if not np.all(np.isfinite(host)):
                 raise ValueError(f"{where} contains NaN or inf (in the parameter's dtype {host.dtype})")
             state[name] = param.backend.asarray(host, param.data.dtype)
