@@ -130,7 +130,7 @@ __device__ __forceinline__ float act_forward(float z) {
     if constexpr (ACT == ACT_IDENTITY) {
         return z;
     } else if constexpr (ACT == ACT_RELU) {
-        return fmaxf(z, 0.0f);
+        return z < 0.0f ? 0.0f : z;  // not fmaxf, which returns 0 for a NaN z
     } else if constexpr (ACT == ACT_LEAKY_RELU) {
         return z > 0.0f ? z : ActConst::LEAKY_SLOPE * z;
     } else if constexpr (ACT == ACT_SIGMOID) {
@@ -163,7 +163,10 @@ __device__ __forceinline__ float act_grad(float y, float z) {
     } else if constexpr (ACT == ACT_TANH) {
         return 1.0f - y * y;
     } else if constexpr (ACT == ACT_GELU) {
-        return normcdff(z) + z * ActConst::INV_SQRT_2PI * expf(-0.5f * z * z);
+        // z phi(z) with z clamped by comparisons (a NaN passes): at z = +-inf it would be inf * 0
+        constexpr float S = ActConst::GELU_SATURATION;
+        const float zs = z > S ? S : (z < -S ? -S : z);
+        return normcdff(z) + zs * ActConst::INV_SQRT_2PI * expf(-0.5f * zs * zs);
     } else if constexpr (ACT == ACT_SILU) {
         const float s = stable_sigmoid(z);
         return s * (1.0f + z * (1.0f - s));

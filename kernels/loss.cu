@@ -80,7 +80,8 @@ struct OneHot {
     static constexpr bool SUMS_ROW = false;
     __device__ __forceinline__ float grad(float p, bool is_label) const { return is_label ? p - 1.0f : p; }
     __device__ __forceinline__ float row_loss(float s, float m, float z_label, float) const {
-        return logf(s) + m - z_label;
+        // z_label - m first: log s + m would lose log s to m's rounding at a large shared offset
+        return logf(s) - (z_label - m);
     }
 };
 struct Smoothed {

@@ -455,8 +455,52 @@ def test_elementwise_losses_match_numpy(cb, rng, name, trace_name, options, shap
     check_elementwise_loss(cb, rng, name, trace_name, shape, weighted, options)
 
 
+def check_cross_entropy_of_logits_sharing_a_large_offset(cb):
+    """Logits [0, -1, -2] + c have the same loss for every c: the kernel must take z_label - m
+    before adding log s, which m would otherwise absorb (from c = 1e8 float32 makes the three equal)."""
+    labels = np.array([2, 0], np.int64)
+    for offset in (1e4, 1e6, 1e8, 1e30):
+        logits = np.tile(np.array([0.0, -1.0, -2.0]) + offset, (2, 1)).astype(np.float32)
+        for smoothing in (0.0, 0.1):
+            for weights in (None, np.array([1.0, 2.0], np.float32)):
+                expected, _ = ref.softmax_cross_entropy(logits.astype(np.float64), labels, weights, smoothing)
+                loss, _ = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels),
+                                                   None if weights is None else cb.asarray(weights),
+                                                   label_smoothing=smoothing)
+                assert loss == pytest.approx(expected, rel=1e-6), (offset, smoothing, weights)
+
+
+# Pre-activations where the formulas meet their limits: NaN, the kinks, +-inf, and past exp's range.
+SPECIAL_Z = np.array([np.nan, 0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 1e30, -1e30, 40.0, -40.0, 1e-40],
+                     np.float32)
+
+
+def check_activations_at_special_values(cb, acts=ACTIVATIONS):
+    """act(z) and db = sum over the batch of act'(z) for z = SPECIAL_Z, put in through the bias (x
+    and w zero, so z is b exactly), against the NumPy backend, NaN where it is NaN."""
+    x, w, b = np.zeros((2, 1), np.float32), np.zeros((1, SPECIAL_Z.size), np.float32), SPECIAL_Z
+    dy = np.ones((2, SPECIAL_Z.size), np.float32)
+    for act in acts:
+        with np.errstate(invalid="ignore", over="ignore"):  # NumPy's warnings about the NaN and inf it makes
+            y_ref, z_ref = ref.dense_forward(x, w, b, act)
+            _, _, db_ref = ref.dense_backward(dy, x, w, y_ref, z_ref, act, need_dx=False, need_dw=True)
+        y, z = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b), act)
+        _, _, db = cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, z, act, need_dx=False,
+                                     need_dw=True)
+        np.testing.assert_allclose(cb.to_host(y), y_ref, rtol=1e-6, atol=1e-30, err_msg=f"{act} forward")
+        np.testing.assert_allclose(cb.to_host(db), db_ref, rtol=1e-5, atol=1e-30, err_msg=f"{act} backward")
+
+
 def test_losses_are_finite_for_huge_logits(cb):
     check_losses_at_huge_logits(cb)
+
+
+def test_cross_entropy_of_logits_sharing_a_large_offset(cb):
+    check_cross_entropy_of_logits_sharing_a_large_offset(cb)
+
+
+def test_activations_at_special_values_match_numpy(cb):
+    check_activations_at_special_values(cb)
 
 
 def test_loss_is_bitwise_deterministic(cb, rng):

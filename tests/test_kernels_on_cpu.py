@@ -30,7 +30,8 @@ import pytest
 from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
 from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, MANY_KINDS,
-                               RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_adam_update, check_clip_bits,
+                               RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_activations_at_special_values,
+                               check_adam_update, check_clip_bits, check_cross_entropy_of_logits_sharing_a_large_offset,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
                                check_many_update, check_many_update_from_hyper, check_rmsprop_update,
                                FOLDS_DX_ACT, assert_grads_equal, check_dx_applies_the_activation_below,
@@ -1329,6 +1330,16 @@ def test_a_nan_prediction_gets_the_gradient_numpy_gives_it(cb_h100, name, nan_gr
 
 def test_losses_are_finite_for_huge_logits(cb_h100):
     check_losses_at_huge_logits(cb_h100)
+
+
+def test_cross_entropy_of_logits_sharing_a_large_offset(cb_h100):
+    """loss.cu's one-hot row loss was log s + m - z_label: 0 for three equal logits of 1e8."""
+    check_cross_entropy_of_logits_sharing_a_large_offset(cb_h100)
+
+
+def test_activations_at_special_values_match_numpy(cb_h100):
+    """relu(NaN) was 0 (fmaxf) and gelu'(+-inf) NaN (inf * 0)."""
+    check_activations_at_special_values(cb_h100)
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,8 @@ from gpubp import backends, philox
 from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
-from test_cupy_backend import assert_grads_equal, check_dx_applies_the_activation_below, folded_step
+from test_cupy_backend import (assert_grads_equal, check_activations_at_special_values,
+                               check_dx_applies_the_activation_below, folded_step)
 from test_gpu_check_scripts import load
 
 try:
@@ -836,3 +838,11 @@ def test_every_kernel_variant_assembles_for_sm_90_without_spills_or_local_memory
                  for label, log in compiled_variants["ptxas"].items()}
     clean = "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
     assert all(lines == [clean] for lines in in_memory.values()), {k: v for k, v in in_memory.items() if v != [clean]}
+
+
+def test_activations_at_special_values_match_numpy():
+    """relu(NaN) was 0 here (a comparison that sends NaN to the else branch). The simulator runs the
+    kernels' float32 arithmetic in NumPy scalars, which warn about the inf * 0 a GPU does quietly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        check_activations_at_special_values(nb)

@@ -314,3 +314,41 @@ def test_params_that_are_not_an_iterable_of_them_are_a_type_error_naming_params(
     with pytest.raises(TypeError, match=r"params: expected an iterable of Parameters or of param-group dicts "
                                         rf"\(or a model\), got {got}"):
         optim.SGD(params, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- huge gradients
+
+# g * g overflows float32 from g ~ 1.9e19; (1 - beta2) g * g, PyTorch's order, only from 5.8e20 for
+# Adam's 1 - beta2 = 0.001 and 1.8e20 for RMSprop's 1 - alpha = 0.01.
+HUGE_GRADIENTS = np.array([1e19, 2e19, 1e20, 1.5e20], np.float32)
+HUGE_CASES = {
+    "adam": lambda be, p, g, m, v: be.adam_update(p, g, m, v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, False),
+    "rmsprop": lambda be, p, g, m, v: be.rmsprop_update(p, g, v, None, None, 0.1, 0.99, 1e-8, 0.0, 0.0, False),
+    "rmsprop_momentum": lambda be, p, g, m, v: be.rmsprop_update(p, g, v, None, m, 0.1, 0.99, 1e-8, 0.0, 0.5, False),
+}
+TORCH_HUGE_CASES = {
+    "adam": lambda torch, p: torch.optim.Adam([p], lr=0.1),
+    "rmsprop": lambda torch, p: torch.optim.RMSprop([p], lr=0.1),
+    "rmsprop_momentum": lambda torch, p: torch.optim.RMSprop([p], lr=0.1, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("path", ["numpy-compiled", "numpy", "numba"])
+@pytest.mark.parametrize("case", HUGE_CASES)
+def test_a_huge_gradient_moves_the_weights_as_pytorchs_does(path, case):
+    """The second moment is (1 - beta2) g times g: g * g first made it inf, and the step m / inf left
+    the weight where it was."""
+    torch = torch_or_skip()
+    name = path.split("-")[0]
+    reason = gb.backends.available()[name]
+    if reason:
+        pytest.skip(f"backend {name!r} is not available here: {reason}")
+    be = gb.backends.get(name)
+    p, g, m, v = (be.asarray(a) for a in (np.ones(4, np.float32), HUGE_GRADIENTS, np.zeros(4, np.float32),
+                                           np.zeros(4, np.float32)))
+    with gb.backends.numpy_backend.compiled_kernels(path != "numpy"):
+        HUGE_CASES[case](be, p, g, m, v)
+    theirs = torch.ones(4, requires_grad=True)
+    theirs.grad = torch.tensor(HUGE_GRADIENTS)
+    TORCH_HUGE_CASES[case](torch, theirs).step()
+    np.testing.assert_allclose(be.to_host(p), theirs.detach().numpy(), rtol=1e-6, atol=1e-6)  # a step to ~0

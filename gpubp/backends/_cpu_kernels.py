@@ -196,7 +196,7 @@ def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta
         pi = p[i] * keep
         gi = pi * l2 + g[i]
         mi = mf[i] * beta1 + gi * one_minus_beta1
-        vi = vf[i] * beta2 + gi * gi * one_minus_beta2
+        vi = vf[i] * beta2 + gi * one_minus_beta2 * gi  # (1-b2) g first: g * g overflows sooner
         mf[i] = mi
         vf[i] = vi
         p[i] = pi + mi / (np.sqrt(vi) * inv_sqrt_bias2 + eps) * step_scale
@@ -213,7 +213,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, a
         gi = g[i]
         if weight_decay != 0:
             gi = p[i] * weight_decay + gi
-        vi = v[i] * alpha + gi * gi * one_minus_alpha
+        vi = v[i] * alpha + gi * one_minus_alpha * gi
         v[i] = vi
         if centered:
             gmi = gm[i] * alpha + gi * one_minus_alpha

@@ -457,7 +457,7 @@ def _identity(z):
 
 @_inlined
 def _relu(z):
-    return z if z > _ZERO else _ZERO
+    return _ZERO if z < _ZERO else z  # a NaN z stays NaN, as in NumPy and PyTorch
 
 
 @_inlined
@@ -1800,7 +1800,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
         p = param[i] * decay
         g = p * l2 + grad[i]
         mi = m[i] * beta1 + g * one_minus_beta1
-        vi = v[i] * beta2 + g * g * one_minus_beta2
+        vi = v[i] * beta2 + g * one_minus_beta2 * g  # (1-b2) g first, as PyTorch: g * g overflows sooner
         m[i] = mi
         v[i] = vi
         param[i] = p + mi / (math.sqrt(vi) * inv_sqrt_bias2 + eps) * step_scale
@@ -1831,7 +1831,7 @@ def _rmsprop_kernel(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, 
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         p = param[i]
         g = p * weight_decay + grad[i]
-        v = square_avg[i] * alpha + g * g * one_minus_alpha
+        v = square_avg[i] * alpha + g * one_minus_alpha * g
         square_avg[i] = v
         variance = v
         if centered:

@@ -745,8 +745,8 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
         np.multiply(g, 1.0 - beta1, out=tmp)
         m += tmp
         v *= beta2
-        np.multiply(g, g, out=tmp)
-        tmp *= 1.0 - beta2
+        np.multiply(g, 1.0 - beta2, out=tmp)  # (1-b2) g first, as PyTorch: g * g overflows sooner
+        tmp *= g
         v += tmp
         np.sqrt(v, out=tmp)
         tmp *= 1.0 / math.sqrt(bias2)
@@ -780,8 +780,8 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
             decayed += grad
             g = decayed
         square_avg *= alpha
-        np.multiply(g, g, out=tmp)
-        tmp *= 1.0 - alpha
+        np.multiply(g, 1.0 - alpha, out=tmp)
+        tmp *= g
         square_avg += tmp
         if centered:
             grad_avg *= alpha
