@@ -149,7 +149,12 @@ def backward(name: str, dy: np.ndarray, y: np.ndarray, z: np.ndarray | None, out
         if out is not dy:
             np.copyto(out, dy)
     elif name == "relu":
-        np.multiply(dy, y > 0, out=out)
+        # a select, not dy * (y > 0): an inf or NaN dy where the unit is off gives 0, as in PyTorch
+        off = np.greater(y, 0)
+        np.logical_not(off, out=off)
+        if out is not dy:
+            np.copyto(out, dy)
+        np.copyto(out, 0, where=off)
     elif name == "leaky_relu":
         np.multiply(dy, np.where(y > 0, y.dtype.type(1), y.dtype.type(LEAKY_SLOPE)), out=out)
     elif name == "sigmoid":

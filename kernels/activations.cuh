@@ -151,6 +151,21 @@ __device__ __forceinline__ float act_forward(float z) {
 // act'(.) at one element: y is the forward output, z the pre-activation. Callers pass
 // whichever the activation needs (act_needs_z) and anything for the other.
 template <int ACT>
+__device__ __forceinline__ float act_grad(float y, float z);
+
+// dy * act'(.), the gradient through the activation. For relu a select: where the unit is off, an
+// inf or NaN dy gives 0, as PyTorch's threshold_backward and the NumPy backend give (a product with
+// act' = 0 would give NaN).
+template <int ACT>
+__device__ __forceinline__ float act_backward(float dy, float y, float z) {
+    if constexpr (ACT == ACT_RELU) {
+        return y > 0.0f ? dy : 0.0f;
+    } else {
+        return dy * act_grad<ACT>(y, z);
+    }
+}
+
+template <int ACT>
 __device__ __forceinline__ float act_grad(float y, float z) {
     if constexpr (ACT == ACT_IDENTITY) {
         return 1.0f;

@@ -75,7 +75,7 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<long long>(gridDim.x) * blockDim.x) {
         const float v = y_or_z[i];
-        dz[i] = dy[i] * act_grad<ACT>(v, v);
+        dz[i] = act_backward<ACT>(dy[i], v, v);
     }
 }
 
@@ -119,7 +119,7 @@ __device__ __forceinline__ void dz_of_group(float (&v)[4], const float (&a)[4], 
         for (int j = 0; j < 4; ++j) v[j] = masked_dz<ACT>(v[j], a[j], words.w[j], mask, keep_prob);
     } else if constexpr (ACT != ACT_IDENTITY) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] *= act_grad<ACT>(a[j], a[j]);
+        for (int j = 0; j < 4; ++j) v[j] = act_backward<ACT>(v[j], a[j], a[j]);
     }
 }
 

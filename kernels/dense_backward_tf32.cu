@@ -69,7 +69,7 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
             float g = dy[row * N + col];
             if constexpr (ACT != ACT_IDENTITY) {  // identity reads neither y nor z
                 const float v = y_or_z[row * N + col];
-                g *= act_grad<ACT>(v, v);
+                g = act_backward<ACT>(g, v, v);
             }
             if (store_dz) dz[row * N + col] = g;
             sum += g;
@@ -141,8 +141,8 @@ __device__ __forceinline__ void dz_of_pair(float& v0, float& v1, float a0, float
         v0 = masked_dz<ACT>(v0, a0, upper ? words.w[2] : words.w[0], mask, keep_prob);
         v1 = masked_dz<ACT>(v1, a1, upper ? words.w[3] : words.w[1], mask, keep_prob);
     } else if constexpr (ACT != ACT_IDENTITY) {
-        v0 *= act_grad<ACT>(a0, a0);
-        v1 *= act_grad<ACT>(a1, a1);
+        v0 = act_backward<ACT>(v0, a0, a0);
+        v1 = act_backward<ACT>(v1, a1, a1);
     }
 }
 

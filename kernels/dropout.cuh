@@ -109,11 +109,13 @@ __device__ __forceinline__ void for_each_group(long long rows, long long cols, c
 template <int ACT>
 __device__ __forceinline__ float masked_dz(float dy, float act_in, unsigned int word, const DropoutMask& mask,
                                            float keep_prob) {
-    float grad = 1.0f;
-    if constexpr (ACT != ACT_IDENTITY) {
-        grad = act_needs_z<ACT>() ? act_grad<ACT>(0.0f, act_in) : act_grad<ACT>(act_in * keep_prob, 0.0f);
+    const float kept = mask.apply(dy, word);
+    if constexpr (ACT == ACT_IDENTITY) {
+        return kept;
+    } else {
+        return act_needs_z<ACT>() ? act_backward<ACT>(kept, 0.0f, act_in)
+                                  : act_backward<ACT>(kept, act_in * keep_prob, 0.0f);
     }
-    return mask.apply(dy, word) * grad;
 }
 
 }  // namespace gpubp

@@ -491,7 +491,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                             if (row >= B || c + jj >= p.out) {
                                 v = 0.0f;
                             } else if constexpr (ACT != ACT_IDENTITY) {
-                                v *= act_grad<ACT>(saved[jj], saved[jj]);  // reads y or z, whichever act' needs
+                                v = act_backward<ACT>(v, saved[jj], saved[jj]);  // reads y or z, whichever act' needs
                             }
                         }
                     }
@@ -934,7 +934,7 @@ __device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, f
                             if (c < p.out && row < B) {
                                 if constexpr (ACT != ACT_IDENTITY) {
                                     const float saved = saved_l[row * p.out + c];
-                                    dzv[half] *= act_grad<ACT>(saved, saved);  // reads y or z, whichever act' needs
+                                    dzv[half] = act_backward<ACT>(dzv[half], saved, saved);  // y or z, as act' needs
                                 }
                                 if (p.flags & TRAINABLE) dz_l[row * p.out + c] = dzv[half];
                             } else {

@@ -43,7 +43,8 @@ __device__ __forceinline__ void sgd_element(float* __restrict__ param, const flo
                                             float* __restrict__ velocity, float lr, float momentum, int nesterov,
                                             float weight_decay, long long i) {
     const float p = param[i];
-    const float g = fmaf(weight_decay, p, grad[i]);
+    // no decay adds nothing: 0 * p is NaN for an infinite p, where the other backends keep it
+    const float g = weight_decay != 0.0f ? fmaf(weight_decay, p, grad[i]) : grad[i];
     float step = g;
     if (momentum != 0.0f) {
         const float v = fmaf(momentum, velocity[i], g);
@@ -70,7 +71,7 @@ __device__ __forceinline__ void adam_element(float* __restrict__ param, const fl
     float g = grad[i];
     if (decoupled) {
         p *= 1.0f - lr * weight_decay;
-    } else {
+    } else if (weight_decay != 0.0f) {
         g = fmaf(weight_decay, p, g);
     }
     const float mi = fmaf(beta1, m[i], (1.0f - beta1) * g);
@@ -95,7 +96,7 @@ __device__ __forceinline__ void rmsprop_element(float* __restrict__ param, const
                                                 float* __restrict__ momentum_buffer, float lr, float alpha, float eps,
                                                 float weight_decay, float momentum, int centered, long long i) {
     const float p = param[i];
-    const float g = fmaf(weight_decay, p, grad[i]);
+    const float g = weight_decay != 0.0f ? fmaf(weight_decay, p, grad[i]) : grad[i];
     const float v = fmaf(alpha, square_avg[i], (1.0f - alpha) * g * g);
     square_avg[i] = v;
     float variance = v;

@@ -72,6 +72,26 @@ def test_dense_backward_matches_the_numpy_path(act, dtype, need_dx, need_dw, rng
     np.testing.assert_array_equal(args[0], dy)  # dy is never modified
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", FUSED_ACTS)
+def test_an_infinite_or_nan_gradient_through_a_unit_the_activation_turns_off_matches_too(act, dtype, rng):
+    """relu passes nothing where y <= 0, even inf or NaN (the NumPy path multiplied by y > 0: NaN);
+    leaky_relu scales it."""
+    x = rng.standard_normal((9, 5)).astype(dtype)
+    w = rng.standard_normal((5, 4)).astype(dtype)
+    y, _ = numpy_backend.dense_forward(x, w, rng.standard_normal(4).astype(dtype), act)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    off = np.argwhere(y <= 0)[:2]
+    assert len(off) == 2
+    dy[tuple(off[0])], dy[tuple(off[1])] = np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        (compiled, _), (reference, _) = both_paths(numpy_backend.dense_backward, dy, x, w, y, None, act, False, True)
+    for got, want in zip(compiled[1:], reference[1:]):  # dw, db; NaN and inf where they are
+        np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=10 * RTOL[dtype])
+    if act == "relu":
+        assert np.isfinite(reference[1]).all() and np.isfinite(reference[2]).all()
+
+
 @pytest.mark.parametrize("act", FUSED_ACTS[1:])
 def test_a_frozen_layer_sums_no_bias_gradient(act, rng):
     """need_dw=False: dz for dX only; the fused pass leaves the db sums out, writing no out_db."""

@@ -491,6 +491,70 @@ def check_activations_at_special_values(cb, acts=ACTIVATIONS):
         np.testing.assert_allclose(cb.to_host(db), db_ref, rtol=1e-5, atol=1e-30, err_msg=f"{act} backward")
 
 
+def check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one(cb, precision="fp32"):
+    """relu's gradient is a select: where y is 0, an inf or NaN gradient from above gives 0 (PyTorch's
+    threshold_backward), not inf * 0's NaN: in the dz pass, the masked dz pass, and the dX epilogue
+    that applies the activation of the layer below. Expected values from the NumPy backend."""
+    x, w, b = np.ones((2, 1), np.float32), np.ones((1, 2), np.float32), np.array([-2.0, 1.0], np.float32)
+    dy = np.array([[np.inf, 1.0], [np.nan, 2.0]], np.float32)  # z = [-1, 2] a row: unit 0 off
+    key = np.array([7, 11], np.uint32)
+    for rate in (None, 0.25):
+        masks = [None if rate is None else philox.Mask(k, *philox.mask_constants(rate), 0)
+                 for k in (key, cb.asarray(key, np.uint32))]
+        kwargs = [{} if m is None else {"dropout": m} for m in masks]
+        y_ref, z_ref = ref.dense_forward(x, w, b, "relu", **kwargs[0])
+        expected = ref.dense_backward(dy, x, w, y_ref, z_ref, "relu", True, True, **kwargs[0])
+        y, z = cb.dense_forward(*(cb.asarray(a) for a in (x, w, b)), "relu", precision=precision, **kwargs[1])
+        got = cb.dense_backward(cb.asarray(dy), cb.asarray(x), cb.asarray(w), y, z, "relu", True, True,
+                                precision=precision, **kwargs[1])
+        for name, a, e in zip(("dx", "dw", "db"), got, expected):
+            assert np.isfinite(e).all()
+            np.testing.assert_allclose(cb.to_host(a), e, rtol=1e-6 if precision == "fp32" else TF32_RTOL,
+                                       err_msg=f"{name}, dropout {rate}")
+    # the layer above's dX, applying this layer's relu: its dz
+    w_up, dy_up = np.ones((2, 1), np.float32), np.array([[np.inf], [1.0]], np.float32)
+    y_ref, _ = ref.dense_forward(x, w, b, "relu")
+    plain, _, _ = ref.dense_backward(dy_up, y_ref, w_up, None, None, "identity", True, False)
+    expected = np.empty_like(plain)
+    activations.backward("relu", plain, y_ref, None, expected)
+    y, _ = cb.dense_forward(*(cb.asarray(a) for a in (x, w, b)), "relu", precision=precision)
+    dz, _, _ = cb.dense_backward(cb.asarray(dy_up), y, cb.asarray(w_up), None, None, "identity", True, False,
+                                 precision=precision, dx_act="relu", dx_act_in=y)
+    np.testing.assert_array_equal(cb.to_host(dz), expected)  # [[0, inf], [0, 1]]
+
+
+def check_no_weight_decay_keeps_an_infinite_weight(cb):
+    """weight_decay 0 adds nothing to the gradient, not 0 * p, which is NaN for an infinite p."""
+    updates = {
+        "sgd": lambda be, p, g, s: be.sgd_update(p, g, None, 0.1, 0.0, False, 0.0),
+        "sgd_momentum": lambda be, p, g, s: be.sgd_update(p, g, s[0], 0.1, 0.9, True, 0.0),
+        "adam": lambda be, p, g, s: be.adam_update(p, g, s[0], s[1], 0.1, 0.9, 0.999, 1e-8, 0.0, 1, False),
+        "adamw": lambda be, p, g, s: be.adam_update(p, g, s[0], s[1], 0.1, 0.9, 0.999, 1e-8, 0.0, 1, True),
+        "rmsprop": lambda be, p, g, s: be.rmsprop_update(p, g, s[0], None, None, 0.1, 0.99, 1e-8, 0.0, 0.0, False),
+    }
+    for name, update in updates.items():
+        arrays = [np.array([np.inf, -np.inf, 1.0], np.float32), np.ones(3, np.float32)]
+        state = [np.zeros(3, np.float32), np.zeros(3, np.float32)]
+        with np.errstate(invalid="ignore"):  # inf - inf in NumPy's step, where the weight is inf anyway
+            update(ref, *arrays, state)
+        assert np.isinf(arrays[0][:2]).all(), (name, arrays[0])
+        p = cb.asarray(np.array([np.inf, -np.inf, 1.0], np.float32))
+        update(cb, p, cb.asarray(np.ones(3, np.float32)), [cb.zeros((3,)), cb.zeros((3,))])
+        np.testing.assert_allclose(cb.to_host(p), arrays[0], rtol=1e-6, atol=1e-6, err_msg=name)  # 1 steps to ~0
+
+
+def check_cross_entropy_of_a_row_with_an_infinite_logit(cb):
+    """A +inf logit makes its row's softmax NaN everywhere (exp(inf - inf) is in the sum), its loss NaN."""
+    logits = np.array([[np.inf, 0.0, 1.0], [0.5, 0.0, 1.0]], np.float32)
+    labels = np.array([1, 2], np.int64)
+    for smoothing in (0.0, 0.1):
+        with np.errstate(invalid="ignore"):
+            loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+        loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), label_smoothing=smoothing)
+        assert math.isnan(loss_ref) and math.isnan(loss)
+        np.testing.assert_allclose(cb.to_host(grad), grad_ref, rtol=1e-6, err_msg=f"smoothing {smoothing}")
+
+
 def test_losses_are_finite_for_huge_logits(cb):
     check_losses_at_huge_logits(cb)
 
@@ -501,6 +565,19 @@ def test_cross_entropy_of_logits_sharing_a_large_offset(cb):
 
 def test_activations_at_special_values_match_numpy(cb):
     check_activations_at_special_values(cb)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_an_off_relu_unit_passes_no_gradient_even_an_infinite_one(cb, precision):
+    check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one(cb, precision)
+
+
+def test_no_weight_decay_keeps_an_infinite_weight(cb):
+    check_no_weight_decay_keeps_an_infinite_weight(cb)
+
+
+def test_cross_entropy_of_a_row_with_an_infinite_logit(cb):
+    check_cross_entropy_of_a_row_with_an_infinite_logit(cb)
 
 
 def test_loss_is_bitwise_deterministic(cb, rng):

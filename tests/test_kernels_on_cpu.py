@@ -31,7 +31,10 @@ from cuda_on_cpu import harness
 from test_bad_input import assert_arrays_equal, assert_weights_equal
 from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEMENTWISE_LOSSES, MANY_KINDS,
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_activations_at_special_values,
-                               check_adam_update, check_clip_bits, check_cross_entropy_of_logits_sharing_a_large_offset,
+                               check_adam_update, check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
+                               check_clip_bits, check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_cross_entropy_of_logits_sharing_a_large_offset,
+                               check_no_weight_decay_keeps_an_infinite_weight,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
                                check_many_update, check_many_update_from_hyper, check_rmsprop_update,
                                FOLDS_DX_ACT, assert_grads_equal, check_dx_applies_the_activation_below,
@@ -1342,6 +1345,21 @@ def test_activations_at_special_values_match_numpy(cb_h100):
     check_activations_at_special_values(cb_h100)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_an_off_relu_unit_passes_no_gradient_even_an_infinite_one(cb_h100, precision):
+    """dz was dy * act', NaN for an inf dy where act' is 0."""
+    check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one(cb_h100, precision)
+
+
+def test_no_weight_decay_keeps_an_infinite_weight(cb_small_gpu):
+    """fmaf(0, p, g) was NaN for an infinite p."""
+    check_no_weight_decay_keeps_an_infinite_weight(cb_small_gpu)
+
+
+def test_cross_entropy_of_a_row_with_an_infinite_logit(cb_h100):
+    check_cross_entropy_of_a_row_with_an_infinite_logit(cb_h100)
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 
@@ -2067,8 +2085,8 @@ PLANTED_BUGS = {
         "plain", "fused_mlp_on_tensor_cores and bf16 and act_gelu", "max error"),
     "dX epilogue: act' of the layer below taken at another column": (
         "dense_backward.cu",
-        "for (int j = 0; j < 4; ++j) v[j] *= act_grad<ACT>(a[j], a[j]);",
-        "for (int j = 0; j < 4; ++j) v[j] *= act_grad<ACT>(a[3 - j], a[3 - j]);",
+        "for (int j = 0; j < 4; ++j) v[j] = act_backward<ACT>(v[j], a[j], a[j]);",
+        "for (int j = 0; j < 4; ++j) v[j] = act_backward<ACT>(v[j], a[3 - j], a[3 - j]);",
         "plain", "dx_with_the_activation_below and 1sm and tanh and 37x29x23", "max error|mismatch"),
     "dX epilogue: reads the layer below's output one past a row's end": (
         "dense_backward.cu",
@@ -2087,8 +2105,8 @@ PLANTED_BUGS = {
         "plain", "tensor_core_dx_with_the_activation_below and tf32 and gelu and 37x29x23", "max error|mismatch"),
     "tensor cores: dX epilogue applies a pair's first act' to both": (
         "dense_backward_tf32.cu",
-        "v1 *= act_grad<ACT>(a1, a1);",
-        "v1 *= act_grad<ACT>(a0, a0);",
+        "v1 = act_backward<ACT>(v1, a1, a1);",
+        "v1 = act_backward<ACT>(v1, a0, a0);",
         "plain", "tensor_core_dx_with_the_activation_below and tf32 and tanh and 37x29x23", "max error|mismatch"),
     "dX epilogue: the mask below regenerated from the next column group's words": (
         "dense_backward.cu",

@@ -23,7 +23,10 @@ from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import numpy_backend as ref
 from gpubp.trace import trace
 from test_cupy_backend import (assert_grads_equal, check_activations_at_special_values,
-                               check_dx_applies_the_activation_below, folded_step)
+                               check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
+                               check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_dx_applies_the_activation_below, check_no_weight_decay_keeps_an_infinite_weight,
+                               folded_step)
 from test_gpu_check_scripts import load
 
 try:
@@ -846,3 +849,15 @@ def test_activations_at_special_values_match_numpy():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         check_activations_at_special_values(nb)
+
+
+@pytest.mark.parametrize("check", [check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
+                                   check_no_weight_decay_keeps_an_infinite_weight,
+                                   check_cross_entropy_of_a_row_with_an_infinite_logit],
+                         ids=["off relu unit", "no weight decay", "infinite logit"])
+def test_special_values_through_gradients_updates_and_losses_match_numpy(check):
+    """dz was dy * act' (NaN for an inf dy at an off relu), weight decay 0 added 0 * p (NaN for an
+    infinite weight), and a +inf logit left its row's sum finite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the simulator's NumPy scalars warn where a GPU does not
+        check(nb)

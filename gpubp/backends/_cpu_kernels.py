@@ -194,7 +194,7 @@ def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta
     p, g, mf, vf = param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
     for i in range(p.size):
         pi = p[i] * keep
-        gi = pi * l2 + g[i]
+        gi = pi * l2 + g[i] if l2 != 0 else g[i]  # 0 * p is NaN for an infinite p
         mi = mf[i] * beta1 + gi * one_minus_beta1
         vi = vf[i] * beta2 + gi * one_minus_beta2 * gi  # (1-b2) g first: g * g overflows sooner
         mf[i] = mi

@@ -553,6 +553,29 @@ _GRAD = {
 }
 
 
+@functools.cache
+def _through(act: str):
+    """``through(g, a)``: g * act'(a), the gradient through the activation (identity: g). For relu
+    a select: where the unit is off, an inf or NaN g gives 0, as PyTorch's threshold_backward and
+    the NumPy backend give (the product with act' = 0 would be NaN)."""
+    if act == "relu":
+        @_inlined
+        def through_relu(g, a):
+            return g if a > _ZERO else _ZERO
+        return through_relu
+    grad = _GRAD.get(act)
+    if grad is None:
+        @_inlined
+        def through_identity(g, a):
+            return g
+        return through_identity
+
+    @_inlined
+    def through(g, a):
+        return g * grad(a)
+    return through
+
+
 # ----------------------------------------------------------------------------- dropout masks
 
 _philox = _inlined(philox.philox4x32_10)
@@ -968,11 +991,11 @@ def _dense_forward_masked_kernel(x, w, b, y, z, rows_on_x, act, key, threshold, 
 @functools.cache
 def _dz_prologue(act: str):
     """dz = dy * act'(act_in) at flat index i: the step before the gradient products."""
-    grad = _GRAD[act]
+    through = _through(act)
 
     @_inlined
     def dz_prologue(dy, act_in, i):
-        return dy[i] * grad(act_in[i])
+        return through(dy[i], act_in[i])
 
     return dz_prologue
 
@@ -991,15 +1014,10 @@ def _dense_dz_kernel(act: str):
     return dense_dz_kernel
 
 
-@_inlined
-def _one(a):
-    return _ONE
-
-
 @functools.cache
 def _dropout_dz_kernel(act: str):
     """The dz kernel of a layer whose output the forward masked, for ``act`` (identity included)."""
-    grad = _GRAD.get(act, _one)
+    through = _through(act)
     reads_z = act in NEEDS_Z
 
     @cuda.jit
@@ -1012,7 +1030,7 @@ def _dropout_dz_kernel(act: str):
                 if col + e < cols:
                     i = _u64(row * cols + col + e)
                     own = act_in[i] if reads_z else act_in[i] * keep_prob
-                    dz[i] = _kept(dy[i], words[e], threshold, scale) * grad(own)
+                    dz[i] = through(_kept(dy[i], words[e], threshold, scale), own)
 
     return dropout_dz_kernel
 
@@ -1046,7 +1064,7 @@ def _dx_epilogue(act: str, masked: bool):
     as the forward's _mask_tile: 16 inlined Philox calls, or 64 copies of erf, beside the
     accumulators would push those to local memory. The products are those of the layer's own
     dense_dz (_dz_prologue) or dropout_dz pass, in the same order: the same bits."""
-    grad = _GRAD.get(act, _one)
+    through = _through(act)
     after_store = masked or act in NEEDS_Z
     scale_own = act not in NEEDS_Z  # y * keep_prob is the activation's own output; z is unmasked
 
@@ -1060,7 +1078,7 @@ def _dx_epilogue(act: str, masked: bool):
                     for j in range(THREAD_N):
                         c = n0 + col + (j // RUN) * COL_RUN_GAP + j % RUN
                         if c < dx.shape[1]:
-                            dx[_u64(r), _u64(c)] = acc[i, j] * grad(act_in[_u64(r), _u64(c)])
+                            dx[_u64(r), _u64(c)] = through(acc[i, j], act_in[_u64(r), _u64(c)])
             return
         if masked:
             key, threshold, scale, first_row, keep_prob = mask
@@ -1082,7 +1100,7 @@ def _dx_epilogue(act: str, masked: bool):
                                     g = _kept(g, words[e], threshold, scale)
                                     if scale_own:
                                         own = own * keep_prob
-                                dx[at] = g * grad(own)
+                                dx[at] = through(g, own)
 
     return dx_epilogue
 
@@ -1439,7 +1457,8 @@ def _row_max_and_sum(x, row, in_rows, row_max, row_sum):
         for c in range(lane, x.shape[1], ROW_LANES):
             v = x[row, c]
             if v > running_max:
-                running_sum = running_sum * math.exp(running_max - v) + _ONE
+                # exp(v - v): 1, or NaN for v = inf, as the other backends' sums have it
+                running_sum = running_sum * math.exp(running_max - v) + (v - v + _ONE)
                 running_max = v
             else:
                 running_sum += math.exp(v - running_max)
@@ -1760,7 +1779,8 @@ def _sgd_kernel(param, grad, neg_lr, weight_decay):
     """param += neg_lr * (grad + weight_decay * param), all (n,)."""
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         p = param[i]
-        param[i] = p + (p * weight_decay + grad[i]) * neg_lr
+        g = p * weight_decay + grad[i] if weight_decay != _ZERO else grad[i]
+        param[i] = p + g * neg_lr
 
 
 @cuda.jit
@@ -1768,7 +1788,7 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
     """g = grad + wd p; v = momentum v + g; param += neg_lr * (g + momentum v if nesterov else v)."""
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         p = param[i]
-        g = p * weight_decay + grad[i]
+        g = p * weight_decay + grad[i] if weight_decay != _ZERO else grad[i]
         v = velocity[i] * momentum + g
         velocity[i] = v
         step = v * momentum + g if nesterov else v
@@ -1781,7 +1801,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     p = _view(param).ravel()
     g = _view(grad).ravel()
     launch = (elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream)
-    # weight_decay 0 leaves g = 0 * p + grad = grad exactly, so one kernel serves both cases.
+    # The kernels skip 0 * p for weight_decay 0: it is NaN where p is infinite.
     if momentum:
         _sgd_momentum_kernel[launch](
             p, g, _view(velocity).ravel(), np.float32(-lr), np.float32(momentum), bool(nesterov),
@@ -1798,7 +1818,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
     p += step_scale * m / (sqrt(v) / sqrt(1 - b2^t) + eps), step_scale = -lr / (1 - b1^t)."""
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         p = param[i] * decay
-        g = p * l2 + grad[i]
+        g = p * l2 + grad[i] if l2 != _ZERO else grad[i]
         mi = m[i] * beta1 + g * one_minus_beta1
         vi = v[i] * beta2 + g * one_minus_beta2 * g  # (1-b2) g first, as PyTorch: g * g overflows sooner
         m[i] = mi
@@ -1830,7 +1850,7 @@ def _rmsprop_kernel(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, 
     param += neg_lr * b, else param += neg_lr * g / avg."""
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         p = param[i]
-        g = p * weight_decay + grad[i]
+        g = p * weight_decay + grad[i] if weight_decay != _ZERO else grad[i]
         v = square_avg[i] * alpha + g * one_minus_alpha * g
         square_avg[i] = v
         variance = v
