@@ -31,6 +31,14 @@ def non_negative(value, name: str) -> float:
     return float(value)
 
 
+def positive(value, name: str) -> float:
+    """A finite number > 0: a step, a divisor, an epsilon."""
+    value = non_negative(value, name)
+    if value == 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    return value
+
+
 def in_unit_interval(value, name: str) -> float:
     """A number in [0, 1): momentum and Adam's betas."""
     value = non_negative(value, name)

@@ -130,8 +130,7 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
     the hundreds puts about 1e-8 of noise on every numerical gradient element, which a fixed
     1e-8 would report as a wrong gradient wherever an element is small.
     """
-    if _checks.non_negative(eps, "eps") == 0:
-        raise ValueError("eps: expected a finite number > 0, got 0")
+    _checks.positive(eps, "eps")
     _checks.non_negative(rtol, "rtol")
     if atol is not None:
         _checks.non_negative(atol, "atol")

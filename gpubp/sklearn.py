@@ -191,8 +191,7 @@ class _BaseMLP(BaseEstimator):
         for name in ("alpha", "power_t", "tol"):
             _checks.non_negative(getattr(self, name), name)
         for name in ("learning_rate_init", "epsilon"):
-            if not _checks.non_negative(getattr(self, name), name) > 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+            _checks.positive(getattr(self, name), name)
         for name in ("momentum", "beta_1", "beta_2", "validation_fraction"):
             _checks.in_unit_interval(getattr(self, name), name)
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):

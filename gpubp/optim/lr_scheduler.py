@@ -66,13 +66,6 @@ def _checked_per_group(value, name: str, optimizer: Optimizer, check) -> list:
             for i, item in enumerate(_per_group(value, name, optimizer))]
 
 
-def _positive(value, name: str) -> float:
-    """A number > 0: a divisor."""
-    if _checks.non_negative(value, name) == 0:
-        raise ValueError(f"{name}: expected a number > 0, got {value}")
-    return float(value)
-
-
 def _last_epoch(value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < -1:
         raise ValueError(f"last_epoch: expected an int >= -1, got {value!r}")
@@ -356,8 +349,8 @@ class OneCycleLR(LRScheduler):
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy: expected 'cos' or 'linear', got {anneal_strategy!r}")
         max_lrs = _checked_per_group(max_lr, "max_lr", optimizer, _checks.non_negative)
-        div_factor = _positive(div_factor, "div_factor")
-        final_div_factor = _positive(final_div_factor, "final_div_factor")
+        div_factor = _checks.positive(div_factor, "div_factor")
+        final_div_factor = _checks.positive(final_div_factor, "final_div_factor")
         cycle_momentum = bool(cycle_momentum)
         if cycle_momentum:
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:

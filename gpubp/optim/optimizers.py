@@ -366,8 +366,7 @@ class Adam(Optimizer):
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         _checks.in_unit_interval(betas[0], "betas[0]")
         _checks.in_unit_interval(betas[1], "betas[1]")
-        if not _checks.non_negative(options["eps"], "eps") > 0:
-            raise ValueError(f"eps: expected a number > 0, got {options['eps']}")
+        _checks.positive(options["eps"], "eps")
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         zeros = param.backend.zeros
@@ -437,8 +436,7 @@ class RMSprop(Optimizer):
     def _validate(self, options: dict) -> None:
         super()._validate(options)
         _checks.in_unit_interval(options["alpha"], "alpha")
-        if not _checks.non_negative(options["eps"], "eps") > 0:
-            raise ValueError(f"eps: expected a number > 0, got {options['eps']}")
+        _checks.positive(options["eps"], "eps")
         _checks.in_unit_interval(options["momentum"], "momentum")
         if not isinstance(options["centered"], (bool, np.bool_)):
             raise TypeError(f"centered: expected a bool, got {type(options['centered']).__name__} "
