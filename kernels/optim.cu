@@ -39,12 +39,17 @@ namespace {
 // bias corrections) as kernel arguments and the *_hyper ones that read them from device
 // memory, which a CUDA graph captures once and a host copy updates before every replay.
 
+// g + weight_decay p, the L2 decay PyTorch adds to the gradient. No decay adds nothing: 0 * p is
+// NaN for an infinite p, where the other backends keep it.
+__device__ __forceinline__ float with_weight_decay(float g, float p, float weight_decay) {
+    return weight_decay != 0.0f ? fmaf(weight_decay, p, g) : g;
+}
+
 __device__ __forceinline__ void sgd_element(float* __restrict__ param, const float* __restrict__ grad,
                                             float* __restrict__ velocity, float lr, float momentum, int nesterov,
                                             float weight_decay, long long i) {
     const float p = param[i];
-    // no decay adds nothing: 0 * p is NaN for an infinite p, where the other backends keep it
-    const float g = weight_decay != 0.0f ? fmaf(weight_decay, p, grad[i]) : grad[i];
+    const float g = with_weight_decay(grad[i], p, weight_decay);
     float step = g;
     if (momentum != 0.0f) {
         const float v = fmaf(momentum, velocity[i], g);
@@ -71,8 +76,8 @@ __device__ __forceinline__ void adam_element(float* __restrict__ param, const fl
     float g = grad[i];
     if (decoupled) {
         p *= 1.0f - lr * weight_decay;
-    } else if (weight_decay != 0.0f) {
-        g = fmaf(weight_decay, p, g);
+    } else {
+        g = with_weight_decay(g, p, weight_decay);
     }
     const float mi = fmaf(beta1, m[i], (1.0f - beta1) * g);
     const float vi = fmaf(beta2, v[i], (1.0f - beta2) * g * g);
@@ -96,7 +101,7 @@ __device__ __forceinline__ void rmsprop_element(float* __restrict__ param, const
                                                 float* __restrict__ momentum_buffer, float lr, float alpha, float eps,
                                                 float weight_decay, float momentum, int centered, long long i) {
     const float p = param[i];
-    const float g = weight_decay != 0.0f ? fmaf(weight_decay, p, grad[i]) : grad[i];
+    const float g = with_weight_decay(grad[i], p, weight_decay);
     const float v = fmaf(alpha, square_avg[i], (1.0f - alpha) * g * g);
     square_avg[i] = v;
     float variance = v;
