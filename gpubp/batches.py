@@ -144,9 +144,12 @@ def optimizer_for(model, optimizer, fresh: bool = False):
     """The optimizer to train ``model`` with: an instance as given; a name built once per model
     and name, and reused (state included) while the model keeps the same parameters on the same
     backend, whatever other names were used in between; ``fresh`` builds it again (``compile``,
-    as Keras's builds a new optimizer)."""
+    as Keras's builds a new optimizer). An instance must update only the model's parameters
+    (:func:`check_optimizer_params`)."""
     if not isinstance(optimizer, str):
-        return optim.get(optimizer, model.parameters())
+        optimizer = optim.get(optimizer, model.parameters())
+        check_optimizer_params(model, optimizer)
+        return optimizer
     params = model.parameters()
     name = optimizer.lower()
     key = (model.backend_name, tuple(id(p) for p in params))
@@ -156,6 +159,18 @@ def optimizer_for(model, optimizer, fresh: bool = False):
     if fresh or name not in named or named[name][0] != key:
         named[name] = (key, optim.get(optimizer, params))
     return named[name][1]
+
+
+def check_optimizer_params(model, optimizer) -> None:
+    """Every parameter ``optimizer`` updates is one of ``model``'s Parameters (the same objects:
+    a subset, such as ``model.trainable_parameters()`` or ``gpubp.finetune.param_groups``, is
+    fine). An optimizer of other parameters would train nothing here and step the weights of
+    the model it was built on, whose gradients it reads."""
+    own = {id(param) for param in model.parameters()}
+    if any(id(param) not in own for param in optimizer.parameters()):
+        raise ValueError("optimizer: it updates parameters that are not the model's; build it on this model's "
+                         "parameters (resuming from gb.load_checkpoint, use the optimizer the checkpoint loaded, "
+                         "ckpt.optimizer, not the one of the run that wrote it)")
 
 
 def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -> float:

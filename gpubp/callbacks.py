@@ -151,7 +151,8 @@ def monitor_mode(monitor: str, mode: str) -> str:
 
 def _format_fields(path: str) -> list[str]:
     """The names a ``str.format`` pattern fills in (``"run-{epoch:03d}-{val_loss:.3f}"``:
-    epoch, val_loss), each checked to be a name."""
+    epoch, val_loss), each checked to be a name, and the pattern checked to format an int
+    epoch and float logged values (so a bad format spec fails here, not after an epoch)."""
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(path) if field is not None]
     except ValueError as error:
@@ -160,6 +161,11 @@ def _format_fields(path: str) -> list[str]:
         if not field.isidentifier():
             raise ValueError(f"path: {{{field}}} in {path!r} names no logged value; name one, as in "
                              "{epoch:03d} or {val_loss:.3f}")
+    try:
+        path.format(**{field: 1 if field == "epoch" else 0.5 for field in fields})
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(f"path: {error} in {path!r}; the epoch is an int and logged values are floats, as in "
+                         "{epoch:03d} or {val_loss:.3f}") from None
     return fields
 
 
@@ -171,12 +177,13 @@ class ModelCheckpoint(Callback):
     ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
     in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
     minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
-    the best value in the History it continues. Under ``fit(distributed=True)`` only rank 0 writes.
+    the best value of the History's epochs this callback checks (every ``every``-th), so it
+    saves where the uninterrupted run would. Under ``fit(distributed=True)`` only rank 0 writes.
     The file holds the state of the scheduler ``fit`` was given too (see :class:`gpubp.Checkpoint`).
     It is written after every other callback's ``on_epoch_end``, wherever this callback stands
     in the list, so a resumed run continues from the rates and state those set at that epoch's
-    end. ``fit`` checks before its first step that it logs ``monitor`` and every value ``path``
-    names.
+    end. ``path`` is checked here to format an int epoch and float logged values, and ``fit``
+    checks before its first step that it logs ``monitor`` and every value ``path`` names.
     """
 
     main_process_only = True
@@ -205,8 +212,11 @@ class ModelCheckpoint(Callback):
         self.best = math.inf if self.mode == "min" else -math.inf
         earlier = getattr(model, "history", None)
         if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
-            for value in earlier.history[self.monitor]:
-                self._improves(value)
+            # Only the epochs a running callback checks (every ``every``-th), so a resumed run saves
+            # where the uninterrupted one would.
+            for epoch, value in zip(earlier.epoch, earlier.history[self.monitor]):
+                if (epoch + 1) % self.every == 0:
+                    self._improves(value)
 
     def _improves(self, value: float) -> bool:
         better = value < self.best if self.mode == "min" else value > self.best

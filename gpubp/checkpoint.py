@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp import _random, io, optim
+from gpubp import _random, batches, io, optim
 from gpubp.optim import lr_scheduler
 from gpubp.layers import Sequential
 from gpubp.history import History
@@ -79,9 +79,8 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
     if type(optimizer).__name__ not in OPTIMIZER_CLASSES:
         raise TypeError(f"optimizer: checkpoints hold the built-in optimizers {sorted(OPTIMIZER_CLASSES)}, "
                         f"got {type(optimizer).__name__}")
+    batches.check_optimizer_params(model, optimizer)
     positions = {id(p): i for i, p in enumerate(model.parameters())}
-    if any(id(p) not in positions for p in optimizer.parameters()):
-        raise ValueError("optimizer: it updates parameters that are not the model's")
     history = history if history is not None else History()
     state_dict = optimizer.state_dict()
     state = {}

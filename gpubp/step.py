@@ -88,10 +88,10 @@ class TrainStep:
 
     ``loss`` and ``optimizer`` are as for ``fit`` (names or objects; by default the compiled
     ones, else ``"cross_entropy"`` and ``"adam"``; a named optimizer is the model's, kept
-    across ``fit`` calls and steps). ``clip_grad_norm`` clips the gradients before each
-    update. ``cuda_graph``: False (the default) launches every kernel from Python; True
-    captures the step in a CUDA graph and replays it (a ValueError says why it cannot);
-    "auto" does so where it can. See the module documentation for how and when.
+    across ``fit`` calls and steps, and an Optimizer must update only the model's parameters).
+    ``clip_grad_norm`` clips the gradients before each update. ``cuda_graph``: False (the
+    default) launches every kernel from Python; True captures the step in a CUDA graph and
+    replays it (a ValueError says why it cannot); "auto" does so where it can. See the module documentation for how and when.
     """
 
     def __init__(self, model, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):

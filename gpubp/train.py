@@ -69,8 +69,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
     ``mse`` / ``binary_cross_entropy``; one-hot rows for ``categorical_cross_entropy``.
     ``loss``, ``optimizer`` and ``metrics`` default to those given to :func:`compile`, else
-    ``"cross_entropy"`` and ``"adam"``. A sigmoid or softmax last layer with its matching loss
-    (``binary_cross_entropy``, the cross-entropies) trains on the logits, fused and stable.
+    ``"cross_entropy"`` and ``"adam"``; an Optimizer must update this model's parameters (all or
+    some of them: not those of another model, or of the model a checkpoint was saved from).
+    A sigmoid or softmax last layer with its matching loss (``binary_cross_entropy``, the
+    cross-entropies) trains on the logits, fused and stable.
     ``learning_rate`` sets the rate of every param group for this call only (with a
     learning-rate callback it is the starting rate, and the rates the callback sets stay).
     ``scheduler`` is a :mod:`gpubp.optim.lr_scheduler` scheduler of the optimizer, stepped as

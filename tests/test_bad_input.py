@@ -305,6 +305,37 @@ def test_an_optimizer_over_non_parameters_is_a_type_error():
         gb.optim.SGD([np.ones(3)], lr=0.1)
 
 
+@pytest.mark.parametrize("use", [
+    lambda model, x, y, opt: model.fit(x, y, optimizer=opt, verbose=0),
+    lambda model, x, y, opt: model.compile(optimizer=opt),
+    lambda model, x, y, opt: model.train_step("cross_entropy", opt),
+], ids=["fit", "compile", "train_step"])
+def test_an_optimizer_of_another_models_parameters_is_refused_before_any_step(use):
+    model, other = make_model(), make_model()
+    x, y = data()
+    other.backward(gb.losses.cross_entropy(other.forward(x), y)[1])  # gradients the optimizer would apply
+    other_before = other.get_weights()
+    with rejected(model, ValueError, r"^optimizer: it updates parameters that are not the model's; .*"
+                                     r"use the optimizer the checkpoint loaded"):
+        use(model, x, y, gb.optim.SGD(other.parameters(), lr=0.1))
+    assert_weights_equal(other_before, other)
+
+
+@pytest.mark.parametrize("params", [
+    lambda model: model.trainable_parameters(),
+    lambda model: model[1].parameters(),
+    lambda model: gb.finetune.param_groups(model, lr=0.1),
+], ids=["trainable", "head", "finetune_groups"])
+def test_an_optimizer_of_some_of_the_models_parameters_trains_them(params):
+    model = make_model()
+    model[0].freeze()
+    x, y = data()
+    before = model.get_weights()
+    model.fit(x, y, optimizer=gb.optim.SGD(params(model), lr=0.1), verbose=0)
+    assert_arrays_equal(model.get_weights()[:2], before[:2])
+    assert not np.array_equal(model.get_weights()[2], before[2])
+
+
 # ----------------------------------------------------------------------------- GPU arrays and devices
 
 

@@ -128,6 +128,37 @@ def test_a_resumed_run_remembers_the_best_value_so_far(tmp_path):
     assert cb.best == 0.25 and not (tmp_path / "best.npz").exists()
 
 
+def scripted_metric(values):
+    """A validation metric ``score`` that returns ``values`` in turn, one per epoch."""
+    values = iter(values)
+
+    def score(scores, y):
+        return next(values)
+    return score
+
+
+def test_save_best_only_every_n_epochs_resumes_saving_what_the_uninterrupted_run_saves(tmp_path):
+    """A resumed run's best comes from the epochs the callback checks (every 2nd), not from epoch 1's 0.5."""
+    values = [0.5, 0.9, 0.8, 0.7, 0.6, 0.65]
+
+    def run(folder, model, optimizer, epochs, score, **kwargs):
+        checkpoint = gb.ModelCheckpoint(folder / "best-{epoch}.npz", monitor="val_score", mode="min",
+                                        save_best_only=True, every=2)
+        x, y = dataset()
+        model.fit(x, y, optimizer=optimizer, epochs=epochs, batch_size=8, validation_split=0.2, metrics=[score],
+                  callbacks=[checkpoint], verbose=0, **kwargs)
+        return sorted(p.name for p in folder.iterdir())
+
+    for folder in ("full", "resumed"):
+        (tmp_path / folder).mkdir()
+    full = run(tmp_path / "full", new_model(), "sgd", 6, scripted_metric(values))
+    score = scripted_metric(values)  # the resumed run goes on with the values the first part left
+    run(tmp_path / "resumed", new_model(), "sgd", 2, score)
+    ckpt = gb.load_checkpoint(tmp_path / "resumed" / "best-2.npz", device="cpu")
+    resumed = run(tmp_path / "resumed", ckpt.model, ckpt.optimizer, 6, score, initial_epoch=ckpt.epoch)
+    assert full == resumed == ["best-2.npz", "best-4.npz", "best-6.npz"]
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(save_best_only=True), ValueError, "save_best_only: needs a monitor"),
     (dict(every=0), ValueError, "every: expected a positive int, got 0"),
@@ -163,6 +194,30 @@ def test_a_path_that_names_no_logged_value_is_refused(path):
         gb.ModelCheckpoint(path)
 
 
+@pytest.mark.parametrize("path", ["m-{val_loss:03d}.npz", "m-{epoch:s}.npz", "m-{epoch!z}.npz",
+                                  "m-{val_loss:{width}}.npz"])
+def test_a_path_that_cannot_format_an_epoch_or_a_logged_value_fails_before_the_first_step(tmp_path, path):
+    model = new_model()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"^path: .*the epoch is an int and logged values are floats"):
+        train(model, "adam", 1, [gb.ModelCheckpoint(tmp_path / path)])
+    assert_weights_equal(before, model)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path, logged, written", [
+    ("m-{epoch:02d}.npz", None, "m-02.npz"),
+    ("m-{epoch}-{val_loss:.2f}.npz", "val_loss", "m-2-{:.2f}.npz"),
+    ("m-{loss}.npz", "loss", "m-{}.npz"),
+    ("m-{epoch:.1f}-{val_accuracy:03.0%}.npz", "val_accuracy", "m-2.0-{:03.0%}.npz"),
+], ids=["epoch_02d", "val_loss_2f", "loss", "float_spec_on_epoch"])
+def test_a_path_that_formats_its_values_names_the_file(tmp_path, path, logged, written):
+    model = new_model()
+    history = train(model, "adam", 2, [gb.ModelCheckpoint(tmp_path / path, every=2)])
+    expected = written.format(history[logged][-1]) if logged else written
+    assert [p.name for p in tmp_path.iterdir()] == [expected]
+
+
 def test_an_optimizer_of_other_parameters_cannot_be_checkpointed(tmp_path):
     model, other = new_model(), new_model()
     with pytest.raises(ValueError, match="optimizer: it updates parameters that are not the model's"):
@@ -170,6 +225,19 @@ def test_an_optimizer_of_other_parameters_cannot_be_checkpointed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resuming
+
+
+def test_resuming_with_the_optimizer_of_the_run_that_wrote_the_checkpoint_is_refused(tmp_path):
+    model = new_model()
+    optimizer = gb.optim.Adam(model.parameters(), lr=0.01)
+    train(model, optimizer, 2, [gb.ModelCheckpoint(tmp_path / "run.npz")])
+    ckpt = gb.load_checkpoint(tmp_path / "run.npz", device="cpu")
+    before, old_before = ckpt.model.get_weights(), model.get_weights()
+    with pytest.raises(ValueError, match=r"^optimizer: it updates parameters that are not the model's; .*"
+                                         r"use the optimizer the checkpoint loaded, ckpt.optimizer"):
+        train(ckpt.model, optimizer, 4, initial_epoch=ckpt.epoch)
+    assert_weights_equal(before, ckpt.model)
+    assert_weights_equal(old_before, model)
 
 
 @pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
