@@ -63,7 +63,7 @@ import warnings
 import numpy as np
 from scipy import sparse
 from scipy.special import xlogy
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
@@ -137,32 +137,54 @@ class _BaseMLP(BaseEstimator):
         """Train on ``X`` (n_samples, n_features) and ``y`` for up to ``max_iter`` epochs; returns self.
 
         ``sample_weight`` (n_samples,) weights each sample's loss (see the module documentation).
+        With ``warm_start=True`` training goes on from the fitted weights, under the parameters
+        as they are now: the hidden layers take the current ``activation`` (the output layer's is
+        the task's), the model the current ``precision``, and the Dropouts the current
+        ``dropout``. Turning dropout on or off (from or to 0) builds a new ``model_`` around the
+        same Dense layers, their weights and frozen flags kept; a changed rate is set in place.
+        Every parameter and input is checked before anything fitted changes, so a call that
+        raises leaves the estimator as it was.
         """
         return self._fit(X, y, sample_weight, incremental=False)
 
-    def _fit(self, X, y, sample_weight, incremental: bool):
+    def _fit(self, X, y, sample_weight, incremental: bool, classes=None):
         hidden = self._check_params()
         if incremental and self.early_stopping:
             raise ValueError("early_stopping=True: partial_fit trains one epoch on the batch it is given and holds "
                              "nothing out; use fit, or early_stopping=False")
         first = not hasattr(self, "model_") or not (self.warm_start or incremental)
-        X, y = self._validate(X, y, reset=first)
+        # Checks, and the model to train, come before anything fitted changes: a call that
+        # raises leaves the estimator as it was.
+        X, y, features = self._validate(X, y, reset=first)
         X = X.toarray() if sparse.issparse(X) else X
-        targets, n_outputs = self._targets(y, incremental)
+        targets, n_outputs, labels = self._targets(y, first, classes)
+        if not first and n_outputs != self.n_outputs_:
+            raise ValueError(f"y: expected {self.n_outputs_} outputs per sample, as in the earlier fit, "
+                             f"got {n_outputs}")
         weights = _sample_weights(sample_weight, len(X))
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-        self._rng = np.random.default_rng(seed)
-        held_out = self._hold_out(y) if self.early_stopping and not incremental else None
-        with _random.using(self._rng):
+        rng = np.random.default_rng(seed)
+        validation = None
+        if self.early_stopping and not incremental:
+            train, held = self._hold_out(y, rng)
+            validation = (X[held], y[held], None if weights is None else weights[held])
+            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
+        if weights is not None and not weights.mean() > 0:
+            raise ValueError("sample_weight: every training sample's weight is zero, so nothing would train")
+        with _random.using(rng):
+            model = self._new_model(X, n_outputs, hidden, self._head(labels)) if first else self._warm_model()
+            if features is not None:
+                vars(self).pop("feature_names_in_", None)  # a fit on unnamed columns forgets the names
+                vars(self).update(features)
+            if labels is not None:
+                self._label_binarizer, self.classes_ = labels, labels.classes_
+            self._rng, self.model_ = rng, model
             if first:
-                self._initialize(X, n_outputs, hidden)
-            elif n_outputs != self.n_outputs_:
-                raise ValueError(f"y: expected {self.n_outputs_} outputs per sample, as in the earlier fit, "
-                                 f"got {n_outputs}")
+                self._initialize(n_outputs, hidden)
             if not incremental or not hasattr(self, "_optimizer"):
                 self._optimizer = self._new_optimizer(self.model_)
                 self._learning_rate = self.learning_rate_init
-            self._train(X, targets, y, weights, held_out, incremental)
+            self._train(X, targets, weights, validation, incremental)
         return self
 
     def _check_params(self) -> list[int]:
@@ -199,21 +221,49 @@ class _BaseMLP(BaseEstimator):
                 raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         return hidden
 
-    def _initialize(self, X, n_outputs: int, hidden: list[int]) -> None:
-        """A fresh model and fresh training records, as a first fit starts."""
+    def _new_model(self, X, n_outputs: int, hidden: list[int], head: str) -> gb.Sequential:
+        """A freshly initialised model for ``X`` (its width and float type): the ``hidden`` layers,
+        then ``n_outputs`` outputs for the output activation ``head``."""
         backend = backends.resolve(self.device, self.backend)
         dtype = X.dtype if X.dtype in backends.get(backend).DTYPES else np.dtype(np.float32)
+        sizes = [X.shape[1], *hidden]
+        layers = [gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype)
+                  for fan_in, fan_out in zip(sizes, sizes[1:])]
+        output = gb.Dense(sizes[-1], n_outputs, HEAD_LAYERS.get(head, head), dtype=dtype)
+        return gb.Sequential(self._with_dropout(layers, output), backend=backend, dtype=dtype,
+                             precision=self.precision)
+
+    def _with_dropout(self, hidden: list[gb.Dense], output: gb.Dense) -> list[gb.Layer]:
+        """The hidden layers, each followed by a Dropout of rate ``dropout`` unless it is 0, then the output layer."""
+        layers = []
+        for layer in hidden:
+            layers += [layer, gb.Dropout(self.dropout)] if self.dropout else [layer]
+        return [*layers, output]
+
+    def _warm_model(self) -> gb.Sequential:
+        """``model_`` under the current ``activation``, ``dropout`` and ``precision``, for a warm
+        fit or partial_fit (see ``fit``). What can raise (a precision or a layout this device
+        cannot run) comes first, before any layer changes."""
+        model = self.model_
+        dense = [layer for layer in model if isinstance(layer, gb.Dense)]
+        if any(isinstance(layer, gb.Dropout) for layer in model) != bool(self.dropout and dense[:-1]):
+            # The same Dense layers: their weights, frozen flags and (partial_fit's) optimizer state go on.
+            model = gb.Sequential(self._with_dropout(dense[:-1], dense[-1]), backend=model.backend_name,
+                                  dtype=model.dtype, fused=model.fused, precision=self.precision)
+        else:
+            model.precision = self.precision
+        for layer in dense[:-1]:
+            layer.activation = ACTIVATIONS[self.activation]
+        for layer in model:
+            if isinstance(layer, gb.Dropout):
+                layer.rate = float(self.dropout)
+        return model
+
+    def _initialize(self, n_outputs: int, hidden: list[int]) -> None:
+        """Fresh training records, as a first fit starts."""
         self.n_outputs_ = n_outputs
         self.n_layers_ = len(hidden) + 2
         self.out_activation_ = OUT_ACTIVATIONS[self._head()]
-        sizes = [X.shape[1], *hidden]
-        layers = []
-        for fan_in, fan_out in zip(sizes, sizes[1:]):
-            layers.append(gb.Dense(fan_in, fan_out, ACTIVATIONS[self.activation], dtype=dtype))
-            if self.dropout:
-                layers.append(gb.Dropout(self.dropout))
-        layers.append(gb.Dense(sizes[-1], n_outputs, HEAD_LAYERS.get(self._head(), self._head()), dtype=dtype))
-        self.model_ = gb.Sequential(layers, backend=backend, dtype=dtype, precision=self.precision)
         self.t_ = 0
         self.loss_curve_ = []
         self._no_improvement_count = 0
@@ -244,21 +294,14 @@ class _BaseMLP(BaseEstimator):
         targets: scikit-learn reports the squared error averaged over them and steps along its sum."""
         return self._loss_scale() * (self.n_outputs_ if self._head() == "identity" else 1)
 
-    def _train(self, X, targets, y, weights, held_out, incremental: bool) -> None:
-        """One epoch (partial_fit) or up to max_iter epochs of ``Sequential.fit``, with
-        scikit-learn's bookkeeping after each epoch; ``held_out``: (training rows, validation
-        rows) for early stopping, or None."""
-        validation = None
-        if held_out is not None:
-            train, held = held_out
-            validation = (X[held], y[held], None if weights is None else weights[held])
-            X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
+    def _train(self, X, targets, weights, validation, incremental: bool) -> None:
+        """One epoch (partial_fit) or up to max_iter epochs of ``Sequential.fit`` on the training
+        rows, with scikit-learn's bookkeeping after each epoch; ``weights``: None, or weights that
+        are not all zero; ``validation``: (X, y, sample_weight) held out for early stopping, or None."""
         batch = self._batch_size(len(X))
         weighting, mean_weight = {}, 1.0
         if weights is not None:
             mean_weight = weights.mean()
-            if not mean_weight > 0:
-                raise ValueError("sample_weight: every training sample's weight is zero, so nothing would train")
             weighting["sample_weight"] = weights / mean_weight
         self._loss_offset = self._constant_loss(targets, weights)
         # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated samples.
@@ -277,15 +320,31 @@ class _BaseMLP(BaseEstimator):
             warnings.warn(f"max_iter: all {self.max_iter} epochs ran and the {what} was still improving by more "
                           f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=4)
 
-    def _hold_out(self, y) -> tuple[np.ndarray, np.ndarray]:
-        """(training rows, validation rows) for early stopping, stratified for single-label classes."""
+    def _validate(self, X, y, reset: bool):
+        """(X, y, the feature attributes a fit from scratch learns, or None), as ``validate_data``
+        checks them. ``reset``: a fit from scratch, which validates on an unfitted clone, so that
+        this estimator's ``n_features_in_`` and ``feature_names_in_`` change only once every
+        other check has passed too."""
+        checker = clone(self) if reset else self
+        X, y = validate_data(checker, X, y, accept_sparse=("csr", "csc"), multi_output=True,
+                             y_numeric=not is_classifier(self), dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if not reset:
+            return X, y, None
+        return X, y, {name: getattr(checker, name) for name in ("n_features_in_", "feature_names_in_")
+                      if hasattr(checker, name)}
+
+    def _hold_out(self, y, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, validation rows) for early stopping, stratified for single-label classes;
+        ``rng`` draws the split's seed."""
         n_held = math.ceil(self.validation_fraction * len(y))  # train_test_split's rounding
         if n_held < 2:
             raise ValueError(f"validation_fraction: {self.validation_fraction} of {len(y)} samples holds out "
                              f"{n_held}, too few to score; raise it, or give more data")
-        single_label = is_classifier(self) and self._label_binarizer.y_type_ != "multilabel-indicator"
+        single_label = is_classifier(self) and type_of_target(y) != "multilabel-indicator"
         return train_test_split(np.arange(len(y)), test_size=n_held,
-                                random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
+                                random_state=int(rng.integers(np.iinfo(np.int32).max)),
                                 stratify=y if single_label else None)
 
     def _constant_loss(self, targets, weights) -> float:
@@ -429,47 +488,43 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing from the current weights and optimizer state.
 
-        ``classes`` (every class the data will ever have) is needed on the first call.
+        ``classes`` (every class the data will ever have) is needed on the first call. The
+        current ``activation``, ``dropout`` and ``precision`` apply, as for a warm ``fit``; a call
+        that raises leaves the estimator as it was.
         """
-        if not hasattr(self, "classes_"):
-            if classes is None:
-                raise ValueError("classes: the first call to partial_fit needs every class, classes=np.unique(y_all)")
-            binarizer = LabelBinarizer()
-            self._label_binarizer = binarizer.fit(y if type_of_target(y).startswith("multilabel") else classes)
-            self.classes_ = binarizer.classes_
-        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
-            raise ValueError(f"classes: {unique_labels(classes)} differs from the first call's {self.classes_}")
-        return self._fit(X, y, sample_weight, incremental=True)
+        if classes is None and not hasattr(self, "classes_"):
+            raise ValueError("classes: the first call to partial_fit needs every class, classes=np.unique(y_all)")
+        return self._fit(X, y, sample_weight, incremental=True, classes=classes)
 
-    def _validate(self, X, y, reset: bool):
-        X, y = validate_data(self, X, y, accept_sparse=("csr", "csc"), multi_output=True,
-                             dtype=(np.float64, np.float32), reset=reset)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        return X, y
-
-    def _targets(self, y, incremental: bool) -> tuple[np.ndarray, int]:
-        """(what the loss trains on, the number of outputs): class indices for a softmax,
-        0/1 columns for sigmoids. A first fit learns ``classes_``; later ones check against it."""
+    def _targets(self, y, first: bool, classes=None) -> tuple[np.ndarray, int, LabelBinarizer]:
+        """(what the loss trains on, the number of outputs, the LabelBinarizer of the classes):
+        class indices for a softmax, 0/1 columns for sigmoids. A fit from scratch (``first``)
+        learns the classes from y, partial_fit's first call from ``classes``; later calls check
+        y, and ``classes`` where given, against the fitted ones. Sets nothing."""
         check_classification_targets(y)
-        if not hasattr(self, "classes_") or not (self.warm_start or incremental):
-            self._label_binarizer = LabelBinarizer().fit(y)
-            self.classes_ = self._label_binarizer.classes_
+        if first:
+            multilabel = type_of_target(y).startswith("multilabel")
+            labels = LabelBinarizer().fit(y if classes is None or multilabel else classes)
         else:
-            classes = unique_labels(y)
-            if self.warm_start and set(classes) != set(self.classes_):
-                raise ValueError(f"y: warm_start=True continues training on the classes {self.classes_}, but y has "
-                                 f"{classes}")
-            if np.setdiff1d(classes, self.classes_).size:
-                raise ValueError(f"y: classes {np.setdiff1d(classes, self.classes_)} are not among classes_ "
-                                 f"{self.classes_}")
-        encoded = self._label_binarizer.transform(y)
-        if self._label_binarizer.y_type_ == "multiclass":
-            return encoded.argmax(axis=1), encoded.shape[1]
-        return encoded, encoded.shape[1]
+            labels = self._label_binarizer
+            if classes is not None and not np.array_equal(unique_labels(classes), labels.classes_):
+                raise ValueError(f"classes: {unique_labels(classes)} differs from the first call's {labels.classes_}")
+        found = unique_labels(y)
+        if self.warm_start and set(found) != set(labels.classes_):
+            raise ValueError(f"y: warm_start=True continues training on the classes {labels.classes_}, but y has "
+                             f"{found}")
+        if np.setdiff1d(found, labels.classes_).size:
+            raise ValueError(f"y: classes {np.setdiff1d(found, labels.classes_)} are not among classes_ "
+                             f"{labels.classes_}")
+        encoded = labels.transform(y)
+        if labels.y_type_ == "multiclass":
+            return encoded.argmax(axis=1), encoded.shape[1], labels
+        return encoded, encoded.shape[1], labels
 
-    def _head(self) -> str:
-        return "softmax" if self._label_binarizer.y_type_ == "multiclass" else "sigmoid"
+    def _head(self, labels: LabelBinarizer | None = None) -> str:
+        """The output layer's activation for the classes of ``labels`` (by default the fitted ones)."""
+        labels = self._label_binarizer if labels is None else labels
+        return "softmax" if labels.y_type_ == "multiclass" else "sigmoid"
 
     def _score_arrays(self, X, y, sample_weight) -> float:
         return accuracy_score(y, self._labels(self._predict_arrays(X)), sample_weight=sample_weight)
@@ -524,27 +579,25 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.loss = loss
 
     def partial_fit(self, X, y, sample_weight=None):
-        """One epoch over (X, y), continuing from the current weights and optimizer state."""
+        """One epoch over (X, y), continuing from the current weights and optimizer state.
+
+        The current ``activation``, ``dropout`` and ``precision`` apply, as for a warm ``fit``; a
+        call that raises leaves the estimator as it was.
+        """
         return self._fit(X, y, sample_weight, incremental=True)
 
     def _check_params(self) -> list[int]:
         _choice(self.loss, REGRESSION_LOSSES, "loss")
         return super()._check_params()
 
-    def _validate(self, X, y, reset: bool):
-        X, y = validate_data(self, X, y, accept_sparse=("csr", "csc"), multi_output=True, y_numeric=True,
-                             dtype=(np.float64, np.float32), reset=reset)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        return X, y
-
-    def _targets(self, y, incremental: bool) -> tuple[np.ndarray, int]:
+    def _targets(self, y, first: bool, classes=None) -> tuple[np.ndarray, int, None]:
+        """(y, the number of outputs, None: no classes), y checked against ``loss``."""
         if self.loss == "poisson" and y.min() < 0:
             raise ValueError(f"y: loss='poisson' needs targets >= 0 (counts or rates), got values from {y.min()} "
                              f"to {y.max()}")
-        return y, 1 if y.ndim == 1 else y.shape[1]
+        return y, 1 if y.ndim == 1 else y.shape[1], None
 
-    def _head(self) -> str:
+    def _head(self, labels=None) -> str:
         return "exp" if self.loss == "poisson" else "identity"
 
     def _constant_loss(self, targets, weights) -> float:

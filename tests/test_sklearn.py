@@ -281,6 +281,113 @@ def test_a_regressor_loss_other_than_scikit_learns_two_is_refused():
         MLPRegressor(loss="absolute_error", device="cpu").fit(X_SMALL, np.ones(40))
 
 
+# ----------------------------------------------------------------------------- a call that raises changes nothing
+
+BINARY = (X_SMALL[:, 0] > 0).astype(int)
+X_WIDER = np.random.default_rng(4).normal(size=(40, 6))  # their own streams, as COUNTS
+LETTERS = np.array(["a", "b", "c"])[np.random.default_rng(5).integers(0, 3, 40)]
+# (estimator, parameters set after its fit on (X_SMALL, BINARY), the method called, its X, y and
+# sample_weight, the error): the wider X and the letters would change n_features_in_ and classes_.
+FAILING_CALLS = {
+    "all-zero sample_weight": ("MLPClassifier", {}, "fit", (X_SMALL, BINARY, np.zeros(40)),
+                               "sample_weight: every training sample's weight is zero"),
+    "all-zero sample_weight, warm_start": ("MLPClassifier", {"warm_start": True}, "fit",
+                                           (X_SMALL, BINARY, np.zeros(40)), "sample_weight: every training"),
+    "all-zero sample_weight, partial_fit": ("MLPClassifier", {}, "partial_fit", (X_SMALL, BINARY, np.zeros(40)),
+                                            "sample_weight: every training"),
+    "too few sample weights": ("MLPClassifier", {}, "fit", (X_WIDER, LETTERS, np.ones(39)),
+                               r"sample_weight: expected shape \(40,\)"),
+    "negative sample weights": ("MLPClassifier", {}, "fit", (X_WIDER, LETTERS, -np.ones(40)),
+                                "sample_weight: expected finite weights >= 0"),
+    "a validation split too small": ("MLPClassifier", {"early_stopping": True, "validation_fraction": 0.01}, "fit",
+                                     (X_WIDER, LETTERS, None), "validation_fraction: 0.01 of 40 samples"),
+    "negative poisson targets": ("MLPRegressor", {"loss": "poisson"}, "fit", (X_WIDER, -np.ones(40), None),
+                                 "y: loss='poisson' needs targets >= 0"),
+}
+
+
+@pytest.mark.parametrize("call", FAILING_CALLS)
+def test_a_call_that_raises_leaves_the_fitted_estimator_as_it_was(call):
+    name, params, method, (x, y, sample_weight), match = FAILING_CALLS[call]
+    estimator = getattr(gbsk, name)(hidden_layer_sizes=(8,), max_iter=5, random_state=0, device="cpu")
+    estimator.fit(X_SMALL, BINARY)
+    estimator.set_params(**params)
+    model, coefs, before = estimator.model_, estimator.coefs_, pickle.dumps(estimator)
+    with pytest.raises(ValueError, match=match):
+        getattr(estimator, method)(x, y, sample_weight=sample_weight)
+    assert estimator.model_ is model and estimator.n_features_in_ == 5
+    for ours, theirs in zip(estimator.coefs_, coefs):
+        np.testing.assert_array_equal(ours, theirs)
+    # The pickle holds every fitted attribute, the weights and the optimizer's state.
+    assert pickle.dumps(estimator) == before
+
+
+def test_a_first_partial_fit_that_raises_leaves_the_classifier_unfitted():
+    clf = MLPClassifier((8,), random_state=0, device="cpu")
+    with pytest.raises(ValueError, match="sample_weight: expected finite weights >= 0"):
+        clf.partial_fit(X_SMALL, BINARY, sample_weight=-np.ones(40), classes=[0, 1])
+    assert not hasattr(clf, "classes_") and not hasattr(clf, "n_features_in_")
+    with pytest.raises(ValueError, match="classes: the first call to partial_fit needs every class"):
+        clf.partial_fit(X_SMALL, BINARY)
+
+
+# ----------------------------------------------------------------------------- warm starts take the parameters
+
+
+def warm_regressor(**params):
+    return MLPRegressor(hidden_layer_sizes=(8, 8), warm_start=True, max_iter=2, batch_size=10, random_state=0,
+                        device="cpu", **params).fit(X_SMALL, X_SMALL[:, 0])
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_warm_fit_runs_the_hidden_layers_in_the_current_activation(method):
+    reg = warm_regressor()
+    getattr(reg.set_params(activation="tanh"), method)(X_SMALL, X_SMALL[:, 0])
+    # The output layer's activation is the task's.
+    assert [layer.activation for layer in reg.model_] == ["tanh", "tanh", "identity"]
+    (w0, w1, w2), (b0, b1, b2) = reg.coefs_, reg.intercepts_
+    expected = np.tanh(np.tanh(X_SMALL @ w0 + b0) @ w1 + b1) @ w2 + b2
+    np.testing.assert_allclose(reg.predict(X_SMALL), expected.ravel(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_warm_fit_runs_in_the_current_precision(method):
+    reg = warm_regressor()
+    model = reg.model_
+    getattr(reg.set_params(precision="bf16"), method)(X_SMALL, X_SMALL[:, 0])
+    assert reg.model_ is model and model.precision == "bf16"
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_warm_fit_sets_a_changed_dropout_rate_in_place(method):
+    reg = warm_regressor(dropout=0.2)
+    model = reg.model_
+    getattr(reg.set_params(dropout=0.5), method)(X_SMALL, X_SMALL[:, 0])
+    assert reg.model_ is model and [layer.rate for layer in model if isinstance(layer, gb.Dropout)] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_turning_dropout_on_and_off_in_a_warm_fit_keeps_the_dense_layers(method):
+    reg = warm_regressor()
+    dense = list(reg.model_)
+    weights = reg.model_.get_weights()
+    getattr(reg.set_params(dropout=0.5, max_iter=1), method)(X_SMALL, X_SMALL[:, 0])
+    assert [type(layer).__name__ for layer in reg.model_] == ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    assert all(ours is theirs for ours, theirs in zip(reg.model_[::2], dense))
+    assert not np.array_equal(reg.model_.get_weights()[0], weights[0])  # trained on from them
+    getattr(reg.set_params(dropout=0.0), method)(X_SMALL, X_SMALL[:, 0])
+    assert all(ours is theirs for ours, theirs in zip(reg.model_, dense)) and len(reg.model_) == 3
+
+
+def test_turning_dropout_on_between_partial_fits_keeps_the_optimizer_state():
+    reg = MLPRegressor(hidden_layer_sizes=(8, 8), batch_size=10, random_state=0, device="cpu")
+    reg.partial_fit(X_SMALL, X_SMALL[:, 0])
+    reg.set_params(dropout=0.5).partial_fit(X_SMALL, X_SMALL[:, 0])
+    assert sum(isinstance(layer, gb.Dropout) for layer in reg.model_) == 2
+    # Adam's step count went on: four batches a call, no fresh moments.
+    assert {entry["step"] for entry in reg._optimizer.state_dict()["state"].values()} == {8}
+
+
 # ----------------------------------------------------------------------------- Poisson regression
 
 
