@@ -440,6 +440,13 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     With ``model``, its weights are replaced (every shape checked first, the model unchanged
     on error); otherwise a new Sequential is built with ``activations`` (default: relu between
     layers, identity at the top) and ``model_kwargs`` (device, backend).
+
+    A :class:`gpubp.torch.MLP` keeps gpubp's (in, out) weights, under the keys that an nn.Module
+    with its Linear layers in ``layers`` has too (``layers.0.weight``): convert it with
+    ``MLP.to_sequential()``, which also keeps its activations, dropout, precision and frozen
+    layers. Its state dict is a ValueError saying so as soon as one layer's bias shows the layout
+    (as long as the weight's second axis, where an nn.Linear's matches the first); an MLP of
+    square layers only holds nothing that tells it from nn.Linear's, and would load transposed.
     """
     if not hasattr(state_dict, "keys"):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
@@ -460,12 +467,17 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
         w = _numpy(state_dict[f"{prefix}.weight"], f"{prefix}.weight")
         if w.ndim != 2:
             raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape}; expected a 2-D nn.Linear weight")
-        if layers is not None and w.shape != (layers[i].out_features, layers[i].in_features):
-            raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape}, expected (out, in) = "
-                             f"{(layers[i].out_features, layers[i].in_features)} for the model's layer {i}")
         if f"{prefix}.bias" not in state_dict:
             raise ValueError(f"state_dict: missing key {prefix + '.bias'!r} (gpubp Dense layers always have a bias)")
         b = _numpy(state_dict[f"{prefix}.bias"], f"{prefix}.bias")
+        if w.shape[0] != w.shape[1] and b.shape == (w.shape[1],):  # before the model's shapes: the cause of their error
+            raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape} and {prefix + '.bias'!r} "
+                             f"{b.shape}: a weight stored (in, out), as gpubp.torch.MLP stores them, where nn.Linear's "
+                             "is (out, in); convert an MLP with MLP.to_sequential() (and other (in, out) weights with "
+                             "gpubp.io.from_keras_weights)")
+        if layers is not None and w.shape != (layers[i].out_features, layers[i].in_features):
+            raise ValueError(f"state_dict: {prefix + '.weight'!r} has shape {w.shape}, expected (out, in) = "
+                             f"{(layers[i].out_features, layers[i].in_features)} for the model's layer {i}")
         if b.shape != (w.shape[0],):
             raise ValueError(f"state_dict: {prefix + '.bias'!r} has shape {b.shape}, expected ({w.shape[0]},)")
         weights += [np.ascontiguousarray(w.T), b]

@@ -3,7 +3,15 @@
 ``model.save("m.onnx")`` writes what ``model.predict`` computes, for any batch size: one
 ``Gemm`` per layer (weights (in, out) as ``B``, the bias as ``C``), then its activation, the
 sigmoid or softmax head included, in the model's float type (float32, or float64 as ONNX
-``double``). A Dropout is the identity in ``predict`` and writes no node. The batch axis is named
+``double``). A Dropout is the identity in ``predict`` and writes no node. A ``precision="bf16"``
+model's products multiply what ``predict``'s do: each Gemm's input goes through ``Cast`` to
+``BFLOAT16`` and back (float64 by way of float32, as ``round_bf16`` goes), which rounds to nearest,
+ties to even, bit for bit as ``round_bf16`` does (in onnxruntime and in ONNX's reference
+implementation), and its weights are written already so rounded, in the float type; the bias and
+the sums stay in the float type. onnxruntime before 1.17 removes a Cast to bfloat16 and back
+(its issue 9915: 1.16.3 does, 1.17.0 does not), so runs such a file's inputs unrounded.
+"tf32" is written as fp32: the tensor cores round its operands in ways no ONNX type holds, and
+gpubp's CPU backends compute it as fp32. The batch axis is named
 ``"batch"`` and left free. Opset 17, which every current
 runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5``,
 gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` and silu as
@@ -16,11 +24,13 @@ exporter writes them below opset 20 (the half taken before the last product, ``x
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
 ``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
 the formulas above, ``Softmax`` over the last axis at the end; ``Identity`` and
-inference ``Dropout`` pass through). As for gpubp's other formats the whole file is checked
-before anything is built: weights kept outside the file, tensors whose data does not match
-their shape, NaN or inf weights, mixed or non-float types, unused tensors, and any graph that is
-not such a chain are a ValueError naming the file and the problem. What ONNX does not hold is
-not restored: layer names, frozen layers and the precision.
+inference ``Dropout`` pass through). A file whose every linear layer casts its input to bfloat16
+and back, as above, and holds bfloat16 values as weights is a bf16 model. As for gpubp's other
+formats the whole file is checked before anything is built: weights kept outside the file, tensors
+whose data does not match their shape, NaN or inf weights, mixed or non-float types, unused
+tensors, inputs rounded to bfloat16 in some layers only or multiplied by weights that are not, and
+any graph that is not such a chain are a ValueError naming the file and the problem. What ONNX
+does not hold is not restored: layer names, frozen layers and tf32 (read as fp32).
 
 Needs the onnx package (``pip install "gpubp[onnx]"``, which brings onnxruntime to run the files).
 
@@ -48,12 +58,21 @@ except ImportError as exc:
 
 import gpubp
 from gpubp import activations, io
+from gpubp.backends.numpy_backend import round_bf16
 from gpubp.layers import Dense, Dropout, Sequential
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), so that older runtimes read the files
 INPUT, OUTPUT = "input", "output"
 ELEMENT_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
+# Whether a precision's products multiply operands rounded to bfloat16 (round_bf16), per precision written.
+# tf32 rounds as the tensor cores do (truncated per layer, ties away fused), which no ONNX type holds;
+# gpubp's CPU backends compute it as fp32, and so does its file.
+ROUNDS_TO_BF16 = {"fp32": False, "tf32": False, "bf16": True}
+# The Casts that round a tensor of each float type to bfloat16 and back, as round_bf16 does: float64 by way
+# of float32 (onnxruntime casts double to bfloat16 so too; ONNX's reference implementation rounds it once).
+BF16_CASTS = {TensorProto.FLOAT: (TensorProto.BFLOAT16, TensorProto.FLOAT),
+              TensorProto.DOUBLE: (TensorProto.FLOAT, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
 CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds sqrt(2 / pi) by 5e-8
 
 # One ONNX operator per activation, with its attributes; gelu, gelu_tanh and silu are formulas.
@@ -93,7 +112,11 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
     """The ONNX model of what ``model.predict`` computes, checked by ``onnx.checker``."""
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
+    if model.precision not in ROUNDS_TO_BF16:
+        raise ValueError(f"model: precision={model.precision!r}, which gpubp cannot write to ONNX")
     dtype = np.dtype(model.dtype)
+    element = ELEMENT_TYPES[dtype]
+    rounds = ROUNDS_TO_BF16[model.precision]
     nodes, tensors, constants = [], [], {}
     current = INPUT
     for i, layer in enumerate(model):
@@ -104,6 +127,9 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
         raise ValueError("model: expected at least one Dense layer")
     for i, layer in dense:
         weight, bias = (p.backend.to_host(p.data) for p in (layer.weight, layer.bias))
+        if rounds:  # the weights the products multiply; the bias is added in the float type
+            weight = round_bf16(weight)
+            current = _cast_nodes(current, BF16_CASTS[element], f"layers.{i}.input", nodes)
         names = (f"layers.{i}.weight", f"layers.{i}.bias")
         tensors += [numpy_helper.from_array(np.ascontiguousarray(array, dtype), name)
                     for array, name in zip((weight, bias), names)]
@@ -114,7 +140,6 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
             nodes += _activation_nodes(layer.activation, z, y, f"layers.{i}.{layer.activation}", dtype, constants)
         current = y
     tensors += constants.values()
-    element = ELEMENT_TYPES[dtype]
     graph = helper.make_graph(
         nodes, "gpubp.Sequential", [helper.make_tensor_value_info(INPUT, element, ["batch", model.in_features])],
         [helper.make_tensor_value_info(OUTPUT, element, ["batch", model.out_features])], initializer=tensors)
@@ -122,6 +147,15 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
                               producer_name="gpubp", producer_version=gpubp.__version__)
     onnx.checker.check_model(proto)
     return proto
+
+
+def _cast_nodes(x: str, types: tuple[int, ...], prefix: str, nodes: list) -> str:
+    """Append to ``nodes`` the Casts of ``x`` to each of ``types`` in turn; the last one's output."""
+    for to in types:
+        output = f"{prefix}.{_type_name(to).lower()}"
+        nodes.append(helper.make_node("Cast", [x], [output], name=output, to=to))
+        x = output
+    return x
 
 
 def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, constants: dict) -> list:
@@ -155,12 +189,14 @@ def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     graph = _Graph(path, _parse(path))
     layers = graph.layers()
-    sizes = [layers[0][0].shape[0]] + [bias.shape[0] for _, bias, _ in layers]
-    header = {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": [act for _, _, act in layers]}
+    sizes = [layers[0][0].shape[0]] + [bias.shape[0] for _, bias, *_ in layers]
     tensors = {}
-    for i, (weight, bias, _) in enumerate(layers):
+    for i, (weight, bias, *_) in enumerate(layers):
         tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = weight, bias
-    graph.check_types(io.check_weights(path, tensors), sizes[0], sizes[-1])
+    dtype = io.check_weights(path, tensors)
+    graph.check_types(dtype, sizes[0], sizes[-1])
+    header = {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": [act for _, _, act, _ in layers],
+              "precision": graph.precision(layers, dtype)}
     return io.model_from(path, header, tensors, device=device, backend=backend)
 
 
@@ -259,20 +295,26 @@ class _Graph:
 
     # ------------------------------------------------------------------------- the chain
 
-    def layers(self) -> list[tuple[np.ndarray, np.ndarray, str]]:
-        """(weight (in, out), bias (out,), activation) per layer, in order."""
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray, str, tuple[int, ...] | None]]:
+        """(weight (in, out), bias (out,), activation, the types its input is cast to first or None) per
+        layer, in order."""
         layers, current, position = [], self.input.name, 0
         while position < len(self.nodes):
             node = self.nodes[position]
             if not node.input or not node.output:
                 raise self._error(node, "a node without inputs or outputs")
+            casts, rounding = None, self._bf16_rounding(position, current)
+            if rounding is not None:
+                casts, current, position = rounding
+                if position == len(self.nodes) or self.nodes[position].op_type not in ("Gemm", "MatMul"):
+                    raise self._error(node, "rounds to bfloat16 and back where no linear layer reads the result")
             linear = self._linear(position, current)
             if linear is not None:
                 weight, bias, current, position = linear
                 if layers and layers[-1][0].shape[1] != weight.shape[0]:
                     raise self._error(node, f"takes {weight.shape[0]} inputs, but the layer before gives "
                                             f"{layers[-1][0].shape[1]}")
-                layers.append([weight, bias, "identity"])
+                layers.append([weight, bias, "identity", casts])
                 continue
             if node.op_type in ("Identity", "Dropout") and self._passes_through(node, current):
                 current, position = node.output[0], position + 1
@@ -349,6 +391,21 @@ class _Graph:
             bias = bias.reshape(-1)
         return np.ascontiguousarray(weight), bias, output, end
 
+    def _bf16_rounding(self, position: int, current: str) -> tuple[tuple[int, ...], str, int] | None:
+        """(the types, the last Cast's output, the position after it) for the Casts of one of BF16_CASTS
+        that start at ``position`` and read ``current``; None when the nodes there are not such Casts."""
+        for types in BF16_CASTS.values():
+            casts, x = self.nodes[position:position + len(types)], current
+            for node, to in zip(casts, types):
+                if (node.op_type != "Cast" or list(node.input) != [x] or len(node.output) != 1
+                        or self._attribute(node, "to", None) != to):
+                    break
+                x = node.output[0]
+            else:
+                if len(casts) == len(types):
+                    return types, x, position + len(types)
+        return None
+
     def _passes_through(self, node, current: str) -> bool:
         """An Identity, or a Dropout as inference runs it (no training_mode input, no mask read)."""
         if node.input[0] != current or len(node.output) != 1:
@@ -389,7 +446,7 @@ class _Graph:
             return ("gelu" if approximate == "none" else "gelu_tanh"), node.output[0], position + 1
         raise self._error(node, "not a linear layer or an activation gpubp can represent (Gemm, MatMul with Add, "
                                 "Relu, LeakyRelu, Sigmoid, Tanh, Gelu or its formulas, x * Sigmoid(x), Softmax, "
-                                "Identity, Dropout)")
+                                "Identity, Dropout, a Cast to bfloat16 and back before a linear layer)")
 
     def _formula(self, position: int, x: str, steps) -> str | None:
         """The output of ``steps`` applied to ``x`` when the nodes from ``position`` on are those steps, else None."""
@@ -421,6 +478,23 @@ class _Graph:
                                                                        rel_tol=CONSTANT_RTOL)
 
     # ------------------------------------------------------------------------- types
+
+    def precision(self, layers, dtype: np.dtype) -> str:
+        """"bf16" where every layer's input is cast to bfloat16 and back (``BF16_CASTS`` of the weights'
+        type) and its weights are bfloat16 values, as predict rounds them; "fp32" where no input is cast."""
+        casts = {layer[3] for layer in layers}
+        if casts == {None}:
+            return "fp32"
+        expected = BF16_CASTS[ELEMENT_TYPES[np.dtype(dtype)]]
+        if casts != {expected}:
+            found = sorted(f"cast {' -> '.join(map(_type_name, types))}" if types else "not cast" for types in casts)
+            raise ValueError(f"{self.path}: the linear layers' inputs are {' or '.join(found)}; gpubp represents "
+                             f"each cast {' -> '.join(map(_type_name, expected))} (a bf16 model), or none")
+        for i, (weight, *_rest) in enumerate(layers):
+            if not np.array_equal(round_bf16(weight), weight):
+                raise ValueError(f"{self.path}: layer {i} rounds its input to bfloat16 but its weight holds other "
+                                 "values; gpubp's bf16 precision rounds both")
+        return "bf16"
 
     def check_types(self, dtype: np.dtype, in_features: int, out_features: int) -> None:
         """The graph's input and output: (batch, features) tensors of the weights' float type."""

@@ -165,7 +165,8 @@ BAD_STATE_DICTS = {
     "missing_bias": (lambda sd: without(sd, "2.bias"), "missing key '2.bias'"),
     "missing_weight": (lambda sd: without(sd, "2.weight"), "missing key '2.weight'"),
     "missing_layer": (lambda sd: without(without(sd, "4.weight"), "4.bias"), "2 Linear layers"),
-    "weight_not_transposed": (lambda sd: replaced(sd, "2.weight", sd["2.weight"].T), r"'2.weight' has shape \(9, 7\)"),
+    "weight_not_transposed": (lambda sd: replaced(sd, "2.weight", sd["2.weight"].T),
+                              r"'2.weight' has shape \(9, 7\) and '2.bias' \(7,\): a weight stored \(in, out\)"),
     "weight_wrong_width": (lambda sd: replaced(sd, "2.weight", np.ones((7, 8), np.float32)), "'2.weight'"),
     "bias_wrong_length": (lambda sd: replaced(sd, "0.bias", np.ones(8, np.float32)), r"'0.bias' has shape \(8,\)"),
     "weight_not_2d": (lambda sd: replaced(sd, "0.weight", np.ones((9, 6, 1), np.float32)), "2-D"),
@@ -188,6 +189,49 @@ def test_bad_state_dict_raises_a_clear_error_and_leaves_the_model_unchanged(corr
 def test_bad_state_dict_without_a_model_raises_a_clear_error(corrupt, message, rng):
     with pytest.raises(ValueError, match=message):
         io.from_torch_state_dict(corrupt(numpy_state_dict(rng)), device="cpu")
+
+
+def test_a_state_dict_of_in_out_weights_points_to_mlp_to_sequential(rng):
+    sd = {f"layers.{i // 2}.{name}": value.T if value.ndim == 2 else value
+          for i, (name, value) in enumerate(zip(["weight", "bias"] * 3, numpy_state_dict(rng).values()))}
+    with pytest.raises(ValueError, match=r"state_dict: 'layers.0.weight' has shape \(6, 9\) and 'layers.0.bias' "
+                                         r"\(9,\): a weight stored \(in, out\), as gpubp.torch.MLP stores them, .*"
+                                         r"MLP.to_sequential\(\)"):
+        io.from_torch_state_dict(sd, device="cpu")
+
+
+# An MLP's first layer square: its second tells the layout, and nothing is loaded before.
+@pytest.mark.parametrize("sizes", [(6, 9, 3), (8, 8, 3)])
+@pytest.mark.parametrize("into_a_model", [False, True])
+def test_the_state_dict_of_a_gpubp_torch_mlp_points_to_to_sequential(torch, sizes, into_a_model):
+    from gpubp.torch import MLP
+
+    mlp = MLP(list(sizes))
+    model = gb.Sequential([gb.Dense(a, b) for a, b in zip(sizes[:-1], sizes[1:])], device="cpu")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"state_dict: 'layers.\d.weight' .* MLP.to_sequential\(\)"):
+        io.from_torch_state_dict(mlp.state_dict(), **({"model": model} if into_a_model else {"device": "cpu"}))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_a_torch_module_with_its_linear_layers_in_an_attribute_named_layers_imports(torch):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 9), torch.nn.Linear(9, 9), torch.nn.Linear(9, 3)])
+
+        def forward(self, x):
+            for linear in self.layers[:-1]:
+                x = torch.relu(linear(x))
+            return self.layers[-1](x)
+
+    torch.manual_seed(0)
+    net = Net()
+    assert list(net.state_dict())[:2] == ["layers.0.weight", "layers.0.bias"]  # the keys an MLP's state dict has
+    model = io.from_torch_state_dict(net.state_dict(), device="cpu")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(x.numpy()), net(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad, error", [([1, 2], TypeError), ({}, ValueError), ({"0.bias": np.ones(3)}, ValueError),

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import gpubp as gb
 from gpubp import _random, activations
+from gpubp.backends import PRECISIONS
+from gpubp.backends.numpy_backend import round_bf16
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -22,11 +24,12 @@ HEADS = ("identity", "sigmoid", "softmax")
 BATCHES = (1, 7, 33)
 
 
-def model_with(hidden: str, head: str, dtype=np.float32, sizes=(5, 9, 6, 3)) -> gb.Sequential:
+def model_with(hidden: str, head: str, dtype=np.float32, sizes=(5, 9, 6, 3), precision="fp32") -> gb.Sequential:
     """Two hidden layers of ``hidden`` and a ``head``, with random biases (a dropped bias shows)."""
     gb.seed(3)
     layers = [gb.Dense(a, b, hidden, dtype=dtype) for a, b in zip(sizes[:-2], sizes[1:-1])]
-    model = gb.Sequential(layers + [gb.Dense(sizes[-2], sizes[-1], head, dtype=dtype)], device="cpu")
+    model = gb.Sequential(layers + [gb.Dense(sizes[-2], sizes[-1], head, dtype=dtype)], device="cpu",
+                          backend="numpy", precision=precision)
     rng = np.random.default_rng(4)
     model.set_weights([w if w.ndim == 2 else rng.normal(0, 0.5, w.shape) for w in model.get_weights()])
     return model
@@ -49,28 +52,34 @@ def assert_runs_as_predict(model, path, rtol: float) -> None:
 
 
 def assert_same_model(loaded, model) -> None:
+    """``loaded`` computes what ``model`` does: its activations, float type, precision (tf32, which ONNX does
+    not hold, as fp32) and the weights its products multiply (a bf16 model's rounded to bfloat16)."""
     assert [layer.activation for layer in loaded] == [layer.activation for layer in model]
     assert loaded.dtype == model.dtype
+    assert loaded.precision == ("bf16" if model.precision == "bf16" else "fp32")
     for ours, theirs in zip(loaded.get_weights(), model.get_weights()):
-        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(ours, round_bf16(theirs) if model.precision == "bf16" and theirs.ndim == 2
+                                      else theirs)
 
 
 # ----------------------------------------------------------------------------- writing, checked in onnxruntime
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("hidden", activations.ACTIVATIONS)
-def test_onnxruntime_computes_what_predict_does_and_the_file_loads_back(tmp_path, hidden, head):
-    model = model_with(hidden, head)
+def test_onnxruntime_computes_what_predict_does_and_the_file_loads_back(tmp_path, hidden, head, precision):
+    model = model_with(hidden, head, precision=precision)
     model.save(tmp_path / "m.onnx")
     assert_runs_as_predict(model, tmp_path / "m.onnx", rtol=1e-5)
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
 # onnxruntime has no float64 kernel for Erf, so a float64 gelu model is written (and read back) but not run there.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("hidden", [act for act in activations.ACTIVATIONS if act != "gelu"])
-def test_float64_models_run_in_double(tmp_path, hidden):
-    model = model_with(hidden, "softmax", dtype=np.float64)
+def test_float64_models_run_in_double(tmp_path, hidden, precision):
+    model = model_with(hidden, "softmax", dtype=np.float64, precision=precision)
     model.save(tmp_path / "m.onnx")
     assert_runs_as_predict(model, tmp_path / "m.onnx", rtol=1e-9)
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
@@ -96,6 +105,43 @@ def test_the_graph_is_gemms_and_activations_over_a_free_batch_axis(tmp_path, dty
         assert tensor.elem_type == element
         assert [d.dim_param or d.dim_value for d in tensor.shape.dim] == ["batch", features]
     assert {t.data_type for t in proto.graph.initializer} == {element}
+
+
+@pytest.mark.parametrize("dtype, casts", [(np.float32, [TensorProto.BFLOAT16, TensorProto.FLOAT]),
+                                          (np.float64, [TensorProto.FLOAT, TensorProto.BFLOAT16, TensorProto.DOUBLE])])
+def test_a_bf16_model_rounds_each_gemm_input_by_casts_and_its_weights_in_the_file(dtype, casts):
+    model = model_with("relu", "identity", dtype=dtype, precision="bf16")
+    proto = gpubp_onnx.model_proto(model)
+    layer = ["Cast"] * len(casts) + ["Gemm"]
+    assert [node.op_type for node in proto.graph.node] == layer + ["Relu"] + layer + ["Relu"] + layer
+    assert [helper.get_attribute_value(node.attribute[0]) for node in proto.graph.node
+            if node.op_type == "Cast"] == casts * 3
+    for i, dense in enumerate(model):  # the weights already rounded, the bias as it is
+        np.testing.assert_array_equal(numpy_helper.to_array(initializer(proto, f"layers.{i}.weight")),
+                                      round_bf16(dense.weight.data))
+        np.testing.assert_array_equal(numpy_helper.to_array(initializer(proto, f"layers.{i}.bias")), dense.bias.data)
+
+
+def test_onnxruntime_casts_to_bfloat16_as_round_bf16_rounds_ties_included():
+    """The Casts a bf16 model's file rounds with, bit for bit: ties to even, overflow to inf, subnormals, and
+    float64 by way of float32 (1 + 2^-8 + 2^-40 rounds to 1 there, not to 1 + 2^-7 as a single rounding would)."""
+    rng = np.random.default_rng(7)
+    high = rng.integers(0, 2 ** 16, 20_000, dtype=np.uint32) << np.uint32(16)
+    bits = np.concatenate([rng.integers(0, 2 ** 32, 20_000, dtype=np.uint32), high | np.uint32(0x8000),
+                           high | np.uint32(0x7FFF), high | np.uint32(0x8001),
+                           np.array([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00008000, 0x00018000, 0x7F800000],
+                                    np.uint32)])
+    x = bits.view(np.float32)[~np.isnan(bits.view(np.float32))]
+    x64 = np.concatenate([x.astype(np.float64), [1 + 2 ** -8 + 2 ** -40, 1 + 3 * 2 ** -8 - 2 ** -40]])
+    for values, element in ((x, TensorProto.FLOAT), (x64, TensorProto.DOUBLE)):
+        nodes = []
+        output = gpubp_onnx._cast_nodes("x", gpubp_onnx.BF16_CASTS[element], "x", nodes)
+        graph = helper.make_graph(nodes, "casts", [helper.make_tensor_value_info("x", element, [None])],
+                                  [helper.make_tensor_value_info(output, element, [None])])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", gpubp_onnx.OPSET)],
+                                  ir_version=gpubp_onnx.IR_VERSION)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(session.run(None, {"x": values})[0], round_bf16(values))
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -185,10 +231,11 @@ def test_a_pytorch_export_of_linear_layers_and_activations(tmp_path, exporter):
 # ----------------------------------------------------------------------------- broken and forged files
 
 
-def valid_proto() -> onnx.ModelProto:
-    """Gemm, LeakyRelu, Gemm, Relu, Gemm, Softmax: the graph each test spoils."""
+def valid_proto(precision: str = "fp32") -> onnx.ModelProto:
+    """Gemm, LeakyRelu, Gemm, Relu, Gemm, Softmax (each Gemm's input cast to bfloat16 and back for
+    ``precision="bf16"``): the graph each test spoils."""
     model = gb.Sequential([gb.Dense(4, 6, "leaky_relu"), gb.Dense(6, 5, "relu"), gb.Dense(5, 3, "softmax")],
-                          device="cpu")
+                          device="cpu", precision=precision)
     return gpubp_onnx.model_proto(model)
 
 
@@ -326,9 +373,39 @@ def test_an_activation_before_the_first_layer(tmp_path):
     expect_rejected(written(tmp_path, proto), "an activation where gpubp needs a linear layer first")
 
 
-@pytest.fixture(scope="module")
-def valid_blob():
-    return valid_proto().SerializeToString()
+def test_inputs_rounded_to_bfloat16_in_some_layers_only(tmp_path):
+    proto = valid_proto("bf16")
+    gemm = node(proto, "Gemm")
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"][:2]
+    gemm.input[0] = "input"
+    for cast in casts:
+        proto.graph.node.remove(cast)
+    expect_rejected(written(tmp_path, proto), "the linear layers' inputs are cast BFLOAT16 -> FLOAT or not cast; "
+                                              r"gpubp represents each cast BFLOAT16 -> FLOAT \(a bf16 model\), or none")
+
+
+def test_a_bfloat16_input_multiplied_by_a_weight_that_is_not(tmp_path):
+    proto = valid_proto("bf16")
+    weight = initializer(proto, "layers.1.weight")
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1 + 2 ** -12), weight.name))
+    expect_rejected(written(tmp_path, proto), "layer 1 rounds its input to bfloat16 but its weight holds other values")
+
+
+def test_a_rounding_to_bfloat16_that_no_linear_layer_reads(tmp_path):
+    proto = valid_proto()
+    relu = node(proto, "Relu")
+    position = list(proto.graph.node).index(relu)
+    casts = []
+    relu.input[0] = gpubp_onnx._cast_nodes(relu.input[0], gpubp_onnx.BF16_CASTS[TensorProto.FLOAT], "round", casts)
+    for k, cast in enumerate(casts):
+        proto.graph.node.insert(position + k, cast)
+    expect_rejected(written(tmp_path, proto), r"node 'round.bfloat16' \(Cast\): rounds to bfloat16 and back where no "
+                                              "linear layer reads the result")
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def valid_blob(request):
+    return valid_proto(request.param).SerializeToString()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
