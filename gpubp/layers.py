@@ -138,6 +138,10 @@ class Layer:
             if not value:
                 param.grad = None
 
+    def trainable_flags(self) -> tuple[bool, ...]:
+        """Whether each Parameter trains, in ``parameters()`` order: what decides this layer's backward."""
+        return tuple(param.trainable for param in self.parameters())
+
     def freeze(self) -> Layer:
         """Stop training this layer: backward launches no dW/db kernel for it."""
         self.trainable = False
@@ -244,12 +248,16 @@ class Dense(Layer):
     trainable = property(lambda self: self.weight.trainable or self.bias.trainable, Layer.trainable.fset,
                          doc="True when the weight or the bias trains.")
 
+    def trainable_flags(self) -> tuple[bool, bool]:
+        return self.weight.trainable, self.bias.trainable
+
     def needs_z(self) -> bool:
         return self.activation in activations.NEEDS_Z
 
     def keeps(self, act: str, need_dx: bool, need_dw: bool) -> tuple[bool, bool]:
-        # dW reads the input; act' reads the output (or z, for gelu), and identity's needs neither.
-        return need_dw, (need_dx or need_dw) and act != "identity"
+        # dW reads the input (a bias that trains alone does not: db is dz's column sums); act'
+        # reads the output (or z, for gelu), and identity's needs neither.
+        return need_dw and self.weight.trainable, (need_dx or need_dw) and act != "identity"
 
     # --------------------------------------------------------------------- compute
 
@@ -284,8 +292,10 @@ class Dense(Layer):
         return y
 
     def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, dropout: bool = False) -> list[str]:
-        """In the precision of the last training forward (the one backward runs in)."""
-        return self.backend.backward_kernels(act, need_dx, need_dw, self._precision, dropout=dropout)
+        """In the precision of the last training forward (the one backward runs in). ``need_dw``:
+        the layer trains; a frozen weight under a bias that trains needs db alone (no dW kernel)."""
+        return self.backend.backward_kernels(act, need_dx, need_dw and self.weight.trainable, self._precision,
+                                             dropout=dropout, need_db=need_dw and self.bias.trainable)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32", below: Dense | None = None,
                  folded: bool = False):
@@ -296,9 +306,10 @@ class Dense(Layer):
         On a backend with ``FOLDS_DX_ACT``: ``below``, the Dense whose output (masked by a Dropout's,
         when it applied one) this layer's input is; the dX kernel applies its act' (and regenerates
         its mask) in its epilogue and returns its dz. ``folded``: ``dy`` is this layer's dz already
-        (the layer above formed it), so no kernel forms it."""
-        need_dw = self.trainable
-        out_dw, out_db = self.grad_buffers() if need_dw else (None, None)
+        (the layer above formed it), so no kernel forms it. A frozen weight launches no dW kernel,
+        even when the bias trains (db alone, from dz)."""
+        need_dw, need_db = self.weight.trainable, self.bias.trainable
+        out_dw, out_db = self.grad_buffers(need_dw) if need_dw or need_db else (None, None)
         kwargs = {} if self._dropout is None or folded else {"dropout": self._dropout}
         if below is not None:
             kwargs.update(dx_act=below._applied, dx_act_in=below.act_input())
@@ -306,9 +317,9 @@ class Dense(Layer):
                 kwargs["dx_dropout"] = below._dropout
         dx, dw, db = self.backend.dense_backward(
             dy, self._input, self.weight.data, self._output, self._preact, "identity" if folded else self._applied,
-            need_dx, need_dw, out_dx, out_dw, out_db, precision, **kwargs,
+            need_dx, need_dw, out_dx, out_dw, out_db, precision, need_db=need_db, **kwargs,
         )
-        if need_dw:
+        if need_dw or need_db:
             self.take_grads(dw, db)
         return dx
 
@@ -316,13 +327,15 @@ class Dense(Layer):
         """What act' reads, as the last training forward kept it: the output, or z (``NEEDS_Z``)."""
         return self._preact if self._applied in activations.NEEDS_Z else self._output
 
-    def grad_buffers(self):
-        """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill."""
-        return (self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype),
+    def grad_buffers(self, with_dw: bool = True):
+        """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill;
+        dW None unless ``with_dw`` (a frozen weight under a bias that trains)."""
+        return (self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype) if with_dw else None,
                 self._buffers.get(self.backend, "db", self.bias.shape, self.dtype))
 
     def take_grads(self, dw, db) -> None:
-        """Set ``.grad`` of the trainable parameters from a backward that computed dW and db."""
+        """Set ``.grad`` of the trainable parameters from a backward that computed them (db, and dW
+        where the weight trains)."""
         self.weight.grad = dw if self.weight.trainable else None
         self.bias.grad = db if self.bias.trainable else None
 
@@ -677,6 +690,22 @@ class Sequential:
             layer.trainable = i >= cut
         return self
 
+    @property
+    def trainable(self) -> bool:
+        """Whether any layer trains. Setting it freezes (False) or unfreezes (True) every layer, as
+        Keras's ``model.trainable = False`` does; a slice (``model[:2].trainable = False``) shares
+        the model's layers, so it freezes those."""
+        return any(layer.trainable for layer in self.layers)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"trainable: expected True or False, got {value!r}")
+        if value:
+            self.unfreeze()
+        else:
+            self.freeze()
+
     def freeze(self) -> Sequential:
         for layer in self.layers:
             layer.freeze()
@@ -789,15 +818,22 @@ class Sequential:
     def _plan(self, need_input_grad: bool) -> list[tuple[bool, bool]]:
         return plan_backward([layer.trainable for layer in self.layers], need_input_grad)
 
+    def _grads_wanted(self, plan) -> tuple[list[bool], list[bool]]:
+        """(need_dw, need_db) per layer for the fused kernels, from ``plan``: a layer that trains
+        needs dW where its weight trains and db where its bias does."""
+        flags = [layer.trainable_flags() if trains else (False, False)
+                 for layer, (_, trains) in zip(self.layers, plan)]
+        return [weight for weight, _ in flags], [bias for _, bias in flags]
+
     def _needs(self, need_input_grad: bool, logits: bool) -> tuple[list, list[bool], list[bool]]:
         """(backward plan, whether each layer keeps its input, its output) for the layers as they
         are now; a training step asks twice, so it is kept per freezing state (a few entries)."""
-        flags = tuple(layer.trainable for layer in self.layers)
+        flags = tuple(layer.trainable_flags() for layer in self.layers)
         acts = self._applied(logits)
         key = (flags, tuple(acts), need_input_grad)
         needs = self._needs_cache.get(key)
         if needs is None:
-            plan = plan_backward(flags, need_input_grad)
+            plan = plan_backward([any(layer_flags) for layer_flags in flags], need_input_grad)
             keeps = [layer.keeps(act, dx, dw) for layer, act, (dx, dw) in zip(self.layers, acts, plan)]
             needs = plan, [kept for kept, _ in keeps], [kept for _, kept in keeps]
             if len(self._needs_cache) > 16:
@@ -820,8 +856,9 @@ class Sequential:
         if self.uses_fused and any(dx or dw for dx, dw in plan):
             lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
             span = f"{self.layers[lowest].name}..{self.layers[-1].name} (fused)"
-            return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1],
-                                                                             [dw for _, dw in plan]))])
+            need_dw, need_db = self._grads_wanted(plan)
+            return BackwardPlan([(span, self.backend.fused_backward_kernels(self._applied(logits)[-1], need_dw,
+                                                                             need_db))])
         acts, entries, notes = self._applied(logits), [None] * len(self), {}
         folds = self.folded(plan, acts)
         for i, dropout in self._steps():
@@ -919,8 +956,8 @@ class Sequential:
         """Backpropagate ``dout`` (B, out_features), the gradient of the loss w.r.t. the output.
 
         Fills ``.grad`` of trainable Parameters only. Layers below the lowest trainable
-        layer do no work; frozen layers launch no dW/db kernel; a frozen layer between
-        trainable ones launches only dX. Returns dX of the input if ``need_input_grad``,
+        layer do no work; frozen layers launch no dW/db kernel (a frozen weight under a bias that
+        trains, no dW kernel); a frozen layer between trainable ones launches only dX. Returns dX of the input if ``need_input_grad``,
         which works after any training forward that kept what dX reads (every layer's
         output when the first layer is trainable); ``forward(x, need_input_grad=True)``
         keeps it in every case.
@@ -980,13 +1017,16 @@ class Sequential:
     def _fused_backward(self, dy, plan, need_input_grad: bool):
         """Backward of a fused forward: the dX chain and every dW/db in two launches."""
         acts, inputs, act_inputs = self._fused_saved
-        need_dx, need_dw = [dx for dx, _ in plan], [dw for _, dw in plan]
-        buffers = [layer.grad_buffers() if dw else (None, None) for layer, dw in zip(self.layers, need_dw)]
+        need_dx = [dx for dx, _ in plan]
+        need_dw, need_db = self._grads_wanted(plan)
+        buffers = [layer.grad_buffers(dw) if trains else (None, None)
+                   for layer, dw, (_, trains) in zip(self.layers, need_dw, plan)]
         out_dw, out_db = [dw for dw, _ in buffers], [db for _, db in buffers]
         dx = self.backend.fused_mlp_backward(dy, [layer.weight.data for layer in self.layers], acts, inputs,
-                                             act_inputs, need_dx, need_dw, out_dw, out_db, self.precision)
+                                             act_inputs, need_dx, need_dw, out_dw, out_db, self.precision,
+                                             need_db=need_db)
         for layer, (dw, db) in zip(self.layers, buffers):
-            if dw is not None:
+            if db is not None:
                 layer.take_grads(dw, db)
         return dx if need_input_grad else None
 

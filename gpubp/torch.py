@@ -176,13 +176,15 @@ class MLP(nn.Module):
         entries, notes = [], {}
         if self.input_dropout is not None:
             entries.append(("input_dropout", ["dropout_bwd"] if need_input_grad else []))
-        for i, (layer, (need_dx, need_dw)) in enumerate(zip(self.layers, plan)):
+        for i, (layer, (need_dx, trains)) in enumerate(zip(self.layers, plan)):
             masked = {"dropout": True} if layer.dropout is not None else {}
             act = acts[i]
             if i in folded:  # its dz comes from the dX above: it runs as an unmasked identity layer
                 act, masked = "identity", {}
                 notes[f"dense_{i}"] = folded_note(f"dense_{i + 1}", None if layer.dropout is None else "its dropout")
-            entries.append((f"dense_{i}", backend.backward_kernels(act, need_dx, need_dw, self.math, **masked)))
+            entries.append((f"dense_{i}", backend.backward_kernels(
+                act, need_dx, trains and layer.weight.requires_grad, self.math,
+                need_db=trains and layer.bias.requires_grad, **masked)))
         return BackwardPlan(entries, notes)
 
     # --------------------------------------------------------------------- conversions
@@ -495,22 +497,23 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
             h = device.empty(tuple(x.shape), x.dtype)
             device.backend.dropout_forward(device.array(x), masks[0], out=device.array(h))
         for i, act in enumerate(acts):
-            need_dx, need_dw = plan[i]
+            need_dx, trains = plan[i]
+            need_dw = trains and wants[1 + 2 * i]  # dW reads the input; a bias that trains alone does not
             weight = params[2 * i]
             y = device.empty((len(x), weight.shape[1]), weight.dtype)
             z = device.empty(y.shape, weight.dtype) if act in activations.NEEDS_Z else None
             masked = {} if masks[i + 1] is None else {"dropout": masks[i + 1]}
             device.backend.dense_forward(device.array(h), device.array(weight), device.array(params[2 * i + 1]), act,
                                          out=device.array(y), out_z=device.array(z), precision=math, **masked)
-            reads_y = (need_dx or need_dw) and act != "identity" and act not in activations.NEEDS_Z
-            kept.append((h if need_dw else None, y if reads_y else None, z if need_dx or need_dw else None))
+            reads_y = (need_dx or trains) and act != "identity" and act not in activations.NEEDS_Z
+            kept.append((h if need_dw else None, y if reads_y else None, z if need_dx or trains else None))
             h = y
     # The input, the output and the weights go through save_for_backward, so an in-place change
     # to any of them before backward raises instead of giving wrong gradients.
     last_reads_y = kept[-1][1] is not None
     # A dropped input is not x: layer 0 keeps it among its own arrays.
     # Last, x again where it requires grad: a second derivative's path to it (_FirstDerivativeOnly).
-    ctx.save_for_backward(x if plan[0][1] and masks[0] is None else None, h if last_reads_y else None, *params,
+    ctx.save_for_backward(x if plan[0][1] and wants[1] and masks[0] is None else None, h if last_reads_y else None, *params,
                           x if x.requires_grad else None)
     ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = kept, plan, acts, math, device, masks
     return h
@@ -535,7 +538,8 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
     with device.scope():
         dy = grad_out.contiguous()
         for i in range(len(acts) - 1, active[0] - 1, -1):
-            need_dx, need_dw = plan[i]
+            need_dx, trains = plan[i]
+            need_dw, need_db = trains and wants[1 + 2 * i], trains and wants[2 + 2 * i]
             inputs, y, z = kept[i]
             if i == 0 and x is not None:
                 inputs = x
@@ -544,7 +548,7 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             weight, bias = params[2 * i], params[2 * i + 1]
             dx = device.empty((len(dy), weight.shape[0]), weight.dtype) if need_dx else None
             dw = device.empty(weight.shape, weight.dtype) if need_dw else None
-            db = device.empty(bias.shape, bias.dtype) if need_dw else None
+            db = device.empty(bias.shape, bias.dtype) if trains else None  # dW's kernels sum db too
             masked = {} if ctx.masks[i + 1] is None or i in folded else {"dropout": ctx.masks[i + 1]}
             if i - 1 in folded:  # this dX forms the dz of the layer below: its act', its output's mask
                 below = kept[i - 1][2] if acts[i - 1] in activations.NEEDS_Z else kept[i - 1][1]
@@ -554,10 +558,10 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             device.backend.dense_backward(
                 device.array(dy), device.array(inputs), device.array(weight), device.array(y), device.array(z),
                 "identity" if i in folded else acts[i], need_dx, need_dw, device.array(dx), device.array(dw),
-                device.array(db), precision=ctx.math, **masked)
-            if need_dw:
-                grads[1 + 2 * i] = dw if wants[1 + 2 * i] else None
-                grads[2 + 2 * i] = db if wants[2 + 2 * i] else None
+                device.array(db), precision=ctx.math, need_db=need_db, **masked)
+            if trains:
+                grads[1 + 2 * i] = dw
+                grads[2 + 2 * i] = db if need_db else None
             dy = dx
         if wants[0]:
             if ctx.masks[0] is not None:

@@ -106,6 +106,8 @@ enum LayerFlag : int {
     STORE_H = 1,    // fwd writes h_{l+1} to hout[l]
     STORE_Z = 2,    // fwd writes z_l to zout[l]
     TRAINABLE = 4,  // bwd writes dz_l; dw computes dW_l, db_l
+    STORE_DZ = 8,   // bwd writes dz_l, and nothing reads it here: a bias that trains under a frozen
+                    // weight, summed into db_l by another kernel (dense_dz_db); no dW tile
 };
 
 struct LayerPlan {
@@ -496,7 +498,7 @@ __device__ __forceinline__ void mlp_backward(const float* __restrict__ dy, float
                         }
                     }
                     g.store_columns(G, r, c);
-                    if (p.flags & TRAINABLE) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
+                    if (p.flags & (TRAINABLE | STORE_DZ)) g.store_rows(dz_l, p.out, row0 + r, c, B, p.out, vec);
                 });
             });
         }
@@ -936,7 +938,7 @@ __device__ __forceinline__ void mlp_backward_mma(const float* __restrict__ dy, f
                                     const float saved = saved_l[row * p.out + c];
                                     dzv[half] = act_backward<ACT>(dzv[half], saved, saved);  // y or z, as act' needs
                                 }
-                                if (p.flags & TRAINABLE) dz_l[row * p.out + c] = dzv[half];
+                                if (p.flags & (TRAINABLE | STORE_DZ)) dz_l[row * p.out + c] = dzv[half];
                             } else {
                                 dzv[half] = 0.0f;
                             }

@@ -641,6 +641,41 @@ def test_a_dropout_above_a_dense_launches_no_pass_of_its_own(cb, monkeypatch, pr
                                     "dense_dz_db_dropout")) for name in launched)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_layer", "fused"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_model_whose_biases_alone_train_launches_no_dw_kernel_and_gets_numpys_gradients(cb, precision, fused):
+    """BitFit through Sequential on the CuPy kernels: every weight frozen, every bias training.
+    The plan names a db pass and no dW, backward launches exactly that, keeps no layer's input,
+    and the bias gradients are the NumPy backend's."""
+    def make(backend, **kwargs):
+        gb.seed(2)
+        model = gb.Sequential([gb.Dense(9, 33, "gelu"), gb.Dense(33, 17, "relu"), gb.Dense(17, 3)], backend=backend,
+                              **kwargs)
+        for layer in model:
+            layer.weight.trainable = False
+        return model
+
+    model, reference = make("cupy", precision=precision, fused=fused), make("numpy")
+    assert model.uses_fused == fused
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((41, 9)).astype(np.float32)
+    dout = rng.standard_normal((41, 3)).astype(np.float32)
+    model.forward(x)
+    reference.forward(x)
+    plan = model.backward_plan()
+    assert all("dense_dw" not in kernels and "fused_mlp_dw" not in kernels for _, kernels in plan)
+    with gb.trace() as t:
+        model.backward(cb.asarray(dout))
+    assert t.launches == [k for _, kernels in reversed(plan) for k in kernels]  # fused: one entry
+    assert t.counts["dense_dz"] == 3
+    reference.backward(dout)
+    rtol = 1e-4 if precision == "fp32" else 3e-3
+    for layer, want in zip(model, reference):
+        assert layer.weight.grad is None
+        got = cb.to_host(layer.bias.grad)
+        assert np.max(np.abs(got - want.bias.grad)) <= rtol * np.max(np.abs(want.bias.grad))
+
+
 # ----------------------------------------------------------------------------- the split-K sweep
 
 

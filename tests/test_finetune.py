@@ -20,14 +20,19 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", None)
 BATCH = 4
 
 # Which layers each pattern freezes, and, per layer bottom to top, the backward work
-# that follows: "W" = dW and db, "X" = dX, "-" = nothing at all.
+# that follows: "W" = dW and db, "B" = db alone, "X" = dX, "-" = nothing at all.
 PATTERNS = {
     "none_frozen": ([], ["W", "WX", "WX", "WX", "WX"]),
     "bottom_2_frozen": ([0, 1], ["-", "-", "W", "WX", "WX"]),
     "middle_frozen": ([2], ["W", "WX", "X", "WX", "WX"]),
     "all_but_head_frozen": ([0, 1, 2, 3], ["-", "-", "-", "-", "W"]),
     "all_frozen": ([0, 1, 2, 3, 4], ["-", "-", "-", "-", "-"]),
+    # BitFit: every weight frozen, every bias trains
+    "weights_frozen": ([], ["B", "BX", "BX", "BX", "BX"]),
+    "bias_alone_above_frozen_layers": ([0, 1], ["-", "-", "B", "WX", "WX"]),
 }
+# The layers whose weight alone a pattern freezes (their bias trains)
+FROZEN_WEIGHTS = {"weights_frozen": [0, 1, 2, 3, 4], "bias_alone_above_frozen_layers": [2]}
 
 
 def make_model(backend="numpy", sizes=SIZES, activations=ACTIVATIONS, seed=0, dtype="float32"):
@@ -39,6 +44,8 @@ def make_model(backend="numpy", sizes=SIZES, activations=ACTIVATIONS, seed=0, dt
 def frozen_model(pattern, backend="numpy", **kwargs):
     model = make_model(backend, **kwargs)
     ft.freeze([model[i] for i in PATTERNS[pattern][0]])
+    for i in FROZEN_WEIGHTS.get(pattern, ()):
+        model[i].weight.trainable = False
     return model
 
 
@@ -132,6 +139,33 @@ def test_model_unfreeze_makes_every_layer_trainable():
     assert trainable_flags(model) == [True] * 5
 
 
+def test_model_trainable_false_freezes_every_layer_as_in_keras(rng):
+    model = make_model()
+    model.trainable = False
+    assert trainable_flags(model) == [False] * 5 and not model.trainable
+    before = model.get_weights()
+    x, y = classification_data(rng)
+    with pytest.warns(UserWarning, match="every layer is frozen"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    model.trainable = True
+    assert trainable_flags(model) == [True] * 5 and model.trainable
+
+
+def test_trainable_false_on_a_slice_freezes_those_layers_of_the_model():
+    model = make_model()
+    model[:2].trainable = False
+    assert trainable_flags(model) == [False, False, True, True, True] and model.trainable
+
+
+@pytest.mark.parametrize("value", [0, "no", None])
+def test_model_trainable_takes_a_bool_only(value):
+    model = make_model()
+    with pytest.raises(TypeError, match="trainable: expected True or False"):
+        model.trainable = value
+    assert trainable_flags(model) == [True] * 5
+
+
 def test_freezing_a_layer_drops_its_gradients(rng):
     model = make_model()
     x, dout = random_batch(rng, model)
@@ -150,7 +184,7 @@ def test_backward_plan_launches_only_the_work_freezing_leaves(pattern):
     assert [name for name, _ in plan] == [f"dense_{i}" for i in range(5)]
     for (_, kernels), work in zip(plan, PATTERNS[pattern][1]):
         assert ("dense_dw" in kernels) == ("W" in work)
-        assert ("dense_db" in kernels) <= ("W" in work)
+        assert ("dense_db" in kernels) == ("B" in work)
         assert ("dense_dx" in kernels) == ("X" in work)
         assert bool(kernels) == (work != "-")
 
@@ -179,8 +213,8 @@ def test_backward_plan_equals_the_kernels_backward_launches(backend, pattern):
 def test_backward_fills_grads_of_trainable_parameters_only(backend, pattern):
     model, *_ = traced_backward(backend, pattern)
     for i, layer in enumerate(model):
-        frozen = i in PATTERNS[pattern][0]
         for param in layer.parameters():
+            frozen = i in PATTERNS[pattern][0] or (param.name == "weight" and i in FROZEN_WEIGHTS.get(pattern, ()))
             assert (param.grad is None) == frozen, f"layer {i} {param.name}"
 
 
@@ -235,12 +269,12 @@ def test_backward_after_freezing_more_reuses_what_forward_kept(rng):
 
 
 def expected_activation_bytes(model, batch):
-    """What backward reads: a trainable layer's input (for dW), and the output of every layer
-    that does backward work (the pre-activation for gelu, nothing for identity)."""
+    """What backward reads: the input of a layer whose weight trains (for dW), and the output of
+    every layer that does backward work (the pre-activation for gelu, nothing for identity)."""
     sizes = [model.in_features] + [layer.out_features for layer in model]
     needed = set()
     for i, (layer, (need_dx, need_dw)) in enumerate(zip(model, model._plan(False))):
-        if need_dw:
+        if need_dw and layer.weight.trainable:
             needed.add(("h", i, sizes[i]))
         if (need_dx or need_dw) and layer.activation != "identity":
             needed.add(("z", i, sizes[i + 1]) if layer.needs_z() else ("h", i + 1, sizes[i + 1]))
@@ -296,7 +330,7 @@ def test_optimizer_keeps_no_state_for_frozen_parameters(make_optimizer, rng):
 
 
 @pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
-@pytest.mark.parametrize("pattern", ["bottom_2_frozen", "middle_frozen", "all_but_head_frozen"])
+@pytest.mark.parametrize("pattern", ["bottom_2_frozen", "middle_frozen", "all_but_head_frozen", "weights_frozen"])
 def test_fit_leaves_frozen_weights_bit_identical(make_optimizer, pattern, rng):
     model = frozen_model(pattern)
     before = model.get_weights()
@@ -305,9 +339,8 @@ def test_fit_leaves_frozen_weights_bit_identical(make_optimizer, pattern, rng):
               clip_grad_norm=1.0)
     after = model.get_weights()
     for i in range(len(model)):
-        frozen = i in PATTERNS[pattern][0]
-        for w_before, w_after in zip(before[2 * i: 2 * i + 2], after[2 * i: 2 * i + 2]):
-            assert np.array_equal(w_before, w_after) == frozen, f"layer {i}"
+        for param, w_before, w_after in zip(model[i].parameters(), before[2 * i: 2 * i + 2], after[2 * i: 2 * i + 2]):
+            assert np.array_equal(w_before, w_after) == (not param.trainable), f"layer {i} {param.name}"
 
 
 def test_unfreezing_resumes_training_with_the_same_optimizer(rng):

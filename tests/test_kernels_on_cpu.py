@@ -798,6 +798,41 @@ def test_a_masked_softmax_layer_matches_numpy(cb_h100, rng, precision):
         close(cb_h100.to_host(g), reference, TF32_RTOL)
 
 
+# A bias that trains under a frozen weight (BitFit): the pass forming dz sums db, in every
+# precision, and no dW kernel runs; (act, masked) pairs cover the plain, dropout and softmax passes.
+BIAS_ALONE_LAYERS = [("identity", False), ("relu", False), ("gelu", False), ("softmax", False), ("identity", True),
+                     ("relu", True)]
+
+
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"] if not SANITIZED else ["fp32", "tf32"])
+@pytest.mark.parametrize("act, masked", BIAS_ALONE_LAYERS, ids=[f"{a}{'_dropout' * m}" for a, m in BIAS_ALONE_LAYERS])
+def test_a_bias_that_trains_under_a_frozen_weight_gets_db_and_no_dw_kernel(cb_h100, rng, act, masked, precision,
+                                                                           need_dx):
+    x, w, b = layer(rng, 37, 29, 23)
+    host_mask, device_mask = dropout_masks(cb_h100, rng) if masked else (None, None)
+    xd, wd, bd = cb_h100.asarray(x), cb_h100.asarray(w), cb_h100.asarray(b)
+    masks = {"dropout": device_mask} if masked else {}
+    y, z = cb_h100.dense_forward(xd, wd, bd, act, precision=precision, **masks)
+    y_host, z_host = cb_h100.to_host(y), None if z is None else cb_h100.to_host(z)
+    dy = rng.standard_normal(y_host.shape).astype(np.float32)
+    _, _, db_ref = ref.dense_backward(*f64(dy, x, w, y_host, z_host), act, False, True, dropout=host_mask)
+    dx_ref, _, _ = ref.dense_backward(*f64(dy, x, w, y_host, z_host), act, True, False, dropout=host_mask,
+                                      precision=precision)
+    with trace() as t:
+        dx, dw, db = cb_h100.dense_backward(cb_h100.asarray(dy), None, wd, y, z, act, need_dx, False,
+                                            precision=precision, need_db=True, **masks)
+    assert t.launches == cb_h100.backward_kernels(act, need_dx, False, precision, dropout=masked, need_db=True)
+    assert "dense_dw" not in t.launches and t.launches.count("round_bf16") == (2 if need_dx and precision == "bf16"
+                                                                               else 0)
+    assert dw is None
+    close(cb_h100.to_host(db), db_ref)  # fp32 sums of the exact dz in every precision
+    if need_dx:
+        close(cb_h100.to_host(dx), dx_ref, {"fp32": RTOL, "tf32": TF32_RTOL, "bf16": BF16_RTOL}[precision])
+    else:
+        assert dx is None
+
+
 def test_dropout_operands_off_a_16_byte_boundary_take_the_scalar_path(cb_h100, rng):
     """Widths that are multiples of 4 in views starting one float past a 16-byte boundary: a float4
     access there is misaligned (UBSan reports it; a GPU faults)."""
@@ -951,6 +986,43 @@ def test_fused_mlp_matches_numpy(cb_h100, rng, case):
         else:
             close(cb_h100.to_host(dws[i]), want[0], FUSED_RTOL)
             close(cb_h100.to_host(dbs[i]), want[1], FUSED_RTOL)
+
+
+# Per layer (weight trains, bias trains): biases that train under frozen weights at the bottom, in
+# the middle (an identity layer), under a frozen layer and at the head, beside a layer that trains whole.
+BIAS_ALONE_FUSED = [(False, True), (False, False), (False, True), (True, True), (False, True)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"] if not SANITIZED else ["fp32"])
+def test_fused_mlp_sums_db_alone_where_a_bias_trains_under_a_frozen_weight(cb_h100, rng, precision):
+    """The chain writes those layers' dz (STORE_DZ), a dense_dz_db pass each sums it, and the dW
+    launch computes the one trainable weight's tiles only."""
+    acts, widths = ["gelu", "gelu", "identity", "gelu", "identity"], [32, 32, 16, 16, 4]
+    x = rng.standard_normal((129, 20)).astype(np.float32)
+    ws, bs = mlp_params(rng, 20, widths)
+    dy = rng.standard_normal((129, widths[-1])).astype(np.float32)
+    need_dw, need_db = ([flags[k] for flags in BIAS_ALONE_FUSED] for k in (0, 1))
+    trains = [dw or db for dw, db in zip(need_dw, need_db)]
+    need_dx = [dx for dx, _ in plan_backward(trains, False)]
+    dev = cb_h100.asarray
+    _, inputs, act_inputs = cb_h100.fused_mlp_forward(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], acts,
+                                                      need_dw, [act != "identity" for act in acts], precision)
+    assert [a is None for a in inputs] == [not dw for dw in need_dw]  # only the weight that trains kept its input
+    out_dw = [cb_h100.empty(w.shape) if dw else None for w, dw in zip(ws, need_dw)]
+    out_db = [cb_h100.empty(b.shape) if trains_layer else None for b, trains_layer in zip(bs, trains)]
+    with trace() as t:
+        dx = cb_h100.fused_mlp_backward(dev(dy), [dev(w) for w in ws], acts, inputs, act_inputs, need_dx, need_dw,
+                                        out_dw, out_db, precision, need_db=need_db)
+    assert t.launches == cb_h100.fused_backward_kernels(acts[-1], need_dw, need_db) \
+        == ["fused_mlp_bwd", "fused_mlp_dw"] + ["dense_dz"] * 3
+    assert dx is None
+    _, _, grads_ref = reference_mlp(x, ws, bs, acts, dy, need_dx, trains)
+    tol = FUSED_RTOL if precision == "fp32" else FUSED_TOLERANCE[precision]
+    for i, want in enumerate(grads_ref):
+        if need_dw[i]:
+            close(cb_h100.to_host(out_dw[i]), want[0], tol)
+        if need_db[i]:
+            close(cb_h100.to_host(out_db[i]), want[1], tol)
 
 
 # Tensor-core precisions (kernels/fused_mlp.cu): relative to the largest magnitude of each result,

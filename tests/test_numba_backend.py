@@ -755,9 +755,9 @@ def test_model_on_numba_trains_like_the_numpy_model(rng):
 def test_kernel_variants_list_every_kernel_and_activation_the_backend_launches():
     variants = nb.kernel_variants()
     names = {v.name for v in variants}
-    assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_dx", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
-                     "mse_fwd_bwd", "mae_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "poisson_fwd_bwd", "sumsq", "scale",
-                     "sgd_update", "adam_update", "rmsprop_update", "dropout_dz", "dropout_fwd"}
+    assert names == {"dense_fwd", "dense_dz", "dense_dw", "dense_db", "dense_dx", "softmax_fwd", "softmax_bwd",
+                     "ce_fwd_bwd", "mse_fwd_bwd", "mae_fwd_bwd", "huber_fwd_bwd", "bce_fwd_bwd", "poisson_fwd_bwd",
+                     "sumsq", "scale", "sgd_update", "adam_update", "rmsprop_update", "dropout_dz", "dropout_fwd"}
     # One forward kernel for every activation (passed at launch), and one with a dropout mask.
     assert sorted(v.variant for v in variants if v.name == "dense_fwd") == ["", "dropout"]
     # One dX kernel for the activations below whose act' reads y and one for those that read z (passed

@@ -8,6 +8,8 @@ tests/test_cupy_paths_on_cpu.py, and on a GPU in the test marked ``gpu`` below.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -252,6 +254,27 @@ def test_frozen_bias_alone_gets_no_grad_and_the_weight_still_does(mlp):
     mlp.layers[1].bias.requires_grad_(False)
     mlp(random_input()).sum().backward()
     assert mlp.layers[1].bias.grad is None and mlp.layers[1].weight.grad is not None
+
+
+@pytest.mark.parametrize("frozen_weights", [(0, 1, 2), (1,)], ids=["bitfit", "middle_weight"])
+def test_a_frozen_weight_under_a_bias_that_trains_launches_no_dw_and_keeps_no_input(mlp, frozen_weights):
+    """BitFit: the bias's gradient equals plain torch's, the weight gets none and no dW kernel
+    runs for it; the plan says so, as Sequential's does for the same flags."""
+    for i in frozen_weights:
+        mlp.layers[i].weight.requires_grad_(False)
+    x = random_input(requires_grad=False)
+    plan = mlp.backward_plan()
+    assert plan == mlp.to_sequential().backward_plan()
+    with gb.trace() as t:
+        out = mlp(x)
+        out.square().sum().backward()
+    assert t.counts["dense_dw"] == 3 - len(frozen_weights) and t.counts["dense_db"] == len(frozen_weights)
+    assert t.counts == Counter(["dense_fwd"] * 3 + [k for _, kernels in plan for k in kernels])
+    want = grads_of(plain_torch(mlp, x).square().sum(), [layer.bias for layer in mlp.layers], torch.tensor(1.0))
+    for layer, expected in zip(mlp.layers, want):
+        torch.testing.assert_close(layer.bias.grad, expected, rtol=1e-5, atol=1e-6)
+    for i, layer in enumerate(mlp.layers):
+        assert (layer.weight.grad is None) == (i in frozen_weights)
 
 
 # ----------------------------------------------------------------------------- torch integration

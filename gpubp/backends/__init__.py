@@ -35,16 +35,18 @@ Dense layer
     ``dense_precisions() -> tuple[str, ...]``
         the ``precision`` values ``dense_forward``/``dense_backward`` take on this device.
     ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-      precision="fp32", dropout=None) -> (dx, dw, db)``
+      precision="fp32", dropout=None, need_db=None) -> (dx, dw, db)``
         ``dz = dy * act'(y or z)`` fused into the gradient kernels; ``dx = dz @ w.T``,
         ``dw = x.T @ dz``, ``db = dz.sum(0)`` with db fused into the dW kernel.
-        ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None.
+        ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None, unless
+        ``need_db`` (a bias that trains under a frozen weight): db alone, from dz, with no dW
+        kernel (``dw`` None). With ``need_dw``, db comes with dW whatever ``need_db`` says.
         ``need_dx=False``: no dX kernel is launched, ``dx`` is None. ``x`` may be None
         when ``need_dw`` is False. ``dy`` is never modified. The ``out_*`` buffers, when
         given, receive the results. Records exactly
-        ``backward_kernels(act, need_dx, need_dw, precision, dropout is not None)``. ``dropout``:
+        ``backward_kernels(act, need_dx, need_dw, precision, dropout is not None, need_db)``. ``dropout``:
         the mask the forward applied (``y`` holds the masked output); it is regenerated, never read.
-    ``backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]``
+    ``backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False, need_db=None) -> list[str]``
         the names of the kernels ``dense_backward`` launches for these arguments, in order.
     ``dropout_forward(x, dropout, out=None)`` / ``dropout_backward(dy, dropout, out=None)``
         a dropout on its own (on the model's input): the mask of ``dropout`` applied to ``x``,
@@ -112,11 +114,14 @@ Optional capability: the fused MLP (the cupy backend; the others do not have it)
         ``keep_output`` what act' reads (the output, or z for gelu, gelu_tanh, silu); the kept arrays
         come back per layer, None where not kept. Records ``fused_mlp_fwd`` (and
         ``softmax_fwd`` for a softmax head).
-    ``fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db) -> dx``
-        ``need_dx``/``need_dw`` per layer as for ``dense_backward``; fills ``out_dw[l]``,
-        ``out_db[l]`` of layers with ``need_dw[l]``; returns dX of the input when
-        ``need_dx[0]``, else None. Records exactly ``fused_backward_kernels(acts[-1], need_dw)``:
-        ``fused_mlp_bwd`` (the dX chain) and ``fused_mlp_dw`` (every dW/db) when any layer trains.
+    ``fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db,
+      precision="fp32", need_db=None) -> dx``
+        ``need_dx``/``need_dw`` (and ``need_db``) per layer as for ``dense_backward``; fills
+        ``out_dw[l]``, ``out_db[l]`` of layers with ``need_dw[l]``, and ``out_db[l]`` alone of
+        those with ``need_db[l]`` only; returns dX of the input when ``need_dx[0]``, else None.
+        Records exactly ``fused_backward_kernels(acts[-1], need_dw, need_db)``: ``fused_mlp_bwd``
+        (the dX chain), ``fused_mlp_dw`` (every dW/db) when any weight trains, and a db pass
+        per bias that trains alone.
     ``fused_precisions()`` the ``precision`` values both take on this device, for inputs of
         up to ``FUSED_MLP_MAX_WIDTH`` features ("tf32" and "bf16" on tensor cores where the GPU
         has them; each where its kernels fit the GPU's shared memory per block).

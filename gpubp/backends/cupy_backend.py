@@ -152,7 +152,7 @@ _FUSED_A_WORDS = (FUSED_THREADS // 32) * 16 * (FUSED_MLP_MAX_WIDTH + 8)
 _PLAN_HEAD = 4
 # precision -> kernel name suffix; tf32 and bf16 run on tensor cores (sm_80 and newer)
 FUSED_PRECISIONS = {"fp32": "", "tf32": "_tf32", "bf16": "_bf16"}
-_STORE_H, _STORE_Z, _TRAINABLE = 1, 2, 4
+_STORE_H, _STORE_Z, _TRAINABLE, _STORE_DZ = 1, 2, 4, 8  # kernels/fused_mlp.cu's LayerFlag
 _TICKETS = 4096  # slot 0: reductions (loss, sumsq); slots 1..: dW split-K tiles
 
 _LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"\s*')
@@ -877,30 +877,39 @@ def _dense_dz_dropout(dy, act_in, act, dropout):
     return dz
 
 
-def _launches_dz(act: str, need_dw: bool, precision: str) -> bool:
+def _sums_in_dz(need_dw: bool, need_db: bool, precision: str) -> bool:
+    """Whether the pass forming dz is ``dense_backward_tf32.cu``'s (``dense_dz_db``,
+    ``dense_dz_db_dropout``), which also sums db: on tensor cores always; in fp32 for db alone (a
+    bias that trains under a frozen weight), where no fp32 dW kernel runs to sum it."""
+    return precision in ("tf32", "bf16") or (need_db and not need_dw)
+
+
+def _launches_dz(act: str, need_dw: bool, precision: str, need_db: bool = False) -> bool:
     """Whether backward forms dz = dy * act'(.) in a kernel of its own: fp32 for every activation
-    but identity (dz is then dy; the dW kernel sums db); TF32 also for identity when dW is needed,
-    since its dz kernel (``dense_dz_db``) sums db."""
-    if precision in ("tf32", "bf16"):
-        return act != "identity" or need_dw
+    but identity (dz is then dy; the dW kernel sums db); where ``_sums_in_dz``, also for identity
+    when db is needed, since that kernel (``dense_dz_db``) sums it."""
+    if _sums_in_dz(need_dw, need_db, precision):
+        return act != "identity" or need_dw or need_db
     return act != "identity"
 
 
-def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False, need_db=None) -> list[str]:
     """With ``dropout`` the one pass forming dz regenerates the mask (``dropout_dz``: the
     ``dense_dz_dropout``/``dense_dz_db_dropout`` kernels; for a softmax layer the mask pass
-    before ``softmax_bwd``), and dX and dW read dz as any layer's."""
-    if not (need_dx or need_dw):
+    before ``softmax_bwd``), and dX and dW read dz as any layer's. ``need_db`` without
+    ``need_dw``: db alone, summed by the pass forming dz (``dense_dz``)."""
+    need_db = bool(need_db) and not need_dw
+    if not (need_dx or need_dw or need_db):
         return []
     softmax = ["softmax_bwd"] if act == "softmax" else []
     if dropout:
         dz = ["dropout_dz"]
         if act == "softmax":
-            dz += softmax + (["dense_dz"] if _launches_dz("identity", need_dw, precision) else [])
+            dz += softmax + (["dense_dz"] if _launches_dz("identity", need_dw, precision, need_db) else [])
     else:
-        dz = softmax + (["dense_dz"] if _launches_dz("identity" if act == "softmax" else act, need_dw, precision)
-                        else [])
-    if precision == "bf16":  # dz, then x for dW and W for dX, rounded before their products
+        dz = softmax + (["dense_dz"] if _launches_dz("identity" if act == "softmax" else act, need_dw, precision,
+                                                     need_db) else [])
+    if precision == "bf16" and (need_dx or need_dw):  # dz, then x for dW and W for dX, rounded before their products
         return (dz + ["round_bf16"] + (["round_bf16", "dense_dw"] if need_dw else [])
                 + (["round_bf16", "dense_dx"] if need_dx else []))
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
@@ -939,8 +948,10 @@ def _dw_split_buffers(batch: int, tiles: int, dw, db, k_step: int = BK) -> tuple
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None):
+                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None, need_db=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
+    ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight),
+    summed by the pass forming dz (``dense_dz_db``, in every precision); no dW kernel runs.
 
     ``precision="tf32"``: dX and dW on TF32 tensor cores (``kernels/dense_backward_tf32.cu``),
     db summed in fp32. ``precision="bf16"``: the same, with dz, x and w rounded to bf16 first. In
@@ -960,7 +971,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in`` is
     then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for
     identity too, and that layer's backward runs as an unmasked identity's."""
-    if not (need_dx or need_dw):
+    need_db = bool(need_db) and not need_dw
+    if not (need_dx or need_dw or need_db):
         return None, None, None
     batch, n_out = dy.shape
     n_in = w.shape[0]
@@ -978,8 +990,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     dx = dw = db = None
     if need_dw:
         dw = out_dw if out_dw is not None else cupy.empty((n_in, n_out), np.float32)
+    if need_dw or need_db:
         db = out_db if out_db is not None else cupy.empty((n_out,), np.float32)
-    if precision in ("tf32", "bf16"):
+    if _sums_in_dz(need_dw, need_db, precision):
         return _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db, precision, dropout,
                                    dx_act, dx_act_in, dx_dropout)
     # dz formed once, here; the products are the same for every activation
@@ -1022,9 +1035,11 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
     and db (fp32) in one elementwise kernel (with ``dropout``, its variant that regenerates the
     mask), then dW = x^T dz and dX = dz W^T as plain GEMMs (bf16: on dz, x and w rounded by
     round_bf16), dX times ``dx_act``'s derivative at ``dx_act_in`` (and ``dx_dropout``'s mask) in its
-    epilogue."""
+    epilogue. Also fp32's path for db without dW (``db`` given, ``dw`` None): the same dz pass,
+    then fp32's dX kernel."""
     batch, n_out = dy.shape
     n_in = w.shape[0]
+    sum_db = db is not None
     dz = dy
     if dropout is not None:
         dz = cupy.empty((batch, n_out), np.float32)
@@ -1032,24 +1047,24 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
         _kernel("dense_backward_tf32.cu", f"dense_dz_db_dropout_{act}")(
             (-(-n_out // DZ_COLUMNS),),
             (DZ_THREADS,),
-            # dz stands in for db when no dW is needed (the launch then writes no db)
-            (dy, y_or_z, dz, db if need_dw else dz, np.int32(batch), np.int32(n_out), np.int32(need_dw),
+            # dz stands in for db when none is needed (the launch then writes no db)
+            (dy, y_or_z, dz, db if sum_db else dz, np.int32(batch), np.int32(n_out), np.int32(sum_db),
              *_mask_args(dropout), np.float32(dropout.keep_prob)),
         )
-    elif _launches_dz(act, need_dw, precision):
-        store_dz = act != "identity"
+    elif _launches_dz(act, need_dw, precision, sum_db):
+        store_dz = act != "identity" and (need_dx or need_dw)  # db alone reads no dz back
         if store_dz:
             dz = cupy.empty((batch, n_out), np.float32)
         record("dense_dz")
         _kernel("dense_backward_tf32.cu", f"dense_dz_db_{act}")(
             (-(-n_out // DZ_COLUMNS),),
             (DZ_THREADS,),
-            # Arrays the launch does not write or read stand in for dz (identity) and db (no dW).
-            (dy, y_or_z, dz, db if need_dw else dz, np.int32(batch), np.int32(n_out), np.int32(store_dz),
-             np.int32(need_dw)),
+            # Arrays the launch does not write or read stand in for dz (identity) and db (none needed).
+            (dy, y_or_z, dz, db if sum_db else dz, np.int32(batch), np.int32(n_out), np.int32(store_dz),
+             np.int32(sum_db)),
         )
     dx = None
-    if precision == "bf16":
+    if precision == "bf16" and (need_dx or need_dw):
         dz = _round_bf16(dz)
     if need_dw:
         if precision == "bf16":
@@ -1561,13 +1576,20 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     return y, inputs, act_inputs
 
 
-def fused_backward_kernels(last_act, need_dw) -> list[str]:
-    """The kernels ``fused_mlp_backward`` launches: ``need_dw`` per layer (and anything to do)."""
+def _bias_alone(need_dw, need_db) -> list[bool]:
+    """Per layer, whether only db is needed (a bias that trains under a frozen weight)."""
+    return [bool(need_db is not None and need_db[i]) and not dw for i, dw in enumerate(need_dw)]
+
+
+def fused_backward_kernels(last_act, need_dw, need_db=None) -> list[str]:
+    """The kernels ``fused_mlp_backward`` launches: ``need_dw`` (and ``need_db``) per layer (and anything to do)."""
     softmax = ["softmax_bwd"] if last_act == "softmax" else []
-    return softmax + ["fused_mlp_bwd"] + (["fused_mlp_dw"] if any(need_dw) else [])
+    return (softmax + ["fused_mlp_bwd"] + (["fused_mlp_dw"] if any(need_dw) else [])
+            + ["dense_dz"] * sum(_bias_alone(need_dw, need_db)))
 
 
-def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db, precision="fp32"):
+def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, out_dw, out_db, precision="fp32",
+                       need_db=None):
     """Backward of ``fused_mlp_forward`` in two launches (``fused_mlp_bwd``, ``fused_mlp_dw``).
 
     ``need_dx``/``need_dw`` per layer as for ``dense_backward`` (at least one layer needs
@@ -1575,7 +1597,9 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     receive the gradients of layers with ``need_dw[l]`` (None elsewhere). The chain runs from the
     top down to the lowest layer that needs anything, keeping dz on chip and writing it only for
     trainable layers; it computes g = dz @ W^T only where a lower layer (or ``need_dx[0]``, the
-    input gradient) reads it. Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
+    input gradient) reads it. ``need_db[l]`` without ``need_dw[l]``: that layer's bias alone trains;
+    the chain writes its dz, and a ``dense_dz_db`` pass after the two launches sums it into
+    ``out_db[l]`` (no dW tile). Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
     dy = _f32(dy)
     batch, layers = dy.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]
@@ -1583,12 +1607,13 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     if acts[-1] == "softmax":
         dy = softmax_backward(dy, _f32(act_inputs[-1]), cupy.empty_like(dy))
         kernel_acts[-1] = "identity"
-    lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i])
-    flags = [_TRAINABLE if need_dw[i] else 0 for i in range(layers)]
+    bias_alone = _bias_alone(need_dw, need_db)
+    lowest = min(i for i in range(layers) if need_dx[i] or need_dw[i] or bias_alone[i])
+    flags = [_TRAINABLE if need_dw[i] else _STORE_DZ if bias_alone[i] else 0 for i in range(layers)]
     n_in = weights[0].shape[0]
     plan, tiles, ws_stride = _fused_plan(n_in, widths, kernel_acts, flags, lowest, need_dx[0], FUSED_ROWS)
     dx = cupy.empty((batch, n_in), np.float32) if need_dx[0] else None
-    dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] else None for i in range(layers)]
+    dz = [cupy.empty((batch, widths[i]), np.float32) if need_dw[i] or bias_alone[i] else None for i in range(layers)]
     act_in = [a if kernel_acts[i] != "identity" and i >= lowest else None for i, a in enumerate(act_inputs)]
     kernel, shared = _fused_launch("bwd", precision, n_in, act_mask(kernel_acts))
     record("fused_mlp_bwd")
@@ -1602,9 +1627,15 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
         kernel, shared = _fused_launch("dw", precision, n_in)
         record("fused_mlp_dw")
         kernel((tiles, splits), (FUSED_THREADS,),
-               (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy), *_layer_slots(out_db, dy),
+               (*_layer_slots(inputs, dy), *_layer_slots(dz, dy), *_layer_slots(out_dw, dy),
+                *_layer_slots([db if need_dw[i] else None for i, db in enumerate(out_db)], dy),
                 ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
                shared_mem=shared)
+    for i in (i for i in range(layers) if bias_alone[i]):
+        record("dense_dz")
+        _kernel("dense_backward_tf32.cu", "dense_dz_db_identity")(  # sums db, stores nothing
+            (-(-widths[i] // DZ_COLUMNS),), (DZ_THREADS,),
+            (dz[i], dz[i], dz[i], out_db[i], np.int32(batch), np.int32(widths[i]), np.int32(0), np.int32(1)))
     return dx
 
 

@@ -63,6 +63,9 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 group sums in group order; with one group the first sum is the result. Either
                 way the result depends on the split count and group size only, both fixed by the
                 shapes and the SM count, and is the same from run to run.
+    dense_db    db = dz.sum(0) alone, for a bias that trains under a frozen weight (dense_dw
+                sums db otherwise): a block per 32 columns, 8 row groups of a warp each, their
+                sums added in group order.
     dense_dx    dx = dz @ w.T (B, in); or, given the activation of the dense layer below (the
                 FOLDS_DX_ACT capability: every activation), dx * act'(that layer's y, or z) in
                 the epilogue (_dx_epilogue), which is that layer's dz: its own dense_dz pass is
@@ -1330,14 +1333,15 @@ def dropout_backward(dy, dropout, out=None):
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
-def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
-    if not (need_dx or need_dw):
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False, need_db=None) -> list[str]:
+    if not (need_dx or need_dw or need_db):
         return []
     if dropout:
         dz = ["dropout_dz"]
     else:
         dz = ["softmax_bwd"] if act == "softmax" else ["dense_dz"] if act in _GRAD else []
-    return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
+    sums = ["dense_dw"] if need_dw else ["dense_db"] if need_db else []
+    return dz + sums + (["dense_dx"] if need_dx else [])
 
 
 def _dropout_dz(dy, act_in, act, dropout):
@@ -1385,10 +1389,38 @@ def _dense_dw(x, dz, dw, db, splits, rows_per_split, group_splits):
     )
 
 
+@cuda.jit
+def _dense_db_kernel(dz, db):
+    """db = dz.sum(0) on its own: a block per ROW_LANES columns, lane l (threadIdx.x) its column,
+    row group g (threadIdx.y) every ROWS_PER_BLOCK-th row from g, so a warp reads 32 consecutive
+    floats of a row; the groups' sums are then added in group order (deterministic)."""
+    partials = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
+    lane, group = cuda.threadIdx.x, cuda.threadIdx.y
+    col = cuda.blockIdx.x * ROW_LANES + lane
+    total = _ZERO
+    if col < dz.shape[1]:
+        for row in range(group, dz.shape[0], ROWS_PER_BLOCK):
+            total += dz[row, col]
+    partials[group, lane] = total
+    cuda.syncthreads()
+    if group == 0 and col < dz.shape[1]:
+        for g in range(1, ROWS_PER_BLOCK):
+            total += partials[g, lane]
+        db[col] = total
+
+
+def _dense_db(dz, db):
+    """db = dz.sum(0) for a layer whose bias trains under a frozen weight (no dW kernel)."""
+    record("dense_db")
+    dzv = _view(dz)
+    _dense_db_kernel[-(-dz.shape[1] // ROW_LANES), _ROW_BLOCK, dzv.stream](dzv, _view(db))
+
+
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None):
+                   precision="fp32", dropout=None, dx_act="identity", dx_act_in=None, dx_dropout=None, need_db=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
-    ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output.
+    ``need_db=True`` with ``need_dw=False``: db alone, in ``dense_db`` (a bias that trains under a
+    frozen weight). ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output.
 
     ``dx_act`` (the ``FOLDS_DX_ACT`` capability, one of its activations): the activation of the
     layer below, whose input gradient dx is; the dX kernel's epilogue multiplies dx by its
@@ -1398,7 +1430,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in``
     is then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would,
     for identity too, and that layer's backward runs as an unmasked identity's."""
-    if not (need_dx or need_dw):
+    if not (need_dx or need_dw or need_db):
         return None, None, None
     if dx_act not in _DX_FROM_Y + _DX_FROM_Z:
         raise ValueError(f"dx_act: expected one of {', '.join(_DX_FROM_Y + _DX_FROM_Z)}, got {dx_act!r}")
@@ -1421,6 +1453,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         grid, _ = tile_grid(in_features, out_features)
         splits, rows_per_split = dw_splits(dy.shape[0], grid[0] * grid[1], _sm_count(dy))
         _dense_dw(x, dz, dw, db, splits, rows_per_split, dw_split_group(splits))
+    elif need_db:
+        db = out_db if out_db is not None else _new((w.shape[1],), dy)
+        _dense_db(dz, db)
     if need_dx:
         record("dense_dx")
         batch, in_features = dy.shape[0], w.shape[0]
@@ -1924,6 +1959,7 @@ def kernel_variants() -> list[KernelVariant]:
     variants += [
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, types.int64, flag),
                       TILE_THREADS),
+        KernelVariant("dense_db", "", _dense_db_kernel, (m, v), row_threads),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
         KernelVariant("dense_dx", "dropout", _dense_dx_masked_kernel, dx_masked, TILE_THREADS),
         KernelVariant("dense_dx", "reads_z", _dense_dx_z_kernel, (m, m, m, m, flag, i32), TILE_THREADS),

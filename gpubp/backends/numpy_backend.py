@@ -405,13 +405,15 @@ def dropout_backward(dy, dropout, out=None):
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
-def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False) -> list[str]:
+def backward_kernels(act, need_dx, need_dw, precision="fp32", dropout=False, need_db=None) -> list[str]:
     """What ``dense_backward`` records; ``dropout``: the forward masked its output, and the pass
-    forming dz (``dropout_dz``) regenerates the mask."""
-    if not (need_dx or need_dw):
+    forming dz (``dropout_dz``) regenerates the mask. db comes with dW, or alone as ``dense_db``."""
+    if not (need_dx or need_dw or need_db):
         return []
     dz = ["dropout_dz"] if dropout else ["softmax_bwd"] if act == "softmax" else []
-    if precision == "bf16":  # dz, then x for dW and W for dX, rounded before their products
+    if need_db and not need_dw:
+        dz.append("dense_db")
+    if precision == "bf16" and (need_dx or need_dw):  # dz, then x for dW and W for dX, rounded before their products
         return (dz + ["round_bf16"] + (["round_bf16", "dense_dw"] if need_dw else [])
                 + (["round_bf16", "dense_dx"] if need_dx else []))
     return dz + (["dense_dw"] if need_dw else []) + (["dense_dx"] if need_dx else [])
@@ -448,15 +450,19 @@ def _masked_dz(dy, y, z, act, dropout, db):
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
-                   precision="fp32", dropout=None):
+                   precision="fp32", dropout=None, need_db=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
+    ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight).
     ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
-    if not (need_dx or need_dw):
+    sums = need_dw or bool(need_db)  # db comes with dW, or alone
+    if not (need_dx or sums):
         return None, None, None
+    if not need_dw and sums:
+        record("dense_db")
     kernels = _compiled(dy.dtype)
     db = None
     if dropout is not None:
-        db = (out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)) if need_dw else None
+        db = (out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)) if sums else None
         dz, summed = _masked_dz(dy, y, z, act, dropout, db)
         if not summed:
             db = None
@@ -467,7 +473,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         # costs no second read of dz
         dz = _scratch("dz", dy.shape, dy.dtype)
         rows = dy.shape[0]
-        partials = _scratch("db_chunks", (-(-rows // _SUM_CHUNK_ROWS), dy.shape[1]), dy.dtype) if need_dw else None
+        partials = _scratch("db_chunks", (-(-rows // _SUM_CHUNK_ROWS), dy.shape[1]), dy.dtype) if sums else None
         code, slope = kernels.ACTS[act], *_as_dtype(dy.dtype, (LEAKY_SLOPE,))
 
         def act_grad(lo, hi):
@@ -476,7 +482,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
                                  None)
 
         _in_row_blocks(act_grad, rows, dy.size, _COMPILED_PARALLEL_MIN_ELEMENTS, _SUM_CHUNK_ROWS)
-        if need_dw:
+        if sums:
             db = out_db if out_db is not None else np.empty(dy.shape[1], dy.dtype)
             kernels.add_rows_in_order(partials, db)
     else:
@@ -486,11 +492,11 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         else:
             _on_all_cores(lambda dy, y, z, dz: activations.backward(act, dy, y, z, dz), dy, y, z, dz)
     dx = dw = None
-    if need_dw and db is None:
+    if sums and db is None:
         # db = ones(B) @ dz: BLAS gemv reads dz once at full vector width; np.sum(dz, axis=0)
         # walks it row by row and costs about four times as much for narrow layers.
         db = _matmul(activations.constant(1, dz.shape[:1], dz.dtype), dz, out=out_db)
-    if precision == "bf16":  # db above from the unrounded dz, as on the GPU
+    if precision == "bf16" and (need_dx or need_dw):  # db above from the unrounded dz, as on the GPU
         dz = round_bf16(dz)
     if need_dw:
         if precision == "bf16":
