@@ -431,6 +431,11 @@ def _build_or_load(weights: list[np.ndarray], model, activations, source: str, *
     return built
 
 
+# The key gpubp.torch.MLP's state_dict() sets in its own entry of ``state_dict._metadata`` (which
+# torch.save keeps): its weights are (in, out), where nn.Linear's are (out, in).
+TORCH_MLP_LAYOUT = "gpubp_weight_layout"
+
+
 def from_torch_state_dict(state_dict, model: Sequential | None = None, activations=None,
                           **model_kwargs) -> Sequential:
     """Import the nn.Linear layers of a PyTorch ``state_dict`` (tensors or NumPy arrays).
@@ -444,12 +449,20 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     A :class:`gpubp.torch.MLP` keeps gpubp's (in, out) weights, under the keys that an nn.Module
     with its Linear layers in ``layers`` has too (``layers.0.weight``): convert it with
     ``MLP.to_sequential()``, which also keeps its activations, dropout, precision and frozen
-    layers. Its state dict is a ValueError saying so as soon as one layer's bias shows the layout
-    (as long as the weight's second axis, where an nn.Linear's matches the first); an MLP of
-    square layers only holds nothing that tells it from nn.Linear's, and would load transposed.
+    layers. Its state dict is a ValueError saying so: the MLP marks its entry of the dict's
+    ``_metadata`` (kept by ``torch.save``); without that (a dict rebuilt by hand), as soon as one
+    layer's bias shows the layout (as long as the weight's second axis, where an nn.Linear's
+    matches the first). Only an unmarked MLP of square layers would load transposed.
     """
     if not hasattr(state_dict, "keys"):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    metadata = getattr(state_dict, "_metadata", None)
+    marked = [name for name, entry in (metadata.items() if isinstance(metadata, dict) else ())
+              if isinstance(entry, dict) and TORCH_MLP_LAYOUT in entry]
+    if marked:
+        where = f" (the module at {marked[0]!r})" if marked[0] else ""
+        raise ValueError(f"state_dict: the state of a gpubp.torch.MLP{where}, whose weights are stored (in, out) where "
+                         "nn.Linear's are (out, in); convert the MLP with MLP.to_sequential()")
     prefixes = [key[: -len(".weight")] for key in state_dict.keys() if key.endswith(".weight")]
     if not prefixes:
         raise ValueError("state_dict: no '<name>.weight' entries found")

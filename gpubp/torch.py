@@ -77,7 +77,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('gpubp.torch needs PyTorch: pip install "gpubp[torch]"') from _exc
 
-from gpubp import _checks, _random, activations, backends, philox
+from gpubp import _checks, _random, activations, backends, io, philox
 from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, dz_formed_above,
                           folded_note, plan_backward)
 
@@ -148,6 +148,9 @@ class MLP(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         acts = [activation] * (len(sizes) - 2) + [output_activation]
+        if len(sizes) > 2 and activations.canonical(activation) == "softmax":
+            raise ValueError("activation: 'softmax' normalises a whole row, so it runs on the output layer only; "
+                             "pass output_activation='softmax' and another activation for the hidden layers")
         self.math = precision if precision in ("tf32", "bf16") else "fp32"
         dropout = _rate(dropout, "dropout")
         self.input_dropout = _rate(input_dropout, "input_dropout")
@@ -155,6 +158,7 @@ class MLP(nn.Module):
             Dense(fan_in, fan_out, act, dtype=PRECISIONS[precision], dropout=dropout if i < len(acts) - 1 else None)
             for i, (fan_in, fan_out, act) in enumerate(zip(sizes[:-1], sizes[1:], acts))
         )
+        self.register_state_dict_post_hook(_mark_weight_layout)
 
     def extra_repr(self) -> str:
         return "" if self.input_dropout is None else f"input_dropout={self.input_dropout:g}"
@@ -313,6 +317,13 @@ def from_torch(module: nn.Sequential) -> MLP:
 # ----------------------------------------------------------------------------- the autograd Function
 
 
+def _mark_weight_layout(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict()``'s post-hook: the MLP's entry of ``state_dict._metadata`` says its weights
+    are (in, out), so ``gpubp.io.from_torch_state_dict`` refuses them even where every layer is
+    square (nn.Linear's are (out, in); ``MLP.to_sequential`` converts)."""
+    local_metadata[io.TORCH_MLP_LAYOUT] = "(in, out)"
+
+
 def _trainable(layer: Dense) -> bool:
     return layer.weight.requires_grad or layer.bias.requires_grad
 
@@ -406,6 +417,9 @@ def _check_input(x: torch.Tensor, params: tuple) -> None:
         raise TypeError(f"x: expected dtype {weight.dtype} (the MLP's), got {x.dtype}")
     if weight.device.type == "cuda" and weight.dtype != torch.float32:
         raise TypeError(f"parameters: the CUDA kernels compute in float32, got {weight.dtype}")
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"parameters: the CPU kernels compute in float32 or float64, got {weight.dtype}; for "
+                        "bfloat16 products keep the parameters float32 and build the MLP with precision='bf16'")
     _checks.batch_shape(tuple(x.shape), weight.shape[0], "x")
 
 

@@ -200,17 +200,24 @@ def test_a_state_dict_of_in_out_weights_points_to_mlp_to_sequential(rng):
         io.from_torch_state_dict(sd, device="cpu")
 
 
-# An MLP's first layer square: its second tells the layout, and nothing is loaded before.
-@pytest.mark.parametrize("sizes", [(6, 9, 3), (8, 8, 3)])
+# Square layers only (nothing in the shapes tells the layout), a square first layer, none square;
+# straight from state_dict(), through torch.save, and inside another module. Nothing is loaded.
+@pytest.mark.parametrize("sizes", [(8, 8, 8), (8, 8, 3), (6, 9, 3)])
 @pytest.mark.parametrize("into_a_model", [False, True])
-def test_the_state_dict_of_a_gpubp_torch_mlp_points_to_to_sequential(torch, sizes, into_a_model):
+@pytest.mark.parametrize("how", ["state_dict", "torch_save", "nested"])
+def test_the_state_dict_of_a_gpubp_torch_mlp_points_to_to_sequential(torch, tmp_path, sizes, into_a_model, how):
     from gpubp.torch import MLP
 
     mlp = MLP(list(sizes))
+    state = (torch.nn.Sequential(mlp) if how == "nested" else mlp).state_dict()
+    if how == "torch_save":
+        torch.save(state, tmp_path / "mlp.pt")
+        state = torch.load(tmp_path / "mlp.pt")
     model = gb.Sequential([gb.Dense(a, b) for a, b in zip(sizes[:-1], sizes[1:])], device="cpu")
     before = model.get_weights()
-    with pytest.raises(ValueError, match=r"state_dict: 'layers.\d.weight' .* MLP.to_sequential\(\)"):
-        io.from_torch_state_dict(mlp.state_dict(), **({"model": model} if into_a_model else {"device": "cpu"}))
+    where = r" \(the module at '0'\)" if how == "nested" else ""
+    with pytest.raises(ValueError, match=rf"state_dict: the state of a gpubp.torch.MLP{where}, .* MLP.to_sequential\(\)"):
+        io.from_torch_state_dict(state, **({"model": model} if into_a_model else {"device": "cpu"}))
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 

@@ -397,9 +397,18 @@ def test_mixed_dtypes_inside_the_mlp_raise(mlp):
         mlp(random_input())
 
 
+def test_bfloat16_parameters_on_the_cpu_raise_naming_the_parameters_and_the_precision_to_use(mlp):
+    mlp.bfloat16()
+    before = [p.detach().clone() for p in mlp.parameters()]
+    with pytest.raises(TypeError, match="parameters: .* got torch.bfloat16; .* precision='bf16'"):
+        mlp(random_input(dtype=torch.bfloat16))
+    assert all(torch.equal(got, want) for got, want in zip(mlp.parameters(), before))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sizes=[4]), "sizes"), (dict(sizes=[4, 0]), r"sizes\[1\]"), (dict(sizes=[4, 2], precision="fp16"), "precision"),
     (dict(sizes=[4, 3, 2], activation="mish"), "activation"),
+    (dict(sizes=[4, 3, 2], activation="softmax"), "activation: 'softmax' .* output layer only"),
 ])
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
