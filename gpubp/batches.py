@@ -229,24 +229,30 @@ def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
             raise ValueError(f"metrics: {name!r} cannot score this model's targets: {error}") from None
 
 
-def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None) -> dict:
+def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None, gather=None) -> dict:
     """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
 
     The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
     the compiled ones, else ``["accuracy"]`` (``[]`` for none). A loss that fuses the last
     layer's activation is computed on the logits, which is the same value, stably.
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
-    output: class 1 above probability 0.5 for a sigmoid last layer, above logit 0 otherwise),
+    output: class 1 above probability 0.5 for a sigmoid last layer, or above 0.5 for an output
+    a regression loss (mse, mae, huber) fits to the targets, above logit 0 otherwise),
     "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``.
     Class labels are range-checked whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
     (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
+    ``gather``: for data split across processes (``gpubp.distributed``), a callable taking the
+    scores of this part and returning ``(scores, targets)`` of the whole set, which the metrics
+    score (an F1 or AUC of the whole set is no mean of the parts'); the loss stays this part's.
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
     if metrics is None:
         metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
     head = model._end(-1).activation
     metrics = metric_list(metrics)
-    named = [metric_fns.get(m, probabilities=head in ("sigmoid", "softmax")) for m in metrics]
+    # Class 1 begins at 0.5 for probabilities and for values a regression loss fits; at 0 for logits.
+    values = head in ("sigmoid", "softmax") or (loss_fn is not None and losses.fits_values(loss_fn))
+    named = [metric_fns.get(m, probabilities=values) for m in metrics]
     x, y = check_dataset(model, x, y, loss_fn)
     check_metrics(model, metrics, y)
     if sample_weight is not None:
@@ -263,6 +269,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     if loss_fn is not None:
         weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
         result["loss"] = loss_fn(outputs, y, **weighted)[0]
+    if gather is not None and named:
+        scores, y = gather(scores)
     for name, fn in named:
         result[name] = fn(scores, y)
     return result

@@ -12,9 +12,10 @@ builds the same model and calls ``fit`` on the whole dataset. Then:
   gradients (frozen layers send nothing) plus the loss are summed with ONE all-reduce over one
   flat bucket. Each rank's share is weighted by its size, so the result is the gradient of the
   global batch's mean loss, also for a short last batch;
-- validation runs on each rank's part of the validation data and the metrics are averaged,
-  weighted by part size (exact for the loss, accuracy, mse and mae; f1/precision/recall are
-  the average of the parts' values);
+- validation runs on each rank's part of the validation data: the loss is averaged over the
+  ranks, weighted by part size (exact), and every rank scores the metrics on the predictions of
+  the whole set, gathered from the ranks (so f1, precision, recall and auc are the whole set's,
+  not a mean of the parts');
 - only rank 0 shows progress and runs the callbacks that write files
   (``Callback.main_process_only``).
 
@@ -230,15 +231,23 @@ class DataParallel:
         return float(bucket[-1])
 
     def evaluate(self, x_val, y_val, loss_fn, metrics, sample_weight: np.ndarray | None = None) -> dict:
-        """``batches.evaluate`` on this rank's part of the validation data (and weights), averaged
-        over ranks by part size."""
+        """``batches.evaluate`` on this rank's part of the validation data (and weights): the loss
+        averaged over ranks by part size, the metrics scored on every rank's predictions, gathered
+        in rank order (the parts are contiguous), against the whole ``y_val``."""
         part = _shard(len(x_val), self.rank, self.world_size)
         weights = None if sample_weight is None else sample_weight[part]
-        local = batches.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics,
-                                 sample_weight=weights)
-        names = list(local)
-        weight = (part.stop - part.start) / len(x_val)
-        device = "cpu" if self.model.device == "cpu" else "cuda"
-        totals = self.torch.tensor([local[name] * weight for name in names], dtype=self.torch.float64, device=device)
-        self.dist.all_reduce(totals)
-        return dict(zip(names, totals.tolist()))
+
+        def whole(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            parts = [None] * self.world_size
+            self.dist.all_gather_object(parts, scores)
+            return np.concatenate(parts), y_val
+
+        result = batches.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics,
+                                  sample_weight=weights, gather=whole)
+        if "loss" in result:
+            weight = (part.stop - part.start) / len(x_val)
+            device = "cpu" if self.model.device == "cpu" else "cuda"
+            total = self.torch.tensor([result["loss"] * weight], dtype=self.torch.float64, device=device)
+            self.dist.all_reduce(total)
+            result["loss"] = total.item()
+        return result

@@ -323,6 +323,17 @@ FUSED_ACTIVATION = {
 }
 
 
+# Losses that fit the output itself to the targets: with 0/1 targets, class 1 begins at an
+# output of 0.5 (Keras's binary_accuracy threshold), not at a logit of 0.
+FITS_VALUES = (mse, mae, huber)
+
+
+def fits_values(loss_fn) -> bool:
+    """True when ``loss_fn`` fits the model's output itself to the targets (mse, mae, huber), so
+    that output is a value, not a logit."""
+    return base(loss_fn) in FITS_VALUES
+
+
 def fuses(loss_fn, activation: str) -> bool:
     """True when ``loss_fn`` applies ``activation`` itself, so it should be given the logits."""
     return FUSED_ACTIVATION.get(base(loss_fn)) == activation

@@ -2,7 +2,13 @@
 
 ``scores`` (N, out) are what ``predict`` returns; ``y`` the targets as ``fit`` takes them.
 A single output is a logit (class 1 when > 0) unless the model's last layer is a sigmoid
-or softmax, whose probabilities ``evaluate`` passes with threshold 0.5.
+or softmax, whose probabilities ``evaluate`` passes with threshold 0.5, as it does an output
+that its loss fits to the targets (mse, mae, huber: Keras's ``binary_accuracy`` threshold). ``precision``,
+``recall`` and ``f1`` on multi-hot targets (0/1 columns, one per output, some row with other
+than exactly one 1) score each output as a binary problem at that threshold and average over
+the labels, as scikit-learn's multilabel ``average="macro"``; ``accuracy`` there compares the
+highest score with the first label, as Keras 3's ``"accuracy"`` does for such targets
+(``categorical_accuracy``; ``binary_accuracy`` scores every label).
 
 Keras's names mean what they mean in Keras: ``mean_absolute_error`` and
 ``mean_squared_error`` (the same as ``mae`` and ``mse``), ``binary_accuracy`` (every output
@@ -52,7 +58,19 @@ def _binary(scores: np.ndarray) -> bool:
     return scores.shape[1] == 1
 
 
+def _multilabel(scores: np.ndarray, y: np.ndarray) -> bool:
+    """Multi-hot targets: a column per output and some row whose labels do not sum to one."""
+    return (y.ndim == 2 and y.shape[1] > 1 and y.shape == scores.shape
+            and bool(np.any(y.sum(axis=1) != 1)))
+
+
 def _precision_recall(scores, y, threshold):
+    if _multilabel(scores, y):  # per label: output above the threshold against target 1
+        pred, true = scores > threshold, y != 0
+        tp = np.sum(pred & true, axis=0, dtype=np.float64)
+        fp = np.sum(pred & ~true, axis=0, dtype=np.float64)
+        fn = np.sum(~pred & true, axis=0, dtype=np.float64)
+        return _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     pred, true = _classes(scores, threshold), _labels(y)
     classes, tp, fp, fn = _per_class(pred, true)
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
@@ -67,17 +85,18 @@ def accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float
 
 
 def precision(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
-    """Binary precision for one output; macro-averaged over classes otherwise."""
+    """Binary precision for one output; macro-averaged over classes (or multi-hot labels) otherwise."""
     return float(np.mean(_precision_recall(scores, y, threshold)[0]))
 
 
 def recall(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
-    """Binary recall for one output; macro-averaged over classes otherwise."""
+    """Binary recall for one output; macro-averaged over classes (or multi-hot labels) otherwise."""
     return float(np.mean(_precision_recall(scores, y, threshold)[1]))
 
 
 def f1(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
-    """Binary F1 for one output; macro-averaged F1 over classes otherwise (scikit-learn's 'macro')."""
+    """Binary F1 for one output; macro-averaged F1 over classes (or multi-hot labels) otherwise
+    (scikit-learn's 'macro')."""
     p, r = _precision_recall(scores, y, threshold)
     p, r = np.atleast_1d(p), np.atleast_1d(r)
     return float(np.mean(_ratio(2 * p * r, p + r)))

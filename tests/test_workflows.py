@@ -441,6 +441,38 @@ def test_multiclass_metrics_match_scikit_learn_macro_averages(sklearn_metrics, s
         assert result[name] == pytest.approx(expected), name
 
 
+# A sigmoid head (probabilities, threshold 0.5) and a linear one trained as logits (threshold 0);
+# the targets multi-hot, with one label that never occurs.
+@pytest.mark.parametrize("head, threshold", [("sigmoid", 0.5), (None, 0.0)])
+@pytest.mark.parametrize("seed", range(3))
+def test_multilabel_metrics_score_each_label_as_scikit_learns_multilabel_macro(sklearn_metrics, seed, head, threshold):
+    rng = np.random.default_rng(seed)
+    gb.seed(seed)
+    model = gb.Sequential([gb.Dense(6, 4, head)], device="cpu")
+    x = rng.normal(size=(60, 6)).astype(np.float32)
+    y = (rng.random((60, 4)) < [0.5, 0.3, 0.6, 0.0]).astype(np.float32)
+    predicted = (model.predict(x) > threshold).astype(int)
+    result = model.evaluate(x, y, metrics=["precision", "recall", "f1", "binary_accuracy"])
+    for name in ("precision", "recall", "f1"):
+        expected = getattr(sklearn_metrics, f"{name}_score")(y, predicted, average="macro", zero_division=0)
+        assert result[name] == pytest.approx(expected), name
+    assert result["binary_accuracy"] == pytest.approx(np.mean(predicted == y))
+
+
+@pytest.mark.parametrize("loss, threshold", [("mse", 0.5), ("mae", 0.5), ("binary_cross_entropy", 0.0), (None, 0.0)])
+def test_a_linear_output_is_thresholded_at_half_under_a_regression_loss_and_at_zero_as_a_logit(loss, threshold):
+    """0/1 targets fitted by mse are values (Keras's binary_accuracy threshold, 0.5); trained by
+    binary cross-entropy, or with no loss to tell, the output is a logit (0)."""
+    model = gb.Sequential([gb.Dense(1, 1)], device="cpu")
+    model.set_weights([np.ones((1, 1), np.float32), np.zeros(1, np.float32)])
+    x = np.array([[0.1], [0.2], [0.7], [0.9], [-0.2]], np.float32)  # the outputs themselves
+    y = np.array([[0], [0], [1], [1], [0]], np.float32)
+    result = model.evaluate(x, y, loss=loss, metrics=["accuracy", "binary_accuracy", "f1"])
+    predicted = (x > threshold).astype(np.float32)
+    assert result["accuracy"] == result["binary_accuracy"] == pytest.approx(np.mean(predicted == y))
+    assert result["accuracy"] == (1.0 if threshold == 0.5 else 0.6)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_single_output_metrics_match_scikit_learn_binary_scores(sklearn_metrics, seed):
     rng = np.random.default_rng(seed)

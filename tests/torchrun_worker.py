@@ -30,7 +30,7 @@ DEVICE = os.environ.get("GPUBP_WORKER_DEVICE", "cpu")
 FIT_SEED = 3
 DDP_SEED = 5
 DDP_STEPS = 3
-FIT_KWARGS = dict(loss="cross_entropy", epochs=3, batch_size=16, validation_split=0.2, metrics=["accuracy"],
+FIT_KWARGS = dict(loss="cross_entropy", epochs=3, batch_size=16, validation_split=0.2, metrics=["accuracy", "f1"],
                   verbose=2, class_weight={0: 1.0, 1: 2.5, 2: 0.5}, sample_weight=np.linspace(0.5, 1.5, 101))
 
 
@@ -118,7 +118,8 @@ def main(out_dir: str) -> None:
 
     np.savez(f"{out_dir}/rank{rank}.npz", *model.get_weights(),
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
-             val_accuracy=np.array(history["val_accuracy"]), batch_error=np.array(batch_error),
+             val_accuracy=np.array(history["val_accuracy"]), val_f1=np.array(history["val_f1"]),
+             batch_error=np.array(batch_error),
              ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
     # DDP's reducer holds the gloo group; freed after the peer has gone, its destructor can wait forever.
     dist.barrier()
