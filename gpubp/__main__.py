@@ -53,6 +53,8 @@ def demo(args, usage_error) -> int:
         backend = backends.resolve(args.device, args.backend)
     except ValueError as exc:  # --backend runs on another device than --device (or GPUBP_DEVICE) names
         usage_error(str(exc))
+    except RuntimeError as exc:  # the backend they name cannot run here
+        usage_error(str(exc))
     x, y = gb.data.load_digits()
     x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.2, seed=args.seed, stratify=True)
     # The shots of each new class are drawn from its training images without replacement.
@@ -163,7 +165,16 @@ def _cupy_kernels(cupy_backend) -> str:
             f"cached by CuPy (no fatbins: {why_not}); gpubp.backends.get('cupy').preload() compiles them all at once")
 
 
-def bench(args) -> int:
+def _check_available(name: str, usage_error) -> None:
+    """A usage error, not a traceback, when the backend the arguments chose cannot run here."""
+    why = backends.available()[name]
+    if why is not None:
+        usage_error(f"backend {name!r} is not available here: {why}")
+
+
+def bench(args, usage_error) -> int:
+    if args.backend != "auto":
+        _check_available(args.backend, usage_error)
     names = [args.backend] if args.backend != "auto" else [n for n, why in backends.available().items() if why is None]
     shapes = [([784, 256, 256, 10], 256), ([1024] * 4, 512), ([64] * 5 + [10], 4096)]
     print(f"median ms per training step (forward, softmax-CE, backward, SGD momentum); {args.repeats} repeats")
@@ -216,7 +227,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args, p_demo.error)
-    return {"info": info, "bench": bench}[args.command](args)
+    if args.command == "bench":
+        return bench(args, p_bench.error)
+    return info(args)
 
 
 if __name__ == "__main__":

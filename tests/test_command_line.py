@@ -80,3 +80,11 @@ def test_the_demo_takes_as_many_shots_as_the_rarest_new_digit_has(capsys):
 def test_a_backend_of_another_device_is_a_usage_error(capsys):
     err = usage_error(["demo", "--device", "cpu", "--backend", "cupy"], capsys)
     assert "backend: 'cupy' runs on device 'cuda', but device='cpu' was asked for" in err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--backend", "cupy"], ["bench", "--backend", "cupy", "--repeats", "1"]])
+def test_a_backend_that_cannot_run_here_is_a_usage_error_not_a_traceback(argv, capsys, monkeypatch):
+    reasons = {**gb.backends.available(), "cupy": "no CUDA here (stand-in reason)"}
+    monkeypatch.setattr(gb.backends, "available", lambda: reasons)
+    err = usage_error(argv, capsys)
+    assert "'cupy' is not available" in err and "Traceback" not in err
