@@ -957,10 +957,10 @@ class Sequential:
 
         Fills ``.grad`` of trainable Parameters only. Layers below the lowest trainable
         layer do no work; frozen layers launch no dW/db kernel (a frozen weight under a bias that
-        trains, no dW kernel); a frozen layer between trainable ones launches only dX. Returns dX of the input if ``need_input_grad``,
-        which works after any training forward that kept what dX reads (every layer's
-        output when the first layer is trainable); ``forward(x, need_input_grad=True)``
-        keeps it in every case.
+        trains, no dW kernel); a frozen layer between trainable ones launches only dX. Returns dX
+        of the input if ``need_input_grad``, which works after any training forward that kept
+        what dX reads (every layer's output when the first layer is trainable);
+        ``forward(x, need_input_grad=True)`` keeps it in every case.
         """
         kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
         plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)

@@ -91,7 +91,8 @@ class TrainStep:
     across ``fit`` calls and steps, and an Optimizer must update only the model's parameters).
     ``clip_grad_norm`` clips the gradients before each update. ``cuda_graph``: False (the
     default) launches every kernel from Python; True captures the step in a CUDA graph and
-    replays it (a ValueError says why it cannot); "auto" does so where it can. See the module documentation for how and when.
+    replays it (a ValueError says why it cannot); "auto" does so where it can. See the module
+    documentation for how and when.
     """
 
     def __init__(self, model, loss=None, optimizer=None, cuda_graph=False, clip_grad_norm: float | None = None):

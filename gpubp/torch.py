@@ -527,7 +527,8 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
     last_reads_y = kept[-1][1] is not None
     # A dropped input is not x: layer 0 keeps it among its own arrays.
     # Last, x again where it requires grad: a second derivative's path to it (_FirstDerivativeOnly).
-    ctx.save_for_backward(x if plan[0][1] and wants[1] and masks[0] is None else None, h if last_reads_y else None, *params,
+    keeps_x = plan[0][1] and wants[1] and masks[0] is None  # layer 0's dW reads it
+    ctx.save_for_backward(x if keeps_x else None, h if last_reads_y else None, *params,
                           x if x.requires_grad else None)
     ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = kept, plan, acts, math, device, masks
     return h

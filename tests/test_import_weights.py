@@ -216,7 +216,8 @@ def test_the_state_dict_of_a_gpubp_torch_mlp_points_to_to_sequential(torch, tmp_
     model = gb.Sequential([gb.Dense(a, b) for a, b in zip(sizes[:-1], sizes[1:])], device="cpu")
     before = model.get_weights()
     where = r" \(the module at '0'\)" if how == "nested" else ""
-    with pytest.raises(ValueError, match=rf"state_dict: the state of a gpubp.torch.MLP{where}, .* MLP.to_sequential\(\)"):
+    message = rf"state_dict: the state of a gpubp.torch.MLP{where}, .* MLP.to_sequential\(\)"
+    with pytest.raises(ValueError, match=message):
         io.from_torch_state_dict(state, **({"model": model} if into_a_model else {"device": "cpu"}))
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
