@@ -5,7 +5,7 @@
 
 One row per backend and shape (see bench/test_finetune.py for the step kinds):
 frozen-backbone step / forward pass (target <= 1.10), frozen-backbone / full step,
-head-only / full step. PyTorch's CPU build gets its own row in the same table.
+head-only / full step, BitFit (biases alone train) / full step. PyTorch's CPU build gets its own row in the same table.
 
 Two estimates of each ratio: from the benchmarks' own statistics (``--stat``, default
 min), and "paired": each training step timed alternately with a forward pass, so both
@@ -19,10 +19,11 @@ import argparse
 import json
 from collections import defaultdict
 
-STEPS = ("forward", "full", "frozen_backbone", "head_only")
+STEPS = ("forward", "full", "frozen_backbone", "head_only", "bitfit")
 RATIOS = (("frozen / forward", "frozen_backbone", "forward"),
           ("frozen / full", "frozen_backbone", "full"),
-          ("head-only / full", "head_only", "full"))
+          ("head-only / full", "head_only", "full"),
+          ("bitfit / full", "bitfit", "full"))
 
 
 def step_times(report: dict, stat: str) -> dict[tuple, dict[str, float]]:

@@ -15,9 +15,11 @@ step kinds, and ends with a device synchronize:
 - ``head_only``: training only the head on backbone features computed once
   beforehand: the head's forward, loss, dW/db and update. The cost of a frozen
   backbone once its features are cached.
+- ``bitfit``: every weight frozen and every bias training (BitFit): forward, loss,
+  dz and db everywhere, dX down to the second layer, and no dW kernel at all.
 
-PyTorch's CPU build runs ``forward`` (under ``no_grad``), ``full`` and
-``frozen_backbone`` (``requires_grad_(False)`` on the backbone) in the same run
+PyTorch's CPU build runs ``forward`` (under ``no_grad``), ``full``, ``frozen_backbone``
+(``requires_grad_(False)`` on the backbone) and ``bitfit`` (on every weight) in the same run
 when torch is importable, so the ratios compare on one machine.
 
 ``extra_info`` holds backend, shape, batch, step, dtype, device, matmul FLOPs and
@@ -50,7 +52,7 @@ from gpubp._driver import cuda_device_count
 SHAPE = (256, 512, 512, 512, 10)
 BATCH = 512
 SEED = 0
-STEPS = ("forward", "full", "frozen_backbone", "head_only")
+STEPS = ("forward", "full", "frozen_backbone", "head_only", "bitfit")
 WARMUP_CALLS = 3
 # Enough rounds that the ratios hold on a busy 2-core machine; each step is tens of ms there.
 TIMING = pytest.mark.benchmark(min_rounds=25, max_time=2.0)
@@ -173,6 +175,9 @@ def test_finetune_step(benchmark, backend, step):
             x, model = x_full, _model(SHAPE, backend)
         if step == "frozen_backbone":
             model.freeze_to(-1)
+        if step == "bitfit":
+            for layer in model:
+                layer.weight.trainable = False
         train_step = model.train_step("cross_entropy", gb.optim.Adam(model.parameters(), lr=1e-4))
 
         def run():
@@ -192,7 +197,7 @@ def test_finetune_step(benchmark, backend, step):
 
 
 @TIMING
-@pytest.mark.parametrize("step", ["forward", "full", "frozen_backbone"])
+@pytest.mark.parametrize("step", ["forward", "full", "frozen_backbone", "bitfit"])
 def test_torch_cpu_step(benchmark, step):
     torch = pytest.importorskip("torch", reason="PyTorch is the CPU comparison; pip install 'gpubp[torch]'")
     benchmark.group = f"finetune {'x'.join(map(str, SHAPE))} batch {BATCH}: torch-cpu"
@@ -217,6 +222,10 @@ def test_torch_cpu_step(benchmark, step):
         if step == "frozen_backbone":
             model[:-1].requires_grad_(False)
             backward = per_layer[-1]
+        elif step == "bitfit":  # dX down to the second layer, no dW
+            for layer in model[::2]:
+                layer.weight.requires_grad_(False)
+            backward = sum(per_layer) - per_layer[0]
         else:
             backward = 2 * sum(per_layer) - per_layer[0]
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
