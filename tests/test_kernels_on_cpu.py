@@ -373,6 +373,8 @@ def test_tf32_forward_rounds_its_inputs(cb_h100, rng):
 # an activation's derivative may differ by an ulp and so round to a neighbouring bf16 value:
 # BF16_DZ_RTOL bounds what such a flip costs (2^-8 of one product, over the sum of at least 16).
 BF16_DZ_RTOL = 1e-3
+# What a product (dX, dW) is held to in each precision, against the float64 reference.
+PRODUCTS_RTOL = {"fp32": RTOL, "tf32": TF32_RTOL, "bf16": BF16_RTOL}
 BF16_FORWARD_LAUNCHES = ["round_bf16", "round_bf16", "dense_fwd"]
 
 
@@ -640,7 +642,7 @@ def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_resets_its_ticke
     assert cb_h100._dw_split(batch, 1)[0] == 1
     one_split = dw_and_db()
     _, dw_ref, db_ref = ref.dense_backward(*f64(dy, x, w, y), None, "tanh", False, True)
-    dw_rtol = {"tf32": TF32_RTOL, "bf16": BF16_RTOL}.get(precision, RTOL)
+    dw_rtol = PRODUCTS_RTOL[precision]
     for got, repeat, single, want, rtol in zip(split, again, one_split, (dw_ref, db_ref), (dw_rtol, RTOL)):
         assert np.array_equal(repeat, got)
         close(got, want, rtol)  # db is an fp32 sum in either precision
@@ -746,7 +748,7 @@ def check_masked_dense_layer(cb, rng, act, shape, precision, need_dx=True, need_
     expected = (["dropout_dz"] + rounded + (rounded + ["dense_dw"] if need_dw else [])
                 + (rounded + ["dense_dx"] if need_dx else []))
     assert t.launches == cb.backward_kernels(act, need_dx, need_dw, precision, dropout=True) == expected
-    products_rtol = {"fp32": RTOL, "tf32": TF32_RTOL, "bf16": BF16_RTOL}[precision]
+    products_rtol = PRODUCTS_RTOL[precision]
     for g, reference, rtol in zip(got, want, (products_rtol, products_rtol, RTOL)):  # db: fp32 from the exact dz
         if reference is None:
             assert g is None
@@ -830,7 +832,7 @@ def test_a_bias_that_trains_under_a_frozen_weight_gets_db_and_no_dw_kernel(cb_h1
     assert dw is None
     close(cb_h100.to_host(db), db_ref)  # fp32 sums of the exact dz in every precision
     if need_dx:
-        close(cb_h100.to_host(dx), dx_ref, {"fp32": RTOL, "tf32": TF32_RTOL, "bf16": BF16_RTOL}[precision])
+        close(cb_h100.to_host(dx), dx_ref, PRODUCTS_RTOL[precision])
     else:
         assert dx is None
 
