@@ -71,12 +71,13 @@ _constants: dict[tuple, np.ndarray] = {}
 def canonical(name: str | None, argname: str = "activation") -> str:
     """Return the registered name for ``name`` (``None`` and ``"linear"`` mean identity).
 
-    Raises ``ValueError`` naming ``argname`` for an unknown activation.
+    Raises ``ValueError`` naming ``argname`` for an unknown activation, and ``TypeError`` for
+    anything but a str or None (a list of names, say).
     """
+    if name is not None and not isinstance(name, str):  # before the lookup: a list is not hashable
+        raise TypeError(f"{argname} must be a str or None, got {type(name).__name__} {name!r}")
     if name in _ALIASES:
         return _ALIASES[name]
-    if not isinstance(name, str):
-        raise TypeError(f"{argname} must be a str or None, got {type(name).__name__}")
     if name not in NAMES:
         raise ValueError(f"{argname}: unknown activation {name!r}; expected one of {NAMES}")
     return name

@@ -31,7 +31,10 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
     """Host copies of (x, y), checked against the model and the loss before any step runs."""
     yname = "y" if name == "x" else f"{name}_y"
     x = _checks.to_numpy(x, name)
-    y = _checks.to_numpy(y, yname)
+    targets, y = y, _checks.to_numpy(y, yname)
+    if y.ndim == 0:
+        raise TypeError(f"{yname}: expected an array of targets, one per row of {name}, "
+                        f"got {type(targets).__name__} {targets!r}")
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
     all_finite(x, name)
@@ -134,10 +137,12 @@ def sample_weights(model, y, loss_fn, sample_weight=None, class_weight=None, nam
 
 def loss_and_grad(loss_fn, out, y, sample_weight, backend):
     """``loss_fn``'s (loss, gradient), weighted when ``sample_weight`` is given (a loss of your
-    own is then called with ``sample_weight=`` too, and only then)."""
-    if sample_weight is None:
-        return loss_fn(out, y, backend=backend)
-    return loss_fn(out, y, sample_weight=sample_weight, backend=backend)
+    own is then called with ``sample_weight=`` too, and only then). gpubp's losses are told the
+    ``backend``; a loss of your own is called as :func:`gpubp.losses.get` says, without it."""
+    kwargs = {"backend": backend} if losses.is_builtin(loss_fn) else {}
+    if sample_weight is not None:
+        kwargs["sample_weight"] = sample_weight
+    return loss_fn(out, y, **kwargs)
 
 
 def optimizer_for(model, optimizer, fresh: bool = False):
@@ -232,9 +237,11 @@ def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
 def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None, gather=None) -> dict:
     """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
 
-    The loss is the one given, else the compiled or last fit's one; ``metrics`` default to
-    the compiled ones, else ``["accuracy"]`` (``[]`` for none). A loss that fuses the last
-    layer's activation is computed on the logits, which is the same value, stably.
+    The loss is the one given, else the compiled or last fit's one; ``metrics`` default to the
+    compiled ones, else ``["accuracy"]`` for a classification loss (the cross-entropies,
+    binary_cross_entropy) or no loss, and none for a regression loss (mse, mae, huber, poisson)
+    or a loss of your own, whose targets need not be classes; ``[]`` for none. A loss that fuses
+    the last layer's activation is computed on the logits, which is the same value, stably.
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
     output: class 1 above probability 0.5 for a sigmoid last layer, or above 0.5 for an output
     a regression loss (mse, mae, huber) fits to the targets, above logit 0 otherwise),
@@ -247,7 +254,9 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     """
     loss_fn = losses.get(loss) if loss is not None else getattr(model, "loss", None)
     if metrics is None:
-        metrics = getattr(model, "_compiled", {}).get("metrics", ["accuracy"])
+        metrics = getattr(model, "_compiled", {}).get("metrics")
+    if metrics is None:
+        metrics = ["accuracy"] if loss_fn is None or losses.classifies(loss_fn) else []
     head = model._end(-1).activation
     metrics = metric_list(metrics)
     # Class 1 begins at 0.5 for probabilities and for values a regression loss fits; at 0 for logits.

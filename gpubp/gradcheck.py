@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpubp import _checks, _random
+from gpubp.batches import loss_and_grad
 from gpubp import io as _io
 from gpubp import losses as _losses
 from gpubp.layers import Dropout, Sequential
@@ -60,7 +61,7 @@ def analytic_gradients(model: Sequential, x, target, loss="mse") -> tuple[float,
     """
     loss_fn = _losses.get(loss)
     out = model.forward(x, training=True, need_input_grad=True, logits=_fuses_head(model, loss_fn))
-    value, dout = loss_fn(out, target, backend=model.backend)
+    value, dout = loss_and_grad(loss_fn, out, target, None, model.backend)
     dx = model.backward(dout, need_input_grad=True)
     grads = {name: _host(p.grad, p.backend) for name, p in zip(_param_names(model), model.parameters())
              if p.trainable}
@@ -87,9 +88,11 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
 
     def loss_at(inputs) -> float:
         if random_state is None:
-            return loss_fn(model.forward(inputs, training=False, logits=logits), target, backend=model.backend)[0]
+            return loss_and_grad(loss_fn, model.forward(inputs, training=False, logits=logits), target, None,
+                                 model.backend)[0]
         with _random.using(_random.generator_from_state(random_state)):
-            return loss_fn(model.forward(inputs, training=True, logits=logits), target, backend=model.backend)[0]
+            return loss_and_grad(loss_fn, model.forward(inputs, training=True, logits=logits), target, None,
+                                 model.backend)[0]
 
     def probe(array: np.ndarray) -> np.ndarray:
         grad = np.zeros_like(array)

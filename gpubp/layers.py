@@ -111,6 +111,9 @@ class Layer:
         self.name = name
         self.backend: ModuleType = numpy_backend
         self._buffers = _Buffers()
+        # Set by the first Sequential that holds this layer: from then on its backend and dtype are
+        # that model's, and another model may share it (a slice, a rebuilt model) only as they are.
+        self._in_model = False
 
     def connect(self, width: int, where: str, below: str) -> None:
         """Check (or, for a layer that keeps its width, adopt) the input width ``width`` that
@@ -133,6 +136,8 @@ class Layer:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"trainable: expected True or False, got {value!r}")
         for param in self.parameters():
             param.trainable = bool(value)
             if not value:
@@ -545,9 +550,16 @@ class Sequential:
         precision: str = "fp32",
     ) -> None:
         self.layers: list[Layer] = list(layers)
+        first_index: dict[int, int] = {}  # id(layer) -> where it first stands
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"layers[{i}]: expected a gpubp layer such as gpubp.Dense, got {type(layer).__name__}")
+            first = first_index.setdefault(id(layer), i)
+            if first != i:
+                # A layer keeps one input, one output and one gradient for backward: a second
+                # position would overwrite the first's, and the gradients would be wrong.
+                raise ValueError(f"layers: layers[{first}] and layers[{i}] are the same {type(layer).__name__} "
+                                 f"object {layer!r}; give each position a layer of its own")
         self._adopt_input_width()
         for i, layer in enumerate(self.layers):
             if i:
@@ -566,11 +578,14 @@ class Sequential:
             dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
         self.dtype = _checks.parameter_dtype(dtype, "dtype")
         self._check_dtype(self.backend_name)
-        for layer in self.layers:
-            # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
-            # float64 layer would stay float64 in a float32 model)
-            if layer.backend is not self.backend or (layer.dtype is not None and layer.dtype != self.dtype):
-                layer._bind(self.backend, self.dtype)
+        # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
+        # float64 layer would stay float64 in a float32 model)
+        moved = [i for i, layer in enumerate(self.layers)
+                 if layer.backend is not self.backend or (layer.dtype is not None and layer.dtype != self.dtype)]
+        for i in moved:  # all checked before any layer moves
+            self._check_movable(i)
+        for i in moved:
+            self.layers[i]._bind(self.backend, self.dtype)
         self._scratch = _Buffers()
         self._needs_cache: dict = {}  # (trainable flags, activations, need_input_grad) -> _needs()
         self._stored_plan = None
@@ -581,6 +596,21 @@ class Sequential:
         self._draw_keys = True
         self._precision = _checked_precision(precision)
         self.fused = fused  # picks the path for that precision, or says why it cannot
+        for layer in self.layers:  # only once the model exists: a refused one holds no layer
+            layer._in_model = True
+
+    def _check_movable(self, i: int) -> None:
+        """Raise unless ``layers[i]``, which this model would move to its backend and dtype, is
+        held by no other model: moving it would change that model's weights under it (a slice
+        or a rebuilt model shares layers on the same backend, in the same dtype, and moves none)."""
+        layer = self.layers[i]
+        if layer._in_model:
+            where = layer.backend.NAME if layer.dtype is None else f"{layer.backend.NAME}, {layer.dtype}"
+            raise ValueError(
+                f"layers[{i}]: {layer.name!r} belongs to another model ({where}), which this one "
+                f"({self.backend_name}, {self.dtype}) would convert under it; build new layers for this model "
+                "and copy the weights over with set_weights(other.get_weights())"
+            )
 
     def _check_nothing_above_a_probability_head(self) -> None:
         """A Dropout above a sigmoid output layer would scale its probabilities past 1 in training,
@@ -919,11 +949,17 @@ class Sequential:
         if training:
             self._fused_saved = None
         last = len(self) - 1
+        # The step that writes the model's output gives a fresh array (out=None). Outside
+        # training a Dropout passes its input through, so with Dropouts on top that is the step
+        # below them; a later step writing into a scratch buffer would return that buffer.
+        output_from = last
+        while not training and isinstance(self.layers[output_from], Dropout):
+            output_from -= 1
         for step, (i, dropout) in enumerate(self._steps()):
             layer = self.layers[i]
             top = i if dropout is None else i + 1  # the last layer whose output this step writes
             shape = (batch, layer.out_features)
-            if top == last:
+            if top >= output_from:
                 out = None
             elif keeps_input[top + 1] or keeps_output[i]:
                 out = layer._buffers.get(self.backend, "y", shape, self.dtype)
@@ -962,6 +998,8 @@ class Sequential:
         what dX reads (every layer's output when the first layer is trainable);
         ``forward(x, need_input_grad=True)`` keeps it in every case.
         """
+        if not self.layers:
+            raise ValueError("backward: the model has no layers")
         kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
         plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)
         if not any(dx or dw for dx, dw in plan):
@@ -1093,17 +1131,26 @@ class Sequential:
             raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
         hosts = []
         for i, (param, array) in enumerate(zip(params, weights)):
-            array = _checks.to_numpy(array, "weights")
+            try:
+                array = _checks.to_numpy(array, f"weights[{i}]")
+            except ValueError as error:  # nested lists of uneven lengths
+                raise ValueError(f"weights[{i}]: expected an array of shape {param.shape} for {param.name}, "
+                                 f"got something NumPy cannot make one array of ({error})") from None
             if array.shape != param.shape:
                 raise ValueError(f"weights[{i}]: expected shape {param.shape} for {param.name}, got {array.shape}")
             if array.dtype.kind not in "fiu":
                 raise TypeError(f"weights[{i}]: expected a numeric array, got dtype {array.dtype}")
             if not np.all(np.isfinite(array)):
                 raise ValueError(f"weights[{i}]: contains NaN or inf")
-            hosts.append(array)
-        for param, array in zip(params, hosts):
             # A copy: optimizers update in place, and must not write into the caller's arrays.
-            param.data = param.backend.asarray(np.array(array, dtype=self.dtype), self.dtype)
+            with np.errstate(over="ignore"):
+                cast = np.array(array, dtype=self.dtype)
+            if not np.all(np.isfinite(cast)):  # finite float64 past the float32 range
+                raise ValueError(f"weights[{i}]: values of magnitude up to {np.abs(array).max():.3g} overflow to "
+                                 f"inf in the model's {self.dtype} (largest {np.finfo(self.dtype).max:.3g})")
+            hosts.append(cast)
+        for param, array in zip(params, hosts):
+            param.data = param.backend.asarray(array, self.dtype)
         self._stored_plan = None
 
     # --------------------------------------------------------------------- training (see train.py)
@@ -1115,6 +1162,7 @@ class Sequential:
         """Keras-style defaults for ``fit``/``evaluate``; see :func:`gpubp.train.compile`."""
         from gpubp import train
 
+        self._end(-1)  # a model without layers says so, not that there are no parameters to optimize
         train.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, learning_rate=learning_rate)
 
     def fit(self, x, y, **kwargs):
@@ -1128,6 +1176,7 @@ class Sequential:
         CUDA graph; see :class:`gpubp.step.TrainStep`."""
         from gpubp.step import TrainStep
 
+        self._end(-1)  # a model without layers says so, not that there are no parameters to optimize
         return TrainStep(self, loss=loss, optimizer=optimizer, cuda_graph=cuda_graph, clip_grad_norm=clip_grad_norm)
 
     def evaluate(self, x, y, **kwargs) -> dict:

@@ -328,6 +328,25 @@ FUSED_ACTIVATION = {
 FITS_VALUES = (mse, mae, huber)
 
 
+# Losses of class targets: ``evaluate`` scores their accuracy unless told which metrics to score.
+CLASSIFICATION = (cross_entropy, categorical_cross_entropy, binary_cross_entropy)
+
+
+def classifies(loss_fn) -> bool:
+    """True when ``loss_fn`` is one of this module's losses of class targets (the cross-entropies,
+    ``binary_cross_entropy``); False for the regression losses (mse, mae, huber, poisson) and
+    for a loss of your own, whose targets gpubp cannot tell."""
+    return base(loss_fn) in CLASSIFICATION
+
+
+_BUILTIN = tuple(LOSSES.values())  # a tuple: a loss of your own need not be hashable
+
+
+def is_builtin(loss_fn) -> bool:
+    """True for this module's loss functions and loss classes, which take ``backend=``."""
+    return base(loss_fn) in _BUILTIN
+
+
 def fits_values(loss_fn) -> bool:
     """True when ``loss_fn`` fits the model's output itself to the targets (mse, mae, huber), so
     that output is a value, not a logit."""
@@ -340,7 +359,12 @@ def fuses(loss_fn, activation: str) -> bool:
 
 
 def get(loss):
-    """A loss function from its name (Keras spellings accepted) or a callable."""
+    """A loss function from its name (Keras spellings accepted) or a callable.
+
+    A loss of your own is called ``loss(pred, target)`` with ``pred`` (B, out) the model's output,
+    and returns ``(loss, grad)``: the loss as a float and its gradient w.r.t. ``pred``. It is
+    passed ``sample_weight=`` (B,) too only when the samples are weighted; only this module's
+    losses are passed ``backend=`` as well."""
     if callable(loss):
         return loss
     if not isinstance(loss, str):

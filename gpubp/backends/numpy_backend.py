@@ -7,7 +7,7 @@ It is written for speed, not only clarity:
   matmul and then updated in place);
 - the caller passes persistent ``out=`` buffers (the layers keep one per batch shape), so
   a training step at a fixed batch size allocates nothing on the large paths;
-- ``dz = dy * act'(.)`` is formed once, in a scratch buffer reused across calls, and feeds
+- ``dz = dy * act'(.)`` is formed once, in a scratch buffer reused across calls (each thread has its own), and feeds
   both ``dx = dz @ w.T`` and ``dw = x.T @ dz``; ``db`` is reduced from the same ``dz``;
 - reductions that NumPy would run one short row at a time (``db``, softmax row sums) are
   BLAS matrix-vector products with a cached vector of ones (``activations.constant``);
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,7 +48,29 @@ NAME = "numpy"
 DEVICE = "cpu"
 DTYPES = (np.float32, np.float64)
 
-_scratch_buffers: dict[tuple, np.ndarray] = {}
+
+class _ThreadBuffers(threading.local):
+    """``_scratch``'s buffers, one dict per thread: two models trained at once in two threads
+    never write into the same dz, and a thread's buffers go when it ends. It reads as that dict
+    (``get``, item assignment, ``len``, ``clear``); ``get`` is the dict's own, bound per thread,
+    since ``_scratch`` runs per layer and per parameter each step and a method of this class
+    would cost every call twice what the thread-local lookup does."""
+
+    def __init__(self) -> None:  # runs in each thread, on its first use
+        self._arrays: dict[tuple, np.ndarray] = {}
+        self.get = self._arrays.get
+
+    def __setitem__(self, key: tuple, array: np.ndarray) -> None:
+        self._arrays[key] = array
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def clear(self) -> None:
+        self._arrays.clear()
+
+
+_scratch_buffers = _ThreadBuffers()
 
 # NumPy releases the GIL inside ufunc loops, and the compiled kernels are built nogil, so
 # threads running either on disjoint row blocks can use every core. But the BLAS gets there
@@ -211,7 +234,8 @@ def _as_dtype(dtype, values: tuple) -> tuple:
 
 
 def _scratch(tag: str, shape: tuple, dtype) -> np.ndarray:
-    """A buffer private to one backend call, reused by the next call with the same shape."""
+    """A buffer private to one backend call, reused by the next call with the same shape in the
+    same thread."""
     key = (tag, shape, dtype)
     buf = _scratch_buffers.get(key)
     if buf is None:

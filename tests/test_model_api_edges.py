@@ -1,0 +1,249 @@
+"""Edges of the model API: outputs that must not alias a reused buffer, layers a model may not
+share, losses of your own, evaluate's default metrics, models trained in two threads at once,
+and the errors of arguments of the wrong kind."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import gpubp as gb
+from gpubp.backends import numpy_backend
+
+
+def dense_model(dtype="float32", activation="relu"):
+    gb.seed(0)
+    return gb.Sequential([gb.Dense(4, 8, activation), gb.Dense(8, 3)], backend="numpy", dtype=dtype)
+
+
+def regression_data(rng, n=16):
+    return rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=(n, 1)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("top", [["dropout", "dropout"], ["dense", "dropout", "dropout"]])
+def test_predict_of_a_model_with_dropouts_on_top_does_not_depend_on_the_batch_size(top, rng):
+    gb.seed(0)
+    layers = [gb.Dense(4, 3)] + [gb.Dense(3, 3) if kind == "dense" else gb.Dropout(0.5) for kind in top]
+    model = gb.Sequential(layers, backend="numpy")
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x, batch_size=4), model.predict(x))
+
+
+def test_an_inference_forward_through_dropouts_on_top_returns_a_fresh_array(rng):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 3), gb.Dropout(0.5), gb.Dropout(0.5)], backend="numpy")
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    first = model.forward(x[:5], training=False)
+    kept = first.copy()
+    model.forward(x[5:], training=False)
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_allclose(first, x[:5] @ model[0].weight.data + model[0].bias.data, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- layers a model may not share
+
+
+@pytest.mark.parametrize("make", [lambda: gb.Dense(4, 4, "tanh"), lambda: gb.Dropout(0.5)], ids=["dense", "dropout"])
+def test_the_same_layer_twice_in_one_model_is_refused_naming_both_positions(make):
+    layer = make()
+    with pytest.raises(ValueError, match=r"layers: layers\[0\] and layers\[2\] are the same"):
+        gb.Sequential([layer, gb.Dense(4, 4), layer], backend="numpy")
+
+
+def test_a_layer_of_another_model_is_not_converted_to_a_new_models_dtype(rng):
+    model = dense_model()
+    with pytest.raises(ValueError, match=r"layers\[0\]: 'dense_0' belongs to another model \(numpy, float32\)"):
+        gb.Sequential(model.layers, backend="numpy", dtype="float64")
+    assert {param.data.dtype for param in model.parameters()} == {np.dtype(np.float32)}
+    assert model.predict(rng.normal(size=(2, 4)).astype(np.float32)).dtype == np.float32
+
+
+def test_a_layer_of_another_model_may_be_shared_on_the_same_backend_in_the_same_dtype():
+    model = dense_model(dtype="float64")
+    rebuilt = gb.Sequential(model.layers, backend="numpy")  # dtype=None: the layers' own
+    assert rebuilt.dtype == np.float64 and rebuilt[0] is model[0]
+    assert model[1:][0] is model[1]
+
+
+def test_new_layers_take_the_models_dtype_and_a_refused_model_holds_none():
+    layers = [gb.Dense(4, 8), gb.Dense(8, 3)]
+    with pytest.raises(ValueError, match="fused=True"):
+        gb.Sequential(layers, backend="numpy", fused=True)
+    model = gb.Sequential(layers, backend="numpy", dtype="float64")
+    assert {param.data.dtype for param in model.parameters()} == {np.dtype(np.float64)}
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_set_weights_that_overflow_the_models_dtype_are_refused_and_change_nothing():
+    model = dense_model()
+    before = model.get_weights()
+    weights = [w.astype(np.float64) for w in before]
+    weights[2] = np.full((8, 3), 1e300)
+    with pytest.raises(ValueError, match=r"weights\[2\]: .*1e\+300 overflow to inf in the model's float32"):
+        model.set_weights(weights)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_set_weights_with_a_ragged_nested_list_names_its_index():
+    model = dense_model()
+    weights = model.get_weights()
+    weights[1] = [[0.0] * 8, [0.0]]
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected an array of shape \(8,\) for bias"):
+        model.set_weights(weights)
+
+
+# ----------------------------------------------------------------------------- losses of your own
+
+
+def mean_squared_error(pred, target):
+    """A loss of your own, as ``gpubp.losses.get`` documents it: (pred, target) -> (loss, grad)."""
+    diff = pred - target
+    return float((diff * diff).mean()), 2 * diff / diff.size
+
+
+@pytest.mark.parametrize("train", [
+    lambda model, x, y: model.fit(x, y, loss=mean_squared_error, batch_size=8, verbose=0),
+    lambda model, x, y: (model.compile(loss=mean_squared_error), model.fit(x, y, batch_size=8, verbose=0)),
+    lambda model, x, y: model.train_step(mean_squared_error, "sgd")(x, y),
+], ids=["fit", "compile", "train_step"])
+def test_a_loss_of_your_own_trains_called_with_pred_and_target_only(train, rng):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
+    x, y = regression_data(rng)
+    before = model.evaluate(x, y, loss=mean_squared_error)["loss"]
+    train(model, x, y)
+    assert model.evaluate(x, y, loss=mean_squared_error)["loss"] < before
+
+
+def test_a_loss_of_your_own_is_given_sample_weight_when_the_samples_are_weighted(rng):
+    seen = []
+
+    def weighted_mse(pred, target, sample_weight=None):
+        seen.append(sample_weight)
+        return mean_squared_error(pred, target)
+
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
+    x, y = regression_data(rng, n=8)
+    model.fit(x, y, loss=weighted_mse, batch_size=8, sample_weight=np.full(8, 2.0), verbose=0)
+    np.testing.assert_array_equal(seen[0], np.full(8, 2.0))
+
+
+# ----------------------------------------------------------------------------- evaluate's default metrics
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber", "poisson", gb.losses.Huber(0.5), mean_squared_error])
+def test_evaluate_scores_no_accuracy_by_default_for_a_regression_loss(loss, rng):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
+    x, y = regression_data(rng)
+    assert set(model.evaluate(x, np.abs(y), loss=loss)) == {"loss"}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", gb.losses.CrossEntropy(0.1), None])
+def test_evaluate_scores_accuracy_by_default_for_class_labels(loss, rng):
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    result = dense_model().evaluate(x, np.arange(8) % 3, loss=loss)
+    assert set(result) == ({"accuracy"} if loss is None else {"loss", "accuracy"})
+
+
+def test_evaluate_takes_the_compiled_metrics_over_the_default(rng):
+    model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
+    model.compile(loss="mse", metrics=["mae"])
+    x, y = regression_data(rng)
+    assert set(model.evaluate(x, y)) == {"loss", "mae"}
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_a_numpy_scratch_buffer_is_private_to_its_thread():
+    shape, dtype = (3, 5), np.dtype(np.float32)
+    here = numpy_backend._scratch("dz", shape, dtype)
+    there = []
+    thread = threading.Thread(target=lambda: there.append(numpy_backend._scratch("dz", shape, dtype)))
+    thread.start()
+    thread.join()
+    assert there[0] is not here
+    assert numpy_backend._scratch("dz", shape, dtype) is here  # reused within a thread
+
+
+@pytest.mark.slow
+def test_two_models_trained_in_two_threads_end_as_when_trained_one_after_the_other(rng):
+    data = [(rng.normal(size=(256, 64)).astype(np.float32), rng.integers(0, 10, 256)) for _ in range(2)]
+
+    def build(i):  # on the calling thread: the initial weights come from the one global random stream
+        gb.seed(i)
+        model = gb.Sequential([gb.Dense(64, 256, "tanh"), gb.Dense(256, 256, "gelu"), gb.Dense(256, 10)],
+                              backend="numpy")
+        return model.train_step("cross_entropy", gb.optim.SGD(model.parameters(), lr=0.05))
+
+    def train(i, step, results):
+        for _ in range(15):
+            step(*data[i])
+        results[i] = step.model.get_weights()
+
+    one_by_one, together = {}, {}
+    for i in range(2):
+        train(i, build(i), one_by_one)
+    threads = [threading.Thread(target=train, args=(i, build(i), together)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        for alone, threaded in zip(one_by_one[i], together[i]):
+            np.testing.assert_array_equal(alone, threaded)
+
+
+# ----------------------------------------------------------------------------- arguments of the wrong kind
+
+
+def test_fit_with_a_number_for_y_names_y(rng):
+    x = rng.normal(size=(4, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match="y: expected an array of targets, one per row of x, got int 3"):
+        dense_model().fit(x, 3, verbose=0)
+
+
+def test_an_activation_that_is_not_a_name_is_a_type_error_naming_activation():
+    with pytest.raises(TypeError, match=r"activation must be a str or None, got list \['relu'\]"):
+        gb.Dense(4, 3, ["relu"])
+
+
+@pytest.mark.parametrize("make", [lambda: gb.Dense(4, 3), lambda: gb.Dropout(0.5)], ids=["dense", "dropout"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_a_layers_trainable_takes_true_or_false_only(make, value):
+    layer = make()
+    with pytest.raises(TypeError, match="trainable: expected True or False"):
+        layer.trainable = value
+    assert layer.trainable == bool(layer.parameters())
+
+
+@pytest.mark.parametrize("call", [lambda m: m.backward(np.ones((2, 2), np.float32)), lambda m: m.compile(),
+                                  lambda m: m.train_step()], ids=["backward", "compile", "train_step"])
+def test_a_model_without_layers_says_so_in_backward_compile_and_train_step(call):
+    with pytest.raises(ValueError, match="the model has no layers"):
+        call(gb.Sequential([], backend="numpy"))
+
+
+def test_gradcheck_calls_a_loss_of_your_own_as_fit_does():
+    """gpubp.gradcheck takes a loss callable as fit does: (pred, target) -> (loss, grad), no backend=."""
+    from gpubp import gradcheck
+
+    def half_squares(pred, target):
+        err = pred - target
+        return float(0.5 * np.sum(err * err) / len(pred)), err / len(pred)
+
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 4, "tanh"), gb.Dense(4, 2)], dtype="float64")
+    x, target = np.random.default_rng(0).standard_normal((5, 3)), np.random.default_rng(1).standard_normal((5, 2))
+    _, analytic = gradcheck.analytic_gradients(model, x, target, loss=half_squares)
+    numeric = gradcheck.numerical_gradients(model, x, target, loss=half_squares)
+    for name, grad in analytic.items():
+        np.testing.assert_allclose(grad, numeric[name], rtol=1e-6, atol=1e-8, err_msg=name)
