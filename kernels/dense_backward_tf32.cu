@@ -19,11 +19,19 @@
 //
 // Layout: dy, y, z, dz (B, out); x (B, in); W (in, out); dx (B, in); dW (in, out); db (out,);
 // all row-major. dz is exact fp32 (dy * act'), and db is summed from it in fp32, in a fixed
-// order: each of the 8 row groups of a dz block sums every 8th row, then the groups are added in
-// order, so db is deterministic.
+// order: each of the 8 row groups of a dz block sums every 8th row of the block's rows, the
+// groups are added in order, and where the batch is split (below) the splits' sums are added in
+// split order, so db is deterministic (its bits depend on the split, which the host picks from
+// the shape and the GPU's SM count, as for dW).
 //
-// dz launch: grid (ceil(out / 32)), block 256 = 32 columns x 8 row groups; reads dy and y|z once,
-// writes dz once; occupancy on sm_90: 8 blocks (64 warps) per SM.
+// dz launch: grid (ceil(out / 32), splits), block 256 = 32 columns x 8 row groups; reads dy and
+// y|z once, writes dz once; occupancy on sm_90: 8 blocks (64 warps) per SM. A column strip alone
+// would give a narrow layer a handful of blocks, each walking the whole batch, so the host splits
+// the batch into `splits` chunks of `row_chunk` rows (a multiple of 32) until the launch fills
+// the GPU: block (x, s) covers rows [s row_chunk, (s + 1) row_chunk). With splits > 1 each block
+// writes its db partial to ws_db + s out, and the last block of each strip (its ticket in
+// tickets + x, split_k.cuh) adds them up in split order; with splits == 1 ws_db and tickets are
+// unused and the block writes db directly. The last block reads splits x 32 floats of ws_db.
 // dX launch: grid (ceil(B / 128), ceil(in / 128)), block 256, dynamic shared memory
 // Tf32Gemm<true, true>::smem_bytes (98 304 bytes); GEMM M = B, N = in, K = out.
 // dW launch: grid (ceil(in / 128), ceil(out / 128), splits), block 256, dynamic shared memory
@@ -54,18 +62,67 @@ struct DzShape {
     static constexpr int COLS = 32, ROW_GROUPS = 8, THREADS = COLS * ROW_GROUPS;
 };
 
+// The rows [begin, end) of a dz block's batch chunk (blockIdx.y of `splits`, row_chunk rows each).
+struct DzRows {
+    long long begin, end;
+    __device__ __forceinline__ static DzRows of_block(int B, int row_chunk) {
+        const long long begin = static_cast<long long>(blockIdx.y) * row_chunk;
+        return {begin, begin + row_chunk < B ? begin + row_chunk : B};
+    }
+};
+
+// db of a dz block's 32 columns from partial[r][c], the sum of row group r over its rows: the
+// groups added in order, into db (one split) or the block's partial in ws_db. Then the last block
+// of the strip adds the splits' partials: each of its 8 warps sums every 8th split (the loads of
+// a warp independent, so in flight together), and the 8 sums are added in order. Every thread of
+// the block calls it; partial has at least 8 rows.
+template <int ROW_GROUPS>
+__device__ __forceinline__ void dz_db_finish(float (*partial)[DzShape::COLS], float* __restrict__ db,
+                                             float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int N_,
+                                             int splits) {
+    constexpr int WARPS = DzShape::THREADS / DzShape::COLS;
+    const long long N = N_;
+    const int lane = threadIdx.x % DzShape::COLS, warp = threadIdx.x / DzShape::COLS;
+    const long long col = static_cast<long long>(blockIdx.x) * DzShape::COLS + lane;
+    __syncthreads();
+    if (warp == 0 && col < N) {
+        float total = partial[0][lane];
+#pragma unroll
+        for (int r = 1; r < ROW_GROUPS; ++r) total += partial[r][lane];
+        split_k_partial(db, ws_db, N, splits, blockIdx.y)[col] = total;
+    }
+    if (splits == 1) return;  // uniform across the launch
+    // Its barrier also keeps warp 0's reads of partial above ahead of the writes below.
+    if (!split_k_arrived_last(tickets + blockIdx.x, splits)) return;
+    float sum = 0.0f;
+    if (col < N) {
+        for (int s = warp; s < splits; s += WARPS) sum += __ldcg(ws_db + static_cast<long long>(s) * N + col);
+    }
+    partial[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && col < N) {
+        float total = partial[0][lane];
+#pragma unroll
+        for (int r = 1; r < WARPS; ++r) total += partial[r][lane];
+        db[col] = total;
+    }
+    split_k_reset(tickets + blockIdx.x);
+}
+
 template <int ACT>
 __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const float* __restrict__ y_or_z,
-                                         float* __restrict__ dz, float* __restrict__ db, int B, int N_, int store_dz,
-                                         int sum_db) {
+                                         float* __restrict__ dz, float* __restrict__ db, float* __restrict__ ws_db,
+                                         unsigned int* __restrict__ tickets, int B, int N_, int store_dz, int sum_db,
+                                         int row_chunk, int splits) {
     using S = DzShape;
     __shared__ float partial[S::ROW_GROUPS][S::COLS];
     const long long N = N_;
     const int lane = threadIdx.x % S::COLS, group = threadIdx.x / S::COLS;
     const long long col = static_cast<long long>(blockIdx.x) * S::COLS + lane;
+    const DzRows rows = DzRows::of_block(B, row_chunk);
     float sum = 0.0f;
     if (col < N) {
-        for (long long row = group; row < B; row += S::ROW_GROUPS) {
+        for (long long row = rows.begin + group; row < rows.end; row += S::ROW_GROUPS) {
             float g = dy[row * N + col];
             if constexpr (ACT != ACT_IDENTITY) {  // identity reads neither y nor z
                 const float v = y_or_z[row * N + col];
@@ -77,13 +134,7 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
     }
     if (!sum_db) return;  // uniform across the launch
     partial[group][lane] = sum;
-    __syncthreads();
-    if (group == 0 && col < N) {
-        float total = partial[0][lane];
-#pragma unroll
-        for (int r = 1; r < S::ROW_GROUPS; ++r) total += partial[r][lane];
-        db[col] = total;
-    }
+    dz_db_finish<S::ROW_GROUPS>(partial, db, ws_db, tickets, N_, splits);
 }
 
 struct DzDropoutShape {
@@ -92,8 +143,10 @@ struct DzDropoutShape {
 
 template <int ACT>
 __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, const float* __restrict__ act_in,
-                                                 float* __restrict__ dz, float* __restrict__ db, int B, int N_,
-                                                 int sum_db, const DropoutMask& mask, float keep_prob) {
+                                                 float* __restrict__ dz, float* __restrict__ db,
+                                                 float* __restrict__ ws_db, unsigned int* __restrict__ tickets, int B,
+                                                 int N_, int sum_db, int row_chunk, int splits,
+                                                 const DropoutMask& mask, float keep_prob) {
     using S = DzDropoutShape;
     // A thread's four column sums go in as one 16-byte store: eight lanes of a row group fill a
     // 128-byte row, one wavefront per quarter warp (four scalar stores would hit 8 banks 4 ways).
@@ -103,9 +156,10 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
     const long long col = static_cast<long long>(blockIdx.x) * DzShape::COLS + 4 * group;
     const int count = N - col < 4 ? static_cast<int>(N - col) : 4;  // <= 0: no column of this group exists
     const bool vec = N % 4 == 0 && dropout_aligned16(dy) && dropout_aligned16(act_in) && dropout_aligned16(dz);
+    const DzRows rows = DzRows::of_block(B, row_chunk);
     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (count > 0) {
-        for (long long row = row_group; row < B; row += S::ROW_GROUPS) {
+        for (long long row = rows.begin + row_group; row < rows.end; row += S::ROW_GROUPS) {
             const PhiloxWords words = mask.words(row, col);
             float g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             load_group(dy, row * N + col, count, vec, g);
@@ -120,13 +174,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
     }
     if (!sum_db) return;  // uniform across the launch
     *reinterpret_cast<float4*>(&partial[row_group][4 * group]) = make_float4(sum[0], sum[1], sum[2], sum[3]);
-    __syncthreads();
-    const long long db_col = static_cast<long long>(blockIdx.x) * DzShape::COLS + threadIdx.x;
-    if (threadIdx.x < DzShape::COLS && db_col < N) {
-        float total = partial[0][threadIdx.x];
-        for (int r = 1; r < S::ROW_GROUPS; ++r) total += partial[r][threadIdx.x];
-        db[db_col] = total;
-    }
+    dz_db_finish<S::ROW_GROUPS>(partial, db, ws_db, tickets, N_, splits);
 }
 
 // v0, v1 (dx at columns col, col + 1 of row, col even) become the dz of the layer below:
@@ -235,8 +283,9 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
 #define GPUBP_DENSE_DZ_DB_ENTRY(NAME, ID)                                                                    \
     extern "C" __global__ void __launch_bounds__(gpubp::DzShape::THREADS)                                   \
         dense_dz_db_##NAME(const float* __restrict__ dy, const float* __restrict__ y_or_z, float* __restrict__ dz, \
-                           float* __restrict__ db, int B, int out, int store_dz, int sum_db) {                \
-        gpubp::dense_dz<ID>(dy, y_or_z, dz, db, B, out, store_dz, sum_db);                                   \
+                           float* __restrict__ db, float* __restrict__ ws_db, unsigned int* __restrict__ tickets, \
+                           int B, int out, int store_dz, int sum_db, int row_chunk, int splits) {             \
+        gpubp::dense_dz<ID>(dy, y_or_z, dz, db, ws_db, tickets, B, out, store_dz, sum_db, row_chunk, splits);  \
     }
 
 #define GPUBP_DENSE_GRAD_MMA_ENTRIES(PREC, E, TILE)                                                          \
@@ -266,11 +315,13 @@ __device__ __forceinline__ void dense_dw_mma(const E* __restrict__ x, const E* _
 #define GPUBP_DENSE_DZ_DROPOUT_TF32_ENTRY(NAME, ID)                                                          \
     extern "C" __global__ void __launch_bounds__(gpubp::DzShape::THREADS)                                   \
         dense_dz_db_dropout_##NAME(const float* __restrict__ dy, const float* __restrict__ act_in,          \
-                                   float* __restrict__ dz, float* __restrict__ db, int B, int out, int sum_db, \
-                                   const unsigned int* __restrict__ key, unsigned int threshold, float scale, \
-                                   long long first_row, float keep_prob) {                                   \
+                                   float* __restrict__ dz, float* __restrict__ db, float* __restrict__ ws_db, \
+                                   unsigned int* __restrict__ tickets, int B, int out, int sum_db, int row_chunk, \
+                                   int splits, const unsigned int* __restrict__ key, unsigned int threshold,  \
+                                   float scale, long long first_row, float keep_prob) {                      \
         const gpubp::DropoutMask mask = gpubp::DropoutMask::read(key, threshold, scale, first_row);          \
-        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, B, out, sum_db, mask, keep_prob);                    \
+        gpubp::dense_dz_dropout<ID>(dy, act_in, dz, db, ws_db, tickets, B, out, sum_db, row_chunk, splits, mask, \
+                                    keep_prob);                                                               \
     }
 
 GPUBP_FOR_EACH_ACTIVATION(GPUBP_DENSE_DZ_DB_ENTRY)

@@ -314,7 +314,9 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
 }
 
 // The gradient clipping of a captured training step: every tensor of the table (K = 1) times
-// s = max_norm / (sqrt(*sumsq) + 1e-6) where s < 1, nothing when the step's loss is not finite.
+// s = max_norm / (sqrt(*sumsq) + 1e-6) unless s >= 1 (so a NaN norm makes every gradient NaN, and
+// an infinite one scales by 0, as torch's clip_grad_norm_ does), nothing when the step's loss is
+// not finite.
 // s in double, as gpubp.optim.clip_grad_norm computes it on the host in an eager step, then
 // rounded to float as the eager step's scale argument is: the same bits.
 extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
@@ -322,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
                     const float* __restrict__ loss, double max_norm) {
     if (!loss_is_finite(loss)) return;
     const double s = max_norm / (sqrt(static_cast<double>(__ldg(sumsq))) + 1e-6);
-    if (!(s < 1.0)) return;
+    if (s >= 1.0) return;
     const float f = static_cast<float>(s);
     const auto t = MultiTensor<1>::of_block(table, count);
     float* __restrict__ a = t.buffer[0];

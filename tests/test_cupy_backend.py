@@ -760,6 +760,17 @@ def check_clip_bits(cb, rng, trials):
         cb.clip_(device, max_norm, norm_sq, finite)
         for a, b in zip(device, eager):
             np.testing.assert_array_equal(cb.to_host(a), cb.to_host(b), err_msg=f"trial {trial}, max_norm {max_norm}")
+    # A non-finite norm scales as torch's clip_grad_norm_ does: NaN makes every gradient NaN, inf
+    # scales by 0 (an infinite element becomes NaN).
+    for bad in (np.nan, np.inf):
+        host = [np.array([1.0, bad, -2.0], np.float32), np.ones(1030, np.float32)]
+        device = [cb.asarray(a) for a in host]
+        cb.clip_(device, 1.0, cb.empty((1,)), finite)
+        scale = np.float32(1.0 / (bad + 1e-6))  # nan, or 0
+        with np.errstate(invalid="ignore"):  # inf x 0
+            want = [was * scale for was in host]
+        for a, w in zip(device, want):
+            np.testing.assert_array_equal(cb.to_host(a), w, err_msg=f"a norm of {bad}")
 
 
 @pytest.mark.parametrize("option", [0, 1])

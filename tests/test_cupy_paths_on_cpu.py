@@ -22,6 +22,7 @@ import pytest
 from cuda_on_cpu import harness
 from test_gpu_check_scripts import load
 from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
+from test_numba_backend import H200_SMS, benchmark_layers
 import gpubp as gb
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import cupy_backend
@@ -706,3 +707,32 @@ def test_the_split_k_sweep_forces_each_split_and_records_the_heuristics(cb, monk
     expected = 2 if choice == "splits=2" else cb.dw_split(256, 1, 132, k_step)[0]
     assert benchmark.extra_info["splits"] == expected and benchmark.calls > 0
     assert benchmark.extra_info["device"] == "Stand-in GPU"
+
+
+# ----------------------------------------------------------------------------- the dz pass's batch split
+
+
+@pytest.mark.parametrize("workload, n_in, n_out, batch", benchmark_layers(),
+                         ids=lambda v: str(v) if not isinstance(v, str) else v.replace(" ", "_"))
+def test_the_dz_pass_fills_an_h200_at_every_benchmark_layer(workload, n_in, n_out, batch):
+    """dense_dz_db's blocks on 132 SMs: a full wave at its occupancy (DZ_BLOCKS_PER_SM a SM; 90%, as
+    chunks of whole row steps round) unless the batch runs out of DZ_MIN_ROWS chunks or the splits
+    reach DZ_MAX_SPLITS. One block per 32 columns alone gave a 64-wide layer 2 blocks, each walking
+    the whole batch, and a 1024-wide one 32."""
+    cb = cupy_backend
+    splits, rows = cb.dz_split(batch, n_out, H200_SMS)
+    strips = -(-n_out // cb.DZ_COLUMNS)
+    assert rows % cb.DZ_ROW_STEP == 0 and (splits - 1) * rows < batch <= splits * rows
+    assert 1 <= splits <= cb.DZ_MAX_SPLITS
+    assert (strips * splits >= 0.9 * cb.DZ_BLOCKS_PER_SM * H200_SMS or splits == cb.DZ_MAX_SPLITS
+            or rows <= 2 * cb.DZ_MIN_ROWS), (strips, splits, rows)
+
+
+@pytest.mark.parametrize("batch, n_out", [(1, 1), (31, 4096), (64, 64), (65, 64), (8192, 1024), (65536, 64),
+                                          (4096, 4096), (10**6, 10)])
+def test_the_dz_pass_splits_only_a_batch_too_narrow_to_fill_the_gpu(batch, n_out):
+    cb = cupy_backend
+    splits, rows = cb.dz_split(batch, n_out, H200_SMS)
+    assert (splits - 1) * rows < batch <= splits * rows, "every split has rows, together all of them"
+    if -(-n_out // cb.DZ_COLUMNS) >= cb.DZ_BLOCKS_PER_SM * H200_SMS or batch <= cb.DZ_MIN_ROWS:
+        assert splits == 1

@@ -650,6 +650,42 @@ def test_split_k_dw_is_bitwise_repeatable_matches_one_split_and_resets_its_ticke
         close(got, single.astype(np.float64))
 
 
+# The pass forming dz (dense_dz_db) split over the batch on 132 SMs, so that a narrow layer's
+# few column strips still fill the GPU: (batch, out) -> splits.
+DZ_SPLIT_SHAPES = {(600, 29): 10, (1100, 70): 18} if not SANITIZED else {(200, 29): 4}
+
+
+@pytest.mark.parametrize("shape", DZ_SPLIT_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("precision, act, masked", [("fp32", "relu", False), ("tf32", "tanh", False),
+                                                    ("bf16", "identity", True)])
+def test_the_dz_pass_splits_the_batch_sums_db_in_split_order_and_resets_its_tickets(cb_h100, rng, monkeypatch,
+                                                                                   precision, act, masked, shape):
+    batch, n_out = shape
+    assert cb_h100.dz_split(batch, n_out, 132)[0] == DZ_SPLIT_SHAPES[shape]
+    x, w, b = layer(rng, batch, 11, n_out)
+    host_mask, device_mask = dropout_masks(cb_h100, rng) if masked else (None, None)
+    masks = {"dropout": device_mask} if masked else {}
+    y, z = cb_h100.dense_forward(*(cb_h100.asarray(a) for a in (x, w, b)), act, precision=precision, **masks)
+    y_host, z_host = cb_h100.to_host(y), None if z is None else cb_h100.to_host(z)
+    dy = rng.standard_normal(y_host.shape).astype(np.float32)
+    dy_dev, w_dev = cb_h100.asarray(dy), cb_h100.asarray(w)
+
+    def db():  # db alone: the dz pass is the only launch that sums it, in every precision
+        _, _, got = cb_h100.dense_backward(dy_dev, None, w_dev, y, z, act, False, False, precision=precision,
+                                           need_db=True, **masks)
+        return cb_h100.to_host(got)
+
+    split, again = db(), db()
+    assert not cb_h100.to_host(cb_h100._state()["tickets"]).any(), "the last block of each strip resets its ticket"
+    monkeypatch.setattr(cb_h100, "DZ_MAX_SPLITS", 1)
+    assert cb_h100.dz_split(batch, n_out, 132)[0] == 1
+    one_split = db()
+    _, _, db_ref = ref.dense_backward(*f64(dy, x, w, y_host, z_host), act, False, True, dropout=host_mask)
+    assert np.array_equal(again, split)
+    close(split, db_ref)  # an fp32 sum of the exact dz
+    close(split, one_split.astype(np.float64))  # only the order of the additions differs
+
+
 @pytest.mark.parametrize("n_in, n_out", [(4, 5), (8, 127), (12, 129), (5, 4)])
 def test_misaligned_operands_take_the_scalar_path(cb, rng, n_in, n_out):
     """Views that start one float past a 16-byte boundary (as ``flat[1:]`` slices do) must not be
@@ -2099,6 +2135,16 @@ PLANTED_BUGS = {
         "for (int s = 0; s < splits; ++s) sum += __ldcg(ws + s * split_stride + idx);",
         "for (int s = 0; s < splits - 1; ++s) sum += __ldcg(ws + s * split_stride + idx);",
         "plain", "split_k_dw and tf32 and 600x37x29", "max error"),
+    "dz pass: a strip's db drops the batch's last split": (
+        "dense_backward_tf32.cu",
+        "for (int s = warp; s < splits; s += WARPS) sum +=",
+        "for (int s = warp; s < splits - 1; s += WARPS) sum +=",
+        "plain", "dz_pass_splits and fp32 and 600x29", "max error"),
+    "dz pass: the last block of a strip leaves its ticket taken": (
+        "dense_backward_tf32.cu",
+        "    split_k_reset(tickets + blockIdx.x);\n",
+        "",
+        "plain", "dz_pass_splits and fp32 and 600x29", "resets its ticket"),
     "fused: removed barrier before a layer reads its input": (
         "fused_mlp.cu",
         "            __syncthreads();  // the stages, and the previous layer's epilogue, are complete\n",

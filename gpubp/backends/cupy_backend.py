@@ -120,6 +120,10 @@ TF32_SHARED_BYTES = {kind: TF32_STAGES * 4 * (a + b) for kind, (a, b) in {
 BF16_BK, BF16_ROW = 64, 16
 ROUND_THREADS, MAX_GRID_Y = 256, 65535  # round_bf16's block; CUDA's grid.y limit
 DZ_COLUMNS, DZ_THREADS = 32, 256  # kernels/dense_backward_tf32.cu's dense_dz_db (DzShape)
+# dense_dz_db splits the batch until its blocks fill the GPU (DZ_BLOCKS_PER_SM of them per SM,
+# its occupancy), keeping at least DZ_MIN_ROWS rows per split, chunks of whole DZ_ROW_STEPs
+# (its dropout variant's 32 row groups) and at most DZ_MAX_SPLITS partial db rows to add up.
+DZ_BLOCKS_PER_SM, DZ_MIN_ROWS, DZ_ROW_STEP, DZ_MAX_SPLITS = 8, 64, 32, 128
 BK = 16  # the k step of the fp32 GEMM main loop (gemm_tile.cuh's BK): dW batch chunks are multiples of it
 REDUCE_THREADS = 256
 MAX_REDUCE_BLOCKS = 1024
@@ -928,6 +932,27 @@ def _dw_split(batch: int, tiles: int, k_step: int = BK) -> tuple[int, int]:
     return dw_split(batch, tiles, _state()["sms"], k_step)
 
 
+def dz_split(batch: int, n_out: int, sms: int) -> tuple[int, int]:
+    """(splits, row_chunk) of a ``dense_dz_db`` launch on a GPU of ``sms`` multiprocessors: its
+    ceil(n_out / 32) column strips, times as many batch chunks as fill the GPU with blocks."""
+    strips = -(-n_out // DZ_COLUMNS)
+    splits = max(1, min(-(-DZ_BLOCKS_PER_SM * sms // strips), -(-batch // DZ_MIN_ROWS), DZ_MAX_SPLITS))
+    return batch_chunks(batch, splits, DZ_ROW_STEP)
+
+
+def _dz_launch(batch: int, n_out: int, db) -> tuple[tuple, tuple]:
+    """(grid, (ws_db, tickets, row_chunk, splits)) of a ``dense_dz_db`` launch: the batch split
+    of ``dz_split`` and, where db is summed (``db`` not None) over more than one split, the
+    workspace of the splits' partials and the strips' tickets (kernels/split_k.cuh)."""
+    splits, row_chunk = dz_split(batch, n_out, _state()["sms"])
+    strips = -(-n_out // DZ_COLUMNS)
+    ws_db, tickets = _state()["workspace"], _state()["tickets"][1:]
+    if splits > 1 and db is not None:
+        assert strips <= tickets.size, (strips, tickets.size)  # splits > 1 only below DZ_BLOCKS_PER_SM x sms strips
+        ws_db = _workspace(splits * n_out)
+    return (strips, splits), (ws_db, tickets, np.int32(row_chunk), np.int32(splits))
+
+
 def batch_chunks(batch: int, splits: int, k_step: int = BK) -> tuple[int, int]:
     """(splits, k_chunk): the batch cut into ``splits`` chunks of whole k steps (``k_step``, the
     kernel's: BK or TF32_BK); fewer splits when rounding the chunk up leaves the last ones empty."""
@@ -1044,24 +1069,26 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
     if dropout is not None:
         dz = cupy.empty((batch, n_out), np.float32)
         record("dropout_dz")
+        grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, n_out, db)
         _kernel("dense_backward_tf32.cu", f"dense_dz_db_dropout_{act}")(
-            (-(-n_out // DZ_COLUMNS),),
+            grid,
             (DZ_THREADS,),
             # dz stands in for db when none is needed (the launch then writes no db)
-            (dy, y_or_z, dz, db if sum_db else dz, np.int32(batch), np.int32(n_out), np.int32(sum_db),
-             *_mask_args(dropout), np.float32(dropout.keep_prob)),
+            (dy, y_or_z, dz, db if sum_db else dz, ws_db, tickets, np.int32(batch), np.int32(n_out),
+             np.int32(sum_db), row_chunk, splits, *_mask_args(dropout), np.float32(dropout.keep_prob)),
         )
     elif _launches_dz(act, need_dw, precision, sum_db):
         store_dz = act != "identity" and (need_dx or need_dw)  # db alone reads no dz back
         if store_dz:
             dz = cupy.empty((batch, n_out), np.float32)
         record("dense_dz")
+        grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, n_out, db)
         _kernel("dense_backward_tf32.cu", f"dense_dz_db_{act}")(
-            (-(-n_out // DZ_COLUMNS),),
+            grid,
             (DZ_THREADS,),
             # Arrays the launch does not write or read stand in for dz (identity) and db (none needed).
-            (dy, y_or_z, dz, db if sum_db else dz, np.int32(batch), np.int32(n_out), np.int32(store_dz),
-             np.int32(sum_db)),
+            (dy, y_or_z, dz, db if sum_db else dz, ws_db, tickets, np.int32(batch), np.int32(n_out),
+             np.int32(store_dz), np.int32(sum_db), row_chunk, splits),
         )
     dx = None
     if precision == "bf16" and (need_dx or need_dw):
@@ -1633,9 +1660,11 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
                shared_mem=shared)
     for i in (i for i in range(layers) if bias_alone[i]):
         record("dense_dz")
+        grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, widths[i], out_db[i])
         _kernel("dense_backward_tf32.cu", "dense_dz_db_identity")(  # sums db, stores nothing
-            (-(-widths[i] // DZ_COLUMNS),), (DZ_THREADS,),
-            (dz[i], dz[i], dz[i], out_db[i], np.int32(batch), np.int32(widths[i]), np.int32(0), np.int32(1)))
+            grid, (DZ_THREADS,),
+            (dz[i], dz[i], dz[i], out_db[i], ws_db, tickets, np.int32(batch), np.int32(widths[i]), np.int32(0),
+             np.int32(1), row_chunk, splits))
     return dx
 
 
