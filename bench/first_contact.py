@@ -69,9 +69,14 @@ TEST_OF_WORKLOAD = {
 ROUNDS = "5"
 # Seconds each group's pytest run may take, a few times what one should need (PyTorch's import
 # and CUDA's start are most of it, 5 rounds the rest): with 100 s for the step, a hang in the
-# first group leaves the others about 50.
+# first group leaves the others about 40, and a group that would run past the step's end is
+# stopped first (group_seconds), so it records what it timed.
 GROUP_SECONDS = 40
 GROUP_GRACE = 10  # after the SIGINT, for pytest-benchmark to write its JSON (it asks py-cpuinfo first)
+# Under gpu_check.sh the step has GPUBP_STEP_SECONDS before its own SIGINT: a group is given no
+# more than what is left of that, less its grace and this margin, so that first_contact.py stops
+# each group itself (and records it) rather than being stopped in the middle of one.
+STEP_MARGIN = 3
 # The file gpu_check.sh first-contact records each step's result in, in the check folder.
 STEPS_FILE = "first_contact_steps.tsv"
 TOOL_VERSIONS = {"nvcc": ["--version"], "compute-sanitizer": ["--version"], "ncu": ["--version"],
@@ -103,12 +108,23 @@ def run_group(argv: list[str], env: dict, seconds: float) -> int | None:
         return None
 
 
+def group_seconds(most: float, step_left: float | None) -> float:
+    """A group's time: ``most``, or what the step has left (``step_left`` seconds, None when
+    unbounded) after the group's grace and STEP_MARGIN, whichever is less (1 s at least)."""
+    if step_left is None:
+        return most
+    return max(1.0, min(most, step_left - GROUP_GRACE - STEP_MARGIN))
+
+
 def bench(folder: Path) -> int:
     env = {**os.environ, "GPUBP_BENCH_ROUNDS": os.environ.get("GPUBP_BENCH_ROUNDS", ROUNDS)}
-    seconds = float(os.environ.get("GPUBP_BENCH_GROUP_SECONDS", GROUP_SECONDS))
+    most = float(os.environ.get("GPUBP_BENCH_GROUP_SECONDS", GROUP_SECONDS))
+    step_seconds = os.environ.get("GPUBP_STEP_SECONDS")
+    step_end = time.perf_counter() + float(step_seconds) if step_seconds else None
     failed = []
     for group in HEADLINE:
         start = time.perf_counter()
+        seconds = group_seconds(most, None if step_end is None else step_end - start)
         status = run_group([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
                             "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], env, seconds)
         took = time.perf_counter() - start

@@ -2,8 +2,9 @@
 # Everything that needs a GPU, from the source tree (no pip install):
 #   bash bench/gpu_check.sh                 # every stage, then the record of the run
 #   bash bench/gpu_check.sh tests sanitize  # some stages; `summary` writes the record of them all
-# Needs cupy, numba, numba-cuda, pytest and pytest-benchmark (torch optional), CMake, nvcc and
-# the CUDA toolkit's compute-sanitizer. The stages, in order:
+# Needs cupy, numba, numba-cuda, pytest, pytest-benchmark and hypothesis (the tests' conftest
+# imports it; torch optional), CMake, nvcc and the CUDA toolkit's compute-sanitizer. The stages,
+# in order:
 #   tests     the gpu-marked tests, and the rest of the suite with Numba on the real GPU
 #   sanitize  compute-sanitizer over bench/sanitizer_driver.py: memcheck and initcheck over the
 #             CuPy kernels, racecheck and synccheck over the CuPy and Numba kernels
@@ -297,7 +298,8 @@ fc_step() {  # name: fc_<name> in a child shell under its budget; records how it
     local name="$1" limit="${budget[$1]}" start=$SECONDS status result grace
     grace=$((limit >= 40 ? 10 : limit / 4))
     echo "==== first-contact step $name (budget $limit s)"
-    timeout --signal=INT --kill-after="$grace" "$((limit - grace))" \
+    # GPUBP_STEP_SECONDS: what the step has before its SIGINT, for a step that shares it out (bench).
+    GPUBP_STEP_SECONDS=$((limit - grace)) timeout --signal=INT --kill-after="$grace" "$((limit - grace))" \
         bash -c "set -uo pipefail; failed=(); fc_$name; [ \${#failed[@]} -eq 0 ]"
     status=$?
     case "$status" in

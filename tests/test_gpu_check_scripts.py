@@ -829,6 +829,16 @@ def test_a_first_contact_benchmark_group_that_hangs_costs_its_own_time_and_keeps
         assert [b["name"] for b in report["benchmarks"]][:1] == ["test_quick"]
 
 
+def test_a_benchmark_group_is_given_no_more_than_what_the_step_has_left():
+    """gpu_check.sh's SIGINT would stop a group mid-run, before it records anything: a group is
+    stopped by first_contact.py first, with its grace and a margin to spare."""
+    fc = load("first_contact")
+    assert fc.group_seconds(40, None) == 40  # run alone, not under gpu_check.sh
+    assert fc.group_seconds(40, 90) == 40
+    assert fc.group_seconds(40, 30) == 30 - fc.GROUP_GRACE - fc.STEP_MARGIN
+    assert fc.group_seconds(40, 4) == 1
+
+
 def test_file_stem_keeps_letters_and_digits_only(gs, capsys):
     gs.main(["--file-stem", "NVIDIA H100 80GB HBM3 (MIG 1g.10gb)"])
     assert capsys.readouterr().out == "NVIDIA_H100_80GB_HBM3__MIG_1g_10gb_\n"

@@ -620,13 +620,25 @@ def _load_kernel(filename: str, name: str, acts: int, device: int) -> _Launch:
     return wider[0]
 
 
+# The device attributes the backend reads, by their numbers in CUDA's cudaDeviceAttr, each asked
+# for alone (cudaDeviceGetAttribute). Not Device.attributes, which asks the driver for every
+# attribute CuPy knows: compute-sanitizer reports each one the driver refuses (an attribute its
+# CUDA has retired) as an API error, and the sanitizer runs would fail on no kernel's account.
+ATTR_MULTIPROCESSOR_COUNT, ATTR_MAX_SHARED_PER_BLOCK_OPTIN = 16, 97
+
+
+def device_attribute(number: int, device_id: int) -> int:
+    """One attribute (a cudaDeviceAttr number) of device ``device_id``."""
+    return int(cupy.cuda.runtime.deviceGetAttribute(number, device_id))
+
+
 def _state() -> dict:
     """Per-device persistent buffers: SM count, reduction tickets/partials, dW workspace."""
     device = cupy.cuda.Device()
     state = _device_state.get(device.id)
     if state is None:
         state = _device_state[device.id] = {
-            "sms": device.attributes["MultiProcessorCount"],
+            "sms": device_attribute(ATTR_MULTIPROCESSOR_COUNT, device.id),
             "tickets": cupy.zeros(_TICKETS, np.uint32),
             "partials": cupy.empty(MAX_REDUCE_BLOCKS, np.float32),
             "scalar": cupy.empty(1, np.float32),
@@ -1457,10 +1469,6 @@ def _has_tensor_cores() -> bool:
     return int(cupy.cuda.Device().compute_capability) >= 80
 
 
-# The most shared memory one block may take after opting in, by compute capability (the CUDA C++
-# Programming Guide's table), where the driver's attribute cannot be read.
-SHARED_PER_BLOCK_OPTIN = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
-                          90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 # What a kernel here declares __shared__ on top of its dynamic bytes, at most (dense_dw_tf32's
 # split-K flag, 16 bytes; tests/test_kernel_model.py holds every kernel to it).
 STATIC_SHARED_ALLOWANCE = 64
@@ -1473,11 +1481,7 @@ def shared_per_block() -> int:
     sm_86, sm_89 and sm_120, 64 KB on sm_75. A kernel asking for more cannot be launched."""
     device = cupy.cuda.Device()
     if device.id not in _shared_limits:
-        limit = device.attributes.get("MaxSharedMemoryPerBlockOptin")
-        if limit is None:
-            cc = int(device.compute_capability)
-            limit = SHARED_PER_BLOCK_OPTIN.get(cc, min(SHARED_PER_BLOCK_OPTIN.values()))
-        _shared_limits[device.id] = int(limit)
+        _shared_limits[device.id] = device_attribute(ATTR_MAX_SHARED_PER_BLOCK_OPTIN, device.id)
     return _shared_limits[device.id]
 
 

@@ -319,7 +319,9 @@ def _sms_of_device(device_id: int, is_cupy: bool) -> int:
     if SIMULATOR:
         return SIMULATED_SMS
     if is_cupy:
-        return _cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
+        # One attribute (cudaDevAttrMultiProcessorCount), not Device.attributes: that asks for
+        # every one, and compute-sanitizer counts those the driver refuses as errors.
+        return int(_cupy().cuda.runtime.deviceGetAttribute(16, device_id))
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 

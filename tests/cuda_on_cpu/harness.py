@@ -671,13 +671,22 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
     class CUDADriverError(RuntimeError):
         pass
 
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def device_attribute(number: int, device_id: int) -> int:  # cudaDeviceGetAttribute
+        attributes = {16: sms, 97: SHARED_OPTIN[compute_capability]}  # cudaDevAttrMultiProcessorCount, ...Optin
+        if device_id != 0 or number not in attributes:
+            raise CUDARuntimeError(f"cudaErrorInvalidValue: attribute {number} of device {device_id}")
+        return attributes[number]
+
     class Device:
         id = 0
 
         def __init__(self, device_id: int = 0):
             self.compute_capability = compute_capability
-            self.attributes = {"MultiProcessorCount": sms,
-                               "MaxSharedMemoryPerBlockOptin": SHARED_OPTIN[compute_capability]}
+            # No `attributes`: CuPy's asks the driver for every attribute, which compute-sanitizer
+            # can count as errors; the backend asks for each it reads (runtime.deviceGetAttribute).
 
         def __enter__(self):
             return self
@@ -911,7 +920,8 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
         Stream=Stream,
         ExternalStream=ExternalStream,
         get_current_stream=current_stream,
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=device_attribute,
+                                      CUDARuntimeError=CUDARuntimeError),
         driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
     )
     return cp
