@@ -7,9 +7,11 @@ History so far. Arrays are tensors of the file; the rest
 is JSON in its header. It is written like :func:`gpubp.io.save`, atomically.
 
 :class:`gpubp.callbacks.ModelCheckpoint` writes one after every ``every``-th epoch of ``fit``
-(or only the best); :func:`load_checkpoint` reads it back, and ``fit(..., initial_epoch=ckpt.epoch)``
-resumes. On the CPU the resumed run ends bit-identical to one that was never interrupted:
-the same batches in the same order meet the same weights and optimizer state.
+(or only the best); :func:`load_checkpoint` reads it back, with the restored optimizer as the
+model's compiled one (as Keras's ``load_model`` restores it), and
+``ckpt.model.fit(..., initial_epoch=ckpt.epoch)`` resumes with it. On the CPU the resumed run
+ends bit-identical to one that was never interrupted: the same batches in the same order meet
+the same weights and optimizer state.
 
 >>> import os, tempfile, gpubp as gb
 >>> gb.seed(0)
@@ -20,8 +22,9 @@ the same batches in the same order meet the same weights and optimizer state.
 >>> ckpt = gb.load_checkpoint(path, device="cpu")
 >>> ckpt.epoch, len(ckpt.history.epoch)
 (3, 3)
->>> _ = ckpt.model.fit(x, y, loss="bce", optimizer=ckpt.optimizer, epochs=5, initial_epoch=ckpt.epoch,
-...                    batch_size=2, verbose=0)
+>>> ckpt.model.optimizer is ckpt.optimizer
+True
+>>> _ = ckpt.model.fit(x, y, loss="bce", epochs=5, initial_epoch=ckpt.epoch, batch_size=2, verbose=0)
 """
 
 from __future__ import annotations
@@ -135,7 +138,11 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     """Read a checkpoint written by :class:`ModelCheckpoint` or :func:`save_checkpoint`.
 
     Returns a :class:`Checkpoint`; its model's ``history`` is the saved History, which a
-    ``fit(..., initial_epoch=ckpt.epoch)`` continues. The library's random state is set to
+    ``fit(..., initial_epoch=ckpt.epoch)`` continues. The restored optimizer, ``ckpt.optimizer``,
+    is the model's ``optimizer`` and its compiled one, as after ``compile(optimizer=ckpt.optimizer)``:
+    a ``fit`` or ``train_step`` without ``optimizer=`` resumes it, state and rates included
+    (a ``compile`` replaces it). The loss and metrics are not in the file: pass ``loss=`` again
+    unless it was the default ``"cross_entropy"``. The library's random state is set to
     the saved one, so that fit shuffles as the interrupted run would have. The whole file
     is checked first (as :func:`gpubp.load` does, plus the optimizer's state, the random
     state and the History): a bad file is a ValueError naming it and the problem, and then
@@ -169,6 +176,8 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
         raise ValueError(f"{path}: {exc}") from None
     _random.set_generator(generator)
     model.history = history
+    model.optimizer = optimizer
+    model._compiled = {"optimizer": optimizer}
     return Checkpoint(model, optimizer, epoch, history, scheduler_state)
 
 

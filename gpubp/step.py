@@ -35,8 +35,9 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
   captured on its next call; the newest few graphs are kept. A schedule that changes the
   momentum too (OneCycleLR's ``cycle_momentum``) changes the signature every step, so those
   steps run eagerly.
-- ``clip_grad_norm`` is captured too: the norm is summed on the device and the gradients scaled
-  there (``clip_``), the scale computed in double as the eager step computes it on the host.
+- ``clip_grad_norm`` (of the gradients of the parameters the optimizer updates) is captured too:
+  the norm is summed on the device and the gradients scaled there (``clip_``), the scale
+  computed in double as the eager step computes it on the host.
 - Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
   graphs, a loss function of your own, and a softmax output layer trained with a loss that
   does not take its logits (its softmax runs as CuPy array operations, whose temporaries a
@@ -89,7 +90,11 @@ class TrainStep:
     ``loss`` and ``optimizer`` are as for ``fit`` (names or objects; by default the compiled
     ones, else ``"cross_entropy"`` and ``"adam"``; a named optimizer is the model's, kept
     across ``fit`` calls and steps, and an Optimizer must update only the model's parameters).
-    ``clip_grad_norm`` clips the gradients before each update. ``cuda_graph``: False (the
+    ``clip_grad_norm`` clips the gradients before each update: those of the parameters the
+    optimizer updates (its trainable ones with a gradient), scaled together so that their global
+    L2 norm is at most ``clip_grad_norm``, as ``torch.nn.utils.clip_grad_norm_`` over the
+    optimizer's parameters and Keras's ``global_clipnorm`` do; the model's other parameters
+    neither count in the norm nor are scaled. ``cuda_graph``: False (the
     default) launches every kernel from Python; True captures the step in a CUDA graph and
     replays it (a ValueError says why it cannot); "auto" does so where it can. See the module
     documentation for how and when.
@@ -190,7 +195,7 @@ class TrainStep:
         or, when the loss is not finite, do nothing (the weights stay as they were)."""
         if math.isfinite(value):
             if self.clip_grad_norm is not None:
-                optim.clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
+                optim.clip_grad_norm(self.optimizer.parameters(), self.clip_grad_norm)
             self.optimizer.step()
 
     # --------------------------------------------------------------------- capture and replay
@@ -236,7 +241,7 @@ class TrainStep:
             _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss, **options)
             model.backward(dout)
             if self.clip_grad_norm is not None:
-                backend.clip_([p.grad for p in clipped_parameters(model)], self.clip_grad_norm, captured.norm_sq,
+                backend.clip_([p.grad for p in clipped_parameters(opt)], self.clip_grad_norm, captured.norm_sq,
                               captured.loss)
             captured.updates = opt.updates()
             captured.hyper = backend.empty((max(len(captured.updates), 1), _HYPER_WIDTH), np.float32)

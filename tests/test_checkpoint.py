@@ -252,6 +252,21 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, suff
     assert not ckpt.model[0].trainable
 
 
+def test_a_checkpoint_resumes_its_optimizer_in_a_fit_given_none(tmp_path, suffix):
+    """Keras's resume: load, then fit without optimizer=. The restored optimizer is the model's
+    compiled one, so the run ends as the uninterrupted one, not with a fresh optimizer."""
+    x, y = dataset()
+    model = new_model()
+    model.compile(optimizer=gb.optim.Adam(model.parameters(), lr=0.01))
+    model.fit(x, y, epochs=EPOCHS, batch_size=8, verbose=0,
+              callbacks=[gb.ModelCheckpoint(tmp_path / ("run-{epoch}" + suffix))])
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}{suffix}", device="cpu")
+    assert ckpt.model.optimizer is ckpt.optimizer
+    ckpt.model.fit(x, y, epochs=EPOCHS, initial_epoch=ckpt.epoch, batch_size=8, verbose=0)
+    assert ckpt.model.optimizer is ckpt.optimizer
+    assert_weights_equal(model.get_weights(), ckpt.model)
+
+
 SCHEDULED = {
     "step_lr": (lambda opt: lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), {}),
     "one_cycle_per_batch": (lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, epochs=EPOCHS, steps_per_epoch=5),

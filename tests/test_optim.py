@@ -200,6 +200,27 @@ def test_clip_grad_norm_matches_pytorch(max_norm):
         np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-12)
 
 
+NONFINITE_GRADIENTS = {"nan": [[1.0, np.nan], [2.0]], "inf": [[1.0, np.inf], [2.0]]}
+
+
+@pytest.mark.parametrize("max_norm", [1.0, float("inf")], ids=["clips", "measures"])
+@pytest.mark.parametrize("grads", NONFINITE_GRADIENTS.values(), ids=NONFINITE_GRADIENTS.keys())
+def test_clip_grad_norm_of_a_nonfinite_norm_scales_as_pytorchs_does(grads, max_norm):
+    """torch scales by clamp(max_norm / (norm + 1e-6), max=1), which keeps a NaN: every gradient
+    becomes NaN (an infinite norm: 0 and NaN)."""
+    torch = torch_or_skip()
+    params = [Parameter(np.zeros(len(g))) for g in grads]
+    tensors = [torch.zeros(len(g), dtype=torch.float64, requires_grad=True) for g in grads]
+    for p, t, g in zip(params, tensors, grads):
+        p.grad, t.grad = np.array(g), torch.tensor(g, dtype=torch.float64)
+    with np.errstate(invalid="ignore"):  # inf * 0
+        norm = optim.clip_grad_norm(params, max_norm)
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm))
+    assert norm == torch_norm or (math.isnan(norm) and math.isnan(torch_norm))
+    for p, t in zip(params, tensors):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
 # ----------------------------------------------------------------------------- without PyTorch
 
 
@@ -229,6 +250,23 @@ def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
     param.grad = np.array([3.0, 4.0])
     assert optim.clip_grad_norm([param], 1.0) == pytest.approx(5.0)
     assert np.linalg.norm(param.grad) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_clip_grad_norm_with_an_infinite_max_norm_measures_the_norm_and_scales_nothing():
+    param = Parameter(np.zeros(2))
+    param.grad = np.array([3.0, 4.0])
+    assert optim.clip_grad_norm([param], float("inf")) == 5.0
+    np.testing.assert_array_equal(param.grad, [3.0, 4.0])
+
+
+@pytest.mark.parametrize("max_norm, error", [(-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError),
+                                             (True, TypeError)])
+def test_clip_grad_norm_refuses_a_bad_max_norm_naming_it(max_norm, error):
+    param = Parameter(np.zeros(2))
+    param.grad = np.array([3.0, 4.0])
+    with pytest.raises(error, match="max_norm"):
+        optim.clip_grad_norm([param], max_norm)
+    np.testing.assert_array_equal(param.grad, [3.0, 4.0])
 
 
 def test_clip_grad_norm_ignores_frozen_parameters():
@@ -293,6 +331,34 @@ def test_a_parameter_in_two_groups_is_rejected():
         optim.SGD([{"params": [param]}, {"params": [param]}], lr=0.1)
 
 
+def test_a_parameter_listed_twice_in_one_group_is_rejected_naming_both_places():
+    weight, bias = Parameter(np.ones(2), name="w"), Parameter(np.ones(2), name="b")
+    message = r"params\[2\]: the parameter 'w' is listed twice in one param group \(also params\[0\]\)"
+    with pytest.raises(ValueError, match=message):
+        optim.Adam([weight, bias, weight])
+    opt = optim.Adam([bias])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [weight, Parameter(np.ones(2)), weight]})
+    assert len(opt.param_groups) == 1
+
+
+def test_sgd_nesterov_must_be_a_bool():
+    with pytest.raises(TypeError, match="nesterov: expected a bool, got str 'no'"):
+        optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=0.9, nesterov="no")
+    assert optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=0.9, nesterov=np.bool_(True)).param_groups[0]["nesterov"]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_betas_given_as_a_list_are_kept_as_a_tuple_that_a_captured_step_can_hash(name):
+    param = Parameter(np.ones(2))
+    opt = getattr(optim, name)([param], betas=[0.8, 0.99])
+    param.grad = np.ones(2)
+    opt.step()
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.8, 0.99) and isinstance(group["betas"], tuple)
+    hash(opt.graph_options(group, opt.state[id(param)]))  # what gpubp.step's graph signature holds
+
+
 def test_an_unknown_param_group_option_is_rejected():
     with pytest.raises(ValueError, match=r"param group: unknown options \['betas'\]"):
         optim.SGD([{"params": [Parameter(np.ones(2))], "betas": (0.9, 0.99)}], lr=0.1)
@@ -314,6 +380,47 @@ def test_params_that_are_not_an_iterable_of_them_are_a_type_error_naming_params(
     with pytest.raises(TypeError, match=r"params: expected an iterable of Parameters or of param-group dicts "
                                         rf"\(or a model\), got {got}"):
         optim.SGD(params, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- gradients that do not fit
+
+# A (4, 2) float32 weight's gradient, and what the error says of it.
+BAD_GRADIENTS = {
+    "short": (lambda zeros: zeros((4,), np.float32),  # a kernel would read past its end
+              r"shape \(4,\), but the parameter has \(4, 2\)"),
+    "broadcastable": (lambda zeros: zeros((2,), np.float32), r"shape \(2,\), but the parameter has \(4, 2\)"),
+    "transposed": (lambda zeros: zeros((2, 4), np.float32), r"shape \(2, 4\), but the parameter has \(4, 2\)"),
+    "other_dtype": (lambda zeros: zeros((4, 2), np.float64),  # a float32 kernel would misread it
+                    "dtype float64, but the parameter has float32"),
+}
+
+
+@pytest.mark.parametrize("make", [lambda p: optim.SGD(p, lr=0.1, momentum=0.9), lambda p: optim.Adam(p),
+                                  lambda p: optim.RMSprop(p, momentum=0.9, centered=True)],
+                         ids=["SGD", "Adam", "RMSprop"])
+@pytest.mark.parametrize("bad, got", BAD_GRADIENTS.values(), ids=BAD_GRADIENTS.keys())
+def test_a_gradient_not_shaped_and_typed_as_its_parameter_is_refused_before_any_update(backend, make, bad, got):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], backend=backend)
+    opt = make([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    for p in model.parameters():
+        p.grad = p.backend.zeros(p.shape, p.data.dtype)
+    model[1].weight.grad = bad(model[1].backend.zeros)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\] \('weight'\): its grad has {got}$"):
+        opt.step()
+    for got_weights, want in zip(model.get_weights(), before):  # not even the first group's, checked first
+        np.testing.assert_array_equal(got_weights, want)
+    assert opt.state == {}
+
+
+def test_a_gradient_that_is_not_an_array_is_a_type_error_naming_its_parameter():
+    param = Parameter(np.ones(3), name="w")
+    param.grad = [1.0, 2.0, 3.0]
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] \('w'\): its grad must be an "
+                                        "array like the parameter's data, got list"):
+        optim.SGD([param], lr=0.1).step()
+    np.testing.assert_array_equal(param.data, [1.0, 1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- huge gradients

@@ -217,6 +217,18 @@ def spoil_stray_key(sd):
     sd["state"][7] = sd["state"][0]
 
 
+def spoil_state_list(sd):
+    sd["state"] = [sd["state"][0]]
+
+
+def spoil_state_none(sd):
+    sd["state"] = None
+
+
+def spoil_groups_dict(sd):
+    sd["param_groups"] = {"a": 1, "b": 2}
+
+
 SPOILERS = {
     spoil_group_count: r"state_dict: 1 param groups, but the optimizer has 2",
     spoil_group_size: r"state_dict: param group 1 holds 1 parameters, but the optimizer's holds 2",
@@ -227,6 +239,9 @@ SPOILERS = {
     spoil_value: r"lr: expected a finite number >= 0, got -1.0",
     spoil_step: r"state_dict: state\[3\]\['step'\] must be an int >= 0, got -2",
     spoil_stray_key: r"state_dict: state for parameter 7, which no param group lists",
+    spoil_state_list: r"state_dict: 'state' must be a dict of parameter index -> state, got list",
+    spoil_state_none: r"state_dict: 'state' must be a dict of parameter index -> state, got NoneType",
+    spoil_groups_dict: r"state_dict: 'param_groups' must be a list of dicts, got dict",
 }
 
 

@@ -80,6 +80,39 @@ def test_clip_grad_norm_must_not_be_negative():
         small_model().train_step(clip_grad_norm=-1.0)
 
 
+def test_clip_grad_norm_clips_the_parameters_the_optimizer_updates_and_no_others(rng):
+    """As torch's clip_grad_norm_(the optimizer's parameters) before opt.step(): the parameters
+    the optimizer leaves alone neither count in the norm nor are scaled."""
+    x, y = batch(rng)
+    stepped, by_hand = small_model(), small_model()
+    step = stepped.train_step("cross_entropy", gb.optim.SGD(stepped[1].parameters(), lr=0.1), clip_grad_norm=0.05)
+    opt = gb.optim.SGD(by_hand[1].parameters(), lr=0.1)
+    step(x, y)
+    _, dout = losses.cross_entropy(by_hand.forward(x), y)
+    by_hand.backward(dout)
+    unclipped = [p.grad.copy() for p in by_hand[0].parameters()]
+    norm = gb.optim.clip_grad_norm(opt.parameters(), 0.05)
+    assert norm > 0.05  # it clips
+    opt.step()
+    assert_weights_equal(by_hand.get_weights(), stepped)
+    assert_arrays_equal([param.grad for param in stepped[0].parameters()], unclipped)
+
+
+def test_a_step_with_adam_betas_given_as_a_list_can_take_the_graph_path(rng, monkeypatch):
+    """The graph path hashes the step's signature, which holds the optimizer's options: a list of
+    betas made it unhashable, after the first (eager) update had changed the weights. A stand-in
+    ``capture`` lets the numpy backend take that path as far as its first, eager, call."""
+    from gpubp.backends import numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "capture", lambda fn: None, raising=False)
+    model = small_model()
+    step = model.train_step("cross_entropy", gb.optim.Adam(model.parameters(), betas=[0.9, 0.999]),
+                            cuda_graph="auto")
+    assert step.why_not_graphed() is None
+    step(*batch(rng))
+    assert not step.graphed
+
+
 def test_a_backend_without_graphs_refuses_cuda_graph_true_and_auto_runs_eagerly(rng):
     model = small_model()
     with pytest.raises(ValueError, match="cuda_graph=True: the 'numpy' backend has no CUDA graphs"):

@@ -6,8 +6,12 @@ trainable (frozen) are skipped and get no state, so freezing costs no optimizer
 memory. Param groups work as in PyTorch: pass a list of dicts, each with its own
 ``params`` and any of the optimizer's options (``lr``, ``weight_decay``, ...).
 ``state_dict()`` / ``load_state_dict()`` save and restore the options and the
-per-parameter state as PyTorch lays them out, with NumPy arrays, so a state taken
-on one device loads on another.
+per-parameter state in PyTorch's structure (``state`` keyed by the parameter's index across
+the groups, and ``param_groups`` listing those indices with the options), with NumPy arrays,
+so a state taken on one device loads on another. The entries of a parameter's state are named
+by gpubp, not all as torch names them: SGD's ``velocity`` (torch: ``momentum_buffer``), Adam's
+``m`` and ``v`` (torch: ``exp_avg`` and ``exp_avg_sq``), and ``step`` is a Python int (torch: a
+tensor), so the two libraries' state_dicts are not interchangeable.
 
 >>> import numpy as np, gpubp as gb
 >>> layer = gb.Dense(3, 2)
@@ -69,9 +73,15 @@ class Optimizer:
             raise TypeError("params: a param group must be a dict with a 'params' key")
         params = group["params"]
         params = list(params.parameters() if hasattr(params, "parameters") else params)
+        first: dict[int, int] = {}  # id -> its first index in this group
         for i, param in enumerate(params):
             if not isinstance(param, Parameter):
                 raise TypeError(f"params[{i}]: expected a gpubp Parameter, got {type(param).__name__}")
+            # Listed twice, it would be stepped twice per step (torch warns and will refuse).
+            if id(param) in first:
+                raise ValueError(f"params[{i}]: the parameter {param.name!r} is listed twice in one param group "
+                                 f"(also params[{first[id(param)]}])")
+            first[id(param)] = i
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             raise ValueError(f"param group: unknown options {sorted(unknown)}; expected {sorted(self.defaults)}")
@@ -124,17 +134,26 @@ class Optimizer:
 
     def updates(self) -> list[tuple[Parameter, dict, dict]]:
         """(parameter, its group, its state) for each parameter the next ``step`` updates: the
-        trainable ones with a gradient, in group order. Makes the state of a first update."""
+        trainable ones with a gradient, in group order. Makes the state of a first update.
+
+        Every gradient is checked first, before any state is made (and so before any update):
+        each backend's update kernels (and the captured step of ``gpubp.step``, which calls this
+        too) read ``param.size`` elements of the parameter's dtype from the gradient, so one of
+        another shape or dtype would be read past its end, broadcast, or reinterpreted.
+        """
         found = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                if not param.trainable or param.grad is None:
-                    continue
-                state = self.state.get(id(param))
-                if state is None:
-                    state = self.state[id(param)] = self._new_state(param, group)
-                found.append((param, group, state))
-        return found
+        for g, group in enumerate(self.param_groups):
+            for i, param in enumerate(group["params"]):
+                if param.trainable and param.grad is not None:
+                    _check_grad(param, f"param_groups[{g}]['params'][{i}]")
+                    found.append((param, group))
+        updates = []
+        for param, group in found:
+            state = self.state.get(id(param))
+            if state is None:
+                state = self.state[id(param)] = self._new_state(param, group)
+            updates.append((param, group, state))
+        return updates
 
     _update_reads_step = False  # Adam: parameters at different steps update in separate launches
 
@@ -180,9 +199,13 @@ class Optimizer:
     def state_dict(self) -> dict:
         """``{"state": {i: {name: value}}, "param_groups": [{option: value, "params": [i, ...]}]}``.
 
-        As in PyTorch, ``i`` numbers the parameters across the groups in order, and only
-        parameters that have taken a step have state. Arrays are NumPy copies, so the dict
-        is independent of the device and of later steps.
+        The structure is PyTorch's: ``i`` numbers the parameters across the groups in order,
+        and only parameters that have taken a step have state. The state's entries are named
+        by this library (``_state_arrays``, ``_state_counters``), not always as torch names them:
+        SGD keeps ``velocity`` (torch: ``momentum_buffer``), Adam and AdamW ``m`` and ``v``
+        (torch: ``exp_avg``, ``exp_avg_sq``), RMSprop the names torch gives; ``step`` is an int
+        (torch: a tensor). Arrays are NumPy copies, so the dict is independent of the device and
+        of later steps.
         """
         params = self.parameters()
         state = {}
@@ -215,7 +238,12 @@ class Optimizer:
         if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
             raise ValueError("state_dict: expected a dict with the keys 'state' and 'param_groups', "
                              f"got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
-        saved_groups = state_dict["param_groups"]
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise ValueError(f"state_dict: 'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
+        if not isinstance(saved_state, dict):
+            raise ValueError("state_dict: 'state' must be a dict of parameter index -> state, got "
+                             f"{type(saved_state).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: {len(saved_groups)} param groups, but the optimizer has "
                              f"{len(self.param_groups)}")
@@ -229,7 +257,7 @@ class Optimizer:
             numbering.update(zip(saved["params"], group["params"]))
             options.append(self._saved_options(saved, g))
         state = {}
-        for key, entries in state_dict["state"].items():
+        for key, entries in saved_state.items():
             if key not in numbering:
                 raise ValueError(f"state_dict: state for parameter {key!r}, which no param group lists")
             param = numbering[key]
@@ -302,6 +330,9 @@ class SGD(Optimizer):
     def _validate(self, options: dict) -> None:
         super()._validate(options)
         _checks.in_unit_interval(options["momentum"], "momentum")
+        if not isinstance(options["nesterov"], (bool, np.bool_)):
+            raise TypeError(f"nesterov: expected a bool, got {type(options['nesterov']).__name__} "
+                            f"{options['nesterov']!r}")
         if options["nesterov"] and options["momentum"] == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
 
@@ -367,6 +398,8 @@ class Adam(Optimizer):
         _checks.in_unit_interval(betas[0], "betas[0]")
         _checks.in_unit_interval(betas[1], "betas[1]")
         _checks.positive(options["eps"], "eps")
+        # A tuple, as torch keeps it: a captured step's signature (gpubp.step) hashes the options.
+        options["betas"] = tuple(betas)
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         zeros = param.backend.zeros
@@ -508,6 +541,19 @@ def get(optimizer, params) -> Optimizer:
     return OPTIMIZERS[optimizer.lower()](params)
 
 
+def _check_grad(param: Parameter, where: str) -> None:
+    """``param.grad`` is an array of the parameter's shape and dtype; ``where`` names the parameter."""
+    grad = param.grad
+    where = f"{where} ({param.name!r})" if param.name else where
+    shape, dtype = getattr(grad, "shape", None), getattr(grad, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{where}: its grad must be an array like the parameter's data, got {type(grad).__name__}")
+    if tuple(shape) != param.shape:
+        raise ValueError(f"{where}: its grad has shape {tuple(shape)}, but the parameter has {param.shape}")
+    if dtype != param.data.dtype:
+        raise ValueError(f"{where}: its grad has dtype {dtype}, but the parameter has {param.data.dtype}")
+
+
 def clipped_parameters(params) -> list[Parameter]:
     """The parameters whose gradients ``clip_grad_norm`` clips: the trainable ones with a gradient
     (also what a captured step's clipping takes, gpubp.step)."""
@@ -518,16 +564,21 @@ def clipped_parameters(params) -> list[Parameter]:
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale the gradients of ``params`` in place so their global L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does.
+    Returns the norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does, and scales as
+    it does (with its default ``error_if_nonfinite=False``): by ``max_norm / (norm + 1e-6)``
+    where that is below 1 or NaN. So a NaN norm makes every gradient NaN, and an infinite one
+    scales them by 0 (NaN where a gradient was infinite). ``max_norm=float("inf")``, torch's
+    idiom, measures the norm and scales nothing while the norm is finite.
     """
-    max_norm = _checks.non_negative(max_norm, "max_norm")
+    if not (isinstance(max_norm, numbers.Real) and max_norm == math.inf):
+        max_norm = _checks.non_negative(max_norm, "max_norm")
     by_backend: dict = {}
     for p in clipped_parameters(params):
         by_backend.setdefault(p.backend, []).append(p.grad)
     # One sumsq call per backend: a GPU backend then reads the norm back once, not once per gradient.
     total = math.sqrt(sum(backend.sumsq(*arrays) for backend, arrays in by_backend.items()))
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
+    scale = max_norm / (total + 1e-6)  # NaN for a NaN norm, and for inf / inf
+    if scale < 1 or math.isnan(scale):  # torch's clamp(scale, max=1) keeps a NaN
         for backend, arrays in by_backend.items():
             if getattr(backend, "MULTI_TENSOR_UPDATES", False):
                 backend.scale_many(arrays, scale)
