@@ -337,10 +337,13 @@ def read_fatbin(fatbin: Path, arch: Arch) -> dict[str, dict]:
             for name in resources}
 
 
-def assemble(ptx: Path, arch: Arch, threads: int | None = None) -> dict[str, dict]:
-    """ptxas for ``arch`` (the shipped build's default optimization), then ``read_cubin``."""
+def assemble(ptx: Path, arch: Arch, threads: int | None = None, relocatable: bool = False) -> dict[str, dict]:
+    """ptxas for ``arch`` (the shipped build's default optimization), then ``read_cubin``.
+    ``relocatable``: as ``ptxas -c``, the way a linker compiles PTX (numba-cuda builds each
+    kernel's cubin with one at launch): ptxas then lays out no shared memory itself and takes
+    each array's declared alignment, so a 4-byte-aligned array's 16-byte loads become four."""
     cubin = ptx.with_suffix(f".{arch.name}.cubin")
-    log = _run("ptxas", f"-arch={arch.name}", "-v", "-o", str(cubin), str(ptx))
+    log = _run("ptxas", f"-arch={arch.name}", *(["-c"] if relocatable else []), "-v", "-o", str(cubin), str(ptx))
     return read_cubin(cubin, log, arch, threads)
 
 
@@ -459,7 +462,8 @@ def numba_kernels(tools: dict, jobs: int) -> dict[str, dict]:
                 index, variant = index_variant
                 path = Path(folder) / f"variant{index}.ptx"
                 path.write_text(ptx[variant.name])
-                (figures,) = assemble(path, arch, variant.threads).values()  # one kernel per Numba PTX module
+                # One kernel per Numba PTX module, compiled as its launch links it.
+                (figures,) = assemble(path, arch, variant.threads, relocatable=True).values()
                 return variant.name, figures
 
             return dict(pool.map(one, enumerate(variants)))

@@ -170,6 +170,11 @@ ROW_RUN_GAP = (WARP_SIZE // LANES_N) * RUN  # 16: the second run of rows starts 
 COL_RUN_GAP = LANES_N * RUN  # 32
 SMEM_PAD = 4
 TILE_STRIDE = BLOCK_M + SMEM_PAD  # 132 floats: rows stay 16-byte aligned, transposed stores spread over banks
+# The tiles' shared array is declared 16-byte aligned: Numba gives it 4 bytes otherwise, and the
+# linker that builds a kernel's cubin at launch compiles its PTX relocatable, trusting that
+# alignment, so every 16-byte load of a run would become four (ptxas alone, laying out shared
+# memory itself, aligns it anyway). The simulator refuses an alignment, and needs none.
+TILE_SMEM_ALIGN = None if SIMULATOR else 16
 SLICE_FLOATS = BLOCK_K * TILE_STRIDE  # one operand's K slice
 STAGE_FLOATS = 2 * SLICE_FLOATS  # A then B
 TILE_SMEM_FLOATS = 2 * STAGE_FLOATS  # two stages: 4224 floats, 16.5 KiB
@@ -968,7 +973,7 @@ _fwd_main_loop = _gemm_main_loop("k_major", "outer_major", False)
 def _forward_tile(x, w, b, y, z, rows_on_x, act):
     """This block's tile of y = act(x @ w + b) (and of z for the activations that store it; else z
     is y and never written), ``act`` the activation's ``ACT_ID``; returns the tile's origin."""
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32, alignment=TILE_SMEM_ALIGN)
     acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
     unused_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)  # forward keeps no column sums
     m0, n0 = _tile_origin(rows_on_x)
@@ -1136,7 +1141,7 @@ def _dx_kernel(epilogue, masked: bool):
     if masked:
         @_tile_kernel
         def dense_dx_masked_kernel(dz, w, dx, act_in, rows_on_x, act, key, threshold, scale, first_row, keep_prob):
-            smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+            smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32, alignment=TILE_SMEM_ALIGN)
             acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
             m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
             epilogue(act, acc, dx, act_in, m0, n0, (key, threshold, scale, first_row, keep_prob))
@@ -1145,7 +1150,7 @@ def _dx_kernel(epilogue, masked: bool):
 
     @_tile_kernel
     def dense_dx_kernel(dz, w, dx, act_in, rows_on_x, act):
-        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+        smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32, alignment=TILE_SMEM_ALIGN)
         acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
         m0, n0 = _dx_product(dz, w, rows_on_x, smem, acc)
         epilogue(act, acc, dx, act_in, m0, n0, ())
@@ -1251,7 +1256,7 @@ def _dense_dw_kernel(x, dz, dw_parts, db_parts, tickets, dw, db, rows_per_split,
     tiles, its partial db to db_parts[s]. With one split those are dw and db themselves; with
     more, _split_k_finish sums them in groups of ``group_splits``.
     """
-    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32)
+    smem = cuda.shared.array(TILE_SMEM_FLOATS, np.float32, alignment=TILE_SMEM_ALIGN)
     is_last = cuda.shared.array(1, np.int32)
     acc = cuda.local.array((THREAD_M, THREAD_N), np.float32)
     column_sums = cuda.local.array(LOADS_PER_THREAD, np.float32)
