@@ -30,8 +30,9 @@
 #              modules side by side) with times, registers and spills; then the NVRTC load check
 #              beside the CMake fatbin build (its lines in the log as they come, marked "cmake| "),
 #              and the fatbin load check (bench/gpu_load_check.py)
-#   tests      the gpu-marked tests, one pytest-xdist worker per core, past collection errors,
-#              with the stacks of a test stuck for 60 s
+#   tests      the gpu-marked tests and the Numba backend's numba_gpu ones (its dense kernels, the
+#              dW split, the losses, a model's training), one pytest-xdist worker per core, past
+#              collection errors, with the stacks of a test stuck for 60 s
 #   memcheck   compute-sanitizer memcheck over bench/sanitizer_driver.py --reduced cupy (one odd
 #              shape per kernel family, the split-K finish, replayed CUDA graphs)
 #   racecheck  compute-sanitizer racecheck over bench/sanitizer_driver.py --reduced-racecheck cupy
@@ -244,7 +245,7 @@ fc_tests() {
     # A test file that fails to import costs its own tests, not the others'; a test stuck for a
     # minute has every thread's stack dumped into the log (pytest's faulthandler: pytest-timeout
     # is not installed); -rfEs lists failures, errors and skips at the end.
-    run "gpu tests" whole_sets "$PYTHON" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
+    run "gpu tests" whole_sets "$PYTHON" -m pytest -m "gpu or numba_gpu" tests -q -rfEs -p no:cacheprovider \
         --continue-on-collection-errors -o faulthandler_timeout=60 $(xdist_workers "$(nproc)") \
         --junitxml "$check/gpu_tests.xml"
 }

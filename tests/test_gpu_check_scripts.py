@@ -599,6 +599,18 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
         check, out
 
 
+def test_first_contacts_tests_step_runs_the_numba_gpu_tests_and_they_exist():
+    """The Numba backend's tests run in the simulator without a GPU; the ones marked numba_gpu
+    (its dense kernels, the dW split, the losses, a model) are the first contact's Numba check."""
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    fc_tests = script[script.index("fc_tests() {"):]
+    assert '-m "gpu or numba_gpu"' in fc_tests[:fc_tests.index("\n}")]
+    marked = re.findall(r"@pytest\.mark\.numba_gpu.*\n(?:@.*\n|\s.*\n)*def (test_\w+)",
+                        (ROOT / "tests" / "test_numba_backend.py").read_text())
+    assert {"test_dense_forward_matches_numpy", "test_dense_backward_matches_numpy",
+            "test_model_on_numba_trains_like_the_numpy_model"} <= set(marked), marked
+
+
 def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_they_found(gs, tmp_path):
     done, calls, check, out = first_contact(gs, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr

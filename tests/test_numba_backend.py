@@ -85,6 +85,7 @@ def y_and_z(act, y, z):
 # ----------------------------------------------------------------------------- dense layer
 
 
+@pytest.mark.numba_gpu  # also on the GPU, in gpu_check.sh first-contact
 @pytest.mark.parametrize("act, shape", DENSE_CASES, ids=DENSE_IDS)
 def test_dense_forward_matches_numpy(rng, act, shape):
     x, w, b = dense_inputs(rng, *shape)
@@ -116,6 +117,7 @@ def test_dense_forward_with_a_mask_matches_numpy_for_every_activation(rng, act):
         assert z is None
 
 
+@pytest.mark.numba_gpu  # also on the GPU, in gpu_check.sh first-contact
 @pytest.mark.parametrize("act, shape", DENSE_CASES, ids=DENSE_IDS)
 def test_dense_backward_matches_numpy(rng, act, shape):
     x, w, b = dense_inputs(rng, *shape)
@@ -357,6 +359,7 @@ def in_order(parts) -> np.ndarray:
 
 # Float addition is commutative, so an order shows from 3 terms on: 3 splits in one group; 6 in
 # groups of 4 and 2 (the last group shorter); 6 in 3 groups of 2 (three group sums).
+@pytest.mark.numba_gpu  # also on the GPU, in gpu_check.sh first-contact
 @pytest.mark.parametrize("splits, group_splits", [(3, 3), (6, 4), (6, 2)],
                          ids=["3-splits", "6-splits-in-groups-of-4-and-2", "6-splits-in-3-groups"])
 def test_split_dw_sums_the_partials_in_split_order_then_group_order_bit_for_bit(rng, splits, group_splits):
@@ -489,6 +492,7 @@ LOSS_CASES = [
 ]
 
 
+@pytest.mark.numba_gpu  # also on the GPU, in gpu_check.sh first-contact
 @pytest.mark.parametrize(
     "loss_name, kernel_name, make_inputs", LOSS_CASES,
     ids=["ce-19x7", "ce-3x33-int32", "ce-large-logits", "ce-1x1", "mse-19x7", "mse-23x12", "bce-19x7", "bce-1x2",
@@ -726,6 +730,7 @@ def test_backend_reports_itself_available_here():
 # ----------------------------------------------------------------------------- whole model
 
 
+@pytest.mark.numba_gpu  # also on the GPU, in gpu_check.sh first-contact
 def test_model_on_numba_trains_like_the_numpy_model(rng):
     x = randn(rng, 9, 5)
     labels = rng.integers(0, 3, 9)
