@@ -5,9 +5,11 @@ real with every thread in Python: shapes stay tiny and are chosen not to be mult
 the 128 x 128 x 8 tile. Agreement is max|numba - numpy| <= 1e-5 * max|numpy| in float32.
 """
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -884,3 +886,19 @@ def test_special_values_through_gradients_updates_and_losses_match_numpy(check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the simulator's NumPy scalars warn where a GPU does not
         check(nb)
+
+
+@pytest.mark.parametrize("env, expected", [(None, 0), ("1", 1)], ids=["default", "user_set"])
+def test_numba_cudas_low_occupancy_warning_is_off_on_a_gpu_unless_asked_for(env, expected):
+    """numba-cuda warns at each launch of under 128 blocks, which the backend makes by design; the
+    backend turns that off where kernels run on a GPU (imported with the simulator off), unless
+    the user's NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS asks for it."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", nb.LOW_OCCUPANCY_ENV)}
+    environment["NUMBA_ENABLE_CUDASIM"] = "0"
+    if env is not None:
+        environment[nb.LOW_OCCUPANCY_ENV] = env
+    code = ("from gpubp.backends import numba_backend as nb; from numba.cuda.core import config; "
+            "print(config.CUDA_LOW_OCCUPANCY_WARNINGS)")
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, check=True)
+    assert int(done.stdout.strip()) == expected

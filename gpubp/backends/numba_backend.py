@@ -144,6 +144,17 @@ DEVICE = "cuda"
 DTYPES = (np.float32,)
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+# numba-cuda checks every launch for a grid under 128 blocks and warns (NumbaPerformanceWarning).
+# The backend launches small grids by design (a bias's update, a small batch's rows), where the
+# check and its warning are time on a launch-bound path and a warning per call site in the log.
+# Off, unless NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS says otherwise (the simulator never checks).
+LOW_OCCUPANCY_ENV = "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"
+if not SIMULATOR and LOW_OCCUPANCY_ENV not in os.environ:
+    try:
+        from numba.cuda.core import config as _numba_cuda_config
+    except ImportError:  # numba-cuda before the config moved into it
+        from numba.core import config as _numba_cuda_config
+    _numba_cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 # Every device function is inlined by NVVM (LLVM's alwaysinline attribute), not by Numba's IR
 # inliner (inline="always"), which deep-copies the callee's IR at every call site: that copying
 # was four fifths of a kernel's compile. Each device function is now typed and lowered once per
@@ -1617,7 +1628,11 @@ def _weights(sample_weight, like):
         if _is_cupy(like):
             cp = _cupy()
             with cp.cuda.Device(like.device.id):
-                _unit_weights[key] = cp.ones(1, np.float32)
+                ones = cp.ones(1, np.float32)
+                # Filled on the stream current now; later launches may be on another stream, so the
+                # fill is waited for once here rather than ordered by each of them.
+                cp.cuda.get_current_stream().synchronize()
+                _unit_weights[key] = ones
         else:
             _unit_weights[key] = cuda.to_device(np.ones(1, np.float32))
     return _view(_unit_weights[key])
