@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from cuda_on_cpu import harness
-from test_gpu_check_scripts import load
+from test_gpu_check_scripts import H200_SMS, benchmark_layers, load
 from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
-from test_numba_backend import H200_SMS, benchmark_layers
 import gpubp as gb
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import cupy_backend

@@ -50,6 +50,19 @@ def load(name: str):
     return module
 
 
+H200_SMS = 132
+
+
+def benchmark_layers() -> list[tuple[str, int, int, int]]:
+    """(workload, in, out, batch) of every dense layer the GPU benchmarks train or time
+    (bench/test_gpu_dense.py: the train steps, the kernel-level MLPs and single layers, the
+    frozen-backbone model), for the tests that check their launches fill an H200."""
+    dense = load("test_gpu_dense")
+    workloads = {**dense.STEP_WORKLOADS, **dense.MLPS, **dense.SINGLE_LAYERS, "frozen": dense.FROZEN_MODEL}
+    return [(name, n_in, n_out, batch) for name, (widths, batch) in workloads.items()
+            for n_in, n_out in zip(widths[:-1], widths[1:])]
+
+
 @pytest.fixture(scope="module")
 def gs():
     return load("gpu_summary")

@@ -29,7 +29,7 @@ from test_cupy_backend import (assert_grads_equal, check_activations_at_special_
                                check_cross_entropy_of_a_row_with_an_infinite_logit,
                                check_dx_applies_the_activation_below, check_no_weight_decay_keeps_an_infinite_weight,
                                folded_step)
-from test_gpu_check_scripts import load
+from test_gpu_check_scripts import H200_SMS, benchmark_layers, load
 
 try:
     nb = backends.get("numba")
@@ -301,18 +301,7 @@ def test_backward_kernels_names_what_dense_backward_launches():
 
 # ----------------------------------------------------------------------------- dW split over the batch
 
-H200_SMS = 132
 TWO_WAVES_ON_H200 = 2 * H200_SMS  # blocks
-
-
-def benchmark_layers() -> list[tuple[str, int, int, int]]:
-    """(workload, in, out, batch) of every dense layer the GPU benchmarks train or time on the
-    Numba backend (bench/test_gpu_dense.py: the train steps, the kernel-level MLPs and single
-    layers, the frozen-backbone model)."""
-    dense = load("test_gpu_dense")
-    workloads = {**dense.STEP_WORKLOADS, **dense.MLPS, **dense.SINGLE_LAYERS, "frozen": dense.FROZEN_MODEL}
-    return [(name, n_in, n_out, batch) for name, (widths, batch) in workloads.items()
-            for n_in, n_out in zip(widths[:-1], widths[1:])]
 
 
 @pytest.mark.parametrize("workload, n_in, n_out, batch", benchmark_layers(),
