@@ -141,19 +141,38 @@ class Optimizer:
         too) read ``param.size`` elements of the parameter's dtype from the gradient, so one of
         another shape or dtype would be read past its end, broadcast, or reinterpreted.
         """
-        found = []
-        for g, group in enumerate(self.param_groups):
-            for i, param in enumerate(group["params"]):
-                if param.trainable and param.grad is not None:
-                    _check_grad(param, f"param_groups[{g}]['params'][{i}]")
-                    found.append((param, group))
-        updates = []
-        for param, group in found:
-            state = self.state.get(id(param))
-            if state is None:
-                state = self.state[id(param)] = self._new_state(param, group)
-            updates.append((param, group, state))
+        updates, states, fresh = [], self.state, False
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is not None and param.trainable:
+                    data = param.data
+                    # The common case in two comparisons: this runs for every parameter every step.
+                    try:
+                        matches = grad.shape == data.shape and (grad.dtype is data.dtype or grad.dtype == data.dtype)
+                    except AttributeError:  # not an array
+                        matches = False
+                    if not matches:
+                        _check_grad(param, self._where(param))
+                    state = states.get(id(param))
+                    fresh = fresh or state is None
+                    updates.append((param, group, state))
+        if fresh:  # a first update: its state, once every gradient has passed
+            updates = [(param, group, state if state is not None else self._made_state(param, group))
+                       for param, group, state in updates]
         return updates
+
+    def _where(self, param: Parameter) -> str:
+        """Where ``param`` stands in the param groups, for an error message."""
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    return f"param_groups[{g}]['params'][{i}]"
+        return "a parameter"
+
+    def _made_state(self, param: Parameter, group: dict) -> dict:
+        state = self.state[id(param)] = self._new_state(param, group)
+        return state
 
     _update_reads_step = False  # Adam: parameters at different steps update in separate launches
 
