@@ -387,6 +387,43 @@ def test_split_dw_sums_the_partials_in_split_order_then_group_order_bit_for_bit(
     assert not tickets.any(), "tickets reset for the next launch"
 
 
+def group_order_sums(dz: np.ndarray) -> np.ndarray:
+    """dense_db's column sums of dz, in its order: each of ROWS_PER_BLOCK row groups sums every
+    ROWS_PER_BLOCK-th row from its own, in float32, then the groups are added in order."""
+    groups = [in_order(rows) if len(rows) else np.zeros(dz.shape[1], np.float32)
+              for rows in (dz[g::nb.ROWS_PER_BLOCK] for g in range(nb.ROWS_PER_BLOCK))]
+    return in_order(np.stack(groups))
+
+
+@pytest.mark.parametrize("batch, splits", [(300, 5), (40, 1)])
+def test_db_alone_splits_the_batch_and_adds_the_splits_in_order_bit_for_bit(rng, batch, splits):
+    """A bias that trains under a frozen weight: db sums each split of the batch in its blocks,
+    then the splits' sums in split order, so it depends on the shapes and SM count only."""
+    n_out = 45  # two column strips
+    assert nb.db_splits(batch, n_out, nb.SIMULATED_SMS)[0] == splits
+    rows = nb.db_splits(batch, n_out, nb.SIMULATED_SMS)[1]
+    dz = randn(rng, batch, n_out)
+    (dz_dev,) = to_device(dz)
+    db = nb.empty((n_out,))
+    with trace() as t:
+        nb._dense_db(dz_dev, db)
+    assert t.launches == ["dense_db"]
+    assert_matches(db, dz.sum(0, dtype=np.float64))
+    split_sums = [group_order_sums(dz[begin:begin + rows]) for begin in range(0, batch, rows)]
+    expected = split_sums[0] if splits == 1 else group_order_sums(np.stack(split_sums))
+    np.testing.assert_array_equal(host(db), expected)
+
+
+@pytest.mark.parametrize("workload, n_in, n_out, batch", benchmark_layers(),
+                         ids=lambda v: str(v) if not isinstance(v, str) else v.replace(" ", "_"))
+def test_db_alone_fills_an_h200_at_every_benchmark_layer(workload, n_in, n_out, batch):
+    splits, rows = nb.db_splits(batch, n_out, H200_SMS)
+    strips = -(-n_out // nb.ROW_LANES)
+    assert 1 <= splits <= nb.DB_MAX_SPLITS and (splits - 1) * rows < batch <= splits * rows
+    assert (strips * splits >= 0.9 * nb.DB_BLOCKS_PER_SM * H200_SMS or splits == nb.DB_MAX_SPLITS
+            or rows < 2 * nb.DB_MIN_ROWS), (strips, splits, rows)
+
+
 def test_softmax_is_stable_and_its_backward_may_overwrite_dy(rng):
     z = np.array([[1e4, 0.0, -1e4], [30.0, 30.0, 29.0], [-50.0, -60.0, -70.0]], np.float32)
     y_ref = z.copy()

@@ -64,8 +64,10 @@ Dense kernels: one tiled, register-blocked fp32 GEMM main loop shared by forward
                 way the result depends on the split count and group size only, both fixed by the
                 shapes and the SM count, and is the same from run to run.
     dense_db    db = dz.sum(0) alone, for a bias that trains under a frozen weight (dense_dw
-                sums db otherwise): a block per 32 columns, 8 row groups of a warp each, their
-                sums added in group order.
+                sums db otherwise): a block per 32 columns of a split of the batch (db_splits
+                splits it until the blocks fill the GPU), 8 row groups of a warp each, their
+                sums added in group order; with several splits the same kernel then adds the
+                splits' sums in split order.
     dense_dx    dx = dz @ w.T (B, in); or, given the activation of the dense layer below (the
                 FOLDS_DX_ACT capability: every activation), dx * act'(that layer's y, or z) in
                 the epilogue (_dx_epilogue), which is that layer's dz: its own dense_dz pass is
@@ -1408,30 +1410,58 @@ def _dense_dw(x, dz, dw, db, splits, rows_per_split, group_splits):
 
 
 @cuda.jit
-def _dense_db_kernel(dz, db):
-    """db = dz.sum(0) on its own: a block per ROW_LANES columns, lane l (threadIdx.x) its column,
-    row group g (threadIdx.y) every ROWS_PER_BLOCK-th row from g, so a warp reads 32 consecutive
-    floats of a row; the groups' sums are then added in group order (deterministic)."""
+def _dense_db_kernel(dz, sums, rows_per_split):
+    """sums[s] = dz[rows of split s].sum(0), split s = blockIdx.y covering rows [s rows_per_split,
+    (s + 1) rows_per_split): a block per ROW_LANES columns (blockIdx.x) of a split, lane l
+    (threadIdx.x) its column, row group g (threadIdx.y) every ROWS_PER_BLOCK-th row of the split
+    from its g-th, so a warp reads 32 consecutive floats of a row; the groups' sums are then added
+    in group order (deterministic)."""
     partials = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
     lane, group = cuda.threadIdx.x, cuda.threadIdx.y
     col = cuda.blockIdx.x * ROW_LANES + lane
+    split = cuda.blockIdx.y
+    begin = split * rows_per_split
+    end = min(begin + rows_per_split, dz.shape[0])
     total = _ZERO
     if col < dz.shape[1]:
-        for row in range(group, dz.shape[0], ROWS_PER_BLOCK):
+        for row in range(begin + group, end, ROWS_PER_BLOCK):
             total += dz[row, col]
     partials[group, lane] = total
     cuda.syncthreads()
     if group == 0 and col < dz.shape[1]:
         for g in range(1, ROWS_PER_BLOCK):
             total += partials[g, lane]
-        db[col] = total
+        sums[split, col] = total
+
+
+# db alone splits the batch until its blocks fill the GPU (DB_BLOCKS_PER_SM of them per SM), in
+# splits of at least DB_MIN_ROWS rows and at most DB_MAX_SPLITS, whose sums a second launch of
+# the same kernel adds in split order: one block per 32 columns alone gave a 64-wide layer 2.
+DB_BLOCKS_PER_SM, DB_MIN_ROWS, DB_MAX_SPLITS = 8, 64, 128
+
+
+def db_splits(batch: int, n_out: int, sms: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of ``dense_db`` over a (batch, n_out) dz on ``sms`` SMs."""
+    strips = -(-n_out // ROW_LANES)
+    wanted = max(1, min(-(-DB_BLOCKS_PER_SM * sms // strips), -(-batch // DB_MIN_ROWS), DB_MAX_SPLITS))
+    rows = -(-batch // wanted)
+    return -(-batch // rows), rows
 
 
 def _dense_db(dz, db):
-    """db = dz.sum(0) for a layer whose bias trains under a frozen weight (no dW kernel)."""
+    """db = dz.sum(0) for a layer whose bias trains under a frozen weight (no dW kernel): each
+    split's column sums, then (more than one split) their sum in split order, deterministic."""
     record("dense_db")
-    dzv = _view(dz)
-    _dense_db_kernel[-(-dz.shape[1] // ROW_LANES), _ROW_BLOCK, dzv.stream](dzv, _view(db))
+    dzv, dbv = _view(dz), _view(db)
+    batch, n_out = dz.shape
+    strips = -(-n_out // ROW_LANES)
+    splits, rows = db_splits(batch, n_out, _sm_count(dz))
+    if splits == 1:
+        _dense_db_kernel[(strips, 1), _ROW_BLOCK, dzv.stream](dzv, dbv.reshape(1, n_out), rows)
+        return
+    sums = _view(_scratch("db_splits", splits * n_out, dz)).reshape(splits, n_out)
+    _dense_db_kernel[(strips, splits), _ROW_BLOCK, dzv.stream](dzv, sums, rows)
+    _dense_db_kernel[(strips, 1), _ROW_BLOCK, dzv.stream](sums, dbv.reshape(1, n_out), splits)
 
 
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
@@ -1981,7 +2011,7 @@ def kernel_variants() -> list[KernelVariant]:
     variants += [
         KernelVariant("dense_dw", "", _dense_dw_kernel, (m, m, p3, m, tickets, m, v, types.int64, types.int64, flag),
                       TILE_THREADS),
-        KernelVariant("dense_db", "", _dense_db_kernel, (m, v), row_threads),
+        KernelVariant("dense_db", "", _dense_db_kernel, (m, m, types.int64), row_threads),
         KernelVariant("dense_dx", "", _dense_dx_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
         KernelVariant("dense_dx", "dropout", _dense_dx_masked_kernel, dx_masked, TILE_THREADS),
         KernelVariant("dense_dx", "reads_z", _dense_dx_z_kernel, (m, m, m, m, flag, i32), TILE_THREADS),
