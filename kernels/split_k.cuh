@@ -18,11 +18,19 @@ namespace gpubp {
 
 // Publishes the partial this block has written and takes the tile's ticket. True, in every
 // thread of the block, for the block that arrives last: every split's partial is then visible.
+// The release is a grid barrier's (cooperative groups' grid sync, reduce.cuh's grid_sum_to): the
+// block's barrier first, so thread 0 has seen every thread's stores at CTA scope, then thread 0's
+// fence, cumulative over them, before its ticket: one fence a block. (A fence in each thread
+// before the barrier left each writer's release unordered, in the PTX memory model, before
+// another thread's ticket.) The last block's threads fence after the barrier, as grid_sum_to's
+// do, before they read the other blocks' partials (__ldcg).
 __device__ __forceinline__ bool split_k_arrived_last(unsigned int* __restrict__ ticket, int splits) {
     __shared__ bool is_last;
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == static_cast<unsigned int>(splits - 1);
+    if (threadIdx.x == 0) {
+        __threadfence();
+        is_last = atomicAdd(ticket, 1u) == static_cast<unsigned int>(splits - 1);
+    }
     __syncthreads();
     if (is_last) __threadfence();
     return is_last;
