@@ -62,15 +62,6 @@ struct DzShape {
     static constexpr int COLS = 32, ROW_GROUPS = 8, THREADS = COLS * ROW_GROUPS;
 };
 
-// The rows [begin, end) of a dz block's batch chunk (blockIdx.y of `splits`, row_chunk rows each).
-struct DzRows {
-    long long begin, end;
-    __device__ __forceinline__ static DzRows of_block(int B, int row_chunk) {
-        const long long begin = static_cast<long long>(blockIdx.y) * row_chunk;
-        return {begin, begin + row_chunk < B ? begin + row_chunk : B};
-    }
-};
-
 // db of a dz block's 32 columns from partial[r][c], the sum of row group r over its rows: the
 // groups added in order, into db (one split) or the block's partial in ws_db. Then the last block
 // of the strip adds the splits' partials: each of its 8 warps sums every 8th split (the loads of
@@ -119,7 +110,7 @@ __device__ __forceinline__ void dense_dz(const float* __restrict__ dy, const flo
     const long long N = N_;
     const int lane = threadIdx.x % S::COLS, group = threadIdx.x / S::COLS;
     const long long col = static_cast<long long>(blockIdx.x) * S::COLS + lane;
-    const DzRows rows = DzRows::of_block(B, row_chunk);
+    const SplitRows rows = SplitRows::of(B, row_chunk, blockIdx.y);  // the block's batch chunk
     float sum = 0.0f;
     if (col < N) {
         for (long long row = rows.begin + group; row < rows.end; row += S::ROW_GROUPS) {
@@ -156,7 +147,7 @@ __device__ __forceinline__ void dense_dz_dropout(const float* __restrict__ dy, c
     const long long col = static_cast<long long>(blockIdx.x) * DzShape::COLS + 4 * group;
     const int count = N - col < 4 ? static_cast<int>(N - col) : 4;  // <= 0: no column of this group exists
     const bool vec = N % 4 == 0 && dropout_aligned16(dy) && dropout_aligned16(act_in) && dropout_aligned16(dz);
-    const DzRows rows = DzRows::of_block(B, row_chunk);
+    const SplitRows rows = SplitRows::of(B, row_chunk, blockIdx.y);  // the block's batch chunk
     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (count > 0) {
         for (long long row = rows.begin + row_group; row < rows.end; row += S::ROW_GROUPS) {

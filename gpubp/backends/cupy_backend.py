@@ -965,6 +965,20 @@ def _dz_launch(batch: int, n_out: int, db) -> tuple[tuple, tuple]:
     return (strips, splits), (ws_db, tickets, np.int32(row_chunk), np.int32(splits))
 
 
+def _dense_dz_db(act: str, dy, y_or_z, dz, db, store_dz: bool) -> None:
+    """One ``dense_dz_db_<act>`` launch over dy (B, out): dz = dy * act'(y_or_z) into ``dz`` when
+    ``store_dz``, and db = dz.sum(0) into ``db`` when given. Arrays the launch neither reads nor
+    writes (y_or_z for identity, dz unstored, db None) are passed as ones it has."""
+    batch, n_out = dy.shape
+    record("dense_dz")
+    grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, n_out, db)
+    _kernel("dense_backward_tf32.cu", f"dense_dz_db_{act}")(
+        grid, (DZ_THREADS,),
+        (dy, dy if y_or_z is None else y_or_z, dz, dz if db is None else db, ws_db, tickets, np.int32(batch),
+         np.int32(n_out), np.int32(store_dz), np.int32(db is not None), row_chunk, splits),
+    )
+
+
 def batch_chunks(batch: int, splits: int, k_step: int = BK) -> tuple[int, int]:
     """(splits, k_chunk): the batch cut into ``splits`` chunks of whole k steps (``k_step``, the
     kernel's: BK or TF32_BK); fewer splits when rounding the chunk up leaves the last ones empty."""
@@ -1093,15 +1107,7 @@ def _dense_backward_mma(dy, x, w, y_or_z, act, need_dx, need_dw, out_dx, dw, db,
         store_dz = act != "identity" and (need_dx or need_dw)  # db alone reads no dz back
         if store_dz:
             dz = cupy.empty((batch, n_out), np.float32)
-        record("dense_dz")
-        grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, n_out, db)
-        _kernel("dense_backward_tf32.cu", f"dense_dz_db_{act}")(
-            grid,
-            (DZ_THREADS,),
-            # Arrays the launch does not write or read stand in for dz (identity) and db (none needed).
-            (dy, y_or_z, dz, db if sum_db else dz, ws_db, tickets, np.int32(batch), np.int32(n_out),
-             np.int32(store_dz), np.int32(sum_db), row_chunk, splits),
-        )
+        _dense_dz_db(act, dy, y_or_z, dz, db, store_dz)
     dx = None
     if precision == "bf16" and (need_dx or need_dw):
         dz = _round_bf16(dz)
@@ -1663,12 +1669,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
                 ws, tickets, plan, np.int32(batch), np.int32(k_chunk), np.int32(splits), np.int32(ws_stride)),
                shared_mem=shared)
     for i in (i for i in range(layers) if bias_alone[i]):
-        record("dense_dz")
-        grid, (ws_db, tickets, row_chunk, splits) = _dz_launch(batch, widths[i], out_db[i])
-        _kernel("dense_backward_tf32.cu", "dense_dz_db_identity")(  # sums db, stores nothing
-            grid, (DZ_THREADS,),
-            (dz[i], dz[i], dz[i], out_db[i], ws_db, tickets, np.int32(batch), np.int32(widths[i]), np.int32(0),
-             np.int32(1), row_chunk, splits))
+        _dense_dz_db("identity", dz[i], None, dz[i], out_db[i], store_dz=False)  # sums db, stores nothing
     return dx
 
 
