@@ -26,7 +26,9 @@ __device__ constexpr bool same_name(const char* a, const char* b) {
 // what NVRTC's build of that part answers at compile time. A GEMM launched from another part's
 // module then does nothing there, as it would on a GPU. Harness plumbing, not kernel memory
 // traffic: kept out of the access profiler's and the sanitizers' instrumentation.
-inline const char* cpu_only_kernel = nullptr;
+// Initialized data, not .bss: the harness gathers the kernel unit's zero-initialized statics as
+// its shared memory and fills them with garbage before every block (static_shared.ld there).
+inline const char* cpu_only_kernel __attribute__((section(".data.gpubp_cpu_only_kernel"))) = nullptr;
 __attribute__((no_sanitize_address, no_sanitize_thread)) inline bool kernel_compiled(const char* name) {
     const char* only = __atomic_load_n(&cpu_only_kernel, __ATOMIC_RELAXED);
     return only == nullptr || same_name(name, only);

@@ -107,6 +107,32 @@ def test_dynamic_shared_memory_past_48_kib_needs_the_kernels_opt_in(kernels):
     assert np.array_equal(out.get(), values[::-1])
 
 
+@pytest.mark.parametrize("order_seed", [0, 7])
+def test_static_shared_memory_starts_every_block_undefined(kernels, order_seed):
+    """Not zero, and not what the previous block left: 0xff bytes (NaN, -1), in every block."""
+    sums = harness.device_empty((3,))
+    kernels.get_function("sum_without_zeroing")((3,), (32,), (sums,), order_seed=order_seed)
+    assert np.isnan(sums.get()).all()
+    slots = ints(4)
+    kernels.get_function("read_before_write")((4,), (32,), (slots,), order_seed=order_seed)
+    assert (slots.get() == -1).all()
+    # A second launch of the same kernel sees none of the first's values either.
+    kernels.get_function("read_before_write")((1,), (32,), (slots,))
+    assert slots.get()[0] == -1
+
+
+@pytest.mark.parametrize("kernel, bound", [("at_most_64", 64), ("at_most_128", 128), ("block_ids", 1024)])
+def test_a_block_past_the_kernels_launch_bounds_fails_the_launch(kernels, kernel, bound):
+    function = kernels.get_function(kernel)
+    assert function.max_threads_per_block == bound
+    out = ints(2 * bound)
+    function((2,), (bound,), (out,))
+    if bound < 1024:
+        with pytest.raises(harness.KernelError, match=rf"{kernel}: a block of {bound + 32} threads exceeds the "
+                                                      rf"{bound} of its __launch_bounds__"):
+            function((1,), (bound + 32,), (ints(bound + 32),))
+
+
 @pytest.mark.parametrize("grid, block", [((3,), (5,)), ((2, 3), (4, 2)), ((2, 1, 2), (2, 2, 3))])
 def test_every_block_and_thread_runs_once_with_its_own_ids(kernels, grid, block):
     blocks, threads = int(np.prod(grid)), int(np.prod(block))

@@ -396,7 +396,8 @@ def test_nvrtc_and_the_cmake_fatbins_compile_with_the_same_flags():
 
 # ----------------------------------------------------------------------------- one GEMM kernel per NVRTC module
 
-_ENTRY = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(\w+)\s*\([^{]*\{\s*'
+_ENTRY = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(?:__gpubp_launch_bounds__\s*\([^()]*\)\s*)?'
+                    r'(\w+)\s*\([^{]*\{\s*'
                     r'(?:if\s*\(\s*!\s*::\s*gpubp\s*::\s*kernel_compiled\s*\(\s*"(\w*)"\s*\)\s*\)\s*return\s*;)?')
 
 

@@ -204,6 +204,41 @@ def test_the_tests_cover_every_extern_c_kernel(cpu_harness):
     assert shipped == launched_kernel_names()
 
 
+def test_every_kernel_has_the_launch_bounds_it_declares(cpu_harness):
+    """Every extern "C" kernel declares __launch_bounds__ (its block size, for register allocation),
+    and the harness refuses a larger block, as a GPU does: a bound the harness failed to read would
+    show here as the 1024 of a kernel without one."""
+    bounds = {}
+    for filename in cupy_backend.KERNEL_FILES:
+        module = cpu_harness.module(cupy_backend.kernel_source(filename), Path(filename).stem)
+        bounds |= {name: module.get_function(name).max_threads_per_block for name in module.kernel_names()}
+    unbounded = sorted(name for name, bound in bounds.items() if not 32 <= bound < 1024)
+    assert not unbounded, f"kernels with no __launch_bounds__ the harness could read: {unbounded}"
+
+
+def test_the_static_shared_memory_the_harness_fills_is_the_kernels_shared_memory(cpu_harness):
+    """The harness fills the kernel unit's zero-initialized statics with 0xff before every block,
+    as the kernels' __shared__ memory (cuda_on_cpu/static_shared.ld): a harness-side variable among
+    them (as kernels/one_kernel.cuh's was, until it moved to initialized data) would be clobbered.
+    Every __shared__ object in kernels/ is declared in a function: a function-local static."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not found on PATH")
+    found = 0
+    for filename in cupy_backend.KERNEL_FILES:
+        library = cpu_harness.module(cupy_backend.kernel_source(filename), Path(filename).stem).path
+        symbols = [line.split() for line in subprocess.run([nm, "--defined-only", "-S", str(library)],
+                                                           capture_output=True, text=True, check=True).stdout.splitlines()]
+        markers = {fields[-1]: int(fields[0], 16) for fields in symbols if fields[-1].startswith("gpubp_shared_")}
+        begin, end = markers["gpubp_shared_begin"], markers["gpubp_shared_end"]
+        # Objects only (address, size, type, name): the linker's own markers have no size.
+        inside = sorted(name for at, _, _, name in (f for f in symbols if len(f) == 4) if begin <= int(at, 16) < end)
+        others = [name for name in inside if not name.startswith("_ZZ")]
+        assert not others, f"{filename}: statics that are not a kernel's __shared__ memory would be filled: {others}"
+        found += len(inside)
+    assert found, "no shared memory found between gpubp_shared_begin and gpubp_shared_end in any kernel file"
+
+
 # ----------------------------------------------------------------------------- dense layer
 
 

@@ -22,7 +22,7 @@
 //   shared   static __shared__ variables, and the launch's dynamic shared buffer (its
 //            requested size). The header makes each __shared__ variable `static`, and shared
 //            memory takes no initializer, so they are the kernel unit's zero-initialized
-//            statics: profile_shared.ld gathers those (.bss of the kernel unit's object)
+//            statics: static_shared.ld gathers those (.bss of the kernel unit's object)
 //            between gpubp_shared_begin and gpubp_shared_end. (A __constant__ array without
 //            an initializer would be counted as shared; no kernel has one.)
 //   global   the launch's array arguments, [data, data + nbytes) each, and the arrays a
@@ -93,7 +93,7 @@
 #include <unordered_map>
 #include <vector>
 
-// Bounds of static shared memory, set by profile_shared.ld.
+// Bounds of static shared memory, set by static_shared.ld.
 extern "C" char gpubp_shared_begin[], gpubp_shared_end[];
 
 namespace gpubp_cpu {

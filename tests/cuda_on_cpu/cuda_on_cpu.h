@@ -21,6 +21,10 @@
 //     call with the same mask, a lane must name itself, and reading an absent lane is an error
 //     ("Warp Shuffle Functions", "Warp Vote Functions").
 //   - A block whose threads all wait with none able to proceed is reported as a deadlock.
+//   - A block larger than the kernel's __launch_bounds__ fails the launch, as a GPU refuses it.
+//   - Shared memory, static and dynamic, holds 0xff bytes at the start of every block: what a
+//     kernel reads before it writes is garbage, as on a GPU ("Shared Memory": its contents are
+//     undefined at a block's start), not a zero or the previous block's values.
 //
 // Limits (what a GPU run still has to show): timing; coalescing and bank conflicts beyond the
 // profile build's model of them (access_profiler.cpp); real warp scheduling (lanes here never
@@ -46,22 +50,30 @@
 
 // ------------------------------------------------------------------ qualifiers (Programming
 // Guide, "Function Execution Space Specifiers", "Variable Memory Space Specifiers")
-// harness.py preprocesses once with GPUBP_CPU_SCAN to find the extern "C" kernels by this marker.
+// harness.py preprocesses once with GPUBP_CPU_SCAN to find the extern "C" kernels by this marker,
+// and each one's __launch_bounds__ (its maximum block size, which a launch may not exceed: a GPU
+// refuses a larger block, so the runtime does too; see GPUBP_CPU_REGISTER).
 #ifdef GPUBP_CPU_SCAN
 #define __global__ __gpubp_kernel_marker__
+#define __launch_bounds__(...) __gpubp_launch_bounds__(__VA_ARGS__)
 #else
 #define __global__
+#define __launch_bounds__(...)
 #endif
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__ static
 // Static shared memory: one object per declaration, shared by every thread of the block;
-// blocks run one at a time, so that is one copy per block. `extern __shared__` (dynamic
-// shared memory) declares an array with no definition here: the harness defines the symbol
-// at link time as the launch's dynamic shared buffer, sized exactly to the launch's request.
+// blocks run one at a time, so that is one copy per block. The harness links these objects
+// (the kernel unit's zero-initialized statics: shared memory has no initializer) into one
+// section, static_shared.ld, and the runtime fills it with 0xff bytes before a launch and after
+// every block, as it does the dynamic shared memory: a kernel that reads shared memory before
+// it writes it reads NaN (-1 as an integer, true as a bool), never a zero or what the previous
+// block left, both of which a GPU leaves undefined. `extern __shared__` (dynamic shared
+// memory) is rewritten by the harness into a pointer to the launch's dynamic shared buffer,
+// sized exactly to the launch's request.
 #define __shared__ static
 // restrict is a hint to nvcc; g++ understands __restrict__ itself.
 
@@ -337,16 +349,24 @@ inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a),
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
 
 // ------------------------------------------------------------------ kernel registration
-// harness.py ends the unit that compiles a kernel source with one GPUBP_CPU_REGISTER(name) per
-// extern "C" kernel. It hands runtime.cpp's table the kernel's address, a function that calls
-// it with an array of pointers to its arguments, and its signature: one type code per
-// parameter, which harness.py checks each argument against. It lives here, not in the
-// runtime, so that a unit holding kernels needs only this header (harness.py compiles the
-// kernels and the runtime as separate units, see the top of runtime.cpp).
+// harness.py ends the unit that compiles a kernel source with one GPUBP_CPU_REGISTER(name,
+// bounds...) per extern "C" kernel, `bounds` being its __launch_bounds__ arguments as the source
+// spells them (none without). It hands runtime.cpp's table the kernel's address, a function that
+// calls it with an array of pointers to its arguments, its signature (one type code per
+// parameter, which harness.py checks each argument against) and its largest block. It runs as a
+// constructor, so that the kernel unit has no zero-initialized statics but its shared memory.
+// It lives here, not in the runtime, so that a unit holding kernels needs only this header
+// (harness.py compiles the kernels and the runtime as separate units, see the top of runtime.cpp).
 namespace gpubp_cpu {
 
 using Invoker = void (*)(void* fn, void** args);
-int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature);
+int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature, unsigned max_threads);
+
+// The block size a kernel may be launched with ("Launch Bounds": maxThreadsPerBlock, the first
+// argument; a kernel without __launch_bounds__ may use the device's 1024).
+constexpr unsigned max_block_threads() { return 1024; }
+template <class... MinBlocks>
+constexpr unsigned max_block_threads(unsigned max_threads, MinBlocks...) { return max_threads; }
 
 template <class T>
 constexpr const char* type_code() {
@@ -379,16 +399,22 @@ void invoke_with(void* fn, void** args, std::index_sequence<I...>) {
 }
 
 template <class... A>
-int register_kernel(const char* name, void (*fn)(A...)) {
+int register_kernel(const char* name, void (*fn)(A...), unsigned max_threads) {
     std::string sig;
     ((sig += (sig.empty() ? "" : ","), sig += arg_code<A>()), ...);
     return add_kernel(name, reinterpret_cast<void*>(fn),
-                      [](void* f, void** args) { invoke_with<A...>(f, args, std::index_sequence_for<A...>{}); }, sig);
+                      [](void* f, void** args) { invoke_with<A...>(f, args, std::index_sequence_for<A...>{}); }, sig,
+                      max_threads);
 }
 
 }  // namespace gpubp_cpu
 
-#define GPUBP_CPU_REGISTER(name) static const int gpubp_cpu_registered_##name = ::gpubp_cpu::register_kernel(#name, &name);
+#define GPUBP_CPU_REGISTER(name, ...)                                                                    \
+    __attribute__((constructor)) static void gpubp_cpu_register_##name() {                              \
+        static_assert(::gpubp_cpu::max_block_threads(__VA_ARGS__) >= 1 &&                                \
+                      ::gpubp_cpu::max_block_threads(__VA_ARGS__) <= 1024, "__launch_bounds__: 1 to 1024 threads"); \
+        ::gpubp_cpu::register_kernel(#name, &name, ::gpubp_cpu::max_block_threads(__VA_ARGS__));        \
+    }
 
 // ------------------------------------------------------------------ tensor cores (PTX ISA,
 // "Warp Level Matrix Multiply-Accumulate Instructions": mma.sync.aligned). kernels/mma.cuh is

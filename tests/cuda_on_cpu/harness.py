@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_on_cpu.h"
 RUNTIME = HERE / "runtime.cpp"
 PROFILER = HERE / "access_profiler.cpp"
-PROFILE_SHARED_SCRIPT = HERE / "profile_shared.ld"  # names the kernel unit's object KERNEL_OBJECT
+STATIC_SHARED_SCRIPT = HERE / "static_shared.ld"  # names the kernel unit's object KERNEL_OBJECT
 KERNEL_OBJECT = "kernel-unit.o"
 MODES = ("plain", "asan", "tsan", "profile")
 MODE_ENV = "GPUBP_HARNESS_MODE"
@@ -89,7 +89,11 @@ PROFILE_RUNTIME_FLAGS = ["-O2", "-fno-omit-frame-pointer"]
 _RUNTIME_LIB = {"asan": "libasan.so", "tsan": "libtsan.so"}
 _PROBE_SYMBOL = {"asan": "__asan_init", "tsan": "__tsan_init"}
 
-_KERNEL = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+(\w+)\s*\(')
+# A kernel in the GPUBP_CPU_SCAN preprocessing: its name, and the arguments of its __launch_bounds__
+# (which hold no parentheses in kernels/; a bound that did would not be found, and the unit's
+# compile would fail on the registration line below, naming it).
+_KERNEL = re.compile(r'extern\s+"C"\s+__gpubp_kernel_marker__\s+void\s+'
+                     r'(?:__gpubp_launch_bounds__\s*\(([^()]*)\)\s*)?(\w+)\s*\(')
 _ONLY_KERNEL = re.compile(r'-DGPUBP_ONLY_KERNEL="(\w*)"')
 _ONLY_ACTS = re.compile(r"-DGPUBP_ONLY_ACTS=(0x[0-9a-fA-F]+|[0-9]+)[uU]?")
 ALL_ACTS = 0xFFFFFFFF  # kernels/activations.cuh's mask with no -DGPUBP_ONLY_ACTS
@@ -322,6 +326,9 @@ class Kernel:
         self.module, self.name = module, name
         self.codes = signature.split(",") if signature else []
         self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SHARED
+        # CuPy's attribute of the same name: the largest block a launch may have, the kernel's
+        # __launch_bounds__ (1024 without); a larger block fails the launch, as on a GPU.
+        self.max_threads_per_block = int(module.lib.gpubp_cpu_max_threads(name.encode()))
 
     def __call__(self, grid, block, args, shared_mem: int = 0, order_seed: int | None = None,
                  only_kernel: bytes | None = None, only_acts: int = ALL_ACTS):
@@ -461,6 +468,7 @@ class Module:
         self.lib.gpubp_cpu_signature.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_kernel_name.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_launch.restype = ctypes.c_int
+        self.lib.gpubp_cpu_max_threads.restype = ctypes.c_uint
         if harness.mode == "profile":
             self.lib.gpubp_cpu_profile_end.restype = ctypes.c_char_p
         # kernels/one_kernel.cuh's, in a file whose GEMM kernels NVRTC builds one at a time
@@ -499,9 +507,10 @@ class Harness:
 
     def library_path(self, source: str, label: str) -> Path:
         key = hashlib.sha256()
-        recorder = PROFILER.read_text() + PROFILE_SHARED_SCRIPT.read_text() if self.mode == "profile" else ""
+        recorder = PROFILER.read_text() if self.mode == "profile" else ""
         for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(self.defines),
-                     " ".join(_runtime_flags(self.mode)), _toolchain_identity(), recorder, source):
+                     " ".join(_runtime_flags(self.mode)), _toolchain_identity(), recorder,
+                     STATIC_SHARED_SCRIPT.read_text(), source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -527,20 +536,21 @@ class Harness:
                                    str(unit)], capture_output=True, text=True)
             if scan.returncode != 0:
                 raise RuntimeError(f"preprocessing {label} failed:\n{scan.stderr[-4000:]}")
-            names = sorted(set(_KERNEL.findall(scan.stdout)))
+            kernels = {name: " ".join(bounds.split()) for bounds, name in _KERNEL.findall(scan.stdout)}
             with unit.open("a") as f:
-                f.writelines(f"GPUBP_CPU_REGISTER({n})\n" for n in names)
+                f.writelines(f"GPUBP_CPU_REGISTER({name}{', ' + bounds if bounds else ''})\n"
+                             for name, bounds in sorted(kernels.items()))
             # The kernel unit alone, linked to the mode's runtime object, compiled once (_runtime_object).
             kernel_object, built = work / KERNEL_OBJECT, work / path.name
             flags = [*COMMON_FLAGS, *MODE_FLAGS[self.mode], *self.defines]
-            link_flags, link_script, cwd = flags, [], None  # a sanitizer's flags also link its runtime
+            # a sanitizer's flags also link its runtime; the script gathers the kernel unit's shared memory
+            link_flags, link_script, cwd = flags, [f"-Wl,-T,{STATIC_SHARED_SCRIPT}"], None
             if self.mode == "profile":
                 # Compiled in `work`, mapped to ".": the kernel files' paths in the line tables are
                 # relative ("./gemm_tile.cuh"), the harness's and the system's headers absolute.
                 flags, cwd = [*flags, f"-fdebug-prefix-map={work}=."], work
-                # Linked without the instrumentation flags (no sanitizer runtime), with the script
-                # that gathers the kernel unit's shared memory.
-                link_flags, link_script = COMMON_FLAGS, [f"-Wl,-T,{PROFILE_SHARED_SCRIPT}"]
+                # Linked without the instrumentation flags (no sanitizer runtime).
+                link_flags = COMMON_FLAGS
             # The runtime, when it is not built yet, compiles meanwhile, on another core.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 runtime = pool.submit(_runtime_object, self.mode, self.defines)

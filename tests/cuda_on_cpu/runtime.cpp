@@ -78,6 +78,22 @@ static size_t dynamic_shared_bytes = 0;
 
 void* dynamic_shared() { return dynamic_shared_storage; }
 
+// The static shared memory of the kernel unit (every `__shared__` object of its kernels), which
+// static_shared.ld gathers between these two symbols. Filled with 0xff bytes, as the dynamic
+// shared memory is, before a launch and after each block, so that what a block reads before it
+// writes is no zero and nothing the previous block left. Written word by word through volatile
+// stores, uninstrumented: the sanitizers' redzones between the objects hold no data, and a
+// memset (intercepted) would report them.
+extern "C" char gpubp_shared_begin[], gpubp_shared_end[];
+
+__attribute__((no_sanitize("address", "thread", "undefined"))) void fill_static_shared() {
+    auto* p = reinterpret_cast<volatile uint64_t*>(gpubp_shared_begin);  // the section is 128-byte aligned
+    auto* const words_end = reinterpret_cast<volatile uint64_t*>(
+        gpubp_shared_begin + (gpubp_shared_end - gpubp_shared_begin) / 8 * 8);
+    for (; p < words_end; ++p) *p = ~uint64_t{0};
+    for (auto* b = reinterpret_cast<volatile char*>(p); b < gpubp_shared_end; ++b) *b = static_cast<char>(0xff);
+}
+
 struct Abort {};  // unwinds a kernel thread after the launch has failed
 
 namespace {
@@ -611,6 +627,7 @@ struct KernelEntry {
     void* fn;
     Invoker invoke;
     std::string signature;
+    unsigned max_threads;  // its __launch_bounds__, or 1024
 };
 
 std::map<std::string, KernelEntry>& registry() {
@@ -618,8 +635,8 @@ std::map<std::string, KernelEntry>& registry() {
     return kernels;
 }
 
-int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature) {
-    registry()[name] = KernelEntry{fn, invoke, signature};
+int add_kernel(const char* name, void* fn, Invoker invoke, const std::string& signature, unsigned max_threads) {
+    registry()[name] = KernelEntry{fn, invoke, signature, max_threads};
     return 0;
 }
 
@@ -682,6 +699,7 @@ void run_thread(Launch& L, Fiber& me) {
                     warp->exited = 0;
                 }
                 std::memset(dynamic_shared_storage, 0xff, dynamic_shared_bytes);
+                fill_static_shared();
             });
         }
     } catch (const Abort&) {
@@ -796,6 +814,13 @@ const char* gpubp_cpu_signature(const char* name) {
 
 int gpubp_cpu_kernel_count() { return static_cast<int>(gpubp_cpu::registry().size()); }
 
+// The largest block kernel `name` may be launched with (its __launch_bounds__, or 1024); 0 if
+// there is no such kernel.
+unsigned gpubp_cpu_max_threads(const char* name) {
+    auto it = gpubp_cpu::registry().find(name);
+    return it == gpubp_cpu::registry().end() ? 0 : it->second.max_threads;
+}
+
 const char* gpubp_cpu_kernel_name(int i) {
     auto it = gpubp_cpu::registry().begin();
     std::advance(it, i);
@@ -817,6 +842,10 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     const unsigned long long threads = 1ull * block[0] * block[1] * block[2];
     if (threads == 0 || threads > 1024 || block[2] > 64)
         return report("invalid block shape: at most 1024 threads and blockDim.z <= 64 (CUDA limits)");
+    if (threads > it->second.max_threads)
+        return report(std::string(name) + ": a block of " + std::to_string(threads) + " threads exceeds the " +
+                      std::to_string(it->second.max_threads) +
+                      " of its __launch_bounds__ (a GPU refuses the launch: too many resources requested)");
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 2147483647u || grid[1] > 65535 || grid[2] > 65535)
         return report("invalid grid shape (" + std::to_string(grid[0]) + ", " + std::to_string(grid[1]) + ", " +
                       std::to_string(grid[2]) + "): gridDim.x <= 2^31 - 1, gridDim.y and gridDim.z <= 65535");
@@ -847,6 +876,7 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
     dynamic_shared_bytes = shared_bytes;
     // The request is "uninitialized", as on a GPU; the rest is the canary checked below.
     std::memset(dynamic_shared_storage, 0xff, MAX_DYNAMIC_SHARED);
+    fill_static_shared();
     async_reset_launch();
     if (__asan_poison_memory_region)
         __asan_poison_memory_region(dynamic_shared_storage + shared_bytes, MAX_DYNAMIC_SHARED - shared_bytes);

@@ -41,6 +41,40 @@ extern "C" __global__ void reverse_through_shared(const float* in, float* out, i
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = buffer[n - 1 - i];
 }
 
+// Static shared memory holds no zeros and nothing a previous block left: one block's sum that
+// never zeroes its total, and a slot each block reads before it writes it.
+extern "C" __global__ void sum_without_zeroing(float* out) {
+    __shared__ float total;
+    atomicAdd(&total, 1.0f);
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = total;
+}
+
+extern "C" __global__ void read_before_write(int* out) {
+    __shared__ int slot;
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = slot;
+        slot = static_cast<int>(blockIdx.x);
+    }
+}
+
+// Kernels with launch bounds: a number, and a bound spelled with a template's commas and a
+// minimum blocks per multiprocessor, as kernels/ spell theirs.
+namespace selftest {
+template <int X, int Y>
+struct Shape {
+    static constexpr int THREADS = X * Y;
+};
+}  // namespace selftest
+
+extern "C" __global__ void __launch_bounds__(64) at_most_64(int* out) {
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
+extern "C" __global__ void __launch_bounds__(selftest::Shape<32, 4>::THREADS, 2) at_most_128(int* out) {
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
 extern "C" __global__ void block_ids(int* out) {
     const int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
