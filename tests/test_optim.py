@@ -269,6 +269,19 @@ def test_clip_grad_norm_refuses_a_bad_max_norm_naming_it(max_norm, error):
     np.testing.assert_array_equal(param.grad, [3.0, 4.0])
 
 
+def test_clip_grad_norm_takes_one_parameter_as_torch_takes_one_tensor():
+    param = Parameter(np.zeros(2))
+    param.grad = np.array([3.0, 4.0])
+    assert optim.clip_grad_norm(param, 1.0) == pytest.approx(5.0)
+    assert np.linalg.norm(param.grad) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("params, message", [(3, "got int"), ([np.zeros(2)], "expected Parameters, got ndarray")])
+def test_clip_grad_norm_refuses_what_is_not_parameters_naming_params(params, message):
+    with pytest.raises(TypeError, match=f"params: .*{message}"):
+        optim.clip_grad_norm(params, 1.0)
+
+
 def test_clip_grad_norm_ignores_frozen_parameters():
     trainable, frozen = Parameter(np.zeros(2)), Parameter(np.zeros(2), trainable=False)
     trainable.grad, frozen.grad = np.array([3.0, 4.0]), np.array([100.0, 100.0])

@@ -576,12 +576,22 @@ def _check_grad(param: Parameter, where: str) -> None:
 def clipped_parameters(params) -> list[Parameter]:
     """The parameters whose gradients ``clip_grad_norm`` clips: the trainable ones with a gradient
     (also what a captured step's clipping takes, gpubp.step)."""
-    params = params.parameters() if hasattr(params, "parameters") else params
+    if isinstance(params, Parameter):  # one parameter, as torch takes one tensor
+        params = [params]
+    elif hasattr(params, "parameters"):
+        params = params.parameters()
+    elif not isinstance(params, Iterable):
+        raise TypeError(f"params: expected a model, a Parameter or an iterable of them, got {type(params).__name__}")
+    params = list(params)
+    strays = [type(p).__name__ for p in params if not isinstance(p, Parameter)]
+    if strays:
+        raise TypeError(f"params: expected Parameters, got {strays[0]}")
     return [p for p in params if p.trainable and p.grad is not None]
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
-    """Scale the gradients of ``params`` in place so their global L2 norm is at most ``max_norm``.
+    """Scale the gradients of ``params`` (a model, one Parameter, or an iterable of them) in place
+    so their global L2 norm is at most ``max_norm``.
 
     Returns the norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does, and scales as
     it does (with its default ``error_if_nonfinite=False``): by ``max_norm / (norm + 1e-6)``
