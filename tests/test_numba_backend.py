@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -753,6 +754,21 @@ def test_array_helpers_round_trip(rng):
 def test_backend_reports_itself_available_here():
     assert nb.unavailable_reason() is None
     assert (nb.NAME, nb.DEVICE, nb.DTYPES) == ("numba", "cuda", (np.float32,))
+
+
+def test_a_gpu_without_libnvvm_reads_as_unavailable_naming_nvvm(monkeypatch):
+    """A driver without a toolkit's libNVVM runs kernels but compiles none: the backend says so
+    when asked, not at the first launch. (The GPU and numba-cuda's libNVVM probe faked.)"""
+    import numba.cuda.cudadrv
+
+    found = {"nvvm": False}
+    monkeypatch.setattr(nb, "SIMULATOR", False)
+    monkeypatch.setattr(nb.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(numba.cuda.cudadrv, "nvvm", types.SimpleNamespace(is_available=lambda: found["nvvm"]),
+                        raising=False)
+    assert "libNVVM" in nb.unavailable_reason()
+    found["nvvm"] = True
+    assert nb.unavailable_reason() is None
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -249,7 +249,7 @@ def unavailable_reason() -> str | None:
         if importlib.util.find_spec("numba_cuda") is None:
             return f"numba-cuda is not installed; {INSTALL_HINT}"
         if cuda.is_available():
-            return None
+            return None if SIMULATOR else _nvvm_missing()
         error = cuda.cuda_error()
     except Exception as exc:  # a broken CUDA install must read as "unavailable", not crash
         error = exc
@@ -258,6 +258,19 @@ def unavailable_reason() -> str | None:
         f"numba-cuda finds no usable CUDA GPU{detail} and the CUDA simulator is off; "
         "set NUMBA_ENABLE_CUDASIM=1 before importing numba to run these kernels on the CPU (slowly)"
     )
+
+
+def _nvvm_missing() -> str | None:
+    """Why numba-cuda cannot compile a kernel for the GPU it found, or None: it needs libNVVM from
+    a CUDA toolkit (a driver alone runs kernels, but compiles none), and would otherwise fail at the
+    first launch, deep inside its compiler."""
+    from numba.cuda.cudadrv import nvvm
+
+    if nvvm.is_available():
+        return None
+    return ("numba-cuda finds a CUDA GPU but not libNVVM, which it compiles kernels with: install the CUDA "
+            "toolkit's NVVM (the nvidia-cuda-nvcc wheel of your CUDA version, or a CUDA toolkit with "
+            "CUDA_HOME set)")
 
 
 # ----------------------------------------------------------------------------- array helpers
