@@ -462,10 +462,14 @@ def test_onnx_export_writes_no_node_for_a_dropout_and_runs_as_predict_in_onnxrun
 # ----------------------------------------------------------------------------- the torch bridge
 
 
-def test_the_torch_mlp_of_a_sequential_draws_its_masks_and_gives_its_gradients(rng):
+def test_the_torch_mlp_of_a_sequential_given_its_keys_applies_its_masks_and_gives_its_gradients(rng, monkeypatch):
+    """The MLP draws its keys from torch's stream (gpubp.torch._dropout_key); drawn from gpubp's, as
+    a Sequential draws them, they give the Sequential's masks, outputs and gradients."""
     torch = pytest.importorskip("torch")
+    import gpubp.torch
     from gpubp.torch import MLP
 
+    monkeypatch.setattr(gpubp.torch, "_dropout_key", lambda: philox.draw_key(_random.generator()))
     model = dropout_model("tanh", rate=0.3, first=0.2)
     mlp = MLP.from_sequential(model)
     assert mlp.input_dropout == 0.2 and [layer.dropout for layer in mlp.layers] == [0.3, None]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import activations, philox
+from gpubp import activations, io, philox
 from gpubp.backends import cupy_backend
 from gpubp.activations import ACTIVATIONS, NEEDS_Z
 from child_process import run_python
@@ -209,6 +209,7 @@ def test_on_a_backend_whose_dx_applies_the_act_below_the_grads_are_the_same_and_
     grads, plans = {}, {}
     for fold in (False, True):
         gb.seed(0)
+        torch.manual_seed(0)  # the dropout masks' keys
         mlp = MLP([7, 9, 8, 5], activation=activation, dropout=dropout)
         for i in frozen:
             mlp.layers[i].requires_grad_(False)
@@ -277,6 +278,20 @@ def test_a_frozen_weight_under_a_bias_that_trains_launches_no_dw_and_keeps_no_in
         assert (layer.weight.grad is None) == (i in frozen_weights)
 
 
+def test_a_second_derivative_raises_for_a_non_contiguous_input_too():
+    """The input the MLP copies to a contiguous one is still the one a second derivative reaches,
+    whether the MLP's layers train or not."""
+    for frozen in (False, True):
+        gb.seed(0)
+        mlp = MLP([7, 9, 5], activation="tanh").requires_grad_(not frozen)
+        base = random_input(7, 6).detach().requires_grad_(True)
+        x = base.t()
+        assert not x.is_contiguous()
+        (grad_x,) = torch.autograd.grad(mlp(x).sum(), base, create_graph=True)
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            torch.autograd.grad(grad_x.pow(2).sum() + base.pow(2).sum(), base)
+
+
 # ----------------------------------------------------------------------------- torch integration
 
 
@@ -289,6 +304,43 @@ def test_state_dict_round_trip_uses_gpubp_layout_and_restores_outputs(mlp, tmp_p
     assert tuple(other.state_dict()["layers.0.weight"].shape) == (7, 9)
     x = random_input(requires_grad=False)
     torch.testing.assert_close(other(x), mlp(x), rtol=0, atol=0)
+
+
+def test_a_state_dict_saved_through_torch_save_keeps_its_layout_mark(mlp, tmp_path):
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pt")
+    assert io.TORCH_MLP_LAYOUT in torch.load(tmp_path / "mlp.pt")._metadata[""]
+
+
+@pytest.mark.parametrize("widths", [[6, 6, 6], [7, 9, 5]])
+def test_load_state_dict_refuses_another_modules_linear_weights(widths):
+    """nn.Linear's (out, in) weights at the MLP's keys: transposed where square, so refused, with the
+    MLP unchanged; a plain dict of (in, out) tensors, which names no module, loads."""
+
+    class Linears(torch.nn.Module):  # the same keys as the MLP's: layers.0.weight, ...
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    gb.seed(0)
+    mlp = MLP(widths, activation="tanh")
+    before = {name: tensor.clone() for name, tensor in mlp.state_dict().items()}
+    foreign = Linears().state_dict()
+    with pytest.raises(RuntimeError, match="another torch module's.*from_torch"):
+        mlp.load_state_dict(foreign)
+    for name, tensor in mlp.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    plain = {name: tensor.t().contiguous() if name.endswith("weight") else tensor for name, tensor in foreign.items()}
+    mlp.load_state_dict(plain)
+    torch.testing.assert_close(mlp.layers[0].weight, foreign["layers.0.weight"].t(), rtol=0, atol=0)
+
+
+def test_an_mlp_inside_another_module_loads_its_own_state():
+    gb.seed(0)
+    outer = torch.nn.Sequential(torch.nn.Identity(), MLP([4, 5, 3]))
+    gb.seed(1)
+    twin = torch.nn.Sequential(torch.nn.Identity(), MLP([4, 5, 3]))
+    twin.load_state_dict(outer.state_dict())
+    torch.testing.assert_close(twin[1].layers[0].weight, outer[1].layers[0].weight, rtol=0, atol=0)
 
 
 def test_optimizer_step_matches_plain_torch_step(mlp):
@@ -339,6 +391,53 @@ def test_non_contiguous_input_is_copied_and_gives_the_contiguous_result(mlp):
     x = random_input(7, 6, requires_grad=False).t()
     assert not x.is_contiguous()
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
+
+
+def test_dropout_keys_come_from_torchs_stream():
+    """torch.manual_seed decides the MLP's masks, as nn.Dropout's; gpubp's stream does not."""
+    gb.seed(0)
+    mlp = MLP([7, 16, 5], dropout=0.5)
+    x = random_input(requires_grad=False)
+    outs = []
+    for torch_seed, gpubp_seed in [(3, 0), (3, 1), (4, 0)]:
+        torch.manual_seed(torch_seed)
+        gb.seed(gpubp_seed)
+        outs.append(mlp(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in backward with torch's random state as it
+    was: the same masks, so the same gradients as without checkpointing, and the masks of the
+    forwards after it are those they would have been."""
+    gb.seed(0)
+    mlp = MLP([7, 16, 16, 5], dropout=0.5, input_dropout=0.2)
+    x = random_input()
+    runs = []
+    for checkpointed in (False, True):
+        torch.manual_seed(11)
+        mlp.zero_grad()
+        x.grad = None
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(mlp, x, use_reentrant=use_reentrant)
+        else:
+            out = mlp(x)
+        out.pow(2).sum().backward()
+        runs.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in mlp.parameters()], mlp(x).detach()))
+    (out, dx, grads, after), (out_c, dx_c, grads_c, after_c) = runs
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
+    torch.testing.assert_close(dx_c, dx, rtol=0, atol=0)
+    for got, want in zip(grads_c, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(after_c, after, rtol=0, atol=0)  # the next forward's masks
+
+
+def test_torch_compile_with_fullgraph_says_why_the_mlp_breaks_the_graph(mlp):
+    compiled = torch.compile(mlp, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="runs gpubp's kernels eagerly"):
+        compiled(random_input(requires_grad=False))
 
 
 def test_under_torch_compile_the_mlp_runs_gpubp_kernels_in_a_graph_break(mlp):
@@ -448,8 +547,22 @@ def test_from_torch_computes_what_the_torch_sequential_computes():
     torch.testing.assert_close(mlp(x), module(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_softmax_head_converts_to_torch_and_back():
+    """gpubp.gradcheck.to_torch writes a softmax head as nn.Softmax(dim=1); from_torch reads it."""
+    from gpubp.gradcheck import to_torch
+
+    gb.seed(5)
+    model = gb.Sequential([gb.Dense(4, 6, "tanh"), gb.Dense(6, 3, "softmax")], dtype=np.float64)
+    mlp = from_torch(to_torch(model))
+    assert [layer.activation for layer in mlp.layers] == ["tanh", "softmax"]
+    x = random_input(5, 4, torch.float64, requires_grad=False)
+    np.testing.assert_allclose(mlp(x).detach().numpy(), model.predict(x.numpy()), rtol=1e-12)
+
+
 @pytest.mark.parametrize("module, match", [
-    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1)), r"module\[1\].*not supported"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=0)), r"module\[1\].*not supported"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Softmax(dim=1), torch.nn.Linear(2, 2)),
+     "runs on the output layer only"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LeakyReLU(0.2)), r"module\[1\].*not supported"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False)), "without a bias"),
     (lambda: torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2)), "must directly follow an nn.Linear"),
