@@ -16,15 +16,18 @@ gpubp's CPU backends compute it as fp32. The batch axis is named
 runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5``,
 gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` and silu as
 ``x * Sigmoid(x)``, each node for node as PyTorch's exporter writes them (the gelus before
-opset 20). Reading, the gelus' formulas are also taken in the other order PyTorch's dynamo
+opset 20). leaky_relu is a ``LeakyRelu`` in a float32 model, and ``Max(x, Mul(x, 0.01))`` with
+0.01 a double constant in a float64 one: ``LeakyRelu``'s ``alpha`` is a float attribute, which holds
+the slope rounded to float32, and that Max is ``x if x > 0 else 0.01 x`` for every x, -0.0, inf and
+NaN included. Reading, the gelus' formulas are also taken in the other order PyTorch's dynamo
 exporter writes them below opset 20 (the half taken before the last product, ``x^3`` as a
 ``Pow``).
 
 ``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
 ``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
-the formulas above, ``Softmax`` over the last axis at the end; ``Identity`` and
-inference ``Dropout`` pass through). A file whose every linear layer casts its input to bfloat16
+the formulas above (leaky_relu's Max among them), ``Softmax`` over the last axis at the end;
+``Identity`` and inference ``Dropout`` pass through). A file whose every linear layer casts its input to bfloat16
 and back, as above, and holds bfloat16 values as weights is a bf16 model. As for gpubp's other
 formats the whole file is checked before anything is built: weights kept outside the file, tensors
 whose data does not match their shape, NaN or inf weights, mixed or non-float types, unused
@@ -97,7 +100,11 @@ READ_ALSO = {
                    ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"), ("Add", 1.0, "prev"),
                    ("Mul", 0.5, "prev"), ("Mul", "x", "prev")),),
 }
-COMMUTATIVE = ("Add", "Mul")
+# Activations written as a formula in float64 models only, where the one operator would round a constant
+# to float32: LeakyRelu's alpha is a FLOAT attribute. Max(x, 0.01 x) is leaky_relu exactly for any slope
+# in (0, 1): 0.01 x > x for x < 0, <= x otherwise, both sides equal at +-0.0 and +-inf, both NaN for NaN.
+FLOAT64_FORMULAS = {"leaky_relu": (("Mul", "x", activations.LEAKY_SLOPE), ("Max", "x", "prev"))}
+COMMUTATIVE = ("Add", "Mul", "Max")
 # Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
 _NUMBER_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT16,
                  TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
@@ -160,11 +167,12 @@ def _cast_nodes(x: str, types: tuple[int, ...], prefix: str, nodes: list) -> str
 
 def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, constants: dict) -> list:
     """The nodes computing ``y = act(x)``; scalar constants go into ``constants``, shared by name."""
-    if act in SINGLE_OPS:
+    steps = FLOAT64_FORMULAS.get(act) if dtype == np.float64 else None
+    if steps is None and act in SINGLE_OPS:
         op, attributes = SINGLE_OPS[act]
         return [helper.make_node(op, [x], [y], name=prefix, **attributes)]
     nodes, prev = [], x
-    steps = FORMULAS[act]
+    steps = steps or FORMULAS[act]
     for k, (op, *operands) in enumerate(steps):
         inputs = []
         for operand in operands:
@@ -422,11 +430,12 @@ class _Graph:
         node = self.nodes[position]
         if node.input[0] != current and not (node.op_type in COMMUTATIVE and current in node.input):
             raise self._error(node, f"reads {list(node.input)}, not the tensor the step before wrote ({current!r})")
-        for act, steps in FORMULAS.items():  # first: silu's formula starts with a Sigmoid
-            for chain in (steps, *READ_ALSO.get(act, ())):
-                output = self._formula(position, current, chain)
-                if output is not None:
-                    return act, output, position + len(chain)
+        # the formulas before the single operators: silu's starts with a Sigmoid
+        formulas = [(act, chain) for act, steps in FORMULAS.items() for chain in (steps, *READ_ALSO.get(act, ()))]
+        for act, chain in formulas + list(FLOAT64_FORMULAS.items()):
+            output = self._formula(position, current, chain)
+            if output is not None:
+                return act, output, position + len(chain)
         single = {op: act for act, (op, _) in SINGLE_OPS.items()}
         if node.op_type in single and len(node.input) == 1:
             act = single[node.op_type]
@@ -445,8 +454,9 @@ class _Graph:
                 raise self._error(node, f"approximate={approximate!r}, expected 'none' or 'tanh'")
             return ("gelu" if approximate == "none" else "gelu_tanh"), node.output[0], position + 1
         raise self._error(node, "not a linear layer or an activation gpubp can represent (Gemm, MatMul with Add, "
-                                "Relu, LeakyRelu, Sigmoid, Tanh, Gelu or its formulas, x * Sigmoid(x), Softmax, "
-                                "Identity, Dropout, a Cast to bfloat16 and back before a linear layer)")
+                                "Relu, LeakyRelu or Max(x, 0.01 x), Sigmoid, Tanh, Gelu or its formulas, "
+                                "x * Sigmoid(x), Softmax, Identity, Dropout, a Cast to bfloat16 and back before a "
+                                "linear layer)")
 
     def _formula(self, position: int, x: str, steps) -> str | None:
         """The output of ``steps`` applied to ``x`` when the nodes from ``position`` on are those steps, else None."""

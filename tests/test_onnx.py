@@ -85,6 +85,37 @@ def test_float64_models_run_in_double(tmp_path, hidden, precision):
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
+def test_a_float64_leaky_relu_keeps_its_slope_in_double(tmp_path):
+    """LeakyRelu's alpha is a float attribute, which holds 0.01 rounded to float32 (-9999.999776 for -1e6):
+    a float64 model's leaky_relu is Max(x, Mul(x, 0.01)) with 0.01 a double, which onnxruntime computes as
+    predict does, -0.0, inf and NaN included, and which loads back; a float32 model's is still a LeakyRelu."""
+    unit = gb.Sequential([gb.Dense(1, 1, "leaky_relu", dtype=np.float64)], device="cpu", backend="numpy")
+    unit.set_weights([np.ones((1, 1)), np.zeros(1)])
+    path = tmp_path / "unit.onnx"
+    unit.save(path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node] == ["Gemm", "Mul", "Max"]
+    (slope,) = [t for t in proto.graph.initializer if t.name not in ("layers.0.weight", "layers.0.bias")]
+    assert slope.data_type == TensorProto.DOUBLE and numpy_helper.to_array(slope) == activations.LEAKY_SLOPE
+    x = np.array([[-1e6], [-1.0], [-1e-320], [-5e-324], [-0.0], [0.0], [3.0], [1e300], [-1e300], [np.inf],
+                  [-np.inf], [np.nan]])
+    expected = unit.predict(x)
+    assert expected[0, 0] == -1e4
+    for found in (run_onnxruntime(path, x), gb.load(path, device="cpu").predict(x)):
+        np.testing.assert_array_equal(found, expected)
+        np.testing.assert_array_equal(np.signbit(found), np.signbit(expected))
+    for precision in ("fp32", "bf16"):
+        model = model_with("leaky_relu", "identity", dtype=np.float64, precision=precision)
+        model.save(tmp_path / "m.onnx")
+        x = np.random.default_rng(5).normal(0, 1e6, (33, model.in_features))
+        expected = model.predict(x)
+        np.testing.assert_allclose(run_onnxruntime(tmp_path / "m.onnx", x), expected, rtol=1e-14,
+                                   atol=1e-14 * np.abs(expected).max(), err_msg=precision)
+        assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
+    assert "LeakyRelu" in [n.op_type for n in gpubp_onnx.model_proto(model_with("leaky_relu", "identity")).graph.node]
+
+
 def test_a_float64_gelu_model_loads_back(tmp_path):
     model = model_with("gelu", "sigmoid", dtype=np.float64)
     model.save(tmp_path / "m.onnx")
@@ -354,6 +385,13 @@ def test_a_formula_with_another_constant_is_no_gelu(tmp_path):
     proto = gpubp_onnx.model_proto(model_with("gelu_tanh", "identity"))
     constant = initializer(proto, f"constant.{activations.GELU_TANH_A!r}")
     constant.CopyFrom(numpy_helper.from_array(np.array(0.05, np.float32), constant.name))
+    expect_rejected(written(tmp_path, proto), "not a linear layer or an activation gpubp can represent")
+
+
+def test_a_max_formula_with_another_slope_is_no_leaky_relu(tmp_path):
+    proto = gpubp_onnx.model_proto(model_with("leaky_relu", "identity", dtype=np.float64))
+    constant = initializer(proto, f"constant.{activations.LEAKY_SLOPE!r}")
+    constant.CopyFrom(numpy_helper.from_array(np.array(0.2), constant.name))
     expect_rejected(written(tmp_path, proto), "not a linear layer or an activation gpubp can represent")
 
 
