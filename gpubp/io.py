@@ -20,10 +20,13 @@ True
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -44,6 +47,19 @@ MODEL_SUFFIXES = SUFFIXES + (".onnx",)  # a model alone (gb.load) may also be an
 WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A checkpoint's header section; it lists the tensors it adds beside the model's.
 CHECKPOINT_KEY = "checkpoint"
+
+NPZ_UNREADABLE = "not a readable .npz archive, truncated or corrupt"
+# A zip archive starts with its first entry's local header, or, empty, with its end record.
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+# How np.savez and np.savez_compressed store entries; other methods are refused rather than
+# handed to more decompressors (bzip2, lzma) and their own errors.
+NPZ_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# What NumPy's .npy header parser raises, besides ValueError, on a damaged or forged header: it
+# evaluates the header with ast.literal_eval, retries one that is no Python literal after passing it
+# through tokenize (tokenize.TokenError), and builds a dtype from whatever literal it finds.
+NPY_HEADER_ERRORS = (SyntaxError, tokenize.TokenError, TypeError, KeyError, IndexError, OverflowError,
+                     MemoryError, RecursionError)
 
 
 def _suffix(path) -> str:
@@ -217,7 +233,7 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # zlib: a compressed entry's data is damaged
-        raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({exc})") from None
+        raise ValueError(f"{path}: {NPZ_UNREADABLE} ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     try:
@@ -230,24 +246,82 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _read_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError("not an .npz archive")
-    with data:
-        if "__architecture__" not in data.files:
+    """The ``__architecture__`` text and the other arrays of an .npz archive, read without np.load.
+
+    np.load parses an entry's .npy header from the entry's first bytes, before zipfile reaches the
+    CRC at the entry's end, and allocates the array the header describes before reading its data:
+    a damaged header byte escaped as a tokenize or syntax error, a forged shape as a MemoryError.
+    Here every entry is read whole first (zipfile checks its CRC) and its header is checked against
+    the bytes actually present before any array is allocated (:func:`_npz_entry`).
+    """
+    with open(path, "rb") as f:
+        start = f.read(len(ZIP_SIGNATURES[0]))
+    if len(start) < len(ZIP_SIGNATURES[0]):
+        raise EOFError(f"the file holds {len(start)} bytes, too few for a zip archive")
+    if start not in ZIP_SIGNATURES:  # as np.load: a zip archive starts with a zip signature
+        raise ValueError("not an .npz archive (it does not start with a zip signature)")
+    with zipfile.ZipFile(path) as archive:
+        entries = {}
+        for info in archive.infolist():
+            key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename  # as np.load
+            if key in entries:  # two entries under one name: which one is the file's is anybody's guess
+                raise ValueError(f"entry {key!r} appears twice in the archive")
+            entries[key] = info
+        if "__architecture__" not in entries:
             raise ValueError("not a gpubp model file (no '__architecture__' entry)")
-        return (str(_npz_entry(data, "__architecture__")),
-                {k: _npz_entry(data, k) for k in data.files if k != "__architecture__"})
+        return (str(_npz_entry(archive, "__architecture__", entries["__architecture__"])),
+                {key: _npz_entry(archive, key, info) for key, info in entries.items() if key != "__architecture__"})
 
 
-def _npz_entry(data, key: str) -> np.ndarray:
+def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> np.ndarray:
+    """The array an .npz entry holds, as np.load(allow_pickle=False) would return it (never unpickled).
+
+    The entry's bytes are read whole, so zipfile checks its CRC before its header is parsed, in
+    memory; the header's shape times its itemsize must then be exactly the bytes after the header,
+    checked before the array is allocated. Any failure is a ValueError naming the entry.
+    """
+    if info.flag_bits & 0x1:
+        raise ValueError(f"entry {key!r}: encrypted, which no .npz archive is")
+    if info.compress_type not in NPZ_COMPRESSIONS:
+        raise ValueError(f"entry {key!r}: zip compression method {info.compress_type}, expected stored (0) or "
+                         "deflated (8), the ones NumPy writes")
     try:
-        value = data[key]
-    except (ValueError, EOFError) as exc:
-        raise ValueError(f"entry {key!r}: {exc}") from None
-    if not isinstance(value, np.ndarray):  # NumPy returns an entry without the .npy magic as raw bytes
+        raw = archive.read(info)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{NPZ_UNREADABLE} ({exc}; in entry {key!r})") from None
+    if not raw.startswith(np.lib.format.MAGIC_PREFIX):  # np.load returns such an entry as raw bytes
         raise ValueError(f"entry {key!r}: not a .npy array")
-    return value
+    buffer = io.BytesIO(raw)
+    try:
+        major, minor = np.lib.format.read_magic(buffer)
+        if (major, minor) not in NPY_HEADER_READERS:  # 3.0 only for dtypes with non-Latin-1 field names
+            raise ValueError(f".npy format version {major}.{minor}, expected 1.0 or 2.0")
+        shape, fortran_order, dtype = NPY_HEADER_READERS[major, minor](buffer)
+    except ValueError as exc:
+        raise ValueError(f"entry {key!r}: {exc}") from None
+    except NPY_HEADER_ERRORS as exc:
+        raise ValueError(f"entry {key!r}: the .npy header is not a valid header dictionary "
+                         f"({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"entry {key!r}: Object arrays cannot be loaded when allow_pickle=False")
+    if not dtype.itemsize:  # its shape is unbounded by the data, and copies or str() widen it to 1 byte an item
+        raise ValueError(f"entry {key!r}: the zero-width dtype {dtype}, which no gpubp tensor has")
+    if not all(type(n) is int and n >= 0 for n in shape):  # NumPy's own check lets bools and negatives by
+        raise ValueError(f"entry {key!r}: the header's shape {shape} is not a tuple of ints >= 0")
+    count = math.prod(shape)
+    offset = buffer.tell()
+    needed, present = count * dtype.itemsize, len(raw) - offset
+    if present < needed:
+        raise ValueError(f"entry {key!r}: EOF: reading array data, expected {needed} bytes got {present} "
+                         f"(the header's shape {shape} of {dtype})")
+    if present > needed:
+        raise ValueError(f"entry {key!r}: {present - needed} bytes after the array data (the header's shape "
+                         f"{shape} of {dtype} needs {needed} bytes, the entry holds {present})")
+    try:
+        flat = np.frombuffer(raw, dtype, count, offset)
+        return flat.reshape(shape, order="F" if fortran_order else "C").copy(order="K")  # writable, not a view
+    except (ValueError, TypeError) as exc:  # e.g. a subarray dtype, whose arrays have more axes than the shape
+        raise ValueError(f"entry {key!r}: no array of shape {shape} and dtype {dtype} ({exc})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:

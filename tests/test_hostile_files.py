@@ -260,6 +260,38 @@ def rewrite_npz_entry(path, name, mutate):
             archive.writestr(entry, raw)
 
 
+def npy_header_replaced(old, new):
+    """A mutation for :func:`rewrite_npz_entry`: ``old`` replaced by ``new`` in a (version 1.0) .npy
+    header, the header's length field and padding made to match, the data left as it was."""
+    def mutate(raw):
+        length = int.from_bytes(raw[8:10], "little")
+        text = raw[10:10 + length].rstrip().replace(old, new)
+        text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+        return raw[:8] + len(text).to_bytes(2, "little") + text + raw[10 + length:]
+    return mutate
+
+
+def entry_data_start(path, name):
+    """Where the stored bytes of the archive's entry ``name`` start in the file: after its local
+    header (30 bytes, then the name and the extra field)."""
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(name).header_offset
+    blob = path.read_bytes()
+    return offset + 30 + int.from_bytes(blob[offset + 26:offset + 28], "little") + \
+        int.from_bytes(blob[offset + 28:offset + 30], "little")
+
+
+def damage_npz_entry_in_place(path, name, mutate):
+    """Apply ``mutate`` to the stored entry ``name``'s .npy header, same length, leaving its CRC stale."""
+    blob = bytearray(path.read_bytes())
+    start = entry_data_start(path, name) + 10  # the header follows the magic, the version and its length
+    header = bytes(blob[start:start + int.from_bytes(blob[start - 2:start], "little")])
+    damaged = mutate(header)
+    assert len(damaged) == len(header) and damaged != header
+    blob[start:start + len(header)] = damaged
+    path.write_bytes(bytes(blob))
+
+
 def test_an_npz_entry_that_is_not_an_npy_array(tmp_path, loader):
     """NumPy hands back the raw bytes of an entry without the .npy magic, not an array."""
     path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
@@ -273,15 +305,63 @@ def test_a_compressed_npz_entry_whose_data_is_damaged(tmp_path, loader):
     path = tmp_path / "compressed.npz"
     np.savez_compressed(path, __architecture__=np.array(json.dumps(header)), **tensors)
     assert loader(path) is not None
-    with zipfile.ZipFile(path) as archive:
-        entry = archive.getinfo("layers.0.weight.npy")
+    start = entry_data_start(path, "layers.0.weight.npy")
     blob = bytearray(path.read_bytes())
-    name_and_extra = int.from_bytes(blob[entry.header_offset + 26:entry.header_offset + 28], "little") + \
-        int.from_bytes(blob[entry.header_offset + 28:entry.header_offset + 30], "little")
-    start = entry.header_offset + 30 + name_and_extra  # the local header is 30 bytes, then name and extra field
     blob[start:start + 16] = bytes(range(16))
     path.write_bytes(bytes(blob))
     expect_rejected(loader, path, r"not a readable .npz archive, truncated or corrupt \(Error -3")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda header: b"\xb7" + header[1:],  # the '{' opening the header dict: a tokenize error in NumPy's parser
+    lambda header: header.replace(b"'shape': ()", b"'shape': (100000000000,)")[:len(header) - 1] + b"\n",
+], ids=["a damaged byte", "a forged huge shape"])
+def test_a_damaged_npy_header_in_an_entry_longer_than_zipfiles_first_read(tmp_path, loader, damage):
+    """np.load parsed an entry's header from zipfile's first read, before the CRC at the entry's
+    end was checked: the damage escaped as tokenize.TokenError or MemoryError. Read whole first,
+    the entry fails its CRC check."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo("__architecture__.npy").file_size > zipfile.ZipExtFile.MIN_READ_SIZE
+    damage_npz_entry_in_place(path, "__architecture__.npy", damage)
+    expect_rejected(loader, path, r"not a readable .npz archive, truncated or corrupt \(Bad CRC-32 for file "
+                                  r"'__architecture__.npy'; in entry '__architecture__'\)")
+
+
+@pytest.mark.parametrize("entry", ["__architecture__.npy", "layers.0.weight.npy"])
+@pytest.mark.parametrize("old, new, error", [
+    (b"{", b"\xb7", "TokenError"),  # no Python literal: NumPy re-tokenizes it, which fails
+    (b"'descr': '<", b"'descr': '<,", "SyntaxError"),  # a descr that numpy.dtype parses as Python, and fails
+    (b"'fortran_order'", b"b'fortran_order'", "TypeError"),  # NumPy sorts the keys to report them
+], ids=["tokenize", "syntax", "type"])
+def test_an_npy_header_that_numpys_parser_fails_on(tmp_path, loader, entry, old, new, error):
+    """Damage that passes the CRC check (the entry rewritten with its CRC fixed up)."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    rewrite_npz_entry(path, entry, npy_header_replaced(old, new))
+    expect_rejected(loader, path, f"entry '{entry[:-4]}': the .npy header is not a valid header dictionary "
+                                  rf"\({error}: ")
+
+
+@pytest.mark.parametrize("shape, problem", [
+    (b"(100000000000000000,)", r"EOF: reading array data, expected 400000000000000000 bytes got 96"),
+    (b"(4000000000000000000000000, 6)", r"EOF: reading array data, expected 96000000000000000000000000 bytes "
+                                        r"got 96"),  # more elements than an int64 counts
+    (b"(4, 6, True)", r"the header's shape \(4, 6, True\) is not a tuple of ints >= 0"),
+], ids=["huge", "beyond int64", "a bool"])
+def test_npy_header_shapes_that_are_checked_before_allocating(tmp_path, loader, shape, problem):
+    """np.load allocated what the header's shape asked for before reading the data (a MemoryError)
+    or failed on the count (OverflowError, TypeError); the shape is checked against the bytes first."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    rewrite_npz_entry(path, "layers.0.weight.npy", npy_header_replaced(b"(4, 6)", shape))
+    expect_rejected(loader, path, "entry 'layers.0.weight': " + problem)
+
+
+def test_an_npy_entry_with_bytes_after_its_array_data(tmp_path, loader):
+    """np.load ignored them; the header's shape must account for every byte of the entry."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    rewrite_npz_entry(path, "layers.0.weight.npy", lambda raw: raw + bytes(4))
+    expect_rejected(loader, path, r"entry 'layers.0.weight': 4 bytes after the array data \(the header's shape "
+                                  r"\(4, 6\) of float32 needs 96 bytes, the entry holds 100\)")
 
 
 @pytest.mark.parametrize("forge", [
