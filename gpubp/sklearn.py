@@ -142,8 +142,16 @@ class _BaseMLP(BaseEstimator):
         the task's), the model the current ``precision``, and the Dropouts the current
         ``dropout``. Turning dropout on or off (from or to 0) builds a new ``model_`` around the
         same Dense layers, their weights and frozen flags kept; a changed rate is set in place.
-        Every parameter and input is checked before anything fitted changes, so a call that
-        raises leaves the estimator as it was.
+        A changed ``early_stopping`` starts this fit's records of its criterion afresh
+        (``validation_scores_`` and ``best_validation_score_``, or ``best_loss_``). The model's
+        shape is the fitted one's: a changed ``hidden_layer_sizes``, or ``MLPRegressor``'s
+        ``loss`` where it changes the output (the mean, or its log for ``"poisson"``), is a
+        ValueError naming it, as a new model needs ``warm_start=False``.
+        Every parameter and input is checked before anything fitted changes, and what training
+        changed is put back if it raises (a loss that overflows raises FloatingPointError), so
+        a call that raises leaves the estimator as it was, unfitted if it was. The
+        ConvergenceWarning for a fit that ran all ``max_iter`` epochs comes after the fit, as
+        scikit-learn's does: made an error by a warnings filter, it leaves the fit done.
         """
         return self._fit(X, y, sample_weight, incremental=False)
 
@@ -153,8 +161,10 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("early_stopping=True: partial_fit trains one epoch on the batch it is given and holds "
                              "nothing out; use fit, or early_stopping=False")
         first = not hasattr(self, "model_") or not (self.warm_start or incremental)
-        # Checks, and the model to train, come before anything fitted changes: a call that
-        # raises leaves the estimator as it was.
+        if not first:
+            self._check_warm(hidden)
+        # Checks come before anything fitted changes, and what training changes is put back if
+        # it raises: a call that raises leaves the estimator as it was.
         X, y, features = self._validate(X, y, reset=first)
         X = X.toarray() if sparse.issparse(X) else X
         targets, n_outputs, labels = self._targets(y, first, classes)
@@ -171,21 +181,69 @@ class _BaseMLP(BaseEstimator):
             X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
         if weights is not None and not weights.mean() > 0:
             raise ValueError("sample_weight: every training sample's weight is zero, so nothing would train")
-        with _random.using(rng):
-            model = self._new_model(X, n_outputs, hidden, self._head(labels)) if first else self._warm_model()
-            if features is not None:
-                vars(self).pop("feature_names_in_", None)  # a fit on unnamed columns forgets the names
-                vars(self).update(features)
-            if labels is not None:
-                self._label_binarizer, self.classes_ = labels, labels.classes_
-            self._rng, self.model_ = rng, model
-            if first:
-                self._initialize(n_outputs, hidden)
-            if not incremental or not hasattr(self, "_optimizer"):
-                self._optimizer = self._new_optimizer(self.model_)
-                self._learning_rate = self.learning_rate_init
-            self._train(X, targets, weights, validation, incremental)
+        reuses_optimizer = incremental and hasattr(self, "_optimizer")
+        saved = self._snapshot(warm=not first, optimizer=reuses_optimizer)
+        try:
+            with _random.using(rng):
+                model = self._new_model(X, n_outputs, hidden, self._head(labels)) if first else self._warm_model()
+                if features is not None:
+                    vars(self).pop("feature_names_in_", None)  # a fit on unnamed columns forgets the names
+                    vars(self).update(features)
+                if labels is not None:
+                    self._label_binarizer, self.classes_ = labels, labels.classes_
+                self._rng, self.model_ = rng, model
+                if first:
+                    self._initialize(n_outputs, hidden)
+                elif self.early_stopping != (self.validation_scores_ is not None):
+                    self._stopping_records()  # the criterion changed: its records start with this fit
+                if not reuses_optimizer:
+                    self._optimizer = self._new_optimizer(self.model_)
+                    self._learning_rate = self.learning_rate_init
+                stopped = self._train(X, targets, weights, validation, incremental)
+        except Exception:
+            self._restore(saved)
+            raise
+        if not incremental and not stopped:
+            what = "validation score" if validation else "training loss"
+            warnings.warn(f"max_iter: all {self.max_iter} epochs ran and the {what} was still improving by more "
+                          f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=3)
         return self
+
+    def _snapshot(self, warm: bool, optimizer: bool) -> tuple:
+        """What a fit or partial_fit may change, for ``_restore`` to put back if it raises: the
+        attributes (references, and the contents of the lists that epochs append to); on a warm
+        call (``warm``) also what training changes in place: the attributes of ``model_`` and of
+        its layers (activations, dropout rates, precision, what ``Sequential.fit`` records), host
+        copies of the weights, and (``optimizer``: partial_fit steps the fitted optimizer on) the
+        optimizer's state. A fit from scratch builds a new model and optimizer, so copies nothing."""
+        attributes = dict(vars(self))
+        lists = [(value, list(value)) for value in attributes.values() if isinstance(value, list)]
+        in_place = None
+        if warm:
+            model = self.model_
+            in_place = (model, dict(vars(model)), [(layer, dict(vars(layer))) for layer in model],
+                        model.get_weights(),
+                        self._optimizer.state_dict() if optimizer else None)
+        return attributes, lists, in_place
+
+    def _restore(self, saved: tuple) -> None:
+        """Put the estimator back as ``_snapshot`` found it."""
+        attributes, lists, in_place = saved
+        for value, contents in lists:
+            value[:] = contents
+        if in_place is not None:
+            model, model_attributes, layers, weights, optimizer_state = in_place
+            vars(model).clear()
+            vars(model).update(model_attributes)
+            for layer, layer_attributes in layers:
+                vars(layer).clear()
+                vars(layer).update(layer_attributes)
+            for param, host in zip(model.parameters(), weights):
+                param.data = param.backend.asarray(host, host.dtype)
+            if optimizer_state is not None:
+                attributes["_optimizer"].load_state_dict(optimizer_state)
+        vars(self).clear()
+        vars(self).update(attributes)
 
     def _check_params(self) -> list[int]:
         """Check every parameter, naming it in the error; returns the hidden layer sizes."""
@@ -220,6 +278,15 @@ class _BaseMLP(BaseEstimator):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         return hidden
+
+    def _check_warm(self, hidden: list[int]) -> None:
+        """Refuse, naming it, a parameter that a warm fit or partial_fit cannot apply to the fitted
+        model, whose layers it trains on: ``hidden`` (the hidden layer sizes) other than its. Sets nothing."""
+        fitted = [layer.out_features for layer in self.model_ if isinstance(layer, gb.Dense)][:-1]
+        if hidden != fitted:
+            raise ValueError(f"hidden_layer_sizes: {self.hidden_layer_sizes!r}, but the fitted model's hidden layers "
+                             f"are {tuple(fitted)}; a warm fit or partial_fit trains the fitted model on: fit with "
+                             "warm_start=False for a new model")
 
     def _new_model(self, X, n_outputs: int, hidden: list[int], head: str) -> gb.Sequential:
         """A freshly initialised model for ``X`` (its width and float type): the ``hidden`` layers,
@@ -266,6 +333,11 @@ class _BaseMLP(BaseEstimator):
         self.out_activation_ = OUT_ACTIVATIONS[self._head()]
         self.t_ = 0
         self.loss_curve_ = []
+        self._stopping_records()
+
+    def _stopping_records(self) -> None:
+        """Fresh records of the stopping criterion ``early_stopping`` picks: the validation scores,
+        or the best training loss (scikit-learn's attributes, None for the other criterion's)."""
         self._no_improvement_count = 0
         if self.early_stopping:
             self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
@@ -294,10 +366,11 @@ class _BaseMLP(BaseEstimator):
         targets: scikit-learn reports the squared error averaged over them and steps along its sum."""
         return self._loss_scale() * (self.n_outputs_ if self._head() == "identity" else 1)
 
-    def _train(self, X, targets, weights, validation, incremental: bool) -> None:
+    def _train(self, X, targets, weights, validation, incremental: bool) -> bool:
         """One epoch (partial_fit) or up to max_iter epochs of ``Sequential.fit`` on the training
         rows, with scikit-learn's bookkeeping after each epoch; ``weights``: None, or weights that
-        are not all zero; ``validation``: (X, y, sample_weight) held out for early stopping, or None."""
+        are not all zero; ``validation``: (X, y, sample_weight) held out for early stopping, or None.
+        True when the stopping criterion stopped it."""
         batch = self._batch_size(len(X))
         weighting, mean_weight = {}, 1.0
         if weights is not None:
@@ -315,10 +388,7 @@ class _BaseMLP(BaseEstimator):
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
         if self._best_weights is not None:
             self.model_.set_weights(self._best_weights)
-        if not incremental and not epochs.stopped:
-            what = "validation score" if validation else "training loss"
-            warnings.warn(f"max_iter: all {self.max_iter} epochs ran and the {what} was still improving by more "
-                          f"than tol={self.tol}; raise max_iter to train longer", ConvergenceWarning, stacklevel=4)
+        return epochs.stopped
 
     def _validate(self, X, y, reset: bool):
         """(X, y, the feature attributes a fit from scratch learns, or None), as ``validate_data``
@@ -589,6 +659,17 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _check_params(self) -> list[int]:
         _choice(self.loss, REGRESSION_LOSSES, "loss")
         return super()._check_params()
+
+    def _check_warm(self, hidden: list[int]) -> None:
+        """Also ``loss``: the fitted output layer gives the mean (``"squared_error"``) or its log
+        (``"poisson"``), which the other loss would train and ``predict`` read as the wrong one."""
+        super()._check_warm(hidden)
+        if OUT_ACTIVATIONS[self._head()] != self.out_activation_:
+            fitted = {"identity": "squared_error", "exp": "poisson"}[self.out_activation_]
+            means = {"squared_error": "the mean", "poisson": "the log of the mean"}
+            raise ValueError(f"loss: {self.loss!r}, but the model was fitted with loss={fitted!r}, so its output is "
+                             f"{means[fitted]}, which {self.loss!r} would take for {means[self.loss]}; a warm fit "
+                             "or partial_fit trains the fitted model on: fit with warm_start=False for a new model")
 
     def _targets(self, y, first: bool, classes=None) -> tuple[np.ndarray, int, None]:
         """(y, the number of outputs, None: no classes), y checked against ``loss``."""

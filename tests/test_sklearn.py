@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import neural_network
 from sklearn.datasets import load_digits
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.metrics import mean_poisson_deviance, r2_score
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
@@ -331,6 +331,74 @@ def test_a_first_partial_fit_that_raises_leaves_the_classifier_unfitted():
         clf.partial_fit(X_SMALL, BINARY)
 
 
+# Inputs ten times X_SMALL and targets in the hundreds: SGD at a rate of 1 overflows the loss within two epochs.
+X_LARGE = 10 * X_SMALL
+Y_LARGE = X_SMALL @ [1.0, 2.0, 3.0, -1.0, 0.5] * 100
+
+
+@pytest.mark.parametrize("params", [{}, {"dropout": 0.5, "activation": "identity"},
+                                    {"warm_start": False}])
+def test_a_fit_whose_loss_overflows_leaves_the_fitted_estimator_as_it_was(params):
+    """A warm fit trains model_ in place (with dropout turned on, a new model around its layers),
+    a fit from scratch a new one: either way, the estimator is put back as it was."""
+    reg = MLPRegressor(hidden_layer_sizes=(8,), solver="sgd", learning_rate_init=1e-5, max_iter=3, batch_size=10,
+                       warm_start=True, random_state=0, device="cpu").fit(X_LARGE, Y_LARGE)
+    reg.set_params(learning_rate_init=1.0, **params)
+    model, layers, coefs, curve = reg.model_, list(reg.model_), reg.coefs_, list(reg.loss_curve_)
+    before, predicted = pickle.dumps(reg), reg.predict(X_LARGE)
+    with pytest.raises(FloatingPointError, match="fit: the loss became"):
+        reg.fit(X_LARGE, Y_LARGE)
+    assert reg.model_ is model and len(model) == len(layers) and all(a is b for a, b in zip(model, layers))
+    assert [layer.activation for layer in model] == ["relu", "identity"]
+    assert reg.n_iter_ == 3 and reg.t_ == 120 and reg.loss_curve_ == curve
+    for ours, theirs in zip(reg.coefs_, coefs):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(reg.predict(X_LARGE), predicted)
+    assert pickle.dumps(reg) == before
+
+
+def test_a_first_fit_whose_loss_overflows_leaves_the_estimator_unfitted():
+    reg = MLPRegressor(hidden_layer_sizes=(8,), solver="sgd", learning_rate_init=1.0, max_iter=3, batch_size=10,
+                       random_state=0, device="cpu")
+    with pytest.raises(FloatingPointError, match="fit: the loss became"):
+        reg.fit(X_LARGE, Y_LARGE)
+    assert set(vars(reg)) == set(reg.get_params())  # the parameters, and nothing fitted
+    with pytest.raises(NotFittedError):
+        reg.predict(X_LARGE)
+
+
+def test_a_partial_fit_whose_loss_overflows_leaves_the_weights_and_adams_state_as_they_were():
+    x = X_SMALL.astype(np.float32)  # a float32 model, where a target of 1e20 squares to inf
+    reg = MLPRegressor(hidden_layer_sizes=(8,), batch_size=10, shuffle=False, random_state=0, device="cpu")
+    reg.partial_fit(x, X_SMALL[:, 0])
+    # The call would run the model in these (dropout builds a new model around its Dense layers).
+    reg.set_params(dropout=0.5, activation="tanh", precision="bf16")
+    model, layers, before = reg.model_, list(reg.model_), pickle.dumps(reg)
+    overflowing = X_SMALL[:, 0].copy()
+    overflowing[-10:] = 1e20  # the last batch's: three batches take their steps before it overflows
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 4"):
+        reg.partial_fit(x, overflowing)
+    assert reg.model_ is model and len(model) == len(layers) and all(a is b for a, b in zip(model, layers))
+    assert [layer.activation for layer in model] == ["relu", "identity"] and model.precision == "fp32"
+    assert reg.t_ == 40 and pickle.dumps(reg) == before
+    # It trains on as if that call had not been made: as its copy from before the call does.
+    twin = pickle.loads(before)
+    reg.partial_fit(x, X_SMALL[:, 0])
+    twin.partial_fit(x, X_SMALL[:, 0])
+    for ours, theirs in zip(reg.model_.get_weights(), twin.model_.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_convergence_warning_made_an_error_comes_after_the_fit():
+    """As scikit-learn's: the fit ran its max_iter epochs, and stays."""
+    reg = MLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        with pytest.raises(ConvergenceWarning, match="max_iter: all 2 epochs ran"):
+            reg.fit(X_SMALL, X_SMALL[:, 0])
+    assert reg.n_iter_ == 2 and len(reg.loss_curve_) == 2 and reg.predict(X_SMALL).shape == (40,)
+
+
 # ----------------------------------------------------------------------------- warm starts take the parameters
 
 
@@ -386,6 +454,69 @@ def test_turning_dropout_on_between_partial_fits_keeps_the_optimizer_state():
     assert sum(isinstance(layer, gb.Dropout) for layer in reg.model_) == 2
     # Adam's step count went on: four batches a call, no fresh moments.
     assert {entry["step"] for entry in reg._optimizer.state_dict()["state"].values()} == {8}
+
+
+def relu_outputs(reg, x):
+    """What a relu MLPRegressor's coefs_ and intercepts_ give for ``x``: what predict must return."""
+    *hidden, last = zip(reg.coefs_, reg.intercepts_)
+    for weight, bias in hidden:
+        x = np.maximum(x @ weight + bias, 0)
+    return (x @ last[0] + last[1]).ravel()
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+@pytest.mark.parametrize("fitted, changed", [("squared_error", "poisson"), ("poisson", "squared_error")])
+def test_a_warm_call_refuses_a_loss_that_changes_the_output(fitted, changed, method):
+    """The output is the mean for squared_error and its log for poisson: going on from one as the
+    other would train it towards the other and have predict read it as the other."""
+    reg = MLPRegressor(fitted, hidden_layer_sizes=(8,), warm_start=True, max_iter=2, batch_size=10, random_state=0,
+                       device="cpu").fit(X_SMALL, COUNTS[:, 0])
+    before = pickle.dumps(reg.set_params(loss=changed))
+    with pytest.raises(ValueError, match=f"^loss: '{changed}', but the model was fitted with loss='{fitted}'.* fit "
+                                         "with warm_start=False for a new model"):
+        getattr(reg, method)(X_SMALL, COUNTS[:, 0])
+    assert pickle.dumps(reg) == before
+    reg.set_params(warm_start=False).fit(X_SMALL, COUNTS[:, 0])
+    outputs = reg.model_.predict(X_SMALL).ravel()
+    assert reg.out_activation_ == {"poisson": "exp", "squared_error": "identity"}[changed]
+    np.testing.assert_allclose(reg.predict(X_SMALL), np.exp(outputs) if changed == "poisson" else outputs,
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_warm_call_refuses_other_hidden_layer_sizes(method):
+    reg = warm_regressor()
+    before = pickle.dumps(reg.set_params(hidden_layer_sizes=(8, 4)))
+    with pytest.raises(ValueError, match=r"^hidden_layer_sizes: \(8, 4\), but the fitted model's hidden layers are "
+                                         r"\(8, 8\); .* fit with warm_start=False for a new model"):
+        getattr(reg, method)(X_SMALL, X_SMALL[:, 0])
+    assert pickle.dumps(reg) == before
+    getattr(reg.set_params(hidden_layer_sizes=[8, 8]), method)(X_SMALL, X_SMALL[:, 0])  # the same sizes: trains on
+    reg.set_params(hidden_layer_sizes=(8, 4), warm_start=False).fit(X_SMALL, X_SMALL[:, 0])
+    assert [w.shape for w in reg.coefs_] == [(5, 8), (8, 4), (4, 1)] and reg.n_layers_ == 4
+
+
+def test_a_warm_fit_that_turns_early_stopping_on_and_off_keeps_the_records_of_the_current_criterion():
+    reg = warm_regressor()  # two epochs, no early stopping
+    reg.set_params(early_stopping=True, max_iter=3).fit(X_SMALL, X_SMALL[:, 0])
+    assert reg.n_iter_ == 3 and len(reg.loss_curve_) == 5 and reg.best_loss_ is None
+    assert len(reg.validation_scores_) == 3 and reg.best_validation_score_ == max(reg.validation_scores_)
+    np.testing.assert_allclose(reg.predict(X_SMALL), relu_outputs(reg, X_SMALL), rtol=1e-12)
+    reg.set_params(early_stopping=False).fit(X_SMALL, X_SMALL[:, 0])
+    assert reg.n_iter_ == 3 and len(reg.loss_curve_) == 8
+    assert reg.validation_scores_ is None and reg.best_validation_score_ is None
+    assert reg.best_loss_ == min(reg.loss_curve_[-3:])
+    np.testing.assert_allclose(reg.predict(X_SMALL), relu_outputs(reg, X_SMALL), rtol=1e-12)
+
+
+def test_partial_fit_after_an_early_stopping_fit_records_its_training_loss():
+    reg = MLPRegressor(hidden_layer_sizes=(8,), early_stopping=True, max_iter=2, batch_size=10, random_state=0,
+                       device="cpu").fit(X_SMALL, X_SMALL[:, 0])
+    reg.set_params(early_stopping=False).partial_fit(X_SMALL, X_SMALL[:, 0])
+    assert reg.n_iter_ == 1 and len(reg.loss_curve_) == 3
+    assert reg.validation_scores_ is None and reg.best_validation_score_ is None
+    assert reg.best_loss_ == reg.loss_curve_[-1]
+    np.testing.assert_allclose(reg.predict(X_SMALL), relu_outputs(reg, X_SMALL), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- Poisson regression
