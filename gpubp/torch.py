@@ -373,6 +373,8 @@ def _backend_for(tensor: torch.Tensor):
 def _run(layers: list[Dense], x, math: str, input_dropout: float | None, training: bool) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if torch.jit.is_tracing():
+        raise RuntimeError(TRACING)
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     function = _function(params[0].device.type, params[0].dtype)
     acts = tuple(layer.activation for layer in layers)
@@ -387,6 +389,13 @@ def _dropout_key() -> np.ndarray:
     """A dropout mask's key, two uint32 words, from torch's default CPU generator: the random state
     torch.utils.checkpoint saves and restores on every device, as nn.Dropout's masks use it."""
     return torch.randint(0, 2**32, (2,), dtype=torch.int64).numpy().astype(np.uint32)
+
+
+# torch.jit.trace records torch ops; the MLP's kernels are none, so a trace would hold their results as
+# constants (and its check, which reruns the model, reports a bare graph difference).
+TRACING = ("gpubp.torch.MLP cannot be traced by torch.jit: its forward runs gpubp's kernels, not torch ops. For a "
+           "file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, torch.compile runs "
+           "it in a graph break")
 
 
 SECOND_DERIVATIVE = ("gpubp.torch.MLP computes first derivatives only: its backward runs gpubp's kernels, "

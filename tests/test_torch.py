@@ -434,6 +434,11 @@ def test_activation_checkpointing_recomputes_the_same_dropout_masks(use_reentran
     torch.testing.assert_close(after_c, after, rtol=0, atol=0)  # the next forward's masks
 
 
+def test_torch_jit_trace_says_the_mlp_cannot_be_traced(mlp):
+    with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.*to ONNX"):
+        torch.jit.trace(mlp, random_input(requires_grad=False))
+
+
 def test_torch_compile_with_fullgraph_says_why_the_mlp_breaks_the_graph(mlp):
     compiled = torch.compile(mlp, backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="runs gpubp's kernels eagerly"):
