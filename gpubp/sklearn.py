@@ -200,6 +200,10 @@ class _BaseMLP(BaseEstimator):
                     self._optimizer = self._new_optimizer(self.model_)
                     self._learning_rate = self.learning_rate_init
                 stopped = self._train(X, targets, weights, validation, incremental)
+        except FloatingPointError as exc:  # Sequential.fit's says the weights are those of the last batch
+            self._restore(saved)
+            raise FloatingPointError(f"{str(exc).partition('; training stopped')[0]}; the estimator is left as it "
+                                     "was before this call (try a lower learning_rate_init)") from None
         except Exception:
             self._restore(saved)
             raise
