@@ -285,7 +285,13 @@ class _BaseMLP(BaseEstimator):
 
     def _check_warm(self, hidden: list[int]) -> None:
         """Refuse, naming it, a parameter that a warm fit or partial_fit cannot apply to the fitted
-        model, whose layers it trains on: ``hidden`` (the hidden layer sizes) other than its. Sets nothing."""
+        model, whose layers it trains on: a ``device`` and ``backend`` that pick another backend than
+        its, or ``hidden`` (the hidden layer sizes) other than its. Sets nothing."""
+        backend = backends.resolve(self.device, self.backend)
+        if backend != self.model_.backend_name:
+            raise ValueError(f"device={self.device!r}, backend={self.backend!r}: the {backend!r} backend, but the fitted "
+                             f"model runs on the {self.model_.backend_name!r} one; a warm fit or partial_fit trains "
+                             "the fitted model where it is: fit with warm_start=False for a new model")
         fitted = [layer.out_features for layer in self.model_ if isinstance(layer, gb.Dense)][:-1]
         if hidden != fitted:
             raise ValueError(f"hidden_layer_sizes: {self.hidden_layer_sizes!r}, but the fitted model's hidden layers "

@@ -496,6 +496,19 @@ def test_a_warm_call_refuses_other_hidden_layer_sizes(method):
     assert [w.shape for w in reg.coefs_] == [(5, 8), (8, 4), (4, 1)] and reg.n_layers_ == 4
 
 
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_warm_call_refuses_another_device_or_backend(method):
+    """The fitted model stays where it is: a warm call that would pick another backend is refused
+    (the numba backend runs in the CUDA simulator here), the estimator unchanged."""
+    reg = warm_regressor()
+    before = pickle.dumps(reg.set_params(device="cuda", backend="numba"))
+    with pytest.raises(ValueError, match=r"^device='cuda', backend='numba': the 'numba' backend, but the fitted model "
+                                         r"runs on the 'numpy' one; .* warm_start=False"):
+        getattr(reg, method)(X_SMALL, X_SMALL[:, 0])
+    assert pickle.dumps(reg) == before
+    getattr(reg.set_params(device="auto", backend="numpy"), method)(X_SMALL, X_SMALL[:, 0])  # the same backend
+
+
 def test_a_warm_fit_that_turns_early_stopping_on_and_off_keeps_the_records_of_the_current_criterion():
     reg = warm_regressor()  # two epochs, no early stopping
     reg.set_params(early_stopping=True, max_iter=3).fit(X_SMALL, X_SMALL[:, 0])
