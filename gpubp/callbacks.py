@@ -175,8 +175,9 @@ class ModelCheckpoint(Callback):
     ``path`` ends in .safetensors or .npz and may hold ``{epoch}`` or a logged value
     (``"run-{epoch:03d}-{val_loss:.3f}.safetensors"``) to keep one file per save.
     ``monitor`` names a logged value ("val_loss", "val_accuracy", ...) whose best is kept
-    in ``self.best``; ``save_best_only`` writes only when it improves. ``mode`` "auto"
-    minimises losses and errors and maximises anything else. A resumed ``fit`` starts from
+    in ``self.best``, across ``fit`` calls as in Keras; ``save_best_only`` writes only when it
+    improves. ``mode`` "auto" minimises losses and errors and maximises anything else. A resumed
+    ``fit`` (a new callback too) starts from
     the best value of the History's epochs this callback checks (every ``every``-th), so it
     saves where the uninterrupted run would. Under ``fit(distributed=True)`` only rank 0 writes.
     The file holds the state of the scheduler ``fit`` was given too (see :class:`gpubp.Checkpoint`).
@@ -209,7 +210,10 @@ class ModelCheckpoint(Callback):
         return ([self.monitor] if self.monitor is not None else []) + [name for name in self.fields if name != "epoch"]
 
     def on_train_begin(self, model) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
+        # Kept across fit calls, as Keras keeps it: a second fit with this callback (the backbone
+        # unfrozen after the head trained, say) overwrites the best file only with a better one.
+        if self.best is None:
+            self.best = math.inf if self.mode == "min" else -math.inf
         earlier = getattr(model, "history", None)
         if self.monitor is not None and isinstance(earlier, History) and self.monitor in earlier.history:
             # Only the epochs a running callback checks (every ``every``-th), so a resumed run saves
@@ -309,6 +313,8 @@ class ReduceLROnPlateau(Callback):
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor: expected the name of a logged value, got {type(monitor).__name__}")
         if not _checks.non_negative(factor, "factor") < 1.0:
             raise ValueError(f"factor: expected a number < 1.0 (a reduction), got {factor}")
         self.monitor, self.factor, self.verbose = monitor, float(factor), verbose

@@ -332,15 +332,22 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         schedule.after_epoch(logs)
         model.backend.synchronize()
         seconds = time.perf_counter() - start
-        history.append(epoch, logs, seconds)
         if bar is not None:
             bar.set_postfix({k: _shown(v) for k, v in logs.items()})
             bar.close()
         elif verbose == 2:
             print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
                   + " - ".join(f"{k}: {_shown(v)}" for k, v in logs.items()), file=sys.stdout, flush=True)
+        # The History takes the epoch after the other callbacks, as Keras's does (what they add to
+        # logs is in it, as in a CSVLogger's file), and before those that save it with the state.
+        recorded = False
         for cb in at_epoch_end:
+            if cb.saves_state and not recorded:
+                history.append(epoch, logs, seconds)
+                recorded = True
             cb.on_epoch_end(model, epoch, logs)
+        if not recorded:
+            history.append(epoch, logs, seconds)
         if model.stop_training:
             break
     for cb in callbacks:

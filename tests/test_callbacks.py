@@ -137,6 +137,46 @@ def read_rows(path):
         return list(csv.reader(file))
 
 
+def test_reduce_lr_on_plateau_names_a_monitor_that_is_no_name():
+    with pytest.raises(TypeError, match="monitor: expected the name of a logged value, got int"):
+        callbacks.ReduceLROnPlateau(monitor=3)
+
+
+class AddsToLogs(gb.Callback):
+    def on_epoch_end(self, model, epoch, logs):
+        logs["val_custom"] = 0.25 * epoch
+
+
+def test_the_history_holds_what_a_callback_adds_to_the_logs_as_the_csv_logger_does(tmp_path):
+    """Keras runs its History after the other callbacks; a checkpoint written at the epoch's end
+    holds the History with that epoch."""
+    x, y = data()
+    model = new_model()
+    saver = gb.ModelCheckpoint(tmp_path / "run.npz")
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[saver, AddsToLogs(),
+                                                                callbacks.CSVLogger(tmp_path / "log.csv")])
+    assert history.history["val_custom"] == [0.0, 0.25]
+    header, *rows = read_rows(tmp_path / "log.csv")
+    assert [float(row[header.index("val_custom")]) for row in rows] == [0.0, 0.25]
+    assert gb.load_checkpoint(tmp_path / "run.npz").history.epoch == [0, 1]
+
+
+def test_model_checkpoint_keeps_its_best_across_fits(tmp_path):
+    """As Keras's: a second fit with the same callback (after unfreezing, say) overwrites the best
+    file only with a better value. (The callback driven by hand, with values a fit would log.)"""
+    x, y = data()
+    model = new_model()
+    model.fit(x, y, epochs=1, verbose=0)  # an optimizer and a History to save
+    best = gb.ModelCheckpoint(tmp_path / "best.npz", monitor="loss", save_best_only=True)
+    best.on_train_begin(model)
+    best.on_epoch_end(model, 0, {"loss": 0.05})
+    saved = (tmp_path / "best.npz").read_bytes()
+    best.on_train_begin(model)  # the next fit
+    for epoch, value in enumerate([0.8, 0.07]):
+        best.on_epoch_end(model, epoch, {"loss": value})
+    assert best.best == 0.05 and (tmp_path / "best.npz").read_bytes() == saved
+
+
 def test_csv_logger_writes_one_row_per_epoch_with_every_logged_value(tmp_path):
     x, y = data()
     path = tmp_path / "log.csv"
