@@ -77,6 +77,8 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     if stratify and y.ndim != 1:
         raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}"
                          + ("; for one-hot rows pass y.argmax(axis=1)" if y.ndim == 2 else ""))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
     rng = np.random.default_rng(seed) if seed is not None else _random.generator()
     if stratify:
         test = np.concatenate([

@@ -112,6 +112,13 @@ def test_split_sizes_are_scikit_learns(n, test_size):
     assert [len(part) for part in data.train_test_split(x, y, test_size=test_size, seed=0)[:2]] == expected
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_a_bad_split_seed_is_named(seed):
+    x, y = labelled(10)
+    with pytest.raises(ValueError, match="seed: expected None or an int >= 0"):
+        data.train_test_split(x, y, seed=seed)
+
+
 def test_split_with_a_seed_is_reproducible_and_seeds_differ():
     x, y = labelled()
     a, b, c = (data.train_test_split(x, y, seed=s) for s in (7, 7, 8))
