@@ -323,6 +323,15 @@ def test_the_mask_is_never_stored(rng):
     assert with_dropout == plain.activation_bytes() > 0
 
 
+def test_backward_plan_says_a_mask_is_regenerated_only_by_a_layer_that_runs(rng):
+    """Below the lowest trainable layer nothing runs, so no kernel regenerates a Dropout's mask there."""
+    model = dropout_model("relu", first=0.2)
+    model.freeze_to(len(model) - 1)
+    plan = model.backward_plan()
+    assert plan.notes == {} and [kernels for _, kernels in plan][:-1] == [[], [], []]
+    assert "regenerated" not in str(plan)
+
+
 def test_backward_plan_and_trace_show_the_dropout_and_frozen_layers_skip_work(rng):
     model = dropout_model("relu", first=0.2)
     x = rng.standard_normal((5, 7)).astype(np.float32)
