@@ -192,10 +192,11 @@ def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -
 # ----------------------------------------------------------------------------- predict / evaluate
 
 
-def predict(model, x, batch_size: int = 1024, logits: bool = False) -> np.ndarray:
-    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches:
-    probabilities for a sigmoid or softmax last layer, or with ``logits=True`` its logits."""
-    batch_size = _checks.positive_int(batch_size, "batch_size")
+def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np.ndarray:
+    """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches of
+    ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
+    with ``logits=True`` its logits."""
+    batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     if not isinstance(logits, (bool, np.bool_)):
         raise TypeError(f"logits: expected True or False, got {logits!r}")
     if _checks.array_kind(x) == "other":

@@ -58,7 +58,7 @@ def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learnin
     model.loss = loss_fn
 
 
-def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int = 32,
+def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int | None = 32,
         validation_split: float = 0.0, validation_data=None, shuffle: bool = True, callbacks=None,
         verbose: int = 1, metrics=None, clip_grad_norm: float | None = None,
         learning_rate: float | None = None, initial_epoch: int = 0, distributed: bool = False,
@@ -73,6 +73,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     some of them: not those of another model, or of the model a checkpoint was saved from).
     A sigmoid or softmax last layer with its matching loss (``binary_cross_entropy``, the
     cross-entropies) trains on the logits, fused and stable.
+    ``batch_size=None`` is 32, as in Keras.
     ``learning_rate`` sets the rate of every param group for this call only (with a
     learning-rate callback it is the starting rate, and the rates the callback sets stay).
     ``scheduler`` is a :mod:`gpubp.optim.lr_scheduler` scheduler of the optimizer, stepped as
@@ -123,7 +124,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if not 0 <= initial_epoch <= epochs:  # equal: nothing left to train, as in Keras
         raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}], got {initial_epoch!r} "
                          "(epochs counts from the start of the run, as in Keras)")
-    batch_size = _checks.positive_int(batch_size, "batch_size")
+    batch_size = 32 if batch_size is None else _checks.positive_int(batch_size, "batch_size")  # None: Keras's 32
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
     if isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real) \

@@ -247,3 +247,17 @@ def test_gradcheck_calls_a_loss_of_your_own_as_fit_does():
     numeric = gradcheck.numerical_gradients(model, x, target, loss=half_squares)
     for name, grad in analytic.items():
         np.testing.assert_allclose(grad, numeric[name], rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_a_batch_size_of_none_is_the_default_as_in_keras(rng):
+    x = rng.standard_normal((70, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 70)
+    histories, outputs = [], []
+    for batch_size in (None, 32):
+        gb.seed(3)
+        model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 3)], device="cpu")
+        histories.append(model.fit(x, y, epochs=2, batch_size=batch_size, verbose=0).history["loss"])
+        outputs.append(model.predict(x, batch_size=None if batch_size is None else 1024))
+        assert set(model.evaluate(x, y, batch_size=batch_size)) >= {"loss"}
+    assert histories[0] == histories[1]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
