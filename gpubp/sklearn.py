@@ -349,6 +349,7 @@ class _BaseMLP(BaseEstimator):
         """Fresh records of the stopping criterion ``early_stopping`` picks: the validation scores,
         or the best training loss (scikit-learn's attributes, None for the other criterion's)."""
         self._no_improvement_count = 0
+        self._best_weights = None  # the weights of best_validation_score_, kept across warm fits
         if self.early_stopping:
             self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
         else:
@@ -391,12 +392,13 @@ class _BaseMLP(BaseEstimator):
         batch_weight = batch * mean_weight
         self._optimizer.param_groups[0]["weight_decay"] = self.alpha / (self._step_scale() * batch_weight)
         self.n_iter_ = 0
-        self._best_weights = None
         epochs = _Epochs(self, len(X), -(-len(X) // batch) / (len(X) * mean_weight), validation)
         self.model_.fit(X, targets, loss=HEAD_LOSSES[self._head()], optimizer=self._optimizer,
                         epochs=1 if incremental else self.max_iter, batch_size=batch, shuffle=bool(self.shuffle),
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
-        if self._best_weights is not None:
+        # The best validation score's weights, of this fit or, on a warm one that never beat it, of
+        # the fit that set it, as scikit-learn keeps its _best_coefs (None without early stopping).
+        if getattr(self, "_best_weights", None) is not None:
             self.model_.set_weights(self._best_weights)
         return epochs.stopped
 

@@ -509,6 +509,22 @@ def test_a_warm_call_refuses_another_device_or_backend(method):
     getattr(reg.set_params(device="auto", backend="numpy"), method)(X_SMALL, X_SMALL[:, 0])  # the same backend
 
 
+def test_a_warm_early_stopping_fit_that_never_beats_the_best_score_ends_on_its_weights():
+    """As scikit-learn's (its _best_coefs): best_validation_score_ carries over a warm fit, and so
+    do the weights that scored it, where no epoch of the warm fit beats it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5))
+    y = x @ rng.standard_normal(5) + 0.1 * rng.standard_normal(200)
+    reg = MLPRegressor(hidden_layer_sizes=(16,), early_stopping=True, warm_start=True, max_iter=300, random_state=0,
+                       device="cpu").fit(x, y)
+    best, coefs, scored = reg.best_validation_score_, [c.copy() for c in reg.coefs_], len(reg.validation_scores_)
+    reg.set_params(learning_rate_init=0.1, max_iter=2).fit(x, y)
+    assert reg.validation_scores_[scored:] and max(reg.validation_scores_[scored:]) < best  # never beaten
+    assert reg.best_validation_score_ == best
+    for got, want in zip(reg.coefs_, coefs):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_warm_fit_that_turns_early_stopping_on_and_off_keeps_the_records_of_the_current_criterion():
     reg = warm_regressor()  # two epochs, no early stopping
     reg.set_params(early_stopping=True, max_iter=3).fit(X_SMALL, X_SMALL[:, 0])
