@@ -285,7 +285,9 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     for cb in callbacks:
         cb.on_train_begin(model)
     n_batches = math.ceil(len(x) / batch_size)
-    at_epoch_end = sorted(callbacks, key=lambda cb: cb.saves_state)  # state savers last, see Callback
+    # At an epoch's end: the callbacks, then the History, then the state savers (see Callback).
+    savers = [cb for cb in callbacks if cb.saves_state]
+    others = [cb for cb in callbacks if not cb.saves_state]
     for epoch in range(initial_epoch, epochs):
         for cb in callbacks:
             cb.on_epoch_begin(model, epoch)
@@ -339,16 +341,13 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         elif verbose == 2:
             print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
                   + " - ".join(f"{k}: {_shown(v)}" for k, v in logs.items()), file=sys.stdout, flush=True)
+        for cb in others:
+            cb.on_epoch_end(model, epoch, logs)
         # The History takes the epoch after the other callbacks, as Keras's does (what they add to
         # logs is in it, as in a CSVLogger's file), and before those that save it with the state.
-        recorded = False
-        for cb in at_epoch_end:
-            if cb.saves_state and not recorded:
-                history.append(epoch, logs, seconds)
-                recorded = True
+        history.append(epoch, logs, seconds)
+        for cb in savers:
             cb.on_epoch_end(model, epoch, logs)
-        if not recorded:
-            history.append(epoch, logs, seconds)
         if model.stop_training:
             break
     for cb in callbacks:
