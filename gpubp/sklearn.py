@@ -398,7 +398,7 @@ class _BaseMLP(BaseEstimator):
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
         # The best validation score's weights, of this fit or, on a warm one that never beat it, of
         # the fit that set it, as scikit-learn keeps its _best_coefs (None without early stopping).
-        if getattr(self, "_best_weights", None) is not None:
+        if self._best_weights is not None:
             self.model_.set_weights(self._best_weights)
         return epochs.stopped
 
