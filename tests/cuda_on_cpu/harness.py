@@ -509,8 +509,7 @@ class Harness:
         key = hashlib.sha256()
         recorder = PROFILER.read_text() if self.mode == "profile" else ""
         for part in (self.mode, " ".join(COMMON_FLAGS + MODE_FLAGS[self.mode]), " ".join(self.defines),
-                     " ".join(_runtime_flags(self.mode)), _toolchain_identity(), recorder,
-                     STATIC_SHARED_SCRIPT.read_text(), source):
+                     " ".join(_runtime_flags(self.mode)), _toolchain_identity(), recorder, source):
             key.update(part.encode())
             key.update(b"\0")
         stem = re.sub(r"\W", "_", label)
@@ -579,9 +578,10 @@ class Harness:
 
 @functools.cache
 def _toolchain_identity() -> str:
-    """Everything besides the kernel source that goes into a build: compiler, header, runtime."""
+    """Everything besides the kernel source that goes into a build: compiler, header, runtime, and
+    the linker script every library is linked with."""
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
-    return "\0".join((CXX, version, HEADER.read_text(), RUNTIME.read_text()))
+    return "\0".join((CXX, version, HEADER.read_text(), RUNTIME.read_text(), STATIC_SHARED_SCRIPT.read_text()))
 
 
 def _compile(command: list[str], what: str, cwd: Path | None = None) -> None:
@@ -606,7 +606,7 @@ def _runtime_object(mode: str, defines: tuple[str, ...] = ()) -> Path:
     profile = mode == "profile"
     flags = [*_runtime_flags(mode), *defines]
     sources = [HEADER, RUNTIME, *([PROFILER] if profile else [])]
-    # _toolchain_identity() holds the compiler, the header and runtime.cpp.
+    # _toolchain_identity() holds the compiler, the header and runtime.cpp (and the linker script).
     recorder = PROFILER.read_text() if profile else ""
     key = hashlib.sha256("\0".join((mode, " ".join(flags), _toolchain_identity(), recorder)).encode())
     path = cache_dir() / f"runtime-{mode}-{key.hexdigest()[:20]}.o"
