@@ -63,11 +63,11 @@ def loads(blob: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
                          f"({len(blob)} bytes): the file is truncated or not safetensors")
     try:
         header = json.loads(blob[LENGTH_BYTES:LENGTH_BYTES + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nested past Python's limit
         raise ValueError(f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"the header is a JSON {type(header).__name__}, expected an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("the header's '__metadata__' must map names to strings")
     data = memoryview(blob)[LENGTH_BYTES + length:]
@@ -93,7 +93,7 @@ def _span(name: str, entry) -> tuple[int, int]:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise ValueError(f"tensor {name!r}: expected 'dtype', 'shape' and 'data_offsets' in the header, got {entry!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"tensor {name!r}: unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(_count(n) for n in shape):
         raise ValueError(f"tensor {name!r}: the shape {shape!r} is not a list of ints >= 0")

@@ -238,7 +238,7 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise ValueError(f"{path}: {exc}") from None
     try:
         header = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested past Python's depth limit
         raise ValueError(f"{path}: the gpubp header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the gpubp header is a JSON {type(header).__name__}, expected an object")
@@ -347,6 +347,8 @@ def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, tup
     trainable = header.get("trainable", [True] * len(acts))
     if not (isinstance(names, list) and isinstance(trainable, list) and len(names) == len(trainable) == len(acts)):
         raise ValueError(f"{path}: the header's 'names' and 'trainable' must list one entry per layer")
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: the header's 'names' must be strings, got {names}")
     try:
         acts = [_activations.canonical(a, f"activations[{i}]") for i, a in enumerate(acts)]
     except (TypeError, ValueError) as exc:

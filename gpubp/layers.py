@@ -108,6 +108,8 @@ class Layer:
     folds_act = False
 
     def __init__(self, name: str | None = None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: expected a str or None, got {type(name).__name__}")
         self.name = name
         self.backend: ModuleType = numpy_backend
         self._buffers = _Buffers()

@@ -4,6 +4,7 @@ file and the problem, and load nothing, not even the random state, for every cas
 import json
 import re
 import zipfile
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -125,6 +126,50 @@ def test_safetensors_tensors_whose_data_overlap(tmp_path, loader):
     expect_rejected(loader, path, r"tensor .* starts at data byte \d+, expected \d+")
 
 
+@pytest.mark.parametrize("forge, problem", [
+    (lambda header: header["layers.0.weight"].update(dtype=["F32"]), r"tensor 'layers.0.weight': unsupported dtype"),
+    (lambda header: header.update(__metadata__=[]), r"the header's '__metadata__' must map names to strings"),
+], ids=["dtype that is a list", "metadata that is an empty list"])
+def test_safetensors_header_entries_of_the_wrong_json_type(tmp_path, loader, forge, problem):
+    path = written(tmp_path, ".safetensors", *checkpoint_parts(tmp_path, ".safetensors"))
+    rewrite_safetensors_header(path, forge)
+    expect_rejected(loader, path, problem)
+
+
+DEEP = 100_000  # arrays nested past Python's recursion limit: json raises RecursionError, not ValueError
+
+
+def test_a_safetensors_header_nested_past_the_recursion_limit(tmp_path, loader):
+    path = tmp_path / "deep.safetensors"
+    text = ("[" * DEEP + "]" * DEEP).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    expect_rejected(loader, path, "the header is not valid JSON")
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_gpubp_header_nested_past_the_recursion_limit(tmp_path, loader, suffix):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    header["deep"] = "SPOT"
+    path = written(tmp_path, suffix, header, tensors)
+    spot = json.dumps("SPOT").encode()
+    if suffix == ".safetensors":
+        rewrite_safetensors_header(path, lambda framing: framing["__metadata__"].update(
+            gpubp=framing["__metadata__"]["gpubp"].replace(spot.decode(), "[" * DEEP + "]" * DEEP)))
+    else:
+        rewrite_npz_entry(path, "__architecture__.npy", lambda raw: npy_text_replaced(raw, spot, DEEP))
+    expect_rejected(loader, path, "the gpubp header is not valid JSON")
+
+
+def npy_text_replaced(raw, spot, depth):
+    """An npy entry of one unicode string (the gpubp header) with ``spot`` replaced by ``depth``
+    nested arrays, written again with a header of its new length."""
+    text = str(np.load(BytesIO(raw)))
+    text = text.replace(spot.decode(), "[" * depth + "]" * depth)
+    buffer = BytesIO()
+    np.save(buffer, np.array(text))
+    return buffer.getvalue()
+
+
 # ----------------------------------------------------------------------------- contents
 
 
@@ -231,6 +276,13 @@ def test_a_history_of_words(tmp_path, suffix):
     header["checkpoint"]["history"]["history"]["loss"][0] = "low"
     expect_rejected(LOADERS["load_checkpoint"], written(tmp_path, suffix, header, tensors),
                     "the History must hold numbers only")
+
+
+@pytest.mark.parametrize("names", [[1, 2], [["x"], "y"], [None, "y"]])
+def test_layer_names_in_the_header_that_are_not_strings(tmp_path, suffix, loader, names):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    header["names"] = names
+    expect_rejected(loader, written(tmp_path, suffix, header, tensors), r"the header's 'names' must be strings")
 
 
 def test_an_unknown_activation_in_the_header(tmp_path, suffix, loader):

@@ -47,6 +47,14 @@ def test_layers_are_named_by_position():
     assert [layer.name for layer in mlp()] == ["dense_0", "dense_1", "dense_2"]
 
 
+@pytest.mark.parametrize("make", [lambda name: gb.Dense(3, 2, name=name), lambda name: gb.Dropout(0.5, name=name)],
+                         ids=["Dense", "Dropout"])
+@pytest.mark.parametrize("name", [5, ["x"], b"x"])
+def test_a_layer_name_that_is_not_a_str_is_a_type_error(make, name):
+    with pytest.raises(TypeError, match=r"name: expected a str or None, got "):
+        make(name)
+
+
 def test_parameters_are_in_keras_order_weight_then_bias_per_layer():
     model = mlp()
     expected = [p for layer in model for p in (layer.weight, layer.bias)]
