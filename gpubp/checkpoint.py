@@ -101,12 +101,21 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
                       "params": [positions[id(p)] for p in optimizer.parameters()],
                       "param_groups": state_dict["param_groups"], "state": state},
         "scheduler": None if scheduler is None else {"class": type(scheduler).__name__,
-                                                     "state": _json_ready(scheduler.state_dict())},
+                                                     "state": _json_ready(_scheduler_state(scheduler))},
         "random_state": _random.get_state(),
         "history": {"epoch": history.epoch, "epoch_times": history.epoch_times, "history": history.history},
         "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
     }
     io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors)
+
+
+def _scheduler_state(scheduler: lr_scheduler.LRScheduler) -> dict:
+    """``scheduler``'s state, with the rates its optimizer holds now as the ones ``load_state_dict``
+    puts back. At an epoch's end ``fit`` steps the scheduler first and the callbacks then run, so
+    a rate ReduceLROnPlateau lowered after the step is the optimizer's, not the scheduler's last."""
+    state = scheduler.state_dict()
+    state["_last_lr"] = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return state
 
 
 def _json_ready(value):

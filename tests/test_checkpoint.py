@@ -273,6 +273,11 @@ SCHEDULED = {
                             {}),
     "linear_warmup": (lambda opt: lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=3), {}),
     "plateau": (lambda opt: lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5), {}),
+    # The scheduler steps first at an epoch's end, then the callback lowers the rate: the
+    # checkpoint must resume from the lowered rate, not from the one the scheduler set.
+    "step_lr_then_plateau_callback": (lambda opt: lr_scheduler.StepLR(opt, step_size=100, gamma=0.5),
+                                      {"callbacks": [gb.callbacks.ReduceLROnPlateau("val_loss", factor=0.5,
+                                                                                    patience=0, min_delta=10)]}),
     "keras_callbacks": (None, {"callbacks": [gb.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=0,
                                                                             cooldown=1),
                                              gb.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9)]}),
