@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import string
+import warnings
 
 from gpubp import _checks, io
 from gpubp.checkpoint import save_checkpoint
@@ -78,6 +79,12 @@ class EarlyStopping(Callback):
     training. ``restore_best_weights`` puts back, when training ends (stopped or not), the
     weights of the best monitored epoch (of the first monitored one where none improved).
     ``verbose=1`` prints when it stops and restores.
+
+    A resumed ``fit`` (``initial_epoch``) rebuilds the best value and the count from the History
+    it continues, so it stops where the uninterrupted run would. The weights of an earlier run's
+    best epoch are not in a checkpoint, though: ``restore_best_weights`` can then restore only
+    this run's epochs, and warns when the best so far came before it (save the best weights with
+    ``ModelCheckpoint(save_best_only=True)``).
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -105,6 +112,26 @@ class EarlyStopping(Callback):
         self.best_weights = None
         self.wait = 0
         self.stopped_epoch = None
+        earlier = getattr(model, "history", None)
+        if isinstance(earlier, History):
+            for epoch, value in zip(earlier.epoch, earlier.history.get(self.monitor, [])):
+                if epoch >= self.start_from_epoch and not math.isnan(value):  # NaN: not logged then
+                    self._count(epoch, value)
+        if self.restore_best_weights and self.best_epoch >= 0:
+            warnings.warn(f"EarlyStopping: the best {self.monitor} so far was at epoch {self.best_epoch + 1}, "
+                          "before this resumed run; its weights are not in the checkpoint, so "
+                          "restore_best_weights restores the best of this run's epochs", stacklevel=2)
+            self.best_epoch = -1  # as if nothing were monitored yet: this run's first epoch is the fallback
+
+    def _count(self, epoch: int, value: float) -> bool:
+        """Count a monitored epoch; True when it improves on the best so far."""
+        self.wait += 1
+        if not self._improves_on(value, self.best):
+            return False
+        self.best, self.best_epoch = value, epoch
+        if self.baseline is None or self._improves_on(value, self.baseline):
+            self.wait = 0
+        return True
 
     def _improves_on(self, value: float, reference: float) -> bool:
         if self.mode == "min":
@@ -119,13 +146,9 @@ class EarlyStopping(Callback):
         value = logs[self.monitor]
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights, self.best_epoch = model.get_weights(), epoch
-        self.wait += 1
-        if self._improves_on(value, self.best):
-            self.best, self.best_epoch = value, epoch
+        if self._count(epoch, value):
             if self.restore_best_weights:
                 self.best_weights = model.get_weights()
-            if self.baseline is None or self._improves_on(value, self.baseline):
-                self.wait = 0
             return
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch

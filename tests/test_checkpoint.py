@@ -338,6 +338,36 @@ def test_a_checkpoint_listed_before_a_rate_callback_saves_the_rate_it_set(tmp_pa
     assert resumed.history == full.history
 
 
+def never_improving(restore_best_weights=False):
+    """Stops at epoch 3 of 5: epoch 0 is the best (no later one improves by 10), then 3 to wait."""
+    return gb.EarlyStopping("val_loss", patience=3, min_delta=10, restore_best_weights=restore_best_weights)
+
+
+def test_a_resumed_run_stops_early_where_the_uninterrupted_one_did(tmp_path):
+    model = new_model()
+    full = train(model, OPTIMIZERS["adamw"](model), EPOCHS,
+                 [never_improving(), gb.ModelCheckpoint(tmp_path / "run-{epoch}.npz")])
+    assert full.epoch == [0, 1, 2, 3]
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}.npz", device="cpu")
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, [never_improving()], initial_epoch=ckpt.epoch)
+    assert resumed.epoch == full.epoch
+    assert_weights_equal(model.get_weights(), ckpt.model)
+
+
+def test_restore_best_weights_warns_when_the_best_epoch_came_before_the_resumed_run(tmp_path):
+    model = new_model()
+    train(model, OPTIMIZERS["adamw"](model), EPOCHS, [gb.ModelCheckpoint(tmp_path / "run-{epoch}.npz")])
+    first_epoch = gb.load_checkpoint(tmp_path / f"run-{STOP}.npz", device="cpu")
+    train(first_epoch.model, first_epoch.optimizer, STOP + 1, initial_epoch=first_epoch.epoch)
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}.npz", device="cpu")  # restores the random state again
+    with pytest.warns(UserWarning, match=r"best val_loss so far was at epoch 1, before this resumed run"):
+        resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, [never_improving(restore_best_weights=True)],
+                        initial_epoch=ckpt.epoch)
+    assert resumed.epoch == [0, 1, 2, 3]
+    # No epoch of this run improves, so it restores its first epoch's weights, its fallback.
+    assert_weights_equal(first_epoch.model.get_weights(), ckpt.model)
+
+
 def dropout_model():
     gb.seed(21)
     return gb.Sequential([gb.Dropout(0.1), gb.Dense(6, 12, "gelu"), gb.Dropout(0.3, name="drop"),
