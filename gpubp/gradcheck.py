@@ -123,15 +123,32 @@ def rounding_floor(loss_value: float, eps: float) -> float:
     return ROUNDING_ULPS * float(np.finfo(np.float64).eps) * abs(loss_value) / (2 * eps)
 
 
+def _within(got: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+    """Where ``expected`` is finite and ``|got - expected| <= atol + rtol * |expected|``, a test
+    that NaN fails: a NaN or inf is never within a tolerance, whatever ``>`` would say of it (an
+    inf ``expected`` would make its relative tolerance inf)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(expected) & (np.abs(got - expected) <= atol + rtol * np.abs(expected))
+
+
+def _worst(got: np.ndarray, expected: np.ndarray, failed: np.ndarray) -> tuple[int, ...]:
+    """The index of the largest error among ``failed`` elements, a non-finite one first."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.nan_to_num(np.abs(got - expected), nan=np.inf)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(failed, error, -1.0))), error.shape))
+
+
 def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6, rtol: float = 1e-5,
                     atol: float | None = None) -> dict[str, float]:
     """Compare backward with central differences; return ``{name: max abs error}``.
 
-    Raises ``AssertionError`` naming the gradient and the worst element when
-    ``|analytic - numerical| > atol + rtol * |numerical|`` anywhere. ``atol=None`` is 1e-8 plus
-    ``rounding_floor(loss, eps)``, the rounding the differences carry at this loss: a loss in
-    the hundreds puts about 1e-8 of noise on every numerical gradient element, which a fixed
-    1e-8 would report as a wrong gradient wherever an element is small.
+    Raises ``AssertionError`` naming the gradient and the worst element where
+    ``|analytic - numerical| <= atol + rtol * |numerical|`` does not hold (a NaN or inf gradient
+    included). ``atol=None`` is 1e-8 plus ``rounding_floor(loss, eps)``, the rounding the
+    differences carry at this loss: a loss in the hundreds puts about 1e-8 of noise on every
+    numerical gradient element, which a fixed 1e-8 would report as a wrong gradient wherever an
+    element is small. Raises ``ValueError`` for a loss that is not finite at ``x``, whose
+    differences check nothing (and would make that atol inf).
     """
     _checks.positive(eps, "eps")
     _checks.non_negative(rtol, "rtol")
@@ -139,20 +156,26 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
         _checks.non_negative(atol, "atol")
     keys_from = _random.get_state() if any(isinstance(layer, Dropout) for layer in model) else None
     value, analytic = analytic_gradients(model, x, target, loss)
-    numerical = numerical_gradients(model, x, target, loss, eps, keys_from)
+    if not np.isfinite(value):
+        raise ValueError(f"loss: its value here is {float(value)}; central differences of a non-finite loss "
+                         "check nothing")
     if atol is None:
-        atol = 1e-8 + rounding_floor(value, eps)
+        atol = 1e-8 + rounding_floor(float(value), eps)
+        if not np.isfinite(atol):
+            raise ValueError(f"atol: the default, 1e-8 + rounding_floor(loss={float(value)}, eps={eps}), is {atol}; "
+                             "pass a larger eps or an atol")
+    numerical = numerical_gradients(model, x, target, loss, eps, keys_from)
     errors = {}
     for name, expected in numerical.items():
         got = analytic[name]
-        diff = np.abs(got - expected)
-        errors[name] = float(diff.max(initial=0.0))
-        excess = diff - (atol + rtol * np.abs(expected))
-        if excess.size and excess.max() > 0:
-            worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
+        with np.errstate(invalid="ignore", over="ignore"):
+            errors[name] = float(np.abs(got - expected).max(initial=0.0))
+        failed = ~_within(got, expected, rtol, atol)
+        if np.any(failed):
+            worst = _worst(got, expected, failed)
             raise AssertionError(
-                f"{name}: backward gives {got[worst]!r} at {worst}, central differences give {expected[worst]!r} "
-                f"(max abs error {errors[name]:.3g}, rtol={rtol}, atol={atol})"
+                f"{name}: backward gives {float(got[worst])!r} at {worst}, central differences give "
+                f"{float(expected[worst])!r} (max abs error {errors[name]:.3g}, rtol={rtol}, atol={atol})"
             )
     return errors
 
@@ -232,9 +255,12 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     Returns ``{"output": err, "loss": err, name: err, ...}`` (max abs errors, weight gradients
     compared in our (in, out) layout). The output compared is what ``predict`` returns; a loss
     that fuses the last layer's activation is given the logits on both sides, as ``fit`` does.
-    Raises ``AssertionError`` naming the first quantity that differs by more than
-    ``atol + rtol * |torch|``.
+    Raises ``AssertionError`` naming the first quantity where ``|gpubp - torch| <= atol + rtol *
+    |torch|`` does not hold; a NaN counts as equal only to a NaN of PyTorch's in the same place
+    (an inf only to the same inf).
     """
+    _checks.non_negative(rtol, "rtol")
+    _checks.non_negative(atol, "atol")
     import torch
 
     if not isinstance(loss, (str, *_LOSS_CLASSES)):
@@ -270,9 +296,13 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
         expected = np.asarray(expected, dtype=np.float64)
         if got.shape != expected.shape:
             raise AssertionError(f"{name}: gpubp gives shape {got.shape}, PyTorch {expected.shape}")
-        diff = np.abs(got - expected)
+        # NaN where PyTorch has NaN, or the same inf, is what PyTorch computes; elsewhere a
+        # non-finite value fails (and a finite one against PyTorch's non-finite one).
+        same = (got == expected) | (np.isnan(got) & np.isnan(expected))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(same, 0.0, np.abs(got - expected))
         errors[name] = float(diff.max(initial=0.0))
-        if np.any(diff > atol + rtol * np.abs(expected)):
+        if not np.all(same | _within(got, expected, rtol, atol)):
             raise AssertionError(f"{name}: gpubp and PyTorch differ by up to {errors[name]:.3g} "
                                  f"(rtol={rtol}, atol={atol})")
     return errors

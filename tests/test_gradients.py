@@ -178,15 +178,20 @@ def test_frozen_layers_get_no_gradient_and_the_rest_still_check():
 
 def plant_a_one_percent_error(monkeypatch, gradient):
     """The NumPy backend's dense backward, with its ``"dw"`` or ``"db"`` 1% too large."""
+    plant(monkeypatch, gradient, lambda grad: np.multiply(grad, 1.01, out=grad))
+
+
+def plant(monkeypatch, gradient, spoil):
+    """The NumPy backend's dense backward, with ``spoil`` applied to its ``"dw"`` or ``"db"`` in place."""
     real = numpy_backend.dense_backward
 
-    def off_by_one_percent(*args, **kwargs):
+    def spoiled(*args, **kwargs):
         grads = dict(zip(("dx", "dw", "db"), real(*args, **kwargs)))
         if grads[gradient] is not None:
-            grads[gradient] *= 1.01
+            spoil(grads[gradient])
         return grads["dx"], grads["dw"], grads["db"]
 
-    monkeypatch.setattr(numpy_backend, "dense_backward", off_by_one_percent)
+    monkeypatch.setattr(numpy_backend, "dense_backward", spoiled)
 
 
 def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
@@ -195,6 +200,52 @@ def test_check_gradients_catches_a_wrong_weight_gradient(monkeypatch):
     x = np.random.default_rng(0).normal(size=(3, 3))
     with pytest.raises(AssertionError, match=r"layers\.\d\.weight: backward gives"):
         gradcheck.check_gradients(model, x, random_target("mse", 3, 2, 0), loss="mse")
+
+
+def test_check_gradients_reports_the_worst_element_as_plain_numbers(monkeypatch):
+    plant_a_one_percent_error(monkeypatch, "dw")
+    model = random_model([3, 4, 2], "sigmoid", seed=0)
+    x = np.random.default_rng(0).normal(size=(3, 3))
+    number = r"-?\d+\.\d+(e-?\d+)?"
+    with pytest.raises(AssertionError, match=rf"^layers\.0\.weight: backward gives {number} at \(\d+, \d+\), "
+                                             rf"central differences give {number} \(max abs error"):
+        gradcheck.check_gradients(model, x, random_target("mse", 3, 2, 0), loss="mse")
+
+
+def set_first_element(value):
+    """A spoil for :func:`plant`: the gradient's first element becomes ``value``."""
+    def spoil(grad):
+        grad.reshape(-1)[0] = value
+    return spoil
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("gradient, name", [("dw", "weight"), ("db", "bias")])
+@pytest.mark.parametrize("check", ["check_gradients", "compare_with_torch"])
+def test_a_non_finite_gradient_fails_the_check(monkeypatch, check, gradient, name, bad):
+    if check == "compare_with_torch":
+        pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    plant(monkeypatch, gradient, set_first_element(bad))
+    model = random_model([3, 4, 2], "tanh", seed=0)
+    x = np.random.default_rng(0).normal(size=(3, 3))
+    with pytest.raises(AssertionError, match=rf"^layers\.0\.{name}: .*\b{bad}\b"):
+        getattr(gradcheck, check)(model, x, random_target("mse", 3, 2, 0), loss="mse")
+
+
+@pytest.mark.parametrize("atol", [None, 1e-6], ids=["default_atol", "atol_given"])
+@pytest.mark.parametrize("fill, shown", [(1e200, "inf"), (float("nan"), "nan")], ids=["inf_loss", "nan_loss"])
+def test_check_gradients_refuses_a_non_finite_loss_before_probing(monkeypatch, fill, shown, atol):
+    monkeypatch.setattr(gradcheck, "numerical_gradients", lambda *a: pytest.fail("probed a non-finite loss"))
+    model = random_model([3, 4, 2], "tanh", seed=0)
+    x = np.random.default_rng(0).normal(size=(3, 3))
+    with pytest.raises(ValueError, match=rf"^loss: its value here is {shown}; central differences"):
+        gradcheck.check_gradients(model, x, np.full((3, 2), fill), loss="mse", atol=atol)
+
+
+def test_check_gradients_refuses_a_default_atol_that_overflows():
+    model, x, target = large_loss_case()
+    with pytest.raises(ValueError, match=r"^atol: the default, 1e-8 \+ rounding_floor\(loss=.*\), is inf"):
+        gradcheck.check_gradients(model, x, target, loss="mse", eps=1e-320)
 
 
 def large_loss_case():
@@ -233,6 +284,17 @@ def test_check_gradients_refuses_a_bad_step_or_tolerance_before_any_work(monkeyp
     with pytest.raises(error, match=rf"^{argument}: expected a (finite )?number"):
         gradcheck.check_gradients(model, x, target, **{argument: value})
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+@pytest.mark.parametrize("argument, value, error", [
+    ("rtol", float("nan"), ValueError), ("atol", float("nan"), ValueError), ("rtol", -1.0, ValueError),
+    ("atol", float("inf"), ValueError), ("rtol", None, TypeError), ("atol", "1e-6", TypeError),
+])
+def test_compare_with_torch_refuses_a_bad_tolerance_before_any_work(monkeypatch, argument, value, error):
+    model, x, target = large_loss_case()
+    monkeypatch.setattr(gradcheck, "analytic_gradients", lambda *a: pytest.fail("ran before checking its arguments"))
+    with pytest.raises(error, match=rf"^{argument}: expected a (finite )?number"):
+        gradcheck.compare_with_torch(model, x, target, **{argument: value})
 
 
 def test_numerical_gradients_need_a_float64_model():
@@ -351,3 +413,14 @@ def test_pytorch_twin_skips_gradients_of_frozen_layers():
     errors = gradcheck.compare_with_torch(model, np.ones((3, 4)), np.zeros((3, 2)), loss="mse",
                                           rtol=1e-10, atol=1e-12)
     assert "layers.0.weight" not in errors and "layers.1.weight" in errors
+
+
+def test_a_nan_where_pytorch_has_the_same_nan_is_no_difference():
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model = random_model([5, 7, 3], "tanh", seed=11)
+    x = np.random.default_rng(4).normal(size=(4, 5))
+    x[1, 2] = np.nan  # row 1's outputs, the loss and every weight gradient are NaN on both sides
+    _, grads = gradcheck.analytic_gradients(model, x, np.zeros((4, 3)), loss="mse")
+    assert np.isnan(grads["layers.0.weight"]).any() and np.isfinite(grads["input"][0]).all()
+    errors = gradcheck.compare_with_torch(model, x, np.zeros((4, 3)), loss="mse", rtol=1e-10, atol=1e-12)
+    assert all(np.isfinite(error) for error in errors.values())
