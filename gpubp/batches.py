@@ -63,10 +63,15 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
                              "for class indices use sparse_categorical_crossentropy")
         y = y.astype(model.dtype, copy=False)
         all_finite(y, yname)
-    elif loss_fn is None and width > 1 and y.ndim == 1 and y.dtype.kind in "iu" and len(y):
-        # No loss to say what y is, but 1-D integers for several outputs can only be class labels.
-        # (For a single output they may as well be regression targets.)
-        _check_class_labels(y, width, yname)
+    elif loss_fn is None:
+        # No loss to say what y is, but rows of targets need a column per output (one-hot,
+        # multi-label) or one (labels), and integer labels for several outputs can only be
+        # classes. (For a single output they may as well be regression targets.)
+        if y.ndim == 2 and y.shape[1] not in (1, width):
+            raise ValueError(f"{yname}: expected class labels ({len(x)},) or one target per output "
+                             f"({len(x)}, {width}), got shape {y.shape}")
+        if width > 1 and y.shape[1:] in ((), (1,)) and y.dtype.kind in "iu" and len(y):
+            _check_class_labels(y, width, yname)
     return x, y
 
 

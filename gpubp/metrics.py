@@ -38,8 +38,32 @@ def _classes(scores: np.ndarray, threshold: float) -> np.ndarray:
     return scores.argmax(axis=1)
 
 
-def _labels(y: np.ndarray) -> np.ndarray:
-    return y.reshape(-1).astype(np.int64) if y.ndim == 1 or y.shape[1] == 1 else y.argmax(axis=1)
+def _class_labels(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``y`` as class labels, one per row of ``scores``: (N,) or (N, 1), whole numbers (a float
+    such as 2.7 names no class, and truncating it would score it as class 2). For a single
+    output, targets in [0, 1] (soft or smoothed labels, as binary_cross_entropy takes) are class
+    1 from 0.5 on, where the scores' class 1 begins too."""
+    if y.ndim not in (1, 2) or y.shape[1:] not in ((), (1,)) or len(y) != len(scores):
+        raise ValueError(f"y: expected class labels of shape ({len(scores)},) or ({len(scores)}, 1), got {y.shape}")
+    labels = y.reshape(-1)
+    if labels.dtype.kind == "f" and _binary(scores) and np.all((labels >= 0) & (labels <= 1)):
+        return (labels >= 0.5).astype(np.int64)
+    if labels.dtype.kind not in "iub":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not np.all(whole):
+            row = int(np.argmin(whole))
+            raise ValueError(f"y: expected class labels (whole numbers), got {labels[row]} in row {row}")
+    return labels.astype(np.int64)
+
+
+def _labels(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Class labels from ``y``: labels (N,) or (N, 1), or one-hot rows, one target per output (their argmax)."""
+    if y.ndim == 2 and y.shape[1] > 1:
+        if y.shape != scores.shape:
+            raise ValueError(f"y: expected class labels, or one target per output of shape {scores.shape}, "
+                             f"got {y.shape}")
+        return y.argmax(axis=1)
+    return _class_labels(scores, y)
 
 
 def _per_class(pred: np.ndarray, true: np.ndarray):
@@ -71,7 +95,7 @@ def _precision_recall(scores, y, threshold):
         fp = np.sum(pred & ~true, axis=0, dtype=np.float64)
         fn = np.sum(~pred & true, axis=0, dtype=np.float64)
         return _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    pred, true = _classes(scores, threshold), _labels(y)
+    pred, true = _classes(scores, threshold), _labels(scores, y)
     classes, tp, fp, fn = _per_class(pred, true)
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     if _binary(scores):
@@ -81,7 +105,7 @@ def _precision_recall(scores, y, threshold):
 
 
 def accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
-    return float(np.mean(_classes(scores, threshold) == _labels(y)))
+    return float(np.mean(_classes(scores, threshold) == _labels(scores, y)))
 
 
 def precision(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
@@ -102,18 +126,20 @@ def f1(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> float:
     return float(np.mean(_ratio(2 * p * r, p + r)))
 
 
+def _targets_like(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    """``y`` of the scores' shape, or (N,) for a single output; of as many elements in another
+    shape, a reshape would pair outputs with other rows' targets."""
+    if y.shape != scores.shape and not (scores.shape[1] == 1 and y.shape == scores.shape[:1]):
+        raise ValueError(f"{name}: expected one target per output, y of shape {scores.shape}, got {y.shape}")
+    return y.reshape(scores.shape)
+
+
 def mean_squared_error(scores: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean((scores - y.reshape(scores.shape)) ** 2))
+    return float(np.mean((scores - _targets_like(scores, y, "mean_squared_error")) ** 2))
 
 
 def mean_absolute_error(scores: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(np.abs(scores - y.reshape(scores.shape))))
-
-
-def _targets_like(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
-    if y.size != scores.size:
-        raise ValueError(f"{name}: expected one target per output, {scores.shape}, got {y.shape}")
-    return y.reshape(scores.shape)
+    return float(np.mean(np.abs(scores - _targets_like(scores, y, "mean_absolute_error"))))
 
 
 def _one_hot_labels(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
@@ -135,7 +161,7 @@ def categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
 
 def sparse_categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
     """The fraction of rows whose highest score is the class label (Keras's)."""
-    return float(np.mean(scores.argmax(axis=1) == y.reshape(-1)))
+    return float(np.mean(scores.argmax(axis=1) == _class_labels(scores, y)))
 
 
 def top_k_categorical_accuracy(scores: np.ndarray, y: np.ndarray, k: int = 5) -> float:
@@ -196,9 +222,16 @@ THRESHOLDED = (accuracy, precision, recall, f1, binary_accuracy)
 def get(metric, probabilities: bool = False):
     """``(name, fn)`` for a metric name or a callable ``(scores, y) -> float`` (named by its
     ``name`` or ``__name__``). ``probabilities``: the scores are a sigmoid's or softmax's (a
-    single output's class 1 begins at 0.5), not logits (at 0; ``auc`` applies the sigmoid)."""
+    single output's class 1 begins at 0.5), not logits (at 0; ``auc`` applies the sigmoid).
+    One of this module's metric functions is taken as its name (as Keras takes
+    ``keras.metrics.binary_accuracy``), so it scores with the same threshold."""
     if callable(metric):
-        return getattr(metric, "name", None) or getattr(metric, "__name__", "metric"), metric
+        name = getattr(metric, "__name__", None)
+        if METRICS.get(name) is not metric:
+            return getattr(metric, "name", None) or name or "metric", metric
+        metric = name
+    if not isinstance(metric, str):
+        raise TypeError(f"metrics: expected a metric name or a callable, got {type(metric).__name__} {metric!r}")
     if metric not in METRICS:
         raise ValueError(f"metrics: unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
     fn = METRICS[metric]

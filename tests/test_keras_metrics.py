@@ -104,3 +104,109 @@ def test_evaluate_and_fit_take_keras_names_and_log_them_as_given(rng):
     assert result["binary_accuracy"] == result["accuracy"] == np.mean((probabilities[:, 0] > 0.5) == y)
     assert result["mean_absolute_error"] == result["mae"]
     assert result["auc"] == metrics.auc(probabilities, y)
+
+
+# ----------------------------------------------------------------------------- metrics as callables
+
+
+@pytest.mark.parametrize("probabilities", [True, False], ids=["probabilities", "logits"])
+@pytest.mark.parametrize("name", ["accuracy", "precision", "recall", "f1", "binary_accuracy", "auc"])
+def test_gpubps_own_metric_function_given_as_a_callable_scores_as_its_name(rng, name, probabilities):
+    """Keras scores ``keras.metrics.binary_accuracy`` as it scores ``"binary_accuracy"``: with the
+    threshold of the scores it is given, not the function's default."""
+    p, y = rng.uniform(0.05, 0.95, (40, 1)), (rng.random(40) > 0.5).astype(np.float32)
+    scores = p if probabilities else np.log(p / (1 - p))
+    by_name = metrics.get(name, probabilities=probabilities)
+    by_function = metrics.get(getattr(metrics, name), probabilities=probabilities)
+    assert by_function[0] == name
+    assert by_function[1](scores, y) == by_name[1](scores, y)
+
+
+def test_evaluate_scores_gpubps_metric_functions_as_their_names(rng):
+    x, y = rng.standard_normal((32, 3)).astype(np.float32), (rng.random(32) > 0.5).astype(np.float32)
+    model = binary_model()
+    names = ["accuracy", "precision", "recall", "f1", "binary_accuracy", "auc", "mean_squared_error"]
+    by_name = model.evaluate(x, y, loss="binary_crossentropy", metrics=names)
+    assert model.evaluate(x, y, loss="binary_crossentropy", metrics=[getattr(metrics, n) for n in names]) == by_name
+
+
+@pytest.mark.parametrize("bad", [["accuracy"], {"name": "accuracy"}, None, 3])
+def test_a_metric_neither_a_name_nor_a_callable_is_refused_naming_metrics(bad):
+    model = gb.Sequential([gb.Dense(2, 2)], device="cpu")
+    with pytest.raises(TypeError, match=rf"^metrics: expected a metric name or a callable, got {type(bad).__name__}"):
+        model.compile(loss="cross_entropy", metrics=[bad])
+
+
+# ----------------------------------------------------------------------------- target shapes
+
+
+WRONG_SHAPES = [  # (metric, scores' shape, targets' shape, the error)
+    ("accuracy", (6, 2), (1,), r"^y: expected class labels of shape \(6,\) or \(6, 1\), got \(1,\)"),
+    ("accuracy", (6, 2), (6, 3), r"^y: expected class labels, or one target per output of shape \(6, 2\)"),
+    ("f1", (6, 2), (6, 5), r"^y: expected class labels, or one target per output of shape \(6, 2\)"),
+    ("precision", (6, 1), (6, 2), r"^y: expected class labels, or one target per output of shape \(6, 1\)"),
+    ("sparse_categorical_accuracy", (6, 3), (6, 3), r"^y: expected class labels of shape \(6,\) or \(6, 1\)"),
+    ("binary_accuracy", (6, 2), (2, 6), r"^binary_accuracy: expected one target per output, y of shape \(6, 2\)"),
+    ("mean_squared_error", (6, 2), (2, 6), r"^mean_squared_error: expected one target per output"),
+    ("mean_absolute_error", (6, 1), (1, 6), r"^mean_absolute_error: expected one target per output"),
+    ("auc", (6, 1), (2, 3), r"^auc: expected one target per output"),
+]
+
+
+@pytest.mark.parametrize("metric, scores_shape, y_shape, message", WRONG_SHAPES,
+                         ids=[f"{metric}-scores{s}-y{y}" for metric, s, y, _ in WRONG_SHAPES])
+def test_a_metric_refuses_targets_of_another_shape_than_the_scores_need(rng, metric, scores_shape, y_shape, message):
+    scores, y = rng.random(scores_shape), rng.integers(0, 2, y_shape).astype(np.float64)
+    with pytest.raises(ValueError, match=message):
+        getattr(metrics, metric)(scores, y)
+
+
+@pytest.mark.parametrize("bad", [0.9, 1.5, np.nan, np.inf])
+@pytest.mark.parametrize("metric", ["accuracy", "precision", "recall", "f1", "sparse_categorical_accuracy"])
+def test_class_labels_that_are_not_whole_numbers_are_refused_not_truncated(rng, metric, bad):
+    scores, y = rng.random((6, 3)), np.array([0.0, 2.0, 1.0, 0.0, 1.0, 2.0])
+    y[3] = bad
+    with pytest.raises(ValueError, match=rf"^y: expected class labels \(whole numbers\), got {bad} in row 3"):
+        getattr(metrics, metric)(scores, y)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "precision", "recall", "f1"])
+def test_soft_targets_of_a_single_output_count_as_the_class_they_are_nearer(rng, metric):
+    """binary_cross_entropy takes targets in [0, 1] (smoothed or distilled labels): the default
+    accuracy of such a model scores them, class 1 from 0.5 on, rather than refusing them."""
+    scores = rng.random((40, 1))
+    soft = rng.random(40)
+    fn = getattr(metrics, metric)
+    assert fn(scores, soft) == fn(scores, (soft >= 0.5).astype(np.int64))
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 1, "sigmoid")], device="cpu")
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    hard = (soft >= 0.5).astype(np.float32)
+    scored = [model.evaluate(x, y, loss="binary_cross_entropy", metrics=[metric])[metric]
+              for y in (soft.astype(np.float32), hard)]
+    assert scored[0] == scored[1]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "precision", "recall", "f1"])
+def test_labels_a_column_of_labels_and_one_hot_rows_of_the_same_classes_score_alike(rng, metric, scores):
+    labels = rng.integers(0, 4, 50)
+    fn = getattr(metrics, metric)
+    expected = fn(scores, labels)
+    assert fn(scores, labels.reshape(-1, 1).astype(np.float32)) == expected
+    assert fn(scores, np.eye(4)[labels]) == expected
+    single, binary = scores[:, :1], labels % 2
+    assert fn(single, binary.reshape(-1, 1).astype(np.float32)) == fn(single, binary)
+
+
+def test_evaluate_without_a_loss_refuses_targets_of_another_width_and_labels_outside_the_classes(rng):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 2, "softmax")], device="cpu")
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^y: expected class labels \(6,\) or one target per output \(6, 2\), "
+                                         r"got shape \(6, 3\)"):
+        model.evaluate(x, np.eye(3)[rng.integers(0, 3, 6)])
+    with pytest.raises(ValueError, match=r"^y: expected class labels in \[0, 2\), got values from 0 to 2"):
+        model.evaluate(x, np.array([[0], [1], [2], [0], [1], [0]]))
+    assert set(model.evaluate(x, np.eye(2)[rng.integers(0, 2, 6)])) == {"accuracy"}
+    multi_label = gb.Sequential([gb.Dense(4, 3, "sigmoid")], device="cpu")
+    assert set(multi_label.evaluate(x, (rng.random((6, 3)) > 0.5).astype(np.float32), metrics=["f1"])) == {"f1"}
