@@ -37,7 +37,7 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
                         f"got {type(targets).__name__} {targets!r}")
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
-    all_finite(x, name)
+    all_finite(x, name, model.dtype)
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
@@ -61,8 +61,8 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
         if base is losses.categorical_cross_entropy and not losses.is_one_hot(y):
             raise ValueError(f"{yname}: categorical_cross_entropy expects one-hot rows (a single 1 in each row); "
                              "for class indices use sparse_categorical_crossentropy")
+        all_finite(y, yname, model.dtype)
         y = y.astype(model.dtype, copy=False)
-        all_finite(y, yname)
     elif loss_fn is None:
         # No loss to say what y is, but rows of targets need a column per output (one-hot,
         # multi-label) or one (labels), and integer labels for several outputs can only be
@@ -80,11 +80,21 @@ def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
         raise ValueError(f"{yname}: expected class labels in [0, {classes}), got values from {y.min()} to {y.max()}")
 
 
-def all_finite(a: np.ndarray, name: str) -> None:
-    # fit checks the whole dataset up front, so a bad row late in an epoch cannot leave half-trained weights.
-    if not np.all(np.isfinite(a)):
-        row = int(np.argwhere(~np.isfinite(a))[0][0])
+def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
+    """Refuse NaN and inf in ``a``, and values past ``dtype``'s range, which are inf once cast
+    to it (float64 data for a float32 model). fit checks the whole dataset up front, so a bad
+    row late in an epoch cannot leave half-trained weights."""
+    finite = np.isfinite(a)
+    if not np.all(finite):
+        row = int(np.argwhere(~finite)[0][0])
         raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
+    if dtype is not None and a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize:
+        largest = np.finfo(dtype).max
+        fits = np.abs(a) <= largest
+        if not np.all(fits):
+            where = tuple(int(i) for i in np.argwhere(~fits)[0])
+            raise ValueError(f"{name}: {a[where]} in row {where[0]} is beyond {np.dtype(dtype)}'s range "
+                             f"(±{largest:.4g}), the model's dtype, where it would be inf")
 
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x") -> np.ndarray:

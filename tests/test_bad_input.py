@@ -196,6 +196,18 @@ def test_non_finite_regression_targets_are_rejected_before_any_step():
         model.fit(x, y, loss="mse", batch_size=2, shuffle=False, verbose=0)
 
 
+@pytest.mark.parametrize("what", ["x", "y"])
+def test_float64_data_past_the_float32_range_is_rejected_before_any_step(what):
+    """Finite in float64, inf in the float32 model: refused up front, not a NaN loss late in an epoch."""
+    model = make_model(out=1)
+    x, _ = data(n=12)
+    x, y = x.astype(np.float64), np.zeros(len(x))
+    (x[9] if what == "x" else y[9:10])[0] = -1e39
+    with rejected(model, ValueError, rf"{what}: -1e\+39 in row 9 is beyond float32's range"):
+        model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
+                  shuffle=False, verbose=0)
+
+
 def test_a_loss_that_turns_nan_stops_fit_before_that_batchs_update():
     calls = []
 
