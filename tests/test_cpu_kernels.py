@@ -388,7 +388,8 @@ def test_an_error_in_a_worker_block_reaches_the_caller(split_everything):
 @pytest.mark.parametrize("environment,expected", [
     ({}, 4),
     ({"OPENBLAS_NUM_THREADS": "2"}, 2),
-    ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"}, 3),
+    ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"}, 2),  # OpenBLAS reads its own first
+    ({"MKL_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"}, 2),
     ({"OMP_NUM_THREADS": "3", "NUMBA_NUM_THREADS": "1"}, 1),
     ({"MKL_NUM_THREADS": "16"}, 4),  # never more threads than cores
     ({"OMP_NUM_THREADS": "", "OPENBLAS_NUM_THREADS": "two", "MKL_NUM_THREADS": "0"}, 4),  # unusable: ignored

@@ -88,7 +88,9 @@ _COMPILED_PARALLEL_MIN_ELEMENTS = 1 << 22
 # it does not depend on how many threads split the rows (row blocks are whole chunks).
 _SUM_CHUNK_ROWS = 64
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Numba's own count first (the compiled kernels' pool), then the BLAS's in its own precedence:
+# OpenBLAS and MKL read their variable before OMP_NUM_THREADS.
+_THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 # The backend's matrix and dot products run with NumPy's floating-point-flag check off. CI once
@@ -138,7 +140,9 @@ def _dot(a, b) -> float:
 
 def _default_threads() -> int:
     """The BLAS's thread count, as the environment sets it (the first of ``_THREAD_VARIABLES``
-    that holds a positive integer), else one per core; never more than the cores."""
+    that holds a positive integer), else one per core; never more than the cores. Read once, at
+    import: a limit set later (threadpoolctl's, say) leaves it as it is; ``use_cpu_threads``
+    changes it."""
     for variable in _THREAD_VARIABLES:
         value = os.environ.get(variable, "").strip()
         if value.isdigit() and int(value) > 0:
