@@ -160,6 +160,25 @@ def test_an_explicit_device_wins_over_gpubp_device(monkeypatch):
     assert gb.Sequential([gb.Dense(2, 2)], device="cpu").backend_name == "numpy"
 
 
+def test_gpubp_device_that_contradicts_an_explicit_backend_is_ignored(monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "cuda")  # set for a whole run: a model that names its backend still builds
+    model = gb.Sequential([gb.Dense(2, 2)], backend="numpy")
+    assert model.backend_name == "numpy" and model.device == "cpu"
+
+
+def test_gpubp_backend_that_contradicts_an_explicit_device_is_ignored(monkeypatch):
+    monkeypatch.setenv("GPUBP_BACKEND", "numba")
+    assert gb.Sequential([gb.Dense(2, 2)], device="cpu").backend_name == "numpy"
+    assert backends.resolve("cpu", "auto") == "numpy"
+
+
+def test_gpubp_device_and_gpubp_backend_that_contradict_each_other_are_a_value_error_naming_both(monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "cuda")
+    monkeypatch.setenv("GPUBP_BACKEND", "numpy")
+    with pytest.raises(ValueError, match="GPUBP_BACKEND='numpy' runs on device 'cpu', but GPUBP_DEVICE='cuda'"):
+        backends.resolve()
+
+
 def test_an_unknown_gpubp_device_is_a_value_error(monkeypatch):
     monkeypatch.setenv("GPUBP_DEVICE", "tpu")
     with pytest.raises(ValueError, match=r"device: expected one of \('auto', 'cpu', 'cuda'\), got 'tpu'"):

@@ -260,19 +260,40 @@ def device_of(backend: str) -> str:
 def resolve(device: str = "auto", backend: str = "auto") -> str:
     """Pick the backend name for ``device`` and ``backend``.
 
-    An explicit argument wins; ``GPUBP_DEVICE``/``GPUBP_BACKEND`` replace an ``"auto"``.
+    An explicit argument wins: ``GPUBP_DEVICE``/``GPUBP_BACKEND`` fill an ``"auto"`` only where
+    they agree with the other argument, and one that contradicts an explicit argument is ignored
+    (and logged), so ``GPUBP_DEVICE=cuda`` set for a whole run leaves ``backend="numpy"`` working.
+    Two explicit arguments that contradict each other raise ``ValueError``, and so do the two
+    variables (neither outranks the other). An unknown value raises ``ValueError`` wherever it is from.
     ``"auto"`` picks cupy when CuPy sees a GPU, else numpy, and logs the choice once.
     ``device="cuda"`` with no usable GPU backend raises ``RuntimeError`` with the
     install hint. The CPU path never imports CuPy or Numba.
     """
+    device_from_env = backend_from_env = False
     if device == "auto":
         device = os.environ.get("GPUBP_DEVICE", "auto") or "auto"
+        device_from_env = device != "auto"
     if backend == "auto":
         backend = os.environ.get("GPUBP_BACKEND", "auto") or "auto"
+        backend_from_env = backend != "auto"
     if device not in DEVICES:
         raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend != "auto" and device != "auto" and device != device_of(backend):
+        if device_from_env and backend_from_env:
+            raise ValueError(
+                f"GPUBP_BACKEND={backend!r} runs on device {device_of(backend)!r}, "
+                f"but GPUBP_DEVICE={device!r} asks for another; unset one of them"
+            )
+        if device_from_env:
+            log.info("gpubp: GPUBP_DEVICE=%r ignored: backend=%r runs on device %r", device, backend,
+                     device_of(backend))
+            device = "auto"
+        elif backend_from_env:
+            log.info("gpubp: GPUBP_BACKEND=%r ignored: it runs on device %r, device=%r was asked for",
+                     backend, device_of(backend), device)
+            backend = "auto"
 
     if backend != "auto":
         if device != "auto" and device != device_of(backend):
