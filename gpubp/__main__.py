@@ -51,11 +51,14 @@ def demo(args, usage_error) -> int:
     """``usage_error(message)``: the demo parser's ``error``, for what only the data can check."""
     try:
         backend = backends.resolve(args.device, args.backend)
-    except ValueError as exc:  # --backend runs on another device than --device (or GPUBP_DEVICE) names
+    except ValueError as exc:  # --backend runs on another device than --device names (or GPUBP_* say so)
         usage_error(str(exc))
     except RuntimeError as exc:  # the backend they name cannot run here
         usage_error(str(exc))
-    x, y = gb.data.load_digits()
+    try:
+        x, y = gb.data.load_digits()
+    except ImportError as exc:  # scikit-learn ships the digits: the demo extra, not a traceback
+        usage_error(str(exc))
     x_train, x_test, y_train, y_test = gb.data.train_test_split(x, y, test_size=0.2, seed=args.seed, stratify=True)
     # The shots of each new class are drawn from its training images without replacement.
     images = {digit: int(np.count_nonzero(y_train == digit)) for digit in range(5, 10)}
@@ -63,7 +66,8 @@ def demo(args, usage_error) -> int:
     if args.shots > images[rarest]:
         usage_error(f"argument --shots: expected an int in [1, {images[rarest]}] (the training split holds "
                     f"{images[rarest]} images of digit {rarest}, the fewest of 5-9), got {args.shots}")
-    print(f"gpubp {gb.__version__}: device {backends.device_of(backend)!r}, backend {backend!r}")
+    device = backends.device_of(backend)  # the models' own: GPUBP_DEVICE has no say in them
+    print(f"gpubp {gb.__version__}: device {device!r}, backend {backend!r}")
     gb.seed(args.seed)
 
     print("\n[1/2] train 64-128-128-10 (relu) on the 8x8 digits")
@@ -71,7 +75,7 @@ def demo(args, usage_error) -> int:
         gb.Dense(64, 128, activation="relu"),
         gb.Dense(128, 128, activation="relu"),
         gb.Dense(128, 10),
-    ], backend=backend)
+    ], device=device, backend=backend)
     history = model.fit(x_train, y_train, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=2e-3),
                         epochs=args.epochs, batch_size=32, verbose=0 if args.quiet else 1)
     result = model.evaluate(x_test, y_test, metrics=["accuracy", "f1"])
@@ -85,7 +89,7 @@ def demo(args, usage_error) -> int:
         gb.Dense(64, 128, activation="relu"),
         gb.Dense(128, 128, activation="relu"),
         gb.Dense(128, 5),
-    ], backend=backend)
+    ], device=device, backend=backend)
     pretrained.fit(x_train[old_train], y_train[old_train], optimizer=gb.optim.Adam(pretrained.parameters(), lr=2e-3),
                    epochs=args.epochs, batch_size=64, verbose=0)
     pre_acc = pretrained.evaluate(x_test[old_test], y_test[old_test], loss="cross_entropy")["accuracy"]
@@ -172,24 +176,36 @@ def _check_available(name: str, usage_error) -> None:
         usage_error(f"backend {name!r} is not available here: {why}")
 
 
+def _why_not_timed(name: str) -> str | None:
+    """Why ``bench`` skips a backend that runs here, or None: the CUDA simulator runs the Numba
+    kernels in Python, so its times say nothing about the kernels."""
+    if name == "numba" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "it runs in the CUDA simulator here (NUMBA_ENABLE_CUDASIM=1), whose times say nothing"
+    return None
+
+
 def bench(args, usage_error) -> int:
     if args.backend != "auto":
         _check_available(args.backend, usage_error)
+        why = _why_not_timed(args.backend)
+        if why is not None:  # asked for by name: nothing timed is not a result
+            usage_error(f"argument --backend: {args.backend!r} cannot be timed: {why}")
     names = [args.backend] if args.backend != "auto" else [n for n, why in backends.available().items() if why is None]
     shapes = [([784, 256, 256, 10], 256), ([1024] * 4, 512), ([64] * 5 + [10], 4096)]
-    print(f"median ms per training step (forward, softmax-CE, backward, SGD momentum); {args.repeats} repeats")
+    print(f"median ms per training step (forward, softmax-CE, backward, SGD momentum); {args.repeats} "
+          + ("repeat" if args.repeats == 1 else "repeats"))
     rng = np.random.default_rng(0)
     for widths, batch in shapes:
         x = rng.standard_normal((batch, widths[0])).astype(np.float32)
         y = rng.integers(0, widths[-1], batch)
         cells = []
         for name in names:
-            if name == "numba" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            if _why_not_timed(name) is not None:
                 cells.append(f"{name}: skipped (CUDA simulator)")
                 continue
             layers = [gb.Dense(a, b, "relu" if i < len(widths) - 2 else None)
                       for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
-            model = gb.Sequential(layers, backend=name)
+            model = gb.Sequential(layers, device=backends.device_of(name), backend=name)
             opt = gb.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             cells.append(f"{name}: {1e3 * _step_seconds(model, x, y, opt, args.repeats):.3f}")
         print(f"{str(widths):<28} batch {batch:<5} " + "  ".join(cells))
@@ -209,21 +225,36 @@ def _int_at_least(low: int):
     return parse
 
 
+def _prog() -> str:
+    """How the user ran us, for usage and errors: ``gpubp`` from the console script (argv[0] is the
+    script), else ``python -m gpubp`` (argv[0] is this file, or a caller's when main is imported)."""
+    script = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0]
+    return "gpubp" if script == "gpubp" else "python -m gpubp"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpubp", description=__doc__,
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train on digits, then fine-tune a frozen backbone")
-    p_demo.add_argument("--epochs", type=_int_at_least(1), default=40)
-    p_demo.add_argument("--shots", type=_int_at_least(1), default=20, help="labelled examples per new class")
-    p_demo.add_argument("--seed", type=_int_at_least(0), default=0)
+    p_demo.add_argument("--epochs", type=_int_at_least(1), default=40,
+                        help="training epochs of the digits model and of the pretraining (default: %(default)s)")
+    p_demo.add_argument("--shots", type=_int_at_least(1), default=20,
+                        help="labelled examples per new class (default: %(default)s)")
+    p_demo.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="seed of the split, the weights and the shots (default: %(default)s)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("info", help="versions, GPUs and backends")
     p_bench = sub.add_parser("bench", help="quick training-step timings per backend")
-    p_bench.add_argument("--repeats", type=_int_at_least(1), default=20)
-    p_demo.add_argument("--device", default="auto", choices=backends.DEVICES)
-    for p in (p_demo, p_bench):
-        p.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS)
+    p_bench.add_argument("--repeats", type=_int_at_least(1), default=20,
+                         help="timed steps per shape and backend, after 3 warm-up steps (default: %(default)s)")
+    p_demo.add_argument("--device", default="auto", choices=backends.DEVICES,
+                        help="auto: GPUBP_DEVICE if set, else the GPU when CuPy sees one, else the CPU "
+                             "(default: %(default)s)")
+    p_demo.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS,
+                        help="auto: GPUBP_BACKEND if set, else the device's default (default: %(default)s)")
+    p_bench.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS,
+                         help="auto: every backend that runs here (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args, p_demo.error)

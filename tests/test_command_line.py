@@ -8,11 +8,13 @@ is tested where what it reports is (tests/test_kernels_compile.py, tests/test_cu
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
 
 import gpubp as gb
+from gpubp import __main__ as cli
 from gpubp.__main__ import _epoch_times, main
 
 pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn (the demo extra)")
@@ -88,3 +90,77 @@ def test_a_backend_that_cannot_run_here_is_a_usage_error_not_a_traceback(argv, c
     monkeypatch.setattr(gb.backends, "available", lambda: reasons)
     err = usage_error(argv, capsys)
     assert "'cupy' is not available" in err and "Traceback" not in err
+
+
+def test_the_demo_without_scikit_learn_is_a_usage_error_naming_the_demo_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `pip install gpubp`, without the demo extra
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    err = usage_error(["demo", "--epochs", "1", "--quiet", "--backend", "numpy"], capsys)
+    assert 'pip install "gpubp[demo]"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("env, argv", [
+    ({"GPUBP_DEVICE": "cuda"}, ["--device", "cpu"]),
+    ({"GPUBP_DEVICE": "cuda"}, ["--backend", "numpy"]),
+    ({"GPUBP_BACKEND": "numba"}, ["--device", "cpu"]),
+], ids=["device_over_GPUBP_DEVICE", "backend_over_GPUBP_DEVICE", "device_over_GPUBP_BACKEND"])
+def test_the_demo_runs_where_its_arguments_say_whatever_the_environment_says(env, argv, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["demo", "--epochs", "1", "--shots", "5", "--quiet"] + argv) == 0
+    assert re.search(r"^gpubp \S+: device 'cpu', backend 'numpy'$", capsys.readouterr().out, re.M)
+
+
+@pytest.fixture
+def untimed(monkeypatch):
+    """``bench`` with every step timed at 1 ms: what it prints, not how long the steps take."""
+    monkeypatch.setattr(cli, "_step_seconds", lambda model, x, y, opt, repeats: 1e-3)
+
+
+def test_bench_times_the_backend_asked_for_whatever_gpubp_device_says(untimed, capsys, monkeypatch):
+    monkeypatch.setenv("GPUBP_DEVICE", "cuda")
+    assert main(["bench", "--backend", "numpy", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("; 1 repeat")
+    assert len(lines) == 4 and all(line.endswith("numpy: 1.000") for line in lines[1:]), lines
+
+
+def test_bench_of_the_numba_backend_in_the_cuda_simulator_is_a_usage_error_saying_why(capsys, monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    reasons = {**gb.backends.available(), "numba": None}  # as numba-cuda's simulator runs anywhere
+    monkeypatch.setattr(gb.backends, "available", lambda: reasons)
+    err = usage_error(["bench", "--backend", "numba", "--repeats", "1"], capsys)
+    assert "argument --backend: 'numba' cannot be timed: it runs in the CUDA simulator" in err
+
+
+def test_bench_of_every_backend_skips_one_in_the_cuda_simulator(untimed, capsys, monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    monkeypatch.setattr(gb.backends, "available", lambda: {"numpy": None, "cupy": "no GPU", "numba": None})
+    assert main(["bench", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("; 2 repeats")
+    assert all(line.endswith("numpy: 1.000  numba: skipped (CUDA simulator)") for line in lines[1:]), lines
+
+
+@pytest.mark.parametrize("argv0, prog", [
+    ("/venv/bin/gpubp", "gpubp"),  # the console script (pip's wrapper strips a Windows .exe)
+    ("/site-packages/gpubp/__main__.py", "python -m gpubp"),  # what -m puts in argv[0]
+], ids=["console_script", "module"])
+def test_usage_errors_name_the_command_as_it_was_run(argv0, prog, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [argv0, "bench", "--repeats", "0"])
+    assert f"\n{prog} bench: error: argument --repeats" in usage_error(None, capsys)
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_every_option_with_a_value_shows_its_default_in_the_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    options = re.split(r"options:|optional arguments:", text)[1]
+    helps = {part.split()[0]: part for part in re.split(r" (?=--[a-z])", options) if part.startswith("--")}
+    defaults = {"demo": {"--epochs": 40, "--shots": 20, "--seed": 0, "--device": "auto", "--backend": "auto"},
+                "bench": {"--repeats": 20, "--backend": "auto"}}[command]
+    assert set(helps) - {"--help", "--quiet"} == set(defaults)
+    for option, default in defaults.items():
+        assert helps[option].endswith(f"(default: {default})"), helps[option]
