@@ -25,7 +25,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as exc:
         raise ImportError(
             "load_digits needs scikit-learn, which ships the digits dataset: "
-            'pip install scikit-learn  (or pip install "gpubp[dev]")'
+            'pip install "gpubp[demo]"  (or pip install scikit-learn)'
         ) from exc
     digits = sklearn_digits()
     x = (digits.data / 16.0).astype(np.float32)
@@ -41,9 +41,10 @@ def xor() -> tuple[np.ndarray, np.ndarray]:
 
 def regression(n_samples: int = 1000, n_features: int = 8, noise: float = 0.05,
                seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth nonlinear regression task: y = sin(x @ a) + 0.5 (x @ b)^2 + noise.
+    """A smooth nonlinear regression task: y = sin(2 x @ a) + 0.5 (x @ b)^2 + noise.
 
-    Returns x (n, n_features) float32 in [-1, 1] and y (n, 1) float32.
+    ``a`` and ``b`` are drawn with entries N(0, 1 / n_features), so x @ a and x @ b stay of order 1,
+    and the noise is N(0, noise^2). Returns x (n, n_features) float32 in [-1, 1] and y (n, 1) float32.
     """
     n_samples = _checks.positive_int(n_samples, "n_samples")
     n_features = _checks.positive_int(n_features, "n_features")
@@ -75,8 +76,10 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     if isinstance(test_size, bool) or not 0 < test_size < 1:
         raise ValueError(f"test_size: expected a float in (0, 1), got {test_size!r}")
     if stratify and y.ndim != 1:
-        raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}"
-                         + ("; for one-hot rows pass y.argmax(axis=1)" if y.ndim == 2 else ""))
+        # argmax of a single column is all zeros: one class, so that shape is asked to ravel
+        hint = ("" if y.ndim != 2 else "; for a single column of labels pass y.ravel()" if y.shape[1] == 1
+                else "; for one-hot rows pass y.argmax(axis=1)")
+        raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}{hint}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
         raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
     rng = np.random.default_rng(seed) if seed is not None else _random.generator()

@@ -1,7 +1,9 @@
 """Datasets that need no network, and the seeded, optionally stratified train/test split."""
 
+import re
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from gpubp import data
 
 @pytest.fixture(scope="module")
 def digits():
-    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[dev]'")
+    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[demo]'")
     return data.load_digits()
 
 
@@ -25,7 +27,7 @@ def test_digits_are_1797_images_of_64_pixels_scaled_to_0_1(digits):
 
 
 def test_digits_load_with_the_network_blocked(monkeypatch):
-    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[dev]'")
+    pytest.importorskip("sklearn", reason="load_digits needs scikit-learn: pip install 'gpubp[demo]'")
 
     def no_network(*args, **kwargs):
         raise OSError("network access in an offline test")
@@ -39,8 +41,12 @@ def test_digits_load_with_the_network_blocked(monkeypatch):
 def test_digits_without_scikit_learn_is_an_import_error_naming_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(ImportError, match=r"load_digits needs scikit-learn.*pip install \"gpubp\[dev\]\""):
+    with pytest.raises(ImportError, match=r"load_digits needs scikit-learn.*pip install \"gpubp\[demo\]\"") as caught:
         data.load_digits()
+    extra = re.search(r"gpubp\[(\w+)\]", str(caught.value)).group(1)
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    requirements = re.search(rf"^{extra} = \[(.*?)\]", pyproject, re.M | re.S).group(1)
+    assert '"scikit-learn' in requirements  # the extra the hint names installs it
 
 
 def test_xor_is_the_four_points_and_their_exclusive_or():
@@ -76,6 +82,16 @@ def test_regression_noise_is_the_spread_around_the_clean_targets():
     _, noisy = data.regression(200, noise=0.1, seed=4)
     residual = noisy - clean
     assert residual.std() == pytest.approx(0.1, rel=0.2)
+
+
+def test_regression_targets_follow_the_formula_its_docstring_gives():
+    x, y = data.regression(200, 3, noise=0.0, seed=4)
+    rng = np.random.default_rng(4)
+    rng.uniform(-1, 1, (200, 3))  # x's draws, then a's and b's
+    a, b = (rng.normal(0, 1, 3) / np.sqrt(3) for _ in range(2))
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(y[:, 0], np.sin(2 * xd @ a) + 0.5 * (xd @ b) ** 2, atol=1e-5)
+    assert "y = sin(2 x @ a) + 0.5 (x @ b)^2 + noise" in data.regression.__doc__
 
 
 def test_regression_rejects_a_non_positive_sample_count():
@@ -162,6 +178,12 @@ def test_a_stratified_split_of_one_hot_rows_names_y():
     with pytest.raises(ValueError, match=r"y: stratify=True needs class labels of shape \(10,\), got shape "
                                          r"\(10, 2\); for one-hot rows pass y.argmax\(axis=1\)"):
         data.train_test_split(x, np.eye(2)[y], stratify=True)
+
+
+def test_a_stratified_split_of_a_label_column_suggests_ravel_not_argmax():
+    x, y = labelled(10, 2)  # argmax(axis=1) of one column is all zeros: a single class
+    with pytest.raises(ValueError, match=r"got shape \(10, 1\); for a single column of labels pass y.ravel\(\)$"):
+        data.train_test_split(x, y[:, None], stratify=True)
 
 
 def test_split_rejects_x_and_y_of_different_lengths():
