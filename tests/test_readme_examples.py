@@ -49,7 +49,12 @@ x_train, y_train = x, y
 # A block's key: its first line of code (after "# gpubp" for a port).
 SETUP = {
     "import numpy as np": "",  # the quick start is self-contained
-    "out = model.forward(x_train[:32])": SMALL_MODEL,
+    # where the API tour leaves it: a model loaded from a file, and the old model's optimizer
+    "opt = gb.optim.Adam(model.parameters(), lr=2e-3)": SMALL_MODEL + """
+model.save("digits.npz")
+model = gb.load("digits.npz")
+weights_before = [w.copy() for w in model.get_weights()]
+""",
     'model.fit(x, y, optimizer=opt, epochs=20, callbacks=[gb.ModelCheckpoint("run.safetensors")])': SMALL_MODEL,
     "from gpubp import finetune as ft": DIGITS + """
 import types, torch
@@ -122,9 +127,12 @@ NEEDS = {
 
 # What each block's comments say it gives, checked after it runs (an expression on its names).
 CHECKS = {
-    "import numpy as np": ["probs.shape == (len(x_test), 10)", "isinstance(model, gb.Sequential)",
+    "import numpy as np": ["logits.shape == (len(x_test), 10)", "isinstance(model, gb.Sequential)",
                            "x.shape == (1797, 64) and x.dtype == np.float32"],
-    "out = model.forward(x_train[:32])": ["isinstance(loss, float)", "dout.shape == (32, 10)"],
+    "opt = gb.optim.Adam(model.parameters(), lr=2e-3)": [
+        "isinstance(loss, float)", "dout.shape == (32, 10)",
+        # opt.step() moved the loaded model's weights, not those of the model it was loaded from
+        "not all(np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))"],
     'model.fit(x, y, optimizer=opt, epochs=20, callbacks=[gb.ModelCheckpoint("run.safetensors")])': [
         "ckpt.epoch == 20", "isinstance(ckpt.model, gb.Sequential)"],
     "from gpubp import finetune as ft": ["dict(t.counts) == {'dense_dw': 1}"],
@@ -137,7 +145,7 @@ CHECKS = {
     "import torch, torch.nn.functional as F": ["isinstance(mlp, __import__('torch').nn.Module)",
                                                "isinstance(model, gb.Sequential)"],
     "from sklearn.model_selection import GridSearchCV": [
-        "clf.predict_proba(x_test).shape == (10, 2)", "isinstance(clf.model_, gb.Sequential)"],
+        "search.predict_proba(x_test).shape == (10, 2)", "isinstance(clf.model_, gb.Sequential)"],
     "import onnxruntime as ort": ["np.allclose(probs, model.predict(x_test), atol=1e-5)"],
     'model = gb.Sequential([gb.Dense(32, 64, "relu"), gb.Dense(64, 64, "relu"), gb.Dense(64, 10)],': [
         "model.uses_fused is True"],
@@ -254,6 +262,14 @@ def test_a_block_that_prints_other_than_it_shows_fails(workdir, monkeypatch):
     line, code = BLOCKS[name]
     monkeypatch.setitem(BLOCKS, name, (line, code.replace("dense_1  (nothing: skipped)", "dense_1  dense_dw")))
     with pytest.raises(AssertionError, match="the block prints"):
+        run_block(name, workdir)
+
+
+def test_a_hand_loop_that_steps_the_optimizer_of_the_model_before_loading_fails(workdir, monkeypatch):
+    name = "opt = gb.optim.Adam(model.parameters(), lr=2e-3)"
+    line, code = BLOCKS[name]
+    monkeypatch.setitem(BLOCKS, name, (line, code.replace(name, "opt = opt", 1)))  # SETUP's, of the saved model
+    with pytest.raises(AssertionError, match=r"after the block, 'not all\(np.array_equal"):
         run_block(name, workdir)
 
 
