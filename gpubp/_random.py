@@ -14,6 +14,8 @@ def seed(n: int) -> None:
     global _generator
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {n}")
     _generator = np.random.default_rng(int(n))
 
 

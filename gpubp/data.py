@@ -49,7 +49,7 @@ def regression(n_samples: int = 1000, n_features: int = 8, noise: float = 0.05,
     n_samples = _checks.positive_int(n_samples, "n_samples")
     n_features = _checks.positive_int(n_features, "n_features")
     noise = _checks.non_negative(noise, "noise")
-    rng = np.random.default_rng(seed) if seed is not None else _random.generator()
+    rng = _rng(seed)
     x = rng.uniform(-1, 1, (n_samples, n_features))
     a = rng.normal(0, 1, n_features) / np.sqrt(n_features)
     b = rng.normal(0, 1, n_features) / np.sqrt(n_features)
@@ -80,9 +80,7 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
         hint = ("" if y.ndim != 2 else "; for a single column of labels pass y.ravel()" if y.shape[1] == 1
                 else "; for one-hot rows pass y.argmax(axis=1)")
         raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}{hint}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
-    rng = np.random.default_rng(seed) if seed is not None else _random.generator()
+    rng = _rng(seed)
     if stratify:
         test = np.concatenate([
             members[: int(round(len(members) * test_size))]
@@ -101,3 +99,12 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
             raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
         test_idx, train_idx = order[:n_test], order[n_test:]
     return x[train_idx], x[test_idx], y[train_idx], y[test_idx]
+
+
+def _rng(seed) -> np.random.Generator:
+    """A generator of its own for an int ``seed``; the library's stream (``gb.seed``) for None."""
+    if seed is None:
+        return _random.generator()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
+    return np.random.default_rng(seed)

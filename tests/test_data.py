@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import data
+from gpubp import _random, data
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,21 @@ def test_a_bad_split_seed_is_named(seed):
     x, y = labelled(10)
     with pytest.raises(ValueError, match="seed: expected None or an int >= 0"):
         data.train_test_split(x, y, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [-1, True, 1.5, "3"])
+def test_a_bad_regression_seed_is_named(seed):
+    with pytest.raises(ValueError, match=r"seed: expected None or an int >= 0"):
+        data.regression(10, seed=seed)
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (True, TypeError), (1.5, TypeError)])
+def test_a_bad_library_seed_is_named_and_keeps_the_stream(seed, error):
+    gb.seed(3)
+    state = _random.get_state()
+    with pytest.raises(error, match=r"^seed: expected an int"):
+        gb.seed(seed)
+    assert _random.get_state() == state
 
 
 def test_split_with_a_seed_is_reproducible_and_seeds_differ():
