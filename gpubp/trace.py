@@ -44,6 +44,8 @@ class Trace:
 
     def __enter__(self) -> Trace:
         global _open_count
+        if any(t is self for t in _active()):  # nested in itself, it would count every launch twice
+            raise RuntimeError("trace: this Trace is already open in this thread; open another with gb.trace()")
         _active().append(self)
         with _count_lock:
             _open_count += 1

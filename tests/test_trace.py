@@ -96,6 +96,27 @@ def test_nested_traces_both_count():
     assert inner.counts["dense_fwd"] == 3 and outer.counts["dense_fwd"] == 6
 
 
+def test_a_trace_opened_inside_itself_is_refused_and_keeps_counting_once():
+    m = model()
+    with gb.trace() as t:
+        with pytest.raises(RuntimeError, match="trace: this Trace is already open in this thread"):
+            with t:
+                pass
+        m.forward(X)
+    assert t.counts["dense_fwd"] == 3
+    m.forward(X)
+    assert t.total == 3  # closed by its own block: the refused entry left nothing open
+
+
+def test_a_trace_can_be_opened_again_after_it_closed():
+    m = model()
+    t = gb.trace()
+    for _ in range(2):
+        with t:
+            m.forward(X)
+    assert t.counts["dense_fwd"] == 6
+
+
 def test_nothing_is_recorded_after_the_trace_closes():
     m = model()
     with gb.trace() as t:
