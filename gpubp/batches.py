@@ -154,10 +154,28 @@ def loss_and_grad(loss_fn, out, y, sample_weight, backend):
     """``loss_fn``'s (loss, gradient), weighted when ``sample_weight`` is given (a loss of your
     own is then called with ``sample_weight=`` too, and only then). gpubp's losses are told the
     ``backend``; a loss of your own is called as :func:`gpubp.losses.get` says, without it."""
-    kwargs = {"backend": backend} if losses.is_builtin(loss_fn) else {}
+    builtin = losses.is_builtin(loss_fn)
+    kwargs = {"backend": backend} if builtin else {}
     if sample_weight is not None:
         kwargs["sample_weight"] = sample_weight
-    return loss_fn(out, y, **kwargs)
+    result = loss_fn(out, y, **kwargs)
+    return result if builtin else checked_own_loss(result)
+
+
+def checked_own_loss(result) -> tuple[float, object]:
+    """A loss of your own's ``(loss, gradient)``, the loss as a float; TypeError naming ``loss``
+    for anything else (a loss per sample, say), before the gradient is used."""
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise TypeError(f"loss: a loss of your own returns (loss, gradient), got {type(result).__name__}")
+    value, grad = result
+    if getattr(value, "ndim", 0) != 0 or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"loss: a loss of your own returns the batch's loss as one number (a mean), got "
+                        f"{type(value).__name__} of shape {getattr(value, 'shape', None)}")
+    try:
+        return float(value), grad
+    except (TypeError, ValueError):
+        raise TypeError(f"loss: a loss of your own returns the batch's loss as one number, got "
+                        f"{type(value).__name__} {value!r}") from None
 
 
 def optimizer_for(model, optimizer, fresh: bool = False):
@@ -293,7 +311,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     result = {}
     if loss_fn is not None:
         weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
-        result["loss"] = loss_fn(outputs, y, **weighted)[0]
+        given = loss_fn(outputs, y, **weighted)
+        result["loss"] = (given if losses.is_builtin(loss_fn) else checked_own_loss(given))[0]
     if gather is not None and named:
         scores, y = gather(scores)
     for name, fn in named:

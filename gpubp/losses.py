@@ -21,6 +21,7 @@ The backend is chosen by the array's type (or passed by the training loop). Inpu
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import numpy as np
@@ -356,6 +357,19 @@ def fits_values(loss_fn) -> bool:
 def fuses(loss_fn, activation: str) -> bool:
     """True when ``loss_fn`` applies ``activation`` itself, so it should be given the logits."""
     return FUSED_ACTIVATION.get(base(loss_fn)) == activation
+
+
+def warn_if_another_head(loss_fn, activation: str, where: str) -> None:
+    """Warn when ``loss_fn`` applies one of softmax and sigmoid to what a last layer of the other
+    gives: those outputs are probabilities, and the loss would take them as logits."""
+    applies = FUSED_ACTIVATION.get(base(loss_fn))
+    if applies is None or activation not in FUSED_ACTIVATION.values() or activation == applies:
+        return
+    other = next(name for name, fn in LOSSES.items() if FUSED_ACTIVATION.get(fn) == activation)
+    warnings.warn(f"{where}: the loss {getattr(base(loss_fn), '__name__', loss_fn)} applies {applies} to "
+                  f"the outputs, but the last layer's {activation} has made them probabilities already; "
+                  f"use {other!r} for a {activation} last layer, or make the last layer linear",
+                  UserWarning, stacklevel=3)
 
 
 def get(loss):

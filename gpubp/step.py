@@ -114,6 +114,7 @@ class TrainStep:
             raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
         self._refuse_if_cannot_graph()
+        losses.warn_if_another_head(self.loss_fn, model._end(-1).activation, "loss")
         self._graphs: OrderedDict = OrderedDict()
         self._warm: OrderedDict = OrderedDict()  # signatures that ran eagerly once: captured next time
         self.graphed = False  # whether the last call replayed a graph

@@ -3,6 +3,7 @@ share, losses of your own, evaluate's default metrics, models trained in two thr
 and the errors of arguments of the wrong kind."""
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -133,6 +134,51 @@ def test_a_loss_of_your_own_is_given_sample_weight_when_the_samples_are_weighted
     x, y = regression_data(rng, n=8)
     model.fit(x, y, loss=weighted_mse, batch_size=8, sample_weight=np.full(8, 2.0), verbose=0)
     np.testing.assert_array_equal(seen[0], np.full(8, 2.0))
+
+
+def loss_per_sample(pred, target):
+    diff = pred - target
+    return (diff * diff).mean(axis=1), 2 * diff / diff.size
+
+
+@pytest.mark.parametrize("loss, message", [
+    (loss_per_sample, r"^loss: a loss of your own returns the batch's loss as one number \(a mean\), got ndarray "
+                      r"of shape \(8,\)"),
+    (lambda pred, target: 2 * (pred - target), r"^loss: a loss of your own returns \(loss, gradient\), got ndarray"),
+    (lambda pred, target: ("low", pred - target), r"^loss: a loss of your own returns the batch's loss as one "
+                                                  r"number, got str 'low'"),
+], ids=["per sample", "gradient only", "a word"])
+@pytest.mark.parametrize("call", ["fit", "evaluate"])
+def test_a_loss_of_your_own_that_returns_no_single_number_is_a_type_error_naming_loss(rng, loss, message, call):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
+    x, y = regression_data(rng, n=8)
+    before = model.get_weights()
+    with pytest.raises(TypeError, match=message):
+        if call == "fit":
+            model.fit(x, y, loss=loss, batch_size=8, verbose=0)
+        else:
+            model.evaluate(x, y, loss=loss)
+    for got, want in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("head, loss, advice", [("sigmoid", "cross_entropy", "binary_cross_entropy"),
+                                                ("softmax", "binary_cross_entropy", "cross_entropy")])
+def test_a_loss_that_applies_the_other_probability_heads_activation_warns(head, loss, advice):
+    model = gb.Sequential([gb.Dense(4, 3, head)], device="cpu")
+    with pytest.warns(UserWarning, match=rf"loss: the loss \w+ applies \w+ to the outputs, but the last layer's {head} "
+                                         rf"has made them probabilities already; use '{advice}'"):
+        model.train_step(loss, "sgd")
+
+
+@pytest.mark.parametrize("head, loss", [("softmax", "cross_entropy"), ("sigmoid", "binary_cross_entropy"),
+                                        (None, "cross_entropy"), ("sigmoid", "mse"), ("softmax", "mse")])
+def test_a_loss_that_fits_the_last_layer_does_not_warn(head, loss):
+    model = gb.Sequential([gb.Dense(4, 3, head)], device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train_step(loss, "sgd")
 
 
 # ----------------------------------------------------------------------------- evaluate's default metrics
