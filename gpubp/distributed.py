@@ -99,7 +99,10 @@ def _device_label(model) -> str:
 
 
 def check_setups(setups: list[dict]) -> None:
-    """Raise if the ranks' ``setups`` (one dict per rank: host, device, n_train, n_val) cannot train together."""
+    """Raise if the ranks' ``setups`` (one dict per rank: host, device, n_train, n_val, and where
+    given batch_size, epochs, model) cannot train together. Every rank sees every setup, so all
+    raise the same error: a rank that ran other steps would wait in a collective until the
+    timeout instead."""
     first = setups[0]
     for r, setup in enumerate(setups):
         if setup["device"].split(":")[0] != first["device"].split(":")[0]:
@@ -109,6 +112,13 @@ def check_setups(setups: list[dict]) -> None:
             if setup[key] != first[key]:
                 raise ValueError(f"{name}: rank 0 has {first[key]} samples, rank {r} has {setup[key]}; "
                                  "every rank must be given the whole dataset")
+        for key, what in (("batch_size", "batch_size"), ("epochs", "(initial_epoch, epochs)")):
+            if setup.get(key) != first.get(key):
+                raise ValueError(f"{key}: rank 0 trains with {what} {first.get(key)}, rank {r} with "
+                                 f"{setup.get(key)}; every rank must call fit with the same arguments")
+        if setup.get("model") != first.get("model"):
+            raise ValueError(f"model: rank {r}'s parameters (shapes, dtype, trainable flags) differ from rank 0's; "
+                             "every rank must build and freeze the same model")
     seen = {}
     for r, setup in enumerate(setups):
         if setup["device"] == "cpu":
@@ -134,7 +144,8 @@ class DataParallel:
     :meth:`evaluate`.
     """
 
-    def __init__(self, model, batch_size: int, n_train: int, n_val: int | None, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, model, batch_size: int, n_train: int, n_val: int | None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 epochs: tuple[int, int] | None = None):
         import torch
 
         init(model.device, timeout_s)
@@ -148,7 +159,9 @@ class DataParallel:
                              f"{self.world_size}, so that every rank gets an equal part")
         if n_val is not None and n_val < self.world_size:
             raise ValueError(f"validation data: {n_val} samples cannot be split over {self.world_size} ranks")
-        setup = {"host": socket.gethostname(), "device": _device_label(model), "n_train": n_train, "n_val": n_val}
+        setup = {"host": socket.gethostname(), "device": _device_label(model), "n_train": n_train, "n_val": n_val,
+                 "batch_size": batch_size, "epochs": None if epochs is None else [int(e) for e in epochs],
+                 "model": [[list(p.shape), str(p.data.dtype), bool(p.trainable)] for p in model.parameters()]}
         setups = [None] * self.world_size
         self.dist.all_gather_object(setups, setup)
         check_setups(setups)

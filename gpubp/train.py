@@ -185,7 +185,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if distributed:
         from gpubp.distributed import DataParallel
 
-        parallel = DataParallel(model, batch_size, len(x), None if x_val is None else len(x_val))
+        parallel = DataParallel(model, batch_size, len(x), None if x_val is None else len(x_val),
+                                epochs=(initial_epoch, epochs))
         if parallel.rank != 0:
             verbose = 0
             callbacks = [cb for cb in callbacks if not cb.main_process_only]

@@ -226,6 +226,24 @@ def test_check_setups_rejects_different_datasets(key, name):
         distributed.check_setups([setup(), setup(**{key: 7})])
 
 
+FIT_SETUP = {"batch_size": 8, "epochs": [0, 3], "model": [[[3, 2], "float32", True], [[2], "float32", True]]}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 16, r"^batch_size: rank 0 trains with batch_size 8, rank 1 with 16; every rank must call fit"),
+    ("epochs", [1, 3], r"^epochs: rank 0 trains with \(initial_epoch, epochs\) \[0, 3\], rank 1 with \[1, 3\]"),
+    ("model", [[[3, 2], "float32", False], [[2], "float32", True]],
+     r"^model: rank 1's parameters \(shapes, dtype, trainable flags\) differ from rank 0's"),
+    ("model", [[[3, 2], "float64", True], [[2], "float64", True]], r"^model: rank 1's parameters"),
+], ids=["batch_size", "epochs", "frozen weight", "dtype"])
+def test_check_setups_rejects_ranks_that_would_run_other_steps(key, value, message):
+    """Ranks that would run another number of all-reduces, or reduce buckets of another layout,
+    would wait in a collective until the timeout: refused on every rank instead."""
+    with pytest.raises(ValueError, match=message):
+        distributed.check_setups([setup(**FIT_SETUP), setup(**{**FIT_SETUP, key: value})])
+    distributed.check_setups([setup(**FIT_SETUP), setup(**FIT_SETUP)])
+
+
 def test_fit_distributed_without_torchrun_or_a_process_group_says_how_to_launch(monkeypatch):
     for var in distributed.TORCHRUN_VARS:
         monkeypatch.delenv(var, raising=False)
