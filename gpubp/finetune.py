@@ -108,6 +108,9 @@ class GradualUnfreezing(Callback):
     Layers are counted as :func:`param_groups` counts them: a Dropout is passed over, so each
     step unfreezes one more Dense layer. What is trainable depends on the epoch alone, so a
     run resumed with ``fit(..., initial_epoch=...)`` unfreezes as the uninterrupted one did.
+    It sets each whole layer's ``trainable`` at every epoch's start: a layer frozen by hand, or
+    only its bias or weight frozen (``layer.bias.trainable = False``), is frozen or unfrozen
+    as a whole by the schedule instead.
     """
 
     def __init__(self, initial: int = 1, every: int = 1) -> None:
