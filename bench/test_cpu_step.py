@@ -305,7 +305,10 @@ def steps_per_block(step, timer) -> int:
 # Before each block the process sleeps ``SETTLE_SECONDS``, untimed. With every core in use, a
 # library's idle worker threads keep spinning on the cores after its last call (OpenBLAS's for
 # about 0.1 s): without the pause, the block after an OpenBLAS one shared its cores with them,
-# and PyTorch's step on two threads timed 2.3x slower than on its own.
+# and PyTorch's step on two threads timed 2.3x slower than on its own. After the pause one step
+# runs untimed: the pause let every library's workers go to sleep, and the first step after it
+# pays for waking them, which a training loop, whose steps follow each other, does not (timed,
+# it made PyTorch's two-thread step look 2.5x slower than back-to-back steps of it).
 BLOCK_SECONDS = 0.01
 SETTLE_SECONDS = 0.15
 ROUNDS = 40
@@ -360,8 +363,10 @@ def interleaved(benchmark, request, sizes, batch: int, steps: dict) -> None:
 
 
 def timer_block(step, n: int, timer) -> float:
-    """Seconds (by ``timer``) to run ``step`` ``n`` times, after ``SETTLE_SECONDS`` of sleep."""
+    """Seconds (by ``timer``) to run ``step`` ``n`` times, after ``SETTLE_SECONDS`` of sleep and
+    one untimed step that wakes the library's threads."""
     time.sleep(SETTLE_SECONDS)
+    step()
     started = timer()
     for _ in range(n):
         step()
