@@ -1022,6 +1022,10 @@ class Sequential:
         applied_below = {i + 1 for i, dropout in self._steps() if dropout is not None}
         folds = self.folded(plan, self._applied(logits))
         below = {upper: lower for lower, upper in folds.items()}
+        # The two dX buffers alternate by the layers that run, not by position: with a Dropout
+        # skipped between them, two Dense layers two apart would share one, and the lower one's
+        # dX kernel would write over the dz (its dy) it is still reading.
+        parity = 0
         for i in range(len(self) - 1, lowest - 1, -1):
             if i in applied_below:
                 continue  # the layer below regenerates this Dropout's mask in its own backward
@@ -1029,7 +1033,8 @@ class Sequential:
             need_dx = plan[i][0]
             out_dx = None
             if need_dx and i > 0:
-                out_dx = self._scratch.get(self.backend, ("dx", i % 2), (batch, layer.in_features), self.dtype)
+                out_dx = self._scratch.get(self.backend, ("dx", parity), (batch, layer.in_features), self.dtype)
+                parity ^= 1
             fold = {}
             if i in below:
                 fold["below"] = self.layers[below[i]]

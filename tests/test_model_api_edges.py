@@ -99,6 +99,31 @@ def test_set_weights_with_a_ragged_nested_list_names_its_index():
         model.set_weights(weights)
 
 
+@pytest.mark.parametrize("layers", [
+    lambda: [gb.Dense(4, 9, "relu"), gb.Dense(9, 9, "relu"), gb.Dropout(0.5), gb.Dense(9, 3)],
+    lambda: [gb.Dense(4, 9, "tanh"), gb.Dropout(0.2), gb.Dense(9, 9, "relu"), gb.Dropout(0.5), gb.Dense(9, 9),
+             gb.Dense(9, 3)],
+], ids=["dropout between equal widths", "two dropouts"])
+def test_no_layer_writes_its_input_gradient_into_the_gradient_it_reads(monkeypatch, rng, layers):
+    """Backward hands each layer a dX buffer apart from its dy. Where a Dropout between two Dense
+    layers is skipped (the lower Dense applies its mask), buffers chosen by position gave the lower
+    Dense the one it read dy from; on a backend whose dX kernel reads dz while writing dX (Numba,
+    CuPy, for layers over one tile wide), the gradients came out wrong."""
+    seen = []
+    backward = gb.Dense.backward
+
+    def checked(self, dy, need_dx, out_dx=None, *args, **kwargs):
+        seen.append(out_dx is not None and np.shares_memory(dy, out_dx))
+        return backward(self, dy, need_dx, out_dx, *args, **kwargs)
+
+    monkeypatch.setattr(gb.Dense, "backward", checked)
+    gb.seed(0)
+    model = gb.Sequential(layers(), device="cpu")
+    model.forward(rng.normal(size=(5, 4)).astype(np.float32))
+    model.backward(rng.normal(size=(5, 3)).astype(np.float32))
+    assert len(seen) == sum(isinstance(layer, gb.Dense) for layer in model) and not any(seen)
+
+
 # ----------------------------------------------------------------------------- losses of your own
 
 
