@@ -609,7 +609,7 @@ def _load_kernel(filename: str, name: str, acts: int, device: int) -> _Launch:
     if not acts or name not in ACT_KERNELS or act_modules() == "all":
         _rawmodule(filename, kernel_part(filename, name))
         return _functions[(device, name, None)]
-    wider = [launch for (dev, kernel, built), launch in _functions.items()
+    wider = [launch for (dev, kernel, built), launch in list(_functions.items())  # preload threads add to it
              if dev == device and kernel == name and built and built & acts == acts]
     if not wider:
         part = kernel_part(filename, name, acts)
@@ -644,6 +644,11 @@ def _state() -> dict:
             "scalar": cupy.empty(1, np.float32),
             "workspace": cupy.empty(0, np.float32),
         }
+        # The tickets' zeros are a memset on the current stream; a first ticket kernel launched
+        # on another stream must not run before it (once per device, outside a graph capture).
+        stream = cupy.cuda.get_current_stream()
+        if not stream.is_capturing():
+            stream.synchronize()
     return state
 
 
@@ -864,7 +869,8 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
         filename = "dense_forward.cu" if kind == "fwd" else "dense_backward.cu"
     grid = (-(-m // tile[0]), -(-n // tile[1]))
     if grid[1] > MAX_GRID_Y:
-        raise ValueError(f"{kind}: an output {n} wide takes {grid[1]} tiles of {tile[1]} columns along the "
+        width = "an input" if kind == "dx" else "an output"  # dx's columns are the layer's inputs
+        raise ValueError(f"{kind}: {width} {n} wide takes {grid[1]} tiles of {tile[1]} columns along the "
                          f"kernel grid's y axis, and CUDA launches at most {MAX_GRID_Y} there (a layer at most "
                          f"{MAX_GRID_Y * tile[1]} wide)")
     name = _dense_name(kind, act, precision, tile, dropout)
@@ -960,7 +966,9 @@ def _dz_launch(batch: int, n_out: int, db) -> tuple[tuple, tuple]:
     strips = -(-n_out // DZ_COLUMNS)
     ws_db, tickets = _state()["workspace"], _state()["tickets"][1:]
     if splits > 1 and db is not None:
-        assert strips <= tickets.size, (strips, tickets.size)  # splits > 1 only below DZ_BLOCKS_PER_SM x sms strips
+        if strips > tickets.size:  # splits > 1 only below DZ_BLOCKS_PER_SM x sms strips: a GPU of > ~500 SMs
+            raise RuntimeError(f"dense_dz_db: {strips} column strips need tickets, and the backend keeps "
+                               f"{tickets.size} ({_state()['sms']} SMs); raise _TICKETS")
         ws_db = _workspace(splits * n_out)
     return (strips, splits), (ws_db, tickets, np.int32(row_chunk), np.int32(splits))
 
