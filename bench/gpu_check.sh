@@ -244,8 +244,9 @@ fc_facts() {
 fc_tests() {
     # A test file that fails to import costs its own tests, not the others'; a test stuck for a
     # minute has every thread's stack dumped into the log (pytest's faulthandler: pytest-timeout
-    # is not installed); -rfEs lists failures, errors and skips at the end.
-    run "gpu tests" whole_sets "$PYTHON" -m pytest -m "gpu or numba_gpu" tests -q -rfEs -p no:cacheprovider \
+    # is not installed); -rfEs lists failures, errors and skips at the end, and -v each test's
+    # result as it ends, which the log keeps should the junit report be lost to a kill.
+    run "gpu tests" whole_sets "$PYTHON" -m pytest -m "gpu or numba_gpu" tests -v -rfEs -p no:cacheprovider \
         --continue-on-collection-errors -o faulthandler_timeout=60 $(xdist_workers "$(nproc)") \
         --junitxml "$check/gpu_tests.xml"
 }
@@ -298,6 +299,9 @@ fc_summary() {
 fc_step() {  # name: fc_<name> in a child shell under its budget; records how it ended, then publishes
     local name="$1" limit="${budget[$1]}" start=$SECONDS status result grace
     grace=$((limit >= 40 ? 10 : limit / 4))
+    # After the SIGINT, pytest-xdist waits 10 s for a worker stuck in a kernel or a sync before it
+    # kills it and writes the junit report: the tests step's SIGKILL must come after that.
+    if [ "$name" = tests ] && [ "$limit" -ge 80 ]; then grace=20; fi
     echo "==== first-contact step $name (budget $limit s)"
     # GPUBP_STEP_SECONDS: what the step has before its SIGINT, for a step that shares it out (bench).
     GPUBP_STEP_SECONDS=$((limit - grace)) timeout --signal=INT --kill-after="$grace" "$((limit - grace))" \

@@ -526,7 +526,13 @@ def main(argv: list[str]) -> int:
     (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
     print(table)
     if args.results_out:
-        files = {"gpu_summary.json": text.encode(), f"{file_stem(args.device)}.md": table.encode()}
+        report_name = f"{file_stem(args.device)}.md"
+        # A report under another name, from an earlier publish that could not ask the device its
+        # name: only so many files come back from the GPU machine, and this one replaces it.
+        for stale in Path(args.results_out).glob("*.md"):
+            if stale.name != report_name:
+                stale.unlink()
+        files = {"gpu_summary.json": text.encode(), report_name: table.encode()}
         if report["benchmarks"]:
             files["benchmarks.json"] = json.dumps(report, indent=1).encode()
         carry(args.results_out, files)

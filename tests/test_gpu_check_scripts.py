@@ -494,6 +494,23 @@ def test_facts_that_hold_no_device_give_no_bound_rather_than_asking_the_device(g
     assert "Device facts: CuPy is not installed" in table and "smi says" in table
 
 
+def test_the_results_folder_keeps_one_device_report_when_the_device_name_changes(gs, tmp_path):
+    """A publish that could not ask the device its name writes unknown_gpu.md; the next, named,
+    report replaces it, so the folder holds no more files than come back from the GPU machine."""
+    out, results = tmp_path / "check", tmp_path / "results_out"
+    for device in ("unknown gpu", "NVIDIA H200"):
+        gs.main(["--device", device, "--out-dir", str(out), "--results-out", str(results)])
+    assert sorted(path.name for path in results.glob("*.md")) == ["NVIDIA_H200.md"]
+
+
+def test_the_tests_step_waits_for_xdist_to_write_its_report_before_the_kill():
+    """After a SIGINT, pytest-xdist waits 10 s for a stuck worker and only then writes the junit
+    report; a 10 s grace before the SIGKILL lost the report of a run with a hung kernel."""
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert 'if [ "$name" = tests ] && [ "$limit" -ge 80 ]; then grace=20; fi' in script
+    assert " tests -v -rfEs " in script
+
+
 def gpu_check(*stages, env=None):
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *stages], capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
