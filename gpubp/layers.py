@@ -17,8 +17,11 @@ directly, so the same model runs on the NumPy, CuPy and Numba backends.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
@@ -30,6 +33,11 @@ from gpubp.backends import numpy_backend
 from gpubp.parameter import Parameter
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
+
+# Numbers each training forward of any model; layers keep the one that wrote what they saved.
+_training_forwards = itertools.count(1)
+# What a Sequential sets on its layers while it checks them: put back when it refuses them.
+_SET_BY_A_MODEL = ("name", "in_features", "out_features")
 
 
 class _Buffers:
@@ -113,9 +121,12 @@ class Layer:
         self.name = name
         self.backend: ModuleType = numpy_backend
         self._buffers = _Buffers()
-        # Set by the first Sequential that holds this layer: from then on its backend and dtype are
-        # that model's, and another model may share it (a slice, a rebuilt model) only as they are.
-        self._in_model = False
+        # The live Sequentials that hold this layer: while one does, its backend and dtype are that
+        # model's, and another model may share it (a slice, a rebuilt model) only as they are.
+        self._holders: weakref.WeakSet = weakref.WeakSet()
+        # The training forward (a number from _training_forwards) whose arrays this layer keeps for
+        # backward: a model's backward checks it is its own, not a slice's that ran since.
+        self._saved_by = None
 
     def connect(self, width: int, where: str, below: str) -> None:
         """Check (or, for a layer that keeps its width, adopt) the input width ``width`` that
@@ -350,10 +361,11 @@ class Dense(Layer):
         return [a for a in (self._input, self._output, self._preact) if a is not None]
 
     def saved_for_backward(self) -> tuple:
-        return self._input, self._output, self._preact, self._applied, self._dropout, self._precision
+        return self._input, self._output, self._preact, self._applied, self._dropout, self._precision, self._saved_by
 
     def restore_saved(self, saved: tuple) -> None:
-        self._input, self._output, self._preact, self._applied, self._dropout, self._precision = saved
+        (self._input, self._output, self._preact, self._applied, self._dropout, self._precision,
+         self._saved_by) = saved
 
     def forget(self) -> None:
         self._input = self._output = self._preact = self._dropout = None
@@ -442,10 +454,10 @@ class Dropout(Layer):
         return ["dropout_bwd"] if need_dx else []
 
     def saved_for_backward(self) -> tuple:
-        return (self._mask,)
+        return self._mask, self._saved_by
 
     def restore_saved(self, saved: tuple) -> None:
-        (self._mask,) = saved
+        self._mask, self._saved_by = saved
 
     def forget(self) -> None:
         self._mask = None
@@ -562,30 +574,19 @@ class Sequential:
                 # position would overwrite the first's, and the gradients would be wrong.
                 raise ValueError(f"layers: layers[{first}] and layers[{i}] are the same {type(layer).__name__} "
                                  f"object {layer!r}; give each position a layer of its own")
-        self._adopt_input_width()
-        for i, layer in enumerate(self.layers):
-            if i:
-                layer.connect(self.layers[i - 1].out_features, f"layers[{i}]", f"layers[{i - 1}]")
-            if layer.activation in activations.OUTPUT_ONLY and i != len(self.layers) - 1:
-                raise ValueError(
-                    f"layers[{i}]: activation {layer.activation!r} is allowed on the last layer only "
-                    f"(it normalises a whole row); use it on layers[{len(self.layers) - 1}] or pick another"
-                )
-            if layer.name is None:
-                layer.name = f"{layer.kind}_{i}"
-        self._check_nothing_above_a_probability_head()
-        self.backend_name = backends.resolve(device, backend)
-        self.backend = backends.get(self.backend_name)
-        if dtype is None:
-            dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
-        self.dtype = _checks.parameter_dtype(dtype, "dtype")
-        self._check_dtype(self.backend_name)
-        # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
-        # float64 layer would stay float64 in a float32 model)
-        moved = [i for i, layer in enumerate(self.layers)
-                 if layer.backend is not self.backend or (layer.dtype is not None and layer.dtype != self.dtype)]
-        for i in moved:  # all checked before any layer moves
-            self._check_movable(i)
+        # Everything that can refuse the model runs before any layer moves; what the checks set on
+        # the layers on the way (a Dropout's width, default names) is put back if one refuses.
+        before = [{key: vars(layer)[key] for key in _SET_BY_A_MODEL if key in vars(layer)} for layer in self.layers]
+        try:
+            moved = self._check_layers(device, backend, dtype, fused, precision)
+        except BaseException:
+            for layer, state in zip(self.layers, before):
+                for key in _SET_BY_A_MODEL:
+                    if key in state:
+                        vars(layer)[key] = state[key]
+                    else:
+                        vars(layer).pop(key, None)
+            raise
         for i in moved:
             self.layers[i]._bind(self.backend, self.dtype)
         self._scratch = _Buffers()
@@ -596,23 +597,62 @@ class Sequential:
         # A training forward draws each Dropout's key first; a CUDA-graph capture turns this off
         # and draws them itself before each replay (gpubp.step).
         self._draw_keys = True
+        for layer in self.layers:  # only once the model exists: a refused one holds no layer
+            layer._holders.add(self)
+
+    def _check_layers(self, device, backend, dtype, fused, precision) -> list[int]:
+        """Connect and name the layers, pick the backend, dtype, precision and path, and return the
+        positions of the layers that must move to this model's backend and dtype; raises (before
+        any layer moves) where the model cannot be built."""
+        self._adopt_input_width()
+        for i, layer in enumerate(self.layers):
+            if i:
+                layer.connect(self.layers[i - 1].out_features, f"layers[{i}]", f"layers[{i - 1}]")
+            if layer.activation in activations.OUTPUT_ONLY and i != len(self.layers) - 1:
+                raise ValueError(
+                    f"layers[{i}]: activation {layer.activation!r} is allowed on the last layer only "
+                    f"(it normalises a whole row); use it on layers[{len(self.layers) - 1}] or pick another"
+                )
+        self._check_nothing_above_a_probability_head()
+        for i, layer in enumerate(self.layers):
+            if layer.name is None:
+                layer.name = f"{layer.kind}_{i}"
+        self.backend_name = backends.resolve(device, backend)
+        self.backend = backends.get(self.backend_name)
+        if dtype is None:
+            dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
+        self.dtype = _checks.parameter_dtype(dtype, "dtype")
+        self._check_dtype(self.backend_name)
+        # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
+        # float64 layer would stay float64 in a float32 model)
+        moved = [i for i, layer in enumerate(self.layers)
+                 if layer.backend is not self.backend or (layer.dtype is not None and layer.dtype != self.dtype)]
+        for i in moved:
+            self._check_movable(i)
         self._precision = _checked_precision(precision)
         self.fused = fused  # picks the path for that precision, or says why it cannot
-        for layer in self.layers:  # only once the model exists: a refused one holds no layer
-            layer._in_model = True
+        return moved
 
     def _check_movable(self, i: int) -> None:
         """Raise unless ``layers[i]``, which this model would move to its backend and dtype, is
-        held by no other model: moving it would change that model's weights under it (a slice
+        held by no other live model: moving it would change that model's weights under it (a slice
         or a rebuilt model shares layers on the same backend, in the same dtype, and moves none)."""
         layer = self.layers[i]
-        if layer._in_model:
+        if self._held_elsewhere(layer):
             where = layer.backend.NAME if layer.dtype is None else f"{layer.backend.NAME}, {layer.dtype}"
             raise ValueError(
                 f"layers[{i}]: {layer.name!r} belongs to another model ({where}), which this one "
                 f"({self.backend_name}, {self.dtype}) would convert under it; build new layers for this model "
                 "and copy the weights over with set_weights(other.get_weights())"
             )
+
+    def _held_elsewhere(self, layer: Layer) -> bool:
+        """Whether a live model other than this one holds ``layer``. Garbage is collected before
+        saying so: a dropped model that a reference cycle keeps (its history, its callbacks) holds none."""
+        if not any(model is not self for model in layer._holders):
+            return False
+        gc.collect()
+        return any(model is not self for model in layer._holders)
 
     def _check_nothing_above_a_probability_head(self) -> None:
         """A Dropout above a sigmoid output layer would scale its probabilities past 1 in training,
@@ -771,13 +811,23 @@ class Sequential:
         """Move the parameters to another device/backend; returns self.
 
         Optimizer state lives with the arrays it was made for: build the optimizer after ``to``,
-        or move its state along with ``opt.load_state_dict(opt.state_dict())``.
+        or move its state along with ``opt.load_state_dict(opt.state_dict())``. A ValueError refuses
+        to move layers that another live model holds too (a slice, ``model[:2]``, holds its model's),
+        since that model would find them on a backend it is not on.
         """
         name = backends.resolve(device, backend)
         self._check_dtype(name)
         target = backends.get(name)
         uses_fused = self._fused_choice(self._fused, target, name)  # raises before anything moves
-        for layer in self.layers:
+        moved = [layer for layer in self.layers if layer.backend is not target]  # none onto its own backend
+        for layer in moved:
+            if self._held_elsewhere(layer):
+                raise ValueError(
+                    f"to: layer {layer.name!r} is also held by another model (a slice of this one, or a model built "
+                    f"from its layers), which moving it to {name!r} would break; drop that model first, or build new "
+                    "layers for this one and copy the weights over with set_weights(other.get_weights())"
+                )
+        for layer in moved:
             layer._bind(target, self.dtype)
         self.backend_name, self.backend = name, target
         self._scratch.clear()
@@ -920,7 +970,9 @@ class Sequential:
         ``logits=True`` returns the last layer's pre-activation (the logits of a sigmoid or
         softmax head) for a loss that applies the activation itself, fused and stable;
         the following ``backward`` then takes the gradient of the logits.
-        The returned array is fresh; intermediate buffers are reused call to call.
+        The returned array is a new one each call (intermediate buffers are reused call to call),
+        but it may be the very array the last layer keeps for backward: it is the model's until the
+        next forward, so copy it before changing it in place, or the gradients change with it.
         """
         if not self.layers:
             raise ValueError("forward: the model has no layers")
@@ -937,7 +989,11 @@ class Sequential:
         else:
             h = self._layer_forward(h, keeps_input, keeps_output, training, logits)
         if training:
-            self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features)
+            # A slice or a model sharing these layers overwrites what they keep: backward checks this.
+            forward_call = next(_training_forwards)
+            for layer in self.layers:
+                layer._saved_by = forward_call
+            self._stored_plan = (keeps_input, keeps_output, logits, batch, self.out_features, forward_call)
         return h
 
     def draw_keys(self) -> None:
@@ -1012,13 +1068,15 @@ class Sequential:
             return None
         if self._stored_plan is None:
             raise RuntimeError("backward: run forward(x) in training mode first")
-        kept_input, kept_output, logits, batch, width = self._stored_plan
+        kept_input, kept_output, logits, batch, width, forward_call = self._stored_plan
         if not all(has or not needs for has, needs in zip(kept_input + kept_output, needs_input + needs_output)):
             self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
+        lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
+        if self._fused_saved is None:  # (a fused forward's arrays are the model's own)
+            self._check_saved_by(forward_call, lowest, kept_input[lowest])
         dy = self._as_grad(dout, (batch, width))
         if self._fused_saved is not None:
             return self._fused_backward(dy, plan, need_input_grad)
-        lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
         applied_below = {i + 1 for i, dropout in self._steps() if dropout is not None}
         folds = self.folded(plan, self._applied(logits))
         below = {upper: lower for lower, upper in folds.items()}
@@ -1042,6 +1100,21 @@ class Sequential:
                 fold["folded"] = True
             dy = layer.backward(dy, need_dx, out_dx, self.precision, **fold)
         return dy if need_input_grad else None
+
+    def _check_saved_by(self, forward_call: int, lowest: int, input_kept: bool) -> None:
+        """Raise unless what the layers this backward reads keep is from this model's last training
+        forward (``forward_call``): a slice or another model sharing them overwrites it when it runs
+        its own. The layers from ``lowest`` up, and the step below them whose buffer holds their input."""
+        first = lowest
+        if input_kept and lowest:
+            first = max(i for i, _ in self._steps() if i < lowest)
+        for layer in self.layers[first:]:
+            if layer._saved_by != forward_call:
+                raise RuntimeError(
+                    f"backward: layer {layer.name!r} now keeps what another model's forward (a slice of this "
+                    "model, or a model sharing its layers) stored, which ran since this model's forward; "
+                    "run forward(x) on this model again first"
+                )
 
     def folded(self, plan, acts) -> dict[int, int]:
         """{layer: the layer above whose dX kernel forms its dz}, given the backward ``plan`` and the

@@ -145,6 +145,47 @@ def test_to_cpu_keeps_the_weights_and_reports_the_cpu():
         np.testing.assert_array_equal(a, b)
 
 
+SHARERS = {"slice": lambda model: model[:2], "rebuilt": lambda model: gb.Sequential(model.layers, device="cpu")}
+
+
+@pytest.mark.parametrize("mover", ["sharer", "model"])
+@pytest.mark.parametrize("share", SHARERS)
+@pytest.mark.parametrize("backend", ["numba"], indirect=True)
+def test_moving_layers_another_live_model_holds_is_refused_before_anything_moves(backend, share, mover, rng):
+    """A slice.to() once moved its model's layers under it, and the model then failed."""
+    model = mlp()
+    sharer = SHARERS[share](model)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    expected = model.predict(x)
+    with pytest.raises(ValueError, match=r"to: layer 'dense_0' is also held by another model"):
+        (sharer if mover == "sharer" else model).to(backend=backend)
+    assert model.backend_name == sharer.backend_name == "numpy"
+    assert all(type(p.data) is np.ndarray for p in model.parameters())
+    np.testing.assert_array_equal(model.predict(x), expected)
+    np.testing.assert_array_equal(sharer.predict(x), model[:len(sharer)].predict(x))
+
+
+@pytest.mark.parametrize("backend", ["numba"], indirect=True)
+def test_a_model_moves_once_the_slice_that_shared_its_layers_is_gone(backend, rng):
+    model = mlp()
+    head = model[1:]
+    head.fit(rng.normal(size=(4, 6)).astype(np.float32), np.arange(4) % 3, epochs=1, verbose=0)
+    head.itself = head  # a reference cycle: dropped, but alive until the garbage is collected
+    del head
+    assert model.to(backend=backend).backend_name == backend
+    assert model.to("cpu").backend_name == "numpy"
+
+
+def test_to_the_backend_a_model_is_on_is_allowed_while_a_slice_shares_its_layers(rng):
+    model = mlp()
+    head = model[1:]
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    expected = model.predict(x)
+    assert model.to("cpu") is model and head.to(backend="numpy") is head
+    np.testing.assert_array_equal(model.predict(x), expected)
+    assert head[0] is model[1]
+
+
 def test_gpubp_device_replaces_auto(monkeypatch):
     monkeypatch.setenv("GPUBP_DEVICE", "cpu")
     assert gb.Sequential([gb.Dense(2, 2)]).device == "cpu"
@@ -284,6 +325,21 @@ def test_forward_returns_a_fresh_array_each_call(rng, training):
     np.testing.assert_array_equal(first, kept)
 
 
+def test_forward_says_its_output_may_be_the_array_backward_reads(rng):
+    """A tanh head keeps its output for act': changing forward's output in place changes the gradients,
+    which forward's docstring once hid by calling the output fresh."""
+    doc = " ".join(gb.Sequential.forward.__doc__.split())
+    assert "it is the model's until the next forward, so copy it before changing it in place" in doc
+    model = gb.Sequential([gb.Dense(4, 3, "tanh")], device="cpu", dtype="float64")
+    x, dout = rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
+    model.forward(x)
+    model.backward(dout)
+    expected = model[0].weight.grad.copy()
+    model.forward(x).copy()[...] = 0  # a copy: the gradients stay
+    model.backward(dout)
+    np.testing.assert_array_equal(model[0].weight.grad, expected)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_an_inference_forward_does_not_clobber_what_backward_needs(rng, activation):
     model = mlp(activation=activation, dtype="float64")
@@ -298,6 +354,60 @@ def test_an_inference_forward_does_not_clobber_what_backward_needs(rng, activati
     model.backward(dout)
     for want, param in zip(expected, model.parameters()):
         np.testing.assert_array_equal(param.grad, want)
+
+
+OTHER_FORWARDS = {
+    "slice below, same batch": lambda model, x: model[:1].forward(x),
+    "slice below, smaller batch": lambda model, x: model[:1].forward(x[:2]),
+    "slice above": lambda model, x: model[1:].forward(np.ones((6, 6))),
+    "model built from its layers": lambda model, x: gb.Sequential(model.layers, device="cpu").forward(x),
+}
+
+
+@pytest.mark.parametrize("other", OTHER_FORWARDS)
+def test_backward_after_another_models_forward_through_its_layers_is_refused_changing_nothing(rng, other):
+    """Layers keep one set of arrays for backward: a slice's forward once silently replaced the
+    model's, and its backward computed the gradients of the slice's input (or failed in a matmul)."""
+    model = mlp(dtype="float64")
+    x, x2 = rng.normal(size=(2, 6, 4))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    expected = train_step_grads(model, x, labels)
+    grads = [p.grad for p in model.parameters()]
+    _, dout = gb.losses.cross_entropy(model.forward(x), labels)
+    OTHER_FORWARDS[other](model, x2)
+    with pytest.raises(RuntimeError, match=r"backward: layer 'dense_\d' now keeps what another model's forward \(a "
+                                           r"slice of this model, or a model sharing its layers\) stored"):
+        model.backward(dout)
+    for param, grad, want in zip(model.parameters(), grads, expected):
+        assert param.grad is grad
+        np.testing.assert_array_equal(param.grad, want)
+    for got, want in zip(train_step_grads(model, x, labels), expected):  # after a forward of its own again
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_frozen_layers_output_kept_for_the_layer_above_is_checked_too(rng):
+    """The input the lowest trained layer keeps is the frozen layer's output buffer, which another
+    model running that frozen layer below a layer that keeps its input overwrites."""
+    model = mlp(dtype="float64")
+    model[0].freeze()
+    x, x2 = rng.normal(size=(2, 6, 4))
+    _, dout = gb.losses.cross_entropy(model.forward(x), np.array([0, 1, 2, 0, 1, 2]))
+    gb.Sequential([model[0], gb.Dense(6, 2, dtype="float64")], device="cpu").forward(x2)
+    with pytest.raises(RuntimeError, match=r"backward: layer 'dense_0' now keeps what another model's forward"):
+        model.backward(dout)
+
+
+def test_another_models_forward_below_what_backward_reads_is_allowed(rng):
+    model = mlp(dtype="float64")
+    model.freeze_to(2)
+    x, x2 = rng.normal(size=(2, 6, 4))
+    _, dout = gb.losses.cross_entropy(model.forward(x), np.array([0, 1, 2, 0, 1, 2]))
+    model.backward(dout)
+    expected = model[2].weight.grad.copy()
+    model.forward(x)
+    model[:1].forward(x2)
+    model.backward(dout)
+    np.testing.assert_array_equal(model[2].weight.grad, expected)
 
 
 def test_backward_overwrites_gradients_instead_of_accumulating(rng):
