@@ -4,8 +4,12 @@ what was expected and what was given; inner code trusts what passed through here
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 
 import numpy as np
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def positive_int(value, name: str) -> int:
@@ -100,3 +104,12 @@ def batch_shape(shape, features: int, name: str) -> None:
         raise ValueError(f"{name}: expected shape (batch, {features}), got {shape}")
     if shape[0] == 0:
         raise ValueError(f"{name}: expected at least one row, got shape {shape}")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a warning raised in the function calling this one that points at the
+    first frame outside gpubp: the user's line (``fit``, ``train_step``), however deep the call."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

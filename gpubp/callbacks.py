@@ -120,7 +120,8 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_epoch >= 0:
             warnings.warn(f"EarlyStopping: the best {self.monitor} so far was at epoch {self.best_epoch + 1}, "
                           "before this resumed run; its weights are not in the checkpoint, so "
-                          "restore_best_weights restores the best of this run's epochs", stacklevel=2)
+                          "restore_best_weights restores the best of this run's epochs",
+                          stacklevel=_checks.user_stacklevel())
             self.best_epoch = -1  # as if nothing were monitored yet: this run's first epoch is the fallback
 
     def _count(self, epoch: int, value: float) -> bool:

@@ -369,7 +369,7 @@ def warn_if_another_head(loss_fn, activation: str, where: str) -> None:
     warnings.warn(f"{where}: the loss {getattr(base(loss_fn), '__name__', loss_fn)} applies {applies} to "
                   f"the outputs, but the last layer's {activation} has made them probabilities already; "
                   f"use {other!r} for a {activation} last layer, or make the last layer linear",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=_checks.user_stacklevel())
 
 
 def get(loss):

@@ -77,6 +77,35 @@ def test_new_layers_take_the_models_dtype_and_a_refused_model_holds_none():
     assert {param.data.dtype for param in model.parameters()} == {np.dtype(np.float64)}
 
 
+REFUSED = {
+    "fused=True": ([gb.Dense, 4, 8], [gb.Dense, 8, 3]),
+    "precision": ([gb.Dense, 4, 8], [gb.Dense, 8, 3]),
+    "widths": ([gb.Dense, 4, 4], [gb.Dense, 4, 2], [gb.Dense, 4, 4]),
+    "a dropout first": ([gb.Dropout, 0.5], [gb.Dense, 4, 4], [gb.Dense, 5, 2]),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSED)
+def test_a_refused_model_leaves_its_layers_as_they_were(refusal):
+    """A refused model once converted its layers to its dtype, named them and sized its Dropouts
+    before it checked the precision, the path or the widths: a model built from them later changed."""
+    layers = [make(*args) for make, *args in REFUSED[refusal]]
+    kwargs = {"fused=True": {"fused": True}, "precision": {"precision": "fp8"}}.get(refusal, {})
+    before = [(layer.name, layer.in_features, layer.out_features, layer.dtype, [p.data for p in layer.parameters()])
+              for layer in layers]
+    with pytest.raises(ValueError):
+        gb.Sequential(layers, backend="numpy", dtype="float64", **kwargs)
+    after = [(layer.name, layer.in_features, layer.out_features, layer.dtype, [p.data for p in layer.parameters()])
+             for layer in layers]
+    assert [entry[:4] for entry in after] == [entry[:4] for entry in before]
+    assert all(a is b for entry, was in zip(after, before) for a, b in zip(entry[4], was[4]))
+    if refusal == "widths":
+        model = gb.Sequential([gb.Dense(3, 4), layers[0], layers[1]], backend="numpy")
+        assert [layer.name for layer in model] == ["dense_0", "dense_1", "dense_2"]
+    else:
+        assert gb.Sequential(layers[:2], backend="numpy").dtype == np.float32
+
+
 # ----------------------------------------------------------------------------- weights
 
 
@@ -193,8 +222,12 @@ def test_a_loss_of_your_own_that_returns_no_single_number_is_a_type_error_naming
 def test_a_loss_that_applies_the_other_probability_heads_activation_warns(head, loss, advice):
     model = gb.Sequential([gb.Dense(4, 3, head)], device="cpu")
     with pytest.warns(UserWarning, match=rf"loss: the loss \w+ applies \w+ to the outputs, but the last layer's {head} "
-                                         rf"has made them probabilities already; use '{advice}'"):
+                                         rf"has made them probabilities already; use '{advice}'") as caught:
         model.train_step(loss, "sgd")
+    x, y = np.zeros((4, 4), np.float32), np.array([0, 1, 2, 0])
+    with pytest.warns(UserWarning, match="loss: the loss") as from_fit:
+        model.fit(x, y if loss == "cross_entropy" else np.eye(3)[y], loss=loss, epochs=1, verbose=0)
+    assert [w.filename for w in (*caught, *from_fit)] == [__file__, __file__]  # the caller's line, not gpubp's
 
 
 @pytest.mark.parametrize("head, loss", [("softmax", "cross_entropy"), ("sigmoid", "binary_cross_entropy"),
