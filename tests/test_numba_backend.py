@@ -208,6 +208,22 @@ def test_dx_refuses_an_unknown_activation_below_or_a_missing_output(rng):
     assert t.launches == []
 
 
+def test_an_unknown_activation_is_refused_as_the_numpy_backend_refuses_it(rng):
+    """It was a bare KeyError in the forward, and read as identity by the backward."""
+    x, w, b = dense_inputs(rng, 5, 7, 6)
+    dy = randn(rng, 5, 6)
+    x_dev, w_dev, b_dev, dy_dev = to_device(x, w, b, dy)
+    message = re.escape(f"activation: unknown activation 'relu6'; expected one of {NAMES}")
+    with pytest.raises(ValueError, match=message):
+        ref.dense_forward(x, w, b, "relu6")
+    with trace() as t:
+        with pytest.raises(ValueError, match=message):
+            nb.dense_forward(x_dev, w_dev, b_dev, "relu6")
+        with pytest.raises(ValueError, match=message):
+            nb.dense_backward(dy_dev, x_dev, w_dev, dy_dev, None, "relu6", True, True)
+    assert t.launches == []
+
+
 @pytest.mark.parametrize("planted", ["identity_epilogue_for_relu", "mask_ignored"])
 def test_the_fold_check_fails_on_a_planted_epilogue_bug(rng, monkeypatch, planted):
     """The check above is not blind: relu's branch running identity's epilogue (act' skipped), or
@@ -769,6 +785,185 @@ def test_a_gpu_without_libnvvm_reads_as_unavailable_naming_nvvm(monkeypatch):
     assert "libNVVM" in nb.unavailable_reason()
     found["nvvm"] = True
     assert nb.unavailable_reason() is None
+
+
+def test_the_reason_numba_cuda_finds_no_gpu_reads_on_one_line(monkeypatch):
+    """numba-cuda's reason spans lines, blank ones around it; backends.available() showed them raw."""
+    error = ("\nCUDA driver library cannot be found.\nEnsure that a compatible NVIDIA driver is installed and "
+             "available on your system path.\n")
+    monkeypatch.setattr(nb.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(nb.cuda, "cuda_error", lambda: error, raising=False)
+    reason = nb.unavailable_reason()
+    assert "\n" not in reason
+    assert reason.startswith("numba-cuda finds no usable CUDA GPU (CUDA driver library cannot be found. Ensure that "
+                             "a compatible NVIDIA driver is installed and available on your system path.) and ")
+
+
+def test_dense_forward_says_it_computes_in_float32_only():
+    assert nb.DTYPES == (np.float32,) and "float64" not in nb.dense_forward.__doc__
+
+
+# ----------------------------------------------------------------------------- strided arrays
+
+
+@pytest.fixture
+def strided_ravel_raises(monkeypatch):
+    """The simulator's device array made to refuse, as numba-cuda's on a GPU does, to ravel (or
+    really reshape) a non-contiguous array: NotImplementedError, where the simulator copies. On a
+    GPU the arrays refuse by themselves."""
+    if not nb.SIMULATOR:
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    ravel, reshape = FakeCUDAArray.ravel, FakeCUDAArray.reshape
+
+    def strict_ravel(self, *args, **kwargs):
+        if not self.is_c_contiguous():
+            raise NotImplementedError("operation requires copying")
+        return ravel(self, *args, **kwargs)
+
+    def strict_reshape(self, *shape, **kwargs):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if not self.is_c_contiguous() and shape != self._ary.shape:
+            raise NotImplementedError("operation requires copying")
+        return reshape(self, *shape, **kwargs)
+
+    monkeypatch.setattr(FakeCUDAArray, "ravel", strict_ravel)
+    monkeypatch.setattr(FakeCUDAArray, "reshape", strict_reshape)
+
+
+def strided(a: np.ndarray):
+    """A non-contiguous device view holding ``a``: every other column (element, for 1-D) of one twice as wide."""
+    wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+    if a.ndim == 2:
+        wide[:, ::2] = a
+        view = nb.asarray(wide)[:, ::2]
+    else:
+        wide[::2] = a
+        view = nb.asarray(wide)[::2]
+    assert not view.is_c_contiguous()
+    return view
+
+
+STRIDED_KEY = np.array([0x1234, 0xBEEF], np.uint32)
+
+
+def strided_mask(be):
+    return philox.Mask(STRIDED_KEY if be is ref else nb.asarray(STRIDED_KEY), *philox.mask_constants(0.3), 3)
+
+
+def optimizer_step(be, arr, rng, kind):
+    """One SGD (Nesterov), AdamW or centered RMSprop (momentum) step of a parameter and state the
+    backend made, the gradient given by ``arr``."""
+    param, state = be.asarray(randn(rng, 7, 5)), [be.zeros((7, 5)) for _ in range(3)]
+    grad = arr(randn(rng, 7, 5))
+    if kind == "sgd":
+        be.sgd_update(param, grad, state[0], 0.1, 0.9, True, 1e-2)
+    elif kind == "adam":
+        be.adam_update(param, grad, *state[:2], 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1, True)
+    else:
+        be.rmsprop_update(param, grad, *state, 1e-2, 0.99, 1e-8, 1e-2, 0.9, True)
+    return [param, *state]
+
+
+def gelu_backward(be, arr, rng):
+    """A masked gelu layer's gradients from a strided dy, x, w and z."""
+    x, w, b = dense_inputs(rng, 7, 5, 6)
+    _, z = ref.dense_forward(x, w, b, "gelu", dropout=strided_mask(ref))
+    return be.dense_backward(arr(randn(rng, 7, 6)), arr(x), arr(w), None, arr(z), "gelu", True, True,
+                             dropout=strided_mask(be))
+
+
+def relu_backward(be, arr, rng):
+    """An unmasked relu layer's gradients (its dense_dz pass) from a strided dy, x, w and y."""
+    x, w, b = dense_inputs(rng, 7, 5, 6)
+    y, _ = ref.dense_forward(x, w, b, "relu")
+    return be.dense_backward(arr(randn(rng, 7, 6)), arr(x), arr(w), arr(y), None, "relu", True, True)
+
+
+# Each call (backend, to_device, rng) -> its results; its inputs from rng, every one strided on the device.
+STRIDED_CALLS = {
+    "mse": lambda be, arr, rng: be.mse(arr(randn(rng, 7, 5)), arr(randn(rng, 7, 5))),
+    "mse-weighted": lambda be, arr, rng: be.mse(arr(randn(rng, 7, 5)), arr(randn(rng, 7, 5)),
+                                                 arr(rng.uniform(0, 2, 7).astype(np.float32))),
+    "bce": lambda be, arr, rng: be.bce(*map(arr, bce_inputs(rng, 7, 5))),
+    "softmax_cross_entropy": lambda be, arr, rng: be.softmax_cross_entropy(*map(arr, ce_inputs(rng, 7, 5))),
+    "dropout_forward": lambda be, arr, rng: [be.dropout_forward(arr(randn(rng, 7, 6)), strided_mask(be))],
+    "dropout_backward": lambda be, arr, rng: [be.dropout_backward(arr(randn(rng, 7, 6)), strided_mask(be))],
+    "dense_forward": lambda be, arr, rng: be.dense_forward(*map(arr, dense_inputs(rng, 7, 5, 6)), "gelu",
+                                                           dropout=strided_mask(be)),
+    "dense_backward-relu": relu_backward,
+    "dense_backward-gelu-masked": gelu_backward,
+    "sumsq": lambda be, arr, rng: [be.sumsq(arr(randn(rng, 7, 5)), arr(randn(rng, 9)))],
+    "sgd_update": lambda be, arr, rng: optimizer_step(be, arr, rng, "sgd"),
+    "adam_update": lambda be, arr, rng: optimizer_step(be, arr, rng, "adam"),
+    "rmsprop_update": lambda be, arr, rng: optimizer_step(be, arr, rng, "rmsprop"),
+}
+
+
+@pytest.mark.parametrize("call", STRIDED_CALLS)
+def test_strided_inputs_give_what_the_numpy_backend_gives(strided_ravel_raises, call):
+    """A user's a[:, ::2] passed on by the layer API or the losses: numba-cuda's device array
+    refuses to ravel it on a GPU, which the simulator hid by copying; the inputs are copied to
+    C-contiguous ones first."""
+    expected = STRIDED_CALLS[call](ref, np.ascontiguousarray, np.random.default_rng(7))
+    actual = STRIDED_CALLS[call](nb, strided, np.random.default_rng(7))
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        if got is None:
+            assert want is None
+        elif isinstance(got, float):
+            assert got == pytest.approx(want, rel=RTOL)
+        else:
+            assert_matches(got, want)
+
+
+def test_a_model_takes_a_strided_input_and_output_gradient(strided_ravel_raises, rng):
+    """A Dropout standing first masks x (dropout_fwd), the relu layer's dz is formed from dout."""
+    x, dout = randn(rng, 7, 5), randn(rng, 7, 4)
+    results = {}
+    for backend, arr in (("numpy", np.ascontiguousarray), ("numba", strided)):
+        gb.seed(0)  # the same weights and the same mask
+        model = gb.Sequential([gb.Dropout(0.25), gb.Dense(5, 4, activation="relu")], backend=backend)
+        out = model.forward(arr(x))
+        model.backward(arr(dout))
+        results[backend] = [backends.get(backend).to_host(a) for a in (out, *(p.grad for p in model.parameters()))]
+    assert len(results["numba"]) == 3
+    for got, want in zip(results["numba"], results["numpy"]):
+        assert_matches(got, want)
+
+
+def test_a_strided_input_is_copied_only_when_it_must_be_keeping_its_kind_and_stream(rng):
+    a = randn(rng, 7, 5)
+    a_dev = nb.asarray(a)
+    assert nb._contiguous(a_dev) is a_dev and nb._contiguous(None) is None
+    view = strided(a).bind(nb.cuda.stream())
+    copy = nb._contiguous(view)
+    assert type(copy) is type(view) and copy.is_c_contiguous() and copy.stream is view.stream
+    np.testing.assert_array_equal(host(copy), a)
+
+
+IN_PLACE_CALLS = {
+    "a": lambda rng, arr: nb.scale_(arr(randn(rng, 7, 5)), 0.5),
+    "y": lambda rng, arr: nb.softmax_(arr(randn(rng, 7, 5))),
+    "param": lambda rng, arr: nb.sgd_update(arr(randn(rng, 7, 5)), nb.zeros((7, 5)), None, 0.1, 0.0, False, 0.0),
+    "m": lambda rng, arr: nb.adam_update(nb.zeros((7, 5)), nb.zeros((7, 5)), arr(randn(rng, 7, 5)), nb.zeros((7, 5)),
+                                         1e-2, 0.9, 0.999, 1e-8, 0.0, 1, True),
+    "out": lambda rng, arr: nb.dense_forward(*to_device(*dense_inputs(rng, 7, 5, 6)), "relu",
+                                             out=arr(randn(rng, 7, 6))),
+    "out_dw": lambda rng, arr: nb.dense_backward(*to_device(randn(rng, 7, 6), randn(rng, 7, 5), randn(rng, 5, 6)),
+                                                 None, None, "identity", False, True, out_dw=arr(randn(rng, 5, 6))),
+}
+
+
+@pytest.mark.parametrize("name", IN_PLACE_CALLS)
+def test_a_strided_in_place_operand_is_refused_naming_it(rng, name):
+    """Parameters, optimizer state and out buffers are the backend's own, contiguous: a strided one
+    was raveled into a copy in the simulator (the update lost) and refused on a GPU."""
+    with trace() as t:
+        with pytest.raises(ValueError, match=f"^{name}: expected a C-contiguous device array"):
+            IN_PLACE_CALLS[name](rng, strided)
+    assert t.launches == []
 
 
 # ----------------------------------------------------------------------------- whole model

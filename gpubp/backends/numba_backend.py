@@ -2,8 +2,12 @@
 
 The same contract as the CuPy backend, written in Python and compiled by Numba to PTX.
 Function names, argument order and layout follow ``numpy_backend.py`` so the two read side
-by side. float32 only (``DTYPES``); shapes are row-major and C-contiguous, validated by the
-layer API before anything here runs.
+by side. float32 only (``DTYPES``); shapes are row-major, validated by the layer API before
+anything here runs. The kernels take C-contiguous arrays: a read-only input of other strides (a
+user's ``a[:, ::2]``, which the layer API and the losses pass on as given) is copied to a
+C-contiguous array of its kind first (``_contiguous``; no copy when it is one), as the CuPy
+backend's ``_f32`` does; an in-place operand (a parameter, optimizer state, an ``out`` buffer:
+the backend's own arrays) that is not C-contiguous is refused with a ValueError naming it.
 
 Arrays. Any ``__cuda_array_interface__`` array is accepted and results come back as the kind
 given: CuPy arrays stay CuPy (allocated by CuPy on the array's device, so a model can switch
@@ -137,7 +141,7 @@ from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
 from gpubp import philox
 from gpubp.activations import (ACT_ID, ACTIVATIONS, GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE,
-                               NEEDS_Z)
+                               NAMES, NEEDS_Z)
 from gpubp.backends import INSTALL_HINT
 from gpubp.trace import record
 
@@ -253,7 +257,9 @@ def unavailable_reason() -> str | None:
         error = cuda.cuda_error()
     except Exception as exc:  # a broken CUDA install must read as "unavailable", not crash
         error = exc
-    detail = f" ({error})" if error else ""
+    # numba-cuda's message spans lines (blank ones around it): joined into one, as every reason is one
+    detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) if error else ""
+    detail = f" ({detail})" if detail else ""
     return (
         f"numba-cuda finds no usable CUDA GPU{detail} and the CUDA simulator is off; "
         "set NUMBA_ENABLE_CUDASIM=1 before importing numba to run these kernels on the CPU (slowly)"
@@ -295,6 +301,47 @@ def _is_cupy(a) -> bool:
 def _view(a):
     """A Numba device-array view of ``a`` (no copy). ``sync=False``: we launch on its stream instead."""
     return a if is_cuda_ndarray(a) else cuda.as_cuda_array(a, sync=False)
+
+
+def _is_c_contiguous(a) -> bool:
+    """Whether ``a`` is C-contiguous (numba-cuda's rule, NumPy's, for anything but CuPy's own)."""
+    return a.flags.c_contiguous if _is_cupy(a) else _view(a).is_c_contiguous()
+
+
+def _contiguous(a):
+    """A read-only input as the kernels take it: ``a`` itself when C-contiguous (or None), else a
+    C-contiguous device copy of the same kind (CuPy for CuPy, else Numba; on its device and
+    stream). The flat kernels ``ravel()`` their inputs, which numba-cuda's device array refuses
+    for a strided one on a GPU (NotImplementedError; the simulator's copies silently), and the
+    others are compiled for C-contiguous arrays (``kernel_variants``). The copy (CuPy's, or
+    numba-cuda's assignment kernel) is not a kernel of this backend: ``record`` does not list it."""
+    if a is None or _is_c_contiguous(a):
+        return a
+    if _is_cupy(a):
+        cp = _cupy()
+        with cp.cuda.Device(a.device.id):
+            return cp.ascontiguousarray(a)
+    view = _view(a)
+    copy = cuda.device_array(tuple(view.shape), view.dtype, stream=view.stream)
+    copy[:] = view  # numba-cuda's strided device-to-device copy, on the array's stream
+    return copy
+
+
+def _require_contiguous(**operands) -> None:
+    """Refuse an in-place operand (a parameter, optimizer state, an ``out`` buffer; None passes)
+    that is not C-contiguous: those are the backend's own arrays, and a kernel writing a copy
+    would leave the caller's array unwritten."""
+    for name, a in operands.items():
+        if a is not None and not _is_c_contiguous(a):
+            view = _view(a)
+            raise ValueError(f"{name}: expected a C-contiguous device array (it is written in place), "
+                             f"got shape {tuple(view.shape)} with strides {tuple(view.strides)}")
+
+
+def _check_activation(act) -> None:
+    """The NumPy backend's error (``activations.forward``'s) for an activation it does not know."""
+    if act not in NAMES:
+        raise ValueError(f"activation: unknown activation {act!r}; expected one of {NAMES}")
 
 
 def _device_id(a) -> int:
@@ -418,7 +465,7 @@ def sumsq(*arrays) -> float:
     if not arrays:
         return 0.0
     sms = _sm_count(arrays[0])
-    views = [_view(a).ravel() for a in arrays]
+    views = [_view(_contiguous(a)).ravel() for a in arrays]
     blocks = [reduce_blocks(v.size, sms) for v in views]
     block_sums = _view(_scratch("block_sums", sum(blocks), arrays[0]))
     start = 0
@@ -430,6 +477,7 @@ def sumsq(*arrays) -> float:
 
 
 def scale_(a, s: float) -> None:
+    _require_contiguous(a=a)
     record("scale")
     flat = _view(a).ravel()
     _scale_kernel[elementwise_blocks(flat.size, _sm_count(a)), ELEMENTWISE_THREADS, flat.stream](flat, np.float32(s))
@@ -1312,9 +1360,12 @@ def dense_precisions() -> tuple[str, ...]:
 
 def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=None):
     """``z = x @ w + b; y = act(z)``: x (B, in), w (in, out), b (out,) -> y (B, out), z or None.
-    No tensor cores here: fp32 (or float64) for either ``precision``. ``dropout`` (a
-    ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
+    No tensor cores here: fp32 (float32 arrays only, ``DTYPES``) for every ``precision``. ``dropout``
+    (a ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
     layer is the last layer, where no mask follows it.)"""
+    _check_activation(act)
+    _require_contiguous(out=out, out_z=out_z)
+    x, w, b = _contiguous(x), _contiguous(w), _contiguous(b)
     record("dense_fwd")
     batch, out_features = x.shape[0], w.shape[1]
     y = out if out is not None else _new((batch, out_features), x)
@@ -1350,6 +1401,8 @@ def _apply_mask(src, dst, dropout) -> None:
 def _masked_copy(src, dropout, out, trace_name: str):
     """``out = src * scale`` where ``dropout``'s mask keeps, else 0 (a new array when ``out`` is
     None), recorded as ``trace_name``."""
+    _require_contiguous(out=out)
+    src = _contiguous(src)
     record(trace_name)
     out = out if out is not None else _new(src.shape, src)
     _apply_mask(src, out, dropout)
@@ -1498,6 +1551,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     if dx_act_in is None and dx_act != "identity":
         raise ValueError(f"dx_act_in: what act' of the layer below reads (its output, or z for "
                          f"{', '.join(sorted(NEEDS_Z))}) is needed for dx_act={dx_act!r}")
+    _check_activation(act)
+    _require_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
+    dy, x, w, y, z, dx_act_in = (_contiguous(a) for a in (dy, x, w, y, z, dx_act_in))
     if dropout is not None:
         dz = _dropout_dz(dy, z if act in NEEDS_Z else y, act, dropout)
     elif act == "softmax":
@@ -1636,6 +1692,7 @@ def _softmax_backward_kernel(dy, y, out):
 
 def softmax_(y):
     """Row softmax of y (B, C) in place, a warp per row."""
+    _require_contiguous(y=y)
     record("softmax_fwd")
     yv = _view(y)
     _softmax_kernel[row_blocks(yv.shape[0]), _ROW_BLOCK, yv.stream](yv)
@@ -1643,6 +1700,8 @@ def softmax_(y):
 
 def softmax_backward(dy, y, out):
     """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    _require_contiguous(out=out)
+    dy, y = _contiguous(dy), _contiguous(y)  # out may be dy: contiguous then (checked), so not copied
     record("softmax_bwd")
     yv = _view(y)
     _softmax_backward_kernel[row_blocks(yv.shape[0]), _ROW_BLOCK, yv.stream](_view(dy), yv, _view(out))
@@ -1665,7 +1724,7 @@ def _weights(sample_weight, like):
     """The loss kernels' weights: ``sample_weight`` (B,) or, without weights, one shared 1 on the
     device of ``like``."""
     if sample_weight is not None:
-        return _view(sample_weight)
+        return _view(_contiguous(sample_weight))
     key = (_is_cupy(like), _device_id(like))
     if key not in _unit_weights:
         if _is_cupy(like):
@@ -1812,6 +1871,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C."""
     record("ce_fwd_bwd")
+    logits, labels = _contiguous(logits), _contiguous(labels)
     batch = logits.shape[0]
     grad = _new(tuple(logits.shape), logits)
     row_loss = _scratch("row_loss", batch, logits)
@@ -1825,6 +1885,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
 
 def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, option=0.0):
     """Launch a kernel of ``_elementwise_loss_kernel``; return (mean loss, grad)."""
+    pred, target = _contiguous(pred), _contiguous(target)
     grad = _new(tuple(pred.shape), pred)
     flat = _view(pred).ravel()
     n = flat.size
@@ -1897,9 +1958,10 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
 
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
+    _require_contiguous(param=param, velocity=velocity)
     record("sgd_update")
     p = _view(param).ravel()
-    g = _view(grad).ravel()
+    g = _view(_contiguous(grad)).ravel()
     launch = (elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream)
     # The kernels skip 0 * p for weight_decay 0: it is NaN where p is infinite.
     if momentum:
@@ -1928,6 +1990,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
+    _require_contiguous(param=param, m=m, v=v)
     record("adam_update")
     p = _view(param).ravel()
     # AdamW decays the weights (decay < 1, l2 = 0); Adam adds wd * p to the gradient
@@ -1936,7 +1999,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     l2 = 0.0 if decoupled else weight_decay
     f32 = np.float32
     _adam_kernel[elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream](
-        p, _view(grad).ravel(), _view(m).ravel(), _view(v).ravel(), f32(decay), f32(l2),
+        p, _view(_contiguous(grad)).ravel(), _view(m).ravel(), _view(v).ravel(), f32(decay), f32(l2),
         f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
         f32(1.0 / math.sqrt(1.0 - beta2**step)), f32(eps), f32(-lr / (1.0 - beta1**step)),
     )
@@ -1968,15 +2031,18 @@ def _rmsprop_kernel(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, 
 def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
                    centered):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
+    _require_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg,
+                        momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     p = _view(param).ravel()
     v = _view(square_avg).ravel()
     # The kernel never reads grad_avg when not centered, nor momentum_buffer without momentum
     # (None then): the square average stands in, so one kernel serves every combination.
     grad_avg, momentum_buffer = (v if a is None else _view(a).ravel() for a in (grad_avg, momentum_buffer))
+    g = _view(_contiguous(grad)).ravel()
     f32 = np.float32
     _rmsprop_kernel[elementwise_blocks(p.size, _sm_count(param)), ELEMENTWISE_THREADS, p.stream](
-        p, _view(grad).ravel(), v, grad_avg, momentum_buffer, f32(-lr), f32(alpha), f32(1.0 - alpha), f32(eps),
+        p, g, v, grad_avg, momentum_buffer, f32(-lr), f32(alpha), f32(1.0 - alpha), f32(eps),
         f32(weight_decay), f32(momentum), bool(centered),
     )
 
