@@ -23,6 +23,7 @@ from cuda_on_cpu import harness
 from test_gpu_check_scripts import H200_SMS, benchmark_layers, load
 from test_kernels_on_cpu import cpu_harness, cupy_on_cpu  # noqa: F401  (cpu_harness is a fixture)
 import gpubp as gb
+from gpubp import philox
 from gpubp.activations import ACTIVATIONS
 from gpubp.backends import cupy_backend
 
@@ -735,3 +736,166 @@ def test_the_dz_pass_splits_only_a_batch_too_narrow_to_fill_the_gpu(batch, n_out
     assert (splits - 1) * rows < batch <= splits * rows, "every split has rows, together all of them"
     if -(-n_out // cb.DZ_COLUMNS) >= cb.DZ_BLOCKS_PER_SM * H200_SMS or batch <= cb.DZ_MIN_ROWS:
         assert splits == 1
+
+
+# ----------------------------------------------------------------------------- in-place operands
+#
+# The raw kernels write flat float32 memory from an array's data pointer: an in-place operand
+# (a parameter, optimizer state, an ``out`` buffer) that is strided or of another dtype would be
+# miswritten on a GPU (the stand-in's argument check happens to refuse another dtype, with a
+# TypeError, and a strided view it writes as flat memory, as a GPU would). The backend refuses
+# them with numba_backend's wording, before anything is launched.
+
+
+def refusal(name: str, dtype: str = "float32") -> str:
+    return ("^" + re.escape(f"{name}: expected a C-contiguous float32 CuPy array (it is written in place), "
+                            f"got dtype {dtype}")
+            + r", shape \(.*\) with strides \(.*\)")
+
+
+def strided(cb, shape, seed=0):
+    """A (shape) float32 view of every other column of a C-contiguous device array."""
+    rows, cols = shape if len(shape) == 2 else (1, shape[0])
+    base = cb.asarray(np.random.default_rng(seed).standard_normal((rows, 2 * cols)).astype(np.float32))
+    view = base[:, ::2] if len(shape) == 2 else base[0, ::2]
+    assert not view.flags.c_contiguous and view.dtype == np.float32
+    return view
+
+
+def device(cb, shape, seed=0, dtype=np.float32):
+    return cb.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def unchanged(cb, *arrays):
+    """A check that ``arrays`` (and a view's whole base) still hold what they hold now."""
+    whole = [a.base if a.base is not None else a for a in arrays]
+    before = [cb.to_host(a).copy() for a in whole]
+    return lambda: all(np.array_equal(cb.to_host(a), b) for a, b in zip(whole, before))
+
+
+OPTIMIZER_REFUSALS = {
+    "sgd/strided param": ("sgd_update", "param", "strided", (0.1, 0.9, False, 0.01)),
+    "sgd/float64 velocity": ("sgd_update", "velocity", "float64", (0.1, 0.9, True, 0.0)),
+    "adam/float64 param": ("adam_update", "param", "float64", (1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True)),
+    "adam/strided v": ("adam_update", "v", "strided", (1e-3, 0.9, 0.999, 1e-8, 0.01, 3, False)),
+    "rmsprop/strided square_avg": ("rmsprop_update", "square_avg", "strided", (1e-2, 0.99, 1e-8, 0.0, 0.9, True)),
+    "rmsprop/float64 momentum_buffer": ("rmsprop_update", "momentum_buffer", "float64",
+                                        (1e-2, 0.99, 1e-8, 0.0, 0.9, True)),
+}
+OPTIMIZER_STATE = {"sgd_update": ("velocity",), "adam_update": ("m", "v"),
+                   "rmsprop_update": ("square_avg", "grad_avg", "momentum_buffer")}
+
+
+def optimizer_arrays(cb, update: str, bad: str | None = None, kind: str = "", shape=(6, 10)) -> dict:
+    """param, grad and ``update``'s state of ``shape``, ``bad`` strided or float64 (``kind``)."""
+    arrays = {}
+    for i, name in enumerate(("param", "grad") + OPTIMIZER_STATE[update]):
+        if name != bad:
+            a = device(cb, shape, seed=i)
+        elif kind == "strided":
+            a = strided(cb, shape, seed=i)
+        else:
+            a = device(cb, shape, seed=i, dtype=np.float64)
+        arrays[name] = abs(a) if name in ("v", "square_avg") and name != bad else a
+    return arrays
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_REFUSALS, ids=list(OPTIMIZER_REFUSALS))
+def test_an_optimizer_update_refuses_a_strided_or_float64_operand_it_writes_and_writes_nothing(cb, case):
+    update, bad, kind, options = OPTIMIZER_REFUSALS[case]
+    arrays = optimizer_arrays(cb, update, bad, kind)
+    same = unchanged(cb, *arrays.values())
+    with pytest.raises(ValueError, match=refusal(bad, "float64" if kind == "float64" else "float32")):
+        getattr(cb, update)(*arrays.values(), *options)
+    assert same()
+
+
+@pytest.mark.parametrize("kind", ["strided", "float64"])
+@pytest.mark.parametrize("update, options", [("sgd_update", (0.1, 0.9, True, 0.01)),
+                                             ("adam_update", (1e-3, 0.9, 0.999, 1e-8, 0.01, 2, True))])
+def test_an_optimizer_update_reads_a_strided_or_float64_grad_as_its_float32_copy(cb, update, options, kind):
+    """grad is only read: normalized (as numba_backend's ``_contiguous`` does), the update is the
+    one of its contiguous float32 copy, and the caller's grad is left as it was."""
+    want = optimizer_arrays(cb, update)
+    got = {name: cb.asarray(cb.to_host(a)) for name, a in want.items()}
+    got["grad"] = strided(cb, (6, 10)) if kind == "strided" else device(cb, (6, 10), dtype=np.float64)
+    want["grad"] = cb.asarray(cb.to_host(got["grad"]), np.float32)
+    same = unchanged(cb, got["grad"])
+    getattr(cb, update)(*want.values(), *options)
+    getattr(cb, update)(*got.values(), *options)
+    assert same()
+    for name in want:
+        if name != "grad":
+            np.testing.assert_array_equal(cb.to_host(got[name]), cb.to_host(want[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["strided", "float64"])
+def test_an_update_many_refuses_a_bad_operand_of_any_tensor_and_updates_none(cb, kind):
+    tensors = [tuple(optimizer_arrays(cb, "adam_update", shape=(3, 5)).values()),
+               tuple(optimizer_arrays(cb, "adam_update", "m", kind, shape=(4, 7)).values())]
+    same = unchanged(cb, *(a for tensor in tensors for a in tensor))
+    with pytest.raises(ValueError, match=refusal("tensors[1] (m)", "float64" if kind == "float64" else "float32")):
+        cb.adam_update_many(tensors, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True)
+    assert same()
+    # grad is only read, but through the launch's table of pointers: refused alike, not copied
+    tensors = [tuple(optimizer_arrays(cb, "sgd_update", "grad", kind, shape=(4, 7)).values())]
+    same = unchanged(cb, *tensors[0])
+    read = ("tensors[0] (grad): expected a C-contiguous float32 CuPy array "
+            "(a *_many launch reads it through its pointer)")
+    with pytest.raises(ValueError, match="^" + re.escape(read)):
+        cb.sgd_update_many(tensors, 0.1, 0.9, False, 0.0)
+    assert same()
+
+
+def test_dense_forward_refuses_a_strided_out_or_a_float64_out_z_and_writes_nothing(cb):
+    x, w, b = device(cb, (5, 7), 1), device(cb, (7, 6), 2), device(cb, (6,), 3)
+    out, out_z = strided(cb, (5, 6), 4), device(cb, (5, 6), 5)
+    same = unchanged(cb, x, w, b, out, out_z)
+    with pytest.raises(ValueError, match=refusal("out")):
+        cb.dense_forward(x, w, b, "relu", out=out)
+    out, out_z = device(cb, (5, 6), 4), device(cb, (5, 6), 5, np.float64)
+    same_too = unchanged(cb, out, out_z)
+    with pytest.raises(ValueError, match=refusal("out_z", "float64")):
+        cb.dense_forward(x, w, b, "gelu", out=out, out_z=out_z)
+    assert same() and same_too()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_dense_backward_refuses_a_float64_out_dw_or_a_strided_out_dx_and_writes_nothing(cb, precision):
+    dy, x, w, y = device(cb, (9, 6), 1), device(cb, (9, 7), 2), device(cb, (7, 6), 3), abs(device(cb, (9, 6), 4))
+    out_dx, out_dw, out_db = device(cb, (9, 7), 5), device(cb, (7, 6), 6, np.float64), device(cb, (6,), 7)
+    same = unchanged(cb, dy, x, w, y, out_dx, out_dw, out_db)
+    with pytest.raises(ValueError, match=refusal("out_dw", "float64")):
+        cb.dense_backward(dy, x, w, y, None, "relu", True, True, out_dx, out_dw, out_db, precision=precision)
+    out_dx, out_dw = strided(cb, (9, 7), 5), device(cb, (7, 6), 6)
+    same_too = unchanged(cb, out_dx, out_dw)
+    with pytest.raises(ValueError, match=refusal("out_dx")):
+        cb.dense_backward(dy, x, w, y, None, "relu", True, True, out_dx, out_dw, out_db, precision=precision)
+    assert same() and same_too()
+
+
+def test_scale_scale_many_and_clip_refuse_a_strided_or_float64_array_and_scale_nothing(cb):
+    a = strided(cb, (4, 6))
+    same = unchanged(cb, a)
+    with pytest.raises(ValueError, match=refusal("a")):
+        cb.scale_(a, 0.5)
+    arrays = [device(cb, (3, 4), 1), device(cb, (5,), 2, np.float64)]
+    same_too = unchanged(cb, *arrays)
+    with pytest.raises(ValueError, match=refusal("arrays[1]", "float64")):
+        cb.scale_many(arrays, 0.5)
+    arrays = [device(cb, (3, 4), 1), strided(cb, (5, 3), 2)]
+    norm_sq, guard = cb.zeros((1,)), cb.zeros((1,))
+    same_clip = unchanged(cb, *arrays, norm_sq)
+    with pytest.raises(ValueError, match=refusal("arrays[1]")):
+        cb.clip_(arrays, 0.1, norm_sq, guard)
+    assert same() and same_too() and same_clip()
+
+
+def test_a_dropout_pass_refuses_a_strided_out_and_writes_nothing(cb):
+    mask = philox.Mask(cb.asarray(np.array([1, 2], np.uint32)), *philox.mask_constants(0.5))
+    x, out = device(cb, (6, 8), 1), strided(cb, (6, 8), 2)
+    same = unchanged(cb, x, out)
+    for run in (cb.dropout_forward, cb.dropout_backward):
+        with pytest.raises(ValueError, match=refusal("out")):
+            run(x, mask, out=out)
+    assert same()

@@ -666,8 +666,47 @@ def _f32(a):
     view (a transpose, a column slice, a step) or a float64 array would be read as garbage.
     The layer API and the losses hand user CuPy arrays over unchanged (any strides; the
     losses any float dtype), so read-only inputs are normalized here. In-place operands
-    (parameters, optimizer state, ``out`` buffers) are the backend's own contiguous arrays."""
+    (parameters, optimizer state, ``out`` buffers) cannot be: a kernel writing a copy would leave
+    the caller's array unwritten, so ``_require_f32_contiguous`` refuses them instead."""
     return asarray(a, dtype=np.float32)
+
+
+WRITTEN_IN_PLACE = "it is written in place"
+IN_A_TABLE = "a *_many launch reads it through its pointer"
+
+
+def _refuse(name: str, a, why: str = WRITTEN_IN_PLACE) -> ValueError:
+    """The error for an operand ``_require_f32_contiguous`` refuses (numba_backend's
+    ``_require_contiguous`` wording, with the dtype: the raw kernels take float32 only)."""
+    if not is_array(a):
+        return ValueError(f"{name}: expected a C-contiguous float32 CuPy array ({why}), got {type(a).__name__}")
+    return ValueError(f"{name}: expected a C-contiguous float32 CuPy array ({why}), got dtype {a.dtype}, "
+                      f"shape {tuple(a.shape)} with strides {tuple(a.strides)}")
+
+
+def _require_f32_contiguous(**operands) -> None:
+    """Refuse an in-place operand (a parameter, optimizer state, an ``out`` buffer; None passes)
+    that is not a C-contiguous float32 CuPy array, before anything is launched: the raw kernels
+    write flat float32 memory from its data pointer, so a strided view or another dtype would be
+    miswritten, and a contiguous copy would leave the caller's array unwritten. A dtype compare
+    and a flags check per array."""
+    for name, a in operands.items():
+        if a is not None and not (isinstance(a, cupy.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+            raise _refuse(name, a)
+
+
+def _require_f32_contiguous_many(what: str, items, names: tuple | None = None, read: tuple = ()) -> None:
+    """``_require_f32_contiguous`` of every array of a ``*_many`` argument ``what``: ``items`` are
+    arrays, or (``names`` given) tuples of arrays so called (None passes). Those named in ``read``
+    the kernel only reads, but through the launch's table of pointers, which a copy would not
+    outlive (nor could a captured graph's replay read it), so they are refused alike rather than
+    normalized."""
+    for t, item in enumerate(items):
+        for name, a in zip(names, item) if names else ((None, item),):
+            if a is not None and not (isinstance(a, cupy.ndarray) and a.dtype == np.float32
+                                      and a.flags.c_contiguous):
+                raise _refuse(f"{what}[{t}]" + (f" ({name})" if name else ""), a,
+                              IN_A_TABLE if name in read else WRITTEN_IN_PLACE)
 
 
 def _blocks(work: int, threads: int, cap: int) -> int:
@@ -754,6 +793,7 @@ def _sumsq(arrays: list, out=None):
 
 
 def scale_(a, s: float) -> None:
+    _require_f32_contiguous(a=a)
     n = a.size
     record("scale")
     _kernel("optim.cu", "scale_inplace")(
@@ -763,6 +803,8 @@ def scale_(a, s: float) -> None:
 
 def scale_many(arrays, s: float) -> None:
     """``scale_(a, s)`` of every array of ``arrays``, in one launch: the same bits."""
+    arrays = list(arrays)
+    _require_f32_contiguous_many("arrays", arrays)
     table, blocks = _multi_table([(a,) for a in arrays])
     if blocks:
         record("scale")
@@ -775,6 +817,7 @@ def clip_(arrays, max_norm: float, norm_sq, guard) -> None:
     scaled as ``gpubp.optim.clip_grad_norm`` scales it (the scale in double, the same bits);
     nothing is scaled when ``guard``, the step's loss, is not finite."""
     arrays = list(arrays)
+    _require_f32_contiguous_many("arrays", arrays)
     if not arrays:
         return
     _sumsq(arrays, _device_floats(norm_sq, "norm_sq"))
@@ -805,6 +848,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     epilogue, after the activation (``y = act(z) * scale`` where kept, else 0; z unmasked), so the
     Dropout costs no pass of its own. A softmax layer's mask follows the softmax, in one
     ``dropout_fwd`` pass."""
+    _require_f32_contiguous(out=out, out_z=out_z)
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -1030,6 +1074,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in`` is
     then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for
     identity too, and that layer's backward runs as an unmasked identity's."""
+    _require_f32_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
     need_db = bool(need_db) and not need_dw
     if not (need_dx or need_dw or need_db):
         return None, None, None
@@ -1242,6 +1287,8 @@ def poisson(log_rate, target, sample_weight=None, out_loss=None):
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hyper=None, guard=None):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
+    _require_f32_contiguous(param=param, velocity=velocity)
+    grad = _f32(grad)  # read only
     n = param.size
     # The rate: an argument, or read on the device (checked before anything is recorded).
     if hyper is None:
@@ -1260,6 +1307,8 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled, hyper=None, guard=None):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
+    _require_f32_contiguous(param=param, m=m, v=v)
+    grad = _f32(grad)  # read only
     n = param.size
     # lr and the bias corrections: arguments (lr first, the corrections after the options), or
     # read on the device (checked before anything is recorded).
@@ -1279,6 +1328,8 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
                    centered, hyper=None, guard=None):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
+    _require_f32_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
+    grad = _f32(grad)  # read only
     n = param.size
     if hyper is None:
         name, rate = "rmsprop_update", (np.float32(lr),)
@@ -1345,6 +1396,8 @@ def _update_many(name: str, tensors: list[tuple], hyper, guard, width: int, scal
 def sgd_update_many(tensors, lr, momentum, nesterov, weight_decay, hyper=None, guard=None):
     """``sgd_update`` of every (param, grad, velocity) in ``tensors``, in one launch: the same bits.
     ``hyper``: row t, (lr,), for tensor t (then ``lr`` is None); ``guard`` as for ``sgd_update``."""
+    tensors = list(tensors)
+    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "velocity"), read=("grad",))
     tensors = [(param, grad, param if velocity is None else velocity) for param, grad, velocity in tensors]
     _update_many("sgd_update_many", tensors, hyper, guard, 1,
                  (np.float32(lr or 0), np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay)))
@@ -1354,8 +1407,10 @@ def adam_update_many(tensors, lr, beta1, beta2, eps, weight_decay, step, decoupl
     """``adam_update`` of every (param, grad, m, v) in ``tensors``, all at Adam step ``step``, in one
     launch: the same bits. ``hyper``: row t, ``adam_hyper``'s (lr, step_size, inv_sqrt_bias2), for
     tensor t (then ``lr`` and ``step`` are None); ``guard`` as for ``adam_update``."""
+    tensors = list(tensors)
+    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "m", "v"), read=("grad",))
     lr, step_size, inv_sqrt_bias2 = adam_hyper(lr, beta1, beta2, step) if hyper is None else (0.0, 0.0, 0.0)
-    _update_many("adam_update_many", list(tensors), hyper, guard, 3,
+    _update_many("adam_update_many", tensors, hyper, guard, 3,
                  (np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay),
                   np.float32(step_size), np.float32(inv_sqrt_bias2), np.int32(bool(decoupled))))
 
@@ -1364,6 +1419,9 @@ def rmsprop_update_many(tensors, lr, alpha, eps, weight_decay, momentum, centere
     """``rmsprop_update`` of every (param, grad, square_avg, grad_avg, momentum_buffer) in
     ``tensors``, in one launch: the same bits. ``hyper``: row t, (lr,), for tensor t (then ``lr``
     is None); ``guard`` as for ``rmsprop_update``."""
+    tensors = list(tensors)
+    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "square_avg", "grad_avg", "momentum_buffer"),
+                                 read=("grad",))
     tensors = [(param, grad, square_avg, *(param if b is None else b for b in (grad_avg, momentum_buffer)))
                for param, grad, square_avg, grad_avg, momentum_buffer in tensors]
     _update_many("rmsprop_update_many", tensors, hyper, guard, 1,
@@ -1645,6 +1703,8 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     input gradient) reads it. ``need_db[l]`` without ``need_dw[l]``: that layer's bias alone trains;
     the chain writes its dz, and a ``dense_dz_db`` pass after the two launches sums it into
     ``out_db[l]`` (no dW tile). Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
+    _require_f32_contiguous_many("out_dw", out_dw)
+    _require_f32_contiguous_many("out_db", out_db)
     dy = _f32(dy)
     batch, layers = dy.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]
@@ -1713,11 +1773,13 @@ def _masked_copy(src, dropout, out, trace_name: str):
 
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
+    _require_f32_contiguous(out=out)
     return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
+    _require_f32_contiguous(out=out)
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
