@@ -222,6 +222,22 @@ class Layer:
         """The arrays the last training forward kept for backward (``activation_bytes`` counts them)."""
         return []
 
+    # What a copy leaves out (``copy.deepcopy``, ``pickle``): what the next forward makes again.
+    _transient = ("_buffers", "_holders", "_saved_by")
+
+    def __getstate__(self) -> dict:
+        """The layer without its backend module (kept by name), its buffers, its holders or what a
+        forward kept: the Parameters carry the weights (on the host, see ``Parameter``)."""
+        state = {key: value for key, value in vars(self).items() if key not in self._transient}
+        state["backend"] = self.backend.NAME
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A layer that no model holds yet: the copied model registers itself (``Sequential.__setstate__``)."""
+        self.__dict__.update(state, backend=backends.get(state["backend"]), _buffers=_Buffers(),
+                             _holders=weakref.WeakSet(), _saved_by=None)
+        self.forget()
+
 
 class Dense(Layer):
     """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
@@ -370,6 +386,8 @@ class Dense(Layer):
     def forget(self) -> None:
         self._input = self._output = self._preact = self._dropout = None
 
+    _transient = Layer._transient + ("_input", "_output", "_preact", "_dropout")
+
     def __repr__(self) -> str:
         frozen = "" if self.trainable else ", frozen"
         return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r}{frozen})"
@@ -461,6 +479,12 @@ class Dropout(Layer):
 
     def forget(self) -> None:
         self._mask = None
+
+    _transient = Layer._transient + ("_key", "_mask")  # the next training forward draws a key
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._key = None
 
     @property
     def detail(self) -> str:
@@ -788,18 +812,85 @@ class Sequential:
             layer.unfreeze()
         return self
 
-    def summary(self) -> str:
+    def summary(self, print_fn: Callable[[str], object] | None = None) -> str:
+        """The layers, one a line, then Keras's totals; returns the text (it prints nothing), and
+        calls ``print_fn`` with it when given (``model.summary(print)``). Trainable params count per
+        Parameter: a frozen weight under a bias that trains is non-trainable."""
         lines = [f"Sequential on {self.device} (backend {self.backend_name!r}, {self.dtype})"]
         for layer in self.layers:
             count = sum(int(np.prod(param.shape)) for param in layer.parameters())
             state = "" if not layer.parameters() else "trainable" if layer.trainable else "frozen"
             lines.append(f"  {layer.name:<10} {layer.in_features:>6} -> {layer.out_features:<6} "
                          f"{layer.detail:<11} {count:>10,} params  {state}")
-        return "\n".join(lines)
+        sizes = [(int(np.prod(param.shape)), param.trainable) for param in self.parameters()]
+        total, trainable = sum(size for size, _ in sizes), sum(size for size, trains in sizes if trains)
+        lines += [f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+                  f"Non-trainable params: {total - trainable:,}"]
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
 
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Sequential([\n  {inner}\n], backend={self.backend_name!r})"
+
+    # --------------------------------------------------------------------- copies
+
+    # What fit sets that a copy leaves out: an optimizer's state is keyed by the original's
+    # Parameters (by id), and a scheduler steps that optimizer. ``compile`` settings are kept.
+    _not_copied = ("_scratch", "_needs_cache", "_stored_plan", "_fused_saved", "optimizer", "scheduler",
+                   "_named_optimizers")
+
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy(model)`` and ``pickle`` take: the layers (their weights on the host), the
+        settings, ``compile``'s loss, metrics and rate, and ``history``. The backend goes by name; buffers and
+        what a forward kept for backward are left out, and so are ``optimizer`` and ``scheduler`` (fit sets
+        them again). An optimizer given to ``compile`` as an instance is rebuilt afresh over the copy's
+        Parameters, with its param groups' options but without its state (moments, step counts)."""
+        state = {key: value for key, value in vars(self).items() if key not in self._not_copied}
+        state["backend"] = self.backend_name
+        compiled = state.get("_compiled")
+        if compiled is not None and not isinstance(compiled.get("optimizer", ""), str):
+            state["_compiled"] = {**compiled, "optimizer": self._optimizer_recipe(compiled["optimizer"])}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A model on the same backend as the original, holding the copied layers."""
+        self.__dict__.update(state, backend=backends.get(state["backend"]), _scratch=_Buffers(), _needs_cache={},
+                             _stored_plan=None, _fused_saved=None)
+        self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)  # this machine's GPU
+        for layer in self.layers:
+            layer._holders.add(self)
+        compiled = state.get("_compiled")
+        if compiled is not None and not isinstance(compiled.get("optimizer", ""), str):
+            optimizer = None if compiled["optimizer"] is None else self._from_recipe(compiled["optimizer"])
+            self._compiled = {key: value for key, value in compiled.items() if key != "optimizer"}
+            if optimizer is not None:
+                self._compiled["optimizer"] = optimizer
+
+    def _optimizer_recipe(self, optimizer) -> tuple | None:
+        """(class, [(positions in parameters(), options)] per param group): ``optimizer`` without its
+        Parameters or state; None when it updates Parameters this model does not have."""
+        positions = {id(param): i for i, param in enumerate(self.parameters())}
+        groups = []
+        for group in getattr(optimizer, "param_groups", ()):
+            if any(id(param) not in positions for param in group["params"]):
+                return None
+            options = {key: value for key, value in group.items() if key in optimizer.defaults}
+            groups.append(([positions[id(param)] for param in group["params"]], options))
+        return (type(optimizer), groups) if groups else None
+
+    def _from_recipe(self, recipe):
+        """A fresh optimizer of ``_optimizer_recipe``'s over this model's Parameters; None where its class
+        cannot be built from param groups (``fit`` then uses its default)."""
+        optimizer_class, groups = recipe
+        params = self.parameters()
+        try:
+            return optimizer_class([{**options, "params": [params[i] for i in positions]}
+                                    for positions, options in groups])
+        except (TypeError, ValueError):
+            return None
 
     # --------------------------------------------------------------------- devices
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import numpy as np
+
+from gpubp import backends
 from gpubp.backends import numpy_backend
 
 
@@ -35,6 +38,22 @@ class Parameter:
     @property
     def shape(self) -> tuple:
         return tuple(self.data.shape)
+
+    def __getstate__(self) -> dict:
+        """The array on the host and the backend by name (a module does not pickle); the gradient,
+        which the next backward writes, is left out. ``copy.deepcopy`` and ``pickle`` both take this."""
+        state = dict(vars(self))
+        state["data"] = self.backend.to_host(self.data)
+        state["grad"] = None
+        state["backend"] = self.backend.NAME
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        backend = backends.get(state["backend"])
+        host = state["data"]
+        if isinstance(host, np.ndarray) and not host.flags.writeable:  # optimizers update it in place
+            host = host.copy()
+        self.__dict__.update(state, backend=backend, data=backend.asarray(host, host.dtype))
 
     def __repr__(self) -> str:
         state = "trainable" if self.trainable else "frozen"

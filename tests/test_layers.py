@@ -1,7 +1,9 @@
 """Parameter, Dense and Sequential: container behaviour, weights, initialisation, devices,
 and the buffer rules of forward/backward (fresh outputs, no clobbering, no accumulation)."""
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -87,6 +89,102 @@ def test_layers_with_mismatched_widths_are_rejected():
 def test_a_non_layer_is_rejected_with_its_position():
     with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp layer such as gpubp.Dense, got str"):
         gb.Sequential([gb.Dense(4, 6), "relu"], device="cpu")
+
+
+def test_summary_ends_with_keras_totals_counting_each_parameter():
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dropout(0.5), gb.Dense(6, 3)], device="cpu")
+    model[0].freeze()
+    model[2].weight.trainable = False  # its bias alone trains: the weight counts as non-trainable
+    assert model.summary().splitlines()[-3:] == ["Total params: 51", "Trainable params: 3",
+                                                 "Non-trainable params: 48"]
+
+
+def test_summary_returns_the_text_and_hands_it_to_print_fn(capsys):
+    model, printed = mlp(), []
+    text = model.summary(print_fn=printed.append)
+    assert printed == [text] and "Total params: 83" in text and capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+def pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])
+def test_a_copied_model_predicts_as_the_original_and_shares_no_array(copier, rng):
+    model, x = mlp(), rng.standard_normal((5, 4)).astype(np.float32)
+    model.forward(x)  # what a training forward keeps is not copied
+    twin = copier(model)
+    np.testing.assert_array_equal(twin.predict(x), model.predict(x))
+    assert twin.backend is model.backend and twin.activation_bytes() == 0
+    assert [layer.name for layer in twin] == [layer.name for layer in model]
+    for mine, theirs in zip(twin.parameters(), model.parameters()):
+        assert not np.shares_memory(mine.data, theirs.data) and mine.data.flags.writeable
+    twin[0].weight.data[...] = 0.0
+    assert not np.any(model[0].weight.data == 0.0)
+    assert set(twin[0]._holders) == {twin} and set(model[0]._holders) == {model}
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize(("dtype", "precision"), [("float64", "fp32"), ("float32", "bf16")])
+def test_a_copy_keeps_dtype_precision_dropout_rates_and_frozen_flags(copier, dtype, precision, rng):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dropout(0.3), gb.Dense(6, 5, "tanh"), gb.Dense(5, 3)],
+                          device="cpu", dtype=dtype, precision=precision, fused=False)
+    model[0].freeze()
+    model[2].weight.trainable = False
+    twin = copier(model)
+    assert (twin.dtype, twin.precision, twin.fused, twin[1].rate) == (model.dtype, precision, False, 0.3)
+    assert [layer.trainable_flags() for layer in twin] == [layer.trainable_flags() for layer in model]
+    assert twin.backward_plan() == model.backward_plan()
+    x = rng.standard_normal((7, 4)).astype(dtype)
+    outputs = []
+    for net in (model, twin):  # the same random stream draws the same masks
+        gb.seed(5)
+        outputs.append(net.forward(x))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_training_a_deepcopy_leaves_the_original_and_both_train(rng):
+    model = mlp()
+    x, y = rng.standard_normal((32, 4)).astype(np.float32), rng.integers(0, 3, 32)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    best, before = copy.deepcopy(model), model.get_weights()
+    best.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    for now, then in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(model.get_weights()[0], before[0])
+    assert not np.array_equal(best.get_weights()[0], model.get_weights()[0])
+
+
+def test_a_copy_of_a_slice_holds_layers_of_its_own(rng):
+    model = mlp()
+    head = model[1:]
+    twin = copy.deepcopy(head)
+    assert twin[0] is not model[1] and set(twin[0]._holders) == {twin}
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(twin.predict(x), head.predict(x))
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])
+def test_a_copied_layer_belongs_to_no_model(copier):
+    model = mlp()
+    layer = copier(model[0])
+    assert not layer._holders and layer.name == "dense_0"
+    # a model in another dtype takes the copy (the original belongs to `model`, so it would be refused)
+    wide = gb.Sequential([layer], device="cpu", dtype="float64")
+    np.testing.assert_array_equal(wide[0].weight.data, model[0].weight.data.astype(np.float64))
+
+
+def test_copy_copy_shares_the_layers_as_a_slice_does():
+    model = mlp()
+    twin = copy.copy(model)
+    assert twin[0] is model[0] and set(model[0]._holders) == {model, twin}
+    assert twin._scratch is not model._scratch
 
 
 # ----------------------------------------------------------------------------- initialisation

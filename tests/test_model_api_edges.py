@@ -2,6 +2,8 @@
 share, losses of your own, evaluate's default metrics, models trained in two threads at once,
 and the errors of arguments of the wrong kind."""
 
+import copy
+import pickle
 import threading
 import warnings
 
@@ -365,3 +367,46 @@ def test_a_batch_size_of_none_is_the_default_as_in_keras(rng):
         assert set(model.evaluate(x, y, batch_size=batch_size)) >= {"loss"}
     assert histories[0] == histories[1]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+def pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])
+def test_a_copy_of_a_fitted_model_keeps_compile_and_history_and_trains_as_the_original(copier, rng):
+    x, y = rng.standard_normal((24, 4)).astype(np.float32), rng.integers(0, 3, 24)
+    model = dense_model()
+    model.compile("sgd", loss="cross_entropy", metrics=["accuracy"], learning_rate=0.2)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    twin = copier(model)
+    assert twin._compiled == model._compiled and twin.loss is model.loss
+    assert twin.history.history == model.history.history and twin.history is not model.history
+    assert not hasattr(twin, "optimizer")  # fit sets it again: its state is keyed by the original's parameters
+    for net in (twin, model):  # the copy first: training it leaves the original as it was
+        gb.seed(9)
+        net.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    for mine, theirs in zip(twin.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])
+def test_an_optimizer_compiled_as_an_instance_is_rebuilt_over_the_copys_parameters(copier, rng):
+    model = dense_model()
+    model.compile(gb.optim.SGD([{"params": model[0].parameters(), "lr": 0.05}, {"params": model[1].parameters()}],
+                               lr=0.1, momentum=0.9))
+    x, y = rng.standard_normal((16, 4)).astype(np.float32), rng.integers(0, 3, 16)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    twin = copier(model)
+    optimizer = twin._compiled["optimizer"]
+    assert type(optimizer) is gb.optim.SGD and optimizer.state == {}
+    assert [group["params"] for group in optimizer.param_groups] == [twin[0].parameters(), twin[1].parameters()]
+    assert [(group["lr"], group["momentum"]) for group in optimizer.param_groups] == [(0.05, 0.9), (0.1, 0.9)]
+    before = model.get_weights()
+    twin.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert twin.optimizer is optimizer
+    for now, then in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
