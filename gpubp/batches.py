@@ -159,10 +159,10 @@ def loss_and_grad(loss_fn, out, y, sample_weight, backend):
     if sample_weight is not None:
         kwargs["sample_weight"] = sample_weight
     result = loss_fn(out, y, **kwargs)
-    return result if builtin else checked_own_loss(result)
+    return result if builtin else _checked_own_loss(result)
 
 
-def checked_own_loss(result) -> tuple[float, object]:
+def _checked_own_loss(result) -> tuple[float, object]:
     """A loss of your own's ``(loss, gradient)``, the loss as a float; TypeError naming ``loss``
     for anything else (a loss per sample, say), before the gradient is used."""
     if not isinstance(result, tuple) or len(result) != 2:
@@ -309,10 +309,8 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
         scores = np.empty_like(outputs)
         activations.forward(head, outputs, scores)
     result = {}
-    if loss_fn is not None:
-        weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
-        given = loss_fn(outputs, y, **weighted)
-        result["loss"] = (given if losses.is_builtin(loss_fn) else checked_own_loss(given))[0]
+    if loss_fn is not None:  # the host outputs: gpubp's losses pick their backend from them (backend=None)
+        result["loss"] = loss_and_grad(loss_fn, outputs, y, sample_weight, None)[0]
     if gather is not None and named:
         scores, y = gather(scores)
     for name, fn in named:
