@@ -675,6 +675,11 @@ WRITTEN_IN_PLACE = "it is written in place"
 IN_A_TABLE = "a *_many launch reads it through its pointer"
 
 
+def _is_f32_contiguous(a) -> bool:
+    """Whether a kernel can read or write ``a`` as flat float32 memory from its data pointer."""
+    return is_array(a) and a.dtype == np.float32 and a.flags.c_contiguous
+
+
 def _refuse(name: str, a, why: str = WRITTEN_IN_PLACE) -> ValueError:
     """The error for an operand ``_require_f32_contiguous`` refuses (numba_backend's
     ``_require_contiguous`` wording, with the dtype: the raw kernels take float32 only)."""
@@ -691,7 +696,7 @@ def _require_f32_contiguous(**operands) -> None:
     miswritten, and a contiguous copy would leave the caller's array unwritten. A dtype compare
     and a flags check per array."""
     for name, a in operands.items():
-        if a is not None and not (isinstance(a, cupy.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+        if a is not None and not _is_f32_contiguous(a):
             raise _refuse(name, a)
 
 
@@ -703,8 +708,7 @@ def _require_f32_contiguous_many(what: str, items, names: tuple | None = None, r
     normalized."""
     for t, item in enumerate(items):
         for name, a in zip(names, item) if names else ((None, item),):
-            if a is not None and not (isinstance(a, cupy.ndarray) and a.dtype == np.float32
-                                      and a.flags.c_contiguous):
+            if a is not None and not _is_f32_contiguous(a):
                 raise _refuse(f"{what}[{t}]" + (f" ({name})" if name else ""), a,
                               IN_A_TABLE if name in read else WRITTEN_IN_PLACE)
 
@@ -767,7 +771,7 @@ def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, array
 def _device_floats(a, name: str, size: int = 1):
     """``a``, checked to be what a kernel reads or writes through one pointer (a loss, a rate):
     a contiguous float32 CuPy array of shape ``(size,)``."""
-    if not (is_array(a) and a.dtype == np.float32 and a.shape == (size,) and a.flags.c_contiguous):
+    if not (_is_f32_contiguous(a) and a.shape == (size,)):
         raise ValueError(f"{name}: expected a contiguous float32 CuPy array of shape ({size},), got "
                          f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     return a
