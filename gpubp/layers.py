@@ -870,27 +870,28 @@ class Sequential:
                 self._compiled["optimizer"] = optimizer
 
     def _optimizer_recipe(self, optimizer) -> tuple | None:
-        """(class, [(positions in parameters(), options)] per param group): ``optimizer`` without its
-        Parameters or state; None when it updates Parameters this model does not have."""
+        """(class, the positions in ``parameters()`` of the Parameters it updates, its
+        ``state_dict()``'s param groups): ``optimizer`` without its Parameters or state, as a
+        checkpoint keeps it; None when it updates Parameters this model does not have."""
         positions = {id(param): i for i, param in enumerate(self.parameters())}
-        groups = []
-        for group in getattr(optimizer, "param_groups", ()):
-            if any(id(param) not in positions for param in group["params"]):
-                return None
-            options = {key: value for key, value in group.items() if key in optimizer.defaults}
-            groups.append(([positions[id(param)] for param in group["params"]], options))
-        return (type(optimizer), groups) if groups else None
+        updated = getattr(optimizer, "parameters", list)()
+        if not updated or any(id(param) not in positions for param in updated):
+            return None
+        return type(optimizer), [positions[id(param)] for param in updated], optimizer.state_dict()["param_groups"]
 
     def _from_recipe(self, recipe):
-        """A fresh optimizer of ``_optimizer_recipe``'s over this model's Parameters; None where its class
-        cannot be built from param groups (``fit`` then uses its default)."""
-        optimizer_class, groups = recipe
+        """A fresh optimizer of ``_optimizer_recipe``'s over this model's Parameters, its groups'
+        options loaded as a checkpoint's are (``gpubp.checkpoint``) with no state; None where its
+        class cannot be built so (``fit`` then uses its default)."""
+        optimizer_class, positions, groups = recipe
         params = self.parameters()
         try:
-            return optimizer_class([{**options, "params": [params[i] for i in positions]}
-                                    for positions, options in groups])
+            optimizer = optimizer_class([{"params": [params[positions[i]] for i in group["params"]]}
+                                         for group in groups])
+            optimizer.load_state_dict({"state": {}, "param_groups": groups})
         except (TypeError, ValueError):
             return None
+        return optimizer
 
     # --------------------------------------------------------------------- devices
 
