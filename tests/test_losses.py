@@ -69,12 +69,13 @@ def test_gradient_is_the_derivative_of_the_mean_loss(name, shape):
     np.testing.assert_allclose(grad, numerical, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # scipy's expit has no float16 loop
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_loss_is_a_python_float_and_the_gradient_keeps_the_prediction_dtype(name):
+def test_loss_is_a_python_float_and_the_gradient_keeps_the_prediction_dtype(name, dtype):
     pred, target = make_case(name, (3, 2))
-    value, grad = losses.get(name)(pred.astype(np.float32), target)
+    value, grad = losses.get(name)(pred.astype(dtype), target)
     assert type(value) is float
-    assert grad.dtype == np.float32 and grad.shape == (3, 2)
+    assert grad.dtype == dtype and grad.shape == (3, 2)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

@@ -699,7 +699,7 @@ def bce(logits, target, sample_weight=None):
     np.log1p(per_elem, out=per_elem)
     per_elem += np.maximum(logits, 0)
     per_elem -= logits * target
-    grad = _special.expit(logits)
+    grad = _special.expit(logits, out=np.empty_like(logits))  # scipy has no float16 loop
     grad -= target
     grad *= 1.0 / grad.size
     return _weighted_mean(per_elem, grad, sample_weight)
