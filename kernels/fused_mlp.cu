@@ -756,14 +756,13 @@ struct WarpMma {
         // The accumulator's (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) are Z words
         // 2 c, 2 c + 2, 2 c + 1, 2 c + 3 of row pair g, c = 8 j + 2 t: one 16-byte access.
         uint4* zt = reinterpret_cast<uint4*>(z + g * MmaRows::A_LD + 16 * j0 + 4 * t);
+        // The k loop starts from zeros either way, and ACCUMULATE adds Z's partial sums after it. Fed
+        // to the mma as its C, they would have to sit in the mma's register order (c0 c1 c2 c3) at
+        // every early exit below, while the 16-byte Z access holds them as c0 c2 c1 c3: ptxas then
+        // moved all 4 NT accumulators back after every k-step, 16 MOVs per 4 HMMA.
         float acc[NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            uint4 f = {0u, 0u, 0u, 0u};
-            if (ACCUMULATE) f = zt[4 * j];
-            acc[j][0] = __uint_as_float(f.x), acc[j][1] = __uint_as_float(f.z);
-            acc[j][2] = __uint_as_float(f.y), acc[j][3] = __uint_as_float(f.w);
-        }
+        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
         for (int s = 0; s < KSTEPS; ++s) {
             if (s >= ksteps) break;  // warp-uniform
@@ -776,6 +775,11 @@ struct WarpMma {
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
+            if (ACCUMULATE) {
+                const uint4 f = zt[4 * j];
+                acc[j][0] += __uint_as_float(f.x), acc[j][1] += __uint_as_float(f.z);
+                acc[j][2] += __uint_as_float(f.y), acc[j][3] += __uint_as_float(f.w);
+            }
             const uint4 f = {__float_as_uint(acc[j][0]), __float_as_uint(acc[j][2]), __float_as_uint(acc[j][1]),
                              __float_as_uint(acc[j][3])};
             zt[4 * j] = f;
