@@ -1,7 +1,8 @@
 """Fine-tuning: freezing that skips kernels, new heads, discriminative learning rates.
 
 A frozen layer costs nothing in backward: no dW/db kernel is launched for it, its
-Parameters' ``.grad`` stays None, and the optimizer keeps no state for it. Below the
+Parameters' ``.grad`` stays None, its gradient buffers are given back, and an optimizer
+makes no state for it (state made before it was frozen is kept, as in PyTorch). Below the
 lowest trainable layer no backward work happens at all, and forward keeps no
 activations there (see ``Sequential.backward_plan`` and ``gb.trace``).
 
@@ -15,12 +16,11 @@ activations there (see ``Sequential.backward_plan`` and ``gb.trace``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
-import numpy as np
-
 from gpubp import _checks
-from gpubp.layers import Dense, Dropout, Layer, Sequential
+from gpubp.layers import Dense, Layer, Sequential
 from gpubp.callbacks import Callback
 
 
@@ -61,19 +61,9 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
         raise ValueError(f"model: its last layer, {model.layers[-1].name!r}, is a {type(model.layers[-1]).__name__}, "
                          "not the Dense head replace_head replaces")
     out_features = _checks.positive_int(out_features, "out_features")
-    backbone = []
-    for layer in model.layers[:-1]:
-        if isinstance(layer, Dropout):
-            backbone.append(Dropout(layer.rate, name=layer.name))
-            continue
-        # Host copies, so training the new model never changes the original; passing them as
-        # the init keeps the random stream for the head alone.
-        weight = np.array(layer.backend.to_host(layer.weight.data))
-        copy = Dense(layer.in_features, layer.out_features, layer.activation, init=lambda rng, shape, w=weight: w,
-                     name=layer.name, dtype=model.dtype)
-        copy.bias.data = np.array(layer.backend.to_host(layer.bias.data), dtype=model.dtype)
-        copy.weight.trainable, copy.bias.trainable = layer.weight.trainable, layer.bias.trainable
-        backbone.append(copy)
+    # Copies of any kind of layer, with their weights (through the host) and frozen flags, so training
+    # the new model never changes the original; copying draws nothing, so the random stream is the head's alone.
+    backbone = copy.deepcopy(model.layers[:-1])
     head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
                  dtype=model.dtype)
     return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype, fused=model.fused,

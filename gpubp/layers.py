@@ -152,13 +152,18 @@ class Layer:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"trainable: expected True or False, got {value!r}")
         for param in self.parameters():
-            param.trainable = bool(value)
-            if not value:
-                param.grad = None
+            param.trainable = bool(value)  # freezing clears its .grad
+            if not value:  # and nothing fills its gradient buffer any more: give the memory back
+                self._buffers.drop(("grad", param.name), param.shape)
 
     def trainable_flags(self) -> tuple[bool, ...]:
         """Whether each Parameter trains, in ``parameters()`` order: what decides this layer's backward."""
         return tuple(param.trainable for param in self.parameters())
+
+    def _grad_buffer(self, param: Parameter):
+        """The array backward fills with ``param``'s gradient, reused from step to step; freezing
+        the layer (``trainable = False``) gives it back."""
+        return self._buffers.get(self.backend, ("grad", param.name), param.shape, param.data.dtype)
 
     def freeze(self) -> Layer:
         """Stop training this layer: backward launches no dW/db kernel for it."""
@@ -310,9 +315,12 @@ class Dense(Layer):
         The output this layer keeps is then the masked one.
         """
         act = "identity" if logits else self.activation
-        z_out = None
+        z_out, z_shape = None, (x.shape[0], self.out_features)
         if training and keep_output and act in activations.NEEDS_Z:
-            z_out = self._buffers.get(self.backend, "z", (x.shape[0], self.out_features), self.dtype)
+            z_out = self._buffers.get(self.backend, "z", z_shape, self.dtype)
+        elif training:
+            # z is no longer kept (the layer was frozen, say): give its buffer back, as the model does the output's.
+            self._buffers.drop("z", z_shape)
         mask = dropout.mask() if training and dropout is not None else None
         kwargs = {} if mask is None else {"dropout": mask}
         y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision, **kwargs)
@@ -341,7 +349,8 @@ class Dense(Layer):
         when it applied one) this layer's input is; the dX kernel applies its act' (and regenerates
         its mask) in its epilogue and returns its dz. ``folded``: ``dy`` is this layer's dz already
         (the layer above formed it), so no kernel forms it. A frozen weight launches no dW kernel,
-        even when the bias trains (db alone, from dz)."""
+        even when the bias trains (db alone, from dz). A frozen bias under a weight that trains still
+        gets a db buffer: the GPU backends' dW kernels sum db beside dW whatever ``need_db`` says."""
         need_dw, need_db = self.weight.trainable, self.bias.trainable
         out_dw, out_db = self.grad_buffers(need_dw) if need_dw or need_db else (None, None)
         kwargs = {} if self._dropout is None or folded else {"dropout": self._dropout}
@@ -364,8 +373,7 @@ class Dense(Layer):
     def grad_buffers(self, with_dw: bool = True):
         """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill;
         dW None unless ``with_dw`` (a frozen weight under a bias that trains)."""
-        return (self._buffers.get(self.backend, "dw", self.weight.shape, self.dtype) if with_dw else None,
-                self._buffers.get(self.backend, "db", self.bias.shape, self.dtype))
+        return self._grad_buffer(self.weight) if with_dw else None, self._grad_buffer(self.bias)
 
     def take_grads(self, dw, db) -> None:
         """Set ``.grad`` of the trainable parameters from a backward that computed them (db, and dW

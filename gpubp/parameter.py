@@ -24,8 +24,8 @@ class Parameter:
     """A trainable array: ``.data`` on the model's device, ``.grad`` filled by backward.
 
     ``backward`` overwrites ``.grad`` (it does not accumulate across calls). A parameter
-    with ``trainable=False`` never gets a gradient: its ``.grad`` stays ``None`` and no
-    kernel computes one.
+    with ``trainable=False`` never gets a gradient: freezing it clears ``.grad``, which then
+    stays ``None``, and no kernel computes one.
     """
 
     def __init__(self, data, name: str = "", trainable: bool = True) -> None:
@@ -34,6 +34,16 @@ class Parameter:
         self.trainable = trainable
         self.name = name
         self.backend: ModuleType = numpy_backend
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = value
+        if not value:  # backward no longer writes .grad: the last gradient would stay there
+            self.grad = None
 
     @property
     def shape(self) -> tuple:

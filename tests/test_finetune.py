@@ -11,6 +11,7 @@ import pytest
 import gpubp as gb
 from gpubp import activations, backends
 from gpubp import finetune as ft
+from gpubp.backends import numpy_backend
 
 
 # Five layers, tiny widths (the Numba backend runs them in the CUDA simulator); gelu keeps
@@ -66,6 +67,15 @@ def classification_data(rng, n=64, features=SIZES[0], classes=SIZES[-1]):
 
 def trainable_flags(model):
     return [layer.trainable for layer in model]
+
+
+def held_buffers(layer):
+    """The arrays a layer keeps from step to step for its kernels to write into."""
+    return list(layer._buffers._arrays.values())
+
+
+def holds(layer, array):
+    return any(held is array for held in held_buffers(layer))
 
 
 # ----------------------------------------------------------------------------- freezing API
@@ -175,6 +185,29 @@ def test_freezing_a_layer_drops_its_gradients(rng):
     assert model[1].weight.grad is None and model[1].bias.grad is None
 
 
+def test_freezing_a_layer_gives_back_its_gradient_buffers(rng):
+    model = make_model()
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.backward(dout)
+    frozen_grads, kept_grads = ([p.grad for p in model[i].parameters()] for i in (1, 2))
+    model[1].freeze()
+    model[2].trainable = True  # already trainable: nothing is frozen, so it keeps its buffers
+    assert not any(holds(model[1], grad) for grad in frozen_grads)
+    assert all(holds(model[2], grad) for grad in kept_grads)
+
+
+def test_a_gelu_layer_frozen_below_the_trainable_ones_gives_back_its_z_buffer(rng):
+    model = make_model()
+    assert model[2].activation == "gelu"
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    z = model[2].act_input()  # kept for its act' while it trained
+    model.freeze_to(3)
+    model.forward(x)
+    assert model[2].act_input() is None and not holds(model[2], z)
+
+
 # ----------------------------------------------------------------------------- backward plan
 
 
@@ -232,6 +265,24 @@ def test_all_frozen_backward_launches_nothing_and_says_so(backend):
     assert t.total == 0
     assert any("every layer is frozen" in message for message in caught)
     assert "launches no kernel" in str(plan)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "dropout"])
+def test_numpy_backward_computes_no_db_for_a_frozen_bias_under_a_trainable_weight(act, masked, rng, monkeypatch):
+    x, w = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
+    dy = rng.standard_normal((6, 5)).astype(np.float32)
+    kwargs = {"dropout": gb.Dropout(0.5).mask()} if masked else {}
+    y, z = numpy_backend.dense_forward(x, w, np.zeros(5, np.float32), act, **kwargs)
+    with_db = numpy_backend.dense_backward(dy, x, w, y, z, act, True, True, **kwargs)
+    products, matmul = [], numpy_backend._matmul
+    monkeypatch.setattr(numpy_backend, "_matmul", lambda a, b, out=None: products.append(a.ndim) or matmul(a, b, out))
+    out_db = np.full(5, np.nan, np.float32)
+    dx, dw, db = numpy_backend.dense_backward(dy, x, w, y, z, act, True, True, out_db=out_db, need_db=False, **kwargs)
+    assert db is None and np.isnan(out_db).all()  # nothing summed into the buffer
+    assert 1 not in products  # nor by ones(B) @ dz
+    np.testing.assert_array_equal(dw, with_db[1])
+    np.testing.assert_array_equal(dx, with_db[0])
 
 
 def test_input_gradient_makes_every_layer_launch_dx(rng):
@@ -398,6 +449,53 @@ def test_training_the_new_model_leaves_the_original_unchanged(rng):
     assert not np.array_equal(new.get_weights()[0], before[0])
     for old, now in zip(before, model.get_weights()):
         assert np.array_equal(old, now)
+
+
+class Doubled(gb.Layer):
+    """``y = 2 x``: a layer of the user's own, without parameters, that keeps its width."""
+
+    kind = "doubled"
+
+    def connect(self, width, where, below):
+        self.in_features = self.out_features = width
+
+    def keeps(self, act, need_dx, need_dw):
+        return False, False
+
+    def forward(self, x, out=None, keep_input=False, keep_output=False, training=True, logits=False,
+                precision="fp32"):
+        return x * np.float32(2)
+
+    def backward(self, dy, need_dx, out_dx=None, precision="fp32"):
+        return dy * np.float32(2) if need_dx else None
+
+    def backward_kernels(self, act, need_dx, need_dw):
+        return []
+
+
+class Tagged(gb.Dense):
+    """A Dense subclass of the user's own."""
+
+
+def test_replace_head_copies_backbone_layers_of_any_kind(rng):
+    gb.seed(0)
+    model = gb.Sequential([Tagged(5, 7, "relu"), Doubled(), gb.Dropout(0.2), gb.Dense(7, 3)], device="cpu")
+    model[0].bias.trainable = False
+    new = ft.replace_head(model, out_features=2)
+    assert [type(layer) for layer in new] == [Tagged, Doubled, gb.Dropout, gb.Dense]
+    assert not any(mine is theirs for mine, theirs in zip(new, model))
+    assert new[0].trainable_flags() == (True, False) and new[2].rate == 0.2
+    assert not np.shares_memory(new[0].weight.data, model[0].weight.data)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(new[:-1].predict(x), model[:-1].predict(x))
+
+
+def test_replace_head_draws_the_new_heads_weights_alone_from_the_random_stream():
+    model = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dropout(0.2), gb.Dense(6, 3)], device="cpu")
+    gb.seed(5)
+    head = ft.replace_head(model, out_features=7, activation="relu")[-1]
+    gb.seed(5)
+    np.testing.assert_array_equal(head.weight.data, gb.Dense(6, 7, "relu").weight.data)
 
 
 def test_replace_head_on_a_model_ending_in_a_dropout_raises():

@@ -556,6 +556,15 @@ def test_freezing_a_layer_clears_its_gradients(rng):
     assert not model[1].trainable and model[0].trainable
 
 
+def test_freezing_a_parameter_clears_its_gradient(rng):
+    model = mlp()
+    train_step_grads(model, rng.normal(size=(3, 4)).astype(np.float32), np.array([0, 1, 2]))
+    model[0].bias.trainable = False
+    assert model[0].bias.grad is None and model[0].weight.grad is not None
+    model[0].weight.trainable = False
+    assert model[0].weight.grad is None
+
+
 # ----------------------------------------------------------------------------- the layer protocol
 
 

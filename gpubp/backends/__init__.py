@@ -40,7 +40,9 @@ Dense layer
         ``dw = x.T @ dz``, ``db = dz.sum(0)`` with db fused into the dW kernel.
         ``need_dw=False``: no dW/db kernel is launched, ``dw``/``db`` are None, unless
         ``need_db`` (a bias that trains under a frozen weight): db alone, from dz, with no dW
-        kernel (``dw`` None). With ``need_dw``, db comes with dW whatever ``need_db`` says.
+        kernel (``dw`` None). With ``need_dw``, db comes with dW unless ``need_db`` is False (a
+        frozen bias): NumPy, whose db is a product of its own, then skips it and returns None; a
+        backend that sums db in its dW kernel at no extra cost may still write it to ``out_db``.
         ``need_dx=False``: no dX kernel is launched, ``dx`` is None. ``x`` may be None
         when ``need_dw`` is False. ``dy`` is never modified. The ``out_*`` buffers, when
         given, receive the results. Records exactly

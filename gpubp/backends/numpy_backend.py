@@ -480,10 +480,11 @@ def _masked_dz(dy, y, z, act, dropout, db):
 def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,
                    precision="fp32", dropout=None, need_db=None):
     """Gradients of ``y = act(x @ w + b)``; skips dW/db when ``need_dw`` is False, dX when ``need_dx`` is.
-    ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight).
+    ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight);
+    ``need_db=False`` with ``need_dw``: dW alone (a frozen bias), ``db`` None and ``out_db`` unwritten.
     ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
-    sums = need_dw or bool(need_db)  # db comes with dW, or alone
-    if not (need_dx or sums):
+    sums = need_dw if need_db is None else bool(need_db)  # db comes with dW unless told otherwise
+    if not (need_dx or need_dw or sums):
         return None, None, None
     if not need_dw and sums:
         record("dense_db")

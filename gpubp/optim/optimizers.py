@@ -2,8 +2,9 @@
 
 Each step is one fused backend kernel per parameter, or, on a backend with multi-tensor
 updates (cupy), one per run of parameters that ``Optimizer.batches`` groups. Parameters that are not
-trainable (frozen) are skipped and get no state, so freezing costs no optimizer
-memory. Param groups work as in PyTorch: pass a list of dicts, each with its own
+trainable (frozen) are skipped: one frozen before its first step gets no state, so costs no
+optimizer memory, while the state of one frozen after it is kept, as in PyTorch, so unfreezing
+resumes it. Param groups work as in PyTorch: pass a list of dicts, each with its own
 ``params`` and any of the optimizer's options (``lr``, ``weight_decay``, ...).
 ``state_dict()`` / ``load_state_dict()`` save and restore the options and the
 per-parameter state in PyTorch's structure (``state`` keyed by the parameter's index across
