@@ -321,7 +321,7 @@ class Dense(Layer):
         elif training:
             # z is no longer kept (the layer was frozen, say): give its buffer back, as the model does the output's.
             self._buffers.drop("z", z_shape)
-        mask = dropout.mask() if training and dropout is not None else None
+        mask = dropout.mask(self.dtype) if training and dropout is not None else None
         kwargs = {} if mask is None else {"dropout": mask}
         y, z = self.backend.dense_forward(x, self.weight.data, self.bias.data, act, out, z_out, precision, **kwargs)
         if training:
@@ -459,18 +459,19 @@ class Dropout(Layer):
             # The same device array each time: a replayed CUDA graph reads the key from it.
             self.backend.copy_into(self._key, host)
 
-    def mask(self) -> philox.Mask:
-        """The mask of the key drawn last, as the kernels take it."""
+    def mask(self, dtype=np.float32) -> philox.Mask:
+        """The mask of the key drawn last, as the kernels take it, its factors in ``dtype``: the
+        masked array's (float64 on NumPy; the GPU kernels take float32)."""
         if self._key is None:
             self.next_key()
-        return philox.Mask(self._key, *philox.mask_constants(self.rate), self.rows_from)
+        return philox.Mask(self._key, *philox.mask_constants(self.rate, dtype), self.rows_from)
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
                 logits: bool = False, precision: str = "fp32"):
         """``x`` masked and scaled in training (into ``out``), ``x`` itself otherwise."""
         if not training:
             return x
-        self._mask = self.mask()
+        self._mask = self.mask(x.dtype)
         return self.backend.dropout_forward(x, self._mask, out)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):

@@ -17,8 +17,9 @@ row width. ``first_row`` (0 but in a data-parallel step) is where the array's ro
 global batch, so the processes of ``fit(distributed=True)`` draw the masks one process would
 draw for the whole batch, not one mask each for their own rows. Every training forward of a Dropout layer draws a fresh 64-bit key from the
 library's random stream (``gb.seed``), so the key names the layer and the step, and the counter
-names the element. A kept element is multiplied by ``scale = float32(1 / (1 - rate))``
-(inverted dropout); a dropped one is exactly 0.
+names the element. A kept element is multiplied by ``scale = 1 / (1 - rate)`` in the array's
+float type (inverted dropout: float32 on every backend, float64 for a float64 model on NumPy); a
+dropped one is exactly 0.
 
 Three implementations compute it, and the tests hold them to the published known answers and
 to each other: this module (NumPy, vectorized over whole arrays in uint32 arithmetic, and the
@@ -85,13 +86,13 @@ class Mask(NamedTuple):
     ``key``: the backend array of the two key words (uint32, shape (2,)), which a replayed CUDA
     graph reads from device memory; ``threshold``: keep where the word >= it; ``scale``: the
     kept elements' factor, ``1 / (1 - rate)``; ``keep_prob``: ``1 - rate``, which turns a kept
-    output back into the activation's own output for its derivative (all float32); ``first_row``:
-    the row counter of the array's first row."""
+    output back into the activation's own output for its derivative (both float32, or float64 as
+    ``mask_constants`` gives them); ``first_row``: the row counter of the array's first row."""
 
     key: object
     threshold: int
-    scale: np.float32
-    keep_prob: np.float32
+    scale: np.floating
+    keep_prob: np.floating
     first_row: int = 0
 
 
@@ -100,9 +101,14 @@ def threshold(rate: float) -> int:
     return min(int(rate * 2.0**32), 0xFFFFFFFF)
 
 
-def mask_constants(rate: float) -> tuple[int, np.float32, np.float32]:
-    """(threshold, scale, keep_prob) for dropping a fraction ``rate``."""
-    return threshold(rate), np.float32(1.0 / (1.0 - rate)), np.float32(1.0 - rate)
+def mask_constants(rate: float, dtype=np.float32) -> tuple[int, np.floating, np.floating]:
+    """(threshold, scale, keep_prob) for dropping a fraction ``rate``, the factors in ``dtype``.
+
+    float32 by default, the kernels' contract: the CUDA and Numba kernels take float32 factors
+    whatever they are given. float64 is for float64 arrays on the NumPy backend, which multiplies
+    in the array's dtype (gpubp.torch asks for it for a float64 MLP)."""
+    dtype = np.dtype(dtype).type
+    return threshold(rate), dtype(1.0 / (1.0 - rate)), dtype(1.0 - rate)
 
 
 def draw_key(generator: np.random.Generator) -> np.ndarray:

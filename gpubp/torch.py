@@ -17,8 +17,10 @@ The outputs, the activations kept for backward and the gradients are allocated b
 (``torch.empty`` on the current stream) and written by the kernels through DLPack views, so
 torch's caching allocator owns them and ``Tensor.record_stream`` works on them as on any tensor.
 
-Each call keeps its own activations in the autograd context (never in reused module buffers),
-so two forwards followed by their backwards, in any order, get their own gradients. The
+Each call saves its own activations for backward in the autograd graph (``save_for_backward``,
+never in reused module buffers), so two forwards followed by their backwards, in any order, get
+their own gradients; torch frees them after backward, and ``saved_tensors_hooks`` (such as
+``torch.autograd.graph.save_on_cpu``) apply to them. The
 backward launches what ``Sequential.backward_plan`` would for the same frozen layers: a layer
 whose parameters do not require grad launches no dW/db kernel, and no dX is computed below the
 lowest layer that needs one (unless the input requires grad). ``MLP.backward_plan`` says which,
@@ -106,8 +108,11 @@ class Dense(nn.Module):
         self.activation = activations.canonical(activation)
         self.dropout = _rate(dropout, "dropout")
         init = _GpubpDense(self.in_features, self.out_features, self.activation)
-        self.weight = nn.Parameter(torch.from_numpy(init.weight.data).to(dtype))
-        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype))
+        # Both on torch's default device (torch.device(...), set_default_device), as nn.Linear's are:
+        # torch.zeros makes the bias there, and torch.from_numpy makes a CPU tensor.
+        bias = torch.zeros(self.out_features, dtype=dtype)
+        self.weight = nn.Parameter(torch.from_numpy(init.weight.data).to(bias.device, dtype))
+        self.bias = nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _run([self], x, "fp32", None, self.training)
@@ -140,6 +145,8 @@ class MLP(nn.Module):
     for the matmuls; the loss, gradients' sums and updates stay fp32.
     ``dropout``: the fraction of each hidden layer's outputs dropped in training mode;
     ``input_dropout``: of the inputs (None, the default: no Dropout there).
+    An empty batch (0 rows) is refused, as everywhere in gpubp ("x: expected at least one row"),
+    where ``nn.Sequential`` returns a (0, out) output: skip the call for it.
     """
 
     def __init__(self, sizes, activation: str | None = "relu", output_activation: str | None = None,
@@ -272,8 +279,8 @@ def from_torch(module: nn.Sequential) -> MLP:
     layers each followed by at most one activation (ReLU, LeakyReLU(0.01), Sigmoid, Tanh, GELU,
     SiLU, Identity, and on the last layer Softmax over dim 1) and then at most one ``nn.Dropout``,
     with at most one ``nn.Dropout`` before them all.
-    Weights are copied and transposed to (in, out); ``requires_grad`` flags are kept; the MLP is
-    in the training mode ``module`` is in."""
+    Weights (float32 or float64) are copied and transposed to (in, out); ``requires_grad`` flags
+    are kept; the MLP is in the training mode ``module`` is in."""
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"module: expected a torch.nn.Sequential, got {type(module).__name__}")
     linears, acts, dropouts, input_dropout = [], [], [], None
@@ -281,6 +288,10 @@ def from_torch(module: nn.Sequential) -> MLP:
         if isinstance(child, nn.Linear):
             if child.bias is None:
                 raise ValueError(f"module[{i}]: nn.Linear without a bias is not supported (gpubp layers always have one)")
+            if child.weight.dtype not in (torch.float32, torch.float64):  # else copied into fp32 parameters unsaid
+                raise TypeError(f"module[{i}]: expected float32 or float64 weights, got {child.weight.dtype}; for "
+                                "bfloat16 products keep the parameters float32 (module.float()) and build the MLP "
+                                "with precision='bf16'")
             linears.append(child)
             acts.append("identity")
             dropouts.append(None)
@@ -340,10 +351,12 @@ def _refuse_another_layout(module: nn.Module, state_dict, prefix: str, local_met
     such as a ModuleList of nn.Linear, whose (out, in) weights would otherwise load into the MLP's
     (in, out) ones transposed where a layer is square, and with torch's bare size mismatch where it
     is not. A state dict made by ``state_dict()`` says which module it came from (its ``_metadata``
-    entry, which ``_mark_weight_layout`` marks for an MLP); a plain dict of tensors says nothing and
-    is loaded as given. Raised here, before torch copies any tensor, so the MLP is left unchanged
-    (an entry in ``error_msgs`` is raised only after every module has loaded)."""
-    if local_metadata and io.TORCH_MLP_LAYOUT not in local_metadata:
+    entry, which has the module's ``version`` and which ``_mark_weight_layout`` marks for an MLP); a
+    plain dict of tensors says nothing and is loaded as given. (``load_state_dict`` adds entries of
+    its own, such as ``assign_to_params_buffers``, so only ``version`` says where the state came
+    from.) Raised here, before torch copies any tensor, so the MLP is left unchanged (an entry in
+    ``error_msgs`` is raised only after every module has loaded)."""
+    if "version" in local_metadata and io.TORCH_MLP_LAYOUT not in local_metadata:
         where = f" at {prefix[:-1]!r}" if prefix else ""
         raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: the state{where} is another "
                            "torch module's, not a gpubp.torch.MLP's: nn.Linear weights are (out, in) where the MLP's "
@@ -360,9 +373,10 @@ BACKEND_OF_DEVICE = {"cpu": "numpy", "cuda": "cupy"}
 
 
 def _backend_for(tensor: torch.Tensor):
+    """The backend that runs the parameters, of which ``tensor`` is one."""
     name = BACKEND_OF_DEVICE.get(tensor.device.type)
     if name is None:
-        raise ValueError(f"device: gpubp runs on CPU and CUDA tensors, got a tensor on {tensor.device}")
+        raise ValueError(f"parameters: gpubp runs on CPU and CUDA tensors, got the module's on {tensor.device}")
     return backends.get(name)
 
 
@@ -376,7 +390,14 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
     if torch.jit.is_tracing():
         raise RuntimeError(TRACING)
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
-    function = _function(params[0].device.type, params[0].dtype)
+    device_type, dtype = params[0].device.type, params[0].dtype
+    _backend_for(params[0])  # first: custom_fwd, in _function, fails obscurely on a device type autocast lacks
+    # Under autocast, custom_fwd's cast of the input made here, where autograd records it: the Function's x
+    # is then the caller's through the cast, so a second derivative reaches it; cast inside, it would not.
+    if (torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64
+            and x.device.type == device_type):
+        x = x.to(dtype)
+    function = _function(device_type, dtype)
     acts = tuple(layer.activation for layer in layers)
     # (key, rate) of the input's and each layer's Dropout in training mode, else None; the keys drawn
     # bottom to top from torch's stream, which torch.utils.checkpoint restores to recompute a forward.
@@ -425,8 +446,9 @@ def _function(device_type: str, dtype: torch.dtype):
     """The autograd Function for parameters on ``device_type`` in ``dtype``.
 
     One class per (device type, dtype) because autocast's ``custom_fwd`` takes both when the
-    class is made: under autocast the input is cast to the module's dtype and the kernels run
-    with autocast off, and backward runs under the same autocast state as forward.
+    class is made: under autocast the input is cast to the module's dtype (by ``_run``, which
+    ``custom_fwd``'s own cast then leaves as it is) and the kernels run with autocast off, and
+    backward runs under the same autocast state as forward.
     """
 
     class MLPFunction(torch.autograd.Function):
@@ -438,9 +460,10 @@ def _function(device_type: str, dtype: torch.dtype):
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, grad_out):
-            grads = _backward(ctx, grad_out)
+            saved = ctx.saved_tensors  # read once: each read unpacks them again (saved_tensors_hooks)
+            grads = _backward(ctx, saved, grad_out)
             if torch.is_grad_enabled():  # create_graph=True: what differentiates these grads must fail
-                sources = [t for t in ctx.saved_tensors[2:] if t is not None and t.requires_grad]
+                sources = [t for t in saved[:len(grads)] if t is not None and t.requires_grad]  # params, x
                 grads = [None if grad is None else _FirstDerivativeOnly.apply(grad, *sources) for grad in grads]
             return (None, None, None, None, *grads)
 
@@ -548,9 +571,10 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
     # Per layer, what its backward reads, and nothing for a layer that computes nothing.
     kept = []
     h = x
+    dtype = np.dtype(str(x.dtype).removeprefix("torch."))  # the masks' scale and keep_prob: float64 for float64
     with device.scope():
         masks = [None if drop is None else philox.Mask(device.backend.asarray(drop[0], np.uint32),
-                                                       *philox.mask_constants(drop[1])) for drop in drops]
+                                                       *philox.mask_constants(drop[1], dtype)) for drop in drops]
         if masks[0] is not None:
             h = device.empty(tuple(x.shape), x.dtype)
             device.backend.dropout_forward(device.array(x), masks[0], out=device.array(h))
@@ -566,15 +590,17 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
             reads_y = (need_dx or trains) and act != "identity" and act not in activations.NEEDS_Z
             kept.append((h if need_dw else None, y if reads_y else None, z if need_dx or trains else None))
             h = y
-    # The input, the output and the weights go through save_for_backward, so an in-place change
-    # to any of them before backward raises instead of giving wrong gradients.
-    last_reads_y = kept[-1][1] is not None
-    # A dropped input is not x: layer 0 keeps it among its own arrays.
-    # Last, x again where it requires grad: a second derivative's path to it (_FirstDerivativeOnly).
-    keeps_x = plan[0][1] and wants[1] and masks[0] is None  # layer 0's dW reads it
-    ctx.save_for_backward(x if keeps_x else None, h if last_reads_y else None, *params,
-                          given if given.requires_grad else None)
-    ctx.kept, ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = kept, plan, acts, math, device, masks
+    # Every tensor backward reads goes through save_for_backward, none stays on ctx: torch frees them
+    # after backward, with no reference cycle through the output's grad_fn, applies saved_tensors_hooks
+    # (save_on_cpu) to them, and raises where the input, the output or a weight among them is changed
+    # in place before backward. The parameters, x where it requires grad (a second derivative's path
+    # to it, _FirstDerivativeOnly), then each activation once (a hidden output is the next layer's
+    # input); ctx.kept holds the activations' positions.
+    tensors = {id(t): t for layer in kept for t in layer if t is not None}
+    position = {key: n for n, key in enumerate(tensors, start=len(params) + 1)}
+    ctx.save_for_backward(*params, given if given.requires_grad else None, *tensors.values())
+    ctx.kept = [tuple(None if t is None else position[id(t)] for t in layer) for layer in kept]
+    ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = plan, acts, math, device, masks
     return h
 
 
@@ -585,9 +611,11 @@ def _folded(backend, acts, plan, masked) -> frozenset[int]:
     return frozenset(i for i in range(len(acts) - 1) if plan[i + 1][0] and dz_formed_above(backend, acts[i], masked[i]))
 
 
-def _backward(ctx, grad_out: torch.Tensor) -> list:
-    x, out, *params, _ = ctx.saved_tensors
-    device, plan, acts, kept = ctx.device, ctx.plan, ctx.acts, ctx.kept
+def _backward(ctx, saved: tuple, grad_out: torch.Tensor) -> list:
+    """The gradients of (x, W0, b0, W1, b1, ...); ``saved``: ``ctx.saved_tensors``."""
+    device, plan, acts = ctx.device, ctx.plan, ctx.acts
+    params = saved[:2 * len(acts)]
+    kept = [tuple(None if n is None else saved[n] for n in layer) for layer in ctx.kept]
     wants = ctx.needs_input_grad[4:]
     grads = [None] * (1 + len(params))
     active = [i for i, (need_dx, need_dw) in enumerate(plan) if need_dx or need_dw]
@@ -600,10 +628,6 @@ def _backward(ctx, grad_out: torch.Tensor) -> list:
             need_dx, trains = plan[i]
             need_dw, need_db = trains and wants[1 + 2 * i], trains and wants[2 + 2 * i]
             inputs, y, z = kept[i]
-            if i == 0 and x is not None:
-                inputs = x
-            if i == len(acts) - 1 and out is not None:
-                y = out
             weight, bias = params[2 * i], params[2 * i + 1]
             dx = device.empty((len(dy), weight.shape[0]), weight.dtype) if need_dx else None
             dw = device.empty(weight.shape, weight.dtype) if need_dw else None

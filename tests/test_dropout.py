@@ -79,6 +79,17 @@ def test_rate_zero_keeps_everything_and_the_threshold_follows_the_rate():
     assert philox.threshold(0.999999999999) <= 0xFFFFFFFF
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.4])
+def test_the_mask_factors_are_float32_for_the_kernels_and_float64_when_asked(rate):
+    """float32 by default, what the CUDA and Numba kernels take; float64 for float64 arrays, rounded
+    once from 1 / (1 - rate), not from float32's rounding of it."""
+    threshold, scale, keep_prob = philox.mask_constants(rate)
+    assert (type(scale), type(keep_prob)) == (np.float32, np.float32)
+    assert (threshold, scale, keep_prob) == (philox.threshold(rate), np.float32(1 / (1 - rate)), np.float32(1 - rate))
+    assert philox.mask_constants(rate, np.float64) == (threshold, 1 / (1 - rate), 1 - rate)
+    assert type(philox.mask_constants(rate, np.float64)[1]) is np.float64
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
 def test_the_fraction_dropped_is_within_binomial_bounds(rate):
     rows, cols = 300, 257
@@ -254,7 +265,7 @@ def test_gradients_match_pytorch_given_the_same_masks(rng):
     for layer in model:
         if isinstance(layer, gb.Dropout):
             mask = philox.keep_mask(keys[layer.name], *t.shape, philox.threshold(layer.rate))
-            t = t * torch.tensor(mask, dtype=torch.float64) * float(np.float32(1 / (1 - layer.rate)))
+            t = t * torch.tensor(mask, dtype=torch.float64) * (1 / (1 - layer.rate))  # float64's factor
         else:
             w = torch.tensor(layer.weight.data, requires_grad=True)
             b = torch.tensor(layer.bias.data, requires_grad=True)

@@ -8,6 +8,8 @@ tests/test_cupy_paths_on_cpu.py, and on a GPU in the test marked ``gpu`` below.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -148,6 +150,51 @@ def test_two_forwards_then_two_backwards_give_each_call_its_gradients(mlp, order
         want = grads_of(plain_torch(mlp, x), [x, *params], grad_out)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_every_activation_backward_reads_passes_saved_tensors_hooks_and_backward_frees_it():
+    """The hidden activations are saved tensors, as nn.Linear's inputs are: saved_tensors_hooks (what
+    save_on_cpu is built on) pack and unpack them, and torch frees them after backward, while the
+    output lives on."""
+    gb.seed(0)
+    mlp = MLP([7, 9, 8, 5], activation="tanh", output_activation="sigmoid")
+    x = random_input()
+    packed, unpacked = [], []
+
+    def pack(tensor):
+        packed.append(weakref.ref(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: unpacked.append(tensor) or tensor):
+        out = mlp(x)
+    hidden = [ref for ref in packed if tuple(ref().shape) in ((6, 9), (6, 8))]
+    assert len(hidden) == 2  # tanh's derivative reads each hidden layer's output
+    grad_out = torch.randn_like(out)
+    for got, want in zip(grads_of(out, [x, *mlp.parameters()], grad_out),
+                         grads_of(plain_torch(mlp, x), [x, *mlp.parameters()], grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(unpacked) == len(packed)
+    del unpacked[:]
+    assert all(ref() is None for ref in hidden)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_dropping_the_output_frees_it_at_once_without_the_garbage_collector(backward):
+    """No reference cycle through the output's grad_fn keeps it (and its graph) alive until gc runs:
+    a sigmoid output is among what backward reads."""
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], output_activation="sigmoid")
+    x = random_input()
+    gc.disable()
+    try:
+        out = mlp(x)
+        if backward:
+            out.sum().backward()
+        ref = weakref.ref(out)
+        del out
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_changing_the_output_in_place_before_backward_raises():
@@ -334,6 +381,23 @@ def test_load_state_dict_refuses_another_modules_linear_weights(widths):
     torch.testing.assert_close(mlp.layers[0].weight, foreign["layers.0.weight"].t(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_plain_dict_loads_with_or_without_assign_alone_and_inside_another_module(assign):
+    """load_state_dict(assign=True) adds an entry of its own to each module's metadata; only what
+    state_dict() wrote says the state is another module's, so another module's is still refused."""
+    gb.seed(0)
+    mlp, outer = MLP([6, 4, 3]), torch.nn.Sequential(torch.nn.Linear(6, 6), MLP([6, 4, 3]))
+    for module in (mlp, outer):
+        plain = {name: tensor.detach() + 1 for name, tensor in module.state_dict().items()}
+        module.load_state_dict(plain, assign=assign)
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, plain[name])
+    foreign = torch.nn.Module()  # the MLP's keys, nn.Linear's (out, in) weights
+    foreign.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in ((6, 4), (4, 3)))
+    with pytest.raises(RuntimeError, match="another torch module's"):
+        mlp.load_state_dict(foreign.state_dict(), assign=assign)
+
+
 def test_an_mlp_inside_another_module_loads_its_own_state():
     gb.seed(0)
     outer = torch.nn.Sequential(torch.nn.Identity(), MLP([4, 5, 3]))
@@ -387,6 +451,18 @@ def test_autocast_casts_the_input_to_the_module_precision(mlp, input_dtype):
     assert mlp.layers[0].weight.grad.dtype == torch.float32
 
 
+def test_under_autocast_a_second_derivative_through_a_frozen_mlp_raises(mlp):
+    """The input autocast casts is still the one a second derivative reaches, with no parameter
+    requiring grad to lead it to the MLP."""
+    mlp.requires_grad_(False)
+    x = random_input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x.bfloat16())
+    (grad_x,) = torch.autograd.grad(out.float().pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        (grad_x.pow(2).sum() + x.sum()).backward()
+
+
 def test_non_contiguous_input_is_copied_and_gives_the_contiguous_result(mlp):
     x = random_input(7, 6, requires_grad=False).t()
     assert not x.is_contiguous()
@@ -405,6 +481,24 @@ def test_dropout_keys_come_from_torchs_stream():
         outs.append(mlp(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.equal(outs[0], outs[2])
+
+
+def test_a_float64_mlp_scales_the_kept_elements_by_the_float64_factor():
+    """1 / (1 - rate) in float64, as nn.Dropout's in float64, not float32's rounding of it; and
+    the gradients are those of that factor."""
+    rate = 0.1
+    torch.manual_seed(0)  # the mask's key
+    mlp = MLP([4, 4], activation="identity", precision="fp64", input_dropout=rate)
+    with torch.no_grad():
+        mlp.layers[0].weight.copy_(torch.eye(4, dtype=torch.float64))
+        mlp.layers[0].bias.zero_()
+    x = torch.ones(50, 4, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    kept = out != 0
+    assert kept.any() and not kept.all()
+    assert set(out[kept].tolist()) == {1 / (1 - rate)}
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.double() / (1 - rate), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -484,6 +578,7 @@ def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
     (lambda: torch.ones(4, 7, dtype=torch.int64), TypeError, "x: expected dtype torch.float32"),
     (lambda: torch.ones(4, 6), ValueError, r"x: expected shape \(batch, 7\)"),
     (lambda: torch.ones(7), ValueError, "x: expected a 2-D array"),
+    (lambda: torch.ones(0, 7), ValueError, r"x: expected at least one row, got shape \(0, 7\)"),  # as documented
     (lambda: torch.ones(4, 7, device="meta"), ValueError, "x: the input is on meta but the MLP is on cpu"),
     (lambda: np.ones((4, 7), np.float32), TypeError, "x: expected a torch.Tensor"),
 ])
@@ -493,6 +588,17 @@ def test_bad_input_raises_a_clear_error_and_leaves_weights_unchanged(mlp, x, err
         mlp(x())
     for got, want in zip(mlp.parameters(), before):
         assert torch.equal(got, want)
+
+
+def test_the_parameters_are_made_on_torchs_default_device_and_another_than_cpu_or_cuda_is_refused():
+    """As nn.Linear's; the bridge's own error, naming the parameters, comes before torch.amp's."""
+    with torch.device("meta"):
+        made_there = MLP([5, 4, 3])
+    assert {p.device.type for p in made_there.parameters()} == {"meta"}
+    moved = MLP([5, 4, 3]).to("meta")
+    for mlp in (made_there, moved):
+        with pytest.raises(ValueError, match="parameters: gpubp runs on CPU and CUDA tensors, .* on meta"):
+            mlp(torch.empty(2, 5, device="meta"))
 
 
 def test_mixed_dtypes_inside_the_mlp_raise(mlp):
@@ -577,6 +683,15 @@ def test_a_softmax_head_converts_to_torch_and_back():
 def test_from_torch_rejects_what_it_cannot_convert(module, match):
     with pytest.raises((ValueError, TypeError), match=match):
         from_torch(module())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_torch_refuses_low_precision_weights_and_names_the_precision_to_use(dtype):
+    """Copied into a float32 MLP, they would make one that refuses the module's own inputs."""
+    module = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).to(dtype)
+    with pytest.raises(TypeError, match=rf"module\[0\]: expected float32 or float64 weights, got {dtype}; .*"
+                                        "precision='bf16'"):
+        from_torch(module)
 
 
 def test_import_gpubp_does_not_import_torch():
