@@ -35,8 +35,8 @@ none; the masks come from ``random_state``'s stream), and ``model_``. What diffe
   float64 runs in float64 on the CPU) and is float32 on a GPU; sparse input is made dense.
 - The steps are scikit-learn's: along its losses (half the squared error, summed over several
   targets; the binary log loss summed over the outputs) plus ``alpha / 2 * ||W||^2`` divided
-  by the batch's size, the nominal one for a shorter last batch. gpubp's own losses are means,
-  smaller by a factor (``_step_scale``) that the penalty and SGD's rate are scaled by; for
+  by the batch's size, a shorter last batch's own. gpubp's own losses are means, smaller by a
+  factor (``_step_scale``) that the penalty and SGD's rate are scaled by; for
   ``"poisson"`` scikit-learn's loss is half the Poisson deviance summed over the targets, whose
   gradient is gpubp's times the number of targets. ``loss_`` is scikit-learn's (the squared
   error averaged over the targets; the half deviance, which adds the constant ``y log y - y``
@@ -44,8 +44,11 @@ none; the masks come from ``random_state``'s stream), and ``model_``. What diffe
   takes before each batch's step and these at the epoch's start (the same on a full batch).
 - ``sample_weight`` goes to ``Sequential.fit``, which weights each sample's loss and divides
   by the batch size (Keras's rule), after the weights are rescaled to a mean of 1 over the
-  training samples; the penalty is divided by the weight a batch holds. So weights count as
-  repeated samples, as in scikit-learn, and on a full batch the steps are scikit-learn's.
+  training samples; the penalty is divided by the batch's size times the mean weight, as the
+  loss in the given weights is. So weights count as repeated samples, as in scikit-learn, and on
+  a full batch the steps are scikit-learn's. On a minibatch, where scikit-learn divides both by
+  the weight the batch holds, a step is scikit-learn's times the batch's mean weight over the
+  training samples'.
 - ``coefs_`` and ``intercepts_`` are copies read from ``model_``.
 - ``random_state`` seeds gpubp's random stream for the estimator's own draws only (weight
   initialisation, shuffling, the early-stopping split); the library's stream outside is left
@@ -148,9 +151,11 @@ class _BaseMLP(BaseEstimator):
         ``loss`` where it changes the output (the mean, or its log for ``"poisson"``), is a
         ValueError naming it, as a new model needs ``warm_start=False``.
         Every parameter and input is checked before anything fitted changes, and what training
-        changed is put back if it raises (a loss that overflows raises FloatingPointError), so
-        a call that raises leaves the estimator as it was, unfitted if it was. The
-        ConvergenceWarning for a fit that ran all ``max_iter`` epochs comes after the fit, as
+        changed is put back if it raises (a loss or weights that overflow raise FloatingPointError,
+        where scikit-learn raises ValueError for non-finite weights), so a call that raises leaves
+        the estimator as it was, unfitted if it was. So does a call interrupted by Ctrl-C: the
+        KeyboardInterrupt propagates, where scikit-learn warns and keeps the epochs trained so far.
+        The ConvergenceWarning for a fit that ran all ``max_iter`` epochs comes after the fit, as
         scikit-learn's does: made an error by a warnings filter, it leaves the fit done.
         """
         return self._fit(X, y, sample_weight, incremental=False)
@@ -176,7 +181,7 @@ class _BaseMLP(BaseEstimator):
         rng = np.random.default_rng(seed)
         validation = None
         if self.early_stopping and not incremental:
-            train, held = self._hold_out(y, rng)
+            train, held = self._hold_out(y, n_outputs, rng)
             validation = (X[held], y[held], None if weights is None else weights[held])
             X, targets, weights = X[train], targets[train], None if weights is None else weights[train]
         if weights is not None and not weights.mean() > 0:
@@ -200,11 +205,16 @@ class _BaseMLP(BaseEstimator):
                     self._optimizer = self._new_optimizer(self.model_)
                     self._learning_rate = self.learning_rate_init
                 stopped = self._train(X, targets, weights, validation, incremental)
+                # Sequential.fit checks each batch's loss, which comes before the batch's step: the
+                # last step's weights are checked here, as scikit-learn checks them after training.
+                if not all(np.isfinite(w).all() for w in self.model_.get_weights()):
+                    raise FloatingPointError("fit: the weights became inf or NaN in training (large input values "
+                                             "can do this: scale them)")
         except FloatingPointError as exc:  # Sequential.fit's says the weights are those of the last batch
             self._restore(saved)
             raise FloatingPointError(f"{str(exc).partition('; training stopped')[0]}; the estimator is left as it "
                                      "was before this call (try a lower learning_rate_init)") from None
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too: an interrupted call changes nothing either
             self._restore(saved)
             raise
         if not incremental and not stopped:
@@ -388,11 +398,12 @@ class _BaseMLP(BaseEstimator):
             mean_weight = weights.mean()
             weighting["sample_weight"] = weights / mean_weight
         self._loss_offset = self._constant_loss(targets, weights)
-        # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated samples.
-        batch_weight = batch * mean_weight
-        self._optimizer.param_groups[0]["weight_decay"] = self.alpha / (self._step_scale() * batch_weight)
         self.n_iter_ = 0
-        epochs = _Epochs(self, len(X), -(-len(X) // batch) / (len(X) * mean_weight), validation)
+        # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated
+        # samples; here by what the weighted loss is divided by, the batch's size times the mean
+        # weight (a short last batch's own size): _Epochs sets it before each batch.
+        epochs = _Epochs(self, len(X), batch, self.alpha / (self._step_scale() * mean_weight),
+                         -(-len(X) // batch) / (len(X) * mean_weight), validation)
         self.model_.fit(X, targets, loss=HEAD_LOSSES[self._head()], optimizer=self._optimizer,
                         epochs=1 if incremental else self.max_iter, batch_size=batch, shuffle=bool(self.shuffle),
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
@@ -417,17 +428,22 @@ class _BaseMLP(BaseEstimator):
         return X, y, {name: getattr(checker, name) for name in ("n_features_in_", "feature_names_in_")
                       if hasattr(checker, name)}
 
-    def _hold_out(self, y, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(training rows, validation rows) for early stopping, stratified for single-label classes;
-        ``rng`` draws the split's seed."""
+    def _hold_out(self, y, n_outputs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, validation rows) for early stopping, stratified where scikit-learn
+        stratifies: for a classifier with ``n_outputs`` 1 (binary classes), not for several
+        classes or labels. ``rng`` draws the split's seed."""
         n_held = math.ceil(self.validation_fraction * len(y))  # train_test_split's rounding
         if n_held < 2:
             raise ValueError(f"validation_fraction: {self.validation_fraction} of {len(y)} samples holds out "
                              f"{n_held}, too few to score; raise it, or give more data")
-        single_label = is_classifier(self) and type_of_target(y) != "multilabel-indicator"
-        return train_test_split(np.arange(len(y)), test_size=n_held,
-                                random_state=int(rng.integers(np.iinfo(np.int32).max)),
-                                stratify=y if single_label else None)
+        stratify = y if is_classifier(self) and n_outputs == 1 else None
+        try:
+            return train_test_split(np.arange(len(y)), test_size=n_held,
+                                    random_state=int(rng.integers(np.iinfo(np.int32).max)), stratify=stratify)
+        except ValueError as exc:  # train_test_split's names its own arguments: a class too small, an empty set
+            split = " stratified by class" if stratify is not None else ""
+            raise ValueError(f"early_stopping=True, validation_fraction={self.validation_fraction}: holding out "
+                             f"{n_held} of {len(y)} samples{split} fails: {exc}") from None
 
     def _constant_loss(self, targets, weights) -> float:
         """What scikit-learn's loss adds to gpubp's scaled one on these targets: 0 but for the
@@ -722,16 +738,23 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
 
 class _Epochs(gb.Callback):
-    """Runs the estimator's end-of-epoch records inside ``Sequential.fit`` and stops it when they say so."""
+    """Runs the estimator's end-of-epoch records inside ``Sequential.fit`` and stops it when they
+    say so; before each batch, sets the weights' decay to ``decay`` (alpha's, per sample) over the
+    batch's size."""
 
-    def __init__(self, estimator: _BaseMLP, n_samples: int, penalty_share: float, validation) -> None:
-        self.estimator, self.n_samples, self.penalty_share, self.validation = (estimator, n_samples, penalty_share,
-                                                                               validation)
+    def __init__(self, estimator: _BaseMLP, n_samples: int, batch_size: int, decay: float, penalty_share: float,
+                 validation) -> None:
+        self.estimator, self.n_samples, self.batch_size, self.decay = estimator, n_samples, batch_size, decay
+        self.penalty_share, self.validation = penalty_share, validation
         self.squares = 0.0
         self.stopped = False
 
     def on_epoch_begin(self, model, epoch: int) -> None:
         self.squares = self.estimator._squared_weights()
+
+    def on_train_batch_begin(self, model, batch: int) -> None:
+        size = min(self.batch_size, self.n_samples - batch * self.batch_size)
+        self.estimator._optimizer.param_groups[0]["weight_decay"] = self.decay / size
 
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
         if self.estimator._end_epoch(logs["loss"], self.squares, self.n_samples, self.penalty_share, self.validation):

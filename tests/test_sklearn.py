@@ -125,6 +125,23 @@ def test_sample_weights_take_scikit_learns_steps(target, solver):
                          solver)
 
 
+@pytest.mark.parametrize("sample_weight", [None, np.full(10, 2.0)])
+def test_a_short_last_batch_divides_the_penalty_by_its_own_size(sample_weight):
+    """As scikit-learn's: batches of 4, 4 and 2 divide alpha's penalty by 4, 4 and 2 (times the
+    mean weight, which here is every batch's: so the steps are scikit-learn's with weights too)."""
+    x, y = X_SMALL[:10], X_SMALL[:10, 0]
+    params = dict(hidden_layer_sizes=(4,), activation="tanh", solver="sgd", momentum=0.0, alpha=1.0, batch_size=4,
+                  shuffle=False, learning_rate_init=0.1, max_iter=1, random_state=0)
+    theirs = neural_network.MLPRegressor(**params).fit(x, y)
+    ours = MLPRegressor(**params, device="cpu").fit(x, y)
+    # Copies: scikit-learn steps its arrays in place, and the numpy backend may hold the ones it is given.
+    ours.model_.set_weights([w.copy() for pair in zip(theirs.coefs_, theirs.intercepts_) for w in pair])
+    theirs.set_params(warm_start=True).fit(x, y, sample_weight=sample_weight)
+    ours.set_params(warm_start=True).fit(x, y, sample_weight=sample_weight)
+    for mine, expected in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        np.testing.assert_allclose(mine, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_fitted_attributes_are_scikit_learns(target):
     name, y, params = TARGETS[target]
@@ -171,6 +188,24 @@ def test_early_stopping_keeps_the_best_epoch_by_validation_score():
     assert clf.best_validation_score_ == max(clf.validation_scores_) > 0.9
     best = int(np.argmax(clf.validation_scores_))
     assert clf.n_iter_ == best + 1 + clf.n_iter_no_change + 1  # stopped after n_iter_no_change + 1 epochs without
+
+
+@pytest.mark.parametrize("y", [np.array(["a"] * 30 + ["b"] * 29 + ["c"]), np.repeat(list("abcde"), 6)],
+                         ids=["a class of one sample", "more classes than validation samples"])
+def test_early_stopping_splits_several_classes_unstratified_as_scikit_learn(y):
+    """scikit-learn stratifies the validation split only for one output (binary classes)."""
+    x = np.random.default_rng(6).normal(size=(len(y), 4))
+    clf = MLPClassifier((8,), early_stopping=True, max_iter=3, random_state=0, device="cpu").fit(x, y)
+    assert len(clf.validation_scores_) == clf.n_iter_ == 3
+
+
+def test_early_stopping_names_its_parameters_when_a_binary_class_is_too_small_to_stratify():
+    x = np.random.default_rng(6).normal(size=(60, 4))
+    clf = MLPClassifier((8,), early_stopping=True, max_iter=3, random_state=0, device="cpu")
+    with pytest.raises(ValueError, match="early_stopping=True, validation_fraction=0.1: holding out 6 of 60 samples "
+                                         "stratified by class fails: The least populated class"):
+        clf.fit(x, np.array(["a"] * 59 + ["b"]))
+    assert not hasattr(clf, "model_")
 
 
 def test_partial_fit_continues_training_and_needs_the_classes_first():
@@ -387,6 +422,51 @@ def test_a_partial_fit_whose_loss_overflows_leaves_the_weights_and_adams_state_a
     twin.partial_fit(x, X_SMALL[:, 0])
     for ours, theirs in zip(reg.model_.get_weights(), twin.model_.get_weights()):
         np.testing.assert_array_equal(ours, theirs)
+
+
+# Inputs of 1e150 and targets of 1e30: one SGD step at a rate of 1e8 takes weights past the float64
+# range, from a loss (taken before the step) that is still finite.
+X_HUGE = X_SMALL * 1e150
+Y_HUGE = X_SMALL[:, 0] * 1e30
+
+
+def test_a_fit_whose_last_step_overflows_the_weights_raises_and_leaves_the_estimator_as_it_was():
+    """Sequential.fit checks each batch's loss, which comes before its step; the weights the
+    last step leaves are checked after training, as scikit-learn checks them."""
+    params = dict(hidden_layer_sizes=(8,), solver="sgd", momentum=0.0, batch_size=40, random_state=0, device="cpu")
+    message = "fit: the weights became inf or NaN in training .*; the estimator is left as it was"
+    reg = MLPRegressor(**params, learning_rate_init=1e8, max_iter=1)
+    with pytest.raises(FloatingPointError, match=message):
+        reg.fit(X_HUGE, Y_HUGE)
+    assert set(vars(reg)) == set(reg.get_params())  # the parameters, and nothing fitted
+    reg = MLPRegressor(**params, max_iter=3).fit(X_SMALL, X_SMALL[:, 0])
+    reg.set_params(warm_start=True, learning_rate_init=1e8, max_iter=1)
+    before = pickle.dumps(reg)
+    with pytest.raises(FloatingPointError, match=message):
+        reg.fit(X_HUGE, Y_HUGE)
+    assert pickle.dumps(reg) == before
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_fit_interrupted_by_ctrl_c_leaves_the_estimator_as_it_was(warm, monkeypatch):
+    """The KeyboardInterrupt propagates (scikit-learn's fit warns and returns the model so far)."""
+    reg = MLPRegressor(hidden_layer_sizes=(8,), max_iter=5, batch_size=10, random_state=0, device="cpu")
+    if warm:
+        reg.set_params(warm_start=True).fit(X_SMALL, X_SMALL[:, 0])
+    before = pickle.dumps(reg)
+    end_epoch = gbsk._Epochs.on_epoch_end
+
+    def interrupted(self, model, epoch, logs):  # Ctrl-C as the third epoch ends, after two epochs' records
+        if epoch == 2:
+            raise KeyboardInterrupt
+        end_epoch(self, model, epoch, logs)
+
+    monkeypatch.setattr(gbsk._Epochs, "on_epoch_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reg.fit(X_SMALL, X_SMALL[:, 0])
+    assert pickle.dumps(reg) == before
+    if not warm:
+        assert set(vars(reg)) == set(reg.get_params())
 
 
 def test_a_convergence_warning_made_an_error_comes_after_the_fit():
