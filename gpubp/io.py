@@ -203,6 +203,8 @@ def save(model: Sequential, path) -> None:
 
 
 def _model_suffix(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):  # Path's own TypeError names no argument
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     suffix = Path(path).suffix.lower()
     if suffix not in MODEL_SUFFIXES:
         raise ValueError(f"path: expected a file ending in {', '.join(MODEL_SUFFIXES[:-1])} or {MODEL_SUFFIXES[-1]}, "

@@ -13,26 +13,34 @@ the sums stay in the float type. onnxruntime before 1.17 removes a Cast to bfloa
 "tf32" is written as fp32: the tensor cores round its operands in ways no ONNX type holds, and
 gpubp's CPU backends compute it as fp32. The batch axis is named
 ``"batch"`` and left free. Opset 17, which every current
-runtime reads: the exact gelu is written as its erf form ``x * (1 + erf(x / sqrt 2)) * 0.5``,
-gelu_tanh as its formula ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` and silu as
-``x * Sigmoid(x)``, each node for node as PyTorch's exporter writes them (the gelus before
-opset 20). leaky_relu is a ``LeakyRelu`` in a float32 model, and ``Max(x, Mul(x, 0.01))`` with
+runtime reads: the exact gelu is written as its erf form ``x * (0.5 * (1 + erf(x / sqrt 2)))``,
+gelu_tanh as its formula ``x * (0.5 * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))))`` (``x^3`` a
+``Pow``) and silu as ``x * Sigmoid(x)``, each node for node as PyTorch's dynamo exporter writes them
+(the gelus below opset 20); halving before the last product keeps the gelus finite up to the largest
+float, as ``predict`` does. onnxruntime's CPU build has no double kernel for ``Erf``, so a float64
+model's gelu computes its erf in float32, between a ``Cast`` to ``FLOAT`` and one back to ``DOUBLE``:
+its output is within about 1e-7 of ``|x|`` of ``predict``'s (1e-7 relative for x > 0, more where
+gelu's small negative values cancel), and everything else stays in double. leaky_relu is a
+``LeakyRelu`` in a float32 model, and ``Max(x, Mul(x, 0.01))`` with
 0.01 a double constant in a float64 one: ``LeakyRelu``'s ``alpha`` is a float attribute, which holds
 the slope rounded to float32, and that Max is ``x if x > 0 else 0.01 x`` for every x, -0.0, inf and
-NaN included. Reading, the gelus' formulas are also taken in the other order PyTorch's dynamo
-exporter writes them below opset 20 (the half taken before the last product, ``x^3`` as a
-``Pow``).
+NaN included. Reading, the gelus' formulas are also taken in the order PyTorch's TorchScript
+exporter writes them (the half taken after the last product, ``x^3`` as ``x * (x * x)``), as gpubp
+wrote them before. Protobuf holds a file of at most 2 GiB, so a model whose weights take more is a
+ValueError: save it as ``.safetensors``.
 
 ``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
 ``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
 the formulas above (leaky_relu's Max among them), ``Softmax`` over the last axis at the end;
-``Identity`` and inference ``Dropout`` pass through). A file whose every linear layer casts its input to bfloat16
-and back, as above, and holds bfloat16 values as weights is a bf16 model. As for gpubp's other
+``Identity`` and inference ``Dropout``, its training_mode absent or false, pass through). A file
+whose every linear layer casts its input to bfloat16 and back, as above, and holds bfloat16 values
+as weights is a bf16 model. As for gpubp's other
 formats the whole file is checked before anything is built: weights kept outside the file, tensors
-whose data does not match their shape, NaN or inf weights, mixed or non-float types, unused
-tensors, inputs rounded to bfloat16 in some layers only or multiplied by weights that are not, and
-any graph that is not such a chain are a ValueError naming the file and the problem. What ONNX
+whose data does not match their shape, NaN or inf weights, mixed or non-float types (a formula's
+constants included), unused tensors, inputs rounded to bfloat16 in some layers only or multiplied by
+weights that are not, a Dropout in training mode, and any graph that is not such a chain are a
+ValueError naming the file, its tensor or node, and the problem. What ONNX
 does not hold is not restored: layer names, frozen layers and tf32 (read as fp32).
 
 Needs the onnx package (``pip install "gpubp[onnx]"``, which brings onnxruntime to run the files).
@@ -77,34 +85,44 @@ ROUNDS_TO_BF16 = {"fp32": False, "tf32": False, "bf16": True}
 BF16_CASTS = {TensorProto.FLOAT: (TensorProto.BFLOAT16, TensorProto.FLOAT),
               TensorProto.DOUBLE: (TensorProto.FLOAT, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
 CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds sqrt(2 / pi) by 5e-8
+MAX_BYTES = 2 ** 31  # protobuf's limit on one message, so on an .onnx file that holds its weights inside
 
 # One ONNX operator per activation, with its attributes; gelu, gelu_tanh and silu are formulas.
 SINGLE_OPS = {"relu": ("Relu", {}), "leaky_relu": ("LeakyRelu", {"alpha": activations.LEAKY_SLOPE}),
               "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}), "softmax": ("Softmax", {"axis": -1})}
-# A formula is a chain of steps (operator, operands): "x" is the activation's input, "prev" the
-# step before, a number a scalar constant. Add and Mul match their operands in either order.
+# A formula is a chain of steps (operator, operands[, attributes]): "x" is the activation's input, "prev" the
+# step before, a number a scalar constant. Add and Mul match their operands in either order. The gelus are
+# written as PyTorch's dynamo exporter writes them below opset 20: halving before the last product keeps
+# them finite up to the largest float, as predict is (x (1 + erf) overflows past half of it).
 FORMULAS = {
-    "gelu": (("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", "x", "prev"),
-             ("Mul", "prev", 0.5)),
-    "gelu_tanh": (("Mul", "x", "x"), ("Mul", "x", "prev"), ("Mul", activations.GELU_TANH_A, "prev"),
-                  ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
-                  ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),
+    "gelu": (("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", 0.5, "prev"),
+             ("Mul", "x", "prev")),
+    "gelu_tanh": (("Pow", "x", 3.0), ("Mul", activations.GELU_TANH_A, "prev"), ("Add", "x", "prev"),
+                  ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"), ("Add", 1.0, "prev"),
+                  ("Mul", 0.5, "prev"), ("Mul", "x", "prev")),
     "silu": (("Sigmoid", "x"), ("Mul", "x", "prev")),
 }
-# Other orders of the same arithmetic that exporters write, read as well: PyTorch's dynamo
-# exporter below opset 20 halves before the last product, and cubes with a Pow.
+# Other orders of the same arithmetic, read as well: PyTorch's TorchScript exporter (and gpubp's earlier
+# files) halve after the last product, and cube with two Muls.
 READ_ALSO = {
-    "gelu": ((("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", 0.5, "prev"),
-              ("Mul", "x", "prev")),),
-    "gelu_tanh": ((("Pow", "x", 3.0), ("Mul", activations.GELU_TANH_A, "prev"), ("Add", "x", "prev"),
-                   ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"), ("Add", 1.0, "prev"),
-                   ("Mul", 0.5, "prev"), ("Mul", "x", "prev")),),
+    "gelu": ((("Div", "x", math.sqrt(2.0)), ("Erf", "prev"), ("Add", "prev", 1.0), ("Mul", "x", "prev"),
+              ("Mul", "prev", 0.5)),),
+    "gelu_tanh": ((("Mul", "x", "x"), ("Mul", "x", "prev"), ("Mul", activations.GELU_TANH_A, "prev"),
+                   ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
+                   ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),),
 }
-# Activations written as a formula in float64 models only, where the one operator would round a constant
-# to float32: LeakyRelu's alpha is a FLOAT attribute. Max(x, 0.01 x) is leaky_relu exactly for any slope
+# Activations written as a formula in float64 models only. leaky_relu: the one operator would round a constant
+# to float32, LeakyRelu's alpha being a FLOAT attribute. Max(x, 0.01 x) is leaky_relu exactly for any slope
 # in (0, 1): 0.01 x > x for x < 0, <= x otherwise, both sides equal at +-0.0 and +-inf, both NaN for NaN.
-FLOAT64_FORMULAS = {"leaky_relu": (("Mul", "x", activations.LEAKY_SLOPE), ("Max", "x", "prev"))}
+# gelu: onnxruntime's CPU build has no double kernel for Erf, which is computed in float32 between Casts.
+FLOAT64_FORMULAS = {
+    "leaky_relu": (("Mul", "x", activations.LEAKY_SLOPE), ("Max", "x", "prev")),
+    "gelu": (("Div", "x", math.sqrt(2.0)), ("Cast", "prev", {"to": TensorProto.FLOAT}), ("Erf", "prev"),
+             ("Cast", "prev", {"to": TensorProto.DOUBLE}), ("Add", "prev", 1.0), ("Mul", 0.5, "prev"),
+             ("Mul", "x", "prev")),
+}
 COMMUTATIVE = ("Add", "Mul", "Max")
+PASS_THROUGH = ("Identity", "Dropout")  # the identity at inference (a Dropout as _passes_through checks)
 # Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
 _NUMBER_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT16,
                  TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
@@ -128,10 +146,15 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
     current = INPUT
     for i, layer in enumerate(model):
         if not isinstance(layer, (Dense, Dropout)):
-            raise ValueError(f"model: layer {i} is a {type(layer).__name__}, which gpubp cannot write to ONNX")
+            raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense and "
+                            "Dropout layers only")
     dense = [(i, layer) for i, layer in enumerate(model) if isinstance(layer, Dense)]
     if not dense:
         raise ValueError("model: expected at least one Dense layer")
+    size = sum(p.data.nbytes for p in model.parameters())  # as written: the float type, bf16 rounded in it
+    if size >= MAX_BYTES:  # protobuf would fail to encode it, with no word of why
+        raise ValueError(f"model: its weights take {size} bytes, over the 2 GiB that protobuf allows a single "
+                         ".onnx file; save it as .safetensors")
     for i, layer in dense:
         weight, bias = (p.backend.to_host(p.data) for p in (layer.weight, layer.bias))
         if rounds:  # the weights the products multiply; the bias is added in the float type
@@ -173,7 +196,8 @@ def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, co
         return [helper.make_node(op, [x], [y], name=prefix, **attributes)]
     nodes, prev = [], x
     steps = steps or FORMULAS[act]
-    for k, (op, *operands) in enumerate(steps):
+    for k, step in enumerate(steps):
+        op, operands, attributes = _step(step)
         inputs = []
         for operand in operands:
             if operand == "x" or operand == "prev":
@@ -183,8 +207,15 @@ def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, co
                 constants.setdefault(name, numpy_helper.from_array(np.array(operand, dtype), name))
                 inputs.append(name)
         prev = y if k == len(steps) - 1 else f"{prefix}.{k}"
-        nodes.append(helper.make_node(op, inputs, [prev], name=f"{prefix}.{k}"))
+        nodes.append(helper.make_node(op, inputs, [prev], name=f"{prefix}.{k}", **attributes))
     return nodes
+
+
+def _step(step: tuple) -> tuple[str, list, dict]:
+    """A formula step's (operator, operands, attributes): its last item where that is a dict, else none."""
+    op, *operands = step
+    attributes = operands.pop() if isinstance(operands[-1], dict) else {}
+    return op, operands, attributes
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,12 +229,13 @@ def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
     graph = _Graph(path, _parse(path))
     layers = graph.layers()
     sizes = [layers[0][0].shape[0]] + [bias.shape[0] for _, bias, *_ in layers]
-    tensors = {}
-    for i, (weight, bias, *_) in enumerate(layers):
+    tensors, named = {}, {}  # under gpubp's keys, and the file's names (errors name what the file holds)
+    for i, (weight, bias, _, _, names) in enumerate(layers):
         tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = weight, bias
-    dtype = io.check_weights(path, tensors)
+        named.update((name, array) for name, array in zip(names, (weight, bias)) if name is not None)
+    dtype = io.check_weights(path, named)
     graph.check_types(dtype, sizes[0], sizes[-1])
-    header = {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": [act for _, _, act, _ in layers],
+    header = {"format_version": io.FORMAT_VERSION, "sizes": sizes, "activations": [act for _, _, act, *_ in layers],
               "precision": graph.precision(layers, dtype)}
     return io.model_from(path, header, tensors, device=device, backend=backend)
 
@@ -242,6 +274,8 @@ def _check_data(path: Path, tensor) -> None:
     if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
         raise ValueError(f"{where} keeps its data in another file, which gpubp does not read; save the model "
                          "with its data inside")
+    if tensor.HasField("segment"):
+        raise ValueError(f"{where} is a segment of a larger tensor, which gpubp does not read")
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if tensor.data_type in _NUMBER_TYPES else None
     if dtype is None:
         raise ValueError(f"{where} has data type {_type_name(tensor.data_type)}, expected numbers")
@@ -293,6 +327,7 @@ class _Graph:
             raise ValueError(f"{path}: the graph has {len(inputs)} inputs and {len(self.graph.output)} outputs; "
                              "a gpubp model has one of each")
         self.input, self.output = inputs[0], self.graph.output[0]
+        self.element = self.input.type.tensor_type.elem_type  # the float type: check_types holds the weights to it
 
     def _constant_node(self, node) -> None:
         value = [a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
@@ -303,9 +338,9 @@ class _Graph:
 
     # ------------------------------------------------------------------------- the chain
 
-    def layers(self) -> list[tuple[np.ndarray, np.ndarray, str, tuple[int, ...] | None]]:
-        """(weight (in, out), bias (out,), activation, the types its input is cast to first or None) per
-        layer, in order."""
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray, str, tuple[int, ...] | None, tuple[str, str | None]]]:
+        """(weight (in, out), bias (out,), activation, the types its input is cast to first or None, the file's
+        names of the weight and bias (None where it has none)) per layer, in order."""
         layers, current, position = [], self.input.name, 0
         while position < len(self.nodes):
             node = self.nodes[position]
@@ -318,20 +353,21 @@ class _Graph:
                     raise self._error(node, "rounds to bfloat16 and back where no linear layer reads the result")
             linear = self._linear(position, current)
             if linear is not None:
-                weight, bias, current, position = linear
+                weight, bias, names, current, position = linear
                 if layers and layers[-1][0].shape[1] != weight.shape[0]:
                     raise self._error(node, f"takes {weight.shape[0]} inputs, but the layer before gives "
                                             f"{layers[-1][0].shape[1]}")
-                layers.append([weight, bias, "identity", casts])
+                layers.append([weight, bias, "identity", casts, names])
                 continue
-            if node.op_type in ("Identity", "Dropout") and self._passes_through(node, current):
+            if node.op_type in PASS_THROUGH and self._passes_through(node, current):
                 current, position = node.output[0], position + 1
                 continue
             act, output, end = self._activation(position, current)
             if not layers or layers[-1][2] != "identity":
                 raise self._error(node, "an activation where gpubp needs a linear layer first (a model is Dense "
                                         "layers, each with at most one activation)")
-            if layers[-1][2] == "softmax" or (act == "softmax" and end != len(self.nodes)):
+            if layers[-1][2] == "softmax" or (act == "softmax" and any(n.op_type not in PASS_THROUGH
+                                                                           for n in self.nodes[end:])):
                 raise self._error(node, "Softmax must be the graph's last step")
             layers[-1][2], current, position = act, output, end
         if not layers:
@@ -363,8 +399,8 @@ class _Graph:
         return helper.get_attribute_value(found[0]) if found else default
 
     def _linear(self, position: int, current: str):
-        """(weight (in, out), bias, output, next position) for a Gemm, or MatMul (+ Add), reading
-        ``current``; None when the node is neither."""
+        """(weight (in, out), bias, the file's names of both, output, next position) for a Gemm, or MatMul
+        (+ Add), reading ``current``; None when the node is neither."""
         node = self.nodes[position]
         if node.op_type not in ("Gemm", "MatMul"):
             return None
@@ -397,7 +433,7 @@ class _Graph:
                 raise self._error(node, f"the bias {bias_name!r} has shape {bias.shape}, expected "
                                         f"({weight.shape[1]},) for {weight.shape[1]} outputs")
             bias = bias.reshape(-1)
-        return np.ascontiguousarray(weight), bias, output, end
+        return np.ascontiguousarray(weight), bias, (node.input[1], bias_name), output, end
 
     def _bf16_rounding(self, position: int, current: str) -> tuple[tuple[int, ...], str, int] | None:
         """(the types, the last Cast's output, the position after it) for the Casts of one of BF16_CASTS
@@ -415,14 +451,17 @@ class _Graph:
         return None
 
     def _passes_through(self, node, current: str) -> bool:
-        """An Identity, or a Dropout as inference runs it (no training_mode input, no mask read)."""
-        if node.input[0] != current or len(node.output) != 1:
+        """An Identity, or a Dropout as inference runs it (training_mode absent or a constant false), reading
+        ``current``. A Dropout's mask, where it writes one, no step reads: each reads the step before's output."""
+        if node.input[0] != current:
             return False
         if node.op_type == "Dropout":
-            if len(node.input) > 2:
-                return False
-            if len(node.input) == 2 and node.input[1]:
-                self._take(node.input[1], node, (0,))  # the ratio, which inference ignores
+            ratio, training = (*node.input[1:], "", "")[:2]  # optional inputs: absent, or named ""
+            if ratio:
+                self._take(ratio, node, (0,))  # which inference ignores
+            if training and self._take(training, node, (0,)):
+                raise self._error(node, "a Dropout in training mode (its training_mode input is true), which drops "
+                                        "at random; gpubp reads inference Dropout only")
         return True
 
     def _activation(self, position: int, current: str) -> tuple[str, str, int]:
@@ -463,29 +502,42 @@ class _Graph:
         nodes = self.nodes[position:position + len(steps)]
         if len(nodes) < len(steps):
             return None
-        prev, constants = None, []
-        for node, (op, *operands) in zip(nodes, steps):
-            if node.op_type != op or len(node.input) != len(operands) or len(node.output) != 1:
+        prev, constants, element = None, [], self.element
+        for node, step in zip(nodes, steps):
+            op, operands, attributes = _step(step)
+            if (node.op_type != op or len(node.input) != len(operands) or len(node.output) != 1
+                    or any(self._attribute(node, name, None) != value for name, value in attributes.items())):
                 return None
             orders = [list(node.input), list(reversed(node.input))] if op in COMMUTATIVE else [list(node.input)]
             matched = next((order for order in orders
-                            if all(self._operand_is(name, operand, x, prev) for name, operand in zip(order, operands))),
-                           None)
+                            if all(self._operand_is(node, name, operand, x, prev, element)
+                                   for name, operand in zip(order, operands))), None)
             if matched is None:
                 return None
             constants += [name for name, operand in zip(matched, operands) if operand not in ("x", "prev")]
+            element = attributes.get("to", element)  # a Cast's output is of the type it casts to
             prev = node.output[0]
+        if element != self.element:  # a Cast back to another type than the graph's
+            return None
         self.used.update(constants)
         return prev
 
-    def _operand_is(self, name: str, operand, x: str, prev: str | None) -> bool:
+    def _operand_is(self, node, name: str, operand, x: str, prev: str | None, element: int) -> bool:
+        """Whether ``node``'s input ``name`` is the step's ``operand``; a constant of that value must be of
+        ``element``, the type of the tensor it meets, as ONNX requires (onnx.checker does not look)."""
         if operand == "x":
             return name == x
         if operand == "prev":
             return name == prev
         value = self.constants.get(name)
-        return value is not None and value.size == 1 and math.isclose(float(value.reshape(())), operand,
-                                                                       rel_tol=CONSTANT_RTOL)
+        if value is None or value.size != 1 or not math.isclose(float(value.reshape(())), operand,
+                                                                 rel_tol=CONSTANT_RTOL):
+            return False
+        found = helper.np_dtype_to_tensor_dtype(value.dtype)
+        if found != element:
+            raise self._error(node, f"the constant {name!r} is of type {_type_name(found)}, expected "
+                                    f"{_type_name(element)}, the type of the tensor it meets")
+        return True
 
     # ------------------------------------------------------------------------- types
 

@@ -235,6 +235,13 @@ def test_an_unknown_suffix_is_a_value_error(tmp_path):
         trained_model().save(tmp_path / "m.pt")
 
 
+@pytest.mark.parametrize("call, found", [(lambda: gb.load(None), "NoneType"),
+                                         (lambda: gb.Sequential([gb.Dense(2, 1)], device="cpu").save(123), "int")])
+def test_a_path_that_is_no_path_is_a_type_error_naming_it(call, found):
+    with pytest.raises(TypeError, match=f"path: expected a str or os.PathLike, got {found}"):
+        call()
+
+
 def test_loading_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         gb.load(tmp_path / "absent.npz")

@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from gpubp import onnx as gpubp_onnx  # noqa: E402
+from test_layers import scaled_and_folded  # noqa: E402
 
 HEADS = ("identity", "sigmoid", "softmax")
 BATCHES = (1, 7, 33)
@@ -75,7 +76,8 @@ def test_onnxruntime_computes_what_predict_does_and_the_file_loads_back(tmp_path
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
-# onnxruntime has no float64 kernel for Erf, so a float64 gelu model is written (and read back) but not run there.
+# A float64 gelu computes its Erf in float32, so not within 1e-9:
+# test_a_float64_gelu_runs_its_erf_in_float32_in_onnxruntime_and_loads_back.
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("hidden", [act for act in activations.ACTIVATIONS if act != "gelu"])
 def test_float64_models_run_in_double(tmp_path, hidden, precision):
@@ -116,20 +118,42 @@ def test_a_float64_leaky_relu_keeps_its_slope_in_double(tmp_path):
     assert "LeakyRelu" in [n.op_type for n in gpubp_onnx.model_proto(model_with("leaky_relu", "identity")).graph.node]
 
 
-def test_a_float64_gelu_model_loads_back(tmp_path):
-    model = model_with("gelu", "sigmoid", dtype=np.float64)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_float64_gelu_runs_its_erf_in_float32_in_onnxruntime_and_loads_back(tmp_path, precision):
+    """onnxruntime has no double kernel for Erf: a float64 model's gelu casts Erf's input to float32 and its
+    output back, within about 1e-7 of |x| of predict, and the file reads back as the float64 gelu model."""
+    model = model_with("gelu", "sigmoid", dtype=np.float64, precision=precision)
     model.save(tmp_path / "m.onnx")
+    assert_runs_as_predict(model, tmp_path / "m.onnx", rtol=1e-6)
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
-@pytest.mark.parametrize("dtype, element", [(np.float32, TensorProto.FLOAT), (np.float64, TensorProto.DOUBLE)])
-def test_the_graph_is_gemms_and_activations_over_a_free_batch_axis(tmp_path, dtype, element):
+@pytest.mark.parametrize("dtype, large", [(np.float32, 3e38), (np.float64, 1.5e308)])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_the_gelus_stay_finite_up_to_the_largest_float_as_predict_does(tmp_path, act, dtype, large):
+    """Past half the largest float x (1 + erf) overflows: the file halves before the last product, as
+    predict does, node for node in onnxruntime with its optimizations off (on, they fuse the gelus)."""
+    unit = gb.Sequential([gb.Dense(1, 1, act, dtype=dtype)], device="cpu", backend="numpy")
+    unit.set_weights([np.ones((1, 1), dtype), np.zeros(1, dtype)])
+    unit.save(tmp_path / "unit.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "unit.onnx"), options, providers=["CPUExecutionProvider"])
+    x = np.array([[large], [-large], [1.0]], dtype)
+    expected = unit.predict(x)
+    assert expected[0, 0] == large
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, element, gelu", [
+    (np.float32, TensorProto.FLOAT, ["Div", "Erf", "Add", "Mul", "Mul"]),
+    (np.float64, TensorProto.DOUBLE, ["Div", "Cast", "Erf", "Cast", "Add", "Mul", "Mul"])])
+def test_the_graph_is_gemms_and_activations_over_a_free_batch_axis(tmp_path, dtype, element, gelu):
     model = gb.Sequential([gb.Dense(4, 8, "relu", dtype=dtype), gb.Dense(8, 8, "gelu", dtype=dtype),
                            gb.Dense(8, 8, dtype=dtype), gb.Dense(8, 3, "softmax", dtype=dtype)], device="cpu")
     model.save(tmp_path / "m.onnx")
     proto = onnx.load(tmp_path / "m.onnx")
-    assert [node.op_type for node in proto.graph.node] == [
-        "Gemm", "Relu", "Gemm", "Div", "Erf", "Add", "Mul", "Mul", "Gemm", "Gemm", "Softmax"]
+    assert [node.op_type for node in proto.graph.node] == ["Gemm", "Relu", "Gemm", *gelu, "Gemm", "Gemm", "Softmax"]
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
     for value, features in ((proto.graph.input[0], 4), (proto.graph.output[0], 3)):
         tensor = value.type.tensor_type
@@ -185,6 +209,23 @@ def test_a_scikit_learn_estimator_exports_through_its_model(tmp_path):
     np.testing.assert_allclose(np.hstack([1 - positive, positive]), clf.predict_proba(x), rtol=1e-9)
 
 
+def test_a_model_over_protobufs_2_gib_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpubp_onnx, "MAX_BYTES", 100)  # not 2 GiB of memory for a test
+    model = gb.Sequential([gb.Dense(3, 4), gb.Dense(4, 2)], device="cpu")  # 104 bytes of float32
+    with pytest.raises(ValueError, match=r"model: its weights take 104 bytes, over the 2 GiB that protobuf allows a "
+                                         r"single \.onnx file; save it as \.safetensors"):
+        model.save(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_layer_onnx_cannot_hold_is_the_type_error_of_the_other_formats(tmp_path):
+    scaled, _ = scaled_and_folded()
+    with pytest.raises(TypeError, match=r"model: layers\[1\] is a Scale; the file format holds Dense and Dropout "
+                                        r"layers only"):
+        scaled.save(tmp_path / "scaled.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_is_never_an_onnx_file(tmp_path):
     model_with("relu", "identity").save(tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="path: expected a file ending in .npz or .safetensors"):
@@ -222,6 +263,44 @@ def test_a_matmul_whose_output_is_added_to_itself(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     expect_rejected(path, "adds the layer's output to itself, where gpubp needs a bias")
+
+
+def followed_by(proto, op_type: str, new_op: str, inputs=(), outputs=()) -> None:
+    """The ``op_type`` node of ``proto`` followed by a ``new_op`` node reading its output (then ``inputs``)
+    and writing what it wrote (then ``outputs``)."""
+    before = node(proto, op_type)
+    after = before.output[0]
+    before.output[0] = f"{after}.before"
+    position = list(proto.graph.node).index(before) + 1
+    proto.graph.node.insert(position, helper.make_node(new_op, [before.output[0], *inputs], [after, *outputs],
+                                                       name=new_op.lower()))
+
+
+@pytest.mark.parametrize("op_type", ["Identity", "Dropout"])
+def test_an_identity_after_the_softmax_head(tmp_path, op_type):
+    proto = valid_proto()
+    followed_by(proto, "Softmax", op_type)
+    path = written(tmp_path, proto)
+    model = gb.load(path, device="cpu")
+    assert [layer.activation for layer in model] == ["leaky_relu", "relu", "softmax"]
+    x = np.random.default_rng(8).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), run_onnxruntime(path, x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("inputs, outputs", [(["ratio", "inference"], []), ([], [""]), (["ratio"], ["mask"])],
+                         ids=["training_mode false", "mask unnamed", "mask written"])
+def test_a_dropout_as_inference_runs_it_passes_through(tmp_path, inputs, outputs):
+    """A Dropout whose training_mode is absent or false is the identity; its mask, if written, no step of a
+    chain can read."""
+    proto = valid_proto()
+    followed_by(proto, "Relu", "Dropout", inputs, outputs)
+    proto.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in (
+        ("ratio", np.array(0.5, np.float32)), ("inference", np.array(False))) if name in inputs)
+    path = written(tmp_path, proto)
+    model = gb.load(path, device="cpu")
+    assert [layer.activation for layer in model] == ["leaky_relu", "relu", "softmax"]
+    x = np.random.default_rng(8).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), run_onnxruntime(path, x), rtol=1e-5)
 
 
 TORCH_ACTIVATIONS = [("ReLU", {}, "relu"), ("LeakyReLU", {}, "leaky_relu"), ("Tanh", {}, "tanh"), ("GELU", {}, "gelu"),
@@ -337,6 +416,28 @@ def test_non_finite_weights(tmp_path, bad):
     expect_rejected(written(tmp_path, proto), "'layers.1.weight' contains NaN or inf")
 
 
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+def test_errors_name_the_files_own_tensors(tmp_path, tensor):
+    """A file's tensors named as PyTorch's exports name them: errors say '2.weight', not gpubp's keys."""
+    proto = valid_proto()
+    for i, gemm in enumerate(n for n in proto.graph.node if n.op_type == "Gemm"):
+        for k, part in ((1, "weight"), (2, "bias")):
+            initializer(proto, gemm.input[k]).name = f"{2 * i}.{part}"
+            gemm.input[k] = f"{2 * i}.{part}"
+    spoiled = initializer(proto, f"2.{tensor}")
+    values = numpy_helper.to_array(spoiled).copy()
+    values.flat[0] = np.nan
+    spoiled.CopyFrom(numpy_helper.from_array(values, spoiled.name))
+    expect_rejected(written(tmp_path, proto), rf"'2\.{tensor}' contains NaN or inf")
+
+
+def test_a_tensor_that_is_a_segment_of_a_larger_one(tmp_path):
+    proto = valid_proto()
+    initializer(proto, "layers.0.weight").segment.CopyFrom(TensorProto.Segment(begin=0, end=24))
+    expect_rejected(written(tmp_path, proto), "tensor 'layers.0.weight' is a segment of a larger tensor, which gpubp "
+                                              "does not read")
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.int64, np.float64])
 def test_a_weight_of_another_type(tmp_path, dtype):
     proto = valid_proto()
@@ -393,6 +494,51 @@ def test_a_max_formula_with_another_slope_is_no_leaky_relu(tmp_path):
     constant = initializer(proto, f"constant.{activations.LEAKY_SLOPE!r}")
     constant.CopyFrom(numpy_helper.from_array(np.array(0.2), constant.name))
     expect_rejected(written(tmp_path, proto), "not a linear layer or an activation gpubp can represent")
+
+
+def retyped(proto, dtype, names=None) -> onnx.ModelProto:
+    """``proto``'s initializers ``names`` in ``dtype``; all of them, and the graph's input and output, where None."""
+    for tensor in proto.graph.initializer:
+        if names is None or tensor.name in names:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+    if names is None:
+        for value in (proto.graph.input[0], proto.graph.output[0]):
+            value.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return proto
+
+
+@pytest.mark.parametrize("proto, problem", [
+    (lambda: retyped(gpubp_onnx.model_proto(model_with("gelu_tanh", "identity")), np.float64, ["constant.0.5"]),
+     "the constant 'constant.0.5' is of type DOUBLE, expected FLOAT, the type of the tensor it meets"),
+    (lambda: retyped(gpubp_onnx.model_proto(model_with("leaky_relu", "identity", dtype=np.float64)), np.float32,
+                     ["constant.0.01"]), "the constant 'constant.0.01' is of type FLOAT, expected DOUBLE"),
+    (lambda: retyped(retyped(gpubp_onnx.model_proto(model_with("leaky_relu", "identity", dtype=np.float64)),
+                             np.float32), np.float64, ["constant.0.01"]),
+     "the constant 'constant.0.01' is of type DOUBLE, expected FLOAT"),
+    (lambda: retyped(gpubp_onnx.model_proto(model_with("gelu", "identity", dtype=np.float64)), np.float32,
+                     ["constant.1.0"]), "the constant 'constant.1.0' is of type FLOAT, expected DOUBLE"),
+    (lambda: retyped(retyped(gpubp_onnx.model_proto(model_with("gelu", "identity", dtype=np.float64)), np.float32),
+                     np.float64, ["constant.1.0", "constant.0.5"]),
+     "not a linear layer or an activation gpubp can represent"),
+], ids=["double half in float32", "float slope in float64", "double slope in float32", "float one after Erf's cast",
+        "a float32 gelu cast back to double"])
+def test_a_formula_of_mixed_types(tmp_path, proto, problem):
+    """ONNX binds an Add's or Mul's operands to one type (onnxruntime refuses such a file; onnx.checker looks
+    only with full_check): a formula's constants are of the type of the tensor they meet."""
+    proto = proto()
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.checker.check_model(proto, full_check=True)
+    expect_rejected(written(tmp_path, proto), problem)
+
+
+def test_a_dropout_in_training_mode(tmp_path):
+    proto = valid_proto()
+    followed_by(proto, "Relu", "Dropout", ["ratio", "training"], ["mask"])
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                                    numpy_helper.from_array(np.array(True), "training")])
+    expect_rejected(written(tmp_path, proto), r"node 'dropout' \(Dropout\): a Dropout in training mode \(its "
+                                              r"training_mode input is true\), which drops at random; gpubp reads "
+                                              "inference Dropout only")
 
 
 def test_a_softmax_before_the_end(tmp_path):
