@@ -43,11 +43,12 @@ def positive(value, name: str) -> float:
     return value
 
 
-def in_unit_interval(value, name: str) -> float:
-    """A number in [0, 1): momentum and Adam's betas."""
+def in_unit_interval(value, name: str, closed: bool = False) -> float:
+    """A number in [0, 1): Adam's betas, RMSprop's momentum; [0, 1] when ``closed``: SGD's momentum,
+    where 1 (no decay of the velocity) is a valid choice, as PyTorch and scikit-learn take it."""
     value = non_negative(value, name)
-    if value >= 1:
-        raise ValueError(f"{name}: expected a number in [0, 1), got {value}")
+    if value > 1 or (value == 1 and not closed):
+        raise ValueError(f"{name}: expected a number in [0, 1{']' if closed else ')'}, got {value}")
     return value
 
 

@@ -58,6 +58,7 @@ CONFIGS = {
     "sgd_nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
     "sgd_weight_decay": dict(lr=0.1, weight_decay=0.05),
     "sgd_momentum_weight_decay": dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "sgd_momentum_1": dict(lr=0.05, momentum=1.0, nesterov=True),  # the velocity never decays: valid in torch
 }
 
 
@@ -359,6 +360,13 @@ def test_sgd_nesterov_must_be_a_bool():
     with pytest.raises(TypeError, match="nesterov: expected a bool, got str 'no'"):
         optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=0.9, nesterov="no")
     assert optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=0.9, nesterov=np.bool_(True)).param_groups[0]["nesterov"]
+
+
+def test_sgd_momentum_is_in_the_closed_unit_interval():
+    """1 keeps the velocity undecayed (torch and scikit-learn take it); more than 1 is refused."""
+    assert optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=1.0).param_groups[0]["momentum"] == 1.0
+    with pytest.raises(ValueError, match=r"momentum: expected a number in \[0, 1\], got 1.5"):
+        optim.SGD([Parameter(np.ones(2))], lr=0.1, momentum=1.5)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

@@ -77,6 +77,7 @@ SOLVERS = {
     "sgd, invscaling rate, nesterov momentum": dict(solver="sgd", learning_rate="invscaling", power_t=0.7),
     "sgd, adaptive rate, momentum": dict(solver="sgd", learning_rate="adaptive", momentum=0.7,
                                          nesterovs_momentum=False),
+    "sgd, momentum 1": dict(solver="sgd", momentum=1.0),  # scikit-learn takes [0, 1]
 }
 
 
@@ -300,7 +301,7 @@ def test_model_is_a_sequential_to_fine_tune():
     (dict(activation="swish"), "activation: expected one of"),
     (dict(hidden_layer_sizes=(8, 0)), r"hidden_layer_sizes\[1\]: expected a positive int"),
     (dict(batch_size=0), "batch_size: expected a positive int"),
-    (dict(momentum=1.5), r"momentum: expected a number in \[0, 1\)"),
+    (dict(momentum=1.5), r"momentum: expected a number in \[0, 1\]"),
     (dict(learning_rate_init=0.0), "learning_rate_init: expected a number > 0"),
     (dict(early_stopping=True, validation_fraction=0.01), "validation_fraction: 0.01 of 50 samples holds out 1"),
 ])

@@ -349,7 +349,7 @@ class SGD(Optimizer):
 
     def _validate(self, options: dict) -> None:
         super()._validate(options)
-        _checks.in_unit_interval(options["momentum"], "momentum")
+        _checks.in_unit_interval(options["momentum"], "momentum", closed=True)
         if not isinstance(options["nesterov"], (bool, np.bool_)):
             raise TypeError(f"nesterov: expected a bool, got {type(options['nesterov']).__name__} "
                             f"{options['nesterov']!r}")
