@@ -34,14 +34,21 @@ What is read (``bench/sass_reader.py``), per kernel and architecture:
 
 - ptxas's report: registers per thread, spill bytes (spill stores plus spill loads), and
   static shared memory per block, to which the dynamic shared memory the CuPy backend launches
-  the kernel with is added (``cupy_backend._dynamic_shared_bytes``: the TF32 GEMMs' pipeline);
+  the kernel with is added (``cupy_backend._dynamic_shared_bytes``: the TF32 GEMMs' pipeline).
+  A Numba kernel's module is compiled as its launch links it (``ptxas -c``), whose report has no
+  shared memory: its static shared memory is what the PTX declares (``sass.ptx_shared_bytes``);
 - the launch shape: ``__launch_bounds__``'s thread count from the cubin (``EIATTR_MAX_THREADS``);
   for Numba kernels, the block the backend launches them with. The model assumes a kernel
   is launched with exactly that many threads;
-- the hot loop in the SASS: for a kernel with HMMA, the smallest loop holding one; otherwise
-  the innermost loop with the most FFMA. Its instruction mix counts every instruction in the
-  loop's address range once (static counts: both sides of a branch inside the loop count) but
-  padding: NOP, and an instruction on a never-true predicate (sm_90's ``@!UPT UIADD3 URZ, ...``).
+- the hot loop in the SASS (``sass.hot_loops``): among the innermost loops, those with the most
+  tensor-core instructions (HMMA, HGMMA) per pass in a kernel that has any, else those with the
+  most FFMA; loops with the same count are copies of one main loop (a template's aligned and
+  unaligned paths, the fused kernels' first and later k chunks), the hot loop is the copy that
+  issues the fewest instructions (the highest ceiling), and the others are recorded beside it
+  (``sibling_loops``), each with its own ceiling: what a launch that takes another path runs.
+  An instruction mix counts every instruction in the loop's address range once (static counts:
+  both sides of a branch inside the loop count) but padding: NOP, and an instruction on a
+  never-true predicate (sm_90's ``@!UPT UIADD3 URZ, ...``).
 
 The model, per kernel:
 
@@ -58,18 +65,22 @@ The model, per kernel:
   each sub-partition issues one warp instruction per cycle and nothing else stalls. A pass
   of the loop costs a warp ``I`` issue cycles (``I`` = its instructions) on its sub-partition:
 
-  * fp32 (kernels without HMMA): the FP32 pipe needs ``F x c`` cycles for the loop's ``F``
-    FFMA, ``c`` = 32 lanes / FP32 lanes per sub-partition (1 on sm_90, 2 on sm_80), so
-    ``ceiling = F c / max(I, F c)``; on sm_90 that is the FFMA share ``F / I``.
-  * tensor (kernels with HMMA): each HMMA keeps the sub-partition's tensor core busy for
-    ``flops(shape) / dense peak flops per sub-partition per cycle`` cycles: on sm_90 512
-    (tf32) and 1024 (bf16, f16), so HMMA.1688 tf32 and HMMA.16816 bf16 take 4 cycles; on
-    sm_80 256 and 512, 8 cycles. With ``T`` the sum over the loop's HMMA,
+  * fp32 (kernels without tensor-core instructions): the FP32 pipe needs ``F x c`` cycles for
+    the loop's ``F`` FFMA, ``c`` = 32 lanes / FP32 lanes per sub-partition (1 on sm_90, 2 on
+    sm_80), so ``ceiling = F c / max(I, F c)``; on sm_90 that is the FFMA share ``F / I``.
+  * tensor (kernels with HMMA or HGMMA): each keeps the sub-partition's tensor core busy for
+    ``2 m n k / dense peak flops per sub-partition per cycle`` cycles: on sm_90 512 (tf32) and
+    1024 (bf16, f16), so HMMA.1688 tf32 and HMMA.16816 bf16 take 4 cycles; on sm_80 256 and
+    512, 8 cycles. The opcode gives the shape and the input type (``tensor_op``):
+    ``HMMA.<shape>.<accumulator>[.<input>]``, the input written where it is not f16
+    (HMMA.16816.F32.BF16; HMMA.16816.F32 and HMMA.16816.F16 take f16); an HGMMA.MxNxK
+    (``wgmma``) is a warpgroup's, each of its 4 warps issuing it on its own sub-partition, which
+    does an (M/4) x N x K share. With ``T`` the sum over the loop's tensor-core instructions,
     ``ceiling = T / max(I, T)``: about 4 instructions per HMMA reach the sm_90 peak.
     The peak is the dense tensor-core peak of the datasheets (H100 SXM: 495 TFLOP/s tf32,
-    989 bf16 at 132 SMs and 1.83 GHz; A100: 156 and 312 at 108 SMs and 1.41 GHz); on Hopper
-    ``mma.sync`` itself is not known to reach it (``wgmma`` does), so the real ceiling may be
-    lower still.
+    989 bf16 at 132 SMs and 1.83 GHz, below the 1.98 GHz of its fp32 peak; A100: 156 and 312 at
+    108 SMs and 1.41 GHz), as bench/model_bounds.py's bounds take it; on Hopper ``mma.sync``
+    itself is not known to reach it (``wgmma`` does), so the real ceiling may be lower still.
 
   The ceiling is a bound, not a prediction: the model cannot see latency and how well the
   resident warps hide it, dependency stalls, shared-memory bank conflicts (the access
@@ -93,6 +104,7 @@ ideal or use less than every byte of the sectors they move.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -168,6 +180,8 @@ ARCHS = {
 }
 # HMMA shape (as SASS spells it) -> (m, n, k)
 HMMA_SHAPES = {"1688": (16, 8, 8), "16816": (16, 8, 16), "1684": (16, 8, 4)}
+# wgmma's M is always 64: a warpgroup's 4 warps take 16 rows each.
+_HGMMA_SHAPE = re.compile(r"64x(\d+)x(\d+)")
 
 
 # ----------------------------------------------------------------------------- tools
@@ -240,44 +254,59 @@ def occupancy(registers: int, smem_bytes: int, threads: int, arch: Arch) -> tupl
     return blocks[limit] * warps, limit
 
 
-def hmma_cycles(opcode: str, arch: Arch) -> float:
-    """Cycles one HMMA keeps a sub-partition's tensor core busy at the dense peak."""
-    parts = opcode.split(".")
-    shape, operands = parts[1], parts[-1]
-    if shape not in HMMA_SHAPES or operands not in arch.tensor_flops:
+def tensor_op(opcode: str) -> tuple[str, tuple[int, int, int] | None, str]:
+    """(shape as SASS spells it, the (m, n, k) one sub-partition computes or None for a shape
+    not known here, input type) of an HMMA or HGMMA opcode: ``<op>.<shape>.<accumulator>``
+    followed by the input type where it is not F16 (see the module docstring)."""
+    base, shape, *types = opcode.split(".")  # types: the accumulator's, then the inputs' where written
+    operands = types[1] if len(types) > 1 else "F16"
+    if base == "HGMMA" and (mnk := _HGMMA_SHAPE.fullmatch(shape)):
+        return shape, (16, int(mnk.group(1)), int(mnk.group(2))), operands
+    return shape, HMMA_SHAPES.get(shape) if base == "HMMA" else None, operands
+
+
+def tensor_cycles(opcode: str, arch: Arch) -> float:
+    """Cycles one HMMA or HGMMA keeps a sub-partition's tensor core busy at the dense peak."""
+    shape, mnk, operands = tensor_op(opcode)
+    if mnk is None or operands not in arch.tensor_flops:
         raise ValueError(f"{opcode}: no tensor-core rate for shape {shape!r} with {operands!r} operands on {arch.name}")
-    m, n, k = HMMA_SHAPES[shape]
+    m, n, k = mnk
     return 2 * m * n * k / arch.tensor_flops[operands]
 
 
 def issue_ceiling(mix: dict, arch: Arch) -> float:
-    """The fraction of the fp32 (no HMMA) or tensor-core peak the loop can sustain at one issue
-    per cycle per sub-partition (see the module docstring)."""
-    if mix["hmma"]:
-        busy = sum(n * hmma_cycles(opcode, arch) for opcode, n in mix["hmma_by_shape"].items())
+    """The fraction of the fp32 (no tensor-core instruction) or tensor-core peak the loop can
+    sustain at one issue per cycle per sub-partition (see the module docstring)."""
+    if mix["hmma_by_shape"]:
+        busy = sum(n * tensor_cycles(opcode, arch) for opcode, n in mix["hmma_by_shape"].items())
     else:
         busy = mix["ffma"] * arch.ffma_cycles
     return busy / max(mix["instructions"], busy)
 
 
+def loop_figures(loop: sass.Loop, arch: Arch) -> dict:
+    """One loop's instruction mix and issue ceiling."""
+    mix = sass.instruction_mix(loop.body)
+    return {
+        "address": f"{loop.start:#06x}-{loop.end:#06x}",
+        "instructions": mix["instructions"],
+        "ffma": mix["ffma"],
+        "hmma": mix["hmma"],
+        "hgmma": mix["hgmma"],
+        "ffma_share": round(mix["ffma"] / mix["instructions"], 4),
+        "instr_per_hmma": round(mix["instructions"] / mix["hmma"], 2) if mix["hmma"] else None,
+        **{kind: mix[kind] for kind in ("lds", "ldsm", "sts", "ldg", "ldgsts", "stg", "other")},
+        "hmma_by_shape": mix["hmma_by_shape"],
+        "issue_ceiling": round(issue_ceiling(mix, arch), 4),
+    }
+
+
 def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], threads: int | None, arch: Arch,
                    dynamic_smem: int = 0) -> dict:
     """The model's figures for one compiled kernel (memory figures not included); ``dynamic_smem``:
-    the dynamic shared memory the backend launches it with."""
-    loop = sass.hot_loop(code)
-    hot = None
-    if loop is not None:
-        mix = sass.instruction_mix(loop.body)
-        hot = {
-            "address": f"{loop.start:#06x}-{loop.end:#06x}",
-            "instructions": mix["instructions"],
-            "ffma": mix["ffma"],
-            "hmma": mix["hmma"],
-            "ffma_share": round(mix["ffma"] / mix["instructions"], 4),
-            "instr_per_hmma": round(mix["instructions"] / mix["hmma"], 2) if mix["hmma"] else None,
-            **{kind: mix[kind] for kind in ("lds", "ldsm", "sts", "ldg", "ldgsts", "stg", "other")},
-            "hmma_by_shape": mix["hmma_by_shape"],
-        }
+    the dynamic shared memory the backend launches it with. ``hot_loop`` is the fastest copy of
+    the hot loop and ``sibling_loops`` the others, fastest first (``sass.hot_loops``)."""
+    hot, *siblings = [loop_figures(loop, arch) for loop in sass.hot_loops(code)] or [None]
     smem = resources.smem_bytes + dynamic_smem
     warps, limit = occupancy(resources.registers, smem, threads, arch) if threads else (None, None)
     return {
@@ -289,21 +318,23 @@ def kernel_figures(resources: sass.Resources, code: list[sass.Instruction], thre
         "dynamic_smem_bytes": dynamic_smem,
         "occupancy_warps": warps,
         "occupancy_limit": limit,
-        "peak": "tensor" if any(i.base == "HMMA" for i in code) else "fp32",
+        "peak": "tensor" if any(i.base in sass.TENSOR for i in code) else "fp32",
         "hot_loop": hot,
-        "issue_ceiling": round(issue_ceiling(hot, arch), 4) if hot else None,
+        "sibling_loops": siblings,
+        "issue_ceiling": hot["issue_ceiling"] if hot else None,
     }
 
 
-def read_cubin(cubin: Path, ptxas_log: str, arch: Arch, threads: int | None = None) -> dict[str, dict]:
-    """Figures of every entry function of one cubin; ``threads`` is the block size of kernels
-    that have no ``__launch_bounds__``."""
+def read_cubin(cubin: Path, resources: dict[str, sass.Resources], arch: Arch,
+               threads: int | None = None) -> dict[str, dict]:
+    """Figures of every entry function of one cubin, whose ``resources`` ptxas reported;
+    ``threads`` is the block size of kernels that have no ``__launch_bounds__``."""
     cuobjdump = cuda_tool("cuobjdump")
     code = sass.sass_functions(_run(cuobjdump, "-sass", str(cubin)))
     bounds = sass.max_threads(_run(cuobjdump, "-elf", str(cubin)))
-    return {name: kernel_figures(resources, code[name], bounds.get(name, threads), arch,
+    return {name: kernel_figures(found, code[name], bounds.get(name, threads), arch,
                                  cupy_backend._dynamic_shared_bytes(name))
-            for name, resources in sass.ptxas_resources(ptxas_log).items()}
+            for name, found in resources.items()}
 
 
 def fatbin_images(fatbin: Path) -> tuple[list[str], list[str]]:
@@ -341,10 +372,18 @@ def assemble(ptx: Path, arch: Arch, threads: int | None = None, relocatable: boo
     """ptxas for ``arch`` (the shipped build's default optimization), then ``read_cubin``.
     ``relocatable``: as ``ptxas -c``, the way a linker compiles PTX (numba-cuda builds each
     kernel's cubin with one at launch): ptxas then lays out no shared memory itself and takes
-    each array's declared alignment, so a 4-byte-aligned array's 16-byte loads become four."""
+    each array's declared alignment, so a 4-byte-aligned array's 16-byte loads become four. Its
+    report then has no shared memory either: the kernel's static shared memory is what the PTX
+    declares (``sass.ptx_shared_bytes``; a Numba module holds one kernel)."""
     cubin = ptx.with_suffix(f".{arch.name}.cubin")
     log = _run("ptxas", f"-arch={arch.name}", *(["-c"] if relocatable else []), "-v", "-o", str(cubin), str(ptx))
-    return read_cubin(cubin, log, arch, threads)
+    resources = sass.ptxas_resources(log)
+    if relocatable:
+        if len(resources) != 1:
+            raise ValueError(f"{ptx.name}: {len(resources)} kernels, where its shared memory is one kernel's")
+        shared = sass.ptx_shared_bytes(ptx.read_text())
+        resources = {name: dataclasses.replace(r, smem_bytes=shared) for name, r in resources.items()}
+    return read_cubin(cubin, resources, arch, threads)
 
 
 # ----------------------------------------------------------------------------- compiling, cached
@@ -584,7 +623,8 @@ def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> l
 
     Kinds: "spill" (a fresh kernel spills), "unlisted" (a kernel one report names and the other
     does not: the committed report needs a re-run), "worse" (a figure worse than the committed
-    one by more than ``tolerance``, relative; compared where the committed report has it)."""
+    one by more than ``tolerance``, relative; compared where the committed report has it, and
+    for every copy of the hot loop: ``slower_copies``)."""
     problems = []
     sections = [(fresh["arch"], committed["kernels"], fresh["kernels"])]
     sections += [(arch, committed["other_archs"].get(arch, {}), kernels) for arch, kernels in fresh["other_archs"].items()]
@@ -608,6 +648,31 @@ def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> l
                     problems.append(("worse", f"{name} ({arch}) {field} fell from {was} to {now}"))
                 elif field not in HIGHER_IS_BETTER and now > was * (1 + tolerance):
                     problems.append(("worse", f"{name} ({arch}) {field} rose from {was} to {now}"))
+            problems += [("worse", message) for message in slower_copies(f"{name} ({arch})", old[name], new[name],
+                                                                        tolerance)]
+    return problems
+
+
+def copies(k: dict) -> list[dict]:
+    """Every copy of a kernel's hot loop, the hot loop first (none where it has no loop)."""
+    return [k["hot_loop"], *k["sibling_loops"]] if k.get("hot_loop") else []
+
+
+def slower_copies(kernel: str, was: dict, now: dict, tolerance: float = TOLERANCE) -> list[str]:
+    """Why a copy of the fresh hot loop (``now``) other than the hot loop itself is worse than
+    the committed one (``was``). Each report's copies are ranked by issue ceiling, highest
+    first, and compared rank by rank, a fresh copy past the committed report's last against the
+    committed slowest: a copy that got slower fails, and so does a new copy slower than any the
+    committed report has. Rank 1, the hot loop, is ``issue_ceiling``'s comparison."""
+    committed = sorted((c["issue_ceiling"] for c in copies(was)), reverse=True)
+    fresh = sorted(copies(now), key=lambda c: -c["issue_ceiling"])
+    problems = []
+    for rank, loop in enumerate(fresh[1:] if committed else [], start=1):
+        floor = committed[min(rank, len(committed) - 1)]
+        if loop["issue_ceiling"] < floor * (1 - tolerance):
+            problems.append(f"{kernel}: copy {rank + 1} of the hot loop ({loop['address']}) has issue_ceiling "
+                            f"{loop['issue_ceiling']}, the committed report's copy "
+                            f"{min(rank, len(committed) - 1) + 1} {floor}")
     return problems
 
 
@@ -628,16 +693,31 @@ def _cell(value, digits: int = 2) -> str:
 
 
 TABLE_HEAD = ("| kernel | threads | regs | spill B | smem B | warps/SM | loop instr | FFMA | HMMA | LDS+LDSM | LDG+LDGSTS "
-              "| FFMA share | instr/HMMA | ceiling | smem wavefronts/req | ideal | ld eff | st eff |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| FFMA share | instr/HMMA | ceiling | copies | slowest copy | smem wavefronts/req | ideal | ld eff | st eff |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def _hmma_cell(loop: dict) -> str:
-    """"8 (1688 tf32)": the loop's HMMA and their shapes."""
-    if not loop.get("hmma"):
+    """"8 (1688 tf32)": the loop's tensor-core instructions and their shapes and input types."""
+    if not loop.get("hmma_by_shape"):
         return _cell(loop.get("hmma"))
-    shapes = " + ".join(f"{opcode.split('.')[1]} {opcode.split('.')[-1].lower()}" for opcode in loop["hmma_by_shape"])
-    return f"{loop['hmma']} ({shapes})"
+    shapes = " + ".join(f"{shape} {operands.lower()}" for shape, _, operands in map(tensor_op, loop["hmma_by_shape"]))
+    return f"{sum(loop['hmma_by_shape'].values())} ({shapes})"
+
+
+def _ceiling_cell(ceiling: float | None, k: dict) -> str:
+    return _cell(ceiling) + (" tc" if k["peak"] == "tensor" else "")
+
+
+def _copies_cells(k: dict) -> list[str]:
+    """The copies of the hot loop, and where there are several, the slowest one's ceiling (and
+    instructions per HMMA): the last, the one issuing the most instructions."""
+    found = copies(k)
+    if len(found) < 2:
+        return [_cell(len(found) or None), "-"]
+    slowest = found[-1]
+    per_hmma = f" ({slowest['instr_per_hmma']:.1f} instr/HMMA)" if slowest["instr_per_hmma"] else ""
+    return [str(len(found)), _ceiling_cell(slowest["issue_ceiling"], k) + per_hmma]
 
 
 def table_row(name: str, k: dict) -> str:
@@ -650,12 +730,13 @@ def table_row(name: str, k: dict) -> str:
              _hmma_cell(loop),
              _cell(loop["lds"] + loop["ldsm"] if loop else None), _cell(loop["ldg"] + loop["ldgsts"] if loop else None),
              _cell(loop.get("ffma_share")), _cell(loop.get("instr_per_hmma"), 1),
-             _cell(k["issue_ceiling"]) + (" tc" if k["peak"] == "tensor" else ""), *memory]
+             _ceiling_cell(k["issue_ceiling"], k), *_copies_cells(k), *memory]
     return "| " + " | ".join(cells) + " |"
 
 
-README_HEAD = ("| kernel | threads | regs | warps/SM | loop instructions | FFMA | HMMA | FFMA share | instr / HMMA | ceiling |\n"
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+README_HEAD = ("| kernel | threads | regs | warps/SM | loop instructions | FFMA | HMMA | FFMA share | instr / HMMA | ceiling "
+               "| copies | slowest copy |\n"
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def readme_table(report: dict) -> str:
@@ -668,7 +749,7 @@ def readme_table(report: dict) -> str:
         cells = [f"`{name}`", _cell(k["threads"]), _cell(k["registers"]), _cell(k["occupancy_warps"]),
                  _cell(loop.get("instructions")), _cell(loop.get("ffma")), _hmma_cell(loop),
                  _cell(loop.get("ffma_share")), _cell(loop.get("instr_per_hmma"), 1),
-                 _cell(k["issue_ceiling"]) + (" tc" if k["peak"] == "tensor" else "")]
+                 _ceiling_cell(k["issue_ceiling"], k), *_copies_cells(k)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join([README_HEAD, *rows])
 
@@ -717,10 +798,14 @@ def markdown(report: dict) -> str:
         f"{report['arch']} (H100) unless named; see the docstring of `bench/kernel_model.py` for every formula.",
         "",
         "- **warps/SM**: theoretical occupancy for the kernel's launch shape (`threads` per block).",
-        "- **loop**: the hot loop in the SASS (tensor-core kernels: the smallest loop holding an HMMA; others: the "
-        "innermost loop with the most FFMA), static counts per pass.",
+        "- **loop**: the hot loop in the SASS (the innermost loop with the most HMMA per pass in a tensor-core kernel, "
+        "else with the most FFMA; of several such copies, the one issuing the fewest instructions), static counts "
+        "per pass.",
         "- **ceiling**: the largest fraction of the fp32 peak (or, marked `tc`, the dense tensor-core peak) that loop "
         "can sustain at one instruction issued per cycle per sub-partition. A bound, not a prediction.",
+        "- **copies**: the loops with the hot loop's FFMA or HMMA count (its copies: a template's aligned and "
+        "unaligned paths, the fused kernels' first and later k chunks), and the **slowest copy**'s ceiling: what a "
+        "launch on the other path runs (the JSON's `sibling_loops` has each).",
         f"- **memory** (wavefronts per shared request, their conflict-free ideal, global load and store efficiency: "
         f"bytes used over bytes moved in 32-byte sectors): {report['memory_figures']}. "
         "`n/a`: Numba kernels, which the profiler does not run."
@@ -767,12 +852,14 @@ def markdown(report: dict) -> str:
     ]
     for arch, others in report["other_archs"].items():
         lines += ["", f"## {arch} (A100): the CUDA C++ kernels", "",
-                  "| kernel | regs | spill B | smem B | warps/SM | loop instr | ceiling |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| kernel | regs | spill B | smem B | warps/SM | loop instr | ceiling | copies | slowest copy |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in sum(_ordered(others), []):
             k = others[name]
-            lines.append(f"| `{name}` | {k['registers']} | {k['spill_bytes']} | {k['smem_bytes']} | "
-                         f"{_cell(k['occupancy_warps'])} | {_cell((k['hot_loop'] or {}).get('instructions'))} | "
-                         f"{_cell(k['issue_ceiling'])}{' tc' if k['peak'] == 'tensor' else ''} |")
+            cells = [f"`{name}`", k["registers"], k["spill_bytes"], k["smem_bytes"], _cell(k["occupancy_warps"]),
+                     _cell((k["hot_loop"] or {}).get("instructions")), _ceiling_cell(k["issue_ceiling"], k),
+                     *_copies_cells(k)]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,18 +15,28 @@ the model says the same work cannot beat:
   the backend is "-per-layer"), the Numba kernels for "gpubp-numba";
 - the bound: each product's ``2 m n k`` flops at the kernel's ``issue_ceiling`` (the model's
   figures for the device's architecture: its primary sm_90, or sm_80 from ``other_archs``,
-  which has the CUDA C++ kernels only) of the device's peak, where the peak is SMs x 4 sub-partitions x flops per sub-partition per cycle (64 FFMA
-  flops on sm_90's FP32 lanes, the model's ``tensor_flops`` for tf32 and bf16) x the SM clock
-  (nvidia-smi's ``clocks.max.sm``); a per-layer kernel's grid also pays for its uneven share-out:
-  its blocks (dW's after the batch split, ``cupy_backend.dw_split``) are equal work, so the SM
-  that gets the most of them, ``ceil(blocks / SMs)``, takes at least that many blocks' flops at
-  one SM's rate. (Counting blocks per SM, not the resident slots the occupancy allows, keeps it
-  a bound: one block whose warps cover the four sub-partitions may issue at the SM's full rate.)
+  which has the CUDA C++ kernels only; the ceiling of the hot loop, the fastest copy of the
+  main loop, which the benchmarks' aligned operands run: a launch on a slower copy, listed in
+  the model's ``sibling_loops``, only takes longer) of the device's peak, where the peak is SMs x 4
+  sub-partitions x flops per sub-partition per cycle (64 FFMA flops on sm_90's FP32 lanes, the
+  model's ``tensor_flops`` for tf32 and bf16) x the clock: for fp32 the SM clock (nvidia-smi's
+  ``clocks.max.sm``), for the tensor cores that clock x ``TENSOR_CLOCK[arch]``, so that the
+  tensor-core peaks are NVIDIA's published dense figures. NVIDIA states Hopper's tensor-core
+  rates at a lower clock than its fp32 rate (the H100 Tensor Core GPU Architecture whitepaper's
+  table of specifications and the H100 datasheet): H100 SXM5's 494.7 TFLOP/s tf32 and 989.4
+  bf16 are 132 SMs x 2048 and 4096 flops per cycle at 1830 MHz, its 66.9 TFLOP/s fp32 is 132 x
+  256 at 1980 MHz, the clocks.max.sm of an H100 SXM and an H200 (H100 PCIe: 1620 against 1755
+  MHz, the same ratio within 0.2%). Ampere's are at the one clock (A100: 312 TFLOP/s bf16 and
+  19.5 fp32 at 1410 MHz). A per-layer kernel's grid also pays for its uneven share-out: its
+  blocks (dW's after the batch split, ``cupy_backend.dw_split``) are equal work, so the SM that
+  gets the most of them, ``ceil(blocks / SMs)``, takes at least that many blocks' flops at one
+  SM's rate. (Counting blocks per SM, not the resident slots the occupancy allows, keeps it a
+  bound: one block whose warps cover the four sub-partitions may issue at the SM's full rate.)
 
 The ceilings are the shipped (CMake) build's; where the GPU ran NVRTC's builds instead (no fatbin
-serves it, as in a first-contact run), the model's ``nvrtc`` figures of the same kernels would
-move the bound by about 1% (none is more than tests/test_kernel_model.py's 2% tolerance below
-the shipped build's).
+serves it, as in a first-contact run), the model's ``nvrtc`` figures of the same kernels have the
+same hot-loop ceilings (their hot loops differ by 2 instructions at most, in the fused
+tensor-core forwards, at a ceiling of 1 either way).
 
 The bound leaves out everything but those products: the elementwise passes (dz, the loss, the
 optimizer), memory traffic, launch latency, and the clock falling under load. A measured time
@@ -50,6 +60,9 @@ from gpubp.layers import plan_backward
 
 FP32_FLOPS_PER_CYCLE = 64  # per sub-partition: 32 lanes x 2 flops per FFMA, at 1 FFMA per cycle
 SUB_PARTITIONS = 4
+# The tensor cores' clock as a fraction of clocks.max.sm, at which NVIDIA's dense tensor-core
+# peaks are stated (see the module docstring).
+TENSOR_CLOCK = {"sm_90": 1830 / 1980, "sm_80": 1.0}
 TENSOR_OPERANDS = {"tf32": "TF32", "bf16": "BF16"}
 _SINGLE_GEMM = re.compile(r"(tf32|bf16) \d+\^3 (forward|dX|dW)")
 _GEMM_KIND = {"forward": "fwd", "dX": "dx", "dW": "dw"}
@@ -156,9 +169,10 @@ def sm_clock_hz(facts: dict) -> float | None:
 
 
 def peak_flops(entry: dict, precision: str, arch: dict, sms: int, clock_hz: float) -> float:
-    """The device's peak for a kernel of the model (``entry``): fp32 or its tensor-core rate."""
+    """The device's peak for a kernel of the model (``entry``) at SM clock ``clock_hz``: fp32, or
+    its tensor-core rate at ``arch["tensor_clock"]`` of that clock."""
     if entry["peak"] == "tensor":
-        per_cycle = arch["tensor_flops"][TENSOR_OPERANDS[precision]]
+        per_cycle, clock_hz = arch["tensor_flops"][TENSOR_OPERANDS[precision]], clock_hz * arch["tensor_clock"]
     else:
         per_cycle = FP32_FLOPS_PER_CYCLE / arch["ffma_cycles"]
     return sms * SUB_PARTITIONS * per_cycle * clock_hz
@@ -210,8 +224,10 @@ def model_bounds(report: dict, model: dict, facts: dict, kernels_sha256: str) ->
     kernels = kernels_for(model, arch_name)
     if kernels is None or arch_name not in ARCHS:
         return {"error": f"the kernel model has no figures for {arch_name}, the device's architecture"}
-    arch = {"tensor_flops": ARCHS[arch_name].tensor_flops, "ffma_cycles": ARCHS[arch_name].ffma_cycles}
-    out = {"sms": sms, "sm_clock_mhz": round(clock_hz / 1e6), "arch": arch_name,
+    arch = {"tensor_flops": ARCHS[arch_name].tensor_flops, "ffma_cycles": ARCHS[arch_name].ffma_cycles,
+            "tensor_clock": TENSOR_CLOCK[arch_name]}
+    out = {"sms": sms, "sm_clock_mhz": round(clock_hz / 1e6),
+           "tensor_clock_mhz": round(clock_hz * arch["tensor_clock"] / 1e6), "arch": arch_name,
            "model_is_of_these_kernels": model.get("kernels_sha256") == kernels_sha256, "benchmarks": {}}
     for bench in report.get("benchmarks", []):
         info = bench.get("extra_info", {})
@@ -239,7 +255,8 @@ def markdown(bounds: dict) -> list[str]:
         return [f"Kernel model bounds: {bounds['error']}."]
     stale = "" if bounds["model_is_of_these_kernels"] else (
         " **The model was made from other kernels than these: regenerate it (bench/kernel_model.py).**")
-    lines = [f"Kernel model bounds ({bounds['arch']}, {bounds['sms']} SMs at {bounds['sm_clock_mhz']} MHz): the GEMM "
+    lines = [f"Kernel model bounds ({bounds['arch']}, {bounds['sms']} SMs at {bounds['sm_clock_mhz']} MHz, their tensor "
+             f"cores at {bounds['tensor_clock_mhz']} MHz): the GEMM "
              f"products alone at each kernel's issue ceiling; measured / bound, 1 is the floor.{stale}", "",
              "| workload | backend | bound ms | measured ms | measured / bound | kernels (issue ceiling) |",
              "|---|---|---|---|---|---|"]

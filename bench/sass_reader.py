@@ -8,22 +8,36 @@ The readers take the text the tools print, so they are tested on planted sources
   stack frame and static shared memory;
 - ``res_usage(text)``: ``cuobjdump -res-usage``'s per-function registers, stack frame and
   shared memory (what a built fatbin says without ptxas's report; it has no spill counts);
+- ``ptx_shared_bytes(ptx)``: the static shared memory a PTX module declares, what a block of
+  its kernel takes where ptxas does not say (``ptxas -c``, as a relocatable module is compiled,
+  leaves shared memory for the linker to lay out and reports none);
 - ``sass_functions(text)``: ``cuobjdump -sass`` as a list of ``Instruction`` per function
-  (address, predicate, opcode, branch target);
+  (address, predicate, opcode, branch target, whether control can pass to the next one);
 - ``max_threads(text)``: ``cuobjdump -elf``'s ``EIATTR_MAX_THREADS`` per function, the block
   size ``__launch_bounds__`` promised (kernels without launch bounds have none);
 - ``loops(code)``: the loops of a function from its backward branches. A branch at address
-  ``b`` to a target ``t < b`` closes the loop ``[t, b]``; branches back to one target (a
-  ``continue``) make one loop, ending at the last of them. A branch to itself is not a loop:
-  every function ends with one, after its last ``EXIT``, that never runs. The loop body is every
-  instruction in that address range, both sides of any forward branch inside it included,
-  so counts are static: what one pass issues when every guarded path runs;
-- ``hot_loop(code)``: for a kernel with HMMA, the smallest loop holding one; otherwise the
-  innermost loop (one holding no other) with the most FFMA, ties to the larger loop (an
-  unrolled main loop rather than its remainder). Where some innermost loop reads shared
-  memory, only those count: a tiled kernel's main loop feeds its FFMA from shared memory,
-  while an epilogue loop the compiler left rolled (Numba's dense forward with sigmoid runs
-  one over its 64 accumulators, with more FFMA than the main loop) reads none;
+  ``b`` to a target ``t < b`` closes the loop ``[t, b]`` when control entering at ``t`` can get to
+  ``b`` without leaving ``[t, b]`` (``_reaches``, over fall-through and branches; a switch's
+  indirect jump may go to any code that follows one without fall-through and that no branch
+  names). ptxas places slow paths (a ``BRA.DIV``'s ``WARPSYNC.COLLECTIVE`` ... ``ENDCOLLECTIVE``,
+  a division's ``CALL``) after the function's ``EXIT``, each ending in a branch back to where it
+  left, and the code from there reaches that branch only through the ``EXIT``: no loop.
+  Branches back to one target (a ``continue``) make one loop, ending at the last of them. A
+  branch to itself is not a loop: every function ends with one, after its last ``EXIT``, that
+  never runs. The loop body is every instruction in that address range, both sides of any
+  forward branch inside it included, so counts are static: what one pass issues when every
+  guarded path runs;
+- ``hot_loops(code)``: the copies of the loop that bounds a kernel's throughput, fastest first.
+  The candidates are the innermost loops (holding no other). For a kernel with tensor-core
+  instructions (HMMA, HGMMA) in one, those with the most of them per pass; otherwise those with
+  the most FFMA, and where some innermost loop reads shared memory, only those count: a tiled
+  kernel's main loop feeds its FFMA from shared memory, while an epilogue loop the compiler left
+  rolled (Numba's dense forward with sigmoid runs one over its 64 accumulators, with more FFMA
+  than the main loop) reads none. Loops with the same count are copies of one main loop, made by
+  the compiler or a template (the fp32 GEMMs' float4 and scalar-load paths, the fused kernels'
+  first and later k chunks), and the fastest copy, the one issuing the fewest instructions, is
+  the hot loop; the others are what a launch on another path runs. Where no candidate holds an
+  FFMA (a streaming kernel, which the ceiling does not describe), the largest is the one copy;
 - ``instruction_mix(body)``: the loop's instructions by kind.
 
 SASS is not a documented language: opcodes are read by their base name (the part before the
@@ -109,6 +123,26 @@ def reserved_shared_memory(elf_text: str, reserved: int) -> int:
     return reserved if re.search(r"(?m)\s\.nv\.shared\.reserved\.0\s*$", elf_text) else 0
 
 
+# ----------------------------------------------------------------------------- PTX
+
+# A module-scope shared array: ".visible .shared .align 16 .b8 name[16896];" (an .extern one,
+# the dynamic shared memory, has no size).
+_PTX_SHARED = re.compile(r"(?m)^\s*(?:\.(?:visible|global|weak)\s+)*\.shared\s+(?:\.align\s+(\d+)\s+)?"
+                         r"\.[a-z]+(\d+)\s+[\w$]+\[(\d+)\]")
+
+
+def ptx_shared_bytes(ptx: str) -> int:
+    """The bytes of the shared arrays ``ptx`` declares, laid out in their order, each at its
+    alignment (``.align``, else its element size): what ptxas reports as ``bytes smem`` for a
+    module of one kernel compiled whole."""
+    end = 0
+    for align, bits, length in _PTX_SHARED.findall(ptx):
+        size = int(bits) // 8
+        step = int(align or size)
+        end = -(-end // step) * step + size * int(length)
+    return end
+
+
 # ----------------------------------------------------------------------------- SASS
 
 
@@ -118,10 +152,16 @@ class Instruction:
     predicate: str  # "" when unconditional, else e.g. "@!P0"
     opcode: str  # with its modifiers: "HMMA.1688.F32.TF32"
     target: int | None  # the branch target, for BRA and JMP
+    falls_through: bool = True  # False after an EXIT, RET or jump that nothing guards
 
     @property
     def base(self) -> str:
         return self.opcode.partition(".")[0]
+
+    @property
+    def indirect(self) -> bool:
+        """A jump to an address in a register (a switch's jump table, which is not in the SASS)."""
+        return self.base in ("BRX", "JMX")
 
     @property
     def padding(self) -> bool:
@@ -132,9 +172,16 @@ class Instruction:
 
 
 _FUNCTION = re.compile(r"^\s*Function : (\S+)")
-_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# Opcodes are upper case but for the shape of a wgmma: HGMMA.64x128x16.F32.BF16.
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _BRANCHES = ("BRA", "JMP")
 _TARGET = re.compile(r"0x([0-9a-f]+)\s*$")
+# Control never passes these to the next instruction unless a predicate guards them, in front
+# (@P0 BRA) or as an operand (BRA P6, 0x...; EXIT P1); BRA.DIV and BRA.CONV branch only when the
+# warp is divergent or converged, so they may fall through too.
+_LEAVES = ("EXIT", "RET", "BRA", "JMP", "BRX", "JMX")
+_MAY_FALL_THROUGH = {"DIV", "CONV"}
+_PREDICATE_OPERAND = re.compile(r"!?U?P[T0-9]+\b")
 
 
 def sass_functions(text: str) -> dict[str, list[Instruction]]:
@@ -146,10 +193,14 @@ def sass_functions(text: str) -> dict[str, list[Instruction]]:
             code = functions.setdefault(match.group(1), [])
         elif code is not None and (match := _INSTRUCTION.match(line)):
             address, predicate, opcode, operands = match.groups()
+            base, *modifiers = opcode.split(".")
+            operands = operands.strip()
             target = None
-            if opcode.partition(".")[0] in _BRANCHES and (jump := _TARGET.search(operands.strip())):
+            if base in _BRANCHES and (jump := _TARGET.search(operands)):
                 target = int(jump.group(1), 16)
-            code.append(Instruction(int(address, 16), (predicate or "").strip(), opcode, target))
+            leaves = (base in _LEAVES and not predicate and not _MAY_FALL_THROUGH & set(modifiers)
+                      and not _PREDICATE_OPERAND.match(operands))
+            code.append(Instruction(int(address, 16), (predicate or "").strip(), opcode, target, not leaves))
     return functions
 
 
@@ -187,49 +238,90 @@ class Loop:
 
 
 def loops(code: list[Instruction]) -> list[Loop]:
-    """Every loop closed by a backward branch, outermost first where they nest."""
+    """Every loop closed by a backward branch that its head reaches (see the module docstring),
+    outermost first where they nest."""
+    index = {ins.address: at for at, ins in enumerate(code)}
+    targets = {ins.target for ins in code}
+    # Where an indirect jump (a switch's BRX) may go: the code after one without fall-through
+    # that no branch names (each case of the switch; never an out-of-line slow path, which its
+    # BRA.DIV names).
+    unnamed = [at for at in range(1, len(code)) if not code[at - 1].falls_through and code[at].address not in targets]
     ends: dict[int, int] = {}
     for ins in code:
-        if ins.target is not None and ins.target < ins.address:
+        if ins.target is not None and ins.target < ins.address and _reaches(code, index, unnamed, ins.target,
+                                                                            ins.address):
             ends[ins.target] = max(ends.get(ins.target, ins.target), ins.address)
     found = [Loop(start, end, tuple(i for i in code if start <= i.address <= end)) for start, end in ends.items()]
     return sorted(found, key=lambda loop: (loop.start, -loop.end))
+
+
+def _reaches(code: list[Instruction], index: dict[int, int], unnamed: list[int], head: int, latch: int) -> bool:
+    """Whether control entering ``code`` (in address order) at ``head`` can get to the
+    instruction at ``latch`` without leaving ``[head, latch]``: along fall-through (where the
+    instruction has one, ``Instruction.falls_through``), branch targets, and from an indirect
+    jump to any of the ``unnamed`` positions (see ``loops``)."""
+    if head not in index:
+        return False
+    first, last = index[head], index[latch]
+    todo, seen = [first], set()
+    while todo:
+        at = todo.pop()
+        if at == last:
+            return True
+        if at in seen or not first <= at < last:
+            continue
+        seen.add(at)
+        ins = code[at]
+        if ins.indirect:
+            todo += unnamed
+        if ins.target in index:
+            todo.append(index[ins.target])
+        if ins.falls_through:
+            todo.append(at + 1)
+    return False
 
 
 def innermost(found: list[Loop]) -> list[Loop]:
     return [loop for loop in found if not any(loop.contains(other) for other in found)]
 
 
-def hot_loop(code: list[Instruction]) -> Loop | None:
-    """The loop that bounds a kernel's throughput (see the module docstring), or None."""
-    found = loops(code)
-    with_mma = [loop for loop in found if any(i.base == "HMMA" for i in loop.body)]
-    if with_mma:
-        return min(with_mma, key=lambda loop: (len(loop.body), loop.start))
-    candidates = innermost(found)
+def hot_loops(code: list[Instruction]) -> list[Loop]:
+    """The copies of the loop that bounds a kernel's throughput, the hot loop (fastest) first
+    (see the module docstring); empty where the kernel has no loop."""
+    candidates = innermost(loops(code))
+    tensor = [loop for loop in candidates if count(loop.body, *TENSOR)]
+    if tensor:
+        candidates, work = tensor, TENSOR
+    else:
+        candidates, work = [loop for loop in candidates if count(loop.body, "LDS", "LDSM")] or candidates, ("FFMA",)
     if not candidates:
-        return None
-    tiled = [loop for loop in candidates if any(i.base in ("LDS", "LDSM") for i in loop.body)]
-    return max(tiled or candidates, key=lambda loop: (count(loop.body, "FFMA"), len(loop.body), -loop.start))
+        return []
+    most = max(count(loop.body, *work) for loop in candidates)
+    if not most:  # a streaming kernel: its largest loop, an unrolled one rather than its remainder
+        return [max(candidates, key=lambda loop: (len(loop.body), -loop.start))]
+    copies = [loop for loop in candidates if count(loop.body, *work) == most]
+    return sorted(copies, key=lambda loop: (sum(not i.padding for i in loop.body), loop.start))
 
 
-def count(body, base: str) -> int:
-    return sum(1 for i in body if i.base == base)
+def count(body, *bases: str) -> int:
+    return sum(1 for i in body if i.base in bases)
 
 
+# Tensor-core instructions: mma.sync (HMMA) and Hopper's wgmma (HGMMA).
+TENSOR = ("HMMA", "HGMMA")
 # Opcodes the mix names; everything else issued (integer, control, conversions, ...) is "other".
-MIX_KINDS = ("FFMA", "HMMA", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "STG")
+MIX_KINDS = ("FFMA", "HMMA", "HGMMA", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "STG")
 
 
 def instruction_mix(body) -> dict:
     """Counts of the loop body's instructions: ``instructions`` (all but padding, ``Instruction.padding``,
     which is not issued work), one count per ``MIX_KINDS`` entry in lower case, ``other``, and
-    ``hmma_by_shape`` ({"HMMA.1688.F32.TF32": n, ...})."""
+    ``hmma_by_shape``, the tensor-core instructions by opcode ({"HMMA.1688.F32.TF32": n, ...}, HGMMA's too)."""
     issued = [i for i in body if not i.padding]
     bases = Counter(i.base for i in issued)
     mix = {"instructions": len(issued)}
     for kind in MIX_KINDS:
         mix[kind.lower()] = bases[kind]
     mix["other"] = len(issued) - sum(bases[kind] for kind in MIX_KINDS)
-    mix["hmma_by_shape"] = dict(sorted(Counter(i.opcode for i in issued if i.base == "HMMA").items()))
+    mix["hmma_by_shape"] = dict(sorted(Counter(i.opcode for i in issued if i.base in TENSOR).items()))
     return mix

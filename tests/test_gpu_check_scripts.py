@@ -1242,7 +1242,7 @@ def test_the_bound_is_the_flops_at_the_ceiling_of_the_devices_peak(mb, gs):
     tf32 = bounds["benchmarks"]["tf32 4096^3 dW | gpubp-cupy-tf32"]
     tf32_tiles = 32 * 32  # 128x128 tiles, dW's batch unsplit since they fill the SMs
     assert tf32["bound_ms"] == pytest.approx(
-        2 * 4096**3 / (132 * 4 * 512 * 1980e6 * tf32_tiles / (8 * 132)) * 1e3, abs=1e-4)
+        2 * 4096**3 / (132 * 4 * 512 * 1830e6 * tf32_tiles / (8 * 132)) * 1e3, abs=1e-4)
     assert set(bounds["benchmarks"]) == {f"{gs.FWD_4096} | gpubp-cupy", "tf32 4096^3 dW | gpubp-cupy-tf32"}
 
 

@@ -2,8 +2,8 @@
 
 The shipped kernels and every Numba kernel variant are modelled for sm_90 and compared by name
 with the committed report, ``bench/results/kernel_model.json``: a spill, a kernel one report
-names and the other does not, or a hot-loop ceiling or memory figure worse than the committed
-one fails. The model's figures are static counts, not timings. The shipped kernels are read
+names and the other does not, or a ceiling of the hot loop or of any of its copies, or a memory
+figure, worse than the committed one fails. The model's figures are static counts, not timings. The shipped kernels are read
 from the fatbins of the CMake build (bench/aot_build.py), which tests/test_kernels_compile.py
 checks and shares, instead of being compiled a second time: that build fails on a register
 spill for every architecture, and a planted source built both ways shows the fatbin gives the
@@ -14,8 +14,9 @@ it only from a build of every shipped architecture, with spills as errors; a pla
 files shows that a build of sm_90 alone gives the full build's sm_90 code.
 
 The SASS reader is shown not to be blind on planted sources whose answers are known: loops
-with a known FFMA or HMMA count, nested and sibling loops, a kernel that spills, a kernel
-without launch bounds. Skipped, with the reason, when nvcc is absent.
+with a known FFMA or HMMA count, nested and sibling loops, an unrolled loop beside its
+remainder, a kernel that spills, a kernel without launch bounds (tests/test_sass_reader.py
+checks it on hand-written SASS). Skipped, with the reason, when nvcc is absent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from test_gpu_check_scripts import load
+from test_sass_reader import FP32_COPIES, HMMA_COPIES, listing
 from gpubp.backends import cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +120,16 @@ def test_the_simt_gemms_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh)
     assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
 
 
+def test_the_simt_gemms_hot_loop_is_the_float4_copy_the_benchmarks_run_beside_the_scalar_one(fresh):
+    """gemm_tile.cuh's main loop in two copies of 1024 FFMA: 16-byte loads where every operand
+    row is 16-byte aligned (every benchmark), 4-byte loads otherwise; the hot loop is the first."""
+    for name, k in fresh["kernels"].items():
+        if SIMT_GEMM.fullmatch(name):
+            (scalar,) = k["sibling_loops"]
+            assert k["hot_loop"]["ffma"] == scalar["ffma"] == 1024, name
+            assert scalar["ldg"] == 4 * k["hot_loop"]["ldg"] and scalar["issue_ceiling"] < k["issue_ceiling"], name
+
+
 # The fused MLP's fp32 kernels (forward and backward, each serving every activation, and dW): the same goal.
 FUSED_FP32 = re.compile(r"fused_mlp_(fwd|bwd|dw)")  # not _tf32, _bf16
 
@@ -167,6 +179,19 @@ def test_nvrtcs_builds_keep_the_occupancy_and_the_ceiling_of_the_shipped_build(f
         assert k["occupancy_warps"] >= shipped["occupancy_warps"], (part, k["occupancy_warps"], shipped["occupancy_warps"])
         assert k["issue_ceiling"] >= shipped["issue_ceiling"] * (1 - km.TOLERANCE), (
             part, k["issue_ceiling"], shipped["issue_ceiling"])
+
+
+def test_the_per_layer_tf32_hot_loop_is_the_cp_async_copy(fresh):
+    """gemm_tf32.cuh's k loop in two copies for fp32 operands: staged by cp.async where both
+    operands' rows are 16-byte aligned, by guarded 32-bit loads otherwise; the hot loop is the
+    first. bf16 operands always take cp.async: one copy."""
+    for name, k in per_layer_tensor_core(fresh["kernels"]).items():
+        assert k["hot_loop"]["ldgsts"] and k["hot_loop"]["ldg"] == 0, name
+        if "_tf32" in name:
+            (guarded,) = k["sibling_loops"]
+            assert guarded["ldg"] and not guarded["ldgsts"] and guarded["hmma"] == k["hot_loop"]["hmma"], name
+        else:
+            assert k["sibling_loops"] == [], name
 
 
 def test_the_per_layer_tensor_core_loops_issue_at_most_4_instructions_per_hmma(fresh):
@@ -367,6 +392,28 @@ def test_regressions_fail_a_spill_and_kernels_that_one_report_lacks():
     assert any("a (sm_90) is in the committed report but was not built" in message for _, message in problems)
 
 
+def with_copies(*ceilings) -> dict:
+    """A kernel whose hot loop has copies of these ceilings, the first the hot loop."""
+    loops = [{"address": f"{0x100 * n:#06x}-{0x100 * n + 0x80:#06x}", "issue_ceiling": c}
+             for n, c in enumerate(ceilings, 1)]
+    return {**figures(ceilings[0]), "hot_loop": loops[0], "sibling_loops": loops[1:]}
+
+
+def test_regressions_compare_every_copy_of_the_hot_loop():
+    committed = report(k=with_copies(0.9, 0.8))
+    assert km.regressions(committed, report(k=with_copies(0.9, 0.8))) == []
+    assert km.regressions(committed, report(k=with_copies(0.9))) == []  # a copy gone
+    assert km.regressions(committed, report(k=with_copies(0.9, 0.8 * (1 - km.TOLERANCE / 2)))) == []
+    ((kind, message),) = km.regressions(committed, report(k=with_copies(0.9, 0.7)))
+    assert kind == "worse" and message == ("k (sm_90): copy 2 of the hot loop (0x0200-0x0280) has issue_ceiling 0.7, "
+                                           "the committed report's copy 2 0.8")
+    # A new copy slower than the committed slowest, and a hot loop slower than committed (once).
+    ((_, message),) = km.regressions(committed, report(k=with_copies(0.9, 0.8, 0.6)))
+    assert message.startswith("k (sm_90): copy 3 of the hot loop (0x0300-0x0380) has issue_ceiling 0.6")
+    ((_, message),) = km.regressions(committed, report(k=with_copies(0.8, 0.8)))
+    assert message == "k (sm_90) issue_ceiling fell from 0.9 to 0.8"
+
+
 def test_regressions_compare_memory_figures_once_the_committed_report_has_them():
     unmeasured = report(k=figures())
     measured = figures(shared_wavefronts_per_request=1.0, global_load_efficiency=0.9, global_store_efficiency=1.0)
@@ -396,6 +443,40 @@ def test_occupancy_takes_the_tightest_of_the_four_limits(registers, smem, thread
 def mix(instructions, ffma=0, **hmma_by_shape):
     return {"instructions": instructions, "ffma": ffma, "hmma": sum(hmma_by_shape.values()),
             "hmma_by_shape": {f"HMMA.{shape}": n for shape, n in hmma_by_shape.items()}}
+
+
+@pytest.mark.parametrize("opcode, shape, operands, sm_90_cycles", [
+    ("HMMA.1688.F32.TF32", "1688", "TF32", 4),
+    ("HMMA.16816.F32.BF16", "16816", "BF16", 4),
+    ("HMMA.16816.F32", "16816", "F16", 4),  # mma.sync f16 inputs, f32 accumulator: the input type is not written
+    ("HMMA.16816.F16", "16816", "F16", 4),  # f16 inputs and accumulator
+    ("HGMMA.64x128x16.F32.BF16", "64x128x16", "BF16", 64),  # a warpgroup's: 16 x 128 x 16 per sub-partition
+    ("HGMMA.64x64x8.F32.TF32", "64x64x8", "TF32", 32),
+    ("HGMMA.64x256x16.F32", "64x256x16", "F16", 128),
+])
+def test_tensor_core_opcodes_give_their_shape_and_input_type(opcode, shape, operands, sm_90_cycles):
+    assert km.tensor_op(opcode)[::2] == (shape, operands)
+    assert km.tensor_cycles(opcode, km.ARCHS["sm_90"]) == sm_90_cycles
+    assert km.tensor_cycles(opcode, km.ARCHS["sm_80"]) == 2 * sm_90_cycles
+
+
+def test_a_kernels_figures_are_its_fastest_copys_and_every_copy_is_recorded():
+    arch = km.ARCHS["sm_90"]
+    resources = km.sass.Resources(registers=32, spill_stores=0, spill_loads=0, stack_frame=0, smem_bytes=0)
+    code = km.sass.sass_functions(listing(FP32_COPIES))["planted"]
+    k = km.kernel_figures(resources, code, 128, arch)
+    assert k["peak"] == "fp32" and k["hot_loop"]["address"] == "0x0030-0x00e0"
+    assert k["issue_ceiling"] == k["hot_loop"]["issue_ceiling"] == round(8 / 12, 4)
+    assert [(c["address"], c["ldg"], c["issue_ceiling"]) for c in k["sibling_loops"]] == [
+        ("0x0200-0x02e0", 4, round(8 / 15, 4))]
+    tensor = km.kernel_figures(resources, km.sass.sass_functions(listing(HMMA_COPIES))["planted"], 128, arch)
+    assert tensor["peak"] == "tensor" and (tensor["hot_loop"]["instructions"], tensor["issue_ceiling"]) == (6, 1.0)
+    assert [(c["instructions"], c["instr_per_hmma"], c["issue_ceiling"]) for c in tensor["sibling_loops"]] == [
+        (7, 3.5, 1.0)]
+    memory = {"source": "k.cu", **dict.fromkeys(km.MEMORY_FIELDS + km.MEMORY_DETAILS)}
+    assert f"| {km._cell(8 / 12)} | 2 | {km._cell(8 / 15)} |" in km.table_row("k", {**k, **memory})
+    # Both copies at the tensor-core peak: the slowest copy is the one issuing more instructions.
+    assert "| 1.00 tc | 2 | 1.00 tc (3.5 instr/HMMA) |" in km.table_row("t", {**tensor, **memory})
 
 
 PADDED_LOOP = """
@@ -432,6 +513,38 @@ def test_the_tensor_ceiling_counts_4_cycles_per_hmma_on_sm_90_and_8_on_sm_80():
     assert km.issue_ceiling(mix(2, **two), km.ARCHS["sm_90"]) == 1.0
     with pytest.raises(ValueError, match="no tensor-core rate"):
         km.issue_ceiling(mix(16, **{"884.F32.F16": 1}), km.ARCHS["sm_90"])
+
+
+# NVIDIA's published dense peaks (H100 datasheet; A100 datasheet) and the clocks nvidia-smi gives
+# as clocks.max.sm for them.
+PUBLISHED_PEAKS = {"sm_90": (132, 1980, {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+                   "sm_80": (108, 1410, {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12})}
+
+
+@pytest.mark.parametrize("arch", PUBLISHED_PEAKS)
+def test_the_bounds_peaks_are_nvidias_published_dense_figures(arch):
+    mb = load("model_bounds")
+    sms, mhz, published = PUBLISHED_PEAKS[arch]
+    facts = {"device": {"multiProcessorCount": sms}, "compute_capability": arch.removeprefix("sm_"),
+             "nvidia_smi": f"name, clocks.max.sm [MHz]\nGPU, {mhz} MHz\n"}
+    shape = "4096x4096x4096"
+    runs = {("bf16 4096^3 forward", "gpubp-cupy-bf16"): "bf16", ("tf32 4096^3 dW", "gpubp-cupy-tf32"): "tf32",
+            ("forward 4096^3", "gpubp-cupy"): "fp32"}
+    products = {run: mb.products(*run, shape, sms)[0] for run in runs}  # one GEMM each
+    # Each kernel at a ceiling of 1: the bound is the flops at the peak, over the grid's share-out.
+    kernels = {p.kernel: {"issue_ceiling": 1.0, "peak": "fp32" if runs[run] == "fp32" else "tensor"}
+               for run, p in products.items()}
+    model = {"kernels_sha256": "", "arch": "sm_90", "kernels": kernels, "other_archs": {"sm_80": kernels}}
+    report = {"benchmarks": [{"stats": {"median": 1.0}, "extra_info": {"workload": w, "backend": b, "shape": shape}}
+                             for w, b in runs]}
+    bounds = mb.model_bounds(report, model, facts, "")
+    for (workload, backend), precision in runs.items():
+        product = products[workload, backend]
+        peak = product.flops / (bounds["benchmarks"][f"{workload} | {backend}"]["bound_ms"] / 1e3
+                                * mb.share_out(product.blocks, sms))
+        assert peak == pytest.approx(published[precision], rel=2e-3), (arch, precision)
+    assert bounds["tensor_clock_mhz"] == {"sm_90": 1830, "sm_80": 1410}[arch]
+    assert f"tensor cores at {bounds['tensor_clock_mhz']} MHz" in mb.markdown(bounds)[0]
 
 
 def test_numba_variants_are_named_by_origin_flags_and_differing_argument_types():
@@ -485,6 +598,20 @@ extern "C" __global__ void __launch_bounds__(32) planted_mma_loops(float* out, c
         }
     }
     for (int r = 0; r < 4; ++r) out[lane + 32 * r] = c[r] + d[r];
+}
+
+// A trip count known at run time only: nvcc unrolls the loop to 4 HMMA and leaves a loop of 1
+// for the remainder, the smaller loop.
+extern "C" __global__ void __launch_bounds__(32) planted_unrolled_mma(float* out, const unsigned* in, int n) {
+    const int lane = threadIdx.x;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) {
+        unsigned a[4], b[2];
+        for (int r = 0; r < 4; ++r) a[r] = in[192 * i + lane + 32 * r];
+        for (int r = 0; r < 2; ++r) b[r] = in[192 * i + 128 + lane + 32 * r];
+        mma_tf32(c, a, b);
+    }
+    for (int r = 0; r < 4; ++r) out[lane + 32 * r] = c[r];
 }
 """
 
@@ -614,12 +741,14 @@ def test_the_hot_loop_of_a_tiled_kernel_is_one_that_reads_shared_memory(planted)
     assert (loop["ffma"], loop["lds"]) == (4, 4)
 
 
-def test_a_tensor_core_kernels_hot_loop_is_the_smallest_loop_holding_an_hmma(planted):
+def test_a_tensor_core_kernels_hot_loop_is_the_innermost_loop_with_the_most_hmma(planted):
     k = planted["planted_mma_loops"]
     loop = k["hot_loop"]
     assert loop["hmma"] == 2 and loop["hmma_by_shape"] == {"HMMA.1688.F32.TF32": 2}
     assert loop["instr_per_hmma"] == round(loop["instructions"] / 2, 2)
     assert k["peak"] == "tensor" and k["issue_ceiling"] == round(min(1.0, 2 * 4 / loop["instructions"]), 4)
+    unrolled = planted["planted_unrolled_mma"]
+    assert unrolled["hot_loop"]["hmma"] == 4 and unrolled["sibling_loops"] == []
 
 
 def test_a_spilling_kernel_reports_its_spills_and_fails_the_comparison(planted):
@@ -635,6 +764,33 @@ def test_the_launch_shape_is_read_from_launch_bounds(planted):
     assert planted["planted_spill"]["threads"] == 1024
     assert planted["planted_unbounded"]["threads"] is None
     assert planted["planted_unbounded"]["occupancy_warps"] is None
+
+
+# A module of one kernel, as Numba makes each, with a shared array of external linkage (compiled
+# with -rdc, Numba's ".visible .shared"): 40000 bytes, which allow 5 blocks of 256 threads per SM
+# (41024 bytes each with the reserved KiB), 40 warps.
+PLANTED_SHARED = r"""
+__shared__ float staged[10000];
+extern "C" __global__ void __launch_bounds__(256) planted_shared(float* out, const float* in) {
+    staged[threadIdx.x] = in[threadIdx.x];
+    __syncthreads();
+    out[threadIdx.x] = staged[255 - threadIdx.x];
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+def test_a_module_compiled_as_its_launch_links_it_keeps_its_shared_memory(tmp_path):
+    """``ptxas -c``, as the Numba kernels are compiled, reports no shared memory: the model takes
+    the PTX's declarations, so that occupancy sees the limit."""
+    source, ptx = tmp_path / "shared.cu", tmp_path / "shared.ptx"
+    source.write_text(PLANTED_SHARED)
+    subprocess.run([NVCC, "-ptx", "-rdc=true", "-arch=compute_90", "-o", str(ptx), str(source)], check=True,
+                   capture_output=True)
+    assert ".visible .shared" in ptx.read_text()
+    whole, linked = (km.assemble(ptx, km.ARCHS["sm_90"], relocatable=r)["planted_shared"] for r in (False, True))
+    assert whole["smem_bytes"] == linked["smem_bytes"] == 40000
+    assert (linked["occupancy_warps"], linked["occupancy_limit"]) == (40, "shared memory")
 
 
 # ----------------------------------------------------------------------------- figures read from a fatbin
