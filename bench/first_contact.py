@@ -26,10 +26,13 @@ cold only when CuPy's cache (``CUPY_CACHE_DIR``) starts empty, which
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
 per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
-the folder as soon as it finishes, with ``GPUBP_BENCH_ROUNDS`` rounds (5 unless set). Each run
-has ``GROUP_SECONDS`` (``GPUBP_BENCH_GROUP_SECONDS``), then SIGINT, on which pytest-benchmark
-still writes the benchmarks that finished, so one that hangs costs its group, not the others;
-how each group ended is added to the first-contact steps file in the folder (``STEPS_FILE``).
+the folder as soon as it finishes, with ``GPUBP_BENCH_ROUNDS`` rounds (5 unless set); a
+benchmark an earlier group ran is not run again (``node_ids``), and every other group runs its
+benchmarks in reverse, so that gpubp's side of a ratio runs first in a fresh process as often
+as the baseline does. Each run has its ``GROUP_SECONDS`` (``GPUBP_BENCH_GROUP_SECONDS`` for
+all), then SIGINT, on which pytest-benchmark still writes the benchmarks that finished, so one
+that hangs costs its group, not the others; how each group ended is added to the first-contact
+steps file in the folder (``STEPS_FILE``).
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DENSE_BENCHMARKS = "bench/test_gpu_dense.py"
 
 # The headline ratios (bench/gpu_summary.py's names) in order of value, grouped into pytest runs.
+# The Numba group is last: it compiles the Numba kernels in its warm-up, the longest group, so
+# it takes what the others leave of the step rather than the others' time.
 HEADLINE = {
-    "fwd_4096": ("fwd_4096_fp32_vs_cublas",),
+    "fwd_4096": ("fwd_4096_fp32_vs_cublas", "fwd_4096_fp32_vs_cublas_unfused"),
     "step_1024": ("step_1024_vs_torch_eager",),
     "mlp64": ("mlp64_step_vs_torch_eager",),
-    "step_b64": ("step_b64_graph_vs_eager", "step_b64_graph_vs_torch_eager"),
+    "step_b64": ("step_b64_graph_vs_torch_eager", "step_b64_graph_vs_eager"),
+    "numba_1024": ("numba_vs_cupy_1024",),
 }
 # The test of bench/test_gpu_dense.py that times each workload, as a pytest test id.
 TEST_OF_WORKLOAD = {
@@ -67,11 +73,16 @@ TEST_OF_WORKLOAD = {
     STEP_B64: "test_small_batch_train_step[{backend}]",
 }
 ROUNDS = "5"
-# Seconds each group's pytest run may take, a few times what one should need (PyTorch's import
-# and CUDA's start are most of it, 5 rounds the rest): with 100 s for the step, a hang in the
-# first group leaves the others about 40, and a group that would run past the step's end is
+# Seconds each group's pytest run may take, a few times what one should need: PyTorch's import
+# and CUDA's start are most of it (about 10 s), then per benchmark its first call, half a second
+# of warm-up (test_gpu_dense.WARMUP_SECONDS) and 5 rounds. The Numba group also compiles the
+# Numba kernels of the step in its first call: the seven of a relu Adam step take 6 s of a core
+# of the 2-core VM they were timed on (README), so it has more. The step has 115 s
+# (gpu_check.sh's 125 less its grace): four groups of about 15 s leave the Numba group about
+# 40 after its grace and margin; a hang in the first group costs that group's 40 s and grace,
+# and the Numba group, last, what was left. A group that would run past the step's end is
 # stopped first (group_seconds), so it records what it timed.
-GROUP_SECONDS = 40
+GROUP_SECONDS = {**dict.fromkeys(HEADLINE, 40), "numba_1024": 60}
 GROUP_GRACE = 10  # after the SIGINT, for pytest-benchmark to write its JSON (it asks py-cpuinfo first)
 # Under gpu_check.sh the step has GPUBP_STEP_SECONDS before its own SIGINT: a group is given no
 # more than what is left of that, less its grace and this margin, so that first_contact.py stops
@@ -86,10 +97,15 @@ SMI_QUERY = ("name,driver_version,pstate,clocks.sm,clocks.max.sm,clocks.mem,cloc
 
 
 def node_ids(group: str) -> list[str]:
-    """The pytest node ids of the benchmarks behind ``group``'s ratios, each (workload, backend) once."""
-    pairs = dict.fromkeys(pair for ratio in HEADLINE[group] for pair in RATIOS[ratio])
+    """The pytest node ids of the benchmarks behind ``group``'s ratios that no earlier group of
+    HEADLINE runs, each (workload, backend) once: baseline, then gpubp, ratio by ratio, and in
+    reverse in every other group, so that neither side is always the first (cold) one."""
+    place = list(HEADLINE).index(group)
+    earlier = {pair for before in list(HEADLINE)[:place] for ratio in HEADLINE[before] for pair in RATIOS[ratio]}
+    pairs = [pair for pair in dict.fromkeys(pair for ratio in HEADLINE[group] for pair in RATIOS[ratio])
+             if pair not in earlier]
     return [f"{DENSE_BENCHMARKS}::" + TEST_OF_WORKLOAD[workload].format(workload=workload, backend=backend)
-            for workload, backend in pairs]
+            for workload, backend in (pairs[::-1] if place % 2 else pairs)]
 
 
 def run_group(argv: list[str], env: dict, seconds: float) -> int | None:
@@ -118,12 +134,13 @@ def group_seconds(most: float, step_left: float | None) -> float:
 
 def bench(folder: Path) -> int:
     env = {**os.environ, "GPUBP_BENCH_ROUNDS": os.environ.get("GPUBP_BENCH_ROUNDS", ROUNDS)}
-    most = float(os.environ.get("GPUBP_BENCH_GROUP_SECONDS", GROUP_SECONDS))
+    every = os.environ.get("GPUBP_BENCH_GROUP_SECONDS")
     step_seconds = os.environ.get("GPUBP_STEP_SECONDS")
     step_end = time.perf_counter() + float(step_seconds) if step_seconds else None
     failed = []
     for group in HEADLINE:
         start = time.perf_counter()
+        most = float(every) if every else GROUP_SECONDS[group]
         seconds = group_seconds(most, None if step_end is None else step_end - start)
         status = run_group([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
                             "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], env, seconds)

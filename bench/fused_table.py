@@ -2,6 +2,9 @@
 
     python bench/fused_table.py bench/results/<device>_fused*.json > bench/results/fused_mlp.md
 
+The files must be of one device (an error names the devices otherwise); of a benchmark in
+several, the newest file's is taken.
+
 One row per workload ("<mode> <width>x<layers>@2^<k>"), the median milliseconds of every
 implementation that ran it, and two speed ratios taken in the same run: PyTorch eager over
 gpubp fused fp32, and gpubp per-layer over gpubp fused fp32 (above 1: the fused kernels are
@@ -32,8 +35,8 @@ def medians(report: dict) -> dict[str, dict[str, float]]:
 def markdown(report: dict) -> str:
     table = medians(report)
     impls = [impl for impl in IMPLS if any(impl in row for row in table.values())]
-    device = next((b["extra_info"].get("device") for b in report.get("benchmarks", []) if "device" in
-                   b.get("extra_info", {})), "unknown GPU")
+    device = next((b["extra_info"]["device"] for b in report.get("benchmarks", []) if "device" in
+                   b.get("extra_info", {})), "unknown GPU")  # one device: merge_reports refuses more
     lines = [f"Fused MLP, median ms per call on {device} (fp32 unless named; ratios: above 1, fused is faster)", "",
              "| workload | " + " | ".join(impls + list(RATIOS)) + " |",
              "|---|" + "---:|" * (len(impls) + len(RATIOS))]
@@ -51,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print(__doc__, file=sys.stderr)
         return 2
-    sys.stdout.write(markdown(merge_reports([Path(a) for a in args])))
+    try:
+        report = merge_reports([Path(a) for a in args])
+    except ValueError as exc:
+        print(f"fused_table.py: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown(report))
     return 0
 
 

@@ -14,6 +14,8 @@
 #   bench     the GPU benchmarks of bench/test_gpu_dense.py, into bench/results/<device>.json
 #   fused     the fused MLP benchmarks, into bench/results/<device>_fused.json and fused_mlp.md
 #   splitk    the dW split-K sweep, into bench/results/<device>_splitk.json and splitk.md
+#   finetune  bench/test_finetune.py on the GPU backends (cupy, numba): what freezing saves, into
+#             bench/results/<device>_finetune.json and finetune_<device>.md
 #   ncu       Nsight Compute's speed-of-light, occupancy, launch and memory sections for one
 #             instance of each kernel of bench/ncu_driver.py, into bench/results/ncu_<device>.csv
 #   summary   bench/gpu_summary.py: bench/results/gpu_summary.json and bench/results/<device>.md
@@ -37,7 +39,7 @@
 #              shape per kernel family, the split-K finish, replayed CUDA graphs)
 #   racecheck  compute-sanitizer racecheck over bench/sanitizer_driver.py --reduced-racecheck cupy
 #   bench      bench/first_contact.py bench: the headline ratios' benchmarks, 5 rounds each, each
-#              group of them under its own timeout
+#              group of them under its own timeout, the Numba one (numba_vs_cupy_1024) last
 #   summary    gpu_summary.json and <device>.md, with the steps' results and the facts
 # Its reports go to GPUBP_CHECK_DIR (default bench/results/first_contact), CuPy's kernel cache
 # to a fresh folder (so the compile times are cold), and, when GPUBP_RESULTS_OUT is set, these
@@ -49,7 +51,8 @@
 # git history (the summary's tree_sha256 names its source in any case).
 #
 # GPUBP_BENCH_SELECT, a pytest -k expression, runs part of a benchmark stage (its JSON is named
-# after it, and the tables and the summary merge every part): for a stage longer than one call.
+# after it, and the tables and the summary merge every part of this device, the newest report's
+# benchmark where parts overlap): for a stage longer than one call.
 # Each stage leaves its reports in the check folder, GPUBP_CHECK_DIR (default
 # bench/results/check, which git ignores), so stages can run in separate calls, even on
 # separate machines, and `summary` run last where the folder was brought back. The results
@@ -75,7 +78,7 @@ results="${GPUBP_RESULTS_DIR:-bench/results}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 failed=()
-STAGES=(tests sanitize demo aot bench fused splitk ncu summary)
+STAGES=(tests sanitize demo aot bench fused splitk finetune ncu summary)
 
 run() {  # name, command: run it, and remember the name if it fails; returns its status
     local name="$1" status
@@ -93,6 +96,10 @@ device_name() {  # read once on a GPU, then from the check folder (summary may r
             >"$check/device.txt" 2>/dev/null || rm -f "$check/device.txt"
     fi
     cat "$check/device.txt" 2>/dev/null || echo "unknown GPU"
+}
+
+device_stem() {  # the device's name as bench/results names its files
+    "$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)"
 }
 
 sanitize() {  # tool, driver arguments: its output into $check/<tool>.log, its exit status into <tool>.status
@@ -166,7 +173,7 @@ select="${GPUBP_BENCH_SELECT:-}"
 bench_json() {
     local part=""
     [ -z "$select" ] || part="_$("$PYTHON" bench/gpu_summary.py --file-stem "$select")"
-    echo "$results/$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)")$1$part.json"
+    echo "$results/$(device_stem)$1$part.json"
 }
 
 benchmarks() {  # name, benchmark file, JSON
@@ -180,19 +187,31 @@ stage_bench() {
     cp "$json" "$check/bench_$(basename "$json")" 2>/dev/null
 }
 
+# The tables take this device's parts only: bench/results keeps every device's JSON.
 stage_fused() {
     benchmarks "fused MLP benchmarks" bench/test_gpu_fused.py "$(bench_json _fused)"
-    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$results\"/*_fused*.json > \"$results/fused_mlp.md\""
+    run "fused MLP table" sh -c "\"$PYTHON\" bench/fused_table.py \"$results/$(device_stem)_fused\"*.json \
+        > \"$results/fused_mlp.md\""
 }
 
 stage_splitk() {
     benchmarks "split-K sweep" bench/test_gpu_splitk.py "$(bench_json _splitk)"
-    run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$results\"/*_splitk*.json > \"$results/splitk.md\""
+    run "split-K table" sh -c "\"$PYTHON\" bench/splitk_table.py \"$results/$(device_stem)_splitk\"*.json \
+        > \"$results/splitk.md\""
+}
+
+stage_finetune() {  # the GPU backends' part of bench/test_finetune.py (its CPU part runs without a GPU)
+    local json
+    json="$(bench_json _finetune)"
+    run "fine-tuning benchmarks" "$PYTHON" -m pytest bench/test_finetune.py -q \
+        -k "(cupy or numba)${select:+ and ($select)}" --benchmark-json "$json"
+    run "fine-tuning table" sh -c "\"$PYTHON\" bench/finetune_ratios.py \"$json\" \
+        > \"$results/finetune_$(device_stem).md\""
 }
 
 stage_ncu() {
     local csv
-    csv="$results/ncu_$("$PYTHON" bench/gpu_summary.py --file-stem "$(device_name)").csv"
+    csv="$results/ncu_$(device_stem).csv"
     echo "==== Nsight Compute"
     "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis --csv --page details \
@@ -220,8 +239,10 @@ stage_summary() {
 FIRST_CONTACT_STEPS=(facts tests memcheck racecheck bench summary)
 # Wall-clock seconds per step. Their sum, 505, and the five publishes between steps, at most
 # 11 s each (PUBLISH_SECONDS and a second's grace), keep the stage within 560 s; the call that
-# runs it is killed at about 570.
-declare -A budget=([facts]=125 [tests]=135 [memcheck]=55 [racecheck]=70 [bench]=100 [summary]=20)
+# runs it is killed at about 570. facts should take about 70 s (the NVRTC modules side by side,
+# about 15 s, then the CMake build's 40 s beside the NVRTC load check, and the fatbin check);
+# bench has five pytest runs, the Numba one compiling its kernels (bench/first_contact.py).
+declare -A budget=([facts]=100 [tests]=135 [memcheck]=55 [racecheck]=70 [bench]=125 [summary]=20)
 # bench/gpu_summary.py's CARRY_BYTES: a raw file this big or bigger keeps its first third and its end.
 CARRY_BYTES=15000000
 

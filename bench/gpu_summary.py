@@ -10,8 +10,9 @@
 - ``--sanitizer-dir``: ``<tool>.log`` (compute-sanitizer's output) and ``<tool>.status`` (its
   exit status) for each tool in ``SANITIZER_TOOLS``; a tool with no log reads "not run".
 - ``--benchmark``: the pytest-benchmark JSON of bench/test_gpu_dense.py, whose benchmarks name
-  their ``workload`` and ``backend`` in ``extra_info``; given more than once (parts of the file
-  run separately), the reports are merged.
+  their ``workload``, ``backend`` and ``device`` in ``extra_info``; given more than once (parts
+  of the file run separately), the reports are merged (``merge``): only the benchmarks of
+  ``--device`` are kept, and of a benchmark in several reports the newest report's.
 - ``--steps``, ``--facts``: the first-contact stage's steps file and bench/first_contact.py's
   facts JSON, tabulated in the markdown; ``--command`` names the command that reproduces it.
 - ``--results-out DIR``: also write the JSON, the markdown and the merged benchmark report into
@@ -29,12 +30,22 @@ kernels/*.cuh concatenated in sorted path order), tests {passed, failed, skipped
 benchmark's rounds, keyed "<workload> | <backend>"), and, past the issue's schema,
 launches_per_step ({"kernels": n, "host_launches": m} per training-step benchmark),
 tree_sha256 (``tree_sha256``: the source measured, which names its commit where git cannot),
-where bench/results/kernel_model.json exists, model_bounds: the kernel model's bound beside each
+goals ({ratio: {comparison, threshold, measured, met}} for each of ``GOALS``; measured and met
+are null where a benchmark of the ratio is missing), timing_stats ({"<workload> | <backend>":
+{dtype, rounds, iqr_ms, min_ms, max_ms}}: how far the rounds behind each median spread),
+benchmark_conflicts (a benchmark found in more than one report: each report's datetime and
+median, and which was kept),
+benchmarks_of_other_devices ({device: count} of the benchmarks left out), where
+bench/results/kernel_model.json exists, model_bounds: the kernel model's bound beside each
 measured gpubp benchmark (bench/model_bounds.py says how it is made), and the ``<input>_error``
 of any input that could not be read.
 
-Every ratio is taken from medians of one run. A speed ratio is baseline time / gpubp time,
-so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
+Every time is host wall clock per call, ending in a device synchronize, so Python's dispatch
+and the kernel launches are in it, the ``kernels ...`` workloads' too (they time the dense
+kernels' calls without a model around them, not the device's time). A ratio's two medians are
+of one device, though not always of one process (parts run apart; first-contact's Numba group
+takes the CuPy step's time from an earlier group). A speed ratio is baseline time / gpubp
+time, so more than 1 means gpubp is faster; ``frozen_step_vs_forward`` is a cost ratio, frozen
 step time / forward time (lower is better, 1.0 is the floor).
 """
 
@@ -61,14 +72,22 @@ STEP_MLP64 = "train step 64-64-64-64-64-10@65536"
 STEP_B64 = "train step 784-256-256-10@64"
 FROZEN_STEP = "frozen-backbone step 256-512-512-512-10@8192"
 FROZEN_FORWARD = "forward 256-512-512-512-10@8192"
+# One 4096^3 GEMM of a layer on tensor cores ("tf32" or "bf16"; gemm "forward", "dX" or "dW").
+GEMM_4096 = "{precision} 4096^3 {gemm}"
 # The activations of its models (gpubp_model): relu hidden layers and a linear head.
 HIDDEN_ACT, HEAD_ACT = "relu", "identity"
 
 # name -> ((workload, backend) whose time is the numerator, (workload, backend) the denominator)
 RATIOS = {
-    "fwd_4096_fp32_vs_cublas": ((FWD_4096, "cublas-unfused"), (FWD_4096, "gpubp-cupy")),
+    "fwd_4096_fp32_vs_cublas": ((FWD_4096, "cublas-gemm"), (FWD_4096, "gpubp-cupy")),
+    "fwd_4096_fp32_vs_cublas_unfused": ((FWD_4096, "cublas-unfused"), (FWD_4096, "gpubp-cupy")),
+    "fwd_4096_tf32_vs_cublas": ((GEMM_4096.format(precision="tf32", gemm="forward"), "cublas-tf32"),
+                                (GEMM_4096.format(precision="tf32", gemm="forward"), "gpubp-cupy-tf32")),
+    "fwd_4096_bf16_vs_cublas": ((GEMM_4096.format(precision="bf16", gemm="forward"), "cublas-bf16"),
+                                (GEMM_4096.format(precision="bf16", gemm="forward"), "gpubp-cupy-bf16")),
     "step_1024_vs_torch_eager": ((STEP_1024, "torch"), (STEP_1024, "gpubp-cupy")),
     "step_1024_vs_torch_compile": ((STEP_1024, "torch-compile"), (STEP_1024, "gpubp-cupy")),
+    "step_1024_bf16_vs_torch_eager": ((STEP_1024, "torch-bf16"), (STEP_1024, "gpubp-cupy-bf16")),
     "mlp64_step_vs_torch_eager": ((STEP_MLP64, "torch"), (STEP_MLP64, "gpubp-cupy")),
     "mlp64_step_vs_torch_compile": ((STEP_MLP64, "torch-compile"), (STEP_MLP64, "gpubp-cupy")),
     "mlp64_step_fused_vs_per_layer": ((STEP_MLP64, "gpubp-cupy-per-layer"), (STEP_MLP64, "gpubp-cupy")),
@@ -79,9 +98,18 @@ RATIOS = {
     "step_b64_graph_vs_eager": ((STEP_B64, "gpubp-cupy"), (STEP_B64, "gpubp-cupy-graph")),
 }
 RATIO_MEANINGS = {
-    "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM + bias + relu / gpubp fused forward (relu), 4096^3, TF32 off",
+    "fwd_4096_fp32_vs_cublas": "cuBLAS SGEMM alone (cupy.matmul) / gpubp forward with its fused bias and relu, "
+                               "4096^3, TF32 off",
+    "fwd_4096_fp32_vs_cublas_unfused": "cuBLAS SGEMM + bias + relu as separate passes / gpubp fused forward (relu), "
+                                       "4096^3, TF32 off",
+    "fwd_4096_tf32_vs_cublas": "cuBLAS TF32 GEMM alone (torch.matmul) / gpubp TF32 forward with its bias and relu, "
+                               "4096^3",
+    "fwd_4096_bf16_vs_cublas": "torch.matmul under bf16 autocast (its casts and cuBLAS's bf16 GEMM) / gpubp bf16 "
+                               "forward with its bias, relu and rounding passes, 4096^3",
     "step_1024_vs_torch_eager": "PyTorch eager / gpubp-cupy, train step 1024-1024-1024-1024 @ 8192, Adam",
     "step_1024_vs_torch_compile": "torch.compile / gpubp-cupy, the 1024 train step",
+    "step_1024_bf16_vs_torch_eager": "PyTorch eager under bf16 autocast / gpubp-cupy's per-layer kernels in bf16, "
+                                     "the 1024 train step",
     "mlp64_step_vs_torch_eager": "PyTorch eager / gpubp-cupy (fused MLP kernels), train step 64-64-64-64-64-10 @ 65536, "
                                  "Adam",
     "mlp64_step_vs_torch_compile": "torch.compile / gpubp-cupy (fused MLP kernels), the mlp64 train step",
@@ -93,6 +121,20 @@ RATIO_MEANINGS = {
     "step_b64_graph_vs_torch_eager": "PyTorch eager / gpubp-cupy replaying a CUDA graph, train step 784-256-256-10 "
                                      "@ 64, Adam",
     "step_b64_graph_vs_eager": "gpubp-cupy eager / the same step replayed from a CUDA graph, 784-256-256-10 @ 64",
+}
+# The speed goals, as (comparison, threshold) on a ratio of RATIOS: the headline ones, issue
+# 28's tensor-core ones (the forward against cuBLAS at the same precision, the bf16 step against
+# PyTorch's), and the frozen-backbone step's cost (bench/test_finetune.py's target).
+GOALS = {
+    "fwd_4096_fp32_vs_cublas": (">=", 0.9),
+    "step_1024_vs_torch_eager": (">=", 1.2),
+    "mlp64_step_vs_torch_eager": (">=", 3.0),
+    "step_b64_graph_vs_torch_eager": (">=", 2.0),
+    "numba_vs_cupy_1024": (">=", 0.5),
+    "fwd_4096_tf32_vs_cublas": (">=", 0.7),
+    "fwd_4096_bf16_vs_cublas": (">=", 0.6),
+    "step_1024_bf16_vs_torch_eager": (">=", 1.2),
+    "frozen_step_vs_forward": ("<=", 1.1),
 }
 
 # compute-sanitizer prefixes its own lines with this; continuation lines are indented after it.
@@ -244,15 +286,62 @@ def sanitizer_results(log_dir: Path | None) -> dict[str, str]:
     return results
 
 
-def merge(reports: list[dict]) -> dict:
-    """One pytest-benchmark report from several (runs of parts of a benchmark file, say): the
-    benchmarks of each, in order, so a later run of a benchmark wins."""
-    return {"benchmarks": [bench for report in reports for bench in report.get("benchmarks", [])]}
+def _report_time(report: dict) -> datetime.datetime:
+    """When pytest-benchmark wrote ``report`` (its "datetime"), for ordering; the earliest time
+    for a report that does not say."""
+    try:
+        when = datetime.datetime.fromisoformat(report["datetime"])
+    except (KeyError, TypeError, ValueError):
+        return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def _benchmark_key(bench: dict) -> str:
+    """What names a benchmark across reports: its "workload | backend", which the summary keys
+    its times by, else pytest's name of it."""
+    info = bench.get("extra_info", {})
+    if "workload" in info and "backend" in info:
+        return f"{info['workload']} | {info['backend']}"
+    return bench.get("fullname") or bench.get("name", "")
+
+
+def merge(reports: list[dict], device: str | None = None) -> dict:
+    """One pytest-benchmark report from several (runs of parts of a benchmark file, stages run
+    apart, say). With ``device``, only the benchmarks whose ``extra_info["device"]`` is that
+    device: a ratio must not divide one GPU's time by another's; the others are counted per
+    device they name under "other_devices". Of a benchmark in more than one report, the one
+    from the newest report (its "datetime"; of equal ones, the later given) is kept, whatever
+    order the files were named in, and each report's datetime and median is listed under
+    "conflicts"."""
+    found: dict[str, list[tuple[datetime.datetime, int, dict, dict]]] = {}
+    other_devices: dict[str, int] = {}
+    for index, report in enumerate(reports):
+        for bench in report.get("benchmarks", []):
+            named = bench.get("extra_info", {}).get("device")
+            if device is not None and named != device:
+                other_devices[str(named)] = other_devices.get(str(named), 0) + 1
+                continue
+            found.setdefault(_benchmark_key(bench), []).append((_report_time(report), index, report, bench))
+    benchmarks, conflicts = [], {}
+    for key, copies in found.items():
+        newest = max(copies, key=lambda copy: copy[:2])
+        benchmarks.append(newest[3])
+        if len(copies) > 1:
+            conflicts[key] = [{"datetime": report.get("datetime"), "kept": bench is newest[3],
+                               "median_ms": round(bench["stats"]["median"] * 1e3, 4)} for _, _, report, bench in copies]
+    return {"benchmarks": benchmarks, "conflicts": conflicts, "other_devices": other_devices}
 
 
 def merge_reports(paths: list[Path]) -> dict:
-    """``merge`` of the pytest-benchmark reports at ``paths`` that exist."""
-    return merge([json.loads(path.read_text()) for path in paths if path.exists()])
+    """``merge`` of the pytest-benchmark reports at ``paths`` that exist, for a table of one
+    device: ValueError, naming the devices, where their benchmarks are of more than one."""
+    reports = [json.loads(path.read_text()) for path in paths if path.exists()]
+    devices = sorted({str(bench.get("extra_info", {}).get("device")) for report in reports
+                      for bench in report.get("benchmarks", [])})
+    if len(devices) > 1:
+        raise ValueError(f"the benchmarks are of {len(devices)} devices ({', '.join(devices)}): "
+                         "a table compares one device's, so give the files of one")
+    return merge(reports)
 
 
 def read_softly(paths: list[Path], read, errors: dict[str, str], key: str) -> list:
@@ -277,6 +366,34 @@ def benchmark_medians(report: dict) -> dict[tuple[str, str], float]:
         if "workload" in info and "backend" in info:
             medians[(info["workload"], info["backend"])] = bench["stats"]["median"]
     return medians
+
+
+def timing_stats(report: dict) -> dict[str, dict]:
+    """{"workload | backend": {dtype, rounds, iqr_ms, min_ms, max_ms}} for every benchmark that
+    names both: what a median alone hides (a spread this wide, or 5 rounds, says to read the
+    median loosely); None for a statistic the report lacks."""
+    def ms(stats, name):
+        return round(stats[name] * 1e3, 4) if isinstance(stats.get(name), (int, float)) else None
+
+    out = {}
+    for bench in report.get("benchmarks", []):
+        info, stats = bench.get("extra_info", {}), bench.get("stats", {})
+        if "workload" in info and "backend" in info:
+            out[f"{info['workload']} | {info['backend']}"] = {
+                "dtype": info.get("dtype"), "rounds": stats.get("rounds"), "iqr_ms": ms(stats, "iqr"),
+                "min_ms": ms(stats, "min"), "max_ms": ms(stats, "max")}
+    return dict(sorted(out.items()))
+
+
+def goals(measured: dict[str, float | None]) -> dict[str, dict]:
+    """Each of GOALS beside its measured ratio (``ratios``' value): met true or false, null
+    where the ratio is (a benchmark missing)."""
+    out = {}
+    for name, (comparison, threshold) in GOALS.items():
+        value = measured.get(name)
+        met = None if value is None else value >= threshold if comparison == ">=" else value <= threshold
+        out[name] = {"comparison": comparison, "threshold": threshold, "measured": value, "met": met}
+    return out
 
 
 def ratios(medians: dict[tuple[str, str], float]) -> dict[str, float | None]:
@@ -309,13 +426,18 @@ def timings_ms(medians: dict[tuple[str, str], float]) -> dict[str, float]:
 
 
 def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict | None, sanitizer: dict,
-            medians: dict, launches: dict | None = None, tree: str | None = None) -> dict:
-    """The gpu_summary.json object, keys in the issue's order, then the launch counts and the
-    source tree's sha256."""
+            medians: dict, launches: dict | None = None, tree: str | None = None, stats: dict | None = None,
+            conflicts: dict | None = None, other_devices: dict | None = None) -> dict:
+    """The gpu_summary.json object, keys in the issue's order, then the launch counts, the
+    source tree's sha256, the goals, the spread of each timing and what merging the benchmark
+    reports found (``merge``)."""
+    measured = ratios(medians)
     return {
         "device": device, "date": date, "commit": commit, "kernels_sha256": kernels, "tests": tests,
-        "sanitizer": sanitizer, "ratios": ratios(medians), "timings_ms": timings_ms(medians),
-        "launches_per_step": launches or {}, "tree_sha256": tree,
+        "sanitizer": sanitizer, "ratios": measured, "timings_ms": timings_ms(medians),
+        "launches_per_step": launches or {}, "tree_sha256": tree, "goals": goals(measured),
+        "timing_stats": stats or {}, "benchmark_conflicts": conflicts or {},
+        "benchmarks_of_other_devices": other_devices or {},
     }
 
 
@@ -327,13 +449,19 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
     def fmt(x):
         return "missing" if x is None else f"{x:.2f}x"
 
+    def number(x, form="{:.3f}"):
+        return "?" if x is None else form.format(x)
+
     tests = data["tests"]
     lines = [
         f"# GPU check on {data['device']}",
         "",
         f"{data['date']}, commit `{data['commit']}`, source tree sha256 `{data.get('tree_sha256') or '?'}` "
         f"(bench/gpu_summary.py --tree-sha256), kernels sha256 `{data['kernels_sha256'][:16]}...`; "
-        f"reproduce with `{command}`. fp32, TF32 off; every time is the median of its rounds.",
+        f"reproduce with `{command}`. Each row's dtype says its precision: float32 with TF32 off unless it "
+        "reads tf32 or bf16. Every time is the median of its rounds of host wall clock per call, each call "
+        "ending in a device synchronize, so Python's dispatch and the launches are in it (in the `kernels ...` "
+        "rows too: the dense kernels' calls without a model, not device time).",
         "",
         "Tests: no junit report (they did not run, or wrote none)." if tests is None else
         f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.",
@@ -346,12 +474,22 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
         "|---|---|---|",
         *(f"| {name} | {fmt(value)} | {RATIO_MEANINGS.get(name, '')} |" for name, value in data["ratios"].items()),
         "",
-        "| workload | backend | median ms |",
-        "|---|---|---|",
+        "| goal | target | measured | met |",
+        "|---|---|---|---|",
+        *(f"| {name} | {goal['comparison']} {goal['threshold']:.2f} | {fmt(goal['measured'])} "
+          f"| {'not measured' if goal['met'] is None else 'yes' if goal['met'] else 'no'} |"
+          for name, goal in data["goals"].items()),
+        "",
+        "| workload | backend | dtype | median ms | IQR ms | min-max ms | rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, ms in data["timings_ms"].items():
         workload, backend = key.split(" | ")
-        lines.append(f"| {workload} | {backend} | {ms:.3f} |")
+        spread = data["timing_stats"].get(key, {})
+        lines.append(f"| {workload} | {backend} | {spread.get('dtype') or '?'} | {ms:.3f} "
+                     f"| {number(spread.get('iqr_ms'))} "
+                     f"| {number(spread.get('min_ms'))}-{number(spread.get('max_ms'))} "
+                     f"| {number(spread.get('rounds'), '{}')} |")
     if data["launches_per_step"]:
         lines += ["", "| training step | backend | kernels | launches from Python |", "|---|---|---|---|"]
         for key, count in data["launches_per_step"].items():
@@ -364,6 +502,14 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
                   *(f"| {name} | {result} | {seconds} | {budget} |" for name, result, seconds, budget in steps)]
     if facts:
         lines += ["", *facts_markdown(facts)]
+    if data["benchmarks_of_other_devices"]:
+        lines += ["", "Benchmarks of other devices, left out: " + ", ".join(
+            f"{device} ({count})" for device, count in data["benchmarks_of_other_devices"].items()) + "."]
+    if data["benchmark_conflicts"]:
+        lines += ["", "Benchmarks in more than one report (the newest report's kept):",
+                  *(f"- {key}: " + "; ".join(f"{copy['median_ms']:.3f} ms at {copy['datetime'] or 'no date'}"
+                                             + (" (kept)" if copy["kept"] else "") for copy in copies)
+                    for key, copies in data["benchmark_conflicts"].items())]
     unread = [f"- {key}: {value}" for key, value in data.items() if key.endswith("_error")]
     if unread:
         lines += ["", "Inputs that could not be read (left out above):", *unread]
@@ -501,14 +647,15 @@ def main(argv: list[str]) -> int:
 
     errors: dict[str, str] = {}
     report = merge(read_softly([p for p in args.benchmark if p.exists()], lambda p: json.loads(p.read_text()),
-                               errors, "benchmark_error"))
+                               errors, "benchmark_error"), args.device)
     sanitizer = read_softly([args.sanitizer_dir], sanitizer_results, errors, "sanitizer_error")
     data = summary(
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         commit=source_commit(), kernels=kernels_sha256(),
         tests=count_tests(read_softly([p for p in args.junit if p.exists()], ET.parse, errors, "junit_error")),
         sanitizer=sanitizer[0] if sanitizer else {}, medians=benchmark_medians(report),
-        launches=launches_per_step(report), tree=tree_sha256(),
+        launches=launches_per_step(report), tree=tree_sha256(), stats=timing_stats(report),
+        conflicts=report["conflicts"], other_devices=report["other_devices"],
     )
     steps = read_softly([args.steps] if args.steps and args.steps.is_file() else [], read_steps, errors, "steps_error")
     facts = read_softly([args.facts] if args.facts and args.facts.is_file() else [],

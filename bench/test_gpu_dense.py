@@ -1,22 +1,27 @@
 """GPU benchmarks (pytest-benchmark; every test skips, with the reason, without CuPy and a GPU).
 
-Compared on one device in one run, fp32 with TF32 off everywhere (``CUPY_TF32=0`` for cuBLAS
-through CuPy, ``allow_tf32 = False`` for PyTorch):
+Compared on one device in one run, fp32 with TF32 off everywhere but where a backend's name ends
+in ``-tf32`` or ``-bf16`` (``CUPY_TF32=0`` for cuBLAS through CuPy, ``allow_tf32 = False`` for
+PyTorch):
 
 - ``gpubp-cupy``      the CUDA C++ kernels (fused bias + activation epilogue, fused dz prologue)
 - ``gpubp-numba``     the Numba-CUDA kernels, on the same CuPy arrays
-- ``cublas-unfused``  cuBLAS SGEMM via ``cupy.matmul`` plus elementwise bias / activation kernels
-- ``gpubp-cupy-per-layer``  the same with ``fused=False``: one launch per layer even where the
+- ``cublas-gemm``     cuBLAS SGEMM via ``cupy.matmul`` alone: the bare product, no bias or activation
+- ``cublas-unfused``  the same SGEMM plus elementwise bias / activation kernels
+- ``gpubp-cupy-per-layer``  ``gpubp-cupy`` with ``fused=False``: one launch per layer even where the
   fused MLP kernels fit (``gpubp-cupy`` takes them there)
 - ``torch``           PyTorch eager, when importable with CUDA
-- ``torch-compile``   the same module under ``torch.compile`` (the 1024 and mlp64 steps)
+- ``torch-compile``   the same module under ``torch.compile`` (the 1024 and mlp64 steps), each
+  compiled for its own shapes (``compile_static``), as a user's model with one batch size is
 - ``gpubp-cupy-bf16`` / ``torch-bf16``  the mlp64 step with the fused kernels' products in bf16,
   and PyTorch eager under ``torch.autocast(dtype=torch.bfloat16)``
 
 Workloads, each named in ``extra_info["workload"]`` (bench/gpu_summary.py reads its ratios
 from these names):
 
-- ``FWD_4096``: one 4096^3 relu layer forward, gpubp's fused kernel against cuBLAS + bias + relu;
+- ``FWD_4096``: one 4096^3 relu layer forward, gpubp's fused kernel against the bare cuBLAS
+  SGEMM (the goal's baseline: gpubp does the bias and relu on top) and against cuBLAS + bias +
+  relu as separate passes (what a user without fused kernels runs);
 - ``STEP_1024``, ``STEP_MLP64``: a full training step through the public API (forward, fused
   softmax cross-entropy, backward, Adam update), hidden layers relu, linear head;
 - ``STEP_B64``: the same step at 784-256-256-10 with a batch of 64, where launches cost more
@@ -35,13 +40,19 @@ from these names):
 - ``STEP_1024`` also in bf16: ``gpubp-cupy-bf16`` (per-layer bf16 kernels: the layers are wider
   than the fused ones) against ``torch-bf16`` (eager under bf16 autocast); issue 28's goal is
   1.2x PyTorch;
-- ``kernels ...``: the dense kernels alone (forward, or forward then dX and dW/db of every
-  layer) at the widths and batches of ``MLPS`` and ``SINGLE_LAYERS``.
+- ``kernels ...``: the dense kernels' calls alone, without a model, loss or optimizer (forward,
+  or forward then dX and dW/db of every layer) at the widths and batches of ``MLPS`` and
+  ``SINGLE_LAYERS``; timed per call from the host like everything here, so Python's dispatch
+  and the launches are in their times, most of them at the small shapes: not device time.
 
-Every timed call ends in a device synchronize and runs after ``WARMUP`` untimed calls (Numba
-compilation and CuPy's kernel loading stay out), on random normal data; ``ROUNDS`` rounds,
-of which bench/gpu_summary.py takes the median. ``extra_info`` also records the device name,
-shape, dtype and achieved TFLOP/s (2 B in out per GEMM, three GEMMs per layer in a step).
+Every timed call ends in a device synchronize. Before its rounds each benchmark is warmed up
+by time (``warm_up``): its first call (Numba's compilation, CuPy's kernel loading, cuBLAS's
+and torch.compile's first-call work) and then ``WARMUP_SECONDS`` of calls, at most ``WARMUP``,
+so clocks and caches have settled whichever benchmark a process runs first. Data is random
+normal; ``ROUNDS`` rounds, of which bench/gpu_summary.py takes the median and records the
+spread. ``extra_info`` also records the device name, shape, dtype (``dtype_of``: the precision
+the backend computes in) and achieved TFLOP/s (2 B in out per GEMM, three GEMMs per layer in a
+step).
 
     CUPY_TF32=0 pytest bench/test_gpu_dense.py --benchmark-json bench.json
 
@@ -52,26 +63,32 @@ the test suite runs each once on the CPU with tiny shapes (tests/test_gpu_check_
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 
 import gpubp as gb
 from gpubp import backends
-from gpu_summary import FROZEN_FORWARD, FROZEN_STEP, FWD_4096, HEAD_ACT, HIDDEN_ACT, STEP_1024, STEP_B64, STEP_MLP64
+from gpu_summary import (FROZEN_FORWARD, FROZEN_STEP, FWD_4096, GEMM_4096, HEAD_ACT, HIDDEN_ACT, STEP_1024, STEP_B64,
+                         STEP_MLP64)
 from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's initialisation and network
 
 # CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
 os.environ["CUPY_TF32"] = "0"
 
 ROUNDS = int(os.environ.get("GPUBP_BENCH_ROUNDS", "20"))  # fewer for a quick look (first-contact runs 5)
-WARMUP = 3
+# Warm-up after the first call: long enough for the GPU's clocks to rise from idle, whichever
+# benchmark runs first in its process; and a cap in calls, about that long for the fastest
+# benchmark here (the batch-64 step replayed from a CUDA graph, tens of microseconds).
+WARMUP_SECONDS = 0.5
+WARMUP = 10000
 LR = 1e-3
 
 FWD_SIZE = 4096  # FWD_4096: batch, in and out features
 STEP_WORKLOADS = {STEP_1024: ([1024] * 4, 8192), STEP_MLP64: ([64] * 5 + [10], 65536)}
 FROZEN_MODEL = ([256, 512, 512, 512, 10], 8192)
-FWD_4096_IMPLS = ["gpubp-cupy", "cublas-unfused"]
+FWD_4096_IMPLS = ["gpubp-cupy", "cublas-gemm", "cublas-unfused"]
 STEP_IMPLS = ["gpubp-cupy", "gpubp-numba", "torch"]
 MLP64_EXTRA_IMPLS = ["gpubp-cupy-per-layer", "torch-compile", "gpubp-cupy-bf16", "torch-bf16"]
 FROZEN_IMPLS = ["gpubp-cupy", "gpubp-numba"]
@@ -97,6 +114,8 @@ KERNEL_IMPLS = ["gpubp-cupy", "gpubp-numba", "cublas-unfused", "torch"]
 def summary_benchmarks() -> set[tuple[str, str]]:
     """Every (workload, backend) pair the tests below time for the summary's ratios."""
     return ({(FWD_4096, impl) for impl in FWD_4096_IMPLS}
+            | {(GEMM_4096.format(precision="tf32", gemm="forward"), impl) for impl in TF32_IMPLS}
+            | {(GEMM_4096.format(precision="bf16", gemm="forward"), impl) for impl in BF16_IMPLS}
             | {(workload, impl) for workload in STEP_WORKLOADS for impl in STEP_IMPLS}
             | {(STEP_MLP64, impl) for impl in MLP64_EXTRA_IMPLS} | {(STEP_1024, "torch-compile")}
             | {(STEP_1024, impl) for impl in STEP_1024_BF16_IMPLS}
@@ -137,11 +156,32 @@ def device_name(cupy) -> str:
     return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 
 
-def measure(benchmark, cupy, fn, *, workload, backend, shape, flops):
+def dtype_of(backend: str) -> str:
+    """The precision a benchmark's products run in, by its backend's name: "-tf32" and "-bf16"
+    ones (gpubp's kernels, cuBLAS through PyTorch, PyTorch under autocast) in theirs, the rest
+    in float32 with TF32 off."""
+    return backend.rsplit("-", 1)[-1] if backend.endswith(("-tf32", "-bf16")) else "float32"
+
+
+def warm_up(fn) -> int:
+    """Call ``fn`` untimed: once (whatever a first call does: compile, load, allocate), then until
+    ``WARMUP_SECONDS`` more have passed, ``WARMUP`` calls in all at most. Returns the calls made."""
+    calls, since = 0, None
+    while calls < WARMUP and (since is None or time.perf_counter() - since < WARMUP_SECONDS):
+        fn()
+        calls += 1
+        since = since or time.perf_counter()
+    return calls
+
+
+def measure(benchmark, cupy, fn, *, workload, backend, shape, flops, dtype=None):
+    """Time ``fn``, warmed up (``warm_up``), over ``ROUNDS`` rounds of one call; ``dtype`` if the
+    backend's name does not say it (``dtype_of``)."""
     benchmark.group = workload
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    warm_up(fn)
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update(
-        workload=workload, backend=backend, shape=shape, dtype="float32", device=device_name(cupy),
+        workload=workload, backend=backend, shape=shape, dtype=dtype or dtype_of(backend), device=device_name(cupy),
         tflops=flops / benchmark.stats.stats.median / 1e12,
     )
 
@@ -207,15 +247,25 @@ def gpubp_forward_pass(backend: str, widths, batch, fused="auto", precision="fp3
     return forward
 
 
+def compile_static(torch, model):
+    """``model`` under ``torch.compile`` for the shapes it is first called with, as a user's model
+    with one batch size is compiled. Dynamo's cache and its automatic-dynamic state are per code
+    object (nn.Sequential.forward) and last the process: a benchmark after one of another shape
+    would get a graph for a symbolic batch (dynamic=False forbids it), and past the recompile
+    limit none at all, running eagerly (the reset before each starts them afresh)."""
+    torch._dynamo.reset()
+    return torch.compile(model, dynamic=False)
+
+
 def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_backbone=False, bf16=False):
-    """The same step in PyTorch eager (or under ``torch.compile``): nn.Linear + ReLU,
-    F.cross_entropy, torch.optim.Adam; ``frozen_backbone`` trains the head only; ``bf16`` runs
-    forward and loss under bf16 autocast (fp32 weights, as gpubp's bf16)."""
+    """The same step in PyTorch eager (or under ``torch.compile``: ``compile_static``):
+    nn.Linear + ReLU, F.cross_entropy, torch.optim.Adam; ``frozen_backbone`` trains the head
+    only; ``bf16`` runs forward and loss under bf16 autocast (fp32 weights, as gpubp's bf16)."""
     model = torch_mlp(torch, device, widths)
     if frozen_backbone:
         for param in model[:-1].parameters():
             param.requires_grad_(False)
-    forward = torch.compile(model) if compiled else model
+    forward = compile_static(torch, model) if compiled else model
     x, labels = classification_batch(widths, batch)
     x, labels = torch.as_tensor(x, device=device), torch.as_tensor(labels, device=device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -302,6 +352,10 @@ def test_forward_4096_relu(benchmark, cupy, impl):
         def fn():
             cb.dense_forward(a, w, b, "relu", out=out)
             sync()
+    elif impl == "cublas-gemm":
+        def fn():
+            cupy.matmul(a, w, out=out)
+            sync()
     else:
         fn = unfused_relu_forward(cupy, a, w, b, out, sync)
     measure(benchmark, cupy, fn, workload=FWD_4096, backend=impl, shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
@@ -336,12 +390,11 @@ def test_tf32_gemm_4096_against_cublas(benchmark, cupy, gemm, impl):
         sync()
 
     try:
-        measure(benchmark, cupy, fn, workload=f"tf32 4096^3 {gemm}", backend=impl, shape=f"{n}x{n}x{n}",
-                flops=2.0 * n**3)
+        measure(benchmark, cupy, fn, workload=GEMM_4096.format(precision="tf32", gemm=gemm), backend=impl,
+                shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
     finally:
         if impl == "cublas-tf32":
             torch.backends.cuda.matmul.allow_tf32 = False
-    benchmark.extra_info["dtype"] = "tf32"
 
 
 @pytest.mark.parametrize("impl", BF16_IMPLS)
@@ -380,9 +433,8 @@ def test_bf16_gemm_4096_against_cublas(benchmark, cupy, gemm, impl):
         calls[gemm]()
         sync()
 
-    measure(benchmark, cupy, fn, workload=f"bf16 4096^3 {gemm}", backend=impl, shape=f"{n}x{n}x{n}",
-            flops=2.0 * n**3)
-    benchmark.extra_info["dtype"] = "bf16"
+    measure(benchmark, cupy, fn, workload=GEMM_4096.format(precision="bf16", gemm=gemm), backend=impl,
+            shape=f"{n}x{n}x{n}", flops=2.0 * n**3)
 
 
 @pytest.mark.parametrize("impl", STEP_1024_BF16_IMPLS)
@@ -529,6 +581,8 @@ def kernel_runner(cupy, impl, widths, batch, train):
     return run
 
 
+# The kernels' calls alone: per call from the host, Python's dispatch and the launches included
+# (the CPU stand-in of CuPy has no CUDA events to time the device by).
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("mlp", list(MLPS))
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "fwd+bwd"])

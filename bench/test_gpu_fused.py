@@ -14,8 +14,9 @@ Implementations:
 - ``gpubp-fused-tf32``, ``gpubp-fused-bf16``  the same with ``precision="tf32"`` / ``"bf16"``
 - ``gpubp-per-layer``  the cupy backend with ``fused=False`` (one launch per layer and kernel)
 - ``torch``            PyTorch eager
-- ``torch-compile``    the same module under ``torch.compile``, width 64 only (each shape
-  compiles anew, which would dominate the run's time)
+- ``torch-compile``    the same module under ``torch.compile``, width 64 only: each shape
+  compiles anew, for its own shapes (bench/test_gpu_dense.py's ``compile_static``), which at
+  every width would dominate the run's time
 
 Each benchmark names its ``workload`` ("fused <mode> <width>x<layers>@2^<k>") and ``backend``
 in ``extra_info``; bench/fused_table.py turns the JSON into the README's table. The summary ratio
@@ -31,8 +32,8 @@ import pytest
 
 from test_cpu_step import torch_mlp
 from test_gpu_dense import cupy  # noqa: F401  (the fixture: skips without CuPy and a GPU)
-from test_gpu_dense import (classification_batch, cuda_torch, frozen_step_flops, gemm_flops, gpubp_forward_pass,
-                            gpubp_train_step, measure, torch_train_step)
+from test_gpu_dense import (classification_batch, compile_static, cuda_torch, frozen_step_flops, gemm_flops,
+                            gpubp_forward_pass, gpubp_train_step, measure, torch_train_step)
 
 WIDTHS = [32, 64, 128]
 LAYERS = [4, 8]
@@ -42,15 +43,16 @@ IMPLS = ["gpubp-fused", "gpubp-fused-tf32", "gpubp-fused-bf16", "gpubp-per-layer
 CLASSES = 16
 
 
-def torch_forward_pass(torch, widths, batch, compiled):
-    model = torch_mlp(torch, "cuda", widths)
-    forward = torch.compile(model) if compiled else model
-    x = torch.as_tensor(classification_batch(widths, batch)[0], device="cuda")
+def torch_forward_pass(torch, device: str, widths, batch, compiled):
+    model = torch_mlp(torch, device, widths)
+    forward = compile_static(torch, model) if compiled else model
+    x = torch.as_tensor(classification_batch(widths, batch)[0], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
         with torch.no_grad():
             forward(x)
-        torch.cuda.synchronize()
+        sync()
 
     return run
 
@@ -66,7 +68,7 @@ def runner(impl, mode, widths, batch):
     compiled = impl == "torch-compile"
     torch = cuda_torch()
     if mode == "forward":
-        return torch_forward_pass(torch, widths, batch, compiled)
+        return torch_forward_pass(torch, "cuda", widths, batch, compiled)
     return torch_train_step(torch, "cuda", widths, batch, compiled=compiled, frozen_backbone=mode == "frozen step")[1]
 
 

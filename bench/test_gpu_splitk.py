@@ -6,8 +6,11 @@ output tiles than SMs the cupy backend splits K over ``gridDim.z`` (``cupy_backe
 a deterministic split-ordered finish). Here every shape runs at each forced split count in
 ``SPLITS`` (backend "splits=<s>") and at the heuristic's own choice (backend "heuristic"), dW
 and db only (``need_dx=False``), relu, in fp32 (TF32 off) and on TF32 tensor cores, whose dW
-kernel splits the same way. bench/splitk_table.py reads the JSON and tells, per shape, the
-fastest split against the heuristic's.
+kernel splits the same way. Each round times ``LAUNCHES`` passes back to back and one
+synchronize at the end (``launches_per_round`` in ``extra_info``), so a pass's time is the
+GPU's, not that of a host round trip per launch. bench/splitk_table.py reads the JSON and
+tells, per shape, the heuristic's time against the same split forced and against the fastest
+other split.
 
     pytest bench/test_gpu_splitk.py --benchmark-json splitk.json && python bench/splitk_table.py splitk.json
 """
@@ -24,6 +27,9 @@ LAYERS = [(64, 48), (77, 13), (256, 256), (1024, 256), (1024, 1024)]
 SPLITS = [1, 2, 4, 8, 16, 32]
 CHOICES = [f"splits={s}" for s in SPLITS] + ["heuristic"]
 PRECISIONS = ["fp32", "tf32"]
+# dW passes per timed round: the smallest shapes take microseconds, less than a launch and a
+# synchronize's round trip from the host, which one pass per round would time instead.
+LAUNCHES = 20
 
 
 def workload(batch: int, n_in: int, n_out: int, precision: str) -> str:
@@ -31,7 +37,8 @@ def workload(batch: int, n_in: int, n_out: int, precision: str) -> str:
 
 
 def dw_pass(cb, batch: int, n_in: int, n_out: int, precision: str = "fp32", seed: int = 0):
-    """One dW/db pass of a relu layer on random data, into reused output buffers."""
+    """``LAUNCHES`` dW/db passes of a relu layer on random data, into reused output buffers, back
+    to back, then a synchronize."""
     rng = np.random.default_rng(seed)
     x, dy, y = (cb.asarray(rng.standard_normal(shape, dtype=np.float32))
                 for shape in ((batch, n_in), (batch, n_out), (batch, n_out)))
@@ -39,7 +46,8 @@ def dw_pass(cb, batch: int, n_in: int, n_out: int, precision: str = "fp32", seed
     dw, db = cb.empty((n_in, n_out)), cb.empty((n_out,))
 
     def run():
-        cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=dw, out_db=db, precision=precision)
+        for _ in range(LAUNCHES):
+            cb.dense_backward(dy, x, w, y, None, "relu", False, True, out_dw=dw, out_db=db, precision=precision)
         cb.synchronize()
 
     return run
@@ -67,5 +75,6 @@ def test_dw_split(benchmark, cupy, monkeypatch, precision, batch, layer, choice)
                         or chosen[-1])
     n_in, n_out = layer
     measure(benchmark, cupy, dw_pass(cb, batch, n_in, n_out, precision), workload=workload(batch, n_in, n_out, precision),
-            backend=choice, shape=[batch, n_in, n_out], flops=2.0 * batch * n_in * n_out)
-    benchmark.extra_info["splits"] = chosen[-1][0]
+            backend=choice, shape=[batch, n_in, n_out], flops=LAUNCHES * 2.0 * batch * n_in * n_out,
+            dtype="float32" if precision == "fp32" else precision)
+    benchmark.extra_info.update(splits=chosen[-1][0], launches_per_round=LAUNCHES)

@@ -343,21 +343,28 @@ def test_sanitizer_results_read_each_tools_log_and_status_and_mark_missing_ones(
 # ----------------------------------------------------------------------------- ratios
 
 
-def benchmark_report(medians_ms: dict) -> dict:
-    """A pytest-benchmark JSON report with one benchmark per (workload, backend)."""
-    return {"benchmarks": [
+def benchmark_report(medians_ms: dict, device: str = "Fake GPU", when: str | None = None) -> dict:
+    """A pytest-benchmark JSON report with one benchmark per (workload, backend), of ``device``,
+    written at ``when`` (ISO 8601, as pytest-benchmark's "datetime")."""
+    report = {"benchmarks": [
         {"name": f"test[{workload}-{backend}]", "group": workload,
          "stats": {"median": ms / 1e3, "mean": 2 * ms / 1e3, "min": ms / 2e3},
-         "extra_info": {"workload": workload, "backend": backend, "device": "Fake GPU"}}
+         "extra_info": {"workload": workload, "backend": backend, "device": device}}
         for (workload, backend), ms in medians_ms.items()
     ]}
+    if when is not None:
+        report["datetime"] = when
+    return report
 
 
 def all_ratio_benchmarks(gs) -> dict:
+    tf32, bf16 = (gs.GEMM_4096.format(precision=p, gemm="forward") for p in ("tf32", "bf16"))
     return {
-        (gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
+        (gs.FWD_4096, "cublas-gemm"): 3.0, (gs.FWD_4096, "cublas-unfused"): 4.0, (gs.FWD_4096, "gpubp-cupy"): 2.0,
+        (tf32, "cublas-tf32"): 1.0, (tf32, "gpubp-cupy-tf32"): 1.25, (bf16, "cublas-bf16"): 0.5,
+        (bf16, "gpubp-cupy-bf16"): 1.0,
         (gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0, (gs.STEP_1024, "gpubp-numba"): 16.0,
-        (gs.STEP_1024, "torch-compile"): 5.0,
+        (gs.STEP_1024, "torch-compile"): 5.0, (gs.STEP_1024, "torch-bf16"): 6.0, (gs.STEP_1024, "gpubp-cupy-bf16"): 2.0,
         (gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 10.0,
         (gs.STEP_MLP64, "torch-compile"): 4.0, (gs.STEP_MLP64, "gpubp-cupy-per-layer"): 20.0,
         (gs.STEP_MLP64, "torch-bf16"): 6.0, (gs.STEP_MLP64, "gpubp-cupy-bf16"): 1.0,
@@ -369,9 +376,13 @@ def all_ratio_benchmarks(gs) -> dict:
 def test_speed_ratios_are_baseline_over_gpubp_and_the_frozen_ratio_is_a_cost(gs):
     medians = gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs)))
     assert gs.ratios(medians) == {
-        "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS 3 ms: gpubp faster
+        "fwd_4096_fp32_vs_cublas": 1.5,  # gpubp 2 ms, cuBLAS's bare SGEMM 3 ms: gpubp faster
+        "fwd_4096_fp32_vs_cublas_unfused": 2.0,  # gpubp 2 ms, SGEMM + bias + relu 4 ms
+        "fwd_4096_tf32_vs_cublas": 0.8,  # gpubp 1.25 ms, cuBLAS TF32 1 ms
+        "fwd_4096_bf16_vs_cublas": 0.5,  # gpubp 1 ms, bf16 autocast matmul 0.5 ms
         "step_1024_vs_torch_eager": 2.0,  # gpubp 4 ms, torch 8 ms
         "step_1024_vs_torch_compile": 1.25,  # gpubp 4 ms, torch.compile 5 ms
+        "step_1024_bf16_vs_torch_eager": 3.0,  # gpubp bf16 2 ms, torch bf16 autocast 6 ms
         "mlp64_step_vs_torch_eager": 0.5,  # gpubp 10 ms, torch 5 ms: torch faster
         "mlp64_step_vs_torch_compile": 0.4,  # gpubp 10 ms, torch.compile 4 ms
         "mlp64_step_fused_vs_per_layer": 2.0,  # fused 10 ms, per-layer 20 ms
@@ -418,6 +429,102 @@ def test_timings_are_median_milliseconds_per_workload_and_backend(gs):
     assert gs.timings_ms(medians) == {"w | gpubp-cupy": 1.25, "w | torch": 2.5}
 
 
+def test_the_summary_takes_its_devices_benchmarks_and_the_newest_report_of_each_and_says_so(gs, tmp_path):
+    """Stages may run on separate machines, and a part of an older run may lie in the check
+    folder: a ratio must not divide one GPU's time by another's, nor take a stale time because
+    its file's name sorts later."""
+    h200, h100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    fresh = tmp_path / "bench_a_full_run.json"
+    fresh.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "torch"): 2.0, (gs.STEP_1024, "gpubp-cupy"): 1.0},
+                                                 h200, "2030-01-02T10:00:00+00:00")))
+    stale = tmp_path / "bench_b_train_step_part.json"  # named after the fresh one, written before it
+    stale.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "gpubp-cupy"): 4.0}, h200, "2030-01-01T10:00:00+00:00")))
+    other = tmp_path / "bench_c_other_gpu.json"
+    other.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "torch"): 3.0, (gs.FWD_4096, "cublas-gemm"): 1.0},
+                                                 h100, "2030-01-03T10:00:00+00:00")))
+    for order in ([fresh, stale, other], [other, stale, fresh]):
+        out = tmp_path / "out"
+        gs.main(["--device", h200, *(a for path in order for a in ("--benchmark", str(path))), "--out-dir", str(out),
+                 "--kernel-model", str(tmp_path / "none.json")])
+        data = json.loads((out / "gpu_summary.json").read_text())
+        assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0
+        assert data["timings_ms"] == {f"{gs.STEP_1024} | gpubp-cupy": 1.0, f"{gs.STEP_1024} | torch": 2.0}
+        assert data["benchmarks_of_other_devices"] == {h100: 2}
+        conflict = data["benchmark_conflicts"][f"{gs.STEP_1024} | gpubp-cupy"]
+        assert sorted((c["datetime"], c["median_ms"], c["kept"]) for c in conflict) == [
+            ("2030-01-01T10:00:00+00:00", 4.0, False), ("2030-01-02T10:00:00+00:00", 1.0, True)]
+        table = (out / "NVIDIA_H200.md").read_text()
+        assert f"Benchmarks of other devices, left out: {h100} (2)." in table
+        assert (f"- {gs.STEP_1024} | gpubp-cupy: " in table and "1.000 ms at 2030-01-02T10:00:00+00:00 (kept)" in table
+                and "4.000 ms at 2030-01-01T10:00:00+00:00" in table)
+
+
+def test_the_summary_records_each_goal_and_whether_it_is_met(gs):
+    times = all_ratio_benchmarks(gs)
+    del times[(gs.STEP_1024, "gpubp-numba")]
+    data = gs.summary(device="d", date="2026-11-23", commit="c", kernels="k", tests=None, sanitizer={},
+                      medians=gs.benchmark_medians(benchmark_report(times)))
+    assert data["goals"] == {
+        "fwd_4096_fp32_vs_cublas": {"comparison": ">=", "threshold": 0.9, "measured": 1.5, "met": True},
+        "step_1024_vs_torch_eager": {"comparison": ">=", "threshold": 1.2, "measured": 2.0, "met": True},
+        "mlp64_step_vs_torch_eager": {"comparison": ">=", "threshold": 3.0, "measured": 0.5, "met": False},
+        "step_b64_graph_vs_torch_eager": {"comparison": ">=", "threshold": 2.0, "measured": 3.0, "met": True},
+        "numba_vs_cupy_1024": {"comparison": ">=", "threshold": 0.5, "measured": None, "met": None},
+        "fwd_4096_tf32_vs_cublas": {"comparison": ">=", "threshold": 0.7, "measured": 0.8, "met": True},
+        "fwd_4096_bf16_vs_cublas": {"comparison": ">=", "threshold": 0.6, "measured": 0.5, "met": False},
+        "step_1024_bf16_vs_torch_eager": {"comparison": ">=", "threshold": 1.2, "measured": 3.0, "met": True},
+        "frozen_step_vs_forward": {"comparison": "<=", "threshold": 1.1, "measured": 1.1, "met": True},
+    }
+    table = gs.markdown(data)
+    assert "| numba_vs_cupy_1024 | >= 0.50 | missing | not measured |" in table
+    assert "| mlp64_step_vs_torch_eager | >= 3.00 | 0.50x | no |" in table
+    assert "| frozen_step_vs_forward | <= 1.10 | 1.10x | yes |" in table
+
+
+def test_the_summary_records_each_timings_rounds_spread_and_dtype_and_says_what_a_time_is(gs):
+    report = benchmark_report({(gs.STEP_1024, "gpubp-cupy-bf16"): 2.0, (gs.FWD_4096, "gpubp-cupy"): 1.0})
+    report["benchmarks"][0]["stats"].update(rounds=5, iqr=0.0001, min=0.0019, max=0.0025)
+    report["benchmarks"][0]["extra_info"]["dtype"] = "bf16"
+    data = gs.summary(device="d", date="2026-11-23", commit="c", kernels="k", tests=None, sanitizer={},
+                      medians=gs.benchmark_medians(report), stats=gs.timing_stats(report))
+    assert data["timing_stats"] == {
+        f"{gs.FWD_4096} | gpubp-cupy": {"dtype": None, "rounds": None, "iqr_ms": None, "min_ms": 0.5, "max_ms": None},
+        f"{gs.STEP_1024} | gpubp-cupy-bf16": {"dtype": "bf16", "rounds": 5, "iqr_ms": 0.1, "min_ms": 1.9, "max_ms": 2.5}}
+    table = gs.markdown(data)
+    assert f"| {gs.STEP_1024} | gpubp-cupy-bf16 | bf16 | 2.000 | 0.100 | 1.900-2.500 | 5 |" in table
+    assert f"| {gs.FWD_4096} | gpubp-cupy | ? | 1.000 | ? | 0.500-? | ? |" in table
+    # Not "fp32, TF32 off" over rows in tf32 and bf16; and the kernels' rows are not device time.
+    assert "fp32, TF32 off;" not in table
+    assert "float32 with TF32 off unless it reads tf32 or bf16" in table
+    assert "host wall clock per call" in table and "Python's dispatch and the launches are in it" in table
+    assert "`kernels ...` rows too: the dense kernels' calls without a model, not device time" in table
+
+
+def test_the_tables_refuse_the_benchmarks_of_several_devices(gs, tmp_path):
+    """bench/results keeps every device's JSON: one table with one device in its title must not
+    take cells from another's file."""
+    step = "fused step 64x4@2^17"
+    for name, device, ms in (("NVIDIA_H100_80GB_HBM3_fused.json", "NVIDIA H100 80GB HBM3", 1.0),
+                             ("NVIDIA_H200_fused.json", "NVIDIA H200", 0.8)):
+        (tmp_path / name).write_text(json.dumps(benchmark_report({(step, "gpubp-fused"): ms, (step, "torch"): 5 * ms},
+                                                                 device)))
+    paths = [str(p) for p in sorted(tmp_path.glob("*_fused*.json"))]
+    assert load("fused_table").main(paths) == 2
+    with pytest.raises(SystemExit, match=r"splitk_table.py: the benchmarks are of 2 devices \(NVIDIA H100 80GB HBM3, "
+                                         r"NVIDIA H200\)"):
+        load("splitk_table").main(paths)
+    with pytest.raises(ValueError, match="give the files of one"):
+        gs.merge_reports([Path(p) for p in paths])
+
+
+def test_the_tables_take_the_newest_file_of_a_benchmark_in_several(gs, tmp_path):
+    step = "fused step 64x4@2^17"
+    (tmp_path / "a_new.json").write_text(json.dumps(benchmark_report({(step, "torch"): 2.0}, when="2030-01-02T00:00:00")))
+    (tmp_path / "b_old.json").write_text(json.dumps(benchmark_report({(step, "torch"): 9.0}, when="2030-01-01T00:00:00")))
+    merged = gs.merge_reports(sorted(tmp_path.glob("*.json")))
+    assert gs.benchmark_medians(merged) == {(step, "torch"): 0.002}
+
+
 # ----------------------------------------------------------------------------- schema and files
 
 
@@ -427,7 +534,8 @@ def test_summary_has_exactly_the_issues_schema(gs):
                       sanitizer=dict.fromkeys(gs.SANITIZER_TOOLS, "clean"),
                       medians=gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs))))
     assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms",
-                          "launches_per_step", "tree_sha256"]
+                          "launches_per_step", "tree_sha256", "goals", "timing_stats", "benchmark_conflicts",
+                          "benchmarks_of_other_devices"]
     assert set(data["tests"]) == {"passed", "failed", "skipped"}
     assert list(data["sanitizer"]) == ["memcheck", "racecheck", "initcheck", "synccheck"]
     assert set(data["ratios"]) >= {"fwd_4096_fp32_vs_cublas", "step_1024_vs_torch_eager", "mlp64_step_vs_torch_eager",
@@ -444,7 +552,7 @@ def test_main_writes_the_json_and_the_devices_markdown(gs, tmp_path, monkeypatch
     for tool in gs.SANITIZER_TOOLS:
         (logs / f"{tool}.log").write_text(CLEAN)
         (logs / f"{tool}.status").write_text("0")
-    (tmp_path / "bench.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs))))
+    (tmp_path / "bench.json").write_text(json.dumps(benchmark_report(all_ratio_benchmarks(gs), "NVIDIA H100 80GB HBM3")))
     out = tmp_path / "results"
     gs.main(["--device", "NVIDIA H100 80GB HBM3", "--junit", str(tmp_path / "gpu.xml"), "--sanitizer-dir", str(logs),
              "--benchmark", str(tmp_path / "bench.json"), "--out-dir", str(out)])
@@ -519,7 +627,8 @@ def gpu_check(*stages, env=None):
 def test_gpu_check_refuses_an_unknown_stage_before_running_any():
     done = gpu_check("summary", "tset")
     assert done.returncode == 2
-    assert "unknown stage 'tset'; expected some of: tests sanitize demo aot bench fused splitk ncu summary" in done.stderr
+    assert ("unknown stage 'tset'; expected some of: tests sanitize demo aot bench fused splitk finetune ncu summary"
+            in done.stderr)
     assert "==== summary" not in done.stdout
 
 
@@ -535,7 +644,7 @@ def test_gpu_checks_summary_stage_reads_what_earlier_stages_left_in_the_check_fo
     times = all_ratio_benchmarks(gs)
     split = len(times) // 2  # as two runs of parts of the benchmark file left them
     for name, part in (("bench_a.json", dict(list(times.items())[:split])), ("bench_b.json", dict(list(times.items())[split:]))):
-        (check / name).write_text(json.dumps(benchmark_report(part)))
+        (check / name).write_text(json.dumps(benchmark_report(part, "NVIDIA H100 80GB HBM3")))
     done = gpu_check("summary", env={"GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads((results / "gpu_summary.json").read_text())
@@ -604,7 +713,7 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
     for tool in ("python", "compute-sanitizer", "cmake"):
         (bin_dir / tool).write_text(f"#!{sys.executable}\nENV_LOGGED = {ENV_LOGGED!r}\n{FAKE_TOOL}")
         (bin_dir / tool).chmod(0o755)
-    fwd = benchmark_report({(gs.FWD_4096, "cublas-unfused"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0})
+    fwd = benchmark_report({(gs.FWD_4096, "cublas-gemm"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0}, "Fake H200")
     plan = [*overrides,
             {"match": "import cupy", "stdout": "Fake H200"},
             {"match": "import xdist"},
@@ -629,6 +738,62 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
         check, out
 
 
+def gpu_check_stage(tmp_path, stage: str, plan: list, device: str = "NVIDIA H200"):
+    """``gpu_check.sh <stage>`` on ``device`` (named in the check folder, as a GPU run leaves it)
+    with a fake PYTHON whose calls ``plan``'s rules match (FAKE_TOOL); any other runs for real.
+    Returns the finished process, the results folder and the calls made."""
+    check, results, bin_dir = tmp_path / "check", tmp_path / "results", tmp_path / "bin"
+    for folder in (check, results, bin_dir):
+        folder.mkdir(exist_ok=True)
+    (check / "device.txt").write_text(device + "\n")
+    (bin_dir / "python").write_text(f"#!{sys.executable}\nENV_LOGGED = {ENV_LOGGED!r}\n{FAKE_TOOL}")
+    (bin_dir / "python").chmod(0o755)
+    log = tmp_path / "calls.log"
+    done = gpu_check(stage, env={"PYTHON": str(bin_dir / "python"), "FAKE_LOG": str(log), "FAKE_PLAN": json.dumps(plan),
+                                 "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
+    return done, results, log.read_text()
+
+
+def test_the_fused_and_splitk_tables_read_this_devices_files_only(gs, tmp_path):
+    """bench/results keeps every device's JSON; the stages' tables glob this device's."""
+    results = tmp_path / "results"
+    results.mkdir()
+    step, shape = "fused step 64x4@2^17", "dw split-K 4096x64x48 fp32"
+    for stem, device, ms in (("NVIDIA_H100_80GB_HBM3", "NVIDIA H100 80GB HBM3", 9.0), ("NVIDIA_H200", "NVIDIA H200", 1.0)):
+        (results / f"{stem}_fused.json").write_text(json.dumps(benchmark_report(
+            {(step, "gpubp-fused"): ms, (step, "torch"): 2 * ms}, device)))
+        splitk = splitk_report({(shape, "splits=1"): ms, (shape, "heuristic"): ms}, {"splits=1": 1, "heuristic": 2})
+        for bench in splitk["benchmarks"]:
+            bench["extra_info"]["device"] = device
+        (results / f"{stem}_splitk.json").write_text(json.dumps(splitk))
+    done, results, _ = gpu_check_stage(tmp_path, "fused", [{"match": "-m pytest bench/test_gpu_fused.py"}])
+    assert done.returncode == 0, done.stdout + done.stderr
+    fused = (results / "fused_mlp.md").read_text()
+    assert "on NVIDIA H200" in fused and "| step 64x4@2^17 | 1.000 | 2.000 | 2.00 | - |" in fused
+    done, results, _ = gpu_check_stage(tmp_path, "splitk", [{"match": "-m pytest bench/test_gpu_splitk.py"}])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| 4096x64x48 fp32 | 2 | 1.0000 | - | - | 1 | 1.0000 | 1.00 |" in (results / "splitk.md").read_text()
+
+
+def test_the_finetune_stage_runs_the_gpu_backends_fine_tuning_benchmarks_and_tabulates_them(gs, tmp_path):
+    """bench/test_finetune.py's cupy and numba steps run on a GPU only; no stage ran them."""
+    json_path = tmp_path / "results" / "NVIDIA_H200_finetune.json"
+    benches = [{"stats": {"min": ms / 1e3}, "extra_info": {"backend": "cupy", "shape": [256, 512, 10], "batch": 512,
+                                                          "step": step, "device": "NVIDIA H200"}}
+               for step, ms in (("forward", 1.0), ("full", 3.0), ("frozen_backbone", 1.05))]
+    done, results, calls = gpu_check_stage(tmp_path, "finetune", [
+        {"match": "-m pytest bench/test_finetune.py", "files": {str(json_path): json.dumps({"benchmarks": benches})}}])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "-m pytest bench/test_finetune.py -q -k (cupy or numba) --benchmark-json " + str(json_path) in calls
+    table = (results / "finetune_NVIDIA_H200.md").read_text()
+    assert "| cupy | 256x512x10 | 512 | 1.00 | 3.00 | 1.05 |" in table
+    script = (BENCH / "gpu_check.sh").read_text()
+    assert "finetune" not in script[script.index("FIRST_CONTACT_STEPS=("):].split("\n")[0]  # not a first-contact step
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "then `bench fused splitk finetune ncu`" in readme
+    assert "The `finetune` stage runs `bench/test_finetune.py`" in readme
+
+
 def test_first_contacts_tests_step_runs_the_numba_gpu_tests_and_they_exist():
     """The Numba backend's tests run in the simulator without a GPU; the ones marked numba_gpu
     (its dense kernels, the dW split, the losses, a model) are the first contact's Numba check."""
@@ -647,8 +812,8 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
     assert calls == GPU_CALLS
     steps = gs.read_steps(check / "first_contact_steps.tsv")
     assert [(name, result, budget) for name, result, _, budget in steps] == [
-        ("facts", "ok", "125"), ("tests", "ok", "135"), ("memcheck", "ok", "55"), ("racecheck", "ok", "70"),
-        ("bench", "ok", "100"), ("summary", "ok", "20")]
+        ("facts", "ok", "100"), ("tests", "ok", "135"), ("memcheck", "ok", "55"), ("racecheck", "ok", "70"),
+        ("bench", "ok", "125"), ("summary", "ok", "20")]
     # with the five publishes between steps, each under half the summary's budget and a second's grace
     assert sum(int(budget) for *_, budget in steps) + 5 * (20 // 2 + 1) <= 560
     carried = sorted(p.name for p in out.iterdir())
@@ -813,12 +978,45 @@ def test_the_first_contact_benchmarks_are_the_tests_behind_their_ratios(gs):
                             cwd=ROOT, capture_output=True, text=True)
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert [line for line in listed.stdout.splitlines() if "::" in line] == ids
-    assert list(fc.HEADLINE) == ["fwd_4096", "step_1024", "mlp64", "step_b64"]
-    for group, names in fc.HEADLINE.items():
+    assert len(ids) == len(set(ids))  # a benchmark an earlier group ran is not run again
+    for place, (group, names) in enumerate(fc.HEADLINE.items()):
+        so_far = [node for before in list(fc.HEADLINE)[:place + 1] for node in fc.node_ids(before)]
         for numerator, denominator in (gs.RATIOS[name] for name in names):
             for workload, backend in (numerator, denominator):
-                assert any(backend in node and (workload in node or "[" + backend + "]" in node)
-                           for node in fc.node_ids(group)), (group, workload, backend)
+                assert any(node.endswith(f"-{backend}]") and workload in node or node.endswith(f"[{backend}]")
+                           for node in so_far), (group, workload, backend)
+
+
+def test_first_contact_measures_the_numba_goal_last_within_the_bench_steps_budget(gs):
+    """numba_vs_cupy_1024 was a goal first-contact never timed. Its group compiles the Numba
+    kernels in its warm-up, so it runs last (it cannot take the other groups' time) with more
+    time than they have, and the bench step grew by what the facts step gave up."""
+    fc = load("first_contact")
+    assert list(fc.HEADLINE) == ["fwd_4096", "step_1024", "mlp64", "step_b64", "numba_1024"]
+    assert fc.HEADLINE["numba_1024"] == ("numba_vs_cupy_1024",)
+    assert fc.node_ids("numba_1024") == [f"{fc.DENSE_BENCHMARKS}::test_train_step[{gs.STEP_1024}-gpubp-numba]"]
+    assert fc.GROUP_SECONDS["numba_1024"] > max(fc.GROUP_SECONDS[group] for group in list(fc.HEADLINE)[:-1])
+    script = (BENCH / "gpu_check.sh").read_text()
+    budgets = dict(re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A budget=\((.*)\)", script).group(1)))
+    assert sum(map(int, budgets.values())) == 505 and budgets["bench"] == "125"
+    # The step's SIGINT comes 10 s before its end; four groups of 15 s leave the last its 40 s.
+    assert fc.group_seconds(fc.GROUP_SECONDS["numba_1024"], int(budgets["bench"]) - 10 - 4 * 15) >= 40
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "and, last, `numba_vs_cupy_1024`" in readme and "(100, 135, 55, 70, 125 and 20 s;" in readme
+
+
+def test_first_contact_alternates_which_side_of_a_ratio_runs_first_in_its_fresh_process(gs):
+    """The first benchmark of a pytest run meets a cold GPU and cold caches: it must not always
+    be the baseline (nor always gpubp)."""
+    fc = load("first_contact")
+    first = []
+    for group, names in fc.HEADLINE.items():
+        nodes = fc.node_ids(group)
+        (_, baseline), (_, gpubp) = gs.RATIOS[names[0]]
+        at = [next(i for i, node in enumerate(nodes) if node.endswith((f"-{backend}]", f"[{backend}]")))
+              for backend in (baseline, gpubp)] if len(nodes) > 1 else None
+        first.append(None if at is None else "gpubp" if at[1] < at[0] else "baseline")
+    assert first == ["baseline", "gpubp", "baseline", "gpubp", None]  # the Numba group times one benchmark
 
 
 def test_first_contact_facts_keep_what_needs_no_cupy_when_cupy_cannot_reach_the_gpu(gs, tmp_path, monkeypatch):
@@ -959,6 +1157,142 @@ def test_the_torch_frozen_backbone_step_updates_only_the_head(dense):
     assert changed == [False, False, False, False, True, True]
 
 
+class FakeBenchmark:
+    """pytest-benchmark's fixture as bench/test_gpu_dense.py's ``measure`` uses it: pedantic runs
+    ``warmup_rounds`` untimed calls, then the rounds, noting when the first round started."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.round_started = {}, None, None
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        for _ in range(warmup_rounds):
+            fn()
+        self.round_started = time.perf_counter()
+        for _ in range(rounds * iterations):
+            fn()
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=1e-3))
+
+
+def numpy_as_cupy():
+    """NumPy dressed as the little of CuPy the benchmarks' builders call."""
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    cuda = types.SimpleNamespace(get_current_stream=lambda: stream, Device=lambda: types.SimpleNamespace(id=0),
+                                 runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU"}))
+    return types.SimpleNamespace(asarray=np.asarray, empty=np.empty, matmul=np.matmul, add=np.add, maximum=np.maximum,
+                                 cuda=cuda)
+
+
+def test_a_benchmark_is_warmed_up_by_time_after_its_first_call(dense, monkeypatch):
+    """Three warm-up calls were milliseconds after a first call that compiles or loads: the
+    first timed rounds met a GPU still at its idle clocks."""
+    monkeypatch.setattr(dense, "WARMUP_SECONDS", 0.05)
+    monkeypatch.setattr(dense, "ROUNDS", 2)
+    calls = []
+
+    def fn():
+        time.sleep(0.03 if not calls else 0.002)  # the first call compiles
+        calls.append(time.perf_counter())
+
+    benchmark = FakeBenchmark()
+    dense.measure(benchmark, numpy_as_cupy(), fn, workload="w", backend="gpubp-cupy", shape=[1], flops=1.0)
+    untimed = [t for t in calls if t < benchmark.round_started]
+    assert len(calls) == len(untimed) + 2
+    assert untimed[-1] - untimed[0] >= 0.05 and len(untimed) >= 10
+    monkeypatch.setattr(dense, "WARMUP", 7)  # a cap in calls: a fast call does not spin for long
+    calls.clear()
+    assert dense.warm_up(lambda: calls.append(1)) == 7 == len(calls)
+
+
+@pytest.mark.parametrize("backend, dtype", [
+    ("gpubp-cupy", "float32"), ("gpubp-cupy-bf16", "bf16"), ("torch-bf16", "bf16"), ("cublas-tf32", "tf32"),
+    ("gpubp-fused-tf32", "tf32"), ("torch-compile", "float32")])
+def test_a_benchmark_is_labelled_with_the_precision_it_computes_in(dense, monkeypatch, backend, dtype):
+    """The bf16 train steps said "float32"."""
+    monkeypatch.setattr(dense, "ROUNDS", 1)
+    monkeypatch.setattr(dense, "WARMUP", 0)
+    benchmark = FakeBenchmark()
+    dense.measure(benchmark, numpy_as_cupy(), lambda: None, workload="w", backend=backend, shape=[1], flops=1.0)
+    assert benchmark.extra_info["dtype"] == dtype
+    dense.measure(benchmark, numpy_as_cupy(), lambda: None, workload="w", backend="splits=4", shape=[1], flops=1.0,
+                  dtype="tf32")
+    assert benchmark.extra_info["dtype"] == "tf32"
+
+
+@pytest.mark.parametrize("impl", ["gpubp-cupy", "cublas-gemm", "cublas-unfused"])
+def test_the_fp32_forwards_goal_is_against_the_bare_gemm_and_the_unfused_one_is_its_own_ratio(dense, gs, monkeypatch,
+                                                                                              impl):
+    """cuBLAS + bias + relu as separate passes is an easier baseline than cuBLAS's GEMM alone."""
+    monkeypatch.setattr(dense, "FWD_SIZE", 8)
+    monkeypatch.setattr(dense, "ROUNDS", 1)
+    monkeypatch.setattr(dense, "WARMUP", 0)
+    if impl == "gpubp-cupy":
+        monkeypatch.setattr(dense, "gpu_backend", lambda impl: numpy_backend)
+    computed = {}
+    xp = numpy_as_cupy()
+    xp.empty = lambda shape, dtype: computed.setdefault("out", np.empty(shape, dtype))
+    benchmark = FakeBenchmark()
+    dense.test_forward_4096_relu(benchmark, xp, impl)
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((8, 8), dtype=np.float32), rng.standard_normal((8, 8), dtype=np.float32) / np.sqrt(8)
+    b = rng.standard_normal(8, dtype=np.float32)
+    expected = a @ w if impl == "cublas-gemm" else np.maximum(a @ w + b, 0)
+    np.testing.assert_allclose(computed["out"], expected, rtol=1e-5, atol=1e-5)
+    assert benchmark.extra_info["backend"] == impl and benchmark.extra_info["workload"] == gs.FWD_4096
+    assert gs.RATIOS["fwd_4096_fp32_vs_cublas"][0] == (gs.FWD_4096, "cublas-gemm")
+    assert gs.RATIOS["fwd_4096_fp32_vs_cublas_unfused"][0] == (gs.FWD_4096, "cublas-unfused")
+
+
+def dynamo_graphs(torch, monkeypatch) -> list[list]:
+    """torch.compile records each graph Dynamo compiles (the sizes of its tensor inputs, a
+    symbolic one as its symbol) instead of compiling it."""
+    graphs = []
+
+    def recording(graph_module, example_inputs):
+        graphs.append([tuple(str(size) for size in node.meta["example_value"].shape)
+                       for node in graph_module.graph.nodes
+                       if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)])
+        return graph_module.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real(model, backend=recording, **options))
+    return graphs
+
+
+def test_each_torch_compile_baseline_gets_a_static_graph_of_its_own_shapes(dense, monkeypatch):
+    """Dynamo's state is per code object (nn.Sequential.forward) and lasts the process: the
+    second baseline of another batch was compiled for a symbolic batch, and past the recompile
+    limit (8; 2 here, to reach it sooner) none was compiled at all, the model running eagerly."""
+    torch = pytest.importorskip("torch")
+    import torch._dynamo
+
+    fused = load("test_gpu_fused")
+    graphs = dynamo_graphs(torch, monkeypatch)
+    shapes = [([8, 8, 4], 16, "step"), ([8, 8, 4], 24, "step"), ([8, 8, 4], 40, "forward"), ([6, 6, 6, 3], 32, "step")]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for widths, batch, mode in shapes:
+            run = (fused.torch_forward_pass(torch, "cpu", widths, batch, compiled=True) if mode == "forward" else
+                   dense.torch_train_step(torch, "cpu", widths, batch, compiled=True)[1])
+            before = len(graphs)
+            run()
+            run()
+            assert len(graphs) == before + 1, (widths, batch, graphs[before:])  # compiled once, for this shape
+            assert (str(batch), str(widths[0])) in graphs[-1], graphs[-1]  # the batch, not a symbol
+    torch._dynamo.reset()
+
+
+def test_a_splitk_round_times_back_to_back_dw_passes_and_one_synchronize(monkeypatch):
+    """One pass per round timed a host round trip: launch, synchronize, return, for kernels of
+    microseconds."""
+    splitk = load("test_gpu_splitk")
+    be = backends.get("numpy")
+    synchronized = []
+    monkeypatch.setattr(be, "synchronize", lambda: synchronized.append(1))
+    run = splitk.dw_pass(be, 64, 6, 5)
+    with gb.trace() as launched:
+        run()
+    assert launched.counts["dense_dw"] == splitk.LAUNCHES >= 10 and synchronized == [1]
+
+
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason="a GPU is present: the benchmarks would run")
 def test_the_gpu_benchmarks_collect_and_skip_with_the_reason_without_a_gpu():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
@@ -1069,21 +1403,51 @@ def test_the_fused_table_has_a_row_per_workload_with_medians_and_speed_ratios():
 # ----------------------------------------------------------------------------- bench/splitk_table.py
 
 
-def test_the_splitk_table_compares_the_heuristics_split_with_the_fastest():
+def splitk_report(times_ms: dict, splits: dict) -> dict:
+    """A split-K sweep's report: per (workload, backend) the median of a round of 20 passes
+    (``times_ms`` per pass) and the split it ran (``splits`` by backend)."""
+    report = benchmark_report({key: 20 * ms for key, ms in times_ms.items()})
+    for bench in report["benchmarks"]:
+        bench["extra_info"].update(splits=splits.get(bench["extra_info"]["backend"]), launches_per_round=20)
+    return report
+
+
+def test_the_splitk_table_sets_the_heuristic_against_its_split_forced_and_the_fastest_other_split():
     table = load("splitk_table")
     shape = "dw split-K 4096x64x48 fp32"
-    report = benchmark_report({(shape, "splits=1"): 0.4, (shape, "splits=8"): 0.1, (shape, "heuristic"): 0.2,
-                               ("dw split-K 32768x77x13 tf32", "splits=4"): 0.3,
-                               ("train step 1024-1024-1024-1024@8192", "torch"): 9.0})  # another file's
-    splits = {"splits=1": 1, "splits=8": 8, "heuristic": 16, "splits=4": 4}
-    for bench in report["benchmarks"]:
-        bench["extra_info"]["splits"] = splits.get(bench["extra_info"]["backend"])
+    report = splitk_report({(shape, "splits=1"): 0.4, (shape, "splits=8"): 0.1, (shape, "heuristic"): 0.2,
+                            (shape, "splits=16"): 0.25, (shape, "splits=32"): 0.01,  # 32 ran as 16: not 16's time
+                            ("dw split-K 32768x77x13 tf32", "splits=4"): 0.3},
+                           {"splits=1": 1, "splits=8": 8, "heuristic": 16, "splits=16": 16, "splits=32": 16,
+                            "splits=4": 4})
+    report["benchmarks"].append(benchmark_report({("train step 1024-1024-1024-1024@8192", "torch"): 9.0})
+                                ["benchmarks"][0])  # another file's
     rows = table.rows(report)  # the 32768 shape has no heuristic run: no row
-    assert [(r["workload"], r["best_splits"], r["heuristic_splits"]) for r in rows] == [(shape, 8, 16)]
-    assert rows[0]["heuristic_over_best"] == pytest.approx(2.0)
+    assert [(r["workload"], r["heuristic_splits"], r["best_other_splits"]) for r in rows] == [(shape, 16, 8)]
+    assert rows[0]["heuristic_ms"] == pytest.approx(0.2)  # per pass, not per round of 20
+    assert rows[0]["heuristic_over_same"] == pytest.approx(0.8)
+    assert rows[0]["heuristic_over_best_other"] == pytest.approx(2.0)
     text = table.markdown(rows)
-    assert "| 4096x64x48 fp32 | 8 | 0.1000 | 16 | 0.2000 | 2.00 |" in text
-    assert "geometric mean 2.000, worst 2.000" in text
+    assert "| 4096x64x48 fp32 | 16 | 0.2000 | 0.2500 | 0.80 | 8 | 0.1000 | 2.00 |" in text
+    assert "fastest other split: geometric mean 2.000, worst 2.000" in text
+    assert "same split forced (the noise): geometric mean 0.800" in text
+
+
+def test_the_splitk_tables_control_reads_one_where_every_split_is_as_fast():
+    """With every split equally fast and 3% noise per median, the heuristic over the least of
+    six medians (its own configuration's among them) read as a 4% loss; its own split forced,
+    the same configuration, reads as what it is, and is never taken for another split."""
+    table = load("splitk_table")
+    rng = np.random.default_rng(0)
+    over_same, best_other = [], set()
+    choices = {f"splits={s}": s for s in (1, 2, 4, 8, 16, 32)} | {"heuristic": 8}
+    for _ in range(200):
+        times = {("dw split-K 4096x64x48 fp32", backend): 0.03 * rng.normal(1, 0.03) for backend in choices}
+        row, = table.rows(splitk_report(times, choices))
+        over_same.append(row["heuristic_over_same"])
+        best_other.add(row["best_other_splits"])
+    assert np.median(over_same) == pytest.approx(1.0, abs=0.01)
+    assert 8 not in best_other
 
 
 # ----------------------------------------------------------------------------- bench/ncu_driver.py
@@ -1134,8 +1498,10 @@ def fake_model(names, ceiling=0.5, peak="fp32", sha="00" * 32) -> dict:
 
 
 def shaped_report(rows) -> dict:
-    """A benchmark report whose benchmarks also name their shape, as bench/test_gpu_dense.py's do."""
-    return {"benchmarks": [{"stats": {"median": ms / 1e3}, "extra_info": {"workload": w, "backend": b, "shape": s}}
+    """A benchmark report whose benchmarks also name their shape, as bench/test_gpu_dense.py's do,
+    on an H200."""
+    return {"benchmarks": [{"stats": {"median": ms / 1e3}, "extra_info": {"workload": w, "backend": b, "shape": s,
+                                                                          "device": "NVIDIA H200"}}
                            for w, b, s, ms in rows]}
 
 
