@@ -107,6 +107,8 @@ class Dense(nn.Module):
         self.out_features = _checks.positive_int(out_features, "out_features")
         self.activation = activations.canonical(activation)
         self.dropout = _rate(dropout, "dropout")
+        if self.activation == "softmax" and self.dropout is not None:
+            raise ValueError(f"dropout: {SOFTMAX_DROPOUT}")
         init = _GpubpDense(self.in_features, self.out_features, self.activation)
         # Both on torch's default device (torch.device(...), set_default_device), as nn.Linear's are:
         # torch.zeros makes the bias there, and torch.from_numpy makes a CPU tensor.
@@ -120,6 +122,13 @@ class Dense(nn.Module):
     def extra_repr(self) -> str:
         dropout = "" if self.dropout is None else f", dropout={self.dropout:g}"
         return f"{self.in_features}, {self.out_features}, activation={self.activation!r}{dropout}"
+
+
+# A dropped softmax output still depends on its logit through the row's sum, so its gradient is
+# not 0 where the mask is; backward, which sees only the masked output, cannot form it. gpubp's
+# Sequential refuses any layer above a probability head for the same reason and more.
+SOFTMAX_DROPOUT = ("a Dropout after a softmax is not supported: the gradient of a dropped probability needs the "
+                   "unmasked row, which backward does not keep; drop before the softmax layer instead")
 
 
 def _rate(rate, name: str) -> float | None:
@@ -277,8 +286,8 @@ def _activation_of(module) -> str | None:
 def from_torch(module: nn.Sequential) -> MLP:
     """An MLP with the same computation as ``module``, an ``nn.Sequential`` of ``nn.Linear``
     layers each followed by at most one activation (ReLU, LeakyReLU(0.01), Sigmoid, Tanh, GELU,
-    SiLU, Identity, and on the last layer Softmax over dim 1) and then at most one ``nn.Dropout``,
-    with at most one ``nn.Dropout`` before them all.
+    SiLU, Identity, and on the last layer Softmax over dim 1) and then at most one ``nn.Dropout``
+    (none after the Softmax), with at most one ``nn.Dropout`` before them all.
     Weights (float32 or float64) are copied and transposed to (in, out); ``requires_grad`` flags
     are kept; the MLP is in the training mode ``module`` is in."""
     if not isinstance(module, nn.Sequential):
@@ -299,6 +308,8 @@ def from_torch(module: nn.Sequential) -> MLP:
         if isinstance(child, nn.Dropout):
             if (dropouts[-1] if linears else input_dropout) is not None:
                 raise ValueError(f"module[{i}]: a second nn.Dropout in a row is not supported")
+            if linears and acts[-1] == "softmax":
+                raise ValueError(f"module[{i}]: {SOFTMAX_DROPOUT}")
             if linears:
                 dropouts[-1] = child.p
             else:
@@ -389,6 +400,9 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if torch.jit.is_tracing():
         raise RuntimeError(TRACING)
+    for i, layer in enumerate(layers):  # attributes set after construction too
+        if layer.activation == "softmax" and layer.dropout is not None:
+            raise ValueError(f"layers[{i}]: {SOFTMAX_DROPOUT}")
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     device_type, dtype = params[0].device.type, params[0].dtype
     _backend_for(params[0])  # first: custom_fwd, in _function, fails obscurely on a device type autocast lacks

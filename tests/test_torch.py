@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
-from gpubp.torch import MLP, from_torch  # noqa: E402
+from gpubp.torch import MLP, Dense, from_torch  # noqa: E402
 
 TORCH_ACTIVATIONS = {
     "identity": lambda z: z,
@@ -692,6 +692,21 @@ def test_from_torch_refuses_low_precision_weights_and_names_the_precision_to_use
     with pytest.raises(TypeError, match=rf"module\[0\]: expected float32 or float64 weights, got {dtype}; .*"
                                         "precision='bf16'"):
         from_torch(module)
+
+
+def test_a_dropout_after_a_softmax_is_refused_wherever_it_is_set():
+    """Backward sees only the masked probabilities, and a dropped one's gradient is not 0 (its logit
+    still moves the row's other outputs): accepted, the gradients were wrong with no error."""
+    with pytest.raises(ValueError, match="dropout: a Dropout after a softmax is not supported"):
+        Dense(4, 5, "softmax", dropout=0.5)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Softmax(dim=1), torch.nn.Dropout(0.5))
+    with pytest.raises(ValueError, match=r"module\[2\]: a Dropout after a softmax"):
+        from_torch(module)
+    mlp = MLP([4, 6, 5], output_activation="softmax")
+    mlp.layers[-1].dropout = 0.5  # set after construction, as from_torch sets its layers'
+    with pytest.raises(ValueError, match=r"layers\[1\]: a Dropout after a softmax"):
+        mlp(torch.randn(3, 4))
+    assert MLP([4, 6, 5], output_activation="sigmoid", dropout=0.5)(torch.randn(3, 4)).shape == (3, 5)
 
 
 def test_import_gpubp_does_not_import_torch():
