@@ -12,6 +12,7 @@ import gpubp as gb
 from gpubp import activations, backends
 from gpubp import finetune as ft
 from gpubp.backends import numpy_backend
+from test_layers import Scale  # a layer of the user's own, without parameters
 
 
 # Five layers, tiny widths (the Numba backend runs them in the CUDA simulator); gelu keeps
@@ -451,38 +452,16 @@ def test_training_the_new_model_leaves_the_original_unchanged(rng):
         assert np.array_equal(old, now)
 
 
-class Doubled(gb.Layer):
-    """``y = 2 x``: a layer of the user's own, without parameters, that keeps its width."""
-
-    kind = "doubled"
-
-    def connect(self, width, where, below):
-        self.in_features = self.out_features = width
-
-    def keeps(self, act, need_dx, need_dw):
-        return False, False
-
-    def forward(self, x, out=None, keep_input=False, keep_output=False, training=True, logits=False,
-                precision="fp32"):
-        return x * np.float32(2)
-
-    def backward(self, dy, need_dx, out_dx=None, precision="fp32"):
-        return dy * np.float32(2) if need_dx else None
-
-    def backward_kernels(self, act, need_dx, need_dw):
-        return []
-
-
 class Tagged(gb.Dense):
     """A Dense subclass of the user's own."""
 
 
 def test_replace_head_copies_backbone_layers_of_any_kind(rng):
     gb.seed(0)
-    model = gb.Sequential([Tagged(5, 7, "relu"), Doubled(), gb.Dropout(0.2), gb.Dense(7, 3)], device="cpu")
+    model = gb.Sequential([Tagged(5, 7, "relu"), Scale(2.0), gb.Dropout(0.2), gb.Dense(7, 3)], device="cpu")
     model[0].bias.trainable = False
     new = ft.replace_head(model, out_features=2)
-    assert [type(layer) for layer in new] == [Tagged, Doubled, gb.Dropout, gb.Dense]
+    assert [type(layer) for layer in new] == [Tagged, Scale, gb.Dropout, gb.Dense] and new[1].factor == 2.0
     assert not any(mine is theirs for mine, theirs in zip(new, model))
     assert new[0].trainable_flags() == (True, False) and new[2].rate == 0.2
     assert not np.shares_memory(new[0].weight.data, model[0].weight.data)
