@@ -297,7 +297,7 @@ def test_bad_fit_options_name_the_option_and_train_nothing(kwargs, error, match)
 @pytest.mark.parametrize("make, match", [
     (lambda p: gb.optim.SGD(p, lr=-0.1), "lr: expected a finite number >= 0, got -0.1"),
     (lambda p: gb.optim.SGD(p, lr=float("nan")), "lr: expected a finite number >= 0, got nan"),
-    (lambda p: gb.optim.SGD(p, lr=0.1, momentum=1.0), r"momentum: expected a number in \[0, 1\), got 1.0"),
+    (lambda p: gb.optim.SGD(p, lr=0.1, momentum=1.5), r"momentum: expected a number in \[0, 1\], got 1.5"),
     (lambda p: gb.optim.SGD(p, lr=0.1, momentum=-0.5), "momentum: expected a finite number >= 0, got -0.5"),
     (lambda p: gb.optim.SGD(p, lr=0.1, nesterov=True), "nesterov: Nesterov momentum needs momentum > 0"),
     (lambda p: gb.optim.SGD(p, lr=0.1, weight_decay=-1), "weight_decay: expected a finite number >= 0, got -1"),
@@ -305,7 +305,7 @@ def test_bad_fit_options_name_the_option_and_train_nothing(kwargs, error, match)
     (lambda p: gb.optim.Adam(p, betas=0.9), r"betas: expected a pair \(beta1, beta2\), got 0.9"),
     (lambda p: gb.optim.Adam(p, eps=0.0), "eps: expected a number > 0, got 0.0"),
     (lambda p: gb.optim.AdamW(p, lr=-1e-3), "lr: expected a finite number >= 0, got -0.001"),
-], ids=["negative_lr", "nan_lr", "momentum_1", "negative_momentum", "nesterov_no_momentum", "negative_decay",
+], ids=["negative_lr", "nan_lr", "momentum_above_1", "negative_momentum", "nesterov_no_momentum", "negative_decay",
         "beta2_1", "betas_scalar", "eps_0", "adamw_negative_lr"])
 def test_bad_optimizer_hyperparameters_are_value_errors_naming_them(make, match):
     with pytest.raises(ValueError, match=match):
