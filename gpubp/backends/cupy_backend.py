@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 from gpubp.activations import ACT_ID, NEEDS_Z
+from gpubp.backends import _shapes
 from gpubp.trace import record
 
 try:
@@ -711,6 +712,9 @@ def _require_f32_contiguous_many(what: str, items, names: tuple | None = None, r
             if a is not None and not _is_f32_contiguous(a):
                 raise _refuse(f"{what}[{t}]" + (f" ({name})" if name else ""), a,
                               IN_A_TABLE if name in read else WRITTEN_IN_PLACE)
+        if names:  # the kernels read every buffer of a tuple to its first one's length
+            _shapes.same(f"{what}[{t}] ({names[0]})", item[0],
+                         **{f"{what}[{t}] ({name})": a for name, a in zip(names[1:], item[1:])})
 
 
 def _blocks(work: int, threads: int, cap: int) -> int:
@@ -853,6 +857,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     Dropout costs no pass of its own. A softmax layer's mask follows the softmax, in one
     ``dropout_fwd`` pass."""
     _require_f32_contiguous(out=out, out_z=out_z)
+    _shapes.dense_forward(x, w, b, out, out_z)
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -1079,6 +1084,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for
     identity too, and that layer's backward runs as an unmasked identity's."""
     _require_f32_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
+    _shapes.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in)
     need_db = bool(need_db) and not need_dw
     if not (need_dx or need_dw or need_db):
         return None, None, None
@@ -1203,6 +1209,7 @@ def softmax_(y):
 
 def softmax_backward(dy, y, out):
     """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
+    _shapes.same("dy", dy, y=y, out=out)
     record("softmax_bwd")
     dot = cupy.einsum("ij,ij->i", dy, y)[:, None]
     cupy.subtract(dy, dot, out=out)
@@ -1224,6 +1231,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C (0: the one-hot kernel path).
     ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""
+    _shapes.loss("logits", logits, labels=labels, sample_weight=sample_weight)
     logits = _f32(logits)
     batch, classes = logits.shape
     # The kernel reads labels[row] from the data pointer: contiguous int64 or int32 only.
@@ -1258,30 +1266,35 @@ def _elementwise_loss(name: str, pred, target, sample_weight, out_loss, options:
 
 def mse(pred, target, sample_weight=None, out_loss=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
+    _shapes.loss("pred", pred, target, sample_weight)
     return _elementwise_loss("mse_fwd_bwd", pred, target, sample_weight, out_loss)
 
 
 def mae(pred, target, sample_weight=None, out_loss=None):
     """Mean absolute error over all elements, gradient sign(d) / n (0 where d = pred - target is
     0); ``sample_weight`` (B,) weights each row's errors."""
+    _shapes.loss("pred", pred, target, sample_weight)
     return _elementwise_loss("mae_fwd_bwd", pred, target, sample_weight, out_loss)
 
 
 def huber(pred, target, sample_weight=None, delta=1.0, out_loss=None):
     """Huber loss over all elements: c (d - c/2) with d = pred - target, c = clip(d, -delta,
     delta), gradient c / n; ``sample_weight`` (B,) weights each row's terms."""
+    _shapes.loss("pred", pred, target, sample_weight)
     return _elementwise_loss("huber_fwd_bwd", pred, target, sample_weight, out_loss, (np.float32(delta),))
 
 
 def bce(logits, target, sample_weight=None, out_loss=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
     ``sample_weight`` (B,) weights each row's terms."""
+    _shapes.loss("logits", logits, target, sample_weight)
     return _elementwise_loss("bce_fwd_bwd", logits, target, sample_weight, out_loss)
 
 
 def poisson(log_rate, target, sample_weight=None, out_loss=None):
     """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z,
     gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row's terms."""
+    _shapes.loss("log_rate", log_rate, target, sample_weight)
     return _elementwise_loss("poisson_fwd_bwd", log_rate, target, sample_weight, out_loss)
 
 
@@ -1292,6 +1305,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, velocity=velocity)
+    _shapes.same("param", param, grad=grad, velocity=velocity)
     grad = _f32(grad)  # read only
     n = param.size
     # The rate: an argument, or read on the device (checked before anything is recorded).
@@ -1312,6 +1326,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, m=m, v=v)
+    _shapes.same("param", param, grad=grad, m=m, v=v)
     grad = _f32(grad)  # read only
     n = param.size
     # lr and the bias corrections: arguments (lr first, the corrections after the options), or
@@ -1333,6 +1348,8 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
+    _shapes.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
+                 momentum_buffer=momentum_buffer)
     grad = _f32(grad)  # read only
     n = param.size
     if hyper is None:
@@ -1652,6 +1669,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     "bf16" for the products on tensor cores (fp32 accumulation, fp32 weights and activations in
     memory; kernels/fused_mlp.cu gives their error). Each layer may apply its own activation: the
     kernel picks each layer's epilogue from the plan."""
+    _shapes.mlp(x, weights, biases)
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
@@ -1709,6 +1727,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     ``out_db[l]`` (no dW tile). Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
     _require_f32_contiguous_many("out_dw", out_dw)
     _require_f32_contiguous_many("out_db", out_db)
+    _shapes.mlp(None, weights, dy=dy, inputs=inputs, act_inputs=act_inputs, out_dw=out_dw, out_db=out_db)
     dy = _f32(dy)
     batch, layers = dy.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]
@@ -1778,12 +1797,14 @@ def _masked_copy(src, dropout, out, trace_name: str):
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
     _require_f32_contiguous(out=out)
+    _shapes.same("x", x, out=out)
     return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
     _require_f32_contiguous(out=out)
+    _shapes.same("dy", dy, out=out)
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 

@@ -1,0 +1,94 @@
+"""The shapes the backend contract's functions take, checked before anything is launched.
+
+The GPU kernels index flat memory with sizes read from some of their operands and trust the
+others to match: an ``out`` buffer a row short would be written past its end, a gradient
+smaller than its parameter or a label vector shorter than the batch read past theirs. The
+layers, losses and optimizers never pass such arrays (they check what users give them), but
+the backends are called directly too, by benchmarks, custom layers and the gradient checker,
+so every backend checks its operands here, with the same errors: a few tuple compares a call.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shape(a) -> tuple:
+    return tuple(np.shape(a))
+
+
+def require(name: str, a, shape: tuple) -> None:
+    """``a`` (None passes) has exactly ``shape``, else a ValueError naming ``name``."""
+    if a is not None and _shape(a) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {_shape(a)}")
+
+
+def matrix(name: str, a) -> tuple[int, int]:
+    """The (rows, columns) of ``a``, which must be 2-D."""
+    if len(_shape(a)) != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {_shape(a)}")
+    return _shape(a)
+
+
+def dense_forward(x, w, b, out=None, out_z=None) -> None:
+    """x (B, in), w (in, out), b (out,); ``out`` and ``out_z`` (B, out)."""
+    batch, n_in = matrix("x", x)
+    rows, n_out = matrix("w", w)
+    if rows != n_in:
+        raise ValueError(f"w: expected {n_in} rows, one per input feature of x {_shape(x)}, got shape {_shape(w)}")
+    require("b", b, (n_out,))
+    require("out", out, (batch, n_out))
+    require("out_z", out_z, (batch, n_out))
+
+
+def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None) -> None:
+    """dy (B, out), w (in, out); x (B, in) where given; y, z (B, out) where given; ``out_dx`` and
+    ``dx_act_in`` (B, in), ``out_dw`` (in, out), ``out_db`` (out,)."""
+    batch, n_out = matrix("dy", dy)
+    n_in, cols = matrix("w", w)
+    if cols != n_out:
+        raise ValueError(f"w: expected {n_out} columns, one per output of dy {_shape(dy)}, got shape {_shape(w)}")
+    require("x", x, (batch, n_in))
+    require("y", y, (batch, n_out))
+    require("z", z, (batch, n_out))
+    require("out_dx", out_dx, (batch, n_in))
+    require("dx_act_in", dx_act_in, (batch, n_in))
+    require("out_dw", out_dw, (n_in, n_out))
+    require("out_db", out_db, (n_out,))
+
+
+def same(reference: str, a, **others) -> None:
+    """Every array of ``others`` (None passes) has the shape of ``a``, named ``reference``."""
+    shape = _shape(a)
+    for name, other in others.items():
+        if other is not None and _shape(other) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, that of {reference}, got {_shape(other)}")
+
+
+def loss(pred_name: str, pred, target=None, sample_weight=None, labels=None) -> None:
+    """pred (B, C) 2-D; ``target`` of its shape; ``labels`` and ``sample_weight`` (B,)."""
+    batch, _ = matrix(pred_name, pred)
+    same(pred_name, pred, target=target)
+    require("labels", labels, (batch,))
+    require("sample_weight", sample_weight, (batch,))
+
+
+def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=None, out_db=None) -> None:
+    """A chain of layers on x (B, in_0) (or, x None, on what ``weights[0]`` takes): ``weights[l]``
+    (in_l, out_l) with in_l the width below; ``biases[l]``, ``out_db[l]`` (out_l,); ``out_dw[l]``
+    (in_l, out_l); ``inputs[l]`` (B, in_l) and ``act_inputs[l]`` (B, out_l) where kept; dy (B,
+    out_last). Entries that are None pass."""
+    batch, width = matrix("x", x) if x is not None else (None, matrix("weights[0]", weights[0])[0])
+    if dy is not None:
+        batch = matrix("dy", dy)[0]
+    for layer, w in enumerate(weights):
+        rows, n_out = matrix(f"weights[{layer}]", w)
+        if rows != width:
+            raise ValueError(f"weights[{layer}]: expected {width} rows, the width below it, got shape {_shape(w)}")
+        for name, arrays, shape in (("biases", biases, (n_out,)), ("out_db", out_db, (n_out,)),
+                                    ("out_dw", out_dw, (rows, n_out)), ("inputs", inputs, (batch, rows)),
+                                    ("act_inputs", act_inputs, (batch, n_out))):
+            if arrays is not None:
+                require(f"{name}[{layer}]", arrays[layer], shape)
+        width = n_out
+    if dy is not None:
+        require("dy", dy, (batch, width))

@@ -1,0 +1,173 @@
+"""Every backend refuses an operand of the wrong shape before anything is launched.
+
+The GPU kernels index flat memory with sizes taken from some operands and trust the others to
+match, so a backend function called directly (as benchmarks, custom layers and the gradient
+checker do) with an ``out`` buffer a row short would write past its end, and a gradient or a
+label vector too short would be read past theirs. Each case here passes one such operand and
+expects a ValueError naming it, no kernel launched, and every array left as it was. The CuPy
+backend runs on the CPU kernel harness (its kernels would run there, and on a GPU), the Numba
+backend in the simulator where there is no GPU.
+"""
+
+import numpy as np
+import pytest
+
+from gpubp import backends, philox
+from gpubp.trace import trace
+
+B, IN, OUT = 5, 3, 4
+
+
+def _numba():
+    try:
+        return backends.get("numba")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def _cupy_on_cpu(monkeypatch):
+    from cuda_on_cpu import harness
+
+    from gpubp.backends import cupy_backend
+
+    # No kernel is compiled: every case is refused before the backend looks one up.
+    monkeypatch.setattr(cupy_backend, "cupy", harness.cupy_shim(harness.Harness()))
+    for cache in harness.BACKEND_CACHES:
+        monkeypatch.setattr(cupy_backend, cache, {})
+    return cupy_backend
+
+
+@pytest.fixture(params=["numpy", "numba", "cupy"])
+def be(request, monkeypatch):
+    if request.param == "numpy":
+        return backends.get("numpy")
+    if request.param == "numba":
+        return _numba()
+    return _cupy_on_cpu(monkeypatch)
+
+
+def arrays(be, *shapes, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return [be.asarray(rng.standard_normal(shape).astype(dtype)) for shape in shapes]
+
+
+def refused(be, name, call, *watched):
+    """``call()`` raises a ValueError naming ``name``, launches nothing, and leaves ``watched`` as they were."""
+    before = [be.to_host(a).copy() for a in watched]
+    with trace() as t, pytest.raises(ValueError, match=rf"^{name}: expected "):
+        call()
+    assert t.total == 0, f"launched before refusing: {dict(t.counts)}"
+    for a, old in zip(watched, before):
+        np.testing.assert_array_equal(be.to_host(a), old)
+
+
+@pytest.mark.parametrize("wrong", ["x", "w", "b", "out", "out_z"])
+def test_dense_forward_refuses_a_mis_shaped_operand(be, wrong):
+    shapes = {"x": (B, IN), "w": (IN, OUT), "b": (OUT,), "out": (B, OUT), "out_z": (B, OUT)}
+    shapes[wrong] = {"x": (IN,), "w": (IN + 1, OUT), "b": (OUT + 1,), "out": (B - 1, OUT), "out_z": (B, OUT - 1)}[wrong]
+    ops = dict(zip(shapes, arrays(be, *shapes.values())))
+    refused(be, wrong, lambda: be.dense_forward(ops["x"], ops["w"], ops["b"], "gelu", out=ops["out"],
+                                                out_z=ops["out_z"]), ops["out"], ops["out_z"])
+
+
+@pytest.mark.parametrize("wrong", ["w", "x", "y", "out_dx", "out_dw", "out_db"])
+def test_dense_backward_refuses_a_mis_shaped_operand(be, wrong):
+    shapes = {"dy": (B, OUT), "x": (B, IN), "w": (IN, OUT), "y": (B, OUT), "out_dx": (B, IN), "out_dw": (IN, OUT),
+              "out_db": (OUT,)}
+    shapes[wrong] = {"w": (IN, OUT + 1), "x": (B + 1, IN), "y": (B, OUT + 2), "out_dx": (B, IN - 1),
+                     "out_dw": (OUT, IN), "out_db": (OUT - 1,)}[wrong]
+    ops = dict(zip(shapes, arrays(be, *shapes.values())))
+    refused(be, wrong, lambda: be.dense_backward(ops["dy"], ops["x"], ops["w"], ops["y"], None, "relu", True, True,
+                                                 out_dx=ops["out_dx"], out_dw=ops["out_dw"], out_db=ops["out_db"]),
+            ops["out_dx"], ops["out_dw"], ops["out_db"])
+
+
+def test_the_dx_kernels_activation_below_must_match_dx(be):
+    if be.NAME == "numpy":
+        pytest.skip("the NumPy backend has no FOLDS_DX_ACT capability (no dx_act_in)")
+    dy, x, w, y, out_dx, act_in = arrays(be, (B, OUT), (B, IN), (IN, OUT), (B, OUT), (B, IN), (B - 1, IN))
+    refused(be, "dx_act_in", lambda: be.dense_backward(dy, x, w, y, None, "relu", True, False, out_dx=out_dx,
+                                                       dx_act="relu", dx_act_in=act_in), out_dx)
+
+
+def test_softmax_backward_refuses_an_out_of_another_shape(be):
+    dy, y, out = arrays(be, (B, OUT), (B, OUT), (B - 1, OUT))
+    refused(be, "out", lambda: be.softmax_backward(dy, y, out), out)
+
+
+@pytest.mark.parametrize("direction", ["dropout_forward", "dropout_backward"])
+def test_a_dropout_refuses_an_out_of_another_shape(be, direction):
+    src, out = arrays(be, (B, OUT), (B, OUT + 1))
+    mask = philox.Mask(be.asarray(np.array([1, 2], np.uint32)), *philox.mask_constants(0.5))
+    refused(be, "out", lambda: getattr(be, direction)(src, mask, out=out), out)
+
+
+@pytest.mark.parametrize("wrong", ["labels", "sample_weight"])
+def test_cross_entropy_refuses_labels_or_weights_not_one_per_row(be, wrong):
+    (logits,) = arrays(be, (B, OUT))
+    labels = be.asarray(np.arange(B - (wrong == "labels")) % OUT)
+    (weights,) = arrays(be, (B - (wrong == "sample_weight"),))
+    refused(be, wrong, lambda: be.softmax_cross_entropy(logits, labels, sample_weight=weights), logits)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber", "bce", "poisson"])
+@pytest.mark.parametrize("wrong", ["target", "sample_weight"])
+def test_elementwise_losses_refuse_a_target_or_weights_of_another_shape(be, loss, wrong):
+    pred, target, weights = arrays(be, (B, OUT), (B, OUT + (wrong == "target")), (B + (wrong == "sample_weight"),))
+    refused(be, wrong, lambda: getattr(be, loss)(pred, target, weights), pred)
+
+
+def test_a_loss_refuses_predictions_that_are_not_2d(be):
+    pred, target = arrays(be, (B,), (B,))
+    refused(be, "pred", lambda: be.mse(pred, target), pred)
+
+
+UPDATES = {
+    "sgd": lambda be, p, g, s: be.sgd_update(p, g, s[0], 0.1, 0.9, False, 0.0),
+    "adam": lambda be, p, g, s: be.adam_update(p, g, s[0], s[1], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False),
+    "rmsprop": lambda be, p, g, s: be.rmsprop_update(p, g, s[0], s[1], s[2], 1e-2, 0.99, 1e-8, 0.0, 0.9, True),
+}
+STATE_NAMES = {"sgd": ["velocity"], "adam": ["m", "v"], "rmsprop": ["square_avg", "grad_avg", "momentum_buffer"]}
+
+
+@pytest.mark.parametrize(("optimizer", "wrong"), [(o, i) for o in sorted(UPDATES) for i in range(1 + len(STATE_NAMES[o]))])
+def test_an_update_refuses_a_gradient_or_state_unlike_its_parameter(be, optimizer, wrong):
+    names = ["grad", *STATE_NAMES[optimizer]]
+    param, *rest = arrays(be, (IN, OUT), *[(IN, OUT - 1) if i == wrong else (IN, OUT) for i in range(len(names))])
+    refused(be, names[wrong], lambda: UPDATES[optimizer](be, param, rest[0], rest[1:]), param, *rest)
+
+
+# ----------------------------------------------------------------------------- the CuPy backend's own
+
+
+@pytest.fixture
+def cb(monkeypatch):
+    return _cupy_on_cpu(monkeypatch)
+
+
+def test_a_multi_tensor_update_refuses_a_tuple_whose_buffers_differ_in_shape(cb):
+    good = arrays(cb, (IN, OUT), (IN, OUT), (IN, OUT))
+    bad = arrays(cb, (OUT,), (OUT,), (OUT + 1,))
+    refused(cb, r"tensors\[1\] \(velocity\)", lambda: cb.sgd_update_many([good, bad], 0.1, 0.9, False, 0.0),
+            *good, *bad)
+
+
+@pytest.mark.parametrize("wrong", ["weights[1]", "biases[0]", "x"])
+def test_the_fused_forward_refuses_a_chain_that_does_not_connect(cb, wrong):
+    x, w0, w1, b0, b1 = arrays(cb, (B, IN + (wrong == "x")), (IN, OUT), (OUT + (wrong == "weights[1]"), 2), (OUT,),
+                               (2 + (wrong == "biases[0]"),))
+    if wrong == "biases[0]":
+        b0, b1 = b1, b0
+    name = "weights[0]" if wrong == "x" else wrong  # an x of the wrong width leaves weights[0] unconnected
+    refused(cb, name.replace("[", r"\[").replace("]", r"\]"),
+            lambda: cb.fused_mlp_forward(x, [w0, w1], [b0, b1], ["relu", "identity"], [True, True], [True, True]))
+
+
+@pytest.mark.parametrize("wrong", ["dy", "out_dw[0]", "out_db[1]", "inputs[1]"])
+def test_the_fused_backward_refuses_a_buffer_of_another_shape(cb, wrong):
+    dy, w0, w1, x, h, h0, dw0, dw1, db0, db1 = arrays(
+        cb, (B, 2 + (wrong == "dy")), (IN, OUT), (OUT, 2), (B, IN), (B + (wrong == "inputs[1]"), OUT), (B, OUT),
+        (OUT if wrong == "out_dw[0]" else IN, OUT), (OUT, 2), (OUT,), (2 - (wrong == "out_db[1]"),))
+    refused(cb, wrong.replace("[", r"\[").replace("]", r"\]"),
+            lambda: cb.fused_mlp_backward(dy, [w0, w1], ["relu", "identity"], [x, h], [h0, None], [False, True],
+                                          [True, True], [dw0, dw1], [db0, db1]), dw0, dw1, db0, db1)
