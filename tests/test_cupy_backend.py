@@ -555,6 +555,26 @@ def check_cross_entropy_of_a_row_with_an_infinite_logit(cb):
         np.testing.assert_allclose(cb.to_host(grad), grad_ref, rtol=1e-6, err_msg=f"smoothing {smoothing}")
 
 
+def check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb):
+    """A NaN logit makes its row's softmax, loss terms and gradient NaN wherever it sits in the row
+    (the row reductions merge partial sums lane by lane: one that skipped a NaN partial gave a
+    finite loss), and leaves the other rows alone."""
+    logits = np.array([[1.0, np.nan, 2.0, 0.0, 0.5], [0.5, -1.0, 3.0, 0.0, 1.0], [0.0, 1.0, 0.5, 2.0, np.nan]],
+                      np.float32)
+    labels = np.array([0, 2, 1], np.int64)
+    with np.errstate(invalid="ignore"):
+        for smoothing in (0.0, 0.1):
+            loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+            loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels), label_smoothing=smoothing)
+            assert math.isnan(loss_ref) and math.isnan(loss), f"smoothing {smoothing}: loss {loss}"
+            np.testing.assert_allclose(cb.to_host(grad), grad_ref, rtol=1e-6, err_msg=f"smoothing {smoothing}")
+        y_ref, y = logits.copy(), cb.asarray(logits)
+        ref.softmax_(y_ref)
+        cb.softmax_(y)
+    np.testing.assert_allclose(cb.to_host(y), y_ref, rtol=1e-6)
+    assert np.isnan(y_ref[[0, 2]]).all() and np.isfinite(y_ref[1]).all()
+
+
 def test_losses_are_finite_for_huge_logits(cb):
     check_losses_at_huge_logits(cb)
 
@@ -578,6 +598,10 @@ def test_no_weight_decay_keeps_an_infinite_weight(cb):
 
 def test_cross_entropy_of_a_row_with_an_infinite_logit(cb):
     check_cross_entropy_of_a_row_with_an_infinite_logit(cb)
+
+
+def test_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb):
+    check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb)
 
 
 def test_loss_is_bitwise_deterministic(cb, rng):

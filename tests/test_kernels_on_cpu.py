@@ -33,6 +33,7 @@ from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEM
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_activations_at_special_values,
                                check_adam_update, check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                check_clip_bits, check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit,
                                check_cross_entropy_of_logits_sharing_a_large_offset,
                                check_no_weight_decay_keeps_an_infinite_weight,
                                check_elementwise_loss, check_large_preactivations, check_losses_at_huge_logits,
@@ -1505,6 +1506,10 @@ def test_no_weight_decay_keeps_an_infinite_weight(cb_small_gpu):
 
 def test_cross_entropy_of_a_row_with_an_infinite_logit(cb_h100):
     check_cross_entropy_of_a_row_with_an_infinite_logit(cb_h100)
+
+
+def test_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb_h100):
+    check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb_h100)
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -28,6 +28,7 @@ from gpubp.trace import trace
 from test_cupy_backend import (assert_grads_equal, check_activations_at_special_values,
                                check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit,
                                check_dx_applies_the_activation_below, check_no_weight_decay_keeps_an_infinite_weight,
                                folded_step)
 from test_gpu_check_scripts import H200_SMS, benchmark_layers, load
@@ -1105,6 +1106,21 @@ def test_every_kernel_variant_assembles_for_sm_90_without_spills_or_local_memory
     assert all(lines == [clean] for lines in in_memory.values()), {k: v for k, v in in_memory.items() if v != [clean]}
 
 
+def test_host_arrays_read_as_inputs_are_copied_to_the_device_as_cupys_backend_copies_them():
+    """A NumPy array where the kernels read one (a layer's input; a loss's predictions, which
+    gpubp.losses passes as given) goes to the device, as the CuPy backend's ``asarray`` takes it; it
+    raised numba-cuda's error about the CUDA array interface, which named no argument."""
+    rng = np.random.default_rng(6)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (3, 2), (2,)))
+    y, _ = nb.dense_forward(x, nb.asarray(w), nb.asarray(b), "relu")
+    np.testing.assert_allclose(host(y), ref.dense_forward(x, w, b, "relu")[0], rtol=RTOL)
+    target = rng.standard_normal((4, 2)).astype(np.float32)
+    loss, grad = gb.losses.mse(x[:, :2].copy(), target, backend=nb)
+    loss_ref, grad_ref = ref.mse(x[:, :2].copy(), target)
+    assert loss == pytest.approx(loss_ref, rel=RTOL)
+    np.testing.assert_allclose(host(grad), grad_ref, rtol=RTOL)
+
+
 def test_activations_at_special_values_match_numpy():
     """relu(NaN) was 0 here (a comparison that sends NaN to the else branch). The simulator runs the
     kernels' float32 arithmetic in NumPy scalars, which warn about the inf * 0 a GPU does quietly."""
@@ -1115,11 +1131,13 @@ def test_activations_at_special_values_match_numpy():
 
 @pytest.mark.parametrize("check", [check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                    check_no_weight_decay_keeps_an_infinite_weight,
-                                   check_cross_entropy_of_a_row_with_an_infinite_logit],
-                         ids=["off relu unit", "no weight decay", "infinite logit"])
+                                   check_cross_entropy_of_a_row_with_an_infinite_logit,
+                                   check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit],
+                         ids=["off relu unit", "no weight decay", "infinite logit", "nan logit"])
 def test_special_values_through_gradients_updates_and_losses_match_numpy(check):
     """dz was dy * act' (NaN for an inf dy at an off relu), weight decay 0 added 0 * p (NaN for an
-    infinite weight), and a +inf logit left its row's sum finite."""
+    infinite weight), a +inf logit left its row's sum finite, and so did a NaN logit outside a
+    row's first lane (its lane's NaN sum was skipped as an empty lane's)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the simulator's NumPy scalars warn where a GPU does not
         check(nb)

@@ -314,8 +314,13 @@ def _contiguous(a):
     stream). The flat kernels ``ravel()`` their inputs, which numba-cuda's device array refuses
     for a strided one on a GPU (NotImplementedError; the simulator's copies silently), and the
     others are compiled for C-contiguous arrays (``kernel_variants``). The copy (CuPy's, or
-    numba-cuda's assignment kernel) is not a kernel of this backend: ``record`` does not list it."""
-    if a is None or _is_c_contiguous(a):
+    numba-cuda's assignment kernel) is not a kernel of this backend: ``record`` does not list it.
+    A host array (NumPy's) is copied to the device as ``asarray`` copies it, as CuPy's backend does."""
+    if a is None:
+        return a
+    if not is_array(a):
+        return asarray(a)
+    if _is_c_contiguous(a):
         return a
     if _is_cupy(a):
         cp = _cupy()
@@ -1627,11 +1632,12 @@ def _row_max_and_sum(x, row, in_rows, row_max, row_sum):
             m1 = row_max[local_row, lane]
             m2 = row_max[local_row, lane + stride]
             s2 = row_sum[local_row, lane + stride]
-            # An empty lane has sum 0; skipping it keeps the merge exact.
+            # An empty lane has sum 0; skipping it keeps the merge exact. A NaN sum (a NaN logit,
+            # which never raises the max) is merged, so the row's sum is NaN as in loss.cu.
             if m2 > m1:
                 row_sum[local_row, lane] = row_sum[local_row, lane] * math.exp(m1 - m2) + s2
                 row_max[local_row, lane] = m2
-            elif s2 > _ZERO:
+            elif s2 != _ZERO:
                 row_sum[local_row, lane] += s2 * math.exp(m2 - m1)
         cuda.syncthreads()
         stride //= 2
