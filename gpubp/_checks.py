@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -64,8 +65,9 @@ def array_kind(a) -> str:
     return "other"
 
 
-def to_numpy(a, name: str) -> np.ndarray:
-    """A NumPy view or copy of ``a``: host arrays and lists as they are, GPU arrays copied to the host."""
+def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
+    """A NumPy view or copy of ``a``: host arrays and lists as they are, GPU arrays copied to the host.
+    ``expected`` is what ``name`` should be, for the errors on what NumPy cannot make one array of."""
     kind = array_kind(a)
     if kind == "cupy":
         return a.get()
@@ -73,7 +75,15 @@ def to_numpy(a, name: str) -> np.ndarray:
         if not hasattr(a, "copy_to_host"):
             raise TypeError(f"{name}: cannot read a {type(a).__name__}")
         return a.copy_to_host()
-    return np.asarray(a)
+    if isinstance(a, Iterator):  # NumPy would wrap it whole, in an array of shape ()
+        raise TypeError(f"{name}: expected {expected}, got an iterator ({type(a).__name__}); generators and "
+                        "other iterators are not supported: pass arrays, or call model.train_step() on each "
+                        "batch they yield")
+    try:
+        return np.asarray(a)
+    except ValueError as error:  # nested lists of uneven lengths
+        raise ValueError(f"{name}: expected {expected}, got something NumPy cannot make one array of "
+                         f"({error})") from None
 
 
 def float_dtype(dtype, name: str) -> np.dtype:

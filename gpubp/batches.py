@@ -30,8 +30,8 @@ from gpubp import _checks, activations, losses, metrics as metric_fns, optim
 def check_dataset(model, x, y, loss_fn, name: str = "x"):
     """Host copies of (x, y), checked against the model and the loss before any step runs."""
     yname = "y" if name == "x" else f"{name}_y"
-    x = _checks.to_numpy(x, name)
-    targets, y = y, _checks.to_numpy(y, yname)
+    x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {model.in_features})")
+    targets, y = y, _checks.to_numpy(y, yname, f"an array of targets, one per row of {name}")
     if y.ndim == 0:
         raise TypeError(f"{yname}: expected an array of targets, one per row of {name}, "
                         f"got {type(targets).__name__} {targets!r}")
@@ -99,7 +99,7 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x") -> np.ndarray:
     """``sample_weight`` as a float64 host array (n,), checked: one finite weight >= 0 per sample of ``of``."""
-    weights = _checks.to_numpy(sample_weight, name)
+    weights = _checks.to_numpy(sample_weight, name, f"{n} weights (one per sample of {of})")
     if weights.ndim == 2 and weights.shape[1] == 1:
         weights = weights.reshape(-1)
     if weights.shape != (n,):
@@ -233,7 +233,7 @@ def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np
     if not isinstance(logits, (bool, np.bool_)):
         raise TypeError(f"logits: expected True or False, got {logits!r}")
     if _checks.array_kind(x) == "other":
-        x = np.asarray(x)
+        x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")
     _checks.batch_shape(x.shape, model.in_features, "x")
     outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
                for i in range(0, x.shape[0], batch_size)]

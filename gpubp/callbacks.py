@@ -44,6 +44,11 @@ class Callback:
     at the epoch's end (a rate ``ReduceLROnPlateau`` lowered, say). ``monitors()`` names the
     logged values the callback reads at each epoch's end; ``fit`` checks before its first step
     that it logs them.
+
+    ``on_train_batch_end``'s ``logs["loss"]`` is the mean loss of the epoch's batches so far,
+    weighted by their sizes as the epoch's loss is (Keras 3's running mean): after the last
+    batch it is the epoch's ``loss``, and it is NaN or infinite from a batch whose loss is.
+    ``on_batch_begin``/``on_batch_end`` are Keras's aliases of the batch hooks.
     """
 
     main_process_only = False
@@ -58,9 +63,17 @@ class Callback:
 
     def on_epoch_begin(self, model, epoch: int) -> None: ...
 
-    def on_train_batch_begin(self, model, batch: int) -> None: ...
+    def on_train_batch_begin(self, model, batch: int) -> None:
+        self.on_batch_begin(model, batch)
 
-    def on_train_batch_end(self, model, batch: int, logs: dict) -> None: ...
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
+        self.on_batch_end(model, batch, logs)
+
+    # Keras's older names for the two hooks above, whose defaults call them as Keras's do: a
+    # callback written against them runs, and one that overrides the new names does not call them.
+    def on_batch_begin(self, model, batch: int) -> None: ...
+
+    def on_batch_end(self, model, batch: int, logs: dict) -> None: ...
 
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None: ...
 
@@ -397,7 +410,9 @@ class CSVLogger(Callback):
     The header is ``epoch`` and the logged names in sorted order (as Keras writes it). With
     ``append=True`` the rows go after those already in the file (a resumed run continues its
     log) under the file's header; otherwise the file starts empty. A value not logged in an
-    epoch is written as ``NA``. Each row is written and closed at the end of its epoch.
+    epoch is written as ``NA``. The file is opened when training begins (created, or emptied
+    without ``append``), as Keras 3 opens it, so a path that cannot be written fails before the
+    first step; each row is written and closed at the end of its epoch.
     """
 
     main_process_only = True
@@ -410,8 +425,7 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, model) -> None:
         self.keys = None
-        if not self.append:
-            open(self.filename, "w").close()
+        open(self.filename, "a" if self.append else "w").close()
 
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
         with open(self.filename, "a+", newline="") as file:

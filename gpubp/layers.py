@@ -991,7 +991,7 @@ class Sequential:
     def as_input(self, x, name: str = "x"):
         """Validate ``x`` (B, in_features) and return it as this model's backend array."""
         if _checks.array_kind(x) == "other":
-            x = np.asarray(x)
+            x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {self.in_features})")
         _checks.batch_shape(x.shape, self.in_features, name)
         _checks.float_dtype(x.dtype, name)
         return self._on_backend(x, name)
@@ -1313,11 +1313,7 @@ class Sequential:
             raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
         hosts = []
         for i, (param, array) in enumerate(zip(params, weights)):
-            try:
-                array = _checks.to_numpy(array, f"weights[{i}]")
-            except ValueError as error:  # nested lists of uneven lengths
-                raise ValueError(f"weights[{i}]: expected an array of shape {param.shape} for {param.name}, "
-                                 f"got something NumPy cannot make one array of ({error})") from None
+            array = _checks.to_numpy(array, f"weights[{i}]", f"an array of shape {param.shape} for {param.name}")
             if array.shape != param.shape:
                 raise ValueError(f"weights[{i}]: expected shape {param.shape} for {param.name}, got {array.shape}")
             if array.dtype.kind not in "fiu":

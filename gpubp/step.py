@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -90,6 +91,9 @@ class TrainStep:
     ``loss`` and ``optimizer`` are as for ``fit`` (names or objects; by default the compiled
     ones, else ``"cross_entropy"`` and ``"adam"``; a named optimizer is the model's, kept
     across ``fit`` calls and steps, and an Optimizer must update only the model's parameters).
+    As in ``fit``, the compiled optimizer (``optimizer`` not given) trains at ``compile``'s
+    ``learning_rate`` when one was given: each call sets every group's rate to it and puts the
+    groups' own rates back after.
     ``clip_grad_norm`` clips the gradients before each update: those of the parameters the
     optimizer updates (its trainable ones with a gradient), scaled together so that their global
     L2 norm is at most ``clip_grad_norm``, as ``torch.nn.utils.clip_grad_norm_`` over the
@@ -105,6 +109,9 @@ class TrainStep:
         self.model = model
         self.loss_fn = losses.get(loss) if loss is not None else compiled.get("loss", losses.cross_entropy)
         losses.options(self.loss_fn)  # a loss class's options, checked before any step
+        # fit's rule: the compiled rate goes with the compiled optimizer only.
+        rate = compiled.get("learning_rate") if optimizer is None else None
+        self.learning_rate = None if rate is None else _checks.non_negative(rate, "learning_rate")
         optimizer = compiled.get("optimizer", "adam") if optimizer is None else optimizer
         self.optimizer = batches.optimizer_for(model, optimizer)
         if clip_grad_norm is not None:
@@ -154,7 +161,8 @@ class TrainStep:
         x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
         if sample_weight is not None:
             sample_weight = batches.check_sample_weight(sample_weight, len(x))
-        value = self.run(x, y, sample_weight)
+        with _at_rate(self.optimizer, self.learning_rate):
+            value = self.run(x, y, sample_weight)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value}; the weights were not updated "
                                      "(try a lower learning rate or clip_grad_norm)")
@@ -303,6 +311,23 @@ class TrainStep:
     def __repr__(self) -> str:
         return (f"TrainStep({self.loss_fn.__name__}, {type(self.optimizer).__name__}, cuda_graph={self.cuda_graph!r}, "
                 f"{len(self._graphs)} graphs)")
+
+
+@contextmanager
+def _at_rate(optimizer, learning_rate: float | None):
+    """Every group of ``optimizer`` at ``learning_rate`` inside the block, their own rates after
+    it (as ``fit`` applies a compiled rate for its call); None leaves the rates alone."""
+    if learning_rate is None:
+        yield
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    try:
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
 
 
 def _remember(cache: OrderedDict, key, value) -> None:

@@ -43,8 +43,9 @@ def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learnin
     """Keras's ``model.compile``: the optimizer, loss and metrics that ``fit`` and ``evaluate``
     use when they are not given. ``optimizer`` is a name (built here, afresh at each ``compile``
     as Keras builds it, and kept with its state across the ``fit`` calls that use it) or an
-    Optimizer; ``learning_rate`` is then the rate of every ``fit`` call that trains with that
-    optimizer and passes no rate of its own (an optimizer given to ``fit`` keeps its rates).
+    Optimizer; ``learning_rate`` is then the rate of every ``fit`` call and ``train_step()`` step
+    that trains with that optimizer and passes no rate of its own (an optimizer given to ``fit``
+    or ``train_step`` keeps its rates).
     """
     loss_fn = losses.get(loss)
     metrics = batches.metric_list(metrics)
@@ -173,9 +174,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if x_val is not None:
         logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics]
         batches.check_metrics(model, metrics, y_val)
-    schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged,
-                         (epochs - initial_epoch) * math.ceil(len(x) / batch_size),
-                         any(cb.sets_learning_rate for cb in callbacks))
+    schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged, epochs - initial_epoch,
+                         math.ceil(len(x) / batch_size), any(cb.sets_learning_rate for cb in callbacks))
     _check_monitors(callbacks, logged + (["learning_rate"] if schedule.logs_rate else []))
     if cuda_graph is True and scheduler is not None and scheduler.varies_momentum:
         raise ValueError(f"cuda_graph=True: {type(scheduler).__name__} changes the momentum every step, which a "
@@ -219,8 +219,8 @@ class _Schedule:
     value for ReduceLROnPlateau), checked before the first step; ``logs_rate``: whether epochs
     log ``learning_rate`` (a scheduler or a learning-rate callback changes it)."""
 
-    def __init__(self, scheduler, interval: str, monitor: str | None, optimizer, logged: list[str], batches_left: int,
-                 rate_callbacks: bool) -> None:
+    def __init__(self, scheduler, interval: str, monitor: str | None, optimizer, logged: list[str], epochs_left: int,
+                 batches_per_epoch: int, rate_callbacks: bool) -> None:
         self.scheduler, self.monitor = scheduler, None
         self.logs_rate = scheduler is not None or rate_callbacks
         if interval not in ("auto", "epoch", "batch"):
@@ -245,10 +245,12 @@ class _Schedule:
             self.monitor = monitor or ("val_loss" if "val_loss" in logged else "loss")
             if self.monitor not in logged:
                 raise ValueError(f"scheduler_monitor: {self.monitor!r} is not logged; logged: {logged}")
-        if self.per_batch and isinstance(scheduler, lr_scheduler.OneCycleLR) \
-                and scheduler.last_epoch + batches_left > scheduler.total_steps:
+        # Stepped past its total_steps, OneCycleLR raises only after epochs of training, losing the
+        # epoch that step ends: this fit's steps (batches or epochs) are counted before the first.
+        steps_left, unit = (epochs_left * batches_per_epoch, "batches") if self.per_batch else (epochs_left, "epochs")
+        if isinstance(scheduler, lr_scheduler.OneCycleLR) and scheduler.last_epoch + steps_left > scheduler.total_steps:
             raise ValueError(f"scheduler: OneCycleLR has {scheduler.total_steps - scheduler.last_epoch} of its "
-                             f"total_steps={scheduler.total_steps} left, but this fit runs {batches_left} batches")
+                             f"total_steps={scheduler.total_steps} left, but this fit runs {steps_left} {unit}")
 
     def after_batch(self) -> None:
         if self.scheduler is not None and self.per_batch:
@@ -309,18 +311,20 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
                 step.update_if_finite(value)
             if math.isfinite(value):
                 schedule.after_batch()
+            total_loss += value * len(xb)
+            seen += len(xb)
+            # Keras 3's batch logs: the epoch's running mean, non-finite from a non-finite batch on.
+            running = {"loss": total_loss / seen}
             for cb in callbacks:
-                cb.on_train_batch_end(model, batch, {"loss": value})
+                cb.on_train_batch_end(model, batch, running)
             if not math.isfinite(value) and not model.stop_training:
                 raise FloatingPointError(
                     f"fit: the loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped before "
                     "this batch's update, so the weights are those after the previous batch "
                     "(try a lower learning rate or clip_grad_norm, or stop quietly with callbacks.TerminateOnNaN)")
-            total_loss += value * len(xb)
-            seen += len(xb)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{running['loss']:.4f}", refresh=False)
             if model.stop_training:
                 break
         logs = {"loss": total_loss / seen}

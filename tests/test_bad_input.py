@@ -121,6 +121,42 @@ def test_dout_of_the_wrong_shape_names_the_forward_output_shape():
         model.backward(np.ones((8, 2), np.float32))
 
 
+RAGGED_ROWS = [[0.0, 1.0, 2.0, 3.0], [0.0]]
+X_EXPECTED = r"expected a 2-D array of shape \(batch, 4\)"
+UNEVEN = "got something NumPy cannot make one array of"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda model, x, y: model.fit(RAGGED_ROWS, y, verbose=0), rf"^x: {X_EXPECTED}, {UNEVEN}"),
+    (lambda model, x, y: model.fit(x, [[0, 1], [1]], loss="mse", verbose=0),
+     rf"^y: expected an array of targets, one per row of x, {UNEVEN}"),
+    (lambda model, x, y: model.fit(x, y, sample_weight=[[1.0], [1.0, 2.0]], verbose=0),
+     rf"^sample_weight: expected 2 weights \(one per sample of x\), {UNEVEN}"),
+    (lambda model, x, y: model.fit(x, y, validation_data=(RAGGED_ROWS, y), verbose=0),
+     rf"^validation_data: {X_EXPECTED}, {UNEVEN}"),
+    (lambda model, x, y: model.fit(x, y, validation_data=(x, y, [[1.0], [1.0, 2.0]]), verbose=0),
+     rf"^validation_data\[2\]: expected 2 weights \(one per sample of validation_data\), {UNEVEN}"),
+    (lambda model, x, y: model.predict(RAGGED_ROWS), rf"^x: {X_EXPECTED}, {UNEVEN}"),
+    (lambda model, x, y: model.forward(RAGGED_ROWS), rf"^x: {X_EXPECTED}, {UNEVEN}"),
+    (lambda model, x, y: model.evaluate(RAGGED_ROWS, y), rf"^x: {X_EXPECTED}, {UNEVEN}"),
+    (lambda model, x, y: model.train_step()(RAGGED_ROWS, y), rf"^x: {X_EXPECTED}, {UNEVEN}"),
+], ids=["fit x", "fit y", "sample_weight", "validation x", "validation sample_weight", "predict", "forward",
+        "evaluate", "train_step"])
+def test_ragged_nested_lists_are_a_value_error_naming_the_argument(call, match):
+    model = make_model()
+    x, y = data(n=2)
+    with rejected(model, ValueError, match):
+        call(model, x, y)
+
+
+@pytest.mark.parametrize("make", [lambda x: (row for row in x), iter], ids=["generator", "iterator"])
+def test_an_iterator_as_x_is_a_type_error_pointing_at_arrays_or_train_step(make):
+    model = make_model()
+    x, y = data()
+    with rejected(model, TypeError, rf"^x: {X_EXPECTED}, got an iterator .*pass arrays, or call model.train_step"):
+        model.fit(make(x), y, verbose=0)
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import gpubp as gb
 from gpubp import callbacks
-from test_bad_input import assert_weights_equal
+from test_bad_input import assert_weights_equal, rejected
 
 
 def data(n=24, seed=0):
@@ -62,6 +62,40 @@ def test_fit_calls_the_hooks_around_every_batch_and_epoch():
 
 
 # ----------------------------------------------------------------------------- learning rates
+
+
+class OlderBatchHooks(gb.Callback):
+    """Written against Keras's older names for the batch hooks."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_batch_begin(self, model, batch):
+        self.events.append(("batch_begin", batch))
+
+    def on_batch_end(self, model, batch, logs):
+        self.events.append(("batch_end", batch, sorted(logs)))
+
+
+def test_a_callback_overriding_on_batch_begin_and_end_is_called_around_every_batch_as_in_keras():
+    x, y = data(20)
+    older = OlderBatchHooks()
+    new_model().fit(x, y, epochs=1, batch_size=8, callbacks=[older], verbose=0)
+    assert older.events == [("batch_begin", 0), ("batch_end", 0, ["loss"]), ("batch_begin", 1),
+                            ("batch_end", 1, ["loss"]), ("batch_begin", 2), ("batch_end", 2, ["loss"])]
+
+
+def test_batch_logs_hold_the_epochs_running_mean_loss_weighted_by_batch_size_as_in_keras():
+    x, y = data(20)  # batches of 8, 8 and 4
+    model, reference = new_model(), new_model()
+    seen = []
+    history = model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0, callbacks=[
+        callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(logs["loss"]))])
+    step = reference.train_step()  # the same loss and named optimizer as fit's
+    batch_losses = [step(x[start:start + 8], y[start:start + 8]) for start in (0, 8, 16)]
+    sizes = np.array([8, 8, 4])
+    assert seen == pytest.approx((np.cumsum(np.multiply(batch_losses, sizes)) / np.cumsum(sizes)).tolist())
+    assert seen[-1] == history["loss"][0]
 
 
 def test_learning_rate_scheduler_calls_the_schedule_with_the_epoch_and_each_groups_rate():
@@ -200,6 +234,23 @@ def test_csv_logger_appends_a_resumed_run_under_the_same_header(tmp_path):
     assert header == ["epoch", "loss"] and [row[0] for row in rows] == ["0", "1", "2", "3"]
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callbacks.CSVLogger(path, separator=";")])
     assert len(path.read_text().splitlines()) == 2  # without append, the file starts again
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_csv_logger_whose_file_cannot_be_opened_fails_before_the_first_step(tmp_path, append):
+    x, y = data()
+    model = new_model()
+    logger = callbacks.CSVLogger(tmp_path / "missing" / "log.csv", append=append)
+    with rejected(model, FileNotFoundError, "log.csv"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[logger])
+
+
+def test_csv_logger_appending_to_a_file_not_there_yet_creates_it_with_the_header(tmp_path):
+    x, y = data()
+    path = tmp_path / "log.csv"
+    new_model().fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.CSVLogger(path, append=True)])
+    header, *rows = read_rows(path)
+    assert header == ["epoch", "loss"] and [row[0] for row in rows] == ["0", "1"]
 
 
 # ----------------------------------------------------------------------------- TerminateOnNaN

@@ -32,6 +32,8 @@ SCHEDULERS = {
     "one_cycle_per_batch_by_default": (
         lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.3, epochs=EPOCHS, steps_per_epoch=4), "batch", "auto"),
     "cosine_per_batch": (lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=10), "batch", "batch"),
+    "one_cycle_per_epoch_over_every_epoch": (
+        lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=EPOCHS), "epoch", "epoch"),
     "plateau_on_val_loss": (lambda opt: lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5), "plateau",
                             "auto"),
 }
@@ -103,6 +105,8 @@ BAD = [
     (dict(scheduler_monitor="val_loss"), ValueError, "scheduler_monitor: only a ReduceLROnPlateau scheduler"),
     (dict(scheduler="short_cycle"), ValueError, "scheduler: OneCycleLR has 5 of its total_steps=5 left, but this fit "
                                                 "runs 8 batches"),
+    (dict(scheduler="one_step_cycle", scheduler_interval="epoch"), ValueError,
+     "scheduler: OneCycleLR has 1 of its total_steps=1 left, but this fit runs 2 epochs"),
     (dict(scheduler="other_optimizer"), ValueError, "scheduler: it schedules another optimizer"),
     (dict(scheduler="cycling_momentum", cuda_graph=True), ValueError,
      "cuda_graph=True: OneCycleLR changes the momentum every step"),
@@ -118,6 +122,7 @@ def test_a_scheduler_fit_cannot_step_is_refused_before_the_first_step(kwargs, er
         None: lambda: lr_scheduler.StepLR(optimizer, step_size=1),
         "plateau": lambda: lr_scheduler.ReduceLROnPlateau(optimizer),
         "short_cycle": lambda: lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=5),
+        "one_step_cycle": lambda: lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=1),
         "other_optimizer": lambda: lr_scheduler.StepLR(new_optimizer(new_model()), step_size=1),
         "cycling_momentum": lambda: lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=8),
     }

@@ -45,6 +45,34 @@ def test_fit_and_a_step_share_the_models_named_optimizer(rng):
     assert {s["step"] for s in step.optimizer.state.values()} == {2}
 
 
+def test_a_step_of_the_compiled_optimizer_trains_at_the_compiled_rate_as_a_batch_of_fit_does(rng):
+    x, y = batch(rng)
+    fitted, stepped = small_model(), small_model()
+    for model in (fitted, stepped):
+        model.compile(optimizer="sgd", learning_rate=0.5)
+    fitted.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
+    stepped.train_step()(x, y)
+    assert_weights_equal(fitted.get_weights(), stepped)
+
+
+def test_a_step_at_the_compiled_rate_puts_the_optimizers_own_rate_back_as_fit_does(rng):
+    model = small_model()
+    model.compile(optimizer="sgd", learning_rate=0.5)
+    step = model.train_step()
+    own = step.optimizer.param_groups[0]["lr"]
+    step(*batch(rng))
+    assert step.optimizer.param_groups[0]["lr"] == own != 0.5
+
+
+def test_a_step_given_an_optimizer_trains_at_its_rate_not_the_compiled_one(rng):
+    x, y = batch(rng)
+    compiled, plain = small_model(), small_model()
+    compiled.compile(optimizer="sgd", learning_rate=0.5)
+    compiled.train_step(optimizer=gb.optim.SGD(compiled.parameters(), lr=0.1))(x, y)
+    plain.train_step(optimizer=gb.optim.SGD(plain.parameters(), lr=0.1))(x, y)
+    assert_weights_equal(plain.get_weights(), compiled)
+
+
 @pytest.mark.parametrize("bad, name", [
     (lambda x, y: (x[:, :4], y), "x"),
     (lambda x, y: (x, y[:-1]), "y"),
