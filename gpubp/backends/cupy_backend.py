@@ -1620,7 +1620,15 @@ def why_not_fused_here(precision: str, in_features: int) -> str | None:
     if need > shared_per_block():
         return (f"in {precision}, the fused kernels for {in_features} inputs take {need} bytes of shared memory "
                 f"per block, and this GPU gives a block at most {shared_per_block()}")
+    if in_features > FUSED_MAX_INPUTS:
+        return (f"the fused kernels' plan holds offsets into their dW workspace as 32-bit ints, which a model of "
+                f"{in_features} inputs can overflow (at most {FUSED_MAX_INPUTS} inputs)")
     return None
+
+
+# The widest input whose model's dW workspace offsets (_fused_plan: fan_in x width + width floats per
+# layer, summed) fit the plan's int32 whatever the widths and layer count.
+FUSED_MAX_INPUTS = (2**31 - 1) // FUSED_MLP_MAX_WIDTH - FUSED_MLP_MAX_LAYERS - (FUSED_MLP_MAX_LAYERS - 1) * FUSED_MLP_MAX_WIDTH
 
 
 def _fused_shared_bytes(kind: str, precision: str, n_in: int) -> int:
