@@ -83,6 +83,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     raise ImportError('gpubp.torch needs PyTorch: pip install "gpubp[torch]"') from _exc
 
 from gpubp import _checks, activations, backends, io, philox
+from gpubp.backends._contract import SOFTMAX_DROPOUT
 from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpDropout, Sequential, dz_formed_above,
                           folded_note, plan_backward)
 
@@ -122,13 +123,6 @@ class Dense(nn.Module):
     def extra_repr(self) -> str:
         dropout = "" if self.dropout is None else f", dropout={self.dropout:g}"
         return f"{self.in_features}, {self.out_features}, activation={self.activation!r}{dropout}"
-
-
-# A dropped softmax output still depends on its logit through the row's sum, so its gradient is
-# not 0 where the mask is; backward, which sees only the masked output, cannot form it. gpubp's
-# Sequential refuses any layer above a probability head for the same reason and more.
-SOFTMAX_DROPOUT = ("a Dropout after a softmax is not supported: the gradient of a dropped probability needs the "
-                   "unmasked row, which backward does not keep; drop before the softmax layer instead")
 
 
 def _rate(rate, name: str) -> float | None:

@@ -849,29 +849,6 @@ def test_a_masked_dense_layer_launches_only_what_is_needed(cb_h100, rng, act, pr
     check_masked_dense_layer(cb_h100, rng, act, (37, 29, 23), precision, need_dx, need_dw)
 
 
-@pytest.mark.skipif(SANITIZED, reason="launches no kernel the tests above do not")
-@pytest.mark.parametrize("precision", ["fp32", "tf32"])
-def test_a_masked_softmax_layer_matches_numpy(cb_h100, rng, precision):
-    """A softmax output layer's mask follows the softmax: its own pass, after it and before softmax_bwd."""
-    x, w, b = layer(rng, 19, 13, 7)
-    host_mask, device_mask = dropout_masks(cb_h100, rng)
-    y_ref, _ = ref.dense_forward(*f64(x, w, b), "softmax", dropout=host_mask)
-    with trace() as t:
-        y, _ = cb_h100.dense_forward(*(cb_h100.asarray(a) for a in (x, w, b)), "softmax", precision=precision,
-                                     dropout=device_mask)
-    assert t.launches == ["dense_fwd", "softmax_fwd", "dropout_fwd"]
-    close(cb_h100.to_host(y), y_ref, TF32_RTOL)
-    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    want = ref.dense_backward(*f64(dy, x, w, cb_h100.to_host(y), None), "softmax", True, True, dropout=host_mask)
-    with trace() as t:
-        got = cb_h100.dense_backward(*(cb_h100.asarray(a) for a in (dy, x, w)), y, None, "softmax", True, True,
-                                     precision=precision, dropout=device_mask)
-    assert t.launches == cb_h100.backward_kernels("softmax", True, True, precision, dropout=True)
-    assert t.launches[:2] == ["dropout_dz", "softmax_bwd"]
-    for g, reference in zip(got, want):
-        close(cb_h100.to_host(g), reference, TF32_RTOL)
-
-
 # A bias that trains under a frozen weight (BitFit): the pass forming dz sums db, in every
 # precision, and no dW kernel runs; (act, masked) pairs cover the plain, dropout and softmax passes.
 BIAS_ALONE_LAYERS = [("identity", False), ("relu", False), ("gelu", False), ("softmax", False), ("identity", True),

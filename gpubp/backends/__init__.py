@@ -3,7 +3,10 @@
 A backend is a module exposing exactly these functions (same names, same argument
 order in ``numpy_backend.py``, ``cupy_backend.py`` and ``numba_backend.py``, so the
 three read side by side). Arrays are the backend's own array type; shapes are
-row-major and C-contiguous; the GPU backends compute in float32 only.
+row-major and C-contiguous; the GPU backends compute in float32 only. Every function
+checks its operands' shapes against each other (``_contract``: an ``out`` buffer, a
+gradient, a label vector of another shape is a ValueError naming it) before it launches
+anything, since the kernels index flat memory.
 
 Array helpers
     ``empty(shape, dtype)``, ``zeros(shape, dtype)``
@@ -32,6 +35,7 @@ Dense layer
         backward dz, x and w) to bf16 once (``round_bf16``) and multiplies them with fp32
         accumulation: on bf16 tensor cores (cupy), emulated by NumPy, fp32 on Numba. ``dropout`` (a ``philox.Mask``): ``y`` is then
         ``act(z) * scale`` where the mask keeps the element and 0 elsewhere; ``z`` stays unmasked.
+        A softmax layer takes no mask (ValueError): its gradient would need the unmasked row.
     ``dense_precisions() -> tuple[str, ...]``
         the ``precision`` values ``dense_forward``/``dense_backward`` take on this device.
     ``dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=None, out_db=None,

@@ -142,7 +142,7 @@ from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 from gpubp import philox
 from gpubp.activations import (ACT_ID, ACTIVATIONS, GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE,
                                NAMES, NEEDS_Z)
-from gpubp.backends import INSTALL_HINT, _shapes
+from gpubp.backends import INSTALL_HINT, _contract
 from gpubp.trace import record
 
 NAME = "numba"
@@ -1368,7 +1368,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     No tensor cores here: fp32 (float32 arrays only, ``DTYPES``) for every ``precision``. ``dropout``
     (a ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
     layer is the last layer, where no mask follows it.)"""
-    _shapes.dense_forward(x, w, b, out, out_z)
+    _contract.dense_forward(x, w, b, out, out_z)
+    _contract.no_mask_on_softmax(act, dropout)
     _check_activation(act)
     _require_contiguous(out=out, out_z=out_z)
     x, w, b = _contiguous(x), _contiguous(w), _contiguous(b)
@@ -1417,13 +1418,13 @@ def _masked_copy(src, dropout, out, trace_name: str):
 
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
-    _shapes.same("x", x, out=out)
+    _contract.same("x", x, out=out)
     return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
-    _shapes.same("dy", dy, out=out)
+    _contract.same("dy", dy, out=out)
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
@@ -1552,7 +1553,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in``
     is then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would,
     for identity too, and that layer's backward runs as an unmasked identity's."""
-    _shapes.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in)
+    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in)
+    _contract.no_mask_on_softmax(act, dropout)
     if not (need_dx or need_dw or need_db):
         return None, None, None
     if dx_act not in _DX_FROM_Y + _DX_FROM_Z:
@@ -1711,7 +1713,7 @@ def softmax_(y):
 def softmax_backward(dy, y, out):
     """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
     _require_contiguous(out=out)
-    _shapes.same("dy", dy, y=y, out=out)
+    _contract.same("dy", dy, y=y, out=out)
     dy, y = _contiguous(dy), _contiguous(y)  # out may be dy: contiguous then (checked), so not copied
     record("softmax_bwd")
     yv = _view(y)
@@ -1881,7 +1883,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C."""
-    _shapes.loss("logits", logits, labels=labels, sample_weight=sample_weight)
+    _contract.loss("logits", logits, labels=labels, sample_weight=sample_weight)
     record("ce_fwd_bwd")
     logits, labels = _contiguous(logits), _contiguous(labels)
     batch = logits.shape[0]
@@ -1912,7 +1914,7 @@ def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, o
 
 def mse(pred, target, sample_weight=None):
     """Mean squared error over all elements; ``sample_weight`` (B,) weights each row's errors."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("mse_fwd_bwd")
     return _elementwise_loss(_mse_kernel, pred, target, sample_weight, 2.0)
 
@@ -1920,7 +1922,7 @@ def mse(pred, target, sample_weight=None):
 def mae(pred, target, sample_weight=None):
     """Mean absolute error over all elements, gradient sign(d) / n; ``sample_weight`` (B,)
     weights each row's errors."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("mae_fwd_bwd")
     return _elementwise_loss(_mae_kernel, pred, target, sample_weight, 1.0)
 
@@ -1928,7 +1930,7 @@ def mae(pred, target, sample_weight=None):
 def huber(pred, target, sample_weight=None, delta=1.0):
     """Huber loss over all elements: c (d - c/2) with d = pred - target, c = clip(d, -delta,
     delta), gradient c / n; ``sample_weight`` (B,) weights each row's terms."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("huber_fwd_bwd")
     return _elementwise_loss(_huber_kernel, pred, target, sample_weight, 1.0, delta)
 
@@ -1936,7 +1938,7 @@ def huber(pred, target, sample_weight=None, delta=1.0):
 def bce(logits, target, sample_weight=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
     ``sample_weight`` (B,) weights each row's terms."""
-    _shapes.loss("logits", logits, target, sample_weight)
+    _contract.loss("logits", logits, target, sample_weight)
     record("bce_fwd_bwd")
     return _elementwise_loss(_bce_kernel, logits, target, sample_weight, 1.0)
 
@@ -1944,7 +1946,7 @@ def bce(logits, target, sample_weight=None):
 def poisson(log_rate, target, sample_weight=None):
     """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z,
     gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row's terms."""
-    _shapes.loss("log_rate", log_rate, target, sample_weight)
+    _contract.loss("log_rate", log_rate, target, sample_weight)
     record("poisson_fwd_bwd")
     return _elementwise_loss(_poisson_kernel, log_rate, target, sample_weight, 1.0)
 
@@ -1976,7 +1978,7 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     _require_contiguous(param=param, velocity=velocity)
-    _shapes.same("param", param, grad=grad, velocity=velocity)
+    _contract.same("param", param, grad=grad, velocity=velocity)
     record("sgd_update")
     p = _view(param).ravel()
     g = _view(_contiguous(grad)).ravel()
@@ -2009,7 +2011,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
     _require_contiguous(param=param, m=m, v=v)
-    _shapes.same("param", param, grad=grad, m=m, v=v)
+    _contract.same("param", param, grad=grad, m=m, v=v)
     record("adam_update")
     p = _view(param).ravel()
     # AdamW decays the weights (decay < 1, l2 = 0); Adam adds wd * p to the gradient
@@ -2052,7 +2054,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
     _require_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg,
                         momentum_buffer=momentum_buffer)
-    _shapes.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
+    _contract.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
                  momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     p = _view(param).ravel()

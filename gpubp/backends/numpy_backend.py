@@ -42,7 +42,7 @@ import numpy as np
 
 from gpubp import _special, activations, philox
 from gpubp.activations import LEAKY_SLOPE, NEEDS_Z
-from gpubp.backends import _shapes
+from gpubp.backends import _contract
 from gpubp.trace import record
 
 NAME = "numpy"
@@ -364,7 +364,8 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     elsewhere, formed in the bias+activation pass (a second pass for the activations that pass
     does not fuse); ``z`` stays unmasked. The mask is generated, never stored.
     ``precision="bf16"``: x and w rounded to bf16 first (``round_bf16``); "tf32" computes as "fp32"."""
-    _shapes.dense_forward(x, w, b, out, out_z)
+    _contract.dense_forward(x, w, b, out, out_z)
+    _contract.no_mask_on_softmax(act, dropout)
     if precision == "bf16":
         x, w = round_bf16(x), round_bf16(w)
     record("dense_fwd")
@@ -427,13 +428,13 @@ def _masked_copy(src, dropout, out, trace_name: str):
 
 def dropout_forward(x, dropout, out=None):
     """A dropout on its own (on the model's input): ``x * scale`` where the mask keeps, else 0."""
-    _shapes.same("x", x, out=out)
+    _contract.same("x", x, out=out)
     return _masked_copy(x, dropout, out, "dropout_fwd")
 
 
 def dropout_backward(dy, dropout, out=None):
     """The gradient through ``dropout_forward``: the same mask, regenerated, applied to ``dy``."""
-    _shapes.same("dy", dy, out=out)
+    _contract.same("dy", dy, out=out)
     return _masked_copy(dy, dropout, out, "dropout_bwd")
 
 
@@ -487,7 +488,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight);
     ``need_db=False`` with ``need_dw``: dW alone (a frozen bias), ``db`` None and ``out_db`` unwritten.
     ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
-    _shapes.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db)
+    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db)
+    _contract.no_mask_on_softmax(act, dropout)
     sums = need_dw if need_db is None else bool(need_db)  # db comes with dW unless told otherwise
     if not (need_dx or need_dw or sums):
         return None, None, None
@@ -553,7 +555,7 @@ def softmax_(y):
 
 def softmax_backward(dy, y, out):
     """``out = y * (dy - sum(dy * y, axis=1))``: the softmax Jacobian-vector product; ``out`` may be ``dy``."""
-    _shapes.same("dy", dy, y=y, out=out)
+    _contract.same("dy", dy, y=y, out=out)
     record("softmax_bwd")
     activations.backward("softmax", dy, y, None, out)
     return out
@@ -574,7 +576,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     log sum exp(z - m) - (1 - eps)(z_label - m) - eps / C sum(z - m) with m the row max (logsumexp(z)
     - (1 - eps) z_label - eps / C sum(z)), its gradient softmax(z) - target; eps = 0 runs the
     one-hot code alone, as it was before label smoothing."""
-    _shapes.loss("logits", logits, labels=labels, sample_weight=sample_weight)
+    _contract.loss("logits", logits, labels=labels, sample_weight=sample_weight)
     record("ce_fwd_bwd")
     batch, classes = logits.shape
     smoothing = label_smoothing != 0
@@ -655,7 +657,7 @@ def _weighted_mean(per_elem, grad, sample_weight):
 def mse(pred, target, sample_weight=None):
     """Mean squared error over all elements; with ``sample_weight`` (B,) each row's squared
     errors count times its weight (Keras's rule: the weighted sum over the element count)."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("mse_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
     if sample_weight is None:
@@ -672,7 +674,7 @@ def mae(pred, target, sample_weight=None):
     """Mean absolute error over all elements: each element's loss |d| (d = pred - target) and
     its gradient sign(d) / n, 0 where d is 0 or NaN (a NaN makes the loss NaN), as PyTorch's
     L1Loss and the GPU kernels have it; ``sample_weight`` (B,) weights each row as for ``mse``."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("mae_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
     grad = np.subtract(diff > 0, diff < 0, dtype=diff.dtype)  # np.sign(NaN) is NaN
@@ -687,7 +689,7 @@ def huber(pred, target, sample_weight=None, delta=1.0):
     """Huber loss over all elements: with d = pred - target and c = clip(d, -delta, delta), each
     element's loss is c (d - c / 2) (d^2 / 2 inside delta, delta (|d| - delta / 2) outside) and
     its gradient c / n; ``sample_weight`` (B,) weights each row as for ``mse``."""
-    _shapes.loss("pred", pred, target, sample_weight)
+    _contract.loss("pred", pred, target, sample_weight)
     record("huber_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
     clipped = np.clip(diff, -delta, delta)
@@ -702,7 +704,7 @@ def huber(pred, target, sample_weight=None, delta=1.0):
 def bce(logits, target, sample_weight=None):
     """Binary cross-entropy on logits, mean over all elements: max(z,0) - z t + log1p(exp(-|z|));
     ``sample_weight`` (B,) weights each row as for ``mse``."""
-    _shapes.loss("logits", logits, target, sample_weight)
+    _contract.loss("logits", logits, target, sample_weight)
     record("bce_fwd_bwd")
     target = target.astype(logits.dtype, copy=False)
     per_elem = np.abs(logits)
@@ -720,7 +722,7 @@ def bce(logits, target, sample_weight=None):
 def poisson(log_rate, target, sample_weight=None):
     """Poisson negative log-likelihood on log rates z, mean over all elements: exp(z) - t z, its
     gradient (exp(z) - t) / n; ``sample_weight`` (B,) weights each row as for ``mse``."""
-    _shapes.loss("log_rate", log_rate, target, sample_weight)
+    _contract.loss("log_rate", log_rate, target, sample_weight)
     record("poisson_fwd_bwd")
     target = target.astype(log_rate.dtype, copy=False)
     rate = np.exp(log_rate)
@@ -735,7 +737,7 @@ def poisson(log_rate, target, sample_weight=None):
 
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
-    _shapes.same("param", param, grad=grad, velocity=velocity)
+    _contract.same("param", param, grad=grad, velocity=velocity)
     record("sgd_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
@@ -769,7 +771,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
-    _shapes.same("param", param, grad=grad, m=m, v=v)
+    _contract.same("param", param, grad=grad, m=m, v=v)
     record("adam_update")
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
@@ -811,7 +813,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
 def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
                    centered):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
-    _shapes.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
+    _contract.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
                  momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     kernels = _compiled(param.dtype)

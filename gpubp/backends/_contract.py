@@ -1,4 +1,5 @@
-"""The shapes the backend contract's functions take, checked before anything is launched.
+"""What the backend contract's functions take (shapes; no mask on a softmax layer), checked
+before anything is launched.
 
 The GPU kernels index flat memory with sizes read from some of their operands and trust the
 others to match: an ``out`` buffer a row short would be written past its end, a gradient
@@ -10,6 +11,14 @@ so every backend checks its operands here, with the same errors: a few tuple com
 from __future__ import annotations
 
 import numpy as np
+
+
+# A dropped softmax output still depends on its logit through the row's sum, so its gradient is
+# not 0 where the mask is; backward, which sees only the masked output, cannot form it. The torch
+# bridge and the backends refuse such a mask (gpubp's Sequential refuses any layer above a
+# probability head, for this reason and more).
+SOFTMAX_DROPOUT = ("a Dropout after a softmax is not supported: the gradient of a dropped probability needs the "
+                   "unmasked row, which backward does not keep; drop before the softmax layer instead")
 
 
 def _shape(a) -> tuple:
@@ -27,6 +36,12 @@ def matrix(name: str, a) -> tuple[int, int]:
     if len(_shape(a)) != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {_shape(a)}")
     return _shape(a)
+
+
+def no_mask_on_softmax(act: str, dropout) -> None:
+    """A softmax layer's ``dropout`` is None (``SOFTMAX_DROPOUT``)."""
+    if act == "softmax" and dropout is not None:
+        raise ValueError(f"dropout: {SOFTMAX_DROPOUT}")
 
 
 def dense_forward(x, w, b, out=None, out_z=None) -> None:

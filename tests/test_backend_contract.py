@@ -1,4 +1,5 @@
-"""Every backend refuses an operand of the wrong shape before anything is launched.
+"""Every backend refuses an operand of the wrong shape, and a mask on a softmax layer, before
+anything is launched.
 
 The GPU kernels index flat memory with sizes taken from some operands and trust the others to
 match, so a backend function called directly (as benchmarks, custom layers and the gradient
@@ -51,10 +52,11 @@ def arrays(be, *shapes, dtype=np.float32):
     return [be.asarray(rng.standard_normal(shape).astype(dtype)) for shape in shapes]
 
 
-def refused(be, name, call, *watched):
-    """``call()`` raises a ValueError naming ``name``, launches nothing, and leaves ``watched`` as they were."""
+def refused(be, name, call, *watched, why="expected "):
+    """``call()`` raises a ValueError naming ``name`` (then ``why``), launches nothing, and leaves
+    ``watched`` as they were."""
     before = [be.to_host(a).copy() for a in watched]
-    with trace() as t, pytest.raises(ValueError, match=rf"^{name}: expected "):
+    with trace() as t, pytest.raises(ValueError, match=rf"^{name}: {why}"):
         call()
     assert t.total == 0, f"launched before refusing: {dict(t.counts)}"
     for a, old in zip(watched, before):
@@ -88,6 +90,17 @@ def test_the_dx_kernels_activation_below_must_match_dx(be):
     dy, x, w, y, out_dx, act_in = arrays(be, (B, OUT), (B, IN), (IN, OUT), (B, OUT), (B, IN), (B - 1, IN))
     refused(be, "dx_act_in", lambda: be.dense_backward(dy, x, w, y, None, "relu", True, False, out_dx=out_dx,
                                                        dx_act="relu", dx_act_in=act_in), out_dx)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_softmax_layer_takes_no_dropout_mask(be, direction):
+    """Its backward would need the unmasked probabilities, which the masked output has lost where
+    the mask dropped (the layers and the torch bridge refuse the Dropout for the same reason)."""
+    x, w, b, dy, y = arrays(be, (B, IN), (IN, OUT), (OUT,), (B, OUT), (B, OUT))
+    mask = philox.Mask(be.asarray(np.array([1, 2], np.uint32)), *philox.mask_constants(0.5))
+    call = {"forward": lambda: be.dense_forward(x, w, b, "softmax", out=y, dropout=mask),
+            "backward": lambda: be.dense_backward(dy, x, w, y, None, "softmax", True, True, dropout=mask)}[direction]
+    refused(be, "dropout", call, y, why="a Dropout after a softmax is not supported")
 
 
 def test_softmax_backward_refuses_an_out_of_another_shape(be):
