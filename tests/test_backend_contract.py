@@ -130,9 +130,14 @@ def test_elementwise_losses_refuse_a_target_or_weights_of_another_shape(be, loss
     refused(be, wrong, lambda: getattr(be, loss)(pred, target, weights), pred)
 
 
-def test_a_loss_refuses_predictions_that_are_not_2d(be):
-    pred, target = arrays(be, (B,), (B,))
-    refused(be, "pred", lambda: be.mse(pred, target), pred)
+def test_a_weighted_loss_refuses_predictions_that_are_not_a_row_per_sample(be):
+    pred, target, weights = arrays(be, (B,), (B,), (B,))
+    refused(be, "pred", lambda: be.mse(pred, target, weights), pred)
+
+
+def test_cross_entropy_refuses_logits_that_are_not_a_row_per_sample(be):
+    (logits,) = arrays(be, (B,))
+    refused(be, "logits", lambda: be.softmax_cross_entropy(logits, be.asarray(np.zeros(B, np.int64))), logits)
 
 
 UPDATES = {

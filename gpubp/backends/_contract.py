@@ -80,11 +80,13 @@ def same(reference: str, a, **others) -> None:
 
 
 def loss(pred_name: str, pred, target=None, sample_weight=None, labels=None) -> None:
-    """pred (B, C) 2-D; ``target`` of its shape; ``labels`` and ``sample_weight`` (B,)."""
-    batch, _ = matrix(pred_name, pred)
+    """``target`` of ``pred``'s shape; with ``labels`` or ``sample_weight``, which are (B,), pred is
+    (B, C), a row per sample (an unweighted elementwise loss takes any shape)."""
     same(pred_name, pred, target=target)
-    require("labels", labels, (batch,))
-    require("sample_weight", sample_weight, (batch,))
+    if labels is not None or sample_weight is not None:
+        batch, _ = matrix(pred_name, pred)
+        require("labels", labels, (batch,))
+        require("sample_weight", sample_weight, (batch,))
 
 
 def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=None, out_db=None) -> None:
