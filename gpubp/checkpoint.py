@@ -157,8 +157,8 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     state and the History): a bad file is a ValueError naming it and the problem, and then
     nothing, not even the random state, has changed.
     """
+    header, tensors = io.read_file(path)  # first: it refuses a path of the wrong type, naming the argument
     path = Path(path)
-    header, tensors = io.read_file(path)
     section = header.get(io.CHECKPOINT_KEY)
     if not isinstance(section, dict):
         raise ValueError(f"{path}: a model file, not a checkpoint (it holds no optimizer state); load it with gb.load")
@@ -167,7 +167,8 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")
     model = io.model_from(path, header, tensors, device=device, backend=backend)
-    io.check_weights(path, {name: tensors[name] for name in declared}, model.dtype)
+    state_tensors = {name: tensors[name] for name in declared}
+    io.check_weights(path, state_tensors, model.dtype)
     try:
         for key in ("optimizer", "history"):
             if not isinstance(section[key], dict):
@@ -175,10 +176,10 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
         epoch = section["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"the epoch must be an int >= 0, got {epoch!r}")
-        optimizer = _optimizer_from(section["optimizer"], model, tensors)
+        optimizer = _optimizer_from(section["optimizer"], model, state_tensors)
         generator = _random.generator_from_state(section["random_state"])
         history = _history_from(section["history"])
-        scheduler_state = _scheduler_state_from(section.get("scheduler"))
+        scheduler_state = _scheduler_state_from(section.get("scheduler"), len(optimizer.param_groups))
     except KeyError as exc:
         raise ValueError(f"{path}: the checkpoint has no {exc} entry") from None
     except (TypeError, ValueError) as exc:
@@ -190,41 +191,57 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     return Checkpoint(model, optimizer, epoch, history, scheduler_state)
 
 
-def _scheduler_state_from(saved) -> dict | None:
-    """The saved scheduler state (None in a checkpoint of a run without one, or older than schedulers)."""
+def _scheduler_state_from(saved, groups: int) -> dict | None:
+    """The saved scheduler state (None in a checkpoint of a run without one, or older than schedulers),
+    its rates checked for the restored optimizer's ``groups`` param groups: loading the state puts
+    them into the optimizer."""
     if saved is None:
         return None
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
-            or saved.get("class") not in lr_scheduler.__all__:
+    # After _from_json: it reads a state of {"float": "nan"} as a number.
+    state = _from_json(saved.get("state")) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or saved.get("class") not in lr_scheduler.__all__:
         raise ValueError("the scheduler entry must name a gpubp.optim.lr_scheduler class and hold its state")
-    return _from_json(saved["state"])
+    lr_scheduler.check_rates(state, groups, "the scheduler's state")
+    return state
 
 
 def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarray]) -> optim.Optimizer:
-    cls = OPTIMIZER_CLASSES.get(saved["class"])
+    """The optimizer ``saved`` describes, over ``model``'s parameters, its state arrays from ``tensors``."""
+    name = saved["class"]
+    cls = OPTIMIZER_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"unknown optimizer {saved['class']!r}; expected one of {sorted(OPTIMIZER_CLASSES)}")
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZER_CLASSES)}")
     params = model.parameters()
     positions = saved["params"]
-    if not isinstance(positions, list) or len(set(positions)) != len(positions) \
-            or not all(isinstance(i, int) and 0 <= i < len(params) for i in positions):
+    if not isinstance(positions, list) or not all(_is_index(i) and i < len(params) for i in positions) \
+            or len(set(positions)) != len(positions):
         raise ValueError(f"the optimizer's parameters {positions!r} are not distinct positions in the "
                          f"model's {len(params)} parameters")
     groups = saved["param_groups"]
     if not isinstance(groups, list) or not groups:
         raise ValueError("the optimizer's param_groups must be a non-empty list")
-    listed = [i for group in groups for i in (group.get("params", []) if isinstance(group, dict) else [])]
+    for g, group in enumerate(groups):
+        listed = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(listed, list) or not all(_is_index(i) for i in listed):
+            found = f"'params' {listed!r}" if isinstance(group, dict) else repr(group)
+            raise ValueError(f"the optimizer's param_groups[{g}] must be an object whose 'params' lists parameter "
+                             f"indices (ints >= 0), got {found}")
+    listed = [i for group in groups for i in group["params"]]
     if sorted(listed) != list(range(len(positions))):
         raise ValueError(f"the optimizer's param groups list the parameters {listed}, expected each of "
                          f"0..{len(positions) - 1} once")
     optimizer = cls([{"params": [params[positions[i]] for i in group["params"]]} for group in groups])
     if not isinstance(saved["state"], dict):
         raise ValueError("the optimizer's state is not an object")
+    indices = {str(i): i for i in range(len(positions))}  # as the writer spells them, so no two keys name one
     state = {}
     for key, entries in saved["state"].items():
+        if key not in indices:
+            raise ValueError(f"the optimizer's state key {key!r} is not a parameter index; expected an int from "
+                             f"'0' to '{len(positions) - 1}', written without sign, spaces or leading zeros")
         if not isinstance(entries, dict):
             raise ValueError(f"the optimizer's state {key!r} is not an object")
-        state[int(key)] = {name: _state_entry(value, tensors) for name, value in entries.items()}
+        state[indices[key]] = {name: _state_entry(value, tensors) for name, value in entries.items()}
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (TypeError, ValueError) as exc:
@@ -232,12 +249,20 @@ def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarra
     return optimizer
 
 
+def _is_index(value) -> bool:
+    """A position as JSON writes one: an int >= 0 (not a bool, nor a float such as 1.0)."""
+    return type(value) is int and value >= 0
+
+
 def _state_entry(value, tensors: dict[str, np.ndarray]):
-    """An array entry is a reference ``{"tensor": name}`` to a declared tensor; counters and None are inline."""
+    """An array entry is a reference ``{"tensor": name}`` to one of the checkpoint's declared
+    ``tensors``; counters and None are inline."""
     if isinstance(value, dict):
-        if value.get("tensor") not in tensors:
-            raise ValueError(f"the optimizer's state refers to {value!r}, which is not a tensor of the file")
-        return tensors[value["tensor"]]
+        name = value.get("tensor")
+        if not isinstance(name, str) or name not in tensors:
+            raise ValueError(f"the optimizer's state refers to {value!r}; expected {{'tensor': name}} naming one "
+                             "of the checkpoint's tensors")
+        return tensors[name]
     if isinstance(value, list):
         raise ValueError("the optimizer's state holds an array inline; arrays must be tensors of the file")
     return value

@@ -6,9 +6,11 @@ frozen, where the Dropout layers stand and their rates) and the weights under th
 :func:`load` rebuilds the model. ``.npz`` files are written and
 read without pickle. Writes are atomic: a temporary file in the same folder, synced to
 disk, renamed over the target, then the folder synced, so a crash leaves the old file or
-the new one. Loading checks the whole file (its framing, every shape and dtype, finite
+the new one; the file keeps the permissions of the one it replaces (a new one gets those
+``open()`` gives). Loading checks the whole file (its framing, every shape and dtype, finite
 weights, no missing or extra tensors) before it builds anything, and names the file and
-the problem in a ValueError otherwise.
+the problem in a ValueError otherwise; an .npz entry is inflated only once the header has
+said that it belongs in the file and how large it can be.
 
 >>> import os, tempfile, numpy as np, gpubp as gb
 >>> model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")
@@ -20,12 +22,14 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
-import tempfile
+import secrets
+import stat
 import tokenize
 import zipfile
 import zlib
@@ -55,6 +59,17 @@ ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # handed to more decompressors (bzip2, lzma) and their own errors.
 NPZ_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# The longest .npy header dictionary read (NumPy's own default limit), and the most bytes an entry
+# may hold before its array data: the 12-byte preamble of a version 2.0 header (magic, version,
+# length) and the dictionary.
+NPY_MAX_HEADER = 10_000
+NPY_HEADER_ALLOWANCE = 12 + NPY_MAX_HEADER
+# The widest dtype a tensor of a gpubp file holds (float64), which bounds an entry's array data.
+MAX_ITEMSIZE = max(dtype.itemsize for dtype in WEIGHT_DTYPES)
+# The most bytes the '__architecture__' entry may hold, before anything says what it should hold:
+# the cap the safetensors format puts on its header (100 MB). Its JSON text is stored as UTF-32,
+# so this is 25 million characters, far more than a model's or a long run's header takes.
+ARCHITECTURE_ENTRY_LIMIT = 100_000_000
 # What NumPy's .npy header parser raises, besides ValueError, on a damaged or forged header: it
 # evaluates the header with ast.literal_eval, retries one that is no Python literal after passing it
 # through tokenize (tokenize.TokenError), and builds a dtype from whatever literal it finds.
@@ -62,8 +77,14 @@ NPY_HEADER_ERRORS = (SyntaxError, tokenize.TokenError, TypeError, KeyError, Inde
                      MemoryError, RecursionError)
 
 
+def _path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):  # Path's own TypeError names no argument
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def _suffix(path) -> str:
-    suffix = Path(path).suffix.lower()
+    suffix = _path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"path: expected a file ending in {' or '.join(SUFFIXES)}, got {str(path)!r}")
     return suffix
@@ -121,10 +142,10 @@ def _temp_prefix(path: Path) -> str:
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's pid is in the name, so a later save can tell a killed writer's leftover from a live one's.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
+            _keep_mode(path, tmp)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -135,6 +156,35 @@ def _atomic_write(path: Path, write) -> None:
         raise
     _sync_folder(path.parent)
     _remove_orphaned_temps(path)
+
+
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, open for writing, with the permissions ``open()`` (and
+    np.save) give a new file: 0o666 less the umask.
+
+    The kernel applies the umask to the mode 0o666 asked for here, so the umask is never read:
+    reading it means setting it (os.umask), which races with the files other threads create
+    meanwhile. (tempfile.mkstemp would create the file 0o600, and the saved file would keep that.)
+    The writer's pid is in the name, so a later save can tell a killed writer's leftover from a
+    live one's.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another thread of this process drew the same name
+            continue
+
+
+def _keep_mode(path: Path, tmp: Path) -> None:
+    """Give ``tmp`` the permissions of the file ``path`` that it is to replace, where there is one,
+    as overwriting the file in place would have kept them."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:  # a new file: it keeps what the umask gave it
+        return
+    os.chmod(tmp, mode)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -176,9 +226,10 @@ def _process_alive(pid: int) -> bool:
 
 def write_file(path, header: dict, tensors: dict[str, np.ndarray]) -> None:
     """Write ``header`` (JSON) and ``tensors`` to ``path`` (.npz or .safetensors), atomically."""
+    suffix = _suffix(path)
     path = Path(path)
     text = json.dumps(header, default=_json_scalar)
-    if _suffix(path) == ".npz":
+    if suffix == ".npz":
         _atomic_write(path, lambda f: np.savez(f, __architecture__=np.array(text), **tensors))
     else:
         _atomic_write(path, lambda f: _safetensors.write(f, tensors, {"gpubp": text}))
@@ -203,9 +254,7 @@ def save(model: Sequential, path) -> None:
 
 
 def _model_suffix(path) -> str:
-    if not isinstance(path, (str, os.PathLike)):  # Path's own TypeError names no argument
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    suffix = Path(path).suffix.lower()
+    suffix = _path(path).suffix.lower()
     if suffix not in MODEL_SUFFIXES:
         raise ValueError(f"path: expected a file ending in {', '.join(MODEL_SUFFIXES[:-1])} or {MODEL_SUFFIXES[-1]}, "
                          f"got {str(path)!r}")
@@ -228,56 +277,110 @@ def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
 
 def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(header, tensors)`` of a gpubp file, after checking its framing; ValueError naming the file otherwise."""
-    path = Path(path)
     suffix = _suffix(path)
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    if suffix == ".npz":
+        return _read_npz(path)
+    with _naming(path):
+        text, tensors = _read_safetensors(path)
+    return _header(path, text), tensors
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """A failure to read the file ``path`` as a ValueError naming it."""
     try:
-        text, tensors = _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
+        yield
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # zlib: a compressed entry's data is damaged
         raise ValueError(f"{path}: {NPZ_UNREADABLE} ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def _header(path: Path, text: str) -> dict:
     try:
         header = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested past Python's depth limit
         raise ValueError(f"{path}: the gpubp header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the gpubp header is a JSON {type(header).__name__}, expected an object")
-    return header, tensors
+    return header
 
 
-def _read_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
-    """The ``__architecture__`` text and the other arrays of an .npz archive, read without np.load.
+def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and the other arrays of an .npz archive, read without np.load.
 
     np.load parses an entry's .npy header from the entry's first bytes, before zipfile reaches the
     CRC at the entry's end, and allocates the array the header describes before reading its data:
     a damaged header byte escaped as a tokenize or syntax error, a forged shape as a MemoryError.
     Here every entry is read whole first (zipfile checks its CRC) and its header is checked against
     the bytes actually present before any array is allocated (:func:`_npz_entry`).
+
+    A deflated entry may inflate to a thousand times its stored size, so no entry is read before
+    its uncompressed size is known to fit what it should hold: the ``__architecture__`` entry is
+    read first, within ``ARCHITECTURE_ENTRY_LIMIT``; then the architecture it describes is checked,
+    and says which other entries the archive may hold and how large each array can be. An entry it
+    does not call for, or one larger than its array, is refused unread.
     """
-    with open(path, "rb") as f:
-        start = f.read(len(ZIP_SIGNATURES[0]))
-    if len(start) < len(ZIP_SIGNATURES[0]):
-        raise EOFError(f"the file holds {len(start)} bytes, too few for a zip archive")
-    if start not in ZIP_SIGNATURES:  # as np.load: a zip archive starts with a zip signature
-        raise ValueError("not an .npz archive (it does not start with a zip signature)")
-    with zipfile.ZipFile(path) as archive:
-        entries = {}
-        for info in archive.infolist():
-            key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename  # as np.load
-            if key in entries:  # two entries under one name: which one is the file's is anybody's guess
-                raise ValueError(f"entry {key!r} appears twice in the archive")
-            entries[key] = info
-        if "__architecture__" not in entries:
-            raise ValueError("not a gpubp model file (no '__architecture__' entry)")
-        return (str(_npz_entry(archive, "__architecture__", entries["__architecture__"])),
-                {key: _npz_entry(archive, key, info) for key, info in entries.items() if key != "__architecture__"})
+    with _naming(path):
+        with open(path, "rb") as f:
+            start = f.read(len(ZIP_SIGNATURES[0]))
+        if len(start) < len(ZIP_SIGNATURES[0]):
+            raise EOFError(f"the file holds {len(start)} bytes, too few for a zip archive")
+        if start not in ZIP_SIGNATURES:  # as np.load: a zip archive starts with a zip signature
+            raise ValueError("not an .npz archive (it does not start with a zip signature)")
+        archive = zipfile.ZipFile(path)
+    with archive:
+        with _naming(path):
+            entries = _npz_entries(archive)
+            text = str(_npz_entry(archive, "__architecture__", entries.pop("__architecture__"),
+                                  ARCHITECTURE_ENTRY_LIMIT, "the header entry may hold (the cap the safetensors "
+                                  "format puts on its header)"))
+        header = _header(path, text)
+        limits = _npz_limits(path, header)
+        _refuse_unexpected(path, entries, limits)
+        with _naming(path):
+            return header, {key: _npz_entry(archive, key, info, *limits[key]) for key, info in entries.items()}
 
 
-def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> np.ndarray:
+def _npz_entries(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The archive's entries by the names np.load gives their arrays, ``__architecture__`` among them."""
+    entries = {}
+    for info in archive.infolist():
+        key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename  # as np.load
+        if key in entries:  # two entries under one name: which one is the file's is anybody's guess
+            raise ValueError(f"entry {key!r} appears twice in the archive")
+        entries[key] = info
+    if "__architecture__" not in entries:
+        raise ValueError("not a gpubp model file (no '__architecture__' entry)")
+    return entries
+
+
+def _npz_limits(path: Path, header: dict) -> dict[str, tuple[int, str]]:
+    """The most bytes each entry that ``header`` calls for may hold, and what sets that bound: a
+    .npy header and the array, of the shape the architecture gives it, in the widest dtype."""
+    shapes = _weight_shapes(_layer_specs(path, header))
+    counts = {key: (math.prod(shape), f"a float64 array of shape {shape}") for key, shape in shapes.items()}
+    largest = max(count for count, _ in counts.values())
+    for key in extra_tensor_names(path, header):
+        # A checkpoint's optimizer state: arrays each shaped like one of the model's parameters.
+        counts.setdefault(key, (largest, f"a float64 array of the model's largest parameter ({largest} elements)"))
+    return {key: (NPY_HEADER_ALLOWANCE + count * MAX_ITEMSIZE, f"{array} takes with its .npy header")
+            for key, (count, array) in counts.items()}
+
+
+def _refuse_unexpected(path: Path, keys, expected) -> None:
+    unexpected = set(keys) - set(expected)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected keys {sorted(unexpected)}")
+
+
+def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, limit: int, bound: str) -> np.ndarray:
     """The array an .npz entry holds, as np.load(allow_pickle=False) would return it (never unpickled).
 
+    An entry whose uncompressed size exceeds ``limit`` bytes (what ``bound`` says) is refused unread.
     The entry's bytes are read whole, so zipfile checks its CRC before its header is parsed, in
     memory; the header's shape times its itemsize must then be exactly the bytes after the header,
     checked before the array is allocated. Any failure is a ValueError naming the entry.
@@ -287,8 +390,13 @@ def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> np.
     if info.compress_type not in NPZ_COMPRESSIONS:
         raise ValueError(f"entry {key!r}: zip compression method {info.compress_type}, expected stored (0) or "
                          "deflated (8), the ones NumPy writes")
+    if info.file_size > limit:
+        raise ValueError(f"entry {key!r}: {info.file_size} bytes uncompressed, more than the {limit} bytes {bound}")
     try:
-        raw = archive.read(info)
+        # Exactly the size the zip directory gives, checked above: archive.read(info) would inflate
+        # the whole deflate stream, however long, before it cut the output to that size.
+        with archive.open(info) as entry:
+            raw = entry.read(info.file_size)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise ValueError(f"{NPZ_UNREADABLE} ({exc}; in entry {key!r})") from None
     if not raw.startswith(np.lib.format.MAGIC_PREFIX):  # np.load returns such an entry as raw bytes
@@ -298,7 +406,7 @@ def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> np.
         major, minor = np.lib.format.read_magic(buffer)
         if (major, minor) not in NPY_HEADER_READERS:  # 3.0 only for dtypes with non-Latin-1 field names
             raise ValueError(f".npy format version {major}.{minor}, expected 1.0 or 2.0")
-        shape, fortran_order, dtype = NPY_HEADER_READERS[major, minor](buffer)
+        shape, fortran_order, dtype = NPY_HEADER_READERS[major, minor](buffer, max_header_size=NPY_MAX_HEADER)
     except ValueError as exc:
         raise ValueError(f"entry {key!r}: {exc}") from None
     except NPY_HEADER_ERRORS as exc:
@@ -359,6 +467,14 @@ def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, tup
     return [(sizes[i], sizes[i + 1], acts[i], names[i], flags[i]) for i in range(len(acts))]
 
 
+def _weight_shapes(specs: list[tuple]) -> dict[str, tuple[int, ...]]:
+    """The name and shape of each tensor of the layers ``specs`` describe (:func:`_layer_specs`)."""
+    shapes = {}
+    for i, (fan_in, fan_out, *_rest) in enumerate(specs):
+        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (fan_in, fan_out), (fan_out,)
+    return shapes
+
+
 def _dropout_specs(path: Path, header: dict, dense_count: int) -> list[tuple[int, float, str]]:
     """(position, rate, name) of each Dropout the header lists, checked: positions distinct and
     within the model that the Dense layers and these make."""
@@ -408,17 +524,14 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
     path = Path(path)
     specs = _layer_specs(path, header)
     weights = {}
-    for i, (fan_in, fan_out, *_rest) in enumerate(specs):
-        for key, shape in ((f"layers.{i}.weight", (fan_in, fan_out)), (f"layers.{i}.bias", (fan_out,))):
-            if key not in tensors:
-                raise ValueError(f"{path}: missing key {key!r}")
-            if tensors[key].shape != shape:
-                raise ValueError(f"{path}: {key!r} has shape {tensors[key].shape}, expected {shape} "
-                                 "(the header's architecture)")
-            weights[key] = tensors[key]
-    extra = set(tensors) - set(weights) - set(extra_tensor_names(path, header))
-    if extra:
-        raise ValueError(f"{path}: unexpected keys {sorted(extra)}")
+    for key, shape in _weight_shapes(specs).items():
+        if key not in tensors:
+            raise ValueError(f"{path}: missing key {key!r}")
+        if tensors[key].shape != shape:
+            raise ValueError(f"{path}: {key!r} has shape {tensors[key].shape}, expected {shape} "
+                             "(the header's architecture)")
+        weights[key] = tensors[key]
+    _refuse_unexpected(path, tensors, [*weights, *extra_tensor_names(path, header)])
     dtype = check_weights(path, weights)
     # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
     layers = [Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)

@@ -846,8 +846,9 @@ class Sequential:
 
     # --------------------------------------------------------------------- copies
 
-    # What fit sets that a copy leaves out: an optimizer's state is keyed by the original's
-    # Parameters (by id), and a scheduler steps that optimizer. ``compile`` settings are kept.
+    # What fit sets that a copy leaves out (fit sets them again for the copy): the optimizer
+    # updates the original's Parameters, and a scheduler steps that optimizer (copy an optimizer
+    # with its model in one deepcopy for one of the copy's). ``compile`` settings are kept.
     _not_copied = ("_scratch", "_needs_cache", "_stored_plan", "_fused_saved", "optimizer", "scheduler",
                    "_named_optimizers")
 

@@ -3,6 +3,7 @@ file and the problem, and load nothing, not even the random state, for every cas
 
 import json
 import re
+import tracemalloc
 import zipfile
 from io import BytesIO
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import gpubp as gb
 from gpubp import _random, io
 from gpubp.checkpoint import save_checkpoint
+from gpubp.optim.lr_scheduler import StepLR
 
 SUFFIXES = [".npz", ".safetensors"]
 LOADERS = {
@@ -42,11 +44,12 @@ def trained(sizes=(4, 6, 3)):
     return model, opt, history
 
 
-def checkpoint_parts(tmp_path, suffix, sizes=(4, 6, 3)):
-    """(header, tensors) of a valid checkpoint: the material each test spoils."""
+def checkpoint_parts(tmp_path, suffix, sizes=(4, 6, 3), scheduled=False):
+    """(header, tensors) of a valid checkpoint, ``scheduled`` with a StepLR's state: the material each test spoils."""
     path = tmp_path / f"valid{suffix}"
     model, optimizer, history = trained(sizes)
-    save_checkpoint(path, model, optimizer, epoch=2, history=history)
+    scheduler = StepLR(optimizer, step_size=1) if scheduled else None
+    save_checkpoint(path, model, optimizer, epoch=2, history=history, scheduler=scheduler)
     return io.read_file(path)
 
 
@@ -258,6 +261,49 @@ def test_a_forged_random_state(tmp_path, suffix):
                     "random state: expected the state of a PCG64 generator")
 
 
+@pytest.mark.parametrize("rate, problem", [
+    ({"float": "nan"}, "expected a finite number >= 0, got nan"),
+    (-5.0, "expected a finite number >= 0, got -5.0"),
+    ("0.1", "expected a number >= 0, got str '0.1'"),
+], ids=["nan", "negative", "str"])
+def test_a_scheduler_rate_the_optimizer_would_refuse(tmp_path, suffix, rate, problem):
+    """Loading the scheduler's state puts its ``_last_lr`` into the restored optimizer."""
+    header, tensors = checkpoint_parts(tmp_path, suffix, scheduled=True)
+    header["checkpoint"]["scheduler"]["state"]["_last_lr"] = [rate]
+    expect_rejected(LOADERS["load_checkpoint"], written(tmp_path, suffix, header, tensors),
+                    r"the scheduler's state\['_last_lr'\]\[0\]: " + problem)
+
+
+OPTIMIZER_FORGERIES = {
+    "class_a_list": (lambda saved: saved.__setitem__("class", ["Adam"]),
+                     r"unknown optimizer \['Adam'\]; expected one of \['Adam', 'AdamW', 'RMSprop', 'SGD'\]"),
+    "positions_bools": (lambda saved: saved.__setitem__("params", [False, True, 2, 3]),
+                        r"the optimizer's parameters \[False, True, 2, 3\] are not distinct positions in the "
+                        r"model's 4 parameters"),
+    "group_indices_floats": (lambda saved: saved["param_groups"][0].__setitem__("params", [0.0, 1.0, 2.0, 3.0]),
+                             r"the optimizer's param_groups\[0\] must be an object whose 'params' lists parameter "
+                             r"indices \(ints >= 0\), got 'params' \[0.0, 1.0, 2.0, 3.0\]"),
+    "state_key_a_word": (lambda saved: saved["state"].__setitem__("x", saved["state"]["0"]),
+                         r"the optimizer's state key 'x' is not a parameter index; expected an int from '0' to '3'"),
+    "state_key_spaced": (lambda saved: saved["state"].__setitem__(" 0", saved["state"].pop("0")),
+                         r"the optimizer's state key ' 0' is not a parameter index"),
+    "state_key_zero_padded": (lambda saved: saved["state"].__setitem__("01", saved["state"]["1"]),
+                              r"the optimizer's state key '01' is not a parameter index"),
+    "tensor_reference_a_list": (lambda saved: saved["state"]["0"].__setitem__("m", {"tensor": [1]}),
+                                r"the optimizer's state refers to \{'tensor': \[1\]\}; expected \{'tensor': name\} "
+                                r"naming one of the checkpoint's tensors"),
+    "tensor_reference_to_a_weight": (lambda saved: saved["state"]["0"].__setitem__("m", {"tensor": "layers.0.weight"}),
+                                     r"the optimizer's state refers to \{'tensor': 'layers.0.weight'\}"),
+}
+
+
+@pytest.mark.parametrize("forge, problem", OPTIMIZER_FORGERIES.values(), ids=OPTIMIZER_FORGERIES.keys())
+def test_a_forged_optimizer_entry_is_named_with_what_was_expected(tmp_path, suffix, forge, problem):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    forge(header["checkpoint"]["optimizer"])
+    expect_rejected(LOADERS["load_checkpoint"], written(tmp_path, suffix, header, tensors), problem)
+
+
 def test_a_history_with_ragged_columns(tmp_path, suffix):
     header, tensors = checkpoint_parts(tmp_path, suffix)
     header["checkpoint"]["history"]["history"]["loss"].pop()
@@ -414,6 +460,93 @@ def test_an_npy_entry_with_bytes_after_its_array_data(tmp_path, loader):
     rewrite_npz_entry(path, "layers.0.weight.npy", lambda raw: raw + bytes(4))
     expect_rejected(loader, path, r"entry 'layers.0.weight': 4 bytes after the array data \(the header's shape "
                                   r"\(4, 6\) of float32 needs 96 bytes, the entry holds 100\)")
+
+
+# Zeros deflate about a thousandfold: this many inflate from an entry of some 16 KB.
+BOMB_BYTES = 16 * 2**20
+
+
+def with_deflated_zeros(path, name, size=BOMB_BYTES):
+    """Rewrite the archive with its entry ``name`` (added, or in place of the one there) a deflated
+    .npy array of ``size`` zero bytes, written in pieces so that the test itself holds few."""
+    with zipfile.ZipFile(path) as archive:
+        kept = {info.filename: archive.read(info) for info in archive.infolist() if info.filename != name}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for entry, raw in kept.items():
+            archive.writestr(entry, raw)
+        with archive.open(name, "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+            piece = bytes(2**20)
+            for _ in range(size // len(piece)):
+                f.write(piece)
+    return path
+
+
+def understate_size(path, name, size):
+    """Write ``size`` as the entry ``name``'s uncompressed size in the zip's central directory, where
+    zipfile reads it: byte 24 of the entry's record, whose name starts at byte 46 and whose name,
+    extra field and comment lengths are at bytes 28, 30 and 32."""
+    with zipfile.ZipFile(path) as archive:
+        record = archive.start_dir
+    blob = bytearray(path.read_bytes())
+    lengths = [int.from_bytes(blob[record + at:record + at + 2], "little") for at in (28, 30, 32)]
+    while blob[record + 46:record + 46 + lengths[0]] != name.encode():
+        record += 46 + sum(lengths)
+        lengths = [int.from_bytes(blob[record + at:record + at + 2], "little") for at in (28, 30, 32)]
+    blob[record + 24:record + 28] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(blob))
+
+
+def rejected_within(limit, loader, path, problem):
+    """:func:`expect_rejected`, with the memory allocated meanwhile peaking below ``limit`` bytes."""
+    tracemalloc.start()
+    try:
+        expect_rejected(loader, path, problem)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"{peak} bytes allocated to refuse the file"
+
+
+def test_an_unexpected_deflated_entry_is_refused_unread(tmp_path, loader):
+    """A deflate bomb beside the model: the header, read first, calls for no such entry."""
+    path = with_deflated_zeros(written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz")), "junk.npy")
+    rejected_within(BOMB_BYTES // 8, loader, path, r"unexpected keys \['junk'\]")
+
+
+def test_an_entry_larger_than_its_array_is_refused_unread(tmp_path, loader):
+    """Its size in the zip directory exceeds what the header's shape holds in float64, the widest
+    dtype, with a .npy header of NumPy's longest (10,000 bytes, and a 12-byte preamble)."""
+    path = with_deflated_zeros(written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz")), "layers.0.weight.npy")
+    rejected_within(BOMB_BYTES // 8, loader, path, rf"entry 'layers.0.weight': {BOMB_BYTES + 128} bytes "
+                    r"uncompressed, more than the 10204 bytes a float64 array of shape \(4, 6\) takes with its "
+                    r".npy header")
+
+
+def test_an_optimizer_entry_larger_than_the_largest_parameter_is_refused_unread(tmp_path):
+    """The optimizer's state arrays are shaped like the model's parameters, the largest of 4 x 6 here."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    with_deflated_zeros(path, "optimizer.state.0.m.npy")
+    rejected_within(BOMB_BYTES // 8, LOADERS["load_checkpoint"], path,
+                    rf"entry 'optimizer.state.0.m': {BOMB_BYTES + 128} bytes uncompressed, more than the 10204 "
+                    r"bytes a float64 array of the model's largest parameter \(24 elements\) takes")
+
+
+def test_an_entry_that_inflates_past_the_size_in_the_zip_directory_is_read_no_further(tmp_path, loader):
+    """zipfile's read() would inflate the whole deflate stream before cutting it to the size the
+    directory gives; the entry is read to that size, where its CRC fails."""
+    path = with_deflated_zeros(written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz")), "layers.0.weight.npy")
+    understate_size(path, "layers.0.weight.npy", 224)
+    rejected_within(BOMB_BYTES // 8, loader, path, r"not a readable .npz archive, truncated or corrupt \(Bad CRC-32 "
+                                                   r"for file 'layers.0.weight.npy'; in entry 'layers.0.weight'\)")
+
+
+def test_a_header_entry_past_its_cap_is_refused_unread(tmp_path, loader, monkeypatch):
+    """Before the header is read nothing says how large it should be: it has a cap of its own."""
+    monkeypatch.setattr(io, "ARCHITECTURE_ENTRY_LIMIT", BOMB_BYTES // 16)
+    path = with_deflated_zeros(written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz")), "__architecture__.npy")
+    rejected_within(BOMB_BYTES // 8, loader, path, rf"entry '__architecture__': {BOMB_BYTES + 128} bytes "
+                    rf"uncompressed, more than the {BOMB_BYTES // 16} bytes the header entry may hold")
 
 
 @pytest.mark.parametrize("forge", [

@@ -2,6 +2,8 @@
 
 import json
 import os
+import stat
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -171,6 +173,40 @@ def test_a_failing_rename_leaves_the_existing_file_intact(tmp_path, suffix, monk
     assert os.listdir(tmp_path) == [path.name]
 
 
+posix_only = pytest.mark.skipif(os.name != "posix", reason="permission bits are POSIX's")
+
+
+@pytest.fixture
+def umask_022():
+    """The common umask 0o022 (new files 0o644) for one test; the process's own is restored after it."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@posix_only
+def test_a_new_file_gets_the_permissions_open_gives_one(tmp_path, suffix, umask_022):
+    """0o666 less the umask, as np.save and open() give, not the 0o600 of a temporary file."""
+    path, reference = tmp_path / f"m{suffix}", tmp_path / "made_by_open"
+    reference.touch()
+    trained_model().save(path)
+    assert mode(path) == mode(reference) == 0o644
+
+
+@posix_only
+@pytest.mark.parametrize("permissions", [0o664, 0o640, 0o444], ids=oct)
+def test_overwriting_a_file_keeps_its_permissions(tmp_path, suffix, umask_022, permissions):
+    path = tmp_path / f"m{suffix}"
+    path.touch()
+    path.chmod(permissions)
+    trained_model().save(path)
+    assert mode(path) == permissions
+
+
 # ----------------------------------------------------------------------------- bad files
 
 
@@ -235,8 +271,13 @@ def test_an_unknown_suffix_is_a_value_error(tmp_path):
         trained_model().save(tmp_path / "m.pt")
 
 
-@pytest.mark.parametrize("call, found", [(lambda: gb.load(None), "NoneType"),
-                                         (lambda: gb.Sequential([gb.Dense(2, 1)], device="cpu").save(123), "int")])
+@pytest.mark.parametrize("call, found", [
+    (lambda: gb.load(None), "NoneType"),
+    (lambda: gb.load(b"m.npz"), "bytes"),
+    (lambda: gb.Sequential([gb.Dense(2, 1)], device="cpu").save(123), "int"),
+    (lambda: gb.load_checkpoint(BytesIO(), device="cpu"), "BytesIO"),
+    (lambda: gb.load_checkpoint(b"run.npz", device="cpu"), "bytes"),
+], ids=["load None", "load bytes", "save int", "load_checkpoint BytesIO", "load_checkpoint bytes"])
 def test_a_path_that_is_no_path_is_a_type_error_naming_it(call, found):
     with pytest.raises(TypeError, match=f"path: expected a str or os.PathLike, got {found}"):
         call()

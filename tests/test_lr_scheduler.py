@@ -2,6 +2,7 @@
 group by group, with the same arguments; state_dict round trips; bad arguments."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -202,6 +203,69 @@ def test_loading_the_state_of_another_scheduler_class_is_refused_naming_both():
         ours.ExponentialLR(optimizer, gamma=0.9).load_state_dict(state)
 
 
+def group_options(optimizer):
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def stepped(make, kind="sgd", count=6):
+    """A scheduler built by ``make`` on a fresh optimizer of three groups, stepped ``count`` times."""
+    scheduler = make(optimizers(kind)[0])
+    for _ in range(count):
+        scheduler.step()
+    return scheduler
+
+
+@pytest.mark.parametrize("key, rate, error, message", [
+    ("_last_lr", math.nan, ValueError, r"state_dict\['_last_lr'\]\[1\]: expected a finite number >= 0, got nan"),
+    ("_last_lr", -5.0, ValueError, r"state_dict\['_last_lr'\]\[1\]: expected a finite number >= 0, got -5.0"),
+    ("_last_lr", "0.1", TypeError, r"state_dict\['_last_lr'\]\[1\]: expected a number >= 0, got str '0.1'"),
+    ("base_lrs", math.inf, ValueError, r"state_dict\['base_lrs'\]\[1\]: expected a finite number >= 0, got inf"),
+], ids=["nan", "negative", "str", "base_lrs_inf"])
+def test_a_state_with_a_rate_the_optimizer_would_refuse_is_refused_before_anything_changes(key, rate, error, message):
+    """Loading puts ``_last_lr`` into the optimizer, so it is held to the optimizer's rule for ``lr``."""
+    scheduler = stepped(lambda opt: ours.StepLR(opt, step_size=2))
+    state = scheduler.state_dict()
+    state[key][1] = rate
+    before = group_options(scheduler.optimizer), scheduler.state_dict()
+    with pytest.raises(error, match=message):
+        scheduler.load_state_dict(state)
+    assert (group_options(scheduler.optimizer), scheduler.state_dict()) == before
+
+
+def test_multistep_lr_refuses_milestones_that_are_no_epochs_before_anything_changes():
+    scheduler = stepped(lambda opt: ours.MultiStepLR(opt, milestones=[2, 4]))
+    state = scheduler.state_dict()
+    state["milestones"], state["last_epoch"] = [2, [4]], 9
+    before = group_options(scheduler.optimizer), scheduler.state_dict()
+    with pytest.raises(TypeError, match=r"state_dict\['milestones'\]\[1\]: expected a positive int, got list \[4\]"):
+        scheduler.load_state_dict(state)
+    assert (group_options(scheduler.optimizer), scheduler.state_dict()) == before
+
+
+def two_phases(optimizer):
+    return ours.SequentialLR(optimizer, [ours.LinearLR(optimizer, start_factor=0.5, total_iters=4),
+                                         ours.ExponentialLR(optimizer, gamma=0.5)], [4])
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda state: state.__setitem__("_last_lr", state["_last_lr"] * 2),
+     r"state_dict: '_last_lr' must hold one rate per param group \(3\)"),
+    (lambda state: state["_schedulers"][1].pop("gamma"), r"state_dict: expected the entries .* of a ExponentialLR"),
+    (lambda state: state["_schedulers"][1]["_last_lr"].__setitem__(0, -1.0),
+     r"state_dict\['_schedulers'\]\[1\]\['_last_lr'\]\[0\]: expected a finite number >= 0, got -1.0"),
+], ids=["its_own_rates", "second_schedulers_entries", "second_schedulers_rate"])
+def test_sequential_lr_refuses_a_bad_state_before_loading_any_of_its_schedulers(spoil, message):
+    """Saved in the second phase: a load that set the first scheduler's state, or the optimizer's
+    rates, before it reached the bad entry would leave them changed."""
+    state = stepped(two_phases).state_dict()
+    spoil(state)
+    scheduler = stepped(two_phases, count=1)
+    before = group_options(scheduler.optimizer), scheduler.state_dict()
+    with pytest.raises(ValueError, match=message):
+        scheduler.load_state_dict(state)
+    assert (group_options(scheduler.optimizer), scheduler.state_dict()) == before
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 
@@ -225,10 +289,6 @@ def test_bad_arguments_are_named(make, error, message):
     optimizer = optimizers("sgd")[0]
     with pytest.raises(error, match=message):
         make(optimizer)
-
-
-def group_options(optimizer):
-    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,6 +1,7 @@
 """Optimizer state_dict / load_state_dict: PyTorch's layout, exact round trips, any device, clear errors."""
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -169,6 +170,44 @@ def test_reloading_its_own_state_moves_it_with_a_model_that_changed_device(backe
     opt.load_state_dict(opt.state_dict())
     assert all(type(opt.state[id(p)]["velocity"]) is np.ndarray for p in model.parameters())
     assert_same_state(opt.state_dict(), saved)
+
+
+# ----------------------------------------------------------------------------- copies
+
+CLONES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
+
+
+@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_a_copied_optimizer_steps_its_own_parameters_on_from_the_originals_state(make, clone):
+    params = make_params()
+    opt = make(two_groups(params))
+    steps(opt, params, seed=1)
+    copied = clone(opt)
+    twin = copied.parameters()
+    assert all(p is not q for p, q in zip(params, twin))
+    steps(opt, params, seed=2)
+    steps(copied, twin, seed=2)
+    for p, q in zip(params, twin):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
+def test_a_model_and_its_optimizer_copied_together_train_on_as_after_a_state_dict_round_trip(clone):
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], device="cpu")
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    x, y = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32), np.arange(16) % 3
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    copied_model, copied_opt = clone((model, opt))
+    assert all(p is q for p, q in zip(copied_opt.parameters(), copied_model.parameters()))
+    reference = copy.deepcopy(model)
+    reference_opt = optim.Adam(reference.parameters(), lr=0.01)
+    reference_opt.load_state_dict(opt.state_dict())
+    for m, o in ((copied_model, copied_opt), (reference, reference_opt)):
+        m.fit(x, y, optimizer=o, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(copied_model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- errors leave the optimizer as it was

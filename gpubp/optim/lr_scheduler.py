@@ -152,16 +152,23 @@ class LRScheduler:
         return {key: _copy(value) for key, value in vars(self).items() if key not in self._transient}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of the same class, and put its rates back into the optimizer."""
+        """Restore a :meth:`state_dict` of the same class, and put its rates back into the optimizer.
+        Everything is checked before anything changes."""
+        self._check_state(state_dict)
+        self._load_checked(state_dict)
+
+    def _check_state(self, state_dict) -> None:
+        """Refuse a state this scheduler cannot load: its entries must be this class's, and its
+        rates fit for the optimizer (:func:`check_rates`)."""
         expected = set(self.state_dict())
         if not isinstance(state_dict, dict) or set(state_dict) != expected:
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a {type(self).__name__}, "
                              f"got {got}")
-        rates = state_dict["_last_lr"]
-        if not isinstance(rates, list) or len(rates) != len(self.optimizer.param_groups):
-            raise ValueError(f"state_dict: '_last_lr' must hold one rate per param group "
-                             f"({len(self.optimizer.param_groups)}), got {rates!r}")
+        check_rates(state_dict, len(self.optimizer.param_groups))
+
+    def _load_checked(self, state_dict: dict) -> None:
+        """Take a state that :meth:`_check_state` passed."""
         self.__dict__.update({key: _copy(value) for key, value in state_dict.items() if key not in self._nested})
         self._restore_rates()
 
@@ -170,6 +177,25 @@ class LRScheduler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(last_epoch={self.last_epoch}, last_lr={self._last_lr})"
+
+
+def check_rates(state: dict, groups: int, where: str = "state_dict") -> None:
+    """The learning rates in a scheduler's ``state``, ``where`` it is, for an optimizer of ``groups``
+    param groups: its ``_last_lr`` (which loading puts into the optimizer) and, where it has them,
+    its ``base_lrs``, one per group, each a finite number >= 0 as the optimizer's ``lr`` must be;
+    and the same in the states of the schedulers a SequentialLR runs."""
+    for key in ("_last_lr", "base_lrs"):
+        if key == "base_lrs" and key not in state:
+            continue
+        rates = state.get(key)
+        if not isinstance(rates, list) or len(rates) != groups:
+            raise ValueError(f"{where}: {key!r} must hold one rate per param group ({groups}), got {rates!r}")
+        for i, rate in enumerate(rates):
+            _checks.non_negative(rate, f"{where}[{key!r}][{i}]")
+    nested = state.get("_schedulers")
+    for i, inner in enumerate(nested if isinstance(nested, list) else []):
+        if isinstance(inner, dict):
+            check_rates(inner, groups, f"{where}['_schedulers'][{i}]")
 
 
 def _copy(value):
@@ -224,8 +250,16 @@ class MultiStepLR(LRScheduler):
         state["milestones"] = sorted(self.milestones.elements())  # a list, for JSON
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _check_state(self, state_dict) -> None:
+        super()._check_state(state_dict)
+        milestones = state_dict["milestones"]
+        if not isinstance(milestones, list):
+            raise ValueError(f"state_dict: 'milestones' must list epochs, got {milestones!r}")
+        for i, milestone in enumerate(milestones):
+            _checks.positive_int(milestone, f"state_dict['milestones'][{i}]")
+
+    def _load_checked(self, state_dict: dict) -> None:
+        super()._load_checked(state_dict)
         self.milestones = Counter(self.milestones)
 
 
@@ -500,13 +534,19 @@ class SequentialLR(LRScheduler):
         state["_schedulers"] = [scheduler.state_dict() for scheduler in self._schedulers]
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _check_state(self, state_dict) -> None:
+        """Its own entries and every nested scheduler's state, so that a refused load changes none of them."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("_schedulers"), list) \
                 or len(state_dict["_schedulers"]) != len(self._schedulers):
             raise ValueError(f"state_dict: expected the state of a SequentialLR of {len(self._schedulers)} schedulers")
+        super()._check_state(state_dict)
         for scheduler, state in zip(self._schedulers, state_dict["_schedulers"]):
-            scheduler.load_state_dict(state)
-        super().load_state_dict(state_dict)  # the rates end as this scheduler's last ones
+            scheduler._check_state(state)
+
+    def _load_checked(self, state_dict: dict) -> None:
+        for scheduler, state in zip(self._schedulers, state_dict["_schedulers"]):
+            scheduler._load_checked(state)
+        super()._load_checked(state_dict)  # the rates end as this scheduler's last ones
 
 
 def _undo_construction_step(scheduler: LRScheduler) -> None:

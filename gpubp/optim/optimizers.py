@@ -12,7 +12,9 @@ the groups, and ``param_groups`` listing those indices with the options), with N
 so a state taken on one device loads on another. The entries of a parameter's state are named
 by gpubp, not all as torch names them: SGD's ``velocity`` (torch: ``momentum_buffer``), Adam's
 ``m`` and ``v`` (torch: ``exp_avg`` and ``exp_avg_sq``), and ``step`` is a Python int (torch: a
-tensor), so the two libraries' state_dicts are not interchangeable.
+tensor), so the two libraries' state_dicts are not interchangeable. ``copy.deepcopy`` and
+``pickle`` keep the state, on the copied parameters (copy a model with its optimizer in one call
+for an optimizer of the copied model's parameters).
 
 >>> import numpy as np, gpubp as gb
 >>> layer = gb.Dense(3, 2)
@@ -331,6 +333,23 @@ class Optimizer:
                 raise ValueError(f"{where} contains NaN or inf (in the parameter's dtype {host.dtype})")
             state[name] = param.backend.asarray(host, param.data.dtype)
         return state
+
+    # --------------------------------------------------------------------- copies
+
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy`` and ``pickle`` take: the state keyed by each parameter's position
+        in :meth:`parameters`, not by its id, which names the original parameter only."""
+        state = dict(vars(self))
+        positions = {id(param): i for i, param in enumerate(self.parameters())}
+        state["state"] = {positions[key]: entries for key, entries in self.state.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """The state keyed again by the ids of the copied parameters (those a model copied in the
+        same ``deepcopy`` or ``pickle`` call holds too)."""
+        self.__dict__.update(state)
+        params = self.parameters()
+        self.state = {id(params[i]): entries for i, entries in state["state"].items()}
 
     def __repr__(self) -> str:
         groups = ", ".join(
