@@ -53,6 +53,13 @@ def in_unit_interval(value, name: str, closed: bool = False) -> float:
     return value
 
 
+def boolean(value, name: str) -> bool:
+    """True or False (NumPy's too): a flag, where a truthy string or number would be a mistake."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def array_kind(a) -> str:
     """'numpy', 'cupy', 'device' (another CUDA array) or 'other' (lists and the like)."""
     if isinstance(a, np.ndarray):
@@ -91,6 +98,25 @@ def float_dtype(dtype, name: str) -> np.dtype:
     if dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype}")
     return dtype
+
+
+def weight_values(array, shape: tuple, dtype, name: str, what: str, holder: str) -> np.ndarray:
+    """``array``, the values of ``what`` (shape ``shape``), as a new NumPy array of ``dtype``, the
+    ``holder``'s: real numbers (a cast would drop a complex part, or misread bools and strings),
+    finite before and after the cast. A copy, since optimizers update weights in place."""
+    array = to_numpy(array, name, f"an array of shape {shape} for {what}")
+    if array.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} for {what}, got {array.shape}")
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real numeric array (floats or integers), got dtype {array.dtype}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    with np.errstate(over="ignore"):
+        cast = np.array(array, dtype=dtype)
+    if not np.all(np.isfinite(cast)):  # finite float64 past the float32 range
+        raise ValueError(f"{name}: values of magnitude up to {np.abs(array).max():.3g} overflow to inf in "
+                         f"{holder}'s {cast.dtype} (largest {np.finfo(cast.dtype).max:.3g})")
+    return cast
 
 
 PARAMETER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

@@ -53,6 +53,20 @@ def _host(array, backend) -> np.ndarray:
     return np.array(backend.to_host(array), copy=True)
 
 
+def _check_differentiable(model: Sequential) -> None:
+    """Raise unless central differences of ``model``'s loss measure its gradient: a float64 model
+    on the NumPy backend (float32 differences are too coarse to check anything) that does not round
+    its products' operands to bfloat16 (its loss is then a step function of every weight: a probe
+    of +-eps mostly lands on the same step, and its difference is 0). tf32 computes fp32 there."""
+    if model.backend_name != "numpy" or model.dtype != np.float64:
+        raise ValueError(f"model: numerical gradients need a float64 model on the numpy backend, got "
+                         f"{model.dtype} on {model.backend_name!r}")
+    if model.precision == "bf16":
+        raise ValueError("model: precision='bf16' rounds the products' operands to bfloat16, which makes the "
+                         "loss piecewise constant and its central differences 0; set model.precision = 'fp32' "
+                         "to check the gradients")
+
+
 def analytic_gradients(model: Sequential, x, target, loss="mse") -> tuple[float, dict[str, np.ndarray]]:
     """One training forward and backward, as ``fit`` runs them: ``(loss, {name: gradient})`` as NumPy copies.
 
@@ -73,15 +87,14 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
                         random_state: dict | None = None) -> dict[str, np.ndarray]:
     """Central differences of the loss for every trainable parameter element and every input element.
 
-    Needs a float64 model on the NumPy backend (float32 differences are too coarse to check
-    anything). Each parameter is restored exactly after its element is probed. ``random_state``
-    (``gpubp._random.get_state()``): each probe runs a training forward whose Dropout keys come
-    from the library's stream restarted at that state (the stream is left as it was); without it
-    the probes run inference forwards. A loss that fuses the last layer's activation is given the logits.
+    Needs a float64 model on the NumPy backend in precision "fp32" or "tf32" (float32 differences
+    are too coarse to check anything, and bf16's rounding makes them 0). Each parameter is restored
+    exactly after its element is probed. ``random_state`` (``gpubp._random.get_state()``): each
+    probe runs a training forward whose Dropout keys come from the library's stream restarted at
+    that state (the stream is left as it was); without it the probes run inference forwards. A
+    loss that fuses the last layer's activation is given the logits.
     """
-    if model.backend_name != "numpy" or model.dtype != np.float64:
-        raise ValueError(f"model: numerical gradients need a float64 model on the numpy backend, got "
-                         f"{model.dtype} on {model.backend_name!r}")
+    _check_differentiable(model)
     loss_fn = _losses.get(loss)
     logits = _fuses_head(model, loss_fn)
     x = np.array(x, dtype=np.float64, copy=True)
@@ -148,12 +161,14 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
     differences carry at this loss: a loss in the hundreds puts about 1e-8 of noise on every
     numerical gradient element, which a fixed 1e-8 would report as a wrong gradient wherever an
     element is small. Raises ``ValueError`` for a loss that is not finite at ``x``, whose
-    differences check nothing (and would make that atol inf).
+    differences check nothing (and would make that atol inf), and, before any work, for a model
+    ``numerical_gradients`` cannot difference.
     """
     _checks.positive(eps, "eps")
     _checks.non_negative(rtol, "rtol")
     if atol is not None:
         _checks.non_negative(atol, "atol")
+    _check_differentiable(model)
     keys_from = _random.get_state() if any(isinstance(layer, Dropout) for layer in model) else None
     value, analytic = analytic_gradients(model, x, target, loss)
     if not np.isfinite(value):
@@ -246,8 +261,18 @@ def _torch_loss(loss, out, target):
     raise ValueError(f"loss: compare_with_torch knows {sorted(_losses.LOSSES)}, got {name!r}")
 
 
+# compare_with_torch's default tolerances per dtype: (rtol, atol as a fraction of the largest finite
+# |value| PyTorch gives for the quantity compared: the output, the loss, each gradient). Each side
+# sums its products in its own order (BLAS blocking), which moves a float32 result by a few ulps of
+# the quantity's scale (1.7e-6 on outputs of magnitude 5 in a 64-512-10 relu model, where each side
+# is that close to float64): 1e-4 leaves room for wider models and still fails a gradient 1% off.
+# An element that a sum cancels to near 0 keeps the error of its terms, hence an atol relative to
+# the scale, not to the element. float64 sums agree far below 1e-6.
+DEFAULT_TOLERANCES = {np.dtype(np.float32): (1e-4, 1e-4), np.dtype(np.float64): (1e-6, 1e-6)}
+
+
 def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber | _losses.CrossEntropy = "mse",
-                       rtol: float = 1e-6, atol: float = 1e-6) -> dict[str, float]:
+                       rtol: float | None = None, atol: float | None = None) -> dict[str, float]:
     """Run ``model`` and its PyTorch twin on (x, target); compare outputs, loss and gradients.
     ``loss``: a loss's name, or a ``losses.Huber``, ``losses.CrossEntropy`` or
     ``losses.CategoricalCrossEntropy`` (its options go to PyTorch's loss).
@@ -257,10 +282,18 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     that fuses the last layer's activation is given the logits on both sides, as ``fit`` does.
     Raises ``AssertionError`` naming the first quantity where ``|gpubp - torch| <= atol + rtol *
     |torch|`` does not hold; a NaN counts as equal only to a NaN of PyTorch's in the same place
-    (an inf only to the same inf).
+    (an inf only to the same inf). ``rtol=None``/``atol=None`` take the model's dtype's
+    ``DEFAULT_TOLERANCES``: rtol 1e-4 and an atol of 1e-4 times the largest finite |value| PyTorch
+    gives for the quantity compared in float32; 1e-6 and 1e-6 times it in float64. Raises
+    ``ValueError`` for a bf16 model, whose rounding the twin does not do.
     """
-    _checks.non_negative(rtol, "rtol")
-    _checks.non_negative(atol, "atol")
+    default_rtol, default_atol = DEFAULT_TOLERANCES[np.dtype(model.dtype)]
+    rtol = default_rtol if rtol is None else _checks.non_negative(rtol, "rtol")
+    if atol is not None:
+        _checks.non_negative(atol, "atol")
+    if model.precision == "bf16":
+        raise ValueError("model: precision='bf16' rounds the products' operands to bfloat16, which its PyTorch "
+                         "twin does not; set model.precision = 'fp32' to compare them")
     import torch
 
     if not isinstance(loss, (str, *_LOSS_CLASSES)):
@@ -302,7 +335,9 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.where(same, 0.0, np.abs(got - expected))
         errors[name] = float(diff.max(initial=0.0))
-        if not np.all(same | _within(got, expected, rtol, atol)):
+        scale = np.abs(expected[np.isfinite(expected)]).max(initial=0.0)
+        tolerance = default_atol * scale if atol is None else atol
+        if not np.all(same | _within(got, expected, rtol, tolerance)):
             raise AssertionError(f"{name}: gpubp and PyTorch differ by up to {errors[name]:.3g} "
-                                 f"(rtol={rtol}, atol={atol})")
+                                 f"(rtol={rtol}, atol={tolerance:.3g})")
     return errors

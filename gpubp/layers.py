@@ -70,10 +70,8 @@ class _Buffers:
 def _init_weight(init, activation: str, fan_in: int, fan_out: int, dtype) -> np.ndarray:
     rng = _random.generator()
     if callable(init):
-        weight = np.asarray(init(rng, (fan_in, fan_out)))
-        if weight.shape != (fan_in, fan_out):
-            raise ValueError(f"init: the callable returned shape {weight.shape}, expected {(fan_in, fan_out)}")
-        return weight.astype(dtype)
+        return _checks.weight_values(init(rng, (fan_in, fan_out)), (fan_in, fan_out), dtype, "init",
+                                     "the weight (what the callable returns)", "the layer")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS} or a callable(rng, shape), got {init!r}")
     if init == "auto":
@@ -149,10 +147,9 @@ class Layer:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"trainable: expected True or False, got {value!r}")
+        value = _checks.boolean(value, "trainable")
         for param in self.parameters():
-            param.trainable = bool(value)  # freezing clears its .grad
+            param.trainable = value  # freezing clears its .grad
             if not value:  # and nothing fills its gradient buffer any more: give the memory back
                 self._buffers.drop(("grad", param.name), param.shape)
 
@@ -198,9 +195,9 @@ class Layer:
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         raise NotImplementedError
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
-        """The kernels ``backward`` launches after a forward that applied ``act`` (and, for a layer
-        that ``takes_dropout``, ``dropout=True``: a Dropout's mask)."""
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, precision: str = "fp32") -> list[str]:
+        """The kernels ``backward`` launches in ``precision`` after a forward that applied ``act``
+        (and, for a layer that ``takes_dropout``, ``dropout=True``: a Dropout's mask)."""
         raise NotImplementedError
 
     def next_key(self) -> None:
@@ -248,8 +245,9 @@ class Dense(Layer):
     """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
 
     ``init="auto"`` is He-normal for relu/leaky_relu and Glorot-uniform otherwise; also
-    ``"he_uniform"``, ``"glorot_normal"``, or a callable ``(rng, shape) -> array``.
-    The bias starts at zero.
+    ``"he_uniform"``, ``"glorot_normal"``, or a callable ``(rng, shape) -> array`` of finite real
+    numbers (checked as ``Sequential.set_weights`` checks weights). The bias starts at zero.
+    ``dtype``: float32 (None means it too) or float64; a model converts its layers to its own.
     """
 
     kind = "dense"
@@ -269,14 +267,14 @@ class Dense(Layer):
         self.in_features = _checks.positive_int(in_features, "in_features")
         self.out_features = _checks.positive_int(out_features, "out_features")
         self.activation = activations.canonical(activation)
-        dtype = _checks.parameter_dtype(dtype, "dtype")
+        # None is the default, as for Sequential (NumPy would read it as float64)
+        dtype = _checks.parameter_dtype(np.float32 if dtype is None else dtype, "dtype")
         weight = _init_weight(init, self.activation, self.in_features, self.out_features, dtype)
         self.weight = Parameter(weight, "weight")
         self.bias = Parameter(np.zeros(self.out_features, dtype), "bias")
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
         self._dropout = None  # the philox.Mask the last training forward applied to its output, if any
-        self._precision = "fp32"  # and the precision it ran in
 
     # --------------------------------------------------------------------- state
 
@@ -327,16 +325,16 @@ class Dense(Layer):
         if training:
             self._applied = act
             self._dropout = mask
-            self._precision = precision
             self._input = x if keep_input else None
             self._output = y if keep_output and act not in activations.NEEDS_Z else None
             self._preact = z if keep_output else None
         return y
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, dropout: bool = False) -> list[str]:
-        """In the precision of the last training forward (the one backward runs in). ``need_dw``:
-        the layer trains; a frozen weight under a bias that trains needs db alone (no dW kernel)."""
-        return self.backend.backward_kernels(act, need_dx, need_dw and self.weight.trainable, self._precision,
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, precision: str = "fp32",
+                         dropout: bool = False) -> list[str]:
+        """``need_dw``: the layer trains; a frozen weight under a bias that trains needs db alone (no
+        dW kernel). ``precision``: the model's, which is the one its last training forward ran in."""
+        return self.backend.backward_kernels(act, need_dx, need_dw and self.weight.trainable, precision,
                                              dropout=dropout, need_db=need_dw and self.bias.trainable)
 
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32", below: Dense | None = None,
@@ -385,11 +383,10 @@ class Dense(Layer):
         return [a for a in (self._input, self._output, self._preact) if a is not None]
 
     def saved_for_backward(self) -> tuple:
-        return self._input, self._output, self._preact, self._applied, self._dropout, self._precision, self._saved_by
+        return self._input, self._output, self._preact, self._applied, self._dropout, self._saved_by
 
     def restore_saved(self, saved: tuple) -> None:
-        (self._input, self._output, self._preact, self._applied, self._dropout, self._precision,
-         self._saved_by) = saved
+        self._input, self._output, self._preact, self._applied, self._dropout, self._saved_by = saved
 
     def forget(self) -> None:
         self._input = self._output = self._preact = self._dropout = None
@@ -477,7 +474,7 @@ class Dropout(Layer):
     def backward(self, dy, need_dx: bool, out_dx=None, precision: str = "fp32"):
         return self.backend.dropout_backward(dy, self._mask, out_dx) if need_dx else None
 
-    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool) -> list[str]:
+    def backward_kernels(self, act: str, need_dx: bool, need_dw: bool, precision: str = "fp32") -> list[str]:
         return ["dropout_bwd"] if need_dx else []
 
     def saved_for_backward(self) -> tuple:
@@ -596,6 +593,10 @@ class Sequential:
         fused="auto",
         precision: str = "fp32",
     ) -> None:
+        if isinstance(layers, Layer) or not isinstance(layers, Iterable):
+            hint = " (pass the layers in one list, not one by one)" if isinstance(layers, Layer) else ""
+            raise TypeError(f"layers: expected a list of layers, e.g. Sequential([Dense(4, 3), Dense(3, 2)]), "
+                            f"got {type(layers).__name__}{hint}")
         self.layers: list[Layer] = list(layers)
         first_index: dict[int, int] = {}  # id(layer) -> where it first stands
         for i, layer in enumerate(self.layers):
@@ -745,6 +746,9 @@ class Sequential:
 
     @property
     def precision(self) -> str:
+        """What forward and backward compute their products in (see the class). Setting another one
+        drops what the last training forward kept: backward runs in the precision of the forward
+        whose arrays it reads, so it needs a forward in the new one first."""
         return self._precision
 
     @precision.setter
@@ -755,6 +759,8 @@ class Sequential:
         except ValueError:
             self._precision = previous
             raise
+        if self._precision != previous:
+            self._stored_plan = self._fused_saved = None
 
     @property
     def device(self) -> str:
@@ -804,9 +810,7 @@ class Sequential:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"trainable: expected True or False, got {value!r}")
-        if value:
+        if _checks.boolean(value, "trainable"):
             self.unfreeze()
         else:
             self.freeze()
@@ -1034,8 +1038,10 @@ class Sequential:
 
     def backward_plan(self, need_input_grad: bool = False, logits: bool = False) -> BackwardPlan:
         """Per layer, bottom to top, exactly the kernels ``backward`` will launch
-        (after a ``forward`` with the same ``logits``). With the fused kernels, one entry names
-        the span of layers the fused backward covers and its launches."""
+        (after a ``forward`` with the same ``logits``, in the model's ``precision``). With the fused
+        kernels, one entry names the span of layers the fused backward covers and its launches."""
+        need_input_grad = _checks.boolean(need_input_grad, "need_input_grad")
+        logits = _checks.boolean(logits, "logits")
         plan = self._plan(need_input_grad)
         if self.uses_fused and any(dx or dw for dx, dw in plan):
             lowest = min(i for i, (dx, dw) in enumerate(plan) if dx or dw)
@@ -1049,15 +1055,16 @@ class Sequential:
             layer, (need_dx, need_dw) = self.layers[i], plan[i]
             if i in folds:  # its dz comes from the dX above: it runs as an unmasked identity layer
                 above = self.layers[folds[i]].name
-                entries[i] = (layer.name, layer.backward_kernels("identity", need_dx, need_dw))
+                entries[i] = (layer.name, layer.backward_kernels("identity", need_dx, need_dw, self.precision))
                 notes[layer.name] = folded_note(above, None if dropout is None else dropout.name)
                 if dropout is not None:
                     entries[i + 1] = (dropout.name, [])
                     notes[dropout.name] = f"(its mask is regenerated by {above}'s dX)"
             elif dropout is None:
-                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw))
+                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw, self.precision))
             else:
-                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw, dropout=True))
+                entries[i] = (layer.name, layer.backward_kernels(acts[i], need_dx, need_dw, self.precision,
+                                                                 dropout=True))
                 entries[i + 1] = (dropout.name, [])
                 if entries[i][1]:  # a frozen layer below the lowest trainable one runs nothing to regenerate it in
                     notes[dropout.name] = f"(its mask is regenerated by {layer.name}'s kernels)"
@@ -1078,6 +1085,9 @@ class Sequential:
         """
         if not self.layers:
             raise ValueError("forward: the model has no layers")
+        training = _checks.boolean(training, "training")
+        need_input_grad = _checks.boolean(need_input_grad, "need_input_grad")
+        logits = _checks.boolean(logits, "logits")
         h = self.as_input(x)
         batch = h.shape[0]
         if training and self._draw_keys:
@@ -1161,6 +1171,7 @@ class Sequential:
         """
         if not self.layers:
             raise ValueError("backward: the model has no layers")
+        need_input_grad = _checks.boolean(need_input_grad, "need_input_grad")
         kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
         plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)
         if not any(dx or dw for dx, dw in plan):
@@ -1169,7 +1180,8 @@ class Sequential:
                 self._warned_all_frozen = True
             return None
         if self._stored_plan is None:
-            raise RuntimeError("backward: run forward(x) in training mode first")
+            raise RuntimeError("backward: run forward(x) in training mode first (none has run since the model "
+                               "was built, moved, given weights or set to another precision)")
         kept_input, kept_output, logits, batch, width, forward_call = self._stored_plan
         if not all(has or not needs for has, needs in zip(kept_input + kept_output, needs_input + needs_output)):
             self._check_kept(plan, kept_input, kept_output, logits, need_input_grad)
@@ -1312,22 +1324,8 @@ class Sequential:
             raise TypeError(f"weights: expected a list of arrays, got {type(weights).__name__}")
         if len(weights) != len(params):
             raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
-        hosts = []
-        for i, (param, array) in enumerate(zip(params, weights)):
-            array = _checks.to_numpy(array, f"weights[{i}]", f"an array of shape {param.shape} for {param.name}")
-            if array.shape != param.shape:
-                raise ValueError(f"weights[{i}]: expected shape {param.shape} for {param.name}, got {array.shape}")
-            if array.dtype.kind not in "fiu":
-                raise TypeError(f"weights[{i}]: expected a numeric array, got dtype {array.dtype}")
-            if not np.all(np.isfinite(array)):
-                raise ValueError(f"weights[{i}]: contains NaN or inf")
-            # A copy: optimizers update in place, and must not write into the caller's arrays.
-            with np.errstate(over="ignore"):
-                cast = np.array(array, dtype=self.dtype)
-            if not np.all(np.isfinite(cast)):  # finite float64 past the float32 range
-                raise ValueError(f"weights[{i}]: values of magnitude up to {np.abs(array).max():.3g} overflow to "
-                                 f"inf in the model's {self.dtype} (largest {np.finfo(self.dtype).max:.3g})")
-            hosts.append(cast)
+        hosts = [_checks.weight_values(array, param.shape, self.dtype, f"weights[{i}]", param.name, "the model")
+                 for i, (param, array) in enumerate(zip(params, weights))]
         for param, array in zip(params, hosts):
             param.data = param.backend.asarray(array, self.dtype)
         self._stored_plan = None

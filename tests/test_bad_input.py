@@ -160,6 +160,24 @@ def test_an_iterator_as_x_is_a_type_error_pointing_at_arrays_or_train_step(make)
 # ----------------------------------------------------------------------------- dtypes
 
 
+@pytest.mark.parametrize("call, flag", [
+    (lambda model, x, value: model.forward(x, training=value), "training"),
+    (lambda model, x, value: model.forward(x, logits=value), "logits"),
+    (lambda model, x, value: model.forward(x, need_input_grad=value), "need_input_grad"),
+    (lambda model, x, value: model.backward_plan(need_input_grad=value), "need_input_grad"),
+    (lambda model, x, value: model.backward_plan(logits=value), "logits"),
+    (lambda model, x, value: model.backward(np.ones((8, 3), np.float32), need_input_grad=value), "need_input_grad"),
+], ids=["forward_training", "forward_logits", "forward_need_input_grad", "plan_need_input_grad", "plan_logits",
+        "backward_need_input_grad"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_a_flag_that_is_not_a_bool_is_a_type_error_naming_it(call, flag, value):
+    """As predict's logits: a truthy string or number is a mistake, not a choice."""
+    model = make_model()
+    x, _ = data()
+    with rejected(model, TypeError, rf"^{flag}: expected True or False, got {value!r}$"):
+        call(model, x, value)
+
+
 def test_integer_x_is_a_type_error_naming_the_dtype():
     model = make_model()
     with rejected(model, TypeError, "x: expected a floating-point array, got dtype int64"):
@@ -461,7 +479,8 @@ def test_set_weights_with_a_non_numeric_array_is_a_type_error():
     model = make_model()
     new = model.get_weights()
     new[3] = np.array(["a", "b", "c"])
-    with rejected(model, TypeError, r"weights\[3\]: expected a numeric array, got dtype <U1"):
+    with rejected(model, TypeError, r"weights\[3\]: expected a real numeric array \(floats or integers\), "
+                                    r"got dtype <U1"):
         model.set_weights(new)
 
 

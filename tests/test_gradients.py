@@ -288,7 +288,7 @@ def test_check_gradients_refuses_a_bad_step_or_tolerance_before_any_work(monkeyp
 
 @pytest.mark.parametrize("argument, value, error", [
     ("rtol", float("nan"), ValueError), ("atol", float("nan"), ValueError), ("rtol", -1.0, ValueError),
-    ("atol", float("inf"), ValueError), ("rtol", None, TypeError), ("atol", "1e-6", TypeError),
+    ("atol", float("inf"), ValueError), ("rtol", "1e-6", TypeError), ("atol", "1e-6", TypeError),
 ])
 def test_compare_with_torch_refuses_a_bad_tolerance_before_any_work(monkeypatch, argument, value, error):
     model, x, target = large_loss_case()
@@ -301,6 +301,25 @@ def test_numerical_gradients_need_a_float64_model():
     model = gb.Sequential([gb.Dense(2, 2)], device="cpu")
     with pytest.raises(ValueError, match="float64 model on the numpy backend, got float32"):
         gradcheck.numerical_gradients(model, np.ones((1, 2)), np.ones((1, 2)))
+
+
+@pytest.mark.parametrize("check", ["check_gradients", "numerical_gradients", "compare_with_torch"])
+def test_the_checks_refuse_a_bf16_model_before_any_work(monkeypatch, check):
+    """bf16 rounds the products' operands: the loss is a step function, its central differences 0,
+    and the PyTorch twin does not round."""
+    model = random_model([5, 7, 3], "tanh", seed=1)
+    model.precision = "bf16"
+    monkeypatch.setattr(gradcheck, "analytic_gradients", lambda *a: pytest.fail("ran before checking the model"))
+    x = np.random.default_rng(0).normal(size=(6, 5))
+    with pytest.raises(ValueError, match=r"^model: precision='bf16' rounds .*set model\.precision = 'fp32'"):
+        getattr(gradcheck, check)(model, x, random_target("mse", 6, 3, 0))
+
+
+def test_check_gradients_takes_a_tf32_model_which_computes_fp32_on_the_numpy_backend():
+    model = random_model([5, 7, 3], "tanh", seed=1)
+    model.precision = "tf32"
+    x = np.random.default_rng(0).normal(size=(6, 5))
+    gradcheck.check_gradients(model, x, random_target("mse", 6, 3, 0))
 
 
 def test_numerical_gradients_leave_the_weights_exactly_as_they_were():
@@ -340,6 +359,31 @@ def test_float32_model_matches_pytorch_float32(activation):
     x = np.random.default_rng(3).normal(size=(11, 9)).astype(np.float32)
     gradcheck.compare_with_torch(model, x, random_target("cross_entropy", 11, 4, 1), loss="cross_entropy",
                                  rtol=1e-4, atol=1e-5)
+
+
+def wide_float32_case():
+    """A 64-512-10 relu model in float32, whose outputs differ from PyTorch's by 1.7e-6: the order
+    of the sums, each side as close to the float64 result as the other."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(64, 512, "relu"), gb.Dense(512, 10)], device="cpu")
+    rng = np.random.default_rng(0)
+    return model, rng.normal(size=(256, 64)).astype(np.float32), rng.integers(0, 10, 256)
+
+
+def test_compare_with_torch_passes_a_correct_float32_model_at_its_default_tolerances():
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    model, x, labels = wide_float32_case()
+    gradcheck.compare_with_torch(model, x, labels, loss="cross_entropy")
+
+
+@pytest.mark.parametrize("gradient, name", [("dw", "weight"), ("db", "bias")])
+def test_compare_with_torch_catches_a_gradient_one_percent_off_in_float32_at_its_defaults(monkeypatch, gradient,
+                                                                                         name):
+    pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install 'gpubp[torch]'")
+    plant_a_one_percent_error(monkeypatch, gradient)
+    model, x, labels = wide_float32_case()
+    with pytest.raises(AssertionError, match=rf"^layers\.\d\.{name}: gpubp and PyTorch differ"):
+        gradcheck.compare_with_torch(model, x, labels, loss="cross_entropy")
 
 
 def test_a_huber_loss_of_another_delta_matches_pytorch_and_central_differences():

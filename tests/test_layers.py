@@ -91,6 +91,13 @@ def test_a_non_layer_is_rejected_with_its_position():
         gb.Sequential([gb.Dense(4, 6), "relu"], device="cpu")
 
 
+def test_layers_given_one_by_one_are_a_type_error_asking_for_a_list():
+    """PyTorch's nn.Sequential takes its modules so; ours takes one list, as Keras's does."""
+    with pytest.raises(TypeError, match=r"^layers: expected a list of layers, e\.g\. Sequential\(\[Dense\(4, 3\), "
+                                        r"Dense\(3, 2\)\]\), got Dense \(pass the layers in one list"):
+        gb.Sequential(gb.Dense(4, 3), gb.Dense(3, 2))
+
+
 def test_summary_ends_with_keras_totals_counting_each_parameter():
     gb.seed(0)
     model = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dropout(0.5), gb.Dense(6, 3)], device="cpu")
@@ -218,6 +225,23 @@ def test_biases_start_at_zero():
 def test_a_callable_init_receives_the_rng_and_shape():
     layer = gb.Dense(2, 3, init=lambda rng, shape: np.full(shape, 0.5))
     np.testing.assert_array_equal(layer.weight.data, np.full((2, 3), 0.5, np.float32))
+
+
+NOT_REAL = r"init: expected a real numeric array \(floats or integers\), got dtype "
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    (np.full((3, 2), np.nan), ValueError, r"init: contains NaN or inf"),
+    (np.full((3, 2), 1 + 5j), TypeError, NOT_REAL + "complex128"),  # not cast with a ComplexWarning
+    (np.full((3, 2), "a"), TypeError, NOT_REAL + "<U1"),
+    (np.ones((2, 3)), ValueError, r"init: expected shape \(3, 2\) for the weight \(what the callable returns\), "
+                                  r"got \(2, 3\)"),
+    (np.full((3, 2), 1e300), ValueError, r"init: values of magnitude up to 1e\+300 overflow to inf in the layer's "
+                                         r"float32"),
+], ids=["nan", "complex", "strings", "shape", "past_float32"])
+def test_a_callable_inits_result_is_checked_as_set_weights_checks_weights(returned, error, match):
+    with pytest.raises(error, match=f"^{match}"):
+        gb.Dense(3, 2, init=lambda rng, shape: returned)
 
 
 def test_the_same_seed_gives_the_same_initial_weights():
@@ -381,6 +405,13 @@ def test_every_layer_takes_the_models_dtype(layer_dtype, model_dtype):
 def test_weights_are_float32_or_float64_only(make):
     with pytest.raises(TypeError, match=r"dtype: expected float32 or float64, got (float16|int32)"):
         make()
+
+
+def test_dense_dtype_none_is_float32_as_for_sequential():
+    """NumPy reads np.dtype(None) as float64; None means the default wherever gpubp takes a dtype."""
+    layer = gb.Dense(4, 2, dtype=None)
+    assert layer.weight.data.dtype == layer.bias.data.dtype == np.float32
+    assert gb.Sequential([layer], device="cpu").dtype == np.float32
 
 
 @pytest.mark.parametrize("logits", ["yes", 1, None])
@@ -591,7 +622,7 @@ class Scale(gb.Layer):
     def backward(self, dy, need_dx, out_dx=None, precision="fp32"):
         return dy * np.float32(self.factor) if need_dx else None
 
-    def backward_kernels(self, act, need_dx, need_dw):
+    def backward_kernels(self, act, need_dx, need_dw, precision="fp32"):
         return []
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -82,6 +83,53 @@ def test_a_slice_set_to_another_precision_leaves_the_models_kernels_alone(monkey
     out = m.forward(rng.standard_normal((9, 20)).astype(np.float32))
     m.backward(gb.losses.cross_entropy(out, rng.integers(0, 5, 9))[1])
     assert m.precision == "tf32" and seen == ["tf32"] * 4
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def plan_and_traced_backward(m, rng):
+    """The kernels ``backward_plan()`` lists, and those a training forward's backward launches."""
+    plan = m.backward_plan()
+    out = m.forward(rng.standard_normal((9, 20)).astype(np.float32))
+    _, dout = gb.losses.cross_entropy(out, rng.integers(0, 5, 9))
+    with gb.trace() as t:
+        m.backward(dout)
+    return Counter(kernel for _, kernels in plan for kernel in kernels), t.counts
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_backward_plan_lists_what_backward_launches_in_each_precision(precision, rng):
+    planned, launched = plan_and_traced_backward(model(precision), rng)
+    assert planned == launched
+    assert ("round_bf16" in launched) == (precision == "bf16")
+
+
+@pytest.mark.parametrize("before, after", [(a, b) for a in PRECISIONS for b in PRECISIONS if a != b])
+def test_backward_plan_lists_what_backward_launches_after_a_precision_change(before, after, rng):
+    m = model(before)
+    plan_and_traced_backward(m, rng)
+    m.precision = after
+    planned, launched = plan_and_traced_backward(m, rng)
+    assert planned == launched
+    assert ("round_bf16" in launched) == (after == "bf16")
+
+
+def test_a_precision_change_drops_what_the_last_training_forward_kept(rng):
+    """Backward runs in the precision of the forward whose arrays it reads, so it needs a forward in the new one."""
+    m = model("fp32")
+    out = m.forward(rng.standard_normal((9, 20)).astype(np.float32))
+    m.precision = "bf16"
+    with pytest.raises(RuntimeError, match=r"run forward\(x\) in training mode first .*set to another precision"):
+        m.backward(np.ones_like(out))
+
+
+def test_setting_the_precision_a_model_has_keeps_what_its_forward_kept(rng):
+    m = model("bf16")
+    out = m.forward(rng.standard_normal((9, 20)).astype(np.float32))
+    m.precision = "bf16"
+    m.backward(np.ones_like(out))
+    assert all(p.grad is not None for p in m.parameters())
 
 
 TENSOR_CORE_KERNELS = {
