@@ -23,7 +23,7 @@ import os
 import string
 import warnings
 
-from gpubp import _checks, io
+from gpubp import _checks, distributed, io
 from gpubp.checkpoint import save_checkpoint
 from gpubp.history import History
 
@@ -78,6 +78,13 @@ class Callback:
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None: ...
 
     def on_train_end(self, model) -> None: ...
+
+
+def _say(message: str) -> None:
+    """Print ``message`` on the main process only: under ``fit(distributed=True)`` every rank runs
+    the callbacks that do not write files, and each would print it."""
+    if distributed.is_main_process():
+        print(message)
 
 
 class EarlyStopping(Callback):
@@ -170,10 +177,10 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, model) -> None:
         if self.stopped_epoch is not None and self.verbose:
-            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+            _say(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.best_weights is not None:
             if self.verbose:
-                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+                _say(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             model.set_weights(self.best_weights)
 
 
@@ -331,7 +338,7 @@ class LearningRateScheduler(Callback):
         for group, rate in zip(groups, rates):
             group["lr"] = rate
         if self.verbose:
-            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {max(rates)}.")
+            _say(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {max(rates)}.")
 
 
 class ReduceLROnPlateau(Callback):
@@ -398,7 +405,7 @@ class ReduceLROnPlateau(Callback):
             if group["lr"] > self.min_lr:
                 group["lr"] = max(group["lr"] * self.factor, self.min_lr)
         if self.verbose:
-            print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {largest_rate(model.optimizer)}.")
+            _say(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {largest_rate(model.optimizer)}.")
 
 
 # ----------------------------------------------------------------------------- logging and stopping
@@ -448,7 +455,7 @@ class TerminateOnNaN(Callback):
 
     def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
         if not math.isfinite(logs["loss"]):
-            print(f"Batch {batch}: Invalid loss, terminating training")
+            _say(f"Batch {batch}: Invalid loss, terminating training")
             model.stop_training = True
 
 

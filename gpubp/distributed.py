@@ -13,32 +13,47 @@ builds the same model and calls ``fit`` on the whole dataset. Then:
   flat bucket. Each rank's share is weighted by its size, so the result is the gradient of the
   global batch's mean loss, also for a short last batch;
 - validation runs on each rank's part of the validation data: the loss is averaged over the
-  ranks, weighted by part size (exact), and every rank scores the metrics on the predictions of
-  the whole set, gathered from the ranks (so f1, precision, recall and auc are the whole set's,
-  not a mean of the parts');
+  ranks, weighted by part size (exact; with fewer validation samples than ranks some parts are
+  empty and weigh 0), and every rank scores the metrics on the predictions of the whole set,
+  gathered from the ranks (so f1, precision, recall and auc are the whole set's, not a mean of
+  the parts');
 - only rank 0 shows progress and runs the callbacks that write files
-  (``Callback.main_process_only``).
+  (``Callback.main_process_only``), and only rank 0's callbacks print.
 
-Every rank must hold the whole dataset, in the same order. The model and the optimizer live on
-each rank as usual; after ``fit`` every rank has the same weights.
+Every rank must pass the whole dataset, in the same order: gpubp splits each global batch over
+the ranks itself, so no ``DistributedSampler`` or per-rank shard is needed (a shard per rank
+would train on part of the data). Before the first step the ranks compare their setups and all
+raise the same error, naming the item and the ranks, where they differ: the device, the model's
+parameters, the arguments of ``fit`` that every rank must pass alike (batch_size, epochs,
+shuffle, loss, metrics, optimizer, learning_rate, clip_grad_norm, scheduler), and a
+:func:`fingerprint` of the data (x, y, the training weights of sample_weight and class_weight,
+the validation data), computed once per ``fit`` (its cost: see there). The callbacks may differ
+(a rank-0-only logger, say). The model and the optimizer live on each rank as usual; after
+``fit`` every rank has the same weights.
 
-Nothing here is imported by ``import gpubp``; torch is imported when ``fit(distributed=True)``
-first runs.
+``import gpubp`` does not import torch: ``fit(distributed=True)`` does when it first runs, and
+:func:`rank` (which the callbacks ask before they print) never does.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
+import sys
 
 import numpy as np
 
-from gpubp import _random, batches
+from gpubp import _random, batches, losses
+from gpubp import metrics as metric_fns
+from gpubp.backends import INSTALL_HINT
 from gpubp.layers import Dropout
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 300
+# 8 bytes: two different datasets share a fingerprint with probability 2^-64.
+FINGERPRINT_BYTES = 8
 
 
 def _dist():
@@ -53,18 +68,18 @@ def init(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the process group torchrun describes in the environment, if none is initialized.
 
     ``device`` "cpu" uses gloo; "cuda" uses NCCL and also makes GPU ``LOCAL_RANK`` current for
-    CuPy and torch, so call ``init("cuda")`` before building the model when a node has several
-    GPUs. A collective that waits longer than ``timeout_s`` fails instead of hanging.
+    gpubp's GPU arrays (:func:`_select_gpu`) and torch, so call ``init("cuda")`` before building
+    the model when a node has several GPUs. A collective that waits longer than ``timeout_s``
+    fails instead of hanging.
     """
     dist = _dist()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
-        import cupy
         import torch
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cupy.cuda.runtime.setDevice(local_rank)
+        _select_gpu(local_rank)
         torch.cuda.set_device(local_rank)
     if dist.is_initialized():
         return
@@ -76,13 +91,27 @@ def init(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def _select_gpu(index: int) -> None:
+    """Make GPU ``index`` current for the library gpubp's GPU arrays come from: CuPy where it is
+    installed (the numba backend then allocates CuPy arrays too), else Numba."""
+    try:
+        import cupy
+    except ImportError:
+        try:
+            from numba import cuda
+        except ImportError as exc:
+            raise ImportError(f"init('cuda'): neither CuPy nor Numba is installed; {INSTALL_HINT}") from exc
+        cuda.select_device(index)
+    else:
+        cupy.cuda.runtime.setDevice(index)
+
+
 def rank() -> int:
     """This process's rank, 0 when no process group is initialized (or torch is not installed)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # A process group needs torch.distributed imported: where it is not, there is none, and a
+    # callback's message need not wait seconds for torch to import.
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
 def is_main_process() -> bool:
@@ -94,31 +123,64 @@ def _device_label(model) -> str:
     if model.device == "cpu":
         return "cpu"
     data = model.parameters()[0].data
-    index = getattr(getattr(data, "device", None), "id", None)
-    return "cuda" if index is None else f"cuda:{index}"
+    # A Numba device array does not say which GPU holds it; the numba backend knows.
+    index = model.backend._device_id(data) if model.backend_name == "numba" else data.device.id
+    return f"cuda:{index}"
+
+
+def fingerprint(*arrays) -> str:
+    """A short hash (blake2b, ``FINGERPRINT_BYTES``) of ``arrays``' dtypes, shapes and bytes, None
+    included: ranks passing the same data get the same one. It reads every byte once, on one core:
+    2.6 to 3.8 s per GiB measured on a 2-core VM shared with other jobs, less on a free core.
+    ``fit(distributed=True)`` computes it once per fit, before the first step."""
+    digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
+    for array in arrays:
+        if array is None:
+            digest.update(b"None;")
+            continue
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array)
+    return digest.hexdigest()
+
+
+def _loss_name(loss_fn) -> str:
+    """Which loss ``loss_fn`` computes, named alike in every process: its function's qualified
+    name (an instance's class's: its repr may hold its address) and its options."""
+    function = losses.base(loss_fn)
+    name = f"{function.__module__}.{getattr(function, '__qualname__', type(function).__qualname__)}"
+    options = losses.options(loss_fn)
+    return f"{name}{options}" if options else name
 
 
 def check_setups(setups: list[dict]) -> None:
     """Raise if the ranks' ``setups`` (one dict per rank: host, device, n_train, n_val, and where
-    given batch_size, epochs, model) cannot train together. Every rank sees every setup, so all
-    raise the same error: a rank that ran other steps would wait in a collective until the
-    timeout instead."""
+    given model, ``arguments`` {name: value} and ``data`` {name: fingerprint}) cannot train
+    together. Every rank sees every setup, so all raise the same error: a rank that ran other
+    steps would wait in a collective until the timeout instead, and one given other data or
+    arguments would train silently on something else."""
     first = setups[0]
+    whole = ("every rank must pass the whole dataset, in the same order: gpubp splits each global batch over the "
+             "ranks itself, so no DistributedSampler or per-rank shard is needed")
     for r, setup in enumerate(setups):
         if setup["device"].split(":")[0] != first["device"].split(":")[0]:
             raise RuntimeError(f"distributed: ranks are on different devices: rank 0 on {first['device']}, "
                                f"rank {r} on {setup['device']}; put every rank's model on the same kind of device")
         for key, name in (("n_train", "x"), ("n_val", "validation data")):
             if setup[key] != first[key]:
-                raise ValueError(f"{name}: rank 0 has {first[key]} samples, rank {r} has {setup[key]}; "
-                                 "every rank must be given the whole dataset")
-        for key, what in (("batch_size", "batch_size"), ("epochs", "(initial_epoch, epochs)")):
-            if setup.get(key) != first.get(key):
-                raise ValueError(f"{key}: rank 0 trains with {what} {first.get(key)}, rank {r} with "
-                                 f"{setup.get(key)}; every rank must call fit with the same arguments")
+                raise ValueError(f"{name}: rank 0 has {first[key]} samples, rank {r} has {setup[key]}; {whole}")
+        for key, value in setup.get("arguments", {}).items():
+            if value != first["arguments"][key]:
+                what = "(initial_epoch, epochs)" if key == "epochs" else key
+                raise ValueError(f"{key}: rank 0 trains with {what} {first['arguments'][key]}, rank {r} with "
+                                 f"{value}; every rank must call fit with the same arguments")
         if setup.get("model") != first.get("model"):
             raise ValueError(f"model: rank {r}'s parameters (shapes, dtype, trainable flags) differ from rank 0's; "
                              "every rank must build and freeze the same model")
+        for name, digest in setup.get("data", {}).items():
+            if digest != first["data"][name]:
+                raise ValueError(f"{name}: rank 0 and rank {r} pass different data (fingerprints "
+                                 f"{first['data'][name]} and {digest}); {whole}")
     seen = {}
     for r, setup in enumerate(setups):
         if setup["device"] == "cpu":
@@ -144,8 +206,13 @@ class DataParallel:
     :meth:`evaluate`.
     """
 
-    def __init__(self, model, batch_size: int, n_train: int, n_val: int | None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 epochs: tuple[int, int] | None = None):
+    def __init__(self, model, batch_size: int, data: tuple, validation: tuple | None = None, *,
+                 epochs: tuple[int, int] | None = None, shuffle: bool = True, loss=losses.cross_entropy,
+                 metrics=(), optimizer=None, learning_rate: float | None = None,
+                 clip_grad_norm: float | None = None, scheduler=None, timeout_s: float = DEFAULT_TIMEOUT_S):
+        """``data`` (x, y, training weights or None) and ``validation`` (x_val, y_val, weights or
+        None) are fit's checked host arrays; they and the keyword arguments, fit's, are what every
+        rank must pass alike (:func:`check_setups`)."""
         import torch
 
         init(model.device, timeout_s)
@@ -157,11 +224,20 @@ class DataParallel:
         if batch_size % self.world_size:
             raise ValueError(f"batch_size: the global batch {batch_size} must be a multiple of the world size "
                              f"{self.world_size}, so that every rank gets an equal part")
-        if n_val is not None and n_val < self.world_size:
-            raise ValueError(f"validation data: {n_val} samples cannot be split over {self.world_size} ranks")
-        setup = {"host": socket.gethostname(), "device": _device_label(model), "n_train": n_train, "n_val": n_val,
-                 "batch_size": batch_size, "epochs": None if epochs is None else [int(e) for e in epochs],
-                 "model": [[list(p.shape), str(p.data.dtype), bool(p.trainable)] for p in model.parameters()]}
+        arguments = {"batch_size": batch_size, "epochs": None if epochs is None else tuple(int(e) for e in epochs),
+                     "shuffle": bool(shuffle), "loss": _loss_name(loss),
+                     "metrics": [metric_fns.get(m)[0] for m in metrics],
+                     "optimizer": None if optimizer is None else repr(optimizer),
+                     "learning_rate": learning_rate, "clip_grad_norm": clip_grad_norm,
+                     "scheduler": None if scheduler is None else type(scheduler).__name__}
+        x, y, weights = data
+        fingerprints = {"x": fingerprint(x), "y": fingerprint(y), "sample_weight/class_weight": fingerprint(weights)}
+        if validation is not None:
+            fingerprints["validation data"] = fingerprint(*validation)
+        setup = {"host": socket.gethostname(), "device": _device_label(model), "n_train": len(x),
+                 "n_val": None if validation is None else len(validation[0]), "arguments": arguments,
+                 "model": [[list(p.shape), str(p.data.dtype), bool(p.trainable)] for p in model.parameters()],
+                 "data": fingerprints}
         setups = [None] * self.world_size
         self.dist.all_gather_object(setups, setup)
         check_setups(setups)
@@ -246,21 +322,26 @@ class DataParallel:
     def evaluate(self, x_val, y_val, loss_fn, metrics, sample_weight: np.ndarray | None = None) -> dict:
         """``batches.evaluate`` on this rank's part of the validation data (and weights): the loss
         averaged over ranks by part size, the metrics scored on every rank's predictions, gathered
-        in rank order (the parts are contiguous), against the whole ``y_val``."""
+        in rank order (the parts are contiguous), against the whole ``y_val``. With fewer samples
+        than ranks some parts are empty: those ranks send no predictions and weigh 0."""
         part = _shard(len(x_val), self.rank, self.world_size)
-        weights = None if sample_weight is None else sample_weight[part]
+        count = part.stop - part.start
+        # batches.evaluate takes no empty set: a rank without samples evaluates the first one,
+        # for its collectives' sake, and sends none of it.
+        rows = part if count else slice(0, 1)
+        weights = None if sample_weight is None else sample_weight[rows]
 
         def whole(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             parts = [None] * self.world_size
-            self.dist.all_gather_object(parts, scores)
+            self.dist.all_gather_object(parts, scores[:count])
             return np.concatenate(parts), y_val
 
-        result = batches.evaluate(self.model, x_val[part], y_val[part], loss=loss_fn, metrics=metrics,
+        result = batches.evaluate(self.model, x_val[rows], y_val[rows], loss=loss_fn, metrics=metrics,
                                   sample_weight=weights, gather=whole)
         if "loss" in result:
-            weight = (part.stop - part.start) / len(x_val)
+            share = result["loss"] * (count / len(x_val)) if count else 0.0  # not 0 * a non-finite loss
             device = "cpu" if self.model.device == "cpu" else "cuda"
-            total = self.torch.tensor([result["loss"] * weight], dtype=self.torch.float64, device=device)
+            total = self.torch.tensor([share], dtype=self.torch.float64, device=device)
             self.dist.all_reduce(total)
             result["loss"] = total.item()
         return result

@@ -25,6 +25,7 @@ score among the k highest, ties included; ``TopKCategoricalAccuracy(k)`` for ano
 from __future__ import annotations
 
 import functools
+import numbers
 
 import numpy as np
 
@@ -195,7 +196,10 @@ def auc(scores: np.ndarray, y: np.ndarray, from_logits: bool = False, num_thresh
     """Binary ROC AUC as ``keras.metrics.AUC()`` computes it: every output against its 0/1 target,
     true and false positive rates at ``num_thresholds`` evenly spaced thresholds (a score counts
     as positive above a threshold), and the curve's area by the trapezoid rule. ``from_logits``
-    applies the sigmoid first."""
+    applies the sigmoid first. ``num_thresholds``: an int > 1, as Keras requires (the two end
+    thresholds are always there)."""
+    if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, numbers.Integral) or num_thresholds <= 1:
+        raise ValueError(f"num_thresholds: expected an int > 1, got {num_thresholds!r}")
     targets = _targets_like(scores, y, "auc").reshape(-1) != 0
     probabilities = np.clip(_special.expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
     inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import callbacks
+from gpubp import callbacks, distributed
 from test_bad_input import assert_weights_equal, rejected
 
 
@@ -281,6 +281,33 @@ def test_without_terminate_on_nan_a_non_finite_loss_raises_naming_the_callback()
     x, y = overflowing()
     with pytest.raises(FloatingPointError, match="epoch 1, batch 2.*TerminateOnNaN"):
         new_model().fit(x, y, loss="mse", epochs=1, batch_size=8, shuffle=False, verbose=0)
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+# Each fit makes its callback print: a constant loss (rate 0) stops EarlyStopping and, with a
+# min_delta no epoch reaches, lowers ReduceLROnPlateau's rate; the second batch overflows.
+PRINTING_FITS = {
+    "EarlyStopping": (lambda: callbacks.EarlyStopping("loss", verbose=1, restore_best_weights=True),
+                      data(), {"optimizer": "sgd", "learning_rate": 0.0}),
+    "ReduceLROnPlateau": (lambda: callbacks.ReduceLROnPlateau("loss", patience=0, min_delta=10.0, verbose=1),
+                          data(), {}),
+    "LearningRateScheduler": (lambda: callbacks.LearningRateScheduler(lambda epoch, lr: lr, verbose=1), data(), {}),
+    "TerminateOnNaN": (callbacks.TerminateOnNaN, overflowing(), {"loss": "mse", "optimizer": "sgd"}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("name", PRINTING_FITS)
+def test_callback_messages_are_printed_by_the_main_process_only(monkeypatch, capsys, name, rank):
+    """Under fit(distributed=True) every rank runs these callbacks; only rank 0 prints."""
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    callback, (x, y), kwargs = PRINTING_FITS[name]
+    new_model().fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0, callbacks=[callback()], **kwargs)
+    printed = capsys.readouterr().out
+    assert bool(printed) == (rank == 0), printed
 
 
 # ----------------------------------------------------------------------------- LambdaCallback

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +136,26 @@ def test_distributed_fit_rejects_a_batch_the_world_size_does_not_divide(ranks):
         assert "batch_size" in message and "15" in message and "world size 2" in message
 
 
+def test_distributed_fit_refuses_a_shard_per_rank_saying_every_rank_passes_the_whole_dataset(ranks):
+    for saved in ranks["saved"]:
+        message = str(saved["shard_error"])
+        assert message.startswith("x: rank 0 and rank 1 pass different data (fingerprints ")
+        assert "every rank must pass the whole dataset" in message and "no DistributedSampler" in message
+
+
+@pytest.mark.parametrize("key", ["loss", "val_loss", "val_accuracy"])
+def test_distributed_fit_with_fewer_validation_samples_than_ranks_matches_one_process(ranks, key):
+    want = worker.small_validation_fit(distributed=False)[key]
+    for saved in ranks["saved"]:
+        np.testing.assert_allclose(saved[f"small_{key}"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_distributed_fit_prints_progress_on_rank_0_only(ranks):
     assert ranks["log"].count("epoch 1/3 - ") == 1
+
+
+def test_distributed_fit_prints_callback_messages_on_rank_0_only(ranks):
+    assert ranks["log"].count("Epoch 2: early stopping") == 1
 
 
 def test_distributed_fit_runs_file_writing_callbacks_on_rank_0_only(ranks):
@@ -182,8 +202,8 @@ def one_rank_group(monkeypatch):
 
 def test_each_step_sends_the_trainable_gradients_and_the_loss_only(one_rank_group):
     model = worker.fit_model()
-    parallel = distributed.DataParallel(model, batch_size=8, n_train=8, n_val=None)
     x, y = worker.fit_data()
+    parallel = distributed.DataParallel(model, batch_size=8, data=(x[:8], y[:8], None))
     parallel.forward_backward(gb.losses.cross_entropy, x[:8], y[:8])
     trainable = sum(p.data.size for p in model.trainable_parameters())
     assert trainable < sum(p.data.size for p in model.parameters())
@@ -199,7 +219,65 @@ def test_fit_on_one_rank_equals_fit_without_distributed(one_rank_group, single_p
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_fit_gives_the_setup_check_its_arguments_and_the_fingerprints_of_its_data(one_rank_group, monkeypatch):
+    setups = []
+    monkeypatch.setattr(distributed, "check_setups", setups.extend)
+    x, y = worker.fit_data()
+    model = worker.fit_model()
+    model.fit(x, y, loss="sparse_categorical_crossentropy", epochs=1, batch_size=16, validation_split=0.2,
+              shuffle=False, metrics=["f1"], clip_grad_norm=1.0, verbose=0, distributed=True)
+    (setup,) = setups
+    assert {key: setup["arguments"][key] for key in ("shuffle", "loss", "metrics", "clip_grad_norm")} == {
+        "shuffle": False, "loss": "gpubp.losses.cross_entropy", "metrics": ["f1"], "clip_grad_norm": 1.0}
+    assert setup["data"] == {"x": distributed.fingerprint(x[:80]), "y": distributed.fingerprint(y[:80]),
+                             "sample_weight/class_weight": distributed.fingerprint(None),
+                             "validation data": distributed.fingerprint(x[80:], y[80:], None)}
+
+
+@pytest.mark.parametrize("library", ["cupy", "numba"])
+def test_init_cuda_makes_gpu_local_rank_current_for_the_installed_gpu_library_and_torch(
+        one_rank_group, monkeypatch, library):
+    selected = []
+    if library == "cupy":
+        runtime = types.SimpleNamespace(setDevice=lambda index: selected.append(("cupy", index)))
+        monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    else:
+        numba_cuda = pytest.importorskip("numba.cuda")
+        monkeypatch.setitem(sys.modules, "cupy", None)  # a numba-only install
+        monkeypatch.setattr(numba_cuda, "select_device", lambda index: selected.append(("numba", index)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: selected.append(("torch", index)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    distributed.init("cuda")
+    assert selected == [(library, 1), ("torch", 1)]
+
+
+def test_init_cuda_without_cupy_or_numba_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "numba", None)
+    with pytest.raises(ImportError, match=r"^init\('cuda'\): neither CuPy nor Numba is installed; install CUDA"):
+        distributed.init("cuda")
+
+
+def test_a_numba_models_device_label_names_the_gpu_its_arrays_are_on():
+    """Numba device arrays do not say where they are (CuPy's do); without the GPU's index, two
+    ranks on GPUs 0 and 1 of one host would look like two ranks on one GPU. Here GPU 0: the
+    simulator's only one, or the current GPU of this process."""
+    pytest.importorskip("numba")
+    model = gb.Sequential([gb.Dense(3, 2)], backend="numba")
+    assert distributed._device_label(model) == "cuda:0"
+
+
 # ----------------------------------------------------------------------------- setup checks, no processes
+
+
+def test_fingerprint_is_the_same_for_the_same_data_and_differs_for_other_data():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    one_changed = x.copy()
+    one_changed[3, 2] += 1
+    assert distributed.fingerprint(x.copy()) == distributed.fingerprint(x)
+    assert distributed.fingerprint(x[:, ::2]) == distributed.fingerprint(np.ascontiguousarray(x[:, ::2]))
+    others = [one_changed, x.astype(np.float64), x.reshape(3, 4), x[:2], None]
+    assert distributed.fingerprint(x) not in {distributed.fingerprint(other) for other in others}
 
 
 def setup(**changes) -> dict:
@@ -226,22 +304,61 @@ def test_check_setups_rejects_different_datasets(key, name):
         distributed.check_setups([setup(), setup(**{key: 7})])
 
 
-FIT_SETUP = {"batch_size": 8, "epochs": [0, 3], "model": [[[3, 2], "float32", True], [[2], "float32", True]]}
+FIT_SETUP = {
+    "arguments": {"batch_size": 8, "epochs": (0, 3), "shuffle": True, "loss": "gpubp.losses.cross_entropy",
+                  "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "learning_rate": None,
+                  "clip_grad_norm": None, "scheduler": None},
+    "model": [[[3, 2], "float32", True], [[2], "float32", True]],
+    "data": {"x": "0a", "y": "1b", "sample_weight/class_weight": "2c", "validation data": "3d"},
+}
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 16, r"^batch_size: rank 0 trains with batch_size 8, rank 1 with 16; every rank must call fit"),
-    ("epochs", [1, 3], r"^epochs: rank 0 trains with \(initial_epoch, epochs\) \[0, 3\], rank 1 with \[1, 3\]"),
-    ("model", [[[3, 2], "float32", False], [[2], "float32", True]],
-     r"^model: rank 1's parameters \(shapes, dtype, trainable flags\) differ from rank 0's"),
-    ("model", [[[3, 2], "float64", True], [[2], "float64", True]], r"^model: rank 1's parameters"),
-], ids=["batch_size", "epochs", "frozen weight", "dtype"])
-def test_check_setups_rejects_ranks_that_would_run_other_steps(key, value, message):
-    """Ranks that would run another number of all-reduces, or reduce buckets of another layout,
-    would wait in a collective until the timeout: refused on every rank instead."""
-    with pytest.raises(ValueError, match=message):
-        distributed.check_setups([setup(**FIT_SETUP), setup(**{**FIT_SETUP, key: value})])
+def fit_setup(part: str, key: str | None, value) -> dict:
+    """FIT_SETUP with ``part[key]`` (or ``part`` itself, for key None) set to ``value``."""
+    changed = {**FIT_SETUP[part], key: value} if key else value
+    return setup(**{**FIT_SETUP, part: changed})
+
+
+def test_check_setups_accepts_ranks_with_the_same_setup():
     distributed.check_setups([setup(**FIT_SETUP), setup(**FIT_SETUP)])
+
+
+@pytest.mark.parametrize("part, key, value, message", [
+    ("arguments", "batch_size", 16,
+     r"^batch_size: rank 0 trains with batch_size 8, rank 1 with 16; every rank must call fit with the same"),
+    ("arguments", "epochs", (1, 3),
+     r"^epochs: rank 0 trains with \(initial_epoch, epochs\) \(0, 3\), rank 1 with \(1, 3\)"),
+    ("arguments", "metrics", [], r"^metrics: rank 0 trains with metrics \['accuracy'\], rank 1 with \[\]"),
+    ("model", None, [[[3, 2], "float32", False], [[2], "float32", True]],
+     r"^model: rank 1's parameters \(shapes, dtype, trainable flags\) differ from rank 0's"),
+    ("model", None, [[[3, 2], "float64", True], [[2], "float64", True]], r"^model: rank 1's parameters"),
+], ids=["batch_size", "epochs", "metrics", "frozen weight", "dtype"])
+def test_check_setups_rejects_ranks_that_would_run_other_steps(part, key, value, message):
+    """Ranks that would run another number of all-reduces, reduce buckets of another layout, or
+    gather validation predictions where another does not would wait in a collective until the
+    timeout: refused on every rank instead."""
+    with pytest.raises(ValueError, match=message):
+        distributed.check_setups([setup(**FIT_SETUP), fit_setup(part, key, value)])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("shuffle", False), ("loss", "gpubp.losses.mse"), ("optimizer", "SGD([{2 params, lr=0.2}])"),
+    ("learning_rate", 0.01), ("clip_grad_norm", 1.0), ("scheduler", "StepLR"),
+])
+def test_check_setups_rejects_ranks_that_would_train_differently(key, value):
+    """Ranks that shuffle apart, or compute other gradients or updates, would train silently on
+    other batches or to other weights: refused on every rank, naming the argument."""
+    with pytest.raises(ValueError, match=rf"^{key}: rank 0 trains with {key} .*, rank 1 with {re.escape(str(value))}; "
+                                         "every rank must call fit with the same arguments"):
+        distributed.check_setups([setup(**FIT_SETUP), fit_setup("arguments", key, value)])
+
+
+@pytest.mark.parametrize("name", ["x", "y", "sample_weight/class_weight", "validation data"])
+def test_check_setups_rejects_ranks_given_other_data_saying_every_rank_passes_the_whole_dataset(name):
+    with pytest.raises(ValueError, match=rf"^{name}: rank 0 and rank 2 pass different data \(fingerprints "
+                                         r".* and ff\); every rank must pass the whole dataset, in the same "
+                                         r"order: gpubp splits each global batch .* no DistributedSampler"):
+        distributed.check_setups([setup(**FIT_SETUP), setup(**FIT_SETUP), fit_setup("data", name, "ff")])
 
 
 def test_fit_distributed_without_torchrun_or_a_process_group_says_how_to_launch(monkeypatch):

@@ -87,6 +87,16 @@ def test_auc_of_logits_is_the_auc_of_their_sigmoid(rng):
     assert metrics.get("auc")[1](logits, y) == metrics.auc(1 / (1 + np.exp(-logits)), y)
 
 
+@pytest.mark.parametrize("num_thresholds", [1, 0, -3, 2.5, True])
+def test_auc_refuses_a_num_thresholds_that_is_not_an_int_above_1_as_keras_does(num_thresholds):
+    with pytest.raises(ValueError, match=rf"^num_thresholds: expected an int > 1, got {num_thresholds!r}$"):
+        metrics.auc(np.array([[0.2], [0.6], [0.9]]), np.array([0, 1, 1]), num_thresholds=num_thresholds)
+
+
+def test_auc_with_2_thresholds_has_only_the_end_points_of_the_curve():
+    assert metrics.auc(np.array([[0.2], [0.6], [0.9]]), np.array([0, 1, 1]), num_thresholds=2) == 0.5
+
+
 def binary_model():
     gb.seed(5)
     return gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 1, "sigmoid")], device="cpu")

@@ -10,7 +10,12 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
    and sample weights, which each rank applies to its part of every batch and of the
    validation data;
 2. ``fit(distributed=True)`` with a global batch the world size does not divide (the error);
-3. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
+3. ``fit(distributed=True)`` on this rank's half of the data, the ``DistributedSampler`` habit
+   (the error);
+4. ``fit(distributed=True)`` with a validation_split that leaves fewer validation samples
+   than ranks (:func:`small_validation_fit`);
+5. ``fit(distributed=True)`` with an ``EarlyStopping(verbose=1)`` that stops it (what it prints);
+6. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
 
 The test computes the single-process references with the functions below. With
@@ -54,6 +59,15 @@ def fit_model(device: str = "cpu") -> gb.Sequential:
 
 def fit_optimizer(model):
     return gb.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def small_validation_fit(distributed: bool, device: str = "cpu"):
+    """10 samples with validation_split=0.1: 1 validation sample, fewer than the ranks. The History."""
+    x, y = fit_data()
+    gb.seed(FIT_SEED)
+    model = gb.Sequential([gb.Dense(6, 3)], device=device)
+    return model.fit(x[:10], y[:10], epochs=2, batch_size=4, validation_split=0.1, metrics=["accuracy"], verbose=0,
+                     distributed=distributed)
 
 
 def ddp_data():
@@ -108,6 +122,17 @@ def main(out_dir: str) -> None:
         batch_error = ""
     except ValueError as exc:
         batch_error = str(exc)
+    half = slice(rank * 50, (rank + 1) * 50)  # of the first 100 samples: the sizes agree, the data does not
+    try:
+        gb.Sequential([gb.Dense(6, 3)], device=DEVICE).fit(x[half], y[half], batch_size=16, verbose=0, distributed=True)
+        shard_error = ""
+    except ValueError as exc:
+        shard_error = str(exc)
+    small = small_validation_fit(distributed=True, device=DEVICE)
+    # Rate 0 and no shuffle: the second epoch's loss equals the first's, and EarlyStopping stops there.
+    still = gb.Sequential([gb.Dense(6, 3)], device=DEVICE)
+    still.fit(x, y, epochs=3, batch_size=16, shuffle=False, learning_rate=0.0, verbose=0, distributed=True,
+              callbacks=[gb.EarlyStopping("loss", verbose=1)])
 
     gb.seed(DDP_SEED)
     mlp = MLP([6, 10, 3]).to(DEVICE)
@@ -119,7 +144,9 @@ def main(out_dir: str) -> None:
     np.savez(f"{out_dir}/rank{rank}.npz", *model.get_weights(),
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
              val_accuracy=np.array(history["val_accuracy"]), val_f1=np.array(history["val_f1"]),
-             batch_error=np.array(batch_error),
+             batch_error=np.array(batch_error), shard_error=np.array(shard_error),
+             small_loss=np.array(small["loss"]), small_val_loss=np.array(small["val_loss"]),
+             small_val_accuracy=np.array(small["val_accuracy"]),
              ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
     # DDP's reducer holds the gloo group; freed after the peer has gone, its destructor can wait forever.
     dist.barrier()
