@@ -242,6 +242,23 @@ def test_multistep_lr_refuses_milestones_that_are_no_epochs_before_anything_chan
     assert (group_options(scheduler.optimizer), scheduler.state_dict()) == before
 
 
+@pytest.mark.parametrize("key, value, error, message", [
+    ("last_epoch", 7, ValueError, r"state_dict\['last_epoch'\]: expected an int from -1 to total_steps=6, got 7"),
+    ("last_epoch", 2.0, ValueError, r"state_dict\['last_epoch'\]: expected an int from -1 to total_steps=6, got 2.0"),
+    ("total_steps", "6", TypeError, r"state_dict\['total_steps'\]: expected a positive int, got '6'"),
+], ids=["past_the_cycle", "float_step", "str_total"])
+def test_one_cycle_refuses_a_step_outside_its_cycle_before_anything_changes(key, value, error, message):
+    """Loading computes the saved step's rates and momentum: one past total_steps raised from
+    there, after the state and the optimizer's momentum had changed."""
+    scheduler = stepped(lambda opt: ours.OneCycleLR(opt, max_lr=0.1, total_steps=6), kind="sgd_momentum")
+    state = scheduler.state_dict()
+    state[key] = value
+    before = group_options(scheduler.optimizer), scheduler.state_dict()
+    with pytest.raises(error, match=message):
+        scheduler.load_state_dict(state)
+    assert (group_options(scheduler.optimizer), scheduler.state_dict()) == before
+
+
 def two_phases(optimizer):
     return ours.SequentialLR(optimizer, [ours.LinearLR(optimizer, start_factor=0.5, total_iters=4),
                                          ours.ExponentialLR(optimizer, gamma=0.5)], [4])

@@ -464,6 +464,16 @@ class OneCycleLR(LRScheduler):
                 start = end
         return rates
 
+    def _check_state(self, state_dict) -> None:
+        """Also a step within the cycle: loading computes its rates (and momentum), which a step
+        past ``total_steps`` has none of, after the state was taken."""
+        super()._check_state(state_dict)
+        step, total = state_dict["last_epoch"], state_dict["total_steps"]
+        if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+            raise TypeError(f"state_dict['total_steps']: expected a positive int, got {total!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not -1 <= step <= total:
+            raise ValueError(f"state_dict['last_epoch']: expected an int from -1 to total_steps={total}, got {step!r}")
+
     def _restore_rates(self) -> None:
         # The momentum of the saved step. A scheduler that a SequentialLR has not started yet has
         # its construction step undone (last_epoch < 0): it set no momentum since it was built,
