@@ -430,8 +430,10 @@ def test_cuda_without_a_gpu_says_which_extra_to_install(monkeypatch):
     # Simulate a machine where neither GPU backend can run, whatever this one has.
     monkeypatch.setattr(backends, "_modules", {k: v for k, v in backends._modules.items() if k == "numpy"})
     monkeypatch.setattr(backends, "_unavailable", {"cupy": "CuPy is not installed", "numba": "no CUDA driver"})
-    with pytest.raises(RuntimeError, match=r"device='cuda' was asked for.*pip install \"gpubp\[cuda12\]\""):
+    monkeypatch.setitem(backends._unavailable, "cupy", f"CuPy is not installed; {backends.INSTALL_HINT}")
+    with pytest.raises(RuntimeError, match=r"device='cuda' was asked for.*pip install \"gpubp\[cuda12\]\"") as error:
         gb.Sequential([gb.Dense(4, 5)], device="cuda")
+    assert str(error.value).count(backends.INSTALL_HINT) == 1, "the install hint once, at the end"
 
 
 def test_moving_a_model_to_cuda_without_a_gpu_keeps_it_on_the_cpu(monkeypatch):

@@ -317,7 +317,7 @@ def resolve(device: str = "auto", backend: str = "auto") -> str:
         try:
             get(name)
         except RuntimeError as exc:
-            reasons.append(str(exc))
+            reasons.append(str(exc).replace(f"; {INSTALL_HINT}", ""))  # said once, at the end
             continue
         if device == "auto":
             log.info("gpubp: device='auto' chose the GPU (backend %r)", name)
