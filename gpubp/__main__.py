@@ -1,9 +1,10 @@
-"""Command line: ``python -m gpubp demo | info | bench``.
+"""Command line: python -m gpubp demo | info | bench (or the gpubp script).
 
 demo   train 64-128-128-10 on the 8x8 digits, then fine-tune a frozen backbone to new classes
 info   versions, the GPUs the driver sees, where NVRTC and the CUDA headers are, which backends run
        here and why the others don't
-bench  time one training step per backend on a few shapes (a quick look; bench/ has the real suites)
+bench  time one training step per backend on a few shapes (a quick look; the source tree's bench/ has
+       the pytest-benchmark suites)
 """
 
 from __future__ import annotations
