@@ -189,3 +189,94 @@ def test_the_fused_backward_refuses_a_buffer_of_another_shape(cb, wrong):
     refused(cb, wrong.replace("[", r"\[").replace("]", r"\]"),
             lambda: cb.fused_mlp_backward(dy, [w0, w1], ["relu", "identity"], [x, h], [h0, None], [False, True],
                                           [True, True], [dw0, dw1], [db0, db1]), dw0, dw1, db0, db1)
+
+
+# ----------------------------------------------------------------------------- missing, empty, unknown
+
+
+@pytest.mark.parametrize("case", ["b", "y_of_relu", "z_of_gelu", "x_for_dw", "grad", "target", "labels"])
+def test_a_missing_operand_is_refused_naming_it(be, case):
+    """A GPU backend made None a one-element NaN array and read it as a whole operand."""
+    x, w, b, dy, y, out = arrays(be, (B, IN), (IN, OUT), (OUT,), (B, OUT), (B, OUT), (B, OUT))
+    name, call = {
+        "b": ("b", lambda: be.dense_forward(x, w, None, "relu", out=out)),
+        "y_of_relu": ("y", lambda: be.dense_backward(dy, x, w, None, None, "relu", True, True)),
+        "z_of_gelu": ("z", lambda: be.dense_backward(dy, x, w, y, None, "gelu", True, True)),
+        "x_for_dw": ("x", lambda: be.dense_backward(dy, None, w, y, None, "relu", False, True)),
+        "grad": ("grad", lambda: be.sgd_update(w, None, None, 0.1, 0.0, False, 0.0)),
+        "target": ("target", lambda: be.mse(y, None)),
+        "labels": ("labels", lambda: be.softmax_cross_entropy(y, None)),
+    }[case]
+    refused(be, name, call, out, w, y)
+
+
+@pytest.mark.parametrize("case", ["forward", "backward", "cross_entropy"])
+def test_an_empty_batch_is_refused(be, case):
+    """A GPU launch of no blocks is an invalid one (and split-K divided by a chunk of 0 rows)."""
+    x, w, b, dy, logits = arrays(be, (0, IN), (IN, OUT), (OUT,), (0, OUT), (0, OUT))
+    name, call = {"forward": ("x", lambda: be.dense_forward(x, w, b, "relu")),
+                  "backward": ("dy", lambda: be.dense_backward(dy, x, w, None, None, "identity", True, True)),
+                  "cross_entropy": ("logits", lambda: be.softmax_cross_entropy(logits, be.asarray(np.zeros(0, np.int64))))
+                  }[case]
+    refused(be, name, call, w, why="expected at least one row")
+
+
+@pytest.mark.parametrize("where", ["activation", "dx_act"])
+def test_an_unknown_activation_is_refused_before_any_launch(be, where):
+    if where == "dx_act" and be.NAME == "numpy":
+        pytest.skip("the NumPy backend has no FOLDS_DX_ACT capability (no dx_act)")
+    x, w, b, dy, out_dw = arrays(be, (B, IN), (IN, OUT), (OUT,), (B, OUT), (IN, OUT))
+    call = (lambda: be.dense_forward(x, w, b, "Relu")) if where == "activation" else (
+        lambda: be.dense_backward(dy, x, w, None, None, "identity", True, True, out_dw=out_dw, dx_act="bogus",
+                                  dx_act_in=x))
+    refused(be, where, call, out_dw, why="unknown activation '(Relu|bogus)'; expected one of \\('identity', ")
+
+
+def test_a_missing_output_of_the_layer_below_is_refused_naming_what_act_needs(be):
+    if be.NAME == "numpy":
+        pytest.skip("the NumPy backend has no FOLDS_DX_ACT capability (no dx_act)")
+    x, w, dy = arrays(be, (B, IN), (IN, OUT), (B, OUT))
+    refused(be, "dx_act_in", lambda: be.dense_backward(dy, x, w, None, None, "identity", True, False, dx_act="gelu"),
+            why="what act' of the layer below reads .* needed for dx_act='gelu'")
+
+
+@pytest.mark.parametrize("wrong", ["width", "layers", "acts"])
+def test_the_fused_kernels_refuse_what_their_plan_cannot_hold(cb, wrong):
+    """Past the width a kernel read shared memory out of place (NaN out), a short acts list made
+    it trap, and a ninth layer shifted every argument after the weights."""
+    width, layers = {"width": (cb.FUSED_MLP_MAX_WIDTH + 1, 2), "layers": (4, cb.FUSED_MLP_MAX_LAYERS + 1),
+                     "acts": (4, 2)}[wrong]
+    (x,) = arrays(cb, (B, width))
+    ws = arrays(cb, *[(width, width)] * layers)
+    bs = arrays(cb, *[(width,)] * layers)
+    acts = ["relu"] * (layers - (wrong == "acts"))
+    name = {"width": r"weights\[0\]", "layers": "weights", "acts": "acts"}[wrong]
+    refused(cb, name, lambda: cb.fused_mlp_forward(x, ws, bs, acts, [True] * layers, [True] * layers),
+            why="expected (at most|1 to|an activation)")
+
+
+def test_a_capture_keeps_the_arrays_a_multi_tensor_table_points_to(cb, monkeypatch):
+    """The table holds their pointers, not references: a replay after the caller dropped them
+    would write freed memory that a later array reuses."""
+    tensors = [tuple(arrays(cb, (IN, OUT), (IN, OUT)))]
+    captured = []
+    monkeypatch.setattr(cb, "_captured_arrays", captured)
+    cb._multi_table(tensors)
+    assert any(entry is tensors for entry in captured)
+
+
+def test_clipping_refuses_a_bad_guard_before_it_sums_anything(cb):
+    grads = arrays(cb, (IN, OUT), (OUT,))
+    norm_sq = cb.asarray(np.zeros(1, np.float32))
+    refused(cb, "guard", lambda: cb.clip_(grads, 1.0, norm_sq, cb.asarray(np.zeros(2, np.float32))), norm_sq, *grads,
+            why="expected a contiguous float32 CuPy array of shape")
+
+
+def test_a_backward_whose_dx_grid_is_too_wide_writes_no_gradient_first(cb, monkeypatch):
+    """dX's columns are the layer's inputs; past CUDA's grid.y limit it was refused after the dz
+    and dW launches had written dW and db."""
+    monkeypatch.setattr(cb, "_state", lambda: {"sms": 1})  # the 128 x 128 fp32 tile
+    n_in = cb.MAX_GRID_Y * 128 + 1
+    x, w, dy, out_dw, out_db = arrays(cb, (1, n_in), (n_in, 1), (1, 1), (n_in, 1), (1,))
+    refused(cb, "dx", lambda: cb.dense_backward(dy, x, w, None, None, "identity", True, True, out_dw=out_dw,
+                                                out_db=out_db), out_dw, out_db, why="an input .* wide takes")

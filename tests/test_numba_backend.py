@@ -202,7 +202,7 @@ def test_dx_refuses_an_unknown_activation_below_or_a_missing_output(rng):
     dy, w_dev, x_dev = to_device(randn(rng, 5, 6), w, x)
     with trace() as t:
         for act in ("softmax", "Relu"):
-            with pytest.raises(ValueError, match=f"dx_act: expected one of identity, .*, got '{act}'"):
+            with pytest.raises(ValueError, match=f"dx_act: unknown activation '{act}'; expected one of \\('identity', "):
                 nb.dense_backward(dy, None, w_dev, None, None, "identity", True, False, dx_act=act, dx_act_in=x_dev)
         with pytest.raises(ValueError, match="dx_act_in: .* needed for dx_act='gelu'"):
             nb.dense_backward(dy, None, w_dev, None, None, "identity", True, False, dx_act="gelu")

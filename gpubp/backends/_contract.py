@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpubp.activations import ACTIVATIONS, NAMES, NEEDS_Z
+
 
 # A dropped softmax output still depends on its logit through the row's sum, so its gradient is
 # not 0 where the mask is; backward, which sees only the masked output, cannot form it. The torch
@@ -40,15 +42,40 @@ def matrix(name: str, a) -> tuple[int, int]:
     return shape
 
 
+def present(**operands) -> None:
+    """Every array of ``operands`` is given: a GPU backend would read None as a one-element array."""
+    for name, a in operands.items():
+        if a is None:
+            raise ValueError(f"{name}: expected an array, got None")
+
+
+def batch_rows(name: str, a) -> int:
+    """The rows of the 2-D ``a``, at least one (a GPU launch of no blocks is an invalid one)."""
+    batch, _ = matrix(name, a)
+    if batch == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {_shape(a)}")
+    return batch
+
+
+def activation(name: str, act, allowed=NAMES) -> None:
+    """``act`` is one of ``allowed`` (the activations' own error wording)."""
+    if act not in allowed:
+        raise ValueError(f"{name}: unknown activation {act!r}; expected one of {allowed}")
+
+
 def no_mask_on_softmax(act: str, dropout) -> None:
     """A softmax layer's ``dropout`` is None (``SOFTMAX_DROPOUT``)."""
     if act == "softmax" and dropout is not None:
         raise ValueError(f"dropout: {SOFTMAX_DROPOUT}")
 
 
-def dense_forward(x, w, b, out=None, out_z=None) -> None:
-    """x (B, in), w (in, out), b (out,); ``out`` and ``out_z`` (B, out)."""
-    batch, n_in = matrix("x", x)
+def dense_forward(x, w, b, out=None, out_z=None, act="identity", dropout=None) -> None:
+    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out); ``act`` one of
+    the activations, and no mask on a softmax layer."""
+    present(x=x, w=w, b=b)
+    activation("activation", act)
+    no_mask_on_softmax(act, dropout)
+    batch, n_in = batch_rows("x", x), matrix("x", x)[1]
     rows, n_out = matrix("w", w)
     if rows != n_in:
         raise ValueError(f"w: expected {n_in} rows, one per input feature of x {_shape(x)}, got shape {_shape(w)}")
@@ -57,10 +84,26 @@ def dense_forward(x, w, b, out=None, out_z=None) -> None:
     require("out_z", out_z, (batch, n_out))
 
 
-def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None) -> None:
-    """dy (B, out), w (in, out); x (B, in) where given; y, z (B, out) where given; ``out_dx`` and
-    ``dx_act_in`` (B, in), ``out_dw`` (in, out), ``out_db`` (out,)."""
-    batch, n_out = matrix("dy", dy)
+def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None, act="identity",
+                   need_dw=False, dropout=None, dx_act="identity") -> None:
+    """dy (B, out) with B >= 1, w (in, out); x (B, in), given when ``need_dw``; what act' reads, given
+    (z for NEEDS_Z's activations, else y, identity neither); y, z (B, out) where given; ``out_dx``
+    and ``dx_act_in`` (B, in), ``dx_act_in`` given for a ``dx_act`` but identity; ``out_dw`` (in,
+    out), ``out_db`` (out,); no mask on a softmax layer."""
+    present(dy=dy, w=w)
+    activation("activation", act)
+    activation("dx_act", dx_act, ACTIVATIONS)
+    no_mask_on_softmax(act, dropout)
+    if need_dw:
+        present(x=x)
+    if act in NEEDS_Z:
+        present(z=z)
+    elif act != "identity":
+        present(y=y)
+    if dx_act != "identity" and dx_act_in is None:
+        raise ValueError(f"dx_act_in: what act' of the layer below reads (its output, or z for "
+                         f"{', '.join(sorted(NEEDS_Z))}) is needed for dx_act={dx_act!r}")
+    batch, n_out = batch_rows("dy", dy), matrix("dy", dy)[1]
     n_in, cols = matrix("w", w)
     if cols != n_out:
         raise ValueError(f"w: expected {n_out} columns, one per output of dy {_shape(dy)}, got shape {_shape(w)}")
@@ -81,14 +124,27 @@ def same(reference: str, a, **others) -> None:
             raise ValueError(f"{name}: expected shape {shape}, that of {reference}, got {_shape(other)}")
 
 
-def loss(pred_name: str, pred, target=None, sample_weight=None, labels=None) -> None:
-    """``target`` of ``pred``'s shape; with ``labels`` or ``sample_weight``, which are (B,), pred is
-    (B, C), a row per sample (an unweighted elementwise loss takes any shape)."""
+def loss(pred_name: str, pred, target, sample_weight=None) -> None:
+    """``target`` of ``pred``'s shape; with ``sample_weight``, which is (B,), pred is (B, C), a row per
+    sample (an unweighted elementwise loss takes any shape)."""
+    present(**{pred_name: pred}, target=target)
     same(pred_name, pred, target=target)
-    if labels is not None or sample_weight is not None:
-        batch, _ = matrix(pred_name, pred)
-        require("labels", labels, (batch,))
-        require("sample_weight", sample_weight, (batch,))
+    if sample_weight is not None:
+        require("sample_weight", sample_weight, (batch_rows(pred_name, pred),))
+
+
+def labelled_loss(logits, labels, sample_weight=None) -> None:
+    """logits (B, C) with B >= 1; labels and ``sample_weight`` (B,)."""
+    present(logits=logits, labels=labels)
+    batch = batch_rows("logits", logits)
+    require("labels", labels, (batch,))
+    require("sample_weight", sample_weight, (batch,))
+
+
+def update(param, grad, **state) -> None:
+    """``grad`` and every state array given (None: one the update does not keep) of ``param``'s shape."""
+    present(param=param, grad=grad)
+    same("param", param, grad=grad, **state)
 
 
 def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=None, out_db=None) -> None:

@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp.activations import ACT_ID, NEEDS_Z
+from gpubp.activations import ACT_ID, ACTIVATIONS, NAMES, NEEDS_Z
 from gpubp.backends import _contract
 from gpubp.trace import record
 
@@ -828,12 +828,13 @@ def clip_(arrays, max_norm: float, norm_sq, guard) -> None:
     _require_f32_contiguous_many("arrays", arrays)
     if not arrays:
         return
-    _sumsq(arrays, _device_floats(norm_sq, "norm_sq"))
+    norm_sq, guard = _device_floats(norm_sq, "norm_sq"), _device_floats(guard, "guard")  # before either launch
+    _sumsq(arrays, norm_sq)
     table, blocks = _multi_table([(a,) for a in arrays])
     if blocks:
         record("scale")
         _kernel("optim.cu", "scale_many_clip")((blocks,), (REDUCE_THREADS,), (
-            table, np.int32(len(arrays)), norm_sq, _device_floats(guard, "guard"), np.float64(max_norm)))
+            table, np.int32(len(arrays)), norm_sq, guard, np.float64(max_norm)))
 
 
 def _elementwise_blocks(n: int) -> int:
@@ -856,8 +857,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     epilogue, after the activation (``y = act(z) * scale`` where kept, else 0; z unmasked), so the
     Dropout costs no pass of its own. A softmax layer takes no mask (``_contract.SOFTMAX_DROPOUT``)."""
     _require_f32_contiguous(out=out, out_z=out_z)
-    _contract.dense_forward(x, w, b, out, out_z)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_forward(x, w, b, out, out_z, act, dropout)
     x, w, b = _f32(x), _f32(w), _f32(b)
     batch, n_in = x.shape
     n_out = w.shape[1]
@@ -906,11 +906,10 @@ def _round_bf16(a, rows: int | None = None):
     return out
 
 
-def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: bool = False):
-    """(kernel, grid, block, dynamic shared bytes) of the forward ("fwd"), dX ("dx") or dW ("dw",
-    grid before its split) kernel for an (m, n) output: the tensor-core kernel for
-    ``precision="tf32"`` or ``"bf16"``, else the fp32 tile that suits the shape; ``dropout``: the
-    forward's variant that applies a mask, or dX's that regenerates the layer below's."""
+def _gemm_grid(kind: str, m: int, n: int, precision: str) -> tuple:
+    """(tile, threads, file, grid) of the forward, dX or dW GEMM for an (m, n) output, or the
+    ValueError of a grid past CUDA's limit: checked before a layer's first launch too, so that a
+    backward refused for its dX has not already written dW."""
     if precision in ("tf32", "bf16"):
         tile, threads = (TF32_TILE, TF32_TILE), TF32_THREADS
         filename = "dense_forward_tf32.cu" if kind == "fwd" else "dense_backward_tf32.cu"
@@ -924,6 +923,15 @@ def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: b
         raise ValueError(f"{kind}: {width} {n} wide takes {grid[1]} tiles of {tile[1]} columns along the "
                          f"kernel grid's y axis, and CUDA launches at most {MAX_GRID_Y} there (a layer at most "
                          f"{MAX_GRID_Y * tile[1]} wide)")
+    return tile, threads, filename, grid
+
+
+def _gemm_launch(kind: str, act: str, m: int, n: int, precision: str, dropout: bool = False):
+    """(kernel, grid, block, dynamic shared bytes) of the forward ("fwd"), dX ("dx") or dW ("dw",
+    grid before its split) kernel for an (m, n) output: the tensor-core kernel for
+    ``precision="tf32"`` or ``"bf16"``, else the fp32 tile that suits the shape; ``dropout``: the
+    forward's variant that applies a mask, or dX's that regenerates the layer below's."""
+    tile, threads, filename, grid = _gemm_grid(kind, m, n, precision)
     name = _dense_name(kind, act, precision, tile, dropout)
     return _kernel(filename, name, 1 << ACT_ID[act]), grid, (threads,), _dynamic_shared_bytes(name)
 
@@ -1079,8 +1087,11 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would, for
     identity too, and that layer's backward runs as an unmasked identity's."""
     _require_f32_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
-    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, act, need_dw, dropout, dx_act)
+    if need_dx:
+        _gemm_grid("dx", dy.shape[0], w.shape[0], precision)
+    if need_dw:
+        _gemm_grid("dw", w.shape[0], dy.shape[1], precision)
     need_db = bool(need_db) and not need_dw
     if not (need_dx or need_dw or need_db):
         return None, None, None
@@ -1223,7 +1234,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C (0: the one-hot kernel path).
     ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""
-    _contract.loss("logits", logits, labels=labels, sample_weight=sample_weight)
+    _contract.labelled_loss(logits, labels, sample_weight)
     logits = _f32(logits)
     batch, classes = logits.shape
     # The kernel reads labels[row] from the data pointer: contiguous int64 or int32 only.
@@ -1297,7 +1308,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, velocity=velocity)
-    _contract.same("param", param, grad=grad, velocity=velocity)
+    _contract.update(param, grad, velocity=velocity)
     grad = _f32(grad)  # read only
     n = param.size
     # The rate: an argument, or read on the device (checked before anything is recorded).
@@ -1318,7 +1329,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, m=m, v=v)
-    _contract.same("param", param, grad=grad, m=m, v=v)
+    _contract.update(param, grad, m=m, v=v)
     grad = _f32(grad)  # read only
     n = param.size
     # lr and the bias corrections: arguments (lr first, the corrections after the options), or
@@ -1340,8 +1351,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
-    _contract.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
-                 momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     grad = _f32(grad)  # read only
     n = param.size
     if hyper is None:
@@ -1370,6 +1380,8 @@ def _multi_table(tensors: list[tuple]) -> tuple:
     (None, 0) for none."""
     if not tensors:
         return None, 0
+    if _captured_arrays is not None:  # a graph's launch reads these through the table, not its arguments
+        _captured_arrays.append(tensors)
     words = [int(a.data.ptr) for tensor in tensors for a in tensor]
     sizes = [int(tensor[0].size) for tensor in tensors]
     firsts = [0]
@@ -1657,6 +1669,21 @@ def _layer_slots(arrays, stand_in) -> list:
     return [stand_in if a is None else a for a in arrays]
 
 
+def _fused_limits(weights, acts) -> None:
+    """What the fused kernels' plan holds: 1 to FUSED_MLP_MAX_LAYERS layers, each at most
+    FUSED_MLP_MAX_WIDTH outputs wide, an activation each (softmax on the last only). Past them a
+    kernel would read its arguments or shared memory out of place, so they are refused first."""
+    if not 1 <= len(weights) <= FUSED_MLP_MAX_LAYERS:
+        raise ValueError(f"weights: expected 1 to {FUSED_MLP_MAX_LAYERS} layers, got {len(weights)}")
+    if len(acts) != len(weights):
+        raise ValueError(f"acts: expected an activation per layer ({len(weights)}), got {len(acts)}")
+    for layer, (w, act) in enumerate(zip(weights, acts)):
+        if w.shape[1] > FUSED_MLP_MAX_WIDTH:
+            raise ValueError(f"weights[{layer}]: expected at most {FUSED_MLP_MAX_WIDTH} outputs (FUSED_MLP_MAX_WIDTH), "
+                             f"got shape {tuple(w.shape)}")
+        _contract.activation(f"acts[{layer}]", act, NAMES if layer == len(weights) - 1 else ACTIVATIONS)
+
+
 def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precision="fp32"):
     """The whole forward of a narrow MLP in one launch (``fused_mlp_fwd``).
 
@@ -1670,6 +1697,7 @@ def fused_mlp_forward(x, weights, biases, acts, keep_input, keep_output, precisi
     memory; kernels/fused_mlp.cu gives their error). Each layer may apply its own activation: the
     kernel picks each layer's epilogue from the plan."""
     _contract.mlp(x, weights, biases)
+    _fused_limits(weights, acts)
     x = _f32(x)
     weights, biases = [_f32(w) for w in weights], [_f32(b) for b in biases]
     batch, layers = x.shape[0], len(weights)
@@ -1728,6 +1756,7 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     _require_f32_contiguous_many("out_dw", out_dw)
     _require_f32_contiguous_many("out_db", out_db)
     _contract.mlp(None, weights, dy=dy, inputs=inputs, act_inputs=act_inputs, out_dw=out_dw, out_db=out_db)
+    _fused_limits(weights, acts)
     dy = _f32(dy)
     batch, layers = dy.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]

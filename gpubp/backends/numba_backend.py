@@ -1368,8 +1368,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     No tensor cores here: fp32 (float32 arrays only, ``DTYPES``) for every ``precision``. ``dropout``
     (a ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
     layer is the last layer, where no mask follows it.)"""
-    _contract.dense_forward(x, w, b, out, out_z)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_forward(x, w, b, out, out_z, act, dropout)
     _check_activation(act)
     _require_contiguous(out=out, out_z=out_z)
     x, w, b = _contiguous(x), _contiguous(w), _contiguous(b)
@@ -1553,15 +1552,9 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``dx_dropout``: the ``philox.Mask`` that layer's forward applied to its output (``dx_act_in``
     is then the masked output); the epilogue regenerates it as that layer's ``dropout_dz`` would,
     for identity too, and that layer's backward runs as an unmasked identity's."""
-    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, act, need_dw, dropout, dx_act)
     if not (need_dx or need_dw or need_db):
         return None, None, None
-    if dx_act not in _DX_FROM_Y + _DX_FROM_Z:
-        raise ValueError(f"dx_act: expected one of {', '.join(_DX_FROM_Y + _DX_FROM_Z)}, got {dx_act!r}")
-    if dx_act_in is None and dx_act != "identity":
-        raise ValueError(f"dx_act_in: what act' of the layer below reads (its output, or z for "
-                         f"{', '.join(sorted(NEEDS_Z))}) is needed for dx_act={dx_act!r}")
     _check_activation(act)
     _require_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
     dy, x, w, y, z, dx_act_in = (_contiguous(a) for a in (dy, x, w, y, z, dx_act_in))
@@ -1883,7 +1876,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C."""
-    _contract.loss("logits", logits, labels=labels, sample_weight=sample_weight)
+    _contract.labelled_loss(logits, labels, sample_weight)
     record("ce_fwd_bwd")
     logits, labels = _contiguous(logits), _contiguous(labels)
     batch = logits.shape[0]
@@ -1978,7 +1971,7 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     _require_contiguous(param=param, velocity=velocity)
-    _contract.same("param", param, grad=grad, velocity=velocity)
+    _contract.update(param, grad, velocity=velocity)
     record("sgd_update")
     p = _view(param).ravel()
     g = _view(_contiguous(grad)).ravel()
@@ -2011,7 +2004,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
     _require_contiguous(param=param, m=m, v=v)
-    _contract.same("param", param, grad=grad, m=m, v=v)
+    _contract.update(param, grad, m=m, v=v)
     record("adam_update")
     p = _view(param).ravel()
     # AdamW decays the weights (decay < 1, l2 = 0); Adam adds wd * p to the gradient
@@ -2054,8 +2047,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
     _require_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg,
                         momentum_buffer=momentum_buffer)
-    _contract.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
-                 momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     p = _view(param).ravel()
     v = _view(square_avg).ravel()

@@ -364,8 +364,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     elsewhere, formed in the bias+activation pass (a second pass for the activations that pass
     does not fuse); ``z`` stays unmasked. The mask is generated, never stored.
     ``precision="bf16"``: x and w rounded to bf16 first (``round_bf16``); "tf32" computes as "fp32"."""
-    _contract.dense_forward(x, w, b, out, out_z)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_forward(x, w, b, out, out_z, act, dropout)
     if precision == "bf16":
         x, w = round_bf16(x), round_bf16(w)
     record("dense_fwd")
@@ -488,8 +487,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     ``need_db=True`` with ``need_dw=False``: db alone (a bias that trains under a frozen weight);
     ``need_db=False`` with ``need_dw``: dW alone (a frozen bias), ``db`` None and ``out_db`` unwritten.
     ``dropout``: the ``philox.Mask`` the forward applied, so ``y`` holds the masked output."""
-    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db)
-    _contract.no_mask_on_softmax(act, dropout)
+    _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, None, act, need_dw, dropout)
     sums = need_dw if need_db is None else bool(need_db)  # db comes with dW unless told otherwise
     if not (need_dx or need_dw or sums):
         return None, None, None
@@ -576,7 +574,7 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     log sum exp(z - m) - (1 - eps)(z_label - m) - eps / C sum(z - m) with m the row max (logsumexp(z)
     - (1 - eps) z_label - eps / C sum(z)), its gradient softmax(z) - target; eps = 0 runs the
     one-hot code alone, as it was before label smoothing."""
-    _contract.loss("logits", logits, labels=labels, sample_weight=sample_weight)
+    _contract.labelled_loss(logits, labels, sample_weight)
     record("ce_fwd_bwd")
     batch, classes = logits.shape
     smoothing = label_smoothing != 0
@@ -737,7 +735,7 @@ def poisson(log_rate, target, sample_weight=None):
 
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
-    _contract.same("param", param, grad=grad, velocity=velocity)
+    _contract.update(param, grad, velocity=velocity)
     record("sgd_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
@@ -771,7 +769,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
-    _contract.same("param", param, grad=grad, m=m, v=v)
+    _contract.update(param, grad, m=m, v=v)
     record("adam_update")
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
@@ -813,8 +811,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
 def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
                    centered):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
-    _contract.same("param", param, grad=grad, square_avg=square_avg, grad_avg=grad_avg,
-                 momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
