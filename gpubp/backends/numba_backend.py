@@ -141,7 +141,7 @@ from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
 from gpubp import philox
 from gpubp.activations import (ACT_ID, ACTIVATIONS, GELU_SATURATION, GELU_TANH_A, GELU_TANH_C, LEAKY_SLOPE,
-                               NAMES, NEEDS_Z)
+                               NEEDS_Z)
 from gpubp.backends import INSTALL_HINT, _contract
 from gpubp.trace import record
 
@@ -341,12 +341,6 @@ def _require_contiguous(**operands) -> None:
             view = _view(a)
             raise ValueError(f"{name}: expected a C-contiguous device array (it is written in place), "
                              f"got shape {tuple(view.shape)} with strides {tuple(view.strides)}")
-
-
-def _check_activation(act) -> None:
-    """The NumPy backend's error (``activations.forward``'s) for an activation it does not know."""
-    if act not in NAMES:
-        raise ValueError(f"activation: unknown activation {act!r}; expected one of {NAMES}")
 
 
 def _device_id(a) -> int:
@@ -1369,7 +1363,6 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     (a ``philox.Mask``): y is masked and scaled in the kernel's epilogue; z is not. (A softmax
     layer is the last layer, where no mask follows it.)"""
     _contract.dense_forward(x, w, b, out, out_z, act, dropout)
-    _check_activation(act)
     _require_contiguous(out=out, out_z=out_z)
     x, w, b = _contiguous(x), _contiguous(w), _contiguous(b)
     record("dense_fwd")
@@ -1555,7 +1548,6 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     _contract.dense_backward(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, act, need_dw, dropout, dx_act)
     if not (need_dx or need_dw or need_db):
         return None, None, None
-    _check_activation(act)
     _require_contiguous(out_dx=out_dx, out_dw=out_dw, out_db=out_db)
     dy, x, w, y, z, dx_act_in = (_contiguous(a) for a in (dy, x, w, y, z, dx_act_in))
     if dropout is not None:
