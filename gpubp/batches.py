@@ -230,8 +230,7 @@ def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np
     ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
     with ``logits=True`` its logits."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
-    if not isinstance(logits, (bool, np.bool_)):
-        raise TypeError(f"logits: expected True or False, got {logits!r}")
+    _checks.boolean(logits, "logits")
     if _checks.array_kind(x) == "other":
         x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")
     _checks.batch_shape(x.shape, model.in_features, "x")

@@ -289,8 +289,7 @@ class _BaseMLP(BaseEstimator):
         for name in ("momentum", "beta_1", "beta_2", "validation_fraction"):
             _checks.in_unit_interval(getattr(self, name), name, closed=name == "momentum")  # scikit-learn's ranges
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+            _checks.boolean(getattr(self, name), name)
         return hidden
 
     def _check_warm(self, hidden: list[int]) -> None:
