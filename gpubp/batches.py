@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -315,3 +316,22 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     for name, fn in named:
         result[name] = fn(scores, y)
     return result
+
+
+@contextmanager
+def at_rate(optimizer, learning_rate: float | None, restore: bool = True):
+    """Every group of ``optimizer`` at ``learning_rate`` inside the block (a ``fit`` call's, or the
+    compiled one of ``fit`` and ``train_step``), and, with ``restore``, their own rates after it;
+    None leaves the rates alone."""
+    if learning_rate is None:
+        yield
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    try:
+        yield
+    finally:
+        if restore:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate

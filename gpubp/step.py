@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -161,7 +160,7 @@ class TrainStep:
         x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
         if sample_weight is not None:
             sample_weight = batches.check_sample_weight(sample_weight, len(x))
-        with _at_rate(self.optimizer, self.learning_rate):
+        with batches.at_rate(self.optimizer, self.learning_rate):
             value = self.run(x, y, sample_weight)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value}; the weights were not updated "
@@ -311,23 +310,6 @@ class TrainStep:
     def __repr__(self) -> str:
         return (f"TrainStep({self.loss_fn.__name__}, {type(self.optimizer).__name__}, cuda_graph={self.cuda_graph!r}, "
                 f"{len(self._graphs)} graphs)")
-
-
-@contextmanager
-def _at_rate(optimizer, learning_rate: float | None):
-    """Every group of ``optimizer`` at ``learning_rate`` inside the block, their own rates after
-    it (as ``fit`` applies a compiled rate for its call); None leaves the rates alone."""
-    if learning_rate is None:
-        yield
-        return
-    rates = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate
-    try:
-        yield
-    finally:
-        for group, rate in zip(optimizer.param_groups, rates):
-            group["lr"] = rate
 
 
 def _remember(cache: OrderedDict, key, value) -> None:

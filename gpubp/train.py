@@ -192,17 +192,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         if parallel.rank != 0:
             verbose = 0
             callbacks = [cb for cb in callbacks if not cb.main_process_only]
-    rates = [group["lr"] for group in opt.param_groups]
-    if learning_rate is not None:
-        for group in opt.param_groups:
-            group["lr"] = learning_rate
-    try:
+    # This call's rate only; where a schedule or a callback moves the rates, where they ended stays.
+    with batches.at_rate(opt, learning_rate, restore=not schedule.logs_rate):
         return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
                       epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel)
-    finally:
-        if learning_rate is not None and not schedule.logs_rate:  # this call's rate only; a schedule's stays
-            for group, rate in zip(opt.param_groups, rates):
-                group["lr"] = rate
 
 
 def _check_monitors(callbacks: list, logged: list[str]) -> None:
