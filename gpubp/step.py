@@ -38,6 +38,8 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
 - ``clip_grad_norm`` (of the gradients of the parameters the optimizer updates) is captured too:
   the norm is summed on the device and the gradients scaled there (``clip_``), the scale
   computed in double as the eager step computes it on the host.
+- A capture that fails (a CUDA error) raises under ``cuda_graph=True``; under ``"auto"`` a
+  RuntimeWarning says why, and steps with that signature run eagerly.
 - Not captured (the step runs eagerly, and ``cuda_graph=True`` says why): a backend without
   graphs, a loss function of your own, and a softmax output layer trained with a loss that
   does not take its logits (its softmax runs as CuPy array operations, whose temporaries a
@@ -47,6 +49,7 @@ update per parameter) is recorded once into a CUDA graph and then replayed with 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -123,6 +126,7 @@ class TrainStep:
         losses.warn_if_another_head(self.loss_fn, model._end(-1).activation, "loss")
         self._graphs: OrderedDict = OrderedDict()
         self._warm: OrderedDict = OrderedDict()  # signatures that ran eagerly once: captured next time
+        self._failed: OrderedDict = OrderedDict()  # signatures whose capture failed under "auto": eager
         self.graphed = False  # whether the last call replayed a graph
 
     # --------------------------------------------------------------------- when a graph is used
@@ -176,7 +180,7 @@ class TrainStep:
         weighted = sample_weight is not None
         key = self._signature(len(x), weighted)
         captured = self._graphs.get(key)
-        if captured is None and key not in self._warm:
+        if captured is None and (key not in self._warm or key in self._failed):
             self.graphed = False
             value = self._eager(x, y, sample_weight)
             if math.isfinite(value):
@@ -185,7 +189,17 @@ class TrainStep:
                 _remember(self._warm, self._signature(len(x), weighted), True)
             return value
         if captured is None:
-            captured = self._capture(len(x), y, weighted)
+            try:
+                captured = self._capture(len(x), y, weighted)
+            except RuntimeError as exc:  # CUDA's errors, and a capture's refusals, are RuntimeErrors
+                if self.cuda_graph is True:
+                    raise
+                # What the capture recorded never ran; the eager step makes everything again.
+                _remember(self._failed, key, True)
+                warnings.warn(f"cuda_graph='auto': the step could not be captured ({exc}); steps with this batch "
+                              "size and settings run eagerly", RuntimeWarning, stacklevel=2)
+                self.graphed = False
+                return self._eager(x, y, sample_weight)
             _remember(self._graphs, key, captured)
         self._graphs.move_to_end(key)
         self.graphed = True

@@ -2010,6 +2010,69 @@ def test_a_replayed_step_clips_the_gradients_as_the_eager_step_does(cb_h100, rng
     assert t.counts["sumsq"] == 1 and t.counts["scale"] == 1  # the last call, replayed: the clip's two launches
 
 
+def fill_the_update_table_cache(cb) -> None:
+    """Make MAX_MULTI_TABLES tables of other tensors, so that every older table leaves the cache."""
+    for n in range(1, cb.MAX_MULTI_TABLES + 1):
+        a = cb.zeros((n,), np.float32)
+        cb._multi_table([(a, a)])
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_a_step_captured_after_its_update_tables_left_the_cache_replays_as_the_eager_step(cb_h100, rng):
+    # Other models' updates between the eager warm-up and the capture (and between replays) push
+    # the step's multi-tensor tables out of the cache: the capture, where no host copy may run,
+    # makes its own and fills them after it ends; a replay reads the ones its graph holds.
+    batches = graph_batches(rng, [20] * 5)
+    runs = {}
+    for cuda_graph in (False, True):
+        model = graph_model(False)
+        step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=cuda_graph)
+        values, graphed = [], []
+        for i, (xb, yb) in enumerate(batches):
+            if i in (1, 3):
+                fill_the_update_table_cache(cb_h100)
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+        runs[cuda_graph] = values, model.get_weights(), graphed
+    assert runs[True][2] == [False, True, True, True, True]
+    assert runs[True][0] == runs[False][0]
+    assert_arrays_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_cuda_graph_auto_trains_eagerly_where_a_capture_fails_and_true_raises(cb_h100, rng, monkeypatch):
+    batches = graph_batches(rng, [20] * 4)
+    model = graph_model(False)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()))
+    eager = [step(xb, yb) for xb, yb in batches], model.get_weights()
+
+    real_capture = cb_h100.capture
+
+    def failing_capture(fn):  # the step, then a copy to the host, which CUDA refuses in a capture
+        return real_capture(lambda: (fn(), cb_h100.to_host(cb_h100.zeros((1,), np.float32))))
+
+    monkeypatch.setattr(cb_h100, "capture", failing_capture)
+    model = graph_model(False)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph="auto")
+    values, graphed = [], []
+    with pytest.warns(RuntimeWarning, match="cuda_graph='auto': the step could not be captured") as warned:
+        for xb, yb in batches:
+            values.append(step(xb, yb))
+            graphed.append(step.graphed)
+    assert len([w for w in warned if issubclass(w.category, RuntimeWarning)]) == 1  # one capture tried
+    assert graphed == [False] * 4
+    assert values == eager[0]
+    assert_arrays_equal(model.get_weights(), eager[1])
+
+    model = graph_model(False)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=True)
+    step(*batches[0])
+    before = model.get_weights()
+    with pytest.raises(RuntimeError, match="capturing"):
+        step(*batches[1])
+    assert_arrays_equal(model.get_weights(), before)
+
+
 @pytest.mark.parametrize("setting, expected", [
     ({"loss": lambda out, y, backend=None: (0.0, out)}, "is not one of gpubp's"),
     ({"loss": "mse", "head": "softmax"}, "softmax output layer trained with mse"),

@@ -462,6 +462,9 @@ _rawmodules: dict[tuple[int, str, str | None], object] = {}  # (device, file, NV
 _functions: dict[tuple[int, str, int | None], object] = {}
 _device_state: dict[int, dict] = {}
 _captured_arrays: list | None = None  # while a graph is captured: every launch's arguments
+# While a graph is captured: the multi-tensor tables made during it, key -> (table, its host
+# contents), filled once the capture has ended (no host copy may run during one).
+_unfilled_tables: dict | None = None
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 
 
@@ -1371,8 +1374,10 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
 # One launch for many tensors: kernels/optim.cu's *_many kernels find each block's tensor in a
 # table of the tensors' buffers, lengths and first chunks. A model's parameters, gradient
 # buffers and optimizer state keep their memory from step to step, so the table of a training
-# step's update is made once and found again by its contents (which a CUDA graph's capture,
-# where no host copy may run, relies on: the eager step before it made the table).
+# step's update is made once and found again by its contents. A capture finds the table the
+# eager step before it made; where that one is gone (the cache keeps the newest
+# MAX_MULTI_TABLES), the capture allocates the table and fills it after it ends, since no host
+# copy may run during one and a graph reads the table only when it is replayed.
 
 
 def _multi_table(tensors: list[tuple]) -> tuple:
@@ -1389,13 +1394,28 @@ def _multi_table(tensors: list[tuple]) -> tuple:
         firsts.append(firsts[-1] + -(-n // MULTI_CHUNK))
     tables = _state().setdefault("multi_tables", {})
     key = (len(tensors[0]), *words, *sizes)
-    table = tables.pop(key, None)  # put back last: the dict runs from least to most recently used
-    if table is None:
-        if len(tables) >= MAX_MULTI_TABLES:
-            tables.pop(next(iter(tables)))
+    table = tables.get(key)
+    if table is not None:
+        _cache_table(tables, key, table)
+    elif _unfilled_tables is not None:
+        unfilled = _unfilled_tables.get(key)
+        if unfilled is None:
+            host = np.array(words + sizes + firsts, np.int64)
+            unfilled = _unfilled_tables[key] = (cupy.empty(host.shape, np.int64), host)
+        table = unfilled[0]
+    else:
         table = cupy.asarray(np.array(words + sizes + firsts, np.int64))
-    tables[key] = table
+        _cache_table(tables, key, table)
     return table, firsts[-1]
+
+
+def _cache_table(tables: dict, key: tuple, table) -> None:
+    """Keep ``table`` as the most recently used of the newest MAX_MULTI_TABLES (the dict runs from
+    least to most recently used); a graph that reads an older one holds it."""
+    tables.pop(key, None)
+    if len(tables) >= MAX_MULTI_TABLES:
+        tables.pop(next(iter(tables)))
+    tables[key] = table
 
 
 def _update_many(name: str, tensors: list[tuple], hyper, guard, width: int, scalars: tuple) -> None:
@@ -1502,9 +1522,10 @@ def capture(fn) -> Graph:
     A capture needs a stream of its own (CUDA refuses the legacy default stream), and a
     non-blocking one: work that another thread puts on the legacy default stream would
     otherwise synchronize with the capturing stream, which invalidates the capture. Replays
-    run on whichever stream is current.
+    run on whichever stream is current. A multi-tensor table the capture makes is filled after
+    it ends (``_multi_table``).
     """
-    global _captured_arrays
+    global _captured_arrays, _unfilled_tables
     if _captured_arrays is not None:
         raise RuntimeError("capture: a capture is already in progress")
     state = _state()
@@ -1512,6 +1533,7 @@ def capture(fn) -> Graph:
     if stream is None:
         stream = state["capture_stream"] = cupy.cuda.Stream(non_blocking=True)
     arrays = _captured_arrays = []
+    unfilled = _unfilled_tables = {}
     try:
         with stream:
             stream.begin_capture()
@@ -1525,7 +1547,11 @@ def capture(fn) -> Graph:
                 raise
             graph = stream.end_capture()
     finally:
-        _captured_arrays = None
+        _captured_arrays = _unfilled_tables = None
+    tables = state.setdefault("multi_tables", {})
+    for key, (table, host) in unfilled.items():
+        table.set(host)
+        _cache_table(tables, key, table)
     return Graph(graph, arrays)
 
 
