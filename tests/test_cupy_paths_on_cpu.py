@@ -327,6 +327,24 @@ def test_info_says_where_the_cupy_kernels_come_from(cb, capsys, monkeypatch, tmp
     assert line == f"cupy kernels from the CMake fatbins in {tmp_path}: no compiling"
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_copy_into_takes_a_host_or_device_source_of_the_same_shape_and_kind_and_refuses_others(cb, on_device):
+    def source(a):
+        return cb.asarray(a) if on_device else a
+
+    dst = cb.asarray(np.zeros((2, 3), np.float32))
+    cb.copy_into(dst, source(np.arange(6.0).reshape(2, 3)))  # float64 into float32: the same kind
+    np.testing.assert_array_equal(cb.to_host(dst), np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    for bad in (np.ones((1, 3), np.float32), np.ones(6, np.float32)):  # no broadcasting, no reshaping
+        with pytest.raises(ValueError, match=r"src: expected shape \(2, 3\)"):
+            cb.copy_into(dst, source(bad))
+    labels = cb.asarray(np.zeros(3, np.int64))
+    with pytest.raises(TypeError, match="src: cannot copy float64 into int64"):
+        cb.copy_into(labels, source(np.array([0.0, 1.7, 2.0])))
+    np.testing.assert_array_equal(cb.to_host(dst), np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(cb.to_host(labels), np.zeros(3, np.int64))
+
+
 def test_a_capture_launches_kernels_that_no_eager_call_used_before(cb):
     """The update kernels that read their rate from the device run only in captured steps."""
     p, g = cb.asarray(np.ones(5, np.float32)), cb.asarray(np.full(5, 2.0, np.float32))

@@ -1556,9 +1556,16 @@ def capture(fn) -> Graph:
 
 
 def copy_into(dst, src) -> None:
-    """``dst[...] = src`` from a host (NumPy) or device array of dst's shape, on the current stream."""
+    """``dst[...] = src`` on the current stream, from a host (NumPy) or device array of dst's shape
+    whose dtype casts to dst's within its kind (float64 to float32, not float to int), either way."""
+    if not is_array(src):
+        src = np.asarray(src)
+    if src.shape != dst.shape:
+        raise ValueError(f"src: expected shape {dst.shape}, got {src.shape}")
+    if not np.can_cast(src.dtype, dst.dtype, "same_kind"):
+        raise TypeError(f"src: cannot copy {src.dtype} into {dst.dtype} (casting='same_kind')")
     if is_array(src):
-        cupy.copyto(dst, src, casting="same_kind")
+        cupy.copyto(dst, src)
     else:
         dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
 
