@@ -229,7 +229,8 @@ def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -
 def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np.ndarray:
     """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches of
     ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
-    with ``logits=True`` its logits."""
+    with ``logits=True`` its logits. Several threads may predict with one model at once (each
+    has its own intermediate buffers), though not while another trains it."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     _checks.boolean(logits, "logits")
     if _checks.array_kind(x) == "other":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import threading
 import math
 import warnings
 import weakref
@@ -42,29 +43,39 @@ _SET_BY_A_MODEL = ("name", "in_features", "out_features")
 
 class _Buffers:
     """Arrays reused from call to call, keyed by (role, shape). Keeps the newest few,
-    so a varying last batch or an occasional predict() does not grow memory without bound."""
+    so a varying last batch or an occasional predict() does not grow memory without bound.
+    Each thread has its own: two threads predicting with one model at once must not write
+    each other's intermediate outputs (a thread's go when it ends)."""
 
     def __init__(self, capacity: int = 8) -> None:
-        self._arrays: OrderedDict = OrderedDict()
+        self._local = threading.local()
         self._capacity = capacity
 
+    @property
+    def _arrays(self) -> OrderedDict:
+        arrays = getattr(self._local, "arrays", None)
+        if arrays is None:
+            arrays = self._local.arrays = OrderedDict()
+        return arrays
+
     def get(self, backend: ModuleType, role, shape: tuple, dtype) -> object:
-        key = (role, shape)
-        array = self._arrays.get(key)
+        arrays, key = self._arrays, (role, shape)
+        array = arrays.get(key)
         if array is None:
             array = backend.empty(shape, dtype)
-            self._arrays[key] = array
-            if len(self._arrays) > self._capacity:
-                self._arrays.popitem(last=False)
+            arrays[key] = array
+            if len(arrays) > self._capacity:
+                arrays.popitem(last=False)
         else:
-            self._arrays.move_to_end(key)
+            arrays.move_to_end(key)
         return array
 
     def drop(self, role, shape: tuple) -> None:
         self._arrays.pop((role, shape), None)
 
     def clear(self) -> None:
-        self._arrays.clear()
+        """Drop every thread's arrays."""
+        self._local = threading.local()
 
 
 def _init_weight(init, activation: str, fan_in: int, fan_out: int, dtype) -> np.ndarray:

@@ -4,6 +4,7 @@ and the errors of arguments of the wrong kind."""
 
 import copy
 import pickle
+import sys
 import threading
 import warnings
 
@@ -47,6 +48,38 @@ def test_an_inference_forward_through_dropouts_on_top_returns_a_fresh_array(rng)
 
 
 # ----------------------------------------------------------------------------- layers a model may not share
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_two_threads_predicting_with_one_model_at_once_each_get_their_own_outputs(rng, frequent_thread_switches):
+    # The layers between the input and the output write into reused buffers: each thread's own.
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(32, 64, "relu"), gb.Dense(64, 64, "tanh"), gb.Dense(64, 64, "relu"),
+                           gb.Dense(64, 10)], device="cpu")
+    inputs = [rng.standard_normal((256, 32)).astype(np.float32) for _ in range(2)]
+    expected = [model.predict(x) for x in inputs]
+    start, wrong = threading.Barrier(2), []
+
+    def predict(k):
+        start.wait()
+        for _ in range(200):
+            if not np.array_equal(model.predict(inputs[k]), expected[k]):
+                wrong.append(k)
+                return
+
+    threads = [threading.Thread(target=predict, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 @pytest.mark.parametrize("make", [lambda: gb.Dense(4, 4, "tanh"), lambda: gb.Dropout(0.5)], ids=["dense", "dropout"])
