@@ -9,7 +9,8 @@ as everywhere in gpubp; ``layers[i].bias`` is (out,)), so ``torch.optim``, ``sta
 whole stack through ONE ``torch.autograd.Function`` that calls the backend contract:
 
 - CPU tensors run on the NumPy backend, zero-copy (``Tensor.numpy()``); float64 parameters
-  compute in float64, so ``torch.autograd.gradcheck`` works;
+  compute in float64, whatever the MLP's ``precision`` (``.double()`` on a "tf32" or "bf16" MLP
+  turns their products off until ``.float()``), so ``torch.autograd.gradcheck`` works;
 - CUDA tensors run on the CuPy backend, zero-copy through DLPack, launched on
   ``torch.cuda.current_stream()`` under the tensor's device, with no synchronization added.
 
@@ -54,8 +55,24 @@ kernels with its own ops.) A ``torch.library.custom_op`` would avoid the break; 
 registered here.
 
 Derivatives: first derivatives only. A second derivative through an MLP (a Hessian, a gradient
-penalty built with ``create_graph=True``) raises a RuntimeError when autograd reaches the MLP,
-rather than counting its part as zero.
+penalty built with ``create_graph=True``, a gradient that depends on a parameter through the
+MLP's incoming gradient) raises a RuntimeError when autograd reaches the MLP, rather than
+counting its part as zero.
+
+Not supported, each refused by a RuntimeError that names it: ``torch.func``'s transforms
+(``vmap``, ``grad``, ``jacrev``, ``jacfwd``, ``jvp``), forward-mode AD
+(``torch.autograd.forward_ad``), vectorized gradients (``torch.autograd.functional.jacobian`` or
+``hessian`` with ``vectorize=True``, ``torch.autograd.grad(is_grads_batched=True)``), and tracing
+into a graph of torch ops (``torch.export``, ``torch.fx``'s ``make_fx``, fake tensors,
+``torch.jit.trace``): the kernels read and write the tensors' memory, which those transforms and
+tracers neither batch nor see. Use reverse mode (``backward``, ``torch.autograd.grad``, ``jacobian``
+without ``vectorize``), and to serve a file, export to ONNX (``mlp.to_sequential().save('m.onnx')``).
+
+State dicts: ``state_dict()`` marks the entries of an MLP and of each ``Dense`` (their weights are
+(in, out), nn.Linear's (out, in)), so ``load_state_dict`` refuses another module's state at their
+place, such as an nn.Linear's loaded into a ``Dense``, and ``gpubp.io.from_torch_state_dict``
+refuses theirs. An MLP's state saved before its layers were marked still loads; a ``Dense``'s saved
+alone then reads as an nn.Linear's: load it as a plain dict (``dict(state)``).
 
 >>> import torch, gpubp as gb
 >>> from gpubp.torch import MLP
@@ -73,6 +90,7 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 
 import numpy as np
 
@@ -90,6 +108,7 @@ from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpD
 # The parameters' dtype, and the products' math: "tf32" and "bf16" keep fp32 parameters and run
 # the products on tensor cores on CUDA tensors (as Sequential(precision=...) does).
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+KERNEL_DTYPES = (torch.float32, torch.float64)  # the parameters' dtypes the CPU kernels compute in
 log = logging.getLogger("gpubp")
 
 
@@ -97,8 +116,10 @@ class Dense(nn.Module):
     """One layer of an :class:`MLP`: ``act(x @ weight + bias)``, weight (in, out), bias (out,).
 
     Initialised as :class:`gpubp.Dense` is (``gb.seed`` makes it reproducible). Calling it
-    alone runs a one-layer stack through the same autograd Function as the MLP. ``dropout``:
-    the fraction of its outputs dropped in training mode (None: no Dropout after it).
+    alone runs a one-layer stack through the same autograd Function as the MLP, in fp32 math for
+    float32 parameters. ``dtype``: torch.float32 or torch.float64, the dtypes the kernels compute
+    in. ``dropout``: the fraction of its outputs dropped in training mode (None: no Dropout after
+    it). Its state dict is marked as the MLP's is (``load_state_dict`` refuses an nn.Linear's).
     """
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None,
@@ -107,6 +128,10 @@ class Dense(nn.Module):
         self.in_features = _checks.positive_int(in_features, "in_features")
         self.out_features = _checks.positive_int(out_features, "out_features")
         self.activation = activations.canonical(activation)
+        # Here, not at the first forward: a float16 layer was made and then refused every input.
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"dtype: expected torch.float32 or torch.float64 (the dtypes the kernels compute in), got "
+                            f"{dtype!r}; for bfloat16 products keep float32 and build an MLP with precision='bf16'")
         self.dropout = _rate(dropout, "dropout")
         if self.activation == "softmax" and self.dropout is not None:
             raise ValueError(f"dropout: {SOFTMAX_DROPOUT}")
@@ -116,9 +141,13 @@ class Dense(nn.Module):
         bias = torch.zeros(self.out_features, dtype=dtype)
         self.weight = nn.Parameter(torch.from_numpy(init.weight.data).to(bias.device, dtype))
         self.bias = nn.Parameter(bias)
+        # Its weight is (in, out), nn.Linear's (out, in), under the same keys: alone, or as an MLP's layer,
+        # an nn.Linear's state would load transposed where the layer is square.
+        self.register_state_dict_post_hook(_mark_weight_layout)
+        self.register_load_state_dict_pre_hook(_refuse_another_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run([self], x, "fp32", None, self.training)
+        return _run([self], x, "fp32", None, self.training, alone=True)
 
     def extra_repr(self) -> str:
         dropout = "" if self.dropout is None else f", dropout={self.dropout:g}"
@@ -145,9 +174,12 @@ class MLP(nn.Module):
     rounded to 10 mantissa bits, fp32 accumulation); CPU tensors compute fp32. "bf16" makes fp32
     parameters and rounds the products' operands to bfloat16 (fp32 accumulation; bf16 tensor
     cores for CUDA tensors, the same rounding emulated for CPU ones), as autocast to bfloat16 does
-    for the matmuls; the loss, gradients' sums and updates stay fp32.
+    for the matmuls; the loss, gradients' sums and updates stay fp32. ``math`` keeps "fp32",
+    "tf32" or "bf16": the products of float32 parameters. float64 parameters always compute in
+    float64 (after ``.double()`` too, so gradcheck works; ``.float()`` brings ``math`` back).
     ``dropout``: the fraction of each hidden layer's outputs dropped in training mode;
-    ``input_dropout``: of the inputs (None, the default: no Dropout there).
+    ``input_dropout``: of the inputs (None, the default: no Dropout there). Both are checked again
+    at each forward, where ``layers[i].dropout`` and ``input_dropout`` may have been set since.
     An empty batch (0 rows) is refused, as everywhere in gpubp ("x: expected at least one row"),
     where ``nn.Sequential`` returns a (0, out) output: skip the call for it.
     """
@@ -161,7 +193,10 @@ class MLP(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         acts = [activation] * (len(sizes) - 2) + [output_activation]
-        if len(sizes) > 2 and activations.canonical(activation) == "softmax":
+        # Both checked here, whether a layer uses them or not, each error naming its own argument: with
+        # two sizes a bad activation went unseen, and Dense's check names any as "activation".
+        activations.canonical(output_activation, "output_activation")
+        if activations.canonical(activation) == "softmax" and len(sizes) > 2:
             raise ValueError("activation: 'softmax' normalises a whole row, so it runs on the output layer only; "
                              "pass output_activation='softmax' and another activation for the hidden layers")
         self.math = precision if precision in ("tf32", "bf16") else "fp32"
@@ -184,6 +219,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _run(list(self.layers), x, self.math, self.input_dropout, self.training)
 
+    def _math(self) -> str:
+        """The products' precision for the parameters' dtype now (``_math_for``)."""
+        return _math_for(self.math, self.layers[0].weight.dtype)
+
     def backward_plan(self, need_input_grad: bool = False) -> BackwardPlan:
         """Per layer, bottom to top, the kernels backward will launch with the current ``requires_grad``
         flags (after a forward in training mode, for the dropout)."""
@@ -201,7 +240,7 @@ class MLP(nn.Module):
                 act, masked = "identity", {}
                 notes[f"dense_{i}"] = folded_note(f"dense_{i + 1}", None if layer.dropout is None else "its dropout")
             entries.append((f"dense_{i}", backend.backward_kernels(
-                act, need_dx, trains and layer.weight.requires_grad, self.math,
+                act, need_dx, trains and layer.weight.requires_grad, self._math(),
                 need_db=trains and layer.bias.requires_grad, **masked)))
         return BackwardPlan(entries, notes)
 
@@ -209,7 +248,9 @@ class MLP(nn.Module):
 
     @classmethod
     def from_sequential(cls, model: Sequential) -> MLP:
-        """A CPU MLP with ``model``'s layers, activations, weights (copied) and frozen layers."""
+        """A CPU MLP with ``model``'s layers, activations, weights (copied), frozen layers and dropout,
+        computing what ``model`` computes: float32 models keep their precision ("fp32", "tf32",
+        "bf16"), float64 ones compute in float64 (a float64 one with precision="bf16" is refused)."""
         if not isinstance(model, Sequential) or not len(model):
             raise TypeError(f"model: expected a gpubp.Sequential with at least one layer, got {type(model).__name__}")
         dense, dropout_after, input_dropout = [], {}, None
@@ -227,6 +268,12 @@ class MLP(nn.Module):
         if not dense:
             raise ValueError("model: expected at least one Dense layer")
         dtype = np.dtype(model.dtype)
+        # float64 parameters compute in float64 (_math_for), where the NumPy backend rounds a float64
+        # model's bf16 products: the MLP would compute otherwise. (Its "tf32" computes fp64 there.)
+        if dtype == np.float64 and model.precision == "bf16":
+            raise ValueError("model: a float64 Sequential with precision='bf16' rounds its products' operands to "
+                             "bfloat16, and a float64 MLP computes in float64; convert a float32 model (its "
+                             "precision is kept), or set model.precision = 'fp32' first")
         precision = "fp64" if dtype == np.float64 else model.precision
         mlp = cls([model.in_features] + [layer.out_features for layer in dense], precision=precision,
                   input_dropout=input_dropout)
@@ -241,14 +288,15 @@ class MLP(nn.Module):
         return mlp
 
     def to_sequential(self, device: str = "cpu", backend: str = "auto") -> Sequential:
-        """A gpubp Sequential with this MLP's layers, weights (copied) and frozen parameters."""
+        """A gpubp Sequential with this MLP's layers, weights (copied), frozen parameters and dropout, in
+        the precision the MLP computes in: ``math`` for float32 parameters, "fp32" for float64 ones."""
         dtype = np.dtype(str(self.layers[0].weight.dtype).removeprefix("torch."))
         dense = [_GpubpDense(layer.in_features, layer.out_features, layer.activation, dtype=dtype)
                  for layer in self.layers]
         layers = [] if self.input_dropout is None else [_GpubpDropout(self.input_dropout)]
         for target, source in zip(dense, self.layers):
             layers += [target] if source.dropout is None else [target, _GpubpDropout(source.dropout)]
-        model = Sequential(layers, device=device, backend=backend, dtype=dtype, precision=self.math)
+        model = Sequential(layers, device=device, backend=backend, dtype=dtype, precision=self._math())
         model.set_weights([p.detach().cpu().numpy() for layer in self.layers for p in (layer.weight, layer.bias)])
         for source, target in zip(self.layers, dense):
             target.weight.trainable = source.weight.requires_grad
@@ -282,19 +330,27 @@ def from_torch(module: nn.Sequential) -> MLP:
     layers each followed by at most one activation (ReLU, LeakyReLU(0.01), Sigmoid, Tanh, GELU,
     SiLU, Identity, and on the last layer Softmax over dim 1) and then at most one ``nn.Dropout``
     (none after the Softmax), with at most one ``nn.Dropout`` before them all.
-    Weights (float32 or float64) are copied and transposed to (in, out); ``requires_grad`` flags
-    are kept; the MLP is in the training mode ``module`` is in."""
+    Weights (float32 or float64, every layer's the same) are copied and transposed to (in, out);
+    ``requires_grad`` flags are kept; the MLP is in the training mode ``module`` is in."""
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"module: expected a torch.nn.Sequential, got {type(module).__name__}")
     linears, acts, dropouts, input_dropout = [], [], [], None
+    first = None  # where the first nn.Linear stands: its dtype is the MLP's
     for i, child in enumerate(module):
         if isinstance(child, nn.Linear):
             if child.bias is None:
                 raise ValueError(f"module[{i}]: nn.Linear without a bias is not supported (gpubp layers always have one)")
-            if child.weight.dtype not in (torch.float32, torch.float64):  # else copied into fp32 parameters unsaid
+            if child.weight.dtype not in KERNEL_DTYPES:  # else copied into fp32 parameters unsaid
                 raise TypeError(f"module[{i}]: expected float32 or float64 weights, got {child.weight.dtype}; for "
                                 "bfloat16 products keep the parameters float32 (module.float()) and build the MLP "
                                 "with precision='bf16'")
+            first = i if first is None else first
+            dtype = module[first].weight.dtype
+            # The MLP holds one dtype: the others were copied into it unsaid, a float64 layer rounded to float32.
+            if child.weight.dtype != dtype or child.bias.dtype != dtype:
+                raise TypeError(f"module[{i}]: expected {dtype} weights and bias, as module[{first}]'s (an MLP has one "
+                                f"dtype), got {child.weight.dtype} and {child.bias.dtype}; convert the module to one "
+                                "with module.float() or module.double()")
             linears.append(child)
             acts.append("identity")
             dropouts.append(None)
@@ -304,10 +360,11 @@ def from_torch(module: nn.Sequential) -> MLP:
                 raise ValueError(f"module[{i}]: a second nn.Dropout in a row is not supported")
             if linears and acts[-1] == "softmax":
                 raise ValueError(f"module[{i}]: {SOFTMAX_DROPOUT}")
+            rate = _rate(child.p, f"module[{i}]: nn.Dropout's p")  # here, where the error can say which one
             if linears:
-                dropouts[-1] = child.p
+                dropouts[-1] = rate
             else:
-                input_dropout = child.p
+                input_dropout = rate
             continue
         act = _activation_of(child)
         if act is None:
@@ -332,7 +389,7 @@ def from_torch(module: nn.Sequential) -> MLP:
     with torch.no_grad():
         for layer, linear, act, dropout in zip(mlp.layers, linears, acts, dropouts):
             layer.activation = act
-            layer.dropout = _rate(dropout, "dropout")
+            layer.dropout = dropout
             layer.weight.copy_(linear.weight.t())
             layer.bias.copy_(linear.bias)
             layer.weight.requires_grad_(linear.weight.requires_grad)
@@ -344,29 +401,49 @@ def from_torch(module: nn.Sequential) -> MLP:
 
 
 def _mark_weight_layout(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict()``'s post-hook: the MLP's entry of ``state_dict._metadata`` says its weights
-    are (in, out), so ``gpubp.io.from_torch_state_dict`` refuses them even where every layer is
-    square (nn.Linear's are (out, in); ``MLP.to_sequential`` converts)."""
+    """``state_dict()``'s post-hook of an MLP and of a Dense: the module's entry of
+    ``state_dict._metadata`` says its weights are (in, out), so ``gpubp.io.from_torch_state_dict``
+    refuses them even where every layer is square (nn.Linear's are (out, in); ``MLP.to_sequential``
+    converts)."""
     local_metadata[io.TORCH_MLP_LAYOUT] = "(in, out)"
+
+
+# The Dense layers whose state the MLP holding them vouched for in one load_state_dict call, each mapped
+# to that call's error_msgs list (every hook of one call gets the same list, and the one kept here stays
+# alive, so a later call's list is never it): an MLP saved before its layers were marked has its layers'
+# entries unmarked, and must load. Popped by the layer's own hook; weak, so a dropped layer leaves none.
+_VOUCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _refuse_another_layout(module: nn.Module, state_dict, prefix: str, local_metadata: dict, strict: bool,
                            missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """``load_state_dict``'s pre-hook: refuses the state of another torch module at the MLP's place,
-    such as a ModuleList of nn.Linear, whose (out, in) weights would otherwise load into the MLP's
-    (in, out) ones transposed where a layer is square, and with torch's bare size mismatch where it
-    is not. A state dict made by ``state_dict()`` says which module it came from (its ``_metadata``
-    entry, which has the module's ``version`` and which ``_mark_weight_layout`` marks for an MLP); a
-    plain dict of tensors says nothing and is loaded as given. (``load_state_dict`` adds entries of
-    its own, such as ``assign_to_params_buffers``, so only ``version`` says where the state came
-    from.) Raised here, before torch copies any tensor, so the MLP is left unchanged (an entry in
+    """``load_state_dict``'s pre-hook of an MLP and of a Dense: refuses the state of another torch
+    module at its place, such as a ModuleList of nn.Linear at an MLP's or an nn.Linear at a Dense's,
+    whose (out, in) weights would otherwise load into the (in, out) ones transposed where a layer is
+    square, and with torch's bare size mismatch where it is not. A state dict made by ``state_dict()``
+    says which module it came from (its ``_metadata`` entry, which has the module's ``version`` and
+    which ``_mark_weight_layout`` marks for an MLP or a Dense); a plain dict of tensors says nothing
+    and is loaded as given. (``load_state_dict`` adds entries of its own, such as
+    ``assign_to_params_buffers``, so only ``version`` says where the state came from.) A Dense whose
+    MLP's entry is marked loads unmarked: the MLP's layers were unmarked until Dense was marked too.
+    Raised here, before torch copies any tensor, so the module is left unchanged (an entry in
     ``error_msgs`` is raised only after every module has loaded)."""
-    if "version" in local_metadata and io.TORCH_MLP_LAYOUT not in local_metadata:
+    vouched = _VOUCHED.pop(module, None) is error_msgs
+    if "version" in local_metadata and io.TORCH_MLP_LAYOUT not in local_metadata and not vouched:
         where = f" at {prefix[:-1]!r}" if prefix else ""
+        if isinstance(module, Dense):
+            kind, how = "Dense", ("load a plain dict of (in, out) tensors, such as {'weight': linear.weight.t(), "
+                                  "'bias': linear.bias} (a Dense's state saved alone before gpubp marked it loads as "
+                                  "dict(state))")
+        else:
+            kind, how = "MLP", ("convert an nn.Sequential of nn.Linear with gpubp.torch.from_torch, or load a plain "
+                                "dict of (in, out) tensors")
         raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: the state{where} is another "
-                           "torch module's, not a gpubp.torch.MLP's: nn.Linear weights are (out, in) where the MLP's "
-                           "are (in, out); convert an nn.Sequential of nn.Linear with gpubp.torch.from_torch, or load "
-                           "a plain dict of (in, out) tensors")
+                           f"torch module's, not a gpubp.torch.{kind}'s: nn.Linear weights are (out, in) where the "
+                           f"{kind}'s are (in, out); {how}")
+    if isinstance(module, MLP) and io.TORCH_MLP_LAYOUT in local_metadata:
+        for layer in module.layers:
+            _VOUCHED[layer] = error_msgs
 
 
 def _trainable(layer: Dense) -> bool:
@@ -388,18 +465,29 @@ def _backend_for(tensor: torch.Tensor):
 # Dynamo would otherwise trace into the Function and rewrite its NumPy calls as torch ops, so
 # gpubp's kernels would not run at all; disabling it here makes the graph break explicit.
 @functools.partial(torch.compiler.disable, reason="gpubp.torch.MLP runs gpubp's kernels eagerly, outside the "
-                   "compiled graph; compile the model without fullgraph=True to break the graph around it")
-def _run(layers: list[Dense], x, math: str, input_dropout: float | None, training: bool) -> torch.Tensor:
+                   "compiled graph; compile the model without fullgraph=True to break the graph around it "
+                   "(torch.export cannot hold it: export to ONNX with mlp.to_sequential().save('m.onnx'))")
+def _run(layers: list[Dense], x, math: str, input_dropout: float | None, training: bool,
+         alone: bool = False) -> torch.Tensor:
+    """The MLP's forward (``alone``: a Dense called by itself, whose errors name its own attributes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if torch.jit.is_tracing():
         raise RuntimeError(TRACING)
-    for i, layer in enumerate(layers):  # attributes set after construction too
-        if layer.activation == "softmax" and layer.dropout is not None:
-            raise ValueError(f"layers[{i}]: {SOFTMAX_DROPOUT}")
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    _refuse_transforms(x, params)
+    # The attributes set after construction too (from_torch and from_sequential set them), checked as
+    # the constructors check them: a rate out of [0, 1) gave zeros, 1.0 a ZeroDivisionError, a str a bare TypeError.
+    input_dropout = _checked_rate(input_dropout, "input_dropout")
+    rates = []
+    for i, layer in enumerate(layers):
+        where = "" if alone else f"layers[{i}]."
+        rates.append(_checked_rate(layer.dropout, f"{where}dropout"))
+        if layer.activation == "softmax" and layer.dropout is not None:
+            raise ValueError(f"{'dropout' if alone else f'layers[{i}]'}: {SOFTMAX_DROPOUT}")
     device_type, dtype = params[0].device.type, params[0].dtype
     _backend_for(params[0])  # first: custom_fwd, in _function, fails obscurely on a device type autocast lacks
+    math = _math_for(math, dtype)
     # Under autocast, custom_fwd's cast of the input made here, where autograd records it: the Function's x
     # is then the caller's through the cast, so a second derivative reaches it; cast inside, it would not.
     if (torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64
@@ -409,9 +497,77 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
     acts = tuple(layer.activation for layer in layers)
     # (key, rate) of the input's and each layer's Dropout in training mode, else None; the keys drawn
     # bottom to top from torch's stream, which torch.utils.checkpoint restores to recompute a forward.
-    drops = tuple(None if rate is None or not training else (_dropout_key(), rate)
-                  for rate in (input_dropout, *(layer.dropout for layer in layers)))
+    drops = tuple(None if rate is None or not training else (_dropout_key(), rate) for rate in (input_dropout, *rates))
     return function.apply(acts, math, torch.is_grad_enabled(), drops, x, *params)
+
+
+def _math_for(math: str, dtype: torch.dtype) -> str:
+    """The products' precision for parameters in ``dtype``: ``math`` ("fp32", "tf32", "bf16") for
+    float32 ones; float64 ones compute in float64, whatever the MLP was built with ("fp32" means the
+    arrays' own precision to the kernels), so ``.double()`` gives gradcheck's float64 math."""
+    return math if dtype == torch.float32 else "fp32"
+
+
+def _checked_rate(rate, name: str) -> float | None:
+    """``rate`` where it is None or a float in [0, 1), else ``_rate``'s (the constructor's) check of it."""
+    if rate is None or (type(rate) is float and 0 <= rate < 1):  # the common case, without building a Dropout
+        return rate
+    return _rate(rate, name)
+
+
+# Torch's transforms and tracers that an autograd.Function over NumPy/CuPy kernels cannot take part in.
+# Each raised by _run before any kernel (or by the Function's jvp, for forward-mode AD), in the bridge's
+# words, where torch's own error names setup_context, a batching rule or .numpy() on a tensor subclass.
+FUNCTORCH = ("gpubp.torch.MLP does not support torch.func's transforms (vmap, grad, jacrev, jacfwd, jvp, "
+             "hessian): its forward and backward run gpubp's kernels on the tensors' memory, which a transform "
+             "can neither batch nor trace. For gradients use reverse mode outside them (loss.backward(), "
+             "torch.autograd.grad, torch.autograd.functional.jacobian without vectorize)")
+FORWARD_AD = ("gpubp.torch.MLP does not support forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd): "
+              "gpubp's kernels compute reverse-mode gradients only; use loss.backward() or torch.autograd.grad")
+BATCHED_GRADS = ("gpubp.torch.MLP's backward takes one incoming gradient at a time: vectorized gradients "
+                 "(torch.autograd.functional.jacobian or hessian with vectorize=True, torch.autograd.grad with "
+                 "is_grads_batched=True) batch it with vmap, which gpubp's kernels do not support; pass "
+                 "vectorize=False, or loop over the gradients")
+TRACED = ("gpubp.torch.MLP cannot be traced by torch.export, torch.fx's make_fx or with fake tensors: its forward "
+          "runs gpubp's kernels on the tensors' memory (which a fake tensor lacks), not torch ops a graph could "
+          "hold. For a file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, "
+          "torch.compile runs it in a graph break")
+
+# The checks are torch's own, guarded: _are_functorch_transforms_active is what autograd.Function.apply asks
+# before it takes the functorch path; a fake tensor (torch.export, FakeTensorMode) and an active proxy mode
+# (make_fx, which with real tensors would record torch.empty for the outputs the kernels write) both mean a
+# trace of torch ops. Where a torch release lacks one, it says False and torch's own error comes instead.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - torch releases without it
+    def _is_fake(tensor) -> bool:
+        return False
+_PROXY_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _proxy_mode_active() -> bool:
+    if _PROXY_MODE is None or not hasattr(torch._C, "_get_dispatch_mode"):  # pragma: no cover - older torch
+        return False
+    return torch._C._get_dispatch_mode(_PROXY_MODE) is not None
+
+
+def _refuse_transforms(x: torch.Tensor, params: list) -> None:
+    """Raise, naming it, where the forward runs under a torch.func transform or is being traced."""
+    if _transforms_active():
+        raise RuntimeError(FUNCTORCH)
+    # A plain Tensor or Parameter is never fake (functionalized ones come with a transform or make_fx,
+    # caught by the other checks); is_fake costs microseconds a tensor, asked only of the others.
+    if any(type(t) not in _PLAIN and _is_fake(t) for t in (x, *params)) or _proxy_mode_active():
+        raise RuntimeError(TRACED)
+
+
+def _batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a vmap batch (functorch's or the legacy one that vectorized jacobians use)."""
+    functorch = torch._C._functorch
+    return any(getattr(functorch, check, lambda t: False)(tensor) for check in ("is_batchedtensor",
+                                                                                 "is_legacy_batchedtensor"))
 
 
 def _dropout_key() -> np.ndarray:
@@ -428,20 +584,22 @@ TRACING = ("gpubp.torch.MLP cannot be traced by torch.jit: its forward runs gpub
 
 
 SECOND_DERIVATIVE = ("gpubp.torch.MLP computes first derivatives only: its backward runs gpubp's kernels, "
-                     "which autograd cannot differentiate again (a Hessian, or a gradient penalty built with "
-                     "create_graph=True, passes through it)")
+                     "which autograd cannot differentiate again (a Hessian, a gradient penalty built with "
+                     "create_graph=True, or a gradient that depends on something through the MLP's incoming "
+                     "gradient, passes through it)")
 
 
 class _FirstDerivativeOnly(torch.autograd.Function):
     """Passes a gradient the MLP's backward computed under ``create_graph=True`` and raises when
-    autograd differentiates it. The MLP's gradients depend on its inputs and weights, but the
-    kernels record no graph of that; without this node they would reach a second derivative as
-    constants and count as zero. (``once_differentiable`` guards only where the incoming
-    gradient requires grad, which ``out.sum()``'s does not.) Its inputs are the gradient and the
-    MLP's inputs that require grad, so a second derivative with respect to any of them reaches it."""
+    autograd differentiates it. The MLP's gradients depend on its inputs, its weights and the
+    incoming gradient, but the kernels record no graph of that; without this node they would reach
+    a second derivative as constants and count as zero. (``once_differentiable`` guards only where
+    the incoming gradient requires grad, which ``out.sum()``'s does not.) Its inputs are the gradient
+    and those of the MLP's inputs and incoming gradient that require grad, so a second derivative
+    with respect to any of them, or to what they depend on, reaches it."""
 
     @staticmethod
-    def forward(ctx, grad, *sources):  # sources: the MLP's inputs that require grad, which grad depends on
+    def forward(ctx, grad, *sources):  # sources: what grad depends on that requires grad
         return grad.clone()
 
     @staticmethod
@@ -468,12 +626,20 @@ def _function(device_type: str, dtype: torch.dtype):
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, grad_out):
+            if _batched(grad_out):  # else torch's "Batching rule not implemented for aten::detach"
+                raise RuntimeError(BATCHED_GRADS)
             saved = ctx.saved_tensors  # read once: each read unpacks them again (saved_tensors_hooks)
             grads = _backward(ctx, saved, grad_out)
             if torch.is_grad_enabled():  # create_graph=True: what differentiates these grads must fail
-                sources = [t for t in saved[:len(grads)] if t is not None and t.requires_grad]  # params, x
+                # The params, x, and grad_out: every grad is linear in it, so (theta * mlp(x)).pow(2)'s
+                # grads depend on theta through it alone, and a second derivative to theta came out None.
+                sources = [t for t in (*saved[:len(grads)], grad_out) if t is not None and t.requires_grad]
                 grads = [None if grad is None else _FirstDerivativeOnly.apply(grad, *sources) for grad in grads]
             return (None, None, None, None, *grads)
+
+        @staticmethod
+        def jvp(ctx, *tangents):  # forward-mode AD; without it, torch's "You must implement the jvp function"
+            raise RuntimeError(FORWARD_AD)
 
     MLPFunction.__name__ = MLPFunction.__qualname__ = f"MLPFunction_{device_type}_{str(dtype).removeprefix('torch.')}"
     return MLPFunction

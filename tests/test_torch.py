@@ -9,6 +9,7 @@ tests/test_cupy_paths_on_cpu.py, and on a GPU in the test marked ``gpu`` below.
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from collections import Counter
 
@@ -112,6 +113,27 @@ def test_a_second_derivative_through_the_mlp_raises_rather_than_counting_as_zero
     torch.testing.assert_close(first, grad_x.detach())
 
 
+def test_a_second_derivative_through_the_incoming_gradient_raises_rather_than_giving_none():
+    """The weights' gradient of (theta * mlp(x))^2 depends on theta through the gradient the MLP
+    receives alone (neither x nor the weights lead to theta): the guard took only those as inputs,
+    so backward to theta never reached it and theta.grad stayed None, with no error."""
+    gb.seed(0)
+    mlp = MLP([3, 4, 2], activation="tanh", precision="fp64")
+    x = random_input(5, 3, torch.float64, requires_grad=False)
+
+    def weight_grad_norm(model, forward):
+        theta = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad((theta * forward(x)).pow(2).sum(), model.layers[0].weight, create_graph=True)
+        return grad.pow(2).sum(), theta
+
+    norm, theta = weight_grad_norm(mlp, lambda v: plain_torch(mlp, v))
+    norm.backward(inputs=[theta])
+    assert theta.grad is not None and theta.grad != 0  # what the MLP would owe
+    norm, theta = weight_grad_norm(mlp, mlp)
+    with pytest.raises(RuntimeError, match="gpubp.torch.MLP computes first derivatives only"):
+        norm.backward(inputs=[theta])
+
+
 def test_the_repr_shows_every_dropout():
     text = repr(MLP([4, 8, 3], dropout=0.1, input_dropout=0.25))
     assert text.startswith("MLP(\n  input_dropout=0.25\n") and "Dense(4, 8, activation='relu', dropout=0.1)" in text
@@ -125,6 +147,32 @@ def test_float64_module_computes_in_float64():
     out = mlp(x)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, plain_torch(mlp, x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_float64_parameters_compute_in_float64_whatever_the_precision(precision):
+    """As documented (so gradcheck works): .double() on a bf16 MLP kept its bf16 rounding, 6e-3 off
+    float64 and failing gradcheck, and to_sequential wrote a float64 model with bf16 products.
+    .float() brings the precision back; the backward plan and the Sequential follow the dtype."""
+    gb.seed(0)
+    mlp = MLP([6, 8, 3], activation="tanh", precision=precision).double()
+    x = random_input(5, 6, torch.float64)
+    torch.testing.assert_close(mlp(x), plain_torch(mlp, x), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(mlp, (x,))
+    assert "round_bf16" not in str(mlp.backward_plan())
+    model = mlp.to_sequential()
+    assert model.precision == "fp32" and np.dtype(model.dtype) == np.float64
+    np.testing.assert_allclose(model.predict(x.detach().numpy()), mlp(x).detach().numpy(), rtol=1e-12, atol=1e-14)
+    assert MLP.from_sequential(model).math == "fp32"
+    mlp.float()
+    assert mlp.math == precision
+    gb.seed(0)
+    again = MLP([6, 8, 3], activation="tanh", precision=precision)
+    assert torch.equal(mlp(x.detach().float()), again(x.detach().float()))
+    if precision == "bf16":  # the NumPy backend rounds a float64 Sequential's bf16 products: refused
+        model.precision = "bf16"
+        with pytest.raises(ValueError, match="model: a float64 Sequential with precision='bf16' .* float64 MLP"):
+            MLP.from_sequential(model)
 
 
 def test_single_layer_runs_alone(mlp):
@@ -407,6 +455,89 @@ def test_an_mlp_inside_another_module_loads_its_own_state():
     torch.testing.assert_close(twin[1].layers[0].weight, outer[1].layers[0].weight, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("where", ["alone", "an_mlp_layer", "in_another_module"])
+def test_a_dense_refuses_an_nn_linear_state_and_loads_its_own(where):
+    """Dense is public and holds (in, out) weights under nn.Linear's keys: an nn.Linear's square
+    state loaded into it transposed, with no error, alone, as an MLP's layer or inside a module."""
+    torch.manual_seed(0)
+    gb.seed(0)
+    linear = torch.nn.Linear(4, 4)
+    if where == "in_another_module":
+        target, foreign = torch.nn.Sequential(Dense(4, 4, "relu")), torch.nn.Sequential(linear).state_dict()
+        dense = target[0]
+    else:
+        target = Dense(4, 4, "relu") if where == "alone" else MLP([4, 4, 3]).layers[0]
+        dense, foreign = target, linear.state_dict()
+    before = {name: tensor.clone() for name, tensor in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match="another torch module's, not a gpubp.torch.Dense's.*plain dict"):
+        target.load_state_dict(foreign)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in target.state_dict().items())
+    target.load_state_dict({name: t.t() if name.endswith("weight") else t for name, t in foreign.items()})
+    x = random_input(3, 4, requires_grad=False)
+    torch.testing.assert_close(dense(x), torch.relu(linear(x)), rtol=1e-6, atol=1e-6)
+    gb.seed(1)
+    twin = torch.nn.Sequential(Dense(4, 4, "relu")) if where == "in_another_module" else Dense(4, 4, "relu")
+    twin.load_state_dict(target.state_dict())  # its own state, marked, loads
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), target.state_dict().values()))
+
+
+def test_the_state_dict_of_a_dense_inside_a_torch_module_is_refused_by_from_torch_state_dict():
+    """Imported as nn.Linear layers, its (in, out) weights were transposed once more."""
+    net = torch.nn.Sequential(Dense(4, 4, "relu"))
+    with pytest.raises(ValueError, match=r"the state of a gpubp.torch.MLP \(the module at '0'\)"):
+        io.from_torch_state_dict(net.state_dict(), activations=["relu"], device="cpu")
+
+
+def layout_mark_before_dense_had_one(state, mlps):
+    """``state`` with the ``_metadata`` that MLP.state_dict() wrote while only the MLP was marked:
+    each MLP's entry (at the prefixes ``mlps``) marked, its ModuleList's and its layers' not."""
+    metadata = type(state._metadata)()
+    for name, entry in state._metadata.items():
+        entry = {"version": entry["version"]}  # what nn.Module.state_dict() writes for any module
+        if name in mlps:
+            entry[io.TORCH_MLP_LAYOUT] = "(in, out)"
+        metadata[name] = entry
+    state._metadata = metadata
+    return state
+
+
+@pytest.mark.parametrize("how", ["state_dict", "torch_save", "nested"])
+def test_an_mlp_saved_before_its_layers_were_marked_still_loads(how, tmp_path):
+    """Checkpoints written by the MLP that marked only its own entry: its Dense layers' entries,
+    unmarked but with a version, read as nn.Linear's, yet the MLP's mark vouches for them."""
+    gb.seed(0)
+    source = MLP([6, 6, 6, 3], activation="tanh")
+    module = torch.nn.Sequential(torch.nn.Linear(6, 6), source) if how == "nested" else source
+    state = layout_mark_before_dense_had_one(module.state_dict(), {"1"} if how == "nested" else {""})
+    if how == "nested":
+        assert state._metadata["1.layers.0"] == {"version": 1}
+    else:  # as MLP.state_dict() wrote it, byte for byte
+        assert state._metadata == {"": {"version": 1, io.TORCH_MLP_LAYOUT: "(in, out)"}, "layers": {"version": 1},
+                                   **{f"layers.{i}": {"version": 1} for i in range(3)}}
+    if how == "torch_save":
+        torch.save(state, tmp_path / "mlp.pt")
+        state = torch.load(tmp_path / "mlp.pt")
+    gb.seed(1)
+    loaded = MLP([6, 6, 6, 3], activation="tanh")
+    target = torch.nn.Sequential(torch.nn.Linear(6, 6), loaded) if how == "nested" else loaded
+    target.load_state_dict(state)
+    x = random_input(4, 6, requires_grad=False)
+    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+
+
+def test_a_dense_saved_alone_before_it_was_marked_loads_as_the_error_says():
+    """Its state says no more than an nn.Linear's (the same keys and version, and the same shapes
+    where square), so it is refused as one; dict(state), which names no module, loads."""
+    gb.seed(0)
+    source, target = Dense(5, 5, "tanh"), Dense(5, 5, "tanh")
+    unmarked = layout_mark_before_dense_had_one(source.state_dict(), set())
+    assert unmarked._metadata == {"": {"version": 1}}
+    with pytest.raises(RuntimeError, match=r"not a gpubp.torch.Dense's.*loads as dict\(state\)"):
+        target.load_state_dict(unmarked)
+    target.load_state_dict(dict(unmarked))
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+
+
 def test_optimizer_step_matches_plain_torch_step(mlp):
     twin = MLP([7, 9, 8, 5], activation="tanh")
     twin.load_state_dict(mlp.state_dict())
@@ -548,6 +679,46 @@ def test_under_torch_compile_the_mlp_runs_gpubp_kernels_in_a_graph_break(mlp):
     torch.testing.assert_close(out, torch.relu(mlp(x)) * 2, rtol=0, atol=0)
 
 
+def _forward_mode(mlp, x):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return mlp(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def _traced_by_make_fx(mlp, x):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(mlp)(x)
+
+
+def _under_fake_tensors(mlp, x):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        return mlp(mode.from_tensor(x))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda mlp, x: torch.vmap(mlp)(x.expand(2, *x.shape)), "does not support torch.func's transforms"),
+    (lambda mlp, x: torch.func.grad(lambda v: mlp(v).sum())(x), "does not support torch.func's transforms"),
+    (lambda mlp, x: torch.func.jacrev(mlp)(x), "does not support torch.func's transforms"),
+    (lambda mlp, x: torch.func.jvp(mlp, (x,), (torch.ones_like(x),)), "does not support torch.func's transforms"),
+    (_forward_mode, "does not support forward-mode AD"),
+    (lambda mlp, x: torch.autograd.functional.jacobian(mlp, x, vectorize=True), "takes one incoming gradient at a time"),
+    (lambda mlp, x: torch.export.export(mlp, (x,)), "cannot be traced by torch.export"),
+    (_traced_by_make_fx, "cannot be traced by torch.export, torch.fx's make_fx"),
+    (_under_fake_tensors, "with fake tensors"),
+], ids=["vmap", "func.grad", "jacrev", "jvp", "forward_ad", "jacobian_vectorize", "export", "make_fx", "fake"])
+def test_torch_transforms_and_tracers_the_kernels_cannot_take_part_in_are_refused_by_name(mlp, call, match):
+    """torch's own errors named setup_context, a batching rule for aten::detach or .numpy() on a
+    tensor subclass; make_fx with real tensors gave a graph returning torch.empty, with no error."""
+    with pytest.raises(RuntimeError, match=rf"^gpubp.torch.MLP.*{match}"):
+        call(mlp, random_input(3, 7, requires_grad=False))
+    x = random_input(3, 7, requires_grad=False)  # outside them, as before
+    assert torch.autograd.functional.jacobian(mlp, x).shape == (3, 5, 3, 7)
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
     pytest.importorskip("cupy")
@@ -619,10 +790,21 @@ def test_bfloat16_parameters_on_the_cpu_raise_naming_the_parameters_and_the_prec
     (dict(sizes=[4]), "sizes"), (dict(sizes=[4, 0]), r"sizes\[1\]"), (dict(sizes=[4, 2], precision="fp16"), "precision"),
     (dict(sizes=[4, 3, 2], activation="mish"), "activation"),
     (dict(sizes=[4, 3, 2], activation="softmax"), "activation: 'softmax' .* output layer only"),
+    # With two sizes no layer uses activation: it went unchecked. output_activation was named "activation".
+    (dict(sizes=[4, 3], activation="bogus"), "^activation: unknown activation 'bogus'"),
+    (dict(sizes=[4, 3, 2], output_activation="bogus"), "^output_activation: unknown activation 'bogus'"),
 ])
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         MLP(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32, "float32"])
+def test_a_dense_in_a_dtype_the_kernels_lack_is_refused_where_it_is_built_naming_dtype(dtype):
+    """float16 was built and then refused every input; int32 raised torch's "Only Tensors of
+    floating point ... can require gradients", naming no argument."""
+    with pytest.raises(TypeError, match=rf"^dtype: expected torch.float32 or torch.float64 .*, got {re.escape(repr(dtype))}"):
+        Dense(3, 3, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -679,6 +861,15 @@ def test_a_softmax_head_converts_to_torch_and_back():
     (lambda: torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2)), "must directly follow an nn.Linear"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)), "Linear 1 takes 4 inputs"),
     (lambda: torch.nn.Linear(3, 2), "expected a torch.nn.Sequential"),
+    # One dtype per MLP: the float64 layer was copied into a float32 one with no word.
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2).double()),
+     r"^module\[2\]: expected torch.float32 weights and bias, as module\[0\]'s .* got torch.float64 and torch.float64"),
+    (lambda: torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(3, 2).double(), torch.nn.Linear(2, 2)),
+     r"^module\[2\]: expected torch.float64 weights and bias, as module\[1\]'s"),
+    # nn.Dropout takes p=1.0, gpubp's Dropout does not: the error named no module.
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Dropout(1.0), torch.nn.Linear(2, 2)),
+     r"^module\[2\]: nn.Dropout's p: expected a number in \[0, 1\)"),
+    (lambda: torch.nn.Sequential(torch.nn.Dropout(1.0), torch.nn.Linear(3, 2)), r"^module\[0\]: nn.Dropout's p"),
 ])
 def test_from_torch_rejects_what_it_cannot_convert(module, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -707,6 +898,30 @@ def test_a_dropout_after_a_softmax_is_refused_wherever_it_is_set():
     with pytest.raises(ValueError, match=r"layers\[1\]: a Dropout after a softmax"):
         mlp(torch.randn(3, 4))
     assert MLP([4, 6, 5], output_activation="sigmoid", dropout=0.5)(torch.randn(3, 4)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("attr, value, error", [
+    ("layers[0].dropout", 1.5, ValueError), ("layers[0].dropout", 1.0, ValueError), ("layers[0].dropout", -0.5, ValueError),
+    ("layers[0].dropout", float("nan"), ValueError), ("layers[0].dropout", "0.5", TypeError),
+    ("input_dropout", -1.0, ValueError), ("input_dropout", 1.0, ValueError), ("dense.dropout", 1.0, ValueError),
+])
+def test_a_dropout_rate_set_after_construction_is_checked_as_the_constructor_checks_it(attr, value, error):
+    """The rates are attributes (from_torch and from_sequential set them): unchecked, 1.5 or -0.5
+    zeroed every output, 1.0 raised a ZeroDivisionError and "0.5" a TypeError naming nothing."""
+    gb.seed(0)
+    mlp, dense = MLP([5, 6, 3]), Dense(5, 6)
+    if attr == "input_dropout":
+        module, mlp.input_dropout = mlp, value
+    elif attr == "dense.dropout":
+        module, dense.dropout = dense, value
+    else:
+        module, mlp.layers[0].dropout = mlp, value
+    name = re.escape(attr.removeprefix("dense."))
+    with pytest.raises(error, match=rf"^{name}: expected a number in \[0, 1\) \(the fraction of inputs dropped\)"):
+        module(random_input(4, 5))
+    module.eval()  # a bad rate is refused in evaluation mode too, where no mask is drawn
+    with pytest.raises(error, match=rf"^{name}: "):
+        module(random_input(4, 5))
 
 
 def test_import_gpubp_does_not_import_torch():
