@@ -4,7 +4,10 @@ A frozen layer costs nothing in backward: no dW/db kernel is launched for it, it
 Parameters' ``.grad`` stays None, its gradient buffers are given back, and an optimizer
 makes no state for it (state made before it was frozen is kept, as in PyTorch). Below the
 lowest trainable layer no backward work happens at all, and forward keeps no
-activations there (see ``Sequential.backward_plan`` and ``gb.trace``).
+activations there (see ``Sequential.backward_plan`` and ``gb.trace``). Freezing a weight
+alone (the biases training, as in BitFit) skips its dW kernel and gives its buffer back;
+freezing a bias alone under a weight that trains skips nothing on the GPU backends, whose dW
+kernels sum db beside dW.
 
 >>> import gpubp as gb
 >>> from gpubp import finetune as ft
@@ -17,6 +20,7 @@ activations there (see ``Sequential.backward_plan`` and ``gb.trace``).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 
 from gpubp import _checks
@@ -51,7 +55,7 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
     """A new model: copies of ``model``'s layers but the last, then a freshly initialised head.
 
     The backbone keeps its weights and frozen state; the head Dense(in, out_features,
-    activation) takes the old head's input width. The original model is not changed.
+    activation) takes the old head's name and input width. The original model is not changed.
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
@@ -64,7 +68,9 @@ def replace_head(model: Sequential, out_features: int, activation: str | None = 
     # Copies of any kind of layer, with their weights (through the host) and frozen flags, so training
     # the new model never changes the original; copying draws nothing, so the random stream is the head's alone.
     backbone = copy.deepcopy(model.layers[:-1])
-    head = Dense(model.layers[-1].in_features, out_features, activation, name=f"dense_{len(model) - 1}",
+    # The old head's name: a slice keeps its parent's names, so one made from the position could be a
+    # backbone layer's (model[1:] of dense_0..dense_2 has dense_1 at position 0).
+    head = Dense(model.layers[-1].in_features, out_features, activation, name=model.layers[-1].name,
                  dtype=model.dtype)
     return Sequential(backbone + [head], backend=model.backend_name, dtype=model.dtype, fused=model.fused,
                       precision=model.precision)
@@ -106,8 +112,28 @@ class GradualUnfreezing(Callback):
     def __init__(self, initial: int = 1, every: int = 1) -> None:
         self.initial = _checks.positive_int(initial, "initial")
         self.every = _checks.positive_int(every, "every")
+        self._warned = False
 
     def on_epoch_begin(self, model, epoch: int) -> None:
         trainable = self.initial + epoch // self.every
-        for depth, layer in enumerate(reversed(_with_parameters(model))):
+        layers = _with_parameters(model)
+        for depth, layer in enumerate(reversed(layers)):
             layer.trainable = depth < trainable
+        self._warn_if_not_updated(model, layers)
+
+    def _warn_if_not_updated(self, model, layers: list[Layer]) -> None:
+        """Warn (once) where a layer the schedule trains is not the optimizer's to update: an optimizer
+        built over the trainable parameters while the backbone was frozen, which would compute those
+        layers' gradients and never apply them."""
+        optimizer = getattr(model, "optimizer", None)
+        if self._warned or optimizer is None or not hasattr(optimizer, "param_groups"):
+            return
+        updated = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        missing = [layer.name for layer in layers
+                   if any(param.trainable and id(param) not in updated for param in layer.parameters())]
+        if missing:
+            self._warned = True
+            warnings.warn(f"GradualUnfreezing: the optimizer does not update {missing}, which this epoch trains: "
+                          "their gradients are computed and never applied; build the optimizer over every layer "
+                          "it will unfreeze (ft.param_groups(model, lr), or model.parameters())", RuntimeWarning,
+                          stacklevel=2)

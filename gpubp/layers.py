@@ -381,7 +381,10 @@ class Dense(Layer):
 
     def grad_buffers(self, with_dw: bool = True):
         """(dW, db) buffers on the layer's backend, reused from step to step, for backward to fill;
-        dW None unless ``with_dw`` (a frozen weight under a bias that trains)."""
+        dW None unless ``with_dw`` (a frozen weight under a bias that trains), whose buffer, if an
+        earlier step made one, is given back: freezing the weight alone does not reach the layer."""
+        if not with_dw:
+            self._buffers.drop(("grad", self.weight.name), self.weight.shape)
         return self._grad_buffer(self.weight) if with_dw else None, self._grad_buffer(self.bias)
 
     def take_grads(self, dw, db) -> None:
@@ -1186,6 +1189,7 @@ class Sequential:
         kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
         plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)
         if not any(dx or dw for dx, dw in plan):
+            self._check_unread_grad(dout)
             if not self._warned_all_frozen:
                 warnings.warn("backward: every layer is frozen, so no kernel is launched", stacklevel=2)
                 self._warned_all_frozen = True
@@ -1292,6 +1296,19 @@ class Sequential:
                 f"backward: run forward(x) in training mode again first ({hint}): layer {layer.name!r} "
                 f"needs its {missing}, which the last training forward did not keep"
             )
+
+    def _check_unread_grad(self, dout) -> None:
+        """Refuse the ``dout`` of a backward that reads none (every layer frozen) where one that reads
+        it would: a wrong shape, or no float array, is the caller's mistake either way."""
+        if _checks.array_kind(dout) == "other":
+            dout = np.asarray(dout)
+        stored = self._stored_plan
+        batch = stored[3] if stored is not None else None
+        if dout.ndim != 2 or dout.shape[1] != self.out_features or batch not in (None, dout.shape[0]):
+            expected = (batch if batch is not None else "batch", self.out_features)
+            raise ValueError(f"dout: expected shape ({expected[0]}, {expected[1]}) (the last forward's output), "
+                             f"got {tuple(dout.shape)}")
+        _checks.float_dtype(dout.dtype, "dout")
 
     def _as_grad(self, dout, shape: tuple):
         if _checks.array_kind(dout) == "other":

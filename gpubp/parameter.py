@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from gpubp import backends
+from gpubp import _checks, backends
 from gpubp.backends import numpy_backend
 
 
@@ -25,7 +25,9 @@ class Parameter:
 
     ``backward`` overwrites ``.grad`` (it does not accumulate across calls). A parameter
     with ``trainable=False`` never gets a gradient: freezing it clears ``.grad``, which then
-    stays ``None``, and no kernel computes one.
+    stays ``None``, and no kernel is launched for it. (A bias frozen under a weight that trains
+    launches nothing of its own, but the GPU backends' dW kernels sum its db beside dW anyway,
+    into a buffer nothing reads: see ``Dense.backward``.)
     """
 
     def __init__(self, data, name: str = "", trainable: bool = True) -> None:
@@ -41,7 +43,8 @@ class Parameter:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        self._trainable = value
+        # A bool only: "False" would train, and a 0 was saved into a file that load() refuses.
+        value = self._trainable = _checks.boolean(value, "trainable")
         if not value:  # backward no longer writes .grad: the last gradient would stay there
             self.grad = None
 

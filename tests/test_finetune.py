@@ -82,6 +82,53 @@ def holds(layer, array):
 # ----------------------------------------------------------------------------- freezing API
 
 
+@pytest.mark.parametrize("value", ["False", 0, 1, None, np.float32(1.0)])
+def test_a_parameters_trainable_flag_is_true_or_false_and_a_bad_one_changes_nothing(value, tmp_path):
+    model = make_model()
+    with pytest.raises(TypeError, match="trainable: expected True or False"):
+        model[0].bias.trainable = value
+    assert model[0].bias.trainable is True
+    model[0].bias.trainable = np.False_  # NumPy's bools are bools
+    assert model[0].bias.trainable is False
+    model.save(tmp_path / "m.npz")  # what the flag was saved as loads back
+    assert gb.load(tmp_path / "m.npz", device="cpu")[0].bias.trainable is False
+
+
+def test_freezing_a_weight_alone_gives_its_gradient_buffer_back(rng):
+    model = make_model()
+    x, y = classification_data(rng, n=BATCH)
+
+    def step():
+        _, dout = gb.losses.cross_entropy(model.forward(x), y)
+        model.backward(dout)
+
+    step()
+    dw = model[0].weight.grad
+    assert holds(model[0], dw)
+    for layer in model:  # BitFit: the biases alone train
+        layer.weight.trainable = False
+    step()
+    assert not holds(model[0], dw) and model[0].weight.grad is None
+    assert model[0].weight.shape not in [a.shape for a in held_buffers(model[0])]  # nor another of its shape
+    assert model[0].bias.grad is not None
+
+
+@pytest.mark.parametrize("dout, error, match", [
+    (np.zeros((BATCH, 99), np.float32), ValueError, r"dout: expected shape \(4, 3\)"),
+    (np.zeros((BATCH + 1, SIZES[-1]), np.float32), ValueError, r"dout: expected shape \(4, 3\)"),
+    ("garbage", ValueError, "dout: expected shape"),
+    (None, ValueError, "dout: expected shape"),
+    (np.zeros((BATCH, SIZES[-1]), np.int64), TypeError, "dout: expected a floating-point array"),
+])
+def test_backward_with_every_layer_frozen_still_refuses_a_bad_dout(dout, error, match, rng):
+    model = make_model().freeze()
+    model.forward(classification_data(rng, n=BATCH)[0])
+    with pytest.raises(error, match=match):
+        model.backward(dout)
+    with pytest.warns(UserWarning, match="every layer is frozen"):
+        assert model.backward(np.zeros((BATCH, SIZES[-1]), np.float32)) is None
+
+
 def test_layer_freeze_makes_both_parameters_frozen():
     layer = gb.Dense(3, 2)
     assert layer.freeze() is layer
@@ -477,6 +524,14 @@ def test_replace_head_draws_the_new_heads_weights_alone_from_the_random_stream()
     np.testing.assert_array_equal(head.weight.data, gb.Dense(6, 7, "relu").weight.data)
 
 
+def test_replace_head_of_a_slice_names_the_head_apart_from_the_backbone():
+    model = make_model()
+    new = ft.replace_head(model[1:], out_features=2)  # a slice keeps its parent's names: dense_1 .. dense_4
+    names = [layer.name for layer in new]
+    assert names == ["dense_1", "dense_2", "dense_3", "dense_4"]
+    assert [name for name, _ in new.backward_plan()] == names
+
+
 def test_replace_head_on_a_model_ending_in_a_dropout_raises():
     model = gb.Sequential([gb.Dense(8, 16, "relu"), gb.Dense(16, 3), gb.Dropout(0.5, name="drop")], device="cpu")
     with pytest.raises(ValueError, match="its last layer, 'drop', is a Dropout, not the Dense head"):
@@ -614,6 +669,21 @@ def test_gradual_unfreezing_resumed_from_a_checkpoint_ends_as_the_uninterrupted_
     fit(ckpt.model, ckpt.optimizer, epochs=4, initial_epoch=ckpt.epoch)
     assert dense_flags(ckpt.model) == dense_flags(whole) == [True, True, True]
     assert all(np.array_equal(a, b) for a, b in zip(ckpt.model.get_weights(), whole.get_weights()))
+
+
+def test_gradual_unfreezing_warns_once_where_the_optimizer_does_not_update_a_layer_it_unfreezes(rng):
+    x, y = classification_data(rng, n=16)
+    model = make_model()
+    model.freeze_to(4)  # the head alone trains when the optimizer is built, so it holds the head's alone
+    optimizer = gb.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    with pytest.warns(RuntimeWarning, match=r"does not update \['dense_3'\], which this epoch trains") as warned:
+        model.fit(x, y, optimizer=optimizer, epochs=3, batch_size=16, verbose=0, callbacks=[ft.GradualUnfreezing()])
+    assert len([w for w in warned if "GradualUnfreezing" in str(w.message)]) == 1
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an optimizer over every layer: nothing to say
+        model.fit(x, y, optimizer=gb.optim.Adam(ft.param_groups(model, lr=1e-2)), epochs=3, batch_size=16,
+                  verbose=0, callbacks=[ft.GradualUnfreezing()])
 
 
 @pytest.mark.parametrize("kwargs", [{"initial": 0}, {"every": 0}, {"initial": 1.5}])
