@@ -1,5 +1,6 @@
-"""Every backend refuses an operand of the wrong shape, and a mask on a softmax layer, before
-anything is launched.
+"""Every backend refuses an operand of the wrong shape, a mask on a softmax layer, and an output
+over an input it reads after writing that output, before anything is launched; the NumPy backend
+also refuses a label that is not a class (a host check, which a GPU backend would wait for).
 
 The GPU kernels index flat memory with sizes taken from some operands and trust the others to
 match, so a backend function called directly (as benchmarks, custom layers and the gradient
@@ -9,6 +10,8 @@ expects a ValueError naming it, no kernel launched, and every array left as it w
 backend runs on the CPU kernel harness (its kernels would run there, and on a GPU), the Numba
 backend in the simulator where there is no GPU.
 """
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -280,3 +283,146 @@ def test_a_backward_whose_dx_grid_is_too_wide_writes_no_gradient_first(cb, monke
     x, w, dy, out_dw, out_db = arrays(cb, (1, n_in), (n_in, 1), (1, 1), (n_in, 1), (1,))
     refused(cb, "dx", lambda: cb.dense_backward(dy, x, w, None, None, "identity", True, True, out_dw=out_dw,
                                                 out_db=out_db), out_dw, out_db, why="an input .* wide takes")
+
+
+# ----------------------------------------------------------------------------- outputs over inputs
+
+
+def taken_outputs_over_inputs(be):
+    """The contract takes each output over an input that gives what separate buffers give on the
+    NumPy backend: out=x and out_z=x, out=out_z where the activation stores no z (out_z is never
+    written), and out_dx=dy, x or y. (Square layers, so that every pair has one shape.)"""
+    from gpubp.backends import _contract
+
+    x, w, b, dy, y = arrays(be, (B, OUT), (OUT, OUT), (OUT,), (B, OUT), (B, OUT))
+    _contract.dense_forward(x, w, b, x, None, "gelu")
+    _contract.dense_forward(x, w, b, None, x, "gelu")
+    _contract.dense_forward(x, w, b, y, y, "relu")
+    for out_dx in (dy, x, y):
+        _contract.dense_backward(dy, x, w, y, None, out_dx, None, None, None, "relu", True)
+
+
+@pytest.mark.parametrize("overlap", ["same", "partly"])
+def test_dense_backward_refuses_an_out_dw_over_w(be, overlap):
+    """dW is written before dX reads w: the NumPy backend gave a wrong dX for out_dw=w."""
+    dy, x, buffer = arrays(be, (B, OUT), (B, IN), (IN + 1, OUT))
+    w, out_dw = (buffer[:IN], buffer[:IN]) if overlap == "same" else (buffer[:IN], buffer[1:])
+    refused(be, "out_dw", lambda: be.dense_backward(dy, x, w, None, None, "identity", True, True, out_dw=out_dw),
+            buffer, why="expected memory apart from w's")
+    taken_outputs_over_inputs(be)
+
+
+@pytest.mark.parametrize("overlap", ["same", "partly"])
+def test_dense_forward_refuses_an_out_z_over_out_where_it_stores_z(be, overlap):
+    """gelu reads z while it writes y: the NumPy backend gave a wrong y for out=out_z."""
+    x, w, b, buffer = arrays(be, (B, IN), (IN, OUT), (OUT,), (B + 1, OUT))
+    out, out_z = (buffer[:B], buffer[:B]) if overlap == "same" else (buffer[:B], buffer[1:])
+    refused(be, "out_z", lambda: be.dense_forward(x, w, b, "gelu", out=out, out_z=out_z), buffer,
+            why="expected memory apart from out's")
+    taken_outputs_over_inputs(be)
+
+
+class OnDevice:
+    """A device array as the contract sees one: its CUDA array interface alone (NumPy's, relabelled)."""
+
+    def __init__(self, a):
+        self.__cuda_array_interface__ = a.__array_interface__
+
+
+def test_the_memory_of_device_arrays_is_compared_by_the_span_of_their_elements():
+    buffer = np.zeros((6, 4), np.float32)
+    cases = [
+        (buffer[:3], buffer[3:], False),  # one buffer's halves
+        (buffer[:3], buffer[2:], True),
+        (buffer[::2], buffer[1::2], True),  # interleaved rows: spans overlap, elements do not
+        (buffer[:3, :2], buffer[3:, :2], False),
+        (buffer[::-1][2:], buffer[3:], True),  # rows 3, 2, 1, 0: row 3 in both
+        (buffer[::-1][3:], buffer[3:], False),  # rows 2, 1, 0
+        (buffer[:, ::-1][:2], buffer[1:], True),
+        (buffer[:0], buffer, False),
+        (np.zeros(3), buffer, False),
+    ]
+    from gpubp.backends import _contract
+
+    for a, b, overlapping in cases:
+        assert _contract.overlap(OnDevice(a), OnDevice(b)) is overlapping, (a.__array_interface__, b.shape)
+        assert _contract.overlap(OnDevice(b), OnDevice(a)) is overlapping
+        assert bool(_contract.overlap(a, b)) is overlapping  # NumPy's own check: the same bounds
+
+
+def test_on_numpy_an_output_over_an_input_gives_what_separate_buffers_give_or_is_refused():
+    be = backends.get("numpy")
+    rng = np.random.default_rng(1)
+    x, w, dy = (rng.standard_normal((B, B)) for _ in range(3))
+    b = rng.standard_normal(B)
+    for act in ("identity", "relu", "gelu"):
+        y, z = be.dense_forward(x, w, b, act)
+        for out in ("out", "out_z"):
+            given = x.copy()
+            got_y, got_z = be.dense_forward(given, w, b, act, **{out: given})
+            np.testing.assert_allclose(got_y, y, rtol=1e-12, atol=1e-12)
+            assert (got_z is None) == (z is None)
+            if z is not None:
+                np.testing.assert_allclose(got_z, z, rtol=1e-12, atol=1e-12)
+        want = be.dense_backward(dy, x, w, y, z, act, True, True)
+        for source in ("dy", "x", "y"):
+            ops = {"dy": dy.copy(), "x": x.copy(), "y": y.copy()}
+            got = be.dense_backward(ops["dy"], ops["x"], w, ops["y"], z, act, True, True, out_dx=ops[source])
+            for a, expected in zip(got, want):
+                np.testing.assert_allclose(a, expected, rtol=1e-12, atol=1e-12)
+        given = w.copy()
+        with pytest.raises(ValueError, match="^out_dw: expected memory apart from w's"):
+            be.dense_backward(dy, x, given, y, z, act, True, True, out_dw=given)
+        buffer = np.empty((B, B))  # as out and out_z: refused where z is stored, unused elsewhere
+        refusal = (pytest.raises(ValueError, match="^out_z: expected memory apart from out's") if act == "gelu"
+                   else contextlib.nullcontext())
+        with refusal:
+            be.dense_forward(x, w, b, act, out=buffer, out_z=buffer)
+
+
+# ----------------------------------------------------------------------------- labels (NumPy)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int8])
+@pytest.mark.parametrize("bad", ["classes", "-1", "most negative"])
+def test_numpy_cross_entropy_refuses_a_label_that_is_not_a_class(compiled, dtype, bad):
+    """The compiled pass read and wrote the next row's gradient for a label of C; the NumPy path
+    took -1 for the last class. The GPU backends take labels as given (a check would wait for the
+    device); the losses check what users pass. The check reads a signed label as unsigned (a
+    negative one is then above every class count), so labels of each width in range, and a strided
+    view of them, give int64's result."""
+    be = backends.get("numpy")
+    (logits,) = arrays(be, (B, OUT))
+    labels = (np.arange(B) % OUT).astype(dtype)  # 0 .. OUT - 1
+    with be.compiled_kernels(compiled):
+        want = be.softmax_cross_entropy(logits, labels.astype(np.int64))
+        for given in (labels, np.repeat(labels, 2)[::2]):
+            loss, grad = be.softmax_cross_entropy(logits, given)
+            assert loss == want[0]
+            np.testing.assert_array_equal(grad, want[1])
+        labels[2] = {"classes": OUT, "-1": -1, "most negative": np.iinfo(dtype).min}[bad]
+        low, high = min(int(labels[2]), 0), max(int(labels[2]), OUT - 1)
+        refused(be, "labels", lambda: be.softmax_cross_entropy(logits, labels), logits,
+                why=rf"expected class indices in \[0, {OUT}\), got values from {low} to {high}$")
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_numpy_cross_entropy_takes_integer_labels_of_any_type_and_refuses_others(compiled):
+    """Unsigned labels and a list give int64's result; floats and booleans are a TypeError naming
+    labels, as ``losses.cross_entropy`` has it (the compiled pass failed inside Numba, the NumPy
+    path with an IndexError)."""
+    be = backends.get("numpy")
+    (logits,) = arrays(be, (B, OUT))
+    labels = np.array([3, 0, 1, 3, 2])
+    with be.compiled_kernels(compiled):
+        want = be.softmax_cross_entropy(logits, labels)
+        for given in (labels.astype(np.uint8), labels.astype(np.uint64), labels.tolist()):
+            loss, grad = be.softmax_cross_entropy(logits, given)
+            assert loss == want[0]
+            np.testing.assert_array_equal(grad, want[1])
+        for given in (labels + 0.0, labels == 0):
+            why = f"^labels: expected integer class indices, got dtype {given.dtype}$"
+            with trace() as t, pytest.raises(TypeError, match=why):
+                be.softmax_cross_entropy(logits, given)
+            assert t.total == 0

@@ -4,7 +4,8 @@ With Numba installed, the backend fuses bias+activation, act'*dy with the db sum
 optimizer updates and small softmax cross-entropies into compiled passes; without it (or with
 ``GPUBP_CPU_KERNELS=numpy``) it runs NumPy only. Both paths run here on the same inputs, in
 float32 and float64, and must agree to rounding. Shapes are ragged (not multiples of any
-vector width) and include a parameter large enough to be split across cores.
+vector width) and include a parameter large enough to be split across cores. Beside them: what
+either path takes (state arrays of any layout) and keeps (a loss's dtype, a float64 mean).
 """
 
 import numpy as np
@@ -140,6 +141,33 @@ def test_label_smoothed_softmax_cross_entropy_matches_the_numpy_path(batch, clas
         assert_close(compiled[1], reference[1], dtype)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
+def test_cross_entropy_takes_the_mean_of_huge_row_losses_in_float64_on_both_paths(weighted):
+    """Each row's loss is 2e38, a float32; their sum is not (the NumPy path summed in float32 and
+    gave inf). The weighted loss takes the NumPy path either way."""
+    logits = np.array([[1e38, -1e38, 0.0]] * 4, np.float32)
+    labels = np.ones(4, np.int64)
+    weights = np.ones(4, np.float32) if weighted else None
+    (compiled, _), (reference, _) = both_paths(numpy_backend.softmax_cross_entropy, logits, labels, weights)
+    assert compiled[0] == pytest.approx(2e38, rel=1e-6)
+    assert reference[0] == pytest.approx(compiled[0], rel=RTOL[np.float32])
+
+
+def test_huber_keeps_the_predictions_dtype_whatever_type_delta_is():
+    """A NumPy float64 delta made a float32 gradient float64 (NumPy keeps a NumPy scalar's type,
+    where a Python float takes the array's): every delta gives the Python float's loss and gradient."""
+    for dtype in (np.float32, np.float16):
+        pred = np.linspace(-2, 2, 12, dtype=dtype).reshape(4, 3)
+        target = np.zeros_like(pred)
+        want_loss, want = numpy_backend.huber(pred, target, delta=0.5)
+        assert want.dtype == dtype
+        for delta in (np.float64(0.5), np.float32(0.5), np.array(0.5)):
+            loss, grad = numpy_backend.huber(pred, target, delta=delta)
+            assert grad.dtype == dtype, (dtype, type(delta))
+            np.testing.assert_array_equal(grad, want)
+            assert loss == want_loss
+
+
 def test_arrays_of_a_dtype_the_kernels_are_not_built_for_run_on_numpy(rng):
     # float16 logits (a dtype losses accept) once reached the float32/float64-only kernels.
     logits = (3 * rng.standard_normal((6, 4))).astype(np.float16)
@@ -219,6 +247,39 @@ def test_rmsprop_update_matches_the_numpy_path(shape, dtype, options, rng):
     for got, want in zip(compiled, reference):
         if want is not None:
             assert_close(got, want, dtype)
+
+
+STATE_LAYOUTS = {
+    "fortran": np.asfortranarray,
+    "every_other_column": lambda a: np.repeat(a, 2, axis=1)[:, ::2],
+    "reversed": lambda a: a[::-1].copy()[::-1],
+}
+STATE_UPDATES = {
+    "sgd": (1, lambda p, g, s: numpy_backend.sgd_update(p, g, s[0], 0.05, 0.9, True, 0.01)),
+    "adam": (2, lambda p, g, s: numpy_backend.adam_update(p, g, s[0], s[1], 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, False)),
+    "rmsprop": (3, lambda p, g, s: numpy_backend.rmsprop_update(p, g, s[0], s[1], s[2], 1e-2, 0.9, 1e-8, 0.01, 0.9,
+                                                                True)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(STATE_LAYOUTS))
+@pytest.mark.parametrize("optimizer", sorted(STATE_UPDATES))
+def test_an_update_whose_state_is_laid_out_otherwise_gives_what_a_c_contiguous_state_gives(optimizer, layout, rng):
+    """The compiled updates read their state arrays flat too; one not C-contiguous (under a
+    C-contiguous parameter and gradient) stopped the call inside Numba. It takes the NumPy path."""
+    param, grad = (rng.standard_normal((7, 5)) for _ in range(2))
+    count, update = STATE_UPDATES[optimizer]
+    state = [rng.random((7, 5)) for _ in range(count)]
+    state[0] += 2  # RMSprop's square average, above its gradient average squared
+    want_param, want_state = param.copy(), [a.copy() for a in state]
+    update(want_param, grad, want_state)
+    got_param, got_state = param.copy(), [STATE_LAYOUTS[layout](a) for a in state]
+    assert not any(a.flags.c_contiguous for a in got_state)
+    with numpy_backend.compiled_kernels(True):
+        update(got_param, grad, got_state)
+    np.testing.assert_allclose(got_param, want_param, rtol=RTOL[np.float64])
+    for got, want in zip(got_state, want_state):
+        np.testing.assert_allclose(got, want, rtol=RTOL[np.float64])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,11 +6,15 @@ others to match: an ``out`` buffer a row short would be written past its end, a 
 smaller than its parameter or a label vector shorter than the batch read past theirs. The
 layers, losses and optimizers never pass such arrays (they check what users give them), but
 the backends are called directly too, by benchmarks, custom layers and the gradient checker,
-so every backend checks its operands here, with the same errors. Each check is one expression
-of tuple compares on the arrays' own shapes (about 1 us a call); only an operand that fails it
-goes through the checks that say what is wrong.
+so every backend checks its operands here, with the same errors. An output buffer that overlaps
+an input the call reads after writing that output (``overlap``) is refused too. Each check is one
+expression of tuple compares on the arrays' own shapes and, for such an output, a compare of its
+memory's bounds with the input's (about 1 us a call); only an operand that fails it goes through
+the checks that say what is wrong.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -59,6 +63,55 @@ def batch_rows(name: str, a) -> int:
     return batch
 
 
+def _span(a) -> tuple[int, int] | None:
+    """The bytes [first, end) that ``a``'s elements lie within, from its CUDA array interface or
+    its host one (an empty array spans nothing); None for what has neither. A contiguous CuPy
+    array answers from its pointer and size, without building its interface's dict."""
+    pointer = getattr(getattr(a, "data", None), "ptr", None)
+    if pointer is not None and a.flags.c_contiguous:
+        return (pointer, pointer + a.nbytes) if a.size else (0, 0)
+    face = getattr(a, "__cuda_array_interface__", None)
+    if face is None:
+        face = getattr(a, "__array_interface__", None)
+        if face is None:
+            return None
+    shape, strides = face["shape"], face.get("strides")
+    if 0 in shape:
+        return 0, 0  # (and its pointer may be 0 or None)
+    first = face["data"][0]
+    itemsize = np.dtype(face["typestr"]).itemsize
+    if strides is None:  # C-contiguous
+        return first, first + itemsize * math.prod(shape)
+    low = first + sum(stride * (n - 1) for stride, n in zip(strides, shape) if stride < 0)
+    high = first + sum(stride * (n - 1) for stride, n in zip(strides, shape) if stride > 0)
+    return low, high + itemsize
+
+
+def overlap(a, b) -> bool:
+    """Whether the memory the arrays ``a`` and ``b`` span overlaps: views of one buffer whose
+    elements interleave count as overlapping. NumPy arrays take NumPy's own bounds check (a C call,
+    no dicts); others, CuPy's and Numba's device arrays, compare their array interfaces' spans."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)
+    a_span, b_span = _span(a), _span(b)
+    return a_span is not None and b_span is not None and a_span[0] < b_span[1] and b_span[0] < a_span[1]
+
+
+def apart(name: str, a, other: str, b, why: str) -> None:
+    """``a`` (None passes) shares no memory with ``b``, else a ValueError naming ``name``."""
+    if a is not None and b is not None and overlap(a, b):
+        raise ValueError(f"{name}: expected memory apart from {other}'s ({why}), got an array that overlaps it")
+
+
+# Aliasings every backend refuses: an output that one step of a call writes before a later step
+# reads the input it overlaps (the NumPy backend's dense_backward wrote dW into w and then formed
+# dX from it). Others are left to the backend: NumPy's products copy an input that their output
+# overlaps before they write it, so there out=x, out_z=x and out_dx=dy, x or y give what separate
+# buffers give.
+OUT_Z_READ = "the activation reads z while y is written"
+W_READ = "dX reads w after dW is written"
+
+
 def activation(name: str, act, allowed=NAMES) -> None:
     """``act`` is one of ``allowed`` (the activations' own error wording)."""
     if act not in allowed:
@@ -72,14 +125,16 @@ def no_mask_on_softmax(act: str, dropout) -> None:
 
 
 def dense_forward(x, w, b, out=None, out_z=None, act="identity", dropout=None) -> None:
-    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out); ``act`` one of
-    the activations, and no mask on a softmax layer."""
+    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out), and apart
+    where ``act`` stores z (``NEEDS_Z``; elsewhere out_z is never written); ``act`` one of the
+    activations, and no mask on a softmax layer."""
     try:
         batch, n_in = x.shape
         rows, n_out = w.shape
         if (batch and rows == n_in and b.shape == (n_out,) and act in NAMES
                 and (out is None or out.shape == (batch, n_out)) and (out_z is None or out_z.shape == (batch, n_out))
-                and (dropout is None or act != "softmax")):
+                and (dropout is None or act != "softmax")
+                and (out_z is None or out is None or act not in NEEDS_Z or not overlap(out, out_z))):
             return
     except (AttributeError, TypeError, ValueError):  # not an array, or not 2-D: said below
         pass
@@ -97,6 +152,8 @@ def _dense_forward_in_full(x, w, b, out, out_z, act, dropout) -> None:
     require("b", b, (n_out,))
     require("out", out, (batch, n_out))
     require("out_z", out_z, (batch, n_out))
+    if act in NEEDS_Z:
+        apart("out_z", out_z, "out", out, OUT_Z_READ)
 
 
 def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None, act="identity",
@@ -104,7 +161,7 @@ def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=No
     """dy (B, out) with B >= 1, w (in, out); x (B, in), given when ``need_dw``; what act' reads, given
     (z for NEEDS_Z's activations, else y, identity neither); y, z (B, out) where given; ``out_dx``
     and ``dx_act_in`` (B, in), ``dx_act_in`` given for a ``dx_act`` but identity; ``out_dw`` (in,
-    out), ``out_db`` (out,); no mask on a softmax layer."""
+    out), apart from w; ``out_db`` (out,); no mask on a softmax layer."""
     try:
         batch, n_out = dy.shape
         n_in, cols = w.shape
@@ -114,7 +171,8 @@ def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=No
                 and (z.shape == (batch, n_out) if z is not None else act not in NEEDS_Z)
                 and (dx_act_in.shape == (batch, n_in) if dx_act_in is not None else dx_act == "identity")
                 and (out_dx is None or out_dx.shape == (batch, n_in))
-                and (out_dw is None or out_dw.shape == (n_in, n_out)) and (out_db is None or out_db.shape == (n_out,))):
+                and (out_dw is None or out_dw.shape == (n_in, n_out) and not overlap(out_dw, w))
+                and (out_db is None or out_db.shape == (n_out,))):
             return
     except (AttributeError, TypeError, ValueError):
         pass
@@ -146,6 +204,7 @@ def _dense_backward_in_full(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, a
     require("dx_act_in", dx_act_in, (batch, n_in))
     require("out_dw", out_dw, (n_in, n_out))
     require("out_db", out_db, (n_out,))
+    apart("out_dw", out_dw, "w", w, W_READ)
 
 
 def same(reference: str, a, **others) -> None:

@@ -1,9 +1,10 @@
 """Compiled CPU kernels for the NumPy backend: one pass over memory where NumPy needs several.
 
 Loaded by ``numpy_backend`` on first use, only when Numba is installed; without it the
-backend runs its pure-NumPy path, which computes the same values. Each kernel fuses the
-elementwise work around a matrix product that NumPy would run as separate passes, each
-reading and writing the whole array:
+backend runs its pure-NumPy path, which computes the same values up to rounding (the bias
+gradient and softmax cross-entropy's row sums add in another order there; the rest is the same
+operations in the same order). Each kernel fuses the elementwise work around a matrix product
+that NumPy would run as separate passes, each reading and writing the whole array:
 
 - ``bias_act``: ``y = act(y + b)`` in place on the matmul output (NumPy: two passes);
 - ``act_grad_sum``: ``dz = dy * act'(y)`` and the column sums of dz (``db``) in one pass

@@ -13,14 +13,18 @@ It is written for speed, not only clarity:
   BLAS matrix-vector products with a cached vector of ones (``activations.constant``);
 - the elementwise passes (bias+activation, act'*dy with the db sums, the optimizer updates)
   of very large arrays (``_PARALLEL_MIN_ELEMENTS``: below it the BLAS's spinning threads make
-  a handoff cost more than it saves) run in row blocks on every thread the BLAS is given (``_in_row_blocks``; ``cpu_threads()``, ``use_cpu_threads(n)``), with results that
+  a handoff cost more than it saves) run in row blocks on ``cpu_threads()`` threads (``_in_row_blocks``;
+  ``use_cpu_threads(n)`` sets the count for one thread's block of code), with results that
   do not depend on the count: blocks are independent rows, and db sums fixed chunks of rows
   that are then added in order;
 - where Numba is installed, the elementwise work around each matrix product runs as one
   compiled pass (``_cpu_kernels``: bias+activation, act'*dy with the db sums, the optimizer
   updates) instead of several NumPy passes. They load on first use, so ``import gpubp``
-  never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or ``compiled_kernels(False)``) keeps
-  the pure-NumPy path, which computes the same values and is what runs without Numba.
+  never imports Numba; ``GPUBP_CPU_KERNELS=numpy`` (or, for one thread's block of code,
+  ``compiled_kernels(False)``) keeps the pure-NumPy path, which is what runs without Numba. It
+  computes the same values up to rounding: the bias gradient is a BLAS product there and
+  chunked sums here, and the row sums of softmax cross-entropy (hence its loss and gradient)
+  add in another order; the other results are the same operations in the same order.
 - a dropout mask above a Dense (``dropout=``, a ``philox.Mask``) is generated inside those
   compiled passes, never stored: the forward's bias+activation pass masks its output and the
   backward's dz pass regenerates the mask; without Numba, ``philox.keep_mask`` computes the same
@@ -33,6 +37,7 @@ Each "kernel" below records the name a GPU backend records for the same work, so
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -89,8 +94,9 @@ _COMPILED_PARALLEL_MIN_ELEMENTS = 1 << 22
 # it does not depend on how many threads split the rows (row blocks are whole chunks).
 _SUM_CHUNK_ROWS = 64
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-# Numba's own count first (the compiled kernels' pool), then the BLAS's in its own precedence:
-# OpenBLAS and MKL read their variable before OMP_NUM_THREADS.
+# NUMBA_NUM_THREADS first: it limits compiled CPU code's threads, and the compiled kernels are
+# such code (run on this module's threads, not Numba's pool); then the BLAS's variables, in its
+# own precedence: OpenBLAS and MKL read theirs before OMP_NUM_THREADS.
 _THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -140,10 +146,10 @@ def _dot(a, b) -> float:
 
 
 def _default_threads() -> int:
-    """The BLAS's thread count, as the environment sets it (the first of ``_THREAD_VARIABLES``
-    that holds a positive integer), else one per core; never more than the cores. Read once, at
-    import: a limit set later (threadpoolctl's, say) leaves it as it is; ``use_cpu_threads``
-    changes it."""
+    """The process's default for ``cpu_threads()``, as the environment sets it: the first of
+    ``_THREAD_VARIABLES`` (Numba's thread count, then the BLAS's) that holds a positive integer,
+    else one per core; never more than the cores. Read once, at import: a limit set later
+    (threadpoolctl's, say) leaves it as it is; ``use_cpu_threads`` overrides it in a block."""
     for variable in _THREAD_VARIABLES:
         value = os.environ.get(variable, "").strip()
         if value.isdigit() and int(value) > 0:
@@ -152,33 +158,68 @@ def _default_threads() -> int:
 
 
 _threads = _default_threads()
-_workers = ThreadPoolExecutor(max(_CORES - 1, 1), thread_name_prefix="gpubp-numpy")
+# ``use_cpu_threads``'s count while a block of it runs, else None (the default above). A context
+# variable, not a module global swapped in and out: two threads inside blocks of their own that
+# overlap in time would restore each other's count at exit, leaving the last one out for every
+# thread. Each thread (and asyncio task) has its own.
+_threads_here: contextvars.ContextVar[int | None] = contextvars.ContextVar("gpubp_cpu_threads", default=None)
+
+
+def _new_workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(_CORES - 1, 1), thread_name_prefix="gpubp-numpy")
+
+
+_workers = _new_workers()
+
+
+def _workers_after_fork() -> None:
+    """A new pool in a forked child: the parent's worker threads do not exist there, but its pool
+    still counts them, and the slot an idle one left, as ready, so it starts no thread for a block
+    handed to it, and the caller waits for that block for ever."""
+    global _workers
+    _workers = _new_workers()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_workers_after_fork)
 
 
 def cpu_threads() -> int:
-    """How many threads the backend's elementwise passes and compiled kernels use."""
-    return _threads
+    """How many threads the backend's elementwise passes and compiled kernels use here: the
+    innermost ``use_cpu_threads`` block of this thread's, else the process's default (the
+    environment's thread count, ``_default_threads``)."""
+    threads = _threads_here.get()
+    return _threads if threads is None else threads
 
 
 @contextlib.contextmanager
 def use_cpu_threads(threads: int):
     """Run the backend's elementwise passes on ``threads`` threads (at most the cores) inside the
-    block; results are the same for every count. The BLAS keeps its own setting."""
-    global _threads
+    block; results are the same for every count. It sets the count for the thread that enters it
+    alone (a context variable: for its asyncio task alone); other threads keep theirs. The BLAS
+    keeps its own setting."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected a positive int, got {threads!r}")
-    before, _threads = _threads, min(threads, _CORES)
+    token = _threads_here.set(min(threads, _CORES))
     try:
         yield
     finally:
-        _threads = before
+        _threads_here.reset(token)
 
 
 # The compiled kernels: the module once loaded, or why they are not used.
 _kernels = None
 _kernels_reason: str | None = None
+# The process's default, from the environment; ``compiled_kernels``'s setting while a block of it
+# runs, per thread as ``_threads_here`` is, else None.
 _kernels_enabled = os.environ.get("GPUBP_CPU_KERNELS", "numba").lower() != "numpy"
+_kernels_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar("gpubp_compiled_kernels", default=None)
 _scalars: dict = {}
+
+
+def _kernels_switched_on() -> bool:
+    enabled = _kernels_here.get()
+    return _kernels_enabled if enabled is None else enabled
 
 
 def unavailable_reason() -> str | None:
@@ -192,7 +233,7 @@ def _compiled(dtype=None):
     """The ``_cpu_kernels`` module, or None where Numba is missing, the kernels are switched off,
     or the arrays are of a ``dtype`` they are not built for (float16, say: NumPy computes those)."""
     global _kernels, _kernels_reason
-    if not _kernels_enabled or (dtype is not None and np.dtype(dtype) not in _KERNEL_DTYPES):
+    if not _kernels_switched_on() or (dtype is not None and np.dtype(dtype) not in _KERNEL_DTYPES):
         return None
     if _kernels is None and _kernels_reason is None:
         try:
@@ -205,23 +246,25 @@ def _compiled(dtype=None):
 
 
 def cpu_kernels() -> str:
-    """Which elementwise kernels run: ``"numba"``, or ``"numpy (why)"``."""
+    """Which elementwise kernels run here (in this thread, as ``compiled_kernels`` may set it):
+    ``"numba"``, or ``"numpy (why)"``."""
     if _compiled() is not None:
         return "numba"
-    if not _kernels_enabled:
+    if not _kernels_switched_on():
         return "numpy (switched off: GPUBP_CPU_KERNELS=numpy or compiled_kernels(False))"
     return f"numpy ({_kernels_reason})"
 
 
 @contextlib.contextmanager
 def compiled_kernels(enabled: bool):
-    """Use (or, with ``enabled=False``, bypass) the compiled CPU kernels inside the block."""
-    global _kernels_enabled
-    before, _kernels_enabled = _kernels_enabled, bool(enabled)
+    """Use (or, with ``enabled=False``, bypass) the compiled CPU kernels inside the block, for the
+    thread that enters it alone, as ``use_cpu_threads`` sets its count; other threads keep
+    theirs (``GPUBP_CPU_KERNELS``'s, outside blocks of their own)."""
+    token = _kernels_here.set(bool(enabled))
     try:
         yield
     finally:
-        _kernels_enabled = before
+        _kernels_here.reset(token)
 
 
 def _as_dtype(dtype, values: tuple) -> tuple:
@@ -255,7 +298,7 @@ def _in_row_blocks(body, rows: int, elements: int, min_elements: int, chunk_rows
 
     Blocks are whole multiples of ``chunk_rows``. Work of fewer than ``min_elements``
     elements (per array) runs in the calling thread in one piece."""
-    threads = min(_threads, -(-rows // chunk_rows))
+    threads = min(cpu_threads(), -(-rows // chunk_rows))
     if threads <= 1 or elements < min_elements:
         body(0, rows)
         return
@@ -275,7 +318,7 @@ def _on_all_cores(kernel, *args, min_elements: int | None = None) -> None:
     ``kernel`` must be elementwise along axis 0 (each block is independent). ``None`` and
     scalar entries are passed through unsplit."""
     first = args[0]
-    if _threads == 1 or first.size < (_PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements):
+    if cpu_threads() == 1 or first.size < (_PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements):
         kernel(*args)  # the common case at small sizes, without building the blocks
         return
 
@@ -567,6 +610,36 @@ def softmax_backward(dy, y, out):
 _NARROW_CLASSES = 32
 
 
+# A signed label dtype -> the unsigned one of its size and byte order, for ``_class_indices``.
+_UNSIGNED: dict = {}
+
+
+def _class_indices(labels, classes: int) -> np.ndarray:
+    """``labels`` as an array of integers in [0, classes), else a TypeError or ValueError naming
+    them, in ``losses.cross_entropy``'s words. The compiled pass indexes each row with its label
+    unchecked, so a label outside would read and write the next row's gradient, and the NumPy path
+    would take -1 for the last class. Checked here, on the host, before either path runs: a GPU
+    backend would have to wait for the device to read the labels, so it takes them as given."""
+    if not isinstance(labels, np.ndarray):
+        labels = np.asarray(labels)
+    kind = labels.dtype.kind
+    if kind == "i":
+        # One pass over the labels, not a min and a max: a negative label read as unsigned is
+        # above any class count.
+        unsigned = _UNSIGNED.get(labels.dtype)
+        if unsigned is None:
+            unsigned = _UNSIGNED[labels.dtype] = np.dtype(labels.dtype.str.replace("i", "u"))
+        top = np.maximum.reduce(labels.view(unsigned))
+    elif kind == "u":
+        top = np.maximum.reduce(labels)
+    else:
+        raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+    if top >= classes:
+        low, high = int(np.minimum.reduce(labels)), int(np.maximum.reduce(labels))
+        raise ValueError(f"labels: expected class indices in [0, {classes}), got values from {low} to {high}")
+    return labels
+
+
 def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0):
     """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C).
     ``sample_weight`` (B,): each row's loss times its weight, summed, over B (Keras's rule).
@@ -575,8 +648,9 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     - (1 - eps) z_label - eps / C sum(z)), its gradient softmax(z) - target; eps = 0 runs the
     one-hot code alone, as it was before label smoothing."""
     _contract.labelled_loss(logits, labels, sample_weight)
-    record("ce_fwd_bwd")
     batch, classes = logits.shape
+    labels = _class_indices(labels, classes)
+    record("ce_fwd_bwd")
     smoothing = label_smoothing != 0
     kernels = _compiled(logits.dtype)
     if kernels is not None and classes < _NARROW_CLASSES and sample_weight is None:
@@ -612,11 +686,13 @@ def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.
     # row sums as grad @ ones(C): one BLAS gemv instead of a per-row reduction
     total = _matmul(grad, activations.constant(1, (classes,), grad.dtype))
     row_loss = np.log(total) - picked
+    # The mean over the rows accumulates in float64, as the compiled pass's does: a float32 sum of
+    # large row losses overflows to inf where the mean is finite.
     if sample_weight is None:
-        loss = float(np.add.reduce(row_loss)) / batch
+        loss = float(np.add.reduce(row_loss, dtype=np.float64)) / batch
     else:
         sample_weight = sample_weight.astype(logits.dtype, copy=False)
-        loss = _dot(row_loss, sample_weight) / batch
+        loss = _dot(row_loss.astype(np.float64), sample_weight.astype(np.float64)) / batch
     # softmax / B in one pass over (B, C), scaling by the (B,) column 1 / (B * total) (times the weights)
     np.divide(1.0 / batch, total, out=total)
     # minus target / B (times the weights): with smoothing eps / (C B) everywhere, and at the
@@ -690,6 +766,9 @@ def huber(pred, target, sample_weight=None, delta=1.0):
     _contract.loss("pred", pred, target, sample_weight)
     record("huber_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
+    # delta in diff's dtype: a NumPy float64 delta would make a float32 gradient float64 (a Python
+    # float adapts to the array's dtype, a NumPy scalar keeps its own)
+    delta = diff.dtype.type(delta)
     clipped = np.clip(diff, -delta, delta)
     diff -= 0.5 * clipped
     if sample_weight is not None:
@@ -733,12 +812,23 @@ def poisson(log_rate, target, sample_weight=None):
 # ----------------------------------------------------------------------------- optimizers
 
 
+def _all_c_contiguous(*arrays) -> bool:
+    """Every array given (None: a state the update does not keep) is C-contiguous. The compiled
+    updates read each array they take flat (``reshape(-1)``), which Numba does for C-contiguous
+    arrays alone: another layout of any of them, a velocity or a moment as much as the parameter,
+    stops the call inside Numba, so such an update takes the NumPy path."""
+    for a in arrays:
+        if a is not None and not a.flags.c_contiguous:
+            return False
+    return True
+
+
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     _contract.update(param, grad, velocity=velocity)
     record("sgd_update")
     kernels = _compiled(param.dtype)
-    if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
+    if kernels is not None and _all_c_contiguous(param, grad, velocity):
         lr, momentum, weight_decay = _as_dtype(param.dtype, (lr, momentum, weight_decay))
         # without momentum the kernel never reads the velocity; grad stands in for it
         _on_all_cores(kernels.sgd_update, param, grad, grad if velocity is None else velocity,
@@ -774,7 +864,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
     kernels = _compiled(param.dtype)
-    if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
+    if kernels is not None and _all_c_contiguous(param, grad, m, v):
         l2, keep = (0.0, 1.0 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
         constants = _as_dtype(param.dtype, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, keep))
         cast = param.dtype.type
@@ -814,7 +904,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     kernels = _compiled(param.dtype)
-    if kernels is not None and param.flags.c_contiguous and grad.flags.c_contiguous:
+    if kernels is not None and _all_c_contiguous(param, grad, square_avg, grad_avg, momentum_buffer):
         constants = _as_dtype(param.dtype, (-lr, alpha, 1.0 - alpha, eps, weight_decay, momentum))
         # the kernel never reads the buffers an option leaves unused; the square average stands in
         _on_all_cores(kernels.rmsprop_update, param, grad, square_avg,
