@@ -9,7 +9,11 @@ model's products multiply what ``predict``'s do: each Gemm's input goes through 
 ties to even, bit for bit as ``round_bf16`` does (in onnxruntime and in ONNX's reference
 implementation), and its weights are written already so rounded, in the float type; the bias and
 the sums stay in the float type. onnxruntime before 1.17 removes a Cast to bfloat16 and back
-(its issue 9915: 1.16.3 does, 1.17.0 does not), so runs such a file's inputs unrounded.
+(its issue 9915: 1.16.3 does, 1.17.0 does not), so runs such a file's inputs unrounded. Where
+onnxruntime's float32 results differ from predict's in the last bit (its Sigmoid, Tanh and Erf, sums
+added in another order) next to a bfloat16 rounding boundary, the next layer's input rounds to the
+neighbouring bfloat16 value, one bfloat16 step away: such a sample's outputs differ from predict's
+by about bfloat16's precision (1e-3 of the largest output), where the others agree within 1e-5.
 "tf32" is written as fp32: the tensor cores round its operands in ways no ONNX type holds, and
 gpubp's CPU backends compute it as fp32. The batch axis is named
 ``"batch"`` and left free. Opset 17, which every current
@@ -26,8 +30,13 @@ gelu's small negative values cancel), and everything else stays in double. leaky
 the slope rounded to float32, and that Max is ``x if x > 0 else 0.01 x`` for every x, -0.0, inf and
 NaN included. Reading, the gelus' formulas are also taken in the order PyTorch's TorchScript
 exporter writes them (the half taken after the last product, ``x^3`` as ``x * (x * x)``), as gpubp
-wrote them before. Protobuf holds a file of at most 2 GiB, so a model whose weights take more is a
-ValueError: save it as ``.safetensors``.
+wrote them before. Protobuf holds a file of at most 2 GiB (``MAX_BYTES``), so a model whose file would
+take more, its weights with the graph and names around them, is a ValueError: save it as ``.safetensors``.
+
+A fitted :mod:`gpubp.sklearn` estimator's ``save("m.onnx")`` (or ``model_proto(estimator)``) writes
+the graph of its ``predict`` (a regressor) or ``predict_proba`` (a classifier): its ``model_``'s, then
+``Exp`` of a Poisson regressor's log mean, or ``Concat(1 - p, p)`` of a binary classifier's one
+probability (``ESTIMATOR_OUTPUTS``). ``load`` does not read those last steps back.
 
 ``gb.load("m.onnx")`` reads a file gpubp wrote, or a plain MLP written by others such as
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
@@ -56,12 +65,14 @@ True
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 try:
     import onnx
+    from google.protobuf import message
     from onnx import TensorProto, helper, numpy_helper
 except ImportError as exc:
     raise ImportError(f'reading and writing .onnx files needs the onnx package: pip install "gpubp[onnx]" ({exc})'
@@ -85,7 +96,9 @@ ROUNDS_TO_BF16 = {"fp32": False, "tf32": False, "bf16": True}
 BF16_CASTS = {TensorProto.FLOAT: (TensorProto.BFLOAT16, TensorProto.FLOAT),
               TensorProto.DOUBLE: (TensorProto.FLOAT, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
 CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds sqrt(2 / pi) by 5e-8
-MAX_BYTES = 2 ** 31  # protobuf's limit on one message, so on an .onnx file that holds its weights inside
+# The most bytes protobuf serializes one message into (onnx.checker's MAXIMUM_PROTOBUF), so the largest .onnx file
+# that holds its weights inside.
+MAX_BYTES = 2 ** 31 - 1
 
 # One ONNX operator per activation, with its attributes; gelu, gelu_tanh and silu are formulas.
 SINGLE_OPS = {"relu": ("Relu", {}), "leaky_relu": ("LeakyRelu", {"alpha": activations.LEAKY_SLOPE}),
@@ -121,6 +134,12 @@ FLOAT64_FORMULAS = {
              ("Cast", "prev", {"to": TensorProto.DOUBLE}), ("Add", "prev", 1.0), ("Mul", 0.5, "prev"),
              ("Mul", "x", "prev")),
 }
+# What a fitted gpubp.sklearn estimator's predict (a regressor) or predict_proba (a classifier) applies to its model's
+# output, by its _onnx_output(): formula steps written after the model, and the columns they give (None: the model's).
+# A Poisson regressor's model gives the log of the mean; a binary classifier's its one sigmoid output, the probability
+# of classes_[1], which predict_proba puts after 1 - p, that of classes_[0] (the same subtraction, bit for bit).
+ESTIMATOR_OUTPUTS = {"exp": ((("Exp", "x"),), None),
+                     "both_classes": ((("Sub", 1.0, "x"), ("Concat", "prev", "x", {"axis": 1})), 2)}
 COMMUTATIVE = ("Add", "Mul", "Max")
 PASS_THROUGH = ("Identity", "Dropout")  # the identity at inference (a Dropout as _passes_through checks)
 # Tensors gpubp reads: numbers NumPy holds as they are (not bfloat16 or float8), and where each keeps its data.
@@ -133,8 +152,16 @@ _DATA_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_da
 # ----------------------------------------------------------------------------- writing
 
 
-def model_proto(model: Sequential) -> onnx.ModelProto:
-    """The ONNX model of what ``model.predict`` computes, checked by ``onnx.checker``."""
+def model_proto(model) -> onnx.ModelProto:
+    """The ONNX model of what ``model.predict`` computes, checked by ``onnx.checker``. ``model`` may also be a
+    fitted :mod:`gpubp.sklearn` estimator: the graph then computes its ``predict`` (a regressor) or
+    ``predict_proba`` (a classifier), its ``model_``'s followed by the ``exp`` of a Poisson regressor's log mean
+    or the ``1 - p`` a binary classifier's ``predict_proba`` puts before ``p`` (``ESTIMATOR_OUTPUTS``)."""
+    name, after = "gpubp.Sequential", None
+    estimators = sys.modules.get("gpubp.sklearn")  # imported wherever one of its estimators exists
+    if estimators is not None and isinstance(model, estimators._BaseMLP):
+        after = model._onnx_output()  # scikit-learn's NotFittedError for an unfitted one
+        name, model = f"gpubp.sklearn.{type(model).__name__}", model.model_
     if not isinstance(model, Sequential) or not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
     if model.precision not in ROUNDS_TO_BF16:
@@ -152,7 +179,7 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
     if not dense:
         raise ValueError("model: expected at least one Dense layer")
     size = sum(p.data.nbytes for p in model.parameters())  # as written: the float type, bf16 rounded in it
-    if size >= MAX_BYTES:  # protobuf would fail to encode it, with no word of why
+    if size > MAX_BYTES:  # refused before the weights are copied into a message; the message is checked below
         raise ValueError(f"model: its weights take {size} bytes, over the 2 GiB that protobuf allows a single "
                          ".onnx file; save it as .safetensors")
     for i, layer in dense:
@@ -163,19 +190,36 @@ def model_proto(model: Sequential) -> onnx.ModelProto:
         names = (f"layers.{i}.weight", f"layers.{i}.bias")
         tensors += [numpy_helper.from_array(np.ascontiguousarray(array, dtype), name)
                     for array, name in zip((weight, bias), names)]
-        y = OUTPUT if i == dense[-1][0] else f"layers.{i}.y"  # what the layer gives the next one
+        y = OUTPUT if i == dense[-1][0] and after is None else f"layers.{i}.y"  # what the layer gives the next one
         z = y if layer.activation == "identity" else f"layers.{i}.z"
         nodes.append(helper.make_node("Gemm", [current, *names], [z], name=f"layers.{i}.gemm"))
         if layer.activation != "identity":
             nodes += _activation_nodes(layer.activation, z, y, f"layers.{i}.{layer.activation}", dtype, constants)
         current = y
+    out_features = model.out_features
+    if after is not None:
+        steps, columns = ESTIMATOR_OUTPUTS[after]
+        nodes += _formula_nodes(steps, current, OUTPUT, f"output.{after}", dtype, constants)
+        out_features = columns or out_features
     tensors += constants.values()
     graph = helper.make_graph(
-        nodes, "gpubp.Sequential", [helper.make_tensor_value_info(INPUT, element, ["batch", model.in_features])],
-        [helper.make_tensor_value_info(OUTPUT, element, ["batch", model.out_features])], initializer=tensors)
+        nodes, name, [helper.make_tensor_value_info(INPUT, element, ["batch", model.in_features])],
+        [helper.make_tensor_value_info(OUTPUT, element, ["batch", out_features])], initializer=tensors)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="gpubp", producer_version=gpubp.__version__)
-    onnx.checker.check_model(proto)
+    # The whole message counts, the graph and the tensors' names and framing with the weights: weights a few bytes
+    # under the limit pass the check above, and past it protobuf fails to serialize the message (upb's ByteSize
+    # serializes it too) or onnx.checker refuses it, neither saying what to do. The checker takes the bytes, which
+    # it would otherwise serialize itself.
+    try:
+        data = proto.SerializeToString()
+    except message.EncodeError:  # upb's, past the limit
+        data = None
+    if data is None or len(data) > MAX_BYTES:
+        took = f"more than {MAX_BYTES}" if data is None else len(data)
+        raise ValueError(f"model: its .onnx file would take {took} bytes, over the 2 GiB that protobuf allows a "
+                         "single .onnx file; save it as .safetensors")
+    onnx.checker.check_model(data)
     return proto
 
 
@@ -194,8 +238,12 @@ def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, co
     if steps is None and act in SINGLE_OPS:
         op, attributes = SINGLE_OPS[act]
         return [helper.make_node(op, [x], [y], name=prefix, **attributes)]
+    return _formula_nodes(steps or FORMULAS[act], x, y, prefix, dtype, constants)
+
+
+def _formula_nodes(steps: tuple, x: str, y: str, prefix: str, dtype: np.dtype, constants: dict) -> list:
+    """The nodes computing ``y`` from ``x`` by the formula ``steps``; scalar constants go into ``constants``."""
     nodes, prev = [], x
-    steps = steps or FORMULAS[act]
     for k, step in enumerate(steps):
         op, operands, attributes = _step(step)
         inputs = []

@@ -3,7 +3,9 @@
 They take ``sklearn.neural_network``'s parameters, with its names and defaults, and set the
 fitted attributes its MLPs set, so code written for scikit-learn's MLPs runs unchanged, in
 pipelines, cross-validation and grid searches; ``model_`` is the trained
-:class:`gpubp.Sequential`, to fine-tune, move to a GPU or save (``.onnx`` included).
+:class:`gpubp.Sequential`, to fine-tune, move to a GPU or save (``.onnx`` included), and
+``save("m.onnx")`` writes the graph of the estimator's ``predict`` (``predict_proba`` for the
+classifier), which for a Poisson regressor or a binary classifier goes on from the model's output.
 Needs scikit-learn (``pip install "gpubp[sklearn]"``); ``import gpubp`` does not import it.
 
 >>> import numpy as np
@@ -18,7 +20,8 @@ What the estimators add: ``device``, ``backend`` and ``precision`` (as for ``Seq
 gpubp's activations beside scikit-learn's (``"leaky_relu"``, ``"gelu"``, ``"gelu_tanh"``,
 ``"silu"``; and ``"sigmoid"`` for ``"logistic"``), ``dropout`` (the fraction of each hidden
 layer's outputs a :class:`gpubp.Dropout` after it drops while training; 0, the default, adds
-none; the masks come from ``random_state``'s stream), and ``model_``. What differs:
+none; the masks come from ``random_state``'s stream, see below), ``model_`` and ``save``. What
+differs:
 
 - ``solver`` is ``"adam"`` or ``"sgd"``: there is no ``"lbfgs"`` (a full-batch quasi-Newton
   method, not minibatch kernels), so no ``max_fun``. ``MLPRegressor``'s ``loss`` is
@@ -51,9 +54,13 @@ none; the masks come from ``random_state``'s stream), and ``model_``. What diffe
   training samples'.
 - ``coefs_`` and ``intercepts_`` are copies read from ``model_``.
 - ``random_state`` seeds gpubp's random stream for the estimator's own draws only (weight
-  initialisation, shuffling, the early-stopping split); the library's stream outside is left
-  as it was. Fits running in parallel threads of one process would share that stream: run
-  them in processes, as joblib does by default.
+  initialisation, shuffling, the early-stopping split, the Dropout masks); the library's stream
+  outside is left as it was. Each call reseeds it, as scikit-learn's MLPs reseed theirs, so an
+  int draws the same split and shuffle orders every call, but for the masks: ``partial_fit`` and
+  a warm ``fit`` draw them on from the stream the fit that built the model left, so each call's
+  are new, and the same calls on a fresh estimator draw the same ones. Fits running in parallel
+  threads of one process would share that stream: run them in processes, as joblib does by
+  default.
 """
 
 from __future__ import annotations
@@ -78,9 +85,23 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 import gpubp as gb
 from gpubp import _checks, _random, backends, io
 
-# scikit-learn's estimator checks that these estimators fail, each with its reason; the test
-# suite runs every other check (tests/test_sklearn.py) and fails if one of these passes.
-EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {"MLPClassifier": {}, "MLPRegressor": {}}
+# scikit-learn's estimator checks that these estimators fail, each with its reason, by class name
+# and, for the Poisson regressor, "MLPRegressor(loss='poisson')"; the test suite runs every other
+# check on each (tests/test_sklearn.py, at max_iter=100 as scikit-learn runs its own MLPs) and
+# fails if one of these passes.
+EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
+    "MLPClassifier": {},
+    "MLPRegressor": {},
+    "MLPRegressor(loss='poisson')": {
+        "check_regressor_multioutput": "it fits make_regression's targets, negative ones among them, without the "
+                                       "shift to y > 0 that the other checks make for the positive_only tag; "
+                                       "loss='poisson' refuses y < 0, where scikit-learn's Poisson MLPRegressor "
+                                       "trains on them and passes",
+        "check_regressors_train": "it wants R^2 > 0.5 after max_iter=100 epochs of Adam at 1e-3 on targets from 1 "
+                                  "to 7.5, and the log link starts every mean at exp(0) = 1: R^2 is -1.5 there "
+                                  "(scikit-learn's Poisson MLPRegressor's -0.15 fails it too), 0.85 after 1000",
+    },
+}
 
 # scikit-learn's activation names, and gpubp's for those scikit-learn does not have.
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
@@ -177,8 +198,15 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(f"y: expected {self.n_outputs_} outputs per sample, as in the earlier fit, "
                              f"got {n_outputs}")
         weights = _sample_weights(sample_weight, len(X))
+        # scikit-learn 1.9's MLPs reseed from random_state at every fit and partial_fit call (_fit sets
+        # self._random_state = check_random_state(self.random_state)): an int random_state draws the same
+        # initial weights, early-stopping split and shuffle orders each call, and so does ``rng`` here.
+        # They have no Dropout. Its masks come from ``rng`` on a fit that builds the model, and after
+        # that from the stream that fit left (``_rng``, which each call draws on): reseeded per call,
+        # every partial_fit or warm fit would draw the first call's masks again.
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         rng = np.random.default_rng(seed)
+        masks = rng if first else self._rng
         validation = None
         if self.early_stopping and not incremental:
             train, held = self._hold_out(y, n_outputs, rng)
@@ -196,7 +224,7 @@ class _BaseMLP(BaseEstimator):
                     vars(self).update(features)
                 if labels is not None:
                     self._label_binarizer, self.classes_ = labels, labels.classes_
-                self._rng, self.model_ = rng, model
+                self._rng, self.model_ = masks, model
                 if first:
                     self._initialize(n_outputs, hidden)
                 elif self.early_stopping != (self.validation_scores_ is not None):
@@ -204,7 +232,7 @@ class _BaseMLP(BaseEstimator):
                 if not reuses_optimizer:
                     self._optimizer = self._new_optimizer(self.model_)
                     self._learning_rate = self.learning_rate_init
-                stopped = self._train(X, targets, weights, validation, incremental)
+                stopped = self._train(X, targets, weights, validation, incremental, masks)
                 # Sequential.fit checks each batch's loss, which comes before the batch's step: the
                 # last step's weights are checked here, as scikit-learn checks them after training.
                 if not all(np.isfinite(w).all() for w in self.model_.get_weights()):
@@ -228,15 +256,16 @@ class _BaseMLP(BaseEstimator):
         attributes (references, and the contents of the lists that epochs append to); on a warm
         call (``warm``) also what training changes in place: the attributes of ``model_`` and of
         its layers (activations, dropout rates, precision, what ``Sequential.fit`` records), host
-        copies of the weights, and (``optimizer``: partial_fit steps the fitted optimizer on) the
-        optimizer's state. A fit from scratch builds a new model and optimizer, so copies nothing."""
+        copies of the weights, the state of the generator the Dropout masks are drawn from, and
+        (``optimizer``: partial_fit steps the fitted optimizer on) the optimizer's state. A fit from
+        scratch builds a new model, optimizer and generator, so copies nothing."""
         attributes = dict(vars(self))
         lists = [(value, list(value)) for value in attributes.values() if isinstance(value, list)]
         in_place = None
         if warm:
             model = self.model_
             in_place = (model, dict(vars(model)), [(layer, dict(vars(layer))) for layer in model],
-                        model.get_weights(),
+                        model.get_weights(), self._rng.bit_generator.state,
                         self._optimizer.state_dict() if optimizer else None)
         return attributes, lists, in_place
 
@@ -246,7 +275,7 @@ class _BaseMLP(BaseEstimator):
         for value, contents in lists:
             value[:] = contents
         if in_place is not None:
-            model, model_attributes, layers, weights, optimizer_state = in_place
+            model, model_attributes, layers, weights, masks_state, optimizer_state = in_place
             vars(model).clear()
             vars(model).update(model_attributes)
             for layer, layer_attributes in layers:
@@ -254,6 +283,7 @@ class _BaseMLP(BaseEstimator):
                 vars(layer).update(layer_attributes)
             for param, host in zip(model.parameters(), weights):
                 param.data = param.backend.asarray(host, host.dtype)
+            attributes["_rng"].bit_generator.state = masks_state
             if optimizer_state is not None:
                 attributes["_optimizer"].load_state_dict(optimizer_state)
         vars(self).clear()
@@ -290,6 +320,12 @@ class _BaseMLP(BaseEstimator):
             _checks.in_unit_interval(getattr(self, name), name, closed=name == "momentum")  # scikit-learn's ranges
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
             _checks.boolean(getattr(self, name), name)
+        # scikit-learn's rule: a flag, or a level >= 0 (any level above 0 prints the same here)
+        if not isinstance(self.verbose, (bool, np.bool_, numbers.Integral)):
+            raise TypeError(f"verbose: expected True, False or an int >= 0, got {type(self.verbose).__name__} "
+                            f"{self.verbose!r}")
+        if self.verbose < 0:
+            raise ValueError(f"verbose: expected True, False or an int >= 0, got {self.verbose}")
         return hidden
 
     def _check_warm(self, hidden: list[int]) -> None:
@@ -386,11 +422,13 @@ class _BaseMLP(BaseEstimator):
         targets: scikit-learn reports the squared error averaged over them and steps along its sum."""
         return self._loss_scale() * (self.n_outputs_ if self._head() == "identity" else 1)
 
-    def _train(self, X, targets, weights, validation, incremental: bool) -> bool:
+    def _train(self, X, targets, weights, validation, incremental: bool, masks: np.random.Generator) -> bool:
         """One epoch (partial_fit) or up to max_iter epochs of ``Sequential.fit`` on the training
         rows, with scikit-learn's bookkeeping after each epoch; ``weights``: None, or weights that
-        are not all zero; ``validation``: (X, y, sample_weight) held out for early stopping, or None.
-        True when the stopping criterion stopped it."""
+        are not all zero; ``validation``: (X, y, sample_weight) held out for early stopping, or None;
+        ``masks``: the generator the Dropout masks are drawn from, the shuffle orders coming from
+        the library's stream, which ``_fit`` has set to the call's own. True when the stopping
+        criterion stopped it."""
         batch = self._batch_size(len(X))
         weighting, mean_weight = {}, 1.0
         if weights is not None:
@@ -402,7 +440,7 @@ class _BaseMLP(BaseEstimator):
         # samples; here by what the weighted loss is divided by, the batch's size times the mean
         # weight (a short last batch's own size): _Epochs sets it before each batch.
         epochs = _Epochs(self, len(X), batch, self.alpha / (self._step_scale() * mean_weight),
-                         -(-len(X) // batch) / (len(X) * mean_weight), validation)
+                         -(-len(X) // batch) / (len(X) * mean_weight), validation, _random.generator(), masks)
         self.model_.fit(X, targets, loss=HEAD_LOSSES[self._head()], optimizer=self._optimizer,
                         epochs=1 if incremental else self.max_iter, batch_size=batch, shuffle=bool(self.shuffle),
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
@@ -545,6 +583,29 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self)
         return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == "bias"]
 
+    def save(self, path) -> None:
+        """Write to ``path``, which must end in ``.onnx``, the inference graph of what ``predict``
+        computes (``MLPRegressor``) or ``predict_proba`` (``MLPClassifier``), atomically: ``model_``'s
+        graph (see :mod:`gpubp.onnx`), then ``exp`` of a Poisson regressor's log mean, or ``1 - p``
+        before a binary classifier's ``p``. Its input is ``"input"``, (batch, n_features_in_) in the
+        model's float type; its output ``"output"``, (batch, n_outputs_) for a regressor (a single
+        target's as a column, which ``predict`` ravels) and (batch, n_classes) for a classifier.
+        ``gb.load`` does not read it back (its last steps are no layer); ``model_.save`` writes the
+        model alone, to ``.onnx`` or gpubp's own formats, and the estimator itself pickles."""
+        check_is_fitted(self)
+        if io._path(path).suffix.lower() != ".onnx":
+            raise ValueError(f"path: an estimator saves its inference graph, to a file ending in .onnx, got "
+                             f"{str(path)!r}; pickle the estimator (joblib.dump) to keep all of it, or save model_ "
+                             "to gpubp's formats")
+        io.save(self, path)  # gpubp.onnx.model_proto writes an estimator's predict graph
+
+    def _onnx_output(self) -> str | None:
+        """What ``gpubp.onnx.model_proto`` writes after ``model_``'s graph so that it computes
+        ``predict`` (a regressor) or ``predict_proba`` (a classifier): a key of its
+        ``ESTIMATOR_OUTPUTS``, or None for nothing."""
+        check_is_fitted(self)
+        return None
+
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "model_")
 
@@ -640,6 +701,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return np.hstack([1 - scores, scores])
         return scores
 
+    def _onnx_output(self) -> str | None:
+        # One sigmoid output for two classes: predict_proba puts 1 - p, the first class's, before it.
+        check_is_fitted(self)
+        return "both_classes" if self.n_outputs_ == 1 else None
+
     def predict_log_proba(self, X) -> np.ndarray:
         """The logarithm of ``predict_proba``: -inf where a probability is 0."""
         with np.errstate(divide="ignore"):
@@ -719,6 +785,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         outputs = super()._predict_arrays(X)
         return np.exp(outputs) if self.out_activation_ == "exp" else outputs
 
+    def _onnx_output(self) -> str | None:
+        check_is_fitted(self)
+        return "exp" if self.out_activation_ == "exp" else None  # predict's mean, exp of the model's log mean
+
     def _score_arrays(self, X, y, sample_weight) -> float:
         return r2_score(y, self._values(self._predict_arrays(X)), sample_weight=sample_weight)
 
@@ -733,25 +803,32 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
+        # loss="poisson" refuses y < 0 (_targets): the tag tells scikit-learn's checks and other tools so.
+        tags.target_tags.positive_only = self.loss == "poisson"
         return tags
 
 
 class _Epochs(gb.Callback):
     """Runs the estimator's end-of-epoch records inside ``Sequential.fit`` and stops it when they
     say so; before each batch, sets the weights' decay to ``decay`` (alpha's, per sample) over the
-    batch's size."""
+    batch's size. ``Sequential.fit`` draws the epoch's shuffle order after ``on_epoch_begin`` and
+    the batch's Dropout keys after ``on_train_batch_begin``, both from the library's stream: these
+    make it ``shuffles`` and ``masks`` in turn (the same generator, on a fit that builds the model)."""
 
     def __init__(self, estimator: _BaseMLP, n_samples: int, batch_size: int, decay: float, penalty_share: float,
-                 validation) -> None:
+                 validation, shuffles: np.random.Generator, masks: np.random.Generator) -> None:
         self.estimator, self.n_samples, self.batch_size, self.decay = estimator, n_samples, batch_size, decay
         self.penalty_share, self.validation = penalty_share, validation
+        self.shuffles, self.masks = shuffles, masks
         self.squares = 0.0
         self.stopped = False
 
     def on_epoch_begin(self, model, epoch: int) -> None:
+        _random.set_generator(self.shuffles)  # the estimator's _fit gives the library's own back
         self.squares = self.estimator._squared_weights()
 
     def on_train_batch_begin(self, model, batch: int) -> None:
+        _random.set_generator(self.masks)
         size = min(self.batch_size, self.n_samples - batch * self.batch_size)
         self.estimator._optimizer.param_groups[0]["weight_decay"] = self.decay / size
 

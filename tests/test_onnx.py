@@ -128,6 +128,54 @@ def test_a_float64_gelu_runs_its_erf_in_float32_in_onnxruntime_and_loads_back(tm
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
+def outputs_and_hidden(path, x: np.ndarray, n_hidden: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """onnxruntime's output for ``x``, and the output of each of the first ``n_hidden`` layers (before the
+    next one rounds it to bfloat16)."""
+    proto = onnx.load(path)
+    names = [f"layers.{i}.y" for i in range(n_hidden)]
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    output, *hidden = session.run([gpubp_onnx.OUTPUT, *names], {"input": x})
+    return output, hidden
+
+
+@pytest.mark.parametrize("hidden", ["relu", "sigmoid", "tanh", "gelu"])
+def test_a_bf16_model_of_a_realistic_size_runs_as_predict_but_where_a_sum_rounds_to_the_other_bfloat16(tmp_path,
+                                                                                                      hidden):
+    """The file rounds as predict does, but onnxruntime's float32 results can differ from predict's in the last
+    bit (its Sigmoid, Tanh and Erf here; sums added in another order elsewhere); where one lies that close to a
+    bfloat16 rounding boundary, the next layer's input rounds to the neighbouring bfloat16 value, one bfloat16
+    step (2^-8 to 2^-7 of it) away, and that row's outputs move by about bfloat16's precision. At width 256 a
+    few rows in a thousand do (up to 1.3e-3 of the largest output): the rows that differ by more than 1e-5 of
+    it are those, and by at most 1e-2."""
+    gb.seed(1)
+    model = gb.Sequential([gb.Dense(16, 256, hidden), gb.Dense(256, 256, hidden), gb.Dense(256, 4)], device="cpu",
+                          backend="numpy", precision="bf16")
+    model.save(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(size=(1001, 16)).astype(np.float32)
+    expected = model.predict(x)
+    found, hidden_found = outputs_and_hidden(tmp_path / "m.onnx", x, 2)
+    off = np.abs(found - expected).max(axis=1) / np.abs(expected).max()
+    assert off.max() <= 1e-2
+    assert np.count_nonzero(off > 1e-5) <= 20  # 2% of the rows
+    # Layer by layer, predict as a model of that layer alone: fed onnxruntime's input to the layer, it gives
+    # onnxruntime's output but for the last bit; fed its own, it rounds to bfloat16 what onnxruntime rounds
+    # to the neighbouring value in the rows where the outputs differ, and in no other.
+    weights, ours, theirs, flipped = model.get_weights(), x, x, np.zeros(len(x), bool)
+    for i, activation in enumerate([hidden, hidden, "identity"]):
+        layer = gb.Sequential([gb.Dense(*weights[2 * i].shape, activation)], device="cpu", backend="numpy",
+                              precision="bf16")
+        layer.set_weights(weights[2 * i:2 * i + 2])
+        following = hidden_found[i] if i < len(hidden_found) else found
+        same_input = layer.predict(theirs)
+        np.testing.assert_allclose(following, same_input, rtol=1e-5, atol=1e-5 * np.abs(same_input).max())
+        ours, theirs = layer.predict(ours), following
+        if i < len(hidden_found):
+            flipped |= (round_bf16(ours) != round_bf16(theirs)).any(axis=1)
+    np.testing.assert_array_equal(ours, expected)
+    assert flipped[off > 1e-5].all()
+
+
 @pytest.mark.parametrize("dtype, large", [(np.float32, 3e38), (np.float64, 1.5e308)])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 def test_the_gelus_stay_finite_up_to_the_largest_float_as_predict_does(tmp_path, act, dtype, large):
@@ -209,12 +257,95 @@ def test_a_scikit_learn_estimator_exports_through_its_model(tmp_path):
     np.testing.assert_allclose(np.hstack([1 - positive, positive]), clf.predict_proba(x), rtol=1e-9)
 
 
+X_ESTIMATOR = np.random.default_rng(8).normal(size=(30, 4))
+# (estimator, y, its parameters): a task for each output the estimators' files end in.
+ESTIMATOR_TASKS = {
+    "poisson counts": ("MLPRegressor", np.random.default_rng(9).poisson(2.0, 30), {"loss": "poisson"}),
+    "two poisson targets": ("MLPRegressor", np.random.default_rng(9).poisson(2.0, (30, 2)), {"loss": "poisson"}),
+    "one regression target": ("MLPRegressor", X_ESTIMATOR[:, 0], {}),
+    "two regression targets": ("MLPRegressor", X_ESTIMATOR[:, :2], {}),
+    "two classes": ("MLPClassifier", np.where(X_ESTIMATOR[:, 0] > 0, "yes", "no"), {}),
+    "three classes": ("MLPClassifier", np.digitize(X_ESTIMATOR[:, 0], [-0.5, 0.5]), {}),
+    "two labels": ("MLPClassifier", (X_ESTIMATOR[:, :2] > 0).astype(int), {}),
+}
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("task", ESTIMATOR_TASKS)
+def test_an_estimators_file_computes_its_predict_or_predict_proba(tmp_path, task, dtype, rtol):
+    """A Poisson regressor's model gives the log of the mean and a binary classifier's the probability of
+    classes_[1] alone: their files go on to predict's mean and predict_proba's two columns."""
+    sklearn = pytest.importorskip("gpubp.sklearn")
+    name, y, params = ESTIMATOR_TASKS[task]
+    x = X_ESTIMATOR.astype(dtype)
+    estimator = getattr(sklearn, name)(hidden_layer_sizes=(8,), max_iter=5, random_state=0, device="cpu", **params).fit(x, y)
+    estimator.save(tmp_path / "e.onnx")
+    found = run_onnxruntime(tmp_path / "e.onnx", x)
+    expected = estimator.predict_proba(x) if name == "MLPClassifier" else estimator.predict(x).reshape(len(x), -1)
+    assert found.dtype == dtype and found.shape == expected.shape
+    np.testing.assert_allclose(found, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    proto = onnx.load(tmp_path / "e.onnx")
+    assert proto.graph.name == f"gpubp.sklearn.{name}"
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == \
+        ["batch", expected.shape[1]]
+    assert gpubp_onnx.model_proto(estimator) == proto
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_an_estimator_saves_to_onnx_only_and_once_fitted(tmp_path):
+    sklearn = pytest.importorskip("gpubp.sklearn")
+    from sklearn.exceptions import NotFittedError
+
+    reg = sklearn.MLPRegressor(hidden_layer_sizes=(8,), loss="poisson", max_iter=5, device="cpu")
+    with pytest.raises(NotFittedError):
+        reg.save(tmp_path / "e.onnx")
+    reg.fit(X_ESTIMATOR, ESTIMATOR_TASKS["poisson counts"][1])
+    with pytest.raises(ValueError, match=r"^path: an estimator saves its inference graph, to a file ending in \.onnx, "
+                                         r"got '.*e\.npz'; pickle the estimator"):
+        reg.save(tmp_path / "e.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_over_protobufs_2_gib_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(gpubp_onnx, "MAX_BYTES", 100)  # not 2 GiB of memory for a test
     model = gb.Sequential([gb.Dense(3, 4), gb.Dense(4, 2)], device="cpu")  # 104 bytes of float32
     with pytest.raises(ValueError, match=r"model: its weights take 104 bytes, over the 2 GiB that protobuf allows a "
                                          r"single \.onnx file; save it as \.safetensors"):
         model.save(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_under_2_gib_in_a_file_over_it_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The file holds the graph and the tensors' names around the weights: weights a few bytes under the
+    limit make a message over it, which onnx.checker and protobuf would refuse without saying what to do."""
+    model = gb.Sequential([gb.Dense(3, 4), gb.Dense(4, 2)], device="cpu")  # 104 bytes of float32
+    size = gpubp_onnx.model_proto(model).ByteSize()
+    assert size > 104 + 8
+    monkeypatch.setattr(gpubp_onnx, "MAX_BYTES", 104 + 8)  # not 2 GiB of memory for a test
+    with pytest.raises(ValueError, match=rf"model: its \.onnx file would take {size} bytes, over the 2 GiB that "
+                                         r"protobuf allows a single \.onnx file; save it as \.safetensors"):
+        model.save(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(gpubp_onnx, "MAX_BYTES", size)  # the largest message protobuf writes: the limit itself
+    model.save(tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").stat().st_size == size
+
+
+class Unserializable:
+    """A message past 2 GiB as protobuf's upb implementation has it: serializing it (ByteSize too) fails."""
+
+    def SerializeToString(self):
+        from google.protobuf.message import EncodeError
+
+        raise EncodeError("Failed to serialize proto")
+
+
+def test_a_message_protobuf_cannot_serialize_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpubp_onnx.helper, "make_model", lambda *args, **kwargs: Unserializable())
+    with pytest.raises(ValueError, match=rf"model: its \.onnx file would take more than {2 ** 31 - 1} bytes, over the "
+                                         r"2 GiB that protobuf allows a single \.onnx file; save it as \.safetensors"):
+        model_with("relu", "identity").save(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,6 +13,7 @@ from sklearn.metrics import mean_poisson_deviance, r2_score
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils import get_tags
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import gpubp as gb
@@ -24,18 +25,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceW
 
 # sklearn/utils/_test_common/instance_generator.py runs scikit-learn's own MLPs through these
 # checks with max_iter=100 (the default is 200) to keep them fast; so do we. The CPU, so the
-# checks' float64 data is computed in float64 and their tolerances apply.
-CHECKED = [MLPClassifier(max_iter=100, device="cpu"), MLPRegressor(max_iter=100, device="cpu")]
+# checks' float64 data is computed in float64 and their tolerances apply. The Poisson regressor
+# too: its positive_only tag has the checks fit it on targets > 0 (a few seconds more).
+CHECKED = [MLPClassifier(max_iter=100, device="cpu"), MLPRegressor(max_iter=100, device="cpu"),
+           MLPRegressor(loss="poisson", max_iter=100, device="cpu")]
 
 
-@parametrize_with_checks(CHECKED, expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS[type(est).__name__],
-                         xfail_strict=True)
+def expected_failed_checks(estimator) -> dict[str, str]:
+    name = type(estimator).__name__
+    return EXPECTED_FAILED_CHECKS[f"{name}(loss='poisson')" if getattr(estimator, "loss", None) == "poisson"
+                                  else name]
+
+
+@parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks, xfail_strict=True)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
 
 def test_expected_failures_are_few_and_explained():
-    assert set(EXPECTED_FAILED_CHECKS) == {"MLPClassifier", "MLPRegressor"}
+    assert set(EXPECTED_FAILED_CHECKS) == {"MLPClassifier", "MLPRegressor", "MLPRegressor(loss='poisson')"}
     for reasons in EXPECTED_FAILED_CHECKS.values():
         assert len(reasons) <= 3
         assert all(name.startswith("check_") and len(reason) > 20 for name, reason in reasons.items())
@@ -312,6 +320,18 @@ def test_bad_parameters_are_named_when_fit_starts(params, match):
     assert not hasattr(clf, "model_")
 
 
+@pytest.mark.parametrize("verbose, error", [("x", TypeError), (None, TypeError), (0.5, TypeError), (-1, ValueError)])
+def test_verbose_is_a_flag_or_a_level(verbose, error, capsys):
+    """scikit-learn's rule: True, False or an int >= 0, where a truthy string would print."""
+    clf = MLPClassifier((4,), max_iter=1, verbose=verbose, device="cpu")
+    with pytest.raises(error, match=f"^verbose: expected True, False or an int >= 0, got .*{verbose!r}"):
+        clf.fit(X_SMALL, X_SMALL[:, 0] > 0)
+    assert not hasattr(clf, "model_") and capsys.readouterr().out == ""
+    for level in (np.True_, 2, np.int64(0)):
+        MLPClassifier((4,), max_iter=1, verbose=level, device="cpu").fit(X_SMALL, X_SMALL[:, 0] > 0)
+    assert capsys.readouterr().out.count("Iteration 1, loss = ") == 2
+
+
 def test_a_regressor_loss_other_than_scikit_learns_two_is_refused():
     with pytest.raises(ValueError, match=r"loss: expected one of \('squared_error', 'poisson'\), got 'absolute_error'"):
         MLPRegressor(loss="absolute_error", device="cpu").fit(X_SMALL, np.ones(40))
@@ -528,6 +548,39 @@ def test_turning_dropout_on_and_off_in_a_warm_fit_keeps_the_dense_layers(method)
     assert all(ours is theirs for ours, theirs in zip(reg.model_, dense)) and len(reg.model_) == 3
 
 
+def interrupted(self, model, epoch, logs):
+    raise KeyboardInterrupt  # Ctrl-C
+
+
+def dropout_keys(reg) -> tuple:
+    """The keys of the masks the Dropouts drew last: one batch a call, that call's."""
+    return tuple(tuple(layer.backend.to_host(layer._key).tolist()) for layer in reg.model_
+                 if isinstance(layer, gb.Dropout))
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_each_call_draws_new_dropout_masks_and_a_fresh_estimator_the_same_ones(method, monkeypatch):
+    """random_state seeds the masks' stream in the fit that builds the model; later calls draw on from it,
+    where reseeding would draw the first call's masks again. A call that raises puts it back as it was."""
+    params = dict(hidden_layer_sizes=(8, 8), dropout=0.5, batch_size=40, max_iter=1, warm_start=method == "fit",
+                  random_state=0, device="cpu")
+    reg, twin = MLPRegressor(**params), MLPRegressor(**params)
+    keys = []
+    for call in range(3):
+        getattr(reg, method)(X_SMALL, X_SMALL[:, 0])
+        getattr(twin, method)(X_SMALL, X_SMALL[:, 0])
+        keys.append(dropout_keys(reg))
+        assert dropout_keys(twin) == keys[-1]
+        if call == 0:  # a call interrupted as its epoch ends, its masks drawn: the next call draws them again
+            with monkeypatch.context() as patch:
+                patch.setattr(gbsk._Epochs, "on_epoch_end", interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    getattr(reg, method)(X_SMALL, X_SMALL[:, 0])
+    assert len(set(keys)) == 3
+    for ours, theirs in zip(reg.model_.get_weights(), twin.model_.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_turning_dropout_on_between_partial_fits_keeps_the_optimizer_state():
     reg = MLPRegressor(hidden_layer_sizes=(8, 8), batch_size=10, random_state=0, device="cpu")
     reg.partial_fit(X_SMALL, X_SMALL[:, 0])
@@ -655,6 +708,12 @@ def test_a_poisson_regressor_predicts_means_that_beat_the_constant_mean():
     best = mean_poisson_deviance(y_test, mean_test)  # the true means: only the counts' own noise is left
     assert ours < 0.6 * baseline and ours < 1.1 * best, (ours, baseline, best)
     assert reg.score(x_test, y_test) == pytest.approx(r2_score(y_test, predicted), rel=1e-12)
+
+
+def test_a_poisson_regressors_tags_say_its_targets_are_positive():
+    """So scikit-learn's checks, and tools that read the tags, give it targets > 0."""
+    assert get_tags(MLPRegressor(loss="poisson")).target_tags.positive_only
+    assert not get_tags(MLPRegressor()).target_tags.positive_only
 
 
 def test_a_poisson_regressor_refuses_negative_targets_naming_y():
