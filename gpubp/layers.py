@@ -964,6 +964,8 @@ class Sequential:
 
     @fused.setter
     def fused(self, value) -> None:
+        if isinstance(value, np.bool_):  # NumPy's bools are bools, as for every flag (_checks.boolean)
+            value = bool(value)
         self.uses_fused = self._fused_choice(value, self.backend, self.backend_name)
         self._fused = value
 

@@ -119,6 +119,8 @@ class TrainStep:
         if clip_grad_norm is not None:
             clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
         self.clip_grad_norm = clip_grad_norm
+        if isinstance(cuda_graph, np.bool_):  # NumPy's bools are bools, as for every flag (_checks.boolean)
+            cuda_graph = bool(cuda_graph)
         if not (cuda_graph is True or cuda_graph is False or (isinstance(cuda_graph, str) and cuda_graph == "auto")):
             raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
         self.cuda_graph = cuda_graph

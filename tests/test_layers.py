@@ -371,6 +371,18 @@ def test_fused_takes_auto_true_or_false_only(bad):
         gb.Sequential([gb.Dense(3, 4)], device="cpu", fused=bad)
 
 
+@pytest.mark.parametrize("flag", [np.True_, np.False_])
+def test_fused_takes_numpys_bools_as_bools(flag):
+    model = gb.Sequential([gb.Dense(3, 4)], device="cpu", fused="auto")
+    if flag:
+        with pytest.raises(ValueError, match="fused=True: the 'numpy' backend has no fused MLP kernels"):
+            model.fused = flag
+        assert model.fused == "auto"
+    else:
+        model.fused = flag
+        assert model.fused is False and not model.uses_fused
+
+
 def test_bf16_without_the_fused_kernels_runs_layer_by_layer():
     """The per-layer kernels compute in bf16 too (the NumPy backend emulates their rounding)."""
     model = gb.Sequential([gb.Dense(3, 4)], device="cpu", precision="bf16")

@@ -103,6 +103,12 @@ def test_cuda_graph_takes_true_false_or_auto(value):
         small_model().train_step(cuda_graph=value)
 
 
+def test_cuda_graph_takes_numpys_bools_as_bools():
+    assert small_model().train_step(cuda_graph=np.False_).cuda_graph is False
+    with pytest.raises(ValueError, match="cuda_graph=True: the 'numpy' backend has no CUDA graphs"):
+        small_model().train_step(cuda_graph=np.True_)
+
+
 def test_clip_grad_norm_must_not_be_negative():
     with pytest.raises(ValueError, match="clip_grad_norm"):
         small_model().train_step(clip_grad_norm=-1.0)
