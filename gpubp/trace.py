@@ -53,7 +53,10 @@ class Trace:
 
     def __exit__(self, *exc) -> None:
         global _open_count
-        _active().remove(self)
+        stack = _active()
+        if not any(t is self for t in stack):  # left twice, or from another thread: the count must not drop
+            raise RuntimeError("trace: this Trace is not open in this thread")
+        stack.remove(self)
         with _count_lock:
             _open_count -= 1
 

@@ -96,6 +96,18 @@ def test_nested_traces_both_count():
     assert inner.counts["dense_fwd"] == 3 and outer.counts["dense_fwd"] == 6
 
 
+def test_a_trace_left_twice_is_refused_and_other_traces_keep_counting():
+    m = model()
+    with gb.trace() as outer:
+        t = gb.trace()
+        with t:
+            pass
+        with pytest.raises(RuntimeError, match="trace: this Trace is not open in this thread"):
+            t.__exit__(None, None, None)
+        m.forward(X)  # the refused exit closed nothing: the outer trace still counts
+    assert outer.counts["dense_fwd"] == 3 and t.total == 0
+
+
 def test_a_trace_opened_inside_itself_is_refused_and_keeps_counting_once():
     m = model()
     with gb.trace() as t:
