@@ -15,6 +15,7 @@ evaluate; those live here, and none of the three imports another's private helpe
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from collections.abc import Mapping
@@ -66,12 +67,19 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
         y = y.astype(model.dtype, copy=False)
     elif loss_fn is None:
         # No loss to say what y is, but rows of targets need a column per output (one-hot,
-        # multi-label) or one (labels), and integer labels for several outputs can only be
-        # classes. (For a single output they may as well be regression targets.)
+        # multi-label) or one (labels), and labels for several outputs can only be classes,
+        # integer or float: whole numbers (the metrics refuse 2.7), each a class of the model.
+        # (For a single output they may as well be regression targets.)
         if y.ndim == 2 and y.shape[1] not in (1, width):
             raise ValueError(f"{yname}: expected class labels ({len(x)},) or one target per output "
                              f"({len(x)}, {width}), got shape {y.shape}")
-        if width > 1 and y.shape[1:] in ((), (1,)) and y.dtype.kind in "iu" and len(y):
+        if width > 1 and y.shape[1:] in ((), (1,)) and y.dtype.kind in "iuf" and len(y):
+            if y.dtype.kind == "f":
+                whole = np.isfinite(y) & (y == np.round(y))
+                if not np.all(whole):
+                    row = int(np.argwhere(~whole)[0][0])
+                    raise ValueError(f"{yname}: expected class labels (whole numbers), got {y[row].item()} "
+                                     f"in row {row}")
             _check_class_labels(y, width, yname)
     return x, y
 
@@ -251,6 +259,40 @@ def metric_list(metrics) -> list:
     return list(metrics)
 
 
+def named_metrics(metrics: list, probabilities: bool = False) -> list:
+    """``(name, fn)`` of each metric (:func:`gpubp.metrics.get`), their names checked: each is
+    logged under its name, so two of one name (two lambdas, two ``functools.partial``, "accuracy"
+    and ``metrics.accuracy``) would keep one's value, and one named "loss" would take the loss's
+    place. ValueError naming the name, before any work."""
+    named = [metric_fns.get(m, probabilities=probabilities) for m in metrics]
+    seen = set()
+    for name, _ in named:
+        if name == "loss":
+            raise ValueError("metrics: a metric is named 'loss', the name the loss is logged under; "
+                             "give it another name (a callable's name attribute or __name__)")
+        if name in seen:
+            raise ValueError(f"metrics: two metrics are named {name!r}, and each is logged under its name; "
+                             "give each a name of its own (a callable's name attribute or __name__)")
+        seen.add(name)
+    return named
+
+
+# Set while fit validates: its TrainStep has warned once already about a loss that does not
+# match the last layer (``losses.warn_if_another_head``), and would warn again at every epoch.
+_HEAD_WARNED = contextvars.ContextVar("gpubp_head_warned", default=False)
+
+
+@contextmanager
+def head_warned():
+    """Inside the block, ``evaluate`` does not warn about a loss that does not match the last
+    layer: ``fit``'s validation, whose training step has warned already."""
+    token = _HEAD_WARNED.set(True)
+    try:
+        yield
+    finally:
+        _HEAD_WARNED.reset(token)
+
+
 def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
     """Score a zero output of the model's shape against the first targets ``y_val`` with each
     named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
@@ -280,8 +322,11 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     Metrics: "accuracy", "f1", "precision", "recall" (macro over classes; binary for one
     output: class 1 above probability 0.5 for a sigmoid last layer, or above 0.5 for an output
     a regression loss (mse, mae, huber) fits to the targets, above logit 0 otherwise),
-    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``.
-    Class labels are range-checked whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
+    "mse", "mae", Keras's names (see :mod:`gpubp.metrics`), or callables ``(scores, y) -> float``;
+    each is returned under its name, so two of one name, or one named "loss", are refused.
+    A loss that applies softmax to a sigmoid last layer's outputs, or sigmoid to a softmax's,
+    warns as in ``fit``. Class labels (integers, or whole-number floats) are range-checked
+    whether or not there is a loss. ``sample_weight`` (N,) weights the loss as in ``fit``
     (each sample's loss times its weight, summed, over N); the metrics stay unweighted.
     ``gather``: for data split across processes (``gpubp.distributed``), a callable taking the
     scores of this part and returning ``(scores, targets)`` of the whole set, which the metrics
@@ -296,7 +341,9 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     metrics = metric_list(metrics)
     # Class 1 begins at 0.5 for probabilities and for values a regression loss fits; at 0 for logits.
     values = head in ("sigmoid", "softmax") or (loss_fn is not None and losses.fits_values(loss_fn))
-    named = [metric_fns.get(m, probabilities=values) for m in metrics]
+    named = named_metrics(metrics, probabilities=values)
+    if loss_fn is not None and not _HEAD_WARNED.get():  # as fit warns
+        losses.warn_if_another_head(loss_fn, head, "loss")
     x, y = check_dataset(model, x, y, loss_fn)
     check_metrics(model, metrics, y)
     if sample_weight is not None:

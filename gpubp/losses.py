@@ -378,7 +378,14 @@ def get(loss):
     A loss of your own is called ``loss(pred, target)`` with ``pred`` (B, out) the model's output,
     and returns ``(loss, grad)``: the loss as a float and its gradient w.r.t. ``pred``. It is
     passed ``sample_weight=`` (B,) too only when the samples are weighted; only this module's
-    losses are passed ``backend=`` as well."""
+    losses are passed ``backend=`` as well. A class (``Huber``, ``CrossEntropy``) is built with
+    its defaults, as Keras 3 builds one: ``loss=Huber`` is ``loss=Huber()``."""
+    if isinstance(loss, type):
+        try:
+            loss = loss()
+        except TypeError as error:
+            raise TypeError(f"loss: got the class {loss.__name__}, which cannot be built without arguments "
+                            f"({error}); pass an instance, {loss.__name__}(...)") from None
     if callable(loss):
         return loss
     if not isinstance(loss, str):

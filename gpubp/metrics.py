@@ -3,9 +3,14 @@
 ``scores`` (N, out) are what ``predict`` returns; ``y`` the targets as ``fit`` takes them.
 A single output is a logit (class 1 when > 0) unless the model's last layer is a sigmoid
 or softmax, whose probabilities ``evaluate`` passes with threshold 0.5, as it does an output
-that its loss fits to the targets (mse, mae, huber: Keras's ``binary_accuracy`` threshold). ``precision``,
-``recall`` and ``f1`` on multi-hot targets (0/1 columns, one per output, some row with other
-than exactly one 1) score each output as a binary problem at that threshold and average over
+that its loss fits to the targets (mse, mae, huber: Keras's ``binary_accuracy`` threshold).
+A binary target in [0, 1] (one per output: a single output's, ``binary_accuracy``'s and
+``auc``'s, a multi-hot column's) is class 1 from 0.5 on, so smoothed or soft targets
+(0.05 and 0.95, as ``binary_cross_entropy`` takes) score as the hard labels they round to, in
+every metric alike. Rows of targets, one per output, are one-hot rows or probability rows
+(their argmax is the class) or multi-hot 0/1 rows (some row with other than exactly one 1);
+other rows are refused. ``precision``, ``recall`` and ``f1`` on multi-hot targets score each
+output as a binary problem at that threshold and average over
 the labels, as scikit-learn's multilabel ``average="macro"``; ``accuracy`` there compares the
 highest score with the first label, as Keras 3's ``"accuracy"`` does for such targets
 (``categorical_accuracy``; ``binary_accuracy`` scores every label).
@@ -57,12 +62,36 @@ def _class_labels(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+# How far a row of probabilities may sum from 1: float32 or float16 rounding leaves a softmax's
+# (a teacher's) rows a little off 1, and a row a tenth of a percent off is still no other kind.
+_PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def _rows(y: np.ndarray) -> str:
+    """What rows of targets (N, C), one per output, are: "one-hot" (0/1, a single 1 in every row),
+    "multi-hot" (0/1, some row with other than exactly one 1) or "probabilities" (values in [0, 1]
+    summing to 1 within ``_PROBABILITY_SUM_TOLERANCE``; soft or smoothed labels, whose argmax is
+    the class). Only 0/1 targets are multi-hot: a float row that sums to 0.9999999 is a
+    probability row, not labels. Anything else names no class: ValueError."""
+    if np.all((y == 0) | (y == 1)):
+        return "one-hot" if np.all(y.sum(axis=1) == 1) else "multi-hot"
+    sums = y.sum(axis=1, dtype=np.float64)
+    probability = np.all((y >= 0) & (y <= 1), axis=1) & (np.abs(sums - 1) <= _PROBABILITY_SUM_TOLERANCE)
+    if not np.all(probability):
+        row = int(np.argmin(probability))
+        raise ValueError(f"y: expected one-hot, multi-hot (0/1) or probability rows (values in [0, 1] summing to 1), "
+                         f"got row {row} with values from {y[row].min()} to {y[row].max()} summing to {sums[row]:.7g}")
+    return "probabilities"
+
+
 def _labels(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Class labels from ``y``: labels (N,) or (N, 1), or one-hot rows, one target per output (their argmax)."""
+    """Class labels from ``y``: labels (N,) or (N, 1), or rows of targets, one per output (their
+    argmax: one-hot, probability rows, or the first label of a multi-hot row; see :func:`_rows`)."""
     if y.ndim == 2 and y.shape[1] > 1:
         if y.shape != scores.shape:
             raise ValueError(f"y: expected class labels, or one target per output of shape {scores.shape}, "
                              f"got {y.shape}")
+        _rows(y)
         return y.argmax(axis=1)
     return _class_labels(scores, y)
 
@@ -84,14 +113,13 @@ def _binary(scores: np.ndarray) -> bool:
 
 
 def _multilabel(scores: np.ndarray, y: np.ndarray) -> bool:
-    """Multi-hot targets: a column per output and some row whose labels do not sum to one."""
-    return (y.ndim == 2 and y.shape[1] > 1 and y.shape == scores.shape
-            and bool(np.any(y.sum(axis=1) != 1)))
+    """Multi-hot targets: a 0/1 column per output and some row with other than exactly one 1."""
+    return y.ndim == 2 and y.shape[1] > 1 and y.shape == scores.shape and _rows(y) == "multi-hot"
 
 
 def _precision_recall(scores, y, threshold):
     if _multilabel(scores, y):  # per label: output above the threshold against target 1
-        pred, true = scores > threshold, y != 0
+        pred, true = scores > threshold, y == 1
         tp = np.sum(pred & true, axis=0, dtype=np.float64)
         fp = np.sum(pred & ~true, axis=0, dtype=np.float64)
         fn = np.sum(~pred & true, axis=0, dtype=np.float64)
@@ -150,9 +178,24 @@ def _one_hot_labels(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
     return y.argmax(axis=1)
 
 
+def _binary_targets(scores: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    """``y`` as :func:`_targets_like` gives it, each target read as ``_class_labels`` reads a
+    single output's: class 1 (True) from 0.5 on, so smoothed targets (0.05, 0.95) are the labels
+    they round to. A target outside [0, 1] (or NaN) is no binary class: ValueError naming it."""
+    targets = _targets_like(scores, y, name)
+    outside = ~((targets >= 0) & (targets <= 1))
+    if np.any(outside):
+        row, column = (int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"{name}: expected binary targets y in [0, 1] (class 1 from 0.5 on), "
+                         f"got {targets[row, column]} in row {row}")
+    return targets >= 0.5
+
+
 def binary_accuracy(scores: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> float:
-    """The fraction of outputs above ``threshold`` exactly when their target is 1 (Keras's)."""
-    return float(np.mean(_targets_like(scores, y, "binary_accuracy") == (scores > threshold)))
+    """The fraction of outputs above ``threshold`` exactly when their target is 1 (Keras's), a
+    target in [0, 1] being 1 from 0.5 on (Keras compares it exactly, so that a smoothed 0.95
+    never matches; here it scores as the 1 it stands for, as in ``accuracy``)."""
+    return float(np.mean(_binary_targets(scores, y, "binary_accuracy") == (scores > threshold)))
 
 
 def categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
@@ -165,9 +208,17 @@ def sparse_categorical_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(scores.argmax(axis=1) == _class_labels(scores, y)))
 
 
+def _positive_k(k) -> int:
+    """``k`` checked: a positive integer (NumPy's included; a bool is no count), as an int."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    return int(k)
+
+
 def top_k_categorical_accuracy(scores: np.ndarray, y: np.ndarray, k: int = 5) -> float:
     """The fraction of rows whose one-hot target's score is among the ``k`` highest, a score tied
-    with the k-th counting as in (Keras's, through ``in_top_k``)."""
+    with the k-th counting as in (Keras's, through ``in_top_k``). ``k``: a positive int."""
+    k = _positive_k(k)
     labels = _one_hot_labels(scores, y, "top_k_categorical_accuracy")
     if k >= scores.shape[1]:
         return 1.0
@@ -180,9 +231,7 @@ class TopKCategoricalAccuracy:
     logged under ``name``."""
 
     def __init__(self, k: int = 5, name: str = "top_k_categorical_accuracy") -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected a positive int, got {k!r}")
-        self.k, self.name = k, name
+        self.k, self.name = _positive_k(k), name
 
     def __call__(self, scores: np.ndarray, y: np.ndarray) -> float:
         return top_k_categorical_accuracy(scores, y, self.k)
@@ -197,10 +246,15 @@ def auc(scores: np.ndarray, y: np.ndarray, from_logits: bool = False, num_thresh
     true and false positive rates at ``num_thresholds`` evenly spaced thresholds (a score counts
     as positive above a threshold), and the curve's area by the trapezoid rule. ``from_logits``
     applies the sigmoid first. ``num_thresholds``: an int > 1, as Keras requires (the two end
-    thresholds are always there)."""
+    thresholds are always there).
+
+    Targets are in [0, 1], a soft one positive from 0.5 on, as every metric here reads it: the
+    AUC of smoothed targets (0.05, 0.95) is that of the labels they round to. (Keras counts a
+    soft target t as t of a positive and 1 - t of a negative instead, which gives another
+    value for such targets and the same for 0/1 ones.)"""
     if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, numbers.Integral) or num_thresholds <= 1:
         raise ValueError(f"num_thresholds: expected an int > 1, got {num_thresholds!r}")
-    targets = _targets_like(scores, y, "auc").reshape(-1) != 0
+    targets = _binary_targets(scores, y, "auc").reshape(-1)
     probabilities = np.clip(_special.expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
     inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
     thresholds = np.array([-_AUC_EPSILON, *inner, 1.0 + _AUC_EPSILON])
@@ -228,7 +282,14 @@ def get(metric, probabilities: bool = False):
     ``name`` or ``__name__``). ``probabilities``: the scores are a sigmoid's or softmax's (a
     single output's class 1 begins at 0.5), not logits (at 0; ``auc`` applies the sigmoid).
     One of this module's metric functions is taken as its name (as Keras takes
-    ``keras.metrics.binary_accuracy``), so it scores with the same threshold."""
+    ``keras.metrics.binary_accuracy``), so it scores with the same threshold. A class
+    (``TopKCategoricalAccuracy``) is built with its defaults, as Keras 3 builds one."""
+    if isinstance(metric, type):
+        try:
+            metric = metric()
+        except TypeError as error:
+            raise TypeError(f"metrics: got the class {metric.__name__}, which cannot be built without arguments "
+                            f"({error}); pass an instance, {metric.__name__}(...)") from None
     if callable(metric):
         name = getattr(metric, "__name__", None)
         if METRICS.get(name) is not metric:

@@ -49,8 +49,7 @@ def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learnin
     """
     loss_fn = losses.get(loss)
     metrics = batches.metric_list(metrics)
-    for m in metrics:
-        metric_fns.get(m)
+    batches.named_metrics(metrics)  # each known, and of a name of its own
     if learning_rate is not None:
         _checks.non_negative(learning_rate, "learning_rate")
     batches.optimizer_for(model, optimizer, fresh=True)
@@ -95,7 +94,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     the argmax of its target row, or its single target rounded; classes not named weigh 1.
     ``validation_split`` holds out the last samples' ``sample_weight`` with them, and the
     validation loss is weighted by those (class weights apply to training only).
-    ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch.
+    ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch, each
+    logged under its name (two of one name, or one named "loss", are refused).
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
     terminal), 2 one line per epoch; on stdout, as Keras prints them.
     ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
@@ -132,8 +132,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             or not 0 <= validation_split < 1:
         raise ValueError(f"validation_split: expected a float in [0, 1), got {validation_split!r}")
     metrics = batches.metric_list(metrics)
-    for m in metrics:
-        metric_fns.get(m)
+    batches.named_metrics(metrics)  # each known, and of a name of its own (the History logs each under it)
     if learning_rate is not None:
         learning_rate = _checks.non_negative(learning_rate, "learning_rate")
     opt = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
@@ -325,10 +324,11 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         logs = {"loss": total_loss / seen}
         if validation is not None:
             x_val, y_val, w_val = validation
-            if parallel is None:
-                val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics, sample_weight=w_val)
-            else:
-                val = parallel.evaluate(x_val, y_val, loss_fn, metrics, w_val)
+            with batches.head_warned():  # the TrainStep has warned of a loss that does not match the head
+                if parallel is None:
+                    val = evaluate(model, x_val, y_val, loss=loss_fn, metrics=metrics, sample_weight=w_val)
+                else:
+                    val = parallel.evaluate(x_val, y_val, loss_fn, metrics, w_val)
             logs.update({f"val_{name}": value for name, value in val.items()})
         if schedule.logs_rate:
             logs["learning_rate"] = rate

@@ -3,6 +3,8 @@
 (Keras itself is not installed for these tests: it needs a backend framework; the
 definitions below follow keras.metrics' documented formulas.)"""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,25 @@ def test_top_k_counts_the_target_among_the_k_highest_ties_included():
     assert metrics.get(top_2) == ("top_2", top_2) and top_2(scores, y) == 2 / 3
 
 
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, np.float64(2.0), "2"])
+def test_top_k_refuses_a_k_that_is_not_a_positive_int_in_the_function_and_the_class(k):
+    """k = 0 scored 1.0 and k = -1 scored 0.0 (NumPy's partition from the other end), 2.5 raised
+    NumPy's error: the function checks k as the class does."""
+    scores, y = np.array([[0.1, 0.5, 0.4]]), np.eye(3)[[0]]
+    message = rf"^k: expected a positive int, got {re.escape(repr(k))}$"
+    with pytest.raises(ValueError, match=message):
+        metrics.top_k_categorical_accuracy(scores, y, k)
+    with pytest.raises(ValueError, match=message):
+        metrics.TopKCategoricalAccuracy(k)
+
+
+def test_top_k_takes_a_numpy_integer_k_in_the_function_and_the_class():
+    scores, y = np.array([[0.1, 0.5, 0.4], [0.3, 0.2, 0.5]]), np.eye(3)[[2, 1]]
+    top_2 = metrics.TopKCategoricalAccuracy(np.int64(2))
+    assert top_2.k == 2 and type(top_2.k) is int
+    assert top_2(scores, y) == metrics.top_k_categorical_accuracy(scores, y, np.int32(2)) == 0.5
+
+
 def keras_thresholds():
     return np.array([-1e-7] + [(i + 1) / 199 for i in range(198)] + [1 + 1e-7])
 
@@ -95,6 +116,35 @@ def test_auc_refuses_a_num_thresholds_that_is_not_an_int_above_1_as_keras_does(n
 
 def test_auc_with_2_thresholds_has_only_the_end_points_of_the_curve():
     assert metrics.auc(np.array([[0.2], [0.6], [0.9]]), np.array([0, 1, 1]), num_thresholds=2) == 0.5
+
+
+@pytest.mark.parametrize("metric", ["auc", "binary_accuracy"])
+def test_smoothed_binary_targets_score_as_the_labels_they_round_to_as_in_accuracy(rng, metric):
+    """binary_cross_entropy takes targets in [0, 1]: smoothed ones (0.05, 0.95) are class 1 from
+    0.5 on in every metric alike, as accuracy, precision, recall and f1 read them. auc counted
+    every target other than 0 as a positive (0.0 for these) and binary_accuracy compared 0.95
+    with 1 exactly (0.0)."""
+    hard = rng.integers(0, 2, 200)
+    probabilities = np.clip(hard * 0.4 + rng.uniform(0, 0.6, 200), 0, 1)[:, None]
+    smoothed = np.where(hard == 1, 0.95, 0.05)
+    _, fn = metrics.get(metric, probabilities=True)
+    assert fn(probabilities, hard) > 0.7
+    assert fn(probabilities, smoothed) == fn(probabilities, hard)
+    assert fn(probabilities, smoothed[:, None].astype(np.float32)) == fn(probabilities, hard)
+    if metric == "binary_accuracy":  # one output: the same question as accuracy's
+        assert fn(probabilities, smoothed) == metrics.get("accuracy", probabilities=True)[1](probabilities, smoothed)
+
+
+@pytest.mark.parametrize("metric", ["auc", "binary_accuracy"])
+@pytest.mark.parametrize("bad", [2.0, -1.0, np.nan])
+def test_a_binary_target_outside_0_1_is_refused_naming_it(metric, bad):
+    """A target of 2 counted as a positive in auc (and never matched in binary_accuracy): a
+    target outside [0, 1] is no binary class."""
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    y[2] = bad
+    with pytest.raises(ValueError, match=rf"^{metric}: expected binary targets y in \[0, 1\] \(class 1 from 0.5 on\), "
+                                         rf"got {bad} in row 2$"):
+        getattr(metrics, metric)(np.array([[0.2], [0.6], [0.4], [0.9]]), y)
 
 
 def binary_model():
@@ -208,6 +258,48 @@ def test_labels_a_column_of_labels_and_one_hot_rows_of_the_same_classes_score_al
     assert fn(single, binary.reshape(-1, 1).astype(np.float32)) == fn(single, binary)
 
 
+def probability_rows(rng, labels, classes):
+    """Softmax rows whose argmax is ``labels`` and which sum to 1 only to rounding (some rows
+    1 - 1e-16, say), as a teacher's probabilities do."""
+    logits = np.eye(classes)[labels] * 4 + rng.normal(size=(len(labels), classes)) * 0.1
+    rows = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.any(rows.sum(axis=1) != 1) and np.all(rows.argmax(axis=1) == labels)
+    return rows
+
+
+@pytest.mark.parametrize("rows", ["softmax float64", "smoothed float32"])
+@pytest.mark.parametrize("metric", ["precision", "recall", "f1"])
+def test_probability_rows_score_as_their_argmax_not_as_multi_hot_labels(rng, metric, rows):
+    """A row of probabilities that did not sum to exactly 1 made the targets multi-hot, each
+    column scored against target != 0 (recall 0.93 became 0.30). Only 0/1 targets are multi-hot."""
+    labels = rng.integers(0, 7, 100)
+    scores = np.eye(7)[labels] * 0.5 + rng.uniform(0, 0.6, (100, 7))
+    if rows == "softmax float64":
+        soft = probability_rows(rng, labels, 7)
+    else:
+        soft = (0.85 * np.eye(7)[labels] + 0.15 / 7).astype(np.float32)
+        soft[0] *= np.float32(0.9999)  # rounding that leaves a row short of 1
+    fn = getattr(metrics, metric)
+    assert fn(scores, soft, 0.5) == fn(scores, labels, 0.5) == fn(scores, np.eye(7)[labels], 0.5)
+
+
+ROWS_OF_NO_CLASS = [  # targets, one per output, that are neither one-hot, multi-hot 0/1 nor probabilities
+    ("regression values", np.array([[0.5, -1.2, 3.0], [0.1, 0.2, 0.7]]), "row 0 with values from -1.2 to 3.0"),
+    ("soft, summing to 1.2", np.array([[0.0, 0.0, 1.0], [0.6, 0.6, 0.0]]),
+     "row 1 with values from 0.0 to 0.6 summing to 1.2"),
+    ("counts", np.array([[0, 2, 1], [1, 0, 0]]), "row 0 with values from 0 to 2 summing to 3"),
+]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "precision", "recall", "f1"])
+@pytest.mark.parametrize("y, shown", [(y, shown) for _, y, shown in ROWS_OF_NO_CLASS],
+                         ids=[name for name, _, _ in ROWS_OF_NO_CLASS])
+def test_rows_of_targets_that_name_no_class_are_refused(rng, metric, y, shown):
+    with pytest.raises(ValueError, match=r"^y: expected one-hot, multi-hot \(0/1\) or probability rows \(values in "
+                                         rf"\[0, 1\] summing to 1\), got {shown}"):
+        getattr(metrics, metric)(rng.random((2, 3)), y)
+
+
 def test_evaluate_without_a_loss_refuses_targets_of_another_width_and_labels_outside_the_classes(rng):
     gb.seed(0)
     model = gb.Sequential([gb.Dense(4, 2, "softmax")], device="cpu")
@@ -220,3 +312,22 @@ def test_evaluate_without_a_loss_refuses_targets_of_another_width_and_labels_out
     assert set(model.evaluate(x, np.eye(2)[rng.integers(0, 2, 6)])) == {"accuracy"}
     multi_label = gb.Sequential([gb.Dense(4, 3, "sigmoid")], device="cpu")
     assert set(multi_label.evaluate(x, (rng.random((6, 3)) > 0.5).astype(np.float32), metrics=["f1"])) == {"f1"}
+
+
+def test_a_metric_class_is_built_with_its_defaults_as_keras_builds_it(rng):
+    """TopKCategoricalAccuracy (the class) was called as a metric, with the scores as k."""
+    name, fn = metrics.get(metrics.TopKCategoricalAccuracy)
+    assert name == "top_k_categorical_accuracy" and isinstance(fn, metrics.TopKCategoricalAccuracy) and fn.k == 5
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 6)], device="cpu")
+    x, y = rng.standard_normal((8, 3)).astype(np.float32), np.eye(6)[rng.integers(0, 6, 8)]
+    result = model.evaluate(x, y, loss="categorical_crossentropy", metrics=[metrics.TopKCategoricalAccuracy])
+    assert result["top_k_categorical_accuracy"] == metrics.top_k_categorical_accuracy(model.predict(x), y)
+
+    class NeedsK:
+        def __init__(self, k):
+            self.k = k
+
+    with pytest.raises(TypeError, match=r"^metrics: got the class NeedsK, which cannot be built without arguments "
+                                        r"\(.*\); pass an instance, NeedsK\(\.\.\.\)$"):
+        metrics.get(NeedsK)

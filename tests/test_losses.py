@@ -168,6 +168,34 @@ def test_mse_is_finite_at_1e4(dtype):
     assert np.all(np.isfinite(grad))
 
 
+# Each term fits float32 (1e38, 2e38 - 0.5), their sum of 8 does not: the mean must be the term.
+FLOAT32_SUM_OVERFLOWS = {"mse": (1e19, 1e38), "mae": (2e38, 2e38), "huber": (2e38, 2e38 - 0.5)}
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("name", FLOAT32_SUM_OVERFLOWS)
+def test_elementwise_losses_of_float32_sum_their_terms_in_float64(name, weighted):
+    """mse, mae and huber summed their float32 terms in float32 (a BLAS dot), which overflowed
+    to inf where the mean is finite, as the cross-entropies', bce's and poisson's float64 sums do
+    not. A squared error past float32's range is still inf, as on every backend (and for
+    TerminateOnNaN); the gradient stays float32."""
+    error, term = FLOAT32_SUM_OVERFLOWS[name]
+    pred, target = np.full((8, 1), error, np.float32), np.zeros((8, 1), np.float32)
+    weights = np.ones(8, np.float32) if weighted else None
+    value, grad = losses.get(name)(pred, target, sample_weight=weights)
+    assert value == pytest.approx(term, rel=1e-6)
+    assert grad.dtype == np.float32 and np.all(np.isfinite(grad))
+    if name == "mse":  # 3e38 squared is past float32's range: inf, as the float32 kernels give
+        assert losses.mse(np.full((8, 1), 3e38, np.float32), target, sample_weight=weights)[0] == math.inf
+
+
+def test_mse_of_float32_millions_of_terms_keeps_float64_digits():
+    rng = np.random.default_rng(9)
+    pred = (rng.normal(size=(1_000_000, 1)) + 3).astype(np.float32)
+    expected = float(np.mean(pred.astype(np.float64) ** 2))
+    assert losses.mse(pred, np.zeros_like(pred))[0] == pytest.approx(expected, rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- names and checks
 
 
@@ -185,6 +213,39 @@ def test_a_callable_loss_is_used_as_given():
     def my_loss(pred, target, backend=None):
         return 0.0, pred
     assert losses.get(my_loss) is my_loss
+
+
+@pytest.mark.parametrize("cls", [losses.Huber, losses.CrossEntropy, losses.CategoricalCrossEntropy])
+def test_a_loss_class_is_built_with_its_defaults_as_keras_builds_it(cls):
+    """fit(loss=gb.losses.Huber) called the class with (pred, target) (a TypeError of Huber's
+    __init__), and compile(loss=gb.losses.CrossEntropy) stored the class itself."""
+    assert losses.get(cls) == cls()
+
+    class NeedsDelta:
+        def __init__(self, delta):
+            self.delta = delta
+
+    with pytest.raises(TypeError, match=r"^loss: got the class NeedsDelta, which cannot be built without arguments "
+                                        r"\(.*\); pass an instance, NeedsDelta\(\.\.\.\)$"):
+        losses.get(NeedsDelta)
+
+
+def test_fit_and_compile_take_a_loss_class_as_its_default_instance():
+    import gpubp as gb
+
+    rng = np.random.default_rng(10)
+    x, y = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+    trained = []
+    for loss in (losses.Huber, losses.Huber()):
+        gb.seed(0)
+        model = gb.Sequential([gb.Dense(3, 3)], device="cpu")
+        model.fit(x, y, loss=loss, optimizer="sgd", epochs=1, batch_size=8, verbose=0)
+        trained.append(model.get_weights())
+        assert model.loss == losses.Huber()
+    for got, want in zip(*trained):
+        np.testing.assert_array_equal(got, want)
+    model.compile(loss=losses.CrossEntropy)
+    assert model.loss == losses.CrossEntropy()
 
 
 def test_unknown_loss_name_is_a_value_error_listing_the_known_ones():

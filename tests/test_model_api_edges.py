@@ -1,9 +1,11 @@
 """Edges of the model API: outputs that must not alias a reused buffer, layers a model may not
-share, losses of your own, evaluate's default metrics, models trained in two threads at once,
-and the errors of arguments of the wrong kind."""
+share, losses of your own, evaluate's default metrics, metric names and label check, models
+trained in two threads at once, and the errors of arguments of the wrong kind."""
 
 import copy
+import functools
 import pickle
+import re
 import sys
 import threading
 import warnings
@@ -265,6 +267,24 @@ def test_a_loss_that_applies_the_other_probability_heads_activation_warns(head, 
     assert [w.filename for w in (*caught, *from_fit)] == [__file__, __file__]  # the caller's line, not gpubp's
 
 
+@pytest.mark.parametrize("head, loss, advice", [("sigmoid", "cross_entropy", "binary_cross_entropy"),
+                                                ("softmax", "binary_cross_entropy", "cross_entropy")])
+def test_evaluate_warns_of_the_other_heads_loss_as_fit_does_and_fit_warns_once(head, loss, advice):
+    """evaluate computed softmax of sigmoid probabilities (or the reverse) without a word; fit's
+    validation, which evaluates every epoch, warns no more than the fit's step did."""
+    model = gb.Sequential([gb.Dense(4, 3, head)], device="cpu")
+    x, labels = np.zeros((4, 4), np.float32), np.array([0, 1, 2, 0])
+    y = labels if loss == "cross_entropy" else np.eye(3, dtype=np.float32)[labels]
+    with pytest.warns(UserWarning, match=rf"^loss: the loss \w+ applies \w+ to the outputs, but the last layer's "
+                                         rf"{head} has made them probabilities already; use '{advice}'") as caught:
+        model.evaluate(x, y, loss=loss)
+    assert [w.filename for w in caught] == [__file__]  # the caller's line, not gpubp's
+    with warnings.catch_warnings(record=True) as from_fit:
+        warnings.simplefilter("always")
+        model.fit(x, y, loss=loss, epochs=3, verbose=0, validation_data=(x, y))
+    assert len([w for w in from_fit if "loss: the loss" in str(w.message)]) == 1
+
+
 @pytest.mark.parametrize("head, loss", [("softmax", "cross_entropy"), ("sigmoid", "binary_cross_entropy"),
                                         (None, "cross_entropy"), ("sigmoid", "mse"), ("softmax", "mse")])
 def test_a_loss_that_fits_the_last_layer_does_not_warn(head, loss):
@@ -297,6 +317,100 @@ def test_evaluate_takes_the_compiled_metrics_over_the_default(rng):
     model.compile(loss="mse", metrics=["mae"])
     x, y = regression_data(rng)
     assert set(model.evaluate(x, y)) == {"loss", "mae"}
+
+
+# ----------------------------------------------------------------------------- metric names
+
+
+def f1_at(threshold):
+    return functools.partial(gb.metrics.f1, threshold=threshold)
+
+
+def always_one(scores, y):
+    return 1.0
+
+
+def named_loss(scores, y):
+    return 0.0
+
+
+named_loss.__name__ = "loss"
+
+SAME_NAMES = {  # metrics that were logged under one name, the last one's value kept
+    "two partials of f1": ([f1_at(0.3), f1_at(0.7)], "metric"),
+    "two lambdas": ([lambda s, t: 1.0, lambda s, t: 2.0], "<lambda>"),
+    "a name and its function": (["accuracy", gb.metrics.accuracy], "accuracy"),
+    "a function twice": ([always_one, always_one], "always_one"),
+}
+
+
+@pytest.mark.parametrize("call", ["evaluate", "fit", "compile"])
+@pytest.mark.parametrize("metrics, name", SAME_NAMES.values(), ids=SAME_NAMES.keys())
+def test_two_metrics_of_one_name_are_refused_naming_it_before_any_work(rng, call, metrics, name):
+    from test_bad_input import rejected
+
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 1, "sigmoid")], device="cpu")
+    x, y = rng.normal(size=(16, 3)).astype(np.float32), rng.integers(0, 2, (16, 1)).astype(np.float32)
+    with rejected(model, ValueError, rf"^metrics: two metrics are named '{re.escape(name)}', and each is logged "
+                                     r"under its name; give each a name of its own"):
+        if call == "evaluate":
+            model.evaluate(x, y, loss="bce", metrics=metrics)
+        elif call == "fit":
+            model.fit(x, y, loss="bce", metrics=metrics, validation_data=(x, y), verbose=0)
+        else:
+            model.compile(loss="bce", metrics=metrics)
+
+
+@pytest.mark.parametrize("call", ["evaluate", "fit"])
+def test_a_metric_named_loss_is_refused_before_any_work(rng, call):
+    """Its value took the loss's place in evaluate's result (and val_loss's in fit's History)."""
+    from test_bad_input import rejected
+
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 1, "sigmoid")], device="cpu")
+    x, y = rng.normal(size=(16, 3)).astype(np.float32), rng.integers(0, 2, (16, 1)).astype(np.float32)
+    with rejected(model, ValueError, r"^metrics: a metric is named 'loss', the name the loss is logged under"):
+        if call == "evaluate":
+            model.evaluate(x, y, loss="bce", metrics=[named_loss])
+        else:
+            model.fit(x, y, loss="bce", metrics=[named_loss], validation_data=(x, y), verbose=0)
+
+
+def test_metrics_of_one_function_are_all_reported_once_each_has_a_name_of_its_own(rng):
+    """The remedy the refusal names: a callable's name attribute (a partial has no __name__)."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 1, "sigmoid")], device="cpu")
+    x, y = rng.normal(size=(16, 3)).astype(np.float32), rng.integers(0, 2, (16, 1)).astype(np.float32)
+    low, high = f1_at(0.3), f1_at(0.7)
+    with pytest.raises(ValueError, match="^metrics: two metrics are named 'metric'"):
+        model.evaluate(x, y, loss="bce", metrics=[low, high, "f1"])
+    low.name, high.name = "f1_at_0.3", "f1_at_0.7"
+    result = model.evaluate(x, y, loss="bce", metrics=[low, high, "f1"])
+    assert set(result) == {"loss", "f1_at_0.3", "f1_at_0.7", "f1"}
+
+
+# ----------------------------------------------------------------------------- evaluate's label check
+
+
+def test_evaluate_without_a_loss_range_checks_float_class_labels_as_integer_ones():
+    """Whole-number float labels out of range passed (an accuracy of 5.0 against classes 0-2)
+    where integer ones were refused; a float that is no whole number is refused before any
+    prediction, whatever the metrics."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 3)], device="cpu")
+    x = np.zeros((6, 3), np.float32)
+    for labels in (np.array([0, 5, 1, 2, 0, 1]), np.array([0.0, 5, 1, 2, 0, 1]),
+                   np.array([[0.0], [5], [1], [2], [0], [1]], np.float32)):
+        with pytest.raises(ValueError, match=r"^y: expected class labels in \[0, 3\), got values from 0\.?0? to 5"):
+            model.evaluate(x, labels)
+    with pytest.raises(ValueError, match=r"^y: expected class labels \(whole numbers\), got 1\.5 in row 2$"):
+        model.evaluate(x, np.array([0.0, 2, 1.5, 2, 0, 1]), metrics=[])
+    with gb.trace() as t, pytest.raises(ValueError, match=r"^y: expected class labels \(whole numbers\), got -1\.5"):
+        model.evaluate(x, np.array([0.0, 2, 1, 2, 0, -1.5]), metrics=[always_one])
+    assert t.total == 0
+    labels = np.array([0, 2, 1, 2, 0, 1])
+    assert model.evaluate(x, labels.astype(np.float64)) == model.evaluate(x, labels)
 
 
 # ----------------------------------------------------------------------------- threads

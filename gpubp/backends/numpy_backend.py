@@ -728,6 +728,22 @@ def _weighted_mean(per_elem, grad, sample_weight):
     return float(per_elem.mean(dtype=np.float64)), grad
 
 
+def _mean_of_products(a, b) -> float:
+    """The mean of ``a * b``, an elementwise loss's value: each term in the arrays' dtype, as
+    every backend computes it (a term past the dtype's range is inf there too), summed in float64
+    as ``_weighted_mean`` sums bce's and poisson's. A float32 sum (the BLAS's dot) overflowed to
+    inf where the mean of finite terms is finite, and lost digits over millions of terms. The
+    flags are unreported, as in ``_dot``; the gradient stays in the arrays' dtype."""
+    if _error_state is None:
+        with np.errstate(**_QUIET_ERRORS):
+            return float(np.multiply(a, b).sum(dtype=np.float64)) / a.size
+    token = _error_state.set(_quiet_state)
+    try:
+        return float(np.multiply(a, b).sum(dtype=np.float64)) / a.size
+    finally:
+        _error_state.reset(token)
+
+
 def mse(pred, target, sample_weight=None):
     """Mean squared error over all elements; with ``sample_weight`` (B,) each row's squared
     errors count times its weight (Keras's rule: the weighted sum over the element count)."""
@@ -735,11 +751,11 @@ def mse(pred, target, sample_weight=None):
     record("mse_fwd_bwd")
     diff = np.subtract(pred, target, dtype=pred.dtype)
     if sample_weight is None:
-        loss = _dot(diff.reshape(-1), diff.reshape(-1)) / diff.size
+        loss = _mean_of_products(diff, diff)
         diff *= 2.0 / diff.size
         return loss, diff
     weighted = diff * _row_weights(sample_weight, diff)
-    loss = _dot(weighted.reshape(-1), diff.reshape(-1)) / diff.size
+    loss = _mean_of_products(weighted, diff)
     weighted *= 2.0 / diff.size
     return loss, weighted
 
@@ -754,7 +770,7 @@ def mae(pred, target, sample_weight=None):
     grad = np.subtract(diff > 0, diff < 0, dtype=diff.dtype)  # np.sign(NaN) is NaN
     if sample_weight is not None:
         grad *= _row_weights(sample_weight, grad)
-    loss = _dot(grad.reshape(-1), diff.reshape(-1)) / diff.size  # sign(d) d = |d|
+    loss = _mean_of_products(grad, diff)  # sign(d) d = |d|
     grad *= 1.0 / diff.size
     return loss, grad
 
@@ -773,7 +789,7 @@ def huber(pred, target, sample_weight=None, delta=1.0):
     diff -= 0.5 * clipped
     if sample_weight is not None:
         clipped *= _row_weights(sample_weight, clipped)
-    loss = _dot(clipped.reshape(-1), diff.reshape(-1)) / diff.size
+    loss = _mean_of_products(clipped, diff)
     clipped *= 1.0 / diff.size
     return loss, clipped
 
