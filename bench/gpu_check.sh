@@ -147,9 +147,18 @@ stage_demo() {
     run "demo on the GPU" "$PYTHON" -m gpubp demo --device cuda --quiet
 }
 
-aot_build() {  # the CMake fatbin build, installed into $work/aot
-    run "CMake fatbin build" sh -c "cmake -S . -B \"$work/build\" -DGPUBP_AOT_DIR=\"$work/aot\" >/dev/null \
+aot_build() {  # [sass archs]: the CMake fatbin build, installed into $work/aot; SASS for those alone if named
+    local sass=""
+    [ -n "${1:-}" ] && sass="-DGPUBP_SASS_ARCHS=$1"
+    run "CMake fatbin build" sh -c "cmake -S . -B \"$work/build\" -DGPUBP_AOT_DIR=\"$work/aot\" $sass >/dev/null \
         && cmake --build \"$work/build\" -j && cmake --install \"$work/build\" >/dev/null"
+}
+
+device_sass() {  # the GPU's architecture ("90") where CMakeLists.txt ships SASS for it, else nothing
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .\r')
+    [ -n "$cap" ] && grep -Eq "^set\(GPUBP_CUDA_ARCHS( [0-9]+)* $cap( [0-9]+)*\)" CMakeLists.txt && echo "$cap"
+    return 0
 }
 
 load_check() {  # fatbin | nvrtc: the kernels load from there and train a step as NumPy does
@@ -215,7 +224,14 @@ stage_ncu() {
     echo "==== Nsight Compute"
     "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis --csv --page details \
-        "$PYTHON" bench/ncu_driver.py >"$csv" || failed+=("Nsight Compute")
+        "$PYTHON" bench/ncu_driver.py >"$csv" || { failed+=("Nsight Compute"); return; }
+    # ncu exits 0 where it may not read the counters (ERR_NVGPUCTRPERM: profiling needs the
+    # driver's NVreg_RestrictProfilingToAdminUsers=0, or root) or cannot load its library: its
+    # ==ERROR== lines stand where the report's rows would.
+    if grep -q '==ERROR==' "$csv" || ! grep -q '^"ID"' "$csv"; then
+        grep '==ERROR==' "$csv" | head -n 5
+        failed+=("Nsight Compute (no report: see $csv)")
+    fi
 }
 
 summarize() {  # bench/gpu_summary.py over what the check folder holds; extra arguments are passed on
@@ -239,21 +255,26 @@ stage_summary() {
 FIRST_CONTACT_STEPS=(facts tests memcheck racecheck bench summary)
 # Wall-clock seconds per step. Their sum, 505, and the five publishes between steps, at most
 # 11 s each (PUBLISH_SECONDS and a second's grace), keep the stage within 560 s; the call that
-# runs it is killed at about 570. facts should take about 70 s (the NVRTC modules side by side,
-# about 15 s, then the CMake build's 40 s beside the NVRTC load check, and the fatbin check);
-# bench has five pytest runs, the Numba one compiling its kernels (bench/first_contact.py).
+# runs it is killed at about 570. facts should take about 70 s: the CMake build (about 60 s of
+# nvcc on its slowest file, fused_mlp.cu, on a 2-core machine; SASS for this GPU alone) runs
+# from the step's start beside the device facts (the NVRTC modules side by side, about 15 s,
+# and a cold `import torch`) and the NVRTC load check, then the fatbin check; bench has five
+# pytest runs, the Numba one compiling its kernels (bench/first_contact.py).
 declare -A budget=([facts]=100 [tests]=135 [memcheck]=55 [racecheck]=70 [bench]=125 [summary]=20)
 # bench/gpu_summary.py's CARRY_BYTES: a raw file this big or bigger keeps its first third and its end.
 CARRY_BYTES=15000000
 
 fc_facts() {
-    run "device facts and NVRTC compile times" "$PYTHON" bench/first_contact.py facts "$check/facts.json"
-    # The CMake build (about 40 s of its slowest file) needs no GPU: it runs while the NVRTC load
-    # check uses the kernels facts compiled. Its lines go to the log as they come, marked, so a
-    # build the step's budget cuts off still shows how far it got.
-    local cmake
-    (aot_build 2>&1 | while IFS= read -r line; do printf 'cmake| %s\n' "$line"; done; exit "${PIPESTATUS[0]}") &
+    # The CMake build needs no GPU and is the step's longest part: it starts first and runs while
+    # the facts are gathered and the NVRTC load check uses the kernels facts compiled, with SASS
+    # for this GPU alone (the others' would double ptxas's work). Its lines go to the log as they
+    # come, marked, so a build the step's budget cuts off still shows how far it got.
+    local cmake sass
+    sass=$(device_sass)
+    (aot_build "$sass" 2>&1 | while IFS= read -r line; do printf 'cmake| %s\n' "$line"; done
+     exit "${PIPESTATUS[0]}") &
     cmake=$!
+    run "device facts and NVRTC compile times" "$PYTHON" bench/first_contact.py facts "$check/facts.json"
     load_check nvrtc
     if wait "$cmake"; then
         load_check fatbin
@@ -363,10 +384,11 @@ first_contact() {
     else
         exec > >(tee -a "$check/first_contact.log") 2>&1
     fi
+    log_tee=$!  # waited for at the end: bash does not wait for a process substitution
     export PYTHONUNBUFFERED=1  # what a Python step printed is in the log, even if it is killed
     export CUPY_CACHE_DIR="$work/cupy_cache"  # empty: facts times cold compiles; later steps reuse them
     export PYTHON SANITIZER check results work PUBLISH_SECONDS CARRY_BYTES
-    export -f run sanitize whole_sets xdist_workers aot_build load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
+    export -f run sanitize whole_sets xdist_workers aot_build device_sass load_check fc_facts fc_tests fc_memcheck fc_racecheck fc_bench \
         carry_raw fc_publish fc_summary summarize device_name
     echo "first-contact: steps ${FIRST_CONTACT_STEPS[*]}; budgets $(for s in "${FIRST_CONTACT_STEPS[@]}"; do
         printf '%s=%s ' "$s" "${budget[$s]}"; done)"
@@ -402,7 +424,15 @@ else
     done
 fi
 
+status=0
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"
-    exit 1
+    status=1
 fi
+if [ -n "${log_tee:-}" ]; then
+    # The log's last lines (the table, the FAILED list) are still in tee's pipe: end it and let it
+    # write them, before the caller, done, ends what this left running.
+    exec >&- 2>&-
+    wait "$log_tee" 2>/dev/null
+fi
+exit "$status"

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -710,11 +711,12 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
     the results-out folder)."""
     check, out, bin_dir = tmp_path / "check", tmp_path / "out", tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("python", "compute-sanitizer", "cmake"):
+    for tool in ("python", "compute-sanitizer", "cmake", "nvidia-smi"):
         (bin_dir / tool).write_text(f"#!{sys.executable}\nENV_LOGGED = {ENV_LOGGED!r}\n{FAKE_TOOL}")
         (bin_dir / tool).chmod(0o755)
     fwd = benchmark_report({(gs.FWD_4096, "cublas-gemm"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0}, "Fake H200")
     plan = [*overrides,
+            {"match": "nvidia-smi --query-gpu=compute_cap", "stdout": "9.0"},
             {"match": "import cupy", "stdout": "Fake H200"},
             {"match": "import xdist"},
             {"match": "first_contact.py facts", "files": {str(check / "facts.json"): json.dumps(FACTS)}},
@@ -733,8 +735,8 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
     calls = [next(c for c in GPU_CALLS if c in line) for line in log.read_text().splitlines()
              if any(c in line for c in GPU_CALLS)]
     calls = [c for i, c in enumerate(calls) if c not in calls[:i]]  # cmake runs thrice
-    # The CMake build runs beside the NVRTC load check: either may be logged first.
-    return done, sorted(calls, key=lambda c: GPU_CALLS.index(c)) if set(calls[1:3]) == set(GPU_CALLS[1:3]) else calls, \
+    # The CMake build runs beside the facts and the NVRTC load check: any of the three may be logged first.
+    return done, sorted(calls, key=lambda c: GPU_CALLS.index(c)) if set(calls[:3]) == set(GPU_CALLS[:3]) else calls, \
         check, out
 
 
@@ -773,6 +775,27 @@ def test_the_fused_and_splitk_tables_read_this_devices_files_only(gs, tmp_path):
     done, results, _ = gpu_check_stage(tmp_path, "splitk", [{"match": "-m pytest bench/test_gpu_splitk.py"}])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| 4096x64x48 fp32 | 2 | 1.0000 | - | - | 1 | 1.0000 | 1.00 |" in (results / "splitk.md").read_text()
+
+
+@pytest.mark.parametrize("report, ok", [
+    ('"ID","Process ID","Kernel Name"\n"0","1","dense_fwd_128x128"\n', True),
+    ("==PROF== Connected to process 1\n==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access "
+     "NVIDIA GPU Performance Counters on the target device 0.\n", False),
+    ("==ERROR== LibraryNotLoaded: cannot load the profiling library\n", False),
+], ids=["report", "no_permission", "no_library"])
+def test_the_ncu_stage_fails_where_ncu_exits_0_without_a_report(tmp_path, report, ok):
+    """ncu exits 0 where it may not read the counters: its ==ERROR== lines stood in the CSV as a result."""
+    check, results = tmp_path / "check", tmp_path / "results"
+    check.mkdir()
+    (check / "device.txt").write_text("NVIDIA H200\n")
+    ncu = tmp_path / "ncu"
+    ncu.write_text(f"#!/bin/sh\nprintf '%s' {shlex.quote(report)}\nexit 0\n")
+    ncu.chmod(0o755)
+    done = gpu_check("ncu", env={"NCU": str(ncu), "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    assert ("FAILED: Nsight Compute (no report" in done.stdout) != ok
+    if not ok:
+        assert "==ERROR==" in done.stdout
 
 
 def test_the_finetune_stage_runs_the_gpu_backends_fine_tuning_benchmarks_and_tabulates_them(gs, tmp_path):
@@ -941,6 +964,21 @@ def test_first_contacts_fatbin_build_runs_beside_the_nvrtc_load_check(gs, tmp_pa
         {"match": "cmake", "files": {str(started): ""}, "sleep": 1}])
     assert done.returncode == 0, done.stdout + done.stderr
     assert calls == GPU_CALLS
+    assert gs.read_steps(check / "first_contact_steps.tsv")[0][:2] == ("facts", "ok")
+
+
+def test_first_contacts_fatbin_build_starts_before_the_facts_and_builds_this_gpus_sass_alone(gs, tmp_path):
+    # The facts wait until the build has started: started after them, as it was, the build ran
+    # past the step's budget on a 2-core machine, and so did its fatbin check.
+    started = tmp_path / "cmake_started"
+    done, calls, check, _ = first_contact(gs, tmp_path, overrides=[
+        {"match": "first_contact.py facts", "wait_for": str(started),
+         "files": {str(tmp_path / "check" / "facts.json"): json.dumps(FACTS)}},
+        {"match": "cmake -S", "files": {str(started): ""}}])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls == GPU_CALLS
+    configure = [line for line in (tmp_path / "calls.log").read_text().splitlines() if line.startswith("cmake -S")]
+    assert len(configure) == 1 and "-DGPUBP_SASS_ARCHS=90" in configure[0]
     assert gs.read_steps(check / "first_contact_steps.tsv")[0][:2] == ("facts", "ok")
 
 
