@@ -6,7 +6,8 @@
 //       loss = mean_r [ log sum_c exp(z_rc) - (1 - eps) z_r,label - eps / C sum_c z_rc ],
 //       grad_rc = (softmax(z_r)_c - t_c) / B (PyTorch's label_smoothing). eps = 0 runs the
 //       plain one-hot code (OneHot below), so its results are what they were before eps; with
-//       eps > 0 (Smoothed) a -inf logit makes the row's loss +inf, as in PyTorch.
+//       eps > 0 (Smoothed) a -inf logit makes the row's loss +inf, as in PyTorch. A label outside
+//       [0, C) makes the loss and its row's gradient NaN.
 //       A row group of ce_row_lanes(C) lanes per row: the warp for C > 16, else the smallest
 //       power of two >= C, so a warp takes 32 / lanes adjacent rows at once and a short row
 //       (C = 10: two rows per warp, 80 contiguous bytes per load) does not leave most of the
@@ -42,6 +43,12 @@
 #include "reduce.cuh"
 
 namespace gpubp {
+
+// The cross-entropy kernels ask for 4 resident blocks per SM (1024 threads, what sm_75 holds; at
+// most 64 registers): left to choose, ptxas gave the version with the label check (ce_rows) 32
+// registers and spilled 4 to 8 bytes around the row loop; asked for 4 blocks it takes 35 to 39,
+// as the kernels did before the check, which leaves 6 blocks resident on sm_80 and sm_90.
+constexpr int CE_MIN_BLOCKS = 4;
 
 // Running max starts at the lowest finite float rather than -inf, so a lane that saw no
 // element (C < 32) merges as (LOWEST, 0) without ever forming -inf - -inf = NaN.
@@ -130,8 +137,14 @@ __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const 
             const float s2 = __shfl_xor_sync(FULL_WARP, s, offset);
             merge_softmax_stats(m, s, m2, s2);
         }
-        const long long label = in_batch ? static_cast<long long>(labels[row]) : 0;
-        const float weight = in_batch ? weights.of_row(row) : 0.0f;
+        // A label outside [0, C) (one unsigned compare) is read as 0 with a NaN weight: the row's
+        // loss and gradient are NaN, and z[label] never reads another row's logit, or past the
+        // logits (which ends the CUDA context). The backend cannot check labels on the host
+        // without waiting for the device.
+        const long long given = in_batch ? static_cast<long long>(labels[row]) : 0;
+        const bool labelled = static_cast<unsigned long long>(given) < static_cast<unsigned long long>(C);
+        const long long label = labelled ? given : 0;
+        const float weight = in_batch ? (labelled ? weights.of_row(row) : __int_as_float(0x7fc00000)) : 0.0f;
         const float inv_s = 1.0f / s;
         const float scale = inv_b * weight;
         float* g = grad + (in_batch ? row : 0) * C;
@@ -230,21 +243,21 @@ struct PoissonNll {  // p is a log rate
 
 }  // namespace gpubp
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS, gpubp::CE_MIN_BLOCKS)
     ce_fwd_bwd_i32(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ grad,
                    float* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ out,
                    int B, int C, float eps) {
     gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS, gpubp::CE_MIN_BLOCKS)
     ce_fwd_bwd_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
                    float* __restrict__ grad, float* __restrict__ partials, unsigned int* __restrict__ ticket,
                    float* __restrict__ out, int B, int C, float eps) {
     gpubp::ce_fwd_bwd(logits, labels, gpubp::EveryRowOnce{}, grad, partials, ticket, out, B, C, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS, gpubp::CE_MIN_BLOCKS)
     ce_fwd_bwd_weighted_i32(const float* __restrict__ logits, const int* __restrict__ labels,
                             const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
                             unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,
@@ -252,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
     gpubp::ce_fwd_bwd(logits, labels, gpubp::SampleWeights{weights}, grad, partials, ticket, out, B, C, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS)
+extern "C" __global__ void __launch_bounds__(gpubp::REDUCE_THREADS, gpubp::CE_MIN_BLOCKS)
     ce_fwd_bwd_weighted_i64(const float* __restrict__ logits, const long long* __restrict__ labels,
                             const float* __restrict__ weights, float* __restrict__ grad, float* __restrict__ partials,
                             unsigned int* __restrict__ ticket, float* __restrict__ out, int B, int C,

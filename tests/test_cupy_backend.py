@@ -555,6 +555,30 @@ def check_cross_entropy_of_a_row_with_an_infinite_logit(cb):
         np.testing.assert_allclose(cb.to_host(grad), grad_ref, rtol=1e-6, err_msg=f"smoothing {smoothing}")
 
 
+def check_cross_entropy_of_a_label_outside_the_classes(cb):
+    """A label outside [0, C) makes the loss and its row's gradient NaN, in every row position,
+    without reading through it: z[label] read another row's logit, or past the last row (which ends
+    the CUDA context), and gave a finite loss. The other rows' gradients are numpy's. (The NumPy
+    backend refuses such labels on the host, where reading them costs no wait.)"""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((4, 5)).astype(np.float32)
+    good = np.array([0, 2, 1, 4], np.int64)
+    for dtype in (np.int64, np.int32):
+        for bad_row, bad in ((3, 5), (1, -1), (3, 1 << 30)):
+            labels = good.astype(dtype)
+            labels[bad_row] = bad
+            for smoothing in (0.0, 0.1):
+                _, grad_ref = ref.softmax_cross_entropy(logits, good, label_smoothing=smoothing)
+                loss, grad = cb.softmax_cross_entropy(cb.asarray(logits), cb.asarray(labels),
+                                                      label_smoothing=smoothing)
+                case = f"{dtype.__name__} label {bad} in row {bad_row}, smoothing {smoothing}"
+                assert math.isnan(loss), f"{case}: loss {loss}"
+                grad = cb.to_host(grad)
+                others = [r for r in range(4) if r != bad_row]
+                np.testing.assert_allclose(grad[others], grad_ref[others], rtol=1e-5, atol=1e-7, err_msg=case)
+                assert np.isnan(grad[bad_row]).all(), case
+
+
 def check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb):
     """A NaN logit makes its row's softmax, loss terms and gradient NaN wherever it sits in the row
     (the row reductions merge partial sums lane by lane: one that skipped a NaN partial gave a
@@ -598,6 +622,10 @@ def test_no_weight_decay_keeps_an_infinite_weight(cb):
 
 def test_cross_entropy_of_a_row_with_an_infinite_logit(cb):
     check_cross_entropy_of_a_row_with_an_infinite_logit(cb)
+
+
+def test_cross_entropy_of_a_label_outside_the_classes_is_nan(cb):
+    check_cross_entropy_of_a_label_outside_the_classes(cb)
 
 
 def test_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb):

@@ -33,6 +33,7 @@ from test_cupy_backend import (ADAM_CASES, BF16_RTOL, ELEMENTWISE_LOSS_IDS, ELEM
                                RMSPROP_CASES, SGD_CASES, TF32_RTOL, check_activations_at_special_values,
                                check_adam_update, check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                check_clip_bits, check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_cross_entropy_of_a_label_outside_the_classes,
                                check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit,
                                check_cross_entropy_of_logits_sharing_a_large_offset,
                                check_no_weight_decay_keeps_an_infinite_weight,
@@ -1488,6 +1489,10 @@ def test_cross_entropy_of_a_row_with_an_infinite_logit(cb_h100):
 
 def test_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb_h100):
     check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit(cb_h100)
+
+
+def test_cross_entropy_of_a_label_outside_the_classes_is_nan_and_reads_nothing_past_its_row(cb_h100):
+    check_cross_entropy_of_a_label_outside_the_classes(cb_h100)
 
 
 # ----------------------------------------------------------------------------- optimizers

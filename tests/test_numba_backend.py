@@ -28,6 +28,7 @@ from gpubp.trace import trace
 from test_cupy_backend import (assert_grads_equal, check_activations_at_special_values,
                                check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                check_cross_entropy_of_a_row_with_an_infinite_logit,
+                               check_cross_entropy_of_a_label_outside_the_classes,
                                check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit,
                                check_dx_applies_the_activation_below, check_no_weight_decay_keeps_an_infinite_weight,
                                folded_step)
@@ -1132,8 +1133,9 @@ def test_activations_at_special_values_match_numpy():
 @pytest.mark.parametrize("check", [check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                    check_no_weight_decay_keeps_an_infinite_weight,
                                    check_cross_entropy_of_a_row_with_an_infinite_logit,
-                                   check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit],
-                         ids=["off relu unit", "no weight decay", "infinite logit", "nan logit"])
+                                   check_softmax_and_cross_entropy_of_a_row_with_a_nan_logit,
+                                   check_cross_entropy_of_a_label_outside_the_classes],
+                         ids=["off relu unit", "no weight decay", "infinite logit", "nan logit", "label outside"])
 def test_special_values_through_gradients_updates_and_losses_match_numpy(check):
     """dz was dy * act' (NaN for an inf dy at an off relu), weight decay 0 added 0 * p (NaN for an
     infinite weight), a +inf logit left its row's sum finite, and so did a NaN logit outside a

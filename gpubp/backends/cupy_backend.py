@@ -1233,7 +1233,8 @@ def ce_row_lanes(classes: int) -> int:
 
 
 def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0, out_loss=None):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C), where
+    another label makes the loss NaN (a check on the host would wait for the device);
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C (0: the one-hot kernel path).
     ``out_loss``: see the CUDA-graph capability in ``gpubp.backends``."""

@@ -230,6 +230,7 @@ BLOCKS_PER_SM = 8
 # Constants typed float32: a bare Python float would make Numba compute in float64.
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
+_NAN = np.float32(np.nan)  # a loss that says its input was not one the kernel can score
 _HALF = np.float32(0.5)
 _NEG_HALF = np.float32(-0.5)
 # The running max of a softmax row starts here rather than at -inf, so a -inf logit (a
@@ -1738,6 +1739,17 @@ def _weights(sample_weight, like):
     return _view(_unit_weights[key])
 
 
+@_inlined
+def _label_and_weight(labels, weights, row, classes):
+    """Row ``row``'s label and weight; a label outside [0, classes) is read as 0 with a NaN weight, so
+    the row's loss and gradient are NaN and no logit outside the row is read (loss.cu's rule: a
+    check on the host would wait for the device)."""
+    label = labels[row]
+    if 0 <= label < classes:
+        return label, _row_weight(weights, row)
+    return 0, _NAN
+
+
 @cuda.jit
 def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_batch, label_smoothing):
     """Per row r of logits (B, C) with weight w_r and target t_r = (1 - eps) onehot(label_r) + eps / C
@@ -1747,18 +1759,19 @@ def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_b
     A warp per row: _row_max_and_sum in one read of the row, then a second read (cached) writes
     the gradient. Rows past B join every barrier but load and store nothing. eps = 0 runs the
     one-hot code alone; eps > 0 also sums x - max over the row in the second read (a -inf logit
-    then makes the row's loss +inf, as in PyTorch).
+    then makes the row's loss +inf, as in PyTorch). A label outside [0, C) makes its row's loss and
+    gradient NaN (``_label_and_weight``).
     """
     row_max = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
     row_sum = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)
     partials = cuda.shared.array((ROWS_PER_BLOCK, ROW_LANES), np.float32)  # eps > 0: the row's sum
+    C = logits.shape[1]
     row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.y
     in_rows = row < logits.shape[0]
     m, total = _row_max_and_sum(logits, row, in_rows, row_max, row_sum)
     if label_smoothing == _ZERO:
         if in_rows:
-            label = labels[row]
-            weight = _row_weight(weights, row)
+            label, weight = _label_and_weight(labels, weights, row, C)
             scale = inv_batch * weight
             for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
                 p = math.exp(logits[row, c] - m) / total
@@ -1774,8 +1787,7 @@ def _softmax_cross_entropy_kernel(logits, labels, weights, grad, row_loss, inv_b
         label = 0
         weight = _ZERO
         if in_rows:
-            label = labels[row]
-            weight = _row_weight(weights, row)
+            label, weight = _label_and_weight(labels, weights, row, C)
             scale = inv_batch * weight
             for c in range(cuda.threadIdx.x, logits.shape[1], ROW_LANES):
                 shifted = logits[row, c] - m
@@ -1865,7 +1877,8 @@ _poisson_kernel = _elementwise_loss_kernel(_poisson_nll)
 
 
 def softmax_cross_entropy(logits, labels, sample_weight=None, label_smoothing=0.0):
-    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C);
+    """Mean softmax cross-entropy over the batch; logits (B, C), labels (B,) ints in [0, C), where
+    another label makes the loss NaN (a check on the host would wait for the device);
     ``sample_weight`` (B,) weights each row's loss (summed over B, Keras's rule);
     ``label_smoothing`` eps: the target is (1 - eps) onehot + eps / C."""
     _contract.labelled_loss(logits, labels, sample_weight)
