@@ -69,19 +69,20 @@ _PROBABILITY_SUM_TOLERANCE = 1e-3
 
 def _rows(y: np.ndarray) -> str:
     """What rows of targets (N, C), one per output, are: "one-hot" (0/1, a single 1 in every row),
-    "multi-hot" (0/1, some row with other than exactly one 1) or "probabilities" (values in [0, 1]
-    summing to 1 within ``_PROBABILITY_SUM_TOLERANCE``; soft or smoothed labels, whose argmax is
-    the class). Only 0/1 targets are multi-hot: a float row that sums to 0.9999999 is a
-    probability row, not labels. Anything else names no class: ValueError."""
+    "probabilities" (values in [0, 1] summing to 1 within ``_PROBABILITY_SUM_TOLERANCE``: soft or
+    smoothed labels, whose argmax is the class) or "multi-hot" (any other rows of values in [0, 1]:
+    0/1 labels with other than exactly one 1, or soft ones such as binary cross-entropy's smoothed
+    or distilled targets, each label on from 0.5). A float row that sums to 0.9999999 is a
+    probability row, not labels. Values outside [0, 1] name no class: ValueError."""
     if np.all((y == 0) | (y == 1)):
         return "one-hot" if np.all(y.sum(axis=1) == 1) else "multi-hot"
+    inside = np.all((y >= 0) & (y <= 1), axis=1)
+    if not np.all(inside):
+        row = int(np.argmin(inside))
+        raise ValueError(f"y: expected targets in [0, 1] (one-hot, multi-hot or probability rows), got row {row} "
+                         f"with values from {y[row].min()} to {y[row].max()}")
     sums = y.sum(axis=1, dtype=np.float64)
-    probability = np.all((y >= 0) & (y <= 1), axis=1) & (np.abs(sums - 1) <= _PROBABILITY_SUM_TOLERANCE)
-    if not np.all(probability):
-        row = int(np.argmin(probability))
-        raise ValueError(f"y: expected one-hot, multi-hot (0/1) or probability rows (values in [0, 1] summing to 1), "
-                         f"got row {row} with values from {y[row].min()} to {y[row].max()} summing to {sums[row]:.7g}")
-    return "probabilities"
+    return "probabilities" if np.all(np.abs(sums - 1) <= _PROBABILITY_SUM_TOLERANCE) else "multi-hot"
 
 
 def _labels(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -113,13 +114,13 @@ def _binary(scores: np.ndarray) -> bool:
 
 
 def _multilabel(scores: np.ndarray, y: np.ndarray) -> bool:
-    """Multi-hot targets: a 0/1 column per output and some row with other than exactly one 1."""
+    """Multi-hot targets: a column per output, rows neither one-hot nor probabilities (``_rows``)."""
     return y.ndim == 2 and y.shape[1] > 1 and y.shape == scores.shape and _rows(y) == "multi-hot"
 
 
 def _precision_recall(scores, y, threshold):
-    if _multilabel(scores, y):  # per label: output above the threshold against target 1
-        pred, true = scores > threshold, y == 1
+    if _multilabel(scores, y):  # per label: output above the threshold against a target from 0.5 on
+        pred, true = scores > threshold, y >= 0.5
         tp = np.sum(pred & true, axis=0, dtype=np.float64)
         fp = np.sum(pred & ~true, axis=0, dtype=np.float64)
         fn = np.sum(~pred & true, axis=0, dtype=np.float64)

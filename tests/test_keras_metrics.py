@@ -283,11 +283,9 @@ def test_probability_rows_score_as_their_argmax_not_as_multi_hot_labels(rng, met
     assert fn(scores, soft, 0.5) == fn(scores, labels, 0.5) == fn(scores, np.eye(7)[labels], 0.5)
 
 
-ROWS_OF_NO_CLASS = [  # targets, one per output, that are neither one-hot, multi-hot 0/1 nor probabilities
+ROWS_OF_NO_CLASS = [  # targets, one per output, with values outside [0, 1]
     ("regression values", np.array([[0.5, -1.2, 3.0], [0.1, 0.2, 0.7]]), "row 0 with values from -1.2 to 3.0"),
-    ("soft, summing to 1.2", np.array([[0.0, 0.0, 1.0], [0.6, 0.6, 0.0]]),
-     "row 1 with values from 0.0 to 0.6 summing to 1.2"),
-    ("counts", np.array([[0, 2, 1], [1, 0, 0]]), "row 0 with values from 0 to 2 summing to 3"),
+    ("counts", np.array([[0, 2, 1], [1, 0, 0]]), "row 0 with values from 0 to 2"),
 ]
 
 
@@ -295,9 +293,22 @@ ROWS_OF_NO_CLASS = [  # targets, one per output, that are neither one-hot, multi
 @pytest.mark.parametrize("y, shown", [(y, shown) for _, y, shown in ROWS_OF_NO_CLASS],
                          ids=[name for name, _, _ in ROWS_OF_NO_CLASS])
 def test_rows_of_targets_that_name_no_class_are_refused(rng, metric, y, shown):
-    with pytest.raises(ValueError, match=r"^y: expected one-hot, multi-hot \(0/1\) or probability rows \(values in "
-                                         rf"\[0, 1\] summing to 1\), got {shown}"):
+    with pytest.raises(ValueError, match=r"^y: expected targets in \[0, 1\] \(one-hot, multi-hot or probability "
+                                         rf"rows\), got {shown}"):
         getattr(metrics, metric)(rng.random((2, 3)), y)
+
+
+@pytest.mark.parametrize("metric", ["precision", "recall", "f1"])
+def test_soft_multi_hot_targets_score_as_the_labels_they_round_to(rng, metric):
+    """Binary cross-entropy's smoothed or distilled targets, a column per label, in rows that do not
+    sum to 1: each label is on from 0.5, as a single binary target is."""
+    hard = (rng.random((60, 4)) < 0.4).astype(np.float64)
+    hard[0] = [1, 1, 0, 0]  # some row with two labels: multi-hot
+    soft = np.where(hard == 1, rng.uniform(0.5, 1.0, hard.shape), rng.uniform(0.0, 0.5, hard.shape))
+    scores = rng.random((60, 4))
+    fn = getattr(metrics, metric)
+    assert fn(scores, soft, 0.5) == fn(scores, hard, 0.5)
+    assert metrics.accuracy(scores, soft) == metrics.accuracy(scores, soft.argmax(axis=1))  # the argmax, as for 0/1
 
 
 def test_evaluate_without_a_loss_refuses_targets_of_another_width_and_labels_outside_the_classes(rng):
