@@ -289,17 +289,28 @@ def test_a_backward_whose_dx_grid_is_too_wide_writes_no_gradient_first(cb, monke
 
 
 def taken_outputs_over_inputs(be):
-    """The contract takes each output over an input that gives what separate buffers give on the
-    NumPy backend: out=x and out_z=x, out=out_z where the activation stores no z (out_z is never
-    written), and out_dx=dy, x or y. (Square layers, so that every pair has one shape.)"""
+    """The contract refuses each output over an input of its call (on a GPU a kernel's blocks
+    write their output tiles while others still read the input), and takes out=out_z where the
+    activation stores no z (out_z is never written). (Square layers, so that every pair has one
+    shape.)"""
     from gpubp.backends import _contract
 
-    x, w, b, dy, y = arrays(be, (B, OUT), (OUT, OUT), (OUT,), (B, OUT), (B, OUT))
-    _contract.dense_forward(x, w, b, x, None, "gelu")
-    _contract.dense_forward(x, w, b, None, x, "gelu")
+    x, w, b, dy, y, z = arrays(be, (B, OUT), (OUT, OUT), (OUT,), (B, OUT), (B, OUT), (B, OUT))
     _contract.dense_forward(x, w, b, y, y, "relu")
-    for out_dx in (dy, x, y):
-        _contract.dense_backward(dy, x, w, y, None, out_dx, None, None, None, "relu", True)
+    for name, call in [("out", lambda: _contract.dense_forward(x, w, b, x, None, "gelu")),
+                       ("out_z", lambda: _contract.dense_forward(x, w, b, None, x, "gelu"))]:
+        with pytest.raises(ValueError, match=f"^{name}: expected memory apart from x's"):
+            call()
+    for source, given in (("dy", dy), ("x", x), ("y", y)):
+        with pytest.raises(ValueError, match=f"^out_dx: expected memory apart from {source}'s"):
+            _contract.dense_backward(dy, x, w, y, None, given, None, None, None, "relu", True)
+    with pytest.raises(ValueError, match="^out_dx: expected memory apart from z's"):
+        _contract.dense_backward(dy, x, w, None, z, z, None, None, None, "gelu", True)
+    for source, given in (("dy", dy[:, :OUT]), ("x", x[:, :OUT])):
+        with pytest.raises(ValueError, match=f"^out_dw: expected memory apart from {source}'s"):
+            _contract.dense_backward(dy, x, w, y, None, None, given[:OUT], None, None, "relu", True)
+    with pytest.raises(ValueError, match="^out_db: expected memory apart from dy's"):
+        _contract.dense_backward(dy, x, w, y, None, None, None, dy[0], None, "relu", True)
 
 
 @pytest.mark.parametrize("overlap", ["same", "partly"])
@@ -350,7 +361,7 @@ def test_the_memory_of_device_arrays_is_compared_by_the_span_of_their_elements()
         assert bool(_contract.overlap(a, b)) is overlapping  # NumPy's own check: the same bounds
 
 
-def test_on_numpy_an_output_over_an_input_gives_what_separate_buffers_give_or_is_refused():
+def test_on_numpy_an_output_over_an_input_is_refused_before_anything_is_written():
     be = backends.get("numpy")
     rng = np.random.default_rng(1)
     x, w, dy = (rng.standard_normal((B, B)) for _ in range(3))
@@ -359,17 +370,13 @@ def test_on_numpy_an_output_over_an_input_gives_what_separate_buffers_give_or_is
         y, z = be.dense_forward(x, w, b, act)
         for out in ("out", "out_z"):
             given = x.copy()
-            got_y, got_z = be.dense_forward(given, w, b, act, **{out: given})
-            np.testing.assert_allclose(got_y, y, rtol=1e-12, atol=1e-12)
-            assert (got_z is None) == (z is None)
-            if z is not None:
-                np.testing.assert_allclose(got_z, z, rtol=1e-12, atol=1e-12)
-        want = be.dense_backward(dy, x, w, y, z, act, True, True)
-        for source in ("dy", "x", "y"):
+            with pytest.raises(ValueError, match=f"^{out}: expected memory apart from x's"):
+                be.dense_forward(given, w, b, act, **{out: given})
+            np.testing.assert_array_equal(given, x)  # refused before anything was written
+        for source in ("dy", "x", "y"):  # NumPy's products would copy it; a GPU's kernels race
             ops = {"dy": dy.copy(), "x": x.copy(), "y": y.copy()}
-            got = be.dense_backward(ops["dy"], ops["x"], w, ops["y"], z, act, True, True, out_dx=ops[source])
-            for a, expected in zip(got, want):
-                np.testing.assert_allclose(a, expected, rtol=1e-12, atol=1e-12)
+            with pytest.raises(ValueError, match=f"^out_dx: expected memory apart from {source}'s"):
+                be.dense_backward(ops["dy"], ops["x"], w, ops["y"], z, act, True, True, out_dx=ops[source])
         given = w.copy()
         with pytest.raises(ValueError, match="^out_dw: expected memory apart from w's"):
             be.dense_backward(dy, x, given, y, z, act, True, True, out_dw=given)

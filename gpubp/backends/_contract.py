@@ -103,13 +103,26 @@ def apart(name: str, a, other: str, b, why: str) -> None:
         raise ValueError(f"{name}: expected memory apart from {other}'s ({why}), got an array that overlaps it")
 
 
-# Aliasings every backend refuses: an output that one step of a call writes before a later step
-# reads the input it overlaps (the NumPy backend's dense_backward wrote dW into w and then formed
-# dX from it). Others are left to the backend: NumPy's products copy an input that their output
-# overlaps before they write it, so there out=x, out_z=x and out_dx=dy, x or y give what separate
-# buffers give.
+# Aliasings every backend refuses: an output over an input of the call. The NumPy backend's
+# dense_backward wrote dW into w and then formed dX from it; NumPy's products copy an input
+# their output overlaps, so there out=x or out_dx=dy gave what separate buffers give, but a GPU
+# kernel's blocks write their output tiles while other blocks still read the input's rows and
+# columns (and the dX and dW kernels of one backward run one after the other), so each such
+# pair races there. (The weights and bias an output overlaps are left unchecked: a forward
+# writing into w is no mistake anyone makes, and each check costs a bounds compare.)
 OUT_Z_READ = "the activation reads z while y is written"
 W_READ = "dX reads w after dW is written"
+INPUT_READ = "the kernels read it while the output is written"
+
+
+def _over_any(out, *inputs) -> bool:
+    """Whether ``out`` overlaps one of ``inputs`` (None entries pass)."""
+    return any(a is not None and overlap(out, a) for a in inputs)
+
+
+def _apart_from_inputs(name: str, out, **inputs) -> None:
+    for other, a in inputs.items():
+        apart(name, out, other, a, INPUT_READ)
 
 
 def activation(name: str, act, allowed=NAMES) -> None:
@@ -125,16 +138,17 @@ def no_mask_on_softmax(act: str, dropout) -> None:
 
 
 def dense_forward(x, w, b, out=None, out_z=None, act="identity", dropout=None) -> None:
-    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out), and apart
-    where ``act`` stores z (``NEEDS_Z``; elsewhere out_z is never written); ``act`` one of the
-    activations, and no mask on a softmax layer."""
+    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out), apart from x, and
+    from each other where ``act`` stores z (``NEEDS_Z``; elsewhere out_z is never written); ``act``
+    one of the activations, and no mask on a softmax layer."""
     try:
         batch, n_in = x.shape
         rows, n_out = w.shape
         if (batch and rows == n_in and b.shape == (n_out,) and act in NAMES
                 and (out is None or out.shape == (batch, n_out)) and (out_z is None or out_z.shape == (batch, n_out))
                 and (dropout is None or act != "softmax")
-                and (out_z is None or out is None or act not in NEEDS_Z or not overlap(out, out_z))):
+                and (out_z is None or out is None or act not in NEEDS_Z or not overlap(out, out_z))
+                and (out is None or not overlap(out, x)) and (out_z is None or not overlap(out_z, x))):
             return
     except (AttributeError, TypeError, ValueError):  # not an array, or not 2-D: said below
         pass
@@ -154,6 +168,8 @@ def _dense_forward_in_full(x, w, b, out, out_z, act, dropout) -> None:
     require("out_z", out_z, (batch, n_out))
     if act in NEEDS_Z:
         apart("out_z", out_z, "out", out, OUT_Z_READ)
+    _apart_from_inputs("out", out, x=x)
+    _apart_from_inputs("out_z", out_z, x=x)
 
 
 def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None, act="identity",
@@ -161,7 +177,7 @@ def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=No
     """dy (B, out) with B >= 1, w (in, out); x (B, in), given when ``need_dw``; what act' reads, given
     (z for NEEDS_Z's activations, else y, identity neither); y, z (B, out) where given; ``out_dx``
     and ``dx_act_in`` (B, in), ``dx_act_in`` given for a ``dx_act`` but identity; ``out_dw`` (in,
-    out), apart from w; ``out_db`` (out,); no mask on a softmax layer."""
+    out); ``out_db`` (out,); each output apart from the inputs; no mask on a softmax layer."""
     try:
         batch, n_out = dy.shape
         n_in, cols = w.shape
@@ -170,9 +186,9 @@ def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=No
                 and (y.shape == (batch, n_out) if y is not None else act == "identity" or act in NEEDS_Z)
                 and (z.shape == (batch, n_out) if z is not None else act not in NEEDS_Z)
                 and (dx_act_in.shape == (batch, n_in) if dx_act_in is not None else dx_act == "identity")
-                and (out_dx is None or out_dx.shape == (batch, n_in))
-                and (out_dw is None or out_dw.shape == (n_in, n_out) and not overlap(out_dw, w))
-                and (out_db is None or out_db.shape == (n_out,))):
+                and (out_dx is None or out_dx.shape == (batch, n_in) and not _over_any(out_dx, dy, x, y, z, dx_act_in, w))
+                and (out_dw is None or out_dw.shape == (n_in, n_out) and not _over_any(out_dw, w, dy, x))
+                and (out_db is None or out_db.shape == (n_out,) and not overlap(out_db, dy))):
             return
     except (AttributeError, TypeError, ValueError):
         pass
@@ -205,6 +221,9 @@ def _dense_backward_in_full(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, a
     require("out_dw", out_dw, (n_in, n_out))
     require("out_db", out_db, (n_out,))
     apart("out_dw", out_dw, "w", w, W_READ)
+    _apart_from_inputs("out_dx", out_dx, dy=dy, x=x, y=y, z=z, dx_act_in=dx_act_in, w=w)
+    _apart_from_inputs("out_dw", out_dw, dy=dy, x=x)
+    _apart_from_inputs("out_db", out_db, dy=dy)
 
 
 def same(reference: str, a, **others) -> None:
