@@ -60,6 +60,18 @@ def boolean(value, name: str) -> bool:
     return bool(value)
 
 
+def built(value, name: str):
+    """``value``, or where it is a class, the instance its defaults build, as Keras 3 takes
+    ``loss=Huber`` for ``loss=Huber()``; a class that needs arguments is a TypeError naming ``name``."""
+    if not isinstance(value, type):
+        return value
+    try:
+        return value()
+    except TypeError as error:
+        raise TypeError(f"{name}: got the class {value.__name__}, which cannot be built without arguments "
+                        f"({error}); pass an instance, {value.__name__}(...)") from None
+
+
 def array_kind(a) -> str:
     """'numpy', 'cupy', 'device' (another CUDA array) or 'other' (lists and the like)."""
     if isinstance(a, np.ndarray):

@@ -380,12 +380,7 @@ def get(loss):
     passed ``sample_weight=`` (B,) too only when the samples are weighted; only this module's
     losses are passed ``backend=`` as well. A class (``Huber``, ``CrossEntropy``) is built with
     its defaults, as Keras 3 builds one: ``loss=Huber`` is ``loss=Huber()``."""
-    if isinstance(loss, type):
-        try:
-            loss = loss()
-        except TypeError as error:
-            raise TypeError(f"loss: got the class {loss.__name__}, which cannot be built without arguments "
-                            f"({error}); pass an instance, {loss.__name__}(...)") from None
+    loss = _checks.built(loss, "loss")
     if callable(loss):
         return loss
     if not isinstance(loss, str):

@@ -34,7 +34,7 @@ import numbers
 
 import numpy as np
 
-from gpubp import _special
+from gpubp import _checks, _special
 
 
 def _classes(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -285,12 +285,7 @@ def get(metric, probabilities: bool = False):
     One of this module's metric functions is taken as its name (as Keras takes
     ``keras.metrics.binary_accuracy``), so it scores with the same threshold. A class
     (``TopKCategoricalAccuracy``) is built with its defaults, as Keras 3 builds one."""
-    if isinstance(metric, type):
-        try:
-            metric = metric()
-        except TypeError as error:
-            raise TypeError(f"metrics: got the class {metric.__name__}, which cannot be built without arguments "
-                            f"({error}); pass an instance, {metric.__name__}(...)") from None
+    metric = _checks.built(metric, "metrics")
     if callable(metric):
         name = getattr(metric, "__name__", None)
         if METRICS.get(name) is not metric:

@@ -733,15 +733,10 @@ def _mean_of_products(a, b) -> float:
     every backend computes it (a term past the dtype's range is inf there too), summed in float64
     as ``_weighted_mean`` sums bce's and poisson's. A float32 sum (the BLAS's dot) overflowed to
     inf where the mean of finite terms is finite, and lost digits over millions of terms. The
-    flags are unreported, as in ``_dot``; the gradient stays in the arrays' dtype."""
-    if _error_state is None:
-        with np.errstate(**_QUIET_ERRORS):
-            return float(np.multiply(a, b).sum(dtype=np.float64)) / a.size
-    token = _error_state.set(_quiet_state)
-    try:
+    flags are unreported, as in ``_dot`` (once a step: ``np.errstate`` costs nothing that counts
+    here); the gradient stays in the arrays' dtype."""
+    with np.errstate(**_QUIET_ERRORS):
         return float(np.multiply(a, b).sum(dtype=np.float64)) / a.size
-    finally:
-        _error_state.reset(token)
 
 
 def mse(pred, target, sample_weight=None):
