@@ -60,6 +60,16 @@ def boolean(value, name: str) -> bool:
     return bool(value)
 
 
+def switch(value, name: str):
+    """True, False (NumPy's too) or "auto": a flag such as ``fused`` or ``cuda_graph``, where
+    "auto" leaves the choice to gpubp and True asks for the thing or an error saying why not."""
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
+    return value
+
+
 def built(value, name: str):
     """``value``, or where it is a class, the instance its defaults build, as Keras 3 takes
     ``loss=Huber`` for ``loss=Huber()``; a class that needs arguments is a TypeError naming ``name``."""

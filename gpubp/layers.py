@@ -964,15 +964,12 @@ class Sequential:
 
     @fused.setter
     def fused(self, value) -> None:
-        if isinstance(value, np.bool_):  # NumPy's bools are bools, as for every flag (_checks.boolean)
-            value = bool(value)
+        value = _checks.switch(value, "fused")
         self.uses_fused = self._fused_choice(value, self.backend, self.backend_name)
         self._fused = value
 
     def _fused_choice(self, value, backend: ModuleType, backend_name: str) -> bool:
         """Whether ``fused=value`` runs the fused kernels on ``backend``; raises where it must and cannot."""
-        if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
-            raise ValueError(f"fused: expected 'auto', True or False, got {value!r}")
         why_not = self.why_not_fused(backend, backend_name)
         if value is True and why_not is not None:
             raise ValueError(f"fused=True: {why_not}; pass fused='auto' to run one layer at a time instead")

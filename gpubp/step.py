@@ -119,11 +119,7 @@ class TrainStep:
         if clip_grad_norm is not None:
             clip_grad_norm = _checks.non_negative(clip_grad_norm, "clip_grad_norm")
         self.clip_grad_norm = clip_grad_norm
-        if isinstance(cuda_graph, np.bool_):  # NumPy's bools are bools, as for every flag (_checks.boolean)
-            cuda_graph = bool(cuda_graph)
-        if not (cuda_graph is True or cuda_graph is False or (isinstance(cuda_graph, str) and cuda_graph == "auto")):
-            raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = _checks.switch(cuda_graph, "cuda_graph")
         self._refuse_if_cannot_graph()
         losses.warn_if_another_head(self.loss_fn, model._end(-1).activation, "loss")
         self._graphs: OrderedDict = OrderedDict()

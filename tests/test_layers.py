@@ -367,7 +367,7 @@ def test_fused_auto_runs_layer_by_layer_where_the_backend_has_no_fused_kernels()
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_fused_takes_auto_true_or_false_only(bad):
-    with pytest.raises(ValueError, match="fused: expected 'auto', True or False"):
+    with pytest.raises(ValueError, match="fused: expected True, False or 'auto'"):
         gb.Sequential([gb.Dense(3, 4)], device="cpu", fused=bad)
 
 
