@@ -5,7 +5,10 @@
 writes one row per epoch, ``TerminateOnNaN`` stops at a non-finite loss and
 ``LambdaCallback`` runs functions. ``History`` (what ``fit`` returns) is re-exported here,
 as in ``keras.callbacks``. Keras's names, arguments and meanings; each hook also gets the
-model (``on_epoch_end(model, epoch, logs)``), where Keras sets ``self.model``.
+model (``on_epoch_end(model, epoch, logs)``), where Keras sets ``self.model``. Flags
+(``restore_best_weights``, ``save_best_only``, ``append``) are True or False, and ``verbose`` 0
+or 1 (True, False, or an int >= 0 as Keras reads it): a string such as "False", which Python
+reads as true, is a TypeError naming the argument.
 
 >>> import gpubp as gb
 >>> from gpubp.callbacks import EarlyStopping
@@ -22,6 +25,8 @@ import numbers
 import os
 import string
 import warnings
+
+import numpy as np
 
 from gpubp import _checks, distributed, io
 from gpubp.checkpoint import save_checkpoint
@@ -80,6 +85,18 @@ class Callback:
     def on_train_end(self, model) -> None: ...
 
 
+def _verbosity(verbose) -> int:
+    """A callback's ``verbose``: 0 (or False) quiet, 1 (or True) its messages; a larger int as 1, as
+    Keras reads it. A string or None would be a mistake ("0" is true), so it is a TypeError."""
+    if isinstance(verbose, (bool, np.bool_)):
+        return int(verbose)
+    if not isinstance(verbose, numbers.Integral):
+        raise TypeError(f"verbose: expected 0 or 1 (or True or False), got {verbose!r}")
+    if verbose < 0:
+        raise ValueError(f"verbose: expected 0 or 1 (or True or False), got {verbose!r}")
+    return int(verbose)
+
+
 def _say(message: str) -> None:
     """Print ``message`` on the main process only: under ``fit(distributed=True)`` every rank runs
     the callbacks that do not write files, and each would print it."""
@@ -104,7 +121,9 @@ class EarlyStopping(Callback):
     it continues, so it stops where the uninterrupted run would. The weights of an earlier run's
     best epoch are not in a checkpoint, though: ``restore_best_weights`` can then restore only
     this run's epochs, and warns when the best so far came before it (save the best weights with
-    ``ModelCheckpoint(save_best_only=True)``).
+    ``ModelCheckpoint(save_best_only=True)``). Until an epoch of this run beats that best, it
+    keeps the best of this run's own epochs as above (the first monitored one, or a later one
+    that improves on it by more than ``min_delta``) and restores that; ``verbose=1`` names it.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
@@ -115,13 +134,13 @@ class EarlyStopping(Callback):
         patience = _checks.non_negative_int(patience, "patience")
         self.min_delta = _checks.non_negative(min_delta, "min_delta")
         self.monitor, self.patience, self.mode = monitor, patience, monitor_mode(monitor, mode)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.restore_best_weights = _checks.boolean(restore_best_weights, "restore_best_weights")
         if baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, numbers.Real)
                                      or not math.isfinite(baseline)):
             raise ValueError(f"baseline: expected a finite number or None, got {baseline!r}")
         self.baseline = None if baseline is None else float(baseline)
         self.start_from_epoch = _checks.non_negative_int(start_from_epoch, "start_from_epoch")
-        self.verbose = verbose
+        self.verbose = _verbosity(verbose)
 
     def monitors(self) -> list[str]:
         return [self.monitor]
@@ -137,12 +156,16 @@ class EarlyStopping(Callback):
             for epoch, value in zip(earlier.epoch, earlier.history.get(self.monitor, [])):
                 if epoch >= self.start_from_epoch and not math.isnan(value):  # NaN: not logged then
                     self._count(epoch, value)
-        if self.restore_best_weights and self.best_epoch >= 0:
+        # The best of this run's epochs, restored while the best so far is an earlier run's (whose
+        # weights are not here): the first monitored one, then any that improves on it.
+        self._earlier_best = self.restore_best_weights and self.best_epoch >= 0
+        self._run_best = math.inf if self.mode == "min" else -math.inf
+        self._run_best_epoch, self._run_best_weights = -1, None
+        if self._earlier_best:
             warnings.warn(f"EarlyStopping: the best {self.monitor} so far was at epoch {self.best_epoch + 1}, "
                           "before this resumed run; its weights are not in the checkpoint, so "
                           "restore_best_weights restores the best of this run's epochs",
                           stacklevel=_checks.user_stacklevel())
-            self.best_epoch = -1  # as if nothing were monitored yet: this run's first epoch is the fallback
 
     def _count(self, epoch: int, value: float) -> bool:
         """Count a monitored epoch; True when it improves on the best so far."""
@@ -165,12 +188,19 @@ class EarlyStopping(Callback):
         if epoch < self.start_from_epoch:
             return
         value = logs[self.monitor]
-        if self.restore_best_weights and self.best_weights is None:
+        if self.restore_best_weights and self.best_weights is None and not self._earlier_best:
             self.best_weights, self.best_epoch = model.get_weights(), epoch
         if self._count(epoch, value):
             if self.restore_best_weights:
                 self.best_weights = model.get_weights()
+                self._earlier_best, self._run_best_weights = False, None  # the best so far is this run's now
             return
+        if self._earlier_best:
+            improves = self._improves_on(value, self._run_best)
+            if improves or self._run_best_weights is None:
+                self._run_best_weights, self._run_best_epoch = model.get_weights(), epoch
+            if improves:
+                self._run_best = value
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             model.stop_training = True
@@ -178,7 +208,13 @@ class EarlyStopping(Callback):
     def on_train_end(self, model) -> None:
         if self.stopped_epoch is not None and self.verbose:
             _say(f"Epoch {self.stopped_epoch + 1}: early stopping")
-        if self.best_weights is not None:
+        if self._earlier_best and self._run_best_weights is not None:
+            if self.verbose:
+                _say(f"Restoring model weights from the end of the best epoch of this run: "
+                     f"{self._run_best_epoch + 1} (the best {self.monitor}, at epoch {self.best_epoch + 1}, "
+                     "came before it).")
+            model.set_weights(self._run_best_weights)
+        elif self.best_weights is not None:
             if self.verbose:
                 _say(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             model.set_weights(self.best_weights)
@@ -242,11 +278,12 @@ class ModelCheckpoint(Callback):
         self.every = _checks.positive_int(every, "every")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor: expected the name of a logged value or None, got {type(monitor).__name__}")
+        save_best_only = _checks.boolean(save_best_only, "save_best_only")
         if save_best_only and monitor is None:
             raise ValueError("save_best_only: needs a monitor, e.g. ModelCheckpoint(path, monitor='val_loss', "
                              "save_best_only=True)")
         self.mode = monitor_mode(monitor or "loss", mode)
-        self.monitor, self.save_best_only = monitor, bool(save_best_only)
+        self.monitor, self.save_best_only = monitor, save_best_only
         self.best = None
         self.last_path = None
 
@@ -328,7 +365,7 @@ class LearningRateScheduler(Callback):
     def __init__(self, schedule, verbose: int = 0) -> None:
         if not callable(schedule):
             raise TypeError(f"schedule: expected a function (epoch, lr) -> lr, got {type(schedule).__name__}")
-        self.schedule, self.verbose = schedule, verbose
+        self.schedule, self.verbose = schedule, _verbosity(verbose)
         self._takes_rate = _takes_two_arguments(schedule)
 
     def on_epoch_begin(self, model, epoch: int) -> None:
@@ -361,7 +398,7 @@ class ReduceLROnPlateau(Callback):
             raise TypeError(f"monitor: expected the name of a logged value, got {type(monitor).__name__}")
         if not _checks.non_negative(factor, "factor") < 1.0:
             raise ValueError(f"factor: expected a number < 1.0 (a reduction), got {factor}")
-        self.monitor, self.factor, self.verbose = monitor, float(factor), verbose
+        self.monitor, self.factor, self.verbose = monitor, float(factor), _verbosity(verbose)
         self.patience = _checks.non_negative_int(patience, "patience")
         self.cooldown = _checks.non_negative_int(cooldown, "cooldown")
         self.min_delta = _checks.non_negative(min_delta, "min_delta")
@@ -427,7 +464,8 @@ class CSVLogger(Callback):
     def __init__(self, filename, separator: str = ",", append: bool = False) -> None:
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError(f"separator: expected one character, got {separator!r}")
-        self.filename, self.separator, self.append = os.fspath(filename), separator, bool(append)
+        self.filename, self.separator = os.fspath(filename), separator
+        self.append = _checks.boolean(append, "append")
         self.keys = None
 
     def on_train_begin(self, model) -> None:

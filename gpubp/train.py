@@ -98,6 +98,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     logged under its name (two of one name, or one named "loss", are refused).
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
     terminal), 2 one line per epoch; on stdout, as Keras prints them.
+    ``shuffle`` (each epoch's batches drawn in a new random order) and ``distributed`` are True
+    or False: a string such as "False" or Keras's "batch" is a TypeError, before the first step.
     ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
     to ``epochs - 1`` (none when they are equal: a run resumed from its last checkpoint), and
     the History continues ``model.history`` (which :func:`gpubp.load_checkpoint` restores) up
@@ -126,8 +128,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         raise ValueError(f"initial_epoch: expected an int in [0, epochs={epochs}], got {initial_epoch!r} "
                          "(epochs counts from the start of the run, as in Keras)")
     batch_size = 32 if batch_size is None else _checks.positive_int(batch_size, "batch_size")  # None: Keras's 32
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+    verbose = check_verbose(verbose)
+    shuffle = _checks.boolean(shuffle, "shuffle")
+    distributed = _checks.boolean(distributed, "distributed")
+    cuda_graph = _checks.switch(cuda_graph, "cuda_graph")
     if isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real) \
             or not 0 <= validation_split < 1:
         raise ValueError(f"validation_split: expected a float in [0, 1), got {validation_split!r}")
@@ -195,6 +199,31 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     with batches.at_rate(opt, learning_rate, restore=not schedule.logs_rate):
         return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
                       epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel)
+
+
+def check_verbose(verbose) -> int:
+    """``verbose`` of ``fit``, ``Model.evaluate`` and ``Model.predict``: 0, 1 or 2 (True and False
+    are 1 and 0), else a ValueError naming it."""
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+    return int(verbose)
+
+
+def evaluate_verbosely(model, x, y, verbose, **kwargs) -> dict:
+    """``Model.evaluate``: :func:`gpubp.batches.evaluate`, and with ``verbose`` 1 or 2 one line of
+    its results on stdout once computed, as ``fit(verbose=2)`` prints an epoch's:
+    ``evaluate - 0.01s - loss: 0.1398 - accuracy: 0.9700``; 0 prints nothing."""
+    verbose = check_verbose(verbose)
+    start = time.perf_counter()
+    result = evaluate(model, x, y, **kwargs)
+    if verbose:
+        print(_line("evaluate", time.perf_counter() - start, result), file=sys.stdout, flush=True)
+    return result
+
+
+def _line(head: str, seconds: float, logs: dict) -> str:
+    """One line of logged values, as ``fit(verbose=2)`` prints an epoch's and ``evaluate`` its results."""
+    return " - ".join([head, f"{seconds:.2f}s", *(f"{k}: {_shown(v)}" for k, v in logs.items())])
 
 
 def _check_monitors(callbacks: list, logged: list[str]) -> None:
@@ -339,8 +368,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
             bar.set_postfix({k: _shown(v) for k, v in logs.items()})
             bar.close()
         elif verbose == 2:
-            print(f"epoch {epoch + 1}/{epochs} - {seconds:.2f}s - "
-                  + " - ".join(f"{k}: {_shown(v)}" for k, v in logs.items()), file=sys.stdout, flush=True)
+            print(_line(f"epoch {epoch + 1}/{epochs}", seconds, logs), file=sys.stdout, flush=True)
         for cb in others:
             cb.on_epoch_end(model, epoch, logs)
         # The History takes the epoch after the other callbacks, as Keras's does (what they add to

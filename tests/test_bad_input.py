@@ -348,6 +348,36 @@ def test_bad_fit_options_name_the_option_and_train_nothing(kwargs, error, match)
         model.fit(x, y, **{"verbose": 0, **kwargs})
 
 
+@pytest.mark.parametrize("flag, value", [("shuffle", "False"), ("shuffle", "batch"), ("shuffle", 0), ("shuffle", None),
+                                         ("distributed", "False"), ("distributed", 1)])
+def test_a_fit_flag_that_is_not_a_bool_is_a_type_error_naming_it_before_any_step(flag, value):
+    """As predict's logits: "False" is true to Python, and Keras's shuffle="batch" is no gpubp order."""
+    model = make_model()
+    x, y = data()
+    with rejected(model, TypeError, rf"^{flag}: expected True or False, got {value!r}$"):
+        model.fit(x, y, verbose=0, **{flag: value})
+
+
+def test_fit_takes_numpy_bools_as_its_flags():
+    x, y = data()
+    models = make_model(), make_model()
+    models[0].fit(x, y, batch_size=4, shuffle=False, distributed=False, cuda_graph=False, verbose=0)
+    models[1].fit(x, y, batch_size=4, shuffle=np.False_, distributed=np.False_, cuda_graph=np.False_, verbose=0)
+    assert_weights_equal(models[0].get_weights(), models[1])
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, x, y, verbose: model.evaluate(x, y, verbose=verbose),
+    lambda model, x, y, verbose: model.predict(x, verbose=verbose),
+], ids=["evaluate", "predict"])
+@pytest.mark.parametrize("value", [3, -1, "auto", None])
+def test_evaluate_and_predict_check_verbose_as_fit_does(call, value):
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, rf"^verbose: expected 0, 1 or 2, got {value!r}$"):
+        call(model, x, y, value)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda p: gb.optim.SGD(p, lr=-0.1), "lr: expected a finite number >= 0, got -0.1"),
     (lambda p: gb.optim.SGD(p, lr=float("nan")), "lr: expected a finite number >= 0, got nan"),

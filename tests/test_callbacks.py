@@ -283,6 +283,73 @@ def test_without_terminate_on_nan_a_non_finite_loss_raises_naming_the_callback()
         new_model().fit(x, y, loss="mse", epochs=1, batch_size=8, shuffle=False, verbose=0)
 
 
+# ----------------------------------------------------------------------------- EarlyStopping in a resumed run
+
+
+def earlier_run(value, monitor="val_loss"):
+    """The History of an earlier run whose one epoch (epoch 0) logged ``value``, as a checkpoint
+    restores it: a resumed fit (initial_epoch=1) continues it."""
+    history = gb.History()
+    history.append(0, {"loss": 1.0, monitor: value}, 0.0)
+    return history
+
+
+class RecordWeights(gb.Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.weights.append(model.get_weights())
+
+
+def test_restore_best_weights_in_a_resumed_run_restores_this_runs_best_epoch_when_the_best_came_before_it(capsys):
+    """The earlier run's val_loss of 0, which no cross-entropy reaches, is the best so far all run
+    long: its weights are not in the checkpoint, so the best of this run's epochs comes back (not
+    its first), and verbose=1 names the epoch whose weights those are."""
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)  # learnable: the validation loss falls, then rises
+    model = new_model()
+    model.history = earlier_run(0.0)
+    record = RecordWeights()
+    stopper = gb.EarlyStopping("val_loss", patience=10, restore_best_weights=True, verbose=1)
+    with pytest.warns(UserWarning, match=r"best val_loss so far was at epoch 1, before this resumed run; .* "
+                                         r"restores the best of this run's epochs"):
+        history = model.fit(x, y, optimizer=gb.optim.SGD(model.parameters(), lr=0.5), epochs=6, initial_epoch=1,
+                            batch_size=8, shuffle=False, validation_split=0.25, callbacks=[record, stopper],
+                            verbose=0)
+    assert history.epoch == [0, 1, 2, 3, 4, 5] and stopper.stopped_epoch is None
+    this_run = history["val_loss"][1:]
+    best = int(np.argmin(this_run))
+    assert best > 0, f"this run's first epoch is its best ({this_run}): the test needs a later one"
+    assert_weights_equal(record.weights[best], model)
+    epoch = history.epoch[1 + best]
+    assert capsys.readouterr().out.splitlines() == [
+        f"Restoring model weights from the end of the best epoch of this run: {epoch + 1} "
+        "(the best val_loss, at epoch 1, came before it)."]
+
+
+@pytest.mark.parametrize("monitor, earlier, values, min_delta, restored", [
+    ("val_loss", 0.1, [0.5, 0.3, 0.4], 0.0, 1),  # none beats the earlier best: this run's best
+    ("val_loss", 0.1, [0.5, 0.4, 0.25], 0.2, 2),  # ... counted as the run counts, by more than min_delta
+    ("val_accuracy", 0.9, [0.5, 0.7, 0.6], 0.0, 1),  # maximised
+    ("val_loss", 0.4, [0.5, 0.3, 0.35], 0.0, 1),  # beats the earlier best: the best so far
+    ("val_loss", 1.0, [0.8, 0.45, 0.6], 0.5, 1),  # beats it by min_delta, though not this run's first
+], ids=["this_runs_best", "this_runs_best_min_delta", "this_runs_best_max", "beats_earlier", "beats_earlier_min_delta"])
+def test_restore_best_weights_in_a_resumed_run_restores_the_best_it_can(monitor, earlier, values, min_delta, restored):
+    """The callback driven by hand, each epoch's weights filled with the epoch's index in this run:
+    the best so far when this run reached it, else the best of this run's epochs."""
+    model = new_model()
+    model.history = earlier_run(earlier, monitor)
+    stopper = gb.EarlyStopping(monitor, patience=10, min_delta=min_delta, restore_best_weights=True)
+    with pytest.warns(UserWarning, match="before this resumed run"):
+        stopper.on_train_begin(model)
+    for i, value in enumerate(values):
+        model.set_weights([np.full_like(w, i) for w in model.get_weights()])
+        stopper.on_epoch_end(model, 1 + i, {"loss": 1.0, monitor: value})
+    stopper.on_train_end(model)
+    assert_weights_equal([np.full_like(w, restored) for w in model.get_weights()], model)
+
+
 # ----------------------------------------------------------------------------- messages
 
 
@@ -329,3 +396,40 @@ def test_lambda_callback_calls_functions_with_keras_signatures():
 def test_lambda_callback_refuses_what_it_cannot_call():
     with pytest.raises(TypeError, match="on_epoch_end: expected a function, got int"):
         callbacks.LambdaCallback(on_epoch_end=3)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("make, flag", [
+    (lambda value: gb.EarlyStopping("loss", restore_best_weights=value), "restore_best_weights"),
+    (lambda value: gb.ModelCheckpoint("best.npz", monitor="loss", save_best_only=value), "save_best_only"),
+    (lambda value: callbacks.CSVLogger("log.csv", append=value), "append"),
+], ids=["restore_best_weights", "save_best_only", "append"])
+@pytest.mark.parametrize("value", ["False", 1, None])
+def test_a_callback_flag_that_is_not_a_bool_is_a_type_error_naming_it(make, flag, value):
+    """"False" is true to Python, so a flag takes True or False only, as fit's shuffle does."""
+    x, y = data()
+    model = new_model()
+    with rejected(model, TypeError, rf"^{flag}: expected True or False, got {value!r}$"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[make(value)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda value: gb.EarlyStopping("loss", verbose=value),
+    lambda value: callbacks.ReduceLROnPlateau("loss", verbose=value),
+    lambda value: callbacks.LearningRateScheduler(lambda epoch, lr: lr, verbose=value),
+], ids=["EarlyStopping", "ReduceLROnPlateau", "LearningRateScheduler"])
+@pytest.mark.parametrize("value, error", [("0", TypeError), (None, TypeError), (0.5, TypeError), (-1, ValueError)])
+def test_a_callbacks_verbose_that_is_no_count_is_refused_naming_it(make, value, error):
+    x, y = data()
+    model = new_model()
+    with rejected(model, error, rf"^verbose: expected 0 or 1 \(or True or False\), got {value!r}$"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[make(value)])
+
+
+def test_callback_flags_and_verbose_take_numpy_bools_and_keras_ints(tmp_path):
+    assert gb.EarlyStopping(restore_best_weights=np.True_, verbose=np.False_).restore_best_weights is True
+    assert gb.ModelCheckpoint(tmp_path / "best.npz", monitor="loss", save_best_only=np.True_).save_best_only is True
+    assert callbacks.CSVLogger(tmp_path / "log.csv", append=np.False_).append is False
+    assert [callbacks.ReduceLROnPlateau(verbose=value).verbose for value in (0, 1, 2, True)] == [0, 1, 2, 1]

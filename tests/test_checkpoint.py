@@ -364,7 +364,8 @@ def test_restore_best_weights_warns_when_the_best_epoch_came_before_the_resumed_
         resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, [never_improving(restore_best_weights=True)],
                         initial_epoch=ckpt.epoch)
     assert resumed.epoch == [0, 1, 2, 3]
-    # No epoch of this run improves, so it restores its first epoch's weights, its fallback.
+    # No epoch of this run improves on its first by min_delta=10, so its first is the best of this
+    # run's epochs, which it restores (see test_callbacks for a later one).
     assert_weights_equal(first_epoch.model.get_weights(), ckpt.model)
 
 

@@ -312,6 +312,31 @@ def test_evaluate_scores_accuracy_by_default_for_class_labels(loss, rng):
     assert set(result) == ({"accuracy"} if loss is None else {"loss", "accuracy"})
 
 
+def test_evaluate_and_predict_take_kerass_verbose_and_print_nothing_at_0_the_default(rng, capsys):
+    """Keras scripts pass verbose=0; predict prints nothing at any level (Keras's bar only times it)."""
+    model = dense_model()
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), np.arange(8) % 3
+    assert model.evaluate(x, y, verbose=0) == model.evaluate(x, y)
+    for verbose in (0, 1, 2):
+        np.testing.assert_array_equal(model.predict(x, verbose=verbose), model.predict(x))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_evaluate_with_verbose_prints_one_line_of_its_results_as_fit_prints_an_epochs(rng, capsys, verbose):
+    model = dense_model()
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), np.arange(8) % 3
+    result = model.evaluate(x, y, loss="cross_entropy", metrics=["accuracy", "f1"], verbose=verbose)
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    head, seconds, *fields = out[:-1].split(" - ")
+    assert head == "evaluate" and re.fullmatch(r"\d+\.\d\ds", seconds), out
+    shown = dict(field.split(": ") for field in fields)
+    assert list(shown) == list(result) == ["loss", "accuracy", "f1"]
+    for name, value in result.items():
+        assert float(shown[name]) == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
 def test_evaluate_takes_the_compiled_metrics_over_the_default(rng):
     model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
     model.compile(loss="mse", metrics=["mae"])
