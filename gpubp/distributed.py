@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -198,6 +199,16 @@ def _shard(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def _scheduler_label(scheduler) -> str | None:
+    """The scheduler's class and state (its settings, step count and rates), which every rank's
+    must match: a StepLR of another gamma would move the rates apart. A LambdaLR's functions are
+    not part of its state and go uncompared, as in PyTorch's ``state_dict``."""
+    if scheduler is None:
+        return None
+    state = json.dumps(scheduler.state_dict(), sort_keys=True, default=repr)
+    return f"{type(scheduler).__name__}({state})"
+
+
 class DataParallel:
     """What ``fit`` needs to train ``model`` data-parallel on the process group.
 
@@ -209,10 +220,13 @@ class DataParallel:
     def __init__(self, model, batch_size: int, data: tuple, validation: tuple | None = None, *,
                  epochs: tuple[int, int] | None = None, shuffle: bool = True, loss=losses.cross_entropy,
                  metrics=(), optimizer=None, learning_rate: float | None = None,
-                 clip_grad_norm: float | None = None, scheduler=None, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 clip_grad_norm: float | None = None, scheduler=None, scheduler_steps: tuple = ("epoch", None),
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
         """``data`` (x, y, training weights or None) and ``validation`` (x_val, y_val, weights or
         None) are fit's checked host arrays; they and the keyword arguments, fit's, are what every
-        rank must pass alike (:func:`check_setups`)."""
+        rank must pass alike (:func:`check_setups`). ``scheduler_steps``: when fit steps the
+        scheduler ("epoch" or "batch") and the logged value it passes (None: none), as resolved
+        from ``scheduler_interval`` and ``scheduler_monitor``."""
         import torch
 
         init(model.device, timeout_s)
@@ -229,7 +243,8 @@ class DataParallel:
                      "metrics": [metric_fns.get(m)[0] for m in metrics],
                      "optimizer": None if optimizer is None else repr(optimizer),
                      "learning_rate": learning_rate, "clip_grad_norm": clip_grad_norm,
-                     "scheduler": None if scheduler is None else type(scheduler).__name__}
+                     "scheduler": _scheduler_label(scheduler),
+                     "scheduler_interval/scheduler_monitor": None if scheduler is None else list(scheduler_steps)}
         x, y, weights = data
         fingerprints = {"x": fingerprint(x), "y": fingerprint(y), "sample_weight/class_weight": fingerprint(weights)}
         if validation is not None:

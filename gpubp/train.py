@@ -191,7 +191,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         parallel = DataParallel(model, batch_size, (x, y, weights), None if x_val is None else (x_val, y_val, w_val),
                                 epochs=(initial_epoch, epochs), shuffle=shuffle, loss=loss_fn, metrics=metrics,
                                 optimizer=opt, learning_rate=learning_rate, clip_grad_norm=clip_grad_norm,
-                                scheduler=scheduler)
+                                scheduler=scheduler,
+                                scheduler_steps=("batch" if schedule.per_batch else "epoch", schedule.monitor))
         if parallel.rank != 0:
             verbose = 0
             callbacks = [cb for cb in callbacks if not cb.main_process_only]

@@ -143,6 +143,16 @@ def test_distributed_fit_refuses_a_shard_per_rank_saying_every_rank_passes_the_w
         assert "every rank must pass the whole dataset" in message and "no DistributedSampler" in message
 
 
+def test_distributed_fit_refuses_ranks_whose_schedulers_would_set_other_rates(ranks):
+    """A StepLR of another gamma, or the same one stepped per batch on one rank and per epoch on
+    the other, would train the ranks to other weights: refused on both, naming what differs."""
+    for saved in ranks["saved"]:
+        gamma, interval = (str(error) for error in saved["scheduler_errors"])
+        assert gamma.startswith("scheduler: rank 0 trains with scheduler StepLR(") and "0.9" in gamma
+        assert interval.startswith("scheduler_interval/scheduler_monitor: rank 0 trains with "
+                                   "scheduler_interval/scheduler_monitor ['epoch', None], rank 1 with ['batch', None]")
+
+
 @pytest.mark.parametrize("key", ["loss", "val_loss", "val_accuracy"])
 def test_distributed_fit_with_fewer_validation_samples_than_ranks_matches_one_process(ranks, key):
     want = worker.small_validation_fit(distributed=False)[key]
@@ -307,7 +317,7 @@ def test_check_setups_rejects_different_datasets(key, name):
 FIT_SETUP = {
     "arguments": {"batch_size": 8, "epochs": (0, 3), "shuffle": True, "loss": "gpubp.losses.cross_entropy",
                   "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "learning_rate": None,
-                  "clip_grad_norm": None, "scheduler": None},
+                  "clip_grad_norm": None, "scheduler": None, "scheduler_interval/scheduler_monitor": None},
     "model": [[[3, 2], "float32", True], [[2], "float32", True]],
     "data": {"x": "0a", "y": "1b", "sample_weight/class_weight": "2c", "validation data": "3d"},
 }
@@ -351,6 +361,19 @@ def test_check_setups_rejects_ranks_that_would_train_differently(key, value):
     with pytest.raises(ValueError, match=rf"^{key}: rank 0 trains with {key} .*, rank 1 with {re.escape(str(value))}; "
                                          "every rank must call fit with the same arguments"):
         distributed.check_setups([setup(**FIT_SETUP), fit_setup("arguments", key, value)])
+
+
+def test_ranks_compare_a_schedulers_settings_and_state_not_just_its_class():
+    def label(gamma: float, steps: int = 0) -> str:
+        scheduler = gb.optim.lr_scheduler.StepLR(gb.optim.SGD(gb.Dense(3, 2).parameters(), lr=0.1), 1, gamma=gamma)
+        for _ in range(steps):
+            scheduler.step()
+        return distributed._scheduler_label(scheduler)
+
+    assert label(0.5) == label(0.5) and label(0.5).startswith("StepLR(")
+    assert label(0.5) != label(0.9)  # another decay
+    assert label(0.5) != label(0.5, steps=2)  # resumed from another epoch
+    assert distributed._scheduler_label(None) is None
 
 
 @pytest.mark.parametrize("name", ["x", "y", "sample_weight/class_weight", "validation data"])

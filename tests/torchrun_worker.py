@@ -15,7 +15,9 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 4. ``fit(distributed=True)`` with a validation_split that leaves fewer validation samples
    than ranks (:func:`small_validation_fit`);
 5. ``fit(distributed=True)`` with an ``EarlyStopping(verbose=1)`` that stops it (what it prints);
-6. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
+6. ``fit(distributed=True)`` twice with schedulers the ranks set apart: another StepLR gamma,
+   then the same StepLR stepped per epoch on one rank and per batch on the other (the errors);
+7. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
    rank's half of a global batch.
 
 The test computes the single-process references with the functions below. With
@@ -68,6 +70,20 @@ def small_validation_fit(distributed: bool, device: str = "cpu"):
     model = gb.Sequential([gb.Dense(6, 3)], device=device)
     return model.fit(x[:10], y[:10], epochs=2, batch_size=4, validation_split=0.1, metrics=["accuracy"], verbose=0,
                      distributed=distributed)
+
+
+def scheduler_fit_error(x, y, gamma: float, interval: str) -> str:
+    """The error of a distributed fit with a StepLR(step_size=1, gamma) stepped per ``interval``
+    ('' if it trained): ranks whose rates would move apart must be refused before the first step."""
+    model = gb.Sequential([gb.Dense(6, 3)], device=DEVICE)
+    optimizer = gb.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = gb.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma)
+    try:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, distributed=True, optimizer=optimizer,
+                  scheduler=scheduler, scheduler_interval=interval)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def ddp_data():
@@ -134,6 +150,9 @@ def main(out_dir: str) -> None:
     still.fit(x, y, epochs=3, batch_size=16, shuffle=False, learning_rate=0.0, verbose=0, distributed=True,
               callbacks=[gb.EarlyStopping("loss", verbose=1)])
 
+    scheduler_errors = [scheduler_fit_error(x, y, gamma=0.5 if rank == 0 else 0.9, interval="epoch"),
+                        scheduler_fit_error(x, y, gamma=0.5, interval="epoch" if rank == 0 else "batch")]
+
     gb.seed(DDP_SEED)
     mlp = MLP([6, 10, 3]).to(DEVICE)
     ddp = DistributedDataParallel(mlp)
@@ -145,6 +164,7 @@ def main(out_dir: str) -> None:
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
              val_accuracy=np.array(history["val_accuracy"]), val_f1=np.array(history["val_f1"]),
              batch_error=np.array(batch_error), shard_error=np.array(shard_error),
+             scheduler_errors=np.array(scheduler_errors),
              small_loss=np.array(small["loss"]), small_val_loss=np.array(small["val_loss"]),
              small_val_accuracy=np.array(small["val_accuracy"]),
              ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
