@@ -119,6 +119,9 @@ class Layer:
     # Whether forward can apply the mask of a Dropout right above it in its own epilogue (and
     # backward regenerate it): Sequential then runs the two as one step.
     takes_dropout = False
+    # Whether the layer's widths are its neighbour's, set by the model that holds it (a Dropout's),
+    # rather than its own: such a layer does not fix a model's input width.
+    width_from_model = False
     # Whether, on a backend with the FOLDS_DX_ACT capability, backward can form the dz of a layer
     # of this kind below in its dX kernel's epilogue (``below=``), and take from the layer above a
     # dy that is already its own dz (``folded=True``): see ``Sequential.folded``.
@@ -435,15 +438,11 @@ class Dropout(Layer):
     """
 
     kind = "dropout"
+    width_from_model = True
 
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
-            raise TypeError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), "
-                            f"got {type(rate).__name__} {rate!r}")
-        if not 0 <= rate < 1:
-            raise ValueError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), got {rate}")
-        self.rate = float(rate)
+        self.rate = rate
         # The width is the layer's below (or, standing first, the layer's above): set by Sequential.
         self.in_features = self.out_features = None
         self._key = None  # the backend array (2,) uint32 of the last drawn key
@@ -452,7 +451,28 @@ class Dropout(Layer):
         # sets it): the mask's row counters start there, so the processes draw one process's masks.
         self.rows_from = 0
 
+    @property
+    def rate(self) -> float:
+        """The fraction of inputs dropped, in [0, 1); checked when set, as by the constructor (a
+        rate set out of range would train on outputs scaled by a negative factor)."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate) -> None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+            raise TypeError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), "
+                            f"got {type(rate).__name__} {rate!r}")
+        if not 0 <= rate < 1:
+            raise ValueError(f"rate: expected a number in [0, 1) (the fraction of inputs dropped), got {rate}")
+        self._rate = float(rate)
+
     def connect(self, width: int, where: str, below: str) -> None:
+        # A Dropout another live model holds keeps that model's width: a second model may share
+        # it at the same width, and one that needs another width takes a Dropout of its own.
+        held = self.in_features is not None and width != self.in_features and any(True for _ in self._holders)
+        if held:
+            raise ValueError(f"{where}: this Dropout stands in another model at width {self.in_features}, "
+                             f"and {below} gives it {width}; give this model a Dropout({self.rate:g}) of its own")
         self.in_features = self.out_features = width
 
     def _bind(self, backend: ModuleType, dtype=None) -> None:
@@ -503,6 +523,9 @@ class Dropout(Layer):
     _transient = Layer._transient + ("_key", "_mask")  # the next training forward draws a key
 
     def __setstate__(self, state: dict) -> None:
+        if "rate" in state:  # pickled before the rate was a checked property
+            state = {**state, "_rate": state["rate"]}
+            del state["rate"]
         super().__setstate__(state)
         self._key = None
 
@@ -719,12 +742,12 @@ class Sequential:
     def _adopt_input_width(self) -> None:
         """Layers that take their width from the layer below (Dropout) and stand first take it
         from the first layer above them that has one."""
-        known = next((layer.in_features for layer in self.layers if layer.in_features is not None), None)
+        known = next((layer.in_features for layer in self.layers if not layer.width_from_model), None)
         if self.layers and known is None:
             raise ValueError("layers: no layer fixes the input width (a model of Dropout layers alone); "
                              "add a Dense")
         for i, layer in enumerate(self.layers):
-            if layer.in_features is not None:
+            if not layer.width_from_model:
                 break
             layer.connect(known, f"layers[{i}]", "the first layer with a width")
 

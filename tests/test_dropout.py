@@ -9,6 +9,7 @@ that skip work, nothing stored for the mask).
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -149,6 +150,53 @@ def test_a_dropout_above_a_hidden_sigmoid_or_another_output_stays_allowed(layers
 def test_a_rate_that_is_not_a_number_is_refused_naming_rate(rate):
     with pytest.raises(TypeError, match="rate: expected a number"):
         gb.Dropout(rate)
+
+
+@pytest.mark.parametrize("rate, error", [(1.5, ValueError), (-0.1, ValueError), ("0.5", TypeError)])
+def test_a_rate_set_after_construction_is_checked_as_the_constructors_and_the_old_one_stays(rate, error):
+    """Set out of range, the rate trained on outputs scaled by a negative factor, and save wrote
+    a file that load refuses."""
+    model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dropout(0.25), gb.Dense(4, 2)], device="cpu")
+    with pytest.raises(error, match="rate: expected a number in \\[0, 1\\)"):
+        model[1].rate = rate
+    assert model[1].rate == 0.25
+    model[1].rate = np.float32(0.5)
+    assert model[1].rate == 0.5 and type(model[1].rate) is float
+
+
+def test_a_dropout_pickled_with_a_plain_rate_attribute_loads():
+    """Dropouts pickled before ``rate`` became a checked property hold it as ``rate``."""
+    layer = gb.Dropout(0.3)
+    state = layer.__getstate__()
+    state["rate"] = state.pop("_rate")
+    old = gb.Dropout.__new__(gb.Dropout)
+    old.__setstate__(state)
+    assert old.rate == 0.3 and repr(old) == "Dropout(0.3)"
+
+
+def test_a_dropout_standing_first_takes_a_new_models_width_once_no_other_model_holds_it():
+    dropout = gb.Dropout(0.2)
+    first = gb.Sequential([dropout, gb.Dense(4, 3)], device="cpu")
+    with pytest.raises(ValueError, match=r"layers\[0\]: this Dropout stands in another model at width 4.*"
+                                         r"give this model a Dropout\(0.2\) of its own"):
+        gb.Sequential([dropout, gb.Dense(6, 3)], device="cpu")
+    assert (first[0].in_features, first.in_features) == (4, 4)  # the refused model took nothing
+    same_width = gb.Sequential([dropout, gb.Dense(4, 2)], device="cpu")  # shared at its width
+    assert same_width.predict(np.ones((2, 4), np.float32)).shape == (2, 2)
+    del first, same_width
+    gc.collect()
+    second = gb.Sequential([dropout, gb.Dense(6, 3)], device="cpu")
+    assert (second[0].in_features, second.in_features) == (6, 6)
+
+
+def test_a_dropout_shared_between_models_keeps_the_width_of_the_model_that_holds_it():
+    """Placed at width 5 in a second model, a Dropout of the first at width 8 showed 5 there."""
+    dropout = gb.Dropout(0.1)
+    first = gb.Sequential([gb.Dense(3, 8, "relu"), dropout, gb.Dense(8, 2)], device="cpu")
+    with pytest.raises(ValueError, match=r"layers\[1\]: this Dropout stands in another model at width 8, "
+                                         r"and layers\[0\] gives it 5"):
+        gb.Sequential([gb.Dense(3, 5, "relu"), dropout, gb.Dense(5, 2)], device="cpu")
+    assert (first[1].in_features, first[1].out_features) == (8, 8)
 
 
 def test_a_dropout_takes_its_width_from_the_layer_below_or_standing_first_from_the_one_above():
