@@ -103,10 +103,12 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
         "scheduler": None if scheduler is None else {"class": type(scheduler).__name__,
                                                      "state": _json_ready(_scheduler_state(scheduler))},
         "random_state": _random.get_state(),
-        "history": {"epoch": history.epoch, "epoch_times": history.epoch_times, "history": history.history},
+        # A value an epoch did not log is NaN (History pads with it): written as the scheduler's inf is.
+        "history": _json_ready({"epoch": history.epoch, "epoch_times": history.epoch_times,
+                                "history": history.history}),
         "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
     }
-    io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors)
+    io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors, allow_nan=False)
 
 
 def _scheduler_state(scheduler: lr_scheduler.LRScheduler) -> dict:
@@ -119,8 +121,12 @@ def _scheduler_state(scheduler: lr_scheduler.LRScheduler) -> dict:
 
 
 def _json_ready(value):
-    """``value`` with every non-finite float (ReduceLROnPlateau's best starts at inf) written as
-    ``{"float": "inf"}``, so that the header stays plain JSON; ``_from_json`` reads it back."""
+    """``value`` with every non-finite float (ReduceLROnPlateau's best starts at inf, the History
+    pads an epoch that did not log a value with NaN) written as ``{"float": "inf"}``, so that the
+    header stays plain JSON; ``_from_json`` reads it back. NumPy scalars become the Python numbers
+    they hold first, as the header's writer would write them."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, dict):
         return {key: _json_ready(v) for key, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -269,6 +275,7 @@ def _state_entry(value, tensors: dict[str, np.ndarray]):
 
 
 def _history_from(saved: dict) -> History:
+    saved = _from_json(saved)  # NaN and inf as _json_ready wrote them
     history = History()
     epochs, times, values = saved["epoch"], saved["epoch_times"], saved["history"]
     if not (isinstance(epochs, list) and isinstance(times, list) and isinstance(values, dict)) \

@@ -23,6 +23,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -136,8 +137,33 @@ def _tensors(model: Sequential) -> dict[str, np.ndarray]:
     return dict(zip(tensor_names(model), model.get_weights()))
 
 
+# A temporary file's name: '.gpubp-' and a hash of the target's name (so that the name is as long
+# for any target, and a target as long as the filesystem allows still gets one), the writer's pid
+# (so that a later save can tell a killed writer's leftover from a live one's) and a random token.
+TEMP_HASH_CHARS = 16
+TEMP_TOKEN_CHARS = 16
+
+
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
+    """The start of the names of ``path``'s temporary files: no other target's begin so."""
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:TEMP_HASH_CHARS]
+    return f".gpubp-{digest}."
+
+
+def _temp_prefixes(path: Path) -> tuple[str, str]:
+    """The starts of the names of ``path``'s temporary files: the current form (:func:`_temp_prefix`),
+    and the ``.{target's name}.`` of gpubp versions before it, whose leftovers are cleared too."""
+    return _temp_prefix(path), f".{path.name}."
+
+
+def _temp_pid(name: str, prefixes: tuple[str, ...]) -> int | None:
+    """The writer's pid, where ``name`` is ``{one of prefixes}{pid}.{token}.tmp``; None otherwise."""
+    rest = next((name[len(prefix):] for prefix in prefixes if name.startswith(prefix)), None)
+    parts = rest.split(".") if rest is not None else []
+    if len(parts) == 3 and parts[0].isdigit() and parts[0].isascii() and parts[2] == "tmp" \
+            and len(parts[1]) == TEMP_TOKEN_CHARS and all(c in "0123456789abcdef" for c in parts[1]):
+        return int(parts[0])
+    return None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -170,7 +196,7 @@ def _new_temp(path: Path) -> tuple[int, Path]:
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(TEMP_TOKEN_CHARS // 2)}.tmp"
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:  # another thread of this process drew the same name
@@ -201,16 +227,15 @@ def _sync_folder(folder: Path) -> None:
 def _remove_orphaned_temps(path: Path) -> None:
     """Delete temporary files that writers of ``path`` killed mid-save left behind.
 
-    A writer counts as gone when no process on this machine has its pid.
+    A writer counts as gone when no process on this machine has its pid. Only names of the form
+    :func:`_new_temp` gives ``path``'s temporary files are touched (:func:`_temp_pid`).
     """
     if os.name != "posix":
         return
-    prefix = _temp_prefix(path)
+    prefixes = _temp_prefixes(path)
     for entry in path.parent.iterdir():
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
-            continue
-        pid = entry.name[len(prefix):].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        pid = _temp_pid(entry.name, prefixes)
+        if pid is not None and not _process_alive(pid):
             entry.unlink(missing_ok=True)
 
 
@@ -224,11 +249,20 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_file(path, header: dict, tensors: dict[str, np.ndarray]) -> None:
-    """Write ``header`` (JSON) and ``tensors`` to ``path`` (.npz or .safetensors), atomically."""
+def write_file(path, header: dict, tensors: dict[str, np.ndarray], allow_nan: bool = True) -> None:
+    """Write ``header`` (JSON) and ``tensors`` to ``path`` (.npz or .safetensors), atomically.
+
+    gpubp's own files pass ``allow_nan=False``: their headers are plain JSON, which has no NaN or
+    inf (a checkpoint writes those as ``{"float": "nan"}``); a header holding one is then a
+    ValueError, before anything is written. The default, as ``json.dumps``'s, writes them as the
+    bare ``NaN`` and ``Infinity`` that Python's JSON reader (and so :func:`read_file`) accepts.
+    """
     suffix = _suffix(path)
     path = Path(path)
-    text = json.dumps(header, default=_json_scalar)
+    try:
+        text = json.dumps(header, default=_json_scalar, allow_nan=allow_nan)
+    except ValueError as exc:  # allow_nan=False and a NaN or inf
+        raise ValueError(f"header: not plain JSON ({exc})") from None
     if suffix == ".npz":
         _atomic_write(path, lambda f: np.savez(f, __architecture__=np.array(text), **tensors))
     else:
@@ -250,7 +284,7 @@ def save(model: Sequential, path) -> None:
         data = onnx.model_proto(model).SerializeToString()
         _atomic_write(Path(path), lambda f: f.write(data))
         return
-    write_file(path, *model_contents(model))
+    write_file(path, *model_contents(model), allow_nan=False)
 
 
 def _model_suffix(path) -> str:

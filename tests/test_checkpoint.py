@@ -306,6 +306,31 @@ def test_a_run_with_a_schedule_resumes_bit_identical(tmp_path, case):
     assert resumed.history == full.history
 
 
+FLOAT32_OPTIONS = {
+    "sgd": lambda model: gb.optim.SGD(model.parameters(), lr=np.float32(0.05), momentum=np.float32(0.9),
+                                      weight_decay=np.float32(0.01)),
+    "adam": lambda model: gb.optim.Adam(model.parameters(), lr=np.float32(0.01), eps=np.float32(1e-7),
+                                        betas=(np.float32(0.8), np.float32(0.99)), weight_decay=np.float32(0.01)),
+    "rmsprop": lambda model: gb.optim.RMSprop(model.parameters(), lr=np.float32(0.01), alpha=np.float32(0.9),
+                                              momentum=np.float32(0.5), eps=np.float32(1e-7)),
+}
+
+
+@pytest.mark.parametrize("make_optimizer", FLOAT32_OPTIONS.values(), ids=FLOAT32_OPTIONS.keys())
+def test_a_run_with_numpy_float32_options_and_a_schedule_resumes_bit_identical(tmp_path, suffix, make_optimizer):
+    """The file holds the options as Python floats: the optimizer must hold them so from the start."""
+    model = new_model()
+    optimizer = make_optimizer(model)
+    full = train(model, optimizer, EPOCHS, [gb.ModelCheckpoint(tmp_path / ("run-{epoch}" + suffix))],
+                 scheduler=lr_scheduler.ExponentialLR(optimizer, gamma=0.9))
+    ckpt = gb.load_checkpoint(tmp_path / f"run-{STOP}{suffix}", device="cpu")
+    scheduler = lr_scheduler.ExponentialLR(ckpt.optimizer, gamma=0.9)
+    scheduler.load_state_dict(ckpt.scheduler_state)
+    resumed = train(ckpt.model, ckpt.optimizer, EPOCHS, initial_epoch=ckpt.epoch, scheduler=scheduler)
+    assert_weights_equal(model.get_weights(), ckpt.model)
+    assert resumed.history == full.history
+
+
 def test_a_parameter_frozen_alone_stays_frozen_in_the_resumed_run(tmp_path):
     model = new_model()
     model[1].bias.trainable = False
@@ -515,3 +540,52 @@ def test_the_header_is_plain_json(tmp_path):
     train(model, "adam", 1, [gb.ModelCheckpoint(tmp_path / "run.npz")])
     with np.load(tmp_path / "run.npz", allow_pickle=False) as data:
         assert json.loads(str(data["__architecture__"]))["checkpoint"]["epoch"] == 1
+
+
+def header_text(path):
+    """The JSON text of a gpubp file's header, as it was written."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["__architecture__"])
+    with open(path, "rb") as f:  # safetensors: an 8-byte little-endian length, then its JSON header
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size))["__metadata__"]["gpubp"]
+
+
+def plain_json(text):
+    """``text`` parsed as JSON proper, which has no NaN, Infinity or -Infinity."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not plain JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_header_stays_plain_json_where_the_history_pads_an_unlogged_value_with_nan(tmp_path, suffix):
+    x, y = dataset()
+    model = new_model()
+    model.fit(x, y, optimizer="adam", epochs=1, batch_size=8, verbose=0)
+    path = tmp_path / f"run{suffix}"
+    history = model.fit(x, y, epochs=3, initial_epoch=1, batch_size=8, verbose=0, validation_split=0.2,
+                        callbacks=[gb.ModelCheckpoint(path)])
+    assert np.isnan(history["val_loss"][0])  # epoch 0 did not validate
+    assert plain_json(header_text(path))["checkpoint"]["epoch"] == 3
+    ckpt = gb.load_checkpoint(path, device="cpu")
+    assert ckpt.history.history.keys() == history.history.keys()
+    for key, values in history.history.items():
+        np.testing.assert_array_equal(ckpt.history[key], values)  # NaN where it was NaN
+
+
+def test_non_finite_history_values_round_trip_through_a_plain_json_header(tmp_path, suffix):
+    history = gb.history.History()
+    history.append(0, {"loss": float("inf"), "val_loss": -float("inf")}, seconds=0.5)
+    history.append(1, {"loss": np.float32("nan")}, seconds=0.25)  # val_loss: not logged, NaN
+    model = new_model()
+    path = tmp_path / f"run{suffix}"
+    save_checkpoint(path, model, gb.optim.SGD(model.parameters()), epoch=2, history=history)
+    plain_json(header_text(path))
+    loaded = gb.load_checkpoint(path, device="cpu").history
+    assert loaded.epoch == history.epoch and loaded.epoch_times == history.epoch_times
+    assert loaded.history.keys() == history.history.keys()
+    for key, values in history.history.items():
+        np.testing.assert_array_equal(loaded[key], values)
+        assert all(type(value) is float for value in loaded[key])

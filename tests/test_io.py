@@ -3,6 +3,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 from io import BytesIO
 
 import numpy as np
@@ -205,6 +207,78 @@ def test_overwriting_a_file_keeps_its_permissions(tmp_path, suffix, umask_022, p
     path.chmod(permissions)
     trained_model().save(path)
     assert mode(path) == permissions
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), np.float32("-inf")], ids=["nan", "inf", "float32_-inf"])
+def test_a_header_that_is_not_plain_json_is_refused_before_anything_is_written(tmp_path, suffix, value):
+    """gpubp's own headers are plain JSON (``allow_nan=False``): a NaN that slipped in is an error,
+    not a bare NaN token that strict JSON readers refuse."""
+    path = tmp_path / f"m{suffix}"
+    header, tensors = io.model_contents(trained_model())
+    with pytest.raises(ValueError, match=r"^header: not plain JSON \("):
+        io.write_file(path, {**header, "extra": [value]}, tensors, allow_nan=False)
+    assert os.listdir(tmp_path) == []
+
+
+def longest_name(folder, suffix):
+    """A file name as long as the filesystem of ``folder`` allows, ending in ``suffix``."""
+    limit = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    return "m" * (limit - len(suffix)) + suffix
+
+
+WRITERS = {
+    "save": lambda model, path: model.save(path),
+    "save_checkpoint": lambda model, path: gb.checkpoint.save_checkpoint(path, model, gb.optim.SGD(model), epoch=1),
+    "model_checkpoint": lambda model, path: model.fit(np.ones((4, 4), np.float32), np.zeros((4, 3), np.float32),
+                                                      loss="mse", optimizer="sgd", epochs=1, verbose=0,
+                                                      callbacks=[gb.ModelCheckpoint(path)]),
+}
+
+
+@pytest.mark.parametrize("write", WRITERS.values(), ids=WRITERS.keys())
+def test_a_file_name_as_long_as_the_filesystem_allows_is_written_atomically(tmp_path, suffix, write):
+    """The temporary file's name is as long for any target, so it fits wherever the target's does."""
+    path = tmp_path / longest_name(tmp_path, suffix)
+    path.write_bytes(b"an older file")  # the filesystem takes the name
+    model = trained_model()
+    write(model, path)
+    assert os.listdir(tmp_path) == [path.name]
+    for saved, loaded in zip(model.get_weights(), gb.load(path, device="cpu").get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+
+
+@pytest.fixture
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+@posix_only
+def test_a_save_clears_the_leftovers_of_dead_writers_of_its_own_file_only(tmp_path, monkeypatch, dead_pid):
+    """A killed writer's temporary file goes at the next save of the same file (the pid in its name
+    is gone); a live writer's, and those of other files beside it, stay."""
+    long, short = tmp_path / longest_name(tmp_path, ".npz"), tmp_path / "m.npz"
+
+    def leftover(path, pid):
+        with monkeypatch.context() as patch:
+            patch.setattr(io.os, "getpid", lambda: pid)
+            fd, tmp = io._new_temp(path)
+        os.close(fd)
+        return tmp.name
+
+    long_dead, long_live = leftover(long, dead_pid), leftover(long, os.getpid())
+    short_dead = leftover(short, dead_pid)
+    # What a gpubp version before the hashed names left behind.
+    short_dead_old_form = f".{short.name}.{dead_pid}.{'0' * 16}.tmp"
+    (tmp_path / short_dead_old_form).touch()
+    assert sorted(os.listdir(tmp_path)) == sorted([long_dead, long_live, short_dead, short_dead_old_form])
+    model = trained_model()
+    model.save(short)
+    assert sorted(os.listdir(tmp_path)) == sorted([short.name, long_dead, long_live])
+    model.save(long)
+    assert sorted(os.listdir(tmp_path)) == sorted([short.name, long.name, long_live])
 
 
 # ----------------------------------------------------------------------------- bad files

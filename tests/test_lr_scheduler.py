@@ -134,6 +134,46 @@ def test_reduce_lr_on_plateau_reduces_a_group_added_after_it_was_built_as_pytorc
     assert ours_opt.param_groups[3]["lr"] < 0.5  # the added group was reduced
 
 
+# name -> (scheduler of either library, the class whose step PyTorch refuses the added group at, or
+# None where every rate comes from the groups' current rates and the added group is scheduled too).
+LATE_GROUP = {
+    "lambda": (lambda lib, opt: lib.LambdaLR(opt, lambda epoch: 0.5 ** epoch), "LambdaLR"),
+    "cosine": (lambda lib, opt: lib.CosineAnnealingLR(opt, T_max=2), "CosineAnnealingLR"),
+    "sequential_cosine_second": (lambda lib, opt: lib.SequentialLR(opt, [lib.LinearLR(opt, start_factor=0.5,
+                                                                                      total_iters=2),
+                                                                         lib.CosineAnnealingLR(opt, T_max=4)], [3]),
+                                 "CosineAnnealingLR"),
+    "exponential": (lambda lib, opt: lib.ExponentialLR(opt, gamma=0.9), None),
+    "step": (lambda lib, opt: lib.StepLR(opt, step_size=2, gamma=0.5), None),
+}
+
+
+@pytest.mark.parametrize("case", LATE_GROUP)
+def test_a_group_added_after_the_scheduler_was_built_is_scheduled_or_refused_where_pytorch_refuses_it(case):
+    make, refusing = LATE_GROUP[case]
+    ours_opt, theirs_opt = optimizers("sgd")
+    ours_scheduler, theirs_scheduler = make(ours, ours_opt), make(theirs, theirs_opt)
+    added_group(ours_opt, theirs_opt)
+    for i in range(STEPS):
+        theirs_opt.step()
+        try:
+            theirs_scheduler.step()
+        except ValueError:
+            break
+        ours_scheduler.step()
+        assert ours_scheduler.get_last_lr() == theirs_scheduler.get_last_lr(), f"step {i + 1}"
+    else:
+        assert refusing is None, "PyTorch scheduled the added group at every step"
+        return
+    assert refusing is not None, f"PyTorch refused the added group at step {i + 1}"
+    before = [group["lr"] for group in ours_opt.param_groups]
+    with pytest.raises(ValueError, match=rf"^optimizer: param_groups\[3\] has no rate from the {refusing}: the group "
+                                         r"was added to the optimizer after the scheduler was built; add every "
+                                         r"group first$"):
+        ours_scheduler.step()
+    assert [group["lr"] for group in ours_opt.param_groups] == before  # no rate was set
+
+
 def test_reduce_lr_on_plateau_with_one_min_lr_per_group_refuses_a_group_added_later():
     ours_opt, theirs_opt = optimizers("sgd")
     scheduler = ours.ReduceLROnPlateau(ours_opt, patience=0, min_lr=[0.0, 0.0, 0.0])

@@ -380,6 +380,39 @@ def test_betas_given_as_a_list_are_kept_as_a_tuple_that_a_captured_step_can_hash
     hash(opt.graph_options(group, opt.state[id(param)]))  # what gpubp.step's graph signature holds
 
 
+# Every float option of each optimizer, as NumPy float32 scalars, and its bool options as NumPy bools.
+NUMPY_OPTIONS = {
+    "SGD": dict(lr=np.float32(0.1), momentum=np.float32(0.9), weight_decay=np.float32(0.01), nesterov=np.bool_(True)),
+    "Adam": dict(lr=np.float32(0.01), betas=(np.float32(0.8), np.float32(0.99)), eps=np.float32(1e-6),
+                 weight_decay=np.float32(0.01)),
+    "AdamW": dict(lr=np.float32(0.01), betas=[np.float32(0.8), np.float32(0.99)], eps=np.float32(1e-6),
+                  weight_decay=np.float32(0.05)),
+    "RMSprop": dict(lr=np.float32(0.01), alpha=np.float32(0.9), eps=np.float32(1e-6), weight_decay=np.float32(0.01),
+                    momentum=np.float32(0.5), centered=np.bool_(True)),
+}
+
+
+def python_scalars(value):
+    """``value`` as the Python numbers (and tuples of them) that a checkpoint's JSON gives back."""
+    return tuple(python_scalars(v) for v in value) if isinstance(value, (tuple, list)) else value.item()
+
+
+@pytest.mark.parametrize("name", NUMPY_OPTIONS)
+def test_numpy_scalar_options_are_kept_as_the_python_numbers_a_checkpoint_restores(name):
+    """A float32 lr kept as given would make a schedule's rates float32, where the run resumed from a
+    checkpoint (which holds Python floats) computes them in float64, and the two runs would part."""
+    options = NUMPY_OPTIONS[name]
+    opt = getattr(optim, name)([Parameter(np.ones(2))], **options)
+    opt.add_param_group({"params": [Parameter(np.ones(2))], **options})
+    expected = {key: python_scalars(value) for key, value in options.items()}
+    for group in opt.param_groups:
+        kept = {key: group[key] for key in options}
+        assert kept == expected
+        assert {key: type(value) for key, value in kept.items()} == {key: type(value) for key, value in expected.items()}
+        if "betas" in kept:
+            assert all(type(beta) is float for beta in kept["betas"])
+
+
 def test_an_unknown_param_group_option_is_rejected():
     with pytest.raises(ValueError, match=r"param group: unknown options \['betas'\]"):
         optim.SGD([{"params": [Parameter(np.ones(2))], "betas": (0.9, 0.99)}], lr=0.1)
@@ -401,6 +434,21 @@ def test_params_that_are_not_an_iterable_of_them_are_a_type_error_naming_params(
     with pytest.raises(TypeError, match=r"params: expected an iterable of Parameters or of param-group dicts "
                                         rf"\(or a model\), got {got}"):
         optim.SGD(params, lr=0.1)
+
+
+@pytest.mark.parametrize("params, got", [
+    (Parameter(np.ones(2), name="w"), "Parameter; wrap a single parameter in a list$"),
+    (3, "int$"),
+], ids=["parameter", "number"])
+def test_a_group_whose_params_are_not_an_iterable_of_them_is_a_type_error_naming_params(params, got):
+    """torch takes one tensor there; gpubp asks for a list, as it does of ``params`` itself."""
+    message = rf"^params: a param group's 'params' must be an iterable of Parameters \(or a model\), got {got}"
+    with pytest.raises(TypeError, match=message):
+        optim.SGD([{"params": params}], lr=0.1)
+    opt = optim.SGD([Parameter(np.ones(2))], lr=0.1)
+    with pytest.raises(TypeError, match=message):
+        opt.add_param_group({"params": params})
+    assert len(opt.param_groups) == 1
 
 
 # ----------------------------------------------------------------------------- gradients that do not fit

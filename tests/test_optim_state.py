@@ -142,6 +142,24 @@ def test_load_state_dict_takes_the_options_and_keeps_its_own_parameters():
     assert target.param_groups[0]["params"] == others
 
 
+def test_numpy_scalar_options_of_a_state_dict_load_as_python_numbers():
+    """As the optimizer keeps options it is given: a float32 rate would make a schedule's rates
+    float32 where a run resumed from a checkpoint (Python floats) computes them in float64."""
+    opt = optim.Adam(two_groups(make_params()), lr=0.01, weight_decay=0.1)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        for key in ("lr", "eps", "weight_decay"):
+            group[key] = np.float32(group[key])
+        group["betas"] = tuple(np.float32(beta) for beta in group["betas"])
+    target = optim.Adam(two_groups(make_params(seed=5)))
+    target.load_state_dict(sd)
+    for saved, group in zip(sd["param_groups"], target.param_groups):
+        for key in ("lr", "eps", "weight_decay"):
+            assert type(group[key]) is float and group[key] == saved[key].item()
+        assert group["betas"] == tuple(beta.item() for beta in saved["betas"])
+        assert all(type(beta) is float for beta in group["betas"])
+
+
 def test_a_state_saved_on_one_backend_loads_on_another_and_back(backend):
     gb.seed(0)
     model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], backend=backend)

@@ -135,7 +135,17 @@ class LRScheduler:
         self._set_rates(rates)
 
     def _set_rates(self, rates: list[float]) -> None:
-        for group, rate in zip(self.optimizer.param_groups, rates):
+        # One rate per group, checked before any is set. A group added to the optimizer after the
+        # scheduler was built has no base rate (nor a function of LambdaLR's): the rates computed
+        # from those are one short, where PyTorch's strict zip raises too.
+        groups = self.optimizer.param_groups
+        if len(rates) < len(groups):
+            raise ValueError(f"optimizer: param_groups[{len(rates)}] has no rate from the {type(self).__name__}: the "
+                             "group was added to the optimizer after the scheduler was built; add every group first")
+        if len(rates) > len(groups):
+            raise ValueError(f"optimizer: {len(groups)} param groups, but the {type(self).__name__} was built for "
+                             f"{len(rates)}: a group was removed from the optimizer after the scheduler was built")
+        for group, rate in zip(groups, rates):
             group["lr"] = rate
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 

@@ -75,7 +75,13 @@ class Optimizer:
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("params: a param group must be a dict with a 'params' key")
         params = group["params"]
-        params = list(params.parameters() if hasattr(params, "parameters") else params)
+        if hasattr(params, "parameters"):
+            params = params.parameters()
+        elif isinstance(params, Parameter) or not isinstance(params, Iterable):
+            hint = "; wrap a single parameter in a list" if isinstance(params, Parameter) else ""
+            raise TypeError("params: a param group's 'params' must be an iterable of Parameters (or a model), got "
+                            f"{type(params).__name__}{hint}")
+        params = list(params)
         first: dict[int, int] = {}  # id -> its first index in this group
         for i, param in enumerate(params):
             if not isinstance(param, Parameter):
@@ -97,8 +103,11 @@ class Optimizer:
         self.param_groups.append(full)
 
     def _validate(self, options: dict) -> None:
-        _checks.non_negative(options["lr"], "lr")
-        _checks.non_negative(options["weight_decay"], "weight_decay")
+        """Check ``options`` and keep each as the Python number (or tuple, bool) the check returns:
+        a NumPy float32 ``lr`` kept as given would make a schedule's rates float32 where the run
+        resumed from a checkpoint (whose JSON holds Python floats) computes them in float64."""
+        options["lr"] = _checks.non_negative(options["lr"], "lr")
+        options["weight_decay"] = _checks.non_negative(options["weight_decay"], "weight_decay")
 
     def parameters(self) -> list[Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -368,10 +377,11 @@ class SGD(Optimizer):
 
     def _validate(self, options: dict) -> None:
         super()._validate(options)
-        _checks.in_unit_interval(options["momentum"], "momentum", closed=True)
+        options["momentum"] = _checks.in_unit_interval(options["momentum"], "momentum", closed=True)
         if not isinstance(options["nesterov"], (bool, np.bool_)):
             raise TypeError(f"nesterov: expected a bool, got {type(options['nesterov']).__name__} "
                             f"{options['nesterov']!r}")
+        options["nesterov"] = bool(options["nesterov"])
         if options["nesterov"] and options["momentum"] == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
 
@@ -434,11 +444,10 @@ class Adam(Optimizer):
         betas = options["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        _checks.in_unit_interval(betas[0], "betas[0]")
-        _checks.in_unit_interval(betas[1], "betas[1]")
-        _checks.positive(options["eps"], "eps")
         # A tuple, as torch keeps it: a captured step's signature (gpubp.step) hashes the options.
-        options["betas"] = tuple(betas)
+        options["betas"] = (_checks.in_unit_interval(betas[0], "betas[0]"),
+                            _checks.in_unit_interval(betas[1], "betas[1]"))
+        options["eps"] = _checks.positive(options["eps"], "eps")
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         zeros = param.backend.zeros
@@ -507,12 +516,13 @@ class RMSprop(Optimizer):
 
     def _validate(self, options: dict) -> None:
         super()._validate(options)
-        _checks.in_unit_interval(options["alpha"], "alpha")
-        _checks.positive(options["eps"], "eps")
-        _checks.in_unit_interval(options["momentum"], "momentum")
+        options["alpha"] = _checks.in_unit_interval(options["alpha"], "alpha")
+        options["eps"] = _checks.positive(options["eps"], "eps")
+        options["momentum"] = _checks.in_unit_interval(options["momentum"], "momentum")
         if not isinstance(options["centered"], (bool, np.bool_)):
             raise TypeError(f"centered: expected a bool, got {type(options['centered']).__name__} "
                             f"{options['centered']!r}")
+        options["centered"] = bool(options["centered"])
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         return {"step": 0, "square_avg": param.backend.zeros(param.shape, param.data.dtype), "momentum_buffer": None,
