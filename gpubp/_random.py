@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import numpy as np
 
 _generator = np.random.default_rng()
+# A generator that :func:`using` puts in place of the library's stream for the block it runs,
+# in this thread (or asyncio task) only: two threads each fitting with a random_state of their
+# own draw from their own, and neither can leave the other's in place of ``gb.seed``'s stream.
+_in_use: contextvars.ContextVar[np.random.Generator | None] = contextvars.ContextVar("gpubp_generator",
+                                                                                     default=None)
 
 
 def seed(n: int) -> None:
@@ -20,12 +26,14 @@ def seed(n: int) -> None:
 
 
 def generator() -> np.random.Generator:
-    return _generator
+    """The generator gpubp draws from here: a :func:`using` block's, else ``gb.seed``'s stream."""
+    in_use = _in_use.get()
+    return _generator if in_use is None else in_use
 
 
 def get_state() -> dict:
     """The generator's state as plain data (JSON-safe), for checkpoints."""
-    return _generator.bit_generator.state
+    return generator().bit_generator.state
 
 
 def generator_from_state(state) -> np.random.Generator:
@@ -41,17 +49,22 @@ def generator_from_state(state) -> np.random.Generator:
 
 
 def set_generator(generator: np.random.Generator) -> None:
+    """Draw from ``generator`` from now on: inside a :func:`using` block, until the block ends (in
+    place of the block's generator); elsewhere, as the library's stream (a resumed checkpoint's)."""
     global _generator
-    _generator = generator
+    if _in_use.get() is None:
+        _generator = generator
+    else:
+        _in_use.set(generator)
 
 
 @contextlib.contextmanager
 def using(generator: np.random.Generator):
     """Draw every random choice inside the block (weight init, shuffling) from ``generator``,
-    then give the library back its own stream, untouched: scikit-learn's ``random_state``."""
-    previous = _generator
-    set_generator(generator)
+    then give the library back its own stream, untouched: scikit-learn's ``random_state``. The
+    block's generator is this thread's (a context variable): other threads draw from theirs."""
+    token = _in_use.set(generator)
     try:
         yield generator
     finally:
-        set_generator(previous)
+        _in_use.reset(token)

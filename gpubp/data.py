@@ -68,6 +68,9 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     count)`` samples to the test part. A split that would leave either part empty raises a
     ValueError naming ``test_size``.
     """
+    if not isinstance(stratify, (bool, np.bool_)):
+        hint = "; pass the labels as y, with stratify=True" if np.ndim(stratify) else ""
+        raise TypeError(f"stratify: expected True or False, got {type(stratify).__name__}{hint}")
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
         raise ValueError(f"y: expected {len(x)} rows to match x, got {len(y)}")
@@ -80,23 +83,28 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
         hint = ("" if y.ndim != 2 else "; for a single column of labels pass y.ravel()" if y.shape[1] == 1
                 else "; for one-hot rows pass y.argmax(axis=1)")
         raise ValueError(f"y: stratify=True needs class labels of shape ({len(y)},), got shape {y.shape}{hint}")
+    # The sizes are checked before anything is drawn: a refused split leaves gb.seed's stream as it was.
+    if stratify:
+        classes = [np.flatnonzero(y == c) for c in np.unique(y)]
+        n_test = sum(int(round(len(members) * test_size)) for members in classes)
+        if not 0 < n_test < len(x):
+            raise ValueError(f"test_size: {test_size} of each class (rounded) leaves an empty split of these "
+                             f"{len(x)} samples; use a larger test_size, more samples, or stratify=False")
+    else:
+        n_test = math.ceil(len(x) * test_size)
+        if not 0 < n_test < len(x):
+            raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
     rng = _rng(seed)
     if stratify:
         test = np.concatenate([
             members[: int(round(len(members) * test_size))]
-            for members in (rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y))
+            for members in (rng.permutation(members) for members in classes)
         ])
         is_test = np.zeros(len(x), bool)
         is_test[test] = True
-        if not 0 < len(test) < len(x):
-            raise ValueError(f"test_size: {test_size} of each class (rounded) leaves an empty split of these "
-                             f"{len(x)} samples; use a larger test_size, more samples, or stratify=False")
         train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), rng.permutation(test)
     else:
         order = rng.permutation(len(x))
-        n_test = math.ceil(len(x) * test_size)
-        if not 0 < n_test < len(x):
-            raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
         test_idx, train_idx = order[:n_test], order[n_test:]
     return x[train_idx], x[test_idx], y[train_idx], y[test_idx]
 

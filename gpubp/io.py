@@ -650,7 +650,8 @@ def _build_or_load(weights: list[np.ndarray], model, activations, source: str, *
         if weights[2 * i].shape[0] != weights[2 * i - 2].shape[1]:
             raise ValueError(f"{source}: layer {i} takes {weights[2 * i].shape[0]} inputs but layer {i - 1} "
                              f"gives {weights[2 * i - 2].shape[1]}")
-    layers = [Dense(*weights[2 * i].shape, activation=acts[i]) for i in range(n_layers)]
+    # Zeros, as load() builds them: the weights come next, and an import draws nothing from gb.seed's stream.
+    layers = [Dense(*weights[2 * i].shape, activation=acts[i], init=_zeros) for i in range(n_layers)]
     built = Sequential(layers, **model_kwargs)
     built.set_weights(weights)
     return built

@@ -174,6 +174,34 @@ def test_a_stratified_split_that_leaves_a_part_empty_raises(test_size):
         data.train_test_split(x, y, test_size=test_size, seed=0, stratify=True)
 
 
+@pytest.mark.parametrize("stratify, extra", [("False", ""), ([1], "; pass the labels as y"), (0.0, ""),
+                                             (np.arange(10) % 2, "; pass the labels as y")],
+                         ids=["string", "list", "float", "labels as in scikit-learn"])
+def test_a_stratify_that_is_not_a_bool_is_a_type_error_naming_it(stratify, extra):
+    """'False' and [1] stratified, 0.0 did not, and scikit-learn's stratify=y failed inside NumPy."""
+    x, y = labelled(10, 2)
+    with pytest.raises(TypeError, match=rf"^stratify: expected True or False, got \w+{re.escape(extra)}"):
+        data.train_test_split(x, y, stratify=stratify)
+
+
+def test_a_stratify_of_numpy_bool_is_a_bool():
+    x, y = labelled(10, 2)
+    for u, v in zip(data.train_test_split(x, y, seed=1, stratify=np.True_),
+                    data.train_test_split(x, y, seed=1, stratify=True)):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("test_size, stratify", [(0.95, False), (0.2, True)])
+def test_a_refused_split_draws_nothing_from_the_library_stream(test_size, stratify):
+    x = np.zeros((6, 2), np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    gb.seed(3)
+    state = _random.get_state()
+    with pytest.raises(ValueError, match="test_size: .* leaves an empty split"):
+        data.train_test_split(x, y, test_size=test_size, stratify=stratify)
+    assert _random.get_state() == state
+
+
 @pytest.mark.parametrize("test_size", [0, 1, 1.5, True])
 def test_split_rejects_a_test_size_outside_0_1(test_size):
     x, y = labelled()
