@@ -1,16 +1,17 @@
 """Print the fine-tuning step ratios from a pytest-benchmark JSON as a markdown table.
 
     python -m pytest bench/test_finetune.py --benchmark-json ft.json
-    python bench/finetune_ratios.py ft.json [--stat min|median|mean]
+    python bench/finetune_ratios.py ft.json [--stat median|min|mean]
 
 One row per backend and shape (see bench/test_finetune.py for the step kinds):
 frozen-backbone step / forward pass (target <= 1.10), frozen-backbone / full step,
 head-only / full step, BitFit (biases alone train) / full step. PyTorch's CPU build gets its own row in the same table.
 
-Two estimates of each ratio: from the benchmarks' own statistics (``--stat``, default
-min), and "paired": each training step timed alternately with a forward pass, so both
-see the same load (``paired_over_forward`` in extra_info); frozen / full (paired) is
-then the ratio of the two paired ratios. On a busy machine trust the paired columns.
+Two estimates of each ratio: from the benchmarks' own statistics (``--stat``, default median,
+as bench/gpu_summary.py and the GPU tables take it), and "paired": each training step timed
+alternately with a forward pass, so both see the same load (``paired_over_forward`` in
+extra_info); frozen / full (paired) is then the ratio of the two paired ratios. On a busy
+machine trust the paired columns.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def markdown(table: dict[tuple, dict[str, float]], stat: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="the file written by pytest --benchmark-json")
-    parser.add_argument("--stat", choices=("min", "median", "mean"), default="min")
+    parser.add_argument("--stat", choices=("median", "min", "mean"), default="median")
     args = parser.parse_args(argv)
     with open(args.json) as f:
         report = json.load(f)

@@ -4,25 +4,25 @@ headline benchmarks with few rounds. ``bash bench/gpu_check.sh first-contact`` r
     python bench/first_contact.py facts <facts.json>
     python bench/first_contact.py bench <folder>
 
-``facts``: first what needs no CuPy (``host_facts``: nvidia-smi's view (clocks, power, MIG
-mode), the tools' and libraries' versions, where NVRTC and the CUDA headers are, and the
-variables that decide it), written before CuPy is asked, so that a GPU CuPy cannot reach still
-leaves them; then the device as the CUDA runtime reports it, the driver, runtime and NVRTC
-versions (``device_facts``); then every kernel file compiled by NVRTC for this GPU through the CuPy
-backend (with an empty AOT folder, so no fatbin is used), with the seconds each took to compile
-and load, and per kernel the registers, static shared memory and local memory (spills) the
-driver reports. Each file is built as ``preload`` builds it, one NVRTC module per GEMM kernel,
-with every activation it serves, and one for its other kernels (``cupy_backend.kernel_parts``:
-60 modules), so CuPy's cache then holds what the tests load (gpu_check.sh runs them with
-``GPUBP_NVRTC_ACTIVATIONS=all``); and the 14 modules a relu model's first step builds of the
-kernels that take their activation at launch (``cupy_backend.model_parts``), which the
-benchmarks load as a user's model would. The modules compile side by side, one per thread (CuPy
-lets go of the GIL while NVRTC compiles), as many at once as there are cores: one after another
-the 60 take about 114 s on one core of a 2023 server CPU, most of the step's 130 s, and side by
-side about as long as the slowest module (fused_mlp_fwd, 9 to 13 s there). The JSON is rewritten
-as each file's modules finish, so a run cut short keeps what it found. The compile times are
-cold only when CuPy's cache (``CUPY_CACHE_DIR``) starts empty, which
-``kernel_cache_files_before`` records.
+``facts``: first what needs no CuPy (``host_facts``: the host's kernel as ``uname`` gives it,
+nvidia-smi's view (clocks, power, MIG mode), the tools' and libraries' versions, where NVRTC and
+the CUDA headers are, and the variables that decide it), written before CuPy is asked, so that a
+GPU CuPy cannot reach still leaves them; then the device as the CUDA runtime reports it, the
+driver, runtime and NVRTC versions (``device_facts``); then every kernel file compiled by NVRTC
+for this GPU through the CuPy backend (with an empty AOT folder, so no fatbin is used), with the
+seconds each took to compile and load, and per kernel the registers, static shared memory and
+local memory (spills) the driver reports. Each file is built as ``preload`` builds it, one NVRTC
+module per GEMM kernel, with every activation it serves, and one for its other kernels
+(``cupy_backend.kernel_parts``: 60 modules), so CuPy's cache then holds what the tests load
+(gpu_check.sh runs them with ``GPUBP_NVRTC_ACTIVATIONS=all``); and the 14 modules a relu model's
+first step builds of the kernels that take their activation at launch
+(``cupy_backend.model_parts``), which the benchmarks load as a user's model would. The modules
+compile side by side, one per thread (CuPy lets go of the GIL while NVRTC compiles), as many at
+once as there are cores: one after another the 60 take about 114 s on one core of a 2023 server
+CPU, most of the step's 130 s, and side by side about as long as the slowest module
+(fused_mlp_fwd, 9 to 13 s there). The JSON is rewritten as each file's modules finish, so a run
+cut short keeps what it found. The compile times are cold only when CuPy's cache
+(``CUPY_CACHE_DIR``) starts empty, which ``kernel_cache_files_before`` records.
 
 ``bench``: the benchmarks of bench/test_gpu_dense.py behind the headline ratios, one pytest run
 per group of ``HEADLINE``, in that order, each writing ``bench_first_contact_<group>.json`` into
@@ -198,16 +198,22 @@ def _cupy_version() -> str:
     return ", ".join(found) or "not installed"
 
 
-# The variables that decide which CUDA libraries and headers are found, and where CuPy caches.
-ENVIRONMENT = ("CUDA_PATH", "CUDA_HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUPY_CACHE_DIR")
+# The variables that decide which CUDA libraries and headers are found, where CuPy caches, and
+# whether PyTorch's profiler detaches CUPTI after the benchmarks' kernel counts (gpu_check.sh sets it).
+ENVIRONMENT = ("CUDA_PATH", "CUDA_HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUPY_CACHE_DIR", "TEARDOWN_CUPTI")
+# What the host's kernel says of itself (platform.uname()): a container runtime shows in it (gVisor
+# reports a Linux 4.4.0), which may refuse a sanitizer the device and lengthens launch-bound times.
+UNAME_FIELDS = ("system", "release", "version", "machine")
 
 
 def host_facts() -> dict:
-    """What needs no CuPy: nvidia-smi's view, the tools' and libraries' versions, where NVRTC and
-    the CUDA headers are, and the variables that decide it."""
+    """What needs no CuPy: the host's kernel (``UNAME_FIELDS``), nvidia-smi's view, the tools' and
+    libraries' versions, where NVRTC and the CUDA headers are, and the variables that decide it."""
     from gpubp import _toolkit
 
+    uname = platform.uname()
     return {
+        "uname": {field: getattr(uname, field) for field in UNAME_FIELDS},
         "nvidia_smi": _command(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"]),
         "tools": {tool: _command([tool, *args]).splitlines()[-1:] for tool, args in TOOL_VERSIONS.items()},
         "versions": {"python": platform.python_version(), "cupy": _cupy_version(),

@@ -64,6 +64,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset NUMBA_ENABLE_CUDASIM  # Numba kernels run on the GPU, not in the simulator
 export CUPY_TF32=0          # cuBLAS through CuPy in plain fp32, like every other comparison
+# torch's profiler (kernel counts) otherwise leaves CUPTI attached, slowing later timings (PyTorch issue 144455)
+export TEARDOWN_CUPTI="${TEARDOWN_CUPTI:-1}"
 # The tests and the sanitizers run every activation in many processes: they load each kernel that
 # takes its activation at launch with every activation it serves (GPUBP_NVRTC_ACTIVATIONS=all), as
 # preload() and first_contact.py facts compile it, from CuPy's cache. The demo and the benchmarks

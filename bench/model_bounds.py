@@ -50,10 +50,11 @@ from __future__ import annotations
 import csv
 import io
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from gpu_summary import HEAD_ACT, HIDDEN_ACT
-from kernel_model import ARCHS
 
 from gpubp.backends import cupy_backend as cb
 from gpubp.layers import plan_backward
@@ -209,6 +210,19 @@ def bound_seconds(found: list[Product], kernels: dict, arch: dict, precision: st
     return total, ceilings
 
 
+def _archs() -> dict:
+    """bench/kernel_model.py's ``ARCHS``, imported when a bound is made, not with this module:
+    kernel_model imports the toolchain's scripts (bench/nvrtc_build.py loads an NVRTC library,
+    RTLD_GLOBAL, as it is imported), which ``products`` does not need and the benchmarks that count
+    their FLOPs by it (bench/test_gpu_dense.py) must not load before CuPy loads its own."""
+    bench = str(Path(__file__).resolve().parent)
+    if bench not in sys.path:  # loaded by its path (the tests): its siblings import each other
+        sys.path.insert(0, bench)
+    from kernel_model import ARCHS
+
+    return ARCHS
+
+
 def model_bounds(report: dict, model: dict, facts: dict, kernels_sha256: str) -> dict:
     """The summary's ``model_bounds``: the device numbers the bound assumes, whether the model
     is of the measured kernels, and per "workload | backend": bound_ms, measured_ms, ratio
@@ -221,10 +235,10 @@ def model_bounds(report: dict, model: dict, facts: dict, kernels_sha256: str) ->
     # The device's architecture, where the facts name it; else the model's own.
     capability = facts.get("compute_capability")
     arch_name = f"sm_{capability}" if capability else model.get("arch", "sm_90")
-    kernels = kernels_for(model, arch_name)
-    if kernels is None or arch_name not in ARCHS:
+    kernels, archs = kernels_for(model, arch_name), _archs()
+    if kernels is None or arch_name not in archs:
         return {"error": f"the kernel model has no figures for {arch_name}, the device's architecture"}
-    arch = {"tensor_flops": ARCHS[arch_name].tensor_flops, "ffma_cycles": ARCHS[arch_name].ffma_cycles,
+    arch = {"tensor_flops": archs[arch_name].tensor_flops, "ffma_cycles": archs[arch_name].ffma_cycles,
             "tensor_clock": TENSOR_CLOCK[arch_name]}
     out = {"sms": sms, "sm_clock_mhz": round(clock_hz / 1e6),
            "tensor_clock_mhz": round(clock_hz * arch["tensor_clock"] / 1e6), "arch": arch_name,

@@ -51,8 +51,9 @@ and torch.compile's first-call work) and then ``WARMUP_SECONDS`` of calls, at mo
 so clocks and caches have settled whichever benchmark a process runs first. Data is random
 normal; ``ROUNDS`` rounds, of which bench/gpu_summary.py takes the median and records the
 spread. ``extra_info`` also records the device name, shape, dtype (``dtype_of``: the precision
-the backend computes in) and achieved TFLOP/s (2 B in out per GEMM, three GEMMs per layer in a
-step).
+the backend computes in) and achieved TFLOP/s (2 B in out per GEMM; a step's GEMMs are those it
+computes, ``step_flops``: the forward, dW of each layer that trains, and dX of each layer above
+the lowest that trains, so none for the input).
 
     CUPY_TF32=0 pytest bench/test_gpu_dense.py --benchmark-json bench.json
 
@@ -62,6 +63,7 @@ the test suite runs each once on the CPU with tiny shapes (tests/test_gpu_check_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -74,8 +76,11 @@ from gpu_summary import (FROZEN_FORWARD, FROZEN_STEP, FWD_4096, GEMM_4096, HEAD_
                          STEP_MLP64)
 from test_cpu_step import init_weights, torch_mlp  # the CPU step benchmark's initialisation and network
 
-# CuPy reads this when it loads cuBLAS; gpubp imports CuPy only when a backend asks for it.
+# CuPy reads this when it loads cuBLAS: set before anything here imports CuPy (model_bounds,
+# below, imports the CuPy backend, and that imports CuPy).
 os.environ["CUPY_TF32"] = "0"
+
+from model_bounds import products  # noqa: E402  (step_flops's count)
 
 ROUNDS = int(os.environ.get("GPUBP_BENCH_ROUNDS", "20"))  # fewer for a quick look (first-contact runs 5)
 # Warm-up after the first call: long enough for the GPU's clocks to rise from idle, whichever
@@ -190,9 +195,14 @@ def gemm_flops(widths, batch) -> float:
     return sum(2.0 * batch * a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def frozen_step_flops(widths, batch) -> float:
-    """A step with every layer but the head frozen: the forward's GEMMs and the head's dW."""
-    return gemm_flops(widths, batch) + 2.0 * batch * widths[-2] * widths[-1]
+def step_flops(widths, batch, frozen_backbone=False) -> float:
+    """The GEMM FLOPs of one training step as it computes them: bench/model_bounds.py's products
+    of the step, by gpubp's backward plan: the forward of every layer, dW of each layer that
+    trains, dX of each layer above the lowest that trains (none at the input: a step needs no
+    gradient of its data; nor does PyTorch's, whose input does not require one). With
+    ``frozen_backbone``, the forward and the head's dW. The same count for every backend."""
+    workload = "frozen-backbone step" if frozen_backbone else "train step"  # as products reads them
+    return sum(product.flops for product in products(workload, "gpubp-cupy", [*widths, batch], sms=1))
 
 
 # ----------------------------------------------------------------------------- step builders
@@ -271,9 +281,12 @@ def torch_train_step(torch, device: str, widths, batch, compiled=False, frozen_b
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    # Entered only for bf16: a disabled autocast still costs the fp32 step microseconds a call.
+    autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        with autocast():
             loss = torch.nn.functional.cross_entropy(forward(x), labels)
         loss.backward()
         opt.step()
@@ -447,7 +460,7 @@ def test_1024_train_step_in_bf16_against_torch_autocast(benchmark, cupy, impl):
             pytest.skip(f"this GPU runs the dense kernels in {gpu_backend(impl).dense_precisions()} only")
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, precision="bf16")
     measure(benchmark, cupy, step, workload=STEP_1024, backend=impl, shape=widths + [batch],
-            flops=3 * gemm_flops(widths, batch))
+            flops=step_flops(widths, batch))
     record_launches(benchmark, impl, step)
 
 
@@ -460,7 +473,7 @@ def test_train_step(benchmark, cupy, workload, impl):
     else:
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch)
     measure(benchmark, cupy, step, workload=workload, backend=impl, shape=widths + [batch],
-            flops=3 * gemm_flops(widths, batch))
+            flops=step_flops(widths, batch))
     record_launches(benchmark, impl, step)
 
 
@@ -496,7 +509,7 @@ def test_1024_train_step_under_torch_compile(benchmark, cupy):
     widths, batch = STEP_WORKLOADS[STEP_1024]
     _, step = torch_train_step(cuda_torch(), "cuda", widths, batch, compiled=True)
     measure(benchmark, cupy, step, workload=STEP_1024, backend="torch-compile", shape=widths + [batch],
-            flops=3 * gemm_flops(widths, batch))
+            flops=step_flops(widths, batch))
     record_launches(benchmark, "torch-compile", step)
 
 
@@ -511,22 +524,31 @@ def test_mlp64_train_step_baselines_of_the_fused_kernels(benchmark, cupy, impl):
     else:
         _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, fused=False)
     measure(benchmark, cupy, step, workload=STEP_MLP64, backend=impl, shape=widths + [batch],
-            flops=3 * gemm_flops(widths, batch))
+            flops=step_flops(widths, batch))
     record_launches(benchmark, impl, step)
 
 
 @pytest.mark.parametrize("impl", SMALL_STEP_IMPLS)
 def test_small_batch_train_step(benchmark, cupy, impl):
     widths, batch = SMALL_STEP
+    graph = impl.endswith("-graph")
     if impl == "torch":
         _, step = torch_train_step(cuda_torch(), "cuda", widths, batch)
     else:
-        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, cuda_graph=impl.endswith("-graph"))
+        _, step = gpubp_train_step(gpu_backend(impl).NAME, widths, batch, cuda_graph=graph)
+    if graph:
+        # A batch's first step runs eagerly and its second captures the graph: both before the
+        # timed rounds, whatever the warm-up (the rehearsal has none), so that the rounds replay.
+        step()
+        step()
+        assert step.train_step.graphed, f"no graph captured before the rounds: {step.train_step.why_not_graphed()}"
     measure(benchmark, cupy, step, workload=STEP_B64, backend=impl, shape=widths + [batch],
-            flops=3 * gemm_flops(widths, batch))
+            flops=step_flops(widths, batch))
+    if graph:
+        # The timed rounds' last step, read before record_launches runs one more. Every round ran on
+        # the batch and settings of the captured graph, which a step replays while they hold.
+        assert step.train_step.graphed, f"the timed rounds ran eagerly: {step.train_step.why_not_graphed()}"
     record_launches(benchmark, impl, step)
-    if impl.endswith("-graph"):
-        assert step.train_step.graphed, step.train_step.why_not_graphed()
 
 
 @pytest.mark.parametrize("impl", FROZEN_IMPLS)
@@ -536,7 +558,7 @@ def test_frozen_backbone_step_and_forward(benchmark, cupy, workload, impl):
     backend = gpu_backend(impl).NAME
     if workload == FROZEN_STEP:
         _, fn = gpubp_train_step(backend, widths, batch, frozen_backbone=True)
-        flops = frozen_step_flops(widths, batch)
+        flops = step_flops(widths, batch, frozen_backbone=True)
     else:
         fn = gpubp_forward_pass(backend, widths, batch)
         flops = gemm_flops(widths, batch)

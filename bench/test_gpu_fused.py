@@ -32,8 +32,8 @@ import pytest
 
 from test_cpu_step import torch_mlp
 from test_gpu_dense import cupy  # noqa: F401  (the fixture: skips without CuPy and a GPU)
-from test_gpu_dense import (classification_batch, compile_static, cuda_torch, frozen_step_flops, gemm_flops,
-                            gpubp_forward_pass, gpubp_train_step, measure, torch_train_step)
+from test_gpu_dense import (classification_batch, compile_static, cuda_torch, gemm_flops, gpubp_forward_pass,
+                            gpubp_train_step, measure, step_flops, torch_train_step)
 
 WIDTHS = [32, 64, 128]
 LAYERS = [4, 8]
@@ -73,12 +73,10 @@ def runner(impl, mode, widths, batch):
 
 
 def mode_flops(mode, widths, batch) -> float:
-    forward = gemm_flops(widths, batch)
+    """The GEMM FLOPs of a mode's call: the forward's, or the step's (``step_flops``)."""
     if mode == "forward":
-        return forward
-    if mode == "frozen step":
-        return frozen_step_flops(widths, batch)
-    return 3 * forward
+        return gemm_flops(widths, batch)
+    return step_flops(widths, batch, frozen_backbone=mode == "frozen step")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

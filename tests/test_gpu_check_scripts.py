@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cuda_on_cpu import harness
 import gpubp as gb
 from gpubp import backends
 from gpubp._driver import cuda_device_count
@@ -691,7 +693,7 @@ for rule in json.loads(os.environ["FAKE_PLAN"]):
         sys.exit(rule.get("exit", 0))
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
-ENV_LOGGED = ("GPUBP_NVRTC_ACTIVATIONS", "PYTHONUNBUFFERED")  # each call's, in the calls' log
+ENV_LOGGED = ("GPUBP_NVRTC_ACTIVATIONS", "PYTHONUNBUFFERED", "TEARDOWN_CUPTI")  # each call's, in the calls' log
 
 FACTS = {"device": {"name": "Fake H200", "multiProcessorCount": 132, "totalGlobalMem": 150 * 2**30},
          "compute_capability": "90", "driver_version": 13000, "runtime_version": 13000, "nvrtc_version": [13, 0],
@@ -740,10 +742,11 @@ def first_contact(gs, tmp_path, *, overrides=(), budgets=""):
         check, out
 
 
-def gpu_check_stage(tmp_path, stage: str, plan: list, device: str = "NVIDIA H200"):
+def gpu_check_stage(tmp_path, stage: str, plan: list, device: str = "NVIDIA H200", env=None):
     """``gpu_check.sh <stage>`` on ``device`` (named in the check folder, as a GPU run leaves it)
-    with a fake PYTHON whose calls ``plan``'s rules match (FAKE_TOOL); any other runs for real.
-    Returns the finished process, the results folder and the calls made."""
+    with a fake PYTHON whose calls ``plan``'s rules match (FAKE_TOOL); any other runs for real;
+    ``env`` adds to the environment. Returns the finished process, the results folder and the
+    calls made."""
     check, results, bin_dir = tmp_path / "check", tmp_path / "results", tmp_path / "bin"
     for folder in (check, results, bin_dir):
         folder.mkdir(exist_ok=True)
@@ -752,7 +755,7 @@ def gpu_check_stage(tmp_path, stage: str, plan: list, device: str = "NVIDIA H200
     (bin_dir / "python").chmod(0o755)
     log = tmp_path / "calls.log"
     done = gpu_check(stage, env={"PYTHON": str(bin_dir / "python"), "FAKE_LOG": str(log), "FAKE_PLAN": json.dumps(plan),
-                                 "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results)})
+                                 "GPUBP_CHECK_DIR": str(check), "GPUBP_RESULTS_DIR": str(results), **(env or {})})
     return done, results, log.read_text()
 
 
@@ -798,23 +801,57 @@ def test_the_ncu_stage_fails_where_ncu_exits_0_without_a_report(tmp_path, report
         assert "==ERROR==" in done.stdout
 
 
+def finetune_report() -> dict:
+    """bench/test_finetune.py's JSON for the cupy backend: medians of 1, 3 and 1.05 ms, minima
+    half as long, means twice."""
+    return {"benchmarks": [{"stats": {"min": ms / 2e3, "median": ms / 1e3, "mean": ms / 0.5e3},
+                            "extra_info": {"backend": "cupy", "shape": [256, 512, 10], "batch": 512, "step": step,
+                                           "device": "NVIDIA H200"}}
+                           for step, ms in (("forward", 1.0), ("full", 3.0), ("frozen_backbone", 1.05))]}
+
+
+def test_the_finetune_table_takes_the_median_by_default_as_the_gpu_records_other_tables_do(tmp_path, capsys):
+    """It took the minimum, where bench/gpu_summary.py, fused_table.py, splitk_table.py and
+    model_bounds.py take the median."""
+    ratios = load("finetune_ratios")
+    path = tmp_path / "finetune.json"
+    path.write_text(json.dumps(finetune_report()))
+    ratios.main([str(path)])
+    table = capsys.readouterr().out
+    assert "| forward ms (median) |" in table and "| cupy | 256x512x10 | 512 | 1.00 | 3.00 | 1.05 |" in table
+    ratios.main([str(path), "--stat", "min"])
+    assert "| cupy | 256x512x10 | 512 | 0.50 | 1.50 | 0.53 |" in capsys.readouterr().out
+
+
 def test_the_finetune_stage_runs_the_gpu_backends_fine_tuning_benchmarks_and_tabulates_them(gs, tmp_path):
     """bench/test_finetune.py's cupy and numba steps run on a GPU only; no stage ran them."""
     json_path = tmp_path / "results" / "NVIDIA_H200_finetune.json"
-    benches = [{"stats": {"min": ms / 1e3}, "extra_info": {"backend": "cupy", "shape": [256, 512, 10], "batch": 512,
-                                                          "step": step, "device": "NVIDIA H200"}}
-               for step, ms in (("forward", 1.0), ("full", 3.0), ("frozen_backbone", 1.05))]
     done, results, calls = gpu_check_stage(tmp_path, "finetune", [
-        {"match": "-m pytest bench/test_finetune.py", "files": {str(json_path): json.dumps({"benchmarks": benches})}}])
+        {"match": "-m pytest bench/test_finetune.py", "files": {str(json_path): json.dumps(finetune_report())}}])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "-m pytest bench/test_finetune.py -q -k (cupy or numba) --benchmark-json " + str(json_path) in calls
     table = (results / "finetune_NVIDIA_H200.md").read_text()
-    assert "| cupy | 256x512x10 | 512 | 1.00 | 3.00 | 1.05 |" in table
+    assert "| cupy | 256x512x10 | 512 | 1.00 | 3.00 | 1.05 |" in table  # the medians
     script = (BENCH / "gpu_check.sh").read_text()
     assert "finetune" not in script[script.index("FIRST_CONTACT_STEPS=("):].split("\n")[0]  # not a first-contact step
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "then `bench fused splitk finetune ncu`" in readme
     assert "The `finetune` stage runs `bench/test_finetune.py`" in readme
+
+
+def test_gpu_check_has_torchs_profiler_detach_cupti_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+    """The benchmarks count PyTorch's kernels with its profiler (CUPTI, through Kineto), then time
+    gpubp in the same process (the mlp64 group); Kineto leaves CUPTI attached, slowing what runs
+    after it, unless TEARDOWN_CUPTI=1 (PyTorch issue 144455)."""
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    plan = [{"match": "-m pytest bench/test_gpu_dense.py"}]
+    for caller, expected in (({}, "1"), ({"TEARDOWN_CUPTI": "0"}, "0")):
+        folder = tmp_path / (caller.get("TEARDOWN_CUPTI") or "unset")
+        folder.mkdir()
+        done, _, calls = gpu_check_stage(folder, "bench", plan, env=caller)
+        assert done.returncode == 0, done.stdout + done.stderr
+        benchmarks = next(line for line in calls.splitlines() if "-m pytest bench/test_gpu_dense.py" in line)
+        assert benchmarks.endswith(f" | TEARDOWN_CUPTI={expected}"), benchmarks
 
 
 def test_first_contacts_tests_step_runs_the_numba_gpu_tests_and_they_exist():
@@ -1076,6 +1113,20 @@ def test_first_contact_facts_keep_what_needs_no_cupy_when_cupy_cannot_reach_the_
     assert "CUDA_HOME unset" in table and facts["nvidia_smi"] in table and "NVRTC: " in table
 
 
+def test_first_contact_facts_record_the_hosts_kernel_and_the_cupti_teardown(monkeypatch):
+    """gVisor reports Linux 4.4.0: a container runtime, which may refuse a sanitizer the device
+    and lengthens launch-bound times, showed nowhere in the facts; nor did TEARDOWN_CUPTI."""
+    fc = load("first_contact")
+    gvisor = platform.uname_result("Linux", "runsc", "4.4.0", "#1 SMP Sun Jan 10 15:06:54 PST 2016", "x86_64")
+    monkeypatch.setattr(platform, "uname", lambda: gvisor)
+    monkeypatch.setenv("TEARDOWN_CUPTI", "1")
+    facts = fc.host_facts()
+    assert facts["uname"] == {"system": "Linux", "release": "4.4.0", "version": "#1 SMP Sun Jan 10 15:06:54 PST 2016",
+                              "machine": "x86_64"}
+    assert facts["environment"]["TEARDOWN_CUPTI"] == "1"
+    assert json.loads(json.dumps(facts)) == facts  # as facts.json holds it
+
+
 BENCHMARK_FILE = """
 import time
 def test_quick(benchmark):
@@ -1195,6 +1246,16 @@ def test_the_torch_frozen_backbone_step_updates_only_the_head(dense):
     assert changed == [False, False, False, False, True, True]
 
 
+def test_the_torch_fp32_step_enters_no_autocast(dense, monkeypatch):
+    """The fp32 baseline entered a disabled autocast every step, about 3 us of a batch-64 step."""
+    torch = pytest.importorskip("torch")
+    entered, real = [], torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: entered.append(kwargs) or real(*args, **kwargs))
+    for bf16 in (False, True):
+        dense.torch_train_step(torch, "cpu", [6, 5, 4], 8, bf16=bf16)[1]()
+    assert entered == [{"device_type": "cpu", "dtype": torch.bfloat16}]
+
+
 class FakeBenchmark:
     """pytest-benchmark's fixture as bench/test_gpu_dense.py's ``measure`` uses it: pedantic runs
     ``warmup_rounds`` untimed calls, then the rounds, noting when the first round started."""
@@ -1278,6 +1339,126 @@ def test_the_fp32_forwards_goal_is_against_the_bare_gemm_and_the_unfused_one_is_
     assert benchmark.extra_info["backend"] == impl and benchmark.extra_info["workload"] == gs.FWD_4096
     assert gs.RATIOS["fwd_4096_fp32_vs_cublas"][0] == (gs.FWD_4096, "cublas-gemm")
     assert gs.RATIOS["fwd_4096_fp32_vs_cublas_unfused"][0] == (gs.FWD_4096, "cublas-unfused")
+
+
+def test_each_step_benchmark_counts_the_flops_its_step_computes_no_dx_at_the_input(dense, gs, monkeypatch):
+    """Three GEMMs a layer counted the first layer's dX, which no step computes (its data needs
+    no gradient): the TFLOP/s of the steps read 9 to 33% high. Each step benchmark of every
+    backend counts bench/model_bounds.py's products of its step instead. The steps are stand-ins
+    here: only what the benchmarks record is checked."""
+    mb = load("model_bounds")
+    monkeypatch.setattr(dense, "ROUNDS", 1)
+    monkeypatch.setattr(dense, "WARMUP", 0)
+
+    def step():
+        pass
+
+    step.train_step = types.SimpleNamespace(graphed=True, why_not_graphed=lambda: None)
+    for builder in ("gpubp_train_step", "torch_train_step"):
+        monkeypatch.setattr(dense, builder, lambda *args, **kwargs: (None, step))
+    monkeypatch.setattr(dense, "gpu_backend", lambda impl: types.SimpleNamespace(
+        NAME="cupy", dense_precisions=lambda: ("fp32", "tf32", "bf16")))
+    monkeypatch.setattr(dense, "cuda_torch", lambda: None)
+    monkeypatch.setattr(dense, "record_launches", lambda *args: None)
+    runs = [(dense.test_train_step, {"workload": w, "impl": i}) for w in dense.STEP_WORKLOADS for i in dense.STEP_IMPLS]
+    runs += [(dense.test_1024_train_step_in_bf16_against_torch_autocast, {"impl": i})
+             for i in dense.STEP_1024_BF16_IMPLS]
+    runs += [(dense.test_1024_train_step_under_torch_compile, {})]
+    runs += [(dense.test_mlp64_train_step_baselines_of_the_fused_kernels, {"impl": i}) for i in dense.MLP64_EXTRA_IMPLS]
+    runs += [(dense.test_small_batch_train_step, {"impl": i}) for i in dense.SMALL_STEP_IMPLS]
+    runs += [(dense.test_frozen_backbone_step_and_forward, {"workload": gs.FROZEN_STEP, "impl": i})
+             for i in dense.FROZEN_IMPLS]
+    timed = set()
+    for test, params in runs:
+        benchmark = FakeBenchmark()
+        test(benchmark, numpy_as_cupy(), **params)
+        info = benchmark.extra_info
+        counted = info["tflops"] * 1e12 * 1e-3  # FakeBenchmark's median is 1 ms
+        planned = sum(p.flops for p in mb.products(info["workload"], "gpubp-cupy", info["shape"], H200_SMS))
+        assert counted == pytest.approx(planned, rel=1e-9), (test.__name__, params)
+        if info["workload"].startswith("train step"):  # three GEMMs a layer, less the first layer's dX
+            *widths, batch = info["shape"]
+            assert counted == pytest.approx(3 * dense.gemm_flops(widths, batch) - 2.0 * batch * widths[0] * widths[1])
+        timed.add((info["workload"], info["backend"]))
+    assert {pair for pair in dense.summary_benchmarks() if "step" in pair[0]} <= timed
+    fused = load("test_gpu_fused")
+    widths, batch = [64] * 4 + [fused.CLASSES], 2**14
+    modes = {"step": "train step", "frozen step": "frozen-backbone step", "forward": "forward pass"}
+    for mode, workload in modes.items():
+        planned = sum(p.flops for p in mb.products(workload, "gpubp-cupy", widths + [batch], H200_SMS))
+        assert fused.mode_flops(mode, widths, batch) == pytest.approx(planned), mode
+
+
+def test_the_benchmarks_count_flops_without_loading_the_toolchains_scripts():
+    """bench/model_bounds.py, whose products the benchmarks count, imported bench/kernel_model.py,
+    which imports bench/nvrtc_build.py, which loads an NVRTC library (RTLD_GLOBAL) as it is
+    imported: into a benchmark's process, before CuPy loads its own."""
+    done = subprocess.run([sys.executable, "-c", "import sys, test_gpu_dense, test_gpu_fused; "
+                           "print(sorted({'kernel_model', 'nvrtc_build', 'aot_build'} & set(sys.modules)))"],
+                          cwd=BENCH, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])},
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.fixture
+def cupy_stand_in(monkeypatch):
+    """The CuPy backend on the CPU stand-in of CuPy (tests/cuda_on_cpu), as the benchmarks'
+    rehearsal runs it, for this test."""
+    if shutil.which(harness.CXX) is None:
+        pytest.skip(f"no C++ compiler ({harness.CXX})")
+    from test_kernels_on_cpu import cupy_on_cpu  # here, not above: that module imports this one
+
+    return cupy_on_cpu(harness.Harness(), monkeypatch, H200_SMS)
+
+
+class RecordingRounds(FakeBenchmark):
+    """Notes after each timed round whether the step replayed its CUDA graph."""
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        self.replayed = []
+
+        def timed():
+            fn()
+            self.replayed.append(fn.train_step.graphed)
+
+        super().pedantic(timed, rounds, warmup_rounds, iterations)
+
+
+class EagerRounds(FakeBenchmark):
+    """Timed rounds that run the step eagerly (as a round would whose batch or settings differed
+    from the captured graph's), the graph there to replay again after them."""
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        fn.train_step.cuda_graph = False
+        try:
+            super().pedantic(fn, rounds, warmup_rounds, iterations)
+        finally:
+            fn.train_step.cuda_graph = True
+
+
+def small_graph_step(dense, monkeypatch, warm_up_calls: int):
+    monkeypatch.setattr(dense, "SMALL_STEP", ([24, 136, 10], 16))
+    monkeypatch.setattr(dense, "ROUNDS", 2)
+    monkeypatch.setattr(dense, "WARMUP", warm_up_calls)
+    monkeypatch.setattr(dense, "WARMUP_SECONDS", 600)  # the warm-up is warm_up_calls calls
+
+
+def test_the_graph_benchmarks_timed_rounds_replay_the_graph_whatever_the_warm_up(dense, cupy_stand_in, monkeypatch):
+    """Without a warm-up (the rehearsal's) the timed rounds were the batch's eager first step and
+    the capture, and the check that they replayed passed on record_launches' extra step."""
+    small_graph_step(dense, monkeypatch, warm_up_calls=0)
+    benchmark = RecordingRounds()
+    dense.test_small_batch_train_step(benchmark, numpy_as_cupy(), "gpubp-cupy-graph")
+    assert benchmark.replayed == [True, True]
+    assert benchmark.extra_info["host_launches_per_step"] == 1 < benchmark.extra_info["kernels_per_step"]
+
+
+def test_the_graph_benchmark_fails_where_its_timed_rounds_ran_eagerly(dense, cupy_stand_in, monkeypatch):
+    """The check read ``graphed`` after record_launches' extra step, which replays the graph
+    whatever the timed rounds did."""
+    small_graph_step(dense, monkeypatch, warm_up_calls=2)
+    with pytest.raises(AssertionError, match="the timed rounds ran eagerly"):
+        dense.test_small_batch_train_step(EagerRounds(), numpy_as_cupy(), "gpubp-cupy-graph")
 
 
 def dynamo_graphs(torch, monkeypatch) -> list[list]:
