@@ -143,6 +143,21 @@ def test_cross_entropy_refuses_logits_that_are_not_a_row_per_sample(be):
     refused(be, "logits", lambda: be.softmax_cross_entropy(logits, be.asarray(np.zeros(B, np.int64))), logits)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.bool_])
+def test_cross_entropy_refuses_labels_that_are_not_integers_as_numpy_does(be, dtype):
+    """The NumPy backend's TypeError, from the labels' dtype alone (no device read): CuPy's cast
+    float labels to int (1.7 read as class 1), Numba's failed inside its kernel."""
+    (logits,) = arrays(be, (B, OUT))
+    classes = np.arange(B) % OUT
+    labels = be.asarray(classes.astype(dtype) if dtype is np.bool_ else (classes + 0.7).astype(dtype))
+    before = be.to_host(logits).copy()
+    with trace() as t, pytest.raises(TypeError, match=rf"^labels: expected integer class indices, got dtype "
+                                                      rf"{np.dtype(dtype)}$"):
+        be.softmax_cross_entropy(logits, labels)
+    assert t.total == 0, f"launched before refusing: {dict(t.counts)}"
+    np.testing.assert_array_equal(be.to_host(logits), before)
+
+
 UPDATES = {
     "sgd": lambda be, p, g, s: be.sgd_update(p, g, s[0], 0.1, 0.9, False, 0.0),
     "adam": lambda be, p, g, s: be.adam_update(p, g, s[0], s[1], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False),
@@ -156,6 +171,32 @@ def test_an_update_refuses_a_gradient_or_state_unlike_its_parameter(be, optimize
     names = ["grad", *STATE_NAMES[optimizer]]
     param, *rest = arrays(be, (IN, OUT), *[(IN, OUT - 1) if i == wrong else (IN, OUT) for i in range(len(names))])
     refused(be, names[wrong], lambda: UPDATES[optimizer](be, param, rest[0], rest[1:]), param, *rest)
+
+
+# The state each option reads and writes, left out: (optimizer, the missing array, the call with
+# state s = [square_avg / m / velocity, ...] and that array None).
+MISSING_STATE = {
+    "sgd_momentum_velocity": ("velocity", lambda be, p, g, s: be.sgd_update(p, g, None, 0.1, 0.9, False, 0.0)),
+    "sgd_nesterov_velocity": ("velocity", lambda be, p, g, s: be.sgd_update(p, g, None, 0.1, 0.9, True, 0.01)),
+    "adam_m": ("m", lambda be, p, g, s: be.adam_update(p, g, None, s[1], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)),
+    "adamw_v": ("v", lambda be, p, g, s: be.adam_update(p, g, s[0], None, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, True)),
+    "rmsprop_square_avg": ("square_avg", lambda be, p, g, s: be.rmsprop_update(p, g, None, None, None, 1e-2, 0.99, 1e-8,
+                                                                              0.0, 0.0, False)),
+    "rmsprop_centered_grad_avg": ("grad_avg", lambda be, p, g, s: be.rmsprop_update(p, g, s[0], None, None, 1e-2, 0.99,
+                                                                                   1e-8, 0.0, 0.0, True)),
+    "rmsprop_momentum_buffer": ("momentum_buffer", lambda be, p, g, s: be.rmsprop_update(p, g, s[0], s[1], None, 1e-2,
+                                                                                        0.99, 1e-8, 0.0, 0.9, True)),
+}
+
+
+@pytest.mark.parametrize("case", MISSING_STATE)
+def test_an_update_refuses_state_its_options_need_given_as_none(be, case):
+    """A GPU backend stood another array in for the missing one (CuPy the parameter: with momentum
+    the velocity was written into it; Numba the square average, or failed inside Numba), and the
+    NumPy backend's compiled update the gradient, which it overwrote."""
+    name, call = MISSING_STATE[case]
+    param, grad, *state = arrays(be, (IN, OUT), (IN, OUT), (IN, OUT), (IN, OUT))
+    refused(be, name, lambda: call(be, param, grad, state), param, grad, *state, why="expected an array, got None")
 
 
 # ----------------------------------------------------------------------------- the CuPy backend's own
@@ -194,6 +235,93 @@ def test_the_fused_backward_refuses_a_buffer_of_another_shape(cb, wrong):
                                           [True, True], [dw0, dw1], [db0, db1]), dw0, dw1, db0, db1)
 
 
+# A fused backward missing an array it reads or writes: (name, acts, need_dx, need_dw, need_db,
+# which entry of inputs / act_inputs / out_dw / out_db is None). The CuPy backend handed the
+# kernels dy in that slot: a dW from dy's floats, act' of them, or dW written past dy's end.
+FUSED_MISSING = {
+    "inputs[0]": (["relu", "identity"], [False, True], [True, True], None, ("inputs", 0)),
+    "act_inputs[0]": (["relu", "identity"], [False, True], [True, True], None, ("act_inputs", 0)),
+    "out_dw[0]": (["relu", "identity"], [False, True], [True, True], None, ("out_dw", 0)),
+    "out_db[0]": (["relu", "identity"], [False, True], [True, True], None, ("out_db", 0)),
+    "out_db[0]_bias_alone": (["relu", "identity"], [False, True], [False, True], [True, True], ("out_db", 0)),
+    "act_inputs[1]_softmax": (["relu", "softmax"], [False, True], [False, True], None, ("act_inputs", 1)),
+    "act_inputs[0]_dx_only": (["tanh", "identity"], [True, True], [False, True], None, ("act_inputs", 0)),
+}
+
+
+@pytest.mark.parametrize("case", FUSED_MISSING)
+def test_the_fused_backward_refuses_a_missing_array_a_layer_reads_or_writes(cb, case):
+    acts, need_dx, need_dw, need_db, (which, layer) = FUSED_MISSING[case]
+    dy, w0, w1, x, h, h0, y, dw0, dw1, db0, db1 = arrays(cb, (B, 2), (IN, OUT), (OUT, 2), (B, IN), (B, OUT), (B, OUT),
+                                                         (B, 2), (IN, OUT), (OUT, 2), (OUT,), (2,))
+    given = {"inputs": [x, h], "act_inputs": [h0, y], "out_dw": [dw0, dw1], "out_db": [db0, db1]}
+    given[which][layer] = None
+    name = f"{which}[{layer}]".replace("[", r"\[").replace("]", r"\]")
+    refused(cb, name, lambda: cb.fused_mlp_backward(dy, [w0, w1], acts, given["inputs"], given["act_inputs"], need_dx,
+                                                    need_dw, given["out_dw"], given["out_db"], need_db=need_db),
+            dy, dw0, dw1, db0, db1, why="expected an array, got None$")
+
+
+def test_the_fused_backward_refuses_a_call_that_needs_nothing(cb):
+    """(``min()`` of no layer was the error, after a softmax head's backward had launched.)"""
+    dy, w0, w1, y = arrays(cb, (B, 2), (IN, OUT), (OUT, 2), (B, 2))
+    refused(cb, "need_dx", lambda: cb.fused_mlp_backward(dy, [w0, w1], ["relu", "softmax"], [None, None], [None, y],
+                                                         [False, False], [False, False], [None, None], [None, None]),
+            dy, why="expected a layer that needs dX, dW or db")
+
+
+def test_the_fused_backward_takes_none_for_what_no_layer_reads():
+    """What ``_contract.mlp_backward`` leaves out: the input of a layer whose weight is frozen, act'
+    input of an identity layer and of any layer below the lowest that needs something, the gradient
+    buffers of a frozen layer (as ``Sequential`` passes them)."""
+    from gpubp.backends import _contract
+
+    a = object()
+    _contract.mlp_backward(["relu", "gelu", "relu", "identity"], [False, False, True, True], [False, False, False, True],
+                           None, [None, None, None, a], [None, None, a, None], [None, None, None, a],
+                           [None, None, None, a])
+    _contract.mlp_backward(["relu", "relu"], [False, False], [False, True], [True, True], [None, a], [a, a], [None, a],
+                           [a, a])
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_fused_kernels_refuse_an_empty_batch(cb, direction):
+    """As ``test_an_empty_batch_is_refused``: the fused kernels' grid is a block per FUSED_ROWS rows."""
+    x, dy, w0, w1, b0, b1, h, dw0, dw1, db0, db1 = arrays(cb, (0, IN), (0, 2), (IN, OUT), (OUT, 2), (OUT,), (2,),
+                                                          (0, OUT), (IN, OUT), (OUT, 2), (OUT,), (2,))
+    name, call = {
+        "forward": ("x", lambda: cb.fused_mlp_forward(x, [w0, w1], [b0, b1], ["relu", "identity"], [True, True],
+                                                      [True, True])),
+        "backward": ("dy", lambda: cb.fused_mlp_backward(dy, [w0, w1], ["relu", "identity"], [x, h], [h, None],
+                                                         [False, True], [True, True], [dw0, dw1], [db0, db1]))}[direction]
+    refused(cb, name, call, dw0, dw1, db0, db1, why="expected at least one row")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_fused_kernels_refuse_a_layer_of_no_outputs(cb, direction):
+    """As ``test_a_layer_of_no_inputs_or_no_outputs_is_refused``; the fused backward left the db of
+    the layer above one of no outputs unwritten (its dW had no rows, so no tile)."""
+    x, dy, w0, w1, b0, b1, h, dw0, dw1, db0, db1 = arrays(cb, (B, IN), (B, 2), (IN, 0), (0, 2), (0,), (2,), (B, 0),
+                                                          (IN, 0), (0, 2), (0,), (2,))
+    call = {"forward": lambda: cb.fused_mlp_forward(x, [w0, w1], [b0, b1], ["relu", "identity"], [True, True],
+                                                    [True, True]),
+            "backward": lambda: cb.fused_mlp_backward(dy, [w0, w1], ["relu", "identity"], [x, h], [h, None],
+                                                      [False, True], [True, True], [dw0, dw1], [db0, db1])}[direction]
+    refused(cb, r"weights\[0\]", call, db1, why=r"expected at least one input and one output feature, got shape \(3, 0\)$")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
+def test_a_multi_tensor_update_refuses_state_its_options_need_given_as_none(cb, optimizer):
+    good = arrays(cb, *[(IN, OUT)] * 5)
+    bad = arrays(cb, *[(OUT,)] * 5)
+    name, call = {
+        "sgd": ("velocity", lambda: cb.sgd_update_many([good[:3], (*bad[:2], None)], 0.1, 0.9, False, 0.0)),
+        "adam": ("v", lambda: cb.adam_update_many([good[:4], (*bad[:3], None)], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)),
+        "rmsprop": ("grad_avg", lambda: cb.rmsprop_update_many([good, (*bad[:3], None, bad[4])], 1e-2, 0.99, 1e-8, 0.0,
+                                                               0.9, True))}[optimizer]
+    refused(cb, rf"tensors\[1\] \({name}\)", call, *good, *bad, why="expected an array, got None$")
+
+
 # ----------------------------------------------------------------------------- missing, empty, unknown
 
 
@@ -222,6 +350,37 @@ def test_an_empty_batch_is_refused(be, case):
                   "cross_entropy": ("logits", lambda: be.softmax_cross_entropy(logits, be.asarray(np.zeros(0, np.int64))))
                   }[case]
     refused(be, name, call, w, why="expected at least one row")
+
+
+@pytest.mark.parametrize("case", ["forward_no_inputs", "forward_no_outputs", "backward_no_inputs",
+                                  "backward_no_outputs"])
+def test_a_layer_of_no_inputs_or_no_outputs_is_refused(be, case):
+    """As an empty batch (``test_an_empty_batch_is_refused``): a GPU launch over no columns is an
+    invalid one and the dW split divided by the width (the NumPy backend computed such a layer;
+    gpubp's Dense refuses a width of 0 before any of this)."""
+    n_in, n_out = (0, OUT) if case.endswith("no_inputs") else (IN, 0)
+    x, w, b, dy, out, out_dx, out_db = arrays(be, (B, n_in), (n_in, n_out), (n_out,), (B, n_out), (B, n_out),
+                                              (B, n_in), (n_out,))
+    call = (lambda: be.dense_forward(x, w, b, "relu", out=out)) if case.startswith("forward") else (
+        lambda: be.dense_backward(dy, x, w, None, None, "identity", True, True, out_dx=out_dx, out_db=out_db))
+    refused(be, "w", call, out, out_dx, out_db, why=rf"expected at least one input and one output feature, got shape "
+                                                    rf"\({n_in}, {n_out}\)$")
+
+
+def c_contiguous(a) -> bool:
+    flags = getattr(a, "flags", None)
+    return bool(flags.c_contiguous) if hasattr(flags, "c_contiguous") else a.is_c_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [None, np.float32])
+def test_asarray_of_a_strided_array_of_the_backend_gives_a_c_contiguous_copy(be, dtype):
+    """What the in-place operands must be (the GPU backends refuse a strided one): the Numba
+    backend's returned the strided view as it was."""
+    (wide,) = arrays(be, (IN, 2 * OUT))
+    view = wide[:, ::2]
+    got = be.asarray(view, dtype)
+    assert c_contiguous(got) and tuple(got.shape) == (IN, OUT) and got.dtype == np.float32
+    np.testing.assert_array_equal(be.to_host(got), be.to_host(wide)[:, ::2])
 
 
 @pytest.mark.parametrize("where", ["activation", "dx_act"])

@@ -558,6 +558,20 @@ def test_loss_matches_numpy(rng, loss_name, kernel_name, make_inputs, weighted):
     assert_matches(grad, grad_ref)
 
 
+@pytest.mark.parametrize("loss_name, make_inputs", [("mse", mse_inputs), ("mae", mse_inputs), ("huber", mse_inputs),
+                                                     ("bce", bce_inputs), ("poisson", poisson_inputs)])
+def test_an_unweighted_elementwise_loss_takes_1d_predictions_as_numpy_does(rng, loss_name, make_inputs):
+    """The contract's "an unweighted elementwise loss takes any shape": the launch read the row
+    width as pred.shape[1] (an IndexError for 1-D), though without weights nothing uses it."""
+    prediction, target = make_inputs(rng, 300)  # two reduction blocks
+    loss_ref, grad_ref = getattr(ref, loss_name)(prediction, target)
+    with trace() as t:
+        loss, grad = getattr(nb, loss_name)(*to_device(prediction, target))
+    assert t.launches == [f"{loss_name}_fwd_bwd"]
+    assert abs(loss - loss_ref) <= RTOL * max(abs(loss_ref), 1.0)
+    assert_matches(grad, grad_ref)
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_huber_takes_its_delta(rng, weighted):
     prediction, target = mse_inputs(rng, 23, 12)
@@ -958,14 +972,38 @@ IN_PLACE_CALLS = {
 }
 
 
+IN_PLACE_REFUSAL = "expected a C-contiguous float32 device array (it is written in place), got "
+
+
 @pytest.mark.parametrize("name", IN_PLACE_CALLS)
 def test_a_strided_in_place_operand_is_refused_naming_it(rng, name):
     """Parameters, optimizer state and out buffers are the backend's own, contiguous: a strided one
     was raveled into a copy in the simulator (the update lost) and refused on a GPU."""
     with trace() as t:
-        with pytest.raises(ValueError, match=f"^{name}: expected a C-contiguous device array"):
+        with pytest.raises(ValueError, match=re.escape(f"{name}: {IN_PLACE_REFUSAL}dtype float32, shape (")):
             IN_PLACE_CALLS[name](rng, strided)
     assert t.launches == []
+
+
+@pytest.mark.parametrize("kind", ["host", "float64"])
+@pytest.mark.parametrize("name", IN_PLACE_CALLS)
+def test_a_host_or_float64_in_place_operand_is_refused_naming_it_as_cupys_backend_refuses_it(rng, name, kind):
+    """A NumPy array failed in numba-cuda's ``as_cuda_array`` (an error naming nothing), and a float64
+    device array was updated in float64, where the CuPy backend refuses both (``DTYPES``: float32)."""
+    given = []
+
+    def operand(a):
+        a = nb.asarray(a, np.float64) if kind == "float64" else a
+        given.append((a, np.array(host(a) if nb.is_array(a) else a)))
+        return a
+
+    got = "ndarray" if kind == "host" else "dtype float64, shape ("
+    with trace() as t:
+        with pytest.raises(ValueError, match="^" + re.escape(f"{name}: {IN_PLACE_REFUSAL}{got}")):
+            IN_PLACE_CALLS[name](rng, operand)
+    assert t.launches == []
+    (a, before), = given
+    np.testing.assert_array_equal(host(a) if nb.is_array(a) else a, before)  # left as it was
 
 
 # ----------------------------------------------------------------------------- whole model

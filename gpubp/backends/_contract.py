@@ -63,6 +63,13 @@ def batch_rows(name: str, a) -> int:
     return batch
 
 
+def some_features(name: str, w) -> None:
+    """The weight ``w`` (in, out) of a layer of at least one input and one output feature: a GPU
+    launch over no columns is an invalid one, and the dW split divides by the width."""
+    if 0 in _shape(w):
+        raise ValueError(f"{name}: expected at least one input and one output feature, got shape {_shape(w)}")
+
+
 def _span(a) -> tuple[int, int] | None:
     """The bytes [first, end) that ``a``'s elements lie within, from its CUDA array interface or
     its host one (an empty array spans nothing); None for what has neither. A contiguous CuPy
@@ -138,13 +145,13 @@ def no_mask_on_softmax(act: str, dropout) -> None:
 
 
 def dense_forward(x, w, b, out=None, out_z=None, act="identity", dropout=None) -> None:
-    """x (B, in) with B >= 1, w (in, out), b (out,); ``out`` and ``out_z`` (B, out), apart from x, and
-    from each other where ``act`` stores z (``NEEDS_Z``; elsewhere out_z is never written); ``act``
-    one of the activations, and no mask on a softmax layer."""
+    """x (B, in) with B >= 1, w (in, out) with in, out >= 1, b (out,); ``out`` and ``out_z`` (B,
+    out), apart from x, and from each other where ``act`` stores z (``NEEDS_Z``; elsewhere out_z is
+    never written); ``act`` one of the activations, and no mask on a softmax layer."""
     try:
         batch, n_in = x.shape
         rows, n_out = w.shape
-        if (batch and rows == n_in and b.shape == (n_out,) and act in NAMES
+        if (batch and n_in and n_out and rows == n_in and b.shape == (n_out,) and act in NAMES
                 and (out is None or out.shape == (batch, n_out)) and (out_z is None or out_z.shape == (batch, n_out))
                 and (dropout is None or act != "softmax")
                 and (out_z is None or out is None or act not in NEEDS_Z or not overlap(out, out_z))
@@ -163,6 +170,7 @@ def _dense_forward_in_full(x, w, b, out, out_z, act, dropout) -> None:
     rows, n_out = matrix("w", w)
     if rows != n_in:
         raise ValueError(f"w: expected {n_in} rows, one per input feature of x {_shape(x)}, got shape {_shape(w)}")
+    some_features("w", w)
     require("b", b, (n_out,))
     require("out", out, (batch, n_out))
     require("out_z", out_z, (batch, n_out))
@@ -174,14 +182,16 @@ def _dense_forward_in_full(x, w, b, out, out_z, act, dropout) -> None:
 
 def dense_backward(dy, x, w, y=None, z=None, out_dx=None, out_dw=None, out_db=None, dx_act_in=None, act="identity",
                    need_dw=False, dropout=None, dx_act="identity") -> None:
-    """dy (B, out) with B >= 1, w (in, out); x (B, in), given when ``need_dw``; what act' reads, given
-    (z for NEEDS_Z's activations, else y, identity neither); y, z (B, out) where given; ``out_dx``
-    and ``dx_act_in`` (B, in), ``dx_act_in`` given for a ``dx_act`` but identity; ``out_dw`` (in,
-    out); ``out_db`` (out,); each output apart from the inputs; no mask on a softmax layer."""
+    """dy (B, out) with B >= 1, w (in, out) with in, out >= 1; x (B, in), given when ``need_dw``;
+    what act' reads, given (z for NEEDS_Z's activations, else y, identity neither); y, z (B, out)
+    where given; ``out_dx`` and ``dx_act_in`` (B, in), ``dx_act_in`` given for a ``dx_act`` but
+    identity; ``out_dw`` (in, out); ``out_db`` (out,); each output apart from the inputs; no mask
+    on a softmax layer."""
     try:
         batch, n_out = dy.shape
         n_in, cols = w.shape
-        if (batch and cols == n_out and act in NAMES and dx_act in ACTIVATIONS and (dropout is None or act != "softmax")
+        if (batch and n_in and n_out and cols == n_out and act in NAMES and dx_act in ACTIVATIONS
+                and (dropout is None or act != "softmax")
                 and (x.shape == (batch, n_in) if x is not None else not need_dw)
                 and (y.shape == (batch, n_out) if y is not None else act == "identity" or act in NEEDS_Z)
                 and (z.shape == (batch, n_out) if z is not None else act not in NEEDS_Z)
@@ -213,6 +223,7 @@ def _dense_backward_in_full(dy, x, w, y, z, out_dx, out_dw, out_db, dx_act_in, a
     n_in, cols = matrix("w", w)
     if cols != n_out:
         raise ValueError(f"w: expected {n_out} columns, one per output of dy {_shape(dy)}, got shape {_shape(w)}")
+    some_features("w", w)
     require("x", x, (batch, n_in))
     require("y", y, (batch, n_out))
     require("z", z, (batch, n_out))
@@ -251,10 +262,13 @@ def loss(pred_name: str, pred, target, sample_weight=None) -> None:
 
 
 def labelled_loss(logits, labels, sample_weight=None) -> None:
-    """logits (B, C) with B >= 1; labels and ``sample_weight`` (B,)."""
+    """logits (B, C) with B >= 1; labels (B,) of an integer dtype (a TypeError otherwise: a GPU
+    kernel would read floats' bits as class indices, or cast them), and ``sample_weight`` (B,).
+    The dtype is the array's own (a list's, NumPy's reading of it); its values are not read."""
     try:
         batch, _ = logits.shape
-        if batch and labels.shape == (batch,) and (sample_weight is None or sample_weight.shape == (batch,)):
+        if (batch and labels.shape == (batch,) and labels.dtype.kind in "iu"
+                and (sample_weight is None or sample_weight.shape == (batch,))):
             return
     except (AttributeError, TypeError, ValueError):
         pass
@@ -262,36 +276,62 @@ def labelled_loss(logits, labels, sample_weight=None) -> None:
     batch = batch_rows("logits", logits)
     require("labels", labels, (batch,))
     require("sample_weight", sample_weight, (batch,))
+    dtype = getattr(labels, "dtype", None)
+    dtype = np.asarray(labels).dtype if dtype is None else np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise TypeError(f"labels: expected integer class indices, got dtype {dtype}")
 
 
-def update(param, grad, **state) -> None:
-    """``grad`` and every state array given (None: one the update does not keep) of ``param``'s shape."""
+def update(param, grad, needed: tuple = (), **state) -> None:
+    """``grad`` and every state array given (None: one the update does not keep) of ``param``'s
+    shape, and those named in ``needed`` (what the options chosen read and write: a velocity with
+    momentum, Adam's moments, a centered RMSprop's mean gradient) given: a GPU backend would stand
+    another array in for None, and the NumPy backend's compiled update the gradient."""
     try:
         shape = param.shape
         if grad.shape == shape:
-            for a in state.values():
-                if a is not None and a.shape != shape:
+            for name, a in state.items():
+                if a is None:
+                    if name in needed:
+                        break
+                elif a.shape != shape:
                     break
             else:
                 return
     except AttributeError:
         pass
-    present(param=param, grad=grad)
+    present(param=param, grad=grad, **{name: state[name] for name in needed})
     same("param", param, grad=grad, **state)
 
 
+# What each update reads and writes (``update``'s ``needed``), by its options.
+SGD_STATE = ("velocity",)  # with momentum (without, no state)
+ADAM_STATE = ("m", "v")
+
+
+def rmsprop_state(momentum, centered) -> tuple:
+    """The state arrays an RMSprop update with these options reads and writes."""
+    if momentum:
+        return ("square_avg", "grad_avg", "momentum_buffer") if centered else ("square_avg", "momentum_buffer")
+    return ("square_avg", "grad_avg") if centered else ("square_avg",)
+
+
 def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=None, out_db=None) -> None:
-    """A chain of layers on x (B, in_0) (or, x None, on what ``weights[0]`` takes): ``weights[l]``
-    (in_l, out_l) with in_l the width below; ``biases[l]``, ``out_db[l]`` (out_l,); ``out_dw[l]``
-    (in_l, out_l); ``inputs[l]`` (B, in_l) and ``act_inputs[l]`` (B, out_l) where kept; dy (B,
-    out_last). Entries that are None pass."""
-    batch, width = matrix("x", x) if x is not None else (None, matrix("weights[0]", weights[0])[0])
+    """A chain of layers on x (B, in_0) (or, x None, on what ``weights[0]`` takes), B >= 1:
+    ``weights[l]`` (in_l, out_l) with in_l the width below, in_l, out_l >= 1; ``biases[l]``,
+    ``out_db[l]`` (out_l,); ``out_dw[l]`` (in_l, out_l); ``inputs[l]`` (B, in_l) and
+    ``act_inputs[l]`` (B, out_l) where kept; dy (B, out_last) with B >= 1. Entries that are None
+    pass (``mlp_backward`` says which a backward needs)."""
+    batch, width = ((batch_rows("x", x), matrix("x", x)[1]) if x is not None
+                    else (None, matrix("weights[0]", weights[0])[0]))
     if dy is not None:
-        batch = matrix("dy", dy)[0]
+        batch = batch_rows("dy", dy)
     for layer, w in enumerate(weights):
         rows, n_out = matrix(f"weights[{layer}]", w)
         if rows != width:
             raise ValueError(f"weights[{layer}]: expected {width} rows, the width below it, got shape {_shape(w)}")
+        if not (rows and n_out):
+            some_features(f"weights[{layer}]", w)
         for name, arrays, shape in (("biases", biases, (n_out,)), ("out_db", out_db, (n_out,)),
                                     ("out_dw", out_dw, (rows, n_out)), ("inputs", inputs, (batch, rows)),
                                     ("act_inputs", act_inputs, (batch, n_out))):
@@ -300,3 +340,34 @@ def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=N
         width = n_out
     if dy is not None:
         require("dy", dy, (batch, width))
+
+
+def _given(name: str, arrays, layer: int) -> None:
+    """``arrays[layer]`` is given (``arrays`` itself may be None: none given)."""
+    if arrays is None or arrays[layer] is None:
+        raise ValueError(f"{name}[{layer}]: expected an array, got None")
+
+
+def mlp_backward(acts, need_dx, need_dw, need_db, inputs, act_inputs, out_dw, out_db) -> None:
+    """What a fused backward reads and writes is given (a kernel's slot of an absent array gets
+    another array, which it would read, or write a dW or db into): for each layer with
+    ``need_dw[l]``, ``inputs[l]`` (dW reads it), ``out_dw[l]`` and ``out_db[l]``; for one whose bias
+    trains alone (``need_db[l]``), ``out_db[l]``; and from the lowest layer that needs anything up,
+    ``act_inputs[l]`` where ``acts[l]`` is not identity (act' reads it; a softmax head's backward
+    too). At least one layer needs something. Per layer a few truth tests, no array read."""
+    lowest = None
+    for layer in range(len(acts)):
+        trains = need_dw[layer]
+        if trains:
+            _given("inputs", inputs, layer)
+            _given("out_dw", out_dw, layer)
+        if trains or need_db is not None and need_db[layer]:
+            _given("out_db", out_db, layer)
+            if lowest is None:
+                lowest = layer
+        elif need_dx[layer] and lowest is None:
+            lowest = layer
+        if lowest is not None and acts[layer] != "identity":
+            _given("act_inputs", act_inputs, layer)
+    if lowest is None:
+        raise ValueError("need_dx: expected a layer that needs dX, dW or db (need_dx, need_dw, need_db), got none")

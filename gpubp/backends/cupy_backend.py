@@ -704,15 +704,20 @@ def _require_f32_contiguous(**operands) -> None:
             raise _refuse(name, a)
 
 
-def _require_f32_contiguous_many(what: str, items, names: tuple | None = None, read: tuple = ()) -> None:
+def _require_f32_contiguous_many(what: str, items, names: tuple | None = None, read: tuple = (),
+                                 needed: tuple = ()) -> None:
     """``_require_f32_contiguous`` of every array of a ``*_many`` argument ``what``: ``items`` are
-    arrays, or (``names`` given) tuples of arrays so called (None passes). Those named in ``read``
-    the kernel only reads, but through the launch's table of pointers, which a copy would not
-    outlive (nor could a captured graph's replay read it), so they are refused alike rather than
-    normalized."""
+    arrays, or (``names`` given) tuples of arrays so called (None passes, but for those named in
+    ``needed``: ``_contract.update``'s, the state the options read and write). Those named in
+    ``read`` the kernel only reads, but through the launch's table of pointers, which a copy would
+    not outlive (nor could a captured graph's replay read it), so they are refused alike rather
+    than normalized."""
     for t, item in enumerate(items):
         for name, a in zip(names, item) if names else ((None, item),):
-            if a is not None and not _is_f32_contiguous(a):
+            if a is None:
+                if name in needed:
+                    _contract.present(**{f"{what}[{t}] ({name})": a})
+            elif not _is_f32_contiguous(a):
                 raise _refuse(f"{what}[{t}]" + (f" ({name})" if name else ""), a,
                               IN_A_TABLE if name in read else WRITTEN_IN_PLACE)
         if names:  # the kernels read every buffer of a tuple to its first one's length
@@ -1312,7 +1317,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, velocity=velocity)
-    _contract.update(param, grad, velocity=velocity)
+    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
     grad = _f32(grad)  # read only
     n = param.size
     # The rate: an argument, or read on the device (checked before anything is recorded).
@@ -1333,7 +1338,7 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics.
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, m=m, v=v)
-    _contract.update(param, grad, m=m, v=v)
+    _contract.update(param, grad, _contract.ADAM_STATE, m=m, v=v)
     grad = _f32(grad)  # read only
     n = param.size
     # lr and the bias corrections: arguments (lr first, the corrections after the options), or
@@ -1355,7 +1360,8 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
-    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, _contract.rmsprop_state(momentum, centered), square_avg=square_avg,
+                     grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     grad = _f32(grad)  # read only
     n = param.size
     if hyper is None:
@@ -1443,7 +1449,8 @@ def sgd_update_many(tensors, lr, momentum, nesterov, weight_decay, hyper=None, g
     """``sgd_update`` of every (param, grad, velocity) in ``tensors``, in one launch: the same bits.
     ``hyper``: row t, (lr,), for tensor t (then ``lr`` is None); ``guard`` as for ``sgd_update``."""
     tensors = list(tensors)
-    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "velocity"), read=("grad",))
+    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "velocity"), read=("grad",),
+                                 needed=("param", "grad", *(_contract.SGD_STATE if momentum else ())))
     tensors = [(param, grad, param if velocity is None else velocity) for param, grad, velocity in tensors]
     _update_many("sgd_update_many", tensors, hyper, guard, 1,
                  (np.float32(lr or 0), np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay)))
@@ -1454,7 +1461,8 @@ def adam_update_many(tensors, lr, beta1, beta2, eps, weight_decay, step, decoupl
     launch: the same bits. ``hyper``: row t, ``adam_hyper``'s (lr, step_size, inv_sqrt_bias2), for
     tensor t (then ``lr`` and ``step`` are None); ``guard`` as for ``adam_update``."""
     tensors = list(tensors)
-    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "m", "v"), read=("grad",))
+    _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "m", "v"), read=("grad",),
+                                 needed=("param", "grad", *_contract.ADAM_STATE))
     lr, step_size, inv_sqrt_bias2 = adam_hyper(lr, beta1, beta2, step) if hyper is None else (0.0, 0.0, 0.0)
     _update_many("adam_update_many", tensors, hyper, guard, 3,
                  (np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps), np.float32(weight_decay),
@@ -1467,7 +1475,7 @@ def rmsprop_update_many(tensors, lr, alpha, eps, weight_decay, momentum, centere
     is None); ``guard`` as for ``rmsprop_update``."""
     tensors = list(tensors)
     _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "square_avg", "grad_avg", "momentum_buffer"),
-                                 read=("grad",))
+                                 read=("grad",), needed=("param", "grad", *_contract.rmsprop_state(momentum, centered)))
     tensors = [(param, grad, square_avg, *(param if b is None else b for b in (grad_avg, momentum_buffer)))
                for param, grad, square_avg, grad_avg, momentum_buffer in tensors]
     _update_many("rmsprop_update_many", tensors, hyper, guard, 1,
@@ -1786,11 +1794,14 @@ def fused_mlp_backward(dy, weights, acts, inputs, act_inputs, need_dx, need_dw, 
     trainable layers; it computes g = dz @ W^T only where a lower layer (or ``need_dx[0]``, the
     input gradient) reads it. ``need_db[l]`` without ``need_dw[l]``: that layer's bias alone trains;
     the chain writes its dz, and a ``dense_dz_db`` pass after the two launches sums it into
-    ``out_db[l]`` (no dW tile). Returns ``dx`` (B, in) when ``need_dx[0]``, else None."""
+    ``out_db[l]`` (no dW tile). Returns ``dx`` (B, in) when ``need_dx[0]``, else None. An array
+    these read or write that is None is refused first, naming it (``_contract.mlp_backward``): the
+    kernels' slot of an absent array holds another one."""
     _require_f32_contiguous_many("out_dw", out_dw)
     _require_f32_contiguous_many("out_db", out_db)
     _contract.mlp(None, weights, dy=dy, inputs=inputs, act_inputs=act_inputs, out_dw=out_dw, out_db=out_db)
     _fused_limits(weights, acts)
+    _contract.mlp_backward(acts, need_dx, need_dw, need_db, inputs, act_inputs, out_dw, out_db)
     dy = _f32(dy)
     batch, layers = dy.shape[0], len(weights)
     widths = [w.shape[1] for w in weights]

@@ -7,7 +7,8 @@ anything here runs. The kernels take C-contiguous arrays: a read-only input of o
 user's ``a[:, ::2]``, which the layer API and the losses pass on as given) is copied to a
 C-contiguous array of its kind first (``_contiguous``; no copy when it is one), as the CuPy
 backend's ``_f32`` does; an in-place operand (a parameter, optimizer state, an ``out`` buffer:
-the backend's own arrays) that is not C-contiguous is refused with a ValueError naming it.
+the backend's own arrays) that is not a C-contiguous float32 device array is refused with a
+ValueError naming it, as the CuPy backend refuses one.
 
 Arrays. Any ``__cuda_array_interface__`` array is accepted and results come back as the kind
 given: CuPy arrays stay CuPy (allocated by CuPy on the array's device, so a model can switch
@@ -333,15 +334,30 @@ def _contiguous(a):
     return copy
 
 
+def _is_f32_contiguous(a) -> bool:
+    """Whether ``a`` is a C-contiguous float32 device array (its own dtype, or its interface's)."""
+    if _is_cupy(a):
+        return a.dtype == np.float32 and a.flags.c_contiguous
+    if not is_array(a):
+        return False
+    view = _view(a)
+    return view.dtype == np.float32 and view.is_c_contiguous()
+
+
 def _require_contiguous(**operands) -> None:
     """Refuse an in-place operand (a parameter, optimizer state, an ``out`` buffer; None passes)
-    that is not C-contiguous: those are the backend's own arrays, and a kernel writing a copy
-    would leave the caller's array unwritten."""
+    that is not a C-contiguous float32 device array, with the CuPy backend's wording: those are
+    the backend's own arrays, and a kernel writing a copy (of a strided view, of a host array)
+    would leave the caller's array unwritten; the kernels are compiled for float32 (``DTYPES``).
+    A type check, a dtype compare and a flags check per array."""
     for name, a in operands.items():
-        if a is not None and not _is_c_contiguous(a):
+        if a is not None and not _is_f32_contiguous(a):
+            why = "expected a C-contiguous float32 device array (it is written in place)"
+            if not is_array(a):
+                raise ValueError(f"{name}: {why}, got {type(a).__name__}")
             view = _view(a)
-            raise ValueError(f"{name}: expected a C-contiguous device array (it is written in place), "
-                             f"got shape {tuple(view.shape)} with strides {tuple(view.strides)}")
+            raise ValueError(f"{name}: {why}, got dtype {view.dtype}, shape {tuple(view.shape)} "
+                             f"with strides {tuple(view.strides)}")
 
 
 def _device_id(a) -> int:
@@ -419,11 +435,13 @@ def zeros(shape, dtype=np.float32):
 
 
 def asarray(a, dtype=None):
+    """``a`` as a C-contiguous device array (of ``dtype`` where given), as the NumPy and CuPy
+    backends' ``asarray`` give one: ``a`` itself when it already is one, else a copy."""
     if is_array(a):
         if dtype is None or a.dtype == np.dtype(dtype):
-            return a
+            return _contiguous(a)
         if _is_cupy(a):
-            return a.astype(dtype)
+            return _contiguous(a.astype(dtype))
         a = to_host(a)
     host = np.ascontiguousarray(a, dtype=dtype)
     cp = _cupy()
@@ -1903,8 +1921,11 @@ def _elementwise_loss(kernel, pred, target, sample_weight, grad_scale_times_n, o
     n = flat.size
     blocks = reduce_blocks(n, _sm_count(pred))
     block_sums = _scratch("block_sums", blocks, pred)
+    # The row width maps an element to its row's weight; unweighted, the kernel reads the one
+    # shared weight whatever it is, and pred may have any shape (1-D too: no shape[1]).
+    width = pred.shape[1] if sample_weight is not None else 1
     kernel[blocks, REDUCE_THREADS, flat.stream](
-        flat, _view(target).ravel(), _weights(sample_weight, pred), np.int64(pred.shape[1]), _view(grad).ravel(),
+        flat, _view(target).ravel(), _weights(sample_weight, pred), np.int64(width), _view(grad).ravel(),
         _view(block_sums), np.float32(grad_scale_times_n / n), np.float32(option)
     )
     return float(to_host(block_sums).sum(dtype=np.float64)) / n, grad
@@ -1976,7 +1997,7 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     _require_contiguous(param=param, velocity=velocity)
-    _contract.update(param, grad, velocity=velocity)
+    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
     record("sgd_update")
     p = _view(param).ravel()
     g = _view(_contiguous(grad)).ravel()
@@ -2009,7 +2030,7 @@ def _adam_kernel(param, grad, m, v, decay, l2, beta1, one_minus_beta1, beta2, on
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
     _require_contiguous(param=param, m=m, v=v)
-    _contract.update(param, grad, m=m, v=v)
+    _contract.update(param, grad, _contract.ADAM_STATE, m=m, v=v)
     record("adam_update")
     p = _view(param).ravel()
     # AdamW decays the weights (decay < 1, l2 = 0); Adam adds wd * p to the gradient
@@ -2052,7 +2073,8 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
     _require_contiguous(param=param, square_avg=square_avg, grad_avg=grad_avg,
                         momentum_buffer=momentum_buffer)
-    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, _contract.rmsprop_state(momentum, centered), square_avg=square_avg,
+                     grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     p = _view(param).ravel()
     v = _view(square_avg).ravel()

@@ -836,7 +836,7 @@ def _all_c_contiguous(*arrays) -> bool:
 
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
-    _contract.update(param, grad, velocity=velocity)
+    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
     record("sgd_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and _all_c_contiguous(param, grad, velocity):
@@ -870,7 +870,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
 
 def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """In-place Adam (``decoupled=False``) or AdamW step with PyTorch's semantics."""
-    _contract.update(param, grad, m=m, v=v)
+    _contract.update(param, grad, _contract.ADAM_STATE, m=m, v=v)
     record("adam_update")
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
@@ -912,7 +912,8 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, de
 def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, weight_decay, momentum,
                    centered):
     """In-place RMSprop step with PyTorch's semantics (L2 decay, centered, momentum buffer)."""
-    _contract.update(param, grad, square_avg=square_avg, grad_avg=grad_avg, momentum_buffer=momentum_buffer)
+    _contract.update(param, grad, _contract.rmsprop_state(momentum, centered), square_avg=square_avg,
+                     grad_avg=grad_avg, momentum_buffer=momentum_buffer)
     record("rmsprop_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and _all_c_contiguous(param, grad, square_avg, grad_avg, momentum_buffer):
