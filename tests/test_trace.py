@@ -159,6 +159,29 @@ def test_backward_launches_exactly_its_backward_plan(frozen, need_input_grad):
     assert t.launches == planned
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("case", ["dropout above", "softmax head"])
+def test_a_bias_that_trains_under_a_frozen_weight_launches_its_db_after_the_dz_pass_as_planned(case, compiled):
+    """BitFit: db alone follows the pass that forms dz (the mask's or the softmax's), in the
+    order backward_plan lists it; the NumPy backend recorded it before that pass."""
+    gb.seed(0)
+    if case == "dropout above":
+        m = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dropout(0.3), gb.Dense(6, 3)], device="cpu")
+        loss, target = gb.losses.cross_entropy, LABELS
+    else:
+        m = gb.Sequential([gb.Dense(4, 6, "relu"), gb.Dense(6, 3, "softmax")], device="cpu")
+        loss, target = gb.losses.mse, np.eye(3, dtype=np.float32)[LABELS]
+    for layer in m:
+        if isinstance(layer, gb.Dense):
+            layer.weight.trainable = False
+    with gb.backends.numpy_backend.compiled_kernels(compiled):
+        _, dout = loss(m.forward(X, training=True), target)
+        with gb.trace() as t:
+            m.backward(dout)
+    planned = [kernel for _, kernels in reversed(m.backward_plan()) for kernel in kernels]
+    assert "dense_db" in planned and t.launches == planned
+
+
 def test_backward_with_every_layer_frozen_launches_nothing_and_warns():
     m = model()
     m.freeze()

@@ -534,8 +534,6 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
     sums = need_dw if need_db is None else bool(need_db)  # db comes with dW unless told otherwise
     if not (need_dx or need_dw or sums):
         return None, None, None
-    if not need_dw and sums:
-        record("dense_db")
     kernels = _compiled(dy.dtype)
     db = None
     if dropout is not None:
@@ -568,6 +566,8 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
             softmax_backward(dy, y, dz)
         else:
             _on_all_cores(lambda dy, y, z, dz: activations.backward(act, dy, y, z, dz), dy, y, z, dz)
+    if not need_dw and sums:
+        record("dense_db")  # after the pass forming dz (which may sum db too), as backward_kernels lists it
     dx = dw = None
     if sums and db is None:
         # db = ones(B) @ dz: BLAS gemv reads dz once at full vector width; np.sum(dz, axis=0)
