@@ -32,7 +32,12 @@ benchmarks in reverse, so that gpubp's side of a ratio runs first in a fresh pro
 as the baseline does. Each run has its ``GROUP_SECONDS`` (``GPUBP_BENCH_GROUP_SECONDS`` for
 all), then SIGINT, on which pytest-benchmark still writes the benchmarks that finished, so one
 that hangs costs its group, not the others; how each group ended is added to the first-contact
-steps file in the folder (``STEPS_FILE``).
+steps file in the folder (``STEPS_FILE``). pytest-benchmark writes its JSON only as the run ends,
+so each run also has bench/benchmark_lines.py write every benchmark as it finishes into
+``bench_first_contact_<group>.jsonl``: a group whose process dies hard (a segfault, a CUDA fault
+that aborts) or hangs past its grace and is killed keeps what it finished, which
+bench/gpu_summary.py takes from there (``read_benchmarks``) and names as recovered. A group's
+JSON and line file from an earlier run are removed before it runs.
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from gpu_summary import FWD_4096, HEAD_ACT, HIDDEN_ACT, RATIOS, STEP_1024, STEP_B64, STEP_MLP64
+from benchmark_lines import LINES_ENV
+from gpu_summary import (FWD_4096, HEAD_ACT, HIDDEN_ACT, RATIOS, STEP_1024, STEP_B64, STEP_MLP64, benchmark_lines_path,
+                         read_benchmark_lines)
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent  # on the benchmark runs' path, for their ``-p benchmark_lines``
 DENSE_BENCHMARKS = "bench/test_gpu_dense.py"
 
 # The headline ratios (bench/gpu_summary.py's names) in order of value, grouped into pytest runs.
@@ -137,16 +145,25 @@ def bench(folder: Path) -> int:
     every = os.environ.get("GPUBP_BENCH_GROUP_SECONDS")
     step_seconds = os.environ.get("GPUBP_STEP_SECONDS")
     step_end = time.perf_counter() + float(step_seconds) if step_seconds else None
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
     failed = []
     for group in HEADLINE:
         start = time.perf_counter()
         most = float(every) if every else GROUP_SECONDS[group]
         seconds = group_seconds(most, None if step_end is None else step_end - start)
-        status = run_group([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_ids(group),
-                            "--benchmark-json", str(folder / f"bench_first_contact_{group}.json")], env, seconds)
+        report = folder / f"bench_first_contact_{group}.json"
+        lines = benchmark_lines_path(report)
+        for stale in (report, lines):  # an earlier run's: not this run's results, and the lines are appended
+            stale.unlink(missing_ok=True)
+        status = run_group([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                            "-p", "benchmark_lines", *node_ids(group), "--benchmark-json", str(report)],
+                           {**env, LINES_ENV: str(lines)}, seconds)
         took = time.perf_counter() - start
         result = "ok" if status == 0 else f"out of time after {seconds:g} s" if status is None else \
             f"failed (exit status {status})"
+        if status != 0 and not report.is_file():  # the process died before writing its JSON
+            kept = len(read_benchmark_lines(lines)["benchmarks"]) if lines.is_file() else 0
+            result += f"; no JSON, {kept} finished benchmark{'' if kept == 1 else 's'} in {lines.name}"
         print(f"first-contact benchmarks {group}: {result}, {took:.1f} s", flush=True)
         with open(folder / STEPS_FILE, "a") as steps:  # a row of the record's steps table
             steps.write(f"bench {group}\t{result}\t{took:.0f}\t{seconds:g}\n")

@@ -39,7 +39,9 @@
 #              shape per kernel family, the split-K finish, replayed CUDA graphs)
 #   racecheck  compute-sanitizer racecheck over bench/sanitizer_driver.py --reduced-racecheck cupy
 #   bench      bench/first_contact.py bench: the headline ratios' benchmarks, 5 rounds each, each
-#              group of them under its own timeout, the Numba one (numba_vs_cupy_1024) last
+#              group of them under its own timeout, the Numba one (numba_vs_cupy_1024) last; each
+#              benchmark also written as it finishes (bench/benchmark_lines.py, bench_*.jsonl),
+#              which the summary takes where its group's process died before writing its JSON
 #   summary    gpu_summary.json and <device>.md, with the steps' results and the facts
 # Its reports go to GPUBP_CHECK_DIR (default bench/results/first_contact), CuPy's kernel cache
 # to a fresh folder (so the compile times are cold), and, when GPUBP_RESULTS_OUT is set, these
@@ -244,6 +246,9 @@ summarize() {  # bench/gpu_summary.py over what the check folder holds; extra ar
     for json in "$check"/bench_*.json; do
         [ -f "$json" ] && inputs+=(--benchmark "$json")
     done
+    for lines in "$check"/bench_*.jsonl; do  # what each benchmark of a first-contact group wrote as it finished
+        [ -f "$lines" ] && inputs+=(--benchmark-lines "$lines")
+    done
     "$PYTHON" bench/gpu_summary.py --device "$(device_name)" "${inputs[@]}" --sanitizer-dir "$check" \
         --out-dir "$results" "$@"
 }
@@ -375,7 +380,7 @@ first_contact() {
     PUBLISH_SECONDS=$((budget[summary] / 2))
     mkdir -p "$check" "$results" "$work/cupy_cache"
     rm -f "$check"/{first_contact.log,first_contact_steps.tsv,facts.json,gpu_tests.xml,device.txt} \
-        "$check"/{memcheck,racecheck}.{log,status} "$check"/bench_first_contact_*.json
+        "$check"/{memcheck,racecheck}.{log,status} "$check"/bench_first_contact_*.{json,jsonl}
     if [ -n "${GPUBP_RESULTS_OUT:-}" ]; then
         mkdir -p "$GPUBP_RESULTS_OUT"
         # Into GPUBP_RESULTS_OUT too, as it is printed, so a kill at any moment leaves all printed

@@ -13,6 +13,11 @@
   their ``workload``, ``backend`` and ``device`` in ``extra_info``; given more than once (parts
   of the file run separately), the reports are merged (``merge``): only the benchmarks of
   ``--device`` are kept, and of a benchmark in several reports the newest report's.
+- ``--benchmark-lines``: a file bench/benchmark_lines.py wrote as each benchmark of a pytest run
+  finished, one JSON line each (``read_benchmark_lines``), beside the run's ``--benchmark``
+  report of the same name but ``.json``. The benchmarks that report lacks (all of them where it
+  is missing or cannot be read: the run's process died before writing it) are taken from the
+  line file; of one in both, the report's (``read_benchmarks``).
 - ``--steps``, ``--facts``: the first-contact stage's steps file and bench/first_contact.py's
   facts JSON, tabulated in the markdown; ``--command`` names the command that reproduces it.
 - ``--results-out DIR``: also write the JSON, the markdown and the merged benchmark report into
@@ -35,7 +40,9 @@ are null where a benchmark of the ratio is missing), timing_stats ({"<workload> 
 {dtype, rounds, iqr_ms, min_ms, max_ms}}: how far the rounds behind each median spread),
 benchmark_conflicts (a benchmark found in more than one report: each report's datetime and
 median, and which was kept),
-benchmarks_of_other_devices ({device: count} of the benchmarks left out), where
+benchmarks_of_other_devices ({device: count} of the benchmarks left out),
+benchmarks_recovered ({"<workload> | <backend>": the line file it came from} for each benchmark
+taken from a ``--benchmark-lines`` file: its pytest run died before its report held it), where
 bench/results/kernel_model.json exists, model_bounds: the kernel model's bound beside each
 measured gpubp benchmark (bench/model_bounds.py says how it is made), and the ``<input>_error``
 of any input that could not be read.
@@ -332,6 +339,71 @@ def merge(reports: list[dict], device: str | None = None) -> dict:
     return {"benchmarks": benchmarks, "conflicts": conflicts, "other_devices": other_devices}
 
 
+# bench/benchmark_lines.py's file of a pytest run's benchmarks, beside its report: <report stem>.jsonl
+LINES_SUFFIX = ".jsonl"
+
+
+def benchmark_lines_path(report: Path) -> Path:
+    """The line file that goes with the pytest-benchmark report at ``report``."""
+    return report.with_suffix(LINES_SUFFIX)
+
+
+def read_benchmark_lines(path: Path) -> dict:
+    """A pytest-benchmark report of the benchmarks bench/benchmark_lines.py wrote into ``path``
+    as each finished: one JSON object a line, a benchmark as the report holds it and the
+    "datetime" it was written, which becomes the report's (its latest line's). A line that does
+    not parse (a kill mid-write cuts the last) is left out; of a benchmark written twice, the
+    later line is kept."""
+    found: dict[str, dict] = {}
+    times = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            bench = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(bench, dict) and isinstance(bench.get("stats"), dict):
+            times.append(bench.pop("datetime", None))
+            found.pop(_benchmark_key(bench), None)
+            found[_benchmark_key(bench)] = bench
+    report: dict = {"benchmarks": list(found.values())}
+    when = max((t for t in times if t), key=lambda t: _report_time({"datetime": t}), default=None)
+    if when is not None:
+        report["datetime"] = when
+    return report
+
+
+def with_lines(reports: dict[Path, dict], lines: dict[Path, dict]) -> tuple[list[dict], dict[str, tuple[dict, str]]]:
+    """The pytest-benchmark ``reports`` (path -> report), each with the benchmarks it lacks from
+    its line file in ``lines`` (path -> ``read_benchmark_lines``; ``benchmark_lines_path``
+    pairs them), and, as a report of its own, a line file whose report is not in ``reports``
+    (missing, or unreadable); and {key: (benchmark, the line file's name)} of each benchmark
+    taken from a line file. Of a benchmark in both, the report's is taken."""
+    out = {path.resolve(): dict(report) for path, report in reports.items()}
+    recovered: dict[str, tuple[dict, str]] = {}
+    for path, found in lines.items():
+        report = out.setdefault(path.with_suffix(".json").resolve(), {**found, "benchmarks": []})
+        held = {_benchmark_key(bench) for bench in report.get("benchmarks", [])}
+        taken = [bench for bench in found["benchmarks"] if _benchmark_key(bench) not in held]
+        report["benchmarks"] = [*report.get("benchmarks", []), *taken]
+        recovered.update((_benchmark_key(bench), (bench, path.name)) for bench in taken)
+    return list(out.values()), recovered
+
+
+def read_benchmarks(reports: list[Path], lines: list[Path], device: str | None, errors: dict[str, str]) -> dict:
+    """``merge`` of the pytest-benchmark reports at ``reports`` and the line files at ``lines``
+    (``with_lines``) that exist, each read softly (``read_softly``, into ``errors``), with
+    "recovered": {key: line file's name} for each benchmark kept that came from a line file."""
+    found = {path: report for path in reports if path.exists()
+             for report in read_softly([path], lambda p: json.loads(p.read_text()), errors, "benchmark_error")}
+    written = {path: report for path in lines if path.exists()
+               for report in read_softly([path], read_benchmark_lines, errors, "benchmark_error")}
+    merged, recovered = with_lines(found, written)
+    report = merge(merged, device)
+    report["recovered"] = {key: name for key, (bench, name) in recovered.items()
+                           if any(kept is bench for kept in report["benchmarks"])}
+    return report
+
+
 def merge_reports(paths: list[Path]) -> dict:
     """``merge`` of the pytest-benchmark reports at ``paths`` that exist, for a table of one
     device: ValueError, naming the devices, where their benchmarks are of more than one."""
@@ -427,17 +499,17 @@ def timings_ms(medians: dict[tuple[str, str], float]) -> dict[str, float]:
 
 def summary(*, device: str, date: str, commit: str, kernels: str, tests: dict | None, sanitizer: dict,
             medians: dict, launches: dict | None = None, tree: str | None = None, stats: dict | None = None,
-            conflicts: dict | None = None, other_devices: dict | None = None) -> dict:
+            conflicts: dict | None = None, other_devices: dict | None = None, recovered: dict | None = None) -> dict:
     """The gpu_summary.json object, keys in the issue's order, then the launch counts, the
     source tree's sha256, the goals, the spread of each timing and what merging the benchmark
-    reports found (``merge``)."""
+    reports found (``merge``, ``read_benchmarks``)."""
     measured = ratios(medians)
     return {
         "device": device, "date": date, "commit": commit, "kernels_sha256": kernels, "tests": tests,
         "sanitizer": sanitizer, "ratios": measured, "timings_ms": timings_ms(medians),
         "launches_per_step": launches or {}, "tree_sha256": tree, "goals": goals(measured),
         "timing_stats": stats or {}, "benchmark_conflicts": conflicts or {},
-        "benchmarks_of_other_devices": other_devices or {},
+        "benchmarks_of_other_devices": other_devices or {}, "benchmarks_recovered": recovered or {},
     }
 
 
@@ -510,6 +582,10 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
                   *(f"- {key}: " + "; ".join(f"{copy['median_ms']:.3f} ms at {copy['datetime'] or 'no date'}"
                                              + (" (kept)" if copy["kept"] else "") for copy in copies)
                     for key, copies in data["benchmark_conflicts"].items())]
+    if data.get("benchmarks_recovered"):
+        lines += ["", "Benchmarks recovered from the line files written as each finished (their pytest run died "
+                  "before its report held them):",
+                  *(f"- {key}: {source}" for key, source in data["benchmarks_recovered"].items())]
     unread = [f"- {key}: {value}" for key, value in data.items() if key.endswith("_error")]
     if unread:
         lines += ["", "Inputs that could not be read (left out above):", *unread]
@@ -628,6 +704,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--junit", type=Path, action="append", default=[])
     parser.add_argument("--sanitizer-dir", type=Path)
     parser.add_argument("--benchmark", type=Path, action="append", default=[])
+    parser.add_argument("--benchmark-lines", type=Path, action="append", default=[],
+                        help="bench/benchmark_lines.py's file of a run whose --benchmark report may lack benchmarks")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--command", default="bash bench/gpu_check.sh", help="the command the report names")
     parser.add_argument("--steps", type=Path, help="the first-contact steps file")
@@ -646,8 +724,7 @@ def main(argv: list[str]) -> int:
         parser.error("--device is required")
 
     errors: dict[str, str] = {}
-    report = merge(read_softly([p for p in args.benchmark if p.exists()], lambda p: json.loads(p.read_text()),
-                               errors, "benchmark_error"), args.device)
+    report = read_benchmarks(args.benchmark, args.benchmark_lines, args.device, errors)
     sanitizer = read_softly([args.sanitizer_dir], sanitizer_results, errors, "sanitizer_error")
     data = summary(
         device=args.device, date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
@@ -655,7 +732,7 @@ def main(argv: list[str]) -> int:
         tests=count_tests(read_softly([p for p in args.junit if p.exists()], ET.parse, errors, "junit_error")),
         sanitizer=sanitizer[0] if sanitizer else {}, medians=benchmark_medians(report),
         launches=launches_per_step(report), tree=tree_sha256(), stats=timing_stats(report),
-        conflicts=report["conflicts"], other_devices=report["other_devices"],
+        conflicts=report["conflicts"], other_devices=report["other_devices"], recovered=report["recovered"],
     )
     steps = read_softly([args.steps] if args.steps and args.steps.is_file() else [], read_steps, errors, "steps_error")
     facts = read_softly([args.facts] if args.facts and args.facts.is_file() else [],

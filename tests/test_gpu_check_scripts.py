@@ -23,6 +23,7 @@ import sys
 import tarfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -538,7 +539,7 @@ def test_summary_has_exactly_the_issues_schema(gs):
                       medians=gs.benchmark_medians(benchmark_report(all_ratio_benchmarks(gs))))
     assert list(data) == ["device", "date", "commit", "kernels_sha256", "tests", "sanitizer", "ratios", "timings_ms",
                           "launches_per_step", "tree_sha256", "goals", "timing_stats", "benchmark_conflicts",
-                          "benchmarks_of_other_devices"]
+                          "benchmarks_of_other_devices", "benchmarks_recovered"]
     assert set(data["tests"]) == {"passed", "failed", "skipped"}
     assert list(data["sanitizer"]) == ["memcheck", "racecheck", "initcheck", "synccheck"]
     assert set(data["ratios"]) >= {"fwd_4096_fp32_vs_cublas", "step_1024_vs_torch_eager", "mlp64_step_vs_torch_eager",
@@ -1156,6 +1157,191 @@ def test_a_first_contact_benchmark_group_that_hangs_costs_its_own_time_and_keeps
     for group in ("hangs", "quick"):
         report = json.loads((tmp_path / f"bench_first_contact_{group}.json").read_text())
         assert [b["name"] for b in report["benchmarks"]][:1] == ["test_quick"]
+
+
+# A group of two benchmarks of STEP_1024 (gpubp 4 ms, PyTorch 8 ms a call, on a clock of their
+# own, so the times are exact) and a test whose process then dies as DEATHS says.
+DYING_GROUP = """
+import os, signal, time
+
+import pytest
+
+NOW = 0.0
+
+
+def clock():
+    return NOW
+
+
+def timed(benchmark, backend, ms):
+    def call():
+        global NOW
+        NOW += ms / 1e3
+    benchmark.pedantic(call, rounds=3)
+    benchmark.extra_info.update(workload={workload!r}, backend=backend, device="Fake GPU")
+
+
+@pytest.mark.benchmark(timer=clock)
+def test_gpubp(benchmark):
+    timed(benchmark, "gpubp-cupy", 4.0)
+
+
+@pytest.mark.benchmark(timer=clock)
+def test_torch(benchmark):
+    timed(benchmark, "torch", 8.0)
+
+
+def test_dies(benchmark):
+    {death}
+"""
+# A hard crash, a kill, and a hang in C code, which takes no SIGINT, killed after its grace.
+DEATHS = {"exit": "os._exit(3)", "kill": "os.kill(os.getpid(), signal.SIGKILL)",
+          "hang": "signal.signal(signal.SIGINT, signal.SIG_IGN)\n    time.sleep(60)"}
+
+
+def dying_group(gs, folder: Path, death: str = "exit") -> Path:
+    """DYING_GROUP in ``folder``, dying by ``death``: its path."""
+    test = folder / "test_made_up.py"
+    test.write_text(DYING_GROUP.format(workload=gs.STEP_1024, death=DEATHS[death]))
+    return test
+
+
+@pytest.mark.parametrize("death", DEATHS)
+def test_a_first_contact_group_whose_process_dies_keeps_the_benchmarks_it_finished(gs, tmp_path, monkeypatch, death):
+    """pytest-benchmark writes its JSON as the run ends: a process that died lost every benchmark
+    of its group, step_1024_vs_torch_eager and numba_vs_cupy_1024 with the CuPy step's."""
+    fc = load("first_contact")
+    test = dying_group(gs, tmp_path, death)
+    monkeypatch.setattr(fc, "HEADLINE", {"dies": ()})
+    monkeypatch.setattr(fc, "node_ids", lambda group: [f"{test}::{name}" for name in ("test_gpubp", "test_torch",
+                                                                                      "test_dies")])
+    monkeypatch.setattr(fc, "GROUP_GRACE", 1)
+    monkeypatch.setenv("GPUBP_BENCH_GROUP_SECONDS", "10")
+    monkeypatch.delenv("GPUBP_STEP_SECONDS", raising=False)
+    for name in [name for name in os.environ if name.startswith("PYTEST_XDIST")]:  # pytest-benchmark is off there
+        monkeypatch.delenv(name)
+    report, lines = tmp_path / "bench_first_contact_dies.json", tmp_path / "bench_first_contact_dies.jsonl"
+    # An earlier run's files, which are not this run's results.
+    report.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "torch"): 100.0}, "Fake GPU")))
+    lines.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "gpubp-numba"): 1.0}, "Fake GPU")["benchmarks"][0]) + "\n")
+    assert fc.bench(tmp_path) == 1
+    assert not report.exists()
+    [(name, result, _, _)] = [line.split("\t") for line in (tmp_path / fc.STEPS_FILE).read_text().splitlines()]
+    assert name == "bench dies" and result.startswith("out of time after 10 s" if death == "hang" else "failed")
+    assert result.endswith("; no JSON, 2 finished benchmarks in bench_first_contact_dies.jsonl")
+    out = tmp_path / "results"
+    gs.main(["--device", "Fake GPU", "--benchmark", str(report), "--benchmark-lines", str(lines), "--out-dir", str(out)])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0
+    assert data["timings_ms"] == {f"{gs.STEP_1024} | gpubp-cupy": 4.0, f"{gs.STEP_1024} | torch": 8.0}
+    assert data["timing_stats"][f"{gs.STEP_1024} | torch"]["rounds"] == 3
+    assert data["benchmarks_recovered"] == dict.fromkeys(data["timings_ms"], lines.name)
+    table = (out / "Fake_GPU.md").read_text()
+    assert "| step_1024_vs_torch_eager | 2.00x |" in table
+    assert "Benchmarks recovered from the line files" in table and f"- {gs.STEP_1024} | torch: {lines.name}" in table
+
+
+def run_with_benchmark_lines(test: Path, report: Path, lines: Path | None) -> subprocess.CompletedProcess:
+    """pytest on ``test``'s two benchmarks with bench/benchmark_lines.py loaded, as
+    bench/first_contact.py runs a group, writing ``report``; GPUBP_BENCH_LINES is ``lines``, or unset."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PYTEST_XDIST") and name != "GPUBP_BENCH_LINES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env.get("PYTHONPATH", "")])
+    if lines is not None:
+        env["GPUBP_BENCH_LINES"] = str(lines)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmark_lines",
+                           f"{test}::test_gpubp", f"{test}::test_torch", "--benchmark-json", str(report)],
+                          cwd=test.parent, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_each_benchmarks_line_is_what_the_json_holds_of_it_and_when_it_was_written(gs, tmp_path):
+    test, report, lines = dying_group(gs, tmp_path), tmp_path / "report.json", tmp_path / "lines.jsonl"
+    done = run_with_benchmark_lines(test, report, lines)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [bench.pop("datetime")[:4] for bench in written] == [json.loads(report.read_text())["datetime"][:4]] * 2
+    assert written == json.loads(report.read_text())["benchmarks"]
+    assert [bench["extra_info"]["backend"] for bench in written] == ["gpubp-cupy", "torch"]
+    assert {"name", "fullname", "group", "params", "extra_info", "stats"} <= set(written[0])
+    assert gs.read_benchmark_lines(lines)["benchmarks"] == written
+
+
+def test_without_the_variable_the_benchmark_lines_plugin_writes_nothing(gs, tmp_path):
+    test, report = dying_group(gs, tmp_path), tmp_path / "report.json"
+    done = run_with_benchmark_lines(test, report, None)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = {path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")
+               if path.is_file() and "__pycache__" not in path.parts}
+    assert written == {"test_made_up.py", "report.json"}
+    assert [bench["extra_info"]["backend"] for bench in json.loads(report.read_text())["benchmarks"]] == [
+        "gpubp-cupy", "torch"]
+
+
+def test_a_benchmark_lines_writer_that_cannot_read_pytest_benchmark_warns_once_and_lets_the_run_go_on(tmp_path):
+    """It reads pytest-benchmark's internals, which another version may lack: a safety net that
+    raised inside pytest's hooks would cost the GPU run the very results it guards."""
+    lines = load("benchmark_lines")
+
+    class Unreadable:  # a benchmark without the Metadata attributes the writer reads
+        pass
+
+    config = types.SimpleNamespace(_benchmarksession=types.SimpleNamespace(benchmarks=[Unreadable()]))
+    writer = lines.BenchmarkLines(config, str(tmp_path / "lines.jsonl"))
+    with pytest.warns(RuntimeWarning, match="GPUBP_BENCH_LINES: benchmark lines not written .*AttributeError"):
+        writer.pytest_runtest_logreport(types.SimpleNamespace(when="call"))
+    config._benchmarksession.benchmarks.append(Unreadable())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.pytest_runtest_logreport(types.SimpleNamespace(when="call"))  # no second warning, no error
+    assert not (tmp_path / "lines.jsonl").exists()
+
+
+def test_a_benchmark_in_a_groups_json_and_its_line_file_is_taken_from_the_json(gs, tmp_path):
+    """The JSON, written last, wins; a line file's other benchmarks are added, and named; a line a
+    kill cut off mid-write is left out, with no error."""
+    report, lines = tmp_path / "bench_first_contact_step_1024.json", tmp_path / "bench_first_contact_step_1024.jsonl"
+    report.write_text(json.dumps(benchmark_report({(gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0},
+                                                  "Fake GPU", when="2026-11-23T10:00:05+00:00")))
+    written = benchmark_report({(gs.STEP_1024, "torch"): 80.0, (gs.STEP_1024, "gpubp-numba"): 16.0}, "Fake GPU")
+    lines.write_text("".join(json.dumps({**bench, "datetime": "2026-11-23T10:00:01.000001+00:00"}) + "\n"
+                             for bench in written["benchmarks"]) + '{"name": "test[cut')
+    out = tmp_path / "results"
+    gs.main(["--device", "Fake GPU", "--benchmark", str(report), "--benchmark-lines", str(lines), "--out-dir", str(out),
+             "--results-out", str(tmp_path / "carried")])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["ratios"]["step_1024_vs_torch_eager"] == 2.0  # the JSON's 8 ms, not the line's 80
+    assert data["ratios"]["numba_vs_cupy_1024"] == 0.25
+    assert data["benchmarks_recovered"] == {f"{gs.STEP_1024} | gpubp-numba": lines.name}
+    assert not data["benchmark_conflicts"] and not any(key.endswith("_error") for key in data)
+    carried = json.loads((tmp_path / "carried" / "benchmarks.json").read_text())
+    assert carried["recovered"] == data["benchmarks_recovered"] and len(carried["benchmarks"]) == 3
+    # With its JSON cut off mid-write, every benchmark of the line file is taken, and the cut named.
+    report.write_text('{"benchmarks": [{"name": ')
+    gs.main(["--device", "Fake GPU", "--benchmark", str(report), "--benchmark-lines", str(lines), "--out-dir", str(out)])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["benchmark_error"].startswith(f"{report.name}: JSONDecodeError")
+    assert data["ratios"]["numba_vs_cupy_1024"] is None and data["timings_ms"][f"{gs.STEP_1024} | torch"] == 80.0
+    assert set(data["benchmarks_recovered"]) == {f"{gs.STEP_1024} | torch", f"{gs.STEP_1024} | gpubp-numba"}
+
+
+def test_first_contact_summarises_the_benchmarks_of_a_group_that_died_and_forgets_an_earlier_runs(gs, tmp_path):
+    check = tmp_path / "check"
+    check.mkdir()
+    earlier = benchmark_report({(gs.STEP_MLP64, "torch"): 5.0, (gs.STEP_MLP64, "gpubp-cupy"): 1.0}, "Fake H200")
+    (check / "bench_first_contact_mlp64.jsonl").write_text("".join(json.dumps(b) + "\n" for b in earlier["benchmarks"]))
+    fwd = benchmark_report({(gs.FWD_4096, "cublas-gemm"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0}, "Fake H200")
+    step = benchmark_report({(gs.STEP_1024, "torch"): 8.0, (gs.STEP_1024, "gpubp-cupy"): 4.0}, "Fake H200")
+    done, calls, check, out = first_contact(gs, tmp_path, overrides=[
+        {"match": "first_contact.py bench", "exit": 1, "files": {
+            str(check / "bench_first_contact_fwd_4096.json"): json.dumps(fwd),
+            str(check / "bench_first_contact_step_1024.jsonl"): "".join(json.dumps(b) + "\n" for b in step["benchmarks"])}}])
+    assert done.returncode == 1 and calls == GPU_CALLS
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5 and data["ratios"]["step_1024_vs_torch_eager"] == 2.0
+    assert data["ratios"]["mlp64_step_vs_torch_eager"] is None  # the earlier run's line file was removed
+    assert data["benchmarks_recovered"] == {f"{gs.STEP_1024} | gpubp-cupy": "bench_first_contact_step_1024.jsonl",
+                                            f"{gs.STEP_1024} | torch": "bench_first_contact_step_1024.jsonl"}
+    assert "Benchmarks recovered from the line files" in (out / "Fake_H200.md").read_text()
 
 
 def test_a_benchmark_group_is_given_no_more_than_what_the_step_has_left():
