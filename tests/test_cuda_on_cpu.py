@@ -121,6 +121,31 @@ def test_static_shared_memory_starts_every_block_undefined(kernels, order_seed):
     assert slots.get()[0] == -1
 
 
+# A __shared__ array inside an inline function, as reduce.cuh's and split_k.cuh's are, in two
+# kernel files: each file's library must get its own, refilled at each of its block starts.
+SHARED_IN_AN_INLINE_FUNCTION = """
+__device__ __forceinline__ int* block_scratch() { __shared__ int scratch[4]; return scratch; }
+extern "C" __global__ void %s(int* out, int write) {
+    int* s = block_scratch();
+    if (write) { if (threadIdx.x == 0) s[0] = 777; return; }
+    if (threadIdx.x == 0) out[0] = s[0];  // read before any write in this block
+}
+"""
+
+
+def test_shared_memory_in_an_inline_function_starts_undefined_in_every_library():
+    """With gcc's default GNU_UNIQUE symbols the two libraries shared the first one's array, which
+    the second's block starts never refilled: a read before a write got the last launch's 777."""
+    plain = harness.Harness("plain")
+    slot = ints(1)
+    for name in ("scratch_in_the_first_file", "scratch_in_the_second_file"):
+        kernel = plain.module(SHARED_IN_AN_INLINE_FUNCTION % name, name).get_function(name)
+        kernel((1,), (32,), (slot, np.int32(1)))
+        slot[:] = 0
+        kernel((1,), (32,), (slot, np.int32(0)))
+        assert slot.get()[0] == -1, name
+
+
 @pytest.mark.parametrize("kernel, bound", [("at_most_64", 64), ("at_most_128", 128), ("block_ids", 1024)])
 def test_a_block_past_the_kernels_launch_bounds_fails_the_launch(kernels, kernel, bound):
     function = kernels.get_function(kernel)

@@ -68,7 +68,12 @@ COMMON_FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-DGPUBP_CUDA_ON_C
                 "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
                 # Locals a kernel reads before it writes them hold one fixed pattern (0xfe bytes: a
                 # huge float, a pointer that faults), so such a read fails the same way every run.
-                "-ftrivial-auto-var-init=pattern"]
+                "-ftrivial-auto-var-init=pattern",
+                # A __shared__ array in an inline function or a template (reduce.cuh's warp totals)
+                # is otherwise a GNU_UNIQUE symbol: one object per process, the first loaded
+                # library's, which the later libraries' block starts never refill with 0xff, so a
+                # read before a write there got the last launch's values instead of garbage.
+                "-fno-gnu-unique"]
 # Chosen for compile time, which dominates a fresh CI run: UBSan at -O1 takes twice as long
 # to build as at -O0, and -g1 (line tables only) is all the sanitizers' reports need.
 MODE_FLAGS = {
@@ -78,9 +83,9 @@ MODE_FLAGS = {
     "tsan": ["-O1", "-g1", "-fsanitize=thread"],
     # The kernel unit alone: a call before every memory reference (access_profiler.cpp says
     # why -O0), line tables to name each access's source line, frame pointers to name its callers.
-    # -fno-gnu-unique: a __shared__ array in a template is otherwise one object per process, the
-    # first loaded library's, and would lie outside the shared memory of every later one.
-    "profile": ["-O0", "-g1", "-fno-omit-frame-pointer", "-fno-gnu-unique", "-fsanitize=kernel-address",
+    # (-fno-gnu-unique, in COMMON_FLAGS, matters here too: a shared object of another library
+    # would lie outside this one's shared memory.)
+    "profile": ["-O0", "-g1", "-fno-omit-frame-pointer", "-fsanitize=kernel-address",
                 "--param", "asan-instrumentation-with-call-threshold=0", "--param", "asan-stack=0",
                 "--param", "asan-globals=0"],
 }
