@@ -189,7 +189,9 @@ class TrainStep:
         if captured is None:
             try:
                 captured = self._capture(len(x), y, weighted)
-            except RuntimeError as exc:  # CUDA's errors, and a capture's refusals, are RuntimeErrors
+            # CUDA's errors and a capture's refusals are RuntimeErrors; CuPy's OutOfMemoryError is a
+            # MemoryError (a capture allocates buffers of its own, where an eager step may fit).
+            except (RuntimeError, MemoryError) as exc:
                 if self.cuda_graph is True:
                     raise
                 # What the capture recorded never ran; the eager step makes everything again.

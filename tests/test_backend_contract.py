@@ -422,7 +422,7 @@ def test_a_capture_keeps_the_arrays_a_multi_tensor_table_points_to(cb, monkeypat
     would write freed memory that a later array reuses."""
     tensors = [tuple(arrays(cb, (IN, OUT), (IN, OUT)))]
     captured = []
-    monkeypatch.setattr(cb, "_captured_arrays", captured)
+    monkeypatch.setattr(cb._capturing, "arrays", captured)
     cb._multi_table(tensors)
     assert any(entry is tensors for entry in captured)
 

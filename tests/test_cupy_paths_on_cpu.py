@@ -387,6 +387,35 @@ def test_work_another_thread_puts_on_the_legacy_stream_during_a_capture_runs_and
     np.testing.assert_array_equal(cb.to_host(b), np.full(4, 3.0))
 
 
+def test_another_threads_multi_tensor_launch_during_a_capture_runs_now_and_stays_out_of_the_graph(cb):
+    """The capture state was process-wide: another thread's scale_many (another model's update)
+    was recorded into the capturing thread's graph, which then held its arrays, and one whose
+    table was new got a table filled only after the capture ended, and read garbage."""
+    a = cb.asarray(np.ones(4, np.float32))
+    cached, new = [cb.asarray(np.ones(n, np.float32)) for n in (3, 5)], [cb.asarray(np.ones(7, np.float32))]
+    cb.scale_many([a], 1.0)  # loads the kernel before the capture
+    cb.scale_many(cached, 1.0)  # and makes this list's table
+    raised = {}
+
+    def step():
+        cb.scale_many([a], 2.0)
+        raised["cached"] = on_another_thread(lambda: cb.scale_many(cached, 3.0))
+        # A new table is uploaded on the other thread's stream, which CUDA permits beside a
+        # capture in CuPy's relaxed mode; this stand-in refuses any copy during one: either is
+        # right, an update that silently reads an unfilled table is not.
+        raised["new"] = on_another_thread(lambda: cb.scale_many(new, 3.0))
+
+    graph = cb.capture(step)
+    assert raised["cached"] is None
+    for other in cached:
+        np.testing.assert_array_equal(cb.to_host(other), np.full(other.size, 3.0, np.float32))
+    assert isinstance(raised["new"], harness.CaptureError) or (cb.to_host(new[0]) == 3.0).all(), raised["new"]
+    recorded = {id(x) for entry in graph._arrays if isinstance(entry, list) for tensor in entry for x in tensor}
+    assert id(a) in recorded and not recorded & {id(x) for x in cached + new}
+    graph.launch()
+    np.testing.assert_array_equal(cb.to_host(a), np.full(4, 2.0, np.float32))
+
+
 @pytest.mark.parametrize("non_blocking", [False, True], ids=["blocking", "non_blocking"])
 def test_the_stand_in_invalidates_a_blocking_streams_capture_when_the_legacy_stream_is_used(cb, non_blocking):
     cp = cb.cupy

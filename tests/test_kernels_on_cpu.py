@@ -2044,6 +2044,33 @@ def test_a_step_captured_after_its_update_tables_left_the_cache_replays_as_the_e
     assert_arrays_equal(runs[True][1], runs[False][1])
 
 
+class DeviceOutOfMemory(MemoryError):
+    """As CuPy's OutOfMemoryError, a MemoryError, not a RuntimeError."""
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_cuda_graph_auto_trains_eagerly_where_a_capture_runs_out_of_memory(cb_h100, rng, monkeypatch):
+    """A capture allocates buffers of its own, so it can run out of memory where an eager step
+    fits; under "auto" that was not caught, and every later step tried to capture again."""
+    batches = graph_batches(rng, [20] * 4)
+    model = graph_model(False)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()))
+    eager = [step(xb, yb) for xb, yb in batches], model.get_weights()
+    real_capture = cb_h100.capture
+
+    def out_of_memory():
+        raise DeviceOutOfMemory("Out of memory allocating 1,048,576 bytes")
+
+    monkeypatch.setattr(cb_h100, "capture", lambda fn: real_capture(lambda: (fn(), out_of_memory())))
+    model = graph_model(False)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph="auto")
+    with pytest.warns(RuntimeWarning, match="could not be captured \\(Out of memory") as warned:
+        values = [step(xb, yb) for xb, yb in batches]
+    assert len([w for w in warned if issubclass(w.category, RuntimeWarning)]) == 1  # one capture tried
+    assert values == eager[0]
+    assert_arrays_equal(model.get_weights(), eager[1])
+
+
 @pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
 def test_cuda_graph_auto_trains_eagerly_where_a_capture_fails_and_true_raises(cb_h100, rng, monkeypatch):
     batches = graph_batches(rng, [20] * 4)

@@ -528,3 +528,17 @@ def test_a_huge_gradient_moves_the_weights_as_pytorchs_does(path, case):
     theirs.grad = torch.tensor(HUGE_GRADIENTS)
     TORCH_HUGE_CASES[case](torch, theirs).step()
     np.testing.assert_allclose(be.to_host(p), theirs.detach().numpy(), rtol=1e-6, atol=1e-6)  # a step to ~0
+
+
+def test_a_captured_steps_options_are_hashable_where_a_script_assigned_a_list():
+    """torch-style code assigns ``group["betas"] = [0.9, 0.99]``, which eager steps take; the CUDA
+    graph path hashes the options into its signature, and raised TypeError there alone."""
+    model = gb.Sequential([gb.Dense(3, 2)], device="cpu")
+    opt = gb.optim.Adam(model.parameters())
+    group = opt.param_groups[0]
+    group["betas"] = [0.9, 0.99]
+    as_tuple = dict(group, betas=(0.9, 0.99))
+    options = opt.graph_options(group, {})
+    assert hash(options) == hash(opt.graph_options(as_tuple, {}))
+    group["betas"] = [0.9, 0.95]
+    assert opt.graph_options(group, {}) != options  # another value, another capture

@@ -74,6 +74,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -461,10 +462,19 @@ _rawmodules: dict[tuple[int, str, str | None], object] = {}  # (device, file, NV
 # -> one built for (at least) those activations (ACT_KERNELS)
 _functions: dict[tuple[int, str, int | None], object] = {}
 _device_state: dict[int, dict] = {}
-_captured_arrays: list | None = None  # while a graph is captured: every launch's arguments
-# While a graph is captured: the multi-tensor tables made during it, key -> (table, its host
-# contents), filled once the capture has ended (no host copy may run during one).
-_unfilled_tables: dict | None = None
+
+class _Capturing(threading.local):
+    """This thread's capture, while ``capture`` runs one: ``arrays``, every launch's arguments,
+    and ``unfilled``, the multi-tensor tables made during it, key -> (table, its host contents),
+    filled once the capture has ended (no host copy may run during one). Per thread: another
+    thread's launches meanwhile run eagerly, on their own streams, and must neither be recorded
+    into this graph nor get a table that is filled only after it."""
+
+    arrays: list | None = None
+    unfilled: dict | None = None
+
+
+_capturing = _Capturing()
 origin: dict[str, str] = {}  # kernel file -> "fatbin" or "nvrtc", as loaded
 
 
@@ -588,8 +598,8 @@ class _Launch:
             self.function.max_dynamic_shared_size_bytes = self.shared_limit = size
 
     def __call__(self, grid, block, args, **kwargs) -> None:
-        if _captured_arrays is not None:
-            _captured_arrays.append(args)
+        if _capturing.arrays is not None:
+            _capturing.arrays.append(args)
         self.function(grid, block, args, **kwargs)
 
 
@@ -1392,8 +1402,8 @@ def _multi_table(tensors: list[tuple]) -> tuple:
     (None, 0) for none."""
     if not tensors:
         return None, 0
-    if _captured_arrays is not None:  # a graph's launch reads these through the table, not its arguments
-        _captured_arrays.append(tensors)
+    if _capturing.arrays is not None:  # a graph's launch reads these through the table, not its arguments
+        _capturing.arrays.append(tensors)
     words = [int(a.data.ptr) for tensor in tensors for a in tensor]
     sizes = [int(tensor[0].size) for tensor in tensors]
     firsts = [0]
@@ -1404,11 +1414,11 @@ def _multi_table(tensors: list[tuple]) -> tuple:
     table = tables.get(key)
     if table is not None:
         _cache_table(tables, key, table)
-    elif _unfilled_tables is not None:
-        unfilled = _unfilled_tables.get(key)
+    elif _capturing.unfilled is not None:
+        unfilled = _capturing.unfilled.get(key)
         if unfilled is None:
             host = np.array(words + sizes + firsts, np.int64)
-            unfilled = _unfilled_tables[key] = (cupy.empty(host.shape, np.int64), host)
+            unfilled = _capturing.unfilled[key] = (cupy.empty(host.shape, np.int64), host)
         table = unfilled[0]
     else:
         table = cupy.asarray(np.array(words + sizes + firsts, np.int64))
@@ -1532,17 +1542,18 @@ def capture(fn) -> Graph:
     non-blocking one: work that another thread puts on the legacy default stream would
     otherwise synchronize with the capturing stream, which invalidates the capture. Replays
     run on whichever stream is current. A multi-tensor table the capture makes is filled after
-    it ends (``_multi_table``).
+    it ends (``_multi_table``). The capture is this thread's (``_Capturing``), on a stream of
+    its own: other threads' launches meanwhile run eagerly, as on their streams they may.
     """
-    global _captured_arrays, _unfilled_tables
-    if _captured_arrays is not None:
+    if _capturing.arrays is not None:
         raise RuntimeError("capture: a capture is already in progress")
     state = _state()
-    stream = state.get("capture_stream")
+    streams = state.setdefault("capture_streams", {})  # thread -> its capture stream on this device
+    stream = streams.get(threading.get_ident())
     if stream is None:
-        stream = state["capture_stream"] = cupy.cuda.Stream(non_blocking=True)
-    arrays = _captured_arrays = []
-    unfilled = _unfilled_tables = {}
+        stream = streams[threading.get_ident()] = cupy.cuda.Stream(non_blocking=True)
+    arrays = _capturing.arrays = []
+    unfilled = _capturing.unfilled = {}
     try:
         with stream:
             stream.begin_capture()
@@ -1556,7 +1567,7 @@ def capture(fn) -> Graph:
                 raise
             graph = stream.end_capture()
     finally:
-        _captured_arrays = _unfilled_tables = None
+        _capturing.arrays = _capturing.unfilled = None
     tables = state.setdefault("multi_tables", {})
     for key, (table, host) in unfilled.items():
         table.set(host)

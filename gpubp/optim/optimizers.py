@@ -39,6 +39,20 @@ from gpubp.parameter import Parameter
 SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
 
 
+def _hashable(value):
+    """``value`` for a signature: lists (and tuples) as tuples of their values, dicts as sorted
+    (key, value) pairs, anything else unhashable as its repr."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
 class Optimizer:
     """Base class: holds param groups and per-parameter state; subclasses define ``_update``.
 
@@ -205,8 +219,10 @@ class Optimizer:
     # corrections) is read from a small device array instead, written before every replay.
 
     def graph_options(self, group: dict, state: dict) -> tuple:
-        """Everything a captured update bakes in: a change needs a new capture."""
-        return tuple(value for key, value in group.items() if key not in ("params", "lr"))
+        """Everything a captured update bakes in: a change needs a new capture. Hashable, as a
+        signature's part: a list a script assigned (``group["betas"] = [0.9, 0.99]``, which eager
+        steps take) counts as the tuple of its values."""
+        return tuple(_hashable(value) for key, value in group.items() if key not in ("params", "lr"))
 
     def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
         """The values the next replayed update of ``param`` reads from its device array."""
