@@ -1168,6 +1168,31 @@ def test_activations_at_special_values_match_numpy():
         check_activations_at_special_values(nb)
 
 
+def flushing(backend, db_error: float = 0.0):
+    """``backend`` as a GPU built with -ftz=true runs it: subnormal inputs of dense_forward read as
+    zeros; ``db_error`` added to every bias gradient (a planted bug)."""
+    tiny = np.finfo(np.float32).tiny
+
+    def flushed(a):
+        return np.where((a != 0) & (np.abs(a) < tiny), np.copysign(np.float32(0), a), a).astype(a.dtype)
+
+    def dense_backward(*args, **kwargs):
+        dx, dw, db = backend.dense_backward(*args, **kwargs)
+        return dx, dw, db + np.float32(db_error)
+
+    return types.SimpleNamespace(asarray=backend.asarray, to_host=backend.to_host, dense_backward=dense_backward,
+                                 dense_forward=lambda x, w, b, act: backend.dense_forward(x, w, flushed(b), act))
+
+
+def test_the_special_values_check_takes_a_flushed_subnormal_and_still_fails_a_wrong_gradient():
+    """An H200 flushes the subnormal pre-activation to 0 (relu's db 0, not 2): the check must take
+    that, and still fail a bias gradient that is wrong."""
+    with np.errstate(invalid="ignore", over="ignore"):  # the reference's NaN and inf, as the check's own
+        check_activations_at_special_values(flushing(ref))
+        with pytest.raises(AssertionError, match="relu backward"):
+            check_activations_at_special_values(flushing(ref, db_error=0.5), acts=["relu"])
+
+
 @pytest.mark.parametrize("check", [check_an_off_relu_unit_passes_no_gradient_even_an_infinite_one,
                                    check_no_weight_decay_keeps_an_infinite_weight,
                                    check_cross_entropy_of_a_row_with_an_infinite_logit,
