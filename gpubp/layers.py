@@ -469,7 +469,7 @@ class Dropout(Layer):
     def connect(self, width: int, where: str, below: str) -> None:
         # A Dropout another live model holds keeps that model's width: a second model may share
         # it at the same width, and one that needs another width takes a Dropout of its own.
-        held = self.in_features is not None and width != self.in_features and any(True for _ in self._holders)
+        held = self.in_features is not None and width != self.in_features and len(self._holders) > 0
         if held:
             raise ValueError(f"{where}: this Dropout stands in another model at width {self.in_features}, "
                              f"and {below} gives it {width}; give this model a Dropout({self.rate:g}) of its own")

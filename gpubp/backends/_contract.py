@@ -305,8 +305,12 @@ def update(param, grad, needed: tuple = (), **state) -> None:
 
 
 # What each update reads and writes (``update``'s ``needed``), by its options.
-SGD_STATE = ("velocity",)  # with momentum (without, no state)
 ADAM_STATE = ("m", "v")
+
+
+def sgd_state(momentum) -> tuple:
+    """The state arrays an SGD update with this momentum reads and writes: the velocity, or none."""
+    return ("velocity",) if momentum else ()
 
 
 def rmsprop_state(momentum, centered) -> tuple:
@@ -330,8 +334,7 @@ def mlp(x, weights, biases=None, dy=None, inputs=None, act_inputs=None, out_dw=N
         rows, n_out = matrix(f"weights[{layer}]", w)
         if rows != width:
             raise ValueError(f"weights[{layer}]: expected {width} rows, the width below it, got shape {_shape(w)}")
-        if not (rows and n_out):
-            some_features(f"weights[{layer}]", w)
+        some_features(f"weights[{layer}]", w)
         for name, arrays, shape in (("biases", biases, (n_out,)), ("out_db", out_db, (n_out,)),
                                     ("out_dw", out_dw, (rows, n_out)), ("inputs", inputs, (batch, rows)),
                                     ("act_inputs", act_inputs, (batch, n_out))):

@@ -1327,7 +1327,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay, hype
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay).
     ``hyper``/``guard``: see the CUDA-graph capability in ``gpubp.backends``."""
     _require_f32_contiguous(param=param, velocity=velocity)
-    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
+    _contract.update(param, grad, _contract.sgd_state(momentum), velocity=velocity)
     grad = _f32(grad)  # read only
     n = param.size
     # The rate: an argument, or read on the device (checked before anything is recorded).
@@ -1460,7 +1460,7 @@ def sgd_update_many(tensors, lr, momentum, nesterov, weight_decay, hyper=None, g
     ``hyper``: row t, (lr,), for tensor t (then ``lr`` is None); ``guard`` as for ``sgd_update``."""
     tensors = list(tensors)
     _require_f32_contiguous_many("tensors", tensors, ("param", "grad", "velocity"), read=("grad",),
-                                 needed=("param", "grad", *(_contract.SGD_STATE if momentum else ())))
+                                 needed=("param", "grad", *_contract.sgd_state(momentum)))
     tensors = [(param, grad, param if velocity is None else velocity) for param, grad, velocity in tensors]
     _update_many("sgd_update_many", tensors, hyper, guard, 1,
                  (np.float32(lr or 0), np.float32(momentum), np.int32(bool(nesterov)), np.float32(weight_decay)))

@@ -1997,7 +1997,7 @@ def _sgd_momentum_kernel(param, grad, velocity, neg_lr, momentum, nesterov, weig
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
     _require_contiguous(param=param, velocity=velocity)
-    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
+    _contract.update(param, grad, _contract.sgd_state(momentum), velocity=velocity)
     record("sgd_update")
     p = _view(param).ravel()
     g = _view(_contiguous(grad)).ravel()

@@ -836,7 +836,7 @@ def _all_c_contiguous(*arrays) -> bool:
 
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """In-place SGD step with PyTorch's semantics (momentum buffer, Nesterov, L2 decay)."""
-    _contract.update(param, grad, _contract.SGD_STATE if momentum else (), velocity=velocity)
+    _contract.update(param, grad, _contract.sgd_state(momentum), velocity=velocity)
     record("sgd_update")
     kernels = _compiled(param.dtype)
     if kernels is not None and _all_c_contiguous(param, grad, velocity):
