@@ -400,12 +400,13 @@ class _BaseMLP(BaseEstimator):
         else:
             self.validation_scores_, self.best_validation_score_, self.best_loss_ = None, None, np.inf
 
-    def _new_optimizer(self, model: gb.Sequential):
-        """Adam or SGD over two param groups: the weights, which alpha's penalty decays, and the biases."""
+    def _new_optimizer(self, model: gb.Sequential, solver: str | None = None):
+        """Adam or SGD (``solver``, by default the ``solver`` parameter's) over two param groups:
+        the weights, which alpha's penalty decays, and the biases."""
         weights = [p for p in model.parameters() if p.name == "weight"]
         biases = [p for p in model.parameters() if p.name == "bias"]
         groups = [{"params": weights}, {"params": biases}]
-        if self.solver == "adam":
+        if (self.solver if solver is None else solver) == "adam":
             return gb.optim.Adam(groups, lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
         return gb.optim.SGD(groups, lr=self.learning_rate_init, momentum=self.momentum,
                             nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
@@ -495,9 +496,15 @@ class _BaseMLP(BaseEstimator):
                           f"using {n_samples}", stacklevel=5)  # the caller of fit or partial_fit
         return min(self.batch_size, n_samples)
 
+    @property
+    def _solver(self) -> str:
+        """The solver of the optimizer held, which partial_fit steps on, as scikit-learn's does: a
+        ``solver`` changed by set_params applies from the next call that builds an optimizer."""
+        return "adam" if isinstance(self._optimizer, gb.optim.Adam) else "sgd"
+
     def _gpubp_rate(self) -> float:
         """The optimizer's rate for scikit-learn's current one: SGD's steps scale with the loss."""
-        return self._learning_rate * (self._step_scale() if self.solver == "sgd" else 1.0)
+        return self._learning_rate * (self._step_scale() if self._solver == "sgd" else 1.0)
 
     def _squared_weights(self) -> float:
         """``||W||^2`` summed over the layers: what alpha's penalty multiplies."""
@@ -518,6 +525,8 @@ class _BaseMLP(BaseEstimator):
             self.validation_scores_.append(score)
             if self.verbose:
                 print(f"Validation score: {score:f}")
+            # A NaN score (a prediction that is not finite) counts as no improvement; scikit-learn's
+            # test, ``score < best + tol`` for none, counts it as one, so a NaN run would never stop.
             improved = score >= self.best_validation_score_ + self.tol
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
@@ -526,13 +535,13 @@ class _BaseMLP(BaseEstimator):
             improved = self.loss_ <= self.best_loss_ - self.tol
             self.best_loss_ = min(self.best_loss_, self.loss_)
         self._no_improvement_count = 0 if improved else self._no_improvement_count + 1
-        if self.solver == "sgd" and self.learning_rate == "invscaling":
+        if self._solver == "sgd" and self.learning_rate == "invscaling":
             self._set_rate(self.learning_rate_init / (self.t_ + 1) ** self.power_t)
         if self._no_improvement_count <= self.n_iter_no_change:
             return False
         message = (f"{'Validation score' if validation else 'Training loss'} did not improve by more than "
                    f"tol={self.tol} for {self.n_iter_no_change} consecutive epochs.")
-        if self.solver == "sgd" and self.learning_rate == "adaptive" and self._learning_rate > MIN_ADAPTIVE_RATE:
+        if self._solver == "sgd" and self.learning_rate == "adaptive" and self._learning_rate > MIN_ADAPTIVE_RATE:
             self._set_rate(self._learning_rate / 5)
             self._no_improvement_count = 0
             if self.verbose:
@@ -553,7 +562,7 @@ class _BaseMLP(BaseEstimator):
         after = self._gpubp_rate()
         for group in self._optimizer.param_groups:
             group["lr"] = after
-        if self.solver != "sgd" or not self.momentum or after == before:
+        if self._solver != "sgd" or not self.momentum or after == before:
             return
         for param in self.model_.parameters():
             velocity = self._optimizer.state.get(id(param), {}).get("velocity")
@@ -617,22 +626,30 @@ class _BaseMLP(BaseEstimator):
     # --------------------------------------------------------------------- pickling
 
     def __getstate__(self) -> dict:
-        """The model as gpubp's file contents (no backend objects), the optimizer as its state dict."""
+        """The model as gpubp's file contents (no backend objects) and the backend it ran on, the
+        optimizer as its solver and state dict: what was fitted, whatever set_params has changed since."""
         state = dict(super().__getstate__())  # object.__getstate__ gives __dict__ itself, not a copy
         if "model_" in state:
-            state["model_"] = io.model_contents(self.model_)
-            state["_optimizer"] = self._optimizer.state_dict()
+            state["model_"] = (*io.model_contents(self.model_), self.model_.backend_name)
+            state["_optimizer"] = (self._solver, self._optimizer.state_dict())
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "model_" in state:
-            header, tensors = state["model_"]
-            self.model_ = io.model_from(f"a pickled {type(self).__name__}", header, tensors, device=self.device,
-                                        backend=self.backend)
-            self._optimizer = self._new_optimizer(self.model_)
+            header, tensors, backend = state["model_"]
+            try:
+                backends.get(backend)
+            except RuntimeError as exc:  # a GPU's estimator unpickled on a machine without one
+                warnings.warn(f"the pickled {type(self).__name__} was fitted on the {backend!r} backend, which does "
+                              f"not run here ({exc}); its model runs on the backend device='auto' picks",
+                              RuntimeWarning, stacklevel=2)
+                backend = "auto"
+            self.model_ = io.model_from(f"a pickled {type(self).__name__}", header, tensors, backend=backend)
+            solver, optimizer_state = state["_optimizer"]
+            self._optimizer = self._new_optimizer(self.model_, solver)
             # Copies: the optimizer updates its state in place, and unpickled arrays may be read-only.
-            self._optimizer.load_state_dict(copy.deepcopy(state["_optimizer"]))
+            self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -790,7 +807,13 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return "exp" if self.out_activation_ == "exp" else None  # predict's mean, exp of the model's log mean
 
     def _score_arrays(self, X, y, sample_weight) -> float:
-        return r2_score(y, self._values(self._predict_arrays(X)), sample_weight=sample_weight)
+        predicted = self._values(self._predict_arrays(X))
+        return _r2_or_nan(y, predicted, sample_weight)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """R^2 of ``predict(X)`` against ``y``, as scikit-learn's regressors score; NaN where a
+        prediction is inf or NaN (an ``exp`` that overflows, say), as scikit-learn's MLPRegressor."""
+        return _r2_or_nan(y, self.predict(X), sample_weight)
 
     @staticmethod
     def _values(outputs: np.ndarray) -> np.ndarray:
@@ -835,6 +858,14 @@ class _Epochs(gb.Callback):
     def on_epoch_end(self, model, epoch: int, logs: dict) -> None:
         if self.estimator._end_epoch(logs["loss"], self.squares, self.n_samples, self.penalty_share, self.validation):
             self.stopped = model.stop_training = True
+
+
+def _r2_or_nan(y, predicted: np.ndarray, sample_weight) -> float:
+    """R^2 of ``predicted`` against ``y``, or NaN if a prediction is not finite, where r2_score
+    raises; an early-stopping epoch that scores NaN counts as one without improvement."""
+    if not np.isfinite(predicted).all():
+        return np.nan
+    return r2_score(y, predicted, sample_weight=sample_weight)
 
 
 def _choice(value, options: tuple, name: str) -> None:

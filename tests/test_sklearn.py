@@ -274,6 +274,66 @@ def test_pickled_estimators_predict_and_train_on_as_the_original():
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("changed", [{"solver": "sgd"}, {"device": "cuda"}, {"device": "cpu", "backend": "numba"}])
+def test_a_pickle_holds_what_was_fitted_whatever_set_params_changed_since(changed):
+    """set_params changes the parameters, not the fitted model or the optimizer partial_fit steps on,
+    so a pickle (or deepcopy) loads what was fitted, and trains on as the original does."""
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((16,), max_iter=3, random_state=0, device="cpu").fit(x / 16, y)
+    clf.set_params(**changed)
+    copy = pickle.loads(pickle.dumps(clf))
+    assert copy.get_params() == clf.get_params()
+    assert copy.model_.backend_name == "numpy" and isinstance(copy._optimizer, gb.optim.Adam)
+    np.testing.assert_array_equal(copy.predict_proba(x / 16), clf.predict_proba(x / 16))
+    if changed == {"solver": "sgd"}:  # the others may not train here: partial_fit refuses another backend
+        clf.partial_fit(x / 16, y)
+        copy.partial_fit(x / 16, y)
+        for theirs, ours in zip(clf.model_.get_weights(), copy.model_.get_weights()):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_pickle_of_a_backend_that_does_not_run_here_loads_on_the_one_auto_picks():
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((16,), max_iter=2, random_state=0, device="cpu").fit(x / 16, y)
+    header, tensors, _ = clf.__getstate__()["model_"]
+    state = dict(clf.__getstate__(), model_=(header, tensors, "cupy"))
+    copy = MLPClassifier.__new__(MLPClassifier)
+    if gb.backends.available()["cupy"] is None:
+        pytest.skip("CuPy runs here, so the pickle loads on it")
+    with pytest.warns(RuntimeWarning, match="fitted on the 'cupy' backend, which does not run here"):
+        copy.__setstate__(state)
+    np.testing.assert_array_equal(copy.predict_proba(x / 16), clf.predict_proba(x / 16))
+
+
+def test_partial_fit_steps_on_the_held_optimizer_after_set_params_changes_the_solver():
+    """As scikit-learn's: partial_fit keeps the optimizer it has, at its own rate; a changed solver
+    applies from the next fit that builds one."""
+    x, y = load_digits(return_X_y=True)  # a regressor: SGD's rate is scaled for its squared error
+    kept = MLPRegressor(hidden_layer_sizes=(16,), max_iter=3, random_state=0, device="cpu").fit(x / 16, y)
+    switched = pickle.loads(pickle.dumps(kept)).set_params(solver="sgd")
+    kept.partial_fit(x / 16, y)
+    switched.partial_fit(x / 16, y)
+    for theirs, ours in zip(kept.model_.get_weights(), switched.model_.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    switched.fit(x / 16, y)
+    assert isinstance(switched._optimizer, gb.optim.SGD)
+
+
+def test_an_epoch_whose_held_out_predictions_overflow_scores_nan_and_training_goes_on(monkeypatch):
+    """scikit-learn's MLPs score an early-stopping epoch NaN where a prediction is inf or NaN (a
+    Poisson exp that overflows, say); r2_score would raise. NaN counts as no improvement."""
+    x = np.random.default_rng(0).normal(size=(60, 3))
+    y = np.random.default_rng(1).poisson(2.0, 60).astype(float)
+    reg = MLPRegressor(loss="poisson", hidden_layer_sizes=(4,), early_stopping=True, n_iter_no_change=2, max_iter=20, random_state=0,
+                       device="cpu")
+    monkeypatch.setattr(MLPRegressor, "_predict_arrays", lambda self, X: np.full((len(X), 1), np.inf))
+    reg.fit(x, y)
+    assert reg.n_iter_ == 3 and np.isnan(reg.validation_scores_).all()
+    assert np.isnan(reg.score(x, y))
+    monkeypatch.undo()
+    assert np.isfinite(reg.score(x, y))
+
+
 def test_random_state_makes_fits_repeat_and_leaves_the_library_stream_alone():
     x, y = load_digits(return_X_y=True)
     gb.seed(5)
