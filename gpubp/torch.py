@@ -97,6 +97,7 @@ import numpy as np
 try:
     import torch
     from torch import nn
+    from torch.nn.modules import module as _module  # its global hooks, which Module.__call__ runs
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('gpubp.torch needs PyTorch: pip install "gpubp[torch]"') from _exc
 
@@ -108,6 +109,7 @@ from gpubp.layers import (BackwardPlan, Dense as _GpubpDense, Dropout as _GpubpD
 # The parameters' dtype, and the products' math: "tf32" and "bf16" keep fp32 parameters and run
 # the products on tensor cores on CUDA tensors (as Sequential(precision=...) does).
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+MATHS = ("fp32", "tf32", "bf16")  # an MLP's ``math``: the products' precision for float32 parameters
 KERNEL_DTYPES = (torch.float32, torch.float64)  # the parameters' dtypes the CPU kernels compute in
 log = logging.getLogger("gpubp")
 
@@ -146,8 +148,11 @@ class Dense(nn.Module):
         self.register_state_dict_post_hook(_mark_weight_layout)
         self.register_load_state_dict_pre_hook(_refuse_another_layout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run([self], x, "fp32", None, self.training, alone=True)
+    def forward(self, x: torch.Tensor, *, math: str = "fp32", input_dropout: float | None = None) -> torch.Tensor:
+        """``act(x @ weight + bias)``, then the layer's dropout in training mode. An :class:`MLP` calls
+        its layers one at a time where one has module hooks, passing its ``math`` (the products'
+        precision) and, to the first, its ``input_dropout``."""
+        return _run([self], x, math, input_dropout, self.training, alone=True)
 
     def extra_repr(self) -> str:
         dropout = "" if self.dropout is None else f", dropout={self.dropout:g}"
@@ -217,7 +222,17 @@ class MLP(nn.Module):
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run(list(self.layers), x, self.math, self.input_dropout, self.training)
+        layers = list(self.layers)
+        if not _hooked(layers):
+            return _run(layers, x, self.math, self.input_dropout, self.training)
+        # A layer with module hooks (spectral_norm's, prune's and the older weight_norm's recompute its weight in
+        # one): the layers are called as modules, one at a time, so that their hooks run as nn.Sequential's
+        # children's do. The masks are the same: each call draws its keys from torch's stream in the same order.
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(_foreign(i, layer))
+            x = layer(x, math=self.math, input_dropout=self.input_dropout if i == 0 else None)
+        return x
 
     def _math(self) -> str:
         """The products' precision for the parameters' dtype now (``_math_for``)."""
@@ -251,8 +266,10 @@ class MLP(nn.Module):
         """A CPU MLP with ``model``'s layers, activations, weights (copied), frozen layers and dropout,
         computing what ``model`` computes: float32 models keep their precision ("fp32", "tf32",
         "bf16"), float64 ones compute in float64 (a float64 one with precision="bf16" is refused)."""
-        if not isinstance(model, Sequential) or not len(model):
+        if not isinstance(model, Sequential):
             raise TypeError(f"model: expected a gpubp.Sequential with at least one layer, got {type(model).__name__}")
+        if not len(model):
+            raise ValueError("model: the Sequential has no layers; an MLP needs at least one Dense layer")
         dense, dropout_after, input_dropout = [], {}, None
         for i, layer in enumerate(model):
             if isinstance(layer, _GpubpDense):
@@ -446,6 +463,21 @@ def _refuse_another_layout(module: nn.Module, state_dict, prefix: str, local_met
             _VOUCHED[layer] = error_msgs
 
 
+def _hooked(layers: list) -> bool:
+    """Whether calling ``layers`` as modules would run a hook: one of their own, or a global one
+    (``register_module_forward_hook`` and its kin), which nn.Module.__call__ also runs."""
+    if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
+            or _module._global_backward_hooks):
+        return True
+    return any(layer._forward_pre_hooks or layer._forward_hooks or layer._backward_pre_hooks or layer._backward_hooks
+               for layer in layers)
+
+
+def _foreign(i: int, layer) -> str:
+    return (f"layers[{i}]: expected a gpubp.torch.Dense, got {type(layer).__name__}; an MLP runs its Dense layers "
+            "through gpubp's kernels: put other modules around the MLP, in an nn.Sequential")
+
+
 def _trainable(layer: Dense) -> bool:
     return layer.weight.requires_grad or layer.bias.requires_grad
 
@@ -470,10 +502,17 @@ def _backend_for(tensor: torch.Tensor):
 def _run(layers: list[Dense], x, math: str, input_dropout: float | None, training: bool,
          alone: bool = False) -> torch.Tensor:
     """The MLP's forward (``alone``: a Dense called by itself, whose errors name its own attributes)."""
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace
+        raise RuntimeError(TRACED)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if torch.jit.is_tracing():
         raise RuntimeError(TRACING)
+    if math not in MATHS:
+        raise ValueError(f"math: expected one of {MATHS}, got {math!r}")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Dense):
+            raise TypeError(_foreign(i, layer))
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     _refuse_transforms(x, params)
     # The attributes set after construction too (from_torch and from_sequential set them), checked as
@@ -528,7 +567,8 @@ BATCHED_GRADS = ("gpubp.torch.MLP's backward takes one incoming gradient at a ti
                  "(torch.autograd.functional.jacobian or hessian with vectorize=True, torch.autograd.grad with "
                  "is_grads_batched=True) batch it with vmap, which gpubp's kernels do not support; pass "
                  "vectorize=False, or loop over the gradients")
-TRACED = ("gpubp.torch.MLP cannot be traced by torch.export, torch.fx's make_fx or with fake tensors: its forward "
+TRACED = ("gpubp.torch.MLP cannot be traced by torch.export, torch.fx (symbolic_trace, make_fx) or with fake tensors: "
+          "its forward "
           "runs gpubp's kernels on the tensors' memory (which a fake tensor lacks), not torch ops a graph could "
           "hold. For a file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, "
           "torch.compile runs it in a graph break")
@@ -649,8 +689,9 @@ def _check_input(x: torch.Tensor, params: tuple) -> None:
     weight = params[0]
     for i, param in enumerate(params):
         if param.device != weight.device or param.dtype != weight.dtype:
-            raise ValueError(f"parameters: layer {i // 2} is {param.dtype} on {param.device}, "
-                             f"layer 0 is {weight.dtype} on {weight.device}; keep the whole MLP on one device and dtype")
+            raise ValueError(f"parameters: layers[{i // 2}].{('weight', 'bias')[i % 2]} is {param.dtype} on "
+                             f"{param.device}, layers[0].weight is {weight.dtype} on {weight.device}; keep the whole "
+                             "MLP on one device and dtype")
     if x.device != weight.device:
         raise ValueError(f"x: the input is on {x.device} but the MLP is on {weight.device}; move one with .to()")
     if x.dtype != weight.dtype:

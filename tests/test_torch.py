@@ -659,6 +659,91 @@ def test_activation_checkpointing_recomputes_the_same_dropout_masks(use_reentran
     torch.testing.assert_close(after_c, after, rtol=0, atol=0)  # the next forward's masks
 
 
+def test_hooks_on_a_layer_run_in_the_mlps_forward_and_backward():
+    """layers is an nn.ModuleList of nn.Modules: their hooks ran only when a layer was called alone,
+    never inside mlp(x)."""
+    gb.seed(0)
+    mlp, seen = MLP([7, 9, 5]), []
+    mlp.layers[0].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    mlp.layers[0].register_forward_hook(lambda module, args, out: seen.append(("fwd", tuple(out.shape))))
+    mlp.layers[1].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append("bwd"))
+    mlp(random_input()).sum().backward()
+    assert seen == ["pre", ("fwd", (6, 9)), "bwd"]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(
+        type(module).__name__))
+    try:
+        seen.clear()
+        MLP([7, 9, 5])(random_input())
+    finally:
+        handle.remove()
+    assert seen == ["Dense", "Dense", "MLP"]  # a global hook runs on the layers, as on nn.Sequential's
+
+
+def _reference_of(mlp: MLP) -> torch.nn.Sequential:
+    """nn.Modules computing ``x @ weight + bias`` then the activation, with copies of the MLP's parameters."""
+    class Affine(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.weight = torch.nn.Parameter(layer.weight.detach().clone())
+            self.bias = torch.nn.Parameter(layer.bias.detach().clone())
+            self.activation = layer.activation
+
+        def forward(self, x):
+            return TORCH_ACTIVATIONS[self.activation](x @ self.weight + self.bias)
+
+    return torch.nn.Sequential(*(Affine(layer) for layer in mlp.layers))
+
+
+@pytest.mark.parametrize("utility", ["spectral_norm", "prune", "weight_norm"])
+def test_torch_utilities_that_hook_a_layer_train_it_as_on_torch_modules(utility):
+    """spectral_norm left the layer untrained with no error (its hook, which recomputes the weight, never
+    ran), and prune and the older weight_norm failed at the second backward."""
+    from torch.nn.utils import prune
+    gb.seed(0)
+    mlp = MLP([7, 9, 5], activation="tanh", precision="fp64")
+    reference = _reference_of(mlp)
+    for model in (mlp, reference):
+        if utility == "spectral_norm":
+            torch.manual_seed(1)  # the same power-iteration start
+            torch.nn.utils.spectral_norm(model[0] if model is reference else model.layers[0])
+        elif utility == "prune":
+            prune.random_unstructured(model[0] if model is reference else model.layers[0], "weight",
+                                                     amount=0.5)
+        else:
+            torch.nn.utils.weight_norm(model[0] if model is reference else model.layers[0])
+    if utility == "prune":
+        reference[0].weight_mask.copy_(mlp.layers[0].weight_mask)
+    x = random_input(dtype=torch.float64, requires_grad=False)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1) for model in (mlp, reference)]
+    for _ in range(3):
+        for model, optimizer in zip((mlp, reference), optimizers):
+            optimizer.zero_grad()
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+    ours, theirs = dict(mlp.named_parameters()), dict(reference.named_parameters())
+    assert len(ours) == len(theirs) == 4 + (utility == "weight_norm")
+    for name, param in ours.items():
+        torch.testing.assert_close(param, theirs[name.removeprefix("layers.")], rtol=1e-12, atol=1e-12)
+    assert all(param.grad.abs().sum() > 0 for param in ours.values())  # the hooked layer trained too
+
+
+def test_a_hooked_layer_leaves_the_outputs_gradients_and_dropout_masks_as_they_were():
+    gb.seed(0)
+    plain = MLP([7, 9, 8, 5], dropout=0.3, input_dropout=0.2)
+    hooked = MLP([7, 9, 8, 5], dropout=0.3, input_dropout=0.2)
+    hooked.load_state_dict(plain.state_dict())
+    hooked.layers[2].register_forward_hook(lambda *args: None)
+    results = []
+    for model in (plain, hooked):
+        torch.manual_seed(3)
+        x = random_input()
+        out = model(x)
+        results.append((out, *grads_of(out, [x, *model.parameters()], torch.ones_like(out))))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    assert (results[0][1] == 0).any()  # the input masks dropped something: those inputs' gradients are 0
+
+
 def test_torch_jit_trace_says_the_mlp_cannot_be_traced(mlp):
     with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.*to ONNX"):
         torch.jit.trace(mlp, random_input(requires_grad=False))
@@ -707,9 +792,11 @@ def _under_fake_tensors(mlp, x):
     (_forward_mode, "does not support forward-mode AD"),
     (lambda mlp, x: torch.autograd.functional.jacobian(mlp, x, vectorize=True), "takes one incoming gradient at a time"),
     (lambda mlp, x: torch.export.export(mlp, (x,)), "cannot be traced by torch.export"),
-    (_traced_by_make_fx, "cannot be traced by torch.export, torch.fx's make_fx"),
+    (_traced_by_make_fx, r"cannot be traced by torch.export, torch.fx \(symbolic_trace, make_fx\)"),
+    (lambda mlp, x: torch.fx.symbolic_trace(mlp), r"torch.fx \(symbolic_trace"),
     (_under_fake_tensors, "with fake tensors"),
-], ids=["vmap", "func.grad", "jacrev", "jvp", "forward_ad", "jacobian_vectorize", "export", "make_fx", "fake"])
+], ids=["vmap", "func.grad", "jacrev", "jvp", "forward_ad", "jacobian_vectorize", "export", "make_fx", "symbolic_trace",
+        "fake"])
 def test_torch_transforms_and_tracers_the_kernels_cannot_take_part_in_are_refused_by_name(mlp, call, match):
     """torch's own errors named setup_context, a batching rule for aten::detach or .numpy() on a
     tensor subclass; make_fx with real tensors gave a graph returning torch.empty, with no error."""
@@ -772,10 +859,34 @@ def test_the_parameters_are_made_on_torchs_default_device_and_another_than_cpu_o
             mlp(torch.empty(2, 5, device="meta"))
 
 
-def test_mixed_dtypes_inside_the_mlp_raise(mlp):
+def test_mixed_dtypes_inside_the_mlp_raise_naming_the_parameter(mlp):
     mlp.layers[1].double()
-    with pytest.raises(ValueError, match="parameters: layer 1 is torch.float64"):
+    with pytest.raises(ValueError, match=r"parameters: layers\[1\].weight is torch.float64 .* layers\[0\].weight is "
+                                         "torch.float32"):
         mlp(random_input())
+    mlp.layers[1].float()
+    mlp.layers[0].bias.data = mlp.layers[0].bias.data.double()
+    with pytest.raises(ValueError, match=r"parameters: layers\[0\].bias is torch.float64"):
+        mlp(random_input())
+
+
+def test_attributes_set_after_construction_are_checked_at_the_forward(mlp):
+    """``math`` and ``layers`` are plain attributes: a bad math ran silently, a foreign layer failed
+    with a bare AttributeError."""
+    before = [p.detach().clone() for p in mlp.parameters()]
+    mlp.math = "bogus"
+    with pytest.raises(ValueError, match=r"math: expected one of \('fp32', 'tf32', 'bf16'\), got 'bogus'"):
+        mlp(random_input())
+    assert all(torch.equal(got, want) for got, want in zip(mlp.parameters(), before))
+    mlp.math = "fp32"
+    mlp.layers[1] = torch.nn.Linear(9, 8)
+    before = [p.detach().clone() for p in mlp.parameters()]
+    with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.torch.Dense, got Linear"):
+        mlp(random_input())
+    mlp.layers[0].register_forward_hook(lambda *args: None)  # the layer-by-layer path checks it too
+    with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.torch.Dense, got Linear"):
+        mlp(random_input())
+    assert all(torch.equal(got, want) for got, want in zip(mlp.parameters(), before))
 
 
 def test_bfloat16_parameters_on_the_cpu_raise_naming_the_parameters_and_the_precision_to_use(mlp):
@@ -808,6 +919,13 @@ def test_a_dense_in_a_dtype_the_kernels_lack_is_refused_where_it_is_built_naming
 
 
 # ----------------------------------------------------------------------------- conversions
+
+
+def test_from_sequential_names_what_it_refuses():
+    with pytest.raises(ValueError, match="model: the Sequential has no layers"):
+        MLP.from_sequential(gb.Sequential([]))
+    with pytest.raises(TypeError, match="model: expected a gpubp.Sequential with at least one layer, got list"):
+        MLP.from_sequential([gb.Dense(3, 2)])
 
 
 def test_from_sequential_computes_what_the_sequential_computes_and_keeps_frozen_layers():
