@@ -670,7 +670,8 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     taken in the state dict's order, each ``<prefix>.weight`` with its ``<prefix>.bias``.
     With ``model``, its weights are replaced (every shape checked first, the model unchanged
     on error); otherwise a new Sequential is built with ``activations`` (default: relu between
-    layers, identity at the top) and ``model_kwargs`` (device, backend).
+    layers, identity at the top) and ``model_kwargs`` (device, backend, dtype: float32 unless
+    given, as for any Sequential, whatever the tensors' dtype; ``dtype=np.float64`` keeps float64).
 
     A :class:`gpubp.torch.MLP` keeps gpubp's (in, out) weights, under the keys that an nn.Module
     with its Linear layers in ``layers`` has too (``layers.0.weight``): convert it with
