@@ -48,7 +48,7 @@ class BenchmarkLines:
                 # version of it may lack them. Then the JSON alone records the run, as without this.
                 self.broken = True
                 warnings.warn(f"{LINES_ENV}: benchmark lines not written ({type(exc).__name__}: {exc}); "
-                              "the --benchmark-json report still is", RuntimeWarning, stacklevel=1)
+                              "the --benchmark-json report still is", UserWarning, stacklevel=1)
 
     def write_new(self) -> None:
         session = getattr(self.config, "_benchmarksession", None)  # where its benchmark fixture finds it

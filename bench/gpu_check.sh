@@ -440,6 +440,13 @@ if [ -n "${log_tee:-}" ]; then
     # The log's last lines (the table, the FAILED list) are still in tee's pipe: end it and let it
     # write them, before the caller, done, ends what this left running.
     exec >&- 2>&-
+    # A process a step left behind (stuck in a CUDA call after its SIGINT) may still hold the pipe
+    # open, and tee would wait on it to the caller's limit: it gets 15 s, all it needs to write.
+    for _ in $(seq 150); do
+        kill -0 "$log_tee" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill "$log_tee" 2>/dev/null
     wait "$log_tee" 2>/dev/null
 fi
 exit "$status"

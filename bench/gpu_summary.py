@@ -148,6 +148,8 @@ GOALS = {
 SANITIZER_PREFIX = "========="
 _SANITIZER_INFO = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "RACECHECK SUMMARY", "LEAK SUMMARY",
                    "Target application returned an error")
+# What compute-sanitizer says of a target that a signal ended: of a run cut off, the cut itself.
+_SANITIZER_SIGNALLED = "Error: process didn't terminate successfully"
 
 
 def kernels_sha256(root: Path = ROOT) -> str:
@@ -268,6 +270,8 @@ def sanitizer_result(log: str, status: int) -> str:
         message = line[len(SANITIZER_PREFIX):]
         if message.startswith(" ") and not message.startswith("  "):
             message = message.strip()
+            if message.startswith(_SANITIZER_SIGNALLED) and status == CUT_OFF:
+                continue
             if message and not message.startswith(_SANITIZER_INFO):
                 return message
     if status == 0:
@@ -536,7 +540,8 @@ def markdown(data: dict, command: str = "bash bench/gpu_check.sh", steps: list |
         "rows too: the dense kernels' calls without a model, not device time).",
         "",
         "Tests: no junit report (they did not run, or wrote none)." if tests is None else
-        f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.",
+        f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"
+        + (" (cut off at the step's budget: only the tests that finished)." if data.get("tests_cut_off") else "."),
         "",
         "| compute-sanitizer | result |",
         "|---|---|",
@@ -604,6 +609,12 @@ def read_steps(path: Path) -> list[tuple[str, str, str, str]]:
     return [tuple(line.split("\t")) for line in path.read_text().splitlines() if line.count("\t") == 3]
 
 
+def _found(pair) -> str:
+    """gpubp._toolkit's (where, how it was found), or (None, why not): "where (how)"."""
+    where, how = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else ("?", "?")
+    return f"{'not found' if where is None else where} ({how})"
+
+
 def facts_markdown(facts: dict) -> list[str]:
     """bench/first_contact.py's facts: the device, the toolkit, and each kernel file's NVRTC build."""
     device = facts.get("device", {})
@@ -611,8 +622,7 @@ def facts_markdown(facts: dict) -> list[str]:
     host = [f"Versions: {', '.join(f'{k} {v}' for k, v in facts.get('versions', {}).items())}"
             + (f"; torch sees {facts['torch_cuda']}" if "torch_cuda" in facts else "") + ".",
             "",
-            f"NVRTC: {' ('.join(facts.get('nvrtc', ['?', '?']))}); "
-            f"CUDA headers: {' ('.join(facts.get('cuda_headers', ['?', '?']))}).",
+            f"NVRTC: {_found(facts.get('nvrtc'))}; CUDA headers: {_found(facts.get('cuda_headers'))}.",
             "", f"{facts.get('kernel_cache_files_before', '?')} files in CuPy's kernel cache before the compiles."]
     if "error" in facts:  # CuPy could not reach the GPU: what the host could say
         return [f"Device facts: {facts['error']}", "", *host, "",
@@ -741,12 +751,22 @@ def main(argv: list[str]) -> int:
     bounds = bounds_beside(report, facts[0] if facts else ({} if args.facts else None), args.kernel_model)
     if bounds is not None:
         data["model_bounds"] = bounds[0]
+    if steps:
+        data["steps"] = [{"step": name, "result": result, "seconds": int(seconds), "budget": int(budget)}
+                         for name, result, seconds, budget in steps[0]]
+        # Interrupted, pytest's junit report counts only the tests that finished.
+        data["tests_cut_off"] = any(step["step"] == "tests" and step["result"] == "out of time"
+                                    for step in data["steps"])
     data.update(errors)
+    try:
+        table = markdown(data, args.command, steps[0] if steps else None, facts[0] if facts else None,
+                         bounds[1] if bounds else None)
+    except Exception as exc:  # noqa: BLE001  (the JSON and the results folder's files come first)
+        data["report_error"] = f"{type(exc).__name__}: {exc}"
+        table = f"# GPU check on {data['device']}\n\nThe report failed: {data['report_error']}; see gpu_summary.json.\n"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2) + "\n"
     (args.out_dir / "gpu_summary.json").write_text(text)
-    table = markdown(data, args.command, steps[0] if steps else None, facts[0] if facts else None,
-                     bounds[1] if bounds else None)
     (args.out_dir / f"{file_stem(args.device)}.md").write_text(table)
     print(table)
     if args.results_out:

@@ -73,14 +73,42 @@ def launch(out: Path, world_size: int, device: str = "cpu") -> dict:
         try:
             proc.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
         finally:
+            if proc.poll() is None:  # past the limit, or this test was stopped (a SIGINT, which its new session misses)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             kill_leftover_ranks(out)
     log = log_path.read_text()
     assert proc.returncode == 0, f"torchrun failed or ran past {LAUNCH_TIMEOUT_S} s ({proc.returncode}):\n{log[-4000:]}"
     saved = [dict(np.load(out / f"rank{r}.npz")) for r in range(world_size)]
     return {"saved": saved, "log": log, "dir": out}
+
+
+def test_a_launch_stopped_by_a_signal_kills_its_launcher_too(tmp_path, monkeypatch):
+    """The launcher runs in a session of its own, which a step's SIGINT (gpu_check.sh's budget) does
+    not reach: stopped so, the launch killed the ranks it found but left torchrun running."""
+    started = []
+
+    class Launcher(subprocess.Popen):  # runs on, in the session of its own the launch gives torchrun
+        def __init__(self, command, **kwargs):
+            super().__init__([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+            started.append(self)
+
+        def wait(self, timeout=None):
+            if timeout is not None:  # the launch's wait, when the SIGINT comes
+                raise KeyboardInterrupt
+            return super().wait()
+
+    monkeypatch.setattr(subprocess, "Popen", Launcher)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(tmp_path, WORLD_SIZE)
+        assert started[0].poll() is not None
+    finally:
+        for proc in started:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
 
 @pytest.fixture(scope="module")

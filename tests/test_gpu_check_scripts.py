@@ -18,6 +18,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -318,8 +319,13 @@ RuntimeError: backend 'cupy' is not available: CuPy is not installed
     (CUT_OFF_LOG, 124, "cut off before it finished, no error found; last: "
                        "sanitizer driver: cupy dense fp32 (1500, 77, 1500) at 3.1 s"),
     (CUT_OFF_LOG.replace("KeyboardInterrupt", MEMCHECK_ERROR), 124, "Invalid __global__ read of size 16 bytes"),
+    # compute-sanitizer's words for a target a signal ended: the cut, not an error the kernels made
+    (CUT_OFF_LOG.replace("========= Target", "========= Error: process didn't terminate successfully\n========= Target"),
+     124, "cut off before it finished, no error found; last: sanitizer driver: cupy dense fp32 (1500, 77, 1500) at 3.1 s"),
+    (DRIVER_CRASH.replace("========= Target", "========= Error: process didn't terminate successfully\n========= Target"),
+     1, "Error: process didn't terminate successfully"),
 ], ids=["clean", "racecheck-clean", "memcheck", "racecheck", "synccheck", "driver-crash", "killed", "cut-off",
-        "error-then-cut-off"])
+        "error-then-cut-off", "cut-off-signalled", "signalled-not-cut-off"])
 def test_sanitizer_result_is_clean_or_the_first_error(gs, log, status, result):
     assert gs.sanitizer_result(log, status) == result
 
@@ -606,6 +612,32 @@ def test_facts_that_hold_no_device_give_no_bound_rather_than_asking_the_device(g
     assert "Device facts: CuPy is not installed" in table and "smi says" in table
 
 
+def test_facts_of_a_toolkit_without_nvrtc_or_headers_still_give_the_summary_and_its_files(gs, tmp_path):
+    """gpubp._toolkit says (None, why) where it finds no NVRTC or headers; the report joined them as
+    strings and raised, so no summary reached the results folder: the case a first contact may meet."""
+    facts = {"nvrtc": [None, "cuda-pathfinder found none"], "cuda_headers": [None, "not in CUDA_HOME"],
+             "versions": {"cupy": "14.2"}}
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    out = tmp_path / "out"
+    gs.main(["--device", "Fake GPU", "--facts", str(tmp_path / "facts.json"), "--out-dir", str(tmp_path / "check"),
+             "--results-out", str(out), "--kernel-model", str(tmp_path / "no_model.json")])
+    table = (out / "Fake_GPU.md").read_text()
+    assert "NVRTC: not found (cuda-pathfinder found none); CUDA headers: not found (not in CUDA_HOME)." in table
+    assert json.loads((out / "gpu_summary.json").read_text())["device"] == "Fake GPU"
+
+
+def test_a_report_that_fails_still_writes_the_summary_json_and_carries_it(gs, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("made up")
+
+    monkeypatch.setattr(gs, "markdown", broken)
+    out = tmp_path / "out"
+    gs.main(["--device", "Fake GPU", "--out-dir", str(tmp_path / "check"), "--results-out", str(out)])
+    data = json.loads((out / "gpu_summary.json").read_text())
+    assert data["report_error"] == "KeyError: 'made up'"
+    assert "The report failed: KeyError: 'made up'" in (out / "Fake_GPU.md").read_text()
+
+
 def test_the_results_folder_keeps_one_device_report_when_the_device_name_changes(gs, tmp_path):
     """A publish that could not ask the device its name writes unknown_gpu.md; the next, named,
     report replaces it, so the folder holds no more files than come back from the GPU machine."""
@@ -667,12 +699,12 @@ def test_gpu_check_runs_first_contact_only_alone():
 #
 # The stage runs on the CPU with stand-ins for what needs a GPU: PYTHON, COMPUTE_SANITIZER and
 # cmake are one fake program that logs each call, and, for the calls a rule matches, waits for a
-# file (``wait_for``, up to 30 s, else fails), writes the files the real one would, prints, sleeps
-# and exits as the rule says; any other Python call (bench/gpu_summary.py, the xdist probe) runs
+# file (``wait_for``, up to 30 s, else fails), writes the files the real one would, prints, leaves
+# a process behind holding its output (``linger``), sleeps and exits as the rule says; any other Python call (bench/gpu_summary.py, the xdist probe) runs
 # for real.
 
 FAKE_TOOL = """
-import json, os, shutil, sys, time
+import json, os, shutil, signal, sys, time
 call = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(call + "".join(f" | {name}=" + os.environ.get(name, "") for name in ENV_LOGGED) + "\\n")
@@ -690,6 +722,12 @@ for rule in json.loads(os.environ["FAKE_PLAN"]):
             open(path, "w").write(text)
         for part in rule.get("prints", [rule.get("stdout", "")]):  # a number: that many x's
             print(part if isinstance(part, str) else "x" * part, flush=True)
+        if rule.get("linger") and os.fork() == 0:  # a process left behind, deaf to the step's SIGINT
+            os.setsid()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            open(rule["linger"]["pid_file"], "w").write(str(os.getpid()))
+            time.sleep(rule["linger"]["seconds"])
+            os._exit(0)
         time.sleep(rule.get("sleep", 0))
         sys.exit(rule.get("exit", 0))
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
@@ -883,7 +921,10 @@ def test_first_contact_runs_its_steps_in_order_of_value_and_carries_off_what_the
     assert all(p.stat().st_size < 16_000_000 for p in out.iterdir())
     data = json.loads((out / "gpu_summary.json").read_text())
     assert data["commit"] == "ab" * 20 and data["device"] == "Fake H200" and data["tree_sha256"] == gs.tree_sha256()
-    assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2}
+    assert data["tests"] == {"passed": 17, "failed": 1, "skipped": 2} and data["tests_cut_off"] is False
+    assert [(step["step"], step["result"], step["budget"]) for step in data["steps"]] == [
+        ("facts", "ok", 100), ("tests", "ok", 135), ("memcheck", "ok", 55), ("racecheck", "ok", 70),
+        ("bench", "ok", 125)]  # the summary's own step is recorded after it
     assert data["sanitizer"] == {"memcheck": "clean", "racecheck": "clean", "initcheck": "not run",
                                  "synccheck": "not run"}
     assert data["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
@@ -933,7 +974,31 @@ def test_a_first_contact_step_that_fails_or_runs_out_of_time_leaves_what_the_oth
     assert earlier["sanitizer"]["racecheck"] == "not run"
     final = json.loads((out / "gpu_summary.json").read_text())
     assert final["sanitizer"]["racecheck"] == "clean" and final["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
+    # The counts are the finished tests': the JSON says so, not only the report's steps table.
+    assert final["tests_cut_off"] is True and final["steps"][1]["result"] == "out of time"
     assert "| tests | out of time | " in (out / "Fake_H200.md").read_text()
+    assert "skipped (cut off at the step's budget: only the tests that finished)." in (out / "Fake_H200.md").read_text()
+
+
+def test_a_process_a_step_left_behind_holding_the_log_does_not_hold_the_stage_past_its_end(gs, tmp_path):
+    """At the end the stage waits for the log's tee to write its last lines; a leftover process (one
+    stuck in a CUDA call after its step's SIGINT, say) kept tee's input open, and the wait ran to
+    the caller's limit."""
+    pid_file = tmp_path / "lingering.pid"
+    fwd = benchmark_report({(gs.FWD_4096, "cublas-gemm"): 3.0, (gs.FWD_4096, "gpubp-cupy"): 2.0}, "Fake H200")
+    started = time.monotonic()
+    try:
+        done, calls, check, out = first_contact(gs, tmp_path, overrides=[
+            {"match": "first_contact.py bench", "linger": {"pid_file": str(pid_file), "seconds": 90},
+             "files": {str(tmp_path / "check" / "bench_first_contact_fwd_4096.json"): json.dumps(fwd)}}])
+        elapsed = time.monotonic() - started
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert elapsed < 60, elapsed
+    assert "| summary | ok |" in (out / "Fake_H200.md").read_text() or "==== first-contact step summary" in done.stdout
+    assert json.loads((out / "gpu_summary.json").read_text())["ratios"]["fwd_4096_fp32_vs_cublas"] == 1.5
 
 
 CUT_OFF_AT = "sanitizer driver: cupy dense fp32 (37, 29, 23) at 0.4 s"
@@ -1287,8 +1352,14 @@ def test_a_benchmark_lines_writer_that_cannot_read_pytest_benchmark_warns_once_a
 
     config = types.SimpleNamespace(_benchmarksession=types.SimpleNamespace(benchmarks=[Unreadable()]))
     writer = lines.BenchmarkLines(config, str(tmp_path / "lines.jsonl"))
-    with pytest.warns(RuntimeWarning, match="GPUBP_BENCH_LINES: benchmark lines not written .*AttributeError"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # pyproject.toml's filterwarnings, which the GPU run's pytest applies: a RuntimeWarning raised
+        # there, an INTERNALERROR that ended the group after its first benchmark.
+        warnings.simplefilter("error", RuntimeWarning)
         writer.pytest_runtest_logreport(types.SimpleNamespace(when="call"))
+    assert len(caught) == 1
+    assert re.match("GPUBP_BENCH_LINES: benchmark lines not written .*AttributeError", str(caught[0].message))
     config._benchmarksession.benchmarks.append(Unreadable())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
