@@ -88,7 +88,9 @@ def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]
     Returns PyTorch-style param groups for any gpubp optimizer. Frozen layers are included,
     so unfreezing later (e.g. :class:`GradualUnfreezing`) needs no new optimizer.
     """
-    if not isinstance(model, Sequential) or not len(model):
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
+    if not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
     lr = _checks.non_negative(lr, "lr")
     decay = _checks.non_negative(decay, "decay")

@@ -298,7 +298,9 @@ def _model_suffix(path) -> str:
 def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
     """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host.
     Checkpoints add their own section and tensors to these."""
-    if not isinstance(model, Sequential) or not len(model):
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
+    if not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
     for i, layer in enumerate(model):
         if not isinstance(layer, (Dense, Dropout)):

@@ -164,8 +164,14 @@ class Layer:
         value = _checks.boolean(value, "trainable")
         for param in self.parameters():
             param.trainable = value  # freezing clears its .grad
-            if not value:  # and nothing fills its gradient buffer any more: give the memory back
-                self._buffers.drop(("grad", param.name), param.shape)
+        if not value:  # and nothing fills the gradient buffers any more: give the memory back
+            self.drop_grad_buffers()
+
+    def drop_grad_buffers(self) -> None:
+        """Give back the arrays backward fills with the parameters' gradients (a frozen layer's: the
+        model calls this for every layer its backward does not train, frozen one Parameter at a time too)."""
+        for param in self.parameters():
+            self._buffers.drop(("grad", param.name), param.shape)
 
     def trainable_flags(self) -> tuple[bool, ...]:
         """Whether each Parameter trains, in ``parameters()`` order: what decides this layer's backward."""
@@ -828,7 +834,8 @@ class Sequential:
             param.grad = None
 
     def freeze_to(self, n: int) -> Sequential:
-        """Freeze layers [:n] and unfreeze the rest (fastai semantics; negative n counts from the top)."""
+        """Freeze layers [:n] and unfreeze the rest (fastai semantics; negative n counts from the top).
+        ``n`` counts positions, Dropouts included, as ``model[:n]`` does."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"n: expected an int, got {type(n).__name__}")
         if not -len(self) <= n <= len(self):
@@ -1168,7 +1175,8 @@ class Sequential:
             shape = (batch, layer.out_features)
             if top >= output_from:
                 out = None
-            elif keeps_input[top + 1] or keeps_output[i]:
+            # What act' reads is the output, or z (NEEDS_Z), which the layer keeps in a buffer of its own.
+            elif keeps_input[top + 1] or (keeps_output[i] and layer.activation not in activations.NEEDS_Z):
                 out = layer._buffers.get(self.backend, "y", shape, self.dtype)
             else:
                 if training:
@@ -1210,6 +1218,9 @@ class Sequential:
         need_input_grad = _checks.boolean(need_input_grad, "need_input_grad")
         kept_logits = self._stored_plan[2] if self._stored_plan is not None else False
         plan, needs_input, needs_output = self._needs(need_input_grad, kept_logits)
+        for layer, (_, trains) in zip(self.layers, plan):
+            if not trains:  # frozen, perhaps a Parameter at a time, which does not reach the layer
+                layer.drop_grad_buffers()
         if not any(dx or dw for dx, dw in plan):
             self._check_unread_grad(dout)
             if not self._warned_all_frozen:

@@ -162,7 +162,10 @@ def model_proto(model) -> onnx.ModelProto:
     if estimators is not None and isinstance(model, estimators._BaseMLP):
         after = model._onnx_output()  # scikit-learn's NotFittedError for an unfitted one
         name, model = f"gpubp.sklearn.{type(model).__name__}", model.model_
-    if not isinstance(model, Sequential) or not len(model):
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential or a fitted gpubp.sklearn estimator, got "
+                        f"{type(model).__name__}")
+    if not len(model):
         raise ValueError("model: expected a Sequential with at least one layer")
     if model.precision not in ROUNDS_TO_BF16:
         raise ValueError(f"model: precision={model.precision!r}, which gpubp cannot write to ONNX")

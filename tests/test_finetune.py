@@ -245,6 +245,50 @@ def test_freezing_a_layer_gives_back_its_gradient_buffers(rng):
     assert all(holds(model[2], grad) for grad in kept_grads)
 
 
+def test_a_layer_frozen_one_parameter_at_a_time_gives_back_its_gradient_buffers_at_the_next_backward(rng):
+    """Freezing a Parameter does not reach its layer: a layer reporting itself frozen kept a dW-sized
+    buffer for good. The next backward, which trains none of it, gives them back."""
+    model = make_model()
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.backward(dout)
+    grads = [p.grad for p in model[1].parameters()]
+    model[1].weight.trainable = False
+    model[1].bias.trainable = False
+    assert not model[1].trainable and all(holds(model[1], grad) for grad in grads)
+    model.forward(x)
+    model.backward(dout)
+    assert not any(holds(model[1], grad) for grad in grads)
+    assert not [a for a in held_buffers(model[1]) if a.shape in (model[1].weight.shape, model[1].bias.shape)]
+    assert all(p.grad is not None for p in model[2].parameters())  # the layers that train keep theirs
+    for layer in model:  # every layer frozen: backward launches nothing, and still gives them back
+        layer.weight.trainable = layer.bias.trainable = False
+    with pytest.warns(UserWarning, match="every layer is frozen"):
+        model.backward(dout)
+    assert not any(a.shape == layer.weight.shape for layer in model for a in held_buffers(layer))
+
+
+@pytest.mark.parametrize("activation", sorted(activations.NEEDS_Z))
+def test_a_layer_whose_act_reads_z_keeps_no_output_buffer_that_backward_does_not_read(rng, activation):
+    """BitFit: no layer's input is read (no dW), and act' of gelu/silu reads z, which the layer keeps in a
+    buffer of its own; the output's buffer was kept from step to step too."""
+    model = make_model(activations=[activation] * (len(SIZES) - 2) + ["identity"])
+    for layer in model:
+        layer.weight.trainable = False
+    x, dout = random_batch(rng, model)
+    model.forward(x)
+    model.backward(dout)
+    for layer in model[:-1]:
+        kept = held_buffers(layer)
+        assert len([a for a in kept if a.shape == (BATCH, layer.out_features)]) == 1  # z alone
+        assert any(a is layer.act_input() for a in kept)
+    relu = make_model(activations=["relu"] * (len(SIZES) - 2) + ["identity"])
+    for layer in relu:
+        layer.weight.trainable = False
+    relu.forward(x)
+    assert all(any(a is layer.act_input() for a in held_buffers(layer)) for layer in relu[:-1])  # y, read by act'
+
+
 def test_a_gelu_layer_frozen_below_the_trainable_ones_gives_back_its_z_buffer(rng):
     model = make_model()
     assert model[2].activation == "gelu"
@@ -536,6 +580,13 @@ def test_replace_head_on_a_model_ending_in_a_dropout_raises():
     model = gb.Sequential([gb.Dense(8, 16, "relu"), gb.Dense(16, 3), gb.Dropout(0.5, name="drop")], device="cpu")
     with pytest.raises(ValueError, match="its last layer, 'drop', is a Dropout, not the Dense head"):
         ft.replace_head(model, 5, activation="softmax")
+
+
+def test_param_groups_names_what_it_refuses():
+    with pytest.raises(TypeError, match="model: expected a gpubp.Sequential, got list"):
+        ft.param_groups([gb.Dense(3, 2)], 0.1)
+    with pytest.raises(ValueError, match="model: expected a Sequential with at least one layer"):
+        ft.param_groups(gb.Sequential([], device="cpu"), 0.1)
 
 
 def test_replace_head_on_an_empty_model_raises():
