@@ -505,7 +505,9 @@ def check_activations_at_special_values(cb, acts=ACTIVATIONS):
         if np.allclose(y[:, SUBNORMAL], y_flushed[:, SUBNORMAL], **close) \
                 and np.allclose(db[SUBNORMAL], db_flushed[SUBNORMAL], **close):
             y_ref[:, SUBNORMAL], db_ref[SUBNORMAL] = y_flushed[:, SUBNORMAL], db_flushed[SUBNORMAL]
-        np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-30, err_msg=f"{act} forward")
+        # 2e-6: CUDA documents tanhf at 2 ulp and normcdff at 5 (the harness's glibc is within 1), and
+        # gelu_tanh's 1 + tanh at z = -1 doubles tanh's error: about 7e-7 on a GPU, where 1e-6 was tight.
+        np.testing.assert_allclose(y, y_ref, rtol=2e-6, atol=1e-30, err_msg=f"{act} forward")
         np.testing.assert_allclose(db, db_ref, rtol=1e-5, atol=1e-30, err_msg=f"{act} backward")
 
 
