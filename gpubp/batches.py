@@ -16,7 +16,6 @@ evaluate; those live here, and none of the three imports another's private helpe
 from __future__ import annotations
 
 import contextvars
-import math
 import numbers
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -220,17 +219,6 @@ def check_optimizer_params(model, optimizer) -> None:
                          "ckpt.optimizer, not the one of the run that wrote it)")
 
 
-def forward_backward(model, loss_fn, xb, yb, logits: bool, sample_weight=None) -> float:
-    """Forward and loss of one batch (weighted by ``sample_weight``, if given), then backward when
-    the loss is finite; returns the loss.
-    ``logits``: the last layer's activation is fused into the loss (``losses.fuses``)."""
-    out = model.forward(xb, logits=logits)
-    value, dout = loss_and_grad(loss_fn, out, yb, sample_weight, model.backend)
-    if math.isfinite(value):
-        model.backward(dout)
-    return value
-
-
 # ----------------------------------------------------------------------------- predict / evaluate
 
 
@@ -293,6 +281,24 @@ def head_warned():
         _HEAD_WARNED.reset(token)
 
 
+def scoring_metrics(model, loss_fn, metrics: list) -> list:
+    """``named_metrics`` of ``metrics`` for scoring ``model``'s outputs under ``loss_fn``: class 1
+    begins at 0.5 for probabilities and for values a regression loss fits, at 0 for logits."""
+    values = (model._end(-1).activation in ("sigmoid", "softmax")
+              or (loss_fn is not None and losses.fits_values(loss_fn)))
+    return named_metrics(metrics, probabilities=values)
+
+
+def scores_of(model, outputs: np.ndarray, fused: bool) -> np.ndarray:
+    """What the metrics score: host ``outputs`` of ``model``, its last activation applied where
+    they are the logits a fused loss took (``fused``)."""
+    if not fused:
+        return outputs
+    scores = np.empty_like(outputs)
+    activations.forward(model._end(-1).activation, outputs, scores)
+    return scores
+
+
 def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
     """Score a zero output of the model's shape against the first targets ``y_val`` with each
     named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
@@ -339,9 +345,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
         metrics = ["accuracy"] if loss_fn is None or losses.classifies(loss_fn) else []
     head = model._end(-1).activation
     metrics = metric_list(metrics)
-    # Class 1 begins at 0.5 for probabilities and for values a regression loss fits; at 0 for logits.
-    values = head in ("sigmoid", "softmax") or (loss_fn is not None and losses.fits_values(loss_fn))
-    named = named_metrics(metrics, probabilities=values)
+    named = scoring_metrics(model, loss_fn, metrics)
     if loss_fn is not None and not _HEAD_WARNED.get():  # as fit warns
         losses.warn_if_another_head(loss_fn, head, "loss")
     x, y = check_dataset(model, x, y, loss_fn)
@@ -352,10 +356,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
         sample_weight = check_sample_weight(sample_weight, len(x))
     fused = loss_fn is not None and losses.fuses(loss_fn, head)
     outputs = predict(model, x, batch_size=batch_size, logits=fused)
-    scores = outputs
-    if fused:
-        scores = np.empty_like(outputs)
-        activations.forward(head, outputs, scores)
+    scores = scores_of(model, outputs, fused)
     result = {}
     if loss_fn is not None:  # the host outputs: gpubp's losses pick their backend from them (backend=None)
         result["loss"] = loss_and_grad(loss_fn, outputs, y, sample_weight, None)[0]

@@ -235,6 +235,7 @@ class DataParallel:
         self.model = model
         self.rank = self.dist.get_rank()
         self.world_size = self.dist.get_world_size()
+        self.part, self.output = slice(0, 0), None  # the last batch's: this rank's rows, its model output
         if batch_size % self.world_size:
             raise ValueError(f"batch_size: the global batch {batch_size} must be a multiple of the world size "
                              f"{self.world_size}, so that every rank gets an equal part")
@@ -308,13 +309,14 @@ class DataParallel:
         _, bucket, spans = self._layout
         part = _shard(len(xb), self.rank, self.world_size)
         count = part.stop - part.start
+        self.part, self.output = part, None  # fit's training metrics score this rank's part
         if count:
             # Each Dropout's mask rows count from this part's first row of the global batch.
             dropouts = [layer for layer in model if isinstance(layer, Dropout)]
             for layer in dropouts:
                 layer.rows_from = part.start
             try:
-                out = model.forward(xb[part], logits=logits)
+                out = self.output = model.forward(xb[part], logits=logits)
             finally:
                 for layer in dropouts:
                     layer.rows_from = 0

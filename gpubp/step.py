@@ -76,6 +76,7 @@ class _Captured:
 
     def __init__(self, x, y, loss, weights) -> None:
         self.x, self.y, self.loss, self.weights = x, y, loss, weights
+        self.out = None  # the model's output, which each replay writes
         self.graph = None
         self.names: list[str] = []
         self.updates: list = []
@@ -126,6 +127,9 @@ class TrainStep:
         self._warm: OrderedDict = OrderedDict()  # signatures that ran eagerly once: captured next time
         self._failed: OrderedDict = OrderedDict()  # signatures whose capture failed under "auto": eager
         self.graphed = False  # whether the last call replayed a graph
+        # The last call's model output on the device (the logits, where the loss fuses the last
+        # activation): a replay's is the graph's own buffer, which the next replay writes.
+        self.output = None
 
     # --------------------------------------------------------------------- when a graph is used
 
@@ -208,7 +212,10 @@ class TrainStep:
     def _eager(self, x, y, sample_weight) -> float:
         model = self.model
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
-        value = batches.forward_backward(model, self.loss_fn, x, y, logits, sample_weight)
+        self.output = model.forward(x, logits=logits)
+        value, dout = batches.loss_and_grad(self.loss_fn, self.output, y, sample_weight, model.backend)
+        if math.isfinite(value):
+            model.backward(dout)
         self.update_if_finite(value)
         return value
 
@@ -259,7 +266,7 @@ class TrainStep:
         logits = losses.fuses(self.loss_fn, model.layers[-1].activation)
 
         def step() -> None:
-            out = model.forward(captured.x, logits=logits)
+            out = captured.out = model.forward(captured.x, logits=logits)
             _, dout = device_loss(out, captured.y, captured.weights, out_loss=captured.loss, **options)
             model.backward(dout)
             if self.clip_grad_norm is not None:
@@ -314,6 +321,7 @@ class TrainStep:
         for layer, saved in captured.layer_state:
             layer.restore_saved(saved)
         model._stored_plan, model._fused_saved = captured.model_state
+        self.output = captured.out
         return value
 
     @property

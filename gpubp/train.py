@@ -94,8 +94,12 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     the argmax of its target row, or its single target rounded; classes not named weigh 1.
     ``validation_split`` holds out the last samples' ``sample_weight`` with them, and the
     validation loss is weighted by those (class weights apply to training only).
-    ``metrics`` (e.g. ``["accuracy"]``) are computed on the validation data each epoch, each
-    logged under its name (two of one name, or one named "loss", are refused).
+    ``metrics`` (e.g. ``["accuracy"]``; by default the compiled ones) are logged each epoch under
+    their names for the training data and, with ``val_`` before them, for the validation data
+    (two of one name, or one named "loss", are refused). As Keras's, the training values score
+    the outputs of the epoch's batches as they trained (Dropout applied, the weights changing
+    from batch to batch), which fit keeps on the host until the epoch's end (N times the
+    outputs' width values); the batch logs hold the running loss alone.
     ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
     terminal), 2 one line per epoch; on stdout, as Keras prints them.
     ``shuffle`` (each epoch's batches drawn in a new random order) and ``distributed`` are True
@@ -173,9 +177,11 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if distributed and cuda_graph is not False:
         raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
                          "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
-    logged = ["loss"]
+    names = [metric_fns.get(m)[0] for m in metrics]
+    batches.check_metrics(model, metrics, y)
+    logged = ["loss", *names]
     if x_val is not None:
-        logged += ["val_loss"] + [f"val_{metric_fns.get(m)[0]}" for m in metrics]
+        logged += ["val_loss"] + [f"val_{name}" for name in names]
         batches.check_metrics(model, metrics, y_val)
     schedule = _Schedule(scheduler, scheduler_interval, scheduler_monitor, opt, logged, epochs - initial_epoch,
                          math.ceil(len(x) / batch_size), any(cb.sets_learning_rate for cb in callbacks))
@@ -302,6 +308,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     x, y, weights = data
     loss_fn, opt = step.loss_fn, step.optimizer
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
+    scoring = batches.scoring_metrics(model, loss_fn, metrics)
     model.stop_training = False
     model.loss = loss_fn
     model.optimizer = opt
@@ -322,6 +329,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         order = _random.generator().permutation(len(x)) if shuffle else None
         bar = _progress(n_batches, epoch, epochs, verbose)
         total_loss, seen = 0.0, 0
+        scored = _Scored(model, logits, parallel) if scoring else None
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             for cb in callbacks:
                 cb.on_train_batch_begin(model, batch)
@@ -335,6 +343,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
                 step.update_if_finite(value)
             if math.isfinite(value):
                 schedule.after_batch()
+                if scored is not None:
+                    scored.add(step if parallel is None else parallel, yb)
             total_loss += value * len(xb)
             seen += len(xb)
             # Keras 3's batch logs: the epoch's running mean, non-finite from a non-finite batch on.
@@ -352,6 +362,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
             if model.stop_training:
                 break
         logs = {"loss": total_loss / seen}
+        if scored is not None:
+            logs.update(scored.metrics(scoring))
         if validation is not None:
             x_val, y_val, w_val = validation
             with batches.head_warned():  # the TrainStep has warned of a loss that does not match the head
@@ -382,6 +394,39 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     for cb in callbacks:
         cb.on_train_end(model)
     return history
+
+
+class _Scored:
+    """An epoch's training outputs and targets, batch by batch, on the host, for ``fit``'s training
+    metrics: a data-parallel rank's own part of each batch, gathered from every rank at the end."""
+
+    def __init__(self, model, logits: bool, parallel) -> None:
+        self.model, self.logits, self.parallel = model, logits, parallel
+        self.outputs: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+
+    def add(self, step, yb: np.ndarray) -> None:
+        """The batch ``step`` (a TrainStep, or the DataParallel) just trained on, of targets ``yb``."""
+        if step.output is None:  # a rank given no rows of this batch
+            return
+        # A copy: the device array, or the host one a CPU model's next step writes, is reused.
+        self.outputs.append(np.array(self.model.backend.to_host(step.output), copy=True))
+        self.targets.append(yb if self.parallel is None else yb[self.parallel.part])
+
+    def metrics(self, scoring: list) -> dict:
+        """Each of ``scoring``'s ``(name, fn)`` on the epoch's outputs; NaN for a metric of an
+        epoch whose first batch was not finite, which trained none."""
+        outputs, targets = self.outputs, self.targets
+        if self.parallel is not None:
+            parts = [None] * self.parallel.world_size
+            self.parallel.dist.all_gather_object(parts, (outputs, targets))
+            outputs = [o for rank_outputs, _ in parts for o in rank_outputs]
+            targets = [t for _, rank_targets in parts for t in rank_targets]
+        if not outputs:
+            return {name: math.nan for name, _ in scoring}
+        scores = batches.scores_of(self.model, np.concatenate(outputs), self.logits)
+        y = np.concatenate(targets)
+        return {name: fn(scores, y) for name, fn in scoring}
 
 
 def _shown(value: float) -> str:

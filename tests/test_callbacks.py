@@ -217,7 +217,7 @@ def test_csv_logger_writes_one_row_per_epoch_with_every_logged_value(tmp_path):
     history = new_model().fit(x, y, epochs=3, batch_size=8, validation_split=0.25, metrics=["accuracy"], verbose=0,
                               callbacks=[callbacks.CSVLogger(path)])
     header, *rows = read_rows(path)
-    assert header == ["epoch", "loss", "val_accuracy", "val_loss"]
+    assert header == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]  # Keras's: sorted
     assert [int(row[0]) for row in rows] == [0, 1, 2]
     for i, name in enumerate(header[1:], start=1):
         assert [float(row[i]) for row in rows] == history[name]

@@ -129,8 +129,9 @@ def test_a_resumed_run_remembers_the_best_value_so_far(tmp_path):
 
 
 def scripted_metric(values):
-    """A validation metric ``score`` that returns ``values`` in turn, one per epoch."""
-    values = iter(values)
+    """A metric ``score`` that returns ``values`` in turn, one per epoch: fit scores the epoch's
+    training outputs, then the validation data, so each value is returned for both."""
+    values = iter([value for value in values for _ in ("training", "validation")])
 
     def score(scores, y):
         return next(values)
@@ -182,7 +183,7 @@ def test_an_unlogged_monitor_or_path_value_fails_before_the_first_step(tmp_path,
     before = model.get_weights()
     checkpoint = gb.ModelCheckpoint(**{"path": tmp_path / "run.npz", **kwargs})
     with pytest.raises(ValueError, match=rf"callbacks\[0\]: ModelCheckpoint reads '{unlogged}', which this fit "
-                                         r"does not log; it logs \['loss', 'val_loss', 'val_accuracy'\]$"):
+                                         r"does not log; it logs \['loss', 'accuracy', 'val_loss', 'val_accuracy'\]$"):
         train(model, "adam", 1, [checkpoint])
     assert_weights_equal(before, model)
     assert list(tmp_path.iterdir()) == []

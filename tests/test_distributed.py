@@ -150,8 +150,9 @@ def test_distributed_fit_frozen_layer_is_not_trained(ranks):
         np.testing.assert_array_equal(weights(saved)[3], initial[3])
 
 
-# val_f1: the ranks score the whole validation set's gathered predictions, not a mean of their parts' F1
-@pytest.mark.parametrize("key", ["loss", "val_loss", "val_accuracy", "val_f1"])
+# val_f1: the ranks score the whole validation set's gathered predictions, not a mean of their parts' F1;
+# accuracy and f1, the training metrics, every rank's outputs of the epoch, gathered at its end
+@pytest.mark.parametrize("key", ["loss", "accuracy", "f1", "val_loss", "val_accuracy", "val_f1"])
 def test_distributed_fit_history_matches_one_process(ranks, single_process_fit, key):
     _, history = single_process_fit
     for saved in ranks["saved"]:

@@ -158,7 +158,7 @@ def test_evaluate_and_fit_take_keras_names_and_log_them_as_given(rng):
     names = ["binary_accuracy", "auc", "mean_absolute_error", "mean_squared_error"]
     history = model.fit(x, y, loss="binary_crossentropy", epochs=1, batch_size=8, validation_data=(x, y),
                         metrics=names, verbose=0)
-    assert set(history.history) == {"loss", "val_loss", *(f"val_{name}" for name in names)}
+    assert set(history.history) == {"loss", *names, "val_loss", *(f"val_{name}" for name in names)}
     result = model.evaluate(x, y, loss="binary_crossentropy", metrics=names + ["accuracy", "mae"])
     probabilities = model.predict(x)
     assert result["binary_accuracy"] == result["accuracy"] == np.mean((probabilities[:, 0] > 0.5) == y)

@@ -297,11 +297,35 @@ def classifier():
     return gb.Sequential([gb.Dense(5, 16, "relu"), gb.Dense(16, 3)], device="cpu")
 
 
+@pytest.mark.parametrize("batch_size", [16, 200])
+def test_training_metrics_score_each_batchs_output_as_it_trained(batch_size):
+    """As Keras's History: compile(metrics=...) then fit(x, y) logs the metrics of the training data
+    too, not only with validation data; each batch scored by the output its step computed."""
+    x, y = classification_data()
+    model, twin = classifier(), classifier()
+    model.compile(loss="cross_entropy", optimizer=gb.optim.SGD(model.parameters(), lr=0.5), metrics=["accuracy", "f1"])
+    history = model.fit(x, y, epochs=2, batch_size=batch_size, shuffle=False, verbose=0)
+    assert list(history.history) == ["loss", "accuracy", "f1"]
+    step = twin.train_step("cross_entropy", gb.optim.SGD(twin.parameters(), lr=0.5))
+    for epoch in range(2):
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            outputs.append(twin.predict(x[start:start + batch_size]))  # what its step's forward computes
+            step(x[start:start + batch_size], y[start:start + batch_size])
+        scores = np.concatenate(outputs)
+        assert history["accuracy"][epoch] == gb.metrics.accuracy(scores, y)
+        assert history["f1"][epoch] == gb.metrics.f1(scores, y)
+    assert history["accuracy"][0] != twin.evaluate(x, y)["accuracy"]  # not the end-of-epoch weights' score
+    stopper = gb.callbacks.EarlyStopping("accuracy", mode="max", patience=0)
+    assert len(classifier().fit(x, y, epochs=5, batch_size=batch_size, metrics=["accuracy"], callbacks=[stopper],
+                                verbose=0).history["accuracy"]) >= 1  # a training metric can be monitored
+
+
 def test_history_has_one_entry_per_epoch_for_every_logged_value():
     x, y = classification_data()
     history = classifier().fit(x, y, epochs=4, batch_size=16, validation_split=0.25, metrics=["accuracy", "f1"],
                                verbose=0)
-    assert set(history.history) == {"loss", "val_loss", "val_accuracy", "val_f1"}
+    assert list(history.history) == ["loss", "accuracy", "f1", "val_loss", "val_accuracy", "val_f1"]  # Keras's order
     assert all(len(values) == 4 for values in history.history.values())
     assert history.epoch == [0, 1, 2, 3]
     assert len(history.epoch_times) == 4 and all(t > 0 for t in history.epoch_times)
@@ -361,7 +385,8 @@ def test_verbose_1_prints_one_keras_line_per_epoch_when_stdout_is_not_a_terminal
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert "\r" not in out and len(lines) == 3 and err == ""
-    assert re.fullmatch(r"epoch 3/3 - \d+\.\d\ds - loss: \d\.\d{4} - val_loss: \d\.\d{4} - val_accuracy: \d\.\d{4}",
+    assert re.fullmatch(r"epoch 3/3 - \d+\.\d\ds - loss: \d\.\d{4} - accuracy: \d\.\d{4} - val_loss: \d\.\d{4} - "
+                        r"val_accuracy: \d\.\d{4}",
                         lines[-1])
 
 

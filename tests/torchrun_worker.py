@@ -163,6 +163,7 @@ def main(out_dir: str) -> None:
     np.savez(f"{out_dir}/rank{rank}.npz", *model.get_weights(),
              loss=np.array(history["loss"]), val_loss=np.array(history["val_loss"]),
              val_accuracy=np.array(history["val_accuracy"]), val_f1=np.array(history["val_f1"]),
+             accuracy=np.array(history["accuracy"]), f1=np.array(history["f1"]),
              batch_error=np.array(batch_error), shard_error=np.array(shard_error),
              scheduler_errors=np.array(scheduler_errors),
              small_loss=np.array(small["loss"]), small_val_loss=np.array(small["val_loss"]),
