@@ -80,7 +80,7 @@ def demo(args, usage_error) -> int:
     history = model.fit(x_train, y_train, loss="cross_entropy", optimizer=gb.optim.Adam(model.parameters(), lr=2e-3),
                         epochs=args.epochs, batch_size=32, verbose=0 if args.quiet else 1)
     result = model.evaluate(x_test, y_test, metrics=["accuracy", "f1"])
-    print(f"test accuracy {result['accuracy']:.2%} (macro F1 {result['f1']:.3f}) after {len(history.epoch)} epochs, "
+    print(f"test accuracy {result['accuracy']:.2%} (macro F1 {result['f1']:.3f}) after {_count(len(history.epoch), 'epoch')}, "
           f"{_epoch_times(history.epoch_times, backend)}")
 
     print("\n[2/2] fine-tune: pretrain on digits 0-4, new head, frozen backbone, 5-9 from a few labels")
@@ -233,6 +233,10 @@ def _prog() -> str:
     return "gpubp" if script == "gpubp" else "python -m gpubp"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,4 +269,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (python -m gpubp demo | head): quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        sys.exit(1)

@@ -112,11 +112,13 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
         flat, flat_grad = array.reshape(-1), grad.reshape(-1)
         for i in range(flat.size):
             saved = flat[i]
-            flat[i] = saved + eps
-            plus = loss_at(x)
-            flat[i] = saved - eps
-            minus = loss_at(x)
-            flat[i] = saved
+            try:
+                flat[i] = saved + eps
+                plus = loss_at(x)
+                flat[i] = saved - eps
+                minus = loss_at(x)
+            finally:  # a loss that raises, or a KeyboardInterrupt, leaves the weight as it was too
+                flat[i] = saved
             flat_grad[i] = (plus - minus) / (2 * eps)
         return grad
 
@@ -162,7 +164,8 @@ def check_gradients(model: Sequential, x, target, loss="mse", eps: float = 1e-6,
     numerical gradient element, which a fixed 1e-8 would report as a wrong gradient wherever an
     element is small. Raises ``ValueError`` for a loss that is not finite at ``x``, whose
     differences check nothing (and would make that atol inf), and, before any work, for a model
-    ``numerical_gradients`` cannot difference.
+    ``numerical_gradients`` cannot difference. Its backward leaves the gradients it checked in the
+    parameters' ``.grad``, as a training step's would.
     """
     _checks.positive(eps, "eps")
     _checks.non_negative(rtol, "rtol")

@@ -255,6 +255,7 @@ def auc(scores: np.ndarray, y: np.ndarray, from_logits: bool = False, num_thresh
     value for such targets and the same for 0/1 ones.)"""
     if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, numbers.Integral) or num_thresholds <= 1:
         raise ValueError(f"num_thresholds: expected an int > 1, got {num_thresholds!r}")
+    from_logits = _checks.boolean(from_logits, "from_logits")
     targets = _binary_targets(scores, y, "auc").reshape(-1)
     probabilities = np.clip(_special.expit(scores) if from_logits else scores, 0.0, 1.0).reshape(-1)
     inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]

@@ -8,6 +8,7 @@ is tested where what it reports is (tests/test_kernels_compile.py, tests/test_cu
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import gpubp as gb
 from gpubp import __main__ as cli
 from gpubp.__main__ import _epoch_times, main
+from child_process import child_env
 
 pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn (the demo extra)")
 
@@ -30,6 +32,23 @@ def test_the_demo_trains_fine_tunes_a_frozen_backbone_and_times_both_steps(capsy
     assert re.search(r"^fine-tuned on 5-9 with 5 labels per class: test accuracy [\d.]+%; backbone unchanged: True$",
                      out, re.M), out
     assert re.search(r"^step time at batch 256: frozen backbone [\d.]+ ms, full [\d.]+ ms \([\d.]+x\)", out, re.M), out
+
+
+def test_one_epoch_reads_one_epoch(capsys):
+    assert main(["demo", "--epochs", "1", "--shots", "3", "--quiet", "--device", "cpu"]) == 0
+    assert re.search(r"after 1 epoch, ", capsys.readouterr().out)
+
+
+def test_a_reader_that_goes_away_ends_the_demo_quietly(tmp_path):
+    """``python -m gpubp demo | head -2``: a BrokenPipeError traceback at the first print after."""
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "gpubp", "demo", "--epochs", "1", "--shots", "3", "--quiet",
+                           "--device", "cpu"], stdout=reader.stdin, stderr=subprocess.PIPE, text=True,
+                          env=child_env(), cwd=tmp_path, timeout=300)
+    reader.stdin.close()
+    reader.wait()
+    assert "BrokenPipeError" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
 
 
 def test_the_demo_reports_the_median_epoch_after_the_first_which_loads_the_kernels():

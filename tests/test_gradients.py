@@ -330,6 +330,24 @@ def test_numerical_gradients_leave_the_weights_exactly_as_they_were():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_probe_that_raises_leaves_the_weights_exactly_as_they_were():
+    """A loss that raises (or a KeyboardInterrupt) mid-probe left that element moved by eps."""
+    model = random_model([3, 4, 2], "gelu", seed=5)
+    before = model.get_weights()
+    calls = []
+
+    def interrupted(predictions, target, sample_weight=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return gb.losses.mse(predictions, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        gradcheck.numerical_gradients(model, np.ones((2, 3)), np.zeros((2, 2)), loss=interrupted)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- PyTorch
 
 

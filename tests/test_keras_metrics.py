@@ -103,6 +103,12 @@ def test_auc_counts_scores_between_two_thresholds_as_one_point_of_the_curve():
     assert keras_thresholds()[59] < 0.3001 < 0.3002 < keras_thresholds()[60]
 
 
+def test_auc_refuses_a_from_logits_that_is_not_a_flag(rng):
+    scores, y = rng.standard_normal(8), (rng.random(8) > 0.5).astype(np.float32)
+    with pytest.raises(TypeError, match="from_logits: expected True or False, got 'False'"):  # read as True
+        gb.metrics.auc(scores, y, from_logits="False")
+
+
 def test_auc_of_logits_is_the_auc_of_their_sigmoid(rng):
     logits, y = rng.standard_normal((30, 1)) * 3, (rng.random(30) > 0.5).astype(np.float32)
     assert metrics.get("auc")[1](logits, y) == metrics.auc(1 / (1 + np.exp(-logits)), y)

@@ -341,6 +341,13 @@ def test_sequential_lr_refuses_a_bad_state_before_loading_any_of_its_schedulers(
     (lambda opt: ours.SequentialLR(opt, [ours.StepLR(opt, 2), ours.StepLR(opt, 3)], []), ValueError,
      "milestones: expected 1"),
     (lambda opt: ours.StepLR(opt, step_size=2, last_epoch=4), ValueError, r"param_groups\[0\] has no 'initial_lr'"),
+    # a truthy "False" turned these on
+    (lambda opt: ours.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum="False"), TypeError,
+     "cycle_momentum: expected True or False, got 'False'"),
+    (lambda opt: ours.OneCycleLR(opt, max_lr=0.1, total_steps=10, three_phase="False"), TypeError,
+     "three_phase: expected True or False, got 'False'"),
+    (lambda opt: ours.ReduceLROnPlateau(opt, min_lr=[0.0, -1.0, 0.0]), ValueError,
+     r"min_lr\[1\]: expected a finite number >= 0, got -1.0"),
 ])
 def test_bad_arguments_are_named(make, error, message):
     optimizer = optimizers("sgd")[0]
@@ -384,6 +391,18 @@ def test_sequential_lr_refuses_a_bad_argument_before_changing_the_optimizer_or_i
     with pytest.raises(ValueError, match=message):
         ours.SequentialLR(optimizer, schedulers, milestones)
     assert (group_options(optimizer), [scheduler.state_dict() for scheduler in schedulers]) == before
+
+
+@pytest.mark.parametrize("rate", [-0.1, math.nan, math.inf])
+def test_a_lambda_giving_a_rate_no_optimizer_takes_is_refused_before_any_group_changes(rate):
+    """It set the rate, trained on it (SGD steps uphill at -0.1), and its saved state failed to load."""
+    optimizer = optimizers("sgd")[0]
+    scheduler = ours.LambdaLR(optimizer, lambda epoch: 1.0 if epoch < 2 else rate / 0.1)
+    scheduler.step()
+    before = group_options(optimizer)
+    with pytest.raises(ValueError, match=r"LambdaLR: the rate for param_groups\[0\] at step 2 is"):
+        scheduler.step()
+    assert group_options(optimizer) == before
 
 
 def test_one_cycle_refuses_a_step_past_its_total():

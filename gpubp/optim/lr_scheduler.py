@@ -81,6 +81,7 @@ class LRScheduler:
 
     _transient = ("optimizer", "_is_initial")  # not part of a state
     _nested = ()  # entries holding other schedulers' states, which a subclass loads itself
+    _rates_from_functions = False  # the rates come from the user's functions: checked as they are set
 
     @property
     def varies_momentum(self) -> bool:
@@ -145,6 +146,13 @@ class LRScheduler:
         if len(rates) > len(groups):
             raise ValueError(f"optimizer: {len(groups)} param groups, but the {type(self).__name__} was built for "
                              f"{len(rates)}: a group was removed from the optimizer after the scheduler was built")
+        for i, rate in enumerate(rates if self._rates_from_functions else ()):
+            # A function of the user's may give any number: optimizers take none of these. (A built-in
+            # schedule's are PyTorch's, which OneCycleLR's last allowed step can take below 0.)
+            if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate >= 0):
+                raise ValueError(f"{type(self).__name__}: the rate for param_groups[{i}] at step {self.last_epoch} is "
+                                 f"{rate!r}; a learning rate is a finite number >= 0 (the optimizer, and the "
+                                 "scheduler's saved state, would refuse it)")
         for group, rate in zip(groups, rates):
             group["lr"] = rate
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
@@ -351,6 +359,7 @@ class LambdaLR(LRScheduler):
     ``state_dict`` (build the scheduler with them again, then load the state)."""
 
     _transient = LRScheduler._transient + ("lr_lambdas",)
+    _rates_from_functions = True
 
     def __init__(self, optimizer, lr_lambda, last_epoch: int = -1) -> None:
         optimizer = _optimizer(optimizer)
@@ -395,7 +404,8 @@ class OneCycleLR(LRScheduler):
         max_lrs = _checked_per_group(max_lr, "max_lr", optimizer, _checks.non_negative)
         div_factor = _checks.positive(div_factor, "div_factor")
         final_div_factor = _checks.positive(final_div_factor, "final_div_factor")
-        cycle_momentum = bool(cycle_momentum)
+        cycle_momentum = _checks.boolean(cycle_momentum, "cycle_momentum")
+        three_phase = _checks.boolean(three_phase, "three_phase")
         if cycle_momentum:
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
                 raise ValueError(f"cycle_momentum: {type(optimizer).__name__} has no momentum or betas to cycle")
@@ -601,7 +611,7 @@ class ReduceLROnPlateau(LRScheduler):
             raise ValueError(f"threshold_mode: expected 'rel' or 'abs', got {threshold_mode!r}")
         self.factor = float(factor)
         self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else min_lr
-        self.min_lrs = [_checks.non_negative(rate, "min_lr") for rate in _per_group(min_lr, "min_lr", self.optimizer)]
+        self.min_lrs = _checked_per_group(min_lr, "min_lr", self.optimizer, _checks.non_negative)
         self.patience = _checks.non_negative_int(patience, "patience")
         self.cooldown = _checks.non_negative_int(cooldown, "cooldown")
         self.eps = _checks.non_negative(eps, "eps")
