@@ -100,6 +100,8 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
     kind = array_kind(a)
     if kind == "cupy":
         return a.get()
+    if type(a).__module__.split(".")[0] == "torch" and hasattr(a, "detach"):  # a tensor that requires grad too
+        return a.detach().cpu().numpy()
     if kind == "device":
         if not hasattr(a, "copy_to_host"):
             raise TypeError(f"{name}: cannot read a {type(a).__name__}")
@@ -109,10 +111,14 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
                         "other iterators are not supported: pass arrays, or call model.train_step() on each "
                         "batch they yield")
     try:
-        return np.asarray(a)
+        array = np.asarray(a)
     except ValueError as error:  # nested lists of uneven lengths
         raise ValueError(f"{name}: expected {expected}, got something NumPy cannot make one array of "
                          f"({error})") from None
+    if array.ndim == 0 and array.dtype == object:  # a dict, a torch DataLoader or Dataset: wrapped whole
+        raise TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
+                        "(the batches a DataLoader yields go to model.train_step() one at a time)")
+    return array
 
 
 def float_dtype(dtype, name: str) -> np.dtype:

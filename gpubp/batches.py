@@ -45,7 +45,10 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
     base = losses.base(loss_fn)  # the function of a loss with options (Huber(0.5), CrossEntropy(0.1))
     if base is losses.cross_entropy:
         if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, shape {y.shape}")
+            hint = (f" (labels in a column: pass {yname}.ravel())" if y.ndim == 2 and y.shape[1] == 1
+                    and y.dtype.kind in "iu" else "")
+            raise TypeError(f"{yname}: cross_entropy expects 1-D integer class labels, got dtype {y.dtype}, "
+                            f"shape {y.shape}{hint}")
         _check_class_labels(y, width, yname)
     elif base in (losses.mse, losses.mae, losses.huber, losses.binary_cross_entropy,
                   losses.categorical_cross_entropy, losses.poisson):

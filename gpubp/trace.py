@@ -14,21 +14,17 @@ Recording costs one global read when no trace is open in any thread.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections import Counter
 
-_local = threading.local()
+# The traces open where the code runs: a context variable, so each thread and each asyncio task
+# has its own (a task started inside a trace block counts in it, as it inherits the context).
+_stack: contextvars.ContextVar[tuple] = contextvars.ContextVar("gpubp_trace_stack", default=())
 # Traces open in any thread: record() returns at once while it is 0, which is every
 # training step outside a ``with gb.trace()`` block.
 _open_count = 0
 _count_lock = threading.Lock()
-
-
-def _active() -> list[Trace]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
 
 
 class Trace:
@@ -44,19 +40,20 @@ class Trace:
 
     def __enter__(self) -> Trace:
         global _open_count
-        if any(t is self for t in _active()):  # nested in itself, it would count every launch twice
+        stack = _stack.get()
+        if any(t is self for t in stack):  # nested in itself, it would count every launch twice
             raise RuntimeError("trace: this Trace is already open in this thread; open another with gb.trace()")
-        _active().append(self)
+        _stack.set((*stack, self))
         with _count_lock:
             _open_count += 1
         return self
 
     def __exit__(self, *exc) -> None:
         global _open_count
-        stack = _active()
+        stack = _stack.get()
         if not any(t is self for t in stack):  # left twice, or from another thread: the count must not drop
             raise RuntimeError("trace: this Trace is not open in this thread")
-        stack.remove(self)
+        _stack.set(tuple(t for t in stack if t is not self))
         with _count_lock:
             _open_count -= 1
 
@@ -77,14 +74,13 @@ def trace() -> Trace:
 def isolated():
     """A trace that alone records the launches inside it, hidden from the traces already open:
     for launches recorded but not run, such as those of a CUDA-graph capture."""
-    stack = _active()
-    outer = stack[:]
-    stack.clear()
+    outer = _stack.get()
+    _stack.set(())
     try:
         with Trace() as inner:
             yield inner
     finally:
-        stack[:] = outer
+        _stack.set(outer)
 
 
 def replay(names: list[str]) -> None:
@@ -98,8 +94,6 @@ def record(name: str) -> None:
     """Record one launch of kernel ``name`` in every open trace (nested traces all count)."""
     if not _open_count:
         return
-    stack = getattr(_local, "stack", None)
-    if stack:
-        for t in stack:
-            t.counts[name] += 1
-            t.launches.append(name)
+    for t in _stack.get():
+        t.counts[name] += 1
+        t.launches.append(name)

@@ -157,6 +157,25 @@ def test_an_iterator_as_x_is_a_type_error_pointing_at_arrays_or_train_step(make)
         model.fit(make(x), y, verbose=0)
 
 
+def test_a_dataset_or_a_dict_as_x_is_a_type_error_pointing_at_arrays_or_train_step():
+    """NumPy wraps them whole in an array of shape (), which read as 'got shape ()'."""
+    torch = pytest.importorskip("torch")
+    model = make_model()
+    x, y = data()
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    for source, name in ((torch.utils.data.DataLoader(dataset, batch_size=4), "DataLoader"), ({"x": x}, "dict")):
+        with rejected(model, TypeError, rf"^x: {X_EXPECTED}, got a {name}, which is no array; .*model.train_step"):
+            model.fit(source, y, verbose=0)
+
+
+def test_a_torch_tensor_that_requires_grad_is_read_as_its_values():
+    """torch's own error said 'Can't call numpy() on Tensor that requires grad'."""
+    torch = pytest.importorskip("torch")
+    x, y = data()
+    model, twin = make_model(), make_model()
+    np.testing.assert_array_equal(model.predict(torch.from_numpy(x).requires_grad_(True)), twin.predict(x))
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 
@@ -196,6 +215,14 @@ def test_float_labels_for_cross_entropy_are_a_type_error():
     x, y = data()
     with rejected(model, TypeError, "y: cross_entropy expects 1-D integer class labels, got dtype float64"):
         model.fit(x, y.astype(np.float64), verbose=0)
+
+
+def test_labels_in_a_column_for_cross_entropy_are_a_type_error_saying_to_ravel_them():
+    model = make_model()
+    x, y = data()
+    with rejected(model, TypeError, r"y: cross_entropy expects 1-D integer class labels, got dtype int64, shape "
+                                    r"\(\d+, 1\) \(labels in a column: pass y.ravel\(\)\)"):
+        model.fit(x, y.reshape(-1, 1).astype(np.int64), verbose=0)
 
 
 def test_integer_dout_is_a_type_error():

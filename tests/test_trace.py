@@ -137,6 +137,59 @@ def test_nothing_is_recorded_after_the_trace_closes():
     assert t.total == 3
 
 
+def test_a_trace_counts_its_own_asyncio_task_and_the_tasks_it_starts_not_another_tasks():
+    """The open traces were per thread: a trace in one task counted another task's launches."""
+    import asyncio
+
+    async def traced(started, other_ran):
+        with gb.trace() as t:
+            started.set()
+            await other_ran.wait()  # another task runs a forward while this trace is open
+            await asyncio.create_task(forward())  # a task started inside counts, as it inherits the trace
+        return t
+
+    async def forward():
+        model().forward(X)
+
+    async def other(started, other_ran):
+        await started.wait()
+        await forward()
+        other_ran.set()
+
+    async def main():
+        started, other_ran = asyncio.Event(), asyncio.Event()
+        t, _ = await asyncio.gather(traced(started, other_ran), other(started, other_ran))
+        return t
+
+    assert asyncio.run(main()).counts["dense_fwd"] == 3
+
+
+def test_a_trace_counts_in_its_own_thread_only():
+    import threading
+
+    counted = []
+
+    def run(traced):
+        if traced:
+            with gb.trace() as t:
+                barrier.wait()  # both forwards run while this trace is open
+                model().forward(X)
+                barrier.wait()
+            counted.append(t.counts["dense_fwd"])
+        else:
+            barrier.wait()
+            model().forward(X)
+            barrier.wait()
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(traced,)) for traced in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counted == [3]
+
+
 FREEZE_PATTERNS = {
     "none": [],
     "bottom_one": [0],
