@@ -141,8 +141,9 @@ stage_tests() {
 }
 
 stage_sanitize() {
-    sanitize memcheck cupy
-    sanitize initcheck cupy
+    # Numba's kernels too: nothing bounds-checks them on a GPU, and the simulator only the test shapes.
+    sanitize memcheck cupy numba
+    sanitize initcheck cupy numba
     sanitize racecheck cupy numba
     sanitize synccheck cupy numba
 }

@@ -1222,3 +1222,42 @@ def test_numba_cudas_low_occupancy_warning_is_off_on_a_gpu_unless_asked_for(env,
     done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent, check=True)
     assert int(done.stdout.strip()) == expected
+
+
+def test_two_threads_on_one_stream_keep_their_own_scratch_buffers(monkeypatch):
+    """A launch returns before its kernel runs, so another thread's kernel can queue between this
+    thread's launch and its read-back: with the scratch keyed by stream alone, thread A read back
+    thread B's per-row losses. The simulator runs one launch at a time; the order a GPU allows is
+    forced here: A reads back only after B's launch."""
+    import threading
+
+    launched = {"A": threading.Event(), "B": threading.Event()}
+    to_host = nb.to_host
+
+    def read_back_after_the_other_launched(a):
+        name = threading.current_thread().name
+        if name in launched:
+            launched[name].set()
+            launched["B"].wait(timeout=60)
+        return to_host(a)
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(16) % 5
+    logits = {"A": rng.standard_normal((16, 5)).astype(np.float32),
+              "B": 10 * rng.standard_normal((16, 5)).astype(np.float32)}
+    alone = {name: nb.softmax_cross_entropy(nb.asarray(x), nb.asarray(labels))[0] for name, x in logits.items()}
+    on_device = {name: (nb.asarray(x), nb.asarray(labels)) for name, x in logits.items()}
+    monkeypatch.setattr(nb, "to_host", read_back_after_the_other_launched)
+    together = {}
+
+    def run(name):
+        if name == "B":
+            launched["A"].wait(timeout=60)
+        together[name] = nb.softmax_cross_entropy(*on_device[name])[0]
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone and alone["A"] != alone["B"]

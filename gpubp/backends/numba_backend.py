@@ -390,10 +390,14 @@ _MAX_SCRATCH_BUFFERS = 64
 
 def _scratch(tag: str, size: int, like, dtype=np.float32):
     """A flat buffer of at least ``size`` elements for one purpose (``tag``), private to the device
-    and stream of ``like`` and of its kind, reused by the next call there; allocated zeroed (the
-    split tickets rely on it, and the kernels leave them at 0). Reuse is safe because every
-    kernel that touches it runs in order on that one stream."""
-    key = (tag, np.dtype(dtype), _is_cupy(like), _device_id(like), _stream_key(_view(like).stream))
+    and stream of ``like``, its kind and the calling thread, reused by that thread's next call
+    there; allocated zeroed (the split tickets rely on it, and the kernels leave them at 0).
+    Reuse is safe because every kernel that touches it runs in order on that one stream, and
+    one thread's calls come one after another: two threads launching on one stream (the default
+    one) would otherwise queue a kernel of the other's between a launch and the read-back or the
+    kernel after it that reads the buffer."""
+    key = (tag, np.dtype(dtype), _is_cupy(like), _device_id(like), _stream_key(_view(like).stream),
+           threading.get_ident())
     buf = _scratch_buffers.get(key)
     if buf is None or buf.size < size:
         if buf is None and len(_scratch_buffers) >= _MAX_SCRATCH_BUFFERS:
