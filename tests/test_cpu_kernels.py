@@ -321,6 +321,73 @@ def test_the_environment_variable_switches_the_compiled_kernels_off():
     assert run_python(code, GPUBP_CPU_KERNELS="numpy").startswith("numpy (switched off")
 
 
+def test_with_nowhere_to_cache_the_kernels_they_compile_in_the_process():
+    """A read-only install whose user has no writable home: Numba's cache=True raised at import,
+    and the CPU backend failed every call, its fallback included."""
+    code = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # no cache locator finds a writable place\n"
+        "import numpy as np\n"
+        "from gpubp.backends import numpy_backend as nb\n"
+        "x, w, b = np.array([[-2.0, 3.0]], np.float32), np.eye(2, dtype=np.float32), np.zeros(2, np.float32)\n"
+        "print(nb.cpu_kernels(), nb.dense_forward(x, w, b, 'relu')[0].tolist())\n"
+    )
+    assert run_python(code).strip() == "numba [[0.0, 3.0]]"
+
+
+def test_a_bad_value_of_the_environment_variable_warns_and_keeps_the_default():
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from gpubp.backends import numpy_backend\n"
+            "print(numpy_backend.cpu_kernels(), '|', *(str(w.message) for w in caught))")
+    assert run_python(code, GPUBP_CPU_KERNELS="off").strip() == (
+        "numba | GPUBP_CPU_KERNELS='off' ignored: expected 'numba' (the default) or 'numpy'")
+
+
+def test_with_numbas_jit_disabled_the_numpy_path_runs_and_says_why():
+    """NUMBA_DISABLE_JIT runs the kernels as Python loops, about 170x slower than NumPy's passes."""
+    code = "from gpubp.backends import numpy_backend; print(numpy_backend.cpu_kernels())"
+    assert run_python(code, NUMBA_DISABLE_JIT="1").startswith("numpy (Numba's kernels cannot be loaded here: "
+                                                             "RuntimeError: NUMBA_DISABLE_JIT is set")
+
+
+def test_machine_code_cached_before_a_module_the_kernels_compile_in_changed_is_not_run(tmp_path):
+    """Numba keys its cache on the kernel file's stamp alone: after activations.py changed the
+    activation codes (an editable install after a pull), the cached relu ran as another activation."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gpubp
+
+    package = tmp_path / "gpubp"
+    shutil.copytree(Path(gpubp.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import numpy as np\n"
+        "from gpubp.backends import numpy_backend as nb\n"
+        "x, w, b = np.array([[-2.0, 3.0]], np.float32), np.eye(2, dtype=np.float32), np.zeros(2, np.float32)\n"
+        "print(nb.cpu_kernels(), nb.dense_forward(x, w, b, 'relu')[0].tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def relu_of_the_copy() -> str:  # run in the copy's folder: python -c puts the working directory first
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout.strip()
+
+    assert relu_of_the_copy() == "numba [[0.0, 3.0]]"
+    source = package / "activations.py"
+    text = source.read_text()
+    old = "ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}"
+    assert old in text
+    source.write_text(text.replace(old, "ACT_ID = {name: (i + 1) % len(ACTIVATIONS) for i, name in enumerate(ACTIVATIONS)}"))
+    assert relu_of_the_copy() == "numba [[0.0, 3.0]]"  # the stale code ran it as leaky_relu: [[-0.02, 3.0]]
+
+
 def test_importing_gpubp_does_not_import_numba():
     code = "import sys, gpubp; print('numba' in sys.modules)"
     assert run_python(code).strip() == "False"

@@ -41,22 +41,39 @@ loop that divides: Adam's update ran 8x slower with it (no divisor here can be z
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from numba import njit
+from numba.core.registry import CPUDispatcher
 
-from gpubp import philox
+from gpubp import activations, philox
 from gpubp.activations import ACT_ID
+
+
+def _jit(**options):
+    """``njit`` with its machine code cached on disk (``cache=True``) where Numba finds a place to
+    write it, and compiled in each process where it finds none (a read-only install whose user
+    has no writable home or cache directory), where ``cache=True`` alone raises at import."""
+    def decorate(fn):
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(**options)(fn)
+    return decorate
+
 
 # activation name -> the code the kernels branch on (a loop invariant, hoisted by LLVM)
 ACTS = {name: ACT_ID[name] for name in ("identity", "relu", "leaky_relu")}
 _IDENTITY, _RELU = ACT_ID["identity"], ACT_ID["relu"]
 
-_philox = njit(cache=True, nogil=True, inline="always")(philox.philox4x32_10)
+_philox = _jit(nogil=True, inline="always")(philox.philox4x32_10)
 _GROUP = philox.COLUMNS_PER_CALL
 _NO_COUNTER = np.uint64(0)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def bias_act(y, b, act, slope):
     """``y[i, j] = act(y[i, j] + b[j])`` in place; y (B, out), b (out,); act a code of ``ACTS``."""
     rows, cols = y.shape
@@ -69,7 +86,7 @@ def bias_act(y, b, act, slope):
             y[i, j] = v
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def act_grad_sum(dy, y, act, slope, dz, partials, chunk_rows, mask):
     """``dz = dy * act'(y)``, and the column sums of each ``chunk_rows`` rows of dz into a row of
     ``partials``; dy, y, dz (rows, out), partials (ceil(rows / chunk_rows), out). ``dz`` may be ``dy``.
@@ -110,7 +127,7 @@ def act_grad_sum(dy, y, act, slope, dz, partials, chunk_rows, mask):
                     partials[chunk, j] += g
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def add_rows_in_order(partials, out):
     """``out = partials[0] + partials[1] + ...``, added in that order; partials (n, cols), out (cols,)."""
     out[:] = partials[0]
@@ -119,7 +136,7 @@ def add_rows_in_order(partials, out):
             out[j] += partials[c, j]
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def _row_mask(keep, key, row, threshold):
     """``keep[j]``: whether the mask of ``key`` keeps element ``j`` of global row ``row``; one
     Philox call per group of four columns, into a row buffer the element loops then read (so they
@@ -139,7 +156,7 @@ def _row_mask(keep, key, row, threshold):
             keep[j] = words[j - _GROUP * full] >= keep_from
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def bias_act_dropout(y, b, act, slope, key, threshold, first_row, scale):
     """``y[i, j] = act(y[i, j] + b[j]) * scale`` where the mask of ``key`` keeps (i, j), else 0;
     in place, y (B, out), its rows counted from ``first_row`` (``gpubp.philox``)."""
@@ -155,7 +172,7 @@ def bias_act_dropout(y, b, act, slope, key, threshold, first_row, scale):
             y[i, j] = v * scale if keep[j] else zero
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def apply_mask(src, dst, key, threshold, first_row, scale):
     """``dst = src * scale`` where the mask of ``key`` keeps the element, else 0; (B, n) each,
     ``dst`` may be ``src``. A dropout's forward and, on the gradient, its backward."""
@@ -168,7 +185,7 @@ def apply_mask(src, dst, key, threshold, first_row, scale):
             dst[i, j] = src[i, j] * scale if keep[j] else zero
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
     """PyTorch's SGD on flat C-contiguous arrays; ``velocity`` is ignored when ``momentum`` is 0."""
     p, g, v = param.reshape(-1), grad.reshape(-1), velocity.reshape(-1)
@@ -183,7 +200,7 @@ def sgd_update(param, grad, velocity, lr, momentum, nesterov, weight_decay):
         p[i] += step * -lr
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, keep, inv_sqrt_bias2,
                 step_scale):
     """Adam / AdamW on flat C-contiguous arrays, in the order of operations of the NumPy path.
@@ -203,7 +220,7 @@ def adam_update(param, grad, m, v, beta1, one_minus_beta1, beta2, one_minus_beta
         p[i] = pi + mi / (np.sqrt(vi) * inv_sqrt_bias2 + eps) * step_scale
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, alpha, one_minus_alpha, eps,
                    weight_decay, momentum, centered):
     """RMSprop on flat C-contiguous arrays, in the order of operations of the NumPy path;
@@ -229,7 +246,7 @@ def rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, neg_lr, a
         p[i] += step * neg_lr
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def shift_by_row_max(logits, labels, shifted, picked):
     """``shifted = logits - max over each row``; ``picked[i] = shifted[i, labels[i]]``. Logits (B, C)."""
     rows, cols = logits.shape
@@ -242,7 +259,7 @@ def shift_by_row_max(logits, labels, shifted, picked):
         picked[i] = shifted[i, labels[i]]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def shift_by_row_max_smoothed(logits, labels, shifted, picked, keep, off):
     """``shift_by_row_max`` for a smoothed target: ``picked[i] = keep * shifted[i, labels[i]] +
     off * sum(shifted[i])`` (keep = 1 - eps, off = eps / C), the target's part of the loss."""
@@ -259,7 +276,7 @@ def shift_by_row_max_smoothed(logits, labels, shifted, picked, keep, off):
         picked[i] = keep * shifted[i, labels[i]] + off * total
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_jit(nogil=True, error_model="numpy")
 def softmax_cross_entropy_grad(exp, labels, picked, inv_batch, off_scaled, on_scaled):
     """From ``exp = exp(shifted)`` (B, C): write the mean cross-entropy's gradient over it, return the loss.
 
@@ -281,3 +298,35 @@ def softmax_cross_entropy_grad(exp, labels, picked, inv_batch, off_scaled, on_sc
             exp[i, j] = exp[i, j] * scale - off_scaled
         exp[i, labels[i]] -= on_scaled
     return loss / rows
+
+
+# Numba keys each function's cached machine code on this file's modification time and size alone,
+# but these kernels compile in code and constants of other modules: Philox's rounds (inlined) and
+# the activation codes. Where those changed since the code was cached (an editable install after a
+# pull, say), the old code would run, silently wrong: every function's cache index here is emptied
+# then, so the first call compiles from the sources as they are.
+DEPENDS_ON = (philox, activations)
+
+
+def _drop_stale_machine_code() -> None:
+    cache_path = getattr(getattr(bias_act, "_cache", None), "_cache_path", None)
+    if cache_path is None:  # not cached: no place to write it (see _jit)
+        return
+    digest = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in DEPENDS_ON)).hexdigest()
+    stamp = Path(cache_path) / "_cpu_kernels.depends_on.sha256"
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    for value in list(globals().values()):
+        if isinstance(value, CPUDispatcher):
+            value._cache.flush()
+    try:
+        stamp.write_text(digest)
+    except OSError:
+        pass
+
+
+_drop_stale_machine_code()
+

@@ -41,6 +41,7 @@ import contextvars
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -212,7 +213,15 @@ _kernels = None
 _kernels_reason: str | None = None
 # The process's default, from the environment; ``compiled_kernels``'s setting while a block of it
 # runs, per thread as ``_threads_here`` is, else None.
-_kernels_enabled = os.environ.get("GPUBP_CPU_KERNELS", "numba").lower() != "numpy"
+def _kernels_from_environment() -> bool:
+    value = os.environ.get("GPUBP_CPU_KERNELS", "numba")
+    if value.strip().lower() not in ("numba", "numpy", ""):
+        warnings.warn(f"GPUBP_CPU_KERNELS={value!r} ignored: expected 'numba' (the default) or 'numpy'", RuntimeWarning,
+                      stacklevel=2)
+    return value.strip().lower() != "numpy"
+
+
+_kernels_enabled = _kernels_from_environment()
 _kernels_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar("gpubp_compiled_kernels", default=None)
 _scalars: dict = {}
 
@@ -237,9 +246,15 @@ def _compiled(dtype=None):
         return None
     if _kernels is None and _kernels_reason is None:
         try:
+            import numba
+
+            if numba.config.DISABLE_JIT:  # its "kernels" would run as Python loops, 100x slower than NumPy
+                raise RuntimeError("NUMBA_DISABLE_JIT is set, which would run them as Python loops")
             from gpubp.backends import _cpu_kernels
         except ImportError as exc:
             _kernels_reason = f"Numba is not installed ({exc}); pip install numba for the compiled CPU kernels"
+        except Exception as exc:  # noqa: BLE001  (a Numba that cannot compile here: the NumPy path computes)
+            _kernels_reason = f"Numba's kernels cannot be loaded here: {type(exc).__name__}: {exc}"
         else:
             _kernels = _cpu_kernels
     return _kernels
