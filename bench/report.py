@@ -102,10 +102,16 @@ def machine_lines(data: dict, benchmarks: list[dict]) -> list[str]:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {})
     extra: dict = {}
+    blas = []  # every run's, which should be one: a run on another BLAS measured another floor
     for bench in benchmarks:
         for key, value in bench.get("extra_info", {}).items():
             if value is not None:
                 extra.setdefault(key, value)
+        found = bench.get("extra_info", {}).get("blas")
+        if found and found not in blas:
+            blas.append(found)
+    if len(blas) > 1:
+        extra["blas"] = " / ".join(blas) + ": differs between runs"
     model = cpu.get("brand_raw") or machine.get("processor") or "unknown CPU"
     family = f" (family {cpu['family']}, model {cpu['model']})" if "family" in cpu and "model" in cpu else ""
     cores = cpu.get("count") or extra.get("cpu_count")
@@ -153,9 +159,10 @@ def markdown(data: dict, runs: list[list[dict]]) -> str:
         spread = " (min-max over runs)" if len(runs) > 1 else ""
         within = ("each the median of one run's per-round ratios (the backends interleaved round by round)"
                   if interleaved else "each taken within one run")
-        lines += ["", f"Ratios, {within}: the median over runs{spread}. Against the GEMM floor "
-                  "(the step's matrix products alone, through NumPy's BLAS) lower is better and 1 is the limit; "
-                  "against PyTorch, below 1 is faster.", ""]
+        floor = ("Against the GEMM floor (the step's matrix products alone, through NumPy's BLAS) lower is better "
+                 "and 1 is the limit; " if any(d == FLOOR for _, d, _ in columns) else "")
+        lines += ["", f"Ratios, {within}: the median over runs{spread}. {floor}"
+                  f"{'against' if floor else 'Against'} PyTorch, below 1 is faster.", ""]
         lines += [_row(["shape @ batch"] + [f"{LABELS.get(n, n)} / {LABELS.get(d, d)}" for n, d, _ in columns]),
                   "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
         for shape in table:
@@ -178,7 +185,8 @@ def plot(data: dict, runs: list[list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table, backends = median_of_runs([medians(benchmarks) for benchmarks in runs])
+    per_run = [medians(benchmarks) for benchmarks in runs]
+    table, backends = median_of_runs(per_run)
     shapes = list(table)
     reference = FLOOR if FLOOR in backends else TORCH if TORCH in backends else None
     shown = [b for b in backends if b != reference]
@@ -186,12 +194,14 @@ def plot(data: dict, runs: list[list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(shapes)), 4.4))
     for k, backend in enumerate(shown):
         xs, heights, labels = [], [], []
+        # The table's ratios: each run's per-round ratios where it interleaved, their median over runs.
+        paired = ratios(per_run, backend, reference) if reference else {}
         for i, shape in enumerate(shapes):
             times = table[shape]
             if backend not in times or (reference and reference not in times):
                 continue
             xs.append(i + (k - (len(shown) - 1) / 2) * width)
-            heights.append(times[backend] / times[reference] if reference else times[backend] * 1e3)
+            heights.append(statistics.median(paired[shape]) if reference else times[backend] * 1e3)
             labels.append(f"{times[backend] * 1e3:.3g}")
         bars = ax.bar(xs, heights, width, label=LABELS.get(backend, backend))
         ax.bar_label(bars, labels, fontsize=6, padding=1)

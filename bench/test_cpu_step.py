@@ -262,9 +262,12 @@ def thread_info() -> dict:
     except ImportError:
         info["blas_threads"] = None
     else:
-        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        # NumPy's own BLAS: SciPy (which the steps may load) brings another OpenBLAS beside it.
+        blas = sorted((p for p in threadpool_info() if p.get("user_api") == "blas"),
+                      key=lambda p: "numpy" not in p.get("filepath", ""))
         info["blas_threads"] = blas[0]["num_threads"] if blas else None
         info["blas"] = f"{blas[0]['internal_api']} {blas[0].get('version')}" if blas else None
+        info["blas_libraries"] = [f"{p['internal_api']} {p.get('version')} ({p.get('filepath')})" for p in blas]
     return info
 
 
@@ -291,10 +294,16 @@ def built_steps(sizes, batch: int, builders: dict | None = None) -> dict:
 
 
 def steps_per_block(step, timer) -> int:
-    """How many steps make a block of about ``BLOCK_SECONDS`` (at least one)."""
-    started = timer()
-    step()
-    return max(1, int(BLOCK_SECONDS / max(timer() - started, 1e-6)))
+    """How many steps make a block of about ``BLOCK_SECONDS``, at least ``MIN_BLOCK_STEPS``: from
+    the median of ``CALIBRATION_STEPS`` steps, each timed alone. (From one step timed right after
+    the build, a cold one, PyTorch's blocks came out 1 step long where gpubp's were 8: the step
+    after each block's settling sleep weighed 8 times as much in PyTorch's time, 12% on it.)"""
+    seconds = []
+    for _ in range(CALIBRATION_STEPS):
+        started = timer()
+        step()
+        seconds.append(timer() - started)
+    return max(MIN_BLOCK_STEPS, int(BLOCK_SECONDS / max(float(np.median(seconds)), 1e-6)))
 
 
 # A round times one block of steps of every backend, one after another (the order rotates from
@@ -309,7 +318,9 @@ def steps_per_block(step, timer) -> int:
 # runs untimed: the pause let every library's workers go to sleep, and the first step after it
 # pays for waking them, which a training loop, whose steps follow each other, does not (timed,
 # it made PyTorch's two-thread step look 2.5x slower than back-to-back steps of it).
-BLOCK_SECONDS = 0.01
+BLOCK_SECONDS = 0.05
+MIN_BLOCK_STEPS = 5
+CALIBRATION_STEPS = 5
 SETTLE_SECONDS = 0.15
 ROUNDS = 40
 MAX_SECONDS_PER_SHAPE = 15.0
@@ -324,8 +335,9 @@ def test_cpu_step(benchmark, request, sizes, batch):
 def interleaved(benchmark, request, sizes, batch: int, steps: dict) -> None:
     """Time ``steps`` (built, by backend, "gpubp" among them) round by round on one shape.
 
-    pytest-benchmark times gpubp's blocks (its stats are gpubp's); the setup of each round runs
-    and times the other backends' blocks with the same timer. ``extra_info["interleaved"]`` holds
+    pytest-benchmark times gpubp's blocks (its stats are gpubp's blocks of ``steps_per_round``
+    steps, without the settling before them); the setup of each round runs and times the other
+    backends' blocks with the same timer, and settles gpubp. ``extra_info["interleaved"]`` holds
     every backend's seconds per step in each round, which ``bench/report.py`` turns into
     per-round ratios. bench/test_torch_bridge.py times its steps the same way."""
     from pytest_benchmark.utils import load_timer
@@ -343,11 +355,15 @@ def interleaved(benchmark, request, sizes, batch: int, steps: dict) -> None:
         order["next"] += 1
         for backend in others[k:] + others[:k]:
             times[backend].append(timer_block(steps[backend], blocks[backend], timer) / blocks[backend])
+        settle(steps["gpubp"])  # gpubp's sleep and waking step too, outside pytest-benchmark's timing
 
     n = blocks["gpubp"]
 
     def timed_gpubp_block():
-        times["gpubp"].append(timer_block(steps["gpubp"], n, timer) / n)
+        started = timer()
+        for _ in range(n):
+            steps["gpubp"]()
+        times["gpubp"].append((timer() - started) / n)
 
     name = shape_id(sizes, batch)
     benchmark.group = name
@@ -362,11 +378,15 @@ def interleaved(benchmark, request, sizes, batch: int, steps: dict) -> None:
     benchmark.extra_info.update(interleaved=times, steps_per_block=blocks)
 
 
-def timer_block(step, n: int, timer) -> float:
-    """Seconds (by ``timer``) to run ``step`` ``n`` times, after ``SETTLE_SECONDS`` of sleep and
-    one untimed step that wakes the library's threads."""
+def settle(step) -> None:
+    """``SETTLE_SECONDS`` of sleep, then one untimed ``step``, which wakes the library's threads."""
     time.sleep(SETTLE_SECONDS)
     step()
+
+
+def timer_block(step, n: int, timer) -> float:
+    """Seconds (by ``timer``) to run ``step`` ``n`` times, after ``settle``."""
+    settle(step)
     started = timer()
     for _ in range(n):
         step()
