@@ -238,6 +238,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line (``python -m gpubp``, and the ``gpubp`` script); its exit status."""
+    try:
+        return _command(argv)
+    except BrokenPipeError:  # the reader went away (gpubp demo | head): quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 1
+
+
+def _command(argv) -> int:
     parser = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,8 +278,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # the reader went away (python -m gpubp demo | head): quietly, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
-        sys.exit(1)
+    sys.exit(main())

@@ -100,8 +100,12 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
     kind = array_kind(a)
     if kind == "cupy":
         return a.get()
-    if type(a).__module__.split(".")[0] == "torch" and hasattr(a, "detach"):  # a tensor that requires grad too
-        return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "torch":
+        if not hasattr(a, "detach"):  # a Dataset or a DataLoader, which NumPy would iterate or wrap whole
+            raise TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
+                            "(the batches a DataLoader yields go to model.train_step() one at a time)")
+        a = a.detach().cpu()  # a tensor that requires grad too
+        return (a.float() if str(a.dtype) == "torch.bfloat16" else a).numpy()  # NumPy has no bfloat16
     if kind == "device":
         if not hasattr(a, "copy_to_host"):
             raise TypeError(f"{name}: cannot read a {type(a).__name__}")
@@ -115,7 +119,7 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
     except ValueError as error:  # nested lists of uneven lengths
         raise ValueError(f"{name}: expected {expected}, got something NumPy cannot make one array of "
                          f"({error})") from None
-    if array.ndim == 0 and array.dtype == object:  # a dict, a torch DataLoader or Dataset: wrapped whole
+    if array.ndim == 0 and array.dtype == object:  # a dict, say: wrapped whole
         raise TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
                         "(the batches a DataLoader yields go to model.train_step() one at a time)")
     return array

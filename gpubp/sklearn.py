@@ -637,7 +637,8 @@ class _BaseMLP(BaseEstimator):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "model_" in state:
-            header, tensors, backend = state["model_"]
+            header, tensors, *fitted_on = state["model_"]  # older pickles hold no backend
+            backend = fitted_on[0] if fitted_on else backends.resolve(self.device, self.backend)
             try:
                 backends.get(backend)
             except RuntimeError as exc:  # a GPU's estimator unpickled on a machine without one
@@ -646,7 +647,10 @@ class _BaseMLP(BaseEstimator):
                               RuntimeWarning, stacklevel=2)
                 backend = "auto"
             self.model_ = io.model_from(f"a pickled {type(self).__name__}", header, tensors, backend=backend)
-            solver, optimizer_state = state["_optimizer"]
+            optimizer_state = state["_optimizer"]
+            solver, optimizer_state = (optimizer_state if isinstance(optimizer_state, tuple)  # older: the state alone
+                                       else ("adam" if "betas" in optimizer_state["param_groups"][0] else "sgd",
+                                             optimizer_state))
             self._optimizer = self._new_optimizer(self.model_, solver)
             # Copies: the optimizer updates its state in place, and unpickled arrays may be read-only.
             self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
@@ -812,7 +816,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def score(self, X, y, sample_weight=None) -> float:
         """R^2 of ``predict(X)`` against ``y``, as scikit-learn's regressors score; NaN where a
-        prediction is inf or NaN (an ``exp`` that overflows, say), as scikit-learn's MLPRegressor."""
+        prediction is inf or NaN (an ``exp`` that overflows, say), as scikit-learn's MLPs score an
+        early-stopping epoch (its ``score`` raises there, in r2_score)."""
         return _r2_or_nan(y, self.predict(X), sample_weight)
 
     @staticmethod

@@ -228,9 +228,10 @@ class MLP(nn.Module):
         # A layer with module hooks (spectral_norm's, prune's and the older weight_norm's recompute its weight in
         # one): the layers are called as modules, one at a time, so that their hooks run as nn.Sequential's
         # children's do. The masks are the same: each call draws its keys from torch's stream in the same order.
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layers):  # all checked before the first runs
             if not isinstance(layer, Dense):
                 raise TypeError(_foreign(i, layer))
+        for i, layer in enumerate(layers):
             x = layer(x, math=self.math, input_dropout=self.input_dropout if i == 0 else None)
         return x
 

@@ -37,13 +37,18 @@ class Trace:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.launches: list[str] = []
+        # How many contexts have it open: a task started inside the block keeps the context it
+        # inherited after the block ends, and records nothing more here then.
+        self._entered = 0
 
     def __enter__(self) -> Trace:
         global _open_count
         stack = _stack.get()
         if any(t is self for t in stack):  # nested in itself, it would count every launch twice
-            raise RuntimeError("trace: this Trace is already open in this thread; open another with gb.trace()")
+            raise RuntimeError("trace: this Trace is already open here (in this thread or task); open another with gb.trace()")
         _stack.set((*stack, self))
+        with _count_lock:
+            self._entered += 1
         with _count_lock:
             _open_count += 1
         return self
@@ -52,8 +57,10 @@ class Trace:
         global _open_count
         stack = _stack.get()
         if not any(t is self for t in stack):  # left twice, or from another thread: the count must not drop
-            raise RuntimeError("trace: this Trace is not open in this thread")
+            raise RuntimeError("trace: this Trace is not open here (in this thread or task)")
         _stack.set(tuple(t for t in stack if t is not self))
+        with _count_lock:
+            self._entered -= 1
         with _count_lock:
             _open_count -= 1
 
@@ -95,5 +102,6 @@ def record(name: str) -> None:
     if not _open_count:
         return
     for t in _stack.get():
-        t.counts[name] += 1
-        t.launches.append(name)
+        if t._entered:
+            t.counts[name] += 1
+            t.launches.append(name)

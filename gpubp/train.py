@@ -45,7 +45,9 @@ def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learnin
     as Keras builds it, and kept with its state across the ``fit`` calls that use it) or an
     Optimizer; ``learning_rate`` is then the rate of every ``fit`` call and ``train_step()`` step
     that trains with that optimizer and passes no rate of its own (an optimizer given to ``fit``
-    or ``train_step`` keeps its rates).
+    or ``train_step`` keeps its rates). ``metrics`` are logged by ``fit`` for the training data
+    too, which keeps each epoch's outputs on the host to score them (N times the output width
+    floats: ``fit(..., metrics=[])`` logs the loss alone).
     """
     loss_fn = losses.get(loss)
     metrics = batches.metric_list(metrics)
@@ -343,8 +345,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
                 step.update_if_finite(value)
             if math.isfinite(value):
                 schedule.after_batch()
-                if scored is not None:
-                    scored.add(step if parallel is None else parallel, yb)
+            if scored is not None:  # a batch whose loss is not finite too, as the loss counts it
+                scored.add(step if parallel is None else parallel, yb)
             total_loss += value * len(xb)
             seen += len(xb)
             # Keras 3's batch logs: the epoch's running mean, non-finite from a non-finite batch on.
@@ -414,8 +416,8 @@ class _Scored:
         self.targets.append(yb if self.parallel is None else yb[self.parallel.part])
 
     def metrics(self, scoring: list) -> dict:
-        """Each of ``scoring``'s ``(name, fn)`` on the epoch's outputs; NaN for a metric of an
-        epoch whose first batch was not finite, which trained none."""
+        """Each of ``scoring``'s ``(name, fn)`` on the epoch's outputs (NaN for a metric of an
+        epoch none of whose batches ran, which no fit logs)."""
         outputs, targets = self.outputs, self.targets
         if self.parallel is not None:
             parts = [None] * self.parallel.world_size

@@ -163,7 +163,8 @@ def test_a_dataset_or_a_dict_as_x_is_a_type_error_pointing_at_arrays_or_train_st
     model = make_model()
     x, y = data()
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    for source, name in ((torch.utils.data.DataLoader(dataset, batch_size=4), "DataLoader"), ({"x": x}, "dict")):
+    for source, name in ((torch.utils.data.DataLoader(dataset, batch_size=4), "DataLoader"),
+                         (dataset, "TensorDataset"), ({"x": x}, "dict")):
         with rejected(model, TypeError, rf"^x: {X_EXPECTED}, got a {name}, which is no array; .*model.train_step"):
             model.fit(source, y, verbose=0)
 
@@ -174,6 +175,8 @@ def test_a_torch_tensor_that_requires_grad_is_read_as_its_values():
     x, y = data()
     model, twin = make_model(), make_model()
     np.testing.assert_array_equal(model.predict(torch.from_numpy(x).requires_grad_(True)), twin.predict(x))
+    rounded = torch.from_numpy(x).bfloat16()  # NumPy has no bfloat16: read as the float32 it holds
+    np.testing.assert_array_equal(model.predict(rounded), twin.predict(rounded.float().numpy()))
 
 
 # ----------------------------------------------------------------------------- dtypes

@@ -39,10 +39,14 @@ def test_one_epoch_reads_one_epoch(capsys):
     assert re.search(r"after 1 epoch, ", capsys.readouterr().out)
 
 
-def test_a_reader_that_goes_away_ends_the_demo_quietly(tmp_path):
-    """``python -m gpubp demo | head -2``: a BrokenPipeError traceback at the first print after."""
+@pytest.mark.parametrize("how", ["python -m gpubp", "the gpubp script"])
+def test_a_reader_that_goes_away_ends_the_demo_quietly(tmp_path, how):
+    """``gpubp demo | head -2``: a BrokenPipeError traceback at the first print after. The script
+    pyproject.toml installs calls main() itself, as this does."""
+    command = ["-m", "gpubp"] if how == "python -m gpubp" else [
+        "-c", "import sys; from gpubp.__main__ import main; sys.exit(main())"]
     reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    done = subprocess.run([sys.executable, "-m", "gpubp", "demo", "--epochs", "1", "--shots", "3", "--quiet",
+    done = subprocess.run([sys.executable, *command, "demo", "--epochs", "1", "--shots", "3", "--quiet",
                            "--device", "cpu"], stdout=reader.stdin, stderr=subprocess.PIPE, text=True,
                           env=child_env(), cwd=tmp_path, timeout=300)
     reader.stdin.close()

@@ -353,8 +353,9 @@ def test_with_numbas_jit_disabled_the_numpy_path_runs_and_says_why():
 
 
 def test_machine_code_cached_before_a_module_the_kernels_compile_in_changed_is_not_run(tmp_path):
-    """Numba keys its cache on the kernel file's stamp alone: after activations.py changed the
-    activation codes (an editable install after a pull), the cached relu ran as another activation."""
+    """Numba keys its cache on the kernel file's contents alone: after activations.py changed the
+    activation codes (an editable install after a pull), the cached relu ran as another activation,
+    and a process started before the change, compiling on, could write its code back for later ones."""
     import os
     import shutil
     import subprocess
@@ -366,26 +367,45 @@ def test_machine_code_cached_before_a_module_the_kernels_compile_in_changed_is_n
     package = tmp_path / "gpubp"
     shutil.copytree(Path(gpubp.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     code = (
+        "import sys\n"
         "import numpy as np\n"
         "from gpubp.backends import numpy_backend as nb\n"
-        "x, w, b = np.array([[-2.0, 3.0]], np.float32), np.eye(2, dtype=np.float32), np.zeros(2, np.float32)\n"
-        "print(nb.cpu_kernels(), nb.dense_forward(x, w, b, 'relu')[0].tolist())\n"
+        "for dtype in sys.argv[1:]:\n"
+        "    if dtype == 'wait':\n"
+        "        sys.stdin.readline()\n"
+        "        continue\n"
+        "    x, w, b = np.array([[-2.0, 3.0]], dtype), np.eye(2, dtype=dtype), np.zeros(2, dtype)\n"
+        "    print(nb.cpu_kernels(), dtype, nb.dense_forward(x, w, b, 'relu')[0].tolist(), flush=True)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    # In the copy's folder: python -c puts the working directory first on the path.
+    options = dict(env={**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")},
+                   cwd=tmp_path, text=True)
 
-    def relu_of_the_copy() -> str:  # run in the copy's folder: python -c puts the working directory first
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
+    def relu_of_the_copy(dtype: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code, dtype], capture_output=True, timeout=120, **options)
         assert done.returncode == 0, done.stderr[-4000:]
         return done.stdout.strip()
 
-    assert relu_of_the_copy() == "numba [[0.0, 3.0]]"
-    source = package / "activations.py"
-    text = source.read_text()
-    old = "ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}"
-    assert old in text
-    source.write_text(text.replace(old, "ACT_ID = {name: (i + 1) % len(ACTIVATIONS) for i, name in enumerate(ACTIVATIONS)}"))
-    assert relu_of_the_copy() == "numba [[0.0, 3.0]]"  # the stale code ran it as leaky_relu: [[-0.02, 3.0]]
+    assert relu_of_the_copy("float32") == "numba float32 [[0.0, 3.0]]"
+    started_before = subprocess.Popen([sys.executable, "-c", code, "float32", "wait", "float64"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, **options)
+    try:
+        assert started_before.stdout.readline().strip() == "numba float32 [[0.0, 3.0]]"
+        source = package / "activations.py"
+        text = source.read_text()
+        old = "ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}"
+        assert old in text
+        source.write_text(text.replace(old, "ACT_ID = {name: (i + 1) % len(ACTIVATIONS) "
+                                            "for i, name in enumerate(ACTIVATIONS)}"))
+        # the stale code ran relu as leaky_relu: [[-0.02, 3.0]]
+        assert relu_of_the_copy("float32") == "numba float32 [[0.0, 3.0]]"
+        started_before.stdin.write("\n")
+        started_before.stdin.flush()  # it compiles float64 from the sources it loaded, and caches that
+        assert started_before.stdout.readline().strip() == "numba float64 [[0.0, 3.0]]"
+    finally:
+        started_before.kill()
+        started_before.wait()
+    assert relu_of_the_copy("float64") == "numba float64 [[0.0, 3.0]]"
 
 
 def test_importing_gpubp_does_not_import_numba():

@@ -399,10 +399,10 @@ def test_a_lambda_giving_a_rate_no_optimizer_takes_is_refused_before_any_group_c
     optimizer = optimizers("sgd")[0]
     scheduler = ours.LambdaLR(optimizer, lambda epoch: 1.0 if epoch < 2 else rate / 0.1)
     scheduler.step()
-    before = group_options(optimizer)
+    before, state = group_options(optimizer), scheduler.state_dict()
     with pytest.raises(ValueError, match=r"LambdaLR: the rate for param_groups\[0\] at step 2 is"):
         scheduler.step()
-    assert group_options(optimizer) == before
+    assert group_options(optimizer) == before and scheduler.state_dict() == state
 
 
 def test_one_cycle_refuses_a_step_past_its_total():

@@ -305,6 +305,18 @@ def test_a_pickle_of_a_backend_that_does_not_run_here_loads_on_the_one_auto_pick
     np.testing.assert_array_equal(copy.predict_proba(x / 16), clf.predict_proba(x / 16))
 
 
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_a_pickle_written_before_the_backend_and_solver_were_recorded_still_loads(solver):
+    x, y = load_digits(return_X_y=True)
+    clf = MLPClassifier((16,), solver=solver, max_iter=2, random_state=0, device="cpu").fit(x / 16, y)
+    state = clf.__getstate__()
+    older = dict(state, model_=state["model_"][:2], _optimizer=state["_optimizer"][1])  # (header, tensors), state
+    copy = MLPClassifier.__new__(MLPClassifier)
+    copy.__setstate__(older)
+    np.testing.assert_array_equal(copy.predict_proba(x / 16), clf.predict_proba(x / 16))
+    assert type(copy._optimizer) is type(clf._optimizer)
+
+
 def test_partial_fit_steps_on_the_held_optimizer_after_set_params_changes_the_solver():
     """As scikit-learn's: partial_fit keeps the optimizer it has, at its own rate; a changed solver
     applies from the next fit that builds one."""

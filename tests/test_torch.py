@@ -883,9 +883,11 @@ def test_attributes_set_after_construction_are_checked_at_the_forward(mlp):
     before = [p.detach().clone() for p in mlp.parameters()]
     with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.torch.Dense, got Linear"):
         mlp(random_input())
-    mlp.layers[0].register_forward_hook(lambda *args: None)  # the layer-by-layer path checks it too
+    ran = []
+    mlp.layers[0].register_forward_hook(lambda *args: ran.append(1))  # the layer-by-layer path checks it too
     with pytest.raises(TypeError, match=r"layers\[1\]: expected a gpubp.torch.Dense, got Linear"):
         mlp(random_input())
+    assert not ran  # before any layer runs
     assert all(torch.equal(got, want) for got, want in zip(mlp.parameters(), before))
 
 

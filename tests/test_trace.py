@@ -102,7 +102,7 @@ def test_a_trace_left_twice_is_refused_and_other_traces_keep_counting():
         t = gb.trace()
         with t:
             pass
-        with pytest.raises(RuntimeError, match="trace: this Trace is not open in this thread"):
+        with pytest.raises(RuntimeError, match=r"trace: this Trace is not open here \(in this thread or task\)"):
             t.__exit__(None, None, None)
         m.forward(X)  # the refused exit closed nothing: the outer trace still counts
     assert outer.counts["dense_fwd"] == 3 and t.total == 0
@@ -111,7 +111,7 @@ def test_a_trace_left_twice_is_refused_and_other_traces_keep_counting():
 def test_a_trace_opened_inside_itself_is_refused_and_keeps_counting_once():
     m = model()
     with gb.trace() as t:
-        with pytest.raises(RuntimeError, match="trace: this Trace is already open in this thread"):
+        with pytest.raises(RuntimeError, match=r"trace: this Trace is already open here \(in this thread or task\)"):
             with t:
                 pass
         m.forward(X)
@@ -162,6 +162,28 @@ def test_a_trace_counts_its_own_asyncio_task_and_the_tasks_it_starts_not_another
         return t
 
     assert asyncio.run(main()).counts["dense_fwd"] == 3
+
+
+def test_a_task_started_inside_a_trace_records_nothing_there_after_the_block_ends():
+    """The task keeps the context it inherited, which holds the trace, after the block ended."""
+    import asyncio
+
+    async def main():
+        go_on = asyncio.Event()
+
+        async def later():
+            await go_on.wait()
+            model().forward(X)
+
+        with gb.trace() as closed:
+            task = asyncio.create_task(later())
+        with gb.trace() as other:  # a trace open elsewhere: record() does not return at once
+            go_on.set()
+            await task
+        return closed, other
+
+    closed, other = asyncio.run(main())
+    assert closed.total == 0 and other.total == 0  # the task's context holds the closed trace alone
 
 
 def test_a_trace_counts_in_its_own_thread_only():

@@ -316,9 +316,26 @@ def test_training_metrics_score_each_batchs_output_as_it_trained(batch_size):
         assert history["accuracy"][epoch] == gb.metrics.accuracy(scores, y)
         assert history["f1"][epoch] == gb.metrics.f1(scores, y)
     assert history["accuracy"][0] != twin.evaluate(x, y)["accuracy"]  # not the end-of-epoch weights' score
+
+
+def test_a_callback_can_monitor_a_training_metric():
+    x, y = classification_data()
     stopper = gb.callbacks.EarlyStopping("accuracy", mode="max", patience=0)
-    assert len(classifier().fit(x, y, epochs=5, batch_size=batch_size, metrics=["accuracy"], callbacks=[stopper],
-                                verbose=0).history["accuracy"]) >= 1  # a training metric can be monitored
+    history = classifier().fit(x, y, epochs=30, batch_size=16, metrics=["accuracy"], callbacks=[stopper], verbose=0)
+    accuracy = history["accuracy"]
+    assert len(accuracy) < 30 and accuracy[-1] <= max(accuracy[:-1])  # stopped at the first epoch without a gain
+
+
+def test_training_metrics_count_the_batch_whose_loss_is_not_finite_as_the_loss_does():
+    """TerminateOnNaN ends the epoch at such a batch: the epoch's loss counts it, and so do the metrics
+    (as Keras updates them), not the batches before it alone."""
+    x, _ = classification_data(n=32)
+    y = np.ones((32, 3), np.float32)
+    x[16:] = 1e30  # the second batch's outputs overflow
+    history = classifier().fit(x, y, loss="mse", metrics=["mae"], epochs=1, batch_size=16, shuffle=False, verbose=0,
+                               callbacks=[gb.callbacks.TerminateOnNaN()])
+    assert not np.isfinite(history["loss"][0])  # the squared errors overflow float32
+    assert history["mae"][0] > 1e20  # the second batch's outputs are in it (the first's alone: about 1)
 
 
 def test_history_has_one_entry_per_epoch_for_every_logged_value():

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit
+from numba.core.caching import NullCache
 from numba.core.registry import CPUDispatcher
 
 from gpubp import activations, philox
@@ -300,33 +301,27 @@ def softmax_cross_entropy_grad(exp, labels, picked, inv_batch, off_scaled, on_sc
     return loss / rows
 
 
-# Numba keys each function's cached machine code on this file's modification time and size alone,
-# but these kernels compile in code and constants of other modules: Philox's rounds (inlined) and
-# the activation codes. Where those changed since the code was cached (an editable install after a
-# pull, say), the old code would run, silently wrong: every function's cache index here is emptied
-# then, so the first call compiles from the sources as they are.
+# Numba keys each function's cached machine code on its own file's contents alone (a sha256 of
+# this file here), but these kernels compile in code and constants of other modules: Philox's
+# rounds (inlined) and the activation codes. Where those change (an editable install after a
+# pull, say), the cached code would run, silently wrong. So each function's index is keyed on
+# those modules' sources too, as this process loaded them: an index another process saved from
+# other sources reads as empty here, and is written again.
 DEPENDS_ON = (philox, activations)
+_DEPENDENCIES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in DEPENDS_ON)).hexdigest()
 
 
-def _drop_stale_machine_code() -> None:
-    cache_path = getattr(getattr(bias_act, "_cache", None), "_cache_path", None)
-    if cache_path is None:  # not cached: no place to write it (see _jit)
-        return
-    digest = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in DEPENDS_ON)).hexdigest()
-    stamp = Path(cache_path) / "_cpu_kernels.depends_on.sha256"
-    try:
-        if stamp.read_text() == digest:
-            return
-    except OSError:
-        pass
+def _key_the_caches_on_the_modules_compiled_in() -> None:
     for value in list(globals().values()):
-        if isinstance(value, CPUDispatcher):
-            value._cache.flush()
-    try:
-        stamp.write_text(digest)
-    except OSError:
-        pass
+        if not isinstance(value, CPUDispatcher):
+            continue
+        cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)
+        if cache_file is None:  # not cached (no place to write it: see _jit)
+            continue
+        if not hasattr(cache_file, "_source_stamp"):  # a Numba whose cache is laid out otherwise
+            value._cache = NullCache()  # compiled in each process rather than risk stale code
+            continue
+        cache_file._source_stamp = (cache_file._source_stamp, _DEPENDENCIES)
 
 
-_drop_stale_machine_code()
-
+_key_the_caches_on_the_modules_compiled_in()

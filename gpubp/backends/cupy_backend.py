@@ -784,7 +784,9 @@ def _reduce_to_float(filename: str, name: str, trace_name: str, grid: int, array
     ticket, out, *sizes)``, and return the scalar it reduced: a float, or ``out_loss``, a
     (1,) float32 array it was written to, when given (then nothing is read back)."""
     state = _state()
-    out = state["scalar"] if out_loss is None else _device_floats(out_loss, "out_loss")
+    # A fresh scalar to read back, not a shared one: another thread's launch on this stream could be
+    # queued between this kernel and the read, and overwrite it.
+    out = cupy.empty(1, np.float32) if out_loss is None else _device_floats(out_loss, "out_loss")
     record(trace_name)
     _kernel(filename, name)((grid,), (REDUCE_THREADS,), arrays + (state["partials"], state["tickets"], out) + sizes)
     return float(out.get()[0]) if out_loss is None else out_loss

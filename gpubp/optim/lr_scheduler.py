@@ -120,9 +120,15 @@ class LRScheduler:
         return None
 
     def step(self) -> None:
-        """Advance one epoch (or batch) and set the new rates in the param groups."""
+        """Advance one epoch (or batch) and set the new rates in the param groups; a rate the
+        optimizer would refuse (from LambdaLR's function) raises with the scheduler as it was."""
+        before = self._step_count, self.last_epoch
         self._step_count += 1
-        self._update_lr()
+        try:
+            self._update_lr()
+        except ValueError:
+            self._step_count, self.last_epoch = before
+            raise
 
     def _update_lr(self, epoch: int | None = None) -> None:
         if epoch is None:
