@@ -102,8 +102,7 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
         return a.get()
     if type(a).__module__.split(".")[0] == "torch":
         if not hasattr(a, "detach"):  # a Dataset or a DataLoader, which NumPy would iterate or wrap whole
-            raise TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
-                            "(the batches a DataLoader yields go to model.train_step() one at a time)")
+            raise _no_array(a, name, expected)
         a = a.detach().cpu()  # a tensor that requires grad too
         return (a.float() if str(a.dtype) == "torch.bfloat16" else a).numpy()  # NumPy has no bfloat16
     if kind == "device":
@@ -120,9 +119,13 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
         raise ValueError(f"{name}: expected {expected}, got something NumPy cannot make one array of "
                          f"({error})") from None
     if array.ndim == 0 and array.dtype == object:  # a dict, say: wrapped whole
-        raise TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
-                        "(the batches a DataLoader yields go to model.train_step() one at a time)")
+        raise _no_array(a, name, expected)
     return array
+
+
+def _no_array(a, name: str, expected: str) -> TypeError:
+    return TypeError(f"{name}: expected {expected}, got a {type(a).__name__}, which is no array; pass arrays "
+                     "(the batches a DataLoader yields go to model.train_step() one at a time)")
 
 
 def float_dtype(dtype, name: str) -> np.dtype:

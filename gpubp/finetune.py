@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterable
 
 from gpubp import _checks
-from gpubp.layers import Dense, Layer, Sequential
+from gpubp.layers import Dense, Layer, Sequential, checked_model
 from gpubp.callbacks import Callback
 
 
@@ -88,10 +88,7 @@ def param_groups(model: Sequential, lr: float, decay: float = 0.5) -> list[dict]
     Returns PyTorch-style param groups for any gpubp optimizer. Frozen layers are included,
     so unfreezing later (e.g. :class:`GradualUnfreezing`) needs no new optimizer.
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
-    if not len(model):
-        raise ValueError("model: expected a Sequential with at least one layer")
+    checked_model(model)
     lr = _checks.non_negative(lr, "lr")
     decay = _checks.non_negative(decay, "decay")
     layers = _with_parameters(model)

@@ -42,7 +42,7 @@ from gpubp import _safetensors
 from gpubp import activations as _activations
 from gpubp import backends
 from gpubp.backends import PRECISIONS
-from gpubp.layers import Dense, Dropout, Sequential
+from gpubp.layers import Dense, Dropout, Sequential, checked_model
 
 log = logging.getLogger("gpubp")
 
@@ -298,10 +298,7 @@ def _model_suffix(path) -> str:
 def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
     """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host.
     Checkpoints add their own section and tensors to these."""
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
-    if not len(model):
-        raise ValueError("model: expected a Sequential with at least one layer")
+    checked_model(model)
     for i, layer in enumerate(model):
         if not isinstance(layer, (Dense, Dropout)):
             raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense and "

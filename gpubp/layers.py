@@ -606,6 +606,16 @@ def _why_not_precision(backend: ModuleType, precision: str, fused: bool) -> str:
     return explain(precision, fused) if explain is not None else "tf32 and bf16 need compute capability 8.0 or newer"
 
 
+def checked_model(model, expected: str = "a gpubp.Sequential") -> Sequential:
+    """``model``, a Sequential with at least one layer: else a TypeError saying what it is
+    instead (``expected``: what the caller takes), or a ValueError for an empty one."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected {expected}, got {type(model).__name__}")
+    if not len(model):
+        raise ValueError("model: expected a Sequential with at least one layer")
+    return model
+
+
 class Sequential:
     """A stack of layers (``Dense``, or any :class:`Layer`) on one device.
 

@@ -81,7 +81,7 @@ except ImportError as exc:
 import gpubp
 from gpubp import activations, io
 from gpubp.backends.numpy_backend import round_bf16
-from gpubp.layers import Dense, Dropout, Sequential
+from gpubp.layers import Dense, Dropout, Sequential, checked_model
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), so that older runtimes read the files
@@ -162,11 +162,7 @@ def model_proto(model) -> onnx.ModelProto:
     if estimators is not None and isinstance(model, estimators._BaseMLP):
         after = model._onnx_output()  # scikit-learn's NotFittedError for an unfitted one
         name, model = f"gpubp.sklearn.{type(model).__name__}", model.model_
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model: expected a gpubp.Sequential or a fitted gpubp.sklearn estimator, got "
-                        f"{type(model).__name__}")
-    if not len(model):
-        raise ValueError("model: expected a Sequential with at least one layer")
+    checked_model(model, "a gpubp.Sequential or a fitted gpubp.sklearn estimator")
     if model.precision not in ROUNDS_TO_BF16:
         raise ValueError(f"model: precision={model.precision!r}, which gpubp cannot write to ONNX")
     dtype = np.dtype(model.dtype)

@@ -228,9 +228,7 @@ class MLP(nn.Module):
         # A layer with module hooks (spectral_norm's, prune's and the older weight_norm's recompute its weight in
         # one): the layers are called as modules, one at a time, so that their hooks run as nn.Sequential's
         # children's do. The masks are the same: each call draws its keys from torch's stream in the same order.
-        for i, layer in enumerate(layers):  # all checked before the first runs
-            if not isinstance(layer, Dense):
-                raise TypeError(_foreign(i, layer))
+        _check_layers(layers)  # all, before the first runs
         for i, layer in enumerate(layers):
             x = layer(x, math=self.math, input_dropout=self.input_dropout if i == 0 else None)
         return x
@@ -474,9 +472,13 @@ def _hooked(layers: list) -> bool:
                for layer in layers)
 
 
-def _foreign(i: int, layer) -> str:
-    return (f"layers[{i}]: expected a gpubp.torch.Dense, got {type(layer).__name__}; an MLP runs its Dense layers "
-            "through gpubp's kernels: put other modules around the MLP, in an nn.Sequential")
+def _check_layers(layers: list) -> None:
+    """Every layer is a gpubp.torch.Dense (``layers`` is a plain ModuleList, which takes any module)."""
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Dense):
+            raise TypeError(f"layers[{i}]: expected a gpubp.torch.Dense, got {type(layer).__name__}; an MLP runs its "
+                            "Dense layers through gpubp's kernels: put other modules around the MLP, in an "
+                            "nn.Sequential")
 
 
 def _trainable(layer: Dense) -> bool:
@@ -511,9 +513,7 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
         raise RuntimeError(TRACING)
     if math not in MATHS:
         raise ValueError(f"math: expected one of {MATHS}, got {math!r}")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Dense):
-            raise TypeError(_foreign(i, layer))
+    _check_layers(layers)
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     _refuse_transforms(x, params)
     # The attributes set after construction too (from_torch and from_sequential set them), checked as
@@ -569,9 +569,8 @@ BATCHED_GRADS = ("gpubp.torch.MLP's backward takes one incoming gradient at a ti
                  "is_grads_batched=True) batch it with vmap, which gpubp's kernels do not support; pass "
                  "vectorize=False, or loop over the gradients")
 TRACED = ("gpubp.torch.MLP cannot be traced by torch.export, torch.fx (symbolic_trace, make_fx) or with fake tensors: "
-          "its forward "
-          "runs gpubp's kernels on the tensors' memory (which a fake tensor lacks), not torch ops a graph could "
-          "hold. For a file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, "
+          "its forward runs gpubp's kernels on the tensors' memory (which a fake tensor lacks), not torch ops a graph "
+          "could hold. For a file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, "
           "torch.compile runs it in a graph break")
 
 # The checks are torch's own, guarded: _are_functorch_transforms_active is what autograd.Function.apply asks

@@ -45,11 +45,11 @@ class Trace:
         global _open_count
         stack = _stack.get()
         if any(t is self for t in stack):  # nested in itself, it would count every launch twice
-            raise RuntimeError("trace: this Trace is already open here (in this thread or task); open another with gb.trace()")
+            raise RuntimeError("trace: this Trace is already open here (in this thread or task); open another with "
+                               "gb.trace()")
         _stack.set((*stack, self))
         with _count_lock:
             self._entered += 1
-        with _count_lock:
             _open_count += 1
         return self
 
@@ -61,7 +61,6 @@ class Trace:
         _stack.set(tuple(t for t in stack if t is not self))
         with _count_lock:
             self._entered -= 1
-        with _count_lock:
             _open_count -= 1
 
     @property

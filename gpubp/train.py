@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from gpubp import _checks, _random, batches, losses, metrics as metric_fns
+from gpubp import _checks, _random, batches, losses
 from gpubp.batches import evaluate, predict
 from gpubp.callbacks import Callback, largest_rate
 from gpubp.history import History
@@ -142,7 +142,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             or not 0 <= validation_split < 1:
         raise ValueError(f"validation_split: expected a float in [0, 1), got {validation_split!r}")
     metrics = batches.metric_list(metrics)
-    batches.named_metrics(metrics)  # each known, and of a name of its own (the History logs each under it)
+    # each known, and of a name of its own (the History logs each under it)
+    names = [name for name, _ in batches.named_metrics(metrics)]
     if learning_rate is not None:
         learning_rate = _checks.non_negative(learning_rate, "learning_rate")
     opt = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
@@ -179,7 +180,6 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     if distributed and cuda_graph is not False:
         raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
                          "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
-    names = [metric_fns.get(m)[0] for m in metrics]
     batches.check_metrics(model, metrics, y)
     logged = ["loss", *names]
     if x_val is not None:

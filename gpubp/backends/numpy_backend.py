@@ -211,16 +211,17 @@ def use_cpu_threads(threads: int):
 # The compiled kernels: the module once loaded, or why they are not used.
 _kernels = None
 _kernels_reason: str | None = None
-# The process's default, from the environment; ``compiled_kernels``'s setting while a block of it
-# runs, per thread as ``_threads_here`` is, else None.
 def _kernels_from_environment() -> bool:
     value = os.environ.get("GPUBP_CPU_KERNELS", "numba")
-    if value.strip().lower() not in ("numba", "numpy", ""):
+    choice = value.strip().lower()
+    if choice not in ("numba", "numpy", ""):
         warnings.warn(f"GPUBP_CPU_KERNELS={value!r} ignored: expected 'numba' (the default) or 'numpy'", RuntimeWarning,
                       stacklevel=2)
-    return value.strip().lower() != "numpy"
+    return choice != "numpy"
 
 
+# The process's default, from the environment; ``compiled_kernels``'s setting while a block of it
+# runs, per thread as ``_threads_here`` is, else None.
 _kernels_enabled = _kernels_from_environment()
 _kernels_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar("gpubp_compiled_kernels", default=None)
 _scalars: dict = {}
