@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from gpubp import _checks, distributed, io
-from gpubp.checkpoint import save_checkpoint
+from gpubp.checkpoint import check_savable, save_checkpoint
 from gpubp.history import History
 
 __all__ = ["CSVLogger", "Callback", "EarlyStopping", "History", "LambdaCallback", "LearningRateScheduler",
@@ -264,7 +264,9 @@ class ModelCheckpoint(Callback):
     It is written after every other callback's ``on_epoch_end``, wherever this callback stands
     in the list, so a resumed run continues from the rates and state those set at that epoch's
     end. ``path`` is checked here to format an int epoch and float logged values, and ``fit``
-    checks before its first step that it logs ``monitor`` and every value ``path`` names.
+    checks before its first step that it logs ``monitor`` and every value ``path`` names, and
+    that a checkpoint can hold its model, optimizer and scheduler (:func:`gpubp.checkpoint.check_savable`:
+    a subclass of a built-in optimizer, say, is refused before any weight changes).
     """
 
     main_process_only = True
@@ -291,6 +293,10 @@ class ModelCheckpoint(Callback):
         return ([self.monitor] if self.monitor is not None else []) + [name for name in self.fields if name != "epoch"]
 
     def on_train_begin(self, model) -> None:
+        try:
+            check_savable(model, model.optimizer, getattr(model, "scheduler", None))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ModelCheckpoint: {exc}") from None
         # Kept across fit calls, as Keras keeps it: a second fit with this callback (the backbone
         # unfrozen after the head trained, say) overwrites the best file only with a better one.
         if self.best is None:

@@ -29,6 +29,7 @@ True
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -65,24 +66,49 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- writing
 
 
+def check_savable(model: Sequential, optimizer: optim.Optimizer,
+                  scheduler: lr_scheduler.LRScheduler | None = None) -> None:
+    """That a checkpoint can hold ``model``, ``optimizer`` and ``scheduler`` and load them again;
+    what :func:`save_checkpoint` checks before writing, and ModelCheckpoint as ``fit`` begins, so
+    a run it could not checkpoint stops before its first step.
+
+    :func:`load_checkpoint` builds the optimizer again itself, so it must be one of the built-in
+    classes (an instance of a subclass of one would come back as the built-in class, without what
+    the subclass changed). The scheduler the user builds again, as in PyTorch, and loads the state
+    into: it may be of any class, a subclass of a built-in one or of ``LRScheduler``, whose
+    ``state_dict()`` a header can hold (numbers, strings, lists, dicts and None).
+    """
+    io.check_savable(model)
+    if not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer: expected a gpubp optimizer, got {type(optimizer).__name__}")
+    cls = type(optimizer)
+    if OPTIMIZER_CLASSES.get(cls.__name__) is not cls:
+        raise TypeError(f"optimizer: checkpoints hold the built-in optimizers {sorted(OPTIMIZER_CLASSES)}, which "
+                        f"load_checkpoint builds again; got {cls.__module__}.{cls.__qualname__}: train with the "
+                        "built-in class it extends, or save its state_dict() yourself")
+    batches.check_optimizer_params(model, optimizer)
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, lr_scheduler.LRScheduler):
+        raise TypeError(f"scheduler: expected a gpubp.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler: it schedules another optimizer than the one saved")
+    try:
+        json.dumps(_json_ready(_scheduler_state(scheduler)), allow_nan=False)
+    except TypeError as exc:
+        raise TypeError(f"scheduler: the state_dict() of the {type(scheduler).__name__} holds what a checkpoint's "
+                        f"header cannot ({exc}); leave it out of state_dict(), as LambdaLR leaves out its "
+                        "functions") from None
+
+
 def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: int,
                     history: History | None = None, scheduler: lr_scheduler.LRScheduler | None = None) -> None:
     """Write a checkpoint of ``model``, ``optimizer`` (and ``scheduler``, which must schedule it)
-    after ``epoch`` finished epochs, atomically."""
-    header, tensors = io.model_contents(model)
-    if not isinstance(optimizer, optim.Optimizer):
-        raise TypeError(f"optimizer: expected a gpubp optimizer, got {type(optimizer).__name__}")
-    if scheduler is not None:
-        if not isinstance(scheduler, lr_scheduler.LRScheduler):
-            raise TypeError(f"scheduler: expected a gpubp.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
-        if scheduler.optimizer is not optimizer:
-            raise ValueError("scheduler: it schedules another optimizer than the one saved")
+    after ``epoch`` finished epochs, atomically (:func:`check_savable` says what it can hold)."""
+    check_savable(model, optimizer, scheduler)
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
-    if type(optimizer).__name__ not in OPTIMIZER_CLASSES:
-        raise TypeError(f"optimizer: checkpoints hold the built-in optimizers {sorted(OPTIMIZER_CLASSES)}, "
-                        f"got {type(optimizer).__name__}")
-    batches.check_optimizer_params(model, optimizer)
+    header, tensors = io.model_contents(model)
     positions = {id(p): i for i, p in enumerate(model.parameters())}
     history = history if history is not None else History()
     state_dict = optimizer.state_dict()
@@ -171,7 +197,7 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
     declared = io.extra_tensor_names(path, header)
     missing = sorted(set(declared) - set(tensors))
     if missing:
-        raise ValueError(f"{path}: missing key {missing[0]!r}")
+        raise ValueError(f"{path}: missing key {io.echo(missing[0])}")
     model = io.model_from(path, header, tensors, device=device, backend=backend)
     state_tensors = {name: tensors[name] for name in declared}
     io.check_weights(path, state_tensors, model.dtype)
@@ -181,7 +207,7 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
                 raise ValueError(f"the checkpoint's {key!r} entry is not an object")
         epoch = section["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"the epoch must be an int >= 0, got {epoch!r}")
+            raise ValueError(f"the epoch must be an int >= 0, got {io.echo(epoch)}")
         optimizer = _optimizer_from(section["optimizer"], model, state_tensors)
         generator = _random.generator_from_state(section["random_state"])
         history = _history_from(section["history"])
@@ -200,13 +226,14 @@ def load_checkpoint(path, device: str = "auto", backend: str = "auto") -> Checkp
 def _scheduler_state_from(saved, groups: int) -> dict | None:
     """The saved scheduler state (None in a checkpoint of a run without one, or older than schedulers),
     its rates checked for the restored optimizer's ``groups`` param groups: loading the state puts
-    them into the optimizer."""
+    them into the optimizer. The class it names may be any (a user's subclass too): the scheduler
+    built again, whose ``load_state_dict`` checks the state is its own, decides."""
     if saved is None:
         return None
     # After _from_json: it reads a state of {"float": "nan"} as a number.
     state = _from_json(saved.get("state")) if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or saved.get("class") not in lr_scheduler.__all__:
-        raise ValueError("the scheduler entry must name a gpubp.optim.lr_scheduler class and hold its state")
+    if not isinstance(state, dict) or not isinstance(saved.get("class"), str):
+        raise ValueError("the scheduler entry must name the scheduler's class and hold its state")
     lr_scheduler.check_rates(state, groups, "the scheduler's state")
     return state
 
@@ -216,12 +243,12 @@ def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarra
     name = saved["class"]
     cls = OPTIMIZER_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZER_CLASSES)}")
+        raise ValueError(f"unknown optimizer {io.echo(name)}; expected one of {sorted(OPTIMIZER_CLASSES)}")
     params = model.parameters()
     positions = saved["params"]
     if not isinstance(positions, list) or not all(_is_index(i) and i < len(params) for i in positions) \
             or len(set(positions)) != len(positions):
-        raise ValueError(f"the optimizer's parameters {positions!r} are not distinct positions in the "
+        raise ValueError(f"the optimizer's parameters {io.echo(positions)} are not distinct positions in the "
                          f"model's {len(params)} parameters")
     groups = saved["param_groups"]
     if not isinstance(groups, list) or not groups:
@@ -229,12 +256,12 @@ def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarra
     for g, group in enumerate(groups):
         listed = group.get("params") if isinstance(group, dict) else None
         if not isinstance(listed, list) or not all(_is_index(i) for i in listed):
-            found = f"'params' {listed!r}" if isinstance(group, dict) else repr(group)
+            found = f"'params' {io.echo(listed)}" if isinstance(group, dict) else io.echo(group)
             raise ValueError(f"the optimizer's param_groups[{g}] must be an object whose 'params' lists parameter "
                              f"indices (ints >= 0), got {found}")
     listed = [i for group in groups for i in group["params"]]
     if sorted(listed) != list(range(len(positions))):
-        raise ValueError(f"the optimizer's param groups list the parameters {listed}, expected each of "
+        raise ValueError(f"the optimizer's param groups list the parameters {io.echo(listed)}, expected each of "
                          f"0..{len(positions) - 1} once")
     optimizer = cls([{"params": [params[positions[i]] for i in group["params"]]} for group in groups])
     if not isinstance(saved["state"], dict):
@@ -243,10 +270,10 @@ def _optimizer_from(saved: dict, model: Sequential, tensors: dict[str, np.ndarra
     state = {}
     for key, entries in saved["state"].items():
         if key not in indices:
-            raise ValueError(f"the optimizer's state key {key!r} is not a parameter index; expected an int from "
-                             f"'0' to '{len(positions) - 1}', written without sign, spaces or leading zeros")
+            raise ValueError(f"the optimizer's state key {io.echo(key)} is not a parameter index; expected an int "
+                             f"from '0' to '{len(positions) - 1}', written without sign, spaces or leading zeros")
         if not isinstance(entries, dict):
-            raise ValueError(f"the optimizer's state {key!r} is not an object")
+            raise ValueError(f"the optimizer's state {io.echo(key)} is not an object")
         state[indices[key]] = {name: _state_entry(value, tensors) for name, value in entries.items()}
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -266,8 +293,8 @@ def _state_entry(value, tensors: dict[str, np.ndarray]):
     if isinstance(value, dict):
         name = value.get("tensor")
         if not isinstance(name, str) or name not in tensors:
-            raise ValueError(f"the optimizer's state refers to {value!r}; expected {{'tensor': name}} naming one "
-                             "of the checkpoint's tensors")
+            raise ValueError(f"the optimizer's state refers to {io.echo(value)}; expected {{'tensor': name}} naming "
+                             "one of the checkpoint's tensors")
         return tensors[name]
     if isinstance(value, list):
         raise ValueError("the optimizer's state holds an array inline; arrays must be tensors of the file")

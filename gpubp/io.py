@@ -7,10 +7,12 @@ frozen, where the Dropout layers stand and their rates) and the weights under th
 read without pickle. Writes are atomic: a temporary file in the same folder, synced to
 disk, renamed over the target, then the folder synced, so a crash leaves the old file or
 the new one; the file keeps the permissions of the one it replaces (a new one gets those
-``open()`` gives). Loading checks the whole file (its framing, every shape and dtype, finite
-weights, no missing or extra tensors) before it builds anything, and names the file and
-the problem in a ValueError otherwise; an .npz entry is inflated only once the header has
-said that it belongs in the file and how large it can be.
+``open()`` gives), and a symlink is written through. Loading checks the whole file (its
+framing, every shape and dtype, finite weights, no missing or extra tensors) before it builds
+anything, and names the file and the problem in a ValueError otherwise; a header is read
+first, within the safetensors format's 100 MB, and says which tensors the file may hold before
+any is read; an .npz entry is inflated only once the header has said that it belongs in the
+file and how large it can be, and all of them together no further than weights compress.
 
 >>> import os, tempfile, numpy as np, gpubp as gb
 >>> model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")
@@ -38,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpubp import _safetensors
+from gpubp import _checks, _safetensors
+from gpubp._safetensors import echo
 from gpubp import activations as _activations
 from gpubp import backends
 from gpubp.backends import PRECISIONS
@@ -70,7 +73,17 @@ MAX_ITEMSIZE = max(dtype.itemsize for dtype in WEIGHT_DTYPES)
 # The most bytes the '__architecture__' entry may hold, before anything says what it should hold:
 # the cap the safetensors format puts on its header (100 MB). Its JSON text is stored as UTF-32,
 # so this is 25 million characters, far more than a model's or a long run's header takes.
-ARCHITECTURE_ENTRY_LIMIT = 100_000_000
+ARCHITECTURE_ENTRY_LIMIT = _safetensors.HEADER_LIMIT
+# How far an .npz archive's tensor entries may inflate, all together: to NPZ_INFLATION times the
+# file's size, plus NPZ_INFLATION_ALLOWANCE bytes. np.savez_compressed shrinks random float32 or
+# float64 weights 1.0 to 1.1-fold, float32 values held in float64 1.8-fold, weights quantized to
+# 4 bits 5-fold, to +-1 17-fold, with 90% of them zero 7-fold and with 99% 58-fold; zeros shrink
+# a thousandfold (the most deflate does), so the allowance takes the zero biases and optimizer
+# state of any model (4 Mi float32 zeros, say, in some 16 KB) and a zero-initialised layer of up to
+# 16 Mi float32 weights. (1024 x 1024 tensors measured with NumPy 2.4 and zlib; np.savez stores
+# entries uncompressed, and gpubp writes with it.)
+NPZ_INFLATION = 100
+NPZ_INFLATION_ALLOWANCE = 64 * 2**20
 # What NumPy's .npy header parser raises, besides ValueError, on a damaged or forged header: it
 # evaluates the header with ast.literal_eval, retries one that is no Python literal after passing it
 # through tokenize (tokenize.TokenError), and builds a dtype from whatever literal it finds.
@@ -124,7 +137,8 @@ def _trainable_flags(path: Path, entry, i: int) -> tuple[bool, bool]:
         return entry, entry
     if isinstance(entry, list) and len(entry) == 2 and all(isinstance(flag, bool) for flag in entry):
         return entry[0], entry[1]
-    raise ValueError(f"{path}: the header's trainable[{i}] must be true, false or [weight's, bias's], got {entry!r}")
+    raise ValueError(f"{path}: the header's trainable[{i}] must be true, false or [weight's, bias's], "
+                     f"got {echo(entry)}")
 
 
 def tensor_names(model: Sequential) -> list[str]:
@@ -142,6 +156,11 @@ def _tensors(model: Sequential) -> dict[str, np.ndarray]:
 # (so that a later save can tell a killed writer's leftover from a live one's) and a random token.
 TEMP_HASH_CHARS = 16
 TEMP_TOKEN_CHARS = 16
+# How much older than the process now holding its pid a temporary file must be to count as a
+# killed writer's (:func:`_orphaned`): the start time read from /proc is up to a second early
+# (the boot time is given in whole seconds), and some filesystems keep modification times in
+# whole seconds (ext3) or two (FAT); the rest allows for the clock being set forward meanwhile.
+ORPHAN_AGE_MARGIN_S = 2.0
 
 
 def _temp_prefix(path: Path) -> str:
@@ -167,6 +186,11 @@ def _temp_pid(name: str, prefixes: tuple[str, ...]) -> int | None:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` with ``write(file)``: to a temporary file beside it, renamed over it once synced.
+    A symlink is written through, as ``open(path, "wb")`` and np.save write through one: the file it
+    points to is replaced (the temporary file beside that one, so the rename stays within one
+    folder, and so one filesystem), and the link stays."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temp(path)
     try:
@@ -225,18 +249,53 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _remove_orphaned_temps(path: Path) -> None:
-    """Delete temporary files that writers of ``path`` killed mid-save left behind.
+    """Delete temporary files that writers of ``path`` killed mid-save left behind (:func:`_orphaned`).
 
-    A writer counts as gone when no process on this machine has its pid. Only names of the form
-    :func:`_new_temp` gives ``path``'s temporary files are touched (:func:`_temp_pid`).
+    Only names of the form :func:`_new_temp` gives ``path``'s temporary files are touched
+    (:func:`_temp_pid`).
     """
     if os.name != "posix":
         return
     prefixes = _temp_prefixes(path)
     for entry in path.parent.iterdir():
         pid = _temp_pid(entry.name, prefixes)
-        if pid is not None and not _process_alive(pid):
+        if pid is not None and _orphaned(entry, pid):
             entry.unlink(missing_ok=True)
+
+
+def _orphaned(temp: Path, pid: int) -> bool:
+    """Whether the temporary file ``temp``, named for the writer ``pid``, is a killed writer's.
+
+    It is when no process on this machine has that pid; or when the process that has it started
+    after the file was last written (by ``ORPHAN_AGE_MARGIN_S``): the writer was killed and its pid
+    went to another process, as a container's PID 1 restarted after an OOM kill is PID 1 again.
+    A live writer's file, this process's threads' included, was written after its process started,
+    so it stays. Where the start time cannot be read (no /proc, or another user's process hidden by
+    it) the file stays too.
+    """
+    if not _process_alive(pid):
+        return True
+    started = _process_start(pid)
+    try:
+        written = temp.lstat().st_mtime
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return False
+    return started is not None and written < started - ORPHAN_AGE_MARGIN_S
+
+
+def _process_start(pid: int) -> float | None:
+    """When the process ``pid`` started, in seconds since the epoch, from Linux's /proc: its start in
+    clock ticks after boot (field 22 of /proc/<pid>/stat, after the command name in parentheses,
+    which may hold spaces or parentheses itself) and the boot time (``btime`` in /proc/stat).
+    None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _process_alive(pid: int) -> bool:
@@ -298,14 +357,25 @@ def _model_suffix(path) -> str:
 def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
     """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host.
     Checkpoints add their own section and tensors to these."""
+    check_savable(model)
+    return _architecture(model), _tensors(model)
+
+
+def check_savable(model: Sequential) -> None:
+    """That a file can hold ``model`` (and so load it again): Dense and Dropout layers, at least one
+    Dense, at most :func:`max_dropouts` Dropouts. Nothing is copied from the device."""
     checked_model(model)
     for i, layer in enumerate(model):
         if not isinstance(layer, (Dense, Dropout)):
             raise TypeError(f"model: layers[{i}] is a {type(layer).__name__}; the file format holds Dense and "
                             "Dropout layers only")
-    if not any(isinstance(layer, Dense) for layer in model):
+    dense_count = sum(isinstance(layer, Dense) for layer in model)
+    if not dense_count:
         raise ValueError("model: expected at least one Dense layer")
-    return _architecture(model), _tensors(model)
+    if len(model) - dense_count > max_dropouts(dense_count):
+        raise ValueError(f"model: {len(model) - dense_count} Dropout layers for {dense_count} Dense layers; a model "
+                         f"file holds at most {max_dropouts(dense_count)} ({MAX_STACKED_DROPOUTS} stacked in each "
+                         "place, below each Dense layer and above the last): merge stacked ones into one Dropout")
 
 
 def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -314,11 +384,7 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    if suffix == ".npz":
-        return _read_npz(path)
-    with _naming(path):
-        text, tensors = _read_safetensors(path)
-    return _header(path, text), tensors
+    return _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
 
 
 @contextlib.contextmanager
@@ -334,7 +400,7 @@ def _naming(path: Path):
 
 def _header(path: Path, text: str) -> dict:
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_safetensors.unique_keys)
     except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested past Python's depth limit
         raise ValueError(f"{path}: the gpubp header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -355,7 +421,9 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     its uncompressed size is known to fit what it should hold: the ``__architecture__`` entry is
     read first, within ``ARCHITECTURE_ENTRY_LIMIT``; then the architecture it describes is checked,
     and says which other entries the archive may hold and how large each array can be. An entry it
-    does not call for, or one larger than its array, is refused unread.
+    does not call for, or one larger than its array, is refused unread; and so are entries that
+    together inflate far beyond what weights compress to (``NPZ_INFLATION``), however large the
+    (forged) architecture says they are.
     """
     with _naming(path):
         with open(path, "rb") as f:
@@ -372,9 +440,10 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
                                   ARCHITECTURE_ENTRY_LIMIT, "the header entry may hold (the cap the safetensors "
                                   "format puts on its header)"))
         header = _header(path, text)
-        limits = _npz_limits(path, header)
+        limits = _entry_limits(path, header)
         _refuse_unexpected(path, entries, limits)
         with _naming(path):
+            _check_inflation(entries, os.fstat(archive.fp.fileno()).st_size)
             return header, {key: _npz_entry(archive, key, info, *limits[key]) for key, info in entries.items()}
 
 
@@ -384,16 +453,28 @@ def _npz_entries(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     for info in archive.infolist():
         key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename  # as np.load
         if key in entries:  # two entries under one name: which one is the file's is anybody's guess
-            raise ValueError(f"entry {key!r} appears twice in the archive")
+            raise ValueError(f"entry {echo(key)} appears twice in the archive")
         entries[key] = info
     if "__architecture__" not in entries:
         raise ValueError("not a gpubp model file (no '__architecture__' entry)")
     return entries
 
 
-def _npz_limits(path: Path, header: dict) -> dict[str, tuple[int, str]]:
-    """The most bytes each entry that ``header`` calls for may hold, and what sets that bound: a
-    .npy header and the array, of the shape the architecture gives it, in the widest dtype."""
+def _check_inflation(entries: dict[str, zipfile.ZipInfo], file_size: int) -> None:
+    """The tensor entries' uncompressed sizes, as the zip directory gives them (an entry is read
+    no further: :func:`_npz_entry`), add up to no more than weights of a file of ``file_size``
+    bytes inflate to (``NPZ_INFLATION``)."""
+    inflated = sum(info.file_size for info in entries.values())
+    if inflated > NPZ_INFLATION * file_size + NPZ_INFLATION_ALLOWANCE:
+        raise ValueError(f"the entries inflate to {inflated} bytes, more than {NPZ_INFLATION} times the file's "
+                         f"{file_size} bytes plus {NPZ_INFLATION_ALLOWANCE}: weights do not compress that far "
+                         "(zeros do, in a deflate bomb)")
+
+
+def _entry_limits(path: Path, header: dict) -> dict[str, tuple[int, str]]:
+    """The tensors ``header`` calls for, and the most bytes each may hold as an .npz entry, with
+    what sets that bound: a .npy header and the array, of the shape the architecture gives it, in
+    the widest dtype."""
     shapes = _weight_shapes(_layer_specs(path, header))
     counts = {key: (math.prod(shape), f"a float64 array of shape {shape}") for key, shape in shapes.items()}
     largest = max(count for count, _ in counts.values())
@@ -407,7 +488,7 @@ def _npz_limits(path: Path, header: dict) -> dict[str, tuple[int, str]]:
 def _refuse_unexpected(path: Path, keys, expected) -> None:
     unexpected = set(keys) - set(expected)
     if unexpected:
-        raise ValueError(f"{path}: unexpected keys {sorted(unexpected)}")
+        raise ValueError(f"{path}: unexpected keys {echo(sorted(unexpected))}")
 
 
 def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, limit: int, bound: str) -> np.ndarray:
@@ -467,37 +548,55 @@ def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, limit:
         raise ValueError(f"entry {key!r}: no array of shape {shape} and dtype {dtype} ({exc})") from None
 
 
-def _read_safetensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
-    metadata, tensors = _safetensors.loads(path.read_bytes())
-    if "gpubp" not in metadata:
-        raise ValueError("not a gpubp model file (no 'gpubp' metadata)")
-    return metadata["gpubp"], tensors
+def _read_safetensors(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and the tensors of a .safetensors file, its header read and checked first (within
+    the format's cap, ``_safetensors.HEADER_LIMIT``): a file without gpubp's metadata (another
+    program's model) is refused before its entries are looked at, and one whose entries are
+    inconsistent, or not the tensors its gpubp header calls for, before any data is read."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        with _naming(path):
+            metadata, entries, data_start = _safetensors.read_header(file, size)
+            if "gpubp" not in metadata:
+                raise ValueError("not a gpubp model file (no 'gpubp' metadata)")
+            layout = _safetensors.layout(entries, data_start, size)
+        header = _header(path, metadata["gpubp"])
+        _refuse_unexpected(path, layout, _entry_limits(path, header))
+        with _naming(path):
+            return header, _safetensors.read_tensors(file, layout)
 
 
 def _layer_specs(path: Path, header: dict) -> list[tuple[int, int, str, str, tuple[bool, bool]]]:
     """(in, out, activation, name, (weight trainable, bias trainable)) per layer, from a header
     checked for consistency."""
     if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {header.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format version {echo(header.get('format_version'))}, expected {FORMAT_VERSION}")
     sizes, acts = header.get("sizes"), header.get("activations")
     if not isinstance(sizes, list) or not isinstance(acts, list) or not acts:
         raise ValueError(f"{path}: the header has no layer 'sizes' and 'activations' lists")
     if len(sizes) != len(acts) + 1:
         raise ValueError(f"{path}: inconsistent architecture ({len(sizes)} sizes for {len(acts)} layers)")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
-        raise ValueError(f"{path}: layer sizes must be positive ints, got {sizes}")
+        raise ValueError(f"{path}: layer sizes must be positive ints, got {echo(sizes)}")
     names = header.get("names", [f"dense_{i}" for i in range(len(acts))])
     trainable = header.get("trainable", [True] * len(acts))
     if not (isinstance(names, list) and isinstance(trainable, list) and len(names) == len(trainable) == len(acts)):
         raise ValueError(f"{path}: the header's 'names' and 'trainable' must list one entry per layer")
     if not all(isinstance(name, str) for name in names):
-        raise ValueError(f"{path}: the header's 'names' must be strings, got {names}")
-    try:
-        acts = [_activations.canonical(a, f"activations[{i}]") for i, a in enumerate(acts)]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{path}: the header's 'names' must be strings, got {echo(names)}")
+    acts = [_activation(path, a, i) for i, a in enumerate(acts)]
     flags = [_trainable_flags(path, entry, i) for i, entry in enumerate(trainable)]
     return [(sizes[i], sizes[i + 1], acts[i], names[i], flags[i]) for i in range(len(acts))]
+
+
+def _activation(path: Path, name, i: int) -> str:
+    """The activation the header's ``activations[i]`` names, checked as ``Dense`` checks it; an error
+    shows a name that is no activation's as :func:`echo` cuts it."""
+    try:
+        return _activations.canonical(name, f"activations[{i}]")
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: activations[{i}]: unknown activation {echo(name)}; expected one of "
+                         f"{_activations.NAMES} or null") from None
 
 
 def _weight_shapes(specs: list[tuple]) -> dict[str, tuple[int, ...]]:
@@ -509,24 +608,42 @@ def _weight_shapes(specs: list[tuple]) -> dict[str, tuple[int, ...]]:
 
 
 def _dropout_specs(path: Path, header: dict, dense_count: int) -> list[tuple[int, float, str]]:
-    """(position, rate, name) of each Dropout the header lists, checked: positions distinct and
-    within the model that the Dense layers and these make."""
+    """(position, rate, name) of each Dropout the header lists, checked: at most
+    :func:`max_dropouts`, positions distinct and within the model that the Dense layers and these
+    make."""
     entries = header.get("dropout", [])
+    if isinstance(entries, list) and len(entries) > max_dropouts(dense_count):
+        raise ValueError(f"{path}: the header's 'dropout' lists {len(entries)} Dropout layers for {dense_count} Dense "
+                         f"layers; a model file holds at most {max_dropouts(dense_count)} (see gpubp.io.max_dropouts)")
     total = dense_count + (len(entries) if isinstance(entries, list) else 0)
     specs = []
     for entry in entries if isinstance(entries, list) else [entries]:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
                 and not isinstance(entry[0], bool) and isinstance(entry[1], (int, float))
                 and not isinstance(entry[1], bool) and isinstance(entry[2], str)):
-            raise ValueError(f"{path}: the header's 'dropout' must list [position, rate, name] entries, got {entry!r}")
+            raise ValueError(f"{path}: the header's 'dropout' must list [position, rate, name] entries, "
+                             f"got {echo(entry)}")
         position, rate, name = entry
         if not 0 <= position < total or not 0 <= rate < 1:
-            raise ValueError(f"{path}: dropout entry {entry!r}: expected a position in [0, {total}) and a rate in "
-                             "[0, 1)")
+            raise ValueError(f"{path}: dropout entry {echo(entry)}: expected a position in [0, {total}) and a rate "
+                             "in [0, 1)")
         specs.append((position, float(rate), name))
     if len({position for position, _, _ in specs}) != len(specs):
         raise ValueError(f"{path}: the header's 'dropout' lists a position twice")
     return sorted(specs)
+
+
+# The most Dropout layers a model file holds, stacked in each place one can stand (below each Dense
+# layer, and above the last): more do nothing a model would want (a Dropout of the combined rate
+# does it in one), and a forged header could list millions, each a layer to build.
+MAX_STACKED_DROPOUTS = 4
+
+
+def max_dropouts(dense_count: int) -> int:
+    """The most Dropout layers a model file holds beside ``dense_count`` Dense layers:
+    ``MAX_STACKED_DROPOUTS`` in each of the ``dense_count + 1`` places one can stand. Saving a
+    model with more is refused, so that every saved file loads."""
+    return MAX_STACKED_DROPOUTS * (dense_count + 1)
 
 
 def extra_tensor_names(path: Path, header: dict) -> list[str]:
@@ -566,15 +683,16 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
         weights[key] = tensors[key]
     _refuse_unexpected(path, tensors, [*weights, *extra_tensor_names(path, header)])
     dtype = check_weights(path, weights)
-    # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
-    layers = [Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)
-              for fan_in, fan_out, act, name, _ in specs]
-    for position, rate, name in _dropout_specs(path, header, len(layers)):
-        layers.insert(position, Dropout(rate, name=name))
+    dropouts = _dropout_specs(path, header, len(specs))
     precision = header.get("precision", "fp32")
     if precision not in PRECISIONS:
-        raise ValueError(f"{path}: precision {precision!r} in the header, expected one of {PRECISIONS}")
-    backends.resolve(device, backend)  # the caller's arguments: their errors are not the file's
+        raise ValueError(f"{path}: precision {echo(precision)} in the header, expected one of {PRECISIONS}")
+    _check_backend_dtype(path, dtype, device, backend)
+    # Zero init: the weights are set from the file, and loading must not draw from gb.seed's stream.
+    dense_layers = iter([Dense(fan_in, fan_out, act, init=_zeros, name=name, dtype=dtype)
+                         for fan_in, fan_out, act, name, _ in specs])
+    dropout_at = {position: Dropout(rate, name=name) for position, rate, name in dropouts}
+    layers = [dropout_at[i] if i in dropout_at else next(dense_layers) for i in range(len(specs) + len(dropout_at))]
     try:
         model = Sequential(layers, device=device, backend=backend, dtype=dtype)
     except ValueError as exc:  # an order of layers Sequential refuses (softmax below the top, say)
@@ -590,6 +708,18 @@ def model_from(path, header: dict, tensors: dict[str, np.ndarray], device: str =
             [layer for layer in model if isinstance(layer, Dense)], specs):
         layer.weight.trainable, layer.bias.trainable = weight_trainable, bias_trainable
     return model
+
+
+def _check_backend_dtype(path: Path, dtype: np.dtype, device: str, backend: str) -> None:
+    """The backend ``device`` and ``backend`` pick computes in ``dtype``, the file's: the GPU backends
+    compute in float32 only (as ``Sequential`` checks, here before anything is built, naming the
+    caller's argument, which is what to change)."""
+    name = backends.resolve(device, backend)  # the caller's arguments: their errors are not the file's
+    if name != "numpy" and dtype != np.float32:
+        argument, backend_does = (("backend", f"the {name!r} backend") if backend != "auto" else
+                                  ("device", f"device={device!r} runs the {name!r} backend, which"))
+        raise ValueError(f"{argument}: {backend_does} computes in float32 only, and {path} holds {dtype} weights; "
+                         f"load it with device='cpu' (the NumPy backend computes in {dtype})")
 
 
 def _zeros(rng, shape) -> np.ndarray:
@@ -633,10 +763,18 @@ def _numpy(value, key: str) -> np.ndarray:
     return array
 
 
-def _build_or_load(weights: list[np.ndarray], model, activations, source: str, **model_kwargs) -> Sequential:
+def _build_or_load(weights: list[np.ndarray], names: list[str], model, activations, source: str,
+                   **model_kwargs) -> Sequential:
+    """``model`` with ``weights`` loaded, or a new model of them; ``names``: what an error calls each
+    array, the caller's argument and key (set_weights would call them ``weights[i]``)."""
+    if model is not None and not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
+    dtype = model.dtype if model is not None else model_kwargs.get("dtype")
+    dtype = _checks.parameter_dtype(np.float32 if dtype is None else dtype, "dtype")
+    holder = "the model" if model is not None else "the new model"
+    weights = [_checks.weight_values(array, array.shape, dtype, name, name, holder)
+               for array, name in zip(weights, names)]
     if model is not None:
-        if not isinstance(model, Sequential):
-            raise TypeError(f"model: expected a gpubp.Sequential, got {type(model).__name__}")
         model.set_weights(weights)
         return model
     n_layers = len(weights) // 2
@@ -701,7 +839,7 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     if layers is not None and len(layers) != len(prefixes):
         raise ValueError(f"state_dict: {len(prefixes)} Linear layers {prefixes}, but the model has {len(layers)} "
                          "Dense layers")
-    weights = []
+    weights, names = [], []
     for i, prefix in enumerate(prefixes):
         w = _numpy(state_dict[f"{prefix}.weight"], f"{prefix}.weight")
         if w.ndim != 2:
@@ -720,7 +858,8 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
         if b.shape != (w.shape[0],):
             raise ValueError(f"state_dict: {prefix + '.bias'!r} has shape {b.shape}, expected ({w.shape[0]},)")
         weights += [np.ascontiguousarray(w.T), b]
-    return _build_or_load(weights, model, activations, "state dict", **model_kwargs)
+        names += [f"state_dict: {prefix + '.weight'!r}", f"state_dict: {prefix + '.bias'!r}"]
+    return _build_or_load(weights, names, model, activations, "state dict", **model_kwargs)
 
 
 def from_keras_weights(weights, model: Sequential | None = None, activations=None, **model_kwargs) -> Sequential:
@@ -738,4 +877,5 @@ def from_keras_weights(weights, model: Sequential | None = None, activations=Non
             raise ValueError(f"weights[{i}]: expected a 2-D kernel (in, units), got shape {kernel.shape}")
         if bias.shape != (kernel.shape[1],):
             raise ValueError(f"weights[{i + 1}]: expected bias shape ({kernel.shape[1]},), got {bias.shape}")
-    return _build_or_load(arrays, model, activations, "Keras weights", **model_kwargs)
+    return _build_or_load(arrays, [f"weights[{i}]" for i in range(len(arrays))], model, activations, "Keras weights",
+                          **model_kwargs)

@@ -225,6 +225,47 @@ def test_an_optimizer_of_other_parameters_cannot_be_checkpointed(tmp_path):
         save_checkpoint(tmp_path / "run.npz", model, gb.optim.SGD(other.parameters()), epoch=1)
 
 
+class LoggingAdam(gb.optim.Adam):
+    """A user's subclass of a built-in optimizer: load_checkpoint could build only the Adam it extends."""
+
+
+class Adam(gb.optim.Adam):
+    """A user's subclass under the built-in's own name."""
+
+
+class NotifyingStepLR(lr_scheduler.StepLR):
+    """A user's scheduler holding a function, which its state_dict() (all its attributes) then holds."""
+
+    def __init__(self, optimizer, step_size, notify=print):
+        self.notify = notify
+        super().__init__(optimizer, step_size)
+
+
+UNSAVABLE = {
+    "optimizer_subclass": (LoggingAdam, None, r"optimizer: checkpoints hold the built-in optimizers \['Adam', 'AdamW', "
+                           r"'RMSprop', 'SGD'\], which load_checkpoint builds again; got test_checkpoint.LoggingAdam"),
+    "optimizer_subclass_named_as_a_built_in": (Adam, None, "optimizer: .*; got test_checkpoint.Adam"),
+    "scheduler_state_a_header_cannot_hold": (gb.optim.Adam, lambda opt: NotifyingStepLR(opt, step_size=1),
+                                             r"scheduler: the state_dict\(\) of the NotifyingStepLR holds what a "
+                                             r"checkpoint's header cannot \(.*function"),
+}
+
+
+@pytest.mark.parametrize("make_optimizer, make_scheduler, message", UNSAVABLE.values(), ids=UNSAVABLE.keys())
+def test_a_run_that_cannot_be_checkpointed_fails_before_the_first_step(tmp_path, make_optimizer, make_scheduler,
+                                                                       message):
+    """save_checkpoint would refuse it at the first epoch's end, an epoch of training lost: fit
+    checks the callback's needs first, as it checks the values a callback reads."""
+    model = new_model()
+    before = model.get_weights()
+    optimizer = make_optimizer(model.parameters())
+    scheduled = {} if make_scheduler is None else {"scheduler": make_scheduler(optimizer)}
+    with pytest.raises(TypeError, match="^ModelCheckpoint: " + message):
+        train(model, optimizer, 2, [gb.ModelCheckpoint(tmp_path / "run.npz")], **scheduled)
+    assert_weights_equal(before, model)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- resuming
 
 
@@ -268,8 +309,23 @@ def test_a_checkpoint_resumes_its_optimizer_in_a_fit_given_none(tmp_path, suffix
     assert_weights_equal(model.get_weights(), ckpt.model)
 
 
+class WarmStepLR(lr_scheduler.StepLR):
+    """A user's own schedule, subclassing a built-in one as one subclasses PyTorch's: StepLR's
+    rates, at a tenth of them for the first ``warmup`` epochs (an attribute of its state)."""
+
+    def __init__(self, optimizer, step_size, warmup=2, **kwargs):
+        self.warmup = warmup
+        super().__init__(optimizer, step_size, **kwargs)
+
+    def get_lr(self):
+        scale = 0.1 if self.last_epoch < self.warmup else 1.0
+        return [scale * rate for rate in self._closed_form()]
+
+
 SCHEDULED = {
     "step_lr": (lambda opt: lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), {}),
+    # Built again by the user, it loads the state of its own class: the checkpoint names it and loads.
+    "user_subclass": (lambda opt: WarmStepLR(opt, step_size=2, gamma=0.5), {}),
     "one_cycle_per_batch": (lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, epochs=EPOCHS, steps_per_epoch=5),
                             {}),
     "linear_warmup": (lambda opt: lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=3), {}),

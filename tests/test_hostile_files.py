@@ -549,6 +549,153 @@ def test_a_header_entry_past_its_cap_is_refused_unread(tmp_path, loader, monkeyp
                     rf"uncompressed, more than the {BOMB_BYTES // 16} bytes the header entry may hold")
 
 
+def zeros_archive(path, width):
+    """np.savez_compressed of a model file whose header describes one 1 -> ``width`` layer, all zeros:
+    some 1 KB a MiB of weights."""
+    header = {"format_version": io.FORMAT_VERSION, "sizes": [1, width], "activations": ["identity"]}
+    np.savez_compressed(path, __architecture__=np.array(json.dumps(header)),
+                        **{"layers.0.weight": np.zeros((1, width), np.float32),
+                           "layers.0.bias": np.zeros(width, np.float32)})
+    return path
+
+
+def test_entries_that_inflate_far_beyond_what_weights_compress_to_are_refused_unread(tmp_path):
+    """A forged header may describe a layer as wide as it likes, each entry within its array's size:
+    128 MiB of zeros in 0.13 MB. The entries together may inflate to 100 times the file's size
+    plus 64 MiB, which weights stay far below."""
+    path = zeros_archive(tmp_path / "bomb.npz", 2**24)
+    rejected_within(BOMB_BYTES // 8, LOADERS["load"], path,
+                    rf"the entries inflate to {2 * 2**26 + 256} bytes, more than 100 times the file's "
+                    rf"{path.stat().st_size} bytes plus 67108864: weights do not compress that far")
+
+
+def test_a_zero_initialised_layer_saved_compressed_loads(tmp_path):
+    """Zeros deflate a thousandfold, past any ratio weights reach; the 64 MiB allowance takes them."""
+    model = gb.load(zeros_archive(tmp_path / "zeros.npz", 2**20), device="cpu")
+    assert model[0].out_features == 2**20 and not model.get_weights()[0].any()
+
+
+def safetensors_file(path, header, data_bytes):
+    """A safetensors file of ``header`` (a dict, or JSON text) and ``data_bytes`` zero bytes of data,
+    written sparse, so that the test itself holds few."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + data_bytes)
+    return path
+
+
+def test_a_safetensors_file_of_another_program_is_refused_before_its_data_is_read(tmp_path, loader):
+    """A Hugging Face model, say, in bfloat16 (which gpubp does not read): its header alone is read,
+    and says it is not gpubp's."""
+    entry = {"dtype": "BF16", "shape": [BOMB_BYTES // 2], "data_offsets": [0, BOMB_BYTES]}
+    path = safetensors_file(tmp_path / "foreign.safetensors", {"encoder.weight": entry}, BOMB_BYTES)
+    rejected_within(BOMB_BYTES // 8, loader, path, r"not a gpubp model file \(no 'gpubp' metadata\)$")
+
+
+def test_a_tensor_the_gpubp_header_does_not_call_for_is_refused_before_the_data_is_read(tmp_path, loader):
+    header, tensors = checkpoint_parts(tmp_path, ".safetensors")
+    path = written(tmp_path, ".safetensors", header, {**tensors, "junk": np.zeros(BOMB_BYTES // 4, np.float32)})
+    rejected_within(BOMB_BYTES // 8, loader, path, r"unexpected keys \['junk'\]")
+
+
+def test_a_safetensors_header_past_the_formats_cap_is_refused_unread(tmp_path, loader, monkeypatch):
+    """The format caps its header at 100 MB (the safetensors package refuses longer ones), as the
+    .npz header entry is capped: before the header is read nothing says how large it should be."""
+    assert io._safetensors.HEADER_LIMIT == io.ARCHITECTURE_ENTRY_LIMIT == 100_000_000
+    monkeypatch.setattr(io._safetensors, "HEADER_LIMIT", BOMB_BYTES // 16)
+    path = safetensors_file(tmp_path / "long_header.safetensors", "{}" + " " * BOMB_BYTES, 0)
+    rejected_within(BOMB_BYTES // 8, loader, path, rf"the header length \({BOMB_BYTES + 8} bytes\) is more than the "
+                                                   rf"{BOMB_BYTES // 16} bytes the safetensors format allows$")
+
+
+LONG = 100_000  # items of a forged value, which an error shows cut short
+
+
+def forged_entry(header):
+    header["layers.0.weight"] = [0] * LONG
+
+
+def forged_shape(header):
+    header["layers.0.weight"]["shape"] = [0] * LONG
+
+
+def forged_name(header):
+    header["x" * LONG] = {"dtype": "BF16", "shape": [0], "data_offsets": [0, 0]}
+
+
+@pytest.mark.parametrize("forge", [forged_entry, forged_shape, forged_name])
+def test_a_forged_safetensors_entry_is_shown_cut_short(tmp_path, loader, forge):
+    path = written(tmp_path, ".safetensors", *checkpoint_parts(tmp_path, ".safetensors"))
+    rewrite_safetensors_header(path, forge)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ")) as error:
+        loader(path)
+    assert len(str(error.value)) < len(str(path)) + 300
+
+
+@pytest.mark.parametrize("forge", [
+    lambda header: header.update(format_version="x" * LONG),
+    lambda header: header["sizes"].__setitem__(1, "x" * LONG),
+    lambda header: header["activations"].__setitem__(0, "x" * LONG),
+    lambda header: header["names"].__setitem__(0, [0] * LONG),
+    lambda header: header["trainable"].__setitem__(0, [0] * LONG),
+    lambda header: header.update(dropout=[[0] * LONG]),
+    lambda header: header.update(precision="x" * LONG),
+    lambda header: header["checkpoint"]["optimizer"].update(params=list(range(LONG))),
+    lambda header: header["checkpoint"]["optimizer"]["state"].update({"x" * LONG: {}}),
+], ids=["format_version", "sizes", "activation", "names", "trainable", "dropout", "precision", "optimizer_params",
+        "optimizer_state_key"])
+def test_a_forged_header_value_is_shown_cut_short(tmp_path, suffix, forge):
+    """The error names the problem and shows the value, some 100 characters of it, not megabytes."""
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    forge(header)
+    path = written(tmp_path, suffix, header, tensors)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ")) as error:
+        gb.load_checkpoint(path, device="cpu")
+    assert len(str(error.value)) < len(str(path)) + 300
+
+
+def with_key_twice(text, key, value):
+    """JSON object ``text`` with ``"key": value`` added at its end, where ``key`` is in it already."""
+    assert f'"{key}"' in text
+    return text.rstrip()[:-1] + f', "{key}": {json.dumps(value)}}}'
+
+
+@pytest.mark.parametrize("key", ["__metadata__", "layers.0.bias"])
+def test_a_key_twice_in_a_safetensors_header_is_refused(tmp_path, loader, key):
+    """The safetensors package refuses it ('duplicate field'); taking the last one, gpubp would load
+    another model from the file than it does."""
+    path = written(tmp_path, ".safetensors", *checkpoint_parts(tmp_path, ".safetensors"))
+    blob = path.read_bytes()
+    length = int.from_bytes(blob[:8], "little")
+    framing = json.loads(blob[8:8 + length])
+    text = with_key_twice(blob[8:8 + length].decode(), key, framing[key]).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + length:])
+    expect_rejected(loader, path, rf"the header is not valid JSON \(the key '{key}' appears twice in one object\)")
+
+
+@pytest.mark.parametrize("key, value", [("activations", ["tanh", "sigmoid"]), ("checkpoint", {})])
+def test_a_key_twice_in_the_gpubp_header_is_refused(tmp_path, suffix, loader, key, value):
+    header, tensors = checkpoint_parts(tmp_path, suffix)
+    text = with_key_twice(json.dumps(header), key, value)
+    path = tmp_path / f"twice{suffix}"
+    if suffix == ".npz":
+        np.savez(path, __architecture__=np.array(text), **tensors)
+    else:
+        path.write_bytes(io._safetensors.dumps(tensors, {"gpubp": text}))
+    expect_rejected(loader, path,
+                    rf"the gpubp header is not valid JSON \(the key '{key}' appears twice in one object\)")
+
+
+def test_a_header_listing_more_dropouts_than_a_model_file_holds(tmp_path, suffix, loader):
+    """Each entry is a layer to build: a forged header of a few MB could list a hundred thousand."""
+    header, tensors = checkpoint_parts(tmp_path, suffix)  # two Dense layers: 4 Dropouts in each of 3 places
+    header["dropout"] = [[i, 0.1, f"dropout_{i}"] for i in range(13)]
+    expect_rejected(loader, written(tmp_path, suffix, header, tensors),
+                    r"the header's 'dropout' lists 13 Dropout layers for 2 Dense layers; a model file holds at most 12")
+
+
 @pytest.mark.parametrize("forge", [
     lambda header: header["activations"].__setitem__(0, "softmax"),
     lambda header: header.__setitem__("dropout", [[2, 0.5, "after_the_head"]]),

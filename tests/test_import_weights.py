@@ -182,6 +182,23 @@ def test_bad_state_dict_raises_a_clear_error_and_leaves_the_model_unchanged(corr
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
+@pytest.mark.parametrize("into_a_model", [False, True])
+@pytest.mark.parametrize("key, bad, message", [
+    ("2.weight", np.nan, "contains NaN or inf"),
+    ("4.bias", 1e300, r"values of magnitude up to 1e\+300 overflow to inf in the (new )?model's float32"),
+], ids=["nan", "float64_past_float32"])
+def test_a_bad_value_in_a_state_dict_is_named_by_its_key(rng, into_a_model, key, bad, message):
+    """By the argument and key the caller passed, not by set_weights' ``weights[i]``."""
+    sd = {name: value.astype(np.float64) for name, value in numpy_state_dict(rng).items()}
+    sd[key][0] = bad
+    model = make_model() if into_a_model else None
+    before = model.get_weights() if into_a_model else None
+    with pytest.raises(ValueError, match=rf"^state_dict: '{key}': {message}"):
+        io.from_torch_state_dict(sd, model=model, **({} if into_a_model else {"device": "cpu"}))
+    if into_a_model:
+        assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda sd: without(sd, "2.weight"), "missing key '2.weight'"),
     (lambda sd: replaced(sd, "2.weight", np.ones((7, 8), np.float32)), "layer 1 takes 8 inputs but layer 0 gives 9"),

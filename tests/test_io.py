@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from io import BytesIO
 
 import numpy as np
@@ -106,6 +107,38 @@ def test_a_loaded_model_predicts_exactly_what_the_saved_one_did(tmp_path, suffix
     np.testing.assert_array_equal(gb.load(tmp_path / f"m{suffix}", device="cpu").predict(x), model.predict(x))
 
 
+def stacked_dropouts(count):
+    """A model of one Dense layer with ``count`` Dropouts stacked below it (a model file holds 8)."""
+    return gb.Sequential([*(gb.Dropout(0.1) for _ in range(count)), gb.Dense(3, 2)], device="cpu")
+
+
+def test_a_model_with_as_many_stacked_dropouts_as_a_file_holds_round_trips(tmp_path, suffix):
+    path = tmp_path / f"m{suffix}"
+    stacked_dropouts(io.max_dropouts(1)).save(path)
+    assert len(gb.load(path, device="cpu")) == io.max_dropouts(1) + 1
+
+
+def test_a_model_with_more_stacked_dropouts_than_a_file_holds_is_refused_before_writing(tmp_path, suffix):
+    """Loading refuses a header that lists more (a forged one could list millions, each a layer to
+    build), so saving does: every file written loads."""
+    with pytest.raises(ValueError, match=r"^model: 9 Dropout layers for 1 Dense layers; a model file holds at most 8 "
+                                         r"\(4 stacked in each place, .*merge stacked ones into one Dropout"):
+        stacked_dropouts(9).save(tmp_path / f"m{suffix}")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("backend", ["numba"], indirect=True)
+def test_a_float64_file_loaded_on_a_float32_backend_names_the_callers_argument(tmp_path, suffix, backend):
+    """The file is fine; the backend chosen cannot compute in its dtype. The error says which
+    argument to change, and how, before anything is built."""
+    path = tmp_path / f"m{suffix}"
+    trained_model("float64").save(path)
+    with pytest.raises(ValueError, match=r"^backend: the 'numba' backend computes in float32 only, and .*m\.\w+ holds "
+                                         r"float64 weights; load it with device='cpu' \(the NumPy backend computes "
+                                         r"in float64\)$"):
+        gb.load(path, backend=backend)
+
+
 def test_npz_files_load_without_pickle_under_documented_keys(tmp_path):
     trained_model().save(tmp_path / "m.npz")
     with np.load(tmp_path / "m.npz", allow_pickle=False) as data:
@@ -176,6 +209,26 @@ def test_a_failing_rename_leaves_the_existing_file_intact(tmp_path, suffix, monk
 
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="permission bits are POSIX's")
+
+
+@posix_only
+@pytest.mark.parametrize("where", ["beside_the_link", "in_another_folder"])
+def test_saving_to_a_symlink_writes_through_it(tmp_path, suffix, where):
+    """As open(path, "wb") and np.save write through a link (latest.safetensors -> run-7.safetensors):
+    the file it points to holds the new model, the link stays, and the temporary file was beside
+    that file (a rename within its folder), gone after."""
+    folder = tmp_path / "runs" if where == "in_another_folder" else tmp_path
+    folder.mkdir(exist_ok=True)
+    target, link = folder / f"run-7{suffix}", tmp_path / f"latest{suffix}"
+    trained_model().save(target)
+    os.symlink(os.path.relpath(target, tmp_path), link)
+    new = trained_model()
+    new.set_weights([w + 1 for w in new.get_weights()])
+    new.save(link)
+    assert link.is_symlink()
+    for saved, loaded in zip(new.get_weights(), gb.load(target, device="cpu").get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+    assert sorted(tmp_path.rglob("*")) == sorted({link, target, folder} - {tmp_path})
 
 
 @pytest.fixture
@@ -279,6 +332,44 @@ def test_a_save_clears_the_leftovers_of_dead_writers_of_its_own_file_only(tmp_pa
     assert sorted(os.listdir(tmp_path)) == sorted([short.name, long_dead, long_live])
     model.save(long)
     assert sorted(os.listdir(tmp_path)) == sorted([short.name, long.name, long_live])
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/stat"),
+                    reason="process start times come from Linux's /proc")
+def test_a_save_clears_the_leftover_of_a_killed_writer_whose_pid_this_process_has_now(tmp_path):
+    """A trainer killed mid-save and started again with the same pid (a container's PID 1, restarted
+    after an OOM kill): its leftover was written before this process started, so it is the killed
+    writer's; one written since (another thread's save, under way) stays."""
+    path = tmp_path / "m.safetensors"
+    fd, earlier = io._new_temp(path)
+    os.write(fd, b"half a file")
+    os.close(fd)
+    os.utime(earlier, (0, 0))  # 1970: before this process started
+    fd, under_way = io._new_temp(path)
+    os.close(fd)
+    trained_model().save(path)
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, under_way.name])
+
+
+def test_saves_from_several_threads_at_once_keep_each_others_temporary_files(tmp_path):
+    """Each thread's temporary file is this live process's, written after it started: no save
+    removes another's before its rename."""
+    path, model, failures = tmp_path / "m.npz", trained_model(), []
+
+    def save_repeatedly():
+        try:
+            for _ in range(20):
+                model.save(path)
+        except Exception as exc:  # a thread's failure is this test's finding, not the thread's to raise
+            failures.append(exc)
+
+    threads = [threading.Thread(target=save_repeatedly) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert os.listdir(tmp_path) == [path.name]
 
 
 # ----------------------------------------------------------------------------- bad files
