@@ -120,7 +120,14 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
                          f"({error})") from None
     if array.ndim == 0 and array.dtype == object:  # a dict, say: wrapped whole
         raise _no_array(a, name, expected)
-    return array
+    return array.astype(np.float32) if is_bfloat16(array.dtype) else array
+
+
+def is_bfloat16(dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (JAX's arrays' on the host): NumPy has no bfloat16 of
+    its own and sees that one as kind 'V', not floating point, so it is known by its name (without
+    importing ml_dtypes). Read as the float32 it holds (exactly), as a torch bfloat16 tensor is."""
+    return dtype.name == "bfloat16"
 
 
 def _no_array(a, name: str, expected: str) -> TypeError:

@@ -99,17 +99,26 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
     if not np.all(finite):
         row = int(np.argwhere(~finite)[0][0])
         raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
-    if dtype is not None and a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize:
+    if dtype is not None:
+        in_range(a, name, dtype)
+
+
+def in_range(a: np.ndarray, name: str, dtype, at: str = "in row") -> None:
+    """Refuse finite values of ``a`` past ``dtype``'s range, which are inf once cast to it,
+    naming the first ``at`` its index ("in row 9", "at sample 9", "for class 2")."""
+    if a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize:
         largest = np.finfo(dtype).max
         fits = np.abs(a) <= largest
         if not np.all(fits):
             where = tuple(int(i) for i in np.argwhere(~fits)[0])
-            raise ValueError(f"{name}: {a[where]} in row {where[0]} is beyond {np.dtype(dtype)}'s range "
+            raise ValueError(f"{name}: {a[where]} {at} {where[0]} is beyond {np.dtype(dtype)}'s range "
                              f"(±{largest:.4g}), the model's dtype, where it would be inf")
 
 
-def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x") -> np.ndarray:
-    """``sample_weight`` as a float64 host array (n,), checked: one finite weight >= 0 per sample of ``of``."""
+def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x",
+                        dtype=None) -> np.ndarray:
+    """``sample_weight`` as a float64 host array (n,), checked: one finite weight >= 0 per sample of
+    ``of``, each within ``dtype``'s range (the model's, which the loss weighs them in) where given."""
     weights = _checks.to_numpy(sample_weight, name, f"{n} weights (one per sample of {of})")
     if weights.ndim == 2 and weights.shape[1] == 1:
         weights = weights.reshape(-1)
@@ -119,13 +128,16 @@ def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: 
         raise TypeError(f"{name}: expected numeric weights, got dtype {weights.dtype}")
     weights = weights.astype(np.float64)
     losses.check_weights(weights, name)
+    if dtype is not None:
+        in_range(weights, name, dtype, "at sample")
     return weights
 
 
 def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
     """Per-sample weights from ``class_weight`` {class: weight} for targets ``y`` as
     :func:`check_dataset` returns them, with Keras's rule for a sample's class: the label, the
-    argmax of a row of several targets, or a single target rounded. Classes not named weigh 1."""
+    argmax of a row of several targets, or a single target rounded. Classes not named weigh 1;
+    a weight past the range of the model's dtype, which the loss weighs in, is refused."""
     if not isinstance(class_weight, Mapping):
         raise TypeError(f"class_weight: expected a dict {{class: weight}}, got {type(class_weight).__name__}")
     classes = model.out_features if model.out_features > 1 else 2
@@ -135,6 +147,7 @@ def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
             raise ValueError(f"class_weight: key {key!r} is not a class; the model's {model.out_features} "
                              f"output(s) give the classes 0 to {classes - 1}")
         table[key] = _checks.non_negative(weight, f"class_weight[{key}]")
+    in_range(table, "class_weight", model.dtype, "for class")
     if y.ndim == 2 and y.shape[1] > 1:
         labels = y.argmax(axis=1)
     else:
@@ -150,11 +163,18 @@ def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
 
 def sample_weights(model, y, loss_fn, sample_weight=None, class_weight=None, name: str = "sample_weight"):
     """The weights of each sample of (checked) ``y``: ``sample_weight`` times the ``class_weight``
-    of its class (Keras multiplies the two), or None when neither is given."""
-    weights = None if sample_weight is None else check_sample_weight(sample_weight, len(y), name)
+    of its class, as tf.keras 2 did (Keras 3 refuses the pair with a ValueError), or None when
+    neither is given; each within the range of the model's dtype."""
+    weights = None if sample_weight is None else check_sample_weight(sample_weight, len(y), name,
+                                                                     dtype=model.dtype)
     if class_weight is not None:
         per_class = class_weights(model, y, loss_fn, class_weight)
-        weights = per_class if weights is None else weights * per_class
+        if weights is None:
+            weights = per_class
+        else:
+            with np.errstate(over="ignore"):  # a product past float64's too: inf, refused below
+                weights = weights * per_class
+            all_finite(weights, f"{name} times class_weight", model.dtype)
     return weights
 
 
@@ -356,7 +376,7 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     if sample_weight is not None:
         if loss_fn is None:
             raise ValueError("sample_weight: it weights the loss, and there is none (pass loss=, or compile first)")
-        sample_weight = check_sample_weight(sample_weight, len(x))
+        sample_weight = check_sample_weight(sample_weight, len(x), dtype=model.dtype)
     fused = loss_fn is not None and losses.fuses(loss_fn, head)
     outputs = predict(model, x, batch_size=batch_size, logits=fused)
     scores = scores_of(model, outputs, fused)

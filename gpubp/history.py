@@ -7,15 +7,26 @@ It sits below the callbacks and the checkpoints, which both read and write it.
 >>> h.append(0, {"loss": 0.5}, seconds=0.1)
 >>> h["loss"]
 [0.5]
+>>> "val_loss" in h, list(h), dict(h)
+(False, ['loss'], {'loss': [0.5]})
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 
-class History:
-    """Per-epoch metrics, as Keras's ``History``: ``history["loss"]``, ``history["val_loss"]``, ..."""
+class History(Mapping):
+    """Per-epoch metrics, as Keras's ``History``: ``history["loss"]``, ``history["val_loss"]``, ...
+
+    A read-only mapping of the logged names to their per-epoch lists, as ``history.history`` is
+    (``"val_loss" in history``, ``list(history)``, ``history.items()``, ``len``: the names). As
+    before it was a mapping, a History equals only itself and is hashable: compare
+    ``history.history`` for the values."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
@@ -36,6 +47,12 @@ class History:
 
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
+
+    def __iter__(self):
+        return iter(self.history)
+
+    def __len__(self) -> int:
+        return len(self.history)
 
     def until(self, epoch: int) -> History:
         """A copy holding the epochs before ``epoch``: where a run resumed at ``epoch`` continues."""

@@ -30,7 +30,7 @@ from types import ModuleType
 import numpy as np
 
 from gpubp import _checks, _random, activations, backends, batches, philox
-from gpubp.backends import numpy_backend
+from gpubp.backends import _contract, numpy_backend
 from gpubp.parameter import Parameter
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
@@ -1048,7 +1048,7 @@ class Sequential:
 
     def as_input(self, x, name: str = "x"):
         """Validate ``x`` (B, in_features) and return it as this model's backend array."""
-        if _checks.array_kind(x) == "other":
+        if _checks.array_kind(x) == "other" or _checks.is_bfloat16(x.dtype):
             x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {self.in_features})")
         _checks.batch_shape(x.shape, self.in_features, name)
         _checks.float_dtype(x.dtype, name)
@@ -1082,11 +1082,19 @@ class Sequential:
             self._needs_cache[key] = needs
         return needs
 
+    def _head(self) -> int:
+        """The index of the layer whose output is the model's logits: the last layer, or with
+        Dropouts on top the one below them (they pass its output through outside training)."""
+        head = len(self) - 1
+        while isinstance(self.layers[head], Dropout):
+            head -= 1
+        return head
+
     def _applied(self, logits: bool) -> list[str]:
-        """The activation each layer applies; ``logits=True`` leaves the last one out."""
+        """The activation each layer applies; ``logits=True`` leaves the head's (``_head``) out."""
         acts = [layer.activation for layer in self.layers]
         if logits:
-            acts[-1] = "identity"
+            acts[self._head()] = "identity"
         return acts
 
     def backward_plan(self, need_input_grad: bool = False, logits: bool = False) -> BackwardPlan:
@@ -1131,7 +1139,8 @@ class Sequential:
         costs no activation memory. ``training=False`` (predict/evaluate) keeps nothing.
         ``logits=True`` returns the last layer's pre-activation (the logits of a sigmoid or
         softmax head) for a loss that applies the activation itself, fused and stable;
-        the following ``backward`` then takes the gradient of the logits.
+        the following ``backward`` then takes the gradient of the logits. With Dropouts on top,
+        it is the pre-activation of the layer below them (masked by them in training).
         The returned array is a new one each call (intermediate buffers are reused call to call),
         but it may be the very array the last layer keeps for backward: it is the model's until the
         next forward, so copy it before changing it in place, or the gradients change with it.
@@ -1172,17 +1181,20 @@ class Sequential:
         batch = h.shape[0]
         if training:
             self._fused_saved = None
-        last = len(self) - 1
+        head = self._head()
         # The step that writes the model's output gives a fresh array (out=None). Outside
         # training a Dropout passes its input through, so with Dropouts on top that is the step
         # below them; a later step writing into a scratch buffer would return that buffer.
-        output_from = last
-        while not training and isinstance(self.layers[output_from], Dropout):
-            output_from -= 1
-        for step, (i, dropout) in enumerate(self._steps()):
+        output_from = len(self) - 1 if training else head
+        # The scratch buffer (of two per shape) the next step may write into: never the one that
+        # holds its input. Only a step that wrote into it moves on to the other; one that passes
+        # its input through (a Dropout outside training) leaves the step above reading the same.
+        slot = 0
+        for i, dropout in self._steps():
             layer = self.layers[i]
             top = i if dropout is None else i + 1  # the last layer whose output this step writes
             shape = (batch, layer.out_features)
+            scratch = None
             if top >= output_from:
                 out = None
             # What act' reads is the output, or z (NEEDS_Z), which the layer keeps in a buffer of its own.
@@ -1192,11 +1204,13 @@ class Sequential:
                 if training:
                     # This layer's output is no longer kept: give its buffer back.
                     layer._buffers.drop("y", shape)
-                out = self._scratch.get(self.backend, ("y", "train" if training else "infer", step % 2), shape,
-                                        self.dtype)
+                out = scratch = self._scratch.get(self.backend, ("y", "train" if training else "infer", slot), shape,
+                                                  self.dtype)
             fused = {} if dropout is None else {"dropout": dropout}
-            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == last, self.precision,
+            h = layer.forward(h, out, keeps_input[i], keeps_output[i], training, logits and i == head, self.precision,
                               **fused)
+            if scratch is not None and _contract.overlap(h, scratch):
+                slot ^= 1
         return h
 
     def _fused_forward(self, h, keeps_input, keeps_output, training: bool, logits: bool):
@@ -1252,9 +1266,10 @@ class Sequential:
         applied_below = {i + 1 for i, dropout in self._steps() if dropout is not None}
         folds = self.folded(plan, self._applied(logits))
         below = {upper: lower for lower, upper in folds.items()}
-        # The two dX buffers alternate by the layers that run, not by position: with a Dropout
-        # skipped between them, two Dense layers two apart would share one, and the lower one's
-        # dX kernel would write over the dz (its dy) it is still reading.
+        # The two dX buffers alternate by the layers that wrote into them, not by position: with a
+        # Dropout skipped between them, two Dense layers two apart would share one, and the lower
+        # one's dX kernel would write over the dz (its dy) it is still reading; a layer of your own
+        # that returns its dy as its dX leaves the layer below reading the same buffer.
         parity = 0
         for i in range(len(self) - 1, lowest - 1, -1):
             if i in applied_below:
@@ -1264,13 +1279,14 @@ class Sequential:
             out_dx = None
             if need_dx and i > 0:
                 out_dx = self._scratch.get(self.backend, ("dx", parity), (batch, layer.in_features), self.dtype)
-                parity ^= 1
             fold = {}
             if i in below:
                 fold["below"] = self.layers[below[i]]
             if i in folds:
                 fold["folded"] = True
             dy = layer.backward(dy, need_dx, out_dx, self.precision, **fold)
+            if out_dx is not None and _contract.overlap(dy, out_dx):
+                parity ^= 1
         return dy if need_input_grad else None
 
     def _check_saved_by(self, forward_call: int, lowest: int, input_kept: bool) -> None:

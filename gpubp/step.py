@@ -165,7 +165,7 @@ class TrainStep:
         A non-finite loss raises FloatingPointError and leaves the weights unchanged."""
         x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
         if sample_weight is not None:
-            sample_weight = batches.check_sample_weight(sample_weight, len(x))
+            sample_weight = batches.check_sample_weight(sample_weight, len(x), dtype=self.model.dtype)
         with batches.at_rate(self.optimizer, self.learning_rate):
             value = self.run(x, y, sample_weight)
         if not math.isfinite(value):

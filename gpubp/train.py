@@ -45,19 +45,24 @@ def compile(model, optimizer="adam", loss="cross_entropy", metrics=None, learnin
     as Keras builds it, and kept with its state across the ``fit`` calls that use it) or an
     Optimizer; ``learning_rate`` is then the rate of every ``fit`` call and ``train_step()`` step
     that trains with that optimizer and passes no rate of its own (an optimizer given to ``fit``
-    or ``train_step`` keeps its rates). ``metrics`` are logged by ``fit`` for the training data
-    too, which keeps each epoch's outputs on the host to score them (N times the output width
-    floats: ``fit(..., metrics=[])`` logs the loss alone).
+    or ``train_step`` keeps its rates). ``model.optimizer`` is that optimizer from here on, as in
+    Keras (``fit`` sets it to the one it trains with). ``metrics`` are logged by ``fit`` for the
+    training data too, which keeps each epoch's outputs on the host to score them (N times the
+    output width floats: ``fit(..., metrics=[])`` logs the loss alone). With none (None), ``fit``
+    logs the loss alone, as Keras's does, and ``evaluate`` takes its default (``accuracy`` beside
+    a classification loss; :func:`gpubp.batches.evaluate`); ``[]`` is none for ``evaluate`` too.
     """
     loss_fn = losses.get(loss)
-    metrics = batches.metric_list(metrics)
-    batches.named_metrics(metrics)  # each known, and of a name of its own
+    if metrics is not None:
+        metrics = batches.metric_list(metrics)
+        batches.named_metrics(metrics)  # each known, and of a name of its own
     if learning_rate is not None:
         _checks.non_negative(learning_rate, "learning_rate")
-    batches.optimizer_for(model, optimizer, fresh=True)
+    resolved = batches.optimizer_for(model, optimizer, fresh=True)
     model._compiled = {"optimizer": optimizer, "loss": loss_fn, "metrics": metrics,
                        "learning_rate": learning_rate}
     model.loss = loss_fn
+    model.optimizer = resolved
 
 
 def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int | None = 32,
@@ -91,9 +96,12 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     shuffling), as Keras does; ``validation_data=(x_val, y_val)`` or ``(x_val, y_val,
     val_sample_weight)`` takes precedence.
     ``sample_weight`` (N,) and ``class_weight`` ({class: weight}) weight the training loss as
-    Keras does: each sample's loss times its weight (the product of the two where both are
-    given), summed over the batch and divided by the batch size. A sample's class is its label,
-    the argmax of its target row, or its single target rounded; classes not named weigh 1.
+    Keras does: each sample's loss times its weight, summed over the batch and divided by the
+    batch size. Both at once weigh each sample by the product of the two, as tf.keras 2 did
+    (Keras 3 refuses the pair with a ValueError). A sample's class is its label, the argmax of
+    its target row, or its single target rounded; classes not named weigh 1. A weight past the
+    range of the model's dtype (1e39 for float32), where it would be inf, is a ValueError before
+    the first step.
     ``validation_split`` holds out the last samples' ``sample_weight`` with them, and the
     validation loss is weighted by those (class weights apply to training only).
     ``metrics`` (e.g. ``["accuracy"]``; by default the compiled ones) are logged each epoch under
@@ -149,7 +157,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     opt = batches.optimizer_for(model, optimizer if optimizer is not None else compiled.get("optimizer", "adam"))
     x, y = batches.check_dataset(model, x, y, loss_fn)
     if sample_weight is not None:
-        sample_weight = batches.check_sample_weight(sample_weight, len(x))
+        sample_weight = batches.check_sample_weight(sample_weight, len(x), dtype=model.dtype)
     w_val = None
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
@@ -157,7 +165,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         x_val, y_val = batches.check_dataset(model, *validation_data[:2], loss_fn, name="validation_data")
         if len(validation_data) == 3 and validation_data[2] is not None:
             w_val = batches.check_sample_weight(validation_data[2], len(x_val), "validation_data[2]",
-                                                of="validation_data")
+                                                of="validation_data", dtype=model.dtype)
     elif validation_split:
         n_val = len(x) - math.floor(len(x) * (1 - validation_split))  # Keras's rounding
         if not 0 < n_val < len(x):

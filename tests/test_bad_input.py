@@ -179,6 +179,30 @@ def test_a_torch_tensor_that_requires_grad_is_read_as_its_values():
     np.testing.assert_array_equal(model.predict(rounded), twin.predict(rounded.float().numpy()))
 
 
+def test_an_ml_dtypes_bfloat16_array_is_read_as_the_float32_it_holds():
+    """JAX's host arrays are ml_dtypes' bfloat16, which NumPy sees as kind 'V' (no float type of its
+    own); they are read as float32, exactly, as a torch bfloat16 tensor is."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (JAX's bfloat16 for NumPy) is not installed")
+    x, y = data()
+    rounded = x.astype(ml_dtypes.bfloat16)
+    assert rounded.dtype.kind == "V"
+    widened = rounded.astype(np.float32)
+    model, twin = make_model(), make_model()
+    np.testing.assert_array_equal(model.predict(rounded), twin.predict(widened))
+    np.testing.assert_array_equal(model.forward(rounded, training=False), twin.forward(widened, training=False))
+    assert model.evaluate(rounded, y) == twin.evaluate(widened, y)
+    model.fit(rounded, y, sample_weight=np.ones(len(x)).astype(ml_dtypes.bfloat16), shuffle=False, verbose=0)
+    twin.fit(widened, y, sample_weight=np.ones(len(x)), shuffle=False, verbose=0)
+    assert_weights_equal(twin.get_weights(), model)
+
+
+def test_a_void_dtype_of_another_name_is_still_no_floating_point_array():
+    """bfloat16 is known by its name: other two-byte records stay refused."""
+    model = make_model()
+    with rejected(model, TypeError, r"^x: expected a floating-point array, got dtype \|V2"):
+        model.predict(np.zeros((3, 4), "V2"))
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 
@@ -290,6 +314,39 @@ def test_float64_data_past_the_float32_range_is_rejected_before_any_step(what):
     with rejected(model, ValueError, rf"{what}: -1e\+39 in row 9 is beyond float32's range"):
         model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
                   shuffle=False, verbose=0)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"sample_weight": np.r_[np.ones(11), 1e39]}, r"^sample_weight: 1e\+39 at sample 11 is beyond float32's range"),
+    ({"class_weight": {2: 1e39}}, r"^class_weight: 1e\+39 for class 2 is beyond float32's range"),
+    ({"sample_weight": np.full(12, 1e20), "class_weight": {1: 1e20}},
+     r"^sample_weight times class_weight: 1e\+40 in row 0 is beyond float32's range"),
+    ({"validation_data": (np.zeros((3, 4), np.float32), np.array([1, 0, 1]), np.array([1.0, 1e39, 1.0]))},
+     r"^validation_data\[2\]: 1e\+39 at sample 1 is beyond float32's range"),
+], ids=["sample_weight", "class_weight", "their_product", "validation_weights"])
+def test_weights_past_the_float32_range_are_refused_before_any_step(weights, message):
+    """A float64 weight that is inf in the float32 model's loss: refused up front, as x and y are,
+    not a FloatingPointError batches into the epoch."""
+    model = make_model()
+    x, _ = data(n=12)
+    y = np.r_[1, np.zeros(11, np.int64)]
+    with rejected(model, ValueError, message):
+        model.fit(x, y, optimizer="sgd", batch_size=4, shuffle=False, verbose=0, **weights)
+
+
+def test_evaluate_refuses_a_sample_weight_past_the_float32_range():
+    model = make_model()
+    x, y = data()
+    with rejected(model, ValueError, r"^sample_weight: 1e\+39 at sample 7 is beyond float32's range"):
+        model.evaluate(x, y, loss="cross_entropy", sample_weight=np.r_[np.ones(7), 1e39])
+
+
+def test_weights_past_the_float32_range_train_a_float64_model():
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 3)], device="cpu", dtype="float64")
+    x, y = data()
+    history = model.fit(x, y, class_weight={2: 1e39}, sample_weight=np.full(len(x), 1e-39), verbose=0)
+    assert np.isfinite(history["loss"][0])
 
 
 def test_a_loss_that_turns_nan_stops_fit_before_that_batchs_update():

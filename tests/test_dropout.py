@@ -443,6 +443,95 @@ def test_a_dropout_on_top_of_the_model_and_after_another_dropout_runs_on_its_own
     assert str(model.backward_plan()).count("regenerated") == 2
 
 
+# Dropouts stacked around Dense layers whose input and output widths match (8 -> 8), where a pass
+# through one could hand a Dense its own input buffer as its output: the rates standing at the
+# input, above each of the three Dense layers (4 -> 8, 8 -> 8, 8 -> 3), the last on top.
+DROPOUT_STACKS = {
+    "two in a row": [[], [0.5, 0.5], [], []],
+    "two of rate zero": [[], [0.0, 0.0], [], []],
+    "three in a row": [[], [0.5, 0.3, 0.2], [], []],
+    "at the input and on top": [[0.2, 0.2], [0.5], [0.4], [0.3, 0.3]],
+    "everywhere": [[0.2], [0.5, 0.5], [0.4, 0.4], [0.1]],
+}
+
+
+def dropout_stack(rates, backend="numpy"):
+    """(the three Dense layers with Dropouts of ``rates`` around them, the same Dense layers alone)."""
+    gb.seed(5)
+    plain = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "relu"), gb.Dense(8, 3)], backend=backend)
+    layers = [gb.Dropout(rate) for rate in rates[0]]
+    for i, between in enumerate(rates[1:]):
+        layers += [gb.Dense(plain[i].in_features, plain[i].out_features, plain[i].activation)]
+        layers += [gb.Dropout(rate) for rate in between]
+    model = gb.Sequential(layers, backend=backend)
+    model.set_weights(plain.get_weights())
+    return model, plain
+
+
+@pytest.mark.parametrize("rates", DROPOUT_STACKS.values(), ids=DROPOUT_STACKS.keys())
+def test_dropouts_in_a_row_pass_through_predict_evaluate_and_forward(backend, rng, rates):
+    """Outside training a Dropout returns its input: the Dense above it is handed a buffer that is
+    not that input as its output, whatever stands in between."""
+    model, plain = dropout_stack(rates, backend)
+    x, labels = rng.standard_normal((11, 4)).astype(np.float32), rng.integers(0, 3, 11)
+    expected = plain.predict(x)
+    np.testing.assert_array_equal(model.predict(x), expected)
+    np.testing.assert_array_equal(model.predict(x, batch_size=4), expected)
+    np.testing.assert_array_equal(model.backend.to_host(model.forward(x, training=False)), expected)
+    assert model.evaluate(x, labels, loss="cross_entropy") == plain.evaluate(x, labels, loss="cross_entropy")
+
+
+@pytest.mark.parametrize("rates", DROPOUT_STACKS.values(), ids=DROPOUT_STACKS.keys())
+def test_fit_validates_a_model_with_dropouts_in_a_row_as_evaluate_does(rng, rates):
+    model, _ = dropout_stack(rates)
+    x, labels = rng.standard_normal((40, 4)).astype(np.float32), rng.integers(0, 3, 40)
+    history = model.fit(x, labels, epochs=2, batch_size=8, validation_split=0.25, verbose=0)
+    assert history["val_loss"][-1] == model.evaluate(x[30:], labels[30:])["loss"]
+
+
+@pytest.mark.parametrize("frozen", [(), (0,), (0, 1)], ids=["none", "bottom", "bottom_two"])
+def test_dropouts_of_rate_zero_in_a_row_train_as_the_dense_layers_alone(rng, frozen):
+    """Rate 0 keeps everything: the training forward, dX and the gradients are those without the
+    Dropouts, with frozen layers below that keep nothing (their outputs in the model's scratch buffers)."""
+    model, plain = dropout_stack(DROPOUT_STACKS["everywhere"])
+    for layer in model:
+        if isinstance(layer, gb.Dropout):
+            layer.rate = 0.0
+    for i in frozen:
+        [layer for layer in model if isinstance(layer, gb.Dense)][i].freeze()
+        plain[i].freeze()
+    x, dout = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    for need_input_grad in (False, True):
+        np.testing.assert_array_equal(model.forward(x, need_input_grad=need_input_grad),
+                                      plain.forward(x, need_input_grad=need_input_grad))
+        dx, expected = model.backward(dout, need_input_grad), plain.backward(dout, need_input_grad)
+        if need_input_grad:
+            np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
+        for ours, reference in zip(model.parameters(), plain.parameters()):
+            assert (ours.grad is None) == (reference.grad is None)
+            if ours.grad is not None:
+                np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("on_top", [1, 2])
+def test_logits_are_the_pre_activation_of_the_dense_below_dropouts_on_top(rng, on_top):
+    """predict and forward's ``logits=True`` leave out the activation of the layer the Dropouts
+    on top pass through (rate 0 here, so that the training forward is comparable too)."""
+    gb.seed(0)
+    plain = gb.Sequential([gb.Dense(4, 5, "relu"), gb.Dense(5, 3, "tanh")], device="cpu")
+    model = gb.Sequential([gb.Dense(4, 5, "relu"), gb.Dense(5, 3, "tanh")] + [gb.Dropout(0.0) for _ in range(on_top)],
+                          device="cpu")
+    model.set_weights(plain.get_weights())
+    x, dout = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x, logits=True), plain.predict(x, logits=True))
+    assert not np.allclose(model.predict(x, logits=True), model.predict(x))
+    np.testing.assert_array_equal(model.forward(x, logits=True), plain.forward(x, logits=True))
+    model.backward(dout)
+    plain.backward(dout)
+    for ours, reference in zip(model.parameters(), plain.parameters()):
+        np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- every backend
 
 

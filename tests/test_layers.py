@@ -675,6 +675,51 @@ def test_a_layer_without_parameters_trains_in_fit_and_a_step_and_freezes_around_
     assert scaled.backward_plan() == [("dense_0", []), ("scale_1", []), ("dense_2", ["dense_dw"])]
 
 
+class PassThrough(Scale):
+    """A layer of your own that returns its input as its output and its dy as its dX, writing
+    into neither ``out`` nor ``out_dx``."""
+
+    kind = "pass"
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+
+    def forward(self, x, out=None, keep_input=False, keep_output=False, training=True, logits=False,
+                precision="fp32"):
+        return x
+
+    def backward(self, dy, need_dx, out_dx=None, precision="fp32"):
+        return dy if need_dx else None
+
+
+@pytest.mark.parametrize("frozen", [0, 7], ids=["none", "all_but_the_top_bias"])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_a_layer_that_returns_its_input_leaves_the_layer_above_an_output_buffer_of_its_own(rng, passes, frozen):
+    """The model's scratch buffers alternate by the layers that wrote into them: a Dense above a
+    layer that passed its input (or dy) through is not handed that input (or dy) as its output."""
+    gb.seed(0)
+    plain = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "tanh"), gb.Dense(8, 8, "relu"), gb.Dense(8, 3)],
+                          device="cpu")
+    model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 8, "tanh")] + [PassThrough() for _ in range(passes)]
+                          + [gb.Dense(8, 8, "relu"), gb.Dense(8, 3)], device="cpu")
+    model.set_weights(plain.get_weights())
+    # The first ``frozen`` parameters: layers that keep nothing write into the model's scratch buffers.
+    for ours, reference in zip(model.parameters()[:frozen], plain.parameters()[:frozen]):
+        ours.trainable = reference.trainable = False
+    x, dout = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x), plain.predict(x))
+    for need_input_grad in (False, True):
+        np.testing.assert_array_equal(model.forward(x, need_input_grad=need_input_grad),
+                                      plain.forward(x, need_input_grad=need_input_grad))
+        dx, expected = model.backward(dout, need_input_grad), plain.backward(dout, need_input_grad)
+        if need_input_grad:
+            np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
+        for ours, reference in zip(model.parameters(), plain.parameters()):
+            assert (ours.grad is None) == (reference.grad is None)
+            if ours.grad is not None:
+                np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_the_fused_kernels_say_they_run_dense_layers_only():
     scaled, _ = scaled_and_folded()
     fused_backend = type("FusedBackend", (), {"FUSED_MLP_MAX_WIDTH": 128, "FUSED_MLP_MAX_LAYERS": 8})

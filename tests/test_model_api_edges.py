@@ -9,11 +9,13 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 
 import gpubp as gb
+from gpubp import batches, train
 from gpubp.backends import numpy_backend
 
 
@@ -337,11 +339,54 @@ def test_evaluate_with_verbose_prints_one_line_of_its_results_as_fit_prints_an_e
         assert float(shown[name]) == pytest.approx(value, rel=1e-3, abs=1e-4), name
 
 
+@pytest.mark.parametrize("loss, expected", [("cross_entropy", {"loss", "accuracy"}), ("mse", {"loss"})])
+def test_a_model_compiled_without_metrics_evaluates_with_the_default_ones_and_fit_logs_the_loss_alone(rng, loss,
+                                                                                                      expected):
+    """As a model fit without compile: compile(metrics=None) leaves evaluate its default, while fit
+    logs no metric of its own choosing (Keras's History holds the loss alone then); ``[]`` is none."""
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    model, y = (dense_model(), np.arange(16) % 3) if loss == "cross_entropy" else (
+        gb.Sequential([gb.Dense(4, 1)], backend="numpy"), rng.normal(size=(16, 1)).astype(np.float32))
+    model.compile(loss=loss)
+    history = model.fit(x, y, epochs=1, batch_size=8, validation_split=0.25, verbose=0)
+    assert list(history.history) == ["loss", "val_loss"]
+    assert set(model.evaluate(x, y)) == expected
+    model.compile(loss=loss, metrics=[])
+    assert set(model.evaluate(x, y)) == {"loss"}
+
+
 def test_evaluate_takes_the_compiled_metrics_over_the_default(rng):
     model = gb.Sequential([gb.Dense(4, 1)], backend="numpy")
     model.compile(loss="mse", metrics=["mae"])
     x, y = regression_data(rng)
     assert set(model.evaluate(x, y)) == {"loss", "mae"}
+
+
+def test_a_history_reads_as_a_mapping_of_the_logged_names_to_their_values(rng):
+    """``"val_loss" in history`` and ``list(history)`` fell back to history[0] (a KeyError)."""
+    x, y = rng.normal(size=(16, 4)).astype(np.float32), np.arange(16) % 3
+    history = dense_model().fit(x, y, epochs=2, validation_split=0.25, metrics=["accuracy"], verbose=0)
+    assert "val_loss" in history and "f1" not in history and 0 not in history
+    assert list(history) == list(history.keys()) == ["loss", "accuracy", "val_loss", "val_accuracy"]
+    assert len(history) == 4 and dict(history) == dict(history.items()) == history.history
+    assert history.get("f1") is None and isinstance(history, Mapping)
+    # As before it was a mapping: equal to itself only, and hashable.
+    twin = history.until(2)
+    assert twin.history == history.history and twin != history and len({history, twin}) == 2
+
+
+def test_class_and_sample_weight_together_weigh_by_their_product_which_the_docs_credit_to_tf_keras_2(rng):
+    """Keras 3 refuses the pair (ValueError); the docs once said gpubp multiplied them "as Keras does"."""
+    for doc in (train.fit.__doc__, batches.sample_weights.__doc__):
+        doc = " ".join(doc.split())
+        assert "as tf.keras 2 did" in doc and "Keras 3 refuses" in doc, doc
+    x, y = rng.normal(size=(12, 4)).astype(np.float32), np.arange(12) % 3
+    w = rng.uniform(0.5, 2.0, 12)
+    both, product = dense_model(), dense_model()
+    both.fit(x, y, sample_weight=w, class_weight={0: 3.0, 2: 0.5}, shuffle=False, verbose=0)
+    product.fit(x, y, sample_weight=w * np.array([3.0, 1.0, 0.5])[y], shuffle=False, verbose=0)
+    for ours, theirs in zip(both.get_weights(), product.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 # ----------------------------------------------------------------------------- metric names

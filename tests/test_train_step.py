@@ -64,6 +64,24 @@ def test_a_step_at_the_compiled_rate_puts_the_optimizers_own_rate_back_as_fit_do
     assert step.optimizer.param_groups[0]["lr"] == own != 0.5
 
 
+@pytest.mark.parametrize("given", ["adam", "an instance"])
+def test_compile_sets_model_optimizer_to_the_one_fit_and_a_step_then_train_with(rng, given):
+    """As Keras's compile: ``model.optimizer`` is the compiled optimizer before any fit, the very
+    one fit and train_step() then update (its state kept), and a name is built afresh by each compile."""
+    x, y = batch(rng)
+    model = small_model()
+    optimizer = gb.optim.Adam(model.parameters(), lr=0.01) if given == "an instance" else given
+    model.compile(optimizer=optimizer)
+    compiled = model.optimizer
+    assert isinstance(compiled, gb.optim.Adam) and (compiled is optimizer or given == "adam")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert model.optimizer is compiled and {s["step"] for s in compiled.state.values()} == {2}
+    model.train_step()(x, y)
+    assert model.optimizer is compiled and {s["step"] for s in compiled.state.values()} == {3}
+    model.compile(optimizer=optimizer)
+    assert (model.optimizer is compiled) == (given == "an instance")
+
+
 def test_a_step_given_an_optimizer_trains_at_its_rate_not_the_compiled_one(rng):
     x, y = batch(rng)
     compiled, plain = small_model(), small_model()
@@ -85,6 +103,19 @@ def test_a_step_on_bad_input_names_it_and_changes_no_weight(rng, bad, name):
     before = model.get_weights()
     with pytest.raises((ValueError, TypeError), match=rf"^{name}\b"):
         step(*bad(*batch(rng)))
+    assert_weights_equal(before, model)
+
+
+def test_a_step_refuses_a_sample_weight_past_the_models_float_range_by_name(rng):
+    """As fit does: weighed in float32, 1e39 is inf, and the step's loss with it."""
+    model = small_model()
+    step = model.train_step()
+    x, y = batch(rng)
+    weights = np.ones(len(x))
+    weights[5] = 1e39
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"^sample_weight: 1e\+39 at sample 5"):
+        step(x, y, sample_weight=weights)
     assert_weights_equal(before, model)
 
 
