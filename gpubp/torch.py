@@ -573,6 +573,22 @@ TRACED = ("gpubp.torch.MLP cannot be traced by torch.export, torch.fx (symbolic_
           "could hold. For a file to serve, export it to ONNX (mlp.to_sequential().save('m.onnx')); in PyTorch, "
           "torch.compile runs it in a graph break")
 
+# torch.cuda.graph and make_graphed_callables record the kernels a stream runs. The bridge's launches
+# would go in, but the scratch they use comes from CuPy's pool, which nothing keeps for the graph's
+# replays (and a CPU MLP's work is never recorded at all), so a replay would read freed memory.
+CAPTURED = ("gpubp.torch.MLP cannot run inside a CUDA graph capture (torch.cuda.graph, make_graphed_callables): "
+            "its kernels' scratch memory comes from CuPy's pool, which "
+            "a replay of torch's graph would read after it is freed. Capture the rest of the model around it, or "
+            "use gpubp's own captured step (model.fit(..., cuda_graph=True))")
+
+
+def _refuse_capture() -> None:
+    """Raise where torch's current stream is capturing a CUDA graph (no capture without CUDA initialized;
+    a CPU-only torch raises on the question itself)."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(CAPTURED)
+
+
 # The checks are torch's own, guarded: _are_functorch_transforms_active is what autograd.Function.apply asks
 # before it takes the functorch path; a fake tensor (torch.export, FakeTensorMode) and an active proxy mode
 # (make_fx, which with real tensors would record torch.empty for the outputs the kernels write) both mean a
@@ -594,7 +610,9 @@ def _proxy_mode_active() -> bool:
 
 
 def _refuse_transforms(x: torch.Tensor, params: list) -> None:
-    """Raise, naming it, where the forward runs under a torch.func transform or is being traced."""
+    """Raise, naming it, where the forward runs under a torch.func transform, is being traced or is
+    being captured in a CUDA graph."""
+    _refuse_capture()
     if _transforms_active():
         raise RuntimeError(FUNCTORCH)
     # A plain Tensor or Parameter is never fake (functionalized ones come with a transform or make_fx,
@@ -668,6 +686,7 @@ def _function(device_type: str, dtype: torch.dtype):
         def backward(ctx, grad_out):
             if _batched(grad_out):  # else torch's "Batching rule not implemented for aten::detach"
                 raise RuntimeError(BATCHED_GRADS)
+            _refuse_capture()  # a graph captured around the backward alone
             saved = ctx.saved_tensors  # read once: each read unpacks them again (saved_tensors_hooks)
             grads = _backward(ctx, saved, grad_out)
             if torch.is_grad_enabled():  # create_graph=True: what differentiates these grads must fail

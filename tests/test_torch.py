@@ -806,6 +806,24 @@ def test_torch_transforms_and_tracers_the_kernels_cannot_take_part_in_are_refuse
     assert torch.autograd.functional.jacobian(mlp, x).shape == (3, 5, 3, 7)
 
 
+def test_a_cuda_graph_capture_around_the_forward_or_the_backward_is_refused_by_name(mlp, monkeypatch):
+    """torch.cuda.graph would record the kernels with scratch from CuPy's pool that nothing keeps
+    for the replays (and a CPU MLP's work not at all); the capture is what torch's stream reports."""
+    x = random_input()
+    out = mlp(x)  # the backward's graph, made before the capture
+    before = [p.detach().clone() for p in mlp.parameters()]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for call in (lambda: mlp(x), lambda: out.sum().backward()):
+        with pytest.raises(RuntimeError, match=r"^gpubp.torch.MLP cannot run inside a CUDA graph capture"):
+            call()
+    assert all(p.grad is None for p in mlp.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(mlp.parameters(), before))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    out.sum().backward()  # outside a capture, as before
+    assert all(p.grad is not None for p in mlp.parameters())
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_run_the_cupy_kernels_on_torchs_current_stream():
     pytest.importorskip("cupy")
