@@ -5,8 +5,9 @@ builds the same model and calls ``fit`` on the whole dataset. Then:
 
 - the process group is the one already initialized, else :func:`init` makes one from
   torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``);
-- rank 0's weights and random state are broadcast, so every rank starts from the same weights
-  and draws the same permutation each epoch (as ``DistributedSampler`` does);
+- rank 0's weights, optimizer state (moments, step counts) and random state are broadcast, so
+  every rank starts from the same weights and state and draws the same permutation each epoch
+  (as ``DistributedSampler`` does);
 - ``batch_size`` is the global batch: each step, rank ``r`` of ``W`` takes the ``r``-th of ``W``
   contiguous parts of the global batch, runs forward and backward on it, and the trainable
   gradients (frozen layers send nothing) plus the loss are summed with ONE all-reduce over one
@@ -24,12 +25,17 @@ Every rank must pass the whole dataset, in the same order: gpubp splits each glo
 the ranks itself, so no ``DistributedSampler`` or per-rank shard is needed (a shard per rank
 would train on part of the data). Before the first step the ranks compare their setups and all
 raise the same error, naming the item and the ranks, where they differ: the device, the model's
-parameters, the arguments of ``fit`` that every rank must pass alike (batch_size, epochs,
+parameters and what its layers compute (activations, Dropout rates, precision), the arguments of ``fit`` that every rank must pass alike (batch_size, epochs,
 shuffle, loss, metrics, optimizer, learning_rate, clip_grad_norm, scheduler), and a
 :func:`fingerprint` of the data (x, y, the training weights of sample_weight and class_weight,
 the validation data), computed once per ``fit`` (its cost: see there). The callbacks may differ
-(a rank-0-only logger, say). The model and the optimizer live on each rank as usual; after
-``fit`` every rank has the same weights.
+(a rank-0-only logger, say): a stop that any rank's callback asks for (``model.stop_training``)
+stops every rank after the same batch or epoch, as the ranks agree on it after each batch's and
+each epoch's callbacks (:meth:`DataParallel.any_rank`, a one-value all-reduce; the one after an
+epoch also keeps the other ranks from going on while rank 0 writes a checkpoint, and ``fit``
+returns on every rank once rank 0's callbacks have finished). A callback that changes what the
+ranks compute (a learning rate set on one rank only) must run on every rank alike. The model
+and the optimizer live on each rank as usual; after ``fit`` every rank has the same weights.
 
 ``import gpubp`` does not import torch: ``fit(distributed=True)`` does when it first runs, and
 :func:`rank` (which the callbacks ask before they print) never does.
@@ -154,6 +160,23 @@ def _loss_name(loss_fn) -> str:
     return f"{name}{options}" if options else name
 
 
+def _param_positions(model, optimizer) -> list[list[int]] | None:
+    """Where each of the optimizer's groups' parameters stand in ``model.parameters()`` (-1: not the
+    model's): two optimizers of as many parameters may update other layers."""
+    if optimizer is None:
+        return None
+    positions = {id(p): i for i, p in enumerate(model.parameters())}
+    return [[positions.get(id(p), -1) for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _layer_label(layer) -> str:
+    """What a layer computes beside its parameters: a Dense's activation, a Dropout's rate."""
+    if isinstance(layer, Dropout):
+        return f"Dropout({layer.rate!r})"
+    activation = getattr(layer, "activation", None)
+    return type(layer).__name__ if activation is None else f"{type(layer).__name__}({activation!r})"
+
+
 def check_setups(setups: list[dict]) -> None:
     """Raise if the ranks' ``setups`` (one dict per rank: host, device, n_train, n_val, and where
     given model, ``arguments`` {name: value} and ``data`` {name: fingerprint}) cannot train
@@ -178,6 +201,9 @@ def check_setups(setups: list[dict]) -> None:
         if setup.get("model") != first.get("model"):
             raise ValueError(f"model: rank {r}'s parameters (shapes, dtype, trainable flags) differ from rank 0's; "
                              "every rank must build and freeze the same model")
+        if setup.get("layers") != first.get("layers"):
+            raise ValueError(f"model: rank {r}'s layers compute otherwise than rank 0's (rank 0: {first.get('layers')}, "
+                             f"rank {r}: {setup.get('layers')}); every rank must build the same model")
         for name, digest in setup.get("data", {}).items():
             if digest != first["data"][name]:
                 raise ValueError(f"{name}: rank 0 and rank {r} pass different data (fingerprints "
@@ -232,7 +258,7 @@ class DataParallel:
         init(model.device, timeout_s)
         self.dist = _dist()
         self.torch = torch
-        self.model = model
+        self.model, self.optimizer = model, optimizer
         self.rank = self.dist.get_rank()
         self.world_size = self.dist.get_world_size()
         self.part, self.output = slice(0, 0), None  # the last batch's: this rank's rows, its model output
@@ -243,6 +269,7 @@ class DataParallel:
                      "shuffle": bool(shuffle), "loss": _loss_name(loss),
                      "metrics": [metric_fns.get(m)[0] for m in metrics],
                      "optimizer": None if optimizer is None else repr(optimizer),
+                     "optimizer's parameters": _param_positions(model, optimizer),
                      "learning_rate": learning_rate, "clip_grad_norm": clip_grad_norm,
                      "scheduler": _scheduler_label(scheduler),
                      "scheduler_interval/scheduler_monitor": None if scheduler is None else list(scheduler_steps)}
@@ -253,6 +280,8 @@ class DataParallel:
         setup = {"host": socket.gethostname(), "device": _device_label(model), "n_train": len(x),
                  "n_val": None if validation is None else len(validation[0]), "arguments": arguments,
                  "model": [[list(p.shape), str(p.data.dtype), bool(p.trainable)] for p in model.parameters()],
+                 "layers": {"precision": model.precision,
+                            "layers": [_layer_label(layer) for layer in model]},
                  "data": fingerprints}
         setups = [None] * self.world_size
         self.dist.all_gather_object(setups, setup)
@@ -276,9 +305,13 @@ class DataParallel:
         self.dist.broadcast(self._tensor(bucket), src=0)
         for param, span in zip(params, spans):
             param.data[...] = bucket[span].reshape(param.shape)
-        state = [_random.get_state()]
+        state = [_random.get_state(), None if self.optimizer is None else self.optimizer.state_dict()]
         self.dist.broadcast_object_list(state, src=0)
         _random.generator().bit_generator.state = state[0]
+        if self.optimizer is not None and self.rank != 0:
+            # Rank 0's moments and step counts too, as its weights: a run resumed on rank 0 alone
+            # (Horovod's habit) would otherwise update each rank's weights apart.
+            self.optimizer.load_state_dict(state[1])
 
     def _pack(self, params, extra: int):
         """One flat buffer for ``params`` plus ``extra`` trailing values, and each parameter's span in it."""
@@ -335,6 +368,16 @@ class DataParallel:
         for param, span in zip(params, spans):
             param.grad = bucket[span].reshape(param.shape)
         return float(bucket[-1])
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one all-reduce, so also a barrier): fit asks it of
+        ``model.stop_training`` after each batch's callbacks and each epoch's, so a stop that one
+        rank's callback asks for (a rank-0-only EarlyStopping, a time budget each rank measures)
+        stops every rank at the same step, where the others would wait in the next step's
+        all-reduce until the timeout."""
+        value = self.model.backend.asarray(np.array([1.0 if flag else 0.0]), self.model.dtype)
+        self.dist.all_reduce(self._tensor(value), op=self.dist.ReduceOp.MAX)
+        return bool(self.model.backend.to_host(value)[0] > 0)
 
     def evaluate(self, x_val, y_val, loss_fn, metrics, sample_weight: np.ndarray | None = None) -> dict:
         """``batches.evaluate`` on this rank's part of the validation data (and weights): the loss

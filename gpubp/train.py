@@ -185,9 +185,11 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
             raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
     if verbose == 1 and not _is_terminal(sys.stdout):
         verbose = 2
-    if distributed and cuda_graph is not False:
+    if distributed and cuda_graph is True:
         raise ValueError("cuda_graph: a distributed step all-reduces its gradients through torch.distributed, "
-                         "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False")
+                         "which a CUDA graph of gpubp's kernels does not capture; pass cuda_graph=False or 'auto'")
+    if distributed:
+        cuda_graph = False  # "auto": where it can, and a distributed step it cannot
     batches.check_metrics(model, metrics, y)
     logged = ["loss", *names]
     if x_val is not None:
@@ -369,6 +371,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running['loss']:.4f}", refresh=False)
+            if parallel is not None:  # a stop one rank's callback asked for stops every rank's loop
+                model.stop_training = parallel.any_rank(model.stop_training)
             if model.stop_training:
                 break
         logs = {"loss": total_loss / seen}
@@ -399,10 +403,14 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         history.append(epoch, logs, seconds)
         for cb in savers:
             cb.on_epoch_end(model, epoch, logs)
+        if parallel is not None:  # also a barrier: no rank goes on while rank 0 writes a checkpoint
+            model.stop_training = parallel.any_rank(model.stop_training)
         if model.stop_training:
             break
     for cb in callbacks:
         cb.on_train_end(model)
+    if parallel is not None:  # fit returns on every rank once rank 0's callbacks have written their files
+        parallel.any_rank(False)
     return history
 
 

@@ -189,6 +189,22 @@ def test_distributed_fit_with_fewer_validation_samples_than_ranks_matches_one_pr
         np.testing.assert_allclose(saved[f"small_{key}"], want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_stop_that_one_ranks_callback_asks_for_stops_every_rank_after_the_same_batch(ranks):
+    """Rank 0's callback stops the fit after batch 2 of its second epoch (7 batches an epoch);
+    rank 1, which has no such callback, stops there too instead of waiting in the next step's
+    all-reduce until the timeout, and both return once rank 0 wrote the epoch's checkpoint."""
+    r0, r1 = ranks["saved"]
+    assert int(r0["stopped_batches"]) == int(r1["stopped_batches"]) == 7 + 3
+    assert int(r0["stopped_epochs"]) == int(r1["stopped_epochs"]) == 2
+    np.testing.assert_array_equal(r1["stopped_weights"], r0["stopped_weights"])
+    assert bool(r0["last_checkpoint_there"]) and bool(r1["last_checkpoint_there"])
+
+
+def test_rank_0s_optimizer_state_is_broadcast_with_its_weights(ranks):
+    """Adam's moments, which each rank trained apart before fit, would move the weights apart."""
+    np.testing.assert_array_equal(ranks["saved"][1]["adam_weights"], ranks["saved"][0]["adam_weights"])
+
+
 def test_distributed_fit_prints_progress_on_rank_0_only(ranks):
     assert ranks["log"].count("epoch 1/3 - ") == 1
 
@@ -256,6 +272,38 @@ def test_fit_on_one_rank_equals_fit_without_distributed(one_rank_group, single_p
     model.fit(x, y, optimizer=worker.fit_optimizer(model), distributed=True, **worker.FIT_KWARGS)
     for got, want in zip(model.get_weights(), single_process_fit[0].get_weights()):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_cuda_graph_auto_runs_a_distributed_fit_eagerly_and_true_is_refused(one_rank_group, single_process_fit):
+    """'auto' captures where it can, and a distributed step it cannot: it trains as False does."""
+    x, y = worker.fit_data()
+    gb.seed(worker.FIT_SEED)
+    model = worker.fit_model()
+    model.fit(x, y, optimizer=worker.fit_optimizer(model), distributed=True, cuda_graph="auto", **worker.FIT_KWARGS)
+    for got, want in zip(model.get_weights(), single_process_fit[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="^cuda_graph: a distributed step all-reduces"):
+        model.fit(x, y, distributed=True, cuda_graph=True, **worker.FIT_KWARGS)
+    for got, want in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ranks_whose_layers_compute_otherwise_with_the_same_parameters_are_refused(one_rank_group, monkeypatch):
+    """Another activation, Dropout rate or precision leaves the parameters' shapes alike, and each
+    rank computed another function: the setups fit gathers now say what each layer computes."""
+    check, setups = distributed.check_setups, []
+    monkeypatch.setattr(distributed, "check_setups", setups.extend)
+    x, y = worker.fit_data()
+    for activation, rate, precision in (("relu", 0.1, "fp32"), ("tanh", 0.1, "fp32"), ("relu", 0.6, "fp32"),
+                                        ("relu", 0.1, "bf16")):
+        model = gb.Sequential([gb.Dense(6, 8, activation), gb.Dropout(rate), gb.Dense(8, 3)], precision=precision)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, distributed=True)
+    same, *others = setups
+    check([same, same])
+    for other in others:
+        with pytest.raises(ValueError, match=r"^model: rank 1's layers compute otherwise than rank 0's"):
+            check([same, other])
 
 
 def test_fit_gives_the_setup_check_its_arguments_and_the_fingerprints_of_its_data(one_rank_group, monkeypatch):
@@ -345,7 +393,8 @@ def test_check_setups_rejects_different_datasets(key, name):
 
 FIT_SETUP = {
     "arguments": {"batch_size": 8, "epochs": (0, 3), "shuffle": True, "loss": "gpubp.losses.cross_entropy",
-                  "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "learning_rate": None,
+                  "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "optimizer's parameters": [[0, 1]],
+                  "learning_rate": None,
                   "clip_grad_norm": None, "scheduler": None, "scheduler_interval/scheduler_monitor": None},
     "model": [[[3, 2], "float32", True], [[2], "float32", True]],
     "data": {"x": "0a", "y": "1b", "sample_weight/class_weight": "2c", "validation data": "3d"},
@@ -382,7 +431,7 @@ def test_check_setups_rejects_ranks_that_would_run_other_steps(part, key, value,
 
 @pytest.mark.parametrize("key, value", [
     ("shuffle", False), ("loss", "gpubp.losses.mse"), ("optimizer", "SGD([{2 params, lr=0.2}])"),
-    ("learning_rate", 0.01), ("clip_grad_norm", 1.0), ("scheduler", "StepLR"),
+    ("learning_rate", 0.01), ("clip_grad_norm", 1.0), ("scheduler", "StepLR"), ("optimizer's parameters", [[2, 3]]),
 ])
 def test_check_setups_rejects_ranks_that_would_train_differently(key, value):
     """Ranks that shuffle apart, or compute other gradients or updates, would train silently on

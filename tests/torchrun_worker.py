@@ -18,7 +18,11 @@ Each rank runs, and saves to ``OUT_DIR/rank{r}.npz``:
 6. ``fit(distributed=True)`` twice with schedulers the ranks set apart: another StepLR gamma,
    then the same StepLR stepped per epoch on one rank and per batch on the other (the errors);
 7. a ``gpubp.torch.MLP`` wrapped in ``DistributedDataParallel``, a few SGD steps on this
-   rank's half of a global batch.
+   rank's half of a global batch;
+8. ``fit(distributed=True)`` that a callback on rank 0 alone stops mid-epoch (:class:`StopAt`),
+   with a ModelCheckpoint (rank 0 writes): whether the last checkpoint is there when fit returns;
+9. ``fit(distributed=True)`` with an Adam whose state the ranks left apart (each trained it on
+   other data before, as a run resumed on rank 0 alone would): the weights it ends with.
 
 The test computes the single-process references with the functions below. With
 ``GPUBP_WORKER_DEVICE=cuda`` the same runs go through NCCL and the CUDA kernels (one GPU per rank).
@@ -116,6 +120,29 @@ class TouchAtEnd(gb.Callback):
         open(self.path, "w").close()
 
 
+class StopAt(gb.Callback):
+    """Stops training after batch ``batch`` of epoch ``epoch`` (from 0), as a time budget that each
+    rank measures for itself may stop one rank's fit."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.stop, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, model, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
+        if (self.epoch, batch) == self.stop:
+            model.stop_training = True
+
+
+class CountBatches(gb.Callback):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_batch_end(self, model, batch: int, logs: dict) -> None:
+        self.count += 1
+
+
 def main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -150,6 +177,19 @@ def main(out_dir: str) -> None:
     still.fit(x, y, epochs=3, batch_size=16, shuffle=False, learning_rate=0.0, verbose=0, distributed=True,
               callbacks=[gb.EarlyStopping("loss", verbose=1)])
 
+    # Stopped by rank 0's callback alone, in the second epoch: every rank stops after the same batch.
+    stopped, counted = gb.Sequential([gb.Dense(6, 3)], device=DEVICE), CountBatches()
+    stop_callbacks = [counted, gb.ModelCheckpoint(f"{out_dir}/stopped-{{epoch}}.npz")]
+    stopped_history = stopped.fit(x, y, epochs=3, batch_size=16, verbose=0, distributed=True,
+                                  callbacks=stop_callbacks + ([StopAt(epoch=1, batch=2)] if rank == 0 else []))
+    last_checkpoint_there = os.path.exists(f"{out_dir}/stopped-{len(stopped_history['loss'])}.npz")
+
+    # Adam's moments and step count apart on the ranks before fit; fit broadcasts rank 0's.
+    adam_model = gb.Sequential([gb.Dense(6, 3)], device=DEVICE)
+    adam = gb.optim.Adam(adam_model.parameters(), lr=0.01)
+    adam_model.fit(x[rank * 50:(rank + 1) * 50], y[rank * 50:(rank + 1) * 50], batch_size=10, verbose=0, optimizer=adam)
+    adam_model.fit(x, y, batch_size=16, epochs=2, verbose=0, distributed=True, optimizer=adam)
+
     scheduler_errors = [scheduler_fit_error(x, y, gamma=0.5 if rank == 0 else 0.9, interval="epoch"),
                         scheduler_fit_error(x, y, gamma=0.5, interval="epoch" if rank == 0 else "batch")]
 
@@ -168,6 +208,10 @@ def main(out_dir: str) -> None:
              scheduler_errors=np.array(scheduler_errors),
              small_loss=np.array(small["loss"]), small_val_loss=np.array(small["val_loss"]),
              small_val_accuracy=np.array(small["val_accuracy"]),
+             stopped_batches=np.array(counted.count), stopped_epochs=np.array(len(stopped_history["loss"])),
+             stopped_weights=np.concatenate([w.ravel() for w in stopped.get_weights()]),
+             last_checkpoint_there=np.array(last_checkpoint_there),
+             adam_weights=np.concatenate([w.ravel() for w in adam_model.get_weights()]),
              ddp=np.concatenate([p.detach().cpu().numpy().ravel() for p in mlp.parameters()]))
     # DDP's reducer holds the gloo group; freed after the peer has gone, its destructor can wait forever.
     dist.barrier()
