@@ -61,6 +61,15 @@ def test_warp_shuffles_votes_and_masks(kernels):
     assert (got[:, 7] == lane ^ 4).all()
 
 
+def test_a_xor_shuffle_narrower_than_the_warp_reads_an_earlier_segment(kernels):
+    """PTX shfl.sync.bfly reads lane ^ b unless it is past the caller's segment: with width 8 and
+    b 16, lanes 16..31 read lanes 0..15 (an earlier segment), lanes 0..15 keep their own value."""
+    out = ints(32)
+    kernels.get_function("xor_across_groups")((1,), (32,), (out,))
+    lane = np.arange(32)
+    assert np.array_equal(out.get(), np.where(lane >= 16, lane ^ 16, lane))
+
+
 def test_a_partial_mask_exchanges_among_its_lanes_only(kernels):
     out = harness.to_device(np.full(32, -1.0, np.float32))
     kernels.get_function("half_warp_shuffle")((1,), (32,), (out,))
@@ -312,14 +321,16 @@ def test_arguments_are_checked_against_the_kernel_signature(kernels):
 # ----------------------------------------------------------------------------- the sanitizers
 
 
-def run_under(mode: str, kernel: str, args: str, block: int) -> subprocess.CompletedProcess:
+def run_under(mode: str, kernel: str, args: str, block: int, grid: int = 1, repeat: int = 1) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from cuda_on_cpu import harness
         import test_cuda_on_cpu as t
         module = harness.Harness().module(t.selftest_source(), "selftest")
-        module.get_function({kernel!r})((1,), ({block},), {args})
+        args = {args}
+        for _ in range({repeat}):
+            module.get_function({kernel!r})(({grid},), ({block},), args)
         print("finished")
     """)
     return subprocess.run([sys.executable, "-c", script], env=harness.sanitizer_env(mode), capture_output=True,
@@ -349,3 +360,21 @@ def test_address_sanitizer_reports_a_store_one_past_the_end():
 def test_address_sanitizer_is_quiet_on_a_store_that_fits():
     done = run_under("asan", "store_one_past_the_end", "(harness.device_empty((16,)), np.int32(15))", 32)
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
+
+
+LAST_BLOCK_SUM = ("(harness.to_device(np.arange(8 * 32, dtype=np.float32)), harness.device_empty((8,)), "
+                  "harness.to_device(np.zeros(1, np.uint32)), harness.device_empty((1,)), np.int32({variant}))")
+
+
+def test_blocks_run_concurrently_and_a_last_block_reduction_is_quiet_with_its_fences_and_atomic():
+    done = run_under("tsan", "last_block_sum", LAST_BLOCK_SUM.format(variant=0), 32, grid=8, repeat=3)
+    assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("variant, bug", [(1, "a ticket taken without an atomic"),
+                                          (2, "no fence between the partial and the ticket")])
+def test_thread_sanitizer_reports_a_cross_block_race(variant, bug):
+    """Blocks run on two OS threads at once (runtime.cpp, gpubp_cpu_launch), so what orders one
+    block's accesses before another's is only what orders them on a GPU: atomics and fences."""
+    done = run_under("tsan", "last_block_sum", LAST_BLOCK_SUM.format(variant=variant), 32, grid=8, repeat=3)
+    assert done.returncode != 0 and "data race" in done.stderr, f"{bug}:\n{done.stderr[-3000:]}"

@@ -946,3 +946,47 @@ def test_a_dropout_pass_refuses_a_strided_out_and_writes_nothing(cb):
         with pytest.raises(ValueError, match=refusal("out")):
             run(x, mask, out=out)
     assert same()
+
+
+def test_the_stand_in_refuses_host_reads_of_device_memory_during_a_capture(cb):
+    cp = cb.cupy
+    a = cp.asarray(np.arange(4, dtype=np.float32))
+    assert isinstance(a[1], harness.DeviceArray) and float(a[1]) == 1.0 and int(a[2]) == 2 and a.tolist()[3] == 3.0
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        element = a[0]  # a device array, as on CuPy: no copy yet
+        assert isinstance(element, harness.DeviceArray) and element.shape == ()
+        for read in (lambda: float(a[0]), lambda: int(a[0]), lambda: bool(a[0]), lambda: a.item(0),
+                     lambda: a.tolist(), lambda: list(a), lambda: [0][a[0]]):
+            with pytest.raises(harness.CaptureError, match="device-to-host copy"):
+                read()
+        stream.end_capture()
+
+
+def test_cupy_copyto_takes_a_numpy_source_only_as_a_scalar_baked_at_the_capture(cb):
+    """CuPy's copyto refuses a NumPy source of more than one element and takes a one-element one
+    by value, when it is called: a captured graph replays the value of the capture."""
+    cp = cb.cupy
+    dst = cp.asarray(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray cannot be used for copyto"):
+        cp.copyto(dst, np.arange(4, dtype=np.float32))
+    host = np.array([5.0], np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cp.copyto(dst, host)
+        graph = stream.end_capture()
+    host[0] = 42.0
+    graph.launch()
+    np.testing.assert_array_equal(dst.get(), np.full(4, 5.0, np.float32))
+
+
+def test_a_copy_into_planted_to_hand_cupy_copyto_a_host_array_fails(cb, monkeypatch):
+    """A planted bug: copy_into passing a host source to cupy.copyto, which CuPy refuses."""
+    def copy_into(dst, src):
+        cb.cupy.copyto(dst, np.asarray(src, dtype=dst.dtype))
+
+    monkeypatch.setattr(cb, "copy_into", copy_into)
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
+        cb.copy_into(cb.asarray(np.zeros((2, 3), np.float32)), np.ones((2, 3)))

@@ -2359,6 +2359,28 @@ PLANTED_BUGS = {
         "                    if (c >= cols) continue;\n",
         "",
         "asan", "fused_mlp_on_tensor_cores and tf32 and act_gelu", "heap-buffer-overflow"),
+    # Cross-block synchronization: blocks run on two OS threads at once (runtime.cpp), so these
+    # race, as on a GPU, and ThreadSanitizer sees the unordered accesses.
+    "grid reduction: ticket taken without an atomic": (
+        "reduce.cuh",
+        "is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;",
+        "is_last = (*ticket)++ == gridDim.x - 1;",
+        "tsan", "elementwise_losses and mse", "data race"),
+    "grid reduction: no fence between a block's partial and its ticket": (
+        "reduce.cuh",
+        "        __threadfence();  // the partial is visible device-wide before the ticket is taken\n",
+        "",
+        "tsan", "elementwise_losses and mse", "data race"),
+    "split-K: ticket taken without an atomic": (
+        "split_k.cuh",
+        "is_last = atomicAdd(ticket, 1u) == static_cast<unsigned int>(splits - 1);",
+        "is_last = (*ticket)++ == static_cast<unsigned int>(splits - 1);",
+        "tsan", "split_k_dw and fp32", "data race"),
+    "split-K: no fence before the ticket": (
+        "split_k.cuh",
+        "        __threadfence();\n        is_last = atomicAdd(ticket, 1u)",
+        "        is_last = atomicAdd(ticket, 1u)",
+        "tsan", "split_k_dw and fp32", "data race"),
 }
 
 
@@ -2379,3 +2401,24 @@ def test_a_planted_kernel_bug_fails_the_suite(bug, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode != 0, f"{bug} went unnoticed in {mode} mode:\n{output[-4000:]}"
     assert re.search(reason, output), f"{bug} failed, but not for the expected reason ({reason}):\n{output[-4000:]}"
+
+
+@pytest.mark.skipif(SANITIZED, reason="launches no kernel the replay test does not")
+def test_the_rehearsal_catches_a_host_read_of_device_memory_in_a_captured_step(cb_h100, rng, monkeypatch):
+    """A planted bug: the clip reads the norm on the host (float(norm_sq[0])) to skip its scaling
+    launch. CuPy refuses that device-to-host copy while the stream captures; so does the stand-in,
+    whose indexing gives device arrays, as CuPy's does."""
+    clip = cupy_backend.clip_
+
+    def clip_reading_the_norm(arrays, max_norm, norm_sq, guard):
+        clip(arrays, max_norm, norm_sq, guard)
+        if max_norm / (float(norm_sq[0]) ** 0.5 + 1e-6) >= 1.0:
+            return
+
+    monkeypatch.setattr(cupy_backend, "clip_", clip_reading_the_norm)
+    model = graph_model(False, frozen=1)
+    step = model.train_step("cross_entropy", GRAPH_OPTIMIZERS["adam"](model.parameters()), cuda_graph=True,
+                            clip_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="device-to-host copy"):
+        for xb, yb in graph_batches(rng, [24] * 3):
+            step(xb, yb)

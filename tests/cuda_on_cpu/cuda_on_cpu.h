@@ -6,8 +6,10 @@
 // access_profile.py (access_profiler.cpp says what it counts and how).
 //
 // Execution model (CUDA C++ Programming Guide, "Thread Hierarchy"): a launch runs its
-// blocks one after another, in an order the launcher chooses (natural or shuffled, so no
-// kernel may depend on block order); the threads of one block are fibers of one OS thread,
+// blocks in an order the launcher chooses (natural or shuffled, so no kernel may depend on
+// block order), in the plain and tsan builds on two OS threads at once for a kernel's first
+// launch and every launch of a kernel seen to fence or use an atomic (runtime.cpp,
+// gpubp_cpu_launch), otherwise one after another; the threads of one block are fibers of one OS thread,
 // each running until it waits at a synchronization point (runtime.cpp), and the sanitizers see
 // each as a thread of its own. Threads 32w .. 32w+31 (linear thread id, x fastest) form warp w.
 //
@@ -127,6 +129,10 @@ LanePayloads warp_exchange(const char* op, const char* file, int line, unsigned 
 unsigned lane_id();
 unsigned active_mask();
 void fence();
+// The order of the calling thread's next atomic (release after a __threadfence in its block, else
+// relaxed), and the note an atomic leaves for the block's next fences (runtime.cpp, fence()).
+std::memory_order atomic_order();
+void atomic_done(void* p);
 void* dynamic_shared();
 }  // namespace gpubp_cpu
 
@@ -157,7 +163,9 @@ inline T from_words(const uint32_t* w) {
 constexpr int SHUFFLE_WORDS = 2;
 
 // Source lane of a shuffle, or -1 for "keep my own value" ("Warp Shuffle Functions": width
-// splits the warp into segments; up/down/xor never leave the caller's segment).
+// splits the warp into segments; up/down never leave the caller's segment; xor, as PTX's bfly,
+// reads lane ^ arg whenever it is not past the caller's segment, so an arg >= width reads from
+// an earlier segment).
 enum class Shfl { idx, up, down, bfly };
 
 inline int shuffle_source(Shfl kind, int lane, int arg, int width, const char* file, int line) {
@@ -167,9 +175,9 @@ inline int shuffle_source(Shfl kind, int lane, int arg, int width, const char* f
         case Shfl::idx: return base + (arg & (width - 1));
         case Shfl::up: return (lane - base) >= arg ? lane - arg : -1;
         case Shfl::down: return (lane - base) + arg < width ? lane + arg : -1;
-        case Shfl::bfly: {
-            const int src = lane ^ arg;
-            return (src & ~(width - 1)) == base ? src : -1;
+        case Shfl::bfly: {  // PTX shfl.sync.bfly: j = lane ^ b, valid while j <= maxLane, which may
+            const int src = lane ^ arg;  // be in an earlier segment when b >= width
+            return src <= (base | (width - 1)) ? src : -1;
         }
     }
     return -1;
@@ -218,29 +226,38 @@ inline unsigned syncwarp_mask(unsigned mask) { return mask; }
 #define __activemask() ::gpubp_cpu::active_mask()
 
 // ------------------------------------------------------------------ atomics ("Atomic
-// Functions"): device-scope read-modify-writes with no ordering of their own (CUDA atomics
-// are relaxed; __threadfence orders around them), so ThreadSanitizer sees them as relaxed.
+// Functions"): device-scope read-modify-writes, real atomics (blocks run on two OS threads at
+// once), with no ordering of their own (CUDA atomics are relaxed; __threadfence orders around
+// them): ThreadSanitizer sees them as relaxed, but for a fence before (a release) or after (an
+// acquire) them, as runtime.cpp's fence() models.
 namespace gpubp_cpu {
 template <class T>
 inline T atomic_add(T* p, T v) {
-    return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+    const T old = std::atomic_ref<T>(*p).fetch_add(v, atomic_order());
+    atomic_done(p);
+    return old;
 }
 template <class T>
 inline T atomic_max(T* p, T v) {
     std::atomic_ref<T> a(*p);
+    const std::memory_order order = atomic_order();
     T old = a.load(std::memory_order_relaxed);
-    while (old < v && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
+    while (old < v && !a.compare_exchange_weak(old, v, order, std::memory_order_relaxed)) {
     }
+    atomic_done(p);
     return old;
 }
 template <class T>
 inline T atomic_cas(T* p, T expected, T desired) {
-    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, std::memory_order_relaxed);
+    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, atomic_order(), std::memory_order_relaxed);
+    atomic_done(p);
     return expected;
 }
 template <class T>
 inline T atomic_exch(T* p, T v) {
-    return std::atomic_ref<T>(*p).exchange(v, std::memory_order_relaxed);
+    const T old = std::atomic_ref<T>(*p).exchange(v, atomic_order());
+    atomic_done(p);
+    return old;
 }
 }  // namespace gpubp_cpu
 

@@ -33,6 +33,7 @@ on the CPU: monkeypatch it in as the backend's ``cupy``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -251,6 +252,53 @@ class DeviceArray(np.ndarray):
         _refuse_during_capture("writing device memory from the host")
         super().__setitem__(key, value)
 
+    def __getitem__(self, key):
+        """A device array, as CuPy's indexing gives (a 0-d one for a single element), never a
+        host scalar: reading its value is a device-to-host copy (float(), item(), ...)."""
+        result = super().__getitem__(key)
+        if isinstance(result, np.ndarray):
+            return result
+        keys = key if isinstance(key, tuple) else (key,)
+        if not any(k is Ellipsis for k in keys):
+            return super().__getitem__((*keys, Ellipsis))  # the same element, as a 0-d view
+        return np.asarray(result).view(DeviceArray)
+
+    # What reads device memory into the host: a device-to-host copy, which CuPy refuses while the
+    # stream captures ("the current stream is capturing, so D2H transfers are disallowed").
+    # (np.asarray(a), np.array(a), a.copy() are not caught: NumPy takes an ndarray subclass as it
+    # is, without asking it.)
+    def item(self, *args):
+        _refuse_during_capture("a device-to-host copy (item)")
+        return super().item(*args)
+
+    def tolist(self):
+        _refuse_during_capture("a device-to-host copy (tolist)")
+        return super().tolist()
+
+    def __float__(self):
+        _refuse_during_capture("a device-to-host copy (float)")
+        return super().__float__()
+
+    def __int__(self):
+        _refuse_during_capture("a device-to-host copy (int)")
+        return super().__int__()
+
+    def __index__(self):
+        _refuse_during_capture("a device-to-host copy (index)")
+        return super().__index__()
+
+    def __bool__(self):
+        _refuse_during_capture("a device-to-host copy (bool)")
+        return super().__bool__()
+
+    def __complex__(self):
+        _refuse_during_capture("a device-to-host copy (complex)")
+        return super().__complex__()
+
+    def __iter__(self):
+        _refuse_during_capture("a device-to-host copy (iterating over an array)")
+        return super().__iter__()
+
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _refuse_during_capture(f"array math ({ufunc.__name__})")
         if out is not None:
@@ -361,19 +409,13 @@ class Kernel:
                       for bound in _pointed_to(arg)]
             self.module.lib.gpubp_cpu_profile_begin((ctypes.c_ulonglong * max(len(spans), 1))(*spans),
                                                     len(spans) // 2, ctypes.c_ulonglong(shared_mem))
-        if self.module.set_only_kernel is not None:
-            self.module.set_only_kernel(only_kernel)
-        if self.module.set_only_acts is not None:
-            self.module.set_only_acts(only_acts)
+        self.module.set_only(only_kernel, only_acts)
         try:
             status = self.module.lib.gpubp_cpu_launch(
                 self.name.encode(), (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
                 ctypes.c_ulonglong(shared_mem), slots, ctypes.c_ulonglong(seed), err, len(err))
         finally:
-            if self.module.set_only_kernel is not None:
-                self.module.set_only_kernel(None)
-            if self.module.set_only_acts is not None:
-                self.module.set_only_acts(ALL_ACTS)
+            self.module.set_only(None, ALL_ACTS)
         if profiling:
             report = self.module.lib.gpubp_cpu_profile_end().decode()
             if status == 0:
@@ -464,12 +506,40 @@ def _dim3(value, what: str) -> tuple[int, int, int]:
     return dims + (1,) * (3 - len(dims))
 
 
+# The modes whose launches run their blocks on two OS threads at once (runtime.cpp,
+# gpubp_cpu_launch): the library is loaded twice, from two files (a second dlopen of one file
+# would return the first copy), so that each thread has a runtime and shared memory of its own.
+# The profile build's per-thread logs assume one thread, and AddressSanitizer checks nothing
+# across blocks that it would gain from it.
+CONCURRENT_MODES = ("plain", "tsan")
+_peer_dir: Path | None = None
+
+
+def _peer_copy(path: Path) -> Path:
+    """A copy of library ``path`` for this process, loaded as the peer of ``path``'s own load."""
+    global _peer_dir
+    if _peer_dir is None:
+        _peer_dir = Path(tempfile.mkdtemp(prefix="peers-", dir=cache_dir()))
+        atexit.register(shutil.rmtree, _peer_dir, True)
+    copy = _peer_dir / path.name
+    if not copy.exists():
+        shutil.copyfile(path, copy.with_suffix(".part"))
+        os.replace(copy.with_suffix(".part"), copy)
+    return copy
+
+
 class Module:
     """A compiled kernel source: ``get_function(name)`` as on ``cupy.RawModule``."""
 
     def __init__(self, harness: Harness, path: Path):
         self.harness, self.path = harness, path
         self.lib = ctypes.CDLL(str(path))
+        self.libs = [self.lib]
+        if harness.concurrent_blocks:
+            peer = ctypes.CDLL(str(_peer_copy(path)))
+            self.libs.append(peer)
+            self.lib.gpubp_cpu_set_peer.argtypes = [ctypes.c_void_p]
+            self.lib.gpubp_cpu_set_peer(ctypes.cast(peer.gpubp_cpu_launch_part, ctypes.c_void_p))
         self.lib.gpubp_cpu_signature.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_kernel_name.restype = ctypes.c_char_p
         self.lib.gpubp_cpu_launch.restype = ctypes.c_int
@@ -478,12 +548,21 @@ class Module:
             self.lib.gpubp_cpu_profile_end.restype = ctypes.c_char_p
         # kernels/one_kernel.cuh's, in a file whose GEMM kernels NVRTC builds one at a time
         self.set_only_kernel = getattr(self.lib, "gpubp_cpu_set_only_kernel", None)
-        if self.set_only_kernel is not None:
-            self.set_only_kernel.argtypes = [ctypes.c_char_p]
         # kernels/activations.cuh's, in a file with kernels that take their activation at launch
         self.set_only_acts = getattr(self.lib, "gpubp_cpu_set_only_acts", None)
-        if self.set_only_acts is not None:
-            self.set_only_acts.argtypes = [ctypes.c_uint]
+        for lib in self.libs:
+            if self.set_only_kernel is not None:
+                lib.gpubp_cpu_set_only_kernel.argtypes = [ctypes.c_char_p]
+            if self.set_only_acts is not None:
+                lib.gpubp_cpu_set_only_acts.argtypes = [ctypes.c_uint]
+
+    def set_only(self, only_kernel: bytes | None, only_acts: int) -> None:
+        """Sets kernels/one_kernel.cuh's and kernels/activations.cuh's guards in every copy."""
+        for lib in self.libs:
+            if self.set_only_kernel is not None:
+                lib.gpubp_cpu_set_only_kernel(only_kernel)
+            if self.set_only_acts is not None:
+                lib.gpubp_cpu_set_only_acts(only_acts)
 
     def kernel_names(self) -> list[str]:
         return [self.lib.gpubp_cpu_kernel_name(i).decode() for i in range(self.lib.gpubp_cpu_kernel_count())]
@@ -498,10 +577,15 @@ class Module:
 class Harness:
     """Compiles and loads kernel sources for one mode (the process's, by default)."""
 
-    def __init__(self, mode: str | None = None, order_seed: int = 0, defines: tuple[str, ...] = ()):
+    def __init__(self, mode: str | None = None, order_seed: int = 0, defines: tuple[str, ...] = (),
+                 concurrent_blocks: bool | None = None):
         """``defines``: macros (``NAME`` or ``NAME=VALUE``) both units are compiled with, such as
-        GPUBP_CPU_UCONTEXT_FIBERS, which a test sets to run the runtime's portable fiber switch."""
+        GPUBP_CPU_UCONTEXT_FIBERS, which a test sets to run the runtime's portable fiber switch.
+        ``concurrent_blocks``: run a launch's blocks on two OS threads at once (the default in
+        CONCURRENT_MODES; for a kernel's first launch and those of a kernel seen to fence or use an
+        atomic, runtime.cpp's gpubp_cpu_launch), or all on the calling thread, one after another."""
         self.mode = mode or current_mode()
+        self.concurrent_blocks = self.mode in CONCURRENT_MODES if concurrent_blocks is None else concurrent_blocks
         self.defines = tuple(f"-D{d}" for d in defines)
         if self.mode in _PROBE_SYMBOL and not hasattr(_libc, _PROBE_SYMBOL[self.mode]):
             raise RuntimeError(f"harness mode {self.mode!r} needs its sanitizer runtime loaded before Python starts: "
@@ -901,8 +985,15 @@ def cupy_shim(harness: Harness, sms: int = 132, compute_capability: str = "90", 
         return out
 
     def copyto(dst, src, casting="same_kind"):
+        # CuPy's rule (cupy.copyto): a NumPy source must be a scalar (one element), taken by value
+        # now, at the call (baked into a captured graph); a larger one is refused.
+        if isinstance(src, np.generic) or (isinstance(src, np.ndarray) and not isinstance(src, DeviceArray)):
+            if src.size != 1:
+                raise ValueError("non-scalar numpy.ndarray cannot be used for copyto")
+            src = src.item()
+
         def copy():
-            np.copyto(dst.view(np.ndarray), np.asarray(src).view(np.ndarray), casting=casting)
+            np.copyto(dst.view(np.ndarray), _plain(src), casting=casting)
 
         _capture.append(copy) if recorded("cupy.copyto") else copy()
 

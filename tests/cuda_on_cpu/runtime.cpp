@@ -7,12 +7,14 @@
 // kernel unit's flags (the sanitizers instrument both alike); the profile build compiles it with
 // access_profiler.cpp and without the memory instrumentation of its kernel units.
 //
-// A launch (gpubp_cpu_launch) runs each CUDA thread of a block as a fiber (a context with a
+// A launch (gpubp_cpu_launch_part) runs each CUDA thread of a block as a fiber (a context with a
 // stack of its own, see "switching stacks") on the launching OS thread; fibers and their stacks
-// live as long as the process. Each fiber runs the kernel for every block in turn (natural
-// order, or shuffled when a seed is given) and meets the others at an end-of-block barrier
-// before the next block starts, so shared memory is one copy per block and blocks never
-// overlap. A fiber runs until it waits at a synchronization point (a barrier, a warp
+// live as long as the process. Each fiber runs the kernel for every block of its part in turn
+// (natural order, or shuffled when a seed is given) and meets the others at an end-of-block
+// barrier before the next block starts, so shared memory is one copy per block. In the plain and
+// tsan builds harness.py loads the library twice, and gpubp_cpu_launch runs alternate blocks on
+// the second copy's own OS thread, so that blocks overlap as on a GPU (see there for which
+// launches). A fiber runs until it waits at a synchronization point (a barrier, a warp
 // collective) or returns; the scheduler then resumes the next fiber, in thread order, whose wait
 // is over. A switch is a few instructions and no system call, where a futex wake-up of an OS
 // thread costs microseconds, and a barrier of 256 threads is 256 switches. Every error (a
@@ -26,17 +28,21 @@
 // stack is live.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <sys/mman.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 dim3 blockDim;
@@ -60,6 +66,8 @@ extern "C" void __tsan_ignore_thread_begin() __attribute__((weak));
 extern "C" void __tsan_ignore_thread_end() __attribute__((weak));
 extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line) __attribute__((weak));
 extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line) __attribute__((weak));
+// ThreadSanitizer's manual happens-before edges (sanitizer/tsan_interface.h), for __threadfence.
+extern "C" void __tsan_acquire(void* addr) __attribute__((weak));
 
 namespace gpubp_cpu {
 
@@ -307,6 +315,7 @@ struct Fiber {
     ThreadCoords coords{};
     AsyncQueue async;                 // its cp.async copies
     void* slot = nullptr;             // thread_slot(): the profile build's per-thread log
+    bool fenced = false;              // has called __threadfence in its current block
     // What it waits for: resumable once *wait_word != wait_seen (or the launch failed).
     std::atomic<std::atomic<unsigned>*> wait_word{nullptr};
     std::atomic<unsigned> wait_seen{0};
@@ -400,7 +409,50 @@ void block_barrier(const Site& site) {
 
 void sync_block(const char* file, int line) { block_barrier(Site{file, line, "__syncthreads"}); }
 
-void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// __threadfence and the atomics, as ThreadSanitizer sees them (it ignores
+// std::atomic_thread_fence). A fence followed by an atomic write is a release: after its first
+// fence in a block a thread's atomics are release operations (a release covers, a little more
+// than a GPU's would, what the thread did between the fence and the atomic). An atomic read
+// followed by a fence is an acquire: each atomic's address is noted for the running block, and a
+// fence acquires from every address noted so far in the block, by any of its threads (thread 0
+// takes a ticket, the barrier after it brings the others, then each fences: PTX's fences are
+// cumulative, which C++'s are not). So the last block of a grid reduction sees the partials of
+// every block that fenced before its ticket, and those of a block that did not, or of one that
+// bumped the ticket without an atomic, race with its reads (blocks run concurrently, see
+// gpubp_cpu_launch).
+namespace {
+constexpr int MAX_NOTED = 16;
+std::atomic<void*> noted_atomics[MAX_NOTED];  // the running block's; fibers of one OS thread share it
+std::atomic<int> noted_count{0};
+void forget_noted_atomics() { noted_count.store(0, std::memory_order_relaxed); }
+}  // namespace
+
+// Whether the launch running on this copy of the runtime has fenced or used an atomic (gpubp_cpu_launch).
+std::atomic<bool> launch_synchronized{false};
+
+void fence() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    launch_synchronized.store(true, std::memory_order_relaxed);
+    self().fenced = true;
+    if (!__tsan_acquire) return;
+    const int n = noted_count.load(std::memory_order_relaxed);
+    for (int i = 0; i < n; ++i) __tsan_acquire(noted_atomics[i].load(std::memory_order_relaxed));
+}
+
+std::memory_order atomic_order() {
+    return self().fenced ? std::memory_order_release : std::memory_order_relaxed;
+}
+
+void atomic_done(void* p) {
+    launch_synchronized.store(true, std::memory_order_relaxed);
+    if (!__tsan_acquire) return;
+    const int n = noted_count.load(std::memory_order_relaxed);
+    for (int i = 0; i < n; ++i)
+        if (noted_atomics[i].load(std::memory_order_relaxed) == p) return;
+    if (n == MAX_NOTED) return;
+    noted_atomics[n].store(p, std::memory_order_relaxed);
+    noted_count.store(n + 1, std::memory_order_relaxed);
+}
 
 unsigned lane_id() { return linear_tid() % 32; }
 
@@ -682,6 +734,7 @@ void run_thread(Launch& L, Fiber& me) {
     try {
         for (size_t i = 0; i < L.order.size(); ++i) {
             me.coords.block = uint3{L.order[i].x, L.order[i].y, L.order[i].z};
+            me.fenced = false;
             async_reset_thread();
             L.invoke(L.fn, L.args);
             async_check_drained();
@@ -700,6 +753,7 @@ void run_thread(Launch& L, Fiber& me) {
                 }
                 std::memset(dynamic_shared_storage, 0xff, dynamic_shared_bytes);
                 fill_static_shared();
+                forget_noted_atomics();
             });
         }
     } catch (const Abort&) {
@@ -805,6 +859,59 @@ void run_fibers(Launch& L) {
 }  // namespace gpubp_cpu
 
 // ------------------------------------------------------------------ the C interface harness.py calls
+// The OS thread that runs the peer's blocks of every launch: made once (per process: a forked
+// child makes its own) and kept, so a launch costs a hand-off through a mutex, not the creation of
+// a thread, which ThreadSanitizer makes costly; the hand-offs order one launch after the one
+// before, as a stream does, and nothing within a launch.
+namespace {
+class PeerThread {
+public:
+    void start(std::function<void()> job) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = std::move(job);
+        pending_ = true;
+        changed_.notify_all();
+    }
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait(lock, [this] { return !pending_ && !running_; });
+    }
+    PeerThread() { std::thread([this] { serve(); }).detach(); }
+
+private:
+    void serve() {
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                changed_.wait(lock, [this] { return pending_; });
+                job = std::move(job_);
+                pending_ = false;
+                running_ = true;
+            }
+            job();
+            std::lock_guard<std::mutex> lock(mutex_);
+            running_ = false;
+            changed_.notify_all();
+        }
+    }
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    std::function<void()> job_;
+    bool pending_ = false, running_ = false;
+};
+
+PeerThread& peer_thread() {
+    static PeerThread* peer = nullptr;  // never destroyed: its thread waits for work until the process ends
+    static pid_t made_in = 0;
+    if (peer == nullptr || made_in != getpid()) {
+        peer = new PeerThread;
+        made_in = getpid();
+    }
+    return *peer;
+}
+}  // namespace
+
 extern "C" {
 
 const char* gpubp_cpu_signature(const char* name) {
@@ -827,11 +934,13 @@ const char* gpubp_cpu_kernel_name(int i) {
     return it->first.c_str();
 }
 
-// Runs kernel `name` on grid x block with `shared_bytes` of dynamic shared memory; args[i]
-// points at the value of parameter i. Blocks run in natural order when order_seed is 0, else
-// shuffled with it. Returns 0, or 1 with the reason in err.
-int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned long long shared_bytes,
-                     void** args, unsigned long long order_seed, char* err, int err_len) {
+// Runs part `part` of `parts` of kernel `name` on grid x block with `shared_bytes` of dynamic
+// shared memory: the blocks at positions part, part + parts, ... of the launch's order (natural
+// when order_seed is 0, else shuffled with it); args[i] points at the value of parameter i.
+// Returns 0, or 1 with the reason in err.
+int gpubp_cpu_launch_part(const char* name, const unsigned* grid, const unsigned* block,
+                          unsigned long long shared_bytes, void** args, unsigned long long order_seed, unsigned part,
+                          unsigned parts, char* err, int err_len) {
     using namespace gpubp_cpu;
     auto report = [&](const std::string& msg) {
         std::snprintf(err, static_cast<size_t>(err_len), "%s", msg.c_str());
@@ -870,6 +979,12 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
         for (unsigned y = 0; y < grid[1]; ++y)
             for (unsigned x = 0; x < grid[0]; ++x) L.order.push_back(dim3(x, y, z));
     if (order_seed != 0) std::shuffle(L.order.begin(), L.order.end(), std::mt19937_64(order_seed));
+    if (parts > 1) {
+        std::vector<dim3> mine;
+        for (size_t i = part; i < L.order.size(); i += parts) mine.push_back(L.order[i]);
+        L.order.swap(mine);
+        if (L.order.empty()) return 0;
+    }
 
     gridDim = dim3(grid[0], grid[1], grid[2]);
     blockDim = dim3(block[0], block[1], block[2]);
@@ -893,6 +1008,65 @@ int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* blo
                       std::to_string(written - dynamic_shared_storage) + ", past the launch's request of " +
                       std::to_string(shared_bytes) + " bytes (shared_mem)");
     return 0;
+}
+
+// The peer: gpubp_cpu_launch_part of a second copy of this library (harness.py loads the file
+// twice: each copy has its own runtime, fibers, and static and dynamic shared memory), or null.
+static void* peer_launch = nullptr;
+void gpubp_cpu_set_peer(void* launch_part) { peer_launch = launch_part; }
+
+// Which kernels have fenced or used an atomic in a launch: the ones whose blocks may communicate.
+static std::mutex synchronizing_mutex;
+static std::map<std::string, bool> synchronizing;  // kernel -> seen to fence or use an atomic
+
+// Runs kernel `name` (see gpubp_cpu_launch_part). With a peer, and two blocks or more, the
+// blocks run on two OS threads at once, alternate blocks of the order on each (this one runs
+// the first, the peer, on a thread of its own, the second): blocks overlap, as on a GPU, so a
+// plain read-modify-write shared by blocks can lose updates, and ThreadSanitizer sees that no
+// block's accesses are ordered before another's but by the atomics and fences of the kernel.
+// That is so for a kernel's first launch, and for every launch of a kernel that has fenced or
+// used an atomic: blocks communicate through those (a ticket, a grid reduction), and a protocol
+// broken by a plain increment still fences, one missing its fence still takes an atomic ticket.
+// A kernel that never did runs its later launches one block after another, as a GPU would give
+// the same result for them: two OS threads cost ThreadSanitizer over twice the time.
+int gpubp_cpu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned long long shared_bytes,
+                     void** args, unsigned long long order_seed, char* err, int err_len) {
+    using namespace gpubp_cpu;
+    const unsigned long long blocks = 1ull * grid[0] * grid[1] * grid[2];
+    bool concurrent = peer_launch != nullptr && blocks >= 2;
+    if (concurrent) {
+        std::lock_guard<std::mutex> lock(synchronizing_mutex);
+        const auto seen = synchronizing.find(name);
+        concurrent = seen == synchronizing.end() || seen->second;
+    }
+    if (!concurrent) {
+        launch_synchronized.store(false, std::memory_order_relaxed);
+        const int status = gpubp_cpu_launch_part(name, grid, block, shared_bytes, args, order_seed, 0, 1, err, err_len);
+        if (peer_launch != nullptr && launch_synchronized.load(std::memory_order_relaxed)) {
+            std::lock_guard<std::mutex> lock(synchronizing_mutex);
+            synchronizing[name] = true;
+        }
+        return status;
+    }
+    launch_synchronized.store(false, std::memory_order_relaxed);
+    using Part = int (*)(const char*, const unsigned*, const unsigned*, unsigned long long, void**, unsigned long long,
+                         unsigned, unsigned, char*, int);
+    std::vector<char> peer_err(static_cast<size_t>(std::max(err_len, 1)), '\0');
+    int peer_status = 0;
+    PeerThread& peer = peer_thread();
+    peer.start([&] {
+        peer_status = reinterpret_cast<Part>(peer_launch)(name, grid, block, shared_bytes, args, order_seed, 1, 2,
+                                                          peer_err.data(), err_len);
+    });
+    const int status = gpubp_cpu_launch_part(name, grid, block, shared_bytes, args, order_seed, 0, 2, err, err_len);
+    peer.wait();
+    {
+        std::lock_guard<std::mutex> lock(synchronizing_mutex);
+        bool& seen = synchronizing[name];
+        seen = seen || launch_synchronized.load(std::memory_order_relaxed);
+    }
+    if (status == 0 && peer_status != 0) std::snprintf(err, static_cast<size_t>(err_len), "%s", peer_err.data());
+    return status != 0 ? status : peer_status;
 }
 
 }  // extern "C"

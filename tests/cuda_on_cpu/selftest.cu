@@ -272,3 +272,38 @@ extern "C" __global__ void misaligned_async_copy(float* out) {
     gpubp::cp_async_cg(buffer + 4 * threadIdx.x + 1, out + 4 * threadIdx.x);
     gpubp::cp_async_wait_all();
 }
+
+// __shfl_xor_sync with width < 32 and a lane mask >= width (PTX shfl.sync.bfly: lane ^ b is read
+// while it is not past the caller's segment): lanes 16..31 read lane ^ 16, lanes 0..15 keep theirs.
+extern "C" __global__ void xor_across_groups(int* out) {
+    const int lane = threadIdx.x;
+    out[lane] = __shfl_xor_sync(0xffffffffu, lane, 16, 8);
+}
+
+// A grid sum by the last block to take a ticket (kernels/reduce.cuh's pattern): `variant` 0 is
+// correct (fence, atomic ticket, fence, __ldcg), 1 takes the ticket without an atomic, 2 has no
+// fence between a block's partial and its ticket. Blocks of 32 threads, *ticket 0 at the start.
+extern "C" __global__ void last_block_sum(const float* x, float* partials, unsigned int* ticket, float* out,
+                                          int variant) {
+    __shared__ bool is_last;
+    float v = x[blockIdx.x * 32 + threadIdx.x];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = v;
+        if (variant != 2) __threadfence();
+        if (variant == 1) {
+            is_last = (*ticket)++ == gridDim.x - 1;
+        } else {
+            is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+        }
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (unsigned int b = 0; b < gridDim.x; ++b) sum += __ldcg(partials + b);
+        *out = sum;
+        *ticket = 0u;
+    }
+}
