@@ -30,8 +30,9 @@ shuffle, loss, metrics, optimizer, learning_rate, clip_grad_norm, scheduler), an
 :func:`fingerprint` of the data (x, y, the training weights of sample_weight and class_weight,
 the validation data), computed once per ``fit`` (its cost: see there). The callbacks may differ
 (a rank-0-only logger, say): a stop that any rank's callback asks for (``model.stop_training``)
-stops every rank after the same batch or epoch, as the ranks agree on it after each batch's and
-each epoch's callbacks (:meth:`DataParallel.any_rank`, a one-value all-reduce; the one after an
+stops every rank after the same batch or epoch, as the ranks agree on it after each epoch's
+callbacks and, where some rank's callbacks run at each batch, each batch's
+(:meth:`DataParallel.any_rank`, a one-value all-reduce; the one after an
 epoch also keeps the other ranks from going on while rank 0 writes a checkpoint, and ``fit``
 returns on every rank once rank 0's callbacks have finished). A callback that changes what the
 ranks compute (a learning rate set on one rank only) must run on every rank alike. The model
@@ -247,12 +248,14 @@ class DataParallel:
                  epochs: tuple[int, int] | None = None, shuffle: bool = True, loss=losses.cross_entropy,
                  metrics=(), optimizer=None, learning_rate: float | None = None,
                  clip_grad_norm: float | None = None, scheduler=None, scheduler_steps: tuple = ("epoch", None),
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 batch_callbacks: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S):
         """``data`` (x, y, training weights or None) and ``validation`` (x_val, y_val, weights or
         None) are fit's checked host arrays; they and the keyword arguments, fit's, are what every
         rank must pass alike (:func:`check_setups`). ``scheduler_steps``: when fit steps the
         scheduler ("epoch" or "batch") and the logged value it passes (None: none), as resolved
-        from ``scheduler_interval`` and ``scheduler_monitor``."""
+        from ``scheduler_interval`` and ``scheduler_monitor``. ``batch_callbacks``: whether this
+        rank's callbacks run code at each batch; where any rank's do, the ranks agree on a stop
+        after each batch (:attr:`batch_callbacks`), else after each epoch only."""
         import torch
 
         init(model.device, timeout_s)
@@ -282,10 +285,13 @@ class DataParallel:
                  "model": [[list(p.shape), str(p.data.dtype), bool(p.trainable)] for p in model.parameters()],
                  "layers": {"precision": model.precision,
                             "layers": [_layer_label(layer) for layer in model]},
-                 "data": fingerprints}
+                 "data": fingerprints, "batch_callbacks": bool(batch_callbacks)}
         setups = [None] * self.world_size
         self.dist.all_gather_object(setups, setup)
         check_setups(setups)
+        # Whether fit agrees on a stop after each batch: one all-reduce more a step (some hundred
+        # microseconds with gloo), so only where some rank has a callback that could ask for one.
+        self.batch_callbacks = any(s.get("batch_callbacks") for s in setups)
         self._broadcast_start()
         self._layout = None
 
@@ -371,7 +377,8 @@ class DataParallel:
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (one all-reduce, so also a barrier): fit asks it of
-        ``model.stop_training`` after each batch's callbacks and each epoch's, so a stop that one
+        ``model.stop_training`` after each epoch's callbacks and, where a rank's callbacks run at
+        each batch (:attr:`batch_callbacks`), after each batch's, so a stop that one
         rank's callback asks for (a rank-0-only EarlyStopping, a time budget each rank measures)
         stops every rank at the same step, where the others would wait in the next step's
         all-reduce until the timeout."""

@@ -210,7 +210,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
                                 epochs=(initial_epoch, epochs), shuffle=shuffle, loss=loss_fn, metrics=metrics,
                                 optimizer=opt, learning_rate=learning_rate, clip_grad_norm=clip_grad_norm,
                                 scheduler=scheduler,
-                                scheduler_steps=("batch" if schedule.per_batch else "epoch", schedule.monitor))
+                                scheduler_steps=("batch" if schedule.per_batch else "epoch", schedule.monitor),
+                                batch_callbacks=any(_has_batch_hooks(cb) for cb in callbacks))
         if parallel.rank != 0:
             verbose = 0
             callbacks = [cb for cb in callbacks if not cb.main_process_only]
@@ -218,6 +219,12 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     with batches.at_rate(opt, learning_rate, restore=not schedule.logs_rate):
         return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
                       epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel)
+
+
+def _has_batch_hooks(callback: Callback) -> bool:
+    """Whether ``callback`` runs code at each batch (and so may stop a fit mid-epoch)."""
+    return any(getattr(type(callback), hook) is not getattr(Callback, hook)
+               for hook in ("on_train_batch_begin", "on_train_batch_end"))
 
 
 def check_verbose(verbose) -> int:
@@ -371,8 +378,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running['loss']:.4f}", refresh=False)
-            if parallel is not None:  # a stop one rank's callback asked for stops every rank's loop
-                model.stop_training = parallel.any_rank(model.stop_training)
+            if parallel is not None and parallel.batch_callbacks:  # a stop one rank's callback asked for
+                model.stop_training = parallel.any_rank(model.stop_training)  # stops every rank's loop
             if model.stop_training:
                 break
         logs = {"loss": total_loss / seen}

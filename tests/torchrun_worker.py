@@ -178,10 +178,11 @@ def main(out_dir: str) -> None:
               callbacks=[gb.EarlyStopping("loss", verbose=1)])
 
     # Stopped by rank 0's callback alone, in the second epoch: every rank stops after the same batch.
+    # Rank 1 has no callback that runs at each batch: only rank 0's ask for the ranks to agree there.
     stopped, counted = gb.Sequential([gb.Dense(6, 3)], device=DEVICE), CountBatches()
-    stop_callbacks = [counted, gb.ModelCheckpoint(f"{out_dir}/stopped-{{epoch}}.npz")]
+    stop_callbacks = [gb.ModelCheckpoint(f"{out_dir}/stopped-{{epoch}}.npz")]
     stopped_history = stopped.fit(x, y, epochs=3, batch_size=16, verbose=0, distributed=True,
-                                  callbacks=stop_callbacks + ([StopAt(epoch=1, batch=2)] if rank == 0 else []))
+                                  callbacks=stop_callbacks + ([counted, StopAt(epoch=1, batch=2)] if rank == 0 else []))
     last_checkpoint_there = os.path.exists(f"{out_dir}/stopped-{len(stopped_history['loss'])}.npz")
 
     # Adam's moments and step count apart on the ranks before fit; fit broadcasts rank 0's.
