@@ -1,11 +1,15 @@
 """A performance model of every kernel, without a GPU: what the compiler made of each one.
 
-    PYTHONPATH=. python bench/kernel_model.py [--kernel-dir DIR] [--out FILE] [--jobs N] [--compile]
+    PYTHONPATH=. python bench/kernel_model.py [--kernel-dir DIR] [--out FILE] [--jobs N] [--compile] [--accept REASON]
 
 (from the repository root) writes ``bench/results/kernel_model.json`` and, next to it, ``kernel_model.md`` (``--out`` names
-the JSON). ``tests/test_kernel_model.py`` rebuilds the model for sm_90 in CI and fails on a
-spill, on a kernel the committed report does not name, and on a figure worse than the
-committed one (the hot loops' by ``issue_ratio``, uncapped).
+the JSON). Where that JSON exists, the fresh figures are first compared with it (``regressions``,
+as CI compares them): any regression but a kernel added or removed is printed and nothing is
+written (exit status 1), unless ``--accept REASON`` is given, which writes the report with the
+regressions, the reason and what they were measured against under ``accepted``.
+``tests/test_kernel_model.py`` rebuilds the model for sm_90 in CI and fails on a spill, on a kernel the committed report does not name, and on a figure worse than the
+committed one (the hot loops' by ``issue_ratio``, uncapped; occupancy, registers, stack and
+shared memory; the hot loop's work per pass: ``regressions``).
 
 What is compiled. Every ``kernels/*.cu`` as the shipped build (``CMakeLists.txt``) compiles it:
 the front end for ``compute_80`` when the file reaches ``mma.cuh`` and for the lowest shipped
@@ -104,9 +108,10 @@ Memory figures. ``shared_wavefronts_per_request``, ``global_load_efficiency`` an
 (``tests/cuda_on_cpu/access_profile.py``, whose docstring says what it counts and what it
 cannot see), through ``memory_figures``, for the CUDA C++ kernels, each from one launch of the
 profiler's workloads (``memory_workloads`` in the report); they are null where the profiler is
-absent, and for Numba kernels, which it does not run. Beside them, not compared in CI:
+absent, and for Numba kernels, which it does not run. Beside them:
 ``shared_ideal_wavefronts_per_request`` (the same bytes without bank conflicts: 4 for a
-conflict-free 16-byte access, so the ratio of the two is the conflict factor) and
+conflict-free 16-byte access, so the ratio of the two is the conflict factor, which CI compares
+in place of the wavefronts where both reports have it) and
 ``memory_lines_below_ideal``, the source lines whose requests take more wavefronts than the
 ideal or use less than every byte of the sectors they move.
 """
@@ -658,8 +663,11 @@ def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> l
     Kinds: "spill" (a fresh kernel spills), "unlisted" (a kernel one report names and the other
     does not: the committed report needs a re-run), "worse" (a figure worse than the committed
     one by more than ``tolerance``, relative: a memory figure, compared where the committed
-    report has it, and the ``issue_ratio`` of the hot loop and of every copy of it, not the
-    ceiling, which is capped at 1: ``slower_copies``)."""
+    report has it (the shared wavefronts as the conflict factor, over their conflict-free ideal,
+    where both reports have that: ``memory_worse``); the resources (``resources_worse``: fewer
+    warps per SM, more registers, stack or shared memory); the ``issue_ratio`` of the hot loop
+    and of every copy of it, not the ceiling, which is capped at 1: ``slower_copies``; and a hot
+    loop doing other work per pass, another loop taken for it: ``changed_work``)."""
     problems = []
     sections = [(fresh["arch"], fresh["arch"], committed["kernels"], fresh["kernels"])]
     sections += [(arch, arch, committed["other_archs"].get(arch, {}), kernels)
@@ -673,19 +681,79 @@ def regressions(committed: dict, fresh: dict, tolerance: float = TOLERANCE) -> l
         problems += [("unlisted", f"{name} ({label}) is in the committed report but was not built: {RERUN}")
                      for name in sorted(set(old) - set(new))]
         for name in sorted(set(old) & set(new)):
-            for field in MEMORY_FIELDS:
-                was, now = old[name].get(field), new[name].get(field)
-                if was is None:
-                    continue
-                if now is None:
-                    problems.append(("worse", f"{name} ({label}) {field}: {was} in the committed report, now unmeasured"))
-                elif field in HIGHER_IS_BETTER and now < was * (1 - tolerance):
-                    problems.append(("worse", f"{name} ({label}) {field} fell from {was} to {now}"))
-                elif field not in HIGHER_IS_BETTER and now > was * (1 + tolerance):
-                    problems.append(("worse", f"{name} ({label}) {field} rose from {was} to {now}"))
-            problems += [("worse", message) for message in slower_copies(f"{name} ({label})", old[name], new[name],
-                                                                        ARCHS[arch], tolerance)]
+            kernel = f"{name} ({label})"
+            problems += [("worse", message) for message in (
+                *memory_worse(kernel, old[name], new[name], tolerance),
+                *resources_worse(kernel, old[name], new[name], tolerance),
+                *slower_copies(kernel, old[name], new[name], ARCHS[arch], tolerance),
+                *changed_work(kernel, old[name], new[name]))]
     return problems
+
+
+def memory_worse(kernel: str, was: dict, now: dict, tolerance: float = TOLERANCE) -> list[str]:
+    """Why the fresh kernel's memory figures (``now``) are worse than the committed ones (``was``):
+    each of MEMORY_FIELDS compared where the committed report has it, the shared wavefronts per
+    request as the conflict factor (over ``shared_ideal_wavefronts_per_request``) where both
+    reports have their ideal: fewer wavefronts per request of narrower accesses with more bank
+    conflicts are worse, not better."""
+    problems = []
+    for field in MEMORY_FIELDS:
+        old, new = was.get(field), now.get(field)
+        if old is None:
+            continue
+        ideal = "shared_ideal_wavefronts_per_request"
+        if field == MEMORY_FIELDS[0] and new is not None and was.get(ideal) and now.get(ideal):
+            field, old, new = "shared conflict factor (wavefronts over ideal)", old / was[ideal], new / now[ideal]
+            old, new = round(old, 4), round(new, 4)
+        if new is None:
+            problems.append(f"{kernel} {field}: {old} in the committed report, now unmeasured")
+        elif field in HIGHER_IS_BETTER and new < old * (1 - tolerance):
+            problems.append(f"{kernel} {field} fell from {old} to {new}")
+        elif field not in HIGHER_IS_BETTER and new > old * (1 + tolerance):
+            problems.append(f"{kernel} {field} rose from {old} to {new}")
+    return problems
+
+
+# Resources lower is better for, compared with the tolerance (a growth from 0 always fails).
+GROWING_RESOURCES = ("registers", "stack_bytes", "smem_bytes")
+
+
+def resources_worse(kernel: str, was: dict, now: dict, tolerance: float = TOLERANCE) -> list[str]:
+    """Why the fresh kernel's resources (``now``) are worse than the committed ones (``was``):
+    fewer resident warps per SM (``occupancy_warps``), or registers per thread, stack frame
+    (local memory: a spill the strict build does not see, or an array moved there) or shared
+    memory per block grown by more than ``tolerance``. Fields either report lacks are skipped."""
+    problems = []
+    old, new = was.get("occupancy_warps"), now.get("occupancy_warps")
+    if old is not None and new is not None and new < old:
+        problems.append(f"{kernel} occupancy fell from {old} to {new} warps/SM "
+                        f"(limited by {now.get('occupancy_limit')})")
+    for field in GROWING_RESOURCES:
+        old, new = was.get(field), now.get(field)
+        if old is not None and new is not None and new > old * (1 + tolerance):
+            problems.append(f"{kernel} {field} rose from {old} to {new}")
+    return problems
+
+
+def loop_work(loop: dict) -> dict:
+    """A loop's work per pass: its tensor-core instructions by opcode where it has any, else its FFMA."""
+    return dict(loop["hmma_by_shape"]) if loop["hmma_by_shape"] else {"FFMA": loop["ffma"]}
+
+
+def changed_work(kernel: str, was: dict, now: dict) -> list[str]:
+    """Why the fresh hot loop (``now``'s) may not be the committed one (``was``'s): a different
+    work per pass (FFMA, or tensor-core instructions by shape). A loop made slower can stop being
+    the hot loop when another (an epilogue left rolled) has more work, and the issue ratio of
+    that other loop says nothing of the one that got slower: such a change needs a look, and
+    ``--accept`` where it is meant. The change between tensor-core and FFMA work is
+    ``slower_copies``'s."""
+    old, new = was.get("hot_loop"), now.get("hot_loop")
+    if not old or not new or bool(old["hmma_by_shape"]) != bool(new["hmma_by_shape"]):
+        return []
+    if loop_work(old) == loop_work(new):
+        return []
+    return [f"{kernel}: the hot loop ({new['address']}) does {loop_work(new)} per pass, the committed report's "
+            f"({old['address']}) {loop_work(old)}: another loop is taken for the hot loop, or its work changed"]
 
 
 def copies(k: dict) -> list[dict]:
@@ -874,6 +942,8 @@ def markdown(report: dict) -> str:
            + "; ".join(report["memory_workloads"]) + "." if report["memory_workloads"] else ""),
         *([f"- **Numba kernels**: not compiled here: {report['numba_unavailable']}."]
           if report["numba_unavailable"] else []),
+        *([f"- **Accepted regressions** (`--accept`: {report['accepted']['reason']}): "
+           + "; ".join(report["accepted"]["regressions"]) + "."] if report.get("accepted") else []),
         "",
         "## The kernels the speed goals are about",
         "",
@@ -931,6 +1001,24 @@ def write(report: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(report))
 
 
+def refused(committed: dict, fresh: dict) -> list[str]:
+    """The ``regressions`` that keep ``main`` from writing ``fresh`` over ``committed`` without
+    ``--accept``: all but "unlisted" (a kernel added or removed is what a re-run records)."""
+    return [f"{kind}: {message}" for kind, message in regressions(committed, fresh) if kind != "unlisted"]
+
+
+def _commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def accepted(found: list[str], reason: str, committed: dict) -> dict:
+    """The report's record of regressions written with ``--accept REASON``: what they were, why,
+    and what they were measured against (the replaced report's kernels and the commit checked out)."""
+    return {"regressions": found, "reason": reason, "against_kernels_sha256": committed.get("kernels_sha256"),
+            "against_commit": _commit()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel-dir", type=Path, default=KERNELS, help="the CUDA sources (a folder named kernels)")
@@ -940,8 +1028,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the CUDA kernels with nvcc -ptx and ptxas instead of reading the shipped build's "
                              "fatbins (bench/aot_build.py)")
+    parser.add_argument("--accept", metavar="REASON",
+                        help="write the report even where it is worse than the one at --out (``regressions``), "
+                             "recording the regressions and REASON under the report's 'accepted'")
     args = parser.parse_args(argv)
     report = build_report(args.kernel_dir, args.jobs, from_fatbins=not args.compile)
+    if args.out.is_file():
+        found = refused(json.loads(args.out.read_text()), report)
+        if found and args.accept is None:
+            print(f"{args.out} not written: the fresh figures are worse than its own:", *found,
+                  "Fix the kernels, or re-run with --accept REASON to write them and record why.", sep="\n")
+            sys.exit(1)
+        if found:
+            report["accepted"] = accepted(found, args.accept, json.loads(args.out.read_text()))
     write(report, args.out)
     print(f"{len(report['kernels'])} kernels -> {args.out} and {args.out.with_suffix('.md')}")
     if args.kernel_dir == KERNELS and update_readme(report, KERNELS.parent / "README.md"):

@@ -30,7 +30,8 @@ The readers take the text the tools print, so they are tested on planted sources
 - ``hot_loops(code)``: the copies of the loop that bounds a kernel's throughput, fastest first.
   The candidates are the innermost loops (holding no other). For a kernel with tensor-core
   instructions (HMMA, HGMMA) in one, those with the most of them per pass; otherwise those with
-  the most FFMA, and where some innermost loop reads shared memory, only those count: a tiled
+  the most FFMA, and where some innermost loop with FFMA reads shared memory, only those count
+  (a loop without FFMA, a shared-memory reduction after a grid-stride FFMA loop, never does): a tiled
   kernel's main loop feeds its FFMA from shared memory, while an epilogue loop the compiler left
   rolled (Numba's dense forward with sigmoid runs one over its 64 accumulators, with more FFMA
   than the main loop) reads none. Loops with the same count are copies of one main loop, made by
@@ -293,7 +294,8 @@ def hot_loops(code: list[Instruction]) -> list[Loop]:
     if tensor:
         candidates, work = tensor, TENSOR
     else:
-        candidates, work = [loop for loop in candidates if count(loop.body, "LDS", "LDSM")] or candidates, ("FFMA",)
+        fed = [loop for loop in candidates if count(loop.body, "FFMA") and count(loop.body, "LDS", "LDSM")]
+        candidates, work = fed or candidates, ("FFMA",)
     if not candidates:
         return []
     most = max(count(loop.body, *work) for loop in candidates)

@@ -116,9 +116,21 @@ def test_the_simt_gemms_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh)
     shipped = set(cupy_backend.KERNELS["dense_forward.cu"]) | {
         name for name in cupy_backend.KERNELS["dense_backward.cu"] if SIMT_GEMM.fullmatch(name)}
     assert set(gemms) == shipped and len(shipped) == 5 + 2 * len(cupy_backend.GEMM_TILES)
-    below = {name: k["hot_loop"]["ffma_share"] for name, k in gemms.items()
-             if k["hot_loop"]["ffma_share"] < SIMT_FFMA_GOAL}
-    assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
+    assert below_the_ffma_goal(gemms) == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
+
+
+def below_the_ffma_goal(kernels: dict) -> dict:
+    """{kernel: its hot loop's FFMA share, or why it has none} for each of ``kernels`` short of SIMT_FFMA_GOAL."""
+    return {name: (k["hot_loop"] or {}).get("ffma_share", "no hot loop") for name, k in kernels.items()
+            if not k["hot_loop"] or k["hot_loop"]["ffma_share"] < SIMT_FFMA_GOAL}
+
+
+def test_the_ffma_goal_fails_a_loop_below_85_percent_or_no_loop():
+    kernels = {"at": figures(loop(100, ffma=85)), "below": figures(loop(100, ffma=84)), "none": figures()}
+    for k in kernels.values():
+        if k["hot_loop"]:
+            k["hot_loop"]["ffma_share"] = k["hot_loop"]["ffma"] / k["hot_loop"]["instructions"]
+    assert below_the_ffma_goal(kernels) == {"below": 0.84, "none": "no hot loop"}
 
 
 def test_the_simt_gemms_hot_loop_is_the_float4_copy_the_benchmarks_run_beside_the_scalar_one(fresh):
@@ -138,9 +150,7 @@ FUSED_FP32 = re.compile(r"fused_mlp_(fwd|bwd|dw)")  # not _tf32, _bf16
 def test_the_fused_fp32_kernels_issue_at_least_85_percent_ffma_in_their_hot_loops(fresh):
     fused = {name: k for name, k in fresh["kernels"].items() if FUSED_FP32.fullmatch(name)}
     assert len(fused) == 3
-    below = {name: k["hot_loop"]["ffma_share"] for name, k in fused.items()
-             if k["hot_loop"]["ffma_share"] < SIMT_FFMA_GOAL}
-    assert below == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
+    assert below_the_ffma_goal(fused) == {}, f"FFMA share below {SIMT_FFMA_GOAL}"
 
 
 # Issue 28's goal for the per-layer tensor-core GEMMs: about 4 instructions per HMMA keep an
@@ -586,6 +596,106 @@ def test_regressions_compare_memory_figures_once_the_committed_report_has_them()
     assert "wavefronts_per_request rose" in km.regressions(report(k=measured), report(k=conflicts))[0][1]
     assert "global_load_efficiency fell" in km.regressions(report(k=measured), report(k=uncoalesced))[0][1]
     assert "now unmeasured" in km.regressions(report(k=measured), unmeasured)[0][1]
+
+
+def test_regressions_compare_the_shared_conflict_factor_not_the_wavefronts():
+    """Conflict-free 16-byte reads (4 wavefronts per request, ideal 4) turned into 2-way conflicting
+    4-byte reads (2 per request, ideal 1): fewer wavefronts per request, twice the conflict factor."""
+    conflict_free = figures(shared_wavefronts_per_request=4.0, shared_ideal_wavefronts_per_request=4.0,
+                            global_load_efficiency=1.0, global_store_efficiency=1.0)
+    conflicting = dict(conflict_free, shared_wavefronts_per_request=2.0, shared_ideal_wavefronts_per_request=1.0)
+    ((kind, message),) = km.regressions(report(k=conflict_free), report(k=conflicting))
+    assert kind == "worse" and message == "k (sm_90) shared conflict factor (wavefronts over ideal) rose from 1.0 to 2.0"
+    assert km.regressions(report(k=conflicting), report(k=conflict_free)) == []
+    # Without the ideal in one report, the wavefronts themselves.
+    assert "wavefronts_per_request rose" in km.regressions(
+        report(k=dict(conflicting, shared_ideal_wavefronts_per_request=None)), report(k=conflict_free))[0][1]
+
+
+def with_resources(k: dict, registers=120, stack_bytes=0, smem_bytes=32768, threads=256) -> dict:
+    warps, limit = km.occupancy(registers, smem_bytes, threads, km.ARCHS["sm_90"])
+    return {**k, "threads": threads, "registers": registers, "stack_bytes": stack_bytes, "smem_bytes": smem_bytes,
+            "occupancy_warps": warps, "occupancy_limit": limit}
+
+
+@pytest.mark.parametrize("change, messages", [
+    ({"registers": 122}, []),  # within the tolerance, and the same occupancy
+    ({"registers": 168}, ["k (sm_90) occupancy fell from 16 to 8 warps/SM (limited by registers)",
+                          "k (sm_90) registers rose from 120 to 168"]),
+    ({"stack_bytes": 8}, ["k (sm_90) stack_bytes rose from 0 to 8"]),
+    ({"smem_bytes": 36864}, ["k (sm_90) smem_bytes rose from 32768 to 36864"]),
+    ({"smem_bytes": 120000}, ["k (sm_90) occupancy fell from 16 to 8 warps/SM (limited by shared memory)",
+                              "k (sm_90) smem_bytes rose from 32768 to 120000"]),
+    ({"registers": 96, "smem_bytes": 16384}, []),  # better
+])
+def test_regressions_fail_fewer_warps_or_more_registers_stack_or_shared_memory(change, messages):
+    committed = report(k=with_resources(fp32(100)))
+    fresh = report(k=with_resources(fp32(100), **change))
+    assert [(kind, message) for kind, message in km.regressions(committed, fresh)] == [("worse", m) for m in messages]
+
+
+def test_the_committed_report_with_fewer_warps_a_stack_or_more_shared_memory_fails_the_comparison(committed):
+    changed = json.loads(json.dumps(committed))
+    arch = km.ARCHS[committed["arch"]]
+    k = changed["kernels"]["dense_fwd_128x128"]
+    k["registers"] = 168
+    k["occupancy_warps"], k["occupancy_limit"] = km.occupancy(168, k["smem_bytes"], k["threads"], arch)
+    changed["kernels"]["dense_dx_tf32"]["stack_bytes"] += 512
+    changed["other_archs"]["sm_80"]["fused_mlp_fwd_bf16"]["smem_bytes"] += 40960
+    messages = [message for kind, message in km.regressions(committed, changed) if kind == "worse"]
+    assert len(messages) == len(km.regressions(committed, changed)) == 4, messages
+    assert messages[0].startswith("dense_dx_tf32 (sm_90) stack_bytes rose from")
+    assert messages[1].startswith("dense_fwd_128x128 (sm_90) occupancy fell from")
+    assert messages[2].startswith("dense_fwd_128x128 (sm_90) registers rose from")
+    assert messages[3].startswith("fused_mlp_fwd_bf16 (sm_80) smem_bytes rose from")
+
+
+def test_regressions_fail_a_hot_loop_doing_other_work_per_pass():
+    """The committed hot loop made slower stops being the hot loop: an epilogue loop left rolled,
+    with more FFMA and a higher issue ratio, is taken for it; the ratios alone compare well."""
+    main_loop = loop(40, ffma=8)
+    slower_main_loop, epilogue = loop(100, ffma=8, at=1), loop(40, ffma=16, at=2)
+    assert km.issue_ratio(epilogue, km.ARCHS["sm_90"]) > km.issue_ratio(main_loop, km.ARCHS["sm_90"])
+    ((kind, message),) = km.regressions(report(k=figures(main_loop)), report(k=figures(epilogue)))
+    assert kind == "worse" and message == (
+        "k (sm_90): the hot loop (0x0200-0x0280) does {'FFMA': 16} per pass, the committed report's "
+        "(0x0100-0x0180) {'FFMA': 8}: another loop is taken for the hot loop, or its work changed")
+    assert km.regressions(report(k=figures(main_loop)), report(k=figures(loop(40, ffma=8, at=3)))) == []
+    assert slower_main_loop  # (not in the fresh report's loops: the model no longer calls it hot)
+    # Tensor-core work is compared by shape.
+    bf16 = figures(dict(loop(40, hmma=8), hmma_by_shape={"HMMA.16816.F32.BF16": 8}))
+    problems = km.regressions(report(k=tensor(40)), report(k=bf16))
+    assert any(kind == "worse" and "does {'HMMA.16816.F32.BF16': 8} per pass" in message for kind, message in problems)
+
+
+def test_the_model_refuses_to_write_a_report_worse_than_the_one_it_replaces(committed, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A kernel change re-runs the model (the committed report must be of the kernels as they are),
+    so the run itself compares: a regression is printed and nothing written, unless accepted with
+    a reason, which the report records."""
+    out = tmp_path / "kernel_model.json"
+    km.write(committed, out)
+    before = out.read_text()
+    worse = grown(committed, ["kernels", "dense_dx_tf32"], "hot_loop")
+    monkeypatch.setattr(km, "update_readme", lambda report, readme: False)
+    monkeypatch.setattr(km, "build_report", lambda *args, **kwargs: json.loads(json.dumps(worse)))
+    with pytest.raises(SystemExit) as refused:
+        km.main(["--out", str(out)])
+    assert refused.value.code == 1 and out.read_text() == before
+    assert "worse: dense_dx_tf32 (sm_90): the hot loop (0xe880-0x108e0) issues 558" in capsys.readouterr().out
+    km.main(["--out", str(out), "--accept", "a planted regression"])
+    written = json.loads(out.read_text())
+    accepted = written.pop("accepted")
+    assert written == worse and accepted["reason"] == "a planted regression"
+    assert [m.split(":")[0] for m in accepted["regressions"]] == ["worse"]
+    assert accepted["against_kernels_sha256"] == committed["kernels_sha256"] and "against_commit" in accepted
+    assert "Accepted regressions" in out.with_suffix(".md").read_text()
+    # No worse than the report it replaces (a kernel added included): written, nothing accepted.
+    better = json.loads(json.dumps(committed))
+    better["kernels"]["planted_new_kernel"] = better["kernels"]["dense_dx_tf32"]
+    monkeypatch.setattr(km, "build_report", lambda *args, **kwargs: better)
+    km.main(["--out", str(out)])
+    assert json.loads(out.read_text()) == better
 
 
 # ----------------------------------------------------------------------------- the model's formulas

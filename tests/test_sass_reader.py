@@ -239,6 +239,41 @@ def test_a_streaming_kernels_hot_loop_is_its_largest_loop():
     assert spans(sass.hot_loops(found)) == [(0x100, 0x1b0)]
 
 
+# A norm-style kernel: a grid-stride loop of 3 FFMA over global memory (0x100-0x170), then the
+# shared-memory tree reduction, a rolled loop of LDS and FADD with no FFMA (0x200-0x260).
+GRID_STRIDE_THEN_REDUCTION = """
+0: S2R R0, SR_TID.X
+100: LDG.E R2, [R4.64]
+110: LDG.E R3, [R6.64]
+120: FFMA R8, R2, R2, R8
+130: FFMA R9, R2, R3, R9
+140: FFMA R8, R3, R3, R8
+150: IADD3 R0, R0, R10, RZ
+160: ISETP.GE.AND P0, PT, R0, R11, PT
+170: @!P0 BRA 0x100
+180: STS [R12], R8
+190: BAR.SYNC.DEFER_BLOCKING 0x0
+200: LDS R13, [R12]
+210: LDS R14, [R12+0x200]
+220: FADD R13, R13, R14
+230: STS [R12], R13
+240: BAR.SYNC.DEFER_BLOCKING 0x0
+250: ISETP.GT.AND P1, PT, R15, 0x1, PT
+260: @P1 BRA 0x200
+270: EXIT
+280: BRA 0x280
+"""
+
+
+def test_a_loop_reading_shared_memory_without_ffma_is_not_taken_over_an_ffma_loop():
+    """The shared-memory filter keeps a tiled kernel's main loop over a rolled epilogue; a loop
+    with no FFMA (the reduction) is no main loop, however much shared memory it reads."""
+    assert spans(sass.hot_loops(code(GRID_STRIDE_THEN_REDUCTION))) == [(0x100, 0x170)]
+    # With an FFMA in it, the loop reading shared memory is taken over the one with more FFMA.
+    fed = code(GRID_STRIDE_THEN_REDUCTION.replace("220: FADD R13, R13, R14", "220: FFMA R13, R13, R14, R13"))
+    assert spans(sass.hot_loops(fed)) == [(0x200, 0x260)]
+
+
 # ----------------------------------------------------------------------------- opcodes and declarations
 
 
