@@ -21,6 +21,7 @@ from gpubp.activations import ACTIVATIONS
 from gpubp.backends import numpy_backend
 from gpubp.gradcheck import check_gradients
 from gpubp.trace import trace
+from test_layers import assert_trains_as
 
 # Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter (4 words), key (2 words) -> output.
 KNOWN_ANSWERS = [
@@ -501,16 +502,7 @@ def test_dropouts_of_rate_zero_in_a_row_train_as_the_dense_layers_alone(rng, fro
         [layer for layer in model if isinstance(layer, gb.Dense)][i].freeze()
         plain[i].freeze()
     x, dout = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
-    for need_input_grad in (False, True):
-        np.testing.assert_array_equal(model.forward(x, need_input_grad=need_input_grad),
-                                      plain.forward(x, need_input_grad=need_input_grad))
-        dx, expected = model.backward(dout, need_input_grad), plain.backward(dout, need_input_grad)
-        if need_input_grad:
-            np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
-        for ours, reference in zip(model.parameters(), plain.parameters()):
-            assert (ours.grad is None) == (reference.grad is None)
-            if ours.grad is not None:
-                np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+    assert_trains_as(model, plain, x, dout)
 
 
 @pytest.mark.parametrize("on_top", [1, 2])

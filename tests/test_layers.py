@@ -692,6 +692,21 @@ class PassThrough(Scale):
         return dy if need_dx else None
 
 
+def assert_trains_as(model, plain, x, dout) -> None:
+    """``model``'s training forward, backward (with and without the input gradient) and parameter
+    gradients are ``plain``'s, whose parameters it shares the values of."""
+    for need_input_grad in (False, True):
+        np.testing.assert_array_equal(model.forward(x, need_input_grad=need_input_grad),
+                                      plain.forward(x, need_input_grad=need_input_grad))
+        dx, expected = model.backward(dout, need_input_grad), plain.backward(dout, need_input_grad)
+        if need_input_grad:
+            np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
+        for ours, reference in zip(model.parameters(), plain.parameters()):
+            assert (ours.grad is None) == (reference.grad is None)
+            if ours.grad is not None:
+                np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("frozen", [0, 7], ids=["none", "all_but_the_top_bias"])
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_a_layer_that_returns_its_input_leaves_the_layer_above_an_output_buffer_of_its_own(rng, passes, frozen):
@@ -708,16 +723,7 @@ def test_a_layer_that_returns_its_input_leaves_the_layer_above_an_output_buffer_
         ours.trainable = reference.trainable = False
     x, dout = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
     np.testing.assert_array_equal(model.predict(x), plain.predict(x))
-    for need_input_grad in (False, True):
-        np.testing.assert_array_equal(model.forward(x, need_input_grad=need_input_grad),
-                                      plain.forward(x, need_input_grad=need_input_grad))
-        dx, expected = model.backward(dout, need_input_grad), plain.backward(dout, need_input_grad)
-        if need_input_grad:
-            np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
-        for ours, reference in zip(model.parameters(), plain.parameters()):
-            assert (ours.grad is None) == (reference.grad is None)
-            if ours.grad is not None:
-                np.testing.assert_allclose(ours.grad, reference.grad, rtol=1e-6, atol=1e-7)
+    assert_trains_as(model, plain, x, dout)
 
 
 def test_the_fused_kernels_say_they_run_dense_layers_only():
