@@ -513,19 +513,21 @@ def _dim3(value, what: str) -> tuple[int, int, int]:
 # across blocks that it would gain from it.
 CONCURRENT_MODES = ("plain", "tsan")
 _peer_dir: Path | None = None
+_peer_lock = threading.Lock()  # threads load modules at once (prebuild, first_contact's facts)
 
 
 def _peer_copy(path: Path) -> Path:
     """A copy of library ``path`` for this process, loaded as the peer of ``path``'s own load."""
     global _peer_dir
-    if _peer_dir is None:
-        _peer_dir = Path(tempfile.mkdtemp(prefix="peers-", dir=cache_dir()))
-        atexit.register(shutil.rmtree, _peer_dir, True)
-    copy = _peer_dir / path.name
-    if not copy.exists():
-        shutil.copyfile(path, copy.with_suffix(".part"))
-        os.replace(copy.with_suffix(".part"), copy)
-    return copy
+    with _peer_lock:
+        if _peer_dir is None or not _peer_dir.is_dir():  # a test may have removed the cache it was made in
+            _peer_dir = Path(tempfile.mkdtemp(prefix="peers-", dir=cache_dir()))
+            atexit.register(shutil.rmtree, _peer_dir, True)
+        copy = _peer_dir / path.name
+        if not copy.exists():
+            shutil.copyfile(path, copy.with_suffix(".part"))
+            os.replace(copy.with_suffix(".part"), copy)
+        return copy
 
 
 class Module:
