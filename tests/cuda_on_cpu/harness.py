@@ -225,6 +225,18 @@ def _refuse_during_capture(what: str) -> None:
         raise CaptureError(f"{what} is not permitted while a stream is capturing a CUDA graph")
 
 
+def _host_read(method: str, what: str | None = None):
+    """``np.ndarray``'s ``method``, refused during a capture as a device-to-host copy (``what``)."""
+    read = getattr(np.ndarray, method)
+
+    def refused_while_capturing(self, *args):
+        _refuse_during_capture(f"a device-to-host copy ({what or method})")
+        return read(self, *args)
+
+    refused_while_capturing.__name__ = method
+    return refused_while_capturing
+
+
 class DeviceArray(np.ndarray):
     """An array in "device memory": a NumPy array over its own exact-size allocation. Kernels
     get its data pointer; ``get()`` copies it back to an ordinary NumPy array and ``set()``
@@ -267,37 +279,14 @@ class DeviceArray(np.ndarray):
     # stream captures ("the current stream is capturing, so D2H transfers are disallowed").
     # (np.asarray(a), np.array(a), a.copy() are not caught: NumPy takes an ndarray subclass as it
     # is, without asking it.)
-    def item(self, *args):
-        _refuse_during_capture("a device-to-host copy (item)")
-        return super().item(*args)
-
-    def tolist(self):
-        _refuse_during_capture("a device-to-host copy (tolist)")
-        return super().tolist()
-
-    def __float__(self):
-        _refuse_during_capture("a device-to-host copy (float)")
-        return super().__float__()
-
-    def __int__(self):
-        _refuse_during_capture("a device-to-host copy (int)")
-        return super().__int__()
-
-    def __index__(self):
-        _refuse_during_capture("a device-to-host copy (index)")
-        return super().__index__()
-
-    def __bool__(self):
-        _refuse_during_capture("a device-to-host copy (bool)")
-        return super().__bool__()
-
-    def __complex__(self):
-        _refuse_during_capture("a device-to-host copy (complex)")
-        return super().__complex__()
-
-    def __iter__(self):
-        _refuse_during_capture("a device-to-host copy (iterating over an array)")
-        return super().__iter__()
+    item = _host_read("item")
+    tolist = _host_read("tolist")
+    __float__ = _host_read("__float__", "float")
+    __int__ = _host_read("__int__", "int")
+    __index__ = _host_read("__index__", "index")
+    __bool__ = _host_read("__bool__", "bool")
+    __complex__ = _host_read("__complex__", "complex")
+    __iter__ = _host_read("__iter__", "iterating over an array")
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _refuse_during_capture(f"array math ({ufunc.__name__})")
