@@ -242,6 +242,13 @@ def check_optimizer_params(model, optimizer) -> None:
                          "ckpt.optimizer, not the one of the run that wrote it)")
 
 
+def param_positions(model, optimizer) -> list[int]:
+    """Where each parameter ``optimizer`` updates, in its order across the groups, stands in
+    ``model.parameters()`` (-1: not the model's, which :func:`check_optimizer_params` refuses)."""
+    positions = {id(param): i for i, param in enumerate(model.parameters())}
+    return [positions.get(id(param), -1) for param in optimizer.parameters()]
+
+
 # ----------------------------------------------------------------------------- predict / evaluate
 
 

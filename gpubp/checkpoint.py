@@ -109,7 +109,6 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
     header, tensors = io.model_contents(model)
-    positions = {id(p): i for i, p in enumerate(model.parameters())}
     history = history if history is not None else History()
     state_dict = optimizer.state_dict()
     state = {}
@@ -124,7 +123,7 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
     section = {
         "epoch": int(epoch),
         "optimizer": {"class": type(optimizer).__name__,
-                      "params": [positions[id(p)] for p in optimizer.parameters()],
+                      "params": batches.param_positions(model, optimizer),
                       "param_groups": state_dict["param_groups"], "state": state},
         "scheduler": None if scheduler is None else {"class": type(scheduler).__name__,
                                                      "state": _json_ready(_scheduler_state(scheduler))},

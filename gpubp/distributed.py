@@ -161,15 +161,6 @@ def _loss_name(loss_fn) -> str:
     return f"{name}{options}" if options else name
 
 
-def _param_positions(model, optimizer) -> list[list[int]] | None:
-    """Where each of the optimizer's groups' parameters stand in ``model.parameters()`` (-1: not the
-    model's): two optimizers of as many parameters may update other layers."""
-    if optimizer is None:
-        return None
-    positions = {id(p): i for i, p in enumerate(model.parameters())}
-    return [[positions.get(id(p), -1) for p in group["params"]] for group in optimizer.param_groups]
-
-
 def _layer_label(layer) -> str:
     """What a layer computes beside its parameters: a Dense's activation, a Dropout's rate."""
     if isinstance(layer, Dropout):
@@ -272,7 +263,10 @@ class DataParallel:
                      "shuffle": bool(shuffle), "loss": _loss_name(loss),
                      "metrics": [metric_fns.get(m)[0] for m in metrics],
                      "optimizer": None if optimizer is None else repr(optimizer),
-                     "optimizer's parameters": _param_positions(model, optimizer),
+                     # which parameters: two optimizers of as many (repr gives each group's count)
+                     # may update other layers
+                     "optimizer's parameters": None if optimizer is None else batches.param_positions(model,
+                                                                                                      optimizer),
                      "learning_rate": learning_rate, "clip_grad_norm": clip_grad_norm,
                      "scheduler": _scheduler_label(scheduler),
                      "scheduler_interval/scheduler_monitor": None if scheduler is None else list(scheduler_steps)}

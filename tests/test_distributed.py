@@ -418,7 +418,7 @@ def test_check_setups_rejects_different_datasets(key, name):
 
 FIT_SETUP = {
     "arguments": {"batch_size": 8, "epochs": (0, 3), "shuffle": True, "loss": "gpubp.losses.cross_entropy",
-                  "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "optimizer's parameters": [[0, 1]],
+                  "metrics": ["accuracy"], "optimizer": "SGD([{2 params, lr=0.1}])", "optimizer's parameters": [0, 1],
                   "learning_rate": None,
                   "clip_grad_norm": None, "scheduler": None, "scheduler_interval/scheduler_monitor": None},
     "model": [[[3, 2], "float32", True], [[2], "float32", True]],
@@ -456,7 +456,7 @@ def test_check_setups_rejects_ranks_that_would_run_other_steps(part, key, value,
 
 @pytest.mark.parametrize("key, value", [
     ("shuffle", False), ("loss", "gpubp.losses.mse"), ("optimizer", "SGD([{2 params, lr=0.2}])"),
-    ("learning_rate", 0.01), ("clip_grad_norm", 1.0), ("scheduler", "StepLR"), ("optimizer's parameters", [[2, 3]]),
+    ("learning_rate", 0.01), ("clip_grad_norm", 1.0), ("scheduler", "StepLR"), ("optimizer's parameters", [2, 3]),
 ])
 def test_check_setups_rejects_ranks_that_would_train_differently(key, value):
     """Ranks that shuffle apart, or compute other gradients or updates, would train silently on
