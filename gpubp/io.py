@@ -715,7 +715,7 @@ def _check_backend_dtype(path: Path, dtype: np.dtype, device: str, backend: str)
     compute in float32 only (as ``Sequential`` checks, here before anything is built, naming the
     caller's argument, which is what to change)."""
     name = backends.resolve(device, backend)  # the caller's arguments: their errors are not the file's
-    if name != "numpy" and dtype != np.float32:
+    if not backends.computes_in(name, dtype):
         argument, backend_does = (("backend", f"the {name!r} backend") if backend != "auto" else
                                   ("device", f"device={device!r} runs the {name!r} backend, which"))
         raise ValueError(f"{argument}: {backend_does} computes in float32 only, and {path} holds {dtype} weights; "

@@ -964,7 +964,7 @@ class Sequential:
     # --------------------------------------------------------------------- devices
 
     def _check_dtype(self, backend_name: str) -> None:
-        if backend_name != "numpy" and self.dtype != np.float32:
+        if not backends.computes_in(backend_name, self.dtype):
             raise ValueError(f"dtype: the {backend_name!r} backend computes in float32, got {self.dtype}")
 
     def to(self, device: str = "auto", backend: str = "auto") -> Sequential:

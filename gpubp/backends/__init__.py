@@ -247,6 +247,12 @@ def get(name: str) -> ModuleType:
     return module
 
 
+def computes_in(name: str, dtype) -> bool:
+    """Whether backend ``name`` (one :func:`resolve` gave, so loaded) computes in the NumPy dtype
+    ``dtype``: one of its ``DTYPES``."""
+    return dtype in get(name).DTYPES
+
+
 def available() -> dict[str, str | None]:
     """For each backend, None if it runs here, else the reason it does not."""
     status = {}
