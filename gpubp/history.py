@@ -9,6 +9,8 @@ It sits below the callbacks and the checkpoints, which both read and write it.
 [0.5]
 >>> "val_loss" in h, list(h), dict(h)
 (False, ['loss'], {'loss': [0.5]})
+>>> h.params  # what fit ran with, which fit fills in
+{}
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ class History(Mapping):
     A read-only mapping of the logged names to their per-epoch lists, as ``history.history`` is
     (``"val_loss" in history``, ``list(history)``, ``history.items()``, ``len``: the names). As
     before it was a mapping, a History equals only itself and is hashable: compare
-    ``history.history`` for the values."""
+    ``history.history`` for the values.
+
+    ``params``: as Keras's, the run's settings: ``{"verbose": ..., "epochs": ..., "steps": ...}``,
+    ``steps`` being the batches of one epoch (on each rank, in a data-parallel fit); ``{}`` for a
+    History no ``fit`` has run (one a checkpoint restored, until the resumed ``fit``)."""
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
+        self.params: dict = {}
         self.epoch: list[int] = []
         self.epoch_times: list[float] = []
 

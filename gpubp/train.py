@@ -335,9 +335,10 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     earlier = getattr(model, "history", None)
     history = earlier.until(initial_epoch) if initial_epoch and isinstance(earlier, History) else History()
     model.history = history
+    n_batches = math.ceil(len(x) / batch_size)
+    history.params = {"verbose": verbose, "epochs": epochs, "steps": n_batches}
     for cb in callbacks:
         cb.on_train_begin(model)
-    n_batches = math.ceil(len(x) / batch_size)
     # At an epoch's end: the callbacks, then the History, then the state savers (see Callback).
     savers = [cb for cb in callbacks if cb.saves_state]
     others = [cb for cb in callbacks if not cb.saves_state]

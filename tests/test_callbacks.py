@@ -195,6 +195,25 @@ def test_the_history_holds_what_a_callback_adds_to_the_logs_as_the_csv_logger_do
     assert gb.load_checkpoint(tmp_path / "run.npz").history.epoch == [0, 1]
 
 
+class SeesParams(gb.Callback):
+    def on_train_begin(self, model):
+        self.params = dict(model.history.params)
+
+
+def test_the_history_holds_the_runs_params_as_keras_does_from_the_first_callback_on():
+    """Keras's ``History.params``: verbose, epochs and the steps of one epoch (24 samples in
+    batches of 5: 5 steps, the last short), there before the first callback runs; a resumed fit
+    holds its own run's."""
+    x, y = data()
+    model = new_model()
+    seen = SeesParams()
+    history = model.fit(x, y, epochs=3, batch_size=5, verbose=0, callbacks=[seen])
+    assert seen.params == history.params == {"verbose": 0, "epochs": 3, "steps": 5}
+    resumed = model.fit(x, y, epochs=4, batch_size=24, verbose=2, initial_epoch=3)
+    assert resumed.params == {"verbose": 2, "epochs": 4, "steps": 1} and resumed.epoch == [0, 1, 2, 3]
+    assert gb.History().params == {}
+
+
 def test_model_checkpoint_keeps_its_best_across_fits(tmp_path):
     """As Keras's: a second fit with the same callback (after unfreezing, say) overwrites the best
     file only with a better value. (The callback driven by hand, with values a fit would log.)"""
