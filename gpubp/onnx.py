@@ -42,12 +42,14 @@ probability (``ESTIMATOR_OUTPUTS``). ``load`` does not read those last steps bac
 ``torch.onnx.export`` of an ``nn.Sequential`` of ``nn.Linear`` and activations (``Gemm``, or
 ``MatMul`` and ``Add``; ``Relu``, ``LeakyRelu`` with slope 0.01, ``Sigmoid``, ``Tanh``, ``Gelu``,
 the formulas above (leaky_relu's Max among them), ``Softmax`` over the last axis at the end;
-``Identity`` and inference ``Dropout``, its training_mode absent or false, pass through). A file
+``Identity`` and inference ``Dropout``, its training_mode absent or false, pass through; a weight
+may be a ``Transpose`` of a constant, as the TorchScript exporter writes a bias-free Linear without
+constant folding). A file
 whose every linear layer casts its input to bfloat16 and back, as above, and holds bfloat16 values
 as weights is a bf16 model. As for gpubp's other
 formats the whole file is checked before anything is built: weights kept outside the file, tensors
 whose data does not match their shape, NaN or inf weights, mixed or non-float types (a formula's
-constants included), unused tensors, inputs rounded to bfloat16 in some layers only or multiplied by
+constants included, but ``Pow``'s exponent, whose type ONNX leaves free), unused tensors, inputs rounded to bfloat16 in some layers only or multiplied by
 weights that are not, a Dropout in training mode, and any graph that is not such a chain are a
 ValueError naming the file, its tensor or node, and the problem. What ONNX
 does not hold is not restored: layer names, frozen layers and tf32 (read as fp32).
@@ -270,9 +272,11 @@ def _step(step: tuple) -> tuple[str, list, dict]:
 
 def load(path, device: str = "auto", backend: str = "auto") -> Sequential:
     """The model an .onnx file holds; see the module documentation for what it may hold."""
-    path = Path(path)
+    path = io._path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {str(path)!r} is a directory, not an .onnx file")
     graph = _Graph(path, _parse(path))
     layers = graph.layers()
     sizes = [layers[0][0].shape[0]] + [bias.shape[0] for _, bias, *_ in layers]
@@ -367,6 +371,8 @@ class _Graph:
                                  "standard ONNX, which gpubp cannot represent")
             if node.op_type == "Constant":
                 self._constant_node(node)
+            elif node.op_type == "Transpose" and len(node.input) == 1 and node.input[0] in self.constants:
+                self._transposed_constant(node)
             else:
                 self.nodes.append(node)
         inputs = [value for value in self.graph.input if value.name not in self.constants]
@@ -382,6 +388,16 @@ class _Graph:
             raise ValueError(f"{self.path}: Constant node {node.name!r} holds something other than one tensor "
                              "'value', which gpubp cannot represent")
         self.constants[node.output[0]] = numpy_helper.to_array(value[0].t)
+
+    def _transposed_constant(self, node) -> None:
+        """A Transpose of a constant (torch.onnx.export's legacy exporter writes one before a bias-free
+        Linear's MatMul where constant folding is off): the transposed constant, under its output's name."""
+        value = self.constants[node.input[0]]
+        perm = self._attribute(node, "perm", None)
+        if len(node.output) != 1 or (perm is not None and sorted(perm) != list(range(value.ndim))):
+            raise self._error(node, f"a Transpose of {node.input[0]!r} with perm={perm}, which gpubp cannot represent")
+        self.constants[node.output[0]] = np.transpose(value, perm)
+        self.used.add(node.input[0])
 
     # ------------------------------------------------------------------------- the chain
 
@@ -515,6 +531,10 @@ class _Graph:
         """(activation, its output, the position after it) for the activation that starts at ``position``."""
         node = self.nodes[position]
         if node.input[0] != current and not (node.op_type in COMMUTATIVE and current in node.input):
+            if current in node.input:  # 1 - p, say: the output below is not this step's first operand
+                raise self._error(node, f"reads the tensor the step before wrote ({current!r}) as its input "
+                                        f"{list(node.input).index(current) + 1} of {len(node.input)}, not its "
+                                        "first: not an activation gpubp can represent")
             raise self._error(node, f"reads {list(node.input)}, not the tensor the step before wrote ({current!r})")
         # the formulas before the single operators: silu's starts with a Sigmoid
         formulas = [(act, chain) for act, steps in FORMULAS.items() for chain in (steps, *READ_ALSO.get(act, ()))]
@@ -571,7 +591,8 @@ class _Graph:
 
     def _operand_is(self, node, name: str, operand, x: str, prev: str | None, element: int) -> bool:
         """Whether ``node``'s input ``name`` is the step's ``operand``; a constant of that value must be of
-        ``element``, the type of the tensor it meets, as ONNX requires (onnx.checker does not look)."""
+        ``element``, the type of the tensor it meets, as ONNX requires (onnx.checker does not look), but
+        for Pow's exponent, whose type ONNX leaves free (its T1: an int64 3 is as valid as a float 3)."""
         if operand == "x":
             return name == x
         if operand == "prev":
@@ -581,6 +602,8 @@ class _Graph:
                                                                  rel_tol=CONSTANT_RTOL):
             return False
         found = helper.np_dtype_to_tensor_dtype(value.dtype)
+        if node.op_type == "Pow" and name == node.input[1]:
+            return True
         if found != element:
             raise self._error(node, f"the constant {name!r} is of type {_type_name(found)}, expected "
                                     f"{_type_name(element)}, the type of the tensor it meets")

@@ -469,6 +469,34 @@ def test_a_pytorch_export_of_linear_layers_and_activations(tmp_path, exporter):
     np.testing.assert_allclose(model.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
+def test_a_legacy_pytorch_export_without_constant_folding_of_a_linear_without_bias(tmp_path):
+    """torch.onnx.export(dynamo=False, do_constant_folding=False) writes a bias-free Linear as
+    Transpose(weight) then MatMul: the Transpose of a constant is read as the transposed constant."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 3)).eval()
+    path = tmp_path / "torch.onnx"
+    torch.onnx.export(mlp, (torch.randn(2, 5),), path, dynamo=False, opset_version=17, do_constant_folding=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    assert [node.op_type for node in onnx.load(path).graph.node][:2] == ["Transpose", "MatMul"]
+    model = gb.load(path, device="cpu")
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        expected = mlp(x).numpy()
+    np.testing.assert_allclose(model.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.get_weights()[1], np.zeros(4, np.float32))
+
+
+def test_a_transpose_of_a_constant_with_a_perm_that_is_no_permutation(tmp_path):
+    proto = valid_proto()
+    gemm = node(proto, "Gemm")
+    proto.graph.node.insert(0, helper.make_node("Transpose", [gemm.input[1]], ["w_t"], name="t", perm=[0, 0]))
+    gemm.input[1] = "w_t"
+    expect_rejected(written(tmp_path, proto), r"a Transpose of .layers.0.weight. with "
+                                              r"perm=\[0, 0\]")
+
+
 # ----------------------------------------------------------------------------- broken and forged files
 
 
@@ -660,6 +688,37 @@ def test_a_formula_of_mixed_types(tmp_path, proto, problem):
     with pytest.raises(onnx.shape_inference.InferenceError):
         onnx.checker.check_model(proto, full_check=True)
     expect_rejected(written(tmp_path, proto), problem)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float64])
+def test_a_pow_exponent_of_another_numeric_type_loads(tmp_path, dtype):
+    """ONNX gives Pow's exponent a type of its own (T1, any numeric type): ``Pow(z, 3)`` with an int64
+    3 is valid (onnx.checker with full_check, onnxruntime), unlike an Add's or Mul's operand of another type."""
+    model = model_with("gelu_tanh", "identity")
+    proto = retyped(gpubp_onnx.model_proto(model), dtype, ["constant.3.0"])
+    onnx.checker.check_model(proto, full_check=True)
+    loaded = gb.load(written(tmp_path, proto), device="cpu")
+    x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_a_step_that_reads_the_layer_below_second_says_so(tmp_path):
+    """1 - p (a Sub whose second operand is the output below): the error says it reads that tensor,
+    but not first, instead of that it does not read it."""
+    proto = valid_proto()
+    relu = node(proto, "Relu")
+    relu.op_type, relu.input[:] = "Sub", ["one", relu.input[0]]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    expect_rejected(written(tmp_path, proto), r"reads the tensor the step before wrote \('layers.1.z'\) as its input "
+                                              "2 of 2, not its first: not an activation gpubp can represent")
+
+
+def test_loading_a_path_that_is_no_path_or_a_directory_names_the_argument(tmp_path):
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike, got int"):
+        gpubp_onnx.load(123)
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match="path: .*model.onnx' is a directory, not an .onnx file"):
+        gb.load(tmp_path / "model.onnx")
 
 
 def test_a_dropout_in_training_mode(tmp_path):
