@@ -38,6 +38,8 @@ def non_negative(value, name: str) -> float:
 
 def positive(value, name: str) -> float:
     """A finite number > 0: a step, a divisor, an epsilon."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number > 0, got {type(value).__name__} {value!r}")
     value = non_negative(value, name)
     if value == 0:
         raise ValueError(f"{name}: expected a number > 0, got {value}")

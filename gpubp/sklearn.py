@@ -52,7 +52,10 @@ differs:
   a full batch the steps are scikit-learn's. On a minibatch, where scikit-learn divides both by
   the weight the batch holds, a step is scikit-learn's times the batch's mean weight over the
   training samples'.
-- ``coefs_`` and ``intercepts_`` are copies read from ``model_``.
+- ``coefs_`` and ``intercepts_`` are copies read from ``model_``: assigning a list writes it into
+  ``model_``, as scikit-learn's take one, but editing a copy in place changes nothing.
+- ``sample_weight`` must be >= 0, where scikit-learn 1.9 also takes negative weights: they are
+  rescaled to a mean of 1 (below), which a sum of zero or less has none of.
 - ``random_state`` seeds gpubp's random stream for the estimator's own draws only (weight
   initialisation, shuffling, the early-stopping split, the Dropout masks); the library's stream
   outside is left as it was. Each call reseeds it, as scikit-learn's MLPs reseed theirs, so an
@@ -582,15 +585,43 @@ class _BaseMLP(BaseEstimator):
 
     @property
     def coefs_(self) -> list[np.ndarray]:
-        """Each layer's weight matrix (in, out), scikit-learn's layout: copies read from ``model_``."""
-        check_is_fitted(self)
-        return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == "weight"]
+        """Each layer's weight matrix (in, out), scikit-learn's layout: copies read from ``model_``.
+        Assigning a list of them writes them into ``model_`` (editing a copy in place changes nothing)."""
+        return self._read_parameters("weight")
+
+    @coefs_.setter
+    def coefs_(self, values) -> None:
+        self._write_parameters("weight", "coefs_", values)
 
     @property
     def intercepts_(self) -> list[np.ndarray]:
-        """Each layer's bias vector (out,): copies read from ``model_``."""
+        """Each layer's bias vector (out,): copies read from ``model_``; assigning a list writes them."""
+        return self._read_parameters("bias")
+
+    @intercepts_.setter
+    def intercepts_(self, values) -> None:
+        self._write_parameters("bias", "intercepts_", values)
+
+    def _read_parameters(self, kind: str) -> list[np.ndarray]:
         check_is_fitted(self)
-        return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == "bias"]
+        return [p.backend.to_host(p.data).copy() for p in self.model_.parameters() if p.name == kind]
+
+    def _write_parameters(self, kind: str, name: str, values) -> None:
+        """``values`` (one array per layer) as ``model_``'s parameters of ``kind``, as scikit-learn's
+        MLPs take an assigned ``coefs_`` or ``intercepts_``: every array is checked (shape, finite
+        numbers in the model's float type) before any weight changes."""
+        check_is_fitted(self)
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of arrays, one per layer, got {type(values).__name__}")
+        params = self.model_.parameters()
+        slots = [i for i, p in enumerate(params) if p.name == kind]
+        if len(values) != len(slots):
+            raise ValueError(f"{name}: expected {len(slots)} arrays, one per layer, got {len(values)}")
+        weights = self.model_.get_weights()
+        for layer, (slot, value) in enumerate(zip(slots, values)):
+            weights[slot] = _checks.weight_values(value, tuple(params[slot].shape), self.model_.dtype,
+                                                  f"{name}[{layer}]", f"layer {layer}'s {kind}", "the model")
+        self.model_.set_weights(weights)
 
     def save(self, path) -> None:
         """Write to ``path``, which must end in ``.onnx``, the inference graph of what ``predict``

@@ -392,6 +392,46 @@ def test_bad_parameters_are_named_when_fit_starts(params, match):
     assert not hasattr(clf, "model_")
 
 
+def test_a_learning_rate_that_is_no_number_says_it_must_be_above_zero():
+    clf = MLPClassifier(learning_rate_init="0.1", device="cpu")
+    with pytest.raises(TypeError, match=r"learning_rate_init: expected a number > 0, got str '0.1'"):
+        clf.fit(X_SMALL, X_SMALL[:, 0] > 0)
+
+
+def test_assigned_coefs_and_intercepts_are_what_predict_uses_as_in_scikit_learn():
+    """scikit-learn's MLPs predict with whatever list is assigned to coefs_ or intercepts_ (to load,
+    prune or initialise weights); so do these, which write it into model_."""
+    x, y = X_SMALL, (X_SMALL[:, 0] > 0).astype(int)
+    ours = MLPClassifier((5,), max_iter=3, random_state=0, device="cpu").fit(x, y)
+    theirs = neural_network.MLPClassifier((5,), max_iter=3, random_state=0).fit(x, y)
+    draw = np.random.default_rng(2)
+    theirs.coefs_ = [draw.normal(size=w.shape) for w in theirs.coefs_]
+    theirs.intercepts_ = [draw.normal(size=b.shape) for b in theirs.intercepts_]
+    ours.coefs_, ours.intercepts_ = theirs.coefs_, theirs.intercepts_
+    np.testing.assert_allclose(ours.predict_proba(x), theirs.predict_proba(x), rtol=1e-12)
+    coefs, intercepts = ours.coefs_, ours.intercepts_
+    coefs[-1][:], intercepts[-1][:] = 0, 0  # edited copies change nothing until they are assigned
+    assert not np.allclose(ours.predict_proba(x), 0.5)
+    ours.coefs_, ours.intercepts_ = coefs, intercepts
+    np.testing.assert_array_equal(ours.predict_proba(x), 0.5)
+
+
+@pytest.mark.parametrize("attribute, value, error, match", [
+    ("coefs_", lambda w: w[:1], ValueError, r"coefs_: expected 2 arrays, one per layer, got 1"),
+    ("coefs_", lambda w: [w[0], w[1].T], ValueError, r"coefs_\[1\]: expected shape \(5, 1\) for layer 1's weight"),
+    ("intercepts_", lambda b: [b[0], np.full_like(b[1], np.nan)], ValueError, r"intercepts_\[1\]: contains NaN"),
+    ("coefs_", lambda w: w[0], TypeError, r"coefs_: expected a list of arrays, one per layer, got ndarray"),
+])
+def test_a_bad_assignment_to_coefs_or_intercepts_is_refused_naming_it_with_the_weights_unchanged(attribute, value,
+                                                                                                 error, match):
+    clf = MLPClassifier((5,), max_iter=3, random_state=0, device="cpu").fit(X_SMALL, X_SMALL[:, 0] > 0)
+    before = clf.model_.get_weights()
+    with pytest.raises(error, match=match):
+        setattr(clf, attribute, value(getattr(clf, attribute)))
+    for now, then in zip(clf.model_.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
+
+
 @pytest.mark.parametrize("verbose, error", [("x", TypeError), (None, TypeError), (0.5, TypeError), (-1, ValueError)])
 def test_verbose_is_a_flag_or_a_level(verbose, error, capsys):
     """scikit-learn's rule: True, False or an int >= 0, where a truthy string would print."""
