@@ -110,8 +110,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     the outputs of the epoch's batches as they trained (Dropout applied, the weights changing
     from batch to batch), which fit keeps on the host until the epoch's end (N times the
     outputs' width values); the batch logs hold the running loss alone.
-    ``verbose``: 0 silent, 1 a progress bar per epoch (one line per epoch when stdout is not a
-    terminal), 2 one line per epoch; on stdout, as Keras prints them.
+    ``verbose``: 0 silent, 1 (or Keras 3's "auto") a progress bar per epoch (one line per epoch
+    when stdout is not a terminal), 2 one line per epoch; on stdout, as Keras prints them.
     ``shuffle`` (each epoch's batches drawn in a new random order) and ``distributed`` are True
     or False: a string such as "False" or Keras's "batch" is a TypeError, before the first step.
     ``initial_epoch`` resumes a run (Keras's meaning): training runs epochs ``initial_epoch``
@@ -229,9 +229,11 @@ def _has_batch_hooks(callback: Callback) -> bool:
 
 def check_verbose(verbose) -> int:
     """``verbose`` of ``fit``, ``Model.evaluate`` and ``Model.predict``: 0, 1 or 2 (True and False
-    are 1 and 0), else a ValueError naming it."""
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+    are 1 and 0), or Keras 3's default "auto", which is 1; else a ValueError naming it."""
+    if isinstance(verbose, str) and verbose == "auto":
+        return 1
+    if isinstance(verbose, str) or verbose not in (0, 1, 2):
+        raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
     return int(verbose)
 
 

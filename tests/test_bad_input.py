@@ -2,6 +2,7 @@
 value, raised before any kernel runs, with the model's weights left exactly as they were."""
 
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -423,7 +424,7 @@ def test_unknown_metric_name_in_fit_trains_nothing():
     (dict(epochs=0), ValueError, "epochs: expected a positive int, got 0"),
     (dict(batch_size=2.5), TypeError, "batch_size: expected a positive int, got float 2.5"),
     (dict(validation_split=1.5), ValueError, r"validation_split: expected a float in \[0, 1\), got 1.5"),
-    (dict(verbose=3), ValueError, "verbose: expected 0, 1 or 2, got 3"),
+    (dict(verbose=3), ValueError, "verbose: expected 0, 1, 2 or 'auto', got 3"),
     (dict(validation_data=np.ones((2, 4))), TypeError,
      r"validation_data: expected \(x_val, y_val\) or \(x_val, y_val, val_sample_weight\)"),
     (dict(callbacks=[print]), TypeError, r"callbacks\[0\]: expected a gpubp Callback"),
@@ -457,12 +458,25 @@ def test_fit_takes_numpy_bools_as_its_flags():
     lambda model, x, y, verbose: model.evaluate(x, y, verbose=verbose),
     lambda model, x, y, verbose: model.predict(x, verbose=verbose),
 ], ids=["evaluate", "predict"])
-@pytest.mark.parametrize("value", [3, -1, "auto", None])
+@pytest.mark.parametrize("value", [3, -1, "1", "Auto", None])
 def test_evaluate_and_predict_check_verbose_as_fit_does(call, value):
     model = make_model()
     x, y = data()
-    with rejected(model, ValueError, rf"^verbose: expected 0, 1 or 2, got {value!r}$"):
+    with rejected(model, ValueError, rf"^verbose: expected 0, 1, 2 or 'auto', got {re.escape(repr(value))}$"):
         call(model, x, y, value)
+
+
+def test_verbose_auto_is_keras_3s_default_level_1(capsys):
+    """Keras 3's fit, evaluate and predict default to verbose="auto", which is 1: code written for
+    them runs. (Captured stdout is no terminal, so level 1 prints a line per epoch, as 2 does.)"""
+    model = make_model()
+    x, y = data()
+    history = model.fit(x, y, epochs=2, verbose="auto")
+    assert history.params["verbose"] == 2 and capsys.readouterr().out.count("epoch ") == 2
+    model.evaluate(x, y, verbose="auto")
+    assert capsys.readouterr().out.startswith("evaluate - ")
+    model.predict(x, verbose="auto")
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("make, match", [
