@@ -222,9 +222,10 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
 
 
 def _has_batch_hooks(callback: Callback) -> bool:
-    """Whether ``callback`` runs code at each batch (and so may stop a fit mid-epoch)."""
+    """Whether ``callback`` runs code at each batch (and so may stop a fit mid-epoch): Keras's
+    aliases ``on_batch_begin``/``on_batch_end`` included, which the batch hooks call."""
     return any(getattr(type(callback), hook) is not getattr(Callback, hook)
-               for hook in ("on_train_batch_begin", "on_train_batch_end"))
+               for hook in ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end"))
 
 
 def check_verbose(verbose) -> int:

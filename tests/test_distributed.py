@@ -261,8 +261,14 @@ class _EveryBatch(gb.Callback):
         pass
 
 
-@pytest.mark.parametrize("callbacks, per_batch", [([], False), ([gb.callbacks.CSVLogger], False), ([_EveryBatch], True)],
-                         ids=["none", "epoch-only", "batch hook"])
+class _EveryBatchByKerasAlias(gb.Callback):  # Keras's older name, which on_train_batch_end calls
+    def on_batch_end(self, model, batch, logs):
+        pass
+
+
+@pytest.mark.parametrize("callbacks, per_batch", [([], False), ([gb.callbacks.CSVLogger], False), ([_EveryBatch], True),
+                                                  ([_EveryBatchByKerasAlias], True)],
+                         ids=["none", "epoch-only", "batch hook", "batch hook by its alias"])
 def test_the_ranks_agree_on_a_stop_each_epoch_and_each_batch_only_where_a_callback_runs_there(
         one_rank_group, monkeypatch, tmp_path, callbacks, per_batch):
     """Each step all-reduces its bucket; each epoch's end, and fit's, one value more; each batch's
