@@ -108,7 +108,8 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs
     (Keras 3's callback and meanings).
 
-    ``mode`` "auto" minimises losses and errors and maximises anything else (accuracy, f1).
+    ``mode`` "auto" minimises losses and errors and maximises accuracies and scores (f1, auc);
+    a name it cannot place (a metric of your own) needs "min" or "max" (:func:`monitor_mode`).
     ``baseline``: an epoch resets the count of epochs without improvement only if it improves
     on the best value so far and on ``baseline`` too; training stops at an epoch that does not
     improve on the best once that count reaches ``patience``. ``start_from_epoch``: epochs
@@ -126,8 +127,8 @@ class EarlyStopping(Callback):
     that improves on it by more than ``min_delta``) and restores that; ``verbose=1`` names it.
     """
 
-    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
-                 restore_best_weights: bool = False, *, baseline: float | None = None, start_from_epoch: int = 0,
+    def __init__(self, monitor: str = "val_loss", *, patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best_weights: bool = False, baseline: float | None = None, start_from_epoch: int = 0,
                  verbose: int = 0) -> None:
         if not isinstance(monitor, str):
             raise TypeError(f"monitor: expected the name of a logged value, got {type(monitor).__name__}")
@@ -220,13 +221,29 @@ class EarlyStopping(Callback):
             model.set_weights(self.best_weights)
 
 
+# What mode="auto" reads in a monitored name (without its "val_" prefix): a loss or an error
+# falls, a score rises; a name it cannot place (a user's metric, "mape") is a ValueError, as in
+# Keras 3, where guessing "max" would keep the worst epoch.
+FALLING = ("loss", "error", "crossentropy", "deviance", "divergence", "hinge", "log_cosh")
+FALLING_NAMES = {"mse", "mae", "rmse", "mape", "msle"}
+RISING = ("accuracy",)
+RISING_NAMES = {"precision", "recall", "f1", "auc", "r2"}
+
+
 def monitor_mode(monitor: str, mode: str) -> str:
-    """"min" or "max"; "auto" minimises losses and errors and maximises anything else."""
+    """"min" or "max"; "auto" minimises losses and errors (``FALLING``, ``FALLING_NAMES``) and
+    maximises accuracies and scores (``RISING``, ``RISING_NAMES``), and refuses another name."""
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
-    if mode == "auto":
-        return "min" if ("loss" in monitor or "error" in monitor or monitor.endswith(("mse", "mae"))) else "max"
-    return mode
+    if mode != "auto":
+        return mode
+    name = monitor.removeprefix("val_")
+    if name in FALLING_NAMES or any(part in name for part in FALLING):
+        return "min"
+    if name in RISING_NAMES or any(part in name for part in RISING):
+        return "max"
+    raise ValueError(f"mode: 'auto' cannot tell whether {monitor!r} improves as it rises or as it falls; "
+                     "pass mode='min' or mode='max'")
 
 
 def _format_fields(path: str) -> list[str]:
@@ -272,7 +289,7 @@ class ModelCheckpoint(Callback):
     main_process_only = True
     saves_state = True
 
-    def __init__(self, path, monitor: str | None = None, mode: str = "auto", save_best_only: bool = False,
+    def __init__(self, path, monitor: str | None = None, *, mode: str = "auto", save_best_only: bool = False,
                  every: int = 1) -> None:
         io._suffix(path)
         self.path = path

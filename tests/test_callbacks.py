@@ -195,6 +195,41 @@ def test_the_history_holds_what_a_callback_adds_to_the_logs_as_the_csv_logger_do
     assert gb.load_checkpoint(tmp_path / "run.npz").history.epoch == [0, 1]
 
 
+def test_early_stopping_and_model_checkpoint_take_keywords_after_the_monitor():
+    """Keras 3's EarlyStopping("loss", 0, 5) means min_delta=0, patience=5; gpubp's order was
+    (monitor, patience, min_delta), so it silently meant patience 0 and min_delta 5."""
+    with pytest.raises(TypeError):
+        gb.EarlyStopping("loss", 0, 5)
+    with pytest.raises(TypeError):
+        gb.ModelCheckpoint("best.npz", "val_loss", 0, True)  # Keras's third: verbose
+    stopper = gb.EarlyStopping("loss", min_delta=0, patience=5)
+    assert (stopper.patience, stopper.min_delta) == (5, 0.0)
+
+
+@pytest.mark.parametrize("monitor, mode", [
+    ("val_loss", "min"), ("loss", "min"), ("val_mean_squared_error", "min"), ("mae", "min"), ("val_mape", "min"),
+    ("val_msle", "min"), ("val_kl_divergence", "min"), ("val_categorical_crossentropy", "min"),
+    ("val_accuracy", "max"), ("sparse_categorical_accuracy", "max"), ("val_auc", "max"), ("f1", "max"),
+    ("val_recall", "max"),
+])
+def test_mode_auto_reads_the_direction_from_the_name(monitor, mode):
+    assert callbacks.monitor_mode(monitor, "auto") == mode
+    assert gb.EarlyStopping(monitor).mode == mode
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gb.EarlyStopping("val_score"),
+    lambda: gb.ModelCheckpoint("best.npz", monitor="my_metric", save_best_only=True),
+    lambda: callbacks.ReduceLROnPlateau("val_score"),
+], ids=["EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau"])
+def test_mode_auto_refuses_a_name_it_cannot_place_as_keras_3_does(make):
+    """Guessing "max" for a metric of the user's that falls as it improves (a mape) kept the worst
+    epoch's weights; Keras 3 raises, asking for mode."""
+    with pytest.raises(ValueError, match=r"mode: 'auto' cannot tell whether '(val_score|my_metric)' improves as it "
+                                         r"rises or as it falls; pass mode='min' or mode='max'"):
+        make()
+
+
 class SeesParams(gb.Callback):
     def on_train_begin(self, model):
         self.params = dict(model.history.params)
