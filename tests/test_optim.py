@@ -542,3 +542,28 @@ def test_a_captured_steps_options_are_hashable_where_a_script_assigned_a_list():
     assert hash(options) == hash(opt.graph_options(as_tuple, {}))
     group["betas"] = [0.9, 0.95]
     assert opt.graph_options(group, {}) != options  # another value, another capture
+
+
+def test_learning_rate_is_keras_name_for_the_rate_and_setting_it_sets_what_fit_trains_at():
+    """Keras code sets model.optimizer.learning_rate; a plain attribute there trained on at the old rate."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 2)], device="cpu")
+    x, y = np.ones((4, 3), np.float32), np.array([0, 1, 0, 1])
+    model.fit(x, y, optimizer="sgd", epochs=1, verbose=0)
+    assert model.optimizer.learning_rate == model.optimizer.param_groups[0]["lr"] == 0.01
+    model.optimizer.learning_rate = 0.0
+    before = model.get_weights()
+    model.fit(x, y, optimizer=model.optimizer, epochs=1, verbose=0)
+    for now, then in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
+
+
+def test_learning_rate_refuses_a_bad_rate_and_flattening_discriminative_rates():
+    params = make_params()
+    opt = optim.Adam([{"params": params[:1], "lr": 1e-4}, {"params": params[1:]}], lr=1e-3)
+    assert opt.learning_rate == 1e-3
+    with pytest.raises(ValueError, match=r"learning_rate: the param groups have different rates \[0.0001, 0.001\]"):
+        opt.learning_rate = 0.1
+    with pytest.raises(ValueError, match="learning_rate: expected a finite number >= 0, got -1"):
+        optim.SGD(params, lr=0.1).learning_rate = -1
+    assert [group["lr"] for group in opt.param_groups] == [1e-4, 1e-3]

@@ -85,6 +85,24 @@ class Optimizer:
         for group in groups:
             self.add_param_group(group)
 
+    @property
+    def learning_rate(self) -> float:
+        """Keras's name for the rate (``model.optimizer.learning_rate``): the param group's ``lr``,
+        the largest one under several groups' discriminative rates, as ``fit`` logs it."""
+        return max(group["lr"] for group in self.param_groups)
+
+    @learning_rate.setter
+    def learning_rate(self, value) -> None:
+        """Sets every group's ``lr``, checked as ``lr`` is; refused where the groups' rates differ,
+        which one number would flatten (set each group's ``lr``, or scale them with a scheduler)."""
+        value = _checks.non_negative(value, "learning_rate")
+        rates = sorted({group["lr"] for group in self.param_groups})
+        if len(rates) > 1:
+            raise ValueError(f"learning_rate: the param groups have different rates {rates}, which one rate would "
+                             "replace; set each group's 'lr' in optimizer.param_groups instead")
+        for group in self.param_groups:
+            group["lr"] = value
+
     def add_param_group(self, group: dict) -> None:
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("params: a param group must be a dict with a 'params' key")
