@@ -28,9 +28,10 @@ def non_negative_int(value, name: str) -> int:
     return int(value)
 
 
-def non_negative(value, name: str) -> float:
+def non_negative(value, name: str, expected: str = "a number >= 0") -> float:
+    """A finite number >= 0; a value of another type is a TypeError saying ``expected``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number >= 0, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     if not value >= 0 or not np.isfinite(value):
         raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
     return float(value)
@@ -38,9 +39,7 @@ def non_negative(value, name: str) -> float:
 
 def positive(value, name: str) -> float:
     """A finite number > 0: a step, a divisor, an epsilon."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number > 0, got {type(value).__name__} {value!r}")
-    value = non_negative(value, name)
+    value = non_negative(value, name, expected="a number > 0")
     if value == 0:
         raise ValueError(f"{name}: expected a number > 0, got {value}")
     return value
