@@ -49,8 +49,9 @@ whose every linear layer casts its input to bfloat16 and back, as above, and hol
 as weights is a bf16 model. As for gpubp's other
 formats the whole file is checked before anything is built: weights kept outside the file, tensors
 whose data does not match their shape, NaN or inf weights, mixed or non-float types (a formula's
-constants included, but ``Pow``'s exponent, whose type ONNX leaves free), unused tensors, inputs rounded to bfloat16 in some layers only or multiplied by
-weights that are not, a Dropout in training mode, and any graph that is not such a chain are a
+constants included, but ``Pow``'s exponent, whose type ONNX leaves free), unused tensors, inputs
+rounded to bfloat16 in some layers only or multiplied by weights that are not, a Dropout in
+training mode, and any graph that is not such a chain are a
 ValueError naming the file, its tensor or node, and the problem. What ONNX
 does not hold is not restored: layer names, frozen layers and tf32 (read as fp32).
 
@@ -601,9 +602,9 @@ class _Graph:
         if value is None or value.size != 1 or not math.isclose(float(value.reshape(())), operand,
                                                                  rel_tol=CONSTANT_RTOL):
             return False
-        found = helper.np_dtype_to_tensor_dtype(value.dtype)
         if node.op_type == "Pow" and name == node.input[1]:
             return True
+        found = helper.np_dtype_to_tensor_dtype(value.dtype)
         if found != element:
             raise self._error(node, f"the constant {name!r} is of type {_type_name(found)}, expected "
                                     f"{_type_name(element)}, the type of the tensor it meets")

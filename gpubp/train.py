@@ -233,7 +233,7 @@ def check_verbose(verbose) -> int:
     are 1 and 0), or Keras 3's default "auto", which is 1; else a ValueError naming it."""
     if isinstance(verbose, str) and verbose == "auto":
         return 1
-    if isinstance(verbose, str) or verbose not in (0, 1, 2):
+    if verbose not in (0, 1, 2):  # no string is: "1" == 1 is False
         raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
     return int(verbose)
 
