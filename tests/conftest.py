@@ -16,6 +16,18 @@ import sys
 # timings steady on a shared 2-core machine. Must be set before NumPy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# Where the environment forbids bytecode files (PYTHONDONTWRITEBYTECODE, as on our CI machines),
+# each of the suite's hundred-odd child interpreters (planted bugs, sanitizer shards, the command
+# line, torchrun) compiled gpubp, the tests and pytest's rewritten asserts from source again: a
+# child pytest took 2.7 s to collect tests/test_kernels_on_cpu.py, 0.8 s with a bytecode cache.
+# The cache goes to the temporary folder, not the tree, which stays as the environment wants it.
+# Set here, before pytest-xdist starts its workers, so that they inherit it too.
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    import tempfile
+
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "gpubp-pycache")
+
 from gpubp._driver import cuda_device_count  # noqa: E402
 
 GPU_COUNT, NO_GPU_REASON = cuda_device_count()
