@@ -52,6 +52,15 @@ class History(Mapping):
         self.epoch.append(epoch)
         self.epoch_times.append(seconds)
 
+    def _take(self, other: History) -> History:
+        """This History, emptied and then holding ``other``'s epochs and ``params`` (``other`` is
+        left as it was): how a History passed in ``fit(callbacks=[...])`` becomes that fit's."""
+        self.history = {key: list(values) for key, values in other.history.items()}
+        self.params = dict(other.params)
+        self.epoch = list(other.epoch)
+        self.epoch_times = list(other.epoch_times)
+        return self
+
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
 

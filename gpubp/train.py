@@ -119,6 +119,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     the History continues ``model.history`` (which :func:`gpubp.load_checkpoint` restores) up
     to that epoch. ``model.optimizer`` and
     ``model.history`` are the ones in use, for callbacks such as :class:`gpubp.ModelCheckpoint`.
+    ``callbacks`` may hold one :class:`History`, as Keras code passes ``callbacks=[history]``: it is
+    then the History this fit fills and returns (what it held before is replaced).
     ``distributed=True`` trains data-parallel over torch.distributed, one process per device
     launched by torchrun; ``batch_size`` is then the global batch (see :mod:`gpubp.distributed`).
     ``cuda_graph``: True captures each batch's step in a CUDA graph and replays it (the cupy
@@ -176,13 +178,7 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     else:
         x_val = y_val = None
     weights = batches.sample_weights(model, y, loss_fn, sample_weight, class_weight)
-    if isinstance(callbacks, Callback):
-        raise TypeError(f"callbacks: expected a list of gpubp Callbacks, got one {type(callbacks).__name__}; "
-                        "pass callbacks=[...]")
-    callbacks = list(callbacks or [])
-    for i, cb in enumerate(callbacks):
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
+    callbacks, given_history = _check_callbacks(callbacks)
     if verbose == 1 and not _is_terminal(sys.stdout):
         verbose = 2
     if distributed and cuda_graph is True:
@@ -218,7 +214,27 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
     # This call's rate only; where a schedule or a callback moves the rates, where they ended stays.
     with batches.at_rate(opt, learning_rate, restore=not schedule.logs_rate):
         return _train(model, (x, y, weights), None if x_val is None else (x_val, y_val, w_val), step, schedule,
-                      epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel)
+                      epochs, batch_size, shuffle, callbacks, verbose, metrics, initial_epoch, parallel,
+                      given_history)
+
+
+def _check_callbacks(callbacks) -> tuple[list[Callback], History | None]:
+    """fit's ``callbacks``: a list of Callbacks, and at most one History (Keras code passes
+    ``callbacks=[history]`` to read it afterwards), which is the History that fit fills and returns;
+    the Callbacks, and that History or None. Else a TypeError naming the item."""
+    if isinstance(callbacks, (Callback, History)):
+        raise TypeError(f"callbacks: expected a list of gpubp Callbacks, got one {type(callbacks).__name__}; "
+                        "pass callbacks=[...]")
+    callbacks = list(callbacks or [])
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, (Callback, History)):
+            raise TypeError(f"callbacks[{i}]: expected a gpubp Callback, got {type(cb).__name__}")
+    histories = [i for i, cb in enumerate(callbacks) if isinstance(cb, History)]
+    if len(histories) > 1:
+        raise ValueError(f"callbacks: a fit fills one History, got {len(histories)} "
+                         f"(callbacks{histories}); pass one, or none and use the one fit returns")
+    given = callbacks.pop(histories[0]) if histories else None
+    return callbacks, given
 
 
 def _has_batch_hooks(callback: Callback) -> bool:
@@ -323,10 +339,11 @@ def _is_terminal(stream) -> bool:
 
 
 def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle, callbacks, verbose, metrics,
-           initial_epoch, parallel) -> History:
+           initial_epoch, parallel, given_history=None) -> History:
     """fit's loop, on checked data ``(x, y, sample weights or None)`` and validation data (the same,
     or None): one TrainStep per batch (or the data-parallel one), the scheduler per batch or per
-    epoch; callbacks around batches and epochs."""
+    epoch; callbacks around batches and epochs. The History it fills is ``given_history``, emptied
+    first, where the caller passed one."""
     x, y, weights = data
     loss_fn, opt = step.loss_fn, step.optimizer
     logits = losses.fuses(loss_fn, model.layers[-1].activation)
@@ -337,6 +354,8 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
     model.scheduler = schedule.scheduler
     earlier = getattr(model, "history", None)
     history = earlier.until(initial_epoch) if initial_epoch and isinstance(earlier, History) else History()
+    if given_history is not None:  # it may be ``earlier`` itself, copied from above before this empties it
+        history = given_history._take(history)
     model.history = history
     n_batches = math.ceil(len(x) / batch_size)
     history.params = {"verbose": verbose, "epochs": epochs, "steps": n_batches}

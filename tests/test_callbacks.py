@@ -249,6 +249,28 @@ def test_the_history_holds_the_runs_params_as_keras_does_from_the_first_callback
     assert gb.History().params == {}
 
 
+def test_a_history_in_the_callbacks_is_the_one_fit_fills_and_returns_as_in_keras():
+    """Keras code passes ``callbacks=[history]`` and reads it after the fit: it is the fit's
+    History (what it held is replaced), model.history too, and a resumed fit continues it even
+    where it is the History being continued."""
+    x, y = data()
+    model = new_model()
+    history = gb.History()
+    history.append(7, {"loss": 9.0}, 0.0)  # left from elsewhere: replaced
+    returned = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[Recorder(), history])
+    assert returned is history and model.history is history
+    assert history.epoch == [0, 1] and len(history["loss"]) == 2 and history.params["epochs"] == 2
+    first_losses = list(history["loss"])
+    again = model.fit(x, y, epochs=3, batch_size=8, verbose=0, initial_epoch=2, callbacks=[model.history])
+    assert again is history and history.epoch == [0, 1, 2] and history["loss"][:2] == first_losses
+    # callbacks of a History each: which one would fit fill?
+    with rejected(model, ValueError, r"callbacks: a fit fills one History, got 2 \(callbacks\[0, 2\]\)"):
+        model.fit(x, y, verbose=0, callbacks=[gb.History(), Recorder(), gb.History()])
+    # not a list: an empty History is an empty mapping, which would have passed as no callbacks
+    with rejected(model, TypeError, r"callbacks: expected a list of gpubp Callbacks, got one History"):
+        model.fit(x, y, verbose=0, callbacks=gb.History())
+
+
 def test_model_checkpoint_keeps_its_best_across_fits(tmp_path):
     """As Keras's: a second fit with the same callback (after unfreezing, say) overwrites the best
     file only with a better value. (The callback driven by hand, with values a fit would log.)"""
