@@ -94,7 +94,11 @@ def _check_class_labels(y: np.ndarray, classes: int, yname: str) -> None:
 def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
     """Refuse NaN and inf in ``a``, and values past ``dtype``'s range, which are inf once cast
     to it (float64 data for a float32 model). fit checks the whole dataset up front, so a bad
-    row late in an epoch cannot leave half-trained weights."""
+    row late in an epoch cannot leave half-trained weights. The smallest and largest values say
+    whether all is well (NaN carries through both) with no array the size of ``a`` made, which a
+    memory-mapped dataset larger than memory could not afford; the bad row is found only then."""
+    if a.dtype.kind in "iub" or (a.size and _within(a, dtype)):
+        return
     finite = np.isfinite(a)
     if not np.all(finite):
         row = int(np.argwhere(~finite)[0][0])
@@ -106,13 +110,24 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
 def in_range(a: np.ndarray, name: str, dtype, at: str = "in row") -> None:
     """Refuse finite values of ``a`` past ``dtype``'s range, which are inf once cast to it,
     naming the first ``at`` its index ("in row 9", "at sample 9", "for class 2")."""
-    if a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize:
+    if a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize and a.size and not _within(a, dtype):
         largest = np.finfo(dtype).max
         fits = np.abs(a) <= largest
         if not np.all(fits):
             where = tuple(int(i) for i in np.argwhere(~fits)[0])
             raise ValueError(f"{name}: {a[where]} {at} {where[0]} is beyond {np.dtype(dtype)}'s range "
                              f"(±{largest:.4g}), the model's dtype, where it would be inf")
+
+
+def _within(a: np.ndarray, dtype=None) -> bool:
+    """Whether the non-empty float array ``a`` is finite, and within ``dtype``'s range where that
+    is narrower than its own: from its extremes, in two passes that make no temporary array."""
+    lo, hi = a.min(), a.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return False
+    if dtype is not None and np.dtype(dtype).itemsize < a.dtype.itemsize:
+        return max(-float(lo), float(hi)) <= float(np.finfo(dtype).max)
+    return True
 
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x",
@@ -330,19 +345,20 @@ def scores_of(model, outputs: np.ndarray, fused: bool) -> np.ndarray:
 
 
 def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
-    """Score a zero output of the model's shape against the first targets ``y_val`` with each
-    named metric, so a metric that cannot score these targets (``auc`` on class labels, say)
-    fails before any work (``fit``: before the first step, not at the first epoch's end).
+    """Score a zero output of the model's shape against every target of ``y_val`` with each
+    named metric, so a metric that cannot score these targets (``auc`` on class labels, or on one
+    target past 1 in row 700, say) fails before any work (``fit``: before the first step, not at
+    the first epoch's end). The zero output is one row seen N times, not an (N, out) array.
     Callables are the caller's and are not probed."""
     probabilities = model.layers[-1].activation in ("sigmoid", "softmax")
-    rows = min(len(y_val), 2)
-    probe = np.zeros((rows, model.layers[-1].out_features), np.float32)
+    probe = np.broadcast_to(np.zeros((1, model.layers[-1].out_features), np.float32),
+                            (len(y_val), model.layers[-1].out_features))
     for metric in metrics:
         if callable(metric):
             continue
         name, fn = metric_fns.get(metric, probabilities=probabilities)
         try:
-            fn(probe, y_val[:rows])
+            fn(probe, y_val)
         except (ValueError, TypeError, IndexError) as error:
             raise ValueError(f"metrics: {name!r} cannot score this model's targets: {error}") from None
 
@@ -379,7 +395,9 @@ def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sampl
     if loss_fn is not None and not _HEAD_WARNED.get():  # as fit warns
         losses.warn_if_another_head(loss_fn, head, "loss")
     x, y = check_dataset(model, x, y, loss_fn)
-    check_metrics(model, metrics, y)
+    # The first targets only: no weights change here, and the metrics read every target below
+    # anyway (fit probes every target before its first step, and its validation's too).
+    check_metrics(model, metrics, y[:2])
     if sample_weight is not None:
         if loss_fn is None:
             raise ValueError("sample_weight: it weights the loss, and there is none (pass loss=, or compile first)")

@@ -71,7 +71,10 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     if not isinstance(stratify, (bool, np.bool_)):
         hint = "; pass the labels as y, with stratify=True" if np.ndim(stratify) else ""
         raise TypeError(f"stratify: expected True or False, got {type(stratify).__name__}{hint}")
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _checks.to_numpy(x, "x", "an array of samples"), _checks.to_numpy(y, "y", "an array of targets")
+    for name, a in (("x", x), ("y", y)):
+        if a.ndim == 0:
+            raise TypeError(f"{name}: expected an array with one row per sample, got {type(a.item()).__name__}")
     if len(x) != len(y):
         raise ValueError(f"y: expected {len(x)} rows to match x, got {len(y)}")
     if not isinstance(test_size, numbers.Real):

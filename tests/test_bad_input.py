@@ -3,12 +3,13 @@ value, raised before any kernel runs, with the model's weights left exactly as t
 
 import contextlib
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
 
 import gpubp as gb
-from gpubp import backends
+from gpubp import backends, batches
 
 
 class FakeCupyArray:
@@ -315,6 +316,28 @@ def test_float64_data_past_the_float32_range_is_rejected_before_any_step(what):
     with rejected(model, ValueError, rf"{what}: -1e\+39 in row 9 is beyond float32's range"):
         model.fit(x, y, loss="mse", optimizer=gb.optim.SGD(model.parameters(), lr=0.1), batch_size=4,
                   shuffle=False, verbose=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_finite_check_of_a_dataset_makes_no_array_of_its_size(tmp_path, dtype):
+    """fit checks every value up front; on a memory-mapped dataset larger than memory, a mask or
+    an np.abs copy of it would not fit. The check finds a clean file clean with under a tenth of
+    its size allocated, and a bad value in it still by its row."""
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", dtype, (20_000, 50))
+    x[:] = 0.5
+    x.flush()
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        batches.all_finite(x, "x", np.float32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 10, f"the check allocated {peak} bytes for a {x.nbytes}-byte dataset"
+    bad = np.array(x)
+    bad[12_345, 7] = np.nan
+    with pytest.raises(ValueError, match=r"^x: non-finite values \(NaN or inf\), first in row 12345"):
+        batches.all_finite(bad, "x", np.float32)
 
 
 @pytest.mark.parametrize("weights, message", [

@@ -128,6 +128,25 @@ def test_split_sizes_are_scikit_learns(n, test_size):
     assert [len(part) for part in data.train_test_split(x, y, test_size=test_size, seed=0)[:2]] == expected
 
 
+@pytest.mark.parametrize("x, y, error, message", [
+    ((row for row in np.zeros((8, 2))), np.arange(8), TypeError, r"^x: expected an array of samples, got an iterator"),
+    (np.zeros((8, 2)), None, TypeError, r"^y: expected an array of targets, got a NoneType"),
+    (np.zeros((8, 2)), 3, TypeError, r"^y: expected an array with one row per sample, got int"),
+    ([[0.0], [1.0, 2.0]] * 4, np.arange(8), ValueError, r"^x: expected an array of samples, got something NumPy "
+                                                         r"cannot make one array of"),
+])
+def test_a_split_of_what_is_no_array_names_the_argument(x, y, error, message):
+    with pytest.raises(error, match=message):
+        data.train_test_split(x, y, seed=0)
+
+
+def test_a_split_takes_a_torch_tensor_that_requires_grad_as_fit_does():
+    torch = pytest.importorskip("torch")
+    x = torch.arange(16.0).reshape(8, 2).requires_grad_()
+    x_train, x_test, _, _ = data.train_test_split(x, np.arange(8), seed=0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([x_train, x_test])[:, 0]), np.arange(0, 16, 2))
+
+
 @pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
 def test_a_bad_split_seed_is_named(seed):
     x, y = labelled(10)

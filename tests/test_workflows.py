@@ -277,6 +277,25 @@ def test_a_metric_that_cannot_score_the_validation_targets_fails_before_the_firs
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("validation", [False, True])
+def test_a_metric_that_cannot_score_a_target_late_in_the_data_fails_before_the_first_step(validation):
+    """Every target is probed, not the first few: one target past 1 in row 700 (AUC's targets are
+    in [0, 1]) used to train a whole epoch before the metric refused it, at a shuffled row."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 4)).astype(np.float32)
+    y = rng.uniform(0, 1, (1000, 1)).astype(np.float32)
+    y[700] = 1.0001
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dense(8, 1, "sigmoid")], device="cpu")
+    before = model.get_weights()
+    fit_on = dict(validation_data=(x, y)) if validation else {}
+    fit_with = (x, np.clip(y, 0, 1)) if validation else (x, y)
+    with pytest.raises(ValueError, match=r"^metrics: 'auc' cannot score this model's targets: .*1\.0001"):
+        model.fit(*fit_with, loss="mse", metrics=["auc"], epochs=1, verbose=0, **fit_on)
+    for want, got in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_mse", "min"), ("val_accuracy", "max"),
                                            ("val_f1", "max")])
 def test_early_stopping_auto_mode_minimises_losses_and_maximises_scores(monitor, mode):
