@@ -104,12 +104,17 @@ def check_savable(model: Sequential, optimizer: optim.Optimizer,
 def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: int,
                     history: History | None = None, scheduler: lr_scheduler.LRScheduler | None = None) -> None:
     """Write a checkpoint of ``model``, ``optimizer`` (and ``scheduler``, which must schedule it)
-    after ``epoch`` finished epochs, atomically (:func:`check_savable` says what it can hold)."""
+    after ``epoch`` finished epochs, atomically (:func:`check_savable` says what it can hold).
+
+    Everything is checked before the file is written, so a refused checkpoint leaves the one at
+    ``path`` as it was: the weights and the optimizer's state must be finite (as loading requires),
+    and the History must hold numbers only (:func:`_history_entries`).
+    """
     check_savable(model, optimizer, scheduler)
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+    history = _history_entries(history if history is not None else History())
     header, tensors = io.model_contents(model)
-    history = history if history is not None else History()
     state_dict = optimizer.state_dict()
     state = {}
     for i, entries in state_dict["state"].items():
@@ -120,6 +125,8 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
                 tensors[key] = value
                 value = {"tensor": key}
             state[str(i)][name] = value
+    state_names = sorted(name for name in tensors if name.startswith("optimizer."))
+    io.check_finite({name: tensors[name] for name in state_names}, "optimizer")
     section = {
         "epoch": int(epoch),
         "optimizer": {"class": type(optimizer).__name__,
@@ -129,11 +136,52 @@ def save_checkpoint(path, model: Sequential, optimizer: optim.Optimizer, epoch: 
                                                      "state": _json_ready(_scheduler_state(scheduler))},
         "random_state": _random.get_state(),
         # A value an epoch did not log is NaN (History pads with it): written as the scheduler's inf is.
-        "history": _json_ready({"epoch": history.epoch, "epoch_times": history.epoch_times,
-                                "history": history.history}),
-        "tensors": sorted(name for name in tensors if name.startswith("optimizer.")),
+        "history": _json_ready(history),
+        "tensors": state_names,
     }
     io.write_file(path, {**header, io.CHECKPOINT_KEY: section}, tensors, allow_nan=False)
+
+
+def _history_entries(history: History) -> dict:
+    """``history``'s epochs, times and logged values as a checkpoint holds them, each a number that
+    :func:`_history_from` reads back as it was, checked before anything is written.
+
+    A callback may log what fit does not: a NumPy scalar or 0-d array of a metric computed with
+    NumPy is the Python int or float it holds (a float32's value exactly; a longdouble rounded to a
+    float). Anything else (a bool, a string, None, a complex number) is a TypeError naming the
+    logged key and the epoch: a bool is not written as 1 or 0, since it would load back as a number
+    rather than as the bool it was, and a resumed run's History would differ from the one saved.
+    """
+    if not isinstance(history, History):
+        raise TypeError(f"history: expected a gpubp History or None, got {type(history).__name__}")
+    epochs = len(history.epoch)
+    if len(history.epoch_times) != epochs or any(len(v) != epochs for v in history.history.values()):
+        raise ValueError("history: expected one time and one value per logged name for each of its "
+                         f"{epochs} epochs, as History.append keeps them")
+    numbers = [_number(e, f"history.epoch[{i}]") for i, e in enumerate(history.epoch)]
+    # Named as fit's messages count epochs, from 1 (the History counts from 0, as Keras's).
+    values = {key: [_number(v, f"history: {key!r} logged in epoch {e + 1}") for e, v in zip(numbers, column)]
+              for key, column in history.history.items()}
+    return {"epoch": numbers, "history": values,
+            "epoch_times": [_number(t, f"history.epoch_times[{i}]") for i, t in enumerate(history.epoch_times)]}
+
+
+def _number(value, what: str) -> int | float:
+    """``value`` as the Python int or float a checkpoint's header holds; NumPy's integers and floats,
+    scalars or 0-d arrays, converted. Anything else is a TypeError naming ``what``."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    shown = f"a {type(value).__name__} ({io.echo(value)})" if not isinstance(value, np.ndarray) else \
+        f"an array of shape {value.shape} and dtype {value.dtype}"
+    raise TypeError(f"{what} is {shown}; a checkpoint holds numbers only (ints and floats, NumPy's and 0-d "
+                    "arrays of them included), which its History loads back as they were: log a number "
+                    "(float(value), or int(flag) for a bool)")
 
 
 def _scheduler_state(scheduler: lr_scheduler.LRScheduler) -> dict:

@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -89,6 +90,11 @@ NPZ_INFLATION_ALLOWANCE = 64 * 2**20
 # through tokenize (tokenize.TokenError), and builds a dtype from whatever literal it finds.
 NPY_HEADER_ERRORS = (SyntaxError, tokenize.TokenError, TypeError, KeyError, IndexError, OverflowError,
                      MemoryError, RecursionError)
+# What zipfile raises, besides BadZipFile, on a damaged or forged archive: EOFError and zlib.error
+# from an entry's data, and NotImplementedError for a "version needed to extract" past the 6.3 it
+# reads, or an entry flagged as patched data or strongly encrypted. A forged directory's offsets can
+# also lead it to seek before the file's start, an OSError EINVAL (:func:`_zip_errors`).
+ZIP_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
 
 
 def _path(path) -> Path:
@@ -336,10 +342,13 @@ def _json_scalar(value):
 
 
 def save(model: Sequential, path) -> None:
-    """Write ``model`` to ``path`` (.npz, .safetensors, or .onnx: see :mod:`gpubp.onnx`), atomically."""
+    """Write ``model`` to ``path`` (.npz, .safetensors, or .onnx: see :mod:`gpubp.onnx`), atomically.
+    NaN or inf weights are refused before anything is written (:func:`check_finite`)."""
     if _model_suffix(path) == ".onnx":
         from gpubp import onnx
 
+        if isinstance(model, Sequential):  # gpubp.onnx.load refuses them too (an estimator's graph it does not read)
+            check_finite(_tensors(model), "model")
         data = onnx.model_proto(model).SerializeToString()
         _atomic_write(Path(path), lambda f: f.write(data))
         return
@@ -355,10 +364,22 @@ def _model_suffix(path) -> str:
 
 
 def model_contents(model: Sequential) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host.
-    Checkpoints add their own section and tensors to these."""
+    """``(header, tensors)`` of a saved ``model``: its architecture and its weights on the host,
+    which must be finite (:func:`check_finite`). Checkpoints add their own section and tensors to these."""
     check_savable(model)
-    return _architecture(model), _tensors(model)
+    tensors = _tensors(model)
+    check_finite(tensors, "model")
+    return _architecture(model), tensors
+
+
+def check_finite(named: dict[str, np.ndarray], argname: str) -> None:
+    """That no array of ``named`` (a file's tensors, by name) holds NaN or inf, else a ValueError naming
+    ``argname`` and the tensor. Loading refuses such a file (:func:`check_weights`), and every file gpubp
+    writes loads, so a diverged model is refused here, before a write could replace a good file."""
+    for key, array in named.items():
+        if not np.isfinite(array).all():
+            raise ValueError(f"{argname}: {key!r} contains NaN or inf, which a gpubp file cannot hold (loading "
+                             "refuses it)")
 
 
 def check_savable(model: Sequential) -> None:
@@ -385,6 +406,21 @@ def read_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.exists():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     return _read_npz(path) if suffix == ".npz" else _read_safetensors(path)
+
+
+@contextlib.contextmanager
+def _zip_errors(where: str = ""):
+    """zipfile's failure on a damaged or forged archive (``ZIP_ERRORS``, or the OSError EINVAL of a
+    seek before the file's start) as a ValueError saying the archive is unreadable; ``where``: what
+    to add to its message. Other OSErrors are the system's, not the file's, and pass unchanged."""
+    try:
+        yield
+    except ZIP_ERRORS as exc:
+        raise ValueError(f"{NPZ_UNREADABLE} ({exc}{where})") from None
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        raise ValueError(f"{NPZ_UNREADABLE} ({exc}{where})") from None
 
 
 @contextlib.contextmanager
@@ -432,7 +468,8 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
             raise EOFError(f"the file holds {len(start)} bytes, too few for a zip archive")
         if start not in ZIP_SIGNATURES:  # as np.load: a zip archive starts with a zip signature
             raise ValueError("not an .npz archive (it does not start with a zip signature)")
-        archive = zipfile.ZipFile(path)
+        with _zip_errors():
+            archive = zipfile.ZipFile(path)
     with archive:
         with _naming(path):
             entries = _npz_entries(archive)
@@ -506,13 +543,11 @@ def _npz_entry(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, limit:
                          "deflated (8), the ones NumPy writes")
     if info.file_size > limit:
         raise ValueError(f"entry {key!r}: {info.file_size} bytes uncompressed, more than the {limit} bytes {bound}")
-    try:
+    with _zip_errors(f"; in entry {key!r}"):
         # Exactly the size the zip directory gives, checked above: archive.read(info) would inflate
         # the whole deflate stream, however long, before it cut the output to that size.
         with archive.open(info) as entry:
             raw = entry.read(info.file_size)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise ValueError(f"{NPZ_UNREADABLE} ({exc}; in entry {key!r})") from None
     if not raw.startswith(np.lib.format.MAGIC_PREFIX):  # np.load returns such an entry as raw bytes
         raise ValueError(f"entry {key!r}: not a .npy array")
     buffer = io.BytesIO(raw)
@@ -763,6 +798,18 @@ def _numpy(value, key: str) -> np.ndarray:
     return array
 
 
+def _refuse_with_model(model, activations, model_kwargs: dict) -> None:
+    """With ``model``, the weights go into that model as it is: ``activations`` and ``model_kwargs``
+    (device, backend, dtype), which only describe a new model, would be ignored, so they are refused."""
+    if model is None:
+        return
+    given = (["activations"] if activations is not None else []) + list(model_kwargs)
+    if given:
+        raise TypeError(f"{given[0]}: does not apply with model=, whose weights are replaced and whose activations, "
+                        "device, backend and dtype stay; pass model= alone, or these arguments without it to build "
+                        "a new model")
+
+
 def _build_or_load(weights: list[np.ndarray], names: list[str], model, activations, source: str,
                    **model_kwargs) -> Sequential:
     """``model`` with ``weights`` loaded, or a new model of them; ``names``: what an error calls each
@@ -806,7 +853,8 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     Linear weights are (out, in) in PyTorch and are transposed to our (in, out). Layers are
     taken in the state dict's order, each ``<prefix>.weight`` with its ``<prefix>.bias``.
     With ``model``, its weights are replaced (every shape checked first, the model unchanged
-    on error); otherwise a new Sequential is built with ``activations`` (default: relu between
+    on error; ``activations`` and ``model_kwargs``, which describe a new model, are a TypeError
+    beside it); otherwise a new Sequential is built with ``activations`` (default: relu between
     layers, identity at the top) and ``model_kwargs`` (device, backend, dtype: float32 unless
     given, as for any Sequential, whatever the tensors' dtype; ``dtype=np.float64`` keeps float64).
 
@@ -820,6 +868,7 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     """
     if not hasattr(state_dict, "keys"):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    _refuse_with_model(model, activations, model_kwargs)
     metadata = getattr(state_dict, "_metadata", None)
     marked = [name for name, entry in (metadata.items() if isinstance(metadata, dict) else ())
               if isinstance(entry, dict) and TORCH_MLP_LAYOUT in entry]
@@ -862,14 +911,33 @@ def from_torch_state_dict(state_dict, model: Sequential | None = None, activatio
     return _build_or_load(weights, names, model, activations, "state dict", **model_kwargs)
 
 
+# Keras's activation strings that gpubp knows under the same name but computes otherwise, and why.
+# The others gpubp takes mean what they mean in Keras 3 (keras.activations): "linear" (and None),
+# "relu", "sigmoid", "tanh", "softmax" (over the last axis), "gelu" (exact, erf: approximate=False)
+# and "silu" with its alias "swish" (x sigmoid(x)); the names Keras alone has ("elu", "selu",
+# "softplus", "hard_sigmoid", "mish", ...) are unknown activations to gpubp, refused as such.
+KERAS_MISMATCHES = {
+    "leaky_relu": "Keras's 'leaky_relu' (keras.activations.leaky_relu) has a negative slope of 0.2, and "
+                  "keras.layers.LeakyReLU's default is 0.3, where gpubp's leaky_relu has a fixed 0.01, so the "
+                  "imported model would compute something else; for a Keras slope of 0.01 "
+                  "(LeakyReLU(negative_slope=0.01)), build the gb.Sequential with 'leaky_relu' and pass it as model=",
+}
+
+
 def from_keras_weights(weights, model: Sequential | None = None, activations=None, **model_kwargs) -> Sequential:
     """Import Keras Dense weights ``[kernel0 (in, units), bias0, kernel1, bias1, ...]`` (``model.get_weights()``).
 
     Keras kernels already have our (in, out) layout. ``model``/``activations`` as in
-    :func:`from_torch_state_dict`.
+    :func:`from_torch_state_dict`; an activation is named as the Keras layer's ``activation``
+    string, and a name gpubp computes otherwise than Keras (``KERAS_MISMATCHES``: "leaky_relu",
+    whose slope differs) is a ValueError.
     """
     if not isinstance(weights, (list, tuple)) or not weights or len(weights) % 2:
         raise ValueError("weights: expected a non-empty list [kernel0, bias0, kernel1, bias1, ...]")
+    _refuse_with_model(model, activations, model_kwargs)
+    for i, name in enumerate(activations if isinstance(activations, (list, tuple)) else []):
+        if isinstance(name, str) and name in KERAS_MISMATCHES:
+            raise ValueError(f"activations[{i}]: {KERAS_MISMATCHES[name]}")
     arrays = [_numpy(w, f"weights[{i}]") for i, w in enumerate(weights)]
     for i in range(0, len(arrays), 2):
         kernel, bias = arrays[i], arrays[i + 1]

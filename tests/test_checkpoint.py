@@ -646,3 +646,99 @@ def test_non_finite_history_values_round_trip_through_a_plain_json_header(tmp_pa
     for key, values in history.history.items():
         np.testing.assert_array_equal(loaded[key], values)
         assert all(type(value) is float for value in loaded[key])
+
+
+# ----------------------------------------------------------------------------- refused before writing
+
+
+def logging_fit(path, log, epochs=2):
+    """A fit of ``new_model()`` whose callback logs ``log(epoch)`` as ``"extra"`` at each epoch's end,
+    checkpointed to ``path`` after every epoch."""
+    def add(epoch, logs):
+        logs["extra"] = log(epoch)
+
+    x, y = dataset()
+    model = new_model()
+    model.fit(x, y, optimizer="adam", epochs=epochs, batch_size=8, verbose=0,
+              callbacks=[gb.callbacks.LambdaCallback(on_epoch_end=add), gb.ModelCheckpoint(path)])
+    return model
+
+
+@pytest.mark.parametrize("value, loaded", [
+    (np.float32(0.1), float(np.float32(0.1))),
+    (np.float64(0.1), 0.1),
+    (np.array(0.25, np.float32), 0.25),
+    (np.array(-0.0), -0.0),
+    (np.int64(7), 7),
+    (np.array(2**62, np.uint64), 2**62),
+    (3, 3),
+], ids=["float32", "float64", "0d_float32", "0d_negative_zero", "int64", "0d_uint64", "int"])
+def test_numpy_numbers_a_callback_logs_are_checkpointed_as_the_python_numbers_they_hold(tmp_path, suffix, value,
+                                                                                        loaded):
+    path = tmp_path / f"run{suffix}"
+    model = logging_fit(path, lambda epoch: value)
+    history = gb.load_checkpoint(path, device="cpu").history
+    assert [type(v) for v in history["extra"]] == [type(loaded)] * 2
+    assert np.array_equal(np.array(history["extra"]).view(np.uint8), np.array([loaded] * 2).view(np.uint8))
+    assert history["loss"] == model.history["loss"]
+
+
+@pytest.mark.parametrize("value, shown", [
+    (True, r"a bool \(True\)"),
+    (np.bool_(False), r"a bool_? \((np\.)?False_?\)"),
+    (np.array(True), r"a bool_? \((np\.)?True_?\)"),
+    ("better", r"a str \('better'\)"),
+    (None, r"a NoneType \(None\)"),
+    (1 + 2j, r"a complex \(\(1\+2j\)\)"),
+    (np.ones(2), r"an array of shape \(2,\) and dtype float64"),
+], ids=["bool", "numpy_bool", "0d_bool", "str", "none", "complex", "array"])
+def test_a_logged_value_that_is_no_number_is_refused_and_the_last_checkpoint_stays(tmp_path, suffix, value, shown):
+    """The History loads back numbers only; a bool would come back as 1 or 0, not as the bool logged, so it
+    is refused too, naming the key and the epoch (counted from 1, as fit's messages count them)."""
+    path = tmp_path / f"run{suffix}"
+    with pytest.raises(TypeError, match=rf"^history: 'extra' logged in epoch 2 is {shown}; a checkpoint holds "
+                                        "numbers only"):
+        logging_fit(path, lambda epoch: 0.5 if epoch == 0 else value)
+    assert gb.load_checkpoint(path, device="cpu").epoch == 1
+
+
+def test_save_checkpoint_refuses_a_history_that_is_no_history(tmp_path):
+    model = new_model()
+    with pytest.raises(TypeError, match="^history: expected a gpubp History or None, got dict"):
+        save_checkpoint(tmp_path / "run.npz", model, gb.optim.SGD(model.parameters()), epoch=1, history={"loss": [1.0]})
+    assert not (tmp_path / "run.npz").exists()
+
+
+@pytest.mark.parametrize("where, key", [("weights", "model: 'layers.1.bias'"),
+                                        ("optimizer_state", "optimizer: 'optimizer.state.0.m'")])
+def test_non_finite_weights_or_optimizer_state_are_refused_and_the_file_stays(tmp_path, suffix, where, key):
+    """Loading refuses them, so a checkpoint holding them would replace a good one with one that does not load."""
+    model = new_model()
+    optimizer = gb.optim.Adam(model.parameters())
+    train(model, optimizer, 1)
+    path = tmp_path / f"run{suffix}"
+    save_checkpoint(path, model, optimizer, epoch=1)
+    written = path.read_bytes()
+    if where == "weights":
+        model[1].bias.data[2] = np.nan
+    else:
+        optimizer.state[model.parameters()[0]]["m"][0, 0] = np.inf
+    with pytest.raises(ValueError, match=rf"^{key} contains NaN or inf, which a gpubp file cannot hold"):
+        save_checkpoint(path, model, optimizer, epoch=2)
+    assert path.read_bytes() == written
+
+
+def test_a_run_whose_last_update_overflows_the_weights_keeps_its_last_loadable_checkpoint(tmp_path, suffix):
+    """fit stops at a non-finite loss before the update; an update that overflows the weights at an epoch's
+    end, its loss still finite, is caught by the checkpoint instead, which keeps the last one that loads."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 3), np.float32) * 100, rng.random((16, 1), np.float32) * 100
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(3, 8, "relu"), gb.Dense(8, 1)], device="cpu")
+    path = tmp_path / f"run{suffix}"
+    overflow = gb.callbacks.LearningRateScheduler(lambda epoch: 1e-6 if epoch == 0 else 3e38)
+    with pytest.raises(ValueError, match=r"^model: 'layers\.\d\.(weight|bias)' contains NaN or inf"):
+        model.fit(x, y, loss="mse", optimizer="sgd", epochs=3, batch_size=16, verbose=0,
+                  callbacks=[overflow, gb.ModelCheckpoint(path)])
+    assert np.isfinite(model.history["loss"]).all()
+    assert gb.load_checkpoint(path, device="cpu").epoch == 1

@@ -1,6 +1,7 @@
 """Broken and forged files: gb.load and gb.load_checkpoint raise a ValueError that names the
 file and the problem, and load nothing, not even the random state, for every case."""
 
+import errno
 import json
 import re
 import tracemalloc
@@ -408,6 +409,49 @@ def test_a_compressed_npz_entry_whose_data_is_damaged(tmp_path, loader):
     blob[start:start + 16] = bytes(range(16))
     path.write_bytes(bytes(blob))
     expect_rejected(loader, path, r"not a readable .npz archive, truncated or corrupt \(Error -3")
+
+
+def forge_zip_field(path, signature, offset, width, value):
+    """``path`` with the ``width``-byte field at ``offset`` in its first zip record of ``signature``
+    set to ``value(what it held)``."""
+    blob = bytearray(path.read_bytes())
+    at = blob.find(signature) + offset
+    blob[at:at + width] = value(int.from_bytes(blob[at:at + width], "little")).to_bytes(width, "little")
+    path.write_bytes(bytes(blob))
+
+
+CENTRAL_DIRECTORY, END_RECORD = b"PK\x01\x02", b"PK\x05\x06"
+ZIP_FORGERIES = {
+    # The directory placed a byte later than it is: zipfile reckons every entry a byte earlier, the
+    # first one before the file's start, and the seek there fails (OSError EINVAL).
+    "directory_offset": ((END_RECORD, 16, 4, lambda offset: offset + 1),
+                         r"\[Errno 22\] Invalid argument; in entry '__architecture__'"),
+    # A "version needed to extract" past the 6.3 zipfile reads: NotImplementedError.
+    "version_needed": ((CENTRAL_DIRECTORY, 6, 2, lambda version: 64), r"zip file version 6\.4"),
+    # Flag bit 5, "compressed patched data", which zipfile does not read: NotImplementedError.
+    "patched_data": ((CENTRAL_DIRECTORY, 8, 2, lambda flags: flags | 0x20),
+                     r"compressed patched data \(flag bit 5\); in entry '__architecture__'"),
+}
+
+
+@pytest.mark.parametrize("field, problem", ZIP_FORGERIES.values(), ids=ZIP_FORGERIES.keys())
+def test_a_forged_zip_directory_is_a_value_error_not_zipfiles_own(tmp_path, loader, field, problem):
+    """zipfile raises OSError or NotImplementedError for these, not BadZipFile."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+    forge_zip_field(path, *field)
+    expect_rejected(loader, path, rf"not a readable .npz archive, truncated or corrupt \({problem}\)")
+
+
+def test_an_os_error_of_the_system_is_not_called_a_damaged_file(tmp_path, loader, monkeypatch):
+    """Only the EINVAL of a seek before the file's start, which a forged directory causes, is the file's."""
+    path = written(tmp_path, ".npz", *checkpoint_parts(tmp_path, ".npz"))
+
+    def failing_disk(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(zipfile, "ZipFile", failing_disk)
+    with pytest.raises(OSError, match=r"Input/output error"):
+        loader(path)
 
 
 @pytest.mark.parametrize("damage", [

@@ -4,6 +4,8 @@ PyTorch is a test-only dependency: the tests that build a real ``torch.nn.Sequen
 skip without it; the rest use NumPy arrays laid out as PyTorch and Keras lay them out.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -304,6 +306,84 @@ def test_bad_keras_weights_raise_and_leave_the_model_unchanged(corrupt, message,
     with pytest.raises(ValueError, match=message):
         io.from_keras_weights(corrupt(keras_weights(rng)), model=model)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_keras_leaky_relu_is_refused_since_its_slope_is_not_gpubps(rng):
+    """keras.activations.leaky_relu has slope 0.2 (LeakyReLU's default 0.3); gpubp's has 0.01."""
+    with pytest.raises(ValueError, match=r"^activations\[1\]: Keras's 'leaky_relu' .* negative slope of 0\.2, .* "
+                                         r"gpubp's leaky_relu has a fixed 0\.01"):
+        io.from_keras_weights(keras_weights(rng), activations=["relu", "leaky_relu", None], device="cpu")
+
+
+def test_keras_weights_of_a_slope_of_0_01_load_into_a_model_built_with_leaky_relu(rng):
+    """The way the refusal points to, for a Keras LeakyReLU(negative_slope=0.01)."""
+    weights = keras_weights(rng)
+    model = io.from_keras_weights(weights, model=make_model("leaky_relu"))
+    x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
+    expected = keras_forward(weights, x, lambda z: np.where(z > 0, z, 0.01 * z), KERAS_3["linear"])
+    np.testing.assert_allclose(model.predict(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# What each activation string gpubp takes computes in Keras 3 (keras.activations), in float64.
+KERAS_3 = {
+    "linear": lambda z: z,
+    "relu": lambda z: np.maximum(z, 0),
+    "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+    "tanh": np.tanh,
+    "gelu": lambda z: 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2))),  # approximate=False
+    "silu": lambda z: z / (1 + np.exp(-z)),
+    "swish": lambda z: z / (1 + np.exp(-z)),
+    "softmax": _softmax,  # over the last axis
+}
+
+
+def keras_forward(weights, x, hidden, top):
+    """The outputs of Keras Dense layers of ``weights``: ``hidden`` between them, ``top`` on the last."""
+    h = x.astype(np.float64)
+    for i in range(0, len(weights), 2):
+        h = h @ weights[i] + weights[i + 1]
+        h = hidden(h) if i + 2 < len(weights) else top(h)
+    return h
+
+
+@pytest.mark.parametrize("name", KERAS_3)
+def test_the_keras_activation_strings_gpubp_takes_compute_what_they_compute_in_keras_3(name, rng):
+    weights = keras_weights(rng)
+    model = io.from_keras_weights(weights, activations=["relu", "relu", name], device="cpu")
+    x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
+    expected = keras_forward(weights, x, KERAS_3["relu"], KERAS_3[name])
+    np.testing.assert_allclose(model.predict(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["elu", "selu", "softplus", "softsign", "exponential", "relu6", "mish",
+                                  "log_softmax", "hard_sigmoid", "hard_silu", "hard_swish", "celu", "log_sigmoid"])
+def test_keras_activation_strings_gpubp_has_no_function_for_are_refused(name, rng):
+    with pytest.raises(ValueError, match=rf"^activations\[2\]: unknown activation '{name}'"):
+        io.from_keras_weights(keras_weights(rng), activations=["relu", "relu", name], device="cpu")
+
+
+IMPORTERS = {
+    "torch": lambda rng, **kwargs: io.from_torch_state_dict(numpy_state_dict(rng), **kwargs),
+    "keras": lambda rng, **kwargs: io.from_keras_weights(keras_weights(rng), **kwargs),
+}
+
+
+@pytest.mark.parametrize("argument, value", [("activations", ["tanh", "tanh", "sigmoid"]), ("dtype", np.float64),
+                                             ("device", "cpu"), ("backend", "numpy")])
+@pytest.mark.parametrize("importer", IMPORTERS.values(), ids=IMPORTERS.keys())
+def test_the_arguments_of_a_new_model_are_refused_beside_model(importer, argument, value, rng):
+    """They would be ignored: the weights go into ``model`` as it is."""
+    model = make_model()
+    before = model.get_weights()
+    with pytest.raises(TypeError, match=rf"^{argument}: does not apply with model="):
+        importer(rng, model=model, **{argument: value})
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert [layer.activation for layer in model] == ["relu", "relu", "identity"] and model.dtype == np.float32
 
 
 # ----------------------------------------------------------------------------- set_weights

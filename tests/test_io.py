@@ -162,6 +162,27 @@ def test_save_overwrites_an_existing_file(tmp_path, suffix):
     assert len(gb.load(path, device="cpu")) == 3
 
 
+@pytest.mark.parametrize("file_suffix", [*SUFFIXES, ".onnx"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused_before_anything_is_written(tmp_path, file_suffix, value):
+    """Loading refuses a file holding NaN or inf (gb.load, the ONNX reader too), so saving does: every
+    file written loads, and a diverged model does not replace the good file at its path."""
+    if file_suffix == ".onnx":
+        pytest.importorskip("onnx", reason="writing .onnx needs: pip install onnx")
+    path = tmp_path / f"m{suffix_or_skip(file_suffix)}"
+    model = trained_model()
+    model.save(path)
+    written = path.read_bytes()
+    model[1].weight.data[2, 3] = value
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"^model: 'layers\.1\.weight' contains NaN or inf, which a gpubp file "
+                                         r"cannot hold"):
+        model.save(path)
+    assert path.read_bytes() == written
+    assert os.listdir(tmp_path) == [path.name]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, model.get_weights()))
+
+
 def test_save_creates_missing_folders(tmp_path, suffix):
     path = tmp_path / "a" / "b" / f"m{suffix}"
     trained_model().save(path)
