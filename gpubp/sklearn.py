@@ -568,7 +568,7 @@ class _BaseMLP(BaseEstimator):
         if self._solver != "sgd" or not self.momentum or after == before:
             return
         for param in self.model_.parameters():
-            velocity = self._optimizer.state.get(id(param), {}).get("velocity")
+            velocity = self._optimizer.state.get(param, {}).get("velocity")
             if velocity is not None:
                 param.backend.scale_(velocity, before / after)
 

@@ -238,7 +238,7 @@ class TrainStep:
         states = []
         for group in opt.param_groups:
             for param in group["params"]:
-                state = opt.state.get(id(param))
+                state = opt.state.get(param)
                 arrays = None if state is None else tuple(id(state.get(name)) for name in opt._state_arrays)
                 states.append((id(param), arrays, None if state is None else opt.graph_options(group, state)))
         return (batch, weighted, id(model.backend), model.uses_fused, model.precision, self.loss_fn, layers,

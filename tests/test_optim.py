@@ -1,5 +1,6 @@
 """Optimizers: PyTorch's semantics step for step, param groups, clipping, frozen parameters."""
 
+import inspect
 import math
 
 import numpy as np
@@ -101,11 +102,127 @@ def test_rmsprop_matches_pytorch(config):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_rmsprop_defaults_are_pytorchs():
+CLASSES = ["SGD", "Adam", "AdamW", "RMSprop"]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_optimizers_defaults_are_pytorchs(name):
+    """Ported code that leaves an option out trains as it did under torch (SGD's lr was 0.01 here)."""
     torch = torch_or_skip()
-    ours = optim.RMSprop(make_params()).defaults
-    theirs = torch.optim.RMSprop([torch.zeros(1, requires_grad=True)]).defaults
+    ours = getattr(optim, name)(make_params()).defaults
+    theirs = getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)]).defaults
     assert ours == {key: theirs[key] for key in ours}
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_optimizer_at_its_defaults_steps_as_pytorchs_does(name):
+    torch = torch_or_skip()
+    ours = run_ours(getattr(optim, name), all_in_one)
+    theirs = run_torch(getattr(torch.optim, name), all_in_one)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_optimizer_takes_pytorchs_signature(name):
+    """The same arguments, in the same order, positional or keyword-only as torch's, at the same
+    defaults: a call written for torch.optim binds here as it does there."""
+    torch = torch_or_skip()
+
+    def signature(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls.__init__).parameters.values()]
+
+    assert signature(getattr(optim, name)) == signature(getattr(torch.optim, name))
+
+
+def test_sgd_takes_pytorchs_positional_arguments_in_its_order():
+    torch = torch_or_skip()
+    ours = run_ours(lambda p: optim.SGD(p, 0.05, 0.8, 0, 0.01, True), all_in_one)
+    theirs = run_torch(lambda p: torch.optim.SGD(p, 0.05, 0.8, 0, 0.01, True), all_in_one)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# torch's options that change nothing in gpubp, at values torch takes: each optimizer steps as without them.
+NO_EFFECT = {
+    "SGD": dict(dampening=0.0, maximize=False, foreach=True, differentiable=False, fused=None),
+    "Adam": dict(amsgrad=False, foreach=False, maximize=False, capturable=True, differentiable=False, fused=True,
+                 decoupled_weight_decay=False),
+    "AdamW": dict(amsgrad=False, maximize=False, foreach=None, capturable=True, differentiable=False, fused=False),
+    "RMSprop": dict(capturable=True, foreach=True, maximize=False, differentiable=False),
+}
+
+
+@pytest.mark.parametrize("name", NO_EFFECT)
+def test_pytorchs_performance_flags_and_default_only_options_are_taken_and_change_nothing(name):
+    cls, flags = getattr(optim, name), NO_EFFECT[name]
+    plain = run_ours(lambda p: cls(p, lr=0.01), all_in_one)
+    flagged = run_ours(lambda p: cls(p, lr=0.01, **flags), lambda p: [{"params": p[:1], **flags}, {"params": p[1:]}])
+    for a, b in zip(flagged, plain):
+        np.testing.assert_array_equal(a, b)
+    opt = cls(make_params(), lr=0.01, **flags)
+    assert opt.defaults == cls(make_params(), lr=0.01).defaults
+    assert not set(flags) & set(opt.param_groups[0])
+
+
+# torch's options that gpubp does not implement, at a value other than their default.
+UNSUPPORTED = [
+    ("SGD", "dampening", 0.1, "dampening: 0.1 is not supported"),
+    ("SGD", "maximize", True, "maximize: True is not supported"),
+    ("Adam", "amsgrad", True, "amsgrad: True is not supported"),
+    ("Adam", "decoupled_weight_decay", True, r"decoupled_weight_decay: True is not supported \(gb.optim.AdamW is"),
+    ("AdamW", "amsgrad", True, "amsgrad: True is not supported"),
+    ("RMSprop", "maximize", True, "maximize: True is not supported"),
+    ("Adam", "differentiable", True, "differentiable: True is not supported: gpubp has no autograd"),
+    ("SGD", "foreach", "yes", "foreach: expected None, True or False, got 'yes'"),
+    ("RMSprop", "capturable", None, "capturable: expected True or False, got None"),
+]
+
+
+@pytest.mark.parametrize("name, option, value, message", UNSUPPORTED)
+def test_a_pytorch_option_gpubp_does_not_implement_is_refused_at_any_other_value_naming_it(name, option, value,
+                                                                                          message):
+    cls, params = getattr(optim, name), make_params()
+    before = [p.data.copy() for p in params]
+    with pytest.raises((ValueError, TypeError), match=f"^{message}"):
+        cls(params, **{option: value})
+    opt = cls(params[:1])
+    with pytest.raises((ValueError, TypeError), match=f"^param group: {message}"):
+        opt.add_param_group({"params": params[1:], option: value})
+    assert len(opt.param_groups) == 1 and opt.state == {}
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.data, b)
+
+
+def test_an_option_pytorchs_class_does_not_take_is_refused_as_torch_refuses_it():
+    """torch.optim.AdamW has no decoupled_weight_decay (it is Adam's), SGD no capturable."""
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        optim.AdamW(make_params(), decoupled_weight_decay=False)
+    with pytest.raises(TypeError, match="capturable"):
+        optim.SGD(make_params(), capturable=True)
+    with pytest.raises(ValueError, match=r"param group: unknown options \['capturable'\]"):
+        optim.SGD([{"params": make_params(), "capturable": True}])
+
+
+def test_fused_and_foreach_both_true_are_refused_as_torch_refuses_them():
+    with pytest.raises(ValueError, match="fused: torch refuses fused=True with foreach=True"):
+        optim.Adam(make_params(), fused=True, foreach=True)
+
+
+DEFAULTS_OVERRIDDEN = [
+    ("SGD", dict(lr=-5), dict(lr=0.1), "lr: expected a finite number >= 0, got -5"),
+    ("SGD", dict(nesterov=True), dict(momentum=0.9), "nesterov: Nesterov momentum needs momentum > 0"),
+    ("Adam", dict(betas=(0.9, 1.5)), dict(betas=(0.9, 0.99)), r"betas\[1\]: expected a number in \[0, 1\)"),
+    ("RMSprop", dict(eps=0.0), dict(eps=1e-6), "eps: expected a number > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("name, defaults, override, message", DEFAULTS_OVERRIDDEN)
+def test_a_bad_default_is_refused_even_where_every_group_overrides_it(name, defaults, override, message):
+    """It would otherwise pass unseen, and a group added later that uses it be blamed for it."""
+    params = make_params()
+    with pytest.raises(ValueError, match=f"^{message}"):
+        getattr(optim, name)([{"params": params, **override}], **defaults)
 
 
 def test_rmsprop_first_step_moves_each_element_by_lr_over_sqrt_one_minus_alpha():
@@ -154,12 +271,6 @@ def test_rmsprop_rejects_a_bad_option_naming_it_and_leaves_the_weights(option, v
         opt.add_param_group({"params": [Parameter(np.ones(2))], option: value})
     for p, b in zip(params, before):
         np.testing.assert_array_equal(p.data, b)
-
-
-def test_adamw_default_weight_decay_is_pytorchs():
-    torch = torch_or_skip()
-    param = torch.zeros(1, requires_grad=True)
-    assert optim.AdamW(make_params()).defaults["weight_decay"] == torch.optim.AdamW([param]).defaults["weight_decay"]
 
 
 GROUP_OPTIONS = {
@@ -304,8 +415,8 @@ def test_optimizers_skip_frozen_parameters_and_keep_no_state_for_them(make):
     opt.step()
     for p, before in zip(model[0].parameters(), frozen_before):
         np.testing.assert_array_equal(p.data, before)
-        assert id(p) not in opt.state
-    assert all(id(p) in opt.state for p in model[1].parameters())
+        assert p not in opt.state
+    assert all(p in opt.state for p in model[1].parameters())
 
 
 def test_parameters_without_a_gradient_are_skipped_and_get_no_state():
@@ -314,7 +425,7 @@ def test_parameters_without_a_gradient_are_skipped_and_get_no_state():
     opt = optim.Adam([with_grad, without])
     opt.step()
     np.testing.assert_array_equal(without.data, [1.0, 1.0])
-    assert list(opt.state) == [id(with_grad)]
+    assert list(opt.state) == [with_grad]
 
 
 def test_adam_state_counts_its_steps():
@@ -323,7 +434,29 @@ def test_adam_state_counts_its_steps():
     for _ in range(3):
         param.grad = np.ones(2)
         opt.step()
-    assert opt.state[id(param)]["step"] == 3
+    assert opt.state[param]["step"] == 3
+
+
+@pytest.mark.parametrize("name, options, ours, theirs", [
+    ("SGD", dict(momentum=0.9), "velocity", "momentum_buffer"),
+    ("Adam", {}, "m", "exp_avg"),
+    ("Adam", {}, "v", "exp_avg_sq"),
+    ("RMSprop", {}, "square_avg", "square_avg"),
+], ids=["SGD-velocity", "Adam-m", "Adam-v", "RMSprop-square_avg"])
+def test_state_is_keyed_by_the_parameter_as_pytorchs_is(name, options, ours, theirs):
+    """``opt.state[p][...]``, torch's way to read a buffer; a parameter of equal data is another key."""
+    torch = torch_or_skip()
+    params = make_params()
+    tensors = [torch.tensor(p.data, requires_grad=True) for p in params]
+    opt, their_opt = getattr(optim, name)(params, **options), getattr(torch.optim, name)(tensors, **options)
+    for p, t, g in zip(params, tensors, gradient_sequence()[0]):
+        p.grad, t.grad = g.copy(), torch.tensor(g)
+    opt.step()
+    their_opt.step()
+    assert list(opt.state) == params
+    for p, t in zip(params, tensors):
+        np.testing.assert_allclose(opt.state[p][ours], their_opt.state[t][theirs].numpy(), rtol=1e-12)
+    assert Parameter(params[0].data.copy()) not in opt.state
 
 
 def test_an_optimizer_accepts_a_model_as_its_params():
@@ -337,6 +470,60 @@ def test_optimizer_zero_grad_sets_gradients_to_none():
     opt = optim.SGD([param], lr=0.1)
     opt.zero_grad()
     assert param.grad is None
+
+
+def test_zero_grad_without_set_to_none_zeroes_each_gradient_in_place_and_keeps_none(backend):
+    """torch's zero_grad(set_to_none=False): a NaN gradient too, which scaling by 0 would keep."""
+    model = gb.Sequential([gb.Dense(3, 2)], backend=backend)
+    weight, bias = model.parameters()
+    grad = weight.backend.asarray(np.array([[1.0, np.nan], [np.inf, -2.0], [3.0, 4.0]], np.float32))
+    weight.grad = grad
+    optim.SGD(model, lr=0.1).zero_grad(set_to_none=False)
+    assert weight.grad is grad and bias.grad is None
+    np.testing.assert_array_equal(weight.backend.to_host(grad), np.zeros((3, 2), np.float32))
+
+
+def test_zero_grad_refuses_a_set_to_none_that_is_not_a_bool_and_leaves_the_gradients():
+    param = Parameter(np.ones(2))
+    param.grad = np.ones(2)
+    with pytest.raises(TypeError, match="set_to_none: expected True or False, got 'no'"):
+        optim.SGD([param]).zero_grad(set_to_none="no")
+    np.testing.assert_array_equal(param.grad, [1.0, 1.0])
+
+
+def steps_with_closures(opt, params, as_grad):
+    """Step ``opt`` once for each gradient of ``gradient_sequence()``, given by a closure that
+    returns the step's number plus a half as its loss; the values ``step`` returned."""
+    def closure_of(step, grads):
+        def closure():
+            for p, g in zip(params, grads):
+                p.grad = as_grad(g)
+            return step + 0.5
+        return closure
+
+    return [opt.step(closure_of(step, grads)) for step, grads in enumerate(gradient_sequence())]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_step_calls_the_closure_first_and_returns_its_loss_as_pytorchs_does(name):
+    torch = torch_or_skip()
+    params = make_params()
+    tensors = [torch.tensor(p.data, requires_grad=True) for p in params]
+    our_losses = steps_with_closures(getattr(optim, name)(params, lr=0.01), params, np.copy)
+    their_losses = steps_with_closures(getattr(torch.optim, name)(tensors, lr=0.01), tensors, torch.tensor)
+    assert our_losses == their_losses == [step + 0.5 for step in range(STEPS)]
+    for p, t in zip(params, tensors):
+        np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_step_refuses_a_closure_that_is_not_callable_and_leaves_the_weights():
+    param = Parameter(np.ones(2))
+    param.grad = np.ones(2)
+    opt = optim.Adam([param])
+    with pytest.raises(TypeError, match="closure: expected a function that returns the loss, or None, got float"):
+        opt.step(0.5)
+    np.testing.assert_array_equal(param.data, [1.0, 1.0])
+    assert opt.state == {}
 
 
 def test_a_parameter_in_two_groups_is_rejected():
@@ -377,7 +564,7 @@ def test_betas_given_as_a_list_are_kept_as_a_tuple_that_a_captured_step_can_hash
     opt.step()
     group = opt.param_groups[0]
     assert group["betas"] == (0.8, 0.99) and isinstance(group["betas"], tuple)
-    hash(opt.graph_options(group, opt.state[id(param)]))  # what gpubp.step's graph signature holds
+    hash(opt.graph_options(group, opt.state[param]))  # what gpubp.step's graph signature holds
 
 
 # Every float option of each optimizer, as NumPy float32 scalars, and its bool options as NumPy bools.
@@ -418,11 +605,23 @@ def test_an_unknown_param_group_option_is_rejected():
         optim.SGD([{"params": [Parameter(np.ones(2))], "betas": (0.9, 0.99)}], lr=0.1)
 
 
-def test_optimizer_by_name_uses_its_defaults():
-    params = make_params()
-    opt = optim.get("AdamW", params)
-    assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["lr"] == 1e-3
-    assert math.isclose(opt.param_groups[0]["weight_decay"], 0.01)
+# Keras 3's defaults of each name, as far as gpubp's optimizer has the option (RMSprop's rho is alpha).
+KERAS_NAMES = {
+    "sgd": (optim.SGD, dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0)),
+    "adam": (optim.Adam, dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)),
+    "AdamW": (optim.AdamW, dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.004)),
+    "rmsprop": (optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.0, centered=False, weight_decay=0.0)),
+}
+
+
+@pytest.mark.parametrize("name", KERAS_NAMES)
+def test_an_optimizer_name_builds_keras_optimizer_of_that_name(name):
+    """A name is Keras's convention (compile(optimizer="rmsprop")); eps stays torch's."""
+    cls, expected = KERAS_NAMES[name]
+    opt = optim.get(name, make_params())
+    assert type(opt) is cls
+    assert {key: opt.param_groups[0][key] for key in expected} == expected
+    assert opt.param_groups[0].get("eps", 1e-8) == 1e-8
 
 
 @pytest.mark.parametrize("params, got", [
@@ -436,19 +635,25 @@ def test_params_that_are_not_an_iterable_of_them_are_a_type_error_naming_params(
         optim.SGD(params, lr=0.1)
 
 
-@pytest.mark.parametrize("params, got", [
-    (Parameter(np.ones(2), name="w"), "Parameter; wrap a single parameter in a list$"),
-    (3, "int$"),
-], ids=["parameter", "number"])
-def test_a_group_whose_params_are_not_an_iterable_of_them_is_a_type_error_naming_params(params, got):
-    """torch takes one tensor there; gpubp asks for a list, as it does of ``params`` itself."""
-    message = rf"^params: a param group's 'params' must be an iterable of Parameters \(or a model\), got {got}"
+def test_a_group_whose_params_are_not_an_iterable_of_them_is_a_type_error_naming_params():
+    message = r"^params: a param group's 'params' must be an iterable of Parameters \(or a model\), got int$"
     with pytest.raises(TypeError, match=message):
-        optim.SGD([{"params": params}], lr=0.1)
+        optim.SGD([{"params": 3}], lr=0.1)
     opt = optim.SGD([Parameter(np.ones(2))], lr=0.1)
     with pytest.raises(TypeError, match=message):
-        opt.add_param_group({"params": params})
+        opt.add_param_group({"params": 3})
     assert len(opt.param_groups) == 1
+
+
+def test_a_group_of_one_parameter_takes_it_as_a_list_of_it_as_pytorch_does():
+    """torch wraps a tensor given as a group's 'params'; ``params`` itself must still be an iterable."""
+    first, second = Parameter(np.ones(2)), Parameter(np.ones(2))
+    opt = optim.SGD([{"params": first}], lr=0.1)
+    opt.add_param_group({"params": second, "lr": 0.5})
+    assert [group["params"] for group in opt.param_groups] == [[first], [second]]
+    first.grad = second.grad = np.ones(2)
+    opt.step()
+    np.testing.assert_allclose([first.data, second.data], [[0.9, 0.9], [0.5, 0.5]])
 
 
 # ----------------------------------------------------------------------------- gradients that do not fit

@@ -173,7 +173,7 @@ def test_a_state_saved_on_one_backend_loads_on_another_and_back(backend):
     cpu_opt.load_state_dict(saved)
     back = optim.Adam(model.parameters())
     back.load_state_dict(cpu_opt.state_dict())
-    assert all(backends.get(model.backend_name).is_array(back.state[id(p)]["m"]) for p in model.parameters())
+    assert all(backends.get(model.backend_name).is_array(back.state[p]["m"]) for p in model.parameters())
     assert_same_state(back.state_dict(), saved)
 
 
@@ -186,7 +186,7 @@ def test_reloading_its_own_state_moves_it_with_a_model_that_changed_device(backe
     saved = opt.state_dict()
     model.to("cpu")
     opt.load_state_dict(opt.state_dict())
-    assert all(type(opt.state[id(p)]["velocity"]) is np.ndarray for p in model.parameters())
+    assert all(type(opt.state[p]["velocity"]) is np.ndarray for p in model.parameters())
     assert_same_state(opt.state_dict(), saved)
 
 
@@ -208,6 +208,32 @@ def test_a_copied_optimizer_steps_its_own_parameters_on_from_the_originals_state
     steps(copied, twin, seed=2)
     for p, q in zip(params, twin):
         np.testing.assert_array_equal(p.data, q.data)
+
+
+@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
+def test_a_copied_optimizers_state_is_keyed_by_its_own_parameters(clone):
+    """``copied.state[p]`` for the copy's (and a model copied with it) parameters, as before the copy."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], device="cpu")
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    x, y = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32), np.arange(16) % 3
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, verbose=0)
+    copied_model, copied_opt = clone((model, opt))
+    assert list(copied_opt.state) == copied_model.parameters()
+    for p, q in zip(model.parameters(), copied_model.parameters()):
+        assert copied_opt.state[q] is not opt.state[p]
+        np.testing.assert_array_equal(copied_opt.state[q]["m"], opt.state[p]["m"])
+
+
+def test_a_loaded_state_is_keyed_by_the_optimizers_own_parameters():
+    params, others = make_params(), make_params(seed=5)
+    opt = optim.Adam(two_groups(params))
+    steps(opt, params, seed=1)
+    target = optim.Adam(two_groups(others))
+    target.load_state_dict(opt.state_dict())
+    assert list(target.state) == others
+    for p, q in zip(params, others):
+        np.testing.assert_array_equal(target.state[q]["v"], opt.state[p]["v"])
 
 
 @pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
@@ -266,6 +292,10 @@ def spoil_value(sd):
     sd["param_groups"][1]["lr"] = -1.0
 
 
+def spoil_betas(sd):
+    sd["param_groups"][0]["betas"] = [0.9, 1.0]
+
+
 def spoil_step(sd):
     sd["state"][3]["step"] = -2
 
@@ -293,7 +323,8 @@ SPOILERS = {
     spoil_finite: r"state_dict: state\[1\]\['v'\] contains NaN or inf",
     spoil_entries: r"state_dict: state\[0\] has the entries \['velocity'\], but Adam keeps \['m', 'step', 'v'\]",
     spoil_options: r"state_dict: param group 0 has the options .*'momentum'.*, but Adam takes",
-    spoil_value: r"lr: expected a finite number >= 0, got -1.0",
+    spoil_value: r"^state_dict: param group 1's lr: expected a finite number >= 0, got -1.0$",
+    spoil_betas: r"^state_dict: param group 0's betas\[1\]: expected a number in \[0, 1\), got 1.0$",
     spoil_step: r"state_dict: state\[3\]\['step'\] must be an int >= 0, got -2",
     spoil_stray_key: r"state_dict: state for parameter 7, which no param group lists",
     spoil_state_list: r"state_dict: 'state' must be a dict of parameter index -> state, got list",
@@ -309,6 +340,18 @@ def test_a_bad_state_dict_is_a_value_error_and_changes_nothing(spoil, message):
     sd = snapshot(opt)
     spoil(sd)
     with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert_same_state(opt.state_dict(), before)
+
+
+def test_a_bad_option_type_in_a_state_dict_is_a_type_error_naming_its_group_and_changes_nothing():
+    params = make_params()
+    opt = optim.SGD(two_groups(params), lr=0.1, momentum=0.9)
+    steps(opt, params, seed=1)
+    before = snapshot(opt)
+    sd = snapshot(opt)
+    sd["param_groups"][1]["nesterov"] = "yes"
+    with pytest.raises(TypeError, match=r"^state_dict: param group 1's nesterov: expected a bool, got str 'yes'$"):
         opt.load_state_dict(sd)
     assert_same_state(opt.state_dict(), before)
 

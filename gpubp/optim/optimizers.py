@@ -6,15 +6,23 @@ trainable (frozen) are skipped: one frozen before its first step gets no state, 
 optimizer memory, while the state of one frozen after it is kept, as in PyTorch, so unfreezing
 resumes it. Param groups work as in PyTorch: pass a list of dicts, each with its own
 ``params`` and any of the optimizer's options (``lr``, ``weight_decay``, ...).
-``state_dict()`` / ``load_state_dict()`` save and restore the options and the
-per-parameter state in PyTorch's structure (``state`` keyed by the parameter's index across
-the groups, and ``param_groups`` listing those indices with the options), with NumPy arrays,
-so a state taken on one device loads on another. The entries of a parameter's state are named
-by gpubp, not all as torch names them: SGD's ``velocity`` (torch: ``momentum_buffer``), Adam's
-``m`` and ``v`` (torch: ``exp_avg`` and ``exp_avg_sq``), and ``step`` is a Python int (torch: a
-tensor), so the two libraries' state_dicts are not interchangeable. ``copy.deepcopy`` and
-``pickle`` keep the state, on the copied parameters (copy a model with its optimizer in one call
-for an optimizer of the copied model's parameters).
+``opt.state`` is keyed by the Parameter, as torch's is (``opt.state[p]["m"]``), and holds only
+the parameters that have taken a step. ``state_dict()`` / ``load_state_dict()`` save and restore
+the options and the per-parameter state in PyTorch's structure (``state`` keyed by the
+parameter's index across the groups, and ``param_groups`` listing those indices with the
+options), with NumPy arrays, so a state taken on one device loads on another. The entries of a
+parameter's state are named by gpubp, not all as torch names them: SGD's ``velocity`` (torch:
+``momentum_buffer``), Adam's ``m`` and ``v`` (torch: ``exp_avg`` and ``exp_avg_sq``), and
+``step`` is a Python int (torch: a tensor), so the two libraries' state_dicts are not
+interchangeable. ``copy.deepcopy`` and ``pickle`` keep the state, on the copied parameters (copy
+a model with its optimizer in one call for an optimizer of the copied model's parameters).
+
+The classes' defaults are torch.optim's (``SGD``'s ``lr`` is 1e-3), and they take torch's
+signatures: its performance switches (``foreach``, ``fused``, ``capturable``), which change
+nothing here, and the options gpubp does not implement (``dampening``, ``amsgrad``,
+``maximize``, ...) at their default value only. A name (``get("rmsprop")``, as
+``compile(optimizer="rmsprop")`` takes one) is Keras's convention, so it builds Keras's optimizer
+of that name: see :func:`get`.
 
 >>> import numpy as np, gpubp as gb
 >>> layer = gb.Dense(3, 2)
@@ -38,6 +46,22 @@ from gpubp.parameter import Parameter
 # beside the optimizer's options; a state_dict saves and restores them with the options.
 SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
 
+# torch.optim's switches between its implementations of one update: a loop over the parameters,
+# ``foreach`` (multi-tensor) or ``fused`` kernels, ``capturable`` (steps a CUDA graph can capture)
+# and ``differentiable`` (autograd through the step). gpubp has one implementation, its own fused
+# multi-tensor kernels, which gpubp.step captures in a CUDA graph: each switch is taken where torch
+# takes it and changes nothing, but ``differentiable=True``, as gpubp has no autograd.
+PERFORMANCE_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+# torch.optim's options that gpubp does not implement: each is taken at torch's default, which is
+# the update gpubp computes, and refused at any other value, with what to do instead.
+UNSUPPORTED = {
+    "dampening": (0, "gpubp's SGD momentum has no dampening"),
+    "amsgrad": (False, "gpubp's Adam keeps no running maximum of the second moment"),
+    "maximize": (False, "negate the loss to maximize it"),
+    "decoupled_weight_decay": (False, "gb.optim.AdamW is Adam with decoupled weight decay"),
+}
+
 
 def _hashable(value):
     """``value`` for a signature: lists (and tuples) as tuples of their values, dicts as sorted
@@ -53,21 +77,49 @@ def _hashable(value):
     return value
 
 
+def _check_torch_option(name: str, value, where: str = "") -> None:
+    """``value`` of torch's option ``name``, one of ``PERFORMANCE_FLAGS`` or ``UNSUPPORTED``, is one
+    that changes nothing here; else an error naming it (after ``where``)."""
+    if name in ("foreach", "fused"):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{where}{name}: expected None, True or False, got {value!r}")
+    elif name in PERFORMANCE_FLAGS:
+        if _checks.boolean(value, f"{where}{name}") and name == "differentiable":
+            raise ValueError(f"{where}differentiable: True is not supported: gpubp has no autograd to differentiate "
+                             "an update through; expected False")
+    else:
+        default, instead = UNSUPPORTED[name]
+        if not (isinstance(value, (numbers.Real, np.bool_)) and value == default):
+            raise ValueError(f"{where}{name}: {value!r} is not supported ({instead}); expected {default!r}, "
+                             "torch's default")
+
+
 class Optimizer:
     """Base class: holds param groups and per-parameter state; subclasses define ``_update``.
 
     Subclasses name the entries of a parameter's state: arrays shaped like the parameter
-    (``_state_arrays``, of which ``_state_lazy`` may still be None) and int counters.
+    (``_state_arrays``, of which ``_state_lazy`` may still be None) and int counters; and the
+    options of torch's signature that they take without effect (``_torch_options``): those are
+    checked (``_check_torch_option``), in the constructor and in a param group, and not kept.
     """
 
     _state_arrays: tuple[str, ...] = ()
     _state_lazy: tuple[str, ...] = ()
     _state_counters: tuple[str, ...] = ()
+    _torch_options: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict) -> None:
-        self.defaults = defaults
+    def __init__(self, params, defaults: dict, torch_options: dict | None = None) -> None:
+        # Checked here as well as with each group: a default that every group overrides would
+        # otherwise pass unseen, and the first group added later to use it be blamed for it.
+        self.defaults = dict(defaults)
+        self._validate(self.defaults)
+        torch_options = torch_options or {}
+        for name, value in torch_options.items():
+            _check_torch_option(name, value)
+        if torch_options.get("fused") and torch_options.get("foreach"):
+            raise ValueError("fused: torch refuses fused=True with foreach=True; pass one of them")
         self.param_groups: list[dict] = []
-        self.state: dict[int, dict] = {}
+        self.state: dict[Parameter, dict] = {}
         if hasattr(params, "parameters"):
             params = params.parameters()
         if isinstance(params, (Parameter, dict)) or not isinstance(params, Iterable):
@@ -104,15 +156,19 @@ class Optimizer:
             group["lr"] = value
 
     def add_param_group(self, group: dict) -> None:
+        """Add ``group``, a dict of ``params`` (Parameters, a model, or one Parameter, which torch
+        takes too) and any of the optimizer's options, the others from ``defaults``. Torch's
+        options that change nothing here (``_torch_options``) are checked and not kept."""
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("params: a param group must be a dict with a 'params' key")
         params = group["params"]
-        if hasattr(params, "parameters"):
+        if isinstance(params, Parameter):
+            params = [params]
+        elif hasattr(params, "parameters"):
             params = params.parameters()
-        elif isinstance(params, Parameter) or not isinstance(params, Iterable):
-            hint = "; wrap a single parameter in a list" if isinstance(params, Parameter) else ""
+        elif not isinstance(params, Iterable):
             raise TypeError("params: a param group's 'params' must be an iterable of Parameters (or a model), got "
-                            f"{type(params).__name__}{hint}")
+                            f"{type(params).__name__}")
         params = list(params)
         first: dict[int, int] = {}  # id -> its first index in this group
         for i, param in enumerate(params):
@@ -123,39 +179,60 @@ class Optimizer:
                 raise ValueError(f"params[{i}]: the parameter {param.name!r} is listed twice in one param group "
                                  f"(also params[{first[id(param)]}])")
             first[id(param)] = i
-        unknown = set(group) - set(self.defaults) - {"params"}
+        unknown = set(group) - set(self.defaults) - set(self._torch_options) - {"params"}
         if unknown:
             raise ValueError(f"param group: unknown options {sorted(unknown)}; expected {sorted(self.defaults)}")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params):
             raise ValueError("params: a parameter appears in more than one param group")
-        full = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+        for name in self._torch_options:
+            if name in group:
+                _check_torch_option(name, group[name], "param group: ")
+        full = {**self.defaults, **{k: v for k, v in group.items() if k in self.defaults}}
         self._validate(full)
         full["params"] = params
         self.param_groups.append(full)
 
-    def _validate(self, options: dict) -> None:
+    def _validate(self, options: dict, where: str = "") -> None:
         """Check ``options`` and keep each as the Python number (or tuple, bool) the check returns:
         a NumPy float32 ``lr`` kept as given would make a schedule's rates float32 where the run
-        resumed from a checkpoint (whose JSON holds Python floats) computes them in float64."""
-        options["lr"] = _checks.non_negative(options["lr"], "lr")
-        options["weight_decay"] = _checks.non_negative(options["weight_decay"], "weight_decay")
+        resumed from a checkpoint (whose JSON holds Python floats) computes them in float64.
+        An error names the option after ``where`` (a state_dict's group, when loading one)."""
+        options["lr"] = _checks.non_negative(options["lr"], f"{where}lr")
+        options["weight_decay"] = _checks.non_negative(options["weight_decay"], f"{where}weight_decay")
 
     def parameters(self) -> list[Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's gradient: to None (torch's default), or, with
+        ``set_to_none=False``, to zeros in place, each by its array's own fill on its device (a
+        gradient that is None stays None), for code that holds on to the gradient arrays."""
+        if _checks.boolean(set_to_none, "set_to_none"):
+            for param in self.parameters():
+                param.grad = None
+            return
         for param in self.parameters():
-            param.grad = None
+            if param.grad is not None:
+                param.grad[...] = 0
 
-    def step(self) -> None:
+    def step(self, closure=None):
         """Update every trainable parameter that has a gradient; frozen ones are not touched. On a
-        backend with multi-tensor updates, each of ``batches`` takes one launch."""
+        backend with multi-tensor updates, each of ``batches`` takes one launch.
+
+        ``closure``, as torch's: a function that computes the loss and its gradients (forward and
+        backward), called before the update; ``step`` returns what it returns (else None).
+        """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure: expected a function that returns the loss, or None, got "
+                            f"{type(closure).__name__}")
+        loss = None if closure is None else closure()
         for batch in self.batches(self.updates()):
             if len(batch) > 1:
                 self._update_many(batch)
             else:
                 self._update(*batch[0])
+        return loss
 
     def batches(self, updates: list[tuple[Parameter, dict, dict]]) -> list[list[tuple[Parameter, dict, dict]]]:
         """``updates`` in runs that one launch updates: consecutive parameters of one group, on one
@@ -198,7 +275,7 @@ class Optimizer:
                         matches = False
                     if not matches:
                         _check_grad(param, self._where(param))
-                    state = states.get(id(param))
+                    state = states.get(param)
                     fresh = fresh or state is None
                     updates.append((param, group, state))
         if fresh:  # a first update: its state, once every gradient has passed
@@ -215,7 +292,7 @@ class Optimizer:
         return "a parameter"
 
     def _made_state(self, param: Parameter, group: dict) -> dict:
-        state = self.state[id(param)] = self._new_state(param, group)
+        state = self.state[param] = self._new_state(param, group)
         return state
 
     _update_reads_step = False  # Adam: parameters at different steps update in separate launches
@@ -275,7 +352,7 @@ class Optimizer:
         params = self.parameters()
         state = {}
         for i, param in enumerate(params):
-            entries = self.state.get(id(param))
+            entries = self.state.get(param)
             if entries is not None:
                 state[i] = {name: self._host_copy(param, value) if name in self._state_arrays else value
                             for name, value in entries.items()}
@@ -326,7 +403,7 @@ class Optimizer:
             if key not in numbering:
                 raise ValueError(f"state_dict: state for parameter {key!r}, which no param group lists")
             param = numbering[key]
-            state[id(param)] = self._saved_state(entries, param, key)
+            state[param] = self._saved_state(entries, param, key)
         for group, saved in zip(self.param_groups, options):
             for key in SCHEDULE_KEYS:
                 group.pop(key, None)
@@ -339,10 +416,11 @@ class Optimizer:
             raise ValueError(f"state_dict: param group {g} has the options {sorted(found)}, but "
                              f"{type(self).__name__} takes {sorted(self.defaults)}")
         found = {key: tuple(value) if isinstance(self.defaults[key], tuple) else value for key, value in found.items()}
-        self._validate(found)
+        where = f"state_dict: param group {g}'s "
+        self._validate(found, where)
         for key in SCHEDULE_KEYS:
             if key in saved:
-                found[key] = _checks.non_negative(saved[key], f"state_dict: param group {g}'s {key!r}")
+                found[key] = _checks.non_negative(saved[key], f"{where}{key}")
         return found
 
     def _saved_state(self, entries: dict, param: Parameter, key) -> dict:
@@ -381,18 +459,19 @@ class Optimizer:
 
     def __getstate__(self) -> dict:
         """What ``copy.deepcopy`` and ``pickle`` take: the state keyed by each parameter's position
-        in :meth:`parameters`, not by its id, which names the original parameter only."""
+        in :meth:`parameters`, the form pickles made before the state was keyed by the parameter
+        hold too (it was keyed by the parameter's id), so that they still load."""
         state = dict(vars(self))
-        positions = {id(param): i for i, param in enumerate(self.parameters())}
-        state["state"] = {positions[key]: entries for key, entries in self.state.items()}
+        positions = {param: i for i, param in enumerate(self.parameters())}
+        state["state"] = {positions[param]: entries for param, entries in self.state.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
-        """The state keyed again by the ids of the copied parameters (those a model copied in the
-        same ``deepcopy`` or ``pickle`` call holds too)."""
+        """The state keyed again by the copied parameters (those a model copied in the same
+        ``deepcopy`` or ``pickle`` call holds too)."""
         self.__dict__.update(state)
         params = self.parameters()
-        self.state = {id(params[i]): entries for i, entries in state["state"].items()}
+        self.state = {params[i]: entries for i, entries in state["state"].items()}
 
     def __repr__(self) -> str:
         groups = ", ".join(
@@ -403,21 +482,32 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay."""
+    """Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay.
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+    torch.optim.SGD's signature and defaults (``lr=1e-3``, its arguments in its order);
+    ``dampening`` and ``maximize`` are taken at their defaults only, and ``foreach``, ``fused``
+    and ``differentiable=False`` change nothing (see ``PERFORMANCE_FLAGS``). The name ``"sgd"``
+    builds Keras's SGD instead: ``lr=0.01`` (:func:`get`).
+    """
 
-    def _validate(self, options: dict) -> None:
-        super()._validate(options)
-        options["momentum"] = _checks.in_unit_interval(options["momentum"], "momentum", closed=True)
+    _torch_options = ("dampening", "maximize", "foreach", "differentiable", "fused")
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+                         dict(dampening=dampening, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                              fused=fused))
+
+    def _validate(self, options: dict, where: str = "") -> None:
+        super()._validate(options, where)
+        options["momentum"] = _checks.in_unit_interval(options["momentum"], f"{where}momentum", closed=True)
         if not isinstance(options["nesterov"], (bool, np.bool_)):
-            raise TypeError(f"nesterov: expected a bool, got {type(options['nesterov']).__name__} "
+            raise TypeError(f"{where}nesterov: expected a bool, got {type(options['nesterov']).__name__} "
                             f"{options['nesterov']!r}")
         options["nesterov"] = bool(options["nesterov"])
         if options["nesterov"] and options["momentum"] == 0:
-            raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+            raise ValueError(f"{where}nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
 
     _state_arrays = _state_lazy = ("velocity",)
 
@@ -462,26 +552,40 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam."""
+    """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam.
+
+    torch.optim.Adam's signature and defaults (``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``);
+    ``amsgrad``, ``maximize`` and ``decoupled_weight_decay`` are taken at their defaults only
+    (decoupled decay is :class:`AdamW`), and ``foreach``, ``fused``, ``capturable`` and
+    ``differentiable=False`` change nothing (see ``PERFORMANCE_FLAGS``). The name ``"adam"``
+    builds Keras's Adam, whose rate and betas are these.
+    """
 
     decoupled = False
     _update_reads_step = True
     _state_arrays = ("m", "v")
     _state_counters = ("step",)
+    _torch_options = ("amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused",
+                      "decoupled_weight_decay")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                         dict(amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
+                              differentiable=differentiable, fused=fused,
+                              decoupled_weight_decay=decoupled_weight_decay))
 
-    def _validate(self, options: dict) -> None:
-        super()._validate(options)
+    def _validate(self, options: dict, where: str = "") -> None:
+        super()._validate(options, where)
         betas = options["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+            raise ValueError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
         # A tuple, as torch keeps it: a captured step's signature (gpubp.step) hashes the options.
-        options["betas"] = (_checks.in_unit_interval(betas[0], "betas[0]"),
-                            _checks.in_unit_interval(betas[1], "betas[1]"))
-        options["eps"] = _checks.positive(options["eps"], "eps")
+        options["betas"] = (_checks.in_unit_interval(betas[0], f"{where}betas[0]"),
+                            _checks.in_unit_interval(betas[1], f"{where}betas[1]"))
+        options["eps"] = _checks.positive(options["eps"], f"{where}eps")
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         zeros = param.backend.zeros
@@ -521,13 +625,23 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov and Hutter): ``param *= 1 - lr * weight_decay``."""
+    """Adam with decoupled weight decay (Loshchilov and Hutter): ``param *= 1 - lr * weight_decay``.
+
+    torch.optim.AdamW's signature and defaults (Adam's, and ``weight_decay=0.01``), its options
+    taken as :class:`Adam` takes them (torch's AdamW has no ``decoupled_weight_decay``). The name
+    ``"adamw"`` builds Keras's AdamW instead: ``weight_decay=0.004``.
+    """
 
     decoupled = True
+    _torch_options = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 0.01, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
 
 
 class RMSprop(Optimizer):
@@ -537,24 +651,32 @@ class RMSprop(Optimizer):
     ``centered`` also keeps the mean gradient ``gm`` and divides by ``sqrt(v - gm^2) + eps``
     (an estimate of the variance) instead of ``sqrt(v) + eps``; with ``momentum`` the scaled
     step accumulates in a buffer ``b = momentum b + g / avg`` and ``p -= lr b``.
+
+    torch.optim.RMSprop's signature and defaults (``lr=0.01``, ``alpha=0.99``, ``eps=1e-8``);
+    ``maximize`` is taken at its default only, and ``capturable``, ``foreach`` and
+    ``differentiable=False`` change nothing (see ``PERFORMANCE_FLAGS``). The name ``"rmsprop"``
+    builds Keras's RMSprop instead: ``lr=1e-3`` and its ``rho=0.9`` as ``alpha``.
     """
 
     _state_arrays = ("square_avg", "momentum_buffer", "grad_avg")
     _state_lazy = ("momentum_buffer", "grad_avg")
     _state_counters = ("step",)
+    _torch_options = ("capturable", "foreach", "maximize", "differentiable")
 
     def __init__(self, params, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                 momentum: float = 0.0, centered: bool = False) -> None:
+                 momentum: float = 0.0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered))
+                                      centered=centered),
+                         dict(capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable))
 
-    def _validate(self, options: dict) -> None:
-        super()._validate(options)
-        options["alpha"] = _checks.in_unit_interval(options["alpha"], "alpha")
-        options["eps"] = _checks.positive(options["eps"], "eps")
-        options["momentum"] = _checks.in_unit_interval(options["momentum"], "momentum")
+    def _validate(self, options: dict, where: str = "") -> None:
+        super()._validate(options, where)
+        options["alpha"] = _checks.in_unit_interval(options["alpha"], f"{where}alpha")
+        options["eps"] = _checks.positive(options["eps"], f"{where}eps")
+        options["momentum"] = _checks.in_unit_interval(options["momentum"], f"{where}momentum")
         if not isinstance(options["centered"], (bool, np.bool_)):
-            raise TypeError(f"centered: expected a bool, got {type(options['centered']).__name__} "
+            raise TypeError(f"{where}centered: expected a bool, got {type(options['centered']).__name__} "
                             f"{options['centered']!r}")
         options["centered"] = bool(options["centered"])
 
@@ -612,16 +734,41 @@ class RMSprop(Optimizer):
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
+# What a name builds beside its class's (torch's) defaults: Keras 3's defaults for the optimizer
+# of that name, as far as gpubp's has the option. Keras's epsilon (1e-7, and in RMSprop added
+# under the root) is not taken: ``eps`` stays torch's default and formulation.
+KERAS_DEFAULTS = {
+    "sgd": dict(lr=0.01),
+    "adam": dict(lr=1e-3),
+    "adamw": dict(lr=1e-3, weight_decay=0.004),
+    "rmsprop": dict(lr=1e-3, alpha=0.9),  # Keras's rho
+}
+
 
 def get(optimizer, params) -> Optimizer:
-    """An optimizer instance from an instance, or a name ("sgd", "adam", "adamw", "rmsprop") with defaults."""
+    """An optimizer instance from an instance (returned as it is) or a name: "sgd", "adam",
+    "adamw" or "rmsprop", in any case.
+
+    A name is Keras's convention (``compile(optimizer="rmsprop")``), so it builds Keras 3's
+    optimizer of that name as far as gpubp's has the option (``KERAS_DEFAULTS``): "sgd" at
+    ``lr=0.01``; "adam" at ``lr=1e-3``; "adamw" at ``lr=1e-3`` with ``weight_decay=0.004``;
+    "rmsprop" at ``lr=1e-3`` with ``alpha=0.9`` (Keras's ``rho``). ``eps`` stays torch's
+    (1e-8, added to the root), where Keras's is 1e-7. The classes themselves take torch's
+    defaults: ``gb.optim.SGD(params)`` is at ``lr=1e-3``, as ``torch.optim.SGD(params)`` is.
+
+    >>> import gpubp as gb
+    >>> params = gb.Dense(3, 2).parameters()
+    >>> get("sgd", params).param_groups[0]["lr"], gb.optim.SGD(params).param_groups[0]["lr"]
+    (0.01, 0.001)
+    """
     if isinstance(optimizer, Optimizer):
         return optimizer
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer: expected an Optimizer or a name, got {type(optimizer).__name__}")
-    if optimizer.lower() not in OPTIMIZERS:
+    name = optimizer.lower()
+    if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[optimizer.lower()](params)
+    return OPTIMIZERS[name](params, **KERAS_DEFAULTS[name])
 
 
 def _check_grad(param: Parameter, where: str) -> None:
