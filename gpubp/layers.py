@@ -31,7 +31,7 @@ import numpy as np
 
 from gpubp import _checks, _random, activations, backends, batches, philox
 from gpubp.backends import _contract, numpy_backend
-from gpubp.parameter import Parameter
+from gpubp.parameter import Parameter, clear_grads
 
 INITS = ("auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal")
 
@@ -839,9 +839,10 @@ class Sequential:
     def trainable_parameters(self) -> list[Parameter]:
         return [p for p in self.parameters() if p.trainable]
 
-    def zero_grad(self) -> None:
-        for param in self.parameters():
-            param.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's gradient, as torch's ``Module.zero_grad``: to None (the default),
+        or, with ``set_to_none=False``, to zeros in place (:func:`gpubp.parameter.clear_grads`)."""
+        clear_grads(self.parameters(), set_to_none)
 
     def freeze_to(self, n: int) -> Sequential:
         """Freeze layers [:n] and unfreeze the rest (fastai semantics; negative n counts from the top).

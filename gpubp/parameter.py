@@ -71,3 +71,16 @@ class Parameter:
     def __repr__(self) -> str:
         state = "trainable" if self.trainable else "frozen"
         return f"Parameter({self.name!r}, shape={self.shape}, {state})"
+
+
+def clear_grads(params, set_to_none=True) -> None:
+    """``zero_grad`` of an optimizer and of a model, as torch's: every gradient of ``params`` to
+    None (torch's default), or, with ``set_to_none=False``, to zeros in place, each by its array's
+    own fill on its device (a gradient that is None stays None), for code that holds the arrays."""
+    if _checks.boolean(set_to_none, "set_to_none"):
+        for param in params:
+            param.grad = None
+        return
+    for param in params:
+        if param.grad is not None:
+            param.grad[...] = 0

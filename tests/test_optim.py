@@ -472,15 +472,19 @@ def test_optimizer_zero_grad_sets_gradients_to_none():
     assert param.grad is None
 
 
-def test_zero_grad_without_set_to_none_zeroes_each_gradient_in_place_and_keeps_none(backend):
-    """torch's zero_grad(set_to_none=False): a NaN gradient too, which scaling by 0 would keep."""
+@pytest.mark.parametrize("owner", ["optimizer", "model"])
+def test_zero_grad_without_set_to_none_zeroes_each_gradient_in_place_and_keeps_none(backend, owner):
+    """torch's zero_grad(set_to_none=False), an optimizer's and a module's: a NaN gradient too,
+    which scaling by 0 would keep."""
     model = gb.Sequential([gb.Dense(3, 2)], backend=backend)
     weight, bias = model.parameters()
     grad = weight.backend.asarray(np.array([[1.0, np.nan], [np.inf, -2.0], [3.0, 4.0]], np.float32))
     weight.grad = grad
-    optim.SGD(model, lr=0.1).zero_grad(set_to_none=False)
+    (optim.SGD(model, lr=0.1) if owner == "optimizer" else model).zero_grad(set_to_none=False)
     assert weight.grad is grad and bias.grad is None
     np.testing.assert_array_equal(weight.backend.to_host(grad), np.zeros((3, 2), np.float32))
+    model.zero_grad()
+    assert weight.grad is None
 
 
 def test_zero_grad_refuses_a_set_to_none_that_is_not_a_bool_and_leaves_the_gradients():

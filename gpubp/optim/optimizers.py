@@ -40,7 +40,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from gpubp import _checks
-from gpubp.parameter import Parameter
+from gpubp.parameter import Parameter, clear_grads
 
 # What PyTorch's learning-rate schedulers (gpubp.optim.lr_scheduler) keep in a param group
 # beside the optimizer's options; a state_dict saves and restores them with the options.
@@ -206,15 +206,8 @@ class Optimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every parameter's gradient: to None (torch's default), or, with
-        ``set_to_none=False``, to zeros in place, each by its array's own fill on its device (a
-        gradient that is None stays None), for code that holds on to the gradient arrays."""
-        if _checks.boolean(set_to_none, "set_to_none"):
-            for param in self.parameters():
-                param.grad = None
-            return
-        for param in self.parameters():
-            if param.grad is not None:
-                param.grad[...] = 0
+        ``set_to_none=False``, to zeros in place (:func:`gpubp.parameter.clear_grads`)."""
+        clear_grads(self.parameters(), set_to_none)
 
     def step(self, closure=None):
         """Update every trainable parameter that has a gradient; frozen ones are not touched. On a
