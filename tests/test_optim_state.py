@@ -210,14 +210,21 @@ def test_a_copied_optimizer_steps_its_own_parameters_on_from_the_originals_state
         np.testing.assert_array_equal(p.data, q.data)
 
 
-@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
-def test_a_copied_optimizers_state_is_keyed_by_its_own_parameters(clone):
-    """``copied.state[p]`` for the copy's (and a model copied with it) parameters, as before the copy."""
+def trained_with_adam():
+    """A small model, the Adam that trained it one epoch (its state made for every parameter) and
+    the data, (x, y)."""
     gb.seed(0)
     model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], device="cpu")
     opt = optim.Adam(model.parameters(), lr=0.01)
     x, y = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32), np.arange(16) % 3
-    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, verbose=0)
+    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    return model, opt, (x, y)
+
+
+@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
+def test_a_copied_optimizers_state_is_keyed_by_its_own_parameters(clone):
+    """``copied.state[p]`` for the copy's (and a model copied with it) parameters, as before the copy."""
+    model, opt, _ = trained_with_adam()
     copied_model, copied_opt = clone((model, opt))
     assert list(copied_opt.state) == copied_model.parameters()
     for p, q in zip(model.parameters(), copied_model.parameters()):
@@ -238,11 +245,7 @@ def test_a_loaded_state_is_keyed_by_the_optimizers_own_parameters():
 
 @pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
 def test_a_model_and_its_optimizer_copied_together_train_on_as_after_a_state_dict_round_trip(clone):
-    gb.seed(0)
-    model = gb.Sequential([gb.Dense(5, 7, "relu"), gb.Dense(7, 3)], device="cpu")
-    opt = optim.Adam(model.parameters(), lr=0.01)
-    x, y = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32), np.arange(16) % 3
-    model.fit(x, y, optimizer=opt, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    model, opt, (x, y) = trained_with_adam()
     copied_model, copied_opt = clone((model, opt))
     assert all(p is q for p, q in zip(copied_opt.parameters(), copied_model.parameters()))
     reference = copy.deepcopy(model)
