@@ -81,7 +81,12 @@ class _Buffers:
 def _init_weight(init, activation: str, fan_in: int, fan_out: int, dtype) -> np.ndarray:
     rng = _random.generator()
     if callable(init):
-        return _checks.weight_values(init(rng, (fan_in, fan_out)), (fan_in, fan_out), dtype, "init",
+        try:
+            weight = init(rng, (fan_in, fan_out))
+        except TypeError as error:  # one that takes the shape alone, say: its own message names neither
+            raise TypeError(f"init: a callable init is called as init(rng, shape) with a NumPy Generator and "
+                            f"the weight's shape {(fan_in, fan_out)}, and this one raised TypeError: {error}") from error
+        return _checks.weight_values(weight, (fan_in, fan_out), dtype, "init",
                                      "the weight (what the callable returns)", "the layer")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS} or a callable(rng, shape), got {init!r}")
@@ -261,6 +266,33 @@ class Layer:
         self.forget()
 
 
+class Layers(tuple):
+    """A model's layers (``model.layers``): a tuple, read as a list is, whose list methods that would
+    change it (``append``, ``pop``, ``insert``, item assignment, ...) raise a TypeError saying how
+    to build the model wanted instead, as a model checks its layers together when it is built."""
+
+    HOW = "model.layers + [layer]) for Keras's model.add(layer), gb.Sequential(model.layers[:-1]) for model.pop()"
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(f"model.layers is read-only: a model checks its layers together when it is built; build "
+                        f"a new one instead, gb.Sequential({self.HOW}")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
+    def __getitem__(self, index):
+        """A layer; a slice is a list of them, to edit and build a model of."""
+        got = tuple.__getitem__(self, index)
+        return list(got) if isinstance(index, slice) else got
+
+    def __add__(self, other):
+        """A list of these layers and ``other``'s (a list or tuple): ``model.layers + [layer]``."""
+        return list(self) + list(other) if isinstance(other, (list, tuple)) else NotImplemented
+
+    def __radd__(self, other):
+        return list(other) + list(self) if isinstance(other, (list, tuple)) else NotImplemented
+
+
 class Dense(Layer):
     """A fully connected layer ``y = act(x @ W + b)`` with ``W`` (in, out) and ``b`` (out,).
 
@@ -295,6 +327,31 @@ class Dense(Layer):
         self._input = self._output = self._preact = None
         self._applied = self.activation  # the activation the last training forward applied
         self._dropout = None  # the philox.Mask the last training forward applied to its output, if any
+
+    @property
+    def activation(self) -> str:
+        """The activation's registered name. Setting it changes what the layer applies, checked as
+        the constructor checks it (an alias such as "linear" or None becomes its name), and one that
+        normalises a whole row (softmax) only where this layer is the top of every model holding it,
+        as a model's constructor refuses it elsewhere (a model saved so would not load)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, name) -> None:
+        name = activations.canonical(name)
+        if name in activations.OUTPUT_ONLY:
+            for model in self._holders:
+                if model.layers[-1] is not self:
+                    raise ValueError(f"activation: {name!r} is allowed on a model's last layer only (it normalises "
+                                     f"a whole row), and this layer is layers[{model.layers.index(self)}] of a "
+                                     f"{len(model)}-layer model")
+        self._activation = name
+
+    def __setstate__(self, state: dict) -> None:
+        if "activation" in state:  # pickled before the activation was a checked property
+            state = {**state, "_activation": state["activation"]}
+            del state["activation"]
+        super().__setstate__(state)
 
     # --------------------------------------------------------------------- state
 
@@ -650,7 +707,7 @@ class Sequential:
             hint = " (pass the layers in one list, not one by one)" if isinstance(layers, Layer) else ""
             raise TypeError(f"layers: expected a list of layers, e.g. Sequential([Dense(4, 3), Dense(3, 2)]), "
                             f"got {type(layers).__name__}{hint}")
-        self.layers: list[Layer] = list(layers)
+        self._layers = Layers(layers)
         first_index: dict[int, int] = {}  # id(layer) -> where it first stands
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
@@ -687,6 +744,28 @@ class Sequential:
         for layer in self.layers:  # only once the model exists: a refused one holds no layer
             layer._holders.add(self)
 
+    @property
+    def layers(self) -> Layers:
+        """The layers, bottom to top, read-only (:class:`Layers`): the constructor checks them
+        together (widths, names, dtype, where a softmax stands), which an edited list would skip."""
+        return self._layers
+
+    @layers.setter
+    def layers(self, value) -> None:
+        raise AttributeError(f"layers: a model's layers are checked together when it is built; build a new "
+                             f"model of them instead, gb.Sequential({Layers.HOW})")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The weights' dtype, fixed when the model is built (as Keras's ``layer.dtype`` is read-only)."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value) -> None:
+        raise AttributeError("dtype: a model's dtype is fixed when it is built, and setting it would leave the "
+                             "weights in the old one; build a model of the other dtype, gb.Sequential(layers, "
+                             "dtype=...) of new layers, and copy the weights over with set_weights(model.get_weights())")
+
     def _check_layers(self, device, backend, dtype, fused, precision) -> list[int]:
         """Connect and name the layers, pick the backend, dtype, precision and path, and return the
         positions of the layers that must move to this model's backend and dtype; raises (before
@@ -708,7 +787,7 @@ class Sequential:
         self.backend = backends.get(self.backend_name)
         if dtype is None:
             dtype = next((layer.dtype for layer in self.layers if layer.dtype is not None), np.float32)
-        self.dtype = _checks.parameter_dtype(dtype, "dtype")
+        self._dtype = _checks.parameter_dtype(dtype, "dtype")
         self._check_dtype(self.backend_name)
         # (not `layer.dtype not in (None, self.dtype)`: NumPy takes None for float64, so a
         # float64 layer would stay float64 in a float32 model)
@@ -926,6 +1005,11 @@ class Sequential:
 
     def __setstate__(self, state: dict) -> None:
         """A model on the same backend as the original, holding the copied layers."""
+        state = dict(state)
+        for name in ("layers", "dtype"):  # pickled before they were read-only properties
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        state["_layers"] = Layers(state["_layers"])
         self.__dict__.update(state, backend=backends.get(state["backend"]), _scratch=_Buffers(), _needs_cache={},
                              _stored_plan=None, _fused_saved=None)
         self.uses_fused = self._fused_choice(self._fused, self.backend, self.backend_name)  # this machine's GPU

@@ -45,6 +45,86 @@ def test_a_slice_is_a_sequential_sharing_the_same_layers():
     assert np.all(model[1].weight.data == 7.0)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda layers: layers.append(gb.Dense(3, 5)),   # Keras's model.add, by hand
+    lambda layers: layers.pop(),                    # Keras's model.pop, by hand
+    lambda layers: layers.insert(0, gb.Dense(4, 4)),
+    lambda layers: layers.__setitem__(1, gb.Dense(6, 3)),
+    lambda layers: layers.__delitem__(0),
+], ids=["append", "pop", "insert", "setitem", "delitem"])
+def test_a_models_layers_are_read_only_and_say_how_to_build_the_model_wanted(edit):
+    """An edited layer list skipped every check the constructor makes: a layer appended to a float64
+    model stayed float32 and nameless (its file did not load), and one appended twice got wrong
+    gradients. The list methods now refuse, and a slice or a sum is a list to build a model of."""
+    model = mlp(dtype="float64")
+    before = list(model.layers)
+    with pytest.raises(TypeError, match=r"model.layers is read-only: .*gb.Sequential\(model.layers \+ \[layer\]\)"):
+        edit(model.layers)
+    assert list(model.layers) == before
+    with pytest.raises(AttributeError, match=r"layers: a model's layers are checked together"):
+        model.layers = before[:-1]
+    grown = gb.Sequential(model.layers + [gb.Dense(3, 5, "softmax")], backend="numpy", dtype="float64")
+    assert [layer.name for layer in grown] == ["dense_0", "dense_1", "dense_2", "dense_3"]
+    assert {p.data.dtype for p in grown.parameters()} == {np.dtype(np.float64)}
+    assert isinstance(model.layers[:-1], list) and len(gb.Sequential(model.layers[:-1], backend="numpy")) == 2
+
+
+def test_a_models_dtype_is_read_only():
+    """Setting it left the weights in the old dtype while summary() and the outputs said the new one."""
+    model = mlp()
+    with pytest.raises(AttributeError, match=r"dtype: a model's dtype is fixed when it is built"):
+        model.dtype = np.float64
+    assert model.dtype == np.float32 and {p.data.dtype for p in model.parameters()} == {np.dtype(np.float32)}
+
+
+def test_setting_an_activation_is_checked_as_the_constructor_checks_it():
+    """An unknown name failed later, at the forward; "linear" was unknown then; a softmax set on a
+    hidden layer trained and saved a file that gb.load refused."""
+    model = mlp()
+    hidden, top = model[0], model[-1]
+    with pytest.raises(ValueError, match=r"activation: unknown activation 'relu7'"):
+        hidden.activation = "relu7"
+    with pytest.raises(ValueError, match=r"activation: 'softmax' is allowed on a model's last layer only .* "
+                                         r"layers\[0\] of a 3-layer model"):
+        hidden.activation = "softmax"
+    assert hidden.activation == "relu"
+    hidden.activation = "linear"
+    top.activation = "softmax"
+    assert (hidden.activation, top.activation) == ("identity", "softmax")
+    np.testing.assert_allclose(model.predict(np.ones((2, 4), np.float32)).sum(axis=1), 1.0, rtol=1e-6)
+    alone = gb.Dense(3, 2)
+    alone.activation = "softmax"  # held by no model yet: a model's constructor places it
+    with pytest.raises(ValueError, match=r"layers\[0\]: activation 'softmax' is allowed on the last layer only"):
+        gb.Sequential([alone, gb.Dense(2, 2)], backend="numpy")
+
+
+def test_a_layer_pickled_with_a_plain_activation_attribute_still_loads():
+    """Layers pickled before ``activation`` was a checked property hold it under its own name."""
+    layer = gb.Dense(3, 2, "tanh")
+    state = layer.__getstate__()
+    state["activation"] = state.pop("_activation")
+    restored = gb.Dense.__new__(gb.Dense)
+    restored.__setstate__(state)
+    assert restored.activation == "tanh"
+
+
+def test_a_model_pickled_with_plain_layers_and_dtype_attributes_still_loads():
+    """Models pickled before ``layers`` and ``dtype`` were read-only properties hold them under their names."""
+    model = mlp(dtype="float64")
+    state = copy.deepcopy(model).__getstate__()
+    state["layers"], state["dtype"] = list(state.pop("_layers")), state.pop("_dtype")
+    restored = gb.Sequential.__new__(gb.Sequential)
+    restored.__setstate__(state)
+    assert restored.dtype == np.float64 and len(restored.layers) == 3
+    x = np.ones((2, 4))
+    np.testing.assert_array_equal(restored.predict(x), model.predict(x))
+
+
+def test_a_callable_init_of_the_wrong_signature_is_named():
+    with pytest.raises(TypeError, match=r"init: a callable init is called as init\(rng, shape\) .* \(4, 3\)"):
+        gb.Dense(4, 3, init=lambda shape: np.zeros(shape))
+
+
 def test_layers_are_named_by_position():
     assert [layer.name for layer in mlp()] == ["dense_0", "dense_1", "dense_2"]
 
