@@ -17,6 +17,7 @@ directly, so the same model runs on the NumPy, CuPy and Numba backends.
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import itertools
 import threading
@@ -264,6 +265,10 @@ class Layer:
         self.__dict__.update(state, backend=backends.get(state["backend"]), _buffers=_Buffers(),
                              _holders=weakref.WeakSet(), _saved_by=None)
         self.forget()
+
+
+# Set while Sequential.__getitem__ builds a slice of a model, whose layers that model has placed.
+_SLICING: contextvars.ContextVar[bool] = contextvars.ContextVar("gpubp_slicing", default=False)
 
 
 class Layers(tuple):
@@ -823,7 +828,12 @@ class Sequential:
     def _check_nothing_above_a_probability_head(self) -> None:
         """A Dropout above a sigmoid output layer would scale its probabilities past 1 in training,
         and the losses that take that layer's logits (binary cross-entropy) would be given
-        probabilities. (Above a softmax, the loop before this refuses it already.)"""
+        probabilities. (Above a softmax, the loop before this refuses it already.) Not for a slice
+        of a model (``model[:2]``): its top may be a hidden sigmoid layer with the model's Dropout
+        above it, placed by a model that is not refused, and freezing or predicting through the
+        slice is what it is for."""
+        if _SLICING.get():
+            return
         dense = [i for i, layer in enumerate(self.layers) if isinstance(layer, Dense)]
         if dense and dense[-1] != len(self.layers) - 1:
             head = self.layers[dense[-1]]
@@ -872,8 +882,12 @@ class Sequential:
     def __getitem__(self, index):
         """A layer, or for a slice a Sequential sharing these layers (no copies)."""
         if isinstance(index, slice):
-            return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype, fused=self.fused,
-                              precision=self.precision)
+            token = _SLICING.set(True)
+            try:
+                return Sequential(self.layers[index], backend=self.backend_name, dtype=self.dtype, fused=self.fused,
+                                  precision=self.precision)
+            finally:
+                _SLICING.reset(token)
         return self.layers[index]
 
     @property
@@ -950,11 +964,14 @@ class Sequential:
             self.freeze()
 
     def freeze(self) -> Sequential:
+        """Freeze every layer, the top one too, as ``model.trainable = False`` does (Keras). fastai's
+        ``Learner.freeze()``, which keeps the head training, is ``freeze_to(-1)`` here."""
         for layer in self.layers:
             layer.freeze()
         return self
 
     def unfreeze(self) -> Sequential:
+        """Unfreeze every layer (fastai's ``unfreeze``; Keras's ``model.trainable = True``)."""
         for layer in self.layers:
             layer.unfreeze()
         return self

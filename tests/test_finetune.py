@@ -216,6 +216,23 @@ def test_trainable_false_on_a_slice_freezes_those_layers_of_the_model():
     assert trainable_flags(model) == [False, False, True, True, True] and model.trainable
 
 
+def test_a_slice_whose_top_is_a_hidden_sigmoid_under_a_dropout_freezes_and_predicts():
+    """model[:2] of a model with a Dropout above a hidden sigmoid layer: the slice was refused as if
+    that sigmoid were an output layer, so the README's ways to freeze it (ft.freeze(model[:2]),
+    model[:2].trainable = False) and feature extraction through it failed. A model built so is
+    still refused."""
+    gb.seed(0)
+    model = gb.Sequential([gb.Dense(4, 8, "sigmoid"), gb.Dropout(0.2), gb.Dense(8, 8, "relu"), gb.Dense(8, 3)],
+                          device="cpu")
+    ft.freeze(model[:2])
+    assert [layer.trainable for layer in model] == [False, False, True, True]
+    model[:2].trainable = True
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model[:2].predict(x), model[:1].predict(x))  # Dropout: identity in predict
+    with pytest.raises(ValueError, match=r"layers\[1\]: a Dropout cannot stand above the sigmoid output layer"):
+        gb.Sequential([gb.Dense(4, 8, "sigmoid"), gb.Dropout(0.2)], device="cpu")
+
+
 @pytest.mark.parametrize("value", [0, "no", None])
 def test_model_trainable_takes_a_bool_only(value):
     model = make_model()
