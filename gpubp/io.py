@@ -46,7 +46,7 @@ from gpubp._safetensors import echo
 from gpubp import activations as _activations
 from gpubp import backends
 from gpubp.backends import PRECISIONS
-from gpubp.layers import Dense, Dropout, Sequential, checked_model
+from gpubp.layers import Dense, Dropout, Sequential, checked_model, parameter_names
 
 log = logging.getLogger("gpubp")
 
@@ -150,7 +150,7 @@ def _trainable_flags(path: Path, entry, i: int) -> tuple[bool, bool]:
 def tensor_names(model: Sequential) -> list[str]:
     """The name a model file gives each of ``model.parameters()``, in order: ``layers.{i}.weight``
     and ``layers.{i}.bias``, ``i`` counting Dense layers (a Dropout holds no tensor)."""
-    return [f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(len(model.parameters()))]
+    return parameter_names(len(model.parameters()))
 
 
 def _tensors(model: Sequential) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -155,6 +155,18 @@ class Layer:
     def parameters(self) -> list[Parameter]:
         return []
 
+    def get_weights(self) -> list[np.ndarray]:
+        """NumPy copies of this layer's parameters, as Keras's ``layer.get_weights()``: ``[W, b]``
+        for a Dense (W as (in, out)), ``[]`` for a layer without parameters."""
+        return [np.array(p.backend.to_host(p.data), copy=True) for p in self.parameters()]
+
+    def set_weights(self, weights: Sequence) -> None:
+        """Load ``weights`` as :meth:`get_weights` returns them (Keras's ``layer.set_weights``);
+        every array is checked before any weight changes."""
+        _assign(self.parameters(), weights, self.dtype, "[W, b]", "the layer")
+        for model in self._holders:
+            model._stored_plan = None
+
     @property
     def dtype(self) -> np.dtype | None:
         """The parameters' dtype; None for a layer without parameters (it computes in its input's)."""
@@ -265,6 +277,25 @@ class Layer:
         self.__dict__.update(state, backend=backends.get(state["backend"]), _buffers=_Buffers(),
                              _holders=weakref.WeakSet(), _saved_by=None)
         self.forget()
+
+
+def parameter_names(count: int) -> list[str]:
+    """The names of a model's ``count`` parameters in order, Dense layers' weight and bias pairs:
+    ``layers.{i}.weight``, ``layers.{i}.bias``, as its files and ``named_parameters`` give them."""
+    return [f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(count)]
+
+
+def _assign(params: list[Parameter], weights, dtype, order: str, owner: str) -> None:
+    """``set_weights`` of a model or a layer (``owner``): ``weights`` into ``params``, in ``order``;
+    every array checked (count, shape, finite values in ``dtype``'s range) before any changes."""
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights: expected a list of arrays, got {type(weights).__name__}")
+    if len(weights) != len(params):
+        raise ValueError(f"weights: expected {len(params)} arrays {order}, got {len(weights)}")
+    hosts = [_checks.weight_values(array, param.shape, dtype, f"weights[{i}]", param.name, owner)
+             for i, (param, array) in enumerate(zip(params, weights))]
+    for param, array in zip(params, hosts):
+        param.data = param.backend.asarray(array, dtype)
 
 
 # Set while Sequential.__getitem__ builds a slice of a model, whose layers that model has placed.
@@ -929,6 +960,18 @@ class Sequential:
         """Every Parameter, trainable and frozen, in Keras order [W0, b0, W1, b1, ...]."""
         return [p for layer in self.layers for p in layer.parameters()]
 
+    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """``(name, Parameter)`` for every parameter, as torch's ``named_parameters()``, named as
+        gpubp's files and state dicts name them: ``layers.{i}.weight`` and ``layers.{i}.bias``,
+        ``i`` counting the layers that hold weights (a Dropout holds none)."""
+        params = self.parameters()
+        return zip(parameter_names(len(params)), params)
+
+    def count_params(self) -> int:
+        """How many numbers the parameters hold, trainable and frozen, as Keras's ``count_params()``
+        (the total that :meth:`summary` ends with)."""
+        return sum(math.prod(p.shape) for p in self.parameters())
+
     def trainable_parameters(self) -> list[Parameter]:
         return [p for p in self.parameters() if p.trainable]
 
@@ -1508,15 +1551,7 @@ class Sequential:
 
     def set_weights(self, weights: Sequence) -> None:
         """Load [W0, b0, W1, b1, ...]; every shape is checked before any weight changes."""
-        params = self.parameters()
-        if not isinstance(weights, (list, tuple)):
-            raise TypeError(f"weights: expected a list of arrays, got {type(weights).__name__}")
-        if len(weights) != len(params):
-            raise ValueError(f"weights: expected {len(params)} arrays [W0, b0, W1, b1, ...], got {len(weights)}")
-        hosts = [_checks.weight_values(array, param.shape, self.dtype, f"weights[{i}]", param.name, "the model")
-                 for i, (param, array) in enumerate(zip(params, weights))]
-        for param, array in zip(params, hosts):
-            param.data = param.backend.asarray(array, self.dtype)
+        _assign(self.parameters(), weights, self.dtype, "[W0, b0, W1, b1, ...]", "the model")
         self._stored_plan = None
 
     # --------------------------------------------------------------------- training (see train.py)

@@ -125,6 +125,41 @@ def test_a_callable_init_of_the_wrong_signature_is_named():
         gb.Dense(4, 3, init=lambda shape: np.zeros(shape))
 
 
+def test_named_parameters_and_count_params_are_torchs_and_keras():
+    """torch's named_parameters(), named as gpubp's files name the tensors (a Dropout holds none,
+    so it takes no number), and Keras's count_params(), the total summary() ends with."""
+    model = gb.Sequential([gb.Dense(4, 8, "relu"), gb.Dropout(0.1), gb.Dense(8, 3)], device="cpu")
+    named = list(model.named_parameters())
+    assert [name for name, _ in named] == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    assert [param for _, param in named] == model.parameters()
+    assert [name for name, _ in named] == gb.io.tensor_names(model)
+    assert model.count_params() == 4 * 8 + 8 + 8 * 3 + 3
+    assert model.summary().splitlines()[-3] == f"Total params: {model.count_params()}"
+
+
+def test_a_layers_get_and_set_weights_are_keras_and_reach_its_model():
+    model = mlp()
+    x = np.ones((2, 4), np.float32)
+    kernel, bias = model[-1].get_weights()
+    assert kernel.shape == (5, 3) and bias.shape == (3,)
+    kernel[...] = 7.0  # a copy: the layer is unchanged
+    assert not np.any(model[-1].get_weights()[0] == 7.0)
+    model[-1].set_weights([np.zeros((5, 3)), np.arange(3.0)])
+    np.testing.assert_array_equal(model.predict(x), np.tile(np.arange(3.0, dtype=np.float32), (2, 1)))
+    before = model.get_weights()
+    for bad, error, message in [([np.zeros((3, 5)), np.zeros(3)], ValueError, r"weights\[0\]: expected shape \(5, 3\)"),
+                                ([np.zeros((5, 3))], ValueError, r"weights: expected 2 arrays \[W, b\], got 1"),
+                                ([np.zeros((5, 3)), np.full(3, np.nan)], ValueError, r"weights\[1\]"),
+                                (np.zeros((5, 3)), TypeError, r"weights: expected a list of arrays")]:
+        with pytest.raises(error, match=message):
+            model[-1].set_weights(bad)
+    for want, got in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    dropout = gb.Dropout(0.5)
+    assert dropout.get_weights() == []
+    dropout.set_weights([])
+
+
 def test_layers_are_named_by_position():
     assert [layer.name for layer in mlp()] == ["dense_0", "dense_1", "dense_2"]
 
