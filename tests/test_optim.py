@@ -660,6 +660,19 @@ def test_a_group_of_one_parameter_takes_it_as_a_list_of_it_as_pytorch_does():
     np.testing.assert_allclose([first.data, second.data], [[0.9, 0.9], [0.5, 0.5]])
 
 
+def test_named_parameters_are_taken_as_torch_2_takes_them():
+    """torch.optim.SGD(model.named_parameters()) and groups of named pairs: the same optimizer as
+    of the parameters; a pair that is not (str, Parameter) is still refused by position."""
+    model = gb.Sequential([gb.Dense(3, 4, "relu"), gb.Dense(4, 2)], device="cpu")
+    named = optim.Adam(model.named_parameters(), lr=0.1)
+    assert named.param_groups[0]["params"] == model.parameters()
+    bottom, top = list(model.named_parameters())[:2], list(model.named_parameters())[2:]
+    grouped = optim.SGD([{"params": bottom, "lr": 0.1}, {"params": top}], lr=0.5)
+    assert [group["params"] for group in grouped.param_groups] == [model.parameters()[:2], model.parameters()[2:]]
+    with pytest.raises(TypeError, match=r"params\[0\]: expected a gpubp Parameter, got tuple"):
+        optim.SGD([(0, model.parameters()[0])], lr=0.1)
+
+
 # ----------------------------------------------------------------------------- gradients that do not fit
 
 # A (4, 2) float32 weight's gradient, and what the error says of it.

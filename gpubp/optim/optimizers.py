@@ -94,6 +94,11 @@ def _check_torch_option(name: str, value, where: str = "") -> None:
                              "torch's default")
 
 
+def _is_named(item) -> bool:
+    """Whether ``item`` is a ``(name, Parameter)`` pair, as ``named_parameters()`` yields them."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Parameter)
+
+
 class Optimizer:
     """Base class: holds param groups and per-parameter state; subclasses define ``_update``.
 
@@ -156,8 +161,9 @@ class Optimizer:
             group["lr"] = value
 
     def add_param_group(self, group: dict) -> None:
-        """Add ``group``, a dict of ``params`` (Parameters, a model, or one Parameter, which torch
-        takes too) and any of the optimizer's options, the others from ``defaults``. Torch's
+        """Add ``group``, a dict of ``params`` (Parameters, a model, one Parameter, or the ``(name,
+        Parameter)`` pairs of ``named_parameters()``, as torch takes them) and any of the
+        optimizer's options, the others from ``defaults``. Torch's
         options that change nothing here (``_torch_options``) are checked and not kept."""
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("params: a param group must be a dict with a 'params' key")
@@ -169,7 +175,8 @@ class Optimizer:
         elif not isinstance(params, Iterable):
             raise TypeError("params: a param group's 'params' must be an iterable of Parameters (or a model), got "
                             f"{type(params).__name__}")
-        params = list(params)
+        # torch takes model.named_parameters() too: (name, parameter) pairs, whose names are not kept
+        params = [item[1] if _is_named(item) else item for item in params]
         first: dict[int, int] = {}  # id -> its first index in this group
         for i, param in enumerate(params):
             if not isinstance(param, Parameter):
