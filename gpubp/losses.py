@@ -57,6 +57,10 @@ def _weights(sample_weight, batch: int, backend: ModuleType, dtype):
     if host.dtype.kind not in "fiub":
         raise TypeError(f"sample_weight: expected numeric weights, got dtype {host.dtype}")
     check_weights(host, "sample_weight")
+    if host.dtype.kind == "f" and host.dtype.itemsize > np.dtype(dtype).itemsize and host.max() > np.finfo(dtype).max:
+        i = int(np.argmax(host > np.finfo(dtype).max))
+        raise ValueError(f"sample_weight: {host[i]} at sample {i} is beyond {np.dtype(dtype)}'s range, the "
+                         "predictions' dtype, where it would be inf")
     return _on(backend, sample_weight, dtype)
 
 
@@ -272,8 +276,9 @@ def binary_cross_entropy(logits, target, sample_weight=None, backend: ModuleType
     logits, backend = _prediction(logits, "logits", backend)
     target = _target(logits, target, backend)
     host = _host(target, backend)
-    if host.min() < 0 or host.max() > 1:
-        raise ValueError(f"target: expected values in [0, 1], got values from {host.min()} to {host.max()}")
+    if not (host.min() >= 0 and host.max() <= 1):  # a NaN fails both, and must not hide a 7.0 beside it
+        raise ValueError(f"target: expected values in [0, 1], got values from {np.nanmin(host)} to {np.nanmax(host)}"
+                         f"{' and NaN' if np.isnan(host).any() else ''}")
     return backend.bce(logits, target, _weights(sample_weight, logits.shape[0], backend, logits.dtype))
 
 

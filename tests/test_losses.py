@@ -740,3 +740,23 @@ def test_fit_with_a_bad_smoothed_loss_is_refused_and_changes_no_weight(loss, y, 
     if "label_smoothing" in message:  # a training step refuses it when built, before any batch
         with pytest.raises(error, match=message):
             model.train_step(loss)
+
+
+@pytest.mark.parametrize("target, shown", [
+    ([[np.nan, -0.5], [0.0, 7.0]], r"from -0.5 to 7.0 and NaN"),
+    ([[np.nan, 0.5], [0.0, 1.0]], r"from 0.0 to 1.0 and NaN"),
+])
+def test_binary_cross_entropy_refuses_nan_targets_and_those_they_would_hide(target, shown):
+    """min() and max() of targets holding a NaN are NaN, which passed both comparisons of the range
+    check: -0.5 and 7.0 beside it got finite, wrong gradients."""
+    with pytest.raises(ValueError, match=rf"^target: expected values in \[0, 1\], got values {shown}"):
+        losses.binary_cross_entropy(np.zeros((2, 2)), np.array(target))
+
+
+def test_a_sample_weight_past_the_predictions_dtype_is_refused_by_the_loss_itself():
+    """fit refused it already; a direct call gave an inf loss and gradient with an overflow warning."""
+    predictions, target = np.zeros((2, 1), np.float32), np.ones((2, 1), np.float32)
+    with pytest.raises(ValueError, match=r"^sample_weight: 1e\+39 at sample 1 is beyond float32's range"):
+        losses.mse(predictions, target, sample_weight=np.array([1.0, 1e39]))
+    loss, _ = losses.mse(predictions.astype(np.float64), target, sample_weight=np.array([1.0, 1e39]))
+    assert math.isfinite(loss)
