@@ -149,10 +149,20 @@ class Dense(nn.Module):
         self.register_load_state_dict_pre_hook(_refuse_another_layout)
 
     def forward(self, x: torch.Tensor, *, math: str = "fp32", input_dropout: float | None = None) -> torch.Tensor:
-        """``act(x @ weight + bias)``, then the layer's dropout in training mode. An :class:`MLP` calls
-        its layers one at a time where one has module hooks, passing its ``math`` (the products'
-        precision) and, to the first, its ``input_dropout``."""
-        return _run([self], x, math, input_dropout, self.training, alone=True)
+        """``act(x @ weight + bias)``, then the layer's dropout in training mode (this layer's own
+        ``training``, as a torch module's). An :class:`MLP` calls its layers one at a time where one
+        has module hooks, passing its ``math`` (the products' precision) and, to the first, its
+        ``input_dropout`` while the MLP trains: ``input_dropout`` is applied as given."""
+        return _run([self], x, math, input_dropout, alone=True)
+
+    def reset_parameters(self) -> None:
+        """Initialise the weight and zero the bias in place, as the constructor does (``gb.seed``'s
+        stream), as ``nn.Linear.reset_parameters`` does its own: what a module built on the meta
+        device and materialised with ``to_empty`` (torch's deferred initialisation, FSDP's) calls."""
+        init = _GpubpDense(self.in_features, self.out_features, self.activation)
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(init.weight.data))
+            self.bias.zero_()
 
     def extra_repr(self) -> str:
         dropout = "" if self.dropout is None else f", dropout={self.dropout:g}"
@@ -223,14 +233,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.layers)
+        # Checked in evaluation mode too, where it is not applied (as _run checks the layers' rates).
+        input_dropout = _checked_rate(self.input_dropout, "input_dropout")
+        if not self.training:
+            input_dropout = None
         if not _hooked(layers):
-            return _run(layers, x, self.math, self.input_dropout, self.training)
+            return _run(layers, x, self.math, input_dropout)
         # A layer with module hooks (spectral_norm's, prune's and the older weight_norm's recompute its weight in
         # one): the layers are called as modules, one at a time, so that their hooks run as nn.Sequential's
         # children's do. The masks are the same: each call draws its keys from torch's stream in the same order.
         _check_layers(layers)  # all, before the first runs
         for i, layer in enumerate(layers):
-            x = layer(x, math=self.math, input_dropout=self.input_dropout if i == 0 else None)
+            x = layer(x, math=self.math, input_dropout=input_dropout if i == 0 else None)
         return x
 
     def _math(self) -> str:
@@ -306,6 +320,9 @@ class MLP(nn.Module):
     def to_sequential(self, device: str = "cpu", backend: str = "auto") -> Sequential:
         """A gpubp Sequential with this MLP's layers, weights (copied), frozen parameters and dropout, in
         the precision the MLP computes in: ``math`` for float32 parameters, "fp32" for float64 ones."""
+        if self.layers[0].weight.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"parameters: a gpubp Sequential holds float32 or float64 weights, got "
+                            f"{self.layers[0].weight.dtype}{CONVERTED}")
         dtype = np.dtype(str(self.layers[0].weight.dtype).removeprefix("torch."))
         dense = [_GpubpDense(layer.in_features, layer.out_features, layer.activation, dtype=dtype)
                  for layer in self.layers]
@@ -502,9 +519,11 @@ def _backend_for(tensor: torch.Tensor):
 @functools.partial(torch.compiler.disable, reason="gpubp.torch.MLP runs gpubp's kernels eagerly, outside the "
                    "compiled graph; compile the model without fullgraph=True to break the graph around it "
                    "(torch.export cannot hold it: export to ONNX with mlp.to_sequential().save('m.onnx'))")
-def _run(layers: list[Dense], x, math: str, input_dropout: float | None, training: bool,
-         alone: bool = False) -> torch.Tensor:
-    """The MLP's forward (``alone``: a Dense called by itself, whose errors name its own attributes)."""
+def _run(layers: list[Dense], x, math: str, input_dropout: float | None, alone: bool = False) -> torch.Tensor:
+    """The MLP's forward (``alone``: a Dense called by itself, whose errors name its own attributes):
+    ``input_dropout`` applied as given (the caller's training mode decides it), and each layer's
+    dropout where that layer is in training mode, as each torch module's own flag decides, so the
+    whole-stack path and the one-layer-at-a-time path (hooks) drop the same."""
     if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace
         raise RuntimeError(TRACED)
     if not isinstance(x, torch.Tensor):
@@ -537,7 +556,9 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, trainin
     acts = tuple(layer.activation for layer in layers)
     # (key, rate) of the input's and each layer's Dropout in training mode, else None; the keys drawn
     # bottom to top from torch's stream, which torch.utils.checkpoint restores to recompute a forward.
-    drops = tuple(None if rate is None or not training else (_dropout_key(), rate) for rate in (input_dropout, *rates))
+    on = (True, *(layer.training for layer in layers))
+    drops = tuple(None if rate is None or not live else (_dropout_key(), rate)
+                  for rate, live in zip((input_dropout, *rates), on))
     return function.apply(acts, math, torch.is_grad_enabled(), drops, x, *params)
 
 
@@ -704,6 +725,11 @@ def _function(device_type: str, dtype: torch.dtype):
     return MLPFunction
 
 
+# What to do with parameters of a dtype the kernels do not compute in (module.half(), .bfloat16()).
+CONVERTED = ("; convert the module back with .float() (or .double() on the CPU), and for bfloat16 products "
+             "build the MLP with precision='bf16', which keeps the parameters float32")
+
+
 def _check_input(x: torch.Tensor, params: tuple) -> None:
     weight = params[0]
     for i, param in enumerate(params):
@@ -711,15 +737,15 @@ def _check_input(x: torch.Tensor, params: tuple) -> None:
             raise ValueError(f"parameters: layers[{i // 2}].{('weight', 'bias')[i % 2]} is {param.dtype} on "
                              f"{param.device}, layers[0].weight is {weight.dtype} on {weight.device}; keep the whole "
                              "MLP on one device and dtype")
+    # The parameters' dtype first: after module.half(), asking for a float16 x would only lead to this.
+    if weight.device.type == "cuda" and weight.dtype != torch.float32:
+        raise TypeError(f"parameters: the CUDA kernels compute in float32, got {weight.dtype}{CONVERTED}")
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"parameters: the CPU kernels compute in float32 or float64, got {weight.dtype}{CONVERTED}")
     if x.device != weight.device:
         raise ValueError(f"x: the input is on {x.device} but the MLP is on {weight.device}; move one with .to()")
     if x.dtype != weight.dtype:
         raise TypeError(f"x: expected dtype {weight.dtype} (the MLP's), got {x.dtype}")
-    if weight.device.type == "cuda" and weight.dtype != torch.float32:
-        raise TypeError(f"parameters: the CUDA kernels compute in float32, got {weight.dtype}")
-    if weight.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"parameters: the CPU kernels compute in float32 or float64, got {weight.dtype}; for "
-                        "bfloat16 products keep the parameters float32 and build the MLP with precision='bf16'")
     _checks.batch_shape(tuple(x.shape), weight.shape[0], "x")
 
 

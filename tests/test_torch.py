@@ -744,6 +744,54 @@ def test_a_hooked_layer_leaves_the_outputs_gradients_and_dropout_masks_as_they_w
     assert (results[0][1] == 0).any()  # the input masks dropped something: those inputs' gradients are 0
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_layer_in_eval_mode_drops_nothing_on_either_path(hooked):
+    """Each torch module's own ``training`` flag decides its dropout: the whole-stack path read the
+    MLP's and the one-layer-at-a-time path (a hook on a layer) each layer's, so attaching a hook
+    changed the outputs of an MLP training with a layer in eval mode."""
+    gb.seed(0)
+    mlp = MLP([7, 9, 8, 5], dropout=0.5, input_dropout=0.2)
+    reference = MLP([7, 9, 8, 5], dropout=0.5, input_dropout=0.2)
+    reference.load_state_dict(mlp.state_dict())
+    reference.layers[0].dropout = None  # what layers[0] in eval mode drops: nothing
+    mlp.layers[0].eval()
+    if hooked:
+        mlp.layers[2].register_forward_hook(lambda *args: None)
+    x = random_input(requires_grad=False)
+    torch.manual_seed(3)
+    out = mlp(x)
+    torch.manual_seed(3)
+    assert torch.equal(out, reference(x))
+
+
+def test_reset_parameters_initialises_a_module_built_on_the_meta_device():
+    """torch's deferred initialisation (FSDP's too): build on the meta device, materialise with
+    to_empty, call every module's reset_parameters. Dense had none, so training started from
+    uninitialised memory."""
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), MLP([5, 6, 3]))
+    net.to_empty(device="cpu")
+    gb.seed(1)
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    gb.seed(1)
+    fresh = MLP([5, 6, 3])
+    for ours, theirs in zip(net[1].parameters(), fresh.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_half_or_bfloat16_module_says_to_convert_it_back_not_to_convert_the_input():
+    """After module.half(), the first error asked for a float16 input, and the next refused it."""
+    for module in (MLP([4, 3]).half(), MLP([4, 3]).to(torch.bfloat16)):
+        dtype = module.layers[0].weight.dtype
+        with pytest.raises(TypeError, match=rf"parameters: .* got {dtype}; convert the module back with \.float\(\)"):
+            module(torch.randn(2, 4))
+        with pytest.raises(TypeError, match=rf"parameters: a gpubp Sequential holds float32 or float64 weights, "
+                                            rf"got {dtype}"):
+            module.to_sequential()
+
+
 def test_torch_jit_trace_says_the_mlp_cannot_be_traced(mlp):
     with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.*to ONNX"):
         torch.jit.trace(mlp, random_input(requires_grad=False))
