@@ -304,14 +304,14 @@ _SLICING: contextvars.ContextVar[bool] = contextvars.ContextVar("gpubp_slicing",
 
 class Layers(tuple):
     """A model's layers (``model.layers``): a tuple, read as a list is, whose list methods that would
-    change it (``append``, ``pop``, ``insert``, item assignment, ...) raise a TypeError saying how
-    to build the model wanted instead, as a model checks its layers together when it is built."""
+    change it (``append``, ``pop``, ``insert``, item assignment, ...) raise a TypeError pointing to
+    ``model.add`` and ``model.pop``, which check the layers together as the constructor does."""
 
-    HOW = "model.layers + [layer]) for Keras's model.add(layer), gb.Sequential(model.layers[:-1]) for model.pop()"
+    HOW = "model.layers + [layer]) or gb.Sequential(model.layers[:-1])"
 
     def _refuse(self, *args, **kwargs):
-        raise TypeError(f"model.layers is read-only: a model checks its layers together when it is built; build "
-                        f"a new one instead, gb.Sequential({self.HOW}")
+        raise TypeError(f"model.layers is read-only: a model checks its layers together; use model.add(layer) and "
+                        f"model.pop(), as in Keras, or build a new model, gb.Sequential({self.HOW}")
 
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
@@ -744,6 +744,7 @@ class Sequential:
             raise TypeError(f"layers: expected a list of layers, e.g. Sequential([Dense(4, 3), Dense(3, 2)]), "
                             f"got {type(layers).__name__}{hint}")
         self._layers = Layers(layers)
+        self._dtype_given = dtype  # what an empty model's add() builds with (None: the first layer's)
         first_index: dict[int, int] = {}  # id(layer) -> where it first stands
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
@@ -788,8 +789,8 @@ class Sequential:
 
     @layers.setter
     def layers(self, value) -> None:
-        raise AttributeError(f"layers: a model's layers are checked together when it is built; build a new "
-                             f"model of them instead, gb.Sequential({Layers.HOW})")
+        raise AttributeError(f"layers: a model's layers are checked together; use model.add(layer) and "
+                             f"model.pop(), as in Keras, or build a new model, gb.Sequential({Layers.HOW})")
 
     @property
     def dtype(self) -> np.dtype:
@@ -903,6 +904,38 @@ class Sequential:
         return steps
 
     # --------------------------------------------------------------------- container
+
+    def add(self, layer: Layer) -> None:
+        """Keras's ``model.add``: ``layer`` on top, checked as the constructor checks the layers
+        (widths, dtype, where a softmax stands), the model unchanged where it is refused. The model
+        keeps its backend, precision and fused setting, and its dtype once it has a layer (an empty
+        model takes the dtype it was given, else the first layer's, as the constructor does). As Keras asks for ``compile``
+        again after ``add``, a compiled or trained model is refused: its optimizer would not hold
+        the new layer's parameters."""
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer: expected a gpubp layer such as gpubp.Dense, got {type(layer).__name__}")
+        self._rebuild([*self.layers, layer], "add")
+
+    def pop(self) -> Layer:
+        """Keras's ``model.pop``: remove the top layer and return it (its weights as they are),
+        the rest checked as a model of them; refused on a compiled or trained model, as ``add``."""
+        if not self.layers:
+            raise IndexError("pop: the model has no layers")
+        top = self.layers[-1]
+        self._rebuild(self.layers[:-1], "pop")
+        top._holders.discard(self)
+        return top
+
+    def _rebuild(self, layers: list, what: str) -> None:
+        """This model, built again of ``layers`` with its own settings (``add`` and ``pop``)."""
+        if any(key in vars(self) for key in ("_compiled", "optimizer", "history")):
+            raise RuntimeError(f"{what}: this model has been compiled or trained, and its optimizer holds the "
+                               "parameters it had; change the layers before compile and fit, or build the model "
+                               f"wanted, gb.Sequential({Layers.HOW})")
+        dtype = self.dtype if self.layers else getattr(self, "_dtype_given", None)
+        settings = dict(backend=self.backend_name, dtype=dtype, fused=self.fused, precision=self.precision)
+        Sequential(layers, **settings)  # refuses, if anything does, before this model changes
+        self.__init__(layers, **settings)
 
     def __len__(self) -> int:
         return len(self.layers)

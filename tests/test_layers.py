@@ -58,7 +58,8 @@ def test_a_models_layers_are_read_only_and_say_how_to_build_the_model_wanted(edi
     gradients. The list methods now refuse, and a slice or a sum is a list to build a model of."""
     model = mlp(dtype="float64")
     before = list(model.layers)
-    with pytest.raises(TypeError, match=r"model.layers is read-only: .*gb.Sequential\(model.layers \+ \[layer\]\)"):
+    with pytest.raises(TypeError, match=r"model.layers is read-only: .*model.add\(layer\) and model.pop\(\), as in "
+                                        r"Keras, or build a new model, gb.Sequential\(model.layers \+ \[layer\]\)"):
         edit(model.layers)
     assert list(model.layers) == before
     with pytest.raises(AttributeError, match=r"layers: a model's layers are checked together"):
@@ -67,6 +68,40 @@ def test_a_models_layers_are_read_only_and_say_how_to_build_the_model_wanted(edi
     assert [layer.name for layer in grown] == ["dense_0", "dense_1", "dense_2", "dense_3"]
     assert {p.data.dtype for p in grown.parameters()} == {np.dtype(np.float64)}
     assert isinstance(model.layers[:-1], list) and len(gb.Sequential(model.layers[:-1], backend="numpy")) == 2
+
+
+def test_add_and_pop_build_a_model_as_keras_does_and_check_each_layer():
+    """Keras's way of building: an empty model, then add(); pop() the top. Each is checked as the
+    constructor checks the layers, the model unchanged where it is refused."""
+    model = gb.Sequential(device="cpu", dtype="float64")
+    model.add(gb.Dense(4, 8, "relu"))  # a float32 layer into the float64 model given
+    model.add(gb.Dropout(0.2))
+    model.add(gb.Dense(8, 3, "softmax"))
+    assert [layer.name for layer in model] == ["dense_0", "dropout_1", "dense_2"]
+    assert {p.data.dtype for p in model.parameters()} == {np.dtype(np.float64)}
+    weights = model.get_weights()
+    for bad, error, message in [(gb.Dense(3, 2), ValueError, r"activation 'softmax' is allowed on the last layer only"),
+                                (model[0], ValueError, r"are the same Dense object"),
+                                ("dense", TypeError, r"layer: expected a gpubp layer")]:
+        with pytest.raises(error, match=message):
+            model.add(bad)
+        assert len(model) == 3
+    top = model.pop()
+    assert top.activation == "softmax" and len(model) == 2 and model[-1].rate == 0.2
+    with pytest.raises(ValueError, match=r"layers\[2\]: in_features=5 does not match layers\[1\].out_features=8"):
+        model.add(gb.Dense(5, 2))
+    model.add(top)  # its weights as they were
+    for want, got in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    x, y = np.ones((4, 4)), np.array([0, 1, 2, 0])
+    np.testing.assert_allclose(model.predict(x).sum(axis=1), 1.0)
+    model.fit(x, y, epochs=1, verbose=0)
+    for change in (lambda: model.add(gb.Dense(3, 3)), model.pop):
+        with pytest.raises(RuntimeError, match=r"this model has been compiled or trained, and its optimizer"):
+            change()
+    assert len(model) == 3
+    with pytest.raises(IndexError, match=r"pop: the model has no layers"):
+        gb.Sequential(device="cpu").pop()
 
 
 def test_a_models_dtype_is_read_only():
