@@ -1210,11 +1210,15 @@ def test_a_first_contact_benchmark_group_that_hangs_costs_its_own_time_and_keeps
     monkeypatch.setattr(fc, "node_ids", lambda group: [
         f"{tmp_path / 'test_made_up.py'}::test_quick", *([f"{tmp_path / 'test_made_up.py'}::test_hangs"] * (group == "hangs"))])
     monkeypatch.setenv("GPUBP_BENCH_GROUP_SECONDS", "8")
+    # After the SIGINT, pytest-benchmark asks py-cpuinfo before it writes its JSON, which took past
+    # the 10 s grace on a loaded 2-core machine with cold caches: the group was then killed and read
+    # as one that wrote no JSON. The grace is not what this test is about; the hang's 60 s still is.
+    monkeypatch.setattr(fc, "GROUP_GRACE", 30)
     for name in [name for name in os.environ if name.startswith("PYTEST_XDIST")]:  # pytest-benchmark is off there
         monkeypatch.delenv(name)
     started = time.monotonic()
     assert fc.bench(tmp_path) == 1
-    assert time.monotonic() - started < 40
+    assert time.monotonic() - started < 58  # the hang's sleep is 60 s
     steps = [line.split("\t") for line in (tmp_path / fc.STEPS_FILE).read_text().splitlines()]
     assert [(name, result, budget) for name, result, _, budget in steps] == [
         ("bench hangs", "out of time after 8 s", "8"), ("bench quick", "ok", "8")]
