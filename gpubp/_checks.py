@@ -61,6 +61,30 @@ def boolean(value, name: str) -> bool:
     return bool(value)
 
 
+def in_range(a: np.ndarray, name: str, dtype, at: str = "in row", whose: str = "the model's dtype") -> None:
+    """Refuse finite values of the float array ``a`` past ``dtype``'s range, which are inf once
+    cast to it, naming the first ``at`` its index ("in row 9", "at sample 9", "for class 2") and
+    ``whose`` dtype that is. Nothing the size of ``a`` is made unless a value is out of range."""
+    if a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize and a.size and not within(a, dtype):
+        largest = np.finfo(dtype).max
+        fits = np.abs(a) <= largest
+        if not np.all(fits):
+            where = tuple(int(i) for i in np.argwhere(~fits)[0])
+            raise ValueError(f"{name}: {a[where]} {at} {where[0]} is beyond {np.dtype(dtype)}'s range "
+                             f"(±{largest:.4g}), {whose}, where it would be inf")
+
+
+def within(a: np.ndarray, dtype=None) -> bool:
+    """Whether the non-empty float array ``a`` is finite, and within ``dtype``'s range where that
+    is narrower than its own: from its extremes, in two passes that make no temporary array."""
+    lo, hi = a.min(), a.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return False
+    if dtype is not None and np.dtype(dtype).itemsize < a.dtype.itemsize:
+        return max(-float(lo), float(hi)) <= float(np.finfo(dtype).max)
+    return True
+
+
 def switch(value, name: str):
     """True, False (NumPy's too) or "auto": a flag such as ``fused`` or ``cuda_graph``, where
     "auto" leaves the choice to gpubp and True asks for the thing or an error saying why not."""

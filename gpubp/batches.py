@@ -97,37 +97,14 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
     row late in an epoch cannot leave half-trained weights. The smallest and largest values say
     whether all is well (NaN carries through both) with no array the size of ``a`` made, which a
     memory-mapped dataset larger than memory could not afford; the bad row is found only then."""
-    if a.dtype.kind in "iub" or (a.size and _within(a, dtype)):
+    if a.dtype.kind in "iub" or (a.size and _checks.within(a, dtype)):
         return
     finite = np.isfinite(a)
     if not np.all(finite):
         row = int(np.argwhere(~finite)[0][0])
         raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
     if dtype is not None:
-        in_range(a, name, dtype)
-
-
-def in_range(a: np.ndarray, name: str, dtype, at: str = "in row") -> None:
-    """Refuse finite values of ``a`` past ``dtype``'s range, which are inf once cast to it,
-    naming the first ``at`` its index ("in row 9", "at sample 9", "for class 2")."""
-    if a.dtype.kind == "f" and np.dtype(dtype).itemsize < a.dtype.itemsize and a.size and not _within(a, dtype):
-        largest = np.finfo(dtype).max
-        fits = np.abs(a) <= largest
-        if not np.all(fits):
-            where = tuple(int(i) for i in np.argwhere(~fits)[0])
-            raise ValueError(f"{name}: {a[where]} {at} {where[0]} is beyond {np.dtype(dtype)}'s range "
-                             f"(±{largest:.4g}), the model's dtype, where it would be inf")
-
-
-def _within(a: np.ndarray, dtype=None) -> bool:
-    """Whether the non-empty float array ``a`` is finite, and within ``dtype``'s range where that
-    is narrower than its own: from its extremes, in two passes that make no temporary array."""
-    lo, hi = a.min(), a.max()
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return False
-    if dtype is not None and np.dtype(dtype).itemsize < a.dtype.itemsize:
-        return max(-float(lo), float(hi)) <= float(np.finfo(dtype).max)
-    return True
+        _checks.in_range(a, name, dtype)
 
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x",
@@ -144,7 +121,7 @@ def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: 
     weights = weights.astype(np.float64)
     losses.check_weights(weights, name)
     if dtype is not None:
-        in_range(weights, name, dtype, "at sample")
+        _checks.in_range(weights, name, dtype, "at sample")
     return weights
 
 
@@ -162,7 +139,7 @@ def class_weights(model, y: np.ndarray, loss_fn, class_weight) -> np.ndarray:
             raise ValueError(f"class_weight: key {key!r} is not a class; the model's {model.out_features} "
                              f"output(s) give the classes 0 to {classes - 1}")
         table[key] = _checks.non_negative(weight, f"class_weight[{key}]")
-    in_range(table, "class_weight", model.dtype, "for class")
+    _checks.in_range(table, "class_weight", model.dtype, "for class")
     if y.ndim == 2 and y.shape[1] > 1:
         labels = y.argmax(axis=1)
     else:

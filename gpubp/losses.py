@@ -57,10 +57,7 @@ def _weights(sample_weight, batch: int, backend: ModuleType, dtype):
     if host.dtype.kind not in "fiub":
         raise TypeError(f"sample_weight: expected numeric weights, got dtype {host.dtype}")
     check_weights(host, "sample_weight")
-    if host.dtype.kind == "f" and host.dtype.itemsize > np.dtype(dtype).itemsize and host.max() > np.finfo(dtype).max:
-        i = int(np.argmax(host > np.finfo(dtype).max))
-        raise ValueError(f"sample_weight: {host[i]} at sample {i} is beyond {np.dtype(dtype)}'s range, the "
-                         "predictions' dtype, where it would be inf")
+    _checks.in_range(host, "sample_weight", dtype, "at sample", "the predictions' dtype")
     return _on(backend, sample_weight, dtype)
 
 
