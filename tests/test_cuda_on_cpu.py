@@ -254,13 +254,17 @@ def ldmatrix_expected(tile: np.ndarray, count: int, trans: bool) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static shared", "dynamic shared"])
 @pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
 @pytest.mark.parametrize("count", [1, 2, 4])
-def test_ldmatrix_gives_each_lane_the_ptx_fragment(kernels, rng, count, trans):
+def test_ldmatrix_gives_each_lane_the_ptx_fragment(kernels, rng, count, trans, dynamic):
+    """From a __shared__ array, and from the dynamic shared memory, whose request (512 bytes) the
+    tile fills to its last byte: both are the block's shared memory, which cp.async and ldmatrix need."""
     tile = rng.integers(0, 2**16, size=(32, 8), dtype=np.uint16)
     out = harness.device_empty((32 * count,), np.uint32)
     kernels.get_function("ldmatrix_rows")(
-        (1,), (32,), (harness.to_device(tile.ravel()), out, np.int32(count), np.int32(trans)))
+        (1,), (32,), (harness.to_device(tile.ravel()), out, np.int32(count), np.int32(trans), np.int32(dynamic)),
+        shared_mem=tile.nbytes if dynamic else 0)
     assert np.array_equal(out.get().reshape(32, count), ldmatrix_expected(tile, count, trans))
 
 
@@ -284,6 +288,33 @@ def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message
     with pytest.raises(harness.KernelError, match=message) as failure:
         kernels.get_function(kernel)((1,), (block,), (out,))
     assert "selftest" in str(failure.value) or kernel in str(failure.value)
+
+
+# The PTX ISA: ldmatrix reads the .shared state space only (undefined behaviour elsewhere), and
+# cp.async copies from .global into .shared. The file:line is the wrapper's in mma.cuh, whose text
+# selftest_source() pastes into the selftest unit.
+NOT_SHARED = r" is not in the block's shared memory \("
+WHERE = r".*\(\S*/selftest\.cpp:\d+, block \(0,0,0\), thread \d+\)$"
+
+
+@pytest.mark.parametrize("kernel, shared_mem, message", [
+    ("ldmatrix_from_global", 0,
+     r"ldmatrix_from_global: ldmatrix\.x4: the row address" + NOT_SHARED +
+     r"its dynamic shared memory or a __shared__ variable\): ldmatrix reads the \.shared state space only"),
+    ("ldmatrix_past_the_dynamic_request", 256,
+     r"ldmatrix\.x4: the row address" + NOT_SHARED + r"it lies past the launch's dynamic shared memory request of "
+     r"256 bytes\)"),
+    ("async_copy_into_global", 0,
+     r"async_copy_into_global: cp\.async: the destination" + NOT_SHARED +
+     r"its dynamic shared memory or a __shared__ variable\): cp\.async copies from global memory into shared memory"),
+    ("async_copy_from_shared", 0,
+     r"async_copy_from_shared: cp\.async: the source is in shared memory, not global memory"),
+    ("zero_filled_copy_from_dynamic_shared", 0, r"cp\.async: the source is in shared memory, not global memory"),
+])
+def test_an_operand_in_the_wrong_state_space_fails_the_launch(kernels, kernel, shared_mem, message):
+    out = harness.device_empty((4 * 33,))
+    with pytest.raises(harness.KernelError, match=message + WHERE):
+        kernels.get_function(kernel)((1,), (32,), (out,), shared_mem=shared_mem)
 
 
 def test_syncwarp_may_be_reached_from_different_lines(kernels):
@@ -360,6 +391,45 @@ def test_address_sanitizer_reports_a_store_one_past_the_end():
 def test_address_sanitizer_is_quiet_on_a_store_that_fits():
     done = run_under("asan", "store_one_past_the_end", "(harness.device_empty((16,)), np.int32(15))", 32)
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
+
+
+STATE_SPACES = """
+    import sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    from cuda_on_cpu import harness
+    import test_cuda_on_cpu as t
+    module = harness.Harness().module(t.selftest_source(), "selftest")
+    tile = np.arange(256, dtype=np.uint16)
+    for dynamic in (0, 1):
+        out = harness.device_empty((128,), np.uint32)
+        module.get_function("ldmatrix_rows")((1,), (32,), (harness.to_device(tile), out, np.int32(4), np.int32(1),
+                                              np.int32(dynamic)), shared_mem=512 * dynamic)
+        assert np.array_equal(out.get().reshape(32, 4), t.ldmatrix_expected(tile.reshape(32, 8), 4, True))
+    print("correct use ran")
+    for kernel, shared_mem in (("ldmatrix_from_global", 0), ("ldmatrix_past_the_dynamic_request", 256),
+                               ("async_copy_into_global", 0), ("async_copy_from_shared", 0)):
+        try:
+            module.get_function(kernel)((1,), (32,), (harness.device_empty((4 * 33,)),), shared_mem=shared_mem)
+        except harness.KernelError as failure:
+            print("refused:", failure)
+"""
+
+
+@pytest.mark.parametrize("mode", ["asan", "tsan"])
+def test_the_state_space_checks_hold_under_the_sanitizers(mode):
+    """Correct use from static and dynamic shared memory is quiet, and each misuse fails its launch with
+    the harness's message, before the access: no sanitizer report (under AddressSanitizer an ldmatrix
+    past the dynamic shared request would read poisoned bytes)."""
+    script = textwrap.dedent(STATE_SPACES.format(tests=str(Path(__file__).parent)))
+    env = harness.sanitizer_env(mode)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "correct use ran" in done.stdout, done.stderr[-3000:]
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 4, done.stdout
+    assert "is not in the block's shared memory" in refusals[0] and "ldmatrix.x4" in refusals[0]
+    assert "past the launch's dynamic shared memory request of 256 bytes" in refusals[1]
+    assert "cp.async: the destination is not in the block's shared memory" in refusals[2]
+    assert "cp.async: the source is in shared memory" in refusals[3]
 
 
 LAST_BLOCK_SUM = ("(harness.to_device(np.arange(8 * 32, dtype=np.float32)), harness.device_empty((8,)), "

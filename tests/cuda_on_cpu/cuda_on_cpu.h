@@ -492,10 +492,19 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
 // the rest of the 16 are zeros; none is read when it is 0. The shared-memory writes are made
 // here, in the kernel's unit, so the profile build records them (at the wait, with the pattern
 // of the issue).
+// State spaces: cp.async copies from .global into .shared, and ldmatrix reads .shared only
+// (its behaviour is undefined for any other address). So a copy whose destination bytes are
+// not all in the block's shared memory, or whose source bytes (those it reads: none with a
+// src-size of 0) overlap it, fails the launch, as does an ldmatrix row that is not all in it,
+// naming the operation and its line. The block's shared memory is the launch's dynamic shared
+// buffer up to its request (runtime.cpp, dynamic_shared_bytes) and the static __shared__
+// section (static_shared.ld); a source counts as shared anywhere in the dynamic buffer, past
+// the request too. The check is a range compare in the runtime, before the access, so it adds
+// no access to the profile build's figures.
 // Limits: plain C++ reads of shared memory (not through shared_load) are not checked against
-// copies in flight; the source is not checked to be global nor the destination shared; the
-// .ca/.cg cache hints have no effect here; a src-size must be a multiple of 4 here (PTX allows
-// any byte count).
+// copies in flight; a source that is not shared memory is taken for global memory (one on the
+// thread's stack, local memory on a GPU, is not refused); the .ca/.cg cache hints have no
+// effect here; a src-size must be a multiple of 4 here (PTX allows any byte count).
 //
 // ldmatrix.m8n8.xN[.trans].b16: a warp collective. Lane l (l < 8N) reads the 16-byte row
 // l % 8 of matrix l / 8 at the address it gives (16-byte aligned; every lane of the warp
@@ -516,6 +525,10 @@ void async_commit();
 const AsyncCopy* async_take(int keep, int* count);
 void async_landed();
 void check_not_in_flight(const void* p, size_t bytes, const char* what, const char* file, int line);
+// The state spaces of the operands (above): an ldmatrix row (16 bytes) and a cp.async's destination
+// [dst, dst + bytes) must lie in the block's shared memory, its source [src, src + src_bytes) outside it.
+void check_ldmatrix_row(const char* op, const void* row, const char* file, int line);
+void check_copy_operands(const void* dst, size_t bytes, const void* src, size_t src_bytes, const char* file, int line);
 
 typedef uint32_t word_alias __attribute__((may_alias));
 typedef uint32_t words2_alias __attribute__((vector_size(8), may_alias));
@@ -537,6 +550,7 @@ template <int BYTES>
 inline void cp_async(void* dst, const void* src, const char* file, int line) {
     if (reinterpret_cast<uintptr_t>(dst) % BYTES != 0 || reinterpret_cast<uintptr_t>(src) % BYTES != 0)
         fail("cp.async: the source and destination must be aligned to the copy size", file, line);
+    check_copy_operands(dst, BYTES, src, BYTES, file, line);
     AsyncCopy copy;
     copy.dst = static_cast<unsigned char*>(dst);
     copy.bytes = BYTES;
@@ -549,6 +563,7 @@ inline void cp_async_zfill(void* dst, const void* src, int src_bytes, const char
         fail("cp.async: the source and destination must be aligned to the copy size", file, line);
     if (src_bytes < 0 || src_bytes > 16 || src_bytes % 4 != 0)
         fail("cp.async src-size: 0 to 16 bytes, a multiple of 4 in this emulation", file, line);
+    check_copy_operands(dst, 16, src, static_cast<size_t>(src_bytes), file, line);
     AsyncCopy copy;
     copy.dst = static_cast<unsigned char*>(dst);
     copy.bytes = 16;
@@ -584,6 +599,7 @@ inline void ldmatrix(uint32_t (&r)[N], const void* row, const char* file, int li
     alignas(16) uint32_t mine[4] = {0, 0, 0, 0};
     if (lane < 8u * N) {
         if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned", file, line);
+        check_ldmatrix_row(names[TRANS][N], row, file, line);
         check_not_in_flight(row, 16, "ldmatrix", file, line);
         copy_bytes<16>(mine, row);  // the shared read of this lane's row
     }

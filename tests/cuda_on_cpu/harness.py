@@ -134,6 +134,13 @@ def sanitizer_env(mode: str) -> dict[str, str]:
     lib = subprocess.run([CXX, f"-print-file-name={_RUNTIME_LIB[mode]}"], capture_output=True, text=True,
                          check=True).stdout.strip()
     env["LD_PRELOAD"] = lib
+    if mode == "asan":
+        # AddressSanitizer's __cxa_throw interceptor finds the real one only where libstdc++ is loaded
+        # when it starts; Python loads it later, with the harness's library, and the first launch that
+        # fails (a KernelError thrown) would stop the process with "CHECK failed: ... real___cxa_throw".
+        libstdcxx = subprocess.run([CXX, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+        env["LD_PRELOAD"] = f"{lib} {libstdcxx}"
     # Halting on the first report turns every finding into a failing exit status.
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=66"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1:exitcode=66"

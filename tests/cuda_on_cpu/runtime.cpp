@@ -673,6 +673,53 @@ void check_not_in_flight(const void* p, size_t bytes, const char* what, const ch
              file, line);
 }
 
+// ------------------------------------------------------------------ state spaces (cuda_on_cpu.h,
+// "State spaces"): where the block's shared memory is. A range compare per call, on the addresses
+// only: no byte is read here, so the profile build's figures do not change.
+namespace {
+
+bool within(uintptr_t begin, uintptr_t end, uintptr_t lo, uintptr_t hi) { return begin >= lo && end <= hi; }
+bool overlaps(uintptr_t begin, uintptr_t end, uintptr_t lo, uintptr_t hi) { return begin < hi && end > lo; }
+
+uintptr_t dynamic_begin() { return reinterpret_cast<uintptr_t>(dynamic_shared_storage); }
+uintptr_t static_begin() { return reinterpret_cast<uintptr_t>(gpubp_shared_begin); }
+uintptr_t static_end() { return reinterpret_cast<uintptr_t>(gpubp_shared_end); }
+
+// [p, p + bytes) wholly in the launch's dynamic shared memory (its request) or in the static section.
+bool in_block_shared(const void* p, size_t bytes) {
+    const auto begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
+    return within(begin, end, dynamic_begin(), dynamic_begin() + dynamic_shared_bytes) ||
+           within(begin, end, static_begin(), static_end());
+}
+
+[[noreturn]] void not_shared(const std::string& what, const void* p, size_t bytes, const char* rule, const char* file,
+                             int line) {
+    const auto begin = reinterpret_cast<uintptr_t>(p);
+    const std::string where =
+        overlaps(begin, begin + bytes, dynamic_begin(), dynamic_begin() + MAX_DYNAMIC_SHARED)
+            ? "it lies past the launch's dynamic shared memory request of " + std::to_string(dynamic_shared_bytes) + " bytes"
+            : "its dynamic shared memory or a __shared__ variable";
+    fail((what + " is not in the block's shared memory (" + where + "): " + rule).c_str(), file, line);
+}
+
+}  // namespace
+
+void check_ldmatrix_row(const char* op, const void* row, const char* file, int line) {
+    if (!in_block_shared(row, 16))
+        not_shared(std::string(op) + ": the row address", row, 16,
+                   "ldmatrix reads the .shared state space only (undefined behaviour elsewhere)", file, line);
+}
+
+void check_copy_operands(const void* dst, size_t bytes, const void* src, size_t src_bytes, const char* file,
+                         int line) {
+    const char* const rule = "cp.async copies from global memory into shared memory";
+    if (!in_block_shared(dst, bytes)) not_shared("cp.async: the destination", dst, bytes, rule, file, line);
+    const auto begin = reinterpret_cast<uintptr_t>(src), end = begin + src_bytes;
+    if (src_bytes != 0 && (overlaps(begin, end, dynamic_begin(), dynamic_begin() + MAX_DYNAMIC_SHARED) ||
+                           overlaps(begin, end, static_begin(), static_end())))
+        fail((std::string("cp.async: the source is in shared memory, not global memory: ") + rule).c_str(), file, line);
+}
+
 // ------------------------------------------------------------------ kernel registry
 // Filled before the library is used, by the GPUBP_CPU_REGISTER lines (cuda_on_cpu.h).
 struct KernelEntry {

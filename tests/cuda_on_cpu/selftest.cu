@@ -224,9 +224,13 @@ extern "C" __global__ void async_copy_groups(const float* in, float* out) {
 
 // One warp: 32 rows of 8 16-bit values (in, row-major) staged through cp.async, then
 // ldmatrix.x`count` (.trans if trans) from rows named by lane: lane l gives row (l * 5) % 32 of
-// the staged tile, so a row order mix-up shows. out: count words per lane.
-extern "C" __global__ void ldmatrix_rows(const unsigned short* in, unsigned int* out, int count, int trans) {
-    __shared__ __align__(16) unsigned short tile[32 * 8];
+// the staged tile, so a row order mix-up shows. out: count words per lane. The tile is static
+// __shared__, or with `dynamic` the dynamic shared memory (512 bytes: it fills the request).
+extern "C" __global__ void ldmatrix_rows(const unsigned short* in, unsigned int* out, int count, int trans,
+                                         int dynamic) {
+    __shared__ __align__(16) unsigned short static_tile[32 * 8];
+    extern __shared__ __align__(16) unsigned short dynamic_tile[];
+    unsigned short* const tile = dynamic ? dynamic_tile : static_tile;
     const int lane = threadIdx.x;
     gpubp::cp_async_cg(tile + lane * 8, in + lane * 8);
     gpubp::cp_async_wait_all();
@@ -271,6 +275,43 @@ extern "C" __global__ void misaligned_async_copy(float* out) {
     __shared__ __align__(16) float buffer[4 * 33];
     gpubp::cp_async_cg(buffer + 4 * threadIdx.x + 1, out + 4 * threadIdx.x);
     gpubp::cp_async_wait_all();
+}
+
+// Misuse of the state spaces (PTX ISA: ldmatrix reads .shared only; cp.async copies .global to
+// .shared): an ldmatrix from a global array, a cp.async into a global array, a cp.async from
+// shared memory (static, and, zero-filled, dynamic), and an ldmatrix past the dynamic shared
+// memory request (launched with shared_mem = 256: the rows of lanes 16..31 are past it).
+extern "C" __global__ void ldmatrix_from_global(float* out) {
+    unsigned int r[4];
+    gpubp::ldmatrix<4>(r, out + 4 * threadIdx.x);
+    out[threadIdx.x] = __uint_as_float(r[0]);
+}
+
+extern "C" __global__ void async_copy_into_global(float* out) {
+    gpubp::cp_async_cg(out + 4 * threadIdx.x, out + 4 * (32 - threadIdx.x));
+    gpubp::cp_async_wait_all();
+}
+
+extern "C" __global__ void async_copy_from_shared(float* out) {
+    __shared__ __align__(16) float buffer[2 * 4 * 32];
+    gpubp::cp_async_ca<8>(buffer + 4 * threadIdx.x, buffer + 4 * (32 + threadIdx.x));
+    gpubp::cp_async_wait_all();
+    out[threadIdx.x] = gpubp::shared_load(buffer + 4 * threadIdx.x);
+}
+
+extern "C" __global__ void zero_filled_copy_from_dynamic_shared(float* out) {
+    extern __shared__ __align__(16) float dynamic_buffer[];
+    __shared__ __align__(16) float buffer[4 * 32];
+    gpubp::cp_async_cg_zfill(buffer + 4 * threadIdx.x, dynamic_buffer + 4 * threadIdx.x, 8);
+    gpubp::cp_async_wait_all();
+    out[threadIdx.x] = gpubp::shared_load(buffer + 4 * threadIdx.x);
+}
+
+extern "C" __global__ void ldmatrix_past_the_dynamic_request(float* out) {
+    extern __shared__ __align__(16) float dynamic_buffer[];
+    unsigned int r[4];
+    gpubp::ldmatrix<4>(r, dynamic_buffer + 4 * threadIdx.x);
+    out[threadIdx.x] = __uint_as_float(r[0]);
 }
 
 // __shfl_xor_sync with width < 32 and a lane mask >= width (PTX shfl.sync.bfly: lane ^ b is read
