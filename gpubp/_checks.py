@@ -28,21 +28,27 @@ def non_negative_int(value, name: str) -> int:
     return int(value)
 
 
-def non_negative(value, name: str, expected: str = "a number >= 0") -> float:
-    """A finite number >= 0; a value of another type is a TypeError saying ``expected``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-    if not value >= 0 or not np.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-    return float(value)
+def non_negative(value, name: str) -> float:
+    """A finite number >= 0."""
+    return _finite_from(value, name, 0.0, ">=")
 
 
 def positive(value, name: str) -> float:
     """A finite number > 0: a step, a divisor, an epsilon."""
-    value = non_negative(value, name, expected="a number > 0")
+    value = _finite_from(value, name, 0.0, ">")
     if value == 0:
-        raise ValueError(f"{name}: expected a number > 0, got {value}")
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
     return value
+
+
+def _finite_from(value, name: str, low: float, relation: str) -> float:
+    """A finite real number ``relation`` (">=" or ">") ``low``, the ">" bound checked by the caller;
+    the errors say which the argument needs."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number {relation} {low:g}, got {type(value).__name__} {value!r}")
+    if not value >= low or not np.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number {relation} {low:g}, got {value}")
+    return float(value)
 
 
 def in_unit_interval(value, name: str, closed: bool = False) -> float:
@@ -134,6 +140,9 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
         if not hasattr(a, "copy_to_host"):
             raise TypeError(f"{name}: cannot read a {type(a).__name__}")
         return a.copy_to_host()
+    if type(a).__module__.startswith("scipy.sparse"):  # NumPy would wrap it whole, in an array of shape ()
+        raise TypeError(f"{name}: expected {expected}, got a SciPy sparse {type(a).__name__}, which fit, evaluate, "
+                        f"predict and a train step take (making a batch dense at a time); here pass {name}.toarray()")
     if isinstance(a, Iterator):  # NumPy would wrap it whole, in an array of shape ()
         raise TypeError(f"{name}: expected {expected}, got an iterator ({type(a).__name__}); generators and "
                         "other iterators are not supported: pass arrays, or call model.train_step() on each "

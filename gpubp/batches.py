@@ -28,17 +28,75 @@ from gpubp import _checks, activations, losses, metrics as metric_fns, optim
 # ----------------------------------------------------------------------------- data checks
 
 
+# predict (and evaluate) make at most this many bytes of sparse rows dense at once: 1024 rows of
+# 100,000 float32 features would be 410 MB.
+SPARSE_CHUNK_BYTES = 32 << 20
+
+
+class SparseRows:
+    """The rows of a SciPy sparse matrix or array, as fit, evaluate and predict read them: held
+    as CSR, and dense only a batch at a time. ``rows[index]`` (a slice or an index array) is
+    those rows as a dense array, what a step or a forward pass takes; ``rows.take(index)``
+    the same rows, still sparse. A TF-IDF or hashed feature matrix whose dense form would not
+    fit in memory so trains as it is."""
+
+    ndim = 2
+
+    def __init__(self, matrix) -> None:
+        self.matrix = matrix.tocsr()  # rows are cheap to take from CSR; a CSR matrix is not copied
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.matrix.dtype
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.matrix[index].toarray()
+
+    def take(self, index) -> "SparseRows":
+        return SparseRows(self.matrix[index])
+
+
+def is_sparse(a) -> bool:
+    """Whether ``a`` is a SciPy sparse matrix or array (known without importing SciPy)."""
+    return type(a).__module__.startswith("scipy.sparse") and hasattr(a, "tocsr")
+
+
+def sparse_rows(x, name: str, in_features: int) -> SparseRows:
+    """SciPy sparse ``x`` as :class:`SparseRows`, its shape checked as a dense batch's."""
+    _checks.batch_shape(x.shape, in_features, name)
+    return SparseRows(x)
+
+
+def take(x, index):
+    """The rows ``index`` of checked data ``x``, a sparse one's still sparse."""
+    return x.take(index) if isinstance(x, SparseRows) else x[index]
+
+
 def check_dataset(model, x, y, loss_fn, name: str = "x"):
-    """Host copies of (x, y), checked against the model and the loss before any step runs."""
+    """Host copies of (x, y), checked against the model and the loss before any step runs; a
+    SciPy sparse ``x`` as :class:`SparseRows`, its values checked where they are stored."""
     yname = "y" if name == "x" else f"{name}_y"
-    x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {model.in_features})")
+    if is_sparse(x):
+        x = sparse_rows(x, name, model.in_features)
+    elif not isinstance(x, SparseRows):  # fit's validation rows, checked again as evaluate's
+        x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {model.in_features})")
     targets, y = y, _checks.to_numpy(y, yname, f"an array of targets, one per row of {name}")
     if y.ndim == 0:
         raise TypeError(f"{yname}: expected an array of targets, one per row of {name}, "
                         f"got {type(targets).__name__} {targets!r}")
     _checks.batch_shape(x.shape, model.in_features, name)
     _checks.float_dtype(x.dtype, name)
-    all_finite(x, name, model.dtype)
+    if isinstance(x, SparseRows):
+        _stored_values_finite(x.matrix, name, model.dtype)
+    else:
+        all_finite(x, name, model.dtype)
     if len(y) != len(x):
         raise ValueError(f"{yname}: expected {len(x)} targets to match {name}, got {len(y)}")
     width = model.out_features
@@ -105,6 +163,23 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
         raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
     if dtype is not None:
         _checks.in_range(a, name, dtype)
+
+
+def _stored_values_finite(csr, name: str, dtype) -> None:
+    """``all_finite`` for a CSR matrix: its stored values (the rest are zeros), a bad one named
+    by its row, as a dense array's are."""
+    values = csr.data
+    if values.dtype.kind in "iub" or not values.size or _checks.within(values, dtype):
+        return
+    bad = ~np.isfinite(values)
+    if not np.any(bad):
+        bad = np.abs(values) > np.finfo(dtype).max
+    first = int(np.argmax(bad))
+    row = int(np.searchsorted(csr.indptr, first, side="right")) - 1
+    if not np.isfinite(values[first]):
+        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
+    raise ValueError(f"{name}: {values[first]} in row {row} is beyond {np.dtype(dtype)}'s range "
+                     f"(±{np.finfo(dtype).max:.4g}), the model's dtype, where it would be inf")
 
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x",
@@ -247,13 +322,19 @@ def param_positions(model, optimizer) -> list[int]:
 def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np.ndarray:
     """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches of
     ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
-    with ``logits=True`` its logits. Several threads may predict with one model at once (each
+    with ``logits=True`` its logits. SciPy sparse ``x`` is made dense a batch at a time, in
+    batches of fewer rows where ``batch_size`` rows would be more than ``SPARSE_CHUNK_BYTES`` (32
+    MiB) dense. Several threads may predict with one model at once (each
     has its own intermediate buffers), though not while another trains it."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     _checks.boolean(logits, "logits")
-    if _checks.array_kind(x) == "other":
+    if is_sparse(x):  # made dense a batch at a time
+        x = sparse_rows(x, "x", model.in_features)
+    elif not isinstance(x, SparseRows) and _checks.array_kind(x) == "other":
         x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")
     _checks.batch_shape(x.shape, model.in_features, "x")
+    if isinstance(x, SparseRows):  # what is dense at once stays small, however wide the rows
+        batch_size = min(batch_size, max(1, SPARSE_CHUNK_BYTES // (x.shape[1] * x.dtype.itemsize)))
     outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
                for i in range(0, x.shape[0], batch_size)]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
@@ -341,7 +422,8 @@ def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
 
 
 def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None, gather=None) -> dict:
-    """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns.
+    """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns
+    (SciPy sparse ``x`` made dense a batch at a time, as there).
 
     The loss is the one given, else the compiled or last fit's one; ``metrics`` default to the
     compiled ones, else ``["accuracy"]`` for a classification loss (the cross-entropies,

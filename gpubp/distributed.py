@@ -145,11 +145,19 @@ def fingerprint(*arrays) -> str:
     for array in arrays:
         if array is None:
             digest.update(b"None;")
-            continue
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype.str}{array.shape};".encode())
-        digest.update(array)
+        elif isinstance(array, batches.SparseRows):  # sparse x: its CSR arrays, never made dense
+            digest.update(f"csr{array.shape};".encode())
+            for part in (array.matrix.indptr, array.matrix.indices, array.matrix.data):
+                _update(digest, part)
+        else:
+            _update(digest, array)
     return digest.hexdigest()
+
+
+def _update(digest, array) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape};".encode())
+    digest.update(array)
 
 
 def _loss_name(loss_fn) -> str:

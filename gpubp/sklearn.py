@@ -35,7 +35,10 @@ differs:
   root), and SGD's momentum PyTorch's form, its buffers rescaled when the rate changes
   (``invscaling``, ``adaptive``) so that the steps stay scikit-learn's.
 - Input data keeps its float type where the backend computes in it (float32 stays float32,
-  float64 runs in float64 on the CPU) and is float32 on a GPU; sparse input is made dense.
+  float64 runs in float64 on the CPU) and is float32 on a GPU; predictions come in the wider of
+  the input's and the model's float types, as scikit-learn's do. Sparse input (CSR or CSC)
+  stays sparse, and a batch at a time is made dense as it trains or predicts: a TF-IDF or
+  hashed feature matrix needs no dense copy of itself.
 - The steps are scikit-learn's: along its losses (half the squared error, summed over several
   targets; the binary log loss summed over the outputs) plus ``alpha / 2 * ||W||^2`` divided
   by the batch's size, a shorter last batch's own. gpubp's own losses are means, smaller by a
@@ -195,12 +198,12 @@ class _BaseMLP(BaseEstimator):
         # Checks come before anything fitted changes, and what training changes is put back if
         # it raises: a call that raises leaves the estimator as it was.
         X, y, features = self._validate(X, y, reset=first)
-        X = X.toarray() if sparse.issparse(X) else X
+        X = X.tocsr() if sparse.issparse(X) else X  # stays sparse: Sequential.fit makes a batch dense at a time
         targets, n_outputs, labels = self._targets(y, first, classes)
         if not first and n_outputs != self.n_outputs_:
             raise ValueError(f"y: expected {self.n_outputs_} outputs per sample, as in the earlier fit, "
                              f"got {n_outputs}")
-        weights = _sample_weights(sample_weight, len(X))
+        weights = _sample_weights(sample_weight, X.shape[0])
         # scikit-learn 1.9's MLPs reseed from random_state at every fit and partial_fit call (_fit sets
         # self._random_state = check_random_state(self.random_state)): an int random_state draws the same
         # initial weights, early-stopping split and shuffle orders each call, and so does ``rng`` here.
@@ -323,6 +326,11 @@ class _BaseMLP(BaseEstimator):
             _checks.in_unit_interval(getattr(self, name), name, closed=name == "momentum")  # scikit-learn's ranges
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
             _checks.boolean(getattr(self, name), name)
+        try:
+            check_random_state(self.random_state)
+        except ValueError:  # scikit-learn's own message names neither the parameter nor what it takes
+            raise ValueError(f"random_state: expected None, an int in [0, 2**32 - 1] or a numpy.random.RandomState, "
+                             f"got {self.random_state!r}") from None
         # scikit-learn's rule: a flag, or a level >= 0 (any level above 0 prints the same here)
         if not isinstance(self.verbose, (bool, np.bool_, numbers.Integral)):
             raise TypeError(f"verbose: expected True, False or an int >= 0, got {type(self.verbose).__name__} "
@@ -433,7 +441,8 @@ class _BaseMLP(BaseEstimator):
         ``masks``: the generator the Dropout masks are drawn from, the shuffle orders coming from
         the library's stream, which ``_fit`` has set to the call's own. True when the stopping
         criterion stopped it."""
-        batch = self._batch_size(len(X))
+        n_samples = X.shape[0]  # a sparse matrix has no len()
+        batch = self._batch_size(n_samples)
         weighting, mean_weight = {}, 1.0
         if weights is not None:
             mean_weight = weights.mean()
@@ -443,8 +452,8 @@ class _BaseMLP(BaseEstimator):
         # scikit-learn divides the penalty by the weight a batch holds, as if weights were repeated
         # samples; here by what the weighted loss is divided by, the batch's size times the mean
         # weight (a short last batch's own size): _Epochs sets it before each batch.
-        epochs = _Epochs(self, len(X), batch, self.alpha / (self._step_scale() * mean_weight),
-                         -(-len(X) // batch) / (len(X) * mean_weight), validation, _random.generator(), masks)
+        epochs = _Epochs(self, n_samples, batch, self.alpha / (self._step_scale() * mean_weight),
+                         -(-n_samples // batch) / (n_samples * mean_weight), validation, _random.generator(), masks)
         self.model_.fit(X, targets, loss=HEAD_LOSSES[self._head()], optimizer=self._optimizer,
                         epochs=1 if incremental else self.max_iter, batch_size=batch, shuffle=bool(self.shuffle),
                         callbacks=[epochs], verbose=0, learning_rate=self._gpubp_rate(), **weighting)
@@ -581,7 +590,10 @@ class _BaseMLP(BaseEstimator):
         return self._predict_arrays(X)
 
     def _predict_arrays(self, X) -> np.ndarray:
-        return self.model_.predict(X.toarray() if sparse.issparse(X) else X)
+        # In X's float type where that is wider than the model's, as scikit-learn's MLPs predict
+        # float64 for float64 input (a float32 model's outputs are exact in float64).
+        outputs = self.model_.predict(X)  # a sparse X made dense a batch at a time
+        return outputs.astype(np.result_type(X.dtype, outputs.dtype), copy=False)
 
     @property
     def coefs_(self) -> list[np.ndarray]:

@@ -73,7 +73,8 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         scheduler_monitor: str | None = None) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
-    x: (N, in_features) floats. y: (N,) int labels for ``cross_entropy``; (N, out) targets for
+    x: (N, in_features) floats, or a SciPy sparse matrix or array of them, kept sparse and made
+    dense a batch at a time (as evaluate and predict take it). y: (N,) int labels for ``cross_entropy``; (N, out) targets for
     ``mse`` / ``binary_cross_entropy``; one-hot rows for ``categorical_cross_entropy``.
     ``loss``, ``optimizer`` and ``metrics`` default to those given to :func:`compile`, else
     ``"cross_entropy"`` and ``"adam"``; an Optimizer must update this model's parameters (all or
@@ -172,7 +173,9 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         n_val = len(x) - math.floor(len(x) * (1 - validation_split))  # Keras's rounding
         if not 0 < n_val < len(x):
             raise ValueError(f"validation_split: {validation_split} of {len(x)} samples leaves no training or no validation data")
-        x, x_val, y, y_val = x[:-n_val], x[-n_val:], y[:-n_val], y[-n_val:]
+        training, held = slice(None, -n_val), slice(-n_val, None)
+        x, x_val = batches.take(x, training), batches.take(x, held)
+        y, y_val = y[training], y[held]
         if sample_weight is not None:
             sample_weight, w_val = sample_weight[:-n_val], sample_weight[-n_val:]
     else:

@@ -511,7 +511,7 @@ def test_verbose_auto_is_keras_3s_default_level_1(capsys):
     (lambda p: gb.optim.SGD(p, lr=0.1, weight_decay=-1), "weight_decay: expected a finite number >= 0, got -1"),
     (lambda p: gb.optim.Adam(p, betas=(0.9, 1.0)), r"betas\[1\]: expected a number in \[0, 1\), got 1.0"),
     (lambda p: gb.optim.Adam(p, betas=0.9), r"betas: expected a pair \(beta1, beta2\), got 0.9"),
-    (lambda p: gb.optim.Adam(p, eps=0.0), "eps: expected a number > 0, got 0.0"),
+    (lambda p: gb.optim.Adam(p, eps=0.0), "eps: expected a finite number > 0, got 0.0"),
     (lambda p: gb.optim.AdamW(p, lr=-1e-3), "lr: expected a finite number >= 0, got -0.001"),
 ], ids=["negative_lr", "nan_lr", "momentum_above_1", "negative_momentum", "nesterov_no_momentum", "negative_decay",
         "beta2_1", "betas_scalar", "eps_0", "adamw_negative_lr"])

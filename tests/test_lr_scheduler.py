@@ -356,8 +356,8 @@ def test_bad_arguments_are_named(make, error, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(div_factor=0.0), r"div_factor: expected a number > 0, got 0.0"),
-    (dict(final_div_factor=0.0), r"final_div_factor: expected a number > 0, got 0.0"),
+    (dict(div_factor=0.0), r"div_factor: expected a finite number > 0, got 0.0"),
+    (dict(final_div_factor=0.0), r"final_div_factor: expected a finite number > 0, got 0.0"),
     (dict(pct_start=0.1), r"pct_start: 0.1 of total_steps=10 leaves phase 1 of 2 \(warm-up\) with no steps"),
     (dict(pct_start=1.0), r"pct_start: 1.0 of total_steps=10 leaves phase 2 of 2 \(annealing\) with no steps"),
     (dict(pct_start=0.55, three_phase=True), r"pct_start: 0.55 of total_steps=10 leaves phase 3 of 3 "

@@ -213,7 +213,7 @@ DEFAULTS_OVERRIDDEN = [
     ("SGD", dict(lr=-5), dict(lr=0.1), "lr: expected a finite number >= 0, got -5"),
     ("SGD", dict(nesterov=True), dict(momentum=0.9), "nesterov: Nesterov momentum needs momentum > 0"),
     ("Adam", dict(betas=(0.9, 1.5)), dict(betas=(0.9, 0.99)), r"betas\[1\]: expected a number in \[0, 1\)"),
-    ("RMSprop", dict(eps=0.0), dict(eps=1e-6), "eps: expected a number > 0, got 0.0"),
+    ("RMSprop", dict(eps=0.0), dict(eps=1e-6), "eps: expected a finite number > 0, got 0.0"),
 ]
 
 
@@ -256,7 +256,7 @@ def test_rmsprop_momentum_turned_on_later_starts_from_a_zero_buffer():
     ("lr", -0.1, "lr: expected a finite number >= 0"),
     ("alpha", 1.0, r"alpha: expected a number in \[0, 1\)"),
     ("alpha", -0.5, "alpha: expected a finite number >= 0"),
-    ("eps", 0.0, "eps: expected a number > 0"),
+    ("eps", 0.0, "eps: expected a finite number > 0"),
     ("weight_decay", float("nan"), "weight_decay: expected a finite number >= 0"),
     ("momentum", 1.5, r"momentum: expected a number in \[0, 1\)"),
     ("centered", "yes", "centered: expected a bool"),

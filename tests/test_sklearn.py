@@ -362,7 +362,29 @@ def test_float32_data_trains_a_float32_model():
     x, y = load_digits(return_X_y=True)
     clf = MLPClassifier((16,), max_iter=3, random_state=0, device="cpu").fit((x / 16).astype(np.float32), y)
     assert clf.model_.dtype == np.float32 and clf.coefs_[0].dtype == np.float32
-    assert clf.predict_proba(x[:3] / 16).dtype == np.float32
+    assert clf.predict_proba((x[:3] / 16).astype(np.float32)).dtype == np.float32
+
+
+@pytest.mark.parametrize("estimator", ["classifier", "regressor", "poisson"])
+def test_predictions_come_in_the_wider_of_the_inputs_and_the_models_float_type(estimator):
+    """As scikit-learn's MLPs: float64 input gives float64 predictions from a float32 model (the
+    same outputs), and float32 input a float64 model's float64 ones."""
+    x, y = load_digits(return_X_y=True)
+    x = x / 16
+    make = {"classifier": lambda: MLPClassifier((8,), max_iter=2, random_state=0, device="cpu"),
+            "regressor": lambda: MLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0, device="cpu"),
+            "poisson": lambda: MLPRegressor(hidden_layer_sizes=(8,), max_iter=2, loss="poisson", random_state=0, device="cpu")}[estimator]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        narrow = make().fit(x.astype(np.float32), y)
+        wide = make().fit(x, y)
+    predict = narrow.predict_proba if estimator == "classifier" else narrow.predict
+    as_float32 = predict(x[:5].astype(np.float32))
+    as_float64 = predict(x[:5])
+    assert as_float32.dtype == np.float32 and as_float64.dtype == np.float64
+    np.testing.assert_allclose(as_float64, as_float32, rtol=1e-6)  # Poisson's exp is taken in float64
+    assert (wide.predict_proba if estimator == "classifier" else wide.predict)(x[:5].astype(np.float32)).dtype \
+        == np.float64
 
 
 def test_model_is_a_sequential_to_fine_tune():
@@ -382,8 +404,14 @@ def test_model_is_a_sequential_to_fine_tune():
     (dict(hidden_layer_sizes=(8, 0)), r"hidden_layer_sizes\[1\]: expected a positive int"),
     (dict(batch_size=0), "batch_size: expected a positive int"),
     (dict(momentum=1.5), r"momentum: expected a number in \[0, 1\]"),
-    (dict(learning_rate_init=0.0), "learning_rate_init: expected a number > 0"),
+    (dict(learning_rate_init=0.0), "learning_rate_init: expected a finite number > 0, got 0.0"),
+    (dict(learning_rate_init=-1.0), "learning_rate_init: expected a finite number > 0, got -1.0"),
+    (dict(epsilon=float("inf")), "epsilon: expected a finite number > 0, got inf"),
     (dict(early_stopping=True, validation_fraction=0.01), "validation_fraction: 0.01 of 50 samples holds out 1"),
+    (dict(random_state=-1), r"random_state: expected None, an int in \[0, 2\*\*32 - 1\] or a numpy.random.RandomState, "
+                            "got -1"),
+    (dict(random_state="0"), "random_state: expected None, .* got '0'"),
+    (dict(random_state=np.random.default_rng(0)), "random_state: expected None, .* got Generator"),
 ])
 def test_bad_parameters_are_named_when_fit_starts(params, match):
     clf = MLPClassifier(**params, device="cpu")

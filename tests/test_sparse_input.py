@@ -1,0 +1,179 @@
+"""SciPy sparse x in fit, evaluate and predict: kept sparse, a batch at a time made dense, and
+trained on exactly as its dense form would be."""
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+import gpubp as gb
+from gpubp import batches, distributed
+from test_bad_input import assert_arrays_equal, assert_weights_equal, rejected
+
+rng = np.random.default_rng(0)
+X = sparse.random(120, 40, density=0.1, format="csr", dtype=np.float32, random_state=1)
+Y = rng.integers(0, 3, 120)
+
+FORMATS = {
+    "csr_matrix": lambda m: m,
+    "csc_matrix": lambda m: m.tocsc(),
+    "coo_matrix": lambda m: m.tocoo(),
+    "csr_array": sparse.csr_array,
+}
+
+
+def model(width: int = 40, **kwargs) -> gb.Sequential:
+    gb.seed(0)
+    return gb.Sequential([gb.Dense(width, 16, activation="relu"), gb.Dropout(0.1), gb.Dense(16, 3)], **kwargs)
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_fit_evaluate_and_predict_on_sparse_x_are_those_on_its_dense_form_bit_for_bit(form):
+    sparse_x = FORMATS[form](X)
+    weights = rng.uniform(0.5, 2.0, len(Y))
+    fit = dict(epochs=2, batch_size=16, verbose=0, validation_split=0.25, metrics=["accuracy"],
+               sample_weight=weights)
+    on_sparse = model()  # each model's fit draws its shuffles and masks from the stream model() seeds
+    history = on_sparse.fit(sparse_x, Y, **fit)
+    on_dense = model()
+    assert history.history == on_dense.fit(X.toarray(), Y, **fit).history
+    assert_weights_equal(on_dense.get_weights(), on_sparse)
+    np.testing.assert_array_equal(on_sparse.predict(sparse_x, batch_size=7), on_dense.predict(X.toarray()))
+    assert on_sparse.evaluate(sparse_x, Y) == on_dense.evaluate(X.toarray(), Y)
+
+
+def test_sparse_validation_data_is_scored_as_its_dense_form():
+    fit = dict(epochs=1, batch_size=32, verbose=0, shuffle=False)
+    logged = model().fit(X[:90], Y[:90], validation_data=(X[90:], Y[90:]), **fit).history
+    assert logged == model().fit(X[:90].toarray(), Y[:90], validation_data=(X[90:].toarray(), Y[90:]), **fit).history
+
+
+def test_a_wide_sparse_matrix_trains_and_predicts_without_a_dense_copy_of_itself():
+    """A hashed or TF-IDF feature matrix: 2000 x 20000 is 160 MB dense in float32, 0.1 MB sparse."""
+    wide = sparse.random(2000, 20000, density=0.0005, format="csr", dtype=np.float32, random_state=2)
+    labels = rng.integers(0, 3, 2000)
+    net = model(width=20000)
+    tracemalloc.start()
+    try:
+        net.fit(wide, labels, epochs=1, batch_size=64, verbose=0, validation_data=(wide[:1500], labels[:1500]))
+        net.predict(wide)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense_bytes = wide.shape[0] * wide.shape[1] * 4
+    # A chunk of predict's rows (SPARSE_CHUNK_BYTES) is the most that is dense at once.
+    assert peak < batches.SPARSE_CHUNK_BYTES + dense_bytes // 8, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_predict_makes_fewer_rows_dense_at_once_where_its_batch_would_be_large(monkeypatch):
+    wide = sparse.random(50, 1000, density=0.01, format="csr", dtype=np.float32, random_state=3)
+    net = model(width=1000)
+    seen = []
+    forward = type(net).forward
+    monkeypatch.setattr(type(net), "forward", lambda self, x, **kw: (seen.append(x.shape), forward(self, x, **kw))[1])
+    monkeypatch.setattr(batches, "SPARSE_CHUNK_BYTES", 16 * 1000 * 4)
+    outputs = net.predict(wide)
+    assert seen == [(16, 1000)] * 3 + [(2, 1000)]
+    np.testing.assert_array_equal(outputs, net.predict(wide.toarray()))
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.nan, r"^x: non-finite values \(NaN or inf\), first in row 17$"),
+    (np.inf, r"^x: non-finite values \(NaN or inf\), first in row 17$"),
+    (1e39, r"^x: 1e\+39 in row 17 is beyond float32's range \(±3.403e\+38\), the model's dtype"),
+])
+def test_a_bad_stored_value_is_named_by_its_row_before_any_step(value, message):
+    bad = X.astype(np.float64)
+    row_start = bad.indptr[17]
+    assert bad.indptr[18] > row_start  # row 17 stores a value
+    bad.data[row_start] = value
+    net = model()
+    with rejected(net, ValueError, message):
+        net.fit(bad, Y, verbose=0)
+    with pytest.raises(ValueError, match=message.replace("^x", "^validation_data")):
+        net.fit(X, Y, validation_data=(bad, Y), verbose=0)
+
+
+def test_sparse_x_of_the_wrong_width_or_integers_is_refused_as_a_dense_one_is():
+    net = model()
+    with rejected(net, ValueError, r"^x: expected shape \(batch, 40\), got \(120, 39\)"):
+        net.fit(X[:, :39], Y, verbose=0)
+    with rejected(net, TypeError, r"^x: expected a floating-point array"):
+        net.fit(sparse.csr_matrix(X.toarray().astype(np.int32)), Y, verbose=0)
+    with pytest.raises(ValueError, match=r"^x: expected shape \(batch, 40\), got \(120, 39\)"):
+        net.predict(X[:, :39])
+
+
+def test_what_takes_no_sparse_x_says_to_make_it_dense():
+    net = model()
+    with pytest.raises(TypeError, match=r"^x: .*got a SciPy sparse csr_matrix, which fit, evaluate, predict and a "
+                                        r"train step take .*; here pass x.toarray\(\)$"):
+        net.forward(X)
+
+
+def test_a_train_step_on_a_sparse_batch_is_the_step_on_its_dense_form():
+    steps = []
+    for batch in (X[:16], X[:16].toarray()):
+        net = model()
+        step = net.train_step(loss="cross_entropy", optimizer=gb.optim.SGD(net.parameters(), lr=0.1))
+        steps.append((step(batch, Y[:16]), net.get_weights()))
+    assert steps[0][0] == steps[1][0]
+    assert_arrays_equal(steps[0][1], steps[1][1])
+
+
+def test_fit_leaves_the_callers_sparse_matrix_as_it_was():
+    given = X.tocoo()
+    before = (given.row.copy(), given.col.copy(), given.data.copy())
+    model().fit(given, Y, epochs=1, verbose=0)
+    for kept, now in zip(before, (given.row, given.col, given.data)):
+        np.testing.assert_array_equal(kept, now)
+
+
+def test_a_distributed_fit_fingerprints_sparse_x_from_what_it_stores(monkeypatch):
+    """The ranks' data check hashes the CSR arrays: equal data agrees, one changed value does not,
+    and nothing is made dense for it."""
+    rows = batches.SparseRows(X)
+    monkeypatch.setattr(batches.SparseRows, "__getitem__", lambda self, index: pytest.fail("made dense"))
+    changed = X.copy()
+    changed.data[5] += 1
+    same = distributed.fingerprint(rows)
+    assert distributed.fingerprint(batches.SparseRows(X.copy())) == same
+    assert distributed.fingerprint(batches.SparseRows(changed)) != same
+    assert distributed.fingerprint(batches.SparseRows(X[:119])) != same
+    assert distributed.fingerprint(X.toarray()) != same
+
+
+def test_scikit_learn_estimators_train_on_sparse_x_as_on_its_dense_form():
+    pytest.importorskip("sklearn")
+    from gpubp.sklearn import MLPClassifier
+
+    data = sparse.random(300, 500, density=0.02, format="csr", random_state=4)
+    labels = rng.integers(0, 2, 300)
+    make = lambda: MLPClassifier((8,), max_iter=2, early_stopping=True, random_state=0, device="cpu")  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_sparse, on_dense = make().fit(data.tocsc(), labels), make().fit(data.toarray(), labels)
+    for got, want in zip(on_sparse.coefs_, on_dense.coefs_):
+        np.testing.assert_array_equal(got, want)
+    assert on_sparse.validation_scores_ == on_dense.validation_scores_
+    np.testing.assert_array_equal(on_sparse.predict_proba(data), on_dense.predict_proba(data.toarray()))
+
+
+def test_scikit_learn_estimators_keep_sparse_x_sparse():
+    """A 3000 x 20000 float64 matrix is 480 MB dense; fit and predict hold a few batches of it."""
+    pytest.importorskip("sklearn")
+    from gpubp.sklearn import MLPClassifier
+
+    wide = sparse.random(3000, 20000, density=0.0005, format="csr", random_state=5)
+    labels = rng.integers(0, 2, 3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracemalloc.start()
+        try:
+            MLPClassifier((8,), max_iter=1, batch_size=50, random_state=0, device="cpu").fit(wide, labels).predict(wide)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 3000 * 20000 * 8 // 8, f"peak {peak / 1e6:.0f} MB"
