@@ -140,7 +140,7 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
         if not hasattr(a, "copy_to_host"):
             raise TypeError(f"{name}: cannot read a {type(a).__name__}")
         return a.copy_to_host()
-    if type(a).__module__.startswith("scipy.sparse"):  # NumPy would wrap it whole, in an array of shape ()
+    if is_sparse(a):  # NumPy would wrap it whole, in an array of shape ()
         raise TypeError(f"{name}: expected {expected}, got a SciPy sparse {type(a).__name__}, which fit, evaluate, "
                         f"predict and a train step take (making a batch dense at a time); here pass {name}.toarray()")
     if isinstance(a, Iterator):  # NumPy would wrap it whole, in an array of shape ()
@@ -155,6 +155,11 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
     if array.ndim == 0 and array.dtype == object:  # a dict, say: wrapped whole
         raise _no_array(a, name, expected)
     return array.astype(np.float32) if is_bfloat16(array.dtype) else array
+
+
+def is_sparse(a) -> bool:
+    """Whether ``a`` is a SciPy sparse matrix or array (known without importing SciPy)."""
+    return type(a).__module__.startswith("scipy.sparse") and hasattr(a, "tocsr")
 
 
 def is_bfloat16(dtype) -> bool:

@@ -63,11 +63,6 @@ class SparseRows:
         return SparseRows(self.matrix[index])
 
 
-def is_sparse(a) -> bool:
-    """Whether ``a`` is a SciPy sparse matrix or array (known without importing SciPy)."""
-    return type(a).__module__.startswith("scipy.sparse") and hasattr(a, "tocsr")
-
-
 def sparse_rows(x, name: str, in_features: int) -> SparseRows:
     """SciPy sparse ``x`` as :class:`SparseRows`, its shape checked as a dense batch's."""
     _checks.batch_shape(x.shape, in_features, name)
@@ -83,7 +78,7 @@ def check_dataset(model, x, y, loss_fn, name: str = "x"):
     """Host copies of (x, y), checked against the model and the loss before any step runs; a
     SciPy sparse ``x`` as :class:`SparseRows`, its values checked where they are stored."""
     yname = "y" if name == "x" else f"{name}_y"
-    if is_sparse(x):
+    if _checks.is_sparse(x):
         x = sparse_rows(x, name, model.in_features)
     elif not isinstance(x, SparseRows):  # fit's validation rows, checked again as evaluate's
         x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {model.in_features})")
@@ -328,7 +323,7 @@ def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np
     has its own intermediate buffers), though not while another trains it."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     _checks.boolean(logits, "logits")
-    if is_sparse(x):  # made dense a batch at a time
+    if _checks.is_sparse(x):  # made dense a batch at a time
         x = sparse_rows(x, "x", model.in_features)
     elif not isinstance(x, SparseRows) and _checks.array_kind(x) == "other":
         x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")

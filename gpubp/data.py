@@ -66,17 +66,25 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     scikit-learn's ``train_test_split`` counts them. ``stratify=True`` keeps each class's share in
     both parts (``y`` must be class labels, shape (N,)): each class gives ``round(test_size * its
     count)`` samples to the test part. A split that would leave either part empty raises a
-    ValueError naming ``test_size``.
+    ValueError naming ``test_size``. A SciPy sparse ``x`` is split by rows into CSR matrices, as
+    ``fit`` takes it.
     """
     if not isinstance(stratify, (bool, np.bool_)):
         hint = "; pass the labels as y, with stratify=True" if np.ndim(stratify) else ""
         raise TypeError(f"stratify: expected True or False, got {type(stratify).__name__}{hint}")
-    x, y = _checks.to_numpy(x, "x", "an array of samples"), _checks.to_numpy(y, "y", "an array of targets")
+    if _checks.is_sparse(x):  # split by rows, and kept sparse, as fit takes it
+        if x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D sparse matrix, one row per sample, got shape {x.shape}")
+        x = x.tocsr()
+    else:
+        x = _checks.to_numpy(x, "x", "an array of samples")
+    y = _checks.to_numpy(y, "y", "an array of targets")
     for name, a in (("x", x), ("y", y)):
         if a.ndim == 0:
             raise TypeError(f"{name}: expected an array with one row per sample, got {type(a.item()).__name__}")
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} rows to match x, got {len(y)}")
+    n = x.shape[0]  # a sparse matrix has no len()
+    if n != len(y):
+        raise ValueError(f"y: expected {n} rows to match x, got {len(y)}")
     if not isinstance(test_size, numbers.Real):
         raise TypeError(f"test_size: expected a float in (0, 1), got {type(test_size).__name__} {test_size!r}")
     if isinstance(test_size, bool) or not 0 < test_size < 1:
@@ -90,24 +98,24 @@ def train_test_split(x, y, test_size: float = 0.25, seed: int | None = None, str
     if stratify:
         classes = [np.flatnonzero(y == c) for c in np.unique(y)]
         n_test = sum(int(round(len(members) * test_size)) for members in classes)
-        if not 0 < n_test < len(x):
+        if not 0 < n_test < n:
             raise ValueError(f"test_size: {test_size} of each class (rounded) leaves an empty split of these "
-                             f"{len(x)} samples; use a larger test_size, more samples, or stratify=False")
+                             f"{n} samples; use a larger test_size, more samples, or stratify=False")
     else:
-        n_test = math.ceil(len(x) * test_size)
-        if not 0 < n_test < len(x):
-            raise ValueError(f"test_size: {test_size} of {len(x)} samples leaves an empty split")
+        n_test = math.ceil(n * test_size)
+        if not 0 < n_test < n:
+            raise ValueError(f"test_size: {test_size} of {n} samples leaves an empty split")
     rng = _rng(seed)
     if stratify:
         test = np.concatenate([
             members[: int(round(len(members) * test_size))]
             for members in (rng.permutation(members) for members in classes)
         ])
-        is_test = np.zeros(len(x), bool)
+        is_test = np.zeros(n, bool)
         is_test[test] = True
         train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), rng.permutation(test)
     else:
-        order = rng.permutation(len(x))
+        order = rng.permutation(n)
         test_idx, train_idx = order[:n_test], order[n_test:]
     return x[train_idx], x[test_idx], y[train_idx], y[test_idx]
 

@@ -177,3 +177,16 @@ def test_scikit_learn_estimators_keep_sparse_x_sparse():
         finally:
             tracemalloc.stop()
     assert peak < 3000 * 20000 * 8 // 8, f"peak {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("stratify", [False, True])
+def test_train_test_split_splits_sparse_x_by_rows_and_keeps_it_sparse(stratify):
+    parts = gb.data.train_test_split(X.tocoo(), Y, test_size=0.3, seed=0, stratify=stratify)
+    dense_parts = gb.data.train_test_split(X.toarray(), Y, test_size=0.3, seed=0, stratify=stratify)
+    for got, want in zip(parts[:2], dense_parts[:2]):
+        assert sparse.issparse(got) and got.format == "csr"
+        np.testing.assert_array_equal(got.toarray(), want)
+    for got, want in zip(parts[2:], dense_parts[2:]):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"^y: expected 120 rows to match x, got 119$"):
+        gb.data.train_test_split(X, Y[:119])
