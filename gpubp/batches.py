@@ -28,9 +28,9 @@ from gpubp import _checks, activations, losses, metrics as metric_fns, optim
 # ----------------------------------------------------------------------------- data checks
 
 
-# predict (and evaluate) make at most this many bytes of sparse rows dense at once: 1024 rows of
-# 100,000 float32 features would be 410 MB.
-SPARSE_CHUNK_BYTES = 32 << 20
+# predict (and evaluate) take at most this many bytes of x a batch, so that a sparse x made dense
+# a batch at a time stays small (1024 rows of 100,000 float32 features would be 410 MB).
+CHUNK_BYTES = 32 << 20
 
 
 class SparseRows:
@@ -43,7 +43,15 @@ class SparseRows:
     ndim = 2
 
     def __init__(self, matrix) -> None:
-        self.matrix = matrix.tocsr()  # rows are cheap to take from CSR; a CSR matrix is not copied
+        matrix = matrix.tocsr()  # rows are cheap to take from CSR; a CSR matrix is not copied
+        # Canonical, on a copy where it is not already: each entry stored once (duplicates summed,
+        # as the dense form sums them, so the value checks see what a batch holds) and no stored
+        # zeros (so equal matrices store, and fingerprint, alike).
+        if not matrix.has_canonical_format or not np.all(matrix.data):
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
+            matrix.eliminate_zeros()
+        self.matrix = matrix
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -317,9 +325,9 @@ def param_positions(model, optimizer) -> list[int]:
 def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np.ndarray:
     """Model outputs for ``x`` as a NumPy array (N, out_features), computed in batches of
     ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
-    with ``logits=True`` its logits. SciPy sparse ``x`` is made dense a batch at a time, in
-    batches of fewer rows where ``batch_size`` rows would be more than ``SPARSE_CHUNK_BYTES`` (32
-    MiB) dense. Several threads may predict with one model at once (each
+    with ``logits=True`` its logits. A batch has fewer rows where ``batch_size`` rows of ``x``
+    would be more than ``CHUNK_BYTES`` (32 MiB): 1024 rows up to 8192 float32 features. SciPy
+    sparse ``x`` is made dense a batch at a time. Several threads may predict with one model at once (each
     has its own intermediate buffers), though not while another trains it."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     _checks.boolean(logits, "logits")
@@ -328,8 +336,9 @@ def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np
     elif not isinstance(x, SparseRows) and _checks.array_kind(x) == "other":
         x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")
     _checks.batch_shape(x.shape, model.in_features, "x")
-    if isinstance(x, SparseRows):  # what is dense at once stays small, however wide the rows
-        batch_size = min(batch_size, max(1, SPARSE_CHUNK_BYTES // (x.shape[1] * x.dtype.itemsize)))
+    # What is dense at once stays small, however wide the rows; dense x is batched alike, so that
+    # the two give the same bits (a row's outputs can depend on how many rows its batch has).
+    batch_size = min(batch_size, max(1, CHUNK_BYTES // max(1, x.shape[1] * x.dtype.itemsize)))
     outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
                for i in range(0, x.shape[0], batch_size)]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -405,7 +405,7 @@ class DataParallel:
             self.dist.all_gather_object(parts, scores[:count])
             return np.concatenate(parts), y_val
 
-        result = batches.evaluate(self.model, x_val[rows], y_val[rows], loss=loss_fn, metrics=metrics,
+        result = batches.evaluate(self.model, batches.take(x_val, rows), y_val[rows], loss=loss_fn, metrics=metrics,
                                   sample_weight=weights, gather=whole)
         if "loss" in result:
             share = result["loss"] * (count / len(x_val)) if count else 0.0  # not 0 * a non-finite loss

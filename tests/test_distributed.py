@@ -352,6 +352,34 @@ def test_fit_gives_the_setup_check_its_arguments_and_the_fingerprints_of_its_dat
                              "validation data": distributed.fingerprint(x[80:], y[80:], None)}
 
 
+def test_a_distributed_fit_on_sparse_x_trains_as_on_its_dense_form_a_batch_dense_at_a_time(one_rank_group,
+                                                                                             monkeypatch):
+    """Sparse x and validation data: the same History and weights as their dense forms, and no
+    more rows made dense at once than a batch of predict's (CHUNK_BYTES, shrunk here to 8 rows)."""
+    from scipy import sparse
+
+    from gpubp import batches
+
+    x, y = worker.fit_data()
+    x[np.abs(x) < 0.8] = 0.0
+    monkeypatch.setattr(batches, "CHUNK_BYTES", 8 * 6 * 4)
+    densified = []
+    rows_of = batches.SparseRows.__getitem__
+    monkeypatch.setattr(batches.SparseRows, "__getitem__",
+                        lambda self, index: (densified.append(len(rows_of(self, index))), rows_of(self, index))[1])
+    runs = []
+    for data in (sparse.csr_matrix(x), x):
+        gb.seed(0)
+        model = worker.fit_model()
+        history = model.fit(data[:80], y[:80], validation_data=(data[80:], y[80:]), epochs=2, batch_size=16,
+                            verbose=0, distributed=True)
+        runs.append((history.history, model.get_weights()))
+    assert runs[0][0] == runs[1][0]
+    for got, want in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(got, want)
+    assert densified and max(densified) <= 16
+
+
 @pytest.mark.parametrize("library", ["cupy", "numba"])
 def test_init_cuda_makes_gpu_local_rank_current_for_the_installed_gpu_library_and_torch(
         one_rank_group, monkeypatch, library):

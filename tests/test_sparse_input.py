@@ -63,20 +63,59 @@ def test_a_wide_sparse_matrix_trains_and_predicts_without_a_dense_copy_of_itself
     finally:
         tracemalloc.stop()
     dense_bytes = wide.shape[0] * wide.shape[1] * 4
-    # A chunk of predict's rows (SPARSE_CHUNK_BYTES) is the most that is dense at once.
-    assert peak < batches.SPARSE_CHUNK_BYTES + dense_bytes // 8, f"peak {peak / 1e6:.0f} MB"
+    # A batch of predict's rows (CHUNK_BYTES) is the most that is dense at once.
+    assert peak < batches.CHUNK_BYTES + dense_bytes // 8, f"peak {peak / 1e6:.0f} MB"
 
 
-def test_predict_makes_fewer_rows_dense_at_once_where_its_batch_would_be_large(monkeypatch):
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_predict_takes_fewer_rows_a_batch_where_its_batch_would_be_large(monkeypatch, form):
     wide = sparse.random(50, 1000, density=0.01, format="csr", dtype=np.float32, random_state=3)
     net = model(width=1000)
     seen = []
     forward = type(net).forward
     monkeypatch.setattr(type(net), "forward", lambda self, x, **kw: (seen.append(x.shape), forward(self, x, **kw))[1])
-    monkeypatch.setattr(batches, "SPARSE_CHUNK_BYTES", 16 * 1000 * 4)
-    outputs = net.predict(wide)
+    monkeypatch.setattr(batches, "CHUNK_BYTES", 16 * 1000 * 4)
+    net.predict(wide if form == "sparse" else wide.toarray())
     assert seen == [(16, 1000)] * 3 + [(2, 1000)]
-    np.testing.assert_array_equal(outputs, net.predict(wide.toarray()))
+
+
+def test_predict_and_evaluate_on_wide_sparse_rows_are_those_on_the_dense_form_bit_for_bit():
+    """420 rows of 20000 float32 features are more than one batch of CHUNK_BYTES: both forms are
+    batched alike (a row's outputs can depend on its batch's size)."""
+    wide = sparse.random(420, 20000, density=0.001, format="csr", dtype=np.float32, random_state=6)
+    labels = rng.integers(0, 3, 420)
+    net = model(width=20000)
+    np.testing.assert_array_equal(net.predict(wide), net.predict(wide.toarray()))
+    assert net.evaluate(wide, labels, loss="cross_entropy") == net.evaluate(wide.toarray(), labels,
+                                                                           loss="cross_entropy")
+
+
+def test_duplicate_entries_are_summed_before_the_values_are_checked():
+    """The dense form sums a COO or CSR matrix's duplicates: 2e38 stored twice is 4e38, past float32."""
+    twice = sparse.csr_matrix((np.array([2e38, 2e38]), np.array([3, 3]), np.r_[np.zeros(101, int), np.full(20, 2)]),
+                              shape=(120, 40))
+    assert not twice.has_canonical_format
+    net = model()
+    with rejected(net, ValueError, r"^x: 4e\+38 in row 100 is beyond float32's range"):
+        net.fit(twice, Y, verbose=0)
+    assert twice.nnz == 2 and not twice.has_canonical_format  # the caller's matrix is as it was
+
+
+def test_equal_matrices_stored_otherwise_are_the_same_rows():
+    """Unsorted indices and stored zeros: the same dense form, the same SparseRows (and fingerprint)."""
+    shuffled = X.copy()
+    for row in range(X.shape[0]):
+        span = slice(X.indptr[row], X.indptr[row + 1])
+        shuffled.indices[span], shuffled.data[span] = shuffled.indices[span][::-1], shuffled.data[span][::-1]
+    shuffled.has_sorted_indices = False
+    with_zero = sparse.csr_matrix(X, copy=True)
+    with_zero.data[0] = 0.0
+    expected = X.copy()
+    expected.data[0] = 0.0
+    for matrix, same_as in ((shuffled, X), (with_zero, expected)):
+        rows = batches.SparseRows(matrix)
+        np.testing.assert_array_equal(rows[:], same_as.toarray())
+        assert distributed.fingerprint(rows) == distributed.fingerprint(batches.SparseRows(same_as))
 
 
 @pytest.mark.parametrize("value, message", [
@@ -108,9 +147,21 @@ def test_sparse_x_of_the_wrong_width_or_integers_is_refused_as_a_dense_one_is():
 
 def test_what_takes_no_sparse_x_says_to_make_it_dense():
     net = model()
-    with pytest.raises(TypeError, match=r"^x: .*got a SciPy sparse csr_matrix, which fit, evaluate, predict and a "
-                                        r"train step take .*; here pass x.toarray\(\)$"):
+    with pytest.raises(TypeError, match=r"^x: .*got a SciPy sparse csr_matrix; only the samples x of fit, evaluate, "
+                                        r"predict, a train step and train_test_split may be sparse: pass x.toarray\(\)$"):
         net.forward(X)
+
+
+@pytest.mark.parametrize("argument, dense", [("y", r"y\.toarray\(\)"),
+                                             ("sample_weight", r"sample_weight\.toarray\(\)\.ravel\(\)")])
+def test_sparse_targets_or_weights_are_refused_naming_them(argument, dense):
+    net = model()
+    message = rf"^{argument}: .*got a SciPy sparse csr_matrix; only the samples x of fit, .* may be sparse: pass {dense}$"
+    with rejected(net, TypeError, message):
+        if argument == "y":
+            net.fit(X, sparse.csr_matrix(np.eye(3)[Y]), loss="categorical_crossentropy", verbose=0)
+        else:
+            net.fit(X, Y, sample_weight=sparse.csr_matrix(np.ones((120, 1))), verbose=0)
 
 
 def test_a_train_step_on_a_sparse_batch_is_the_step_on_its_dense_form():
