@@ -31,15 +31,18 @@
 // tile, interior or edge, is staged by 16-byte cp.async whose source size stops at the
 // operand's edge in M, N or K (zeros past it): no branch in the loop. An operand whose rows are
 // not aligned (a view one float into an allocation, a width not a multiple of 4) sends the
-// whole launch to a second instantiation of the loop that stages by guarded 32-bit loads, zero
-// outside the operand. The epilogue guards its stores.
+// whole launch to a second instantiation of the loop that stages by 4-byte cp.async
+// (ScalarCopier), in the same groups and pipeline: the partial k tile goes first, before the
+// loop, so the loop's copies need no guard along k, and an edge in M or N costs a loop-invariant
+// zero-fill predicate or nothing (a row of a k-contiguous operand past its extent re-reads its
+// last row, which only reaches outputs the epilogue drops). The epilogue guards its stores.
 // The k loop runs STAGES tiles per pass, so that each tile's slot is a compile-time constant
 // and every shared address in the loop is a register plus an immediate; the k_tiles % STAGES
 // tiles left over run once after it, outside any loop.
 //
 // Shared memory: STAGES x (A tile + B tile) = 96 to 102 KB of dynamic shared memory (Tf32Gemm's
 // smem_bytes), above the 48 KB default: the host opts in once per kernel. Occupancy on sm_90:
-// 1 block (8 warps) per SM, bound by registers (167 to 234 a thread: 64 accumulators, a k step's
+// 1 block (8 warps) per SM, bound by registers (154 to 175 a thread: 64 accumulators, a k step's
 // fragments and the loop-invariant shared addresses; capping them at 128 for 2 blocks spills).
 // Memory per block: a 128 x (k_end - k_begin) slab of A and a (k_end - k_begin) x 128 slab of B,
 // each read once from global memory.
@@ -172,27 +175,6 @@ struct ChunkMap {
     __device__ __forceinline__ static int k_of(int tid, int i) { return k_of(tid) + (K_CONTIGUOUS ? 0 : i * ROWS_PER_PASS); }
 };
 
-// Copies the operand's o in [o0, o0 + 128), k in [k0, k0 + BK) into `tile` by guarded 32-bit
-// loads, 0 outside the operand: the path for fp32 operands whose rows are not 16-byte aligned
-// (bf16 operands always are: round_bf16 pads them).
-template <bool K_CONTIGUOUS>
-__device__ __forceinline__ void stage_tile_guarded(float* tile, const Operand<K_CONTIGUOUS>& src, long long o0,
-                                                   long long k0, long long k_end) {
-    using C = ChunkMap<K_CONTIGUOUS, float>;
-    const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < C::PER_THREAD; ++i) {
-        const int o = C::o_of(tid, i), k = C::k_of(tid, i);
-        float* dst = tile + C::L::offset(o, k);
-#pragma unroll
-        for (int j = 0; j < Tf32Tile::CHUNK; ++j) {
-            const long long go = o0 + o + (K_CONTIGUOUS ? 0 : j), gk = k0 + k + (K_CONTIGUOUS ? j : 0);
-            const bool inside = go < src.o_extent && gk < k_end;
-            dst[j] = inside ? src.p[K_CONTIGUOUS ? go * src.ld + gk : gk * src.ld + go] : 0.0f;
-        }
-    }
-}
-
 // The cp.async path, for operands whose rows are 16-byte aligned: this thread's chunks of each
 // k tile, each a 16-byte cp.async whose source size cuts it at the operand's edge (zeros past
 // it), so edge tiles take the same branch-free code as interior ones. copy() stages the k tiles
@@ -233,6 +215,9 @@ struct TileCopier {
         return c;
     }
 
+    // The first k tile is staged as any other (k_end cuts the last one).
+    __device__ __forceinline__ void first(E* tile) { copy(tile); }
+
     __device__ __forceinline__ void copy(E* tile) {
         const int k_bytes = ELEM_BYTES * (left < 0 ? 0 : (left > T::CHUNK ? T::CHUNK : left));
 #pragma unroll
@@ -248,6 +233,112 @@ struct TileCopier {
         next += tile_stride;
         left -= T::BK;
     }
+};
+
+// The path for fp32 operands whose rows are not 16-byte aligned (bf16 operands always are:
+// round_bf16 pads them): this thread's 16 elements of each k tile, each a 4-byte cp.async, in
+// the cp.async groups of the aligned path, so the same pipeline covers them. The k tiles are cut
+// from k_begin with the partial one first: tile 0 holds the first r = k_len - BK (k_tiles - 1)
+// k (1 to BK, zeros after them), tile t > 0 the BK from k_begin + r + BK (t - 1). So only tile 0,
+// staged before the k loop (first()), has a guard along k, and a tile in the loop (copy()) is 16
+// LDGSTS from loop-invariant pointers and immediates, with at most a loop-invariant predicate
+// each. Both operands cut k the same way, so the products pair up as in the aligned path.
+template <bool K_CONTIGUOUS>
+struct ScalarCopier;
+
+// K-contiguous: ChunkMap's elements (row o + 32 i, k + j: chunk i of the thread, element j), one
+// pointer per row. A row past the operand's extent reads its last row instead: such a row of A
+// (of B) only reaches rows (columns) of C past M (N), which the epilogue drops, so it needs no
+// zeros, and the rows need no guard. (A warp's 4-byte stores into the swizzled tile take 4
+// wavefronts: its 8 lanes of a row write one word of each chunk.)
+template <>
+struct ScalarCopier<true> {
+    using C = ChunkMap<true, float>;
+    using T = Tf32Tile;
+    const float* row[C::PER_THREAD];  // element (row of chunk i, k) of the next k tile
+    int to;                           // shared offset of chunk 0 within a tile
+    int k;                            // this thread's first k within a tile
+    int r;                            // the k of tile 0
+
+    __device__ __forceinline__ static ScalarCopier of(const Operand<true>& src, long long o0, long long k_begin,
+                                                      long long k_end) {
+        const int tid = threadIdx.x;
+        ScalarCopier c;
+        c.k = C::k_of(tid);
+#pragma unroll
+        for (int i = 0; i < C::PER_THREAD; ++i) {
+            long long o = o0 + C::o_of(tid, i);
+            o = o < src.o_extent ? o : src.o_extent - 1;
+            c.row[i] = src.p + (o < 0 ? 0 : o) * src.ld + k_begin + c.k;
+        }
+        c.to = C::L::offset(C::o_of(tid), c.k);
+        const long long k_len = k_end - k_begin;
+        c.r = static_cast<int>(k_len - (k_len - 1) / T::BK * T::BK);
+        return c;
+    }
+
+    template <bool FIRST>
+    __device__ __forceinline__ void stage(float* tile) {
+#pragma unroll
+        for (int i = 0; i < C::PER_THREAD; ++i)
+#pragma unroll
+            for (int j = 0; j < T::CHUNK; ++j) {
+                float* dst = tile + to + C::L::offset(i * C::ROWS_PER_PASS, 0) + j;
+                if constexpr (FIRST) cp_async_ca4_zfill(dst, row[i] + j, k + j >= r);
+                else cp_async_ca<4>(dst, row[i] + j);
+            }
+#pragma unroll
+        for (int i = 0; i < C::PER_THREAD; ++i) row[i] += FIRST ? r : T::BK;
+    }
+    __device__ __forceinline__ void first(float* tile) { stage<true>(tile); }
+    __device__ __forceinline__ void copy(float* tile) { stage<false>(tile); }
+};
+
+// Outer-contiguous: lane l of warp w copies (k row w + 8 i, o = l + 32 jj), so each LDGSTS of a
+// warp reads 32 consecutive floats of one row and writes them to 32 banks. One pointer, the
+// rows at a stride, the columns at immediates; a column past the operand's extent is zero-filled
+// (its predicate is loop-invariant).
+template <>
+struct ScalarCopier<false> {
+    using T = Tf32Tile;
+    using L = OuterContiguous<float>;
+    static constexpr int ROWS = T::THREADS / 32, PASSES = T::BK / ROWS, SPAN = T::BN / 32;  // 8, 4, 4
+    const float* next;                       // element (k row w, o = l) of the next k tile
+    long long ld, pass_stride, tile_stride;  // elements between rows, rows w + 8 i, k tiles
+    int to;                                  // shared offset of (w, l) within a tile
+    int width;                               // columns o0 + l + 32 jj with 32 jj < width lie inside
+    int k;                                   // w
+    int r;                                   // the k of tile 0
+
+    __device__ __forceinline__ static ScalarCopier of(const Operand<false>& src, long long o0, long long k_begin,
+                                                      long long k_end) {
+        const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+        ScalarCopier c;
+        c.ld = src.ld;
+        c.next = src.p + (k_begin + w) * src.ld + o0 + lane;
+        c.pass_stride = ROWS * src.ld;
+        c.tile_stride = T::BK * src.ld;
+        c.to = L::offset(lane, w);
+        const long long width = src.o_extent - o0 - lane;
+        c.width = static_cast<int>(width < 0 ? 0 : (width > T::BN ? T::BN : width));
+        c.k = w;
+        const long long k_len = k_end - k_begin;
+        c.r = static_cast<int>(k_len - (k_len - 1) / T::BK * T::BK);
+        return c;
+    }
+
+    template <bool FIRST>
+    __device__ __forceinline__ void stage(float* tile) {
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i)
+#pragma unroll
+            for (int jj = 0; jj < SPAN; ++jj)
+                cp_async_ca4_zfill(tile + to + L::offset(32 * jj, ROWS * i), next + i * pass_stride + 32 * jj,
+                                   32 * jj >= width || (FIRST && k + ROWS * i >= r));
+        next += FIRST ? r * ld : tile_stride;
+    }
+    __device__ __forceinline__ void first(float* tile) { stage<true>(tile); }
+    __device__ __forceinline__ void copy(float* tile) { stage<false>(tile); }
 };
 
 // One thread's accumulators: [m16 tile][n8 tile][fragment register], and where each sits in the
@@ -359,19 +450,20 @@ __device__ __forceinline__ void mma_gemm_loop(const Operand<A_K_CONTIGUOUS, E>& 
             for (int r = 0; r < 4; ++r) frag.acc[i][j][r] = 0.0f;
 
     const int k_tiles = static_cast<int>((k_end - k_begin + T::BK - 1) / T::BK);
-    auto a_copier = TileCopier<A_K_CONTIGUOUS, E>::of(a_src, m0, k_begin, k_end);
-    auto b_copier = TileCopier<B_K_CONTIGUOUS, E>::of(b_src, n0, k_begin, k_end);
-    // Stages k tile kt (the tiles go in order) into slot `slot`.
-    auto stage = [&](int kt, int slot) {
+    using ACopier = typename Choose<ALIGNED, TileCopier<A_K_CONTIGUOUS, E>, ScalarCopier<A_K_CONTIGUOUS>>::type;
+    using BCopier = typename Choose<ALIGNED, TileCopier<B_K_CONTIGUOUS, E>, ScalarCopier<B_K_CONTIGUOUS>>::type;
+    auto a_copier = ACopier::of(a_src, m0, k_begin, k_end);
+    auto b_copier = BCopier::of(b_src, n0, k_begin, k_end);
+    // Stages the next k tile (the tiles go in order, tile 0 by first()) into slot `slot`.
+    auto stage = [&](int slot, bool first) {
         E* as = smem + slot * G::STAGE_ELEMS;
         E* bs = as + G::ALayout::TILE_ELEMS;
-        if constexpr (ALIGNED) {
+        if (first) {
+            a_copier.first(as);
+            b_copier.first(bs);
+        } else {
             a_copier.copy(as);
             b_copier.copy(bs);
-        } else {
-            const long long k0 = k_begin + static_cast<long long>(kt) * T::BK;
-            stage_tile_guarded(as, a_src, m0, k0, k_end);
-            stage_tile_guarded(bs, b_src, n0, k0, k_end);
         }
     };
     // One k tile: wait for it, refill the slot the previous tile used, multiply. One cp.async
@@ -379,7 +471,7 @@ __device__ __forceinline__ void mma_gemm_loop(const Operand<A_K_CONTIGUOUS, E>& 
     auto step = [&](int kt, int slot) {
         cp_async_wait<T::STAGES - 2>();
         __syncthreads();  // tile kt is in every thread's view; the previous tile's slot is free
-        if (kt + T::STAGES - 1 < k_tiles) stage(kt + T::STAGES - 1, (slot + T::STAGES - 1) % T::STAGES);
+        if (kt + T::STAGES - 1 < k_tiles) stage((slot + T::STAGES - 1) % T::STAGES, false);
         cp_async_commit();
         const E* as = smem + slot * G::STAGE_ELEMS;
         const E* bs = as + G::ALayout::TILE_ELEMS;
@@ -396,7 +488,7 @@ __device__ __forceinline__ void mma_gemm_loop(const Operand<A_K_CONTIGUOUS, E>& 
     };
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (s < k_tiles) stage(s, s);
+        if (s < k_tiles) stage(s, s == 0);
         cp_async_commit();
     }
     // STAGES tiles per pass, so that every slot is a constant and shared addresses are immediates;
@@ -413,9 +505,9 @@ __device__ __forceinline__ void mma_gemm_loop(const Operand<A_K_CONTIGUOUS, E>& 
 }
 
 // frag.acc = A[m0 : m0+128, k_begin : k_end] @ B[k_begin : k_end, n0 : n0+128]. fp32 operands:
-// by cp.async when both operands' rows are 16-byte aligned (any M, N, K), else by guarded loads
-// (a view that starts off a 16-byte boundary, or a leading dimension that is not a multiple of
-// 4). bf16 operands (round_bf16's, padded) always take cp.async. `smem` is the block's dynamic
+// by 16-byte cp.async when both operands' rows are 16-byte aligned (any M, N, K), else by 4-byte
+// cp.async (ScalarCopier; a view that starts off a 16-byte boundary, or a leading dimension that
+// is not a multiple of 4). bf16 operands (round_bf16's, padded) always take cp.async. `smem` is the block's dynamic
 // shared memory, of at least Tf32Gemm<A_K_CONTIGUOUS, B_K_CONTIGUOUS, E>::smem_bytes.
 template <bool A_K_CONTIGUOUS, bool B_K_CONTIGUOUS, class E>
 __device__ __forceinline__ void mma_gemm(const Operand<A_K_CONTIGUOUS, E>& a_src, const Operand<B_K_CONTIGUOUS, E>& b_src,

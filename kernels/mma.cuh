@@ -18,7 +18,8 @@
 //   cp_async_ca<BYTES>(dst, src) / cp_async_cg(dst, src): cp.async.ca (4, 8 or 16 bytes, cached in
 //     L1) / .cg (16 bytes, L2 only) from global src to shared dst, both aligned to the size;
 //     cp_async_cg_zfill(dst, src, n): the same 16 bytes, of which only the first n come from src
-//     and the rest are zeros (the src-size operand). The copy
+//     and the rest are zeros (the src-size operand); cp_async_ca4_zfill(dst, src, zero): 4 bytes by
+//     cp.async.ca, or 4 zeros and no read where `zero` (the ignore-src operand). The copy
 //     belongs to the thread's open group; cp_async_commit() closes it; cp_async_wait<N>() returns once
 //     at most the N newest committed groups of this thread are still in flight; cp_async_wait_all()
 //     commits and waits for everything. Only the issuing thread's wait makes its copies visible to it;
@@ -143,6 +144,23 @@ __device__ __forceinline__ void cp_async_cg_zfill(void* dst, const void* src, in
 #elif __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes)
                  : "memory");
+#else
+    __trap();
+#endif
+}
+
+// cp.async.ca of 4 bytes, or with `zero` 4 zero bytes and no read at all (the ignore-src
+// operand: src may then point anywhere). One LDGSTS with a zero-fill predicate, where a src-size
+// register would cost ptxas's conversion of the size into a predicate and an address shift.
+__device__ __forceinline__ void cp_async_ca4_zfill(void* dst, const void* src, bool zero) {
+#if defined(GPUBP_CUDA_ON_CPU)
+    gpubp_cpu::cp_async_zfill<4>(dst, src, zero ? 0 : 4, __FILE__, __LINE__);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "{\n\t.reg .pred z;\n\tsetp.ne.b32 z, %2, 0;\n\tcp.async.ca.shared.global [%0], [%1], 4, z;\n\t}" ::"r"(
+            shared_address(dst)),
+        "l"(src), "r"(static_cast<int>(zero))
+        : "memory");
 #else
     __trap();
 #endif

@@ -237,6 +237,30 @@ def test_an_async_copy_lands_at_the_wait_of_its_group_not_at_the_issue(kernels):
     assert np.array_equal(second_wait, [1, -1, -1, -1, 5, 6, -1, -1, 9, 10, 11, 12])
 
 
+# mma.cuh's 4-byte zero-filling copy (cp.async.ca ... 4, ignore-src), as the TF32 GEMMs stage
+# operands whose rows are not 16-byte aligned: a copy from a source 4 bytes past a 16-byte
+# boundary, and two zero fills whose sources are not read (one is null).
+FOUR_BYTE_ZERO_FILLS = """
+extern "C" __global__ void four_byte_zero_fills(const float* in, float* out) {
+    __shared__ __align__(16) float buffer[4];
+    for (int i = 0; i < 4; ++i) buffer[i] = -1.0f;
+    gpubp::cp_async_ca4_zfill(buffer, in + 1, false);
+    gpubp::cp_async_ca4_zfill(buffer + 1, nullptr, true);
+    gpubp::cp_async_ca4_zfill(buffer + 2, in + 3, true);
+    gpubp::cp_async_wait_all();
+    for (int i = 0; i < 4; ++i) out[i] = gpubp::shared_load(buffer + i);
+}
+"""
+
+
+def test_a_four_byte_async_copy_zero_fills_without_reading_its_source():
+    mma = (cupy_backend.kernel_dir() / "mma.cuh").read_text()
+    module = harness.Harness("plain").module(mma + FOUR_BYTE_ZERO_FILLS, "four_byte_zero_fills")
+    out = harness.device_empty((4,))
+    module.get_function("four_byte_zero_fills")((1,), (1,), (harness.to_device(np.arange(1, 5, dtype=np.float32)), out))
+    assert np.array_equal(out.get(), [2, 0, 0, -1])
+
+
 def ldmatrix_expected(tile: np.ndarray, count: int, trans: bool) -> np.ndarray:
     """What each lane receives, from the PTX ISA's description of ldmatrix."""
     rows = tile[(np.arange(32) * 5) % 32]  # the row lane l names

@@ -341,8 +341,10 @@ def test_a_tensor_core_gemm_launched_without_its_dynamic_shared_memory_fails(cpu
                         lambda name: 0 if name.startswith(planted) else requested(name))
     x, w, b = (cb.asarray(a) for a in normal_layer(rng, (37, 40, 24)))
     y, z = cb.dense_forward(x, w, b, "relu", precision="fp32")
-    with pytest.raises(harness.KernelError, match=rf"{planted}\w*: wrote dynamic shared memory at byte \d+, past "
-                                                  r"the launch's request of 0 bytes"):
+    # The first cp.async into it is refused, before any shared write lands there.
+    with pytest.raises(harness.KernelError, match=rf"{planted}\w*: cp\.async: the destination is not in the block's "
+                                                  r"shared memory \(it lies past the launch's dynamic shared memory "
+                                                  r"request of 0 bytes\)"):
         if kind == "fwd":
             cb.dense_forward(x, w, b, "relu", precision=precision)
         else:
@@ -373,23 +375,40 @@ def test_tf32_backward_launches_only_what_is_needed(cb_h100, rng, act, need_dx, 
             close(cb_h100.to_host(g), reference, rtol)
 
 
-@pytest.mark.parametrize("n_in, n_out", [(4, 5), (12, 129), (5, 4)])
-def test_tf32_misaligned_operands_take_the_guarded_path(cb_h100, rng, n_in, n_out):
-    """Views one float past a 16-byte boundary cannot be staged by 16-byte cp.async (a fault on a
-    GPU, a failed launch here): the GEMMs load them with guarded scalar loads instead."""
-    batch = 37
+def tf32_layer_of_misaligned_views(cb, rng, batch, n_in, n_out):
+    """Forward, dX and dW of a gelu layer whose every array is a view one float past a 16-byte
+    boundary, against float64."""
     x, w, b = normal_layer(rng, (batch, n_in, n_out))
     x_dev, w_dev = harness.to_device(x, offset_bytes=4), harness.to_device(w, offset_bytes=4)
-    y, z = cb_h100.dense_forward(x_dev, w_dev, cb_h100.asarray(b), "gelu", precision="tf32")
+    y, z = cb.dense_forward(x_dev, w_dev, cb.asarray(b), "gelu", precision="tf32")
     y_ref, z_ref = ref.dense_forward(*f64(x, w, b), "gelu")
-    close(cb_h100.to_host(z), z_ref, TF32_RTOL)
+    close(cb.to_host(z), z_ref, TF32_RTOL)
     dy = rng.standard_normal((batch, n_out)).astype(np.float32)
-    want = ref.dense_backward(*f64(dy, x, w, None, cb_h100.to_host(z)), "gelu", True, True)
+    want = ref.dense_backward(*f64(dy, x, w, None, cb.to_host(z)), "gelu", True, True)
     outs = [harness.device_empty(s, offset_bytes=4) for s in ((batch, n_in), (n_in, n_out), (n_out,))]
-    got = cb_h100.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True,
+    got = cb.dense_backward(harness.to_device(dy, offset_bytes=4), x_dev, w_dev, None, z, "gelu", True, True,
                                  *outs, precision="tf32")
     for g, reference, rtol in zip(got, want, (TF32_RTOL, TF32_RTOL, RTOL)):
-        close(cb_h100.to_host(g), reference, rtol)
+        close(cb.to_host(g), reference, rtol)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(4, 5), (12, 129), (5, 4)])
+def test_tf32_misaligned_operands_take_the_four_byte_path(cb_h100, rng, n_in, n_out):
+    """Views one float past a 16-byte boundary cannot be staged by 16-byte cp.async (a fault on a
+    GPU, a failed launch here): the GEMMs stage them by 4-byte cp.async instead."""
+    tf32_layer_of_misaligned_views(cb_h100, rng, 37, n_in, n_out)
+
+
+# Several k tiles with a partial one (which the 4-byte path stages first), several M and N tiles
+# with edges, a K below one tile, odd widths, and dW split over the batch ((600, ...): 2 splits of
+# 320 and 280 rows; (80, ...) under the sanitizers' smaller splits).
+TF32_MISALIGNED_SHAPES = [(290, 53, 137), (600, 37, 29), (150, 130, 10), (19, 3, 1)] if not SANITIZED else [
+    (80, 37, 29)]
+
+
+@pytest.mark.parametrize("shape", TF32_MISALIGNED_SHAPES, ids=shape_id)
+def test_tf32_misaligned_views_of_odd_widths_over_several_tiles(cb_h100, rng, shape):
+    tf32_layer_of_misaligned_views(cb_h100, rng, *shape)
 
 
 def test_tf32_forward_rounds_its_inputs(cb_h100, rng):
@@ -2214,6 +2233,16 @@ PLANTED_BUGS = {
         "a[i][2] = __float_as_uint(shared_load(base + 4 * L::LD));",
         "a[i][2] = __float_as_uint(shared_load(base));",
         "plain", "tf32_dense_backward and identity and 37x29x23", "max error"),
+    "tensor cores, 4-byte copy: the partial first k tile reads past k_end": (
+        "gemm_tf32.cuh",
+        "if constexpr (FIRST) cp_async_ca4_zfill(dst, row[i] + j, k + j >= r);",
+        "if constexpr (FIRST) cp_async_ca4_zfill(dst, row[i] + j, false);",
+        "plain", "tf32_misaligned_views and 290x53x137", "max error"),
+    "tensor cores, 4-byte copy: columns past the operand not zero-filled": (
+        "gemm_tf32.cuh",
+        "32 * jj >= width || (FIRST && k + ROWS * i >= r));",
+        "(FIRST && k + ROWS * i >= r));",
+        "asan", "tf32_misaligned_views and 80x37x29", "heap-buffer-overflow"),
     "tensor cores: missing cp.async wait": (
         "gemm_tf32.cuh",
         "        cp_async_wait<T::STAGES - 2>();\n",

@@ -489,7 +489,8 @@ void mma_sync(MmaKind kind, const char* file, int line, float (&d)[4], const uin
 // the launch; so does a second copy into bytes still in flight, and a thread that returns with
 // copies it never waited for. wait_all is commit_group then wait_group 0. Both addresses must be
 // aligned to the copy's size. With a src-size operand (zfill) only that many bytes are read and
-// the rest of the 16 are zeros; none is read when it is 0. The shared-memory writes are made
+// the rest of the copy (4, 8 or 16 bytes) are zeros; none is read when it is 0 (as with an
+// ignore-src predicate that is true). The shared-memory writes are made
 // here, in the kernel's unit, so the profile build records them (at the wait, with the pattern
 // of the issue).
 // State spaces: cp.async copies from .global into .shared, and ldmatrix reads .shared only
@@ -558,18 +559,22 @@ inline void cp_async(void* dst, const void* src, const char* file, int line) {
     async_issue(copy, file, line);
 }
 
+// A cp.async of BYTES (4, 8 or 16) with a src-size (an ignore-src predicate is src-size 0).
+template <int BYTES = 16>
 inline void cp_async_zfill(void* dst, const void* src, int src_bytes, const char* file, int line) {
-    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES != 0 ||
+        (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % BYTES != 0))
         fail("cp.async: the source and destination must be aligned to the copy size", file, line);
-    if (src_bytes < 0 || src_bytes > 16 || src_bytes % 4 != 0)
-        fail("cp.async src-size: 0 to 16 bytes, a multiple of 4 in this emulation", file, line);
-    check_copy_operands(dst, 16, src, static_cast<size_t>(src_bytes), file, line);
+    if (src_bytes < 0 || src_bytes > BYTES || src_bytes % 4 != 0)
+        fail("cp.async src-size: 0 to the copy size, a multiple of 4 in this emulation", file, line);
+    check_copy_operands(dst, BYTES, src, static_cast<size_t>(src_bytes), file, line);
     AsyncCopy copy;
     copy.dst = static_cast<unsigned char*>(dst);
-    copy.bytes = 16;
+    copy.bytes = BYTES;
     std::memset(copy.data, 0, 16);
-    if (src_bytes == 16) {
-        copy_bytes<16>(copy.data, src);  // one global read, as a whole chunk's
+    if (src_bytes == BYTES) {
+        copy_bytes<BYTES>(copy.data, src);  // one global read, as a whole copy's
     } else {
         for (int i = 0; i < src_bytes; i += 4) copy_bytes<4>(copy.data + i, static_cast<const unsigned char*>(src) + i);
     }
