@@ -246,6 +246,12 @@ struct TileCopier {
 template <bool K_CONTIGUOUS>
 struct ScalarCopier;
 
+// The k of ScalarCopier's tile 0, the partial one: 1 to BK.
+__device__ __forceinline__ int first_tile_k(long long k_begin, long long k_end) {
+    const long long k_len = k_end - k_begin;
+    return static_cast<int>(k_len - (k_len - 1) / Tf32Tile::BK * Tf32Tile::BK);
+}
+
 // K-contiguous: ChunkMap's elements (row o + 32 i, k + j: chunk i of the thread, element j), one
 // pointer per row. A row past the operand's extent reads its last row instead: such a row of A
 // (of B) only reaches rows (columns) of C past M (N), which the epilogue drops, so it needs no
@@ -272,8 +278,7 @@ struct ScalarCopier<true> {
             c.row[i] = src.p + (o < 0 ? 0 : o) * src.ld + k_begin + c.k;
         }
         c.to = C::L::offset(C::o_of(tid), c.k);
-        const long long k_len = k_end - k_begin;
-        c.r = static_cast<int>(k_len - (k_len - 1) / T::BK * T::BK);
+        c.r = first_tile_k(k_begin, k_end);
         return c;
     }
 
@@ -322,8 +327,7 @@ struct ScalarCopier<false> {
         const long long width = src.o_extent - o0 - lane;
         c.width = static_cast<int>(width < 0 ? 0 : (width > T::BN ? T::BN : width));
         c.k = w;
-        const long long k_len = k_end - k_begin;
-        c.r = static_cast<int>(k_len - (k_len - 1) / T::BK * T::BK);
+        c.r = first_tile_k(k_begin, k_end);
         return c;
     }
 
