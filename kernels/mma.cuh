@@ -34,8 +34,17 @@
 //     cp.async to those bytes is still in flight.
 // These instructions need sm_80 or newer; for older targets the wrappers trap, and the
 // build compiles files that include this header for compute_80 as well (CMakeLists.txt).
-// With GPUBP_CUDA_ON_CPU (tests/cuda_on_cpu) the CPU emulation replaces the PTX.
+// With GPUBP_CUDA_ON_CPU (tests/cuda_on_cpu) the CPU emulation replaces the PTX, and the wrappers
+// whose checks name a line take their caller's file and line as trailing default arguments
+// (GPUBP_CALLER_SITE, empty on a GPU): failures name the kernel's line, and lanes of a warp that reach
+// ldmatrix or mma from different lines fail the launch (.aligned: all lanes run the same instruction).
 #pragma once
+
+#if defined(GPUBP_CUDA_ON_CPU)
+#define GPUBP_CALLER_SITE , const char* file = __builtin_FILE(), int line = __builtin_LINE()
+#else
+#define GPUBP_CALLER_SITE
+#endif
 
 namespace gpubp {
 
@@ -68,9 +77,9 @@ __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
 }
 
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2],
-                                                 const float (&c)[4]) {
+                                                 const float (&c)[4] GPUBP_CALLER_SITE) {
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::tf32_m16n8k8, __FILE__, __LINE__, d, a, b, c);
+    gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::tf32_m16n8k8, file, line, d, a, b, c);
 #elif __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -86,11 +95,12 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned i
 // The two m16n8k16 flavours differ only in the operand type's name in the instruction.
 #define GPUBP_MMA_M16N8K16(NAME, TYPE, KIND)                                                                   \
     __device__ __forceinline__ void mma_m16n8k16_##NAME(float (&d)[4], const unsigned int (&a)[4],           \
-                                                       const unsigned int (&b)[2], const float (&c)[4]) {    \
+                                                       const unsigned int (&b)[2],                           \
+                                                       const float (&c)[4] GPUBP_CALLER_SITE) {              \
         GPUBP_MMA_M16N8K16_BODY(TYPE, KIND)                                                                  \
     }
 #if defined(GPUBP_CUDA_ON_CPU)
-#define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND) gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::KIND, __FILE__, __LINE__, d, a, b, c);
+#define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND) gpubp_cpu::mma_sync(gpubp_cpu::MmaKind::KIND, file, line, d, a, b, c);
 #elif __CUDA_ARCH__ >= 800
 #define GPUBP_MMA_M16N8K16_BODY(TYPE, KIND)                                                                  \
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "   \
@@ -113,10 +123,10 @@ __device__ __forceinline__ unsigned int shared_address(const void* p) {
 #endif
 
 template <int BYTES>
-__device__ __forceinline__ void cp_async_ca(void* dst, const void* src) {
+__device__ __forceinline__ void cp_async_ca(void* dst, const void* src GPUBP_CALLER_SITE) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::cp_async<BYTES>(dst, src, __FILE__, __LINE__);
+    gpubp_cpu::cp_async<BYTES>(dst, src, file, line);
 #elif __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared_address(dst)), "l"(src), "n"(BYTES)
                  : "memory");
@@ -125,9 +135,9 @@ __device__ __forceinline__ void cp_async_ca(void* dst, const void* src) {
 #endif
 }
 
-__device__ __forceinline__ void cp_async_cg(void* dst, const void* src) {
+__device__ __forceinline__ void cp_async_cg(void* dst, const void* src GPUBP_CALLER_SITE) {
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::cp_async<16>(dst, src, __FILE__, __LINE__);
+    gpubp_cpu::cp_async<16>(dst, src, file, line);
 #elif __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src) : "memory");
 #else
@@ -138,9 +148,9 @@ __device__ __forceinline__ void cp_async_cg(void* dst, const void* src) {
 // cp.async.cg with a source size: copies the first src_bytes (0 to 16, a multiple of 4) of the
 // 16-byte chunk and writes zeros to the rest; with 0 nothing is read, so src may then point
 // anywhere (the edge tiles' rows and columns past the operand).
-__device__ __forceinline__ void cp_async_cg_zfill(void* dst, const void* src, int src_bytes) {
+__device__ __forceinline__ void cp_async_cg_zfill(void* dst, const void* src, int src_bytes GPUBP_CALLER_SITE) {
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::cp_async_zfill(dst, src, src_bytes, __FILE__, __LINE__);
+    gpubp_cpu::cp_async_zfill(dst, src, src_bytes, file, line);
 #elif __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes)
                  : "memory");
@@ -152,9 +162,9 @@ __device__ __forceinline__ void cp_async_cg_zfill(void* dst, const void* src, in
 // cp.async.ca of 4 bytes, or with `zero` 4 zero bytes and no read at all (the ignore-src
 // operand: src may then point anywhere). One LDGSTS with a zero-fill predicate, where a src-size
 // register would cost ptxas's conversion of the size into a predicate and an address shift.
-__device__ __forceinline__ void cp_async_ca4_zfill(void* dst, const void* src, bool zero) {
+__device__ __forceinline__ void cp_async_ca4_zfill(void* dst, const void* src, bool zero GPUBP_CALLER_SITE) {
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::cp_async_zfill<4>(dst, src, zero ? 0 : 4, __FILE__, __LINE__);
+    gpubp_cpu::cp_async_zfill<4>(dst, src, zero ? 0 : 4, file, line);
 #elif __CUDA_ARCH__ >= 800
     asm volatile(
         "{\n\t.reg .pred z;\n\tsetp.ne.b32 z, %2, 0;\n\tcp.async.ca.shared.global [%0], [%1], 4, z;\n\t}" ::"r"(
@@ -199,10 +209,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
 }
 
 template <int N, bool TRANS = false>
-__device__ __forceinline__ void ldmatrix(unsigned int (&r)[N], const void* row) {
+__device__ __forceinline__ void ldmatrix(unsigned int (&r)[N], const void* row GPUBP_CALLER_SITE) {
     static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::ldmatrix<N, TRANS>(r, row, __FILE__, __LINE__);
+    gpubp_cpu::ldmatrix<N, TRANS>(r, row, file, line);
 #elif __CUDA_ARCH__ >= 800
     const unsigned int a = shared_address(row);
     if constexpr (N == 1 && !TRANS) {
@@ -228,11 +238,13 @@ __device__ __forceinline__ void ldmatrix(unsigned int (&r)[N], const void* row) 
 }
 
 template <class T>
-__device__ __forceinline__ T shared_load(const T* p) {
+__device__ __forceinline__ T shared_load(const T* p GPUBP_CALLER_SITE) {
 #if defined(GPUBP_CUDA_ON_CPU)
-    gpubp_cpu::check_not_in_flight(p, sizeof(T), "a shared-memory load", __FILE__, __LINE__);
+    gpubp_cpu::check_not_in_flight(p, sizeof(T), "a shared-memory load", file, line);
 #endif
     return *p;
 }
 
 }  // namespace gpubp
+
+#undef GPUBP_CALLER_SITE

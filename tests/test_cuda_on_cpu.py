@@ -8,6 +8,7 @@ Python in a child process under the sanitizer and expect its report.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -315,8 +316,8 @@ def test_misuse_fails_the_launch_naming_the_line(kernels, kernel, block, message
 
 
 # The PTX ISA: ldmatrix reads the .shared state space only (undefined behaviour elsewhere), and
-# cp.async copies from .global into .shared. The file:line is the wrapper's in mma.cuh, whose text
-# selftest_source() pastes into the selftest unit.
+# cp.async copies from .global into .shared. The file:line is the kernel's call of the wrapper in
+# mma.cuh (which takes its caller's location), in the selftest unit.
 NOT_SHARED = r" is not in the block's shared memory \("
 WHERE = r".*\(\S*/selftest\.cpp:\d+, block \(0,0,0\), thread \d+\)$"
 
@@ -339,6 +340,30 @@ def test_an_operand_in_the_wrong_state_space_fails_the_launch(kernels, kernel, s
     out = harness.device_empty((4 * 33,))
     with pytest.raises(harness.KernelError, match=message + WHERE):
         kernels.get_function(kernel)((1,), (32,), (out,), shared_mem=shared_mem)
+
+
+def selftest_line(kernel: str, marker: str) -> int:
+    """The line number, in the harness's selftest.cpp, of the line of `kernel` that ends with
+    `marker`: the unit is selftest_source() after one line, its #include of cuda_on_cpu.h."""
+    lines = selftest_source().splitlines()
+    start = next(i for i, text in enumerate(lines) if f" {kernel}(" in text)
+    return next(i for i in range(start, len(lines)) if lines[i].endswith(marker)) + 2
+
+
+# PTX ISA: ldmatrix.sync.aligned and mma.sync.aligned need every lane of the warp to execute the
+# same instruction (undefined behaviour otherwise). Even and odd lanes that reach one from the two
+# branches of an if/else fail the launch, naming both lines of the kernel: the wrappers in mma.cuh
+# pass their caller's line to the harness, not their own (one line for every call site).
+@pytest.mark.parametrize("kernel, op", [
+    ("ldmatrix_at_different_lines", "ldmatrix.x4"),
+    ("mma_at_different_lines", "mma.sync.m16n8k8.tf32"),
+])
+def test_lanes_at_different_lines_of_an_aligned_collective_fail_the_launch(kernels, kernel, op):
+    with pytest.raises(harness.KernelError, match="disagree on a warp collective") as failure:
+        kernels.get_function(kernel)((1,), (32,), (harness.device_empty((32,)),))
+    sites = re.findall(r"at (\S+) at \S*/(selftest\.cpp:\d+)", str(failure.value))
+    assert sorted(sites) == sorted((op, f"selftest.cpp:{selftest_line(kernel, f'// selftest: {lanes} lanes')}")
+                                   for lanes in ("even", "odd")), str(failure.value)
 
 
 def test_syncwarp_may_be_reached_from_different_lines(kernels):

@@ -277,6 +277,28 @@ extern "C" __global__ void misaligned_async_copy(float* out) {
     gpubp::cp_async_wait_all();
 }
 
+// Misuse: ldmatrix and mma.sync are .aligned (PTX ISA: every lane of the warp executes the same
+// instruction), but here even and odd lanes reach them from two different lines of an if/else.
+extern "C" __global__ void ldmatrix_at_different_lines(float* out) {
+    __shared__ __align__(16) float buffer[4 * 32];
+    for (int i = 0; i < 4; ++i) buffer[4 * threadIdx.x + i] = 1.0f;
+    __syncwarp();
+    unsigned int r[4];
+    if (threadIdx.x % 2 == 0) gpubp::ldmatrix<4>(r, buffer + 4 * threadIdx.x);  // selftest: even lanes
+    else gpubp::ldmatrix<4>(r, buffer + 4 * threadIdx.x);  // selftest: odd lanes
+    out[threadIdx.x] = __uint_as_float(r[0]);
+}
+
+extern "C" __global__ void mma_at_different_lines(float* out) {
+    const unsigned int one = gpubp::to_tf32(1.0f);
+    const unsigned int a[4] = {one, one, one, one}, b[2] = {one, one};
+    const float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float d[4];
+    if (threadIdx.x % 2 == 0) gpubp::mma_m16n8k8_tf32(d, a, b, c);  // selftest: even lanes
+    else gpubp::mma_m16n8k8_tf32(d, a, b, c);  // selftest: odd lanes
+    out[threadIdx.x] = d[0];
+}
+
 // Misuse of the state spaces (PTX ISA: ldmatrix reads .shared only; cp.async copies .global to
 // .shared): an ldmatrix from a global array, a cp.async into a global array, a cp.async from
 // shared memory (static, and, zero-filled, dynamic), and an ldmatrix past the dynamic shared
