@@ -76,8 +76,13 @@ def in_range(a: np.ndarray, name: str, dtype, at: str = "in row", whose: str = "
         fits = np.abs(a) <= largest
         if not np.all(fits):
             where = tuple(int(i) for i in np.argwhere(~fits)[0])
-            raise ValueError(f"{name}: {a[where]} {at} {where[0]} is beyond {np.dtype(dtype)}'s range "
-                             f"(±{largest:.4g}), {whose}, where it would be inf")
+            raise beyond_range(name, a[where], f"{at} {where[0]}", dtype, whose)
+
+
+def beyond_range(name: str, value, where: str, dtype, whose: str = "the model's dtype") -> ValueError:
+    """The error for ``value`` (``where``: "in row 9", ...) past ``dtype``'s range, ``whose`` dtype."""
+    return ValueError(f"{name}: {value} {where} is beyond {np.dtype(dtype)}'s range (±{np.finfo(dtype).max:.4g}), "
+                      f"{whose}, where it would be inf")
 
 
 def within(a: np.ndarray, dtype=None) -> bool:

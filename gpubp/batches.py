@@ -162,8 +162,7 @@ def all_finite(a: np.ndarray, name: str, dtype=None) -> None:
         return
     finite = np.isfinite(a)
     if not np.all(finite):
-        row = int(np.argwhere(~finite)[0][0])
-        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
+        raise _non_finite(name, int(np.argwhere(~finite)[0][0]))
     if dtype is not None:
         _checks.in_range(a, name, dtype)
 
@@ -180,9 +179,12 @@ def _stored_values_finite(csr, name: str, dtype) -> None:
     first = int(np.argmax(bad))
     row = int(np.searchsorted(csr.indptr, first, side="right")) - 1
     if not np.isfinite(values[first]):
-        raise ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
-    raise ValueError(f"{name}: {values[first]} in row {row} is beyond {np.dtype(dtype)}'s range "
-                     f"(±{np.finfo(dtype).max:.4g}), the model's dtype, where it would be inf")
+        raise _non_finite(name, row)
+    raise _checks.beyond_range(name, values[first], f"in row {row}", dtype)
+
+
+def _non_finite(name: str, row: int) -> ValueError:
+    return ValueError(f"{name}: non-finite values (NaN or inf), first in row {row}")
 
 
 def check_sample_weight(sample_weight, n: int, name: str = "sample_weight", of: str = "x",
