@@ -35,10 +35,11 @@ CHUNK_BYTES = 32 << 20
 
 class SparseRows:
     """The rows of a SciPy sparse matrix or array, as fit, evaluate and predict read them: held
-    as CSR, and dense only a batch at a time. ``rows[index]`` (a slice or an index array) is
-    those rows as a dense array, what a step or a forward pass takes; ``rows.take(index)``
-    the same rows, still sparse. A TF-IDF or hashed feature matrix whose dense form would not
-    fit in memory so trains as it is."""
+    as CSR, and dense only a batch at a time, if at all. ``rows[index]`` (a slice or an index
+    array) is those rows as a dense array, what a step on a GPU takes; ``rows.take(index)`` the
+    same rows, still sparse, what a forward takes as they are where the model ``takes_sparse``
+    (see ``rows``). A TF-IDF or hashed feature matrix whose dense form would not fit in memory
+    so trains as it is."""
 
     ndim = 2
 
@@ -80,6 +81,15 @@ def sparse_rows(x, name: str, in_features: int) -> SparseRows:
 def take(x, index):
     """The rows ``index`` of checked data ``x``, a sparse one's still sparse."""
     return x.take(index) if isinstance(x, SparseRows) else x[index]
+
+
+def rows(model, x, index):
+    """The rows ``index`` of checked data ``x`` as ``model``'s forward takes them: a sparse x's
+    still sparse where the model multiplies sparse batches (``Sequential.takes_sparse``), else
+    dense."""
+    if isinstance(x, SparseRows):
+        return x.take(index) if model.takes_sparse else x[index]
+    return x[index]
 
 
 def check_dataset(model, x, y, loss_fn, name: str = "x"):
@@ -329,19 +339,22 @@ def predict(model, x, batch_size: int | None = 1024, logits: bool = False) -> np
     ``batch_size`` rows (None: the default): probabilities for a sigmoid or softmax last layer, or
     with ``logits=True`` its logits. A batch has fewer rows where ``batch_size`` rows of ``x``
     would be more than ``CHUNK_BYTES`` (32 MiB): 1024 rows up to 8192 float32 features. SciPy
-    sparse ``x`` is made dense a batch at a time. Several threads may predict with one model at once (each
+    sparse ``x`` is taken a batch at a time, multiplied sparse where the model ``takes_sparse``,
+    else made dense. Several threads may predict with one model at once (each
     has its own intermediate buffers), though not while another trains it."""
     batch_size = 1024 if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     _checks.boolean(logits, "logits")
-    if _checks.is_sparse(x):  # made dense a batch at a time
+    if _checks.is_sparse(x):  # taken a batch at a time
         x = sparse_rows(x, "x", model.in_features)
     elif not isinstance(x, SparseRows) and _checks.array_kind(x) == "other":
         x = _checks.to_numpy(x, "x", f"a 2-D array of shape (batch, {model.in_features})")
     _checks.batch_shape(x.shape, model.in_features, "x")
     # What is dense at once stays small, however wide the rows; dense x is batched alike, so that
-    # the two give the same bits (a row's outputs can depend on how many rows its batch has).
+    # the two give the same bits where sparse batches are made dense (a row's outputs can depend on
+    # how many rows its batch has).
     batch_size = min(batch_size, max(1, CHUNK_BYTES // max(1, x.shape[1] * x.dtype.itemsize)))
-    outputs = [model.backend.to_host(model.forward(x[i:i + batch_size], training=False, logits=logits))
+    outputs = [model.backend.to_host(model.forward(rows(model, x, slice(i, i + batch_size)), training=False,
+                                                   logits=logits))
                for i in range(0, x.shape[0], batch_size)]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
@@ -429,7 +442,7 @@ def check_metrics(model, metrics: list, y_val: np.ndarray) -> None:
 
 def evaluate(model, x, y, loss=None, metrics=None, batch_size: int = 1024, sample_weight=None, gather=None) -> dict:
     """``{"loss": ..., metric: ...}`` on (x, y): loss and metrics of what ``predict`` returns
-    (SciPy sparse ``x`` made dense a batch at a time, as there).
+    (SciPy sparse ``x`` a batch at a time, as there).
 
     The loss is the one given, else the compiled or last fit's one; ``metrics`` default to the
     compiled ones, else ``["accuracy"]`` for a classification loss (the cross-entropies,

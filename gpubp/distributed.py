@@ -357,7 +357,7 @@ class DataParallel:
             for layer in dropouts:
                 layer.rows_from = part.start
             try:
-                out = self.output = model.forward(xb[part], logits=logits)
+                out = self.output = model.forward(batches.take(xb, part), logits=logits)
             finally:
                 for layer in dropouts:
                     layer.rows_from = 0

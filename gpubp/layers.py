@@ -1224,8 +1224,27 @@ class Sequential:
         here = getattr(backend, "why_not_fused_here", None)  # this GPU: its tensor cores, its shared memory
         return here(self.precision, self.in_features) if here is not None else None
 
+    @property
+    def takes_sparse(self) -> bool:
+        """Whether a SciPy sparse batch reaches the first layer as it is, its zeros skipped in the
+        forward's product and in dW: on the NumPy backend (``SPARSE_INPUT``), under a first layer
+        that is a Dense. Elsewhere, and for a batch the backend's ``multiplies_sparse`` turns down
+        (one that stores more than ``SPARSE_MAX_DENSITY`` of its entries, or a small one), it is
+        made dense first."""
+        return (getattr(self.backend, "SPARSE_INPUT", False) and not self.uses_fused and bool(self.layers)
+                and isinstance(self.layers[0], Dense))
+
     def as_input(self, x, name: str = "x"):
-        """Validate ``x`` (B, in_features) and return it as this model's backend array."""
+        """Validate ``x`` (B, in_features) and return it as this model's backend array; a SciPy
+        sparse ``x`` (or ``batches.SparseRows``) as CSR in the model's dtype where ``takes_sparse``
+        and the backend multiplies it sparse (``multiplies_sparse``), else made dense."""
+        if isinstance(x, batches.SparseRows) or _checks.is_sparse(x):
+            rows = x if isinstance(x, batches.SparseRows) else batches.sparse_rows(x, name, self.in_features)
+            _checks.batch_shape(rows.shape, self.in_features, name)
+            _checks.float_dtype(rows.dtype, name)
+            if self.takes_sparse and self.backend.multiplies_sparse(rows.matrix, self.layers[0].out_features):
+                return rows.matrix.astype(self.dtype, copy=False)
+            x = rows[:]
         if _checks.array_kind(x) == "other" or _checks.is_bfloat16(x.dtype):
             x = _checks.to_numpy(x, name, f"a 2-D array of shape (batch, {self.in_features})")
         _checks.batch_shape(x.shape, self.in_features, name)
@@ -1311,6 +1330,7 @@ class Sequential:
 
     def forward(self, x, training: bool = True, need_input_grad: bool = False, logits: bool = False):
         """Run the model on ``x`` (B, in_features); returns (B, out_features) on the model's device.
+        A SciPy sparse ``x`` reaches the first layer sparse where the model ``takes_sparse``.
 
         ``training=True`` keeps what the following ``backward`` will read, and no more:
         a layer that computes nothing in backward keeps nothing, so a frozen prefix
@@ -1549,7 +1569,7 @@ class Sequential:
 
     def _as_grad(self, dout, shape: tuple):
         if _checks.array_kind(dout) == "other":
-            dout = np.asarray(dout)
+            dout = _checks.to_numpy(dout, "dout", f"an array of shape {shape} (the last forward's output)")
         if tuple(dout.shape) != shape:
             raise ValueError(f"dout: expected shape {shape} (the last forward's output), got {tuple(dout.shape)}")
         _checks.float_dtype(dout.dtype, "dout")
@@ -1572,8 +1592,9 @@ class Sequential:
         stored = [array for layer in self.layers for array in layer.stored_arrays()]
         if self._fused_saved is not None:
             stored += [array for arrays in self._fused_saved[1:] for array in arrays if array is not None]
-        for array in stored:
-            seen[id(array)] = array.nbytes
+        for array in stored:  # a CSR batch of input (``takes_sparse``): its three arrays
+            seen[id(array)] = (array.nbytes if hasattr(array, "nbytes")
+                               else array.data.nbytes + array.indices.nbytes + array.indptr.nbytes)
         return sum(seen.values())
 
     # --------------------------------------------------------------------- weights

@@ -37,8 +37,9 @@ differs:
 - Input data keeps its float type where the backend computes in it (float32 stays float32,
   float64 runs in float64 on the CPU) and is float32 on a GPU; predictions come in the wider of
   the input's and the model's float types, as scikit-learn's do. Sparse input (CSR or CSC)
-  stays sparse, and a batch at a time is made dense as it trains or predicts: a TF-IDF or
-  hashed feature matrix needs no dense copy of itself.
+  stays sparse: on the CPU a batch multiplies the first layer sparse (where it stores at most
+  ``numpy_backend.SPARSE_MAX_DENSITY`` of its entries), elsewhere a batch at a time is made
+  dense as it trains or predicts: a TF-IDF or hashed feature matrix needs no dense copy of itself.
 - The steps are scikit-learn's: along its losses (half the squared error, summed over several
   targets; the binary log loss summed over the outputs) plus ``alpha / 2 * ||W||^2`` divided
   by the batch's size, a shorter last batch's own. gpubp's own losses are means, smaller by a
@@ -592,7 +593,7 @@ class _BaseMLP(BaseEstimator):
     def _predict_arrays(self, X) -> np.ndarray:
         # In X's float type where that is wider than the model's, as scikit-learn's MLPs predict
         # float64 for float64 input (a float32 model's outputs are exact in float64).
-        outputs = self.model_.predict(X)  # a sparse X made dense a batch at a time
+        outputs = self.model_.predict(X)  # a sparse X a batch at a time
         return outputs.astype(np.result_type(X.dtype, outputs.dtype), copy=False)
 
     @property

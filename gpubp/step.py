@@ -160,11 +160,12 @@ class TrainStep:
 
     def __call__(self, x, y, sample_weight=None) -> float:
         """Train on one batch (x, y) and return its loss; checked as ``fit`` checks its data (a
-        SciPy sparse ``x`` is made dense). ``sample_weight`` (B,) weights each sample's loss, as in ``fit``.
+        SciPy sparse ``x`` is multiplied sparse where the model ``takes_sparse``, else made
+        dense). ``sample_weight`` (B,) weights each sample's loss, as in ``fit``.
 
         A non-finite loss raises FloatingPointError and leaves the weights unchanged."""
         x, y = batches.check_dataset(self.model, x, y, self.loss_fn)
-        if isinstance(x, batches.SparseRows):  # a SciPy sparse batch: the step runs on it dense
+        if isinstance(x, batches.SparseRows) and not self.model.takes_sparse:  # a SciPy sparse batch, made dense
             x = x[:]
         if sample_weight is not None:
             sample_weight = batches.check_sample_weight(sample_weight, len(x), dtype=self.model.dtype)

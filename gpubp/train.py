@@ -73,8 +73,9 @@ def fit(model, x, y, loss=None, optimizer=None, epochs: int = 1, batch_size: int
         scheduler_monitor: str | None = None) -> History:
     """Train ``model`` on (x, y) and return a :class:`History` of per-epoch metrics.
 
-    x: (N, in_features) floats, or a SciPy sparse matrix or array of them, kept sparse and made
-    dense a batch at a time (as evaluate and predict take it). y: (N,) int labels for ``cross_entropy``; (N, out) targets for
+    x: (N, in_features) floats, or a SciPy sparse matrix or array of them, kept sparse (a batch
+    multiplies the first layer sparse where the model ``takes_sparse``, else is made dense; as
+    evaluate and predict take it). y: (N,) int labels for ``cross_entropy``; (N, out) targets for
     ``mse`` / ``binary_cross_entropy``; one-hot rows for ``categorical_cross_entropy``.
     ``loss``, ``optimizer`` and ``metrics`` default to those given to :func:`compile`, else
     ``"cross_entropy"`` and ``"adam"``; an Optimizer must update this model's parameters (all or
@@ -378,7 +379,7 @@ def _train(model, data, validation, step, schedule, epochs, batch_size, shuffle,
         for batch, index in enumerate(_batches(len(x), batch_size, order)):
             for cb in callbacks:
                 cb.on_train_batch_begin(model, batch)
-            xb, yb = x[index], y[index]
+            xb, yb = batches.rows(model, x, index), y[index]
             wb = None if weights is None else weights[index]
             rate = largest_rate(opt)
             if parallel is None:

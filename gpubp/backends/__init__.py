@@ -173,6 +173,14 @@ Optional capability: act' in the dX epilogue (the cupy and numba backends; numpy
     activations whose output, masked or not, is the input of a Dense that computes dX; not an
     unmasked identity layer), and ``backward_plan`` shows it.
 
+Optional capability: sparse input (the numpy backend; the GPU backends do not have it)
+    A backend with ``SPARSE_INPUT`` takes, as ``x`` of ``dense_forward`` and ``dense_backward``,
+    a SciPy CSR batch of w's dtype: the forward's product and dW skip its zeros, and dX (which
+    reads no x) is as for a dense x. ``multiplies_sparse(x, width) -> bool`` says whether a batch
+    into a layer of ``width`` outputs should go sparse (few stored entries, a product large enough
+    to pay). ``Sequential.takes_sparse`` hands such a batch to the first layer where it is a Dense;
+    every other backend, and every batch turned down, gets it dense. Records the same names.
+
 Optional capability: multi-tensor updates (the cupy backend; the others do not have it)
     A backend with ``MULTI_TENSOR_UPDATES`` updates several tensors in one launch; the
     optimizers look for the attribute and hand it each run of parameters that share a param
