@@ -73,3 +73,25 @@ def test_the_bridge_ratios_are_tabulated(report, tmp_path):
     data = {"machine_info": {}, "benchmarks": benchmarks}
     text = report.markdown(data, [benchmarks])
     assert "| bridge / PyTorch CPU | bridge / gpubp |" in text and "| 1.50x | 3.00x |" in text
+
+
+def test_the_sparse_input_table_gives_each_ways_ratio_to_the_sparse_fit_per_round(tmp_path, monkeypatch):
+    """bench/test_sparse_input.py's table: each way's ratio to the sparse fit is the median of a
+    run's per-round ratios, then the median (and spread) over runs; the fraction of batches that
+    went sparse comes last."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_sparse_input", ROOT / "bench" / "test_sparse_input.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = []
+    for run, slow in enumerate((1.0, 2.0)):  # the second run's densified rounds are twice as slow
+        rounds = {"sparse": [1.0, 1.5], "densified": [3.0 * slow, 2.0 * slow], "dense": [4.0, 4.5]}
+        entry = bench("4000x20000 d=0.01", "sparse", 1.25, rounds)
+        entry["extra_info"]["sparse_batch_fraction"] = 0.5
+        paths.append(tmp_path / f"run{run}.json")
+        paths[-1].write_text(json.dumps({"machine_info": {}, "benchmarks": [entry]}))
+    text = module.markdown(paths)
+    assert "| data | sparse (s) | densified (s) | dense (s) | densified / sparse | dense / sparse | sparse batches |" in text
+    # densified / sparse per round: 3.0, 1.33 (median 2.17) in run 1; 6.0, 2.67 (4.33) in run 2;
+    # dense / sparse: 4.0, 3.0 (3.5) in both
+    assert "| `4000x20000 d=0.01` | 1.250 | 3.750 | 4.250 | 3.25x (2.17-4.33) | 3.50x (3.50-3.50) | 0.50 |" in text
