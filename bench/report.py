@@ -167,16 +167,18 @@ def markdown(data: dict, runs: list[list[dict]]) -> str:
                   "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
         for shape in table:
             cells = [f"`{shape}`"]
-            for _, _, values in columns:
-                got = values.get(shape)
-                if not got:
-                    cells.append("-")
-                elif len(got) == 1:
-                    cells.append(f"{got[0]:.2f}x")
-                else:
-                    cells.append(f"{statistics.median(got):.2f}x ({min(got):.2f}-{max(got):.2f})")
+            cells += [ratio_cell(values.get(shape)) for _, _, values in columns]
             lines.append(_row(cells))
     return "\n".join(lines) + "\n"
+
+
+def ratio_cell(got: list[float] | None) -> str:
+    """A ratio's table cell: "-" for none, one run's ratio, or the median over runs (min-max)."""
+    if not got:
+        return "-"
+    if len(got) == 1:
+        return f"{got[0]:.2f}x"
+    return f"{statistics.median(got):.2f}x ({min(got):.2f}-{max(got):.2f})"
 
 
 def plot(data: dict, runs: list[list[dict]], path: Path) -> None:

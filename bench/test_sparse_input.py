@@ -71,7 +71,6 @@ at the start of the case and the scikit-learn version. A quick check that everyt
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -263,7 +262,7 @@ RATIOS = [("densified", "sparse"), ("dense", "sparse"), ("scikit-learn", "sparse
 def markdown(paths: list[Path]) -> str:
     """A table of the runs in ``paths`` (one JSON each): every way's median seconds per epoch (the
     median over runs of each run's median) and the ratios, each run's the median of its rounds'."""
-    from report import load, machine_lines, median_of_runs, medians, ratios
+    from report import load, machine_lines, median_of_runs, medians, ratio_cell, ratios
 
     loaded = [load(path) for path in paths]
     for path, (_, benchmarks) in zip(paths, loaded):
@@ -296,14 +295,7 @@ def markdown(paths: list[Path]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for shape, times in table.items():
         cells = [f"`{shape}`"] + [f"{times[w]:.3f}" if w in times else "-" for w in ways]
-        for _, _, values in columns:
-            got = values.get(shape)
-            if not got:
-                cells.append("-")
-            elif len(got) == 1:
-                cells.append(f"{got[0]:.2f}x")
-            else:
-                cells.append(f"{statistics.median(got):.2f}x ({min(got):.2f}-{max(got):.2f})")
+        cells += [ratio_cell(values.get(shape)) for _, _, values in columns]
         seen = sorted(f for f in fractions.get(shape, ()) if f is not None)
         cells.append(", ".join(f"{f:.2f}" for f in seen) or "-")
         lines.append("| " + " | ".join(cells) + " |")
