@@ -97,7 +97,7 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
     _check_differentiable(model)
     loss_fn = _losses.get(loss)
     logits = _fuses_head(model, loss_fn)
-    x = np.array(x, dtype=np.float64, copy=True)
+    x = np.array(x.toarray() if _checks.is_sparse(x) else x, dtype=np.float64, copy=True)
 
     def loss_at(inputs) -> float:
         if random_state is None:
@@ -309,7 +309,7 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     out = model.backend.to_host(model.forward(x, training=False))
 
     twin = to_torch(model)
-    x_torch = torch.from_numpy(np.array(x, dtype=np.float64)).to(next(twin.parameters()).dtype).requires_grad_(True)
+    x_torch = torch.from_numpy(np.array(x.toarray() if _checks.is_sparse(x) else x, dtype=np.float64)).to(next(twin.parameters()).dtype).requires_grad_(True)
     if _fuses_head(model, _losses.get(loss)):
         logits = twin[:-1](x_torch)  # twin[-1] is the head's nn.Softmax or nn.Sigmoid
         out_torch = twin[-1](logits)

@@ -413,7 +413,8 @@ class Dense(Layer):
 
     def forward(self, x, out=None, keep_input: bool = False, keep_output: bool = False, training: bool = True,
                 logits: bool = False, precision: str = "fp32", dropout: Dropout | None = None):
-        """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array.
+        """``act(x @ W + b)`` on the layer's backend; ``x`` (B, in) is a backend array (or, as the
+        first layer of a model that ``takes_sparse``, a SciPy CSR batch).
 
         In training, ``keep_input``/``keep_output`` store what backward will read (the input
         for dW; the output or, for gelu, the pre-activation for act') and nothing else.
@@ -1228,11 +1229,13 @@ class Sequential:
     def takes_sparse(self) -> bool:
         """Whether a SciPy sparse batch reaches the first layer as it is, its zeros skipped in the
         forward's product and in dW: on the NumPy backend (``SPARSE_INPUT``), under a first layer
-        that is a Dense. Elsewhere, and for a batch the backend's ``multiplies_sparse`` turns down
+        that is a Dense (or a subclass with Dense's own forward and backward). Elsewhere, and for a batch the backend's ``multiplies_sparse`` turns down
         (one that stores more than ``SPARSE_MAX_DENSITY`` of its entries, or a small one), it is
         made dense first."""
-        return (getattr(self.backend, "SPARSE_INPUT", False) and not self.uses_fused and bool(self.layers)
-                and isinstance(self.layers[0], Dense))
+        first = self.layers[0] if self.layers else None
+        # A subclass of Dense with a forward or backward of its own is written for an array x.
+        return (getattr(self.backend, "SPARSE_INPUT", False) and not self.uses_fused and isinstance(first, Dense)
+                and type(first).forward is Dense.forward and type(first).backward is Dense.backward)
 
     def as_input(self, x, name: str = "x"):
         """Validate ``x`` (B, in_features) and return it as this model's backend array; a SciPy
@@ -1557,10 +1560,11 @@ class Sequential:
     def _check_unread_grad(self, dout) -> None:
         """Refuse the ``dout`` of a backward that reads none (every layer frozen) where one that reads
         it would: a wrong shape, or no float array, is the caller's mistake either way."""
-        if _checks.array_kind(dout) == "other":
-            dout = np.asarray(dout)
         stored = self._stored_plan
         batch = stored[3] if stored is not None else None
+        if _checks.array_kind(dout) == "other":  # as _as_grad takes it
+            dout = _checks.to_numpy(dout, "dout", f"an array of shape ({batch if batch is not None else 'batch'}, "
+                                                  f"{self.out_features}) (the last forward's output)")
         if dout.ndim != 2 or dout.shape[1] != self.out_features or batch not in (None, dout.shape[0]):
             expected = (batch if batch is not None else "batch", self.out_features)
             raise ValueError(f"dout: expected shape ({expected[0]}, {expected[1]}) (the last forward's output), "

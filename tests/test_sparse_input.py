@@ -371,6 +371,8 @@ def test_the_gradients_from_a_sparse_batch_are_the_central_differences_of_the_lo
     assert analytic.keys() == numerical.keys()
     for name, want in numerical.items():
         np.testing.assert_allclose(analytic[name], want, rtol=1e-6, atol=1e-9, err_msg=name)
+    # check_gradients takes the sparse rows whole: backward on them, differences on their dense form.
+    assert max(gradcheck.check_gradients(net, x, labels, loss="cross_entropy").values()) < 1e-8
     # Columns no row stores get a zero gradient in the first weight, exactly.
     empty = np.flatnonzero(np.diff(x.tocsc().indptr) == 0)
     assert empty.size and not np.any(analytic["layers.0.weight"][empty])
@@ -420,3 +422,41 @@ def test_fit_on_sparse_batches_trains_as_on_the_dense_form_up_to_rounding(monkey
         np.testing.assert_allclose(values, dense_history[name], rtol=1e-5, err_msg=name)
     for got, want in zip(on_sparse.get_weights(), on_dense.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.usefixtures("small_products_sparse")
+def test_a_first_dense_of_the_users_own_whose_forward_reads_an_array_gets_each_batch_dense():
+    """A subclass of Dense that overrides forward was written against the layer protocol, whose x
+    is a backend array (here it clips it with np.clip): the model must not hand it a CSR batch, and
+    fit and predict on sparse x then give what they give on its dense form, bit for bit, as before."""
+    seen = []
+
+    class Clipped(gb.Dense):
+        def forward(self, x, *args, **kwargs):
+            seen.append(type(x))
+            return super().forward(np.clip(x, -0.5, 0.5), *args, **kwargs)
+
+    x = sparse.random(64, 200, density=0.01, format="csr", dtype=np.float32, random_state=13)
+    labels = rng.integers(0, 3, 64)
+    runs = []
+    for data in (x, x.toarray()):
+        gb.seed(0)
+        net = gb.Sequential([Clipped(200, 16, activation="relu"), gb.Dense(16, 3)])
+        net.fit(data, labels, epochs=1, batch_size=16, verbose=0)
+        runs.append((net.predict(data), net.get_weights()))
+    assert seen and all(kind is np.ndarray for kind in seen)
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert_arrays_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_sparse_dout_is_refused_alike_whether_or_not_a_layer_reads_it(frozen):
+    """A backward with every layer frozen reads no dout, but refuses what one that reads it refuses,
+    in the same words: a SciPy sparse dout says to pass dout.toarray()."""
+    net = model()
+    if frozen:
+        net.freeze()
+    net.forward(X[:16])
+    with pytest.raises(TypeError, match=r"^dout: expected an array of shape \(16, 3\) \(the last forward's output\), "
+                                        r"got a SciPy sparse csr_matrix; .* pass dout.toarray\(\)$"):
+        net.backward(sparse.csr_matrix(np.ones((16, 3), np.float32)))

@@ -487,7 +487,7 @@ def dense_forward(x, w, b, act, out=None, out_z=None, precision="fp32", dropout=
     if precision == "bf16":
         x, w = round_bf16(x), round_bf16(w)
     record("dense_fwd")
-    product = _matmul if isinstance(x, np.ndarray) else _sparse_product
+    product = _sparse_product if _checks.is_sparse(x) else _matmul
     if act in NEEDS_Z:
         z = product(x, w, out=out_z)
         z += b
@@ -657,7 +657,7 @@ def dense_backward(dy, x, w, y, z, act, need_dx, need_dw, out_dx=None, out_dw=No
         if precision == "bf16":
             x = round_bf16(x)
         record("dense_dw")
-        dw = _matmul(x.T, dz, out=out_dw) if isinstance(x, np.ndarray) else _sparse_transposed_product(x, dz, out_dw)
+        dw = _sparse_transposed_product(x, dz, out_dw) if _checks.is_sparse(x) else _matmul(x.T, dz, out=out_dw)
     if need_dx:
         if precision == "bf16":
             w = round_bf16(w)
