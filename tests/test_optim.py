@@ -83,6 +83,63 @@ def test_adam_and_adamw_match_pytorch(name, config):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_adam_with_decoupled_weight_decay_matches_pytorchs_and_is_adamw():
+    torch = torch_or_skip()
+    config = dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True)
+    ours = run_ours(lambda p: optim.Adam(p, **config), all_in_one)
+    theirs = run_torch(lambda p: torch.optim.Adam(p, **config), all_in_one)
+    adamw = run_ours(lambda p: optim.AdamW(p, lr=0.02, weight_decay=0.1), all_in_one)
+    plain = run_ours(lambda p: optim.Adam(p, lr=0.02, weight_decay=0.1), all_in_one)
+    for a, b, c, d in zip(ours, theirs, adamw, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(a, c)
+        assert not np.allclose(a, d, rtol=1e-6, atol=0)  # L2 in the gradient steps otherwise
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_decoupled_weight_decay_is_an_option_of_each_param_group_as_in_pytorch(name):
+    """One group decays its weights as AdamW, the other as Adam, whichever class holds them; the
+    groups hold the option as torch's do (AdamW's True)."""
+    torch = torch_or_skip()
+
+    def groups(params):
+        return [{"params": params[:1], "decoupled_weight_decay": name == "Adam"}, {"params": params[1:]}]
+
+    config = dict(lr=0.02, weight_decay=0.1)
+    ours = run_ours(lambda p: getattr(optim, name)(p, **config), groups)
+    theirs = run_torch(lambda p: getattr(torch.optim, name)(p, **config), groups)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    held = [group["decoupled_weight_decay"] for group in getattr(optim, name)(groups(make_params())).param_groups]
+    assert held == [group["decoupled_weight_decay"]
+                    for group in getattr(torch.optim, name)(groups([torch.zeros(1, requires_grad=True)
+                                                                    for _ in SHAPES]), **config).param_groups]
+
+
+@pytest.mark.parametrize("name, default", [("Adam", False), ("AdamW", True)])
+def test_a_state_dict_saved_before_decoupled_weight_decay_was_an_option_loads_with_the_classs_default(name, default):
+    params = make_params()
+    opt = getattr(optim, name)(params, lr=0.01, weight_decay=0.1)
+    for p, g in zip(params, gradient_sequence()[0]):
+        p.grad = g
+    opt.step()
+    saved = opt.state_dict()
+    assert [group["decoupled_weight_decay"] for group in saved["param_groups"]] == [default]
+    older = {"state": saved["state"], "param_groups": [{k: v for k, v in group.items() if k != "decoupled_weight_decay"}
+                                                       for group in saved["param_groups"]]}
+    other = getattr(optim, name)(params, lr=0.5)
+    other.param_groups[0]["decoupled_weight_decay"] = not default
+    other.load_state_dict(older)
+    assert other.param_groups[0]["decoupled_weight_decay"] is default and other.param_groups[0]["lr"] == 0.01
+
+
+def test_decoupled_weight_decay_must_be_a_bool_naming_it():
+    with pytest.raises(TypeError, match="^decoupled_weight_decay: expected True or False, got 'yes'"):
+        optim.Adam(make_params(), decoupled_weight_decay="yes")
+    with pytest.raises(TypeError, match="^decoupled_weight_decay: expected True or False, got 1"):
+        optim.Adam([{"params": make_params(), "decoupled_weight_decay": 1}])
+
+
 RMSPROP_CONFIGS = {
     "plain": dict(lr=0.01),
     "momentum": dict(lr=0.01, momentum=0.9),
@@ -146,8 +203,7 @@ def test_sgd_takes_pytorchs_positional_arguments_in_its_order():
 # torch's options that change nothing in gpubp, at values torch takes: each optimizer steps as without them.
 NO_EFFECT = {
     "SGD": dict(dampening=0.0, maximize=False, foreach=True, differentiable=False, fused=None),
-    "Adam": dict(amsgrad=False, foreach=False, maximize=False, capturable=True, differentiable=False, fused=True,
-                 decoupled_weight_decay=False),
+    "Adam": dict(amsgrad=False, foreach=False, maximize=False, capturable=True, differentiable=False, fused=True),
     "AdamW": dict(amsgrad=False, maximize=False, foreach=None, capturable=True, differentiable=False, fused=False),
     "RMSprop": dict(capturable=True, foreach=True, maximize=False, differentiable=False),
 }
@@ -170,7 +226,6 @@ UNSUPPORTED = [
     ("SGD", "dampening", 0.1, "dampening: 0.1 is not supported"),
     ("SGD", "maximize", True, "maximize: True is not supported"),
     ("Adam", "amsgrad", True, "amsgrad: True is not supported"),
-    ("Adam", "decoupled_weight_decay", True, r"decoupled_weight_decay: True is not supported \(gb.optim.AdamW is"),
     ("AdamW", "amsgrad", True, "amsgrad: True is not supported"),
     ("RMSprop", "maximize", True, "maximize: True is not supported"),
     ("Adam", "differentiable", True, "differentiable: True is not supported: gpubp has no autograd"),

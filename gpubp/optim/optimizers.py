@@ -59,7 +59,6 @@ UNSUPPORTED = {
     "dampening": (0, "gpubp's SGD momentum has no dampening"),
     "amsgrad": (False, "gpubp's Adam keeps no running maximum of the second moment"),
     "maximize": (False, "negate the loss to maximize it"),
-    "decoupled_weight_decay": (False, "gb.optim.AdamW is Adam with decoupled weight decay"),
 }
 
 
@@ -112,6 +111,7 @@ class Optimizer:
     _state_lazy: tuple[str, ...] = ()
     _state_counters: tuple[str, ...] = ()
     _torch_options: tuple[str, ...] = ()
+    _options_added_later: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, torch_options: dict | None = None) -> None:
         # Checked here as well as with each group: a default that every group overrides would
@@ -412,6 +412,8 @@ class Optimizer:
 
     def _saved_options(self, saved: dict, g: int) -> dict:
         found = {key: value for key, value in saved.items() if key not in ("params", *SCHEDULE_KEYS)}
+        for key in self._options_added_later:  # a dict saved before the option was
+            found.setdefault(key, self.defaults[key])
         if set(found) != set(self.defaults):
             raise ValueError(f"state_dict: param group {g} has the options {sorted(found)}, but "
                              f"{type(self).__name__} takes {sorted(self.defaults)}")
@@ -552,30 +554,31 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam.
+    """Adam (Kingma and Ba). ``weight_decay`` here is L2 added to the gradient, as in torch.optim.Adam;
+    with ``decoupled_weight_decay=True`` (an option of each param group, as in torch) it is
+    AdamW's decay instead, ``param *= 1 - lr * weight_decay`` before the step.
 
     torch.optim.Adam's signature and defaults (``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``);
-    ``amsgrad``, ``maximize`` and ``decoupled_weight_decay`` are taken at their defaults only
-    (decoupled decay is :class:`AdamW`), and ``foreach``, ``fused``, ``capturable`` and
-    ``differentiable=False`` change nothing (see ``PERFORMANCE_FLAGS``). The name ``"adam"``
-    builds Keras's Adam, whose rate and betas are these.
+    ``amsgrad`` and ``maximize`` are taken at their defaults only, and ``foreach``, ``fused``,
+    ``capturable`` and ``differentiable=False`` change nothing (see ``PERFORMANCE_FLAGS``). The
+    name ``"adam"`` builds Keras's Adam, whose rate and betas are these.
     """
 
-    decoupled = False
     _update_reads_step = True
     _state_arrays = ("m", "v")
     _state_counters = ("step",)
-    _torch_options = ("amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused",
-                      "decoupled_weight_decay")
+    _torch_options = ("amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused")
+    # Saved without it before it was an option: such a state_dict's groups take the class's default.
+    _options_added_later = ("decoupled_weight_decay",)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay),
                          dict(amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
-                              differentiable=differentiable, fused=fused,
-                              decoupled_weight_decay=decoupled_weight_decay))
+                              differentiable=differentiable, fused=fused))
 
     def _validate(self, options: dict, where: str = "") -> None:
         super()._validate(options, where)
@@ -586,6 +589,8 @@ class Adam(Optimizer):
         options["betas"] = (_checks.in_unit_interval(betas[0], f"{where}betas[0]"),
                             _checks.in_unit_interval(betas[1], f"{where}betas[1]"))
         options["eps"] = _checks.positive(options["eps"], f"{where}eps")
+        options["decoupled_weight_decay"] = _checks.boolean(options["decoupled_weight_decay"],
+                                                            f"{where}decoupled_weight_decay")
 
     def _new_state(self, param: Parameter, group: dict) -> dict:
         zeros = param.backend.zeros
@@ -595,7 +600,7 @@ class Adam(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         param.backend.adam_update(param.data, param.grad, state["m"], state["v"], group["lr"], beta1, beta2,
-                                  group["eps"], group["weight_decay"], state["step"], self.decoupled)
+                                  group["eps"], group["weight_decay"], state["step"], group["decoupled_weight_decay"])
 
     def _update_many(self, batch: list[tuple[Parameter, dict, dict]]) -> None:
         for _, _, state in batch:
@@ -607,7 +612,7 @@ class Adam(Optimizer):
         group = batch[0][1]
         batch[0][0].backend.adam_update_many([(p.data, p.grad, s["m"], s["v"]) for p, _, s in batch], lr,
                                              *group["betas"], group["eps"], group["weight_decay"], step,
-                                             self.decoupled, hyper=hyper, guard=guard)
+                                             group["decoupled_weight_decay"], hyper=hyper, guard=guard)
 
     def graph_hyper(self, param: Parameter, group: dict, state: dict) -> tuple[float, ...]:
         return param.backend.adam_hyper(group["lr"], *group["betas"], state["step"] + 1)
@@ -615,7 +620,8 @@ class Adam(Optimizer):
     def graph_update(self, param: Parameter, group: dict, state: dict, hyper, guard) -> None:
         beta1, beta2 = group["betas"]
         param.backend.adam_update(param.data, param.grad, state["m"], state["v"], None, beta1, beta2, group["eps"],
-                                  group["weight_decay"], None, self.decoupled, hyper=hyper, guard=guard)
+                                  group["weight_decay"], None, group["decoupled_weight_decay"], hyper=hyper,
+                                  guard=guard)
 
     def graph_update_many(self, batch: list[tuple[Parameter, dict, dict]], hyper, guard) -> None:
         self._adam_many(batch, None, None, hyper, guard)
@@ -628,11 +634,11 @@ class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov and Hutter): ``param *= 1 - lr * weight_decay``.
 
     torch.optim.AdamW's signature and defaults (Adam's, and ``weight_decay=0.01``), its options
-    taken as :class:`Adam` takes them (torch's AdamW has no ``decoupled_weight_decay``). The name
-    ``"adamw"`` builds Keras's AdamW instead: ``weight_decay=0.004``.
+    taken as :class:`Adam` takes them. As torch's, its signature has no ``decoupled_weight_decay``
+    and its param groups hold it, True. The name ``"adamw"`` builds Keras's AdamW instead:
+    ``weight_decay=0.004``.
     """
 
-    decoupled = True
     _torch_options = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -641,7 +647,7 @@ class AdamW(Adam):
                  fused: bool | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused)
+                         fused=fused, decoupled_weight_decay=True)
 
 
 class RMSprop(Optimizer):
