@@ -10,7 +10,7 @@ ties to even, bit for bit as ``round_bf16`` does (in onnxruntime and in ONNX's r
 implementation), and its weights are written already so rounded, in the float type; the bias and
 the sums stay in the float type. onnxruntime before 1.17 removes a Cast to bfloat16 and back
 (its issue 9915: 1.16.3 does, 1.17.0 does not), so runs such a file's inputs unrounded. Where
-onnxruntime's float32 results differ from predict's in the last bit (its Sigmoid, Tanh and Erf, sums
+onnxruntime's float32 results differ from predict's in the last bit (its Exp, Tanh and Erf, sums
 added in another order) next to a bfloat16 rounding boundary, the next layer's input rounds to the
 neighbouring bfloat16 value, one bfloat16 step away: such a sample's outputs differ from predict's
 by about bfloat16's precision (1e-3 of the largest output), where the others agree within 1e-5.
@@ -19,9 +19,12 @@ gpubp's CPU backends compute it as fp32. The batch axis is named
 ``"batch"`` and left free. Opset 17, which every current
 runtime reads: the exact gelu is written as its erf form ``x * (0.5 * (1 + erf(x / sqrt 2)))``,
 gelu_tanh as its formula ``x * (0.5 * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))))`` (``x^3`` a
-``Pow``) and silu as ``x * Sigmoid(x)``, each node for node as PyTorch's dynamo exporter writes them
-(the gelus below opset 20); halving before the last product keeps the gelus finite up to the largest
-float, as ``predict`` does. onnxruntime's CPU build has no double kernel for ``Erf``, so a float64
+``Pow``), each node for node as PyTorch's dynamo exporter writes them (below opset 20); halving
+before the last product keeps the gelus finite up to the largest float, as ``predict`` does.
+sigmoid is written as ``1 / (1 + exp(-x))`` (``Reciprocal``) and silu as ``x / (1 + exp(-x))``:
+onnxruntime's float32 ``Sigmoid`` is accurate to about 2e-7 absolute, not relative (2e-4 off at
+x = -8, 0 from -16 on), where predict's keeps its relative precision; written out, both stay
+within 3e-7 of predict's relative to each output. A ``Sigmoid`` and ``x * Sigmoid(x)`` are read. onnxruntime's CPU build has no double kernel for ``Erf``, so a float64
 model's gelu computes its erf in float32, between a ``Cast`` to ``FLOAT`` and one back to ``DOUBLE``:
 its output is within about 1e-7 of ``|x|`` of ``predict``'s (1e-7 relative for x > 0, more where
 gelu's small negative values cancel), and everything else stays in double. leaky_relu is a
@@ -103,7 +106,8 @@ CONSTANT_RTOL = 1e-6  # how close a formula's constant must be: float32 rounds s
 # that holds its weights inside.
 MAX_BYTES = 2 ** 31 - 1
 
-# One ONNX operator per activation, with its attributes; gelu, gelu_tanh and silu are formulas.
+# One ONNX operator per activation, with its attributes, as the reader takes them; gelu, gelu_tanh, silu and
+# (in the files gpubp writes) sigmoid are formulas.
 SINGLE_OPS = {"relu": ("Relu", {}), "leaky_relu": ("LeakyRelu", {"alpha": activations.LEAKY_SLOPE}),
               "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}), "softmax": ("Softmax", {"axis": -1})}
 # A formula is a chain of steps (operator, operands[, attributes]): "x" is the activation's input, "prev" the
@@ -116,8 +120,14 @@ FORMULAS = {
     "gelu_tanh": (("Pow", "x", 3.0), ("Mul", activations.GELU_TANH_A, "prev"), ("Add", "x", "prev"),
                   ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"), ("Add", 1.0, "prev"),
                   ("Mul", 0.5, "prev"), ("Mul", "x", "prev")),
-    "silu": (("Sigmoid", "x"), ("Mul", "x", "prev")),
+    # onnxruntime's float32 Sigmoid is accurate to about 2e-7 absolute, not relative: 2e-4 off at -8 and 0 from
+    # -16 on, where predict's sigmoid (1 / (1 + exp(-z)), as here) keeps its relative precision. So sigmoid and
+    # silu are written as that arithmetic, within 3e-7 of predict's relative to each output in onnxruntime.
+    "sigmoid": (("Neg", "x"), ("Exp", "prev"), ("Add", 1.0, "prev"), ("Reciprocal", "prev")),
+    "silu": (("Neg", "x"), ("Exp", "prev"), ("Add", 1.0, "prev"), ("Div", "x", "prev")),
 }
+# Activations the writer writes as their formula, though one operator (SINGLE_OPS) is read for them too.
+WRITTEN_AS_FORMULA = ("sigmoid",)
 # Other orders of the same arithmetic, read as well: PyTorch's TorchScript exporter (and gpubp's earlier
 # files) halve after the last product, and cube with two Muls.
 READ_ALSO = {
@@ -126,6 +136,8 @@ READ_ALSO = {
     "gelu_tanh": ((("Mul", "x", "x"), ("Mul", "x", "prev"), ("Mul", activations.GELU_TANH_A, "prev"),
                    ("Add", "x", "prev"), ("Mul", activations.GELU_TANH_C, "prev"), ("Tanh", "prev"),
                    ("Add", 1.0, "prev"), ("Mul", "x", "prev"), ("Mul", 0.5, "prev")),),
+    # PyTorch's exporters, and gpubp's earlier files
+    "silu": ((("Sigmoid", "x"), ("Mul", "x", "prev")),),
 }
 # Activations written as a formula in float64 models only. leaky_relu: the one operator would round a constant
 # to float32, LeakyRelu's alpha being a FLOAT attribute. Max(x, 0.01 x) is leaky_relu exactly for any slope
@@ -237,7 +249,7 @@ def _cast_nodes(x: str, types: tuple[int, ...], prefix: str, nodes: list) -> str
 def _activation_nodes(act: str, x: str, y: str, prefix: str, dtype: np.dtype, constants: dict) -> list:
     """The nodes computing ``y = act(x)``; scalar constants go into ``constants``, shared by name."""
     steps = FLOAT64_FORMULAS.get(act) if dtype == np.float64 else None
-    if steps is None and act in SINGLE_OPS:
+    if steps is None and act in SINGLE_OPS and act not in WRITTEN_AS_FORMULA:
         op, attributes = SINGLE_OPS[act]
         return [helper.make_node(op, [x], [y], name=prefix, **attributes)]
     return _formula_nodes(steps or FORMULAS[act], x, y, prefix, dtype, constants)
@@ -415,11 +427,11 @@ class _Graph:
                 casts, current, position = rounding
                 if position == len(self.nodes) or self.nodes[position].op_type not in ("Gemm", "MatMul"):
                     raise self._error(node, "rounds to bfloat16 and back where no linear layer reads the result")
-            linear = self._linear(position, current)
+            linear_node, linear = self.nodes[min(position, len(self.nodes) - 1)], self._linear(position, current)
             if linear is not None:
                 weight, bias, names, current, position = linear
                 if layers and layers[-1][0].shape[1] != weight.shape[0]:
-                    raise self._error(node, f"takes {weight.shape[0]} inputs, but the layer before gives "
+                    raise self._error(linear_node, f"takes {weight.shape[0]} inputs, but the layer before gives "
                                             f"{layers[-1][0].shape[1]}")
                 layers.append([weight, bias, "identity", casts, names])
                 continue

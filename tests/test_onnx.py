@@ -76,6 +76,21 @@ def test_onnxruntime_computes_what_predict_does_and_the_file_loads_back(tmp_path
     assert_same_model(gb.load(tmp_path / "m.onnx", device="cpu"), model)
 
 
+@pytest.mark.parametrize("act", ["sigmoid", "silu"])
+def test_a_sigmoid_near_zero_runs_as_predict_at_batch_1(tmp_path, act):
+    """onnxruntime's float32 Sigmoid is accurate to about 2e-7 absolute, not relative: below -5 it drifts
+    (2e-4 off at -8) and from -16 on it gives 0. A sigmoid head (or a silu output layer) whose only output is
+    that small is then far from predict's, against "within 1e-5 of the largest output ... at batch 1"."""
+    unit = gb.Sequential([gb.Dense(1, 1, act)], device="cpu", backend="numpy")
+    unit.set_weights([np.ones((1, 1), np.float32), np.zeros(1, np.float32)])
+    unit.save(tmp_path / "unit.onnx")
+    for z in (-6.0, -8.0, -12.0, -17.0):
+        x = np.array([[z]], np.float32)
+        expected = unit.predict(x)
+        np.testing.assert_allclose(run_onnxruntime(tmp_path / "unit.onnx", x), expected, rtol=1e-5,
+                                   atol=1e-5 * np.abs(expected).max(), err_msg=f"z = {z}")
+
+
 # A float64 gelu computes its Erf in float32, so not within 1e-9:
 # test_a_float64_gelu_runs_its_erf_in_float32_in_onnxruntime_and_loads_back.
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -763,6 +778,15 @@ def test_a_bfloat16_input_multiplied_by_a_weight_that_is_not(tmp_path):
     weight = initializer(proto, "layers.1.weight")
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1 + 2 ** -12), weight.name))
     expect_rejected(written(tmp_path, proto), "layer 1 rounds its input to bfloat16 but its weight holds other values")
+
+
+def test_a_width_mismatch_after_bfloat16_casts_names_the_linear_layer(tmp_path):
+    """The error names the Gemm whose weight does not fit, not the first Cast that rounds its input."""
+    proto = valid_proto("bf16")
+    weight = initializer(proto, "layers.1.weight")
+    weight.CopyFrom(numpy_helper.from_array(np.zeros((5, 5), np.float32), weight.name))
+    expect_rejected(written(tmp_path, proto), r"node 'layers\.1\.gemm' \(Gemm\): takes 5 inputs, but the layer "
+                                              "before gives 6")
 
 
 def test_a_rounding_to_bfloat16_that_no_linear_layer_reads(tmp_path):
