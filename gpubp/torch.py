@@ -243,6 +243,7 @@ class MLP(nn.Module):
         # one): the layers are called as modules, one at a time, so that their hooks run as nn.Sequential's
         # children's do. The masks are the same: each call draws its keys from torch's stream in the same order.
         _check_layers(layers)  # all, before the first runs
+        _check_stack(layers)
         for i, layer in enumerate(layers):
             x = layer(x, math=self.math, input_dropout=input_dropout if i == 0 else None)
         return x
@@ -256,7 +257,7 @@ class MLP(nn.Module):
         flags (after a forward in training mode, for the dropout)."""
         backend = _backend_for(self.layers[0].weight)
         plan = plan_backward([_trainable(layer) for layer in self.layers], need_input_grad)
-        acts = [layer.activation for layer in self.layers]
+        acts = [activations.canonical(layer.activation, f"layers[{i}].activation") for i, layer in enumerate(self.layers)]
         folded = _folded(backend, acts, plan, [layer.dropout is not None for layer in self.layers])
         entries, notes = [], {}
         if self.input_dropout is not None:
@@ -498,6 +499,40 @@ def _check_layers(layers: list) -> None:
                             "nn.Sequential")
 
 
+def _check_stack(layers: list, alone: bool = False) -> tuple[tuple, list]:
+    """Every layer's attributes and parameters, named by layer, before any layer runs: the
+    activations (canonical names), the dropout rates, and the parameters' types, shapes, devices
+    and dtypes (else the kernels' checks named ``w``, ``b`` and the hidden input ``x``)."""
+    acts, rates, first, width = [], [], None, None
+    for i, layer in enumerate(layers):
+        where = "" if alone else f"layers[{i}]."
+        act = activations.canonical(layer.activation, f"{where}activation")
+        acts.append(act)
+        rates.append(_checked_rate(layer.dropout, f"{where}dropout"))
+        if act == "softmax" and layer.dropout is not None:
+            raise ValueError(f"{'dropout' if alone else f'layers[{i}]'}: {SOFTMAX_DROPOUT}")
+        weight, bias = layer.weight, layer.bias
+        for name, param in (("weight", weight), ("bias", bias)):
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"{where}{name}: expected a tensor, got {type(param).__name__} (a gpubp layer "
+                                "always has a weight and a bias)")
+            if first is None:
+                first = (f"{where}{name}", param)
+            elif param.device != first[1].device or param.dtype != first[1].dtype:
+                raise ValueError(f"parameters: {where}{name} is {param.dtype} on {param.device}, {first[0]} is "
+                                 f"{first[1].dtype} on {first[1].device}; keep the whole MLP on one device and dtype")
+        if tuple(weight.shape) != (layer.in_features, layer.out_features):
+            raise ValueError(f"{where}weight: expected shape ({layer.in_features}, {layer.out_features}) (the layer's "
+                             f"in_features, out_features; (in, out) as everywhere in gpubp), got {tuple(weight.shape)}")
+        if tuple(bias.shape) != (layer.out_features,):
+            raise ValueError(f"{where}bias: expected shape ({layer.out_features},) (the layer's out_features), got "
+                             f"{tuple(bias.shape)}")
+        if width is not None and layer.in_features != width:
+            raise ValueError(f"{where}in_features: {layer.in_features}, but layers[{i - 1}] gives {width} outputs")
+        width = layer.out_features
+    return tuple(acts), rates
+
+
 def _trainable(layer: Dense) -> bool:
     return layer.weight.requires_grad or layer.bias.requires_grad
 
@@ -538,12 +573,7 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, alone: 
     # The attributes set after construction too (from_torch and from_sequential set them), checked as
     # the constructors check them: a rate out of [0, 1) gave zeros, 1.0 a ZeroDivisionError, a str a bare TypeError.
     input_dropout = _checked_rate(input_dropout, "input_dropout")
-    rates = []
-    for i, layer in enumerate(layers):
-        where = "" if alone else f"layers[{i}]."
-        rates.append(_checked_rate(layer.dropout, f"{where}dropout"))
-        if layer.activation == "softmax" and layer.dropout is not None:
-            raise ValueError(f"{'dropout' if alone else f'layers[{i}]'}: {SOFTMAX_DROPOUT}")
+    acts, rates = _check_stack(layers, alone)
     device_type, dtype = params[0].device.type, params[0].dtype
     _backend_for(params[0])  # first: custom_fwd, in _function, fails obscurely on a device type autocast lacks
     math = _math_for(math, dtype)
@@ -553,7 +583,6 @@ def _run(layers: list[Dense], x, math: str, input_dropout: float | None, alone: 
             and x.device.type == device_type):
         x = x.to(dtype)
     function = _function(device_type, dtype)
-    acts = tuple(layer.activation for layer in layers)
     # (key, rate) of the input's and each layer's Dropout in training mode, else None; the keys drawn
     # bottom to top from torch's stream, which torch.utils.checkpoint restores to recompute a forward.
     on = (True, *(layer.training for layer in layers))
@@ -713,7 +742,8 @@ def _function(device_type: str, dtype: torch.dtype):
             if torch.is_grad_enabled():  # create_graph=True: what differentiates these grads must fail
                 # The params, x, and grad_out: every grad is linear in it, so (theta * mlp(x)).pow(2)'s
                 # grads depend on theta through it alone, and a second derivative to theta came out None.
-                sources = [t for t in (*saved[:len(grads)], grad_out) if t is not None and t.requires_grad]
+                sources = [t for t in (*saved[:len(ctx.biases) + 1], *ctx.bias_sources, grad_out)
+                           if t is not None and t.requires_grad]
                 grads = [None if grad is None else _FirstDerivativeOnly.apply(grad, *sources) for grad in grads]
             return (None, None, None, None, *grads)
 
@@ -857,8 +887,13 @@ def _forward(ctx, acts: tuple, math: str, grad_enabled: bool, drops: tuple, x: t
     # to it, _FirstDerivativeOnly), then each activation once (a hidden output is the next layer's
     # input); ctx.kept holds the activations' positions.
     tensors = {id(t): t for layer in kept for t in layer if t is not None}
-    position = {key: n for n, key in enumerate(tensors, start=len(params) + 1)}
-    ctx.save_for_backward(*params, given if given.requires_grad else None, *tensors.values())
+    position = {key: n for n, key in enumerate(tensors, start=len(params) // 2 + 1)}
+    weights = params[0::2]
+    ctx.save_for_backward(*weights, given if given.requires_grad else None, *tensors.values())
+    # A bias's values are never read by backward (nor saved by torch's addmm): its shape and dtype are kept,
+    # and, for _FirstDerivativeOnly's sources, those that require grad.
+    ctx.biases = [(tuple(b.shape), b.dtype) for b in params[1::2]]
+    ctx.bias_sources = tuple(b for b in params[1::2] if b.requires_grad)
     ctx.kept = [tuple(None if t is None else position[id(t)] for t in layer) for layer in kept]
     ctx.plan, ctx.acts, ctx.math, ctx.device, ctx.masks = plan, acts, math, device, masks
     return h
@@ -874,10 +909,10 @@ def _folded(backend, acts, plan, masked) -> frozenset[int]:
 def _backward(ctx, saved: tuple, grad_out: torch.Tensor) -> list:
     """The gradients of (x, W0, b0, W1, b1, ...); ``saved``: ``ctx.saved_tensors``."""
     device, plan, acts = ctx.device, ctx.plan, ctx.acts
-    params = saved[:2 * len(acts)]
+    weights = saved[:len(acts)]
     kept = [tuple(None if n is None else saved[n] for n in layer) for layer in ctx.kept]
     wants = ctx.needs_input_grad[4:]
-    grads = [None] * (1 + len(params))
+    grads = [None] * (1 + 2 * len(acts))
     active = [i for i, (need_dx, need_dw) in enumerate(plan) if need_dx or need_dw]
     if not active:
         return grads
@@ -888,10 +923,10 @@ def _backward(ctx, saved: tuple, grad_out: torch.Tensor) -> list:
             need_dx, trains = plan[i]
             need_dw, need_db = trains and wants[1 + 2 * i], trains and wants[2 + 2 * i]
             inputs, y, z = kept[i]
-            weight, bias = params[2 * i], params[2 * i + 1]
+            weight, (bias_shape, bias_dtype) = weights[i], ctx.biases[i]
             dx = device.empty((len(dy), weight.shape[0]), weight.dtype) if need_dx else None
             dw = device.empty(weight.shape, weight.dtype) if need_dw else None
-            db = device.empty(bias.shape, bias.dtype) if trains else None  # dW's kernels sum db too
+            db = device.empty(bias_shape, bias_dtype) if trains else None  # dW's kernels sum db too
             masked = {} if ctx.masks[i + 1] is None or i in folded else {"dropout": ctx.masks[i + 1]}
             if i - 1 in folded:  # this dX forms the dz of the layer below: its act', its output's mask
                 below = kept[i - 1][2] if acts[i - 1] in activations.NEEDS_Z else kept[i - 1][1]

@@ -1162,3 +1162,93 @@ def test_bf16_precision_keeps_fp32_parameters_rounds_the_products_and_converts_w
     assert torch.equal(out.detach(), torch.from_numpy(model.forward(x.numpy())))
     out.sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())
+
+
+# ----------------------------------------------------------------------------- layers edited by hand
+
+
+def _edit(mlp: MLP, edit: str) -> None:
+    if edit == "weight (in, other out)":  # the bias below it is untouched: it was blamed ("b: expected shape (7,)")
+        mlp.layers[1].weight = torch.nn.Parameter(torch.randn(9, 7))
+    elif edit == "weight (out, in)":  # an nn.Linear's layout: "w: expected 9 rows ... of x (6, 9)"
+        mlp.layers[1].weight = torch.nn.Parameter(torch.randn(8, 9))
+    elif edit == "weight 1-D":  # a bare IndexError
+        mlp.layers[1].weight = torch.nn.Parameter(torch.randn(72))
+    elif edit == "bias (7,)":  # "b: expected shape (8,), got (7,)", naming no layer
+        mlp.layers[1].bias = torch.nn.Parameter(torch.randn(7))
+    elif edit == "bias None":  # "'NoneType' object has no attribute 'device'"
+        mlp.layers[1].bias = None
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize("edit, name", [
+    ("weight (in, other out)", "weight"), ("weight (out, in)", "weight"), ("weight 1-D", "weight"),
+    ("bias (7,)", "bias"), ("bias None", "bias"),
+])
+def test_a_parameter_replaced_by_hand_with_a_wrong_one_is_named_by_its_layer(mlp, edit, name, hooked):
+    """The kernels' own checks named their arguments ``w``, ``b`` and ``x`` (the hidden activation
+    fed to the layer), and one blamed the bias below a replaced weight; the MLP's own check of the
+    parameters' dtypes names ``layers[i].weight``, and so should this one, on either path."""
+    _edit(mlp, edit)
+    ran = []
+    if hooked:  # the layer-by-layer path, where each layer's errors came out as a lone Dense's
+        mlp.layers[0].register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises((TypeError, ValueError), match=rf"^layers\[1\]\.{name}\b"):
+        mlp(random_input())
+    assert not ran  # refused before any layer runs
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("double", r"layers\[1\]\.weight is torch.float64"),  # was "x: expected dtype torch.float64", blaming the input
+    ("dropout", r"^layers\[1\]\.dropout: expected a number in \[0, 1\)"),  # was "dropout: ...", after layer 0 ran
+])
+def test_a_hooked_mlp_checks_every_layer_as_the_whole_stack_does_before_any_layer_runs(mlp, edit, match):
+    if edit == "double":
+        mlp.layers[1].double()
+    else:
+        mlp.layers[1].dropout = 2.0
+    ran = []
+    mlp.layers[0].register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises((TypeError, ValueError), match=match):
+        mlp(random_input())
+    assert not ran
+
+
+@pytest.mark.parametrize("alias, canonical", [(None, "identity"), ("linear", "identity"), ("swish", "silu")])
+def test_an_activation_alias_set_by_hand_computes_as_the_constructor_would(alias, canonical):
+    """The constructors accept None, "linear" and "swish" (``activations.canonical``), and so do
+    ``backward_plan`` and ``to_sequential``, but the forward passed the attribute to the kernels
+    unconverted: "activation: unknown activation None"."""
+    gb.seed(0)
+    mlp, reference = MLP([7, 9, 8, 5], activation="tanh"), MLP([7, 9, 8, 5], activation="tanh")
+    reference.load_state_dict(mlp.state_dict())
+    mlp.layers[1].activation, reference.layers[1].activation = alias, canonical
+    x = random_input()
+    out, want = mlp(x), reference(x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    for got, expected in zip(grads_of(out, [x, *mlp.parameters()], grad_out),
+                             grads_of(want, [x, *reference.parameters()], grad_out)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_an_unknown_activation_set_by_hand_is_named_by_its_layer(mlp):
+    mlp.layers[1].activation = "ReLU"  # was "activation: unknown activation 'ReLU'", after layer 0 ran
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.activation: unknown activation 'ReLU'"):
+        mlp(random_input())
+
+
+def test_changing_a_bias_in_place_between_forward_and_backward_works_as_on_nn_linear(mlp):
+    """Backward reads a bias's shape and dtype, never its values, and torch's addmm does not save it;
+    the bridge saved every parameter for backward, so an in-place change of a bias (an optimizer
+    step, a clamp) between forward and backward raised "modified by an inplace operation"."""
+    x = random_input(requires_grad=False)
+    reference = _reference_of(mlp)
+    out, want = mlp(x), reference(x)
+    with torch.no_grad():
+        mlp.layers[0].bias.add_(1)
+        reference[0].bias.add_(1)
+    out.sum().backward()
+    want.sum().backward()
+    for got, expected in zip(mlp.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-6)
