@@ -148,7 +148,8 @@ def to_numpy(a, name: str, expected: str = "an array") -> np.ndarray:
     if is_sparse(a):  # NumPy would wrap it whole, in an array of shape ()
         dense = f"{name}.toarray()" + (".ravel()" if len(a.shape) == 2 and a.shape[1] == 1 else "")
         raise TypeError(f"{name}: expected {expected}, got a SciPy sparse {type(a).__name__}; only the samples x "
-                        f"of fit, evaluate, predict, forward, a train step and train_test_split may be sparse: pass {dense}")
+                        "of fit, evaluate, predict, forward, a train step and train_test_split may be sparse: "
+                        f"pass {dense}")
     if isinstance(a, Iterator):  # NumPy would wrap it whole, in an array of shape ()
         raise TypeError(f"{name}: expected {expected}, got an iterator ({type(a).__name__}); generators and "
                         "other iterators are not supported: pass arrays, or call model.train_step() on each "

@@ -53,6 +53,12 @@ def _host(array, backend) -> np.ndarray:
     return np.array(backend.to_host(array), copy=True)
 
 
+def _dense(x):
+    """``x``, a SciPy sparse one as its dense form: what the differences probe and the PyTorch twin
+    reads (the model's own forward takes it sparse)."""
+    return x.toarray() if _checks.is_sparse(x) else x
+
+
 def _check_differentiable(model: Sequential) -> None:
     """Raise unless central differences of ``model``'s loss measure its gradient: a float64 model
     on the NumPy backend (float32 differences are too coarse to check anything) that does not round
@@ -97,7 +103,7 @@ def numerical_gradients(model: Sequential, x, target, loss="mse", eps: float = 1
     _check_differentiable(model)
     loss_fn = _losses.get(loss)
     logits = _fuses_head(model, loss_fn)
-    x = np.array(x.toarray() if _checks.is_sparse(x) else x, dtype=np.float64, copy=True)
+    x = np.array(_dense(x), dtype=np.float64, copy=True)
 
     def loss_at(inputs) -> float:
         if random_state is None:
@@ -309,7 +315,8 @@ def compare_with_torch(model: Sequential, x, target, loss: str | _losses.Huber |
     out = model.backend.to_host(model.forward(x, training=False))
 
     twin = to_torch(model)
-    x_torch = torch.from_numpy(np.array(x.toarray() if _checks.is_sparse(x) else x, dtype=np.float64)).to(next(twin.parameters()).dtype).requires_grad_(True)
+    x_torch = torch.from_numpy(np.array(_dense(x), dtype=np.float64)).to(next(twin.parameters()).dtype)
+    x_torch.requires_grad_(True)
     if _fuses_head(model, _losses.get(loss)):
         logits = twin[:-1](x_torch)  # twin[-1] is the head's nn.Softmax or nn.Sigmoid
         out_torch = twin[-1](logits)

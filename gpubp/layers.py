@@ -1229,9 +1229,9 @@ class Sequential:
     def takes_sparse(self) -> bool:
         """Whether a SciPy sparse batch reaches the first layer as it is, its zeros skipped in the
         forward's product and in dW: on the NumPy backend (``SPARSE_INPUT``), under a first layer
-        that is a Dense (or a subclass with Dense's own forward and backward). Elsewhere, and for a batch the backend's ``multiplies_sparse`` turns down
-        (one that stores more than ``SPARSE_MAX_DENSITY`` of its entries, or a small one), it is
-        made dense first."""
+        that is a Dense (or a subclass with Dense's own forward and backward). Elsewhere, and for a
+        batch the backend's ``multiplies_sparse`` turns down (one that stores more than
+        ``SPARSE_MAX_DENSITY`` of its entries, or a small one), it is made dense first."""
         first = self.layers[0] if self.layers else None
         # A subclass of Dense with a forward or backward of its own is written for an array x.
         return (getattr(self.backend, "SPARSE_INPUT", False) and not self.uses_fused and isinstance(first, Dense)

@@ -24,12 +24,12 @@ before the last product keeps the gelus finite up to the largest float, as ``pre
 sigmoid is written as ``1 / (1 + exp(-x))`` (``Reciprocal``) and silu as ``x / (1 + exp(-x))``:
 onnxruntime's float32 ``Sigmoid`` is accurate to about 2e-7 absolute, not relative (2e-4 off at
 x = -8, 0 from -16 on), where predict's keeps its relative precision; written out, both stay
-within 3e-7 of predict's relative to each output. A ``Sigmoid`` and ``x * Sigmoid(x)`` are read. onnxruntime's CPU build has no double kernel for ``Erf``, so a float64
-model's gelu computes its erf in float32, between a ``Cast`` to ``FLOAT`` and one back to ``DOUBLE``:
-its output is within about 1e-7 of ``|x|`` of ``predict``'s (1e-7 relative for x > 0, more where
-gelu's small negative values cancel), and everything else stays in double. leaky_relu is a
-``LeakyRelu`` in a float32 model, and ``Max(x, Mul(x, 0.01))`` with
-0.01 a double constant in a float64 one: ``LeakyRelu``'s ``alpha`` is a float attribute, which holds
+within 3e-7 of predict's relative to each output. A ``Sigmoid`` and ``x * Sigmoid(x)`` are read.
+onnxruntime's CPU build has no double kernel for ``Erf``, so a float64 model's gelu computes its erf
+in float32, between a ``Cast`` to ``FLOAT`` and one back to ``DOUBLE``: its output is within about
+1e-7 of ``|x|`` of ``predict``'s (1e-7 relative for x > 0, more where gelu's small negative values
+cancel), and everything else stays in double. leaky_relu is a ``LeakyRelu`` in a float32 model,
+and ``Max(x, Mul(x, 0.01))`` with 0.01 a double constant in a float64 one: ``LeakyRelu``'s ``alpha`` is a float attribute, which holds
 the slope rounded to float32, and that Max is ``x if x > 0 else 0.01 x`` for every x, -0.0, inf and
 NaN included. Reading, the gelus' formulas are also taken in the order PyTorch's TorchScript
 exporter writes them (the half taken after the last product, ``x^3`` as ``x * (x * x)``), as gpubp
@@ -427,7 +427,7 @@ class _Graph:
                 casts, current, position = rounding
                 if position == len(self.nodes) or self.nodes[position].op_type not in ("Gemm", "MatMul"):
                     raise self._error(node, "rounds to bfloat16 and back where no linear layer reads the result")
-            linear_node, linear = self.nodes[min(position, len(self.nodes) - 1)], self._linear(position, current)
+            linear_node, linear = self.nodes[position], self._linear(position, current)
             if linear is not None:
                 weight, bias, names, current, position = linear
                 if layers and layers[-1][0].shape[1] != weight.shape[0]:

@@ -761,12 +761,8 @@ CONVERTED = ("; convert the module back with .float() (or .double() on the CPU),
 
 
 def _check_input(x: torch.Tensor, params: tuple) -> None:
+    """``x`` against the parameters, which ``_check_stack`` found on one device and in one dtype."""
     weight = params[0]
-    for i, param in enumerate(params):
-        if param.device != weight.device or param.dtype != weight.dtype:
-            raise ValueError(f"parameters: layers[{i // 2}].{('weight', 'bias')[i % 2]} is {param.dtype} on "
-                             f"{param.device}, layers[0].weight is {weight.dtype} on {weight.device}; keep the whole "
-                             "MLP on one device and dtype")
     # The parameters' dtype first: after module.half(), asking for a float16 x would only lead to this.
     if weight.device.type == "cuda" and weight.dtype != torch.float32:
         raise TypeError(f"parameters: the CUDA kernels compute in float32, got {weight.dtype}{CONVERTED}")
